@@ -1,0 +1,43 @@
+// genfast._C: the Python module that carries the operators, and what was compiled into it.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#ifdef GENFAST_WITH_CUDA
+#include <cuda.h>
+#endif
+
+#ifndef GENFAST_CUDA_ARCHS
+#define GENFAST_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list backends;
+  backends.append("cpu");
+#ifdef GENFAST_WITH_CUDA
+  backends.append("cuda");
+  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
+#else
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["backends"] = backends;
+  info["cuda_archs"] = std::string(GENFAST_CUDA_ARCHS);
+  info["torch_version"] = std::string(TORCH_VERSION);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "genfast native operators (registered under torch.ops.genfast) and build facts";
+  m.def("build_info", &build_info, "What this build of genfast._C contains");
+}

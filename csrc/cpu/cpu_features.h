@@ -1,0 +1,9 @@
+// Hot CPU loops are compiled for several instruction sets and picked at load time, so one
+// build runs well on any x86-64 machine. Elsewhere they compile once, for the build target.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(GENFAST_NO_CLONES)
+#define GF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GF_CPU_CLONES
+#endif

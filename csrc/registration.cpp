@@ -1,0 +1,11 @@
+// Every genfast schema, defined once. Implementations live in cpu/ and cuda/, one op per file.
+#include <torch/library.h>
+
+TORCH_LIBRARY(genfast, m) {
+  // One pass of a diffusion sampler; see kernels/common/denoise_step.h for the formula.
+  // coefs holds the per-call coefficients; row_coefs, when given, one row of them per sample.
+  m.def(
+      "denoise_step(Tensor sample, Tensor model_output, Tensor? model_output_cond, Tensor? derivative, "
+      "Tensor? noise, Tensor? row_coefs, float[] coefs, bool clip, float clip_lo, float clip_hi, "
+      "bool philox_noise, int seed, int offset, Tensor(a!) out, Tensor(b!)? pred_original) -> ()");
+}

@@ -1,0 +1,50 @@
+"""genfast: fused kernels for the hot paths of generative models.
+
+Every op runs on one of four backends, chosen per call with impl="auto" | "native" | "triton" |
+"reference": the C++/CUDA extension genfast._C, Triton, or the plain-PyTorch reference in
+genfast.reference that defines what the others compute.
+"""
+
+from . import _backend
+from .diffusion import (
+    ddim_step,
+    ddpm_step,
+    euler_step,
+    flow_match_euler_step,
+    flow_match_heun_step,
+)
+from .random import PhiloxGenerator
+
+__version__ = "0.1.0"
+
+_backend.warn_if_native_missing()
+
+
+def build_info() -> dict:
+    """What this installation can run: the compiled backends and CUDA archs, versions, Triton."""
+    native = _backend.native_module()
+    info = dict(native.build_info()) if native is not None else {
+        "backends": [], "cuda_archs": "", "cuda_version": None, "torch_version": None, "compiler": None,
+        "native_error": _backend.native_error(),
+    }
+    info["genfast_version"] = __version__
+    try:
+        import triton
+
+        info["triton_version"] = triton.__version__
+    except ImportError:
+        info["triton_version"] = None
+    info["triton_error"] = _backend.triton_error()
+    info["triton_interpret"] = _backend.triton_interpreted()
+    return info
+
+
+__all__ = [
+    "PhiloxGenerator",
+    "build_info",
+    "ddim_step",
+    "ddpm_step",
+    "euler_step",
+    "flow_match_euler_step",
+    "flow_match_heun_step",
+]

@@ -1,0 +1,65 @@
+"""Keys for genfast's in-kernel Philox noise, drawn from a generator.
+
+A call that draws n noise values in-kernel takes a (seed, offset) key and advances the generator:
+- a CUDA torch.Generator gives (initial_seed(), get_offset()) and its offset advances by 4, as
+  torch's own CUDA kernels advance it;
+- a genfast.PhiloxGenerator does the same on any device, so one seed gives the same stream on
+  CPU, CUDA and Triton;
+- a CPU torch.Generator keeps no Philox offset: the key is (initial_seed(), a 62-bit draw from the
+  generator times 4), reproducible after manual_seed and distinct from call to call.
+"""
+
+import torch
+
+_UINT64 = (1 << 64) - 1
+OFFSET_INCREMENT = 4
+
+
+class PhiloxGenerator:
+    """A device-independent Philox key: the same seed gives the same noise on every backend."""
+
+    def __init__(self, seed: int = 0, offset: int = 0):
+        self.manual_seed(seed)
+        self._offset = int(offset)
+
+    def manual_seed(self, seed: int):
+        self._seed = int(seed) & _UINT64
+        self._offset = 0
+        return self
+
+    def initial_seed(self) -> int:
+        return self._seed
+
+    def get_offset(self) -> int:
+        return self._offset
+
+    def set_offset(self, offset: int):
+        self._offset = int(offset)
+
+    def __repr__(self):
+        return f"PhiloxGenerator(seed={self._seed}, offset={self._offset})"
+
+
+def _default_generator(device: torch.device):
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
+
+
+def next_philox_key(generator, device: torch.device):
+    """(seed, offset) for one call, advancing the generator. Reads no device memory."""
+    if generator is None:
+        generator = _default_generator(device)
+    if isinstance(generator, PhiloxGenerator) or generator.device.type != "cpu":
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        generator.set_offset(offset + OFFSET_INCREMENT)
+        return seed & _UINT64, offset
+    draw = int(torch.randint(0, 1 << 62, (1,), generator=generator, dtype=torch.int64).item())
+    return generator.initial_seed() & _UINT64, draw * OFFSET_INCREMENT
+
+
+def as_int64(value: int) -> int:
+    """A 64-bit word as the signed int that an operator schema's `int` carries."""
+    value &= _UINT64
+    return value - (1 << 64) if value >= (1 << 63) else value

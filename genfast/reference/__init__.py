@@ -1,0 +1,5 @@
+"""Plain-PyTorch definitions of every genfast op: the oracle for tests, `genfast check` and benchmarks."""
+
+from . import diffusion, random
+
+__all__ = ["diffusion", "random"]

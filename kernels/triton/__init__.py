@@ -1,0 +1,1 @@
+"""Triton kernels of genfast, installed as genfast.kernels. Importing this package needs triton."""

@@ -1,0 +1,87 @@
+"""Builds genfast._C: the C++ CPU kernels always, the CUDA kernels when a GPU is visible or
+GENFAST_FORCE_CUDA=1.
+
+Environment:
+  GENFAST_FORCE_CUDA=1     build the CUDA kernels without a visible GPU (compile and link check)
+  GENFAST_NO_CUDA=1        never build them
+  TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU's, else "8.0;9.0a"
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
+
+
+def _want_cuda():
+    import torch
+
+    if os.environ.get("GENFAST_NO_CUDA") == "1":
+        return False
+    if os.environ.get("GENFAST_FORCE_CUDA") == "1":
+        return True
+    return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def _cuda_archs():
+    import torch
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            archs = f"{major}.{minor}" + ("a" if major >= 9 else "")
+        else:
+            archs = DEFAULT_ARCHS_WITHOUT_GPU
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = ["csrc/registration.cpp", "csrc/build_info.cpp"] + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard its headers need
+    if not _want_cuda():
+        return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx})
+    archs = _cuda_archs()
+    sources += _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
+    defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"']
+    nvcc = ["-O3", "-lineinfo"]
+    return CUDAExtension(
+        "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines}
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="genfast",
+    version="0.1.0",
+    description="Fused CUDA, Triton and C++ kernels for the hot paths of generative models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels"],
+    package_dir={"genfast.kernels": "kernels/triton"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "diffusers": ["diffusers"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "diffusers"],
+    },
+    entry_points={"console_scripts": ["genfast=genfast.cli:main"]},
+    zip_safe=False,
+)
