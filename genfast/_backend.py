@@ -36,11 +36,11 @@ def warn_if_native_missing():
         )
 
 
-@functools.lru_cache(maxsize=None)
+_NATIVE_BACKENDS = tuple(_native.build_info()["backends"]) if _native is not None else ()
+
+
 def native_backends() -> tuple:
-    if _native is None:
-        return ()
-    return tuple(_native.build_info()["backends"])
+    return _NATIVE_BACKENDS
 
 
 def triton_interpreted() -> bool:
@@ -79,6 +79,8 @@ def available_impls(device_type: str) -> list:
     return impls
 
 
+# A constant for torch.compile: the choice depends only on the installation, never on tensor data.
+@torch.compiler.assume_constant_result
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The backend that runs: `auto` takes native, then Triton (on a GPU), then the reference."""
     if impl not in IMPLS:

@@ -30,10 +30,21 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def _out_of_range(values, low, high, low_open, high_open):
+    """The values outside the range; NaN is never out of range (it propagates)."""
+    bad = []
+    for v in values:
+        below = low is not None and (v <= low if low_open else v < low)
+        above = high is not None and (v >= high if high_open else v > high)
+        if below or above:
+            bad.append(v)
+    return bad
+
+
 def check_schedule_value(name: str, value, sample: torch.Tensor, *, low=None, high=None, low_open=False,
                          high_open=False) -> None:
     """A float, or a tensor with one value or one per sample. Values are range-checked for floats
-    and CPU tensors; a CUDA tensor is not read, since that would synchronize with the device."""
+    and for CPU tensors in eager mode; a CUDA tensor is never read, since that would synchronize."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -44,22 +55,16 @@ def check_schedule_value(name: str, value, sample: torch.Tensor, *, low=None, hi
             )
         if value.device != sample.device:
             raise ValueError(f"{name} must be on the device of sample ({sample.device}), got {value.device}")
-        if value.device.type != "cpu":
+        if value.device.type != "cpu" or torch.compiler.is_compiling() or (low is None and high is None):
             return
-        values = value.double().reshape(-1)
+        values = value.double().reshape(-1).tolist()
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        values = torch.tensor([float(value)], dtype=torch.float64)
+        values = [float(value)]
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    finite = values[~torch.isnan(values)]
-    bad = torch.zeros_like(finite, dtype=torch.bool)
-    if low is not None:
-        bad |= (finite <= low) if low_open else (finite < low)
-    if high is not None:
-        bad |= (finite >= high) if high_open else (finite > high)
-    if bool(bad.any()):
-        lo_bracket = "(" if low_open else "["
-        hi_bracket = ")" if high_open else "]"
+    bad = _out_of_range(values, low, high, low_open, high_open)
+    if bad:
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in {lo_bracket}{lo}, {hi}{hi_bracket}, got {finite[bad][0].item()}")
+        interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {bad[0]}")

@@ -1,6 +1,6 @@
 // genfast::denoise_step on CUDA: checks, device guard, current stream, then kernels/cuda.
 // A .cpp on purpose: only the framework-free kernels go through nvcc, which keeps builds short.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,7 +21,7 @@ void denoise_step_cuda(const at::Tensor& sample, const at::Tensor& model_output,
   const c10::cuda::CUDAGuard guard(sample.device());
   const DenoiseStepTensors t = prepare_denoise_step(sample, model_output, model_output_cond, derivative, noise,
                                                     row_coefs, coefs, philox_noise, out, pred_original);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t status;
   switch (sample.scalar_type()) {
     case at::kFloat:

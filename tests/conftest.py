@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from genfast import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords:
+            device = "cuda" if "cuda" in item.keywords else "cpu"
+            if not _backend.triton_runs_on(device):
+                why = _backend.triton_error() or "Triton runs on the CPU only under TRITON_INTERPRET=1"
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+def devices():
+    """The devices a test runs on: the CPU always, CUDA as a marked param that skips without a GPU."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def fused_impls():
+    """The fused backends, compared with the reference; Triton's are marked so that they skip cleanly."""
+    return ["native", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def skip_unless_runs(impl, device):
+    if impl == "native" and not _backend.native_runs_on(device):
+        pytest.skip(f"genfast._C has no {device} backend here: {_backend.native_error() or 'not built for it'}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
