@@ -78,18 +78,24 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
       if (full) load4(base, i, vector_ok, out); else load_tail(base, i, count, out);
     };
 
+    // Coefficients live in registers; reading them through a pointer that may address the
+    // kernel parameters would force a stack copy of the parameter struct.
+    float c[4][kNumDenoiseCoefs];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float* src = p.row_coefs == nullptr ? nullptr : p.row_coefs + ((i + j) / p.row_size) * kNumDenoiseCoefs;
+#pragma unroll
+      for (int k = 0; k < kNumDenoiseCoefs; ++k) c[j][k] = src == nullptr ? p.coefs.v[k] : src[k];
+    }
+
     float x[4], m[4], z[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
     load(p.sample, x);
     load(p.model_output, m);
-    const float* c = p.row_coefs == nullptr ? p.coefs.v : nullptr;
     if (p.model_output_cond != nullptr) {
       float mc[4];
       load(p.model_output_cond, mc);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float* cj = c != nullptr ? c : p.row_coefs + ((i + j) / p.row_size) * kNumDenoiseCoefs;
-        m[j] = guided_output(m[j], mc[j], cj[kGuidanceScale]);
-      }
+      for (int j = 0; j < 4; ++j) m[j] = guided_output(m[j], mc[j], c[j][kGuidanceScale]);
     }
     if (kPhilox) {
       const Float4x32 n = philox_normal4(p.seed, p.offset, static_cast<uint64_t>(group));
@@ -102,9 +108,8 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
     float out[4], x0[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float* cj = c != nullptr ? c : p.row_coefs + ((i + j) / p.row_size) * kNumDenoiseCoefs;
-      x0[j] = predicted_original(cj, p.clip, p.clip_lo, p.clip_hi, x[j], m[j], z[j]);
-      out[j] = denoised(cj, x0[j], x[j], m[j], z[j], d[j]);
+      x0[j] = predicted_original(c[j], p.clip, p.clip_lo, p.clip_hi, x[j], m[j], z[j]);
+      out[j] = denoised(c[j], x0[j], x[j], m[j], z[j], d[j]);
     }
     if (full) store4(p.out, i, vector_ok, out); else store_tail(p.out, i, count, out);
     if (p.pred_original != nullptr) {
