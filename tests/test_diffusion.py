@@ -8,8 +8,8 @@ import torch
 import genfast
 from genfast.ops import denoise_step as denoise_op
 from conftest import devices, fused_impls, skip_unless_runs
-from samples import DENOISE_CASES, SHAPES, STOCHASTIC_CASES, make_denoise_inputs
-from tolerances import assert_close_elementwise
+from genfast.testing.denoise_step import DENOISE_CASES, SHAPES, STOCHASTIC_CASES, make_denoise_inputs
+from genfast.testing.tolerances import assert_close_elementwise
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,7 +7,7 @@ import genfast
 from genfast.random import PhiloxGenerator, next_philox_key
 from genfast.reference.random import philox4x32_10, philox_normal
 from conftest import devices, fused_impls, skip_unless_runs
-from tolerances import assert_same_normals
+from genfast.testing.tolerances import assert_same_normals
 
 # Random123's known-answer vectors for Philox-4x32-10: (counter, key, output).
 KNOWN_ANSWERS = [

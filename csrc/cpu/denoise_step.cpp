@@ -25,12 +25,18 @@ struct BlockInputs {
   float* x0;
 };
 
+// Loops below carry `ivdep`: out may be the sample itself (an in-place step), which is safe since
+// every iteration reads its own element before writing it, but defeats the compiler's alias check.
 GF_CPU_CLONES void guide_block(const float* m, const float* m_cond, float scale, float* guided, int64_t n) {
+#pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) guided[j] = guided_output(m[j], m_cond[j], scale);
 }
 
-GF_CPU_CLONES void denoise_block(const float* c, float lo, float hi, const float* x, const float* m, const float* z,
-                                 const float* d, float* out, float* x0_out, int64_t n) {
+GF_CPU_CLONES void denoise_block(const float* coefs, float lo, float hi, const float* x, const float* m,
+                                 const float* z, const float* d, float* out, float* x0_out, int64_t n) {
+  float c[kNumDenoiseCoefs];  // locals, so that stores to out cannot be assumed to change them
+  for (int k = 0; k < kNumDenoiseCoefs; ++k) c[k] = coefs[k];
+#pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
     const float x0 = clamp_keep_nan(c[kX0FromSample] * x[j] + c[kX0FromModel] * m[j] + c[kX0FromNoise] * z[j], lo, hi);
     x0_out[j] = x0;

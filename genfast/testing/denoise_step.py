@@ -1,4 +1,4 @@
-"""sample_inputs for every op: one list of cases reused by the correctness, opcheck, compile and CLI checks."""
+"""sample_inputs of the denoise step: one list of cases reused by the tests, `genfast check` and bench."""
 
 from dataclasses import dataclass, field
 

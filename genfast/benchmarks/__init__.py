@@ -1,0 +1,1 @@
+"""Benchmarks of every op against its peers, shared by bench/ and `genfast bench`."""

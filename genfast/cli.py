@@ -1,0 +1,136 @@
+"""The genfast command: `genfast info | check | bench`."""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _best_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _progress_bar(total):
+    """A one-line progress bar on stderr (no dependency); returns the per-step callback."""
+    state = {"done": 0, "start": time.time()}
+    width = 30
+
+    def step(message):
+        state["done"] += 1
+        filled = int(width * min(state["done"], total) / max(total, 1))
+        elapsed = time.time() - state["start"]
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {elapsed:6.1f}s {message[:70]:70s}")
+        sys.stderr.flush()
+
+    return step
+
+
+def cmd_info(args):
+    import genfast
+    from genfast import _backend
+
+    info = genfast.build_info()
+    print(f"genfast {info['genfast_version']}  torch {torch.__version__}  triton {info['triton_version']}")
+    print(f"native extension: {info['backends'] or 'not built: ' + str(info.get('native_error'))}")
+    if info.get("cuda_archs"):
+        print(f"  CUDA {info['cuda_version']} archs {info['cuda_archs']}; built with torch {info['torch_version']}")
+    print(f"triton: {info['triton_error'] or 'ok'}{' (TRITON_INTERPRET=1)' if info['triton_interpret'] else ''}")
+    print(f"cpu: {torch.get_num_threads()} threads; backends {_backend.available_impls('cpu')}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}: {torch.cuda.get_device_name(i)}; backends {_backend.available_impls('cuda')}")
+    else:
+        print("cuda: no GPU visible")
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_check(args):
+    from genfast.testing import check
+
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ops = args.ops.split(",") if args.ops else list(check.CHECKS)
+    unknown = [op for op in ops if op not in check.CHECKS]
+    if unknown:
+        print(f"genfast check: unknown op(s) {unknown}; known: {list(check.CHECKS)}", file=sys.stderr)
+        return 2
+    failures = check.run(devices, ops)
+    print(f"genfast check: {'all passed' if failures == 0 else f'{failures} FAILED'}")
+    return 1 if failures else 0
+
+
+def _print_table(rows):
+    header = f"{'op':20s} {'variant':16s} {'impl':15s} {'dtype':9s} {'elements':>10s} {'median ms':>10s} " \
+             f"{'GB/s':>8s} {'of copy':>8s} {'x genfast':>9s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['op']:20s} {r['variant']:16s} {r['impl']:15s} {r['dtype']:9s} {r['numel']:>10d} "
+              f"{r['median_ms']:>10.4f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>8.0%} "
+              f"{r['time_over_genfast']:>8.2f}x")
+
+
+def cmd_bench(args):
+    from genfast.benchmarks import registry, timing
+
+    device = args.device or _best_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        print("genfast bench: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    ops = args.ops.split(",") if args.ops else list(registry.BENCHMARKS)
+    rows = []
+    for op in ops:
+        if op not in registry.BENCHMARKS:
+            print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
+            return 2
+        sizes = 2 if args.quick else 4
+        progress = _progress_bar(total=sizes * 12)
+        rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress)
+        sys.stderr.write("\n")
+    machine = timing.machine(device)
+    print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
+          f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
+    print("x genfast: the row's time over the fastest genfast backend's in its group (higher: genfast is faster)")
+    _print_table(rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "rows": rows}, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine", "git_sha"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "machine": machine.get("gpu", machine["cpu"]), "git_sha": machine["git_sha"]})
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="genfast", description="fused kernels for generative models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="what was built, and the devices here")
+    info.add_argument("--json", action="store_true", help="also print the build info as JSON")
+    check = sub.add_parser("check", help="every op on every backend here against the reference")
+    check.add_argument("--device", choices=["cpu", "cuda"])
+    check.add_argument("--ops", help="comma-separated op names (default: all)")
+    bench = sub.add_parser("bench", help="every op against its peers on the best device present")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")
+    bench.add_argument("--ops", help="comma-separated op names (default: all)")
+    bench.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    bench.add_argument("--json", metavar="PATH", help="save the results as JSON")
+    bench.add_argument("--csv", metavar="PATH", help="save the results as CSV")
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What the tests, `genfast check` and the benchmarks share: per-op sample inputs and tolerances."""

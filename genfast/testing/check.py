@@ -1,0 +1,59 @@
+"""`genfast check`: every op on every backend available here against the reference."""
+
+import torch
+
+from .. import _backend
+from . import denoise_step as denoise_samples
+from .tolerances import assert_close_elementwise
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _runnable(impl, device, dtype):
+    if impl == "native":
+        return _backend.native_runs_on(device)
+    if impl == "triton":
+        return _backend.triton_runs_on(device) and not (device == "cpu" and dtype == torch.bfloat16)
+    return False
+
+
+def _max_error(actual, expected):
+    finite = torch.isfinite(expected)
+    if not bool(finite.any()):
+        return 0.0
+    return (actual.double() - expected.double())[finite].abs().max().item()
+
+
+def check_denoise_step(device):
+    """Yields (case, impl, dtype, max_error, passed, message) for each runnable combination."""
+    for case in denoise_samples.DENOISE_CASES:
+        for impl in ("native", "triton"):
+            for dtype in DTYPES:
+                if not _runnable(impl, device, dtype):
+                    continue
+                args, kwargs = denoise_samples.make_denoise_inputs(case, (4, 3, 17, 9), dtype, device,
+                                                                   per_sample_schedule=True)
+                got = case.fn(*args, **kwargs, impl=impl)
+                expected = case.fn(*args, **kwargs, impl="reference")
+                try:
+                    assert_close_elementwise(got, expected)
+                    passed, message = True, ""
+                except AssertionError as error:
+                    passed, message = False, str(error).splitlines()[0]
+                yield case.name, impl, dtype, _max_error(got, expected), passed, message
+
+
+CHECKS = {"denoise_step": check_denoise_step}
+
+
+def run(devices, ops, out=print) -> int:
+    """Prints one line per check and returns the number of failures."""
+    failures = 0
+    for device in devices:
+        for op in ops:
+            for case, impl, dtype, error, passed, message in CHECKS[op](device):
+                failures += not passed
+                dtype_name = str(dtype).replace("torch.", "")
+                status = "ok" if passed else f"FAIL {message}"
+                out(f"{op:14s} {case:34s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}")
+    return failures
