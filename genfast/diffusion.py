@@ -116,12 +116,14 @@ def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, referen
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Schedule, alpha_prod_t_prev: Schedule,
               *, prediction_type: str = "epsilon", variance_type: str = "fixed_small", clip_sample: bool = False,
               clip_sample_range: float = 1.0, model_output_cond: Optional[torch.Tensor] = None,
-              guidance_scale: Optional[Schedule] = None, noise: Optional[torch.Tensor] = None, generator=None,
-              out: Optional[torch.Tensor] = None, return_pred_original: bool = False, impl: str = "auto"):
+              guidance_scale: Optional[Schedule] = None, add_noise: Optional[bool] = None,
+              noise: Optional[torch.Tensor] = None, generator=None, out: Optional[torch.Tensor] = None,
+              return_pred_original: bool = False, impl: str = "auto"):
     """One DDPM ancestral step (diffusers' DDPMScheduler.step), fused.
 
     alpha_prod_t / alpha_prod_t_prev: cumulative alphas at this step and the previous one
-    (1.0 on the last step, which adds no noise). With model_output_cond and guidance_scale the
+    (1.0 on the last step). add_noise: whether to add the step's noise; by default wherever
+    alpha_prod_t_prev < 1 (diffusers adds it wherever the timestep is > 0). With model_output_cond and guidance_scale the
     classifier-free-guided output uncond + scale * (cond - uncond) is formed in the same pass.
     Returns the previous sample, or (previous sample, predicted original sample).
     """
@@ -143,9 +145,11 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
         std = _sqrt(variance)
     else:
         std = _sqrt(current_beta)
-    if isinstance(a_prev, torch.Tensor):  # the last step, into x0, adds no noise
+    if add_noise is False:
+        std = 0.0
+    elif add_noise is None and isinstance(a_prev, torch.Tensor):  # the last step, into x0, adds no noise
         std = torch.where(a_prev < 1, std, 0.0)
-    elif a_prev >= 1:
+    elif add_noise is None and a_prev >= 1:
         std = 0.0
     coefs = [1.0, ax, am, 0.0, _sqrt(a_prev) * current_beta / (1 - a_t),
              _sqrt(current_alpha) * (1 - a_prev) / (1 - a_t), 0.0, std, 0.0]
@@ -153,7 +157,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
     def reference_step(z):
         return reference.ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, z,
                                    prediction_type=prediction_type, variance_type=variance_type,
-                                   clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                                   clip_sample=clip_sample, clip_sample_range=clip_sample_range, add_noise=add_noise,
                                    model_output_cond=model_output_cond, guidance_scale=guidance_scale)
 
     return _step(sample, model_output, coefs=coefs, clip=clip_sample, clip_range=clip_sample_range,

@@ -45,9 +45,9 @@ def _finish(prev, x0, like):
 
 
 def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None, *, prediction_type="epsilon",
-              variance_type="fixed_small", clip_sample=False, clip_sample_range=1.0, model_output_cond=None,
-              guidance_scale=None):
-    """DDPMScheduler.step. No noise is added on the last step (alpha_prod_t_prev == 1)."""
+              variance_type="fixed_small", clip_sample=False, clip_sample_range=1.0, add_noise=None,
+              model_output_cond=None, guidance_scale=None):
+    """DDPMScheduler.step. add_noise=None adds noise wherever alpha_prod_t_prev < 1."""
     x = sample.double()
     m = guided_output(model_output, model_output_cond, guidance_scale).double()
     a_t, a_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
@@ -64,8 +64,9 @@ def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
         std = current_beta_t.sqrt()
     else:
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
-    if noise is not None:
+    if add_noise is None:
         std = torch.where(a_prev < 1, std, torch.zeros_like(std))
+    if noise is not None and add_noise is not False:
         prev = prev + std * noise.double()
     return _finish(prev, x0, sample)
 

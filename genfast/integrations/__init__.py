@@ -1,0 +1,1 @@
+"""Drop-in replacements for classes of other libraries (optional dependencies, imported on use)."""
