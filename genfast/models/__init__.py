@@ -1,0 +1,6 @@
+"""Small reference models of the model families genfast serves, each able to run its hot path
+through the reference ops or the fused ones (impl="reference" or "auto")."""
+
+from .ddpm import DDPM, TinyDenoiser
+
+__all__ = ["DDPM", "TinyDenoiser"]
