@@ -112,8 +112,7 @@ DenoiseStepParams<T> denoise_step_params(const DenoiseStepTensors& t, bool clip,
   p.clip = clip;
   p.clip_lo = static_cast<float>(clip_lo);
   p.clip_hi = static_cast<float>(clip_hi);
-  p.seed = static_cast<uint64_t>(seed);
-  p.offset = static_cast<uint64_t>(offset);
+  p.philox = PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
   return p;
 }
 

@@ -4,8 +4,10 @@
 TORCH_LIBRARY(genfast, m) {
   // One pass of a diffusion sampler; see kernels/common/denoise_step.h for the formula.
   // coefs holds the per-call coefficients; row_coefs, when given, one row of them per sample.
+  // In-kernel noise is keyed by (seed, offset), or on CUDA by `generator`, a CUDA generator whose
+  // offset the op advances by 4 (graph-safe under CUDA graph capture).
   m.def(
       "denoise_step(Tensor sample, Tensor model_output, Tensor? model_output_cond, Tensor? derivative, "
       "Tensor? noise, Tensor? row_coefs, float[] coefs, bool clip, float clip_lo, float clip_hi, "
-      "bool philox_noise, int seed, int offset, Tensor(a!) out, Tensor(b!)? pred_original) -> ()");
+      "bool philox_noise, Generator? generator, int seed, int offset, Tensor(a!) out, Tensor(b!)? pred_original) -> ()");
 }

@@ -17,7 +17,7 @@ import torch
 
 from . import _backend, _checks
 from .ops import denoise_step as denoise_op
-from .random import as_int64, next_philox_key
+from .random import PhiloxGenerator, as_int64, default_generator, next_philox_key
 from .reference import diffusion as reference
 from .reference.random import philox_normal
 
@@ -90,7 +90,14 @@ def _check_common(model_output, sample, model_output_cond, guidance_scale, noise
 def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, reference_step, model_output_cond,
           guidance_scale, derivative, noise, generator, out, return_pred_original, impl):
     backend = _backend.resolve_impl(impl, sample.device)
-    key = next_philox_key(generator, sample.device) if needs_noise and noise is None else None
+    draws = needs_noise and noise is None
+    # The native CUDA kernel takes a CUDA torch.Generator itself, which keeps the noise fresh on
+    # every replay of a captured CUDA graph; everywhere else the key is drawn here.
+    cuda_generator = None
+    if draws and backend == "native" and sample.device.type == "cuda" and not isinstance(generator, PhiloxGenerator):
+        cuda_generator = generator if generator is not None else default_generator(sample.device)
+        draws = False
+    key = next_philox_key(generator, sample.device) if draws else None
     if backend == "reference":
         z = noise
         if key is not None:
@@ -107,8 +114,9 @@ def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, referen
         out = torch.empty_like(sample, memory_format=torch.contiguous_format)
     pred_original = torch.empty_like(out) if return_pred_original else None
     seed, offset = key if key is not None else (0, 0)
+    philox_noise = key is not None or cuda_generator is not None
     denoise_op.run(backend, sample, model_output, model_output_cond, derivative, noise, row_coefs, scalar_coefs,
-                   bool(clip), -float(clip_range), float(clip_range), key is not None, as_int64(seed),
+                   bool(clip), -float(clip_range), float(clip_range), philox_noise, cuda_generator, as_int64(seed),
                    as_int64(offset), out, pred_original)
     return (out, pred_original) if return_pred_original else out
 

@@ -40,7 +40,7 @@ class PhiloxGenerator:
         return f"PhiloxGenerator(seed={self._seed}, offset={self._offset})"
 
 
-def _default_generator(device: torch.device):
+def default_generator(device: torch.device):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.default_generators[index]
@@ -50,7 +50,7 @@ def _default_generator(device: torch.device):
 def next_philox_key(generator, device: torch.device):
     """(seed, offset) for one call, advancing the generator. Reads no device memory."""
     if generator is None:
-        generator = _default_generator(device)
+        generator = default_generator(device)
     if isinstance(generator, PhiloxGenerator) or generator.device.type != "cpu":
         seed, offset = generator.initial_seed(), generator.get_offset()
         generator.set_offset(offset + OFFSET_INCREMENT)

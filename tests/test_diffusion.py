@@ -187,21 +187,23 @@ def test_native_op_checks_arguments():
     skip_unless_runs("native", "cpu")
     x = torch.randn(2, 4)
     with pytest.raises(RuntimeError, match="model_output must have the shape of sample"):
-        torch.ops.genfast.denoise_step(x, x[:1], None, None, None, None, [0.0] * 9, False, 0.0, 0.0, False, 0, 0,
-                                       torch.empty_like(x), None)
+        torch.ops.genfast.denoise_step(x, x[:1], None, None, None, None, [0.0] * 9, False, 0.0, 0.0, False, None, 0,
+                                       0, torch.empty_like(x), None)
     with pytest.raises(RuntimeError, match="row_coefs must have one row or one per sample"):
         torch.ops.genfast.denoise_step(x, x, None, None, None, torch.zeros(3, 9), [0.0] * 9, False, 0.0, 0.0, False,
-                                       0, 0, torch.empty_like(x), None)
+                                       None, 0, 0, torch.empty_like(x), None)
 
 
-def _op_samples(device):
+def _op_samples(impl, device):
+    """Arguments of the operator; the native one takes a generator (None here) before seed and offset."""
     x, m = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     coefs = [1.0, 1.2, -0.4, 0.0, 0.3, 0.7, 0.1, 0.2, 0.0]
     row_coefs = torch.randn(3, 9, device=device)
-    yield (x, m, None, None, torch.randn_like(x), None, coefs, True, -1.0, 1.0, False, 0, 0, torch.empty_like(x),
-           torch.empty_like(x))
-    yield (x, m, torch.randn_like(x), torch.randn_like(x), None, row_coefs, coefs, False, 0.0, 0.0, True, 11, 8,
-           torch.empty_like(x), None)
+    generator = (None,) if impl == "native" else ()
+    yield (x, m, None, None, torch.randn_like(x), None, coefs, True, -1.0, 1.0, False, *generator, 0, 0,
+           torch.empty_like(x), torch.empty_like(x))
+    yield (x, m, torch.randn_like(x), torch.randn_like(x), None, row_coefs, coefs, False, 0.0, 0.0, True, *generator,
+           11, 8, torch.empty_like(x), None)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -209,8 +211,50 @@ def _op_samples(device):
 def test_opcheck(impl, device):
     _skip_unsupported(impl, device)
     op = torch.ops.genfast.denoise_step if impl == "native" else torch.ops.genfast.denoise_step_triton
-    for args in _op_samples(device):
+    for args in _op_samples(impl, device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.cuda
+def test_cuda_generator_keys_the_native_kernel_like_python():
+    skip_unless_runs("native", "cuda")
+    case = STOCHASTIC_CASES[0]
+    args, kwargs = make_denoise_inputs(case, (3, 1000), device="cuda", noise=False)
+    g = torch.Generator("cuda").manual_seed(17)
+    fused = case.fn(*args, **kwargs, generator=g, impl="native")
+    assert g.get_offset() == 4
+    ref = case.fn(*args, **kwargs, generator=genfast.PhiloxGenerator(17), impl="reference")
+    assert_close_elementwise(fused, ref, scale=4)
+
+
+@pytest.mark.cuda
+def test_sampling_loop_captured_in_a_cuda_graph_draws_fresh_noise():
+    skip_unless_runs("native", "cuda")
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    eps = torch.randn_like(x)
+    schedule = torch.linspace(0.3, 0.6, 6, device="cuda")  # tensors: nothing is read on the host
+    torch.cuda.manual_seed(0)
+
+    def loop():
+        y = x.clone()
+        for i in range(5):
+            genfast.ddpm_step(eps, y, schedule[i], schedule[i + 1], out=y, impl="native")
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loop()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = loop()
+    graph.replay()
+    first = result.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(first).all()
+    assert not torch.allclose(first, result), "each replay must draw new noise"
 
 
 @pytest.mark.parametrize("device", devices())

@@ -79,7 +79,7 @@ void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
       b.m_cond = input(p.model_output_cond, m_cond);
       b.d = p.derivative != nullptr ? input(p.derivative, d) : zeros;
       if (p.noise_source == NoiseSource::kPhilox) {
-        philox_normals(p.seed, p.offset, static_cast<uint64_t>(i0 / 4), (n + 3) / 4, z);
+        philox_normals(p.philox.seed, p.philox.offset, static_cast<uint64_t>(i0 / 4), (n + 3) / 4, z);
         b.z = z;
       } else if (p.noise_source == NoiseSource::kTensor) {
         b.z = input(p.noise, z);
@@ -118,8 +118,10 @@ void denoise_step_cpu(const at::Tensor& sample, const at::Tensor& model_output,
                       const std::optional<at::Tensor>& model_output_cond, const std::optional<at::Tensor>& derivative,
                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_coefs,
                       at::ArrayRef<double> coefs, bool clip, double clip_lo, double clip_hi, bool philox_noise,
-                      int64_t seed, int64_t offset, const at::Tensor& out,
+                      const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const at::Tensor& out,
                       const std::optional<at::Tensor>& pred_original) {
+  TORCH_CHECK(!generator.has_value(),
+              "genfast.denoise_step: on the CPU the noise is keyed by seed and offset; pass generator=None");
   const DenoiseStepTensors t = prepare_denoise_step(sample, model_output, model_output_cond, derivative, noise,
                                                     row_coefs, coefs, philox_noise, out, pred_original);
   switch (sample.scalar_type()) {

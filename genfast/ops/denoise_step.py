@@ -19,8 +19,13 @@ def _denoise_step_fake(sample, model_output, model_output_cond, derivative, nois
     return None
 
 
+def _native_denoise_step_fake(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip,
+                              clip_lo, clip_hi, philox_noise, generator, seed, offset, out, pred_original):
+    return None
+
+
 if _backend.native_module() is not None:
-    torch.library.register_fake("genfast::denoise_step")(_denoise_step_fake)
+    torch.library.register_fake("genfast::denoise_step")(_native_denoise_step_fake)
 
 
 @torch.library.custom_op("genfast::denoise_step_triton", mutates_args=("out", "pred_original"))
@@ -48,11 +53,17 @@ def denoise_step_triton(
 denoise_step_triton.register_fake(_denoise_step_fake)
 
 
-def run(impl: str, *args) -> None:
-    """Launches the resolved backend ("native" or "triton") with the operator's arguments."""
+def run(impl: str, sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
+        clip_hi, philox_noise, generator, seed, offset, out, pred_original) -> None:
+    """Launches the resolved backend ("native" or "triton"). `generator`, a CUDA torch.Generator or
+    None, keys the noise in the native CUDA kernel (graph-safe); else (seed, offset) do."""
+    args = (sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo, clip_hi,
+            philox_noise)
     if impl == "native":
-        torch.ops.genfast.denoise_step(*args)
+        torch.ops.genfast.denoise_step(*args, generator, seed, offset, out, pred_original)
     elif impl == "triton":
-        torch.ops.genfast.denoise_step_triton(*args)
+        if generator is not None:
+            raise ValueError("the Triton denoise step is keyed by seed and offset, not by a generator")
+        torch.ops.genfast.denoise_step_triton(*args, seed, offset, out, pred_original)
     else:
         raise ValueError(f"denoise_step has no operator for impl={impl!r}")

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "host_device.h"
+#include "philox.h"
 
 namespace genfast {
 
@@ -54,7 +55,7 @@ struct DenoiseStepParams {
   NoiseSource noise_source;
   bool clip;
   float clip_lo, clip_hi;
-  uint64_t seed, offset;
+  PhiloxKeyRef philox;  // used when noise_source == kPhilox
 };
 
 // Comparisons are false for NaN, so NaN passes through (fminf/fmaxf would replace it).

@@ -67,6 +67,21 @@ GF_HOST_DEVICE Float4x32 box_muller4(Uint4x32 bits) {
   return Float4x32{r0 * c0, r0 * s0, r1 * c1, r1 * s1};
 }
 
+// The key of one call. Under CUDA graph capture the seed and the base offset live in device
+// memory that the graph refreshes before each replay (torch's graph-safe RNG); the kernel reads
+// them, adding `offset`. Elsewhere both pointers are null.
+struct PhiloxKeyRef {
+  uint64_t seed;
+  uint64_t offset;
+  const int64_t* seed_ptr;
+  const int64_t* offset_ptr;
+};
+
+GF_HOST_DEVICE void resolve_philox_key(const PhiloxKeyRef& key, uint64_t* seed, uint64_t* offset) {
+  *seed = key.seed_ptr != nullptr ? static_cast<uint64_t>(*key.seed_ptr) : key.seed;
+  *offset = key.offset_ptr != nullptr ? static_cast<uint64_t>(*key.offset_ptr) + key.offset : key.offset;
+}
+
 GF_HOST_DEVICE Float4x32 philox_normal4(uint64_t seed, uint64_t offset, uint64_t group) {
   return box_muller4(philox_group_bits(seed, offset, group));
 }

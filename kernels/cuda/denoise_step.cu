@@ -69,6 +69,8 @@ template <typename T, bool kPhilox>
 __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
   const int64_t num_groups = (p.numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint64_t seed = 0, offset = 0;
+  if (kPhilox) resolve_philox_key(p.philox, &seed, &offset);
   for (int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; group < num_groups;
        group += stride) {
     const int64_t i = group * 4;
@@ -98,7 +100,7 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
       for (int j = 0; j < 4; ++j) m[j] = guided_output(m[j], mc[j], c[j][kGuidanceScale]);
     }
     if (kPhilox) {
-      const Float4x32 n = philox_normal4(p.seed, p.offset, static_cast<uint64_t>(group));
+      const Float4x32 n = philox_normal4(seed, offset, static_cast<uint64_t>(group));
       z[0] = n.x; z[1] = n.y; z[2] = n.z; z[3] = n.w;
     } else if (p.noise_source == NoiseSource::kTensor) {
       load(p.noise, z);
