@@ -26,19 +26,22 @@ def _run(case, impl, args, kwargs):
     return case.fn(*args, **kwargs, impl=impl), None
 
 
+def _assert_matches_reference(case, impl, args, kwargs):
+    prev, x0 = _run(case, impl, args, kwargs)
+    ref_prev, ref_x0 = _run(case, "reference", args, kwargs)
+    assert prev.dtype == args[1].dtype and prev.shape == args[1].shape
+    assert_close_elementwise(prev, ref_prev)
+    if x0 is not None:
+        assert_close_elementwise(x0, ref_x0)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", DENOISE_CASES, ids=str)
 def test_matches_reference_with_given_noise(case, impl, dtype, device):
     _skip_unsupported(impl, device, dtype)
-    args, kwargs = make_denoise_inputs(case, (2, 3, 5, 7), dtype, device)
-    prev, x0 = _run(case, impl, args, kwargs)
-    ref_prev, ref_x0 = _run(case, "reference", args, kwargs)
-    assert prev.dtype == dtype and prev.shape == args[1].shape
-    assert_close_elementwise(prev, ref_prev)
-    if x0 is not None:
-        assert_close_elementwise(x0, ref_x0)
+    _assert_matches_reference(case, impl, *make_denoise_inputs(case, (2, 3, 5, 7), dtype, device))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -47,12 +50,7 @@ def test_matches_reference_with_given_noise(case, impl, dtype, device):
 @pytest.mark.parametrize("case", DENOISE_CASES, ids=str)
 def test_per_sample_schedule_and_shapes(case, shape, impl, device):
     _skip_unsupported(impl, device)
-    args, kwargs = make_denoise_inputs(case, shape, device=device, per_sample_schedule=True)
-    prev, x0 = _run(case, impl, args, kwargs)
-    ref_prev, ref_x0 = _run(case, "reference", args, kwargs)
-    assert_close_elementwise(prev, ref_prev)
-    if x0 is not None:
-        assert_close_elementwise(x0, ref_x0)
+    _assert_matches_reference(case, impl, *make_denoise_inputs(case, shape, device=device, per_sample_schedule=True))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -210,9 +208,19 @@ def _op_samples(impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck(impl, device):
     _skip_unsupported(impl, device)
-    op = torch.ops.genfast.denoise_step if impl == "native" else torch.ops.genfast.denoise_step_triton
+    op = torch.ops.genfast.denoise_step if impl == "native" else denoise_op.triton_operator(device)
     for args in _op_samples(impl, device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.triton
+def test_triton_op_form_runs_eagerly_on_the_cpu():
+    """The triton_op used on GPUs, run eagerly under the interpreter (its opcheck and compile run on the GPU)."""
+    for args in _op_samples("triton", "cpu"):
+        expected, got = args[-2].clone(), args[-2].clone()
+        torch.ops.genfast.denoise_step_triton_interpreted(*args[:-2], expected, None)
+        torch.ops.genfast.denoise_step_triton(*args[:-2], got, None)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

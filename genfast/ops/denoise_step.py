@@ -1,8 +1,8 @@
-"""torch.ops.genfast.denoise_step (native, from _C) and torch.ops.genfast.denoise_step_triton.
+"""torch.ops.genfast.denoise_step (native, from _C) and its Triton operators.
 
-Both take the same arguments: see csrc/registration.cpp and kernels/common/denoise_step.h.
-The Triton operator is a torch.library.custom_op with an explicit fake, which passes opcheck and
-torch.compile(fullgraph=True) under TRITON_INTERPRET=1 as well as on a GPU.
+They take the same arguments (see csrc/registration.cpp and kernels/common/denoise_step.h), except
+that the native one also takes a CUDA generator. Triton: denoise_step_triton is a triton_op (GPU);
+denoise_step_triton_interpreted an opaque custom_op for the CPU interpreter.
 """
 
 from typing import List, Optional
@@ -28,13 +28,8 @@ if _backend.native_module() is not None:
     torch.library.register_fake("genfast::denoise_step")(_native_denoise_step_fake)
 
 
-@torch.library.custom_op("genfast::denoise_step_triton", mutates_args=("out", "pred_original"))
-def denoise_step_triton(
-    sample: torch.Tensor, model_output: torch.Tensor, model_output_cond: Optional[torch.Tensor],
-    derivative: Optional[torch.Tensor], noise: Optional[torch.Tensor], row_coefs: Optional[torch.Tensor],
-    coefs: List[float], clip: bool, clip_lo: float, clip_hi: float, philox_noise: bool, seed: int, offset: int,
-    out: torch.Tensor, pred_original: Optional[torch.Tensor],
-) -> None:
+def _launch_triton(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
+                   clip_hi, philox_noise, seed, offset, out, pred_original, wrap=None):
     from ..kernels.denoise_step import launch_denoise_step
 
     contiguous = [t.contiguous() if t is not None else None
@@ -43,14 +38,47 @@ def denoise_step_triton(
     pred_buffer = pred_original
     if pred_original is not None and not pred_original.is_contiguous():
         pred_buffer = torch.empty_like(pred_original, memory_format=torch.contiguous_format)
-    launch_denoise_step(*contiguous, coefs, clip, clip_lo, clip_hi, philox_noise, seed, offset, out_buffer, pred_buffer)
+    launch_denoise_step(*contiguous, coefs, clip, clip_lo, clip_hi, philox_noise, seed, offset, out_buffer, pred_buffer,
+                        wrap=wrap)
     if out_buffer is not out:
         out.copy_(out_buffer)
     if pred_buffer is not pred_original:
         pred_original.copy_(pred_buffer)
 
 
-denoise_step_triton.register_fake(_denoise_step_fake)
+# On a GPU: a triton_op, which torch.compile traces into.
+@torch.library.triton_op("genfast::denoise_step_triton", mutates_args=("out", "pred_original"))
+def denoise_step_triton(
+    sample: torch.Tensor, model_output: torch.Tensor, model_output_cond: Optional[torch.Tensor],
+    derivative: Optional[torch.Tensor], noise: Optional[torch.Tensor], row_coefs: Optional[torch.Tensor],
+    coefs: List[float], clip: bool, clip_lo: float, clip_hi: float, philox_noise: bool, seed: int, offset: int,
+    out: torch.Tensor, pred_original: Optional[torch.Tensor],
+) -> None:
+    _launch_triton(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
+                   clip_hi, philox_noise, seed, offset, out, pred_original, wrap=torch.library.wrap_triton)
+
+
+# Under TRITON_INTERPRET=1 on the CPU: the same kernel behind an opaque custom_op with an explicit
+# fake, since a triton_op's self-traced fake reads tensor data there and fails opcheck and compile.
+@torch.library.custom_op("genfast::denoise_step_triton_interpreted", mutates_args=("out", "pred_original"))
+def denoise_step_triton_interpreted(
+    sample: torch.Tensor, model_output: torch.Tensor, model_output_cond: Optional[torch.Tensor],
+    derivative: Optional[torch.Tensor], noise: Optional[torch.Tensor], row_coefs: Optional[torch.Tensor],
+    coefs: List[float], clip: bool, clip_lo: float, clip_hi: float, philox_noise: bool, seed: int, offset: int,
+    out: torch.Tensor, pred_original: Optional[torch.Tensor],
+) -> None:
+    _launch_triton(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
+                   clip_hi, philox_noise, seed, offset, out, pred_original)
+
+
+denoise_step_triton_interpreted.register_fake(_denoise_step_fake)
+
+
+def triton_operator(device_type: str):
+    """The Triton operator for tensors on `device_type`."""
+    if device_type == "cpu":
+        return torch.ops.genfast.denoise_step_triton_interpreted
+    return torch.ops.genfast.denoise_step_triton
 
 
 def run(impl: str, sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
@@ -64,6 +92,6 @@ def run(impl: str, sample, model_output, model_output_cond, derivative, noise, r
     elif impl == "triton":
         if generator is not None:
             raise ValueError("the Triton denoise step is keyed by seed and offset, not by a generator")
-        torch.ops.genfast.denoise_step_triton(*args, seed, offset, out, pred_original)
+        triton_operator(sample.device.type)(*args, seed, offset, out, pred_original)
     else:
         raise ValueError(f"denoise_step has no operator for impl={impl!r}")

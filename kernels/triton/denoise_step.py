@@ -64,8 +64,9 @@ def denoise_step_kernel(
 
 
 def launch_denoise_step(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
-                        clip_hi, philox_noise, seed, offset, out, pred_original, block_groups=None):
-    """Runs the kernel on contiguous tensors of one shape and dtype; out and pred_original are written."""
+                        clip_hi, philox_noise, seed, offset, out, pred_original, block_groups=None, wrap=None):
+    """Runs the kernel on contiguous tensors of one shape and dtype; out and pred_original are written.
+    wrap: torch.library.wrap_triton inside a triton_op, so that torch.compile sees the kernel."""
     numel = sample.numel()
     if numel == 0:
         return
@@ -76,7 +77,8 @@ def launch_denoise_step(sample, model_output, model_output_cond, derivative, noi
     base = (offset & ((1 << 64) - 1)) // 4
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)
-    denoise_step_kernel[grid](
+    kernel = denoise_step_kernel if wrap is None else wrap(denoise_step_kernel)
+    kernel[grid](
         sample, model_output, model_output_cond if model_output_cond is not None else sample,
         derivative if derivative is not None else sample, noise if noise is not None else sample,
         out, pred_original if pred_original is not None else out,
