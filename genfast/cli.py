@@ -95,6 +95,9 @@ def cmd_bench(args):
     machine = timing.machine(device)
     print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
           f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
+    copy = {r["copy_gb_per_s"] for r in rows}
+    print(f"copy bandwidth measured in this run: {', '.join(f'{c:.1f}' for c in sorted(copy))} GB/s "
+          "(a large float32 copy; 'of copy' is each row's GB/s over it)")
     print("x genfast: the row's time over the fastest genfast backend's in its group (higher: genfast is faster)")
     _print_table(rows)
     if args.json:

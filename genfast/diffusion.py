@@ -37,7 +37,7 @@ def _sqrt(value):
     return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)
 
 
-def _as_float64(value, sample):
+def _as_float64(value):
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64).reshape(-1)
     return float(value)
@@ -107,8 +107,8 @@ def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, referen
             prev = out.copy_(prev)
         return (prev, x0) if return_pred_original else prev
 
-    coefs = [_as_float64(c, sample) for c in coefs]
-    coefs[G] = _as_float64(guidance_scale if guidance_scale is not None else 1.0, sample)
+    coefs = [_as_float64(c) for c in coefs]
+    coefs[G] = _as_float64(guidance_scale if guidance_scale is not None else 1.0)
     row_coefs, scalar_coefs = _pack(coefs, clip, sample)
     if out is None:
         out = torch.empty_like(sample, memory_format=torch.contiguous_format)
@@ -143,7 +143,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
     if clip_sample:
         _checks.check_schedule_value("clip_sample_range", clip_sample_range, sample, low=0, low_open=True)
 
-    a_t, a_prev = _as_float64(alpha_prod_t, sample), _as_float64(alpha_prod_t_prev, sample)
+    a_t, a_prev = _as_float64(alpha_prod_t), _as_float64(alpha_prod_t_prev)
     ax, am, _, _ = _prediction_coefs(prediction_type, a_t)
     current_alpha = a_t / a_prev
     current_beta = 1 - current_alpha
@@ -189,8 +189,8 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
     if clip_sample:
         _checks.check_schedule_value("clip_sample_range", clip_sample_range, sample, low=0, low_open=True)
 
-    a_t, a_prev = _as_float64(alpha_prod_t, sample), _as_float64(alpha_prod_t_prev, sample)
-    eta64 = _as_float64(eta, sample)
+    a_t, a_prev = _as_float64(alpha_prod_t), _as_float64(alpha_prod_t_prev)
+    eta64 = _as_float64(eta)
     ax, am, ex, em = _prediction_coefs(prediction_type, a_t)
     std = eta64 * _sqrt(reference.ddim_variance(a_t, a_prev))
     direction = _sqrt(1 - a_prev - std**2)
@@ -228,7 +228,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Schedule
     if s_churn > 0 and (num_inference_steps is None or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int when s_churn > 0, got {num_inference_steps}")
 
-    sigma64, sigma_next64 = _as_float64(sigma, sample), _as_float64(sigma_next, sample)
+    sigma64, sigma_next64 = _as_float64(sigma), _as_float64(sigma_next)
     if isinstance(sigma64, torch.Tensor):
         gamma = reference.euler_gamma(sigma64, s_churn, num_inference_steps, s_tmin, s_tmax)
     else:
@@ -267,7 +267,7 @@ def flow_match_euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigm
     _check_common(model_output, sample, model_output_cond, guidance_scale, noise, out, impl)
     _checks.check_schedule_value("sigma", sigma, sample)
     _checks.check_schedule_value("sigma_next", sigma_next, sample)
-    sigma64, sigma_next64 = _as_float64(sigma, sample), _as_float64(sigma_next, sample)
+    sigma64, sigma_next64 = _as_float64(sigma), _as_float64(sigma_next)
     if stochastic_sampling:
         coefs = [1.0, 1.0, -sigma64, 0.0, 1 - sigma_next64, 0.0, 0.0, sigma_next64, 0.0]
     else:
@@ -298,7 +298,7 @@ def flow_match_heun_step(model_output: torch.Tensor, sample: torch.Tensor, sigma
         _checks.check_like("first_velocity", first_velocity, sample)
     _checks.check_schedule_value("sigma", sigma, sample)
     _checks.check_schedule_value("sigma_next", sigma_next, sample)
-    sigma64, sigma_next64 = _as_float64(sigma, sample), _as_float64(sigma_next, sample)
+    sigma64, sigma_next64 = _as_float64(sigma), _as_float64(sigma_next)
     dt = sigma_next64 - sigma64
     if first_velocity is None:
         coefs = [1.0, 1.0, -sigma64, 0.0, 0.0, 1.0, dt, 0.0, 0.0]

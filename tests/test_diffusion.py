@@ -306,3 +306,22 @@ def test_euler_churn_matches_closed_form():
         got = genfast.euler_step(m, x, sigma, sigma_next, s_churn=s_churn, num_inference_steps=steps, noise=z,
                                  impl=impl)
         assert_close_elementwise(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", fused_impls())
+def test_more_than_two_to_the_31_elements(impl):
+    """Index arithmetic is 64-bit: the last elements of a 2^31 + 5 element tensor are written."""
+    skip_unless_runs(impl, "cuda")
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    n = 2**31 + 5
+    x = torch.zeros(n, device="cuda", dtype=torch.float16)
+    v = torch.ones_like(x)
+    out = torch.full_like(x, float("nan"))
+    genfast.flow_match_euler_step(v, x, 1.0, 0.5, out=out, impl=impl)
+    assert torch.equal(out[-8:], torch.full((8,), -0.5, device="cuda", dtype=torch.float16))
+    assert not torch.isnan(out).any()
+    del x, v, out
+    torch.cuda.empty_cache()

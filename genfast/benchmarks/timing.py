@@ -48,11 +48,18 @@ def _cuda_event_timing(fn, reps):
     return {"median_ms": times[len(times) // 2], "p20_ms": times[len(times) // 5], "p80_ms": times[4 * len(times) // 5]}
 
 
-def copy_bandwidth_gbs(numel: int, device: str, quick: bool = False) -> float:
-    """Measured copy bandwidth (bytes read + written per second) for a float32 tensor of numel."""
+# Buffers far larger than any cache, so that the copy measures device memory: 256 MiB each on
+# the CPU (some EPYC parts hold hundreds of MiB of L3), 1 GiB on a GPU.
+COPY_NUMEL = {"cpu": 1 << 26, "cuda": 1 << 28}
+
+
+def copy_bandwidth_gbs(device: str, quick: bool = False) -> float:
+    """The machine's memory bandwidth as a large float32 copy achieves it (bytes read + written per second)."""
+    numel = COPY_NUMEL.get(device, 1 << 26)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, quick)["median_ms"]
+    del src, dst
     return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
