@@ -325,3 +325,22 @@ def test_more_than_two_to_the_31_elements(impl):
     assert not torch.isnan(out).any()
     del x, v, out
     torch.cuda.empty_cache()
+
+
+@pytest.mark.slow
+def test_large_outputs_written_with_streaming_stores():
+    """Outputs of 32 MiB and more take the CPU kernel's streaming-store path; also misaligned and in place."""
+    skip_unless_runs("native", "cpu")
+    case = DENOISE_CASES[4]
+    args, kwargs = make_denoise_inputs(case, (2, 4_200_003))
+    expected, expected_x0 = _run(case, "reference", args, kwargs)
+    prev, x0 = _run(case, "native", args, kwargs)
+    assert_close_elementwise(prev, expected)
+    assert_close_elementwise(x0, expected_x0)
+    storage = torch.empty(2 * 4_200_003 + 1)
+    misaligned = storage[1:].view(2, 4_200_003)
+    case.fn(*args, **kwargs, out=misaligned, impl="native")
+    assert_close_elementwise(misaligned, expected)
+    in_place = args[1].clone()
+    case.fn(args[0], in_place, *args[2:], **kwargs, out=in_place, impl="native")
+    assert_close_elementwise(in_place, expected)

@@ -8,6 +8,7 @@
 #include "../denoise_step_args.h"
 #include "cpu_features.h"
 #include "philox_block.h"
+#include "streaming_store.h"
 
 namespace genfast {
 namespace {
@@ -60,6 +61,7 @@ void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
   const int64_t num_blocks = (p.numel + kBlock - 1) / kBlock;
   const float lo = p.clip ? p.clip_lo : -std::numeric_limits<float>::infinity();
   const float hi = p.clip ? p.clip_hi : std::numeric_limits<float>::infinity();
+  const bool streaming = kIsFloat && p.numel * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes;
   at::parallel_for(0, num_blocks, /*grain_size=*/16, [&](int64_t first, int64_t last) {
     alignas(64) float zeros[kBlock] = {};
     alignas(64) float z[kBlock], x0_scratch[kBlock], guided[kBlock];
@@ -89,8 +91,10 @@ void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
       float* out_block = out;
       float* x0_block = x0_scratch;
       if constexpr (kIsFloat) {
-        out_block = p.out + i0;
-        if (p.pred_original != nullptr) x0_block = p.pred_original + i0;
+        if (!streaming) {
+          out_block = p.out + i0;
+          if (p.pred_original != nullptr) x0_block = p.pred_original + i0;
+        }
       }
 
       // A block may straddle samples with different coefficients: split it at row boundaries.
@@ -106,11 +110,17 @@ void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
         denoise_block(c, lo, hi, b.x + s, m_used, b.z + s, b.d + s, out_block + s, x0_block + s, e - s);
         s = e;
       }
-      if constexpr (!kIsFloat) {
+      if constexpr (kIsFloat) {
+        if (streaming) {
+          streaming_store(p.out + i0, out_block, n);
+          if (p.pred_original != nullptr) streaming_store(p.pred_original + i0, x0_block, n);
+        }
+      } else {
         from_float(out_block, p.out + i0, n);
         if (p.pred_original != nullptr) from_float(x0_block, p.pred_original + i0, n);
       }
     }
+    if (streaming) streaming_store_fence();
   });
 }
 

@@ -50,9 +50,11 @@ def _diffusers_step():
     return step
 
 
-def run(device: str, quick: bool = False, progress=None, dtypes=None):
-    """Returns result rows (dicts); progress(message) is called before each measurement."""
-    sizes = QUICK_SIZES if quick else (SIZES_GPU if device == "cuda" else SIZES_CPU)
+def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
+    """Returns result rows (dicts); progress(message) is called before each measurement.
+    sizes: element counts, multiples of 4096 (default: 64K to 64M)."""
+    if sizes is None:
+        sizes = QUICK_SIZES if quick else (SIZES_GPU if device == "cuda" else SIZES_CPU)
     if dtypes is None:
         dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     fused = [impl for impl in ("native", "triton") if impl in _backend.available_impls(device)]
@@ -63,7 +65,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None):
     rows = []
     say = progress or (lambda message: None)
     say("denoise_step: copy bandwidth")
-    copy_gbs = copy_bandwidth_gbs(device, quick)
+    copy_gbs, copy_measured = copy_bandwidth_gbs(device, quick)
     for numel in sizes:
         for dtype in dtypes:
             shape = (numel // 4096, 4, 32, 32)  # latents of 4 x 32 x 32, as in a small latent-diffusion model
@@ -101,7 +103,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None):
                     gbs = bytes_moved / (timing["median_ms"] * 1e-3) / 1e9
                     group.append(dict(op="denoise_step (DDPM)", variant=variant, impl=name, device=device,
                                       dtype=str(dtype).replace("torch.", ""), numel=numel, **timing, gb_per_s=gbs,
-                                      copy_gb_per_s=copy_gbs, fraction_of_copy=gbs / copy_gbs))
+                                      copy_gb_per_s=copy_gbs, copy_gb_per_s_measured=copy_measured,
+                                      fraction_of_copy=gbs / copy_gbs))
                 best_genfast = min((r["median_ms"] for r in group if r["impl"].startswith("genfast")),
                                    default=math.nan)
                 for row in group:

@@ -53,14 +53,19 @@ def _cuda_event_timing(fn, reps):
 COPY_NUMEL = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
-def copy_bandwidth_gbs(device: str, quick: bool = False) -> float:
-    """The machine's memory bandwidth as a large float32 copy achieves it (bytes read + written per second)."""
+def copy_bandwidth_gbs(device: str, quick: bool = False, repeats: int = 3):
+    """The machine's memory bandwidth as a large float32 copy achieves it (bytes read + written per
+    second): the median over `repeats` fresh buffer pairs, since on a virtual machine one pair of
+    buffers can land on faster pages than the next. Returns (median, all measurements)."""
     numel = COPY_NUMEL.get(device, 1 << 26)
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, quick)["median_ms"]
-    del src, dst
-    return 2 * numel * 4 / (ms * 1e-3) / 1e9
+    measured = []
+    for _ in range(repeats):
+        src = torch.randn(numel, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device, quick)["median_ms"]
+        measured.append(2 * numel * 4 / (ms * 1e-3) / 1e9)
+        del src, dst
+    return sorted(measured)[len(measured) // 2], measured
 
 
 def _git_sha():

@@ -1,0 +1,17 @@
+// Stores that bypass the cache, for outputs larger than the cache: a plain store first reads the
+// destination line (read-for-ownership), so a streaming store saves one pass over memory.
+#pragma once
+
+#include <stdint.h>
+
+namespace genfast {
+
+// Writes n floats from src to dst with non-temporal stores where the CPU has them (x86-64 AVX2 or
+// AVX-512), plain stores elsewhere. Call streaming_store_fence() before other threads read dst.
+void streaming_store(float* dst, const float* src, int64_t n);
+void streaming_store_fence();
+
+// Outputs at least this large (bytes) are written with streaming stores.
+constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
+
+}  // namespace genfast

@@ -1,0 +1,63 @@
+"""The genfast command: info, check and bench."""
+
+import importlib
+import json
+
+import pytest
+
+from genfast import _backend
+from genfast.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "genfast" in capsys.readouterr().out
+
+
+def test_check_passes_and_names_each_backend(capsys):
+    assert main(["check", "--device", "cpu", "--ops", "denoise_step"]) == 0
+    out = capsys.readouterr().out
+    assert "all passed" in out
+    if _backend.native_runs_on("cpu"):
+        assert " native " in out
+
+
+def test_check_fails_on_a_wrong_kernel(capsys, monkeypatch):
+    from genfast.ops import denoise_step as denoise_op
+
+    original = denoise_op.run
+
+    def off_by_a_little(impl, *args):
+        original(impl, *args)
+        args[-2].add_(1e-2)  # out
+
+    monkeypatch.setattr(denoise_op, "run", off_by_a_little)
+    assert main(["check", "--device", "cpu"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_unknown_op_is_an_error(capsys):
+    assert main(["check", "--ops", "nope"]) == 2
+    assert main(["bench", "--ops", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_writes_json_and_csv(tmp_path, capsys):
+    json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    assert main(["bench", "--device", "cpu", "--quick", "--sizes", "65536", "--json", str(json_path),
+                 "--csv", str(csv_path)]) == 0
+    result = json.loads(json_path.read_text())
+    assert result["machine"]["torch"] and result["rows"]
+    impls = {row["impl"] for row in result["rows"]}
+    assert {"eager torch", "torch.compile"} <= impls
+    assert all(row["median_ms"] > 0 for row in result["rows"])
+    assert csv_path.read_text().count("\n") == len(result["rows"]) + 1
+    assert "x genfast" in capsys.readouterr().out
+
+
+def test_triton_kernels_ship_with_the_package():
+    """A wheel install must carry genfast.kernels; without it every Triton test would skip silently."""
+    pytest.importorskip("triton")
+    module = importlib.import_module("genfast.kernels.denoise_step")
+    assert hasattr(module, "launch_denoise_step")
+    assert _backend.triton_error() is None
