@@ -89,15 +89,15 @@ def cmd_bench(args):
             print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
             return 2
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        progress = _progress_bar(total=1 + (len(sizes) if sizes else 2 if args.quick else 4) * 11)
+        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 12)
         rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress, sizes=sizes)
         sys.stderr.write("\n")
     machine = timing.machine(device)
     print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
           f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
-    for measured in {tuple(r["copy_gb_per_s_measured"]) for r in rows}:
-        print(f"copy bandwidth measured in this run: median of {', '.join(f'{c:.1f}' for c in measured)} GB/s "
-              "(large float32 copies; 'of copy' is each row's GB/s over the median)")
+    copies = sorted({round(r["copy_gb_per_s"], 1) for r in rows})
+    print(f"copy bandwidth, measured with large float32 copies before each size: {copies} GB/s; "
+          "'of copy' is each row's GB/s over the figure measured beside it")
     print("x genfast: the row's time over the fastest genfast backend's in its group (higher: genfast is faster)")
     _print_table(rows)
     if args.json:

@@ -3,7 +3,8 @@
 Peers: the step in eager PyTorch (float32 ops, torch.randn noise), torch.compile of it, and
 diffusers' DDPMScheduler.step. Figures: median time, GB/s (bytes the step must move: sample and
 model output read, result written, and the noise read when it is given), the fraction of the
-memory bandwidth a large copy reaches in the same run (above 100% when the data stay in cache),
+memory bandwidth a large copy reaches just before each size's measurements (above 100% when
+the data stay in cache),
 and each peer's time over genfast's.
 """
 
@@ -64,9 +65,10 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     compiled_eager = torch.compile(eager_ddpm_step, dynamic=False)
     rows = []
     say = progress or (lambda message: None)
-    say("denoise_step: copy bandwidth")
-    copy_gbs, copy_measured = copy_bandwidth_gbs(device, quick)
     for numel in sizes:
+        # Measured beside each group: a shared machine's memory bandwidth drifts over minutes.
+        say(f"denoise_step: copy bandwidth before {numel} elements")
+        copy_gbs, copy_measured = copy_bandwidth_gbs(device, quick)
         for dtype in dtypes:
             shape = (numel // 4096, 4, 32, 32)  # latents of 4 x 32 x 32, as in a small latent-diffusion model
             sample = torch.randn(shape, device=device, dtype=dtype)
