@@ -10,4 +10,10 @@ TORCH_LIBRARY(genfast, m) {
       "denoise_step(Tensor sample, Tensor model_output, Tensor? model_output_cond, Tensor? derivative, "
       "Tensor? noise, Tensor? row_coefs, float[] coefs, bool clip, float clip_lo, float clip_hi, "
       "bool philox_noise, Generator? generator, int seed, int offset, Tensor(a!) out, Tensor(b!)? pred_original) -> ()");
+  // A Langevin-type update (kernels/common/langevin_step.h); coefs: x_scale, step_size, noise_std,
+  // grad_scale. grad_clip = inf and clamp_lo/hi = -inf/inf disable clipping and clamping.
+  m.def(
+      "langevin_step(Tensor x, Tensor grad, Tensor? noise, Tensor? row_coefs, float[] coefs, float grad_clip, "
+      "float clamp_lo, float clamp_hi, bool philox_noise, Generator? generator, int seed, int offset, "
+      "Tensor(a!) out, Tensor(b!)? mean_out) -> ()");
 }

@@ -16,8 +16,9 @@ from typing import Optional, Union
 import torch
 
 from . import _backend, _checks
+from ._coefs import as_float64 as _as_float64, is_zero as _is_zero, pack_rows, sqrt as _sqrt
 from .ops import denoise_step as denoise_op
-from .random import PhiloxGenerator, as_int64, default_generator, next_philox_key
+from .random import as_int64, kernel_noise_key
 from .reference import diffusion as reference
 from .reference.random import philox_normal
 
@@ -29,37 +30,16 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 G, AX, AM, AZ, O0, OX, OM, OZ, OD = range(9)
 
 
-def _is_zero(value) -> bool:
-    return not isinstance(value, torch.Tensor) and value == 0
-
-
-def _sqrt(value):
-    return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)
-
-
-def _as_float64(value):
-    if isinstance(value, torch.Tensor):
-        return value.to(torch.float64).reshape(-1)
-    return float(value)
-
-
-def _pack(coefs, clip: bool, sample: torch.Tensor):
-    """(row_coefs or None, nine floats): one row per sample when a schedule value is a tensor.
-
-    Without a clamp x0 is affine too, so its terms fold into the output's; this keeps fp32
-    cancellation (x' - (x' - sigma * m) in Euler) out of the kernel."""
+def _pack(coefs, clip: bool, device):
+    """The kernel's coefficients (see _coefs.pack_rows). Without a clamp x0 is affine too, so its
+    terms fold into the output's; this keeps fp32 cancellation (x' - (x' - sigma * m) in Euler)
+    out of the kernel."""
     coefs = list(coefs)
     if not clip:
         for x0_slot, out_slot in ((AX, OX), (AM, OM), (AZ, OZ)):
             coefs[out_slot] = coefs[out_slot] + coefs[O0] * coefs[x0_slot]
         coefs[O0] = 0.0
-    tensors = [c for c in coefs if isinstance(c, torch.Tensor)]
-    if not tensors:
-        return None, [float(c) for c in coefs]
-    rows = max(t.numel() for t in tensors)
-    columns = [c.expand(rows) if isinstance(c, torch.Tensor) else
-               torch.full((rows,), float(c), dtype=torch.float64, device=sample.device) for c in coefs]
-    return torch.stack(columns, dim=1).to(torch.float32).contiguous(), [0.0] * len(coefs)
+    return pack_rows(coefs, device)
 
 
 def _prediction_coefs(prediction_type, alpha_prod_t):
@@ -90,14 +70,9 @@ def _check_common(model_output, sample, model_output_cond, guidance_scale, noise
 def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, reference_step, model_output_cond,
           guidance_scale, derivative, noise, generator, out, return_pred_original, impl):
     backend = _backend.resolve_impl(impl, sample.device)
-    draws = needs_noise and noise is None
-    # The native CUDA kernel takes a CUDA torch.Generator itself, which keeps the noise fresh on
-    # every replay of a captured CUDA graph; everywhere else the key is drawn here.
-    cuda_generator = None
-    if draws and backend == "native" and sample.device.type == "cuda" and not isinstance(generator, PhiloxGenerator):
-        cuda_generator = generator if generator is not None else default_generator(sample.device)
-        draws = False
-    key = next_philox_key(generator, sample.device) if draws else None
+    cuda_generator, key = None, None
+    if needs_noise and noise is None:
+        cuda_generator, key = kernel_noise_key(generator, sample.device, backend)
     if backend == "reference":
         z = noise
         if key is not None:
@@ -109,7 +84,7 @@ def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, referen
 
     coefs = [_as_float64(c) for c in coefs]
     coefs[G] = _as_float64(guidance_scale if guidance_scale is not None else 1.0)
-    row_coefs, scalar_coefs = _pack(coefs, clip, sample)
+    row_coefs, scalar_coefs = _pack(coefs, clip, sample.device)
     if out is None:
         out = torch.empty_like(sample, memory_format=torch.contiguous_format)
     pred_original = torch.empty_like(out) if return_pred_original else None

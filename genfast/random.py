@@ -59,6 +59,15 @@ def next_philox_key(generator, device: torch.device):
     return generator.initial_seed() & _UINT64, draw * OFFSET_INCREMENT
 
 
+def kernel_noise_key(generator, device: torch.device, backend: str):
+    """(cuda_generator, None) where the native CUDA kernel takes a CUDA torch.Generator itself,
+    which keeps the noise fresh on every replay of a captured CUDA graph; else (None, (seed, offset))
+    drawn here."""
+    if backend == "native" and device.type == "cuda" and not isinstance(generator, PhiloxGenerator):
+        return (generator if generator is not None else default_generator(device)), None
+    return None, next_philox_key(generator, device)
+
+
 def as_int64(value: int) -> int:
     """A 64-bit word as the signed int that an operator schema's `int` carries."""
     value &= _UINT64

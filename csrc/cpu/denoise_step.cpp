@@ -1,30 +1,15 @@
 // genfast::denoise_step on the CPU: blocks of elements, parallel over blocks, vectorized inside.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 
 #include "../denoise_step_args.h"
+#include "block_loop.h"
 #include "cpu_features.h"
-#include "philox_block.h"
-#include "streaming_store.h"
 
 namespace genfast {
 namespace {
-
-constexpr int64_t kBlock = 1024;  // elements; a multiple of 4 * kPhiloxLanes
-static_assert(kBlock % (4 * kPhiloxLanes) == 0, "a block must hold whole Philox batches");
-
-struct BlockInputs {
-  const float* x;
-  const float* m;
-  const float* m_cond;  // nullable
-  const float* z;
-  const float* d;
-  float* out;
-  float* x0;
-};
 
 // Loops below carry `ivdep`: out may be the sample itself (an in-place step), which is safe since
 // every iteration reads its own element before writing it, but defeats the compiler's alias check.
@@ -46,81 +31,30 @@ GF_CPU_CLONES void denoise_block(const float* coefs, float lo, float hi, const f
 }
 
 template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename T>
-void from_float(const float* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-template <typename T>
 void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
-  constexpr bool kIsFloat = std::is_same<T, float>::value;
-  const int64_t num_blocks = (p.numel + kBlock - 1) / kBlock;
   const float lo = p.clip ? p.clip_lo : -std::numeric_limits<float>::infinity();
   const float hi = p.clip ? p.clip_hi : std::numeric_limits<float>::infinity();
-  const bool streaming = kIsFloat && p.numel * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes;
-  at::parallel_for(0, num_blocks, /*grain_size=*/16, [&](int64_t first, int64_t last) {
-    alignas(64) float zeros[kBlock] = {};
-    alignas(64) float z[kBlock], x0_scratch[kBlock], guided[kBlock];
-    alignas(64) float x[kBlock], m[kBlock], m_cond[kBlock], d[kBlock], out[kBlock];
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t i0 = block * kBlock;
-      const int64_t n = std::min(kBlock, p.numel - i0);
-      auto input = [&](const T* src, float* buffer) -> const float* {
-        if (src == nullptr) return nullptr;
-        if constexpr (kIsFloat) return src + i0;
-        to_float(src + i0, buffer, n);
-        return buffer;
-      };
-      BlockInputs b;
-      b.x = input(p.sample, x);
-      b.m = input(p.model_output, m);
-      b.m_cond = input(p.model_output_cond, m_cond);
-      b.d = p.derivative != nullptr ? input(p.derivative, d) : zeros;
-      if (p.noise_source == NoiseSource::kPhilox) {
-        philox_normals(p.philox.seed, p.philox.offset, static_cast<uint64_t>(i0 / 4), (n + 3) / 4, z);
-        b.z = z;
-      } else if (p.noise_source == NoiseSource::kTensor) {
-        b.z = input(p.noise, z);
-      } else {
-        b.z = zeros;
-      }
-      float* out_block = out;
-      float* x0_block = x0_scratch;
-      if constexpr (kIsFloat) {
-        if (!streaming) {
-          out_block = p.out + i0;
-          if (p.pred_original != nullptr) x0_block = p.pred_original + i0;
-        }
-      }
-
-      // A block may straddle samples with different coefficients: split it at row boundaries.
-      for (int64_t s = 0; s < n;) {
-        const int64_t row = (i0 + s) / p.row_size;
-        const int64_t e = std::min(n, (row + 1) * p.row_size - i0);
-        const float* c = p.row_coefs != nullptr ? p.row_coefs + row * kNumDenoiseCoefs : p.coefs.v;
-        const float* m_used = b.m + s;
-        if (b.m_cond != nullptr) {
-          guide_block(b.m + s, b.m_cond + s, c[kGuidanceScale], guided + s, e - s);
-          m_used = guided + s;
-        }
-        denoise_block(c, lo, hi, b.x + s, m_used, b.z + s, b.d + s, out_block + s, x0_block + s, e - s);
-        s = e;
-      }
-      if constexpr (kIsFloat) {
-        if (streaming) {
-          streaming_store(p.out + i0, out_block, n);
-          if (p.pred_original != nullptr) streaming_store(p.pred_original + i0, x0_block, n);
-        }
-      } else {
-        from_float(out_block, p.out + i0, n);
-        if (p.pred_original != nullptr) from_float(x0_block, p.pred_original + i0, n);
-      }
-    }
-    if (streaming) streaming_store_fence();
+  for_each_block<T>(p.numel, [&](const Block<T>& block) {
+    alignas(64) float z_buf[kBlock], x0_scratch[kBlock], guided[kBlock];
+    alignas(64) float x_buf[kBlock], m_buf[kBlock], m_cond_buf[kBlock], d_buf[kBlock], out_buf[kBlock];
+    const float* x = block.input(p.sample, x_buf);
+    const float* m = block.input(p.model_output, m_buf);
+    const float* m_cond = block.input(p.model_output_cond, m_cond_buf);
+    const float* d = p.derivative != nullptr ? block.input(p.derivative, d_buf) : kZeroBlock;
+    const float* z = block_noise(block, p.noise_source, p.philox, p.noise, z_buf);
+    float* out = block.output(p.out, out_buf);
+    float* x0 = block.output(p.pred_original, x0_scratch);
+    for_each_row_segment(block.begin(), block.size(), p.row_size, p.row_coefs, p.coefs.v, kNumDenoiseCoefs,
+                         [&](int64_t s, int64_t count, const float* c) {
+                           const float* m_used = m + s;
+                           if (m_cond != nullptr) {
+                             guide_block(m + s, m_cond + s, c[kGuidanceScale], guided + s, count);
+                             m_used = guided + s;
+                           }
+                           denoise_block(c, lo, hi, x + s, m_used, z + s, d + s, out + s, x0 + s, count);
+                         });
+    block.commit(p.out, out);
+    block.commit(p.pred_original, x0);
   });
 }
 

@@ -1,31 +1,17 @@
 // genfast::denoise_step on CUDA: checks, device guard, current stream, then kernels/cuda.
 // A .cpp on purpose: only the framework-free kernels go through nvcc, which keeps builds short.
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <mutex>
-
 #include "../../kernels/cuda/denoise_step.cuh"
 #include "../denoise_step_args.h"
+#include "philox_key.h"
 
 namespace genfast {
 namespace {
-
-// The key from a CUDA generator, advancing its offset by 4 as torch's own kernels do. Under graph
-// capture, torch hands out device pointers that the graph refreshes on every replay.
-PhiloxKeyRef philox_key_from(const at::Generator& generator) {
-  auto* gen = at::check_generator<at::CUDAGeneratorImpl>(generator);
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  const at::PhiloxCudaState state = gen->philox_cuda_state(4);
-  if (state.captured_) {
-    return PhiloxKeyRef{0, state.offset_intragraph_, state.seed_.ptr, state.offset_.ptr};
-  }
-  return PhiloxKeyRef{state.seed_.val, state.offset_.val, nullptr, nullptr};
-}
 
 template <typename T, typename Storage>
 cudaError_t launch(const DenoiseStepTensors& t, bool clip, double clip_lo, double clip_hi,
@@ -44,12 +30,8 @@ void denoise_step_cuda(const at::Tensor& sample, const at::Tensor& model_output,
   const c10::cuda::CUDAGuard guard(sample.device());
   const DenoiseStepTensors t = prepare_denoise_step(sample, model_output, model_output_cond, derivative, noise,
                                                     row_coefs, coefs, philox_noise, out, pred_original);
-  std::optional<PhiloxKeyRef> key;
-  if (t.noise_source == NoiseSource::kPhilox && generator.has_value()) {
-    TORCH_CHECK(generator->device().type() == at::kCUDA, "genfast.denoise_step: generator must be a CUDA generator, got ",
-                generator->device());
-    key = philox_key_from(*generator);
-  }
+  const std::optional<PhiloxKeyRef> key =
+      cuda_philox_key(kDenoiseStepOp, t.noise_source == NoiseSource::kPhilox, generator);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t status;
   switch (sample.scalar_type()) {

@@ -10,6 +10,7 @@ from typing import List, Optional
 import torch
 
 from .. import _backend
+from ._buffers import contiguous_inputs, copy_back, output_buffers
 
 NUM_COEFS = 9
 
@@ -32,18 +33,10 @@ def _launch_triton(sample, model_output, model_output_cond, derivative, noise, r
                    clip_hi, philox_noise, seed, offset, out, pred_original, wrap=None):
     from ..kernels.denoise_step import launch_denoise_step
 
-    contiguous = [t.contiguous() if t is not None else None
-                  for t in (sample, model_output, model_output_cond, derivative, noise, row_coefs)]
-    out_buffer = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    pred_buffer = pred_original
-    if pred_original is not None and not pred_original.is_contiguous():
-        pred_buffer = torch.empty_like(pred_original, memory_format=torch.contiguous_format)
-    launch_denoise_step(*contiguous, coefs, clip, clip_lo, clip_hi, philox_noise, seed, offset, out_buffer, pred_buffer,
-                        wrap=wrap)
-    if out_buffer is not out:
-        out.copy_(out_buffer)
-    if pred_buffer is not pred_original:
-        pred_original.copy_(pred_buffer)
+    inputs = contiguous_inputs(sample, model_output, model_output_cond, derivative, noise, row_coefs)
+    buffers = output_buffers(out, pred_original)
+    launch_denoise_step(*inputs, coefs, clip, clip_lo, clip_hi, philox_noise, seed, offset, *buffers, wrap=wrap)
+    copy_back(buffers, (out, pred_original))
 
 
 # On a GPU: a triton_op, which torch.compile traces into.

@@ -10,15 +10,7 @@ import math
 
 import torch
 
-
-def _per_sample(value, like: torch.Tensor):
-    """A schedule value as a float64 tensor broadcastable against `like` (one value per sample)."""
-    if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=torch.float64, device=like.device)
-    value = value.to(device=like.device, dtype=torch.float64)
-    if value.numel() == 1:
-        return value.reshape(())
-    return value.reshape((value.numel(),) + (1,) * (like.dim() - 1))
+from ._schedule import per_sample as _per_sample
 
 
 def guided_output(model_output, model_output_cond=None, guidance_scale=None):

@@ -1,68 +1,9 @@
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "../common/philox.h"
 #include "denoise_step.cuh"
+#include "vector_access.cuh"
 
 namespace genfast {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Four consecutive elements moved as one aligned access (16 bytes for float, 8 for 16-bit types).
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
-template <typename T>
-__device__ __forceinline__ void load4(const T* base, int64_t i, bool vector_ok, float out[4]) {
-  if (vector_ok) {
-    const Pack4<T> p = *reinterpret_cast<const Pack4<T>*>(base + i);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = to_float(p.v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = to_float(base[i + j]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store4(T* base, int64_t i, bool vector_ok, const float in[4]) {
-  if (vector_ok) {
-    Pack4<T> p;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) p.v[j] = from_float<T>(in[j]);
-    *reinterpret_cast<Pack4<T>*>(base + i) = p;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) base[i + j] = from_float<T>(in[j]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void load_tail(const T* base, int64_t i, int count, float out[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) out[j] = j < count ? to_float(base[i + j]) : 0.0f;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_tail(T* base, int64_t i, int count, const float in[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    if (j < count) base[i + j] = from_float<T>(in[j]);
-}
 
 // One thread handles groups of four elements, which share one Philox call.
 template <typename T, bool kPhilox>
@@ -120,11 +61,6 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
   }
 }
 
-template <typename T>
-bool aligned4(const T* ptr) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
-}
-
 }  // namespace
 
 template <typename T>
@@ -133,19 +69,11 @@ cudaError_t launch_denoise_step(const DenoiseStepParams<T>& p, cudaStream_t stre
   const bool vector_ok = aligned4(p.sample) && aligned4(p.model_output) && aligned4(p.model_output_cond) &&
                          aligned4(p.derivative) && aligned4(p.noise) && aligned4(p.out) &&
                          aligned4(p.pred_original);
-  constexpr int kThreads = 256;
-  const int64_t num_groups = (p.numel + 3) / 4;
-  int device = 0, num_sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  // Enough blocks to fill the machine several times over; the loop strides over the rest.
-  const int64_t max_blocks = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 16;
-  const int64_t wanted = (num_groups + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(wanted < max_blocks ? wanted : max_blocks);
+  const unsigned blocks = elementwise_blocks((p.numel + 3) / 4);
   if (p.noise_source == NoiseSource::kPhilox) {
-    denoise_step_kernel<T, true><<<blocks, kThreads, 0, stream>>>(p, vector_ok);
+    denoise_step_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
   } else {
-    denoise_step_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p, vector_ok);
+    denoise_step_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
   }
   return cudaGetLastError();
 }

@@ -1,0 +1,74 @@
+#include "../common/philox.h"
+#include "langevin_step.cuh"
+#include "vector_access.cuh"
+
+namespace genfast {
+namespace {
+
+template <typename T, bool kPhilox>
+__global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
+  const int64_t num_groups = (p.numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint64_t seed = 0, offset = 0;
+  if (kPhilox) resolve_philox_key(p.philox, &seed, &offset);
+  for (int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; group < num_groups;
+       group += stride) {
+    const int64_t i = group * 4;
+    const int count = p.numel - i < 4 ? static_cast<int>(p.numel - i) : 4;
+    const bool full = count == 4;
+    float c[4][kNumLangevinCoefs];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float* src = p.row_coefs == nullptr ? nullptr : p.row_coefs + ((i + j) / p.row_size) * kNumLangevinCoefs;
+#pragma unroll
+      for (int k = 0; k < kNumLangevinCoefs; ++k) c[j][k] = src == nullptr ? p.coefs.v[k] : src[k];
+    }
+    float x[4], g[4], z[4] = {0.f, 0.f, 0.f, 0.f};
+    if (full) {
+      load4(p.x, i, vector_ok, x);
+      load4(p.grad, i, vector_ok, g);
+    } else {
+      load_tail(p.x, i, count, x);
+      load_tail(p.grad, i, count, g);
+    }
+    if (kPhilox) {
+      const Float4x32 n = philox_normal4(seed, offset, static_cast<uint64_t>(group));
+      z[0] = n.x; z[1] = n.y; z[2] = n.z; z[3] = n.w;
+    } else if (p.noise_source == NoiseSource::kTensor) {
+      if (full) load4(p.noise, i, vector_ok, z); else load_tail(p.noise, i, count, z);
+    }
+    float out[4], mean[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float m = langevin_mean(c[j], p.grad_clip, x[j], g[j]);
+      out[j] = clamp_keep_nan(m + c[j][kNoiseStd] * z[j], p.clamp_lo, p.clamp_hi);
+      mean[j] = clamp_keep_nan(m, p.clamp_lo, p.clamp_hi);
+    }
+    if (full) store4(p.out, i, vector_ok, out); else store_tail(p.out, i, count, out);
+    if (p.mean_out != nullptr) {
+      if (full) store4(p.mean_out, i, vector_ok, mean); else store_tail(p.mean_out, i, count, mean);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_langevin_step(const LangevinStepParams<T>& p, cudaStream_t stream) {
+  if (p.numel == 0) return cudaSuccess;
+  const bool vector_ok = aligned4(p.x) && aligned4(p.grad) && aligned4(p.noise) && aligned4(p.out) &&
+                         aligned4(p.mean_out);
+  const unsigned blocks = elementwise_blocks((p.numel + 3) / 4);
+  if (p.noise_source == NoiseSource::kPhilox) {
+    langevin_step_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
+  } else {
+    langevin_step_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
+  }
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_langevin_step<float>(const LangevinStepParams<float>&, cudaStream_t);
+template cudaError_t launch_langevin_step<__half>(const LangevinStepParams<__half>&, cudaStream_t);
+template cudaError_t launch_langevin_step<__nv_bfloat16>(const LangevinStepParams<__nv_bfloat16>&, cudaStream_t);
+
+}  // namespace genfast

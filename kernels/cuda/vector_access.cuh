@@ -1,0 +1,88 @@
+// Device helpers shared by the elementwise CUDA kernels: float conversion and accesses of four
+// consecutive elements (one aligned vector access when every pointer allows it).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace genfast {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Four consecutive elements moved as one aligned access (16 bytes for float, 8 for 16-bit types).
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* base, int64_t i, bool vector_ok, float out[4]) {
+  if (vector_ok) {
+    const Pack4<T> p = *reinterpret_cast<const Pack4<T>*>(base + i);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = to_float(p.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = to_float(base[i + j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* base, int64_t i, bool vector_ok, const float in[4]) {
+  if (vector_ok) {
+    Pack4<T> p;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) p.v[j] = from_float<T>(in[j]);
+    *reinterpret_cast<Pack4<T>*>(base + i) = p;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) base[i + j] = from_float<T>(in[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_tail(const T* base, int64_t i, int count, float out[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = j < count ? to_float(base[i + j]) : 0.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_tail(T* base, int64_t i, int count, const float in[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (j < count) base[i + j] = from_float<T>(in[j]);
+}
+
+template <typename T>
+bool aligned4(const T* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
+}
+
+
+// Blocks of kElementwiseThreads threads, each handling groups of four elements in a grid-stride
+// loop: enough blocks to fill the machine several times over, no more.
+constexpr int kElementwiseThreads = 256;
+
+inline unsigned elementwise_blocks(int64_t num_groups) {
+  int device = 0, num_sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t max_blocks = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 16;
+  const int64_t wanted = (num_groups + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned>(wanted < max_blocks ? wanted : max_blocks);
+}
+
+}  // namespace genfast
