@@ -18,9 +18,9 @@ import torch
 from . import _backend, _checks
 from ._coefs import as_float64 as _as_float64, is_zero as _is_zero, pack_rows, sqrt as _sqrt
 from .ops import denoise_step as denoise_op
-from .random import as_int64, kernel_noise_key
+from ._dispatch import noise_key, run_reference
+from .random import as_int64
 from .reference import diffusion as reference
-from .reference.random import philox_normal
 
 Schedule = Union[float, torch.Tensor]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -70,17 +70,9 @@ def _check_common(model_output, sample, model_output_cond, guidance_scale, noise
 def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, reference_step, model_output_cond,
           guidance_scale, derivative, noise, generator, out, return_pred_original, impl):
     backend = _backend.resolve_impl(impl, sample.device)
-    cuda_generator, key = None, None
-    if needs_noise and noise is None:
-        cuda_generator, key = kernel_noise_key(generator, sample.device, backend)
+    cuda_generator, key = noise_key(needs_noise, noise, generator, sample.device, backend)
     if backend == "reference":
-        z = noise
-        if key is not None:
-            z = philox_normal(sample.shape, key[0], key[1], dtype=torch.float32, device=sample.device)
-        prev, x0 = reference_step(z)
-        if out is not None:
-            prev = out.copy_(prev)
-        return (prev, x0) if return_pred_original else prev
+        return run_reference(reference_step, sample, noise, key, out, return_pred_original)
 
     coefs = [_as_float64(c) for c in coefs]
     coefs[G] = _as_float64(guidance_scale if guidance_scale is not None else 1.0)

@@ -15,9 +15,9 @@ import torch
 from . import _backend, _checks
 from ._coefs import as_float64, is_zero, pack_rows, sqrt
 from .ops import langevin_step as langevin_op
-from .random import as_int64, kernel_noise_key
+from ._dispatch import noise_key, run_reference
+from .random import as_int64
 from .reference import langevin as reference
-from .reference.random import philox_normal
 
 Schedule = Union[float, torch.Tensor]
 INF = float("inf")
@@ -42,17 +42,9 @@ def _update(x, grad, *, x_scale, step, noise_std, grad_clip, grad_scale, clamp, 
             impl, reference_step):
     """Runs x_scale * x + step * clip(grad) * grad_scale + noise_std * z on the resolved backend."""
     backend = _backend.resolve_impl(impl, x.device)
-    cuda_generator, key = None, None
-    if noise is None and not is_zero(noise_std):
-        cuda_generator, key = kernel_noise_key(generator, x.device, backend)
+    cuda_generator, key = noise_key(not is_zero(noise_std), noise, generator, x.device, backend)
     if backend == "reference":
-        z = noise
-        if key is not None:
-            z = philox_normal(x.shape, key[0], key[1], dtype=torch.float32, device=x.device)
-        result, mean = reference_step(z)
-        if out is not None:
-            result = out.copy_(result)
-        return (result, mean) if return_mean else result
+        return run_reference(reference_step, x, noise, key, out, return_mean)
 
     row_coefs, coefs = pack_rows([x_scale, step, noise_std, grad_scale], x.device)
     if out is None:

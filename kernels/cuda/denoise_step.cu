@@ -21,15 +21,8 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
       if (full) load4(base, i, vector_ok, out); else load_tail(base, i, count, out);
     };
 
-    // Coefficients live in registers; reading them through a pointer that may address the
-    // kernel parameters would force a stack copy of the parameter struct.
     float c[4][kNumDenoiseCoefs];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float* src = p.row_coefs == nullptr ? nullptr : p.row_coefs + ((i + j) / p.row_size) * kNumDenoiseCoefs;
-#pragma unroll
-      for (int k = 0; k < kNumDenoiseCoefs; ++k) c[j][k] = src == nullptr ? p.coefs.v[k] : src[k];
-    }
+    load_coefs4<kNumDenoiseCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
 
     float x[4], m[4], z[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
     load(p.sample, x);

@@ -17,12 +17,7 @@ __global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
     const int count = p.numel - i < 4 ? static_cast<int>(p.numel - i) : 4;
     const bool full = count == 4;
     float c[4][kNumLangevinCoefs];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float* src = p.row_coefs == nullptr ? nullptr : p.row_coefs + ((i + j) / p.row_size) * kNumLangevinCoefs;
-#pragma unroll
-      for (int k = 0; k < kNumLangevinCoefs; ++k) c[j][k] = src == nullptr ? p.coefs.v[k] : src[k];
-    }
+    load_coefs4<kNumLangevinCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
     float x[4], g[4], z[4] = {0.f, 0.f, 0.f, 0.f};
     if (full) {
       load4(p.x, i, vector_ok, x);

@@ -7,18 +7,11 @@ serves four elements exactly as on the other backends.
 import triton
 import triton.language as tl
 
+from .common import clamp_keep_nan, coef, group_indices, philox_key_words
 from .philox import philox_normal4
 
 NUM_COEFS = 9
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
-
-
-@triton.jit
-def _coef(row_coefs_ptr, row, mask, scalar, j: tl.constexpr, ROW_COEFS: tl.constexpr):
-    if ROW_COEFS:
-        return tl.load(row_coefs_ptr + row * 9 + j, mask=mask, other=0.0)
-    else:
-        return scalar
 
 
 @triton.jit
@@ -29,9 +22,7 @@ def denoise_step_kernel(
     HAS_COND: tl.constexpr, HAS_DERIVATIVE: tl.constexpr, NOISE: tl.constexpr, ROW_COEFS: tl.constexpr,
     CLIP: tl.constexpr, WRITE_PRED_ORIGINAL: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    idx = group[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    group, idx = group_indices(BLOCK_GROUPS)
     mask = idx < numel
     row = idx // row_size
 
@@ -39,7 +30,7 @@ def denoise_step_kernel(
     m = tl.load(model_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_COND:
         m_cond = tl.load(model_cond_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = m + _coef(row_coefs_ptr, row, mask, g, 0, ROW_COEFS) * (m_cond - m)
+        m = m + coef(row_coefs_ptr, row, mask, g, 0, 9, ROW_COEFS) * (m_cond - m)
     if NOISE == 2:
         z = philox_normal4(seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
                            base_hi.to(tl.uint32), group)
@@ -48,16 +39,20 @@ def denoise_step_kernel(
     else:
         z = tl.zeros_like(x)
 
-    x0 = (_coef(row_coefs_ptr, row, mask, ax, 1, ROW_COEFS) * x + _coef(row_coefs_ptr, row, mask, am, 2, ROW_COEFS) * m
-          + _coef(row_coefs_ptr, row, mask, az, 3, ROW_COEFS) * z)
+    c_ax = coef(row_coefs_ptr, row, mask, ax, 1, 9, ROW_COEFS)
+    c_am = coef(row_coefs_ptr, row, mask, am, 2, 9, ROW_COEFS)
+    c_az = coef(row_coefs_ptr, row, mask, az, 3, 9, ROW_COEFS)
+    x0 = c_ax * x + c_am * m + c_az * z
     if CLIP:
-        # Comparisons are false for NaN, so NaN passes through.
-        x0 = tl.where(x0 < clip_lo, clip_lo, tl.where(x0 > clip_hi, clip_hi, x0))
-    out = (_coef(row_coefs_ptr, row, mask, o0, 4, ROW_COEFS) * x0 + _coef(row_coefs_ptr, row, mask, ox, 5, ROW_COEFS) * x
-           + _coef(row_coefs_ptr, row, mask, om, 6, ROW_COEFS) * m + _coef(row_coefs_ptr, row, mask, oz, 7, ROW_COEFS) * z)
+        x0 = clamp_keep_nan(x0, clip_lo, clip_hi)
+    c_o0 = coef(row_coefs_ptr, row, mask, o0, 4, 9, ROW_COEFS)
+    c_ox = coef(row_coefs_ptr, row, mask, ox, 5, 9, ROW_COEFS)
+    c_om = coef(row_coefs_ptr, row, mask, om, 6, 9, ROW_COEFS)
+    c_oz = coef(row_coefs_ptr, row, mask, oz, 7, 9, ROW_COEFS)
+    out = c_o0 * x0 + c_ox * x + c_om * m + c_oz * z
     if HAS_DERIVATIVE:
         d = tl.load(derivative_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        out += _coef(row_coefs_ptr, row, mask, od, 8, ROW_COEFS) * d
+        out += coef(row_coefs_ptr, row, mask, od, 8, 9, ROW_COEFS) * d
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_PRED_ORIGINAL:
         tl.store(pred_original_ptr + idx, x0.to(pred_original_ptr.dtype.element_ty), mask=mask)
@@ -73,8 +68,6 @@ def launch_denoise_step(sample, model_output, model_output_cond, derivative, noi
     if block_groups is None:
         block_groups = 64 if sample.device.type == "cpu" else 256
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
-    seed &= (1 << 64) - 1
-    base = (offset & ((1 << 64) - 1)) // 4
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)
     kernel = denoise_step_kernel if wrap is None else wrap(denoise_step_kernel)
@@ -84,7 +77,7 @@ def launch_denoise_step(sample, model_output, model_output_cond, derivative, noi
         out, pred_original if pred_original is not None else out,
         row_coefs if row_coefs is not None else sample,
         *[float(c) for c in coefs],
-        float(clip_lo), float(clip_hi), seed & 0xFFFFFFFF, seed >> 32, base & 0xFFFFFFFF, base >> 32, numel, row_size,
+        float(clip_lo), float(clip_hi), *philox_key_words(seed, offset), numel, row_size,
         HAS_COND=model_output_cond is not None, HAS_DERIVATIVE=derivative is not None, NOISE=noise_kind,
         ROW_COEFS=row_coefs is not None, CLIP=bool(clip), WRITE_PRED_ORIGINAL=pred_original is not None,
         BLOCK_GROUPS=block_groups,

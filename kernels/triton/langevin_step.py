@@ -3,22 +3,10 @@
 import triton
 import triton.language as tl
 
+from .common import clamp_keep_nan, coef, group_indices, philox_key_words
 from .philox import philox_normal4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
-
-
-@triton.jit
-def _coef(row_coefs_ptr, row, mask, scalar, j: tl.constexpr, ROW_COEFS: tl.constexpr):
-    if ROW_COEFS:
-        return tl.load(row_coefs_ptr + row * 4 + j, mask=mask, other=0.0)
-    else:
-        return scalar
-
-
-@triton.jit
-def _clamp_keep_nan(v, lo, hi):
-    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
 
 
 @triton.jit
@@ -29,31 +17,29 @@ def langevin_step_kernel(
     NOISE: tl.constexpr, ROW_COEFS: tl.constexpr, GRAD_CLIP: tl.constexpr, CLAMP: tl.constexpr,
     WRITE_MEAN: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    idx = group[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    group, idx = group_indices(BLOCK_GROUPS)
     mask = idx < numel
     row = idx // row_size
 
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if GRAD_CLIP:
-        g = _clamp_keep_nan(g, -grad_clip, grad_clip)
-    g = g * _coef(row_coefs_ptr, row, mask, grad_scale, 3, ROW_COEFS)
-    mean = _coef(row_coefs_ptr, row, mask, x_scale, 0, ROW_COEFS) * x + _coef(row_coefs_ptr, row, mask, step_size, 1,
+        g = clamp_keep_nan(g, -grad_clip, grad_clip)
+    g = g * coef(row_coefs_ptr, row, mask, grad_scale, 3, 4, ROW_COEFS)
+    mean = coef(row_coefs_ptr, row, mask, x_scale, 0, 4, ROW_COEFS) * x + _coef(row_coefs_ptr, row, mask, step_size, 1,
                                                                             ROW_COEFS) * g
     if NOISE == 2:
         z = philox_normal4(seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
                            base_hi.to(tl.uint32), group)
-        out = mean + _coef(row_coefs_ptr, row, mask, noise_std, 2, ROW_COEFS) * z
+        out = mean + coef(row_coefs_ptr, row, mask, noise_std, 2, 4, ROW_COEFS) * z
     elif NOISE == 1:
         z = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        out = mean + _coef(row_coefs_ptr, row, mask, noise_std, 2, ROW_COEFS) * z
+        out = mean + coef(row_coefs_ptr, row, mask, noise_std, 2, 4, ROW_COEFS) * z
     else:
         out = mean
     if CLAMP:
-        out = _clamp_keep_nan(out, clamp_lo, clamp_hi)
-        mean = _clamp_keep_nan(mean, clamp_lo, clamp_hi)
+        out = clamp_keep_nan(out, clamp_lo, clamp_hi)
+        mean = clamp_keep_nan(mean, clamp_lo, clamp_hi)
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_MEAN:
         tl.store(mean_ptr + idx, mean.to(mean_ptr.dtype.element_ty), mask=mask)
@@ -69,8 +55,6 @@ def launch_langevin_step(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, 
     if block_groups is None:
         block_groups = 64 if x.device.type == "cpu" else 256
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
-    seed &= (1 << 64) - 1
-    base = (offset & ((1 << 64) - 1)) // 4
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)
     kernel = langevin_step_kernel if wrap is None else wrap(langevin_step_kernel)
@@ -79,7 +63,7 @@ def launch_langevin_step(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, 
         x, grad, noise if noise is not None else x, out, mean_out if mean_out is not None else out,
         row_coefs if row_coefs is not None else x,
         *[float(c) for c in coefs], float(grad_clip), float(clamp_lo), float(clamp_hi),
-        seed & 0xFFFFFFFF, seed >> 32, base & 0xFFFFFFFF, base >> 32, numel, row_size,
+        *philox_key_words(seed, offset), numel, row_size,
         NOISE=noise_kind, ROW_COEFS=row_coefs is not None, GRAD_CLIP=grad_clip != inf,
         CLAMP=clamp_lo != -inf or clamp_hi != inf, WRITE_MEAN=mean_out is not None, BLOCK_GROUPS=block_groups,
     )
