@@ -58,17 +58,11 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
 
 template <typename T>
 cudaError_t launch_denoise_step(const DenoiseStepParams<T>& p, cudaStream_t stream) {
-  if (p.numel == 0) return cudaSuccess;
   const bool vector_ok = aligned4(p.sample) && aligned4(p.model_output) && aligned4(p.model_output_cond) &&
                          aligned4(p.derivative) && aligned4(p.noise) && aligned4(p.out) &&
                          aligned4(p.pred_original);
-  const unsigned blocks = elementwise_blocks((p.numel + 3) / 4);
-  if (p.noise_source == NoiseSource::kPhilox) {
-    denoise_step_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
-  } else {
-    denoise_step_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
-  }
-  return cudaGetLastError();
+  return launch_elementwise(denoise_step_kernel<T, true>, denoise_step_kernel<T, false>, p, p.numel,
+                            p.noise_source == NoiseSource::kPhilox, vector_ok, stream);
 }
 
 template cudaError_t launch_denoise_step<float>(const DenoiseStepParams<float>&, cudaStream_t);

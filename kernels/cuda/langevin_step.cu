@@ -50,16 +50,10 @@ __global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
 
 template <typename T>
 cudaError_t launch_langevin_step(const LangevinStepParams<T>& p, cudaStream_t stream) {
-  if (p.numel == 0) return cudaSuccess;
   const bool vector_ok = aligned4(p.x) && aligned4(p.grad) && aligned4(p.noise) && aligned4(p.out) &&
                          aligned4(p.mean_out);
-  const unsigned blocks = elementwise_blocks((p.numel + 3) / 4);
-  if (p.noise_source == NoiseSource::kPhilox) {
-    langevin_step_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
-  } else {
-    langevin_step_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(p, vector_ok);
-  }
-  return cudaGetLastError();
+  return launch_elementwise(langevin_step_kernel<T, true>, langevin_step_kernel<T, false>, p, p.numel,
+                            p.noise_source == NoiseSource::kPhilox, vector_ok, stream);
 }
 
 template cudaError_t launch_langevin_step<float>(const LangevinStepParams<float>&, cudaStream_t);

@@ -100,4 +100,16 @@ inline unsigned elementwise_blocks(int64_t num_groups) {
   return static_cast<unsigned>(wanted < max_blocks ? wanted : max_blocks);
 }
 
+
+// Launches kernel<true> when the op draws Philox noise, else kernel<false>: Kernel is a template
+// over that flag taking (params, vector_ok).
+template <typename Params>
+cudaError_t launch_elementwise(void (*philox_kernel)(Params, bool), void (*plain_kernel)(Params, bool),
+                               const Params& params, int64_t numel, bool philox, bool vector_ok, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  const unsigned blocks = elementwise_blocks((numel + 3) / 4);
+  (philox ? philox_kernel : plain_kernel)<<<blocks, kElementwiseThreads, 0, stream>>>(params, vector_ok);
+  return cudaGetLastError();
+}
+
 }  // namespace genfast

@@ -26,8 +26,8 @@ def langevin_step_kernel(
     if GRAD_CLIP:
         g = clamp_keep_nan(g, -grad_clip, grad_clip)
     g = g * coef(row_coefs_ptr, row, mask, grad_scale, 3, 4, ROW_COEFS)
-    mean = coef(row_coefs_ptr, row, mask, x_scale, 0, 4, ROW_COEFS) * x + _coef(row_coefs_ptr, row, mask, step_size, 1,
-                                                                            ROW_COEFS) * g
+    x_coef = coef(row_coefs_ptr, row, mask, x_scale, 0, 4, ROW_COEFS)
+    mean = x_coef * x + coef(row_coefs_ptr, row, mask, step_size, 1, 4, ROW_COEFS) * g
     if NOISE == 2:
         z = philox_normal4(seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
                            base_hi.to(tl.uint32), group)
