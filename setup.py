@@ -49,16 +49,20 @@ def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/registration.cpp", "csrc/build_info.cpp"] + _sources("csrc/cpu/*.cpp")
-    # torch picks the C++ standard its headers need; no errno from sqrt lets g++ vectorize it
-    cxx = ["-O3", "-fvisibility=hidden", "-fno-math-errno"]
+    # torch picks the C++ standard its headers need; no errno from sqrt lets g++ vectorize it;
+    # at::parallel_for runs in parallel only where the caller is compiled with OpenMP (it then
+    # shares torch's libgomp, loaded under the same soname).
+    cxx = ["-O3", "-fvisibility=hidden", "-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
     if not _want_cuda():
-        return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = _cuda_archs()
     sources += _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
     defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
-        "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines}
+        "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
+        extra_link_args=link,
     )
 
 

@@ -4,6 +4,7 @@ import torch
 
 from .. import _backend
 from . import denoise_step as denoise_samples
+from . import langevin_step as langevin_samples
 from .tolerances import assert_close_elementwise
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,15 +25,14 @@ def _max_error(actual, expected):
     return (actual.double() - expected.double())[finite].abs().max().item()
 
 
-def check_denoise_step(device):
+def _check_cases(cases, make_inputs, device):
     """Yields (case, impl, dtype, max_error, passed, message) for each runnable combination."""
-    for case in denoise_samples.DENOISE_CASES:
+    for case in cases:
         for impl in ("native", "triton"):
             for dtype in DTYPES:
                 if not _runnable(impl, device, dtype):
                     continue
-                args, kwargs = denoise_samples.make_denoise_inputs(case, (4, 3, 17, 9), dtype, device,
-                                                                   per_sample_schedule=True)
+                args, kwargs = make_inputs(case, (4, 3, 17, 9), dtype, device, per_sample_schedule=True)
                 got = case.fn(*args, **kwargs, impl=impl)
                 expected = case.fn(*args, **kwargs, impl="reference")
                 try:
@@ -43,7 +43,15 @@ def check_denoise_step(device):
                 yield case.name, impl, dtype, _max_error(got, expected), passed, message
 
 
-CHECKS = {"denoise_step": check_denoise_step}
+def check_denoise_step(device):
+    return _check_cases(denoise_samples.DENOISE_CASES, denoise_samples.make_denoise_inputs, device)
+
+
+def check_langevin_step(device):
+    return _check_cases(langevin_samples.LANGEVIN_CASES, langevin_samples.make_langevin_inputs, device)
+
+
+CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step}
 
 
 def run(devices, ops, out=print) -> int:

@@ -1,0 +1,60 @@
+"""The fused Langevin step against its peers, with the noise drawn in-kernel and given as a tensor.
+
+Peers: the step as score_sde writes it (x_mean = x + eps * grad; x = x_mean + sqrt(2 eps) * z,
+eager, torch.randn noise), torch.compile of it, and the EBM-style step with gradient clipping and
+clamping to the image range that IGEBM/JEM-like code writes. Figures as in denoise_step.
+"""
+
+import torch
+
+import genfast
+from .elementwise import default_dtypes, fused_impls, run_groups
+
+STEP, NOISE_STD, GRAD_CLIP, CLAMP = 0.01, 0.005, 0.03, (0.0, 1.0)
+SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 26]
+QUICK_SIZES = [1 << 20, 1 << 24]
+
+
+def score_sde_step(x, grad, step_size, noise=None):
+    noise = torch.randn_like(x) if noise is None else noise
+    x_mean = x + step_size * grad
+    return x_mean + (2 * step_size) ** 0.5 * noise
+
+
+def ebm_step(x, grad, step_size, noise_std, grad_clip, lo, hi, noise=None):
+    noise = torch.randn_like(x) if noise is None else noise
+    return (x + step_size * grad.clamp(-grad_clip, grad_clip) + noise_std * noise).clamp(lo, hi)
+
+
+def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
+    """Returns result rows (dicts); progress(message) is called before each measurement."""
+    if sizes is None:
+        sizes = QUICK_SIZES if quick else SIZES
+    fused = fused_impls(device)
+    compiled_sde = torch.compile(score_sde_step, dynamic=False)
+    compiled_ebm = torch.compile(ebm_step, dynamic=False)
+
+    def make_candidates(numel, dtype):
+        shape = (numel // 3072, 3, 32, 32)  # CIFAR-sized images
+        x = torch.rand(shape, device=device, dtype=dtype)
+        grad = torch.randn(shape, device=device, dtype=dtype)
+        noise = torch.randn(shape, device=device, dtype=dtype)
+        out = torch.empty_like(x)
+        generator = genfast.PhiloxGenerator(0)
+        groups = {}
+        for variant, given in (("ULA, in-kernel noise", None), ("ULA, given noise", noise)):
+            entries = [(f"genfast {impl}", lambda impl=impl, given=given: genfast.langevin_step(
+                x, grad, STEP, noise=given, generator=generator, out=out, impl=impl)) for impl in fused]
+            entries += [("eager (score_sde)", lambda given=given: score_sde_step(x, grad, STEP, given)),
+                        ("torch.compile", lambda given=given: compiled_sde(x, grad, STEP, given))]
+            groups[variant] = ((3 if given is None else 4) * numel * x.element_size(), entries)
+        entries = [(f"genfast {impl}", lambda impl=impl: genfast.langevin_step(
+            x, grad, STEP, noise_std=NOISE_STD, grad_clip=GRAD_CLIP, clamp=CLAMP, generator=generator, out=out,
+            impl=impl)) for impl in fused]
+        entries += [("eager (EBM style)", lambda: ebm_step(x, grad, STEP, NOISE_STD, GRAD_CLIP, *CLAMP)),
+                    ("torch.compile", lambda: compiled_ebm(x, grad, STEP, NOISE_STD, GRAD_CLIP, *CLAMP))]
+        groups["EBM clip+clamp, in-kernel noise"] = (3 * numel * x.element_size(), entries)
+        return groups
+
+    return run_groups("langevin_step", device, sizes, dtypes or default_dtypes(device), quick, progress,
+                      make_candidates)
