@@ -16,4 +16,10 @@ TORCH_LIBRARY(genfast, m) {
       "langevin_step(Tensor x, Tensor grad, Tensor? noise, Tensor? row_coefs, float[] coefs, float grad_clip, "
       "float clamp_lo, float clamp_hi, bool philox_noise, Generator? generator, int seed, int offset, "
       "Tensor(a!) out, Tensor(b!)? mean_out) -> ()");
+  // score_sde's Langevin corrector: step sizes 2 alpha (snr ||z|| / ||score||)^2 per sample (norms
+  // as batch means, or per sample), then a Langevin step with the same noise z.
+  m.def(
+      "langevin_corrector_step(Tensor x, Tensor score, Tensor? noise, Tensor alpha, float snr, "
+      "bool per_sample_norms, bool philox_noise, Generator? generator, int seed, int offset, Tensor(a!) out, "
+      "Tensor(b!)? mean_out) -> ()");
 }

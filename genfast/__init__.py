@@ -13,7 +13,7 @@ from .diffusion import (
     flow_match_euler_step,
     flow_match_heun_step,
 )
-from .langevin import langevin_step, ve_sde_step, vp_sde_step
+from .langevin import langevin_corrector_step, langevin_step, ve_sde_step, vp_sde_step
 from .random import PhiloxGenerator
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "euler_step",
     "flow_match_euler_step",
     "flow_match_heun_step",
+    "langevin_corrector_step",
     "langevin_step",
     "ve_sde_step",
     "vp_sde_step",

@@ -14,6 +14,7 @@ import torch
 
 from . import _backend, _checks
 from ._coefs import as_float64, is_zero, pack_rows, sqrt
+from .ops import langevin_corrector_step as corrector_op
 from .ops import langevin_step as langevin_op
 from ._dispatch import noise_key, run_reference
 from .random import as_int64
@@ -143,3 +144,42 @@ def vp_sde_step(score: torch.Tensor, x: torch.Tensor, beta: Schedule, dt: Schedu
     return _update(x, score, x_scale=1 + 0.5 * b * h, step=b * h, noise_std=sqrt(b * h), grad_clip=None,
                    grad_scale=1.0, clamp=clamp, noise=noise, generator=generator, out=out, return_mean=return_mean,
                    impl=impl, reference_step=reference_step)
+
+
+def langevin_corrector_step(score: torch.Tensor, x: torch.Tensor, snr: float, *, alpha: Schedule = 1.0,
+                            per_sample_norms: bool = False, noise: Optional[torch.Tensor] = None, generator=None,
+                            out: Optional[torch.Tensor] = None, return_mean: bool = False, impl: str = "auto"):
+    """One step of score_sde's Langevin corrector, fused: eps = 2 * alpha * (snr * ||z|| / ||score||)^2
+    and x + eps * score + sqrt(2 * eps) * z.
+
+    The norms are over each sample; as in score_sde their batch means set one step size, or with
+    per_sample_norms each sample gets its own. alpha is 1 for the VE SDE and the schedule's alpha
+    at t for the VP SDE (a float or one value per sample). With in-kernel noise the noise is never
+    written to memory: one pass computes its norms, the update draws it again, so the step reads x
+    once and the score twice. Nothing is read on the host.
+    """
+    _check_common(x, score, noise, out, None, impl, grad_name="score")
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
+    _checks.check_schedule_value("snr", snr, x, low=0)
+    if isinstance(snr, torch.Tensor):
+        raise TypeError("snr must be a float, got a tensor")
+    _checks.check_schedule_value("alpha", alpha, x, low=0)
+    backend = _backend.resolve_impl(impl, x.device)
+    cuda_generator, key = noise_key(True, noise, generator, x.device, backend)
+
+    if backend == "reference":
+        def reference_step(z):
+            return reference.langevin_corrector_step(score, x, snr, z, alpha=alpha, per_sample_norms=per_sample_norms)
+
+        return run_reference(reference_step, x, noise, key, out, return_mean)
+
+    alpha_tensor = alpha if isinstance(alpha, torch.Tensor) else torch.full((1,), float(alpha), device=x.device)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mean_out = torch.empty_like(out) if return_mean else None
+    seed, offset = key if key is not None else (0, 0)
+    corrector_op.run(backend, x, score, noise, alpha_tensor.float().reshape(-1), float(snr), per_sample_norms,
+                     key is not None or cuda_generator is not None, cuda_generator, as_int64(seed), as_int64(offset),
+                     out, mean_out)
+    return (out, mean_out) if return_mean else out

@@ -235,3 +235,99 @@ def test_langevin_chain_captured_in_a_cuda_graph_draws_fresh_noise():
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.allclose(first, result)
+
+
+CORRECTOR_SETTINGS = [
+    dict(snr=0.16),
+    dict(snr=0.075, per_sample_norms=True),
+    dict(snr=0.16, alpha=0.7),
+    dict(snr=0.1, alpha="per_sample"),
+]
+
+
+def _corrector_inputs(shape, device, settings, dtype=torch.float32, noise=True):
+    gen = torch.Generator().manual_seed(77)
+    x, score, z = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    kwargs = dict(settings)
+    if kwargs.get("alpha") == "per_sample":
+        kwargs["alpha"] = torch.linspace(0.5, 1.0, shape[0], device=device)
+    if noise:
+        kwargs["noise"] = z
+    return score, x, kwargs
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("settings", CORRECTOR_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_corrector_matches_reference(settings, dtype, impl, device):
+    _skip_unsupported(impl, device, dtype)
+    score, x, kwargs = _corrector_inputs((3, 4, 9, 9), device, settings, dtype)
+    result, mean = genfast.langevin_corrector_step(score, x, **kwargs, return_mean=True, impl=impl)
+    ref, ref_mean = genfast.langevin_corrector_step(score, x, **kwargs, return_mean=True, impl="reference")
+    assert_close_elementwise(result, ref, scale=4)
+    assert_close_elementwise(mean, ref_mean, scale=4)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 40000), (1, 1)], ids=str)
+@pytest.mark.parametrize("per_sample_norms", [False, True])
+def test_corrector_in_kernel_noise_matches_reference(per_sample_norms, shape, impl, device):
+    """The norms come from the noise drawn but never stored; the update draws the same noise."""
+    _skip_unsupported(impl, device)
+    score, x, kwargs = _corrector_inputs(shape, device, dict(snr=0.16, per_sample_norms=per_sample_norms),
+                                         noise=False)
+    fused = genfast.langevin_corrector_step(score, x, **kwargs, generator=genfast.PhiloxGenerator(8), impl=impl)
+    ref = genfast.langevin_corrector_step(score, x, **kwargs, generator=genfast.PhiloxGenerator(8), impl="reference")
+    assert_close_elementwise(fused, ref, scale=8)
+
+
+def test_corrector_step_size_follows_score_sde():
+    """eps = 2 alpha (snr * mean ||z|| / mean ||score||)^2, written as score_sde's LangevinCorrector writes it."""
+    score, x, z = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    snr, alpha = 0.16, 0.9
+    grad_norm = torch.norm(score.reshape(score.shape[0], -1), dim=-1).mean()
+    noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1).mean()
+    step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+    x_mean = x + step_size * score
+    expected = x_mean + torch.sqrt(step_size * 2) * z
+    for impl in ["native", "reference"]:
+        result, mean = genfast.langevin_corrector_step(score, x, snr, alpha=alpha, noise=z, return_mean=True,
+                                                       impl=impl)
+        assert_close_elementwise(mean, x_mean, scale=4)
+        assert_close_elementwise(result, expected, scale=4)
+
+
+def test_corrector_bad_input():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="snr must be in"):
+        genfast.langevin_corrector_step(x, x, -0.1)
+    with pytest.raises(ValueError, match="alpha must hold one value or one per sample"):
+        genfast.langevin_corrector_step(x, x, 0.1, alpha=torch.ones(3))
+    with pytest.raises(ValueError, match="x must have a batch dimension"):
+        genfast.langevin_corrector_step(x[0, 0], x[0, 0], 0.1)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_corrector_opcheck(device):
+    skip_unless_runs("native", device)
+    x, s = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    alpha = torch.ones(1, device=device)
+    torch.library.opcheck(torch.ops.genfast.langevin_corrector_step,
+                          (x, s, torch.randn_like(x), alpha, 0.16, False, False, None, 0, 0, torch.empty_like(x),
+                           torch.empty_like(x)))
+    torch.library.opcheck(torch.ops.genfast.langevin_corrector_step,
+                          (x, s, None, torch.rand(3, device=device), 0.1, True, True, None, 3, 8, torch.empty_like(x),
+                           None))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_corrector_torch_compile_fullgraph(impl, device):
+    _skip_unsupported(impl, device)
+    torch._dynamo.reset()
+    score, x, kwargs = _corrector_inputs((2, 3, 8), device, dict(snr=0.16, alpha="per_sample"))
+    step = lambda s, y: genfast.langevin_corrector_step(s, y, **kwargs, impl=impl)  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    assert_close_elementwise(compiled(score, x), step(score, x))

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../../kernels/common/philox.h"
 #include "float_io.h"
 #include "philox_block.h"
 #include "streaming_store.h"

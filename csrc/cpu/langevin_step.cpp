@@ -1,6 +1,8 @@
 // genfast::langevin_step on the CPU: blocks of elements, parallel over blocks, vectorized inside.
 #include <torch/library.h>
 
+#include "langevin_step.h"
+
 #include "../langevin_step_args.h"
 #include "block_loop.h"
 #include "cpu_features.h"
@@ -40,6 +42,8 @@ void langevin_step_cpu_typed(const LangevinStepParams<T>& p) {
   });
 }
 
+}  // namespace
+
 void langevin_step_cpu(const at::Tensor& x, const at::Tensor& grad, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& row_coefs, at::ArrayRef<double> coefs, double grad_clip,
                        double clamp_lo, double clamp_hi, bool philox_noise,
@@ -64,8 +68,6 @@ void langevin_step_cpu(const at::Tensor& x, const at::Tensor& grad, const std::o
   }
   finish_langevin_step(t, out, mean_out);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("langevin_step", &langevin_step_cpu); }
 

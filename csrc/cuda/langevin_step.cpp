@@ -8,6 +8,7 @@
 
 #include "../../kernels/cuda/langevin_step.cuh"
 #include "../langevin_step_args.h"
+#include "langevin_step.h"
 #include "philox_key.h"
 
 namespace genfast {
@@ -27,10 +28,21 @@ void langevin_step_cuda(const at::Tensor& x, const at::Tensor& grad, const std::
                         const std::optional<at::Generator>& generator, int64_t seed, int64_t offset,
                         const at::Tensor& out, const std::optional<at::Tensor>& mean_out) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const std::optional<PhiloxKeyRef> key =
+      cuda_philox_key(kLangevinStepOp, philox_noise && !noise.has_value(), generator);
+  langevin_step_cuda_keyed(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, clamp_hi, philox_noise, key, seed,
+                           offset, out, mean_out);
+}
+
+}  // namespace
+
+void langevin_step_cuda_keyed(const at::Tensor& x, const at::Tensor& grad, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& row_coefs, at::ArrayRef<double> coefs,
+                              double grad_clip, double clamp_lo, double clamp_hi, bool philox_noise,
+                              const std::optional<PhiloxKeyRef>& key, int64_t seed, int64_t offset,
+                              const at::Tensor& out, const std::optional<at::Tensor>& mean_out) {
   const LangevinStepTensors t =
       prepare_langevin_step(x, grad, noise, row_coefs, coefs, clamp_lo, clamp_hi, philox_noise, out, mean_out);
-  const std::optional<PhiloxKeyRef> key =
-      cuda_philox_key(kLangevinStepOp, t.noise_source == NoiseSource::kPhilox, generator);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t status;
   switch (x.scalar_type()) {
@@ -47,8 +59,6 @@ void langevin_step_cuda(const at::Tensor& x, const at::Tensor& grad, const std::
   TORCH_CHECK(status == cudaSuccess, kLangevinStepOp, ": CUDA launch failed: ", cudaGetErrorString(status));
   finish_langevin_step(t, out, mean_out);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(genfast, CUDA, m) { m.impl("langevin_step", &langevin_step_cuda); }
 

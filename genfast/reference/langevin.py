@@ -63,3 +63,18 @@ def vp_sde_step(score, x, beta, dt, noise=None, *, clamp=None):
     mean = xd - reverse_drift * h
     out = mean + diffusion * h.sqrt() * noise.double() if noise is not None else mean
     return _finish(out, mean, clamp, x)
+
+
+def langevin_corrector_step(score, x, snr, noise, *, alpha=1.0, per_sample_norms=False):
+    """score_sde's LangevinCorrector, one step: eps = 2 alpha (snr ||z|| / ||score||)^2 per sample,
+    with the norms' batch means unless per_sample_norms; x + eps * score + sqrt(2 eps) * z."""
+    xd, s, z = x.double(), score.double(), noise.double()
+    rows = x.shape[0]
+    grad_norm = torch.linalg.vector_norm(s.reshape(rows, -1), dim=-1)
+    noise_norm = torch.linalg.vector_norm(z.reshape(rows, -1), dim=-1)
+    if not per_sample_norms:
+        grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+    eps = (snr * noise_norm / grad_norm) ** 2 * 2 * _per_sample(alpha, xd).reshape(-1)
+    eps = eps.reshape((-1,) + (1,) * (x.dim() - 1))
+    mean = xd + eps * s
+    return _finish(mean + (2 * eps).sqrt() * z, mean, None, x)

@@ -36,8 +36,6 @@ struct DenoiseCoefs {
   float v[kNumDenoiseCoefs];
 };
 
-enum class NoiseSource : int { kNone = 0, kTensor = 1, kPhilox = 2 };
-
 // Pointers address contiguous arrays of numel elements; the optional ones may be null.
 template <typename T>
 struct DenoiseStepParams {

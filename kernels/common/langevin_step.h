@@ -12,7 +12,7 @@
 
 #include <stdint.h>
 
-#include "denoise_step.h"  // clamp_keep_nan, NoiseSource
+#include "denoise_step.h"  // clamp_keep_nan
 #include "host_device.h"
 #include "philox.h"
 

@@ -67,6 +67,9 @@ GF_HOST_DEVICE Float4x32 box_muller4(Uint4x32 bits) {
   return Float4x32{r0 * c0, r0 * s0, r1 * c1, r1 * s1};
 }
 
+// Where an op's noise comes from: none, a tensor the caller passes, or Philox inside the kernel.
+enum class NoiseSource : int { kNone = 0, kTensor = 1, kPhilox = 2 };
+
 // The key of one call. Under CUDA graph capture the seed and the base offset live in device
 // memory that the graph refreshes before each replay (torch's graph-safe RNG); the kernel reads
 // them, adding `offset`. Elsewhere both pointers are null.
