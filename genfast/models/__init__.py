@@ -2,5 +2,7 @@
 through the reference ops or the fused ones (impl="reference" or "auto")."""
 
 from .ddpm import DDPM, TinyDenoiser
+from .ebm import EBM, EnergyMLP
+from .score import NoiseConditionalScore
 
-__all__ = ["DDPM", "TinyDenoiser"]
+__all__ = ["DDPM", "EBM", "EnergyMLP", "NoiseConditionalScore", "TinyDenoiser"]
