@@ -65,12 +65,12 @@ def cmd_check(args):
 
 
 def _print_table(rows):
-    header = f"{'op':20s} {'variant':32s} {'impl':18s} {'dtype':9s} {'elements':>10s} {'median ms':>10s} " \
+    header = f"{'op':20s} {'variant':37s} {'impl':18s} {'dtype':9s} {'elements':>10s} {'median ms':>10s} " \
              f"{'GB/s':>8s} {'of copy':>8s} {'x genfast':>9s}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:20s} {r['variant']:32s} {r['impl']:18s} {r['dtype']:9s} {r['numel']:>10d} "
+        print(f"{r['op']:20s} {r['variant']:37s} {r['impl']:18s} {r['dtype']:9s} {r['numel']:>10d} "
               f"{r['median_ms']:>10.4f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>8.0%} "
               f"{r['time_over_genfast']:>8.2f}x")
 
@@ -89,7 +89,7 @@ def cmd_bench(args):
             print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
             return 2
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 13)
+        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 16)
         rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress, sizes=sizes)
         sys.stderr.write("\n")
     machine = timing.machine(device)

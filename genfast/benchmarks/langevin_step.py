@@ -1,8 +1,9 @@
 """The fused Langevin step against its peers, with the noise drawn in-kernel and given as a tensor.
 
 Peers: the step as score_sde writes it (x_mean = x + eps * grad; x = x_mean + sqrt(2 eps) * z,
-eager, torch.randn noise), torch.compile of it, and the EBM-style step with gradient clipping and
-clamping to the image range that IGEBM/JEM-like code writes. Figures as in denoise_step.
+eager, torch.randn noise), torch.compile of it, the EBM-style step with gradient clipping and
+clamping to the image range that IGEBM/JEM-like code writes, and score_sde's Langevin corrector
+with its norms. Figures as in denoise_step.
 """
 
 import torch
@@ -26,6 +27,16 @@ def ebm_step(x, grad, step_size, noise_std, grad_clip, lo, hi, noise=None):
     return (x + step_size * grad.clamp(-grad_clip, grad_clip) + noise_std * noise).clamp(lo, hi)
 
 
+def score_sde_corrector(score, x, snr, alpha=1.0):
+    """score_sde's LangevinCorrector.update_fn, one step, as it is written there."""
+    noise = torch.randn_like(x)
+    grad_norm = torch.norm(score.reshape(score.shape[0], -1), dim=-1).mean()
+    noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+    step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+    x_mean = x + step_size * score
+    return x_mean + torch.sqrt(step_size * 2) * noise
+
+
 def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
     """Returns result rows (dicts); progress(message) is called before each measurement."""
     if sizes is None:
@@ -33,6 +44,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     fused = fused_impls(device)
     compiled_sde = torch.compile(score_sde_step, dynamic=False)
     compiled_ebm = torch.compile(ebm_step, dynamic=False)
+    compiled_corrector = torch.compile(score_sde_corrector, dynamic=False)
 
     def make_candidates(numel, dtype):
         shape = (numel // 3072, 3, 32, 32)  # CIFAR-sized images
@@ -54,6 +66,13 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         entries += [("eager (EBM style)", lambda: ebm_step(x, grad, STEP, NOISE_STD, GRAD_CLIP, *CLAMP)),
                     ("torch.compile", lambda: compiled_ebm(x, grad, STEP, NOISE_STD, GRAD_CLIP, *CLAMP))]
         groups["EBM clip+clamp, in-kernel noise"] = (3 * numel * x.element_size(), entries)
+        # The corrector reads x once and the score twice (norms, then the update); GB/s counts the
+        # three tensors any implementation must move.
+        entries = [(f"genfast {impl}", lambda impl=impl: genfast.langevin_corrector_step(
+            grad, x, 0.16, generator=generator, out=out, impl=impl)) for impl in fused]
+        entries += [("eager (score_sde)", lambda: score_sde_corrector(grad, x, 0.16)),
+                    ("torch.compile", lambda: compiled_corrector(grad, x, 0.16))]
+        groups["score_sde corrector, in-kernel noise"] = (3 * numel * x.element_size(), entries)
         return groups
 
     return run_groups("langevin_step", device, sizes, dtypes or default_dtypes(device), quick, progress,
