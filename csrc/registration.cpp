@@ -22,4 +22,10 @@ TORCH_LIBRARY(genfast, m) {
       "langevin_corrector_step(Tensor x, Tensor score, Tensor? noise, Tensor alpha, float snr, "
       "bool per_sample_norms, bool philox_noise, Generator? generator, int seed, int offset, Tensor(a!) out, "
       "Tensor(b!)? mean_out) -> ()");
+  // MALA's accept/reject of a Langevin proposal y (kernels/common/mala.h): keeps y, grad_y and
+  // energy_y where log(uniform) < the log acceptance ratio, else x, grad_x and energy_x.
+  m.def(
+      "mala_accept(Tensor x, Tensor y, Tensor grad_x, Tensor grad_y, Tensor energy_x, Tensor energy_y, "
+      "Tensor step_size, Tensor uniform, Tensor(a!) x_out, Tensor(b!) grad_out, Tensor(c!) energy_out, "
+      "Tensor(d!) accepted) -> ()");
 }

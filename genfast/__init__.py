@@ -13,7 +13,7 @@ from .diffusion import (
     flow_match_euler_step,
     flow_match_heun_step,
 )
-from .langevin import langevin_corrector_step, langevin_step, ve_sde_step, vp_sde_step
+from .langevin import langevin_corrector_step, langevin_step, mala_accept, ve_sde_step, vp_sde_step
 from .random import PhiloxGenerator
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "flow_match_heun_step",
     "langevin_corrector_step",
     "langevin_step",
+    "mala_accept",
     "ve_sde_step",
     "vp_sde_step",
 ]

@@ -8,7 +8,7 @@ levels, sigmas, betas) are floats or tensors with one value per sample and are n
 host. Noise: `noise=` or `generator=`, exactly as in genfast.diffusion.
 """
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -16,9 +16,11 @@ from . import _backend, _checks
 from ._coefs import as_float64, is_zero, pack_rows, sqrt
 from .ops import langevin_corrector_step as corrector_op
 from .ops import langevin_step as langevin_op
+from .ops import mala_accept as mala_op
 from ._dispatch import noise_key, run_reference
-from .random import as_int64
+from .random import PhiloxGenerator, as_int64, next_philox_key
 from .reference import langevin as reference
+from .reference.random import philox_bits
 
 Schedule = Union[float, torch.Tensor]
 INF = float("inf")
@@ -183,3 +185,72 @@ def langevin_corrector_step(score: torch.Tensor, x: torch.Tensor, snr: float, *,
                      key is not None or cuda_generator is not None, cuda_generator, as_int64(seed), as_int64(offset),
                      out, mean_out)
     return (out, mean_out) if return_mean else out
+
+
+class MalaResult(NamedTuple):
+    x: torch.Tensor  # the chain's samples after the step
+    grad: torch.Tensor  # grad log p at them
+    energy: torch.Tensor  # their energies, one per sample
+    accepted: torch.Tensor  # bool, one per sample
+    acceptance_rate: torch.Tensor  # a 0-d device tensor: reading it is the caller's choice
+
+
+def _uniforms(rows, device, generator):
+    """One U(0, 1) per sample: torch's own RNG for a torch.Generator (graph-safe on CUDA), or the
+    Philox stream of a PhiloxGenerator (the same on every device)."""
+    if isinstance(generator, PhiloxGenerator):
+        seed, offset = next_philox_key(generator, device)
+        words = philox_bits(-(-rows // 4), seed, offset, device=device)
+        bits = torch.stack(words, dim=1).reshape(-1)[:rows]
+        return ((bits >> 8).double() + 0.5) * 2.0**-24
+    return torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
+
+
+def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: Schedule, *,
+                uniform: Optional[torch.Tensor] = None, generator=None, in_place: bool = False,
+                impl: str = "auto") -> MalaResult:
+    """The Metropolis-adjusted Langevin algorithm's accept/reject, fused: two passes over memory.
+
+    y is the proposal x + step_size * grad_x + sqrt(2 * step_size) * z (genfast.langevin_step
+    makes it); grad_* are grad log p (minus the energy's gradient) and energy_* one energy per
+    sample at x and y. Each sample keeps y with probability
+    min(1, exp(E(x) - E(y) + log q(x | y) - log q(y | x))). uniform: the U(0, 1) draws, one per
+    sample, or drawn from generator. in_place writes the kept state into x, grad_x and energy_x,
+    where only accepted samples are copied. A NaN rejects the proposal.
+    """
+    _check_common(x, y, None, None, None, impl, grad_name="y")
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
+    _checks.check_like("grad_x", grad_x, x, "x")
+    _checks.check_like("grad_y", grad_y, x, "x")
+    rows = x.shape[0]
+    for name, value in (("energy_x", energy_x), ("energy_y", energy_y)):
+        if not isinstance(value, torch.Tensor) or value.dim() > 1 or value.numel() != rows:
+            raise ValueError(f"{name} must be a tensor with one energy per sample ({rows}), got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+        if value.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {value.device}")
+    _checks.check_schedule_value("step_size", step_size, x, low=0, low_open=True)
+    if uniform is None:
+        uniform = _uniforms(rows, x.device, generator)
+    elif uniform.numel() != rows or uniform.device != x.device:
+        raise ValueError(f"uniform must hold one value per sample ({rows}) on the device of x, got "
+                         f"{tuple(uniform.shape)} on {uniform.device}")
+    backend = _backend.resolve_impl(impl, x.device)
+    if backend == "reference":
+        new_x, new_grad, new_energy, accepted = reference.mala_accept(x, y, grad_x, grad_y, energy_x, energy_y,
+                                                                      step_size, uniform)
+        if in_place:
+            x.copy_(new_x), grad_x.copy_(new_grad), energy_x.copy_(new_energy)
+            new_x, new_grad, new_energy = x, grad_x, energy_x
+        return MalaResult(new_x, new_grad, new_energy, accepted, accepted.float().mean())
+    steps = step_size if isinstance(step_size, torch.Tensor) else torch.full((1,), float(step_size), device=x.device)
+    if in_place:
+        x_out, grad_out, energy_out = x, grad_x, energy_x
+    else:
+        x_out, grad_out, energy_out = torch.empty_like(x), torch.empty_like(grad_x), torch.empty_like(energy_x)
+    accepted = torch.empty(rows, dtype=torch.bool, device=x.device)
+    mala_op.run(backend, x, y, grad_x, grad_y, energy_x, energy_y, steps.float().reshape(-1), uniform.reshape(-1),
+                x_out, grad_out, energy_out, accepted)
+    return MalaResult(x_out, grad_out, energy_out, accepted, accepted.float().mean())

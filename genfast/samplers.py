@@ -112,12 +112,18 @@ class ReplayBuffer:
         self.samples[index] = x.detach()
 
 
-def energy_gradient(energy_fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """-grad E(x), the direction Langevin moves in, from an energy function returning one value per sample."""
+def energy_and_gradient(energy_fn: Callable, x: torch.Tensor):
+    """(E(x), -grad E(x)): the energies, one per sample, and the direction Langevin moves in."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x)
-    return -grad
+        energy = energy_fn(x)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach(), -grad
+
+
+def energy_gradient(energy_fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """-grad E(x), from an energy function returning one value per sample."""
+    return energy_and_gradient(energy_fn, x)[1]
 
 
 def sgld(energy_fn: Callable, x: torch.Tensor, num_steps: int, step_size: float, *, noise_std: float = 0.01,
@@ -129,3 +135,19 @@ def sgld(energy_fn: Callable, x: torch.Tensor, num_steps: int, step_size: float,
         steps.langevin_step(x, energy_gradient(energy_fn, x), step_size, noise_std=noise_std, grad_clip=grad_clip,
                             clamp=clamp, generator=generator, out=x, impl=impl)
     return x
+
+
+def mala(energy_fn: Callable, x: torch.Tensor, num_steps: int, step_size: float, *, generator=None,
+         impl: str = "auto"):
+    """The Metropolis-adjusted Langevin algorithm: fused Langevin proposals, fused accept/reject.
+    An exact sampler of exp(-E). Returns (samples, acceptance rate of each step as a device tensor)."""
+    x = x.detach().clone()
+    energy, grad = energy_and_gradient(energy_fn, x)
+    rates = []
+    for _ in range(num_steps):
+        y = steps.langevin_step(x, grad, step_size, generator=generator, impl=impl)
+        energy_y, grad_y = energy_and_gradient(energy_fn, y)
+        result = steps.mala_accept(x, y, grad, grad_y, energy, energy_y, step_size, generator=generator,
+                                   in_place=True, impl=impl)
+        rates.append(result.acceptance_rate)
+    return x, torch.stack(rates) if rates else torch.zeros(0, device=x.device)

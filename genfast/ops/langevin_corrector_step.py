@@ -50,7 +50,7 @@ def noise_squares_triton(x, seed, offset):
 def corrector_row_coefs(score, noise_squares, alpha, snr, per_sample_norms):
     """The Langevin step's coefficients per sample; the same maths as csrc/langevin_corrector_args.h."""
     rows = score.shape[0]
-    grad_norm = torch.linalg.vector_norm(score.reshape(rows, -1).float(), dim=1, dtype=torch.float64)
+    grad_norm = torch.linalg.vector_norm(score.reshape(rows, -1).float(), dim=1).double()
     noise_norm = noise_squares.double().sqrt()
     if not per_sample_norms:
         grad_norm, noise_norm = grad_norm.mean().expand(rows), noise_norm.mean().expand(rows)
@@ -71,7 +71,7 @@ def run(impl, x, score, noise, alpha, snr, per_sample_norms, philox_noise, gener
     if x.numel() == 0:
         return
     if noise is not None:
-        squares = noise.reshape(noise.shape[0], -1).double().pow(2).sum(1)
+        squares = torch.linalg.vector_norm(noise.reshape(noise.shape[0], -1).float(), dim=1).double() ** 2
     else:
         squares = noise_squares_triton(x, seed, offset)
     row_coefs = corrector_row_coefs(score, squares, alpha, snr, per_sample_norms)

@@ -78,3 +78,20 @@ def langevin_corrector_step(score, x, snr, noise, *, alpha=1.0, per_sample_norms
     eps = eps.reshape((-1,) + (1,) * (x.dim() - 1))
     mean = xd + eps * s
     return _finish(mean + (2 * eps).sqrt() * z, mean, None, x)
+
+
+def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, uniform):
+    """The Metropolis-adjusted Langevin accept/reject of proposals y = x + eps g_x + sqrt(2 eps) z:
+    accept where log u < E(x) - E(y) + log q(x | y) - log q(y | x), with
+    log q(b | a) = -||b - a - eps g_a||^2 / (4 eps) (g = grad log p). Returns (x, grad, energy,
+    accepted) after the step."""
+    rows = x.shape[0]
+    xd, yd, gx, gy = x.double(), y.double(), grad_x.double(), grad_y.double()
+    eps = _per_sample(step_size, xd)
+    forward = ((yd - xd - eps * gx) ** 2).reshape(rows, -1).sum(1)
+    backward = ((xd - yd - eps * gy) ** 2).reshape(rows, -1).sum(1)
+    log_alpha = energy_x.double() - energy_y.double() + (forward - backward) / (4 * eps.reshape(-1))
+    accepted = uniform.double().log() < log_alpha
+    keep = accepted.reshape((-1,) + (1,) * (x.dim() - 1))
+    return (torch.where(keep, y, x), torch.where(keep, grad_y, grad_x), torch.where(accepted, energy_y, energy_x),
+            accepted)
