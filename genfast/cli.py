@@ -89,7 +89,7 @@ def cmd_bench(args):
             print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
             return 2
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 16)
+        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 19)
         rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress, sizes=sizes)
         sys.stderr.write("\n")
     machine = timing.machine(device)

@@ -118,3 +118,18 @@ def test_opcheck(impl, device):
     for step in (torch.full((1,), 0.1, device=device), torch.linspace(0.1, 0.2, 5, device=device)):
         torch.library.opcheck(op, (x, y, gx, gy, ex, ey, step, u, torch.empty_like(x), torch.empty_like(x),
                                    torch.empty_like(ex), torch.empty(5, dtype=torch.bool, device=device)))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_torch_compile_fullgraph(impl, device):
+    _skip(impl, device)
+    torch._dynamo.reset()
+    x, y, gx, gy, ex, ey, step, u = _inputs((6, 3, 4), device, per_sample_step=True)
+
+    def accept(*tensors):
+        return genfast.mala_accept(*tensors, step, uniform=u, impl=impl)
+
+    compiled = torch.compile(accept, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got, expected = compiled(x, y, gx, gy, ex, ey), accept(x, y, gx, gy, ex, ey)
+    assert torch.equal(got.accepted, expected.accepted) and torch.equal(got.x, expected.x)

@@ -21,6 +21,7 @@ void mala_sums_cpu(const MalaSumsParams<T>& p) {
       const int64_t end = std::min(begin + p.chunk_size, (row + 1) * p.row_size);
       const float eps = p.step_size[p.step_size_per_row ? row : 0];
       double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t i = begin; i < end; ++i) {
         sum += mala_ratio_term(eps, static_cast<float>(p.x[i]), static_cast<float>(p.y[i]),
                                static_cast<float>(p.grad_x[i]), static_cast<float>(p.grad_y[i]));

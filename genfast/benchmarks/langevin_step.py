@@ -2,8 +2,8 @@
 
 Peers: the step as score_sde writes it (x_mean = x + eps * grad; x = x_mean + sqrt(2 eps) * z,
 eager, torch.randn noise), torch.compile of it, the EBM-style step with gradient clipping and
-clamping to the image range that IGEBM/JEM-like code writes, and score_sde's Langevin corrector
-with its norms. Figures as in denoise_step.
+clamping to the image range that IGEBM/JEM-like code writes, score_sde's Langevin corrector with
+its norms, and MALA's accept/reject written with torch.where. Figures as in denoise_step.
 """
 
 import torch
@@ -37,6 +37,17 @@ def score_sde_corrector(score, x, snr, alpha=1.0):
     return x_mean + torch.sqrt(step_size * 2) * noise
 
 
+def eager_mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size):
+    """MALA's accept/reject as it is usually written: both proposal densities, then torch.where."""
+    rows = x.shape[0]
+    log_q_forward = -((y - x - step_size * grad_x) ** 2).reshape(rows, -1).sum(1) / (4 * step_size)
+    log_q_backward = -((x - y - step_size * grad_y) ** 2).reshape(rows, -1).sum(1) / (4 * step_size)
+    log_alpha = energy_x - energy_y + log_q_backward - log_q_forward
+    accepted = torch.rand_like(log_alpha).log() < log_alpha
+    keep = accepted.reshape((-1,) + (1,) * (x.dim() - 1))
+    return torch.where(keep, y, x), torch.where(keep, grad_y, grad_x), torch.where(accepted, energy_y, energy_x)
+
+
 def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
     """Returns result rows (dicts); progress(message) is called before each measurement."""
     if sizes is None:
@@ -45,6 +56,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     compiled_sde = torch.compile(score_sde_step, dynamic=False)
     compiled_ebm = torch.compile(ebm_step, dynamic=False)
     compiled_corrector = torch.compile(score_sde_corrector, dynamic=False)
+    compiled_mala = torch.compile(eager_mala_accept, dynamic=False)
 
     def make_candidates(numel, dtype):
         shape = (numel // 3072, 3, 32, 32)  # CIFAR-sized images
@@ -73,6 +85,20 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         entries += [("eager (score_sde)", lambda: score_sde_corrector(grad, x, 0.16)),
                     ("torch.compile", lambda: compiled_corrector(grad, x, 0.16))]
         groups["score_sde corrector, in-kernel noise"] = (3 * numel * x.element_size(), entries)
+        # MALA's accept/reject reads x, y and both gradients and writes the kept state: 6 tensors
+        # counted. genfast runs in place, as samplers.mala does (only accepted rows are written);
+        # the peers allocate new tensors, as such code is written.
+        y = x + STEP * grad + (2 * STEP) ** 0.5 * noise
+        energy_x = torch.randn(x.shape[0], device=device)
+        energy_y = energy_x + 0.1 * torch.randn_like(energy_x)
+        grad_y = -y
+        state = (x.clone(), grad.clone(), energy_x.clone())
+        entries = [(f"genfast {impl}", lambda impl=impl: genfast.mala_accept(
+            state[0], y, state[1], grad_y, state[2], energy_y, STEP, generator=generator, in_place=True, impl=impl))
+            for impl in fused]
+        entries += [("eager torch", lambda: eager_mala_accept(x, y, grad, grad_y, energy_x, energy_y, STEP)),
+                    ("torch.compile", lambda: compiled_mala(x, y, grad, grad_y, energy_x, energy_y, STEP))]
+        groups["MALA accept/reject"] = (6 * numel * x.element_size(), entries)
         return groups
 
     return run_groups("langevin_step", device, sizes, dtypes or default_dtypes(device), quick, progress,
