@@ -331,3 +331,23 @@ def test_corrector_torch_compile_fullgraph(impl, device):
     step = lambda s, y: genfast.langevin_corrector_step(s, y, **kwargs, impl=impl)  # noqa: E731
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     assert_close_elementwise(compiled(score, x), step(score, x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_corrector_and_mala_with_more_rows_than_a_grid_axis_holds(impl):
+    """Per-sample reductions put samples on the grid's first axis: 70000 particles of 2-D data."""
+    skip_unless_runs(impl, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(70000, 2, device="cuda", generator=g)
+    score = -x
+    z = torch.randn(70000, 2, device="cuda", generator=g)
+    fused = genfast.langevin_corrector_step(score, x, 0.16, per_sample_norms=True, noise=z, impl=impl)
+    ref = genfast.langevin_corrector_step(score, x, 0.16, per_sample_norms=True, noise=z, impl="reference")
+    assert_close_elementwise(fused, ref, scale=4)
+    y = x + 0.1 * score + 0.2**0.5 * z
+    energy = lambda v: 0.5 * (v**2).sum(1)  # noqa: E731
+    u = torch.rand(70000, device="cuda", generator=g, dtype=torch.float64)
+    got = genfast.mala_accept(x, y, score, -y, energy(x), energy(y), 0.1, uniform=u, impl=impl)
+    want = genfast.mala_accept(x, y, score, -y, energy(x), energy(y), 0.1, uniform=u, impl="reference")
+    assert torch.equal(got.accepted, want.accepted) and torch.equal(got.x, want.x)

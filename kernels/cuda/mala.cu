@@ -6,10 +6,11 @@ namespace {
 
 constexpr int kSumThreads = 256;
 
-// One block per (chunk, row); the block adds its threads' sums in a fixed order (deterministic).
+// One block per (row, chunk), rows on the grid's x dimension (y and z stop at 65535); the block
+// adds its threads' sums in a fixed order (deterministic).
 template <typename T>
 __global__ void mala_sums_kernel(MalaSumsParams<T> p) {
-  const int64_t row = blockIdx.y, chunk = blockIdx.x;
+  const int64_t row = blockIdx.x, chunk = blockIdx.y;
   const int64_t begin = row * p.row_size + chunk * p.chunk_size;
   const int64_t row_end = (row + 1) * p.row_size;
   const int64_t end = begin + p.chunk_size < row_end ? begin + p.chunk_size : row_end;
@@ -46,7 +47,7 @@ __global__ void mala_select_kernel(MalaSelectParams<T> p) {
 template <typename T>
 cudaError_t launch_mala_sums(const MalaSumsParams<T>& p, cudaStream_t stream) {
   if (p.rows == 0 || p.row_size == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(p.num_chunks), static_cast<unsigned>(p.rows));
+  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.num_chunks));
   mala_sums_kernel<T><<<grid, kSumThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -5,11 +5,11 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
-// One block per (chunk, row): each thread sums z^2 over some groups of four, then the block adds
+// One block per (row, chunk), rows on the grid's x dimension (y and z stop at 65535): each thread sums z^2 over some groups of four, then the block adds
 // its threads' sums in a fixed order, so that the result does not depend on scheduling.
 __global__ void noise_norms_kernel(NoiseNormsParams p) {
-  const int64_t row = blockIdx.y;
-  const int64_t chunk = blockIdx.x;
+  const int64_t row = blockIdx.x;
+  const int64_t chunk = blockIdx.y;
   uint64_t seed, offset;
   resolve_philox_key(p.philox, &seed, &offset);
   const int64_t row_begin = row * p.row_size;
@@ -35,7 +35,7 @@ __global__ void noise_norms_kernel(NoiseNormsParams p) {
 
 cudaError_t launch_noise_norms(const NoiseNormsParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.row_size == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(p.num_chunks), static_cast<unsigned>(p.rows));
+  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.num_chunks));
   noise_norms_kernel<<<grid, kNormThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

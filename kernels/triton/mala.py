@@ -9,8 +9,8 @@ CHUNK = 1 << 14  # elements per chunk of pass 1, as on the other backends
 @triton.jit
 def mala_sums_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, step_ptr, partial_ptr, row_size, chunk_size,
                      num_chunks, STEP_PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # rows on axis 0: the other axes stop at 65535
+    chunk = tl.program_id(1).to(tl.int64)
     begin = row * row_size + chunk * chunk_size
     end = tl.minimum(begin + chunk_size, (row + 1) * row_size)
     if STEP_PER_ROW:
@@ -48,7 +48,7 @@ def launch_mala_sums(x, y, grad_x, grad_y, step_size, partial):
     rows, num_chunks = partial.shape
     row_size = x.numel() // rows
     block = 256 if x.device.type == "cpu" else 1024
-    mala_sums_kernel[(num_chunks, rows)](x, y, grad_x, grad_y, step_size, partial, row_size, CHUNK,
+    mala_sums_kernel[(rows, num_chunks)](x, y, grad_x, grad_y, step_size, partial, row_size, CHUNK,
                                          num_chunks, STEP_PER_ROW=step_size.numel() > 1, BLOCK=block)
 
 

@@ -12,8 +12,8 @@ CHUNK = 1 << 14  # elements per chunk, as on the other backends
 @triton.jit
 def noise_norms_kernel(partial_ptr, seed_lo, seed_hi, base_lo, base_hi, row_size, chunk_size, num_chunks,
                        BLOCK_GROUPS: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # rows on axis 0: the other axes stop at 65535
+    chunk = tl.program_id(1).to(tl.int64)
     row_begin = row * row_size
     begin = row_begin + chunk * chunk_size
     end = tl.minimum(begin + chunk_size, row_begin + row_size)
@@ -34,5 +34,5 @@ def launch_noise_norms(partial, row_size, seed, offset, wrap=None):
         return
     block_groups = 64 if partial.device.type == "cpu" else 256
     kernel = noise_norms_kernel if wrap is None else wrap(noise_norms_kernel)
-    kernel[(num_chunks, rows)](partial, *philox_key_words(seed, offset), row_size, CHUNK, num_chunks,
+    kernel[(rows, num_chunks)](partial, *philox_key_words(seed, offset), row_size, CHUNK, num_chunks,
                                BLOCK_GROUPS=block_groups)
