@@ -60,9 +60,20 @@ inline at::Tensor langevin_corrector_row_coefs(const at::Tensor& x, const at::Te
   return at::stack({ones, step, (2 * step).sqrt(), ones}, 1).to(at::kFloat).contiguous();
 }
 
-// The per-sample sums of squares of a given noise tensor.
-inline at::Tensor noise_tensor_squares(const at::Tensor& noise) {
-  return at::linalg_vector_norm(noise.reshape({noise.size(0), -1}).to(at::kFloat), 2, {1}).to(at::kDouble).pow(2);
+// The per-sample sums of squares of the noise: of the given tensor, else of the Philox stream
+// keyed by `key`, by launch_norms(params) writing the partial sums (the noise is never stored).
+template <typename LaunchNorms>
+at::Tensor corrector_noise_squares(const at::Tensor& x, const std::optional<at::Tensor>& noise, bool philox_noise,
+                                   const PhiloxKeyRef& key, LaunchNorms launch_norms) {
+  if (noise) {
+    return at::linalg_vector_norm(noise->reshape({noise->size(0), -1}).to(at::kFloat), 2, {1}).to(at::kDouble).pow(2);
+  }
+  TORCH_CHECK(philox_noise, kLangevinCorrectorOp, ": needs noise, or philox_noise=True");
+  at::Tensor partial;
+  NoiseNormsParams params = noise_norms_params(x, partial);
+  params.philox = key;
+  launch_norms(params);
+  return partial.to(at::kDouble).sum(1);
 }
 
 }  // namespace genfast

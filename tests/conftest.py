@@ -28,6 +28,13 @@ def fused_impls():
     return ["native", pytest.param("triton", marks=pytest.mark.triton)]
 
 
+def skip_unless_supported(impl, device, dtype=torch.float32):
+    """skip_unless_runs, and the Triton interpreter's missing bfloat16."""
+    skip_unless_runs(impl, device)
+    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+
+
 def skip_unless_runs(impl, device):
     if impl == "native" and not _backend.native_runs_on(device):
         pytest.skip(f"genfast._C has no {device} backend here: {_backend.native_error() or 'not built for it'}")

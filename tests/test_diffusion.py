@@ -7,17 +7,11 @@ import torch
 
 import genfast
 from genfast.ops import denoise_step as denoise_op
-from conftest import devices, fused_impls, skip_unless_runs
+from conftest import devices, fused_impls, skip_unless_runs, skip_unless_supported
 from genfast.testing.denoise_step import DENOISE_CASES, SHAPES, STOCHASTIC_CASES, make_denoise_inputs
 from genfast.testing.tolerances import assert_close_elementwise
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _skip_unsupported(impl, device, dtype=torch.float32):
-    skip_unless_runs(impl, device)
-    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16")
 
 
 def _run(case, impl, args, kwargs):
@@ -40,7 +34,7 @@ def _assert_matches_reference(case, impl, args, kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", DENOISE_CASES, ids=str)
 def test_matches_reference_with_given_noise(case, impl, dtype, device):
-    _skip_unsupported(impl, device, dtype)
+    skip_unless_supported(impl, device, dtype)
     _assert_matches_reference(case, impl, *make_denoise_inputs(case, (2, 3, 5, 7), dtype, device))
 
 
@@ -49,7 +43,7 @@ def test_matches_reference_with_given_noise(case, impl, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("case", DENOISE_CASES, ids=str)
 def test_per_sample_schedule_and_shapes(case, shape, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     _assert_matches_reference(case, impl, *make_denoise_inputs(case, shape, device=device, per_sample_schedule=True))
 
 
@@ -57,7 +51,7 @@ def test_per_sample_schedule_and_shapes(case, shape, impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", STOCHASTIC_CASES, ids=str)
 def test_in_kernel_noise_matches_reference_stream(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_denoise_inputs(case, (3, 4, 33), device=device, noise=False)
     fused = case.fn(*args, **kwargs, generator=genfast.PhiloxGenerator(2024), impl=impl)
     ref = case.fn(*args, **kwargs, generator=genfast.PhiloxGenerator(2024), impl="reference")
@@ -97,7 +91,7 @@ def test_cpu_torch_generator_is_reproducible():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_out_in_place_and_non_contiguous(impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     case = DENOISE_CASES[4]  # DDIM with eta, clip, v-prediction
     args, kwargs = make_denoise_inputs(case, (4, 6, 10), device=device)
     expected = case.fn(*args, **kwargs, impl="reference")
@@ -124,7 +118,7 @@ def test_out_in_place_and_non_contiguous(impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", DENOISE_CASES[:6], ids=str)
 def test_empty_tensors(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_denoise_inputs(case, (0, 3), device=device)
     prev, _ = _run(case, impl, args, kwargs)
     assert prev.shape == (0, 3)
@@ -134,7 +128,7 @@ def test_empty_tensors(case, impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", DENOISE_CASES, ids=str)
 def test_nan_propagates(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_denoise_inputs(case, (2, 9), device=device)
     args[1][0, 3] = float("nan")  # sample
     args[0][1, 4] = float("nan")  # model output
@@ -207,7 +201,7 @@ def _op_samples(impl, device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck(impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     op = torch.ops.genfast.denoise_step if impl == "native" else denoise_op.triton_operator(device)
     for args in _op_samples(impl, device):
         torch.library.opcheck(op, args)
@@ -269,7 +263,7 @@ def test_sampling_loop_captured_in_a_cuda_graph_draws_fresh_noise():
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("per_sample", [False, True], ids=["float_schedule", "tensor_schedule"])
 def test_torch_compile_fullgraph(impl, per_sample, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     torch._dynamo.reset()
     for case in (DENOISE_CASES[1], DENOISE_CASES[4], DENOISE_CASES[8], DENOISE_CASES[14]):
         args, kwargs = make_denoise_inputs(case, (2, 3, 8), device=device, per_sample_schedule=per_sample)
@@ -284,7 +278,7 @@ def test_torch_compile_fullgraph(impl, per_sample, device):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_compiled_in_kernel_noise_with_philox_generator(impl):
     skip_unless_runs(impl, "cpu")
-    _skip_unsupported(impl, "cpu")
+    skip_unless_supported(impl, "cpu")
     torch._dynamo.reset()
     case = STOCHASTIC_CASES[0]
     args, kwargs = make_denoise_inputs(case, (2, 16), noise=False)

@@ -9,16 +9,10 @@ import genfast
 from genfast.ops import langevin_step as langevin_op
 from genfast.testing.langevin_step import LANGEVIN_CASES, make_langevin_inputs, sample_of
 from genfast.testing.tolerances import assert_close_elementwise
-from conftest import devices, fused_impls, skip_unless_runs
+from conftest import devices, fused_impls, skip_unless_runs, skip_unless_supported
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(2, 3, 5, 7), (1, 1), (3, 1027), (4, 8, 8)]
-
-
-def _skip_unsupported(impl, device, dtype=torch.float32):
-    skip_unless_runs(impl, device)
-    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16")
 
 
 def _assert_matches_reference(case, impl, args, kwargs):
@@ -35,7 +29,7 @@ def _assert_matches_reference(case, impl, args, kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LANGEVIN_CASES, ids=str)
 def test_matches_reference_with_given_noise(case, impl, dtype, device):
-    _skip_unsupported(impl, device, dtype)
+    skip_unless_supported(impl, device, dtype)
     _assert_matches_reference(case, impl, *make_langevin_inputs(case, (2, 3, 5, 7), dtype, device))
 
 
@@ -44,7 +38,7 @@ def test_matches_reference_with_given_noise(case, impl, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("case", LANGEVIN_CASES, ids=str)
 def test_per_sample_schedule_and_shapes(case, shape, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     _assert_matches_reference(case, impl, *make_langevin_inputs(case, shape, device=device, per_sample_schedule=True))
 
 
@@ -52,7 +46,7 @@ def test_per_sample_schedule_and_shapes(case, shape, impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", LANGEVIN_CASES, ids=str)
 def test_in_kernel_noise_matches_reference_stream(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_langevin_inputs(case, (3, 4, 33), device=device, noise=False)
     fused = case.fn(*args, **kwargs, generator=genfast.PhiloxGenerator(99), impl=impl)
     ref = case.fn(*args, **kwargs, generator=genfast.PhiloxGenerator(99), impl="reference")
@@ -76,7 +70,7 @@ def test_noise_has_the_requested_scale(impl):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_out_in_place_and_non_contiguous(impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     case = LANGEVIN_CASES[3]  # per-sample norm clip
     args, kwargs = make_langevin_inputs(case, (4, 6, 10), device=device)
     expected = case.fn(*args, **kwargs, impl="reference")
@@ -96,7 +90,7 @@ def test_out_in_place_and_non_contiguous(impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", LANGEVIN_CASES, ids=str)
 def test_empty_tensors(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_langevin_inputs(case, (0, 3), device=device)
     assert case.fn(*args, **kwargs, impl=impl).shape == (0, 3)
 
@@ -105,7 +99,7 @@ def test_empty_tensors(case, impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("case", LANGEVIN_CASES, ids=str)
 def test_nan_propagates(case, impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     args, kwargs = make_langevin_inputs(case, (2, 9), device=device)
     sample_of(case, args)[0, 3] = float("nan")
     (args[0] if case.score_first else args[1])[1, 4] = float("nan")  # the score or the gradient
@@ -188,7 +182,7 @@ def _op_samples(impl, device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck(impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     op = torch.ops.genfast.langevin_step if impl == "native" else langevin_op.triton_operator(device)
     for args in _op_samples(impl, device):
         torch.library.opcheck(op, args)
@@ -198,7 +192,7 @@ def test_opcheck(impl, device):
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("per_sample", [False, True], ids=["float_schedule", "tensor_schedule"])
 def test_torch_compile_fullgraph(impl, per_sample, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     torch._dynamo.reset()
     for case in (LANGEVIN_CASES[1], LANGEVIN_CASES[3], LANGEVIN_CASES[6]):
         args, kwargs = make_langevin_inputs(case, (2, 3, 8), device=device, per_sample_schedule=per_sample)
@@ -261,7 +255,7 @@ def _corrector_inputs(shape, device, settings, dtype=torch.float32, noise=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("settings", CORRECTOR_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_corrector_matches_reference(settings, dtype, impl, device):
-    _skip_unsupported(impl, device, dtype)
+    skip_unless_supported(impl, device, dtype)
     score, x, kwargs = _corrector_inputs((3, 4, 9, 9), device, settings, dtype)
     result, mean = genfast.langevin_corrector_step(score, x, **kwargs, return_mean=True, impl=impl)
     ref, ref_mean = genfast.langevin_corrector_step(score, x, **kwargs, return_mean=True, impl="reference")
@@ -275,7 +269,7 @@ def test_corrector_matches_reference(settings, dtype, impl, device):
 @pytest.mark.parametrize("per_sample_norms", [False, True])
 def test_corrector_in_kernel_noise_matches_reference(per_sample_norms, shape, impl, device):
     """The norms come from the noise drawn but never stored; the update draws the same noise."""
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     score, x, kwargs = _corrector_inputs(shape, device, dict(snr=0.16, per_sample_norms=per_sample_norms),
                                          noise=False)
     fused = genfast.langevin_corrector_step(score, x, **kwargs, generator=genfast.PhiloxGenerator(8), impl=impl)
@@ -325,7 +319,7 @@ def test_corrector_opcheck(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_corrector_torch_compile_fullgraph(impl, device):
-    _skip_unsupported(impl, device)
+    skip_unless_supported(impl, device)
     torch._dynamo.reset()
     score, x, kwargs = _corrector_inputs((2, 3, 8), device, dict(snr=0.16, alpha="per_sample"))
     step = lambda s, y: genfast.langevin_corrector_step(s, y, **kwargs, impl=impl)  # noqa: E731

@@ -5,7 +5,7 @@ import torch
 
 import genfast
 from genfast import samplers
-from conftest import devices, fused_impls, skip_unless_runs
+from conftest import devices, fused_impls, skip_unless_runs, skip_unless_supported
 
 
 def _inputs(shape, device, dtype=torch.float32, per_sample_step=False, seed=0):
@@ -26,19 +26,13 @@ def _inputs(shape, device, dtype=torch.float32, per_sample_step=False, seed=0):
     return x, y, grad_x, grad_y, energy_x, energy_y, step, uniform
 
 
-def _skip(impl, device, dtype=torch.float32):
-    skip_unless_runs(impl, device)
-    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16")
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(64, 3, 5, 5), (33, 40000), (1, 1)], ids=str)
 @pytest.mark.parametrize("per_sample_step", [False, True])
 def test_matches_reference(per_sample_step, shape, dtype, impl, device):
-    _skip(impl, device, dtype)
+    skip_unless_supported(impl, device, dtype)
     x, y, gx, gy, ex, ey, step, u = _inputs(shape, device, dtype, per_sample_step)
     got = genfast.mala_accept(x, y, gx, gy, ex, ey, step, uniform=u, impl=impl)
     ref = genfast.mala_accept(x, y, gx, gy, ex, ey, step, uniform=u, impl="reference")
@@ -51,7 +45,7 @@ def test_matches_reference(per_sample_step, shape, dtype, impl, device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_in_place_and_non_contiguous(impl, device):
-    _skip(impl, device)
+    skip_unless_supported(impl, device)
     x, y, gx, gy, ex, ey, step, u = _inputs((16, 6, 10), device)
     ref = genfast.mala_accept(x, y, gx, gy, ex, ey, step, uniform=u, impl="reference")
     xi, gi, ei = x.clone(), gx.clone(), ex.clone()
@@ -112,7 +106,7 @@ def test_bad_input():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck(impl, device):
-    _skip(impl, device)
+    skip_unless_supported(impl, device)
     x, y, gx, gy, ex, ey, _, u = _inputs((5, 7), device)
     op = torch.ops.genfast.mala_accept if impl == "native" else torch.ops.genfast.mala_accept_triton
     for step in (torch.full((1,), 0.1, device=device), torch.linspace(0.1, 0.2, 5, device=device)):
@@ -123,7 +117,7 @@ def test_opcheck(impl, device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_torch_compile_fullgraph(impl, device):
-    _skip(impl, device)
+    skip_unless_supported(impl, device)
     torch._dynamo.reset()
     x, y, gx, gy, ex, ey, step, u = _inputs((6, 3, 4), device, per_sample_step=True)
 

@@ -19,17 +19,8 @@ void langevin_corrector_step_cpu(const at::Tensor& x, const at::Tensor& score, c
               ": on the CPU the noise is keyed by seed and offset; pass generator=None");
   check_langevin_corrector(x, score, noise, alpha, snr);
   if (x.numel() == 0) return;
-  at::Tensor squares;
-  if (noise) {
-    squares = noise_tensor_squares(*noise);
-  } else {
-    TORCH_CHECK(philox_noise, kLangevinCorrectorOp, ": needs noise, or philox_noise=True");
-    at::Tensor partial;
-    NoiseNormsParams p = noise_norms_params(x, partial);
-    p.philox = PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
-    noise_norms_cpu(p);
-    squares = partial.to(at::kDouble).sum(1);
-  }
+  const PhiloxKeyRef key{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
+  const at::Tensor squares = corrector_noise_squares(x, noise, philox_noise, key, noise_norms_cpu);
   const at::Tensor row_coefs = langevin_corrector_row_coefs(x, score, squares, alpha, snr, per_sample_norms);
   const double inf = std::numeric_limits<double>::infinity();
   langevin_step_cpu(x, score, noise, row_coefs, {0.0, 0.0, 0.0, 0.0}, inf, -inf, inf, !noise.has_value(),

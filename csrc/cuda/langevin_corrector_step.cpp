@@ -24,18 +24,12 @@ void langevin_corrector_step_cuda(const at::Tensor& x, const at::Tensor& score,
   if (x.numel() == 0) return;
   // One key for both passes, so that the update draws the noise whose norms set its step.
   const std::optional<PhiloxKeyRef> key = cuda_philox_key(kLangevinCorrectorOp, !noise.has_value(), generator);
-  at::Tensor squares;
-  if (noise) {
-    squares = noise_tensor_squares(*noise);
-  } else {
-    TORCH_CHECK(philox_noise, kLangevinCorrectorOp, ": needs noise, or philox_noise=True");
-    at::Tensor partial;
-    NoiseNormsParams p = noise_norms_params(x, partial);
-    p.philox = key ? *key : PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
+  const PhiloxKeyRef philox =
+      key ? *key : PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
+  const at::Tensor squares = corrector_noise_squares(x, noise, philox_noise, philox, [](const NoiseNormsParams& p) {
     const cudaError_t status = launch_noise_norms(p, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(status == cudaSuccess, kLangevinCorrectorOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-    squares = partial.to(at::kDouble).sum(1);
-  }
+  });
   const at::Tensor row_coefs = langevin_corrector_row_coefs(x, score, squares, alpha, snr, per_sample_norms);
   const double inf = std::numeric_limits<double>::infinity();
   langevin_step_cuda_keyed(x, score, noise, row_coefs, {0.0, 0.0, 0.0, 0.0}, inf, -inf, inf, !noise.has_value(), key,
