@@ -70,7 +70,7 @@ def pc_sampler_vp(score_fn: Callable, x: torch.Tensor, *, num_steps: int = 1000,
     beta_max): Euler-Maruyama predictor steps from t = 1 to eps, each after Langevin corrector
     steps with alpha the discrete schedule's alpha at t. score_fn(x, t) takes the time t."""
     times = torch.linspace(1.0, eps, num_steps, dtype=torch.float64)
-    dt = (1.0 - eps) / num_steps
+    dt = 1.0 / num_steps  # as score_sde's EulerMaruyamaPredictor takes it
     x = x.clone()
     for i, t in enumerate(times.tolist()):
         beta = beta_min + t * (beta_max - beta_min)

@@ -111,3 +111,16 @@ def test_ebm_trained_with_fused_sgld_moves_toward_the_data():
     model.generator.manual_seed(0)
     fused = model.sample(64, num_steps=30, generator=genfast.PhiloxGenerator(1))
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_ebm_on_digits_moves_toward_the_data():
+    torch.manual_seed(0)
+    data = digits().flatten(1)
+    model = EBM(64, box=1.0, hidden=256, sgld_steps=20, step_size=0.5, noise_std=0.01)
+    model.fit(data[:-256], steps=150, batch_size=128)
+    samples = model.sample(256, num_steps=100, generator=genfast.PhiloxGenerator(3))
+    start = (torch.rand(256, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1) * model.box
+    held_out = data[-256:]
+    assert torch.isfinite(samples).all() and samples.abs().max() <= model.box
+    assert energy_distance(samples, held_out) < 0.5 * energy_distance(start, held_out)
