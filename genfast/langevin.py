@@ -96,8 +96,8 @@ def langevin_step(x: torch.Tensor, grad: torch.Tensor, step_size: Schedule, *, n
     step = as_float64(step_size)
     std = sqrt(2 * step) if noise_std is None else as_float64(noise_std)
     grad_scale = 1.0
-    if grad_norm_clip is not None and x.numel() > 0:
-        grad_scale = _gradient_norm_scale(grad, grad_norm_clip)
+    if grad_norm_clip is not None and x.numel() > 0 and _backend.resolve_impl(impl, x.device) != "reference":
+        grad_scale = _gradient_norm_scale(grad, grad_norm_clip)  # the reference clips on its own
 
     def reference_step(z):
         return reference.langevin_step(x, grad, step_size, z, noise_std=noise_std, grad_clip=grad_clip,

@@ -12,9 +12,6 @@ import torch
 from .. import _backend
 from ._buffers import contiguous_inputs, copy_back, output_buffers
 
-NUM_COEFS = 9
-
-
 def _denoise_step_fake(sample, model_output, model_output_cond, derivative, noise, row_coefs, coefs, clip, clip_lo,
                        clip_hi, philox_noise, seed, offset, out, pred_original):
     return None

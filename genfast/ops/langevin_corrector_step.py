@@ -6,9 +6,6 @@ import torch
 from .. import _backend
 from . import langevin_step as langevin_op
 
-NOISE_NORM_CHUNK = 1 << 14
-
-
 def _native_fake(x, score, noise, alpha, snr, per_sample_norms, philox_noise, generator, seed, offset, out, mean_out):
     return None
 
@@ -38,9 +35,11 @@ noise_norms_triton_interpreted.register_fake(lambda partial, row_size, seed, off
 
 def noise_squares_triton(x, seed, offset):
     """Per-sample sums of squares of the noise keyed by (seed, offset), as float64 (rows,)."""
+    from ..kernels.noise_norms import CHUNK
+
     rows = x.shape[0]
     row_size = x.numel() // rows
-    partial = torch.empty(rows, -(-row_size // NOISE_NORM_CHUNK), dtype=torch.float32, device=x.device)
+    partial = torch.empty(rows, -(-row_size // CHUNK), dtype=torch.float32, device=x.device)
     op = torch.ops.genfast.noise_norms_triton_interpreted if x.device.type == "cpu" else \
         torch.ops.genfast.noise_norms_triton
     op(partial, row_size, seed, offset)

@@ -12,9 +12,6 @@ import torch
 from .. import _backend
 from ._buffers import contiguous_inputs, copy_back, output_buffers
 
-NUM_COEFS = 4
-
-
 def _langevin_step_fake(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, clamp_hi, philox_noise, seed, offset,
                         out, mean_out):
     return None

@@ -8,9 +8,6 @@ import torch
 from .. import _backend
 from ._buffers import contiguous_inputs, copy_back, output_buffers
 
-CHUNK = 1 << 14
-
-
 def _fake(x, y, grad_x, grad_y, energy_x, energy_y, step_size, uniform, x_out, grad_out, energy_out, accepted):
     return None
 
@@ -32,7 +29,7 @@ def mala_accept_triton(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, g
                        energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor, uniform: torch.Tensor,
                        x_out: torch.Tensor, grad_out: torch.Tensor, energy_out: torch.Tensor,
                        accepted: torch.Tensor) -> None:
-    from ..kernels.mala import launch_mala_select, launch_mala_sums
+    from ..kernels.mala import CHUNK, launch_mala_select, launch_mala_sums
 
     rows = x.shape[0]
     if rows == 0:

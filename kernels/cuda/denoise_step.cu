@@ -16,10 +16,7 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
        group += stride) {
     const int64_t i = group * 4;
     const int count = p.numel - i < 4 ? static_cast<int>(p.numel - i) : 4;
-    const bool full = count == 4;
-    auto load = [&](const T* base, float out[4]) {
-      if (full) load4(base, i, vector_ok, out); else load_tail(base, i, count, out);
-    };
+    auto load = [&](const T* base, float out[4]) { load_group(base, i, count, vector_ok, out); };
 
     float c[4][kNumDenoiseCoefs];
     load_coefs4<kNumDenoiseCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
@@ -47,9 +44,9 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
       x0[j] = predicted_original(c[j], p.clip, p.clip_lo, p.clip_hi, x[j], m[j], z[j]);
       out[j] = denoised(c[j], x0[j], x[j], m[j], z[j], d[j]);
     }
-    if (full) store4(p.out, i, vector_ok, out); else store_tail(p.out, i, count, out);
+    store_group(p.out, i, count, vector_ok, out);
     if (p.pred_original != nullptr) {
-      if (full) store4(p.pred_original, i, vector_ok, x0); else store_tail(p.pred_original, i, count, x0);
+      store_group(p.pred_original, i, count, vector_ok, x0);
     }
   }
 }

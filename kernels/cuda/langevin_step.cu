@@ -15,22 +15,16 @@ __global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
        group += stride) {
     const int64_t i = group * 4;
     const int count = p.numel - i < 4 ? static_cast<int>(p.numel - i) : 4;
-    const bool full = count == 4;
     float c[4][kNumLangevinCoefs];
     load_coefs4<kNumLangevinCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
     float x[4], g[4], z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (full) {
-      load4(p.x, i, vector_ok, x);
-      load4(p.grad, i, vector_ok, g);
-    } else {
-      load_tail(p.x, i, count, x);
-      load_tail(p.grad, i, count, g);
-    }
+    load_group(p.x, i, count, vector_ok, x);
+    load_group(p.grad, i, count, vector_ok, g);
     if (kPhilox) {
       const Float4x32 n = philox_normal4(seed, offset, static_cast<uint64_t>(group));
       z[0] = n.x; z[1] = n.y; z[2] = n.z; z[3] = n.w;
     } else if (p.noise_source == NoiseSource::kTensor) {
-      if (full) load4(p.noise, i, vector_ok, z); else load_tail(p.noise, i, count, z);
+      load_group(p.noise, i, count, vector_ok, z);
     }
     float out[4], mean[4];
 #pragma unroll
@@ -39,9 +33,9 @@ __global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
       out[j] = clamp_keep_nan(m + c[j][kNoiseStd] * z[j], p.clamp_lo, p.clamp_hi);
       mean[j] = clamp_keep_nan(m, p.clamp_lo, p.clamp_hi);
     }
-    if (full) store4(p.out, i, vector_ok, out); else store_tail(p.out, i, count, out);
+    store_group(p.out, i, count, vector_ok, out);
     if (p.mean_out != nullptr) {
-      if (full) store4(p.mean_out, i, vector_ok, mean); else store_tail(p.mean_out, i, count, mean);
+      store_group(p.mean_out, i, count, vector_ok, mean);
     }
   }
 }

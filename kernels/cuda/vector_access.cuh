@@ -66,6 +66,17 @@ __device__ __forceinline__ void store_tail(T* base, int64_t i, int count, const 
     if (j < count) base[i + j] = from_float<T>(in[j]);
 }
 
+// Elements i .. i + count - 1 (count <= 4): one vector access when the group is whole.
+template <typename T>
+__device__ __forceinline__ void load_group(const T* base, int64_t i, int count, bool vector_ok, float out[4]) {
+  if (count == 4) load4(base, i, vector_ok, out); else load_tail(base, i, count, out);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* base, int64_t i, int count, bool vector_ok, const float in[4]) {
+  if (count == 4) store4(base, i, vector_ok, in); else store_tail(base, i, count, in);
+}
+
 template <typename T>
 bool aligned4(const T* ptr) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
@@ -91,11 +102,22 @@ __device__ __forceinline__ void load_coefs4(const float* row_coefs, const float 
 // loop: enough blocks to fill the machine several times over, no more.
 constexpr int kElementwiseThreads = 256;
 
-inline unsigned elementwise_blocks(int64_t num_groups) {
-  int device = 0, num_sms = 0;
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};  // 0: not asked yet; a benign race asks twice at worst
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t max_blocks = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 16;
+  if (device < 0 || device >= kMaxDevices) return 132;
+  if (counts[device] == 0) {
+    int num_sms = 0;
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = num_sms > 0 ? num_sms : 132;
+  }
+  return counts[device];
+}
+
+inline unsigned elementwise_blocks(int64_t num_groups) {
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * 16;
   const int64_t wanted = (num_groups + kElementwiseThreads - 1) / kElementwiseThreads;
   return static_cast<unsigned>(wanted < max_blocks ? wanted : max_blocks);
 }

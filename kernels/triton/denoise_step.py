@@ -10,7 +10,6 @@ import triton.language as tl
 from .common import clamp_keep_nan, coef, group_indices, philox_key_words
 from .philox import philox_normal4
 
-NUM_COEFS = 9
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
