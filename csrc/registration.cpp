@@ -28,4 +28,24 @@ TORCH_LIBRARY(genfast, m) {
       "mala_accept(Tensor x, Tensor y, Tensor grad_x, Tensor grad_y, Tensor energy_x, Tensor energy_y, "
       "Tensor step_size, Tensor uniform, Tensor(a!) x_out, Tensor(b!) grad_out, Tensor(c!) energy_out, "
       "Tensor(d!) accepted) -> ()");
+  // Normalizing flows (kernels/common/affine_coupling.h, actnorm.h, lu_weight.h). Each returns its
+  // output and float32 log-determinants; the *_backward ops are the fused gradient kernels.
+  // affine_coupling: index (int32, one per element of a sample) is -1 for identity elements, else
+  // the position of their shift and scale; scale_fn is one of exp, sigmoid, softplus, tanh, atan,
+  // soft_bound, with its one parameter.
+  m.def(
+      "affine_coupling(Tensor x, Tensor shift, Tensor scale, Tensor index, str scale_fn, float scale_param, "
+      "bool glow_order, bool inverse) -> (Tensor, Tensor)");
+  m.def(
+      "affine_coupling_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor shift, Tensor scale, "
+      "Tensor index, str scale_fn, float scale_param, bool glow_order, bool inverse) -> (Tensor, Tensor, Tensor)");
+  m.def("actnorm(Tensor x, Tensor log_scale, Tensor bias, bool glow_order, bool inverse) -> (Tensor, Tensor)");
+  m.def(
+      "actnorm_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor log_scale, Tensor bias, "
+      "bool glow_order, bool inverse) -> (Tensor, Tensor, Tensor)");
+  // The weight W = P L U of an invertible 1x1 convolution and log|det W|.
+  m.def("lu_weight(Tensor lower, Tensor upper, Tensor log_diag, Tensor sign, Tensor perm) -> (Tensor, Tensor)");
+  m.def(
+      "lu_weight_backward(Tensor grad_weight, Tensor grad_logabsdet, Tensor lower, Tensor upper, Tensor log_diag, "
+      "Tensor sign, Tensor perm) -> (Tensor, Tensor, Tensor)");
 }
