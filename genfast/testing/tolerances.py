@@ -21,3 +21,24 @@ def assert_close_elementwise(actual, expected, *, scale=1.0, msg=None):
 
 def assert_same_normals(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=NORMAL_STREAM_RTOL, atol=NORMAL_STREAM_ATOL)
+
+
+def assert_error_ratio(actual, exact, low_precision, *, ratio=2.0, floor=1e-6, msg=""):
+    """flash-attention's rule for reductions and matmul-like ops: the fused result's error against
+    an exact reference (float64) is at most `ratio` times the error of the same reference run in the
+    input's precision, plus a floor relative to the values' scale (at least one unit of rounding of
+    the result's dtype, which every result stored in it may carry). NaN and infinities must match."""
+    if actual.dtype.is_floating_point:
+        floor = max(floor, torch.finfo(actual.dtype).eps)
+    exact = exact.double()
+    actual, low_precision = actual.double(), low_precision.double()
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(actual), finite), f"{msg}: non-finite values differ from the reference"
+    assert torch.equal(actual.isnan(), exact.isnan()), f"{msg}: NaNs differ from the reference"
+    if not bool(finite.any()):
+        return
+    error = (actual - exact)[finite].abs().max().item()
+    low_error = (low_precision - exact)[finite].abs().max().item()
+    scale = exact[finite].abs().max().item()
+    bound = ratio * low_error + floor * max(1.0, scale)
+    assert error <= bound, f"{msg}: max error {error:.3e} > {ratio} x {low_error:.3e} + floor ({bound:.3e})"
