@@ -71,13 +71,16 @@ inline CouplingTensors prepare_coupling(const at::Tensor& x, const at::Tensor& s
 
   CouplingTensors t;
   t.index = index.contiguous();
-  if (index.device().is_cpu() && row_size > 0) {
+  if (index.device().is_cpu()) {
     // On a GPU this would synchronize; the CUDA kernel turns an out-of-range index into NaN instead.
-    const auto [lo, hi] = at::aminmax(t.index);
-    TORCH_CHECK(lo.item<int32_t>() >= -1 && hi.item<int32_t>() < transformed, op,
-                ": index entries must be -1 or positions in shift's rows [0, ", transformed, "), got [",
-                lo.item<int32_t>(), ", ", hi.item<int32_t>(), "]");
-    const int64_t count = (t.index >= 0).sum().item<int64_t>();
+    const int32_t* entries = t.index.const_data_ptr<int32_t>();
+    int64_t count = 0;
+    bool in_range = true;
+    for (int64_t n = 0; n < row_size; ++n) {
+      in_range &= entries[n] >= -1 && entries[n] < transformed;
+      count += entries[n] >= 0;
+    }
+    TORCH_CHECK(in_range, op, ": index entries must be -1 or positions in shift's rows [0, ", transformed, ")");
     TORCH_CHECK(count == transformed || transformed == row_size, op, ": shift and scale must hold the ", count,
                 " transformed elements of a sample (or have x's shape), got ", transformed, " per sample");
   }

@@ -89,13 +89,11 @@ def _check_coupling(x, shift, scale, mask, order, impl):
 
 
 def _transformed_count(mask: Tensor, x: Tensor):
-    """The mask's count of transformed elements per sample, or None where reading it would
+    """A bool mask's count of transformed elements per sample, or None where reading it would
     synchronize with a GPU (or under torch.compile)."""
-    if mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if mask.dtype == torch.bool:
-        return int(reference.expand_mask(mask, x).sum())
-    return int((mask >= 0).sum())
+    if mask.device.type != "cpu" or torch.compiler.is_compiling() or mask.dtype != torch.bool:
+        return None  # an index is checked by the operator
+    return int(reference.expand_mask(mask, x).sum())
 
 
 def affine_coupling(x: Tensor, shift: Tensor, scale: Tensor, mask: Tensor, *, scale_fn: str = "exp",

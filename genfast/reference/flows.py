@@ -58,22 +58,22 @@ def affine_coupling(x, shift, scale, mask, scale_fn="exp", scale_param=0.0, glow
 
     mask (bool) marks the transformed elements. shift and scale either have x's shape (their
     values at identity elements are ignored) or hold, per sample, just the transformed elements in
-    the order of x's flattened elements (nflows' and Glow's layout)."""
+    the order of x's flattened elements (nflows' and Glow's layout). Written with gathers and
+    selects of static shapes, so that torch.compile can fuse it."""
     batch = x.shape[0]
     m = expand_mask(mask, x).reshape(-1)
     xf = x.reshape(batch, -1)
     t, u = shift.reshape(batch, -1), scale.reshape(batch, -1)
-    if shift.shape == x.shape:
-        t, u = t[:, m], u[:, m]
+    if shift.shape != x.shape:  # each element's t and u, read from the compact rows
+        position = (torch.cumsum(m, 0) - 1).clamp(min=0)
+        t, u = t[:, position], u[:, position]
     s, log_s = scale_and_log_scale(u, scale_fn, scale_param)
-    xt = xf[:, m]
     if inverse:
-        out = xt / s - t if glow_order else (xt - t) / s
+        out = xf / s - t if glow_order else (xf - t) / s
     else:
-        out = (xt + t) * s if glow_order else xt * s + t
-    y = xf.clone()
-    y[:, m] = out
-    logdet = log_s.to(logdet_dtype(x.dtype)).sum(1)
+        out = (xf + t) * s if glow_order else xf * s + t
+    y = torch.where(m, out, xf)
+    logdet = torch.where(m, log_s, 0).to(logdet_dtype(x.dtype)).sum(1)
     return y.reshape(x.shape), -logdet if inverse else logdet
 
 
