@@ -13,6 +13,7 @@ from .diffusion import (
     flow_match_euler_step,
     flow_match_heun_step,
 )
+from .flows import actnorm, affine_coupling, coupling_index, lu_weight
 from .langevin import langevin_corrector_step, langevin_step, mala_accept, ve_sde_step, vp_sde_step
 from .random import PhiloxGenerator
 
@@ -42,7 +43,10 @@ def build_info() -> dict:
 
 __all__ = [
     "PhiloxGenerator",
+    "actnorm",
+    "affine_coupling",
     "build_info",
+    "coupling_index",
     "ddim_step",
     "ddpm_step",
     "euler_step",
@@ -50,6 +54,7 @@ __all__ = [
     "flow_match_heun_step",
     "langevin_corrector_step",
     "langevin_step",
+    "lu_weight",
     "mala_accept",
     "ve_sde_step",
     "vp_sde_step",

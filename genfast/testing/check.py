@@ -4,6 +4,7 @@ import torch
 
 from .. import _backend
 from . import denoise_step as denoise_samples
+from . import flows as flow_samples
 from . import langevin_step as langevin_samples
 from .tolerances import assert_close_elementwise
 
@@ -51,7 +52,14 @@ def check_langevin_step(device):
     return _check_cases(langevin_samples.LANGEVIN_CASES, langevin_samples.make_langevin_inputs, device)
 
 
-CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step}
+def check_flows(device):
+    for case, dtype, run in flow_samples.cases(device, DTYPES):
+        for impl in ("native", "triton"):
+            if _runnable(impl, device, dtype):
+                yield (case, impl, dtype) + flow_samples.compare(run, impl)
+
+
+CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows}
 
 
 def run(devices, ops, out=print) -> int:
