@@ -69,8 +69,14 @@ def _check_mask(mask, sample_shape):
                          f"({sample_shape[0] if sample_shape else 0},), got {tuple(mask.shape)}")
 
 
+def _check_input(x, impl):
+    """float32, float16 or bfloat16; also float64 for the reference (an exact oracle)."""
+    if not (impl == "reference" and isinstance(x, Tensor) and x.dtype == torch.float64):
+        _checks.check_float_tensor("x", x)
+
+
 def _check_coupling(x, shift, scale, mask, order, impl):
-    _checks.check_float_tensor("x", x)
+    _check_input(x, impl)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (batch, ...) with at least 2 dims, got {tuple(x.shape)}")
     _checks.check_like("scale", scale, shift, "shift")
@@ -135,7 +141,7 @@ def actnorm(x: Tensor, log_scale: Tensor, bias: Tensor, *, order: str = "affine"
     """(y, logdet): ActNorm's per-channel affine map y = x * exp(log_scale) + bias (order="affine",
     nflows) or (x + bias) * exp(log_scale) (order="glow"), over x (B, C, *spatial); logdet, (B,)
     float32, is spatial size * sum(log_scale) (negated for the inverse)."""
-    _checks.check_float_tensor("x", x)
+    _check_input(x, impl)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (batch, channels, ...), got {tuple(x.shape)}")
     for name, p in (("log_scale", log_scale), ("bias", bias)):
