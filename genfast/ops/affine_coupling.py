@@ -2,6 +2,7 @@
 forms (custom_ops with explicit fakes, on every device), and the autograd that links each
 forward to its backward kernel."""
 
+import math
 from typing import Tuple
 
 import torch
@@ -14,7 +15,7 @@ Tensor = torch.Tensor
 
 def rows_view(t: Tensor, rows: int) -> Tensor:
     """t as (rows, elements per row) with contiguous rows (any row stride): a view when it can be."""
-    v = t.reshape(rows, -1)
+    v = t.reshape(rows, math.prod(t.shape[1:]))
     return v if v.shape[1] <= 1 or v.stride(1) == 1 else v.contiguous()
 
 
@@ -56,7 +57,7 @@ def affine_coupling_triton(x: Tensor, shift: Tensor, scale: Tensor, index: Tenso
     x2, t2, u2 = rows_view(x, rows), rows_view(shift, rows), rows_view(scale, rows)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     partial = torch.zeros(rows, max(1, -(-x2.shape[1] // CHUNK)), dtype=torch.float32, device=x.device)
-    launch_affine_coupling(x2, t2, u2, index, y.view(rows, -1), partial, SCALE_FNS.index(scale_fn), scale_param,
+    launch_affine_coupling(x2, t2, u2, index, y.view(x2.shape), partial, SCALE_FNS.index(scale_fn), scale_param,
                            glow_order, inverse, t2.shape[1] == x2.shape[1])
     return y, partial.sum(1)
 
@@ -71,7 +72,7 @@ def affine_coupling_backward_triton(grad_y: Tensor, grad_logdet: Tensor, x: Tens
     x2, t2, u2 = rows_view(x, rows), rows_view(shift, rows), rows_view(scale, rows)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, shift, scale)]
     launch_affine_coupling_backward(rows_view(grad_y, rows), grad_logdet.contiguous(), x2, t2, u2, index,
-                                    *(g.view(rows, -1) for g in grads), SCALE_FNS.index(scale_fn), scale_param,
+                                    *(rows_view(g, rows) for g in grads), SCALE_FNS.index(scale_fn), scale_param,
                                     glow_order, inverse, t2.shape[1] == x2.shape[1])
     return tuple(grads)
 
