@@ -49,10 +49,11 @@ def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/registration.cpp", "csrc/build_info.cpp"] + _sources("csrc/cpu/*.cpp")
-    # torch picks the C++ standard its headers need; no errno from sqrt lets g++ vectorize it;
+    # torch picks the C++ standard its headers need; no errno from sqrt lets g++ vectorize it, and
+    # no floating-point traps lets it turn selects and floor into vector code (values unchanged);
     # at::parallel_for runs in parallel only where the caller is compiled with OpenMP (it then
     # shares torch's libgomp, loaded under the same soname).
-    cxx = ["-O3", "-fvisibility=hidden", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"]
     if not _want_cuda():
         return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

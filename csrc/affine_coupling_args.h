@@ -26,6 +26,7 @@ inline ScaleFn parse_scale_fn(std::string_view name, double param) {
   else TORCH_CHECK(false, op, ": scale_fn must be exp, sigmoid, softplus, tanh, atan or soft_bound, got ", name);
   if (fn == ScaleFn::kSigmoid || fn == ScaleFn::kSoftplus) {
     TORCH_CHECK(param >= 0, op, ": scale_param (eps) of ", name, " must be >= 0, got ", param);
+    if (fn == ScaleFn::kSigmoid && param == 0) fn = ScaleFn::kSigmoidNoEps;
   } else if (fn != ScaleFn::kExp) {
     TORCH_CHECK(param > 0, op, ": scale_param of ", name, " must be > 0, got ", param);
   }

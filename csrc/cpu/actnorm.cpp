@@ -9,6 +9,7 @@
 #include "../actnorm_args.h"
 #include "block_loop.h"
 #include "cpu_features.h"
+#include "ordered_sum.h"
 
 namespace genfast {
 namespace {
@@ -16,33 +17,38 @@ namespace {
 // n elements, each with its own channel parameters (pointers advance with the elements when
 // per_element, else one pair for all).
 template <bool kGlow, bool kInverse>
-GF_CPU_CLONES void actnorm_run(const float* x, const float* log_scale, const float* bias, bool per_element,
-                               float* y, int64_t n) {
+GF_CPU_CLONES void actnorm_run(const float* __restrict x, const float* __restrict log_scale,
+                               const float* __restrict bias, bool per_element, float* __restrict y, int64_t n) {
   const int64_t step = per_element ? 1 : 0;
-#pragma omp simd
   for (int64_t k = 0; k < n; ++k) y[k] = actnorm_value(x[k], log_scale[k * step], bias[k * step], kGlow, kInverse);
 }
 
+// grad_x, and each element's shares of the parameters' gradients.
 template <bool kGlow, bool kInverse>
-GF_CPU_CLONES void actnorm_grad_run(const float* x, const float* g, const float* log_scale, const float* bias,
-                                    bool per_element, float* gx, float* g_log_scale, float* g_bias, int64_t n) {
+GF_CPU_CLONES void actnorm_grad_run(const float* __restrict x, const float* __restrict g,
+                                    const float* __restrict log_scale, const float* __restrict bias, bool per_element,
+                                    float* __restrict gx, float* __restrict ls_share, float* __restrict b_share,
+                                    int64_t n) {
   const int64_t step = per_element ? 1 : 0;
-  float sum_ls = 0.0f, sum_b = 0.0f;
-#pragma omp simd reduction(+ : sum_ls, sum_b)
   for (int64_t k = 0; k < n; ++k) {
     const ActNormGrads r = actnorm_grads(x[k], g[k], log_scale[k * step], bias[k * step], kGlow, kInverse);
     gx[k] = r.x;
-    if (per_element) {
-      g_log_scale[k] += r.log_scale;
-      g_bias[k] += r.bias;
-    } else {
-      sum_ls += r.log_scale;
-      sum_b += r.bias;
-    }
+    ls_share[k] = r.log_scale;
+    b_share[k] = r.bias;
   }
-  if (!per_element) {
-    g_log_scale[0] += sum_ls;
-    g_bias[0] += sum_b;
+}
+
+// Adds the shares to the partial sums: per channel (one per element) or all to one channel.
+void accumulate_shares(const float* ls_share, const float* b_share, bool per_element, float* g_log_scale,
+                       float* g_bias, int64_t n) {
+  if (per_element) {
+    for (int64_t k = 0; k < n; ++k) {
+      g_log_scale[k] += ls_share[k];
+      g_bias[k] += b_share[k];
+    }
+  } else {
+    g_log_scale[0] += ordered_sum(ls_share, n);
+    g_bias[0] += ordered_sum(b_share, n);
   }
 }
 
@@ -70,7 +76,7 @@ template <bool kGlow, bool kInverse, typename T>
 void actnorm_backward_typed(const ActNormBackwardParams<T>& p) {
   const bool per_element = p.inner == 1;
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t first, int64_t last) {
-    alignas(64) float x_buf[kBlock], g_buf[kBlock], gx_buf[kBlock];
+    alignas(64) float x_buf[kBlock], g_buf[kBlock], gx_buf[kBlock], ls_buf[kBlock], b_buf[kBlock];
     for (int64_t chunk = first; chunk < last; ++chunk) {
       float* g_ls = p.partial_log_scale + chunk * p.channels;
       float* g_b = p.partial_bias + chunk * p.channels;
@@ -85,7 +91,8 @@ void actnorm_backward_typed(const ActNormBackwardParams<T>& p) {
             to_float(p.grad_y + start + b, g_buf, n);
             const int64_t pc = per_element ? b : c;
             actnorm_grad_run<kGlow, kInverse>(x_buf, g_buf, p.log_scale + pc, p.bias + pc, per_element, gx_buf,
-                                              g_ls + pc, g_b + pc, n);
+                                              ls_buf, b_buf, n);
+            accumulate_shares(ls_buf, b_buf, per_element, g_ls + pc, g_b + pc, n);
             from_float(gx_buf, p.grad_x + start + b, n);
           }
         }

@@ -10,6 +10,7 @@
 #include "../affine_coupling_args.h"
 #include "block_loop.h"
 #include "cpu_features.h"
+#include "ordered_sum.h"
 
 namespace genfast {
 namespace {
@@ -28,26 +29,24 @@ void gather_block(const int32_t* index, const T* t_row, const T* u_row, int64_t 
   }
 }
 
-// y = the transformed value or x; returns the block's sum of log s over transformed elements.
+// y = the transformed value or x; log_terms = log s at transformed elements, else 0.
 template <ScaleFn kFn, bool kGlow, bool kInverse>
-GF_CPU_CLONES float forward_block(float p, const float* x, const float* t, const float* u, const float* transformed,
-                                  float* y, int64_t n) {
-  float log_sum = 0.0f;
-#pragma omp simd reduction(+ : log_sum)
+GF_CPU_CLONES void forward_block(float p, const float* __restrict x, const float* __restrict t,
+                                 const float* __restrict u, const float* __restrict transformed, float* __restrict y,
+                                 float* __restrict log_terms, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const ScaleTerms s = scale_terms(kFn, p, u[k]);
     const bool m = transformed[k] != 0.0f;
     y[k] = m ? coupling_value(s, x[k], t[k], kGlow, kInverse) : x[k];
-    log_sum += m ? s.log_scale : 0.0f;
+    log_terms[k] = m ? s.log_scale : 0.0f;
   }
-  return log_sum;
 }
 
 template <ScaleFn kFn, bool kGlow, bool kInverse>
-GF_CPU_CLONES void backward_block(float p, float g_logdet, const float* x, const float* t, const float* u,
-                                  const float* transformed, const float* g, float* gx, float* gt, float* gu,
-                                  int64_t n) {
-#pragma omp simd
+GF_CPU_CLONES void backward_block(float p, float g_logdet, const float* __restrict x, const float* __restrict t,
+                                  const float* __restrict u, const float* __restrict transformed,
+                                  const float* __restrict g, float* __restrict gx, float* __restrict gt,
+                                  float* __restrict gu, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const ScaleTerms s = scale_terms(kFn, p, u[k]);
     const CouplingGrads r = coupling_grads(s, x[k], t[k], g[k], g_logdet, kGlow, kInverse);
@@ -58,7 +57,8 @@ GF_CPU_CLONES void backward_block(float p, float g_logdet, const float* x, const
   }
 }
 
-using ForwardBlockFn = float (*)(float, const float*, const float*, const float*, const float*, float*, int64_t);
+using ForwardBlockFn = void (*)(float, const float*, const float*, const float*, const float*, float*, float*,
+                               int64_t);
 using BackwardBlockFn = void (*)(float, float, const float*, const float*, const float*, const float*, const float*,
                                  float*, float*, float*, int64_t);
 
@@ -83,6 +83,7 @@ BlockFn select_block(ScaleFn fn, bool glow, bool inverse) {
     case ScaleFn::kTanh: return Select<ScaleFn::kTanh>::get(glow, inverse);
     case ScaleFn::kAtan: return Select<ScaleFn::kAtan>::get(glow, inverse);
     case ScaleFn::kSoftBound: return Select<ScaleFn::kSoftBound>::get(glow, inverse);
+    case ScaleFn::kSigmoidNoEps: return Select<ScaleFn::kSigmoidNoEps>::get(glow, inverse);
     default: return Select<ScaleFn::kExp>::get(glow, inverse);
   }
 }
@@ -117,7 +118,7 @@ void affine_coupling_cpu_typed(const AffineCouplingParams<T>& p) {
   const ForwardBlockFn block_fn = select_block<ForwardBlockFn, SelectForward>(p.fn, p.glow_order, p.inverse);
   const float sign = p.inverse ? -1.0f : 1.0f;
   for_each_row_chunk(p.layout, p.chunk_size, [&](int64_t row, int64_t chunk, int64_t begin, int64_t end) {
-    alignas(64) float x_buf[kBlock], t_buf[kBlock], u_buf[kBlock], m_buf[kBlock], y_buf[kBlock];
+    alignas(64) float x_buf[kBlock], t_buf[kBlock], u_buf[kBlock], m_buf[kBlock], y_buf[kBlock], log_buf[kBlock];
     const T* x_row = p.x + row * p.x_stride;
     T* y_row = p.y + row * p.layout.row_size;
     double log_sum = 0.0;
@@ -126,7 +127,8 @@ void affine_coupling_cpu_typed(const AffineCouplingParams<T>& p) {
       to_float(x_row + b, x_buf, n);
       gather_block(p.layout.index + b, p.shift + row * p.shift_stride, p.scale + row * p.scale_stride, n, t_buf,
                    u_buf, m_buf);
-      log_sum += block_fn(p.scale_param, x_buf, t_buf, u_buf, m_buf, y_buf, n);
+      block_fn(p.scale_param, x_buf, t_buf, u_buf, m_buf, y_buf, log_buf, n);
+      log_sum += ordered_sum(log_buf, n);
       from_float(y_buf, y_row + b, n);
     }
     p.partial[row * p.num_chunks + chunk] = sign * static_cast<float>(log_sum);

@@ -14,7 +14,7 @@
 
 namespace genfast {
 
-GF_HOST_DEVICE float actnorm_value(float x, float log_scale, float bias, bool glow_order, bool inverse) {
+GF_HOST_DEVICE_INLINE float actnorm_value(float x, float log_scale, float bias, bool glow_order, bool inverse) {
   if (inverse) {
     const float inv = exp_f32(-log_scale);
     return glow_order ? x * inv - bias : (x - bias) * inv;
@@ -29,7 +29,7 @@ struct ActNormGrads {
   float bias;       // its share of the gradient to the bias
 };
 
-GF_HOST_DEVICE ActNormGrads actnorm_grads(float x, float g, float log_scale, float bias, bool glow_order,
+GF_HOST_DEVICE_INLINE ActNormGrads actnorm_grads(float x, float g, float log_scale, float bias, bool glow_order,
                                           bool inverse) {
   ActNormGrads r;
   if (!inverse) {

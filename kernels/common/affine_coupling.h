@@ -25,7 +25,11 @@
 
 namespace genfast {
 
-enum class ScaleFn : int32_t { kExp = 0, kSigmoid = 1, kSoftplus = 2, kTanh = 3, kAtan = 4, kSoftBound = 5 };
+// kSigmoidNoEps is kSigmoid with p = 0 (Glow), where log s = -softplus(-(u + 2)) stays finite after
+// sigmoid underflows; the bindings choose it, so that each loop is free of the test of p.
+enum class ScaleFn : int32_t {
+  kExp = 0, kSigmoid = 1, kSoftplus = 2, kTanh = 3, kAtan = 4, kSoftBound = 5, kSigmoidNoEps = 6
+};
 
 struct ScaleTerms {
   float log_scale;  // log s
@@ -34,16 +38,23 @@ struct ScaleTerms {
   float dlog;       // d log s / du
 };
 
-GF_HOST_DEVICE ScaleTerms scale_terms(ScaleFn fn, float p, float u) {
+GF_HOST_DEVICE_INLINE ScaleTerms scale_terms(ScaleFn fn, float p, float u) {
   ScaleTerms r;
   switch (fn) {
     case ScaleFn::kSigmoid: {
       const float sg = sigmoid_f32(u + 2.0f);
       r.scale = sg + p;
-      // With p = 0, log sigmoid(v) = -softplus(-v) stays finite where sigmoid underflows.
-      r.log_scale = p > 0.0f ? log_f32(r.scale) : -softplus_f32(-(u + 2.0f));
+      r.log_scale = log_f32(r.scale);
       r.inv_scale = 1.0f / r.scale;
-      r.dlog = p > 0.0f ? sg * (1.0f - sg) / r.scale : 1.0f - sg;
+      r.dlog = sg * (1.0f - sg) / r.scale;
+      return r;
+    }
+    case ScaleFn::kSigmoidNoEps: {
+      const float sg = sigmoid_f32(u + 2.0f);
+      r.scale = sg;
+      r.log_scale = -softplus_f32(-(u + 2.0f));
+      r.inv_scale = 1.0f / sg;
+      r.dlog = 1.0f - sg;
       return r;
     }
     case ScaleFn::kSoftplus: {
@@ -82,7 +93,7 @@ GF_HOST_DEVICE ScaleTerms scale_terms(ScaleFn fn, float p, float u) {
 }
 
 // The output of one transformed element; its logdet term is +log s (forward) or -log s (inverse).
-GF_HOST_DEVICE float coupling_value(const ScaleTerms& s, float x, float t, bool glow_order, bool inverse) {
+GF_HOST_DEVICE_INLINE float coupling_value(const ScaleTerms& s, float x, float t, bool glow_order, bool inverse) {
   if (inverse) return glow_order ? x * s.inv_scale - t : (x - t) * s.inv_scale;
   return glow_order ? (x + t) * s.scale : x * s.scale + t;
 }
@@ -92,7 +103,7 @@ struct CouplingGrads {
 };
 
 // g: the gradient of the element's output; g_logdet: of its sample's logdet.
-GF_HOST_DEVICE CouplingGrads coupling_grads(const ScaleTerms& s, float x, float t, float g, float g_logdet,
+GF_HOST_DEVICE_INLINE CouplingGrads coupling_grads(const ScaleTerms& s, float x, float t, float g, float g_logdet,
                                             bool glow_order, bool inverse) {
   CouplingGrads r;
   if (!inverse) {

@@ -11,7 +11,7 @@
 
 namespace genfast {
 
-GF_HOST_DEVICE float abs_f32(float x) {
+GF_HOST_DEVICE_INLINE float abs_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return fabsf(x);
 #else
@@ -19,7 +19,7 @@ GF_HOST_DEVICE float abs_f32(float x) {
 #endif
 }
 
-GF_HOST_DEVICE float exp_f32(float x) {
+GF_HOST_DEVICE_INLINE float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
@@ -36,7 +36,7 @@ GF_HOST_DEVICE float exp_f32(float x) {
   const float e = p * r2 + r + 1.0f;
   // 2^n in two factors, so that results down to the denormals come out right.
   const float n_clamped = x < -127.0f ? -150.0f : (x > 128.0f ? 129.0f : n);
-  const int32_t k = n_clamped == n_clamped ? static_cast<int32_t>(n_clamped) : 0;
+  const int32_t k = static_cast<int32_t>(n_clamped == n_clamped ? n_clamped : 0.0f);
   const int32_t k1 = k / 2, k2 = k - k1;
   const float scaled = e * bits_float(static_cast<uint32_t>(k1 + 127) << 23) *
                        bits_float(static_cast<uint32_t>(k2 + 127) << 23);
@@ -45,7 +45,7 @@ GF_HOST_DEVICE float exp_f32(float x) {
 #endif
 }
 
-GF_HOST_DEVICE float log_f32(float v) {
+GF_HOST_DEVICE_INLINE float log_f32(float v) {
 #if defined(__CUDA_ARCH__)
   return logf(v);
 #else
@@ -60,7 +60,7 @@ GF_HOST_DEVICE float log_f32(float v) {
 }
 
 // log(1 + z) for z >= -1, accurate for tiny z (Goldberg's correction of the rounding in 1 + z).
-GF_HOST_DEVICE float log1p_f32(float z) {
+GF_HOST_DEVICE_INLINE float log1p_f32(float z) {
 #if defined(__CUDA_ARCH__)
   return log1pf(z);
 #else
@@ -71,7 +71,7 @@ GF_HOST_DEVICE float log1p_f32(float z) {
 #endif
 }
 
-GF_HOST_DEVICE float tanh_f32(float x) {
+GF_HOST_DEVICE_INLINE float tanh_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return tanhf(x);
 #else
@@ -88,7 +88,7 @@ GF_HOST_DEVICE float tanh_f32(float x) {
 #endif
 }
 
-GF_HOST_DEVICE float atan_f32(float x) {
+GF_HOST_DEVICE_INLINE float atan_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return atanf(x);
 #else
@@ -106,10 +106,10 @@ GF_HOST_DEVICE float atan_f32(float x) {
 #endif
 }
 
-GF_HOST_DEVICE float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+GF_HOST_DEVICE_INLINE float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 // log(1 + e^x) without overflow; NaN in, NaN out.
-GF_HOST_DEVICE float softplus_f32(float x) {
+GF_HOST_DEVICE_INLINE float softplus_f32(float x) {
   const float positive = x > 0.0f ? x : 0.0f;
   return positive + log1p_f32(exp_f32(-abs_f32(x)));
 }
