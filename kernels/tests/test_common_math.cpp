@@ -1,9 +1,11 @@
 // Host tests of kernels/common: Philox known answers, the Box-Muller polynomials against libm,
 // and the denoise formula's NaN handling. Built and run by CMake (ctest).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
+#include "../common/affine_coupling.h"
 #include "../common/denoise_step.h"
 #include "../common/philox.h"
 
@@ -76,7 +78,77 @@ static void test_clamp_keeps_nan() {
   EXPECT(genfast::clamp_keep_nan(-3.0f, -1.0f, 1.0f) == -1.0f, "clamp_keep_nan did not clamp from below");
 }
 
+// Relative error in units of float32 rounding, against the double-precision libm value.
+static double ulps(float got, double want) {
+  if (std::isnan(want)) return std::isnan(got) ? 0.0 : 1e30;
+  if (std::isinf(want)) return got == want ? 0.0 : 1e30;
+  const double scale = std::max(std::fabs(want), 1.17549435e-38);
+  return std::fabs(got - want) / (scale * 5.960464477539063e-8);
+}
+
+static void test_elementary_math_against_libm() {
+  struct Fn {
+    const char* name;
+    float (*ours)(float);
+    double (*libm)(double);
+    float lo, hi;
+  } fns[] = {
+      {"exp_f32", genfast::exp_f32, [](double v) { return std::exp(v); }, -103.0f, 88.7f},
+      {"log_f32", genfast::log_f32, [](double v) { return std::log(v); }, 1e-44f, 3e38f},
+      {"log1p_f32", genfast::log1p_f32, [](double v) { return std::log1p(v); }, 0.0f, 1e6f},
+      {"tanh_f32", genfast::tanh_f32, [](double v) { return std::tanh(v); }, -20.0f, 20.0f},
+      {"atan_f32", genfast::atan_f32, [](double v) { return std::atan(v); }, -1e6f, 1e6f},
+  };
+  for (const Fn& fn : fns) {
+    double worst = 0.0;
+    float worst_at = 0.0f;
+    for (int i = 0; i <= 200000; ++i) {
+      // Uniform steps, then geometric ones where the range spans orders of magnitude.
+      const double f = i / 200000.0;
+      const float v = fn.lo > 0 ? static_cast<float>(fn.lo * std::pow(fn.hi / fn.lo, f))
+                                : static_cast<float>(fn.lo + (fn.hi - fn.lo) * f);
+      const double e = ulps(fn.ours(v), fn.libm(v));
+      if (e > worst) worst = e, worst_at = v;
+    }
+    // exp of a denormal result loses relative precision, as libm's float exp does there.
+    EXPECT(worst < 4.0 || (fn.ours == genfast::exp_f32 && worst_at < -87.0f), "%s is %.1f ulp off at %g", fn.name,
+           worst, worst_at);
+    EXPECT(std::isnan(fn.ours(NAN)), "%s dropped a NaN", fn.name);
+  }
+  EXPECT(genfast::exp_f32(-200.0f) == 0.0f && std::isinf(genfast::exp_f32(200.0f)), "exp_f32 limits");
+  EXPECT(std::isinf(genfast::log_f32(0.0f)) && genfast::log_f32(0.0f) < 0, "log_f32(0) must be -inf");
+  EXPECT(std::isnan(genfast::log_f32(-1.0f)), "log_f32(-1) must be NaN");
+  EXPECT(genfast::tanh_f32(INFINITY) == 1.0f && genfast::atan_f32(-INFINITY) == -1.5707963267948966f,
+         "tanh_f32 / atan_f32 at infinity");
+  EXPECT(genfast::softplus_f32(-100.0f) > 0.0f && genfast::softplus_f32(100.0f) == 100.0f, "softplus_f32 limits");
+}
+
+static void test_scale_terms_are_consistent() {
+  using genfast::ScaleFn;
+  const ScaleFn fns[] = {ScaleFn::kExp, ScaleFn::kSigmoid, ScaleFn::kSoftplus, ScaleFn::kTanh,
+                         ScaleFn::kAtan, ScaleFn::kSoftBound, ScaleFn::kSigmoidNoEps};
+  for (const ScaleFn fn : fns) {
+    const float p = fn == ScaleFn::kSigmoid || fn == ScaleFn::kSoftplus ? 1e-3f : 2.0f;
+    for (float u = -30.0f; u <= 30.0f; u += 0.37f) {
+      const genfast::ScaleTerms s = genfast::scale_terms(fn, p, u);
+      EXPECT(std::fabs(std::log(s.scale) - s.log_scale) < 2e-6 * std::max(1.0f, std::fabs(s.log_scale)),
+             "fn %d at u = %g: log(scale) %g != log_scale %g", static_cast<int>(fn), u, std::log(s.scale),
+             s.log_scale);
+      EXPECT(std::fabs(s.scale * s.inv_scale - 1.0f) < 1e-6, "fn %d at u = %g: scale * inv_scale != 1",
+             static_cast<int>(fn), u);
+      // d log s / du against a central difference in double precision of log s
+      const double h = 1e-3;
+      const double numeric = (genfast::scale_terms(fn, p, u + h).log_scale -
+                              genfast::scale_terms(fn, p, u - h).log_scale) / (2 * h);
+      EXPECT(std::fabs(numeric - s.dlog) < 2e-3 * std::max(1.0, std::fabs(numeric)) + 1e-3,
+             "fn %d at u = %g: dlog %g, numeric %g", static_cast<int>(fn), u, s.dlog, numeric);
+    }
+  }
+}
+
 int main() {
+  test_elementary_math_against_libm();
+  test_scale_terms_are_consistent();
   test_philox_known_answers();
   test_log_against_libm();
   test_cos_sin_against_libm();
