@@ -90,5 +90,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 8 * numel * size, [(name, _forward_backward(fn, leaves, grads)) for name, fn in forward]),
         }
 
-    return run_groups("affine_coupling", device, sizes, dtypes or default_dtypes(device), quick, progress,
-                      make_candidates)
+    # One compilation per size, with and without autograd: more than torch's default limit of 8
+    # recompilations, past which it would quietly run the eager code.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return run_groups("affine_coupling", device, sizes, dtypes or default_dtypes(device), quick, progress,
+                          make_candidates)

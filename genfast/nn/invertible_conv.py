@@ -1,5 +1,7 @@
 """Glow's invertible 1x1 convolution with the LU-parameterized weight W = P L U."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,7 @@ class InvertibleConv1x1(nn.Module):
 
     @staticmethod
     def _logdet(logabsdet, x):
-        spatial = x[0, 0].numel()
+        spatial = math.prod(x.shape[2:])
         return (spatial * logabsdet).to(logdet_dtype(x.dtype)).expand(x.shape[0])
 
     def extra_repr(self):
