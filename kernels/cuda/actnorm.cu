@@ -30,10 +30,11 @@ __global__ void actnorm_kernel(ActNormParams<T> p, int64_t numel, bool vector_ok
   }
 }
 
-// Block (chunk, c) walks the chunk's samples' runs of channel c.
+// Block (c, chunk) walks the chunk's samples' runs of channel c. Channels on the grid's x
+// dimension: (B, D) inputs may have more than 65535 of them.
 template <typename T>
 __global__ void actnorm_backward_kernel(ActNormBackwardParams<T> p) {
-  const int64_t chunk = blockIdx.x, c = blockIdx.y;
+  const int64_t c = blockIdx.x, chunk = blockIdx.y;
   const int64_t first_row = chunk * p.rows_per_chunk;
   const int64_t last_row = first_row + p.rows_per_chunk < p.rows ? first_row + p.rows_per_chunk : p.rows;
   const int64_t count = (last_row - first_row) * p.inner;
@@ -70,7 +71,7 @@ cudaError_t launch_actnorm(const ActNormParams<T>& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_actnorm_backward(const ActNormBackwardParams<T>& p, cudaStream_t stream) {
   if (p.rows * p.channels * p.inner == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(p.num_chunks), static_cast<unsigned>(p.channels));
+  const dim3 grid(static_cast<unsigned>(p.channels), static_cast<unsigned>(p.num_chunks));
   actnorm_backward_kernel<T><<<grid, kActNormReduceThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -11,7 +11,7 @@ namespace genfast {
 template <typename T>
 cudaError_t launch_actnorm(const ActNormParams<T>& params, cudaStream_t stream);
 
-// grad_x and one partial sum per (chunk of samples, channel): grid (chunks, channels).
+// grad_x and one partial sum per (chunk of samples, channel): grid (channels, chunks).
 template <typename T>
 cudaError_t launch_actnorm_backward(const ActNormBackwardParams<T>& params, cudaStream_t stream);
 
