@@ -161,6 +161,14 @@ inline at::Tensor coupling_logdet(const at::Tensor& partial) {
   return partial.size(1) == 1 ? partial.view({-1}) : partial.sum(1);
 }
 
+// The backward's outputs: contiguous gradients to x, shift and scale.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_grad_outputs(const at::Tensor& x,
+                                                                            const at::Tensor& shift,
+                                                                            const at::Tensor& scale) {
+  const auto contiguous = [](const at::Tensor& like) { return at::empty(like.sizes(), like.options()); };
+  return {contiguous(x), contiguous(shift), contiguous(scale)};
+}
+
 // The backward's checks of grad_y and grad_logdet, returned as rows and float32.
 inline std::pair<at::Tensor, at::Tensor> prepare_coupling_grads(const at::Tensor& grad_y,
                                                                 const at::Tensor& grad_logdet,

@@ -197,8 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
   const ScaleFn fn = parse_scale_fn(std::string_view(scale_fn.data(), scale_fn.size()), scale_param);
   const CouplingTensors t = prepare_coupling(x, shift, scale, index);
   const auto [g, g_logdet] = prepare_coupling_grads(grad_y, grad_logdet, x, t);
-  const auto contiguous = [](const at::Tensor& like) { return at::empty(like.sizes(), like.options()); };
-  at::Tensor grad_x = contiguous(x), grad_shift = contiguous(shift), grad_scale = contiguous(scale);
+  const auto [grad_x, grad_shift, grad_scale] = coupling_grad_outputs(x, shift, scale);
   if (t.layout.rows == 0) return {grad_x, grad_shift, grad_scale};
   dispatch_float_types(x.scalar_type(), [&](auto type) {
     using T = decltype(type);

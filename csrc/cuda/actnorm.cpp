@@ -1,28 +1,15 @@
 // genfast::actnorm and its backward on CUDA: checks, device guard, current stream, then kernels/cuda.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include "launch.h"
 
 #include "../../kernels/cuda/actnorm.cuh"
 #include "../actnorm_args.h"
 
 namespace genfast {
 namespace {
-
-void check_launch(cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, kActNormOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
-template <typename Fn>
-void dispatch_cuda_float_types(at::ScalarType dtype, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}, float{}); break;
-    case at::kHalf: fn(__half{}, at::Half{}); break;
-    default: fn(__nv_bfloat16{}, at::BFloat16{}); break;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> actnorm_cuda(const at::Tensor& x, const at::Tensor& log_scale,
                                                 const at::Tensor& bias, bool glow_order, bool inverse) {
@@ -33,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm_cuda(const at::Tensor& x, const at::T
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
     using T = decltype(type);
     using Storage = decltype(storage);
-    check_launch(launch_actnorm(actnorm_params<T, Storage>(t, y, glow_order, inverse), stream));
+    check_launch(kActNormOp, launch_actnorm(actnorm_params<T, Storage>(t, y, glow_order, inverse), stream));
   });
   return {y, actnorm_logdet(t, inverse)};
 }
@@ -50,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
     using T = decltype(type);
     using Storage = decltype(storage);
-    check_launch(launch_actnorm_backward(actnorm_backward_params<T, Storage>(t, g, glow_order, inverse), stream));
+    check_launch(kActNormOp,
+                 launch_actnorm_backward(actnorm_backward_params<T, Storage>(t, g, glow_order, inverse), stream));
   });
   return finish_actnorm_grads(g, grad_logdet, t, log_scale, bias, inverse);
 }

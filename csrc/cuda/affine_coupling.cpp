@@ -2,9 +2,9 @@
 // kernels/cuda. A .cpp on purpose: only the framework-free kernels go through nvcc.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include "launch.h"
 
 #include "../../kernels/cuda/affine_coupling.cuh"
 #include "../affine_coupling_args.h"
@@ -12,20 +12,7 @@
 namespace genfast {
 namespace {
 
-void check_launch(cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, kAffineCouplingOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
 // fn(T{}, Storage{}) for the CUDA element type T and the tensor's element type Storage.
-template <typename Fn>
-void dispatch_cuda_float_types(at::ScalarType dtype, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}, float{}); break;
-    case at::kHalf: fn(__half{}, at::Half{}); break;
-    default: fn(__nv_bfloat16{}, at::BFloat16{}); break;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, const at::Tensor& shift,
                                                         const at::Tensor& scale, const at::Tensor& index,
                                                         c10::string_view scale_fn, double scale_param,
@@ -39,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, con
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
     using T = decltype(type);
     using Storage = decltype(storage);
-    check_launch(launch_affine_coupling(
+    check_launch(kAffineCouplingOp, launch_affine_coupling(
         coupling_params<T, Storage>(t, fn, scale_param, glow_order, inverse, out.y, out.partial), stream));
   });
   return {out.y, coupling_logdet(out.partial)};
@@ -53,14 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cuda(
   const ScaleFn fn = parse_scale_fn(std::string_view(scale_fn.data(), scale_fn.size()), scale_param);
   const CouplingTensors t = prepare_coupling(x, shift, scale, index);
   const auto [g, g_logdet] = prepare_coupling_grads(grad_y, grad_logdet, x, t);
-  const auto contiguous = [](const at::Tensor& like) { return at::empty(like.sizes(), like.options()); };
-  at::Tensor grad_x = contiguous(x), grad_shift = contiguous(shift), grad_scale = contiguous(scale);
+  const auto [grad_x, grad_shift, grad_scale] = coupling_grad_outputs(x, shift, scale);
   if (t.layout.rows == 0) return {grad_x, grad_shift, grad_scale};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
     using T = decltype(type);
     using Storage = decltype(storage);
-    check_launch(launch_affine_coupling_backward(
+    check_launch(kAffineCouplingOp, launch_affine_coupling_backward(
         coupling_backward_params<T, Storage>(t, fn, scale_param, glow_order, inverse, g, g_logdet, grad_x,
                                              grad_shift, grad_scale),
         stream));

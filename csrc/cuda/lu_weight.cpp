@@ -3,15 +3,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launch.h"
+
 #include "../../kernels/cuda/lu_weight.cuh"
 #include "../lu_weight_args.h"
 
 namespace genfast {
 namespace {
-
-void check_launch(cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, kLuWeightOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
 
 std::tuple<at::Tensor, at::Tensor> lu_weight_cuda(const at::Tensor& lower, const at::Tensor& upper,
                                                   const at::Tensor& log_diag, const at::Tensor& sign,
@@ -19,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> lu_weight_cuda(const at::Tensor& lower, const
   const c10::cuda::CUDAGuard guard(lower.device());
   const LuTensors t = prepare_lu(lower, upper, log_diag, sign, perm);
   at::Tensor weight = at::empty_like(t.lower);
-  check_launch(launch_lu_weight(lu_weight_params(t, weight), c10::cuda::getCurrentCUDAStream()));
+  check_launch(kLuWeightOp, launch_lu_weight(lu_weight_params(t, weight), c10::cuda::getCurrentCUDAStream()));
   return {weight, log_diag.sum()};
 }
 
@@ -33,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_backward_cuda(const at:
   const c10::cuda::CUDAGuard guard(lower.device());
   const LuTensors t = prepare_lu(lower, upper, log_diag, sign, perm);
   const LuGradTensors g = prepare_lu_grads(grad_weight, grad_logabsdet, t);
-  check_launch(launch_lu_weight_backward(lu_weight_backward_params(t, g), c10::cuda::getCurrentCUDAStream()));
+  check_launch(kLuWeightOp, launch_lu_weight_backward(lu_weight_backward_params(t, g), c10::cuda::getCurrentCUDAStream()));
   return {g.grad_lower, g.grad_upper, finish_log_diag_grad(g, t, grad_logabsdet)};
 }
 

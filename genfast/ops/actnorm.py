@@ -6,7 +6,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _backend
+from . import _trainable
 
 Tensor = torch.Tensor
 ROWS_PER_CHUNK_TARGET = 1 << 16  # elements of one channel summed per partial sum of the backward
@@ -96,21 +96,9 @@ def finish_parameter_grads(partial_ls, partial_b, grad_logdet, log_scale, bias, 
     return grad_ls.to(log_scale.dtype), partial_b.sum(0).to(bias.dtype)
 
 
-actnorm_triton.register_fake(_fake)
-actnorm_backward_triton.register_fake(_backward_fake)
-torch.library.register_autograd("genfast::actnorm_triton", _make_backward(torch.ops.genfast.actnorm_backward_triton),
-                                setup_context=_setup_context)
-
-if _backend.native_module() is not None:
-    torch.library.register_fake("genfast::actnorm")(_fake)
-    torch.library.register_fake("genfast::actnorm_backward")(_backward_fake)
-    torch.library.register_autograd("genfast::actnorm", _make_backward(torch.ops.genfast.actnorm_backward),
-                                    setup_context=_setup_context)
+_trainable.register("actnorm", _fake, _backward_fake, _setup_context, _make_backward, actnorm_triton,
+                    actnorm_backward_triton)
 
 
 def operator(impl: str):
-    if impl == "native":
-        return torch.ops.genfast.actnorm
-    if impl == "triton":
-        return torch.ops.genfast.actnorm_triton
-    raise ValueError(f"actnorm has no operator for impl={impl!r}")
+    return _trainable.operator("actnorm", impl)

@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _backend
+from . import _trainable
 from ..reference.flows import SCALE_FNS
 
 Tensor = torch.Tensor
@@ -77,24 +77,9 @@ def affine_coupling_backward_triton(grad_y: Tensor, grad_logdet: Tensor, x: Tens
     return tuple(grads)
 
 
-affine_coupling_triton.register_fake(_fake)
-affine_coupling_backward_triton.register_fake(_backward_fake)
-torch.library.register_autograd("genfast::affine_coupling_triton",
-                                _make_backward(torch.ops.genfast.affine_coupling_backward_triton),
-                                setup_context=_setup_context)
-
-if _backend.native_module() is not None:
-    torch.library.register_fake("genfast::affine_coupling")(_fake)
-    torch.library.register_fake("genfast::affine_coupling_backward")(_backward_fake)
-    torch.library.register_autograd("genfast::affine_coupling",
-                                    _make_backward(torch.ops.genfast.affine_coupling_backward),
-                                    setup_context=_setup_context)
+_trainable.register("affine_coupling", _fake, _backward_fake, _setup_context, _make_backward, affine_coupling_triton,
+                    affine_coupling_backward_triton)
 
 
 def operator(impl: str):
-    """The forward operator of a fused backend."""
-    if impl == "native":
-        return torch.ops.genfast.affine_coupling
-    if impl == "triton":
-        return torch.ops.genfast.affine_coupling_triton
-    raise ValueError(f"affine_coupling has no operator for impl={impl!r}")
+    return _trainable.operator("affine_coupling", impl)

@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _backend
+from . import _trainable
 
 Tensor = torch.Tensor
 
@@ -69,22 +69,9 @@ def lu_weight_backward_triton(grad_weight: Tensor, grad_logabsdet: Tensor, lower
     return grad_lower, grad_upper, finish_log_diag_grad(grad_diag, diag, grad_logabsdet)
 
 
-lu_weight_triton.register_fake(_fake)
-lu_weight_backward_triton.register_fake(_backward_fake)
-torch.library.register_autograd("genfast::lu_weight_triton",
-                                _make_backward(torch.ops.genfast.lu_weight_backward_triton),
-                                setup_context=_setup_context)
-
-if _backend.native_module() is not None:
-    torch.library.register_fake("genfast::lu_weight")(_fake)
-    torch.library.register_fake("genfast::lu_weight_backward")(_backward_fake)
-    torch.library.register_autograd("genfast::lu_weight", _make_backward(torch.ops.genfast.lu_weight_backward),
-                                    setup_context=_setup_context)
+_trainable.register("lu_weight", _fake, _backward_fake, _setup_context, _make_backward, lu_weight_triton,
+                    lu_weight_backward_triton)
 
 
 def operator(impl: str):
-    if impl == "native":
-        return torch.ops.genfast.lu_weight
-    if impl == "triton":
-        return torch.ops.genfast.lu_weight_triton
-    raise ValueError(f"lu_weight has no operator for impl={impl!r}")
+    return _trainable.operator("lu_weight", impl)
