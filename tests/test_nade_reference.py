@@ -92,3 +92,27 @@ def test_conditional_completion_keeps_the_observed_prefix():
     again = nade.sample(W, c, V, b, torch.where(observed > 0, 0.0, 1.0 - 1e-12).where(
         torch.zeros_like(observed, dtype=torch.bool).scatter(1, order[:, :3], True), uniforms), order)
     assert torch.equal(again, x)
+
+
+@pytest.mark.parametrize("random_degrees", [False, True])
+@pytest.mark.parametrize("ordering", [None, [3, 0, 4, 1, 2]])
+def test_made_masks_make_the_network_autoregressive(ordering, random_degrees):
+    dims, hidden = 5, [16, 16]
+    generator = torch.Generator().manual_seed(10) if random_degrees else None
+    degrees = nade.made_degrees(dims, hidden, ordering, generator)
+    masks = nade.made_masks(degrees)
+    g = torch.Generator().manual_seed(11)
+    sizes = [dims] + hidden + [dims]
+    weights = [torch.randn(o, i, generator=g, dtype=torch.float64) for i, o in zip(sizes[:-1], sizes[1:])]
+
+    def network(x):
+        for w, m in zip(weights[:-1], masks[:-1]):
+            x = torch.relu(nade.masked_linear(x, w, m))
+        return nade.masked_linear(x, weights[-1], masks[-1])
+
+    x = torch.randn(dims, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(network, x)  # (outputs, inputs)
+    position = degrees[0] - 1  # each dimension's place in the ordering
+    allowed = position[:, None] > position[None, :]  # output d may depend on the inputs visited before d
+    assert bool((jacobian[~allowed] == 0).all())
+    assert bool((jacobian[allowed] != 0).any())

@@ -86,3 +86,37 @@ def sample(W, c, V, b, uniforms, ordering=None, activation="sigmoid", observed=N
         x[rows, d] = value
         a = a + W[:, d].t() * value[:, None]
     return x
+
+
+# MADE (Germain et al. 2015): the autoregressive network as an MLP whose weights are masked.
+
+def made_degrees(dims: int, hidden_sizes, ordering=None, generator=None):
+    """The degrees of each layer's units: inputs get 1 + their position in the ordering; hidden
+    units degrees in [1, D - 1] (cyclically, or at random when a generator is given), each layer's
+    no lower than the previous layer's minimum so that every unit keeps an input."""
+    position = torch.empty(dims, dtype=torch.int64)
+    order = torch.arange(dims) if ordering is None else torch.as_tensor(ordering, dtype=torch.int64)
+    position[order] = torch.arange(dims)
+    degrees = [position + 1]
+    for size in hidden_sizes:
+        low = min(int(degrees[-1].min()), dims - 1)
+        span = max(1, dims - low)
+        if generator is None:
+            d = low + torch.arange(size) % span
+        else:
+            d = torch.randint(low, dims, (size,), generator=generator) if dims > low else torch.full((size,), low)
+        degrees.append(d)
+    return degrees
+
+
+def made_masks(degrees):
+    """Masks (out, in) of the hidden layers (unit k sees unit j when deg(k) >= deg(j)) and of the
+    output layer (output d sees unit k when deg_in(d) > deg(k)), as float tensors."""
+    masks = [(later[:, None] >= earlier[None, :]).float() for earlier, later in zip(degrees[:-1], degrees[1:])]
+    masks.append((degrees[0][:, None] > degrees[-1][None, :]).float())
+    return masks
+
+
+def masked_linear(x, weight, mask, bias=None):
+    """x (W * mask)^T + bias: a MADE layer, with the masked weight materialized."""
+    return F.linear(x, weight * mask.to(weight.dtype), bias)
