@@ -48,4 +48,9 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "lu_weight_backward(Tensor grad_weight, Tensor grad_logabsdet, Tensor lower, Tensor upper, Tensor log_diag, "
       "Tensor sign, Tensor perm) -> (Tensor, Tensor, Tensor)");
+  // Binary NADE's logits of p(x_d = 1 | x_<d) (kernels/common/nade.h), with O(B H) working memory;
+  // ordering: none, one (D,) for all samples, or one per sample (B, D); activation sigmoid or relu.
+  m.def(
+      "nade_conditionals(Tensor x, Tensor W, Tensor c, Tensor V, Tensor b, Tensor? ordering, str activation) "
+      "-> Tensor");
 }

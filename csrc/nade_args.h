@@ -1,0 +1,93 @@
+// Checks and preparation shared by the bindings of genfast::nade_conditionals.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "../kernels/common/nade.h"
+#include "elementwise_args.h"
+
+namespace genfast {
+
+constexpr const char* kNadeOp = "genfast.nade_conditionals";
+
+struct NadeTensors {
+  at::Tensor x, w_t, c, v, b, ordering;
+  NadeActivation activation;
+};
+
+inline void check_nade_param(const at::Tensor& x, const at::Tensor& p, const char* name,
+                             std::vector<int64_t> shape) {
+  TORCH_CHECK(p.sizes() == at::IntArrayRef(shape), kNadeOp, ": ", name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", p.sizes());
+  TORCH_CHECK(at::isFloatingType(p.scalar_type()), kNadeOp, ": ", name, " must be floating point, got ",
+              p.scalar_type());
+  TORCH_CHECK(p.device() == x.device(), kNadeOp, ": ", name, " must be on the device of x (", x.device(), "), got ",
+              p.device());
+}
+
+// On the CPU also checks the values: x binary, each ordering a permutation (a GPU check would
+// synchronize).
+inline NadeTensors prepare_nade(const at::Tensor& x, const at::Tensor& W, const at::Tensor& c, const at::Tensor& V,
+                                const at::Tensor& b, const std::optional<at::Tensor>& ordering,
+                                std::string_view activation) {
+  const char* op = kNadeOp;
+  check_floating_input(op, x, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (batch, D), got ", x.sizes());
+  TORCH_CHECK(W.dim() == 2, op, ": W must have shape (H, D), got ", W.sizes());
+  const int64_t rows = x.size(0), dims = x.size(1), hidden = W.size(0);
+  check_nade_param(x, W, "W", {hidden, dims});
+  check_nade_param(x, c, "c", {hidden});
+  check_nade_param(x, V, "V", {dims, hidden});
+  check_nade_param(x, b, "b", {dims});
+  NadeTensors t;
+  TORCH_CHECK(activation == "sigmoid" || activation == "relu", op,
+              ": activation must be sigmoid or relu, got ", activation);
+  t.activation = activation == "relu" ? NadeActivation::kRelu : NadeActivation::kSigmoid;
+  t.x = x.contiguous();
+  t.w_t = W.to(at::kFloat).t().contiguous();
+  t.c = c.to(at::kFloat).contiguous();
+  t.v = V.to(at::kFloat).contiguous();
+  t.b = b.to(at::kFloat).contiguous();
+  if (ordering) {
+    const at::Tensor& o = *ordering;
+    TORCH_CHECK(o.scalar_type() == at::kLong, op, ": ordering must be int64, got ", o.scalar_type());
+    TORCH_CHECK(o.sizes() == at::IntArrayRef({dims}) || o.sizes() == at::IntArrayRef({rows, dims}), op,
+                ": ordering must have shape (D,) = (", dims, ",) or (batch, D) = (", rows, ", ", dims, "), got ",
+                o.sizes());
+    TORCH_CHECK(o.device() == x.device(), op, ": ordering must be on the device of x (", x.device(), "), got ",
+                o.device());
+    t.ordering = o.contiguous();
+  }
+  if (x.device().is_cpu()) {
+    const at::Tensor xf = t.x.to(at::kFloat);
+    TORCH_CHECK(at::logical_or(xf == 0, xf == 1).all().item<bool>(), op, ": x must be binary (0 or 1)");
+    if (t.ordering.defined()) {
+      const at::Tensor sorted = std::get<0>(t.ordering.reshape({-1, dims}).sort(1));
+      TORCH_CHECK(sorted.numel() == 0 || at::equal(sorted, at::arange(dims, sorted.options()).expand_as(sorted)), op,
+                  ": each ordering must be a permutation of 0..", dims - 1);
+    }
+  }
+  return t;
+}
+
+template <typename T, typename Storage>
+NadeConditionalsParams<T> nade_params(const NadeTensors& t, const at::Tensor& logits) {
+  return {t.x.size(0),
+          t.x.size(1),
+          t.w_t.size(1),
+          input_ptr<T, Storage>(t.x),
+          t.w_t.const_data_ptr<float>(),
+          t.c.const_data_ptr<float>(),
+          t.v.const_data_ptr<float>(),
+          t.b.const_data_ptr<float>(),
+          t.ordering.defined() ? t.ordering.const_data_ptr<int64_t>() : nullptr,
+          t.ordering.defined() && t.ordering.dim() == 2,
+          t.activation,
+          output_ptr<T, Storage>(logits)};
+}
+
+}  // namespace genfast
