@@ -65,8 +65,9 @@ def actnorm_triton(x: Tensor, log_scale: Tensor, bias: Tensor, glow_order: bool,
 
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() > 0:
-        launch_actnorm(_as_bcs(x), log_scale.float().contiguous(), bias.float().contiguous(), y.view(_as_bcs(x).shape),
-                       glow_order, inverse)
+        x3 = _as_bcs(x)
+        launch_actnorm(x3, log_scale.float().contiguous(), bias.float().contiguous(), y.view(x3.shape), glow_order,
+                       inverse)
     return y, logdet_term(log_scale, x, inverse)
 
 
