@@ -49,9 +49,7 @@ def coupling_index(mask: Tensor, sample_shape, compact: bool) -> Tensor:
     Modules compute it once; mask is bool over sample_shape, or over its first dim (channels)."""
     sample_shape = tuple(sample_shape)
     _check_mask(mask, sample_shape)
-    m = mask.reshape((-1,) + (1,) * (len(sample_shape) - 1)).expand(sample_shape) if mask.shape != sample_shape \
-        else mask
-    m = m.reshape(-1)
+    m = reference.expand_mask(mask, sample_shape).reshape(-1)
     if compact:
         position = torch.cumsum(m, 0, dtype=torch.int32) - 1
     else:
@@ -99,7 +97,7 @@ def _transformed_count(mask: Tensor, x: Tensor):
     synchronize with a GPU (or under torch.compile)."""
     if mask.device.type != "cpu" or torch.compiler.is_compiling() or mask.dtype != torch.bool:
         return None  # an index is checked by the operator
-    return int(reference.expand_mask(mask, x).sum())
+    return int(reference.expand_mask(mask, x.shape[1:]).sum())
 
 
 def affine_coupling(x: Tensor, shift: Tensor, scale: Tensor, mask: Tensor, *, scale_fn: str = "exp",

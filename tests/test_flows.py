@@ -53,7 +53,7 @@ def _coupling_inputs(mask_kind, sample_shape, layout, batch=5, dtype=torch.float
     if layout == "full":
         shift, scale = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g) * u_scale
     else:
-        count = int(reference.expand_mask(mask, x).sum())
+        count = int(reference.expand_mask(mask, sample_shape).sum())
         # The two halves of one conditioner output: strided rows, as nflows passes them.
         params = torch.randn(batch, 2 * count, generator=g)
         channel_mask = mask.dim() == 1 and len(sample_shape) > 1

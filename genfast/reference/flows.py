@@ -45,12 +45,13 @@ def soft_bound_param(slope: float) -> float:
     return abs(math.log(slope))
 
 
-def expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The mask over x's non-batch dims: a channel (feature) mask of shape (C,) is broadcast over
+def expand_mask(mask: torch.Tensor, sample_shape) -> torch.Tensor:
+    """The mask over a sample's shape: a channel (feature) mask of shape (C,) is broadcast over
     the spatial dims."""
-    if mask.shape == x.shape[1:]:
+    sample_shape = tuple(sample_shape)
+    if tuple(mask.shape) == sample_shape:
         return mask
-    return mask.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[1:])
+    return mask.reshape((-1,) + (1,) * (len(sample_shape) - 1)).expand(sample_shape)
 
 
 def affine_coupling(x, shift, scale, mask, scale_fn="exp", scale_param=0.0, glow_order=False, inverse=False):
@@ -61,7 +62,7 @@ def affine_coupling(x, shift, scale, mask, scale_fn="exp", scale_param=0.0, glow
     the order of x's flattened elements (nflows' and Glow's layout). Written with gathers and
     selects of static shapes, so that torch.compile can fuse it."""
     batch = x.shape[0]
-    m = expand_mask(mask, x).reshape(-1)
+    m = expand_mask(mask, x.shape[1:]).reshape(-1)
     xf = x.reshape(batch, -1)
     t, u = shift.reshape(batch, -1), scale.reshape(batch, -1)
     if shift.shape != x.shape:  # each element's t and u, read from the compact rows
