@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -88,6 +89,53 @@ NadeConditionalsParams<T> nade_params(const NadeTensors& t, const at::Tensor& lo
           t.ordering.defined() && t.ordering.dim() == 2,
           t.activation,
           output_ptr<T, Storage>(logits)};
+}
+
+struct NadeGradTensors {
+  at::Tensor grad_logits, grad_w_t, grad_v, grad_b, grad_c, grad_x;
+  int64_t rows_per_chunk;
+};
+
+// Rows per chunk of the backward's partial sums: at most 4 chunks, a multiple of `tile` rows,
+// fixed by the shape alone (deterministic sums).
+inline NadeGradTensors prepare_nade_grads(const at::Tensor& grad_logits, const NadeTensors& t, int64_t tile) {
+  const char* op = "genfast.nade_conditionals_backward";
+  TORCH_CHECK(grad_logits.sizes() == t.x.sizes(), op, ": grad_logits must have the shape of x ", t.x.sizes(),
+              ", got ", grad_logits.sizes());
+  TORCH_CHECK(grad_logits.device() == t.x.device(), op, ": grad_logits must be on the device of x");
+  const int64_t rows = t.x.size(0), dims = t.x.size(1), hidden = t.w_t.size(1);
+  const int64_t tiles = std::max<int64_t>(1, (rows + tile - 1) / tile);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (tiles + 3) / 4) * tile;
+  const int64_t chunks = rows == 0 ? 0 : (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const auto floats = t.x.options().dtype(at::kFloat);
+  return {grad_logits.to(t.x.scalar_type()).contiguous(),
+          at::zeros({chunks, dims, hidden}, floats),
+          at::zeros({chunks, dims, hidden}, floats),
+          at::zeros({chunks, dims}, floats),
+          at::zeros({chunks, hidden}, floats),
+          at::zeros({rows, dims}, floats),
+          rows_per_chunk};
+}
+
+template <typename T, typename Storage>
+NadeBackwardParams<T> nade_backward_params(const NadeTensors& t, NadeGradTensors& g) {
+  return {nade_params<T, Storage>(t, at::Tensor()),
+          input_ptr<T, Storage>(g.grad_logits),
+          g.rows_per_chunk,
+          g.grad_w_t.size(0),
+          g.grad_w_t.mutable_data_ptr<float>(),
+          g.grad_v.mutable_data_ptr<float>(),
+          g.grad_b.mutable_data_ptr<float>(),
+          g.grad_c.mutable_data_ptr<float>(),
+          g.grad_x.mutable_data_ptr<float>()};
+}
+
+// The chunks' sums in order, in the parameters' dtypes (grad_W back to (H, D)).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_nade_grads(
+    const NadeGradTensors& g, const at::Tensor& x, const at::Tensor& W, const at::Tensor& c, const at::Tensor& V,
+    const at::Tensor& b) {
+  return {g.grad_w_t.sum(0).t().contiguous().to(W.scalar_type()), g.grad_c.sum(0).to(c.scalar_type()),
+          g.grad_v.sum(0).to(V.scalar_type()), g.grad_b.sum(0).to(b.scalar_type()), g.grad_x.to(x.scalar_type())};
 }
 
 }  // namespace genfast

@@ -53,4 +53,9 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "nade_conditionals(Tensor x, Tensor W, Tensor c, Tensor V, Tensor b, Tensor? ordering, str activation) "
       "-> Tensor");
+  // Its fused backward: gradients to W, c, V, b and x from those of the logits, recomputing the
+  // running pre-activations instead of storing them.
+  m.def(
+      "nade_conditionals_backward(Tensor grad_logits, Tensor x, Tensor W, Tensor c, Tensor V, Tensor b, "
+      "Tensor? ordering, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,5 @@
-"""The fused NADE conditionals against the reference. So far the op has its C++ CPU kernel only:
-the CUDA and Triton kernels, the fused backward and the public functions come next (issue 5)."""
+"""The fused NADE conditionals and their fused backward against the reference. So far they have
+C++ CPU kernels only: the CUDA and Triton kernels and the public functions come next (issue 5)."""
 
 import pytest
 import torch
@@ -44,6 +44,28 @@ def test_matches_reference(batch, dims, hidden, ordering, activation, dtype, dev
     assert_error_ratio(got, exact, low)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", nade.ACTIVATIONS)
+@pytest.mark.parametrize("ordering", ["natural", "shared", "per_sample"])
+@pytest.mark.parametrize("batch,dims,hidden", [(13, 17, 9), (1, 1, 1), (37, 30, 20)])
+def test_gradients_match_reference(batch, dims, hidden, ordering, activation, dtype):
+    skip_unless_runs("native", "cpu")
+    x, W, c, V, b, order = _inputs(batch, dims, hidden, ordering, dtype, "cpu")
+    grad_logits = torch.randn(batch, dims, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grads(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (x, W, c, V, b)]
+        logits = fn(*leaves, order, activation)
+        return torch.autograd.grad((logits.double() * grad_logits).sum(), leaves)
+
+    got = grads(torch.ops.genfast.nade_conditionals, dtype)
+    exact = grads(nade.conditionals, torch.float64)
+    low = grads(nade.conditionals, dtype)
+    for name, a, e, lo in zip(("x", "W", "c", "V", "b"), got, exact, low):
+        assert a.shape == e.shape and a.dtype == dtype
+        assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
+
+
 def test_empty_and_bad_input():
     x, W, c, V, b, order = _inputs(4, 6, 5, "shared", torch.float32, "cpu")
     op = torch.ops.genfast.nade_conditionals
@@ -66,5 +88,8 @@ def test_opcheck():
     if not genfast._backend.native_runs_on("cpu"):
         pytest.skip("no native CPU backend")
     x, W, c, V, b, order = _inputs(5, 7, 6, "per_sample", torch.float32, "cpu")
-    torch.library.opcheck(torch.ops.genfast.nade_conditionals, (x, W, c, V, b, order, "relu"),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    leaves = tuple(t.requires_grad_() for t in (x, W, c, V, b))
+    torch.library.opcheck(torch.ops.genfast.nade_conditionals, (*leaves, order, "relu"))
+    torch.library.opcheck(torch.ops.genfast.nade_conditionals_backward,
+                          (torch.randn(5, 7), x.detach(), W.detach(), c.detach(), V.detach(), b.detach(), order,
+                           "sigmoid"))

@@ -52,6 +52,71 @@ void nade_conditionals_typed(const NadeConditionalsParams<T>& p) {
   });
 }
 
+GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
+}
+
+// da = (g V_row) * act'(a), added to the running gradient A; h = act(a) returned in h_out.
+template <NadeActivation kAct>
+GF_CPU_CLONES void backward_step(const float* __restrict a, const float* __restrict v_row, float g,
+                                 float* __restrict running, float* __restrict h_out, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    h_out[j] = nade_activation(kAct, a[j]);
+    running[j] += g * v_row[j] * nade_activation_grad(kAct, a[j]);
+  }
+}
+
+GF_CPU_CLONES float dot(const float* __restrict u, const float* __restrict v, float* __restrict products,
+                        int64_t n) {
+  for (int64_t j = 0; j < n; ++j) products[j] = u[j] * v[j];
+  return ordered_sum(products, n);
+}
+
+template <NadeActivation kAct, typename T>
+void nade_backward_typed(const NadeBackwardParams<T>& p) {
+  const NadeConditionalsParams<T>& f = p.forward;
+  const int64_t H = f.hidden, D = f.dims;
+  at::parallel_for(0, p.num_chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scratch(static_cast<size_t>(4 * H));
+    float* a = scratch.data();
+    float* running = a + H;
+    float* h = running + H;
+    float* products = h + H;
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      float* gw = p.grad_w_t + chunk * D * H;
+      float* gv = p.grad_v + chunk * D * H;
+      float* gb = p.grad_b + chunk * D;
+      float* gc = p.grad_c + chunk * H;
+      const int64_t row_end = std::min(f.rows, (chunk + 1) * p.rows_per_chunk);
+      for (int64_t row = chunk * p.rows_per_chunk; row < row_end; ++row) {
+        const int64_t* order = f.ordering == nullptr ? nullptr : f.ordering + (f.ordering_per_row ? row * D : 0);
+        const T* x = f.x + row * D;
+        std::copy(f.c, f.c + H, a);  // a after the last step: c + sum of W[:, d] x[d]
+        for (int64_t d = 0; d < D; ++d) {
+          const float value = static_cast<float>(x[d]);
+          if (value != 0.0f) add_scaled(a, f.w_t + d * H, value, H);
+        }
+        std::fill(running, running + H, 0.0f);
+        for (int64_t k = D - 1; k >= 0; --k) {
+          const int64_t d = order == nullptr ? k : order[k];
+          const float value = static_cast<float>(x[d]);
+          const float* w_row = f.w_t + d * H;
+          p.grad_x[row * D + d] = dot(w_row, running, products, H);
+          if (value != 0.0f) {
+            add_scaled(gw + d * H, running, value, H);
+            add_scaled(a, w_row, -value, H);  // back to a_k
+          }
+          const float g = static_cast<float>(p.grad_logits[row * D + d]);
+          gb[d] += g;
+          backward_step<kAct>(a, f.v + d * H, g, running, h, H);
+          add_scaled(gv + d * H, h, g, H);
+        }
+        add_scaled(gc, running, 1.0f, H);
+      }
+    }
+  });
+}
+
 at::Tensor nade_conditionals_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& c, const at::Tensor& V,
                                  const at::Tensor& b, const std::optional<at::Tensor>& ordering,
                                  c10::string_view activation) {
@@ -76,8 +141,36 @@ at::Tensor nade_conditionals_cpu(const at::Tensor& x, const at::Tensor& W, const
   return logits;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nade_conditionals_backward_cpu(
+    const at::Tensor& grad_logits, const at::Tensor& x, const at::Tensor& W, const at::Tensor& c,
+    const at::Tensor& V, const at::Tensor& b, const std::optional<at::Tensor>& ordering, c10::string_view activation) {
+  const NadeTensors t =
+      prepare_nade(x, W, c, V, b, ordering, std::string_view(activation.data(), activation.size()));
+  NadeGradTensors g = prepare_nade_grads(grad_logits, t, kNadeTile);
+  const auto run = [&](auto type) {
+    using T = decltype(type);
+    const NadeBackwardParams<T> p = nade_backward_params<T, T>(t, g);
+    if (p.forward.activation == NadeActivation::kRelu) {
+      nade_backward_typed<NadeActivation::kRelu>(p);
+    } else {
+      nade_backward_typed<NadeActivation::kSigmoid>(p);
+    }
+  };
+  if (x.numel() > 0) {
+    switch (x.scalar_type()) {
+      case at::kFloat: run(float{}); break;
+      case at::kHalf: run(at::Half{}); break;
+      default: run(at::BFloat16{}); break;
+    }
+  }
+  return finish_nade_grads(g, x, W, c, V, b);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("nade_conditionals", &nade_conditionals_cpu); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("nade_conditionals", &nade_conditionals_cpu);
+  m.impl("nade_conditionals_backward", &nade_conditionals_backward_cpu);
+}
 
 }  // namespace genfast

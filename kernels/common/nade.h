@@ -19,6 +19,13 @@ GF_HOST_DEVICE_INLINE float nade_activation(NadeActivation act, float a) {
   return act == NadeActivation::kRelu ? (a > 0.0f ? a : (a != a ? a : 0.0f)) : sigmoid_f32(a);
 }
 
+// d act / da, from a.
+GF_HOST_DEVICE_INLINE float nade_activation_grad(NadeActivation act, float a) {
+  if (act == NadeActivation::kRelu) return a > 0.0f ? 1.0f : 0.0f;
+  const float h = sigmoid_f32(a);
+  return h * (1.0f - h);
+}
+
 // Parameters in float32: W transposed to (D, H) so that a step reads one contiguous row.
 template <typename T>
 struct NadeConditionalsParams {
@@ -32,6 +39,24 @@ struct NadeConditionalsParams {
   bool ordering_per_row;
   NadeActivation activation;
   T* logits;  // (B, D), contiguous
+};
+
+// The backward, recomputing the running pre-activations from the last one backwards
+// (a_k = a_{k+1} - W[:, o_k] x[o_k]) instead of storing them. With A the gradient reaching a_{k+1}:
+//   db[o_k] += g_k;  dV[o_k] += g_k h_k;  dW[:, o_k] += A x[o_k];  dx[o_k] = W[:, o_k] . A;
+//   A += (g_k V[o_k]) * act'(a_k);  and dc = A after the first step.
+// Samples are split into num_chunks chunks of rows_per_chunk, each with its own partial sums of
+// dW (transposed, (D, H)), dV, db and dc, added in order afterwards (deterministic).
+template <typename T>
+struct NadeBackwardParams {
+  NadeConditionalsParams<T> forward;  // logits unused
+  const T* grad_logits;               // (B, D), contiguous
+  int64_t rows_per_chunk, num_chunks;
+  float* grad_w_t;  // (num_chunks, D, H)
+  float* grad_v;    // (num_chunks, D, H)
+  float* grad_b;    // (num_chunks, D)
+  float* grad_c;    // (num_chunks, H)
+  float* grad_x;    // (B, D)
 };
 
 }  // namespace genfast
