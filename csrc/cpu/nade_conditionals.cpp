@@ -24,8 +24,8 @@ GF_CPU_CLONES float activate_and_dot(const float* __restrict a, const float* __r
   return ordered_sum(products, hidden);
 }
 
-GF_CPU_CLONES void add_row(float* __restrict a, const float* __restrict w_row, float scale, int64_t hidden) {
-  for (int64_t j = 0; j < hidden; ++j) a[j] += scale * w_row[j];
+GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
 }
 
 template <NadeActivation kAct, typename T>
@@ -45,15 +45,11 @@ void nade_conditionals_typed(const NadeConditionalsParams<T>& p) {
           const float logit = p.b[d] + activate_and_dot<kAct>(a, p.v + d * p.hidden, products, p.hidden);
           p.logits[row * p.dims + d] = static_cast<T>(logit);
           const float value = static_cast<float>(p.x[row * p.dims + d]);
-          if (value != 0.0f) add_row(a, p.w_t + d * p.hidden, value, p.hidden);
+          if (value != 0.0f) add_scaled(a, p.w_t + d * p.hidden, value, p.hidden);
         }
       }
     }
   });
-}
-
-GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
 }
 
 // da = (g V_row) * act'(a), added to the running gradient A; h = act(a) returned in h_out.
