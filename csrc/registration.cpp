@@ -58,4 +58,11 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "nade_conditionals_backward(Tensor grad_logits, Tensor x, Tensor W, Tensor c, Tensor V, Tensor b, "
       "Tensor? ordering, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // num_samples samples of a binary NADE in one launch: uniforms (num_samples, D) when given, else
+  // in-kernel Philox uniforms keyed by (seed, offset), or on CUDA by `generator`. The first
+  // num_observed dimensions of the ordering are copied from `observed` (conditional completion).
+  m.def(
+      "nade_sample(Tensor W, Tensor c, Tensor V, Tensor b, int num_samples, ScalarType dtype, Tensor? uniforms, "
+      "Tensor? ordering, Tensor? observed, int num_observed, str activation, Generator? generator, int seed, "
+      "int offset) -> Tensor");
 }

@@ -1,6 +1,6 @@
-// genfast::nade_conditionals on the CPU: tiles of samples in parallel; each tile walks the D
-// steps with its running pre-activations (tile x H floats), so that a step's rows of V and W are
-// read once for the whole tile. Loops over H are vector loops.
+// genfast::nade_conditionals and its backward on the CPU. The forward walks tiles of samples
+// (nade_steps.h); the backward, chunks of samples with their own partial sums. Loops over H are
+// vector loops.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,47 +8,19 @@
 #include <vector>
 
 #include "../nade_args.h"
-#include "cpu_features.h"
-#include "ordered_sum.h"
+#include "nade_steps.h"
 
 namespace genfast {
 namespace {
 
-constexpr int64_t kNadeTile = 8;  // samples sharing one pass over the parameters
-
-// h = act(a); returns V_row . h (summed in a fixed order).
-template <NadeActivation kAct>
-GF_CPU_CLONES float activate_and_dot(const float* __restrict a, const float* __restrict v_row,
-                                     float* __restrict products, int64_t hidden) {
-  for (int64_t j = 0; j < hidden; ++j) products[j] = v_row[j] * nade_activation(kAct, a[j]);
-  return ordered_sum(products, hidden);
-}
-
-GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
-}
-
 template <NadeActivation kAct, typename T>
 void nade_conditionals_typed(const NadeConditionalsParams<T>& p) {
-  const int64_t tiles = (p.rows + kNadeTile - 1) / kNadeTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> state(static_cast<size_t>((kNadeTile + 1) * p.hidden));
-    float* products = state.data() + kNadeTile * p.hidden;
-    for (int64_t tile = first; tile < last; ++tile) {
-      const int64_t row0 = tile * kNadeTile, count = std::min(kNadeTile, p.rows - row0);
-      for (int64_t s = 0; s < count; ++s) std::copy(p.c, p.c + p.hidden, state.data() + s * p.hidden);
-      for (int64_t k = 0; k < p.dims; ++k) {
-        for (int64_t s = 0; s < count; ++s) {
-          const int64_t row = row0 + s;
-          const int64_t d = p.ordering == nullptr ? k : p.ordering[(p.ordering_per_row ? row * p.dims : 0) + k];
-          float* a = state.data() + s * p.hidden;
-          const float logit = p.b[d] + activate_and_dot<kAct>(a, p.v + d * p.hidden, products, p.hidden);
-          p.logits[row * p.dims + d] = static_cast<T>(logit);
-          const float value = static_cast<float>(p.x[row * p.dims + d]);
-          if (value != 0.0f) add_scaled(a, p.w_t + d * p.hidden, value, p.hidden);
-        }
-      }
-    }
+  for_each_nade_step(p.rows, p.dims, p.hidden, p.c, [&](int64_t row, int64_t k, float* a, float* products) {
+    const int64_t d = nade_step_dim(p.ordering, p.ordering_per_row, row, p.dims, k);
+    const float logit = p.b[d] + activate_and_dot<kAct>(a, p.v + d * p.hidden, products, p.hidden);
+    p.logits[row * p.dims + d] = static_cast<T>(logit);
+    const float value = static_cast<float>(p.x[row * p.dims + d]);
+    if (value != 0.0f) add_scaled(a, p.w_t + d * p.hidden, value, p.hidden);
   });
 }
 

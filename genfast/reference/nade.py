@@ -67,7 +67,8 @@ def log_prob(x, W, c, V, b, ordering=None, activation="sigmoid"):
 
 
 def sample(W, c, V, b, uniforms, ordering=None, activation="sigmoid", observed=None, num_observed: int = 0):
-    """Samples x (B, D): step k sets x[o_k] = 1 where uniforms[:, o_k] < sigmoid(logit[o_k]).
+    """Samples x (B, D): step k sets x[o_k] = 1 where uniforms[:, o_k] < sigmoid(logit[o_k]), else 0
+    (NaN where the logit is NaN).
     Conditional completion: the first num_observed dimensions of the ordering are taken from
     `observed` instead, and the rest are sampled given them."""
     act = _activation(activation)
@@ -82,7 +83,8 @@ def sample(W, c, V, b, uniforms, ordering=None, activation="sigmoid", observed=N
             value = observed[rows, d].to(x.dtype)
         else:
             logit = b[d] + (V[d] * act(a)).sum(1)
-            value = (uniforms[rows, d] < torch.sigmoid(logit)).to(x.dtype)
+            drawn = (uniforms[rows, d] < torch.sigmoid(logit)).to(x.dtype)
+            value = torch.where(torch.isnan(logit), logit, drawn)
         x[rows, d] = value
         a = a + W[:, d].t() * value[:, None]
     return x

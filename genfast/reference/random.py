@@ -70,3 +70,13 @@ def philox_normal(shape, seed: int, offset: int, dtype=torch.float32, device=Non
     a0, a1 = _turns(y), _turns(w)
     normals = torch.stack([r0 * torch.cos(a0), r0 * torch.sin(a0), r1 * torch.cos(a1), r1 * torch.sin(a1)], dim=1)
     return normals.reshape(-1)[:numel].reshape(shape).to(dtype)
+
+
+def philox_uniform(shape, seed: int, offset: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Uniforms in (0, 1) of the given shape: element i is ((w >> 8) + 0.5) / 2^24 for word i % 4 of
+    group i // 4, the stream genfast's random draws (NADE's sampling) read for (seed, offset). Exact
+    in float32."""
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    words = torch.stack(philox_bits((numel + 3) // 4, seed, offset, device), dim=1).reshape(-1)[:numel]
+    return _uniform_open_zero(words).reshape(shape).to(dtype)

@@ -10,6 +10,7 @@
 
 #include "elementary_math.h"
 #include "host_device.h"
+#include "philox.h"
 
 namespace genfast {
 
@@ -58,5 +59,39 @@ struct NadeBackwardParams {
   float* grad_c;    // (num_chunks, H)
   float* grad_x;    // (B, D)
 };
+
+// Sampling: step k visits d = o_k and sets x[d] = 1 where u[d] < sigmoid(logit[d]), else 0 (NaN
+// where the logit is NaN, which then reaches every later step); the
+// first num_observed steps copy x[d] from `observed` instead (conditional completion). u is read
+// from `uniforms` (float32, (B, D)) or, when null, drawn in-kernel: element (row, d) is the Philox
+// uniform of index row * D + d of the call's key (genfast.reference.random.philox_uniform).
+template <typename T>
+struct NadeSampleParams {
+  int64_t rows, dims, hidden;
+  const float* w_t;  // (D, H)
+  const float* c;    // (H)
+  const float* v;    // (D, H)
+  const float* b;    // (D)
+  const int64_t* ordering;
+  bool ordering_per_row;
+  NadeActivation activation;
+  const float* uniforms;  // (B, D) or null
+  PhiloxKeyRef key;
+  const float* observed;  // (B, D) or null
+  int64_t num_observed;
+  T* x;  // (B, D), contiguous
+};
+
+// Element `index` of the uniform stream keyed by (seed, offset).
+GF_HOST_DEVICE_INLINE float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
+  const Uint4x32 words = philox_group_bits(seed, offset, index / 4);
+  const uint32_t lane = static_cast<uint32_t>(index % 4);
+  const uint32_t word = lane == 0 ? words.x : lane == 1 ? words.y : lane == 2 ? words.z : words.w;
+  return uniform_open_zero(word);
+}
+
+GF_HOST_DEVICE_INLINE float nade_draw(float logit, float u) {
+  return logit != logit ? logit : (u < sigmoid_f32(logit) ? 1.0f : 0.0f);
+}
 
 }  // namespace genfast
