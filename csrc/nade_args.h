@@ -86,6 +86,12 @@ inline NadeTensors prepare_nade(const at::Tensor& x, const at::Tensor& W, const 
   return t;
 }
 
+inline void check_nade_cuda_hidden(const char* op, const NadeTensors& t) {
+  TORCH_CHECK(t.w_t.size(1) <= kNadeCudaMaxHidden, op, ": the CUDA kernels hold a sample's hidden units in one warp's ",
+              "registers: H must be <= ", kNadeCudaMaxHidden, ", got H = ", t.w_t.size(1),
+              " (impl='triton' takes up to 2048)");
+}
+
 template <typename T, typename Storage>
 NadeConditionalsParams<T> nade_params(const NadeTensors& t, const at::Tensor& logits) {
   return {t.x.size(0),

@@ -57,7 +57,6 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
       float* gc = p.grad_c + chunk * H;
       const int64_t row_end = std::min(f.rows, (chunk + 1) * p.rows_per_chunk);
       for (int64_t row = chunk * p.rows_per_chunk; row < row_end; ++row) {
-        const int64_t* order = f.ordering == nullptr ? nullptr : f.ordering + (f.ordering_per_row ? row * D : 0);
         const T* x = f.x + row * D;
         std::copy(f.c, f.c + H, a);  // a after the last step: c + sum of W[:, d] x[d]
         for (int64_t d = 0; d < D; ++d) {
@@ -66,7 +65,7 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
         }
         std::fill(running, running + H, 0.0f);
         for (int64_t k = D - 1; k >= 0; --k) {
-          const int64_t d = order == nullptr ? k : order[k];
+          const int64_t d = nade_step_dim(f.ordering, f.ordering_per_row, row, D, k);
           const float value = static_cast<float>(x[d]);
           const float* w_row = f.w_t + d * H;
           p.grad_x[row * D + d] = dot(w_row, running, products, H);

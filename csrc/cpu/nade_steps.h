@@ -28,10 +28,6 @@ GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src
   for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
 }
 
-inline int64_t nade_step_dim(const int64_t* ordering, bool per_row, int64_t row, int64_t dims, int64_t k) {
-  return ordering == nullptr ? k : ordering[(per_row ? row * dims : 0) + k];
-}
-
 // The forward walk shared by the conditionals and sampling: tiles of kNadeTile rows in parallel,
 // each tile walking the D steps with its rows' running pre-activations (initialised to c), so that
 // a step's rows of V and W are read once for the whole tile. Calls step(row, k, a, products), with

@@ -14,6 +14,10 @@
 
 namespace genfast {
 
+// The CUDA kernels hold a sample's hidden units in one warp's registers: 32 per lane for the
+// running pre-activations, 32 more for the backward's running gradient.
+constexpr int64_t kNadeCudaMaxHidden = 1024;
+
 enum class NadeActivation : int32_t { kSigmoid = 0, kRelu = 1 };
 
 GF_HOST_DEVICE_INLINE float nade_activation(NadeActivation act, float a) {
@@ -25,6 +29,12 @@ GF_HOST_DEVICE_INLINE float nade_activation_grad(NadeActivation act, float a) {
   if (act == NadeActivation::kRelu) return a > 0.0f ? 1.0f : 0.0f;
   const float h = sigmoid_f32(a);
   return h * (1.0f - h);
+}
+
+// The dimension that step k of `row` visits: ordering null (natural order), (D) shared, or (B, D).
+GF_HOST_DEVICE_INLINE int64_t nade_step_dim(const int64_t* ordering, bool per_row, int64_t row, int64_t dims,
+                                            int64_t k) {
+  return ordering == nullptr ? k : ordering[(per_row ? row * dims : 0) + k];
 }
 
 // Parameters in float32: W transposed to (D, H) so that a step reads one contiguous row.
