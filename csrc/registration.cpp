@@ -65,4 +65,13 @@ TORCH_LIBRARY(genfast, m) {
       "nade_sample(Tensor W, Tensor c, Tensor V, Tensor b, int num_samples, ScalarType dtype, Tensor? uniforms, "
       "Tensor? ordering, Tensor? observed, int num_observed, str activation, Generator? generator, int seed, "
       "int offset) -> Tensor");
+  // MADE's masked linear layer (kernels/common/made_linear.h): y = x (W * M)^T + bias with the mask
+  // M[k, j] = out_degrees[k] >= in_degrees[j] (> when strict) computed in-kernel, never stored.
+  m.def(
+      "made_linear(Tensor x, Tensor weight, Tensor? bias, Tensor in_degrees, Tensor out_degrees, bool strict) "
+      "-> Tensor");
+  // Its backward: (grad_x, grad_weight, grad_bias), grad_bias the column sums of grad_y.
+  m.def(
+      "made_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor in_degrees, Tensor out_degrees, "
+      "bool strict) -> (Tensor, Tensor, Tensor)");
 }

@@ -14,6 +14,7 @@ from .diffusion import (
     flow_match_heun_step,
 )
 from .flows import actnorm, affine_coupling, coupling_index, lu_weight
+from .made import made_linear
 from .nade import nade_conditionals, nade_log_prob, nade_sample
 from .langevin import langevin_corrector_step, langevin_step, mala_accept, ve_sde_step, vp_sde_step
 from .random import PhiloxGenerator
@@ -56,6 +57,7 @@ __all__ = [
     "langevin_corrector_step",
     "langevin_step",
     "lu_weight",
+    "made_linear",
     "mala_accept",
     "nade_conditionals",
     "nade_log_prob",

@@ -1,11 +1,13 @@
-"""Invertible layers of normalizing flows on genfast's fused ops. Each maps x to (y, logdet) in
-forward() and back in inverse() (logdet negated); `impl` picks the backend of the fused ops."""
+"""Layers on genfast's fused ops; `impl` picks their backend. The invertible layers of normalizing
+flows map x to (y, logdet) in forward() and back in inverse() (logdet negated); MaskedLinear is
+MADE's autoregressive layer."""
 
 from torch import nn
 
 from .actnorm import ActNorm
 from .coupling import AffineCoupling
 from .invertible_conv import InvertibleConv1x1
+from .masked_linear import MaskedLinear
 
 
 def set_impl(module: nn.Module, impl: str) -> nn.Module:
@@ -16,4 +18,4 @@ def set_impl(module: nn.Module, impl: str) -> nn.Module:
     return module
 
 
-__all__ = ["ActNorm", "AffineCoupling", "InvertibleConv1x1", "set_impl"]
+__all__ = ["ActNorm", "AffineCoupling", "InvertibleConv1x1", "MaskedLinear", "set_impl"]

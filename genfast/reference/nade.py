@@ -111,14 +111,27 @@ def made_degrees(dims: int, hidden_sizes, ordering=None, generator=None):
     return degrees
 
 
+def degree_mask(in_degrees, out_degrees, strict: bool = False):
+    """The (out, in) bool mask of a MADE layer from its units' degrees: output k sees input j when
+    deg_out[k] >= deg_in[j] (hidden layers), or > with strict=True (the output layer)."""
+    later, earlier = out_degrees[:, None], in_degrees[None, :]
+    return later > earlier if strict else later >= earlier
+
+
 def made_masks(degrees):
     """Masks (out, in) of the hidden layers (unit k sees unit j when deg(k) >= deg(j)) and of the
     output layer (output d sees unit k when deg_in(d) > deg(k)), as float tensors."""
-    masks = [(later[:, None] >= earlier[None, :]).float() for earlier, later in zip(degrees[:-1], degrees[1:])]
-    masks.append((degrees[0][:, None] > degrees[-1][None, :]).float())
+    masks = [degree_mask(earlier, later).float() for earlier, later in zip(degrees[:-1], degrees[1:])]
+    masks.append(degree_mask(degrees[-1], degrees[0], strict=True).float())
     return masks
 
 
 def masked_linear(x, weight, mask, bias=None):
-    """x (W * mask)^T + bias: a MADE layer, with the masked weight materialized."""
-    return F.linear(x, weight * mask.to(weight.dtype), bias)
+    """x (W * mask)^T + bias: a MADE layer, with the masked weight materialized. Masked-out weights
+    are not connections: they take no part, whatever their value (NaN included)."""
+    return F.linear(x, torch.where(mask.bool(), weight, torch.zeros((), dtype=weight.dtype)), bias)
+
+
+def made_linear(x, weight, bias, in_degrees, out_degrees, strict: bool = False):
+    """genfast.made_linear's definition: masked_linear with the mask of degree_mask."""
+    return masked_linear(x, weight, degree_mask(in_degrees, out_degrees, strict), bias)
