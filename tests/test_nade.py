@@ -81,6 +81,25 @@ def test_gradients_match_reference(batch, dims, hidden, ordering, activation, dt
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
+def test_relu_gradients_at_the_kink(impl, device):
+    """c = 0 and leading zeros in x keep the first steps' pre-activations exactly at ReLU's kink;
+    the backward, recomputing them from the last step, must see them there too."""
+    skip_unless_supported(impl, device)
+    x, W, c, V, b, order = _inputs(9, 12, 10, "natural", torch.float32, device)
+    x[:, :5] = 0
+    x[0] = 0  # a sample of zeros only
+    c = torch.zeros_like(c)
+    leaves = [t.detach().requires_grad_() for t in (W, c, V, b)]
+    got = torch.autograd.grad(genfast.nade_log_prob(x, *leaves, activation="relu", impl=impl).sum(), leaves)
+    exact_leaves = [t.detach().double().requires_grad_() for t in (W, c, V, b)]
+    exact = torch.autograd.grad(nade.log_prob(x.double(), *exact_leaves, activation="relu").sum(), exact_leaves)
+    low = torch.autograd.grad(nade.log_prob(x, *leaves, activation="relu").sum(), leaves)
+    for name, a, e, lo in zip(("W", "c", "V", "b"), got, exact, low):
+        assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
 def test_log_prob_and_strided_inputs(impl, device):
     skip_unless_supported(impl, device)
     x, W, c, V, b, order = _inputs(11, 24, 16, "per_sample", torch.float32, device)

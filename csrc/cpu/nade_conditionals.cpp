@@ -59,9 +59,13 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
       for (int64_t row = chunk * p.rows_per_chunk; row < row_end; ++row) {
         const T* x = f.x + row * D;
         std::copy(f.c, f.c + H, a);  // a after the last step: c + sum of W[:, d] x[d]
+        int64_t remaining = 0;       // nonzero x not yet subtracted again
         for (int64_t d = 0; d < D; ++d) {
           const float value = static_cast<float>(x[d]);
-          if (value != 0.0f) add_scaled(a, f.w_t + d * H, value, H);
+          if (value != 0.0f) {
+            add_scaled(a, f.w_t + d * H, value, H);
+            ++remaining;
+          }
         }
         std::fill(running, running + H, 0.0f);
         for (int64_t k = D - 1; k >= 0; --k) {
@@ -72,6 +76,8 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
           if (value != 0.0f) {
             add_scaled(gw + d * H, running, value, H);
             add_scaled(a, w_row, -value, H);  // back to a_k
+            // Before the first nonzero x, a_k is c exactly, as in the forward (ReLU's kink at 0).
+            if (--remaining == 0) std::copy(f.c, f.c + H, a);
           }
           const float g = static_cast<float>(p.grad_logits[row * D + d]);
           gb[d] += g;

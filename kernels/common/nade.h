@@ -56,6 +56,8 @@ struct NadeConditionalsParams {
 // (a_k = a_{k+1} - W[:, o_k] x[o_k]) instead of storing them. With A the gradient reaching a_{k+1}:
 //   db[o_k] += g_k;  dV[o_k] += g_k h_k;  dW[:, o_k] += A x[o_k];  dx[o_k] = W[:, o_k] . A;
 //   A += (g_k V[o_k]) * act'(a_k);  and dc = A after the first step.
+// Once every nonzero x has been subtracted again, a is reset to c: the steps before the first
+// nonzero x then see exactly the forward's a_k = c (ReLU's derivative at a = 0 depends on it).
 // Samples are split into num_chunks chunks of rows_per_chunk, each with its own partial sums of
 // dW (transposed, (D, H)), dV, db and dc, added in order afterwards (deterministic).
 template <typename T>

@@ -33,9 +33,13 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock)
   const int64_t H = f.hidden, D = f.dims;
   NadeWarpState<kPerLane> state;
   state.load(f.c, H, lane);
+  int64_t remaining = 0;  // nonzero x not yet subtracted again
   for (int64_t d = 0; d < D; ++d) {
     const float value = to_float(f.x[row * D + d]);
-    if (value != 0.0f) state.add_scaled(f.w_t + d * H, value, H, lane);
+    if (value != 0.0f) {
+      state.add_scaled(f.w_t + d * H, value, H, lane);
+      ++remaining;
+    }
   }
   float running[kPerLane];
 #pragma unroll
@@ -59,6 +63,8 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock)
         if (h < H) atomicAdd(p.grad_w_t + d * H + h, running[i] * value);
       }
       state.add_scaled(w_row, -value, H, lane);  // back to a_k
+      // Before the first nonzero x, a_k is c exactly, as in the forward (ReLU's kink at 0).
+      if (--remaining == 0) state.load(f.c, H, lane);
     }
     const float g = to_float(p.grad_logits[row * D + d]);
     if (lane == 0) atomicAdd(p.grad_b + d, g);

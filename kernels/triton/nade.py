@@ -107,10 +107,12 @@ def nade_conditionals_backward_kernel(
     c = tl.load(c_ptr + hs, mask=h_mask, other=0.0)
     # a after the last step: c + sum over d of W^T[d] x[d], in the natural order.
     a = tl.zeros((BLOCK_B, BLOCK_H), tl.float32) + c[None, :]
+    remaining = tl.zeros((BLOCK_B,), tl.int32)  # nonzero x not yet subtracted again
     for j in range(0, D):
         value = tl.load(x_ptr + rows * D + j, mask=row_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + tl.cast(j, tl.int64) * H + hs, mask=h_mask, other=0.0)
         a = _add_scaled_rows(a, w[None, :], value)
+        remaining += tl.where(value != 0.0, 1, 0)
     running = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)  # the gradient reaching a_{k+1}
     for step in range(0, D):
         k = D - 1 - step
@@ -120,6 +122,9 @@ def nade_conditionals_backward_kernel(
         tl.store(grad_x_ptr + rows * D + d, tl.sum(w * running, axis=1), mask=row_mask)
         gw = tl.where(value[:, None] != 0.0, running * value[:, None], 0.0)
         a = a - tl.where(value[:, None] != 0.0, w * value[:, None], 0.0)  # back to a_k
+        # Before the first nonzero x, a_k is c exactly, as in the forward (ReLU's kink at 0).
+        remaining -= tl.where(value != 0.0, 1, 0)
+        a = tl.where((remaining == 0)[:, None], c[None, :], a)
         g = tl.load(grad_logits_ptr + rows * D + d, mask=row_mask, other=0.0).to(tl.float32)
         h = _activation(a, RELU)
         gv = tl.where(row_mask[:, None], g[:, None] * h, 0.0)
