@@ -90,14 +90,19 @@ def nade_conditionals(x: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, ord
     return conditionals_op.operator(backend)(x, W, c, V, b, ordering, activation)
 
 
+def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+    """sum_d x_d l_d - softplus(l_d), (B,) float32 (float64 for float64 logits): log p(x) under
+    independent Bernoullis with log-odds l, stable for any logit."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(dtype)
+    return (x.to(dtype) * logits - F.softplus(logits)).sum(1)
+
+
 def nade_log_prob(x: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, ordering: Optional[Tensor] = None, *,
                   activation: str = "sigmoid", impl: str = "auto") -> Tensor:
     """log p(x), (B,) float32 (float64 for the float64 reference): sum_d x_d l_d - softplus(l_d)
     over the fused logits l, stable for any logit."""
-    logits = nade_conditionals(x, W, c, V, b, ordering, activation=activation, impl=impl)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logits = logits.to(dtype)
-    return (x.to(dtype) * logits - F.softplus(logits)).sum(1)
+    return bernoulli_log_prob(x, nade_conditionals(x, W, c, V, b, ordering, activation=activation, impl=impl))
 
 
 def nade_sample(W: Tensor, c: Tensor, V: Tensor, b: Tensor, num_samples: int, *, generator=None,

@@ -13,6 +13,8 @@ from genfast.models.data import digits
 from genfast.models.score import energy_distance, two_moons
 from conftest import fused_impls, skip_unless_runs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run faster on one thread
+
 pytest.importorskip("sklearn")
 
 MOONS_STEPS = 400
@@ -28,15 +30,6 @@ INTERPRETED_STEPS = 4
 
 def _interpreted(impl):
     return impl == "triton"  # these tests run on the CPU, where Triton is interpreted
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Batches this small run faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _normal_nll(x):

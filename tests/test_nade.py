@@ -206,8 +206,8 @@ def _exact_distribution(W, c, V, b, dims):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_sample_frequencies_match_exact_enumeration(impl, device):
     skip_unless_supported(impl, device)
-    dims, hidden = 8 if impl == "native" else 6, 7
-    num = 200_000 if impl == "native" else 20_000
+    dims, hidden = 8 if impl == "native" else 5, 7
+    num = 200_000 if impl == "native" else 8_192  # the interpreter runs Triton in Python
     _, W, c, V, b, _ = _inputs(1, dims, hidden, "natural", torch.float32, "cpu", seed=5, scale=1.5)
     states, probs = _exact_distribution(W, c, V, b, dims)
     assert abs(probs.sum().item() - 1) < 1e-12

@@ -221,3 +221,34 @@ def test_empty_inputs_launch_nothing_and_large_hidden_is_refused():
     with pytest.raises(ValueError, match=f"H = {big}"):
         nade.launch_nade_conditionals(torch.zeros(1, 2), W.t().contiguous(), c, V, b, None, False, False,
                                       torch.zeros(1, 2))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["none", "shared", "per_row"])
+def test_many_blocks_of_rows_agree_with_one(kind):
+    """Blocks of 4 rows (several programs, a partial last block, atomic sums across programs)
+    against one block of all rows."""
+    nade = _kernels()
+    batch, dims, hidden = 10, 7, 12
+    W, c, V, b = _params(dims, hidden, seed=21)
+    w_t = W.t().contiguous()
+    ordering, per_row = _ordering(kind, batch, dims, seed=22)
+    x = _binary(batch, dims, torch.float32, seed=23)
+    grad_logits = torch.randn(batch, dims, generator=torch.Generator().manual_seed(24))
+
+    def backward(block_b):
+        grads = [torch.zeros(dims, hidden), torch.zeros(dims, hidden), torch.zeros(dims), torch.zeros(hidden),
+                 torch.zeros(batch, dims)]
+        nade.launch_nade_conditionals_backward(grad_logits, x, w_t, c, V, b, ordering, per_row, False, *grads,
+                                               block_b=block_b)
+        return grads
+
+    for many, one in zip(backward(4), backward(16)):
+        torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+    def sample(block_b):
+        out = torch.empty(batch, dims)
+        nade.launch_nade_sample(w_t, c, V, b, None, 5, 9, ordering, per_row, False, None, 0, out, block_b=block_b)
+        return out
+
+    assert torch.equal(sample(4), sample(16))

@@ -4,6 +4,7 @@ through the reference ops or the fused ones (impl="reference" or "auto")."""
 from .ddpm import DDPM, TinyDenoiser
 from .ebm import EBM, EnergyMLP
 from .flows import Glow, RealNVP
+from .nade import MADE, NADE
 from .score import NoiseConditionalScore
 
-__all__ = ["DDPM", "EBM", "EnergyMLP", "Glow", "NoiseConditionalScore", "RealNVP", "TinyDenoiser"]
+__all__ = ["DDPM", "EBM", "EnergyMLP", "Glow", "MADE", "NADE", "NoiseConditionalScore", "RealNVP", "TinyDenoiser"]

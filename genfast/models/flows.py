@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..nn import ActNorm, AffineCoupling, InvertibleConv1x1, set_impl
+from ..nn import ActNorm, AffineCoupling, ImplSwitch, InvertibleConv1x1
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -16,7 +16,7 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.flatten(1) ** 2 + LOG_2PI).sum(1)
 
 
-class Flow(nn.Module):
+class Flow(ImplSwitch, nn.Module):
     """A stack of invertible layers over a standard normal base; log-likelihoods in nats."""
 
     def __init__(self, layers, latent_shape, impl: str):
@@ -24,15 +24,6 @@ class Flow(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.latent_shape = tuple(latent_shape)
         self.impl = impl
-
-    @property
-    def impl(self):
-        return self._impl
-
-    @impl.setter
-    def impl(self, value):
-        self._impl = value
-        set_impl(self.layers, value)
 
     def forward(self, x):
         """(z, log|det dz/dx|)."""

@@ -203,7 +203,8 @@ def _config(device, hidden, tile_elements, block_b):
         raise ValueError(f"genfast's Triton NADE kernels support a hidden size H up to {MAX_HIDDEN}, got H = {hidden}")
     block_h = triton.next_power_of_2(max(hidden, 1))
     if block_b is None:
-        block_b = 4 if device.type == "cpu" else max(1, min(16, tile_elements // block_h))
+        # The interpreter's cost is per program and step: large blocks of rows.
+        block_b = 64 if device.type == "cpu" else max(1, min(16, tile_elements // block_h))
     if block_b < 1 or block_b & (block_b - 1):
         raise ValueError(f"block_b must be a power of two, got {block_b}")
     num_warps = max(4, min(8, block_b * block_h // 256))
