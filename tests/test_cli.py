@@ -22,6 +22,14 @@ def test_check_passes_and_names_each_backend(capsys):
         assert " native " in out
 
 
+def test_check_covers_nade_and_made(capsys):
+    assert main(["check", "--device", "cpu", "--ops", "nade"]) == 0
+    out = capsys.readouterr().out
+    assert "all passed" in out
+    for case in ("nade relu per sample", "nade_sample sigmoid", "made_linear strict"):
+        assert case in out or not _backend.native_runs_on("cpu")
+
+
 def test_check_fails_on_a_wrong_kernel(capsys, monkeypatch):
     from genfast.ops import denoise_step as denoise_op
 

@@ -6,7 +6,8 @@ from .. import _backend
 from . import denoise_step as denoise_samples
 from . import flows as flow_samples
 from . import langevin_step as langevin_samples
-from .tolerances import assert_close_elementwise
+from . import nade as nade_samples
+from .tolerances import assert_close_elementwise, compare_with_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,10 +57,18 @@ def check_flows(device):
     for case, dtype, run in flow_samples.cases(device, DTYPES):
         for impl in ("native", "triton"):
             if _runnable(impl, device, dtype):
-                yield (case, impl, dtype) + flow_samples.compare(run, impl)
+                yield (case, impl, dtype) + compare_with_reference(run, impl)
 
 
-CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows}
+def check_nade(device):
+    for case, dtype, run, outputs in nade_samples.cases(device, DTYPES):
+        for impl in ("native", "triton"):
+            if _runnable(impl, device, dtype):
+                yield (case, impl, dtype) + compare_with_reference(run, impl, outputs)
+
+
+CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows,
+          "nade": check_nade}
 
 
 def run(devices, ops, out=print) -> int:

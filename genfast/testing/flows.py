@@ -5,7 +5,6 @@ import torch
 
 from .. import flows
 from ..reference import flows as reference
-from .tolerances import assert_error_ratio
 
 
 def _coupling_case(scale_fn, order, inverse, dtype, device):
@@ -58,17 +57,3 @@ def cases(device, dtypes):
             for inverse in (False, True):
                 yield f"actnorm {order}{' inverse' if inverse else ''}", dtype, _actnorm_case(order, inverse, dtype,
                                                                                             device)
-
-
-def compare(run, impl):
-    """(max error, passed, message) of impl against the float64 reference."""
-    got = run(impl)
-    exact = run("reference", torch.float64)
-    low = run("reference")
-    error = max((a.double() - e).abs().max().item() for a, e in zip(got, exact))
-    try:
-        for k, (a, e, lo) in enumerate(zip(got, exact, low)):
-            assert_error_ratio(a, e, lo, ratio=2.0 if k < 2 else 3.0, msg=("y", "logdet", "grad")[min(k, 2)])
-    except AssertionError as failure:
-        return error, False, str(failure).splitlines()[0]
-    return error, True, ""

@@ -42,3 +42,19 @@ def assert_error_ratio(actual, exact, low_precision, *, ratio=2.0, floor=1e-6, m
     scale = exact[finite].abs().max().item()
     bound = ratio * low_error + floor * max(1.0, scale)
     assert error <= bound, f"{msg}: max error {error:.3e} > {ratio} x {low_error:.3e} + floor ({bound:.3e})"
+
+
+def compare_with_reference(run, impl, outputs=("y", "logdet")):
+    """(max error, passed, message) of run(impl) against run("reference", torch.float64), by the
+    error-ratio rule: 2x for the first len(outputs) results, 3x for the gradients after them."""
+    got = run(impl)
+    exact = run("reference", torch.float64)
+    low = run("reference")
+    error = max((a.double() - e).abs().max().item() for a, e in zip(got, exact))
+    try:
+        for k, (a, e, lo) in enumerate(zip(got, exact, low)):
+            name = outputs[k] if k < len(outputs) else "grad"
+            assert_error_ratio(a, e, lo, ratio=2.0 if k < len(outputs) else 3.0, msg=name)
+    except AssertionError as failure:
+        return error, False, str(failure).splitlines()[0]
+    return error, True, ""
