@@ -65,6 +65,26 @@ def cmd_check(args):
 
 
 def _print_table(rows):
+    bandwidth = [r for r in rows if "gb_per_s" in r]
+    compute = [r for r in rows if "gflop_per_s" in r]
+    if bandwidth:
+        _print_bandwidth_table(bandwidth)
+    if compute:
+        _print_compute_table(compute)
+
+
+def _print_compute_table(rows):
+    header = f"{'variant':38s} {'impl':34s} {'shape':20s} {'median ms':>10s} {'GFLOP/s':>8s} {'of GEMM':>8s} " \
+             f"{'peak MiB':>9s} {'x genfast':>9s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        memory = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        print(f"{r['variant']:38s} {r['impl']:34s} {r['config']:20s} {r['median_ms']:>10.3f} "
+              f"{r['gflop_per_s']:>8.1f} {r['fraction_of_gemm']:>8.1%} {memory:>9s} {r['time_over_genfast']:>8.2f}x")
+
+
+def _print_bandwidth_table(rows):
     header = f"{'op':20s} {'variant':37s} {'impl':18s} {'dtype':9s} {'elements':>10s} {'median ms':>10s} " \
              f"{'GB/s':>8s} {'of copy':>8s} {'x genfast':>9s}"
     print(header)
@@ -95,9 +115,14 @@ def cmd_bench(args):
     machine = timing.machine(device)
     print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
           f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
-    copies = sorted({round(r["copy_gb_per_s"], 1) for r in rows})
-    print(f"copy bandwidth, measured with large float32 copies before each size: {copies} GB/s; "
-          "'of copy' is each row's GB/s over the figure measured beside it")
+    copies = sorted({round(r["copy_gb_per_s"], 1) for r in rows if "copy_gb_per_s" in r})
+    if copies:
+        print(f"copy bandwidth, measured with large float32 copies before each size: {copies} GB/s; "
+              "'of copy' is each row's GB/s over the figure measured beside it")
+    gemms = sorted({round(r["gemm_gflop_per_s"], 1) for r in rows if "gemm_gflop_per_s" in r})
+    if gemms:
+        print(f"GEMM throughput measured in this run: {gemms} GFLOP/s; 'of GEMM' is each row's GFLOP/s over it; "
+              "'peak MiB': the peak extra memory of one call, outputs included")
     print("x genfast: the row's time over the fastest genfast backend's in its group (higher: genfast is faster)")
     _print_table(rows)
     if args.json:
@@ -109,7 +134,8 @@ def cmd_bench(args):
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine", "git_sha"], extrasaction="ignore")
+            fields = list(dict.fromkeys(key for row in rows for key in row))  # ops record different columns
+            writer = csv.DictWriter(f, fieldnames=fields + ["machine", "git_sha"], extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "machine": machine.get("gpu", machine["cpu"]), "git_sha": machine["git_sha"]})

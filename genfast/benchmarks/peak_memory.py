@@ -1,0 +1,42 @@
+"""Peak extra memory of one call: what it allocates beyond what was live before it (its outputs
+included), measured, not estimated."""
+
+import gc
+
+import torch
+
+
+def _proc_status_kib(field: str):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra_bytes(fn, device: str):
+    """fn() once more after a warm-up call (compilation, lazy init). CUDA: the allocator's peak over
+    what was allocated before. CPU: the process's peak resident memory (VmHWM, reset through
+    /proc/self/clear_refs) over its resident memory before; None where Linux's /proc is missing.
+    Memory an earlier call freed but the C allocator kept may be reused unseen, so the CPU figure is
+    a lower bound for small allocations; buffers of more than 32 MiB always come from the kernel."""
+    fn()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size
+        before = _proc_status_kib("VmRSS")
+        fn()
+        peak = _proc_status_kib("VmHWM")
+    except OSError:
+        return None
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
