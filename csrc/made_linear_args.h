@@ -72,6 +72,8 @@ inline MadeLinearGradTensors prepare_made_linear_grads(const at::Tensor& grad_y,
   const int64_t rows = t.x.size(0), out = t.weight.size(0);
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({rows, out}), "genfast.made_linear_backward: grad_y must have shape (",
               rows, ", ", out, "), got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == t.x.device(), "genfast.made_linear_backward: grad_y must be on the device of x (",
+              t.x.device(), "), got ", grad_y.device());
   const auto floats = t.x.options();
   return {grad_y.to(at::kFloat).contiguous(), at::empty_like(t.x), at::empty_like(t.weight),
           at::empty({out}, floats)};

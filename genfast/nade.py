@@ -114,8 +114,9 @@ def nade_sample(W: Tensor, c: Tensor, V: Tensor, b: Tensor, num_samples: int, *,
 
     u is `uniforms` (num_samples, D) when given (exactly comparable to the reference), else the
     in-kernel Philox stream: element (r, d) is genfast.reference.random.philox_uniform's element
-    r * D + d for the key drawn from `generator` (a genfast.PhiloxGenerator gives the same samples
-    on every backend; a CUDA torch.Generator is read in-kernel, so sampling is CUDA-graph safe).
+    r * D + d for the key drawn from `generator` (a genfast.PhiloxGenerator gives the same uniforms
+    on every backend, so the same samples except where a uniform lies within rounding of its
+    probability; a CUDA torch.Generator is read in-kernel, so sampling is CUDA-graph safe).
     Conditional completion: the first num_observed dimensions of the ordering are copied from
     `observed` (num_samples, D) and the rest are sampled given them. dtype: of the samples,
     W's dtype by default (float32 for the fused backends when W is float64)."""

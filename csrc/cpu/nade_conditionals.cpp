@@ -15,29 +15,29 @@ namespace {
 
 template <NadeActivation kAct, typename T>
 void nade_conditionals_typed(const NadeConditionalsParams<T>& p) {
-  for_each_nade_step(p.rows, p.dims, p.hidden, p.c, [&](int64_t row, int64_t k, float* a, float* products) {
+  const int64_t H = p.hidden;
+  for_each_nade_step<kAct>(p.rows, p.dims, H, p.c, [&](int64_t row, int64_t k, float* a, float* h, float* products) {
     const int64_t d = nade_step_dim(p.ordering, p.ordering_per_row, row, p.dims, k);
-    const float logit = p.b[d] + activate_and_dot<kAct>(a, p.v + d * p.hidden, products, p.hidden);
-    p.logits[row * p.dims + d] = static_cast<T>(logit);
+    p.logits[row * p.dims + d] = static_cast<T>(p.b[d] + dot(p.v + d * H, h, products, H));
     const float value = static_cast<float>(p.x[row * p.dims + d]);
-    if (value != 0.0f) add_scaled(a, p.w_t + d * p.hidden, value, p.hidden);
+    if (value != 0.0f) add_scaled_and_activate<kAct>(a, h, p.w_t + d * H, value, H);
   });
 }
 
-// da = (g V_row) * act'(a), added to the running gradient A; h = act(a) returned in h_out.
+// h = act(a) and slope = act'(a), from a.
 template <NadeActivation kAct>
-GF_CPU_CLONES void backward_step(const float* __restrict a, const float* __restrict v_row, float g,
-                                 float* __restrict running, float* __restrict h_out, int64_t hidden) {
+GF_CPU_CLONES void activate_with_slope(const float* __restrict a, float* __restrict h, float* __restrict slope,
+                                       int64_t hidden) {
   for (int64_t j = 0; j < hidden; ++j) {
-    h_out[j] = nade_activation(kAct, a[j]);
-    running[j] += g * v_row[j] * nade_activation_grad(kAct, a[j]);
+    h[j] = nade_activation(kAct, a[j]);
+    slope[j] = nade_activation_grad(kAct, a[j], h[j]);
   }
 }
 
-GF_CPU_CLONES float dot(const float* __restrict u, const float* __restrict v, float* __restrict products,
-                        int64_t n) {
-  for (int64_t j = 0; j < n; ++j) products[j] = u[j] * v[j];
-  return ordered_sum(products, n);
+// The running gradient A += (g V_row) * slope.
+GF_CPU_CLONES void add_step_gradient(float* __restrict running, const float* __restrict v_row,
+                                     const float* __restrict slope, float g, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) running[j] += g * v_row[j] * slope[j];
 }
 
 template <NadeActivation kAct, typename T>
@@ -45,11 +45,12 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
   const NadeConditionalsParams<T>& f = p.forward;
   const int64_t H = f.hidden, D = f.dims;
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scratch(static_cast<size_t>(4 * H));
+    std::vector<float> scratch(static_cast<size_t>(5 * H));
     float* a = scratch.data();
     float* running = a + H;
     float* h = running + H;
-    float* products = h + H;
+    float* slope = h + H;
+    float* products = slope + H;
     for (int64_t chunk = first; chunk < last; ++chunk) {
       float* gw = p.grad_w_t + chunk * D * H;
       float* gv = p.grad_v + chunk * D * H;
@@ -67,21 +68,23 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
             ++remaining;
           }
         }
+        activate_with_slope<kAct>(a, h, slope, H);
         std::fill(running, running + H, 0.0f);
         for (int64_t k = D - 1; k >= 0; --k) {
           const int64_t d = nade_step_dim(f.ordering, f.ordering_per_row, row, D, k);
           const float value = static_cast<float>(x[d]);
           const float* w_row = f.w_t + d * H;
           p.grad_x[row * D + d] = dot(w_row, running, products, H);
-          if (value != 0.0f) {
+          if (value != 0.0f) {  // a (and with it h and the slope) changes only here
             add_scaled(gw + d * H, running, value, H);
             add_scaled(a, w_row, -value, H);  // back to a_k
             // Before the first nonzero x, a_k is c exactly, as in the forward (ReLU's kink at 0).
             if (--remaining == 0) std::copy(f.c, f.c + H, a);
+            activate_with_slope<kAct>(a, h, slope, H);
           }
           const float g = static_cast<float>(p.grad_logits[row * D + d]);
           gb[d] += g;
-          backward_step<kAct>(a, f.v + d * H, g, running, h, H);
+          add_step_gradient(running, f.v + d * H, slope, g, H);
           add_scaled(gv + d * H, h, g, H);
         }
         add_scaled(gc, running, 1.0f, H);

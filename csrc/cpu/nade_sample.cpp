@@ -12,20 +12,21 @@ template <NadeActivation kAct, typename T>
 void nade_sample_typed(const NadeSampleParams<T>& p) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
-  for_each_nade_step(p.rows, p.dims, p.hidden, p.c, [&](int64_t row, int64_t k, float* a, float* products) {
+  const int64_t H = p.hidden;
+  for_each_nade_step<kAct>(p.rows, p.dims, H, p.c, [&](int64_t row, int64_t k, float* a, float* h, float* products) {
     const int64_t d = nade_step_dim(p.ordering, p.ordering_per_row, row, p.dims, k);
     const int64_t element = row * p.dims + d;
     float value;
     if (k < p.num_observed) {
       value = p.observed[element];
     } else {
-      const float logit = p.b[d] + activate_and_dot<kAct>(a, p.v + d * p.hidden, products, p.hidden);
+      const float logit = p.b[d] + dot(p.v + d * H, h, products, H);
       const float u = p.uniforms != nullptr ? p.uniforms[element]
                                             : philox_uniform(seed, offset, static_cast<uint64_t>(element));
       value = nade_draw(logit, u);
     }
     p.x[element] = static_cast<T>(value);
-    if (value != 0.0f) add_scaled(a, p.w_t + d * p.hidden, value, p.hidden);
+    if (value != 0.0f) add_scaled_and_activate<kAct>(a, h, p.w_t + d * H, value, H);
   });
 }
 

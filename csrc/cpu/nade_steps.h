@@ -16,33 +16,55 @@ namespace {
 
 constexpr int64_t kNadeTile = 8;  // samples sharing one pass over the parameters
 
-// h = act(a); returns V_row . h (summed in a fixed order).
-template <NadeActivation kAct>
-GF_CPU_CLONES float activate_and_dot(const float* __restrict a, const float* __restrict v_row,
-                                     float* __restrict products, int64_t hidden) {
-  for (int64_t j = 0; j < hidden; ++j) products[j] = v_row[j] * nade_activation(kAct, a[j]);
-  return ordered_sum(products, hidden);
+// u . v, summed in a fixed order.
+GF_CPU_CLONES float dot(const float* __restrict u, const float* __restrict v, float* __restrict products,
+                        int64_t n) {
+  for (int64_t j = 0; j < n; ++j) products[j] = u[j] * v[j];
+  return ordered_sum(products, n);
 }
 
-GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
+[[maybe_unused]] GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
 }
 
+template <NadeActivation kAct>
+GF_CPU_CLONES void activate(const float* __restrict a, float* __restrict h, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) h[j] = nade_activation(kAct, a[j]);
+}
+
+// a += scale * w, then h = act(a), in one pass.
+template <NadeActivation kAct>
+GF_CPU_CLONES void add_scaled_and_activate(float* __restrict a, float* __restrict h, const float* __restrict w,
+                                           float scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    a[j] += scale * w[j];
+    h[j] = nade_activation(kAct, a[j]);
+  }
+}
+
 // The forward walk shared by the conditionals and sampling: tiles of kNadeTile rows in parallel,
-// each tile walking the D steps with its rows' running pre-activations (initialised to c), so that
-// a step's rows of V and W are read once for the whole tile. Calls step(row, k, a, products), with
-// a the row's H running pre-activations and products H floats of scratch.
-template <typename Step>
+// each tile walking the D steps with its rows' running pre-activations a (initialised to c) and
+// their activations h = act(a), so that a step's rows of V and W are read once for the whole tile.
+// h changes only where x[d] != 0, and is recomputed only there: for binary images, most steps are
+// a dot product alone. Calls step(row, k, a, h, products), products H floats of scratch.
+template <NadeActivation kAct, typename Step>
 void for_each_nade_step(int64_t rows, int64_t dims, int64_t hidden, const float* c, const Step& step) {
   const int64_t tiles = (rows + kNadeTile - 1) / kNadeTile;
   at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> state(static_cast<size_t>((kNadeTile + 1) * hidden));
-    float* products = state.data() + kNadeTile * hidden;
+    std::vector<float> state(static_cast<size_t>((2 * kNadeTile + 1) * hidden));
+    float* products = state.data() + 2 * kNadeTile * hidden;
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t row0 = tile * kNadeTile, count = std::min(kNadeTile, rows - row0);
-      for (int64_t s = 0; s < count; ++s) std::copy(c, c + hidden, state.data() + s * hidden);
+      for (int64_t s = 0; s < count; ++s) {
+        float* a = state.data() + 2 * s * hidden;
+        std::copy(c, c + hidden, a);
+        activate<kAct>(a, a + hidden, hidden);
+      }
       for (int64_t k = 0; k < dims; ++k) {
-        for (int64_t s = 0; s < count; ++s) step(row0 + s, k, state.data() + s * hidden, products);
+        for (int64_t s = 0; s < count; ++s) {
+          float* a = state.data() + 2 * s * hidden;
+          step(row0 + s, k, a, a + hidden, products);
+        }
       }
     }
   });

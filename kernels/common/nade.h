@@ -24,11 +24,9 @@ GF_HOST_DEVICE_INLINE float nade_activation(NadeActivation act, float a) {
   return act == NadeActivation::kRelu ? (a > 0.0f ? a : (a != a ? a : 0.0f)) : sigmoid_f32(a);
 }
 
-// d act / da, from a.
-GF_HOST_DEVICE_INLINE float nade_activation_grad(NadeActivation act, float a) {
-  if (act == NadeActivation::kRelu) return a > 0.0f ? 1.0f : 0.0f;
-  const float h = sigmoid_f32(a);
-  return h * (1.0f - h);
+// d act / da, from a and h = act(a).
+GF_HOST_DEVICE_INLINE float nade_activation_grad(NadeActivation act, float a, float h) {
+  return act == NadeActivation::kRelu ? (a > 0.0f ? 1.0f : 0.0f) : h * (1.0f - h);
 }
 
 // The dimension that step k of `row` visits: ordering null (natural order), (D) shared, or (B, D).

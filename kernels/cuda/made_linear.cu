@@ -30,7 +30,8 @@ template <MaskOn kMask, typename T>
 __global__ void __launch_bounds__(kThreads) masked_matmul_kernel(MaskedMatmul p, T* c, int64_t c_stride_m) {
   __shared__ float a_tile[kTileK][kTile];
   __shared__ float b_tile[kTileK][kTile];
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, n0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  // Row tiles on the grid's x dimension: rows (a flattened batch) may need more than 65535 tiles.
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[kPerThread][kPerThread] = {};
   for (int64_t k0 = 0; k0 < p.k; k0 += kTileK) {
@@ -94,7 +95,8 @@ __global__ void column_sums_kernel(const float* __restrict__ g, int64_t rows, in
 template <MaskOn kMask, typename T>
 cudaError_t launch_masked_matmul(const MaskedMatmul& p, T* c, int64_t c_stride_m, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((p.n + kTile - 1) / kTile), static_cast<unsigned>((p.m + kTile - 1) / kTile));
+  const dim3 grid(static_cast<unsigned>((p.m + kTile - 1) / kTile), static_cast<unsigned>((p.n + kTile - 1) / kTile));
+  if (grid.y > 65535) return cudaErrorInvalidValue;  // more than 4M output (or input) features
   masked_matmul_kernel<kMask, T><<<grid, kThreads, 0, stream>>>(p, c, c_stride_m);
   return cudaGetLastError();
 }

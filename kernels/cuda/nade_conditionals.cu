@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock)
     for (int i = 0; i < kPerLane; ++i) {
       const int64_t h = lane + 32 * i;
       if (h < H) {
-        atomicAdd(p.grad_v + d * H + h, g * nade_activation(f.activation, state.a[i]));
-        running[i] += g * __ldg(v_row + h) * nade_activation_grad(f.activation, state.a[i]);
+        const float activated = nade_activation(f.activation, state.a[i]);
+        atomicAdd(p.grad_v + d * H + h, g * activated);
+        running[i] += g * __ldg(v_row + h) * nade_activation_grad(f.activation, state.a[i], activated);
       }
     }
   }
