@@ -1,102 +1,207 @@
-// genfast::made_linear and its backward on the CPU. The forward packs a block of masked weight
-// rows (the mask computed from the degrees) once and runs every sample against it; the backward's
-// sums run over samples (grad_weight, grad_bias) or outputs (grad_x) in a fixed order. Loops over
-// features are vector loops.
+// genfast::made_linear and its backward on the CPU: register-blocked products (8 rows x 16
+// columns of accumulators, one rank-1 update per step of the reduction) over operands permuted so
+// that the degree mask becomes a staircase. With inputs sorted by degree, the inputs an output
+// sees are a prefix; with outputs sorted too, blocks of 16 outputs share one panel of the masked
+// weights, packed once, and no product is computed across a block's masked-out tail. Every sum
+// runs in a fixed order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "../made_linear_args.h"
 #include "cpu_features.h"
-#include "ordered_sum.h"
 
 namespace genfast {
 namespace {
 
-constexpr int64_t kOutBlock = 4;  // weight rows packed together
+constexpr int kRows = 8, kCols = 16;  // 8 accumulator vectors of 16 floats: one zmm each with AVX-512
 
-// sums[r] = x . w_r for the kOutBlock packed rows w (each of n floats), in a fixed lane order.
-GF_CPU_CLONES void dot_block(const float* __restrict x, const float* __restrict w, int64_t n, float sums[kOutBlock]) {
-  float lanes[kOutBlock][kSumLanes] = {};
+typedef float Vec16 __attribute__((vector_size(kCols * sizeof(float))));
+
+// acc[r][c] = sum over t < len of a[r][t * a_step] * panel[t * panel_stride + c], t in order. The
+// accumulators are vector locals so that they stay in registers (an array of them does not); a's
+// elements are broadcast one at a time, so their stride costs nothing.
+GF_CPU_CLONES void block_product(const float* const a[kRows], int64_t a_step, const float* __restrict panel,
+                                 int64_t panel_stride, int64_t len, float acc[kRows][kCols]) {
+  Vec16 s0 = {}, s1 = {}, s2 = {}, s3 = {}, s4 = {}, s5 = {}, s6 = {}, s7 = {};
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5], *a6 = a[6], *a7 = a[7];
+  for (int64_t t = 0; t < len; ++t) {
+    Vec16 p;
+    __builtin_memcpy(&p, panel + t * panel_stride, sizeof(p));
+    const int64_t i = t * a_step;
+    s0 += a0[i] * p;
+    s1 += a1[i] * p;
+    s2 += a2[i] * p;
+    s3 += a3[i] * p;
+    s4 += a4[i] * p;
+    s5 += a5[i] * p;
+    s6 += a6[i] * p;
+    s7 += a7[i] * p;
+  }
+  const Vec16 sums[kRows] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  for (int r = 0; r < kRows; ++r) __builtin_memcpy(acc[r], &sums[r], sizeof(Vec16));
+}
+
+// The layer's units in degree order, and for each the length of its staircase row.
+struct Staircase {
+  std::vector<int64_t> in_order, out_order;  // units sorted by degree (stable)
+  std::vector<int64_t> seen;                 // per output (in out_order): how many sorted inputs it sees
+  std::vector<int64_t> first_seeing;         // per input (in in_order): the first sorted output seeing it
+};
+
+Staircase staircase(const MadeLinearParams<float>& p) {
+  Staircase s;
+  const auto by_degree = [](const int32_t* degrees, int64_t n) {
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return degrees[i] < degrees[j]; });
+    return order;
+  };
+  s.in_order = by_degree(p.in_degrees, p.in_features);
+  s.out_order = by_degree(p.out_degrees, p.out_features);
+  s.seen.resize(static_cast<size_t>(p.out_features));
+  s.first_seeing.resize(static_cast<size_t>(p.in_features));
   int64_t j = 0;
-  for (; j + kSumLanes <= n; j += kSumLanes) {
-    for (int r = 0; r < kOutBlock; ++r) {
-      for (int l = 0; l < kSumLanes; ++l) lanes[r][l] += w[r * n + j + l] * x[j + l];
+  for (int64_t k = 0; k < p.out_features; ++k) {  // outputs ascending: the prefixes only grow
+    const int32_t degree = p.out_degrees[s.out_order[k]];
+    while (j < p.in_features && made_connected(degree, p.in_degrees[s.in_order[j]], p.strict)) ++j;
+    s.seen[k] = j;
+  }
+  int64_t k = 0;
+  for (int64_t i = 0; i < p.in_features; ++i) {
+    const int32_t degree = p.in_degrees[s.in_order[i]];
+    while (k < p.out_features && !made_connected(p.out_degrees[s.out_order[k]], degree, p.strict)) ++k;
+    s.first_seeing[i] = k;
+  }
+  return s;
+}
+
+// src's columns in `order`, each row padded with zeros to `stride`.
+std::vector<float> permuted_columns(const float* src, int64_t rows, int64_t cols, const std::vector<int64_t>& order,
+                                    int64_t stride) {
+  std::vector<float> out(static_cast<size_t>(rows * stride), 0.0f);
+  at::parallel_for(0, rows, 64, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) out[r * stride + i] = src[r * cols + order[i]];
     }
-  }
-  for (int r = 0; r < kOutBlock; ++r) {
-    for (int l = 0; j + l < n; ++l) lanes[r][l] += w[r * n + j + l] * x[j + l];
-    sums[r] = ordered_sum(lanes[r], kSumLanes);
-  }
+  });
+  return out;
 }
 
-// dst = (connected ? src : 0) for one weight row.
-GF_CPU_CLONES void masked_row(const float* __restrict src, const int32_t* __restrict in_degrees, int32_t out_degree,
-                              bool strict, float* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = made_connected(out_degree, in_degrees[j], strict) ? src[j] : 0.0f;
-}
+int64_t padded(int64_t n) { return (n + kCols - 1) / kCols * kCols; }
 
-GF_CPU_CLONES void add_scaled_row(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
+constexpr int64_t kRowChunk = 256;  // rows of the left operand kept in cache across panels
+
+// out = a (rows x red, row stride a_stride) times panels of kCols columns, in parallel over (chunk
+// of kRowChunk rows, panel) pairs: pack(block, panel) fills a panel and returns the reduction range
+// [begin, end) it covers; store(block, row0, count, acc) takes each kRows rows' results. Packing
+// again for each chunk costs 1/kRowChunk of the products.
+template <typename Pack, typename Store>
+void panel_products(const float* a, int64_t rows, int64_t a_stride, int64_t blocks, int64_t panel_floats,
+                    const Pack& pack, const Store& store) {
+  const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> panel(static_cast<size_t>(std::max<int64_t>(1, panel_floats)));
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t chunk = pair / blocks, block = pair % blocks;
+      const auto [begin, end] = pack(block, panel.data());
+      const int64_t chunk_end = std::min(rows, (chunk + 1) * kRowChunk);
+      for (int64_t row0 = chunk * kRowChunk; row0 < chunk_end; row0 += kRows) {
+        const int64_t count = std::min<int64_t>(kRows, chunk_end - row0);
+        const float* a_rows[kRows];
+        for (int r = 0; r < kRows; ++r) a_rows[r] = a + (row0 + std::min<int64_t>(r, count - 1)) * a_stride + begin;
+        float acc[kRows][kCols];
+        block_product(a_rows, 1, panel.data(), kCols, end - begin, acc);
+        store(block, row0, count, acc);
+      }
+    }
+  });
 }
 
 template <typename T>
-void made_linear_typed(const MadeLinearParams<T>& p) {
-  const int64_t n = p.in_features, blocks = (p.out_features + kOutBlock - 1) / kOutBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> packed(static_cast<size_t>(kOutBlock * n));
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t k0 = block * kOutBlock, count = std::min(kOutBlock, p.out_features - k0);
-      for (int64_t r = 0; r < kOutBlock; ++r) {
-        float* dst = packed.data() + r * n;
-        if (r < count) {
-          masked_row(p.weight + (k0 + r) * n, p.in_degrees, p.out_degrees[k0 + r], p.strict, dst, n);
-        } else {
-          std::fill(dst, dst + n, 0.0f);
-        }
-      }
-      for (int64_t row = 0; row < p.rows; ++row) {
-        float sums[kOutBlock];
-        dot_block(p.x + row * n, packed.data(), n, sums);
-        for (int64_t r = 0; r < count; ++r) {
-          const float bias = p.bias != nullptr ? p.bias[k0 + r] : 0.0f;
-          p.y[row * p.out_features + k0 + r] = static_cast<T>(sums[r] + bias);
-        }
+void made_linear_typed(const MadeLinearParams<T>& p, const Staircase& s) {
+  const int64_t in = p.in_features, out = p.out_features;
+  const std::vector<float> x = permuted_columns(p.x, p.rows, in, s.in_order, in);
+  const auto pack = [&](int64_t block, float* panel) {
+    const int64_t k0 = block * kCols, count = std::min<int64_t>(kCols, out - k0);
+    const int64_t len = s.seen[k0 + count - 1];  // the block's longest prefix
+    for (int64_t t = 0; t < len; ++t) {
+      for (int64_t c = 0; c < kCols; ++c) {
+        const bool seen = c < count && t < s.seen[k0 + c];
+        panel[t * kCols + c] = seen ? p.weight[s.out_order[k0 + c] * in + s.in_order[t]] : 0.0f;
       }
     }
-  });
+    return std::pair<int64_t, int64_t>(0, len);
+  };
+  const auto store = [&](int64_t block, int64_t row0, int64_t rows, const float (&acc)[kRows][kCols]) {
+    const int64_t k0 = block * kCols, count = std::min<int64_t>(kCols, out - k0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t k = s.out_order[k0 + c];
+        p.y[(row0 + r) * out + k] = static_cast<T>(acc[r][c] + (p.bias != nullptr ? p.bias[k] : 0.0f));
+      }
+    }
+  };
+  panel_products(x.data(), p.rows, in, (out + kCols - 1) / kCols, in * kCols, pack, store);
 }
 
-void made_linear_backward_impl(const MadeLinearBackwardParams& p) {
+void made_linear_backward_impl(const MadeLinearBackwardParams& p, const Staircase& s) {
   const MadeLinearParams<float>& f = p.forward;
-  const int64_t n = f.in_features, out = f.out_features;
-  // grad_weight and grad_bias: one output row at a time, summing over samples in order.
-  at::parallel_for(0, out, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> acc(static_cast<size_t>(n));
-    for (int64_t k = first; k < last; ++k) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float bias_sum = 0.0f;
-      for (int64_t row = 0; row < f.rows; ++row) {
-        const float g = p.grad_y[row * out + k];
-        bias_sum += g;
-        add_scaled_row(acc.data(), f.x + row * n, g, n);
+  const int64_t rows = f.rows, in = f.in_features, out = f.out_features;
+  // grad_x = g (W * M): blocks of 16 sorted inputs; an input is seen by a suffix of the sorted outputs.
+  const std::vector<float> g = permuted_columns(p.grad_y, rows, out, s.out_order, out);
+  const auto pack = [&](int64_t block, float* panel) {
+    const int64_t j0 = block * kCols, count = std::min<int64_t>(kCols, in - j0);
+    const int64_t begin = s.first_seeing[j0];  // the block's longest suffix
+    for (int64_t t = begin; t < out; ++t) {
+      for (int64_t c = 0; c < kCols; ++c) {
+        const bool seen = c < count && t >= s.first_seeing[j0 + c];
+        panel[(t - begin) * kCols + c] = seen ? f.weight[s.out_order[t] * in + s.in_order[j0 + c]] : 0.0f;
       }
-      masked_row(acc.data(), f.in_degrees, f.out_degrees[k], f.strict, p.grad_weight + k * n, n);
-      p.grad_bias[k] = bias_sum;
     }
-  });
-  // grad_x: one sample at a time, summing over outputs in order.
-  at::parallel_for(0, f.rows, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> masked(static_cast<size_t>(n));
-    for (int64_t row = first; row < last; ++row) {
-      float* gx = p.grad_x + row * n;
-      std::fill(gx, gx + n, 0.0f);
-      for (int64_t k = 0; k < out; ++k) {
-        masked_row(f.weight + k * n, f.in_degrees, f.out_degrees[k], f.strict, masked.data(), n);
-        add_scaled_row(gx, masked.data(), p.grad_y[row * out + k], n);
+    return std::pair<int64_t, int64_t>(begin, out);
+  };
+  const auto store = [&](int64_t block, int64_t row0, int64_t n, const float (&acc)[kRows][kCols]) {
+    const int64_t j0 = block * kCols, count = std::min<int64_t>(kCols, in - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < count; ++c) p.grad_x[(row0 + r) * in + s.in_order[j0 + c]] = acc[r][c];
+    }
+  };
+  panel_products(g.data(), rows, out, (in + kCols - 1) / kCols, out * kCols, pack, store);
+  // grad_weight = (g^T x) * M: blocks of 8 sorted outputs against 16 sorted inputs, only the inputs
+  // the block's outputs see, summing over chunks of samples in order (each chunk's x in cache).
+  const int64_t stride = padded(in);
+  const std::vector<float> x = permuted_columns(f.x, rows, in, s.in_order, stride);
+  std::fill(p.grad_weight, p.grad_weight + out * in, 0.0f);
+  for (int64_t row0 = 0; row0 < rows; row0 += kRowChunk) {
+    const int64_t chunk_rows = std::min(kRowChunk, rows - row0);
+    at::parallel_for(0, (out + kRows - 1) / kRows, 1, [&](int64_t first, int64_t last) {
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t k0 = block * kRows, count = std::min<int64_t>(kRows, out - k0);
+        const float* a_rows[kRows];  // columns of g: g^T's rows
+        for (int r = 0; r < kRows; ++r) a_rows[r] = g.data() + row0 * out + k0 + std::min<int64_t>(r, count - 1);
+        const int64_t len = s.seen[k0 + count - 1];
+        for (int64_t j0 = 0; j0 < len; j0 += kCols) {
+          float acc[kRows][kCols];
+          block_product(a_rows, out, x.data() + row0 * stride + j0, stride, chunk_rows, acc);
+          for (int64_t r = 0; r < count; ++r) {
+            const int64_t k = s.out_order[k0 + r];
+            for (int64_t c = 0; c < kCols && j0 + c < s.seen[k0 + r]; ++c) {
+              p.grad_weight[k * in + s.in_order[j0 + c]] += acc[r][c];
+            }
+          }
+        }
       }
+    });
+  }
+  at::parallel_for(0, out, 64, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      float sum = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) sum += g[r * out + k];
+      p.grad_bias[s.out_order[k]] = sum;
     }
   });
 }
@@ -106,9 +211,10 @@ at::Tensor made_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const MadeLinearTensors t = prepare_made_linear(x, weight, bias, in_degrees, out_degrees);
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   if (y.numel() == 0) return y;
+  const Staircase s = staircase(made_linear_params<float, float>(t, strict, at::Tensor()));
   const auto run = [&](auto type) {
     using T = decltype(type);
-    made_linear_typed(made_linear_params<T, T>(t, strict, y));
+    made_linear_typed(made_linear_params<T, T>(t, strict, y), s);
   };
   switch (x.scalar_type()) {
     case at::kFloat: run(float{}); break;
@@ -124,7 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> made_linear_backward_cpu(const at
                                                                         const at::Tensor& out_degrees, bool strict) {
   const MadeLinearTensors t = prepare_made_linear(x, weight, std::nullopt, in_degrees, out_degrees);
   MadeLinearGradTensors g = prepare_made_linear_grads(grad_y, t);
-  made_linear_backward_impl(made_linear_backward_params(t, strict, g));
+  const MadeLinearBackwardParams params = made_linear_backward_params(t, strict, g);
+  made_linear_backward_impl(params, staircase(params.forward));
   return finish_made_linear_grads(g, x);
 }
 
