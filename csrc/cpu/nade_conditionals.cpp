@@ -45,7 +45,7 @@ void nade_backward_typed(const NadeBackwardParams<T>& p) {
   const NadeConditionalsParams<T>& f = p.forward;
   const int64_t H = f.hidden, D = f.dims;
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scratch(static_cast<size_t>(5 * H));
+    std::vector<float> scratch(static_cast<size_t>(5 * H + 16));
     float* a = scratch.data();
     float* running = a + H;
     float* h = running + H;

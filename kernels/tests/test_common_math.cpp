@@ -7,6 +7,7 @@
 
 #include "../common/affine_coupling.h"
 #include "../common/denoise_step.h"
+#include "../common/nade.h"
 #include "../common/philox.h"
 
 static int failures = 0;
@@ -123,6 +124,22 @@ static void test_elementary_math_against_libm() {
   EXPECT(genfast::softplus_f32(-100.0f) > 0.0f && genfast::softplus_f32(100.0f) == 100.0f, "softplus_f32 limits");
 }
 
+static void test_nade_sigmoid() {
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  for (int i = 0; i <= 400000; ++i) {
+    const float v = -87.0f + 174.0f * static_cast<float>(i) / 400000.0f;
+    const double e = ulps(genfast::nade_sigmoid(v), 1.0 / (1.0 + std::exp(-static_cast<double>(v))));
+    if (e > worst) worst = e, worst_at = v;
+  }
+  EXPECT(worst < 4.0, "nade_sigmoid is %.2f ulp off at %g", worst, worst_at);
+  EXPECT(genfast::nade_sigmoid(0.0f) == 0.5f && genfast::nade_sigmoid(200.0f) == 1.0f &&
+             genfast::nade_sigmoid(-200.0f) == 0.0f && genfast::nade_sigmoid(INFINITY) == 1.0f &&
+             genfast::nade_sigmoid(-INFINITY) == 0.0f,
+         "nade_sigmoid limits");
+  EXPECT(std::isnan(genfast::nade_sigmoid(NAN)), "nade_sigmoid dropped a NaN");
+}
+
 static void test_scale_terms_are_consistent() {
   using genfast::ScaleFn;
   const ScaleFn fns[] = {ScaleFn::kExp, ScaleFn::kSigmoid, ScaleFn::kSoftplus, ScaleFn::kTanh,
@@ -149,6 +166,7 @@ static void test_scale_terms_are_consistent() {
 int main() {
   test_elementary_math_against_libm();
   test_scale_terms_are_consistent();
+  test_nade_sigmoid();
   test_philox_known_answers();
   test_log_against_libm();
   test_cos_sin_against_libm();
