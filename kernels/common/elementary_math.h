@@ -19,21 +19,27 @@ GF_HOST_DEVICE_INLINE float abs_f32(float x) {
 #endif
 }
 
-GF_HOST_DEVICE_INLINE float exp_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
+// x = n ln 2 + r with |r| <= ln(2) / 2 (ln 2 in two parts); returns e^r (Cephes' polynomial) and n.
+GF_HOST_DEVICE_INLINE float exp_reduced(float x, float* n_out) {
   const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  const float r2 = r * r;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float e = p * r2 + r + 1.0f;
+  *n_out = n;
+  return p * (r * r) + r + 1.0f;
+}
+
+GF_HOST_DEVICE_INLINE float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  float n;
+  const float e = exp_reduced(x, &n);
   // 2^n in two factors, so that results down to the denormals come out right.
   const float n_clamped = x < -127.0f ? -150.0f : (x > 128.0f ? 129.0f : n);
   const int32_t k = static_cast<int32_t>(n_clamped == n_clamped ? n_clamped : 0.0f);

@@ -28,19 +28,11 @@ GF_HOST_DEVICE_INLINE float nade_sigmoid(float a) {
   return sigmoid_f32(a);
 #else
   const float t = -__builtin_fabsf(a);
-  const float n = __builtin_floorf(t * 1.44269504088896341f + 0.5f);
-  float r = t - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float n;
+  const float reduced = exp_reduced(t, &n);
   const float n_kept = n > -127.0f ? n : -127.0f;  // NaN too; 2^-127 is built as 0
   const float power = bits_float(static_cast<uint32_t>(static_cast<int32_t>(n_kept) + 127) << 23);
-  const float scaled = (p * (r * r) + r + 1.0f) * power;
-  const float e = t < -104.0f ? 0.0f : scaled;  // also for a = +-inf, where r is NaN
+  const float e = t < -104.0f ? 0.0f : reduced * power;  // also for a = +-inf, where the reduction is NaN
   const float inverse = 1.0f / (1.0f + e);
   const float s = a >= 0.0f ? inverse : e * inverse;
   return a != a ? a : s;
