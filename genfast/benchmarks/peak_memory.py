@@ -1,6 +1,7 @@
 """Peak extra memory of one call: what it allocates beyond what was live before it (its outputs
 included), measured, not estimated."""
 
+import ctypes
 import gc
 
 import torch
@@ -14,14 +15,23 @@ def _proc_status_kib(field: str):
     return None
 
 
+def _release_freed_heap():
+    """glibc's malloc_trim: hands freed heap pages back to the kernel, so that a call reusing them
+    shows in the resident set again (small tensors come from the heap, not from fresh mappings)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_bytes(fn, device: str):
     """fn() once more after a warm-up call (compilation, lazy init). CUDA: the allocator's peak over
     what was allocated before. CPU: the process's peak resident memory (VmHWM, reset through
-    /proc/self/clear_refs) over its resident memory before; None where Linux's /proc is missing.
-    Memory an earlier call freed but the C allocator kept may be reused unseen, so the CPU figure is
-    a lower bound for small allocations; buffers of more than 32 MiB always come from the kernel."""
+    /proc/self/clear_refs) over its resident memory before, freed heap memory handed back first;
+    None where Linux's /proc is missing."""
     fn()
     gc.collect()
+    _release_freed_heap()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
