@@ -20,7 +20,7 @@ from .ops import mala_accept as mala_op
 from ._dispatch import noise_key, run_reference
 from .random import PhiloxGenerator, as_int64, next_philox_key
 from .reference import langevin as reference
-from .reference.random import philox_bits
+from .reference.random import philox_uniform
 
 Schedule = Union[float, torch.Tensor]
 INF = float("inf")
@@ -200,9 +200,7 @@ def _uniforms(rows, device, generator):
     Philox stream of a PhiloxGenerator (the same on every device)."""
     if isinstance(generator, PhiloxGenerator):
         seed, offset = next_philox_key(generator, device)
-        words = philox_bits(-(-rows // 4), seed, offset, device=device)
-        bits = torch.stack(words, dim=1).reshape(-1)[:rows]
-        return ((bits >> 8).double() + 0.5) * 2.0**-24
+        return philox_uniform((rows,), seed, offset, dtype=torch.float64, device=device)
     return torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from . import _backend, _checks
 from .ops import nade_conditionals as conditionals_op
-from .ops import nade_sample as sample_op
-from .random import PhiloxGenerator, as_int64, kernel_noise_key
+from .ops import nade_sample  # noqa: F401  (registers the sampling operators' fakes)
+from .random import as_int64, kernel_noise_key
 from .reference import nade as reference
 from .reference.random import philox_uniform
 
