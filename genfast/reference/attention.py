@@ -1,0 +1,135 @@
+"""The definition of genfast's scaled-dot-product attention, in plain PyTorch.
+
+q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv); Hk divides Hq (grouped-query attention:
+query head h reads key/value head h // (Hq / Hk)). For each batch b and query head h:
+
+    s = scale * q k^T                                  (scale: 1 / sqrt(D) unless given)
+    s = softcap * tanh(s / softcap)                     (logit soft-capping, when softcap is given)
+    s = s - slope_h * |i + Lk - Lq - j|                 (ALiBi, when slopes are given)
+    s = s + bias,  or s = -inf where a bool mask is False   (attn_mask, broadcast to (B, Hq, Lq, Lk))
+    s = -inf where j is outside the causal or window band of i (below)
+    p = softmax(s) over j;  o = dropout(p) v;  lse = logsumexp(s) over j
+
+Causal masking keeps j <= i + offset, where offset = 0 ("top_left", torch SDPA's is_causal) or
+Lk - Lq ("bottom_right": the queries are the last Lq positions of the keys, as when decoding with a
+KV cache). A sliding window (left, right) keeps i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right,
+bottom-right aligned as FlashAttention's; -1 leaves a side unbounded. A row that masks every key
+has o = 0 and lse = -inf (SDPA would give NaN). Dropout keeps p where u >= dropout_p and scales it
+by 1 / (1 - dropout_p), u the uniform of element ((b Hq + h) Lq + i) Lk + j of the Philox stream
+(genfast.reference.random.philox_uniform), or of the given `dropout_uniforms`.
+Everything computes in the dtype of the inputs (float64 for an exact oracle).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def band_mask(lq: int, lk: int, causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
+              device=None) -> Optional[Tensor]:
+    """(Lq, Lk) bool, True where query i may attend key j; None when nothing is masked."""
+    if causal is None and window is None:
+        return None
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal is not None:
+        if causal not in CAUSAL_ALIGNMENTS:
+            raise ValueError(f"causal must be one of {CAUSAL_ALIGNMENTS}, got {causal!r}")
+        keep &= j <= i + (0 if causal == "top_left" else lk - lq)
+    if window is not None:
+        left, right = window
+        center = i + (lk - lq)
+        if left >= 0:
+            keep &= j >= center - left
+        if right >= 0:
+            keep &= j <= center + right
+    return keep
+
+
+def alibi_bias(slopes: Tensor, lq: int, lk: int) -> Tensor:
+    """(H, Lq, Lk) or (B, H, Lq, Lk) for slopes (H,) or (B, H): -slope * |i + Lk - Lq - j|."""
+    i = torch.arange(lq, device=slopes.device)[:, None]
+    j = torch.arange(lk, device=slopes.device)[None, :]
+    distance = (i + (lk - lq) - j).abs().to(slopes.dtype)
+    return -slopes[..., None, None] * distance
+
+
+def dropout_keep(shape, dropout_p: float, seed: int = 0, offset: int = 0, uniforms: Optional[Tensor] = None,
+                 device=None) -> Tensor:
+    """The kept elements (B, Hq, Lq, Lk) of dropout: u >= dropout_p."""
+    if uniforms is None:
+        from .random import philox_uniform
+
+        uniforms = philox_uniform(shape, seed, offset, dtype=torch.float64, device=device)
+    return uniforms >= dropout_p
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+              causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
+              alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, dropout_seed: int = 0,
+              dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None, return_lse: bool = False):
+    """o (B, Hq, Lq, Dv), and lse (B, Hq, Lq) with return_lse. is_causal is causal="top_left"."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    if kv_heads != heads:
+        if not enable_gqa and heads != kv_heads:
+            raise ValueError(f"q has {heads} heads and k {kv_heads}: pass enable_gqa=True for grouped-query attention")
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    if is_causal:
+        causal = causal or "top_left"
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes.to(s.dtype), lq, lk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    band = band_mask(lq, lk, causal, window, q.device)
+    if band is not None:
+        s = s.masked_fill(~band, float("-inf"))
+    # Softmax with the row maximum held constant (it cancels), written so that a row masking every
+    # key gives p = 0 and lse = -inf with zero gradients, and NaN propagates.
+    row_max = s.detach().amax(-1, keepdim=True)
+    masked_row = row_max == float("-inf")
+    shift = torch.where(masked_row, torch.zeros_like(row_max), row_max)
+    e = torch.exp(s - shift)
+    total = e.sum(-1, keepdim=True)
+    safe_total = torch.where(masked_row, torch.ones_like(total), total)
+    p = e / safe_total
+    lse = torch.where(masked_row, torch.full_like(total, float("-inf")), shift + torch.log(safe_total))[..., 0]
+    if dropout_p > 0.0:
+        keep = dropout_keep((batch, heads, lq, lk), dropout_p, dropout_seed, dropout_offset, dropout_uniforms,
+                            q.device)
+        p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
+    o = torch.matmul(p, v)
+    return (o, lse) if return_lse else o
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, **options):
+    """Packed sequences, as flash_attn_varlen_func takes them: q (total_q, Hq, D), k and v
+    (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n]:cu_seqlens[n + 1]. Each sequence is
+    attention() on its own; returns o (total_q, Hq, Dv) (and lse (Hq, total_q) with return_lse)."""
+    outputs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for n in range(len(bounds_q) - 1):
+        qs = q[bounds_q[n]:bounds_q[n + 1]].transpose(0, 1)[None]
+        ks = k[bounds_k[n]:bounds_k[n + 1]].transpose(0, 1)[None]
+        vs = v[bounds_k[n]:bounds_k[n + 1]].transpose(0, 1)[None]
+        result = attention(qs, ks, vs, **options)
+        o, lse = result if options.get("return_lse") else (result, None)
+        outputs.append(o[0].transpose(0, 1))
+        if lse is not None:
+            lses.append(lse[0])
+    o = torch.cat(outputs, 0)
+    return (o, torch.cat(lses, 1)) if options.get("return_lse") else o
