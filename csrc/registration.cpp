@@ -74,4 +74,13 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "made_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor in_degrees, Tensor out_degrees, "
       "bool strict) -> (Tensor, Tensor, Tensor)");
+  // Scaled-dot-product attention (kernels/common/attention.h), forward: (o, lse float32). q, k, v
+  // (batch, heads, length, dim), k and v with heads dividing q's; attn_mask bool or additive,
+  // broadcastable to (batch, heads, Lq, Lk); alibi_slopes (heads) or (batch, heads); softcap 0 for
+  // none; keys j with i + band_lo <= j <= i + band_hi are seen (+-2^62: unbounded); dropout keyed by
+  // (seed, offset), or on CUDA by `generator`.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
+      "float softcap, int band_lo, int band_hi, float dropout_p, Generator? generator, int seed, int offset) "
+      "-> (Tensor, Tensor)");
 }

@@ -6,6 +6,7 @@ genfast.reference that defines what the others compute.
 """
 
 from . import _backend
+from .attention import attention
 from .diffusion import (
     ddim_step,
     ddpm_step,
@@ -46,6 +47,7 @@ def build_info() -> dict:
 __all__ = [
     "PhiloxGenerator",
     "actnorm",
+    "attention",
     "affine_coupling",
     "build_info",
     "coupling_index",

@@ -27,12 +27,7 @@ GF_HOST_DEVICE_INLINE float nade_sigmoid(float a) {
 #if defined(__CUDA_ARCH__)
   return sigmoid_f32(a);
 #else
-  const float t = -__builtin_fabsf(a);
-  float n;
-  const float reduced = exp_reduced(t, &n);
-  const float n_kept = n > -127.0f ? n : -127.0f;  // NaN too; 2^-127 is built as 0
-  const float power = bits_float(static_cast<uint32_t>(static_cast<int32_t>(n_kept) + 127) << 23);
-  const float e = t < -104.0f ? 0.0f : reduced * power;  // also for a = +-inf, where the reduction is NaN
+  const float e = exp_nonpositive(-__builtin_fabsf(a));
   const float inverse = 1.0f / (1.0f + e);
   const float s = a >= 0.0f ? inverse : e * inverse;
   return a != a ? a : s;
@@ -110,14 +105,6 @@ struct NadeSampleParams {
   int64_t num_observed;
   T* x;  // (B, D), contiguous
 };
-
-// Element `index` of the uniform stream keyed by (seed, offset).
-GF_HOST_DEVICE_INLINE float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
-  const Uint4x32 words = philox_group_bits(seed, offset, index / 4);
-  const uint32_t lane = static_cast<uint32_t>(index % 4);
-  const uint32_t word = lane == 0 ? words.x : lane == 1 ? words.y : lane == 2 ? words.z : words.w;
-  return uniform_open_zero(word);
-}
 
 GF_HOST_DEVICE_INLINE float nade_draw(float logit, float u) {
   return logit != logit ? logit : (u < sigmoid_f32(logit) ? 1.0f : 0.0f);

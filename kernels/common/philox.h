@@ -85,6 +85,15 @@ GF_HOST_DEVICE void resolve_philox_key(const PhiloxKeyRef& key, uint64_t* seed, 
   *offset = key.offset_ptr != nullptr ? static_cast<uint64_t>(*key.offset_ptr) + key.offset : key.offset;
 }
 
+// Element `index` of the uniform stream keyed by (seed, offset): word index % 4 of group index / 4
+// (genfast.reference.random.philox_uniform).
+GF_HOST_DEVICE_INLINE float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
+  const Uint4x32 words = philox_group_bits(seed, offset, index / 4);
+  const uint32_t lane = static_cast<uint32_t>(index % 4);
+  const uint32_t word = lane == 0 ? words.x : lane == 1 ? words.y : lane == 2 ? words.z : words.w;
+  return uniform_open_zero(word);
+}
+
 GF_HOST_DEVICE Float4x32 philox_normal4(uint64_t seed, uint64_t offset, uint64_t group) {
   return box_muller4(philox_group_bits(seed, offset, group));
 }

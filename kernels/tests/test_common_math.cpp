@@ -7,6 +7,7 @@
 
 #include "../common/affine_coupling.h"
 #include "../common/denoise_step.h"
+#include "../common/attention.h"
 #include "../common/nade.h"
 #include "../common/philox.h"
 
@@ -124,6 +125,20 @@ static void test_elementary_math_against_libm() {
   EXPECT(genfast::softplus_f32(-100.0f) > 0.0f && genfast::softplus_f32(100.0f) == 100.0f, "softplus_f32 limits");
 }
 
+static void test_exp_nonpositive() {
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  for (int i = 0; i <= 400000; ++i) {
+    const float v = -87.0f * static_cast<float>(i) / 400000.0f;
+    const double e = ulps(genfast::exp_nonpositive(v), std::exp(static_cast<double>(v)));
+    if (e > worst) worst = e, worst_at = v;
+  }
+  EXPECT(worst < 2.0, "exp_nonpositive is %.2f ulp off at %g", worst, worst_at);
+  EXPECT(genfast::exp_nonpositive(0.0f) == 1.0f && genfast::exp_nonpositive(-200.0f) == 0.0f &&
+             genfast::exp_nonpositive(-INFINITY) == 0.0f && std::isnan(genfast::exp_nonpositive(NAN)),
+         "exp_nonpositive limits");
+}
+
 static void test_nade_sigmoid() {
   double worst = 0.0;
   float worst_at = 0.0f;
@@ -166,6 +181,7 @@ static void test_scale_terms_are_consistent() {
 int main() {
   test_elementary_math_against_libm();
   test_scale_terms_are_consistent();
+  test_exp_nonpositive();
   test_nade_sigmoid();
   test_philox_known_answers();
   test_log_against_libm();
