@@ -91,8 +91,10 @@ void query_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int64
       // The band (and the block's tail) as a range of columns.
       const int64_t lo = p.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + p.band_lo - j0, 0, cols);
       const int64_t hi = p.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + p.band_hi - j0 + 1, 0, cols);
-      for (int64_t c = 0; c < kKeyBlock; ++c) {
-        if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
+      if (lo > 0 || hi < kKeyBlock) {
+        for (int64_t c = 0; c < kKeyBlock; ++c) {
+          if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
+        }
       }
       const float block_max = row_max(s, kKeyBlock);
       const float old_max = w.max[r];
