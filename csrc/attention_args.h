@@ -104,8 +104,8 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   p.band_hi = band_hi;
   p.dropout_p = static_cast<float>(dropout_p);
   p.key = key;
-  p.o = o.mutable_data_ptr<float>();
-  p.lse = lse.mutable_data_ptr<float>();
+  p.o = o.defined() ? o.mutable_data_ptr<float>() : nullptr;
+  p.lse = lse.defined() ? lse.mutable_data_ptr<float>() : nullptr;
   return p;
 }
 

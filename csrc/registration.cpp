@@ -83,4 +83,10 @@ TORCH_LIBRARY(genfast, m) {
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
       "float softcap, int band_lo, int band_hi, float dropout_p, Generator? generator, int seed, int offset) "
       "-> (Tensor, Tensor)");
+  // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
+  // gradient of the scores (batch, heads, Lq, Lk), which an additive mask's gradient sums).
+  m.def(
+      "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+      "Tensor? attn_mask, Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, "
+      "float dropout_p, int seed, int offset, bool grad_mask) -> (Tensor, Tensor, Tensor, Tensor?)");
 }

@@ -2,9 +2,9 @@
 signature and semantics, plus bottom-right causal alignment, sliding windows, ALiBi, logit
 soft-capping, Philox dropout and the rows' log-sum-exp (genfast.reference.attention defines it).
 
-Layout (batch, heads, length, head_dim). So far the C++ CPU kernel runs the forward pass; its
-backward, the CUDA and Triton kernels and varlen packing follow (issue 6). A call that needs a
-gradient from impl="native" raises instead of falling back to slower code.
+Layout (batch, heads, length, head_dim). So far the C++ CPU kernels run the forward and backward
+passes (gradients to q, k, v and an additive attn_mask); the CUDA and Triton kernels and varlen
+packing follow (issue 6). Asking for a backend that is missing raises instead of falling back.
 """
 
 import math
@@ -122,9 +122,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
                                    dropout_offset=offset, return_lse=return_lse)
     if backend == "triton":
         raise NotImplementedError("genfast.attention has no Triton kernel yet; use impl='native' or 'reference'")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask)):
-        raise NotImplementedError("genfast.attention's fused backward is not built yet: impl='native' runs the "
-                                  "forward only; train with impl='reference' for now")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("genfast.attention gives no gradient to alibi_slopes; detach them")
     lo, hi = band(q.shape[2], k.shape[2], causal, window)
     o, lse = torch.ops.genfast.attention_forward(q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi,
                                                  float(dropout_p), cuda_generator, as_int64(seed), as_int64(offset))

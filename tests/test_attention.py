@@ -1,6 +1,6 @@
-"""genfast.attention's fused forward against the reference: values and log-sum-exp by the
-error-ratio rule for every option, odd lengths and head dims, fully masked rows, NaN, dropout's
-Philox mask, opcheck, torch.compile and bad input. (The backward and the GPU kernels come next.)"""
+"""genfast.attention's fused forward and backward against the reference: values, log-sum-exp and
+gradients by the error-ratio rule for every option, odd lengths and head dims, fully masked rows,
+NaN, dropout's Philox mask, a deterministic backward, opcheck, torch.compile and bad input."""
 
 import pytest
 import torch
@@ -146,17 +146,96 @@ def test_empty_inputs():
     assert torch.equal(o, torch.zeros_like(o)) and torch.isinf(lse).all()
 
 
+# Gradients
+
+def _grads(impl, dtype, q, k, v, mask, grad_o, grad_lse, options):
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+    m = None
+    if mask is not None:
+        m = cast(mask).detach().requires_grad_() if mask.is_floating_point() else mask
+    opts = {key: (cast(val) if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
+            for key, val in options.items()}
+    o, lse = genfast.attention(*leaves, m, enable_gqa=True, impl=impl, return_lse=True, **opts)
+    loss = (o.double() * grad_o).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * grad_lse).sum()
+    wrt = leaves + ([m] if m is not None and m.is_floating_point() else [])
+    return torch.autograd.grad(loss, wrt)
+
+
+def _compare_grads(q, k, v, mask=None, **options):
+    lq, dv = q.shape[2], v.shape[3]
+    g = torch.Generator().manual_seed(7)
+    grad_o = torch.randn(q.shape[0], q.shape[1], lq, dv, generator=g, dtype=torch.float64)
+    grad_lse = torch.randn(q.shape[0], q.shape[1], lq, generator=g, dtype=torch.float64)
+    generator = options.pop("seed", None)
+    with_key = (lambda: dict(options, generator=genfast.PhiloxGenerator(generator))) if generator is not None else (
+        lambda: options)
+    got = _grads("native", None, q, k, v, mask, grad_o, grad_lse, with_key())
+    exact = _grads("reference", torch.float64, q, k, v, mask, grad_o, grad_lse, with_key())
+    low = _grads("reference", None, q, k, v, mask, grad_o, grad_lse, with_key())
+    for name, a, e, lo in zip(("q", "k", "v", "attn_mask"), got, exact, low):
+        assert a.dtype == (q.dtype if name != "attn_mask" else mask.dtype)
+        assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq,lk,dim", [(1, 1, 16), (17, 100, 64), (100, 33, 80), (40, 70, 256)])
+def test_gradients_match_reference(lq, lk, dim, dtype):
+    skip_unless_runs("native", "cpu")
+    _compare_grads(*_qkv(2, 2, 2, lq, lk, dim, dtype))
+
+
+@pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right", window=(20, 3)),
+                                     dict(softcap=3.0, scale=0.5), dict(alibi_slopes=torch.tensor([0.4, 0.1, 0.05, 1.0])),
+                                     dict(dropout_p=0.2, seed=4)], ids=str)
+def test_gradients_with_options(options):
+    skip_unless_runs("native", "cpu")
+    _compare_grads(*_qkv(2, 4, 2, 50, 140, 32, torch.float32, v_dim=24), **dict(options))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_gradients_with_masks(kind):
+    skip_unless_runs("native", "cpu")
+    q, k, v = _qkv(2, 2, 2, 30, 75, 16, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(2, 1, 30, 75, generator=g) < 0.7 if kind == "bool" else torch.randn(2, 1, 30, 75, generator=g)
+    if kind == "bool":
+        mask[0, 0, 5] = False  # a fully masked row: zero gradients, not NaN
+    _compare_grads(q, k, v, mask)
+
+
+def test_backward_is_deterministic():
+    skip_unless_runs("native", "cpu")
+    q, k, v = _qkv(2, 4, 2, 150, 200, 32, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl="native").square().sum().backward()
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_opcheck_and_compile():
     skip_unless_runs("native", "cpu")
     q, k, v = _qkv(1, 2, 1, 9, 12, 8, torch.float32)
     mask = torch.randn(9, 12)
-    args = (q, k, v, mask, torch.tensor([0.5, 0.1]), 0.3, 2.0, -3, 4, 0.2, None, 5, 8)
-    torch.library.opcheck(torch.ops.genfast.attention_forward, args, test_utils=("test_schema", "test_faketensor"))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    args = (*leaves, torch.tensor([0.5, 0.1]), 0.3, 2.0, -3, 4, 0.2, None, 5, 8)
+    torch.library.opcheck(torch.ops.genfast.attention_forward, args)
+    o, lse = torch.ops.genfast.attention_forward(q, k, v, mask, None, 0.3, 0.0, -3, 4, 0.0, None, 0, 0)
+    torch.library.opcheck(torch.ops.genfast.attention_backward,
+                          (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, mask, None, 0.3, 0.0, -3, 4,
+                           0.0, 0, 0, True))
 
-    def layer(q, k, v):
+    def layer(q, k, v, mask):
         return genfast.attention(q, k, v, mask, enable_gqa=True, causal="bottom_right", impl="native")
 
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v), layer(q, k, v))
+    eager = layer(*leaves)
+    grads = torch.autograd.grad(eager.sum(), leaves)
+    compiled = torch.compile(layer, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(torch.autograd.grad(compiled.sum(), leaves), grads):
+        torch.testing.assert_close(a, e)
 
 
 def test_bad_input_names_the_argument():
@@ -188,7 +267,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="softcap must be"):
         f(q, k, v, softcap=0.0, enable_gqa=True)
     if genfast._backend.native_runs_on("cpu"):
-        with pytest.raises(NotImplementedError, match="backward is not built yet"):
-            f(q.requires_grad_(), k, v, enable_gqa=True, impl="native")
+        with pytest.raises(NotImplementedError, match="no gradient to alibi_slopes"):
+            f(q, k, v, alibi_slopes=torch.ones(4, requires_grad=True), enable_gqa=True, impl="native")
         with pytest.raises(RuntimeError, match="must divide"):
             torch.ops.genfast.attention_forward(q.detach(), k3, v3, None, None, 1.0, 0.0, 0, 0, 0.0, None, 0, 0)

@@ -1,7 +1,9 @@
-// genfast::attention_forward on the CPU, flash-style: each (batch, head, block of 128 queries)
-// walks the blocks of 64 keys its band can reach, keeping a running maximum, sum and output per
-// query (online softmax), so that no Lq x Lk matrix is ever stored. Both products are the
-// register-blocked block_product over packed panels (K^T, then V).
+// genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
+// block of 128 queries) walks the blocks of 64 keys its band can reach, keeping a running maximum,
+// sum and output per query (online softmax), so that no Lq x Lk matrix is stored. The backward
+// recomputes the probabilities from the log-sum-exp in two passes without atomics: one per block of
+// keys for dK and dV (summing over the queries and the heads that share the key head), one per
+// block of queries for dQ. All products are the register-blocked block_product over packed panels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,6 +20,40 @@ constexpr int64_t kQueryBlock = 128, kKeyBlock = 64;
 static_assert(kQueryBlock % kRows == 0 && kKeyBlock % kCols == 0, "blocks are whole register tiles");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// out[r][c] (+)= factor * sum_t a[r * a_row + t * a_step] * panel[t * panel_stride + c] for r < count and
+// c < width (a multiple of kCols); out rows out_stride apart.
+void multiply(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel, int64_t panel_stride,
+              int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate, float factor = 1.0f) {
+  for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+    const float* a_rows[kRows];
+    for (int r = 0; r < kRows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
+    for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+      float tile[kRows][kCols];
+      block_product(a_rows, a_step, panel + c0, panel_stride, len, tile);
+      for (int r = 0; r < kRows && r0 + r < count; ++r) {
+        float* row = out + (r0 + r) * out_stride + c0;
+        for (int c = 0; c < kCols; ++c) row[c] = (accumulate ? row[c] : 0.0f) + factor * tile[r][c];
+      }
+    }
+  }
+}
+
+// panel[c * width + d] = src[c * stride + d] for c < count, d < dim; zeros elsewhere (rows up to total).
+void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width,
+               int64_t total) {
+  for (int64_t c = 0; c < total; ++c) {
+    for (int64_t d = 0; d < width; ++d) panel[c * width + d] = c < count && d < dim ? src[c * stride + d] : 0.0f;
+  }
+}
+
+// panel[d * width + c] = src[c * stride + d]: the transpose of a block of count rows, padded to width.
+void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) {
+    const float* row = src + c * stride;
+    for (int64_t d = 0; d < dim; ++d) panel[d * width + c] = c < count ? row[d] : 0.0f;
+  }
+}
 
 // The row's maximum, NaN if any element is NaN.
 GF_CPU_CLONES float row_max(const float* __restrict s, int64_t n) {
@@ -40,62 +76,75 @@ GF_CPU_CLONES void scale_row(float* __restrict r, float factor, int64_t n) {
   for (int64_t c = 0; c < n; ++c) r[c] *= factor;
 }
 
-struct Scratch {
+// The keys [first, end) that queries [i0, i0 + rows) may see.
+std::pair<int64_t, int64_t> key_range(const AttentionParams& p, int64_t i0, int64_t rows) {
+  const int64_t first = std::max<int64_t>(0, p.band_lo <= -kAttentionUnbounded ? 0 : i0 + p.band_lo);
+  const int64_t end = std::min<int64_t>(p.k_len, p.band_hi >= kAttentionUnbounded ? p.k_len : i0 + rows + p.band_hi);
+  return {first, end};
+}
+
+// The queries [first, end) that may see keys [j0, j0 + cols).
+std::pair<int64_t, int64_t> query_range(const AttentionParams& p, int64_t j0, int64_t cols) {
+  const int64_t first = std::max<int64_t>(0, p.band_hi >= kAttentionUnbounded ? 0 : j0 - p.band_hi);
+  const int64_t end = std::min<int64_t>(p.q_len, p.band_lo <= -kAttentionUnbounded ? p.q_len : j0 + cols - p.band_lo);
+  return {first, end};
+}
+
+// Scores s (rows x kKeyBlock, already scale q.k) of queries i0.. against keys j0..j0 + cols: soft-cap,
+// ALiBi, mask, band and the block's tail (-inf). With softcap, cap_slope gets 1 - tanh^2.
+void finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                   int64_t cols, float* scores, float* cap_slope) {
+  const bool plain = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* s = scores + r * kKeyBlock;
+    if (cap_slope != nullptr && p.softcap > 0.0f) {
+      for (int64_t c = 0; c < kKeyBlock; ++c) {
+        const float t = tanh_f32(s[c] / p.softcap);
+        cap_slope[r * kKeyBlock + c] = 1.0f - t * t;
+      }
+    }
+    if (!plain) {
+      for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, s[c], b, h, i, j0 + c);
+    }
+    const int64_t lo = p.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + p.band_lo - j0, 0, cols);
+    const int64_t hi = p.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + p.band_hi - j0 + 1, 0, cols);
+    if (lo > 0 || hi < kKeyBlock) {
+      for (int64_t c = 0; c < kKeyBlock; ++c) {
+        if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
+      }
+    }
+  }
+}
+
+struct ForwardScratch {
   std::vector<float> k_panel, v_panel, scores, acc, max, sum;
-  Scratch(int64_t dim, int64_t v_pad)
+  ForwardScratch(int64_t dim, int64_t v_pad)
       : k_panel(static_cast<size_t>(dim * kKeyBlock)), v_panel(static_cast<size_t>(kKeyBlock * v_pad)),
         scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
         max(kQueryBlock), sum(kQueryBlock) {}
 };
 
 // One block of queries against every key block its band reaches.
-void query_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0,
-                 Scratch& w) {
+void forward_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0,
+                   ForwardScratch& w) {
   const int64_t rows = std::min(kQueryBlock, p.q_len - i0), hk = h / (p.heads / p.kv_heads);
   const int64_t v_pad = padded_to(p.v_dim, kCols);
-  const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1];
+  const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1];
   const float* v = p.v + b * p.v_stride[0] + hk * p.v_stride[1];
-  const bool plain = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone;
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.max.begin(), w.max.end(), -__builtin_inff());
   std::fill(w.sum.begin(), w.sum.end(), 0.0f);
-  // Keys the band lets any of these queries see.
-  const int64_t first_key = std::max<int64_t>(0, p.band_lo <= -kAttentionUnbounded ? 0 : i0 + p.band_lo);
-  const int64_t end_key =
-      std::min<int64_t>(p.k_len, p.band_hi >= kAttentionUnbounded ? p.k_len : i0 + rows - 1 + p.band_hi + 1);
+  const auto [first_key, end_key] = key_range(p, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
-    for (int64_t c = 0; c < kKeyBlock; ++c) {  // K^T: reading each key's row in order
-      const float* key = k + (j0 + c) * p.k_stride[2];
-      for (int64_t d = 0; d < p.dim; ++d) w.k_panel[d * kKeyBlock + c] = c < cols ? key[d] : 0.0f;
-    }
-    // Scores of the block: 8 queries x 16 keys at a time.
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      const float* a_rows[kRows];
-      for (int r = 0; r < kRows; ++r) a_rows[r] = q + (i0 + std::min<int64_t>(r0 + r, rows - 1)) * p.q_stride[2];
-      for (int64_t c0 = 0; c0 < kKeyBlock; c0 += kCols) {
-        float tile[kRows][kCols];
-        block_product(a_rows, 1, w.k_panel.data() + c0, kKeyBlock, p.dim, tile);
-        for (int r = 0; r < kRows && r0 + r < rows; ++r) {
-          for (int c = 0; c < kCols; ++c) w.scores[(r0 + r) * kKeyBlock + c0 + c] = tile[r][c] * p.scale;
-        }
-      }
-    }
+    pack_transposed(k + j0 * p.k_stride[2], p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
+    multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim, w.scores.data(), kKeyBlock, kKeyBlock,
+             false, p.scale);
+    finish_scores(p, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
       float* s = w.scores.data() + r * kKeyBlock;
-      if (!plain) {
-        for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, s[c], b, h, i, j0 + c);
-      }
-      // The band (and the block's tail) as a range of columns.
-      const int64_t lo = p.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + p.band_lo - j0, 0, cols);
-      const int64_t hi = p.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + p.band_hi - j0 + 1, 0, cols);
-      if (lo > 0 || hi < kKeyBlock) {
-        for (int64_t c = 0; c < kKeyBlock; ++c) {
-          if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
-        }
-      }
       const float block_max = row_max(s, kKeyBlock);
       const float old_max = w.max[r];
       const float new_max = (block_max > old_max || block_max != block_max) ? block_max : old_max;
@@ -110,28 +159,13 @@ void query_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int64
       if (p.dropout_p > 0.0f) {
         const float keep_scale = 1.0f / (1.0f - p.dropout_p);
         for (int64_t c = 0; c < cols; ++c) {
-          s[c] = attention_keeps(p, seed, offset, b, h, i, j0 + c) ? s[c] * keep_scale : 0.0f;
+          s[c] = attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? s[c] * keep_scale : 0.0f;
         }
       }
     }
-    // acc += P V over the block: 8 queries x 16 value columns at a time.
-    for (int64_t c = 0; c < kKeyBlock; ++c) {
-      for (int64_t d = 0; d < v_pad; ++d) {
-        w.v_panel[c * v_pad + d] = c < cols && d < p.v_dim ? v[(j0 + c) * p.v_stride[2] + d] : 0.0f;
-      }
-    }
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      const float* a_rows[kRows];
-      for (int r = 0; r < kRows; ++r) a_rows[r] = w.scores.data() + std::min<int64_t>(r0 + r, rows - 1) * kKeyBlock;
-      for (int64_t d0 = 0; d0 < v_pad; d0 += kCols) {
-        float tile[kRows][kCols];
-        block_product(a_rows, 1, w.v_panel.data() + d0, v_pad, kKeyBlock, tile);
-        for (int r = 0; r < kRows && r0 + r < rows; ++r) {
-          float* acc = w.acc.data() + (r0 + r) * v_pad + d0;
-          for (int c = 0; c < kCols; ++c) acc[c] += tile[r][c];
-        }
-      }
-    }
+    pack_rows(v + j0 * p.v_stride[2], p.v_stride[2], cols, p.v_dim, w.v_panel.data(), v_pad, kKeyBlock);
+    multiply(w.scores.data(), kKeyBlock, 1, rows, w.v_panel.data(), v_pad, kKeyBlock, w.acc.data(), v_pad, v_pad,
+             true);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = (b * p.heads + h) * p.q_len + i0 + r;
@@ -148,10 +182,167 @@ void attention_forward_impl(const AttentionParams& p) {
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    Scratch scratch(p.dim, padded_to(p.v_dim, kCols));
+    ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
-      query_block(p, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
+      forward_block(p, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
+    }
+  });
+}
+
+// The backward's inputs beside the forward's: grad_o (B, H, Lq, Dv) and delta_i = grad_o_i . o_i -
+// grad_lse_i (B, H, Lq), both float32 contiguous; outputs float32 contiguous.
+struct AttentionGrads {
+  const float* grad_o;
+  const float* delta;
+  float* grad_q;     // (B, H, Lq, D)
+  float* grad_k;     // (B, Hk, Lk, D)
+  float* grad_v;     // (B, Hk, Lk, Dv)
+  float* grad_mask;  // (B, H, Lq, Lk) or null: dL/ds, to be summed to the mask's shape
+};
+
+struct BackwardScratch {
+  std::vector<float> k_panel, vt_panel, scores, dp, cap, panel_a, panel_b, acc_a, acc_b;
+  BackwardScratch(int64_t dim_pad, int64_t v_pad)
+      : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
+        scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+        cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+        panel_a(static_cast<size_t>(kQueryBlock * std::max(dim_pad, v_pad))),
+        panel_b(static_cast<size_t>(kKeyBlock * std::max(dim_pad, v_pad))),
+        acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)) {}
+};
+
+// For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
+// applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
+// when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
+void probabilities_and_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset,
+                             int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                             BackwardScratch& w) {
+  const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
+  const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim, w.scores.data(), kKeyBlock, kKeyBlock,
+           false, p.scale);
+  finish_scores(p, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
+  multiply(g.grad_o + row0 * p.v_dim, p.v_dim, 1, rows, w.vt_panel.data(), kKeyBlock, p.v_dim, w.dp.data(),
+           kKeyBlock, kKeyBlock, false);
+  const float keep_scale = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = w.scores.data() + r * kKeyBlock;
+    float* dp = w.dp.data() + r * kKeyBlock;
+    const float lse = p.lse[row0 + r], delta = g.delta[row0 + r];
+    const bool seen = !(lse == -__builtin_inff());
+    for (int64_t c = 0; c < kKeyBlock; ++c) {
+      const float prob = seen ? exp_nonpositive(s[c] - lse) : 0.0f;
+      float upstream = dp[c];
+      if (p.dropout_p > 0.0f && c < cols) {
+        upstream = attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? upstream * keep_scale : 0.0f;
+      }
+      s[c] = prob;
+      dp[c] = prob * (upstream - delta);
+    }
+    if (g.grad_mask != nullptr) {
+      float* out = g.grad_mask + (row0 + r) * p.k_len + j0;
+      for (int64_t c = 0; c < cols; ++c) out[c] = dp[c];
+    }
+    if (p.softcap > 0.0f) {
+      for (int64_t c = 0; c < kKeyBlock; ++c) dp[c] *= w.cap[r * kKeyBlock + c];
+    }
+  }
+}
+
+// P with dropout applied (the probabilities that weighted V), in place.
+void apply_dropout(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0,
+                   int64_t rows, int64_t j0, int64_t cols, float* probs) {
+  if (p.dropout_p == 0.0f) return;
+  const float keep_scale = 1.0f / (1.0f - p.dropout_p);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < kKeyBlock; ++c) {
+      float& v = probs[r * kKeyBlock + c];
+      v = c < cols && attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
+    }
+  }
+}
+
+void load_key_panels(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0, int64_t cols, BackwardScratch& w) {
+  const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
+  const float* v = p.v + b * p.v_stride[0] + hk * p.v_stride[1] + j0 * p.v_stride[2];
+  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
+  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), kKeyBlock);
+}
+
+// dK and dV of one block of keys: over every query head sharing its key head and every query the
+// band lets see it.
+void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
+                     int64_t hk, int64_t j0, BackwardScratch& w) {
+  const int64_t cols = std::min(kKeyBlock, p.k_len - j0), group = p.heads / p.kv_heads;
+  const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
+  std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
+  std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
+  load_key_panels(p, b, hk, j0, cols, w);
+  const auto [first_query, end_query] = query_range(p, j0, cols);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, end_query - i0);
+      probabilities_and_grads(p, g, seed, offset, b, h, i0, rows, j0, cols, w);
+      apply_dropout(p, seed, offset, b, h, i0, rows, j0, cols, w.scores.data());
+      const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
+      // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
+      pack_rows(g.grad_o + row0 * p.v_dim, p.v_dim, rows, p.v_dim, w.panel_a.data(), v_pad, rows);
+      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), v_pad, rows, w.acc_b.data(), v_pad, v_pad, true);
+      // dK += scale dS^T Q.
+      const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+      pack_rows(q, p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
+      multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), d_pad, rows, w.acc_a.data(), d_pad, d_pad, true,
+               p.scale);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t key = (b * p.kv_heads + hk) * p.k_len + j0 + c;
+    for (int64_t d = 0; d < p.dim; ++d) g.grad_k[key * p.dim + d] = w.acc_a[c * d_pad + d];
+    for (int64_t d = 0; d < p.v_dim; ++d) g.grad_v[key * p.v_dim + d] = w.acc_b[c * v_pad + d];
+  }
+}
+
+// dQ of one block of queries: over every key block its band reaches.
+void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
+                       int64_t h, int64_t i0, BackwardScratch& w) {
+  const int64_t rows = std::min(kQueryBlock, p.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  const int64_t d_pad = padded_to(p.dim, kCols);
+  std::vector<float>& grad_q = w.panel_a;  // rows x d_pad accumulators
+  std::fill(grad_q.begin(), grad_q.end(), 0.0f);
+  const auto [first_key, end_key] = key_range(p, i0, rows);
+  for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
+    const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
+    load_key_panels(p, b, hk, j0, cols, w);
+    probabilities_and_grads(p, g, seed, offset, b, h, i0, rows, j0, cols, w);
+    const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
+    pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+    multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, grad_q.data(), d_pad, d_pad, true,
+             p.scale);
+  }
+  const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < p.dim; ++d) g.grad_q[(row0 + r) * p.dim + d] = grad_q[r * d_pad + d];
+  }
+}
+
+void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) {
+  uint64_t seed = 0, offset = 0;
+  resolve_philox_key(p.key, &seed, &offset);
+  const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
+  const int64_t k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t first, int64_t last) {
+    BackwardScratch scratch(d_pad, v_pad);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t block = task % k_blocks, bh = task / k_blocks;
+      key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, scratch);
+    }
+  });
+  at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
+    BackwardScratch scratch(d_pad, v_pad);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t block = task % q_blocks, bh = task / q_blocks;
+      query_block_grads(p, g, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
     }
   });
 }
@@ -169,15 +360,53 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   const auto floats = q.options().dtype(at::kFloat);
   at::Tensor o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, floats);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, floats);
-  if (o.numel() > 0 || lse.numel() > 0) {
+  if (lse.numel() > 0) {
     const PhiloxKeyRef key{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
     attention_forward_impl(attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, key, o, lse));
   }
   return {o.to(q.scalar_type()), lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+  check_attention_options(scale, softcap, dropout_p);
+  const AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes);
+  const char* op = "genfast.attention_backward";
+  TORCH_CHECK(grad_o.sizes() == o.sizes() && o.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
+              op, ": grad_o and o must have the output's shape");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == at::kFloat, op,
+              ": lse must be float32 (batch, heads, Lq)");
+  const at::Tensor grad_o_f = grad_o.to(at::kFloat).contiguous();
+  at::Tensor delta = (grad_o_f * o.to(at::kFloat)).sum(-1);
+  if (grad_lse) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  const auto floats = q.options().dtype(at::kFloat);
+  at::Tensor grad_q = at::zeros(q.sizes(), floats), grad_k = at::zeros(k.sizes(), floats);
+  at::Tensor grad_v = at::zeros(v.sizes(), floats);
+  at::Tensor grad_s = grad_mask ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, floats) : at::Tensor();
+  if (q.numel() > 0 && k.numel() > 0) {
+    const PhiloxKeyRef key{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
+    const at::Tensor lse_c = lse.contiguous();
+    AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, key, at::Tensor(), at::Tensor());
+    p.lse = const_cast<float*>(lse_c.const_data_ptr<float>());  // read only by the backward
+    const AttentionGrads g{grad_o_f.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                           grad_q.mutable_data_ptr<float>(), grad_k.mutable_data_ptr<float>(),
+                           grad_v.mutable_data_ptr<float>(), grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr};
+    attention_backward_impl(p, g);
+  }
+  std::optional<at::Tensor> mask_grad;
+  if (grad_mask) mask_grad = grad_s;
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type()), mask_grad};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("attention_forward", &attention_forward_cpu); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
 
 }  // namespace genfast
