@@ -22,13 +22,11 @@ import torch
 from ..made import made_linear
 from ..nade import nade_log_prob, nade_sample
 from ..reference import nade as reference
+from .compute import gemm_gflops, time_groups
 from .elementwise import fused_impls
-from .peak_memory import peak_extra_bytes
-from .timing import time_ms
 
 CONFIGS = [(784, 500, 256), (64, 128, 256)]  # (D, H, B): binarized MNIST's NADE; digits'
 QUICK_CONFIGS = [(784, 500, 256)]
-GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 def d_loop_log_prob(x, W, c, V, b):
@@ -40,12 +38,6 @@ def d_loop_log_prob(x, W, c, V, b):
         log_prob = log_prob + x[:, d] * logit - torch.nn.functional.softplus(logit)
         a = a + x[:, d:d + 1] * W[:, d]
     return log_prob
-
-
-def gemm_gflops(device: str, dtype, quick: bool) -> float:
-    n = GEMM_SIZE.get(device, 2048)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / (time_ms(lambda: a @ b, device, quick)["median_ms"] * 1e-3) / 1e9
 
 
 def _grad_of(fn, leaves):
@@ -100,28 +92,15 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     configs = [(784, 500, max(1, s // 784)) for s in sizes] if sizes else (QUICK_CONFIGS if quick else CONFIGS)
     fused = fused_impls(device)
     dtype = torch.float32
-    rows = []
     say("nade: GEMM throughput")
     gemm = gemm_gflops(device, dtype, quick)
     compiled_log_prob = torch.compile(reference.log_prob, dynamic=False)
     compiled_masked = torch.compile(reference.masked_linear, dynamic=False)
+    rows = []
     with torch._dynamo.config.patch(recompile_limit=64):
         for dims, hidden, batch in configs:
             groups = {**_nade_groups(dims, hidden, batch, device, dtype, fused, compiled_log_prob),
                       **_made_groups(dims, hidden, batch, device, dtype, fused, compiled_masked)}
-            for variant, (flops, entries) in groups.items():
-                group = []
-                for name, fn in entries:
-                    say(f"nade: {name}, {variant}, D={dims} H={hidden} B={batch}")
-                    timing = time_ms(fn, device, quick)
-                    extra = peak_extra_bytes(fn, device)
-                    gflops = flops / (timing["median_ms"] * 1e-3) / 1e9
-                    group.append(dict(op="nade", variant=variant, impl=name, device=device, dtype="float32",
-                                      numel=batch * dims, config=f"D={dims} H={hidden} B={batch}", **timing,
-                                      gflop_per_s=gflops, gemm_gflop_per_s=gemm, fraction_of_gemm=gflops / gemm,
-                                      peak_extra_mib=None if extra is None else extra / 2 ** 20))
-                best = min((r["median_ms"] for r in group if r["impl"].startswith("genfast")), default=math.nan)
-                for row in group:
-                    row["time_over_genfast"] = row["median_ms"] / best
-                rows += group
+            rows += time_groups("nade", device, dtype, f"D={dims} H={hidden} B={batch}", batch * dims, groups, gemm,
+                                quick, say)
     return rows

@@ -1,0 +1,79 @@
+"""Fused attention against its peers, forward and forward+backward.
+
+Candidates: genfast's fused backends; torch's scaled_dot_product_attention with each backend it
+has for the device (on the CPU its flash kernel and its math path); the eager reference
+(genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
+when causal; forward+backward 3.5x the forward (the backward 2.5x).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..attention import attention
+from ..reference import attention as reference
+from .compute import gemm_gflops, time_groups
+from .elementwise import fused_impls
+
+# (batch, heads, length, head_dim, causal)
+CONFIGS = {"cpu": [(2, 8, 1024, 64, False), (2, 8, 1024, 64, True)],
+           "cuda": [(1, 16, 16384, 128, True), (4, 16, 2048, 128, False)]}
+QUICK_CONFIGS = {"cpu": [(2, 8, 1024, 64, False)], "cuda": [(4, 16, 2048, 128, False)]}
+SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
+                 "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
+
+
+def _sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def _supported(fn, q, k, v, causal) -> bool:
+    try:
+        fn(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal)
+        return True
+    except RuntimeError:
+        return False
+
+
+def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
+    """Result rows; `sizes`, if given, are lengths L at the device's first configuration's shape."""
+    say = progress or (lambda message: None)
+    configs = (QUICK_CONFIGS if quick else CONFIGS).get(device, CONFIGS["cpu"])
+    if sizes:
+        batch, heads, _, dim, causal = configs[0]
+        configs = [(batch, heads, int(length), dim, causal) for length in sizes]
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    say("attention: GEMM throughput")
+    gemm = gemm_gflops(device, dtype, quick)
+    compiled = torch.compile(reference.attention, dynamic=False)
+    candidates = [(f"genfast {impl}", lambda q, k, v, c, impl=impl: attention(q, k, v, is_causal=c, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
+                   ("torch.compile reference", lambda q, k, v, c: compiled(q, k, v, is_causal=c))]
+    rows = []
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for batch, heads, length, dim, causal in configs:
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype)
+                       for _ in range(3))
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            grad = torch.randn_like(q)
+            usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, causal)]
+            flops = 4 * batch * heads * length * length * dim / (2 if causal else 1)
+            groups = {
+                f"attention forward{' causal' if causal else ''}": (
+                    flops, [(name, lambda fn=fn: fn(q, k, v, causal)) for name, fn in usable]),
+                f"attention forward+backward{' causal' if causal else ''}": (
+                    3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, causal), leaves, grad))
+                                  for name, fn in usable]),
+            }
+            config = f"B={batch} H={heads} L={length} D={dim}"
+            rows += time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick,
+                                say)
+    return rows

@@ -1,0 +1,46 @@
+"""The measurement loop shared by the benchmarks of compute-bound ops (NADE, attention): each
+variant's candidates timed side by side, with GFLOP/s against a GEMM measured in the same run and
+each call's peak extra memory."""
+
+import math
+
+import torch
+
+from .peak_memory import peak_extra_bytes
+from .timing import time_ms
+
+GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+def gemm_gflops(device: str, dtype, quick: bool) -> float:
+    n = GEMM_SIZE.get(device, 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / (time_ms(lambda: a @ b, device, quick)["median_ms"] * 1e-3) / 1e9
+
+
+def time_groups(op: str, device: str, dtype, config: str, numel: int, groups: dict, gemm: float, quick: bool, say):
+    """groups: {variant: (flops, [(name, fn), ...])}; the genfast candidates' names start with
+    "genfast". Returns one row per candidate."""
+    rows = []
+    dtype_name = str(dtype).replace("torch.", "")
+    for variant, (flops, entries) in groups.items():
+        group = []
+        for name, fn in entries:
+            say(f"{op}: {name}, {variant}, {config}")
+            try:
+                timing = time_ms(fn, device, quick)
+                extra = peak_extra_bytes(fn, device)
+            except torch.OutOfMemoryError:  # an unfused peer at a long length: left out of the group
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            gflops = flops / (timing["median_ms"] * 1e-3) / 1e9
+            group.append(dict(op=op, variant=variant, impl=name, device=device, dtype=dtype_name, numel=numel,
+                              config=config, **timing, gflop_per_s=gflops, gemm_gflop_per_s=gemm,
+                              fraction_of_gemm=gflops / gemm,
+                              peak_extra_mib=None if extra is None else extra / 2 ** 20))
+        best = min((r["median_ms"] for r in group if r["impl"].startswith("genfast")), default=math.nan)
+        for row in group:
+            row["time_over_genfast"] = row["median_ms"] / best
+        rows += group
+    return rows
