@@ -271,3 +271,25 @@ def test_bad_input_names_the_argument():
             f(q, k, v, alibi_slopes=torch.ones(4, requires_grad=True), enable_gqa=True, impl="native")
         with pytest.raises(RuntimeError, match="must divide"):
             torch.ops.genfast.attention_forward(q.detach(), k3, v3, None, None, 1.0, 0.0, 0, 0, 0.0, None, 0, 0)
+
+
+def test_both_backward_schedules_agree():
+    """One pass per (batch, key head) when there are enough of them for the threads, else a pass
+    per key block and one per query block: the same gradients either way."""
+    skip_unless_runs("native", "cpu")
+    q, k, v = _qkv(1, 4, 2, 70, 90, 16, torch.float32)
+    mask = torch.randn(70, 90)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):  # 1 x 2 pairs: one pass with one thread, two passes with four
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+            o = genfast.attention(*leaves, dropout_p=0.1, generator=genfast.PhiloxGenerator(1), enable_gqa=True,
+                                  causal="bottom_right", impl="native")
+            grads.append(torch.autograd.grad(o.square().sum(), leaves))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _compare_grads(q, k, v, mask, causal="bottom_right", enable_gqa=True)

@@ -271,19 +271,28 @@ void load_key_panels(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0
 }
 
 // dK and dV of one block of keys: over every query head sharing its key head and every query the
-// band lets see it.
+// band lets see it. With grad_q (the group's heads' rows, Lq x d_pad each), also adds to dQ.
 void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
-                     int64_t hk, int64_t j0, BackwardScratch& w) {
+                     int64_t hk, int64_t j0, BackwardScratch& w, float* grad_q = nullptr) {
   const int64_t cols = std::min(kKeyBlock, p.k_len - j0), group = p.heads / p.kv_heads;
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
   std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
   load_key_panels(p, b, hk, j0, cols, w);
+  if (grad_q != nullptr) {
+    const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
+    pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+  }
   const auto [first_query, end_query] = query_range(p, j0, cols);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
       probabilities_and_grads(p, g, seed, offset, b, h, i0, rows, j0, cols, w);
+      if (grad_q != nullptr) {  // dQ += scale dS K
+        float* rows_q = grad_q + ((h - hk * group) * p.q_len + i0) * d_pad;
+        multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, rows_q, d_pad, d_pad, true,
+                 p.scale);
+      }
       apply_dropout(p, seed, offset, b, h, i0, rows, j0, cols, w.scores.data());
       const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
       // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
@@ -331,6 +340,29 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
   const int64_t k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t group = p.heads / p.kv_heads;
+  if (p.batch * p.kv_heads >= 2 * at::get_num_threads()) {
+    // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
+    // in the task's own buffer (no recomputation, no atomics).
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t first, int64_t last) {
+      BackwardScratch scratch(d_pad, v_pad);
+      std::vector<float> grad_q(static_cast<size_t>(group * p.q_len * d_pad));
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
+        std::fill(grad_q.begin(), grad_q.end(), 0.0f);
+        for (int64_t block = 0; block < k_blocks; ++block) {
+          key_block_grads(p, g, seed, offset, b, hk, block * kKeyBlock, scratch, grad_q.data());
+        }
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const float* src = grad_q.data() + (h - hk * group) * p.q_len * d_pad;
+          float* dst = g.grad_q + (b * p.heads + h) * p.q_len * p.dim;
+          for (int64_t i = 0; i < p.q_len; ++i) std::copy(src + i * d_pad, src + i * d_pad + p.dim, dst + i * p.dim);
+        }
+      }
+    });
+    return;
+  }
+  // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
   at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t first, int64_t last) {
     BackwardScratch scratch(d_pad, v_pad);
     for (int64_t task = first; task < last; ++task) {
