@@ -292,4 +292,4 @@ def test_both_backward_schedules_agree():
         torch.set_num_threads(threads)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    _compare_grads(q, k, v, mask, causal="bottom_right", enable_gqa=True)
+    _compare_grads(q, k, v, mask, causal="bottom_right")
