@@ -1,6 +1,7 @@
 // genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
 // block of 128 queries) walks the blocks of 64 keys its band can reach, keeping a running maximum,
-// sum and output per query (online softmax), so that no Lq x Lk matrix is stored. The backward
+// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; the key blocks
+// panels are packed once for all query blocks. The backward
 // recomputes the probabilities from the log-sum-exp in two passes without atomics: one per block of
 // keys for dK and dV (summing over the queries and the heads that share the key head), one per
 // block of queries for dQ. All products are the register-blocked block_product over packed panels.
@@ -118,30 +119,62 @@ void finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
 }
 
 struct ForwardScratch {
-  std::vector<float> k_panel, v_panel, scores, acc, max, sum;
-  ForwardScratch(int64_t dim, int64_t v_pad)
-      : k_panel(static_cast<size_t>(dim * kKeyBlock)), v_panel(static_cast<size_t>(kKeyBlock * v_pad)),
-        scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
+  std::vector<float> scores, acc, max, sum;
+  explicit ForwardScratch(int64_t v_pad)
+      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
         max(kQueryBlock), sum(kQueryBlock) {}
 };
 
+// Every key block's K^T (dim x kKeyBlock) and V (kKeyBlock x v_pad) panels, packed once for all
+// the query blocks that read them.
+struct KeyPanels {
+  int64_t k_blocks, k_size, v_size;
+  std::vector<float> k, v;
+  const float* k_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
+    return k.data() + ((b * p.kv_heads + hk) * k_blocks + block) * k_size;
+  }
+  const float* v_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
+    return v.data() + ((b * p.kv_heads + hk) * k_blocks + block) * v_size;
+  }
+};
+
+KeyPanels pack_key_panels(const AttentionParams& p) {
+  KeyPanels panels;
+  const int64_t v_pad = padded_to(p.v_dim, kCols);
+  panels.k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock;
+  panels.k_size = p.dim * kKeyBlock;
+  panels.v_size = kKeyBlock * v_pad;
+  const int64_t count = p.batch * p.kv_heads * panels.k_blocks;
+  panels.k.resize(static_cast<size_t>(count * panels.k_size));
+  panels.v.resize(static_cast<size_t>(count * panels.v_size));
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t block = task % panels.k_blocks, bh = task / panels.k_blocks;
+      const int64_t b = bh / p.kv_heads, hk = bh % p.kv_heads, j0 = block * kKeyBlock;
+      const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
+      pack_transposed(p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2], p.k_stride[2], cols, p.dim,
+                      panels.k.data() + task * panels.k_size, kKeyBlock);
+      pack_rows(p.v + b * p.v_stride[0] + hk * p.v_stride[1] + j0 * p.v_stride[2], p.v_stride[2], cols, p.v_dim,
+                panels.v.data() + task * panels.v_size, v_pad, kKeyBlock);
+    }
+  });
+  return panels;
+}
+
 // One block of queries against every key block its band reaches.
-void forward_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0,
-                   ForwardScratch& w) {
+void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t seed, uint64_t offset, int64_t b,
+                   int64_t h, int64_t i0, ForwardScratch& w) {
   const int64_t rows = std::min(kQueryBlock, p.q_len - i0), hk = h / (p.heads / p.kv_heads);
   const int64_t v_pad = padded_to(p.v_dim, kCols);
   const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-  const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1];
-  const float* v = p.v + b * p.v_stride[0] + hk * p.v_stride[1];
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.max.begin(), w.max.end(), -__builtin_inff());
   std::fill(w.sum.begin(), w.sum.end(), 0.0f);
   const auto [first_key, end_key] = key_range(p, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
-    pack_transposed(k + j0 * p.k_stride[2], p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
-    multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim, w.scores.data(), kKeyBlock, kKeyBlock,
-             false, p.scale);
+    multiply(q, p.q_stride[2], 1, rows, panels.k_panel(p, b, hk, j0 / kKeyBlock), kKeyBlock, p.dim, w.scores.data(),
+             kKeyBlock, kKeyBlock, false, p.scale);
     finish_scores(p, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.scores.data() + r * kKeyBlock;
@@ -163,9 +196,8 @@ void forward_block(const AttentionParams& p, uint64_t seed, uint64_t offset, int
         }
       }
     }
-    pack_rows(v + j0 * p.v_stride[2], p.v_stride[2], cols, p.v_dim, w.v_panel.data(), v_pad, kKeyBlock);
-    multiply(w.scores.data(), kKeyBlock, 1, rows, w.v_panel.data(), v_pad, kKeyBlock, w.acc.data(), v_pad, v_pad,
-             true);
+    multiply(w.scores.data(), kKeyBlock, 1, rows, panels.v_panel(p, b, hk, j0 / kKeyBlock), v_pad, kKeyBlock,
+             w.acc.data(), v_pad, v_pad, true);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = (b * p.heads + h) * p.q_len + i0 + r;
@@ -181,11 +213,12 @@ void attention_forward_impl(const AttentionParams& p) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
+  const KeyPanels panels = pack_key_panels(p);
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
+    ForwardScratch scratch(padded_to(p.v_dim, kCols));
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
-      forward_block(p, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
+      forward_block(p, panels, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
     }
   });
 }
