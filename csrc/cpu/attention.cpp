@@ -1,10 +1,10 @@
 // genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
 // block of 128 queries) walks the blocks of 64 keys its band can reach, keeping a running maximum,
-// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; the key blocks
-// panels are packed once for all query blocks. The backward
-// recomputes the probabilities from the log-sum-exp in two passes without atomics: one per block of
-// keys for dK and dV (summing over the queries and the heads that share the key head), one per
-// block of queries for dQ. All products are the register-blocked block_product over packed panels.
+// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; the key blocks'
+// panels are packed once for all query blocks. The backward recomputes the probabilities from the
+// log-sum-exp, without atomics: one pass per (batch, key head) when there are enough of them for
+// the threads, else one pass per block of keys (dK, dV) and one per block of queries (dQ). All
+// products are the register-blocked block_product over packed panels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
