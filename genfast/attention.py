@@ -2,9 +2,10 @@
 signature and semantics, plus bottom-right causal alignment, sliding windows, ALiBi, logit
 soft-capping, Philox dropout and the rows' log-sum-exp (genfast.reference.attention defines it).
 
-Layout (batch, heads, length, head_dim). So far the C++ CPU kernels run the forward and backward
-passes (gradients to q, k, v and an additive attn_mask); the CUDA and Triton kernels and varlen
-packing follow (issue 6). Asking for a backend that is missing raises instead of falling back.
+Layout (batch, heads, length, head_dim). The C++ CPU kernels and the Triton kernels run the
+forward and backward passes (gradients to q, k, v, an additive attn_mask and the log-sum-exp); the
+hand-written CUDA kernels and varlen packing follow (issue 6). Asking for a backend that is missing
+raises instead of falling back.
 """
 
 import math
@@ -106,9 +107,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    if impl == "auto" and q.device.type != "cpu":
-        impl = "reference"  # the only backend with attention off the CPU so far
     backend = _backend.resolve_impl(impl, q.device)
+    if impl == "auto" and backend == "native" and q.device.type != "cpu":
+        backend = "triton" if _backend.triton_runs_on(q.device.type) else "reference"  # no CUDA kernel yet
     if backend == "native" and q.device.type != "cpu":
         raise NotImplementedError(f"genfast.attention has no native kernel for {q.device.type} yet; "
                                   "use impl='reference'")
@@ -120,11 +121,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
                                    dropout_offset=offset, return_lse=return_lse)
-    if backend == "triton":
-        raise NotImplementedError("genfast.attention has no Triton kernel yet; use impl='native' or 'reference'")
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("genfast.attention gives no gradient to alibi_slopes; detach them")
     lo, hi = band(q.shape[2], k.shape[2], causal, window)
-    o, lse = torch.ops.genfast.attention_forward(q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi,
-                                                 float(dropout_p), cuda_generator, as_int64(seed), as_int64(offset))
+    args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p))
+    if backend == "triton":
+        o, lse = torch.ops.genfast.attention_forward_triton(*args, as_int64(seed), as_int64(offset))
+    else:
+        o, lse = torch.ops.genfast.attention_forward(*args, cuda_generator, as_int64(seed), as_int64(offset))
     return (o, lse) if return_lse else o

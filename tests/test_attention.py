@@ -10,7 +10,7 @@ import genfast
 from genfast.reference import attention as ref
 from genfast.reference.random import philox_uniform
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import skip_unless_runs
+from conftest import fused_impls, skip_unless_supported
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -23,8 +23,8 @@ def _qkv(batch, heads, kv_heads, lq, lk, dim, dtype, v_dim=None, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _compare(q, k, v, **options):
-    got, lse = genfast.attention(q, k, v, impl="native", return_lse=True, **options)
+def _compare(q, k, v, impl="native", **options):
+    got, lse = genfast.attention(q, k, v, impl=impl, return_lse=True, **options)
     exact, exact_lse = genfast.attention(q.double(), k.double(), v.double(), impl="reference", return_lse=True,
                                          **{key: (val.double() if isinstance(val, torch.Tensor) and
                                                   val.is_floating_point() else val) for key, val in options.items()})
@@ -37,90 +37,101 @@ def _compare(q, k, v, **options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (17, 100), (100, 33)])
 @pytest.mark.parametrize("dim", [16, 64, 80])
-def test_matches_reference(dim, lq, lk, dtype):
-    skip_unless_runs("native", "cpu")
-    _compare(*_qkv(2, 3, 3, lq, lk, dim, dtype))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_matches_reference(dim, lq, lk, dtype, impl):
+    skip_unless_supported(impl, "cpu", dtype)
+    _compare(*_qkv(2, 3, 3, lq, lk, dim, dtype), impl=impl)
 
 
 @pytest.mark.parametrize("dim", [128, 256])
-def test_large_head_dims(dim):
-    skip_unless_runs("native", "cpu")
-    _compare(*_qkv(1, 2, 2, 40, 70, dim, torch.float32))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_large_head_dims(dim, impl):
+    skip_unless_supported(impl, "cpu")
+    _compare(*_qkv(1, 2, 2, 40, 70, dim, torch.float32), impl=impl)
 
 
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 @pytest.mark.parametrize("lq,lk", [(17, 17), (5, 130), (130, 70)])
-def test_causal(lq, lk, causal):
-    skip_unless_runs("native", "cpu")
-    _compare(*_qkv(2, 2, 2, lq, lk, 32, torch.float32), causal=causal)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_causal(lq, lk, causal, impl):
+    skip_unless_supported(impl, "cpu")
+    _compare(*_qkv(2, 2, 2, lq, lk, 32, torch.float32), causal=causal, impl=impl)
 
 
 @pytest.mark.parametrize("window", [(8, 0), (3, 5), (-1, 2), (20, -1)])
-def test_windows(window):
-    skip_unless_runs("native", "cpu")
-    _compare(*_qkv(1, 2, 2, 90, 150, 32, torch.float32), window=window)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_windows(window, impl):
+    skip_unless_supported(impl, "cpu")
+    _compare(*_qkv(1, 2, 2, 90, 150, 32, torch.float32), window=window, impl=impl)
 
 
 @pytest.mark.parametrize("ratio", [2, 4, 8])
-def test_grouped_query(ratio):
-    skip_unless_runs("native", "cpu")
-    _compare(*_qkv(2, 8, 8 // ratio, 20, 30, 16, torch.float32, v_dim=24), enable_gqa=True)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_grouped_query(ratio, impl):
+    skip_unless_supported(impl, "cpu")
+    _compare(*_qkv(2, 8, 8 // ratio, 20, 30, 16, torch.float32, v_dim=24), enable_gqa=True, impl=impl)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("shape", [(2, 4, 20, 70), (1, 4, 1, 70), (20, 70), (70,)])
-def test_masks_broadcast(shape, kind):
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_masks_broadcast(shape, kind, impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 4, 4, 20, 70, 16, torch.float32)
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(shape, generator=g) < 0.8 if kind == "bool" else torch.randn(shape, generator=g)
-    _compare(q, k, v, attn_mask=mask)
+    _compare(q, k, v, attn_mask=mask, impl=impl)
 
 
-def test_alibi_softcap_scale_combined():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_alibi_softcap_scale_combined(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 3, 3, 33, 65, 16, torch.float32)
     slopes = torch.tensor([[0.5, 0.25, 0.125], [1.0, 0.1, 0.01]])
-    _compare(q, k, v, alibi_slopes=slopes, softcap=4.0, scale=0.4, causal="bottom_right")
-    _compare(q, k, v, alibi_slopes=slopes[0], attn_mask=torch.randn(33, 65))
+    _compare(q, k, v, alibi_slopes=slopes, softcap=4.0, scale=0.4, causal="bottom_right", impl=impl)
+    _compare(q, k, v, alibi_slopes=slopes[0], attn_mask=torch.randn(33, 65), impl=impl)
 
 
-def test_matches_sdpa():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_matches_sdpa(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 4, 4, 50, 50, 32, torch.float32)
     mask = torch.randn(50, 50)
-    torch.testing.assert_close(genfast.attention(q, k, v, mask, is_causal=False, impl="native"),
+    torch.testing.assert_close(genfast.attention(q, k, v, mask, is_causal=False, impl=impl),
                                F.scaled_dot_product_attention(q, k, v, mask), atol=2e-6, rtol=2e-5)
-    torch.testing.assert_close(genfast.attention(q, k, v, is_causal=True, impl="native"),
+    torch.testing.assert_close(genfast.attention(q, k, v, is_causal=True, impl=impl),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-6, rtol=2e-5)
 
 
-def test_fully_masked_rows_are_zero():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_fully_masked_rows_are_zero(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 2, 9, 70, 16, torch.float32)
     mask = torch.ones(9, 70, dtype=torch.bool)
     mask[4] = False
-    o, lse = genfast.attention(q, k, v, mask, impl="native", return_lse=True)
+    o, lse = genfast.attention(q, k, v, mask, impl=impl, return_lse=True)
     assert torch.equal(o[:, :, 4], torch.zeros_like(o[:, :, 4])) and torch.isinf(lse[:, :, 4]).all()
     assert torch.isfinite(o).all()
     # An empty band masks every row.
-    o = genfast.attention(q, k, v, window=(0, 0), causal="top_left", impl="native")
+    o = genfast.attention(q, k, v, window=(0, 0), causal="top_left", impl=impl)
     torch.testing.assert_close(o, genfast.attention(q, k, v, window=(0, 0), causal="top_left", impl="reference"))
 
 
-def test_nan_propagates():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_nan_propagates(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 2, 9, 70, 16, torch.float32)
     q[0, 1, 3, 5] = float("nan")
-    o, lse = genfast.attention(q, k, v, impl="native", return_lse=True)
+    o, lse = genfast.attention(q, k, v, impl=impl, return_lse=True)
     assert o[0, 1, 3].isnan().all() and lse[0, 1, 3].isnan()
     assert not o[0, 1, 2].isnan().any() and not o[0, 0].isnan().any()
 
 
-def test_dropout_is_the_reference_philox_mask():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dropout_is_the_reference_philox_mask(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 2, 2, 20, 75, 16, torch.float32)
-    got = genfast.attention(q, k, v, dropout_p=0.3, generator=genfast.PhiloxGenerator(11, 4), impl="native")
+    got = genfast.attention(q, k, v, dropout_p=0.3, generator=genfast.PhiloxGenerator(11, 4), impl=impl)
     exact = genfast.attention(q.double(), k.double(), v.double(), dropout_p=0.3,
                               generator=genfast.PhiloxGenerator(11, 4), impl="reference")
     low = genfast.attention(q, k, v, dropout_p=0.3, generator=genfast.PhiloxGenerator(11, 4), impl="reference")
@@ -129,20 +140,21 @@ def test_dropout_is_the_reference_philox_mask():
     generator = genfast.PhiloxGenerator(0)
     v1 = torch.ones(1, 1, 300, 1)
     q1, k1 = torch.zeros(1, 1, 300, 4), torch.zeros(1, 1, 300, 4)
-    first = genfast.attention(q1, k1, v1, dropout_p=0.25, generator=generator, impl="native")
-    second = genfast.attention(q1, k1, v1, dropout_p=0.25, generator=generator, impl="native")
+    first = genfast.attention(q1, k1, v1, dropout_p=0.25, generator=generator, impl=impl)
+    second = genfast.attention(q1, k1, v1, dropout_p=0.25, generator=generator, impl=impl)
     assert not torch.equal(first, second)
     kept = philox_uniform((1, 1, 300, 300), 0, 0, torch.float64) >= 0.25
     assert abs(kept.double().mean().item() - 0.75) < 0.01
     torch.testing.assert_close(first[0, 0, :, 0].double(), kept[0, 0].double().mean(1) / 0.75, atol=1e-5, rtol=0)
 
 
-def test_empty_inputs():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_empty_inputs(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 2, 2, 5, 7, 8, torch.float32)
-    assert genfast.attention(q[:0], k[:0], v[:0], impl="native").shape == (0, 2, 5, 8)
-    assert genfast.attention(q[:, :, :0], k, v, impl="native").shape == (2, 2, 0, 8)
-    o, lse = genfast.attention(q, k[:, :, :0], v[:, :, :0], impl="native", return_lse=True)
+    assert genfast.attention(q[:0], k[:0], v[:0], impl=impl).shape == (0, 2, 5, 8)
+    assert genfast.attention(q[:, :, :0], k, v, impl=impl).shape == (2, 2, 0, 8)
+    o, lse = genfast.attention(q, k[:, :, :0], v[:, :, :0], impl=impl, return_lse=True)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isinf(lse).all()
 
 
@@ -162,7 +174,7 @@ def _grads(impl, dtype, q, k, v, mask, grad_o, grad_lse, options):
     return torch.autograd.grad(loss, wrt)
 
 
-def _compare_grads(q, k, v, mask=None, **options):
+def _compare_grads(q, k, v, mask=None, impl="native", **options):
     lq, dv = q.shape[2], v.shape[3]
     g = torch.Generator().manual_seed(7)
     grad_o = torch.randn(q.shape[0], q.shape[1], lq, dv, generator=g, dtype=torch.float64)
@@ -170,7 +182,7 @@ def _compare_grads(q, k, v, mask=None, **options):
     generator = options.pop("seed", None)
     with_key = (lambda: dict(options, generator=genfast.PhiloxGenerator(generator))) if generator is not None else (
         lambda: options)
-    got = _grads("native", None, q, k, v, mask, grad_o, grad_lse, with_key())
+    got = _grads(impl, None, q, k, v, mask, grad_o, grad_lse, with_key())
     exact = _grads("reference", torch.float64, q, k, v, mask, grad_o, grad_lse, with_key())
     low = _grads("reference", None, q, k, v, mask, grad_o, grad_lse, with_key())
     for name, a, e, lo in zip(("q", "k", "v", "attn_mask"), got, exact, low):
@@ -180,55 +192,65 @@ def _compare_grads(q, k, v, mask=None, **options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lq,lk,dim", [(1, 1, 16), (17, 100, 64), (100, 33, 80), (40, 70, 256)])
-def test_gradients_match_reference(lq, lk, dim, dtype):
-    skip_unless_runs("native", "cpu")
-    _compare_grads(*_qkv(2, 2, 2, lq, lk, dim, dtype))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_match_reference(lq, lk, dim, dtype, impl):
+    skip_unless_supported(impl, "cpu", dtype)
+    _compare_grads(*_qkv(2, 2, 2, lq, lk, dim, dtype), impl=impl)
 
 
 @pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right", window=(20, 3)),
                                      dict(softcap=3.0, scale=0.5), dict(alibi_slopes=torch.tensor([0.4, 0.1, 0.05, 1.0])),
                                      dict(dropout_p=0.2, seed=4)], ids=str)
-def test_gradients_with_options(options):
-    skip_unless_runs("native", "cpu")
-    _compare_grads(*_qkv(2, 4, 2, 50, 140, 32, torch.float32, v_dim=24), **dict(options))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_with_options(options, impl):
+    skip_unless_supported(impl, "cpu")
+    _compare_grads(*_qkv(2, 4, 2, 50, 140, 32, torch.float32, v_dim=24), **dict(options), impl=impl)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_gradients_with_masks(kind):
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_with_masks(kind, impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 2, 2, 30, 75, 16, torch.float32)
     g = torch.Generator().manual_seed(2)
     mask = torch.rand(2, 1, 30, 75, generator=g) < 0.7 if kind == "bool" else torch.randn(2, 1, 30, 75, generator=g)
     if kind == "bool":
         mask[0, 0, 5] = False  # a fully masked row: zero gradients, not NaN
-    _compare_grads(q, k, v, mask)
+    _compare_grads(q, k, v, mask, impl=impl)
 
 
-def test_backward_is_deterministic():
-    skip_unless_runs("native", "cpu")
-    q, k, v = _qkv(2, 4, 2, 150, 200, 32, torch.float32)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_backward_is_deterministic(impl):
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(2, 4, 2, 150, 200, 32, torch.float32) if impl == "native" else _qkv(1, 2, 1, 40, 50, 16,
+                                                                                         torch.float32)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl="native").square().sum().backward()
+        genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl).square().sum().backward()
         runs.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_opcheck_and_compile():
-    skip_unless_runs("native", "cpu")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_opcheck_and_compile(impl):
+    skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 1, 9, 12, 8, torch.float32)
     mask = torch.randn(9, 12)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
     args = (*leaves, torch.tensor([0.5, 0.1]), 0.3, 2.0, -3, 4, 0.2, None, 5, 8)
-    torch.library.opcheck(torch.ops.genfast.attention_forward, args)
-    o, lse = torch.ops.genfast.attention_forward(q, k, v, mask, None, 0.3, 0.0, -3, 4, 0.0, None, 0, 0)
-    torch.library.opcheck(torch.ops.genfast.attention_backward,
+    forward = torch.ops.genfast.attention_forward if impl == "native" else torch.ops.genfast.attention_forward_triton
+    backward = torch.ops.genfast.attention_backward if impl == "native" else torch.ops.genfast.attention_backward_triton
+    key = (None, 5, 8) if impl == "native" else (5, 8)
+    args = args[:10] + key
+    torch.library.opcheck(forward, args)
+    o, lse = forward(q, k, v, mask, None, 0.3, 0.0, -3, 4, 0.0, *key[:-2], 0, 0)
+    torch.library.opcheck(backward,
                           (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, mask, None, 0.3, 0.0, -3, 4,
                            0.0, 0, 0, True))
 
     def layer(q, k, v, mask):
-        return genfast.attention(q, k, v, mask, enable_gqa=True, causal="bottom_right", impl="native")
+        return genfast.attention(q, k, v, mask, enable_gqa=True, causal="bottom_right", impl=impl)
 
     eager = layer(*leaves)
     grads = torch.autograd.grad(eager.sum(), leaves)
@@ -276,7 +298,7 @@ def test_bad_input_names_the_argument():
 def test_both_backward_schedules_agree():
     """One pass per (batch, key head) when there are enough of them for the threads, else a pass
     per key block and one per query block: the same gradients either way."""
-    skip_unless_runs("native", "cpu")
+    skip_unless_supported("native", "cpu")
     q, k, v = _qkv(1, 4, 2, 70, 90, 16, torch.float32)
     mask = torch.randn(70, 90)
     grads = []

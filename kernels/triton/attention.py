@@ -1,0 +1,433 @@
+"""Scaled-dot-product attention in Triton, FlashAttention-2 style: the semantics of
+genfast/reference/attention.py and kernels/common/attention.h (csrc/cpu/attention.cpp).
+
+Per batch b and query head h (key/value head h // (H / Hk)):
+    s_ij = scale q_i . k_j;  s = softcap tanh(s / softcap);  s -= slope_h |i + Lk - Lq - j|;
+    s += bias_ij, or s = -inf where a bool mask is false;  s = -inf unless i + band_lo <= j <= i + band_hi;
+    o_i = sum_j dropout(softmax(s_i))_j v_j;  lse_i = logsumexp_j s_ij
+A row masking every key has o = 0 and lse = -inf. Dropout keeps element ((b H + h) Lq + i) Lk + j
+where its Philox uniform (genfast.reference.random.philox_uniform) is >= dropout_p, scaled by
+1 / (1 - dropout_p).
+
+The forward walks, per block of queries, only the key blocks its band can reach, with an online
+softmax. The backward is two deterministic passes without atomics: one program per block of keys
+for dK and dV (looping over the query heads of its key head and the query blocks its band reaches),
+one per block of queries for dQ (and dS, when asked for). exp, log and tanh are the Cephes
+polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs).
+"""
+
+import triton
+import triton.language as tl
+
+from .affine_coupling import exp_f32, log_f32, tanh_f32
+from .common import philox_key_words
+from .nade import _philox_uniform
+
+UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
+MAX_HEAD_DIM = 256
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
+# Philox words and band bounds may be 1: keep them runtime values (the kernels call .to on the words).
+_NO_SPECIALIZE = ["seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi"]
+
+
+@triton.jit
+def _dot(a, b, DOT_KIND: tl.constexpr):
+    """a @ b with a float32 accumulator: exact float32 products (ieee) or half-precision operands."""
+    if DOT_KIND == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    elif DOT_KIND == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap, band_lo, band_hi,
+                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The scores from scale q.k ([M, N]): soft-cap, ALiBi, mask, band, and -inf outside (Lq, Lk).
+    Also returns 1 - tanh^2 of the soft-cap (s itself when there is none)."""
+    if SOFTCAP:
+        t = tanh_f32(s / softcap)
+        s = softcap * t
+        cap = 1.0 - t * t
+    else:
+        cap = s
+    if HAS_ALIBI:
+        distance = tl.abs(offs_m[:, None] + (Lk - Lq) - offs_n[None, :]).to(tl.float32)
+        s = s - slope * distance
+    inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if MASK_KIND != 0:
+        ptrs = (mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
+                + offs_n[None, :].to(tl.int64) * smn)
+        if MASK_KIND == 1:
+            keep = tl.load(ptrs, mask=inside, other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    diff = offs_n[None, :] - offs_m[:, None]
+    s = tl.where(inside & (diff >= band_lo) & (diff <= band_hi), s, float("-inf"))
+    return s, cap
+
+
+@triton.jit
+def _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi):
+    index = (bh * Lq + offs_m[:, None].to(tl.int64)) * Lk + offs_n[None, :].to(tl.int64)
+    u = _philox_uniform(index, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
+                        base_hi.to(tl.uint32))
+    return u >= dropout_p
+
+
+@triton.jit
+def _load_rows(base, offs, n, stride, offs_d, d):
+    ptrs = base + offs[:, None].to(tl.int64) * stride + offs_d[None, :]
+    return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, value, offs, n, stride, offs_d, d):
+    ptrs = base + offs[:, None].to(tl.int64) * stride + offs_d[None, :]
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=(offs[:, None] < n) & (offs_d[None, :] < d))
+
+
+@triton.jit
+def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
+    if HAS_ALIBI:
+        return tl.load(alibi_ptr + b * alibi_bs + h).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, o_ptr, lse_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
+    H, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    seed_lo, seed_hi, base_lo, base_hi,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    # The key blocks the band of queries [start_m, start_m + BLOCK_M) can reach.
+    lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M + band_hi, Lk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
+        s = _dot(q, tl.trans(k), DOT_KIND) * scale
+        s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
+                                band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        # tl.max skips NaN (fmax): a row holding one takes NaN, which then reaches o and lse.
+        block_max = tl.where(tl.sum((s != s).to(tl.int32), 1) > 0, float("nan"), tl.max(s, 1))
+        m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p = 0, alpha = 0
+        p = exp_f32(s - m_safe[:, None])
+        alpha = exp_f32(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keeps = _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
+            p = tl.where(keeps, p * keep_scale, 0.0)
+        v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_KIND)
+        m_i = m_new
+    seen = m_i != float("-inf")  # NaN counts as seen
+    total = tl.where(seen, l_i, 1.0)
+    o = tl.where(seen[:, None], acc / total[:, None], 0.0)
+    _store_rows(o_ptr + b * sob + h * soh, o, offs_m, Lq, som, offs_dv, DV)
+    lse = tl.where(seen, m_i + log_f32(total), float("-inf"))
+    tl.store(lse_ptr + b * slb + h * slh + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
+                     scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
+                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                     DROPOUT: tl.constexpr, DOT_KIND: tl.constexpr):
+    """P after dropout (the weights of V), dS (the gradient of the scores s) and dS times the
+    soft-cap's 1 - tanh^2 (the gradient of scale q.k), all [M, N]."""
+    s = _dot(q, tl.trans(k), DOT_KIND) * scale
+    s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
+                            band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+    seen = lse != float("-inf")
+    p = tl.where(seen[:, None], exp_f32(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), DOT_KIND)
+    if DROPOUT:
+        keeps = _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
+        p_dropped = tl.where(keeps, p * keep_scale, 0.0)
+        dp = tl.where(keeps, dp * keep_scale, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds_dot = ds * cap
+    else:
+        ds_dot = ds
+    return p_dropped, ds, ds_dot
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
+    smb, smh, smm, smn, alibi_bs, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    H, HK, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    seed_lo, seed_hi, base_lo, base_hi,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HK
+    hk = bhk % HK
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(k_ptr + b * skb + hk * skh, offs_n, Lk, skn, offs_d, D)
+    v = _load_rows(v_ptr + b * svb + hk * svh, offs_n, Lk, svn, offs_dv, DV)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    # The query blocks that can see keys [start_n, start_n + BLOCK_N).
+    lo = tl.maximum(start_n - band_hi, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N - band_lo, Lq)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
+        q_base = q_ptr + b * sqb + h * sqh
+        do_base = do_ptr + b * sdob + h * sdoh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, Lq, sqm, offs_d, D)
+            do = _load_rows(do_base, offs_m, Lq, sdom, offs_dv, DV)
+            lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=offs_m < Lq, other=float("-inf"))
+            delta = tl.load(delta_ptr + b * sdlb + h * sdlh + offs_m, mask=offs_m < Lq, other=0.0)
+            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr,
+                                             smb, smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
+                                             keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
+                                             MASK_KIND, DROPOUT, DOT_KIND)
+            dv += _dot(tl.trans(p), do, DOT_KIND)
+            dk += _dot(tl.trans(ds_dot), q, DOT_KIND)
+    _store_rows(dk_ptr + b * sdkb + hk * sdkh, dk * scale, offs_n, Lk, sdkn, offs_d, D)
+    _store_rows(dv_ptr + b * sdvb + hk * sdvh, dv, offs_n, Lk, sdvn, offs_dv, DV)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dq_ptr, ds_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
+    smb, smh, smm, smn, alibi_bs, sdqb, sdqh, sdqm, sdsb, sdsh, sdsm, sdsn,
+    H, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    seed_lo, seed_hi, base_lo, base_hi,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
+    do = _load_rows(do_ptr + b * sdob + h * sdoh, offs_m, Lq, sdom, offs_dv, DV)
+    lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=offs_m < Lq, other=float("-inf"))
+    delta = tl.load(delta_ptr + b * sdlb + h * sdlh + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M + band_hi, Lk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
+        v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
+        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr,
+                                         smb, smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
+                                         keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
+                                         MASK_KIND, DROPOUT, DOT_KIND)
+        if WRITE_DS:
+            ptrs = (ds_ptr + b * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
+                    + offs_n[None, :].to(tl.int64) * sdsn)
+            tl.store(ptrs, ds, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+        dq += _dot(ds_dot, k, DOT_KIND)
+    _store_rows(dq_ptr + b * sdqb + h * sdqh, dq * scale, offs_m, Lq, sdqm, offs_d, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _last_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _dot_kind(dtype):
+    import torch
+
+    return {torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}.get(dtype, DOT_F32)
+
+
+def _blocks(device, dim_pad, backward):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter's cost is per program and step;
+    on a GPU the tiles keep the accumulators in registers for head dims up to 256."""
+    if device.type == "cpu":
+        return 16, 16, 1, 1
+    if backward:
+        if dim_pad <= 64:
+            return 64, 64, 4, 2
+        if dim_pad <= 128:
+            return 64, 32, 8, 2
+        return 32, 32, 8, 1
+    if dim_pad <= 64:
+        return 128, 64, 4, 2
+    if dim_pad <= 128:
+        return 128, 32, 8, 2
+    return 64, 32, 8, 1
+
+
+def _check(q, k, v):
+    batch, heads, _, dim = q.shape
+    kv_heads, v_dim = k.shape[1], v.shape[3]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"attention: the {kv_heads} key heads must divide the {heads} query heads")
+    if dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
+        raise ValueError(f"genfast's Triton attention supports head dims up to {MAX_HEAD_DIM}, got {dim} and {v_dim}")
+
+
+def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi, dropout_p, seed, offset):
+    """Kernel arguments shared by the three kernels: (pointer args, stride args, scalar args, constexprs)."""
+    import torch
+
+    lq, lk = q.shape[2], k.shape[2]
+    # Beyond these the band masks nothing more: clamping keeps the arithmetic in 32 bits.
+    band_lo = min(max(int(band_lo), -lq - 1), lk + 1)
+    band_hi = min(max(int(band_hi), -lq - 1), lk + 1)
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        if mask_is_bool or mask.dtype == torch.bool:
+            mask_kind = MASK_BOOL
+            mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        else:
+            mask_kind, mask_arg = MASK_ADDITIVE, mask
+        mask_strides = tuple(mask_arg.stride())
+    if alibi_slopes is None:
+        alibi_arg, alibi_bs = q, 0
+    else:
+        alibi_arg = alibi_slopes.to(torch.float32).contiguous()
+        alibi_bs = alibi_arg.stride(0) if alibi_arg.dim() == 2 else 0
+    dropout_p = float(dropout_p)
+    keep_scale = 1.0 / (1.0 - dropout_p) if 0.0 < dropout_p < 1.0 else 0.0
+    seed_lo, seed_hi, base_lo, base_hi = philox_key_words(int(seed), int(offset))
+    scalars = dict(softcap=float(softcap), band_lo=band_lo, band_hi=band_hi, dropout_p=dropout_p,
+                   keep_scale=keep_scale, seed_lo=seed_lo, seed_hi=seed_hi, base_lo=base_lo, base_hi=base_hi)
+    consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+                  DROPOUT=dropout_p > 0.0, DOT_KIND=_dot_kind(q.dtype),
+                  BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
+                  BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
+    return mask_arg, mask_strides, alibi_arg, alibi_bs, scalars, consts
+
+
+def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p,
+                             seed, offset, o, lse, wrap=None):
+    """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
+    Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
+    an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32
+    (added); alibi_slopes None, (H,) or (B, H); softcap 0: none; band_lo/band_hi: keep
+    i + band_lo <= j <= i + band_hi, +-(1 << 62) unbounded; dropout with the Philox stream of
+    (seed, offset). wrap: torch.library.wrap_triton inside a triton_op."""
+    _check(q, k, v)
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    if batch * heads * lq == 0:
+        return
+    if lk == 0 or v_dim == 0:
+        o.zero_()
+        lse.fill_(float("-inf"))
+        return
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
+                                                                 band_lo, band_hi, dropout_p, seed, offset)
+    out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
+    lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
+    block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
+    kernel = attention_forward_kernel if wrap is None else wrap(attention_forward_kernel)
+    kernel[(triton.cdiv(lq, block_m), batch * heads)](
+        q, k, v, mask_arg, alibi_arg, out, lse_out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), ms[0], ms[1], ms[2], ms[3], alibi_bs,
+        out.stride(0), out.stride(1), out.stride(2), lse_out.stride(0), lse_out.stride(1),
+        heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    if out is not o:
+        o.copy_(out)
+    if lse_out is not lse:
+        lse.copy_(lse_out)
+
+
+def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo,
+                              band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s, wrap=None):
+    """The gradients of launch_attention_forward for grad_o (B, H, Lq, Dv) and delta = rowsum(grad_o
+    * o) - grad_lse (B, H, Lq) float32: grad_q (like q), grad_k, grad_v (like k, v), float32,
+    written. grad_s None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
+    of the scores s (before the soft-cap's chain rule; the additive mask's gradient summed to its
+    shape) is written where the band reaches (it is 0 elsewhere). Deterministic: no atomics."""
+    _check(q, k, v)
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    if batch * heads * lq == 0 or lk == 0:
+        grad_q.zero_()
+        grad_k.zero_()
+        grad_v.zero_()
+        return
+    q, k, v, grad_o = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(grad_o)
+    lse, delta = _last_contiguous(lse), _last_contiguous(delta)
+    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
+                                                                 band_lo, band_hi, dropout_p, seed, offset)
+    outs = [t if t.stride(-1) == 1 else t.new_empty(t.shape) for t in (grad_q, grad_k, grad_v)]
+    dq, dk, dv = outs
+    block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), True)
+    common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), grad_o.stride(0), grad_o.stride(1), grad_o.stride(2),
+                      lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+                      ms[0], ms[1], ms[2], ms[3], alibi_bs)
+    kv_kernel = attention_backward_kv_kernel if wrap is None else wrap(attention_backward_kv_kernel)
+    kv_kernel[(triton.cdiv(lk, block_n), batch * kv_heads)](
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    ds = grad_s if grad_s is not None else dq
+    q_kernel = attention_backward_q_kernel if wrap is None else wrap(attention_backward_q_kernel)
+    q_kernel[(triton.cdiv(lq, block_m), batch * heads)](
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
+        heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        WRITE_DS=grad_s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    for out, given in zip(outs, (grad_q, grad_k, grad_v)):
+        if out is not given:
+            given.copy_(out)

@@ -1,0 +1,237 @@
+"""The Triton attention kernels (genfast.kernels.attention) under the Triton CPU interpreter, against
+the float64 reference genfast.reference.attention: the forward (o and lse) and the backward (dQ, dK,
+dV and the additive mask's gradient from dS) for plain, causal (both alignments), windowed, bool
+and float masks, ALiBi, soft-capping, dropout, grouped-query heads, fully masked rows, float16 and
+strided inputs. Run with TRITON_INTERPRET=1."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from genfast import _backend
+from genfast.reference import attention as reference
+
+pytestmark = pytest.mark.triton
+
+UNBOUNDED = 1 << 62
+
+
+def _kernels():
+    if not _backend.triton_runs_on("cpu"):
+        pytest.skip(_backend.triton_error() or "Triton runs on the CPU only under TRITON_INTERPRET=1")
+    from genfast.kernels import attention
+
+    return attention
+
+
+def _band(lq, lk, causal=None, window=None):
+    lo, hi = -UNBOUNDED, UNBOUNDED
+    if causal is not None:
+        hi = min(hi, 0 if causal == "top_left" else lk - lq)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            lo = max(lo, lk - lq - left)
+        if right >= 0:
+            hi = min(hi, lk - lq + right)
+    return lo, hi
+
+
+def _inputs(B, H, Hk, Lq, Lk, D, Dv, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hk, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hk, Lk, Dv, generator=g).to(dtype)
+    return q, k, v
+
+
+def _mask(kind, B, H, Lq, Lk, seed=3, masked_row=None):
+    """The mask in its own (broadcastable) shape, or None."""
+    g = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(B, 1, Lq, Lk, generator=g) < 0.7
+        m[..., 0] = True  # no accidental fully masked rows
+        if masked_row is not None:
+            m[:, :, masked_row, :] = False
+        return m
+    return torch.randn(1, H, Lq, Lk, generator=g)
+
+
+def _alibi(kind, B, H):
+    if kind is None:
+        return None
+    slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(H)])
+    return slopes if kind == "h" else slopes * torch.linspace(0.5, 1.5, B)[:, None]
+
+
+def _forward(attn, q, k, v, mask, alibi, scale, softcap, band, dropout_p, seed, offset):
+    B, H, Lq, _ = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    o = torch.empty(B, H, Lq, Dv, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq)
+    full = None if mask is None else mask.expand(B, H, Lq, Lk)
+    attn.launch_attention_forward(q, k, v, full, mask is not None and mask.dtype == torch.bool, alibi, scale,
+                                  softcap or 0.0, band[0], band[1], dropout_p, seed, offset, o, lse)
+    return o, lse
+
+
+def _reference(q, k, v, mask, alibi, scale, softcap, causal, window, dropout_p, seed, offset):
+    H, Hk = q.shape[1], k.shape[1]
+    return reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=H != Hk,
+                               causal=causal, window=window, alibi_slopes=alibi, softcap=softcap,
+                               dropout_seed=seed, dropout_offset=offset, return_lse=True)
+
+
+# (name, B, H, Hk, Lq, Lk, D, Dv, options)
+FORWARD_CASES = [
+    ("plain", 2, 2, 2, 17, 40, 24, 24, {}),
+    ("plain_one_query", 2, 2, 2, 1, 17, 16, 64, {}),
+    ("plain_one_key", 1, 2, 2, 40, 1, 64, 16, {}),
+    ("causal_top_left", 2, 2, 2, 17, 40, 16, 16, dict(causal="top_left")),
+    ("causal_bottom_right", 2, 2, 2, 17, 40, 16, 16, dict(causal="bottom_right")),
+    ("causal_bottom_right_masked_rows", 1, 2, 2, 40, 17, 16, 16, dict(causal="bottom_right")),
+    ("causal_top_left_long_q", 1, 2, 2, 40, 17, 16, 16, dict(causal="top_left")),
+    ("window", 2, 2, 2, 40, 40, 16, 16, dict(window=(5, 3))),
+    ("window_left_causal", 1, 2, 2, 17, 40, 16, 16, dict(window=(6, -1), causal="bottom_right")),
+    ("bool_mask", 2, 2, 2, 17, 40, 24, 24, dict(mask="bool")),
+    ("bool_mask_masked_row", 2, 2, 2, 17, 17, 16, 16, dict(mask="bool", masked_row=3)),
+    ("float_mask", 2, 2, 2, 17, 40, 24, 24, dict(mask="float")),
+    ("alibi_h", 2, 2, 2, 17, 40, 16, 16, dict(alibi="h")),
+    ("alibi_bh_causal", 2, 2, 2, 40, 17, 16, 16, dict(alibi="bh", causal="top_left")),
+    ("softcap", 2, 2, 2, 17, 40, 16, 16, dict(softcap=2.0, scale=0.8)),
+    ("dropout", 2, 2, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=1234, offset=8)),
+    ("gqa", 2, 4, 2, 17, 40, 16, 24, {}),
+    ("everything", 2, 4, 2, 17, 40, 24, 16,
+     dict(causal="bottom_right", window=(9, -1), mask="float", alibi="bh", softcap=3.0, dropout_p=0.2, seed=7,
+          offset=4)),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_matches_reference(case):
+    attn = _kernels()
+    _, B, H, Hk, Lq, Lk, D, Dv, opts = case
+    q, k, v = _inputs(B, H, Hk, Lq, Lk, D, Dv)
+    mask = _mask(opts.get("mask"), B, H, Lq, Lk, masked_row=opts.get("masked_row"))
+    alibi = _alibi(opts.get("alibi"), B, H)
+    scale = opts.get("scale", 1.0 / math.sqrt(D))
+    causal, window = opts.get("causal"), opts.get("window")
+    p, seed, offset = opts.get("dropout_p", 0.0), opts.get("seed", 0), opts.get("offset", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy on -inf lanes
+        o, lse = _forward(attn, q, k, v, mask, alibi, scale, opts.get("softcap"), _band(Lq, Lk, causal, window), p,
+                          seed, offset)
+    ro, rlse = _reference(q.double(), k.double(), v.double(), None if mask is None else mask.double()
+                          if mask.dtype != torch.bool else mask, None if alibi is None else alibi.double(), scale,
+                          opts.get("softcap"), causal, window, p, seed, offset)
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), rlse, atol=2e-5, rtol=1e-5)
+    if opts.get("masked_row") is not None or case[0] == "causal_bottom_right_masked_rows":
+        assert torch.isinf(lse).any() and (lse[torch.isinf(lse)] < 0).all()
+        assert (o[torch.isinf(lse)] == 0).all()
+
+
+@pytest.mark.triton
+def test_forward_float16_and_strided():
+    attn = _kernels()
+    B, H, Lq, Lk, D = 2, 2, 17, 40, 64
+    q, k, v = _inputs(B, H, H, Lq, Lk, D, D, dtype=torch.float16)
+    # (B, L, H, D) storage, seen as (B, H, L, D): strided heads and positions.
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    band = _band(Lq, Lk, "bottom_right")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        o, lse = _forward(attn, q, k, v, None, None, 0.125, None, band, 0.25, 99, 0)
+    assert o.dtype == torch.float16
+    ro, rlse = _reference(q.double(), k.double(), v.double(), None, None, 0.125, None, "bottom_right", None, 0.25, 99,
+                          0)
+    torch.testing.assert_close(o.double(), ro, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), rlse, atol=1e-2, rtol=1e-2)
+
+
+# (name, B, H, Hk, Lq, Lk, D, Dv, options)
+BACKWARD_CASES = [
+    ("plain_gqa", 2, 4, 2, 17, 40, 24, 16, {}),
+    ("causal_bottom_right_window", 2, 2, 2, 40, 17, 16, 16, dict(causal="bottom_right", window=(5, -1))),
+    ("causal_top_left_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2))),
+    ("float_mask", 2, 2, 2, 17, 40, 16, 16, dict(mask="float")),
+    ("bool_mask_masked_row", 2, 2, 2, 17, 17, 16, 16, dict(mask="bool", masked_row=5)),
+    ("alibi_softcap", 2, 2, 2, 17, 40, 16, 16, dict(alibi="bh", softcap=2.0, scale=0.7)),
+    ("dropout_gqa", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
+    ("everything", 1, 4, 2, 17, 40, 24, 16,
+     dict(causal="bottom_right", mask="float", alibi="h", softcap=3.0, dropout_p=0.2, seed=5, offset=0)),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_matches_autograd(case):
+    attn = _kernels()
+    _, B, H, Hk, Lq, Lk, D, Dv, opts = case
+    q, k, v = _inputs(B, H, Hk, Lq, Lk, D, Dv, seed=1)
+    mask = _mask(opts.get("mask"), B, H, Lq, Lk, masked_row=opts.get("masked_row"))
+    alibi = _alibi(opts.get("alibi"), B, H)
+    scale = opts.get("scale", 1.0 / math.sqrt(D))
+    softcap = opts.get("softcap")
+    causal, window = opts.get("causal"), opts.get("window")
+    p, seed, offset = opts.get("dropout_p", 0.0), opts.get("seed", 0), opts.get("offset", 0)
+    band = _band(Lq, Lk, causal, window)
+    float_mask = mask is not None and mask.dtype != torch.bool
+    g = torch.Generator().manual_seed(11)
+    grad_o = torch.randn(B, H, Lq, Dv, generator=g)
+    grad_lse = torch.randn(B, H, Lq, generator=g)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        o, lse = _forward(attn, q, k, v, mask, alibi, scale, softcap, band, p, seed, offset)
+        delta = (grad_o * o).sum(-1) - torch.where(torch.isinf(lse), 0.0, grad_lse)
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad_s = torch.zeros(B, H, Lq, Lk) if float_mask else None
+        attn.launch_attention_backward(grad_o, delta, q, k, v, lse, None if mask is None else mask.expand(B, H, Lq, Lk),
+                                       mask is not None and not float_mask, alibi, scale, softcap or 0.0, band[0],
+                                       band[1], p, seed, offset, grad_q, grad_k, grad_v, grad_s)
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    m64 = mask.double().requires_grad_() if float_mask else mask
+    ro, rlse = _reference(q64, k64, v64, m64, None if alibi is None else alibi.double(), scale, softcap, causal,
+                          window, p, seed, offset)
+    finite_lse = torch.where(torch.isinf(rlse), torch.zeros_like(rlse), rlse)
+    loss = (ro * grad_o.double()).sum() + (finite_lse * grad_lse.double()).sum()
+    inputs = [q64, k64, v64] + ([m64] if float_mask else [])
+    expected = torch.autograd.grad(loss, inputs)
+    actual = [grad_q, grad_k, grad_v]
+    if float_mask:
+        actual.append(grad_s.sum(0, keepdim=True))  # to the mask's (1, H, Lq, Lk)
+    for name, a, e in zip("qkvm", actual, expected):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), e, atol=5e-5, rtol=1e-4, msg=lambda m: f"grad_{name}: {m}")
+    if opts.get("masked_row") is not None:
+        assert (grad_q[:, :, opts["masked_row"]] == 0).all()
+
+
+@pytest.mark.triton
+def test_backward_float16():
+    attn = _kernels()
+    B, H, Hk, Lq, Lk, D = 1, 2, 1, 17, 40, 16
+    q, k, v = _inputs(B, H, Hk, Lq, Lk, D, D, dtype=torch.float16, seed=2)
+    band = _band(Lq, Lk, "bottom_right")
+    g = torch.Generator().manual_seed(4)
+    grad_o = torch.randn(B, H, Lq, D, generator=g).half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        o, lse = _forward(attn, q, k, v, None, None, 0.25, None, band, 0.0, 0, 0)
+        delta = (grad_o.float() * o.float()).sum(-1)
+        grads = [torch.zeros(t.shape) for t in (q, k, v)]
+        attn.launch_attention_backward(grad_o, delta, q, k, v, lse, None, False, None, 0.25, 0.0, band[0], band[1],
+                                       0.0, 0, 0, *grads, None)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ro = reference.attention(q64, k64, v64, scale=0.25, enable_gqa=True, causal="bottom_right")
+    expected = torch.autograd.grad((ro * grad_o.double()).sum(), [q64, k64, v64])
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
