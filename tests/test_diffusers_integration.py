@@ -5,7 +5,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from genfast.integrations import diffusers as fused  # noqa: E402
-from conftest import devices, fused_impls, skip_unless_runs  # noqa: E402
+from conftest import devices, fused_impls, skip_unless_runs, skip_unless_supported  # noqa: E402
+from genfast.testing.tolerances import assert_error_ratio  # noqa: E402
 
 SHAPE = (2, 3, 8, 8)
 
@@ -98,3 +99,41 @@ def test_unsupported_configuration_falls_back_to_diffusers():
     a = theirs.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     b = ours.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     torch.testing.assert_close(a, b)
+
+
+# The attention processor
+
+def _attention_block(cross: bool, image: bool):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=32, cross_attention_dim=24 if cross else None, heads=4, dim_head=8,
+                     norm_num_groups=8 if image else None, residual_connection=image, bias=True)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("cross,image,masked", [(False, False, False), (True, False, True), (False, True, False)])
+def test_attention_processor_matches_diffusers(cross, image, masked, impl):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    skip_unless_supported(impl, "cpu")
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 32, 5, 6, generator=g) if image else torch.randn(2, 30, 32, generator=g)
+    context = torch.randn(2, 11, 24, generator=g) if cross else None
+    # diffusers' additive form: 0 where a token is attended, -10000 where not
+    mask = torch.where(torch.rand(2, 11, generator=g) < 0.3, -1e4, 0.0) if masked else None
+
+    def run(processor, dtype):
+        b = _attention_block(cross, image).to(dtype)
+        b.set_processor(processor)
+        x = hidden.to(dtype).requires_grad_()
+        out = b(x, encoder_hidden_states=None if context is None else context.to(dtype),
+                attention_mask=None if mask is None else mask.to(dtype))
+        grads = torch.autograd.grad((out.double() ** 2).sum(), [x, b.to_q.weight, b.to_k.weight, b.to_v.weight])
+        return [out, *grads]
+
+    got = run(fused.GenfastAttnProcessor(impl=impl), torch.float32)
+    exact = run(AttnProcessor2_0(), torch.float64)
+    low = run(AttnProcessor2_0(), torch.float32)
+    for k, (a, e, lo) in enumerate(zip(got, exact, low)):
+        assert_error_ratio(a, e, lo, ratio=2.0 if k == 0 else 3.0, msg=f"result {k}")

@@ -159,3 +159,54 @@ class FlowMatchEulerDiscreteScheduler(_fused_scheduler(diffusers.FlowMatchEulerD
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"]
+
+
+class GenfastAttnProcessor:
+    """An attention processor for diffusers' Attention blocks (self and cross attention, in UNets,
+    DiTs and VAEs) that runs genfast.attention: the computation of diffusers' AttnProcessor2_0
+    with SDPA replaced, and attn.scale as the softmax scale.
+
+        unet.set_attn_processor(GenfastAttnProcessor())
+    """
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = impl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        from ..attention import attention
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:  # (B, C, H, W) -> (B, H W, C)
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, context_length = source.shape[0], source.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:  # self-attention reads the normalized states
+            context = hidden_states
+        else:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+
+        def heads(t):  # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+            return t.view(batch, t.shape[1], attn.heads, -1).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = attention(query, key, value, attention_mask, scale=attn.scale, impl=self.impl)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if image_shape is not None:
+            out = out.transpose(1, 2).reshape(image_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
