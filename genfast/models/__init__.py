@@ -6,5 +6,6 @@ from .ebm import EBM, EnergyMLP
 from .flows import Glow, RealNVP
 from .nade import MADE, NADE
 from .score import NoiseConditionalScore
+from .transformer import TransformerLM
 
-__all__ = ["DDPM", "EBM", "EnergyMLP", "Glow", "MADE", "NADE", "NoiseConditionalScore", "RealNVP", "TinyDenoiser"]
+__all__ = ["DDPM", "EBM", "EnergyMLP", "Glow", "MADE", "NADE", "NoiseConditionalScore", "RealNVP", "TinyDenoiser", "TransformerLM"]

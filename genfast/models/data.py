@@ -35,3 +35,10 @@ def train_test_split(data: torch.Tensor, num_test: int = DIGITS_NUM_TEST):
     if not 0 < num_test < data.shape[0]:
         raise ValueError(f"num_test must be in (0, {data.shape[0]}), got {num_test}")
     return data[:-num_test], data[-num_test:]
+
+
+def python_text(limit: int = 1 << 17) -> bytes:
+    """English text that ships with Python (pydoc's topics), as UTF-8 bytes, at most `limit` of them."""
+    import pydoc_data.topics
+
+    return "".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)).encode()[:limit]
