@@ -41,12 +41,13 @@ def _supported(fn, q, k, v, causal) -> bool:
 
 
 def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None):
-    """Result rows; `sizes`, if given, are lengths L at the device's first configuration's shape."""
+    """Result rows; `sizes`, if given, are element counts of q (B H L D) at the device's first
+    configuration's B, H and D."""
     say = progress or (lambda message: None)
     configs = (QUICK_CONFIGS if quick else CONFIGS).get(device, CONFIGS["cpu"])
     if sizes:
         batch, heads, _, dim, causal = configs[0]
-        configs = [(batch, heads, int(length), dim, causal) for length in sizes]
+        configs = [(batch, heads, max(1, int(size) // (batch * heads * dim)), dim, causal) for size in sizes]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     say("attention: GEMM throughput")
     gemm = gemm_gflops(device, dtype, quick)

@@ -3,6 +3,7 @@
 import torch
 
 from .. import _backend
+from . import attention as attention_samples
 from . import denoise_step as denoise_samples
 from . import flows as flow_samples
 from . import langevin_step as langevin_samples
@@ -53,22 +54,31 @@ def check_langevin_step(device):
     return _check_cases(langevin_samples.LANGEVIN_CASES, langevin_samples.make_langevin_inputs, device)
 
 
-def check_flows(device):
-    for case, dtype, run in flow_samples.cases(device, DTYPES):
-        for impl in ("native", "triton"):
-            if _runnable(impl, device, dtype):
-                yield (case, impl, dtype) + compare_with_reference(run, impl)
-
-
-def check_nade(device):
-    for case, dtype, run, outputs in nade_samples.cases(device, DTYPES):
+def _check_trainable(samples, device):
+    for case, dtype, run, outputs in samples.cases(device, DTYPES):
         for impl in ("native", "triton"):
             if _runnable(impl, device, dtype):
                 yield (case, impl, dtype) + compare_with_reference(run, impl, outputs)
 
 
+def check_flows(device):
+    return _check_trainable(flow_samples, device)
+
+
+def check_nade(device):
+    return _check_trainable(nade_samples, device)
+
+
+def check_attention(device):
+    if device != "cpu":  # no native CUDA attention yet: the Triton form only
+        return ((case, impl, dtype, error, passed, message)
+                for case, impl, dtype, error, passed, message in _check_trainable(attention_samples, device)
+                if impl == "triton")
+    return _check_trainable(attention_samples, device)
+
+
 CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows,
-          "nade": check_nade}
+          "nade": check_nade, "attention": check_attention}
 
 
 def run(devices, ops, out=print) -> int:

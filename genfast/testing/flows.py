@@ -46,14 +46,18 @@ def _actnorm_case(order, inverse, dtype, device):
     return run
 
 
+OUTPUTS = ("y", "logdet")
+
+
 def cases(device, dtypes):
+    """(name, dtype, run, output names) for each case."""
     for dtype in dtypes:
         for scale_fn in reference.SCALE_FNS:
             for order in ("affine", "glow"):
                 for inverse in (False, True):
                     name = f"coupling {scale_fn} {order}{' inverse' if inverse else ''}"
-                    yield name, dtype, _coupling_case(scale_fn, order, inverse, dtype, device)
+                    yield name, dtype, _coupling_case(scale_fn, order, inverse, dtype, device), OUTPUTS
         for order in ("affine", "glow"):
             for inverse in (False, True):
-                yield f"actnorm {order}{' inverse' if inverse else ''}", dtype, _actnorm_case(order, inverse, dtype,
-                                                                                            device)
+                yield (f"actnorm {order}{' inverse' if inverse else ''}", dtype,
+                       _actnorm_case(order, inverse, dtype, device), OUTPUTS)

@@ -1,0 +1,51 @@
+"""`genfast check` cases of attention: outputs, log-sum-exp and gradients of each fused backend
+against the float64 reference by the error-ratio rule."""
+
+import torch
+
+from ..attention import attention
+
+CASES = {
+    "plain": {},
+    "gqa": dict(enable_gqa=True),
+    "causal top_left": dict(causal="top_left"),
+    "causal bottom_right window": dict(causal="bottom_right", window=(24, 0)),
+    "mask alibi softcap": dict(attn_mask="float", alibi_slopes=True, softcap=5.0),
+    "bool mask": dict(attn_mask="bool"),
+    "dropout": dict(dropout_p=0.2),
+}
+
+
+def _case(options, dtype, device):
+    g = torch.Generator().manual_seed(5)
+    kv_heads = 2 if options.get("enable_gqa") else 4
+    q = torch.randn(2, 4, 37, 32, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(2, kv_heads, 53, 32, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    mask = None
+    if options.get("attn_mask") == "float":
+        mask = torch.randn(37, 53, generator=g).to(device=device, dtype=dtype)
+    elif options.get("attn_mask") == "bool":
+        mask = (torch.rand(2, 1, 37, 53, generator=g) < 0.8).to(device)
+    slopes = torch.tensor([0.5, 0.25, 0.1, 0.05], device=device) if options.get("alibi_slopes") else None
+    rest = {key: val for key, val in options.items() if key not in ("attn_mask", "alibi_slopes")}
+    rest["enable_gqa"] = True
+    weights = torch.linspace(-1, 1, 2 * 4 * 37 * 32, dtype=torch.float64, device=device).reshape(2, 4, 37, 32)
+
+    def run(impl, cast=None):
+        from ..random import PhiloxGenerator
+
+        leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_() for t in (q, k, v)]
+        m = mask if mask is None or mask.dtype == torch.bool or cast is None else mask.to(cast)
+        s = slopes if slopes is None or cast is None else slopes.to(cast)
+        o, lse = attention(*leaves, m, alibi_slopes=s, generator=PhiloxGenerator(3), return_lse=True, impl=impl,
+                           **rest)
+        return [o, lse, *torch.autograd.grad((o.double() * weights).sum(), leaves)]
+
+    return run
+
+
+def cases(device, dtypes):
+    """(name, dtype, run, output names) for each case."""
+    for dtype in dtypes:
+        for name, options in CASES.items():
+            yield f"attention {name}", dtype, _case(options, dtype, device), ("o", "lse")
