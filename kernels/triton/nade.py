@@ -72,17 +72,23 @@ def _add_scaled_rows(a, w, value):
 
 
 @triton.jit
-def nade_conditionals_kernel(
-    x_ptr, w_ptr, c_ptr, v_ptr, b_ptr, order_ptr, logits_ptr, B, D, H,
-    ORDER: tl.constexpr, RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    PER_ROW: tl.constexpr = ORDER == 2
+def _block_start(c_ptr, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's rows and hidden units, their masks, c, and the rows' pre-activations a = c."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     hs = tl.arange(0, BLOCK_H)
     h_mask = hs < H
     c = tl.load(c_ptr + hs, mask=h_mask, other=0.0)
-    a = tl.zeros((BLOCK_B, BLOCK_H), tl.float32) + c[None, :]
+    return rows, row_mask, hs, h_mask, c, tl.zeros((BLOCK_B, BLOCK_H), tl.float32) + c[None, :]
+
+
+@triton.jit
+def nade_conditionals_kernel(
+    x_ptr, w_ptr, c_ptr, v_ptr, b_ptr, order_ptr, logits_ptr, B, D, H,
+    ORDER: tl.constexpr, RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    PER_ROW: tl.constexpr = ORDER == 2
+    rows, row_mask, hs, h_mask, c, a = _block_start(c_ptr, B, H, BLOCK_B, BLOCK_H)
     for k in range(0, D):
         d = _step_dims(order_ptr, rows, row_mask, k, D, ORDER)
         v = _param_rows(v_ptr, d, hs, h_mask, row_mask, H, PER_ROW)
@@ -99,14 +105,9 @@ def nade_conditionals_backward_kernel(
     ORDER: tl.constexpr, RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     PER_ROW: tl.constexpr = ORDER == 2
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    row_mask = rows < B
-    hs = tl.arange(0, BLOCK_H)
-    h_mask = hs < H
+    rows, row_mask, hs, h_mask, c, a = _block_start(c_ptr, B, H, BLOCK_B, BLOCK_H)
     tile_mask = row_mask[:, None] & h_mask[None, :]
-    c = tl.load(c_ptr + hs, mask=h_mask, other=0.0)
     # a after the last step: c + sum over d of W^T[d] x[d], in the natural order.
-    a = tl.zeros((BLOCK_B, BLOCK_H), tl.float32) + c[None, :]
     remaining = tl.zeros((BLOCK_B,), tl.int32)  # nonzero x not yet subtracted again
     for j in range(0, D):
         value = tl.load(x_ptr + rows * D + j, mask=row_mask, other=0.0).to(tl.float32)
@@ -168,12 +169,7 @@ def nade_sample_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     PER_ROW: tl.constexpr = ORDER == 2
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    row_mask = rows < B
-    hs = tl.arange(0, BLOCK_H)
-    h_mask = hs < H
-    c = tl.load(c_ptr + hs, mask=h_mask, other=0.0)
-    a = tl.zeros((BLOCK_B, BLOCK_H), tl.float32) + c[None, :]
+    rows, row_mask, hs, h_mask, c, a = _block_start(c_ptr, B, H, BLOCK_B, BLOCK_H)
     # Conditional completion: the first num_observed steps copy the observed values.
     for k in range(0, num_observed):
         d = _step_dims(order_ptr, rows, row_mask, k, D, ORDER)
