@@ -12,37 +12,59 @@ namespace genfast {
 
 constexpr const char* kAttentionOp = "genfast.attention_forward";
 
+constexpr const char* kAttentionVarlenOp = "genfast.attention_varlen_forward";
+
 struct AttentionTensors {
-  at::Tensor q, k, v, mask, alibi;  // float32 (mask uint8 or float32, expanded to (B, H, Lq, Lk))
+  // float32 on the CPU, else the inputs' dtype; the head dim contiguous. The mask uint8 or float32,
+  // expanded to (B, H, Lq, Lk).
+  at::Tensor q, k, v, mask, alibi;
   AttentionMask mask_kind = AttentionMask::kNone;
+  at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
 };
 
-inline at::Tensor float_rows(const at::Tensor& t) {
-  at::Tensor f = t.to(at::kFloat);
+inline at::Tensor attention_rows(const at::Tensor& t, bool as_float) {
+  at::Tensor f = as_float ? t.to(at::kFloat) : t;
   return f.stride(-1) == 1 ? f : f.contiguous();
 }
 
-inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const std::optional<at::Tensor>& attn_mask,
-                                          const std::optional<at::Tensor>& alibi_slopes) {
-  const char* op = kAttentionOp;
+inline void check_attention_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                int64_t dims) {
   check_floating_input(op, q, "q");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k and v must be (batch, heads, length, dim), got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.dim() == dims && k.dim() == dims && v.dim() == dims, op, ": q, k and v must be ",
+              dims == 4 ? "(batch, heads, length, dim)" : "(total, heads, dim)", ", got ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": k and v must have q's dtype ", q.scalar_type());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": k and v must be on q's device");
+  const int64_t head = 1, position = dims == 4 ? 2 : 0;
+  TORCH_CHECK(k.size(-1) == q.size(-1), op, ": k's head dim must equal q's (", q.size(-1), "), got ", k.size(-1));
+  TORCH_CHECK(v.size(head) == k.size(head) && v.size(position) == k.size(position), op,
+              ": v must have k's heads and length, got ", v.sizes(), " and ", k.sizes());
+  TORCH_CHECK(k.size(head) > 0 && q.size(head) % k.size(head) == 0, op, ": k's heads (", k.size(head),
+              ") must divide q's heads (", q.size(head), ")");
+}
+
+inline void check_alibi(const char* op, const at::Tensor& s, int64_t batch, int64_t heads, const at::Tensor& q,
+                        AttentionTensors& t) {
+  TORCH_CHECK(s.sizes() == at::IntArrayRef({heads}) || s.sizes() == at::IntArrayRef({batch, heads}), op,
+              ": alibi_slopes must have shape (heads,) or (batch, heads), got ", s.sizes());
+  TORCH_CHECK(s.device() == q.device(), op, ": alibi_slopes must be on q's device");
+  t.alibi = s.to(at::kFloat).contiguous();
+}
+
+// as_float: the CPU kernels read float32; the CUDA kernels read the inputs' own dtype.
+inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& attn_mask,
+                                          const std::optional<at::Tensor>& alibi_slopes, bool as_float = true) {
+  const char* op = kAttentionOp;
+  check_attention_qkv(op, q, k, v, 4);
   const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2);
   TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, op, ": k and v must have q's batch size ", batch);
-  TORCH_CHECK(k.size(3) == q.size(3), op, ": k's head dim must equal q's (", q.size(3), "), got ", k.size(3));
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v must have k's heads and length ",
-              k.sizes().slice(1, 2), ", got ", v.sizes().slice(1, 2));
-  TORCH_CHECK(k.size(1) > 0 && heads % k.size(1) == 0, op, ": k's heads (", k.size(1),
-              ") must divide q's heads (", heads, ")");
   AttentionTensors t;
-  t.q = float_rows(q);
-  t.k = float_rows(k);
-  t.v = float_rows(v);
+  t.q = attention_rows(q, as_float);
+  t.k = attention_rows(k, as_float);
+  t.v = attention_rows(v, as_float);
   if (attn_mask) {
     const at::Tensor& m = *attn_mask;
     TORCH_CHECK(m.device() == q.device(), op, ": attn_mask must be on q's device");
@@ -63,35 +85,68 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
       t.mask_kind = AttentionMask::kAdditive;
     }
   }
-  if (alibi_slopes) {
-    const at::Tensor& s = *alibi_slopes;
-    TORCH_CHECK(s.sizes() == at::IntArrayRef({heads}) || s.sizes() == at::IntArrayRef({batch, heads}), op,
-                ": alibi_slopes must have shape (heads,) or (batch, heads), got ", s.sizes());
-    TORCH_CHECK(s.device() == q.device(), op, ": alibi_slopes must be on q's device");
-    t.alibi = s.to(at::kFloat).contiguous();
-  }
+  if (alibi_slopes) check_alibi(op, *alibi_slopes, batch, heads, q, t);
   return t;
 }
 
+// Packed sequences: q (total_q, heads, dim), k and v (total_k, kv_heads, dim[v]), cu_seqlens int32
+// (batch + 1) on q's device. Their values are not read here (no device synchronization): they must
+// rise from 0 to total, each step at most max_seqlen.
+inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                 int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                 const std::optional<at::Tensor>& alibi_slopes, bool as_float = true) {
+  const char* op = kAttentionVarlenOp;
+  check_attention_qkv(op, q, k, v, 3);
+  for (const auto& [cu, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, std::pair{&cu_seqlens_k, "cu_seqlens_k"}}) {
+    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1, op, ": ", name, " must be (batch + 1,), got ", cu->sizes());
+    TORCH_CHECK(cu->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu->scalar_type());
+    TORCH_CHECK(cu->device() == q.device(), op, ": ", name, " must be on q's device");
+  }
+  TORCH_CHECK(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), op, ": cu_seqlens_k must have cu_seqlens_q's length ",
+              cu_seqlens_q.size(0), ", got ", cu_seqlens_k.size(0));
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0");
+  AttentionTensors t;
+  t.q = attention_rows(q, as_float);
+  t.k = attention_rows(k, as_float);
+  t.v = attention_rows(v, as_float);
+  t.cu_seqlens_q = cu_seqlens_q.contiguous();
+  t.cu_seqlens_k = cu_seqlens_k.contiguous();
+  t.max_seqlen_q = max_seqlen_q;
+  t.max_seqlen_k = max_seqlen_k;
+  if (alibi_slopes) check_alibi(op, *alibi_slopes, cu_seqlens_q.size(0) - 1, q.size(1), q, t);
+  return t;
+}
+
+// The params of a call; q, k, v, o and lse are left to the caller where they are not float32
+// (the CUDA kernels read the inputs' dtype through their own pointers).
 inline AttentionParams attention_params(const AttentionTensors& t, double scale, double softcap, int64_t band_lo,
-                                        int64_t band_hi, double dropout_p, const PhiloxKeyRef& key,
+                                        int64_t band_hi, double dropout_p, int64_t seed, int64_t offset,
                                         const at::Tensor& o, const at::Tensor& lse) {
   AttentionParams p{};
-  p.batch = t.q.size(0);
-  p.heads = t.q.size(1);
-  p.kv_heads = t.k.size(1);
-  p.q_len = t.q.size(2);
-  p.k_len = t.k.size(2);
-  p.dim = t.q.size(3);
-  p.v_dim = t.v.size(3);
-  const auto strides = [](const at::Tensor& x, int64_t* out) {
-    for (int d = 0; d < 3; ++d) out[d] = x.stride(d);
+  const bool varlen = t.cu_seqlens_q.defined();
+  p.batch = varlen ? t.cu_seqlens_q.size(0) - 1 : t.q.size(0);
+  p.heads = t.q.size(-2 - !varlen);
+  p.kv_heads = t.k.size(-2 - !varlen);
+  p.q_len = varlen ? t.max_seqlen_q : t.q.size(2);
+  p.k_len = varlen ? t.max_seqlen_k : t.k.size(2);
+  p.dim = t.q.size(-1);
+  p.v_dim = t.v.size(-1);
+  if (varlen) {
+    p.cu_seqlens_q = t.cu_seqlens_q.const_data_ptr<int32_t>();
+    p.cu_seqlens_k = t.cu_seqlens_k.const_data_ptr<int32_t>();
+    p.total_q = t.q.size(0);
+    p.total_k = t.k.size(0);
+  }
+  const auto strides = [varlen](const at::Tensor& x, int64_t* out) {  // (batch, head, position)
+    for (int d = 0; d < 3; ++d) out[d] = varlen ? (d == 0 ? 0 : x.stride(2 - d)) : x.stride(d);
   };
-  p.q = t.q.const_data_ptr<float>();
+  const bool is_float = t.q.scalar_type() == at::kFloat;
+  p.q = is_float ? t.q.const_data_ptr<float>() : nullptr;
   strides(t.q, p.q_stride);
-  p.k = t.k.const_data_ptr<float>();
+  p.k = is_float ? t.k.const_data_ptr<float>() : nullptr;
   strides(t.k, p.k_stride);
-  p.v = t.v.const_data_ptr<float>();
+  p.v = is_float ? t.v.const_data_ptr<float>() : nullptr;
   strides(t.v, p.v_stride);
   p.mask_kind = t.mask_kind;
   p.mask = t.mask.defined() ? t.mask.const_data_ptr() : nullptr;
@@ -103,10 +158,46 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   p.band_lo = band_lo;
   p.band_hi = band_hi;
   p.dropout_p = static_cast<float>(dropout_p);
-  p.key = key;
-  p.o = o.defined() ? o.mutable_data_ptr<float>() : nullptr;
+  p.key = PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
+  p.o = o.defined() && o.scalar_type() == at::kFloat ? o.mutable_data_ptr<float>() : nullptr;
   p.lse = lse.defined() ? lse.mutable_data_ptr<float>() : nullptr;
   return p;
+}
+
+// What the backward reads beside the forward's inputs: grad_o in o's layout (head dim contiguous;
+// float32 when as_float), lse float32 contiguous, and delta_i = grad_o_i . o_i - grad_lse_i in lse's
+// layout ((batch, heads, Lq), varlen (heads, total_q)), float32 contiguous.
+struct AttentionGradInputs {
+  at::Tensor grad_o, lse, delta;
+};
+
+inline AttentionGradInputs prepare_attention_grads(const char* op, const AttentionTensors& t, const at::Tensor& grad_o,
+                                                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& o,
+                                                   const at::Tensor& lse, bool as_float = true) {
+  const bool varlen = t.cu_seqlens_q.defined();
+  std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
+  o_shape.back() = t.v.size(-1);
+  const std::vector<int64_t> lse_shape =
+      varlen ? std::vector<int64_t>{t.q.size(1), t.q.size(0)} : std::vector<int64_t>{t.q.size(0), t.q.size(1), t.q.size(2)};
+  TORCH_CHECK(grad_o.sizes() == at::IntArrayRef(o_shape) && o.sizes() == at::IntArrayRef(o_shape), op,
+              ": grad_o and o must have the output's shape ", at::IntArrayRef(o_shape), ", got ", grad_o.sizes(),
+              " and ", o.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == at::kFloat, op,
+              ": lse must be float32 ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(grad_o.device() == t.q.device() && o.device() == t.q.device() && lse.device() == t.q.device(), op,
+              ": grad_o, o and lse must be on q's device");
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), op, ": grad_lse must have lse's shape ", lse.sizes(), ", got ",
+                grad_lse->sizes());
+  }
+  AttentionGradInputs g;
+  g.grad_o = as_float ? grad_o.to(at::kFloat).contiguous() : grad_o.contiguous();
+  g.lse = lse.contiguous();
+  at::Tensor delta = (grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1);
+  if (varlen) delta = delta.transpose(0, 1);
+  if (grad_lse) delta = delta - grad_lse->to(at::kFloat);
+  g.delta = delta.contiguous();
+  return g;
 }
 
 inline void check_attention_options(double scale, double softcap, double dropout_p) {

@@ -6,7 +6,7 @@ genfast.reference that defines what the others compute.
 """
 
 from . import _backend
-from .attention import attention
+from .attention import attention, attention_varlen
 from .diffusion import (
     ddim_step,
     ddpm_step,
@@ -48,6 +48,7 @@ __all__ = [
     "PhiloxGenerator",
     "actnorm",
     "attention",
+    "attention_varlen",
     "affine_coupling",
     "build_info",
     "coupling_index",

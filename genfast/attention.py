@@ -2,10 +2,14 @@
 signature and semantics, plus bottom-right causal alignment, sliding windows, ALiBi, logit
 soft-capping, Philox dropout and the rows' log-sum-exp (genfast.reference.attention defines it).
 
-Layout (batch, heads, length, head_dim). The C++ CPU kernels and the Triton kernels run the
-forward and backward passes (gradients to q, k, v, an additive attn_mask and the log-sum-exp); the
-hand-written CUDA kernels and varlen packing follow (issue 6). Asking for a backend that is missing
-raises instead of falling back.
+Layout (batch, heads, length, head_dim); attention_varlen takes sequences packed without padding,
+as flash_attn_varlen_func does. The C++ CPU kernels, the hand-written CUDA kernels (float16 and
+bfloat16) and the Triton kernels run the forward and backward passes (gradients to q, k, v, an
+additive attn_mask and the log-sum-exp). Asking for a backend that cannot run the call raises
+instead of falling back.
+
+Dropout's (seed, offset) key is drawn from the generator when the forward is called, and the
+backward replays it: a CUDA graph that captures a training step with dropout replays the same mask.
 """
 
 import math
@@ -15,7 +19,7 @@ import torch
 
 from . import _backend, _checks
 from .ops import attention as _attention_op  # noqa: F401  (registers the fake)
-from .random import as_int64, kernel_noise_key
+from .random import as_int64, next_philox_key
 from .reference import attention as reference
 
 Tensor = torch.Tensor
@@ -107,26 +111,100 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    backend = _backend.resolve_impl(impl, q.device)
-    if impl == "auto" and backend == "native" and q.device.type != "cpu":
-        backend = "triton" if _backend.triton_runs_on(q.device.type) else "reference"  # no CUDA kernel yet
-    if backend == "native" and q.device.type != "cpu":
-        raise NotImplementedError(f"genfast.attention has no native kernel for {q.device.type} yet; "
-                                  "use impl='reference'")
-    seed, offset, cuda_generator = 0, 0, None
-    if dropout_p > 0.0:
-        cuda_generator, key = kernel_noise_key(generator, q.device, backend)
-        seed, offset = key if key is not None else (0, 0)
+    backend = _fused_backend(impl, q)
+    seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
                                    dropout_offset=offset, return_lse=return_lse)
+    _check_alibi_grad(alibi_slopes)
+    lo, hi = band(q.shape[2], k.shape[2], causal, window)
+    args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
+            as_int64(offset))
+    op = torch.ops.genfast.attention_forward_triton if backend == "triton" else torch.ops.genfast.attention_forward
+    o, lse = op(*args)
+    return (o, lse) if return_lse else o
+
+
+def _fused_backend(impl: str, q: Tensor) -> str:
+    """The backend that runs the call: on CUDA, "auto" takes the CUDA kernels for float16 and
+    bfloat16 and Triton for float32; asking for one that cannot run it raises."""
+    backend = _backend.resolve_impl(impl, q.device)
+    cuda_dtype = q.dtype in (torch.float16, torch.bfloat16)
+    if backend == "native" and q.device.type != "cpu" and not cuda_dtype:
+        if impl == "native":
+            raise TypeError(f"genfast's CUDA attention kernels take float16 or bfloat16 q, k, v, got {q.dtype}; "
+                            "impl='triton' runs float32")
+        backend = "triton" if _backend.triton_runs_on(q.device.type) else "reference"
+    return backend
+
+
+def _check_alibi_grad(alibi_slopes):
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("genfast.attention gives no gradient to alibi_slopes; detach them")
-    lo, hi = band(q.shape[2], k.shape[2], causal, window)
-    args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p))
-    if backend == "triton":
-        o, lse = torch.ops.genfast.attention_forward_triton(*args, as_int64(seed), as_int64(offset))
-    else:
-        o, lse = torch.ops.genfast.attention_forward(*args, cuda_generator, as_int64(seed), as_int64(offset))
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
+                  alibi_slopes, softcap, impl):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not (impl == "reference" and isinstance(t, Tensor) and t.dtype == torch.float64):
+            _checks.check_float_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be an int32 tensor (batch + 1,), got "
+                             f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}, got "
+                         f"{tuple(cu_seqlens_k.shape)}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if int(value) != value or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value}")
+    if causal == "top_left" and cu_seqlens_q is not cu_seqlens_k:
+        raise ValueError("attention_varlen aligns causal masks bottom-right, per sequence, as flash_attn_varlen_func "
+                         "does; causal='top_left' is the same only when q and k share cu_seqlens (pass the same "
+                         "tensor), else pass causal='bottom_right'")
+    b4 = lambda t: t.transpose(0, 1)[None]  # noqa: E731  (batch, heads, length, dim) views for the shared checks
+    batch = cu_seqlens_q.shape[0] - 1
+    if alibi_slopes is not None and isinstance(alibi_slopes, Tensor) and alibi_slopes.dim() == 2:
+        if alibi_slopes.shape != (batch, q.shape[1]):
+            raise ValueError(f"alibi_slopes must have shape (heads,) = ({q.shape[1]},) or (batch, heads) = "
+                             f"({batch}, {q.shape[1]}), got {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes[0]
+    _check(b4(q), b4(k), b4(v), None, dropout_p, scale, True, causal, window, alibi_slopes, softcap, impl)
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, dropout_p: float = 0.0, scale: Optional[float] = None, *,
+                     causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
+                     alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
+                     return_lse: bool = False, impl: str = "auto"):
+    """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
+    q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
+    cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
+    the GPU, which would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
+    with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
+    window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq). No attn_mask.
+    Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
+    Philox stream (reference.varlen_attention)."""
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
+                  alibi_slopes, softcap, impl)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    backend = _fused_backend(impl, q)
+    seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
+    if backend == "reference":
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,
+                                          softcap=softcap, dropout_seed=seed, dropout_offset=offset,
+                                          return_lse=return_lse)
+    _check_alibi_grad(alibi_slopes)
+    lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
+            softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset))
+    op = (torch.ops.genfast.attention_varlen_forward_triton if backend == "triton"
+          else torch.ops.genfast.attention_varlen_forward)
+    o, lse = op(*args)
     return (o, lse) if return_lse else o

@@ -52,3 +52,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_compiles_like_eager(fn, leaves):
+    """torch.compile(fn, fullgraph=True) gives eager's value and gradients with respect to leaves."""
+    eager = fn(*leaves)
+    eager_grads = torch.autograd.grad(eager.sum(), leaves)
+    compiled = torch.compile(fn, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(torch.autograd.grad(compiled.sum(), leaves), eager_grads):
+        torch.testing.assert_close(a, e)

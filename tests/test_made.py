@@ -8,7 +8,7 @@ import genfast
 from genfast.nn import MaskedLinear
 from genfast.reference import nade
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import devices, fused_impls, skip_unless_supported
+from conftest import assert_compiles_like_eager, devices, fused_impls, skip_unless_supported
 
 SHAPES = [(5, 13, 9), (1, 1, 1), (33, 64, 70), (17, 40, 3)]
 
@@ -129,12 +129,7 @@ def test_opcheck_and_compile(impl, device):
     def layer(x, weight, bias):
         return torch.relu(genfast.made_linear(x, weight, bias, din, dout, impl=impl)).sum()
 
-    eager = layer(*leaves)
-    eager_grads = torch.autograd.grad(eager, leaves)
-    compiled = torch.compile(layer, fullgraph=True)(*leaves)
-    torch.testing.assert_close(compiled, eager)
-    for a, e in zip(torch.autograd.grad(compiled, leaves), eager_grads):
-        torch.testing.assert_close(a, e)
+    assert_compiles_like_eager(layer, leaves)
 
 
 @pytest.mark.parametrize("impl", ["native", pytest.param("triton", marks=pytest.mark.triton), "reference"])

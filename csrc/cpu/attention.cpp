@@ -78,23 +78,25 @@ GF_CPU_CLONES void scale_row(float* __restrict r, float factor, int64_t n) {
 }
 
 // The keys [first, end) that queries [i0, i0 + rows) may see.
-std::pair<int64_t, int64_t> key_range(const AttentionParams& p, int64_t i0, int64_t rows) {
-  const int64_t first = std::max<int64_t>(0, p.band_lo <= -kAttentionUnbounded ? 0 : i0 + p.band_lo);
-  const int64_t end = std::min<int64_t>(p.k_len, p.band_hi >= kAttentionUnbounded ? p.k_len : i0 + rows + p.band_hi);
+std::pair<int64_t, int64_t> key_range(const AttentionSequence& seq, int64_t i0, int64_t rows) {
+  const int64_t first = std::max<int64_t>(0, seq.band_lo <= -kAttentionUnbounded ? 0 : i0 + seq.band_lo);
+  const int64_t end =
+      std::min<int64_t>(seq.k_len, seq.band_hi >= kAttentionUnbounded ? seq.k_len : i0 + rows + seq.band_hi);
   return {first, end};
 }
 
 // The queries [first, end) that may see keys [j0, j0 + cols).
-std::pair<int64_t, int64_t> query_range(const AttentionParams& p, int64_t j0, int64_t cols) {
-  const int64_t first = std::max<int64_t>(0, p.band_hi >= kAttentionUnbounded ? 0 : j0 - p.band_hi);
-  const int64_t end = std::min<int64_t>(p.q_len, p.band_lo <= -kAttentionUnbounded ? p.q_len : j0 + cols - p.band_lo);
+std::pair<int64_t, int64_t> query_range(const AttentionSequence& seq, int64_t j0, int64_t cols) {
+  const int64_t first = std::max<int64_t>(0, seq.band_hi >= kAttentionUnbounded ? 0 : j0 - seq.band_hi);
+  const int64_t end =
+      std::min<int64_t>(seq.q_len, seq.band_lo <= -kAttentionUnbounded ? seq.q_len : j0 + cols - seq.band_lo);
   return {first, end};
 }
 
 // Scores s (rows x kKeyBlock, already scale q.k) of queries i0.. against keys j0..j0 + cols: soft-cap,
 // ALiBi, mask, band and the block's tail (-inf). With softcap, cap_slope gets 1 - tanh^2.
-void finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                   int64_t cols, float* scores, float* cap_slope) {
+void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t h, int64_t i0,
+                   int64_t rows, int64_t j0, int64_t cols, float* scores, float* cap_slope) {
   const bool plain = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -106,10 +108,11 @@ void finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
       }
     }
     if (!plain) {
-      for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, s[c], b, h, i, j0 + c);
+      for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, seq, s[c], b, h, i, j0 + c);
     }
-    const int64_t lo = p.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + p.band_lo - j0, 0, cols);
-    const int64_t hi = p.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + p.band_hi - j0 + 1, 0, cols);
+    const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
+    const int64_t hi =
+        seq.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + seq.band_hi - j0 + 1, 0, cols);
     if (lo > 0 || hi < kKeyBlock) {
       for (int64_t c = 0; c < kKeyBlock; ++c) {
         if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
@@ -151,10 +154,12 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % panels.k_blocks, bh = task / panels.k_blocks;
       const int64_t b = bh / p.kv_heads, hk = bh % p.kv_heads, j0 = block * kKeyBlock;
-      const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
-      pack_transposed(p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2], p.k_stride[2], cols, p.dim,
+      const AttentionSequence seq = attention_sequence(p, b);
+      const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
+      if (cols == 0) continue;  // past a packed sequence's end: never read
+      pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
                       panels.k.data() + task * panels.k_size, kKeyBlock);
-      pack_rows(p.v + b * p.v_stride[0] + hk * p.v_stride[1] + j0 * p.v_stride[2], p.v_stride[2], cols, p.v_dim,
+      pack_rows(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
                 panels.v.data() + task * panels.v_size, v_pad, kKeyBlock);
     }
   });
@@ -164,18 +169,20 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
 // One block of queries against every key block its band reaches.
 void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t seed, uint64_t offset, int64_t b,
                    int64_t h, int64_t i0, ForwardScratch& w) {
-  const int64_t rows = std::min(kQueryBlock, p.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  const AttentionSequence seq = attention_sequence(p, b);
+  const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  if (rows <= 0) return;  // past a packed sequence's end
   const int64_t v_pad = padded_to(p.v_dim, kCols);
-  const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const float* q = p.q + attention_q_at(p, seq, b, h, i0);
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.max.begin(), w.max.end(), -__builtin_inff());
   std::fill(w.sum.begin(), w.sum.end(), 0.0f);
-  const auto [first_key, end_key] = key_range(p, i0, rows);
+  const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
-    const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
+    const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
     multiply(q, p.q_stride[2], 1, rows, panels.k_panel(p, b, hk, j0 / kKeyBlock), kKeyBlock, p.dim, w.scores.data(),
              kKeyBlock, kKeyBlock, false, p.scale);
-    finish_scores(p, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
+    finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.scores.data() + r * kKeyBlock;
       const float block_max = row_max(s, kKeyBlock);
@@ -192,7 +199,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       if (p.dropout_p > 0.0f) {
         const float keep_scale = 1.0f / (1.0f - p.dropout_p);
         for (int64_t c = 0; c < cols; ++c) {
-          s[c] = attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? s[c] * keep_scale : 0.0f;
+          s[c] = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? s[c] * keep_scale : 0.0f;
         }
       }
     }
@@ -200,12 +207,12 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
              w.acc.data(), v_pad, v_pad, true);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = (b * p.heads + h) * p.q_len + i0 + r;
     const float sum = w.sum[r];
     const bool seen = !(w.max[r] == -__builtin_inff());  // NaN counts as seen
     const float inverse = seen ? 1.0f / sum : 0.0f;
-    for (int64_t d = 0; d < p.v_dim; ++d) p.o[row * p.v_dim + d] = seen ? w.acc[r * v_pad + d] * inverse : 0.0f;
-    p.lse[row] = seen ? w.max[r] + log_f32(sum) : -__builtin_inff();
+    float* o = p.o + seq.out_row(h, i0 + r) * p.v_dim;
+    for (int64_t d = 0; d < p.v_dim; ++d) o[d] = seen ? w.acc[r * v_pad + d] * inverse : 0.0f;
+    p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[r] + log_f32(sum) : -__builtin_inff();
   }
 }
 
@@ -223,14 +230,14 @@ void attention_forward_impl(const AttentionParams& p) {
   });
 }
 
-// The backward's inputs beside the forward's: grad_o (B, H, Lq, Dv) and delta_i = grad_o_i . o_i -
-// grad_lse_i (B, H, Lq), both float32 contiguous; outputs float32 contiguous.
+// The backward's inputs beside the forward's: grad_o in o's layout and delta_i = grad_o_i . o_i -
+// grad_lse_i in lse's, both float32 contiguous; outputs float32, contiguous in q's, k's, v's shapes.
 struct AttentionGrads {
   const float* grad_o;
   const float* delta;
-  float* grad_q;     // (B, H, Lq, D)
-  float* grad_k;     // (B, Hk, Lk, D)
-  float* grad_v;     // (B, Hk, Lk, Dv)
+  float* grad_q;     // rows AttentionSequence::out_row of dim
+  float* grad_k;     // rows AttentionSequence::key_out_row of dim
+  float* grad_v;     // and of v_dim
   float* grad_mask;  // (B, H, Lq, Lk) or null: dL/ds, to be summed to the mask's shape
 };
 
@@ -248,16 +255,15 @@ struct BackwardScratch {
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
 // when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
-void probabilities_and_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset,
-                             int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                             BackwardScratch& w) {
-  const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
-  const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim, w.scores.data(), kKeyBlock, kKeyBlock,
-           false, p.scale);
-  finish_scores(p, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
-  multiply(g.grad_o + row0 * p.v_dim, p.v_dim, 1, rows, w.vt_panel.data(), kKeyBlock, p.v_dim, w.dp.data(),
-           kKeyBlock, kKeyBlock, false);
+void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g,
+                             uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                             int64_t cols, BackwardScratch& w) {
+  const int64_t row0 = seq.lse_row(h, i0);
+  multiply(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim,
+           w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+  finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
+  multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(),
+           kKeyBlock, p.v_dim, w.dp.data(), kKeyBlock, kKeyBlock, false);
   const float keep_scale = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
@@ -268,7 +274,7 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionGrads& g, 
       const float prob = seen ? exp_nonpositive(s[c] - lse) : 0.0f;
       float upstream = dp[c];
       if (p.dropout_p > 0.0f && c < cols) {
-        upstream = attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? upstream * keep_scale : 0.0f;
+        upstream = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? upstream * keep_scale : 0.0f;
       }
       s[c] = prob;
       dp[c] = prob * (upstream - delta);
@@ -284,62 +290,71 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionGrads& g, 
 }
 
 // P with dropout applied (the probabilities that weighted V), in place.
-void apply_dropout(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0,
-                   int64_t rows, int64_t j0, int64_t cols, float* probs) {
+void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
+                   int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* probs) {
   if (p.dropout_p == 0.0f) return;
   const float keep_scale = 1.0f / (1.0f - p.dropout_p);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < kKeyBlock; ++c) {
       float& v = probs[r * kKeyBlock + c];
-      v = c < cols && attention_keeps(p, seed, offset, b, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
+      v = c < cols && attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
     }
   }
 }
 
-void load_key_panels(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0, int64_t cols, BackwardScratch& w) {
-  const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
-  const float* v = p.v + b * p.v_stride[0] + hk * p.v_stride[1] + j0 * p.v_stride[2];
-  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
-  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), kKeyBlock);
+void load_key_panels(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
+                     int64_t cols, BackwardScratch& w) {
+  pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
+  pack_transposed(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, w.vt_panel.data(),
+                  kKeyBlock);
+}
+
+// grad_q's rows i0 .. i0 + rows of head h from accumulators rows x d_pad.
+void copy_grad_q(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g, int64_t h, int64_t i0,
+                 int64_t rows, const float* acc) {
+  const int64_t d_pad = padded_to(p.dim, kCols);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(acc + r * d_pad, acc + r * d_pad + p.dim, g.grad_q + seq.out_row(h, i0 + r) * p.dim);
+  }
 }
 
 // dK and dV of one block of keys: over every query head sharing its key head and every query the
-// band lets see it. With grad_q (the group's heads' rows, Lq x d_pad each), also adds to dQ.
+// band lets see it. With grad_q (the group's heads' rows, q_len x d_pad each), also adds to dQ.
 void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
                      int64_t hk, int64_t j0, BackwardScratch& w, float* grad_q = nullptr) {
-  const int64_t cols = std::min(kKeyBlock, p.k_len - j0), group = p.heads / p.kv_heads;
+  const AttentionSequence seq = attention_sequence(p, b);
+  const int64_t cols = std::min(kKeyBlock, seq.k_len - j0), group = p.heads / p.kv_heads;
+  if (cols <= 0) return;  // past a packed sequence's end
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
   std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
-  load_key_panels(p, b, hk, j0, cols, w);
+  load_key_panels(p, seq, b, hk, j0, cols, w);
   if (grad_q != nullptr) {
-    const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
-    pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+    pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
   }
-  const auto [first_query, end_query] = query_range(p, j0, cols);
+  const auto [first_query, end_query] = query_range(seq, j0, cols);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
-      probabilities_and_grads(p, g, seed, offset, b, h, i0, rows, j0, cols, w);
+      probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
       if (grad_q != nullptr) {  // dQ += scale dS K
         float* rows_q = grad_q + ((h - hk * group) * p.q_len + i0) * d_pad;
         multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, rows_q, d_pad, d_pad, true,
                  p.scale);
       }
-      apply_dropout(p, seed, offset, b, h, i0, rows, j0, cols, w.scores.data());
-      const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
+      apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
       // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
-      pack_rows(g.grad_o + row0 * p.v_dim, p.v_dim, rows, p.v_dim, w.panel_a.data(), v_pad, rows);
+      pack_rows(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, rows, p.v_dim,
+                w.panel_a.data(), v_pad, rows);
       multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), v_pad, rows, w.acc_b.data(), v_pad, v_pad, true);
       // dK += scale dS^T Q.
-      const float* q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-      pack_rows(q, p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
+      pack_rows(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
       multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), d_pad, rows, w.acc_a.data(), d_pad, d_pad, true,
                p.scale);
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
-    const int64_t key = (b * p.kv_heads + hk) * p.k_len + j0 + c;
+    const int64_t key = seq.key_out_row(hk, j0 + c);
     for (int64_t d = 0; d < p.dim; ++d) g.grad_k[key * p.dim + d] = w.acc_a[c * d_pad + d];
     for (int64_t d = 0; d < p.v_dim; ++d) g.grad_v[key * p.v_dim + d] = w.acc_b[c * v_pad + d];
   }
@@ -348,24 +363,22 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
 // dQ of one block of queries: over every key block its band reaches.
 void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
                        int64_t h, int64_t i0, BackwardScratch& w) {
-  const int64_t rows = std::min(kQueryBlock, p.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  const AttentionSequence seq = attention_sequence(p, b);
+  const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  if (rows <= 0) return;  // past a packed sequence's end
   const int64_t d_pad = padded_to(p.dim, kCols);
   std::vector<float>& grad_q = w.panel_a;  // rows x d_pad accumulators
   std::fill(grad_q.begin(), grad_q.end(), 0.0f);
-  const auto [first_key, end_key] = key_range(p, i0, rows);
+  const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
-    const int64_t cols = std::min(kKeyBlock, p.k_len - j0);
-    load_key_panels(p, b, hk, j0, cols, w);
-    probabilities_and_grads(p, g, seed, offset, b, h, i0, rows, j0, cols, w);
-    const float* k = p.k + b * p.k_stride[0] + hk * p.k_stride[1] + j0 * p.k_stride[2];
-    pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+    const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
+    load_key_panels(p, seq, b, hk, j0, cols, w);
+    probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
+    pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
     multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, grad_q.data(), d_pad, d_pad, true,
              p.scale);
   }
-  const int64_t row0 = (b * p.heads + h) * p.q_len + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < p.dim; ++d) g.grad_q[(row0 + r) * p.dim + d] = grad_q[r * d_pad + d];
-  }
+  copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
 }
 
 void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) {
@@ -386,10 +399,9 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
         for (int64_t block = 0; block < k_blocks; ++block) {
           key_block_grads(p, g, seed, offset, b, hk, block * kKeyBlock, scratch, grad_q.data());
         }
+        const AttentionSequence seq = attention_sequence(p, b);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const float* src = grad_q.data() + (h - hk * group) * p.q_len * d_pad;
-          float* dst = g.grad_q + (b * p.heads + h) * p.q_len * p.dim;
-          for (int64_t i = 0; i < p.q_len; ++i) std::copy(src + i * d_pad, src + i * d_pad + p.dim, dst + i * p.dim);
+          copy_grad_q(p, seq, g, h, 0, seq.q_len, grad_q.data() + (h - hk * group) * p.q_len * d_pad);
         }
       }
     });
@@ -412,24 +424,58 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
   });
 }
 
+// o and lse of prepared inputs: (B, H, Lq, Dv) and (B, H, Lq), or varlen (total_q, H, Dv) and (H, total_q).
+std::tuple<at::Tensor, at::Tensor> forward(const AttentionTensors& t, at::ScalarType dtype, double scale,
+                                           double softcap, int64_t band_lo, int64_t band_hi, double dropout_p,
+                                           int64_t seed, int64_t offset) {
+  check_attention_options(scale, softcap, dropout_p);
+  const bool varlen = t.cu_seqlens_q.defined();
+  std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
+  o_shape.back() = t.v.size(-1);
+  const auto floats = t.q.options().dtype(at::kFloat);
+  at::Tensor o = at::empty(o_shape, floats);
+  at::Tensor lse = varlen ? at::empty({t.q.size(1), t.q.size(0)}, floats)
+                          : at::empty({t.q.size(0), t.q.size(1), t.q.size(2)}, floats);
+  if (lse.numel() > 0) {
+    attention_forward_impl(attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse));
+  }
+  return {o.to(dtype), lse};
+}
+
+// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, dS (B, H, Lq, Lk).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
+    const char* op, const AttentionTensors& t, at::ScalarType dtype, const at::Tensor& grad_o,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
+    double softcap, int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+  check_attention_options(scale, softcap, dropout_p);
+  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o, lse);
+  const auto floats = t.q.options().dtype(at::kFloat);
+  at::Tensor grad_q = at::zeros(t.q.sizes(), floats), grad_k = at::zeros(t.k.sizes(), floats);
+  at::Tensor grad_v = at::zeros(t.v.sizes(), floats);
+  at::Tensor grad_s =
+      grad_mask ? at::zeros({t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)}, floats) : at::Tensor();
+  if (t.q.numel() > 0 && t.k.numel() > 0) {
+    AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, at::Tensor(),
+                                         at::Tensor());
+    p.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
+    const AttentionGrads g{in.grad_o.const_data_ptr<float>(), in.delta.const_data_ptr<float>(),
+                           grad_q.mutable_data_ptr<float>(), grad_k.mutable_data_ptr<float>(),
+                           grad_v.mutable_data_ptr<float>(), grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr};
+    attention_backward_impl(p, g);
+  }
+  std::optional<at::Tensor> mask_grad;
+  if (grad_mask) mask_grad = grad_s;
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const std::optional<at::Tensor>& attn_mask,
                                                          const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                          double softcap, int64_t band_lo, int64_t band_hi,
-                                                         double dropout_p, const std::optional<at::Generator>& generator,
-                                                         int64_t seed, int64_t offset) {
-  TORCH_CHECK(!generator.has_value(), kAttentionOp, ": generator is for CUDA; on the CPU pass seed and offset");
-  check_attention_options(scale, softcap, dropout_p);
-  const AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes);
-  const auto floats = q.options().dtype(at::kFloat);
-  at::Tensor o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, floats);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, floats);
-  if (lse.numel() > 0) {
-    const PhiloxKeyRef key{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
-    attention_forward_impl(attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, key, o, lse));
-  }
-  return {o.to(q.scalar_type()), lse};
+                                                         double dropout_p, int64_t seed, int64_t offset) {
+  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(), scale, softcap, band_lo,
+                 band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(
@@ -437,34 +483,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
-  check_attention_options(scale, softcap, dropout_p);
-  const AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes);
-  const char* op = "genfast.attention_backward";
-  TORCH_CHECK(grad_o.sizes() == o.sizes() && o.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
-              op, ": grad_o and o must have the output's shape");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == at::kFloat, op,
-              ": lse must be float32 (batch, heads, Lq)");
-  const at::Tensor grad_o_f = grad_o.to(at::kFloat).contiguous();
-  at::Tensor delta = (grad_o_f * o.to(at::kFloat)).sum(-1);
-  if (grad_lse) delta = delta - grad_lse->to(at::kFloat);
-  delta = delta.contiguous();
-  const auto floats = q.options().dtype(at::kFloat);
-  at::Tensor grad_q = at::zeros(q.sizes(), floats), grad_k = at::zeros(k.sizes(), floats);
-  at::Tensor grad_v = at::zeros(v.sizes(), floats);
-  at::Tensor grad_s = grad_mask ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, floats) : at::Tensor();
-  if (q.numel() > 0 && k.numel() > 0) {
-    const PhiloxKeyRef key{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
-    const at::Tensor lse_c = lse.contiguous();
-    AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, key, at::Tensor(), at::Tensor());
-    p.lse = const_cast<float*>(lse_c.const_data_ptr<float>());  // read only by the backward
-    const AttentionGrads g{grad_o_f.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-                           grad_q.mutable_data_ptr<float>(), grad_k.mutable_data_ptr<float>(),
-                           grad_v.mutable_data_ptr<float>(), grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr};
-    attention_backward_impl(p, g);
+  return backward("genfast.attention_backward", prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(),
+                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask);
+}
+
+// The CPU kernels read cu_seqlens directly: their values are checked here, where that costs nothing.
+AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttentionTensors t =
+      prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+  const char* op = kAttentionVarlenOp;
+  for (const auto& [cu, total, most, name] :
+       {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
+        std::tuple{&t.cu_seqlens_k, t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {
+    const int32_t* c = cu->const_data_ptr<int32_t>();
+    const int64_t n = cu->size(0);
+    TORCH_CHECK(c[0] == 0 && c[n - 1] == total, op, ": ", name, " must run from 0 to ", total, ", got ", c[0],
+                " .. ", c[n - 1]);
+    for (int64_t b = 0; b + 1 < n; ++b) {
+      TORCH_CHECK(c[b + 1] >= c[b] && c[b + 1] - c[b] <= most, op, ": ", name,
+                  " must not decrease, by at most max_seqlen (", most, ") a step; sequence ", b, " has length ",
+                  c[b + 1] - c[b]);
+    }
   }
-  std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = grad_s;
-  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type()), mask_grad};
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset) {
+  const AttentionTensors t =
+      prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+  return forward(t, q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset) {
+  const AttentionTensors t =
+      prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+  auto [grad_q, grad_k, grad_v, unused] = backward("genfast.attention_varlen_backward", t, q.scalar_type(), grad_o,
+                                                   grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
+                                                   offset, false);
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
@@ -472,6 +540,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_cpu);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cpu);
 }
 
 }  // namespace genfast

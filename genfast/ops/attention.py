@@ -1,6 +1,7 @@
-"""torch.ops.genfast.attention_forward and attention_backward (native, from _C), their Triton forms
-(custom_ops with explicit fakes, on every device), and the autograd that links each forward to its
-backward (gradients to q, k, v, an additive attn_mask and the log-sum-exp)."""
+"""torch.ops.genfast.attention_forward and attention_backward (native, from _C), their packed
+variable-length forms attention_varlen_forward and attention_varlen_backward, the Triton forms of
+all four (custom_ops with explicit fakes, on every device), and the autograd that links each forward
+to its backward (gradients to q, k, v, an additive attn_mask and the log-sum-exp)."""
 
 from typing import Optional, Tuple
 
@@ -11,7 +12,7 @@ from .. import _backend
 Tensor = torch.Tensor
 
 
-def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, *key):
+def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset):
     o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -22,17 +23,20 @@ def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, s
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_s
 
 
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
+                 band_lo, band_hi, dropout_p, seed, offset):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+def _varlen_backward_fake(grad_o, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, *key = inputs
-    ctx.num_key_args = len(key)
-    if len(key) == 3:  # the native form: generator, seed, offset
-        if key[0] is not None:
-            raise NotImplementedError("attention's backward replays dropout from (seed, offset); a CUDA generator's "
-                                      "key is not recorded yet")
-        key = key[1:]
+    q, k, v, attn_mask, alibi_slopes, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes)
-    ctx.options = (scale, softcap, band_lo, band_hi, dropout_p, *key)
+    ctx.options = tuple(options)
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
@@ -44,7 +48,27 @@ def _make_backward(backward_op):
         grad_q, grad_k, grad_v, grad_s = backward_op(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
                                                      *ctx.options, ctx.mask_needs_grad)
         grad_mask = grad_s.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if ctx.mask_needs_grad else None
-        return (grad_q, grad_k, grad_v, grad_mask) + (None,) * (6 + ctx.num_key_args)
+        return (grad_q, grad_k, grad_v, grad_mask) + (None,) * (1 + len(ctx.options))
+
+    return backward
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.options = (max_seqlen_q, max_seqlen_k)
+    ctx.after_alibi = tuple(options)
+
+
+def _make_varlen_backward(backward_op):
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        if grad_o is None:
+            grad_o = torch.zeros_like(o)
+        grads = backward_op(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options,
+                            alibi_slopes, *ctx.after_alibi)
+        return tuple(grads) + (None,) * (5 + len(ctx.after_alibi))
 
     return backward
 
@@ -57,18 +81,34 @@ def _triton_mask(attn_mask, q, k):
     return attn_mask.to(torch.uint8 if is_bool else torch.float32).expand(full), is_bool
 
 
+def _float_slopes(alibi_slopes):
+    return None if alibi_slopes is None else alibi_slopes.float().contiguous()
+
+
+def _triton_delta(grad_o, o, grad_lse, varlen: bool):
+    """rowsum(grad_o * o) - grad_lse, in lse's layout."""
+    delta = (grad_o.float() * o.float()).sum(-1)
+    if varlen:
+        delta = delta.transpose(0, 1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    return delta.contiguous()
+
+
+def _float_grads(*tensors):
+    return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors)
+
+
 @torch.library.custom_op("genfast::attention_forward_triton", mutates_args=())
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                              alibi_slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int,
                              dropout_p: float, seed: int, offset: int) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
-    o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)
     mask, is_bool = _triton_mask(attn_mask, q, k)
-    slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
-    launch_attention_forward(q, k, v, mask, is_bool, slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                             o, lse)
+    launch_attention_forward(q, k, v, mask, is_bool, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
+                             dropout_p, seed, offset, o, lse)
     return o, lse
 
 
@@ -79,16 +119,14 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                               grad_mask: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward
 
-    delta = (grad_o.float() * o.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    floats = dict(dtype=torch.float32, device=q.device)
-    grad_q, grad_k, grad_v = (torch.zeros(t.shape, **floats) for t in (q, k, v))
-    grad_s = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], **floats) if grad_mask else None
+    delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
+    grad_q, grad_k, grad_v = _float_grads(q, k, v)
+    grad_s = (torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32, device=q.device)
+              if grad_mask else None)
     mask, is_bool = _triton_mask(attn_mask, q, k)
-    slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
-    launch_attention_backward(grad_o.contiguous(), delta.contiguous(), q, k, v, lse.contiguous(), mask, is_bool, slopes,
-                              scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s)
+    launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool,
+                              _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                              grad_q, grad_k, grad_v, grad_s)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
 
@@ -100,12 +138,54 @@ def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_sl
     return grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0)
 
 
+@torch.library.custom_op("genfast::attention_varlen_forward_triton", mutates_args=())
+def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
+                                    scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
+                                    seed: int, offset: int) -> Tuple[Tensor, Tensor]:
+    from ..kernels.attention import launch_attention_forward
+
+    o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+                          softcap, band_lo, band_hi, dropout_p, seed, offset)
+    varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
+    launch_attention_forward(q, k, v, None, False, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
+                             dropout_p, seed, offset, o, lse, varlen=varlen)
+    return o, lse
+
+
+@torch.library.custom_op("genfast::attention_varlen_backward_triton", mutates_args=())
+def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                                     o: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
+                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
+                                     seed: int, offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.attention import launch_attention_backward
+
+    delta = _triton_delta(grad_o, o, grad_lse, varlen=True)
+    grad_q, grad_k, grad_v = _float_grads(q, k, v)
+    varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
+    launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), None, False,
+                              _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                              grad_q, grad_k, grad_v, None, varlen=varlen)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
 attention_forward_triton.register_fake(_fake)
 attention_backward_triton.register_fake(_triton_backward_fake)
+attention_varlen_forward_triton.register_fake(_varlen_fake)
+attention_varlen_backward_triton.register_fake(_varlen_backward_fake)
 torch.library.register_autograd("genfast::attention_forward_triton", _make_backward(attention_backward_triton),
                                 setup_context=_setup_context)
+torch.library.register_autograd("genfast::attention_varlen_forward_triton",
+                                _make_varlen_backward(attention_varlen_backward_triton),
+                                setup_context=_varlen_setup_context)
 if _backend.native_module() is not None:
     torch.library.register_fake("genfast::attention_forward")(_fake)
     torch.library.register_fake("genfast::attention_backward")(_backward_fake)
+    torch.library.register_fake("genfast::attention_varlen_forward")(_varlen_fake)
+    torch.library.register_fake("genfast::attention_varlen_backward")(_varlen_backward_fake)
     torch.library.register_autograd("genfast::attention_forward",
                                     _make_backward(torch.ops.genfast.attention_backward), setup_context=_setup_context)
+    torch.library.register_autograd("genfast::attention_varlen_forward",
+                                    _make_varlen_backward(torch.ops.genfast.attention_varlen_backward),
+                                    setup_context=_varlen_setup_context)

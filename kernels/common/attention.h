@@ -5,6 +5,14 @@
 //   o_i = sum_j dropout(softmax(s_i))_j v_j;  lse_i = logsumexp_j s_ij
 // A row masking every key gives o = 0 and lse = -inf. Dropout keeps element
 // ((b heads + h) Lq + i) Lk + j where its Philox uniform is >= dropout_p, scaled by 1/(1 - p).
+//
+// Packed variable-length batches (flash_attn_varlen_func's layout, genfast.reference.attention.
+// varlen_attention): with cu_seqlens_q and cu_seqlens_k set, sequence b is q rows
+// cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q (total_q, heads, dim) and k, v rows cu_seqlens_k[b] ..;
+// q_len and k_len are the longest sequences' lengths, the batch strides are 0, band_lo and band_hi
+// are relative to each sequence's bottom-right diagonal (j - i = Lk_b - Lq_b), there is no mask, lse
+// is (heads, total_q) and dropout keeps element (h total_q + cu_seqlens_q[b] + i) total_k +
+// cu_seqlens_k[b] + j.
 #pragma once
 
 #include <stdint.h>
@@ -22,6 +30,9 @@ constexpr int64_t kAttentionUnbounded = int64_t(1) << 62;  // band_lo = -this or
 // Inputs float32 with the head dimension contiguous; strides in elements for (b, h, position).
 struct AttentionParams {
   int64_t batch, heads, kv_heads, q_len, k_len, dim, v_dim;
+  const int32_t* cu_seqlens_q;  // (batch + 1), or null: dense (batch, heads, length, dim) inputs
+  const int32_t* cu_seqlens_k;
+  int64_t total_q, total_k;     // varlen: the packed row counts
   const float* q;
   int64_t q_stride[3];
   const float* k;
@@ -37,17 +48,84 @@ struct AttentionParams {
   int64_t band_lo, band_hi;
   float dropout_p;
   PhiloxKeyRef key;
-  float* o;    // (batch, heads, q_len, v_dim), contiguous
-  float* lse;  // (batch, heads, q_len)
+  float* o;    // (batch, heads, q_len, v_dim), varlen (total_q, heads, v_dim); contiguous
+  float* lse;  // (batch, heads, q_len), varlen (heads, total_q)
 };
 
+// Where sequence b lies. Query i of head h is row (q_start + i) of the packed positions; its output
+// row (o, and grad_q, grad_o, in rows of v_dim or dim) is out_row(h, i), its lse and dropout row
+// lse_row(h, i) (of row_length dropout columns, key j at column col0 + j).
+struct AttentionSequence {
+  int64_t q_start, k_start, q_len, k_len, band_lo, band_hi;
+  int64_t row0, head_rows, row_length, col0;  // lse_row(h, i) = row0 + h head_rows + i
+  int64_t out_head, out_position;             // out_row(h, i) = out0 + h out_head + i out_position
+  int64_t out0, key_out0, key_out_head, key_out_position;  // grad_k, grad_v rows: the same for keys
+  GF_HOST_DEVICE_INLINE int64_t lse_row(int64_t h, int64_t i) const { return row0 + h * head_rows + i; }
+  GF_HOST_DEVICE_INLINE int64_t out_row(int64_t h, int64_t i) const { return out0 + h * out_head + i * out_position; }
+  GF_HOST_DEVICE_INLINE int64_t key_out_row(int64_t hk, int64_t j) const {
+    return key_out0 + hk * key_out_head + j * key_out_position;
+  }
+};
+
+GF_HOST_DEVICE_INLINE AttentionSequence attention_sequence(const AttentionParams& p, int64_t b) {
+  AttentionSequence s{};
+  if (p.cu_seqlens_q == nullptr) {
+    s.q_len = p.q_len;
+    s.k_len = p.k_len;
+    s.band_lo = p.band_lo;
+    s.band_hi = p.band_hi;
+    s.row0 = b * p.heads * p.q_len;
+    s.head_rows = p.q_len;
+    s.row_length = p.k_len;
+    s.out0 = s.row0;
+    s.out_head = p.q_len;
+    s.out_position = 1;
+    s.key_out0 = b * p.kv_heads * p.k_len;
+    s.key_out_head = p.k_len;
+    s.key_out_position = 1;
+    return s;
+  }
+  s.q_start = p.cu_seqlens_q[b];
+  s.k_start = p.cu_seqlens_k[b];
+  s.q_len = p.cu_seqlens_q[b + 1] - s.q_start;
+  s.k_len = p.cu_seqlens_k[b + 1] - s.k_start;
+  const int64_t shift = s.k_len - s.q_len;
+  s.band_lo = p.band_lo <= -kAttentionUnbounded ? p.band_lo : p.band_lo + shift;
+  s.band_hi = p.band_hi >= kAttentionUnbounded ? p.band_hi : p.band_hi + shift;
+  s.row0 = s.q_start;
+  s.head_rows = p.total_q;
+  s.row_length = p.total_k;
+  s.col0 = s.k_start;
+  s.out0 = s.q_start * p.heads;
+  s.out_head = 1;
+  s.out_position = p.heads;
+  s.key_out0 = s.k_start * p.kv_heads;
+  s.key_out_head = 1;
+  s.key_out_position = p.kv_heads;
+  return s;
+}
+
+// The element offsets of sequence b's query i, head h in q (and of key j, kv head hk in k, v).
+GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
+                                             int64_t h, int64_t i) {
+  return b * p.q_stride[0] + h * p.q_stride[1] + (s.q_start + i) * p.q_stride[2];
+}
+GF_HOST_DEVICE_INLINE int64_t attention_k_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
+                                             int64_t hk, int64_t j) {
+  return b * p.k_stride[0] + hk * p.k_stride[1] + (s.k_start + j) * p.k_stride[2];
+}
+GF_HOST_DEVICE_INLINE int64_t attention_v_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
+                                             int64_t hk, int64_t j) {
+  return b * p.v_stride[0] + hk * p.v_stride[1] + (s.k_start + j) * p.v_stride[2];
+}
+
 // s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
-GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, float scaled_dot, int64_t b, int64_t h, int64_t i,
-                                            int64_t j) {
+GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const AttentionSequence& seq, float scaled_dot,
+                                            int64_t b, int64_t h, int64_t i, int64_t j) {
   float s = p.softcap > 0.0f ? p.softcap * tanh_f32(scaled_dot / p.softcap) : scaled_dot;
   if (p.alibi_slopes != nullptr) {
     const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
-    const int64_t distance = i + (p.k_len - p.q_len) - j;
+    const int64_t distance = i + (seq.k_len - seq.q_len) - j;
     s -= slope * static_cast<float>(distance < 0 ? -distance : distance);
   }
   if (p.mask_kind != AttentionMask::kNone) {
@@ -58,14 +136,14 @@ GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, float scal
       s += static_cast<const float*>(p.mask)[at];
     }
   }
-  if (j < i + p.band_lo || j > i + p.band_hi) s = -__builtin_inff();
+  if (j < i + seq.band_lo || j > i + seq.band_hi) s = -__builtin_inff();
   return s;
 }
 
 // Whether dropout keeps element (b, h, i, j), from the call's resolved key.
-GF_HOST_DEVICE_INLINE bool attention_keeps(const AttentionParams& p, uint64_t seed, uint64_t offset, int64_t b,
-                                           int64_t h, int64_t i, int64_t j) {
-  const uint64_t index = static_cast<uint64_t>(((b * p.heads + h) * p.q_len + i) * p.k_len + j);
+GF_HOST_DEVICE_INLINE bool attention_keeps(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed,
+                                           uint64_t offset, int64_t h, int64_t i, int64_t j) {
+  const uint64_t index = static_cast<uint64_t>(seq.lse_row(h, i) * seq.row_length + seq.col0 + j);
   return philox_uniform(seed, offset, index) >= p.dropout_p;
 }
 

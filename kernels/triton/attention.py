@@ -72,8 +72,24 @@ def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn
 
 
 @triton.jit
-def _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi):
-    index = (bh * Lq + offs_m[:, None].to(tl.int64)) * Lk + offs_n[None, :].to(tl.int64)
+def _sequence(cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN: tl.constexpr):
+    """Where sequence b lies (kernels/common/attention.h, attention_sequence): (q_start, k_start, Lq, Lk,
+    band_lo, band_hi, row_base, head_rows, row_length): query i of head h has lse and dropout row
+    row_base + h head_rows + i, of row_length dropout columns, key j at column k_start + j."""
+    if VARLEN:
+        q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_start = tl.load(cu_k_ptr + b).to(tl.int64)
+        lq = tl.load(cu_q_ptr + b + 1).to(tl.int64) - q_start
+        lk = tl.load(cu_k_ptr + b + 1).to(tl.int64) - k_start
+        return q_start, k_start, lq, lk, band_lo + (lk - lq), band_hi + (lk - lq), q_start, total_q, total_k
+    else:
+        zero = b * 0
+        return zero, zero, Lq, Lk, band_lo, band_hi, b * H * Lq, Lq, Lk
+
+
+@triton.jit
+def _dropout_keeps(offs_m, offs_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo, base_hi):
+    index = (row0 + offs_m[:, None].to(tl.int64)) * row_length + col0 + offs_n[None, :].to(tl.int64)
     u = _philox_uniform(index, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
                         base_hi.to(tl.uint32))
     return u >= dropout_p
@@ -101,25 +117,29 @@ def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
-    H, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
+        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+    if start_m >= Lq:  # past a packed sequence's end
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
-    k_base = k_ptr + b * skb + hk * skh
-    v_base = v_ptr + b * svb + hk * svh
+    q = _load_rows(q_ptr + b * sqb + h * sqh + q_start * sqm, offs_m, Lq, sqm, offs_d, D)
+    k_base = k_ptr + b * skb + hk * skh + k_start * skn
+    v_base = v_ptr + b * svb + hk * svh + k_start * svn
     slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -141,7 +161,8 @@ def attention_forward_kernel(
         alpha = exp_f32(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keeps = _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
+            keeps = _dropout_keeps(offs_m, offs_n, row_base + h * head_rows, row_length, k_start, dropout_p, seed_lo,
+                                   seed_hi, base_lo, base_hi)
             p = tl.where(keeps, p * keep_scale, 0.0)
         v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_KIND)
@@ -149,14 +170,15 @@ def attention_forward_kernel(
     seen = m_i != float("-inf")  # NaN counts as seen
     total = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / total[:, None], 0.0)
-    _store_rows(o_ptr + b * sob + h * soh, o, offs_m, Lq, som, offs_dv, DV)
+    _store_rows(o_ptr + b * sob + h * soh + q_start * som, o, offs_m, Lq, som, offs_dv, DV)
     lse = tl.where(seen, m_i + log_f32(total), float("-inf"))
-    tl.store(lse_ptr + b * slb + h * slh + offs_m, lse, mask=offs_m < Lq)
+    tl.store(lse_ptr + b * slb + h * slh + q_start + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
-def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
-                     scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
+def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row0, row_length, col0, Lq, Lk, mask_ptr, smb,
+                     smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
+                     base_lo, base_hi,
                      SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                      DROPOUT: tl.constexpr, DOT_KIND: tl.constexpr):
     """P after dropout (the weights of V), dS (the gradient of the scores s) and dS times the
@@ -168,7 +190,7 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, 
     p = tl.where(seen[:, None], exp_f32(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), DOT_KIND)
     if DROPOUT:
-        keeps = _dropout_keeps(offs_m, offs_n, bh, Lq, Lk, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
+        keeps = _dropout_keeps(offs_m, offs_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
         p_dropped = tl.where(keeps, p * keep_scale, 0.0)
         dp = tl.where(keeps, dp * keep_scale, 0.0)
     else:
@@ -183,24 +205,28 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_backward_kv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
     smb, smh, smm, smn, alibi_bs, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    H, HK, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    H, HK, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HK
     hk = bhk % HK
+    q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
+        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+    if start_n >= Lk:  # past a packed sequence's end
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(k_ptr + b * skb + hk * skh, offs_n, Lk, skn, offs_d, D)
-    v = _load_rows(v_ptr + b * svb + hk * svh, offs_n, Lk, svn, offs_dv, DV)
+    k = _load_rows(k_ptr + b * skb + hk * skh + k_start * skn, offs_n, Lk, skn, offs_d, D)
+    v = _load_rows(v_ptr + b * svb + hk * svh + k_start * svn, offs_n, Lk, svn, offs_dv, DV)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     # The query blocks that can see keys [start_n, start_n + BLOCK_N).
@@ -208,51 +234,55 @@ def attention_backward_kv_kernel(
     hi = tl.minimum(start_n + BLOCK_N - band_lo, Lq)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        bh = b * H + h
         slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
-        q_base = q_ptr + b * sqb + h * sqh
-        do_base = do_ptr + b * sdob + h * sdoh
+        q_base = q_ptr + b * sqb + h * sqh + q_start * sqm
+        do_base = do_ptr + b * sdob + h * sdoh + q_start * sdom
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, Lq, sqm, offs_d, D)
             do = _load_rows(do_base, offs_m, Lq, sdom, offs_dv, DV)
-            lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=offs_m < Lq, other=float("-inf"))
-            delta = tl.load(delta_ptr + b * sdlb + h * sdlh + offs_m, mask=offs_m < Lq, other=0.0)
-            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr,
-                                             smb, smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
-                                             keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
-                                             MASK_KIND, DROPOUT, DOT_KIND)
+            lse = tl.load(lse_ptr + b * slb + h * slh + q_start + offs_m, mask=offs_m < Lq, other=float("-inf"))
+            delta = tl.load(delta_ptr + b * sdlb + h * sdlh + q_start + offs_m, mask=offs_m < Lq, other=0.0)
+            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row_base + h * head_rows,
+                                             row_length, k_start, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
+                                             scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo,
+                                             seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT,
+                                             DOT_KIND)
             dv += _dot(tl.trans(p), do, DOT_KIND)
             dk += _dot(tl.trans(ds_dot), q, DOT_KIND)
-    _store_rows(dk_ptr + b * sdkb + hk * sdkh, dk * scale, offs_n, Lk, sdkn, offs_d, D)
-    _store_rows(dv_ptr + b * sdvb + hk * sdvh, dv, offs_n, Lk, sdvn, offs_dv, DV)
+    _store_rows(dk_ptr + b * sdkb + hk * sdkh + k_start * sdkn, dk * scale, offs_n, Lk, sdkn, offs_d, D)
+    _store_rows(dv_ptr + b * sdvb + hk * sdvh + k_start * sdvn, dv, offs_n, Lk, sdvn, offs_dv, DV)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_backward_q_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dq_ptr, ds_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dq_ptr, ds_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
     smb, smh, smm, smn, alibi_bs, sdqb, sdqh, sdqm, sdsb, sdsh, sdsm, sdsn,
-    H, GROUP, Lq, Lk, D, DV, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
+        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+    if start_m >= Lq:  # past a packed sequence's end
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
-    do = _load_rows(do_ptr + b * sdob + h * sdoh, offs_m, Lq, sdom, offs_dv, DV)
-    lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=offs_m < Lq, other=float("-inf"))
-    delta = tl.load(delta_ptr + b * sdlb + h * sdlh + offs_m, mask=offs_m < Lq, other=0.0)
-    k_base = k_ptr + b * skb + hk * skh
-    v_base = v_ptr + b * svb + hk * svh
+    q = _load_rows(q_ptr + b * sqb + h * sqh + q_start * sqm, offs_m, Lq, sqm, offs_d, D)
+    do = _load_rows(do_ptr + b * sdob + h * sdoh + q_start * sdom, offs_m, Lq, sdom, offs_dv, DV)
+    lse = tl.load(lse_ptr + b * slb + h * slh + q_start + offs_m, mask=offs_m < Lq, other=float("-inf"))
+    delta = tl.load(delta_ptr + b * sdlb + h * sdlh + q_start + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = k_ptr + b * skb + hk * skh + k_start * skn
+    v_base = v_ptr + b * svb + hk * svh + k_start * svn
     slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
@@ -261,16 +291,16 @@ def attention_backward_q_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
         v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
-        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, Lq, Lk, mask_ptr,
-                                         smb, smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
-                                         keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
-                                         MASK_KIND, DROPOUT, DOT_KIND)
+        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row_base + h * head_rows,
+                                         row_length, k_start, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, scale,
+                                         softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo,
+                                         base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND)
         if WRITE_DS:
             ptrs = (ds_ptr + b * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
                     + offs_n[None, :].to(tl.int64) * sdsn)
             tl.store(ptrs, ds, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
         dq += _dot(ds_dot, k, DOT_KIND)
-    _store_rows(dq_ptr + b * sdqb + h * sdqh, dq * scale, offs_m, Lq, sdqm, offs_d, D)
+    _store_rows(dq_ptr + b * sdqb + h * sdqh + q_start * sdqm, dq * scale, offs_m, Lq, sdqm, offs_d, D)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +336,7 @@ def _blocks(device, dim_pad, backward):
 
 
 def _check(q, k, v):
-    batch, heads, _, dim = q.shape
+    heads, dim = q.shape[1], q.shape[3]
     kv_heads, v_dim = k.shape[1], v.shape[3]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"attention: the {kv_heads} key heads must divide the {heads} query heads")
@@ -314,14 +344,35 @@ def _check(q, k, v):
         raise ValueError(f"genfast's Triton attention supports head dims up to {MAX_HEAD_DIM}, got {dim} and {v_dim}")
 
 
-def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi, dropout_p, seed, offset):
+class _Packing:
+    """The sequences of a call: dense (batch, heads, length, dim) tensors, or packed ones, which the
+    launchers view as one batch of (1, heads, total, dim) and the kernels split by cu_seqlens."""
+
+    def __init__(self, q, k, varlen):
+        if varlen is None:
+            self.batch, self.lq, self.lk = q.shape[0], q.shape[2], k.shape[2]
+            self.cu_q = self.cu_k = q
+            self.total_q = self.total_k = 0
+        else:
+            self.cu_q, self.cu_k, self.lq, self.lk = varlen
+            self.batch = self.cu_q.shape[0] - 1
+            self.total_q, self.total_k = q.shape[2], k.shape[2]
+        self.varlen = varlen is not None
+
+    def strides(self, t):
+        """(batch, head, position) strides: the batch's is 0 for packed sequences."""
+        return (0 if self.varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi, dropout_p, seed, offset, packing):
     """Kernel arguments shared by the three kernels: (pointer args, stride args, scalar args, constexprs)."""
     import torch
 
-    lq, lk = q.shape[2], k.shape[2]
-    # Beyond these the band masks nothing more: clamping keeps the arithmetic in 32 bits.
-    band_lo = min(max(int(band_lo), -lq - 1), lk + 1)
-    band_hi = min(max(int(band_hi), -lq - 1), lk + 1)
+    # Beyond these the band masks nothing more (a packed sequence's shift included): clamping keeps
+    # the arithmetic in 32 bits.
+    reach = packing.lq + packing.lk + 1
+    band_lo = min(max(int(band_lo), -reach), reach)
+    band_hi = min(max(int(band_hi), -reach), reach)
     if mask is None:
         mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
     else:
@@ -339,26 +390,41 @@ def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi
     dropout_p = float(dropout_p)
     keep_scale = 1.0 / (1.0 - dropout_p) if 0.0 < dropout_p < 1.0 else 0.0
     seed_lo, seed_hi, base_lo, base_hi = philox_key_words(int(seed), int(offset))
-    scalars = dict(softcap=float(softcap), band_lo=band_lo, band_hi=band_hi, dropout_p=dropout_p,
-                   keep_scale=keep_scale, seed_lo=seed_lo, seed_hi=seed_hi, base_lo=base_lo, base_hi=base_hi)
+    scalars = dict(total_q=packing.total_q, total_k=packing.total_k, softcap=float(softcap), band_lo=band_lo,
+                   band_hi=band_hi, dropout_p=dropout_p, keep_scale=keep_scale, seed_lo=seed_lo, seed_hi=seed_hi,
+                   base_lo=base_lo, base_hi=base_hi)
     consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-                  DROPOUT=dropout_p > 0.0, DOT_KIND=_dot_kind(q.dtype),
+                  DROPOUT=dropout_p > 0.0, VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
                   BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
                   BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
     return mask_arg, mask_strides, alibi_arg, alibi_bs, scalars, consts
 
 
+def _packed(varlen, *tensors):
+    """Packed (total, heads, dim) tensors as (1, heads, total, dim) views, and lse (heads, total) as
+    (1, heads, total); dense ones as they are."""
+    if varlen is None:
+        return tensors
+    return tuple(None if t is None else t[None] if t.dim() == 2 else t.transpose(0, 1)[None] for t in tensors)
+
+
 def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p,
-                             seed, offset, o, lse, wrap=None):
+                             seed, offset, o, lse, wrap=None, varlen=None):
     """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
     Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
     an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32
     (added); alibi_slopes None, (H,) or (B, H); softcap 0: none; band_lo/band_hi: keep
     i + band_lo <= j <= i + band_hi, +-(1 << 62) unbounded; dropout with the Philox stream of
-    (seed, offset). wrap: torch.library.wrap_triton inside a triton_op."""
+    (seed, offset). wrap: torch.library.wrap_triton inside a triton_op. varlen: packed sequences
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q (total_q, H, D), k and v (total_k,
+    Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each sequence's
+    bottom-right diagonal (kernels/common/attention.h)."""
+    q, k, v, o, lse = _packed(varlen, q, k, v, o, lse)
     _check(q, k, v)
-    batch, heads, lq, dim = q.shape
-    kv_heads, lk, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    packing = _Packing(q, k, varlen)
+    heads, dim = q.shape[1], q.shape[3]
+    kv_heads, v_dim = k.shape[1], v.shape[3]
+    batch, lq, lk = packing.batch, packing.lq, packing.lk
     if batch * heads * lq == 0:
         return
     if lk == 0 or v_dim == 0:
@@ -367,17 +433,16 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
         return
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
-                                                                 band_lo, band_hi, dropout_p, seed, offset)
+                                                                 band_lo, band_hi, dropout_p, seed, offset, packing)
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
     block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
     kernel = attention_forward_kernel if wrap is None else wrap(attention_forward_kernel)
     kernel[(triton.cdiv(lq, block_m), batch * heads)](
-        q, k, v, mask_arg, alibi_arg, out, lse_out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), ms[0], ms[1], ms[2], ms[3], alibi_bs,
-        out.stride(0), out.stride(1), out.stride(2), lse_out.stride(0), lse_out.stride(1),
-        heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        q, k, v, mask_arg, alibi_arg, out, lse_out, packing.cu_q, packing.cu_k,
+        *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
+        *packing.strides(out), *packing.strides(lse_out)[:2],
+        heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     if out is not o:
@@ -387,15 +452,21 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
 
 
 def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo,
-                              band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s, wrap=None):
+                              band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s, wrap=None,
+                              varlen=None):
     """The gradients of launch_attention_forward for grad_o (B, H, Lq, Dv) and delta = rowsum(grad_o
     * o) - grad_lse (B, H, Lq) float32: grad_q (like q), grad_k, grad_v (like k, v), float32,
     written. grad_s None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
     of the scores s (before the soft-cap's chain rule; the additive mask's gradient summed to its
-    shape) is written where the band reaches (it is 0 elsewhere). Deterministic: no atomics."""
+    shape) is written where the band reaches (it is 0 elsewhere). Deterministic: no atomics. varlen:
+    as launch_attention_forward's, delta in lse's layout."""
+    grad_o, delta, q, k, v, lse, grad_q, grad_k, grad_v = _packed(varlen, grad_o, delta, q, k, v, lse, grad_q, grad_k,
+                                                                  grad_v)
     _check(q, k, v)
-    batch, heads, lq, dim = q.shape
-    kv_heads, lk, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    packing = _Packing(q, k, varlen)
+    heads, dim = q.shape[1], q.shape[3]
+    kv_heads, v_dim = k.shape[1], v.shape[3]
+    batch, lq, lk = packing.batch, packing.lq, packing.lk
     if batch * heads * lq == 0 or lk == 0:
         grad_q.zero_()
         grad_k.zero_()
@@ -404,28 +475,26 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     q, k, v, grad_o = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(grad_o)
     lse, delta = _last_contiguous(lse), _last_contiguous(delta)
     mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
-                                                                 band_lo, band_hi, dropout_p, seed, offset)
+                                                                 band_lo, band_hi, dropout_p, seed, offset, packing)
     outs = [t if t.stride(-1) == 1 else t.new_empty(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
     block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), True)
-    common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), grad_o.stride(0), grad_o.stride(1), grad_o.stride(2),
-                      lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
-                      ms[0], ms[1], ms[2], ms[3], alibi_bs)
+    common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
+                      *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
     kv_kernel = attention_backward_kv_kernel if wrap is None else wrap(attention_backward_kv_kernel)
     kv_kernel[(triton.cdiv(lk, block_n), batch * kv_heads)](
-        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, *common_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, packing.cu_q, packing.cu_k, *common_strides,
+        *packing.strides(dk), *packing.strides(dv),
+        heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     ds = grad_s if grad_s is not None else dq
     q_kernel = attention_backward_q_kernel if wrap is None else wrap(attention_backward_q_kernel)
     q_kernel[(triton.cdiv(lq, block_m), batch * heads)](
-        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, *common_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, packing.cu_q, packing.cu_k, *common_strides,
+        *packing.strides(dq),
         *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
-        heads, heads // kv_heads, lq, lk, dim, v_dim, float(scale), **scalars, **consts,
+        heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
         WRITE_DS=grad_s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     for out, given in zip(outs, (grad_q, grad_k, grad_v)):
