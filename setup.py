@@ -86,7 +86,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "diffusers": ["diffusers"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "diffusers"],
+        "transformers": ["transformers>=5"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "diffusers", "transformers>=5"],
     },
     entry_points={"console_scripts": ["genfast=genfast.cli:main"]},
     zip_safe=False,

@@ -1,0 +1,69 @@
+"""genfast.attention as a transformers attention implementation.
+
+    import genfast.integrations.transformers                  # registers "genfast"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="genfast")
+    model.set_attn_implementation("genfast")                  # or switch a loaded model
+
+Every model that dispatches through transformers' AttentionInterface (Llama, Mistral, Qwen, Gemma,
+GPT-2, ...) then computes its attention with genfast's fused kernels: what "sdpa" computes, with
+grouped-query heads read in place (no repeat_kv copies) and masks of any kind on every backend.
+transformers builds the same masks for "genfast" as for "sdpa" (boolean, or none where is_causal
+covers it). Gemma 2's logit soft-capping, which "sdpa" drops, is kept. register(name, impl) adds
+further names pinned to a backend, e.g. "genfast_triton".
+"""
+
+from typing import Optional
+
+import torch
+
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError("genfast.integrations.transformers needs transformers>=5: pip install transformers") from error
+
+from .. import _backend
+from ..attention import attention
+
+NAME = "genfast"
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, position_bias: Optional[torch.Tensor] = None,
+                      impl: str = "auto", **kwargs):
+    """transformers' attention function signature: query (B, H, Lq, D), key and value (B, Hk, Lk,
+    D); returns ((B, Lq, H, Dv), None). The causal decision is sdpa_attention_forward's."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and kv_length > q_length:
+        # A static cache at prefill: the keys past the queries are empty slots, masked by causality anyway.
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_length]
+    if position_bias is not None:
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+    # Logit soft-capping (Gemma 2), which "sdpa" ignores, is applied as "eager" applies it.
+    out = attention(query, key, value, attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+                    enable_gqa=key.shape[1] != query.shape[1], softcap=kwargs.get("softcap"), impl=impl)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME, impl: str = "auto") -> str:
+    """Registers attention_forward with backend `impl` under `name` in transformers' attention and
+    mask interfaces; returns the name, for attn_implementation=."""
+    if impl not in _backend.IMPLS:
+        raise ValueError(f"impl must be one of {_backend.IMPLS}, got {impl!r}")
+
+    def forward(*args, **kwargs):
+        return attention_forward(*args, impl=impl, **kwargs)
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+register()

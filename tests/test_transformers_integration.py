@@ -1,0 +1,120 @@
+"""attn_implementation="genfast" in transformers models built from small configurations (random
+weights, no download): logits and parameter gradients against the "eager" implementation by the
+error-ratio rule (float64 eager as the exact value, float32 eager as the low-precision one), with
+grouped-query heads, padding masks, Gemma 2's soft-capping, and cached generation."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import genfast.integrations.transformers as genfast_transformers  # noqa: E402
+from genfast.testing.tolerances import assert_error_ratio  # noqa: E402
+from conftest import fused_impls, skip_unless_supported  # noqa: E402
+
+VOCAB = 97
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gemma2():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=64, attn_logit_softcapping=2.0, sliding_window=8,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "gemma2-softcap-window": _gemma2}
+
+
+def _model(name, attn_implementation, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = MODELS[name]().to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def _logits_and_grads(model, ids, attention_mask, weights):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits
+    (logits.double() * weights).sum().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return logits.detach(), grads
+
+
+def _compare(name, impl, ids, attention_mask=None, valid=None, reference="eager"):
+    g = torch.Generator().manual_seed(1)
+    weights = torch.randn(*ids.shape, VOCAB, generator=g, dtype=torch.float64)
+    if valid is not None:
+        weights = weights * valid[..., None]
+    fused = _model(name, genfast_transformers.register(f"genfast_{impl}", impl))
+    got = _logits_and_grads(fused, ids, attention_mask, weights)
+    exact = _logits_and_grads(_model(name, reference, torch.float64), ids, attention_mask, weights)
+    low = _logits_and_grads(_model(name, reference), ids, attention_mask, weights)
+    keep = (lambda t: t[valid.bool()]) if valid is not None else (lambda t: t)
+    assert_error_ratio(keep(got[0]), keep(exact[0]), keep(low[0]), msg="logits")
+    assert_error_ratio(got[1], exact[1], low[1], ratio=3.0, msg="parameter gradients")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_matches_eager(name, impl):
+    skip_unless_supported(impl, "cpu")
+    ids = torch.randint(1, VOCAB, (2, 21), generator=torch.Generator().manual_seed(2))
+    _compare(name, impl, ids)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_padding_mask_matches_eager(impl):
+    """Left padding: transformers' boolean mask, compared where the tokens are real (the padded
+    queries' rows mask every key; genfast gives them zeros, the others a uniform average). The
+    reference is "sdpa": "eager" in float64 turns those rows into NaN (its additive mask overflows),
+    which then reaches every position through the next layer's zero weights."""
+    skip_unless_supported(impl, "cpu")
+    ids = torch.randint(1, VOCAB, (3, 17), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    _compare("llama-gqa", impl, ids, mask, valid=mask, reference="sdpa")
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_cached_generation_matches_eager(impl):
+    """Greedy decoding with the KV cache (one query against the cached keys per step)."""
+    skip_unless_supported(impl, "cpu")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    outputs = []
+    for attn in (genfast_transformers.register(f"genfast_{impl}", impl), "eager"):
+        model = _model("llama-gqa", attn)
+        with torch.no_grad():
+            outputs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                          do_sample=False, output_scores=True, return_dict_in_generate=True))
+    fused, eager = outputs
+    assert torch.equal(fused.sequences, eager.sequences)
+    for a, e in zip(fused.scores, eager.scores):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_registration():
+    assert genfast_transformers.register() == "genfast"
+    assert "genfast" in transformers.AttentionInterface._global_mapping
+    with pytest.raises(ValueError, match="impl must be one of"):
+        genfast_transformers.register("genfast_bad", "cuda")
+    model = _model("gpt2", "genfast")
+    clone = copy.deepcopy(model)
+    assert clone.config._attn_implementation == "genfast"
