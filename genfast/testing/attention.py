@@ -3,7 +3,7 @@ against the float64 reference by the error-ratio rule."""
 
 import torch
 
-from ..attention import attention
+from ..attention import attention, attention_varlen
 
 CASES = {
     "plain": {},
@@ -44,8 +44,28 @@ def _case(options, dtype, device):
     return run
 
 
+def _varlen_case(dtype, device):
+    """Packed sequences of lengths 0 to 40, bottom-right causal with a window, grouped-query heads."""
+    g = torch.Generator().manual_seed(6)
+    lengths_q, lengths_k = [17, 0, 1, 40], [30, 5, 1, 40]
+    q = torch.randn(sum(lengths_q), 4, 32, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(sum(lengths_k), 2, 32, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                  for lengths in (lengths_q, lengths_k))
+    weights = torch.linspace(-1, 1, q.numel(), dtype=torch.float64, device=device).reshape(q.shape)
+
+    def run(impl, cast=None):
+        leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_() for t in (q, k, v)]
+        o, lse = attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), causal="bottom_right",
+                                  window=(12, -1), return_lse=True, impl=impl)
+        return [o, lse, *torch.autograd.grad((o.double() * weights).sum(), leaves)]
+
+    return run
+
+
 def cases(device, dtypes):
     """(name, dtype, run, output names) for each case."""
     for dtype in dtypes:
         for name, options in CASES.items():
             yield f"attention {name}", dtype, _case(options, dtype, device), ("o", "lse")
+        yield "attention varlen causal window", dtype, _varlen_case(dtype, device), ("o", "lse")
