@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..attention import attention
+from ..attention import attention, attention_varlen
 from ..reference import attention as reference
 from .compute import gemm_gflops, time_groups
 from .elementwise import fused_impls
@@ -19,6 +19,9 @@ from .elementwise import fused_impls
 CONFIGS = {"cpu": [(2, 8, 1024, 64, False), (2, 8, 1024, 64, True)],
            "cuda": [(1, 16, 16384, 128, True), (4, 16, 2048, 128, False)]}
 QUICK_CONFIGS = {"cpu": [(2, 8, 1024, 64, False)], "cuda": [(4, 16, 2048, 128, False)]}
+# Packed causal sequences (heads, head_dim, lengths), as in language-model training on packed documents.
+VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),
+                  "cuda": (16, 128, [16384, 1000, 7000, 300, 4000, 12000, 2500, 9000])}
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
@@ -77,4 +80,57 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             config = f"B={batch} H={heads} L={length} D={dim}"
             rows += time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick,
                                 say)
+    heads, dim, lengths = VARLEN_CONFIGS.get(device, VARLEN_CONFIGS["cpu"])
+    if sizes:  # the same total of tokens as the first size, in three sequences
+        total = max(3, int(sizes[0]) // (heads * dim))
+        lengths = [total // 2, total // 3, total - total // 2 - total // 3]
+    rows += _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say)
     return rows
+
+
+def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
+    """Packed causal sequences: genfast.attention_varlen against SDPA on the batch padded to the
+    longest sequence (with its padding mask) and against SDPA called once per sequence."""
+    g = torch.Generator().manual_seed(0)
+    total, longest = sum(lengths), max(lengths)
+    q, k, v = (torch.randn(total, heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    starts = cu.tolist()
+    padded = [torch.zeros(len(lengths), heads, longest, dim, device=device, dtype=dtype) for _ in range(3)]
+    for n, length in enumerate(lengths):
+        for dst, src in zip(padded, (q, k, v)):
+            dst[n, :, :length] = src[starts[n]:starts[n + 1]].transpose(0, 1)
+    position = torch.arange(longest, device=device)
+    real = position[None, :] < torch.tensor(lengths, device=device)[:, None]
+    mask = (position[:, None] >= position[None, :])[None, None] & real[:, None, None, :]
+
+    def packed(q, k, v, impl):
+        return attention_varlen(q, k, v, cu, cu, longest, longest, causal="top_left", impl=impl)
+
+    def per_sequence(q, k, v):
+        outs = [F.scaled_dot_product_attention(*(t[starts[n]:starts[n + 1]].transpose(0, 1) for t in (q, k, v)),
+                                               is_causal=True) for n in range(len(lengths))]
+        return torch.cat([o.transpose(0, 1) for o in outs])
+
+    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: packed(q, k, v, impl)) for impl in fused_impls(device)]
+    candidates += [("torch SDPA per sequence", per_sequence)]
+    flops = sum(2 * heads * n * n * dim for n in lengths)  # causal: half of 4 H n^2 D each
+    packed_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    padded_leaves = [t.clone().requires_grad_() for t in padded]
+    grad, padded_grad = torch.randn_like(q), torch.randn_like(padded[0])
+
+    def sdpa_padded(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    groups = {
+        "attention varlen forward causal": (
+            flops, [(name, lambda fn=fn: fn(q, k, v)) for name, fn in candidates]
+            + [("torch SDPA padded", lambda: sdpa_padded(*padded))]),
+        "attention varlen forward+backward causal": (
+            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*packed_leaves), packed_leaves, grad))
+                          for name, fn in candidates]
+            + [("torch SDPA padded", lambda: torch.autograd.grad(sdpa_padded(*padded_leaves), padded_leaves,
+                                                                 padded_grad))]),
+    }
+    config = f"H={heads} D={dim} lengths={'/'.join(map(str, lengths))}"
+    return time_groups("attention", device, dtype, config, total * heads * dim, groups, gemm, quick, say)
