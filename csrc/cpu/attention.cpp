@@ -17,7 +17,7 @@
 namespace genfast {
 namespace {
 
-constexpr int64_t kQueryBlock = 128, kKeyBlock = 64;
+constexpr int64_t kQueryBlock = 128, kKeyBlock = 128;
 static_assert(kQueryBlock % kRows == 0 && kKeyBlock % kCols == 0, "blocks are whole register tiles");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -56,11 +56,25 @@ void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t di
   }
 }
 
-// The row's maximum, NaN if any element is NaN.
+typedef int32_t Int16 __attribute__((vector_size(kCols * sizeof(int32_t))));
+
+// The row's maximum, NaN if any element is NaN; n a multiple of kCols.
 GF_CPU_CLONES float row_max(const float* __restrict s, int64_t n) {
-  float m = -__builtin_inff();
-  for (int64_t c = 0; c < n; ++c) m = (s[c] > m || s[c] != s[c]) ? s[c] : m;
-  return m;
+  Vec16 m = {}, x = {};
+  Int16 nan = {};
+  m -= __builtin_inff();
+  for (int64_t c = 0; c < n; c += kCols) {
+    __builtin_memcpy(&x, s + c, sizeof(x));
+    m = x > m ? x : m;
+    nan |= x != x;
+  }
+  float best = -__builtin_inff();
+  int32_t any_nan = 0;
+  for (int c = 0; c < kCols; ++c) {
+    best = m[c] > best ? m[c] : best;
+    any_nan |= nan[c];
+  }
+  return any_nan ? __builtin_nanf("") : best;
 }
 
 // s = exp(s - m) in place; returns the sum.
@@ -252,6 +266,22 @@ struct BackwardScratch {
         acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)) {}
 };
 
+// One row: s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS = P (dp - delta).
+GF_CPU_CLONES void probabilities_and_score_grads(float* __restrict s, float* __restrict dp, float lse, float delta) {
+  if (lse == -__builtin_inff()) {
+    for (int64_t c = 0; c < kKeyBlock; ++c) {
+      s[c] = 0.0f;
+      dp[c] = 0.0f * (dp[c] - delta);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < kKeyBlock; ++c) {
+    const float prob = exp_nonpositive(s[c] - lse);
+    s[c] = prob;
+    dp[c] = prob * (dp[c] - delta);
+  }
+}
+
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
 // when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
@@ -268,17 +298,12 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
     float* dp = w.dp.data() + r * kKeyBlock;
-    const float lse = p.lse[row0 + r], delta = g.delta[row0 + r];
-    const bool seen = !(lse == -__builtin_inff());
-    for (int64_t c = 0; c < kKeyBlock; ++c) {
-      const float prob = seen ? exp_nonpositive(s[c] - lse) : 0.0f;
-      float upstream = dp[c];
-      if (p.dropout_p > 0.0f && c < cols) {
-        upstream = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? upstream * keep_scale : 0.0f;
+    if (p.dropout_p > 0.0f) {
+      for (int64_t c = 0; c < cols; ++c) {
+        dp[c] = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? dp[c] * keep_scale : 0.0f;
       }
-      s[c] = prob;
-      dp[c] = prob * (upstream - delta);
     }
+    probabilities_and_score_grads(s, dp, p.lse[row0 + r], g.delta[row0 + r]);
     if (g.grad_mask != nullptr) {
       float* out = g.grad_mask + (row0 + r) * p.k_len + j0;
       for (int64_t c = 0; c < cols; ++c) out[c] = dp[c];
