@@ -177,8 +177,8 @@ def _grads(impl, dtype, q, k, v, mask, grad_o, grad_lse, options):
 def _compare_grads(q, k, v, mask=None, impl="native", **options):
     lq, dv = q.shape[2], v.shape[3]
     g = torch.Generator().manual_seed(7)
-    grad_o = torch.randn(q.shape[0], q.shape[1], lq, dv, generator=g, dtype=torch.float64)
-    grad_lse = torch.randn(q.shape[0], q.shape[1], lq, generator=g, dtype=torch.float64)
+    grad_o = torch.randn(q.shape[0], q.shape[1], lq, dv, generator=g, dtype=torch.float64).to(q.device)
+    grad_lse = torch.randn(q.shape[0], q.shape[1], lq, generator=g, dtype=torch.float64).to(q.device)
     generator = options.pop("seed", None)
     with_key = (lambda: dict(options, generator=genfast.PhiloxGenerator(generator))) if generator is not None else (
         lambda: options)

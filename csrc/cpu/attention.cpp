@@ -1,5 +1,5 @@
 // genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
-// block of 128 queries) walks the blocks of 64 keys its band can reach, keeping a running maximum,
+// block of 128 queries) walks the blocks of 128 keys its band can reach, keeping a running maximum,
 // sum and output per query (online softmax), so that no Lq x Lk matrix is stored; the key blocks'
 // panels are packed once for all query blocks. The backward recomputes the probabilities from the
 // log-sum-exp, without atomics: one pass per (batch, key head) when there are enough of them for
