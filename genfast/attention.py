@@ -111,7 +111,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q)
+    backend = _fused_backend(impl, q, max(q.shape[3], v.shape[3]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
@@ -126,16 +126,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     return (o, lse) if return_lse else o
 
 
-def _fused_backend(impl: str, q: Tensor) -> str:
-    """The backend that runs the call: on CUDA, "auto" takes the CUDA kernels for float16 and
-    bfloat16 and Triton for float32; asking for one that cannot run it raises."""
+FUSED_MAX_HEAD_DIM = 256  # of the CUDA and the Triton kernels
+
+
+def _cuda_kernels_refuse(q: Tensor, head_dim: int) -> Optional[str]:
+    """Why genfast's CUDA attention kernels cannot run a call on q's GPU, or None when they can."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"they take float16 or bfloat16 q, k, v, got {q.dtype}"
+    if head_dim > FUSED_MAX_HEAD_DIM:
+        return f"they take head dims up to {FUSED_MAX_HEAD_DIM}, got {head_dim}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"they need compute capability 8.0 or later (mma.sync, cp.async), got {major}.{minor}"
+    return None
+
+
+def _fused_backend(impl: str, q: Tensor, head_dim: int) -> str:
+    """The backend that runs the call: on CUDA, "auto" takes the CUDA kernels where they run (float16
+    and bfloat16, head dims up to 256, sm_80 and later), else Triton (head dims up to 256), else the
+    reference; asking for a backend that cannot run the call raises."""
     backend = _backend.resolve_impl(impl, q.device)
-    cuda_dtype = q.dtype in (torch.float16, torch.bfloat16)
-    if backend == "native" and q.device.type != "cpu" and not cuda_dtype:
+    if q.device.type != "cuda":
+        return backend
+    if backend == "native":
+        why = _cuda_kernels_refuse(q, head_dim)
+        if why is None:
+            return backend
         if impl == "native":
-            raise TypeError(f"genfast's CUDA attention kernels take float16 or bfloat16 q, k, v, got {q.dtype}; "
-                            "impl='triton' runs float32")
+            hint = "; impl='triton' can" if head_dim <= FUSED_MAX_HEAD_DIM else ""
+            raise TypeError(f"genfast's CUDA attention kernels cannot run this call: {why}{hint}")
         backend = "triton" if _backend.triton_runs_on(q.device.type) else "reference"
+    if backend == "triton" and impl == "auto" and head_dim > FUSED_MAX_HEAD_DIM:
+        backend = "reference"
     return backend
 
 
@@ -193,7 +215,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
                   alibi_slopes, softcap, impl)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q)
+    backend = _fused_backend(impl, q, max(q.shape[2], v.shape[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,

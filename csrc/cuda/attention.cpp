@@ -1,0 +1,188 @@
+// genfast::attention_forward, attention_backward and their varlen forms on CUDA: checks (the shared
+// ones of attention_args.h), device guard, current stream, then the tensor-core kernels of
+// kernels/cuda/attention.cuh, which read and write float16 or bfloat16 (float32 runs in Triton).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "launch.h"
+
+#include "../../kernels/cuda/attention.cuh"
+#include "../attention_args.h"
+
+namespace genfast {
+namespace {
+
+constexpr const char* kAttentionBackwardOp = "genfast.attention_backward";
+constexpr const char* kAttentionVarlenBackwardOp = "genfast.attention_varlen_backward";
+
+void check_cuda_attention(const char* op, const AttentionTensors& t) {
+  const auto dtype = t.q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": the CUDA kernels take float16 or bfloat16, got q of dtype ", dtype,
+              " (impl='triton' runs float32)");
+  TORCH_CHECK(t.q.size(-1) <= kAttentionCudaMaxHeadDim && t.v.size(-1) <= kAttentionCudaMaxHeadDim, op,
+              ": the CUDA kernels take head dims up to ", kAttentionCudaMaxHeadDim, ", got ", t.q.size(-1), " and ",
+              t.v.size(-1));
+  int major = 0, minor = 0;
+  const int device = t.q.get_device();
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+              op, ": cannot read the compute capability of cuda:", device);
+  TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or later, got ", major, ".", minor,
+              " (impl='triton' runs there)");
+  if (t.cu_seqlens_q.defined()) {  // the kernels' grids come from max_seqlen, never from cu_seqlens
+    TORCH_CHECK(t.q.size(0) == 0 || t.max_seqlen_q > 0, op, ": max_seqlen_q must be > 0 when q has rows");
+    TORCH_CHECK(t.k.size(0) == 0 || t.max_seqlen_k > 0, op, ": max_seqlen_k must be > 0 when k has rows");
+  }
+}
+
+// fn(T{}) for the CUDA element type of a float16 or bfloat16 tensor.
+template <typename Fn>
+void dispatch_half_types(at::ScalarType dtype, Fn fn) {
+  if (dtype == at::kHalf) {
+    fn(__half{});
+  } else {
+    fn(__nv_bfloat16{});
+  }
+}
+
+template <typename T>
+AttentionCudaParams<T> cuda_params(const AttentionTensors& t, const AttentionParams& base, const at::Tensor& o) {
+  AttentionCudaParams<T> params{};
+  params.base = base;
+  params.q = reinterpret_cast<const T*>(t.q.const_data_ptr());
+  params.k = reinterpret_cast<const T*>(t.k.const_data_ptr());
+  params.v = reinterpret_cast<const T*>(t.v.const_data_ptr());
+  params.o = o.defined() ? reinterpret_cast<T*>(o.mutable_data_ptr()) : nullptr;
+  return params;
+}
+
+// o (q's dtype, q's shape with v's head dim, contiguous) and lse float32: (B, H, Lq), varlen (H, total_q).
+std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensors& t, double scale, double softcap,
+                                           int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed,
+                                           int64_t offset) {
+  check_attention_options(scale, softcap, dropout_p);
+  check_cuda_attention(op, t);
+  const bool varlen = t.cu_seqlens_q.defined();
+  std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
+  o_shape.back() = t.v.size(-1);
+  at::Tensor o = at::empty(o_shape, t.q.options());
+  const auto floats = t.q.options().dtype(at::kFloat);
+  at::Tensor lse = varlen ? at::empty({t.q.size(1), t.q.size(0)}, floats)
+                          : at::empty({t.q.size(0), t.q.size(1), t.q.size(2)}, floats);
+  if (lse.numel() == 0) return {o, lse};
+  const AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half_types(t.q.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    check_launch(op, launch_attention_forward<T>(cuda_params<T>(t, base, o), stream));
+  });
+  return {o, lse};
+}
+
+// grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
+// grad_mask, dS float32 (B, H, Lq, Lk).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
+    const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+  check_attention_options(scale, softcap, dropout_p);
+  check_cuda_attention(op, t);
+  const bool varlen = t.cu_seqlens_q.defined();
+  const AttentionGradInputs in =
+      prepare_attention_grads(op, t, grad_o.to(t.q.scalar_type()), grad_lse, o, lse, /*as_float=*/false);
+  // The kernels write every row of every sequence; varlen rows outside all sequences (cu_seqlens
+  // not reaching total) stay zero.
+  const auto make = [varlen](const at::Tensor& like) {
+    return varlen ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+  };
+  at::Tensor grad_q = make(t.q), grad_k = make(t.k), grad_v = make(t.v);
+  at::Tensor grad_s;
+  if (grad_mask) {
+    grad_s = at::zeros({t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)}, t.q.options().dtype(at::kFloat));
+  }
+  if (grad_q.numel() > 0 || grad_k.numel() > 0 || grad_v.numel() > 0) {
+    AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                            at::Tensor(), at::Tensor());
+    base.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_half_types(t.q.scalar_type(), [&](auto type) {
+      using T = decltype(type);
+      AttentionCudaGrads<T> grads{};
+      grads.grad_o = reinterpret_cast<const T*>(in.grad_o.const_data_ptr());
+      grads.delta = in.delta.const_data_ptr<float>();
+      grads.grad_q = reinterpret_cast<T*>(grad_q.mutable_data_ptr());
+      grads.grad_k = reinterpret_cast<T*>(grad_k.mutable_data_ptr());
+      grads.grad_v = reinterpret_cast<T*>(grad_v.mutable_data_ptr());
+      grads.grad_s = grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr;
+      check_launch(op, launch_attention_backward<T>(cuda_params<T>(t, base, at::Tensor()), grads, stream));
+    });
+  }
+  std::optional<at::Tensor> mask_grad;
+  if (grad_mask) mask_grad = grad_s;
+  return {grad_q, grad_k, grad_v, mask_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& attn_mask,
+                                                          const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                                          double softcap, int64_t band_lo, int64_t band_hi,
+                                                          double dropout_p, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return forward(kAttentionOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false), scale,
+                 softcap, band_lo, band_hi, dropout_p, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cuda(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return backward(kAttentionBackwardOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false),
+                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return forward(kAttentionVarlenOp,
+                 prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          alibi_slopes, /*as_float=*/false),
+                 scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [grad_q, grad_k, grad_v, unused] =
+      backward(kAttentionVarlenBackwardOp,
+               prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        alibi_slopes, /*as_float=*/false),
+               grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, false);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_cuda);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
+}
+
+}  // namespace genfast

@@ -1,0 +1,484 @@
+// Attention backward on tensor cores, FlashAttention-2's scheme in two deterministic kernels (no
+// atomics), recomputing P = exp(S - lse) from the forward's log-sum-exp:
+//  (1) attention_backward_kv_kernel: one CTA of 4 warps per (block of keys, batch * kv head). Each
+//      warp owns 16 keys (and, for head dims over 128, half of the columns of dK and dV) and works
+//      on the transposed products, so that no partial sums cross warps:
+//        S^T  = K Q^T        A: K [key][dim] (pattern A)      B: Q [query][dim] (pattern B)
+//        dP^T = V dO^T       A: V (pattern A)                 B: dO [query][v_dim] (pattern B)
+//        dV  += P_drop^T dO  A: from S^T's C fragments        B: dO (pattern A, .trans)
+//        dK  += dS^T Q       A: from dP^T's C fragments       B: Q (pattern A, .trans)
+//      over the query heads of its kv head and the query blocks its band reaches (Q, dO, lse and
+//      delta double-buffered through cp.async).
+//  (2) attention_backward_q_kernel: one CTA per (block of 64 queries, batch * head), each warp 16
+//      query rows, over the key blocks its band reaches (K, V double-buffered):
+//        S = Q K^T,  dP = dO V^T (B: V [key][v_dim], pattern B),  dQ += dS K (B: K, pattern A .trans)
+//      and, when asked, dS (the gradient of the final score, before the soft-cap's chain rule) to
+//      grad_s in float32.
+// dS = P (dropout-replayed dP - delta), delta = rowsum(dO o) - grad_lse; dK and dQ take
+// scale dS times the soft-cap's 1 - tanh^2.
+#include "attention.cuh"
+#include "attention_tile.cuh"
+
+namespace genfast {
+namespace attention_cuda {
+namespace {
+
+template <int kD>
+struct KvTile {
+  static constexpr int kKeyWarps = kD <= 128 ? 4 : 2;     // warps along the keys
+  static constexpr int kSplit = 4 / kKeyWarps;             // warps along dK's and dV's columns
+  static constexpr int kBlockN = 16 * kKeyWarps;           // keys per CTA
+  static constexpr int kBlockM = kD <= 64 ? 64 : (kD <= 128 ? 32 : 16);  // queries per step
+  static constexpr int kCols = kD / kSplit;                // dK, dV columns per warp
+  static constexpr int kStride = kD + 8;
+  static constexpr int kTileElems = (2 * kBlockN + 4 * kBlockM) * kStride;  // K, V, 2 x Q, 2 x dO
+  static constexpr int kSmemBytes = kTileElems * 2 + 4 * kBlockM * 4;       // + 2 x (lse, delta)
+  static_assert(kSmemBytes <= kMaxSmemBytes, "the kv kernel's tiles must fit every sm_80+ GPU");
+};
+
+template <int kD>
+struct QTile {
+  static constexpr int kBlockM = 64;                   // 16 query rows per warp
+  static constexpr int kBlockN = kD <= 64 ? 64 : (kD <= 128 ? 32 : 16);  // keys per step
+  static constexpr int kStride = kD + 8;
+  static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kStride * 2;  // Q, dO, 2 x K, 2 x V
+  static_assert(kSmemBytes <= kMaxSmemBytes, "the q kernel's tiles must fit every sm_80+ GPU");
+};
+
+template <typename T, int kD, bool kPlain>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_kv_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                 const __grid_constant__ AttentionCudaGrads<T> grads, int k_blocks,
+                                 unsigned vector) {
+  using Tile = KvTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
+  constexpr int kST = kBlockM / 8;         // S^T's n-tiles (queries) per warp
+  constexpr int kCT = Tile::kCols / 8;     // dK's and dV's n-tiles per warp
+  const AttentionParams& p = params.base;
+
+  const int64_t bhk = blockIdx.x / k_blocks;
+  const int j0 = static_cast<int>(blockIdx.x % k_blocks) * kBlockN;
+  const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads, group = p.heads / p.kv_heads;
+  const AttentionSequence seq = attention_sequence(p, b);
+  const int q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  if (j0 >= k_len) return;  // past a packed sequence's end (the whole CTA)
+  const int cols = min(kBlockN, k_len - j0);
+  const Band band = sequence_band(seq);
+  // The queries [first_q, end_q) that can see keys [j0, j0 + cols), in steps of kBlockM.
+  const int64_t first_q64 = static_cast<int64_t>(j0) - band.hi;
+  const int first_q = static_cast<int>(first_q64 > 0 ? first_q64 : 0);
+  const int64_t end_q64 = static_cast<int64_t>(j0) + cols - band.lo;
+  const int end_q = static_cast<int>(end_q64 < q_len ? end_q64 : q_len);
+  const int q_steps = end_q > first_q ? (end_q - first_q + kBlockM - 1) / kBlockM : 0;
+  const int steps = static_cast<int>(group) * q_steps;
+  const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
+
+  extern __shared__ uint4 smem_raw[];
+  uint16_t* s_k = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* s_v = s_k + kBlockN * kStride;
+  uint16_t* s_q = s_v + kBlockN * kStride;   // 2 buffers of kBlockM rows
+  uint16_t* s_do = s_q + 2 * kBlockM * kStride;
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * kBlockM * kStride);  // 2 x kBlockM
+  float* s_delta = s_lse + 2 * kBlockM;
+
+  const auto step_head = [&](int step) { return hk * group + step / q_steps; };
+  const auto step_i0 = [&](int step) { return first_q + (step % q_steps) * kBlockM; };
+  const auto load_queries = [&](int step, int buf) {
+    const int64_t h = step_head(step);
+    const int i0 = step_i0(step), valid = min(kBlockM, q_len - i0);
+    load_tile<kBlockM, kD>(s_q + buf * kBlockM * kStride,
+                           reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
+                           p.q_stride[2], valid, dim, (vector & kVectorQ) != 0);
+    load_tile<kBlockM, kD>(s_do + buf * kBlockM * kStride,
+                           reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim,
+                           seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0);
+    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+      const bool inside = r < valid;
+      const int64_t row = seq.lse_row(h, i0 + r);
+      s_lse[buf * kBlockM + r] = inside ? p.lse[row] : kNegInf;  // padding rows: P = 0
+      s_delta[buf * kBlockM + r] = inside ? grads.delta[row] : 0.0f;
+    }
+  };
+
+  load_tile<kBlockN, kD>(s_k, reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0),
+                         p.k_stride[2], cols, dim, (vector & kVectorK) != 0);
+  load_tile<kBlockN, kD>(s_v, reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, j0),
+                         p.v_stride[2], cols, v_dim, (vector & kVectorV) != 0);
+  if (steps > 0) load_queries(0, 0);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int key_warp = warp % Tile::kKeyWarps, col0 = (warp / Tile::kKeyWarps) * Tile::kCols;
+  const int a_row = lane % 16, a_col = (lane / 16) * 8;                        // pattern A
+  const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
+  const int dim_steps = (dim + 15) / 16, v_steps = (v_dim + 15) / 16;
+  const uint16_t* k_frag = s_k + (key_warp * 16 + a_row) * kStride + a_col;
+  const uint16_t* v_frag = s_v + (key_warp * 16 + a_row) * kStride + a_col;
+  const int key_j[2] = {j0 + key_warp * 16 + gid, j0 + key_warp * 16 + gid + 8};
+
+  float acc_dk[kCT][4], acc_dv[kCT][4];
+#pragma unroll
+  for (int t = 0; t < kCT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_dk[t][e] = 0.0f;
+      acc_dv[t][e] = 0.0f;
+    }
+  }
+  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
+
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int64_t h = step_head(step);
+    const int i0 = step_i0(step);
+    if (step + 1 < steps) {
+      load_queries(step + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* q_tile = s_q + buf * kBlockM * kStride;
+    const uint16_t* do_tile = s_do + buf * kBlockM * kStride;
+    const float* lse = s_lse + buf * kBlockM;
+    const float* delta = s_delta + buf * kBlockM;
+
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows) and the step's queries (columns).
+    float acc_s[kST][4], acc_dp[kST][4];
+#pragma unroll
+    for (int t = 0; t < kST; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc_s[t][e] = 0.0f;
+        acc_dp[t][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks < dim_steps) {
+        uint32_t a[4];
+        ldsm_x4(a, k_frag + ks * 16);
+#pragma unroll
+        for (int t = 0; t < kST / 2; ++t) {
+          uint32_t bq[4];
+          ldsm_x4(bq, q_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
+          mma_16816<T>(acc_s[2 * t], a, bq[0], bq[1]);
+          mma_16816<T>(acc_s[2 * t + 1], a, bq[2], bq[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks < v_steps) {
+        uint32_t a[4];
+        ldsm_x4(a, v_frag + ks * 16);
+#pragma unroll
+        for (int t = 0; t < kST / 2; ++t) {
+          uint32_t bo[4];
+          ldsm_x4(bo, do_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
+          mma_16816<T>(acc_dp[2 * t], a, bo[0], bo[1]);
+          mma_16816<T>(acc_dp[2 * t + 1], a, bo[2], bo[3]);
+        }
+      }
+    }
+
+    // Element (key j, query i): P, dropout, dS. acc_s becomes P after dropout, acc_dp dS (times the
+    // soft-cap's slope).
+    const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
+#pragma unroll
+    for (int t = 0; t < kST; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = t * 8 + 2 * tig + (e & 1);
+        const int i = i0 + c, j = key_j[e / 2];
+        float cap = 1.0f;
+        const float s = score_at<kPlain, true>(p, seq, band, b, h, acc_s[t][e], i, j, q_len, k_len, check, cap);
+        const float row_lse = lse[c];
+        const float prob = row_lse == kNegInf ? 0.0f : exp2f((s - row_lse) * kLog2e);
+        float up = acc_dp[t][e], dropped = prob;
+        if (!kPlain && drop.on) {
+          const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
+          up = keep ? up * drop.keep_scale : 0.0f;
+          dropped = keep ? prob * drop.keep_scale : 0.0f;
+        }
+        const float ds = prob * (up - delta[c]);
+        acc_s[t][e] = dropped;
+        acc_dp[t][e] = kPlain ? ds : ds * cap;
+      }
+    }
+
+    // dV += P_drop^T dO and dK += dS^T Q over the step's queries (the k dimension).
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      uint32_t a_p[4], a_ds[4];
+      a_from_c<T, kST>(a_p, acc_s, kk);
+      a_from_c<T, kST>(a_ds, acc_dp, kk);
+#pragma unroll
+      for (int t = 0; t < Tile::kCols / 16; ++t) {
+        const int c = col0 + t * 16;
+        if (c < v_dim) {
+          uint32_t bo[4];
+          ldsm_x4_trans(bo, do_tile + (kk * 16 + a_row) * kStride + c + a_col);
+          mma_16816<T>(acc_dv[2 * t], a_p, bo[0], bo[1]);
+          mma_16816<T>(acc_dv[2 * t + 1], a_p, bo[2], bo[3]);
+        }
+        if (c < dim) {
+          uint32_t bq[4];
+          ldsm_x4_trans(bq, q_tile + (kk * 16 + a_row) * kStride + c + a_col);
+          mma_16816<T>(acc_dk[2 * t], a_ds, bq[0], bq[1]);
+          mma_16816<T>(acc_dk[2 * t + 1], a_ds, bq[2], bq[3]);
+        }
+      }
+    }
+    __syncthreads();  // the buffer is refilled by the next step's prefetch
+  }
+  cp_async_wait<0>();
+
+  // dK = scale sum dS^T Q and dV, every key of the block (zero where no query reached it).
+  const bool dk_pair = (dim % 2) == 0, dv_pair = (v_dim % 2) == 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key_j[r];
+    if (j >= k_len) continue;
+    const int64_t key = seq.key_out_row(hk, j);
+    T* dk_row = grads.grad_k + key * p.dim;
+    T* dv_row = grads.grad_v + key * p.v_dim;
+#pragma unroll
+    for (int t = 0; t < kCT; ++t) {
+      const int c = col0 + t * 8 + 2 * tig;
+      if (c < dim) {
+        store_pair<T>(dk_row, c, acc_dk[t][2 * r] * p.scale, acc_dk[t][2 * r + 1] * p.scale, c + 1 < dim, dk_pair);
+      }
+      if (c < v_dim) store_pair<T>(dv_row, c, acc_dv[t][2 * r], acc_dv[t][2 * r + 1], c + 1 < v_dim, dv_pair);
+    }
+  }
+}
+
+template <typename T, int kD, bool kPlain>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_q_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                const __grid_constant__ AttentionCudaGrads<T> grads, int q_blocks, unsigned vector) {
+  using Tile = QTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
+  constexpr int kST = kBlockN / 8;  // S's n-tiles (keys) per warp
+  constexpr int kQT = kD / 8;       // dQ's n-tiles per warp
+  const AttentionParams& p = params.base;
+
+  const int64_t bh = blockIdx.x / q_blocks;
+  const int i0 = static_cast<int>(blockIdx.x % q_blocks) * kBlockM;
+  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const AttentionSequence seq = attention_sequence(p, b);
+  const int q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  if (i0 >= q_len) return;  // past a packed sequence's end (the whole CTA)
+  const int rows = min(kBlockM, q_len - i0);
+  const Band band = sequence_band(seq);
+  const BlockRange blocks = key_blocks<kBlockN>(band, i0, rows, k_len);
+  const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
+
+  extern __shared__ uint4 smem_raw[];
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* s_do = s_q + kBlockM * kStride;
+  uint16_t* s_k = s_do + kBlockM * kStride;  // 2 buffers of kBlockN rows
+  uint16_t* s_v = s_k + 2 * kBlockN * kStride;
+
+  const uint16_t* k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, 0);
+  const uint16_t* v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, 0);
+  const int64_t k_row = p.k_stride[2], v_row = p.v_stride[2];
+  const auto load_kv = [&](int block, int buf) {
+    const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
+    load_tile<kBlockN, kD>(s_k + buf * kBlockN * kStride, k_base + j0 * k_row, k_row, valid, dim,
+                           (vector & kVectorK) != 0);
+    load_tile<kBlockN, kD>(s_v + buf * kBlockN * kStride, v_base + j0 * v_row, v_row, valid, v_dim,
+                           (vector & kVectorV) != 0);
+  };
+
+  load_tile<kBlockM, kD>(s_q, reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
+                         p.q_stride[2], rows, dim, (vector & kVectorQ) != 0);
+  load_tile<kBlockM, kD>(s_do, reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim,
+                         seq.out_position * p.v_dim, rows, v_dim, (vector & kVectorGradO) != 0);
+  if (blocks.count > 0) load_kv(blocks.first, 0);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int a_row = lane % 16, a_col = (lane / 16) * 8;                        // pattern A
+  const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
+  const int dim_steps = (dim + 15) / 16, v_steps = (v_dim + 15) / 16;
+  const uint16_t* q_frag = s_q + (warp * 16 + a_row) * kStride + a_col;
+  const uint16_t* do_frag = s_do + (warp * 16 + a_row) * kStride + a_col;
+  const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool inside = row_i[r] < q_len;
+    const int64_t row = seq.lse_row(h, inside ? row_i[r] : 0);
+    row_lse[r] = inside ? p.lse[row] : kNegInf;  // padding rows: P = 0
+    row_delta[r] = inside ? grads.delta[row] : 0.0f;
+  }
+
+  float acc_dq[kQT][4];
+#pragma unroll
+  for (int t = 0; t < kQT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[t][e] = 0.0f;
+  }
+  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
+  float* grad_s = grads.grad_s;
+
+  for (int n = 0; n < blocks.count; ++n) {
+    const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
+    if (n + 1 < blocks.count) {
+      load_kv(blocks.first + n + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* k_tile = s_k + buf * kBlockN * kStride;
+    const uint16_t* v_tile = s_v + buf * kBlockN * kStride;
+
+    // S = Q K^T and dP = dO V^T for the warp's 16 query rows.
+    float acc_s[kST][4], acc_dp[kST][4];
+#pragma unroll
+    for (int t = 0; t < kST; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc_s[t][e] = 0.0f;
+        acc_dp[t][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks < dim_steps) {
+        uint32_t a[4];
+        ldsm_x4(a, q_frag + ks * 16);
+#pragma unroll
+        for (int t = 0; t < kST / 2; ++t) {
+          uint32_t bk[4];
+          ldsm_x4(bk, k_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
+          mma_16816<T>(acc_s[2 * t], a, bk[0], bk[1]);
+          mma_16816<T>(acc_s[2 * t + 1], a, bk[2], bk[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks < v_steps) {
+        uint32_t a[4];
+        ldsm_x4(a, do_frag + ks * 16);
+#pragma unroll
+        for (int t = 0; t < kST / 2; ++t) {
+          uint32_t bv[4];
+          ldsm_x4(bv, v_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
+          mma_16816<T>(acc_dp[2 * t], a, bv[0], bv[1]);
+          mma_16816<T>(acc_dp[2 * t + 1], a, bv[2], bv[3]);
+        }
+      }
+    }
+
+    // Element (query i, key j): dS, written to grad_s when asked; acc_s becomes dS times the
+    // soft-cap's slope (the gradient of scale q.k).
+    const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
+#pragma unroll
+    for (int t = 0; t < kST; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
+        float cap = 1.0f;
+        const float s = score_at<kPlain, true>(p, seq, band, b, h, acc_s[t][e], i, j, q_len, k_len, check, cap);
+        const float prob = row_lse[e / 2] == kNegInf ? 0.0f : exp2f((s - row_lse[e / 2]) * kLog2e);
+        float up = acc_dp[t][e];
+        if (!kPlain && drop.on) {
+          const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
+          up = keep ? up * drop.keep_scale : 0.0f;
+        }
+        const float ds = prob * (up - row_delta[e / 2]);
+        if (grad_s != nullptr && i < q_len && j < k_len) grad_s[seq.lse_row(h, i) * seq.row_length + j] = ds;
+        acc_s[t][e] = kPlain ? ds : ds * cap;
+      }
+    }
+
+    // dQ += dS K over the block's keys (the k dimension).
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a_from_c<T, kST>(a, acc_s, kk);
+#pragma unroll
+      for (int t = 0; t < kD / 16; ++t) {
+        if (t < dim_steps) {
+          uint32_t bk[4];
+          ldsm_x4_trans(bk, k_tile + (kk * 16 + a_row) * kStride + t * 16 + a_col);
+          mma_16816<T>(acc_dq[2 * t], a, bk[0], bk[1]);
+          mma_16816<T>(acc_dq[2 * t + 1], a, bk[2], bk[3]);
+        }
+      }
+    }
+    __syncthreads();  // the buffer is refilled by the next step's prefetch
+  }
+  cp_async_wait<0>();
+
+  const bool pair_ok = (dim % 2) == 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= q_len) continue;
+    T* dq_row = grads.grad_q + seq.out_row(h, i) * p.dim;
+#pragma unroll
+    for (int t = 0; t < kQT; ++t) {
+      const int c = t * 8 + 2 * tig;
+      if (c < dim) {
+        store_pair<T>(dq_row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale, c + 1 < dim, pair_ok);
+      }
+    }
+  }
+}
+
+template <typename T, int kD, bool kPlain>
+cudaError_t run_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads, unsigned vector,
+                         cudaStream_t stream) {
+  const AttentionParams& p = params.base;
+  using KvT = KvTile<kD>;
+  using QT = QTile<kD>;
+  const int64_t k_blocks = (p.k_len + KvT::kBlockN - 1) / KvT::kBlockN;
+  const int64_t q_blocks = (p.q_len + QT::kBlockM - 1) / QT::kBlockM;
+  const cudaError_t status =
+      launch_tiles(attention_backward_kv_kernel<T, kD, kPlain>, k_blocks * p.batch * p.kv_heads, kThreads,
+                   KvT::kSmemBytes, stream, params, grads, static_cast<int>(k_blocks), vector);
+  if (status != cudaSuccess) return status;
+  return launch_tiles(attention_backward_q_kernel<T, kD, kPlain>, q_blocks * p.batch * p.heads, kThreads,
+                      QT::kSmemBytes, stream, params, grads, static_cast<int>(q_blocks), vector);
+}
+
+template <typename T, int kD>
+cudaError_t run_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads, unsigned vector,
+                         cudaStream_t stream) {
+  return plain_scores(params.base) ? run_backward<T, kD, true>(params, grads, vector, stream)
+                                    : run_backward<T, kD, false>(params, grads, vector, stream);
+}
+
+}  // namespace
+}  // namespace attention_cuda
+
+template <typename T>
+cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                                      cudaStream_t stream) {
+  using namespace attention_cuda;
+  const AttentionParams& p = params.base;
+  const cudaError_t supported = check_attention_call(p);
+  if (supported != cudaSuccess) return supported;
+  // Empty sizes launch nothing; a non-empty grad is written in full (zeros where nothing reaches).
+  const int64_t no_stride[3] = {0, 0, 0};
+  const unsigned vector =
+      input_vector_flags(params) | (vector_ok(grads.grad_o, no_stride) && p.v_dim % 8 == 0 ? kVectorGradO : 0u);
+  return with_head_dim_bucket(
+      p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, grads, vector, stream); });
+}
+
+template cudaError_t launch_attention_backward<__half>(const AttentionCudaParams<__half>&,
+                                                       const AttentionCudaGrads<__half>&, cudaStream_t);
+template cudaError_t launch_attention_backward<__nv_bfloat16>(const AttentionCudaParams<__nv_bfloat16>&,
+                                                              const AttentionCudaGrads<__nv_bfloat16>&,
+                                                              cudaStream_t);
+
+}  // namespace genfast

@@ -1,0 +1,251 @@
+// The pieces the attention kernels share (attention_forward.cu, attention_backward.cu): cp.async
+// staging of 16-bit tiles into padded shared memory, ldmatrix, mma.sync m16n8k16 with float32
+// accumulators, and the scores' options.
+//
+// Fragment layouts of mma.m16n8k16 (lane = 4 gid + tig):
+//   A (16 x 16, row-major), four 32-bit registers of two 16-bit values (low half first):
+//     a[0] = (gid,     2 tig + {0,1})   a[1] = (gid + 8, 2 tig + {0,1})
+//     a[2] = (gid,     2 tig + 8 + {0,1})   a[3] = (gid + 8, 2 tig + 8 + {0,1})
+//   B (16 x 8, "col"), two registers: b[0] = (k = 2 tig + {0,1}, n = gid), b[1] = (k + 8, n = gid)
+//   C (16 x 8, float): c[0], c[1] = (gid, 2 tig + {0,1});  c[2], c[3] = (gid + 8, 2 tig + {0,1})
+// So the C tiles 2 kk and 2 kk + 1 (16 columns) of a product are, packed, the A fragment of k-step
+// kk of the next product (a_from_c).
+//
+// Shared tiles are rows of kD 16-bit values padded to kD + 8 (16 bytes more per row), so that the
+// eight 16-byte rows one 8x8 ldmatrix matrix reads fall in distinct banks for every kD used here.
+// Two ldmatrix.x4 lane-address patterns serve every operand:
+//   pattern A: row = lane % 16, column = 8 (lane / 16): from a tile stored [m][k], the A fragment
+//     of rows 0..15, k 0..15; with .trans, from a tile stored [k][n], the B fragments of n-tiles
+//     0..7 (r[0], r[1]) and 8..15 (r[2], r[3]).
+//   pattern B: row = lane % 8 + 8 (lane / 16), column = 8 ((lane / 8) % 2): from a tile stored
+//     [n][k], the B fragments of n-tiles 0..7 (r[0], r[1]) and 8..15 (r[2], r[3]).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "../common/attention.h"
+#include "attention.cuh"
+// What touches the hardware: the PTX wrappers, the device query and the launch. The emulator of
+// kernels/tests (GENFAST_EMULATED_CUDA) gives its own, so that these kernels also run on the host.
+#ifndef GENFAST_EMULATED_CUDA
+#include "attention_sm80.cuh"
+#endif
+
+namespace genfast {
+namespace attention_cuda {
+
+constexpr int kThreads = 128;  // 4 warps
+// The dynamic shared memory a block may opt into on every sm_80+ GPU (99 KiB on sm_86, sm_89 and
+// sm_120; more on sm_80, sm_87 and sm_90): every tile configuration fits it.
+constexpr int kMaxSmemBytes = 99 * 1024;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -__builtin_inff();
+
+// Which inputs may be read 16 bytes at a time (aligned base, strides in multiples of 8 elements).
+enum VectorFlags : unsigned { kVectorQ = 1u, kVectorK = 2u, kVectorV = 4u, kVectorGradO = 8u };
+
+// Whether a call can run here: sizes the kernels take (0 with nothing to do is fine) on an sm_80+
+// device; the launchers return this before launching anything.
+inline cudaError_t check_attention_call(const AttentionParams& p) {
+  const int64_t width = p.dim > p.v_dim ? p.dim : p.v_dim;
+  if (width > kAttentionCudaMaxHeadDim || p.dim < 0 || p.v_dim < 0 || p.heads < 0 || p.kv_heads <= 0 ||
+      p.heads % p.kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  int major = 0;
+  const cudaError_t status = current_device_major(&major);
+  if (status != cudaSuccess) return status;
+  return major >= 8 ? cudaSuccess : cudaErrorNotSupported;
+}
+
+// Whether a tensor may be read 16 bytes at a time: aligned base, strides in multiples of 8 elements.
+inline bool vector_ok(const void* ptr, const int64_t (&stride)[3]) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride[0] % 8 == 0 && stride[1] % 8 == 0 &&
+         stride[2] % 8 == 0;
+}
+
+// The inputs (q, k, v) that may be read 16 bytes at a time.
+template <typename T>
+unsigned input_vector_flags(const AttentionCudaParams<T>& params) {
+  const AttentionParams& p = params.base;
+  return (vector_ok(params.q, p.q_stride) ? kVectorQ : 0u) | (vector_ok(params.k, p.k_stride) ? kVectorK : 0u) |
+         (vector_ok(params.v, p.v_stride) ? kVectorV : 0u);
+}
+
+// fn(std::integral_constant<int, kD>{}) for the head-dim bucket kD (32, 64, 128 or 256) that holds
+// max(dim, v_dim); the tail of the bucket is zero-padded in the tiles.
+template <typename Fn>
+cudaError_t with_head_dim_bucket(const AttentionParams& p, Fn fn) {
+  const int64_t width = p.dim > p.v_dim ? p.dim : p.v_dim;
+  if (width <= 32) return fn(std::integral_constant<int, 32>{});
+  if (width <= 64) return fn(std::integral_constant<int, 64>{});
+  if (width <= 128) return fn(std::integral_constant<int, 128>{});
+  return fn(std::integral_constant<int, 256>{});
+}
+
+// Whether the scores need only the scale and the band (no soft-cap, ALiBi, mask or dropout).
+inline bool plain_scores(const AttentionParams& p) {
+  return p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone &&
+         !(p.dropout_p > 0.0f);
+}
+
+
+// Two floats as two T in one register, lo in the low half (the lower column of a fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return static_cast<uint32_t>(__half_as_ushort(v.x)) | (static_cast<uint32_t>(__half_as_ushort(v.y)) << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
+}
+
+// The A fragment of k-step kk from the C tiles 2 kk and 2 kk + 1 of a 16-row product.
+template <typename T, int kTiles>
+__device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c)[kTiles][4], int kk) {
+  a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// out[at] = lo and, when `both`, out[at + 1] = hi; one 32-bit store when pair_ok (at even, aligned).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* out, int64_t at, float lo, float hi, bool both, bool pair_ok) {
+  if (both && pair_ok) {
+    const uint32_t v = pack2<T>(lo, hi);
+    *reinterpret_cast<uint32_t*>(out + at) = v;
+  } else {
+    out[at] = from_f32<T>(lo);
+    if (both) out[at + 1] = from_f32<T>(hi);
+  }
+}
+
+// The maximum, NaN when either is NaN (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Rows 0 .. kRows - 1 of a shared tile of kD columns (row stride kD + 8) from `src` (16-bit values,
+// rows row_stride elements apart): rows < rows and columns < cols are copied, the rest zeroed.
+// Whole 16-byte chunks go through cp.async when `vector`; the caller commits and waits.
+template <int kRows, int kD>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
+                                          int cols, bool vector) {
+  constexpr int kChunks = kD / 8, kStride = kD + 8;
+#pragma unroll 4
+  for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
+    const int r = e / kChunks, c = (e % kChunks) * 8;
+    uint16_t* dst = tile + r * kStride + c;
+    if (r < rows && c < cols) {
+      const uint16_t* s = src + r * row_stride + c;
+      if (vector && c + 8 <= cols) {
+        cp_async_16(dst, s);
+      } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t lo = c + 2 * k < cols ? s[2 * k] : 0u;
+          const uint32_t hi = c + 2 * k + 1 < cols ? s[2 * k + 1] : 0u;
+          w[k] = lo | (hi << 16);
+        }
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// The band of a sequence in 32 bits: key j of query i is kept when lo <= j - i <= hi. Clamping to
+// [-q_len - 1, k_len + 1] changes no decision, since -q_len < j - i < k_len.
+struct Band {
+  int lo, hi;
+};
+__device__ __forceinline__ int clamp_band(int64_t v, int64_t q_len, int64_t k_len) {
+  return static_cast<int>(v < -q_len - 1 ? -q_len - 1 : (v > k_len + 1 ? k_len + 1 : v));
+}
+__device__ __forceinline__ Band sequence_band(const AttentionSequence& seq) {
+  return Band{clamp_band(seq.band_lo, seq.q_len, seq.k_len), clamp_band(seq.band_hi, seq.q_len, seq.k_len)};
+}
+
+// The key blocks (of kBlockN) that queries [i0, i0 + rows) can see: blocks first .. first + count - 1.
+struct BlockRange {
+  int first, count;
+};
+template <int kBlockN>
+__device__ __forceinline__ BlockRange key_blocks(const Band& band, int i0, int rows, int k_len) {
+  const int64_t first = i0 + static_cast<int64_t>(band.lo) > 0 ? i0 + static_cast<int64_t>(band.lo) : 0;
+  const int64_t last_end = static_cast<int64_t>(i0) + rows + band.hi;  // one past the last key
+  const int64_t end = last_end < k_len ? last_end : k_len;
+  if (end <= first) return BlockRange{0, 0};
+  const int b0 = static_cast<int>(first / kBlockN);
+  return BlockRange{b0, static_cast<int>((end - 1) / kBlockN) - b0 + 1};
+}
+
+// Whether every (i, j) of queries [i0, i0 + m) and keys [j0, j0 + n) is inside the band and the keys.
+__device__ __forceinline__ bool block_inside(const Band& band, int i0, int m, int j0, int n, int k_len) {
+  return j0 + n <= k_len && static_cast<int64_t>(j0) - (i0 + m - 1) >= band.lo &&
+         static_cast<int64_t>(j0) + n - 1 - i0 <= band.hi;
+}
+
+// The score s_ij from the raw dot product q_i . k_j: the plain path only scales and, when `check`,
+// applies the band and the keys' end; the full path is attention_score (soft-cap, ALiBi, mask, band)
+// and -inf outside the sequence's queries and keys. With kCap, cap gets the soft-cap's 1 - tanh^2.
+template <bool kPlain, bool kCap>
+__device__ __forceinline__ float score_at(const AttentionParams& p, const AttentionSequence& seq, const Band& band,
+                                          int64_t b, int64_t h, float dot, int i, int j, int q_len, int k_len,
+                                          bool check, float& cap) {
+  const float scaled = dot * p.scale;
+  if (kPlain) {
+    if (check) {
+      const int d = j - i;
+      if (j >= k_len || d < band.lo || d > band.hi) return kNegInf;
+    }
+    return scaled;
+  } else {
+    if (i >= q_len || j >= k_len) return kNegInf;
+    if (kCap && p.softcap > 0.0f) {
+      const float t = tanh_f32(scaled / p.softcap);
+      cap = 1.0f - t * t;
+    }
+    return attention_score(p, seq, scaled, b, h, i, j);
+  }
+}
+
+// Philox key and keep scale of a call's dropout.
+struct Dropout {
+  uint64_t seed, offset;
+  float keep_scale;
+  bool on;
+};
+__device__ __forceinline__ Dropout dropout_of(const AttentionParams& p) {
+  Dropout d{};
+  d.on = p.dropout_p > 0.0f;
+  if (d.on) {
+    resolve_philox_key(p.key, &d.seed, &d.offset);
+    d.keep_scale = 1.0f / (1.0f - p.dropout_p);
+  }
+  return d;
+}
+
+}  // namespace attention_cuda
+}  // namespace genfast

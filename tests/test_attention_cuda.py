@@ -1,0 +1,158 @@
+"""genfast.attention and attention_varlen on a CUDA GPU: the hand-written CUDA kernels (float16,
+bfloat16) and the Triton kernels (float32 too) against the float64 reference by the error-ratio
+rule, with every option, long sequences, a bit-reproducible backward and CUDA graph capture.
+Everything here skips without a GPU."""
+
+import pytest
+import torch
+
+import genfast
+from test_attention import _compare, _compare_grads, _qkv
+from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
+from test_attention_varlen import _compare as _compare_varlen
+
+pytestmark = pytest.mark.cuda
+
+BACKENDS = [("native", torch.float16), ("native", torch.bfloat16),
+            *(pytest.param("triton", dtype, marks=pytest.mark.triton)
+              for dtype in (torch.float32, torch.float16, torch.bfloat16))]
+IDS = ["native-fp16", "native-bf16", "triton-fp32", "triton-fp16", "triton-bf16"]
+
+
+def _cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1, 1000), (1000, 1000), (100, 333), (333, 100)])
+@pytest.mark.parametrize("dim", [16, 40, 64, 96, 128, 256])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_matches_reference(impl, dtype, dim, lq, lk):
+    _compare(*_cuda(*_qkv(2, 3, 3, lq, lk, dim, dtype)), impl=impl)
+
+
+OPTIONS = [dict(causal="top_left"), dict(causal="bottom_right"), dict(causal="bottom_right", window=(64, 0)),
+           dict(window=(20, 7)), dict(softcap=5.0, scale=0.3), dict(alibi_slopes=[0.5, 0.25, 0.1, 0.05]),
+           dict(dropout_p=0.2, seed=4)]
+
+
+def _options(options):
+    options = dict(options)
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = torch.tensor(options["alibi_slopes"], device="cuda")
+    return options
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_options_and_gradients(impl, dtype, options):
+    q, k, v = _cuda(*_qkv(2, 4, 2, 150, 260, 64, dtype, v_dim=64))
+    options = _options(options)
+    seed = options.pop("seed", None)
+    if seed is None:
+        _compare(q, k, v, impl=impl, enable_gqa=True, **options)
+    _compare_grads(q, k, v, impl=impl, **options, **({} if seed is None else dict(seed=seed)))
+
+
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (40, 40), (96, 96), (256, 256), (64, 32), (40, 72), (33, 17),
+                                       (200, 256)])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
+    """Every head-dim bucket of the CUDA kernels, partial buckets, v's head dim apart from q's and odd
+    head dims (element-wise loads and stores)."""
+    _compare_grads(*_cuda(*_qkv(2, 2, 1, 90, 150, dim, dtype, v_dim=v_dim)), impl=impl, enable_gqa=True,
+                   causal="bottom_right")
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_strided_inputs(impl, dtype):
+    """(B, L, H, D) storage seen as (B, H, L, D), and a storage offset that breaks 16-byte alignment:
+    the kernels' element-wise loads."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 77, 4, 64, generator=g).to("cuda", dtype).transpose(1, 2)
+    k = torch.randn(2, 130, 2, 64, generator=g).to("cuda", dtype).transpose(1, 2)
+    v = torch.randn(2 * 130 * 2 * 64 + 1, generator=g).to("cuda", dtype)[1:].view(2, 2, 130, 64)
+    _compare(q, k, v, impl=impl, enable_gqa=True)
+    _compare_grads(q, k, v, impl=impl, enable_gqa=True, causal="top_left")
+
+
+def test_head_dims_past_the_fused_kernels():
+    """Over 256, impl='native' says why it cannot run, and auto runs the reference."""
+    q, k, v = _cuda(*_qkv(1, 2, 2, 20, 30, 320, torch.float16))
+    with pytest.raises(TypeError, match="head dims up to 256"):
+        genfast.attention(q, k, v, impl="native")
+    torch.testing.assert_close(genfast.attention(q, k, v), genfast.attention(q, k, v, impl="reference"))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_masks_and_their_gradients(impl, dtype, kind):
+    q, k, v = _cuda(*_qkv(2, 2, 2, 70, 130, 32, dtype))
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(2, 1, 70, 130, generator=g) < 0.7 if kind == "bool" else torch.randn(2, 1, 70, 130, generator=g)
+    mask = mask.cuda() if kind == "bool" else mask.to("cuda", dtype)
+    mask[..., 5, :] = False if kind == "bool" else float("-inf")  # a row that sees no key: zeros, finite grads
+    _compare_grads(q, k, v, mask, impl=impl)
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_nan_propagates(impl, dtype):
+    q, k, v = _cuda(*_qkv(1, 2, 2, 40, 40, 64, dtype))
+    q[0, 1, 7, 3] = float("nan")
+    o = genfast.attention(q, k, v, impl=impl)
+    assert bool(o[0, 1, 7].isnan().all()) and not bool(o[0, 0].isnan().any())
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_long_causal(impl, dtype):
+    _compare(*_cuda(*_qkv(1, 4, 4, 4096, 4096, 128, dtype)), impl=impl, causal="top_left")
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_varlen(impl, dtype):
+    _compare_varlen(impl, _packed(LENGTHS_Q, LENGTHS_K, dim=64, dtype=dtype, device="cuda"), causal="bottom_right")
+    _compare_varlen(impl, _packed([300, 1, 700], [900, 2, 700], dim=128, dtype=dtype, device="cuda"),
+                    window=(100, 0), dropout_p=0.1, seed=2)
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_backward_is_bit_reproducible(impl, dtype):
+    q, k, v = _cuda(*_qkv(2, 8, 2, 300, 500, 64, dtype))
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl)
+        results.append(torch.autograd.grad(o.float().square().sum(), leaves))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_cuda_graph_capture(impl, dtype):
+    """No host-device synchronization: the forward and backward replay in a CUDA graph."""
+    q, k, v = _cuda(*_qkv(2, 4, 4, 200, 200, 64, dtype))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        o = genfast.attention(*leaves, causal="top_left", impl=impl)
+        return (o, *torch.autograd.grad(o.float().sum(), leaves))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(captured, eager):
+        torch.testing.assert_close(a, e)
+
+
+def test_native_float32_names_the_backend():
+    q, k, v = _cuda(*_qkv(1, 2, 2, 8, 8, 16, torch.float32))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        genfast.attention(q, k, v, impl="native")
+    o = genfast.attention(q, k, v)  # auto: Triton
+    torch.testing.assert_close(o, genfast.attention(q, k, v, impl="reference"), atol=1e-5, rtol=1e-5)
