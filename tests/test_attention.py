@@ -246,6 +246,9 @@ def test_opcheck_and_compile(impl):
     torch.library.opcheck(backward,
                           (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, mask, None, 0.3, 0.0, -3, 4,
                            0.0, 0, 0, True))
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) storage: fresh gradients are contiguous
+    torch.library.opcheck(backward, (torch.randn_like(o), None, q_strided, k, v, o, lse, None, None, 0.3, 0.0, -3, 4,
+                                     0.0, 0, 0, False))
 
     def layer(q, k, v, mask):
         return genfast.attention(q, k, v, mask, enable_gqa=True, causal="bottom_right", impl=impl)

@@ -20,7 +20,7 @@ def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dr
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
                    dropout_p, seed, offset, grad_mask):
     grad_s = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32) if grad_mask else None
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_s
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
@@ -29,7 +29,7 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def _varlen_backward_fake(grad_o, grad_lse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
