@@ -1,0 +1,380 @@
+// The CUDA attention kernels (kernels/cuda/attention_forward.cu, attention_backward.cu), run on the
+// host by cuda_emulator.h through their launchers, against a float64 evaluation of
+// kernels/common/attention.h's definition: outputs, log-sum-exp and every gradient, for each
+// head-dim bucket, dtype and option, with dense, strided, unaligned and packed (varlen) inputs.
+// Outputs start as NaN, so an element the kernels never write fails too. Built and run by CMake (ctest).
+#include "cuda_emulator.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "../cuda/attention_backward.cu"
+#include "../cuda/attention_forward.cu"
+
+namespace {
+
+using genfast::AttentionCudaGrads;
+using genfast::AttentionCudaParams;
+using genfast::AttentionMask;
+using genfast::AttentionParams;
+using genfast::AttentionSequence;
+
+int failures = 0;
+constexpr double kInf = HUGE_VAL;
+
+template <typename T>
+uint16_t to_bits(float v) {
+  if constexpr (std::is_same<T, __half>::value) return __half_as_ushort(__float2half_rn(v));
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <typename T>
+float from_bits(uint16_t b) {
+  if constexpr (std::is_same<T, __half>::value) return __half2float(__ushort_as_half(b));
+  return __bfloat162float(__ushort_as_bfloat16(b));
+}
+
+struct Case {
+  std::string name;
+  int batch = 1, heads = 2, kv_heads = 1, q_len = 70, k_len = 230, dim = 64, v_dim = 64;
+  std::vector<int> lengths_q, lengths_k;  // varlen when set
+  bool seq_major = false;                 // dense inputs stored (B, L, H, D)
+  bool unaligned = false;                 // every input one element past a 16-byte boundary
+  int64_t band_lo = -genfast::kAttentionUnbounded, band_hi = genfast::kAttentionUnbounded;
+  float softcap = 0.0f, dropout_p = 0.0f;
+  bool alibi = false;
+  AttentionMask mask = AttentionMask::kNone;
+  bool nan_q = false;  // q[0, 0, 1, 0] = NaN: that row's output is NaN, no other
+};
+
+// An input tensor: 16-bit values (with an optional leading pad element) and their float values.
+template <typename T>
+struct Input {
+  std::vector<uint16_t> bits;
+  std::vector<float> values;
+  int pad = 0;
+  const T* data() const { return reinterpret_cast<const T*>(bits.data() + pad); }
+  float at(int64_t i) const { return values[i]; }
+};
+
+template <typename T>
+Input<T> random_input(int64_t n, std::mt19937& rng, bool unaligned) {
+  std::normal_distribution<float> normal;
+  Input<T> x;
+  x.pad = unaligned ? 1 : 0;
+  x.bits.resize(n + 8);
+  x.values.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    x.bits[x.pad + i] = to_bits<T>(normal(rng));
+    x.values[i] = from_bits<T>(x.bits[x.pad + i]);
+  }
+  return x;
+}
+
+// Element strides (batch, head, position) of q, k or v.
+void strides_of(const Case& c, int64_t heads, int64_t len, int64_t dim, int64_t (&s)[3]) {
+  if (!c.lengths_q.empty()) {  // (total, heads, dim)
+    s[0] = 0;
+    s[1] = dim;
+    s[2] = heads * dim;
+  } else if (c.seq_major) {  // (B, L, H, D)
+    s[0] = len * heads * dim;
+    s[1] = dim;
+    s[2] = heads * dim;
+  } else {
+    s[0] = heads * len * dim;
+    s[1] = len * dim;
+    s[2] = dim;
+  }
+}
+
+double max_abs(const std::vector<double>& v) {
+  double m = 0.0;
+  for (double x : v) m = std::isfinite(x) ? std::fmax(m, std::fabs(x)) : m;
+  return m;
+}
+
+// got against ref: max |got - ref| <= tol max(1, max |ref|), matching infinities and NaN.
+void compare(const std::string& what, const std::vector<float>& got, const std::vector<double>& ref, double tol) {
+  const double bound = tol * std::fmax(1.0, max_abs(ref));
+  double worst = 0.0;
+  int64_t worst_at = -1;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double g = got[i], r = ref[i];
+    if ((std::isnan(g) && std::isnan(r)) || (std::isinf(r) && g == r)) continue;
+    const double err = std::isfinite(r) && std::isfinite(g) ? std::fabs(g - r) : kInf;
+    if (worst_at < 0 || err > worst) {
+      worst = err;
+      worst_at = static_cast<int64_t>(i);
+    }
+  }
+  if (std::getenv("GENFAST_EMULATOR_VERBOSE") != nullptr) {
+    std::printf("%-60s max |error| %.3g, bound %.3g\n", what.c_str(), worst, bound);
+  }
+  if (worst_at >= 0 && worst > bound) {
+    std::printf("FAIL %s: |error| %.3g > %.3g at %lld (got %g, expected %g)\n", what.c_str(), worst, bound,
+                static_cast<long long>(worst_at), got[worst_at], ref[worst_at]);
+    ++failures;
+  }
+}
+
+template <typename T>
+void run_case(const Case& c) {
+  const bool varlen = !c.lengths_q.empty();
+  const std::string name = c.name + (std::is_same<T, __half>::value ? " float16" : " bfloat16");
+  std::mt19937 rng(1234);
+  AttentionParams p{};
+  std::vector<int32_t> cu_q{0}, cu_k{0};
+  int64_t total_q = 0, total_k = 0;
+  if (varlen) {
+    p.batch = static_cast<int64_t>(c.lengths_q.size());
+    for (size_t b = 0; b < c.lengths_q.size(); ++b) {
+      cu_q.push_back(cu_q.back() + c.lengths_q[b]);
+      cu_k.push_back(cu_k.back() + c.lengths_k[b]);
+      p.q_len = std::max<int64_t>(p.q_len, c.lengths_q[b]);
+      p.k_len = std::max<int64_t>(p.k_len, c.lengths_k[b]);
+    }
+    total_q = cu_q.back();
+    total_k = cu_k.back();
+    p.cu_seqlens_q = cu_q.data();
+    p.cu_seqlens_k = cu_k.data();
+    p.total_q = total_q;
+    p.total_k = total_k;
+  } else {
+    p.batch = c.batch;
+    p.q_len = c.q_len;
+    p.k_len = c.k_len;
+    total_q = c.batch * c.q_len;
+    total_k = c.batch * c.k_len;
+  }
+  p.heads = c.heads;
+  p.kv_heads = c.kv_heads;
+  p.dim = c.dim;
+  p.v_dim = c.v_dim;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.dim));
+  p.softcap = c.softcap;
+  p.band_lo = c.band_lo;
+  p.band_hi = c.band_hi;
+  p.dropout_p = c.dropout_p;
+  p.key = genfast::PhiloxKeyRef{77, 5, nullptr, nullptr};
+  strides_of(c, c.heads, p.q_len, c.dim, p.q_stride);
+  strides_of(c, c.kv_heads, p.k_len, c.dim, p.k_stride);
+  strides_of(c, c.kv_heads, p.k_len, c.v_dim, p.v_stride);
+
+  Input<T> q = random_input<T>(total_q * c.heads * c.dim, rng, c.unaligned);
+  Input<T> k = random_input<T>(total_k * c.kv_heads * c.dim, rng, c.unaligned);
+  Input<T> v = random_input<T>(total_k * c.kv_heads * c.v_dim, rng, c.unaligned);
+  if (c.nan_q) {
+    q.bits[q.pad + p.q_stride[2]] = to_bits<T>(NAN);
+    q.values[p.q_stride[2]] = NAN;
+  }
+  const int64_t rows = total_q * c.heads, scores = rows * p.k_len;
+  std::vector<float> slopes(c.heads), additive;
+  std::vector<uint8_t> keep_mask;
+  if (c.alibi) {
+    for (int h = 0; h < c.heads; ++h) slopes[h] = 0.5f / (h + 1);
+    p.alibi_slopes = slopes.data();
+  }
+  if (c.mask != AttentionMask::kNone) {  // (B, 1, Lq, Lk), broadcast over heads; query 3 sees no key
+    p.mask_kind = c.mask;
+    const int64_t stride[4] = {p.q_len * p.k_len, 0, p.k_len, 1};
+    std::copy(stride, stride + 4, p.mask_stride);
+    std::uniform_real_distribution<float> uniform;
+    std::normal_distribution<float> normal;
+    keep_mask.resize(p.batch * p.q_len * p.k_len);
+    additive.resize(keep_mask.size());
+    for (size_t e = 0; e < keep_mask.size(); ++e) {
+      const bool dead_row = (e / p.k_len) % p.q_len == 3;
+      keep_mask[e] = !dead_row && uniform(rng) < 0.7f;
+      additive[e] = dead_row ? -HUGE_VALF : normal(rng);
+    }
+    p.mask = c.mask == AttentionMask::kBool ? static_cast<const void*>(keep_mask.data()) : additive.data();
+  }
+
+  // The float64 reference: o, lse and the gradients.
+  const int64_t group = c.heads / c.kv_heads;
+  std::vector<double> ref_o(rows * c.v_dim, 0.0), ref_lse(rows, -kInf);
+  std::vector<double> ref_dq(rows * c.dim, 0.0), ref_dk(total_k * c.kv_heads * c.dim, 0.0);
+  std::vector<double> ref_dv(total_k * c.kv_heads * c.v_dim, 0.0), ref_ds(varlen ? 0 : scores, 0.0);
+  std::vector<float> grad_o(rows * c.v_dim), grad_lse(rows);
+  {
+    std::normal_distribution<float> normal;
+    for (float& g : grad_o) g = from_bits<T>(to_bits<T>(normal(rng)));
+    for (float& g : grad_lse) g = normal(rng);
+  }
+  uint64_t seed = 0, offset = 0;
+  genfast::resolve_philox_key(p.key, &seed, &offset);
+  const double keep_scale = 1.0 / (1.0 - c.dropout_p);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const AttentionSequence seq = genfast::attention_sequence(p, b);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      const int64_t hk = h / group;
+      for (int64_t i = 0; i < seq.q_len; ++i) {
+        const int64_t row = seq.out_row(h, i), lse_row = seq.lse_row(h, i);
+        std::vector<double> s(seq.k_len), cap(seq.k_len, 1.0), kept(seq.k_len, 1.0);
+        double row_max = -kInf;
+        for (int64_t j = 0; j < seq.k_len; ++j) {
+          double dot = 0.0;
+          for (int d = 0; d < c.dim; ++d) {
+            dot += static_cast<double>(q.at(genfast::attention_q_at(p, seq, b, h, i) + d)) *
+                   k.at(genfast::attention_k_at(p, seq, b, hk, j) + d);
+          }
+          const float scaled = static_cast<float>(dot) * p.scale;
+          s[j] = genfast::attention_score(p, seq, scaled, b, h, i, j);
+          if (c.softcap > 0.0f) cap[j] = 1.0 - std::pow(std::tanh(scaled / c.softcap), 2);
+          if (c.dropout_p > 0.0f) {
+            kept[j] = genfast::attention_keeps(p, seq, seed, offset, h, i, j) ? keep_scale : 0.0;
+          }
+          row_max = std::isnan(s[j]) || std::isnan(row_max) ? NAN : std::fmax(row_max, s[j]);
+        }
+        if (row_max == -kInf) continue;  // o = 0, lse = -inf, no gradient
+        double sum = 0.0;
+        for (int64_t j = 0; j < seq.k_len; ++j) sum += std::exp(s[j] - row_max);
+        const double lse = row_max + std::log(sum);
+        ref_lse[lse_row] = lse;
+        std::vector<double> prob(seq.k_len), dp(seq.k_len, 0.0);
+        for (int64_t j = 0; j < seq.k_len; ++j) {
+          prob[j] = std::exp(s[j] - lse);
+          for (int d = 0; d < c.v_dim; ++d) {
+            const double vj = v.at(genfast::attention_v_at(p, seq, b, hk, j) + d);
+            ref_o[row * c.v_dim + d] += prob[j] * kept[j] * vj;
+            dp[j] += grad_o[row * c.v_dim + d] * vj;
+          }
+        }
+        double delta = -grad_lse[lse_row];
+        for (int d = 0; d < c.v_dim; ++d) delta += grad_o[row * c.v_dim + d] * ref_o[row * c.v_dim + d];
+        for (int64_t j = 0; j < seq.k_len; ++j) {
+          const double ds = prob[j] * (dp[j] * kept[j] - delta);
+          if (!varlen) ref_ds[lse_row * p.k_len + j] = ds;
+          const int64_t key = seq.key_out_row(hk, j);
+          for (int d = 0; d < c.dim; ++d) {
+            ref_dq[row * c.dim + d] += p.scale * ds * cap[j] * k.at(genfast::attention_k_at(p, seq, b, hk, j) + d);
+            ref_dk[key * c.dim + d] += p.scale * ds * cap[j] * q.at(genfast::attention_q_at(p, seq, b, h, i) + d);
+          }
+          for (int d = 0; d < c.v_dim; ++d) ref_dv[key * c.v_dim + d] += prob[j] * kept[j] * grad_o[row * c.v_dim + d];
+        }
+      }
+    }
+  }
+
+  // The kernels, through their launchers; outputs start as NaN.
+  const uint16_t nan_bits = to_bits<T>(NAN);
+  std::vector<uint16_t> o_bits(rows * c.v_dim, nan_bits);
+  std::vector<float> lse(rows, NAN);
+  p.lse = lse.data();
+  AttentionCudaParams<T> params{};
+  params.base = p;
+  params.q = q.data();
+  params.k = k.data();
+  params.v = v.data();
+  params.o = reinterpret_cast<T*>(o_bits.data());
+  if (genfast::launch_attention_forward<T>(params, nullptr) != cudaSuccess) {
+    std::printf("FAIL %s: the forward's launch failed\n", name.c_str());
+    ++failures;
+    return;
+  }
+  std::vector<float> o(o_bits.size());
+  for (size_t e = 0; e < o.size(); ++e) o[e] = from_bits<T>(o_bits[e]);
+  const bool half = std::is_same<T, __half>::value;
+  compare(name + ": o", o, ref_o, half ? 2e-3 : 1.5e-2);
+  compare(name + ": lse", lse, std::vector<double>(ref_lse.begin(), ref_lse.end()), 1e-4);
+
+  // delta = rowsum(grad_o o) - grad_lse from the kernel's o, as the binding computes it.
+  std::vector<float> delta(rows, 0.0f);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const AttentionSequence seq = genfast::attention_sequence(p, b);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      for (int64_t i = 0; i < seq.q_len; ++i) {
+        const int64_t r = seq.lse_row(h, i), out = seq.out_row(h, i);
+        double sum = 0.0;
+        for (int d = 0; d < c.v_dim; ++d) sum += grad_o[out * c.v_dim + d] * o[out * c.v_dim + d];
+        delta[r] = static_cast<float>(sum) - grad_lse[r];
+      }
+    }
+  }
+  std::vector<uint16_t> grad_o_bits(grad_o.size());
+  for (size_t e = 0; e < grad_o.size(); ++e) grad_o_bits[e] = to_bits<T>(grad_o[e]);
+  std::vector<uint16_t> dq_bits(ref_dq.size(), nan_bits), dk_bits(ref_dk.size(), nan_bits),
+      dv_bits(ref_dv.size(), nan_bits);
+  std::vector<float> ds(ref_ds.size(), 0.0f);
+  AttentionCudaGrads<T> grads{};
+  grads.grad_o = reinterpret_cast<const T*>(grad_o_bits.data());
+  grads.delta = delta.data();
+  grads.grad_q = reinterpret_cast<T*>(dq_bits.data());
+  grads.grad_k = reinterpret_cast<T*>(dk_bits.data());
+  grads.grad_v = reinterpret_cast<T*>(dv_bits.data());
+  grads.grad_s = varlen || c.mask != AttentionMask::kAdditive ? nullptr : ds.data();
+  if (genfast::launch_attention_backward<T>(params, grads, nullptr) != cudaSuccess) {
+    std::printf("FAIL %s: the backward's launch failed\n", name.c_str());
+    ++failures;
+    return;
+  }
+  const auto floats = [](const std::vector<uint16_t>& bits) {
+    std::vector<float> out(bits.size());
+    for (size_t e = 0; e < bits.size(); ++e) out[e] = from_bits<T>(bits[e]);
+    return out;
+  };
+  const double grad_tol = half ? 2.5e-3 : 1.5e-2;
+  if (c.nan_q) return;  // NaN reaches the gradients through delta; the forward's rows were checked
+  compare(name + ": grad_q", floats(dq_bits), ref_dq, grad_tol);
+  compare(name + ": grad_k", floats(dk_bits), ref_dk, grad_tol);
+  compare(name + ": grad_v", floats(dv_bits), ref_dv, grad_tol);
+  if (grads.grad_s != nullptr) compare(name + ": grad_s", ds, ref_ds, grad_tol);
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> all;
+  Case c;
+  c.name = "plain GQA d64";
+  all.push_back(c);
+  c = Case{};
+  c.name = "bottom-right causal d40 dv72";
+  c.dim = 40, c.v_dim = 72, c.q_len = 50, c.k_len = 90, c.band_hi = 90 - 50;
+  all.push_back(c);
+  c = Case{};
+  c.name = "top-left causal window d16";
+  c.heads = 3, c.kv_heads = 3, c.dim = c.v_dim = 16, c.q_len = c.k_len = 33, c.band_lo = -9, c.band_hi = 0;
+  all.push_back(c);
+  c = Case{};
+  c.name = "soft-cap ALiBi additive mask d128";
+  c.batch = 2, c.dim = c.v_dim = 128, c.q_len = 65, c.k_len = 40, c.softcap = 2.0f, c.alibi = true;
+  c.mask = AttentionMask::kAdditive;
+  all.push_back(c);
+  c = Case{};
+  c.name = "bool mask dropout d256";
+  c.dim = c.v_dim = 256, c.q_len = 40, c.k_len = 100, c.mask = AttentionMask::kBool, c.dropout_p = 0.25f;
+  all.push_back(c);
+  c = Case{};
+  c.name = "odd dims, (B, L, H, D) storage, unaligned";
+  c.dim = 33, c.v_dim = 17, c.q_len = 30, c.k_len = 45, c.seq_major = true, c.unaligned = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "varlen bottom-right causal dropout d32";
+  c.dim = c.v_dim = 32, c.lengths_q = {17, 0, 70}, c.lengths_k = {30, 5, 70}, c.band_hi = 0, c.dropout_p = 0.1f;
+  all.push_back(c);
+  c = Case{};
+  c.name = "NaN in q";
+  c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 20, c.nan_q = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "no keys";
+  c.dim = c.v_dim = 32, c.q_len = 5, c.k_len = 0;
+  all.push_back(c);
+  return all;
+}
+
+}  // namespace
+
+int main() {
+  for (const bool deferred : {true, false}) {
+    cuda_emulator::deferred_copies = deferred;
+    for (const Case& c : cases()) {
+      run_case<__half>(c);
+      run_case<__nv_bfloat16>(c);
+    }
+  }
+  if (failures == 0) std::printf("attention on the emulated GPU: all cases match the float64 reference\n");
+  return failures == 0 ? 0 : 1;
+}
