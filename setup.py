@@ -5,6 +5,8 @@ Environment:
   GENFAST_FORCE_CUDA=1     build the CUDA kernels without a visible GPU (compile and link check)
   GENFAST_NO_CUDA=1        never build them
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU's, else "8.0;9.0a"
+  GENFAST_ATTENTION_HEAD_DIMS  the head-dim buckets of the CUDA attention kernels to compile, e.g.
+                           "64,128" (default: 32,64,128,256); 256 always is, and serves any head dim
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 
@@ -41,6 +43,19 @@ def _cuda_archs():
     return archs
 
 
+def _attention_buckets():
+    """The bit mask of kernels/cuda/attention_tile.cuh's GENFAST_ATTENTION_BUCKETS."""
+    wanted = os.environ.get("GENFAST_ATTENTION_HEAD_DIMS")
+    if not wanted:
+        return 0xF
+    buckets = {32: 1, 64: 2, 128: 4, 256: 8}
+    dims = [int(d) for d in wanted.replace(";", ",").split(",") if d.strip()]
+    unknown = [d for d in dims if d not in buckets]
+    if unknown:
+        raise ValueError(f"GENFAST_ATTENTION_HEAD_DIMS takes buckets of {sorted(buckets)}, got {unknown}")
+    return sum(buckets[d] for d in set(dims)) | 8
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -59,7 +74,8 @@ def _extension():
         return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = _cuda_archs()
     sources += _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
-    defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"']
+    defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"',
+               f"-DGENFAST_ATTENTION_BUCKETS={_attention_buckets()}"]
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},

@@ -117,14 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int key_j[2] = {j0 + key_warp * 16 + gid, j0 + key_warp * 16 + gid + 8};
 
   float acc_dk[kCT][4], acc_dv[kCT][4];
-#pragma unroll
-  for (int t = 0; t < kCT; ++t) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc_dk[t][e] = 0.0f;
-      acc_dv[t][e] = 0.0f;
-    }
-  }
+  zero(acc_dk);
+  zero(acc_dv);
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
   for (int step = 0; step < steps; ++step) {
@@ -146,42 +140,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows) and the step's queries (columns).
     float acc_s[kST][4], acc_dp[kST][4];
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc_s[t][e] = 0.0f;
-        acc_dp[t][e] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks < dim_steps) {
-        uint32_t a[4];
-        ldsm_x4(a, k_frag + ks * 16);
-#pragma unroll
-        for (int t = 0; t < kST / 2; ++t) {
-          uint32_t bq[4];
-          ldsm_x4(bq, q_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
-          mma_16816<T>(acc_s[2 * t], a, bq[0], bq[1]);
-          mma_16816<T>(acc_s[2 * t + 1], a, bq[2], bq[3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks < v_steps) {
-        uint32_t a[4];
-        ldsm_x4(a, v_frag + ks * 16);
-#pragma unroll
-        for (int t = 0; t < kST / 2; ++t) {
-          uint32_t bo[4];
-          ldsm_x4(bo, do_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
-          mma_16816<T>(acc_dp[2 * t], a, bo[0], bo[1]);
-          mma_16816<T>(acc_dp[2 * t + 1], a, bo[2], bo[3]);
-        }
-      }
-    }
+    zero(acc_s);
+    zero(acc_dp);
+    mma_a_bt<T, kD>(acc_s, k_frag, q_tile + b_row * kStride + b_col, dim_steps);
+    mma_a_bt<T, kD>(acc_dp, v_frag, do_tile + b_row * kStride + b_col, v_steps);
 
     // Element (key j, query i): P, dropout, dS. acc_s becomes P after dropout, acc_dp dS (times the
     // soft-cap's slope).
@@ -214,22 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t a_p[4], a_ds[4];
       a_from_c<T, kST>(a_p, acc_s, kk);
       a_from_c<T, kST>(a_ds, acc_dp, kk);
-#pragma unroll
-      for (int t = 0; t < Tile::kCols / 16; ++t) {
-        const int c = col0 + t * 16;
-        if (c < v_dim) {
-          uint32_t bo[4];
-          ldsm_x4_trans(bo, do_tile + (kk * 16 + a_row) * kStride + c + a_col);
-          mma_16816<T>(acc_dv[2 * t], a_p, bo[0], bo[1]);
-          mma_16816<T>(acc_dv[2 * t + 1], a_p, bo[2], bo[3]);
-        }
-        if (c < dim) {
-          uint32_t bq[4];
-          ldsm_x4_trans(bq, q_tile + (kk * 16 + a_row) * kStride + c + a_col);
-          mma_16816<T>(acc_dk[2 * t], a_ds, bq[0], bq[1]);
-          mma_16816<T>(acc_dk[2 * t + 1], a_ds, bq[2], bq[3]);
-        }
-      }
+      const int at = (kk * 16 + a_row) * kStride + col0 + a_col;
+      mma_a_b<T>(acc_dv, a_p, do_tile + at, v_dim - col0);
+      mma_a_b<T>(acc_dk, a_ds, q_tile + at, dim - col0);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
@@ -317,11 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   float acc_dq[kQT][4];
-#pragma unroll
-  for (int t = 0; t < kQT; ++t) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dq[t][e] = 0.0f;
-  }
+  zero(acc_dq);
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
   float* grad_s = grads.grad_s;
 
@@ -340,42 +285,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // S = Q K^T and dP = dO V^T for the warp's 16 query rows.
     float acc_s[kST][4], acc_dp[kST][4];
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc_s[t][e] = 0.0f;
-        acc_dp[t][e] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks < dim_steps) {
-        uint32_t a[4];
-        ldsm_x4(a, q_frag + ks * 16);
-#pragma unroll
-        for (int t = 0; t < kST / 2; ++t) {
-          uint32_t bk[4];
-          ldsm_x4(bk, k_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
-          mma_16816<T>(acc_s[2 * t], a, bk[0], bk[1]);
-          mma_16816<T>(acc_s[2 * t + 1], a, bk[2], bk[3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks < v_steps) {
-        uint32_t a[4];
-        ldsm_x4(a, do_frag + ks * 16);
-#pragma unroll
-        for (int t = 0; t < kST / 2; ++t) {
-          uint32_t bv[4];
-          ldsm_x4(bv, v_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
-          mma_16816<T>(acc_dp[2 * t], a, bv[0], bv[1]);
-          mma_16816<T>(acc_dp[2 * t + 1], a, bv[2], bv[3]);
-        }
-      }
-    }
+    zero(acc_s);
+    zero(acc_dp);
+    mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
+    mma_a_bt<T, kD>(acc_dp, do_frag, v_tile + b_row * kStride + b_col, v_steps);
 
     // Element (query i, key j): dS, written to grad_s when asked; acc_s becomes dS times the
     // soft-cap's slope (the gradient of scale q.k).
@@ -404,15 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       a_from_c<T, kST>(a, acc_s, kk);
-#pragma unroll
-      for (int t = 0; t < kD / 16; ++t) {
-        if (t < dim_steps) {
-          uint32_t bk[4];
-          ldsm_x4_trans(bk, k_tile + (kk * 16 + a_row) * kStride + t * 16 + a_col);
-          mma_16816<T>(acc_dq[2 * t], a, bk[0], bk[1]);
-          mma_16816<T>(acc_dq[2 * t + 1], a, bk[2], bk[3]);
-        }
-      }
+      mma_a_b<T>(acc_dq, a, k_tile + (kk * 16 + a_row) * kStride + a_col, dim);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }

@@ -66,16 +66,12 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int a_row = lane % 16, a_col = (lane / 16) * 8;                 // pattern A
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
-  const int dim_steps = (dim + 15) / 16, v_steps = (v_dim + 15) / 16;
+  const int dim_steps = (dim + 15) / 16;
   const uint16_t* q_frag = s_q + (warp * 16 + a_row) * kStride + a_col;
   const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
 
   float acc_o[kOT][4];
-#pragma unroll
-  for (int t = 0; t < kOT; ++t) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[t][e] = 0.0f;
-  }
+  zero(acc_o);
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
@@ -94,25 +90,8 @@ __global__ void __launch_bounds__(kThreads)
 
     // S = Q K^T for the warp's 16 rows.
     float acc_s[kST][4];
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[t][e] = 0.0f;
-    }
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks < dim_steps) {
-        uint32_t a[4];
-        ldsm_x4(a, q_frag + ks * 16);
-#pragma unroll
-        for (int t = 0; t < kST / 2; ++t) {
-          uint32_t bk[4];
-          ldsm_x4(bk, k_tile + (t * 16 + b_row) * kStride + ks * 16 + b_col);
-          mma_16816<T>(acc_s[2 * t], a, bk[0], bk[1]);
-          mma_16816<T>(acc_s[2 * t + 1], a, bk[2], bk[3]);
-        }
-      }
-    }
+    zero(acc_s);
+    mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
 
     // Scores, then the online softmax of the rows gid and gid + 8 (shared by the 4 lanes of a gid).
     const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
@@ -168,15 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       a_from_c<T, kST>(a, acc_s, kk);
-#pragma unroll
-      for (int t = 0; t < kD / 16; ++t) {
-        if (t < v_steps) {
-          uint32_t bv[4];
-          ldsm_x4_trans(bv, v_tile + (kk * 16 + a_row) * kStride + t * 16 + a_col);
-          mma_16816<T>(acc_o[2 * t], a, bv[0], bv[1]);
-          mma_16816<T>(acc_o[2 * t + 1], a, bv[2], bv[3]);
-        }
-      }
+      mma_a_b<T>(acc_o, a, v_tile + (kk * 16 + a_row) * kStride + a_col, v_dim);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }

@@ -77,14 +77,26 @@ unsigned input_vector_flags(const AttentionCudaParams<T>& params) {
          (vector_ok(params.v, p.v_stride) ? kVectorV : 0u);
 }
 
-// fn(std::integral_constant<int, kD>{}) for the head-dim bucket kD (32, 64, 128 or 256) that holds
-// max(dim, v_dim); the tail of the bucket is zero-padded in the tiles.
+// Bit b set: the head-dim bucket 32 << b is compiled (setup.py's GENFAST_ATTENTION_HEAD_DIMS narrows
+// it for development builds). 256 always is: a larger bucket serves smaller head dims, zero-padded.
+#ifndef GENFAST_ATTENTION_BUCKETS
+#define GENFAST_ATTENTION_BUCKETS 0xF
+#endif
+
+// fn(std::integral_constant<int, kD>{}) for the smallest compiled head-dim bucket kD (32, 64, 128
+// or 256) that holds max(dim, v_dim); the tail of the bucket is zero-padded in the tiles.
 template <typename Fn>
 cudaError_t with_head_dim_bucket(const AttentionParams& p, Fn fn) {
   const int64_t width = p.dim > p.v_dim ? p.dim : p.v_dim;
-  if (width <= 32) return fn(std::integral_constant<int, 32>{});
-  if (width <= 64) return fn(std::integral_constant<int, 64>{});
-  if (width <= 128) return fn(std::integral_constant<int, 128>{});
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 1) != 0) {
+    if (width <= 32) return fn(std::integral_constant<int, 32>{});
+  }
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 2) != 0) {
+    if (width <= 64) return fn(std::integral_constant<int, 64>{});
+  }
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 4) != 0) {
+    if (width <= 128) return fn(std::integral_constant<int, 128>{});
+  }
   return fn(std::integral_constant<int, 256>{});
 }
 
@@ -116,6 +128,55 @@ __device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c)[kTil
   a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
   a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+template <int kTiles>
+__device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
+  }
+}
+
+// acc (16 rows, kTiles n-tiles of 8) += A B^T over the k-steps (of 16) below `steps`, at most
+// kD / 16: A's rows from a_frag, this lane's pattern-A address in a tile stored [m][k]; B's rows
+// from b_frag, its pattern-B address in a tile stored [n][k]; both tiles of row stride kD + 8.
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint16_t* a_frag, const uint16_t* b_frag,
+                                         int steps) {
+  constexpr int kStride = kD + 8;
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    if (ks < steps) {
+      uint32_t a[4];
+      ldsm_x4(a, a_frag + ks * 16);
+#pragma unroll
+      for (int t = 0; t < kTiles / 2; ++t) {
+        uint32_t b[4];
+        ldsm_x4(b, b_frag + t * 16 * kStride + ks * 16);
+        mma_16816<T>(acc[2 * t], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * t + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc (16 rows, kTiles n-tiles of 8) += A B for one k-step of 16: A in registers; B's 16 rows from
+// b_frag, this lane's pattern-A address (.trans) in a tile stored [k][n]. Pairs of n-tiles at or
+// past `cols` are skipped.
+template <typename T, int kTiles>
+__device__ __forceinline__ void mma_a_b(float (&acc)[kTiles][4], const uint32_t (&a)[4], const uint16_t* b_frag,
+                                        int cols) {
+#pragma unroll
+  for (int t = 0; t < kTiles / 2; ++t) {
+    if (t * 16 < cols) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, b_frag + t * 16);
+      mma_16816<T>(acc[2 * t], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * t + 1], a, b[2], b[3]);
+    }
+  }
 }
 
 template <typename T>
