@@ -1,6 +1,7 @@
 // The pieces the attention kernels share (attention_forward.cu, attention_backward.cu): cp.async
-// staging of 16-bit tiles into padded shared memory, ldmatrix, mma.sync m16n8k16 with float32
-// accumulators, and the scores' options.
+// staging of 16-bit tiles into padded shared memory, the ldmatrix and mma.sync m16n8k16 products
+// with float32 accumulators (their PTX is in attention_sm80.cuh), the scores' options, and the
+// launchers' host-side choices.
 //
 // Fragment layouts of mma.m16n8k16 (lane = 4 gid + tig):
 //   A (16 x 16, row-major), four 32-bit registers of two 16-bit values (low half first):
@@ -105,7 +106,6 @@ inline bool plain_scores(const AttentionParams& p) {
   return p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone &&
          !(p.dropout_p > 0.0f);
 }
-
 
 // Two floats as two T in one register, lo in the low half (the lower column of a fragment).
 template <typename T>
