@@ -198,6 +198,15 @@ def test_gradients_match_reference(lq, lk, dim, dtype, impl):
     _compare_grads(*_qkv(2, 2, 2, lq, lk, dim, dtype), impl=impl)
 
 
+@pytest.mark.parametrize("impl", fused_impls())
+def test_long_odd_length(impl):
+    """A length of 1000: many blocks of queries and keys, the last of each partial."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(1, 2, 1, 1000, 1000, 64, torch.float32)
+    _compare(q, k, v, impl=impl, enable_gqa=True, causal="top_left")
+    _compare_grads(q, k, v, impl=impl, causal="top_left")
+
+
 @pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right", window=(20, 3)),
                                      dict(softcap=3.0, scale=0.5), dict(alibi_slopes=torch.tensor([0.4, 0.1, 0.05, 1.0])),
                                      dict(dropout_p=0.2, seed=4)], ids=str)

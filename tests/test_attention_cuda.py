@@ -59,8 +59,7 @@ def test_options_and_gradients(impl, dtype, options):
 def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
     """Every head-dim bucket of the CUDA kernels, partial buckets, v's head dim apart from q's and odd
     head dims (element-wise loads and stores)."""
-    _compare_grads(*_cuda(*_qkv(2, 2, 1, 90, 150, dim, dtype, v_dim=v_dim)), impl=impl, enable_gqa=True,
-                   causal="bottom_right")
+    _compare_grads(*_cuda(*_qkv(2, 2, 1, 90, 150, dim, dtype, v_dim=v_dim)), impl=impl, causal="bottom_right")
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
@@ -72,7 +71,7 @@ def test_strided_inputs(impl, dtype):
     k = torch.randn(2, 130, 2, 64, generator=g).to("cuda", dtype).transpose(1, 2)
     v = torch.randn(2 * 130 * 2 * 64 + 1, generator=g).to("cuda", dtype)[1:].view(2, 2, 130, 64)
     _compare(q, k, v, impl=impl, enable_gqa=True)
-    _compare_grads(q, k, v, impl=impl, enable_gqa=True, causal="top_left")
+    _compare_grads(q, k, v, impl=impl, causal="top_left")
 
 
 def test_head_dims_past_the_fused_kernels():
