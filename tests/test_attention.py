@@ -200,9 +200,11 @@ def test_gradients_match_reference(lq, lk, dim, dtype, impl):
 
 @pytest.mark.parametrize("impl", fused_impls())
 def test_long_odd_length(impl):
-    """A length of 1000: many blocks of queries and keys, the last of each partial."""
+    """A length of 1000: many blocks of queries and keys, the last of each partial (one small head
+    under the Triton interpreter, whose time grows with the programs)."""
     skip_unless_supported(impl, "cpu")
-    q, k, v = _qkv(1, 2, 1, 1000, 1000, 64, torch.float32)
+    q, k, v = _qkv(1, 2, 1, 1000, 1000, 64, torch.float32) if impl == "native" else _qkv(1, 1, 1, 1000, 1000, 16,
+                                                                                          torch.float32)
     _compare(q, k, v, impl=impl, enable_gqa=True, causal="top_left")
     _compare_grads(q, k, v, impl=impl, causal="top_left")
 
