@@ -317,22 +317,36 @@ def _dot_kind(dtype):
     return {torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}.get(dtype, DOT_F32)
 
 
-def _blocks(device, dim_pad, backward):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter's cost is per program and step;
-    on a GPU the tiles keep the accumulators in registers for head dims up to 256."""
-    if device.type == "cpu":
-        return 16, 16, 1, 1
-    if backward:
-        if dim_pad <= 64:
-            return 64, 64, 4, 2
-        if dim_pad <= 128:
-            return 64, 32, 8, 2
-        return 32, 32, 8, 1
-    if dim_pad <= 64:
-        return 128, 64, 4, 2
-    if dim_pad <= 128:
-        return 128, 32, 8, 2
-    return 64, 32, 8, 1
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). On a GPU each kernel is autotuned over these, per
+# head-dim bucket (the larger of BLOCK_D and BLOCK_DV), for each combination of head dims, options
+# and dtype (the lengths are left out of the key, so that a new length, such as a varlen batch's
+# longest sequence, does not tune again); the first of each list is the untuned choice. The
+# interpreter runs one small configuration: its cost is per program and step.
+_GPU_BLOCKS = {
+    "forward": {64: [(128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 2)],
+                128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+                256: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (128, 32, 8, 1)]},
+    "backward": {64: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3)],
+                 128: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2)],
+                 256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
+}
+_INTERPRETER_BLOCKS = (16, 16, 1, 1)
+_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN"]
+_tuned_kernels = {}
+
+
+def _tuned(kernel, device, dim_pad, backward):
+    """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU, over
+    the interpreter's one configuration on the CPU; made once per kernel and bucket. A launch passes
+    no BLOCK_M, BLOCK_N, num_warps or num_stages, and a grid that reads BLOCK_M or BLOCK_N from its
+    meta-parameters. The kernels only store their outputs, so the timing runs leave them right."""
+    bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
+    key = (id(kernel), bucket)
+    if key not in _tuned_kernels:
+        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _GPU_BLOCKS["backward" if backward else "forward"][bucket]
+        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
+        _tuned_kernels[key] = triton.autotune(configs, key=_TUNING_KEY)(kernel)
+    return _tuned_kernels[key]
 
 
 def _check(q, k, v):
@@ -436,14 +450,13 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
-    block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
-    kernel = attention_forward_kernel if wrap is None else wrap(attention_forward_kernel)
-    kernel[(triton.cdiv(lq, block_m), batch * heads)](
+    kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
+    kernel = kernel if wrap is None else wrap(kernel)
+    kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
         q, k, v, mask_arg, alibi_arg, out, lse_out, packing.cu_q, packing.cu_k,
         *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
         *packing.strides(out), *packing.strides(lse_out)[:2],
         heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     if out is not o:
         o.copy_(out)
@@ -478,24 +491,25 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
     outs = [t if t.stride(-1) == 1 else t.new_empty(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
-    block_m, block_n, num_warps, num_stages = _blocks(q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), True)
+    dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
-    kv_kernel = attention_backward_kv_kernel if wrap is None else wrap(attention_backward_kv_kernel)
-    kv_kernel[(triton.cdiv(lk, block_n), batch * kv_heads)](
+    kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True)
+    kv_kernel = kv_kernel if wrap is None else wrap(kv_kernel)
+    kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, packing.cu_q, packing.cu_k, *common_strides,
         *packing.strides(dk), *packing.strides(dv),
         heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     ds = grad_s if grad_s is not None else dq
-    q_kernel = attention_backward_q_kernel if wrap is None else wrap(attention_backward_q_kernel)
-    q_kernel[(triton.cdiv(lq, block_m), batch * heads)](
+    q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True)
+    q_kernel = q_kernel if wrap is None else wrap(q_kernel)
+    q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
         q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, packing.cu_q, packing.cu_k, *common_strides,
         *packing.strides(dq),
         *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
         heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-        WRITE_DS=grad_s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        WRITE_DS=grad_s is not None,
     )
     for out, given in zip(outs, (grad_q, grad_k, grad_v)):
         if out is not given:
