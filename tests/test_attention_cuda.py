@@ -74,6 +74,19 @@ def test_strided_inputs(impl, dtype):
     _compare_grads(q, k, v, impl=impl, causal="top_left")
 
 
+@pytest.mark.parametrize("impl,dtype", BACKENDS[:2] + BACKENDS[3:4], ids=IDS[:2] + IDS[3:4])
+def test_offsets_past_two_to_the_31(impl, dtype):
+    """k and v whose second batch starts 2^31 elements in: the kernels index in 64 bits."""
+    big = torch.zeros(2**31 + 2 * 64 * 64, dtype=dtype, device="cuda")
+    g = torch.Generator().manual_seed(9)
+    k, v = (big.as_strided((2, 1, 64, 64), (2**31, 64 * 64, 64, 1), offset) for offset in (0, 64 * 64))
+    for t in (k, v):
+        t.copy_(torch.randn(t.shape, generator=g).to(dtype))
+    q = torch.randn(2, 2, 33, 64, generator=g).to("cuda", dtype)
+    _compare(q, k, v, impl=impl, enable_gqa=True)
+    _compare_grads(q, k, v, impl=impl)
+
+
 def test_head_dims_past_the_fused_kernels():
     """Over 256, impl='native' says why it cannot run, and auto runs the reference."""
     q, k, v = _cuda(*_qkv(1, 2, 2, 20, 30, 320, torch.float16))
