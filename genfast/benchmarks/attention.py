@@ -1,10 +1,13 @@
 """Fused attention against its peers, forward and forward+backward.
 
 Candidates: genfast's fused backends; torch's scaled_dot_product_attention with each backend it
-has for the device (on the CPU its flash kernel and its math path); the eager reference
+has for the device (on the CPU its flash kernel and its math path); FlashAttention 2
+(flash_attn) and 3 (flash_attn_interface) where installed, on a GPU; the eager reference
 (genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
 when causal; forward+backward 3.5x the forward (the backward 2.5x).
 """
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,39 @@ def _sdpa(backend):
     return run
 
 
+# FlashAttention's packages, where installed: (name, module), each with flash_attn_func and
+# flash_attn_varlen_func on (batch, length, heads, dim) and packed (total, heads, dim) tensors.
+FLASH_ATTENTION_MODULES = [("FlashAttention-2", "flash_attn"), ("FlashAttention-3", "flash_attn_interface")]
+
+
+def _output(result):
+    """FlashAttention-3 returns (out, lse) in some versions, out alone in others."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def flash_attention_peers(device: str):
+    """[(name, dense(q, k, v, causal), varlen(q, k, v, cu, longest))] for each FlashAttention
+    package importable here; dense takes and returns (B, H, L, D) like SDPA, varlen packed tensors."""
+    if device != "cuda":
+        return []
+    peers = []
+    for name, module_name in FLASH_ATTENTION_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+
+        def dense(q, k, v, causal, module=module):
+            out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            return _output(out).transpose(1, 2)
+
+        def varlen(q, k, v, cu, longest, module=module):
+            return _output(module.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True))
+
+        peers.append((name, dense, varlen))
+    return peers
+
+
 def _supported(fn, q, k, v, causal) -> bool:
     try:
         fn(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal)
@@ -58,6 +94,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     candidates = [(f"genfast {impl}", lambda q, k, v, c, impl=impl: attention(q, k, v, is_causal=c, impl=impl))
                   for impl in fused_impls(device)]
     candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(name, dense) for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
                    ("torch.compile reference", lambda q, k, v, c: compiled(q, k, v, is_causal=c))]
     rows = []
@@ -114,6 +151,8 @@ def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
 
     candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: packed(q, k, v, impl)) for impl in fused_impls(device)]
     candidates += [("torch SDPA per sequence", per_sequence)]
+    candidates += [(name, lambda q, k, v, fn=varlen: fn(q, k, v, cu, longest))
+                   for name, _, varlen in flash_attention_peers(device)]
     flops = sum(2 * heads * n * n * dim for n in lengths)  # causal: half of 4 H n^2 D each
     packed_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     padded_leaves = [t.clone().requires_grad_() for t in padded]

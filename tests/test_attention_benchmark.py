@@ -1,0 +1,48 @@
+"""The attention benchmark's FlashAttention peers, through a stand-in module with FlashAttention's
+layouts ((batch, length, heads, dim), packed (total, heads, dim)) built on torch SDPA: the peers
+hand it the benchmark's tensors in its layout and return SDPA's result."""
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from genfast.benchmarks import attention as bench
+
+
+def _stand_in():
+    module = types.ModuleType("flash_attn")
+
+    def flash_attn_func(q, k, v, causal=False):
+        assert q.dim() == 4 and q.stride(-1) == 1
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return o.transpose(1, 2)
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        assert q.dim() == 3 and max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+        outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal)
+                for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat([o.transpose(0, 1) for o in outs]), None  # (out, lse), as FlashAttention-3 returns
+
+    module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+def test_flash_attention_peers_take_and_give_sdpa_layouts(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # not installed
+    assert bench.flash_attention_peers("cpu") == []
+    (name, dense, varlen), = bench.flash_attention_peers("cuda")
+    assert name == "FlashAttention-2"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(dense(q, k, v, True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    lengths = [7, 20, 13]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    packed = [torch.randn(sum(lengths), 3, 16, generator=g) for _ in range(3)]
+    got = varlen(*packed, cu, max(lengths))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in packed), is_causal=True)
+        torch.testing.assert_close(got[a:b], expected.transpose(0, 1))
