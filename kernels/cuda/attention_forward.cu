@@ -18,7 +18,8 @@ struct ForwardTile {
   static constexpr int kBlockM = 64;                    // 16 query rows per warp
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;   // keys per step
   static constexpr int kStride = kD + 8;                // shared row stride (elements)
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kStride * 2;  // Q, 2 x K, 2 x V
+  // Q, then K and V double-buffered.
+  static constexpr int kSmemBytes = (kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2;
   static_assert(kSmemBytes <= kMaxSmemBytes, "the forward's tiles must fit every sm_80+ GPU");
 };
 
@@ -31,36 +32,22 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kOT = kD / 8;       // O's n-tiles per warp
   const AttentionParams& p = params.base;
 
-  const int64_t bh = blockIdx.x / q_blocks;
-  const int i0 = static_cast<int>(blockIdx.x % q_blocks) * kBlockM;
-  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
-  const AttentionSequence seq = attention_sequence(p, b);
-  const int q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
-  if (i0 >= q_len) return;  // past a packed sequence's end (the whole CTA)
-  const int rows = min(kBlockM, q_len - i0);
-  const Band band = sequence_band(seq);
-  const BlockRange blocks = key_blocks<kBlockN>(band, i0, rows, k_len);
+  const QueryBlock<kBlockM, kBlockN> work(p, q_blocks);
+  if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
+  const int64_t b = work.b, h = work.h;
+  const AttentionSequence& seq = work.seq;
+  const int i0 = work.i0, q_len = work.q_len, k_len = work.k_len;
+  const Band band = work.band;
+  const BlockRange blocks = work.blocks;
   const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
 
   extern __shared__ uint4 smem_raw[];
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* s_k = s_q + kBlockM * kStride;  // 2 buffers of kBlockN rows
-  uint16_t* s_v = s_k + 2 * kBlockN * kStride;
-
-  const uint16_t* k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, 0);
-  const uint16_t* v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, 0);
-  const int64_t k_row = p.k_stride[2], v_row = p.v_stride[2];
-  const auto load_kv = [&](int block, int buf) {
-    const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD>(s_k + buf * kBlockN * kStride, k_base + j0 * k_row, k_row, valid, dim,
-                           (vector & kVectorK) != 0);
-    load_tile<kBlockN, kD>(s_v + buf * kBlockN * kStride, v_base + j0 * v_row, v_row, valid, v_dim,
-                           (vector & kVectorV) != 0);
-  };
+  const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_q + kBlockM * kStride, vector);
 
   load_tile<kBlockM, kD>(s_q, reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
-                         p.q_stride[2], rows, dim, (vector & kVectorQ) != 0);
-  if (blocks.count > 0) load_kv(blocks.first, 0);
+                         p.q_stride[2], work.rows, dim, (vector & kVectorQ) != 0);
+  if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
@@ -78,15 +65,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
     if (n + 1 < blocks.count) {
-      load_kv(blocks.first + n + 1, buf ^ 1);
+      kv.load(blocks.first + n + 1, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const uint16_t* k_tile = s_k + buf * kBlockN * kStride;
-    const uint16_t* v_tile = s_v + buf * kBlockN * kStride;
+    const uint16_t* k_tile = kv.k_tile(buf);
+    const uint16_t* v_tile = kv.v_tile(buf);
 
     // S = Q K^T for the warp's 16 rows.
     float acc_s[kST][4];
@@ -204,7 +191,8 @@ cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, cudaS
   if (supported != cudaSuccess) return supported;
   if (p.batch <= 0 || p.q_len <= 0) return cudaSuccess;
   const unsigned vector = input_vector_flags(params);
-  return with_head_dim_bucket(p, [&](auto bucket) { return run_forward<T, decltype(bucket)::value>(params, vector, stream); });
+  return with_head_dim_bucket(
+      p, [&](auto bucket) { return run_forward<T, decltype(bucket)::value>(params, vector, stream); });
 }
 
 template cudaError_t launch_attention_forward<__half>(const AttentionCudaParams<__half>&, cudaStream_t);

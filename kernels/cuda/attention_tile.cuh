@@ -262,6 +262,69 @@ __device__ __forceinline__ BlockRange key_blocks(const Band& band, int i0, int r
   return BlockRange{b0, static_cast<int>((end - 1) / kBlockN) - b0 + 1};
 }
 
+// What a CTA of the kernels that walk key blocks for a block of queries (the forward, the
+// backward's dQ) works on: block blockIdx.x % q_blocks of kBlockM queries of batch * head
+// blockIdx.x / q_blocks. `inside` is false past a packed sequence's end (the whole CTA returns).
+template <int kBlockM, int kBlockN>
+struct QueryBlock {
+  int64_t b, h, hk;
+  AttentionSequence seq;
+  int i0, rows, q_len, k_len;
+  Band band;
+  BlockRange blocks;
+  bool inside;
+  __device__ __forceinline__ QueryBlock(const AttentionParams& p, int q_blocks) {
+    const int64_t bh = blockIdx.x / q_blocks;
+    i0 = static_cast<int>(blockIdx.x % q_blocks) * kBlockM;
+    b = bh / p.heads;
+    h = bh % p.heads;
+    hk = h / (p.heads / p.kv_heads);
+    seq = attention_sequence(p, b);
+    q_len = static_cast<int>(seq.q_len);
+    k_len = static_cast<int>(seq.k_len);
+    inside = i0 < q_len;
+    rows = inside ? min(kBlockM, q_len - i0) : 0;
+    band = sequence_band(seq);
+    blocks = inside ? key_blocks<kBlockN>(band, i0, rows, k_len) : BlockRange{0, 0};
+  }
+};
+
+// The key blocks of kv head hk, staged through cp.async into two buffers each of K and V (kBlockN
+// rows of kD columns), keys past k_len zeroed.
+template <int kBlockN, int kD>
+struct KeyValueTiles {
+  uint16_t *s_k, *s_v;
+  const uint16_t *k_base, *v_base;
+  int64_t k_row, v_row;
+  int k_len, dim, v_dim;
+  bool vector_k, vector_v;
+  template <typename T>
+  __device__ __forceinline__ KeyValueTiles(const AttentionCudaParams<T>& params, const AttentionSequence& seq,
+                                           int64_t b, int64_t hk, uint16_t* smem, unsigned vector) {
+    const AttentionParams& p = params.base;
+    s_k = smem;
+    s_v = smem + 2 * kBlockN * (kD + 8);
+    k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, 0);
+    v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, 0);
+    k_row = p.k_stride[2];
+    v_row = p.v_stride[2];
+    k_len = static_cast<int>(seq.k_len);
+    dim = static_cast<int>(p.dim);
+    v_dim = static_cast<int>(p.v_dim);
+    vector_k = (vector & kVectorK) != 0;
+    vector_v = (vector & kVectorV) != 0;
+  }
+  static constexpr int kElements = 4 * kBlockN * (kD + 8);  // of shared memory
+  __device__ __forceinline__ const uint16_t* k_tile(int buf) const { return s_k + buf * kBlockN * (kD + 8); }
+  __device__ __forceinline__ const uint16_t* v_tile(int buf) const { return s_v + buf * kBlockN * (kD + 8); }
+  // Issues the copies of key block `block` into buffer `buf`; the caller commits and waits.
+  __device__ __forceinline__ void load(int block, int buf) const {
+    const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
+    load_tile<kBlockN, kD>(s_k + buf * kBlockN * (kD + 8), k_base + j0 * k_row, k_row, valid, dim, vector_k);
+    load_tile<kBlockN, kD>(s_v + buf * kBlockN * (kD + 8), v_base + j0 * v_row, v_row, valid, v_dim, vector_v);
+  }
+};
+
 // Whether every (i, j) of queries [i0, i0 + m) and keys [j0, j0 + n) is inside the band and the keys.
 __device__ __forceinline__ bool block_inside(const Band& band, int i0, int m, int j0, int n, int k_len) {
   return j0 + n <= k_len && static_cast<int64_t>(j0) - (i0 + m - 1) >= band.lo &&

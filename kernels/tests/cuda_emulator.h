@@ -9,11 +9,13 @@
 // copies land either at their wait (deferred_copies) or at once: a missing wait or barrier then
 // shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
-// ldmatrix and mma.m16n8k16 follow the PTX ISA's fragment layouts (lane = 4 groupID + threadID_in_group):
+// ldmatrix and mma.m16n8k16 follow the PTX ISA's fragment layouts (lane = 4 g + t: groupID g,
+// threadID_in_group t):
 //   ldmatrix .x4: lanes 8i .. 8i + 7 give the row addresses of matrix i, which lands in register i;
 //     lane l receives row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (with .trans: of the transposed matrix).
 //   mma A (16 x 16): a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..);
-//   B (16 x 8): b0 (k = 2t.., n = g), b1 (k = 2t + 8.., n = g); C and D (16 x 8): c0, c1 (g, 2t..), c2, c3 (g + 8, 2t..).
+//   B (16 x 8): b0 (k = 2t.., n = g), b1 (k = 2t + 8.., n = g);
+//   C and D (16 x 8): c0, c1 (g, 2t..), c2, c3 (g + 8, 2t..).
 #pragma once
 
 #include <cuda_bf16.h>
