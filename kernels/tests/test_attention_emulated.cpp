@@ -1,9 +1,12 @@
 // The CUDA attention kernels (kernels/cuda/attention_forward.cu, attention_backward.cu), run on the
 // host by cuda_emulator.h through their launchers, against a float64 evaluation of
 // kernels/common/attention.h's definition: outputs, log-sum-exp and every gradient, for each
-// head-dim bucket, dtype and option, with dense, strided, unaligned and packed (varlen) inputs.
+// head-dim bucket, dtype and option, with dense, strided, unaligned and packed (varlen) inputs, and
+// batches 2^31 elements apart (64-bit offsets).
 // Outputs start as NaN, so an element the kernels never write fails too. Built and run by CMake (ctest).
 #include "cuda_emulator.h"
+
+#include <sys/mman.h>
 
 #include <cmath>
 #include <cstdio>
@@ -47,30 +50,46 @@ struct Case {
   bool alibi = false;
   AttentionMask mask = AttentionMask::kNone;
   bool nan_q = false;  // q[0, 0, 1, 0] = NaN: that row's output is NaN, no other
+  bool far_batches = false;  // dense k and v whose batches lie 2^31 elements apart: 64-bit offsets
 };
 
-// An input tensor: 16-bit values (with an optional leading pad element) and their float values.
+constexpr int64_t kFarBatchStride = int64_t(1) << 31;
+
+// An input tensor: 16-bit values after an optional pad element, in memory mapped without
+// reserving it, so that a view spread over 2^31 elements costs only the pages it touches.
 template <typename T>
 struct Input {
-  std::vector<uint16_t> bits;
-  std::vector<float> values;
+  uint16_t* bits = nullptr;
+  size_t bytes = 0;
   int pad = 0;
-  const T* data() const { return reinterpret_cast<const T*>(bits.data() + pad); }
-  float at(int64_t i) const { return values[i]; }
+  Input() = default;
+  Input(const Input&) = delete;
+  Input& operator=(const Input&) = delete;
+  ~Input() {
+    if (bits != nullptr) munmap(bits, bytes);
+  }
+  const T* data() const { return reinterpret_cast<const T*>(bits + pad); }
+  float at(int64_t i) const { return from_bits<T>(bits[pad + i]); }
+  void set(int64_t i, float value) { bits[pad + i] = to_bits<T>(value); }
 };
 
+// Storage of `extent` elements whose elements [start, start + count) of each (start, count) are
+// standard normal values rounded to T.
 template <typename T>
-Input<T> random_input(int64_t n, std::mt19937& rng, bool unaligned) {
+void random_input(Input<T>& x, int64_t extent, const std::vector<std::pair<int64_t, int64_t>>& filled,
+                  std::mt19937& rng, bool unaligned) {
   std::normal_distribution<float> normal;
-  Input<T> x;
   x.pad = unaligned ? 1 : 0;
-  x.bits.resize(n + 8);
-  x.values.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    x.bits[x.pad + i] = to_bits<T>(normal(rng));
-    x.values[i] = from_bits<T>(x.bits[x.pad + i]);
+  x.bytes = static_cast<size_t>(extent + 8) * sizeof(uint16_t);
+  void* memory = mmap(nullptr, x.bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) {
+    std::printf("FAIL: cannot map %zu bytes\n", x.bytes);
+    std::exit(1);
   }
-  return x;
+  x.bits = static_cast<uint16_t*>(memory);
+  for (const auto& [start, count] : filled) {
+    for (int64_t i = start; i < start + count; ++i) x.set(i, normal(rng));
+  }
 }
 
 // Element strides (batch, head, position) of q, k or v.
@@ -79,6 +98,10 @@ void strides_of(const Case& c, int64_t heads, int64_t len, int64_t dim, int64_t 
     s[0] = 0;
     s[1] = dim;
     s[2] = heads * dim;
+  } else if (c.far_batches && heads != c.heads) {  // k and v: (B, Hk, L, D) batches 2^31 apart
+    s[0] = kFarBatchStride;
+    s[1] = len * dim;
+    s[2] = dim;
   } else if (c.seq_major) {  // (B, L, H, D)
     s[0] = len * heads * dim;
     s[1] = dim;
@@ -163,13 +186,20 @@ void run_case(const Case& c) {
   strides_of(c, c.kv_heads, p.k_len, c.dim, p.k_stride);
   strides_of(c, c.kv_heads, p.k_len, c.v_dim, p.v_stride);
 
-  Input<T> q = random_input<T>(total_q * c.heads * c.dim, rng, c.unaligned);
-  Input<T> k = random_input<T>(total_k * c.kv_heads * c.dim, rng, c.unaligned);
-  Input<T> v = random_input<T>(total_k * c.kv_heads * c.v_dim, rng, c.unaligned);
-  if (c.nan_q) {
-    q.bits[q.pad + p.q_stride[2]] = to_bits<T>(NAN);
-    q.values[p.q_stride[2]] = NAN;
+  Input<T> q, k, v;
+  random_input(q, total_q * c.heads * c.dim, {{0, total_q * c.heads * c.dim}}, rng, c.unaligned);
+  for (auto [x, width] : {std::pair{&k, c.dim}, std::pair{&v, c.v_dim}}) {
+    const int64_t size = total_k * c.kv_heads * width;
+    if (c.far_batches) {
+      const int64_t batch_size = p.k_len * c.kv_heads * width;
+      std::vector<std::pair<int64_t, int64_t>> batches;
+      for (int64_t b = 0; b < p.batch; ++b) batches.push_back({b * kFarBatchStride, batch_size});
+      random_input(*x, (p.batch - 1) * kFarBatchStride + batch_size, batches, rng, c.unaligned);
+    } else {
+      random_input(*x, size, {{0, size}}, rng, c.unaligned);
+    }
   }
+  if (c.nan_q) q.set(p.q_stride[2], NAN);
   const int64_t rows = total_q * c.heads, scores = rows * p.k_len;
   std::vector<float> slopes(c.heads), additive;
   std::vector<uint8_t> keep_mask;
@@ -357,6 +387,10 @@ std::vector<Case> cases() {
   c = Case{};
   c.name = "NaN in q";
   c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 20, c.nan_q = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "k and v batches 2^31 elements apart";
+  c.batch = 2, c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 70, c.far_batches = true;
   all.push_back(c);
   c = Case{};
   c.name = "no keys";
