@@ -93,12 +93,12 @@ void random_input(Input<T>& x, int64_t extent, const std::vector<std::pair<int64
 }
 
 // Element strides (batch, head, position) of q, k or v.
-void strides_of(const Case& c, int64_t heads, int64_t len, int64_t dim, int64_t (&s)[3]) {
+void strides_of(const Case& c, bool keys, int64_t heads, int64_t len, int64_t dim, int64_t (&s)[3]) {
   if (!c.lengths_q.empty()) {  // (total, heads, dim)
     s[0] = 0;
     s[1] = dim;
     s[2] = heads * dim;
-  } else if (c.far_batches && heads != c.heads) {  // k and v: (B, Hk, L, D) batches 2^31 apart
+  } else if (c.far_batches && keys) {  // k and v: (B, Hk, L, D), batches 2^31 apart
     s[0] = kFarBatchStride;
     s[1] = len * dim;
     s[2] = dim;
@@ -182,9 +182,9 @@ void run_case(const Case& c) {
   p.band_hi = c.band_hi;
   p.dropout_p = c.dropout_p;
   p.key = genfast::PhiloxKeyRef{77, 5, nullptr, nullptr};
-  strides_of(c, c.heads, p.q_len, c.dim, p.q_stride);
-  strides_of(c, c.kv_heads, p.k_len, c.dim, p.k_stride);
-  strides_of(c, c.kv_heads, p.k_len, c.v_dim, p.v_stride);
+  strides_of(c, false, c.heads, p.q_len, c.dim, p.q_stride);
+  strides_of(c, true, c.kv_heads, p.k_len, c.dim, p.k_stride);
+  strides_of(c, true, c.kv_heads, p.k_len, c.v_dim, p.v_stride);
 
   Input<T> q, k, v;
   random_input(q, total_q * c.heads * c.dim, {{0, total_q * c.heads * c.dim}}, rng, c.unaligned);
