@@ -7,3 +7,7 @@
 #else
 #define GF_CPU_CLONES
 #endif
+
+// For the helpers of GF_CPU_CLONES functions: a helper that is not inlined is compiled once, for the
+// baseline instruction set, where each 16-float vector operation becomes a run of SSE ones.
+#define GF_CPU_INLINE inline __attribute__((always_inline))

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../made_linear_args.h"
+#include "aligned_floats.h"
 #include "block_product.h"
 
 namespace genfast {
@@ -52,9 +53,9 @@ Staircase staircase(const MadeLinearParams<float>& p) {
 }
 
 // src's columns in `order`, each row padded with zeros to `stride`.
-std::vector<float> permuted_columns(const float* src, int64_t rows, int64_t cols, const std::vector<int64_t>& order,
-                                    int64_t stride) {
-  std::vector<float> out(static_cast<size_t>(rows * stride), 0.0f);
+AlignedFloats permuted_columns(const float* src, int64_t rows, int64_t cols, const std::vector<int64_t>& order,
+                               int64_t stride) {
+  AlignedFloats out(static_cast<size_t>(rows * stride), 0.0f);
   at::parallel_for(0, rows, 64, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) out[r * stride + i] = src[r * cols + order[i]];
@@ -76,7 +77,7 @@ void panel_products(const float* a, int64_t rows, int64_t a_stride, int64_t bloc
                     const Pack& pack, const Store& store) {
   const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> panel(static_cast<size_t>(std::max<int64_t>(1, panel_floats)));
+    AlignedFloats panel(static_cast<size_t>(std::max<int64_t>(1, panel_floats)));
     for (int64_t pair = first; pair < last; ++pair) {
       const int64_t chunk = pair / blocks, block = pair % blocks;
       const auto [begin, end] = pack(block, panel.data());
@@ -96,7 +97,7 @@ void panel_products(const float* a, int64_t rows, int64_t a_stride, int64_t bloc
 template <typename T>
 void made_linear_typed(const MadeLinearParams<T>& p, const Staircase& s) {
   const int64_t in = p.in_features, out = p.out_features;
-  const std::vector<float> x = permuted_columns(p.x, p.rows, in, s.in_order, in);
+  const AlignedFloats x = permuted_columns(p.x, p.rows, in, s.in_order, in);
   const auto pack = [&](int64_t block, float* panel) {
     const int64_t k0 = block * kCols, count = std::min<int64_t>(kCols, out - k0);
     const int64_t len = s.seen[k0 + count - 1];  // the block's longest prefix
@@ -124,7 +125,7 @@ void made_linear_backward_impl(const MadeLinearBackwardParams& p, const Staircas
   const MadeLinearParams<float>& f = p.forward;
   const int64_t rows = f.rows, in = f.in_features, out = f.out_features;
   // grad_x = g (W * M): blocks of 16 sorted inputs; an input is seen by a suffix of the sorted outputs.
-  const std::vector<float> g = permuted_columns(p.grad_y, rows, out, s.out_order, out);
+  const AlignedFloats g = permuted_columns(p.grad_y, rows, out, s.out_order, out);
   const auto pack = [&](int64_t block, float* panel) {
     const int64_t j0 = block * kCols, count = std::min<int64_t>(kCols, in - j0);
     const int64_t begin = s.first_seeing[j0];  // the block's longest suffix
@@ -146,7 +147,7 @@ void made_linear_backward_impl(const MadeLinearBackwardParams& p, const Staircas
   // grad_weight = (g^T x) * M: blocks of 8 sorted outputs against 16 sorted inputs, only the inputs
   // the block's outputs see, summing over chunks of samples in order (each chunk's x in cache).
   const int64_t stride = padded(in);
-  const std::vector<float> x = permuted_columns(f.x, rows, in, s.in_order, stride);
+  const AlignedFloats x = permuted_columns(f.x, rows, in, s.in_order, stride);
   std::fill(p.grad_weight, p.grad_weight + out * in, 0.0f);
   for (int64_t row0 = 0; row0 < rows; row0 += kRowChunk) {
     const int64_t chunk_rows = std::min(kRowChunk, rows - row0);
