@@ -12,83 +12,152 @@
 #include <vector>
 
 #include "../attention_args.h"
+#include "aligned_floats.h"
 #include "block_product.h"
 
 namespace genfast {
 namespace {
 
 constexpr int64_t kQueryBlock = 128, kKeyBlock = 128;
-static_assert(kQueryBlock % kRows == 0 && kKeyBlock % kCols == 0, "blocks are whole register tiles");
+static_assert(kKeyBlock % kCols == 0, "key blocks are whole panel chunks");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// out[r][c] (+)= factor * sum_t a[r * a_row + t * a_step] * panel[t * panel_stride + c] for r < count and
-// c < width (a multiple of kCols); out rows out_stride apart.
-void multiply(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel, int64_t panel_stride,
-              int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate, float factor = 1.0f) {
-  for (int64_t r0 = 0; r0 < count; r0 += kRows) {
-    const float* a_rows[kRows];
-    for (int r = 0; r < kRows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
-    for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-      float tile[kRows][kCols];
-      block_product(a_rows, a_step, panel + c0, panel_stride, len, tile);
-      for (int r = 0; r < kRows && r0 + r < count; ++r) {
-        float* row = out + (r0 + r) * out_stride + c0;
-        for (int c = 0; c < kCols; ++c) row[c] = (accumulate ? row[c] : 0.0f) + factor * tile[r][c];
-      }
+// Panels are packed in column chunks of kCols: chunk k of a panel len deep holds its columns
+// k * kCols .. k * kCols + kCols - 1, row after row, so that a product streams through contiguous
+// memory (a whole-width row stride would put all the rows one tile reads in a few cache sets).
+int64_t panel_at(int64_t t, int64_t c, int64_t len) { return (c / kCols) * len * kCols + t * kCols + c % kCols; }
+
+// Rows r0 .. r0 + Rows of multiply's product (those past count repeat its last row, unstored).
+template <int Rows>
+GF_CPU_INLINE void multiply_rows(const float* a, int64_t a_row, int64_t a_step, int64_t r0, int64_t count,
+                                 const float* panel, int64_t len, float* out, int64_t out_stride, int64_t width,
+                                 bool accumulate, float factor) {
+  const float* a_rows[Rows];
+  for (int r = 0; r < Rows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    Vec16 tile[Rows];
+    block_product_rows<Rows>(a_rows, a_step, panel + c0 * len, kCols, len, tile);
+    for (int r = 0; r < Rows && r0 + r < count; ++r) {
+      float* row = out + (r0 + r) * out_stride + c0;
+      Vec16 o = {};
+      if (accumulate) __builtin_memcpy(&o, row, sizeof(o));
+      o += factor * tile[r];
+      __builtin_memcpy(row, &o, sizeof(o));
     }
   }
 }
 
-// panel[c * width + d] = src[c * stride + d] for c < count, d < dim; zeros elsewhere (rows up to total).
-void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width,
-               int64_t total) {
-  for (int64_t c = 0; c < total; ++c) {
-    for (int64_t d = 0; d < width; ++d) panel[c * width + d] = c < count && d < dim ? src[c * stride + d] : 0.0f;
+// out[r][c] (+)= factor * sum_t a[r * a_row + t * a_step] * panel[t][c] for r < count and c < width (a
+// multiple of kCols); the panel len deep; out rows out_stride apart. 16 rows at a time (16
+// accumulators: one panel load per 16 products), fewer for the last rows, so that a single query
+// (decoding) does not cost sixteen.
+GF_CPU_CLONES void multiply(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel,
+                            int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate,
+                            float factor = 1.0f) {
+  int64_t r0 = 0;
+  for (; r0 + 16 <= count; r0 += 16) {
+    multiply_rows<16>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  }
+  for (; r0 + 4 < count; r0 += 8) {
+    multiply_rows<8>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  }
+  for (; r0 < count; ++r0) {
+    multiply_rows<1>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
   }
 }
 
-// panel[d * width + c] = src[c * stride + d]: the transpose of a block of count rows, padded to width.
+// The panel total deep and width wide (a multiple of kCols) whose row c is src[c * stride + d] for c <
+// count, d < dim; zeros elsewhere.
+void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width,
+               int64_t total) {
+  for (int64_t c = 0; c < total; ++c) {
+    for (int64_t d = 0; d < width; ++d) {
+      panel[panel_at(c, d, total)] = c < count && d < dim ? src[c * stride + d] : 0.0f;
+    }
+  }
+}
+
+// The transpose of a block of count rows: the panel dim deep and width wide whose column c is
+// src[c * stride + d] for c < count, zeros beyond.
 void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width) {
   for (int64_t c = 0; c < width; ++c) {
     const float* row = src + c * stride;
-    for (int64_t d = 0; d < dim; ++d) panel[d * width + c] = c < count ? row[d] : 0.0f;
+    for (int64_t d = 0; d < dim; ++d) panel[panel_at(d, c, dim)] = c < count ? row[d] : 0.0f;
   }
 }
 
 typedef int32_t Int16 __attribute__((vector_size(kCols * sizeof(int32_t))));
 
-// The row's maximum, NaN if any element is NaN; n a multiple of kCols.
+// A horizontal reduction in a fixed tree order: four shuffles instead of a chain of 15 dependent
+// scalar operations.
+template <typename V, V (*combine)(V, V)>
+GF_CPU_INLINE auto reduce_lanes(V v) {
+  v = combine(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = combine(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+GF_CPU_INLINE Vec16 add(Vec16 a, Vec16 b) { return a + b; }
+GF_CPU_INLINE Vec16 larger(Vec16 a, Vec16 b) { return b > a ? b : a; }
+GF_CPU_INLINE Int16 either(Int16 a, Int16 b) { return a | b; }
+
+// The row's maximum, NaN if any element is NaN; n a multiple of kCols. (A select on two masks or'ed
+// together, which would carry the NaN in one vector, comes out scalar from g++ 12's clones.)
 GF_CPU_CLONES float row_max(const float* __restrict s, int64_t n) {
-  Vec16 m = {}, x = {};
+  Vec16 m = {}, x;
   Int16 nan = {};
   m -= __builtin_inff();
   for (int64_t c = 0; c < n; c += kCols) {
     __builtin_memcpy(&x, s + c, sizeof(x));
-    m = x > m ? x : m;
+    m = larger(m, x);
     nan |= x != x;
   }
-  float best = -__builtin_inff();
-  int32_t any_nan = 0;
-  for (int c = 0; c < kCols; ++c) {
-    best = m[c] > best ? m[c] : best;
-    any_nan |= nan[c];
-  }
-  return any_nan ? __builtin_nanf("") : best;
+  return reduce_lanes<Int16, either>(nan) ? __builtin_nanf("") : reduce_lanes<Vec16, larger>(m);
 }
 
-// s = exp(s - m) in place; returns the sum.
+// s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
+// is a chain of dependent scalar adds); n a multiple of kCols.
 GF_CPU_CLONES float exp_shifted(float* __restrict s, float m, int64_t n) {
-  float sum = 0.0f;
-  for (int64_t c = 0; c < n; ++c) {
-    s[c] = exp_nonpositive(s[c] - m);
-    sum += s[c];
+  for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
+  Vec16 lanes = {}, x;
+  for (int64_t c = 0; c < n; c += kCols) {
+    __builtin_memcpy(&x, s + c, sizeof(x));
+    lanes += x;
   }
-  return sum;
+  return reduce_lanes<Vec16, add>(lanes);
 }
 
-GF_CPU_CLONES void scale_row(float* __restrict r, float factor, int64_t n) {
+GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {
   for (int64_t c = 0; c < n; ++c) r[c] *= factor;
+}
+
+// The online softmax's step for a block of scores (rows x kKeyBlock): each row's running maximum,
+// sum and output acc (v_pad wide) rescaled to the new maximum, and the scores replaced by their
+// exponentials (zeros while a row has seen nothing but -inf). The rescale factors are taken in one
+// loop over the rows, which vectorizes, instead of a latency-bound scalar exp per row.
+GF_CPU_CLONES void online_softmax_step(float* scores, int64_t rows, float* max, float* sum, float* acc,
+                                       int64_t v_pad) {
+  float new_max[kQueryBlock], rescale[kQueryBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float block_max = row_max(scores + r * kKeyBlock, kKeyBlock);
+    new_max[r] = (block_max > max[r] || block_max != block_max) ? block_max : max[r];
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // 0 where the old maximum is -inf; 1 where nothing is seen yet
+    rescale[r] = new_max[r] == -__builtin_inff() ? 1.0f : exp_nonpositive(max[r] - new_max[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * kKeyBlock;
+    if (new_max[r] == -__builtin_inff()) {  // nothing seen yet: the block adds nothing
+      for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = 0.0f;
+      continue;
+    }
+    sum[r] = sum[r] * rescale[r] + exp_shifted(s, new_max[r], kKeyBlock);
+    max[r] = new_max[r];
+    scale_row(acc + r * v_pad, rescale[r], v_pad);
+  }
 }
 
 // The keys [first, end) that queries [i0, i0 + rows) may see.
@@ -135,8 +204,21 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
   }
 }
 
+// P with dropout applied (the probabilities that weighted V), in place.
+void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
+                   int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* probs) {
+  if (p.dropout_p == 0.0f) return;
+  const float keep_scale = 1.0f / (1.0f - p.dropout_p);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < kKeyBlock; ++c) {
+      float& v = probs[r * kKeyBlock + c];
+      v = c < cols && attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
+    }
+  }
+}
+
 struct ForwardScratch {
-  std::vector<float> scores, acc, max, sum;
+  AlignedFloats scores, acc, max, sum;
   explicit ForwardScratch(int64_t v_pad)
       : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
         max(kQueryBlock), sum(kQueryBlock) {}
@@ -146,12 +228,12 @@ struct ForwardScratch {
 // the query blocks that read them.
 struct KeyPanels {
   int64_t k_blocks, k_size, v_size;
-  std::vector<float> k, v;
+  UninitializedFloats k, v;  // packing writes every panel that is read
   const float* k_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
-    return k.data() + ((b * p.kv_heads + hk) * k_blocks + block) * k_size;
+    return k.get() + ((b * p.kv_heads + hk) * k_blocks + block) * k_size;
   }
   const float* v_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
-    return v.data() + ((b * p.kv_heads + hk) * k_blocks + block) * v_size;
+    return v.get() + ((b * p.kv_heads + hk) * k_blocks + block) * v_size;
   }
 };
 
@@ -162,8 +244,8 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
   panels.k_size = p.dim * kKeyBlock;
   panels.v_size = kKeyBlock * v_pad;
   const int64_t count = p.batch * p.kv_heads * panels.k_blocks;
-  panels.k.resize(static_cast<size_t>(count * panels.k_size));
-  panels.v.resize(static_cast<size_t>(count * panels.v_size));
+  panels.k = uninitialized_floats(static_cast<size_t>(count * panels.k_size));
+  panels.v = uninitialized_floats(static_cast<size_t>(count * panels.v_size));
   at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % panels.k_blocks, bh = task / panels.k_blocks;
@@ -172,9 +254,9 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
       if (cols == 0) continue;  // past a packed sequence's end: never read
       pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
-                      panels.k.data() + task * panels.k_size, kKeyBlock);
+                      panels.k.get() + task * panels.k_size, kKeyBlock);
       pack_rows(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-                panels.v.data() + task * panels.v_size, v_pad, kKeyBlock);
+                panels.v.get() + task * panels.v_size, v_pad, kKeyBlock);
     }
   });
   return panels;
@@ -194,30 +276,12 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
-    multiply(q, p.q_stride[2], 1, rows, panels.k_panel(p, b, hk, j0 / kKeyBlock), kKeyBlock, p.dim, w.scores.data(),
+    multiply(q, p.q_stride[2], 1, rows, panels.k_panel(p, b, hk, j0 / kKeyBlock), p.dim, w.scores.data(),
              kKeyBlock, kKeyBlock, false, p.scale);
     finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = w.scores.data() + r * kKeyBlock;
-      const float block_max = row_max(s, kKeyBlock);
-      const float old_max = w.max[r];
-      const float new_max = (block_max > old_max || block_max != block_max) ? block_max : old_max;
-      if (new_max == -__builtin_inff()) {  // nothing seen yet: the block adds nothing
-        std::fill(s, s + kKeyBlock, 0.0f);
-        continue;
-      }
-      const float rescale = exp_nonpositive(old_max - new_max);  // 0 when old_max = -inf
-      w.sum[r] = w.sum[r] * rescale + exp_shifted(s, new_max, kKeyBlock);
-      w.max[r] = new_max;
-      scale_row(w.acc.data() + r * v_pad, rescale, v_pad);
-      if (p.dropout_p > 0.0f) {
-        const float keep_scale = 1.0f / (1.0f - p.dropout_p);
-        for (int64_t c = 0; c < cols; ++c) {
-          s[c] = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? s[c] * keep_scale : 0.0f;
-        }
-      }
-    }
-    multiply(w.scores.data(), kKeyBlock, 1, rows, panels.v_panel(p, b, hk, j0 / kKeyBlock), v_pad, kKeyBlock,
+    online_softmax_step(w.scores.data(), rows, w.max.data(), w.sum.data(), w.acc.data(), v_pad);
+    apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
+    multiply(w.scores.data(), kKeyBlock, 1, rows, panels.v_panel(p, b, hk, j0 / kKeyBlock), kKeyBlock,
              w.acc.data(), v_pad, v_pad, true);
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -256,7 +320,7 @@ struct AttentionGrads {
 };
 
 struct BackwardScratch {
-  std::vector<float> k_panel, vt_panel, scores, dp, cap, panel_a, panel_b, acc_a, acc_b;
+  AlignedFloats k_panel, vt_panel, scores, dp, cap, panel_a, panel_b, acc_a, acc_b;
   BackwardScratch(int64_t dim_pad, int64_t v_pad)
       : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
         scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
@@ -289,11 +353,11 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                              int64_t cols, BackwardScratch& w) {
   const int64_t row0 = seq.lse_row(h, i0);
-  multiply(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], 1, rows, w.k_panel.data(), kKeyBlock, p.dim,
+  multiply(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], 1, rows, w.k_panel.data(), p.dim,
            w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
-  multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(),
-           kKeyBlock, p.v_dim, w.dp.data(), kKeyBlock, kKeyBlock, false);
+  multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(), p.v_dim,
+           w.dp.data(), kKeyBlock, kKeyBlock, false);
   const float keep_scale = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
@@ -310,19 +374,6 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
     }
     if (p.softcap > 0.0f) {
       for (int64_t c = 0; c < kKeyBlock; ++c) dp[c] *= w.cap[r * kKeyBlock + c];
-    }
-  }
-}
-
-// P with dropout applied (the probabilities that weighted V), in place.
-void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
-                   int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* probs) {
-  if (p.dropout_p == 0.0f) return;
-  const float keep_scale = 1.0f / (1.0f - p.dropout_p);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < kKeyBlock; ++c) {
-      float& v = probs[r * kKeyBlock + c];
-      v = c < cols && attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
     }
   }
 }
@@ -364,17 +415,17 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
       probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
       if (grad_q != nullptr) {  // dQ += scale dS K
         float* rows_q = grad_q + ((h - hk * group) * p.q_len + i0) * d_pad;
-        multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, rows_q, d_pad, d_pad, true,
+        multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, rows_q, d_pad, d_pad, true,
                  p.scale);
       }
       apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
       // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
       pack_rows(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, rows, p.v_dim,
                 w.panel_a.data(), v_pad, rows);
-      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), v_pad, rows, w.acc_b.data(), v_pad, v_pad, true);
+      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_b.data(), v_pad, v_pad, true);
       // dK += scale dS^T Q.
       pack_rows(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
-      multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), d_pad, rows, w.acc_a.data(), d_pad, d_pad, true,
+      multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_a.data(), d_pad, d_pad, true,
                p.scale);
     }
   }
@@ -392,7 +443,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
   const int64_t d_pad = padded_to(p.dim, kCols);
-  std::vector<float>& grad_q = w.panel_a;  // rows x d_pad accumulators
+  AlignedFloats& grad_q = w.panel_a;  // rows x d_pad accumulators
   std::fill(grad_q.begin(), grad_q.end(), 0.0f);
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
@@ -400,7 +451,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
     load_key_panels(p, seq, b, hk, j0, cols, w);
     probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
     pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
-    multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), d_pad, kKeyBlock, grad_q.data(), d_pad, d_pad, true,
+    multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, grad_q.data(), d_pad, d_pad, true,
              p.scale);
   }
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
@@ -417,7 +468,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
     // in the task's own buffer (no recomputation, no atomics).
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t first, int64_t last) {
       BackwardScratch scratch(d_pad, v_pad);
-      std::vector<float> grad_q(static_cast<size_t>(group * p.q_len * d_pad));
+      AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
         std::fill(grad_q.begin(), grad_q.end(), 0.0f);
