@@ -92,6 +92,28 @@ def test_alibi_softcap_scale_combined(impl):
     _compare(q, k, v, alibi_slopes=slopes[0], attn_mask=torch.randn(33, 65), impl=impl)
 
 
+# The CPU kernel reads K and V in place for a few queries, packs each key block per query block
+# for one block of queries, and packs every key block once for several: each way with every option,
+# head dims that are not whole vectors and key blocks that cross 128.
+@pytest.mark.parametrize("lq", [3, 10, 130])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_options_at_each_query_count(impl, lq):
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(2, 2, 2, lq, 150, 72, torch.float32, v_dim=40)
+    slopes = torch.tensor([0.5, 0.125])
+    _compare(q, k, v, alibi_slopes=slopes, softcap=4.0, causal="bottom_right", window=(40, 3), impl=impl)
+    _compare(q, k, v, attn_mask=torch.randn(lq, 150), scale=0.3, impl=impl)
+    options = dict(dropout_p=0.3, attn_mask=torch.rand(lq, 150) > 0.2)
+    got = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(5, 2), impl=impl, **options)
+    exact = genfast.attention(q.double(), k.double(), v.double(), generator=genfast.PhiloxGenerator(5, 2),
+                              impl="reference", **options)
+    low = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(5, 2), impl="reference", **options)
+    assert_error_ratio(got, exact, low)
+    q[1, 0, lq - 1, 7] = float("nan")
+    o = genfast.attention(q, k, v, impl=impl)
+    assert o[1, 0, lq - 1].isnan().all() and not o[1, 0, :lq - 1].isnan().any() and not o[0].isnan().any()
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_matches_sdpa(impl):
     skip_unless_supported(impl, "cpu")

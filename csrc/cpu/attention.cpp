@@ -1,14 +1,16 @@
 // genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
 // block of 128 queries) walks the blocks of 128 keys its band can reach, keeping a running maximum,
-// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; the key blocks'
-// panels are packed once for all query blocks. The backward recomputes the probabilities from the
-// log-sum-exp, without atomics: one pass per (batch, key head) when there are enough of them for
-// the threads, else one pass per block of keys (dK, dV) and one per block of queries (dQ). All
-// products are the register-blocked block_product over packed panels.
+// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; a key block's
+// panels are packed once when several query blocks or heads read them. The backward recomputes the
+// probabilities from the log-sum-exp, without atomics: one pass per (batch, key head) when there
+// are enough of them for the threads, else one pass per block of keys (dK, dV) and one per block of
+// queries (dQ). The products are register-blocked (block_product_rows) over packed panels, except
+// for a few queries (decoding), which read K and V in place.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../attention_args.h"
@@ -24,9 +26,9 @@ static_assert(kKeyBlock % kCols == 0, "key blocks are whole panel chunks");
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Panels are packed in column chunks of kCols: chunk k of a panel len deep holds its columns
-// k * kCols .. k * kCols + kCols - 1, row after row, so that a product streams through contiguous
-// memory (a whole-width row stride would put all the rows one tile reads in a few cache sets).
-int64_t panel_at(int64_t t, int64_t c, int64_t len) { return (c / kCols) * len * kCols + t * kCols + c % kCols; }
+// k * kCols .. k * kCols + kCols - 1, row after row (panel[t][c] at (c / kCols) * len * kCols + t *
+// kCols + c % kCols), so that a product streams through contiguous memory (a whole-width row stride
+// would put all the rows one tile reads in a few cache sets).
 
 // Rows r0 .. r0 + Rows of multiply's product (those past count repeat its last row, unstored).
 template <int Rows>
@@ -62,28 +64,74 @@ GF_CPU_CLONES void multiply(const float* a, int64_t a_row, int64_t a_step, int64
   for (; r0 + 4 < count; r0 += 8) {
     multiply_rows<8>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
   }
-  for (; r0 < count; ++r0) {
-    multiply_rows<1>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  for (; r0 + 1 < count; r0 += 4) {
+    multiply_rows<4>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
   }
+  if (r0 < count) multiply_rows<1>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+}
+
+// The n <= kCols floats at src, zeros after them.
+GF_CPU_INLINE Vec16 load_partial(const float* src, int64_t n) {
+  Vec16 x = {};
+  if (n == kCols) {
+    __builtin_memcpy(&x, src, sizeof(x));
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] = src[i];
+  }
+  return x;
 }
 
 // The panel total deep and width wide (a multiple of kCols) whose row c is src[c * stride + d] for c <
 // count, d < dim; zeros elsewhere.
-void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width,
-               int64_t total) {
-  for (int64_t c = 0; c < total; ++c) {
-    for (int64_t d = 0; d < width; ++d) {
-      panel[panel_at(c, d, total)] = c < count && d < dim ? src[c * stride + d] : 0.0f;
+GF_CPU_CLONES void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+                             int64_t width, int64_t total) {
+  for (int64_t d0 = 0; d0 < width; d0 += kCols) {
+    const int64_t n = std::clamp<int64_t>(dim - d0, 0, kCols);
+    float* chunk = panel + d0 * total;
+    for (int64_t c = 0; c < total; ++c) {
+      const Vec16 x = c < count ? load_partial(src + c * stride + d0, n) : Vec16{};
+      __builtin_memcpy(chunk + c * kCols, &x, sizeof(x));
     }
   }
 }
 
+// Rows i and i + s of a 16 x 16 block with their off-diagonal s x s blocks swapped: after the
+// steps s = 8, 4, 2, 1 the block is transposed.
+template <int s, size_t... j>
+GF_CPU_INLINE Vec16 swap_low(Vec16 a, Vec16 b, std::index_sequence<j...>) {
+  return __builtin_shufflevector(a, b, ((j & s) == 0 ? j : kCols + j - s)...);
+}
+template <int s, size_t... j>
+GF_CPU_INLINE Vec16 swap_high(Vec16 a, Vec16 b, std::index_sequence<j...>) {
+  return __builtin_shufflevector(a, b, ((j & s) == 0 ? j + s : kCols + j)...);
+}
+template <int s>
+GF_CPU_INLINE void transpose_step(Vec16 rows[kCols]) {
+  for (int i = 0; i < kCols; ++i) {
+    if ((i & s) != 0) continue;
+    const Vec16 a = rows[i], b = rows[i + s];
+    rows[i] = swap_low<s>(a, b, std::make_index_sequence<kCols>());
+    rows[i + s] = swap_high<s>(a, b, std::make_index_sequence<kCols>());
+  }
+}
+
 // The transpose of a block of count rows: the panel dim deep and width wide whose column c is
-// src[c * stride + d] for c < count, zeros beyond.
-void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel, int64_t width) {
-  for (int64_t c = 0; c < width; ++c) {
-    const float* row = src + c * stride;
-    for (int64_t d = 0; d < dim; ++d) panel[panel_at(d, c, dim)] = c < count ? row[d] : 0.0f;
+// src[c * stride + d] for c < count, zeros beyond; 16 x 16 blocks transposed in registers.
+GF_CPU_CLONES void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+                                   int64_t width) {
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    const int64_t keys = std::clamp<int64_t>(count - c0, 0, kCols);
+    float* chunk = panel + c0 * dim;
+    for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
+      const int64_t n = std::min<int64_t>(kCols, dim - d0);
+      Vec16 block[kCols];
+      for (int64_t c = 0; c < kCols; ++c) block[c] = c < keys ? load_partial(src + (c0 + c) * stride + d0, n) : Vec16{};
+      transpose_step<8>(block);
+      transpose_step<4>(block);
+      transpose_step<2>(block);
+      transpose_step<1>(block);
+      for (int64_t d = 0; d < n; ++d) __builtin_memcpy(chunk + (d0 + d) * kCols, &block[d], sizeof(Vec16));
+    }
   }
 }
 
@@ -160,6 +208,57 @@ GF_CPU_CLONES void online_softmax_step(float* scores, int64_t rows, float* max, 
   }
 }
 
+// Fewer queries than this read K and V where they lie instead of packing panels: packing is a pass
+// over K and V (and, for a long KV cache, a large buffer to fault in) that a few rows' products do
+// not repay, as in decoding with a KV cache.
+constexpr int64_t kPackedRows = 8;
+
+// scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
+GF_CPU_CLONES void key_dots(const float* q, int64_t q_row, int64_t rows, const float* k, int64_t k_row, int64_t cols,
+                            int64_t dim, float scale, float* scores) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* q_r = q + r * q_row;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* k_c = k + c * k_row;
+      Vec16 lanes = {}, x, y;
+      int64_t d = 0;
+      for (; d + kCols <= dim; d += kCols) {
+        __builtin_memcpy(&x, q_r + d, sizeof(x));
+        __builtin_memcpy(&y, k_c + d, sizeof(y));
+        lanes += x * y;
+      }
+      float tail = 0.0f;
+      for (; d < dim; ++d) tail += q_r[d] * k_c[d];
+      scores[r * kKeyBlock + c] = scale * (reduce_lanes<Vec16, add>(lanes) + tail);
+    }
+  }
+}
+
+// acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
+// apart); acc rows acc_row apart.
+GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, int64_t v_row, int64_t cols,
+                              int64_t v_dim, float* acc, int64_t acc_row) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p_r = probs + r * kKeyBlock;
+    float* acc_r = acc + r * acc_row;
+    int64_t d = 0;
+    for (; d + kCols <= v_dim; d += kCols) {
+      Vec16 sum, x;
+      __builtin_memcpy(&sum, acc_r + d, sizeof(sum));
+      for (int64_t c = 0; c < cols; ++c) {
+        __builtin_memcpy(&x, v + c * v_row + d, sizeof(x));
+        sum += p_r[c] * x;
+      }
+      __builtin_memcpy(acc_r + d, &sum, sizeof(sum));
+    }
+    for (; d < v_dim; ++d) {
+      float sum = acc_r[d];
+      for (int64_t c = 0; c < cols; ++c) sum += p_r[c] * v[c * v_row + d];
+      acc_r[d] = sum;
+    }
+  }
+}
+
 // The keys [first, end) that queries [i0, i0 + rows) may see.
 std::pair<int64_t, int64_t> key_range(const AttentionSequence& seq, int64_t i0, int64_t rows) {
   const int64_t first = std::max<int64_t>(0, seq.band_lo <= -kAttentionUnbounded ? 0 : i0 + seq.band_lo);
@@ -218,17 +317,29 @@ void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint6
 }
 
 struct ForwardScratch {
-  AlignedFloats scores, acc, max, sum;
-  explicit ForwardScratch(int64_t v_pad)
+  AlignedFloats scores, acc, max, sum, k_panel, v_panel;
+  ForwardScratch(int64_t dim, int64_t v_pad)
       : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
-        max(kQueryBlock), sum(kQueryBlock) {}
+        max(kQueryBlock), sum(kQueryBlock), k_panel(static_cast<size_t>(dim * kKeyBlock)),
+        v_panel(static_cast<size_t>(kKeyBlock * v_pad)) {}
 };
 
-// Every key block's K^T (dim x kKeyBlock) and V (kKeyBlock x v_pad) panels, packed once for all
-// the query blocks that read them.
+// Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
+// past them.
+void pack_key_block(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
+                    int64_t cols, float* k_panel, float* v_panel) {
+  pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, kKeyBlock);
+  pack_rows(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
+            padded_to(p.v_dim, kCols), kKeyBlock);
+}
+
+// Every key block's panels, packed once for all the query blocks that read them, when several do
+// (else empty: each task packs the blocks it reads as it goes, in cache, without a buffer the size
+// of K and V to allocate and fault in).
 struct KeyPanels {
-  int64_t k_blocks, k_size, v_size;
+  int64_t k_blocks = 0, k_size = 0, v_size = 0;
   UninitializedFloats k, v;  // packing writes every panel that is read
+  bool packed() const { return k != nullptr; }
   const float* k_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
     return k.get() + ((b * p.kv_heads + hk) * k_blocks + block) * k_size;
   }
@@ -253,10 +364,8 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
       const AttentionSequence seq = attention_sequence(p, b);
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
       if (cols == 0) continue;  // past a packed sequence's end: never read
-      pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
-                      panels.k.get() + task * panels.k_size, kKeyBlock);
-      pack_rows(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-                panels.v.get() + task * panels.v_size, v_pad, kKeyBlock);
+      pack_key_block(p, seq, b, hk, j0, cols, panels.k.get() + task * panels.k_size,
+                     panels.v.get() + task * panels.v_size);
     }
   });
   return panels;
@@ -276,13 +385,30 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
-    multiply(q, p.q_stride[2], 1, rows, panels.k_panel(p, b, hk, j0 / kKeyBlock), p.dim, w.scores.data(),
-             kKeyBlock, kKeyBlock, false, p.scale);
+    const float *k_panel = nullptr, *v_panel = nullptr;  // null: K and V read in place
+    if (panels.packed()) {
+      k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
+      v_panel = panels.v_panel(p, b, hk, j0 / kKeyBlock);
+    } else if (rows >= kPackedRows) {
+      pack_key_block(p, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
+      k_panel = w.k_panel.data();
+      v_panel = w.v_panel.data();
+    }
+    if (k_panel != nullptr) {
+      multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+    } else {
+      key_dots(q, p.q_stride[2], rows, p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, p.scale,
+               w.scores.data());
+    }
     finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
     online_softmax_step(w.scores.data(), rows, w.max.data(), w.sum.data(), w.acc.data(), v_pad);
     apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
-    multiply(w.scores.data(), kKeyBlock, 1, rows, panels.v_panel(p, b, hk, j0 / kKeyBlock), kKeyBlock,
-             w.acc.data(), v_pad, v_pad, true);
+    if (v_panel != nullptr) {
+      multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, w.acc.data(), v_pad, v_pad, true);
+    } else {
+      value_sums(w.scores.data(), rows, p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
+                 w.acc.data(), v_pad);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float sum = w.sum[r];
@@ -298,9 +424,10 @@ void attention_forward_impl(const AttentionParams& p) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
-  const KeyPanels panels = pack_key_panels(p);
+  const bool shared = q_blocks * (p.heads / p.kv_heads) > 1;  // each key block read by several tasks
+  const KeyPanels panels = p.q_len >= kPackedRows && shared ? pack_key_panels(p) : KeyPanels{};
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    ForwardScratch scratch(padded_to(p.v_dim, kCols));
+    ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
       forward_block(p, panels, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
