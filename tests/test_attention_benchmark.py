@@ -1,10 +1,12 @@
 """The attention benchmark's FlashAttention peers, through a stand-in module with FlashAttention's
 layouts ((batch, length, heads, dim), packed (total, heads, dim)) built on torch SDPA: the peers
-hand it the benchmark's tensors in its layout and return SDPA's result."""
+hand it the benchmark's tensors in its layout and return SDPA's result. And the decoding rows: every
+peer timed on one query against a grouped-query KV cache."""
 
 import sys
 import types
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +48,24 @@ def test_flash_attention_peers_take_and_give_sdpa_layouts(monkeypatch):
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         expected = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in packed), is_causal=True)
         torch.testing.assert_close(got[a:b], expected.transpose(0, 1))
+
+
+def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
+    monkeypatch.setitem(bench.DECODE_CONFIGS, "cpu", (2, 4, 2, 40, 16))
+    calls = []
+    real_attention = bench.attention
+
+    def attention(q, k, v, **options):  # the benchmark's tensors: one query, fewer K/V heads
+        calls.append((q.shape, k.shape, options))
+        return real_attention(q, k, v, **options)
+
+    monkeypatch.setattr(bench, "attention", attention)
+    rows = bench._decode_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    names = {row["impl"] for row in rows}
+    assert {"eager reference", "torch SDPA math"} <= names
+    assert {f"genfast {impl}" for impl in bench.fused_impls("cpu")} <= names
+    assert all(row["variant"] == "attention decode" and row["config"] == "B=2 H=4 H_kv=2 Lk=40 D=16" for row in rows)
+    for row in rows:
+        assert row["gflop_per_s"] == pytest.approx(4 * 2 * 4 * 40 * 16 / (row["median_ms"] * 1e-3) / 1e9)
+    assert ((2, 4, 1, 16), (2, 2, 40, 16)) in [(tuple(q), tuple(k)) for q, k, _ in calls]
+    assert all(options["enable_gqa"] for _, _, options in calls)

@@ -4,7 +4,8 @@ Candidates: genfast's fused backends; torch's scaled_dot_product_attention with 
 has for the device (on the CPU its flash kernel and its math path); FlashAttention 2
 (flash_attn) and 3 (flash_attn_interface) where installed, on a GPU; the eager reference
 (genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
-when causal; forward+backward 3.5x the forward (the backward 2.5x).
+when causal; forward+backward 3.5x the forward (the backward 2.5x). Dense, packed variable-length
+and decoding (one query against a grouped-query KV cache) shapes.
 """
 
 import importlib
@@ -25,6 +26,9 @@ QUICK_CONFIGS = {"cpu": [(2, 8, 1024, 64, False)], "cuda": [(4, 16, 2048, 128, F
 # Packed causal sequences (heads, head_dim, lengths), as in language-model training on packed documents.
 VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),
                   "cuda": (16, 128, [16384, 1000, 7000, 300, 4000, 12000, 2500, 9000])}
+# One new token per sequence against a KV cache (batch, heads, kv_heads, cache length, head_dim),
+# grouped-query as in Llama-style models: decoding, bound by reading K and V.
+DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
@@ -71,9 +75,9 @@ def flash_attention_peers(device: str):
     return peers
 
 
-def _supported(fn, q, k, v, causal) -> bool:
+def _supported(fn, q, k, v, *args) -> bool:
     try:
-        fn(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal)
+        fn(q[:, :, :8], k[:, :, :8], v[:, :, :8], *args)
         return True
     except RuntimeError:
         return False
@@ -122,7 +126,36 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         total = max(3, int(sizes[0]) // (heads * dim))
         lengths = [total // 2, total // 3, total - total // 2 - total // 3]
     rows += _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say)
+    if not sizes:
+        rows += _decode_rows(device, dtype, gemm, quick, say)
     return rows
+
+
+def _decode_rows(device, dtype, gemm, quick, say):
+    """Decoding: one query per sequence against a long KV cache with fewer K/V heads (enable_gqa)."""
+    batch, heads, kv_heads, length, dim = DECODE_CONFIGS.get(device, DECODE_CONFIGS["cpu"])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        return run
+
+    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, enable_gqa=True, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(name, lambda q, k, v, fn=dense: fn(q, k, v, False))
+                   for name, dense, _ in flash_attention_peers(device)]
+    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v, enable_gqa=True))]
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
+    groups = {"attention decode": (4 * batch * heads * length * dim,
+                                   [(name, lambda fn=fn: fn(q, k, v)) for name, fn in usable])}
+    config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * kv_heads * length * dim, groups, gemm, quick, say)
 
 
 def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
