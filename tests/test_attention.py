@@ -231,6 +231,14 @@ def test_long_odd_length(impl):
     _compare_grads(q, k, v, impl=impl, causal="top_left")
 
 
+def test_long_key_sequence_packed_a_few_heads_at_a_time():
+    """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads of 90000 keys
+    take two passes, the second partial."""
+    skip_unless_supported("native", "cpu")
+    q, k, v = _qkv(1, 6, 3, 8, 90000, 16, torch.float32)
+    _compare(q, k, v, impl="native", enable_gqa=True, causal="bottom_right", window=(60000, 0))
+
+
 @pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right", window=(20, 3)),
                                      dict(softcap=3.0, scale=0.5), dict(alibi_slopes=torch.tensor([0.4, 0.1, 0.05, 1.0])),
                                      dict(dropout_p=0.2, seed=4)], ids=str)

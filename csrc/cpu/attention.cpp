@@ -333,34 +333,46 @@ void pack_key_block(const AttentionParams& p, const AttentionSequence& seq, int6
             padded_to(p.v_dim, kCols), kKeyBlock);
 }
 
-// Every key block's panels, packed once for all the query blocks that read them, when several do
-// (else empty: each task packs the blocks it reads as it goes, in cache, without a buffer the size
-// of K and V to allocate and fault in).
+// The key blocks' panels of a run of (batch, key head) pairs, packed once for all the query blocks
+// and heads that read them, when several do (else empty: each task packs the blocks it reads as it
+// goes, in cache, without a buffer the size of K and V to allocate and fault in).
 struct KeyPanels {
-  int64_t k_blocks = 0, k_size = 0, v_size = 0;
+  int64_t k_blocks = 0, k_size = 0, v_size = 0, first_pair = 0;
   UninitializedFloats k, v;  // packing writes every panel that is read
   bool packed() const { return k != nullptr; }
+  int64_t at(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
+    return (b * p.kv_heads + hk - first_pair) * k_blocks + block;
+  }
   const float* k_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
-    return k.get() + ((b * p.kv_heads + hk) * k_blocks + block) * k_size;
+    return k.get() + at(p, b, hk, block) * k_size;
   }
   const float* v_panel(const AttentionParams& p, int64_t b, int64_t hk, int64_t block) const {
-    return v.get() + ((b * p.kv_heads + hk) * k_blocks + block) * v_size;
+    return v.get() + at(p, b, hk, block) * v_size;
   }
 };
 
-KeyPanels pack_key_panels(const AttentionParams& p) {
+// At most this many floats (32 MiB) of panels at a time: a long KV cache is packed a few (batch,
+// key head) pairs at a time rather than doubled in memory.
+constexpr int64_t kPanelBudget = int64_t{8} << 20;
+
+// Room for the panels of `pairs` pairs.
+KeyPanels allocate_key_panels(const AttentionParams& p, int64_t pairs) {
   KeyPanels panels;
-  const int64_t v_pad = padded_to(p.v_dim, kCols);
   panels.k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock;
   panels.k_size = p.dim * kKeyBlock;
-  panels.v_size = kKeyBlock * v_pad;
-  const int64_t count = p.batch * p.kv_heads * panels.k_blocks;
-  panels.k = uninitialized_floats(static_cast<size_t>(count * panels.k_size));
-  panels.v = uninitialized_floats(static_cast<size_t>(count * panels.v_size));
-  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+  panels.v_size = kKeyBlock * padded_to(p.v_dim, kCols);
+  panels.k = uninitialized_floats(static_cast<size_t>(pairs * panels.k_blocks * panels.k_size));
+  panels.v = uninitialized_floats(static_cast<size_t>(pairs * panels.k_blocks * panels.v_size));
+  return panels;
+}
+
+// Packs the panels of pairs first_pair .. first_pair + pairs.
+void pack_key_panels(const AttentionParams& p, int64_t first_pair, int64_t pairs, KeyPanels& panels) {
+  panels.first_pair = first_pair;
+  at::parallel_for(0, pairs * panels.k_blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
-      const int64_t block = task % panels.k_blocks, bh = task / panels.k_blocks;
-      const int64_t b = bh / p.kv_heads, hk = bh % p.kv_heads, j0 = block * kKeyBlock;
+      const int64_t block = task % panels.k_blocks, pair = first_pair + task / panels.k_blocks;
+      const int64_t b = pair / p.kv_heads, hk = pair % p.kv_heads, j0 = block * kKeyBlock;
       const AttentionSequence seq = attention_sequence(p, b);
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
       if (cols == 0) continue;  // past a packed sequence's end: never read
@@ -368,7 +380,6 @@ KeyPanels pack_key_panels(const AttentionParams& p) {
                      panels.v.get() + task * panels.v_size);
     }
   });
-  return panels;
 }
 
 // One block of queries against every key block its band reaches.
@@ -423,16 +434,28 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
 void attention_forward_impl(const AttentionParams& p) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
-  const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
-  const bool shared = q_blocks * (p.heads / p.kv_heads) > 1;  // each key block read by several tasks
-  const KeyPanels panels = p.q_len >= kPackedRows && shared ? pack_key_panels(p) : KeyPanels{};
-  at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t block = task % q_blocks, bh = task / q_blocks;
-      forward_block(p, panels, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
-    }
-  });
+  const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock, group = p.heads / p.kv_heads;
+  const int64_t pairs = p.batch * p.kv_heads;
+  // Packed panels when each key block is read by several tasks.
+  const bool shared = p.q_len >= kPackedRows && q_blocks * group > 1;
+  int64_t pass = pairs;  // (batch, key head) pairs a pass covers
+  KeyPanels panels;
+  if (shared) {
+    const int64_t pair_floats = (p.k_len + kKeyBlock - 1) / kKeyBlock * kKeyBlock * (p.dim + padded_to(p.v_dim, kCols));
+    pass = std::clamp<int64_t>(kPanelBudget / std::max<int64_t>(1, pair_floats), 1, pairs);
+    panels = allocate_key_panels(p, pass);
+  }
+  for (int64_t first_pair = 0; first_pair < pairs; first_pair += pass) {
+    const int64_t count = std::min(pass, pairs - first_pair);
+    if (shared) pack_key_panels(p, first_pair, count, panels);
+    at::parallel_for(0, count * group * q_blocks, 1, [&](int64_t first, int64_t last) {
+      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t block = task % q_blocks, head = first_pair * group + task / q_blocks;  // b * heads + h
+        forward_block(p, panels, seed, offset, head / p.heads, head % p.heads, block * kQueryBlock, scratch);
+      }
+    });
+  }
 }
 
 // The backward's inputs beside the forward's: grad_o in o's layout and delta_i = grad_o_i . o_i -
