@@ -99,7 +99,7 @@ def test_alibi_softcap_scale_combined(impl):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_options_at_each_query_count(impl, lq):
     skip_unless_supported(impl, "cpu")
-    q, k, v = _qkv(2, 2, 2, lq, 150, 72, torch.float32, v_dim=40)
+    q, k, v = _qkv(2, 2, 2, lq, 150, 72, torch.float32, v_dim=88)
     slopes = torch.tensor([0.5, 0.125])
     _compare(q, k, v, alibi_slopes=slopes, softcap=4.0, causal="bottom_right", window=(40, 3), impl=impl)
     _compare(q, k, v, attn_mask=torch.randn(lq, 150), scale=0.3, impl=impl)

@@ -234,6 +234,8 @@ GF_CPU_CLONES void key_dots(const float* q, int64_t q_row, int64_t rows, const f
   }
 }
 
+constexpr int kSumChains = 4;  // a chain of dependent FMAs issues one per 4 cycles: 4 chains fill the unit
+
 // acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
 // apart); acc rows acc_row apart.
 GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, int64_t v_row, int64_t cols,
@@ -242,6 +244,20 @@ GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, 
     const float* p_r = probs + r * kKeyBlock;
     float* acc_r = acc + r * acc_row;
     int64_t d = 0;
+    for (; d + kSumChains * kCols <= v_dim; d += kSumChains * kCols) {  // independent chains of FMAs
+      Vec16 sums[kSumChains], x;
+#pragma GCC unroll 4
+      for (int i = 0; i < kSumChains; ++i) __builtin_memcpy(&sums[i], acc_r + d + i * kCols, sizeof(Vec16));
+      for (int64_t c = 0; c < cols; ++c) {
+#pragma GCC unroll 4
+        for (int i = 0; i < kSumChains; ++i) {
+          __builtin_memcpy(&x, v + c * v_row + d + i * kCols, sizeof(x));
+          sums[i] += p_r[c] * x;
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < kSumChains; ++i) __builtin_memcpy(acc_r + d + i * kCols, &sums[i], sizeof(Vec16));
+    }
     for (; d + kCols <= v_dim; d += kCols) {
       Vec16 sum, x;
       __builtin_memcpy(&sum, acc_r + d, sizeof(sum));
