@@ -25,6 +25,19 @@ static_assert(kKeyBlock % kCols == 0, "key blocks are whole panel chunks");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+typedef int32_t Int16 __attribute__((vector_size(kCols * sizeof(int32_t))));
+
+// The elements i... of a and b concatenated (__builtin_shufflevector, which g++ has from version 12
+// on; __builtin_shuffle before it).
+template <typename V, int... i>
+GF_CPU_INLINE V shuffle(V a, V b) {
+#if defined(__clang__) || __GNUC__ >= 12
+  return __builtin_shufflevector(a, b, i...);
+#else
+  return __builtin_shuffle(a, b, Int16{i...});
+#endif
+}
+
 // Panels are packed in column chunks of kCols: chunk k of a panel len deep holds its columns
 // k * kCols .. k * kCols + kCols - 1, row after row (panel[t][c] at (c / kCols) * len * kCols + t *
 // kCols + c % kCols), so that a product streams through contiguous memory (a whole-width row stride
@@ -99,11 +112,11 @@ GF_CPU_CLONES void pack_rows(const float* src, int64_t stride, int64_t count, in
 // steps s = 8, 4, 2, 1 the block is transposed.
 template <int s, size_t... j>
 GF_CPU_INLINE Vec16 swap_low(Vec16 a, Vec16 b, std::index_sequence<j...>) {
-  return __builtin_shufflevector(a, b, ((j & s) == 0 ? j : kCols + j - s)...);
+  return shuffle<Vec16, static_cast<int>((j & s) == 0 ? j : kCols + j - s)...>(a, b);
 }
 template <int s, size_t... j>
 GF_CPU_INLINE Vec16 swap_high(Vec16 a, Vec16 b, std::index_sequence<j...>) {
-  return __builtin_shufflevector(a, b, ((j & s) == 0 ? j + s : kCols + j)...);
+  return shuffle<Vec16, static_cast<int>((j & s) == 0 ? j + s : kCols + j)...>(a, b);
 }
 template <int s>
 GF_CPU_INLINE void transpose_step(Vec16 rows[kCols]) {
@@ -135,16 +148,14 @@ GF_CPU_CLONES void pack_transposed(const float* src, int64_t stride, int64_t cou
   }
 }
 
-typedef int32_t Int16 __attribute__((vector_size(kCols * sizeof(int32_t))));
-
 // A horizontal reduction in a fixed tree order: four shuffles instead of a chain of 15 dependent
 // scalar operations.
 template <typename V, V (*combine)(V, V)>
 GF_CPU_INLINE auto reduce_lanes(V v) {
-  v = combine(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = combine(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  v = combine(v, shuffle<V, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7>(v, v));
+  v = combine(v, shuffle<V, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11>(v, v));
+  v = combine(v, shuffle<V, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13>(v, v));
+  v = combine(v, shuffle<V, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14>(v, v));
   return v[0];
 }
 
@@ -367,8 +378,8 @@ struct KeyPanels {
   }
 };
 
-// At most this many floats (32 MiB) of panels at a time: a long KV cache is packed a few (batch,
-// key head) pairs at a time rather than doubled in memory.
+// At most this many floats (32 MiB) of panels at a time, or one pair's when they take more: a long
+// KV cache is packed a few (batch, key head) pairs at a time rather than doubled in memory.
 constexpr int64_t kPanelBudget = int64_t{8} << 20;
 
 // Room for the panels of `pairs` pairs.
