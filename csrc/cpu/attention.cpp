@@ -245,7 +245,24 @@ GF_CPU_CLONES void key_dots(const float* q, int64_t q_row, int64_t rows, const f
   }
 }
 
-constexpr int kSumChains = 4;  // a chain of dependent FMAs issues one per 4 cycles: 4 chains fill the unit
+// acc[0 .. Chunks * kCols) += sum over c < cols of weights[c] * v_c[0 .. Chunks * kCols), c in order,
+// v_c at v + c * v_row: one chain of FMAs per chunk (a chain issues one FMA per 4 cycles, so four
+// fill the unit).
+template <int Chunks>
+GF_CPU_INLINE void weighted_rows(const float* weights, const float* v, int64_t v_row, int64_t cols, float* acc) {
+  Vec16 sums[Chunks], x;
+#pragma GCC unroll 4
+  for (int i = 0; i < Chunks; ++i) __builtin_memcpy(&sums[i], acc + i * kCols, sizeof(Vec16));
+  for (int64_t c = 0; c < cols; ++c) {
+#pragma GCC unroll 4
+    for (int i = 0; i < Chunks; ++i) {
+      __builtin_memcpy(&x, v + c * v_row + i * kCols, sizeof(x));
+      sums[i] += weights[c] * x;
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < Chunks; ++i) __builtin_memcpy(acc + i * kCols, &sums[i], sizeof(Vec16));
+}
 
 // acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
 // apart); acc rows acc_row apart.
@@ -255,29 +272,8 @@ GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, 
     const float* p_r = probs + r * kKeyBlock;
     float* acc_r = acc + r * acc_row;
     int64_t d = 0;
-    for (; d + kSumChains * kCols <= v_dim; d += kSumChains * kCols) {  // independent chains of FMAs
-      Vec16 sums[kSumChains], x;
-#pragma GCC unroll 4
-      for (int i = 0; i < kSumChains; ++i) __builtin_memcpy(&sums[i], acc_r + d + i * kCols, sizeof(Vec16));
-      for (int64_t c = 0; c < cols; ++c) {
-#pragma GCC unroll 4
-        for (int i = 0; i < kSumChains; ++i) {
-          __builtin_memcpy(&x, v + c * v_row + d + i * kCols, sizeof(x));
-          sums[i] += p_r[c] * x;
-        }
-      }
-#pragma GCC unroll 4
-      for (int i = 0; i < kSumChains; ++i) __builtin_memcpy(acc_r + d + i * kCols, &sums[i], sizeof(Vec16));
-    }
-    for (; d + kCols <= v_dim; d += kCols) {
-      Vec16 sum, x;
-      __builtin_memcpy(&sum, acc_r + d, sizeof(sum));
-      for (int64_t c = 0; c < cols; ++c) {
-        __builtin_memcpy(&x, v + c * v_row + d, sizeof(x));
-        sum += p_r[c] * x;
-      }
-      __builtin_memcpy(acc_r + d, &sum, sizeof(sum));
-    }
+    for (; d + 4 * kCols <= v_dim; d += 4 * kCols) weighted_rows<4>(p_r, v + d, v_row, cols, acc_r + d);
+    for (; d + kCols <= v_dim; d += kCols) weighted_rows<1>(p_r, v + d, v_row, cols, acc_r + d);
     for (; d < v_dim; ++d) {
       float sum = acc_r[d];
       for (int64_t c = 0; c < cols; ++c) sum += p_r[c] * v[c * v_row + d];
@@ -344,11 +340,11 @@ void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint6
 }
 
 struct ForwardScratch {
-  AlignedFloats scores, acc, max, sum, k_panel, v_panel;
-  ForwardScratch(int64_t dim, int64_t v_pad)
+  AlignedFloats scores, acc, max, sum, k_panel, v_panel;  // the panels only for a task that packs its own
+  ForwardScratch(int64_t dim, int64_t v_pad, bool packs)
       : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
-        max(kQueryBlock), sum(kQueryBlock), k_panel(static_cast<size_t>(dim * kKeyBlock)),
-        v_panel(static_cast<size_t>(kKeyBlock * v_pad)) {}
+        max(kQueryBlock), sum(kQueryBlock), k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
+        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0) {}
 };
 
 // Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
@@ -382,14 +378,12 @@ struct KeyPanels {
 // KV cache is packed a few (batch, key head) pairs at a time rather than doubled in memory.
 constexpr int64_t kPanelBudget = int64_t{8} << 20;
 
-// Room for the panels of `pairs` pairs.
-KeyPanels allocate_key_panels(const AttentionParams& p, int64_t pairs) {
+// The panels' sizes, nothing allocated.
+KeyPanels key_panel_sizes(const AttentionParams& p) {
   KeyPanels panels;
   panels.k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock;
   panels.k_size = p.dim * kKeyBlock;
   panels.v_size = kKeyBlock * padded_to(p.v_dim, kCols);
-  panels.k = uninitialized_floats(static_cast<size_t>(pairs * panels.k_blocks * panels.k_size));
-  panels.v = uninitialized_floats(static_cast<size_t>(pairs * panels.k_blocks * panels.v_size));
   return panels;
 }
 
@@ -468,15 +462,17 @@ void attention_forward_impl(const AttentionParams& p) {
   int64_t pass = pairs;  // (batch, key head) pairs a pass covers
   KeyPanels panels;
   if (shared) {
-    const int64_t pair_floats = (p.k_len + kKeyBlock - 1) / kKeyBlock * kKeyBlock * (p.dim + padded_to(p.v_dim, kCols));
+    panels = key_panel_sizes(p);
+    const int64_t pair_floats = panels.k_blocks * (panels.k_size + panels.v_size);
     pass = std::clamp<int64_t>(kPanelBudget / std::max<int64_t>(1, pair_floats), 1, pairs);
-    panels = allocate_key_panels(p, pass);
+    panels.k = uninitialized_floats(static_cast<size_t>(pass * panels.k_blocks * panels.k_size));
+    panels.v = uninitialized_floats(static_cast<size_t>(pass * panels.k_blocks * panels.v_size));
   }
   for (int64_t first_pair = 0; first_pair < pairs; first_pair += pass) {
     const int64_t count = std::min(pass, pairs - first_pair);
     if (shared) pack_key_panels(p, first_pair, count, panels);
     at::parallel_for(0, count * group * q_blocks, 1, [&](int64_t first, int64_t last) {
-      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols));
+      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), !shared && p.q_len >= kPackedRows);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, head = first_pair * group + task / q_blocks;  // b * heads + h
         forward_block(p, panels, seed, offset, head / p.heads, head % p.heads, block * kQueryBlock, scratch);
