@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "cpu/cpu_features.h"
+
 #ifdef GENFAST_WITH_CUDA
 #include <cuda.h>
 #endif
@@ -40,4 +42,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genfast native operators (registered under torch.ops.genfast) and build facts";
   m.def("build_info", &build_info, "What this build of genfast._C contains");
+  m.def(
+      "cpu_capability", [] { return std::string(genfast::cpu_capability_name(genfast::cpu_capability())); },
+      "The instruction set the CPU kernels run with: avx512, avx2 or default (GENFAST_CPU_CAPABILITY caps it)");
 }

@@ -26,12 +26,15 @@ _backend.warn_if_native_missing()
 
 
 def build_info() -> dict:
-    """What this installation can run: the compiled backends and CUDA archs, versions, Triton."""
+    """What this installation can run: the compiled backends and CUDA archs, the CPU kernels'
+    instruction set, versions, Triton."""
     native = _backend.native_module()
     info = dict(native.build_info()) if native is not None else {
         "backends": [], "cuda_archs": "", "cuda_version": None, "torch_version": None, "compiler": None,
         "native_error": _backend.native_error(),
     }
+    # The instruction set the CPU kernels were picked for (GENFAST_CPU_CAPABILITY caps it).
+    info["cpu_capability"] = native.cpu_capability() if native is not None else None
     info["genfast_version"] = __version__
     try:
         import triton

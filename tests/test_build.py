@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import genfast
@@ -56,3 +57,41 @@ def test_import_without_native_extension_falls_back_with_one_warning():
 def test_auto_picks_native_on_cpu_when_built():
     expected = "native" if _backend.native_runs_on("cpu") else "reference"
     assert _backend.resolve_impl("auto", torch.device("cpu")) == expected
+
+
+CPU_CAPABILITIES = ["default", "avx2", "avx512"]  # narrowest first
+
+
+def _python_with_capability(script, capability):
+    env = {k: v for k, v in os.environ.items() if k != "GENFAST_CPU_CAPABILITY"}
+    if capability is not None:
+        env["GENFAST_CPU_CAPABILITY"] = capability
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(_backend.native_module() is None, reason="needs genfast._C")
+def test_cpu_capability_is_the_widest_unless_capped():
+    report = "import genfast; print(genfast.build_info()['cpu_capability'])"
+    widest = _python_with_capability(report, None).stdout.strip()
+    assert widest in CPU_CAPABILITIES
+    for capability in CPU_CAPABILITIES:
+        expected = min(capability, widest, key=CPU_CAPABILITIES.index)
+        result = _python_with_capability(report, capability)
+        assert result.stdout.strip() == expected, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(_backend.native_module() is None, reason="needs genfast._C")
+def test_unknown_cpu_capability_is_an_error_naming_the_variable():
+    script = textwrap.dedent("""
+        import torch, genfast
+        q = torch.randn(1, 1, 4, 16)
+        try:
+            genfast.attention(q, q, q, impl="native")
+        except Exception as error:
+            print(error)
+        else:
+            print("ran")
+    """)
+    result = _python_with_capability(script, "avx9")
+    assert "GENFAST_CPU_CAPABILITY must be default, avx2 or avx512" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "'avx9'" in result.stdout

@@ -16,19 +16,20 @@ namespace {
 
 // n elements, each with its own channel parameters (pointers advance with the elements when
 // per_element, else one pair for all).
-template <bool kGlow, bool kInverse>
-GF_CPU_CLONES void actnorm_run(const float* __restrict x, const float* __restrict log_scale,
-                               const float* __restrict bias, bool per_element, float* __restrict y, int64_t n) {
+template <CpuCapability isa, bool kGlow, bool kInverse>
+GF_CPU_INLINE void actnorm_run_for(const float* __restrict x, const float* __restrict log_scale,
+                                   const float* __restrict bias, bool per_element, float* __restrict y, int64_t n) {
   const int64_t step = per_element ? 1 : 0;
   for (int64_t k = 0; k < n; ++k) y[k] = actnorm_value(x[k], log_scale[k * step], bias[k * step], kGlow, kInverse);
 }
+GF_CPU_DISPATCH(actnorm_run)
 
 // grad_x, and each element's shares of the parameters' gradients.
-template <bool kGlow, bool kInverse>
-GF_CPU_CLONES void actnorm_grad_run(const float* __restrict x, const float* __restrict g,
-                                    const float* __restrict log_scale, const float* __restrict bias, bool per_element,
-                                    float* __restrict gx, float* __restrict ls_share, float* __restrict b_share,
-                                    int64_t n) {
+template <CpuCapability isa, bool kGlow, bool kInverse>
+GF_CPU_INLINE void actnorm_grad_run_for(const float* __restrict x, const float* __restrict g,
+                                        const float* __restrict log_scale, const float* __restrict bias, bool per_element,
+                                        float* __restrict gx, float* __restrict ls_share, float* __restrict b_share,
+                                        int64_t n) {
   const int64_t step = per_element ? 1 : 0;
   for (int64_t k = 0; k < n; ++k) {
     const ActNormGrads r = actnorm_grads(x[k], g[k], log_scale[k * step], bias[k * step], kGlow, kInverse);
@@ -37,6 +38,7 @@ GF_CPU_CLONES void actnorm_grad_run(const float* __restrict x, const float* __re
     b_share[k] = r.bias;
   }
 }
+GF_CPU_DISPATCH(actnorm_grad_run)
 
 // Adds the shares to the partial sums: per channel (one per element) or all to one channel.
 void accumulate_shares(const float* ls_share, const float* b_share, bool per_element, float* g_log_scale,

@@ -30,10 +30,10 @@ void gather_block(const int32_t* index, const T* t_row, const T* u_row, int64_t 
 }
 
 // y = the transformed value or x; log_terms = log s at transformed elements, else 0.
-template <ScaleFn kFn, bool kGlow, bool kInverse>
-GF_CPU_CLONES void forward_block(float p, const float* __restrict x, const float* __restrict t,
-                                 const float* __restrict u, const float* __restrict transformed, float* __restrict y,
-                                 float* __restrict log_terms, int64_t n) {
+template <CpuCapability isa, ScaleFn kFn, bool kGlow, bool kInverse>
+GF_CPU_INLINE void forward_block_for(float p, const float* __restrict x, const float* __restrict t,
+                                     const float* __restrict u, const float* __restrict transformed, float* __restrict y,
+                                     float* __restrict log_terms, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const ScaleTerms s = scale_terms(kFn, p, u[k]);
     const bool m = transformed[k] != 0.0f;
@@ -41,12 +41,13 @@ GF_CPU_CLONES void forward_block(float p, const float* __restrict x, const float
     log_terms[k] = m ? s.log_scale : 0.0f;
   }
 }
+GF_CPU_DISPATCH(forward_block)
 
-template <ScaleFn kFn, bool kGlow, bool kInverse>
-GF_CPU_CLONES void backward_block(float p, float g_logdet, const float* __restrict x, const float* __restrict t,
-                                  const float* __restrict u, const float* __restrict transformed,
-                                  const float* __restrict g, float* __restrict gx, float* __restrict gt,
-                                  float* __restrict gu, int64_t n) {
+template <CpuCapability isa, ScaleFn kFn, bool kGlow, bool kInverse>
+GF_CPU_INLINE void backward_block_for(float p, float g_logdet, const float* __restrict x, const float* __restrict t,
+                                      const float* __restrict u, const float* __restrict transformed,
+                                      const float* __restrict g, float* __restrict gx, float* __restrict gt,
+                                      float* __restrict gu, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const ScaleTerms s = scale_terms(kFn, p, u[k]);
     const CouplingGrads r = coupling_grads(s, x[k], t[k], g[k], g_logdet, kGlow, kInverse);
@@ -56,6 +57,7 @@ GF_CPU_CLONES void backward_block(float p, float g_logdet, const float* __restri
     gu[k] = m ? r.scale : 0.0f;
   }
 }
+GF_CPU_DISPATCH(backward_block)
 
 using ForwardBlockFn = void (*)(float, const float*, const float*, const float*, const float*, float*, float*,
                                int64_t);
@@ -64,14 +66,18 @@ using BackwardBlockFn = void (*)(float, float, const float*, const float*, const
 
 template <ScaleFn kFn>
 ForwardBlockFn forward_for_fn(bool glow, bool inverse) {
-  if (glow) return inverse ? forward_block<kFn, true, true> : forward_block<kFn, true, false>;
-  return inverse ? forward_block<kFn, false, true> : forward_block<kFn, false, false>;
+  if (glow && inverse) return forward_block<kFn, true, true>;
+  if (glow) return forward_block<kFn, true, false>;
+  if (inverse) return forward_block<kFn, false, true>;
+  return forward_block<kFn, false, false>;
 }
 
 template <ScaleFn kFn>
 BackwardBlockFn backward_for_fn(bool glow, bool inverse) {
-  if (glow) return inverse ? backward_block<kFn, true, true> : backward_block<kFn, true, false>;
-  return inverse ? backward_block<kFn, false, true> : backward_block<kFn, false, false>;
+  if (glow && inverse) return backward_block<kFn, true, true>;
+  if (glow) return backward_block<kFn, true, false>;
+  if (inverse) return backward_block<kFn, false, true>;
+  return backward_block<kFn, false, false>;
 }
 
 // The compiled variant for a scale function (exp by default), order and direction.

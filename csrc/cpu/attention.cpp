@@ -16,6 +16,7 @@
 #include "../attention_args.h"
 #include "aligned_floats.h"
 #include "block_product.h"
+#include "cpu_vectors.h"
 
 namespace genfast {
 namespace {
@@ -25,168 +26,119 @@ static_assert(kKeyBlock % kCols == 0, "key blocks are whole panel chunks");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-typedef int32_t Int16 __attribute__((vector_size(kCols * sizeof(int32_t))));
-
-// The elements i... of a and b concatenated (__builtin_shufflevector, which g++ has from version 12
-// on; __builtin_shuffle before it).
-template <typename V, int... i>
-GF_CPU_INLINE V shuffle(V a, V b) {
-#if defined(__clang__) || __GNUC__ >= 12
-  return __builtin_shufflevector(a, b, i...);
-#else
-  return __builtin_shuffle(a, b, Int16{i...});
-#endif
-}
-
 // Panels are packed in column chunks of kCols: chunk k of a panel len deep holds its columns
 // k * kCols .. k * kCols + kCols - 1, row after row (panel[t][c] at (c / kCols) * len * kCols + t *
 // kCols + c % kCols), so that a product streams through contiguous memory (a whole-width row stride
 // would put all the rows one tile reads in a few cache sets).
 
 // Rows r0 .. r0 + Rows of multiply's product (those past count repeat its last row, unstored).
-template <int Rows>
+template <CpuCapability isa, int Rows>
 GF_CPU_INLINE void multiply_rows(const float* a, int64_t a_row, int64_t a_step, int64_t r0, int64_t count,
                                  const float* panel, int64_t len, float* out, int64_t out_stride, int64_t width,
                                  bool accumulate, float factor) {
   const float* a_rows[Rows];
   for (int r = 0; r < Rows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
   for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    Vec16 tile[Rows];
-    block_product_rows<Rows>(a_rows, a_step, panel + c0 * len, kCols, len, tile);
-    for (int r = 0; r < Rows && r0 + r < count; ++r) {
-      float* row = out + (r0 + r) * out_stride + c0;
-      Vec16 o = {};
-      if (accumulate) __builtin_memcpy(&o, row, sizeof(o));
-      o += factor * tile[r];
-      __builtin_memcpy(row, &o, sizeof(o));
-    }
+    block_product_to<isa, Rows>(a_rows, a_step, panel + c0 * len, kCols, len, count - r0, out + r0 * out_stride + c0,
+                                out_stride, accumulate, factor);
   }
 }
 
 // out[r][c] (+)= factor * sum_t a[r * a_row + t * a_step] * panel[t][c] for r < count and c < width (a
-// multiple of kCols); the panel len deep; out rows out_stride apart. 16 rows at a time (16
-// accumulators: one panel load per 16 products), fewer for the last rows, so that a single query
-// (decoding) does not cost sixteen.
-GF_CPU_CLONES void multiply(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel,
-                            int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate,
-                            float factor = 1.0f) {
+// multiple of kCols); the panel len deep; out rows out_stride apart. kTileRows rows at a time (one
+// panel load per kTileRows products), fewer for the last rows, so that a single query (decoding)
+// does not cost a whole tile.
+template <CpuCapability isa>
+GF_CPU_INLINE void multiply_for(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel,
+                                int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate,
+                                float factor) {
+  constexpr int kTile = kTileRows<isa>;
   int64_t r0 = 0;
-  for (; r0 + 16 <= count; r0 += 16) {
-    multiply_rows<16>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  for (; r0 + kTile <= count; r0 += kTile) {
+    multiply_rows<isa, kTile>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
   }
-  for (; r0 + 4 < count; r0 += 8) {
-    multiply_rows<8>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  if constexpr (kTile > 8) {
+    for (; r0 + 4 < count; r0 += 8) {
+      multiply_rows<isa, 8>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+    }
   }
-  for (; r0 + 1 < count; r0 += 4) {
-    multiply_rows<4>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  if constexpr (kTile > 4) {
+    for (; r0 + 1 < count; r0 += 4) {
+      multiply_rows<isa, 4>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+    }
   }
-  if (r0 < count) multiply_rows<1>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  for (; r0 < count; ++r0) {
+    multiply_rows<isa, 1>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
+  }
 }
+GF_CPU_DISPATCH(multiply)
 
 // The n <= kCols floats at src, zeros after them.
-GF_CPU_INLINE Vec16 load_partial(const float* src, int64_t n) {
-  Vec16 x = {};
-  if (n == kCols) {
-    __builtin_memcpy(&x, src, sizeof(x));
-  } else {
-    for (int64_t i = 0; i < n; ++i) x[i] = src[i];
-  }
-  return x;
+template <CpuCapability isa>
+GF_CPU_INLINE Floats<isa> load_partial(const float* src, int64_t n) {
+  if (n == kCols) return load16<kVectorLanes<isa>>(src);
+  float x[kCols] = {};
+  for (int64_t i = 0; i < n; ++i) x[i] = src[i];
+  return load16<kVectorLanes<isa>>(x);
 }
 
 // The panel total deep and width wide (a multiple of kCols) whose row c is src[c * stride + d] for c <
 // count, d < dim; zeros elsewhere.
-GF_CPU_CLONES void pack_rows(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
-                             int64_t width, int64_t total) {
+template <CpuCapability isa>
+GF_CPU_INLINE void pack_rows_for(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+                                 int64_t width, int64_t total) {
   for (int64_t d0 = 0; d0 < width; d0 += kCols) {
     const int64_t n = std::clamp<int64_t>(dim - d0, 0, kCols);
     float* chunk = panel + d0 * total;
     for (int64_t c = 0; c < total; ++c) {
-      const Vec16 x = c < count ? load_partial(src + c * stride + d0, n) : Vec16{};
-      __builtin_memcpy(chunk + c * kCols, &x, sizeof(x));
+      store16(chunk + c * kCols, c < count ? load_partial<isa>(src + c * stride + d0, n) : Floats<isa>{});
     }
   }
 }
-
-// Rows i and i + s of a 16 x 16 block with their off-diagonal s x s blocks swapped: after the
-// steps s = 8, 4, 2, 1 the block is transposed.
-template <int s, size_t... j>
-GF_CPU_INLINE Vec16 swap_low(Vec16 a, Vec16 b, std::index_sequence<j...>) {
-  return shuffle<Vec16, static_cast<int>((j & s) == 0 ? j : kCols + j - s)...>(a, b);
-}
-template <int s, size_t... j>
-GF_CPU_INLINE Vec16 swap_high(Vec16 a, Vec16 b, std::index_sequence<j...>) {
-  return shuffle<Vec16, static_cast<int>((j & s) == 0 ? j + s : kCols + j)...>(a, b);
-}
-template <int s>
-GF_CPU_INLINE void transpose_step(Vec16 rows[kCols]) {
-  for (int i = 0; i < kCols; ++i) {
-    if ((i & s) != 0) continue;
-    const Vec16 a = rows[i], b = rows[i + s];
-    rows[i] = swap_low<s>(a, b, std::make_index_sequence<kCols>());
-    rows[i + s] = swap_high<s>(a, b, std::make_index_sequence<kCols>());
-  }
-}
+GF_CPU_DISPATCH(pack_rows)
 
 // The transpose of a block of count rows: the panel dim deep and width wide whose column c is
 // src[c * stride + d] for c < count, zeros beyond; 16 x 16 blocks transposed in registers.
-GF_CPU_CLONES void pack_transposed(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
-                                   int64_t width) {
+template <CpuCapability isa>
+GF_CPU_INLINE void pack_transposed_for(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+                                       int64_t width) {
   for (int64_t c0 = 0; c0 < width; c0 += kCols) {
     const int64_t keys = std::clamp<int64_t>(count - c0, 0, kCols);
     float* chunk = panel + c0 * dim;
     for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
       const int64_t n = std::min<int64_t>(kCols, dim - d0);
-      Vec16 block[kCols];
-      for (int64_t c = 0; c < kCols; ++c) block[c] = c < keys ? load_partial(src + (c0 + c) * stride + d0, n) : Vec16{};
-      transpose_step<8>(block);
-      transpose_step<4>(block);
-      transpose_step<2>(block);
-      transpose_step<1>(block);
-      for (int64_t d = 0; d < n; ++d) __builtin_memcpy(chunk + (d0 + d) * kCols, &block[d], sizeof(Vec16));
+      Floats<isa> block[kCols];
+      for (int64_t c = 0; c < kCols; ++c) {
+        block[c] = c < keys ? load_partial<isa>(src + (c0 + c) * stride + d0, n) : Floats<isa>{};
+      }
+      transpose16(block);
+      for (int64_t d = 0; d < n; ++d) store16(chunk + (d0 + d) * kCols, block[d]);
     }
   }
 }
+GF_CPU_DISPATCH(pack_transposed)
 
-// A horizontal reduction in a fixed tree order: four shuffles instead of a chain of 15 dependent
-// scalar operations.
-template <typename V, V (*combine)(V, V)>
-GF_CPU_INLINE auto reduce_lanes(V v) {
-  v = combine(v, shuffle<V, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7>(v, v));
-  v = combine(v, shuffle<V, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11>(v, v));
-  v = combine(v, shuffle<V, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13>(v, v));
-  v = combine(v, shuffle<V, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14>(v, v));
-  return v[0];
-}
-
-GF_CPU_INLINE Vec16 add(Vec16 a, Vec16 b) { return a + b; }
-GF_CPU_INLINE Vec16 larger(Vec16 a, Vec16 b) { return b > a ? b : a; }
-GF_CPU_INLINE Int16 either(Int16 a, Int16 b) { return a | b; }
-
-// The row's maximum, NaN if any element is NaN; n a multiple of kCols. (A select on two masks or'ed
-// together, which would carry the NaN in one vector, comes out scalar from g++ 12's clones.)
-GF_CPU_CLONES float row_max(const float* __restrict s, int64_t n) {
-  Vec16 m = {}, x;
-  Int16 nan = {};
-  m -= __builtin_inff();
+// The row's maximum, NaN if any element is NaN; n a multiple of kCols.
+template <CpuCapability isa>
+GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
+  Floats<isa> m = splat16<kVectorLanes<isa>>(-__builtin_inff()), nan = {};
   for (int64_t c = 0; c < n; c += kCols) {
-    __builtin_memcpy(&x, s + c, sizeof(x));
+    const Floats<isa> x = load16<kVectorLanes<isa>>(s + c);
     m = larger(m, x);
-    nan |= x != x;
+    nan = keep_nan(nan, x);
   }
-  return reduce_lanes<Int16, either>(nan) ? __builtin_nanf("") : reduce_lanes<Vec16, larger>(m);
+  const float any_nan = reduce_lanes(nan, AddLanes());  // NaN exactly when a lane holds one
+  return any_nan != any_nan ? any_nan : reduce_lanes(m, LargerLanes());
 }
 
 // s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
 // is a chain of dependent scalar adds); n a multiple of kCols.
-GF_CPU_CLONES float exp_shifted(float* __restrict s, float m, int64_t n) {
+template <CpuCapability isa>
+GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
   for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
-  Vec16 lanes = {}, x;
-  for (int64_t c = 0; c < n; c += kCols) {
-    __builtin_memcpy(&x, s + c, sizeof(x));
-    lanes += x;
-  }
-  return reduce_lanes<Vec16, add>(lanes);
+  Floats<isa> lanes = {};
+  for (int64_t c = 0; c < n; c += kCols) lanes += load16<kVectorLanes<isa>>(s + c);
+  return reduce_lanes(lanes, AddLanes());
 }
 
 GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {
@@ -197,11 +149,12 @@ GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {
 // sum and output acc (v_pad wide) rescaled to the new maximum, and the scores replaced by their
 // exponentials (zeros while a row has seen nothing but -inf). The rescale factors are taken in one
 // loop over the rows, which vectorizes, instead of a latency-bound scalar exp per row.
-GF_CPU_CLONES void online_softmax_step(float* scores, int64_t rows, float* max, float* sum, float* acc,
-                                       int64_t v_pad) {
+template <CpuCapability isa>
+GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, float* max, float* sum, float* acc,
+                                           int64_t v_pad) {
   float new_max[kQueryBlock], rescale[kQueryBlock];
   for (int64_t r = 0; r < rows; ++r) {
-    const float block_max = row_max(scores + r * kKeyBlock, kKeyBlock);
+    const float block_max = row_max<isa>(scores + r * kKeyBlock, kKeyBlock);
     new_max[r] = (block_max > max[r] || block_max != block_max) ? block_max : max[r];
   }
   for (int64_t r = 0; r < rows; ++r) {  // 0 where the old maximum is -inf; 1 where nothing is seen yet
@@ -213,11 +166,12 @@ GF_CPU_CLONES void online_softmax_step(float* scores, int64_t rows, float* max, 
       for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = 0.0f;
       continue;
     }
-    sum[r] = sum[r] * rescale[r] + exp_shifted(s, new_max[r], kKeyBlock);
+    sum[r] = sum[r] * rescale[r] + exp_shifted<isa>(s, new_max[r], kKeyBlock);
     max[r] = new_max[r];
     scale_row(acc + r * v_pad, rescale[r], v_pad);
   }
 }
+GF_CPU_DISPATCH(online_softmax_step)
 
 // Fewer queries than this read K and V where they lie instead of packing panels: packing is a pass
 // over K and V (and, for a long KV cache, a large buffer to fault in) that a few rows' products do
@@ -225,55 +179,53 @@ GF_CPU_CLONES void online_softmax_step(float* scores, int64_t rows, float* max, 
 constexpr int64_t kPackedRows = 8;
 
 // scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
-GF_CPU_CLONES void key_dots(const float* q, int64_t q_row, int64_t rows, const float* k, int64_t k_row, int64_t cols,
-                            int64_t dim, float scale, float* scores) {
+template <CpuCapability isa>
+GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const float* k, int64_t k_row,
+                                int64_t cols, int64_t dim, float scale, float* scores) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* q_r = q + r * q_row;
     for (int64_t c = 0; c < cols; ++c) {
       const float* k_c = k + c * k_row;
-      Vec16 lanes = {}, x, y;
+      Floats<isa> lanes = {};
       int64_t d = 0;
       for (; d + kCols <= dim; d += kCols) {
-        __builtin_memcpy(&x, q_r + d, sizeof(x));
-        __builtin_memcpy(&y, k_c + d, sizeof(y));
-        lanes += x * y;
+        lanes += load16<kVectorLanes<isa>>(q_r + d) * load16<kVectorLanes<isa>>(k_c + d);
       }
       float tail = 0.0f;
       for (; d < dim; ++d) tail += q_r[d] * k_c[d];
-      scores[r * kKeyBlock + c] = scale * (reduce_lanes<Vec16, add>(lanes) + tail);
+      scores[r * kKeyBlock + c] = scale * (reduce_lanes(lanes, AddLanes()) + tail);
     }
   }
 }
+GF_CPU_DISPATCH(key_dots)
 
 // acc[0 .. Chunks * kCols) += sum over c < cols of weights[c] * v_c[0 .. Chunks * kCols), c in order,
 // v_c at v + c * v_row: one chain of FMAs per chunk (a chain issues one FMA per 4 cycles, so four
 // fill the unit).
-template <int Chunks>
+template <CpuCapability isa, int Chunks>
 GF_CPU_INLINE void weighted_rows(const float* weights, const float* v, int64_t v_row, int64_t cols, float* acc) {
-  Vec16 sums[Chunks], x;
+  Floats<isa> sums[Chunks];
 #pragma GCC unroll 4
-  for (int i = 0; i < Chunks; ++i) __builtin_memcpy(&sums[i], acc + i * kCols, sizeof(Vec16));
+  for (int i = 0; i < Chunks; ++i) sums[i] = load16<kVectorLanes<isa>>(acc + i * kCols);
   for (int64_t c = 0; c < cols; ++c) {
 #pragma GCC unroll 4
-    for (int i = 0; i < Chunks; ++i) {
-      __builtin_memcpy(&x, v + c * v_row + i * kCols, sizeof(x));
-      sums[i] += weights[c] * x;
-    }
+    for (int i = 0; i < Chunks; ++i) sums[i] += weights[c] * load16<kVectorLanes<isa>>(v + c * v_row + i * kCols);
   }
 #pragma GCC unroll 4
-  for (int i = 0; i < Chunks; ++i) __builtin_memcpy(acc + i * kCols, &sums[i], sizeof(Vec16));
+  for (int i = 0; i < Chunks; ++i) store16(acc + i * kCols, sums[i]);
 }
 
 // acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
 // apart); acc rows acc_row apart.
-GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, int64_t v_row, int64_t cols,
-                              int64_t v_dim, float* acc, int64_t acc_row) {
+template <CpuCapability isa>
+GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const float* v, int64_t v_row, int64_t cols,
+                                  int64_t v_dim, float* acc, int64_t acc_row) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* p_r = probs + r * kKeyBlock;
     float* acc_r = acc + r * acc_row;
     int64_t d = 0;
-    for (; d + 4 * kCols <= v_dim; d += 4 * kCols) weighted_rows<4>(p_r, v + d, v_row, cols, acc_r + d);
-    for (; d + kCols <= v_dim; d += kCols) weighted_rows<1>(p_r, v + d, v_row, cols, acc_r + d);
+    for (; d + 4 * kCols <= v_dim; d += 4 * kCols) weighted_rows<isa, 4>(p_r, v + d, v_row, cols, acc_r + d);
+    for (; d + kCols <= v_dim; d += kCols) weighted_rows<isa, 1>(p_r, v + d, v_row, cols, acc_r + d);
     for (; d < v_dim; ++d) {
       float sum = acc_r[d];
       for (int64_t c = 0; c < cols; ++c) sum += p_r[c] * v[c * v_row + d];
@@ -281,6 +233,7 @@ GF_CPU_CLONES void value_sums(const float* probs, int64_t rows, const float* v, 
     }
   }
 }
+GF_CPU_DISPATCH(value_sums)
 
 // The keys [first, end) that queries [i0, i0 + rows) may see.
 std::pair<int64_t, int64_t> key_range(const AttentionSequence& seq, int64_t i0, int64_t rows) {
@@ -436,7 +389,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
     online_softmax_step(w.scores.data(), rows, w.max.data(), w.sum.data(), w.acc.data(), v_pad);
     apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
     if (v_panel != nullptr) {
-      multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, w.acc.data(), v_pad, v_pad, true);
+      multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, w.acc.data(), v_pad, v_pad, true, 1.0f);
     } else {
       value_sums(w.scores.data(), rows, p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
                  w.acc.data(), v_pad);
@@ -504,7 +457,9 @@ struct BackwardScratch {
 };
 
 // One row: s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS = P (dp - delta).
-GF_CPU_CLONES void probabilities_and_score_grads(float* __restrict s, float* __restrict dp, float lse, float delta) {
+template <CpuCapability isa>
+GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float* __restrict dp, float lse,
+                                                     float delta) {
   if (lse == -__builtin_inff()) {
     for (int64_t c = 0; c < kKeyBlock; ++c) {
       s[c] = 0.0f;
@@ -518,6 +473,7 @@ GF_CPU_CLONES void probabilities_and_score_grads(float* __restrict s, float* __r
     dp[c] = prob * (dp[c] - delta);
   }
 }
+GF_CPU_DISPATCH(probabilities_and_score_grads)
 
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
@@ -530,7 +486,7 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
            w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
   multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(), p.v_dim,
-           w.dp.data(), kKeyBlock, kKeyBlock, false);
+           w.dp.data(), kKeyBlock, kKeyBlock, false, 1.0f);
   const float keep_scale = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
@@ -595,7 +551,7 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
       // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
       pack_rows(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, rows, p.v_dim,
                 w.panel_a.data(), v_pad, rows);
-      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_b.data(), v_pad, v_pad, true);
+      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_b.data(), v_pad, v_pad, true, 1.0f);
       // dK += scale dS^T Q.
       pack_rows(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
       multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_a.data(), d_pad, d_pad, true,

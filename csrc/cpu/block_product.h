@@ -5,28 +5,35 @@
 #include <stdint.h>
 
 #include "cpu_features.h"
+#include "cpu_vectors.h"
 
 namespace genfast {
 namespace {
 
-constexpr int kRows = 8, kCols = 16;  // 8 accumulator vectors of 16 floats: one zmm each with AVX-512
-
-typedef float Vec16 __attribute__((vector_size(kCols * sizeof(float))));
+// The rows of A whose products one register tile holds: as many as the accumulators (two vectors
+// of 16 floats per row below AVX-512) and a panel row fit in the vector registers (32 with AVX-512
+// and NEON, 16 with AVX2 and SSE).
+template <CpuCapability isa>
+constexpr int kTileRows = isa == CpuCapability::kAvx512 ? 16
+                          : isa == CpuCapability::kAvx2 ? 6
+#if defined(__aarch64__)
+                                                        : 6;
+#else
+                                                        : 2;
+#endif
 
 // acc[r] = sum over t < len of a[r][t * a_step] * panel[t * panel_stride + (0 .. kCols)], t in order,
 // for r < Rows. The loops over rows unroll completely, so the accumulators stay in registers; a's
 // elements are broadcast one at a time, so their stride costs nothing. Inlined into callers
-// compiled for several instruction sets (a call from one clone to another goes through the
-// dispatcher), whose epilogue then takes acc from registers.
-template <int Rows>
+// compiled for one instruction set, whose epilogue then takes acc from registers.
+template <CpuCapability isa, int Rows>
 GF_CPU_INLINE void block_product_rows(const float* const a[Rows], int64_t a_step, const float* __restrict panel,
-                                      int64_t panel_stride, int64_t len, Vec16 acc[Rows]) {
-  Vec16 sums[Rows];
+                                      int64_t panel_stride, int64_t len, Floats<isa> acc[Rows]) {
+  Floats<isa> sums[Rows];
 #pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) sums[r] = Vec16{};
+  for (int r = 0; r < Rows; ++r) sums[r] = Floats<isa>{};
   for (int64_t t = 0; t < len; ++t) {
-    Vec16 p;
-    __builtin_memcpy(&p, panel + t * panel_stride, sizeof(p));
+    const Floats<isa> p = load16<kVectorLanes<isa>>(panel + t * panel_stride);
     const int64_t i = t * a_step;
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) sums[r] += a[r][i] * p;
@@ -35,12 +42,35 @@ GF_CPU_INLINE void block_product_rows(const float* const a[Rows], int64_t a_step
   for (int r = 0; r < Rows; ++r) acc[r] = sums[r];
 }
 
-GF_CPU_CLONES void block_product(const float* const a[kRows], int64_t a_step, const float* __restrict panel,
-                                 int64_t panel_stride, int64_t len, float acc[kRows][kCols]) {
-  Vec16 sums[kRows];
-  block_product_rows<kRows>(a, a_step, panel, panel_stride, len, sums);
-  for (int r = 0; r < kRows; ++r) __builtin_memcpy(acc[r], &sums[r], sizeof(Vec16));
+// out[r][c] (+)= factor * sum_t a[r][t * a_step] * panel[t][c] for c < kCols, and r < count where
+// count <= Rows (a's rows past count, which are computed but not stored, must be readable).
+template <CpuCapability isa, int Rows>
+GF_CPU_INLINE void block_product_to(const float* const a[Rows], int64_t a_step, const float* __restrict panel,
+                                    int64_t panel_stride, int64_t len, int64_t count, float* out,
+                                    int64_t out_stride, bool accumulate, float factor) {
+  Floats<isa> tile[Rows];
+  block_product_rows<isa, Rows>(a, a_step, panel, panel_stride, len, tile);
+  for (int r = 0; r < Rows && r < count; ++r) {
+    float* row = out + r * out_stride;
+    const Floats<isa> product = factor * tile[r];
+    store16(row, accumulate ? load16<kVectorLanes<isa>>(row) + product : product);
+  }
 }
+
+// MADE's blocks: kRows rows of A at a time, in register tiles of at most kTileRows.
+constexpr int kRows = 8;
+
+// acc[r][c] = sum over t < len of a[r][t * a_step] * panel[t * panel_stride + c], t in order, for r <
+// kRows, c < kCols.
+template <CpuCapability isa>
+GF_CPU_INLINE void block_product_for(const float* const a[kRows], int64_t a_step, const float* __restrict panel,
+                                     int64_t panel_stride, int64_t len, float acc[kRows][kCols]) {
+  constexpr int kTile = kTileRows<isa> >= kRows ? kRows : kTileRows<isa> >= 4 ? 4 : 2;
+  for (int r0 = 0; r0 < kRows; r0 += kTile) {
+    block_product_to<isa, kTile>(a + r0, a_step, panel, panel_stride, len, kTile, acc[r0], kCols, false, 1.0f);
+  }
+}
+GF_CPU_DISPATCH(block_product)
 
 }  // namespace
 }  // namespace genfast

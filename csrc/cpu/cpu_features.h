@@ -1,13 +1,69 @@
-// Hot CPU loops are compiled for several instruction sets and picked at load time, so one
-// build runs well on any x86-64 machine. Elsewhere they compile once, for the build target.
+// Hot CPU loops are compiled for several instruction sets, and the widest the CPU has is picked
+// when one is first called, so one build runs well on any x86-64 machine: AVX-512 (the F, VL, BW
+// and DQ of x86-64-v4), AVX2 with FMA (x86-64-v3), and the build's baseline (SSE2 on x86-64; NEON on
+// aarch64, the only one there). GENFAST_CPU_CAPABILITY=avx2 or =default caps the choice, as
+// ATEN_CPU_CAPABILITY caps torch's, so that the narrower code can be tested and measured on a wider
+// machine; genfast.build_info()["cpu_capability"] says which runs.
+//
+// A hot function is written once as a template on the capability, name_for<isa, ...>, inlined
+// (GF_CPU_INLINE) into one entry point per instruction set; GF_CPU_DISPATCH(name) defines those
+// and name(args...), which calls the one for this CPU. The capability is a compile-time constant in
+// the body, so that it can choose vector widths and register tiles (cpu_vectors.h).
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(GENFAST_NO_CLONES)
-#define GF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GF_CPU_CLONES
-#endif
+namespace genfast {
 
-// For the helpers of GF_CPU_CLONES functions: a helper that is not inlined is compiled once, for the
-// baseline instruction set, where each 16-float vector operation becomes a run of SSE ones.
+enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest this CPU and its OS support, capped by GENFAST_CPU_CAPABILITY (read on the first call;
+// an unknown value is an error naming the variable and what it takes).
+CpuCapability detect_cpu_capability();
+const char* cpu_capability_name(CpuCapability capability);
+
+inline CpuCapability cpu_capability() {
+  static const CpuCapability capability = detect_cpu_capability();
+  return capability;
+}
+
+}  // namespace genfast
+
+// For a hot function's body and helpers: a helper that is not inlined is compiled once, for the
+// baseline instruction set.
 #define GF_CPU_INLINE inline __attribute__((always_inline))
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define GF_CPU_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define GF_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// The entry points are templates over the body's further template arguments (T...) and its
+// arguments' types, so that one macro serves every signature.
+#define GF_CPU_DISPATCH(name)                                                                   \
+  template <auto... T, typename... Args>                                                        \
+  GF_CPU_TARGET_AVX512 auto name##_avx512(Args... args) {                                       \
+    return name##_for<::genfast::CpuCapability::kAvx512, T...>(args...);                        \
+  }                                                                                             \
+  template <auto... T, typename... Args>                                                        \
+  GF_CPU_TARGET_AVX2 auto name##_avx2(Args... args) {                                           \
+    return name##_for<::genfast::CpuCapability::kAvx2, T...>(args...);                          \
+  }                                                                                             \
+  template <auto... T, typename... Args>                                                        \
+  __attribute__((noinline)) auto name##_default(Args... args) {                                 \
+    return name##_for<::genfast::CpuCapability::kDefault, T...>(args...);                       \
+  }                                                                                             \
+  template <auto... T, typename... Args>                                                        \
+  inline auto name(Args... args) {                                                              \
+    switch (::genfast::cpu_capability()) {                                                      \
+      case ::genfast::CpuCapability::kAvx512:                                                   \
+        return name##_avx512<T...>(args...);                                                    \
+      case ::genfast::CpuCapability::kAvx2:                                                     \
+        return name##_avx2<T...>(args...);                                                      \
+      default:                                                                                  \
+        return name##_default<T...>(args...);                                                   \
+    }                                                                                           \
+  }
+#else
+#define GF_CPU_DISPATCH(name)                                                   \
+  template <auto... T, typename... Args>                                        \
+  inline auto name(Args... args) {                                              \
+    return name##_for<::genfast::CpuCapability::kDefault, T...>(args...);       \
+  }
+#endif

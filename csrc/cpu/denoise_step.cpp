@@ -13,13 +13,16 @@ namespace {
 
 // Loops below carry `ivdep`: out may be the sample itself (an in-place step), which is safe since
 // every iteration reads its own element before writing it, but defeats the compiler's alias check.
-GF_CPU_CLONES void guide_block(const float* m, const float* m_cond, float scale, float* guided, int64_t n) {
+template <CpuCapability isa>
+GF_CPU_INLINE void guide_block_for(const float* m, const float* m_cond, float scale, float* guided, int64_t n) {
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) guided[j] = guided_output(m[j], m_cond[j], scale);
 }
+GF_CPU_DISPATCH(guide_block)
 
-GF_CPU_CLONES void denoise_block(const float* coefs, float lo, float hi, const float* x, const float* m,
-                                 const float* z, const float* d, float* out, float* x0_out, int64_t n) {
+template <CpuCapability isa>
+GF_CPU_INLINE void denoise_block_for(const float* coefs, float lo, float hi, const float* x, const float* m,
+                                     const float* z, const float* d, float* out, float* x0_out, int64_t n) {
   float c[kNumDenoiseCoefs];  // locals, so that stores to out cannot be assumed to change them
   for (int k = 0; k < kNumDenoiseCoefs; ++k) c[k] = coefs[k];
 #pragma GCC ivdep
@@ -29,6 +32,7 @@ GF_CPU_CLONES void denoise_block(const float* coefs, float lo, float hi, const f
     out[j] = denoised(c, x0, x[j], m[j], z[j], d[j]);
   }
 }
+GF_CPU_DISPATCH(denoise_block)
 
 template <typename T>
 void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {

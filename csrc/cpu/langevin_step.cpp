@@ -11,8 +11,9 @@ namespace genfast {
 namespace {
 
 // `ivdep`: out may be x itself (an in-place step); see denoise_step.cpp.
-GF_CPU_CLONES void langevin_block(const float* coefs, float grad_clip, float lo, float hi, const float* x,
-                                  const float* g, const float* z, float* out, float* mean_out, int64_t n) {
+template <CpuCapability isa>
+GF_CPU_INLINE void langevin_block_for(const float* coefs, float grad_clip, float lo, float hi, const float* x,
+                                      const float* g, const float* z, float* out, float* mean_out, int64_t n) {
   float c[kNumLangevinCoefs];
   for (int k = 0; k < kNumLangevinCoefs; ++k) c[k] = coefs[k];
 #pragma GCC ivdep
@@ -22,6 +23,7 @@ GF_CPU_CLONES void langevin_block(const float* coefs, float grad_clip, float lo,
     mean_out[j] = clamp_keep_nan(mean, lo, hi);
   }
 }
+GF_CPU_DISPATCH(langevin_block)
 
 template <typename T>
 void langevin_step_cpu_typed(const LangevinStepParams<T>& p) {

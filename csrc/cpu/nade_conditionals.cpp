@@ -25,20 +25,23 @@ void nade_conditionals_typed(const NadeConditionalsParams<T>& p) {
 }
 
 // h = act(a) and slope = act'(a), from a.
-template <NadeActivation kAct>
-GF_CPU_CLONES void activate_with_slope(const float* __restrict a, float* __restrict h, float* __restrict slope,
-                                       int64_t hidden) {
+template <CpuCapability isa, NadeActivation kAct>
+GF_CPU_INLINE void activate_with_slope_for(const float* __restrict a, float* __restrict h, float* __restrict slope,
+                                           int64_t hidden) {
   for (int64_t j = 0; j < hidden; ++j) {
     h[j] = nade_activation(kAct, a[j]);
     slope[j] = nade_activation_grad(kAct, a[j], h[j]);
   }
 }
+GF_CPU_DISPATCH(activate_with_slope)
 
 // The running gradient A += (g V_row) * slope.
-GF_CPU_CLONES void add_step_gradient(float* __restrict running, const float* __restrict v_row,
-                                     const float* __restrict slope, float g, int64_t hidden) {
+template <CpuCapability isa>
+GF_CPU_INLINE void add_step_gradient_for(float* __restrict running, const float* __restrict v_row,
+                                         const float* __restrict slope, float g, int64_t hidden) {
   for (int64_t j = 0; j < hidden; ++j) running[j] += g * v_row[j] * slope[j];
 }
+GF_CPU_DISPATCH(add_step_gradient)
 
 template <NadeActivation kAct, typename T>
 void nade_backward_typed(const NadeBackwardParams<T>& p) {

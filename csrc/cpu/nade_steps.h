@@ -9,6 +9,7 @@
 
 #include "../../kernels/common/nade.h"
 #include "cpu_features.h"
+#include "cpu_vectors.h"
 #include "ordered_sum.h"
 
 namespace genfast {
@@ -16,53 +17,48 @@ namespace {
 
 constexpr int64_t kNadeTile = 8;  // samples sharing one pass over the parameters
 
-typedef float NadeVec16 __attribute__((vector_size(16 * sizeof(float))));
-
-// u . v in a fixed order: four vector accumulators of 16 lanes (locals, so that they stay in
-// registers, and four, so that the additions' latency overlaps), then the tail, then the lanes.
-GF_CPU_CLONES float dot(const float* __restrict u, const float* __restrict v, float* __restrict products,
-                        int64_t n) {
-  NadeVec16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+// u . v in a fixed order: four accumulators of 16 lanes (locals, so that they stay in registers,
+// and four, so that the additions' latency overlaps), then the tail, then the lanes.
+template <CpuCapability isa>
+GF_CPU_INLINE float dot_for(const float* __restrict u, const float* __restrict v, float* __restrict products,
+                            int64_t n) {
+  constexpr int W = kVectorLanes<isa>;
+  Floats<isa> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t j = 0;
   for (; j + 64 <= n; j += 64) {
-    NadeVec16 a0, a1, a2, a3, b0, b1, b2, b3;
-    __builtin_memcpy(&a0, u + j, sizeof(a0));
-    __builtin_memcpy(&a1, u + j + 16, sizeof(a1));
-    __builtin_memcpy(&a2, u + j + 32, sizeof(a2));
-    __builtin_memcpy(&a3, u + j + 48, sizeof(a3));
-    __builtin_memcpy(&b0, v + j, sizeof(b0));
-    __builtin_memcpy(&b1, v + j + 16, sizeof(b1));
-    __builtin_memcpy(&b2, v + j + 32, sizeof(b2));
-    __builtin_memcpy(&b3, v + j + 48, sizeof(b3));
-    s0 += a0 * b0;
-    s1 += a1 * b1;
-    s2 += a2 * b2;
-    s3 += a3 * b3;
+    s0 += load16<W>(u + j) * load16<W>(v + j);
+    s1 += load16<W>(u + j + 16) * load16<W>(v + j + 16);
+    s2 += load16<W>(u + j + 32) * load16<W>(v + j + 32);
+    s3 += load16<W>(u + j + 48) * load16<W>(v + j + 48);
   }
-  const NadeVec16 sum = (s0 + s1) + (s2 + s3);
-  __builtin_memcpy(products, &sum, sizeof(sum));
+  store16(products, (s0 + s1) + (s2 + s3));
   for (int64_t k = 0; j + k < n; ++k) products[16 + k] = u[j + k] * v[j + k];
   return ordered_sum(products, 16 + (n - j));
 }
+GF_CPU_DISPATCH(dot)
 
-[[maybe_unused]] GF_CPU_CLONES void add_scaled(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
+template <CpuCapability isa>
+GF_CPU_INLINE void add_scaled_for(float* __restrict dst, const float* __restrict src, float scale, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += scale * src[j];
 }
+GF_CPU_DISPATCH(add_scaled)
 
-template <NadeActivation kAct>
-GF_CPU_CLONES void activate(const float* __restrict a, float* __restrict h, int64_t n) {
+template <CpuCapability isa, NadeActivation kAct>
+GF_CPU_INLINE void activate_for(const float* __restrict a, float* __restrict h, int64_t n) {
   for (int64_t j = 0; j < n; ++j) h[j] = nade_activation(kAct, a[j]);
 }
+GF_CPU_DISPATCH(activate)
 
 // a += scale * w, then h = act(a), in one pass.
-template <NadeActivation kAct>
-GF_CPU_CLONES void add_scaled_and_activate(float* __restrict a, float* __restrict h, const float* __restrict w,
-                                           float scale, int64_t n) {
+template <CpuCapability isa, NadeActivation kAct>
+GF_CPU_INLINE void add_scaled_and_activate_for(float* __restrict a, float* __restrict h, const float* __restrict w,
+                                               float scale, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     a[j] += scale * w[j];
     h[j] = nade_activation(kAct, a[j]);
   }
 }
+GF_CPU_DISPATCH(add_scaled_and_activate)
 
 // The forward walk shared by the conditionals and sampling: tiles of kNadeTile rows in parallel,
 // each tile walking the D steps with its rows' running pre-activations a (initialised to c) and

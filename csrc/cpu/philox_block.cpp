@@ -6,7 +6,8 @@
 namespace genfast {
 namespace {
 
-GF_CPU_CLONES void philox_normals_lanes(uint64_t seed, uint64_t offset, uint64_t first_group, float* z) {
+template <CpuCapability isa>
+GF_CPU_INLINE void philox_normals_lanes_for(uint64_t seed, uint64_t offset, uint64_t first_group, float* z) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
   const uint64_t base = offset / 4;
@@ -48,6 +49,7 @@ GF_CPU_CLONES void philox_normals_lanes(uint64_t seed, uint64_t offset, uint64_t
     z[4 * l + 3] = r1[l] * sin1[l];
   }
 }
+GF_CPU_DISPATCH(philox_normals_lanes)
 
 }  // namespace
 

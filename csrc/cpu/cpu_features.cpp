@@ -1,0 +1,51 @@
+#include "cpu_features.h"
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+namespace genfast {
+
+namespace {
+
+CpuCapability widest_supported() {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();  // libgcc's checks include the OS's saving of the AVX and AVX-512 registers
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
+    return CpuCapability::kDefault;
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return CpuCapability::kAvx512;
+  }
+  return CpuCapability::kAvx2;
+#else
+  return CpuCapability::kDefault;
+#endif
+}
+
+}  // namespace
+
+const char* cpu_capability_name(CpuCapability capability) {
+  switch (capability) {
+    case CpuCapability::kAvx512:
+      return "avx512";
+    case CpuCapability::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+CpuCapability detect_cpu_capability() {
+  const CpuCapability widest = widest_supported();
+  const char* requested = std::getenv("GENFAST_CPU_CAPABILITY");
+  if (requested == nullptr || *requested == '\0') return widest;
+  for (const CpuCapability c : {CpuCapability::kDefault, CpuCapability::kAvx2, CpuCapability::kAvx512}) {
+    if (std::string(requested) == cpu_capability_name(c)) return c < widest ? c : widest;
+  }
+  throw std::invalid_argument(std::string("GENFAST_CPU_CAPABILITY must be default, avx2 or avx512 (or unset), got '") +
+                              requested + "'");
+}
+
+}  // namespace genfast
