@@ -39,7 +39,8 @@ def cmd_info(args):
     if info.get("cuda_archs"):
         print(f"  CUDA {info['cuda_version']} archs {info['cuda_archs']}; built with torch {info['torch_version']}")
     print(f"triton: {info['triton_error'] or 'ok'}{' (TRITON_INTERPRET=1)' if info['triton_interpret'] else ''}")
-    print(f"cpu: {torch.get_num_threads()} threads; backends {_backend.available_impls('cpu')}")
+    capability = f"; kernels for {info['cpu_capability']}" if info.get("cpu_capability") else ""
+    print(f"cpu: {torch.get_num_threads()} threads{capability}; backends {_backend.available_impls('cpu')}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}; backends {_backend.available_impls('cuda')}")
