@@ -27,9 +27,9 @@ GF_CPU_DISPATCH(actnorm_run)
 // grad_x, and each element's shares of the parameters' gradients.
 template <CpuCapability isa, bool kGlow, bool kInverse>
 GF_CPU_INLINE void actnorm_grad_run_for(const float* __restrict x, const float* __restrict g,
-                                        const float* __restrict log_scale, const float* __restrict bias, bool per_element,
-                                        float* __restrict gx, float* __restrict ls_share, float* __restrict b_share,
-                                        int64_t n) {
+                                        const float* __restrict log_scale, const float* __restrict bias,
+                                        bool per_element, float* __restrict gx, float* __restrict ls_share,
+                                        float* __restrict b_share, int64_t n) {
   const int64_t step = per_element ? 1 : 0;
   for (int64_t k = 0; k < n; ++k) {
     const ActNormGrads r = actnorm_grads(x[k], g[k], log_scale[k * step], bias[k * step], kGlow, kInverse);

@@ -32,8 +32,8 @@ void gather_block(const int32_t* index, const T* t_row, const T* u_row, int64_t 
 // y = the transformed value or x; log_terms = log s at transformed elements, else 0.
 template <CpuCapability isa, ScaleFn kFn, bool kGlow, bool kInverse>
 GF_CPU_INLINE void forward_block_for(float p, const float* __restrict x, const float* __restrict t,
-                                     const float* __restrict u, const float* __restrict transformed, float* __restrict y,
-                                     float* __restrict log_terms, int64_t n) {
+                                     const float* __restrict u, const float* __restrict transformed,
+                                     float* __restrict y, float* __restrict log_terms, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const ScaleTerms s = scale_terms(kFn, p, u[k]);
     const bool m = transformed[k] != 0.0f;

@@ -10,9 +10,9 @@
 namespace genfast {
 namespace {
 
-// The rows of A whose products one register tile holds: as many as the accumulators (two vectors
-// of 16 floats per row below AVX-512) and a panel row fit in the vector registers (32 with AVX-512
-// and NEON, 16 with AVX2 and SSE).
+// The rows of A whose products one register tile holds: as many as their accumulators and a panel
+// row fit in the vector registers. A row of 16 floats takes one register with AVX-512 (of 32), two
+// with AVX2 (of 16), four with SSE (of 16) and NEON (of 32).
 template <CpuCapability isa>
 constexpr int kTileRows = isa == CpuCapability::kAvx512 ? 16
                           : isa == CpuCapability::kAvx2 ? 6
