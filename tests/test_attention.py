@@ -114,6 +114,32 @@ def test_options_at_each_query_count(impl, lq):
     assert o[1, 0, lq - 1].isnan().all() and not o[1, 0, :lq - 1].isnan().any() and not o[0].isnan().any()
 
 
+# With grouped-query attention a CPU task takes several query heads of one key head together when
+# there are tasks enough for the threads (4 heads with 1 thread here, 2 with 2), so that a key block
+# serves them all from cache; each head keeps its own ALiBi slope, bias rows and dropout stream.
+@pytest.mark.parametrize("lq", [1, 3, 130])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_grouped_heads_keep_their_own_options(impl, lq, threads):
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(1, 16, 4, lq, 150, 40, torch.float32, v_dim=24)
+    slopes = torch.linspace(0.05, 0.8, 16)
+    bias = torch.randn(1, 16, lq, 150)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare(q, k, v, attn_mask=bias, alibi_slopes=slopes, softcap=4.0, causal="bottom_right", window=(60, 2),
+                 enable_gqa=True, impl=impl)
+        options = dict(dropout_p=0.3, enable_gqa=True, attn_mask=torch.rand(lq, 150) > 0.2)
+        got = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(5, 2), impl=impl, **options)
+        exact = genfast.attention(q.double(), k.double(), v.double(), generator=genfast.PhiloxGenerator(5, 2),
+                                  impl="reference", **options)
+        low = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(5, 2), impl="reference", **options)
+        assert_error_ratio(got, exact, low)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_matches_sdpa(impl):
     skip_unless_supported(impl, "cpu")

@@ -173,10 +173,13 @@ GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, float* m
 }
 GF_CPU_DISPATCH(online_softmax_step)
 
-// Fewer queries than this read K and V where they lie instead of packing panels: packing is a pass
-// over K and V (and, for a long KV cache, a large buffer to fault in) that a few rows' products do
-// not repay, as in decoding with a KV cache.
+// A task with fewer query rows than this (its block's rows times its heads), or with one or two
+// rows per head, reads K and V where they lie instead of packing panels: packing is a pass over K
+// and V (and, for a long KV cache, a large buffer to fault in) that a few rows' products do not
+// repay, as in decoding with a KV cache. (Measured with 4 heads per task: 1 and 2 rows are faster
+// in place, 3 and more packed.)
 constexpr int64_t kPackedRows = 8;
+bool packs_panels(int64_t rows, int64_t heads) { return rows > 2 && rows * heads >= kPackedRows; }
 
 // scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
 template <CpuCapability isa>
@@ -292,11 +295,14 @@ void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint6
   }
 }
 
+// A task's state: the scores of one head's block, and the running output, maximum and sum of each
+// of its heads' rows (kQueryBlock rows per head).
 struct ForwardScratch {
   AlignedFloats scores, acc, max, sum, k_panel, v_panel;  // the panels only for a task that packs its own
-  ForwardScratch(int64_t dim, int64_t v_pad, bool packs)
-      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(kQueryBlock * v_pad)),
-        max(kQueryBlock), sum(kQueryBlock), k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
+  ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs)
+      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
+        max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
+        k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
         v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0) {}
 };
 
@@ -356,14 +362,14 @@ void pack_key_panels(const AttentionParams& p, int64_t first_pair, int64_t pairs
   });
 }
 
-// One block of queries against every key block its band reaches.
+// One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
+// its band reaches: each key block, packed or read in place, serves all the heads while in cache.
 void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t seed, uint64_t offset, int64_t b,
-                   int64_t h, int64_t i0, ForwardScratch& w) {
+                   int64_t h0, int64_t heads, int64_t i0, ForwardScratch& w) {
   const AttentionSequence seq = attention_sequence(p, b);
-  const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h / (p.heads / p.kv_heads);
+  const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h0 / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
   const int64_t v_pad = padded_to(p.v_dim, kCols);
-  const float* q = p.q + attention_q_at(p, seq, b, h, i0);
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.max.begin(), w.max.end(), -__builtin_inff());
   std::fill(w.sum.begin(), w.sum.end(), 0.0f);
@@ -374,44 +380,69 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
     if (panels.packed()) {
       k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
       v_panel = panels.v_panel(p, b, hk, j0 / kKeyBlock);
-    } else if (rows >= kPackedRows) {
+    } else if (packs_panels(rows, heads)) {
       pack_key_block(p, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
       k_panel = w.k_panel.data();
       v_panel = w.v_panel.data();
     }
-    if (k_panel != nullptr) {
-      multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
-    } else {
-      key_dots(q, p.q_stride[2], rows, p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, p.scale,
-               w.scores.data());
-    }
-    finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
-    online_softmax_step(w.scores.data(), rows, w.max.data(), w.sum.data(), w.acc.data(), v_pad);
-    apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
-    if (v_panel != nullptr) {
-      multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, w.acc.data(), v_pad, v_pad, true, 1.0f);
-    } else {
-      value_sums(w.scores.data(), rows, p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-                 w.acc.data(), v_pad);
+    for (int64_t e = 0; e < heads; ++e) {
+      const int64_t h = h0 + e;
+      const float* q = p.q + attention_q_at(p, seq, b, h, i0);
+      float *acc = w.acc.data() + e * kQueryBlock * v_pad, *max = w.max.data() + e * kQueryBlock,
+            *sum = w.sum.data() + e * kQueryBlock;
+      if (k_panel != nullptr) {
+        multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+      } else {
+        key_dots(q, p.q_stride[2], rows, p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
+                 p.scale, w.scores.data());
+      }
+      finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
+      online_softmax_step(w.scores.data(), rows, max, sum, acc, v_pad);
+      apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
+      if (v_panel != nullptr) {
+        multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
+      } else {
+        value_sums(w.scores.data(), rows, p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
+                   acc, v_pad);
+      }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float sum = w.sum[r];
-    const bool seen = !(w.max[r] == -__builtin_inff());  // NaN counts as seen
-    const float inverse = seen ? 1.0f / sum : 0.0f;
-    float* o = p.o + seq.out_row(h, i0 + r) * p.v_dim;
-    for (int64_t d = 0; d < p.v_dim; ++d) o[d] = seen ? w.acc[r * v_pad + d] * inverse : 0.0f;
-    p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[r] + log_f32(sum) : -__builtin_inff();
+  for (int64_t e = 0; e < heads; ++e) {
+    const int64_t h = h0 + e;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = e * kQueryBlock + r;
+      const float sum = w.sum[row];
+      const bool seen = !(w.max[row] == -__builtin_inff());  // NaN counts as seen
+      const float inverse = seen ? 1.0f / sum : 0.0f;
+      float* o = p.o + seq.out_row(h, i0 + r) * p.v_dim;
+      for (int64_t d = 0; d < p.v_dim; ++d) o[d] = seen ? w.acc[row * v_pad + d] * inverse : 0.0f;
+      p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[row] + log_f32(sum) : -__builtin_inff();
+    }
   }
+}
+
+// How many query heads of one key head a task takes together (a divisor of group): all of them,
+// unless that leaves fewer than four tasks per thread, given blocks (batch, key head, query block)
+// triples.
+int64_t heads_per_task(int64_t group, int64_t blocks) {
+  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t heads = group;
+  while (heads > 1 && blocks * (group / heads) < wanted) {
+    do --heads;
+    while (group % heads != 0);
+  }
+  return heads;
 }
 
 void attention_forward_impl(const AttentionParams& p) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock, group = p.heads / p.kv_heads;
-  const int64_t pairs = p.batch * p.kv_heads;
+  const int64_t pairs = p.batch * p.kv_heads, heads = heads_per_task(group, pairs * q_blocks);
+  const int64_t head_runs = group / heads;  // tasks per (batch, key head, query block)
   // Packed panels when each key block is read by several tasks.
-  const bool shared = p.q_len >= kPackedRows && q_blocks * group > 1;
+  const bool packs = packs_panels(p.q_len, heads);
+  const bool shared = packs && q_blocks * head_runs > 1;
   int64_t pass = pairs;  // (batch, key head) pairs a pass covers
   KeyPanels panels;
   if (shared) {
@@ -424,11 +455,12 @@ void attention_forward_impl(const AttentionParams& p) {
   for (int64_t first_pair = 0; first_pair < pairs; first_pair += pass) {
     const int64_t count = std::min(pass, pairs - first_pair);
     if (shared) pack_key_panels(p, first_pair, count, panels);
-    at::parallel_for(0, count * group * q_blocks, 1, [&](int64_t first, int64_t last) {
-      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), !shared && p.q_len >= kPackedRows);
+    at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
+      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), heads, packs && !shared);
       for (int64_t task = first; task < last; ++task) {
-        const int64_t block = task % q_blocks, head = first_pair * group + task / q_blocks;  // b * heads + h
-        forward_block(p, panels, seed, offset, head / p.heads, head % p.heads, block * kQueryBlock, scratch);
+        const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
+        const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
+        forward_block(p, panels, seed, offset, b, h0, heads, block * kQueryBlock, scratch);
       }
     });
   }
