@@ -370,9 +370,11 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h0 / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
   const int64_t v_pad = padded_to(p.v_dim, kCols);
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  std::fill(w.max.begin(), w.max.end(), -__builtin_inff());
-  std::fill(w.sum.begin(), w.sum.end(), 0.0f);
+  for (int64_t e = 0; e < heads; ++e) {  // the rows in use only: a decoding step has one per head
+    std::fill_n(w.acc.begin() + e * kQueryBlock * v_pad, rows * v_pad, 0.0f);
+    std::fill_n(w.max.begin() + e * kQueryBlock, rows, -__builtin_inff());
+    std::fill_n(w.sum.begin() + e * kQueryBlock, rows, 0.0f);
+  }
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
