@@ -8,6 +8,7 @@ namespace genfast {
 
 namespace {
 
+// The features checked are those GF_CPU_TARGET_AVX512 and GF_CPU_TARGET_AVX2 compile for.
 CpuCapability widest_supported() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();  // libgcc's checks include the OS's saving of the AVX and AVX-512 registers

@@ -76,10 +76,20 @@ GF_CPU_INLINE Floats16<W> operator*(float s, Floats16<W> a) {
   return a;
 }
 
-// b where b > a, else a (a NaN in b is not taken).
+// Combinations of registers, for larger and reduce_lanes (inlined: a helper left out of line is
+// compiled for the baseline).
+struct AddLanes {
+  template <typename V>
+  GF_CPU_INLINE V operator()(V a, V b) const { return a + b; }
+};
+struct LargerLanes {  // b where b > a, else a (a NaN in b is not taken)
+  template <typename V>
+  GF_CPU_INLINE V operator()(V a, V b) const { return b > a ? b : a; }
+};
+
 template <int W>
 GF_CPU_INLINE Floats16<W> larger(Floats16<W> a, const Floats16<W>& b) {
-  GF_LANES_LOOP a.part[k] = b.part[k] > a.part[k] ? b.part[k] : a.part[k];
+  GF_LANES_LOOP a.part[k] = LargerLanes()(a.part[k], b.part[k]);
   return a;
 }
 
@@ -109,16 +119,6 @@ template <int d, typename V, size_t... j>
 GF_CPU_INLINE V swap_lanes(V v, std::index_sequence<j...>) {
   return shuffle<V, static_cast<int>(j ^ d)...>(v, v);
 }
-
-// Combinations for reduce_lanes (inlined: a helper left out of line is compiled for the baseline).
-struct AddLanes {
-  template <typename V>
-  GF_CPU_INLINE V operator()(V a, V b) const { return a + b; }
-};
-struct LargerLanes {  // b where b > a
-  template <typename V>
-  GF_CPU_INLINE V operator()(V a, V b) const { return b > a ? b : a; }
-};
 
 // combine over the 16 lanes in a fixed tree: lane j with lane j ^ d for d = 8, 4, 2, 1 (a chain of
 // 15 dependent scalar operations would be latency-bound). At widths below 16 the first steps
