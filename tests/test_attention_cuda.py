@@ -126,6 +126,19 @@ def test_varlen(impl, dtype):
                     window=(100, 0), dropout_p=0.1, seed=2)
 
 
+@pytest.mark.parametrize("lq", [1, 4, 16])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_decoding_with_grouped_heads(impl, dtype, lq):
+    """A few queries at the end of a long KV cache (bottom-right causal), 4 query heads per key head:
+    the kernels stack a group's heads in one tile and split the keys over the GPU, then combine."""
+    q, k, v = _cuda(*_qkv(2, 16, 4, lq, 4099, 128, dtype))
+    _compare(q, k, v, impl=impl, enable_gqa=True, causal="bottom_right")
+    slopes = torch.linspace(0.01, 0.3, 16, device="cuda")
+    _compare(q, k, v, impl=impl, enable_gqa=True, causal="bottom_right", alibi_slopes=slopes, softcap=20.0)
+    _compare_grads(*_cuda(*_qkv(1, 8, 2, lq, 700, 64, dtype)), impl=impl, causal="bottom_right",
+                   alibi_slopes=slopes[:8], dropout_p=0.1, seed=3)
+
+
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
 def test_backward_is_bit_reproducible(impl, dtype):
     q, k, v = _cuda(*_qkv(2, 8, 2, 300, 500, 64, dtype))

@@ -77,10 +77,20 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensor
                           : at::empty({t.q.size(0), t.q.size(1), t.q.size(2)}, floats);
   if (lse.numel() == 0) return {o, lse};
   const AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse);
+  // Few tiles (decoding, small batches) stack a group's heads and split the keys; the partial
+  // results take a workspace from the caching allocator, so a CUDA graph can capture the call.
+  int multiprocessors = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, t.q.get_device()) ==
+                  cudaSuccess,
+              op, ": cannot read the multiprocessor count of cuda:", t.q.get_device());
+  const AttentionForwardPlan plan = plan_attention_forward(base, multiprocessors);
+  const int64_t workspace_floats = attention_forward_workspace(base, plan);
+  const at::Tensor workspace = workspace_floats > 0 ? at::empty({workspace_floats}, floats) : at::Tensor();
+  float* workspace_data = workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half_types(t.q.scalar_type(), [&](auto type) {
     using T = decltype(type);
-    check_launch(op, launch_attention_forward<T>(cuda_params<T>(t, base, o), stream));
+    check_launch(op, launch_attention_forward<T>(cuda_params<T>(t, base, o), plan, workspace_data, stream));
   });
   return {o, lse};
 }

@@ -105,6 +105,11 @@ GF_HOST_DEVICE_INLINE AttentionSequence attention_sequence(const AttentionParams
   return s;
 }
 
+// The rows of lse: (batch, heads, q_len), or (heads, total_q) when packed.
+GF_HOST_DEVICE_INLINE int64_t attention_lse_rows(const AttentionParams& p) {
+  return p.cu_seqlens_q == nullptr ? p.batch * p.heads * p.q_len : p.heads * p.total_q;
+}
+
 // The element offsets of sequence b's query i, head h in q (and of key j, kv head hk in k, v).
 GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                              int64_t h, int64_t i) {

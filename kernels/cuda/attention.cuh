@@ -34,10 +34,31 @@ struct AttentionCudaGrads {
   float* grad_s;         // dense only: (B, H, Lq, Lk) float32, zero-initialized, or null: dL/ds
 };
 
-// o and lse. Needs 1 <= max(dim, v_dim) <= 256 (0 is fine too); runs on `stream`, never
-// synchronizes; returns the launch's error (or cudaErrorInvalidValue for unsupported sizes).
+// How the forward spreads a call over the GPU. A tile of 64 query rows may stack heads_per_cta
+// query heads of one kv head (a few queries each, as in decoding), so that each key block is read
+// once for all of them; each tile's key blocks may be split over `splits` CTAs, whose partial
+// results (float32, in a workspace) a second kernel combines, so that a few tiles still fill the GPU.
+struct AttentionForwardPlan {
+  int heads_per_cta = 1;  // 1 .. min(heads / kv_heads, 64)
+  int splits = 1;         // 1 .. kAttentionMaxSplits
+};
+constexpr int kAttentionMaxSplits = 128;
+
+// The plan for a GPU of `multiprocessors` SMs: stack the heads of a group when their queries fit a
+// tile, split the keys when the tiles fill less than 80% of two CTAs per SM (as FlashAttention-2's
+// split-KV heuristic does).
+AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multiprocessors);
+
+// The float32 workspace a plan needs: splits x (lse rows) x (v_dim + 1) with splits, else 0.
+int64_t attention_forward_workspace(const AttentionParams& p, const AttentionForwardPlan& plan);
+
+// o and lse. Needs 1 <= max(dim, v_dim) <= 256 (0 is fine too) and a workspace of
+// attention_forward_workspace floats (unused and may be null without splits); runs on `stream`,
+// never synchronizes; returns the launch's error (or cudaErrorInvalidValue for unsupported sizes or
+// plans).
 template <typename T>
-cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, cudaStream_t stream);
+cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan,
+                                     float* workspace, cudaStream_t stream);
 
 // grad_q, grad_k, grad_v (and grad_s): two deterministic kernels, no atomics.
 template <typename T>

@@ -208,16 +208,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_kernel(const __grid_constant__ AttentionCudaParams<T> params,
-                                const __grid_constant__ AttentionCudaGrads<T> grads, int q_blocks, unsigned vector) {
+                                const __grid_constant__ AttentionCudaGrads<T> grads, QueryLayout layout,
+                                unsigned vector) {
   using Tile = QTile<kD>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
   constexpr int kST = kBlockN / 8;  // S's n-tiles (keys) per warp
   constexpr int kQT = kD / 8;       // dQ's n-tiles per warp
   const AttentionParams& p = params.base;
 
-  const QueryBlock<kBlockM, kBlockN> work(p, q_blocks);
+  const QueryTile<kBlockM, kBlockN> work(p, layout);  // one head per tile
   if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
-  const int64_t b = work.b, h = work.h;
+  const int64_t b = work.b, h = work.h0;
   const AttentionSequence& seq = work.seq;
   const int i0 = work.i0, q_len = work.q_len, k_len = work.k_len;
   const Band band = work.band;
@@ -333,13 +334,13 @@ cudaError_t run_backward(const AttentionCudaParams<T>& params, const AttentionCu
   using KvT = KvTile<kD>;
   using QT = QTile<kD>;
   const int64_t k_blocks = (p.k_len + KvT::kBlockN - 1) / KvT::kBlockN;
-  const int64_t q_blocks = (p.q_len + QT::kBlockM - 1) / QT::kBlockM;
+  const QueryLayout layout = query_layout(p, QT::kBlockM, 1, 1);
   const cudaError_t status =
       launch_tiles(attention_backward_kv_kernel<T, kD, kPlain>, k_blocks * p.batch * p.kv_heads, kThreads,
                    KvT::kSmemBytes, stream, params, grads, static_cast<int>(k_blocks), vector);
   if (status != cudaSuccess) return status;
-  return launch_tiles(attention_backward_q_kernel<T, kD, kPlain>, q_blocks * p.batch * p.heads, kThreads,
-                      QT::kSmemBytes, stream, params, grads, static_cast<int>(q_blocks), vector);
+  return launch_tiles(attention_backward_q_kernel<T, kD, kPlain>, query_layout_ctas(p, layout), kThreads,
+                      QT::kSmemBytes, stream, params, grads, layout, vector);
 }
 
 template <typename T, int kD>

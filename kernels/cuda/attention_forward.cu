@@ -1,11 +1,18 @@
-// Attention forward on tensor cores, FlashAttention-2 style: one CTA of 4 warps per (block of 64
-// queries, batch * head); each warp owns 16 query rows. The CTA walks the key blocks its band can
-// reach, staging K and V (double-buffered, cp.async) in padded shared memory next to Q, and keeps
-// per row a running maximum, sum and output (online softmax) in the mma accumulators' registers.
+// Attention forward on tensor cores, FlashAttention-2 style: one CTA of 4 warps per tile of 64
+// query rows (QueryLayout: one head's queries, or the few queries of several heads of one kv head
+// stacked) and split of its key blocks; each warp owns 16 rows. The CTA walks its key blocks, staging
+// K and V (double-buffered, cp.async) in padded shared memory next to Q, and keeps per row a running
+// maximum, sum and output (online softmax) in the mma accumulators' registers.
 //   S = Q K^T      A: Q (ldmatrix, pattern A)        B: K stored [key][dim] (pattern B)
 //   O += P V       A: P (from S's C fragments)        B: V stored [key][dim] (pattern A, .trans)
 // Head dims are bucketed (32, 64, 128, 256 on max(dim, v_dim)), the tail zero-padded; kPlain
 // (no soft-cap, ALiBi, mask or dropout) keeps the per-score work to a scale and the band.
+// With splits, each CTA writes its rows' normalized partial output and log-sum-exp in float32, and
+// attention_combine_kernel merges the splits of each row (flash-decoding):
+//   lse = logsumexp_s lse_s,  o = sum_s exp(lse_s - lse) o_s.
+#include <algorithm>
+#include <cmath>
+
 #include "attention.cuh"
 #include "attention_tile.cuh"
 
@@ -23,18 +30,26 @@ struct ForwardTile {
   static_assert(kSmemBytes <= kMaxSmemBytes, "the forward's tiles must fit every sm_80+ GPU");
 };
 
+// The split results of a forward with splits > 1: o_s and lse_s of lse row r at [s rows + r].
+struct ForwardPartials {
+  float* o;    // (splits, rows, v_dim)
+  float* lse;  // (splits, rows)
+  int64_t rows;
+};
+
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kThreads)
-    attention_forward_kernel(const __grid_constant__ AttentionCudaParams<T> params, int q_blocks, unsigned vector) {
+    attention_forward_kernel(const __grid_constant__ AttentionCudaParams<T> params, QueryLayout layout,
+                             ForwardPartials partials, unsigned vector) {
   using Tile = ForwardTile<kD>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
   constexpr int kST = kBlockN / 8;  // S's n-tiles per warp
   constexpr int kOT = kD / 8;       // O's n-tiles per warp
   const AttentionParams& p = params.base;
 
-  const QueryBlock<kBlockM, kBlockN> work(p, q_blocks);
+  const QueryTile<kBlockM, kBlockN> work(p, layout);
   if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
-  const int64_t b = work.b, h = work.h;
+  const int64_t b = work.b;
   const AttentionSequence& seq = work.seq;
   const int i0 = work.i0, q_len = work.q_len, k_len = work.k_len;
   const Band band = work.band;
@@ -45,8 +60,16 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
   const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_q + kBlockM * kStride, vector);
 
-  load_tile<kBlockM, kD>(s_q, reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
-                         p.q_stride[2], work.rows, dim, (vector & kVectorQ) != 0);
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q);
+  load_rows<kBlockM, kD>(
+      s_q,
+      [&](int r) {
+        int64_t h;
+        int i;
+        work.row(r, h, i);
+        return i < q_len ? q + attention_q_at(p, seq, b, h, i) : static_cast<const uint16_t*>(nullptr);
+      },
+      dim, (vector & kVectorQ) != 0);
   if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
@@ -55,7 +78,13 @@ __global__ void __launch_bounds__(kThreads)
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
   const int dim_steps = (dim + 15) / 16;
   const uint16_t* q_frag = s_q + (warp * 16 + a_row) * kStride + a_col;
-  const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
+  int64_t row_h[2];
+  int row_i[2];
+  work.row(warp * 16 + gid, row_h[0], row_i[0]);
+  work.row(warp * 16 + gid + 8, row_h[1], row_i[1]);
+  const bool warp_busy = work.any_row(warp * 16, 16);  // stacked heads may leave whole warps empty
+  // The rows of a stacked tile span rows_per_head queries; a tile of one head spans kBlockM.
+  const int span = work.heads > 1 ? work.rows_per_head : kBlockM;
 
   float acc_o[kOT][4];
   zero(acc_o);
@@ -72,76 +101,82 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
-    const uint16_t* k_tile = kv.k_tile(buf);
-    const uint16_t* v_tile = kv.v_tile(buf);
+    if (warp_busy) {
+      const uint16_t* k_tile = kv.k_tile(buf);
+      const uint16_t* v_tile = kv.v_tile(buf);
 
-    // S = Q K^T for the warp's 16 rows.
-    float acc_s[kST][4];
-    zero(acc_s);
-    mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
+      // S = Q K^T for the warp's 16 rows.
+      float acc_s[kST][4];
+      zero(acc_s);
+      mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
 
-    // Scores, then the online softmax of the rows gid and gid + 8 (shared by the 4 lanes of a gid).
-    const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
-    float block_max[2] = {kNegInf, kNegInf};
+      // Scores, then the online softmax of the rows gid and gid + 8 (shared by the 4 lanes of a gid).
+      const bool check = !block_inside(band, i0, span, j0, kBlockN, k_len);
+      float block_max[2] = {kNegInf, kNegInf};
 #pragma unroll
-    for (int t = 0; t < kST; ++t) {
+      for (int t = 0; t < kST; ++t) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float unused_cap;
-        const float s = score_at<kPlain, false>(p, seq, band, b, h, acc_s[t][e], row_i[e / 2],
-                                                j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len, check, unused_cap);
-        acc_s[t][e] = s;
-        block_max[e / 2] = nan_max(block_max[e / 2], s);
-      }
-    }
-    float scaled_max[2], alpha[2], block_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
-      block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
-      const float new_max = nan_max(row_max[r], block_max[r]);
-      const float safe_max = new_max == kNegInf ? 0.0f : new_max;  // nothing seen yet: p = 0, alpha = 0
-      alpha[r] = exp2f((row_max[r] - safe_max) * kLog2e);
-      row_max[r] = new_max;
-      scaled_max[r] = safe_max * kLog2e;
-    }
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float pe = exp2f(fmaf(acc_s[t][e], kLog2e, -scaled_max[e / 2]));
-        block_sum[e / 2] += pe;
-        if (!kPlain && drop.on) {
-          const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
-          const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
-          pe = keep ? pe * drop.keep_scale : 0.0f;
+        for (int e = 0; e < 4; ++e) {
+          float unused_cap;
+          const float s = score_at<kPlain, false>(p, seq, band, b, row_h[e / 2], acc_s[t][e], row_i[e / 2],
+                                                  j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len, check, unused_cap);
+          acc_s[t][e] = s;
+          block_max[e / 2] = nan_max(block_max[e / 2], s);
         }
-        acc_s[t][e] = pe;
       }
-    }
+      float scaled_max[2], alpha[2], block_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
+      for (int r = 0; r < 2; ++r) {
+        block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
+        block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
+        const float new_max = nan_max(row_max[r], block_max[r]);
+        const float safe_max = new_max == kNegInf ? 0.0f : new_max;  // nothing seen yet: p = 0, alpha = 0
+        alpha[r] = exp2f((row_max[r] - safe_max) * kLog2e);
+        row_max[r] = new_max;
+        scaled_max[r] = safe_max * kLog2e;
+      }
 #pragma unroll
-    for (int t = 0; t < kOT; ++t) {
-      acc_o[t][0] *= alpha[0];
-      acc_o[t][1] *= alpha[0];
-      acc_o[t][2] *= alpha[1];
-      acc_o[t][3] *= alpha[1];
-    }
+      for (int t = 0; t < kST; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pe = exp2f(fmaf(acc_s[t][e], kLog2e, -scaled_max[e / 2]));
+          block_sum[e / 2] += pe;
+          if (!kPlain && drop.on) {
+            const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
+            const bool keep =
+                i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, row_h[e / 2], i, j);
+            pe = keep ? pe * drop.keep_scale : 0.0f;
+          }
+          acc_s[t][e] = pe;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
+#pragma unroll
+      for (int t = 0; t < kOT; ++t) {
+        acc_o[t][0] *= alpha[0];
+        acc_o[t][1] *= alpha[0];
+        acc_o[t][2] *= alpha[1];
+        acc_o[t][3] *= alpha[1];
+      }
 
-    // O += P V.
+      // O += P V.
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a_from_c<T, kST>(a, acc_s, kk);
-      mma_a_b<T>(acc_o, a, v_tile + (kk * 16 + a_row) * kStride + a_col, v_dim);
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[4];
+        a_from_c<T, kST>(a, acc_s, kk);
+        mma_a_b<T>(acc_o, a, v_tile + (kk * 16 + a_row) * kStride + a_col, v_dim);
+      }
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
   cp_async_wait<0>();  // nothing is in flight past here (no key block: only Q's group)
 
-  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf.
+  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf. With splits,
+  // the same in float32 for this split.
   const bool pair_ok = (v_dim % 2) == 0;
+  const bool split = layout.splits > 1;
+  const int64_t split_row0 = static_cast<int64_t>(blockIdx.x % layout.splits) * partials.rows;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
@@ -149,9 +184,22 @@ __global__ void __launch_bounds__(kThreads)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int i = row_i[r];
     if (i >= q_len) continue;
+    const int64_t h = row_h[r], lse_row = seq.lse_row(h, i);
     const bool seen = !(row_max[r] == kNegInf);  // NaN counts as seen
     const float inverse = seen ? 1.0f / sum : 0.0f;
-    if (tig == 0) p.lse[seq.lse_row(h, i)] = seen ? row_max[r] + logf(sum) : kNegInf;
+    const float lse = seen ? row_max[r] + logf(sum) : kNegInf;
+    if (split) {
+      if (tig == 0) partials.lse[split_row0 + lse_row] = lse;
+      float* o_row = partials.o + (split_row0 + lse_row) * p.v_dim;
+#pragma unroll
+      for (int t = 0; t < kOT; ++t) {
+        const int c = t * 8 + 2 * tig;
+        if (c < v_dim) o_row[c] = seen ? acc_o[t][2 * r] * inverse : 0.0f;
+        if (c + 1 < v_dim) o_row[c + 1] = seen ? acc_o[t][2 * r + 1] * inverse : 0.0f;
+      }
+      continue;
+    }
+    if (tig == 0) p.lse[lse_row] = lse;
     T* o_row = params.o + seq.out_row(h, i) * p.v_dim;
 #pragma unroll
     for (int t = 0; t < kOT; ++t) {
@@ -165,38 +213,137 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One warp per lse row r: lse = logsumexp of the splits' lse_s (NaN when any is NaN, -inf when all
+// are), o = sum_s exp(lse_s - lse) o_s written to r's output row.
+constexpr int kCombineRows = kThreads / 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_combine_kernel(const __grid_constant__ AttentionCudaParams<T> params, ForwardPartials partials,
+                             int splits) {
+  const AttentionParams& p = params.base;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kCombineRows + warp;
+  if (r >= partials.rows) return;
+  float most = kNegInf;
+  for (int s = lane; s < splits; s += 32) most = nan_max(most, partials.lse[s * partials.rows + r]);
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) most = nan_max(most, __shfl_xor_sync(0xffffffffu, most, m));
+  const bool seen = !(most == kNegInf);
+  float total = 0.0f;
+  for (int s = lane; s < splits; s += 32) total += seen ? expf(partials.lse[s * partials.rows + r] - most) : 0.0f;
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) total += __shfl_xor_sync(0xffffffffu, total, m);
+  const float lse = seen ? most + logf(total) : kNegInf;
+  if (lane == 0) p.lse[r] = lse;
+  // Dense lse rows are the output rows; packed ones are (h, position), output rows (position, h).
+  const int64_t out = p.cu_seqlens_q == nullptr ? r : (r % p.total_q) * p.heads + r / p.total_q;
+  T* o_row = params.o + out * p.v_dim;
+  const int v_dim = static_cast<int>(p.v_dim);
+  const bool pair_ok = (v_dim % 2) == 0;
+  for (int c = 2 * lane; c < v_dim; c += 64) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int s = 0; s < splits && seen; ++s) {
+      const float weight = expf(partials.lse[s * partials.rows + r] - lse);
+      const float* o_s = partials.o + (s * partials.rows + r) * p.v_dim;
+      lo += weight * o_s[c];
+      if (c + 1 < v_dim) hi += weight * o_s[c + 1];
+    }
+    store_pair<T>(o_row, c, lo, hi, c + 1 < v_dim, pair_ok);
+  }
+}
+
 template <typename T, int kD, bool kPlain>
-cudaError_t run_forward(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream) {
+cudaError_t run_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan, float* workspace,
+                        unsigned vector, cudaStream_t stream) {
   using Tile = ForwardTile<kD>;
   const AttentionParams& p = params.base;
-  const int64_t q_blocks = (p.q_len + Tile::kBlockM - 1) / Tile::kBlockM;
-  return launch_tiles(attention_forward_kernel<T, kD, kPlain>, q_blocks * p.batch * p.heads, kThreads,
-                      Tile::kSmemBytes, stream, params, static_cast<int>(q_blocks), vector);
+  const QueryLayout layout = query_layout(p, Tile::kBlockM, plan.heads_per_cta, plan.splits);
+  ForwardPartials partials{};
+  partials.rows = attention_lse_rows(p);
+  partials.lse = workspace;
+  partials.o = workspace == nullptr ? nullptr : workspace + plan.splits * partials.rows;
+  const cudaError_t status = launch_tiles(attention_forward_kernel<T, kD, kPlain>, query_layout_ctas(p, layout),
+                                          kThreads, Tile::kSmemBytes, stream, params, layout, partials, vector);
+  if (status != cudaSuccess || plan.splits == 1) return status;
+  return launch_tiles(attention_combine_kernel<T>, (partials.rows + kCombineRows - 1) / kCombineRows, kThreads, 0,
+                      stream, params, partials, plan.splits);
 }
 
 template <typename T, int kD>
-cudaError_t run_forward(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream) {
-  return plain_scores(params.base) ? run_forward<T, kD, true>(params, vector, stream)
-                                    : run_forward<T, kD, false>(params, vector, stream);
+cudaError_t run_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan, float* workspace,
+                        unsigned vector, cudaStream_t stream) {
+  return plain_scores(params.base) ? run_forward<T, kD, true>(params, plan, workspace, vector, stream)
+                                    : run_forward<T, kD, false>(params, plan, workspace, vector, stream);
 }
 
 }  // namespace
 }  // namespace attention_cuda
 
+AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multiprocessors) {
+  using namespace attention_cuda;
+  constexpr int kBlockM = ForwardTile<64>::kBlockM, kBlockN = ForwardTile<64>::kBlockN;
+  AttentionForwardPlan plan;
+  if (p.batch <= 0 || p.q_len <= 0 || p.kv_heads <= 0 || p.heads % p.kv_heads != 0) return plan;
+  const int64_t group = p.heads / p.kv_heads;
+  // The largest divisor of the group whose queries fit a tile (so that no tile holds fewer heads).
+  for (int64_t d = group < kBlockM / p.q_len ? group : kBlockM / p.q_len; d > 1; --d) {
+    if (group % d == 0) {
+      plan.heads_per_cta = static_cast<int>(d);
+      break;
+    }
+  }
+  const int64_t tiles = query_layout_ctas(p, query_layout(p, kBlockM, plan.heads_per_cta, 1));
+  const int64_t key_blocks = (p.k_len + kBlockN - 1) / kBlockN;
+  const int64_t slots = 2 * static_cast<int64_t>(multiprocessors > 0 ? multiprocessors : 1);
+  if (10 * tiles >= 8 * slots || key_blocks <= 1) return plan;
+  // The fewest splits whose last wave is at least 85% as full as the best choice's; a count that
+  // gives no split fewer key blocks than one split less is never taken.
+  const int64_t most = std::min<int64_t>({kAttentionMaxSplits, key_blocks, slots});
+  const auto fill = [&](int64_t s) {
+    const double waves = static_cast<double>(tiles * s) / static_cast<double>(slots);
+    return waves / std::ceil(waves);
+  };
+  const auto useful = [&](int64_t s) {
+    return s == 1 || (key_blocks + s - 1) / s < (key_blocks + s - 2) / (s - 1);
+  };
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s) best = useful(s) ? std::max(best, fill(s)) : best;
+  for (int64_t s = 1; s <= most; ++s) {
+    if (useful(s) && fill(s) >= 0.85 * best) {
+      plan.splits = static_cast<int>(s);
+      break;
+    }
+  }
+  return plan;
+}
+
+int64_t attention_forward_workspace(const AttentionParams& p, const AttentionForwardPlan& plan) {
+  return plan.splits > 1 ? plan.splits * attention_lse_rows(p) * (p.v_dim + 1) : 0;
+}
+
 template <typename T>
-cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, cudaStream_t stream) {
+cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan,
+                                     float* workspace, cudaStream_t stream) {
   using namespace attention_cuda;
   const AttentionParams& p = params.base;
   const cudaError_t supported = check_attention_call(p);
   if (supported != cudaSuccess) return supported;
-  if (p.batch <= 0 || p.q_len <= 0) return cudaSuccess;
+  if (p.batch <= 0 || p.q_len <= 0 || p.heads == 0) return cudaSuccess;
+  if (plan.heads_per_cta < 1 || plan.heads_per_cta > ForwardTile<64>::kBlockM ||
+      plan.heads_per_cta > p.heads / p.kv_heads || plan.splits < 1 || plan.splits > kAttentionMaxSplits ||
+      (plan.splits > 1 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const unsigned vector = input_vector_flags(params);
-  return with_head_dim_bucket(
-      p, [&](auto bucket) { return run_forward<T, decltype(bucket)::value>(params, vector, stream); });
+  return with_head_dim_bucket(p, [&](auto bucket) {
+    return run_forward<T, decltype(bucket)::value>(params, plan, workspace, vector, stream);
+  });
 }
 
-template cudaError_t launch_attention_forward<__half>(const AttentionCudaParams<__half>&, cudaStream_t);
+template cudaError_t launch_attention_forward<__half>(const AttentionCudaParams<__half>&, const AttentionForwardPlan&,
+                                                      float*, cudaStream_t);
 template cudaError_t launch_attention_forward<__nv_bfloat16>(const AttentionCudaParams<__nv_bfloat16>&,
-                                                             cudaStream_t);
+                                                             const AttentionForwardPlan&, float*, cudaStream_t);
 
 }  // namespace genfast

@@ -205,19 +205,19 @@ __device__ __forceinline__ void store_pair(T* out, int64_t at, float lo, float h
 // The maximum, NaN when either is NaN (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// Rows 0 .. kRows - 1 of a shared tile of kD columns (row stride kD + 8) from `src` (16-bit values,
-// rows row_stride elements apart): rows < rows and columns < cols are copied, the rest zeroed.
-// Whole 16-byte chunks go through cp.async when `vector`; the caller commits and waits.
-template <int kRows, int kD>
-__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
-                                          int cols, bool vector) {
+// Rows 0 .. kRows - 1 of a shared tile of kD columns (row stride kD + 8) from 16-bit values:
+// row r from row_at(r), its first element, or zeros where row_at(r) is null; columns past `cols`
+// are zeroed. Whole 16-byte chunks go through cp.async when `vector`; the caller commits and waits.
+template <int kRows, int kD, typename RowAt>
+__device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, int cols, bool vector) {
   constexpr int kChunks = kD / 8, kStride = kD + 8;
 #pragma unroll 4
   for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
     const int r = e / kChunks, c = (e % kChunks) * 8;
     uint16_t* dst = tile + r * kStride + c;
-    if (r < rows && c < cols) {
-      const uint16_t* s = src + r * row_stride + c;
+    const uint16_t* row = c < cols ? row_at(r) : nullptr;
+    if (row != nullptr) {
+      const uint16_t* s = row + c;
       if (vector && c + 8 <= cols) {
         cp_async_16(dst, s);
       } else {
@@ -234,6 +234,15 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, i
       *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
   }
+}
+
+// load_rows of rows < rows from `src`, rows row_stride elements apart.
+template <int kRows, int kD>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
+                                          int cols, bool vector) {
+  load_rows<kRows, kD>(
+      tile, [&](int r) { return r < rows ? src + r * row_stride : static_cast<const uint16_t*>(nullptr); }, cols,
+      vector);
 }
 
 // The band of a sequence in 32 bits: key j of query i is kept when lo <= j - i <= hi. Clamping to
@@ -262,30 +271,82 @@ __device__ __forceinline__ BlockRange key_blocks(const Band& band, int i0, int r
   return BlockRange{b0, static_cast<int>((end - 1) / kBlockN) - b0 + 1};
 }
 
-// What a CTA of the kernels that walk key blocks for a block of queries (the forward, the
-// backward's dQ) works on: block blockIdx.x % q_blocks of kBlockM queries of batch * head
-// blockIdx.x / q_blocks. `inside` is false past a packed sequence's end (the whole CTA returns).
+// How the CTAs of a kernel that walks key blocks for a tile of queries (the forward, the backward's
+// dQ) cover the work. CTA x takes key split x % splits of query tile x / splits; query tiles go,
+// slowest first, over batch, kv head, chunks of heads_per_cta of its query heads, and blocks of
+// rows_per_head queries. Row r of a tile is query i0 + r % rows_per_head of head h0 + r / rows_per_head.
+// Stacking a kv head's query heads in one tile lets a few queries (decoding) fill the tensor cores'
+// rows while each key block is read once for all of them; splitting the keys gives a GPU enough CTAs.
+struct QueryLayout {
+  int q_blocks, head_chunks, heads_per_cta, rows_per_head, splits;
+};
+
+// The layout of tiles of block_m rows: one head per tile, or heads_per_cta heads of min(q_len,
+// block_m / heads_per_cta) rows each; 1 <= heads_per_cta <= block_m.
+inline QueryLayout query_layout(const AttentionParams& p, int block_m, int heads_per_cta, int splits) {
+  QueryLayout l{};
+  const int64_t group = p.heads / p.kv_heads;
+  l.heads_per_cta = heads_per_cta;
+  const int64_t stacked = p.q_len < block_m / heads_per_cta ? p.q_len : block_m / heads_per_cta;
+  l.rows_per_head = heads_per_cta == 1 ? block_m : static_cast<int>(stacked > 1 ? stacked : 1);
+  l.q_blocks = static_cast<int>((p.q_len + l.rows_per_head - 1) / l.rows_per_head);
+  l.head_chunks = static_cast<int>((group + heads_per_cta - 1) / heads_per_cta);
+  l.splits = splits;
+  return l;
+}
+
+inline int64_t query_layout_ctas(const AttentionParams& p, const QueryLayout& l) {
+  return static_cast<int64_t>(l.q_blocks) * l.head_chunks * p.kv_heads * p.batch * l.splits;
+}
+
+// What CTA blockIdx.x of a QueryLayout works on. `inside` is false past a packed sequence's end (the
+// whole CTA returns).
 template <int kBlockM, int kBlockN>
-struct QueryBlock {
-  int64_t b, h, hk;
+struct QueryTile {
+  int64_t b, hk, h0;
+  int heads;  // query heads h0 .. h0 + heads - 1
   AttentionSequence seq;
-  int i0, rows, q_len, k_len;
+  int i0, rows, rows_per_head, q_len, k_len;  // queries i0 .. i0 + rows - 1 of each head
   Band band;
-  BlockRange blocks;
+  BlockRange blocks;  // this CTA's split of the key blocks the tile's queries reach
   bool inside;
-  __device__ __forceinline__ QueryBlock(const AttentionParams& p, int q_blocks) {
-    const int64_t bh = blockIdx.x / q_blocks;
-    i0 = static_cast<int>(blockIdx.x % q_blocks) * kBlockM;
-    b = bh / p.heads;
-    h = bh % p.heads;
-    hk = h / (p.heads / p.kv_heads);
+  __device__ __forceinline__ QueryTile(const AttentionParams& p, const QueryLayout& l) {
+    const int64_t tile = blockIdx.x / l.splits;
+    const int split = static_cast<int>(blockIdx.x % l.splits);
+    const int64_t group = p.heads / p.kv_heads;
+    rows_per_head = l.rows_per_head;
+    i0 = static_cast<int>(tile % l.q_blocks) * rows_per_head;
+    const int64_t chunk = tile / l.q_blocks;
+    const int c = static_cast<int>(chunk % l.head_chunks);
+    const int64_t bhk = chunk / l.head_chunks;
+    b = bhk / p.kv_heads;
+    hk = bhk % p.kv_heads;
+    h0 = hk * group + c * l.heads_per_cta;
+    heads = min(l.heads_per_cta, static_cast<int>(group) - c * l.heads_per_cta);
     seq = attention_sequence(p, b);
     q_len = static_cast<int>(seq.q_len);
     k_len = static_cast<int>(seq.k_len);
     inside = i0 < q_len;
-    rows = inside ? min(kBlockM, q_len - i0) : 0;
+    rows = inside ? min(rows_per_head, q_len - i0) : 0;
     band = sequence_band(seq);
-    blocks = inside ? key_blocks<kBlockN>(band, i0, rows, k_len) : BlockRange{0, 0};
+    const BlockRange all = inside ? key_blocks<kBlockN>(band, i0, rows, k_len) : BlockRange{0, 0};
+    const int per = (all.count + l.splits - 1) / l.splits;
+    const int skip = min(all.count, split * per);
+    blocks = BlockRange{all.first + skip, min(per, all.count - skip)};
+  }
+  // Head h and query i of tile row r; a row past the tile's heads or queries gets i = q_len.
+  __device__ __forceinline__ void row(int r, int64_t& h, int& i) const {
+    const int g = r / rows_per_head, k = r % rows_per_head;
+    const bool used = g < heads && k < rows;
+    h = h0 + (used ? g : 0);
+    i = used ? i0 + k : q_len;
+  }
+  // Whether any of rows r0 .. r0 + n - 1 holds a query.
+  __device__ __forceinline__ bool any_row(int r0, int n) const {
+    for (int r = r0; r < r0 + n; ++r) {
+      if (r / rows_per_head < heads && r % rows_per_head < rows) return true;
+    }
+    return false;
   }
 };
 

@@ -21,6 +21,7 @@ namespace {
 
 using genfast::AttentionCudaGrads;
 using genfast::AttentionCudaParams;
+using genfast::AttentionForwardPlan;
 using genfast::AttentionMask;
 using genfast::AttentionParams;
 using genfast::AttentionSequence;
@@ -141,6 +142,17 @@ void compare(const std::string& what, const std::vector<float>& got, const std::
                 static_cast<long long>(worst_at), got[worst_at], ref[worst_at]);
     ++failures;
   }
+}
+
+// The forward's plans tried on each case: a tile per head without splits, the plan of a GPU with
+// 132 SMs (small cases split their keys there), and every head of a group stacked in a tile with
+// the keys in 3 splits (when the plan above is not that).
+std::vector<AttentionForwardPlan> plans_of(const AttentionParams& p) {
+  std::vector<AttentionForwardPlan> plans{{1, 1}, genfast::plan_attention_forward(p, 132)};
+  const int group = static_cast<int>(p.heads / p.kv_heads);
+  const AttentionForwardPlan stacked{std::min(group, 64), 3};
+  if (plans[1].heads_per_cta != stacked.heads_per_cta || plans[1].splits != stacked.splits) plans.push_back(stacked);
+  return plans;
 }
 
 template <typename T>
@@ -289,27 +301,34 @@ void run_case(const Case& c) {
     }
   }
 
-  // The kernels, through their launchers; outputs start as NaN.
+  // The forward under each plan, through its launcher; outputs start as NaN.
   const uint16_t nan_bits = to_bits<T>(NAN);
-  std::vector<uint16_t> o_bits(rows * c.v_dim, nan_bits);
-  std::vector<float> lse(rows, NAN);
-  p.lse = lse.data();
+  const bool half = std::is_same<T, __half>::value;
   AttentionCudaParams<T> params{};
-  params.base = p;
   params.q = q.data();
   params.k = k.data();
   params.v = v.data();
-  params.o = reinterpret_cast<T*>(o_bits.data());
-  if (genfast::launch_attention_forward<T>(params, nullptr) != cudaSuccess) {
-    std::printf("FAIL %s: the forward's launch failed\n", name.c_str());
-    ++failures;
-    return;
+  std::vector<float> o, lse;
+  for (const AttentionForwardPlan& plan : plans_of(p)) {
+    const std::string run = name + " (" + std::to_string(plan.heads_per_cta) + " heads per tile, " +
+                            std::to_string(plan.splits) + " splits)";
+    std::vector<uint16_t> o_bits(rows * c.v_dim, nan_bits);
+    std::vector<float> workspace(genfast::attention_forward_workspace(p, plan), NAN);
+    lse.assign(rows, NAN);
+    p.lse = lse.data();
+    params.base = p;
+    params.o = reinterpret_cast<T*>(o_bits.data());
+    if (genfast::launch_attention_forward<T>(params, plan, workspace.data(), nullptr) != cudaSuccess) {
+      std::printf("FAIL %s: the forward's launch failed\n", run.c_str());
+      ++failures;
+      return;
+    }
+    o.resize(o_bits.size());
+    for (size_t e = 0; e < o.size(); ++e) o[e] = from_bits<T>(o_bits[e]);
+    compare(run + ": o", o, ref_o, half ? 2e-3 : 1.5e-2);
+    compare(run + ": lse", lse, std::vector<double>(ref_lse.begin(), ref_lse.end()), 1e-4);
   }
-  std::vector<float> o(o_bits.size());
-  for (size_t e = 0; e < o.size(); ++e) o[e] = from_bits<T>(o_bits[e]);
-  const bool half = std::is_same<T, __half>::value;
-  compare(name + ": o", o, ref_o, half ? 2e-3 : 1.5e-2);
-  compare(name + ": lse", lse, std::vector<double>(ref_lse.begin(), ref_lse.end()), 1e-4);
+  params.o = nullptr;  // the backward reads lse (the last plan's), not o
 
   // delta = rowsum(grad_o o) - grad_lse from the kernel's o, as the binding computes it.
   std::vector<float> delta(rows, 0.0f);
@@ -393,6 +412,19 @@ std::vector<Case> cases() {
   c.batch = 2, c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 70, c.far_batches = true;
   all.push_back(c);
   c = Case{};
+  c.name = "decoding: 1 query, 4 heads per kv head, causal ALiBi dropout d128";
+  c.heads = 8, c.kv_heads = 2, c.dim = c.v_dim = 128, c.q_len = 1, c.k_len = 200, c.band_hi = 199;
+  c.alibi = true, c.dropout_p = 0.2f;
+  all.push_back(c);
+  c = Case{};
+  c.name = "3 queries, 7 heads per kv head, bool mask d64";
+  c.heads = 14, c.kv_heads = 2, c.q_len = 3, c.k_len = 130, c.mask = AttentionMask::kBool;
+  all.push_back(c);
+  c = Case{};
+  c.name = "varlen decoding, a sequence without keys d64";
+  c.heads = 4, c.kv_heads = 1, c.lengths_q = {1, 1, 2}, c.lengths_k = {50, 0, 130}, c.band_hi = 0;
+  all.push_back(c);
+  c = Case{};
   c.name = "no keys";
   c.dim = c.v_dim = 32, c.q_len = 5, c.k_len = 0;
   all.push_back(c);
@@ -401,7 +433,26 @@ std::vector<Case> cases() {
 
 }  // namespace
 
+// The plans a GPU of 132 SMs gets: decoding stacks a group's heads and splits the keys; training
+// shapes fill the GPU as they are.
+void check_plans() {
+  AttentionParams p{};
+  p.batch = 1, p.heads = 32, p.kv_heads = 8, p.q_len = 1, p.k_len = 4096, p.dim = p.v_dim = 128;
+  const AttentionForwardPlan decoding = genfast::plan_attention_forward(p, 132);
+  p.batch = 2, p.heads = p.kv_heads = 8, p.q_len = p.k_len = 1024, p.dim = p.v_dim = 64;
+  const AttentionForwardPlan training = genfast::plan_attention_forward(p, 132);
+  p.q_len = 1, p.k_len = 64;  // one key block: nothing to split
+  const AttentionForwardPlan short_keys = genfast::plan_attention_forward(p, 132);
+  if (decoding.heads_per_cta != 4 || decoding.splits < 8 || training.heads_per_cta != 1 || training.splits != 1 ||
+      short_keys.splits != 1) {
+    std::printf("FAIL plans: decoding %d heads per tile, %d splits; training %d, %d; short keys %d splits\n",
+                decoding.heads_per_cta, decoding.splits, training.heads_per_cta, training.splits, short_keys.splits);
+    ++failures;
+  }
+}
+
 int main() {
+  check_plans();
   for (const bool deferred : {true, false}) {
     cuda_emulator::deferred_copies = deferred;
     for (const Case& c : cases()) {
