@@ -196,7 +196,7 @@ def test_dropout_is_the_reference_philox_mask(impl):
     torch.testing.assert_close(first[0, 0, :, 0].double(), kept[0, 0].double().mean(1) / 0.75, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("impl", [*fused_impls(), "reference"])
 def test_empty_inputs(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 2, 2, 5, 7, 8, torch.float32)

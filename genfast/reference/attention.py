@@ -100,7 +100,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         s = s.masked_fill(~band, float("-inf"))
     # Softmax with the row maximum held constant (it cancels), written so that a row masking every
     # key gives p = 0 and lse = -inf with zero gradients, and NaN propagates.
-    row_max = s.detach().amax(-1, keepdim=True)
+    row_max = (s.detach().amax(-1, keepdim=True) if lk > 0  # no key at all: every row is masked
+               else s.new_full((*s.shape[:-1], 1), float("-inf")))
     masked_row = row_max == float("-inf")
     shift = torch.where(masked_row, torch.zeros_like(row_max), row_max)
     e = torch.exp(s - shift)

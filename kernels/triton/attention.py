@@ -16,6 +16,8 @@ one per block of queries for dQ (and dS, when asked for). exp, log and tanh are 
 polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs).
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -120,33 +122,59 @@ def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
     H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
-    seed_lo, seed_hi, base_lo, base_hi,
+    seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
+    or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
+    r % rows_per_head of head h0 + r // rows_per_head), as kernels/cuda/attention_tile.cuh's
+    QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
+    normalized o and lse in float32 at o_ptr and lse_ptr + split * split_rows (of DV columns each) for
+    attention_combine_kernel."""
+    chunk = tl.program_id(1).to(tl.int64)
+    c = chunk % head_chunks
+    b = chunk // head_chunks // (H // GROUP)
+    hk = chunk // head_chunks % (H // GROUP)
+    h0 = hk * GROUP + c * heads_per_tile
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
         cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+    if STACKED:
+        start_m = tl.program_id(0) * rows_per_head
+        span = rows_per_head
+        r = tl.arange(0, BLOCK_M)
+        used = (r // rows_per_head < tl.minimum(heads_per_tile, GROUP - c * heads_per_tile)) & (
+            start_m + r % rows_per_head < Lq)
+        offs_m = tl.where(used, start_m + r % rows_per_head, Lq)  # unused rows: no query
+        h_rows = h0 + tl.where(used, r // rows_per_head, 0)
+        h = h_rows[:, None]
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+        span = BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        h_rows = h0
+        h = h0
     if start_m >= Lq:  # past a packed sequence's end
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b * sqb + h * sqh + q_start * sqm, offs_m, Lq, sqm, offs_d, D)
+    row_in = offs_m[:, None] < Lq
+    q = tl.load(q_ptr + b * sqb + h * sqh + (q_start + offs_m[:, None]).to(tl.int64) * sqm + offs_d[None, :],
+                mask=row_in & (offs_d[None, :] < D), other=0.0)
     k_base = k_ptr + b * skb + hk * skh + k_start * skn
     v_base = v_ptr + b * svb + hk * svh + k_start * svn
     slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    # The key blocks the band of queries [start_m, start_m + BLOCK_M) can reach.
+    # The key blocks the band of queries [start_m, start_m + span) can reach; this split's share of them.
     lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(start_m + BLOCK_M + band_hi, Lk)
+    hi = tl.minimum(start_m + span + band_hi, Lk)
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), splits) * BLOCK_N
+        lo = lo + tl.program_id(2) * per
+        hi = tl.minimum(hi, lo + per)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
@@ -170,9 +198,46 @@ def attention_forward_kernel(
     seen = m_i != float("-inf")  # NaN counts as seen
     total = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / total[:, None], 0.0)
-    _store_rows(o_ptr + b * sob + h * soh + q_start * som, o, offs_m, Lq, som, offs_dv, DV)
     lse = tl.where(seen, m_i + log_f32(total), float("-inf"))
-    tl.store(lse_ptr + b * slb + h * slh + q_start + offs_m, lse, mask=offs_m < Lq)
+    if SPLIT:
+        o_ptr += tl.program_id(2).to(tl.int64) * split_rows * DV
+        lse_ptr += tl.program_id(2).to(tl.int64) * split_rows
+    o_ptrs = o_ptr + b * sob + h * soh + (q_start + offs_m[:, None]).to(tl.int64) * som + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_in & (offs_dv[None, :] < DV))
+    tl.store(lse_ptr + b * slb + h_rows * slh + q_start + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, rows, L, H, DV, sob, soh, som, slb, slh,
+                             splits, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Rows r of the splits' partial results (lse row r at part_lse_ptr + s rows + r, its o at
+    part_o_ptr + (s rows + r) DV) merged into o and lse, row r being (b, h, position) of
+    (B, H, L): lse = logsumexp_s lse_s (NaN if any is, -inf if all are), o = sum_s exp(lse_s - lse) o_s."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    most = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(splits):
+        part = tl.load(part_lse_ptr + s * rows + r, mask=live, other=float("-inf"))
+        most = tl.maximum(most, part, propagate_nan=tl.PropagateNan.ALL)
+    seen = most != float("-inf")
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(splits):
+        part = tl.load(part_lse_ptr + s * rows + r, mask=live, other=float("-inf"))
+        total += tl.where(seen, exp_f32(part - most), 0.0)
+    lse = tl.where(seen, most + log_f32(tl.where(seen, total, 1.0)), float("-inf"))
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = live[:, None] & (offs_dv[None, :] < DV)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
+    for s in range(splits):
+        part = tl.load(part_lse_ptr + s * rows + r, mask=live, other=float("-inf"))
+        weight = tl.where(seen, exp_f32(part - lse), 0.0)
+        o_s = tl.load(part_o_ptr + (s * rows + r[:, None]) * DV + offs_dv[None, :], mask=cols, other=0.0)
+        acc += weight[:, None] * o_s
+    bh = r // L
+    position = r % L
+    o_rows = (bh // H) * sob + (bh % H) * soh + position * som
+    tl.store(o_ptr + o_rows[:, None] + offs_dv[None, :], acc.to(o_ptr.dtype.element_ty), mask=cols)
+    tl.store(lse_ptr + (bh // H) * slb + (bh % H) * slh + position, lse, mask=live)
 
 
 @triton.jit
@@ -422,8 +487,44 @@ def _packed(varlen, *tensors):
     return tuple(None if t is None else t[None] if t.dim() == 2 else t.transpose(0, 1)[None] for t in tensors)
 
 
+_STACK_ROWS = 64  # rows of a tile that stacks heads, at most
+_PLAN_KEYS = 64  # keys per block in the split rule
+_MAX_SPLITS = 128
+
+
+def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors):
+    """(heads_per_tile, splits) of a forward: stack the largest divisor of the group (query heads per
+    kv head) whose queries fit a tile of 64 rows, and split the keys when the tiles fill less than
+    80% of two programs per SM, taking the fewest splits whose last wave is at least 85% as full as
+    the best count's. The rule of plan_attention_forward (kernels/cuda/attention_forward.cu)."""
+    group = heads // kv_heads if kv_heads else 1
+    stack = 1
+    if lq > 0:
+        stack = next((d for d in range(min(group, _STACK_ROWS // lq), 1, -1) if group % d == 0), 1)
+    tiles = batch * (heads // stack) * triton.cdiv(lq, lq if stack > 1 else _STACK_ROWS)
+    key_blocks = triton.cdiv(lk, _PLAN_KEYS)
+    slots = 2 * max(multiprocessors, 1)
+    if 10 * tiles >= 8 * slots or key_blocks <= 1:
+        return stack, 1
+
+    def fill(s):
+        waves = tiles * s / slots
+        return waves / math.ceil(waves)
+
+    useful = [s for s in range(1, min(_MAX_SPLITS, key_blocks, slots) + 1)
+              if s == 1 or triton.cdiv(key_blocks, s) < triton.cdiv(key_blocks, s - 1)]
+    best = max(fill(s) for s in useful)
+    return stack, next(s for s in useful if fill(s) >= 0.85 * best)
+
+
+def _multiprocessors(device):
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p,
-                             seed, offset, o, lse, wrap=None, varlen=None):
+                             seed, offset, o, lse, wrap=None, varlen=None, plan=None):
     """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
     Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
     an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32
@@ -432,7 +533,10 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     (seed, offset). wrap: torch.library.wrap_triton inside a triton_op. varlen: packed sequences
     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q (total_q, H, D), k and v (total_k,
     Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each sequence's
-    bottom-right diagonal (kernels/common/attention.h)."""
+    bottom-right diagonal (kernels/common/attention.h). plan: (heads_per_tile, splits), forward_plan's
+    for the device when None; (1, 1) runs the autotuned tiles of one head."""
+    import torch
+
     q, k, v, o, lse = _packed(varlen, q, k, v, o, lse)
     _check(q, k, v)
     packing = _Packing(q, k, varlen)
@@ -450,14 +554,48 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
-    kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
-    kernel = kernel if wrap is None else wrap(kernel)
-    kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, mask_arg, alibi_arg, out, lse_out, packing.cu_q, packing.cu_k,
-        *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
-        *packing.strides(out), *packing.strides(lse_out)[:2],
-        heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-    )
+    group = heads // kv_heads
+    stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device))
+    if not (1 <= stack <= min(group, _STACK_ROWS) and 1 <= splits <= _MAX_SPLITS):
+        raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, _STACK_ROWS)} "
+                         f"and 1 <= splits <= {_MAX_SPLITS}")
+
+    def args(o_arg, lse_arg):
+        return (q, k, v, mask_arg, alibi_arg, o_arg, lse_arg, packing.cu_q, packing.cu_k,
+                *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
+                *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
+
+    scalars = dict(scalars, scale=float(scale))
+    if (stack, splits) == (1, 1):
+        kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
+        kernel = kernel if wrap is None else wrap(kernel)
+        kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+            *args(out, lse_out), heads_per_tile=1, rows_per_head=0, head_chunks=group, splits=1, split_rows=0,
+            **scalars, **consts)
+    else:
+        # Few tiles (decoding): one configuration, stacked heads filling at least the 16 rows of a dot.
+        interpreted = q.device.type == "cpu"
+        block_m = max(16, triton.next_power_of_2(stack * lq)) if stack > 1 else (16 if interpreted else 64)
+        rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
+        block_n = 16 if interpreted else 64 if max(consts["BLOCK_D"], consts["BLOCK_DV"]) <= 128 else 32
+        head_chunks = triton.cdiv(group, stack)
+        grid = (triton.cdiv(lq, rows_per_head), batch * kv_heads * head_chunks, splits)
+        meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
+                    **scalars, **consts, BLOCK_M=block_m, BLOCK_N=block_n, STACKED=stack > 1, SPLIT=splits > 1,
+                    **({} if interpreted else dict(num_warps=4, num_stages=2)))
+        kernel = attention_forward_kernel if wrap is None else wrap(attention_forward_kernel)
+        if splits == 1:
+            kernel[grid](*args(out, lse_out), split_rows=0, **meta)
+        else:
+            part_o = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((splits, *lse_out.shape), dtype=torch.float32, device=q.device)
+            rows = part_lse[0].numel()
+            kernel[grid](*args(part_o[0], part_lse[0]), split_rows=rows, **meta)
+            combine = attention_combine_kernel if wrap is None else wrap(attention_combine_kernel)
+            block_r = 16
+            combine[(triton.cdiv(rows, block_r),)](
+                part_o, part_lse, out, lse_out, rows, out.shape[2], heads, v_dim, *packing.strides(out),
+                *packing.strides(lse_out)[:2], splits, BLOCK_R=block_r, BLOCK_DV=consts["BLOCK_DV"])
     if out is not o:
         o.copy_(out)
     if lse_out is not lse:
