@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from genfast import _backend
+
+if os.environ.get("GENFAST_RECORD_TRITON_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    from genfast.testing.triton_gpu_compile import record
+
+    record(os.environ["GENFAST_RECORD_TRITON_LAUNCHES"])  # for scripts/triton-gpu-compile
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -122,6 +122,8 @@ def test_options_at_each_query_count(impl, lq):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_grouped_heads_keep_their_own_options(impl, lq, threads):
     skip_unless_supported(impl, "cpu")
+    if impl == "triton" and threads > 1:
+        pytest.skip("the thread count is the CPU kernel's; Triton's interpreter runs the same programs")
     q, k, v = _qkv(1, 16, 4, lq, 150, 40, torch.float32, v_dim=24)
     slopes = torch.linspace(0.05, 0.8, 16)
     bias = torch.randn(1, 16, lq, 150)

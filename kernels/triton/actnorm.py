@@ -80,6 +80,24 @@ def _tile(inner, device):
     return size // block_inner, block_inner
 
 
+def _backward_tile(inner, rows_per_chunk, device):
+    """(rows, spatial elements) of a backward tile: a chunk's rows at most."""
+    block_rows, block_inner = _tile(inner, device)
+    return min(block_rows, triton.next_power_of_2(rows_per_chunk)), block_inner
+
+
+def gpu_variants(name, constexprs, ints):
+    """The tile a GPU launch takes (genfast.testing.triton_gpu_compile)."""
+    import torch
+
+    cuda = torch.device("cuda")
+    if name == "actnorm_kernel":
+        block_planes, block_inner = _tile(ints["inner"], cuda)
+        return [(dict(BLOCK_PLANES=block_planes, BLOCK_INNER=block_inner), None, None)]
+    block_rows, block_inner = _backward_tile(ints["inner"], ints["rows_per_chunk"], cuda)
+    return [(dict(BLOCK_ROWS=block_rows, BLOCK_INNER=block_inner), None, None)]
+
+
 def launch_actnorm(x, log_scale, bias, y, glow_order: bool, inverse: bool):
     """y from x, both (B, C, S) contiguous; log_scale and bias (C,) float32."""
     rows, channels, inner = x.shape
@@ -99,8 +117,7 @@ def launch_actnorm_backward(grad_y, x, log_scale, bias, grad_x, partial_log_scal
     rows, channels, inner = x.shape
     if x.numel() == 0:
         return
-    block_rows, block_inner = _tile(inner, x.device)
-    block_rows = min(block_rows, triton.next_power_of_2(rows_per_chunk))
+    block_rows, block_inner = _backward_tile(inner, rows_per_chunk, x.device)
     num_chunks = triton.cdiv(rows, rows_per_chunk)
     actnorm_backward_kernel[(num_chunks * channels,)](
         grad_y, x, log_scale, bias, grad_x, partial_log_scale, partial_bias, rows, channels, inner, rows_per_chunk,

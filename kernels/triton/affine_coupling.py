@@ -252,6 +252,15 @@ def _launch_options(rows, row_size, device):
     return grid, dict(BLOCK_ROWS=block_rows, BLOCK=block, num_warps=max(1, min(4, block_rows * block // 256)))
 
 
+def gpu_variants(name, constexprs, ints):
+    """The tile and warps a GPU launch takes (genfast.testing.triton_gpu_compile)."""
+    import torch
+
+    _, options = _launch_options(ints["num_rows"], ints["row_size"], torch.device("cuda"))
+    warps = options.pop("num_warps")
+    return [(options, warps, None)]
+
+
 def launch_affine_coupling(x, shift, scale, index, y, partial, scale_fn: int, param: float, glow_order: bool,
                            inverse: bool, full: bool):
     """y and partial[b, c], the logdet of row b summed over chunk c of CHUNK elements, for (B, N) x and

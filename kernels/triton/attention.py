@@ -517,6 +517,31 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors):
     return stack, next(s for s in useful if fill(s) >= 0.85 * best)
 
 
+def _planned_blocks(stacked_rows, dim_pad, interpreted):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward with a plan (few tiles, so one
+    configuration, not autotuned): a tile of stacked heads holds their stacked_rows queries in at
+    least the 16 rows of a dot; a tile of one head (stacked_rows 0) takes 64 queries."""
+    block_m = max(16, triton.next_power_of_2(stacked_rows)) if stacked_rows else 16 if interpreted else 64
+    block_n = 16 if interpreted else 64 if dim_pad <= 128 else 32
+    return block_m, block_n, 4, 2
+
+
+def gpu_variants(name, constexprs, ints):
+    """The (constexpr overrides, num_warps, num_stages) a GPU launch of kernel `name` takes where the
+    interpreter's differ, for genfast.testing.triton_gpu_compile: every autotuned configuration of
+    the head-dim bucket, or a planned forward's one configuration."""
+    if name == "attention_combine_kernel":
+        return None
+    dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
+    if constexprs.get("STACKED") or constexprs.get("SPLIT"):
+        stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
+        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
+        return [(dict(BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)]
+    bucket = 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
+    blocks = _GPU_BLOCKS["backward" if "backward" in name else "forward"][bucket]
+    return [(dict(BLOCK_M=m, BLOCK_N=n), w, st) for m, n, w, st in blocks]
+
+
 def _multiprocessors(device):
     import torch
 
@@ -573,16 +598,15 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
             *args(out, lse_out), heads_per_tile=1, rows_per_head=0, head_chunks=group, splits=1, split_rows=0,
             **scalars, **consts)
     else:
-        # Few tiles (decoding): one configuration, stacked heads filling at least the 16 rows of a dot.
         interpreted = q.device.type == "cpu"
-        block_m = max(16, triton.next_power_of_2(stack * lq)) if stack > 1 else (16 if interpreted else 64)
+        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0,
+                                                          max(consts["BLOCK_D"], consts["BLOCK_DV"]), interpreted)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
-        block_n = 16 if interpreted else 64 if max(consts["BLOCK_D"], consts["BLOCK_DV"]) <= 128 else 32
         head_chunks = triton.cdiv(group, stack)
         grid = (triton.cdiv(lq, rows_per_head), batch * kv_heads * head_chunks, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
                     **scalars, **consts, BLOCK_M=block_m, BLOCK_N=block_n, STACKED=stack > 1, SPLIT=splits > 1,
-                    **({} if interpreted else dict(num_warps=4, num_stages=2)))
+                    **({} if interpreted else dict(num_warps=warps, num_stages=stages)))
         kernel = attention_forward_kernel if wrap is None else wrap(attention_forward_kernel)
         if splits == 1:
             kernel[grid](*args(out, lse_out), split_rows=0, **meta)

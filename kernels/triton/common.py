@@ -27,6 +27,19 @@ def group_indices(BLOCK_GROUPS: tl.constexpr):
     return group, group[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
 
 
+def default_block_groups(device):
+    """Groups of four elements per program of the elementwise kernels: the interpreter's cost is per
+    program and step, a GPU's per element."""
+    return 64 if device.type == "cpu" else 256
+
+
+def group_variants(name, constexprs, ints):
+    """gpu_variants (genfast.testing.triton_gpu_compile) of a kernel whose only size is BLOCK_GROUPS."""
+    import torch
+
+    return [(dict(BLOCK_GROUPS=default_block_groups(torch.device("cuda"))), None, None)]
+
+
 def philox_key_words(seed: int, offset: int):
     """(seed_lo, seed_hi, base_lo, base_hi): the Philox key and counter base as 32-bit words."""
     seed &= (1 << 64) - 1

@@ -7,7 +7,8 @@ serves four elements exactly as on the other backends.
 import triton
 import triton.language as tl
 
-from .common import clamp_keep_nan, coef, group_indices, philox_key_words
+from .common import clamp_keep_nan, coef, default_block_groups, group_indices, philox_key_words
+from .common import group_variants as gpu_variants  # noqa: F401 (for triton_gpu_compile)
 from .philox import philox_normal4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
@@ -65,7 +66,7 @@ def launch_denoise_step(sample, model_output, model_output_cond, derivative, noi
     if numel == 0:
         return
     if block_groups is None:
-        block_groups = 64 if sample.device.type == "cpu" else 256
+        block_groups = default_block_groups(sample.device)
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)

@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from .common import clamp_keep_nan, coef, group_indices, philox_key_words
+from .common import clamp_keep_nan, coef, default_block_groups, group_indices, philox_key_words
+from .common import group_variants as gpu_variants  # noqa: F401 (for triton_gpu_compile)
 from .philox import philox_normal4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
@@ -53,7 +54,7 @@ def launch_langevin_step(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, 
     if numel == 0:
         return
     if block_groups is None:
-        block_groups = 64 if x.device.type == "cpu" else 256
+        block_groups = default_block_groups(x.device)
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)

@@ -61,20 +61,30 @@ def masked_matmul_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _blocks(device):
+    """BLOCK_M, BLOCK_N, BLOCK_K: small tiles under the interpreter (its cost is per program and step)."""
+    block, block_k = (16, 16) if device.type == "cpu" else (64, 32)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_K=block_k)
+
+
+def gpu_variants(name, constexprs, ints):
+    """The tiles a GPU launch takes (genfast.testing.triton_gpu_compile)."""
+    import torch
+
+    return [(_blocks(torch.device("cuda")), 4, None)]
+
+
 def _launch(a, b, c, bias, out_degrees, in_degrees, mode, strict, wrap=None):
     """c (M, N) = a (M, K) @ b (K, N), masked; any strides."""
     (M, K), N = a.shape, b.shape[1]
     if M == 0 or N == 0:
         return
-    interpreted = a.device.type == "cpu"
-    block = 16 if interpreted else 64
-    block_k = 16 if interpreted else 32
+    blocks = _blocks(a.device)
     kernel = masked_matmul_kernel if wrap is None else wrap(masked_matmul_kernel)
-    kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](
+    kernel[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))](
         a, b, c, bias if bias is not None else c, out_degrees, in_degrees, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        MODE=mode, STRICT=bool(strict), HAS_BIAS=bias is not None, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block_k,
-        num_warps=4,
+        MODE=mode, STRICT=bool(strict), HAS_BIAS=bias is not None, **blocks, num_warps=4,
     )
 
 

@@ -43,11 +43,22 @@ def mala_select_kernel(accepted_ptr, x_ptr, y_ptr, gx_ptr, gy_ptr, x_out_ptr, g_
     tl.store(g_out_ptr + idx, tl.where(accept, gy, gx), mask=mask)
 
 
+def _sums_block(device):
+    return 256 if device.type == "cpu" else 1024
+
+
+def gpu_variants(name, constexprs, ints):
+    """The block a GPU launch of mala_sums_kernel takes (genfast.testing.triton_gpu_compile)."""
+    import torch
+
+    return [(dict(BLOCK=_sums_block(torch.device("cuda"))), None, None)] if name == "mala_sums_kernel" else None
+
+
 def launch_mala_sums(x, y, grad_x, grad_y, step_size, partial):
     """Partial sums of pass 1 into partial, (rows, chunks) float32, for contiguous inputs."""
     rows, num_chunks = partial.shape
     row_size = x.numel() // rows
-    block = 256 if x.device.type == "cpu" else 1024
+    block = _sums_block(x.device)
     mala_sums_kernel[(rows, num_chunks)](x, y, grad_x, grad_y, step_size, partial, row_size, CHUNK,
                                          num_chunks, STEP_PER_ROW=step_size.numel() > 1, BLOCK=block)
 

@@ -213,13 +213,29 @@ def _order_kind(ordering, per_row):
     return ORDER_PER_ROW if per_row else ORDER_SHARED
 
 
+def _tile_elements(kernel, per_row):
+    """The floats a GPU tile of `kernel` holds (_config): fewer where per-row orderings or the
+    backward's gradients take registers."""
+    return 4096 if per_row or kernel is nade_conditionals_backward_kernel else 8192
+
+
+def gpu_variants(name, constexprs, ints):
+    """The block of rows and warps a GPU launch takes (genfast.testing.triton_gpu_compile)."""
+    import torch
+
+    per_row = constexprs["ORDER"] == ORDER_PER_ROW
+    block_b, block_h, warps = _config(torch.device("cuda"), ints["H"], _tile_elements(globals()[name], per_row), None)
+    return [(dict(BLOCK_B=block_b, BLOCK_H=block_h), warps, None)]
+
+
 def launch_nade_conditionals(x, w_t, c, v, b, ordering, per_row, relu, logits, block_b=None, wrap=None):
     """logits (B, D), in x's dtype, of x (B, D) given w_t (D, H), c (H), v (D, H), b (D) (float32);
     ordering None, (D,) or, with per_row, (B, D) int64. All contiguous; logits is written.
     wrap: torch.library.wrap_triton inside a triton_op."""
     rows, dims = x.shape
     hidden = c.shape[0]
-    block_b, block_h, num_warps = _config(x.device, hidden, 4096 if per_row else 8192, block_b)
+    block_b, block_h, num_warps = _config(x.device, hidden, _tile_elements(nade_conditionals_kernel, per_row),
+                                          block_b)
     if rows == 0 or dims == 0:
         return
     kernel = nade_conditionals_kernel if wrap is None else wrap(nade_conditionals_kernel)
@@ -237,7 +253,8 @@ def launch_nade_conditionals_backward(grad_logits, x, w_t, c, v, b, ordering, pe
     and accumulated into (atomically, across blocks of samples); grad_x (B, D) float32, written."""
     rows, dims = x.shape
     hidden = c.shape[0]
-    block_b, block_h, num_warps = _config(x.device, hidden, 4096, block_b)
+    block_b, block_h, num_warps = _config(x.device, hidden, _tile_elements(nade_conditionals_backward_kernel, per_row),
+                                          block_b)
     if rows == 0 or dims == 0:
         return
     kernel = nade_conditionals_backward_kernel if wrap is None else wrap(nade_conditionals_backward_kernel)
@@ -258,7 +275,7 @@ def launch_nade_sample(w_t, c, v, b, uniforms, seed, offset, ordering, per_row, 
     num_observed == 0) instead."""
     rows, dims = x_out.shape
     hidden = c.shape[0]
-    block_b, block_h, num_warps = _config(x_out.device, hidden, 4096 if per_row else 8192, block_b)
+    block_b, block_h, num_warps = _config(x_out.device, hidden, _tile_elements(nade_sample_kernel, per_row), block_b)
     if rows == 0 or dims == 0:
         return
     num_observed = max(0, min(int(num_observed), dims))

@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from .common import philox_key_words
+from .common import default_block_groups, philox_key_words
+from .common import group_variants as gpu_variants  # noqa: F401 (for triton_gpu_compile)
 from .philox import philox_normal4
 
 CHUNK = 1 << 14  # elements per chunk, as on the other backends
@@ -32,7 +33,7 @@ def launch_noise_norms(partial, row_size, seed, offset, wrap=None):
     rows, num_chunks = partial.shape
     if rows == 0 or row_size == 0:
         return
-    block_groups = 64 if partial.device.type == "cpu" else 256
+    block_groups = default_block_groups(partial.device)
     kernel = noise_norms_kernel if wrap is None else wrap(noise_norms_kernel)
     kernel[(rows, num_chunks)](partial, *philox_key_words(seed, offset), row_size, CHUNK, num_chunks,
                                BLOCK_GROUPS=block_groups)
