@@ -83,8 +83,6 @@ __global__ void __launch_bounds__(kThreads)
   work.row(warp * 16 + gid, row_h[0], row_i[0]);
   work.row(warp * 16 + gid + 8, row_h[1], row_i[1]);
   const bool warp_busy = work.any_row(warp * 16, 16);  // stacked heads may leave whole warps empty
-  // The rows of a stacked tile span rows_per_head queries; a tile of one head spans kBlockM.
-  const int span = work.heads > 1 ? work.rows_per_head : kBlockM;
 
   float acc_o[kOT][4];
   zero(acc_o);
@@ -111,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
       mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
 
       // Scores, then the online softmax of the rows gid and gid + 8 (shared by the 4 lanes of a gid).
-      const bool check = !block_inside(band, i0, span, j0, kBlockN, k_len);
+      const bool check = !block_inside(band, i0, work.rows_per_head, j0, kBlockN, k_len);
       float block_max[2] = {kNegInf, kNegInf};
 #pragma unroll
       for (int t = 0; t < kST; ++t) {
