@@ -76,6 +76,8 @@ def _extension():
     sources += _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
     defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"',
                f"-DGENFAST_ATTENTION_BUCKETS={_attention_buckets()}"]
+    if "9.0a" in archs.replace(" ", ";").split(";"):
+        defines.append("-DGENFAST_ATTENTION_SM90")  # the wgmma attention forward (attention_forward_sm90.cu)
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},

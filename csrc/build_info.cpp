@@ -26,6 +26,11 @@ pybind11::dict build_info() {
 #endif
   info["backends"] = backends;
   info["cuda_archs"] = std::string(GENFAST_CUDA_ARCHS);
+#ifdef GENFAST_ATTENTION_SM90
+  info["attention_sm90"] = true;  // the wgmma attention forward, opted into with GENFAST_ATTENTION_SM90=1
+#else
+  info["attention_sm90"] = false;
+#endif
   info["torch_version"] = std::string(TORCH_VERSION);
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;

@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "attention.cuh"
+#include "attention_forward_rows.cuh"
 #include "attention_tile.cuh"
 
 namespace genfast {
@@ -30,13 +31,6 @@ struct ForwardTile {
   static_assert(kSmemBytes <= kMaxSmemBytes, "the forward's tiles must fit every sm_80+ GPU");
 };
 
-// The split results of a forward with splits > 1: o_s and lse_s of lse row r at [s rows + r].
-struct ForwardPartials {
-  float* o;    // (splits, rows, v_dim)
-  float* lse;  // (splits, rows)
-  int64_t rows;
-};
-
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionCudaParams<T> params, QueryLayout layout,
@@ -51,8 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
   const int64_t b = work.b;
   const AttentionSequence& seq = work.seq;
-  const int i0 = work.i0, q_len = work.q_len, k_len = work.k_len;
-  const Band band = work.band;
+  const int q_len = work.q_len;
   const BlockRange blocks = work.blocks;
   const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
 
@@ -73,21 +66,16 @@ __global__ void __launch_bounds__(kThreads)
   if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int a_row = lane % 16, a_col = (lane / 16) * 8;                 // pattern A
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
   const int dim_steps = (dim + 15) / 16;
   const uint16_t* q_frag = s_q + (warp * 16 + a_row) * kStride + a_col;
-  int64_t row_h[2];
-  int row_i[2];
-  work.row(warp * 16 + gid, row_h[0], row_i[0]);
-  work.row(warp * 16 + gid + 8, row_h[1], row_i[1]);
+  ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, warp, lane);
   const bool warp_busy = work.any_row(warp * 16, 16);  // stacked heads may leave whole warps empty
 
   float acc_o[kOT][4];
   zero(acc_o);
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
-  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
@@ -108,55 +96,7 @@ __global__ void __launch_bounds__(kThreads)
       zero(acc_s);
       mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
 
-      // Scores, then the online softmax of the rows gid and gid + 8 (shared by the 4 lanes of a gid).
-      const bool check = !block_inside(band, i0, work.rows_per_head, j0, kBlockN, k_len);
-      float block_max[2] = {kNegInf, kNegInf};
-#pragma unroll
-      for (int t = 0; t < kST; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float unused_cap;
-          const float s = score_at<kPlain, false>(p, seq, band, b, row_h[e / 2], acc_s[t][e], row_i[e / 2],
-                                                  j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len, check, unused_cap);
-          acc_s[t][e] = s;
-          block_max[e / 2] = nan_max(block_max[e / 2], s);
-        }
-      }
-      float scaled_max[2], alpha[2], block_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
-        block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
-        const float new_max = nan_max(row_max[r], block_max[r]);
-        const float safe_max = new_max == kNegInf ? 0.0f : new_max;  // nothing seen yet: p = 0, alpha = 0
-        alpha[r] = exp2f((row_max[r] - safe_max) * kLog2e);
-        row_max[r] = new_max;
-        scaled_max[r] = safe_max * kLog2e;
-      }
-#pragma unroll
-      for (int t = 0; t < kST; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pe = exp2f(fmaf(acc_s[t][e], kLog2e, -scaled_max[e / 2]));
-          block_sum[e / 2] += pe;
-          if (!kPlain && drop.on) {
-            const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
-            const bool keep =
-                i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, row_h[e / 2], i, j);
-            pe = keep ? pe * drop.keep_scale : 0.0f;
-          }
-          acc_s[t][e] = pe;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
-#pragma unroll
-      for (int t = 0; t < kOT; ++t) {
-        acc_o[t][0] *= alpha[0];
-        acc_o[t][1] *= alpha[0];
-        acc_o[t][2] *= alpha[1];
-        acc_o[t][3] *= alpha[1];
-      }
+      rows.step(acc_s, acc_o, j0);
 
       // O += P V.
 #pragma unroll
@@ -170,45 +110,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();  // nothing is in flight past here (no key block: only Q's group)
 
-  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf. With splits,
-  // the same in float32 for this split.
-  const bool pair_ok = (v_dim % 2) == 0;
-  const bool split = layout.splits > 1;
-  const int64_t split_row0 = static_cast<int64_t>(blockIdx.x % layout.splits) * partials.rows;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int i = row_i[r];
-    if (i >= q_len) continue;
-    const int64_t h = row_h[r], lse_row = seq.lse_row(h, i);
-    const bool seen = !(row_max[r] == kNegInf);  // NaN counts as seen
-    const float inverse = seen ? 1.0f / sum : 0.0f;
-    const float lse = seen ? row_max[r] + logf(sum) : kNegInf;
-    if (split) {
-      if (tig == 0) partials.lse[split_row0 + lse_row] = lse;
-      float* o_row = partials.o + (split_row0 + lse_row) * p.v_dim;
-#pragma unroll
-      for (int t = 0; t < kOT; ++t) {
-        const int c = t * 8 + 2 * tig;
-        if (c < v_dim) o_row[c] = seen ? acc_o[t][2 * r] * inverse : 0.0f;
-        if (c + 1 < v_dim) o_row[c + 1] = seen ? acc_o[t][2 * r + 1] * inverse : 0.0f;
-      }
-      continue;
-    }
-    if (tig == 0) p.lse[lse_row] = lse;
-    T* o_row = params.o + seq.out_row(h, i) * p.v_dim;
-#pragma unroll
-    for (int t = 0; t < kOT; ++t) {
-      const int c = t * 8 + 2 * tig;
-      if (c < v_dim) {
-        const float lo = seen ? acc_o[t][2 * r] * inverse : 0.0f;
-        const float hi = seen ? acc_o[t][2 * r + 1] * inverse : 0.0f;
-        store_pair<T>(o_row, c, lo, hi, c + 1 < v_dim, pair_ok);
-      }
-    }
-  }
+  rows.finish(params, acc_o, layout, partials);
 }
 
 // One warp per lse row r: lse = logsumexp of the splits' lse_s (NaN when any is NaN, -inf when all
@@ -334,6 +236,7 @@ cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, const
     return cudaErrorInvalidValue;
   }
   const unsigned vector = input_vector_flags(params);
+  if (hopper_forward_applies(p, plan)) return run_forward_sm90<T>(params, vector, stream);
   return with_head_dim_bucket(p, [&](auto bucket) {
     return run_forward<T, decltype(bucket)::value>(params, plan, workspace, vector, stream);
   });

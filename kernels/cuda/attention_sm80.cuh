@@ -70,11 +70,12 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 
 #undef GENFAST_SM80_ASM
 
-// The compute capability's major number of the current device.
-inline cudaError_t current_device_major(int* major) {
+// The compute capability of the current device.
+inline cudaError_t current_device_capability(int* major, int* minor) {
   int device = 0;
-  const cudaError_t status = cudaGetDevice(&device);
-  return status == cudaSuccess ? cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device) : status;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  return status == cudaSuccess ? cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device) : status;
 }
 
 // kernel<<<grid, threads, smem_bytes, stream>>>(args...) with smem_bytes of dynamic shared memory.

@@ -58,8 +58,8 @@ inline cudaError_t check_attention_call(const AttentionParams& p) {
       p.heads % p.kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
-  int major = 0;
-  const cudaError_t status = current_device_major(&major);
+  int major = 0, minor = 0;
+  const cudaError_t status = current_device_capability(&major, &minor);
   if (status != cudaSuccess) return status;
   return major >= 8 ? cudaSuccess : cudaErrorNotSupported;
 }
@@ -205,16 +205,25 @@ __device__ __forceinline__ void store_pair(T* out, int64_t at, float lo, float h
 // The maximum, NaN when either is NaN (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// Rows 0 .. kRows - 1 of a shared tile of kD columns (row stride kD + 8) from 16-bit values:
-// row r from row_at(r), its first element, or zeros where row_at(r) is null; columns past `cols`
-// are zeroed. Whole 16-byte chunks go through cp.async when `vector`; the caller commits and waits.
-template <int kRows, int kD, typename RowAt>
-__device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, int cols, bool vector) {
-  constexpr int kChunks = kD / 8, kStride = kD + 8;
+// Where element (r, c) of a shared tile of kD columns is: rows of kD + 8 values (padded).
+template <int kD>
+struct PaddedRows {
+  __device__ __forceinline__ int operator()(int r, int c) const { return r * (kD + 8) + c; }
+};
+
+// Rows 0 .. kRows - 1 of a shared tile of kD columns laid out by `at` (the offset of element (r, c),
+// for c a multiple of 8, whose 8 values are contiguous) from 16-bit values: row r from row_at(r),
+// its first element, or zeros where row_at(r) is null; columns past `cols` are zeroed. Whole 16-byte
+// chunks go through cp.async when `vector`; kBlockThreads threads share the work; the caller commits
+// and waits.
+template <int kRows, int kD, int kBlockThreads = kThreads, typename RowAt, typename At = PaddedRows<kD>>
+__device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, int cols, bool vector,
+                                          const At& at = At{}) {
+  constexpr int kChunks = kD / 8;
 #pragma unroll 4
-  for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
+  for (int e = threadIdx.x; e < kRows * kChunks; e += kBlockThreads) {
     const int r = e / kChunks, c = (e % kChunks) * 8;
-    uint16_t* dst = tile + r * kStride + c;
+    uint16_t* dst = tile + at(r, c);
     const uint16_t* row = c < cols ? row_at(r) : nullptr;
     if (row != nullptr) {
       const uint16_t* s = row + c;
@@ -237,12 +246,12 @@ __device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, i
 }
 
 // load_rows of rows < rows from `src`, rows row_stride elements apart.
-template <int kRows, int kD>
+template <int kRows, int kD, int kBlockThreads = kThreads, typename At = PaddedRows<kD>>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
-                                          int cols, bool vector) {
-  load_rows<kRows, kD>(
+                                          int cols, bool vector, const At& at = At{}) {
+  load_rows<kRows, kD, kBlockThreads>(
       tile, [&](int r) { return r < rows ? src + r * row_stride : static_cast<const uint16_t*>(nullptr); }, cols,
-      vector);
+      vector, at);
 }
 
 // The band of a sequence in 32 bits: key j of query i is kept when lo <= j - i <= hi. Clamping to

@@ -9,6 +9,14 @@
 // copies land either at their wait (deferred_copies) or at once: a missing wait or barrier then
 // shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
+// wgmma (the Hopper kernel) is asynchronous here too: an issued product is recorded, and runs at the
+// wgmma.wait_group that covers it, a warp collective, reading shared memory through its descriptors
+// (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and MN-major layouts)
+// and A and the accumulators from the lanes' registers at that time; so reading an accumulator
+// before the wait, or overwriting an operand while a product is in flight, gives wrong results. Each
+// warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup must issue the same
+// products. The proxy fence before wgmma reads what threads wrote is not modelled.
+//
 // ldmatrix and mma.m16n8k16 follow the PTX ISA's fragment layouts (lane = 4 g + t: groupID g,
 // threadID_in_group t):
 //   ldmatrix .x4: lanes 8i .. 8i + 7 give the row addresses of matrix i, which lands in register i;
@@ -61,7 +69,7 @@ inline int min(int a, int b) { return a < b ? a : b; }
 namespace cuda_emulator {
 
 enum class State { kRunnable, kBarrier, kWarp, kDone };
-enum class Op { kShuffle, kLdsm, kLdsmTrans, kMmaHalf, kMmaBf16 };
+enum class Op { kShuffle, kLdsm, kLdsmTrans, kMmaHalf, kMmaBf16, kWgmmaWait };
 
 struct Collective {
   Op op;
@@ -72,6 +80,17 @@ struct Collective {
   float* c;                 // mma: 4 accumulators, in and out
   const uint32_t* a;        // mma: 4 registers
   uint32_t b0, b1;
+  int groups;               // wgmma.wait_group: the committed groups that may stay in flight
+};
+
+// One issued wgmma m64nNk16 (this lane's part): d (N / 8 tiles of 4 accumulators) += A B.
+struct Wgmma {
+  bool half;                    // float16 operands, else bfloat16
+  int n;                        // N
+  float* d;
+  uint64_t desc_a, desc_b;
+  const uint32_t* a;            // A in registers (4), else from desc_a, K-major
+  bool trans_b;                 // B MN-major, else K-major
 };
 
 struct PendingCopy {
@@ -85,6 +104,8 @@ struct Thread {
   State state = State::kRunnable;
   Collective* collective = nullptr;
   std::vector<std::vector<PendingCopy>> groups{1};  // the last one is open
+  std::vector<std::vector<Wgmma>> wgmma_groups{1};  // likewise
+  long wgmma_run = 0;
 };
 
 struct Cta {
@@ -121,11 +142,124 @@ inline void thread_entry() {
   // Returning switches to uc_link: the scheduler.
 }
 
+// The compute capability current_device_capability reports (a test sets 9.0 to run the Hopper kernel).
+inline int capability_major = 8, capability_minor = 0;
+
 inline float from_bits(uint16_t bits, Op op) {
   return op == Op::kMmaHalf ? __half2float(__ushort_as_half(bits)) : __bfloat162float(__ushort_as_bfloat16(bits));
 }
 inline uint16_t lo16(uint32_t v) { return static_cast<uint16_t>(v & 0xffffu); }
 inline uint16_t hi16(uint32_t v) { return static_cast<uint16_t>(v >> 16); }
+
+inline unsigned char* shared_bytes();
+
+// Element (mn, k) of a 16-bit operand of a wgmma k-step from its descriptor: 128-byte swizzle,
+// K-major (8 rows of 128 bytes per swizzle atom, atoms `stride` bytes apart in M or N; k within a
+// row) or MN-major (64 M/N values per 128-byte row, a row per k; M/N beyond 64 `leading` bytes on,
+// 8 more k `stride` bytes on).
+inline uint16_t wgmma_operand(uint64_t desc, bool mn_major, int mn, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t leading = static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
+  if (((desc >> 49) & 7) != 0 || (desc >> 62) != 1) {
+    fail("a wgmma descriptor other than 128-byte swizzle, base offset 0");
+  }
+  uint32_t address;
+  if (mn_major) {
+    if (start % 128 != 0) fail("an MN-major wgmma operand that does not start a 128-byte row");
+    address = start + 2 * (mn % 64) + (mn / 64) * leading + (k % 8) * 128 + (k / 8) * stride;
+  } else {
+    if (start % 128 + 32 > 128) fail("a K-major wgmma k-step that crosses a 128-byte row");
+    address = start + (mn % 8) * 128 + (mn / 8) * stride + 2 * k;
+  }
+  address ^= ((address >> 7) & 7) << 4;
+  if (address + 2 > 227 * 1024) fail("a wgmma operand past shared memory");
+  uint16_t bits;
+  std::memcpy(&bits, shared_bytes() + address, 2);
+  return bits;
+}
+
+// Runs product `index` of wgmma group `group` of warp `warp` (its 16 rows of the warpgroup's 64).
+inline void run_wgmma(int warp, int group, int index) {
+  Thread* lanes = &cta->threads[warp * 32];
+  const Wgmma& w = lanes[0].wgmma_groups[group][index];
+  const Op op = w.half ? Op::kMmaHalf : Op::kMmaBf16;
+  for (int l = 1; l < 32; ++l) {
+    const Wgmma& o = lanes[l].wgmma_groups[group][index];
+    if (o.half != w.half || o.n != w.n || o.desc_b != w.desc_b || o.trans_b != w.trans_b ||
+        (o.a == nullptr) != (w.a == nullptr) || (w.a == nullptr && o.desc_a != w.desc_a)) {
+      fail("the lanes of a warp disagree on a wgmma");
+    }
+  }
+  float a[16][16];
+  std::vector<float> b(16 * w.n), d(16 * w.n);
+  for (int m = 0; m < 16; ++m) {
+    for (int k = 0; k < 16; ++k) {
+      if (w.a == nullptr) a[m][k] = from_bits(wgmma_operand(w.desc_a, false, 16 * (warp % 4) + m, k), op);
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const Wgmma& o = lanes[l].wgmma_groups[group][index];
+    for (int k = 0; k < 2; ++k) {
+      if (o.a != nullptr) {
+        const auto part = [&](uint32_t v) { return from_bits(k == 0 ? lo16(v) : hi16(v), op); };
+        a[g][2 * t + k] = part(o.a[0]);
+        a[g + 8][2 * t + k] = part(o.a[1]);
+        a[g][2 * t + 8 + k] = part(o.a[2]);
+        a[g + 8][2 * t + 8 + k] = part(o.a[3]);
+      }
+      for (int tile = 0; tile < w.n / 8; ++tile) {
+        d[g * w.n + 8 * tile + 2 * t + k] = o.d[4 * tile + k];
+        d[(g + 8) * w.n + 8 * tile + 2 * t + k] = o.d[4 * tile + 2 + k];
+      }
+    }
+  }
+  for (int k = 0; k < 16; ++k) {
+    for (int n = 0; n < w.n; ++n) b[k * w.n + n] = from_bits(wgmma_operand(w.desc_b, w.trans_b, n, k), op);
+  }
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < w.n; ++n) {
+      float sum = d[m * w.n + n];
+      for (int k = 0; k < 16; ++k) sum = std::fma(a[m][k], b[k * w.n + n], sum);
+      d[m * w.n + n] = sum;
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    float* out = lanes[l].wgmma_groups[group][index].d;
+    for (int k = 0; k < 2; ++k) {
+      for (int tile = 0; tile < w.n / 8; ++tile) {
+        out[4 * tile + k] = d[g * w.n + 8 * tile + 2 * t + k];
+        out[4 * tile + 2 + k] = d[(g + 8) * w.n + 8 * tile + 2 * t + k];
+      }
+    }
+    ++lanes[l].wgmma_run;
+  }
+}
+
+// wgmma.wait_group: runs the warp's committed groups but the last `keep`.
+inline void run_wgmma_wait(int warp, int keep) {
+  Thread* lanes = &cta->threads[warp * 32];
+  const size_t groups = lanes[0].wgmma_groups.size();
+  for (int l = 0; l < 32; ++l) {
+    if (lanes[l].wgmma_groups.size() != groups) fail("the lanes of a warp disagree on the wgmma groups");
+    for (size_t g = 0; g < groups; ++g) {
+      if (lanes[l].wgmma_groups[g].size() != lanes[0].wgmma_groups[g].size()) {
+        fail("the lanes of a warp disagree on the wgmma groups");
+      }
+    }
+  }
+  const int committed = static_cast<int>(groups) - 1;
+  const int done = committed - keep > 0 ? committed - keep : 0;
+  for (int g = 0; g < done; ++g) {
+    for (size_t i = 0; i < lanes[0].wgmma_groups[g].size(); ++i) run_wgmma(warp, g, static_cast<int>(i));
+  }
+  for (int l = 0; l < 32; ++l) {
+    auto& list = lanes[l].wgmma_groups;
+    list.erase(list.begin(), list.begin() + done);
+  }
+}
 
 // Runs the collective that every live lane of warp `warp` waits at.
 inline void run_collective(int warp) {
@@ -137,7 +271,12 @@ inline void run_collective(int warp) {
   }
   Collective* c[32];
   for (int l = 0; l < 32; ++l) c[l] = lanes[l].collective;
-  if (op == Op::kShuffle) {
+  if (op == Op::kWgmmaWait) {
+    for (int l = 1; l < 32; ++l) {
+      if (c[l]->groups != c[0]->groups) fail("the lanes of a warp disagree on wgmma.wait_group");
+    }
+    run_wgmma_wait(warp, c[0]->groups);
+  } else if (op == Op::kShuffle) {
     float in[32];
     for (int l = 0; l < 32; ++l) in[l] = c[l]->value;
     for (int l = 0; l < 32; ++l) c[l]->value = in[l ^ c[l]->lane_mask];
@@ -249,6 +388,14 @@ inline void run_cta(int threads, const std::function<void()>& body) {
     for (const auto& group : t.groups) {
       if (!group.empty()) fail("a thread exited with cp.async copies it never waited for");
     }
+    for (const auto& group : t.wgmma_groups) {
+      if (!group.empty()) fail("a thread exited with wgmma products it never waited for");
+    }
+  }
+  for (int t = 0; t < threads; ++t) {
+    if (block.threads[t].wgmma_run != block.threads[t - t % 128].wgmma_run) {
+      fail("the warps of a warpgroup ran different wgmma products");
+    }
   }
   cta = nullptr;
 }
@@ -277,8 +424,24 @@ namespace attention_cuda {
 
 namespace {
 // The kernels' `extern __shared__ uint4 smem_raw[]` (declared in this same unnamed namespace).
-alignas(16) uint4 smem_raw[cuda_emulator::kSharedBytes / 16];
+alignas(1024) uint4 smem_raw[cuda_emulator::kSharedBytes / 16];
 }  // namespace
+
+}  // namespace attention_cuda
+}  // namespace genfast
+
+inline unsigned char* cuda_emulator::shared_bytes() {
+  return reinterpret_cast<unsigned char*>(genfast::attention_cuda::smem_raw);
+}
+
+namespace genfast {
+namespace attention_cuda {
+
+inline uint32_t smem_address(const void* p) {
+  const auto offset = reinterpret_cast<const char*>(p) - reinterpret_cast<const char*>(smem_raw);
+  if (offset < 0 || offset > cuda_emulator::kSharedBytes) cuda_emulator::fail("a shared address outside shared memory");
+  return static_cast<uint32_t>(offset);
+}
 
 inline void cp_async_16(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
@@ -322,9 +485,33 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   cuda_emulator::wait_as(cuda_emulator::State::kWarp, &op);
 }
 
-inline cudaError_t current_device_major(int* major) {
-  *major = 8;
+inline cudaError_t current_device_capability(int* major, int* minor) {
+  *major = cuda_emulator::capability_major;
+  *minor = cuda_emulator::capability_minor;
   return cudaSuccess;
+}
+
+inline void wgmma_fence() {}
+inline void fence_async_shared() {}
+template <int kTiles>
+inline void pin_registers(float (&)[kTiles][4]) {}
+inline void wgmma_commit() { cuda_emulator::self().wgmma_groups.emplace_back(); }
+template <int N>
+inline void wgmma_wait() {
+  cuda_emulator::Collective c{};
+  c.op = cuda_emulator::Op::kWgmmaWait;
+  c.groups = N;
+  cuda_emulator::wait_as(cuda_emulator::State::kWarp, &c);
+}
+template <typename T>
+inline void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+  cuda_emulator::self().wgmma_groups.back().push_back(
+      {std::is_same<T, __half>::value, 128, &d[0][0], desc_a, desc_b, nullptr, false});
+}
+template <typename T>
+inline void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  cuda_emulator::self().wgmma_groups.back().push_back(
+      {std::is_same<T, __half>::value, 64, &d[0][0], 0, desc_b, a, true});
 }
 
 // Runs the grid CTA by CTA, with shared memory filled with 0xff bytes (NaN in float16 and bfloat16) at each start.

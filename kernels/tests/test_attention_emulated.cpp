@@ -16,6 +16,7 @@
 
 #include "../cuda/attention_backward.cu"
 #include "../cuda/attention_forward.cu"
+#include "../cuda/attention_forward_sm90.cu"
 
 namespace {
 
@@ -309,9 +310,7 @@ void run_case(const Case& c) {
   params.k = k.data();
   params.v = v.data();
   std::vector<float> o, lse;
-  for (const AttentionForwardPlan& plan : plans_of(p)) {
-    const std::string run = name + " (" + std::to_string(plan.heads_per_cta) + " heads per tile, " +
-                            std::to_string(plan.splits) + " splits)";
+  const auto forward = [&](const std::string& run, const AttentionForwardPlan& plan) {
     std::vector<uint16_t> o_bits(rows * c.v_dim, nan_bits);
     std::vector<float> workspace(genfast::attention_forward_workspace(p, plan), NAN);
     lse.assign(rows, NAN);
@@ -321,12 +320,31 @@ void run_case(const Case& c) {
     if (genfast::launch_attention_forward<T>(params, plan, workspace.data(), nullptr) != cudaSuccess) {
       std::printf("FAIL %s: the forward's launch failed\n", run.c_str());
       ++failures;
-      return;
+      return false;
     }
     o.resize(o_bits.size());
     for (size_t e = 0; e < o.size(); ++e) o[e] = from_bits<T>(o_bits[e]);
     compare(run + ": o", o, ref_o, half ? 2e-3 : 1.5e-2);
     compare(run + ": lse", lse, std::vector<double>(ref_lse.begin(), ref_lse.end()), 1e-4);
+    return true;
+  };
+  // The Hopper kernel (wgmma), as an sm_90 device with the opt-in set runs it (head dims up to 128
+  // where the build has those buckets).
+  cuda_emulator::capability_major = 9;
+  setenv("GENFAST_ATTENTION_SM90", "1", 1);
+  const bool hopper = genfast::attention_cuda::hopper_forward_applies(p, AttentionForwardPlan{});
+  const bool hopper_ok = !hopper || forward(name + " (Hopper kernel)", AttentionForwardPlan{});
+  unsetenv("GENFAST_ATTENTION_SM90");
+  cuda_emulator::capability_major = 8;
+  if (hopper != (std::max(c.dim, c.v_dim) <= genfast::attention_cuda::kHopperMaxHeadDim)) {
+    std::printf("FAIL %s: the Hopper kernel %s\n", name.c_str(), hopper ? "took a head dim past its buckets" : "was not used");
+    ++failures;
+  }
+  if (!hopper_ok) return;
+  for (const AttentionForwardPlan& plan : plans_of(p)) {
+    const std::string run = name + " (" + std::to_string(plan.heads_per_cta) + " heads per tile, " +
+                            std::to_string(plan.splits) + " splits)";
+    if (!forward(run, plan)) return;
   }
   params.o = nullptr;  // the backward reads lse (the last plan's), not o
 
@@ -410,6 +428,10 @@ std::vector<Case> cases() {
   c = Case{};
   c.name = "k and v batches 2^31 elements apart";
   c.batch = 2, c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 70, c.far_batches = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "two query tiles of 128, bottom-right causal d96 dv64";
+  c.dim = 96, c.v_dim = 64, c.q_len = 200, c.k_len = 300, c.band_hi = 300 - 200;
   all.push_back(c);
   c = Case{};
   c.name = "decoding: 1 query, 4 heads per kv head, causal ALiBi dropout d128";

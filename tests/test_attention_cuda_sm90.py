@@ -1,0 +1,85 @@
+"""The Hopper attention forward (wgmma, kernels/cuda/attention_forward_sm90.cu) on an sm_90 GPU,
+opted into with GENFAST_ATTENTION_SM90=1: test_attention_cuda's native cases again (the backward is
+the sm_80 kernels'), and a profile showing that the Hopper kernel ran. Skips without an sm_90 GPU
+or a build with sm_90a."""
+
+import pytest
+import torch
+
+import genfast
+import test_attention_cuda as cuda_tests
+from test_attention import _compare, _qkv
+
+pytestmark = pytest.mark.cuda
+
+NATIVE = [("native", torch.float16), ("native", torch.bfloat16)]
+IDS = ["native-fp16", "native-bf16"]
+
+
+@pytest.fixture(autouse=True)
+def hopper_kernel(monkeypatch):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    if not genfast.build_info().get("attention_sm90"):
+        pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
+    monkeypatch.setenv("GENFAST_ATTENTION_SM90", "1")
+
+
+def _kernels_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_hopper_kernel_runs(dtype, monkeypatch):
+    q, k, v = cuda_tests._cuda(*_qkv(2, 4, 4, 300, 500, 128, dtype))
+    names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
+    assert any("attention_forward_sm90_kernel" in name for name in names), names
+    monkeypatch.setenv("GENFAST_ATTENTION_SM90", "0")
+    names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
+    assert not any("attention_forward_sm90_kernel" in name for name in names), names
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1000, 1000), (100, 333), (333, 100), (129, 257)])
+@pytest.mark.parametrize("dim", [16, 40, 64, 96, 128])
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_matches_reference(impl, dtype, dim, lq, lk):
+    cuda_tests.test_matches_reference(impl, dtype, dim, lq, lk)
+
+
+@pytest.mark.parametrize("options", cuda_tests.OPTIONS, ids=str)
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_options_and_gradients(impl, dtype, options):
+    cuda_tests.test_options_and_gradients(impl, dtype, options)
+
+
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (40, 40), (96, 96), (64, 32), (40, 72), (33, 17), (128, 64)])
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
+    cuda_tests.test_gradients_per_head_dim(impl, dtype, dim, v_dim)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_masks_and_their_gradients(impl, dtype, kind):
+    cuda_tests.test_masks_and_their_gradients(impl, dtype, kind)
+
+
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_strided_inputs_nan_long_causal_varlen_and_graphs(impl, dtype):
+    cuda_tests.test_strided_inputs(impl, dtype)
+    cuda_tests.test_offsets_past_two_to_the_31(impl, dtype)
+    cuda_tests.test_nan_propagates(impl, dtype)
+    cuda_tests.test_long_causal(impl, dtype)
+    cuda_tests.test_varlen(impl, dtype)
+    cuda_tests.test_cuda_graph_capture(impl, dtype)
+
+
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_long_sequence_bf16_training_shape(impl, dtype):
+    """The benchmark's shape class: 8k keys, head dim 128, causal and not."""
+    q, k, v = cuda_tests._cuda(*_qkv(1, 4, 4, 8192, 8192, 128, dtype))
+    _compare(q, k, v, impl=impl)
+    _compare(q, k, v, impl=impl, causal="top_left")
