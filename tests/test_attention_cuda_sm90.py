@@ -1,7 +1,8 @@
 """The Hopper attention forward (wgmma, kernels/cuda/attention_forward_sm90.cu) on an sm_90 GPU,
 opted into with GENFAST_ATTENTION_SM90=1: test_attention_cuda's native cases again (the backward is
-the sm_80 kernels'), and a profile showing that the Hopper kernel ran. Skips without an sm_90 GPU
-or a build with sm_90a."""
+the sm_80 kernels'; dense aligned inputs take the warp-specialized TMA kernel, packed and strided
+ones the cp.async one), and profiles showing which kernel ran. Skips without an sm_90 GPU or a build
+with sm_90a."""
 
 import pytest
 import torch
@@ -33,13 +34,17 @@ def _kernels_run(fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_hopper_kernel_runs(dtype, monkeypatch):
+def test_the_hopper_kernels_run(dtype, monkeypatch):
     q, k, v = cuda_tests._cuda(*_qkv(2, 4, 4, 300, 500, 128, dtype))
     names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
+    assert any("attention_forward_sm90_tma_kernel" in name for name in names), names
+    odd = torch.zeros(2, 4, 300, 101, dtype=dtype, device="cuda")[..., :100]  # rows 202 bytes apart: no TMA
+    odd.copy_(q[..., :100])
+    names = _kernels_run(lambda: genfast.attention(odd, k[..., :100], v, impl="native"))
     assert any("attention_forward_sm90_kernel" in name for name in names), names
     monkeypatch.setenv("GENFAST_ATTENTION_SM90", "0")
     names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
-    assert not any("attention_forward_sm90_kernel" in name for name in names), names
+    assert not any("attention_forward_sm90" in name for name in names), names
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1000, 1000), (100, 333), (333, 100), (129, 257)])

@@ -1,13 +1,18 @@
-// Attention forward for Hopper (sm_90a) on wgmma: a CTA of two warpgroups takes 128 query rows of
-// one head (64 per warpgroup) and walks key blocks of 128, K and V double-buffered through cp.async
-// in 128-byte-swizzled shared memory (attention_swizzle.cuh), next to Q.
+// Attention forward for Hopper (sm_90a) on wgmma: two consumer warpgroups take 128 query rows of
+// one head (64 each) and walk key blocks of 128, K and V double-buffered in 128-byte-swizzled shared
+// memory (attention_swizzle.cuh), next to Q.
 //   S = Q K^T   wgmma m64n128k16, A = Q and B = K both K-major from shared memory
 //   O += P V    wgmma m64n64k16 per 64 columns of O, A = P from S's registers, B = V MN-major
 // S and O have mma.m16n8's C-fragment layout, so the scores, online softmax and epilogue are the
-// sm_80 kernel's (ForwardRows). This first Hopper step keeps the sm_80 kernel's structure: each
-// warpgroup waits for its products, and no warp only copies (no TMA or warp specialization yet).
-// It takes plans without stacking or splits and head-dim buckets 64 and 128; the launcher in
-// attention_forward.cu uses it on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a.
+// sm_80 kernel's (ForwardRows). Two kernels:
+// - warp-specialized (dense inputs that TMA can address: 16-byte aligned, strides multiples of 16
+//   bytes): a third, producer warpgroup gives up its registers (setmaxnreg) and one of its threads
+//   loads Q once and each key block's K and V with TMA, signalling full mbarriers; the consumers
+//   release a stage through an empty mbarrier. No __syncthreads in the loop, so each consumer
+//   warpgroup's softmax overlaps the other's products.
+// - every thread copying with cp.async (packed sequences, other strides), a barrier per block.
+// They take plans without stacking or splits and head-dim buckets 64 and 128; the launcher in
+// attention_forward.cu uses them on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a.
 #include <cstdlib>
 #include <cstring>
 
@@ -24,13 +29,19 @@ namespace attention_cuda {
 namespace {
 
 constexpr int kHopperThreads = 256;  // two warpgroups
+constexpr int kProducerThreads = 128;  // the warp-specialized kernel's third warpgroup
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerThreads * kProducerRegisters + kHopperThreads * kConsumerRegisters <= 64 * 1024,
+              "the warpgroups' registers must fit an SM's register file");
 
 template <int kD>
 struct HopperForwardTile {
   static constexpr int kBlockM = 128, kBlockN = 128;
   static constexpr int kQElements = kBlockM * kD, kKeyElements = kBlockN * kD;
-  // Q, then K and V double-buffered, after up to 1024 bytes that align the tiles to a swizzle atom.
-  static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + (kQElements + 4 * kKeyElements) * 2;
+  // Up to 1024 bytes that align the tiles to a swizzle atom, Q, K and V double-buffered, then the
+  // warp-specialized kernel's mbarriers.
+  static constexpr int kTileBytes = (kQElements + 4 * kKeyElements) * 2;
+  static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + kTileBytes + 8 * 8;
   static_assert(kD == 64 || kD == 128, "the Hopper forward takes head-dim buckets 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "the Hopper forward's tiles must fit an sm_90 CTA");
 };
@@ -38,6 +49,77 @@ struct HopperForwardTile {
 template <int kTiles>
 __device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first))[8][4] {
   return *reinterpret_cast<float(*)[8][4]>(&acc[first]);
+}
+
+
+// The tiles of a CTA in its dynamic shared memory, 1024-byte aligned (shared addresses for wgmma's
+// descriptors, pointers for the copies), and the mbarriers after them.
+template <int kD>
+struct HopperSmem {
+  using Tile = HopperForwardTile<kD>;
+  uint16_t *q, *k, *v;  // k and v: buffers 0 and 1
+  uint32_t q_address, k_address, v_address;
+  uint64_t* barriers;
+  __device__ __forceinline__ explicit HopperSmem(uint4* raw) {
+    const uint32_t start = smem_address(raw);
+    const uint32_t aligned = (start + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+    q = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(raw) + (aligned - start));
+    k = q + Tile::kQElements;
+    v = k + 2 * Tile::kKeyElements;
+    barriers = reinterpret_cast<uint64_t*>(q + Tile::kQElements + 4 * Tile::kKeyElements);
+    q_address = aligned;
+    k_address = q_address + Tile::kQElements * 2;
+    v_address = k_address + 2 * Tile::kKeyElements * 2;
+  }
+  __device__ __forceinline__ uint16_t* k_tile(int buf) const { return k + buf * Tile::kKeyElements; }
+  __device__ __forceinline__ uint16_t* v_tile(int buf) const { return v + buf * Tile::kKeyElements; }
+};
+
+// One key block for a consumer warpgroup's 64 rows (q_group: their Q; k_tile, v_tile: the block's
+// buffers): S = Q K^T, then ForwardRows' scores and online softmax, then, once wait_values()
+// returns, O += P V. Every k-step and half runs (the zero-padded columns add nothing): a branch
+// between two wgmma makes ptxas serialize them.
+template <typename T, int kD, typename Rows, int kOT, typename WaitValues>
+__device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows, uint32_t q_group, uint32_t k_tile,
+                                             uint32_t v_tile, int j0, const WaitValues& wait_values) {
+  using Tile = HopperForwardTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
+  constexpr int kST = kBlockN / 8, kHalves = kD / 64;
+  constexpr int kHalfBytesQ = kBlockM * 128, kHalfBytesKey = kBlockN * 128;  // one 64-column half
+
+  // S: k-step ks reads 32 bytes into each row of its half.
+  float acc_s[kST][4];
+  zero(acc_s);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint32_t within = (ks % 4) * 32;
+    wgmma_ss<T>(acc_s, smem_descriptor(q_group + (ks / 4) * kHalfBytesQ + within),
+                smem_descriptor(k_tile + (ks / 4) * kHalfBytesKey + within));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(acc_s);
+
+  rows.step(acc_s, acc_o, j0);
+
+  // O += P V: k-step kk takes keys 16 kk .. 16 kk + 15, two swizzle atoms of V's rows.
+  uint32_t a[kBlockN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) a_from_c<T, kST>(a[kk], acc_s, kk);
+  wait_values();
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+    for (int half = 0; half < kHalves; ++half) {
+      wgmma_rs<T>(columns_of(acc_o, half * 8), a[kk],
+                  smem_descriptor(v_tile + half * kHalfBytesKey + kk * 2 * kSwizzleAtomBytes));
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(acc_o);
 }
 
 template <typename T, int kD, bool kPlain>
@@ -48,9 +130,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   __trap();  // built for another target of a fat binary: the launcher never runs it there
 #else
   using Tile = HopperForwardTile<kD>;
-  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-  constexpr int kST = kBlockN / 8, kOT = kD / 8, kHalves = kD / 64;
-  constexpr int kHalfBytesQ = kBlockM * 128, kHalfBytesKey = kBlockN * 128;  // one 64-column half
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kOT = kD / 8;
   const AttentionParams& p = params.base;
 
   const QueryTile<kBlockM, kBlockN> work(p, layout);
@@ -61,27 +141,20 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim), k_len = work.k_len;
 
   extern __shared__ uint4 smem_raw[];
-  const uint32_t raw = smem_address(smem_raw);
-  const uint32_t aligned = (raw + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
-  uint16_t* s_q = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(smem_raw) + (aligned - raw));
-  uint16_t* s_k = s_q + Tile::kQElements;  // buffers 0 and 1
-  uint16_t* s_v = s_k + 2 * Tile::kKeyElements;
-  const uint32_t q_address = aligned;
-  const uint32_t k_address = q_address + Tile::kQElements * 2, v_address = k_address + 2 * Tile::kKeyElements * 2;
-
+  const HopperSmem<kD> smem(smem_raw);
   const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q);
   const uint16_t* k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, work.hk, 0);
   const uint16_t* v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, work.hk, 0);
   const int64_t k_row = p.k_stride[2], v_row = p.v_stride[2];
   const auto load_keys = [&](int block, int buf) {
     const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD, kHopperThreads>(s_k + buf * Tile::kKeyElements, k_base + j0 * k_row, k_row, valid, dim,
+    load_tile<kBlockN, kD, kHopperThreads>(smem.k_tile(buf), k_base + j0 * k_row, k_row, valid, dim,
                                            (vector & kVectorK) != 0, SwizzledRows<kBlockN>{});
-    load_tile<kBlockN, kD, kHopperThreads>(s_v + buf * Tile::kKeyElements, v_base + j0 * v_row, v_row, valid,
-                                           v_dim, (vector & kVectorV) != 0, SwizzledRows<kBlockN>{});
+    load_tile<kBlockN, kD, kHopperThreads>(smem.v_tile(buf), v_base + j0 * v_row, v_row, valid, v_dim,
+                                           (vector & kVectorV) != 0, SwizzledRows<kBlockN>{});
   };
   load_rows<kBlockM, kD, kHopperThreads>(
-      s_q,
+      smem.q,
       [&](int r) {
         int64_t h;
         int i;
@@ -96,13 +169,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, warp, lane);
   // wgmma runs a whole warpgroup: one whose 64 rows hold no query skips the products together.
   const bool group_busy = work.any_row(group * 64, 64);
-  const uint32_t q_group = q_address + group * 64 * 128;
+  const uint32_t q_group = smem.q_address + group * 64 * 128;
 
   float acc_o[kOT][4];
   zero(acc_o);
-
   for (int n = 0; n < blocks.count; ++n) {
-    const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
+    const int buf = n & 1;
     if (n + 1 < blocks.count) {
       load_keys(blocks.first + n + 1, buf ^ 1);
       cp_async_commit();
@@ -113,43 +185,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     fence_async_shared();  // this thread's landed copies (and zero stores), before any wgmma reads them
     __syncthreads();
     if (group_busy) {
-      const uint32_t k_tile = k_address + buf * Tile::kKeyElements * 2;
-      const uint32_t v_tile = v_address + buf * Tile::kKeyElements * 2;
-
-      // S = Q K^T for the warpgroup's 64 rows: k-step ks reads 32 bytes into a row of its half.
-      // Every k-step and half runs (the zero-padded columns add nothing): a branch between two wgmma
-      // makes ptxas serialize them.
-      float acc_s[kST][4];
-      zero(acc_s);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint32_t within = (ks % 4) * 32;
-        wgmma_ss<T>(acc_s, smem_descriptor(q_group + (ks / 4) * kHalfBytesQ + within),
-                    smem_descriptor(k_tile + (ks / 4) * kHalfBytesKey + within));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers(acc_s);
-
-      rows.step(acc_s, acc_o, j0);
-
-      // O += P V: k-step kk takes keys 16 kk .. 16 kk + 15, two swizzle atoms of V's rows.
-      uint32_t a[kBlockN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) a_from_c<T, kST>(a[kk], acc_s, kk);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-        for (int half = 0; half < kHalves; ++half) {
-          wgmma_rs<T>(columns_of(acc_o, half * 8), a[kk],
-                      smem_descriptor(v_tile + half * kHalfBytesKey + kk * 2 * kSwizzleAtomBytes));
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers(acc_o);
+      hopper_block<T, kD>(acc_o, rows, q_group, smem.k_address + buf * Tile::kKeyElements * 2,
+                          smem.v_address + buf * Tile::kKeyElements * 2, (blocks.first + n) * kBlockN, [] {});
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
@@ -159,13 +196,136 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #endif
 }
 
+// The tensor maps of q, k and v (dims: head dim, position, head, batch) for the TMA loads.
+struct HopperMaps {
+  CUtensorMap q, k, v;
+};
+
+template <typename T, int kD, bool kPlain>
+__global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
+    attention_forward_sm90_tma_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                      const __grid_constant__ HopperMaps maps, QueryLayout layout) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another target of a fat binary: the launcher never runs it there
+#else
+  using Tile = HopperForwardTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kOT = kD / 8, kHalves = kD / 64;
+  const AttentionParams& p = params.base;
+  const QueryTile<kBlockM, kBlockN> work(p, layout);
+  const BlockRange blocks = work.blocks;
+
+  extern __shared__ uint4 smem_raw[];
+  const HopperSmem<kD> smem(smem_raw);
+  // q_full; then per buffer s: k_full[s], v_full[s] (a TMA load each) and kv_empty[s] (the consumers).
+  uint64_t* q_full = smem.barriers;
+  uint64_t* k_full = smem.barriers + 1;
+  uint64_t* v_full = smem.barriers + 3;
+  uint64_t* kv_empty = smem.barriers + 5;
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(k_full + s, 1);
+      mbarrier_init(v_full + s, 1);
+      mbarrier_init(kv_empty + s, kHopperThreads);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < kProducerThreads / 32) {
+    setmaxnreg_dec<kProducerRegisters>();
+    if (threadIdx.x == 0) {
+      const int b = static_cast<int>(work.b), hk = static_cast<int>(work.hk), h = static_cast<int>(work.h0);
+      mbarrier_arrive_expect_tx(q_full, Tile::kQElements * 2);
+      for (int half = 0; half < kHalves; ++half) {
+        tma_load_4d(smem.q + half * kBlockM * 64, &maps.q, half * 64, work.i0, h, b, q_full);
+      }
+      for (int n = 0; n < blocks.count; ++n) {
+        const int s = n & 1, j0 = (blocks.first + n) * kBlockN;
+        if (n >= 2) mbarrier_wait(kv_empty + s, ((n >> 1) - 1) & 1);  // the consumers are done with block n - 2
+        mbarrier_arrive_expect_tx(k_full + s, Tile::kKeyElements * 2);
+        for (int half = 0; half < kHalves; ++half) {
+          tma_load_4d(smem.k_tile(s) + half * kBlockN * 64, &maps.k, half * 64, j0, hk, b, k_full + s);
+        }
+        mbarrier_arrive_expect_tx(v_full + s, Tile::kKeyElements * 2);
+        for (int half = 0; half < kHalves; ++half) {
+          tma_load_4d(smem.v_tile(s) + half * kBlockN * 64, &maps.v, half * 64, j0, hk, b, v_full + s);
+        }
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<kConsumerRegisters>();
+  const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
+  ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, consumer_warp, lane);
+  const bool group_busy = work.any_row(group * 64, 64);
+  const uint32_t q_group = smem.q_address + group * 64 * 128;
+
+  float acc_o[kOT][4];
+  zero(acc_o);
+  mbarrier_wait(q_full, 0);
+  for (int n = 0; n < blocks.count; ++n) {
+    const int s = n & 1;
+    const uint32_t parity = (n >> 1) & 1;
+    mbarrier_wait(k_full + s, parity);
+    const auto wait_values = [&] { mbarrier_wait(v_full + s, parity); };
+    if (group_busy) {
+      hopper_block<T, kD>(acc_o, rows, q_group, smem.k_address + s * Tile::kKeyElements * 2,
+                          smem.v_address + s * Tile::kKeyElements * 2, (blocks.first + n) * kBlockN, wait_values);
+    } else {
+      wait_values();
+    }
+    mbarrier_arrive(kv_empty + s);
+  }
+  rows.finish(params, acc_o, layout, ForwardPartials{});
+#endif
+}
+
+// Whether TMA can address a tensor of `rows` positions: 16-byte aligned base, strides of positive
+// multiples of 16 bytes (a dim of size 1 may have any stride).
+inline bool tma_addressable(const void* base, const int64_t (&stride)[3], const int64_t (&sizes)[3]) {
+  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (sizes[d] == 1 || (stride[d] > 0 && stride[d] % 8 == 0));
+  return ok;
+}
+
+// The map of a dense (batch, heads, positions, width) tensor with element strides `stride`, in
+// boxes of 64 columns by `rows` positions.
+inline cudaError_t tile_map(CUtensorMap* map, const void* base, const int64_t (&stride)[3], int64_t batch,
+                            int64_t heads, int64_t positions, int64_t width, uint32_t rows) {
+  const uint64_t dims[4] = {static_cast<uint64_t>(width), static_cast<uint64_t>(positions),
+                            static_cast<uint64_t>(heads), static_cast<uint64_t>(batch)};
+  const int64_t sizes[3] = {positions, heads, batch};
+  uint64_t strides[3];
+  for (int d = 0; d < 3; ++d) strides[d] = sizes[d] == 1 ? 16 : static_cast<uint64_t>(stride[2 - d]) * 2;
+  return encode_tile_map(map, base, dims, strides, 64, rows);
+}
+
 template <typename T, int kD, bool kPlain>
 cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream) {
   using Tile = HopperForwardTile<kD>;
   const AttentionParams& p = params.base;
   const QueryLayout layout = query_layout(p, Tile::kBlockM, 1, 1);
-  return launch_tiles(attention_forward_sm90_kernel<T, kD, kPlain>, query_layout_ctas(p, layout), kHopperThreads,
-                      Tile::kSmemBytes, stream, params, layout, vector);
+  const int64_t ctas = query_layout_ctas(p, layout);
+  const int64_t q_sizes[3] = {p.q_len, p.heads, p.batch}, kv_sizes[3] = {p.k_len, p.kv_heads, p.batch};
+  const bool tma = p.cu_seqlens_q == nullptr && p.k_len > 0 && tma_addressable(params.q, p.q_stride, q_sizes) &&
+                   tma_addressable(params.k, p.k_stride, kv_sizes) && tma_addressable(params.v, p.v_stride, kv_sizes);
+  if (tma) {
+    HopperMaps maps;
+    cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
+    if (status == cudaSuccess) {
+      status = tile_map(&maps.k, params.k, p.k_stride, p.batch, p.kv_heads, p.k_len, p.dim, Tile::kBlockN);
+    }
+    if (status == cudaSuccess) {
+      status = tile_map(&maps.v, params.v, p.v_stride, p.batch, p.kv_heads, p.k_len, p.v_dim, Tile::kBlockN);
+    }
+    if (status != cudaSuccess) return status;
+    return launch_tiles(attention_forward_sm90_tma_kernel<T, kD, kPlain>, ctas, kHopperThreads + kProducerThreads,
+                        Tile::kSmemBytes, stream, params, maps, layout);
+  }
+  return launch_tiles(attention_forward_sm90_kernel<T, kD, kPlain>, ctas, kHopperThreads, Tile::kSmemBytes, stream,
+                      params, layout, vector);
 }
 
 }  // namespace

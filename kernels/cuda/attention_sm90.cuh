@@ -1,11 +1,14 @@
 // The hardware side of the Hopper attention forward (attention_forward_sm90.cu): wgmma (warpgroup
 // MMA, sm_90a) on operands described by attention_swizzle.cuh, its fences, and the proxy fence that
-// makes cp.async's writes visible to it. kernels/tests/cuda_emulator.h defines the same names on the
-// host.
+// makes cp.async's writes visible to it; mbarriers, TMA tile loads and their tensor maps, and
+// setmaxnreg for the warp-specialized kernel. kernels/tests/cuda_emulator.h defines the same names
+// on the host.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace genfast {
@@ -32,6 +35,79 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_async_shared() {
   GENFAST_SM90_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// mbarriers in shared memory: a phase ends when `count` threads have arrived and the transaction
+// bytes announced with expect_tx have landed; a wait names the parity of the phase it waits out.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+  GENFAST_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+}
+// Makes initialized mbarriers visible to the async proxy (TMA); a barrier must follow.
+__device__ __forceinline__ void fence_barrier_init() {
+  GENFAST_SM90_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  GENFAST_SM90_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  GENFAST_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
+                   : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    GENFAST_SM90_ASM(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+// A box of a 4-d tensor map at coordinates (c0 innermost) into shared memory; its bytes complete
+// on `bar`.
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+  GENFAST_SM90_ASM(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(bar))
+      : "memory");
+}
+// Moves this warpgroup's register budget (the producer gives, the consumers take).
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  GENFAST_SM90_ASM("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  GENFAST_SM90_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// The tensor map of a 4-d tensor of 16-bit values (dims innermost first; byte strides of dims 1 .. 3,
+// multiples of 16; base 16-byte aligned) read in boxes of box0 x box1 x 1 x 1 with the 128-byte
+// swizzle and zeros out of bounds. cuTensorMapEncodeTiled comes from the driver through the runtime,
+// so the extension does not link libcuda.
+inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[4],
+                                   const uint64_t (&strides)[3], uint32_t box0, uint32_t box1) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+    return status == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<Encode>(fn) : nullptr;
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t global_dims[4] = {dims[0], dims[1], dims[2], dims[3]};
+  const cuuint64_t global_strides[3] = {strides[0], strides[1], strides[2]};
+  const cuuint32_t box[4] = {box0, box1, 1, 1}, element_strides[4] = {1, 1, 1, 1};
+  const CUresult result = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), global_dims,
+                                 global_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // Keeps the compiler from moving accesses of an accumulator across a wgmma that is in flight.
 template <int kTiles>
 __device__ __forceinline__ void pin_registers(float (&d)[kTiles][4]) {

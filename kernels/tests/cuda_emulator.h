@@ -26,6 +26,7 @@
 //   C and D (16 x 8): c0, c1 (g, 2t..), c2, c3 (g + 8, 2t..).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -68,7 +69,7 @@ inline int min(int a, int b) { return a < b ? a : b; }
 
 namespace cuda_emulator {
 
-enum class State { kRunnable, kBarrier, kWarp, kDone };
+enum class State { kRunnable, kBarrier, kWarp, kMbarrier, kDone };
 enum class Op { kShuffle, kLdsm, kLdsmTrans, kMmaHalf, kMmaBf16, kWgmmaWait };
 
 struct Collective {
@@ -106,6 +107,31 @@ struct Thread {
   std::vector<std::vector<PendingCopy>> groups{1};  // the last one is open
   std::vector<std::vector<Wgmma>> wgmma_groups{1};  // likewise
   long wgmma_run = 0;
+  uint32_t waiting_barrier = 0, waiting_parity = 0;  // State::kMbarrier: the mbarrier and phase parity
+};
+
+// A tensor map as the emulated encoder writes it into a CUtensorMap: a 4-d tensor of 16-bit values
+// (dims innermost first, byte strides of dims 1 .. 3), a box of box0 x box1 x 1 x 1, 128-byte swizzle.
+struct TileMap {
+  const unsigned char* base;
+  uint64_t dims[4], strides[3];
+  uint32_t box0, box1;
+};
+
+// One TMA copy in flight: the box at `coords` of `map` into shared offset `dst`.
+struct TmaCopy {
+  TileMap map;
+  int coords[4];
+  uint32_t dst;
+};
+
+// An mbarrier (by its shared offset): the arrivals its phase still waits for, the transaction
+// bytes still to land, and the TMA copies that complete them.
+struct Mbarrier {
+  int count = 0, pending = 0;
+  long tx = 0;
+  uint32_t phase = 0;
+  std::vector<TmaCopy> copies;
 };
 
 struct Cta {
@@ -113,6 +139,7 @@ struct Cta {
   ucontext_t scheduler;
   int current = 0;
   std::function<void()> body;
+  std::vector<std::pair<uint32_t, Mbarrier>> barriers;
 };
 
 inline Cta* cta = nullptr;
@@ -152,6 +179,7 @@ inline uint16_t lo16(uint32_t v) { return static_cast<uint16_t>(v & 0xffffu); }
 inline uint16_t hi16(uint32_t v) { return static_cast<uint16_t>(v >> 16); }
 
 inline unsigned char* shared_bytes();
+constexpr uint32_t kSwizzleAtomBytesEmulated = 1024;
 
 // Element (mn, k) of a 16-bit operand of a wgmma k-step from its descriptor: 128-byte swizzle,
 // K-major (8 rows of 128 bytes per swizzle atom, atoms `stride` bytes apart in M or N; k within a
@@ -338,6 +366,56 @@ inline void run_collective(int warp) {
   }
 }
 
+inline Mbarrier& mbarrier_at(uint32_t offset) {
+  for (auto& b : cta->barriers) {
+    if (b.first == offset) return b.second;
+  }
+  fail("an mbarrier used before mbarrier.init");
+}
+
+// A phase ends when its arrivals are in and its transaction bytes have landed.
+inline void complete_phase(Mbarrier& b) {
+  if (b.pending < 0 || (b.pending == 0 && b.tx < 0)) fail("more arrivals or bytes than an mbarrier's phase expects");
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.count;
+  }
+}
+
+// Lands a TMA copy: the box's elements in bounds, zeros out of bounds, written with the 128-byte
+// swizzle (by shared address, as wgmma reads it); then its bytes complete on `barrier`.
+inline void land(const TmaCopy& copy, Mbarrier& barrier) {
+  const TileMap& m = copy.map;
+  if (m.box0 * 2 != 128) fail("a TMA box whose rows are not the 128 bytes of the swizzle span");
+  if (copy.dst % kSwizzleAtomBytesEmulated != 0) fail("a TMA destination not aligned to the 1024-byte swizzle atom");
+  for (uint32_t r = 0; r < m.box1; ++r) {
+    for (uint32_t e = 0; e < m.box0; ++e) {
+      const int64_t c[4] = {copy.coords[0] + static_cast<int64_t>(e), copy.coords[1] + static_cast<int64_t>(r),
+                            copy.coords[2], copy.coords[3]};
+      bool inside = true;
+      for (int d = 0; d < 4; ++d) inside = inside && c[d] >= 0 && static_cast<uint64_t>(c[d]) < m.dims[d];
+      uint16_t value = 0;
+      if (inside) {
+        std::memcpy(&value, m.base + 2 * c[0] + c[1] * m.strides[0] + c[2] * m.strides[1] + c[3] * m.strides[2], 2);
+      }
+      uint32_t address = copy.dst + r * 128 + 2 * e;
+      address ^= ((address >> 7) & 7) << 4;
+      std::memcpy(shared_bytes() + address, &value, 2);
+    }
+  }
+  barrier.tx -= 2L * m.box0 * m.box1;
+  complete_phase(barrier);
+}
+
+// Whether a thread waiting on an mbarrier may go on (its pending copies landed first).
+inline bool mbarrier_released(Thread& t) {
+  Mbarrier& b = mbarrier_at(t.waiting_barrier);
+  std::vector<TmaCopy> copies;
+  copies.swap(b.copies);
+  for (const TmaCopy& copy : copies) land(copy, b);
+  return (b.phase & 1) != t.waiting_parity;
+}
+
 // Runs one CTA of `threads` threads to completion.
 inline void run_cta(int threads, const std::function<void()>& body) {
   if (threads % 32 != 0) fail("the emulator runs whole warps");
@@ -357,29 +435,54 @@ inline void run_cta(int threads, const std::function<void()>& body) {
   std::vector<int> order(threads / 32);
   for (int w = 0; w < threads / 32; ++w) order[w] = w;
   for (;;) {
-    // Each warp in turn runs as far as it can before the next __syncthreads, in a shuffled order:
-    // the greatest skew between warps that the barriers allow, which exposes missing barriers.
+    // Each warp in turn runs as far as it can before the next __syncthreads or a wait on an
+    // mbarrier, in a shuffled order: the greatest skew between warps that the barriers allow, which
+    // exposes missing barriers.
     std::shuffle(order.begin(), order.end(), schedule_rng);
+    long resumed = 0;
     for (int w : order) {
       Thread* lanes = &block.threads[w * 32];
       for (;;) {
         for (int l = 0; l < 32; ++l) {
+          if (lanes[l].state == State::kMbarrier && mbarrier_released(lanes[l])) lanes[l].state = State::kRunnable;
           if (lanes[l].state != State::kRunnable) continue;
           block.current = w * 32 + l;
           threadIdx.x = static_cast<unsigned>(block.current);
           swapcontext(&block.scheduler, &lanes[l].context);
+          ++resumed;
         }
-        int at_collective = 0;
-        for (int l = 0; l < 32; ++l) at_collective += lanes[l].state == State::kWarp;
+        int at_collective = 0, blocked = 0, runnable = 0;
+        for (int l = 0; l < 32; ++l) {
+          at_collective += lanes[l].state == State::kWarp;
+          blocked += lanes[l].state == State::kMbarrier;
+          runnable += lanes[l].state == State::kRunnable;
+        }
+        if (runnable > 0) continue;
         if (at_collective == 0) break;
         block.current = w * 32;
-        if (at_collective < 32) fail("a warp collective that not every lane reaches");
-        run_collective(w);
+        if (at_collective == 32) {
+          run_collective(w);
+          continue;
+        }
+        if (blocked > 0) break;  // the other lanes reach the collective once their mbarrier lets them
+        fail("a warp collective that not every lane reaches");
       }
     }
-    bool all_done = true;
-    for (Thread& t : block.threads) all_done = all_done && t.state == State::kDone;
+    bool all_done = true, waiting = false;
+    for (Thread& t : block.threads) {
+      all_done = all_done && t.state == State::kDone;
+      waiting = waiting || t.state == State::kMbarrier || t.state == State::kWarp;
+    }
     if (all_done) break;
+    if (waiting) {
+      // __syncthreads waits for the threads blocked on mbarriers; those must move on by themselves.
+      if (resumed == 0) {
+        bool released = false;
+        for (Thread& t : block.threads) released = released || (t.state == State::kMbarrier && mbarrier_released(t));
+        if (!released) fail("deadlock: threads wait on mbarriers whose phase never completes");
+      }
+      continue;
+    }
     for (Thread& t : block.threads) {  // exited threads count as arrived, as on sm_70 and later
       if (t.state == State::kBarrier) t.state = State::kRunnable;
     }
@@ -391,6 +494,9 @@ inline void run_cta(int threads, const std::function<void()>& body) {
     for (const auto& group : t.wgmma_groups) {
       if (!group.empty()) fail("a thread exited with wgmma products it never waited for");
     }
+  }
+  for (const auto& b : block.barriers) {
+    if (!b.second.copies.empty()) fail("a CTA exited with TMA copies in flight");
   }
   for (int t = 0; t < threads; ++t) {
     if (block.threads[t].wgmma_run != block.threads[t - t % 128].wgmma_run) {
@@ -488,6 +594,68 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 inline cudaError_t current_device_capability(int* major, int* minor) {
   *major = cuda_emulator::capability_major;
   *minor = cuda_emulator::capability_minor;
+  return cudaSuccess;
+}
+
+// mbarriers and TMA (the warp-specialized Hopper kernel).
+inline void mbarrier_init(uint64_t* bar, uint32_t count) {
+  const uint32_t at = smem_address(bar);
+  auto& all = cuda_emulator::cta->barriers;
+  for (auto& b : all) {
+    if (b.first == at) cuda_emulator::fail("an mbarrier initialized twice");
+  }
+  cuda_emulator::Mbarrier b;
+  b.count = b.pending = static_cast<int>(count);
+  all.emplace_back(at, b);
+}
+inline void fence_barrier_init() {}
+inline void mbarrier_arrive(uint64_t* bar) {
+  cuda_emulator::Mbarrier& b = cuda_emulator::mbarrier_at(smem_address(bar));
+  --b.pending;
+  cuda_emulator::complete_phase(b);
+}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  cuda_emulator::Mbarrier& b = cuda_emulator::mbarrier_at(smem_address(bar));
+  b.tx += bytes;
+  --b.pending;
+  cuda_emulator::complete_phase(b);
+}
+inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  cuda_emulator::Thread& t = cuda_emulator::self();
+  t.waiting_barrier = smem_address(bar);
+  t.waiting_parity = parity;
+  if (!cuda_emulator::mbarrier_released(t)) cuda_emulator::wait_as(cuda_emulator::State::kMbarrier);
+}
+// A TMA copy lands when a thread waits on its mbarrier (deferred_copies), else at once.
+inline void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
+  cuda_emulator::TmaCopy copy{};
+  std::memcpy(&copy.map, map, sizeof(copy.map));
+  copy.coords[0] = c0, copy.coords[1] = c1, copy.coords[2] = c2, copy.coords[3] = c3;
+  copy.dst = smem_address(dst);
+  cuda_emulator::Mbarrier& b = cuda_emulator::mbarrier_at(smem_address(bar));
+  if (cuda_emulator::deferred_copies) {
+    b.copies.push_back(copy);
+  } else {
+    cuda_emulator::land(copy, b);
+  }
+}
+template <int kRegisters>
+inline void setmaxnreg_inc() {}
+template <int kRegisters>
+inline void setmaxnreg_dec() {}
+
+// The emulated tensor map of a 4-d tensor of 16-bit values (dims innermost first, byte strides of
+// dims 1 .. 3) read in boxes of box0 x box1, 128-byte swizzled.
+inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[4],
+                                   const uint64_t (&strides)[3], uint32_t box0, uint32_t box1) {
+  static_assert(sizeof(cuda_emulator::TileMap) <= sizeof(CUtensorMap), "the emulated map fits a CUtensorMap");
+  cuda_emulator::TileMap m{};
+  m.base = static_cast<const unsigned char*>(base);
+  for (int d = 0; d < 4; ++d) m.dims[d] = dims[d];
+  for (int d = 0; d < 3; ++d) m.strides[d] = strides[d];
+  m.box0 = box0, m.box1 = box1;
+  std::memset(map, 0, sizeof(*map));
+  std::memcpy(map, &m, sizeof(m));
   return cudaSuccess;
 }
 
