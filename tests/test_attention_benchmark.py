@@ -1,8 +1,10 @@
 """The attention benchmark's FlashAttention peers, through a stand-in module with FlashAttention's
 layouts ((batch, length, heads, dim), packed (total, heads, dim)) built on torch SDPA: the peers
 hand it the benchmark's tensors in its layout and return SDPA's result. And the decoding rows: every
-peer timed on one query against a grouped-query KV cache."""
+peer timed on one query against a grouped-query KV cache. And the Hopper candidate's opt-in, scoped
+to each call."""
 
+import os
 import sys
 import types
 
@@ -69,3 +71,17 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
         assert row["gflop_per_s"] == pytest.approx(4 * 2 * 4 * 40 * 16 / (row["median_ms"] * 1e-3) / 1e9)
     assert ((2, 4, 1, 16), (2, 2, 40, 16)) in [(tuple(q), tuple(k)) for q, k, _ in calls]
     assert all(options["enable_gqa"] for _, _, options in calls)
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_the_hopper_opt_in_lasts_one_call(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv("GENFAST_ATTENTION_SM90", raising=False)
+    else:
+        monkeypatch.setenv("GENFAST_ATTENTION_SM90", before)
+    seen = bench.with_hopper(lambda x: (x, os.environ.get("GENFAST_ATTENTION_SM90")))(3)
+    assert seen == (3, "1") and os.environ.get("GENFAST_ATTENTION_SM90") == before
+    with pytest.raises(ZeroDivisionError):
+        bench.with_hopper(lambda: 1 / 0)()
+    assert os.environ.get("GENFAST_ATTENTION_SM90") == before
+    assert not bench.hopper_available("cpu")

@@ -1,6 +1,7 @@
 """Fused attention against its peers, forward and forward+backward.
 
-Candidates: genfast's fused backends; torch's scaled_dot_product_attention with each backend it
+Candidates: genfast's fused backends (on an sm_90 GPU also the CUDA forward's Hopper kernels, which
+are opt-in: GENFAST_ATTENTION_SM90=1); torch's scaled_dot_product_attention with each backend it
 has for the device (on the CPU its flash kernel and its math path); FlashAttention 2
 (flash_attn) and 3 (flash_attn_interface) where installed, on a GPU; the eager reference
 (genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
@@ -9,6 +10,7 @@ and decoding (one query against a grouped-query KV cache) shapes.
 """
 
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,31 @@ def _sdpa(backend):
 # FlashAttention's packages, where installed: (name, module), each with flash_attn_func and
 # flash_attn_varlen_func on (batch, length, heads, dim) and packed (total, heads, dim) tensors.
 FLASH_ATTENTION_MODULES = [("FlashAttention-2", "flash_attn"), ("FlashAttention-3", "flash_attn_interface")]
+
+
+def hopper_available(device: str) -> bool:
+    """Whether genfast's CUDA attention forward has its Hopper kernels here: an sm_90 GPU and a build
+    with sm_90a code. They are opt-in (GENFAST_ATTENTION_SM90=1); the backward stays the sm_80 one."""
+    from .. import build_info
+
+    return (device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and bool(build_info().get("attention_sm90")))
+
+
+def with_hopper(fn):
+    """fn with the Hopper forward opted into for the duration of each call (each launch reads it)."""
+    def run(*args):
+        previous = os.environ.get("GENFAST_ATTENTION_SM90")
+        os.environ["GENFAST_ATTENTION_SM90"] = "1"
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["GENFAST_ATTENTION_SM90"]
+            else:
+                os.environ["GENFAST_ATTENTION_SM90"] = previous
+
+    return run
 
 
 def _output(result):
@@ -97,6 +124,9 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     compiled = torch.compile(reference.attention, dynamic=False)
     candidates = [(f"genfast {impl}", lambda q, k, v, c, impl=impl: attention(q, k, v, is_causal=c, impl=impl))
                   for impl in fused_impls(device)]
+    if hopper_available(device):
+        candidates += [("genfast native Hopper",
+                        with_hopper(lambda q, k, v, c: attention(q, k, v, is_causal=c, impl="native")))]
     candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [(name, dense) for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
@@ -183,6 +213,8 @@ def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
         return torch.cat([o.transpose(0, 1) for o in outs])
 
     candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: packed(q, k, v, impl)) for impl in fused_impls(device)]
+    if hopper_available(device):
+        candidates += [("genfast native Hopper", with_hopper(lambda q, k, v: packed(q, k, v, "native")))]
     candidates += [("torch SDPA per sequence", per_sequence)]
     candidates += [(name, lambda q, k, v, fn=varlen: fn(q, k, v, cu, longest))
                    for name, _, varlen in flash_attention_peers(device)]
