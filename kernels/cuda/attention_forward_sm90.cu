@@ -320,9 +320,10 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
     if (status == cudaSuccess) {
       status = tile_map(&maps.v, params.v, p.v_stride, p.batch, p.kv_heads, p.k_len, p.v_dim, Tile::kBlockN);
     }
-    if (status != cudaSuccess) return status;
-    return launch_tiles(attention_forward_sm90_tma_kernel<T, kD, kPlain>, ctas, kHopperThreads + kProducerThreads,
-                        Tile::kSmemBytes, stream, params, maps, layout);
+    if (status == cudaSuccess) {  // else (no driver entry point, a map the driver refuses) the cp.async kernel
+      return launch_tiles(attention_forward_sm90_tma_kernel<T, kD, kPlain>, ctas, kHopperThreads + kProducerThreads,
+                          Tile::kSmemBytes, stream, params, maps, layout);
+    }
   }
   return launch_tiles(attention_forward_sm90_kernel<T, kD, kPlain>, ctas, kHopperThreads, Tile::kSmemBytes, stream,
                       params, layout, vector);

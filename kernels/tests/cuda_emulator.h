@@ -148,6 +148,8 @@ inline std::mt19937 schedule_rng(2024);
 // may, so a read that comes before its wait sees stale data. Otherwise it lands when issued, the
 // earliest, so a prefetch into a buffer that another warp still reads corrupts that read.
 inline bool deferred_copies = true;
+// Makes encode_tile_map fail, as a driver without cuTensorMapEncodeTiled would.
+inline bool tensor_maps_fail = false;
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emulator: %s (block %u, thread %d)\n", what, blockIdx.x, cta ? cta->current : -1);
@@ -649,6 +651,7 @@ inline void setmaxnreg_dec() {}
 inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uint64_t (&dims)[4],
                                    const uint64_t (&strides)[3], uint32_t box0, uint32_t box1) {
   static_assert(sizeof(cuda_emulator::TileMap) <= sizeof(CUtensorMap), "the emulated map fits a CUtensorMap");
+  if (cuda_emulator::tensor_maps_fail) return cudaErrorNotSupported;
   cuda_emulator::TileMap m{};
   m.base = static_cast<const unsigned char*>(base);
   for (int d = 0; d < 4; ++d) m.dims[d] = dims[d];
