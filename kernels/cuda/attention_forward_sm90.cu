@@ -90,6 +90,7 @@ __device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows,
   // S: k-step ks reads 32 bytes into each row of its half.
   float acc_s[kST][4];
   zero(acc_s);
+  pin_registers(acc_s);  // the accumulators' writes stay before the fence, or ptxas adds one per wgmma
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
@@ -108,6 +109,8 @@ __device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows,
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) a_from_c<T, kST>(a[kk], acc_s, kk);
   wait_values();
+  pin_registers(acc_o);
+  pin_registers(a);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -282,8 +285,9 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
 #endif
 }
 
-// Whether TMA can address a tensor of `rows` positions: 16-byte aligned base, strides of positive
-// multiples of 16 bytes (a dim of size 1 may have any stride).
+// Whether TMA can address a tensor of sizes (batch, heads, positions) with element strides `stride`
+// in the same order: 16-byte aligned base, strides positive multiples of 16 bytes (a dim of size 1
+// may have any stride).
 inline bool tma_addressable(const void* base, const int64_t (&stride)[3], const int64_t (&sizes)[3]) {
   bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
   for (int d = 0; d < 3; ++d) ok = ok && (sizes[d] == 1 || (stride[d] > 0 && stride[d] % 8 == 0));
@@ -308,7 +312,7 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
   const AttentionParams& p = params.base;
   const QueryLayout layout = query_layout(p, Tile::kBlockM, 1, 1);
   const int64_t ctas = query_layout_ctas(p, layout);
-  const int64_t q_sizes[3] = {p.q_len, p.heads, p.batch}, kv_sizes[3] = {p.k_len, p.kv_heads, p.batch};
+  const int64_t q_sizes[3] = {p.batch, p.heads, p.q_len}, kv_sizes[3] = {p.batch, p.kv_heads, p.k_len};
   const bool tma = p.cu_seqlens_q == nullptr && p.k_len > 0 && tma_addressable(params.q, p.q_stride, q_sizes) &&
                    tma_addressable(params.k, p.k_stride, kv_sizes) && tma_addressable(params.v, p.v_stride, kv_sizes);
   if (tma) {

@@ -93,7 +93,9 @@ inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uin
   static Encode encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
+    // The versioned call from CUDA 13 (the other is deprecated there); a 12.x build may load an older
+    // runtime (torch's own) that lacks it.
+#if CUDART_VERSION >= 13000
     const cudaError_t status =
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
 #else
@@ -112,13 +114,22 @@ inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uin
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Keeps the compiler from moving accesses of an accumulator across a wgmma that is in flight.
+// Keeps the compiler from moving accesses of an accumulator or A fragment across a wgmma fence or
+// a wgmma in flight.
 template <int kTiles>
 __device__ __forceinline__ void pin_registers(float (&d)[kTiles][4]) {
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[t][e])::"memory");
+  }
+}
+template <int kTiles>
+__device__ __forceinline__ void pin_registers(uint32_t (&a)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[t][e])::"memory");
   }
 }
 

@@ -150,6 +150,7 @@ inline std::mt19937 schedule_rng(2024);
 inline bool deferred_copies = true;
 // Makes encode_tile_map fail, as a driver without cuTensorMapEncodeTiled would.
 inline bool tensor_maps_fail = false;
+inline int tensor_map_refusals = 0;  // maps encode_tile_map refused, as the driver would
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emulator: %s (block %u, thread %d)\n", what, blockIdx.x, cta ? cta->current : -1);
@@ -652,6 +653,14 @@ inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uin
                                    const uint64_t (&strides)[3], uint32_t box0, uint32_t box1) {
   static_assert(sizeof(cuda_emulator::TileMap) <= sizeof(CUtensorMap), "the emulated map fits a CUtensorMap");
   if (cuda_emulator::tensor_maps_fail) return cudaErrorNotSupported;
+  // cuTensorMapEncodeTiled's rules for these maps; a refusal is counted (the tests expect none).
+  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0 && box0 * 2 <= 128 && (box0 * 2) % 16 == 0 && box1 <= 256;
+  for (int d = 0; d < 4; ++d) ok = ok && dims[d] >= 1 && dims[d] <= (uint64_t{1} << 32);
+  for (int d = 0; d < 3; ++d) ok = ok && strides[d] % 16 == 0 && strides[d] < (uint64_t{1} << 40);
+  if (!ok) {
+    ++cuda_emulator::tensor_map_refusals;
+    return cudaErrorInvalidValue;
+  }
   cuda_emulator::TileMap m{};
   m.base = static_cast<const unsigned char*>(base);
   for (int d = 0; d < 4; ++d) m.dims[d] = dims[d];
@@ -664,8 +673,8 @@ inline cudaError_t encode_tile_map(CUtensorMap* map, const void* base, const uin
 
 inline void wgmma_fence() {}
 inline void fence_async_shared() {}
-template <int kTiles>
-inline void pin_registers(float (&)[kTiles][4]) {}
+template <typename R, int kTiles>
+inline void pin_registers(R (&)[kTiles][4]) {}
 inline void wgmma_commit() { cuda_emulator::self().wgmma_groups.emplace_back(); }
 template <int N>
 inline void wgmma_wait() {

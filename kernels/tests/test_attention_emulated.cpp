@@ -434,6 +434,10 @@ std::vector<Case> cases() {
   c.dim = 96, c.v_dim = 64, c.q_len = 200, c.k_len = 300, c.band_hi = 300 - 200;
   all.push_back(c);
   c = Case{};
+  c.name = "72-byte rows (no TMA), one batch and head";
+  c.heads = 1, c.dim = c.v_dim = 36, c.q_len = 40, c.k_len = 150;
+  all.push_back(c);
+  c = Case{};
   c.name = "decoding: 1 query, 4 heads per kv head, causal ALiBi dropout d128";
   c.heads = 8, c.kv_heads = 2, c.dim = c.v_dim = 128, c.q_len = 1, c.k_len = 200, c.band_hi = 199;
   c.alibi = true, c.dropout_p = 0.2f;
@@ -487,6 +491,11 @@ int main() {
   cuda_emulator::tensor_maps_fail = true;
   run_case<__nv_bfloat16>(cases().front());
   cuda_emulator::tensor_maps_fail = false;
+  if (cuda_emulator::tensor_map_refusals != 0) {
+    std::printf("FAIL the Hopper launcher asked for %d tensor maps TMA cannot have\n",
+                cuda_emulator::tensor_map_refusals);
+    ++failures;
+  }
   if (failures == 0) std::printf("attention on the emulated GPU: all cases match the float64 reference\n");
   return failures == 0 ? 0 : 1;
 }
