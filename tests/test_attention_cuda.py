@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import genfast
+from genfast.testing.attention_probes import score_probe, value_probe
 from test_attention import _compare, _compare_grads, _qkv
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
@@ -21,6 +22,13 @@ IDS = ["native-fp16", "native-bf16", "triton-fp32", "triton-fp16", "triton-bf16"
 
 def _cuda(*tensors):
     return [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("probe", [score_probe, value_probe])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_layout_probes(impl, dtype, probe):
+    """Which queries, keys or value rows a kernel gets wrong, before the error-ratio tests say that it does."""
+    assert probe(lambda q, k, v, scale: genfast.attention(q, k, v, scale=scale, impl=impl), dtype, "cuda") == ""
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1, 1000), (1000, 1000), (100, 333), (333, 100)])

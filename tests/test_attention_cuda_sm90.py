@@ -9,6 +9,7 @@ import torch
 
 import genfast
 import test_attention_cuda as cuda_tests
+from genfast.testing.attention_probes import score_probe, value_probe
 from test_attention import _compare, _qkv
 
 pytestmark = pytest.mark.cuda
@@ -45,6 +46,27 @@ def test_the_hopper_kernels_run(dtype, monkeypatch):
     monkeypatch.setenv("GENFAST_ATTENTION_SM90", "0")
     names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
     assert not any("attention_forward_sm90" in name for name in names), names
+
+
+def _padded(t):
+    """t in rows one element longer: 2-byte-aligned rows, which TMA cannot load."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    wide[..., :-1] = t
+    return wide[..., :-1]
+
+
+@pytest.mark.parametrize("kernel", ["tma", "cp.async"])
+@pytest.mark.parametrize("probe", [score_probe, value_probe])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layout_probes(dtype, probe, kernel):
+    """Run first: which queries, keys or value rows each Hopper kernel gets wrong (a swizzle,
+    descriptor, fragment or TMA coordinate mistake shows as a pattern here)."""
+    prepare = (lambda t: t) if kernel == "tma" else _padded
+
+    def run(q, k, v, scale):
+        return genfast.attention(prepare(q), prepare(k), prepare(v), scale=scale, impl="native")
+
+    assert probe(run, dtype, "cuda") == ""
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1000, 1000), (100, 333), (333, 100), (129, 257)])
