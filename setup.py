@@ -77,7 +77,7 @@ def _extension():
     defines = ["-DGENFAST_WITH_CUDA", f'-DGENFAST_CUDA_ARCHS="{archs}"',
                f"-DGENFAST_ATTENTION_BUCKETS={_attention_buckets()}"]
     if "9.0a" in archs.replace(" ", ";").split(";"):
-        defines.append("-DGENFAST_ATTENTION_SM90")  # the wgmma attention forward (attention_forward_sm90.cu)
+        defines.append("-DGENFAST_ATTENTION_SM90")  # the wgmma attention kernels (attention_*_sm90.cu)
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},

@@ -27,7 +27,7 @@ pybind11::dict build_info() {
   info["backends"] = backends;
   info["cuda_archs"] = std::string(GENFAST_CUDA_ARCHS);
 #ifdef GENFAST_ATTENTION_SM90
-  info["attention_sm90"] = true;  // the wgmma attention forward, opted into with GENFAST_ATTENTION_SM90=1
+  info["attention_sm90"] = true;  // the wgmma attention kernels, opted into with GENFAST_ATTENTION_SM90=1
 #else
   info["attention_sm90"] = false;
 #endif

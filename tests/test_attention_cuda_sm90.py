@@ -1,8 +1,8 @@
-"""The Hopper attention forward (wgmma, kernels/cuda/attention_forward_sm90.cu) on an sm_90 GPU,
-opted into with GENFAST_ATTENTION_SM90=1: test_attention_cuda's native cases again (the backward is
-the sm_80 kernels'; dense aligned inputs take the warp-specialized TMA kernel, packed and strided
-ones the cp.async one), and profiles showing which kernel ran. Skips without an sm_90 GPU or a build
-with sm_90a."""
+"""The Hopper attention kernels (wgmma, kernels/cuda/attention_forward_sm90.cu and
+attention_backward_sm90.cu) on an sm_90 GPU, opted into with GENFAST_ATTENTION_SM90=1: layout probes
+first, then test_attention_cuda's native cases again (dense aligned inputs take the warp-specialized
+TMA forward, packed and strided ones the cp.async one), and profiles showing which kernels ran.
+Skips without an sm_90 GPU or a build with sm_90a."""
 
 import pytest
 import torch
@@ -37,8 +37,11 @@ def _kernels_run(fn):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_hopper_kernels_run(dtype, monkeypatch):
     q, k, v = cuda_tests._cuda(*_qkv(2, 4, 4, 300, 500, 128, dtype))
-    names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
-    assert any("attention_forward_sm90_tma_kernel" in name for name in names), names
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*leaves, impl="native").sum(), leaves))
+    for kernel in ("attention_forward_sm90_tma_kernel", "attention_backward_kv_sm90_kernel",
+                   "attention_backward_q_sm90_kernel"):
+        assert any(kernel in name for name in names), (kernel, names)
     odd = torch.zeros(2, 4, 300, 101, dtype=dtype, device="cuda")[..., :100]  # rows 202 bytes apart: no TMA
     odd.copy_(q[..., :100])
     names = _kernels_run(lambda: genfast.attention(odd, k[..., :100], v, impl="native"))

@@ -1,7 +1,7 @@
 """Fused attention against its peers, forward and forward+backward.
 
-Candidates: genfast's fused backends (on an sm_90 GPU also the CUDA forward's Hopper kernels, which
-are opt-in: GENFAST_ATTENTION_SM90=1); torch's scaled_dot_product_attention with each backend it
+Candidates: genfast's fused backends (on an sm_90 GPU also its CUDA Hopper kernels, which are
+opt-in: GENFAST_ATTENTION_SM90=1); torch's scaled_dot_product_attention with each backend it
 has for the device (on the CPU its flash kernel and its math path); FlashAttention 2
 (flash_attn) and 3 (flash_attn_interface) where installed, on a GPU; the eager reference
 (genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
@@ -50,8 +50,8 @@ FLASH_ATTENTION_MODULES = [("FlashAttention-2", "flash_attn"), ("FlashAttention-
 
 
 def hopper_available(device: str) -> bool:
-    """Whether genfast's CUDA attention forward has its Hopper kernels here: an sm_90 GPU and a build
-    with sm_90a code. They are opt-in (GENFAST_ATTENTION_SM90=1); the backward stays the sm_80 one."""
+    """Whether genfast's CUDA attention has its Hopper kernels here: an sm_90 GPU and a build with
+    sm_90a code. They are opt-in (GENFAST_ATTENTION_SM90=1)."""
     from .. import build_info
 
     return (device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -59,7 +59,7 @@ def hopper_available(device: str) -> bool:
 
 
 def with_hopper(fn):
-    """fn with the Hopper forward opted into for the duration of each call (each launch reads it)."""
+    """fn with the Hopper kernels opted into for the duration of each call (each launch reads it)."""
     def run(*args):
         previous = os.environ.get("GENFAST_ATTENTION_SM90")
         os.environ["GENFAST_ATTENTION_SM90"] = "1"

@@ -17,6 +17,7 @@
 // dS = P (dropout-replayed dP - delta), delta = rowsum(dO o) - grad_lse; dK and dQ take
 // scale dS times the soft-cap's 1 - tanh^2.
 #include "attention.cuh"
+#include "attention_hopper.cuh"
 #include "attention_tile.cuh"
 
 namespace genfast {
@@ -57,21 +58,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kCT = Tile::kCols / 8;     // dK's and dV's n-tiles per warp
   const AttentionParams& p = params.base;
 
-  const int64_t bhk = blockIdx.x / k_blocks;
-  const int j0 = static_cast<int>(blockIdx.x % k_blocks) * kBlockN;
-  const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads, group = p.heads / p.kv_heads;
-  const AttentionSequence seq = attention_sequence(p, b);
-  const int q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
-  if (j0 >= k_len) return;  // past a packed sequence's end (the whole CTA)
-  const int cols = min(kBlockN, k_len - j0);
-  const Band band = sequence_band(seq);
-  // The queries [first_q, end_q) that can see keys [j0, j0 + cols), in steps of kBlockM.
-  const int64_t first_q64 = static_cast<int64_t>(j0) - band.hi;
-  const int first_q = static_cast<int>(first_q64 > 0 ? first_q64 : 0);
-  const int64_t end_q64 = static_cast<int64_t>(j0) + cols - band.lo;
-  const int end_q = static_cast<int>(end_q64 < q_len ? end_q64 : q_len);
-  const int q_steps = end_q > first_q ? (end_q - first_q + kBlockM - 1) / kBlockM : 0;
-  const int steps = static_cast<int>(group) * q_steps;
+  const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
+  if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
+  const int64_t b = work.b, hk = work.hk;
+  const AttentionSequence& seq = work.seq;
+  const int q_len = work.q_len, j0 = work.j0, cols = work.cols, steps = work.steps;
   const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
 
   extern __shared__ uint4 smem_raw[];
@@ -82,23 +73,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_lse = reinterpret_cast<float*>(s_do + 2 * kBlockM * kStride);  // 2 x kBlockM
   float* s_delta = s_lse + 2 * kBlockM;
 
-  const auto step_head = [&](int step) { return hk * group + step / q_steps; };
-  const auto step_i0 = [&](int step) { return first_q + (step % q_steps) * kBlockM; };
   const auto load_queries = [&](int step, int buf) {
-    const int64_t h = step_head(step);
-    const int i0 = step_i0(step), valid = min(kBlockM, q_len - i0);
+    const int64_t h = work.head(step);
+    const int i0 = work.i0(step), valid = min(kBlockM, q_len - i0);
     load_tile<kBlockM, kD>(s_q + buf * kBlockM * kStride,
                            reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
                            p.q_stride[2], valid, dim, (vector & kVectorQ) != 0);
     load_tile<kBlockM, kD>(s_do + buf * kBlockM * kStride,
                            reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim,
                            seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0);
-    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-      const bool inside = r < valid;
-      const int64_t row = seq.lse_row(h, i0 + r);
-      s_lse[buf * kBlockM + r] = inside ? p.lse[row] : kNegInf;  // padding rows: P = 0
-      s_delta[buf * kBlockM + r] = inside ? grads.delta[row] : 0.0f;
-    }
+    stage_row_stats<kBlockM, kThreads>(p, grads.delta, seq, h, i0, valid, s_lse + buf * kBlockM,
+                                       s_delta + buf * kBlockM);
   };
 
   load_tile<kBlockN, kD>(s_k, reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0),
@@ -108,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (steps > 0) load_queries(0, 0);
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4;
   const int key_warp = warp % Tile::kKeyWarps, col0 = (warp / Tile::kKeyWarps) * Tile::kCols;
   const int a_row = lane % 16, a_col = (lane / 16) * 8;                        // pattern A
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
@@ -124,8 +109,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int step = 0; step < steps; ++step) {
     const int buf = step & 1;
-    const int64_t h = step_head(step);
-    const int i0 = step_i0(step);
+    const int64_t h = work.head(step);
+    const int i0 = work.i0(step);
     if (step + 1 < steps) {
       load_queries(step + 1, buf ^ 1);
       cp_async_commit();
@@ -146,30 +131,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     mma_a_bt<T, kD>(acc_s, k_frag, q_tile + b_row * kStride + b_col, dim_steps);
     mma_a_bt<T, kD>(acc_dp, v_frag, do_tile + b_row * kStride + b_col, v_steps);
 
-    // Element (key j, query i): P, dropout, dS. acc_s becomes P after dropout, acc_dp dS (times the
-    // soft-cap's slope).
-    const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = t * 8 + 2 * tig + (e & 1);
-        const int i = i0 + c, j = key_j[e / 2];
-        float cap = 1.0f;
-        const float s = score_at<kPlain, true>(p, seq, band, b, h, acc_s[t][e], i, j, q_len, k_len, check, cap);
-        const float row_lse = lse[c];
-        const float prob = row_lse == kNegInf ? 0.0f : exp2f((s - row_lse) * kLog2e);
-        float up = acc_dp[t][e], dropped = prob;
-        if (!kPlain && drop.on) {
-          const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
-          up = keep ? up * drop.keep_scale : 0.0f;
-          dropped = keep ? prob * drop.keep_scale : 0.0f;
-        }
-        const float ds = prob * (up - delta[c]);
-        acc_s[t][e] = dropped;
-        acc_dp[t][e] = kPlain ? ds : ds * cap;
-      }
-    }
+    // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
+    const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
+    key_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop);
 
     // dV += P_drop^T dO and dK += dS^T Q over the step's queries (the k dimension).
 #pragma unroll
@@ -186,23 +150,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();
 
   // dK = scale sum dS^T Q and dV, every key of the block (zero where no query reached it).
-  const bool dk_pair = (dim % 2) == 0, dv_pair = (v_dim % 2) == 0;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = key_j[r];
-    if (j >= k_len) continue;
-    const int64_t key = seq.key_out_row(hk, j);
-    T* dk_row = grads.grad_k + key * p.dim;
-    T* dv_row = grads.grad_v + key * p.v_dim;
-#pragma unroll
-    for (int t = 0; t < kCT; ++t) {
-      const int c = col0 + t * 8 + 2 * tig;
-      if (c < dim) {
-        store_pair<T>(dk_row, c, acc_dk[t][2 * r] * p.scale, acc_dk[t][2 * r + 1] * p.scale, c + 1 < dim, dk_pair);
-      }
-      if (c < v_dim) store_pair<T>(dv_row, c, acc_dv[t][2 * r], acc_dv[t][2 * r + 1], c + 1 < v_dim, dv_pair);
-    }
-  }
+  store_key_grads<T, kCT>(p, grads.grad_k, grads.grad_v, seq, hk, key_j, col0, acc_dk, acc_dv);
 }
 
 template <typename T, int kD, bool kPlain>
@@ -237,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4;
   const int a_row = lane % 16, a_col = (lane / 16) * 8;                        // pattern A
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
   const int dim_steps = (dim + 15) / 16, v_steps = (v_dim + 15) / 16;
@@ -245,18 +193,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint16_t* do_frag = s_do + (warp * 16 + a_row) * kStride + a_col;
   const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
   float row_lse[2], row_delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool inside = row_i[r] < q_len;
-    const int64_t row = seq.lse_row(h, inside ? row_i[r] : 0);
-    row_lse[r] = inside ? p.lse[row] : kNegInf;  // padding rows: P = 0
-    row_delta[r] = inside ? grads.delta[row] : 0.0f;
-  }
+  query_row_stats(p, grads.delta, seq, h, row_i, q_len, row_lse, row_delta);
 
   float acc_dq[kQT][4];
   zero(acc_dq);
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
-  float* grad_s = grads.grad_s;
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
@@ -278,27 +219,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
     mma_a_bt<T, kD>(acc_dp, do_frag, v_tile + b_row * kStride + b_col, v_steps);
 
-    // Element (query i, key j): dS, written to grad_s when asked; acc_s becomes dS times the
-    // soft-cap's slope (the gradient of scale q.k).
+    // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
     const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
-#pragma unroll
-    for (int t = 0; t < kST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
-        float cap = 1.0f;
-        const float s = score_at<kPlain, true>(p, seq, band, b, h, acc_s[t][e], i, j, q_len, k_len, check, cap);
-        const float prob = row_lse[e / 2] == kNegInf ? 0.0f : exp2f((s - row_lse[e / 2]) * kLog2e);
-        float up = acc_dp[t][e];
-        if (!kPlain && drop.on) {
-          const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
-          up = keep ? up * drop.keep_scale : 0.0f;
-        }
-        const float ds = prob * (up - row_delta[e / 2]);
-        if (grad_s != nullptr && i < q_len && j < k_len) grad_s[seq.lse_row(h, i) * seq.row_length + j] = ds;
-        acc_s[t][e] = kPlain ? ds : ds * cap;
-      }
-    }
+    query_block_elements<kPlain>(p, seq, band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop,
+                                 grads.grad_s);
 
     // dQ += dS K over the block's keys (the k dimension).
 #pragma unroll
@@ -311,36 +235,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   cp_async_wait<0>();
 
-  const bool pair_ok = (dim % 2) == 0;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row_i[r];
-    if (i >= q_len) continue;
-    T* dq_row = grads.grad_q + seq.out_row(h, i) * p.dim;
-#pragma unroll
-    for (int t = 0; t < kQT; ++t) {
-      const int c = t * 8 + 2 * tig;
-      if (c < dim) {
-        store_pair<T>(dq_row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale, c + 1 < dim, pair_ok);
-      }
-    }
-  }
+  store_query_grads<T, kQT>(p, grads.grad_q, seq, h, row_i, q_len, acc_dq);
 }
 
 template <typename T, int kD, bool kPlain>
 cudaError_t run_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads, unsigned vector,
                          cudaStream_t stream) {
-  const AttentionParams& p = params.base;
-  using KvT = KvTile<kD>;
-  using QT = QTile<kD>;
-  const int64_t k_blocks = (p.k_len + KvT::kBlockN - 1) / KvT::kBlockN;
-  const QueryLayout layout = query_layout(p, QT::kBlockM, 1, 1);
-  const cudaError_t status =
-      launch_tiles(attention_backward_kv_kernel<T, kD, kPlain>, k_blocks * p.batch * p.kv_heads, kThreads,
-                   KvT::kSmemBytes, stream, params, grads, static_cast<int>(k_blocks), vector);
-  if (status != cudaSuccess) return status;
-  return launch_tiles(attention_backward_q_kernel<T, kD, kPlain>, query_layout_ctas(p, layout), kThreads,
-                      QT::kSmemBytes, stream, params, grads, layout, vector);
+  return launch_backward_kernels<KvTile<kD>, QTile<kD>>(attention_backward_kv_kernel<T, kD, kPlain>,
+                                                        attention_backward_q_kernel<T, kD, kPlain>, kThreads, params,
+                                                        grads, vector, stream);
 }
 
 template <typename T, int kD>
@@ -364,6 +267,7 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   const int64_t no_stride[3] = {0, 0, 0};
   const unsigned vector =
       input_vector_flags(params) | (vector_ok(grads.grad_o, no_stride) && p.v_dim % 8 == 0 ? kVectorGradO : 0u);
+  if (hopper_applies(p)) return run_backward_sm90<T>(params, grads, vector, stream);
   return with_head_dim_bucket(
       p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, grads, vector, stream); });
 }

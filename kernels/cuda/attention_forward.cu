@@ -15,6 +15,7 @@
 
 #include "attention.cuh"
 #include "attention_forward_rows.cuh"
+#include "attention_hopper.cuh"
 #include "attention_tile.cuh"
 
 namespace genfast {

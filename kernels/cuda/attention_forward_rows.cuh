@@ -137,14 +137,5 @@ struct ForwardRows {
   }
 };
 
-// attention_forward_sm90.cu: whether the Hopper kernel takes a call (an sm_90 device, a build with
-// sm_90a, GENFAST_ATTENTION_SM90=1, a plan without stacking or splits, head dims up to
-// kHopperMaxHeadDim), and its launcher. It has the buckets 64 and 128, where the build has them.
-constexpr int kHopperMaxHeadDim =
-    (GENFAST_ATTENTION_BUCKETS & 4) != 0 ? 128 : ((GENFAST_ATTENTION_BUCKETS & 2) != 0 ? 64 : 0);
-bool hopper_forward_applies(const AttentionParams& p, const AttentionForwardPlan& plan);
-template <typename T>
-cudaError_t run_forward_sm90(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream);
-
 }  // namespace attention_cuda
 }  // namespace genfast

@@ -18,17 +18,12 @@
 
 #include "attention.cuh"
 #include "attention_forward_rows.cuh"
-#include "attention_swizzle.cuh"
-#include "attention_tile.cuh"
-#ifndef GENFAST_EMULATED_CUDA
-#include "attention_sm90.cuh"
-#endif
+#include "attention_hopper.cuh"
 
 namespace genfast {
 namespace attention_cuda {
 namespace {
 
-constexpr int kHopperThreads = 256;  // two warpgroups
 constexpr int kProducerThreads = 128;  // the warp-specialized kernel's third warpgroup
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 static_assert(kProducerThreads * kProducerRegisters + kHopperThreads * kConsumerRegisters <= 64 * 1024,
@@ -46,12 +41,6 @@ struct HopperForwardTile {
   static_assert(kSmemBytes <= 227 * 1024, "the Hopper forward's tiles must fit an sm_90 CTA");
 };
 
-template <int kTiles>
-__device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first))[8][4] {
-  return *reinterpret_cast<float(*)[8][4]>(&acc[first]);
-}
-
-
 // The tiles of a CTA in its dynamic shared memory, 1024-byte aligned (shared addresses for wgmma's
 // descriptors, pointers for the copies), and the mbarriers after them.
 template <int kD>
@@ -61,13 +50,10 @@ struct HopperSmem {
   uint32_t q_address, k_address, v_address;
   uint64_t* barriers;
   __device__ __forceinline__ explicit HopperSmem(uint4* raw) {
-    const uint32_t start = smem_address(raw);
-    const uint32_t aligned = (start + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
-    q = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(raw) + (aligned - start));
+    q = reinterpret_cast<uint16_t*>(swizzle_aligned(raw, q_address));
     k = q + Tile::kQElements;
     v = k + 2 * Tile::kKeyElements;
     barriers = reinterpret_cast<uint64_t*>(q + Tile::kQElements + 4 * Tile::kKeyElements);
-    q_address = aligned;
     k_address = q_address + Tile::kQElements * 2;
     v_address = k_address + 2 * Tile::kKeyElements * 2;
   }
@@ -77,52 +63,19 @@ struct HopperSmem {
 
 // One key block for a consumer warpgroup's 64 rows (q_group: their Q; k_tile, v_tile: the block's
 // buffers): S = Q K^T, then ForwardRows' scores and online softmax, then, once wait_values()
-// returns, O += P V. Every k-step and half runs (the zero-padded columns add nothing): a branch
-// between two wgmma makes ptxas serialize them.
+// returns, O += P V.
 template <typename T, int kD, typename Rows, int kOT, typename WaitValues>
 __device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows, uint32_t q_group, uint32_t k_tile,
                                              uint32_t v_tile, int j0, const WaitValues& wait_values) {
   using Tile = HopperForwardTile<kD>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-  constexpr int kST = kBlockN / 8, kHalves = kD / 64;
-  constexpr int kHalfBytesQ = kBlockM * 128, kHalfBytesKey = kBlockN * 128;  // one 64-column half
-
-  // S: k-step ks reads 32 bytes into each row of its half.
-  float acc_s[kST][4];
-  zero(acc_s);
-  pin_registers(acc_s);  // the accumulators' writes stay before the fence, or ptxas adds one per wgmma
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < kD / 16; ++ks) {
-    const uint32_t within = (ks % 4) * 32;
-    wgmma_ss<T>(acc_s, smem_descriptor(q_group + (ks / 4) * kHalfBytesQ + within),
-                smem_descriptor(k_tile + (ks / 4) * kHalfBytesKey + within));
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin_registers(acc_s);
-
+  float acc_s[kBlockN / 8][4];
+  wgmma_abt<T, kD>(acc_s, q_group, kBlockM, k_tile, kBlockN);
   rows.step(acc_s, acc_o, j0);
-
-  // O += P V: k-step kk takes keys 16 kk .. 16 kk + 15, two swizzle atoms of V's rows.
   uint32_t a[kBlockN / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) a_from_c<T, kST>(a[kk], acc_s, kk);
+  fragments_of<T>(a, acc_s);
   wait_values();
-  pin_registers(acc_o);
-  pin_registers(a);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-    for (int half = 0; half < kHalves; ++half) {
-      wgmma_rs<T>(columns_of(acc_o, half * 8), a[kk],
-                  smem_descriptor(v_tile + half * kHalfBytesKey + kk * 2 * kSwizzleAtomBytes));
-    }
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin_registers(acc_o);
+  wgmma_ab<T, kD>(acc_o, a, v_tile, kBlockN);
 }
 
 template <typename T, int kD, bool kPlain>
@@ -178,15 +131,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   zero(acc_o);
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1;
-    if (n + 1 < blocks.count) {
-      load_keys(blocks.first + n + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_async_shared();  // this thread's landed copies (and zero stores), before any wgmma reads them
-    __syncthreads();
+    wait_for_stage(n + 1 < blocks.count, [&] { load_keys(blocks.first + n + 1, buf ^ 1); });
     if (group_busy) {
       hopper_block<T, kD>(acc_o, rows, q_group, smem.k_address + buf * Tile::kKeyElements * 2,
                           smem.v_address + buf * Tile::kKeyElements * 2, (blocks.first + n) * kBlockN, [] {});
@@ -335,18 +280,16 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
 
 }  // namespace
 
-bool hopper_forward_applies(const AttentionParams& p, const AttentionForwardPlan& plan) {
+bool hopper_applies(const AttentionParams& p) {
 #if defined(GENFAST_ATTENTION_SM90)
   const char* opt_in = std::getenv("GENFAST_ATTENTION_SM90");
-  if (opt_in == nullptr || std::strcmp(opt_in, "1") != 0) return false;
-  if (plan.heads_per_cta != 1 || plan.splits != 1 || (p.dim > p.v_dim ? p.dim : p.v_dim) > kHopperMaxHeadDim) {
+  if (opt_in == nullptr || std::strcmp(opt_in, "1") != 0 || (p.dim > p.v_dim ? p.dim : p.v_dim) > kHopperMaxHeadDim) {
     return false;
   }
   int major = 0, minor = 0;
   return current_device_capability(&major, &minor) == cudaSuccess && major == 9 && minor == 0;
 #else
   (void)p;
-  (void)plan;
   return false;
 #endif
 }

@@ -138,6 +138,9 @@ __device__ __forceinline__ void pin_registers(uint32_t (&a)[kTiles][4]) {
 // both from descriptors.
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b);
+// The same with 64 columns (m64n64k16).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b);
 
 // d (64 x 64) += A B for one k-step of 16: A in registers (mma.m16n8k16's A fragment of each warp's
 // 16 rows), B (16 x 64) MN-major (transposed) from a descriptor.
@@ -166,6 +169,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
                      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "              \
                      "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                  \
                      : GENFAST_WGMMA_D8(0), GENFAST_WGMMA_D8(8)                                                       \
+                     : "l"(desc_a), "l"(desc_b), "n"(1));                                                             \
+  }                                                                                                                   \
+  template <>                                                                                                         \
+  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                  \
+    GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                     \
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                  \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
+                     "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                 \
+                     : GENFAST_WGMMA_D8(0)                                                                            \
                      : "l"(desc_a), "l"(desc_b), "n"(1));                                                             \
   }                                                                                                                   \
   template <>                                                                                                         \

@@ -441,5 +441,201 @@ __device__ __forceinline__ Dropout dropout_of(const AttentionParams& p) {
   return d;
 }
 
+// The backward's element (query i, key j) from the raw dot products q.k and dO.v: P = exp(s - lse)
+// (0 in a row that saw no key), the forward's dropout replayed, and dS = P (dP kept - delta), times
+// the soft-cap's slope (the gradient of scale q.k) and without it (that of the final score).
+struct BackwardElement {
+  float dropped, ds, ds_score;
+};
+template <bool kPlain>
+__device__ __forceinline__ BackwardElement backward_element(const AttentionParams& p, const AttentionSequence& seq,
+                                                            const Band& band, int64_t b, int64_t h, float dot,
+                                                            float dp, int i, int j, int q_len, int k_len, bool check,
+                                                            float lse, float delta, const Dropout& drop) {
+  float cap = 1.0f;
+  const float s = score_at<kPlain, true>(p, seq, band, b, h, dot, i, j, q_len, k_len, check, cap);
+  const float prob = lse == kNegInf ? 0.0f : exp2f((s - lse) * kLog2e);
+  float up = dp, dropped = prob;
+  if (!kPlain && drop.on) {
+    const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
+    up = keep ? up * drop.keep_scale : 0.0f;
+    dropped = keep ? prob * drop.keep_scale : 0.0f;
+  }
+  const float ds = prob * (up - delta);
+  return BackwardElement{dropped, kPlain ? ds : ds * cap, ds};
+}
+
+// What CTA blockIdx.x of a backward kernel over key blocks works on: keys [j0, j0 + cols) of kv
+// head hk of batch b, against each query head of the group and each block of kBlockM queries that
+// the band lets see them (steps = group x q_steps). `inside` is false past a packed sequence's end.
+template <int kBlockN, int kBlockM>
+struct KeyBlockWork {
+  int64_t b, hk, group;
+  AttentionSequence seq;
+  Band band;
+  int q_len, k_len, j0, cols, first_q, q_steps, steps;
+  bool inside;
+  __device__ __forceinline__ KeyBlockWork(const AttentionParams& p, int k_blocks) {
+    const int64_t bhk = blockIdx.x / k_blocks;
+    j0 = static_cast<int>(blockIdx.x % k_blocks) * kBlockN;
+    b = bhk / p.kv_heads;
+    hk = bhk % p.kv_heads;
+    group = p.heads / p.kv_heads;
+    seq = attention_sequence(p, b);
+    q_len = static_cast<int>(seq.q_len);
+    k_len = static_cast<int>(seq.k_len);
+    inside = j0 < k_len;
+    cols = inside ? min(kBlockN, k_len - j0) : 0;
+    band = sequence_band(seq);
+    // The queries [first_q, end_q) that can see keys [j0, j0 + cols).
+    const int64_t first = static_cast<int64_t>(j0) - band.hi;
+    first_q = static_cast<int>(first > 0 ? first : 0);
+    const int64_t end64 = static_cast<int64_t>(j0) + cols - band.lo;
+    const int end_q = static_cast<int>(end64 < q_len ? end64 : q_len);
+    q_steps = end_q > first_q ? (end_q - first_q + kBlockM - 1) / kBlockM : 0;
+    steps = static_cast<int>(group) * q_steps;
+  }
+  __device__ __forceinline__ int64_t head(int step) const { return hk * group + step / q_steps; }
+  __device__ __forceinline__ int i0(int step) const { return first_q + (step % q_steps) * kBlockM; }
+};
+
+// lse and delta of queries i0 .. i0 + kRows - 1 of head h into shared memory, kBlockThreads threads
+// sharing the work; rows past `valid` get -inf (so P = 0) and 0.
+template <int kRows, int kBlockThreads>
+__device__ __forceinline__ void stage_row_stats(const AttentionParams& p, const float* delta,
+                                                const AttentionSequence& seq, int64_t h, int i0, int valid,
+                                                float* s_lse, float* s_delta) {
+  for (int r = threadIdx.x; r < kRows; r += kBlockThreads) {
+    const bool inside = r < valid;
+    const int64_t row = seq.lse_row(h, i0 + r);
+    s_lse[r] = inside ? p.lse[row] : kNegInf;
+    s_delta[r] = inside ? delta[row] : 0.0f;
+  }
+}
+
+// The key-block kernels' elements (key j of rows key_j, query i0 + column): acc_s (raw q.k) becomes
+// P after dropout, acc_dp (raw dO.v) dS times the soft-cap's slope; lse and delta by column.
+template <bool kPlain, int kTiles>
+__device__ __forceinline__ void key_block_elements(const AttentionParams& p, const AttentionSequence& seq,
+                                                   const Band& band, int64_t b, int64_t h, float (&acc_s)[kTiles][4],
+                                                   float (&acc_dp)[kTiles][4], int i0, const int (&key_j)[2],
+                                                   bool check, const float* lse, const float* delta,
+                                                   const Dropout& drop) {
+  const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = t * 8 + 2 * tig + (e & 1);
+      const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i0 + c,
+                                                          key_j[e / 2], q_len, k_len, check, lse[c], delta[c], drop);
+      acc_s[t][e] = el.dropped;
+      acc_dp[t][e] = el.ds;
+    }
+  }
+}
+
+// The query-block kernels' elements (query row_i, key j0 + column): acc_s (raw q.k) becomes dS times
+// the soft-cap's slope, and dS goes to grad_s (rows lse_row, row_length apart) when it is given.
+template <bool kPlain, int kTiles>
+__device__ __forceinline__ void query_block_elements(const AttentionParams& p, const AttentionSequence& seq,
+                                                     const Band& band, int64_t b, int64_t h,
+                                                     float (&acc_s)[kTiles][4], const float (&acc_dp)[kTiles][4],
+                                                     const int (&row_i)[2], int j0, bool check,
+                                                     const float (&row_lse)[2], const float (&row_delta)[2],
+                                                     const Dropout& drop, float* grad_s) {
+  const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
+      const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i, j, q_len,
+                                                          k_len, check, row_lse[e / 2], row_delta[e / 2], drop);
+      if (grad_s != nullptr && i < q_len && j < k_len) grad_s[seq.lse_row(h, i) * seq.row_length + j] = el.ds_score;
+      acc_s[t][e] = el.ds;
+    }
+  }
+}
+
+// The backward's two launches, each a kernel of `threads` threads: kv_kernel over blocks of
+// KvTile::kBlockN keys of each kv head, then q_kernel over tiles of QTile::kBlockM queries.
+template <typename KvTile, typename QTile, typename KvKernel, typename QKernel, typename T>
+cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int threads,
+                                    const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                                    unsigned vector, cudaStream_t stream) {
+  const AttentionParams& p = params.base;
+  const int64_t k_blocks = (p.k_len + KvTile::kBlockN - 1) / KvTile::kBlockN;
+  const QueryLayout layout = query_layout(p, QTile::kBlockM, 1, 1);
+  const cudaError_t status = launch_tiles(kv_kernel, k_blocks * p.batch * p.kv_heads, threads, KvTile::kSmemBytes,
+                                          stream, params, grads, static_cast<int>(k_blocks), vector);
+  if (status != cudaSuccess) return status;
+  return launch_tiles(q_kernel, query_layout_ctas(p, layout), threads, QTile::kSmemBytes, stream, params, grads, layout,
+                      vector);
+}
+
+// The lse and delta of a lane's two query rows (row_i; past q_len: -inf, so P = 0, and 0).
+__device__ __forceinline__ void query_row_stats(const AttentionParams& p, const float* delta,
+                                                const AttentionSequence& seq, int64_t h, const int (&row_i)[2],
+                                                int q_len, float (&row_lse)[2], float (&row_delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool inside = row_i[r] < q_len;
+    const int64_t row = seq.lse_row(h, inside ? row_i[r] : 0);
+    row_lse[r] = inside ? p.lse[row] : kNegInf;
+    row_delta[r] = inside ? delta[row] : 0.0f;
+  }
+}
+
+// dQ = scale acc_dq for a lane's two query rows (columns 2 tig .. of each n-tile), rows past q_len
+// skipped.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* grad_q, const AttentionSequence& seq,
+                                                  int64_t h, const int (&row_i)[2], int q_len,
+                                                  const float (&acc_dq)[kTiles][4]) {
+  const int dim = static_cast<int>(p.dim), tig = threadIdx.x % 4;
+  const bool pair_ok = (dim % 2) == 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= q_len) continue;
+    T* dq_row = grad_q + seq.out_row(h, i) * p.dim;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int c = t * 8 + 2 * tig;
+      if (c < dim) {
+        store_pair<T>(dq_row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale, c + 1 < dim, pair_ok);
+      }
+    }
+  }
+}
+
+// dK = scale acc_dk and dV = acc_dv for a lane's two keys (key_j), columns col0 + 2 tig .. of each
+// n-tile; keys past the sequence's skipped.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_key_grads(const AttentionParams& p, T* grad_k, T* grad_v,
+                                                const AttentionSequence& seq, int64_t hk, const int (&key_j)[2],
+                                                int col0, const float (&acc_dk)[kTiles][4],
+                                                const float (&acc_dv)[kTiles][4]) {
+  const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim), tig = threadIdx.x % 4;
+  const bool dk_pair = (dim % 2) == 0, dv_pair = (v_dim % 2) == 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key_j[r];
+    if (j >= seq.k_len) continue;
+    const int64_t key = seq.key_out_row(hk, j);
+    T* dk_row = grad_k + key * p.dim;
+    T* dv_row = grad_v + key * p.v_dim;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int c = col0 + t * 8 + 2 * tig;
+      if (c < dim) {
+        store_pair<T>(dk_row, c, acc_dk[t][2 * r] * p.scale, acc_dk[t][2 * r + 1] * p.scale, c + 1 < dim, dk_pair);
+      }
+      if (c < v_dim) store_pair<T>(dv_row, c, acc_dv[t][2 * r], acc_dv[t][2 * r + 1], c + 1 < v_dim, dv_pair);
+    }
+  }
+}
+
 }  // namespace attention_cuda
 }  // namespace genfast

@@ -1,0 +1,117 @@
+// What the Hopper attention kernels (attention_forward_sm90.cu, attention_backward_sm90.cu) share:
+// a CTA of two warpgroups, tiles in 128-byte-swizzled shared memory (attention_swizzle.cuh), and the
+// two products every step is made of, for one warpgroup's 64 rows:
+//   wgmma_abt: acc (64 x N) = A B^T, A and B K-major tiles of kD columns (over kD / 16 k-steps)
+//   wgmma_ab:  acc (64 x kD) += A B, A in registers (kK / 16 k-steps of mma's A fragments), B an
+//              MN-major tile of kK rows
+// Both wait for their wgmma before returning. Every k-step and half runs (zero-padded columns add
+// nothing): a branch between two wgmma makes ptxas serialize them.
+#pragma once
+
+#include "attention.cuh"
+#include "attention_swizzle.cuh"
+#include "attention_tile.cuh"
+#ifndef GENFAST_EMULATED_CUDA
+#include "attention_sm90.cuh"
+#endif
+
+namespace genfast {
+namespace attention_cuda {
+
+constexpr int kHopperThreads = 256;  // two warpgroups
+
+// The Hopper kernels have the head-dim buckets 64 and 128, where the build has them.
+constexpr int kHopperMaxHeadDim =
+    (GENFAST_ATTENTION_BUCKETS & 4) != 0 ? 128 : ((GENFAST_ATTENTION_BUCKETS & 2) != 0 ? 64 : 0);
+
+// Whether a call may run on the Hopper kernels: an sm_90 device, a build with sm_90a
+// (GENFAST_ATTENTION_SM90), GENFAST_ATTENTION_SM90=1 in the environment, head dims up to
+// kHopperMaxHeadDim (attention_forward_sm90.cu).
+bool hopper_applies(const AttentionParams& p);
+// The forward's also needs a plan without stacked heads or split keys.
+inline bool hopper_forward_applies(const AttentionParams& p, const AttentionForwardPlan& plan) {
+  return plan.heads_per_cta == 1 && plan.splits == 1 && hopper_applies(p);
+}
+template <typename T>
+cudaError_t run_forward_sm90(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream);
+template <typename T>
+cudaError_t run_backward_sm90(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                              unsigned vector, cudaStream_t stream);
+
+// The first 1024-byte-aligned byte of a CTA's dynamic shared memory (kSwizzleAtomBytes more are
+// requested), and its shared address.
+__device__ __forceinline__ char* swizzle_aligned(uint4* raw, uint32_t& address) {
+  const uint32_t start = smem_address(raw);
+  address = (start + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+  return reinterpret_cast<char*>(raw) + (address - start);
+}
+
+// Before a step of a loop whose blocks cp.async stages in two buffers: issues the next block's
+// copies (load_next, when there is one), waits for this block's, and makes them (and the zero
+// stores of the loads) visible to wgmma, whose async proxy needs the fence, and to every thread.
+template <typename LoadNext>
+__device__ __forceinline__ void wait_for_stage(bool has_next, const LoadNext& load_next) {
+  if (has_next) {
+    load_next();
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  fence_async_shared();
+  __syncthreads();
+}
+
+// Columns first .. first + 63 (8 n-tiles) of an accumulator.
+template <int kTiles>
+__device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first))[8][4] {
+  return *reinterpret_cast<float(*)[8][4]>(&acc[first]);
+}
+
+// acc = A B^T: A the warpgroup's 64 rows at shared address a (a tile of a_rows rows: its 64-column
+// halves a_rows * 128 bytes apart), B the N = 8 kTiles rows of a tile of b_rows rows at b.
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void wgmma_abt(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b, int b_rows) {
+  zero(acc);
+  pin_registers(acc);  // the zeros stay before the fence, or ptxas adds one per wgmma
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint32_t within = (ks % 4) * 32;  // k-step ks reads 32 bytes into each row of its half
+    wgmma_ss<T>(acc, smem_descriptor(a + (ks / 4) * a_rows * 128 + within),
+                smem_descriptor(b + (ks / 4) * b_rows * 128 + within));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(acc);
+}
+
+// acc += A B: A's k-step kk in a[kk], B the tile of b_rows rows at b read MN-major (k-step kk: its
+// rows 16 kk .., two swizzle atoms; each 64-column half of acc is one product).
+template <typename T, int kD, int kSteps>
+__device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[kSteps][4], uint32_t b, int b_rows) {
+  pin_registers(acc);
+  pin_registers(a);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+#pragma unroll
+    for (int half = 0; half < kD / 64; ++half) {
+      wgmma_rs<T>(columns_of(acc, half * 8), a[kk],
+                  smem_descriptor(b + half * b_rows * 128 + kk * 2 * kSwizzleAtomBytes));
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(acc);
+}
+
+// The A fragments of all k-steps of a product from a 64-row accumulator of 8 kSteps columns.
+template <typename T, int kSteps>
+__device__ __forceinline__ void fragments_of(uint32_t (&a)[kSteps][4], const float (&acc)[2 * kSteps][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) a_from_c<T, 2 * kSteps>(a[kk], acc, kk);
+}
+
+}  // namespace attention_cuda
+}  // namespace genfast
