@@ -9,13 +9,19 @@
 // copies land either at their wait (deferred_copies) or at once: a missing wait or barrier then
 // shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
-// wgmma (the Hopper kernel) is asynchronous here too: an issued product is recorded, and runs at the
-// wgmma.wait_group that covers it, a warp collective, reading shared memory through its descriptors
-// (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and MN-major layouts)
-// and A and the accumulators from the lanes' registers at that time; so reading an accumulator
-// before the wait, or overwriting an operand while a product is in flight, gives wrong results. Each
-// warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup must issue the same
-// products. The proxy fence before wgmma reads what threads wrote is not modelled.
+// wgmma (the Hopper kernels) is asynchronous here too: an issued product is recorded, and runs at
+// the wgmma.wait_group that covers it, a warp collective, reading shared memory through its
+// descriptors (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and
+// MN-major layouts) and A and the accumulators from the lanes' registers at that time; so reading an
+// accumulator before the wait, or overwriting an operand while a product is in flight, gives wrong
+// results. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup must issue
+// the same products. The proxy fence before wgmma reads what threads wrote is not modelled.
+//
+// mbarriers count arrivals and transaction bytes per phase; a thread waiting on a phase parity
+// blocks until the phase completes, and a CTA whose threads all wait on phases that cannot complete
+// fails as a deadlock. A TMA copy (a tensor map as the emulated encoder writes it, which refuses
+// what cuTensorMapEncodeTiled refuses) lands with the 128-byte swizzle and zeros out of bounds,
+// either when a thread waits on its mbarrier (deferred_copies) or at once. setmaxnreg does nothing.
 //
 // ldmatrix and mma.m16n8k16 follow the PTX ISA's fragment layouts (lane = 4 g + t: groupID g,
 // threadID_in_group t):
