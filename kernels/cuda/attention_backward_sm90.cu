@@ -149,27 +149,16 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   uint32_t q_address;
   uint16_t* s_q = reinterpret_cast<uint16_t*>(swizzle_aligned(smem_raw, q_address));
   uint16_t* s_do = s_q + Tile::kQueryElements;
-  uint16_t* s_k = s_do + Tile::kQueryElements;  // 2 buffers
-  uint16_t* s_v = s_k + 2 * Tile::kKeyElements;
-  const uint32_t do_address = q_address + Tile::kQueryElements * 2, k_address = do_address + Tile::kQueryElements * 2;
-  const uint32_t v_address = k_address + 2 * Tile::kKeyElements * 2;
-
-  const uint16_t* k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, work.hk, 0);
-  const uint16_t* v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, work.hk, 0);
-  const auto load_keys = [&](int block, int buf) {
-    const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD, kHopperThreads>(s_k + buf * Tile::kKeyElements, k_base + j0 * p.k_stride[2], p.k_stride[2],
-                                           valid, dim, (vector & kVectorK) != 0, SwizzledRows<kBlockN>{});
-    load_tile<kBlockN, kD, kHopperThreads>(s_v + buf * Tile::kKeyElements, v_base + j0 * p.v_stride[2], p.v_stride[2],
-                                           valid, v_dim, (vector & kVectorV) != 0, SwizzledRows<kBlockN>{});
-  };
+  const uint32_t do_address = q_address + Tile::kQueryElements * 2;
+  const KeyValueTiles<kBlockN, kD, true, kHopperThreads> kv(params, seq, b, work.hk, s_do + Tile::kQueryElements,
+                                                           vector);
   const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0);
   const uint16_t* grad_o = reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim;
   load_tile<kBlockM, kD, kHopperThreads>(s_q, q, p.q_stride[2], work.rows, dim, (vector & kVectorQ) != 0,
                                          SwizzledRows<kBlockM>{});
   load_tile<kBlockM, kD, kHopperThreads>(s_do, grad_o, seq.out_position * p.v_dim, work.rows, v_dim,
                                          (vector & kVectorGradO) != 0, SwizzledRows<kBlockM>{});
-  if (blocks.count > 0) load_keys(blocks.first, 0);
+  if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, wg = warp / 4;
@@ -183,10 +172,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    wait_for_stage(n + 1 < blocks.count, [&] { load_keys(blocks.first + n + 1, buf ^ 1); });
+    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
     if (group_busy) {
-      const uint32_t k_tile = k_address + buf * Tile::kKeyElements * 2;
-      const uint32_t v_tile = v_address + buf * Tile::kKeyElements * 2;
+      const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
       float acc_s[kST][4], acc_dp[kST][4];
       wgmma_abt<T, kD>(acc_s, q_address + wg * 64 * 128, kBlockM, k_tile, kBlockN);
       wgmma_abt<T, kD>(acc_dp, do_address + wg * 64 * 128, kBlockM, v_tile, kBlockN);

@@ -41,21 +41,19 @@ struct HopperForwardTile {
   static_assert(kSmemBytes <= 227 * 1024, "the Hopper forward's tiles must fit an sm_90 CTA");
 };
 
-// The tiles of a CTA in its dynamic shared memory, 1024-byte aligned (shared addresses for wgmma's
-// descriptors, pointers for the copies), and the mbarriers after them.
+// The tiles of a CTA in its dynamic shared memory, 1024-byte aligned (Q's shared address for wgmma's
+// descriptors), and the warp-specialized kernel's mbarriers after them.
 template <int kD>
 struct HopperSmem {
   using Tile = HopperForwardTile<kD>;
   uint16_t *q, *k, *v;  // k and v: buffers 0 and 1
-  uint32_t q_address, k_address, v_address;
+  uint32_t q_address;
   uint64_t* barriers;
   __device__ __forceinline__ explicit HopperSmem(uint4* raw) {
     q = reinterpret_cast<uint16_t*>(swizzle_aligned(raw, q_address));
     k = q + Tile::kQElements;
     v = k + 2 * Tile::kKeyElements;
     barriers = reinterpret_cast<uint64_t*>(q + Tile::kQElements + 4 * Tile::kKeyElements);
-    k_address = q_address + Tile::kQElements * 2;
-    v_address = k_address + 2 * Tile::kKeyElements * 2;
   }
   __device__ __forceinline__ uint16_t* k_tile(int buf) const { return k + buf * Tile::kKeyElements; }
   __device__ __forceinline__ uint16_t* v_tile(int buf) const { return v + buf * Tile::kKeyElements; }
@@ -94,21 +92,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int64_t b = work.b;
   const AttentionSequence& seq = work.seq;
   const BlockRange blocks = work.blocks;
-  const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim), k_len = work.k_len;
+  const int dim = static_cast<int>(p.dim);
 
   extern __shared__ uint4 smem_raw[];
   const HopperSmem<kD> smem(smem_raw);
   const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q);
-  const uint16_t* k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, work.hk, 0);
-  const uint16_t* v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, work.hk, 0);
-  const int64_t k_row = p.k_stride[2], v_row = p.v_stride[2];
-  const auto load_keys = [&](int block, int buf) {
-    const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD, kHopperThreads>(smem.k_tile(buf), k_base + j0 * k_row, k_row, valid, dim,
-                                           (vector & kVectorK) != 0, SwizzledRows<kBlockN>{});
-    load_tile<kBlockN, kD, kHopperThreads>(smem.v_tile(buf), v_base + j0 * v_row, v_row, valid, v_dim,
-                                           (vector & kVectorV) != 0, SwizzledRows<kBlockN>{});
-  };
+  const KeyValueTiles<kBlockN, kD, true, kHopperThreads> kv(params, seq, b, work.hk, smem.k, vector);
   load_rows<kBlockM, kD, kHopperThreads>(
       smem.q,
       [&](int r) {
@@ -118,7 +107,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         return i < work.q_len ? q + attention_q_at(p, seq, b, h, i) : static_cast<const uint16_t*>(nullptr);
       },
       dim, (vector & kVectorQ) != 0, SwizzledRows<kBlockM>{});
-  if (blocks.count > 0) load_keys(blocks.first, 0);
+  if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = warp / 4;
@@ -131,10 +120,10 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   zero(acc_o);
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1;
-    wait_for_stage(n + 1 < blocks.count, [&] { load_keys(blocks.first + n + 1, buf ^ 1); });
+    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
     if (group_busy) {
-      hopper_block<T, kD>(acc_o, rows, q_group, smem.k_address + buf * Tile::kKeyElements * 2,
-                          smem.v_address + buf * Tile::kKeyElements * 2, (blocks.first + n) * kBlockN, [] {});
+      hopper_block<T, kD>(acc_o, rows, q_group, smem_address(kv.k_tile(buf)), smem_address(kv.v_tile(buf)),
+                          (blocks.first + n) * kBlockN, [] {});
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
@@ -219,8 +208,8 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
     mbarrier_wait(k_full + s, parity);
     const auto wait_values = [&] { mbarrier_wait(v_full + s, parity); };
     if (group_busy) {
-      hopper_block<T, kD>(acc_o, rows, q_group, smem.k_address + s * Tile::kKeyElements * 2,
-                          smem.v_address + s * Tile::kKeyElements * 2, (blocks.first + n) * kBlockN, wait_values);
+      hopper_block<T, kD>(acc_o, rows, q_group, smem_address(smem.k_tile(s)), smem_address(smem.v_tile(s)),
+                          (blocks.first + n) * kBlockN, wait_values);
     } else {
       wait_values();
     }

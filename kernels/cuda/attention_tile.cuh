@@ -31,6 +31,7 @@
 
 #include "../common/attention.h"
 #include "attention.cuh"
+#include "attention_swizzle.cuh"
 // What touches the hardware: the PTX wrappers, the device query and the launch. The emulator of
 // kernels/tests (GENFAST_EMULATED_CUDA) gives its own, so that these kernels also run on the host.
 #ifndef GENFAST_EMULATED_CUDA
@@ -359,10 +360,14 @@ struct QueryTile {
   }
 };
 
-// The key blocks of kv head hk, staged through cp.async into two buffers each of K and V (kBlockN
-// rows of kD columns), keys past k_len zeroed.
-template <int kBlockN, int kD>
+// The key blocks of kv head hk, staged through cp.async by kBlockThreads threads into two buffers
+// each of K and V (kBlockN rows of kD columns: padded rows, or 128-byte swizzled for wgmma), keys
+// past k_len zeroed.
+template <int kBlockN, int kD, bool kSwizzled = false, int kBlockThreads = kThreads>
 struct KeyValueTiles {
+  using Layout = typename std::conditional<kSwizzled, SwizzledRows<kBlockN>, PaddedRows<kD>>::type;
+  static constexpr int kTileElements = kBlockN * (kSwizzled ? kD : kD + 8);
+  static constexpr int kElements = 4 * kTileElements;  // of shared memory
   uint16_t *s_k, *s_v;
   const uint16_t *k_base, *v_base;
   int64_t k_row, v_row;
@@ -373,7 +378,7 @@ struct KeyValueTiles {
                                            int64_t b, int64_t hk, uint16_t* smem, unsigned vector) {
     const AttentionParams& p = params.base;
     s_k = smem;
-    s_v = smem + 2 * kBlockN * (kD + 8);
+    s_v = smem + 2 * kTileElements;
     k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, 0);
     v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, 0);
     k_row = p.k_stride[2];
@@ -384,14 +389,13 @@ struct KeyValueTiles {
     vector_k = (vector & kVectorK) != 0;
     vector_v = (vector & kVectorV) != 0;
   }
-  static constexpr int kElements = 4 * kBlockN * (kD + 8);  // of shared memory
-  __device__ __forceinline__ const uint16_t* k_tile(int buf) const { return s_k + buf * kBlockN * (kD + 8); }
-  __device__ __forceinline__ const uint16_t* v_tile(int buf) const { return s_v + buf * kBlockN * (kD + 8); }
+  __device__ __forceinline__ uint16_t* k_tile(int buf) const { return s_k + buf * kTileElements; }
+  __device__ __forceinline__ uint16_t* v_tile(int buf) const { return s_v + buf * kTileElements; }
   // Issues the copies of key block `block` into buffer `buf`; the caller commits and waits.
   __device__ __forceinline__ void load(int block, int buf) const {
     const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD>(s_k + buf * kBlockN * (kD + 8), k_base + j0 * k_row, k_row, valid, dim, vector_k);
-    load_tile<kBlockN, kD>(s_v + buf * kBlockN * (kD + 8), v_base + j0 * v_row, v_row, valid, v_dim, vector_v);
+    load_tile<kBlockN, kD, kBlockThreads>(k_tile(buf), k_base + j0 * k_row, k_row, valid, dim, vector_k, Layout{});
+    load_tile<kBlockN, kD, kBlockThreads>(v_tile(buf), v_base + j0 * v_row, v_row, valid, v_dim, vector_v, Layout{});
   }
 };
 
