@@ -39,6 +39,15 @@ struct ForwardRows {
   // zero); the running maximum and sum move on and acc_o is rescaled to the new maximum.
   template <int kST, int kOT>
   __device__ __forceinline__ void step(float (&acc_s)[kST][4], float (&acc_o)[kOT][4], int j0) {
+    float alpha[2];
+    probabilities(acc_s, j0, alpha);
+    rescale(acc_o, alpha);
+  }
+
+  // step without touching O, which a product may still be adding to: alpha, the factor that takes
+  // each row's O to the new maximum, is for rescale once it has.
+  template <int kST>
+  __device__ __forceinline__ void probabilities(float (&acc_s)[kST][4], int j0, float (&alpha)[2]) {
     const int q_len = work.q_len, k_len = work.k_len;
     const bool check = !block_inside(work.band, work.i0, work.rows_per_head, j0, kST * 8, k_len);
     float block_max[2] = {kNegInf, kNegInf};
@@ -54,7 +63,7 @@ struct ForwardRows {
         block_max[e / 2] = nan_max(block_max[e / 2], s);
       }
     }
-    float scaled_max[2], alpha[2], block_sum[2] = {0.0f, 0.0f};
+    float scaled_max[2], block_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
@@ -82,6 +91,10 @@ struct ForwardRows {
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + block_sum[r];
+  }
+
+  template <int kOT>
+  __device__ __forceinline__ void rescale(float (&acc_o)[kOT][4], const float (&alpha)[2]) {
 #pragma unroll
     for (int t = 0; t < kOT; ++t) {
       acc_o[t][0] *= alpha[0];

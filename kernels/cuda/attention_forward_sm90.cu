@@ -8,8 +8,9 @@
 // - warp-specialized (dense inputs that TMA can address: 16-byte aligned, strides multiples of 16
 //   bytes): a third, producer warpgroup gives up its registers (setmaxnreg) and one of its threads
 //   loads Q once and each key block's K and V with TMA, signalling full mbarriers; the consumers
-//   release a stage through an empty mbarrier. No __syncthreads in the loop, so each consumer
-//   warpgroup's softmax overlaps the other's products.
+//   release K and V through empty mbarriers. No __syncthreads in the loop, so each consumer
+//   warpgroup's softmax overlaps the other's products, which take turns as in FlashAttention-3
+//   (WarpgroupTurns); within a warpgroup, block n's softmax overlaps block n - 1's P V.
 // - every thread copying with cp.async (packed sequences, other strides), a barrier per block.
 // They take plans without stacking or splits and head-dim buckets 64 and 128; the launcher in
 // attention_forward.cu uses them on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a.
@@ -25,7 +26,7 @@ namespace attention_cuda {
 namespace {
 
 constexpr int kProducerThreads = 128;  // the warp-specialized kernel's third warpgroup
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 static_assert(kProducerThreads * kProducerRegisters + kHopperThreads * kConsumerRegisters <= 64 * 1024,
               "the warpgroups' registers must fit an SM's register file");
 
@@ -34,9 +35,9 @@ struct HopperForwardTile {
   static constexpr int kBlockM = 128, kBlockN = 128;
   static constexpr int kQElements = kBlockM * kD, kKeyElements = kBlockN * kD;
   // Up to 1024 bytes that align the tiles to a swizzle atom, Q, K and V double-buffered, then the
-  // warp-specialized kernel's mbarriers.
+  // warp-specialized kernel's 9 mbarriers.
   static constexpr int kTileBytes = (kQElements + 4 * kKeyElements) * 2;
-  static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + kTileBytes + 8 * 8;
+  static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + kTileBytes + 16 * 8;
   static_assert(kD == 64 || kD == 128, "the Hopper forward takes head-dim buckets 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "the Hopper forward's tiles must fit an sm_90 CTA");
 };
@@ -59,12 +60,11 @@ struct HopperSmem {
   __device__ __forceinline__ uint16_t* v_tile(int buf) const { return v + buf * Tile::kKeyElements; }
 };
 
-// One key block for a consumer warpgroup's 64 rows (q_group: their Q; k_tile, v_tile: the block's
-// buffers): S = Q K^T, then ForwardRows' scores and online softmax, then, once wait_values()
-// returns, O += P V.
-template <typename T, int kD, typename Rows, int kOT, typename WaitValues>
+// One key block for a warpgroup's 64 rows (q_group: their Q; k_tile, v_tile: the block's buffers):
+// S = Q K^T, then ForwardRows' scores and online softmax, then O += P V.
+template <typename T, int kD, typename Rows, int kOT>
 __device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows, uint32_t q_group, uint32_t k_tile,
-                                             uint32_t v_tile, int j0, const WaitValues& wait_values) {
+                                             uint32_t v_tile, int j0) {
   using Tile = HopperForwardTile<kD>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   float acc_s[kBlockN / 8][4];
@@ -72,7 +72,6 @@ __device__ __forceinline__ void hopper_block(float (&acc_o)[kOT][4], Rows& rows,
   rows.step(acc_s, acc_o, j0);
   uint32_t a[kBlockN / 16][4];
   fragments_of<T>(a, acc_s);
-  wait_values();
   wgmma_ab<T, kD>(acc_o, a, v_tile, kBlockN);
 }
 
@@ -123,7 +122,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
     if (group_busy) {
       hopper_block<T, kD>(acc_o, rows, q_group, smem_address(kv.k_tile(buf)), smem_address(kv.v_tile(buf)),
-                          (blocks.first + n) * kBlockN, [] {});
+                          (blocks.first + n) * kBlockN);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
@@ -153,17 +152,20 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
 
   extern __shared__ uint4 smem_raw[];
   const HopperSmem<kD> smem(smem_raw);
-  // q_full; then per buffer s: k_full[s], v_full[s] (a TMA load each) and kv_empty[s] (the consumers).
+  // q_full; per buffer s, k_full[s] and v_full[s] (a TMA load each), k_empty[s] and v_empty[s] (the
+  // consumers, K as soon as S is in, V once O is).
   uint64_t* q_full = smem.barriers;
   uint64_t* k_full = smem.barriers + 1;
   uint64_t* v_full = smem.barriers + 3;
-  uint64_t* kv_empty = smem.barriers + 5;
+  uint64_t* k_empty = smem.barriers + 5;
+  uint64_t* v_empty = smem.barriers + 7;
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(k_full + s, 1);
       mbarrier_init(v_full + s, 1);
-      mbarrier_init(kv_empty + s, kHopperThreads);
+      mbarrier_init(k_empty + s, kHopperThreads);
+      mbarrier_init(v_empty + s, kHopperThreads);
     }
     fence_barrier_init();
   }
@@ -180,11 +182,13 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
       }
       for (int n = 0; n < blocks.count; ++n) {
         const int s = n & 1, j0 = (blocks.first + n) * kBlockN;
-        if (n >= 2) mbarrier_wait(kv_empty + s, ((n >> 1) - 1) & 1);  // the consumers are done with block n - 2
+        const uint32_t emptied = ((n >> 1) - 1) & 1;  // the phase in which the consumers let go of block n - 2
+        if (n >= 2) mbarrier_wait(k_empty + s, emptied);
         mbarrier_arrive_expect_tx(k_full + s, Tile::kKeyElements * 2);
         for (int half = 0; half < kHalves; ++half) {
           tma_load_4d(smem.k_tile(s) + half * kBlockN * 64, &maps.k, half * 64, j0, hk, b, k_full + s);
         }
+        if (n >= 2) mbarrier_wait(v_empty + s, emptied);
         mbarrier_arrive_expect_tx(v_full + s, Tile::kKeyElements * 2);
         for (int half = 0; half < kHalves; ++half) {
           tma_load_4d(smem.v_tile(s) + half * kBlockN * 64, &maps.v, half * 64, j0, hk, b, v_full + s);
@@ -196,25 +200,70 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   setmaxnreg_inc<kConsumerRegisters>();
   const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
   ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, consumer_warp, lane);
-  const bool group_busy = work.any_row(group * 64, 64);
   const uint32_t q_group = smem.q_address + group * 64 * 128;
+  const auto k_tile = [&](int n) { return smem_address(smem.k_tile(n & 1)); };
+  const auto v_tile = [&](int n) { return smem_address(smem.v_tile(n & 1)); };
+  const auto full = [](int n) { return static_cast<uint32_t>(n >> 1) & 1; };  // block n's phase parity
 
-  float acc_o[kOT][4];
+  // Each step issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} together. With kOverlap, the softmax of
+  // S_n runs while the second product is in flight (FlashAttention-3's intra-warpgroup overlap) and
+  // O is rescaled once it has landed; that holds P_{n-1} beside S_n, which the non-plain d128 variant
+  // cannot without spilling, so it waits for both first.
+  constexpr bool kOverlap = kPlain || kD <= 64;
+  const WarpgroupTurns turns(group);
+  float acc_o[kOT][4], acc_s[kBlockN / 8][4];
+  uint32_t a[kBlockN / 16][4];  // P of the block before
   zero(acc_o);
   mbarrier_wait(q_full, 0);
-  for (int n = 0; n < blocks.count; ++n) {
-    const int s = n & 1;
-    const uint32_t parity = (n >> 1) & 1;
-    mbarrier_wait(k_full + s, parity);
-    const auto wait_values = [&] { mbarrier_wait(v_full + s, parity); };
-    if (group_busy) {
-      hopper_block<T, kD>(acc_o, rows, q_group, smem_address(smem.k_tile(s)), smem_address(smem.v_tile(s)),
-                          (blocks.first + n) * kBlockN, wait_values);
-    } else {
-      wait_values();
-    }
-    mbarrier_arrive(kv_empty + s);
+  if (blocks.count > 0) {  // block 0: S alone
+    mbarrier_wait(k_full, 0);
+    turns.begin();
+    wgmma_abt_async<T, kD>(acc_s, q_group, kBlockM, k_tile(0), kBlockN);
+    turns.end();
+    wgmma_wait<0>();
+    pin_registers(acc_s);
+    mbarrier_arrive(k_empty);
+    rows.step(acc_s, acc_o, blocks.first * kBlockN);
+    fragments_of<T>(a, acc_s);
   }
+  for (int n = 1; n < blocks.count; ++n) {
+    const int j0 = (blocks.first + n) * kBlockN;
+    mbarrier_wait(k_full + (n & 1), full(n));
+    mbarrier_wait(v_full + ((n - 1) & 1), full(n - 1));
+    turns.begin();
+    wgmma_abt_async<T, kD>(acc_s, q_group, kBlockM, k_tile(n), kBlockN);
+    wgmma_ab_async<T, kD>(acc_o, a, v_tile(n - 1), kBlockN);
+    turns.end();
+    float alpha[2];
+    if constexpr (kOverlap) {
+      wgmma_wait<1>();  // S_n, the earlier group, is in
+      pin_registers(acc_s);
+      mbarrier_arrive(k_empty + (n & 1));
+      rows.probabilities(acc_s, j0, alpha);
+    }
+    wgmma_wait<0>();
+    pin_registers(acc_s);
+    pin_registers(acc_o);
+    pin_registers(a);
+    if constexpr (!kOverlap) {
+      mbarrier_arrive(k_empty + (n & 1));
+      rows.probabilities(acc_s, j0, alpha);
+    }
+    mbarrier_arrive(v_empty + ((n - 1) & 1));
+    rows.rescale(acc_o, alpha);
+    fragments_of<T>(a, acc_s);
+  }
+  if (blocks.count > 0) {
+    const int last = blocks.count - 1;
+    mbarrier_wait(v_full + (last & 1), full(last));
+    turns.begin();
+    wgmma_ab_async<T, kD>(acc_o, a, v_tile(last), kBlockN);
+    turns.end();
+    wgmma_wait<0>();
+    pin_registers(acc_o);
+    pin_registers(a);
+  }
+  turns.finish();
   rows.finish(params, acc_o, layout, ForwardPartials{});
 #endif
 }

@@ -4,8 +4,10 @@
 //   wgmma_abt: acc (64 x N) = A B^T, A and B K-major tiles of kD columns (over kD / 16 k-steps)
 //   wgmma_ab:  acc (64 x kD) += A B, A in registers (kK / 16 k-steps of mma's A fragments), B an
 //              MN-major tile of kK rows
-// Both wait for their wgmma before returning. Every k-step and half runs (zero-padded columns add
-// nothing): a branch between two wgmma makes ptxas serialize them.
+// Both wait for their wgmma before returning; their _async forms do not. Every k-step and half runs
+// (zero-padded columns add nothing), and no branch may come between a wgmma and the wait that covers
+// it (ptxas then serializes every wgmma of the kernel).
+// WarpgroupTurns has the two warpgroups take turns issuing products.
 #pragma once
 
 #include "attention.cuh"
@@ -69,9 +71,12 @@ __device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first
 }
 
 // acc = A B^T: A the warpgroup's 64 rows at shared address a (a tile of a_rows rows: its 64-column
-// halves a_rows * 128 bytes apart), B the N = 8 kTiles rows of a tile of b_rows rows at b.
+// halves a_rows * 128 bytes apart), B the N = 8 kTiles rows of a tile of b_rows rows at b. The
+// _async form issues it as one committed wgmma group and returns: acc is the product's until a
+// wgmma_wait covers the group, and pin_registers(acc) after that wait.
 template <typename T, int kD, int kTiles>
-__device__ __forceinline__ void wgmma_abt(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b, int b_rows) {
+__device__ __forceinline__ void wgmma_abt_async(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b,
+                                                int b_rows) {
   zero(acc);
   pin_registers(acc);  // the zeros stay before the fence, or ptxas adds one per wgmma
   wgmma_fence();
@@ -82,14 +87,21 @@ __device__ __forceinline__ void wgmma_abt(float (&acc)[kTiles][4], uint32_t a, i
                 smem_descriptor(b + (ks / 4) * b_rows * 128 + within));
   }
   wgmma_commit();
+}
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void wgmma_abt(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b, int b_rows) {
+  wgmma_abt_async<T, kD>(acc, a, a_rows, b, b_rows);
   wgmma_wait<0>();
   pin_registers(acc);
 }
 
 // acc += A B: A's k-step kk in a[kk], B the tile of b_rows rows at b read MN-major (k-step kk: its
-// rows 16 kk .., two swizzle atoms; each 64-column half of acc is one product).
+// rows 16 kk .., two swizzle atoms; each 64-column half of acc is one product). The _async form as
+// above; a stays the product's too (pin_registers(a) after the wait, so that nothing reuses its
+// registers while the wgmma reads them).
 template <typename T, int kD, int kSteps>
-__device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[kSteps][4], uint32_t b, int b_rows) {
+__device__ __forceinline__ void wgmma_ab_async(float (&acc)[kD / 8][4], uint32_t (&a)[kSteps][4], uint32_t b,
+                                               int b_rows) {
   pin_registers(acc);
   pin_registers(a);
   wgmma_fence();
@@ -102,9 +114,30 @@ __device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[
     }
   }
   wgmma_commit();
+}
+template <typename T, int kD, int kSteps>
+__device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[kSteps][4], uint32_t b, int b_rows) {
+  wgmma_ab_async<T, kD>(acc, a, b, b_rows);
   wgmma_wait<0>();
   pin_registers(acc);
 }
+
+// FlashAttention-3's pingpong: the two consumer warpgroups take turns issuing their products, so
+// that one's softmax runs while the other's products have the tensor cores. Warpgroup g issues
+// between begin() and end(), once named barrier kFirstBarrier + g has the other's arrival; group 0
+// goes first, and finish() takes group 1's last arrival, so no barrier is left part-way.
+struct WarpgroupTurns {
+  static constexpr int kFirstBarrier = 1, kThreads = kHopperThreads;
+  int group;
+  __device__ __forceinline__ explicit WarpgroupTurns(int g) : group(g) {
+    if (group == 1) named_barrier_arrive(kFirstBarrier, kThreads);
+  }
+  __device__ __forceinline__ void begin() const { named_barrier_sync(kFirstBarrier + group, kThreads); }
+  __device__ __forceinline__ void end() const { named_barrier_arrive(kFirstBarrier + (group ^ 1), kThreads); }
+  __device__ __forceinline__ void finish() const {
+    if (group == 0) named_barrier_sync(kFirstBarrier, kThreads);
+  }
+};
 
 // The A fragments of all k-steps of a product from a 64-row accumulator of 8 kSteps columns.
 template <typename T, int kSteps>

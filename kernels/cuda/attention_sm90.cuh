@@ -1,8 +1,8 @@
 // The hardware side of the Hopper attention forward (attention_forward_sm90.cu): wgmma (warpgroup
 // MMA, sm_90a) on operands described by attention_swizzle.cuh, its fences, and the proxy fence that
-// makes cp.async's writes visible to it; mbarriers, TMA tile loads and their tensor maps, and
-// setmaxnreg for the warp-specialized kernel. kernels/tests/cuda_emulator.h defines the same names
-// on the host.
+// makes cp.async's writes visible to it; mbarriers, TMA tile loads and their tensor maps, named
+// barriers and setmaxnreg for the warp-specialized kernel. kernels/tests/cuda_emulator.h defines the
+// same names on the host.
 #pragma once
 
 #include <cuda.h>
@@ -70,6 +70,14 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, i
       "[%6];\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(bar))
       : "memory");
+}
+// Named barrier `id` (1 .. 15; 0 is __syncthreads') of `count` threads, whole warps: sync waits until
+// `count` have arrived, arrive counts this warp without waiting.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // Moves this warpgroup's register budget (the producer gives, the consumers take).
 template <int kRegisters>

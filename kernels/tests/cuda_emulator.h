@@ -14,14 +14,18 @@
 // descriptors (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and
 // MN-major layouts) and A and the accumulators from the lanes' registers at that time; so reading an
 // accumulator before the wait, or overwriting an operand while a product is in flight, gives wrong
-// results. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup must issue
-// the same products. The proxy fence before wgmma reads what threads wrote is not modelled.
+// results. A warp that reaches a wait lets the other warps run before its products land, so a
+// buffer released (an mbarrier arrival) before the wait that covers its last read gets refilled
+// under that read. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup
+// must issue the same products. The proxy fence before wgmma reads what threads wrote is not modelled.
 //
 // mbarriers count arrivals and transaction bytes per phase; a thread waiting on a phase parity
-// blocks until the phase completes, and a CTA whose threads all wait on phases that cannot complete
-// fails as a deadlock. A TMA copy (a tensor map as the emulated encoder writes it, which refuses
-// what cuTensorMapEncodeTiled refuses) lands with the 128-byte swizzle and zeros out of bounds,
-// either when a thread waits on its mbarrier (deferred_copies) or at once. setmaxnreg does nothing.
+// blocks until the phase completes. Named barriers (bar.sync, bar.arrive: an id and a thread count)
+// release their waiters once `count` threads have arrived, and must be left with no partial count.
+// A CTA whose threads all wait on phases or named barriers that cannot complete fails as a
+// deadlock. A TMA copy (a tensor map as the emulated encoder writes it, which refuses what
+// cuTensorMapEncodeTiled refuses) lands with the 128-byte swizzle and zeros out of bounds, either
+// when a thread waits on its mbarrier (deferred_copies) or at once. setmaxnreg does nothing.
 //
 // ldmatrix and mma.m16n8k16 follow the PTX ISA's fragment layouts (lane = 4 g + t: groupID g,
 // threadID_in_group t):
@@ -75,7 +79,8 @@ inline int min(int a, int b) { return a < b ? a : b; }
 
 namespace cuda_emulator {
 
-enum class State { kRunnable, kBarrier, kWarp, kMbarrier, kDone };
+// kBlocked: waiting on an mbarrier phase or a named barrier (bar.sync).
+enum class State { kRunnable, kBarrier, kWarp, kBlocked, kDone };
 enum class Op { kShuffle, kLdsm, kLdsmTrans, kMmaHalf, kMmaBf16, kWgmmaWait };
 
 struct Collective {
@@ -113,7 +118,9 @@ struct Thread {
   std::vector<std::vector<PendingCopy>> groups{1};  // the last one is open
   std::vector<std::vector<Wgmma>> wgmma_groups{1};  // likewise
   long wgmma_run = 0;
-  uint32_t waiting_barrier = 0, waiting_parity = 0;  // State::kMbarrier: the mbarrier and phase parity
+  uint32_t waiting_barrier = 0, waiting_parity = 0;  // State::kBlocked: the mbarrier and phase parity
+  int waiting_named = -1;                            // or the named barrier and its generation
+  long waiting_generation = 0;
 };
 
 // A tensor map as the emulated encoder writes it into a CUtensorMap: a 4-d tensor of 16-bit values
@@ -140,8 +147,16 @@ struct Mbarrier {
   std::vector<TmaCopy> copies;
 };
 
+// A named barrier (bar.sync / bar.arrive with an id and a thread count): its generation moves on
+// when `count` threads have arrived.
+struct NamedBarrier {
+  int count = 0, arrived = 0;
+  long generation = 0;
+};
+
 struct Cta {
   std::vector<Thread> threads;
+  NamedBarrier named[16];
   ucontext_t scheduler;
   int current = 0;
   std::function<void()> body;
@@ -425,6 +440,29 @@ inline bool mbarrier_released(Thread& t) {
   return (b.phase & 1) != t.waiting_parity;
 }
 
+// Whether a thread blocked on an mbarrier or a named barrier may go on.
+inline bool released(Thread& t) {
+  if (t.waiting_named < 0) return mbarrier_released(t);
+  if (cta->named[t.waiting_named].generation == t.waiting_generation) return false;
+  t.waiting_named = -1;
+  return true;
+}
+
+// An arrival of this thread on named barrier `id` (1 .. 15: 0 is __syncthreads') of `count` threads.
+inline void named_arrival(int id, int count) {
+  if (id < 1 || id > 15) fail("a named barrier id outside 1 .. 15");
+  if (count <= 0 || count % 32 != 0 || count > static_cast<int>(cta->threads.size())) {
+    fail("a named barrier count that is not a number of the CTA's warps");
+  }
+  NamedBarrier& b = cta->named[id];
+  if (b.arrived == 0) b.count = count;
+  if (b.count != count) fail("threads disagree on a named barrier's count");
+  if (++b.arrived == b.count) {
+    b.arrived = 0;
+    ++b.generation;
+  }
+}
+
 // Runs one CTA of `threads` threads to completion.
 inline void run_cta(int threads, const std::function<void()>& body) {
   if (threads % 32 != 0) fail("the emulator runs whole warps");
@@ -442,18 +480,19 @@ inline void run_cta(int threads, const std::function<void()>& body) {
     makecontext(&t.context, thread_entry, 0);
   }
   std::vector<int> order(threads / 32);
+  std::vector<char> wgmma_yielded(threads / 32, 0);
   for (int w = 0; w < threads / 32; ++w) order[w] = w;
   for (;;) {
-    // Each warp in turn runs as far as it can before the next __syncthreads or a wait on an
-    // mbarrier, in a shuffled order: the greatest skew between warps that the barriers allow, which
-    // exposes missing barriers.
+    // Each warp in turn runs as far as it can before the next __syncthreads, wait on an mbarrier or
+    // wgmma.wait_group, in a shuffled order: the greatest skew between warps that the barriers allow,
+    // which exposes missing barriers.
     std::shuffle(order.begin(), order.end(), schedule_rng);
     long resumed = 0;
     for (int w : order) {
       Thread* lanes = &block.threads[w * 32];
       for (;;) {
         for (int l = 0; l < 32; ++l) {
-          if (lanes[l].state == State::kMbarrier && mbarrier_released(lanes[l])) lanes[l].state = State::kRunnable;
+          if (lanes[l].state == State::kBlocked && released(lanes[l])) lanes[l].state = State::kRunnable;
           if (lanes[l].state != State::kRunnable) continue;
           block.current = w * 32 + l;
           threadIdx.x = static_cast<unsigned>(block.current);
@@ -463,13 +502,19 @@ inline void run_cta(int threads, const std::function<void()>& body) {
         int at_collective = 0, blocked = 0, runnable = 0;
         for (int l = 0; l < 32; ++l) {
           at_collective += lanes[l].state == State::kWarp;
-          blocked += lanes[l].state == State::kMbarrier;
+          blocked += lanes[l].state == State::kBlocked;
           runnable += lanes[l].state == State::kRunnable;
         }
         if (runnable > 0) continue;
         if (at_collective == 0) break;
         block.current = w * 32;
         if (at_collective == 32) {
+          if (lanes[0].collective->op == Op::kWgmmaWait && !wgmma_yielded[w]) {
+            wgmma_yielded[w] = true;  // the products land after the other warps have run
+            ++resumed;
+            break;
+          }
+          wgmma_yielded[w] = false;
           run_collective(w);
           continue;
         }
@@ -480,15 +525,16 @@ inline void run_cta(int threads, const std::function<void()>& body) {
     bool all_done = true, waiting = false;
     for (Thread& t : block.threads) {
       all_done = all_done && t.state == State::kDone;
-      waiting = waiting || t.state == State::kMbarrier || t.state == State::kWarp;
+      waiting = waiting || t.state == State::kBlocked || t.state == State::kWarp;
     }
     if (all_done) break;
     if (waiting) {
-      // __syncthreads waits for the threads blocked on mbarriers; those must move on by themselves.
+      // __syncthreads waits for the threads blocked on mbarriers or named barriers; those must move
+      // on by themselves.
       if (resumed == 0) {
-        bool released = false;
-        for (Thread& t : block.threads) released = released || (t.state == State::kMbarrier && mbarrier_released(t));
-        if (!released) fail("deadlock: threads wait on mbarriers whose phase never completes");
+        bool any = false;
+        for (Thread& t : block.threads) any = any || (t.state == State::kBlocked && released(t));
+        if (!any) fail("deadlock: threads wait on mbarrier phases or named barriers that never complete");
       }
       continue;
     }
@@ -506,6 +552,9 @@ inline void run_cta(int threads, const std::function<void()>& body) {
   }
   for (const auto& b : block.barriers) {
     if (!b.second.copies.empty()) fail("a CTA exited with TMA copies in flight");
+  }
+  for (const NamedBarrier& b : block.named) {
+    if (b.arrived != 0) fail("a CTA exited with threads part-way through a named barrier");
   }
   for (int t = 0; t < threads; ++t) {
     if (block.threads[t].wgmma_run != block.threads[t - t % 128].wgmma_run) {
@@ -633,7 +682,7 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   cuda_emulator::Thread& t = cuda_emulator::self();
   t.waiting_barrier = smem_address(bar);
   t.waiting_parity = parity;
-  if (!cuda_emulator::mbarrier_released(t)) cuda_emulator::wait_as(cuda_emulator::State::kMbarrier);
+  if (!cuda_emulator::mbarrier_released(t)) cuda_emulator::wait_as(cuda_emulator::State::kBlocked);
 }
 // A TMA copy lands when a thread waits on its mbarrier (deferred_copies), else at once.
 inline void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
@@ -647,6 +696,16 @@ inline void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c
   } else {
     cuda_emulator::land(copy, b);
   }
+}
+inline void named_barrier_arrive(int id, int count) { cuda_emulator::named_arrival(id, count); }
+inline void named_barrier_sync(int id, int count) {
+  cuda_emulator::Thread& t = cuda_emulator::self();
+  const long generation = cuda_emulator::cta->named[id & 15].generation;
+  cuda_emulator::named_arrival(id, count);
+  if (cuda_emulator::cta->named[id].generation != generation) return;
+  t.waiting_named = id;
+  t.waiting_generation = generation;
+  cuda_emulator::wait_as(cuda_emulator::State::kBlocked);
 }
 template <int kRegisters>
 inline void setmaxnreg_inc() {}

@@ -446,6 +446,10 @@ std::vector<Case> cases() {
   c.dim = 96, c.v_dim = 64, c.q_len = 200, c.k_len = 300, c.band_hi = 300 - 200;
   all.push_back(c);
   c = Case{};
+  c.name = "four key blocks of 128, soft-cap dropout d128";  // (ALiBi would leave the first block no weight)
+  c.heads = 1, c.dim = c.v_dim = 128, c.q_len = 72, c.k_len = 400, c.softcap = 2.0f, c.dropout_p = 0.1f;
+  all.push_back(c);
+  c = Case{};
   c.name = "72-byte rows (no TMA), one batch and head";
   c.heads = 1, c.dim = c.v_dim = 36, c.q_len = 40, c.k_len = 150;
   all.push_back(c);
