@@ -7,7 +7,8 @@
 //        dV += P_drop^T dO,  dK += dS^T Q  (wgmma_ab, B = dO or Q read MN-major)
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
-// The per-element work (P from lse, dropout replayed, dS) is backward_element, as on sm_80. The
+// Each pair of products above is issued together, then waited for. The per-element work (P from
+// lse, dropout replayed, dS) is backward_element, as on sm_80. The
 // launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the
 // build has sm_90a (hopper_applies).
 #include "attention.cuh"
@@ -107,16 +108,24 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       const float* lse = s_lse + buf * kBlockM;
       const float* delta = s_delta + buf * kBlockM;
       float acc_s[kST][4], acc_dp[kST][4];
-      wgmma_abt<T, kD>(acc_s, k_address + wg * 64 * 128, kBlockN, q_tile, kBlockM);
-      wgmma_abt<T, kD>(acc_dp, v_address + wg * 64 * 128, kBlockN, do_tile, kBlockM);
+      wgmma_abt_async<T, kD>(acc_s, k_address + wg * 64 * 128, kBlockN, q_tile, kBlockM);
+      wgmma_abt_async<T, kD>(acc_dp, v_address + wg * 64 * 128, kBlockN, do_tile, kBlockM);
+      wgmma_wait<0>();
+      pin_registers(acc_s);
+      pin_registers(acc_dp);
       // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
       const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
       key_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop);
       uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
       fragments_of<T>(a_p, acc_s);
       fragments_of<T>(a_ds, acc_dp);
-      wgmma_ab<T, kD>(acc_dv, a_p, do_tile, kBlockM);
-      wgmma_ab<T, kD>(acc_dk, a_ds, q_tile, kBlockM);
+      wgmma_ab_async<T, kD>(acc_dv, a_p, do_tile, kBlockM);
+      wgmma_ab_async<T, kD>(acc_dk, a_ds, q_tile, kBlockM);
+      wgmma_wait<0>();
+      pin_registers(acc_dv);
+      pin_registers(acc_dk);
+      pin_registers(a_p);
+      pin_registers(a_ds);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
@@ -176,8 +185,11 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     if (group_busy) {
       const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
       float acc_s[kST][4], acc_dp[kST][4];
-      wgmma_abt<T, kD>(acc_s, q_address + wg * 64 * 128, kBlockM, k_tile, kBlockN);
-      wgmma_abt<T, kD>(acc_dp, do_address + wg * 64 * 128, kBlockM, v_tile, kBlockN);
+      wgmma_abt_async<T, kD>(acc_s, q_address + wg * 64 * 128, kBlockM, k_tile, kBlockN);
+      wgmma_abt_async<T, kD>(acc_dp, do_address + wg * 64 * 128, kBlockM, v_tile, kBlockN);
+      wgmma_wait<0>();
+      pin_registers(acc_s);
+      pin_registers(acc_dp);
       // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
       const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, k_len);
       query_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop,

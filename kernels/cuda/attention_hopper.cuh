@@ -77,14 +77,12 @@ __device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first
 template <typename T, int kD, int kTiles>
 __device__ __forceinline__ void wgmma_abt_async(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b,
                                                 int b_rows) {
-  zero(acc);
-  pin_registers(acc);  // the zeros stay before the fence, or ptxas adds one per wgmma
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
     const uint32_t within = (ks % 4) * 32;  // k-step ks reads 32 bytes into each row of its half
     wgmma_ss<T>(acc, smem_descriptor(a + (ks / 4) * a_rows * 128 + within),
-                smem_descriptor(b + (ks / 4) * b_rows * 128 + within));
+                smem_descriptor(b + (ks / 4) * b_rows * 128 + within), ks > 0);
   }
   wgmma_commit();
 }

@@ -142,52 +142,64 @@ __device__ __forceinline__ void pin_registers(uint32_t (&a)[kTiles][4]) {
 }
 
 // d (the warpgroup's 64 rows x 128 columns, fragments as mma.m16n8's C tiles: warp w of the group
-// holds rows 16 w ..) += A B for one k-step of 16: A (64 x 16) K-major and B (16 x 128) K-major,
-// both from descriptors.
+// holds rows 16 w ..) = A B + (accumulate ? d : 0) for one k-step of 16: A (64 x 16) K-major and
+// B (16 x 128) K-major, both from descriptors. Without accumulate, d's registers are only written
+// (no zeros to copy into them, which ptxas would order after an earlier wgmma still in flight).
 template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b);
+__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 // The same with 64 columns (m64n64k16).
 template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b);
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 
 // d (64 x 64) += A B for one k-step of 16: A in registers (mma.m16n8k16's A fragment of each warp's
 // 16 rows), B (16 x 64) MN-major (transposed) from a descriptor.
 template <typename T>
 __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b);
 
-// The accumulator operands of 8 n-tiles, and the two specializations of each product for a T and
-// its PTX type name.
-#define GENFAST_WGMMA_D8(t)  /* the accumulators of n-tiles t .. t + 7 */                                             \
-  "+f"(d[(t) + 0][0]), "+f"(d[(t) + 0][1]), "+f"(d[(t) + 0][2]), "+f"(d[(t) + 0][3]),                                 \
-  "+f"(d[(t) + 1][0]), "+f"(d[(t) + 1][1]), "+f"(d[(t) + 1][2]), "+f"(d[(t) + 1][3]),                                 \
-  "+f"(d[(t) + 2][0]), "+f"(d[(t) + 2][1]), "+f"(d[(t) + 2][2]), "+f"(d[(t) + 2][3]),                                 \
-  "+f"(d[(t) + 3][0]), "+f"(d[(t) + 3][1]), "+f"(d[(t) + 3][2]), "+f"(d[(t) + 3][3]),                                 \
-  "+f"(d[(t) + 4][0]), "+f"(d[(t) + 4][1]), "+f"(d[(t) + 4][2]), "+f"(d[(t) + 4][3]),                                 \
-  "+f"(d[(t) + 5][0]), "+f"(d[(t) + 5][1]), "+f"(d[(t) + 5][2]), "+f"(d[(t) + 5][3]),                                 \
-  "+f"(d[(t) + 6][0]), "+f"(d[(t) + 6][1]), "+f"(d[(t) + 6][2]), "+f"(d[(t) + 6][3]),                                 \
-  "+f"(d[(t) + 7][0]), "+f"(d[(t) + 7][1]), "+f"(d[(t) + 7][2]), "+f"(d[(t) + 7][3])
+// The accumulator operands of 8 n-tiles (constraint C: "+f" read and written, "=f" only written),
+// the m64nNk16 products from two descriptors (N = 128 or 64; SCALE_D 0 ignores d's old values), and
+// the specializations of each product for a T and its PTX type name.
+#define GENFAST_WGMMA_D8(C, t) /* the accumulators of n-tiles t .. t + 7 */                                          \
+  C(d[(t) + 0][0]), C(d[(t) + 0][1]), C(d[(t) + 0][2]), C(d[(t) + 0][3]), C(d[(t) + 1][0]), C(d[(t) + 1][1]),         \
+      C(d[(t) + 1][2]), C(d[(t) + 1][3]), C(d[(t) + 2][0]), C(d[(t) + 2][1]), C(d[(t) + 2][2]), C(d[(t) + 2][3]),     \
+      C(d[(t) + 3][0]), C(d[(t) + 3][1]), C(d[(t) + 3][2]), C(d[(t) + 3][3]), C(d[(t) + 4][0]), C(d[(t) + 4][1]),     \
+      C(d[(t) + 4][2]), C(d[(t) + 4][3]), C(d[(t) + 5][0]), C(d[(t) + 5][1]), C(d[(t) + 5][2]), C(d[(t) + 5][3]),     \
+      C(d[(t) + 6][0]), C(d[(t) + 6][1]), C(d[(t) + 6][2]), C(d[(t) + 6][3]), C(d[(t) + 7][0]), C(d[(t) + 7][1]),     \
+      C(d[(t) + 7][2]), C(d[(t) + 7][3])
+#define GENFAST_WGMMA_SS128(TYPE, C, SCALE_D)                                                                         \
+  GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                       \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                   \
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                 \
+                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                 \
+                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                \
+                   "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                    \
+                   : GENFAST_WGMMA_D8(C, 0), GENFAST_WGMMA_D8(C, 8)                                                   \
+                   : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
+#define GENFAST_WGMMA_SS64(TYPE, C, SCALE_D)                                                                          \
+  GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                       \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                    \
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                \
+                   "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                    \
+                   : GENFAST_WGMMA_D8(C, 0)                                                                           \
+                   : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
 #define GENFAST_WGMMA(T, TYPE)                                                                                        \
   template <>                                                                                                         \
-  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {                  \
-    GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                     \
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                 \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "               \
-                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "               \
-                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "              \
-                     "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                  \
-                     : GENFAST_WGMMA_D8(0), GENFAST_WGMMA_D8(8)                                                       \
-                     : "l"(desc_a), "l"(desc_b), "n"(1));                                                             \
+  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) { \
+    if (accumulate) {                                                                                                 \
+      GENFAST_WGMMA_SS128(TYPE, "+f", 1);                                                                             \
+    } else {                                                                                                          \
+      GENFAST_WGMMA_SS128(TYPE, "=f", 0);                                                                             \
+    }                                                                                                                 \
   }                                                                                                                   \
   template <>                                                                                                         \
-  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                  \
-    GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                     \
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                  \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
-                     "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                 \
-                     : GENFAST_WGMMA_D8(0)                                                                            \
-                     : "l"(desc_a), "l"(desc_b), "n"(1));                                                             \
+  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {  \
+    if (accumulate) {                                                                                                 \
+      GENFAST_WGMMA_SS64(TYPE, "+f", 1);                                                                              \
+    } else {                                                                                                          \
+      GENFAST_WGMMA_SS64(TYPE, "=f", 0);                                                                              \
+    }                                                                                                                 \
   }                                                                                                                   \
   template <>                                                                                                         \
   __device__ __forceinline__ void wgmma_rs<T>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {            \
@@ -196,12 +208,14 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
                      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
                      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
                      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                    \
-                     : GENFAST_WGMMA_D8(0)                                                                            \
+                     : GENFAST_WGMMA_D8("+f", 0)                                                                      \
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));                              \
   }
 GENFAST_WGMMA(__half, "f16")
 GENFAST_WGMMA(__nv_bfloat16, "bf16")
 #undef GENFAST_WGMMA
+#undef GENFAST_WGMMA_SS64
+#undef GENFAST_WGMMA_SS128
 #undef GENFAST_WGMMA_D8
 
 #undef GENFAST_SM90_ASM

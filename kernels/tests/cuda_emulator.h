@@ -95,7 +95,8 @@ struct Collective {
   int groups;               // wgmma.wait_group: the committed groups that may stay in flight
 };
 
-// One issued wgmma m64nNk16 (this lane's part): d (N / 8 tiles of 4 accumulators) += A B.
+// One issued wgmma m64nNk16 (this lane's part): d (N / 8 tiles of 4 accumulators) = A B, plus d
+// when accumulate.
 struct Wgmma {
   bool half;                    // float16 operands, else bfloat16
   int n;                        // N
@@ -103,6 +104,7 @@ struct Wgmma {
   uint64_t desc_a, desc_b;
   const uint32_t* a;            // A in registers (4), else from desc_a, K-major
   bool trans_b;                 // B MN-major, else K-major
+  bool accumulate;
 };
 
 struct PendingCopy {
@@ -239,6 +241,7 @@ inline void run_wgmma(int warp, int group, int index) {
   for (int l = 1; l < 32; ++l) {
     const Wgmma& o = lanes[l].wgmma_groups[group][index];
     if (o.half != w.half || o.n != w.n || o.desc_b != w.desc_b || o.trans_b != w.trans_b ||
+        o.accumulate != w.accumulate ||
         (o.a == nullptr) != (w.a == nullptr) || (w.a == nullptr && o.desc_a != w.desc_a)) {
       fail("the lanes of a warp disagree on a wgmma");
     }
@@ -262,8 +265,8 @@ inline void run_wgmma(int warp, int group, int index) {
         a[g + 8][2 * t + 8 + k] = part(o.a[3]);
       }
       for (int tile = 0; tile < w.n / 8; ++tile) {
-        d[g * w.n + 8 * tile + 2 * t + k] = o.d[4 * tile + k];
-        d[(g + 8) * w.n + 8 * tile + 2 * t + k] = o.d[4 * tile + 2 + k];
+        d[g * w.n + 8 * tile + 2 * t + k] = w.accumulate ? o.d[4 * tile + k] : 0.0f;
+        d[(g + 8) * w.n + 8 * tile + 2 * t + k] = w.accumulate ? o.d[4 * tile + 2 + k] : 0.0f;
       }
     }
   }
@@ -749,19 +752,19 @@ inline void wgmma_wait() {
   cuda_emulator::wait_as(cuda_emulator::State::kWarp, &c);
 }
 template <typename T>
-inline void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+inline void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   cuda_emulator::self().wgmma_groups.back().push_back(
-      {std::is_same<T, __half>::value, 128, &d[0][0], desc_a, desc_b, nullptr, false});
+      {std::is_same<T, __half>::value, 128, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
 }
 template <typename T>
-inline void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+inline void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   cuda_emulator::self().wgmma_groups.back().push_back(
-      {std::is_same<T, __half>::value, 64, &d[0][0], desc_a, desc_b, nullptr, false});
+      {std::is_same<T, __half>::value, 64, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
 }
 template <typename T>
 inline void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
   cuda_emulator::self().wgmma_groups.back().push_back(
-      {std::is_same<T, __half>::value, 64, &d[0][0], 0, desc_b, a, true});
+      {std::is_same<T, __half>::value, 64, &d[0][0], 0, desc_b, a, true, true});
 }
 
 // Runs the grid CTA by CTA, with shared memory filled with 0xff bytes (NaN in float16 and bfloat16) at each start.
