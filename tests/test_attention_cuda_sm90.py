@@ -46,6 +46,15 @@ def test_the_hopper_kernels_run(dtype, monkeypatch):
     odd.copy_(q[..., :100])
     names = _kernels_run(lambda: genfast.attention(odd, k[..., :100], v, impl="native"))
     assert any("attention_forward_sm90_kernel" in name for name in names), names
+    # Head dim 256: the forward on the Hopper kernels (key blocks of 80), the warp-specialized one
+    # unless the scores need more than scaling (then the cp.async one, whose threads have more
+    # registers); the backward on the sm_80 kernels.
+    wide = [t.clone().requires_grad_() for t in cuda_tests._cuda(*_qkv(1, 2, 2, 200, 300, 256, dtype))]
+    names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*wide, impl="native").sum(), wide))
+    assert any("attention_forward_sm90_tma_kernel" in name for name in names), names
+    assert not any("backward_kv_sm90" in name for name in names), names
+    names = _kernels_run(lambda: genfast.attention(*wide, impl="native", softcap=30.0))
+    assert any("attention_forward_sm90_kernel" in name for name in names), names
     monkeypatch.setenv("GENFAST_ATTENTION_SM90", "0")
     names = _kernels_run(lambda: genfast.attention(q, k, v, impl="native"))
     assert not any("attention_forward_sm90" in name for name in names), names
@@ -73,7 +82,7 @@ def test_layout_probes(dtype, probe, kernel):
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (1000, 1000), (100, 333), (333, 100), (129, 257)])
-@pytest.mark.parametrize("dim", [16, 40, 64, 96, 128])
+@pytest.mark.parametrize("dim", [16, 40, 64, 96, 128, 200, 256])
 @pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
 def test_matches_reference(impl, dtype, dim, lq, lk):
     cuda_tests.test_matches_reference(impl, dtype, dim, lq, lk)
@@ -85,7 +94,8 @@ def test_options_and_gradients(impl, dtype, options):
     cuda_tests.test_options_and_gradients(impl, dtype, options)
 
 
-@pytest.mark.parametrize("dim,v_dim", [(16, 16), (40, 40), (96, 96), (64, 32), (40, 72), (33, 17), (128, 64)])
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (40, 40), (96, 96), (64, 32), (40, 72), (33, 17), (128, 64),
+                                       (256, 256), (192, 128)])
 @pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
 def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
     cuda_tests.test_gradients_per_head_dim(impl, dtype, dim, v_dim)

@@ -267,7 +267,7 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   const int64_t no_stride[3] = {0, 0, 0};
   const unsigned vector =
       input_vector_flags(params) | (vector_ok(grads.grad_o, no_stride) && p.v_dim % 8 == 0 ? kVectorGradO : 0u);
-  if (hopper_applies(p)) return run_backward_sm90<T>(params, grads, vector, stream);
+  if (hopper_backward_applies(p)) return run_backward_sm90<T>(params, grads, vector, stream);
   return with_head_dim_bucket(
       p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, grads, vector, stream); });
 }

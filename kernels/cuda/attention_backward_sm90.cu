@@ -10,7 +10,7 @@
 // Each pair of products above is issued together, then waited for. The per-element work (P from
 // lse, dropout replayed, dS) is backward_element, as on sm_80. The
 // launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the
-// build has sm_90a (hopper_applies).
+// build has sm_90a (hopper_backward_applies).
 #include "attention.cuh"
 #include "attention_hopper.cuh"
 
@@ -220,7 +220,7 @@ cudaError_t run_backward_sm90(const AttentionCudaParams<T>& params, const Attent
                               unsigned vector, cudaStream_t stream) {
   const bool plain = plain_scores(params.base);
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 2) != 0) {
-    if ((params.base.dim > params.base.v_dim ? params.base.dim : params.base.v_dim) <= 64) {
+    if (widest_head_dim(params.base) <= 64) {
       return plain ? run_backward_sm90_bucket<T, 64, true>(params, grads, vector, stream)
                    : run_backward_sm90_bucket<T, 64, false>(params, grads, vector, stream);
     }

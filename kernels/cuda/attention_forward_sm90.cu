@@ -1,7 +1,7 @@
 // Attention forward for Hopper (sm_90a) on wgmma: two consumer warpgroups take 128 query rows of
-// one head (64 each) and walk key blocks of 128, K and V double-buffered in 128-byte-swizzled shared
-// memory (attention_swizzle.cuh), next to Q.
-//   S = Q K^T   wgmma m64n128k16, A = Q and B = K both K-major from shared memory
+// one head (64 each) and walk key blocks of 128 (80 at head dim 256), K and V double-buffered in
+// 128-byte-swizzled shared memory (attention_swizzle.cuh), next to Q.
+//   S = Q K^T   wgmma m64n128k16 (m64n80k16), A = Q and B = K both K-major from shared memory
 //   O += P V    wgmma m64n64k16 per 64 columns of O, A = P from S's registers, B = V MN-major
 // S and O have mma.m16n8's C-fragment layout, so the scores, online softmax and epilogue are the
 // sm_80 kernel's (ForwardRows). Two kernels:
@@ -12,7 +12,7 @@
 //   warpgroup's softmax overlaps the other's products, which take turns as in FlashAttention-3
 //   (WarpgroupTurns); within a warpgroup, block n's softmax overlaps block n - 1's P V.
 // - every thread copying with cp.async (packed sequences, other strides), a barrier per block.
-// They take plans without stacking or splits and head-dim buckets 64 and 128; the launcher in
+// They take plans without stacking or splits and head-dim buckets 64, 128 and 256; the launcher in
 // attention_forward.cu uses them on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a.
 #include <cstdlib>
 #include <cstring>
@@ -30,15 +30,17 @@ constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 static_assert(kProducerThreads * kProducerRegisters + kHopperThreads * kConsumerRegisters <= 64 * 1024,
               "the warpgroups' registers must fit an SM's register file");
 
+// Key blocks of 128, or of 80 at head dim 256 (as FlashAttention-3), where Q and two stages of K
+// and V take all of shared memory.
 template <int kD>
 struct HopperForwardTile {
-  static constexpr int kBlockM = 128, kBlockN = 128;
+  static constexpr int kBlockM = 128, kBlockN = kD == 256 ? 80 : 128;
   static constexpr int kQElements = kBlockM * kD, kKeyElements = kBlockN * kD;
   // Up to 1024 bytes that align the tiles to a swizzle atom, Q, K and V double-buffered, then the
   // warp-specialized kernel's 9 mbarriers.
   static constexpr int kTileBytes = (kQElements + 4 * kKeyElements) * 2;
   static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + kTileBytes + 16 * 8;
-  static_assert(kD == 64 || kD == 128, "the Hopper forward takes head-dim buckets 64 and 128");
+  static_assert(kD == 64 || kD == 128 || kD == 256, "the Hopper forward takes head-dim buckets 64, 128 and 256");
   static_assert(kSmemBytes <= 227 * 1024, "the Hopper forward's tiles must fit an sm_90 CTA");
 };
 
@@ -208,7 +210,8 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   // Each step issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} together. With kOverlap, the softmax of
   // S_n runs while the second product is in flight (FlashAttention-3's intra-warpgroup overlap) and
   // O is rescaled once it has landed; that holds P_{n-1} beside S_n, which the non-plain d128 variant
-  // cannot without spilling, so it waits for both first.
+  // cannot without spilling, so it waits for both first (the non-plain d256 one runs the cp.async
+  // kernel).
   constexpr bool kOverlap = kPlain || kD <= 64;
   const WarpgroupTurns turns(group);
   float acc_o[kOT][4], acc_s[kBlockN / 8][4];
@@ -295,21 +298,25 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
   const AttentionParams& p = params.base;
   const QueryLayout layout = query_layout(p, Tile::kBlockM, 1, 1);
   const int64_t ctas = query_layout_ctas(p, layout);
-  const int64_t q_sizes[3] = {p.batch, p.heads, p.q_len}, kv_sizes[3] = {p.batch, p.kv_heads, p.k_len};
-  const bool tma = p.cu_seqlens_q == nullptr && p.k_len > 0 && tma_addressable(params.q, p.q_stride, q_sizes) &&
-                   tma_addressable(params.k, p.k_stride, kv_sizes) && tma_addressable(params.v, p.v_stride, kv_sizes);
-  if (tma) {
-    HopperMaps maps;
-    cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
-    if (status == cudaSuccess) {
-      status = tile_map(&maps.k, params.k, p.k_stride, p.batch, p.kv_heads, p.k_len, p.dim, Tile::kBlockN);
-    }
-    if (status == cudaSuccess) {
-      status = tile_map(&maps.v, params.v, p.v_stride, p.batch, p.kv_heads, p.k_len, p.v_dim, Tile::kBlockN);
-    }
-    if (status == cudaSuccess) {  // else (no driver entry point, a map the driver refuses) the cp.async kernel
-      return launch_tiles(attention_forward_sm90_tma_kernel<T, kD, kPlain>, ctas, kHopperThreads + kProducerThreads,
-                          Tile::kSmemBytes, stream, params, maps, layout);
+  // Inputs TMA can address take the warp-specialized kernel; not in the non-plain d256 variant, whose
+  // scores would spill from a consumer's 240 registers (the cp.async kernel's threads have 255).
+  if constexpr (kPlain || kD <= 128) {
+    const int64_t q_sizes[3] = {p.batch, p.heads, p.q_len}, kv_sizes[3] = {p.batch, p.kv_heads, p.k_len};
+    const bool tma = p.cu_seqlens_q == nullptr && p.k_len > 0 && tma_addressable(params.q, p.q_stride, q_sizes) &&
+                     tma_addressable(params.k, p.k_stride, kv_sizes) && tma_addressable(params.v, p.v_stride, kv_sizes);
+    if (tma) {
+      HopperMaps maps;
+      cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
+      if (status == cudaSuccess) {
+        status = tile_map(&maps.k, params.k, p.k_stride, p.batch, p.kv_heads, p.k_len, p.dim, Tile::kBlockN);
+      }
+      if (status == cudaSuccess) {
+        status = tile_map(&maps.v, params.v, p.v_stride, p.batch, p.kv_heads, p.k_len, p.v_dim, Tile::kBlockN);
+      }
+      if (status == cudaSuccess) {  // else (no driver entry point, a map the driver refuses) the cp.async kernel
+        return launch_tiles(attention_forward_sm90_tma_kernel<T, kD, kPlain>, ctas, kHopperThreads + kProducerThreads,
+                            Tile::kSmemBytes, stream, params, maps, layout);
+      }
     }
   }
   return launch_tiles(attention_forward_sm90_kernel<T, kD, kPlain>, ctas, kHopperThreads, Tile::kSmemBytes, stream,
@@ -318,16 +325,13 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
 
 }  // namespace
 
-bool hopper_applies(const AttentionParams& p) {
+bool hopper_opted_in() {
 #if defined(GENFAST_ATTENTION_SM90)
   const char* opt_in = std::getenv("GENFAST_ATTENTION_SM90");
-  if (opt_in == nullptr || std::strcmp(opt_in, "1") != 0 || (p.dim > p.v_dim ? p.dim : p.v_dim) > kHopperMaxHeadDim) {
-    return false;
-  }
+  if (opt_in == nullptr || std::strcmp(opt_in, "1") != 0) return false;
   int major = 0, minor = 0;
   return current_device_capability(&major, &minor) == cudaSuccess && major == 9 && minor == 0;
 #else
-  (void)p;
   return false;
 #endif
 }
@@ -337,14 +341,20 @@ cudaError_t run_forward_sm90(const AttentionCudaParams<T>& params, unsigned vect
   const AttentionParams& p = params.base;
   const bool plain = plain_scores(p);
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 2) != 0) {
-    if ((p.dim > p.v_dim ? p.dim : p.v_dim) <= 64) {
+    if (widest_head_dim(p) <= 64) {
       return plain ? run_forward_sm90_bucket<T, 64, true>(params, vector, stream)
                    : run_forward_sm90_bucket<T, 64, false>(params, vector, stream);
     }
   }
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 4) != 0) {
-    return plain ? run_forward_sm90_bucket<T, 128, true>(params, vector, stream)
-                 : run_forward_sm90_bucket<T, 128, false>(params, vector, stream);
+    if (widest_head_dim(p) <= 128) {
+      return plain ? run_forward_sm90_bucket<T, 128, true>(params, vector, stream)
+                   : run_forward_sm90_bucket<T, 128, false>(params, vector, stream);
+    }
+  }
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 8) != 0) {
+    return plain ? run_forward_sm90_bucket<T, 256, true>(params, vector, stream)
+                 : run_forward_sm90_bucket<T, 256, false>(params, vector, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -147,7 +147,9 @@ __device__ __forceinline__ void pin_registers(uint32_t (&a)[kTiles][4]) {
 // (no zeros to copy into them, which ptxas would order after an earlier wgmma still in flight).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
-// The same with 64 columns (m64n64k16).
+// The same with 80 and 64 columns (m64n80k16, m64n64k16).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[10][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 
@@ -157,7 +159,7 @@ template <typename T>
 __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b);
 
 // The accumulator operands of 8 n-tiles (constraint C: "+f" read and written, "=f" only written),
-// the m64nNk16 products from two descriptors (N = 128 or 64; SCALE_D 0 ignores d's old values), and
+// the m64nNk16 products from two descriptors (N = 128, 80, 64; SCALE_D 0 ignores d's old values), and
 // the specializations of each product for a T and its PTX type name.
 #define GENFAST_WGMMA_D8(C, t) /* the accumulators of n-tiles t .. t + 7 */                                          \
   C(d[(t) + 0][0]), C(d[(t) + 0][1]), C(d[(t) + 0][2]), C(d[(t) + 0][3]), C(d[(t) + 1][0]), C(d[(t) + 1][1]),         \
@@ -176,6 +178,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
                    "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                    \
                    : GENFAST_WGMMA_D8(C, 0), GENFAST_WGMMA_D8(C, 8)                                                   \
                    : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
+#define GENFAST_WGMMA_SS80(TYPE, C, SCALE_D)                                                                          \
+  GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"                                                       \
+                   "wgmma.mma_async.sync.aligned.m64n80k16.f32." TYPE "." TYPE " "                                    \
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                 \
+                   "%32, %33, %34, %35, %36, %37, %38, %39}, "                                                        \
+                   "%40, %41, p, 1, 1, 0, 0;\n}\n"                                                                    \
+                   : GENFAST_WGMMA_D8(C, 0), C(d[8][0]), C(d[8][1]), C(d[8][2]), C(d[8][3]), C(d[9][0]),              \
+                     C(d[9][1]), C(d[9][2]), C(d[9][3])                                                               \
+                   : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
 #define GENFAST_WGMMA_SS64(TYPE, C, SCALE_D)                                                                          \
   GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                       \
                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                    \
@@ -184,22 +196,27 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
                    "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                    \
                    : GENFAST_WGMMA_D8(C, 0)                                                                           \
                    : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
+// The product SS with accumulate chosen at run time (a constant wherever the k-step loop unrolls).
+#define GENFAST_WGMMA_SS(SS, TYPE) \
+  do {                             \
+    if (accumulate) {              \
+      SS(TYPE, "+f", 1);           \
+    } else {                       \
+      SS(TYPE, "=f", 0);           \
+    }                              \
+  } while (0)
 #define GENFAST_WGMMA(T, TYPE)                                                                                        \
   template <>                                                                                                         \
   __device__ __forceinline__ void wgmma_ss<T>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) { \
-    if (accumulate) {                                                                                                 \
-      GENFAST_WGMMA_SS128(TYPE, "+f", 1);                                                                             \
-    } else {                                                                                                          \
-      GENFAST_WGMMA_SS128(TYPE, "=f", 0);                                                                             \
-    }                                                                                                                 \
+    GENFAST_WGMMA_SS(GENFAST_WGMMA_SS128, TYPE);                                                                      \
+  }                                                                                                                   \
+  template <>                                                                                                         \
+  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[10][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) { \
+    GENFAST_WGMMA_SS(GENFAST_WGMMA_SS80, TYPE);                                                                       \
   }                                                                                                                   \
   template <>                                                                                                         \
   __device__ __forceinline__ void wgmma_ss<T>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {  \
-    if (accumulate) {                                                                                                 \
-      GENFAST_WGMMA_SS64(TYPE, "+f", 1);                                                                              \
-    } else {                                                                                                          \
-      GENFAST_WGMMA_SS64(TYPE, "=f", 0);                                                                              \
-    }                                                                                                                 \
+    GENFAST_WGMMA_SS(GENFAST_WGMMA_SS64, TYPE);                                                                       \
   }                                                                                                                   \
   template <>                                                                                                         \
   __device__ __forceinline__ void wgmma_rs<T>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {            \
@@ -214,7 +231,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
 GENFAST_WGMMA(__half, "f16")
 GENFAST_WGMMA(__nv_bfloat16, "bf16")
 #undef GENFAST_WGMMA
+#undef GENFAST_WGMMA_SS
 #undef GENFAST_WGMMA_SS64
+#undef GENFAST_WGMMA_SS80
 #undef GENFAST_WGMMA_SS128
 #undef GENFAST_WGMMA_D8
 

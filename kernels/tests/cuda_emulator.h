@@ -757,6 +757,11 @@ inline void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool a
       {std::is_same<T, __half>::value, 128, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
 }
 template <typename T>
+inline void wgmma_ss(float (&d)[10][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  cuda_emulator::self().wgmma_groups.back().push_back(
+      {std::is_same<T, __half>::value, 80, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
+}
+template <typename T>
 inline void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   cuda_emulator::self().wgmma_groups.back().push_back(
       {std::is_same<T, __half>::value, 64, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
