@@ -8,9 +8,9 @@
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
 // Each pair of products above is issued together, then waited for. The per-element work (P from
-// lse, dropout replayed, dS) is backward_element, as on sm_80. The
-// launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the
-// build has sm_90a (hopper_backward_applies).
+// lse, dropout replayed, dS) is backward_element, as on sm_80. The launcher in attention_backward.cu
+// takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a
+// (hopper_backward_applies).
 #include "attention.cuh"
 #include "attention_hopper.cuh"
 

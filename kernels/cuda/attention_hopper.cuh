@@ -77,8 +77,8 @@ __device__ __forceinline__ float (&columns_of(float (&acc)[kTiles][4], int first
 
 // acc = A B^T: A the warpgroup's 64 rows at shared address a (a tile of a_rows rows: its 64-column
 // halves a_rows * 128 bytes apart), B the N = 8 kTiles rows of a tile of b_rows rows at b. The
-// _async form issues it as one committed wgmma group and returns: acc is the product's until a
-// wgmma_wait covers the group, and pin_registers(acc) after that wait.
+// _async form issues it as one committed wgmma group and returns: acc belongs to the product until a
+// wgmma_wait covers the group, after which pin_registers(acc) orders the reads that follow.
 template <typename T, int kD, int kTiles>
 __device__ __forceinline__ void wgmma_abt_async(float (&acc)[kTiles][4], uint32_t a, int a_rows, uint32_t b,
                                                 int b_rows) {
