@@ -78,16 +78,20 @@ TORCH_LIBRARY(genfast, m) {
   // (batch, heads, length, dim), k and v with heads dividing q's; attn_mask bool or additive,
   // broadcastable to (batch, heads, Lq, Lk); alibi_slopes (heads) or (batch, heads); softcap 0 for
   // none; keys j with i + band_lo <= j <= i + band_hi are seen (+-2^62: unbounded); dropout keyed by
-  // (seed, offset), which the backward replays.
+  // (seed, offset), which the backward replays. deterministic is the backward's, carried by autograd
+  // (the forward does not read it).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
-      "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+      "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False) "
+      "-> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
   // gradient of the scores (batch, heads, Lq, Lk), which an additive mask's gradient sums).
+  // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).
   m.def(
       "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
       "Tensor? attn_mask, Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, "
-      "float dropout_p, int seed, int offset, bool grad_mask) -> (Tensor, Tensor, Tensor, Tensor?)");
+      "float dropout_p, int seed, int offset, bool grad_mask, bool deterministic=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor?)");
   // Packed variable-length batches: q (total_q, heads, dim), k and v (total_k, kv_heads, dim), sequence
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
   // bound the sequences' lengths. The band is relative to each sequence's bottom-right diagonal.
@@ -95,10 +99,10 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, float softcap, int band_lo, "
-      "int band_hi, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+      "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False) -> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, float dropout_p, int seed, "
-      "int offset) -> (Tensor, Tensor, Tensor)");
+      "int offset, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
 }

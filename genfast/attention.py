@@ -95,7 +95,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
               alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
-              return_lse: bool = False, impl: str = "auto"):
+              return_lse: bool = False, deterministic: bool = False, impl: str = "auto"):
     """o (B, Hq, Lq, Dv), and the rows' log-sum-exp (B, Hq, Lq) float32 with return_lse.
 
     As torch SDPA: attn_mask bool (True attends) or additive, broadcast to (B, Hq, Lq, Lk);
@@ -104,7 +104,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     window=(left, right) keys around the bottom-right diagonal (-1: unbounded); alibi_slopes (Hq,)
     or (B, Hq); softcap (softcap * tanh(s / softcap)); dropout from in-kernel Philox keyed by
     `generator` (a genfast.PhiloxGenerator gives the same mask on every backend). A row whose keys
-    are all masked gives zeros (lse -inf), never NaN."""
+    are all masked gives zeros (lse -inf), never NaN. deterministic: a backward whose bits repeat
+    from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA and
+    GPU Triton kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block
+    instead of 7. The CPU backward is deterministic either way."""
     _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl)
     if is_causal:
         if causal == "bottom_right":
@@ -120,7 +123,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(q.shape[2], k.shape[2], causal, window)
     args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
-            as_int64(offset))
+            as_int64(offset), _deterministic(deterministic))
     op = torch.ops.genfast.attention_forward_triton if backend == "triton" else torch.ops.genfast.attention_forward
     o, lse = op(*args)
     return (o, lse) if return_lse else o
@@ -159,6 +162,10 @@ def _fused_backend(impl: str, q: Tensor, head_dim: int) -> str:
     if backend == "triton" and impl == "auto" and head_dim > FUSED_MAX_HEAD_DIM:
         backend = "reference"
     return backend
+
+
+def _deterministic(deterministic: bool) -> bool:
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
 def _check_alibi_grad(alibi_slopes):
@@ -203,7 +210,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_k: int, dropout_p: float = 0.0, scale: Optional[float] = None, *,
                      causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
-                     return_lse: bool = False, impl: str = "auto"):
+                     return_lse: bool = False, deterministic: bool = False, impl: str = "auto"):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
     cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
@@ -211,7 +218,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
     window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
-    Philox stream (reference.varlen_attention)."""
+    Philox stream (reference.varlen_attention). deterministic as genfast.attention's."""
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
                   alibi_slopes, softcap, impl)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
@@ -225,7 +232,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
-            softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset))
+            softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic))
     op = (torch.ops.genfast.attention_varlen_forward_triton if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward)
     o, lse = op(*args)

@@ -2,6 +2,8 @@
 gradients by the error-ratio rule for every option, odd lengths and head dims, fully masked rows,
 NaN, dropout's Philox mask, a deterministic backward, opcheck, torch.compile and bad input."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,9 +298,30 @@ def test_backward_is_deterministic(impl):
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl).square().sum().backward()
+        genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", deterministic=True,
+                          impl=impl).square().sum().backward()
         runs.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_with_and_without_atomics(deterministic, impl):
+    """dQ added with atomics in the key-block pass (the default) or from its own pass."""
+    skip_unless_supported(impl, "cpu")
+    _compare_grads(*_qkv(2, 4, 2, 37, 50, 24, torch.float32), impl=impl, causal="bottom_right", dropout_p=0.2,
+                   seed=4, softcap=5.0, deterministic=deterministic)
+
+
+def test_deterministic_algorithms_ask_for_a_deterministic_backward():
+    module = importlib.import_module("genfast.attention")  # genfast.attention is the function
+    assert not module._deterministic(False) and module._deterministic(True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert module._deterministic(False)
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("impl", fused_impls())

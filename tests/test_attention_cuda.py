@@ -147,16 +147,34 @@ def test_decoding_with_grouped_heads(impl, dtype, lq):
                    alibi_slopes=slopes[:8], dropout_p=0.1, seed=3)
 
 
+@pytest.mark.parametrize("ask", ["keyword", "torch"])
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
-def test_backward_is_bit_reproducible(impl, dtype):
+def test_backward_is_bit_reproducible(impl, dtype, ask):
+    """deterministic=True, or torch.use_deterministic_algorithms(True): no atomics, the same bits."""
     q, k, v = _cuda(*_qkv(2, 8, 2, 300, 500, 64, dtype))
+    previous = torch.are_deterministic_algorithms_enabled()
     results = []
-    for _ in range(2):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o = genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl)
-        results.append(torch.autograd.grad(o.float().square().sum(), leaves))
+    try:
+        torch.use_deterministic_algorithms(ask == "torch")
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            o = genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl,
+                                  deterministic=ask == "keyword")
+            results.append(torch.autograd.grad(o.float().square().sum(), leaves))
+    finally:
+        torch.use_deterministic_algorithms(previous)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_deterministic_and_atomic_gradients(impl, dtype, dim):
+    """Both ways of computing dQ: its own pass, and atomics in the key-block pass (the default)."""
+    q, k, v = _cuda(*_qkv(2, 4, 2, 300, 260, dim, dtype))
+    for deterministic in (True, False):
+        _compare_grads(q, k, v, impl=impl, causal="bottom_right", softcap=30.0, dropout_p=0.1, seed=5,
+                       deterministic=deterministic)
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

@@ -70,7 +70,8 @@ def test_matches_reference(dtype, impl):
 @pytest.mark.parametrize("options", [dict(causal="bottom_right"), dict(window=(6, 2)),
                                      dict(causal="bottom_right", window=(10, -1)), dict(softcap=2.0, scale=0.4),
                                      dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
-                                     dict(alibi_slopes=torch.rand(5, 4)), dict(dropout_p=0.25, seed=3)], ids=str)
+                                     dict(alibi_slopes=torch.rand(5, 4)), dict(dropout_p=0.25, seed=3),
+                                     dict(causal="bottom_right", deterministic=True)], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_options_match_reference(options, impl):
     skip_unless_supported(impl, "cpu")

@@ -166,6 +166,12 @@ BACKWARD_CASES = [
     ("dropout_gqa", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
     ("everything", 1, 4, 2, 17, 40, 24, 16,
      dict(causal="bottom_right", mask="float", alibi="h", softcap=3.0, dropout_p=0.2, seed=5, offset=0)),
+    # dQ from its own pass (the default adds it in the key-block pass, with atomics)
+    ("deterministic_gqa", 2, 4, 2, 17, 40, 24, 16, dict(deterministic=True)),
+    ("deterministic_causal_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2),
+                                                                  deterministic=True)),
+    ("deterministic_dropout_alibi", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12, alibi="bh",
+                                                                  softcap=2.0, deterministic=True)),
 ]
 
 
@@ -195,7 +201,8 @@ def test_backward_matches_autograd(case):
         grad_s = torch.zeros(B, H, Lq, Lk) if float_mask else None
         attn.launch_attention_backward(grad_o, delta, q, k, v, lse, None if mask is None else mask.expand(B, H, Lq, Lk),
                                        mask is not None and not float_mask, alibi, scale, softcap or 0.0, band[0],
-                                       band[1], p, seed, offset, grad_q, grad_k, grad_v, grad_s)
+                                       band[1], p, seed, offset, grad_q, grad_k, grad_v, grad_s,
+                                       deterministic=opts.get("deterministic", False))
 
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     m64 = mask.double().requires_grad_() if float_mask else mask

@@ -712,7 +712,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const std::optional<at::Tensor>& attn_mask,
                                                          const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                          double softcap, int64_t band_lo, int64_t band_hi,
-                                                         double dropout_p, int64_t seed, int64_t offset) {
+                                                         double dropout_p, int64_t seed, int64_t offset,
+                                                         bool /*deterministic*/) {
   return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(), scale, softcap, band_lo,
                  band_hi, dropout_p, seed, offset);
 }
@@ -721,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool /*deterministic: always, here*/) {
   return backward("genfast.attention_backward", prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(),
                   grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask);
 }
@@ -754,7 +755,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/) {
   const AttentionTensors t =
       prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
   return forward(t, q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
@@ -765,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/) {
   const AttentionTensors t =
       prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
   auto [grad_q, grad_k, grad_v, unused] = backward("genfast.attention_varlen_backward", t, q.scalar_type(), grad_o,

@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool deterministic) {
   check_attention_options(scale, softcap, dropout_p);
   check_cuda_attention(op, t);
   const bool varlen = t.cu_seqlens_q.defined();
@@ -112,9 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     return varlen ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
   };
   at::Tensor grad_q = make(t.q), grad_k = make(t.k), grad_v = make(t.v);
-  at::Tensor grad_s;
+  at::Tensor grad_s, dq_accum;
   if (grad_mask) {
     grad_s = at::zeros({t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)}, t.q.options().dtype(at::kFloat));
+  } else if (!deterministic && grad_q.numel() > 0 && t.k.numel() > 0) {
+    dq_accum = at::zeros(t.q.sizes(), t.q.options().dtype(at::kFloat));  // dQ added with atomics
   }
   if (grad_q.numel() > 0 || grad_k.numel() > 0 || grad_v.numel() > 0) {
     AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
@@ -130,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
       grads.grad_k = reinterpret_cast<T*>(grad_k.mutable_data_ptr());
       grads.grad_v = reinterpret_cast<T*>(grad_v.mutable_data_ptr());
       grads.grad_s = grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr;
+      grads.dq_accum = dq_accum.defined() ? dq_accum.mutable_data_ptr<float>() : nullptr;
       check_launch(op, launch_attention_backward<T>(cuda_params<T>(t, base, at::Tensor()), grads, stream));
     });
   }
@@ -143,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& attn_mask,
                                                           const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                           double softcap, int64_t band_lo, int64_t band_hi,
-                                                          double dropout_p, int64_t seed, int64_t offset) {
+                                                          double dropout_p, int64_t seed, int64_t offset,
+                                                          bool /*deterministic*/) {
   const c10::cuda::CUDAGuard guard(q.device());
   return forward(kAttentionOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false), scale,
                  softcap, band_lo, band_hi, dropout_p, seed, offset);
@@ -153,17 +157,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool deterministic) {
   const c10::cuda::CUDAGuard guard(q.device());
   return backward(kAttentionBackwardOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false),
-                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask);
+                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask,
+                  deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/) {
   const c10::cuda::CUDAGuard guard(q.device());
   return forward(kAttentionVarlenOp,
                  prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -176,13 +181,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
   const c10::cuda::CUDAGuard guard(q.device());
   auto [grad_q, grad_k, grad_v, unused] =
       backward(kAttentionVarlenBackwardOp,
                prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         alibi_slopes, /*as_float=*/false),
-               grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, false);
+               grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, false,
+               deterministic);
   return {grad_q, grad_k, grad_v};
 }
 

@@ -12,19 +12,20 @@ from .. import _backend
 Tensor = torch.Tensor
 
 
-def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset):
+def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+          deterministic=False):
     o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
-                   dropout_p, seed, offset, grad_mask):
+                   dropout_p, seed, offset, grad_mask, deterministic=False):
     grad_s = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32) if grad_mask else None
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
-                 band_lo, band_hi, dropout_p, seed, offset):
+                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -36,7 +37,9 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes)
-    ctx.options = tuple(options)
+    ctx.options = tuple(options[:7])  # scale .. offset; then deterministic, if given
+    ctx.deterministic = bool(options[7]) if len(options) > 7 else False
+    ctx.non_tensor_inputs = 1 + len(options)  # alibi_slopes (no gradient) and the options
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
@@ -46,9 +49,9 @@ def _make_backward(backward_op):
         if grad_o is None:
             grad_o = torch.zeros_like(o)
         grad_q, grad_k, grad_v, grad_s = backward_op(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
-                                                     *ctx.options, ctx.mask_needs_grad)
+                                                     *ctx.options, ctx.mask_needs_grad, ctx.deterministic)
         grad_mask = grad_s.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if ctx.mask_needs_grad else None
-        return (grad_q, grad_k, grad_v, grad_mask) + (None,) * (1 + len(ctx.options))
+        return (grad_q, grad_k, grad_v, grad_mask) + (None,) * ctx.non_tensor_inputs
 
     return backward
 
@@ -58,7 +61,7 @@ def _varlen_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.options = (max_seqlen_q, max_seqlen_k)
-    ctx.after_alibi = tuple(options)
+    ctx.after_alibi = tuple(options)  # scale .. offset, deterministic when given: the backward's own order
 
 
 def _make_varlen_backward(backward_op):
@@ -102,7 +105,8 @@ def _float_grads(*tensors):
 @torch.library.custom_op("genfast::attention_forward_triton", mutates_args=())
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                              alibi_slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int,
-                             dropout_p: float, seed: int, offset: int) -> Tuple[Tensor, Tensor]:
+                             dropout_p: float, seed: int, offset: int,
+                             deterministic: bool = False) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)
@@ -116,7 +120,7 @@ def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optiona
 def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, o: Tensor,
                               lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], scale: float,
                               softcap: float, band_lo: int, band_hi: int, dropout_p: float, seed: int, offset: int,
-                              grad_mask: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                              grad_mask: bool, deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward
 
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
@@ -126,13 +130,13 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
     mask, is_bool = _triton_mask(attn_mask, q, k)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool,
                               _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                              grad_q, grad_k, grad_v, grad_s)
+                              grad_q, grad_k, grad_v, grad_s, deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
-                          band_hi, dropout_p, seed, offset, grad_mask):
+                          band_hi, dropout_p, seed, offset, grad_mask, deterministic=False):
     grad_q, grad_k, grad_v, grad_s = _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale,
                                                     softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask)
     return grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0)
@@ -142,7 +146,7 @@ def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_sl
 def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
-                                    seed: int, offset: int) -> Tuple[Tensor, Tensor]:
+                                    seed: int, offset: int, deterministic: bool = False) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
@@ -158,7 +162,8 @@ def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor],
                                      o: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                      max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                      scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
-                                     seed: int, offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+                                     seed: int, offset: int, deterministic: bool = False
+                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward
 
     delta = _triton_delta(grad_o, o, grad_lse, varlen=True)
@@ -166,7 +171,7 @@ def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor],
     varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), None, False,
                               _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                              grad_q, grad_k, grad_v, None, varlen=varlen)
+                              grad_q, grad_k, grad_v, None, varlen=varlen, deterministic=deterministic)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 

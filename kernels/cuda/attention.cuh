@@ -32,6 +32,11 @@ struct AttentionCudaGrads {
   T* grad_k;             // rows key_out_row(hk, j) of dim
   T* grad_v;             // rows key_out_row(hk, j) of v_dim
   float* grad_s;         // dense only: (B, H, Lq, Lk) float32, zero-initialized, or null: dL/ds
+  // Null: dQ comes from its own kernel (deterministic). Else grad_q's layout in float32,
+  // zero-initialized: the key-block kernel adds its partial dQ there with atomics (5 products per
+  // block instead of 7, bits varying from run to run), and a last kernel casts it to grad_q. Used
+  // by the sm_80 kernels when grad_s is null; the Hopper kernels are deterministic only.
+  float* dq_accum;
 };
 
 // How the forward spreads a call over the GPU. A tile of 64 query rows may stack heads_per_cta
@@ -60,7 +65,8 @@ template <typename T>
 cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan,
                                      float* workspace, cudaStream_t stream);
 
-// grad_q, grad_k, grad_v (and grad_s): two deterministic kernels, no atomics.
+// grad_q, grad_k, grad_v (and grad_s): two deterministic kernels without atomics, or (grads.dq_accum
+// given) the key-block kernel adding dQ with atomics, then a cast.
 template <typename T>
 cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                                       cudaStream_t stream);

@@ -1,5 +1,7 @@
 // Attention backward on tensor cores, FlashAttention-2's scheme in two deterministic kernels (no
-// atomics), recomputing P = exp(S - lse) from the forward's log-sum-exp:
+// atomics), recomputing P = exp(S - lse) from the forward's log-sum-exp, or, with grads.dq_accum,
+// in kernel (1) alone, which then also adds dQ += dS K to dq_accum with atomics (dS through shared
+// memory, [query][key]; each warp 16 query rows by a slice of the columns), and a cast to grad_q:
 //  (1) attention_backward_kv_kernel: one CTA of 4 warps per (block of keys, batch * kv head). Each
 //      warp owns 16 keys (and, for head dims over 128, half of the columns of dK and dV) and works
 //      on the transposed products, so that no partial sums cross warps:
@@ -33,7 +35,14 @@ struct KvTile {
   static constexpr int kCols = kD / kSplit;                // dK, dV columns per warp
   static constexpr int kStride = kD + 8;
   static constexpr int kTileElems = (2 * kBlockN + 4 * kBlockM) * kStride;  // K, V, 2 x Q, 2 x dO
-  static constexpr int kSmemBytes = kTileElems * 2 + 4 * kBlockM * 4;       // + 2 x (lse, delta)
+  // With atomic dQ: dS stored [query][key], and each warp's share of dQ += dS K, 16 query rows by
+  // kDqCols columns (the kBlockM / 16 row groups times the column slices make the 4 warps).
+  static constexpr int kDsStride = kBlockN + 8;
+  static constexpr int kDqRowGroups = kBlockM / 16;
+  static constexpr int kDqCols = kD * kDqRowGroups / 4;
+  static_assert(kDqRowGroups * (kD / kDqCols) == 4 && kDqCols % 16 == 0, "dQ's shares must make the 4 warps");
+  // + 2 x (lse, delta) + dS
+  static constexpr int kSmemBytes = kTileElems * 2 + 4 * kBlockM * 4 + kBlockM * kDsStride * 2;
   static_assert(kSmemBytes <= kMaxSmemBytes, "the kv kernel's tiles must fit every sm_80+ GPU");
 };
 
@@ -72,6 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint16_t* s_do = s_q + 2 * kBlockM * kStride;
   float* s_lse = reinterpret_cast<float*>(s_do + 2 * kBlockM * kStride);  // 2 x kBlockM
   float* s_delta = s_lse + 2 * kBlockM;
+  uint16_t* s_ds = reinterpret_cast<uint16_t*>(s_delta + 2 * kBlockM);  // [query][key], atomic dQ only
 
   const auto load_queries = [&](int step, int buf) {
     const int64_t h = work.head(step);
@@ -101,6 +111,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint16_t* k_frag = s_k + (key_warp * 16 + a_row) * kStride + a_col;
   const uint16_t* v_frag = s_v + (key_warp * 16 + a_row) * kStride + a_col;
   const int key_j[2] = {j0 + key_warp * 16 + gid, j0 + key_warp * 16 + gid + 8};
+  constexpr int kDqT = Tile::kDqCols / 8;  // dQ's n-tiles per warp (atomic dQ)
+  const int dq_row0 = (warp % Tile::kDqRowGroups) * 16, dq_col0 = (warp / Tile::kDqRowGroups) * Tile::kDqCols;
+  const uint16_t* ds_frag = s_ds + (dq_row0 + a_row) * Tile::kDsStride + a_col;
+  float* const dq_accum = grads.dq_accum;
 
   float acc_dk[kCT][4], acc_dv[kCT][4];
   zero(acc_dk);
@@ -134,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
     const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
     key_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop);
+    if (dq_accum != nullptr && col0 == 0) store_transposed<T>(s_ds, Tile::kDsStride, key_warp * 16, acc_dp);
 
     // dV += P_drop^T dO and dK += dS^T Q over the step's queries (the k dimension).
 #pragma unroll
@@ -145,7 +160,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       mma_a_b<T>(acc_dv, a_p, do_tile + at, v_dim - col0);
       mma_a_b<T>(acc_dk, a_ds, q_tile + at, dim - col0);
     }
-    __syncthreads();  // the buffer is refilled by the next step's prefetch
+    if (dq_accum != nullptr) {
+      // dQ += dS K over the block's keys, this warp's share, added to dq_accum.
+      __syncthreads();  // dS is in
+      float acc_dq[kDqT][4];
+      zero(acc_dq);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_x4(a, ds_frag + kk * 16);
+        mma_a_b<T>(acc_dq, a, s_k + (kk * 16 + a_row) * kStride + dq_col0 + a_col, dim - dq_col0);
+      }
+      const int row_i[2] = {i0 + dq_row0 + gid, i0 + dq_row0 + gid + 8};
+      add_query_grads(p, dq_accum, seq, h, row_i, q_len, dq_col0, acc_dq);
+    }
+    __syncthreads();  // the buffer is refilled by the next step's prefetch (and dS rewritten)
   }
   cp_async_wait<0>();
 
@@ -267,9 +296,15 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   const int64_t no_stride[3] = {0, 0, 0};
   const unsigned vector =
       input_vector_flags(params) | (vector_ok(grads.grad_o, no_stride) && p.v_dim % 8 == 0 ? kVectorGradO : 0u);
-  if (hopper_backward_applies(p)) return run_backward_sm90<T>(params, grads, vector, stream);
+  // dS to grad_s is written by the dQ kernel, so asking for it takes the deterministic kernels.
+  AttentionCudaGrads<T> chosen = grads;
+  if (grads.grad_s != nullptr) chosen.dq_accum = nullptr;
+  if (hopper_backward_applies(p)) {
+    chosen.dq_accum = nullptr;
+    return run_backward_sm90<T>(params, chosen, vector, stream);
+  }
   return with_head_dim_bucket(
-      p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, grads, vector, stream); });
+      p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, chosen, vector, stream); });
 }
 
 template cudaError_t launch_attention_backward<__half>(const AttentionCudaParams<__half>&,

@@ -70,6 +70,9 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 
 #undef GENFAST_SM80_ASM
 
+// *p += v in global memory, atomically (a reduction: nothing is returned).
+__device__ __forceinline__ void atomic_add_f32(float* p, float v) { atomicAdd(p, v); }
+
 // The compute capability of the current device.
 inline cudaError_t current_device_capability(int* major, int* minor) {
   int device = 0;

@@ -131,6 +131,21 @@ __device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c)[kTil
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// A warp's C tiles (its 16 rows from row0, kTiles n-tiles of 8 columns) in T, to a shared tile
+// stored transposed: element (row0 + r, column c) at c * stride + row0 + r.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_transposed(uint16_t* tile, int stride, int row0, const float (&c)[kTiles][4]) {
+  const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int column = t * 8 + 2 * tig + (e & 1), row = row0 + gid + 8 * (e / 2);
+      tile[column * stride + row] = static_cast<uint16_t>(pack2<T>(c[t][e], 0.0f) & 0xffffu);
+    }
+  }
+}
+
 template <int kTiles>
 __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 #pragma unroll
@@ -562,8 +577,21 @@ __device__ __forceinline__ void query_block_elements(const AttentionParams& p, c
   }
 }
 
-// The backward's two launches, each a kernel of `threads` threads: kv_kernel over blocks of
-// KvTile::kBlockN keys of each kv head, then q_kernel over tiles of QTile::kBlockM queries.
+// grad_q = dq_accum (float32, scaled already) in T: kCastPerThread elements per thread, coalesced.
+constexpr int kCastPerThread = 8;
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_dq_cast_kernel(const float* dq_accum, T* grad_q, int64_t n) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads * kCastPerThread + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < kCastPerThread; ++e) {
+    const int64_t at = first + e * kThreads;
+    if (at < n) grad_q[at] = from_f32<T>(dq_accum[at]);
+  }
+}
+
+// The backward's launches, each a kernel of `threads` threads: kv_kernel over blocks of
+// KvTile::kBlockN keys of each kv head, then q_kernel over tiles of QTile::kBlockM queries, or, when
+// grads.dq_accum is given (kv_kernel then adds dQ there), the cast of dQ to grad_q.
 template <typename KvTile, typename QTile, typename KvKernel, typename QKernel, typename T>
 cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int threads,
                                     const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
@@ -574,6 +602,12 @@ cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int th
   const cudaError_t status = launch_tiles(kv_kernel, k_blocks * p.batch * p.kv_heads, threads, KvTile::kSmemBytes,
                                           stream, params, grads, static_cast<int>(k_blocks), vector);
   if (status != cudaSuccess) return status;
+  if (grads.dq_accum != nullptr) {
+    const int64_t n = (p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.q_len) * p.heads * p.dim;
+    constexpr int64_t kPerCta = kThreads * kCastPerThread;
+    return launch_tiles(attention_dq_cast_kernel<T>, (n + kPerCta - 1) / kPerCta, kThreads, 0, stream,
+                        static_cast<const float*>(grads.dq_accum), grads.grad_q, n);
+  }
   return launch_tiles(q_kernel, query_layout_ctas(p, layout), threads, QTile::kSmemBytes, stream, params, grads, layout,
                       vector);
 }
@@ -610,6 +644,27 @@ __device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* g
       if (c < dim) {
         store_pair<T>(dq_row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale, c + 1 < dim, pair_ok);
       }
+    }
+  }
+}
+
+// dq_accum += scale acc_dq, atomically, for a lane's two query rows (row_i; columns col0 + 2 tig ..
+// of each n-tile), rows past q_len and columns past dim skipped.
+template <int kTiles>
+__device__ __forceinline__ void add_query_grads(const AttentionParams& p, float* dq_accum, const AttentionSequence& seq,
+                                                int64_t h, const int (&row_i)[2], int q_len, int col0,
+                                                const float (&acc_dq)[kTiles][4]) {
+  const int dim = static_cast<int>(p.dim), tig = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= q_len) continue;
+    float* dq_row = dq_accum + seq.out_row(h, i) * p.dim;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int c = col0 + t * 8 + 2 * tig;
+      if (c < dim) atomic_add_f32(dq_row + c, acc_dq[t][2 * r] * p.scale);
+      if (c + 1 < dim) atomic_add_f32(dq_row + c + 1, acc_dq[t][2 * r + 1] * p.scale);
     }
   }
 }

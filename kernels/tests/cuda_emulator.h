@@ -49,6 +49,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -114,7 +115,6 @@ struct PendingCopy {
 
 struct Thread {
   ucontext_t context;
-  std::vector<char> stack;
   State state = State::kRunnable;
   Collective* collective = nullptr;
   std::vector<std::vector<PendingCopy>> groups{1};  // the last one is open
@@ -467,18 +467,23 @@ inline void named_arrival(int id, int count) {
 }
 
 // Runs one CTA of `threads` threads to completion.
+// The threads' stacks, kept from CTA to CTA: allocating (and zeroing) them for every CTA took
+// more time than the kernels.
+constexpr size_t kStackBytes = 256 * 1024;
+inline std::vector<std::unique_ptr<char[]>> stacks;
+
 inline void run_cta(int threads, const std::function<void()>& body) {
   if (threads % 32 != 0) fail("the emulator runs whole warps");
   Cta block;
   block.body = body;
   block.threads.resize(threads);
   cta = &block;
+  while (stacks.size() < static_cast<size_t>(threads)) stacks.emplace_back(new char[kStackBytes]);
   for (int i = 0; i < threads; ++i) {
     Thread& t = block.threads[i];
-    t.stack.resize(256 * 1024);
     getcontext(&t.context);
-    t.context.uc_stack.ss_sp = t.stack.data();
-    t.context.uc_stack.ss_size = t.stack.size();
+    t.context.uc_stack.ss_sp = stacks[i].get();
+    t.context.uc_stack.ss_size = kStackBytes;
     t.context.uc_link = &block.scheduler;
     makecontext(&t.context, thread_entry, 0);
   }
@@ -651,6 +656,9 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   op.b1 = b1;
   cuda_emulator::wait_as(cuda_emulator::State::kWarp, &op);
 }
+
+// One CTA runs at a time, and its threads switch only at waits: a plain add is atomic here.
+inline void atomic_add_f32(float* p, float v) { *p += v; }
 
 inline cudaError_t current_device_capability(int* major, int* minor) {
   *major = cuda_emulator::capability_major;

@@ -371,12 +371,13 @@ void run_case(const Case& c) {
     return out;
   };
   const double grad_tol = half ? 2.5e-3 : 1.5e-2;
-  // The backward, outputs starting as NaN: on the sm_80 kernels, and on the Hopper ones where they
-  // take the call.
-  const auto backward = [&](const std::string& run) {
+  // The backward, outputs starting as NaN: on the sm_80 kernels, deterministic and with dQ added
+  // atomically (its accumulator zeroed, as the binding does), and on the Hopper ones where they take
+  // the call.
+  const auto backward = [&](const std::string& run, bool atomic_dq) {
     std::vector<uint16_t> dq_bits(ref_dq.size(), nan_bits), dk_bits(ref_dk.size(), nan_bits),
         dv_bits(ref_dv.size(), nan_bits);
-    std::vector<float> ds(ref_ds.size(), 0.0f);
+    std::vector<float> ds(ref_ds.size(), 0.0f), dq_accum(ref_dq.size(), 0.0f);
     AttentionCudaGrads<T> grads{};
     grads.grad_o = reinterpret_cast<const T*>(grad_o_bits.data());
     grads.delta = delta.data();
@@ -384,6 +385,7 @@ void run_case(const Case& c) {
     grads.grad_k = reinterpret_cast<T*>(dk_bits.data());
     grads.grad_v = reinterpret_cast<T*>(dv_bits.data());
     grads.grad_s = varlen || c.mask != AttentionMask::kAdditive ? nullptr : ds.data();
+    grads.dq_accum = atomic_dq ? dq_accum.data() : nullptr;
     if (genfast::launch_attention_backward<T>(params, grads, nullptr) != cudaSuccess) {
       std::printf("FAIL %s: the backward's launch failed\n", run.c_str());
       ++failures;
@@ -395,10 +397,11 @@ void run_case(const Case& c) {
     compare(run + ": grad_v", floats(dv_bits), ref_dv, grad_tol);
     if (grads.grad_s != nullptr) compare(run + ": grad_s", ds, ref_ds, grad_tol);
   };
-  backward(name);
+  backward(name, false);
+  backward(name + " (atomic dQ)", true);
   cuda_emulator::capability_major = 9;
   setenv("GENFAST_ATTENTION_SM90", "1", 1);
-  if (genfast::attention_cuda::hopper_backward_applies(p)) backward(name + " (Hopper kernels)");
+  if (genfast::attention_cuda::hopper_backward_applies(p)) backward(name + " (Hopper kernels)", true);
   unsetenv("GENFAST_ATTENTION_SM90");
   cuda_emulator::capability_major = 8;
 }

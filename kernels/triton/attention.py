@@ -12,7 +12,8 @@ where its Philox uniform (genfast.reference.random.philox_uniform) is >= dropout
 The forward walks, per block of queries, only the key blocks its band can reach, with an online
 softmax. The backward is two deterministic passes without atomics: one program per block of keys
 for dK and dV (looping over the query heads of its key head and the query blocks its band reaches),
-one per block of queries for dQ (and dS, when asked for). exp, log and tanh are the Cephes
+one per block of queries for dQ (and dS, when asked for); or, not deterministic, the first pass
+alone, adding each block's dQ to a float32 dQ with atomics (5 products per block instead of 7). exp, log and tanh are the Cephes
 polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs).
 """
 
@@ -270,14 +271,14 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row0, row_le
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_backward_kv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
-    smb, smh, smm, smn, alibi_bs, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    smb, smh, smm, smn, alibi_bs, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqm,
     H, HK, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -302,6 +303,7 @@ def attention_backward_kv_kernel(
         slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
         q_base = q_ptr + b * sqb + h * sqh + q_start * sqm
         do_base = do_ptr + b * sdob + h * sdoh + q_start * sdom
+        dq_base = dq_ptr + b * sdqb + h * sdqh + q_start * sdqm
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, Lq, sqm, offs_d, D)
@@ -315,6 +317,10 @@ def attention_backward_kv_kernel(
                                              DOT_KIND)
             dv += _dot(tl.trans(p), do, DOT_KIND)
             dk += _dot(tl.trans(ds_dot), q, DOT_KIND)
+            if ATOMIC_DQ:
+                dq = _dot(ds_dot, k, DOT_KIND) * scale
+                ptrs = dq_base + offs_m[:, None].to(tl.int64) * sdqm + offs_d[None, :]
+                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
     _store_rows(dk_ptr + b * sdkb + hk * sdkh + k_start * sdkn, dk * scale, offs_n, Lk, sdkn, offs_d, D)
     _store_rows(dv_ptr + b * sdvb + hk * sdvh + k_start * sdvn, dv, offs_n, Lk, sdvn, offs_dv, DV)
 
@@ -396,7 +402,7 @@ _GPU_BLOCKS = {
                  256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
 }
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
-_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN"]
+_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ"]
 _tuned_kernels = {}
 
 
@@ -404,13 +410,16 @@ def _tuned(kernel, device, dim_pad, backward):
     """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU, over
     the interpreter's one configuration on the CPU; made once per kernel and bucket. A launch passes
     no BLOCK_M, BLOCK_N, num_warps or num_stages, and a grid that reads BLOCK_M or BLOCK_N from its
-    meta-parameters. The kernels only store their outputs, so the timing runs leave them right."""
+    meta-parameters. The kernels store their outputs, so the timing runs leave them right, except
+    the dQ the backward's key-block kernel adds to with atomics: it is zeroed before each timing run
+    and after the last."""
     bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
     key = (id(kernel), bucket)
     if key not in _tuned_kernels:
         blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _GPU_BLOCKS["backward" if backward else "forward"][bucket]
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
-        _tuned_kernels[key] = triton.autotune(configs, key=_TUNING_KEY)(kernel)
+        reset = ["dq_ptr"] if kernel is attention_backward_kv_kernel else None
+        _tuned_kernels[key] = triton.autotune(configs, key=_TUNING_KEY, reset_to_zero=reset)(kernel)
     return _tuned_kernels[key]
 
 
@@ -628,13 +637,14 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
 
 def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo,
                               band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s, wrap=None,
-                              varlen=None):
+                              varlen=None, deterministic=False):
     """The gradients of launch_attention_forward for grad_o (B, H, Lq, Dv) and delta = rowsum(grad_o
     * o) - grad_lse (B, H, Lq) float32: grad_q (like q), grad_k, grad_v (like k, v), float32,
     written. grad_s None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
     of the scores s (before the soft-cap's chain rule; the additive mask's gradient summed to its
-    shape) is written where the band reaches (it is 0 elsewhere). Deterministic: no atomics. varlen:
-    as launch_attention_forward's, delta in lse's layout."""
+    shape) is written where the band reaches (it is 0 elsewhere). deterministic, or grad_s given: dQ
+    from its own pass, no atomics; else the key-block pass adds dQ with atomics (bits may vary from
+    run to run on a GPU). varlen: as launch_attention_forward's, delta in lse's layout."""
     grad_o, delta, q, k, v, lse, grad_q, grad_k, grad_v = _packed(varlen, grad_o, delta, q, k, v, lse, grad_q, grad_k,
                                                                   grad_v)
     _check(q, k, v)
@@ -653,26 +663,31 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
     outs = [t if t.stride(-1) == 1 else t.new_empty(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
+    atomic_dq = not deterministic and grad_s is None
+    if atomic_dq:
+        dq.zero_()
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
     kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True)
     kv_kernel = kv_kernel if wrap is None else wrap(kv_kernel)
     kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, packing.cu_q, packing.cu_k, *common_strides,
-        *packing.strides(dk), *packing.strides(dv),
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, packing.cu_q, packing.cu_k, *common_strides,
+        *packing.strides(dk), *packing.strides(dv), *packing.strides(dq),
         heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
+        ATOMIC_DQ=atomic_dq,
     )
-    ds = grad_s if grad_s is not None else dq
-    q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True)
-    q_kernel = q_kernel if wrap is None else wrap(q_kernel)
-    q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, packing.cu_q, packing.cu_k, *common_strides,
-        *packing.strides(dq),
-        *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
-        heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-        WRITE_DS=grad_s is not None,
-    )
+    if not atomic_dq:
+        ds = grad_s if grad_s is not None else dq
+        q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True)
+        q_kernel = q_kernel if wrap is None else wrap(q_kernel)
+        q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, packing.cu_q, packing.cu_k, *common_strides,
+            *packing.strides(dq),
+            *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
+            heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
+            WRITE_DS=grad_s is not None,
+        )
     for out, given in zip(outs, (grad_q, grad_k, grad_v)):
         if out is not given:
             given.copy_(out)
