@@ -1,7 +1,8 @@
 """The Hopper attention kernels (wgmma, kernels/cuda/attention_forward_sm90.cu and
 attention_backward_sm90.cu) on an sm_90 GPU, opted into with GENFAST_ATTENTION_SM90=1: layout probes
 first, then test_attention_cuda's native cases again (dense aligned inputs take the warp-specialized
-TMA forward, packed and strided ones the cp.async one), and profiles showing which kernels ran.
+TMA forward and key-block backward, packed and strided ones the cp.async kernels), and profiles
+showing which kernels ran.
 Skips without an sm_90 GPU or a build with sm_90a."""
 
 import pytest
@@ -39,13 +40,20 @@ def test_the_hopper_kernels_run(dtype, monkeypatch):
     q, k, v = cuda_tests._cuda(*_qkv(2, 4, 4, 300, 500, 128, dtype))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*leaves, impl="native").sum(), leaves))
-    for kernel in ("attention_forward_sm90_tma_kernel", "attention_backward_kv_sm90_kernel",
+    for kernel in ("attention_forward_sm90_tma_kernel", "attention_backward_kv_sm90_tma_kernel",
                    "attention_backward_q_sm90_kernel"):
         assert any(kernel in name for name in names), (kernel, names)
     odd = torch.zeros(2, 4, 300, 101, dtype=dtype, device="cuda")[..., :100]  # rows 202 bytes apart: no TMA
     odd.copy_(q[..., :100])
-    names = _kernels_run(lambda: genfast.attention(odd, k[..., :100], v, impl="native"))
+    odd.requires_grad_()
+    names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(odd, k[..., :100], v, impl="native").sum(),
+                                                     odd))
     assert any("attention_forward_sm90_kernel" in name for name in names), names
+    assert any("attention_backward_kv_sm90_kernel" in name for name in names), names
+    # The non-plain head-dim-128 variant of the key-block backward copies with cp.async (fewer spills).
+    names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*leaves, impl="native", softcap=30.0).sum(),
+                                                     leaves))
+    assert any("attention_backward_kv_sm90_kernel" in name for name in names), names
     # Head dim 256: the forward on the Hopper kernels (key blocks of 80), the warp-specialized one
     # unless the scores need more than scaling (then the cp.async one, whose threads have more
     # registers); the backward on the sm_80 kernels.

@@ -1,12 +1,12 @@
 """Fused attention against its peers, forward and forward+backward.
 
 Candidates: genfast's fused backends (on an sm_90 GPU also its CUDA Hopper kernels, which are
-opt-in: GENFAST_ATTENTION_SM90=1); torch's scaled_dot_product_attention with each backend it
-has for the device (on the CPU its flash kernel and its math path); FlashAttention 2
-(flash_attn) and 3 (flash_attn_interface) where installed, on a GPU; the eager reference
-(genfast.reference.attention); torch.compile of the reference. FLOPs: forward 4 B H Lq Lk D, halved
-when causal; forward+backward 3.5x the forward (the backward 2.5x). Dense, packed variable-length
-and decoding (one query against a grouped-query KV cache) shapes.
+opt-in: GENFAST_ATTENTION_SM90=1; on a GPU the backward also with deterministic=True); torch's
+scaled_dot_product_attention with each backend it has for the device (on the CPU its flash kernel
+and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) where installed, on
+a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
+forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
+Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes.
 """
 
 import importlib
@@ -131,6 +131,10 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     candidates += [(name, dense) for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
                    ("torch.compile reference", lambda q, k, v, c: compiled(q, k, v, is_causal=c))]
+    # The GPU backward adds dQ with atomics by default; its deterministic form, for the backward's rows.
+    deterministic = [(f"genfast {impl} deterministic",
+                      lambda q, k, v, c, impl=impl: attention(q, k, v, is_causal=c, impl=impl, deterministic=True))
+                     for impl in fused_impls(device)] if device == "cuda" else []
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64):
         for batch, heads, length, dim, causal in configs:
@@ -140,13 +144,14 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             grad = torch.randn_like(q)
             usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, causal)]
+            with_deterministic = usable + [(name, fn) for name, fn in deterministic if _supported(fn, q, k, v, causal)]
             flops = 4 * batch * heads * length * length * dim / (2 if causal else 1)
             groups = {
                 f"attention forward{' causal' if causal else ''}": (
                     flops, [(name, lambda fn=fn: fn(q, k, v, causal)) for name, fn in usable]),
                 f"attention forward+backward{' causal' if causal else ''}": (
                     3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, causal), leaves, grad))
-                                  for name, fn in usable]),
+                                  for name, fn in with_deterministic]),
             }
             config = f"B={batch} H={heads} L={length} D={dim}"
             rows += time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick,

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim,
                            seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0);
     stage_row_stats<kBlockM, kThreads>(p, grads.delta, seq, h, i0, valid, s_lse + buf * kBlockM,
-                                       s_delta + buf * kBlockM);
+                                       s_delta + buf * kBlockM, static_cast<int>(threadIdx.x));
   };
 
   load_tile<kBlockN, kD>(s_k, reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0),

@@ -1,10 +1,12 @@
 // Attention backward for Hopper (sm_90a) on wgmma: attention_backward.cu's two deterministic
-// kernels (no atomics) with two warpgroups, tiles in 128-byte-swizzled shared memory staged by
-// cp.async, and the products of attention_hopper.cuh:
+// kernels (no atomics) with two warpgroups, tiles in 128-byte-swizzled shared memory, and the
+// products of attention_hopper.cuh:
 //  (1) attention_backward_kv_sm90_kernel: 128 keys per CTA (64 per warpgroup), over the query heads
 //      of its kv head and the query blocks of 64 its band reaches:
 //        S^T = K Q^T,  dP^T = V dO^T  (wgmma_abt, N = 64 queries)
 //        dV += P_drop^T dO,  dK += dS^T Q  (wgmma_ab, B = dO or Q read MN-major)
+//      Dense inputs that TMA can address take its warp-specialized form (a producer warpgroup
+//      loading with TMA into two stages behind mbarriers), others copy with cp.async.
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
 // Each pair of products above is issued together, then waited for. The per-element work (P from
@@ -37,6 +39,66 @@ struct HopperQTile {
   static_assert(kSmemBytes <= 227 * 1024, "the q kernel's tiles must fit an sm_90 CTA");
 };
 
+// The kv kernels' tiles in their dynamic shared memory, 1024-byte aligned: K, V, then Q, dO, lse
+// and delta in two stages; `end` is past them (the warp-specialized kernel's mbarriers).
+template <int kD>
+struct HopperKvSmem {
+  using Tile = HopperKvTile<kD>;
+  uint16_t *k, *v, *q, *grad_o;
+  float *lse, *delta;
+  uint32_t k_address, v_address, q_address, grad_o_address;
+  void* end;
+  __device__ __forceinline__ explicit HopperKvSmem(uint4* raw) {
+    k = reinterpret_cast<uint16_t*>(swizzle_aligned(raw, k_address));
+    v = k + Tile::kKeyElements;
+    q = v + Tile::kKeyElements;
+    grad_o = q + 2 * Tile::kQueryElements;
+    lse = reinterpret_cast<float*>(grad_o + 2 * Tile::kQueryElements);
+    delta = lse + 2 * Tile::kBlockM;
+    end = delta + 2 * Tile::kBlockM;
+    v_address = k_address + Tile::kKeyElements * 2;
+    q_address = v_address + Tile::kKeyElements * 2;
+    grad_o_address = q_address + 2 * Tile::kQueryElements * 2;
+  }
+  __device__ __forceinline__ uint32_t q_tile(int s) const { return q_address + s * Tile::kQueryElements * 2; }
+  __device__ __forceinline__ uint32_t grad_o_tile(int s) const {
+    return grad_o_address + s * Tile::kQueryElements * 2;
+  }
+};
+
+// One step of a kv kernel for warpgroup `group`'s 64 keys and the 64 queries (from i0, of head h) in
+// stage s: S^T and dP^T, the elements, then dV += P_drop^T dO and dK += dS^T Q; every product has
+// landed on return.
+template <typename T, int kD, bool kPlain, int kTiles>
+__device__ __forceinline__ void hopper_key_block_step(float (&acc_dk)[kTiles][4], float (&acc_dv)[kTiles][4],
+                                                      const AttentionParams& p,
+                                                      const KeyBlockWork<HopperKvTile<kD>::kBlockN,
+                                                                         HopperKvTile<kD>::kBlockM>& work,
+                                                      const HopperKvSmem<kD>& smem, int s, int group, int64_t h,
+                                                      int i0, const int (&key_j)[2], const Dropout& drop) {
+  constexpr int kBlockM = HopperKvTile<kD>::kBlockM, kBlockN = HopperKvTile<kD>::kBlockN, kST = kBlockM / 8;
+  float acc_s[kST][4], acc_dp[kST][4];
+  wgmma_abt_async<T, kD>(acc_s, smem.k_address + group * 64 * 128, kBlockN, smem.q_tile(s), kBlockM);
+  wgmma_abt_async<T, kD>(acc_dp, smem.v_address + group * 64 * 128, kBlockN, smem.grad_o_tile(s), kBlockM);
+  wgmma_wait<0>();
+  pin_registers(acc_s);
+  pin_registers(acc_dp);
+  // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
+  const bool check = !block_inside(work.band, i0, kBlockM, work.j0, kBlockN, work.k_len);
+  key_block_elements<kPlain>(p, work.seq, work.band, work.b, h, acc_s, acc_dp, i0, key_j, check,
+                             smem.lse + s * kBlockM, smem.delta + s * kBlockM, drop);
+  uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
+  fragments_of<T>(a_p, acc_s);
+  fragments_of<T>(a_ds, acc_dp);
+  wgmma_ab_async<T, kD>(acc_dv, a_p, smem.grad_o_tile(s), kBlockM);
+  wgmma_ab_async<T, kD>(acc_dk, a_ds, smem.q_tile(s), kBlockM);
+  wgmma_wait<0>();
+  pin_registers(acc_dv);
+  pin_registers(acc_dk);
+  pin_registers(a_p);
+  pin_registers(a_ds);
+}
+
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     attention_backward_kv_sm90_kernel(const __grid_constant__ AttentionCudaParams<T> params,
@@ -46,7 +108,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   __trap();  // built for another target of a fat binary: the launcher never runs it there
 #else
   using Tile = HopperKvTile<kD>;
-  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kST = kBlockM / 8;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   const AttentionParams& p = params.base;
 
   const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
@@ -57,34 +119,27 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
 
   extern __shared__ uint4 smem_raw[];
-  uint32_t k_address;
-  uint16_t* s_k = reinterpret_cast<uint16_t*>(swizzle_aligned(smem_raw, k_address));
-  uint16_t* s_v = s_k + Tile::kKeyElements;
-  uint16_t* s_q = s_v + Tile::kKeyElements;  // 2 buffers
-  uint16_t* s_do = s_q + 2 * Tile::kQueryElements;
-  float* s_lse = reinterpret_cast<float*>(s_do + 2 * Tile::kQueryElements);  // 2 x kBlockM
-  float* s_delta = s_lse + 2 * kBlockM;
-  const uint32_t v_address = k_address + Tile::kKeyElements * 2, q_address = v_address + Tile::kKeyElements * 2;
-  const uint32_t do_address = q_address + 2 * Tile::kQueryElements * 2;
+  const HopperKvSmem<kD> smem(smem_raw);
 
   const auto load_queries = [&](int step, int buf) {
     const int64_t h = work.head(step);
     const int i0 = work.i0(step), valid = min(kBlockM, q_len - i0);
     const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0);
     const uint16_t* grad_o = reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim;
-    load_tile<kBlockM, kD, kHopperThreads>(s_q + buf * Tile::kQueryElements, q, p.q_stride[2], valid, dim,
+    load_tile<kBlockM, kD, kHopperThreads>(smem.q + buf * Tile::kQueryElements, q, p.q_stride[2], valid, dim,
                                            (vector & kVectorQ) != 0, SwizzledRows<kBlockM>{});
-    load_tile<kBlockM, kD, kHopperThreads>(s_do + buf * Tile::kQueryElements, grad_o, seq.out_position * p.v_dim,
-                                           valid, v_dim, (vector & kVectorGradO) != 0, SwizzledRows<kBlockM>{});
-    stage_row_stats<kBlockM, kHopperThreads>(p, grads.delta, seq, h, i0, valid, s_lse + buf * kBlockM,
-                                             s_delta + buf * kBlockM);
+    load_tile<kBlockM, kD, kHopperThreads>(smem.grad_o + buf * Tile::kQueryElements, grad_o,
+                                           seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0,
+                                           SwizzledRows<kBlockM>{});
+    stage_row_stats<kBlockM, kHopperThreads>(p, grads.delta, seq, h, i0, valid, smem.lse + buf * kBlockM,
+                                             smem.delta + buf * kBlockM, static_cast<int>(threadIdx.x));
   };
 
   const uint16_t* k = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0);
   const uint16_t* v = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, j0);
-  load_tile<kBlockN, kD, kHopperThreads>(s_k, k, p.k_stride[2], cols, dim, (vector & kVectorK) != 0,
+  load_tile<kBlockN, kD, kHopperThreads>(smem.k, k, p.k_stride[2], cols, dim, (vector & kVectorK) != 0,
                                          SwizzledRows<kBlockN>{});
-  load_tile<kBlockN, kD, kHopperThreads>(s_v, v, p.v_stride[2], cols, v_dim, (vector & kVectorV) != 0,
+  load_tile<kBlockN, kD, kHopperThreads>(smem.v, v, p.v_stride[2], cols, v_dim, (vector & kVectorV) != 0,
                                          SwizzledRows<kBlockN>{});
   if (steps > 0) load_queries(0, 0);
   cp_async_commit();
@@ -102,35 +157,120 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
     wait_for_stage(step + 1 < steps, [&] { load_queries(step + 1, buf ^ 1); });
-    if (group_busy) {
-      const uint32_t q_tile = q_address + buf * Tile::kQueryElements * 2;
-      const uint32_t do_tile = do_address + buf * Tile::kQueryElements * 2;
-      const float* lse = s_lse + buf * kBlockM;
-      const float* delta = s_delta + buf * kBlockM;
-      float acc_s[kST][4], acc_dp[kST][4];
-      wgmma_abt_async<T, kD>(acc_s, k_address + wg * 64 * 128, kBlockN, q_tile, kBlockM);
-      wgmma_abt_async<T, kD>(acc_dp, v_address + wg * 64 * 128, kBlockN, do_tile, kBlockM);
-      wgmma_wait<0>();
-      pin_registers(acc_s);
-      pin_registers(acc_dp);
-      // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
-      const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
-      key_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop);
-      uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
-      fragments_of<T>(a_p, acc_s);
-      fragments_of<T>(a_ds, acc_dp);
-      wgmma_ab_async<T, kD>(acc_dv, a_p, do_tile, kBlockM);
-      wgmma_ab_async<T, kD>(acc_dk, a_ds, q_tile, kBlockM);
-      wgmma_wait<0>();
-      pin_registers(acc_dv);
-      pin_registers(acc_dk);
-      pin_registers(a_p);
-      pin_registers(a_ds);
-    }
+    if (group_busy) hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop);
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
   cp_async_wait<0>();
   store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, seq, hk, key_j, 0, acc_dk, acc_dv);
+#endif
+}
+
+// The kv kernel's tensor maps for TMA: q and grad_o in boxes of 64 query rows, k and v of 128 keys
+// (64 columns each).
+struct HopperBackwardMaps {
+  CUtensorMap q, grad_o, k, v;
+};
+constexpr int kBackwardBarrierBytes = 8 * 8;  // the warp-specialized kv kernel's 5 mbarriers, after the tiles
+// The producer's loops index in 64 bits: at 24 registers (the forward's) they would spill.
+constexpr int kBackwardProducerRegisters = 32, kBackwardConsumerRegisters = 240;
+static_assert(registers_fit(kBackwardProducerRegisters, kBackwardConsumerRegisters), "the registers must fit an SM");
+
+// attention_backward_kv_sm90_kernel warp-specialized, for dense inputs that TMA can address: a third,
+// producer warpgroup gives up its registers; its thread 0 loads K and V once and each step's Q and
+// dO with TMA, and kBlockM of its threads each step's lse and delta, into two stages that the
+// consumers release once the step's last products have read them. No block-wide barrier in the loop.
+template <typename T, int kD, bool kPlain>
+__global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
+    attention_backward_kv_sm90_tma_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                          const __grid_constant__ AttentionCudaGrads<T> grads,
+                                          const __grid_constant__ HopperBackwardMaps maps, int k_blocks) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another target of a fat binary: the launcher never runs it there
+#else
+  using Tile = HopperKvTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHalves = kD / 64;
+  static_assert(Tile::kSmemBytes + kBackwardBarrierBytes <= 227 * 1024, "the tiles and barriers must fit a CTA");
+  const AttentionParams& p = params.base;
+
+  const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
+  if (!work.inside) return;  // past the keys (the whole CTA)
+  const int steps = work.steps;
+
+  extern __shared__ uint4 smem_raw[];
+  const HopperKvSmem<kD> smem(smem_raw);
+  // kv_full (K and V); per stage s, full[s] (Q and dO by TMA, then the arrivals of the kBlockM
+  // threads that stored lse and delta) and empty[s] (every consumer thread).
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem.end);
+  uint64_t* full = kv_full + 1;
+  uint64_t* empty = kv_full + 3;
+  if (threadIdx.x == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(full + s, 1 + kBlockM);
+      mbarrier_init(empty + s, kHopperThreads);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32;
+  // The phase parity in which step n's stage fills, and in which step n - 2's was emptied.
+  const auto filled = [](int n) { return static_cast<uint32_t>(n >> 1) & 1; };
+  const auto emptied = [](int n) { return static_cast<uint32_t>((n >> 1) - 1) & 1; };
+  if (warp < kProducerThreads / 32) {
+    setmaxnreg_dec<kBackwardProducerRegisters>();
+    const int b = static_cast<int>(work.b);
+    if (threadIdx.x == 0) {
+      if (steps > 0) {
+        const int hk = static_cast<int>(work.hk);
+        mbarrier_arrive_expect_tx(kv_full, 2 * Tile::kKeyElements * 2);
+        for (int half = 0; half < kHalves; ++half) {
+          tma_load_4d(smem.k + half * kBlockN * 64, &maps.k, half * 64, work.j0, hk, b, kv_full);
+          tma_load_4d(smem.v + half * kBlockN * 64, &maps.v, half * 64, work.j0, hk, b, kv_full);
+        }
+      }
+      for (int n = 0; n < steps; ++n) {
+        const int s = n & 1, h = static_cast<int>(work.head(n)), i0 = work.i0(n);
+        if (n >= 2) mbarrier_wait(empty + s, emptied(n));
+        mbarrier_arrive_expect_tx(full + s, 2 * Tile::kQueryElements * 2);
+        for (int half = 0; half < kHalves; ++half) {
+          const int at = s * Tile::kQueryElements + half * kBlockM * 64;
+          tma_load_4d(smem.q + at, &maps.q, half * 64, i0, h, b, full + s);
+          tma_load_4d(smem.grad_o + at, &maps.grad_o, half * 64, i0, h, b, full + s);
+        }
+      }
+    } else if (threadIdx.x >= 32 && threadIdx.x < 32 + kBlockM) {
+      for (int n = 0; n < steps; ++n) {
+        const int s = n & 1, i0 = work.i0(n);
+        if (n >= 2) mbarrier_wait(empty + s, emptied(n));
+        stage_row_stats<kBlockM, kBlockM>(p, grads.delta, work.seq, work.head(n), i0, min(kBlockM, work.q_len - i0),
+                                          smem.lse + s * kBlockM, smem.delta + s * kBlockM,
+                                          static_cast<int>(threadIdx.x) - 32);
+        mbarrier_arrive(full + s);
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<kBackwardConsumerRegisters>();
+  const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
+  const int gid = (threadIdx.x % 32) / 4;
+  const int key_j[2] = {work.j0 + consumer_warp * 16 + gid, work.j0 + consumer_warp * 16 + gid + 8};
+  float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
+
+  // Both warpgroups always compute (one past the keys reads zeros): a branch around products in
+  // flight would make ptxas serialize every wgmma.
+  if (steps > 0) mbarrier_wait(kv_full, 0);
+  for (int n = 0; n < steps; ++n) {
+    const int s = n & 1, i0 = work.i0(n);
+    const int64_t h = work.head(n);
+    mbarrier_wait(full + s, filled(n));
+    hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, s, group, h, i0, key_j, drop);
+    mbarrier_arrive(empty + s);  // Q, dO, lse and delta of this stage are read
+  }
+  store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, work.seq, work.hk, key_j, 0, acc_dk, acc_dv);
 #endif
 }
 
@@ -205,9 +345,53 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #endif
 }
 
+// The warp-specialized kv kernel, then the query pass, for dense inputs that TMA can address
+// (grad_o is contiguous); `launched` false (and cudaSuccess) where it cannot take the call.
+template <typename T, int kD, bool kPlain>
+cudaError_t run_backward_sm90_tma(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                                  unsigned vector, cudaStream_t stream, bool& launched) {
+  using Tile = HopperKvTile<kD>;
+  const AttentionParams& p = params.base;
+  launched = false;
+  const int64_t q_sizes[3] = {p.batch, p.heads, p.q_len}, kv_sizes[3] = {p.batch, p.kv_heads, p.k_len};
+  const int64_t grad_o_stride[3] = {p.heads * p.q_len * p.v_dim, p.q_len * p.v_dim, p.v_dim};
+  if (p.cu_seqlens_q != nullptr || p.q_len == 0 || p.k_len == 0 || !tma_addressable(params.q, p.q_stride, q_sizes) ||
+      !tma_addressable(params.k, p.k_stride, kv_sizes) || !tma_addressable(params.v, p.v_stride, kv_sizes) ||
+      !tma_addressable(grads.grad_o, grad_o_stride, q_sizes)) {
+    return cudaSuccess;
+  }
+  HopperBackwardMaps maps;
+  cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
+  if (status == cudaSuccess) {
+    status = tile_map(&maps.grad_o, grads.grad_o, grad_o_stride, p.batch, p.heads, p.q_len, p.v_dim, Tile::kBlockM);
+  }
+  if (status == cudaSuccess) {
+    status = tile_map(&maps.k, params.k, p.k_stride, p.batch, p.kv_heads, p.k_len, p.dim, Tile::kBlockN);
+  }
+  if (status == cudaSuccess) {
+    status = tile_map(&maps.v, params.v, p.v_stride, p.batch, p.kv_heads, p.k_len, p.v_dim, Tile::kBlockN);
+  }
+  if (status != cudaSuccess) return cudaSuccess;  // no driver entry point, a map the driver refuses
+  launched = true;
+  const int64_t k_blocks = (p.k_len + Tile::kBlockN - 1) / Tile::kBlockN;
+  status = launch_tiles(attention_backward_kv_sm90_tma_kernel<T, kD, kPlain>, k_blocks * p.batch * p.kv_heads,
+                        kHopperThreads + kProducerThreads, Tile::kSmemBytes + kBackwardBarrierBytes, stream, params,
+                        grads, maps, static_cast<int>(k_blocks));
+  if (status != cudaSuccess) return status;
+  return launch_query_pass<HopperQTile<kD>>(attention_backward_q_sm90_kernel<T, kD, kPlain>, kHopperThreads, params,
+                                            grads, vector, stream);
+}
+
 template <typename T, int kD, bool kPlain>
 cudaError_t run_backward_sm90_bucket(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                                      unsigned vector, cudaStream_t stream) {
+  // Not the non-plain d128 variant warp-specialized: it spills more from a consumer's 240 registers
+  // (204 bytes) than from the cp.async kernel's 255 (172).
+  if constexpr (kPlain || kD <= 64) {
+    bool launched = false;
+    const cudaError_t status = run_backward_sm90_tma<T, kD, kPlain>(params, grads, vector, stream, launched);
+    if (launched || status != cudaSuccess) return status;
+  }
   return launch_backward_kernels<HopperKvTile<kD>, HopperQTile<kD>>(
       attention_backward_kv_sm90_kernel<T, kD, kPlain>, attention_backward_q_sm90_kernel<T, kD, kPlain>,
       kHopperThreads, params, grads, vector, stream);

@@ -25,10 +25,8 @@ namespace genfast {
 namespace attention_cuda {
 namespace {
 
-constexpr int kProducerThreads = 128;  // the warp-specialized kernel's third warpgroup
-constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
-static_assert(kProducerThreads * kProducerRegisters + kHopperThreads * kConsumerRegisters <= 64 * 1024,
-              "the warpgroups' registers must fit an SM's register file");
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;  // as FlashAttention-3's forward
+static_assert(registers_fit(kProducerRegisters, kConsumerRegisters), "the registers must fit an SM");
 
 // Key blocks of 128, or of 80 at head dim 256 (as FlashAttention-3), where Q and two stages of K
 // and V take all of shared memory.
@@ -269,27 +267,6 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   turns.finish();
   rows.finish(params, acc_o, layout, ForwardPartials{});
 #endif
-}
-
-// Whether TMA can address a tensor of sizes (batch, heads, positions) with element strides `stride`
-// in the same order: 16-byte aligned base, strides positive multiples of 16 bytes (a dim of size 1
-// may have any stride).
-inline bool tma_addressable(const void* base, const int64_t (&stride)[3], const int64_t (&sizes)[3]) {
-  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
-  for (int d = 0; d < 3; ++d) ok = ok && (sizes[d] == 1 || (stride[d] > 0 && stride[d] % 8 == 0));
-  return ok;
-}
-
-// The map of a dense (batch, heads, positions, width) tensor with element strides `stride`, in
-// boxes of 64 columns by `rows` positions.
-inline cudaError_t tile_map(CUtensorMap* map, const void* base, const int64_t (&stride)[3], int64_t batch,
-                            int64_t heads, int64_t positions, int64_t width, uint32_t rows) {
-  const uint64_t dims[4] = {static_cast<uint64_t>(width), static_cast<uint64_t>(positions),
-                            static_cast<uint64_t>(heads), static_cast<uint64_t>(batch)};
-  const int64_t sizes[3] = {positions, heads, batch};
-  uint64_t strides[3];
-  for (int d = 0; d < 3; ++d) strides[d] = sizes[d] == 1 ? 16 : static_cast<uint64_t>(stride[2 - d]) * 2;
-  return encode_tile_map(map, base, dims, strides, 64, rows);
 }
 
 template <typename T, int kD, bool kPlain>

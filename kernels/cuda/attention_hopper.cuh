@@ -21,6 +21,12 @@ namespace genfast {
 namespace attention_cuda {
 
 constexpr int kHopperThreads = 256;  // two warpgroups
+// The warp-specialized kernels' third warpgroup, which loads with TMA on a few registers and hands
+// the rest to the two consumer warpgroups (setmaxnreg, in multiples of 8).
+constexpr int kProducerThreads = 128;
+constexpr bool registers_fit(int producer, int consumer) {
+  return producer % 8 == 0 && consumer % 8 == 0 && kProducerThreads * producer + kHopperThreads * consumer <= 64 * 1024;
+}
 
 // Whether a call may run on the Hopper kernels: an sm_90 device, a build with sm_90a
 // (GENFAST_ATTENTION_SM90) and GENFAST_ATTENTION_SM90=1 in the environment
@@ -44,6 +50,27 @@ cudaError_t run_forward_sm90(const AttentionCudaParams<T>& params, unsigned vect
 template <typename T>
 cudaError_t run_backward_sm90(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                               unsigned vector, cudaStream_t stream);
+
+// Whether TMA can address a tensor of sizes (batch, heads, positions) with element strides `stride`
+// in the same order: 16-byte aligned base, strides positive multiples of 16 bytes (a dim of size 1
+// may have any stride).
+inline bool tma_addressable(const void* base, const int64_t (&stride)[3], const int64_t (&sizes)[3]) {
+  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (sizes[d] == 1 || (stride[d] > 0 && stride[d] % 8 == 0));
+  return ok;
+}
+
+// The map of a dense (batch, heads, positions, width) tensor with element strides `stride`, in
+// boxes of 64 columns by `rows` positions (zeros past each dim's end).
+inline cudaError_t tile_map(CUtensorMap* map, const void* base, const int64_t (&stride)[3], int64_t batch,
+                            int64_t heads, int64_t positions, int64_t width, uint32_t rows) {
+  const uint64_t dims[4] = {static_cast<uint64_t>(width), static_cast<uint64_t>(positions),
+                            static_cast<uint64_t>(heads), static_cast<uint64_t>(batch)};
+  const int64_t sizes[3] = {positions, heads, batch};
+  uint64_t strides[3];
+  for (int d = 0; d < 3; ++d) strides[d] = sizes[d] == 1 ? 16 : static_cast<uint64_t>(stride[2 - d]) * 2;
+  return encode_tile_map(map, base, dims, strides, 64, rows);
+}
 
 // The first 1024-byte-aligned byte of a CTA's dynamic shared memory (kSwizzleAtomBytes more are
 // requested), and its shared address.

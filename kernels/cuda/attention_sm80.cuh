@@ -72,6 +72,15 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 
 // *p += v in global memory, atomically (a reduction: nothing is returned).
 __device__ __forceinline__ void atomic_add_f32(float* p, float v) { atomicAdd(p, v); }
+// p[0] += lo and p[1] += hi, p 8-byte aligned: one vector reduction on sm_90 and later.
+__device__ __forceinline__ void atomic_add_f32x2(float* p, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(lo, hi));
+#else
+  atomicAdd(p, lo);
+  atomicAdd(p + 1, hi);
+#endif
+}
 
 // The compute capability of the current device.
 inline cudaError_t current_device_capability(int* major, int* minor) {

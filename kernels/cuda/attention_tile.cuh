@@ -519,12 +519,12 @@ struct KeyBlockWork {
 };
 
 // lse and delta of queries i0 .. i0 + kRows - 1 of head h into shared memory, kBlockThreads threads
-// sharing the work; rows past `valid` get -inf (so P = 0) and 0.
+// sharing the work (this one is `thread` of them); rows past `valid` get -inf (so P = 0) and 0.
 template <int kRows, int kBlockThreads>
 __device__ __forceinline__ void stage_row_stats(const AttentionParams& p, const float* delta,
                                                 const AttentionSequence& seq, int64_t h, int i0, int valid,
-                                                float* s_lse, float* s_delta) {
-  for (int r = threadIdx.x; r < kRows; r += kBlockThreads) {
+                                                float* s_lse, float* s_delta, int thread) {
+  for (int r = thread; r < kRows; r += kBlockThreads) {
     const bool inside = r < valid;
     const int64_t row = seq.lse_row(h, i0 + r);
     s_lse[r] = inside ? p.lse[row] : kNegInf;
@@ -589,19 +589,14 @@ __global__ void __launch_bounds__(kThreads) attention_dq_cast_kernel(const float
   }
 }
 
-// The backward's launches, each a kernel of `threads` threads: kv_kernel over blocks of
-// KvTile::kBlockN keys of each kv head, then q_kernel over tiles of QTile::kBlockM queries, or, when
-// grads.dq_accum is given (kv_kernel then adds dQ there), the cast of dQ to grad_q.
-template <typename KvTile, typename QTile, typename KvKernel, typename QKernel, typename T>
-cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int threads,
-                                    const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
-                                    unsigned vector, cudaStream_t stream) {
+// The backward's second launch, after its kernel over key blocks: q_kernel (of `threads` threads)
+// over tiles of QTile::kBlockM queries, or, when grads.dq_accum is given (the first kernel then
+// added dQ there), the cast of dQ to grad_q.
+template <typename QTile, typename QKernel, typename T>
+cudaError_t launch_query_pass(QKernel q_kernel, int threads, const AttentionCudaParams<T>& params,
+                              const AttentionCudaGrads<T>& grads, unsigned vector, cudaStream_t stream) {
   const AttentionParams& p = params.base;
-  const int64_t k_blocks = (p.k_len + KvTile::kBlockN - 1) / KvTile::kBlockN;
   const QueryLayout layout = query_layout(p, QTile::kBlockM, 1, 1);
-  const cudaError_t status = launch_tiles(kv_kernel, k_blocks * p.batch * p.kv_heads, threads, KvTile::kSmemBytes,
-                                          stream, params, grads, static_cast<int>(k_blocks), vector);
-  if (status != cudaSuccess) return status;
   if (grads.dq_accum != nullptr) {
     const int64_t n = (p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.q_len) * p.heads * p.dim;
     constexpr int64_t kPerCta = kThreads * kCastPerThread;
@@ -610,6 +605,20 @@ cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int th
   }
   return launch_tiles(q_kernel, query_layout_ctas(p, layout), threads, QTile::kSmemBytes, stream, params, grads, layout,
                       vector);
+}
+
+// The backward's launches, each a kernel of `threads` threads: kv_kernel over blocks of
+// KvTile::kBlockN keys of each kv head, then launch_query_pass.
+template <typename KvTile, typename QTile, typename KvKernel, typename QKernel, typename T>
+cudaError_t launch_backward_kernels(KvKernel kv_kernel, QKernel q_kernel, int threads,
+                                    const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                                    unsigned vector, cudaStream_t stream) {
+  const AttentionParams& p = params.base;
+  const int64_t k_blocks = (p.k_len + KvTile::kBlockN - 1) / KvTile::kBlockN;
+  const cudaError_t status = launch_tiles(kv_kernel, k_blocks * p.batch * p.kv_heads, threads, KvTile::kSmemBytes,
+                                          stream, params, grads, static_cast<int>(k_blocks), vector);
+  if (status != cudaSuccess) return status;
+  return launch_query_pass<QTile>(q_kernel, threads, params, grads, vector, stream);
 }
 
 // The lse and delta of a lane's two query rows (row_i; past q_len: -inf, so P = 0, and 0).
@@ -649,12 +658,14 @@ __device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* g
 }
 
 // dq_accum += scale acc_dq, atomically, for a lane's two query rows (row_i; columns col0 + 2 tig ..
-// of each n-tile), rows past q_len and columns past dim skipped.
+// of each n-tile), rows past q_len and columns past dim skipped; pairs of columns at once when dim
+// is even (dq_accum 8-byte aligned).
 template <int kTiles>
 __device__ __forceinline__ void add_query_grads(const AttentionParams& p, float* dq_accum, const AttentionSequence& seq,
                                                 int64_t h, const int (&row_i)[2], int q_len, int col0,
                                                 const float (&acc_dq)[kTiles][4]) {
   const int dim = static_cast<int>(p.dim), tig = threadIdx.x % 4;
+  const bool pair_ok = (dim % 2) == 0;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row_i[r];
@@ -663,8 +674,13 @@ __device__ __forceinline__ void add_query_grads(const AttentionParams& p, float*
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       const int c = col0 + t * 8 + 2 * tig;
-      if (c < dim) atomic_add_f32(dq_row + c, acc_dq[t][2 * r] * p.scale);
-      if (c + 1 < dim) atomic_add_f32(dq_row + c + 1, acc_dq[t][2 * r + 1] * p.scale);
+      const float lo = acc_dq[t][2 * r] * p.scale, hi = acc_dq[t][2 * r + 1] * p.scale;
+      if (c + 1 < dim && pair_ok) {
+        atomic_add_f32x2(dq_row + c, lo, hi);
+      } else {
+        if (c < dim) atomic_add_f32(dq_row + c, lo);
+        if (c + 1 < dim) atomic_add_f32(dq_row + c + 1, hi);
+      }
     }
   }
 }

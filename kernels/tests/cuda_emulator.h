@@ -659,6 +659,11 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 // One CTA runs at a time, and its threads switch only at waits: a plain add is atomic here.
 inline void atomic_add_f32(float* p, float v) { *p += v; }
+inline void atomic_add_f32x2(float* p, float lo, float hi) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) cuda_emulator::fail("a float2 atomic at an address not 8-byte aligned");
+  p[0] += lo;
+  p[1] += hi;
+}
 
 inline cudaError_t current_device_capability(int* major, int* minor) {
   *major = cuda_emulator::capability_major;
