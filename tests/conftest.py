@@ -13,7 +13,13 @@ if os.environ.get("GENFAST_RECORD_TRITON_LAUNCHES") and os.environ.get("TRITON_I
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("GENFAST_TEST_SHARD")  # "i/n": every n-th test from the i-th (scripts/test)
+    if shard:
+        index, count = (int(part) for part in shard.split("/"))
+        config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index])
+        items[:] = items[index::count]
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:

@@ -35,7 +35,8 @@ struct AttentionCudaGrads {
   // Null: dQ comes from its own kernel (deterministic). Else grad_q's layout in float32,
   // zero-initialized: the key-block kernel adds its partial dQ there with atomics (5 products per
   // block instead of 7, bits varying from run to run), and a last kernel casts it to grad_q. Used
-  // by the sm_80 kernels when grad_s is null; the Hopper kernels are deterministic only.
+  // when grad_s is null by the sm_80 kernels and the Hopper warp-specialized one (the Hopper
+  // cp.async kernels are deterministic only).
   float* dq_accum;
 };
 

@@ -1,12 +1,13 @@
-// Attention backward for Hopper (sm_90a) on wgmma: attention_backward.cu's two deterministic
-// kernels (no atomics) with two warpgroups, tiles in 128-byte-swizzled shared memory, and the
-// products of attention_hopper.cuh:
+// Attention backward for Hopper (sm_90a) on wgmma: attention_backward.cu's two kernels with two
+// warpgroups, tiles in 128-byte-swizzled shared memory, and the products of attention_hopper.cuh:
 //  (1) attention_backward_kv_sm90_kernel: 128 keys per CTA (64 per warpgroup), over the query heads
 //      of its kv head and the query blocks of 64 its band reaches:
 //        S^T = K Q^T,  dP^T = V dO^T  (wgmma_abt, N = 64 queries)
 //        dV += P_drop^T dO,  dK += dS^T Q  (wgmma_ab, B = dO or Q read MN-major)
 //      Dense inputs that TMA can address take its warp-specialized form (a producer warpgroup
-//      loading with TMA into two stages behind mbarriers), others copy with cp.async.
+//      loading with TMA into two stages behind mbarriers), which with grads.dq_accum also adds
+//      dQ += dS K with atomics (dS through shared memory, A fragments by ldmatrix, K read MN-major)
+//      and leaves (2) to a cast; others copy with cp.async and are deterministic.
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
 // Each pair of products above is issued together, then waited for. The per-element work (P from
@@ -39,6 +40,11 @@ struct HopperQTile {
   static_assert(kSmemBytes <= 227 * 1024, "the q kernel's tiles must fit an sm_90 CTA");
 };
 
+// The warp-specialized kv kernel's dS, for dQ with atomics: two stages of [query][key], padded rows
+// (ldmatrix reads them as A fragments without bank conflicts).
+constexpr int kDsStride = 128 + 8;
+constexpr int kDsStageElements = 64 * kDsStride;
+
 // The kv kernels' tiles in their dynamic shared memory, 1024-byte aligned: K, V, then Q, dO, lse
 // and delta in two stages; `end` is past them (the warp-specialized kernel's mbarriers).
 template <int kD>
@@ -68,14 +74,16 @@ struct HopperKvSmem {
 
 // One step of a kv kernel for warpgroup `group`'s 64 keys and the 64 queries (from i0, of head h) in
 // stage s: S^T and dP^T, the elements, then dV += P_drop^T dO and dK += dS^T Q; every product has
-// landed on return.
+// landed on return. With ds_tile, dS also goes there in T: query c's dS of the warp's 16 keys at
+// ds_tile + c kDsStride.
 template <typename T, int kD, bool kPlain, int kTiles>
 __device__ __forceinline__ void hopper_key_block_step(float (&acc_dk)[kTiles][4], float (&acc_dv)[kTiles][4],
                                                       const AttentionParams& p,
                                                       const KeyBlockWork<HopperKvTile<kD>::kBlockN,
                                                                          HopperKvTile<kD>::kBlockM>& work,
                                                       const HopperKvSmem<kD>& smem, int s, int group, int64_t h,
-                                                      int i0, const int (&key_j)[2], const Dropout& drop) {
+                                                      int i0, const int (&key_j)[2], const Dropout& drop,
+                                                      uint16_t* ds_tile = nullptr) {
   constexpr int kBlockM = HopperKvTile<kD>::kBlockM, kBlockN = HopperKvTile<kD>::kBlockN, kST = kBlockM / 8;
   float acc_s[kST][4], acc_dp[kST][4];
   wgmma_abt_async<T, kD>(acc_s, smem.k_address + group * 64 * 128, kBlockN, smem.q_tile(s), kBlockM);
@@ -87,6 +95,7 @@ __device__ __forceinline__ void hopper_key_block_step(float (&acc_dk)[kTiles][4]
   const bool check = !block_inside(work.band, i0, kBlockM, work.j0, kBlockN, work.k_len);
   key_block_elements<kPlain>(p, work.seq, work.band, work.b, h, acc_s, acc_dp, i0, key_j, check,
                              smem.lse + s * kBlockM, smem.delta + s * kBlockM, drop);
+  if (ds_tile != nullptr) store_transposed<T>(ds_tile, kDsStride, 0, acc_dp);
   uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
   fragments_of<T>(a_p, acc_s);
   fragments_of<T>(a_ds, acc_dp);
@@ -171,6 +180,11 @@ struct HopperBackwardMaps {
   CUtensorMap q, grad_o, k, v;
 };
 constexpr int kBackwardBarrierBytes = 8 * 8;  // the warp-specialized kv kernel's 5 mbarriers, after the tiles
+constexpr int kDsBarrier = 1;  // named barrier: every consumer's dS of the step is in
+// The warp-specialized kv kernel's shared memory: HopperKvSmem's tiles, the mbarriers, dS.
+template <int kD>
+constexpr int kWarpSpecializedKvSmemBytes =
+    HopperKvTile<kD>::kSmemBytes + kBackwardBarrierBytes + 2 * kDsStageElements * 2;
 // The producer's loops index in 64 bits: at 24 registers (the forward's) they would spill.
 constexpr int kBackwardProducerRegisters = 32, kBackwardConsumerRegisters = 240;
 static_assert(registers_fit(kBackwardProducerRegisters, kBackwardConsumerRegisters), "the registers must fit an SM");
@@ -189,7 +203,8 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
 #else
   using Tile = HopperKvTile<kD>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHalves = kD / 64;
-  static_assert(Tile::kSmemBytes + kBackwardBarrierBytes <= 227 * 1024, "the tiles and barriers must fit a CTA");
+  static_assert(kBlockN == 128 && kBlockM == 64, "dS's tile is 64 x 128");
+  static_assert(kWarpSpecializedKvSmemBytes<kD> <= 227 * 1024, "the tiles, barriers and dS must fit a CTA");
   const AttentionParams& p = params.base;
 
   const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
@@ -203,6 +218,7 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem.end);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = kv_full + 3;
+  uint16_t* s_ds = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(smem.end) + kBackwardBarrierBytes);
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < 2; ++s) {
@@ -253,8 +269,14 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   }
   setmaxnreg_inc<kBackwardConsumerRegisters>();
   const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
-  const int gid = (threadIdx.x % 32) / 4;
+  const int lane = threadIdx.x % 32, gid = lane / 4;
   const int key_j[2] = {work.j0 + consumer_warp * 16 + gid, work.j0 + consumer_warp * 16 + gid + 8};
+  // dQ with atomics: each warpgroup multiplies dS by K for all 64 queries, 64 columns by kKeys keys
+  // (head dim 64: its own keys, all columns; 128: all keys, its half of the columns).
+  float* const dq_accum = grads.dq_accum;
+  constexpr int kKeys = kD == 64 ? 64 : 128;
+  const int dq_key0 = kD == 64 ? group * 64 : 0, dq_col0 = kD == 64 ? 0 : group * 64;
+  const int dq_warp = consumer_warp % 4, a_row = lane % 16, a_col = (lane / 16) * 8;
   float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -267,7 +289,30 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
     const int s = n & 1, i0 = work.i0(n);
     const int64_t h = work.head(n);
     mbarrier_wait(full + s, filled(n));
-    hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, s, group, h, i0, key_j, drop);
+    uint16_t* ds_tile = s_ds + s * kDsStageElements;  // [query][key]
+    hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, s, group, h, i0, key_j, drop,
+                                         dq_accum != nullptr ? ds_tile + consumer_warp * 16 : nullptr);
+    if (dq_accum != nullptr) {
+      // dS of stage s is rewritten two steps on, after every consumer has passed the next barrier.
+      named_barrier_sync(kDsBarrier, kHopperThreads);
+      float acc_dq[8][4];
+      zero(acc_dq);
+#pragma unroll
+      for (int chunk = 0; chunk < kKeys / 64; ++chunk) {
+        const int key0 = dq_key0 + chunk * 64;
+        uint32_t a[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          ldsm_x4(a[kk], ds_tile + (dq_warp * 16 + a_row) * kDsStride + key0 + kk * 16 + a_col);
+        }
+        wgmma_ab_async<T, 64>(acc_dq, a, smem.k_address + (dq_col0 / 64) * kBlockN * 128 + key0 * 128, kBlockN);
+        wgmma_wait<0>();
+        pin_registers(acc_dq);
+        pin_registers(a);
+      }
+      const int row_i[2] = {i0 + dq_warp * 16 + gid, i0 + dq_warp * 16 + gid + 8};
+      add_query_grads(p, dq_accum, work.seq, h, row_i, work.q_len, dq_col0, acc_dq);
+    }
     mbarrier_arrive(empty + s);  // Q, dO, lse and delta of this stage are read
   }
   store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, work.seq, work.hk, key_j, 0, acc_dk, acc_dv);
@@ -375,7 +420,7 @@ cudaError_t run_backward_sm90_tma(const AttentionCudaParams<T>& params, const At
   launched = true;
   const int64_t k_blocks = (p.k_len + Tile::kBlockN - 1) / Tile::kBlockN;
   status = launch_tiles(attention_backward_kv_sm90_tma_kernel<T, kD, kPlain>, k_blocks * p.batch * p.kv_heads,
-                        kHopperThreads + kProducerThreads, Tile::kSmemBytes + kBackwardBarrierBytes, stream, params,
+                        kHopperThreads + kProducerThreads, kWarpSpecializedKvSmemBytes<kD>, stream, params,
                         grads, maps, static_cast<int>(k_blocks));
   if (status != cudaSuccess) return status;
   return launch_query_pass<HopperQTile<kD>>(attention_backward_q_sm90_kernel<T, kD, kPlain>, kHopperThreads, params,
@@ -392,9 +437,11 @@ cudaError_t run_backward_sm90_bucket(const AttentionCudaParams<T>& params, const
     const cudaError_t status = run_backward_sm90_tma<T, kD, kPlain>(params, grads, vector, stream, launched);
     if (launched || status != cudaSuccess) return status;
   }
+  AttentionCudaGrads<T> deterministic = grads;  // the cp.async kv kernel computes no dQ
+  deterministic.dq_accum = nullptr;
   return launch_backward_kernels<HopperKvTile<kD>, HopperQTile<kD>>(
       attention_backward_kv_sm90_kernel<T, kD, kPlain>, attention_backward_q_sm90_kernel<T, kD, kPlain>,
-      kHopperThreads, params, grads, vector, stream);
+      kHopperThreads, params, deterministic, vector, stream);
 }
 
 }  // namespace

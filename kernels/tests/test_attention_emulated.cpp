@@ -371,9 +371,9 @@ void run_case(const Case& c) {
     return out;
   };
   const double grad_tol = half ? 2.5e-3 : 1.5e-2;
-  // The backward, outputs starting as NaN: on the sm_80 kernels, deterministic and with dQ added
-  // atomically (its accumulator zeroed, as the binding does), and on the Hopper ones where they take
-  // the call.
+  // The backward, outputs starting as NaN, deterministic and with dQ added atomically (its
+  // accumulator zeroed, as the binding does): on the sm_80 kernels, and on the Hopper ones where they
+  // take the call.
   const auto backward = [&](const std::string& run, bool atomic_dq) {
     std::vector<uint16_t> dq_bits(ref_dq.size(), nan_bits), dk_bits(ref_dk.size(), nan_bits),
         dv_bits(ref_dv.size(), nan_bits);
@@ -401,7 +401,10 @@ void run_case(const Case& c) {
   backward(name + " (atomic dQ)", true);
   cuda_emulator::capability_major = 9;
   setenv("GENFAST_ATTENTION_SM90", "1", 1);
-  if (genfast::attention_cuda::hopper_backward_applies(p)) backward(name + " (Hopper kernels)", true);
+  if (genfast::attention_cuda::hopper_backward_applies(p)) {
+    backward(name + " (Hopper kernels)", false);
+    backward(name + " (Hopper kernels, atomic dQ)", true);
+  }
   unsetenv("GENFAST_ATTENTION_SM90");
   cuda_emulator::capability_major = 8;
 }
