@@ -35,8 +35,7 @@ struct AttentionCudaGrads {
   // Null: dQ comes from its own kernel (deterministic). Else grad_q's layout in float32,
   // zero-initialized: the key-block kernel adds its partial dQ there with atomics (5 products per
   // block instead of 7, bits varying from run to run), and a last kernel casts it to grad_q. Used
-  // when grad_s is null by the sm_80 kernels and the Hopper warp-specialized one (the Hopper
-  // cp.async kernels are deterministic only).
+  // when grad_s is null, by every kernel but the Hopper cp.async one's non-plain d128 variant.
   float* dq_accum;
 };
 

@@ -5,9 +5,10 @@
 //        S^T = K Q^T,  dP^T = V dO^T  (wgmma_abt, N = 64 queries)
 //        dV += P_drop^T dO,  dK += dS^T Q  (wgmma_ab, B = dO or Q read MN-major)
 //      Dense inputs that TMA can address take its warp-specialized form (a producer warpgroup
-//      loading with TMA into two stages behind mbarriers), which with grads.dq_accum also adds
-//      dQ += dS K with atomics (dS through shared memory, A fragments by ldmatrix, K read MN-major)
-//      and leaves (2) to a cast; others copy with cp.async and are deterministic.
+//      loading with TMA into two stages behind mbarriers), others copy with cp.async. With
+//      grads.dq_accum either also adds dQ += dS K with atomics (dS through shared memory, A
+//      fragments by ldmatrix, K read MN-major; hopper_add_dq) and leaves (2) to a cast, except the
+//      cp.async kernel's non-plain d128 variant, which stays deterministic (it would spill more).
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
 // Each pair of products above is issued together, then waited for. The per-element work (P from
@@ -44,6 +45,18 @@ struct HopperQTile {
 // (ldmatrix reads them as A fragments without bank conflicts).
 constexpr int kDsStride = 128 + 8;
 constexpr int kDsStageElements = 64 * kDsStride;
+
+// Whether the cp.async kv kernel adds dQ with atomics (when asked); the non-plain d128 variant would
+// spill more (256 bytes instead of 172), and stays deterministic.
+template <int kD, bool kPlain>
+constexpr bool kCpAsyncAtomicDq = kPlain || kD <= 64;
+
+// The cp.async kv kernel's shared memory: HopperKvSmem's tiles, then one stage of dS.
+template <int kD>
+struct HopperKvCpAsyncTile : HopperKvTile<kD> {
+  static constexpr int kSmemBytes = HopperKvTile<kD>::kSmemBytes + kDsStageElements * 2;
+  static_assert(kSmemBytes <= 227 * 1024, "the kv kernel's tiles and dS must fit an sm_90 CTA");
+};
 
 // The kv kernels' tiles in their dynamic shared memory, 1024-byte aligned: K, V, then Q, dO, lse
 // and delta in two stages; `end` is past them (the warp-specialized kernel's mbarriers).
@@ -108,6 +121,43 @@ __device__ __forceinline__ void hopper_key_block_step(float (&acc_dk)[kTiles][4]
   pin_registers(a_ds);
 }
 
+// dQ += dS K of a step, added to dq_accum with atomics: warpgroup `group` multiplies ds_tile (the
+// step's dS, [query][key], every warp's stored) by K for all 64 queries (from i0, of head h) and 64
+// columns over kKeys keys: head dim 64, its own keys and all columns; 128, all keys and its half of
+// the columns. Its warp `warp` (0 .. 3) adds rows 16 warp .. 16 warp + 15.
+template <typename T, int kD>
+__device__ __forceinline__ void hopper_add_dq(const AttentionParams& p,
+                                              const KeyBlockWork<HopperKvTile<kD>::kBlockN,
+                                                                 HopperKvTile<kD>::kBlockM>& work,
+                                              uint32_t k_address, const uint16_t* ds_tile, int group, int warp,
+                                              int64_t h, int i0, float* dq_accum) {
+  constexpr int kBlockN = HopperKvTile<kD>::kBlockN, kKeys = kD == 64 ? 64 : 128;
+  const int key_first = kD == 64 ? group * 64 : 0, col0 = kD == 64 ? 0 : group * 64;
+  const int lane = threadIdx.x % 32, a_row = lane % 16, a_col = (lane / 16) * 8, gid = lane / 4;
+  float acc_dq[8][4];
+  zero(acc_dq);
+#pragma unroll
+  for (int chunk = 0; chunk < kKeys / 64; ++chunk) {
+    const int key0 = key_first + chunk * 64;
+    uint32_t a[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) ldsm_x4(a[kk], ds_tile + (warp * 16 + a_row) * kDsStride + key0 + kk * 16 + a_col);
+    wgmma_ab_async<T, 64>(acc_dq, a, k_address + (col0 / 64) * kBlockN * 128 + key0 * 128, kBlockN);
+    wgmma_wait<0>();
+    pin_registers(acc_dq);
+    pin_registers(a);
+  }
+  const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
+  add_query_grads(p, dq_accum, work.seq, h, row_i, work.q_len, col0, acc_dq);
+}
+
+// Zeros for a warp's 16 keys of a dS tile of kQueries rows (ds_tile at its first key), for a
+// warpgroup without keys.
+template <int kQueries>
+__device__ __forceinline__ void zero_ds_keys(uint16_t* ds_tile) {
+  for (int e = threadIdx.x % 32; e < kQueries * 16; e += 32) ds_tile[(e / 16) * kDsStride + e % 16] = 0;
+}
+
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     attention_backward_kv_sm90_kernel(const __grid_constant__ AttentionCudaParams<T> params,
@@ -156,6 +206,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, wg = warp / 4;
   const int key_j[2] = {j0 + warp * 16 + gid, j0 + warp * 16 + gid + 8};
   const bool group_busy = wg * 64 < cols;  // wgmma runs a whole warpgroup: one without keys skips together
+  // dQ with atomics, where it adds no spills: not in the non-plain d128 variant (172 -> 256 bytes).
+  float* const dq_accum = kCpAsyncAtomicDq<kD, kPlain> ? grads.dq_accum : nullptr;
+  uint16_t* s_ds = reinterpret_cast<uint16_t*>(smem.end);  // dS, [query][key], for dQ with atomics
   float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -166,8 +219,18 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
     wait_for_stage(step + 1 < steps, [&] { load_queries(step + 1, buf ^ 1); });
-    if (group_busy) hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop);
-    __syncthreads();  // the buffer is refilled by the next step's prefetch
+    uint16_t* ds_keys = dq_accum != nullptr ? s_ds + warp * 16 : nullptr;  // this warp's keys of dS
+    if (group_busy) {
+      hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop, ds_keys);
+    } else if (ds_keys != nullptr) {
+      zero_ds_keys<kBlockM>(ds_keys);
+    }
+    if (dq_accum != nullptr) {
+      __syncthreads();  // every warp's dS is in
+      // A warpgroup without keys has no dQ to add at head dim 64; at 128 it has its columns' share.
+      if (kD == 128 || group_busy) hopper_add_dq<T, kD>(p, work, smem.k_address, s_ds, wg, warp % 4, h, i0, dq_accum);
+    }
+    __syncthreads();  // the buffer is refilled by the next step's prefetch (and dS rewritten)
   }
   cp_async_wait<0>();
   store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, seq, hk, key_j, 0, acc_dk, acc_dv);
@@ -180,7 +243,6 @@ struct HopperBackwardMaps {
   CUtensorMap q, grad_o, k, v;
 };
 constexpr int kBackwardBarrierBytes = 8 * 8;  // the warp-specialized kv kernel's 5 mbarriers, after the tiles
-constexpr int kDsBarrier = 1;  // named barrier: every consumer's dS of the step is in
 // The warp-specialized kv kernel's shared memory: HopperKvSmem's tiles, the mbarriers, dS.
 template <int kD>
 constexpr int kWarpSpecializedKvSmemBytes =
@@ -269,14 +331,9 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   }
   setmaxnreg_inc<kBackwardConsumerRegisters>();
   const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
-  const int lane = threadIdx.x % 32, gid = lane / 4;
+  const int gid = (threadIdx.x % 32) / 4;
   const int key_j[2] = {work.j0 + consumer_warp * 16 + gid, work.j0 + consumer_warp * 16 + gid + 8};
-  // dQ with atomics: each warpgroup multiplies dS by K for all 64 queries, 64 columns by kKeys keys
-  // (head dim 64: its own keys, all columns; 128: all keys, its half of the columns).
   float* const dq_accum = grads.dq_accum;
-  constexpr int kKeys = kD == 64 ? 64 : 128;
-  const int dq_key0 = kD == 64 ? group * 64 : 0, dq_col0 = kD == 64 ? 0 : group * 64;
-  const int dq_warp = consumer_warp % 4, a_row = lane % 16, a_col = (lane / 16) * 8;
   float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -294,24 +351,8 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
                                          dq_accum != nullptr ? ds_tile + consumer_warp * 16 : nullptr);
     if (dq_accum != nullptr) {
       // dS of stage s is rewritten two steps on, after every consumer has passed the next barrier.
-      named_barrier_sync(kDsBarrier, kHopperThreads);
-      float acc_dq[8][4];
-      zero(acc_dq);
-#pragma unroll
-      for (int chunk = 0; chunk < kKeys / 64; ++chunk) {
-        const int key0 = dq_key0 + chunk * 64;
-        uint32_t a[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          ldsm_x4(a[kk], ds_tile + (dq_warp * 16 + a_row) * kDsStride + key0 + kk * 16 + a_col);
-        }
-        wgmma_ab_async<T, 64>(acc_dq, a, smem.k_address + (dq_col0 / 64) * kBlockN * 128 + key0 * 128, kBlockN);
-        wgmma_wait<0>();
-        pin_registers(acc_dq);
-        pin_registers(a);
-      }
-      const int row_i[2] = {i0 + dq_warp * 16 + gid, i0 + dq_warp * 16 + gid + 8};
-      add_query_grads(p, dq_accum, work.seq, h, row_i, work.q_len, dq_col0, acc_dq);
+      named_barrier_sync(1, kHopperThreads);  // barrier 1: every consumer's dS is in
+      hopper_add_dq<T, kD>(p, work, smem.k_address, ds_tile, group, consumer_warp % 4, h, i0, dq_accum);
     }
     mbarrier_arrive(empty + s);  // Q, dO, lse and delta of this stage are read
   }
@@ -437,11 +478,11 @@ cudaError_t run_backward_sm90_bucket(const AttentionCudaParams<T>& params, const
     const cudaError_t status = run_backward_sm90_tma<T, kD, kPlain>(params, grads, vector, stream, launched);
     if (launched || status != cudaSuccess) return status;
   }
-  AttentionCudaGrads<T> deterministic = grads;  // the cp.async kv kernel computes no dQ
-  deterministic.dq_accum = nullptr;
-  return launch_backward_kernels<HopperKvTile<kD>, HopperQTile<kD>>(
+  AttentionCudaGrads<T> chosen = grads;
+  if (!kCpAsyncAtomicDq<kD, kPlain>) chosen.dq_accum = nullptr;
+  return launch_backward_kernels<HopperKvCpAsyncTile<kD>, HopperQTile<kD>>(
       attention_backward_kv_sm90_kernel<T, kD, kPlain>, attention_backward_q_sm90_kernel<T, kD, kPlain>,
-      kHopperThreads, params, deterministic, vector, stream);
+      kHopperThreads, params, chosen, vector, stream);
 }
 
 }  // namespace

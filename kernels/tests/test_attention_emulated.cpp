@@ -477,6 +477,12 @@ std::vector<Case> cases() {
   c.heads = 4, c.kv_heads = 1, c.lengths_q = {1, 1, 2}, c.lengths_k = {50, 0, 130}, c.band_hi = 0;
   all.push_back(c);
   c = Case{};
+  // On Hopper: the cp.async kernels with dQ by atomics at head dim 128, with key blocks whose keys
+  // all fall to the first warpgroup (the second's dS must read as zeros).
+  c.name = "varlen plain d96, key blocks of at most 64 keys";
+  c.dim = c.v_dim = 96, c.lengths_q = {50, 70}, c.lengths_k = {40, 150};
+  all.push_back(c);
+  c = Case{};
   c.name = "no keys";
   c.dim = c.v_dim = 32, c.q_len = 5, c.k_len = 0;
   all.push_back(c);
