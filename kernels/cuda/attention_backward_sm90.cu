@@ -41,8 +41,9 @@ struct HopperQTile {
   static_assert(kSmemBytes <= 227 * 1024, "the q kernel's tiles must fit an sm_90 CTA");
 };
 
-// The warp-specialized kv kernel's dS, for dQ with atomics: two stages of [query][key], padded rows
-// (ldmatrix reads them as A fragments without bank conflicts).
+// The kv kernels' dS, for dQ with atomics: 64 x 128 tiles of [query][key] with padded rows (ldmatrix
+// reads them as A fragments without bank conflicts); two stages in the warp-specialized kernel, one
+// in the cp.async kernel.
 constexpr int kDsStride = 128 + 8;
 constexpr int kDsStageElements = 64 * kDsStride;
 
