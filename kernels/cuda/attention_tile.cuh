@@ -634,55 +634,54 @@ __device__ __forceinline__ void query_row_stats(const AttentionParams& p, const 
   }
 }
 
-// dQ = scale acc_dq for a lane's two query rows (columns 2 tig .. of each n-tile), rows past q_len
-// skipped.
-template <typename T, int kTiles>
-__device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* grad_q, const AttentionSequence& seq,
-                                                  int64_t h, const int (&row_i)[2], int q_len,
-                                                  const float (&acc_dq)[kTiles][4]) {
+// fn(row, c, lo, hi) for a lane's two query rows (row_i; rows past q_len skipped) and each n-tile's
+// columns c = col0 + 2 tig and c + 1 (c < dim): row = out_row(h, i) * dim, lo and hi scale acc_dq.
+template <int kTiles, typename Fn>
+__device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, const AttentionSequence& seq, int64_t h,
+                                                     const int (&row_i)[2], int q_len, int col0,
+                                                     const float (&acc_dq)[kTiles][4], const Fn& fn) {
   const int dim = static_cast<int>(p.dim), tig = threadIdx.x % 4;
-  const bool pair_ok = (dim % 2) == 0;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row_i[r];
     if (i >= q_len) continue;
-    T* dq_row = grad_q + seq.out_row(h, i) * p.dim;
+    const int64_t row = seq.out_row(h, i) * p.dim;
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
-      const int c = t * 8 + 2 * tig;
-      if (c < dim) {
-        store_pair<T>(dq_row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale, c + 1 < dim, pair_ok);
-      }
+      const int c = col0 + t * 8 + 2 * tig;
+      if (c < dim) fn(row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
     }
   }
 }
 
-// dq_accum += scale acc_dq, atomically, for a lane's two query rows (row_i; columns col0 + 2 tig ..
-// of each n-tile), rows past q_len and columns past dim skipped; pairs of columns at once when dim
-// is even (dq_accum 8-byte aligned).
+// grad_q = scale acc_dq for a lane's two query rows (columns 2 tig .. of each n-tile).
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* grad_q, const AttentionSequence& seq,
+                                                  int64_t h, const int (&row_i)[2], int q_len,
+                                                  const float (&acc_dq)[kTiles][4]) {
+  const int dim = static_cast<int>(p.dim);
+  const bool pair_ok = (dim % 2) == 0;
+  for_query_grad_pairs(p, seq, h, row_i, q_len, 0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
+    store_pair<T>(grad_q + row, c, lo, hi, c + 1 < dim, pair_ok);
+  });
+}
+
+// dq_accum += scale acc_dq, atomically, for a lane's two query rows (columns col0 + 2 tig .. of each
+// n-tile); pairs of columns at once when dim is even (dq_accum 8-byte aligned).
 template <int kTiles>
 __device__ __forceinline__ void add_query_grads(const AttentionParams& p, float* dq_accum, const AttentionSequence& seq,
                                                 int64_t h, const int (&row_i)[2], int q_len, int col0,
                                                 const float (&acc_dq)[kTiles][4]) {
-  const int dim = static_cast<int>(p.dim), tig = threadIdx.x % 4;
+  const int dim = static_cast<int>(p.dim);
   const bool pair_ok = (dim % 2) == 0;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row_i[r];
-    if (i >= q_len) continue;
-    float* dq_row = dq_accum + seq.out_row(h, i) * p.dim;
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const int c = col0 + t * 8 + 2 * tig;
-      const float lo = acc_dq[t][2 * r] * p.scale, hi = acc_dq[t][2 * r + 1] * p.scale;
-      if (c + 1 < dim && pair_ok) {
-        atomic_add_f32x2(dq_row + c, lo, hi);
-      } else {
-        if (c < dim) atomic_add_f32(dq_row + c, lo);
-        if (c + 1 < dim) atomic_add_f32(dq_row + c + 1, hi);
-      }
+  for_query_grad_pairs(p, seq, h, row_i, q_len, col0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
+    if (c + 1 < dim && pair_ok) {
+      atomic_add_f32x2(dq_accum + row + c, lo, hi);
+    } else {
+      atomic_add_f32(dq_accum + row + c, lo);
+      if (c + 1 < dim) atomic_add_f32(dq_accum + row + c + 1, hi);
     }
-  }
+  });
 }
 
 // dK = scale acc_dk and dV = acc_dv for a lane's two keys (key_j), columns col0 + 2 tig .. of each

@@ -466,12 +466,12 @@ inline void named_arrival(int id, int count) {
   }
 }
 
-// Runs one CTA of `threads` threads to completion.
 // The threads' stacks, kept from CTA to CTA: allocating (and zeroing) them for every CTA took
 // more time than the kernels.
 constexpr size_t kStackBytes = 256 * 1024;
 inline std::vector<std::unique_ptr<char[]>> stacks;
 
+// Runs one CTA of `threads` threads to completion.
 inline void run_cta(int threads, const std::function<void()>& body) {
   if (threads % 32 != 0) fail("the emulator runs whole warps");
   Cta block;

@@ -640,7 +640,8 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
                               varlen=None, deterministic=False):
     """The gradients of launch_attention_forward for grad_o (B, H, Lq, Dv) and delta = rowsum(grad_o
     * o) - grad_lse (B, H, Lq) float32: grad_q (like q), grad_k, grad_v (like k, v), float32,
-    written. grad_s None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
+    written (grad_q zero-initialized by the caller unless deterministic: dQ is added to it). grad_s
+    None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
     of the scores s (before the soft-cap's chain rule; the additive mask's gradient summed to its
     shape) is written where the band reaches (it is 0 elsewhere). deterministic, or grad_s given: dQ
     from its own pass, no atomics; else the key-block pass adds dQ with atomics (bits may vary from
@@ -661,11 +662,9 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     lse, delta = _last_contiguous(lse), _last_contiguous(delta)
     mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
-    outs = [t if t.stride(-1) == 1 else t.new_empty(t.shape) for t in (grad_q, grad_k, grad_v)]
+    outs = [t if t.stride(-1) == 1 else t.new_zeros(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
     atomic_dq = not deterministic and grad_s is None
-    if atomic_dq:
-        dq.zero_()
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
