@@ -14,9 +14,10 @@
 // descriptors (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and
 // MN-major layouts) and A and the accumulators from the lanes' registers at that time; so reading an
 // accumulator before the wait, or overwriting an operand while a product is in flight, gives wrong
-// results. A warp that reaches a wait lets the other warps run before its products land, so a
+// results. A warp that reaches a wait either lets the other warps run before its products land, so a
 // buffer released (an mbarrier arrival) before the wait that covers its last read gets refilled
-// under that read. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup
+// under that read, or (at random) goes on at once, so a read of what other warps write after their
+// own waits, without a barrier between, finds it unwritten. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup
 // must issue the same products. The proxy fence before wgmma reads what threads wrote is not modelled.
 //
 // mbarriers count arrivals and transaction bytes per phase; a thread waiting on a phase parity
@@ -517,8 +518,10 @@ inline void run_cta(int threads, const std::function<void()>& body) {
         if (at_collective == 0) break;
         block.current = w * 32;
         if (at_collective == 32) {
-          if (lanes[0].collective->op == Op::kWgmmaWait && !wgmma_yielded[w]) {
-            wgmma_yielded[w] = true;  // the products land after the other warps have run
+          // At a wgmma wait the warp stops (its products land after the other warps have run) or,
+          // at random, goes on at once (ahead of the other warps, to what follows the wait).
+          if (lanes[0].collective->op == Op::kWgmmaWait && !wgmma_yielded[w] && (schedule_rng() & 1) != 0) {
+            wgmma_yielded[w] = true;
             ++resumed;
             break;
           }

@@ -489,6 +489,72 @@ std::vector<Case> cases() {
   return all;
 }
 
+// A random case for --fuzz: shapes around the tile edges (16, 64, 80, 128 rows; head-dim buckets),
+// every option at random, named by its parameters so that a failure can be written down as a case.
+Case random_case(std::mt19937& rng) {
+  const auto pick = [&](std::initializer_list<int> values) {
+    return *(values.begin() + std::uniform_int_distribution<size_t>(0, values.size() - 1)(rng));
+  };
+  const auto chance = [&](double p) { return std::uniform_real_distribution<double>()(rng) < p; };
+  const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const auto length = [&] {
+    return chance(0.5) ? pick({0, 1, 2, 15, 16, 17, 63, 64, 65, 79, 80, 81, 127, 128, 129, 160, 200})
+                       : uniform(1, 300);
+  };
+  const auto head_dim = [&] {
+    return chance(0.6) ? pick({8, 16, 32, 33, 40, 63, 64, 65, 96, 127, 128, 129, 192, 255, 256}) : uniform(1, 256);
+  };
+  Case c;
+  c.kv_heads = uniform(1, 3);
+  c.heads = c.kv_heads * pick({1, 1, 2, 3, 4, 8});
+  c.dim = head_dim();
+  c.v_dim = chance(0.6) ? c.dim : head_dim();
+  if (chance(0.3)) {
+    const int batch = uniform(1, 4);
+    for (int b = 0; b < batch; ++b) {
+      c.lengths_q.push_back(length());
+      c.lengths_k.push_back(chance(0.3) ? c.lengths_q.back() : length());
+    }
+  } else {
+    c.batch = uniform(1, 3);
+    c.q_len = length();
+    c.k_len = length();
+    c.seq_major = chance(0.3);
+    c.far_batches = !c.seq_major && chance(0.1);
+    const int mask = uniform(0, 5);
+    c.mask = mask == 0 ? AttentionMask::kBool : mask == 1 ? AttentionMask::kAdditive : AttentionMask::kNone;
+  }
+  c.unaligned = chance(0.2);
+  const int band = uniform(0, 5);
+  if (band == 1 || band == 3) c.band_hi = c.lengths_q.empty() ? 0 : uniform(-5, 5);
+  if (band == 2) c.band_hi = c.lengths_q.empty() ? c.k_len - c.q_len : 0;
+  if (band == 3 || band == 4) c.band_lo = -uniform(0, 100);
+  if (chance(0.25)) c.softcap = 2.0f;
+  if (chance(0.25)) c.alibi = true;
+  if (chance(0.25)) c.dropout_p = pick({1, 10, 30}) / 100.0f;
+  c.name = "fuzz: heads " + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + ", dims " +
+           std::to_string(c.dim) + "/" + std::to_string(c.v_dim);
+  if (c.lengths_q.empty()) {
+    c.name += ", batch " + std::to_string(c.batch) + ", lengths " + std::to_string(c.q_len) + "/" +
+              std::to_string(c.k_len) + (c.seq_major ? ", (B, L, H, D)" : "") + (c.far_batches ? ", far batches" : "") +
+              (c.mask == AttentionMask::kBool ? ", bool mask" : c.mask == AttentionMask::kAdditive ? ", additive mask" : "");
+  } else {
+    c.name += ", varlen";
+    for (size_t b = 0; b < c.lengths_q.size(); ++b) {
+      c.name += " " + std::to_string(c.lengths_q[b]) + "/" + std::to_string(c.lengths_k[b]);
+    }
+  }
+  const auto bound = [](int64_t v) {
+    return v <= -genfast::kAttentionUnbounded ? std::string("-inf")
+           : v >= genfast::kAttentionUnbounded ? std::string("inf")
+                                                : std::to_string(v);
+  };
+  c.name += ", band [" + bound(c.band_lo) + ", " + bound(c.band_hi) + "]" + (c.unaligned ? ", unaligned" : "") +
+            (c.softcap > 0.0f ? ", soft-cap" : "") + (c.alibi ? ", ALiBi" : "") +
+            (c.dropout_p > 0.0f ? ", dropout " + std::to_string(static_cast<int>(c.dropout_p * 100 + 0.5f)) + "%" : "");
+  return c;
+}
+
 }  // namespace
 
 // The plans a GPU of 132 SMs gets: decoding stacks a group's heads and splits the keys (4 heads per
@@ -510,7 +576,23 @@ void check_plans() {
   }
 }
 
-int main() {
+// With --fuzz SEED COUNT: COUNT random cases (random_case) instead of the fixed ones, each in both
+// dtypes with copies landing at their waits or at once.
+int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--fuzz") {
+    std::mt19937 rng(static_cast<unsigned>(std::stoul(argv[2])));
+    const int count = std::stoi(argv[3]);
+    for (int n = 0; n < count; ++n) {
+      const Case c = random_case(rng);
+      std::printf("case %d: %s\n", n, c.name.c_str());
+      std::fflush(stdout);
+      cuda_emulator::deferred_copies = (rng() & 1) != 0;
+      run_case<__half>(c);
+      run_case<__nv_bfloat16>(c);
+    }
+    std::printf("%d failures in %d random cases\n", failures, count);
+    return failures == 0 ? 0 : 1;
+  }
   check_plans();
   for (const bool deferred : {true, false}) {
     cuda_emulator::deferred_copies = deferred;
