@@ -56,10 +56,14 @@ def test_the_hopper_kernels_run(dtype, monkeypatch):
     assert any("attention_backward_kv_sm90_kernel" in name for name in names), names
     # Head dim 256: the forward on the Hopper kernels (key blocks of 80), the warp-specialized one
     # unless the scores need more than scaling (then the cp.async one, whose threads have more
-    # registers); the backward on the sm_80 kernels.
+    # registers); the backward on the d256 key-block kernel with dQ by atomics, and on the sm_80
+    # kernels when deterministic.
     wide = [t.clone().requires_grad_() for t in cuda_tests._cuda(*_qkv(1, 2, 2, 200, 300, 256, dtype))]
     names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*wide, impl="native").sum(), wide))
     assert any("attention_forward_sm90_tma_kernel" in name for name in names), names
+    assert any("attention_backward_kv_sm90_d256_kernel" in name for name in names), names
+    names = _kernels_run(lambda: torch.autograd.grad(
+        genfast.attention(*wide, impl="native", deterministic=True).sum(), wide))
     assert not any("backward_kv_sm90" in name for name in names), names
     names = _kernels_run(lambda: genfast.attention(*wide, impl="native", softcap=30.0))
     assert any("attention_forward_sm90_kernel" in name for name in names), names
@@ -107,6 +111,18 @@ def test_options_and_gradients(impl, dtype, options):
 @pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
 def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
     cuda_tests.test_gradients_per_head_dim(impl, dtype, dim, v_dim)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_deterministic_and_atomic_gradients(impl, dtype, dim):
+    cuda_tests.test_deterministic_and_atomic_gradients(impl, dtype, dim)
+
+
+@pytest.mark.parametrize("ask", ["keyword", "torch"])
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_backward_is_bit_reproducible(impl, dtype, ask):
+    cuda_tests.test_backward_is_bit_reproducible(impl, dtype, ask)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

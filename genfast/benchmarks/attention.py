@@ -23,7 +23,8 @@ from .elementwise import fused_impls
 
 # (batch, heads, length, head_dim, causal)
 CONFIGS = {"cpu": [(2, 8, 1024, 64, False), (2, 8, 1024, 64, True)],
-           "cuda": [(1, 16, 16384, 128, True), (4, 16, 2048, 128, False)]}
+           # The shape (16k causal, head dim 128), a training one, and head dim 256 (Gemma-style).
+           "cuda": [(1, 16, 16384, 128, True), (4, 16, 2048, 128, False), (2, 8, 4096, 256, False)]}
 QUICK_CONFIGS = {"cpu": [(2, 8, 1024, 64, False)], "cuda": [(4, 16, 2048, 128, False)]}
 # Packed causal sequences (heads, head_dim, lengths), as in language-model training on packed documents.
 VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),

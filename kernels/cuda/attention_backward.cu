@@ -299,7 +299,7 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   // dS to grad_s is written by the dQ kernel, so asking for it takes the deterministic kernels.
   AttentionCudaGrads<T> chosen = grads;
   if (grads.grad_s != nullptr) chosen.dq_accum = nullptr;
-  if (hopper_backward_applies(p)) return run_backward_sm90<T>(params, chosen, vector, stream);
+  if (hopper_backward_applies(p, chosen.dq_accum != nullptr)) return run_backward_sm90<T>(params, chosen, vector, stream);
   return with_head_dim_bucket(
       p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, chosen, vector, stream); });
 }

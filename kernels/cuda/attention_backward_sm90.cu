@@ -24,7 +24,9 @@ namespace {
 
 template <int kD>
 struct HopperKvTile {
-  static constexpr int kBlockN = 128, kBlockM = 64;  // keys per CTA, queries per step
+  // Keys per CTA (64 at head dim 256, where dK and dV of 128 keys would not fit the registers),
+  // queries per step.
+  static constexpr int kBlockN = kD == 256 ? 64 : 128, kBlockM = 64;
   static constexpr int kKeyElements = kBlockN * kD, kQueryElements = kBlockM * kD;
   // K and V, Q and dO double-buffered (swizzled), then lse and delta double-buffered.
   static constexpr int kSmemBytes =
@@ -85,6 +87,45 @@ struct HopperKvSmem {
     return grad_o_address + s * Tile::kQueryElements * 2;
   }
 };
+
+// The cp.async kv kernels' copies (the caller commits them): K and V of the CTA's keys, and step
+// `step`'s Q, dO (and, by plain stores, lse and delta) into stage `buf`.
+template <int kD, typename T>
+__device__ __forceinline__ void load_key_tiles(const AttentionCudaParams<T>& params,
+                                               const KeyBlockWork<HopperKvTile<kD>::kBlockN,
+                                                                  HopperKvTile<kD>::kBlockM>& work,
+                                               const HopperKvSmem<kD>& smem, unsigned vector) {
+  constexpr int kBlockN = HopperKvTile<kD>::kBlockN;
+  const AttentionParams& p = params.base;
+  const uint16_t* k = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, work.seq, work.b, work.hk, work.j0);
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, work.seq, work.b, work.hk, work.j0);
+  load_tile<kBlockN, kD, kHopperThreads>(smem.k, k, p.k_stride[2], work.cols, static_cast<int>(p.dim),
+                                         (vector & kVectorK) != 0, SwizzledRows<kBlockN>{});
+  load_tile<kBlockN, kD, kHopperThreads>(smem.v, v, p.v_stride[2], work.cols, static_cast<int>(p.v_dim),
+                                         (vector & kVectorV) != 0, SwizzledRows<kBlockN>{});
+}
+template <int kD, typename T>
+__device__ __forceinline__ void load_query_stage(const AttentionCudaParams<T>& params,
+                                                 const AttentionCudaGrads<T>& grads,
+                                                 const KeyBlockWork<HopperKvTile<kD>::kBlockN,
+                                                                    HopperKvTile<kD>::kBlockM>& work,
+                                                 const HopperKvSmem<kD>& smem, int step, int buf, unsigned vector) {
+  using Tile = HopperKvTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM;
+  const AttentionParams& p = params.base;
+  const AttentionSequence& seq = work.seq;
+  const int64_t h = work.head(step);
+  const int i0 = work.i0(step), valid = min(kBlockM, work.q_len - i0);
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, work.b, h, i0);
+  const uint16_t* grad_o = reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim;
+  load_tile<kBlockM, kD, kHopperThreads>(smem.q + buf * Tile::kQueryElements, q, p.q_stride[2], valid,
+                                         static_cast<int>(p.dim), (vector & kVectorQ) != 0, SwizzledRows<kBlockM>{});
+  load_tile<kBlockM, kD, kHopperThreads>(smem.grad_o + buf * Tile::kQueryElements, grad_o, seq.out_position * p.v_dim,
+                                         valid, static_cast<int>(p.v_dim), (vector & kVectorGradO) != 0,
+                                         SwizzledRows<kBlockM>{});
+  stage_row_stats<kBlockM, kHopperThreads>(p, grads.delta, seq, h, i0, valid, smem.lse + buf * kBlockM,
+                                           smem.delta + buf * kBlockM, static_cast<int>(threadIdx.x));
+}
 
 // One step of a kv kernel for warpgroup `group`'s 64 keys and the 64 queries (from i0, of head h) in
 // stage s: S^T and dP^T, the elements, then dV += P_drop^T dO and dK += dS^T Q; every product has
@@ -173,35 +214,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
   if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
-  const int64_t b = work.b, hk = work.hk;
-  const AttentionSequence& seq = work.seq;
-  const int q_len = work.q_len, j0 = work.j0, cols = work.cols, steps = work.steps;
-  const int dim = static_cast<int>(p.dim), v_dim = static_cast<int>(p.v_dim);
+  const int j0 = work.j0, cols = work.cols, steps = work.steps;
 
   extern __shared__ uint4 smem_raw[];
   const HopperKvSmem<kD> smem(smem_raw);
 
-  const auto load_queries = [&](int step, int buf) {
-    const int64_t h = work.head(step);
-    const int i0 = work.i0(step), valid = min(kBlockM, q_len - i0);
-    const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0);
-    const uint16_t* grad_o = reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim;
-    load_tile<kBlockM, kD, kHopperThreads>(smem.q + buf * Tile::kQueryElements, q, p.q_stride[2], valid, dim,
-                                           (vector & kVectorQ) != 0, SwizzledRows<kBlockM>{});
-    load_tile<kBlockM, kD, kHopperThreads>(smem.grad_o + buf * Tile::kQueryElements, grad_o,
-                                           seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0,
-                                           SwizzledRows<kBlockM>{});
-    stage_row_stats<kBlockM, kHopperThreads>(p, grads.delta, seq, h, i0, valid, smem.lse + buf * kBlockM,
-                                             smem.delta + buf * kBlockM, static_cast<int>(threadIdx.x));
-  };
-
-  const uint16_t* k = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0);
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, j0);
-  load_tile<kBlockN, kD, kHopperThreads>(smem.k, k, p.k_stride[2], cols, dim, (vector & kVectorK) != 0,
-                                         SwizzledRows<kBlockN>{});
-  load_tile<kBlockN, kD, kHopperThreads>(smem.v, v, p.v_stride[2], cols, v_dim, (vector & kVectorV) != 0,
-                                         SwizzledRows<kBlockN>{});
-  if (steps > 0) load_queries(0, 0);
+  load_key_tiles<kD>(params, work, smem, vector);
+  if (steps > 0) load_query_stage<kD>(params, grads, work, smem, 0, 0, vector);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, wg = warp / 4;
@@ -219,7 +238,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    wait_for_stage(step + 1 < steps, [&] { load_queries(step + 1, buf ^ 1); });
+    wait_for_stage(step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
     uint16_t* ds_keys = dq_accum != nullptr ? s_ds + warp * 16 : nullptr;  // this warp's keys of dS
     if (group_busy) {
       hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop, ds_keys);
@@ -234,7 +253,121 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     __syncthreads();  // the buffer is refilled by the next step's prefetch (and dS rewritten)
   }
   cp_async_wait<0>();
-  store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, seq, hk, key_j, 0, acc_dk, acc_dv);
+  store_key_grads<T, kD / 8>(p, grads.grad_k, grads.grad_v, work.seq, work.hk, key_j, 0, acc_dk, acc_dv);
+#endif
+}
+
+// Head dim 256: P^T and dS^T of a step ([key][query], rows padded for ldmatrix), after HopperKvSmem.
+constexpr int kPdsStride = 64 + 8;
+struct HopperKvD256Tile : HopperKvTile<256> {
+  static constexpr int kSmemBytes = HopperKvTile<256>::kSmemBytes + 2 * kBlockN * kPdsStride * 2;
+  static_assert(kSmemBytes <= 227 * 1024, "the d256 kv kernel's tiles must fit an sm_90 CTA");
+};
+
+// The kv kernel at head dim 256, dQ with atomics (the deterministic backward there runs the sm_80
+// kernels). dK and dV of a warp's 16 keys over 256 columns would take all its registers, so the
+// warpgroups split the columns instead of the keys: the CTA takes 64 keys, and in each step
+// warpgroup g computes S^T and dP^T of those keys and its half of the 64 queries (N = 32). Both
+// halves of P^T and dS^T meet in shared memory, from which each warpgroup takes A fragments
+// (ldmatrix) for dV += P_drop^T dO and dK += dS^T Q over its 128 columns, then (ldmatrix .trans)
+// for dQ += dS K over the same columns, added with atomics.
+template <typename T, bool kPlain>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    attention_backward_kv_sm90_d256_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                           const __grid_constant__ AttentionCudaGrads<T> grads, int k_blocks,
+                                           unsigned vector) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another target of a fat binary: the launcher never runs it there
+#else
+  constexpr int kD = 256;
+  using Tile = HopperKvTile<kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHalfM = kBlockM / 2;
+  static_assert(kBlockN == 64 && kBlockM == 64, "P^T and dS^T are 64 x 64");
+  const AttentionParams& p = params.base;
+
+  const KeyBlockWork<kBlockN, kBlockM> work(p, k_blocks);
+  if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
+  const int steps = work.steps;
+
+  extern __shared__ uint4 smem_raw[];
+  const HopperKvSmem<kD> smem(smem_raw);
+  uint16_t* s_p = reinterpret_cast<uint16_t*>(smem.end);  // P_drop^T, [key][query]
+  uint16_t* s_ds = s_p + kBlockN * kPdsStride;             // dS^T (times the soft-cap's slope)
+
+  load_key_tiles<kD>(params, work, smem, vector);
+  if (steps > 0) load_query_stage<kD>(params, grads, work, smem, 0, 0, vector);
+  cp_async_commit();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane / 4, group = warp / 4, row0 = (warp % 4) * 16;
+  const int q0 = group * kHalfM;  // this warpgroup's queries of a step
+  const int key_j[2] = {work.j0 + row0 + gid, work.j0 + row0 + gid + 8};
+  float acc_dk[16][4], acc_dv[16][4];  // columns 128 group ..
+  zero(acc_dk);
+  zero(acc_dv);
+  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
+
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int64_t h = work.head(step);
+    const int i0 = work.i0(step);
+    wait_for_stage(step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
+    {
+      float acc_s[kHalfM / 8][4], acc_dp[kHalfM / 8][4];
+      wgmma_abt_async<T, kD>(acc_s, smem.k_address, kBlockN, smem.q_tile(buf) + q0 * 128, kBlockM);
+      wgmma_abt_async<T, kD>(acc_dp, smem.v_address, kBlockN, smem.grad_o_tile(buf) + q0 * 128, kBlockM);
+      wgmma_wait<0>();
+      pin_registers(acc_s);
+      pin_registers(acc_dp);
+      const bool check = !block_inside(work.band, i0, kBlockM, work.j0, kBlockN, work.k_len);
+      key_block_elements<kPlain>(p, work.seq, work.band, work.b, h, acc_s, acc_dp, i0 + q0, key_j, check,
+                                 smem.lse + buf * kBlockM + q0, smem.delta + buf * kBlockM + q0, drop);
+      store_rows<T>(s_p, kPdsStride, row0, q0, acc_s);
+      store_rows<T>(s_ds, kPdsStride, row0, q0, acc_dp);
+    }
+    __syncthreads();  // both warpgroups' halves of P^T and dS^T are in
+    {
+      // A fragments of the warp's 16 keys over the 64 queries (pattern A, tiles stored [m][k]).
+      uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const int at = (row0 + lane % 16) * kPdsStride + kk * 16 + (lane / 16) * 8;
+        ldsm_x4(a_p[kk], s_p + at);
+        ldsm_x4(a_ds[kk], s_ds + at);
+      }
+      const uint32_t columns = 2 * group * kBlockM * 128;  // the group's two 64-column halves
+      wgmma_ab_async<T, 128>(acc_dv, a_p, smem.grad_o_tile(buf) + columns, kBlockM);
+      wgmma_ab_async<T, 128>(acc_dk, a_ds, smem.q_tile(buf) + columns, kBlockM);
+      wgmma_wait<0>();
+      pin_registers(acc_dv);
+      pin_registers(acc_dk);
+      pin_registers(a_p);
+      pin_registers(a_ds);
+    }
+    {
+      // dS's A fragments of queries row0 .. row0 + 15 over the 64 keys, from dS^T ([k][m], .trans):
+      // lanes 8i .. 8i + 7 address matrix i's key rows (keys + 8 for i >= 2), query columns + 8 for odd i.
+      uint32_t a_ds[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        ldsm_x4_trans(a_ds[kk], s_ds + (kk * 16 + lane % 8 + 8 * (lane / 16)) * kPdsStride + row0 + 8 * ((lane / 8) % 2));
+      }
+      const int row_i[2] = {i0 + row0 + gid, i0 + row0 + gid + 8};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int chunk = 2 * group + half;  // columns 64 chunk ..
+        float acc_dq[8][4];
+        zero(acc_dq);
+        wgmma_ab_async<T, 64>(acc_dq, a_ds, smem.k_address + chunk * kBlockN * 128, kBlockN);
+        wgmma_wait<0>();
+        pin_registers(acc_dq);
+        add_query_grads(p, grads.dq_accum, work.seq, h, row_i, work.q_len, chunk * 64, acc_dq);
+      }
+      pin_registers(a_ds);
+    }
+    __syncthreads();  // the stage is refilled by the next step's prefetch, P^T and dS^T rewritten
+  }
+  cp_async_wait<0>();
+  store_key_grads<T, 16>(p, grads.grad_k, grads.grad_v, work.seq, work.hk, key_j, group * 128, acc_dk, acc_dv);
 #endif
 }
 
@@ -486,12 +619,32 @@ cudaError_t run_backward_sm90_bucket(const AttentionCudaParams<T>& params, const
       kHopperThreads, params, chosen, vector, stream);
 }
 
+// Head dim 256, with atomics only: the d256 kv kernel, then dQ's cast.
+template <typename T, bool kPlain>
+cudaError_t run_backward_sm90_d256(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                                   unsigned vector, cudaStream_t stream) {
+  const AttentionParams& p = params.base;
+  if (grads.dq_accum == nullptr) return cudaErrorInvalidValue;
+  const int64_t k_blocks = (p.k_len + HopperKvD256Tile::kBlockN - 1) / HopperKvD256Tile::kBlockN;
+  const cudaError_t status =
+      launch_tiles(attention_backward_kv_sm90_d256_kernel<T, kPlain>, k_blocks * p.batch * p.kv_heads, kHopperThreads,
+                   HopperKvD256Tile::kSmemBytes, stream, params, grads, static_cast<int>(k_blocks), vector);
+  if (status != cudaSuccess) return status;
+  return launch_dq_cast(params, grads, stream);
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t run_backward_sm90(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                               unsigned vector, cudaStream_t stream) {
   const bool plain = plain_scores(params.base);
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 8) != 0) {
+    if (widest_head_dim(params.base) > kHopperDeterministicMaxHeadDim) {
+      return plain ? run_backward_sm90_d256<T, true>(params, grads, vector, stream)
+                   : run_backward_sm90_d256<T, false>(params, grads, vector, stream);
+    }
+  }
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 2) != 0) {
     if (widest_head_dim(params.base) <= 64) {
       return plain ? run_backward_sm90_bucket<T, 64, true>(params, grads, vector, stream)

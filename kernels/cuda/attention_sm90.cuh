@@ -147,11 +147,13 @@ __device__ __forceinline__ void pin_registers(uint32_t (&a)[kTiles][4]) {
 // (no zeros to copy into them, which ptxas would order after an earlier wgmma still in flight).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
-// The same with 80 and 64 columns (m64n80k16, m64n64k16).
+// The same with 80, 64 and 32 columns (m64n80k16, m64n64k16, m64n32k16).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[10][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 
 // d (64 x 64) += A B for one k-step of 16: A in registers (mma.m16n8k16's A fragment of each warp's
 // 16 rows), B (16 x 64) MN-major (transposed) from a descriptor.
@@ -196,6 +198,15 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
                    "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                    \
                    : GENFAST_WGMMA_D8(C, 0)                                                                           \
                    : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
+#define GENFAST_WGMMA_SS32(TYPE, C, SCALE_D)                                                                          \
+  GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                       \
+                   "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " "                                    \
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                         \
+                   "%16, %17, p, 1, 1, 0, 0;\n}\n"                                                                    \
+                   : C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]),              \
+                     C(d[1][3]), C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]),              \
+                     C(d[3][2]), C(d[3][3])                                                                           \
+                   : "l"(desc_a), "l"(desc_b), "n"(SCALE_D))
 // The product SS with accumulate chosen at run time (a constant wherever the k-step loop unrolls).
 #define GENFAST_WGMMA_SS(SS, TYPE) \
   do {                             \
@@ -219,6 +230,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
     GENFAST_WGMMA_SS(GENFAST_WGMMA_SS64, TYPE);                                                                       \
   }                                                                                                                   \
   template <>                                                                                                         \
+  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {  \
+    GENFAST_WGMMA_SS(GENFAST_WGMMA_SS32, TYPE);                                                                       \
+  }                                                                                                                   \
+  template <>                                                                                                         \
   __device__ __forceinline__ void wgmma_rs<T>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {            \
     GENFAST_SM90_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                     \
                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                  \
@@ -233,6 +248,7 @@ GENFAST_WGMMA(__nv_bfloat16, "bf16")
 #undef GENFAST_WGMMA
 #undef GENFAST_WGMMA_SS
 #undef GENFAST_WGMMA_SS64
+#undef GENFAST_WGMMA_SS32
 #undef GENFAST_WGMMA_SS80
 #undef GENFAST_WGMMA_SS128
 #undef GENFAST_WGMMA_D8

@@ -146,6 +146,21 @@ __device__ __forceinline__ void store_transposed(uint16_t* tile, int stride, int
   }
 }
 
+// A warp's C tiles in T, to a shared tile as they are: element (row0 + r, col0 + c) at
+// (row0 + r) * stride + col0 + c, a pair to a 32-bit store (stride and col0 even).
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_rows(uint16_t* tile, int stride, int row0, int col0, const float (&c)[kTiles][4]) {
+  const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(tile + (row0 + gid + 8 * r) * stride + col0 + t * 8 + 2 * tig) =
+          pack2<T>(c[t][2 * r], c[t][2 * r + 1]);
+    }
+  }
+}
+
 template <int kTiles>
 __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 #pragma unroll
@@ -589,6 +604,17 @@ __global__ void __launch_bounds__(kThreads) attention_dq_cast_kernel(const float
   }
 }
 
+// grad_q from grads.dq_accum, where the kernel over key blocks added dQ.
+template <typename T>
+cudaError_t launch_dq_cast(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
+                           cudaStream_t stream) {
+  const AttentionParams& p = params.base;
+  const int64_t n = (p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.q_len) * p.heads * p.dim;
+  constexpr int64_t kPerCta = kThreads * kCastPerThread;
+  return launch_tiles(attention_dq_cast_kernel<T>, (n + kPerCta - 1) / kPerCta, kThreads, 0, stream,
+                      static_cast<const float*>(grads.dq_accum), grads.grad_q, n);
+}
+
 // The backward's second launch, after its kernel over key blocks: q_kernel (of `threads` threads)
 // over tiles of QTile::kBlockM queries, or, when grads.dq_accum is given (the first kernel then
 // added dQ there), the cast of dQ to grad_q.
@@ -597,12 +623,7 @@ cudaError_t launch_query_pass(QKernel q_kernel, int threads, const AttentionCuda
                               const AttentionCudaGrads<T>& grads, unsigned vector, cudaStream_t stream) {
   const AttentionParams& p = params.base;
   const QueryLayout layout = query_layout(p, QTile::kBlockM, 1, 1);
-  if (grads.dq_accum != nullptr) {
-    const int64_t n = (p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.q_len) * p.heads * p.dim;
-    constexpr int64_t kPerCta = kThreads * kCastPerThread;
-    return launch_tiles(attention_dq_cast_kernel<T>, (n + kPerCta - 1) / kPerCta, kThreads, 0, stream,
-                        static_cast<const float*>(grads.dq_accum), grads.grad_q, n);
-  }
+  if (grads.dq_accum != nullptr) return launch_dq_cast(params, grads, stream);
   return launch_tiles(q_kernel, query_layout_ctas(p, layout), threads, QTile::kSmemBytes, stream, params, grads, layout,
                       vector);
 }

@@ -783,6 +783,11 @@ inline void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool ac
       {std::is_same<T, __half>::value, 64, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
 }
 template <typename T>
+inline void wgmma_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  cuda_emulator::self().wgmma_groups.back().push_back(
+      {std::is_same<T, __half>::value, 32, &d[0][0], desc_a, desc_b, nullptr, false, accumulate});
+}
+template <typename T>
 inline void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
   cuda_emulator::self().wgmma_groups.back().push_back(
       {std::is_same<T, __half>::value, 64, &d[0][0], 0, desc_b, a, true, true});
