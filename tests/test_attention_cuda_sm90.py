@@ -56,15 +56,17 @@ def test_the_hopper_kernels_run(dtype, monkeypatch):
     assert any("attention_backward_kv_sm90_kernel" in name for name in names), names
     # Head dim 256: the forward on the Hopper kernels (key blocks of 80), the warp-specialized one
     # unless the scores need more than scaling (then the cp.async one, whose threads have more
-    # registers); the backward on the d256 key-block kernel with dQ by atomics, and on the sm_80
-    # kernels when deterministic.
+    # registers); the backward on the d256 key-block kernel (dQ by atomics), and deterministic also
+    # on the d256 query-block kernel.
     wide = [t.clone().requires_grad_() for t in cuda_tests._cuda(*_qkv(1, 2, 2, 200, 300, 256, dtype))]
     names = _kernels_run(lambda: torch.autograd.grad(genfast.attention(*wide, impl="native").sum(), wide))
     assert any("attention_forward_sm90_tma_kernel" in name for name in names), names
     assert any("attention_backward_kv_sm90_d256_kernel" in name for name in names), names
+    assert not any("attention_backward_q_sm90_d256_kernel" in name for name in names), names
     names = _kernels_run(lambda: torch.autograd.grad(
         genfast.attention(*wide, impl="native", deterministic=True).sum(), wide))
-    assert not any("backward_kv_sm90" in name for name in names), names
+    for kernel in ("attention_backward_kv_sm90_d256_kernel", "attention_backward_q_sm90_d256_kernel"):
+        assert any(kernel in name for name in names), (kernel, names)
     names = _kernels_run(lambda: genfast.attention(*wide, impl="native", softcap=30.0))
     assert any("attention_forward_sm90_kernel" in name for name in names), names
     monkeypatch.setenv("GENFAST_ATTENTION_SM90", "0")

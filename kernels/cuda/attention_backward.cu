@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   cp_async_wait<0>();
 
-  store_query_grads<T, kQT>(p, grads.grad_q, seq, h, row_i, q_len, acc_dq);
+  store_query_grads<T, kQT>(p, grads.grad_q, seq, h, row_i, q_len, 0, acc_dq);
 }
 
 template <typename T, int kD, bool kPlain>
@@ -299,7 +299,7 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   // dS to grad_s is written by the dQ kernel, so asking for it takes the deterministic kernels.
   AttentionCudaGrads<T> chosen = grads;
   if (grads.grad_s != nullptr) chosen.dq_accum = nullptr;
-  if (hopper_backward_applies(p, chosen.dq_accum != nullptr)) return run_backward_sm90<T>(params, chosen, vector, stream);
+  if (hopper_backward_applies(p)) return run_backward_sm90<T>(params, chosen, vector, stream);
   return with_head_dim_bucket(
       p, [&](auto bucket) { return run_backward<T, decltype(bucket)::value>(params, chosen, vector, stream); });
 }

@@ -11,6 +11,8 @@
 //      cp.async kernel's non-plain d128 variant, which stays deterministic (it would spill more).
 //  (2) attention_backward_q_sm90_kernel: 128 queries of one head per CTA, over key blocks of 64:
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
+// Head dim 256 takes a pair of their own (attention_backward_kv_sm90_d256_kernel and
+// attention_backward_q_sm90_d256_kernel), whose warpgroups split the accumulators' columns.
 // Each pair of products above is issued together, then waited for. The per-element work (P from
 // lse, dropout replayed, dS) is backward_element, as on sm_80. The launcher in attention_backward.cu
 // takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a
@@ -264,13 +266,13 @@ struct HopperKvD256Tile : HopperKvTile<256> {
   static_assert(kSmemBytes <= 227 * 1024, "the d256 kv kernel's tiles must fit an sm_90 CTA");
 };
 
-// The kv kernel at head dim 256, dQ with atomics (the deterministic backward there runs the sm_80
-// kernels). dK and dV of a warp's 16 keys over 256 columns would take all its registers, so the
+// The kv kernel at head dim 256. dK and dV of a warp's 16 keys over 256 columns would take all its registers, so the
 // warpgroups split the columns instead of the keys: the CTA takes 64 keys, and in each step
 // warpgroup g computes S^T and dP^T of those keys and its half of the 64 queries (N = 32). Both
 // halves of P^T and dS^T meet in shared memory, from which each warpgroup takes A fragments
 // (ldmatrix) for dV += P_drop^T dO and dK += dS^T Q over its 128 columns, then (ldmatrix .trans)
-// for dQ += dS K over the same columns, added with atomics.
+// for dQ += dS K over the same columns, added with atomics (with grads.dq_accum; else
+// attention_backward_q_sm90_d256_kernel computes dQ).
 template <typename T, bool kPlain>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     attention_backward_kv_sm90_d256_kernel(const __grid_constant__ AttentionCudaParams<T> params,
@@ -343,7 +345,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       pin_registers(a_p);
       pin_registers(a_ds);
     }
-    {
+    if (grads.dq_accum != nullptr) {
       // dS's A fragments of queries row0 .. row0 + 15 over the 64 keys, from dS^T ([k][m], .trans):
       // lanes 8i .. 8i + 7 address matrix i's key rows (keys + 8 for i >= 2), query columns + 8 for odd i.
       uint32_t a_ds[kBlockN / 16][4];
@@ -368,6 +370,98 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   }
   cp_async_wait<0>();
   store_key_grads<T, 16>(p, grads.grad_k, grads.grad_v, work.seq, work.hk, key_j, group * 128, acc_dk, acc_dv);
+#endif
+}
+
+// The q kernel at head dim 256, for the deterministic backward: as the kv kernel there, the
+// warpgroups split dQ's columns (128 each) instead of the queries. A CTA takes 64 queries of one
+// head; at each key block of 64, warpgroup g computes S and dP of all 64 queries and its half of the
+// keys (N = 32), stores its half of dS ([query][key]) in shared memory, and after a barrier adds
+// dS K over its columns (A fragments by ldmatrix, K read MN-major).
+struct HopperQD256Tile {
+  static constexpr int kBlockM = 64, kBlockN = 64;
+  static constexpr int kQueryElements = kBlockM * 256, kKeyElements = kBlockN * 256;
+  // Q and dO, K and V double-buffered (swizzled), then dS.
+  static constexpr int kSmemBytes = static_cast<int>(kSwizzleAtomBytes) + (2 * kQueryElements + 4 * kKeyElements) * 2 +
+                                    kBlockM * kPdsStride * 2;
+  static_assert(kSmemBytes <= 227 * 1024, "the d256 q kernel's tiles must fit an sm_90 CTA");
+};
+
+template <typename T, bool kPlain>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    attention_backward_q_sm90_d256_kernel(const __grid_constant__ AttentionCudaParams<T> params,
+                                          const __grid_constant__ AttentionCudaGrads<T> grads, QueryLayout layout,
+                                          unsigned vector) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another target of a fat binary: the launcher never runs it there
+#else
+  constexpr int kD = 256;
+  using Tile = HopperQD256Tile;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHalfN = kBlockN / 2;
+  const AttentionParams& p = params.base;
+
+  const QueryTile<kBlockM, kBlockN> work(p, layout);  // one head per tile
+  if (!work.inside) return;  // past a packed sequence's end (the whole CTA)
+  const int64_t b = work.b, h = work.h0;
+  const AttentionSequence& seq = work.seq;
+  const int i0 = work.i0, q_len = work.q_len;
+  const BlockRange blocks = work.blocks;
+
+  extern __shared__ uint4 smem_raw[];
+  uint32_t q_address;
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(swizzle_aligned(smem_raw, q_address));
+  uint16_t* s_do = s_q + Tile::kQueryElements;
+  const uint32_t do_address = q_address + Tile::kQueryElements * 2;
+  const KeyValueTiles<kBlockN, kD, true, kHopperThreads> kv(params, seq, b, work.hk, s_do + Tile::kQueryElements,
+                                                           vector);
+  uint16_t* s_ds = s_do + Tile::kQueryElements + kv.kElements;  // dS, [query][key]
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0);
+  const uint16_t* grad_o = reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim;
+  load_tile<kBlockM, kD, kHopperThreads>(s_q, q, p.q_stride[2], work.rows, static_cast<int>(p.dim),
+                                         (vector & kVectorQ) != 0, SwizzledRows<kBlockM>{});
+  load_tile<kBlockM, kD, kHopperThreads>(s_do, grad_o, seq.out_position * p.v_dim, work.rows, static_cast<int>(p.v_dim),
+                                         (vector & kVectorGradO) != 0, SwizzledRows<kBlockM>{});
+  if (blocks.count > 0) kv.load(blocks.first, 0);
+  cp_async_commit();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane / 4, group = warp / 4, row0 = (warp % 4) * 16;
+  const int key0 = group * kHalfN;  // this warpgroup's keys of a block
+  const int row_i[2] = {i0 + row0 + gid, i0 + row0 + gid + 8};
+  float row_lse[2], row_delta[2];
+  query_row_stats(p, grads.delta, seq, h, row_i, q_len, row_lse, row_delta);
+  float acc_dq[16][4];  // columns 128 group ..
+  zero(acc_dq);
+  const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
+
+  for (int n = 0; n < blocks.count; ++n) {
+    const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
+    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
+    const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
+    {
+      float acc_s[kHalfN / 8][4], acc_dp[kHalfN / 8][4];
+      wgmma_abt_async<T, kD>(acc_s, q_address, kBlockM, k_tile + key0 * 128, kBlockN);
+      wgmma_abt_async<T, kD>(acc_dp, do_address, kBlockM, v_tile + key0 * 128, kBlockN);
+      wgmma_wait<0>();
+      pin_registers(acc_s);
+      pin_registers(acc_dp);
+      // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
+      const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
+      query_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, row_i, j0 + key0, check, row_lse,
+                                   row_delta, drop, grads.grad_s);
+      store_rows<T>(s_ds, kPdsStride, row0, key0, acc_s);
+    }
+    __syncthreads();  // both warpgroups' halves of dS are in
+    uint32_t a[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      ldsm_x4(a[kk], s_ds + (row0 + lane % 16) * kPdsStride + kk * 16 + (lane / 16) * 8);
+    }
+    wgmma_ab<T, 128>(acc_dq, a, k_tile + 2 * group * kBlockN * 128, kBlockN);
+    pin_registers(a);
+    __syncthreads();  // the buffer is refilled by the next step's prefetch, dS rewritten
+  }
+  cp_async_wait<0>();
+  store_query_grads<T, 16>(p, grads.grad_q, seq, h, row_i, q_len, group * 128, acc_dq);
 #endif
 }
 
@@ -561,7 +655,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }
   cp_async_wait<0>();
-  store_query_grads<T, kD / 8>(p, grads.grad_q, seq, h, row_i, q_len, acc_dq);
+  store_query_grads<T, kD / 8>(p, grads.grad_q, seq, h, row_i, q_len, 0, acc_dq);
 #endif
 }
 
@@ -619,18 +713,12 @@ cudaError_t run_backward_sm90_bucket(const AttentionCudaParams<T>& params, const
       kHopperThreads, params, chosen, vector, stream);
 }
 
-// Head dim 256, with atomics only: the d256 kv kernel, then dQ's cast.
 template <typename T, bool kPlain>
 cudaError_t run_backward_sm90_d256(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                                    unsigned vector, cudaStream_t stream) {
-  const AttentionParams& p = params.base;
-  if (grads.dq_accum == nullptr) return cudaErrorInvalidValue;
-  const int64_t k_blocks = (p.k_len + HopperKvD256Tile::kBlockN - 1) / HopperKvD256Tile::kBlockN;
-  const cudaError_t status =
-      launch_tiles(attention_backward_kv_sm90_d256_kernel<T, kPlain>, k_blocks * p.batch * p.kv_heads, kHopperThreads,
-                   HopperKvD256Tile::kSmemBytes, stream, params, grads, static_cast<int>(k_blocks), vector);
-  if (status != cudaSuccess) return status;
-  return launch_dq_cast(params, grads, stream);
+  return launch_backward_kernels<HopperKvD256Tile, HopperQD256Tile>(
+      attention_backward_kv_sm90_d256_kernel<T, kPlain>, attention_backward_q_sm90_d256_kernel<T, kPlain>,
+      kHopperThreads, params, grads, vector, stream);
 }
 
 }  // namespace
@@ -639,21 +727,22 @@ template <typename T>
 cudaError_t run_backward_sm90(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                               unsigned vector, cudaStream_t stream) {
   const bool plain = plain_scores(params.base);
-  if constexpr ((GENFAST_ATTENTION_BUCKETS & 8) != 0) {
-    if (widest_head_dim(params.base) > kHopperDeterministicMaxHeadDim) {
-      return plain ? run_backward_sm90_d256<T, true>(params, grads, vector, stream)
-                   : run_backward_sm90_d256<T, false>(params, grads, vector, stream);
-    }
-  }
+  const int width = widest_head_dim(params.base);
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 2) != 0) {
-    if (widest_head_dim(params.base) <= 64) {
+    if (width <= 64) {
       return plain ? run_backward_sm90_bucket<T, 64, true>(params, grads, vector, stream)
                    : run_backward_sm90_bucket<T, 64, false>(params, grads, vector, stream);
     }
   }
   if constexpr ((GENFAST_ATTENTION_BUCKETS & 4) != 0) {
-    return plain ? run_backward_sm90_bucket<T, 128, true>(params, grads, vector, stream)
-                 : run_backward_sm90_bucket<T, 128, false>(params, grads, vector, stream);
+    if (width <= 128) {
+      return plain ? run_backward_sm90_bucket<T, 128, true>(params, grads, vector, stream)
+                   : run_backward_sm90_bucket<T, 128, false>(params, grads, vector, stream);
+    }
+  }
+  if constexpr ((GENFAST_ATTENTION_BUCKETS & 8) != 0) {
+    return plain ? run_backward_sm90_d256<T, true>(params, grads, vector, stream)
+                 : run_backward_sm90_d256<T, false>(params, grads, vector, stream);
   }
   return cudaErrorInvalidValue;
 }

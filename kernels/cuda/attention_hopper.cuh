@@ -30,21 +30,20 @@ constexpr bool registers_fit(int producer, int consumer) {
 
 // Whether a call may run on the Hopper kernels: an sm_90 device, a build with sm_90a
 // (GENFAST_ATTENTION_SM90) and GENFAST_ATTENTION_SM90=1 in the environment
-// (attention_forward_sm90.cu); the head dims of their buckets, where the build has them: 64, 128
-// and 256 forward, 64, 128 and (adding dQ with atomics) 256 backward.
+// (attention_forward_sm90.cu); the head dims of their buckets (64, 128 and 256), where the build has them.
 bool hopper_opted_in();
-constexpr int kHopperDeterministicMaxHeadDim =
-    (GENFAST_ATTENTION_BUCKETS & 4) != 0 ? 128 : ((GENFAST_ATTENTION_BUCKETS & 2) != 0 ? 64 : 0);
-constexpr int kHopperMaxHeadDim = (GENFAST_ATTENTION_BUCKETS & 8) != 0 ? 256 : kHopperDeterministicMaxHeadDim;
+constexpr int kHopperMaxHeadDim = (GENFAST_ATTENTION_BUCKETS & 8) != 0   ? 256
+                                  : (GENFAST_ATTENTION_BUCKETS & 4) != 0 ? 128
+                                  : (GENFAST_ATTENTION_BUCKETS & 2) != 0 ? 64
+                                                                         : 0;
 inline int widest_head_dim(const AttentionParams& p) { return static_cast<int>(p.dim > p.v_dim ? p.dim : p.v_dim); }
 // The forward's also needs a plan without stacked heads or split keys.
 inline bool hopper_forward_applies(const AttentionParams& p, const AttentionForwardPlan& plan) {
   return plan.heads_per_cta == 1 && plan.splits == 1 && widest_head_dim(p) <= kHopperMaxHeadDim &&
          hopper_opted_in();
 }
-inline bool hopper_backward_applies(const AttentionParams& p, bool atomic_dq) {
-  const int width = widest_head_dim(p);
-  return (width <= kHopperDeterministicMaxHeadDim || (atomic_dq && width <= kHopperMaxHeadDim)) && hopper_opted_in();
+inline bool hopper_backward_applies(const AttentionParams& p) {
+  return widest_head_dim(p) <= kHopperMaxHeadDim && hopper_opted_in();
 }
 template <typename T>
 cudaError_t run_forward_sm90(const AttentionCudaParams<T>& params, unsigned vector, cudaStream_t stream);

@@ -675,14 +675,14 @@ __device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, c
   }
 }
 
-// grad_q = scale acc_dq for a lane's two query rows (columns 2 tig .. of each n-tile).
+// grad_q = scale acc_dq for a lane's two query rows (columns col0 + 2 tig .. of each n-tile).
 template <typename T, int kTiles>
 __device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* grad_q, const AttentionSequence& seq,
-                                                  int64_t h, const int (&row_i)[2], int q_len,
+                                                  int64_t h, const int (&row_i)[2], int q_len, int col0,
                                                   const float (&acc_dq)[kTiles][4]) {
   const int dim = static_cast<int>(p.dim);
   const bool pair_ok = (dim % 2) == 0;
-  for_query_grad_pairs(p, seq, h, row_i, q_len, 0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
+  for_query_grad_pairs(p, seq, h, row_i, q_len, col0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
     store_pair<T>(grad_q + row, c, lo, hi, c + 1 < dim, pair_ok);
   });
 }
