@@ -99,8 +99,9 @@ __device__ __forceinline__ void load_key_tiles(const AttentionCudaParams<T>& par
                                                const HopperKvSmem<kD>& smem, unsigned vector) {
   constexpr int kBlockN = HopperKvTile<kD>::kBlockN;
   const AttentionParams& p = params.base;
-  const uint16_t* k = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, work.seq, work.b, work.hk, work.j0);
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, work.seq, work.b, work.hk, work.j0);
+  const AttentionSequence& seq = work.seq;
+  const uint16_t* k = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, work.b, work.hk, work.j0);
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, work.b, work.hk, work.j0);
   load_tile<kBlockN, kD, kHopperThreads>(smem.k, k, p.k_stride[2], work.cols, static_cast<int>(p.dim),
                                          (vector & kVectorK) != 0, SwizzledRows<kBlockN>{});
   load_tile<kBlockN, kD, kHopperThreads>(smem.v, v, p.v_stride[2], work.cols, static_cast<int>(p.v_dim),
@@ -240,7 +241,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    wait_for_stage(step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
+    wait_for_stage(step + 1 < steps,
+                   [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
     uint16_t* ds_keys = dq_accum != nullptr ? s_ds + warp * 16 : nullptr;  // this warp's keys of dS
     if (group_busy) {
       hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop, ds_keys);
@@ -266,12 +268,12 @@ struct HopperKvD256Tile : HopperKvTile<256> {
   static_assert(kSmemBytes <= 227 * 1024, "the d256 kv kernel's tiles must fit an sm_90 CTA");
 };
 
-// The kv kernel at head dim 256. dK and dV of a warp's 16 keys over 256 columns would take all its registers, so the
-// warpgroups split the columns instead of the keys: the CTA takes 64 keys, and in each step
-// warpgroup g computes S^T and dP^T of those keys and its half of the 64 queries (N = 32). Both
-// halves of P^T and dS^T meet in shared memory, from which each warpgroup takes A fragments
-// (ldmatrix) for dV += P_drop^T dO and dK += dS^T Q over its 128 columns, then (ldmatrix .trans)
-// for dQ += dS K over the same columns, added with atomics (with grads.dq_accum; else
+// The kv kernel at head dim 256. dK and dV of a warp's 16 keys over 256 columns would take all its
+// registers, so the warpgroups split the columns instead of the keys: the CTA takes 64 keys, and
+// in each step warpgroup g computes S^T and dP^T of those keys and its half of the 64 queries
+// (N = 32). Both halves of P^T and dS^T meet in shared memory, from which each warpgroup takes A
+// fragments (ldmatrix) for dV += P_drop^T dO and dK += dS^T Q over its 128 columns, then (ldmatrix
+// .trans) for dQ += dS K over the same columns, added with atomics (with grads.dq_accum; else
 // attention_backward_q_sm90_d256_kernel computes dQ).
 template <typename T, bool kPlain>
 __global__ void __launch_bounds__(kHopperThreads, 1)
@@ -312,7 +314,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    wait_for_stage(step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
+    wait_for_stage(step + 1 < steps,
+                   [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
     {
       float acc_s[kHalfM / 8][4], acc_dp[kHalfM / 8][4];
       wgmma_abt_async<T, kD>(acc_s, smem.k_address, kBlockN, smem.q_tile(buf) + q0 * 128, kBlockM);
@@ -351,7 +354,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       uint32_t a_ds[kBlockN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        ldsm_x4_trans(a_ds[kk], s_ds + (kk * 16 + lane % 8 + 8 * (lane / 16)) * kPdsStride + row0 + 8 * ((lane / 8) % 2));
+        const int key = kk * 16 + lane % 8 + 8 * (lane / 16), query = row0 + 8 * ((lane / 8) % 2);
+        ldsm_x4_trans(a_ds[kk], s_ds + key * kPdsStride + query);
       }
       const int row_i[2] = {i0 + row0 + gid, i0 + row0 + gid + 8};
 #pragma unroll

@@ -149,7 +149,8 @@ __device__ __forceinline__ void store_transposed(uint16_t* tile, int stride, int
 // A warp's C tiles in T, to a shared tile as they are: element (row0 + r, col0 + c) at
 // (row0 + r) * stride + col0 + c, a pair to a 32-bit store (stride and col0 even).
 template <typename T, int kTiles>
-__device__ __forceinline__ void store_rows(uint16_t* tile, int stride, int row0, int col0, const float (&c)[kTiles][4]) {
+__device__ __forceinline__ void store_rows(uint16_t* tile, int stride, int row0, int col0,
+                                           const float (&c)[kTiles][4]) {
   const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {

@@ -14,11 +14,12 @@
 // descriptors (128-byte swizzle only, decoded as the PTX ISA defines the canonical K-major and
 // MN-major layouts) and A and the accumulators from the lanes' registers at that time; so reading an
 // accumulator before the wait, or overwriting an operand while a product is in flight, gives wrong
-// results. A warp that reaches a wait either lets the other warps run before its products land, so a
-// buffer released (an mbarrier arrival) before the wait that covers its last read gets refilled
+// results. A warp that reaches a wait either lets the other warps run before its products land, so
+// a buffer released (an mbarrier arrival) before the wait that covers its last read gets refilled
 // under that read, or (at random) goes on at once, so a read of what other warps write after their
-// own waits, without a barrier between, finds it unwritten. Each warp runs its own 16 rows of the warpgroup's 64; the warps of a warpgroup
-// must issue the same products. The proxy fence before wgmma reads what threads wrote is not modelled.
+// own waits, without a barrier between, finds it unwritten. Each warp runs its own 16 rows of the
+// warpgroup's 64; the warps of a warpgroup must issue the same products. The proxy fence before
+// wgmma reads what threads wrote is not modelled.
 //
 // mbarriers count arrivals and transaction bytes per phase; a thread waiting on a phase parity
 // blocks until the phase completes. Named barriers (bar.sync, bar.arrive: an id and a thread count)

@@ -540,7 +540,9 @@ Case random_case(std::mt19937& rng) {
   if (c.lengths_q.empty()) {
     c.name += ", batch " + std::to_string(c.batch) + ", lengths " + std::to_string(c.q_len) + "/" +
               std::to_string(c.k_len) + (c.seq_major ? ", (B, L, H, D)" : "") + (c.far_batches ? ", far batches" : "") +
-              (c.mask == AttentionMask::kBool ? ", bool mask" : c.mask == AttentionMask::kAdditive ? ", additive mask" : "");
+              (c.mask == AttentionMask::kBool       ? ", bool mask"
+               : c.mask == AttentionMask::kAdditive ? ", additive mask"
+                                                    : "");
   } else {
     c.name += ", varlen";
     for (size_t b = 0; b < c.lengths_q.size(); ++b) {
