@@ -178,15 +178,14 @@ __device__ __forceinline__ void hopper_add_dq(const AttentionParams& p,
                                               int64_t h, int i0, float* dq_accum) {
   constexpr int kBlockN = HopperKvTile<kD>::kBlockN, kKeys = kD == 64 ? 64 : 128;
   const int key_first = kD == 64 ? group * 64 : 0, col0 = kD == 64 ? 0 : group * 64;
-  const int lane = threadIdx.x % 32, a_row = lane % 16, a_col = (lane / 16) * 8, gid = lane / 4;
+  const int gid = (threadIdx.x % 32) / 4;
   float acc_dq[8][4];
   zero(acc_dq);
 #pragma unroll
   for (int chunk = 0; chunk < kKeys / 64; ++chunk) {
     const int key0 = key_first + chunk * 64;
     uint32_t a[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) ldsm_x4(a[kk], ds_tile + (warp * 16 + a_row) * kDsStride + key0 + kk * 16 + a_col);
+    load_a_fragments(a, ds_tile, kDsStride, warp * 16, key0);
     wgmma_ab_async<T, 64>(acc_dq, a, k_address + (col0 / 64) * kBlockN * 128 + key0 * 128, kBlockN);
     wgmma_wait<0>();
     pin_registers(acc_dq);
@@ -333,12 +332,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     {
       // A fragments of the warp's 16 keys over the 64 queries (pattern A, tiles stored [m][k]).
       uint32_t a_p[kBlockM / 16][4], a_ds[kBlockM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        const int at = (row0 + lane % 16) * kPdsStride + kk * 16 + (lane / 16) * 8;
-        ldsm_x4(a_p[kk], s_p + at);
-        ldsm_x4(a_ds[kk], s_ds + at);
-      }
+      load_a_fragments(a_p, s_p, kPdsStride, row0, 0);
+      load_a_fragments(a_ds, s_ds, kPdsStride, row0, 0);
       const uint32_t columns = 2 * group * kBlockM * 128;  // the group's two 64-column halves
       wgmma_ab_async<T, 128>(acc_dv, a_p, smem.grad_o_tile(buf) + columns, kBlockM);
       wgmma_ab_async<T, 128>(acc_dk, a_ds, smem.q_tile(buf) + columns, kBlockM);
@@ -456,10 +451,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     }
     __syncthreads();  // both warpgroups' halves of dS are in
     uint32_t a[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      ldsm_x4(a[kk], s_ds + (row0 + lane % 16) * kPdsStride + kk * 16 + (lane / 16) * 8);
-    }
+    load_a_fragments(a, s_ds, kPdsStride, row0, 0);
     wgmma_ab<T, 128>(acc_dq, a, k_tile + 2 * group * kBlockN * 128, kBlockN);
     pin_registers(a);
     __syncthreads();  // the buffer is refilled by the next step's prefetch, dS rewritten

@@ -162,6 +162,17 @@ __device__ __forceinline__ void store_rows(uint16_t* tile, int stride, int row0,
   }
 }
 
+// The A fragments of k-steps 0 .. kSteps - 1 (k from col0) of rows row0 .. row0 + 15 of a shared
+// tile stored [m][k] with row stride `stride`: ldmatrix with pattern A.
+template <int kSteps>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[kSteps][4], const uint16_t* tile, int stride, int row0,
+                                                 int col0) {
+  const int lane = threadIdx.x % 32;
+  const uint16_t* frag = tile + (row0 + lane % 16) * stride + col0 + (lane / 16) * 8;
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) ldsm_x4(a[kk], frag + kk * 16);
+}
+
 template <int kTiles>
 __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 #pragma unroll
