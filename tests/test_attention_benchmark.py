@@ -73,6 +73,27 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
     assert all(options["enable_gqa"] for _, _, options in calls)
 
 
+def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch):
+    monkeypatch.setitem(bench.DROPOUT_CONFIGS, "cpu", (1, 2, 40, 16, False))
+    monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())  # no dropout_p: left out
+    calls = []
+    real_attention = bench.attention
+
+    def attention(q, k, v, **options):
+        calls.append(options)
+        return real_attention(q, k, v, **options)
+
+    monkeypatch.setattr(bench, "attention", attention)
+    rows = bench._dropout_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    names = {row["impl"] for row in rows}
+    # SDPA's CPU flash kernel has no dropout; its math path has.
+    assert names == {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA math",
+                     "eager reference", "torch.compile SDPA"}
+    assert {row["variant"] for row in rows} == {"attention forward dropout 0.1",
+                                                "attention forward+backward dropout 0.1"}
+    assert calls and all(options["dropout_p"] == 0.1 for options in calls)
+
+
 @pytest.mark.parametrize("before", [None, "0"])
 def test_the_hopper_opt_in_lasts_one_call(monkeypatch, before):
     if before is None:

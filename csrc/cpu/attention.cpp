@@ -17,6 +17,7 @@
 #include "aligned_floats.h"
 #include "block_product.h"
 #include "cpu_vectors.h"
+#include "philox_block.h"
 
 namespace genfast {
 namespace {
@@ -282,25 +283,34 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
   }
 }
 
-// P with dropout applied (the probabilities that weighted V), in place.
-void apply_dropout(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
-                   int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* probs) {
-  if (p.dropout_p == 0.0f) return;
+// Dropout's factors of queries i0 .. i0 + rows of head h against keys j0 .. j0 + cols (attention_keeps):
+// keep_scale where kept, else 0, and 0 past cols; rows kKeyBlock apart.
+void dropout_scales(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
+                    int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* scales) {
   const float keep_scale = 1.0f / (1.0f - p.dropout_p);
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < kKeyBlock; ++c) {
-      float& v = probs[r * kKeyBlock + c];
-      v = c < cols && attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? v * keep_scale : 0.0f;
-    }
+    float* row = scales + r * kKeyBlock;
+    const uint64_t first = static_cast<uint64_t>(seq.lse_row(h, i0 + r) * seq.row_length + seq.col0 + j0);
+    philox_dropout_scales(seed, offset, first, cols, p.dropout_p, keep_scale, row);
+    std::fill(row + cols, row + kKeyBlock, 0.0f);
   }
 }
+
+// values (rows of kKeyBlock) times their dropout factors: 0 where dropped, NaN included.
+template <CpuCapability isa>
+GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int64_t rows, float* __restrict values) {
+  for (int64_t e = 0; e < rows * kKeyBlock; ++e) values[e] = scales[e] != 0.0f ? values[e] * scales[e] : 0.0f;
+}
+GF_CPU_DISPATCH(apply_dropout_scales)
 
 // A task's state: the scores of one head's block, and the running output, maximum and sum of each
 // of its heads' rows (kQueryBlock rows per head).
 struct ForwardScratch {
-  AlignedFloats scores, acc, max, sum, k_panel, v_panel;  // the panels only for a task that packs its own
-  ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs)
-      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
+  // The panels only for a task that packs its own, the dropout factors only with dropout.
+  AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
+  ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
+      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0), acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
         max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
         k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
         v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0) {}
@@ -400,7 +410,10 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       }
       finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
       online_softmax_step(w.scores.data(), rows, max, sum, acc, v_pad);
-      apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
+      if (p.dropout_p > 0.0f) {
+        dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
+        apply_dropout_scales(w.drop.data(), rows, w.scores.data());
+      }
       if (v_panel != nullptr) {
         multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
       } else {
@@ -458,7 +471,7 @@ void attention_forward_impl(const AttentionParams& p) {
     const int64_t count = std::min(pass, pairs - first_pair);
     if (shared) pack_key_panels(p, first_pair, count, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
-      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), heads, packs && !shared);
+      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), heads, packs && !shared, p.dropout_p > 0.0f);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
@@ -480,11 +493,11 @@ struct AttentionGrads {
 };
 
 struct BackwardScratch {
-  AlignedFloats k_panel, vt_panel, scores, dp, cap, panel_a, panel_b, acc_a, acc_b;
-  BackwardScratch(int64_t dim_pad, int64_t v_pad)
+  AlignedFloats k_panel, vt_panel, scores, dp, drop, cap, panel_a, panel_b, acc_a, acc_b;  // drop with dropout
+  BackwardScratch(int64_t dim_pad, int64_t v_pad, bool dropout)
       : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
         scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0), cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
         panel_a(static_cast<size_t>(kQueryBlock * std::max(dim_pad, v_pad))),
         panel_b(static_cast<size_t>(kKeyBlock * std::max(dim_pad, v_pad))),
         acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)) {}
@@ -521,15 +534,13 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
   multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(), p.v_dim,
            w.dp.data(), kKeyBlock, kKeyBlock, false, 1.0f);
-  const float keep_scale = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  if (p.dropout_p > 0.0f) {  // dP of the probabilities before dropout
+    dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
+    apply_dropout_scales(w.drop.data(), rows, w.dp.data());
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
     float* dp = w.dp.data() + r * kKeyBlock;
-    if (p.dropout_p > 0.0f) {
-      for (int64_t c = 0; c < cols; ++c) {
-        dp[c] = attention_keeps(p, seq, seed, offset, h, i0 + r, j0 + c) ? dp[c] * keep_scale : 0.0f;
-      }
-    }
     probabilities_and_score_grads(s, dp, p.lse[row0 + r], g.delta[row0 + r]);
     if (g.grad_mask != nullptr) {
       float* out = g.grad_mask + (row0 + r) * p.k_len + j0;
@@ -581,7 +592,7 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
         multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, rows_q, d_pad, d_pad, true,
                  p.scale);
       }
-      apply_dropout(p, seq, seed, offset, h, i0, rows, j0, cols, w.scores.data());
+      if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, w.scores.data());
       // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
       pack_rows(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, rows, p.v_dim,
                 w.panel_a.data(), v_pad, rows);
@@ -630,7 +641,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
     // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
     // in the task's own buffer (no recomputation, no atomics).
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t first, int64_t last) {
-      BackwardScratch scratch(d_pad, v_pad);
+      BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
       AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
@@ -648,14 +659,14 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
   }
   // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
   at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch scratch(d_pad, v_pad);
+    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % k_blocks, bh = task / k_blocks;
       key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, scratch);
     }
   });
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch scratch(d_pad, v_pad);
+    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
       query_block_grads(p, g, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);

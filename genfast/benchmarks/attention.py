@@ -6,7 +6,8 @@ scaled_dot_product_attention with each backend it has for the device (on the CPU
 and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) where installed, on
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
-Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes.
+Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes,
+and dense with dropout (full runs).
 """
 
 import importlib
@@ -32,6 +33,9 @@ VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),
 # One new token per sequence against a KV cache (batch, heads, kv_heads, cache length, head_dim),
 # grouped-query as in Llama-style models: decoding, bound by reading K and V.
 DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
+# Attention dropout in training (batch, heads, length, head_dim, causal), at DROPOUT_P.
+DROPOUT_CONFIGS = {"cpu": (2, 8, 1024, 64, False), "cuda": (4, 16, 2048, 128, False)}
+DROPOUT_P = 0.1
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
@@ -81,8 +85,9 @@ def _output(result):
 
 
 def flash_attention_peers(device: str):
-    """[(name, dense(q, k, v, causal), varlen(q, k, v, cu, longest))] for each FlashAttention
-    package importable here; dense takes and returns (B, H, L, D) like SDPA, varlen packed tensors."""
+    """[(name, dense(q, k, v, causal, dropout_p=0.0), varlen(q, k, v, cu, longest))] for each
+    FlashAttention package importable here; dense takes and returns (B, H, L, D) like SDPA, varlen
+    packed tensors."""
     if device != "cuda":
         return []
     peers = []
@@ -92,8 +97,10 @@ def flash_attention_peers(device: str):
         except ImportError:
             continue
 
-        def dense(q, k, v, causal, module=module):
-            out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        def dense(q, k, v, causal, dropout_p=0.0, module=module):
+            options = dict(dropout_p=dropout_p) if dropout_p else {}  # FlashAttention-3 has no dropout
+            out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                                         **options)
             return _output(out).transpose(1, 2)
 
         def varlen(q, k, v, cu, longest, module=module):
@@ -107,7 +114,7 @@ def _supported(fn, q, k, v, *args) -> bool:
     try:
         fn(q[:, :, :8], k[:, :, :8], v[:, :, :8], *args)
         return True
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # TypeError: an option the peer does not take
         return False
 
 
@@ -164,7 +171,52 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     rows += _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say)
     if not sizes:
         rows += _decode_rows(device, dtype, gemm, quick, say)
+        if not quick:
+            rows += _dropout_rows(device, dtype, gemm, quick, say)
     return rows
+
+
+def _dropout_rows(device, dtype, gemm, quick, say):
+    """Training with attention dropout (GPT-2's and BERT's 0.1): every peer that has dropout, each
+    drawing its own mask. The compiled peer is torch.compile of SDPA, which a compiled model gets:
+    inductor takes minutes over the reference's Philox."""
+    compiled = torch.compile(F.scaled_dot_product_attention, dynamic=False)
+    batch, heads, length, dim, causal = DROPOUT_CONFIGS.get(device, DROPOUT_CONFIGS["cpu"])
+    p = DROPOUT_P
+
+    def sdpa(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+
+        return run
+
+    candidates = [(f"genfast {impl}",
+                   lambda q, k, v, c, impl=impl: attention(q, k, v, dropout_p=p, is_causal=c, impl=impl))
+                  for impl in fused_impls(device)]
+    if hopper_available(device):
+        candidates += [("genfast native Hopper",
+                        with_hopper(lambda q, k, v, c: attention(q, k, v, dropout_p=p, is_causal=c, impl="native")))]
+    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(name, lambda q, k, v, c, fn=dense: fn(q, k, v, c, dropout_p=p))
+                   for name, dense, _ in flash_attention_peers(device)]
+    candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, dropout_p=p, is_causal=c)),
+                   ("torch.compile SDPA", lambda q, k, v, c: compiled(q, k, v, dropout_p=p, is_causal=c))]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, causal)]
+    flops = 4 * batch * heads * length * length * dim / (2 if causal else 1)
+    suffix = f"{' causal' if causal else ''} dropout {p}"
+    groups = {
+        f"attention forward{suffix}": (flops, [(name, lambda fn=fn: fn(q, k, v, causal)) for name, fn in usable]),
+        f"attention forward+backward{suffix}": (
+            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, causal), leaves, grad))
+                          for name, fn in usable]),
+    }
+    config = f"B={batch} H={heads} L={length} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
 def _decode_rows(device, dtype, gemm, quick, say):
