@@ -200,6 +200,25 @@ def test_dropout_is_the_reference_philox_mask(impl):
     torch.testing.assert_close(first[0, 0, :, 0].double(), kept[0, 0].double().mean(1) / 0.75, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("lk", [192, 190], ids=["whole-groups", "rows-mid-group"])
+def test_dropout_keeps_exactly_the_reference_elements(impl, lk):
+    """Element by element, forward and backward: with equal scores P = 1 / Lk, and V the identity,
+    o is the kept mask times keep_scale / Lk; with dO rows the first unit vectors, so is dV's
+    transpose. Rows of 192 keys start at whole groups of four Philox words, rows of 190 not."""
+    skip_unless_supported(impl, "cpu")
+    lq, p = 9, 0.4
+    q, k = torch.zeros(2, 2, lq, 16), torch.zeros(2, 2, lk, 16)
+    v = torch.eye(lk).expand(2, 2, lk, lk).clone().requires_grad_()
+    o = genfast.attention(q, k, v, dropout_p=p, generator=genfast.PhiloxGenerator(3, 8), impl=impl)
+    expected = (philox_uniform((2, 2, lq, lk), 3, 8, torch.float64) >= p).double() / (1 - p) / lk
+    torch.testing.assert_close(o.double(), expected, rtol=1e-5, atol=0)
+    grad_o = torch.zeros(2, 2, lq, lk)
+    grad_o[..., :lq] = torch.eye(lq)
+    (grad_v,) = torch.autograd.grad(o, v, grad_o)
+    torch.testing.assert_close(grad_v[..., :lq].transpose(-1, -2).double(), expected, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("impl", [*fused_impls(), "reference"])
 def test_empty_inputs(impl):
     skip_unless_supported(impl, "cpu")

@@ -310,7 +310,8 @@ struct ForwardScratch {
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
   ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
       : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0), acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
+        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
+        acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
         max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
         k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
         v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0) {}
@@ -497,7 +498,8 @@ struct BackwardScratch {
   BackwardScratch(int64_t dim_pad, int64_t v_pad, bool dropout)
       : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
         scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0), cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
+        cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
         panel_a(static_cast<size_t>(kQueryBlock * std::max(dim_pad, v_pad))),
         panel_b(static_cast<size_t>(kKeyBlock * std::max(dim_pad, v_pad))),
         acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)) {}

@@ -25,11 +25,15 @@ import triton.language as tl
 from .affine_coupling import exp_f32, log_f32, tanh_f32
 from .common import philox_key_words
 from .nade import _philox_uniform
+from .philox import philox4x32_10
 
 UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
 MAX_HEAD_DIM = 256
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+# Dropout off, one Philox per element, or one per group of four keys (each row's stream starts at
+# a whole group: dense inputs with Lk a multiple of 4; key blocks start at multiples of BLOCK_N).
+DROPOUT_NONE, DROPOUT_ELEMENTS, DROPOUT_GROUPS = 0, 1, 2
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
 # Philox words and band bounds may be 1: keep them runtime values (the kernels call .to on the words).
 _NO_SPECIALIZE = ["seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi"]
@@ -91,10 +95,24 @@ def _sequence(cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k,
 
 
 @triton.jit
-def _dropout_keeps(offs_m, offs_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo, base_hi):
-    index = (row0 + offs_m[:, None].to(tl.int64)) * row_length + col0 + offs_n[None, :].to(tl.int64)
-    u = _philox_uniform(index, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
-                        base_hi.to(tl.uint32))
+def _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo, base_hi,
+                   DROPOUT: tl.constexpr):
+    """Whether dropout keeps each element [M, N] of queries offs_m and keys offs_n = start_n + 0.."""
+    row_first = (row0 + offs_m[:, None].to(tl.int64)) * row_length + col0
+    if DROPOUT == 2:  # DROPOUT_GROUPS: each Philox's four words are four neighbouring keys
+        BLOCK_M: tl.constexpr = offs_m.shape[0]
+        BLOCK_N: tl.constexpr = offs_n.shape[0]
+        group = (row_first + start_n) // 4 + tl.arange(0, BLOCK_N // 4)[None, :].to(tl.int64)
+        c0 = tl.zeros_like(group).to(tl.uint32) + base_lo.to(tl.uint32)
+        c1 = tl.zeros_like(group).to(tl.uint32) + base_hi.to(tl.uint32)
+        r0, r1, r2, r3 = philox4x32_10(c0, c1, (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32),
+                                       seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+        # Word w of group g is key 4 g + w: join adds a last axis, so [g, i, j] = word 2 i + j.
+        bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+        u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-8
+    else:
+        u = _philox_uniform(row_first + offs_n[None, :].to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
+                            base_lo.to(tl.uint32), base_hi.to(tl.uint32))
     return u >= dropout_p
 
 
@@ -190,8 +208,8 @@ def attention_forward_kernel(
         alpha = exp_f32(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keeps = _dropout_keeps(offs_m, offs_n, row_base + h * head_rows, row_length, k_start, dropout_p, seed_lo,
-                                   seed_hi, base_lo, base_hi)
+            keeps = _dropout_keeps(offs_m, offs_n, start_n, row_base + h * head_rows, row_length, k_start, dropout_p,
+                                   seed_lo, seed_hi, base_lo, base_hi, DROPOUT)
             p = tl.where(keeps, p * keep_scale, 0.0)
         v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_KIND)
@@ -242,7 +260,8 @@ def attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, rows, L, 
 
 
 @triton.jit
-def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row0, row_length, col0, Lq, Lk, mask_ptr, smb,
+def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h, row0, row_length, col0, Lq, Lk, mask_ptr,
+                     smb,
                      smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
                      base_lo, base_hi,
                      SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -256,7 +275,8 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row0, row_le
     p = tl.where(seen[:, None], exp_f32(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), DOT_KIND)
     if DROPOUT:
-        keeps = _dropout_keeps(offs_m, offs_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo, base_hi)
+        keeps = _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo,
+                               base_hi, DROPOUT)
         p_dropped = tl.where(keeps, p * keep_scale, 0.0)
         dp = tl.where(keeps, dp * keep_scale, 0.0)
     else:
@@ -310,11 +330,11 @@ def attention_backward_kv_kernel(
             do = _load_rows(do_base, offs_m, Lq, sdom, offs_dv, DV)
             lse = tl.load(lse_ptr + b * slb + h * slh + q_start + offs_m, mask=offs_m < Lq, other=float("-inf"))
             delta = tl.load(delta_ptr + b * sdlb + h * sdlh + q_start + offs_m, mask=offs_m < Lq, other=0.0)
-            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row_base + h * head_rows,
-                                             row_length, k_start, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
-                                             scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo,
-                                             seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT,
-                                             DOT_KIND)
+            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
+                                             row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb,
+                                             smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
+                                             keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
+                                             MASK_KIND, DROPOUT, DOT_KIND)
             dv += _dot(tl.trans(p), do, DOT_KIND)
             dk += _dot(tl.trans(ds_dot), q, DOT_KIND)
             if ATOMIC_DQ:
@@ -362,10 +382,11 @@ def attention_backward_q_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
         v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
-        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, b, h, row_base + h * head_rows,
-                                         row_length, k_start, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, scale,
-                                         softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo,
-                                         base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND)
+        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
+                                         row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb, smh,
+                                         smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+                                         seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT,
+                                         DOT_KIND)
         if WRITE_DS:
             ptrs = (ds_ptr + b * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
                     + offs_n[None, :].to(tl.int64) * sdsn)
@@ -482,10 +503,17 @@ def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi
                    band_hi=band_hi, dropout_p=dropout_p, keep_scale=keep_scale, seed_lo=seed_lo, seed_hi=seed_hi,
                    base_lo=base_lo, base_hi=base_hi)
     consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-                  DROPOUT=dropout_p > 0.0, VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
+                  DROPOUT=_dropout_kind(dropout_p, packing), VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
                   BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
                   BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
     return mask_arg, mask_strides, alibi_arg, alibi_bs, scalars, consts
+
+
+def _dropout_kind(dropout_p, packing):
+    if not dropout_p > 0.0:
+        return DROPOUT_NONE
+    # A dense row's stream starts at (b H + h) Lq Lk + i Lk; a packed sequence's at any column.
+    return DROPOUT_GROUPS if not packing.varlen and packing.lk % 4 == 0 else DROPOUT_ELEMENTS
 
 
 def _packed(varlen, *tensors):
