@@ -76,16 +76,13 @@ struct ForwardRows {
     }
 #pragma unroll
     for (int t = 0; t < kST; ++t) {
+      bool keep[4] = {};
+      if (!kPlain && drop.on) dropout_keeps<true>(p, work.seq, drop, row_h, row_i, j0 + t * 8, keep);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float pe = exp2f(fmaf(acc_s[t][e], kLog2e, -scaled_max[e / 2]));
         block_sum[e / 2] += pe;
-        if (!kPlain && drop.on) {
-          const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
-          const bool keep =
-              i < q_len && j < k_len && attention_keeps(p, work.seq, drop.seed, drop.offset, row_h[e / 2], i, j);
-          pe = keep ? pe * drop.keep_scale : 0.0f;
-        }
+        if (!kPlain && drop.on) pe = keep[e] ? pe * drop.keep_scale : 0.0f;
         acc_s[t][e] = pe;
       }
     }

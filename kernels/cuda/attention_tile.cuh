@@ -487,8 +487,83 @@ __device__ __forceinline__ Dropout dropout_of(const AttentionParams& p) {
   return d;
 }
 
+// Dropout's uniforms of a lane's four elements of an n-tile, with fewer Philox calls than elements.
+// [query][key] fragments (rows gid and gid + 8, columns 2 tig and 2 tig + 1): a lane's two neighbouring
+// keys share a group of four words unless the first is its group's last, so one call serves both.
+// [key][query] fragments (rows: keys gid and gid + 8, columns: queries 2 tig and 2 tig + 1): a lane's
+// four elements lie in four groups, whose words for keys gid - gid % 4 .. gid - gid % 4 + 3 the four
+// lanes with those keys need; where every row's stream starts at a whole group (row_length and col0
+// multiples of 4, so that key j is word j % 4), each of those lanes computes one group and they swap
+// the words with shuffles (the whole warp takes part).
+__device__ __forceinline__ uint32_t philox_word(const Uint4x32& w, int k) {
+  return k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w;
+}
+
+// index: the stream index of a row's element in column 2 tig; u[0 .. 1]: that and the next.
+__device__ __forceinline__ void dropout_uniform_pair(const Dropout& drop, uint64_t index, float* u) {
+  const Uint4x32 w = philox_group_bits(drop.seed, drop.offset, index / 4);
+  const int k = static_cast<int>(index % 4);
+  u[0] = uniform_open_zero(philox_word(w, k));
+  u[1] = uniform_open_zero(k < 3 ? philox_word(w, k + 1) : philox_group_bits(drop.seed, drop.offset, index / 4 + 1).x);
+}
+
+// col_index[c]: the stream index of query column c's key gid - gid % 4 (a multiple of 4). Element e
+// (query e % 2, key half e / 2) needs word gid % 4 of its group. Of the four lanes that share tig and
+// gid / 4, the one with gid % 4 = r computes element r's group and hands lane r ^ x its word in
+// shuffle round x.
+__device__ __forceinline__ void dropout_uniforms_by_columns(const Dropout& drop, const uint64_t (&col_index)[2],
+                                                            float (&u)[4]) {
+  const int r = (threadIdx.x / 4) & 3;
+  const Uint4x32 w = philox_group_bits(drop.seed, drop.offset, col_index[r & 1] / 4 + 2 * (r >> 1));
+  uint32_t bits[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) bits[e] = philox_word(w, r);  // right for e == r, replaced below otherwise
+#pragma unroll
+  for (int x = 1; x < 4; ++x) {
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, philox_word(w, r ^ x), 4 * x);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) bits[e] = e == (r ^ x) ? got : bits[e];
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) u[e] = uniform_open_zero(bits[e]);
+}
+
+// Whether dropout keeps a lane's four elements of an n-tile, [query][key] (kRowsOfQueries: queries
+// `rows` of heads row_h, keys j0 + 2 tig + e % 2) or [key][query] (keys `rows`, queries j0 + 2 tig + e % 2
+// of head row_h[0]); j0 is the tile's first column. Elements past q_len or k_len are not kept.
+template <bool kRowsOfQueries>
+__device__ __forceinline__ void dropout_keeps(const AttentionParams& p, const AttentionSequence& seq,
+                                              const Dropout& drop, const int64_t (&row_h)[2], const int (&rows)[2],
+                                              int j0, bool (&keep)[4]) {
+  const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  int query[4], key[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    query[e] = kRowsOfQueries ? rows[e / 2] : j0 + 2 * tig + (e & 1);
+    key[e] = kRowsOfQueries ? j0 + 2 * tig + (e & 1) : rows[e / 2];
+  }
+  const auto index = [&](int e) {
+    return static_cast<uint64_t>(seq.lse_row(row_h[kRowsOfQueries ? e / 2 : 0], query[e]) * seq.row_length + seq.col0 +
+                                 key[e]);
+  };
+  float u[4];
+  if (kRowsOfQueries) {
+    dropout_uniform_pair(drop, index(0), u);
+    dropout_uniform_pair(drop, index(2), u + 2);
+  } else if (seq.row_length % 4 == 0 && seq.col0 % 4 == 0) {
+    const int first = ((threadIdx.x % 32) / 4) & 3;  // rows[0] - first: its group's first key
+    const uint64_t col_index[2] = {index(0) - first, index(1) - first};
+    dropout_uniforms_by_columns(drop, col_index, u);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) u[e] = philox_uniform(drop.seed, drop.offset, index(e));
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) keep[e] = query[e] < q_len && key[e] < k_len && u[e] >= p.dropout_p;
+}
+
 // The backward's element (query i, key j) from the raw dot products q.k and dO.v: P = exp(s - lse)
-// (0 in a row that saw no key), the forward's dropout replayed, and dS = P (dP kept - delta), times
+// (0 in a row that saw no key), the forward's dropout replayed (keep), and dS = P (dP kept - delta), times
 // the soft-cap's slope (the gradient of scale q.k) and without it (that of the final score).
 struct BackwardElement {
   float dropped, ds, ds_score;
@@ -497,13 +572,13 @@ template <bool kPlain>
 __device__ __forceinline__ BackwardElement backward_element(const AttentionParams& p, const AttentionSequence& seq,
                                                             const Band& band, int64_t b, int64_t h, float dot,
                                                             float dp, int i, int j, int q_len, int k_len, bool check,
-                                                            float lse, float delta, const Dropout& drop) {
+                                                            float lse, float delta, const Dropout& drop,
+                                                            bool keep) {
   float cap = 1.0f;
   const float s = score_at<kPlain, true>(p, seq, band, b, h, dot, i, j, q_len, k_len, check, cap);
   const float prob = lse == kNegInf ? 0.0f : exp2f((s - lse) * kLog2e);
   float up = dp, dropped = prob;
   if (!kPlain && drop.on) {
-    const bool keep = i < q_len && j < k_len && attention_keeps(p, seq, drop.seed, drop.offset, h, i, j);
     up = keep ? up * drop.keep_scale : 0.0f;
     dropped = keep ? prob * drop.keep_scale : 0.0f;
   }
@@ -568,13 +643,17 @@ __device__ __forceinline__ void key_block_elements(const AttentionParams& p, con
                                                    bool check, const float* lse, const float* delta,
                                                    const Dropout& drop) {
   const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  const int64_t heads[2] = {h, h};
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
+    bool keep[4] = {};
+    if (!kPlain && drop.on) dropout_keeps<false>(p, seq, drop, heads, key_j, i0 + t * 8, keep);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = t * 8 + 2 * tig + (e & 1);
       const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i0 + c,
-                                                          key_j[e / 2], q_len, k_len, check, lse[c], delta[c], drop);
+                                                          key_j[e / 2], q_len, k_len, check, lse[c], delta[c], drop,
+                                                          keep[e]);
       acc_s[t][e] = el.dropped;
       acc_dp[t][e] = el.ds;
     }
@@ -591,13 +670,17 @@ __device__ __forceinline__ void query_block_elements(const AttentionParams& p, c
                                                      const float (&row_lse)[2], const float (&row_delta)[2],
                                                      const Dropout& drop, float* grad_s) {
   const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  const int64_t heads[2] = {h, h};
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
+    bool keep[4] = {};
+    if (!kPlain && drop.on) dropout_keeps<true>(p, seq, drop, heads, row_i, j0 + t * 8, keep);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
       const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i, j, q_len,
-                                                          k_len, check, row_lse[e / 2], row_delta[e / 2], drop);
+                                                          k_len, check, row_lse[e / 2], row_delta[e / 2], drop,
+                                                          keep[e]);
       if (grad_s != nullptr && i < q_len && j < k_len) grad_s[seq.lse_row(h, i) * seq.row_length + j] = el.ds_score;
       acc_s[t][e] = el.ds;
     }

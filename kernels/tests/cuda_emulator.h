@@ -593,6 +593,14 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return c.value;
 }
 
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned value, int lane_mask) {
+  float bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits = __shfl_xor_sync(mask, bits, lane_mask);
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 inline void __trap() { cuda_emulator::fail("__trap"); }
 
 namespace genfast {
