@@ -581,21 +581,22 @@ void check_plans() {
   }
 }
 
-// With --fuzz SEED COUNT: COUNT random cases (random_case) instead of the fixed ones, each in both
-// dtypes with copies landing at their waits or at once.
+// With --fuzz SEED COUNT [FIRST]: COUNT random cases (random_case) instead of the fixed ones, each in
+// both dtypes with copies landing at their waits or at once; from case FIRST on (to replay one).
 int main(int argc, char** argv) {
-  if (argc == 4 && std::string(argv[1]) == "--fuzz") {
+  if ((argc == 4 || argc == 5) && std::string(argv[1]) == "--fuzz") {
     std::mt19937 rng(static_cast<unsigned>(std::stoul(argv[2])));
-    const int count = std::stoi(argv[3]);
+    const int count = std::stoi(argv[3]), first = argc == 5 ? std::stoi(argv[4]) : 0;
     for (int n = 0; n < count; ++n) {
       const Case c = random_case(rng);
+      cuda_emulator::deferred_copies = (rng() & 1) != 0;
+      if (n < first) continue;
       std::printf("case %d: %s\n", n, c.name.c_str());
       std::fflush(stdout);
-      cuda_emulator::deferred_copies = (rng() & 1) != 0;
       run_case<__half>(c);
       run_case<__nv_bfloat16>(c);
     }
-    std::printf("%d failures in %d random cases\n", failures, count);
+    std::printf("%d failures in %d random cases\n", failures, count - std::min(first, count));
     return failures == 0 ? 0 : 1;
   }
   check_plans();
