@@ -8,7 +8,7 @@ import torch
 
 import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
-from test_attention import _compare, _compare_grads, _qkv
+from test_attention import DROPOUT_MASK_KEYS, _compare, _compare_grads, _qkv, check_dropout_mask
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
 
@@ -36,6 +36,13 @@ def test_layout_probes(impl, dtype, probe):
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
 def test_matches_reference(impl, dtype, dim, lq, lk):
     _compare(*_cuda(*_qkv(2, 3, 3, lq, lk, dim, dtype)), impl=impl)
+
+
+@pytest.mark.parametrize("lk", DROPOUT_MASK_KEYS)
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_dropout_keeps_exactly_the_reference_elements(impl, dtype, lk):
+    """Lanes share Philox calls (kernels/cuda/attention_tile.cuh, dropout_keeps; Triton's groups)."""
+    check_dropout_mask(impl, lk, dtype, "cuda")
 
 
 OPTIONS = [dict(causal="top_left"), dict(causal="bottom_right"), dict(causal="bottom_right", window=(64, 0)),

@@ -102,6 +102,12 @@ def test_matches_reference(impl, dtype, dim, lq, lk):
     cuda_tests.test_matches_reference(impl, dtype, dim, lq, lk)
 
 
+@pytest.mark.parametrize("lk", cuda_tests.DROPOUT_MASK_KEYS)
+@pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
+def test_dropout_keeps_exactly_the_reference_elements(impl, dtype, lk):
+    cuda_tests.test_dropout_keeps_exactly_the_reference_elements(impl, dtype, lk)
+
+
 @pytest.mark.parametrize("options", cuda_tests.OPTIONS, ids=str)
 @pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
 def test_options_and_gradients(impl, dtype, options):
