@@ -1,4 +1,7 @@
+import fcntl
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +16,40 @@ if os.environ.get("GENFAST_RECORD_TRITON_LAUNCHES") and os.environ.get("TRITON_I
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Seconds each Triton test of SHORT_TEST_SECONDS or more takes under the interpreter on one core, to
+# split the tests into shards of equal time (GENFAST_TEST_SHARD); a test not listed counts as
+# SHORT_TEST_DEFAULT. To remake it, in tests/:
+#   TRITON_INTERPRET=1 OMP_NUM_THREADS=1 GENFAST_RECORD_TEST_DURATIONS=triton_interpreter_durations.json \
+#     python -m pytest -m triton
+TRITON_DURATIONS = Path(__file__).with_name("triton_interpreter_durations.json")
+SHORT_TEST_SECONDS = 0.5
+SHORT_TEST_DEFAULT = 0.05
+
+
+def shard_items(items, index, count, durations):
+    """The items of shard index of count: the longest first, each to the shard with the least time so
+    far. The items keep their order within a shard."""
+    seconds = [durations.get(item.nodeid, SHORT_TEST_DEFAULT) for item in items]
+    loads = [0.0] * count
+    chosen = set()
+    for n in sorted(range(len(items)), key=lambda n: -seconds[n]):
+        shard = min(range(count), key=lambda s: (loads[s], s))
+        loads[shard] += seconds[n]
+        if shard == index:
+            chosen.add(n)
+    return [item for n, item in enumerate(items) if n in chosen]
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
-    shard = os.environ.get("GENFAST_TEST_SHARD")  # "i/n": every n-th test from the i-th (scripts/test)
+    shard = os.environ.get("GENFAST_TEST_SHARD")  # "i/n": one of n shards of equal time (scripts/test)
     if shard:
         index, count = (int(part) for part in shard.split("/"))
-        config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index])
-        items[:] = items[index::count]
+        durations = json.loads(TRITON_DURATIONS.read_text()) if TRITON_DURATIONS.exists() else {}
+        kept = shard_items(items, index, count, durations)
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = kept
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
@@ -75,3 +105,29 @@ def assert_compiles_like_eager(fn, leaves):
     torch.testing.assert_close(compiled, eager)
     for a, e in zip(torch.autograd.grad(compiled.sum(), leaves), eager_grads):
         torch.testing.assert_close(a, e)
+
+
+_durations = {}
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("GENFAST_RECORD_TEST_DURATIONS"):
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("GENFAST_RECORD_TEST_DURATIONS")
+    if path and _durations:
+        with open(path, "a+") as file:  # shards side by side add to one file, one at a time
+            fcntl.flock(file, fcntl.LOCK_EX)
+            file.seek(0)
+            text = file.read()
+            recorded = json.loads(text) if text.strip() else {}
+            for nodeid, seconds in _durations.items():
+                if seconds >= SHORT_TEST_SECONDS:
+                    recorded[nodeid] = round(seconds, 1)
+                else:
+                    recorded.pop(nodeid, None)
+            file.seek(0)
+            file.truncate()
+            file.write(json.dumps(dict(sorted(recorded.items())), indent=0) + "\n")
