@@ -24,8 +24,7 @@ import triton.language as tl
 
 from .affine_coupling import exp_f32, log_f32, tanh_f32
 from .common import philox_key_words
-from .nade import _philox_uniform
-from .philox import philox4x32_10
+from .philox import philox_uniform, philox_words, uniform_from_bits
 
 UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
 MAX_HEAD_DIM = 256
@@ -103,15 +102,12 @@ def _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, s
         BLOCK_M: tl.constexpr = offs_m.shape[0]
         BLOCK_N: tl.constexpr = offs_n.shape[0]
         group = (row_first + start_n) // 4 + tl.arange(0, BLOCK_N // 4)[None, :].to(tl.int64)
-        c0 = tl.zeros_like(group).to(tl.uint32) + base_lo.to(tl.uint32)
-        c1 = tl.zeros_like(group).to(tl.uint32) + base_hi.to(tl.uint32)
-        r0, r1, r2, r3 = philox4x32_10(c0, c1, (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32),
-                                       seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+        r0, r1, r2, r3 = philox_words(group, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
+                                      base_hi.to(tl.uint32))
         # Word w of group g is key 4 g + w: join adds a last axis, so [g, i, j] = word 2 i + j.
-        bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-        u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-8
+        u = uniform_from_bits(tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N)))
     else:
-        u = _philox_uniform(row_first + offs_n[None, :].to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
+        u = philox_uniform(row_first + offs_n[None, :].to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
                             base_lo.to(tl.uint32), base_hi.to(tl.uint32))
     return u >= dropout_p
 

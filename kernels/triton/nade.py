@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .affine_coupling import sigmoid_f32
 from .common import philox_key_words
-from .philox import philox4x32_10
+from .philox import philox_uniform
 
 MAX_HIDDEN = 2048
 # Ordering kinds: natural order, one (D,) ordering for all samples, one (B, D) per sample.
@@ -148,20 +148,6 @@ def nade_conditionals_backward_kernel(
 
 
 @triton.jit
-def _philox_uniform(index, seed_lo, seed_hi, base_lo, base_hi):
-    """The uniform of element `index` (int64) of the (seed, offset) stream: genfast.reference.random."""
-    group = index >> 2
-    word = index & 3
-    c0 = tl.zeros_like(group).to(tl.uint32) + base_lo
-    c1 = tl.zeros_like(group).to(tl.uint32) + base_hi
-    c2 = (group & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (group >> 32).to(tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
-    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
-    return ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-8
-
-
-@triton.jit
 def nade_sample_kernel(
     w_ptr, c_ptr, v_ptr, b_ptr, uniforms_ptr, order_ptr, observed_ptr, out_ptr,
     seed_lo, seed_hi, base_lo, base_hi, num_observed, B, D, H,
@@ -185,7 +171,7 @@ def nade_sample_kernel(
         if GIVEN_UNIFORMS:
             u = tl.load(uniforms_ptr + index, mask=row_mask, other=1.0).to(tl.float32)
         else:
-            u = _philox_uniform(index, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
+            u = philox_uniform(index, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), base_lo.to(tl.uint32),
                                 base_hi.to(tl.uint32))
         value = tl.where(logit != logit, logit, tl.where(u < sigmoid_f32(logit), 1.0, 0.0))  # NaN propagates
         tl.store(out_ptr + index, value.to(out_ptr.dtype.element_ty), mask=row_mask)

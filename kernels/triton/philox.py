@@ -19,6 +19,28 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def philox_words(group, seed_lo, seed_hi, base_lo, base_hi):
+    """The four 32-bit words of call `group` (int64 tensor) of the (seed, offset) stream."""
+    c0 = tl.zeros_like(group).to(tl.uint32) + base_lo
+    c1 = tl.zeros_like(group).to(tl.uint32) + base_hi
+    return philox4x32_10(c0, c1, (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32), seed_lo, seed_hi)
+
+
+@triton.jit
+def uniform_from_bits(bits):
+    """A word's uniform in (0, 1): its top 24 bits and a half, over 2^24."""
+    return ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-8
+
+
+@triton.jit
+def philox_uniform(index, seed_lo, seed_hi, base_lo, base_hi):
+    """The uniform of element `index` (int64) of the (seed, offset) stream: genfast.reference.random."""
+    word = index & 3
+    r0, r1, r2, r3 = philox_words(index >> 2, seed_lo, seed_hi, base_lo, base_hi)
+    return uniform_from_bits(tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3))))
+
+
+@triton.jit
 def log_positive(v):
     bits = v.to(tl.uint32, bitcast=True)
     exponent = ((bits >> 23).to(tl.int32) - 126).to(tl.float32)
@@ -44,8 +66,7 @@ def log_positive(v):
 
 @triton.jit
 def box_muller_radius(bits):
-    u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-8
-    return tl.sqrt(-2.0 * log_positive(u))
+    return tl.sqrt(-2.0 * log_positive(uniform_from_bits(bits)))
 
 
 @triton.jit
@@ -65,11 +86,7 @@ def cos_sin_turns(bits):
 @triton.jit
 def philox_normal4(seed_lo, seed_hi, base_lo, base_hi, group):
     """Four normals for each int64 group index in `group` (shape [G]); returns [G, 4]."""
-    c0 = tl.zeros_like(group).to(tl.uint32) + base_lo
-    c1 = tl.zeros_like(group).to(tl.uint32) + base_hi
-    c2 = (group & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (group >> 32).to(tl.uint32)
-    x, y, z, w = philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
+    x, y, z, w = philox_words(group, seed_lo, seed_hi, base_lo, base_hi)
     r0 = box_muller_radius(x)
     r1 = box_muller_radius(z)
     cos0, sin0 = cos_sin_turns(y)
