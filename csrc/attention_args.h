@@ -76,7 +76,7 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
                   m.sizes());
     }
     if (m.scalar_type() == at::kBool) {
-      t.mask = m.to(at::kByte).expand(full);
+      t.mask = m.view(at::kByte).expand(full);  // the same bytes, no copy
       t.mask_kind = AttentionMask::kBool;
     } else {
       TORCH_CHECK(at::isFloatingType(m.scalar_type()), op, ": attn_mask must be bool or floating point, got ",

@@ -318,6 +318,47 @@ def test_gradients_with_masks(kind, impl):
     _compare_grads(q, k, v, mask, impl=impl)
 
 
+def _block_sparse_mask(batch, heads, lq, lk, kind):
+    """Per head a sliding window (none, 90 or 20 keys), and each batch's keys past its length hidden:
+    whole blocks of queries and keys masked out, which the CPU kernel skips, between blocks it keeps
+    whole or in part; the rows past a batch's length see no key. kind "float": an additive mask,
+    -inf where hidden."""
+    i = torch.arange(lq)[:, None] + (lk - lq)
+    j = torch.arange(lk)[None, :]
+    windows = torch.tensor([lk, 90, 20, lk])[:heads, None, None]
+    lengths = torch.tensor([lk, lk * 2 // 3])[:batch, None, None, None]
+    keep = (j <= i) & (j > i - windows) & (j < lengths)
+    if kind == "bool":
+        return keep
+    return torch.where(keep, torch.randn(keep.shape, generator=torch.Generator().manual_seed(3)), float("-inf"))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_block_sparse_masks(kind, impl):
+    skip_unless_supported(impl, "cpu")
+    # Past the CPU's blocks of 128 queries and keys, with the diagonal between block edges (more keys
+    # than queries: blocks whose first rows see nothing and last rows do); smaller under the Triton
+    # interpreter (blocks of 16).
+    length = 300 if impl == "native" else 40
+    q, k, v = _qkv(2, 3, 1, length, length + 50, 16, torch.float32)
+    mask = _block_sparse_mask(2, 3, length, length + 50, kind)
+    _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
+    _compare_grads(q, k, v, mask, impl=impl)
+    if impl == "native":  # the backward's other schedule: one pass per (batch, key head) on one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _compare_grads(q, k, v, mask, impl=impl)
+        finally:
+            torch.set_num_threads(threads)
+    # NaN in a block the additive mask otherwise hides reaches its row.
+    if kind == "float":
+        mask[1, 2, 10, length + 49] = float("nan")
+        o = genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl)
+        assert o[1, 2, 10].isnan().all() and not o[1, 2, 9].isnan().any() and not o[0].isnan().any()
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_backward_is_deterministic(impl):
     skip_unless_supported(impl, "cpu")

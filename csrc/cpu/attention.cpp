@@ -255,11 +255,58 @@ std::pair<int64_t, int64_t> query_range(const AttentionSequence& seq, int64_t j0
   return {first, end};
 }
 
+// A row of scores s under a boolean mask's row m (stride apart): -inf where m is false.
+template <CpuCapability isa>
+GF_CPU_INLINE void apply_bool_mask_for(const uint8_t* __restrict m, int64_t stride, int64_t cols, float* __restrict s) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < cols; ++c) s[c] = m[c] != 0 ? s[c] : -__builtin_inff();
+  } else {
+    for (int64_t c = 0; c < cols; ++c) s[c] = m[c * stride] != 0 ? s[c] : -__builtin_inff();
+  }
+}
+GF_CPU_DISPATCH(apply_bool_mask)
+
+// A row of scores s plus an additive mask's row m (stride apart).
+template <CpuCapability isa>
+GF_CPU_INLINE void add_float_mask_for(const float* __restrict m, int64_t stride, int64_t cols, float* __restrict s) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < cols; ++c) s[c] += m[c];
+  } else {
+    for (int64_t c = 0; c < cols; ++c) s[c] += m[c * stride];
+  }
+}
+GF_CPU_DISPATCH(add_float_mask)
+
+// Whether a mask's row m (stride apart) hides all of cols keys: false everywhere, or -inf (NaN is not).
+template <CpuCapability isa>
+GF_CPU_INLINE bool bool_row_hides_all_for(const uint8_t* __restrict m, int64_t stride, int64_t cols) {
+  uint8_t any = 0;
+  if (stride == 1) {
+    for (int64_t c = 0; c < cols; ++c) any |= m[c];
+  } else {
+    for (int64_t c = 0; c < cols; ++c) any |= m[c * stride];
+  }
+  return any == 0;
+}
+GF_CPU_DISPATCH(bool_row_hides_all)
+template <CpuCapability isa>
+GF_CPU_INLINE bool float_row_hides_all_for(const float* __restrict m, int64_t stride, int64_t cols) {
+  int visible = 0;
+  if (stride == 1) {
+    for (int64_t c = 0; c < cols; ++c) visible |= !(m[c] == -__builtin_inff());
+  } else {
+    for (int64_t c = 0; c < cols; ++c) visible |= !(m[c * stride] == -__builtin_inff());
+  }
+  return visible == 0;
+}
+GF_CPU_DISPATCH(float_row_hides_all)
+
 // Scores s (rows x kKeyBlock, already scale q.k) of queries i0.. against keys j0..j0 + cols: soft-cap,
 // ALiBi, mask, band and the block's tail (-inf). With softcap, cap_slope gets 1 - tanh^2.
 void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t h, int64_t i0,
                    int64_t rows, int64_t j0, int64_t cols, float* scores, float* cap_slope) {
   const bool plain = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone;
+  const bool mask_only = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind != AttentionMask::kNone;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* s = scores + r * kKeyBlock;
@@ -269,7 +316,14 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
         cap_slope[r * kKeyBlock + c] = 1.0f - t * t;
       }
     }
-    if (!plain) {
+    if (mask_only) {  // attention_score's mask step, a row at a time
+      const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j0 * p.mask_stride[3];
+      if (p.mask_kind == AttentionMask::kBool) {
+        apply_bool_mask(static_cast<const uint8_t*>(p.mask) + at, p.mask_stride[3], cols, s);
+      } else {
+        add_float_mask(static_cast<const float*>(p.mask) + at, p.mask_stride[3], cols, s);
+      }
+    } else if (!plain) {
       for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, seq, s[c], b, h, i, j0 + c);
     }
     const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
@@ -281,6 +335,24 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
       }
     }
   }
+}
+
+// Whether the mask hides keys j0 .. j0 + cols from every query i0 .. i0 + rows of head h (false, or
+// an additive -inf): such a block adds nothing to any row or gradient, and is skipped, which makes a
+// sliding-window, padding or document mask cost about the blocks it lets through.
+bool block_masked_out(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                      int64_t cols) {
+  if (p.mask_kind == AttentionMask::kNone) return false;
+  const int64_t first = b * p.mask_stride[0] + h * p.mask_stride[1] + i0 * p.mask_stride[2] + j0 * p.mask_stride[3];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = first + r * p.mask_stride[2];
+    const bool hidden =
+        p.mask_kind == AttentionMask::kBool
+            ? bool_row_hides_all(static_cast<const uint8_t*>(p.mask) + row, p.mask_stride[3], cols)
+            : float_row_hides_all(static_cast<const float*>(p.mask) + row, p.mask_stride[3], cols);
+    if (!hidden) return false;
+  }
+  return true;
 }
 
 // Dropout's factors of queries i0 .. i0 + rows of head h against keys j0 .. j0 + cols (attention_keeps):
@@ -308,8 +380,9 @@ GF_CPU_DISPATCH(apply_dropout_scales)
 struct ForwardScratch {
   // The panels only for a task that packs its own, the dropout factors only with dropout.
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
+  std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
   ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
-      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)),
+      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), seen(static_cast<size_t>(heads)),
         drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
         acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
         max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
@@ -389,6 +462,13 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
+    bool any_seen = false;
+    for (int64_t e = 0; e < heads; ++e) {
+      const bool same_mask = e > 0 && p.mask_stride[1] == 0;  // broadcast over heads
+      w.seen[e] = same_mask ? w.seen[0] : !block_masked_out(p, b, h0 + e, i0, rows, j0, cols);
+      any_seen = any_seen || w.seen[e];
+    }
+    if (!any_seen) continue;
     const float *k_panel = nullptr, *v_panel = nullptr;  // null: K and V read in place
     if (panels.packed()) {
       k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
@@ -399,6 +479,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       v_panel = w.v_panel.data();
     }
     for (int64_t e = 0; e < heads; ++e) {
+      if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
       float *acc = w.acc.data() + e * kQueryBlock * v_pad, *max = w.max.data() + e * kQueryBlock,
@@ -588,6 +669,7 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
+      if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
       probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
       if (grad_q != nullptr) {  // dQ += scale dS K
         float* rows_q = grad_q + ((h - hk * group) * p.q_len + i0) * d_pad;
@@ -624,6 +706,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
+    if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
     load_key_panels(p, seq, b, hk, j0, cols, w);
     probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
     pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
