@@ -95,6 +95,36 @@ def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch):
     assert calls and all(options["dropout_p"] == 0.1 for options in calls)
 
 
+def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch):
+    monkeypatch.setitem(bench.SLIDING_MASK_CONFIGS, "cpu", (1, 2, 40, 16, 6))
+    calls = []
+    real_attention = bench.attention
+
+    def attention(q, k, v, mask=None, **options):
+        calls.append((mask, options))
+        return real_attention(q, k, v, mask, **options)
+
+    monkeypatch.setattr(bench, "attention", attention)
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
+    rows = bench._sliding_mask_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    impls = bench.fused_impls("cpu")
+    assert {row["impl"] for row in rows} == {*(f"genfast {impl}" for impl in impls),
+                                             *(f"genfast {impl} band" for impl in impls), "torch SDPA flash",
+                                             "torch SDPA math", "eager reference", "torch.compile reference"}
+    assert all(row["config"] == "B=1 H=2 L=40 D=16 window=6" for row in rows)
+    kept = 6 * 40 - 15  # row i keeps min(i + 1, 6) keys
+    for row in rows:
+        if row["variant"] == "attention forward sliding-window mask":
+            assert row["gflop_per_s"] == pytest.approx(4 * 2 * kept * 16 / (row["median_ms"] * 1e-3) / 1e9)
+    masks = [mask for mask, options in calls if mask is not None and mask.shape[-1] == 40]
+    bands = [options for mask, options in calls if mask is None]
+    assert masks and bands and all(options == dict(causal="top_left", window=(5, 0), impl=options["impl"])
+                                   for options in bands)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    band = real_attention(q, k, v, causal="top_left", window=(5, 0))
+    torch.testing.assert_close(real_attention(q, k, v, masks[0]), band)
+
+
 @pytest.mark.parametrize("before", [None, "0"])
 def test_the_hopper_opt_in_lasts_one_call(monkeypatch, before):
     if before is None:

@@ -6,8 +6,8 @@ scaled_dot_product_attention with each backend it has for the device (on the CPU
 and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) where installed, on
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
-Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes,
-and dense with dropout (full runs).
+Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes;
+in full runs also dense with dropout, and a sliding-window layer given its window as a mask.
 """
 
 import importlib
@@ -36,6 +36,10 @@ DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 # Attention dropout in training (batch, heads, length, head_dim, causal), at DROPOUT_P.
 DROPOUT_CONFIGS = {"cpu": (2, 8, 1024, 64, False), "cuda": (4, 16, 2048, 128, False)}
 DROPOUT_P = 0.1
+# A local layer of a model with sliding-window attention (Gemma 2 and 3, Mistral) as transformers
+# runs it through an attention interface such as "sdpa" or "genfast": a boolean (B, 1, L, L) mask
+# that keeps keys i - window < j <= i (batch, heads, length, head_dim, window).
+SLIDING_MASK_CONFIGS = {"cpu": (2, 8, 2048, 64, 256), "cuda": (2, 16, 8192, 128, 1024)}
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
@@ -173,7 +177,51 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         rows += _decode_rows(device, dtype, gemm, quick, say)
         if not quick:
             rows += _dropout_rows(device, dtype, gemm, quick, say)
+            rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
     return rows
+
+
+def _sliding_mask_rows(device, dtype, gemm, quick, say):
+    """A sliding-window layer given its window as a boolean mask, as transformers' models give it:
+    every peer that takes a mask, and genfast with the window as a band (window=, what the mask
+    says), the figure a mask can approach by skipping the blocks it hides. FLOPs: those of the keys
+    the mask keeps."""
+    batch, heads, length, dim, window = SLIDING_MASK_CONFIGS.get(device, SLIDING_MASK_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    position = torch.arange(length, device=device)
+    distance = position[:, None] - position[None, :]
+    mask = ((distance >= 0) & (distance < window)).expand(batch, 1, length, length)
+
+    def sdpa(backend):
+        def run(q, k, v, m):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+        return run
+
+    candidates = [(f"genfast {impl}", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} band", lambda q, k, v, m, impl=impl: attention(
+        q, k, v, causal="top_left", window=(window - 1, 0), impl=impl)) for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
+                   ("torch.compile reference", lambda q, k, v, m: compiled(q, k, v, m))]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
+    kept = window * length - window * (window - 1) // 2
+    flops = 4 * batch * heads * kept * dim
+    groups = {
+        "attention forward sliding-window mask": (flops, [(name, lambda fn=fn: fn(q, k, v, mask))
+                                                          for name, fn in usable]),
+        "attention forward+backward sliding-window mask": (
+            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, mask), leaves, grad))
+                          for name, fn in usable]),
+    }
+    config = f"B={batch} H={heads} L={length} D={dim} window={window}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
 def _dropout_rows(device, dtype, gemm, quick, say):
