@@ -78,7 +78,7 @@ def _extension():
                f"-DGENFAST_ATTENTION_BUCKETS={_attention_buckets()}"]
     if "9.0a" in archs.replace(" ", ";").split(";"):
         defines.append("-DGENFAST_ATTENTION_SM90")  # the wgmma attention kernels (attention_*_sm90.cu)
-    nvcc = ["-O3", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo", "-Xptxas=-v"]  # each kernel's registers and spills, in the build's log
     return CUDAExtension(
         "genfast._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
         extra_link_args=link,

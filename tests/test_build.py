@@ -1,9 +1,11 @@
 """What was built, and genfast without its native extension."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +97,21 @@ def test_unknown_cpu_capability_is_an_error_naming_the_variable():
     result = _python_with_capability(script, "avx9")
     assert "GENFAST_CPU_CAPABILITY must be default, avx2 or avx512" in result.stdout, result.stdout + result.stderr[-2000:]
     assert "'avx9'" in result.stdout
+
+
+def test_kernels_include_no_framework_header():
+    """kernels/ is framework-free (CMake and the host emulator compile it alone): its quoted
+    includes stay inside kernels/, and no angle include is torch's, ATen's, c10's, pybind11's or
+    Python's."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    framework = re.compile(r"#\s*include\s*<(torch|ATen|c10|pybind11|Python\.h)")
+    quoted = re.compile(r'#\s*include\s*"([^"]+)"')
+    files = [p for p in root.rglob("*")
+             if p.suffix in {".h", ".cuh", ".cu", ".cpp"} and p.relative_to(root).parts[0] != "build"]
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text()
+        assert not framework.search(text), f"{path} includes a framework header"
+        for name in quoted.findall(text):
+            target = (path.parent / name).resolve()
+            assert target.is_file() and root in target.parents, f"{path} includes {name}, outside kernels/"
