@@ -382,12 +382,12 @@ struct ForwardScratch {
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
   ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
-      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), seen(static_cast<size_t>(heads)),
+      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)),
         drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
         acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
         max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
         k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
-        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0) {}
+        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)) {}
 };
 
 // Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
