@@ -97,6 +97,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def one_call_time_ms(fn, device, quick=False):
+    """A stand-in for genfast.benchmarks' time_ms: fn called once, timed at 2 ms, for tests of what
+    a benchmark's rows hold rather than how fast."""
+    fn()
+    return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
+
+
 def assert_compiles_like_eager(fn, leaves):
     """torch.compile(fn, fullgraph=True) gives eager's value and gradients with respect to leaves."""
     eager = fn(*leaves)

@@ -14,16 +14,12 @@ import torch.nn.functional as F
 
 from genfast.benchmarks import attention as bench
 from genfast.benchmarks import compute
+from conftest import one_call_time_ms
 
 
 @pytest.fixture
 def one_call_timer(monkeypatch):
-    """Each candidate called once, timed at 2 ms: what the rows hold, not how fast."""
-    def time_ms(fn, device, quick=False):
-        fn()
-        return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
-
-    monkeypatch.setattr(compute, "time_ms", time_ms)
+    monkeypatch.setattr(compute, "time_ms", one_call_time_ms)
 
 
 def _stand_in():

@@ -7,6 +7,7 @@ import pytest
 
 from genfast import _backend
 from genfast.cli import main
+from conftest import one_call_time_ms
 
 
 def test_info(capsys):
@@ -54,12 +55,8 @@ def test_bench_writes_json_and_csv(tmp_path, capsys, monkeypatch):
     """Every op's benchmark, each candidate called once and timed at 2 ms: what the files hold."""
     from genfast.benchmarks import compute, elementwise, timing
 
-    def time_ms(fn, device, quick=False):
-        fn()
-        return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
-
     for module in (compute, elementwise, timing):
-        monkeypatch.setattr(module, "time_ms", time_ms)
+        monkeypatch.setattr(module, "time_ms", one_call_time_ms)
     monkeypatch.setitem(timing.COPY_NUMEL, "cpu", 1 << 16)
     monkeypatch.setitem(compute.GEMM_SIZE, "cpu", 256)
     json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
