@@ -301,30 +301,53 @@ GF_CPU_INLINE bool float_row_hides_all_for(const float* __restrict m, int64_t st
 }
 GF_CPU_DISPATCH(float_row_hides_all)
 
+// A row of scores s soft-capped as attention_score does it, softcap * tanh(s / softcap); slope, when
+// given, gets the cap's derivative 1 - tanh^2 for the backward.
+template <CpuCapability isa>
+GF_CPU_INLINE void soft_cap_row_for(float* __restrict s, float softcap, float* __restrict slope) {
+  if (slope == nullptr) {
+    for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = softcap * tanh_f32(s[c] / softcap);
+    return;
+  }
+  for (int64_t c = 0; c < kKeyBlock; ++c) {
+    const float t = tanh_f32(s[c] / softcap);
+    s[c] = softcap * t;
+    slope[c] = 1.0f - t * t;
+  }
+}
+GF_CPU_DISPATCH(soft_cap_row)
+
+// A row of scores s minus ALiBi's slope * |distance0 - c| (attention_score's bias, distance0 the
+// first column's). Distances fit int32: they are under a sequence's length.
+template <CpuCapability isa>
+GF_CPU_INLINE void alibi_row_for(float* __restrict s, int64_t cols, float slope, int64_t distance0) {
+  const int32_t first = static_cast<int32_t>(distance0);
+  for (int32_t c = 0; c < static_cast<int32_t>(cols); ++c) {
+    const int32_t distance = first - c;
+    s[c] -= slope * static_cast<float>(distance < 0 ? -distance : distance);
+  }
+}
+GF_CPU_DISPATCH(alibi_row)
+
 // Scores s (rows x kKeyBlock, already scale q.k) of queries i0.. against keys j0..j0 + cols: soft-cap,
-// ALiBi, mask, band and the block's tail (-inf). With softcap, cap_slope gets 1 - tanh^2.
+// ALiBi, mask, band and the block's tail (-inf), attention_score's steps in its order, a row at a
+// time in vector lanes. With softcap, cap_slope gets 1 - tanh^2.
 void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t h, int64_t i0,
                    int64_t rows, int64_t j0, int64_t cols, float* scores, float* cap_slope) {
-  const bool plain = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone;
-  const bool mask_only = p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind != AttentionMask::kNone;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* s = scores + r * kKeyBlock;
-    if (cap_slope != nullptr && p.softcap > 0.0f) {
-      for (int64_t c = 0; c < kKeyBlock; ++c) {
-        const float t = tanh_f32(s[c] / p.softcap);
-        cap_slope[r * kKeyBlock + c] = 1.0f - t * t;
-      }
+    if (p.softcap > 0.0f) soft_cap_row(s, p.softcap, cap_slope == nullptr ? nullptr : cap_slope + r * kKeyBlock);
+    if (p.alibi_slopes != nullptr) {
+      alibi_row(s, cols, p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j0);
     }
-    if (mask_only) {  // attention_score's mask step, a row at a time
+    if (p.mask_kind != AttentionMask::kNone) {
       const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j0 * p.mask_stride[3];
       if (p.mask_kind == AttentionMask::kBool) {
         apply_bool_mask(static_cast<const uint8_t*>(p.mask) + at, p.mask_stride[3], cols, s);
       } else {
         add_float_mask(static_cast<const float*>(p.mask) + at, p.mask_stride[3], cols, s);
       }
-    } else if (!plain) {
-      for (int64_t c = 0; c < cols; ++c) s[c] = attention_score(p, seq, s[c], b, h, i, j0 + c);
     }
     const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
     const int64_t hi =
@@ -605,6 +628,13 @@ GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float*
 }
 GF_CPU_DISPATCH(probabilities_and_score_grads)
 
+// A row of score gradients dp times the soft-cap's slope: the gradient of the capped scale q.k.
+template <CpuCapability isa>
+GF_CPU_INLINE void chain_soft_cap_for(const float* __restrict slope, float* __restrict dp) {
+  for (int64_t c = 0; c < kKeyBlock; ++c) dp[c] *= slope[c];
+}
+GF_CPU_DISPATCH(chain_soft_cap)
+
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
 // when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
@@ -629,9 +659,7 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
       float* out = g.grad_mask + (row0 + r) * p.k_len + j0;
       for (int64_t c = 0; c < cols; ++c) out[c] = dp[c];
     }
-    if (p.softcap > 0.0f) {
-      for (int64_t c = 0; c < kKeyBlock; ++c) dp[c] *= w.cap[r * kKeyBlock + c];
-    }
+    if (p.softcap > 0.0f) chain_soft_cap(w.cap.data() + r * kKeyBlock, dp);
   }
 }
 
