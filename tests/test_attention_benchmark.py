@@ -22,6 +22,22 @@ def one_call_timer(monkeypatch):
     monkeypatch.setattr(compute, "time_ms", one_call_time_ms)
 
 
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """The options of each call the benchmark makes to genfast.attention; torch.compile made eager
+    (its compiles take seconds to minutes here)."""
+    calls = []
+    real_attention = bench.attention
+
+    def attention(q, k, v, **options):
+        calls.append(options)
+        return real_attention(q, k, v, **options)
+
+    monkeypatch.setattr(bench, "attention", attention)
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
+    return calls
+
+
 def _stand_in():
     module = types.ModuleType("flash_attn")
 
@@ -80,18 +96,9 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
     assert all(options["enable_gqa"] for _, _, options in calls)
 
 
-def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_timer):
+def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_timer, attention_calls):
     monkeypatch.setitem(bench.DROPOUT_CONFIGS, "cpu", (1, 2, 40, 16, False))
     monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())  # no dropout_p: left out
-    calls = []
-    real_attention = bench.attention
-
-    def attention(q, k, v, **options):
-        calls.append(options)
-        return real_attention(q, k, v, **options)
-
-    monkeypatch.setattr(bench, "attention", attention)
-    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)  # its compile takes 13 s here
     rows = bench._dropout_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
     names = {row["impl"] for row in rows}
     # SDPA's CPU flash kernel has no dropout; its math path has.
@@ -99,7 +106,7 @@ def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_tim
                      "eager reference", "torch.compile SDPA"}
     assert {row["variant"] for row in rows} == {"attention forward dropout 0.1",
                                                 "attention forward+backward dropout 0.1"}
-    assert calls and all(options["dropout_p"] == 0.1 for options in calls)
+    assert attention_calls and all(options["dropout_p"] == 0.1 for options in attention_calls)
 
 
 def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one_call_timer):
@@ -115,9 +122,11 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
     rows = bench._sliding_mask_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
     impls = bench.fused_impls("cpu")
-    assert {row["impl"] for row in rows} == {*(f"genfast {impl}" for impl in impls),
-                                             *(f"genfast {impl} band" for impl in impls), "torch SDPA flash",
-                                             "torch SDPA math", "eager reference", "torch.compile reference"}
+    peers = {*(f"genfast {impl}" for impl in impls), *(f"genfast {impl} band" for impl in impls), "torch SDPA flash",
+             "torch SDPA math", "eager reference", "torch.compile reference"}
+    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
+    # FlexAttention has no backward on the CPU.
+    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
     assert all(row["config"] == "B=1 H=2 L=40 D=16 window=6" for row in rows)
     kept = 6 * 40 - 15  # row i keeps min(i + 1, 6) keys
     for row in rows:
@@ -130,6 +139,49 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     band = real_attention(q, k, v, causal="top_left", window=(5, 0))
     torch.testing.assert_close(real_attention(q, k, v, masks[0]), band)
+
+
+def test_soft_cap_rows_give_every_peer_the_cap(monkeypatch, one_call_timer, attention_calls):
+    monkeypatch.setitem(bench.SOFT_CAP_CONFIGS, "cpu", (1, 2, 40, 16))
+    rows = bench._soft_cap_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "eager reference", "torch.compile reference"}
+    assert {row["impl"] for row in rows if row["variant"] == "attention forward+backward causal softcap 50"} == peers
+    assert {row["impl"] for row in rows if row["variant"] == "attention forward causal softcap 50"} == peers | {
+        "FlexAttention"}
+    assert all(row["config"] == "B=1 H=2 L=40 D=16" for row in rows)
+    for row in rows:  # causal: half of 4 B H L^2 D; the backward 2.5x the forward
+        flops = 2 * 2 * 40 * 40 * 16 * (3.5 if "backward" in row["variant"] else 1)
+        assert row["gflop_per_s"] == pytest.approx(flops / 2e-3 / 1e9)
+    assert attention_calls and all(options["softcap"] == 50.0 and options["is_causal"] for options in attention_calls)
+
+
+def test_flex_attention_peer_computes_the_reference(monkeypatch):
+    from genfast.reference import attention as reference
+
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)  # eager: the same function, faster here
+    cap = 3.0
+    peer = bench.flex_attention_peer("cpu", 40, lambda b, h, i, j: (i >= j) & (i - j < 6),
+                                     lambda score, b, h, i, j: cap * torch.tanh(score / cap))
+    assert peer is not None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(peer(q, k, v), reference.attention(q, k, v, causal="top_left", window=(5, 0),
+                                                                  softcap=cap))
+
+
+def test_flash_attention_peers_pass_the_soft_cap_only_when_asked(monkeypatch):
+    seen = []
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_func = lambda q, k, v, causal=False, **options: seen.append(options) or q
+    module.flash_attn_varlen_func = None
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    (_, dense, _), = bench.flash_attention_peers("cuda")
+    q = torch.randn(1, 2, 8, 16)
+    dense(q, q, q, True)
+    dense(q, q, q, True, softcap=30.0)
+    dense(q, q, q, False, dropout_p=0.1)
+    assert seen == [{}, {"softcap": 30.0}, {"dropout_p": 0.1}]
 
 
 @pytest.mark.parametrize("before", [None, "0"])

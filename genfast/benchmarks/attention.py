@@ -7,7 +7,9 @@ and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) w
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes;
-in full runs also dense with dropout, and a sliding-window layer given its window as a mask.
+in full runs also dense with dropout, a sliding-window layer given its window as a mask and a
+soft-capped causal layer, the last two with torch's FlexAttention as a peer too (forward only on
+the CPU, where it has no backward).
 """
 
 import importlib
@@ -40,17 +42,59 @@ DROPOUT_P = 0.1
 # runs it through an attention interface such as "sdpa" or "genfast": a boolean (B, 1, L, L) mask
 # that keeps keys i - window < j <= i (batch, heads, length, head_dim, window).
 SLIDING_MASK_CONFIGS = {"cpu": (2, 8, 2048, 64, 256), "cuda": (2, 16, 8192, 128, 1024)}
+# A causal layer with soft-capped logits, as Gemma 2's: (batch, heads, length, head_dim), cap SOFT_CAP.
+SOFT_CAP_CONFIGS = {"cpu": (2, 8, 1024, 64), "cuda": (2, 16, 4096, 256)}
+SOFT_CAP = 50.0
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
 
 
-def _sdpa(backend):
-    def run(q, k, v, causal):
+def _sdpa(backend, argument=None, **options):
+    """SDPA under one backend with fixed options; argument names the keyword a row's candidates
+    pass after q, k and v (is_causal or attn_mask), if they pass one."""
+    def run(q, k, v, *value):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, **options, **({argument: value[0]} if argument else {}))
 
     return run
+
+
+def flex_attention_peer(device: str, length: int, mask_mod, score_mod=None):
+    """torch's FlexAttention, compiled, for (B, H, length, D) inputs, with mask_mod's block mask built
+    once, outside the timing (as a model builds it once per forward for all its layers); None where
+    torch has no FlexAttention."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
+
+    # One compiled function for inference and one for training: a call that fails in compiling (no
+    # backward on the CPU) leaves its function running eagerly from then on, 10x slower.
+    def inference(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+    def training(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+    compiled_inference, compiled_training = (torch.compile(fn, dynamic=False) for fn in (inference, training))
+
+    def run(q, k, v, *_):
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return (compiled_training if grads else compiled_inference)(q, k, v)
+
+    return run
+
+
+def _runs(fn) -> bool:
+    """Whether a peer runs a call at its full size: FlexAttention's block mask is made for that size
+    (so _supported's short probe does not fit it), and it has no backward on the CPU."""
+    try:
+        fn()
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 # FlashAttention's packages, where installed: (name, module), each with flash_attn_func and
@@ -101,8 +145,9 @@ def flash_attention_peers(device: str):
         except ImportError:
             continue
 
-        def dense(q, k, v, causal, dropout_p=0.0, module=module):
-            options = dict(dropout_p=dropout_p) if dropout_p else {}  # FlashAttention-3 has no dropout
+        def dense(q, k, v, causal, dropout_p=0.0, softcap=0.0, module=module):
+            # Options only when asked for: FlashAttention-3 has no dropout, older FlashAttention-2 no softcap.
+            options = {name: value for name, value in (("dropout_p", dropout_p), ("softcap", softcap)) if value}
             out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                                          **options)
             return _output(out).transpose(1, 2)
@@ -139,7 +184,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     if hopper_available(device):
         candidates += [("genfast native Hopper",
                         with_hopper(lambda q, k, v, c: attention(q, k, v, is_causal=c, impl="native")))]
-    candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, "is_causal"))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [(name, dense) for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
                    ("torch.compile reference", lambda q, k, v, c: compiled(q, k, v, is_causal=c))]
@@ -179,6 +225,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 rows += _dropout_rows(device, dtype, gemm, quick, say)
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
+                rows += _soft_cap_rows(device, dtype, gemm, quick, say)
     return rows
 
 
@@ -192,19 +239,13 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
     position = torch.arange(length, device=device)
     distance = position[:, None] - position[None, :]
     mask = ((distance >= 0) & (distance < window)).expand(batch, 1, length, length)
-
-    def sdpa(backend):
-        def run(q, k, v, m):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-
-        return run
-
+    flex = flex_attention_peer(device, length, lambda b, h, i, j: (i >= j) & (i - j < window))
     candidates = [(f"genfast {impl}", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
                   for impl in fused_impls(device)]
     candidates += [(f"genfast {impl} band", lambda q, k, v, m, impl=impl: attention(
         q, k, v, causal="top_left", window=(window - 1, 0), impl=impl)) for impl in fused_impls(device)]
-    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, "attn_mask"))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
                    ("torch.compile reference", lambda q, k, v, m: compiled(q, k, v, m))]
     g = torch.Generator().manual_seed(0)
@@ -214,14 +255,53 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
     kept = window * length - window * (window - 1) // 2
     flops = 4 * batch * heads * kept * dim
-    groups = {
-        "attention forward sliding-window mask": (flops, [(name, lambda fn=fn: fn(q, k, v, mask))
-                                                          for name, fn in usable]),
-        "attention forward+backward sliding-window mask": (
-            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, mask), leaves, grad))
-                          for name, fn in usable]),
-    }
+    groups = _forward_and_backward_groups("sliding-window mask", flops, usable, flex, q, k, v, leaves, grad, mask)
     config = f"B={batch} H={heads} L={length} D={dim} window={window}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+
+
+def _forward_and_backward_groups(variant, flops, usable, flex, q, k, v, leaves, grad, *args):
+    """A row's two groups, forward and forward+backward, of the usable candidates (each called as
+    fn(q, k, v, *args)) and FlexAttention (flex, or None) in each group where it runs."""
+    groups = {}
+    for name, call, group_flops in (
+            ("forward", lambda fn: fn(q, k, v, *args), flops),
+            ("forward+backward", lambda fn: torch.autograd.grad(fn(*leaves, *args), leaves, grad), 3.5 * flops)):
+        entries = [(peer, lambda fn=fn, call=call: call(fn)) for peer, fn in usable]
+        if flex is not None and _runs(lambda: call(flex)):
+            entries.append(("FlexAttention", lambda call=call: call(flex)))
+        groups[f"attention {name} {variant}"] = (group_flops, entries)
+    return groups
+
+
+def _soft_cap_rows(device, dtype, gemm, quick, say):
+    """A causal layer with its logits soft-capped (Gemma 2's attention): SDPA cannot cap, so the
+    peers are FlexAttention with the cap as its score_mod (transformers' flex_attention path for
+    Gemma 2), FlashAttention's softcap where installed, the eager reference (transformers' eager path)
+    and its torch.compile."""
+    batch, heads, length, dim = SOFT_CAP_CONFIGS.get(device, SOFT_CAP_CONFIGS["cpu"])
+    cap = SOFT_CAP
+    compiled = torch.compile(reference.attention, dynamic=False)
+
+    def score_mod(score, b, h, i, j):
+        return cap * torch.tanh(score / cap)
+
+    flex = flex_attention_peer(device, length, lambda b, h, i, j: i >= j, score_mod)
+    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, is_causal=True, softcap=cap,
+                                                                           impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(name, lambda q, k, v, fn=dense: fn(q, k, v, True, softcap=cap))
+                   for name, dense, _ in flash_attention_peers(device)]
+    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v, is_causal=True, softcap=cap)),
+                   ("torch.compile reference", lambda q, k, v: compiled(q, k, v, is_causal=True, softcap=cap))]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
+    flops = 2 * batch * heads * length * length * dim  # causal: half of 4 B H L^2 D
+    groups = _forward_and_backward_groups(f"causal softcap {cap:g}", flops, usable, flex, q, k, v, leaves, grad)
+    config = f"B={batch} H={heads} L={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
@@ -232,21 +312,14 @@ def _dropout_rows(device, dtype, gemm, quick, say):
     compiled = torch.compile(F.scaled_dot_product_attention, dynamic=False)
     batch, heads, length, dim, causal = DROPOUT_CONFIGS.get(device, DROPOUT_CONFIGS["cpu"])
     p = DROPOUT_P
-
-    def sdpa(backend):
-        def run(q, k, v, causal):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-
-        return run
-
     candidates = [(f"genfast {impl}",
                    lambda q, k, v, c, impl=impl: attention(q, k, v, dropout_p=p, is_causal=c, impl=impl))
                   for impl in fused_impls(device)]
     if hopper_available(device):
         candidates += [("genfast native Hopper",
                         with_hopper(lambda q, k, v, c: attention(q, k, v, dropout_p=p, is_causal=c, impl="native")))]
-    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, "is_causal", dropout_p=p))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [(name, lambda q, k, v, c, fn=dense: fn(q, k, v, c, dropout_p=p))
                    for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, dropout_p=p, is_causal=c)),
@@ -274,17 +347,10 @@ def _decode_rows(device, dtype, gemm, quick, say):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, 1, dim, generator=g).to(device=device, dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-
-    def sdpa(backend):
-        def run(q, k, v):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-        return run
-
     candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, enable_gqa=True, impl=impl))
                   for impl in fused_impls(device)]
-    candidates += [(f"torch SDPA {name}", sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, enable_gqa=True))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [(name, lambda q, k, v, fn=dense: fn(q, k, v, False))
                    for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v, enable_gqa=True))]
