@@ -1,7 +1,8 @@
 """attn_implementation="genfast" in transformers models built from small configurations (random
 weights, no download): logits and parameter gradients against the "eager" implementation by the
 error-ratio rule (float64 eager as the exact value, float32 eager as the low-precision one), with
-grouped-query heads, padding masks, Gemma 2's soft-capping, and cached generation."""
+grouped-query heads, padding masks, Gemma 2's soft-capping and sliding window, and cached
+generation."""
 
 import copy
 
@@ -108,6 +109,26 @@ def test_cached_generation_matches_eager(impl):
     assert torch.equal(fused.sequences, eager.sequences)
     for a, e in zip(fused.scores, eager.scores):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_layers_pass_their_window_as_a_band(monkeypatch):
+    """Gemma 2's local layers hand the kernels their window beside the mask where the queries are
+    the keys' positions (the prefill); its global layers, and the cached decoding steps, do not."""
+    calls = []
+    real_attention = genfast_transformers.attention
+
+    def attention(query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[2], kwargs.get("window")))
+        return real_attention(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(genfast_transformers, "attention", attention)
+    ids = torch.randint(1, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _model("gemma2-softcap-window", "genfast").generate(ids, attention_mask=torch.ones_like(ids),
+                                                            max_new_tokens=2, do_sample=False)
+    assert [window for q_length, _, window in calls if q_length == 21] == [(7, 7), None]  # sliding_window=8
+    steps = [(k_length, window) for q_length, k_length, window in calls if q_length == 1]
+    assert steps and all(window is None for _, window in steps)
 
 
 def test_registration():

@@ -8,8 +8,10 @@ Every model that dispatches through transformers' AttentionInterface (Llama, Mis
 GPT-2, ...) then computes its attention with genfast's fused kernels: what "sdpa" computes, with
 grouped-query heads read in place (no repeat_kv copies) and masks of any kind on every backend.
 transformers builds the same masks for "genfast" as for "sdpa" (boolean, or none where is_causal
-covers it). Gemma 2's logit soft-capping, which "sdpa" drops, is kept. register(name, impl) adds
-further names pinned to a backend, e.g. "genfast_triton".
+covers it). Gemma 2's logit soft-capping, which "sdpa" drops, is kept. A sliding-window layer's
+window (the `sliding_window` transformers hands its flash paths) is passed as a band beside the
+mask, so that the kernels skip the key blocks outside it instead of reading the mask there.
+register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton".
 """
 
 from typing import Optional
@@ -48,8 +50,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         is_causal = False
     # Logit soft-capping (Gemma 2), which "sdpa" ignores, is applied as "eager" applies it.
     out = attention(query, key, value, attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                    enable_gqa=key.shape[1] != query.shape[1], softcap=kwargs.get("softcap"), impl=impl)
+                    enable_gqa=key.shape[1] != query.shape[1], softcap=kwargs.get("softcap"),
+                    window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), impl=impl)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _window(sliding_window, q_length: int, kv_length: int):
+    """The band of a sliding-window layer: keys within sliding_window - 1 of the query on either
+    side, as transformers' flash paths read `sliding_window` (its masks' sliding overlay keeps
+    kv > q - sliding_window, and their causal part the right side). Only where the queries are the
+    keys' positions (training, prefill): a cache's keys need not end at the last query."""
+    if not isinstance(sliding_window, int) or sliding_window <= 0 or q_length != kv_length:
+        return None
+    return (sliding_window - 1, sliding_window - 1)
 
 
 def register(name: str = NAME, impl: str = "auto") -> str:
