@@ -1,6 +1,7 @@
 """genfast.integrations.sdpa: torch.nn.functional.scaled_dot_product_attention patched to run
 genfast.attention. Direct calls with SDPA's options, nn.TransformerEncoderLayer in training (which
-reaches SDPA through MultiheadAttention's functional code) and a compiled caller give torch's
+reaches SDPA through MultiheadAttention's functional code), diffusers' default attention processor
+and a compiled caller give torch's
 values and gradients by the error-ratio rule (float64 torch as the exact value, float32 torch as
 the low-precision one), through genfast; dropout repeats under torch's seed; calls its kernels do
 not take go to torch's SDPA, or raise when a backend was named; the patch comes off as it went on."""
@@ -103,6 +104,20 @@ def test_transformer_layers_in_training_reach_genfast(impl, genfast_calls):
     assert_error_ratio(got[0], exact[0], low[0], msg="output")
     assert_error_ratio(torch.cat(got[1:]), torch.cat(exact[1:]), torch.cat(low[1:]), ratio=3.0,
                        msg="parameter gradients")
+
+
+def test_diffusers_default_processor_reaches_genfast(genfast_calls):
+    attention_processor = pytest.importorskip("diffusers.models.attention_processor")
+    torch.manual_seed(0)
+    block = attention_processor.Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    assert isinstance(block.processor, attention_processor.AttnProcessor2_0)
+    x, context = torch.randn(2, 30, 32), torch.randn(2, 11, 24)
+    exact = block.double()(x.double(), encoder_hidden_states=context.double())
+    low = block.float()(x, encoder_hidden_states=context)
+    with genfast_sdpa.patched():
+        got = block(x, encoder_hidden_states=context)
+    assert genfast_calls == [(2, 4, 30, 8)]
+    assert_error_ratio(got.detach(), exact.detach(), low.detach(), msg="cross-attention block")
 
 
 def test_dropout_repeats_under_torchs_seed(genfast_calls):
