@@ -1,10 +1,10 @@
 """genfast.integrations.sdpa: torch.nn.functional.scaled_dot_product_attention patched to run
 genfast.attention. Direct calls with SDPA's options, nn.TransformerEncoderLayer in training (which
 reaches SDPA through MultiheadAttention's functional code), diffusers' default attention processor
-and a compiled caller give torch's
-values and gradients by the error-ratio rule (float64 torch as the exact value, float32 torch as
-the low-precision one), through genfast; dropout repeats under torch's seed; calls its kernels do
-not take go to torch's SDPA, or raise when a backend was named; the patch comes off as it went on."""
+and a compiled caller give torch's values and gradients by the error-ratio rule (float64 torch as
+the exact value, float32 torch as the low-precision one), through genfast; dropout repeats under
+torch's seed; calls its kernels do not take go to torch's SDPA, or raise when a backend was named;
+the patch comes off as it went on."""
 
 import pytest
 import torch
