@@ -394,6 +394,24 @@ def test_deterministic_algorithms_ask_for_a_deterministic_backward():
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_through_lse_alone(impl):
+    """A loss of the log-sum-exp alone (as when partial attentions are combined by their
+    normalizers): o gets no gradient, which the backward takes as zeros."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(2, 2, 1, 9, 12, 8, torch.float32)
+
+    def grads(impl, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        _, lse = genfast.attention(*leaves, enable_gqa=True, causal="bottom_right", impl=impl, return_lse=True)
+        return torch.autograd.grad((lse.double() ** 2).sum(), leaves, allow_unused=True, materialize_grads=True)
+
+    got, exact, low = grads(impl, torch.float32), grads("reference", torch.float64), grads("reference", torch.float32)
+    for name, a, e, lo in zip("qkv", got, exact, low):
+        assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
+    assert not got[2].any()  # lse does not depend on v
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck_and_compile(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 1, 9, 12, 8, torch.float32)

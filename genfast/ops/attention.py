@@ -189,8 +189,4 @@ if _backend.native_module() is not None:
     torch.library.register_fake("genfast::attention_backward")(_backward_fake)
     torch.library.register_fake("genfast::attention_varlen_forward")(_varlen_fake)
     torch.library.register_fake("genfast::attention_varlen_backward")(_varlen_backward_fake)
-    torch.library.register_autograd("genfast::attention_forward",
-                                    _make_backward(torch.ops.genfast.attention_backward), setup_context=_setup_context)
-    torch.library.register_autograd("genfast::attention_varlen_forward",
-                                    _make_varlen_backward(torch.ops.genfast.attention_varlen_backward),
-                                    setup_context=_varlen_setup_context)
+    # Their autograd is registered in C++ (csrc/attention_autograd.cpp): no Python layer per call.

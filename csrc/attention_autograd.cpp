@@ -1,0 +1,178 @@
+// Autograd of the native attention ops (genfast::attention_forward and attention_varlen_forward, on
+// every device the extension serves), in C++: the backward op from the forward's saved inputs, o
+// and lse. torch.library.register_autograd would put a Python layer on every call, 5-10 us that a
+// decoding step with a short KV cache spends about as long as the kernel itself.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace genfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&, double, double, int64_t,
+                                                     int64_t, double, int64_t, int64_t, bool);
+using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    double, double, int64_t, int64_t, double, int64_t, int64_t, bool, bool);
+using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                                           const std::optional<at::Tensor>&, double, double,
+                                                           int64_t, int64_t, double, int64_t, int64_t, bool);
+using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+    const std::optional<at::Tensor>&, double, double, int64_t, int64_t, double, int64_t, int64_t, bool);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The options after the tensors, in the ops' order: scale, softcap, band_lo, band_hi, dropout_p,
+// seed, offset, deterministic.
+struct AttentionOptions {
+  double scale, softcap;
+  int64_t band_lo, band_hi;
+  double dropout_p;
+  int64_t seed, offset;
+  bool deterministic;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["band_lo"] = band_lo;
+    ctx->saved_data["band_hi"] = band_hi;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["deterministic"] = deterministic;
+  }
+  static AttentionOptions saved(AutogradContext* ctx) {
+    const auto& d = ctx->saved_data;
+    return {d.at("scale").toDouble(),    d.at("softcap").toDouble(), d.at("band_lo").toInt(),
+            d.at("band_hi").toInt(),     d.at("dropout_p").toDouble(), d.at("seed").toInt(),
+            d.at("offset").toInt(),      d.at("deterministic").toBool()};
+  }
+};
+
+// grad_o as the backward ops take it: zeros where only lse was used.
+at::Tensor output_grad(const at::Tensor& grad_o, const at::Tensor& o) {
+  return grad_o.defined() ? grad_o : at::zeros_like(o);
+}
+
+class Attention : public torch::autograd::Function<Attention> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& alibi_slopes, const AttentionOptions& options) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto forward_op = op<ForwardOp>("genfast::attention_forward");
+    auto [o, lse] = forward_op.call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
+                                    options.band_lo, options.band_hi, options.dropout_p, options.seed,
+                                    options.offset, options.deterministic);
+    ctx->set_materialize_grads(false);  // an unused lse has no gradient to subtract
+    ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
+    ctx->saved_data["mask_needs_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
+    options.save(ctx);
+    return {o, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o = saved[3], &lse = saved[4];
+    const at::Tensor &attn_mask = saved[5], &alibi_slopes = saved[6];
+    const bool mask_needs_grad = ctx->saved_data.at("mask_needs_grad").toBool();
+    const AttentionOptions options = AttentionOptions::saved(ctx);
+    static const auto backward_op = op<BackwardOp>("genfast::attention_backward");
+    auto [grad_q, grad_k, grad_v, grad_s] = backward_op.call(
+        output_grad(grads[0], o), defined_or_none(grads[1]), q, k, v, o, lse, defined_or_none(attn_mask),
+        defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
+        options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic);
+    at::Tensor grad_mask;
+    if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes()).to(attn_mask.scalar_type());
+    // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes and the options.
+    variable_list result = {grad_q, grad_k, grad_v, grad_mask};
+    result.resize(6);
+    return result;
+  }
+};
+
+class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes,
+                               const AttentionOptions& options) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto forward_op = op<VarlenForwardOp>("genfast::attention_varlen_forward");
+    auto [o, lse] = forward_op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                    options.scale, options.softcap, options.band_lo, options.band_hi,
+                                    options.dropout_p, options.seed, options.offset, options.deterministic);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor())});
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
+    options.save(ctx);
+    return {o, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &o = saved[3], &alibi_slopes = saved[7];
+    const AttentionOptions options = AttentionOptions::saved(ctx);
+    static const auto backward_op = op<VarlenBackwardOp>("genfast::attention_varlen_backward");
+    auto [grad_q, grad_k, grad_v] = backward_op.call(
+        output_grad(grads[0], o), defined_or_none(grads[1]), saved[0], saved[1], saved[2], o, saved[4], saved[5],
+        saved[6], ctx->saved_data.at("max_seqlen_q").toInt(), ctx->saved_data.at("max_seqlen_k").toInt(),
+        defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
+        options.dropout_p, options.seed, options.offset, options.deterministic);
+    // One per argument of apply: q, k, v; none to the sequences' bounds and lengths, alibi_slopes
+    // and the options.
+    variable_list result = {grad_q, grad_k, grad_v};
+    result.resize(9);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> pair(const variable_list& outputs) { return {outputs[0], outputs[1]}; }
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+  return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
+                               AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                                deterministic}));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+  return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                     AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                                      deterministic}));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, Autograd, m) {
+  m.impl("attention_forward", &attention_forward_autograd);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_autograd);
+}
+
+}  // namespace genfast
