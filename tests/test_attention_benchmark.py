@@ -94,6 +94,10 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
         assert row["gflop_per_s"] == pytest.approx(4 * 2 * 4 * 40 * 16 / (row["median_ms"] * 1e-3) / 1e9)
     assert ((2, 4, 1, 16), (2, 2, 40, 16)) in [(tuple(q), tuple(k)) for q, k, _ in calls]
     assert all(options["enable_gqa"] for _, _, options in calls)
+    small = bench._decode_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None,
+                               config=(1, 3, 3, 20, 8))
+    assert {row["config"] for row in small} == {"B=1 H=3 H_kv=3 Lk=20 D=8"}
+    assert {row["impl"] for row in small} == names
 
 
 def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_timer, attention_calls):

@@ -7,7 +7,7 @@ and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) w
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes;
-in full runs also dense with dropout, a sliding-window layer given its window as a mask and a
+in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given its window as a mask and a
 soft-capped causal layer, the last two with torch's FlexAttention as a peer too (forward only on
 the CPU, where it has no backward).
 """
@@ -35,6 +35,9 @@ VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),
 # One new token per sequence against a KV cache (batch, heads, kv_heads, cache length, head_dim),
 # grouped-query as in Llama-style models: decoding, bound by reading K and V.
 DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
+# And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
+# (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
+SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
 # Attention dropout in training (batch, heads, length, head_dim, causal), at DROPOUT_P.
 DROPOUT_CONFIGS = {"cpu": (2, 8, 1024, 64, False), "cuda": (4, 16, 2048, 128, False)}
 DROPOUT_P = 0.1
@@ -222,6 +225,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         if not sizes:
             rows += _decode_rows(device, dtype, gemm, quick, say)
             if not quick:
+                rows += _decode_rows(device, dtype, gemm, quick, say,
+                                     SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
                 rows += _dropout_rows(device, dtype, gemm, quick, say)
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
@@ -341,9 +346,10 @@ def _dropout_rows(device, dtype, gemm, quick, say):
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
-def _decode_rows(device, dtype, gemm, quick, say):
-    """Decoding: one query per sequence against a long KV cache with fewer K/V heads (enable_gqa)."""
-    batch, heads, kv_heads, length, dim = DECODE_CONFIGS.get(device, DECODE_CONFIGS["cpu"])
+def _decode_rows(device, dtype, gemm, quick, say, config=None):
+    """Decoding: one query per sequence against a KV cache, by default a long one with fewer K/V
+    heads (enable_gqa); config (batch, heads, kv_heads, cache length, head_dim) gives another."""
+    batch, heads, kv_heads, length, dim = config or DECODE_CONFIGS.get(device, DECODE_CONFIGS["cpu"])
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, 1, dim, generator=g).to(device=device, dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
@@ -355,8 +361,8 @@ def _decode_rows(device, dtype, gemm, quick, say):
                    for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v, enable_gqa=True))]
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
-    groups = {"attention decode": (4 * batch * heads * length * dim,
-                                   [(name, lambda fn=fn: fn(q, k, v)) for name, fn in usable])}
+    groups = {"attention decode": (4 * batch * heads * length * dim,  # without autograd, as generation runs
+                                   [(name, torch.no_grad()(lambda fn=fn: fn(q, k, v))) for name, fn in usable])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * kv_heads * length * dim, groups, gemm, quick, say)
 
