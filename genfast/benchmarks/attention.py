@@ -7,9 +7,9 @@ and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) w
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes;
-in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given its window as a mask and a
-soft-capped causal layer, the last two with torch's FlexAttention as a peer too (forward only on
-the CPU, where it has no backward).
+in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given
+its window as a mask and a soft-capped causal layer, the last two with torch's FlexAttention as a
+peer too (forward only on the CPU, where it has no backward).
 """
 
 import importlib
@@ -205,15 +205,10 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             grad = torch.randn_like(q)
             usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, causal)]
-            with_deterministic = usable + [(name, fn) for name, fn in deterministic if _supported(fn, q, k, v, causal)]
             flops = 4 * batch * heads * length * length * dim / (2 if causal else 1)
-            groups = {
-                f"attention forward{' causal' if causal else ''}": (
-                    flops, [(name, lambda fn=fn: fn(q, k, v, causal)) for name, fn in usable]),
-                f"attention forward+backward{' causal' if causal else ''}": (
-                    3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, causal), leaves, grad))
-                                  for name, fn in with_deterministic]),
-            }
+            groups = _forward_and_backward_groups(
+                "causal" if causal else "", flops, usable, q, k, v, leaves, grad, causal,
+                backward_only=[(name, fn) for name, fn in deterministic if _supported(fn, q, k, v, causal)])
             config = f"B={batch} H={heads} L={length} D={dim}"
             rows += time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick,
                                 say)
@@ -260,22 +255,25 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
     kept = window * length - window * (window - 1) // 2
     flops = 4 * batch * heads * kept * dim
-    groups = _forward_and_backward_groups("sliding-window mask", flops, usable, flex, q, k, v, leaves, grad, mask)
+    groups = _forward_and_backward_groups("sliding-window mask", flops, usable, q, k, v, leaves, grad, mask, flex=flex)
     config = f"B={batch} H={heads} L={length} D={dim} window={window}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
-def _forward_and_backward_groups(variant, flops, usable, flex, q, k, v, leaves, grad, *args):
-    """A row's two groups, forward and forward+backward, of the usable candidates (each called as
-    fn(q, k, v, *args)) and FlexAttention (flex, or None) in each group where it runs."""
+def _forward_and_backward_groups(variant, flops, usable, q, k, v, leaves, grad, *args, flex=None,
+                                 backward_only=()):
+    """A row's two groups, forward and forward+backward (3.5x the flops), of the usable candidates
+    (each called as fn(q, k, v, *args)), the backward_only ones in the second, and FlexAttention
+    (flex, or None) in each group where it runs."""
     groups = {}
-    for name, call, group_flops in (
-            ("forward", lambda fn: fn(q, k, v, *args), flops),
-            ("forward+backward", lambda fn: torch.autograd.grad(fn(*leaves, *args), leaves, grad), 3.5 * flops)):
-        entries = [(peer, lambda fn=fn, call=call: call(fn)) for peer, fn in usable]
+    for name, call, group_flops, extra in (
+            ("forward", lambda fn: fn(q, k, v, *args), flops, ()),
+            ("forward+backward", lambda fn: torch.autograd.grad(fn(*leaves, *args), leaves, grad), 3.5 * flops,
+             backward_only)):
+        entries = [(peer, lambda fn=fn, call=call: call(fn)) for peer, fn in [*usable, *extra]]
         if flex is not None and _runs(lambda: call(flex)):
             entries.append(("FlexAttention", lambda call=call: call(flex)))
-        groups[f"attention {name} {variant}"] = (group_flops, entries)
+        groups[f"attention {name} {variant}".rstrip()] = (group_flops, entries)
     return groups
 
 
@@ -305,7 +303,7 @@ def _soft_cap_rows(device, dtype, gemm, quick, say):
     grad = torch.randn_like(q)
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
     flops = 2 * batch * heads * length * length * dim  # causal: half of 4 B H L^2 D
-    groups = _forward_and_backward_groups(f"causal softcap {cap:g}", flops, usable, flex, q, k, v, leaves, grad)
+    groups = _forward_and_backward_groups(f"causal softcap {cap:g}", flops, usable, q, k, v, leaves, grad, flex=flex)
     config = f"B={batch} H={heads} L={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
@@ -335,13 +333,8 @@ def _dropout_rows(device, dtype, gemm, quick, say):
     grad = torch.randn_like(q)
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, causal)]
     flops = 4 * batch * heads * length * length * dim / (2 if causal else 1)
-    suffix = f"{' causal' if causal else ''} dropout {p}"
-    groups = {
-        f"attention forward{suffix}": (flops, [(name, lambda fn=fn: fn(q, k, v, causal)) for name, fn in usable]),
-        f"attention forward+backward{suffix}": (
-            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*leaves, causal), leaves, grad))
-                          for name, fn in usable]),
-    }
+    groups = _forward_and_backward_groups(f"{'causal ' if causal else ''}dropout {p}", flops, usable, q, k, v,
+                                          leaves, grad, causal)
     config = f"B={batch} H={heads} L={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
