@@ -8,6 +8,7 @@ Environment:
   GENFAST_ATTENTION_HEAD_DIMS  the head-dim buckets of the CUDA attention kernels to compile, e.g.
                            "64,128" (default: 32,64,128,256); 256 always is, and serves any head dim
   MAX_JOBS                 parallel compile jobs (ninja)
+  GENFAST_HOST_DEBUG_INFO=1  compile the C++ sources with debug information (-g; default -g0)
 """
 
 import glob
@@ -69,7 +70,11 @@ def _extension():
     # no floating-point traps lets it turn selects and floor into vector code (values unchanged);
     # at::parallel_for runs in parallel only where the caller is compiled with OpenMP (it then
     # shares torch's libgomp, loaded under the same soname).
+    # -g0: Python's CFLAGS bring -g, whose debug information for torch's headers triples the time a
+    # source takes (GENFAST_HOST_DEBUG_INFO=1 keeps it).
     cxx = ["-O3", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    if os.environ.get("GENFAST_HOST_DEBUG_INFO") != "1":
+        cxx.append("-g0")
     link = ["-fopenmp"]
     if not _want_cuda():
         return CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

@@ -1,5 +1,5 @@
 // genfast._C: the Python module that carries the operators, and what was compiled into it.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/version.h>
 
 #include "cpu/cpu_features.h"
