@@ -46,24 +46,25 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
             _checks.check_float_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got {tuple(t.shape)}")
+    qs, ks, vs = q.shape, k.shape, v.shape  # each .shape makes a new Size; a decoding step feels it
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype ({q.dtype}), got {k.dtype} and {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"k and v must be on q's device ({q.device}), got {k.device} and {v.device}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k's head_dim must equal q's ({q.shape[3]}), got {k.shape[3]}")
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"k and v must have q's batch size ({q.shape[0]}), got {k.shape[0]} and {v.shape[0]}")
-    if v.shape[1:3] != k.shape[1:3]:
-        raise ValueError(f"v must have k's heads and length {tuple(k.shape[1:3])}, got {tuple(v.shape[1:3])}")
-    if k.shape[1] != q.shape[1]:
+    if ks[3] != qs[3]:
+        raise ValueError(f"k's head_dim must equal q's ({qs[3]}), got {ks[3]}")
+    if ks[0] != qs[0] or vs[0] != qs[0]:
+        raise ValueError(f"k and v must have q's batch size ({qs[0]}), got {ks[0]} and {vs[0]}")
+    if vs[1:3] != ks[1:3]:
+        raise ValueError(f"v must have k's heads and length {tuple(ks[1:3])}, got {tuple(vs[1:3])}")
+    if ks[1] != qs[1]:
         if not enable_gqa:
-            raise ValueError(f"q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for grouped-query "
+            raise ValueError(f"q has {qs[1]} heads and k {ks[1]}: pass enable_gqa=True for grouped-query "
                              "attention")
-        if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-            raise ValueError(f"k's heads ({k.shape[1]}) must divide q's heads ({q.shape[1]})")
+        if ks[1] == 0 or qs[1] % ks[1]:
+            raise ValueError(f"k's heads ({ks[1]}) must divide q's heads ({qs[1]})")
     if attn_mask is not None:
-        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        full = (qs[0], qs[1], qs[2], ks[2])
         if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
             raise TypeError(f"attn_mask must be a bool or floating-point tensor, got "
                             f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
@@ -81,9 +82,9 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
     if window is not None and (len(window) != 2 or any(int(w) != w or w < -1 for w in window)):
         raise ValueError(f"window must be (left, right), each >= 0 or -1 for unbounded, got {window}")
     if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape not in ((q.shape[1],), q.shape[:2]):
-            raise ValueError(f"alibi_slopes must have shape (heads,) = ({q.shape[1]},) or (batch, heads) = "
-                             f"{tuple(q.shape[:2])}, got {tuple(getattr(alibi_slopes, 'shape', ()))}")
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape not in ((qs[1],), qs[:2]):
+            raise ValueError(f"alibi_slopes must have shape (heads,) = ({qs[1]},) or (batch, heads) = "
+                             f"{tuple(qs[:2])}, got {tuple(getattr(alibi_slopes, 'shape', ()))}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes must be on q's device ({q.device}), got {alibi_slopes.device}")
     if softcap is not None and not softcap > 0:
