@@ -305,13 +305,13 @@ GF_CPU_DISPATCH(float_row_hides_all)
 // given, gets the cap's derivative 1 - tanh^2 for the backward.
 template <CpuCapability isa>
 GF_CPU_INLINE void soft_cap_row_for(float* __restrict s, float softcap, float* __restrict slope) {
+  float t;  // per element; soft_capped writes it
   if (slope == nullptr) {
-    for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = softcap * tanh_f32(s[c] / softcap);
+    for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = soft_capped(s[c], softcap, t);
     return;
   }
   for (int64_t c = 0; c < kKeyBlock; ++c) {
-    const float t = tanh_f32(s[c] / softcap);
-    s[c] = softcap * t;
+    s[c] = soft_capped(s[c], softcap, t);
     slope[c] = 1.0f - t * t;
   }
 }
@@ -322,10 +322,7 @@ GF_CPU_DISPATCH(soft_cap_row)
 template <CpuCapability isa>
 GF_CPU_INLINE void alibi_row_for(float* __restrict s, int64_t cols, float slope, int64_t distance0) {
   const int32_t first = static_cast<int32_t>(distance0);
-  for (int32_t c = 0; c < static_cast<int32_t>(cols); ++c) {
-    const int32_t distance = first - c;
-    s[c] -= slope * static_cast<float>(distance < 0 ? -distance : distance);
-  }
+  for (int32_t c = 0; c < static_cast<int32_t>(cols); ++c) s[c] -= alibi_bias(slope, first - c);
 }
 GF_CPU_DISPATCH(alibi_row)
 

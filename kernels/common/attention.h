@@ -124,14 +124,26 @@ GF_HOST_DEVICE_INLINE int64_t attention_v_at(const AttentionParams& p, const Att
   return b * p.v_stride[0] + hk * p.v_stride[1] + (s.k_start + j) * p.v_stride[2];
 }
 
+// softcap * tanh(s / softcap); t gets the tanh, whose 1 - t^2 is the cap's slope.
+GF_HOST_DEVICE_INLINE float soft_capped(float s, float softcap, float& t) {
+  t = tanh_f32(s / softcap);
+  return softcap * t;
+}
+
+// ALiBi's bias, slope * |distance|, distance = i + (Lk - Lq) - j between query i and key j (the
+// CPU kernel's rows pass int32 distances, which vectorize).
+template <typename Distance>
+GF_HOST_DEVICE_INLINE float alibi_bias(float slope, Distance distance) {
+  return slope * static_cast<float>(distance < 0 ? -distance : distance);
+}
+
 // s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
 GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const AttentionSequence& seq, float scaled_dot,
                                             int64_t b, int64_t h, int64_t i, int64_t j) {
-  float s = p.softcap > 0.0f ? p.softcap * tanh_f32(scaled_dot / p.softcap) : scaled_dot;
+  float t;
+  float s = p.softcap > 0.0f ? soft_capped(scaled_dot, p.softcap, t) : scaled_dot;
   if (p.alibi_slopes != nullptr) {
-    const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
-    const int64_t distance = i + (seq.k_len - seq.q_len) - j;
-    s -= slope * static_cast<float>(distance < 0 ? -distance : distance);
+    s -= alibi_bias(p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j);
   }
   if (p.mask_kind != AttentionMask::kNone) {
     const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];

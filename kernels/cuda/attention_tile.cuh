@@ -464,7 +464,8 @@ __device__ __forceinline__ float score_at(const AttentionParams& p, const Attent
   } else {
     if (i >= q_len || j >= k_len) return kNegInf;
     if (kCap && p.softcap > 0.0f) {
-      const float t = tanh_f32(scaled / p.softcap);
+      float t;
+      soft_capped(scaled, p.softcap, t);
       cap = 1.0f - t * t;
     }
     return attention_score(p, seq, scaled, b, h, i, j);
