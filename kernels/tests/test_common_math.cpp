@@ -1,5 +1,5 @@
 // Host tests of kernels/common: Philox known answers, the Box-Muller polynomials against libm,
-// and the denoise formula's NaN handling. Built and run by CMake (ctest).
+// the denoise formula's NaN handling and attention's score terms. Built and run by CMake (ctest).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -139,6 +139,26 @@ static void test_exp_nonpositive() {
          "exp_nonpositive limits");
 }
 
+// The soft-cap and ALiBi terms of attention_score, which the CPU kernel's rows also call.
+static void test_attention_score_terms() {
+  double worst = 0.0;
+  for (int i = -4000; i <= 4000; ++i) {
+    const float x = static_cast<float>(i) * 0.025f, cap = 5.0f;
+    float t = 0.0f;
+    const float capped = genfast::soft_capped(x, cap, t);
+    const double exact = 5.0 * std::tanh(static_cast<double>(x) / 5.0);
+    worst = std::max(worst, std::fabs(capped - exact) / std::max(std::fabs(exact), 1e-30));
+    EXPECT(capped == cap * t, "soft_capped(%g) is not cap times the tanh it returns", x);
+  }
+  EXPECT(worst < 1e-6, "soft_capped is %.3g off relative to cap tanh(x / cap)", worst);
+  float t = 0.0f;
+  EXPECT(genfast::soft_capped(1e30f, 2.0f, t) == 2.0f && t == 1.0f, "soft_capped saturates at the cap");
+  EXPECT(std::isnan(genfast::soft_capped(NAN, 2.0f, t)) && std::isnan(t), "soft_capped keeps NaN");
+  EXPECT(genfast::alibi_bias(0.5f, int64_t{-7}) == 3.5f && genfast::alibi_bias(0.5f, int32_t{7}) == 3.5f &&
+             genfast::alibi_bias(0.25f, int64_t{0}) == 0.0f,
+         "alibi_bias is slope * |distance| for int32 and int64 distances");
+}
+
 static void test_nade_sigmoid() {
   double worst = 0.0;
   float worst_at = 0.0f;
@@ -183,6 +203,7 @@ int main() {
   test_scale_terms_are_consistent();
   test_exp_nonpositive();
   test_nade_sigmoid();
+  test_attention_score_terms();
   test_philox_known_answers();
   test_log_against_libm();
   test_cos_sin_against_libm();
