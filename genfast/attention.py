@@ -12,6 +12,7 @@ Dropout's (seed, offset) key is drawn from the generator when the forward is cal
 backward replays it: a CUDA graph that captures a training step with dropout replays the same mask.
 """
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -133,13 +134,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 FUSED_MAX_HEAD_DIM = 256  # of the CUDA and the Triton kernels
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> Tuple[int, int]:
+    """A GPU's compute capability, asked once: torch's lookup costs microseconds of every call."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _cuda_kernels_refuse(q: Tensor, head_dim: int) -> Optional[str]:
     """Why genfast's CUDA attention kernels cannot run a call on q's GPU, or None when they can."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"they take float16 or bfloat16 q, k, v, got {q.dtype}"
     if head_dim > FUSED_MAX_HEAD_DIM:
         return f"they take head dims up to {FUSED_MAX_HEAD_DIM}, got {head_dim}"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device)
     if major < 8:
         return f"they need compute capability 8.0 or later (mma.sync, cp.async), got {major}.{minor}"
     return None

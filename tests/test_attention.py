@@ -3,6 +3,7 @@ gradients by the error-ratio rule for every option, odd lengths and head dims, f
 NaN, dropout's Philox mask, a deterministic backward, opcheck, torch.compile and bad input."""
 
 import importlib
+import types
 
 import pytest
 import torch
@@ -494,3 +495,17 @@ def test_both_backward_schedules_agree():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _compare_grads(q, k, v, mask, causal="bottom_right")
+
+
+def test_cuda_kernels_refuse_older_gpus_asking_the_capability_once(monkeypatch):
+    module = importlib.import_module("genfast.attention")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or (7, 5))
+    q = types.SimpleNamespace(dtype=torch.float16, device=torch.device("cuda", 0))
+    module._capability.cache_clear()
+    try:
+        for _ in range(2):
+            assert "compute capability 8.0 or later" in module._cuda_kernels_refuse(q, 64)
+        assert asked == [torch.device("cuda", 0)]
+    finally:
+        module._capability.cache_clear()  # the real GPU's answer for the tests after this one
