@@ -8,7 +8,7 @@ import torch
 
 import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
-from test_attention import DROPOUT_MASK_KEYS, _compare, _compare_grads, _qkv, check_dropout_mask
+from test_attention import DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv, check_dropout_mask
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
 
@@ -119,6 +119,23 @@ def test_masks_and_their_gradients(impl, dtype, kind):
     mask = mask.cuda() if kind == "bool" else mask.to("cuda", dtype)
     mask[..., 5, :] = False if kind == "bool" else float("-inf")  # a row that sees no key: zeros, finite grads
     _compare_grads(q, k, v, mask, impl=impl)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_block_sparse_masks(impl, dtype, kind):
+    """Masks hiding whole key blocks, which the CUDA kernels skip, beside blocks kept whole or in
+    part (test_attention._block_sparse_mask), forward and backward; a NaN in a hidden block's
+    additive bias still reaches its row."""
+    q, k, v = _cuda(*_qkv(2, 3, 1, 300, 350, 64, dtype))
+    mask = _block_sparse_mask(2, 3, 300, 350, kind).cuda()
+    mask = mask if kind == "bool" else mask.to(dtype)
+    _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
+    _compare_grads(q, k, v, mask, impl=impl)
+    if kind == "float":
+        mask[1, 2, 10, 349] = float("nan")
+        o = genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl)
+        assert bool(o[1, 2, 10].isnan().all()) and not bool(o[1, 2, 9].isnan().any())
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

@@ -125,14 +125,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    if (step + 1 < steps) {
-      load_queries(step + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const bool shown = stage_block<kPlain>(
+        step + 1 < steps, [&] { load_queries(step + 1, buf ^ 1); },
+        [&] { return mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len}); }, [] {});
+    if (!shown) continue;  // the mask hides the keys from every query of the step
     const uint16_t* q_tile = s_q + buf * kBlockM * kStride;
     const uint16_t* do_tile = s_do + buf * kBlockM * kStride;
     const float* lse = s_lse + buf * kBlockM;
@@ -182,6 +178,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_key_grads<T, kCT>(p, grads.grad_k, grads.grad_v, seq, hk, key_j, col0, acc_dk, acc_dv);
 }
 
+// The q kernel's mask reads in flight at a time (mask_shows_any): all 32 of a block would spill
+// 108 bytes at head dim 64.
+constexpr int kQKernelMaskLoads = 4;
+
 template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_kernel(const __grid_constant__ AttentionCudaParams<T> params,
@@ -230,14 +230,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    if (n + 1 < blocks.count) {
-      kv.load(blocks.first + n + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const bool shown = stage_block<kPlain>(
+        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        [&] {
+          return mask_shows_any<kBlockM, kBlockN, kThreads, kQKernelMaskLoads>(p, b, j0, k_len,
+                                                                               HeadQueries{h, i0, q_len});
+        },
+        [] {});
+    if (!shown) continue;  // the mask hides the block from every query of the tile
     const uint16_t* k_tile = kv.k_tile(buf);
     const uint16_t* v_tile = kv.v_tile(buf);
 

@@ -13,10 +13,11 @@
 //        S = Q K^T,  dP = dO V^T,  dQ += dS K  (B = K read MN-major); and dS to grad_s when asked.
 // Head dim 256 takes a pair of their own (attention_backward_kv_sm90_d256_kernel and
 // attention_backward_q_sm90_d256_kernel), whose warpgroups split the accumulators' columns.
-// Each pair of products above is issued together, then waited for. The per-element work (P from
-// lse, dropout replayed, dS) is backward_element, as on sm_80. The launcher in attention_backward.cu
-// takes these on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a
-// (hopper_backward_applies).
+// The cp.async kernels skip a step whose block the mask hides whole (wait_for_shown_stage; not the
+// d128 kv kernel, kCpAsyncKvSkipsHidden). Each pair of products above is issued together, then
+// waited for. The per-element work (P from lse, dropout replayed, dS) is backward_element, as on
+// sm_80. The launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1
+// and the build has sm_90a (hopper_backward_applies).
 #include "attention.cuh"
 #include "attention_hopper.cuh"
 
@@ -55,6 +56,16 @@ constexpr int kDsStageElements = 64 * kDsStride;
 // spill more (256 bytes instead of 172), and stays deterministic.
 template <int kD, bool kPlain>
 constexpr bool kCpAsyncAtomicDq = kPlain || kD <= 64;
+
+// The cp.async kernels' mask reads in flight at a time (mask_shows_any): all of a block's would
+// spill 164 to 296 bytes in the q kernels.
+constexpr int kCpAsyncMaskLoads = 4;
+
+// Whether the cp.async kv kernel skips a step whose queries the mask hides all the CTA's keys from
+// (wait_for_shown_stage); the d128 variant would spill more (284 bytes instead of 212), and
+// computes such steps under the mask.
+template <int kD>
+constexpr bool kCpAsyncKvSkipsHidden = kD != 128;
 
 // The cp.async kv kernel's shared memory: HopperKvSmem's tiles, then one stage of dS.
 template <int kD>
@@ -240,8 +251,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    wait_for_stage(step + 1 < steps,
-                   [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
+    const bool shown = wait_for_shown_stage<kPlain || !kCpAsyncKvSkipsHidden<kD>>(
+        step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); },
+        [&] {
+          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
+              p, work.b, work.j0, work.k_len, HeadQueries{h, i0, work.q_len});
+        });
+    if (!shown) continue;  // the mask hides the keys from every query of the step
     uint16_t* ds_keys = dq_accum != nullptr ? s_ds + warp * 16 : nullptr;  // this warp's keys of dS
     if (group_busy) {
       hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop, ds_keys);
@@ -313,8 +329,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    wait_for_stage(step + 1 < steps,
-                   [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); });
+    const bool shown = wait_for_shown_stage<kPlain>(
+        step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); },
+        [&] {
+          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
+              p, work.b, work.j0, work.k_len, HeadQueries{h, i0, work.q_len});
+        });
+    if (!shown) continue;  // the mask hides the keys from every query of the step
     {
       float acc_s[kHalfM / 8][4], acc_dp[kHalfM / 8][4];
       wgmma_abt_async<T, kD>(acc_s, smem.k_address, kBlockN, smem.q_tile(buf) + q0 * 128, kBlockM);
@@ -434,7 +455,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
+    const bool shown = wait_for_shown_stage<kPlain>(
+        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        [&] {
+          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(p, b, j0, work.k_len,
+                                                                                     HeadQueries{h, i0, q_len});
+        });
+    if (!shown) continue;  // the mask hides the block from every query of the tile
     const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
     {
       float acc_s[kHalfN / 8][4], acc_dp[kHalfN / 8][4];
@@ -631,7 +658,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
+    const bool shown = wait_for_shown_stage<kPlain>(
+        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        [&] {
+          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(p, b, j0, work.k_len,
+                                                                                     HeadQueries{h, i0, q_len});
+        });
+    if (!shown) continue;  // the mask hides the block from every query of the tile
     if (group_busy) {
       const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
       float acc_s[kST][4], acc_dp[kST][4];

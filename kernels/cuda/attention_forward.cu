@@ -6,7 +6,8 @@
 //   S = Q K^T      A: Q (ldmatrix, pattern A)        B: K stored [key][dim] (pattern B)
 //   O += P V       A: P (from S's C fragments)        B: V stored [key][dim] (pattern A, .trans)
 // Head dims are bucketed (32, 64, 128, 256 on max(dim, v_dim)), the tail zero-padded; kPlain
-// (no soft-cap, ALiBi, mask or dropout) keeps the per-score work to a scale and the band.
+// (no soft-cap, ALiBi, mask or dropout) keeps the per-score work to a scale and the band; a key
+// block the mask hides from every row of the tile is skipped (mask_shows_any).
 // With splits, each CTA writes its rows' normalized partial output and log-sum-exp in float32, and
 // attention_combine_kernel merges the splits of each row (flash-decoding):
 //   lse = logsumexp_s lse_s,  o = sum_s exp(lse_s - lse) o_s.
@@ -80,14 +81,10 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    if (n + 1 < blocks.count) {
-      kv.load(blocks.first + n + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const bool shown = stage_block<kPlain>(
+        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        [&] { return mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, work); }, [] {});
+    if (!shown) continue;  // the mask hides the block from every row of the tile
     if (warp_busy) {
       const uint16_t* k_tile = kv.k_tile(buf);
       const uint16_t* v_tile = kv.v_tile(buf);

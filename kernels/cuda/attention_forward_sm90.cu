@@ -11,7 +11,8 @@
 //   release K and V through empty mbarriers. No __syncthreads in the loop, so each consumer
 //   warpgroup's softmax overlaps the other's products, which take turns as in FlashAttention-3
 //   (WarpgroupTurns); within a warpgroup, block n's softmax overlaps block n - 1's P V.
-// - every thread copying with cp.async (packed sequences, other strides), a barrier per block.
+// - every thread copying with cp.async (packed sequences, other strides), a barrier per block,
+//   which also skips a key block the mask hides whole (wait_for_shown_stage; head dims up to 128).
 // They take plans without stacking or splits and head-dim buckets 64, 128 and 256; the launcher in
 // attention_forward.cu uses them on sm_90 when GENFAST_ATTENTION_SM90=1 and the build has sm_90a.
 #include <cstdlib>
@@ -118,11 +119,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   float acc_o[kOT][4];
   zero(acc_o);
   for (int n = 0; n < blocks.count; ++n) {
-    const int buf = n & 1;
-    wait_for_stage(n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); });
+    const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
+    // Not at head dim 256, whose variant would spill 136 bytes, and computes hidden blocks under the mask.
+    const bool shown = wait_for_shown_stage<kPlain || kD == 256>(
+        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        [&] { return mask_shows_any<kBlockM, kBlockN, kHopperThreads>(p, b, j0, work.k_len, work); });
+    if (!shown) continue;  // the mask hides the block from every row of the tile
     if (group_busy) {
-      hopper_block<T, kD>(acc_o, rows, q_group, smem_address(kv.k_tile(buf)), smem_address(kv.v_tile(buf)),
-                          (blocks.first + n) * kBlockN);
+      hopper_block<T, kD>(acc_o, rows, q_group, smem_address(kv.k_tile(buf)), smem_address(kv.v_tile(buf)), j0);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
   }

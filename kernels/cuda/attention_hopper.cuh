@@ -80,20 +80,16 @@ __device__ __forceinline__ char* swizzle_aligned(uint4* raw, uint32_t& address) 
   return reinterpret_cast<char*>(raw) + (address - start);
 }
 
-// Before a step of a loop whose blocks cp.async stages in two buffers: issues the next block's
-// copies (load_next, when there is one), waits for this block's, and makes them (and the zero
-// stores of the loads) visible to wgmma, whose async proxy needs the fence, and to every thread.
+// Before a step of a loop whose blocks cp.async stages in two buffers: stage_block, with the fence
+// that makes the copies (and the zero stores of the loads) visible to wgmma's async proxy. Returns
+// whether the mask shows any element of the block (shown(), mask_shows_any; kAlways: true).
+template <bool kAlways, typename LoadNext, typename Shown>
+__device__ __forceinline__ bool wait_for_shown_stage(bool has_next, const LoadNext& load_next, const Shown& shown) {
+  return stage_block<kAlways>(has_next, load_next, shown, [] { fence_async_shared(); });
+}
 template <typename LoadNext>
 __device__ __forceinline__ void wait_for_stage(bool has_next, const LoadNext& load_next) {
-  if (has_next) {
-    load_next();
-    cp_async_commit();
-    cp_async_wait<1>();
-  } else {
-    cp_async_wait<0>();
-  }
-  fence_async_shared();
-  __syncthreads();
+  wait_for_shown_stage<true>(has_next, load_next, [] { return true; });
 }
 
 // Columns first .. first + 63 (8 n-tiles) of an accumulator.

@@ -393,6 +393,11 @@ struct QueryTile {
     h = h0 + (used ? g : 0);
     i = used ? i0 + k : q_len;
   }
+  // row() as mask_shows_any asks it: whether row r holds a query.
+  __device__ __forceinline__ bool operator()(int r, int64_t& h, int& i) const {
+    row(r, h, i);
+    return i < q_len;
+  }
   // Whether any of rows r0 .. r0 + n - 1 holds a query.
   __device__ __forceinline__ bool any_row(int r0, int n) const {
     for (int r = r0; r < r0 + n; ++r) {
@@ -445,6 +450,81 @@ struct KeyValueTiles {
 __device__ __forceinline__ bool block_inside(const Band& band, int i0, int m, int j0, int n, int k_len) {
   return j0 + n <= k_len && static_cast<int64_t>(j0) - (i0 + m - 1) >= band.lo &&
          static_cast<int64_t>(j0) + n - 1 - i0 <= band.hi;
+}
+
+// mask_shows_any's rows for queries i0 + r of head h: those below q_len.
+struct HeadQueries {
+  int64_t h;
+  int i0, q_len;
+  __device__ __forceinline__ bool operator()(int r, int64_t& head, int& i) const {
+    head = h;
+    i = i0 + r;
+    return i < q_len;
+  }
+};
+
+// Whether the mask lets any element of a tile through (true without a mask): rows r < kRows, where
+// row(r, h, i) gives the row's head and query and returns false for a row with none, and keys j0 ..
+// j0 + kCols - 1 below k_len. The kBlockThreads threads share the elements in order (consecutive
+// threads, consecutive keys), each issuing all its loads at once, or kInFlight at a time where
+// that many registers would spill the kernel's accumulators. A bool mask hides with false, an
+// additive one with -inf (NaN does not hide). The caller ORs the threads' answers over the CTA
+// (stage_block) and skips the tile when none sees a key: padding, document and block-sparse masks
+// then cost about the blocks they let through, as on the CPU.
+template <int kRows, int kCols, int kBlockThreads = kThreads, int kInFlight = 0, typename RowFn>
+__device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t b, int j0, int k_len, RowFn row) {
+  constexpr int kElements = kRows * kCols, kLoads = (kElements + kBlockThreads - 1) / kBlockThreads;
+  constexpr int kGroup = kInFlight > 0 && kInFlight < kLoads ? kInFlight : kLoads;
+  constexpr bool kOwnColumn = kBlockThreads % kCols == 0;  // each thread reads a single key
+  if (p.mask_kind == AttentionMask::kNone) return true;
+  const int t = static_cast<int>(threadIdx.x);
+  bool shown = false;
+#pragma unroll 1
+  for (int n0 = 0; n0 < kLoads; n0 += kGroup) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int n = n0 + g, e = t + n * kBlockThreads;
+      const int c = kOwnColumn ? t % kCols : e % kCols;
+      const int r = kOwnColumn ? t / kCols + n * (kBlockThreads / kCols) : e / kCols;
+      int64_t h;
+      int i;
+      if (n >= kLoads || e >= kElements || j0 + c >= k_len || !row(r, h, i)) continue;
+      const int64_t at =
+          b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + (j0 + c) * p.mask_stride[3];
+      shown |= p.mask_kind == AttentionMask::kBool ? static_cast<const uint8_t*>(p.mask)[at] != 0
+                                                    : !(static_cast<const float*>(p.mask)[at] == kNegInf);
+    }
+  }
+  return shown;
+}
+
+// Before a step of a loop whose blocks cp.async stages in two buffers: issues the next block's
+// copies (load_next, when there is one), then this thread's shown() (its reads of the block's mask,
+// mask_shows_any, which go out while the copies fly), waits for this block's copies, runs
+// publish() (the Hopper kernels' fence that shows them to wgmma) and syncs the CTA. Returns whether
+// any thread's shown() held: false when the mask hides the block whole. kAlways: true, and shown()
+// is not called.
+template <bool kAlways, typename LoadNext, typename Shown, typename Publish>
+__device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_next, const Shown& shown,
+                                            const Publish& publish) {
+  if (has_next) {
+    load_next();
+    cp_async_commit();
+  }
+  bool mine = true;
+  if constexpr (!kAlways) mine = shown();
+  if (has_next) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  publish();
+  if constexpr (kAlways) {
+    __syncthreads();
+    return true;
+  } else {
+    return __syncthreads_or(mine) != 0;
+  }
 }
 
 // The score s_ij from the raw dot product q_i . k_j: the plain path only scales and, when `check`,

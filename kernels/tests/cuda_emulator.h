@@ -3,9 +3,10 @@
 // synchronization and numerics. Include it, then the kernels' .cu files.
 //
 // One CTA runs at a time; each of its threads is a ucontext fiber, switched only where a GPU thread
-// would wait: __syncthreads, and the warp collectives (__shfl_xor_sync, ldmatrix, mma.sync), which
-// run once every lane of the warp has arrived with its operands, and fail loudly when the lanes
-// disagree. Between two barriers the warps run one after another in a shuffled order, and cp.async
+// would wait: __syncthreads (and __syncthreads_or, which returns the OR of the threads' predicates),
+// and the warp collectives (__shfl_xor_sync, ldmatrix, mma.sync), which run once every lane of the
+// warp has arrived with its operands, and fail loudly when the lanes disagree (mma_products and
+// wgmma_products count the products run). Between two barriers the warps run one after another in a shuffled order, and cp.async
 // copies land either at their wait (deferred_copies) or at once: a missing wait or barrier then
 // shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
@@ -165,6 +166,7 @@ struct Cta {
   int current = 0;
   std::function<void()> body;
   std::vector<std::pair<uint32_t, Mbarrier>> barriers;
+  bool barrier_or = false, barrier_result = false;  // __syncthreads_or: the OR so far, and the last one's
 };
 
 inline Cta* cta = nullptr;
@@ -176,6 +178,8 @@ inline bool deferred_copies = true;
 // Makes encode_tile_map fail, as a driver without cuTensorMapEncodeTiled would.
 inline bool tensor_maps_fail = false;
 inline int tensor_map_refusals = 0;  // maps encode_tile_map refused, as the driver would
+// For tests of skipped work: the mma.sync run, and the wgmma run (a warp's 16 rows of each).
+inline long mma_products = 0, wgmma_products = 0;
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emulator: %s (block %u, thread %d)\n", what, blockIdx.x, cta ? cta->current : -1);
@@ -293,6 +297,7 @@ inline void run_wgmma(int warp, int group, int index) {
     }
     ++lanes[l].wgmma_run;
   }
+  ++wgmma_products;
 }
 
 // wgmma.wait_group: runs the warp's committed groups but the last `keep`.
@@ -352,6 +357,7 @@ inline void run_collective(int warp) {
       }
     }
   } else {
+    ++mma_products;
     float a[16][16], b[16][8];
     for (int l = 0; l < 32; ++l) {
       const int g = l / 4, t = l % 4;
@@ -553,6 +559,8 @@ inline void run_cta(int threads, const std::function<void()>& body) {
     for (Thread& t : block.threads) {  // exited threads count as arrived, as on sm_70 and later
       if (t.state == State::kBarrier) t.state = State::kRunnable;
     }
+    block.barrier_result = block.barrier_or;
+    block.barrier_or = false;
   }
   for (const Thread& t : block.threads) {
     for (const auto& group : t.groups) {
@@ -582,6 +590,11 @@ constexpr int kSharedBytes = 227 * 1024;
 }  // namespace cuda_emulator
 
 inline void __syncthreads() { cuda_emulator::wait_as(cuda_emulator::State::kBarrier); }
+inline int __syncthreads_or(int predicate) {
+  cuda_emulator::cta->barrier_or = cuda_emulator::cta->barrier_or || predicate != 0;
+  __syncthreads();
+  return cuda_emulator::cta->barrier_result;
+}
 
 inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   if (mask != 0xffffffffu) cuda_emulator::fail("only full-warp shuffles are emulated");
