@@ -145,6 +145,22 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     torch.testing.assert_close(real_attention(q, k, v, masks[0]), band)
 
 
+def test_varlen_rows_time_packed_and_padded_peers(one_call_timer, attention_calls):
+    lengths = [20, 7, 13]
+    rows = bench._varlen_rows("cpu", torch.float32, 2, 16, lengths, gemm=1.0, quick=True, say=lambda message: None)
+    impls = bench.fused_impls("cpu")
+    peers = {*(f"genfast {impl}" for impl in impls), *(f"genfast {impl} padded" for impl in impls),
+             "torch SDPA per sequence", "torch SDPA padded"}
+    for variant in ("attention varlen forward causal", "attention varlen forward+backward causal"):
+        assert {row["impl"] for row in rows if row["variant"] == variant} == peers
+    # genfast.attention on the padded batch, with the causal padding mask SDPA gets too.
+    masks = [options["attn_mask"] for options in attention_calls]
+    assert masks and all(mask.shape == (3, 1, 20, 20) for mask in masks)
+    position = torch.arange(20)
+    expected = (position[:, None] >= position[None, :]) & (position < torch.tensor(lengths)[:, None, None, None])
+    assert torch.equal(masks[0], expected)
+
+
 def test_soft_cap_rows_give_every_peer_the_cap(monkeypatch, one_call_timer, attention_calls):
     monkeypatch.setitem(bench.SOFT_CAP_CONFIGS, "cpu", (1, 2, 40, 16))
     rows = bench._soft_cap_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)

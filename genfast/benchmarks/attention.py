@@ -362,7 +362,9 @@ def _decode_rows(device, dtype, gemm, quick, say, config=None):
 
 def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
     """Packed causal sequences: genfast.attention_varlen against SDPA on the batch padded to the
-    longest sequence (with its padding mask) and against SDPA called once per sequence."""
+    longest sequence (with its padding mask) and against SDPA called once per sequence; and
+    genfast.attention on the padded batch with that mask, as a transformers model with padding
+    calls it (the kernels skip the key blocks the mask hides whole)."""
     g = torch.Generator().manual_seed(0)
     total, longest = sum(lengths), max(lengths)
     q, k, v = (torch.randn(total, heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
@@ -395,18 +397,19 @@ def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
     padded_leaves = [t.clone().requires_grad_() for t in padded]
     grad, padded_grad = torch.randn_like(q), torch.randn_like(padded[0])
 
-    def sdpa_padded(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
+    padded_candidates = [(f"genfast {impl} padded",
+                          lambda q, k, v, impl=impl: attention(q, k, v, attn_mask=mask, impl=impl))
+                         for impl in fused_impls(device)]
+    padded_candidates += [("torch SDPA padded", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask))]
     groups = {
         "attention varlen forward causal": (
             flops, [(name, lambda fn=fn: fn(q, k, v)) for name, fn in candidates]
-            + [("torch SDPA padded", lambda: sdpa_padded(*padded))]),
+            + [(name, lambda fn=fn: fn(*padded)) for name, fn in padded_candidates]),
         "attention varlen forward+backward causal": (
             3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*packed_leaves), packed_leaves, grad))
                           for name, fn in candidates]
-            + [("torch SDPA padded", lambda: torch.autograd.grad(sdpa_padded(*padded_leaves), padded_leaves,
-                                                                 padded_grad))]),
+            + [(name, lambda fn=fn: torch.autograd.grad(fn(*padded_leaves), padded_leaves, padded_grad))
+               for name, fn in padded_candidates]),
     }
     config = f"H={heads} D={dim} lengths={'/'.join(map(str, lengths))}"
     return time_groups("attention", device, dtype, config, total * heads * dim, groups, gemm, quick, say)
