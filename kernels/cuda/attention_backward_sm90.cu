@@ -141,6 +141,39 @@ __device__ __forceinline__ void load_query_stage(const AttentionCudaParams<T>& p
                                            smem.delta + buf * kBlockM, static_cast<int>(threadIdx.x));
 }
 
+// The kv kernels' step `step` (queries i0 .. of head h): the next step's copies, the wait for this
+// one's, and whether the mask shows the CTA's keys to any of its queries (kAlways: true).
+template <int kD, bool kAlways, typename T>
+__device__ __forceinline__ bool wait_for_query_step(const AttentionCudaParams<T>& params,
+                                                    const AttentionCudaGrads<T>& grads,
+                                                    const KeyBlockWork<HopperKvTile<kD>::kBlockN,
+                                                                       HopperKvTile<kD>::kBlockM>& work,
+                                                    const HopperKvSmem<kD>& smem, int step, unsigned vector) {
+  using Tile = HopperKvTile<kD>;
+  const int64_t h = work.head(step);
+  const int i0 = work.i0(step);
+  return wait_for_shown_stage<kAlways>(
+      step + 1 < work.steps,
+      [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, (step + 1) & 1, vector); },
+      [&] {
+        return mask_shows_any<Tile::kBlockM, Tile::kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
+            params.base, work.b, work.j0, work.k_len, HeadQueries{h, i0, work.q_len});
+      });
+}
+
+// The q kernels' key block n of `blocks` (kv: its staged tiles): the next block's copies, the wait
+// for this one's, and whether the mask shows its keys to any of the tile's queries (i0 .. of head h).
+template <int kBlockM, int kBlockN, bool kAlways, typename Kv>
+__device__ __forceinline__ bool wait_for_key_block(const AttentionParams& p, const Kv& kv, const BlockRange& blocks,
+                                                   int n, int64_t b, int64_t h, int i0, int q_len, int k_len) {
+  return wait_for_shown_stage<kAlways>(
+      n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, (n + 1) & 1); },
+      [&] {
+        return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
+            p, b, (blocks.first + n) * kBlockN, k_len, HeadQueries{h, i0, q_len});
+      });
+}
+
 // One step of a kv kernel for warpgroup `group`'s 64 keys and the 64 queries (from i0, of head h) in
 // stage s: S^T and dP^T, the elements, then dV += P_drop^T dO and dK += dS^T Q; every product has
 // landed on return. With ds_tile, dS also goes there in T: query c's dS of the warp's 16 keys at
@@ -251,13 +284,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    const bool shown = wait_for_shown_stage<kPlain || !kCpAsyncKvSkipsHidden<kD>>(
-        step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); },
-        [&] {
-          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
-              p, work.b, work.j0, work.k_len, HeadQueries{h, i0, work.q_len});
-        });
-    if (!shown) continue;  // the mask hides the keys from every query of the step
+    constexpr bool kAlways = kPlain || !kCpAsyncKvSkipsHidden<kD>;
+    // The mask hides the keys from every query of the step: nothing to add.
+    if (!wait_for_query_step<kD, kAlways>(params, grads, work, smem, step, vector)) continue;
     uint16_t* ds_keys = dq_accum != nullptr ? s_ds + warp * 16 : nullptr;  // this warp's keys of dS
     if (group_busy) {
       hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, buf, wg, h, i0, key_j, drop, ds_keys);
@@ -329,13 +358,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int buf = step & 1;
     const int64_t h = work.head(step);
     const int i0 = work.i0(step);
-    const bool shown = wait_for_shown_stage<kPlain>(
-        step + 1 < steps, [&] { load_query_stage<kD>(params, grads, work, smem, step + 1, buf ^ 1, vector); },
-        [&] {
-          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(
-              p, work.b, work.j0, work.k_len, HeadQueries{h, i0, work.q_len});
-        });
-    if (!shown) continue;  // the mask hides the keys from every query of the step
+    // The mask hides the keys from every query of the step: nothing to add.
+    if (!wait_for_query_step<kD, kPlain>(params, grads, work, smem, step, vector)) continue;
     {
       float acc_s[kHalfM / 8][4], acc_dp[kHalfM / 8][4];
       wgmma_abt_async<T, kD>(acc_s, smem.k_address, kBlockN, smem.q_tile(buf) + q0 * 128, kBlockM);
@@ -455,13 +479,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    const bool shown = wait_for_shown_stage<kPlain>(
-        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
-        [&] {
-          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(p, b, j0, work.k_len,
-                                                                                     HeadQueries{h, i0, q_len});
-        });
-    if (!shown) continue;  // the mask hides the block from every query of the tile
+    // The mask hides the block from every query of the tile: nothing to add.
+    if (!wait_for_key_block<kBlockM, kBlockN, kPlain>(p, kv, blocks, n, b, h, i0, q_len, work.k_len)) continue;
     const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
     {
       float acc_s[kHalfN / 8][4], acc_dp[kHalfN / 8][4];
@@ -658,13 +677,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    const bool shown = wait_for_shown_stage<kPlain>(
-        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
-        [&] {
-          return mask_shows_any<kBlockM, kBlockN, kHopperThreads, kCpAsyncMaskLoads>(p, b, j0, work.k_len,
-                                                                                     HeadQueries{h, i0, q_len});
-        });
-    if (!shown) continue;  // the mask hides the block from every query of the tile
+    // The mask hides the block from every query of the tile: nothing to add.
+    if (!wait_for_key_block<kBlockM, kBlockN, kPlain>(p, kv, blocks, n, b, h, i0, q_len, work.k_len)) continue;
     if (group_busy) {
       const uint32_t k_tile = smem_address(kv.k_tile(buf)), v_tile = smem_address(kv.v_tile(buf));
       float acc_s[kST][4], acc_dp[kST][4];
