@@ -476,8 +476,9 @@ std::vector<Case> cases() {
   c.alibi = true, c.dropout_p = 0.2f;
   all.push_back(c);
   c = Case{};
-  c.name = "3 queries, 7 heads per kv head, bool mask d64";
-  c.heads = 14, c.kv_heads = 2, c.q_len = 3, c.k_len = 130, c.mask = AttentionMask::kBool;
+  c.name = "3 queries, 7 heads per kv head, bool mask hiding the last key block of batch 1, d64";
+  c.batch = 2, c.heads = 14, c.kv_heads = 2, c.q_len = 3, c.k_len = 130, c.mask = AttentionMask::kBool;
+  c.sparse_mask = true;
   all.push_back(c);
   c = Case{};
   c.name = "varlen decoding, a sequence without keys d64";
