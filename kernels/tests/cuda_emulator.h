@@ -6,9 +6,9 @@
 // would wait: __syncthreads (and __syncthreads_or, which returns the OR of the threads' predicates),
 // and the warp collectives (__shfl_xor_sync, ldmatrix, mma.sync), which run once every lane of the
 // warp has arrived with its operands, and fail loudly when the lanes disagree (mma_products and
-// wgmma_products count the products run). Between two barriers the warps run one after another in a shuffled order, and cp.async
-// copies land either at their wait (deferred_copies) or at once: a missing wait or barrier then
-// shows as wrong results. Shared memory starts each CTA filled with NaN.
+// wgmma_products count the products run). Between two barriers the warps run one after another in
+// a shuffled order, and cp.async copies land either at their wait (deferred_copies) or at once: a
+// missing wait or barrier then shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
 // wgmma (the Hopper kernels) is asynchronous here too: an issued product is recorded, and runs at
 // the wgmma.wait_group that covers it, a warp collective, reading shared memory through its
