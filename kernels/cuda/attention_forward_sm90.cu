@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   zero(acc_o);
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
-    // Not at head dim 256, whose variant would spill 136 bytes, and computes hidden blocks under the mask.
+    // Not at head dim 256, which would spill (136 bytes with only 4 mask loads in flight), and computes
+    // hidden blocks under the mask.
     const bool shown = wait_for_shown_stage<kPlain || kD == 256>(
         n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
         [&] { return mask_shows_any<kBlockM, kBlockN, kHopperThreads>(p, b, j0, work.k_len, work); });
