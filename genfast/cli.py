@@ -55,12 +55,15 @@ def cmd_check(args):
     from genfast.testing import check
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    ops = args.ops.split(",") if args.ops else list(check.CHECKS)
+    ops = args.ops.split(",") if args.ops else [] if args.fuzz else list(check.CHECKS)
     unknown = [op for op in ops if op not in check.CHECKS]
     if unknown:
         print(f"genfast check: unknown op(s) {unknown}; known: {list(check.CHECKS)}", file=sys.stderr)
         return 2
-    failures = check.run(devices, ops)
+    if args.fuzz < 0:
+        print(f"genfast check: --fuzz takes a count >= 0, got {args.fuzz}", file=sys.stderr)
+        return 2
+    failures = check.run(devices, ops, fuzz=args.fuzz, seed=args.seed)
     print(f"genfast check: {'all passed' if failures == 0 else f'{failures} FAILED'}")
     return 1 if failures else 0
 
@@ -151,7 +154,11 @@ def main(argv=None):
     info.add_argument("--json", action="store_true", help="also print the build info as JSON")
     check = sub.add_parser("check", help="every op on every backend here against the reference")
     check.add_argument("--device", choices=["cpu", "cuda"])
-    check.add_argument("--ops", help="comma-separated op names (default: all)")
+    check.add_argument("--ops", help="comma-separated op names (default: all, or none with --fuzz)")
+    check.add_argument("--fuzz", type=int, default=0, metavar="N",
+                       help="also N random attention calls (shapes, options, layouts) per backend and dtype")
+    check.add_argument("--seed", type=int, default=0,
+                       help="the first fuzz case's seed; case n has seed + n (--seed S --fuzz 1 repeats case S)")
     bench = sub.add_parser("bench", help="every op against its peers on the best device present")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")
     bench.add_argument("--ops", help="comma-separated op names (default: all)")

@@ -4,6 +4,7 @@ import torch
 
 from .. import _backend
 from . import attention as attention_samples
+from . import attention_fuzz
 from . import denoise_step as denoise_samples
 from . import flows as flow_samples
 from . import langevin_step as langevin_samples
@@ -69,24 +70,40 @@ def check_nade(device):
     return _check_trainable(nade_samples, device)
 
 
-def check_attention(device):
+def _attention_runs(device, impl, dtype):
     # The CUDA kernels take float16 and bfloat16 (Triton runs float32 there).
+    return _runnable(impl, device, dtype) and not (device != "cpu" and impl == "native" and dtype == torch.float32)
+
+
+def check_attention(device):
     return (result for result in _check_trainable(attention_samples, device)
-            if not (device != "cpu" and result[1] == "native" and result[2] == torch.float32))
+            if _attention_runs(device, result[1], result[2]))
+
+
+def fuzz_attention(device, count, seed=0):
+    runs = [(impl, dtype) for impl in ("native", "triton") for dtype in DTYPES if _attention_runs(device, impl, dtype)]
+    return attention_fuzz.fuzz(device, runs, count, seed)
 
 
 CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows,
           "nade": check_nade, "attention": check_attention}
 
 
-def run(devices, ops, out=print) -> int:
-    """Prints one line per check and returns the number of failures."""
+def run(devices, ops, out=print, fuzz=0, seed=0) -> int:
+    """Prints one line per check and returns the number of failures; with fuzz, the checks of ops
+    and then fuzz random attention calls per backend and dtype (case n drawn from seed + n)."""
     failures = 0
     for device in devices:
-        for op in ops:
-            for case, impl, dtype, error, passed, message in CHECKS[op](device):
+        checks = [(op, CHECKS[op](device)) for op in ops]
+        if fuzz:
+            checks.append(("attention fuzz", fuzz_attention(device, fuzz, seed)))
+        for op, results in checks:
+            for case, impl, dtype, error, passed, message in results:
                 failures += not passed
                 dtype_name = str(dtype).replace("torch.", "")
                 status = "ok" if passed else f"FAIL {message}"
-                out(f"{op:14s} {case:34s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}")
+                line = f"{op:14s} {case:34s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}"
+                if op == "attention fuzz":  # the case's description is long: last
+                    line = f"{op:14s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}  {case}"
+                out(line)
     return failures
