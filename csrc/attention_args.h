@@ -141,12 +141,14 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   const auto strides = [varlen](const at::Tensor& x, int64_t* out) {  // (batch, head, position)
     for (int d = 0; d < 3; ++d) out[d] = varlen ? (d == 0 ? 0 : x.stride(2 - d)) : x.stride(d);
   };
-  const bool is_float = t.q.scalar_type() == at::kFloat;
-  p.q = is_float ? t.q.const_data_ptr<float>() : nullptr;
+  const auto floats = [](const at::Tensor& x) {
+    return x.scalar_type() == at::kFloat ? x.const_data_ptr<float>() : nullptr;
+  };
+  p.q = floats(t.q);
   strides(t.q, p.q_stride);
-  p.k = is_float ? t.k.const_data_ptr<float>() : nullptr;
+  p.k = floats(t.k);
   strides(t.k, p.k_stride);
-  p.v = is_float ? t.v.const_data_ptr<float>() : nullptr;
+  p.v = floats(t.v);
   strides(t.v, p.v_stride);
   p.mask_kind = t.mask_kind;
   p.mask = t.mask.defined() ? t.mask.const_data_ptr() : nullptr;

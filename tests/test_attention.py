@@ -298,6 +298,34 @@ def test_long_odd_length(impl):
     _compare_grads(q, k, v, impl=impl, causal="top_left")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq", [1, 2, 40], ids=lambda lq: f"lq{lq}")
+def test_cpu_kernel_reads_half_precision_keys_and_values_as_they_are(lq, dtype):
+    """The CPU forward widens a float16 or bfloat16 K and V in its loads (no float32 copy of a KV
+    cache): exactly the float32 call on the same values, with K and V read in place (one or two
+    queries) or packed (more), transposed in memory, with a head dim that leaves a tail."""
+    skip_unless_supported("native", "cpu", dtype)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 6, 2, lq, 300, 72, dtype, v_dim=40))
+    mask = torch.rand(2, 1, lq, 300) < 0.9
+    options = dict(attn_mask=mask, enable_gqa=True, causal="bottom_right", softcap=20.0, dropout_p=0.1)
+    got = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(1), impl="native", **options)
+    wide = genfast.attention(q.float(), k.float(), v.float(), generator=genfast.PhiloxGenerator(1), impl="native",
+                             **options)
+    assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq", [1, 16], ids=lambda lq: f"lq{lq}")
+def test_cpu_kernel_widens_every_half_precision_number_exactly(lq, dtype):
+    """One key: o is v itself, for each of the 65536 float16 or bfloat16 bit patterns (subnormals,
+    infinities, NaN), read in place (one query) and packed (16)."""
+    skip_unless_supported("native", "cpu", dtype)
+    v = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int16).view(dtype).reshape(16, 16, 1, 256)
+    q, k = torch.randn(16, 16, lq, 32).to(dtype), torch.randn(16, 16, 1, 32).to(dtype)
+    o = genfast.attention(q, k, v, impl="native")
+    torch.testing.assert_close(o, v.expand(o.shape), rtol=0, atol=0, equal_nan=True)
+
+
 def test_long_key_sequence_packed_a_few_heads_at_a_time():
     """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads of 90000 keys
     take two passes, the second partial."""

@@ -100,6 +100,15 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
     assert {row["impl"] for row in small} == names
 
 
+def test_decode_rows_time_a_bfloat16_cache_on_the_cpu(monkeypatch, one_call_timer):
+    """The CPU decoding rows in bfloat16 too: the native kernel reads such a cache as it is."""
+    monkeypatch.setitem(bench.DECODE_CONFIGS, "cpu", (1, 4, 2, 40, 16))
+    rows = bench._decode_rows("cpu", torch.bfloat16, gemm=1.0, quick=True, say=lambda message: None)
+    assert {row["dtype"] for row in rows} == {"bfloat16"}
+    assert {"genfast native", "torch SDPA flash", "eager reference"} <= {row["impl"] for row in rows} | (
+        set() if "native" in bench.fused_impls("cpu") else {"genfast native"})
+
+
 def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_timer, attention_calls):
     monkeypatch.setitem(bench.DROPOUT_CONFIGS, "cpu", (1, 2, 40, 16, False))
     monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())  # no dropout_p: left out

@@ -5,8 +5,12 @@
 // probabilities from the log-sum-exp, without atomics: one pass per (batch, key head) when there
 // are enough of them for the threads, else one pass per block of keys (dK, dV) and one per block of
 // queries (dQ). The products are register-blocked (block_product_rows) over packed panels, except
-// for a few queries (decoding), which read K and V in place.
+// for a few queries (decoding), which read K and V in place. The forward reads a float16 or bfloat16
+// K and V as they are, widening them in the loads that pack or read them (a KV cache is not copied
+// to float32); the backward computes on float32 copies of its inputs.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -74,19 +78,34 @@ GF_CPU_INLINE void multiply_for(const float* a, int64_t a_row, int64_t a_step, i
 }
 GF_CPU_DISPATCH(multiply)
 
-// The n <= kCols floats at src, zeros after them.
+// Sixteen elements of K or V as float32: the forward reads a float16 or bfloat16 KV cache as it is,
+// widening it in the loads that pack or read it, with no float32 copy of the cache.
 template <CpuCapability isa>
-GF_CPU_INLINE Floats<isa> load_partial(const float* src, int64_t n) {
-  if (n == kCols) return load16<kVectorLanes<isa>>(src);
+GF_CPU_INLINE Floats<isa> load16_of(const float* src) {
+  return load16<kVectorLanes<isa>>(src);
+}
+template <CpuCapability isa>
+GF_CPU_INLINE Floats<isa> load16_of(const c10::Half* src) {
+  return load16_float16<kVectorLanes<isa>>(reinterpret_cast<const uint16_t*>(src));
+}
+template <CpuCapability isa>
+GF_CPU_INLINE Floats<isa> load16_of(const c10::BFloat16* src) {
+  return load16_bfloat16<kVectorLanes<isa>>(reinterpret_cast<const uint16_t*>(src));
+}
+
+// The n <= kCols elements at src as floats, zeros after them.
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE Floats<isa> load_partial(const T* src, int64_t n) {
+  if (n == kCols) return load16_of<isa>(src);
   float x[kCols] = {};
-  for (int64_t i = 0; i < n; ++i) x[i] = src[i];
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(src[i]);
   return load16<kVectorLanes<isa>>(x);
 }
 
 // The panel total deep and width wide (a multiple of kCols) whose row c is src[c * stride + d] for c <
 // count, d < dim; zeros elsewhere.
-template <CpuCapability isa>
-GF_CPU_INLINE void pack_rows_for(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void pack_rows_for(const T* src, int64_t stride, int64_t count, int64_t dim, float* panel,
                                  int64_t width, int64_t total) {
   for (int64_t d0 = 0; d0 < width; d0 += kCols) {
     const int64_t n = std::clamp<int64_t>(dim - d0, 0, kCols);
@@ -100,8 +119,8 @@ GF_CPU_DISPATCH(pack_rows)
 
 // The transpose of a block of count rows: the panel dim deep and width wide whose column c is
 // src[c * stride + d] for c < count, zeros beyond; 16 x 16 blocks transposed in registers.
-template <CpuCapability isa>
-GF_CPU_INLINE void pack_transposed_for(const float* src, int64_t stride, int64_t count, int64_t dim, float* panel,
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void pack_transposed_for(const T* src, int64_t stride, int64_t count, int64_t dim, float* panel,
                                        int64_t width) {
   for (int64_t c0 = 0; c0 < width; c0 += kCols) {
     const int64_t keys = std::clamp<int64_t>(count - c0, 0, kCols);
@@ -183,21 +202,21 @@ constexpr int64_t kPackedRows = 8;
 bool packs_panels(int64_t rows, int64_t heads) { return rows > 2 && rows * heads >= kPackedRows; }
 
 // scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
-template <CpuCapability isa>
-GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const float* k, int64_t k_row,
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
                                 int64_t cols, int64_t dim, float scale, float* scores) {
+  const int64_t whole = dim / kCols * kCols, tail = dim - whole;
   for (int64_t r = 0; r < rows; ++r) {
     const float* q_r = q + r * q_row;
+    const Floats<isa> q_tail = load_partial<isa>(q_r + whole, tail);
     for (int64_t c = 0; c < cols; ++c) {
-      const float* k_c = k + c * k_row;
+      const T* k_c = k + c * k_row;
       Floats<isa> lanes = {};
-      int64_t d = 0;
-      for (; d + kCols <= dim; d += kCols) {
-        lanes += load16<kVectorLanes<isa>>(q_r + d) * load16<kVectorLanes<isa>>(k_c + d);
-      }
-      float tail = 0.0f;
-      for (; d < dim; ++d) tail += q_r[d] * k_c[d];
-      scores[r * kKeyBlock + c] = scale * (reduce_lanes(lanes, AddLanes()) + tail);
+      for (int64_t d = 0; d < whole; d += kCols) lanes += load16<kVectorLanes<isa>>(q_r + d) * load16_of<isa>(k_c + d);
+      // The tail in lanes too: scalar code, which the compiler fuses for one dtype and not another,
+      // would round differently for float32 and for float16 or bfloat16 keys.
+      if (tail > 0) lanes += q_tail * load_partial<isa>(k_c + whole, tail);
+      scores[r * kKeyBlock + c] = scale * reduce_lanes(lanes, AddLanes());
     }
   }
 }
@@ -206,23 +225,32 @@ GF_CPU_DISPATCH(key_dots)
 // acc[0 .. Chunks * kCols) += sum over c < cols of weights[c] * v_c[0 .. Chunks * kCols), c in order,
 // v_c at v + c * v_row: one chain of FMAs per chunk (a chain issues one FMA per 4 cycles, so four
 // fill the unit).
-template <CpuCapability isa, int Chunks>
-GF_CPU_INLINE void weighted_rows(const float* weights, const float* v, int64_t v_row, int64_t cols, float* acc) {
+template <CpuCapability isa, int Chunks, typename T>
+GF_CPU_INLINE void weighted_rows(const float* weights, const T* v, int64_t v_row, int64_t cols, float* acc) {
   Floats<isa> sums[Chunks];
 #pragma GCC unroll 4
   for (int i = 0; i < Chunks; ++i) sums[i] = load16<kVectorLanes<isa>>(acc + i * kCols);
   for (int64_t c = 0; c < cols; ++c) {
 #pragma GCC unroll 4
-    for (int i = 0; i < Chunks; ++i) sums[i] += weights[c] * load16<kVectorLanes<isa>>(v + c * v_row + i * kCols);
+    for (int i = 0; i < Chunks; ++i) sums[i] += weights[c] * load16_of<isa>(v + c * v_row + i * kCols);
   }
 #pragma GCC unroll 4
   for (int i = 0; i < Chunks; ++i) store16(acc + i * kCols, sums[i]);
 }
 
+// weighted_rows<isa, 1> for the last n < kCols elements of the v_c (acc's rows are padded to kCols),
+// in lanes as key_dots' tail is, for the same reason.
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void weighted_tail(const float* weights, const T* v, int64_t v_row, int64_t cols, int64_t n, float* acc) {
+  Floats<isa> sums = load16<kVectorLanes<isa>>(acc);
+  for (int64_t c = 0; c < cols; ++c) sums += weights[c] * load_partial<isa>(v + c * v_row, n);
+  store16(acc, sums);
+}
+
 // acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
-// apart); acc rows acc_row apart.
-template <CpuCapability isa>
-GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const float* v, int64_t v_row, int64_t cols,
+// apart); acc rows acc_row apart, padded to a multiple of kCols.
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const T* v, int64_t v_row, int64_t cols,
                                   int64_t v_dim, float* acc, int64_t acc_row) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* p_r = probs + r * kKeyBlock;
@@ -230,11 +258,7 @@ GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const float*
     int64_t d = 0;
     for (; d + 4 * kCols <= v_dim; d += 4 * kCols) weighted_rows<isa, 4>(p_r, v + d, v_row, cols, acc_r + d);
     for (; d + kCols <= v_dim; d += kCols) weighted_rows<isa, 1>(p_r, v + d, v_row, cols, acc_r + d);
-    for (; d < v_dim; ++d) {
-      float sum = acc_r[d];
-      for (int64_t c = 0; c < cols; ++c) sum += p_r[c] * v[c * v_row + d];
-      acc_r[d] = sum;
-    }
+    if (d < v_dim) weighted_tail<isa>(p_r, v + d, v_row, cols, v_dim - d, acc_r + d);
   }
 }
 GF_CPU_DISPATCH(value_sums)
@@ -410,12 +434,20 @@ struct ForwardScratch {
         v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)) {}
 };
 
+// K and V as the forward reads them: float32, or a float16 or bfloat16 cache's own elements.
+template <typename T>
+struct KeysValues {
+  const T* k;
+  const T* v;
+};
+
 // Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
 // past them.
-void pack_key_block(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
-                    int64_t cols, float* k_panel, float* v_panel) {
-  pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, kKeyBlock);
-  pack_rows(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
+template <typename T>
+void pack_key_block(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
+                    int64_t hk, int64_t j0, int64_t cols, float* k_panel, float* v_panel) {
+  pack_transposed(kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, kKeyBlock);
+  pack_rows(kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
             padded_to(p.v_dim, kCols), kKeyBlock);
 }
 
@@ -451,7 +483,9 @@ KeyPanels key_panel_sizes(const AttentionParams& p) {
 }
 
 // Packs the panels of pairs first_pair .. first_pair + pairs.
-void pack_key_panels(const AttentionParams& p, int64_t first_pair, int64_t pairs, KeyPanels& panels) {
+template <typename T>
+void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t first_pair, int64_t pairs,
+                     KeyPanels& panels) {
   panels.first_pair = first_pair;
   at::parallel_for(0, pairs * panels.k_blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
@@ -460,7 +494,7 @@ void pack_key_panels(const AttentionParams& p, int64_t first_pair, int64_t pairs
       const AttentionSequence seq = attention_sequence(p, b);
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
       if (cols == 0) continue;  // past a packed sequence's end: never read
-      pack_key_block(p, seq, b, hk, j0, cols, panels.k.get() + task * panels.k_size,
+      pack_key_block(p, kv, seq, b, hk, j0, cols, panels.k.get() + task * panels.k_size,
                      panels.v.get() + task * panels.v_size);
     }
   });
@@ -468,8 +502,9 @@ void pack_key_panels(const AttentionParams& p, int64_t first_pair, int64_t pairs
 
 // One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
 // its band reaches: each key block, packed or read in place, serves all the heads while in cache.
-void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t seed, uint64_t offset, int64_t b,
-                   int64_t h0, int64_t heads, int64_t i0, ForwardScratch& w) {
+template <typename T>
+void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyPanels& panels, uint64_t seed,
+                   uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, ForwardScratch& w) {
   const AttentionSequence seq = attention_sequence(p, b);
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h0 / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
@@ -494,7 +529,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
       v_panel = panels.v_panel(p, b, hk, j0 / kKeyBlock);
     } else if (packs_panels(rows, heads)) {
-      pack_key_block(p, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
+      pack_key_block(p, kv, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
       k_panel = w.k_panel.data();
       v_panel = w.v_panel.data();
     }
@@ -507,7 +542,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       if (k_panel != nullptr) {
         multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
       } else {
-        key_dots(q, p.q_stride[2], rows, p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
+        key_dots(q, p.q_stride[2], rows, kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
                  p.scale, w.scores.data());
       }
       finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
@@ -519,7 +554,7 @@ void forward_block(const AttentionParams& p, const KeyPanels& panels, uint64_t s
       if (v_panel != nullptr) {
         multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
       } else {
-        value_sums(w.scores.data(), rows, p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
+        value_sums(w.scores.data(), rows, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
                    acc, v_pad);
       }
     }
@@ -551,7 +586,8 @@ int64_t heads_per_task(int64_t group, int64_t blocks) {
   return heads;
 }
 
-void attention_forward_impl(const AttentionParams& p) {
+template <typename T>
+void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock, group = p.heads / p.kv_heads;
@@ -571,13 +607,13 @@ void attention_forward_impl(const AttentionParams& p) {
   }
   for (int64_t first_pair = 0; first_pair < pairs; first_pair += pass) {
     const int64_t count = std::min(pass, pairs - first_pair);
-    if (shared) pack_key_panels(p, first_pair, count, panels);
+    if (shared) pack_key_panels(p, kv, first_pair, count, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
       ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), heads, packs && !shared, p.dropout_p > 0.0f);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
-        forward_block(p, panels, seed, offset, b, h0, heads, block * kQueryBlock, scratch);
+        forward_block(p, kv, panels, seed, offset, b, h0, heads, block * kQueryBlock, scratch);
       }
     });
   }
@@ -784,11 +820,13 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
   });
 }
 
-// o and lse of prepared inputs: (B, H, Lq, Dv) and (B, H, Lq), or varlen (total_q, H, Dv) and (H, total_q).
-std::tuple<at::Tensor, at::Tensor> forward(const AttentionTensors& t, at::ScalarType dtype, double scale,
-                                           double softcap, int64_t band_lo, int64_t band_hi, double dropout_p,
-                                           int64_t seed, int64_t offset) {
+// o and lse of prepared inputs (k and v in their own dtype): (B, H, Lq, Dv) and (B, H, Lq), or varlen
+// (total_q, H, Dv) and (H, total_q).
+std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dtype, double scale, double softcap,
+                                           int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed,
+                                           int64_t offset) {
   check_attention_options(scale, softcap, dropout_p);
+  t.q = t.q.to(at::kFloat);  // read a block at a time by every key block: widened once
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
   o_shape.back() = t.v.size(-1);
@@ -797,7 +835,19 @@ std::tuple<at::Tensor, at::Tensor> forward(const AttentionTensors& t, at::Scalar
   at::Tensor lse = varlen ? at::empty({t.q.size(1), t.q.size(0)}, floats)
                           : at::empty({t.q.size(0), t.q.size(1), t.q.size(2)}, floats);
   if (lse.numel() > 0) {
-    attention_forward_impl(attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse));
+    const AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse);
+    switch (t.k.scalar_type()) {
+      case at::kHalf:
+        attention_forward_impl(p,
+                               KeysValues<c10::Half>{t.k.const_data_ptr<c10::Half>(), t.v.const_data_ptr<c10::Half>()});
+        break;
+      case at::kBFloat16:
+        attention_forward_impl(
+            p, KeysValues<c10::BFloat16>{t.k.const_data_ptr<c10::BFloat16>(), t.v.const_data_ptr<c10::BFloat16>()});
+        break;
+      default:
+        attention_forward_impl(p, KeysValues<float>{p.k, p.v});
+    }
   }
   return {o.to(dtype), lse};
 }
@@ -835,8 +885,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          double softcap, int64_t band_lo, int64_t band_hi,
                                                          double dropout_p, int64_t seed, int64_t offset,
                                                          bool /*deterministic*/) {
-  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(), scale, softcap, band_lo,
-                 band_hi, dropout_p, seed, offset);
+  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false), q.scalar_type(), scale,
+                 softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(
@@ -852,9 +902,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
 AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                    const std::optional<at::Tensor>& alibi_slopes) {
-  const AttentionTensors t =
-      prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+                                    const std::optional<at::Tensor>& alibi_slopes, bool as_float) {
+  const AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, alibi_slopes, as_float);
   const char* op = kAttentionVarlenOp;
   for (const auto& [cu, total, most, name] :
        {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
@@ -877,8 +927,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/) {
-  const AttentionTensors t =
-      prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+  const AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                alibi_slopes, /*as_float=*/false);
   return forward(t, q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
@@ -888,8 +938,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/) {
-  const AttentionTensors t =
-      prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes);
+  const AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                alibi_slopes, /*as_float=*/true);
   auto [grad_q, grad_k, grad_v, unused] = backward("genfast.attention_varlen_backward", t, q.scalar_type(), grad_o,
                                                    grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
                                                    offset, false);

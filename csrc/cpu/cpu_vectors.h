@@ -43,6 +43,61 @@ GF_CPU_INLINE Floats16<W> load16(const float* src) {
   return v;
 }
 
+// Sixteen bfloat16 or IEEE float16 numbers (their bits) widened to float32 exactly, lane by lane:
+// bfloat16 is float32's upper half; float16 goes through float32 arithmetic that rebiases its
+// exponent (normal numbers, infinities, NaN) or scales its subnormals, as the fp16 library's
+// fp16_ieee_to_fp32_value does (without F16C, which the default capability lacks).
+template <int W>
+struct Bits16 {  // W lanes of 16-bit numbers, and the same lanes widened to 32 bits
+  typedef uint16_t Halves __attribute__((vector_size(W * sizeof(uint16_t))));
+  typedef uint32_t Words __attribute__((vector_size(W * sizeof(uint32_t))));
+};
+
+// W 16-bit numbers as the upper halves of W 32-bit words (written to out: a vector returned by value
+// from a function compiled for the baseline would change the ABI).
+template <int W>
+GF_CPU_INLINE void load_widened(const uint16_t* src, typename Bits16<W>::Words& out) {
+  typename Bits16<W>::Halves h;
+  __builtin_memcpy(&h, src, sizeof(h));
+  out = __builtin_convertvector(h, typename Bits16<W>::Words) << 16;
+}
+
+template <int W>
+GF_CPU_INLINE Floats16<W> load16_bfloat16(const uint16_t* src) {
+  Floats16<W> v;
+  for (int k = 0; k < Floats16<W>::kParts; ++k) {
+    typename Bits16<W>::Words w;
+    load_widened<W>(src + k * W, w);
+    __builtin_memcpy(&v.part[k], &w, sizeof(w));
+  }
+  return v;
+}
+
+template <int W>
+GF_CPU_INLINE Floats16<W> load16_float16(const uint16_t* src) {
+  typedef typename Bits16<W>::Words Words;
+  typedef typename Floats16<W>::Part Part;
+  Floats16<W> v;
+  for (int k = 0; k < Floats16<W>::kParts; ++k) {
+    Words w;
+    load_widened<W>(src + k * W, w);
+    const Words sign = w & 0x80000000u, twice = w + w;
+    const Words normal_bits = (twice >> 4) + (0xE0u << 23);  // the exponent rebiased, 2^112 too high
+    const Words subnormal_bits = (twice >> 17) | (126u << 23);  // 0.5 + mantissa * 2^-24
+    Part normal, subnormal;
+    __builtin_memcpy(&normal, &normal_bits, sizeof(normal));
+    __builtin_memcpy(&subnormal, &subnormal_bits, sizeof(subnormal));
+    normal *= 0x1.0p-112f;
+    subnormal -= 0.5f;
+    Words normal_out, subnormal_out;
+    __builtin_memcpy(&normal_out, &normal, sizeof(normal));
+    __builtin_memcpy(&subnormal_out, &subnormal, sizeof(subnormal));
+    const Words out = sign | (twice < (1u << 27) ? subnormal_out : normal_out);
+    __builtin_memcpy(&v.part[k], &out, sizeof(out));
+  }
+  return v;
+}
+
 template <int W>
 GF_CPU_INLINE void store16(float* dst, const Floats16<W>& v) {
   GF_LANES_LOOP __builtin_memcpy(dst + k * W, &v.part[k], sizeof(v.part[k]));

@@ -6,7 +6,8 @@ scaled_dot_product_attention with each backend it has for the device (on the CPU
 and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) where installed, on
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
-Dense, packed variable-length and decoding (one query against a grouped-query KV cache) shapes;
+Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
+in float32 and in bfloat16) shapes;
 in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given
 its window as a mask and a soft-capped causal layer, the last two with torch's FlexAttention as a
 peer too (forward only on the CPU, where it has no backward).
@@ -219,6 +220,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         rows += _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say)
         if not sizes:
             rows += _decode_rows(device, dtype, gemm, quick, say)
+            if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
+                rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
             if not quick:
                 rows += _decode_rows(device, dtype, gemm, quick, say,
                                      SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
