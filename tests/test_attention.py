@@ -326,6 +326,28 @@ def test_cpu_kernel_widens_every_half_precision_number_exactly(lq, dtype):
     torch.testing.assert_close(o, v.expand(o.shape), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,dim,v_dim", [(8, 2, 128, 128), (12, 3, 72, 40), (5, 1, 16, 20)])
+def test_cpu_decoding_stacks_grouped_heads_bit_for_bit(heads, kv_heads, dim, v_dim, dtype):
+    """One query per head: the CPU kernel stacks the query heads of a key head as the rows of one
+    in-place product (each K and V row loaded once for all of them), and gives the bits that each
+    head alone gives against its own copy of K and V, with every option and a mask that hides some
+    heads' key blocks but not others'."""
+    skip_unless_supported("native", "cpu", dtype)
+    q, k, v = _qkv(2, heads, kv_heads, 1, 300, dim, dtype, v_dim=v_dim)
+    mask = torch.rand(2, heads, 1, 300) < 0.8
+    mask[:, ::2, :, 128:256] = False
+    group = heads // kv_heads
+    for options in (dict(), dict(attn_mask=mask, softcap=10.0, dropout_p=0.2, causal="bottom_right", window=(200, 0),
+                                 alibi_slopes=torch.linspace(0.1, 0.5, heads))):
+        stacked = genfast.attention(q, k, v, enable_gqa=True, return_lse=True, impl="native",
+                                    generator=genfast.PhiloxGenerator(2), **options)
+        alone = genfast.attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), return_lse=True,
+                                  impl="native", generator=genfast.PhiloxGenerator(2), **options)
+        assert all(torch.equal(a, b) for a, b in zip(stacked, alone))
+    _compare(q, k, v, impl="native", enable_gqa=True, attn_mask=mask, causal="bottom_right")
+
+
 def test_long_key_sequence_packed_a_few_heads_at_a_time():
     """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads of 90000 keys
     take two passes, the second partial."""

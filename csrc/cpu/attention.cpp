@@ -201,50 +201,106 @@ GF_CPU_DISPATCH(online_softmax_step)
 constexpr int64_t kPackedRows = 8;
 bool packs_panels(int64_t rows, int64_t heads) { return rows > 2 && rows * heads >= kPackedRows; }
 
+// A decoding step of a grouped-query model (one query per head, the heads of a key head in one
+// task) reads K and V in place with the heads' queries stacked as the rows of one product: each
+// load of a key or value row, widened once from float16 or bfloat16, then serves every head.
+bool stacks_heads(int64_t rows, int64_t heads) { return rows == 1 && heads > 1 && heads <= kQueryBlock; }
+
+// Rows of the products that read K or V in place at a time, each load serving all of them.
+template <CpuCapability isa>
+constexpr int kInPlaceRows = isa == CpuCapability::kDefault ? 2 : 4;
+
+// scores[r][c] = scale * q_r . k_c for r < Rows (q rows q_row apart; scores rows kKeyBlock apart)
+// and c < cols, K in place (rows k_row apart). The tail of each dot product is in lanes too: scalar
+// code, which the compiler fuses for one dtype and not another, would round differently for
+// float32 and for float16 or bfloat16 keys.
+template <CpuCapability isa, int Rows, typename T>
+GF_CPU_INLINE void key_dot_rows(const float* q, int64_t q_row, const T* k, int64_t k_row, int64_t cols, int64_t dim,
+                                float scale, float* scores) {
+  const int64_t whole = dim / kCols * kCols, tail = dim - whole;
+  Floats<isa> q_tail[Rows];
+  for (int r = 0; r < Rows; ++r) q_tail[r] = load_partial<isa>(q + r * q_row + whole, tail);
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* k_c = k + c * k_row;
+    Floats<isa> lanes[Rows] = {};
+    for (int64_t d = 0; d < whole; d += kCols) {
+      const Floats<isa> key = load16_of<isa>(k_c + d);
+      for (int r = 0; r < Rows; ++r) lanes[r] += load16<kVectorLanes<isa>>(q + r * q_row + d) * key;
+    }
+    if (tail > 0) {
+      const Floats<isa> key = load_partial<isa>(k_c + whole, tail);
+      for (int r = 0; r < Rows; ++r) lanes[r] += q_tail[r] * key;
+    }
+    for (int r = 0; r < Rows; ++r) scores[r * kKeyBlock + c] = scale * reduce_lanes(lanes[r], AddLanes());
+  }
+}
+
 // scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
 template <CpuCapability isa, typename T>
 GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
                                 int64_t cols, int64_t dim, float scale, float* scores) {
-  const int64_t whole = dim / kCols * kCols, tail = dim - whole;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* q_r = q + r * q_row;
-    const Floats<isa> q_tail = load_partial<isa>(q_r + whole, tail);
-    for (int64_t c = 0; c < cols; ++c) {
-      const T* k_c = k + c * k_row;
-      Floats<isa> lanes = {};
-      for (int64_t d = 0; d < whole; d += kCols) lanes += load16<kVectorLanes<isa>>(q_r + d) * load16_of<isa>(k_c + d);
-      // The tail in lanes too: scalar code, which the compiler fuses for one dtype and not another,
-      // would round differently for float32 and for float16 or bfloat16 keys.
-      if (tail > 0) lanes += q_tail * load_partial<isa>(k_c + whole, tail);
-      scores[r * kKeyBlock + c] = scale * reduce_lanes(lanes, AddLanes());
-    }
+  constexpr int kRows = kInPlaceRows<isa>;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    key_dot_rows<isa, kRows>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
   }
+  for (; r < rows; ++r) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
 }
 GF_CPU_DISPATCH(key_dots)
 
-// acc[0 .. Chunks * kCols) += sum over c < cols of weights[c] * v_c[0 .. Chunks * kCols), c in order,
-// v_c at v + c * v_row: one chain of FMAs per chunk (a chain issues one FMA per 4 cycles, so four
-// fill the unit).
-template <CpuCapability isa, int Chunks, typename T>
-GF_CPU_INLINE void weighted_rows(const float* weights, const T* v, int64_t v_row, int64_t cols, float* acc) {
-  Floats<isa> sums[Chunks];
-#pragma GCC unroll 4
-  for (int i = 0; i < Chunks; ++i) sums[i] = load16<kVectorLanes<isa>>(acc + i * kCols);
-  for (int64_t c = 0; c < cols; ++c) {
-#pragma GCC unroll 4
-    for (int i = 0; i < Chunks; ++i) sums[i] += weights[c] * load16_of<isa>(v + c * v_row + i * kCols);
+// acc_r[0 .. Chunks * kCols) += sum over c < cols of weights_r[c] * v_c[0 .. Chunks * kCols) for r <
+// Rows (weights rows kKeyBlock apart, acc rows acc_row apart), c in order, v_c at v + c * v_row:
+// each load of v_c serves every row, and the Rows x Chunks chains of FMAs fill the unit (a chain
+// issues one FMA per 4 cycles).
+template <CpuCapability isa, int Rows, int Chunks, typename T>
+GF_CPU_INLINE void weighted_rows(const float* weights, const T* v, int64_t v_row, int64_t cols, float* acc,
+                                 int64_t acc_row) {
+  Floats<isa> sums[Rows][Chunks];
+  for (int r = 0; r < Rows; ++r) {
+    for (int i = 0; i < Chunks; ++i) sums[r][i] = load16<kVectorLanes<isa>>(acc + r * acc_row + i * kCols);
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < Chunks; ++i) store16(acc + i * kCols, sums[i]);
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int i = 0; i < Chunks; ++i) {
+      const Floats<isa> value = load16_of<isa>(v + c * v_row + i * kCols);
+      for (int r = 0; r < Rows; ++r) sums[r][i] += weights[r * kKeyBlock + c] * value;
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int i = 0; i < Chunks; ++i) store16(acc + r * acc_row + i * kCols, sums[r][i]);
+  }
 }
 
-// weighted_rows<isa, 1> for the last n < kCols elements of the v_c (acc's rows are padded to kCols),
-// in lanes as key_dots' tail is, for the same reason.
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void weighted_tail(const float* weights, const T* v, int64_t v_row, int64_t cols, int64_t n, float* acc) {
-  Floats<isa> sums = load16<kVectorLanes<isa>>(acc);
-  for (int64_t c = 0; c < cols; ++c) sums += weights[c] * load_partial<isa>(v + c * v_row, n);
-  store16(acc, sums);
+// weighted_rows<isa, Rows, 1> for the last n < kCols elements of the v_c (acc's rows are padded to
+// kCols), in lanes as key_dot_rows' tail is, for the same reason.
+template <CpuCapability isa, int Rows, typename T>
+GF_CPU_INLINE void weighted_tail(const float* weights, const T* v, int64_t v_row, int64_t cols, int64_t n, float* acc,
+                                 int64_t acc_row) {
+  Floats<isa> sums[Rows];
+  for (int r = 0; r < Rows; ++r) sums[r] = load16<kVectorLanes<isa>>(acc + r * acc_row);
+  for (int64_t c = 0; c < cols; ++c) {
+    const Floats<isa> value = load_partial<isa>(v + c * v_row, n);
+    for (int r = 0; r < Rows; ++r) sums[r] += weights[r * kKeyBlock + c] * value;
+  }
+  for (int r = 0; r < Rows; ++r) store16(acc + r * acc_row, sums[r]);
+}
+
+// Chunks of 16 columns that weighted_rows takes at once for Rows rows: as many accumulators as
+// leave room for the loads (16 of AVX-512's 32 registers, 8 of AVX2's or SSE's 16), at most 4.
+template <CpuCapability isa, int Rows>
+constexpr int kValueChunks =
+    std::clamp((isa == CpuCapability::kAvx512 ? 16 : 8) / (Rows * (kCols / kVectorLanes<isa>)), 1, 4);
+
+// value_sums for Rows rows.
+template <CpuCapability isa, int Rows, typename T>
+GF_CPU_INLINE void value_rows(const float* probs, const T* v, int64_t v_row, int64_t cols, int64_t v_dim, float* acc,
+                              int64_t acc_row) {
+  constexpr int kChunks = kValueChunks<isa, Rows>;
+  int64_t d = 0;
+  for (; d + kChunks * kCols <= v_dim; d += kChunks * kCols) {
+    weighted_rows<isa, Rows, kChunks>(probs, v + d, v_row, cols, acc + d, acc_row);
+  }
+  for (; d + kCols <= v_dim; d += kCols) weighted_rows<isa, Rows, 1>(probs, v + d, v_row, cols, acc + d, acc_row);
+  if (d < v_dim) weighted_tail<isa, Rows>(probs, v + d, v_row, cols, v_dim - d, acc + d, acc_row);
 }
 
 // acc[r][d] += sum over c < cols of probs[r][c] * v_c[d], c in order, with V in place (rows v_row
@@ -252,14 +308,12 @@ GF_CPU_INLINE void weighted_tail(const float* weights, const T* v, int64_t v_row
 template <CpuCapability isa, typename T>
 GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const T* v, int64_t v_row, int64_t cols,
                                   int64_t v_dim, float* acc, int64_t acc_row) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* p_r = probs + r * kKeyBlock;
-    float* acc_r = acc + r * acc_row;
-    int64_t d = 0;
-    for (; d + 4 * kCols <= v_dim; d += 4 * kCols) weighted_rows<isa, 4>(p_r, v + d, v_row, cols, acc_r + d);
-    for (; d + kCols <= v_dim; d += kCols) weighted_rows<isa, 1>(p_r, v + d, v_row, cols, acc_r + d);
-    if (d < v_dim) weighted_tail<isa>(p_r, v + d, v_row, cols, v_dim - d, acc_r + d);
+  constexpr int kRows = kInPlaceRows<isa>;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    value_rows<isa, kRows>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
   }
+  for (; r < rows; ++r) value_rows<isa, 1>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
 }
 GF_CPU_DISPATCH(value_sums)
 
@@ -500,6 +554,31 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
   });
 }
 
+// Key block j0, read in place, for the one query of each of heads h0 .. h0 + heads (stacks_heads): row
+// e of the scores is head h0 + e's, and its running output, maximum and sum are where forward_block
+// keeps them. The products cover every head once any is seen: a head that the mask hides in this
+// block gets -inf scores, which add nothing.
+template <typename T>
+void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq,
+                        uint64_t seed, uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t j0,
+                        int64_t cols, ForwardScratch& w) {
+  const int64_t v_pad = padded_to(p.v_dim, kCols), head_rows = kQueryBlock * v_pad, hk = h0 / (p.heads / p.kv_heads);
+  key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, kv.k + attention_k_at(p, seq, b, hk, j0),
+           p.k_stride[2], cols, p.dim, p.scale, w.scores.data());
+  for (int64_t e = 0; e < heads; ++e) {
+    float* scores = w.scores.data() + e * kKeyBlock;
+    finish_scores(p, seq, b, h0 + e, i0, 1, j0, cols, scores, nullptr);
+    online_softmax_step(scores, 1, w.max.data() + e * kQueryBlock, w.sum.data() + e * kQueryBlock,
+                        w.acc.data() + e * head_rows, v_pad);
+    if (p.dropout_p > 0.0f) {
+      dropout_scales(p, seq, seed, offset, h0 + e, i0, 1, j0, cols, w.drop.data());
+      apply_dropout_scales(w.drop.data(), 1, scores);
+    }
+  }
+  value_sums(w.scores.data(), heads, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
+             w.acc.data(), head_rows);
+}
+
 // One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
 // its band reaches: each key block, packed or read in place, serves all the heads while in cache.
 template <typename T>
@@ -532,6 +611,10 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       pack_key_block(p, kv, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
       k_panel = w.k_panel.data();
       v_panel = w.v_panel.data();
+    }
+    if (k_panel == nullptr && stacks_heads(rows, heads)) {
+      stacked_heads_step(p, kv, seq, seed, offset, b, h0, heads, i0, j0, cols, w);
+      continue;
     }
     for (int64_t e = 0; e < heads; ++e) {
       if (!w.seen[e]) continue;
