@@ -78,13 +78,13 @@ def _print_table(rows):
 
 
 def _print_compute_table(rows):
-    header = f"{'variant':38s} {'impl':34s} {'shape':20s} {'median ms':>10s} {'GFLOP/s':>8s} {'of GEMM':>8s} " \
-             f"{'peak MiB':>9s} {'x genfast':>9s}"
+    header = f"{'variant':38s} {'impl':34s} {'dtype':9s} {'shape':20s} {'median ms':>10s} {'GFLOP/s':>8s} " \
+             f"{'of GEMM':>8s} {'peak MiB':>9s} {'x genfast':>9s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         memory = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
-        print(f"{r['variant']:38s} {r['impl']:34s} {r['config']:20s} {r['median_ms']:>10.3f} "
+        print(f"{r['variant']:38s} {r['impl']:34s} {r['dtype']:9s} {r['config']:20s} {r['median_ms']:>10.3f} "
               f"{r['gflop_per_s']:>8.1f} {r['fraction_of_gemm']:>8.1%} {memory:>9s} {r['time_over_genfast']:>8.2f}x")
 
 
