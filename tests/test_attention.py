@@ -348,6 +348,19 @@ def test_cpu_decoding_stacks_grouped_heads_bit_for_bit(heads, kv_heads, dim, v_d
     _compare(q, k, v, impl="native", enable_gqa=True, attn_mask=mask, causal="bottom_right")
 
 
+@pytest.mark.parametrize("lq", [2, 3])
+def test_cpu_in_place_rows_share_loads_bit_for_bit(lq):
+    """Two or three queries per head read K and V in place with each row of K and V loaded once for
+    all of them: each query's row is what the query alone gives."""
+    skip_unless_supported("native", "cpu")
+    q, k, v = _qkv(2, 2, 2, lq, 300, 72, torch.float32, v_dim=40)
+    mask = torch.rand(2, 2, lq, 300) < 0.8
+    together = genfast.attention(q, k, v, attn_mask=mask, softcap=10.0, impl="native")
+    alone = torch.cat([genfast.attention(q[:, :, i:i + 1], k, v, attn_mask=mask[:, :, i:i + 1], softcap=10.0,
+                                         impl="native") for i in range(lq)], dim=2)
+    assert torch.equal(together, alone)
+
+
 def test_long_key_sequence_packed_a_few_heads_at_a_time():
     """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads of 90000 keys
     take two passes, the second partial."""

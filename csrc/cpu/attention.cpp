@@ -244,7 +244,11 @@ GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, con
   for (; r + kRows <= rows; r += kRows) {
     key_dot_rows<isa, kRows>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
   }
-  for (; r < rows; ++r) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+  if (kRows > 2 && r + 2 <= rows) {
+    key_dot_rows<isa, 2>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+    r += 2;
+  }
+  if (r < rows) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
 }
 GF_CPU_DISPATCH(key_dots)
 
@@ -313,7 +317,11 @@ GF_CPU_INLINE void value_sums_for(const float* probs, int64_t rows, const T* v, 
   for (; r + kRows <= rows; r += kRows) {
     value_rows<isa, kRows>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
   }
-  for (; r < rows; ++r) value_rows<isa, 1>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
+  if (kRows > 2 && r + 2 <= rows) {
+    value_rows<isa, 2>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
+    r += 2;
+  }
+  if (r < rows) value_rows<isa, 1>(probs + r * kKeyBlock, v, v_row, cols, v_dim, acc + r * acc_row, acc_row);
 }
 GF_CPU_DISPATCH(value_sums)
 
