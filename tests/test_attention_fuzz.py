@@ -9,6 +9,7 @@ import torch
 
 from genfast.cli import main
 from genfast.testing import attention_fuzz
+from genfast.testing.tolerances import compare_with_reference
 from conftest import fused_impls, skip_unless_runs
 
 DRAWS = [attention_fuzz.draw_case(seed, attention_fuzz.LIMITS["cpu"]) for seed in range(400)]
@@ -60,25 +61,25 @@ def test_a_case_repeats_from_its_seed():
         assert torch.equal(a, b)
 
 
-def test_inputs_have_the_drawn_layout_and_mask():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inputs_have_the_drawn_layout_and_mask(dtype, monkeypatch):
     case = dataclasses.replace(DRAWS[0], varlen=False, batch=2, heads=4, kv_heads=2, q_len=70, k_len=130, dim=32,
                                v_dim=24, mask="bool", mask_shape=(1, 70, 130), mask_hides="blocks",
                                layout="transposed")
-    captured = {}
+    captured = []
+    original = attention_fuzz.attention
 
     def spy(q, k, v, mask, **options):
-        captured.update(q=q, v=v, mask=mask)
+        captured.append((q, v, mask))
         return original(q, k, v, mask, **options)
 
-    original = attention_fuzz.attention
-    attention_fuzz.attention = spy
-    try:
-        attention_fuzz.make_run(case, torch.float32, "cpu")("reference")
-    finally:
-        attention_fuzz.attention = original
-    q, v, mask = captured["q"], captured["v"], captured["mask"]
-    assert q.shape == (2, 4, 70, 32) and v.shape == (2, 2, 130, 24)
+    monkeypatch.setattr(attention_fuzz, "attention", spy)
+    attention_fuzz.make_run(case, dtype, "cpu")("reference")
+    attention_fuzz.make_run(dataclasses.replace(case, layout="strided"), dtype, "cpu")("reference")
+    (q, v, mask), (strided, _, _) = captured
+    assert q.shape == (2, 4, 70, 32) and v.shape == (2, 2, 130, 24) and q.dtype == dtype
     assert q.stride(1) == 32 and q.stride(2) == 4 * 32  # (batch, length, heads, dim) in memory
+    assert strided.shape == q.shape and strided.stride(2) == 2 * 32  # every other row
     assert mask.shape == (1, 70, 130) and mask.dtype == torch.bool
     assert any(not mask[0, i:i + 64, j:j + 64].any() for i in (0, 64) for j in (0, 64, 128))
 
@@ -106,6 +107,16 @@ def test_a_wrong_backend_fails_its_cases(monkeypatch):
     results = list(attention_fuzz.fuzz("cpu", [("native", torch.float32)], 12, seed=1))
     dense = [r for r in results if "varlen" not in r[0]]
     assert len(dense) >= 4 and all(not r[4] and r[5].startswith("o:") for r in dense)
+
+
+def test_a_failure_names_the_gradient():
+    def run(impl, cast=None):
+        values = [torch.linspace(-1, 1, 5, dtype=cast or torch.float32) for _ in range(5)]
+        values[3] = values[3] + (0.1 if impl == "wrong" else 0.0)  # the gradient of k
+        return values
+
+    error, passed, message = compare_with_reference(run, "wrong", attention_fuzz.OUTPUTS, grads=attention_fuzz.GRADS)
+    assert not passed and message.startswith("grad k:") and error == pytest.approx(0.1)
 
 
 def test_a_refusal_is_a_failure_that_says_why():

@@ -23,6 +23,7 @@ from ..random import PhiloxGenerator
 from .tolerances import compare_with_reference
 
 OUTPUTS = ("o", "lse")
+GRADS = ("grad q", "grad k", "grad v", "grad attn_mask")
 
 # The gradients' floor in float32, relative to their scale. FlashAttention's backward (every fused
 # backend's) takes dS = P (dP - rowsum(dO o)): two float32 dot products of length D that cancel, off
@@ -165,15 +166,17 @@ def draw_case(seed: int, limits: Limits) -> FuzzCase:
     return case
 
 
-def _storage(shape, layout: str, generator) -> torch.Tensor:
+def _storage(shape, layout: str, generator, device, dtype) -> torch.Tensor:
     """Normal values of shape (batch, heads, length, dim) or, varlen, (total, heads, dim), laid out
-    as asked: transposed keeps (batch, length, heads, dim) in memory; strided skips every other row."""
+    as asked (after the copy to device and dtype, which would make a strided tensor contiguous):
+    transposed keeps (batch, length, heads, dim) in memory; strided skips every other row."""
     if layout == "transposed" and len(shape) == 4:
         b, h, n, d = shape
-        return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
+        return torch.randn(b, n, h, d, generator=generator).to(device=device, dtype=dtype).transpose(1, 2)
     if layout == "strided":
-        return torch.randn(*shape[:-2], 2 * shape[-2], shape[-1], generator=generator)[..., ::2, :]
-    return torch.randn(*shape, generator=generator)
+        wide = torch.randn(*shape[:-2], 2 * shape[-2], shape[-1], generator=generator)
+        return wide.to(device=device, dtype=dtype)[..., ::2, :]
+    return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def _mask(case: FuzzCase, generator) -> torch.Tensor:
@@ -208,7 +211,7 @@ def make_run(case: FuzzCase, dtype: torch.dtype, device):
     else:
         shapes = ((case.batch, case.heads, case.q_len, case.dim), (case.batch, case.kv_heads, case.k_len, case.dim),
                   (case.batch, case.kv_heads, case.k_len, case.v_dim))
-    q, k, v = (_storage(shape, case.layout, g).to(device=device, dtype=dtype) for shape in shapes)
+    q, k, v = (_storage(shape, case.layout, g, device, dtype) for shape in shapes)
     mask = _mask(case, g).to(device) if case.mask else None
     if mask is not None and case.mask == "additive":
         mask = mask.to(dtype)
@@ -258,7 +261,8 @@ def fuzz(device: str, runs, count: int, seed: int = 0) -> Iterator[tuple]:
             case = draw_case(seed + n, limits_for(device, impl))
             try:
                 floor = FLOAT32_GRAD_FLOOR if dtype == torch.float32 else 1e-6
-                result = compare_with_reference(make_run(case, dtype, device), impl, OUTPUTS, grad_floor=floor)
+                result = compare_with_reference(make_run(case, dtype, device), impl, OUTPUTS, grad_floor=floor,
+                                                grads=GRADS)
             except Exception as error:  # noqa: BLE001  (a refusal or a crash is this case's failure)
                 result = (float("nan"), False, f"{type(error).__name__}: {str(error).splitlines()[0]}")
             yield (case.describe(), impl, dtype) + result

@@ -44,17 +44,17 @@ def assert_error_ratio(actual, exact, low_precision, *, ratio=2.0, floor=1e-6, m
     assert error <= bound, f"{msg}: max error {error:.3e} > {ratio} x {low_error:.3e} + floor ({bound:.3e})"
 
 
-def compare_with_reference(run, impl, outputs=("y", "logdet"), grad_floor=1e-6):
+def compare_with_reference(run, impl, outputs=("y", "logdet"), grad_floor=1e-6, grads=()):
     """(max error, passed, message) of run(impl) against run("reference", torch.float64), by the
     error-ratio rule: 2x for the first len(outputs) results, 3x for the gradients after them (with
-    grad_floor as their floor)."""
+    grad_floor as their floor; named in a failure's message by grads where given)."""
     got = run(impl)
     exact = run("reference", torch.float64)
     low = run("reference")
     error = max([(a.double() - e).nan_to_num().abs().max().item() for a, e in zip(got, exact) if e.numel()] or [0.0])
     try:
         for k, (a, e, lo) in enumerate(zip(got, exact, low)):
-            name = outputs[k] if k < len(outputs) else "grad"
+            name = outputs[k] if k < len(outputs) else (grads[k - len(outputs)] if grads else "grad")
             if k < len(outputs):
                 assert_error_ratio(a, e, lo, ratio=2.0, msg=name)
             else:
