@@ -562,6 +562,22 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
   });
 }
 
+// Scores (rows x kKeyBlock) of head h's queries i0 .. i0 + rows against key block j0, made its
+// probabilities: attention_score's steps, the online softmax step on the running output, maximum and
+// sum that forward_block keeps for the task's head e, and dropout.
+void block_probabilities(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset,
+                         int64_t b, int64_t h, int64_t e, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                         float* scores, ForwardScratch& w) {
+  const int64_t v_pad = padded_to(p.v_dim, kCols);
+  finish_scores(p, seq, b, h, i0, rows, j0, cols, scores, nullptr);
+  online_softmax_step(scores, rows, w.max.data() + e * kQueryBlock, w.sum.data() + e * kQueryBlock,
+                      w.acc.data() + e * kQueryBlock * v_pad, v_pad);
+  if (p.dropout_p > 0.0f) {
+    dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
+    apply_dropout_scales(w.drop.data(), rows, scores);
+  }
+}
+
 // Key block j0, read in place, for the one query of each of heads h0 .. h0 + heads (stacks_heads): row
 // e of the scores is head h0 + e's, and its running output, maximum and sum are where forward_block
 // keeps them. The products cover every head once any is seen: a head that the mask hides in this
@@ -574,14 +590,7 @@ void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const
   key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, kv.k + attention_k_at(p, seq, b, hk, j0),
            p.k_stride[2], cols, p.dim, p.scale, w.scores.data());
   for (int64_t e = 0; e < heads; ++e) {
-    float* scores = w.scores.data() + e * kKeyBlock;
-    finish_scores(p, seq, b, h0 + e, i0, 1, j0, cols, scores, nullptr);
-    online_softmax_step(scores, 1, w.max.data() + e * kQueryBlock, w.sum.data() + e * kQueryBlock,
-                        w.acc.data() + e * head_rows, v_pad);
-    if (p.dropout_p > 0.0f) {
-      dropout_scales(p, seq, seed, offset, h0 + e, i0, 1, j0, cols, w.drop.data());
-      apply_dropout_scales(w.drop.data(), 1, scores);
-    }
+    block_probabilities(p, seq, seed, offset, b, h0 + e, e, i0, 1, j0, cols, w.scores.data() + e * kKeyBlock, w);
   }
   value_sums(w.scores.data(), heads, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
              w.acc.data(), head_rows);
@@ -628,20 +637,14 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
-      float *acc = w.acc.data() + e * kQueryBlock * v_pad, *max = w.max.data() + e * kQueryBlock,
-            *sum = w.sum.data() + e * kQueryBlock;
+      float* acc = w.acc.data() + e * kQueryBlock * v_pad;
       if (k_panel != nullptr) {
         multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
       } else {
         key_dots(q, p.q_stride[2], rows, kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
                  p.scale, w.scores.data());
       }
-      finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), nullptr);
-      online_softmax_step(w.scores.data(), rows, max, sum, acc, v_pad);
-      if (p.dropout_p > 0.0f) {
-        dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
-        apply_dropout_scales(w.drop.data(), rows, w.scores.data());
-      }
+      block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
         multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
       } else {

@@ -139,8 +139,7 @@ def draw_case(seed: int, limits: Limits) -> FuzzCase:
         same = rng.random() < 0.5
         case.lengths_k = case.lengths_q if same else tuple(_length(rng, limits.length) for _ in range(count))
         case.batch, case.q_len, case.k_len = count, max(case.lengths_q), max(case.lengths_k)
-        causal = rng.choice([None, "bottom_right"] + (["top_left"] if same else []))
-        case.causal = causal
+        case.causal = rng.choice([None, "bottom_right"] + (["top_left"] if same else []))
     elif rng.random() < 0.15:  # a decoding step: a few queries against a long cache
         case.q_len, case.k_len = rng.randint(1, 4), rng.randint(1, limits.cache)
         case.causal = rng.choice([None, "bottom_right"])

@@ -102,8 +102,7 @@ def run(devices, ops, out=print, fuzz=0, seed=0) -> int:
                 failures += not passed
                 dtype_name = str(dtype).replace("torch.", "")
                 status = "ok" if passed else f"FAIL {message}"
-                line = f"{op:14s} {case:34s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}"
-                if op == "attention fuzz":  # the case's description is long: last
-                    line = f"{op:14s} {impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}  {case}"
-                out(line)
+                result = f"{impl:7s} {device:5s} {dtype_name:9s} max|err| {error:.2e}  {status}"
+                # A fuzz case's description is long: last.
+                out(f"{op:14s} {result}  {case}" if op == "attention fuzz" else f"{op:14s} {case:34s} {result}")
     return failures
