@@ -6,6 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -35,6 +36,16 @@ using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const c10::TypedOperatorHandle<ForwardOp>& forward_op() {
+  static const auto handle = op<ForwardOp>("genfast::attention_forward");
+  return handle;
+}
+
+const c10::TypedOperatorHandle<VarlenForwardOp>& varlen_forward_op() {
+  static const auto handle = op<VarlenForwardOp>("genfast::attention_varlen_forward");
+  return handle;
 }
 
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
@@ -79,10 +90,9 @@ class Attention : public torch::autograd::Function<Attention> {
                                const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& alibi_slopes, const AttentionOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto forward_op = op<ForwardOp>("genfast::attention_forward");
-    auto [o, lse] = forward_op.call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
-                                    options.band_lo, options.band_hi, options.dropout_p, options.seed,
-                                    options.offset, options.deterministic);
+    auto [o, lse] = forward_op().call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
+                                      options.band_lo, options.band_hi, options.dropout_p, options.seed,
+                                      options.offset, options.deterministic);
     ctx->set_materialize_grads(false);  // an unused lse has no gradient to subtract
     ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["mask_needs_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
@@ -117,10 +127,10 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
                                int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes,
                                const AttentionOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto forward_op = op<VarlenForwardOp>("genfast::attention_varlen_forward");
-    auto [o, lse] = forward_op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                                    options.scale, options.softcap, options.band_lo, options.band_hi,
-                                    options.dropout_p, options.seed, options.offset, options.deterministic);
+    auto [o, lse] = varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             alibi_slopes, options.scale, options.softcap, options.band_lo,
+                                             options.band_hi, options.dropout_p, options.seed, options.offset,
+                                             options.deterministic);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
@@ -149,10 +159,24 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
 
 std::tuple<at::Tensor, at::Tensor> pair(const variable_list& outputs) { return {outputs[0], outputs[1]}; }
 
+// Whether the call records a backward. Without one the forward op runs alone: an autograd
+// Function's node and saved state cost about 2 us of an inference call whether they are used or not.
+bool records_backward(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t != nullptr && t->requires_grad()) return true;
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+  if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
+                             offset, deterministic);
+  }
   return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
                                AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 deterministic}));
@@ -163,6 +187,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+  if (!records_backward({&q, &k, &v})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                    scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic);
+  }
   return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                      AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                       deterministic}));

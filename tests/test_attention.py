@@ -484,6 +484,27 @@ def test_gradients_through_lse_alone(impl):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_reach_whichever_input_asks_for_them(impl):
+    """A backward is recorded only when grad mode is on and an input asks for a gradient (the
+    native ops skip their autograd node otherwise): each of q, k, v and an additive mask asking
+    alone gets the gradient it gets when all ask, and without either the output has no grad_fn."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(1, 4, 2, 9, 20, 16, torch.float32)
+    mask = torch.randn(1, 1, 9, 20, generator=torch.Generator().manual_seed(1))
+    every = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    expected = torch.autograd.grad(genfast.attention(*every, enable_gqa=True, impl=impl).sum(), every)
+    for i in range(4):
+        inputs = [t.clone().requires_grad_(j == i) for j, t in enumerate((q, k, v, mask))]
+        (grad,) = torch.autograd.grad(genfast.attention(*inputs, enable_gqa=True, impl=impl).sum(), inputs[i])
+        torch.testing.assert_close(grad, expected[i], msg=f"input {i}")
+    with torch.no_grad():
+        assert genfast.attention(*every, enable_gqa=True, impl=impl).grad_fn is None
+    o = genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl)
+    assert o.grad_fn is None and not o.requires_grad
+    torch.testing.assert_close(o, genfast.attention(*every, enable_gqa=True, impl=impl).detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck_and_compile(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 1, 9, 12, 8, torch.float32)

@@ -79,6 +79,16 @@ def test_options_match_reference(options, impl):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_single_queries_beside_longer_sequences(impl):
+    """Sequences of one query, whose grouped heads the CPU kernel stacks as the rows of one product
+    (more rows than the longest sequence has), beside sequences of a few queries."""
+    skip_unless_supported(impl, "cpu")
+    args = _packed([1, 2, 1, 3], [300, 5, 129, 40], heads=16, kv_heads=2, v_dim=24)
+    _compare(impl, args)
+    _compare(impl, args, causal="bottom_right", dropout_p=0.3, seed=5, softcap=5.0)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_top_left_causal_with_shared_lengths(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v, cu, _, most, _ = _packed([9, 130, 1], [9, 130, 1], heads=2, kv_heads=2)

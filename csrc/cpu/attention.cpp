@@ -482,16 +482,20 @@ GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int6
 GF_CPU_DISPATCH(apply_dropout_scales)
 
 // A task's state: the scores of one head's block, and the running output, maximum and sum of each
-// of its heads' rows (kQueryBlock rows per head).
+// of its heads' rows (head_rows per head: a block's queries, at most kQueryBlock). Sized to the
+// rows a block has, so that a decoding step does not allocate and zero a 128-row block per call.
 struct ForwardScratch {
+  int64_t head_rows;
   // The panels only for a task that packs its own, the dropout factors only with dropout.
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
-  ForwardScratch(int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
-      : scores(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
-        acc(static_cast<size_t>(heads * kQueryBlock * v_pad)),
-        max(static_cast<size_t>(heads * kQueryBlock)), sum(static_cast<size_t>(heads * kQueryBlock)),
+  // rows: the most queries of a block. The scores also hold a row per head for the stacked decoding
+  // step, which a packed sequence of one query may take beside longer ones.
+  ForwardScratch(int64_t rows, int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
+      : head_rows(rows),
+        scores(static_cast<size_t>(std::max(rows, std::min(heads, kQueryBlock)) * kKeyBlock)),
+        drop(dropout ? static_cast<size_t>(rows * kKeyBlock) : 0), acc(static_cast<size_t>(heads * rows * v_pad)),
+        max(static_cast<size_t>(heads * rows)), sum(static_cast<size_t>(heads * rows)),
         k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
         v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)) {}
 };
@@ -570,8 +574,8 @@ void block_probabilities(const AttentionParams& p, const AttentionSequence& seq,
                          float* scores, ForwardScratch& w) {
   const int64_t v_pad = padded_to(p.v_dim, kCols);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, scores, nullptr);
-  online_softmax_step(scores, rows, w.max.data() + e * kQueryBlock, w.sum.data() + e * kQueryBlock,
-                      w.acc.data() + e * kQueryBlock * v_pad, v_pad);
+  online_softmax_step(scores, rows, w.max.data() + e * w.head_rows, w.sum.data() + e * w.head_rows,
+                      w.acc.data() + e * w.head_rows * v_pad, v_pad);
   if (p.dropout_p > 0.0f) {
     dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
     apply_dropout_scales(w.drop.data(), rows, scores);
@@ -586,14 +590,14 @@ template <typename T>
 void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq,
                         uint64_t seed, uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t j0,
                         int64_t cols, ForwardScratch& w) {
-  const int64_t v_pad = padded_to(p.v_dim, kCols), head_rows = kQueryBlock * v_pad, hk = h0 / (p.heads / p.kv_heads);
+  const int64_t v_pad = padded_to(p.v_dim, kCols), hk = h0 / (p.heads / p.kv_heads);
   key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, kv.k + attention_k_at(p, seq, b, hk, j0),
            p.k_stride[2], cols, p.dim, p.scale, w.scores.data());
   for (int64_t e = 0; e < heads; ++e) {
     block_probabilities(p, seq, seed, offset, b, h0 + e, e, i0, 1, j0, cols, w.scores.data() + e * kKeyBlock, w);
   }
   value_sums(w.scores.data(), heads, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-             w.acc.data(), head_rows);
+             w.acc.data(), w.head_rows * v_pad);
 }
 
 // One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
@@ -606,9 +610,9 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
   if (rows <= 0) return;  // past a packed sequence's end
   const int64_t v_pad = padded_to(p.v_dim, kCols);
   for (int64_t e = 0; e < heads; ++e) {  // the rows in use only: a decoding step has one per head
-    std::fill_n(w.acc.begin() + e * kQueryBlock * v_pad, rows * v_pad, 0.0f);
-    std::fill_n(w.max.begin() + e * kQueryBlock, rows, -__builtin_inff());
-    std::fill_n(w.sum.begin() + e * kQueryBlock, rows, 0.0f);
+    std::fill_n(w.acc.begin() + e * w.head_rows * v_pad, rows * v_pad, 0.0f);
+    std::fill_n(w.max.begin() + e * w.head_rows, rows, -__builtin_inff());
+    std::fill_n(w.sum.begin() + e * w.head_rows, rows, 0.0f);
   }
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
@@ -637,7 +641,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
-      float* acc = w.acc.data() + e * kQueryBlock * v_pad;
+      float* acc = w.acc.data() + e * w.head_rows * v_pad;
       if (k_panel != nullptr) {
         multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
       } else {
@@ -656,7 +660,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
   for (int64_t e = 0; e < heads; ++e) {
     const int64_t h = h0 + e;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = e * kQueryBlock + r;
+      const int64_t row = e * w.head_rows + r;
       const float sum = w.sum[row];
       const bool seen = !(w.max[row] == -__builtin_inff());  // NaN counts as seen
       const float inverse = seen ? 1.0f / sum : 0.0f;
@@ -703,7 +707,8 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
     const int64_t count = std::min(pass, pairs - first_pair);
     if (shared) pack_key_panels(p, kv, first_pair, count, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
-      ForwardScratch scratch(p.dim, padded_to(p.v_dim, kCols), heads, packs && !shared, p.dropout_p > 0.0f);
+      ForwardScratch scratch(std::min(kQueryBlock, p.q_len), p.dim, padded_to(p.v_dim, kCols), heads,
+                             packs && !shared, p.dropout_p > 0.0f);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
