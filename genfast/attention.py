@@ -42,21 +42,27 @@ def band(lq: int, lk: int, causal: Optional[str], window: Optional[Tuple[int, in
 
 
 def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl):
+    """Raises on bad input, naming the argument; else returns the shapes of q, k and v. A decoding
+    step spends about as long in here as in the kernel, so each property is read once (each .shape
+    makes a new Size) and Sizes are compared element by element (a slice is another new Size)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not (impl == "reference" and isinstance(t, Tensor) and t.dtype == torch.float64):
-            _checks.check_float_tensor(name, t)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got {tuple(t.shape)}")
-    qs, ks, vs = q.shape, k.shape, v.shape  # each .shape makes a new Size; a decoding step feels it
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k and v must have q's dtype ({q.dtype}), got {k.dtype} and {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"k and v must be on q's device ({q.device}), got {k.device} and {v.device}")
+    qs, ks, vs = q.shape, k.shape, v.shape
+    dtype, device = q.dtype, q.device
+    if dtype not in _checks.FLOAT_DTYPES and not (impl == "reference" and dtype == torch.float64):
+        _checks.check_float_tensor("q", q)
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"k and v must have q's dtype ({dtype}), got {k.dtype} and {v.dtype}")
+    if k.device != device or v.device != device:
+        raise ValueError(f"k and v must be on q's device ({device}), got {k.device} and {v.device}")
     if ks[3] != qs[3]:
         raise ValueError(f"k's head_dim must equal q's ({qs[3]}), got {ks[3]}")
     if ks[0] != qs[0] or vs[0] != qs[0]:
         raise ValueError(f"k and v must have q's batch size ({qs[0]}), got {ks[0]} and {vs[0]}")
-    if vs[1:3] != ks[1:3]:
+    if vs[1] != ks[1] or vs[2] != ks[2]:
         raise ValueError(f"v must have k's heads and length {tuple(ks[1:3])}, got {tuple(vs[1:3])}")
     if ks[1] != qs[1]:
         if not enable_gqa:
@@ -72,8 +78,8 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
         if attn_mask.dim() > 4 or any(s not in (1, f) for s, f in zip(reversed(attn_mask.shape), reversed(full))):
             raise ValueError(f"attn_mask must broadcast to (batch, heads, Lq, Lk) = {full}, got "
                              f"{tuple(attn_mask.shape)}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask must be on q's device ({q.device}), got {attn_mask.device}")
+        if attn_mask.device != device:
+            raise ValueError(f"attn_mask must be on q's device ({device}), got {attn_mask.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
@@ -86,11 +92,12 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
         if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape not in ((qs[1],), qs[:2]):
             raise ValueError(f"alibi_slopes must have shape (heads,) = ({qs[1]},) or (batch, heads) = "
                              f"{tuple(qs[:2])}, got {tuple(getattr(alibi_slopes, 'shape', ()))}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be on q's device ({q.device}), got {alibi_slopes.device}")
+        if alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes must be on q's device ({device}), got {alibi_slopes.device}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (None: no soft-capping), got {softcap}")
     _checks.check_choice("impl", impl, _backend.IMPLS)
+    return qs, ks, vs
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -110,23 +117,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA and
     GPU Triton kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block
     instead of 7. The CPU backward is deterministic either way."""
-    _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl)
+    qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl)
     if is_causal:
         if causal == "bottom_right":
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q, max(q.shape[3], v.shape[3]))
+    scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
+    backend = _fused_backend(impl, q, max(qs[3], vs[3]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
                                    dropout_offset=offset, return_lse=return_lse)
     _check_alibi_grad(alibi_slopes)
-    lo, hi = band(q.shape[2], k.shape[2], causal, window)
+    lo, hi = band(qs[2], ks[2], causal, window)
     args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
             as_int64(offset), _deterministic(deterministic))
-    op = torch.ops.genfast.attention_forward_triton if backend == "triton" else torch.ops.genfast.attention_forward
+    # The overloads themselves: an OpOverloadPacket resolves its overload again on every call.
+    op = (torch.ops.genfast.attention_forward_triton.default if backend == "triton"
+          else torch.ops.genfast.attention_forward.default)
     o, lse = op(*args)
     return (o, lse) if return_lse else o
 
@@ -156,8 +165,9 @@ def _fused_backend(impl: str, q: Tensor, head_dim: int) -> str:
     """The backend that runs the call: on CUDA, "auto" takes the CUDA kernels where they run (float16
     and bfloat16, head dims up to 256, sm_80 and later), else Triton (head dims up to 256), else the
     reference; asking for a backend that cannot run the call raises."""
-    backend = _backend.resolve_impl(impl, q.device)
-    if q.device.type != "cuda":
+    device = q.device
+    backend = _backend.resolve_impl(impl, device)
+    if device.type != "cuda":
         return backend
     if backend == "native":
         why = _cuda_kernels_refuse(q, head_dim)
@@ -166,7 +176,7 @@ def _fused_backend(impl: str, q: Tensor, head_dim: int) -> str:
         if impl == "native":
             hint = "; impl='triton' can" if head_dim <= FUSED_MAX_HEAD_DIM else ""
             raise TypeError(f"genfast's CUDA attention kernels cannot run this call: {why}{hint}")
-        backend = "triton" if _backend.triton_runs_on(q.device.type) else "reference"
+        backend = "triton" if _backend.triton_runs_on(device.type) else "reference"
     if backend == "triton" and impl == "auto" and head_dim > FUSED_MAX_HEAD_DIM:
         backend = "reference"
     return backend
@@ -241,7 +251,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic))
-    op = (torch.ops.genfast.attention_varlen_forward_triton if backend == "triton"
-          else torch.ops.genfast.attention_varlen_forward)
+    op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
+          else torch.ops.genfast.attention_varlen_forward.default)
     o, lse = op(*args)
     return (o, lse) if return_lse else o
