@@ -14,7 +14,8 @@
 // Head dim 256 takes a pair of their own (attention_backward_kv_sm90_d256_kernel and
 // attention_backward_q_sm90_d256_kernel), whose warpgroups split the accumulators' columns.
 // The cp.async kernels skip a step whose block the mask hides whole (wait_for_shown_stage; not the
-// d128 kv kernel, kCpAsyncKvSkipsHidden). Each pair of products above is issued together, then
+// d128 kv kernel, kCpAsyncKvSkipsHidden), and the warp-specialized kv kernel's warpgroups each step
+// whose queries the mask hides their 64 keys from. Each pair of products above is issued together, then
 // waited for. The per-element work (P from lse, dropout replayed, dS) is backward_element, as on
 // sm_80. The launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1
 // and the build has sm_90a (hopper_backward_applies).
@@ -601,7 +602,7 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   }
   setmaxnreg_inc<kBackwardConsumerRegisters>();
   const int consumer_warp = warp - kProducerThreads / 32, group = consumer_warp / 4;
-  const int gid = (threadIdx.x % 32) / 4;
+  const int lane = threadIdx.x % 32, gid = lane / 4;
   const int key_j[2] = {work.j0 + consumer_warp * 16 + gid, work.j0 + consumer_warp * 16 + gid + 8};
   float* const dq_accum = grads.dq_accum;
   float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
@@ -609,20 +610,39 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   zero(acc_dv);
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
-  // Both warpgroups always compute (one past the keys reads zeros): a branch around products in
-  // flight would make ptxas serialize every wgmma.
+  // A warpgroup skips the products of a step whose queries the mask hides all its 64 keys from
+  // (its threads' mask reads ORed on named barrier kShownBarrier + group), and of every step when
+  // it has no key; its dS is then zeros. Each step's products land inside hopper_key_block_step:
+  // none is in flight across a branch, which would make ptxas serialize every wgmma (C7518).
+  const bool masked = !kPlain && p.mask_kind != AttentionMask::kNone;
+  const bool group_busy = work.j0 + group * 64 < work.k_len;
+  const auto shown = [&](int64_t h, int i0) {
+    if (!masked) return group_busy;
+    const bool mine = mask_shows_any<kBlockM, 64, kHopperThreads / 2>(
+        p, work.b, work.j0 + group * 64, work.k_len, HeadQueries{h, i0, work.q_len}, consumer_warp % 4 * 32 + lane);
+    return named_barrier_or(kShownBarrier + group, kHopperThreads / 2, mine);
+  };
   if (steps > 0) mbarrier_wait(kv_full, 0);
   for (int n = 0; n < steps; ++n) {
     const int s = n & 1, i0 = work.i0(n);
     const int64_t h = work.head(n);
     mbarrier_wait(full + s, filled(n));
     uint16_t* ds_tile = s_ds + s * kDsStageElements;  // [query][key]
-    hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, s, group, h, i0, key_j, drop,
-                                         dq_accum != nullptr ? ds_tile + consumer_warp * 16 : nullptr);
+    uint16_t* ds_keys = dq_accum != nullptr ? ds_tile + consumer_warp * 16 : nullptr;  // this warp's keys
+    const bool step_shown = shown(h, i0);
+    if (step_shown) {
+      hopper_key_block_step<T, kD, kPlain>(acc_dk, acc_dv, p, work, smem, s, group, h, i0, key_j, drop, ds_keys);
+    } else if (ds_keys != nullptr) {
+      zero_ds_keys<kBlockM>(ds_keys);
+    }
     if (dq_accum != nullptr) {
       // dS of stage s is rewritten two steps on, after every consumer has passed the next barrier.
       named_barrier_sync(1, kHopperThreads);  // barrier 1: every consumer's dS is in
-      hopper_add_dq<T, kD>(p, work, smem.k_address, ds_tile, group, consumer_warp % 4, h, i0, dq_accum);
+      // At head dim 64 a warpgroup adds its own keys' share of dQ, nothing when its dS is zeros; at
+      // 128 its columns' share over every key.
+      if (kD == 128 || step_shown) {
+        hopper_add_dq<T, kD>(p, work, smem.k_address, ds_tile, group, consumer_warp % 4, h, i0, dq_accum);
+      }
     }
     mbarrier_arrive(empty + s);  // Q, dO, lse and delta of this stage are read
   }

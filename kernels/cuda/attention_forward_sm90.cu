@@ -10,7 +10,10 @@
 //   loads Q once and each key block's K and V with TMA, signalling full mbarriers; the consumers
 //   release K and V through empty mbarriers. No __syncthreads in the loop, so each consumer
 //   warpgroup's softmax overlaps the other's products, which take turns as in FlashAttention-3
-//   (WarpgroupTurns); within a warpgroup, block n's softmax overlaps block n - 1's P V.
+//   (WarpgroupTurns); within a warpgroup, block n's softmax overlaps block n - 1's P V. A warpgroup
+//   skips the products of a key block the mask hides from all its 64 rows (an OR of its threads'
+//   mask reads on a named barrier per warpgroup), and those of every block when its rows hold no
+//   query.
 // - every thread copying with cp.async (packed sequences, other strides), a barrier per block,
 //   which also skips a key block the mask hides whole (wait_for_shown_stage; head dims up to 128).
 // They take plans without stacking or splits and head-dim buckets 64, 128 and 256; the launcher in
@@ -216,29 +219,72 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   // cannot without spilling, so it waits for both first (the non-plain d256 one runs the cp.async
   // kernel).
   constexpr bool kOverlap = kPlain || kD <= 64;
+  // A mask may hide a key block from all of a warpgroup's 64 rows (or the rows may hold no query):
+  // the warpgroup then skips its products, and only waits for the block's K and V to release them.
+  // Each wgmma is waited for in the branch that issues it, and the mask is read (mask_shows_any,
+  // ORed over the warpgroup) with no product in flight, all 64 loads of a thread at once (P and O
+  // are all it holds then): ptxas serializes every wgmma of a kernel whose products in flight span a
+  // branch (C7518).
+  const bool masked = !kPlain && p.mask_kind != AttentionMask::kNone, group_busy = work.any_row(group * 64, 64);
+  const auto shown = [&](int n) {
+    if (!masked) return group_busy;
+    const auto group_rows = [&](int r, int64_t& h, int& i) { return work(group * 64 + r, h, i); };
+    const bool mine = mask_shows_any<64, kBlockN, kHopperThreads / 2>(
+        p, work.b, (blocks.first + n) * kBlockN, work.k_len, group_rows, consumer_warp % 4 * 32 + lane);
+    return named_barrier_or(kShownBarrier + group, kHopperThreads / 2, mine);
+  };
   const WarpgroupTurns turns(group);
   float acc_o[kOT][4], acc_s[kBlockN / 8][4];
-  uint32_t a[kBlockN / 16][4];  // P of the block before
+  uint32_t a[kBlockN / 16][4];  // P of the block before, when has_p
+  bool has_p = false;
   zero(acc_o);
-  mbarrier_wait(q_full, 0);
-  if (blocks.count > 0) {  // block 0: S alone
-    mbarrier_wait(k_full, 0);
+  // O += P_m V_m alone in this warpgroup's turn (P of block m), or a turn without products when there
+  // is no P.
+  const auto value_turn = [&](int m) {
+    if (!has_p) {
+      turns.begin();
+      turns.end();
+      return;
+    }
+    mbarrier_wait(v_full + (m & 1), full(m));
     turns.begin();
-    wgmma_abt_async<T, kD>(acc_s, q_group, kBlockM, k_tile(0), kBlockN);
+    wgmma_ab_async<T, kD>(acc_o, a, v_tile(m), kBlockN);
     turns.end();
     wgmma_wait<0>();
-    pin_registers(acc_s);
-    mbarrier_arrive(k_empty);
-    rows.step(acc_s, acc_o, blocks.first * kBlockN);
-    fragments_of<T>(a, acc_s);
-  }
-  for (int n = 1; n < blocks.count; ++n) {
-    const int j0 = (blocks.first + n) * kBlockN;
+    pin_registers(acc_o);
+    pin_registers(a);
+  };
+  mbarrier_wait(q_full, 0);
+  // One turn per step, and one after the last, whatever a warpgroup skips: the turns alternate.
+  for (int n = 0; n < blocks.count; ++n) {
+    const int j0 = (blocks.first + n) * kBlockN, last = n - 1;
+    if (!shown(n)) {
+      value_turn(last);
+      if (has_p) mbarrier_arrive(v_empty + (last & 1));
+      has_p = false;
+      mbarrier_wait(k_full + (n & 1), full(n));
+      mbarrier_arrive(k_empty + (n & 1));
+      mbarrier_wait(v_full + (n & 1), full(n));
+      mbarrier_arrive(v_empty + (n & 1));
+      continue;
+    }
     mbarrier_wait(k_full + (n & 1), full(n));
-    mbarrier_wait(v_full + ((n - 1) & 1), full(n - 1));
+    if (!has_p) {  // S_n alone: the first block shown
+      turns.begin();
+      wgmma_abt_async<T, kD>(acc_s, q_group, kBlockM, k_tile(n), kBlockN);
+      turns.end();
+      wgmma_wait<0>();
+      pin_registers(acc_s);
+      mbarrier_arrive(k_empty + (n & 1));
+      rows.step(acc_s, acc_o, j0);
+      fragments_of<T>(a, acc_s);
+      has_p = true;
+      continue;
+    }
+    mbarrier_wait(v_full + (last & 1), full(last));
     turns.begin();
     wgmma_abt_async<T, kD>(acc_s, q_group, kBlockM, k_tile(n), kBlockN);
-    wgmma_ab_async<T, kD>(acc_o, a, v_tile(n - 1), kBlockN);
+    wgmma_ab_async<T, kD>(acc_o, a, v_tile(last), kBlockN);
     turns.end();
     float alpha[2];
     if constexpr (kOverlap) {
@@ -255,20 +301,11 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
       mbarrier_arrive(k_empty + (n & 1));
       rows.probabilities(acc_s, j0, alpha);
     }
-    mbarrier_arrive(v_empty + ((n - 1) & 1));
+    mbarrier_arrive(v_empty + (last & 1));
     rows.rescale(acc_o, alpha);
     fragments_of<T>(a, acc_s);
   }
-  if (blocks.count > 0) {
-    const int last = blocks.count - 1;
-    mbarrier_wait(v_full + (last & 1), full(last));
-    turns.begin();
-    wgmma_ab_async<T, kD>(acc_o, a, v_tile(last), kBlockN);
-    turns.end();
-    wgmma_wait<0>();
-    pin_registers(acc_o);
-    pin_registers(a);
-  }
+  if (blocks.count > 0) value_turn(blocks.count - 1);
   turns.finish();
   rows.finish(params, acc_o, layout, ForwardPartials{});
 #endif

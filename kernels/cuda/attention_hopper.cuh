@@ -148,6 +148,10 @@ __device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[
   pin_registers(acc);
 }
 
+// The named barriers on which the warp-specialized kernels' warpgroups OR their mask reads:
+// kShownBarrier + group (WarpgroupTurns takes 1 and 2, the backward's dS 1).
+constexpr int kShownBarrier = 3;
+
 // FlashAttention-3's pingpong: the two consumer warpgroups take turns issuing their products, so
 // that one's softmax runs while the other's products have the tensor cores. Warpgroup g issues
 // between begin() and end(), once named barrier kFirstBarrier + g has the other's arrival; group 0

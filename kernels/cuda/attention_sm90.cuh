@@ -79,6 +79,17 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// sync that also returns whether any of the `count` threads' predicates held (__syncthreads_or for
+// part of a CTA).
+__device__ __forceinline__ bool named_barrier_or(int id, int count, bool predicate) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(predicate)), "r"(id), "r"(count)
+      : "memory");
+  return any != 0;
+}
 // Moves this warpgroup's register budget (the producer gives, the consumers take).
 template <int kRegisters>
 __device__ __forceinline__ void setmaxnreg_inc() {

@@ -470,14 +470,16 @@ struct HeadQueries {
 // that many registers would spill the kernel's accumulators. A bool mask hides with false, an
 // additive one with -inf (NaN does not hide). The caller ORs the threads' answers over the CTA
 // (stage_block) and skips the tile when none sees a key: padding, document and block-sparse masks
-// then cost about the blocks they let through, as on the CPU.
+// then cost about the blocks they let through, as on the CPU. `thread`: this thread's index among
+// the kBlockThreads (threadIdx.x when negative).
 template <int kRows, int kCols, int kBlockThreads = kThreads, int kInFlight = 0, typename RowFn>
-__device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t b, int j0, int k_len, RowFn row) {
+__device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t b, int j0, int k_len, RowFn row,
+                                               int thread = -1) {
   constexpr int kElements = kRows * kCols, kLoads = (kElements + kBlockThreads - 1) / kBlockThreads;
   constexpr int kGroup = kInFlight > 0 && kInFlight < kLoads ? kInFlight : kLoads;
   constexpr bool kOwnColumn = kBlockThreads % kCols == 0;  // each thread reads a single key
   if (p.mask_kind == AttentionMask::kNone) return true;
-  const int t = static_cast<int>(threadIdx.x);
+  const int t = thread >= 0 ? thread : static_cast<int>(threadIdx.x);
   bool shown = false;
 #pragma unroll 1
   for (int n0 = 0; n0 < kLoads; n0 += kGroup) {

@@ -157,6 +157,7 @@ struct Mbarrier {
 struct NamedBarrier {
   int count = 0, arrived = 0;
   long generation = 0;
+  bool any = false, last_any = false;  // bar.red.or: the OR so far, and the last completed one's
 };
 
 struct Cta {
@@ -460,7 +461,7 @@ inline bool released(Thread& t) {
 }
 
 // An arrival of this thread on named barrier `id` (1 .. 15: 0 is __syncthreads') of `count` threads.
-inline void named_arrival(int id, int count) {
+inline void named_arrival(int id, int count, bool predicate = false) {
   if (id < 1 || id > 15) fail("a named barrier id outside 1 .. 15");
   if (count <= 0 || count % 32 != 0 || count > static_cast<int>(cta->threads.size())) {
     fail("a named barrier count that is not a number of the CTA's warps");
@@ -468,9 +469,12 @@ inline void named_arrival(int id, int count) {
   NamedBarrier& b = cta->named[id];
   if (b.arrived == 0) b.count = count;
   if (b.count != count) fail("threads disagree on a named barrier's count");
+  b.any = b.any || predicate;
   if (++b.arrived == b.count) {
     b.arrived = 0;
     ++b.generation;
+    b.last_any = b.any;
+    b.any = false;
   }
 }
 
@@ -739,14 +743,19 @@ inline void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c
   }
 }
 inline void named_barrier_arrive(int id, int count) { cuda_emulator::named_arrival(id, count); }
-inline void named_barrier_sync(int id, int count) {
+inline void named_barrier_sync(int id, int count, bool predicate = false) {
   cuda_emulator::Thread& t = cuda_emulator::self();
   const long generation = cuda_emulator::cta->named[id & 15].generation;
-  cuda_emulator::named_arrival(id, count);
+  cuda_emulator::named_arrival(id, count, predicate);
   if (cuda_emulator::cta->named[id].generation != generation) return;
   t.waiting_named = id;
   t.waiting_generation = generation;
   cuda_emulator::wait_as(cuda_emulator::State::kBlocked);
+}
+// The next completion needs this thread's arrival again, so last_any is still this one's.
+inline bool named_barrier_or(int id, int count, bool predicate) {
+  named_barrier_sync(id, count, predicate);
+  return cuda_emulator::cta->named[id].last_any;
 }
 template <int kRegisters>
 inline void setmaxnreg_inc() {}
