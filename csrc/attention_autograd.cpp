@@ -159,8 +159,9 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
 
 std::tuple<at::Tensor, at::Tensor> pair(const variable_list& outputs) { return {outputs[0], outputs[1]}; }
 
-// Whether the call records a backward. Without one the forward op runs alone: an autograd
-// Function's node and saved state cost about 2 us of an inference call whether they are used or not.
+// Whether the call records a backward (alibi_slopes counted as before, though they get no gradient).
+// Without one the forward op runs alone: an autograd Function's node and saved state cost about
+// 2 us of an inference call whether they are used or not.
 bool records_backward(std::initializer_list<const at::Tensor*> inputs) {
   if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : inputs)
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
-  if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr})) {
+  if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr, alibi_slopes ? &*alibi_slopes : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
                              offset, deterministic);
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
-  if (!records_backward({&q, &k, &v})) {
+  if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                     scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic);

@@ -15,9 +15,9 @@
 // attention_backward_q_sm90_d256_kernel), whose warpgroups split the accumulators' columns.
 // The cp.async kernels skip a step whose block the mask hides whole (wait_for_shown_stage; not the
 // d128 kv kernel, kCpAsyncKvSkipsHidden), and the warp-specialized kv kernel's warpgroups each step
-// whose queries the mask hides their 64 keys from. Each pair of products above is issued together, then
-// waited for. The per-element work (P from lse, dropout replayed, dS) is backward_element, as on
-// sm_80. The launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1
+// whose queries the mask hides their 64 keys from. Each pair of products above is issued together,
+// then waited for. The per-element work (P from lse, dropout replayed, dS) is backward_element, as
+// on sm_80. The launcher in attention_backward.cu takes these on sm_90 when GENFAST_ATTENTION_SM90=1
 // and the build has sm_90a (hopper_backward_applies).
 #include "attention.cuh"
 #include "attention_hopper.cuh"

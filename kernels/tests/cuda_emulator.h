@@ -23,8 +23,9 @@
 // wgmma reads what threads wrote is not modelled.
 //
 // mbarriers count arrivals and transaction bytes per phase; a thread waiting on a phase parity
-// blocks until the phase completes. Named barriers (bar.sync, bar.arrive: an id and a thread count)
-// release their waiters once `count` threads have arrived, and must be left with no partial count.
+// blocks until the phase completes. Named barriers (bar.sync, bar.arrive, bar.red.or: an id and a
+// thread count) release their waiters once `count` threads have arrived (bar.red.or returning
+// whether any arrival's predicate held), and must be left with no partial count.
 // A CTA whose threads all wait on phases or named barriers that cannot complete fails as a
 // deadlock. A TMA copy (a tensor map as the emulated encoder writes it, which refuses what
 // cuTensorMapEncodeTiled refuses) lands with the 128-byte swizzle and zeros out of bounds, either
@@ -752,7 +753,8 @@ inline void named_barrier_sync(int id, int count, bool predicate = false) {
   t.waiting_generation = generation;
   cuda_emulator::wait_as(cuda_emulator::State::kBlocked);
 }
-// The next completion needs this thread's arrival again, so last_any is still this one's.
+// bar.red.or.pred: whether any of the `count` threads' predicates held. last_any is still this
+// completion's when the thread reads it: the next completion needs its arrival again.
 inline bool named_barrier_or(int id, int count, bool predicate) {
   named_barrier_sync(id, count, predicate);
   return cuda_emulator::cta->named[id].last_any;
