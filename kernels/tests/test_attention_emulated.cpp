@@ -55,6 +55,7 @@ struct Case {
   bool alibi = false;
   AttentionMask mask = AttentionMask::kNone;
   bool sparse_mask = false;  // the mask also hides keys past the bottom-right diagonal, and odd batches' second half
+  int hidden_from = -1;       // when >= 0, the mask hides every key from queries hidden_from on
   bool nan_q = false;  // q[0, 0, 1, 0] = NaN: that row's output is NaN, no other
   bool far_batches = false;  // dense k and v whose batches lie 2^31 elements apart: 64-bit offsets
 };
@@ -234,7 +235,8 @@ void run_case(const Case& c) {
     additive.resize(keep_mask.size());
     for (size_t e = 0; e < keep_mask.size(); ++e) {
       const int64_t b = e / (p.q_len * p.k_len), i = (e / p.k_len) % p.q_len, j = e % p.k_len;
-      const bool hidden = i == 3 || (c.sparse_mask && (j > i + p.k_len - p.q_len || (b % 2 == 1 && 2 * j >= p.k_len)));
+      const bool hidden = i == 3 || (c.hidden_from >= 0 && i >= c.hidden_from) ||
+                          (c.sparse_mask && (j > i + p.k_len - p.q_len || (b % 2 == 1 && 2 * j >= p.k_len)));
       const bool kept = uniform(rng) < 0.7f;
       const float bias = normal(rng);
       keep_mask[e] = !hidden && kept;
@@ -485,6 +487,11 @@ std::vector<Case> cases() {
   c.name = "3 queries, 7 heads per kv head, bool mask hiding the last key block of batch 1, d64";
   c.batch = 2, c.heads = 14, c.kv_heads = 2, c.q_len = 3, c.k_len = 130, c.mask = AttentionMask::kBool;
   c.sparse_mask = true;
+  all.push_back(c);
+  c = Case{};
+  // Warpgroups (and, in the backward, steps) with queries that see no key at all: zeros, lse -inf.
+  c.name = "additive mask hiding every key from queries 64 on, d64";
+  c.q_len = 150, c.k_len = 200, c.mask = AttentionMask::kAdditive, c.hidden_from = 64;
   all.push_back(c);
   c = Case{};
   c.name = "varlen decoding, a sequence without keys d64";
