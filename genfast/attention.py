@@ -41,16 +41,22 @@ def band(lq: int, lk: int, causal: Optional[str], window: Optional[Tuple[int, in
     return lo, hi
 
 
-def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl):
-    """Raises on bad input, naming the argument; else returns the shapes of q, k and v. A decoding
-    step with a short cache feels each microsecond here, so each property is read once (each .shape
-    makes a new Size) and Sizes are compared element by element (a slice is another new Size)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got {tuple(t.shape)}")
-    qs, ks, vs = q.shape, k.shape, v.shape
+def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl,
+           shapes=None):
+    """Raises on bad input, naming the argument; else returns the shapes of q, k and v. shapes: theirs
+    as (batch, heads, length, head_dim) when q, k and v are laid out otherwise (attention_varlen's,
+    whose tensors it has checked). A decoding step with a short cache feels each microsecond here, so
+    each property is read once (each .shape makes a new Size) and Sizes are compared element by
+    element (a slice is another new Size)."""
+    if shapes is None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got {tuple(t.shape)}")
+        qs, ks, vs = q.shape, k.shape, v.shape
+    else:
+        qs, ks, vs = shapes
     dtype, device = q.dtype, q.device
     if dtype not in _checks.FLOAT_DTYPES and not (impl == "reference" and dtype == torch.float64):
         _checks.check_float_tensor("q", q)
@@ -193,9 +199,10 @@ def _check_alibi_grad(alibi_slopes):
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
                   alibi_slopes, softcap, impl):
+    """Raises on bad input, naming the argument; else returns the shapes of q and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not (impl == "reference" and isinstance(t, Tensor) and t.dtype == torch.float64):
-            _checks.check_float_tensor(name, t)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -214,14 +221,17 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError("attention_varlen aligns causal masks bottom-right, per sequence, as flash_attn_varlen_func "
                          "does; causal='top_left' is the same only when q and k share cu_seqlens (pass the same "
                          "tensor), else pass causal='bottom_right'")
-    b4 = lambda t: t.transpose(0, 1)[None]  # noqa: E731  (batch, heads, length, dim) views for the shared checks
+    qs, ks, vs = q.shape, k.shape, v.shape
     batch = cu_seqlens_q.shape[0] - 1
     if alibi_slopes is not None and isinstance(alibi_slopes, Tensor) and alibi_slopes.dim() == 2:
-        if alibi_slopes.shape != (batch, q.shape[1]):
-            raise ValueError(f"alibi_slopes must have shape (heads,) = ({q.shape[1]},) or (batch, heads) = "
-                             f"({batch}, {q.shape[1]}), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.shape != (batch, qs[1]):
+            raise ValueError(f"alibi_slopes must have shape (heads,) = ({qs[1]},) or (batch, heads) = "
+                             f"({batch}, {qs[1]}), got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes[0]
-    _check(b4(q), b4(k), b4(v), None, dropout_p, scale, True, causal, window, alibi_slopes, softcap, impl)
+    # The shared checks on (batch, heads, length, dim) shapes: one batch of the packed lengths.
+    shapes = ((1, qs[1], qs[0], qs[2]), (1, ks[1], ks[0], ks[2]), (1, vs[1], vs[0], vs[2]))
+    _check(q, k, v, None, dropout_p, scale, True, causal, window, alibi_slopes, softcap, impl, shapes)
+    return qs, vs
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
@@ -237,10 +247,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
     Philox stream (reference.varlen_attention). deterministic as genfast.attention's."""
-    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
-                  alibi_slopes, softcap, impl)
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q, max(q.shape[2], v.shape[2]))
+    qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
+                           window, alibi_slopes, softcap, impl)
+    scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
+    backend = _fused_backend(impl, q, max(qs[2], vs[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,

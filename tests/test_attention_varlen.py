@@ -159,6 +159,17 @@ def test_bad_input_names_the_argument():
         f(q[None], k, v, cu_q, cu_k, mq, mk)
     with pytest.raises(ValueError, match="max_seqlen_k"):
         f(q, k, v, cu_q, cu_k, mq, -1)
+    # The checks shared with genfast.attention, on the packed shapes.
+    with pytest.raises(TypeError, match="q must be float32"):
+        f(q.long(), k, v, cu_q, cu_k, mq, mk)
+    with pytest.raises(TypeError, match="k and v must have q's dtype"):
+        f(q, k.half(), v, cu_q, cu_k, mq, mk)
+    with pytest.raises(ValueError, match="k's head_dim must equal q's"):
+        f(q, k[..., :8], v, cu_q, cu_k, mq, mk)
+    with pytest.raises(ValueError, match="v must have k's heads and length"):
+        f(q, k, v[:10], cu_q, cu_k, mq, mk)
+    with pytest.raises(ValueError, match=r"k's heads \(3\) must divide q's heads \(4\)"):
+        f(q, torch.randn(11, 3, 16), torch.randn(11, 3, 16), cu_q, cu_k, mq, mk)
     with pytest.raises(ValueError, match="alibi_slopes"):
         f(q, k, v, cu_q, cu_k, mq, mk, alibi_slopes=torch.ones(3, 4))
     with pytest.raises(RuntimeError, match="cu_seqlens_q must run from 0"):
