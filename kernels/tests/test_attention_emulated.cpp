@@ -245,11 +245,10 @@ void run_case(const Case& c) {
     p.mask = c.mask == AttentionMask::kBool ? static_cast<const void*>(keep_mask.data()) : additive.data();
   }
 
-  // The float64 reference: o, lse and the gradients.
+  // The float64 reference of one row: its probabilities, dropout's scale (0 where dropped),
+  // softcapping's derivative and dp = grad_o v^T; `sees` is false for a row that sees no key (o = 0,
+  // lse = -inf, no gradient).
   const int64_t group = c.heads / c.kv_heads;
-  std::vector<double> ref_o(rows * c.v_dim, 0.0), ref_lse(rows, -kInf);
-  std::vector<double> ref_dq(rows * c.dim, 0.0), ref_dk(total_k * c.kv_heads * c.dim, 0.0);
-  std::vector<double> ref_dv(total_k * c.kv_heads * c.v_dim, 0.0), ref_ds(varlen ? 0 : scores, 0.0);
   std::vector<float> grad_o(rows * c.v_dim), grad_lse(rows);
   {
     std::normal_distribution<float> normal;
@@ -259,57 +258,73 @@ void run_case(const Case& c) {
   uint64_t seed = 0, offset = 0;
   genfast::resolve_philox_key(p.key, &seed, &offset);
   const double keep_scale = 1.0 / (1.0 - c.dropout_p);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const AttentionSequence seq = genfast::attention_sequence(p, b);
-    for (int64_t h = 0; h < c.heads; ++h) {
-      const int64_t hk = h / group;
-      for (int64_t i = 0; i < seq.q_len; ++i) {
-        const int64_t row = seq.out_row(h, i), lse_row = seq.lse_row(h, i);
-        std::vector<double> s(seq.k_len), cap(seq.k_len, 1.0), kept(seq.k_len, 1.0);
-        double row_max = -kInf;
-        for (int64_t j = 0; j < seq.k_len; ++j) {
-          double dot = 0.0;
-          for (int d = 0; d < c.dim; ++d) {
-            dot += static_cast<double>(q.at(genfast::attention_q_at(p, seq, b, h, i) + d)) *
-                   k.at(genfast::attention_k_at(p, seq, b, hk, j) + d);
-          }
-          const float scaled = static_cast<float>(dot) * p.scale;
-          s[j] = genfast::attention_score(p, seq, scaled, b, h, i, j);
-          if (c.softcap > 0.0f) cap[j] = 1.0 - std::pow(std::tanh(scaled / c.softcap), 2);
-          if (c.dropout_p > 0.0f) {
-            kept[j] = genfast::attention_keeps(p, seq, seed, offset, h, i, j) ? keep_scale : 0.0;
-          }
-          row_max = std::isnan(s[j]) || std::isnan(row_max) ? NAN : std::fmax(row_max, s[j]);
-        }
-        if (row_max == -kInf) continue;  // o = 0, lse = -inf, no gradient
-        double sum = 0.0;
-        for (int64_t j = 0; j < seq.k_len; ++j) sum += std::exp(s[j] - row_max);
-        const double lse = row_max + std::log(sum);
-        ref_lse[lse_row] = lse;
-        std::vector<double> prob(seq.k_len), dp(seq.k_len, 0.0);
-        for (int64_t j = 0; j < seq.k_len; ++j) {
-          prob[j] = std::exp(s[j] - lse);
-          for (int d = 0; d < c.v_dim; ++d) {
-            const double vj = v.at(genfast::attention_v_at(p, seq, b, hk, j) + d);
-            ref_o[row * c.v_dim + d] += prob[j] * kept[j] * vj;
-            dp[j] += grad_o[row * c.v_dim + d] * vj;
-          }
-        }
-        double delta = -grad_lse[lse_row];
-        for (int d = 0; d < c.v_dim; ++d) delta += grad_o[row * c.v_dim + d] * ref_o[row * c.v_dim + d];
-        for (int64_t j = 0; j < seq.k_len; ++j) {
-          const double ds = prob[j] * (dp[j] * kept[j] - delta);
-          if (!varlen) ref_ds[lse_row * p.k_len + j] = ds;
-          const int64_t key = seq.key_out_row(hk, j);
-          for (int d = 0; d < c.dim; ++d) {
-            ref_dq[row * c.dim + d] += p.scale * ds * cap[j] * k.at(genfast::attention_k_at(p, seq, b, hk, j) + d);
-            ref_dk[key * c.dim + d] += p.scale * ds * cap[j] * q.at(genfast::attention_q_at(p, seq, b, h, i) + d);
-          }
-          for (int d = 0; d < c.v_dim; ++d) ref_dv[key * c.v_dim + d] += prob[j] * kept[j] * grad_o[row * c.v_dim + d];
-        }
+  struct ReferenceRow {
+    bool sees = false;
+    double lse = -kInf;
+    std::vector<double> prob, kept, cap, dp;
+  };
+  const auto reference_row = [&](const AttentionSequence& seq, int64_t b, int64_t h, int64_t i) {
+    const int64_t hk = h / group, row = seq.out_row(h, i);
+    ReferenceRow r;
+    std::vector<double> s(seq.k_len);
+    r.cap.assign(seq.k_len, 1.0);
+    r.kept.assign(seq.k_len, 1.0);
+    double row_max = -kInf;
+    for (int64_t j = 0; j < seq.k_len; ++j) {
+      double dot = 0.0;
+      for (int d = 0; d < c.dim; ++d) {
+        dot += static_cast<double>(q.at(genfast::attention_q_at(p, seq, b, h, i) + d)) *
+               k.at(genfast::attention_k_at(p, seq, b, hk, j) + d);
+      }
+      const float scaled = static_cast<float>(dot) * p.scale;
+      s[j] = genfast::attention_score(p, seq, scaled, b, h, i, j);
+      if (c.softcap > 0.0f) r.cap[j] = 1.0 - std::pow(std::tanh(scaled / c.softcap), 2);
+      if (c.dropout_p > 0.0f) {
+        r.kept[j] = genfast::attention_keeps(p, seq, seed, offset, h, i, j) ? keep_scale : 0.0;
+      }
+      row_max = std::isnan(s[j]) || std::isnan(row_max) ? NAN : std::fmax(row_max, s[j]);
+    }
+    r.sees = row_max != -kInf;
+    if (!r.sees) return r;
+    double sum = 0.0;
+    for (int64_t j = 0; j < seq.k_len; ++j) sum += std::exp(s[j] - row_max);
+    r.lse = row_max + std::log(sum);
+    r.prob.resize(seq.k_len);
+    r.dp.assign(seq.k_len, 0.0);
+    for (int64_t j = 0; j < seq.k_len; ++j) {
+      r.prob[j] = std::exp(s[j] - r.lse);
+      for (int d = 0; d < c.v_dim; ++d) {
+        r.dp[j] += grad_o[row * c.v_dim + d] * v.at(genfast::attention_v_at(p, seq, b, hk, j) + d);
       }
     }
-  }
+    return r;
+  };
+  const auto for_each_row = [&](const auto& visit) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const AttentionSequence seq = genfast::attention_sequence(p, b);
+      for (int64_t h = 0; h < c.heads; ++h) {
+        for (int64_t i = 0; i < seq.q_len; ++i) visit(seq, b, h, i);
+      }
+    }
+  };
+
+  // o, lse and grad_v; the other gradients take the kernel's delta, below.
+  std::vector<double> ref_o(rows * c.v_dim, 0.0), ref_lse(rows, -kInf);
+  std::vector<double> ref_dq(rows * c.dim, 0.0), ref_dk(total_k * c.kv_heads * c.dim, 0.0);
+  std::vector<double> ref_dv(total_k * c.kv_heads * c.v_dim, 0.0), ref_ds(varlen ? 0 : scores, 0.0);
+  for_each_row([&](const AttentionSequence& seq, int64_t b, int64_t h, int64_t i) {
+    const ReferenceRow r = reference_row(seq, b, h, i);
+    if (!r.sees) return;
+    const int64_t hk = h / group, row = seq.out_row(h, i);
+    ref_lse[seq.lse_row(h, i)] = r.lse;
+    for (int64_t j = 0; j < seq.k_len; ++j) {
+      const int64_t key = seq.key_out_row(hk, j);
+      for (int d = 0; d < c.v_dim; ++d) {
+        ref_o[row * c.v_dim + d] += r.prob[j] * r.kept[j] * v.at(genfast::attention_v_at(p, seq, b, hk, j) + d);
+        ref_dv[key * c.v_dim + d] += r.prob[j] * r.kept[j] * grad_o[row * c.v_dim + d];
+      }
+    }
+  });
 
   // The forward under each plan, through its launcher; outputs start as NaN.
   const uint16_t nan_bits = to_bits<T>(NAN);
@@ -360,19 +375,31 @@ void run_case(const Case& c) {
   }
   params.o = nullptr;  // the backward reads lse (the last plan's), not o
 
-  // delta = rowsum(grad_o o) - grad_lse from the kernel's o, as the binding computes it.
+  // delta = rowsum(grad_o o) - grad_lse from the kernel's o, as the binding computes it. The reference
+  // gradients take it too: o's rounding to T is the forward's error, checked above. Where dp and delta
+  // cancel (one key under dropout: o is v / (1 - p), which T does not hold), a float64 delta would
+  // charge that rounding to grad_k at many times its size.
   std::vector<float> delta(rows, 0.0f);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const AttentionSequence seq = genfast::attention_sequence(p, b);
-    for (int64_t h = 0; h < c.heads; ++h) {
-      for (int64_t i = 0; i < seq.q_len; ++i) {
-        const int64_t r = seq.lse_row(h, i), out = seq.out_row(h, i);
-        double sum = 0.0;
-        for (int d = 0; d < c.v_dim; ++d) sum += grad_o[out * c.v_dim + d] * o[out * c.v_dim + d];
-        delta[r] = static_cast<float>(sum) - grad_lse[r];
+  for_each_row([&](const AttentionSequence& seq, int64_t, int64_t h, int64_t i) {
+    const int64_t r = seq.lse_row(h, i), out = seq.out_row(h, i);
+    double sum = 0.0;
+    for (int d = 0; d < c.v_dim; ++d) sum += grad_o[out * c.v_dim + d] * o[out * c.v_dim + d];
+    delta[r] = static_cast<float>(sum) - grad_lse[r];
+  });
+  for_each_row([&](const AttentionSequence& seq, int64_t b, int64_t h, int64_t i) {
+    const ReferenceRow r = reference_row(seq, b, h, i);
+    if (!r.sees) return;
+    const int64_t row = seq.out_row(h, i), lse_row = seq.lse_row(h, i);
+    for (int64_t j = 0; j < seq.k_len; ++j) {
+      const double ds = r.prob[j] * (r.dp[j] * r.kept[j] - delta[lse_row]);
+      if (!varlen) ref_ds[lse_row * p.k_len + j] = ds;
+      const int64_t key = seq.key_out_row(h / group, j);
+      for (int d = 0; d < c.dim; ++d) {
+        ref_dq[row * c.dim + d] += p.scale * ds * r.cap[j] * k.at(genfast::attention_k_at(p, seq, b, h / group, j) + d);
+        ref_dk[key * c.dim + d] += p.scale * ds * r.cap[j] * q.at(genfast::attention_q_at(p, seq, b, h, i) + d);
       }
     }
-  }
+  });
   std::vector<uint16_t> grad_o_bits(grad_o.size());
   for (size_t e = 0; e < grad_o.size(); ++e) grad_o_bits[e] = to_bits<T>(grad_o[e]);
   const auto floats = [](const std::vector<uint16_t>& bits) {
