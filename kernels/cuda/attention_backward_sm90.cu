@@ -611,16 +611,14 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
   // A warpgroup skips the products of a step whose queries the mask hides all its 64 keys from
-  // (its threads' mask reads ORed on named barrier kShownBarrier + group), and of every step when
-  // it has no key; its dS is then zeros. Each step's products land inside hopper_key_block_step:
-  // none is in flight across a branch, which would make ptxas serialize every wgmma (C7518).
+  // (warpgroup_sees_block), and of every step when it has no key; its dS is then zeros. Each step's
+  // products land inside hopper_key_block_step: none is in flight across a branch, which would make
+  // ptxas serialize every wgmma (C7518).
   const bool masked = !kPlain && p.mask_kind != AttentionMask::kNone;
   const bool group_busy = work.j0 + group * 64 < work.k_len;
   const auto shown = [&](int64_t h, int i0) {
-    if (!masked) return group_busy;
-    const bool mine = mask_shows_any<kBlockM, 64, kHopperThreads / 2>(
-        p, work.b, work.j0 + group * 64, work.k_len, HeadQueries{h, i0, work.q_len}, consumer_warp % 4 * 32 + lane);
-    return named_barrier_or(kShownBarrier + group, kHopperThreads / 2, mine);
+    return warpgroup_sees_block<kBlockM, 64>(p, masked, group_busy, group, work.b, work.j0 + group * 64, work.k_len,
+                                             HeadQueries{h, i0, work.q_len}, consumer_warp % 4 * 32 + lane);
   };
   if (steps > 0) mbarrier_wait(kv_full, 0);
   for (int n = 0; n < steps; ++n) {

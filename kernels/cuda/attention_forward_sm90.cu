@@ -221,17 +221,14 @@ __global__ void __launch_bounds__(kHopperThreads + kProducerThreads, 1)
   constexpr bool kOverlap = kPlain || kD <= 64;
   // A mask may hide a key block from all of a warpgroup's 64 rows (or the rows may hold no query):
   // the warpgroup then skips its products, and only waits for the block's K and V to release them.
-  // Each wgmma is waited for in the branch that issues it, and the mask is read (mask_shows_any,
-  // ORed over the warpgroup) with no product in flight, all 64 loads of a thread at once (P and O
-  // are all it holds then): ptxas serializes every wgmma of a kernel whose products in flight span a
-  // branch (C7518).
+  // Each wgmma is waited for in the branch that issues it, and the mask is read (warpgroup_sees_block)
+  // with no product in flight, all 64 loads of a thread at once (P and O are all it holds then):
+  // ptxas serializes every wgmma of a kernel whose products in flight span a branch (C7518).
   const bool masked = !kPlain && p.mask_kind != AttentionMask::kNone, group_busy = work.any_row(group * 64, 64);
+  const auto group_rows = [&](int r, int64_t& h, int& i) { return work(group * 64 + r, h, i); };
   const auto shown = [&](int n) {
-    if (!masked) return group_busy;
-    const auto group_rows = [&](int r, int64_t& h, int& i) { return work(group * 64 + r, h, i); };
-    const bool mine = mask_shows_any<64, kBlockN, kHopperThreads / 2>(
-        p, work.b, (blocks.first + n) * kBlockN, work.k_len, group_rows, consumer_warp % 4 * 32 + lane);
-    return named_barrier_or(kShownBarrier + group, kHopperThreads / 2, mine);
+    return warpgroup_sees_block<64, kBlockN>(p, masked, group_busy, group, work.b, (blocks.first + n) * kBlockN,
+                                             work.k_len, group_rows, consumer_warp % 4 * 32 + lane);
   };
   const WarpgroupTurns turns(group);
   float acc_o[kOT][4], acc_s[kBlockN / 8][4];

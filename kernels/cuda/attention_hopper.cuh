@@ -152,6 +152,19 @@ __device__ __forceinline__ void wgmma_ab(float (&acc)[kD / 8][4], uint32_t (&a)[
 // kShownBarrier + group (WarpgroupTurns takes 1 and 2, the backward's dS 1).
 constexpr int kShownBarrier = 3;
 
+// Whether the mask shows warpgroup `group` any element of its kRows x kCols block: each of its
+// threads (`thread`, 0 to 127) reads its share (mask_shows_any), ORed on the group's named barrier.
+// `busy`: whether the warpgroup has a query and a key in the block at all, the answer when the call
+// has no mask (`masked` false) and otherwise implied by `row` and `k_len`. Call it with no product
+// in flight (C7518).
+template <int kRows, int kCols, typename RowFn>
+__device__ __forceinline__ bool warpgroup_sees_block(const AttentionParams& p, bool masked, bool busy, int group,
+                                                     int64_t b, int j0, int k_len, RowFn row, int thread) {
+  if (!masked) return busy;
+  const bool mine = mask_shows_any<kRows, kCols, kHopperThreads / 2>(p, b, j0, k_len, row, thread);
+  return named_barrier_or(kShownBarrier + group, kHopperThreads / 2, mine);
+}
+
 // FlashAttention-3's pingpong: the two consumer warpgroups take turns issuing their products, so
 // that one's softmax runs while the other's products have the tensor cores. Warpgroup g issues
 // between begin() and end(), once named barrier kFirstBarrier + g has the other's arrival; group 0
