@@ -15,10 +15,11 @@ constexpr const char* kAttentionOp = "genfast.attention_forward";
 constexpr const char* kAttentionVarlenOp = "genfast.attention_varlen_forward";
 
 struct AttentionTensors {
-  // float32 on the CPU, else the inputs' dtype; the head dim contiguous. The mask uint8 or float32,
-  // expanded to (B, H, Lq, Lk).
+  // float32 on the CPU, else the inputs' dtype; the head dim contiguous. The mask uint8, or float32,
+  // float16 or bfloat16 (bias_type) as the caller gave it, expanded to (B, H, Lq, Lk).
   at::Tensor q, k, v, mask, alibi;
   AttentionMask mask_kind = AttentionMask::kNone;
+  AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
 };
@@ -81,8 +82,13 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
     } else {
       TORCH_CHECK(at::isFloatingType(m.scalar_type()), op, ": attn_mask must be bool or floating point, got ",
                   m.scalar_type());
-      t.mask = m.to(at::kFloat).expand(full);
+      const at::ScalarType type = m.scalar_type();
+      const bool read_as_is = type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+      t.mask = (read_as_is ? m : m.to(at::kFloat)).expand(full);  // a float16 or bfloat16 bias is not copied
       t.mask_kind = AttentionMask::kAdditive;
+      t.bias_type = type == at::kHalf       ? AttentionBias::kFloat16
+                    : type == at::kBFloat16 ? AttentionBias::kBFloat16
+                                            : AttentionBias::kFloat32;
     }
   }
   if (alibi_slopes) check_alibi(op, *alibi_slopes, batch, heads, q, t);
@@ -151,6 +157,7 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   p.v = floats(t.v);
   strides(t.v, p.v_stride);
   p.mask_kind = t.mask_kind;
+  p.bias_type = t.bias_type;
   p.mask = t.mask.defined() ? t.mask.const_data_ptr() : nullptr;
   for (int d = 0; d < 4; ++d) p.mask_stride[d] = t.mask.defined() ? t.mask.stride(d) : 0;
   p.alibi_slopes = t.alibi.defined() ? t.alibi.const_data_ptr<float>() : nullptr;

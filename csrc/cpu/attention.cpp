@@ -352,16 +352,32 @@ GF_CPU_INLINE void apply_bool_mask_for(const uint8_t* __restrict m, int64_t stri
 }
 GF_CPU_DISPATCH(apply_bool_mask)
 
-// A row of scores s plus an additive mask's row m (stride apart).
-template <CpuCapability isa>
-GF_CPU_INLINE void add_float_mask_for(const float* __restrict m, int64_t stride, int64_t cols, float* __restrict s) {
+// A row of scores s (kKeyBlock wide) plus an additive mask's row m (stride apart) of float32, float16
+// or bfloat16, read as it is.
+template <CpuCapability isa, typename M>
+GF_CPU_INLINE void add_bias_row_for(const M* __restrict m, int64_t stride, int64_t cols, float* __restrict s) {
   if (stride == 1) {
-    for (int64_t c = 0; c < cols; ++c) s[c] += m[c];
+    for (int64_t c = 0; c < cols; c += kCols) {
+      store16(s + c, load16<kVectorLanes<isa>>(s + c) + load_partial<isa>(m + c, std::min<int64_t>(kCols, cols - c)));
+    }
   } else {
-    for (int64_t c = 0; c < cols; ++c) s[c] += m[c * stride];
+    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<float>(m[c * stride]);
   }
 }
-GF_CPU_DISPATCH(add_float_mask)
+GF_CPU_DISPATCH(add_bias_row)
+
+// visit(m), m the additive mask's elements from `at` in their type (p.bias_type).
+template <typename Visit>
+decltype(auto) visit_bias(const AttentionParams& p, int64_t at, const Visit& visit) {
+  switch (p.bias_type) {
+    case AttentionBias::kFloat16:
+      return visit(static_cast<const c10::Half*>(p.mask) + at);
+    case AttentionBias::kBFloat16:
+      return visit(static_cast<const c10::BFloat16*>(p.mask) + at);
+    default:
+      return visit(static_cast<const float*>(p.mask) + at);
+  }
+}
 
 // Whether a mask's row m (stride apart) hides all of cols keys: false everywhere, or -inf (NaN is not).
 template <CpuCapability isa>
@@ -375,17 +391,17 @@ GF_CPU_INLINE bool bool_row_hides_all_for(const uint8_t* __restrict m, int64_t s
   return any == 0;
 }
 GF_CPU_DISPATCH(bool_row_hides_all)
-template <CpuCapability isa>
-GF_CPU_INLINE bool float_row_hides_all_for(const float* __restrict m, int64_t stride, int64_t cols) {
+template <CpuCapability isa, typename M>
+GF_CPU_INLINE bool bias_row_hides_all_for(const M* __restrict m, int64_t stride, int64_t cols) {
   int visible = 0;
   if (stride == 1) {
-    for (int64_t c = 0; c < cols; ++c) visible |= !(m[c] == -__builtin_inff());
+    for (int64_t c = 0; c < cols; ++c) visible |= !(static_cast<float>(m[c]) == -__builtin_inff());
   } else {
-    for (int64_t c = 0; c < cols; ++c) visible |= !(m[c * stride] == -__builtin_inff());
+    for (int64_t c = 0; c < cols; ++c) visible |= !(static_cast<float>(m[c * stride]) == -__builtin_inff());
   }
   return visible == 0;
 }
-GF_CPU_DISPATCH(float_row_hides_all)
+GF_CPU_DISPATCH(bias_row_hides_all)
 
 // A row of scores s soft-capped as attention_score does it, softcap * tanh(s / softcap); slope, when
 // given, gets the cap's derivative 1 - tanh^2 for the backward.
@@ -429,7 +445,7 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
       if (p.mask_kind == AttentionMask::kBool) {
         apply_bool_mask(static_cast<const uint8_t*>(p.mask) + at, p.mask_stride[3], cols, s);
       } else {
-        add_float_mask(static_cast<const float*>(p.mask) + at, p.mask_stride[3], cols, s);
+        visit_bias(p, at, [&](const auto* m) { add_bias_row(m, p.mask_stride[3], cols, s); });
       }
     }
     const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
@@ -455,7 +471,7 @@ bool block_masked_out(const AttentionParams& p, int64_t b, int64_t h, int64_t i0
     const bool hidden =
         p.mask_kind == AttentionMask::kBool
             ? bool_row_hides_all(static_cast<const uint8_t*>(p.mask) + row, p.mask_stride[3], cols)
-            : float_row_hides_all(static_cast<const float*>(p.mask) + row, p.mask_stride[3], cols);
+            : visit_bias(p, row, [&](const auto* m) { return bias_row_hides_all(m, p.mask_stride[3], cols); });
     if (!hidden) return false;
   }
   return true;

@@ -77,11 +77,17 @@ def _make_varlen_backward(backward_op):
 
 
 def _triton_mask(attn_mask, q, k):
+    """The mask expanded to (B, H, Lq, Lk): a bool one as uint8; an additive one in float32, float16 or
+    bfloat16 as it is (the interpreter, which has no bfloat16, reads a float32 copy), else float32."""
     if attn_mask is None:
         return None, False
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     is_bool = attn_mask.dtype == torch.bool
-    return attn_mask.to(torch.uint8 if is_bool else torch.float32).expand(full), is_bool
+    if is_bool:
+        return attn_mask.view(torch.uint8).expand(full), True
+    as_is = attn_mask.dtype in (torch.float32, torch.float16) or (
+        attn_mask.dtype == torch.bfloat16 and attn_mask.device.type != "cpu")
+    return (attn_mask if as_is else attn_mask.float()).expand(full), False
 
 
 def _float_slopes(alibi_slopes):

@@ -18,12 +18,14 @@
 #include <stdint.h>
 
 #include "elementary_math.h"
+#include "float16_bits.h"
 #include "host_device.h"
 #include "philox.h"
 
 namespace genfast {
 
 enum class AttentionMask : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
+enum class AttentionBias : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };  // an additive mask's dtype
 
 constexpr int64_t kAttentionUnbounded = int64_t(1) << 62;  // band_lo = -this or band_hi = this: no bound
 
@@ -40,8 +42,9 @@ struct AttentionParams {
   const float* v;
   int64_t v_stride[3];
   AttentionMask mask_kind;
-  const void* mask;        // uint8 (bool) or float32, read at b, h, i, j with mask_stride (0: broadcast)
+  const void* mask;        // uint8 (bool) or bias_type, read at b, h, i, j with mask_stride (0: broadcast)
   int64_t mask_stride[4];
+  AttentionBias bias_type;  // of an additive mask
   const float* alibi_slopes;  // (heads) or (batch, heads), or null
   int64_t alibi_batch_stride;
   float scale, softcap;  // softcap 0: none
@@ -137,6 +140,25 @@ GF_HOST_DEVICE_INLINE float alibi_bias(float slope, Distance distance) {
   return slope * static_cast<float>(distance < 0 ? -distance : distance);
 }
 
+// Element `at` of an additive mask, as float32.
+GF_HOST_DEVICE_INLINE float attention_bias_at(const AttentionParams& p, int64_t at) {
+  switch (p.bias_type) {
+    case AttentionBias::kFloat16:
+      return float16_bits_value(static_cast<const uint16_t*>(p.mask)[at]);
+    case AttentionBias::kBFloat16:
+      return bfloat16_bits_value(static_cast<const uint16_t*>(p.mask)[at]);
+    default:
+      return static_cast<const float*>(p.mask)[at];
+  }
+}
+
+// Whether element `at` of the mask hides its key: false in a bool mask, -inf in an additive one (NaN
+// does not hide).
+GF_HOST_DEVICE_INLINE bool attention_mask_hides(const AttentionParams& p, int64_t at) {
+  return p.mask_kind == AttentionMask::kBool ? static_cast<const uint8_t*>(p.mask)[at] == 0
+                                              : attention_bias_at(p, at) == -__builtin_inff();
+}
+
 // s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
 GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const AttentionSequence& seq, float scaled_dot,
                                             int64_t b, int64_t h, int64_t i, int64_t j) {
@@ -150,7 +172,7 @@ GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const Atte
     if (p.mask_kind == AttentionMask::kBool) {
       if (static_cast<const uint8_t*>(p.mask)[at] == 0) s = -__builtin_inff();
     } else {
-      s += static_cast<const float*>(p.mask)[at];
+      s += attention_bias_at(p, at);
     }
   }
   if (j < i + seq.band_lo || j > i + seq.band_hi) s = -__builtin_inff();

@@ -493,8 +493,7 @@ __device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t
       if (n >= kLoads || e >= kElements || j0 + c >= k_len || !row(r, h, i)) continue;
       const int64_t at =
           b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + (j0 + c) * p.mask_stride[3];
-      shown |= p.mask_kind == AttentionMask::kBool ? static_cast<const uint8_t*>(p.mask)[at] != 0
-                                                    : !(static_cast<const float*>(p.mask)[at] == kNegInf);
+      shown |= !attention_mask_hides(p, at);
     }
   }
   return shown;

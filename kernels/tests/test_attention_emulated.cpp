@@ -21,6 +21,7 @@
 
 namespace {
 
+using genfast::AttentionBias;
 using genfast::AttentionCudaGrads;
 using genfast::AttentionCudaParams;
 using genfast::AttentionForwardPlan;
@@ -56,6 +57,7 @@ struct Case {
   AttentionMask mask = AttentionMask::kNone;
   bool sparse_mask = false;  // the mask also hides keys past the bottom-right diagonal, and odd batches' second half
   int hidden_from = -1;       // when >= 0, the mask hides every key from queries hidden_from on
+  bool bias_in_dtype = false;  // an additive mask stored in the inputs' float16 or bfloat16, not float32
   bool nan_q = false;  // q[0, 0, 1, 0] = NaN: that row's output is NaN, no other
   bool far_batches = false;  // dense k and v whose batches lie 2^31 elements apart: 64-bit offsets
 };
@@ -220,6 +222,7 @@ void run_case(const Case& c) {
   if (c.nan_q) q.set(p.q_stride[2], NAN);
   const int64_t rows = total_q * c.heads, scores = rows * p.k_len;
   std::vector<float> slopes(c.heads), additive;
+  std::vector<uint16_t> additive_bits;
   std::vector<uint8_t> keep_mask;
   if (c.alibi) {
     for (int h = 0; h < c.heads; ++h) slopes[h] = 0.5f / (h + 1);
@@ -243,6 +246,11 @@ void run_case(const Case& c) {
       additive[e] = hidden ? -HUGE_VALF : bias;
     }
     p.mask = c.mask == AttentionMask::kBool ? static_cast<const void*>(keep_mask.data()) : additive.data();
+    if (c.mask == AttentionMask::kAdditive && c.bias_in_dtype) {
+      for (float a : additive) additive_bits.push_back(to_bits<T>(a));
+      p.mask = additive_bits.data();
+      p.bias_type = std::is_same<T, __half>::value ? AttentionBias::kFloat16 : AttentionBias::kBFloat16;
+    }
   }
 
   // The float64 reference of one row: its probabilities, dropout's scale (0 where dropped),
@@ -521,6 +529,11 @@ std::vector<Case> cases() {
   c.q_len = 150, c.k_len = 200, c.mask = AttentionMask::kAdditive, c.hidden_from = 64;
   all.push_back(c);
   c = Case{};
+  c.name = "additive mask in the inputs' dtype hiding blocks, soft-cap d80";
+  c.batch = 2, c.dim = c.v_dim = 80, c.q_len = 100, c.k_len = 150, c.softcap = 2.0f;
+  c.mask = AttentionMask::kAdditive, c.sparse_mask = true, c.bias_in_dtype = true;
+  all.push_back(c);
+  c = Case{};
   c.name = "varlen decoding, a sequence without keys d64";
   c.heads = 4, c.kv_heads = 1, c.lengths_q = {1, 1, 2}, c.lengths_k = {50, 0, 130}, c.band_hi = 0;
   all.push_back(c);
@@ -581,6 +594,7 @@ Case random_case(std::mt19937& rng) {
   if (chance(0.25)) c.softcap = 2.0f;
   if (chance(0.25)) c.alibi = true;
   if (chance(0.25)) c.dropout_p = pick({1, 10, 30}) / 100.0f;
+  c.bias_in_dtype = c.mask == AttentionMask::kAdditive && chance(0.5);
   c.name = "fuzz: heads " + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + ", dims " +
            std::to_string(c.dim) + "/" + std::to_string(c.v_dim);
   if (c.lengths_q.empty()) {
@@ -589,6 +603,7 @@ Case random_case(std::mt19937& rng) {
               (c.mask == AttentionMask::kBool       ? ", bool mask"
                : c.mask == AttentionMask::kAdditive ? ", additive mask"
                                                     : "") +
+              (c.bias_in_dtype ? " in the dtype" : "") +
               (c.sparse_mask ? " hiding blocks" : "");
   } else {
     c.name += ", varlen";

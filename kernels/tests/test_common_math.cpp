@@ -1,13 +1,14 @@
 // Host tests of kernels/common: Philox known answers, the Box-Muller polynomials against libm,
-// the denoise formula's NaN handling and attention's score terms. Built and run by CMake (ctest).
+// the denoise formula's NaN handling, attention's score terms and float16/bfloat16 bits as float32. Built and run by CMake (ctest).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
 #include "../common/affine_coupling.h"
-#include "../common/denoise_step.h"
 #include "../common/attention.h"
+#include "../common/denoise_step.h"
+#include "../common/float16_bits.h"
 #include "../common/nade.h"
 #include "../common/philox.h"
 
@@ -159,6 +160,32 @@ static void test_attention_score_terms() {
          "alibi_bias is slope * |distance| for int32 and int64 distances");
 }
 
+// Every bit pattern of a 16-bit float with mantissa_bits (float16 10, bfloat16 7) against its value by
+// the format's definition (ldexp).
+static void expect_16_bit_values(const char* name, int mantissa_bits, float (*convert)(uint16_t)) {
+  const int top = mantissa_bits == 10 ? 31 : 255, bias = top / 2;
+  int wrong = 0;
+  for (uint32_t bits = 0; bits < 0x10000u; ++bits) {
+    const int exponent = (bits >> mantissa_bits) & top, mantissa = bits & ((1 << mantissa_bits) - 1);
+    const double sign = (bits & 0x8000u) != 0 ? -1.0 : 1.0;
+    const double want = exponent == 0     ? sign * std::ldexp(mantissa, 1 - bias - mantissa_bits)
+                        : exponent == top ? (mantissa == 0 ? sign * INFINITY : NAN)
+                                          : sign * std::ldexp((1 << mantissa_bits) + mantissa,
+                                                              exponent - bias - mantissa_bits);
+    const float got = convert(static_cast<uint16_t>(bits));
+    const bool same = std::isnan(want) ? std::isnan(got) : got == want && std::signbit(got) == std::signbit(want);
+    if (!same && ++wrong <= 3) std::printf("%s bits %04x: got %.9g, want %.9g\n", name, bits, got, want);
+  }
+  EXPECT(wrong == 0, "%d %s bit patterns convert wrongly", wrong, name);
+}
+
+static void test_float16_bits() {
+  expect_16_bit_values("float16", 10, [](uint16_t h) { return genfast::float16_bits_value(h); });
+  expect_16_bit_values("bfloat16", 7, [](uint16_t h) { return genfast::bfloat16_bits_value(h); });
+  EXPECT(genfast::float16_bits_value(0xFC00u) == -INFINITY && genfast::bfloat16_bits_value(0xFF80u) == -INFINITY,
+         "-inf, which hides a key in an additive mask, converts to -inf");
+}
+
 static void test_nade_sigmoid() {
   double worst = 0.0;
   float worst_at = 0.0f;
@@ -204,6 +231,7 @@ int main() {
   test_exp_nonpositive();
   test_nade_sigmoid();
   test_attention_score_terms();
+  test_float16_bits();
   test_philox_known_answers();
   test_log_against_libm();
   test_cos_sin_against_libm();

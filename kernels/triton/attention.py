@@ -585,8 +585,8 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                              seed, offset, o, lse, wrap=None, varlen=None, plan=None):
     """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
     Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
-    an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32
-    (added); alibi_slopes None, (H,) or (B, H); softcap 0: none; band_lo/band_hi: keep
+    an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32,
+    float16 or bfloat16 (added); alibi_slopes None, (H,) or (B, H); softcap 0: none; band_lo/band_hi: keep
     i + band_lo <= j <= i + band_hi, +-(1 << 62) unbounded; dropout with the Philox stream of
     (seed, offset). wrap: torch.library.wrap_triton inside a triton_op. varlen: packed sequences
     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q (total_q, H, D), k and v (total_k,
