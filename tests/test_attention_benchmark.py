@@ -154,6 +154,28 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     torch.testing.assert_close(real_attention(q, k, v, masks[0]), band)
 
 
+def test_bias_rows_give_every_peer_the_bias_in_the_inputs_dtype(monkeypatch, one_call_timer):
+    monkeypatch.setitem(bench.BIAS_CONFIGS, "cpu", (1, 2, 40, 16))
+    masks = []
+    real_attention = bench.attention
+
+    def attention(q, k, v, mask=None, **options):
+        masks.append(mask)
+        return real_attention(q, k, v, mask, **options)
+
+    monkeypatch.setattr(bench, "attention", attention)
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
+    rows = bench._bias_rows("cpu", torch.bfloat16, gemm=1.0, quick=True, say=lambda message: None)
+    peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA flash", "torch SDPA math",
+             "eager reference", "torch.compile reference"}
+    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
+    # FlexAttention has no backward on the CPU.
+    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
+    assert all(row["config"] == "B=1 H=2 L=40 D=16 bias (1, H, L, L)" and row["dtype"] == "bfloat16" for row in rows)
+    full = [mask for mask in masks if mask is not None and mask.shape[-1] == 40]
+    assert full and all(mask.shape == (1, 2, 40, 40) and mask.dtype == torch.bfloat16 for mask in full)
+
+
 def test_varlen_rows_time_packed_and_padded_peers(one_call_timer, attention_calls):
     lengths = [20, 7, 13]
     rows = bench._varlen_rows("cpu", torch.float32, 2, 16, lengths, gemm=1.0, quick=True, say=lambda message: None)

@@ -9,8 +9,9 @@ forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (th
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
 in float32 and in bfloat16) shapes;
 in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given
-its window as a mask and a soft-capped causal layer, the last two with torch's FlexAttention as a
-peer too (forward only on the CPU, where it has no backward).
+its window as a mask, a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
+inputs' dtype) relative-position bias, the last three with torch's FlexAttention as a peer too
+(forward only on the CPU, where it has no backward).
 """
 
 import importlib
@@ -49,6 +50,9 @@ SLIDING_MASK_CONFIGS = {"cpu": (2, 8, 2048, 64, 256), "cuda": (2, 16, 8192, 128,
 # A causal layer with soft-capped logits, as Gemma 2's: (batch, heads, length, head_dim), cap SOFT_CAP.
 SOFT_CAP_CONFIGS = {"cpu": (2, 8, 1024, 64), "cuda": (2, 16, 4096, 256)}
 SOFT_CAP = 50.0
+# A layer adding a relative-position bias per head to its logits, as T5's and Swin's do: (batch, heads,
+# length, head_dim), the bias (1, heads, length, length) in the inputs' dtype (bfloat16 on the CPU too).
+BIAS_CONFIGS = {"cpu": (1, 8, 2048, 64), "cuda": (2, 16, 4096, 128)}
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]}
@@ -229,6 +233,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
                 rows += _soft_cap_rows(device, dtype, gemm, quick, say)
+                rows += _bias_rows(device, torch.bfloat16 if device == "cpu" else dtype, gemm, quick, say)
     return rows
 
 
@@ -308,6 +313,35 @@ def _soft_cap_rows(device, dtype, gemm, quick, say):
     flops = 2 * batch * heads * length * length * dim  # causal: half of 4 B H L^2 D
     groups = _forward_and_backward_groups(f"causal softcap {cap:g}", flops, usable, q, k, v, leaves, grad, flex=flex)
     config = f"B={batch} H={heads} L={length} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+
+
+def _bias_rows(device, dtype, gemm, quick, say):
+    """A layer with an additive (1, H, L, L) bias in the inputs' dtype (BIAS_CONFIGS): every peer that
+    takes a float mask, FlexAttention with the bias added by its score_mod, the eager reference and
+    its torch.compile. genfast's kernels read the bias as it is, with no float32 copy."""
+    batch, heads, length, dim = BIAS_CONFIGS.get(device, BIAS_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    bias = torch.randn(1, heads, length, length, generator=g).to(device=device, dtype=dtype)
+
+    def score_mod(score, b, h, i, j):
+        return score + bias[0, h, i, j]
+
+    flex = flex_attention_peer(device, length, lambda b, h, i, j: j >= 0, score_mod)
+    candidates = [(f"genfast {impl}", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, "attn_mask"))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
+                   ("torch.compile reference", lambda q, k, v, m: compiled(q, k, v, m))]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, bias[..., :8, :8])]
+    flops = 4 * batch * heads * length * length * dim
+    groups = _forward_and_backward_groups("additive bias", flops, usable, q, k, v, leaves, grad, bias, flex=flex)
+    config = f"B={batch} H={heads} L={length} D={dim} bias (1, H, L, L)"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
