@@ -437,7 +437,8 @@ def test_block_sparse_masks(kind, impl):
 def test_additive_masks_of_other_dtypes(mask_dtype, layout, impl):
     """An additive mask in float16 or bfloat16 beside float32 inputs, read as it is (the C++ kernels
     take no float32 copy), or in float64: the reference's results and gradients (the mask's in its
-    dtype), with -inf hiding whole blocks and rows; keys contiguous or strided in the mask."""
+    dtype), with -inf hiding whole blocks and rows; keys contiguous or strided in the mask; NaN in a
+    hidden block reaches its row."""
     skip_unless_supported(impl, "cpu", mask_dtype)
     length = 300 if impl == "native" else 40
     q, k, v = _qkv(2, 3, 1, length, length + 50, 16, torch.float32)
@@ -446,6 +447,9 @@ def test_additive_masks_of_other_dtypes(mask_dtype, layout, impl):
         mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
     _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
     _compare_grads(q, k, v, mask, impl=impl)
+    mask[1, 2, 10, length + 49] = float("nan")
+    o = genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl)
+    assert o[1, 2, 10].isnan().all() and not o[1, 2, 9].isnan().any() and not o[0].isnan().any()
 
 
 @pytest.mark.parametrize("impl", fused_impls())
