@@ -140,23 +140,26 @@ GF_HOST_DEVICE_INLINE float alibi_bias(float slope, Distance distance) {
   return slope * static_cast<float>(distance < 0 ? -distance : distance);
 }
 
+// Element `at` of an additive mask as 32 bits: float32's own, or a 16-bit value's in the high half
+// (then bfloat16's are float32's). Branch-free: the kernels read a block's mask in unrolled loops,
+// where a branch per element costs compile time.
+GF_HOST_DEVICE_INLINE uint32_t attention_bias_bits(const AttentionParams& p, int64_t at) {
+  return p.bias_type == AttentionBias::kFloat32 ? static_cast<const uint32_t*>(p.mask)[at]
+                                                : static_cast<uint32_t>(static_cast<const uint16_t*>(p.mask)[at]) << 16;
+}
+
 // Element `at` of an additive mask, as float32.
 GF_HOST_DEVICE_INLINE float attention_bias_at(const AttentionParams& p, int64_t at) {
-  switch (p.bias_type) {
-    case AttentionBias::kFloat16:
-      return float16_bits_value(static_cast<const uint16_t*>(p.mask)[at]);
-    case AttentionBias::kBFloat16:
-      return bfloat16_bits_value(static_cast<const uint16_t*>(p.mask)[at]);
-    default:
-      return static_cast<const float*>(p.mask)[at];
-  }
+  const uint32_t bits = attention_bias_bits(p, at);
+  return p.bias_type == AttentionBias::kFloat16 ? float16_bits_value(static_cast<uint16_t>(bits >> 16))
+                                                 : bits_float(bits);
 }
 
 // Whether element `at` of the mask hides its key: false in a bool mask, -inf in an additive one (NaN
-// does not hide).
+// does not hide), compared as bits (-inf has one encoding).
 GF_HOST_DEVICE_INLINE bool attention_mask_hides(const AttentionParams& p, int64_t at) {
-  return p.mask_kind == AttentionMask::kBool ? static_cast<const uint8_t*>(p.mask)[at] == 0
-                                              : attention_bias_at(p, at) == -__builtin_inff();
+  if (p.mask_kind == AttentionMask::kBool) return static_cast<const uint8_t*>(p.mask)[at] == 0;
+  return attention_bias_bits(p, at) == (p.bias_type == AttentionBias::kFloat16 ? 0xFC000000u : 0xFF800000u);
 }
 
 // s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
