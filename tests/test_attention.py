@@ -26,6 +26,11 @@ def _qkv(batch, heads, kv_heads, lq, lk, dim, dtype, v_dim=None, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def _cpu_takes_bfloat16_pairs():
+    """Whether the CPU forward multiplies bfloat16 in pairs (AVX512-BF16) over packed panels."""
+    return genfast.build_info()["cpu_capability"] == "avx512_bf16"
+
+
 def _interpreted_query_count(impl, lq):
     """lq, but 40 for 130 under the Triton interpreter: still three tiles of queries, the last partial,
     at a third of the time (the interpreter's dropout costs seconds a tile)."""
@@ -303,7 +308,8 @@ def test_long_odd_length(impl):
 def test_cpu_kernel_reads_half_precision_keys_and_values_as_they_are(lq, dtype):
     """The CPU forward widens a float16 or bfloat16 K and V in its loads (no float32 copy of a KV
     cache): exactly the float32 call on the same values, with K and V read in place (one or two
-    queries) or packed (more), transposed in memory, with a head dim that leaves a tail."""
+    queries) or packed (more), transposed in memory, with a head dim that leaves a tail. A bfloat16
+    call that multiplies in pairs over packed panels rounds P to bfloat16, and is then only close."""
     skip_unless_supported("native", "cpu", dtype)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 6, 2, lq, 300, 72, dtype, v_dim=40))
     mask = torch.rand(2, 1, lq, 300) < 0.9
@@ -311,19 +317,68 @@ def test_cpu_kernel_reads_half_precision_keys_and_values_as_they_are(lq, dtype):
     got = genfast.attention(q, k, v, generator=genfast.PhiloxGenerator(1), impl="native", **options)
     wide = genfast.attention(q.float(), k.float(), v.float(), generator=genfast.PhiloxGenerator(1), impl="native",
                              **options)
-    assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16 and lq > 2 and _cpu_takes_bfloat16_pairs():
+        torch.testing.assert_close(got, wide.to(dtype), rtol=0.016, atol=0.016)
+        assert not torch.equal(got, wide.to(dtype))
+    else:
+        assert torch.equal(got, wide.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lq", [1, 16], ids=lambda lq: f"lq{lq}")
 def test_cpu_kernel_widens_every_half_precision_number_exactly(lq, dtype):
     """One key: o is v itself, for each of the 65536 float16 or bfloat16 bit patterns (subnormals,
-    infinities, NaN), read in place (one query) and packed (16)."""
+    infinities, NaN), read in place (one query) and packed (16). Products on bfloat16 pairs
+    (AVX512-BF16) read a subnormal as zero."""
     skip_unless_supported("native", "cpu", dtype)
     v = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int16).view(dtype).reshape(16, 16, 1, 256)
     q, k = torch.randn(16, 16, lq, 32).to(dtype), torch.randn(16, 16, 1, 32).to(dtype)
     o = genfast.attention(q, k, v, impl="native")
-    torch.testing.assert_close(o, v.expand(o.shape), rtol=0, atol=0, equal_nan=True)
+    expected = v
+    if dtype == torch.bfloat16 and lq > 2 and _cpu_takes_bfloat16_pairs():
+        expected = torch.where(v.abs() < torch.finfo(dtype).tiny, torch.zeros_like(v), v)
+    torch.testing.assert_close(o, expected.expand(o.shape), rtol=0, atol=0, equal_nan=True)
+
+
+def _bfloat16_pairs_forward(q, k, v, mask, scale, key_block=128):
+    """What the CPU forward computes when it multiplies bfloat16 in pairs, in float64: its online
+    softmax over blocks of 128 keys, scores and row sums of exact products, and each block's P (taken
+    against the running maximum) rounded to bfloat16, through float32, for P V."""
+    s = ((q.double() @ k.double().transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    most = torch.full((*s.shape[:-1], 1), float("-inf"), dtype=torch.float64)
+    total, acc = torch.zeros_like(most), torch.zeros(*s.shape[:-1], v.shape[-1], dtype=torch.float64)
+    for j in range(0, s.shape[-1], key_block):
+        block = s[..., j:j + key_block]
+        new_most = torch.maximum(most, block.amax(-1, keepdim=True))
+        rescale, p = torch.exp(most - new_most).nan_to_num(0.0), torch.exp(block - new_most).nan_to_num(0.0)
+        acc = acc * rescale + p.float().bfloat16().double() @ v[..., j:j + key_block, :].double()
+        total, most = total * rescale + p.sum(-1, keepdim=True), new_most
+    return acc / total
+
+
+@pytest.mark.parametrize("shared_panels", [False, True])
+@pytest.mark.parametrize("dim,v_dim", [(64, 64), (72, 40), (18, 130)])
+def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, shared_panels):
+    """On a CPU with AVX512-BF16, the bfloat16 forward over packed panels multiplies in pairs (Q K^T
+    along the head dim, P V along the keys): exact products summed in float32, and P rounded to
+    bfloat16 for P V. Its o is that computation rounded to bfloat16, but for a few elements near a
+    step of bfloat16 or near zero (float32's sums and exp, a P rounded the other way); the float32
+    products, which do not round P, miss it in about a third of the elements. Head dims that leave part of a 16-column chunk or of a word,
+    key blocks that end mid-pair, panels packed per task or shared by query blocks."""
+    if not _cpu_takes_bfloat16_pairs():
+        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
+    lq = 300 if shared_panels else 40
+    q, k, v = _qkv(1, 2, 2, lq, 257, dim, torch.bfloat16, v_dim=v_dim)
+    mask = torch.rand(1, 2, lq, 257, generator=torch.Generator().manual_seed(1)) < 0.8
+    mask[..., 0] = True
+    expected = _bfloat16_pairs_forward(q, k, v, mask, dim ** -0.5)
+    rounded = expected.float().bfloat16()
+    o = genfast.attention(q, k, v, attn_mask=mask, impl="native")
+    step = torch.finfo(torch.bfloat16).eps * (expected.abs() + 1 / 16)  # near zero, a row's sum cancels
+    assert ((o.double() - expected).abs() <= step).all() and (o != rounded).double().mean() < 0.01
+    wide = genfast.attention(q.float(), k.float(), v.float(), attn_mask=mask, impl="native").bfloat16()
+    assert (wide != rounded).double().mean() > 0.2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -61,7 +61,7 @@ def test_auto_picks_native_on_cpu_when_built():
     assert _backend.resolve_impl("auto", torch.device("cpu")) == expected
 
 
-CPU_CAPABILITIES = ["default", "avx2", "avx512"]  # narrowest first
+CPU_CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]  # narrowest first
 
 
 def _python_with_capability(script, capability):
@@ -95,7 +95,7 @@ def test_unknown_cpu_capability_is_an_error_naming_the_variable():
             print("ran")
     """)
     result = _python_with_capability(script, "avx9")
-    assert "GENFAST_CPU_CAPABILITY must be default, avx2 or avx512" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "GENFAST_CPU_CAPABILITY must be default, avx2, avx512 or avx512_bf16" in result.stdout, result.stdout + result.stderr[-2000:]
     assert "'avx9'" in result.stdout
 
 

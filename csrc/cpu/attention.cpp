@@ -14,11 +14,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../attention_args.h"
 #include "aligned_floats.h"
+#include "bfloat16_pairs.h"
 #include "block_product.h"
 #include "cpu_vectors.h"
 #include "philox_block.h"
@@ -505,29 +507,54 @@ struct ForwardScratch {
   // The panels only for a task that packs its own, the dropout factors only with dropout.
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
+  // With products on bfloat16 pairs: each head's queries, and one head's probabilities, as pairs.
+  std::vector<uint32_t> q_pairs, p_pairs;
   // rows: the most queries of a block. The scores also hold a row per head for the stacked decoding
   // step, which a packed sequence of one query may take beside longer ones.
-  ForwardScratch(int64_t rows, int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout)
+  ForwardScratch(int64_t rows, int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout, bool pairs)
       : head_rows(rows),
         scores(static_cast<size_t>(std::max(rows, std::min(heads, kQueryBlock)) * kKeyBlock)),
         drop(dropout ? static_cast<size_t>(rows * kKeyBlock) : 0), acc(static_cast<size_t>(heads * rows * v_pad)),
         max(static_cast<size_t>(heads * rows)), sum(static_cast<size_t>(heads * rows)),
         k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
-        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)) {}
+        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)),
+        q_pairs(pairs ? static_cast<size_t>(heads * rows * (dim / 2)) : 0),
+        p_pairs(pairs ? static_cast<size_t>(rows * kKeyBlock / 2) : 0) {}
 };
 
-// K and V as the forward reads them: float32, or a float16 or bfloat16 cache's own elements.
+// K and V as the forward reads them: float32, or a float16 or bfloat16 cache's own elements. With
+// pairs (bfloat16 only), the products over packed panels take bfloat16 pairs (bfloat16_pairs.h).
 template <typename T>
 struct KeysValues {
   const T* k;
   const T* v;
+  bool pairs = false;
 };
+
+// Whether a bfloat16 forward's products over packed panels take bfloat16 pairs: on a CPU with
+// AVX512-BF16 and for a head dim of whole pairs. Q is bfloat16 already; P is rounded to bfloat16 for
+// P V, as the GPU kernels round it, while the row sums stay those of the float32 P.
+bool takes_pairs(const AttentionParams& p) {
+  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 && p.dim % 2 == 0;
+}
 
 // Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
 // past them.
 template <typename T>
 void pack_key_block(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
                     int64_t hk, int64_t j0, int64_t cols, float* k_panel, float* v_panel) {
+#if GF_HAS_BFLOAT16_PAIRS
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (kv.pairs) {  // the panels' words are bfloat16 pairs, in half their floats
+      pack_pairs_transposed(reinterpret_cast<const uint16_t*>(kv.k + attention_k_at(p, seq, b, hk, j0)),
+                            p.k_stride[2], cols, p.dim / 2, reinterpret_cast<uint32_t*>(k_panel), kKeyBlock);
+      pack_pairs_interleaved(reinterpret_cast<const uint16_t*>(kv.v + attention_v_at(p, seq, b, hk, j0)),
+                             p.v_stride[2], cols, p.v_dim, reinterpret_cast<uint32_t*>(v_panel),
+                             padded_to(p.v_dim, kCols), kKeyBlock);
+      return;
+    }
+  }
+#endif
   pack_transposed(kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, kKeyBlock);
   pack_rows(kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
             padded_to(p.v_dim, kCols), kKeyBlock);
@@ -598,6 +625,40 @@ void block_probabilities(const AttentionParams& p, const AttentionSequence& seq,
   }
 }
 
+// scores (rows x kKeyBlock) = scale * q K^T for head e's queries q against a packed K^T panel; on
+// bfloat16 pairs with kv.pairs, from the queries forward_block rounded into w.q_pairs.
+template <typename T>
+void scores_from_panel(const AttentionParams& p, const KeysValues<T>& kv, const float* q, int64_t e, int64_t rows,
+                       const float* k_panel, ForwardScratch& w) {
+#if GF_HAS_BFLOAT16_PAIRS
+  if (kv.pairs) {
+    const int64_t pairs = p.dim / 2;
+    pair_multiply(w.q_pairs.data() + e * w.head_rows * pairs, pairs, rows, reinterpret_cast<const uint32_t*>(k_panel),
+                  pairs, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+    return;
+  }
+#endif
+  multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+}
+
+// acc (rows x v_pad) += the probabilities in w.scores times a packed V panel; on bfloat16 pairs with
+// kv.pairs, the probabilities rounded to bfloat16.
+template <typename T>
+void values_from_panel(const AttentionParams& p, const KeysValues<T>& kv, int64_t rows, const float* v_panel,
+                       float* acc, ForwardScratch& w) {
+  const int64_t v_pad = padded_to(p.v_dim, kCols);
+#if GF_HAS_BFLOAT16_PAIRS
+  if (kv.pairs) {
+    constexpr int64_t pairs = kKeyBlock / 2;
+    round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, kKeyBlock, w.p_pairs.data(), pairs);
+    pair_multiply(w.p_pairs.data(), pairs, rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc, v_pad, v_pad,
+                  true, 1.0f);
+    return;
+  }
+#endif
+  multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
+}
+
 // Key block j0, read in place, for the one query of each of heads h0 .. h0 + heads (stacks_heads): row
 // e of the scores is head h0 + e's, and its running output, maximum and sum are where forward_block
 // keeps them. The products cover every head once any is seen: a head that the mask hides in this
@@ -630,6 +691,15 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
     std::fill_n(w.max.begin() + e * w.head_rows, rows, -__builtin_inff());
     std::fill_n(w.sum.begin() + e * w.head_rows, rows, 0.0f);
   }
+#if GF_HAS_BFLOAT16_PAIRS
+  if (kv.pairs && (panels.packed() || packs_panels(rows, heads))) {
+    const int64_t pairs = p.dim / 2;
+    for (int64_t e = 0; e < heads; ++e) {  // bfloat16 values in float32: rounding keeps them
+      round_rows_to_pairs(p.q + attention_q_at(p, seq, b, h0 + e, i0), p.q_stride[2], rows, p.dim,
+                          w.q_pairs.data() + e * w.head_rows * pairs, pairs);
+    }
+  }
+#endif
   const auto [first_key, end_key] = key_range(seq, i0, rows);
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
@@ -659,14 +729,14 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
       float* acc = w.acc.data() + e * w.head_rows * v_pad;
       if (k_panel != nullptr) {
-        multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+        scores_from_panel(p, kv, q, e, rows, k_panel, w);
       } else {
         key_dots(q, p.q_stride[2], rows, kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
                  p.scale, w.scores.data());
       }
       block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
-        multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
+        values_from_panel(p, kv, rows, v_panel, acc, w);
       } else {
         value_sums(w.scores.data(), rows, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
                    acc, v_pad);
@@ -724,7 +794,7 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
     if (shared) pack_key_panels(p, kv, first_pair, count, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
       ForwardScratch scratch(std::min(kQueryBlock, p.q_len), p.dim, padded_to(p.v_dim, kCols), heads,
-                             packs && !shared, p.dropout_p > 0.0f);
+                             packs && !shared, p.dropout_p > 0.0f, kv.pairs);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
@@ -958,7 +1028,8 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
         break;
       case at::kBFloat16:
         attention_forward_impl(
-            p, KeysValues<c10::BFloat16>{t.k.const_data_ptr<c10::BFloat16>(), t.v.const_data_ptr<c10::BFloat16>()});
+            p, KeysValues<c10::BFloat16>{t.k.const_data_ptr<c10::BFloat16>(), t.v.const_data_ptr<c10::BFloat16>(),
+                                         takes_pairs(p)});
         break;
       default:
         attention_forward_impl(p, KeysValues<float>{p.k, p.v});

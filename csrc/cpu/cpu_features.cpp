@@ -8,7 +8,8 @@ namespace genfast {
 
 namespace {
 
-// The features checked are those GF_CPU_TARGET_AVX512 and GF_CPU_TARGET_AVX2 compile for.
+// The features checked are those GF_CPU_TARGET_AVX512_BF16, GF_CPU_TARGET_AVX512 and
+// GF_CPU_TARGET_AVX2 compile for.
 CpuCapability widest_supported() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();  // libgcc's checks include the OS's saving of the AVX and AVX-512 registers
@@ -17,7 +18,7 @@ CpuCapability widest_supported() {
   }
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return CpuCapability::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? CpuCapability::kAvx512Bf16 : CpuCapability::kAvx512;
   }
   return CpuCapability::kAvx2;
 #else
@@ -29,6 +30,8 @@ CpuCapability widest_supported() {
 
 const char* cpu_capability_name(CpuCapability capability) {
   switch (capability) {
+    case CpuCapability::kAvx512Bf16:
+      return "avx512_bf16";
     case CpuCapability::kAvx512:
       return "avx512";
     case CpuCapability::kAvx2:
@@ -42,10 +45,11 @@ CpuCapability detect_cpu_capability() {
   const CpuCapability widest = widest_supported();
   const char* requested = std::getenv("GENFAST_CPU_CAPABILITY");
   if (requested == nullptr || *requested == '\0') return widest;
-  for (const CpuCapability c : {CpuCapability::kDefault, CpuCapability::kAvx2, CpuCapability::kAvx512}) {
+  for (const CpuCapability c : {CpuCapability::kDefault, CpuCapability::kAvx2, CpuCapability::kAvx512,
+                              CpuCapability::kAvx512Bf16}) {
     if (std::string(requested) == cpu_capability_name(c)) return c < widest ? c : widest;
   }
-  throw std::invalid_argument(std::string("GENFAST_CPU_CAPABILITY must be default, avx2 or avx512 (or unset), got '") +
+  throw std::invalid_argument(std::string("GENFAST_CPU_CAPABILITY must be default, avx2, avx512 or avx512_bf16 (or unset), got '") +
                               requested + "'");
 }
 
