@@ -381,6 +381,31 @@ def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, shared_panels):
     assert (wide != rounded).double().mean() > 0.2
 
 
+@pytest.mark.parametrize("batch,kv_heads", [(1, 1), (2, 2)], ids=["block_passes", "pair_passes"])
+@pytest.mark.parametrize("dim,v_dim", [(64, 64), (18, 40), (72, 130)])
+def test_cpu_bfloat16_pairs_backward(dim, v_dim, batch, kv_heads):
+    """On a CPU with AVX512-BF16 the bfloat16 backward takes its five products on bfloat16 pairs, P
+    and dS rounded to bfloat16 (the float32 copies of q, k, v and grad_o are bfloat16 values, so
+    rounding keeps them): gradients by the error-ratio rule with every option that touches them, in
+    both schedules (one pass per (batch, key head), or passes per key block and per query block),
+    with query blocks that end mid-pair; and not the float32 products' bits."""
+    if not _cpu_takes_bfloat16_pairs():
+        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
+    q, k, v = _qkv(batch, 2 * kv_heads, kv_heads, 133, 257, dim, torch.bfloat16, v_dim=v_dim)
+    mask = torch.randn(1, 1, 133, 257).to(torch.bfloat16)
+    options = dict(causal="bottom_right", softcap=30.0, dropout_p=0.1, seed=3)
+    _compare_grads(q, k, v, mask, **options)
+    # The backward op alone, handed the same o and lse: the float32 call's products give the bfloat16
+    # call's gradients, widened, unless the latter takes pairs.
+    o, lse = genfast.attention(q, k, v, impl="native", enable_gqa=True, return_lse=True)
+    grad_o = torch.randn(o.shape).to(torch.bfloat16)
+    lo, hi = importlib.import_module("genfast.attention").band(133, 257, None, None)
+    grads = [torch.ops.genfast.attention_backward(grad_o.to(dtype), None, q.to(dtype), k.to(dtype), v.to(dtype),
+                                                  o.to(dtype), lse, None, None, dim ** -0.5, 0.0, lo, hi, 0.0, 0, 0,
+                                                  False, True)[:3] for dtype in (torch.bfloat16, torch.float32)]
+    assert all(not torch.equal(a, b.to(a.dtype)) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads,kv_heads,dim,v_dim", [(8, 2, 128, 128), (12, 3, 72, 40), (5, 1, 16, 20)])
 def test_cpu_decoding_stacks_grouped_heads_bit_for_bit(heads, kv_heads, dim, v_dim, dtype):

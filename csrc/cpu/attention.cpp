@@ -633,8 +633,9 @@ void scores_from_panel(const AttentionParams& p, const KeysValues<T>& kv, const 
 #if GF_HAS_BFLOAT16_PAIRS
   if (kv.pairs) {
     const int64_t pairs = p.dim / 2;
-    pair_multiply(w.q_pairs.data() + e * w.head_rows * pairs, pairs, rows, reinterpret_cast<const uint32_t*>(k_panel),
-                  pairs, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+    pair_multiply(pair_rows(w.q_pairs.data() + e * w.head_rows * pairs, pairs), rows,
+                  reinterpret_cast<const uint32_t*>(k_panel), pairs, w.scores.data(), kKeyBlock, kKeyBlock, false,
+                  p.scale);
     return;
   }
 #endif
@@ -651,8 +652,8 @@ void values_from_panel(const AttentionParams& p, const KeysValues<T>& kv, int64_
   if (kv.pairs) {
     constexpr int64_t pairs = kKeyBlock / 2;
     round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, kKeyBlock, w.p_pairs.data(), pairs);
-    pair_multiply(w.p_pairs.data(), pairs, rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc, v_pad, v_pad,
-                  true, 1.0f);
+    pair_multiply(pair_rows(w.p_pairs.data(), pairs), rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc,
+                  v_pad, v_pad, true, 1.0f);
     return;
   }
 #endif
@@ -815,17 +816,98 @@ struct AttentionGrads {
   float* grad_mask;  // (B, H, Lq, Lk) or null: dL/ds, to be summed to the mask's shape
 };
 
+// With pairs, the products take bfloat16 pairs (bfloat16_pairs.h): the panels hold words in half
+// their floats, and a_pairs the rows of A rounded to bfloat16 (P and dS too, as the GPU kernels round
+// them).
 struct BackwardScratch {
   AlignedFloats k_panel, vt_panel, scores, dp, drop, cap, panel_a, panel_b, acc_a, acc_b;  // drop with dropout
-  BackwardScratch(int64_t dim_pad, int64_t v_pad, bool dropout)
+  bool pairs;
+  std::vector<uint32_t> a_pairs;
+  BackwardScratch(int64_t dim_pad, int64_t v_pad, bool dropout, bool pairs)
       : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
         scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
         drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
         cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
         panel_a(static_cast<size_t>(kQueryBlock * std::max(dim_pad, v_pad))),
         panel_b(static_cast<size_t>(kKeyBlock * std::max(dim_pad, v_pad))),
-        acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)) {}
+        acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)), pairs(pairs),
+        a_pairs(pairs ? static_cast<size_t>(kQueryBlock * std::max({kKeyBlock, dim_pad, v_pad}) / 2) : 0) {}
 };
+
+#if GF_HAS_BFLOAT16_PAIRS
+uint32_t* words(AlignedFloats& panel) { return reinterpret_cast<uint32_t*>(panel.data()); }
+#endif
+
+// w.scores = scale Q K^T and w.dp = dO V^T for queries i0 .. i0 + rows of head h (w.k_panel = K^T,
+// w.vt_panel = V^T).
+void score_products(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g, int64_t b,
+                    int64_t h, int64_t i0, int64_t rows, BackwardScratch& w) {
+  const float* q = p.q + attention_q_at(p, seq, b, h, i0);
+  const float* grad_o = g.grad_o + seq.out_row(h, i0) * p.v_dim;
+  const int64_t grad_o_row = seq.out_position * p.v_dim;
+#if GF_HAS_BFLOAT16_PAIRS
+  if (w.pairs) {
+    round_rows_to_pairs(q, p.q_stride[2], rows, p.dim, w.a_pairs.data(), p.dim / 2);
+    pair_multiply(pair_rows(w.a_pairs.data(), p.dim / 2), rows, words(w.k_panel), p.dim / 2, w.scores.data(),
+                  kKeyBlock, kKeyBlock, false, p.scale);
+    round_rows_to_pairs(grad_o, grad_o_row, rows, p.v_dim, w.a_pairs.data(), p.v_dim / 2);
+    pair_multiply(pair_rows(w.a_pairs.data(), p.v_dim / 2), rows, words(w.vt_panel), p.v_dim / 2, w.dp.data(),
+                  kKeyBlock, kKeyBlock, false, 1.0f);
+    return;
+  }
+#endif
+  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+  multiply(grad_o, grad_o_row, 1, rows, w.vt_panel.data(), p.v_dim, w.dp.data(), kKeyBlock, kKeyBlock, false, 1.0f);
+}
+
+// w.panel_b = key block j0's K (cols rows), for add_grad_q.
+void pack_keys_for_grad_q(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
+                          int64_t cols, BackwardScratch& w) {
+  const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
+  const int64_t d_pad = padded_to(p.dim, kCols);
+#if GF_HAS_BFLOAT16_PAIRS
+  if (w.pairs) {
+    pack_pairs_interleaved(k, p.k_stride[2], cols, p.dim, words(w.panel_b), d_pad, kKeyBlock);
+    return;
+  }
+#endif
+  pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+}
+
+// grad_q (rows x d_pad) += scale dS K, dS in w.dp, K in w.panel_b.
+void add_grad_q(const AttentionParams& p, int64_t rows, float* grad_q, BackwardScratch& w) {
+  const int64_t d_pad = padded_to(p.dim, kCols);
+#if GF_HAS_BFLOAT16_PAIRS
+  if (w.pairs) {
+    constexpr int64_t pairs = kKeyBlock / 2;
+    round_rows_to_pairs(w.dp.data(), kKeyBlock, rows, kKeyBlock, w.a_pairs.data(), pairs);
+    pair_multiply(pair_rows(w.a_pairs.data(), pairs), rows, words(w.panel_b), pairs, grad_q, d_pad, d_pad, true,
+                  p.scale);
+    return;
+  }
+#endif
+  multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, grad_q, d_pad, d_pad, true, p.scale);
+}
+
+// out (cols x width) += factor * X^T Y, X the rows x kKeyBlock block x (P or dS), Y the rows at y
+// (y_row apart, dim wide; width = dim padded): dV += P^T dO and dK += scale dS^T Q. Y is packed in
+// w.panel_a.
+void add_transposed_product(const float* x, const float* y, int64_t y_row, int64_t rows, int64_t cols, int64_t dim,
+                            float* out, float factor, BackwardScratch& w) {
+  const int64_t width = padded_to(dim, kCols);
+#if GF_HAS_BFLOAT16_PAIRS
+  if (w.pairs) {  // X^T's rows are X's columns: X packed as a panel, read a column at a time
+    const int64_t depth = padded_to(rows, 2), pairs = depth / 2;
+    pack_pairs_interleaved(y, y_row, rows, dim, words(w.panel_a), width, depth);
+    pack_pairs_interleaved(x, kKeyBlock, rows, kKeyBlock, w.a_pairs.data(), kKeyBlock, depth);
+    pair_multiply(PairRows{w.a_pairs.data(), 1, kCols, kCols * pairs}, cols, words(w.panel_a), pairs, out, width,
+                  width, true, factor);
+    return;
+  }
+#endif
+  pack_rows(y, y_row, rows, dim, w.panel_a.data(), width, rows);
+  multiply(x, 1, kKeyBlock, cols, w.panel_a.data(), rows, out, width, width, true, factor);
+}
 
 // One row: s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS = P (dp - delta).
 template <CpuCapability isa>
@@ -860,11 +942,8 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                              int64_t cols, BackwardScratch& w) {
   const int64_t row0 = seq.lse_row(h, i0);
-  multiply(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], 1, rows, w.k_panel.data(), p.dim,
-           w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+  score_products(p, seq, g, b, h, i0, rows, w);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
-  multiply(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, 1, rows, w.vt_panel.data(), p.v_dim,
-           w.dp.data(), kKeyBlock, kKeyBlock, false, 1.0f);
   if (p.dropout_p > 0.0f) {  // dP of the probabilities before dropout
     dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
     apply_dropout_scales(w.drop.data(), rows, w.dp.data());
@@ -883,9 +962,17 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
 
 void load_key_panels(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
                      int64_t cols, BackwardScratch& w) {
-  pack_transposed(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
-  pack_transposed(p.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, w.vt_panel.data(),
-                  kKeyBlock);
+  const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
+  const float* v = p.v + attention_v_at(p, seq, b, hk, j0);
+#if GF_HAS_BFLOAT16_PAIRS
+  if (w.pairs) {
+    pack_pairs_transposed(k, p.k_stride[2], cols, p.dim / 2, words(w.k_panel), kKeyBlock);
+    pack_pairs_transposed(v, p.v_stride[2], cols, p.v_dim / 2, words(w.vt_panel), kKeyBlock);
+    return;
+  }
+#endif
+  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
+  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), kKeyBlock);
 }
 
 // grad_q's rows i0 .. i0 + rows of head h from accumulators rows x d_pad.
@@ -908,29 +995,19 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
   load_key_panels(p, seq, b, hk, j0, cols, w);
-  if (grad_q != nullptr) {
-    pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
-  }
+  if (grad_q != nullptr) pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
   const auto [first_query, end_query] = query_range(seq, j0, cols);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
       if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
       probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
-      if (grad_q != nullptr) {  // dQ += scale dS K
-        float* rows_q = grad_q + ((h - hk * group) * p.q_len + i0) * d_pad;
-        multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, rows_q, d_pad, d_pad, true,
-                 p.scale);
-      }
+      if (grad_q != nullptr) add_grad_q(p, rows, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
       if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, w.scores.data());
-      // dV += P^T dO: rows of P^T are P's columns (stride kKeyBlock between queries).
-      pack_rows(g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim, rows, p.v_dim,
-                w.panel_a.data(), v_pad, rows);
-      multiply(w.scores.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_b.data(), v_pad, v_pad, true, 1.0f);
-      // dK += scale dS^T Q.
-      pack_rows(p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, p.dim, w.panel_a.data(), d_pad, rows);
-      multiply(w.dp.data(), 1, kKeyBlock, cols, w.panel_a.data(), rows, w.acc_a.data(), d_pad, d_pad, true,
-               p.scale);
+      add_transposed_product(w.scores.data(), g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim,
+                             rows, cols, p.v_dim, w.acc_b.data(), 1.0f, w);
+      add_transposed_product(w.dp.data(), p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, cols, p.dim,
+                             w.acc_a.data(), p.scale, w);
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
@@ -946,7 +1023,6 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   const AttentionSequence seq = attention_sequence(p, b);
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
-  const int64_t d_pad = padded_to(p.dim, kCols);
   AlignedFloats& grad_q = w.panel_a;  // rows x d_pad accumulators
   std::fill(grad_q.begin(), grad_q.end(), 0.0f);
   const auto [first_key, end_key] = key_range(seq, i0, rows);
@@ -955,14 +1031,13 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
     if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
     load_key_panels(p, seq, b, hk, j0, cols, w);
     probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
-    pack_rows(p.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
-    multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, grad_q.data(), d_pad, d_pad, true,
-             p.scale);
+    pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
+    add_grad_q(p, rows, grad_q.data(), w);
   }
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
 }
 
-void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) {
+void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, bool pairs) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
@@ -972,7 +1047,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
     // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
     // in the task's own buffer (no recomputation, no atomics).
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t first, int64_t last) {
-      BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
+      BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
       AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
@@ -990,14 +1065,14 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g) 
   }
   // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
   at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
+    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % k_blocks, bh = task / k_blocks;
       key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, scratch);
     }
   });
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f);
+    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
       query_block_grads(p, g, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
@@ -1057,7 +1132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     const AttentionGrads g{in.grad_o.const_data_ptr<float>(), in.delta.const_data_ptr<float>(),
                            grad_q.mutable_data_ptr<float>(), grad_k.mutable_data_ptr<float>(),
                            grad_v.mutable_data_ptr<float>(), grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr};
-    attention_backward_impl(p, g);
+    attention_backward_impl(p, g, dtype == at::kBFloat16 && takes_pairs(p) && p.v_dim % 2 == 0);
   }
   std::optional<at::Tensor> mask_grad;
   if (grad_mask) mask_grad = grad_s;

@@ -25,17 +25,38 @@
 namespace genfast {
 namespace {
 
-// Words 0 .. n of src (n <= kCols), zeros after them.
-GF_PAIRS_INLINE __m512i load_words(const uint16_t* src, int64_t n) {
-  return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1u), src);
+GF_PAIRS_INLINE __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Words 0 .. n of a row (n <= kCols), zeros after them: pairs of bfloat16 as they lie, or of floats
+// (2n of them) rounded to bfloat16.
+GF_PAIRS_INLINE __m512i load_words(const uint16_t* src, int64_t n) { return _mm512_maskz_loadu_epi32(first_lanes(n), src); }
+GF_PAIRS_INLINE __m512i load_words(const float* src, int64_t n) {
+  const __m512 lower = _mm512_maskz_loadu_ps(first_lanes(std::min<int64_t>(2 * n, kCols)), src);
+  const __m512 upper = _mm512_maskz_loadu_ps(first_lanes(std::max<int64_t>(2 * n - kCols, 0)), src + kCols);
+  const __m512bh rounded = _mm512_cvtne2ps_pbh(upper, lower);
+  __m512i words;
+  memcpy(&words, &rounded, sizeof(words));
+  return words;
+}
+
+// Elements 0 .. n of a row (n <= kCols) as bfloat16 bits, zeros after them: as they lie, or floats
+// rounded.
+GF_PAIRS_INLINE void load_halves(const uint16_t* src, int64_t n, Bits16<kCols>::Halves& out) {
+  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), src);
+  memcpy(&out, &h, sizeof(out));
+}
+GF_PAIRS_INLINE void load_halves(const float* src, int64_t n, Bits16<kCols>::Halves& out) {
+  const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(first_lanes(n), src));
+  memcpy(&out, &rounded, sizeof(out));
 }
 
 // The panel pairs deep and width wide (a multiple of kCols) whose column c holds row c of src (count
-// rows stride apart, 2 * pairs bfloat16 each, their pairs as they lie), zeros past count: the K^T of
-// a block of keys, each key's head dim taken in pairs. 16 x 16 blocks of words transposed in
-// registers.
-GF_CPU_TARGET_AVX512_BF16 inline void pack_pairs_transposed(const uint16_t* src, int64_t stride, int64_t count,
-                                                            int64_t pairs, uint32_t* panel, int64_t width) {
+// rows stride apart, 2 * pairs numbers each, taken in pairs as they lie), zeros past count: the K^T
+// of a block of keys, each key's head dim in pairs. T is uint16_t (bfloat16 bits) or float (rounded
+// to bfloat16). 16 x 16 blocks of words transposed in registers.
+template <typename T>
+GF_CPU_TARGET_AVX512_BF16 void pack_pairs_transposed(const T* src, int64_t stride, int64_t count, int64_t pairs,
+                                                     uint32_t* panel, int64_t width) {
   for (int64_t c0 = 0; c0 < width; c0 += kCols) {
     const int64_t rows = std::clamp<int64_t>(count - c0, 0, kCols);
     uint32_t* chunk = panel + c0 * pairs;
@@ -52,25 +73,23 @@ GF_CPU_TARGET_AVX512_BF16 inline void pack_pairs_transposed(const uint16_t* src,
   }
 }
 
-// The panel total / 2 deep and width wide (a multiple of kCols) whose word (t, c) pairs src[2t][c]
-// and src[2t + 1][c] (rows stride apart, dim elements each, count rows; zeros past count and dim):
-// the V of a block of keys, taken in pairs of keys. total is even.
-GF_CPU_TARGET_AVX512_BF16 inline void pack_pairs_interleaved(const uint16_t* src, int64_t stride, int64_t count,
-                                                             int64_t dim, uint32_t* panel, int64_t width,
-                                                             int64_t total) {
+// The panel (count + 1) / 2 deep and width wide (a multiple of kCols) whose word (t, c) pairs
+// src[2t][c] and src[2t + 1][c] (rows stride apart, dim numbers each, count rows; zeros past count
+// and dim), down to depth / 2 (depth even, at least count; zeros past count): the V of a block of
+// keys in pairs of keys. T as pack_pairs_transposed's.
+template <typename T>
+GF_CPU_TARGET_AVX512_BF16 void pack_pairs_interleaved(const T* src, int64_t stride, int64_t count, int64_t dim,
+                                                      uint32_t* panel, int64_t width, int64_t depth) {
   typedef Bits16<kCols>::Halves Halves;
   typedef Bits16<kCols>::Words Words;
-  const auto load = [](Halves& h, const uint16_t* row, size_t bytes) {  // a whole row's load is one move
-    bytes == sizeof(h) ? memcpy(&h, row, sizeof(h)) : memcpy(&h, row, bytes);
-  };
-  const int64_t pairs = total / 2;
+  const int64_t pairs = depth / 2;
   for (int64_t d0 = 0; d0 < width; d0 += kCols) {
-    const size_t bytes = static_cast<size_t>(std::clamp<int64_t>(dim - d0, 0, kCols)) * sizeof(uint16_t);
+    const int64_t n = std::clamp<int64_t>(dim - d0, 0, kCols);
     uint32_t* chunk = panel + d0 * pairs;
     for (int64_t t = 0; t < pairs; ++t) {
-      Halves lower{}, upper{};  // keys 2t and 2t + 1, zeros past count and dim
-      if (2 * t < count) load(lower, src + 2 * t * stride + d0, bytes);
-      if (2 * t + 1 < count) load(upper, src + (2 * t + 1) * stride + d0, bytes);
+      Halves lower{}, upper{};  // rows 2t and 2t + 1, zeros past count and dim
+      if (2 * t < count) load_halves(src + 2 * t * stride + d0, n, lower);
+      if (2 * t + 1 < count) load_halves(src + (2 * t + 1) * stride + d0, n, upper);
       const Words words = __builtin_convertvector(lower, Words) | __builtin_convertvector(upper, Words) << 16;
       memcpy(chunk + t * kCols, &words, sizeof(words));
     }
@@ -82,26 +101,28 @@ GF_CPU_TARGET_AVX512_BF16 inline void pack_pairs_interleaved(const uint16_t* src
 GF_CPU_TARGET_AVX512_BF16 inline void round_rows_to_pairs(const float* src, int64_t src_row, int64_t rows, int64_t n,
                                                           uint32_t* dst, int64_t dst_row) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* in = src + r * src_row;
-    uint32_t* out = dst + r * dst_row;
     for (int64_t e = 0; e < n; e += 2 * kCols) {
-      const int64_t left = std::min<int64_t>(2 * kCols, n - e);
-      const __m512 lower = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(left, kCols)) - 1u), in + e);
-      const __m512 upper =
-          _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::max<int64_t>(left - kCols, 0)) - 1u), in + e + kCols);
-      const __m512bh rounded = _mm512_cvtne2ps_pbh(upper, lower);
-      __m512i words;
-      memcpy(&words, &rounded, sizeof(words));
-      _mm512_mask_storeu_epi32(out + e / 2, static_cast<__mmask16>((1u << (left / 2)) - 1u), words);
+      const int64_t words = std::min<int64_t>(kCols, (n - e) / 2);
+      _mm512_mask_storeu_epi32(dst + r * dst_row + e / 2, first_lanes(words), load_words(src + r * src_row + e, words));
     }
   }
 }
 
+// The rows of A of a product on pairs: row r at a + (r / kCols) * chunk + (r % kCols) * row, its
+// words step apart. Rows one after another have chunk = kCols * row; a panel's columns (A = the
+// panel's transpose) have row 1, step kCols and chunk kCols * depth.
+struct PairRows {
+  const uint32_t* a;
+  int64_t row, step, chunk;
+  const uint32_t* at(int64_t r) const { return a + r / kCols * chunk + r % kCols * row; }
+};
+
 // out[r][c] (+)= factor * sum over t < pairs of a_r[t] . panel[t][c] for c < kCols, r < count <= Rows
 // (a's rows past count are computed, not stored; they must be readable), t in order.
 template <int Rows>
-GF_PAIRS_INLINE void pair_product_rows(const uint32_t* const a[Rows], const uint32_t* __restrict panel, int64_t pairs,
-                                       int64_t count, float* out, int64_t out_stride, bool accumulate, float factor) {
+GF_PAIRS_INLINE void pair_product_rows(const uint32_t* const a[Rows], int64_t a_step, const uint32_t* __restrict panel,
+                                       int64_t pairs, int64_t count, float* out, int64_t out_stride, bool accumulate,
+                                       float factor) {
   __m512 sums[Rows];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) sums[r] = _mm512_setzero_ps();
@@ -112,7 +133,7 @@ GF_PAIRS_INLINE void pair_product_rows(const uint32_t* const a[Rows], const uint
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       __m512bh x;
-      const __m512i broadcast = _mm512_set1_epi32(static_cast<int>(a[r][t]));
+      const __m512i broadcast = _mm512_set1_epi32(static_cast<int>(a[r][t * a_step]));
       memcpy(&x, &broadcast, sizeof(x));
       sums[r] = _mm512_dpbf16_ps(sums[r], x, p);
     }
@@ -126,36 +147,39 @@ GF_PAIRS_INLINE void pair_product_rows(const uint32_t* const a[Rows], const uint
 }
 
 template <int Rows>
-GF_PAIRS_INLINE void pair_multiply_rows(const uint32_t* a, int64_t a_row, int64_t r0, int64_t count,
-                                        const uint32_t* panel, int64_t pairs, float* out, int64_t out_stride,
-                                        int64_t width, bool accumulate, float factor) {
+GF_PAIRS_INLINE void pair_multiply_rows(const PairRows& a, int64_t r0, int64_t count, const uint32_t* panel,
+                                        int64_t pairs, float* out, int64_t out_stride, int64_t width, bool accumulate,
+                                        float factor) {
   const uint32_t* a_rows[Rows];
-  for (int r = 0; r < Rows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
+  for (int r = 0; r < Rows; ++r) a_rows[r] = a.at(std::min<int64_t>(r0 + r, count - 1));
   for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    pair_product_rows<Rows>(a_rows, panel + c0 * pairs, pairs, count - r0, out + r0 * out_stride + c0, out_stride,
-                            accumulate, factor);
+    pair_product_rows<Rows>(a_rows, a.step, panel + c0 * pairs, pairs, count - r0, out + r0 * out_stride + c0,
+                            out_stride, accumulate, factor);
   }
 }
 
-// out[r][c] (+)= factor * sum over t < pairs of a[r * a_row + t] . panel[t][c] for r < count and c <
-// width (a multiple of kCols): attention.cpp's multiply on pairs, in tiles of 16, 8, 4 and 1 rows.
-GF_CPU_TARGET_AVX512_BF16 inline void pair_multiply(const uint32_t* a, int64_t a_row, int64_t count,
-                                                    const uint32_t* panel, int64_t pairs, float* out,
-                                                    int64_t out_stride, int64_t width, bool accumulate, float factor) {
+// out[r][c] (+)= factor * sum over t < pairs of a_r[t] . panel[t][c] for r < count and c < width (a
+// multiple of kCols): attention.cpp's multiply on pairs, in tiles of 16, 8, 4 and 1 rows.
+GF_CPU_TARGET_AVX512_BF16 inline void pair_multiply(const PairRows& a, int64_t count, const uint32_t* panel,
+                                                    int64_t pairs, float* out, int64_t out_stride, int64_t width,
+                                                    bool accumulate, float factor) {
   int64_t r0 = 0;
   for (; r0 + 16 <= count; r0 += 16) {
-    pair_multiply_rows<16>(a, a_row, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
+    pair_multiply_rows<16>(a, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
   }
   for (; r0 + 4 < count; r0 += 8) {
-    pair_multiply_rows<8>(a, a_row, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
+    pair_multiply_rows<8>(a, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
   }
   for (; r0 + 1 < count; r0 += 4) {
-    pair_multiply_rows<4>(a, a_row, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
+    pair_multiply_rows<4>(a, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
   }
   for (; r0 < count; ++r0) {
-    pair_multiply_rows<1>(a, a_row, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
+    pair_multiply_rows<1>(a, r0, count, panel, pairs, out, out_stride, width, accumulate, factor);
   }
 }
+
+// PairRows of rows one after another, row words apart.
+inline PairRows pair_rows(const uint32_t* a, int64_t row) { return PairRows{a, row, 1, kCols * row}; }
 
 }  // namespace
 }  // namespace genfast
