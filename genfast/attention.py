@@ -113,7 +113,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               return_lse: bool = False, deterministic: bool = False, impl: str = "auto"):
     """o (B, Hq, Lq, Dv), and the rows' log-sum-exp (B, Hq, Lq) float32 with return_lse.
 
-    As torch SDPA: attn_mask bool (True attends) or additive, broadcast to (B, Hq, Lq, Lk);
+    As torch SDPA: attn_mask bool (True attends) or additive, broadcast to (B, Hq, Lq, Lk); an
+    additive mask in float32, float16 or bfloat16 is read as it is (float64 is copied to float32);
     is_causal is causal="top_left"; scale defaults to 1/sqrt(head_dim); enable_gqa lets k and v
     have fewer heads, dividing q's. Also: causal="bottom_right" (the queries are the last Lq keys);
     window=(left, right) keys around the bottom-right diagonal (-1: unbounded); alibi_slopes (Hq,)
