@@ -441,11 +441,13 @@ def test_cpu_in_place_rows_share_loads_bit_for_bit(lq):
     assert torch.equal(together, alone)
 
 
-def test_long_key_sequence_packed_a_few_heads_at_a_time():
-    """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads of 90000 keys
-    take two passes, the second partial."""
-    skip_unless_supported("native", "cpu")
-    q, k, v = _qkv(1, 6, 3, 8, 90000, 16, torch.float32)
+@pytest.mark.parametrize("dtype,keys", [(torch.float32, 90000), (torch.bfloat16, 180000)], ids=str)
+def test_long_key_sequence_packed_a_few_heads_at_a_time(dtype, keys):
+    """The CPU kernel packs at most 32 MiB of K and V panels at a time: three key heads take two
+    passes, the second partial (bfloat16 pairs take half a float32 panel's memory; without them
+    bfloat16 takes three passes)."""
+    skip_unless_supported("native", "cpu", dtype)
+    q, k, v = _qkv(1, 6, 3, 8, keys, 16, dtype)
     _compare(q, k, v, impl="native", enable_gqa=True, causal="bottom_right", window=(60000, 0))
 
 

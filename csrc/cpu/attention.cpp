@@ -582,12 +582,12 @@ struct KeyPanels {
 // KV cache is packed a few (batch, key head) pairs at a time rather than doubled in memory.
 constexpr int64_t kPanelBudget = int64_t{8} << 20;
 
-// The panels' sizes, nothing allocated.
-KeyPanels key_panel_sizes(const AttentionParams& p) {
+// The panels' sizes in floats, nothing allocated; bfloat16 pairs (words) take half as many.
+KeyPanels key_panel_sizes(const AttentionParams& p, bool pairs) {
   KeyPanels panels;
   panels.k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock;
-  panels.k_size = p.dim * kKeyBlock;
-  panels.v_size = kKeyBlock * padded_to(p.v_dim, kCols);
+  panels.k_size = p.dim * kKeyBlock / (pairs ? 2 : 1);
+  panels.v_size = kKeyBlock * padded_to(p.v_dim, kCols) / (pairs ? 2 : 1);
   return panels;
 }
 
@@ -784,7 +784,7 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
   int64_t pass = pairs;  // (batch, key head) pairs a pass covers
   KeyPanels panels;
   if (shared) {
-    panels = key_panel_sizes(p);
+    panels = key_panel_sizes(p, kv.pairs);
     const int64_t pair_floats = panels.k_blocks * (panels.k_size + panels.v_size);
     pass = std::clamp<int64_t>(kPanelBudget / std::max<int64_t>(1, pair_floats), 1, pairs);
     panels.k = uninitialized_floats(static_cast<size_t>(pass * panels.k_blocks * panels.k_size));
