@@ -27,7 +27,7 @@ def _qkv(batch, heads, kv_heads, lq, lk, dim, dtype, v_dim=None, seed=0):
 
 
 def _cpu_takes_bfloat16_pairs():
-    """Whether the CPU forward multiplies bfloat16 in pairs (AVX512-BF16) over packed panels."""
+    """Whether the CPU kernel multiplies bfloat16 in pairs (AVX512-BF16) over packed panels."""
     return genfast.build_info()["cpu_capability"] == "avx512_bf16"
 
 
@@ -364,8 +364,9 @@ def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, shared_panels):
     along the head dim, P V along the keys): exact products summed in float32, and P rounded to
     bfloat16 for P V. Its o is that computation rounded to bfloat16, but for a few elements near a
     step of bfloat16 or near zero (float32's sums and exp, a P rounded the other way); the float32
-    products, which do not round P, miss it in about a third of the elements. Head dims that leave part of a 16-column chunk or of a word,
-    key blocks that end mid-pair, panels packed per task or shared by query blocks."""
+    products, which do not round P, miss it in about a third of the elements. Head dims that leave
+    part of a 16-column chunk or of a word, key blocks that end mid-pair, panels packed per task or
+    shared by query blocks."""
     if not _cpu_takes_bfloat16_pairs():
         pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
     lq = 300 if shared_panels else 40
@@ -392,13 +393,14 @@ def test_cpu_bfloat16_pairs_backward(dim, v_dim, batch, kv_heads):
     if not _cpu_takes_bfloat16_pairs():
         pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
     q, k, v = _qkv(batch, 2 * kv_heads, kv_heads, 133, 257, dim, torch.bfloat16, v_dim=v_dim)
-    mask = torch.randn(1, 1, 133, 257).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.randn(1, 1, 133, 257, generator=g).to(torch.bfloat16)
     options = dict(causal="bottom_right", softcap=30.0, dropout_p=0.1, seed=3)
     _compare_grads(q, k, v, mask, **options)
     # The backward op alone, handed the same o and lse: the float32 call's products give the bfloat16
     # call's gradients, widened, unless the latter takes pairs.
     o, lse = genfast.attention(q, k, v, impl="native", enable_gqa=True, return_lse=True)
-    grad_o = torch.randn(o.shape).to(torch.bfloat16)
+    grad_o = torch.randn(o.shape, generator=g).to(torch.bfloat16)
     lo, hi = importlib.import_module("genfast.attention").band(133, 257, None, None)
     grads = [torch.ops.genfast.attention_backward(grad_o.to(dtype), None, q.to(dtype), k.to(dtype), v.to(dtype),
                                                   o.to(dtype), lse, None, None, dim ** -0.5, 0.0, lo, hi, 0.0, 0, 0,

@@ -27,9 +27,11 @@ namespace {
 
 GF_PAIRS_INLINE __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
-// Words 0 .. n of a row (n <= kCols), zeros after them: pairs of bfloat16 as they lie, or of floats
-// (2n of them) rounded to bfloat16.
-GF_PAIRS_INLINE __m512i load_words(const uint16_t* src, int64_t n) { return _mm512_maskz_loadu_epi32(first_lanes(n), src); }
+// The first n words of a row (n <= kCols), zeros after them: pairs of bfloat16 as they lie, or of
+// floats (2n of them) rounded to bfloat16.
+GF_PAIRS_INLINE __m512i load_words(const uint16_t* src, int64_t n) {
+  return _mm512_maskz_loadu_epi32(first_lanes(n), src);
+}
 GF_PAIRS_INLINE __m512i load_words(const float* src, int64_t n) {
   const __m512 lower = _mm512_maskz_loadu_ps(first_lanes(std::min<int64_t>(2 * n, kCols)), src);
   const __m512 upper = _mm512_maskz_loadu_ps(first_lanes(std::max<int64_t>(2 * n - kCols, 0)), src + kCols);
@@ -39,8 +41,8 @@ GF_PAIRS_INLINE __m512i load_words(const float* src, int64_t n) {
   return words;
 }
 
-// Elements 0 .. n of a row (n <= kCols) as bfloat16 bits, zeros after them: as they lie, or floats
-// rounded.
+// The first n numbers of a row (n <= kCols) as bfloat16 bits, zeros after them: as they lie, or
+// floats rounded.
 GF_PAIRS_INLINE void load_halves(const uint16_t* src, int64_t n, Bits16<kCols>::Halves& out) {
   const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), src);
   memcpy(&out, &h, sizeof(out));

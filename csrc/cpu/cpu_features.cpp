@@ -45,12 +45,13 @@ CpuCapability detect_cpu_capability() {
   const CpuCapability widest = widest_supported();
   const char* requested = std::getenv("GENFAST_CPU_CAPABILITY");
   if (requested == nullptr || *requested == '\0') return widest;
-  for (const CpuCapability c : {CpuCapability::kDefault, CpuCapability::kAvx2, CpuCapability::kAvx512,
-                              CpuCapability::kAvx512Bf16}) {
+  for (const CpuCapability c :
+       {CpuCapability::kDefault, CpuCapability::kAvx2, CpuCapability::kAvx512, CpuCapability::kAvx512Bf16}) {
     if (std::string(requested) == cpu_capability_name(c)) return c < widest ? c : widest;
   }
-  throw std::invalid_argument(std::string("GENFAST_CPU_CAPABILITY must be default, avx2, avx512 or avx512_bf16 (or unset), got '") +
-                              requested + "'");
+  throw std::invalid_argument(
+      std::string("GENFAST_CPU_CAPABILITY must be default, avx2, avx512 or avx512_bf16 (or unset), got '") + requested +
+      "'");
 }
 
 }  // namespace genfast
