@@ -1119,7 +1119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
     double softcap, int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
   check_attention_options(scale, softcap, dropout_p);
-  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o, lse);
+  // For the mask's gradient, delta comes from the forward's float32 o, recomputed (one more forward):
+  // delta from the stored half-precision o errs by its rounding, and dS = P (dP - delta) passes that on
+  // whole where one key takes a row's weight, with no cancellation against dP's error as in an eager
+  // softmax; a mask broadcast over heads then sums it (genfast check --fuzz, seeds 35242 and 61001).
+  const bool float_o = grad_mask && dtype != at::kFloat && o.scalar_type() != at::kFloat;
+  const at::Tensor o_for_delta =
+      float_o ? std::get<0>(forward(t, at::kFloat, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)) : o;
+  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse);
   const auto floats = t.q.options().dtype(at::kFloat);
   at::Tensor grad_q = at::zeros(t.q.sizes(), floats), grad_k = at::zeros(t.k.sizes(), floats);
   at::Tensor grad_v = at::zeros(t.v.sizes(), floats);

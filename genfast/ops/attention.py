@@ -127,16 +127,22 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                               lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], scale: float,
                               softcap: float, band_lo: int, band_hi: int, dropout_p: float, seed: int, offset: int,
                               grad_mask: bool, deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels.attention import launch_attention_backward
+    from ..kernels.attention import launch_attention_backward, launch_attention_forward
 
+    mask, is_bool = _triton_mask(attn_mask, q, k)
+    slopes = _float_slopes(alibi_slopes)
+    if grad_mask and q.dtype != torch.float32 and o.dtype != torch.float32:
+        # delta from the forward's float32 o, recomputed: csrc/cpu/attention.cpp's backward says why.
+        o = torch.empty(o.shape, dtype=torch.float32, device=o.device)
+        launch_attention_forward(q, k, v, mask, is_bool, slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
+                                 offset, o, torch.empty_like(lse))
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
     grad_s = (torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32, device=q.device)
               if grad_mask else None)
-    mask, is_bool = _triton_mask(attn_mask, q, k)
-    launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool,
-                              _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                              grad_q, grad_k, grad_v, grad_s, deterministic=deterministic)
+    launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool, slopes, scale,
+                              softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
+                              deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
 
