@@ -10,7 +10,7 @@ import torch
 from genfast.cli import main
 from genfast.testing import attention_fuzz
 from genfast.testing.tolerances import compare_with_reference
-from conftest import fused_impls, skip_unless_runs
+from conftest import devices, fused_impls, skip_unless_runs
 
 DRAWS = [attention_fuzz.draw_case(seed, attention_fuzz.LIMITS["cpu"]) for seed in range(400)]
 
@@ -95,14 +95,16 @@ def test_fuzz_cases_pass(impl):
     assert not failed, failed
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
-def test_float16_mask_gradients_of_cases_that_failed(impl):
+def test_float16_mask_gradients_of_cases_that_failed(impl, device):
     # With delta taken from the stored float16 o, these mask gradients erred 4 to 26 times as much as
-    # the eager float16 one (one key holds a row's weight; the 1x1 mask sums over heads).
-    skip_unless_runs(impl, "cpu")
+    # the eager float16 one on the CPU and under the interpreter (one key holds a row's weight; the
+    # 1x1 mask sums over heads).
+    skip_unless_runs(impl, device)
     for seed in (35242, 61001):
         case = attention_fuzz.draw_case(seed, attention_fuzz.LIMITS["cpu"])
-        run = attention_fuzz.make_run(case, torch.float16, "cpu")
+        run = attention_fuzz.make_run(case, torch.float16, device)
         error, passed, message = compare_with_reference(run, impl, attention_fuzz.OUTPUTS, grad_floor=1e-6,
                                                         grads=attention_fuzz.GRADS)
         assert passed, f"seed {seed}: {message}"

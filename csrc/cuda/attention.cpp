@@ -95,6 +95,27 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensor
   return {o, lse};
 }
 
+// The forward's o of a dense call in float32 (o_shape), recomputed: the backward's delta for a mask's
+// gradient takes it (csrc/cpu/attention.cpp's backward says why).
+at::Tensor float_o(const AttentionTensors& t, at::IntArrayRef o_shape, double scale, double softcap, int64_t band_lo,
+                   int64_t band_hi, double dropout_p, int64_t seed, int64_t offset) {
+  const AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                                at::Tensor(), at::Tensor());
+  AttentionForwardPlan plan;
+  plan.float_o = true;
+  const int64_t rows = attention_lse_rows(base);
+  const at::Tensor workspace = at::empty({attention_forward_workspace(base, plan)}, t.q.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_half_types(t.q.scalar_type(), [&](auto type) {
+      using T = decltype(type);
+      check_launch(kAttentionBackwardOp, launch_attention_forward<T>(cuda_params<T>(t, base, at::Tensor()), plan,
+                                                                      workspace.mutable_data_ptr<float>(), stream));
+    });
+  }
+  return workspace.narrow(0, rows, rows * t.v.size(-1)).view(o_shape);  // after the rows' lse
+}
+
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
 // grad_mask, dS float32 (B, H, Lq, Lk).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
@@ -104,8 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   check_attention_options(scale, softcap, dropout_p);
   check_cuda_attention(op, t);
   const bool varlen = t.cu_seqlens_q.defined();
-  const AttentionGradInputs in =
-      prepare_attention_grads(op, t, grad_o.to(t.q.scalar_type()), grad_lse, o, lse, /*as_float=*/false);
+  const AttentionGradInputs in = prepare_attention_grads(
+      op, t, grad_o.to(t.q.scalar_type()), grad_lse,
+      grad_mask ? float_o(t, o.sizes(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset) : o, lse,
+      /*as_float=*/false);
   // The kernels write every row of every sequence; varlen rows outside all sequences (cu_seqlens
   // not reaching total) stay zero.
   const auto make = [varlen](const at::Tensor& like) {

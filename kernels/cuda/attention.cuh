@@ -43,9 +43,12 @@ struct AttentionCudaGrads {
 // query heads of one kv head (a few queries each, as in decoding), so that each key block is read
 // once for all of them; each tile's key blocks may be split over `splits` CTAs, whose partial
 // results (float32, in a workspace) a second kernel combines, so that a few tiles still fill the GPU.
+// float_o (one split only) writes o in float32, to the workspace as a split would, instead of o and
+// lse: the backward's delta for a mask's gradient takes it (csrc/cpu/attention.cpp's backward says why).
 struct AttentionForwardPlan {
   int heads_per_cta = 1;  // 1 .. min(heads / kv_heads, 64)
   int splits = 1;         // 1 .. kAttentionMaxSplits
+  bool float_o = false;
 };
 constexpr int kAttentionMaxSplits = 128;
 
@@ -54,7 +57,8 @@ constexpr int kAttentionMaxSplits = 128;
 // split-KV heuristic does).
 AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multiprocessors);
 
-// The float32 workspace a plan needs: splits x (lse rows) x (v_dim + 1) with splits, else 0.
+// The float32 workspace a plan needs: splits x (lse rows) x (v_dim + 1) with splits or float_o
+// (its lse rows first, then o's rows of v_dim, in lse's row order), else 0.
 int64_t attention_forward_workspace(const AttentionParams& p, const AttentionForwardPlan& plan);
 
 // o and lse. Needs 1 <= max(dim, v_dim) <= 256 (0 is fine too) and a workspace of

@@ -159,8 +159,10 @@ cudaError_t run_forward(const AttentionCudaParams<T>& params, const AttentionFor
   const QueryLayout layout = query_layout(p, Tile::kBlockM, plan.heads_per_cta, plan.splits);
   ForwardPartials partials{};
   partials.rows = attention_lse_rows(p);
-  partials.lse = workspace;
-  partials.o = workspace == nullptr ? nullptr : workspace + plan.splits * partials.rows;
+  if (plan.splits > 1 || plan.float_o) {
+    partials.lse = workspace;
+    partials.o = workspace + plan.splits * partials.rows;
+  }
   const cudaError_t status = launch_tiles(attention_forward_kernel<T, kD, kPlain>, query_layout_ctas(p, layout),
                                           kThreads, Tile::kSmemBytes, stream, params, layout, partials, vector);
   if (status != cudaSuccess || plan.splits == 1) return status;
@@ -217,7 +219,7 @@ AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multip
 }
 
 int64_t attention_forward_workspace(const AttentionParams& p, const AttentionForwardPlan& plan) {
-  return plan.splits > 1 ? plan.splits * attention_lse_rows(p) * (p.v_dim + 1) : 0;
+  return plan.splits > 1 || plan.float_o ? plan.splits * attention_lse_rows(p) * (p.v_dim + 1) : 0;
 }
 
 template <typename T>
@@ -230,7 +232,7 @@ cudaError_t launch_attention_forward(const AttentionCudaParams<T>& params, const
   if (p.batch <= 0 || p.q_len <= 0 || p.heads == 0) return cudaSuccess;
   if (plan.heads_per_cta < 1 || plan.heads_per_cta > ForwardTile<64>::kBlockM ||
       plan.heads_per_cta > p.heads / p.kv_heads || plan.splits < 1 || plan.splits > kAttentionMaxSplits ||
-      (plan.splits > 1 && workspace == nullptr)) {
+      ((plan.splits > 1 || plan.float_o) && workspace == nullptr) || (plan.float_o && plan.splits != 1)) {
     return cudaErrorInvalidValue;
   }
   const unsigned vector = input_vector_flags(params);

@@ -101,14 +101,15 @@ struct ForwardRows {
     }
   }
 
-  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf. With splits,
-  // the same in float32 for this CTA's split, into `partials`.
+  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf. With splits
+  // (or a plan's float_o: partials given for one split), the same in float32 for this CTA's split,
+  // into `partials`.
   template <typename T, int kOT>
   __device__ __forceinline__ void finish(const AttentionCudaParams<T>& params, const float (&acc_o)[kOT][4],
                                          const QueryLayout& layout, const ForwardPartials& partials) {
     const int v_dim = static_cast<int>(p.v_dim);
     const bool pair_ok = (v_dim % 2) == 0;
-    const bool split = layout.splits > 1;
+    const bool split = partials.o != nullptr;
     const int64_t split_row0 = static_cast<int64_t>(blockIdx.x % layout.splits) * partials.rows;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

@@ -375,11 +375,41 @@ void run_case(const Case& c) {
                 hopper ? "took a head dim past its buckets" : "was not used");
     ++failures;
   }
+  // A plan's float_o: the same tiles' o in float32 (in lse's row order, after the lse), which rounds to
+  // the o that the plan without it writes (in `o` from the last forward).
+  const auto float_o_rounds_to_o = [&](const std::string& run, AttentionForwardPlan plan) {
+    plan.float_o = true;
+    std::vector<float> workspace(genfast::attention_forward_workspace(p, plan), NAN);
+    params.base = p;
+    params.o = nullptr;
+    if (genfast::launch_attention_forward<T>(params, plan, workspace.data(), nullptr) != cudaSuccess) {
+      std::printf("FAIL %s: the float32 o's launch failed\n", run.c_str());
+      ++failures;
+      return;
+    }
+    std::vector<float> wide(o.size(), NAN);
+    int64_t unlike = 0;
+    for_each_row([&](const AttentionSequence& seq, int64_t, int64_t h, int64_t i) {
+      for (int d = 0; d < c.v_dim; ++d) {
+        const int64_t out = seq.out_row(h, i) * c.v_dim + d;
+        wide[out] = workspace[rows + seq.lse_row(h, i) * c.v_dim + d];
+        const float narrow = from_bits<T>(to_bits<T>(wide[out]));
+        unlike += !(narrow == o[out] || (std::isnan(narrow) && std::isnan(o[out])));
+      }
+    });
+    if (unlike > 0) {
+      std::printf("FAIL %s: %lld of the float32 o's elements do not round to o's\n", run.c_str(),
+                  static_cast<long long>(unlike));
+      ++failures;
+    }
+    compare(run + ": float32 o", wide, ref_o, half ? 2e-3 : 1.5e-2);
+  };
   if (!hopper_ok) return;
   for (const AttentionForwardPlan& plan : plans_of(p)) {
     const std::string run = name + " (" + std::to_string(plan.heads_per_cta) + " heads per tile, " +
                             std::to_string(plan.splits) + " splits)";
     if (!forward(run, plan)) return;
+    if (plan.splits == 1) float_o_rounds_to_o(run, plan);
   }
   params.o = nullptr;  // the backward reads lse (the last plan's), not o
 
