@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 #include "../kernels/common/attention.h"
 #include "elementwise_args.h"
@@ -22,6 +23,9 @@ struct AttentionTensors {
   AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  // The shape of the backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq
+  // where the mask (right-aligned) has 1 or no dim; dS is summed over those.
+  std::vector<int64_t> mask_grad_shape;
 };
 
 inline at::Tensor attention_rows(const at::Tensor& t, bool as_float) {
@@ -75,6 +79,11 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
       const int64_t size = m.size(m.dim() - 1 - d), want = full[3 - d];
       TORCH_CHECK(size == 1 || size == want, op, ": attn_mask must broadcast to ", at::IntArrayRef(full), ", got ",
                   m.sizes());
+    }
+    t.mask_grad_shape = full;
+    for (int64_t d = 0; d < 3; ++d) {
+      const int64_t at = d - (4 - m.dim());  // the mask's dim for d, if it has one
+      if (at < 0 || m.size(at) == 1) t.mask_grad_shape[d] = 1;
     }
     if (m.scalar_type() == at::kBool) {
       t.mask = m.view(at::kByte).expand(full);  // the same bytes, no copy

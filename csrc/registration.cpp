@@ -85,7 +85,8 @@ TORCH_LIBRARY(genfast, m) {
       "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False) "
       "-> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
-  // gradient of the scores (batch, heads, Lq, Lk), which an additive mask's gradient sums).
+  // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads and queries that
+  // attn_mask broadcasts over (1 there), which an additive mask's gradient sums further).
   // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).
   m.def(
       "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "

@@ -474,6 +474,46 @@ def test_gradients_with_masks(kind, impl):
     _compare_grads(q, k, v, mask, impl=impl)
 
 
+@pytest.mark.parametrize("batch,kv_heads,shape", [
+    (4, 2, (1, 4, 150, 140)),  # a relative-position bias: per head, shared by the batch
+    (4, 2, (150, 140)),  # one bias for every batch and head
+    (4, 2, (4, 1, 1, 140)),  # a key-padding bias
+    (1, 1, (150, 140)),  # one (batch, key head) pair: dK and dV per block of keys, then dQ
+])
+def test_cpu_mask_gradient_adds_up_in_the_masks_shape(batch, kv_heads, shape):
+    """The CPU backward adds dS up over the batch, heads and queries that the mask broadcasts over, in
+    a copy per part of the tasks (two threads here), not in a (B, H, Lq, Lk) tensor summed afterwards:
+    the op returns that shape, and its sums are those of the full tensor, which a mask expanded to
+    (B, H, Lq, Lk) takes. The other gradients keep their bits."""
+    skip_unless_supported("native", "cpu")
+    q, k, v = _qkv(batch, 4, kv_heads, 150, 140, 32, torch.float32)
+    mask = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    full = (batch, 4, 150, 140)
+
+    def grads(expand):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+        m = leaves[3].expand(full) if expand else leaves[3]
+        o = genfast.attention(*leaves[:3], m, enable_gqa=True, impl="native", dropout_p=0.1,
+                              generator=genfast.PhiloxGenerator(5))
+        return torch.autograd.grad((o * o.detach().cos()).sum(), leaves)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        added, again, summed = grads(False), grads(False), grads(True)
+        lo, hi = importlib.import_module("genfast.attention").band(150, 140, None, None)
+        o, lse = torch.ops.genfast.attention_forward(q, k, v, mask, None, 32 ** -0.5, 0.0, lo, hi, 0.0, 0, 0)
+        grad_s = torch.ops.genfast.attention_backward(torch.ones_like(o), None, q, k, v, o, lse, mask, None,
+                                                      32 ** -0.5, 0.0, lo, hi, 0.0, 0, 0, True)[3]
+    finally:
+        torch.set_num_threads(threads)
+    right_aligned = (1,) * (4 - len(shape)) + shape
+    assert grad_s.shape == tuple(1 if m == 1 else f for m, f in zip(right_aligned[:3], full[:3])) + (140,)
+    assert all(torch.equal(a, b) for a, b in zip(added, again))
+    assert all(torch.equal(a, b) for a, b in zip(added[:3], summed[:3]))
+    torch.testing.assert_close(added[3], summed[3], rtol=1e-5, atol=1e-6)
+
+
 def _block_sparse_mask(batch, heads, lq, lk, kind):
     """Per head a sliding window (none, 90 or 20 keys), and each batch's keys past its length hidden:
     whole blocks of queries and keys masked out, which the CPU kernel skips, between blocks it keeps

@@ -813,8 +813,31 @@ struct AttentionGrads {
   float* grad_q;     // rows AttentionSequence::out_row of dim
   float* grad_k;     // rows AttentionSequence::key_out_row of dim
   float* grad_v;     // and of v_dim
-  float* grad_mask;  // (B, H, Lq, Lk) or null: dL/ds, to be summed to the mask's shape
+  // Null, or dL/ds added up in `copies` buffers (one per part of the tasks, each copy_floats long) of
+  // (mask_batches, mask_heads, mask_rows, Lk): each of the first three the whole dim or 1 (summed).
+  float* grad_mask;
+  int64_t copies, copy_floats, mask_batches, mask_heads, mask_rows;
 };
+
+// The row of a copy of grad_mask that the row of dS of (batch b, head h, query i) adds to.
+int64_t mask_grad_row(const AttentionGrads& g, int64_t b, int64_t h, int64_t i) {
+  return ((g.mask_batches > 1 ? b : 0) * g.mask_heads + (g.mask_heads > 1 ? h : 0)) * g.mask_rows +
+         (g.mask_rows > 1 ? i : 0);
+}
+
+// body(first, last, copy) over the tasks [0, n): with one copy of grad_mask, as at::parallel_for
+// shares them out; with more, in that many fixed parts, each adding to its own copy, so that the
+// sums (and their bits) do not depend on which thread runs a part.
+template <typename Body>
+void for_task_parts(int64_t n, int64_t copies, const Body& body) {
+  if (copies <= 1) {
+    at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) { body(first, last, int64_t{0}); });
+    return;
+  }
+  at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) body(c * n / copies, (c + 1) * n / copies, c);
+  });
+}
 
 // With pairs, the products take bfloat16 pairs (bfloat16_pairs.h): the panels hold words in half
 // their floats, and a_pairs the rows of A rounded to bfloat16 (P and dS too, as the GPU kernels round
@@ -938,9 +961,10 @@ GF_CPU_DISPATCH(chain_soft_cap)
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
 // when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
+// grad_mask: null, or the copy of AttentionGrads::grad_mask that dS adds to.
 void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g,
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                             int64_t cols, BackwardScratch& w) {
+                             int64_t cols, float* grad_mask, BackwardScratch& w) {
   const int64_t row0 = seq.lse_row(h, i0);
   score_products(p, seq, g, b, h, i0, rows, w);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
@@ -952,9 +976,9 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
     float* s = w.scores.data() + r * kKeyBlock;
     float* dp = w.dp.data() + r * kKeyBlock;
     probabilities_and_score_grads(s, dp, p.lse[row0 + r], g.delta[row0 + r]);
-    if (g.grad_mask != nullptr) {
-      float* out = g.grad_mask + (row0 + r) * p.k_len + j0;
-      for (int64_t c = 0; c < cols; ++c) out[c] = dp[c];
+    if (grad_mask != nullptr) {
+      float* out = grad_mask + mask_grad_row(g, b, h, i0 + r) * p.k_len + j0;
+      for (int64_t c = 0; c < cols; ++c) out[c] += dp[c];
     }
     if (p.softcap > 0.0f) chain_soft_cap(w.cap.data() + r * kKeyBlock, dp);
   }
@@ -985,9 +1009,10 @@ void copy_grad_q(const AttentionParams& p, const AttentionSequence& seq, const A
 }
 
 // dK and dV of one block of keys: over every query head sharing its key head and every query the
-// band lets see it. With grad_q (the group's heads' rows, q_len x d_pad each), also adds to dQ.
+// band lets see it; dS added to grad_mask's copy `copy`. With grad_q (the group's heads' rows, q_len x
+// d_pad each), also adds to dQ.
 void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
-                     int64_t hk, int64_t j0, BackwardScratch& w, float* grad_q = nullptr) {
+                     int64_t hk, int64_t j0, int64_t copy, BackwardScratch& w, float* grad_q = nullptr) {
   const AttentionSequence seq = attention_sequence(p, b);
   const int64_t cols = std::min(kKeyBlock, seq.k_len - j0), group = p.heads / p.kv_heads;
   if (cols <= 0) return;  // past a packed sequence's end
@@ -996,12 +1021,13 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
   load_key_panels(p, seq, b, hk, j0, cols, w);
   if (grad_q != nullptr) pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
+  float* grad_mask = g.grad_mask == nullptr ? nullptr : g.grad_mask + copy * g.copy_floats;
   const auto [first_query, end_query] = query_range(seq, j0, cols);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
       if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
-      probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
+      probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, grad_mask, w);
       if (grad_q != nullptr) add_grad_q(p, rows, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
       if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, w.scores.data());
       add_transposed_product(w.scores.data(), g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim,
@@ -1017,7 +1043,7 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   }
 }
 
-// dQ of one block of queries: over every key block its band reaches.
+// dQ of one block of queries: over every key block its band reaches (dS went to grad_mask already).
 void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t seed, uint64_t offset, int64_t b,
                        int64_t h, int64_t i0, BackwardScratch& w) {
   const AttentionSequence seq = attention_sequence(p, b);
@@ -1030,7 +1056,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
     if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
     load_key_panels(p, seq, b, hk, j0, cols, w);
-    probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, w);
+    probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, nullptr, w);
     pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
     add_grad_q(p, rows, grad_q.data(), w);
   }
@@ -1046,14 +1072,14 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
   if (p.batch * p.kv_heads >= 2 * at::get_num_threads()) {
     // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
     // in the task's own buffer (no recomputation, no atomics).
-    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t first, int64_t last) {
+    for_task_parts(p.batch * p.kv_heads, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
       BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
       AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
         std::fill(grad_q.begin(), grad_q.end(), 0.0f);
         for (int64_t block = 0; block < k_blocks; ++block) {
-          key_block_grads(p, g, seed, offset, b, hk, block * kKeyBlock, scratch, grad_q.data());
+          key_block_grads(p, g, seed, offset, b, hk, block * kKeyBlock, copy, scratch, grad_q.data());
         }
         const AttentionSequence seq = attention_sequence(p, b);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -1064,11 +1090,11 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
     return;
   }
   // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
-  at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t first, int64_t last) {
+  for_task_parts(p.batch * p.kv_heads * k_blocks, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
     BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % k_blocks, bh = task / k_blocks;
-      key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, scratch);
+      key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, copy, scratch);
     }
   });
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
@@ -1130,19 +1156,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   const auto floats = t.q.options().dtype(at::kFloat);
   at::Tensor grad_q = at::zeros(t.q.sizes(), floats), grad_k = at::zeros(t.k.sizes(), floats);
   at::Tensor grad_v = at::zeros(t.v.sizes(), floats);
-  at::Tensor grad_s =
-      grad_mask ? at::zeros({t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)}, floats) : at::Tensor();
+  // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
+  // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards.
+  const std::vector<int64_t> full{t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)};
+  const std::vector<int64_t> mask_shape = t.mask_grad_shape.empty() ? full : t.mask_grad_shape;
+  const int64_t threads = at::get_num_threads();
+  const bool per_part =
+      grad_mask && threads * mask_shape[0] * mask_shape[1] * mask_shape[2] < full[0] * full[1] * full[2];
+  const std::vector<int64_t> copy_shape = per_part ? mask_shape : full;
+  const int64_t copies = per_part ? threads : 1;
+  const at::Tensor grad_s =
+      grad_mask ? at::zeros({copies, copy_shape[0], copy_shape[1], copy_shape[2], full[3]}, floats) : at::Tensor();
   if (t.q.numel() > 0 && t.k.numel() > 0) {
     AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, at::Tensor(),
                                          at::Tensor());
     p.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
-    const AttentionGrads g{in.grad_o.const_data_ptr<float>(), in.delta.const_data_ptr<float>(),
-                           grad_q.mutable_data_ptr<float>(), grad_k.mutable_data_ptr<float>(),
-                           grad_v.mutable_data_ptr<float>(), grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr};
+    const AttentionGrads g{in.grad_o.const_data_ptr<float>(),
+                           in.delta.const_data_ptr<float>(),
+                           grad_q.mutable_data_ptr<float>(),
+                           grad_k.mutable_data_ptr<float>(),
+                           grad_v.mutable_data_ptr<float>(),
+                           grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr,
+                           copies,
+                           grad_mask ? grad_s[0].numel() : 0,
+                           copy_shape[0],
+                           copy_shape[1],
+                           copy_shape[2]};
     attention_backward_impl(p, g, dtype == at::kBFloat16 && takes_pairs(p) && p.v_dim % 2 == 0);
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = grad_s;
+  if (grad_mask) mask_grad = (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape);
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad};
 }
 

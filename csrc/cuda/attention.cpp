@@ -117,7 +117,7 @@ at::Tensor float_o(const AttentionTensors& t, at::IntArrayRef o_shape, double sc
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
-// grad_mask, dS float32 (B, H, Lq, Lk).
+// grad_mask, dS float32 in AttentionTensors::mask_grad_shape (from (B, H, Lq, Lk), summed afterwards).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     });
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = grad_s;
+  if (grad_mask) mask_grad = t.mask_grad_shape.empty() ? grad_s : grad_s.sum_to_size(t.mask_grad_shape);
   return {grad_q, grad_k, grad_v, mask_grad};
 }
 

@@ -18,9 +18,19 @@ def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dr
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _mask_grad_shape(attn_mask, q, k):
+    """The backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq where the mask
+    (right-aligned) has 1 or no dim, dS being summed over those (the CPU adds it up so, in less memory)."""
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask is None:
+        return full
+    sizes = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    return tuple(1 if size == 1 else whole for size, whole in zip(sizes[:3], full[:3])) + full[3:]
+
+
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
                    dropout_p, seed, offset, grad_mask, deterministic=False):
-    grad_s = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32) if grad_mask else None
+    grad_s = q.new_empty(_mask_grad_shape(attn_mask, q, k), dtype=torch.float32) if grad_mask else None
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
 
 
@@ -144,7 +154,8 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                               softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
                               deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
+    grad_s = grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)) if grad_mask else q.new_empty(0)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
