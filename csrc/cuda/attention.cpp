@@ -95,10 +95,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensor
   return {o, lse};
 }
 
-// The forward's o of a dense call in float32 (o_shape), recomputed: the backward's delta for a mask's
-// gradient takes it (csrc/cpu/attention.cpp's backward says why).
-at::Tensor float_o(const AttentionTensors& t, at::IntArrayRef o_shape, double scale, double softcap, int64_t band_lo,
-                   int64_t band_hi, double dropout_p, int64_t seed, int64_t offset) {
+// The forward's o of a dense call in float32, recomputed: the backward's delta for a mask's gradient
+// takes it (csrc/cpu/attention.cpp's backward says why).
+at::Tensor float_o(const AttentionTensors& t, double scale, double softcap, int64_t band_lo, int64_t band_hi,
+                   double dropout_p, int64_t seed, int64_t offset) {
   const AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 at::Tensor(), at::Tensor());
   AttentionForwardPlan plan;
@@ -113,7 +113,8 @@ at::Tensor float_o(const AttentionTensors& t, at::IntArrayRef o_shape, double sc
                                                                       workspace.mutable_data_ptr<float>(), stream));
     });
   }
-  return workspace.narrow(0, rows, rows * t.v.size(-1)).view(o_shape);  // after the rows' lse
+  // After the rows' lse, in their order (b, h, i): o's shape (B, H, Lq, Dv).
+  return workspace.narrow(0, rows, rows * t.v.size(3)).view({t.q.size(0), t.q.size(1), t.q.size(2), t.v.size(3)});
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   const bool varlen = t.cu_seqlens_q.defined();
   const AttentionGradInputs in = prepare_attention_grads(
       op, t, grad_o.to(t.q.scalar_type()), grad_lse,
-      grad_mask ? float_o(t, o.sizes(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset) : o, lse,
+      grad_mask ? float_o(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset) : o, lse,
       /*as_float=*/false);
   // The kernels write every row of every sequence; varlen rows outside all sequences (cu_seqlens
   // not reaching total) stay zero.
