@@ -813,10 +813,10 @@ struct AttentionGrads {
   float* grad_q;     // rows AttentionSequence::out_row of dim
   float* grad_k;     // rows AttentionSequence::key_out_row of dim
   float* grad_v;     // and of v_dim
-  // Null, or dL/ds added up in `copies` buffers (one per part of the tasks, each copy_floats long) of
+  // Null, or dL/ds added up in `copies` buffers (one per part of the tasks), one after another, of
   // (mask_batches, mask_heads, mask_rows, Lk): each of the first three the whole dim or 1 (summed).
   float* grad_mask;
-  int64_t copies, copy_floats, mask_batches, mask_heads, mask_rows;
+  int64_t copies, mask_batches, mask_heads, mask_rows;
 };
 
 // The row of a copy of grad_mask that the row of dS of (batch b, head h, query i) adds to.
@@ -1021,7 +1021,8 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
   load_key_panels(p, seq, b, hk, j0, cols, w);
   if (grad_q != nullptr) pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
-  float* grad_mask = g.grad_mask == nullptr ? nullptr : g.grad_mask + copy * g.copy_floats;
+  float* grad_mask =
+      g.grad_mask == nullptr ? nullptr : g.grad_mask + copy * g.mask_batches * g.mask_heads * g.mask_rows * p.k_len;
   const auto [first_query, end_query] = query_range(seq, j0, cols);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
@@ -1178,7 +1179,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
                            grad_v.mutable_data_ptr<float>(),
                            grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr,
                            copies,
-                           grad_mask ? grad_s[0].numel() : 0,
                            copy_shape[0],
                            copy_shape[1],
                            copy_shape[2]};
