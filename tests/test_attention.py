@@ -514,6 +514,31 @@ def test_cpu_mask_gradient_adds_up_in_the_masks_shape(batch, kv_heads, shape):
     torch.testing.assert_close(added[3], summed[3], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(1, 2, 20, 24), (20, 24), (3, 1, 1, 24)])
+def test_triton_mask_gradient_adds_up_in_chunks_of_batches(shape, monkeypatch):
+    """The Triton backward sums dS over what the mask broadcasts over in chunks of whole batches
+    (MASK_GRAD_CHUNK_FLOATS made two batches' worth here: chunks of batches 0-1 and 2), not in a
+    (B, H, Lq, Lk) tensor: the op returns the summed shape, with the sums of what it returns for the
+    mask expanded to (B, H, Lq, Lk); the other gradients keep their bits. (A chunk's dropout rows and
+    ALiBi slopes: test_triton_attention_kernels.py's float_mask case.)"""
+    monkeypatch.setattr(importlib.import_module("genfast.kernels.attention"), "MASK_GRAD_CHUNK_FLOATS", 2 * 2 * 20 * 24)
+    q, k, v = _qkv(3, 2, 1, 20, 24, 16, torch.float32)
+    mask = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    grad_o = torch.randn(3, 2, 20, 16, generator=torch.Generator().manual_seed(5))
+    full = (3, 2, 20, 24)
+    lo, hi = importlib.import_module("genfast.attention").band(20, 24, None, None)
+    o, lse = torch.ops.genfast.attention_forward_triton(q, k, v, mask, None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
+    summed, expanded = (torch.ops.genfast.attention_backward_triton(grad_o, None, q, k, v, o, lse, m, None, 0.25, 0.0,
+                                                                    lo, hi, 0.0, 0, 0, True)
+                        for m in (mask, mask.expand(full)))
+    right_aligned = (1,) * (4 - len(shape)) + shape
+    assert summed[3].shape == tuple(1 if m == 1 else f for m, f in zip(right_aligned[:3], full[:3])) + (24,)
+    assert expanded[3].shape == full
+    assert all(torch.equal(a, b) for a, b in zip(summed[:3], expanded[:3]))
+    torch.testing.assert_close(summed[3], expanded[3].sum_to_size(summed[3].shape), rtol=1e-5, atol=1e-6)
+
+
 def _block_sparse_mask(batch, heads, lq, lk, kind):
     """Per head a sliding window (none, 90 or 20 keys), and each batch's keys past its length hidden:
     whole blocks of queries and keys masked out, which the CPU kernel skips, between blocks it keeps

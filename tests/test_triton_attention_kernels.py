@@ -160,7 +160,9 @@ BACKWARD_CASES = [
     ("plain_gqa", 2, 4, 2, 17, 40, 24, 16, {}),
     ("causal_bottom_right_window", 2, 2, 2, 40, 17, 16, 16, dict(causal="bottom_right", window=(5, -1))),
     ("causal_top_left_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2))),
-    ("float_mask", 2, 2, 2, 17, 40, 16, 16, dict(mask="float")),
+    # dS summed over the batch in chunks of one batch (the test's MASK_GRAD_CHUNK_FLOATS): the second
+    # chunk's dropout rows and ALiBi slopes are batch 1's
+    ("float_mask", 2, 2, 2, 17, 40, 16, 16, dict(mask="float", alibi="bh", dropout_p=0.25, seed=7, offset=3)),
     ("bool_mask_masked_row", 2, 2, 2, 17, 17, 16, 16, dict(mask="bool", masked_row=5)),
     ("alibi_softcap", 2, 2, 2, 17, 40, 16, 16, dict(alibi="bh", softcap=2.0, scale=0.7)),
     ("dropout_gqa", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
@@ -177,8 +179,9 @@ BACKWARD_CASES = [
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
-def test_backward_matches_autograd(case):
+def test_backward_matches_autograd(case, monkeypatch):
     attn = _kernels()
+    monkeypatch.setattr(attn, "MASK_GRAD_CHUNK_FLOATS", 1)
     _, B, H, Hk, Lq, Lk, D, Dv, opts = case
     q, k, v = _inputs(B, H, Hk, Lq, Lk, D, Dv, seed=1)
     mask = _mask(opts.get("mask"), B, H, Lq, Lk, masked_row=opts.get("masked_row"))
@@ -198,7 +201,7 @@ def test_backward_matches_autograd(case):
         o, lse = _forward(attn, q, k, v, mask, alibi, scale, softcap, band, p, seed, offset)
         delta = (grad_o * o).sum(-1) - torch.where(torch.isinf(lse), 0.0, grad_lse)
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        grad_s = torch.zeros(B, H, Lq, Lk) if float_mask else None
+        grad_s = torch.zeros(mask.shape) if float_mask else None  # dS summed to the mask's (1, H, Lq, Lk)
         attn.launch_attention_backward(grad_o, delta, q, k, v, lse, None if mask is None else mask.expand(B, H, Lq, Lk),
                                        mask is not None and not float_mask, alibi, scale, softcap or 0.0, band[0],
                                        band[1], p, seed, offset, grad_q, grad_k, grad_v, grad_s,
@@ -214,7 +217,7 @@ def test_backward_matches_autograd(case):
     expected = torch.autograd.grad(loss, inputs)
     actual = [grad_q, grad_k, grad_v]
     if float_mask:
-        actual.append(grad_s.sum(0, keepdim=True))  # to the mask's (1, H, Lq, Lk)
+        actual.append(grad_s)
     for name, a, e in zip("qkvm", actual, expected):
         assert a.dtype == torch.float32, name
         torch.testing.assert_close(a.double(), e, atol=5e-5, rtol=1e-4, msg=lambda m: f"grad_{name}: {m}")

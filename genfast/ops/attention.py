@@ -20,7 +20,8 @@ def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dr
 
 def _mask_grad_shape(attn_mask, q, k):
     """The backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq where the mask
-    (right-aligned) has 1 or no dim, dS being summed over those (the CPU adds it up so, in less memory)."""
+    (right-aligned) has 1 or no dim, dS being summed over those (the CPU and Triton kernels add it up
+    so, in less memory than (B, H, Lq, Lk); the CUDA binding sums that tensor)."""
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_mask is None:
         return full
@@ -148,14 +149,13 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                                  offset, o, torch.empty_like(lse))
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
-    grad_s = (torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32, device=q.device)
+    grad_s = (torch.zeros(_mask_grad_shape(attn_mask, q, k), dtype=torch.float32, device=q.device)
               if grad_mask else None)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool, slopes, scale,
                               softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
                               deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
-    grad_s = grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)) if grad_mask else q.new_empty(0)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,

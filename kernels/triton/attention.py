@@ -28,6 +28,9 @@ from .philox import philox_uniform, philox_words, uniform_from_bits
 
 UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
 MAX_HEAD_DIM = 256
+# The backward's dS buffer for a mask gradient summed over a broadcast dim, at most (floats; 64 MiB)
+# where the summed gradient is smaller: see launch_attention_backward.
+MASK_GRAD_CHUNK_FLOATS = 1 << 24
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 # Dropout off, one Philox per element, or one per group of four keys (each row's stream starts at
@@ -341,19 +344,19 @@ def attention_backward_kv_kernel(
     _store_rows(dv_ptr + b * sdvb + hk * sdvh + k_start * sdvn, dv, offs_n, Lk, sdvn, offs_dv, DV)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["b_first"])  # one compiled kernel for every chunk
 def attention_backward_q_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dq_ptr, ds_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
     smb, smh, smm, smn, alibi_bs, sdqb, sdqh, sdqm, sdsb, sdsh, sdsm, sdsn,
-    H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
+    H, GROUP, b_first, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64) + b_first * H  # dS of batch b at ds_ptr's batch b - b_first
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -384,7 +387,7 @@ def attention_backward_q_kernel(
                                          seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT,
                                          DOT_KIND)
         if WRITE_DS:
-            ptrs = (ds_ptr + b * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
+            ptrs = (ds_ptr + (b - b_first) * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
                     + offs_n[None, :].to(tl.int64) * sdsn)
             tl.store(ptrs, ds, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
         dq += _dot(ds_dot, k, DOT_KIND)
@@ -665,11 +668,14 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     """The gradients of launch_attention_forward for grad_o (B, H, Lq, Dv) and delta = rowsum(grad_o
     * o) - grad_lse (B, H, Lq) float32: grad_q (like q), grad_k, grad_v (like k, v), float32,
     written (grad_q zero-initialized by the caller unless deterministic: dQ is added to it). grad_s
-    None, or (B, H, Lq, Lk) float32, zero-initialized by the caller: dS, the gradient
-    of the scores s (before the soft-cap's chain rule; the additive mask's gradient summed to its
-    shape) is written where the band reaches (it is 0 elsewhere). deterministic, or grad_s given: dQ
-    from its own pass, no atomics; else the key-block pass adds dQ with atomics (bits may vary from
-    run to run on a GPU). varlen: as launch_attention_forward's, delta in lse's layout."""
+    None, or float32 zero-initialized by the caller, (B, H, Lq, Lk) with 1 for each of B, H and Lq
+    that a mask broadcasts over: dS, the gradient of the scores s (before the soft-cap's chain rule;
+    the additive mask's gradient) summed over those dims, where the band reaches (0 elsewhere).
+    Summed dS is computed in chunks of whole batches, each in a (batches, H, Lq, Lk) buffer added to
+    grad_s in batch order: MASK_GRAD_CHUNK_FLOATS or grad_s's size, whichever is larger, bounds the
+    buffer (one batch at least). deterministic, or grad_s given: dQ from its own pass, no atomics;
+    else the key-block pass adds dQ with atomics (bits may vary from run to run on a GPU). varlen:
+    as launch_attention_forward's, delta in lse's layout."""
     grad_o, delta, q, k, v, lse, grad_q, grad_k, grad_v = _packed(varlen, grad_o, delta, q, k, v, lse, grad_q, grad_k,
                                                                   grad_v)
     _check(q, k, v)
@@ -701,16 +707,27 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
         ATOMIC_DQ=atomic_dq,
     )
     if not atomic_dq:
-        ds = grad_s if grad_s is not None else dq
         q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True)
         q_kernel = q_kernel if wrap is None else wrap(q_kernel)
-        q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
-            q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, ds, packing.cu_q, packing.cu_k, *common_strides,
-            *packing.strides(dq),
-            *(ds.stride() if grad_s is not None else (0, 0, 0, 0)),
-            heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
-            WRITE_DS=grad_s is not None,
-        )
+
+        def dq_pass(ds, b_first, batches):
+            q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batches * heads)](
+                q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, dq if ds is None else ds, packing.cu_q,
+                packing.cu_k, *common_strides, *packing.strides(dq), *(ds.stride() if ds is not None else (0,) * 4),
+                heads, heads // kv_heads, b_first, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
+                WRITE_DS=ds is not None,
+            )
+
+        if grad_s is None or tuple(grad_s.shape) == (batch, heads, lq, lk):
+            dq_pass(grad_s, 0, batch)
+        else:
+            chunk = min(batch, max(1, max(MASK_GRAD_CHUNK_FLOATS, grad_s.numel()) // (heads * lq * lk)))
+            buffer = grad_s.new_empty(chunk, heads, lq, lk)
+            for b_first in range(0, batch, chunk):
+                ds = buffer[:min(chunk, batch - b_first)].zero_()
+                dq_pass(ds, b_first, ds.shape[0])
+                target = grad_s[b_first:b_first + ds.shape[0]] if grad_s.shape[0] == batch else grad_s
+                target += ds.sum_to_size(target.shape)
     for out, given in zip(outs, (grad_q, grad_k, grad_v)):
         if out is not given:
             given.copy_(out)
