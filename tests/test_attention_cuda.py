@@ -3,6 +3,8 @@ bfloat16) and the Triton kernels (float32 too) against the float64 reference by 
 rule, with every option, long sequences, a bit-reproducible backward and CUDA graph capture.
 Everything here skips without a GPU."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -119,6 +121,31 @@ def test_masks_and_their_gradients(impl, dtype, kind):
     mask = mask.cuda() if kind == "bool" else mask.to("cuda", dtype)
     mask[..., 5, :] = False if kind == "bool" else float("-inf")  # a row that sees no key: zeros, finite grads
     _compare_grads(q, k, v, mask, impl=impl)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 150, 140), (150, 140), (5, 1, 1, 140)])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_mask_gradient_summed_in_chunks_of_batches(impl, dtype, shape, monkeypatch):
+    """A broadcast mask's gradient, summed by the kernels over what it broadcasts over (dS a chunk of
+    batches at a time; one batch per chunk here on the Triton side), against the sum of the (B, H, Lq,
+    Lk) gradient the mask expanded to that shape gets; q's, k's and v's gradients keep their bits."""
+    if impl == "triton":
+        monkeypatch.setattr(importlib.import_module("genfast.kernels.attention"), "MASK_GRAD_CHUNK_FLOATS", 1)
+    q, k, v = _cuda(*_qkv(5, 4, 2, 150, 140, 64, dtype))
+    mask = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+    grad_o = torch.randn(5, 4, 150, 64, device="cuda", dtype=dtype)
+
+    def grads(expand):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+        m = leaves[3].expand(5, 4, 150, 140) if expand else leaves[3]
+        o = genfast.attention(*leaves[:3], m, enable_gqa=True, impl=impl, dropout_p=0.1, deterministic=True,
+                              generator=genfast.PhiloxGenerator(5))
+        return torch.autograd.grad(o, leaves, grad_o)
+
+    summed, expanded = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(summed[:3], expanded[:3]))
+    assert summed[3].shape == mask.shape
+    torch.testing.assert_close(summed[3].float(), expanded[3].float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -19,6 +20,15 @@ namespace {
 
 constexpr const char* kAttentionBackwardOp = "genfast.attention_backward";
 constexpr const char* kAttentionVarlenBackwardOp = "genfast.attention_varlen_backward";
+
+// The batches of a chunk of dS where the kernels sum it to a mask's smaller shape (summed_floats
+// elements): a float32 (batches, H, Lq, Lk) buffer of at most 64 MiB, or of summed_floats where that
+// is more; one batch at least. Triton's launcher takes the same rule (MASK_GRAD_CHUNK_FLOATS).
+int64_t attention_mask_grad_chunk_batches(const std::vector<int64_t>& full, int64_t summed_floats) {
+  constexpr int64_t kChunkFloats = int64_t{1} << 24;
+  const int64_t per_batch = std::max<int64_t>(full[1] * full[2] * full[3], 1);
+  return std::clamp<int64_t>(std::max(kChunkFloats, summed_floats) / per_batch, 1, std::max<int64_t>(full[0], 1));
+}
 
 void check_cuda_attention(const char* op, const AttentionTensors& t) {
   const auto dtype = t.q.scalar_type();
@@ -118,7 +128,8 @@ at::Tensor float_o(const AttentionTensors& t, double scale, double softcap, int6
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
-// grad_mask, dS float32 in AttentionTensors::mask_grad_shape (from (B, H, Lq, Lk), summed afterwards).
+// grad_mask, dS float32 in AttentionTensors::mask_grad_shape, summed by the kernels over the dims the
+// mask broadcasts over, chunks of batches at a time (attention_mask_grad_chunk_batches).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -136,9 +147,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     return varlen ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
   };
   at::Tensor grad_q = make(t.q), grad_k = make(t.k), grad_v = make(t.v);
-  at::Tensor grad_s, dq_accum;
+  at::Tensor grad_s, ds_chunk, dq_accum;
+  const std::vector<int64_t> full{t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)};
+  const std::vector<int64_t> mask_shape = t.mask_grad_shape.empty() ? full : t.mask_grad_shape;
+  int64_t chunk_batches = 0;
   if (grad_mask) {
-    grad_s = at::zeros({t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)}, t.q.options().dtype(at::kFloat));
+    grad_s = at::zeros(mask_shape, t.q.options().dtype(at::kFloat));
+    if (mask_shape != full) {
+      chunk_batches = attention_mask_grad_chunk_batches(full, grad_s.numel());
+      ds_chunk = at::zeros({chunk_batches, full[1], full[2], full[3]}, grad_s.options());
+    }
   } else if (!deterministic && grad_q.numel() > 0 && t.k.numel() > 0) {
     dq_accum = at::zeros(t.q.sizes(), t.q.options().dtype(at::kFloat));  // dQ added with atomics
   }
@@ -156,12 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
       grads.grad_k = reinterpret_cast<T*>(grad_k.mutable_data_ptr());
       grads.grad_v = reinterpret_cast<T*>(grad_v.mutable_data_ptr());
       grads.grad_s = grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr;
+      grads.grad_s_batches = mask_shape[0];
+      grads.grad_s_heads = mask_shape[1];
+      grads.grad_s_rows = mask_shape[2];
+      grads.ds_chunk = ds_chunk.defined() ? ds_chunk.mutable_data_ptr<float>() : nullptr;
+      grads.ds_chunk_batches = chunk_batches;
       grads.dq_accum = dq_accum.defined() ? dq_accum.mutable_data_ptr<float>() : nullptr;
       check_launch(op, launch_attention_backward<T>(cuda_params<T>(t, base, at::Tensor()), grads, stream));
     });
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = t.mask_grad_shape.empty() ? grad_s : grad_s.sum_to_size(t.mask_grad_shape);
+  if (grad_mask) mask_grad = grad_s;
   return {grad_q, grad_k, grad_v, mask_grad};
 }
 

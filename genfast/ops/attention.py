@@ -20,8 +20,8 @@ def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dr
 
 def _mask_grad_shape(attn_mask, q, k):
     """The backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq where the mask
-    (right-aligned) has 1 or no dim, dS being summed over those (the CPU and Triton kernels add it up
-    so, in less memory than (B, H, Lq, Lk); the CUDA binding sums that tensor)."""
+    (right-aligned) has 1 or no dim, dS being summed over those (each backend adds it up so, in less
+    memory than (B, H, Lq, Lk))."""
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_mask is None:
         return full

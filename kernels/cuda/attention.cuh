@@ -31,7 +31,16 @@ struct AttentionCudaGrads {
   T* grad_q;             // rows out_row(h, i) of dim
   T* grad_k;             // rows key_out_row(hk, j) of dim
   T* grad_v;             // rows key_out_row(hk, j) of v_dim
-  float* grad_s;         // dense only: (B, H, Lq, Lk) float32, zero-initialized, or null: dL/ds
+  // Null, or dL/ds (dense inputs only), float32, zero-initialized, of (grad_s_batches, grad_s_heads,
+  // grad_s_rows, Lk): each the whole of B, H and Lq or 1, dS being summed over the dims of 1. Summed
+  // dS is computed ds_chunk_batches whole batches at a time into ds_chunk, float32, zero-initialized,
+  // of (ds_chunk_batches, H, Lq, Lk), and added to grad_s in batch order (ds_chunk zeroed again).
+  float* grad_s;
+  int64_t grad_s_batches, grad_s_heads, grad_s_rows;
+  float* ds_chunk;
+  int64_t ds_chunk_batches;
+  // The dS row (lse_row) at grad_s[0]: set by the launcher for a chunk, 0 otherwise.
+  int64_t grad_s_row0;
   // Null: dQ comes from its own kernel (deterministic). Else grad_q's layout in float32,
   // zero-initialized: the key-block kernel adds its partial dQ there with atomics (5 products per
   // block instead of 7, bits varying from run to run), and a last kernel casts it to grad_q. Used

@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
     const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
     query_block_elements<kPlain>(p, seq, band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop,
-                                 grads.grad_s);
+                                 grads.grad_s, grads.grad_s_row0);
 
     // dQ += dS K over the block's keys (the k dimension).
 #pragma unroll
@@ -292,6 +292,7 @@ cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, cons
   const AttentionParams& p = params.base;
   const cudaError_t supported = check_attention_call(p);
   if (supported != cudaSuccess) return supported;
+  if (!score_grads_ok(p, grads)) return cudaErrorInvalidValue;
   // Empty sizes launch nothing; a non-empty grad is written in full (zeros where nothing reaches).
   const int64_t no_stride[3] = {0, 0, 0};
   const unsigned vector =

@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
       const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
       query_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, row_i, j0 + key0, check, row_lse,
-                                   row_delta, drop, grads.grad_s);
+                                   row_delta, drop, grads.grad_s, grads.grad_s_row0);
       store_rows<T>(s_ds, kPdsStride, row0, key0, acc_s);
     }
     __syncthreads();  // both warpgroups' halves of dS are in
@@ -708,7 +708,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
       const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, k_len);
       query_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop,
-                                   grads.grad_s);
+                                   grads.grad_s, grads.grad_s_row0);
       uint32_t a[kBlockN / 16][4];
       fragments_of<T>(a, acc_s);
       wgmma_ab<T, kD>(acc_dq, a, k_tile, kBlockN);

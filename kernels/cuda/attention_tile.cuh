@@ -326,11 +326,13 @@ __device__ __forceinline__ BlockRange key_blocks(const Band& band, int i0, int r
 // How the CTAs of a kernel that walks key blocks for a tile of queries (the forward, the backward's
 // dQ) cover the work. CTA x takes key split x % splits of query tile x / splits; query tiles go,
 // slowest first, over batch, kv head, chunks of heads_per_cta of its query heads, and blocks of
-// rows_per_head queries. Row r of a tile is query i0 + r % rows_per_head of head h0 + r / rows_per_head.
+// rows_per_head queries; a launch may start at tile first_tile. Row r of a tile is query
+// i0 + r % rows_per_head of head h0 + r / rows_per_head.
 // Stacking a kv head's query heads in one tile lets a few queries (decoding) fill the tensor cores'
 // rows while each key block is read once for all of them; splitting the keys gives a GPU enough CTAs.
 struct QueryLayout {
   int q_blocks, head_chunks, heads_per_cta, rows_per_head, splits;
+  int64_t first_tile;
 };
 
 // The layout of tiles of block_m rows: one head per tile, or heads_per_cta heads of min(q_len,
@@ -363,7 +365,7 @@ struct QueryTile {
   BlockRange blocks;  // this CTA's split of the key blocks the tile's queries reach
   bool inside;
   __device__ __forceinline__ QueryTile(const AttentionParams& p, const QueryLayout& l) {
-    const int64_t tile = blockIdx.x / l.splits;
+    const int64_t tile = l.first_tile + blockIdx.x / l.splits;
     const int split = static_cast<int>(blockIdx.x % l.splits);
     const int64_t group = p.heads / p.kv_heads;
     rows_per_head = l.rows_per_head;
@@ -743,14 +745,15 @@ __device__ __forceinline__ void key_block_elements(const AttentionParams& p, con
 }
 
 // The query-block kernels' elements (query row_i, key j0 + column): acc_s (raw q.k) becomes dS times
-// the soft-cap's slope, and dS goes to grad_s (rows lse_row, row_length apart) when it is given.
+// the soft-cap's slope, and dS goes to grad_s (rows lse_row - grad_s_row0, row_length apart) when it
+// is given.
 template <bool kPlain, int kTiles>
 __device__ __forceinline__ void query_block_elements(const AttentionParams& p, const AttentionSequence& seq,
                                                      const Band& band, int64_t b, int64_t h,
                                                      float (&acc_s)[kTiles][4], const float (&acc_dp)[kTiles][4],
                                                      const int (&row_i)[2], int j0, bool check,
                                                      const float (&row_lse)[2], const float (&row_delta)[2],
-                                                     const Dropout& drop, float* grad_s) {
+                                                     const Dropout& drop, float* grad_s, int64_t grad_s_row0) {
   const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
   const int64_t heads[2] = {h, h};
 #pragma unroll
@@ -763,7 +766,9 @@ __device__ __forceinline__ void query_block_elements(const AttentionParams& p, c
       const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i, j, q_len,
                                                           k_len, check, row_lse[e / 2], row_delta[e / 2], drop,
                                                           keep[e]);
-      if (grad_s != nullptr && i < q_len && j < k_len) grad_s[seq.lse_row(h, i) * seq.row_length + j] = el.ds_score;
+      if (grad_s != nullptr && i < q_len && j < k_len) {
+        grad_s[(seq.lse_row(h, i) - grad_s_row0) * seq.row_length + j] = el.ds_score;
+      }
       acc_s[t][e] = el.ds;
     }
   }
@@ -792,17 +797,116 @@ cudaError_t launch_dq_cast(const AttentionCudaParams<T>& params, const Attention
                       static_cast<const float*>(grads.dq_accum), grads.grad_q, n);
 }
 
+// Whether grads.grad_s is dS summed over a dim (its shape is not (B, H, Lq, Lk)).
+template <typename T>
+bool summed_score_grads(const AttentionParams& p, const AttentionCudaGrads<T>& grads) {
+  return grads.grad_s != nullptr &&
+         (grads.grad_s_batches != p.batch || grads.grad_s_heads != p.heads || grads.grad_s_rows != p.q_len);
+}
+
+// Whether grads.grad_s (when given) has a shape the launchers take: dense inputs; each dim the whole
+// one or 1; for summed dS with something to sum, a chunk buffer.
+template <typename T>
+bool score_grads_ok(const AttentionParams& p, const AttentionCudaGrads<T>& grads) {
+  if (grads.grad_s == nullptr) return true;
+  const auto whole_or_1 = [](int64_t size, int64_t whole) { return size == whole || size == 1; };
+  const bool empty = p.batch * p.heads * p.q_len * p.k_len == 0;
+  return p.cu_seqlens_q == nullptr && whole_or_1(grads.grad_s_batches, p.batch) &&
+         whole_or_1(grads.grad_s_heads, p.heads) && whole_or_1(grads.grad_s_rows, p.q_len) &&
+         (!summed_score_grads(p, grads) || empty || (grads.ds_chunk != nullptr && grads.ds_chunk_batches >= 1));
+}
+
+// What attention_ds_sum_kernel adds: ds_chunk's dS of batches first_batch .. + batches - 1 of (heads,
+// q_len, k_len) into grad_s of (out_batches, out_heads, out_rows, k_len), each the whole dim or 1.
+struct ScoreGradChunk {
+  float* ds_chunk;
+  float* grad_s;
+  int64_t first_batch, batches, heads, q_len, k_len, out_batches, out_heads, out_rows;
+};
+
+// grad_s += ds_chunk summed over grad_s's dims of 1, and ds_chunk zeroed again for the next chunk. A
+// CTA takes kDsSumThreads / kSplit consecutive elements of grad_s (consecutive keys: coalesced); each
+// of kSplit groups of its threads adds every kSplit-th of an element's terms, and the first group
+// adds the groups' sums in order: additions in a fixed order (deterministic).
+constexpr int kDsSumThreads = 256;
+namespace {  // (a kernel per translation unit, whose smem_raw is the unnamed namespace's, as the .cu files' are)
+template <int kSplit>
+__global__ void __launch_bounds__(kDsSumThreads) attention_ds_sum_kernel(ScoreGradChunk c, int64_t n) {
+  constexpr int kOutputs = kDsSumThreads / kSplit;
+  const int lane = threadIdx.x % kOutputs, group = threadIdx.x / kOutputs;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kOutputs + lane;
+  const bool each_b = c.out_batches > 1, each_h = c.out_heads > 1, each_i = c.out_rows > 1;
+  const int64_t heads = each_h ? 1 : c.heads, rows = each_i ? 1 : c.q_len;  // summed over, per term
+  const int64_t terms = (each_b ? 1 : c.batches) * heads * rows;
+  const int64_t j = e % c.k_len, row = e / c.k_len;
+  const int64_t out_i = row % c.out_rows, out_h = (row / c.out_rows) % c.out_heads;
+  const int64_t out_b = row / c.out_rows / c.out_heads;  // of the chunk, unless grad_s sums batches
+  float sum = 0.0f;
+  for (int64_t t = group; e < n && t < terms; t += kSplit) {
+    const int64_t b = each_b ? out_b : t / (heads * rows), h = each_h ? out_h : (t / rows) % heads;
+    const int64_t i = each_i ? out_i : t % rows;
+    float& ds = c.ds_chunk[((b * c.heads + h) * c.q_len + i) * c.k_len + j];
+    sum += ds;
+    ds = 0.0f;
+  }
+  if constexpr (kSplit > 1) {
+    extern __shared__ uint4 smem_raw[];
+    float* partial = reinterpret_cast<float*>(smem_raw);
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    if (group != 0) return;
+    for (int g = 1; g < kSplit; ++g) sum += partial[g * kOutputs + lane];
+  }
+  const int64_t b_out = each_b ? c.first_batch + out_b : 0;
+  if (e < n) c.grad_s[((b_out * c.out_heads + out_h) * c.out_rows + out_i) * c.k_len + j] += sum;
+}
+}  // namespace
+
+// attention_ds_sum_kernel for a chunk: 8 groups of threads per element where it has many terms (a
+// bias over keys only sums heads x queries of them), else one thread per element.
+inline cudaError_t launch_ds_sum(const ScoreGradChunk& c, cudaStream_t stream) {
+  const int64_t n = (c.out_batches > 1 ? c.batches : 1) * c.out_heads * c.out_rows * c.k_len;
+  const int64_t terms = (c.out_batches > 1 ? 1 : c.batches) * (c.out_heads > 1 ? 1 : c.heads) *
+                        (c.out_rows > 1 ? 1 : c.q_len);
+  if (terms < 64) {
+    return launch_tiles(attention_ds_sum_kernel<1>, (n + kDsSumThreads - 1) / kDsSumThreads, kDsSumThreads, 0, stream,
+                        c, n);
+  }
+  constexpr int kOutputs = kDsSumThreads / 8;
+  return launch_tiles(attention_ds_sum_kernel<8>, (n + kOutputs - 1) / kOutputs, kDsSumThreads,
+                      kDsSumThreads * static_cast<int>(sizeof(float)), stream, c, n);
+}
+
 // The backward's second launch, after its kernel over key blocks: q_kernel (of `threads` threads)
 // over tiles of QTile::kBlockM queries, or, when grads.dq_accum is given (the first kernel then
-// added dQ there), the cast of dQ to grad_q.
+// added dQ there), the cast of dQ to grad_q. Summed dS: the tiles of ds_chunk_batches batches at a
+// time (tiles go over batches slowest), each launch followed by attention_ds_sum_kernel.
 template <typename QTile, typename QKernel, typename T>
 cudaError_t launch_query_pass(QKernel q_kernel, int threads, const AttentionCudaParams<T>& params,
                               const AttentionCudaGrads<T>& grads, unsigned vector, cudaStream_t stream) {
   const AttentionParams& p = params.base;
-  const QueryLayout layout = query_layout(p, QTile::kBlockM, 1, 1);
+  QueryLayout layout = query_layout(p, QTile::kBlockM, 1, 1);
   if (grads.dq_accum != nullptr) return launch_dq_cast(params, grads, stream);
-  return launch_tiles(q_kernel, query_layout_ctas(p, layout), threads, QTile::kSmemBytes, stream, params, grads, layout,
-                      vector);
+  const int64_t tiles = query_layout_ctas(p, layout);
+  if (!summed_score_grads(p, grads) || tiles == 0 || p.k_len == 0) {  // (nothing to sum)
+    return launch_tiles(q_kernel, tiles, threads, QTile::kSmemBytes, stream, params, grads, layout, vector);
+  }
+  const int64_t tiles_per_batch = tiles / p.batch;
+  AttentionCudaGrads<T> chunk = grads;
+  chunk.grad_s = grads.ds_chunk;
+  for (int64_t b0 = 0; b0 < p.batch; b0 += grads.ds_chunk_batches) {
+    const int64_t batches = grads.ds_chunk_batches < p.batch - b0 ? grads.ds_chunk_batches : p.batch - b0;
+    layout.first_tile = b0 * tiles_per_batch;
+    chunk.grad_s_row0 = b0 * p.heads * p.q_len;
+    cudaError_t status = launch_tiles(q_kernel, batches * tiles_per_batch, threads, QTile::kSmemBytes, stream, params,
+                                      chunk, layout, vector);
+    if (status != cudaSuccess) return status;
+    status = launch_ds_sum(ScoreGradChunk{grads.ds_chunk, grads.grad_s, b0, batches, p.heads, p.q_len, p.k_len,
+                                          grads.grad_s_batches, grads.grad_s_heads, grads.grad_s_rows},
+                           stream);
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
 }
 
 // The backward's launches, each a kernel of `threads` threads: kv_kernel over blocks of

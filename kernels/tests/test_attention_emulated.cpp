@@ -8,6 +8,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -446,40 +447,78 @@ void run_case(const Case& c) {
     return out;
   };
   const double grad_tol = half ? 2.5e-3 : 1.5e-2;
+  // dS summed to (batches, heads, rows, Lk), each the whole dim or 1, computed `chunk` batches at a
+  // time; all 0: not summed.
+  struct SummedDs {
+    int64_t batches, heads, rows, chunk;
+  };
+  const bool additive_ds = !varlen && c.mask == AttentionMask::kAdditive;
+  // The summed shapes tried with an additive mask: the mask's own (B, 1, Lq, Lk) a batch at a time,
+  // and a per-head bias over the keys (1, H, 1, Lk) two batches at a time.
+  const SummedDs summed_shapes[2] = {{p.batch, 1, p.q_len, 1}, {1, p.heads, 1, 2}};
   // The backward, outputs starting as NaN, deterministic and with dQ added atomically (its
-  // accumulator zeroed, as the binding does): on the sm_80 kernels, and on the Hopper ones where they
-  // take the call.
-  const auto backward = [&](const std::string& run, bool atomic_dq) {
+  // accumulator zeroed, as the binding does), dS summed or not: on the sm_80 kernels, and on the
+  // Hopper ones where they take the call.
+  const auto backward = [&](const std::string& run, bool atomic_dq, SummedDs summed = {}) {
     std::vector<uint16_t> dq_bits(ref_dq.size(), nan_bits), dk_bits(ref_dk.size(), nan_bits),
         dv_bits(ref_dv.size(), nan_bits);
-    std::vector<float> ds(ref_ds.size(), 0.0f), dq_accum(ref_dq.size(), 0.0f);
+    std::vector<float> dq_accum(ref_dq.size(), 0.0f), ds_chunk;
+    const SummedDs shape = summed.batches > 0 ? summed : SummedDs{p.batch, p.heads, p.q_len, 0};
+    std::vector<double> ref_sum(additive_ds ? shape.batches * shape.heads * shape.rows * p.k_len : 0, 0.0);
+    for (size_t e = 0; e < (additive_ds ? ref_ds.size() : 0); ++e) {
+      const int64_t j = e % p.k_len, i = (e / p.k_len) % p.q_len, h = (e / p.k_len / p.q_len) % p.heads,
+                    b = e / p.k_len / p.q_len / p.heads;
+      ref_sum[((b % shape.batches * shape.heads + h % shape.heads) * shape.rows + i % shape.rows) * p.k_len + j] +=
+          ref_ds[e];
+    }
+    std::vector<float> ds(ref_sum.size(), 0.0f);
     AttentionCudaGrads<T> grads{};
     grads.grad_o = reinterpret_cast<const T*>(grad_o_bits.data());
     grads.delta = delta.data();
     grads.grad_q = reinterpret_cast<T*>(dq_bits.data());
     grads.grad_k = reinterpret_cast<T*>(dk_bits.data());
     grads.grad_v = reinterpret_cast<T*>(dv_bits.data());
-    grads.grad_s = varlen || c.mask != AttentionMask::kAdditive ? nullptr : ds.data();
+    grads.grad_s = additive_ds ? ds.data() : nullptr;
+    grads.grad_s_batches = shape.batches, grads.grad_s_heads = shape.heads, grads.grad_s_rows = shape.rows;
+    if (shape.chunk > 0) {
+      ds_chunk.assign(shape.chunk * p.heads * p.q_len * p.k_len, 0.0f);
+      grads.ds_chunk = ds_chunk.data();
+      grads.ds_chunk_batches = shape.chunk;
+    }
     grads.dq_accum = atomic_dq ? dq_accum.data() : nullptr;
     if (genfast::launch_attention_backward<T>(params, grads, nullptr) != cudaSuccess) {
       std::printf("FAIL %s: the backward's launch failed\n", run.c_str());
       ++failures;
       return;
     }
+    if (std::any_of(ds_chunk.begin(), ds_chunk.end(), [](float x) { return x != 0.0f; })) {
+      std::printf("FAIL %s: the dS chunk is not zero again\n", run.c_str());
+      ++failures;
+    }
     if (c.nan_q) return;  // NaN reaches the gradients through delta; the forward's rows were checked
     compare(run + ": grad_q", floats(dq_bits), ref_dq, grad_tol);
     compare(run + ": grad_k", floats(dk_bits), ref_dk, grad_tol);
     compare(run + ": grad_v", floats(dv_bits), ref_dv, grad_tol);
-    if (grads.grad_s != nullptr) compare(run + ": grad_s", ds, ref_ds, grad_tol);
+    if (grads.grad_s != nullptr) compare(run + ": grad_s", ds, ref_sum, grad_tol);
+  };
+  const auto backward_summed = [&](const std::string& run) {
+    if (!additive_ds) return;
+    for (const SummedDs& shape : summed_shapes) {
+      backward(run + " (dS summed to (" + std::to_string(shape.batches) + ", " + std::to_string(shape.heads) + ", " +
+                   std::to_string(shape.rows) + ", Lk), " + std::to_string(shape.chunk) + " batches at a time)",
+               false, shape);
+    }
   };
   backward(name, false);
   backward(name + " (atomic dQ)", true);
+  backward_summed(name);
   cuda_emulator::capability_major = 9;
   setenv("GENFAST_ATTENTION_SM90", "1", 1);
   if (genfast::attention_cuda::hopper_backward_applies(p)) {
     const long backward_before = cuda_emulator::wgmma_products;
     backward(name + " (Hopper kernels)", false);
     hopper_backward_products = cuda_emulator::wgmma_products - backward_before;
+    backward_summed(name + " (Hopper kernels)");
     backward(name + " (Hopper kernels, atomic dQ)", true);
   } else if (std::max(c.dim, c.v_dim) <= genfast::attention_cuda::kHopperMaxHeadDim) {
     std::printf("FAIL %s: the Hopper backward was not used\n", name.c_str());
