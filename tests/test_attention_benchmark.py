@@ -168,12 +168,15 @@ def test_bias_rows_give_every_peer_the_bias_in_the_inputs_dtype(monkeypatch, one
     rows = bench._bias_rows("cpu", torch.bfloat16, gemm=1.0, quick=True, say=lambda message: None)
     peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA flash", "torch SDPA math",
              "eager reference", "torch.compile reference"}
-    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
-    # FlexAttention has no backward on the CPU.
+    assert {row["impl"] for row in rows if row["variant"] == "attention forward+backward additive bias"} == peers
+    # FlexAttention has no backward on the CPU, SDPA's CPU flash kernel no gradient for the mask.
     assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
+    with_grad = {row["impl"] for row in rows if row["variant"].endswith("and its gradient")}
+    assert with_grad == peers - {"torch SDPA flash"}
     assert all(row["config"] == "B=1 H=2 L=40 D=16 bias (1, H, L, L)" and row["dtype"] == "bfloat16" for row in rows)
     full = [mask for mask in masks if mask is not None and mask.shape[-1] == 40]
     assert full and all(mask.shape == (1, 2, 40, 40) and mask.dtype == torch.bfloat16 for mask in full)
+    assert any(mask.requires_grad for mask in full) and not all(mask.requires_grad for mask in full)
 
 
 def test_varlen_rows_time_packed_and_padded_peers(one_call_timer, attention_calls):

@@ -10,8 +10,9 @@ Dense, packed variable-length and decoding (one query against a grouped-query KV
 in float32 and in bfloat16) shapes;
 in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given
 its window as a mask, a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
-inputs' dtype) relative-position bias, the last three with torch's FlexAttention as a peer too
-(forward only on the CPU, where it has no backward).
+inputs' dtype) relative-position bias (whose forward+backward is timed again with the bias's
+gradient), the last three with torch's FlexAttention as a peer too (forward only on the CPU, where
+it has no backward).
 """
 
 import importlib
@@ -319,7 +320,8 @@ def _soft_cap_rows(device, dtype, gemm, quick, say):
 def _bias_rows(device, dtype, gemm, quick, say):
     """A layer with an additive (1, H, L, L) bias in the inputs' dtype (BIAS_CONFIGS): every peer that
     takes a float mask, FlexAttention with the bias added by its score_mod, the eager reference and
-    its torch.compile. genfast's kernels read the bias as it is, with no float32 copy."""
+    its torch.compile; and forward+backward with the bias's gradient too. genfast's kernels read the
+    bias as it is, with no float32 copy."""
     batch, heads, length, dim = BIAS_CONFIGS.get(device, BIAS_CONFIGS["cpu"])
     compiled = torch.compile(reference.attention, dynamic=False)
     g = torch.Generator().manual_seed(0)
@@ -341,6 +343,16 @@ def _bias_rows(device, dtype, gemm, quick, say):
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, bias[..., :8, :8])]
     flops = 4 * batch * heads * length * length * dim
     groups = _forward_and_backward_groups("additive bias", flops, usable, q, k, v, leaves, grad, bias, flex=flex)
+    # Training the bias too (T5's and Swin's relative positions): its gradient, dS summed over the
+    # batch, beside q's, k's and v's; every peer that gives it.
+    bias_leaf = bias.clone().requires_grad_()
+
+    def with_bias_grad(fn):
+        return torch.autograd.grad(fn(*leaves, bias_leaf), [*leaves, bias_leaf], grad)
+
+    groups["attention forward+backward additive bias and its gradient"] = (
+        3.5 * flops, [(name, lambda fn=fn: with_bias_grad(fn)) for name, fn in usable
+                      if _runs(lambda fn=fn: with_bias_grad(fn))])
     config = f"B={batch} H={heads} L={length} D={dim} bias (1, H, L, L)"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
