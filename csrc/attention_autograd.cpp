@@ -19,7 +19,7 @@ using torch::autograd::variable_list;
 using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&, double, double, int64_t,
-                                                     int64_t, double, int64_t, int64_t, bool);
+                                                     int64_t, double, int64_t, int64_t, bool, bool);
 using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -88,11 +88,12 @@ class Attention : public torch::autograd::Function<Attention> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& attn_mask,
-                               const std::optional<at::Tensor>& alibi_slopes, const AttentionOptions& options) {
+                               const std::optional<at::Tensor>& alibi_slopes, const AttentionOptions& options,
+                               bool float_o) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [o, lse] = forward_op().call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
                                       options.band_lo, options.band_hi, options.dropout_p, options.seed,
-                                      options.offset, options.deterministic);
+                                      options.offset, options.deterministic, float_o);
     ctx->set_materialize_grads(false);  // an unused lse has no gradient to subtract
     ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["mask_needs_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
@@ -113,9 +114,9 @@ class Attention : public torch::autograd::Function<Attention> {
         options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic);
     at::Tensor grad_mask;
     if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes()).to(attn_mask.scalar_type());
-    // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes and the options.
+    // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes, the options and float_o.
     variable_list result = {grad_q, grad_k, grad_v, grad_mask};
-    result.resize(6);
+    result.resize(7);
     return result;
   }
 };
@@ -172,15 +173,16 @@ bool records_backward(std::initializer_list<const at::Tensor*> inputs) {
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, bool float_o) {
   if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr, alibi_slopes ? &*alibi_slopes : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                             offset, deterministic);
+                             offset, deterministic, float_o);
   }
   return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
                                AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                                                deterministic}));
+                                                deterministic},
+                               float_o));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(

@@ -79,11 +79,13 @@ TORCH_LIBRARY(genfast, m) {
   // broadcastable to (batch, heads, Lq, Lk); alibi_slopes (heads) or (batch, heads); softcap 0 for
   // none; keys j with i + band_lo <= j <= i + band_hi are seen (+-2^62: unbounded); dropout keyed by
   // (seed, offset), which the backward replays. deterministic is the backward's, carried by autograd
-  // (the forward does not read it).
+  // (the forward does not read it). float_o: o in float32 for float16 and bfloat16 inputs, unrounded
+  // (genfast.attention asks for it when an additive mask needs its gradient, whose backward takes
+  // delta from it, and rounds it for the caller: the o it would have given).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
-      "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False) "
-      "-> (Tensor, Tensor)");
+      "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, "
+      "bool float_o=False) -> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
   // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads and queries that
   // attn_mask broadcasts over (1 there), which an additive mask's gradient sums further).

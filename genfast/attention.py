@@ -138,12 +138,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
                                    dropout_offset=offset, return_lse=return_lse)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(qs[2], ks[2], causal, window)
+    # A half-precision mask gradient takes delta from the forward's float32 o (csrc/cpu/attention.cpp's
+    # backward says why): the forward keeps it for the backward, and the caller gets it rounded.
+    float_o = (attn_mask is not None and attn_mask.requires_grad and q.dtype != torch.float32
+               and torch.is_grad_enabled())
     args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
-            as_int64(offset), _deterministic(deterministic))
+            as_int64(offset), _deterministic(deterministic), float_o)
     # The overloads themselves: an OpOverloadPacket resolves its overload again on every call.
     op = (torch.ops.genfast.attention_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_forward.default)
     o, lse = op(*args)
+    if float_o:
+        o = o.to(q.dtype)
     return (o, lse) if return_lse else o
 
 

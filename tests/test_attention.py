@@ -675,6 +675,31 @@ def test_gradients_reach_whichever_input_asks_for_them(impl):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_half_mask_gradient_from_the_forwards_float32_o(impl):
+    """With a float16 mask that needs its gradient, the forward keeps o in float32 for the backward's
+    delta (float_o) and rounds it for the caller: o has the bits of a call without that gradient, and
+    the gradients are those of the backward that recomputes the float32 o from a float16 one."""
+    skip_unless_supported(impl, "cpu", torch.float16)
+    q, k, v = _qkv(2, 2, 1, 20, 30, 16, torch.float16)
+    mask = torch.randn(1, 2, 20, 30, generator=torch.Generator().manual_seed(3)).half()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    o = genfast.attention(*leaves, enable_gqa=True, impl=impl)
+    assert o.dtype == torch.float16 and torch.equal(o, genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl))
+    assert type(o.grad_fn).__name__ == "ToCopyBackward0"  # the forward's float32 o, rounded
+    grad = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).half()
+    kept = torch.autograd.grad(o, leaves, grad)
+    forward = torch.ops.genfast.attention_forward if impl == "native" else torch.ops.genfast.attention_forward_triton
+    backward = torch.ops.genfast.attention_backward if impl == "native" else torch.ops.genfast.attention_backward_triton
+    lo, hi = importlib.import_module("genfast.attention").band(20, 30, None, None)
+    o16, lse = forward(q, k, v, mask, None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
+    o32, lse32 = forward(q, k, v, mask, None, 0.25, 0.0, lo, hi, 0.0, 0, 0, False, True)
+    assert o32.dtype == torch.float32 and torch.equal(o32.half(), o16) and torch.equal(lse32, lse)
+    recomputed = backward(grad, None, q, k, v, o16, lse, mask, None, 0.25, 0.0, lo, hi, 0.0, 0, 0, True)
+    assert all(torch.equal(a, b) for a, b in zip(kept[:3], recomputed[:3]))
+    assert torch.equal(kept[3], recomputed[3].half())
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck_and_compile(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 1, 9, 12, 8, torch.float32)
@@ -691,6 +716,8 @@ def test_opcheck_and_compile(impl):
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) storage: fresh gradients are contiguous
     torch.library.opcheck(backward, (torch.randn_like(o), None, q_strided, k, v, o, lse, None, None, 0.3, 0.0, -3, 4,
                                      0.0, 0, 0, False))
+    half = [t.detach().half().requires_grad_() for t in leaves]  # float_o: o in float32
+    torch.library.opcheck(forward, (*half, None, 0.3, 0.0, -3, 4, 0.0, 0, 0, False, True))
 
     def layer(q, k, v, mask):
         return genfast.attention(q, k, v, mask, enable_gqa=True, causal="bottom_right", impl=impl)

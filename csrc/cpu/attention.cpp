@@ -1146,7 +1146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
     double softcap, int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
   check_attention_options(scale, softcap, dropout_p);
-  // For the mask's gradient, delta comes from the forward's float32 o, recomputed (one more forward):
+  // For the mask's gradient, delta comes from the forward's float32 o (genfast.attention has the
+  // forward keep it, float_o; handed a half-precision o, the backward recomputes it, one more forward):
   // delta from the stored half-precision o errs by its rounding, and dS = P (dP - delta) passes that on
   // whole where one key takes a row's weight, with no cancellation against dP's error as in an eager
   // softmax; a mask broadcast over heads then sums it (genfast check --fuzz, seeds 35242 and 61001).
@@ -1195,9 +1196,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                          double softcap, int64_t band_lo, int64_t band_hi,
                                                          double dropout_p, int64_t seed, int64_t offset,
-                                                         bool /*deterministic*/) {
-  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false), q.scalar_type(), scale,
-                 softcap, band_lo, band_hi, dropout_p, seed, offset);
+                                                         bool /*deterministic*/, bool float_o) {
+  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false),
+                 float_o ? at::kFloat : q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(

@@ -105,10 +105,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensor
   return {o, lse};
 }
 
-// The forward's o of a dense call in float32, recomputed: the backward's delta for a mask's gradient
-// takes it (csrc/cpu/attention.cpp's backward says why).
-at::Tensor float_o(const AttentionTensors& t, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-                   double dropout_p, int64_t seed, int64_t offset) {
+// A dense forward with o in float32 (which rounds bit for bit to the o of the same tiles), and lse: the
+// backward's delta for a mask's gradient takes it (csrc/cpu/attention.cpp's backward says why). Views
+// of one workspace; the sm_80 kernels without splits.
+std::tuple<at::Tensor, at::Tensor> float_forward(const char* op, const AttentionTensors& t, double scale,
+                                                 double softcap, int64_t band_lo, int64_t band_hi, double dropout_p,
+                                                 int64_t seed, int64_t offset) {
   const AttentionParams base = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 at::Tensor(), at::Tensor());
   AttentionForwardPlan plan;
@@ -119,12 +121,13 @@ at::Tensor float_o(const AttentionTensors& t, double scale, double softcap, int6
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_half_types(t.q.scalar_type(), [&](auto type) {
       using T = decltype(type);
-      check_launch(kAttentionBackwardOp, launch_attention_forward<T>(cuda_params<T>(t, base, at::Tensor()), plan,
-                                                                      workspace.mutable_data_ptr<float>(), stream));
+      check_launch(op, launch_attention_forward<T>(cuda_params<T>(t, base, at::Tensor()), plan,
+                                                    workspace.mutable_data_ptr<float>(), stream));
     });
   }
-  // After the rows' lse, in their order (b, h, i): o's shape (B, H, Lq, Dv).
-  return workspace.narrow(0, rows, rows * t.v.size(3)).view({t.q.size(0), t.q.size(1), t.q.size(2), t.v.size(3)});
+  // The rows' lse, then o's rows, in their order (b, h, i): lse (B, H, Lq), o (B, H, Lq, Dv).
+  return {workspace.narrow(0, rows, rows * t.v.size(3)).view({t.q.size(0), t.q.size(1), t.q.size(2), t.v.size(3)}),
+          workspace.narrow(0, 0, rows).view({t.q.size(0), t.q.size(1), t.q.size(2)})};
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
@@ -139,7 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   const bool varlen = t.cu_seqlens_q.defined();
   const AttentionGradInputs in = prepare_attention_grads(
       op, t, grad_o.to(t.q.scalar_type()), grad_lse,
-      grad_mask ? float_o(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset) : o, lse,
+      grad_mask && o.scalar_type() != at::kFloat
+          ? std::get<0>(float_forward(op, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset))
+          : o,
+      lse,
       /*as_float=*/false);
   // The kernels write every row of every sequence; varlen rows outside all sequences (cu_seqlens
   // not reaching total) stay zero.
@@ -194,10 +200,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                           double softcap, int64_t band_lo, int64_t band_hi,
                                                           double dropout_p, int64_t seed, int64_t offset,
-                                                          bool /*deterministic*/) {
+                                                          bool /*deterministic*/, bool float_o) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return forward(kAttentionOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false), scale,
-                 softcap, band_lo, band_hi, dropout_p, seed, offset);
+  const AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
+  if (!float_o) return forward(kAttentionOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+  check_attention_options(scale, softcap, dropout_p);
+  check_cuda_attention(kAttentionOp, t);
+  return float_forward(kAttentionOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cuda(

@@ -13,8 +13,8 @@ Tensor = torch.Tensor
 
 
 def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-          deterministic=False):
-    o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+          deterministic=False, float_o=False):
+    o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float32 if float_o else q.dtype)
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -48,7 +48,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes)
-    ctx.options = tuple(options[:7])  # scale .. offset; then deterministic, if given
+    ctx.options = tuple(options[:7])  # scale .. offset; then deterministic and float_o, if given
     ctx.deterministic = bool(options[7]) if len(options) > 7 else False
     ctx.non_tensor_inputs = 1 + len(options)  # alibi_slopes (no gradient) and the options
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
@@ -123,10 +123,11 @@ def _float_grads(*tensors):
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                              alibi_slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int,
                              dropout_p: float, seed: int, offset: int,
-                             deterministic: bool = False) -> Tuple[Tensor, Tensor]:
+                             deterministic: bool = False, float_o: bool = False) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
-    o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)
+    o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                   float_o=float_o)
     mask, is_bool = _triton_mask(attn_mask, q, k)
     launch_attention_forward(q, k, v, mask, is_bool, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
                              dropout_p, seed, offset, o, lse)
