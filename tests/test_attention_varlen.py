@@ -70,7 +70,8 @@ def test_matches_reference(dtype, impl):
 @pytest.mark.parametrize("options", [dict(causal="bottom_right"), dict(window=(6, 2)),
                                      dict(causal="bottom_right", window=(10, -1)), dict(softcap=2.0, scale=0.4),
                                      dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
-                                     dict(alibi_slopes=torch.rand(5, 4)), dict(dropout_p=0.25, seed=3),
+                                     dict(alibi_slopes=torch.rand(5, 4, generator=torch.Generator().manual_seed(0))),
+                                     dict(dropout_p=0.25, seed=3),
                                      dict(causal="bottom_right", deterministic=True)], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_options_match_reference(options, impl):
@@ -83,7 +84,7 @@ def test_single_queries_beside_longer_sequences(impl):
     """Sequences of one query, whose grouped heads the CPU kernel stacks as the rows of one product
     (more rows than the longest sequence has), beside sequences of a few queries."""
     skip_unless_supported(impl, "cpu")
-    args = _packed([1, 2, 1, 3], [300, 5, 129, 40], heads=16, kv_heads=2, v_dim=24)
+    args = _packed([1, 2, 1, 3], [300, 5, 129, 40], heads=8, kv_heads=2, v_dim=24)
     _compare(impl, args)
     _compare(impl, args, causal="bottom_right", dropout_p=0.3, seed=5, softcap=5.0)
 
