@@ -24,8 +24,10 @@ struct AttentionTensors {
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // The shape of the backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq
-  // where the mask (right-aligned) has 1 or no dim; dS is summed over those.
+  // where the mask (right-aligned) has 1 or no dim; dS is summed over those. Its dtype: an additive
+  // mask's own (the gradient of that mask), else float32.
   std::vector<int64_t> mask_grad_shape;
+  at::ScalarType mask_grad_dtype = at::kFloat;
 };
 
 inline at::Tensor attention_rows(const at::Tensor& t, bool as_float) {
@@ -95,6 +97,7 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
       const bool read_as_is = type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
       t.mask = (read_as_is ? m : m.to(at::kFloat)).expand(full);  // a float16 or bfloat16 bias is not copied
       t.mask_kind = AttentionMask::kAdditive;
+      t.mask_grad_dtype = type;
       t.bias_type = type == at::kHalf       ? AttentionBias::kFloat16
                     : type == at::kBFloat16 ? AttentionBias::kBFloat16
                                             : AttentionBias::kFloat32;

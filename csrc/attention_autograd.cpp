@@ -113,7 +113,7 @@ class Attention : public torch::autograd::Function<Attention> {
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
         options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic);
     at::Tensor grad_mask;
-    if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes()).to(attn_mask.scalar_type());
+    if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes());  // in the mask's dtype already
     // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes, the options and float_o.
     variable_list result = {grad_q, grad_k, grad_v, grad_mask};
     result.resize(7);

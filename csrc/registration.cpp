@@ -88,7 +88,8 @@ TORCH_LIBRARY(genfast, m) {
       "bool float_o=False) -> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
   // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads and queries that
-  // attn_mask broadcasts over (1 there), which an additive mask's gradient sums further).
+  // attn_mask broadcasts over (1 there), in an additive attn_mask's dtype, else float32: an additive
+  // mask's gradient, up to a reshape).
   // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).
   m.def(
       "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "

@@ -601,6 +601,32 @@ def test_additive_masks_of_other_dtypes(mask_dtype, layout, impl):
     assert o[1, 2, 10].isnan().all() and not o[1, 2, 9].isnan().any() and not o[0].isnan().any()
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_full_mask_gradient_stored_in_the_masks_dtype(mask_dtype):
+    """A mask with every dim gets its gradient as the CPU kernel computes dS, in the mask's dtype (no
+    float32 buffer to zero, fill and round): the float32 mask's gradient rounded, bit for bit, and
+    zeros where the window or a hidden key block leaves dS uncomputed, whatever the memory given to
+    the gradient held before."""
+    skip_unless_supported("native", "cpu", mask_dtype)
+    q, k, v = _qkv(2, 2, 1, 40, 150, 16, torch.float32)
+    mask = torch.randn(2, 2, 40, 150, generator=torch.Generator().manual_seed(6)).to(mask_dtype).float()
+    mask[1, 1, :, 128:] = float("-inf")  # a whole key block hidden from one head: skipped
+    grads = {}
+    for dtype in (torch.float32, mask_dtype):
+        for _ in range(4):  # memory freed full of NaN, which the gradient's may be carved from
+            torch.full(mask.shape, float("nan"), dtype=dtype).add_(1)
+        m = mask.to(dtype).requires_grad_()
+        o = genfast.attention(q, k, v, m, enable_gqa=True, window=(10, 0), impl="native")
+        grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+    assert grads[mask_dtype].dtype == mask_dtype
+    assert torch.equal(grads[mask_dtype], grads[torch.float32].to(mask_dtype))
+    i = torch.arange(40)[:, None] + 110
+    j = torch.arange(150)[None, :]
+    seen = (j <= i) & (j >= i - 10) & torch.isfinite(mask)
+    assert torch.equal(grads[mask_dtype] == 0, ~seen | (grads[torch.float32] == 0))
+    assert grads[mask_dtype][seen].ne(0).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_backward_is_deterministic(impl):
     skip_unless_supported(impl, "cpu")
@@ -710,9 +736,10 @@ def test_opcheck_and_compile(impl):
     backward = torch.ops.genfast.attention_backward if impl == "native" else torch.ops.genfast.attention_backward_triton
     torch.library.opcheck(forward, args)
     o, lse = forward(q, k, v, mask, None, 0.3, 0.0, -3, 4, 0.0, 0, 0)
-    torch.library.opcheck(backward,
-                          (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, mask, None, 0.3, 0.0, -3, 4,
-                           0.0, 0, 0, True))
+    for m in (mask, mask.half(), mask.expand(1, 2, 9, 12).half()):  # the mask's gradient in its dtype
+        torch.library.opcheck(backward,
+                              (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, m, None, 0.3, 0.0, -3, 4,
+                               0.0, 0, 0, True))
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) storage: fresh gradients are contiguous
     torch.library.opcheck(backward, (torch.randn_like(o), None, q_strided, k, v, o, lse, None, None, 0.3, 0.0, -3, 4,
                                      0.0, 0, 0, False))

@@ -817,12 +817,41 @@ struct AttentionGrads {
   // (mask_batches, mask_heads, mask_rows, Lk): each of the first three the whole dim or 1 (summed).
   float* grad_mask;
   int64_t copies, mask_batches, mask_heads, mask_rows;
+  // Or, where the mask has every dim (each element of dS is its own gradient), null grad_mask and dS
+  // stored once here in the mask's dtype, (B, H, Lq, Lk): no float32 buffer to zero, fill and round.
+  void* mask_grad;
+  at::ScalarType mask_grad_type;
 };
 
 // The row of a copy of grad_mask that the row of dS of (batch b, head h, query i) adds to.
 int64_t mask_grad_row(const AttentionGrads& g, int64_t b, int64_t h, int64_t i) {
   return ((g.mask_batches > 1 ? b : 0) * g.mask_heads + (g.mask_heads > 1 ? h : 0)) * g.mask_rows +
          (g.mask_rows > 1 ? i : 0);
+}
+
+// dS of row (b, h, i) for keys j0 .. j0 + cols into AttentionGrads::mask_grad, in its dtype; zeros
+// where ds is null (a row no task computes there: outside the band, or in a skipped block).
+void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int64_t b, int64_t h, int64_t i,
+                         int64_t j0, int64_t cols, const float* ds) {
+  const int64_t at = ((b * p.heads + h) * p.q_len + i) * p.k_len + j0;
+  const auto store = [&](auto* out) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    if (ds == nullptr) {
+      std::fill(out, out + cols, T(0));
+      return;
+    }
+    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(ds[c]);
+  };
+  switch (g.mask_grad_type) {
+    case at::kHalf:
+      return store(static_cast<c10::Half*>(g.mask_grad) + at);
+    case at::kBFloat16:
+      return store(static_cast<c10::BFloat16*>(g.mask_grad) + at);
+    case at::kDouble:
+      return store(static_cast<double*>(g.mask_grad) + at);
+    default:
+      return store(static_cast<float*>(g.mask_grad) + at);
+  }
 }
 
 // body(first, last, copy) over the tasks [0, n): with one copy of grad_mask, as at::parallel_for
@@ -961,10 +990,11 @@ GF_CPU_DISPATCH(chain_soft_cap)
 // For queries i0.. (rows) against keys j0.. (cols): scores = the probabilities P (dropout not
 // applied) and dp = dS, the gradient of the scores s (before soft-capping's chain rule is applied
 // when for_scaled_dot: then the gradient of scale q.k). Needs w.k_panel = K^T and w.vt_panel = V^T.
-// grad_mask: null, or the copy of AttentionGrads::grad_mask that dS adds to.
+// With with_mask_grad, dS goes to the copy of AttentionGrads::grad_mask that grad_mask points to, or
+// where that is null to AttentionGrads::mask_grad.
 void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g,
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                             int64_t cols, float* grad_mask, BackwardScratch& w) {
+                             int64_t cols, bool with_mask_grad, float* grad_mask, BackwardScratch& w) {
   const int64_t row0 = seq.lse_row(h, i0);
   score_products(p, seq, g, b, h, i0, rows, w);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
@@ -976,9 +1006,11 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
     float* s = w.scores.data() + r * kKeyBlock;
     float* dp = w.dp.data() + r * kKeyBlock;
     probabilities_and_score_grads(s, dp, p.lse[row0 + r], g.delta[row0 + r]);
-    if (grad_mask != nullptr) {
+    if (with_mask_grad && grad_mask != nullptr) {
       float* out = grad_mask + mask_grad_row(g, b, h, i0 + r) * p.k_len + j0;
       for (int64_t c = 0; c < cols; ++c) out[c] += dp[c];
+    } else if (with_mask_grad) {
+      store_mask_grad_row(p, g, b, h, i0 + r, j0, cols, dp);
     }
     if (p.softcap > 0.0f) chain_soft_cap(w.cap.data() + r * kKeyBlock, dp);
   }
@@ -1021,14 +1053,26 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
   load_key_panels(p, seq, b, hk, j0, cols, w);
   if (grad_q != nullptr) pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
+  const bool with_mask_grad = g.grad_mask != nullptr || g.mask_grad != nullptr;
   float* grad_mask =
       g.grad_mask == nullptr ? nullptr : g.grad_mask + copy * g.mask_batches * g.mask_heads * g.mask_rows * p.k_len;
   const auto [first_query, end_query] = query_range(seq, j0, cols);
+  // Zeros in mask_grad's rows of these keys that no block below computes.
+  const auto zero_mask_grad = [&](int64_t h, int64_t first, int64_t end) {
+    if (g.mask_grad == nullptr) return;
+    for (int64_t i = first; i < end; ++i) store_mask_grad_row(p, g, b, h, i, j0, cols, nullptr);
+  };
+  const int64_t band_first = std::min(first_query, seq.q_len), band_end = std::max(end_query, band_first);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    zero_mask_grad(h, 0, band_first);
+    zero_mask_grad(h, band_end, seq.q_len);
     for (int64_t i0 = first_query; i0 < end_query; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, end_query - i0);
-      if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
-      probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, grad_mask, w);
+      if (block_masked_out(p, b, h, i0, rows, j0, cols)) {
+        zero_mask_grad(h, i0, i0 + rows);
+        continue;
+      }
+      probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, with_mask_grad, grad_mask, w);
       if (grad_q != nullptr) add_grad_q(p, rows, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
       if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, w.scores.data());
       add_transposed_product(w.scores.data(), g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim,
@@ -1057,7 +1101,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
     if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
     load_key_panels(p, seq, b, hk, j0, cols, w);
-    probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, nullptr, w);
+    probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, false, nullptr, w);
     pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
     add_grad_q(p, rows, grad_q.data(), w);
   }
@@ -1140,7 +1184,8 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
   return {o.to(dtype), lse};
 }
 
-// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, dS (B, H, Lq, Lk).
+// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, dS in AttentionTensors::mask_grad_shape
+// and mask_grad_dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, at::ScalarType dtype, const at::Tensor& grad_o,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
@@ -1159,17 +1204,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   at::Tensor grad_q = at::zeros(t.q.sizes(), floats), grad_k = at::zeros(t.k.sizes(), floats);
   at::Tensor grad_v = at::zeros(t.v.sizes(), floats);
   // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
-  // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards.
+  // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards; for a mask
+  // with every dim, stored as it is.
   const std::vector<int64_t> full{t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)};
   const std::vector<int64_t> mask_shape = t.mask_grad_shape.empty() ? full : t.mask_grad_shape;
+  const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
+  const bool stored = grad_mask && runs && mask_shape == full;
   const int64_t threads = at::get_num_threads();
   const bool per_part =
       grad_mask && threads * mask_shape[0] * mask_shape[1] * mask_shape[2] < full[0] * full[1] * full[2];
   const std::vector<int64_t> copy_shape = per_part ? mask_shape : full;
   const int64_t copies = per_part ? threads : 1;
   const at::Tensor grad_s =
-      grad_mask ? at::zeros({copies, copy_shape[0], copy_shape[1], copy_shape[2], full[3]}, floats) : at::Tensor();
-  if (t.q.numel() > 0 && t.k.numel() > 0) {
+      grad_mask && !stored ? at::zeros({copies, copy_shape[0], copy_shape[1], copy_shape[2], full[3]}, floats)
+                           : at::Tensor();
+  const at::Tensor stored_grad = stored ? at::empty(full, floats.dtype(t.mask_grad_dtype)) : at::Tensor();
+  if (runs) {
     AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, at::Tensor(),
                                          at::Tensor());
     p.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
@@ -1178,15 +1228,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
                            grad_q.mutable_data_ptr<float>(),
                            grad_k.mutable_data_ptr<float>(),
                            grad_v.mutable_data_ptr<float>(),
-                           grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr,
+                           grad_s.defined() ? grad_s.mutable_data_ptr<float>() : nullptr,
                            copies,
                            copy_shape[0],
                            copy_shape[1],
-                           copy_shape[2]};
+                           copy_shape[2],
+                           stored ? stored_grad.mutable_data_ptr() : nullptr,
+                           t.mask_grad_dtype};
     attention_backward_impl(p, g, dtype == at::kBFloat16 && takes_pairs(p) && p.v_dim % 2 == 0);
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape);
+  if (stored) {
+    mask_grad = stored_grad;
+  } else if (grad_mask) {
+    mask_grad = (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape).to(t.mask_grad_dtype);
+  }
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad};
 }
 

@@ -131,8 +131,9 @@ std::tuple<at::Tensor, at::Tensor> float_forward(const char* op, const Attention
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
-// grad_mask, dS float32 in AttentionTensors::mask_grad_shape, summed by the kernels over the dims the
-// mask broadcasts over, chunks of batches at a time (attention_mask_grad_chunk_batches).
+// grad_mask, dS in AttentionTensors::mask_grad_shape, summed in float32 by the kernels over the dims the
+// mask broadcasts over, chunks of batches at a time (attention_mask_grad_chunk_batches), then rounded
+// to mask_grad_dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -179,18 +180,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
       grads.grad_q = reinterpret_cast<T*>(grad_q.mutable_data_ptr());
       grads.grad_k = reinterpret_cast<T*>(grad_k.mutable_data_ptr());
       grads.grad_v = reinterpret_cast<T*>(grad_v.mutable_data_ptr());
-      grads.grad_s = grad_mask ? grad_s.mutable_data_ptr<float>() : nullptr;
-      grads.grad_s_batches = mask_shape[0];
-      grads.grad_s_heads = mask_shape[1];
-      grads.grad_s_rows = mask_shape[2];
-      grads.ds_chunk = ds_chunk.defined() ? ds_chunk.mutable_data_ptr<float>() : nullptr;
-      grads.ds_chunk_batches = chunk_batches;
+      if (grad_mask) {
+        grads.grad_s = grad_s.mutable_data_ptr<float>();
+        grads.grad_s_batches = mask_shape[0];
+        grads.grad_s_heads = mask_shape[1];
+        grads.grad_s_rows = mask_shape[2];
+        grads.ds_chunk = ds_chunk.defined() ? ds_chunk.mutable_data_ptr<float>() : nullptr;
+        grads.ds_chunk_batches = chunk_batches;
+      }
       grads.dq_accum = dq_accum.defined() ? dq_accum.mutable_data_ptr<float>() : nullptr;
       check_launch(op, launch_attention_backward<T>(cuda_params<T>(t, base, at::Tensor()), grads, stream));
     });
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = grad_s;
+  if (grad_mask) mask_grad = grad_s.to(t.mask_grad_dtype);
   return {grad_q, grad_k, grad_v, mask_grad};
 }
 

@@ -29,9 +29,14 @@ def _mask_grad_shape(attn_mask, q, k):
     return tuple(1 if size == 1 else whole for size, whole in zip(sizes[:3], full[:3])) + full[3:]
 
 
+def _mask_grad_dtype(attn_mask):
+    """dS's dtype: an additive mask's own (its gradient), else float32."""
+    return attn_mask.dtype if attn_mask is not None and attn_mask.is_floating_point() else torch.float32
+
+
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
                    dropout_p, seed, offset, grad_mask, deterministic=False):
-    grad_s = q.new_empty(_mask_grad_shape(attn_mask, q, k), dtype=torch.float32) if grad_mask else None
+    grad_s = q.new_empty(_mask_grad_shape(attn_mask, q, k), dtype=_mask_grad_dtype(attn_mask)) if grad_mask else None
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
 
 
@@ -61,7 +66,7 @@ def _make_backward(backward_op):
             grad_o = torch.zeros_like(o)
         grad_q, grad_k, grad_v, grad_s = backward_op(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
                                                      *ctx.options, ctx.mask_needs_grad, ctx.deterministic)
-        grad_mask = grad_s.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if ctx.mask_needs_grad else None
+        grad_mask = grad_s.sum_to_size(attn_mask.shape) if ctx.mask_needs_grad else None  # the mask's dtype
         return (grad_q, grad_k, grad_v, grad_mask) + (None,) * ctx.non_tensor_inputs
 
     return backward
@@ -156,7 +161,8 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                               softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
                               deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_s if grad_mask else q.new_empty(0)
+    return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype),
+            grad_s.to(_mask_grad_dtype(attn_mask)) if grad_mask else q.new_empty(0))
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
