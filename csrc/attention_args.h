@@ -24,11 +24,19 @@ struct AttentionTensors {
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // The shape of the backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq
-  // where the mask (right-aligned) has 1 or no dim; dS is summed over those. Its dtype: an additive
-  // mask's own (the gradient of that mask), else float32.
+  // where the mask (right-aligned) has 1 or no dim; the kernels sum dS over those. The op's mask
+  // gradient (attention_mask_grad) is that, summed over the keys too where the mask has one column,
+  // in an additive mask's own dtype, else float32.
   std::vector<int64_t> mask_grad_shape;
+  bool mask_grad_sums_keys = false;
   at::ScalarType mask_grad_dtype = at::kFloat;
 };
+
+// The op's mask gradient from the kernels' float32 dS in AttentionTensors::mask_grad_shape: summed over
+// the keys in float32 where the mask has one column, then rounded once.
+inline at::Tensor attention_mask_grad(const AttentionTensors& t, const at::Tensor& summed) {
+  return (t.mask_grad_sums_keys ? summed.sum(-1, /*keepdim=*/true) : summed).to(t.mask_grad_dtype);
+}
 
 inline at::Tensor attention_rows(const at::Tensor& t, bool as_float) {
   at::Tensor f = as_float ? t.to(at::kFloat) : t;
@@ -87,6 +95,7 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
       const int64_t at = d - (4 - m.dim());  // the mask's dim for d, if it has one
       if (at < 0 || m.size(at) == 1) t.mask_grad_shape[d] = 1;
     }
+    t.mask_grad_sums_keys = m.dim() == 0 || m.size(-1) == 1;
     if (m.scalar_type() == at::kBool) {
       t.mask = m.view(at::kByte).expand(full);  // the same bytes, no copy
       t.mask_kind = AttentionMask::kBool;

@@ -87,7 +87,7 @@ TORCH_LIBRARY(genfast, m) {
       "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, "
       "bool float_o=False) -> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
-  // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads and queries that
+  // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads, queries and keys that
   // attn_mask broadcasts over (1 there), in an additive attn_mask's dtype, else float32: an additive
   // mask's gradient, up to a reshape).
   // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).

@@ -627,6 +627,31 @@ def test_full_mask_gradient_stored_in_the_masks_dtype(mask_dtype):
     assert grads[mask_dtype][seen].ne(0).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 40, 1), (40, 1), ()], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_half_mask_with_one_column_sums_its_gradient_in_float32(shape, impl):
+    """A float16 mask broadcast over the keys: its gradient sums dS over them in float32 and is rounded
+    once, the float32 mask's gradient rounded bit for bit (a float16 sum of 150 keys strays from it),
+    in the op's output as the mask's right-aligned shape."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(2, 3, 1, 40, 150, 16, torch.float32)
+    mask = torch.randn(shape, generator=torch.Generator().manual_seed(7)).half().float()
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        m = mask.to(dtype).requires_grad_()
+        o = genfast.attention(q, k, v, m, enable_gqa=True, causal="bottom_right", impl=impl)
+        grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+    assert grads[torch.float16].dtype == torch.float16 and grads[torch.float16].shape == shape
+    assert torch.equal(grads[torch.float16], grads[torch.float32].half())
+    backward = torch.ops.genfast.attention_backward if impl == "native" else torch.ops.genfast.attention_backward_triton
+    forward = torch.ops.genfast.attention_forward if impl == "native" else torch.ops.genfast.attention_forward_triton
+    lo, hi = importlib.import_module("genfast.attention").band(40, 150, "bottom_right", None)
+    o, lse = forward(q, k, v, mask.half(), None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
+    grad_s = backward(torch.ones_like(o), None, q, k, v, o, lse, mask.half(), None, 0.25, 0.0, lo, hi, 0.0, 0, 0,
+                      True)[3]
+    assert grad_s.shape == ((1,) * (4 - len(shape)) + shape) and grad_s.dtype == torch.float16
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_backward_is_deterministic(impl):
     skip_unless_supported(impl, "cpu")

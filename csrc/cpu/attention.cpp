@@ -1184,8 +1184,8 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
   return {o.to(dtype), lse};
 }
 
-// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, dS in AttentionTensors::mask_grad_shape
-// and mask_grad_dtype.
+// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, the mask's gradient
+// (attention_mask_grad).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, at::ScalarType dtype, const at::Tensor& grad_o,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
@@ -1205,11 +1205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   at::Tensor grad_v = at::zeros(t.v.sizes(), floats);
   // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
   // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards; for a mask
-  // with every dim, stored as it is.
+  // with every dim, stored as it is (in its dtype: nothing left to sum).
   const std::vector<int64_t> full{t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)};
   const std::vector<int64_t> mask_shape = t.mask_grad_shape.empty() ? full : t.mask_grad_shape;
   const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
-  const bool stored = grad_mask && runs && mask_shape == full;
+  const bool stored = grad_mask && runs && mask_shape == full && !t.mask_grad_sums_keys;
   const int64_t threads = at::get_num_threads();
   const bool per_part =
       grad_mask && threads * mask_shape[0] * mask_shape[1] * mask_shape[2] < full[0] * full[1] * full[2];
@@ -1241,7 +1241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   if (stored) {
     mask_grad = stored_grad;
   } else if (grad_mask) {
-    mask_grad = (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape).to(t.mask_grad_dtype);
+    mask_grad = attention_mask_grad(t, (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape));
   }
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad};
 }

@@ -131,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor> float_forward(const char* op, const Attention
 }
 
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
-// grad_mask, dS in AttentionTensors::mask_grad_shape, summed in float32 by the kernels over the dims the
-// mask broadcasts over, chunks of batches at a time (attention_mask_grad_chunk_batches), then rounded
-// to mask_grad_dtype.
+// grad_mask, the mask's gradient (attention_mask_grad) from dS in AttentionTensors::mask_grad_shape,
+// summed in float32 by the kernels over the batches, heads and queries the mask broadcasts over,
+// chunks of batches at a time (attention_mask_grad_chunk_batches).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     });
   }
   std::optional<at::Tensor> mask_grad;
-  if (grad_mask) mask_grad = grad_s.to(t.mask_grad_dtype);
+  if (grad_mask) mask_grad = attention_mask_grad(t, grad_s);
   return {grad_q, grad_k, grad_v, mask_grad};
 }
 

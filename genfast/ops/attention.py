@@ -18,15 +18,17 @@ def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dr
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _mask_grad_shape(attn_mask, q, k):
-    """The backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq where the mask
-    (right-aligned) has 1 or no dim, dS being summed over those (each backend adds it up so, in less
-    memory than (B, H, Lq, Lk))."""
+def _mask_grad_shape(attn_mask, q, k, keys_summed=True):
+    """The backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq (and Lk, when
+    keys_summed) where the mask (right-aligned) has 1 or no dim, dS being summed over those. The
+    kernels add dS up over B, H and Lq as they go, in less memory than (B, H, Lq, Lk); the keys are
+    summed afterwards, in float32 as the rest, before the result is rounded to the mask's dtype."""
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_mask is None:
         return full
     sizes = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    return tuple(1 if size == 1 else whole for size, whole in zip(sizes[:3], full[:3])) + full[3:]
+    summed = 4 if keys_summed else 3
+    return tuple(1 if size == 1 and d < summed else whole for d, (size, whole) in enumerate(zip(sizes, full)))
 
 
 def _mask_grad_dtype(attn_mask):
@@ -155,14 +157,15 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                                  offset, o, torch.empty_like(lse))
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
-    grad_s = (torch.zeros(_mask_grad_shape(attn_mask, q, k), dtype=torch.float32, device=q.device)
-              if grad_mask else None)
+    grad_s = (torch.zeros(_mask_grad_shape(attn_mask, q, k, keys_summed=False), dtype=torch.float32,
+                          device=q.device) if grad_mask else None)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool, slopes, scale,
                               softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
                               deterministic=deterministic)
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
     return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype),
-            grad_s.to(_mask_grad_dtype(attn_mask)) if grad_mask else q.new_empty(0))
+            grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)).to(_mask_grad_dtype(attn_mask)) if grad_mask
+            else q.new_empty(0))
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
