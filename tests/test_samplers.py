@@ -35,7 +35,7 @@ def test_replay_buffer_reinitializes_at_its_rate():
 @pytest.mark.parametrize("impl", fused_impls())
 def test_chains_on_a_gaussian_agree_with_reference_and_reach_it(impl):
     skip_unless_runs(impl, "cpu")
-    x0 = torch.randn(64, 2) * 3 + 5  # few rows: the interpreted Triton noise norms take one program per row
+    x0 = torch.randn(64, 2) * 3 + 5
     for sampler in (
         lambda x, i, g: samplers.annealed_langevin(standard_normal_score, x, [1.0, 0.5], steps_per_level=60,
                                                    step_lr=0.05, generator=g, impl=i),

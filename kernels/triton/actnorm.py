@@ -74,8 +74,9 @@ def actnorm_backward_kernel(grad_y_ptr, x_ptr, log_scale_ptr, bias_ptr, grad_x_p
 
 
 def _tile(inner, device):
-    """(planes or rows, spatial elements) of a tile: whole rows of short spatial sizes."""
-    size = 256 if device.type == "cpu" else 1024
+    """(planes or rows, spatial elements) of a tile: whole rows of short spatial sizes. The
+    interpreter's cost is per program and step (common.default_block_groups): larger tiles there."""
+    size = 4096 if device.type == "cpu" else 1024
     block_inner = min(size, triton.next_power_of_2(inner))
     return size // block_inner, block_inner
 

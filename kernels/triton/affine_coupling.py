@@ -10,6 +10,7 @@ the flags are constexpr, so each compiled variant is branch-free.
 import triton
 import triton.language as tl
 
+from .common import row_tile, tile_rows
 from .philox import log_positive
 
 CHUNK = 1 << 14  # elements of a row per partial logdet sum, as on the other backends
@@ -155,13 +156,6 @@ def load_transformed(x_ptr, shift_ptr, scale_ptr, index_ptr, rows, n, num_rows, 
 
 
 @triton.jit
-def tile_rows(BLOCK_ROWS: tl.constexpr):
-    """This program's rows ([R, 1], int64): a tile of several short rows, or one row of a long one."""
-    first = tl.program_id(0).to(tl.int64) * BLOCK_ROWS  # rows on axis 0: the other axes stop at 65535
-    return first + tl.arange(0, BLOCK_ROWS).to(tl.int64)[:, None]
-
-
-@triton.jit
 def affine_coupling_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, partial_ptr, scale_param, num_rows,
                            row_size, x_stride, shift_stride, scale_stride, chunk_size, num_chunks,
                            SCALE_FN: tl.constexpr, GLOW_ORDER: tl.constexpr, INVERSE: tl.constexpr,
@@ -233,12 +227,9 @@ def affine_coupling_backward_kernel(grad_y_ptr, grad_logdet_ptr, x_ptr, shift_pt
 
 
 def _tile(rows, row_size, device):
-    """(rows, elements) per program and per loop step: short rows share a program, so that a tile
-    holds about as many elements as one long row's step."""
-    lanes = 1024 if device.type == "cpu" else 2048
-    block = min(lanes // 4 if device.type == "cpu" else 1024, triton.next_power_of_2(min(row_size, CHUNK)))
-    block_rows = max(1, min(lanes // block, triton.next_power_of_2(rows)))
-    return block_rows, block
+    """Larger tiles under the interpreter, whose cost is per program and step (common.default_block_groups)."""
+    cpu = device.type == "cpu"
+    return row_tile(rows, min(row_size, CHUNK), 4096 if cpu else 2048, 4096 if cpu else 1024)
 
 
 def _nonempty(t, stand_in):

@@ -66,7 +66,7 @@ def launch_denoise_step(sample, model_output, model_output_cond, derivative, noi
     if numel == 0:
         return
     if block_groups is None:
-        block_groups = default_block_groups(sample.device)
+        block_groups = default_block_groups(sample.device, numel)
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)

@@ -54,7 +54,7 @@ def launch_langevin_step(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, 
     if numel == 0:
         return
     if block_groups is None:
-        block_groups = default_block_groups(x.device)
+        block_groups = default_block_groups(x.device, numel)
     noise_kind = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox_noise else NOISE_NONE)
     row_size = numel // row_coefs.shape[0] if row_coefs is not None else numel
     grid = (triton.cdiv(triton.cdiv(numel, 4), block_groups),)
