@@ -14,18 +14,28 @@ def _best_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _progress_bar(total):
-    """A one-line progress bar on stderr (no dependency); returns the per-step callback."""
+def _progress_bar(total, stream=False):
+    """A one-line progress bar on stderr (no dependency); returns the per-step callback. With
+    stream, each group of rows is printed to stdout as soon as it is measured instead (the callback's
+    measured), for a log that a run stopped part way keeps."""
     state = {"done": 0, "start": time.time()}
     width = 30
 
     def step(message):
         state["done"] += 1
+        if stream:
+            return
         filled = int(width * min(state["done"], total) / max(total, 1))
         elapsed = time.time() - state["start"]
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {elapsed:6.1f}s {message[:70]:70s}")
         sys.stderr.flush()
 
+    def measured(rows):
+        for row in rows:
+            print(_row_line(row), flush=True)
+
+    if stream:
+        step.measured = measured
     return step
 
 
@@ -83,9 +93,7 @@ def _print_compute_table(rows):
     print(header)
     print("-" * len(header))
     for r in rows:
-        memory = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
-        print(f"{r['variant']:38s} {r['impl']:34s} {r['dtype']:9s} {r['config']:20s} {r['median_ms']:>10.3f} "
-              f"{r['gflop_per_s']:>8.1f} {r['fraction_of_gemm']:>8.1%} {memory:>9s} {r['time_over_genfast']:>8.2f}x")
+        print(_row_line(r))
 
 
 def _print_bandwidth_table(rows):
@@ -94,9 +102,18 @@ def _print_bandwidth_table(rows):
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:20s} {r['variant']:37s} {r['impl']:18s} {r['dtype']:9s} {r['numel']:>10d} "
-              f"{r['median_ms']:>10.4f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>8.0%} "
-              f"{r['time_over_genfast']:>8.2f}x")
+        print(_row_line(r))
+
+
+def _row_line(r):
+    """A row of the compute table (GFLOP/s) or of the bandwidth table (GB/s)."""
+    if "gb_per_s" in r:
+        return (f"{r['op']:20s} {r['variant']:37s} {r['impl']:18s} {r['dtype']:9s} {r['numel']:>10d} "
+                f"{r['median_ms']:>10.4f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>8.0%} "
+                f"{r['time_over_genfast']:>8.2f}x")
+    memory = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+    return (f"{r['variant']:38s} {r['impl']:34s} {r['dtype']:9s} {r['config']:20s} {r['median_ms']:>10.3f} "
+            f"{r['gflop_per_s']:>8.1f} {r['fraction_of_gemm']:>8.1%} {memory:>9s} {r['time_over_genfast']:>8.2f}x")
 
 
 def cmd_bench(args):
@@ -113,9 +130,10 @@ def cmd_bench(args):
             print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
             return 2
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 19)
+        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 19, stream=args.stream)
         rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress, sizes=sizes)
-        sys.stderr.write("\n")
+        if not args.stream:
+            sys.stderr.write("\n")
     machine = timing.machine(device)
     print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
           f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
@@ -166,6 +184,8 @@ def main(argv=None):
     bench.add_argument("--sizes", help="comma-separated element counts, multiples of 4096 (default: 64K to 64M)")
     bench.add_argument("--json", metavar="PATH", help="save the results as JSON")
     bench.add_argument("--csv", metavar="PATH", help="save the results as CSV")
+    bench.add_argument("--stream", action="store_true",
+                       help="print each group of rows as it is measured (for logs), not a progress bar")
     args = parser.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
 

@@ -250,3 +250,19 @@ def test_the_hopper_opt_in_lasts_one_call(monkeypatch, before):
         bench.with_hopper(lambda: 1 / 0)()
     assert os.environ.get("GENFAST_ATTENTION_SM90") == before
     assert not bench.hopper_available("cpu")
+
+
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_hopper_rows_are_left_out_when_turned_off(monkeypatch, setting):
+    """On an sm_90 GPU with a build that has the Hopper kernels, their rows are timed unless
+    GENFAST_ATTENTION_SM90=0 (what scripts/gpu-check sets when their tests did not pass)."""
+    import genfast
+
+    if setting is None:
+        monkeypatch.delenv("GENFAST_ATTENTION_SM90", raising=False)
+    else:
+        monkeypatch.setenv("GENFAST_ATTENTION_SM90", setting)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    monkeypatch.setattr(genfast, "build_info", lambda: {"attention_sm90": True})
+    assert bench.hopper_available("cuda") == (setting != "0")

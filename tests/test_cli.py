@@ -71,6 +71,37 @@ def test_bench_writes_json_and_csv(tmp_path, capsys, monkeypatch):
     assert "x genfast" in capsys.readouterr().out
 
 
+def test_bench_streams_each_group_as_it_is_measured(capsys, monkeypatch):
+    """--stream (scripts/gpu-check's logs): each row printed as its group is timed, before the
+    table, and no progress bar; a run stopped part way keeps the rows measured so far."""
+    from genfast.benchmarks import elementwise, timing
+
+    for module in (elementwise, timing):
+        monkeypatch.setattr(module, "time_ms", one_call_time_ms)
+    monkeypatch.setitem(timing.COPY_NUMEL, "cpu", 1 << 16)
+    assert main(["bench", "--device", "cpu", "--quick", "--ops", "denoise_step", "--sizes", "65536",
+                 "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert "\r[" not in captured.err
+    streamed, table = captured.out.split("genfast bench on")
+    rows = [line for line in table.splitlines() if line.endswith("x") and " genfast " in f" {line} "]
+    assert len(rows) > 1 and all(line in streamed.splitlines() for line in rows)
+
+
+def test_results_name_the_commit_without_git(monkeypatch):
+    """A working tree copied without .git (the device tool's) names its commit by GENFAST_GIT_SHA."""
+    from genfast.benchmarks import timing
+
+    def no_git(*args, **kwargs):
+        raise OSError("no git")
+
+    monkeypatch.setattr(timing.subprocess, "run", no_git)
+    monkeypatch.delenv("GENFAST_GIT_SHA", raising=False)
+    assert timing._git_sha() is None
+    monkeypatch.setenv("GENFAST_GIT_SHA", "9ca057c")
+    assert timing._git_sha() == "9ca057c"
+
+
 def test_triton_kernels_ship_with_the_package():
     """A wheel install must carry genfast.kernels; without it every Triton test would skip silently."""
     pytest.importorskip("triton")

@@ -113,11 +113,12 @@ FLASH_ATTENTION_MODULES = [("FlashAttention-2", "flash_attn"), ("FlashAttention-
 
 def hopper_available(device: str) -> bool:
     """Whether genfast's CUDA attention has its Hopper kernels here: an sm_90 GPU and a build with
-    sm_90a code. They are opt-in (GENFAST_ATTENTION_SM90=1)."""
+    sm_90a code. They are opt-in (GENFAST_ATTENTION_SM90=1), and GENFAST_ATTENTION_SM90=0 leaves
+    their rows out of the benchmark too (scripts/gpu-check sets it when their tests did not pass)."""
     from .. import build_info
 
-    return (device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-            and bool(build_info().get("attention_sm90")))
+    return (device == "cuda" and os.environ.get("GENFAST_ATTENTION_SM90") != "0" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0) and bool(build_info().get("attention_sm90")))
 
 
 def with_hopper(fn):

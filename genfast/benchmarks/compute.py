@@ -2,12 +2,10 @@
 variant's candidates timed side by side, with GFLOP/s against a GEMM measured in the same run and
 each call's peak extra memory."""
 
-import math
-
 import torch
 
 from .peak_memory import peak_extra_bytes
-from .timing import time_ms
+from .timing import finish_group, time_ms
 
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 
@@ -39,8 +37,5 @@ def time_groups(op: str, device: str, dtype, config: str, numel: int, groups: di
                               config=config, **timing, gflop_per_s=gflops, gemm_gflop_per_s=gemm,
                               fraction_of_gemm=gflops / gemm,
                               peak_extra_mib=None if extra is None else extra / 2 ** 20))
-        best = min((r["median_ms"] for r in group if r["impl"].startswith("genfast")), default=math.nan)
-        for row in group:
-            row["time_over_genfast"] = row["median_ms"] / best
-        rows += group
+        rows += finish_group(group, say)
     return rows

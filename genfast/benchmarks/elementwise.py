@@ -1,11 +1,9 @@
 """The measurement loop shared by the benchmarks of elementwise update ops: for each size, a copy
 bandwidth measured beside it, then each variant's candidates timed side by side."""
 
-import math
-
 import torch
 
-from .timing import copy_bandwidth_gbs, time_ms
+from .timing import copy_bandwidth_gbs, finish_group, time_ms
 
 
 def run_groups(op: str, device: str, sizes, dtypes, quick: bool, progress, make_candidates):
@@ -28,11 +26,7 @@ def run_groups(op: str, device: str, sizes, dtypes, quick: bool, progress, make_
                     group.append(dict(op=op, variant=variant, impl=name, device=device, dtype=dtype_name, numel=numel,
                                       **timing, gb_per_s=gbs, copy_gb_per_s=copy_gbs,
                                       copy_gb_per_s_measured=copy_measured, fraction_of_copy=gbs / copy_gbs))
-                best_genfast = min((r["median_ms"] for r in group if r["impl"].startswith("genfast")),
-                                   default=math.nan)
-                for row in group:
-                    row["time_over_genfast"] = row["median_ms"] / best_genfast
-                rows += group
+                rows += finish_group(group, say)
     return rows
 
 

@@ -1,5 +1,6 @@
 """Timers and the machine facts every benchmark records beside its figures."""
 
+import math
 import os
 import platform
 import subprocess
@@ -53,6 +54,18 @@ def _cuda_event_timing(fn, reps):
 COPY_NUMEL = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
+def finish_group(group: list, say) -> list:
+    """Each row's time over the fastest genfast candidate's in its group (rows timed side by side);
+    the group then goes to say.measured where the progress callback has one (genfast bench --stream)."""
+    best = min((row["median_ms"] for row in group if row["impl"].startswith("genfast")), default=math.nan)
+    for row in group:
+        row["time_over_genfast"] = row["median_ms"] / best
+    measured = getattr(say, "measured", None)
+    if measured is not None:
+        measured(group)
+    return group
+
+
 def copy_bandwidth_gbs(device: str, quick: bool = False, repeats: int = 3):
     """The machine's memory bandwidth as a large float32 copy achieves it (bytes read + written per
     second): the median over `repeats` fresh buffer pairs, since on a virtual machine one pair of
@@ -69,12 +82,15 @@ def copy_bandwidth_gbs(device: str, quick: bool = False, repeats: int = 3):
 
 
 def _git_sha():
+    """The checkout's commit, or GENFAST_GIT_SHA where there is no git repository (a copy of the
+    working tree, as on the device tool's machine)."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        sha = ""
+    return sha or os.environ.get("GENFAST_GIT_SHA") or None
 
 
 def _cpu_name():
