@@ -47,13 +47,32 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def interpreter_error(triton_version: str, numpy_version: str):
+    """None when Triton's interpreter of this version runs genfast's kernels with this numpy, else why
+    not: before Triton 3.7 it takes a loop bound's value with int() of a one-element array, which
+    numpy 2.4 refuses (triton-lang/triton#9171), so every kernel with a loop fails."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version} "
+                "(triton-lang/triton#9171, fixed in Triton 3.7): install numpy<2.4 or triton>=3.7")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def triton_error():
-    """None when Triton kernels can be imported, else why not."""
+    """None when Triton kernels can be imported (and, under TRITON_INTERPRET=1, interpreted), else why not."""
     try:
         importlib.import_module("genfast.kernels.denoise_step")
     except Exception as error:  # triton missing, or broken for this platform
         return f"{type(error).__name__}: {error}"
+    if triton_interpreted():
+        import numpy
+        import triton
+
+        return interpreter_error(triton.__version__, numpy.__version__)
     return None
 
 

@@ -61,6 +61,28 @@ def test_auto_picks_native_on_cpu_when_built():
     assert _backend.resolve_impl("auto", torch.device("cpu")) == expected
 
 
+def test_triton_interpreter_before_3_7_with_numpy_2_4_is_refused_naming_both(monkeypatch):
+    assert _backend.interpreter_error("3.8.0", "2.4.6") is None
+    assert _backend.interpreter_error("3.7.0+git1234", "2.5.0") is None
+    assert _backend.interpreter_error("3.6.0", "2.3.5") is None
+    why = _backend.interpreter_error("3.6.0", "2.4.6")
+    assert "Triton 3.6.0" in why and "numpy 2.4.6" in why and "numpy<2.4 or triton>=3.7" in why
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.triton_error.cache_clear()
+    try:
+        assert not _backend.triton_runs_on("cpu") and "triton-lang/triton#9171" in _backend.triton_error()
+        x = torch.randn(2, 8)
+        with pytest.raises(RuntimeError, match="impl='triton' cannot run on cpu: Triton 3.6.0's interpreter"):
+            genfast.ddim_step(x, x, 0.5, 0.7, impl="triton")
+    finally:
+        _backend.triton_error.cache_clear()
+
+
 CPU_CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]  # narrowest first
 
 
