@@ -210,6 +210,12 @@ def test_opcheck(impl, device):
 @pytest.mark.triton
 def test_triton_op_form_runs_eagerly_on_the_cpu():
     """The triton_op used on GPUs, run eagerly under the interpreter (its opcheck and compile run on the GPU)."""
+    from genfast.kernels.denoise_step import denoise_step_kernel
+
+    try:
+        torch.library.wrap_triton(denoise_step_kernel)
+    except RuntimeError as error:  # torch 2.11's takes triton.jit's kernels only, not the interpreter's
+        pytest.skip(f"this torch's wrap_triton does not take interpreted kernels: {error}")
     for args in _op_samples("triton", "cpu"):
         expected, got = args[-2].clone(), args[-2].clone()
         torch.ops.genfast.denoise_step_triton_interpreted(*args[:-2], expected, None)
