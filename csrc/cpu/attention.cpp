@@ -1,7 +1,8 @@
 // genfast::attention_forward and attention_backward on the CPU, flash-style: each (batch, head,
-// block of 128 queries) walks the blocks of 128 keys its band can reach, keeping a running maximum,
-// sum and output per query (online softmax), so that no Lq x Lk matrix is stored; a key block's
-// panels are packed once when several query blocks or heads read them. The backward recomputes the
+// block of 128 queries) walks the blocks of 128 keys its band can reach (the last one, or a short
+// sequence's only one, computed as wide as its keys), keeping a running maximum, sum and output per
+// query (online softmax), so that no Lq x Lk matrix is stored; a key block's panels are packed once
+// when several query blocks or heads read them. The backward recomputes the
 // probabilities from the log-sum-exp, without atomics: one pass per (batch, key head) when there
 // are enough of them for the threads, else one pass per block of keys (dK, dV) and one per block of
 // queries (dQ). The products are register-blocked (block_product_rows) over packed panels, except
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,6 +34,10 @@ constexpr int64_t kQueryBlock = 128, kKeyBlock = 128;
 static_assert(kKeyBlock % kCols == 0, "key blocks are whole panel chunks");
 
 int64_t padded_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The columns of scores computed for a key block of cols keys: whole panel chunks, -inf (probability
+// 0) past cols. A short sequence's block costs its keys, not kKeyBlock of them.
+int64_t block_width(int64_t cols) { return padded_to(cols, kCols); }
 
 // Panels are packed in column chunks of kCols: chunk k of a panel len deep holds its columns
 // k * kCols .. k * kCols + kCols - 1, row after row (panel[t][c] at (c / kCols) * len * kCols + t *
@@ -154,10 +160,14 @@ GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
 }
 
 // s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
-// is a chain of dependent scalar adds); n a multiple of kCols.
+// is a chain of dependent scalar adds); n a multiple of kCols. The loops over a row's elements here
+// and below run kCols at a time: whole vectors, with no scalar remainder loop for a count the
+// compiler does not know.
 template <CpuCapability isa>
 GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
+  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+    for (int64_t c = c0; c < c0 + kCols; ++c) s[c] = exp_nonpositive(s[c] - m);
+  }
   Floats<isa> lanes = {};
   for (int64_t c = 0; c < n; c += kCols) lanes += load16<kVectorLanes<isa>>(s + c);
   return reduce_lanes(lanes, AddLanes());
@@ -167,16 +177,16 @@ GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {
   for (int64_t c = 0; c < n; ++c) r[c] *= factor;
 }
 
-// The online softmax's step for a block of scores (rows x kKeyBlock): each row's running maximum,
-// sum and output acc (v_pad wide) rescaled to the new maximum, and the scores replaced by their
-// exponentials (zeros while a row has seen nothing but -inf). The rescale factors are taken in one
-// loop over the rows, which vectorizes, instead of a latency-bound scalar exp per row.
+// The online softmax's step for a block of scores (rows x width, rows kKeyBlock apart): each row's
+// running maximum, sum and output acc (v_pad wide) rescaled to the new maximum, and the scores
+// replaced by their exponentials (zeros while a row has seen nothing but -inf). The rescale factors
+// are taken in one loop over the rows, which vectorizes, instead of a latency-bound scalar exp per row.
 template <CpuCapability isa>
-GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, float* max, float* sum, float* acc,
-                                           int64_t v_pad) {
+GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, int64_t width, float* max, float* sum,
+                                           float* acc, int64_t v_pad) {
   float new_max[kQueryBlock], rescale[kQueryBlock];
   for (int64_t r = 0; r < rows; ++r) {
-    const float block_max = row_max<isa>(scores + r * kKeyBlock, kKeyBlock);
+    const float block_max = row_max<isa>(scores + r * kKeyBlock, width);
     new_max[r] = (block_max > max[r] || block_max != block_max) ? block_max : max[r];
   }
   for (int64_t r = 0; r < rows; ++r) {  // 0 where the old maximum is -inf; 1 where nothing is seen yet
@@ -185,10 +195,11 @@ GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, float* m
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * kKeyBlock;
     if (new_max[r] == -__builtin_inff()) {  // nothing seen yet: the block adds nothing
-      for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = 0.0f;
+      for (int64_t c = 0; c < width; ++c) s[c] = 0.0f;
       continue;
     }
-    sum[r] = sum[r] * rescale[r] + exp_shifted<isa>(s, new_max[r], kKeyBlock);
+    // fma written out: whether the compiler contracts a * b + c here changed with inlining.
+    sum[r] = std::fma(sum[r], rescale[r], exp_shifted<isa>(s, new_max[r], width));
     max[r] = new_max[r];
     scale_row(acc + r * v_pad, rescale[r], v_pad);
   }
@@ -354,7 +365,7 @@ GF_CPU_INLINE void apply_bool_mask_for(const uint8_t* __restrict m, int64_t stri
 }
 GF_CPU_DISPATCH(apply_bool_mask)
 
-// A row of scores s (kKeyBlock wide) plus an additive mask's row m (stride apart) of float32, float16
+// A row of scores s (block_width(cols) wide) plus an additive mask's row m (stride apart) of float32, float16
 // or bfloat16, read as it is.
 template <CpuCapability isa, typename M>
 GF_CPU_INLINE void add_bias_row_for(const M* __restrict m, int64_t stride, int64_t cols, float* __restrict s) {
@@ -405,18 +416,20 @@ GF_CPU_INLINE bool bias_row_hides_all_for(const M* __restrict m, int64_t stride,
 }
 GF_CPU_DISPATCH(bias_row_hides_all)
 
-// A row of scores s soft-capped as attention_score does it, softcap * tanh(s / softcap); slope, when
-// given, gets the cap's derivative 1 - tanh^2 for the backward.
+// A row of scores s (width wide) soft-capped as attention_score does it, softcap * tanh(s / softcap);
+// slope, when given, gets the cap's derivative 1 - tanh^2 for the backward.
 template <CpuCapability isa>
-GF_CPU_INLINE void soft_cap_row_for(float* __restrict s, float softcap, float* __restrict slope) {
+GF_CPU_INLINE void soft_cap_row_for(float* __restrict s, int64_t width, float softcap, float* __restrict slope) {
   float t;  // per element; soft_capped writes it
-  if (slope == nullptr) {
-    for (int64_t c = 0; c < kKeyBlock; ++c) s[c] = soft_capped(s[c], softcap, t);
-    return;
-  }
-  for (int64_t c = 0; c < kKeyBlock; ++c) {
-    s[c] = soft_capped(s[c], softcap, t);
-    slope[c] = 1.0f - t * t;
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    if (slope == nullptr) {
+      for (int64_t c = c0; c < c0 + kCols; ++c) s[c] = soft_capped(s[c], softcap, t);
+      continue;
+    }
+    for (int64_t c = c0; c < c0 + kCols; ++c) {
+      s[c] = soft_capped(s[c], softcap, t);
+      slope[c] = 1.0f - t * t;
+    }
   }
 }
 GF_CPU_DISPATCH(soft_cap_row)
@@ -430,15 +443,18 @@ GF_CPU_INLINE void alibi_row_for(float* __restrict s, int64_t cols, float slope,
 }
 GF_CPU_DISPATCH(alibi_row)
 
-// Scores s (rows x kKeyBlock, already scale q.k) of queries i0.. against keys j0..j0 + cols: soft-cap,
-// ALiBi, mask, band and the block's tail (-inf), attention_score's steps in its order, a row at a
-// time in vector lanes. With softcap, cap_slope gets 1 - tanh^2.
+// Scores s (rows x block_width(cols), already scale q.k) of queries i0.. against keys j0..j0 + cols:
+// soft-cap, ALiBi, mask, band and the block's tail (-inf), attention_score's steps in its order, a
+// row at a time in vector lanes. With softcap, cap_slope gets 1 - tanh^2.
 void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t h, int64_t i0,
                    int64_t rows, int64_t j0, int64_t cols, float* scores, float* cap_slope) {
+  const int64_t width = block_width(cols);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* s = scores + r * kKeyBlock;
-    if (p.softcap > 0.0f) soft_cap_row(s, p.softcap, cap_slope == nullptr ? nullptr : cap_slope + r * kKeyBlock);
+    if (p.softcap > 0.0f) {
+      soft_cap_row(s, width, p.softcap, cap_slope == nullptr ? nullptr : cap_slope + r * kKeyBlock);
+    }
     if (p.alibi_slopes != nullptr) {
       alibi_row(s, cols, p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j0);
     }
@@ -453,8 +469,8 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
     const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
     const int64_t hi =
         seq.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + seq.band_hi - j0 + 1, 0, cols);
-    if (lo > 0 || hi < kKeyBlock) {
-      for (int64_t c = 0; c < kKeyBlock; ++c) {
+    if (lo > 0 || hi < width) {
+      for (int64_t c = 0; c < width; ++c) {
         if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
       }
     }
@@ -480,7 +496,7 @@ bool block_masked_out(const AttentionParams& p, int64_t b, int64_t h, int64_t i0
 }
 
 // Dropout's factors of queries i0 .. i0 + rows of head h against keys j0 .. j0 + cols (attention_keeps):
-// keep_scale where kept, else 0, and 0 past cols; rows kKeyBlock apart.
+// keep_scale where kept, else 0, and 0 past cols to block_width(cols); rows kKeyBlock apart.
 void dropout_scales(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset, int64_t h,
                     int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* scales) {
   const float keep_scale = 1.0f / (1.0f - p.dropout_p);
@@ -488,14 +504,21 @@ void dropout_scales(const AttentionParams& p, const AttentionSequence& seq, uint
     float* row = scales + r * kKeyBlock;
     const uint64_t first = static_cast<uint64_t>(seq.lse_row(h, i0 + r) * seq.row_length + seq.col0 + j0);
     philox_dropout_scales(seed, offset, first, cols, p.dropout_p, keep_scale, row);
-    std::fill(row + cols, row + kKeyBlock, 0.0f);
+    std::fill(row + cols, row + block_width(cols), 0.0f);
   }
 }
 
-// values (rows of kKeyBlock) times their dropout factors: 0 where dropped, NaN included.
+// values (rows x width, rows kKeyBlock apart) times their dropout factors: 0 where dropped, NaN included.
 template <CpuCapability isa>
-GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int64_t rows, float* __restrict values) {
-  for (int64_t e = 0; e < rows * kKeyBlock; ++e) values[e] = scales[e] != 0.0f ? values[e] * scales[e] : 0.0f;
+GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int64_t rows, int64_t width,
+                                            float* __restrict values) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row_scales = scales + r * kKeyBlock;
+    float* row = values + r * kKeyBlock;
+    for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+      for (int64_t c = c0; c < c0 + kCols; ++c) row[c] = row_scales[c] != 0.0f ? row[c] * row_scales[c] : 0.0f;
+    }
+  }
 }
 GF_CPU_DISPATCH(apply_dropout_scales)
 
@@ -538,26 +561,27 @@ bool takes_pairs(const AttentionParams& p) {
   return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 && p.dim % 2 == 0;
 }
 
-// Key block j0's K^T panel (dim x kKeyBlock) and V panel (kKeyBlock x v_pad): its cols keys, zeros
-// past them.
+// Key block j0's K^T panel (dim x width) and V panel (width x v_pad), width = block_width(cols): its
+// cols keys, zeros past them.
 template <typename T>
 void pack_key_block(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
                     int64_t hk, int64_t j0, int64_t cols, float* k_panel, float* v_panel) {
+  const int64_t width = block_width(cols);
 #if GF_HAS_BFLOAT16_PAIRS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (kv.pairs) {  // the panels' words are bfloat16 pairs, in half their floats
       pack_pairs_transposed(reinterpret_cast<const uint16_t*>(kv.k + attention_k_at(p, seq, b, hk, j0)),
-                            p.k_stride[2], cols, p.dim / 2, reinterpret_cast<uint32_t*>(k_panel), kKeyBlock);
+                            p.k_stride[2], cols, p.dim / 2, reinterpret_cast<uint32_t*>(k_panel), width);
       pack_pairs_interleaved(reinterpret_cast<const uint16_t*>(kv.v + attention_v_at(p, seq, b, hk, j0)),
                              p.v_stride[2], cols, p.v_dim, reinterpret_cast<uint32_t*>(v_panel),
-                             padded_to(p.v_dim, kCols), kKeyBlock);
+                             padded_to(p.v_dim, kCols), width);
       return;
     }
   }
 #endif
-  pack_transposed(kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, kKeyBlock);
+  pack_transposed(kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, width);
   pack_rows(kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
-            padded_to(p.v_dim, kCols), kKeyBlock);
+            padded_to(p.v_dim, kCols), width);
 }
 
 // The key blocks' panels of a run of (batch, key head) pairs, packed once for all the query blocks
@@ -609,55 +633,56 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
   });
 }
 
-// Scores (rows x kKeyBlock) of head h's queries i0 .. i0 + rows against key block j0, made its
+// Scores (rows x block_width(cols)) of head h's queries i0 .. i0 + rows against key block j0, made its
 // probabilities: attention_score's steps, the online softmax step on the running output, maximum and
 // sum that forward_block keeps for the task's head e, and dropout.
 void block_probabilities(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset,
                          int64_t b, int64_t h, int64_t e, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                          float* scores, ForwardScratch& w) {
   const int64_t v_pad = padded_to(p.v_dim, kCols);
+  const int64_t width = block_width(cols);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, scores, nullptr);
-  online_softmax_step(scores, rows, w.max.data() + e * w.head_rows, w.sum.data() + e * w.head_rows,
+  online_softmax_step(scores, rows, width, w.max.data() + e * w.head_rows, w.sum.data() + e * w.head_rows,
                       w.acc.data() + e * w.head_rows * v_pad, v_pad);
   if (p.dropout_p > 0.0f) {
     dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
-    apply_dropout_scales(w.drop.data(), rows, scores);
+    apply_dropout_scales(w.drop.data(), rows, width, scores);
   }
 }
 
-// scores (rows x kKeyBlock) = scale * q K^T for head e's queries q against a packed K^T panel; on
+// scores (rows x width) = scale * q K^T for head e's queries q against a packed K^T panel; on
 // bfloat16 pairs with kv.pairs, from the queries forward_block rounded into w.q_pairs.
 template <typename T>
 void scores_from_panel(const AttentionParams& p, const KeysValues<T>& kv, const float* q, int64_t e, int64_t rows,
-                       const float* k_panel, ForwardScratch& w) {
+                       const float* k_panel, int64_t width, ForwardScratch& w) {
 #if GF_HAS_BFLOAT16_PAIRS
   if (kv.pairs) {
     const int64_t pairs = p.dim / 2;
     pair_multiply(pair_rows(w.q_pairs.data() + e * w.head_rows * pairs, pairs), rows,
-                  reinterpret_cast<const uint32_t*>(k_panel), pairs, w.scores.data(), kKeyBlock, kKeyBlock, false,
+                  reinterpret_cast<const uint32_t*>(k_panel), pairs, w.scores.data(), kKeyBlock, width, false,
                   p.scale);
     return;
   }
 #endif
-  multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
+  multiply(q, p.q_stride[2], 1, rows, k_panel, p.dim, w.scores.data(), kKeyBlock, width, false, p.scale);
 }
 
-// acc (rows x v_pad) += the probabilities in w.scores times a packed V panel; on bfloat16 pairs with
-// kv.pairs, the probabilities rounded to bfloat16.
+// acc (rows x v_pad) += the probabilities in w.scores (rows x width) times a packed V panel (width
+// deep); on bfloat16 pairs with kv.pairs, the probabilities rounded to bfloat16.
 template <typename T>
 void values_from_panel(const AttentionParams& p, const KeysValues<T>& kv, int64_t rows, const float* v_panel,
-                       float* acc, ForwardScratch& w) {
+                       int64_t width, float* acc, ForwardScratch& w) {
   const int64_t v_pad = padded_to(p.v_dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (kv.pairs) {
-    constexpr int64_t pairs = kKeyBlock / 2;
-    round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, kKeyBlock, w.p_pairs.data(), pairs);
+    const int64_t pairs = width / 2;
+    round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, width, w.p_pairs.data(), pairs);
     pair_multiply(pair_rows(w.p_pairs.data(), pairs), rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc,
                   v_pad, v_pad, true, 1.0f);
     return;
   }
 #endif
-  multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, kKeyBlock, acc, v_pad, v_pad, true, 1.0f);
+  multiply(w.scores.data(), kKeyBlock, 1, rows, v_panel, width, acc, v_pad, v_pad, true, 1.0f);
 }
 
 // Key block j0, read in place, for the one query of each of heads h0 .. h0 + heads (stacks_heads): row
@@ -730,14 +755,14 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
       float* acc = w.acc.data() + e * w.head_rows * v_pad;
       if (k_panel != nullptr) {
-        scores_from_panel(p, kv, q, e, rows, k_panel, w);
+        scores_from_panel(p, kv, q, e, rows, k_panel, block_width(cols), w);
       } else {
         key_dots(q, p.q_stride[2], rows, kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
                  p.scale, w.scores.data());
       }
       block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
-        values_from_panel(p, kv, rows, v_panel, acc, w);
+        values_from_panel(p, kv, rows, v_panel, block_width(cols), acc, w);
       } else {
         value_sums(w.scores.data(), rows, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
                    acc, v_pad);
@@ -890,10 +915,10 @@ struct BackwardScratch {
 uint32_t* words(AlignedFloats& panel) { return reinterpret_cast<uint32_t*>(panel.data()); }
 #endif
 
-// w.scores = scale Q K^T and w.dp = dO V^T for queries i0 .. i0 + rows of head h (w.k_panel = K^T,
-// w.vt_panel = V^T).
+// w.scores = scale Q K^T and w.dp = dO V^T (rows x width) for queries i0 .. i0 + rows of head h
+// (w.k_panel = K^T, w.vt_panel = V^T).
 void score_products(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g, int64_t b,
-                    int64_t h, int64_t i0, int64_t rows, BackwardScratch& w) {
+                    int64_t h, int64_t i0, int64_t rows, int64_t width, BackwardScratch& w) {
   const float* q = p.q + attention_q_at(p, seq, b, h, i0);
   const float* grad_o = g.grad_o + seq.out_row(h, i0) * p.v_dim;
   const int64_t grad_o_row = seq.out_position * p.v_dim;
@@ -901,44 +926,44 @@ void score_products(const AttentionParams& p, const AttentionSequence& seq, cons
   if (w.pairs) {
     round_rows_to_pairs(q, p.q_stride[2], rows, p.dim, w.a_pairs.data(), p.dim / 2);
     pair_multiply(pair_rows(w.a_pairs.data(), p.dim / 2), rows, words(w.k_panel), p.dim / 2, w.scores.data(),
-                  kKeyBlock, kKeyBlock, false, p.scale);
+                  kKeyBlock, width, false, p.scale);
     round_rows_to_pairs(grad_o, grad_o_row, rows, p.v_dim, w.a_pairs.data(), p.v_dim / 2);
     pair_multiply(pair_rows(w.a_pairs.data(), p.v_dim / 2), rows, words(w.vt_panel), p.v_dim / 2, w.dp.data(),
-                  kKeyBlock, kKeyBlock, false, 1.0f);
+                  kKeyBlock, width, false, 1.0f);
     return;
   }
 #endif
-  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), p.dim, w.scores.data(), kKeyBlock, kKeyBlock, false, p.scale);
-  multiply(grad_o, grad_o_row, 1, rows, w.vt_panel.data(), p.v_dim, w.dp.data(), kKeyBlock, kKeyBlock, false, 1.0f);
+  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), p.dim, w.scores.data(), kKeyBlock, width, false, p.scale);
+  multiply(grad_o, grad_o_row, 1, rows, w.vt_panel.data(), p.v_dim, w.dp.data(), kKeyBlock, width, false, 1.0f);
 }
 
-// w.panel_b = key block j0's K (cols rows), for add_grad_q.
+// w.panel_b = key block j0's K (cols rows, zeros to block_width(cols)), for add_grad_q.
 void pack_keys_for_grad_q(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
                           int64_t cols, BackwardScratch& w) {
   const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
   const int64_t d_pad = padded_to(p.dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    pack_pairs_interleaved(k, p.k_stride[2], cols, p.dim, words(w.panel_b), d_pad, kKeyBlock);
+    pack_pairs_interleaved(k, p.k_stride[2], cols, p.dim, words(w.panel_b), d_pad, block_width(cols));
     return;
   }
 #endif
-  pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, kKeyBlock);
+  pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, block_width(cols));
 }
 
-// grad_q (rows x d_pad) += scale dS K, dS in w.dp, K in w.panel_b.
-void add_grad_q(const AttentionParams& p, int64_t rows, float* grad_q, BackwardScratch& w) {
+// grad_q (rows x d_pad) += scale dS K, dS in w.dp (rows x width), K in w.panel_b (width deep).
+void add_grad_q(const AttentionParams& p, int64_t rows, int64_t width, float* grad_q, BackwardScratch& w) {
   const int64_t d_pad = padded_to(p.dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    constexpr int64_t pairs = kKeyBlock / 2;
-    round_rows_to_pairs(w.dp.data(), kKeyBlock, rows, kKeyBlock, w.a_pairs.data(), pairs);
+    const int64_t pairs = width / 2;
+    round_rows_to_pairs(w.dp.data(), kKeyBlock, rows, width, w.a_pairs.data(), pairs);
     pair_multiply(pair_rows(w.a_pairs.data(), pairs), rows, words(w.panel_b), pairs, grad_q, d_pad, d_pad, true,
                   p.scale);
     return;
   }
 #endif
-  multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), kKeyBlock, grad_q, d_pad, d_pad, true, p.scale);
+  multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), width, grad_q, d_pad, d_pad, true, p.scale);
 }
 
 // out (cols x width) += factor * X^T Y, X the rows x kKeyBlock block x (P or dS), Y the rows at y
@@ -951,7 +976,7 @@ void add_transposed_product(const float* x, const float* y, int64_t y_row, int64
   if (w.pairs) {  // X^T's rows are X's columns: X packed as a panel, read a column at a time
     const int64_t depth = padded_to(rows, 2), pairs = depth / 2;
     pack_pairs_interleaved(y, y_row, rows, dim, words(w.panel_a), width, depth);
-    pack_pairs_interleaved(x, kKeyBlock, rows, kKeyBlock, w.a_pairs.data(), kKeyBlock, depth);
+    pack_pairs_interleaved(x, kKeyBlock, rows, cols, w.a_pairs.data(), block_width(cols), depth);
     pair_multiply(PairRows{w.a_pairs.data(), 1, kCols, kCols * pairs}, cols, words(w.panel_a), pairs, out, width,
                   width, true, factor);
     return;
@@ -961,29 +986,35 @@ void add_transposed_product(const float* x, const float* y, int64_t y_row, int64
   multiply(x, 1, kKeyBlock, cols, w.panel_a.data(), rows, out, width, width, true, factor);
 }
 
-// One row: s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS = P (dp - delta).
+// One row (width wide): s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS =
+// P (dp - delta).
 template <CpuCapability isa>
-GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float* __restrict dp, float lse,
-                                                     float delta) {
-  if (lse == -__builtin_inff()) {
-    for (int64_t c = 0; c < kKeyBlock; ++c) {
-      s[c] = 0.0f;
-      dp[c] = 0.0f * (dp[c] - delta);
+GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float* __restrict dp, int64_t width,
+                                                     float lse, float delta) {
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    if (lse == -__builtin_inff()) {
+      for (int64_t c = c0; c < c0 + kCols; ++c) {
+        s[c] = 0.0f;
+        dp[c] = 0.0f * (dp[c] - delta);
+      }
+      continue;
     }
-    return;
-  }
-  for (int64_t c = 0; c < kKeyBlock; ++c) {
-    const float prob = exp_nonpositive(s[c] - lse);
-    s[c] = prob;
-    dp[c] = prob * (dp[c] - delta);
+    for (int64_t c = c0; c < c0 + kCols; ++c) {
+      const float prob = exp_nonpositive(s[c] - lse);
+      s[c] = prob;
+      dp[c] = prob * (dp[c] - delta);
+    }
   }
 }
 GF_CPU_DISPATCH(probabilities_and_score_grads)
 
-// A row of score gradients dp times the soft-cap's slope: the gradient of the capped scale q.k.
+// A row of score gradients dp (width wide) times the soft-cap's slope: the gradient of the capped
+// scale q.k.
 template <CpuCapability isa>
-GF_CPU_INLINE void chain_soft_cap_for(const float* __restrict slope, float* __restrict dp) {
-  for (int64_t c = 0; c < kKeyBlock; ++c) dp[c] *= slope[c];
+GF_CPU_INLINE void chain_soft_cap_for(const float* __restrict slope, int64_t width, float* __restrict dp) {
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    for (int64_t c = c0; c < c0 + kCols; ++c) dp[c] *= slope[c];
+  }
 }
 GF_CPU_DISPATCH(chain_soft_cap)
 
@@ -995,24 +1026,24 @@ GF_CPU_DISPATCH(chain_soft_cap)
 void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g,
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                              int64_t cols, bool with_mask_grad, float* grad_mask, BackwardScratch& w) {
-  const int64_t row0 = seq.lse_row(h, i0);
-  score_products(p, seq, g, b, h, i0, rows, w);
+  const int64_t row0 = seq.lse_row(h, i0), width = block_width(cols);
+  score_products(p, seq, g, b, h, i0, rows, width, w);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
   if (p.dropout_p > 0.0f) {  // dP of the probabilities before dropout
     dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
-    apply_dropout_scales(w.drop.data(), rows, w.dp.data());
+    apply_dropout_scales(w.drop.data(), rows, width, w.dp.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * kKeyBlock;
     float* dp = w.dp.data() + r * kKeyBlock;
-    probabilities_and_score_grads(s, dp, p.lse[row0 + r], g.delta[row0 + r]);
+    probabilities_and_score_grads(s, dp, width, p.lse[row0 + r], g.delta[row0 + r]);
     if (with_mask_grad && grad_mask != nullptr) {
       float* out = grad_mask + mask_grad_row(g, b, h, i0 + r) * p.k_len + j0;
       for (int64_t c = 0; c < cols; ++c) out[c] += dp[c];
     } else if (with_mask_grad) {
       store_mask_grad_row(p, g, b, h, i0 + r, j0, cols, dp);
     }
-    if (p.softcap > 0.0f) chain_soft_cap(w.cap.data() + r * kKeyBlock, dp);
+    if (p.softcap > 0.0f) chain_soft_cap(w.cap.data() + r * kKeyBlock, width, dp);
   }
 }
 
@@ -1020,15 +1051,16 @@ void load_key_panels(const AttentionParams& p, const AttentionSequence& seq, int
                      int64_t cols, BackwardScratch& w) {
   const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
   const float* v = p.v + attention_v_at(p, seq, b, hk, j0);
+  const int64_t width = block_width(cols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    pack_pairs_transposed(k, p.k_stride[2], cols, p.dim / 2, words(w.k_panel), kKeyBlock);
-    pack_pairs_transposed(v, p.v_stride[2], cols, p.v_dim / 2, words(w.vt_panel), kKeyBlock);
+    pack_pairs_transposed(k, p.k_stride[2], cols, p.dim / 2, words(w.k_panel), width);
+    pack_pairs_transposed(v, p.v_stride[2], cols, p.v_dim / 2, words(w.vt_panel), width);
     return;
   }
 #endif
-  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), kKeyBlock);
-  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), kKeyBlock);
+  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), width);
+  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), width);
 }
 
 // grad_q's rows i0 .. i0 + rows of head h from accumulators rows x d_pad.
@@ -1048,6 +1080,7 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   const AttentionSequence seq = attention_sequence(p, b);
   const int64_t cols = std::min(kKeyBlock, seq.k_len - j0), group = p.heads / p.kv_heads;
   if (cols <= 0) return;  // past a packed sequence's end
+  const int64_t width = block_width(cols);
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
   std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
@@ -1073,8 +1106,8 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
         continue;
       }
       probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, with_mask_grad, grad_mask, w);
-      if (grad_q != nullptr) add_grad_q(p, rows, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
-      if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, w.scores.data());
+      if (grad_q != nullptr) add_grad_q(p, rows, width, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
+      if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, width, w.scores.data());
       add_transposed_product(w.scores.data(), g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim,
                              rows, cols, p.v_dim, w.acc_b.data(), 1.0f, w);
       add_transposed_product(w.dp.data(), p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, cols, p.dim,
@@ -1103,7 +1136,7 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
     load_key_panels(p, seq, b, hk, j0, cols, w);
     probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, false, nullptr, w);
     pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
-    add_grad_q(p, rows, grad_q.data(), w);
+    add_grad_q(p, rows, block_width(cols), grad_q.data(), w);
   }
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
 }
