@@ -179,6 +179,29 @@ def test_bias_rows_give_every_peer_the_bias_in_the_inputs_dtype(monkeypatch, one
     assert any(mask.requires_grad for mask in full) and not all(mask.requires_grad for mask in full)
 
 
+def test_cross_rows_time_every_peer_on_few_keys(monkeypatch, one_call_timer, attention_calls):
+    monkeypatch.setitem(bench.CROSS_CONFIGS, "cpu", (2, 2, 40, 7, 16))
+    shapes = []
+    real_sdpa = bench.F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, **options):
+        shapes.append((tuple(q.shape), tuple(k.shape)))
+        return real_sdpa(q, k, v, **options)
+
+    monkeypatch.setattr(bench.F, "scaled_dot_product_attention", sdpa)
+    rows = bench._cross_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA flash", "torch SDPA math",
+             "eager reference", "torch.compile reference"}
+    for variant in ("attention forward cross", "attention forward+backward cross"):
+        assert {row["impl"] for row in rows if row["variant"] == variant} == peers
+    assert all(row["config"] == "B=2 H=2 Lq=40 Lk=7 D=16" for row in rows)
+    for row in rows:
+        flops = 4 * 2 * 2 * 40 * 7 * 16 * (3.5 if "backward" in row["variant"] else 1)
+        assert row["gflop_per_s"] == pytest.approx(flops / 2e-3 / 1e9)
+    assert ((2, 2, 40, 16), (2, 2, 7, 16)) in shapes
+    assert attention_calls and all(options == {"impl": options["impl"]} for options in attention_calls)
+
+
 def test_varlen_rows_time_packed_and_padded_peers(one_call_timer, attention_calls):
     lengths = [20, 7, 13]
     rows = bench._varlen_rows("cpu", torch.float32, 2, 16, lengths, gemm=1.0, quick=True, say=lambda message: None)

@@ -469,11 +469,8 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
     const int64_t lo = seq.band_lo <= -kAttentionUnbounded ? 0 : std::clamp<int64_t>(i + seq.band_lo - j0, 0, cols);
     const int64_t hi =
         seq.band_hi >= kAttentionUnbounded ? cols : std::clamp<int64_t>(i + seq.band_hi - j0 + 1, 0, cols);
-    if (lo > 0 || hi < width) {
-      for (int64_t c = 0; c < width; ++c) {
-        if (c < lo || c >= std::max(lo, hi)) s[c] = -__builtin_inff();
-      }
-    }
+    std::fill(s, s + lo, -__builtin_inff());
+    std::fill(s + std::max(lo, hi), s + width, -__builtin_inff());
   }
 }
 

@@ -41,6 +41,10 @@ DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
+# A diffusion U-Net's cross-attention to its text encoder's 77 tokens (batch, heads, queries, keys,
+# head_dim): Stable Diffusion 1.5's first level on the CPU (a 64 x 64 latent, 8 heads of 40), SDXL's
+# second on the GPU (10 heads of 64); batch 2 for classifier-free guidance.
+CROSS_CONFIGS = {"cpu": (2, 8, 4096, 77, 40), "cuda": (2, 10, 4096, 77, 64)}
 # Attention dropout in training (batch, heads, length, head_dim, causal), at DROPOUT_P.
 DROPOUT_CONFIGS = {"cpu": (2, 8, 1024, 64, False), "cuda": (4, 16, 2048, 128, False)}
 DROPOUT_P = 0.1
@@ -231,6 +235,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             if not quick:
                 rows += _decode_rows(device, dtype, gemm, quick, say,
                                      SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
+                rows += _cross_rows(device, dtype, gemm, quick, say)
                 rows += _dropout_rows(device, dtype, gemm, quick, say)
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
@@ -356,6 +361,30 @@ def _bias_rows(device, dtype, gemm, quick, say):
                       if _runs(lambda fn=fn: with_bias_grad(fn))])
     config = f"B={batch} H={heads} L={length} D={dim} bias (1, H, L, L)"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+
+
+def _cross_rows(device, dtype, gemm, quick, say):
+    """Cross-attention of many queries to a few keys (CROSS_CONFIGS), as a text-conditioned
+    diffusion U-Net runs it in sampling (forward) and training: every peer that takes Lq != Lk."""
+    batch, heads, q_len, k_len, dim = CROSS_CONFIGS.get(device, CROSS_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [(name, lambda q, k, v, fn=dense: fn(q, k, v, False))
+                   for name, dense, _ in flash_attention_peers(device)]
+    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v)),
+                   ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, q_len, dim, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(batch, heads, k_len, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
+    flops = 4 * batch * heads * q_len * k_len * dim
+    groups = _forward_and_backward_groups("cross", flops, usable, q, k, v, leaves, grad)
+    config = f"B={batch} H={heads} Lq={q_len} Lk={k_len} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * heads * q_len * dim, groups, gemm, quick, say)
 
 
 def _dropout_rows(device, dtype, gemm, quick, say):
