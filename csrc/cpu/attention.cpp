@@ -700,6 +700,13 @@ void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const
              w.acc.data(), w.head_rows * v_pad);
 }
 
+// out = factor * in, n elements.
+template <CpuCapability isa>
+GF_CPU_INLINE void scaled_row_for(const float* __restrict in, float factor, int64_t n, float* __restrict out) {
+  for (int64_t c = 0; c < n; ++c) out[c] = in[c] * factor;
+}
+GF_CPU_DISPATCH(scaled_row)
+
 // One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
 // its band reaches: each key block, packed or read in place, serves all the heads while in cache.
 template <typename T>
@@ -772,9 +779,12 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const int64_t row = e * w.head_rows + r;
       const float sum = w.sum[row];
       const bool seen = !(w.max[row] == -__builtin_inff());  // NaN counts as seen
-      const float inverse = seen ? 1.0f / sum : 0.0f;
       float* o = p.o + seq.out_row(h, i0 + r) * p.v_dim;
-      for (int64_t d = 0; d < p.v_dim; ++d) o[d] = seen ? w.acc[row * v_pad + d] * inverse : 0.0f;
+      if (seen) {
+        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, o);
+      } else {
+        std::fill(o, o + p.v_dim, 0.0f);  // not acc * 0: acc holds 0 * V, NaN where V has inf or NaN
+      }
       p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[row] + log_f32(sum) : -__builtin_inff();
     }
   }
