@@ -903,19 +903,23 @@ void for_task_parts(int64_t n, int64_t copies, const Body& body) {
 // With pairs, the products take bfloat16 pairs (bfloat16_pairs.h): the panels hold words in half
 // their floats, and a_pairs the rows of A rounded to bfloat16 (P and dS too, as the GPU kernels round
 // them).
+// Sized to the blocks p's lengths allow (rows <= R queries, even; block widths <= C keys): a short
+// sequence's backward does not allocate and zero 128 x 128 blocks per call.
 struct BackwardScratch {
   AlignedFloats k_panel, vt_panel, scores, dp, drop, cap, panel_a, panel_b, acc_a, acc_b;  // drop with dropout
   bool pairs;
   std::vector<uint32_t> a_pairs;
-  BackwardScratch(int64_t dim_pad, int64_t v_pad, bool dropout, bool pairs)
-      : k_panel(static_cast<size_t>(dim_pad * kKeyBlock)), vt_panel(static_cast<size_t>(v_pad * kKeyBlock)),
-        scores(static_cast<size_t>(kQueryBlock * kKeyBlock)), dp(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        drop(dropout ? static_cast<size_t>(kQueryBlock * kKeyBlock) : 0),
-        cap(static_cast<size_t>(kQueryBlock * kKeyBlock)),
-        panel_a(static_cast<size_t>(kQueryBlock * std::max(dim_pad, v_pad))),
-        panel_b(static_cast<size_t>(kKeyBlock * std::max(dim_pad, v_pad))),
-        acc_a(static_cast<size_t>(kKeyBlock * dim_pad)), acc_b(static_cast<size_t>(kKeyBlock * v_pad)), pairs(pairs),
-        a_pairs(pairs ? static_cast<size_t>(kQueryBlock * std::max({kKeyBlock, dim_pad, v_pad}) / 2) : 0) {}
+  BackwardScratch(const AttentionParams& p, bool pairs)
+      : BackwardScratch(padded_to(std::min(kQueryBlock, p.q_len), 2), block_width(std::min(kKeyBlock, p.k_len)),
+                        padded_to(p.dim, kCols), padded_to(p.v_dim, kCols), p.dropout_p > 0.0f, pairs) {}
+  BackwardScratch(int64_t R, int64_t C, int64_t d_pad, int64_t v_pad, bool dropout, bool pairs)
+      : k_panel(static_cast<size_t>(d_pad * C)), vt_panel(static_cast<size_t>(v_pad * C)),
+        scores(static_cast<size_t>(R * kKeyBlock)), dp(static_cast<size_t>(R * kKeyBlock)),
+        drop(dropout ? static_cast<size_t>(R * kKeyBlock) : 0), cap(static_cast<size_t>(R * kKeyBlock)),
+        panel_a(static_cast<size_t>(R * std::max(d_pad, v_pad))),
+        panel_b(static_cast<size_t>(C * std::max(d_pad, v_pad))),
+        acc_a(static_cast<size_t>(C * d_pad)), acc_b(static_cast<size_t>(C * v_pad)), pairs(pairs),
+        a_pairs(pairs ? static_cast<size_t>(R * std::max({C, d_pad, v_pad}) / 2) : 0) {}
 };
 
 #if GF_HAS_BFLOAT16_PAIRS
@@ -1151,14 +1155,14 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
 void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, bool pairs) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
-  const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
+  const int64_t d_pad = padded_to(p.dim, kCols);
   const int64_t k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
   const int64_t group = p.heads / p.kv_heads;
   if (p.batch * p.kv_heads >= 2 * at::get_num_threads()) {
     // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
     // in the task's own buffer (no recomputation, no atomics).
     for_task_parts(p.batch * p.kv_heads, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
-      BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
+      BackwardScratch scratch(p, pairs);
       AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
@@ -1176,14 +1180,14 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
   }
   // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
   for_task_parts(p.batch * p.kv_heads * k_blocks, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
-    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
+    BackwardScratch scratch(p, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % k_blocks, bh = task / k_blocks;
       key_block_grads(p, g, seed, offset, bh / p.kv_heads, bh % p.kv_heads, block * kKeyBlock, copy, scratch);
     }
   });
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch scratch(d_pad, v_pad, p.dropout_p > 0.0f, pairs);
+    BackwardScratch scratch(p, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % q_blocks, bh = task / q_blocks;
       query_block_grads(p, g, seed, offset, bh / p.heads, bh % p.heads, block * kQueryBlock, scratch);
