@@ -129,6 +129,20 @@ def test_options_at_each_query_count(impl, lq):
     assert o[1, 0, lq - 1].isnan().all() and not o[1, 0, :lq - 1].isnan().any() and not o[0].isnan().any()
 
 
+# The CPU kernel computes a key block only as wide as its keys, rounded up to 16 columns: key counts
+# on and beside those widths, with every option that touches a block's columns past its keys (band,
+# soft-cap, bias, dropout), forward and backward, on float32 and bfloat16 products.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lk", [16, 31, 32, 48, 77, 144])
+def test_cpu_key_blocks_as_wide_as_their_keys(lk, dtype):
+    skip_unless_supported("native", "cpu", dtype)
+    q, k, v = _qkv(1, 4, 2, 20, lk, 64, dtype)
+    mask = torch.randn(1, 4, 20, lk, generator=torch.Generator().manual_seed(lk)).to(dtype)
+    options = dict(causal="bottom_right", window=(lk // 2, 0), softcap=20.0)
+    _compare(q, k, v, attn_mask=mask, enable_gqa=True, **options)
+    _compare_grads(q, k, v, mask, dropout_p=0.1, seed=4, **options)
+
+
 # With grouped-query attention a CPU task takes several query heads of one key head together when
 # there are tasks enough for the threads (4 heads with 1 thread here, 2 with 2), so that a key block
 # serves them all from cache; each head keeps its own ALiBi slope, bias rows and dropout stream.
