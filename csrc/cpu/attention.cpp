@@ -529,17 +529,18 @@ struct ForwardScratch {
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
   // With products on bfloat16 pairs: each head's queries, and one head's probabilities, as pairs.
   std::vector<uint32_t> q_pairs, p_pairs;
-  // rows: the most queries of a block. The scores also hold a row per head for the stacked decoding
-  // step, which a packed sequence of one query may take beside longer ones.
-  ForwardScratch(int64_t rows, int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout, bool pairs)
+  // rows: the most queries of a block; width: the widest key block (block_width). The scores also
+  // hold a row per head for the stacked decoding step, which a packed sequence of one query may take
+  // beside longer ones.
+  ForwardScratch(int64_t rows, int64_t width, int64_t dim, int64_t v_pad, int64_t heads, bool packs, bool dropout,
+                 bool pairs)
       : head_rows(rows),
         scores(static_cast<size_t>(std::max(rows, std::min(heads, kQueryBlock)) * kKeyBlock)),
         drop(dropout ? static_cast<size_t>(rows * kKeyBlock) : 0), acc(static_cast<size_t>(heads * rows * v_pad)),
         max(static_cast<size_t>(heads * rows)), sum(static_cast<size_t>(heads * rows)),
-        k_panel(packs ? static_cast<size_t>(dim * kKeyBlock) : 0),
-        v_panel(packs ? static_cast<size_t>(kKeyBlock * v_pad) : 0), seen(static_cast<size_t>(heads)),
-        q_pairs(pairs ? static_cast<size_t>(heads * rows * (dim / 2)) : 0),
-        p_pairs(pairs ? static_cast<size_t>(rows * kKeyBlock / 2) : 0) {}
+        k_panel(packs ? static_cast<size_t>(dim * width) : 0), v_panel(packs ? static_cast<size_t>(width * v_pad) : 0),
+        seen(static_cast<size_t>(heads)), q_pairs(pairs ? static_cast<size_t>(heads * rows * (dim / 2)) : 0),
+        p_pairs(pairs ? static_cast<size_t>(rows * width / 2) : 0) {}
 };
 
 // K and V as the forward reads them: float32, or a float16 or bfloat16 cache's own elements. With
@@ -826,8 +827,8 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
     const int64_t count = std::min(pass, pairs - first_pair);
     if (shared) pack_key_panels(p, kv, first_pair, count, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
-      ForwardScratch scratch(std::min(kQueryBlock, p.q_len), p.dim, padded_to(p.v_dim, kCols), heads,
-                             packs && !shared, p.dropout_p > 0.0f, kv.pairs);
+      ForwardScratch scratch(std::min(kQueryBlock, p.q_len), block_width(std::min(kKeyBlock, p.k_len)), p.dim,
+                             padded_to(p.v_dim, kCols), heads, packs && !shared, p.dropout_p > 0.0f, kv.pairs);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
