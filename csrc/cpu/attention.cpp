@@ -903,9 +903,8 @@ void for_task_parts(int64_t n, int64_t copies, const Body& body) {
 
 // With pairs, the products take bfloat16 pairs (bfloat16_pairs.h): the panels hold words in half
 // their floats, and a_pairs the rows of A rounded to bfloat16 (P and dS too, as the GPU kernels round
-// them).
-// Sized to the blocks p's lengths allow (rows <= R queries, even; block widths <= C keys): a short
-// sequence's backward does not allocate and zero 128 x 128 blocks per call.
+// them). Sized to the blocks p's lengths allow (rows <= R queries, even; block widths <= C keys), so
+// that a short sequence's backward does not allocate and zero 128 x 128 blocks per call.
 struct BackwardScratch {
   AlignedFloats k_panel, vt_panel, scores, dp, drop, cap, panel_a, panel_b, acc_a, acc_b;  // drop with dropout
   bool pairs;
