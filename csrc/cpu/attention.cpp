@@ -160,14 +160,10 @@ GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
 }
 
 // s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
-// is a chain of dependent scalar adds); n a multiple of kCols. The loops over a row's elements here
-// and below run kCols at a time: whole vectors, with no scalar remainder loop for a count the
-// compiler does not know.
+// is a chain of dependent scalar adds); n a multiple of kCols.
 template <CpuCapability isa>
 GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
-  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
-    for (int64_t c = c0; c < c0 + kCols; ++c) s[c] = exp_nonpositive(s[c] - m);
-  }
+  for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
   Floats<isa> lanes = {};
   for (int64_t c = 0; c < n; c += kCols) lanes += load16<kVectorLanes<isa>>(s + c);
   return reduce_lanes(lanes, AddLanes());
@@ -421,15 +417,13 @@ GF_CPU_DISPATCH(bias_row_hides_all)
 template <CpuCapability isa>
 GF_CPU_INLINE void soft_cap_row_for(float* __restrict s, int64_t width, float softcap, float* __restrict slope) {
   float t;  // per element; soft_capped writes it
-  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    if (slope == nullptr) {
-      for (int64_t c = c0; c < c0 + kCols; ++c) s[c] = soft_capped(s[c], softcap, t);
-      continue;
-    }
-    for (int64_t c = c0; c < c0 + kCols; ++c) {
-      s[c] = soft_capped(s[c], softcap, t);
-      slope[c] = 1.0f - t * t;
-    }
+  if (slope == nullptr) {
+    for (int64_t c = 0; c < width; ++c) s[c] = soft_capped(s[c], softcap, t);
+    return;
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    s[c] = soft_capped(s[c], softcap, t);
+    slope[c] = 1.0f - t * t;
   }
 }
 GF_CPU_DISPATCH(soft_cap_row)
@@ -512,9 +506,7 @@ GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int6
   for (int64_t r = 0; r < rows; ++r) {
     const float* row_scales = scales + r * kKeyBlock;
     float* row = values + r * kKeyBlock;
-    for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-      for (int64_t c = c0; c < c0 + kCols; ++c) row[c] = row_scales[c] != 0.0f ? row[c] * row_scales[c] : 0.0f;
-    }
+    for (int64_t c = 0; c < width; ++c) row[c] = row_scales[c] != 0.0f ? row[c] * row_scales[c] : 0.0f;
   }
 }
 GF_CPU_DISPATCH(apply_dropout_scales)
@@ -1002,19 +994,17 @@ void add_transposed_product(const float* x, const float* y, int64_t y_row, int64
 template <CpuCapability isa>
 GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float* __restrict dp, int64_t width,
                                                      float lse, float delta) {
-  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    if (lse == -__builtin_inff()) {
-      for (int64_t c = c0; c < c0 + kCols; ++c) {
-        s[c] = 0.0f;
-        dp[c] = 0.0f * (dp[c] - delta);
-      }
-      continue;
+  if (lse == -__builtin_inff()) {
+    for (int64_t c = 0; c < width; ++c) {
+      s[c] = 0.0f;
+      dp[c] = 0.0f * (dp[c] - delta);
     }
-    for (int64_t c = c0; c < c0 + kCols; ++c) {
-      const float prob = exp_nonpositive(s[c] - lse);
-      s[c] = prob;
-      dp[c] = prob * (dp[c] - delta);
-    }
+    return;
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    const float prob = exp_nonpositive(s[c] - lse);
+    s[c] = prob;
+    dp[c] = prob * (dp[c] - delta);
   }
 }
 GF_CPU_DISPATCH(probabilities_and_score_grads)
@@ -1023,9 +1013,7 @@ GF_CPU_DISPATCH(probabilities_and_score_grads)
 // scale q.k.
 template <CpuCapability isa>
 GF_CPU_INLINE void chain_soft_cap_for(const float* __restrict slope, int64_t width, float* __restrict dp) {
-  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    for (int64_t c = c0; c < c0 + kCols; ++c) dp[c] *= slope[c];
-  }
+  for (int64_t c = 0; c < width; ++c) dp[c] *= slope[c];
 }
 GF_CPU_DISPATCH(chain_soft_cap)
 
