@@ -620,25 +620,34 @@ def test_full_mask_gradient_stored_in_the_masks_dtype(mask_dtype):
     """A mask with every dim gets its gradient as the CPU kernel computes dS, in the mask's dtype (no
     float32 buffer to zero, fill and round): the float32 mask's gradient rounded, bit for bit, and
     zeros where the window or a hidden key block leaves dS uncomputed, whatever the memory given to
-    the gradient held before."""
+    the gradient held before; NaN where dS is NaN."""
     skip_unless_supported("native", "cpu", mask_dtype)
     q, k, v = _qkv(2, 2, 1, 40, 150, 16, torch.float32)
     mask = torch.randn(2, 2, 40, 150, generator=torch.Generator().manual_seed(6)).to(mask_dtype).float()
     mask[1, 1, :, 128:] = float("-inf")  # a whole key block hidden from one head: skipped
-    grads = {}
-    for dtype in (torch.float32, mask_dtype):
-        for _ in range(4):  # memory freed full of NaN, which the gradient's may be carved from
-            torch.full(mask.shape, float("nan"), dtype=dtype).add_(1)
-        m = mask.to(dtype).requires_grad_()
-        o = genfast.attention(q, k, v, m, enable_gqa=True, window=(10, 0), impl="native")
-        grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
-    assert grads[mask_dtype].dtype == mask_dtype
-    assert torch.equal(grads[mask_dtype], grads[torch.float32].to(mask_dtype))
+
+    def mask_grads(mask):
+        grads = {}
+        for dtype in (torch.float32, mask_dtype):
+            for _ in range(4):  # memory freed full of NaN, which the gradient's may be carved from
+                torch.full(mask.shape, float("nan"), dtype=dtype).add_(1)
+            m = mask.to(dtype, copy=True).requires_grad_()
+            o = genfast.attention(q, k, v, m, enable_gqa=True, window=(10, 0), impl="native")
+            grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+        assert grads[mask_dtype].dtype == mask_dtype
+        return grads[torch.float32], grads[mask_dtype]
+
+    exact, rounded = mask_grads(mask)
+    assert torch.equal(rounded, exact.to(mask_dtype))
     i = torch.arange(40)[:, None] + 110
     j = torch.arange(150)[None, :]
     seen = (j <= i) & (j >= i - 10) & torch.isfinite(mask)
-    assert torch.equal(grads[mask_dtype] == 0, ~seen | (grads[torch.float32] == 0))
-    assert grads[mask_dtype][seen].ne(0).float().mean() > 0.9
+    assert torch.equal(rounded == 0, ~seen | (exact == 0))
+    assert rounded[seen].ne(0).float().mean() > 0.9
+    mask[0, 1, 5, 110] = float("nan")  # seen by query 5 (keys 105 .. 115): its row of dS is NaN
+    exact, rounded = mask_grads(mask)
+    assert torch.equal(rounded.isnan(), exact.isnan()) and rounded[0, 1, 5, 105:116].isnan().all()
+    assert torch.equal(rounded.nan_to_num(), exact.nan_to_num().to(mask_dtype))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 40, 1), (40, 1), ()], ids=str)

@@ -437,6 +437,34 @@ GF_CPU_INLINE void alibi_row_for(float* __restrict s, int64_t cols, float slope,
 }
 GF_CPU_DISPATCH(alibi_row)
 
+// The element of the mask for query i of head h in batch b against key j.
+int64_t mask_at(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
+}
+
+// How many rows ahead of the one it reads finish_scores asks for the mask's. A block's part of a
+// mask is short runs (cols elements) a whole mask row apart, which the hardware prefetchers, stopping
+// at a 4 KiB page's edge, do not follow: read cold, a (1, H, L, L) bfloat16 bias cost a sixth of the
+// forward. A block's first rows are asked for before its score products (asking for all of its rows
+// there stalled on the misses outstanding).
+constexpr int64_t kMaskRowsAhead = 16;
+
+// Asks for `rows` of the mask's rows (cols elements each, from element `at`) to be brought into
+// cache; for a mask contiguous along keys. Always inlined: GCC takes a function that only prefetches
+// for pure, and drops its calls.
+inline __attribute__((always_inline)) void prefetch_mask_rows(const AttentionParams& p, int64_t at, int64_t rows,
+                                                              int64_t cols) {
+  if (p.mask_kind == AttentionMask::kNone || p.mask_stride[3] != 1) return;
+  const int64_t size = p.mask_kind == AttentionMask::kBool ? 1 : p.bias_type == AttentionBias::kFloat32 ? 4 : 2;
+  constexpr uintptr_t kLine = 64;
+  for (int64_t r = 0; r < (p.mask_stride[2] == 0 ? 1 : rows); ++r) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(p.mask) + (at + r * p.mask_stride[2]) * size;
+    for (uintptr_t line = start & ~(kLine - 1); line < start + cols * size; line += kLine) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+    }
+  }
+}
+
 // Scores s (rows x block_width(cols), already scale q.k) of queries i0.. against keys j0..j0 + cols:
 // soft-cap, ALiBi, mask, band and the block's tail (-inf), attention_score's steps in its order, a
 // row at a time in vector lanes. With softcap, cap_slope gets 1 - tanh^2.
@@ -453,7 +481,10 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
       alibi_row(s, cols, p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j0);
     }
     if (p.mask_kind != AttentionMask::kNone) {
-      const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j0 * p.mask_stride[3];
+      const int64_t at = mask_at(p, b, h, i, j0);
+      if (r + kMaskRowsAhead < rows && p.mask_stride[2] != 0) {
+        prefetch_mask_rows(p, at + kMaskRowsAhead * p.mask_stride[2], 1, cols);
+      }
       if (p.mask_kind == AttentionMask::kBool) {
         apply_bool_mask(static_cast<const uint8_t*>(p.mask) + at, p.mask_stride[3], cols, s);
       } else {
@@ -474,7 +505,7 @@ void finish_scores(const AttentionParams& p, const AttentionSequence& seq, int64
 bool block_masked_out(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                       int64_t cols) {
   if (p.mask_kind == AttentionMask::kNone) return false;
-  const int64_t first = b * p.mask_stride[0] + h * p.mask_stride[1] + i0 * p.mask_stride[2] + j0 * p.mask_stride[3];
+  const int64_t first = mask_at(p, b, h, i0, j0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = first + r * p.mask_stride[2];
     const bool hidden =
@@ -751,6 +782,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const int64_t h = h0 + e;
       const float* q = p.q + attention_q_at(p, seq, b, h, i0);
       float* acc = w.acc.data() + e * w.head_rows * v_pad;
+      prefetch_mask_rows(p, mask_at(p, b, h, i0, j0), std::min(rows, kMaskRowsAhead), cols);
       if (k_panel != nullptr) {
         scores_from_panel(p, kv, q, e, rows, k_panel, block_width(cols), w);
       } else {
@@ -854,6 +886,20 @@ int64_t mask_grad_row(const AttentionGrads& g, int64_t b, int64_t h, int64_t i) 
          (g.mask_rows > 1 ? i : 0);
 }
 
+// A row of floats x rounded to bfloat16 (their bits) as c10::BFloat16 rounds them, to nearest even
+// and NaN to 0x7FC0, in vector lanes (c10's conversion, compiled for the baseline, is element by
+// element).
+template <CpuCapability isa>
+GF_CPU_INLINE void round_row_to_bfloat16_for(const float* __restrict x, int64_t n, uint16_t* __restrict out) {
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + c, sizeof(bits));
+    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    out[c] = x[c] != x[c] ? uint16_t{0x7FC0} : rounded;
+  }
+}
+GF_CPU_DISPATCH(round_row_to_bfloat16)
+
 // dS of row (b, h, i) for keys j0 .. j0 + cols into AttentionGrads::mask_grad, in its dtype; zeros
 // where ds is null (a row no task computes there: outside the band, or in a skipped block).
 void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int64_t b, int64_t h, int64_t i,
@@ -871,6 +917,7 @@ void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int6
     case at::kHalf:
       return store(static_cast<c10::Half*>(g.mask_grad) + at);
     case at::kBFloat16:
+      if (ds != nullptr) return round_row_to_bfloat16(ds, cols, static_cast<uint16_t*>(g.mask_grad) + at);
       return store(static_cast<c10::BFloat16*>(g.mask_grad) + at);
     case at::kDouble:
       return store(static_cast<double*>(g.mask_grad) + at);
@@ -1026,6 +1073,7 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
                              uint64_t seed, uint64_t offset, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                              int64_t cols, bool with_mask_grad, float* grad_mask, BackwardScratch& w) {
   const int64_t row0 = seq.lse_row(h, i0), width = block_width(cols);
+  prefetch_mask_rows(p, mask_at(p, b, h, i0, j0), std::min(rows, kMaskRowsAhead), cols);
   score_products(p, seq, g, b, h, i0, rows, width, w);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, w.scores.data(), w.cap.data());
   if (p.dropout_p > 0.0f) {  // dP of the probabilities before dropout
