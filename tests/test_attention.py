@@ -650,6 +650,29 @@ def test_full_mask_gradient_stored_in_the_masks_dtype(mask_dtype):
     assert torch.equal(rounded.nan_to_num(), exact.nan_to_num().to(mask_dtype))
 
 
+def test_full_float32_mask_gradient_past_the_caches_is_streamed():
+    """A float32 mask gradient of 32 MiB or more, stored with streaming stores (past the caches): the
+    rows of a call with a few of the queries, stored plainly, bit for bit; zeros where a hidden key
+    block leaves dS uncomputed, whatever the memory given to the gradient held before."""
+    skip_unless_supported("native", "cpu")
+    q, k, v = _qkv(1, 2, 2, 2048, 2048, 16, torch.float32)
+    mask = torch.randn(1, 2, 2048, 2048, generator=torch.Generator().manual_seed(8))
+    mask[0, 1, :, 1024:1152] = float("-inf")  # a whole key block hidden from one head: skipped
+
+    def mask_grad(rows):
+        for _ in range(4):  # memory freed full of NaN, which the gradient's may be carved from
+            torch.full(mask.shape, float("nan")).add_(1)
+        m = mask[:, :, :rows].clone().requires_grad_()
+        o = genfast.attention(q[:, :, :rows], k, v, m, impl="native")
+        return torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+
+    streamed, plain = mask_grad(2048), mask_grad(40)
+    assert streamed.numel() * streamed.element_size() >= 32 << 20 > plain.numel() * plain.element_size()
+    assert torch.equal(streamed[:, :, :40], plain)
+    assert streamed.isfinite().all() and (streamed[0, 1, :, 1024:1152] == 0).all()
+    assert streamed[0, 0].ne(0).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 40, 1), (40, 1), ()], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_half_mask_with_one_column_sums_its_gradient_in_float32(shape, impl):

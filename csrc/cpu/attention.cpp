@@ -26,6 +26,7 @@
 #include "block_product.h"
 #include "cpu_vectors.h"
 #include "philox_block.h"
+#include "streaming_store.h"
 
 namespace genfast {
 namespace {
@@ -878,6 +879,7 @@ struct AttentionGrads {
   // stored once here in the mask's dtype, (B, H, Lq, Lk): no float32 buffer to zero, fill and round.
   void* mask_grad;
   at::ScalarType mask_grad_type;
+  bool stream_mask_grad;  // a float32 mask_grad larger than the caches: written with streaming stores
 };
 
 // The row of a copy of grad_mask that the row of dS of (batch b, head h, query i) adds to.
@@ -922,21 +924,27 @@ void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int6
     case at::kDouble:
       return store(static_cast<double*>(g.mask_grad) + at);
     default:
+      if (ds != nullptr && g.stream_mask_grad) return streaming_store(static_cast<float*>(g.mask_grad) + at, ds, cols);
       return store(static_cast<float*>(g.mask_grad) + at);
   }
 }
 
 // body(first, last, copy) over the tasks [0, n): with one copy of grad_mask, as at::parallel_for
 // shares them out; with more, in that many fixed parts, each adding to its own copy, so that the
-// sums (and their bits) do not depend on which thread runs a part.
+// sums (and their bits) do not depend on which thread runs a part. Each thread fences its streaming
+// stores (AttentionGrads::stream_mask_grad) before the caller reads what they wrote.
 template <typename Body>
 void for_task_parts(int64_t n, int64_t copies, const Body& body) {
   if (copies <= 1) {
-    at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) { body(first, last, int64_t{0}); });
+    at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+      body(first, last, int64_t{0});
+      streaming_store_fence();
+    });
     return;
   }
   at::parallel_for(0, copies, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) body(c * n / copies, (c + 1) * n / copies, c);
+    streaming_store_fence();
   });
 }
 
@@ -1314,7 +1322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
                            copy_shape[1],
                            copy_shape[2],
                            stored ? stored_grad.mutable_data_ptr() : nullptr,
-                           t.mask_grad_dtype};
+                           t.mask_grad_dtype,
+                           stored && t.mask_grad_dtype == at::kFloat &&
+                               stored_grad.numel() * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes};
     attention_backward_impl(p, g, dtype == at::kBFloat16 && takes_pairs(p) && p.v_dim % 2 == 0);
   }
   std::optional<at::Tensor> mask_grad;
