@@ -203,7 +203,8 @@ struct AttentionGradInputs {
 
 inline AttentionGradInputs prepare_attention_grads(const char* op, const AttentionTensors& t, const at::Tensor& grad_o,
                                                    const std::optional<at::Tensor>& grad_lse, const at::Tensor& o,
-                                                   const at::Tensor& lse, bool as_float = true) {
+                                                   const at::Tensor& lse, bool as_float = true,
+                                                   bool with_delta = true) {
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
   o_shape.back() = t.v.size(-1);
@@ -223,6 +224,7 @@ inline AttentionGradInputs prepare_attention_grads(const char* op, const Attenti
   AttentionGradInputs g;
   g.grad_o = as_float ? grad_o.to(at::kFloat).contiguous() : grad_o.contiguous();
   g.lse = lse.contiguous();
+  if (!with_delta) return g;  // the caller computes it, with no float32 copies of grad_o and o
   at::Tensor delta = (grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1);
   if (varlen) delta = delta.transpose(0, 1);
   if (grad_lse) delta = delta - grad_lse->to(at::kFloat);

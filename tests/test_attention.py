@@ -298,6 +298,28 @@ def _compare_grads(q, k, v, mask=None, impl="native", **options):
         assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["window", "causal, more keys", "hidden rows and key block"])
+def test_cpu_backward_writes_every_gradient_element(case, dtype):
+    """The CPU backward writes dQ, dK and dV whole, in bfloat16 or float32 as it computes them, into
+    memory it does not zero first: keys no query sees, and queries that see no key, get zeros, over
+    memory freed full of NaN that the gradients may be carved from; the reference's gradients."""
+    skip_unless_supported("native", "cpu", dtype)
+    q, k, v = _qkv(2, 4, 2, 70, 300, 16, dtype)
+    mask, options = None, {}
+    if case == "window":
+        options = dict(window=(20, 0))  # keys 0 .. 209 unseen
+    elif case == "causal, more keys":
+        options = dict(causal="top_left")  # keys 70 .. 299 unseen
+    else:
+        mask = torch.ones(2, 1, 70, 300, dtype=torch.bool)
+        mask[:, :, 10:20] = False  # queries that see no key
+        mask[..., 128:256] = False  # a key block no query sees: skipped
+    for t in (q, k, v) * 3:
+        torch.full(t.shape, float("nan"), dtype=dtype).add_(1)
+    _compare_grads(q, k, v, mask, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lq,lk,dim", [(1, 1, 16), (17, 100, 64), (100, 33, 80), (40, 70, 256)])
 @pytest.mark.parametrize("impl", fused_impls())

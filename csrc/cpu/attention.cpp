@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -25,6 +26,7 @@
 #include "bfloat16_pairs.h"
 #include "block_product.h"
 #include "cpu_vectors.h"
+#include "float_io.h"
 #include "philox_block.h"
 #include "streaming_store.h"
 
@@ -868,9 +870,10 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
 struct AttentionGrads {
   const float* grad_o;
   const float* delta;
-  float* grad_q;     // rows AttentionSequence::out_row of dim
-  float* grad_k;     // rows AttentionSequence::key_out_row of dim
-  float* grad_v;     // and of v_dim
+  void* grad_q;  // rows AttentionSequence::out_row of dim, in grad_type (float32 or bfloat16)
+  void* grad_k;  // rows AttentionSequence::key_out_row of dim
+  void* grad_v;  // and of v_dim
+  at::ScalarType grad_type;
   // Null, or dL/ds added up in `copies` buffers (one per part of the tasks), one after another, of
   // (mask_batches, mask_heads, mask_rows, Lk): each of the first three the whole dim or 1 (summed).
   float* grad_mask;
@@ -902,31 +905,30 @@ GF_CPU_INLINE void round_row_to_bfloat16_for(const float* __restrict x, int64_t 
 }
 GF_CPU_DISPATCH(round_row_to_bfloat16)
 
+// n floats from src written from element `at` of a tensor of `type` (float32, float64, float16 or
+// bfloat16), rounded as c10 rounds them; float32 with streaming stores where `stream`.
+void store_floats(void* base, at::ScalarType type, int64_t at, const float* src, int64_t n, bool stream = false) {
+  switch (type) {
+    case at::kHalf:
+      return from_float(src, static_cast<c10::Half*>(base) + at, n);
+    case at::kBFloat16:
+      return round_row_to_bfloat16(src, n, static_cast<uint16_t*>(base) + at);
+    case at::kDouble:
+      return from_float(src, static_cast<double*>(base) + at, n);
+    default:
+      if (stream) return streaming_store(static_cast<float*>(base) + at, src, n);
+      std::copy(src, src + n, static_cast<float*>(base) + at);
+  }
+}
+
 // dS of row (b, h, i) for keys j0 .. j0 + cols into AttentionGrads::mask_grad, in its dtype; zeros
 // where ds is null (a row no task computes there: outside the band, or in a skipped block).
 void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int64_t b, int64_t h, int64_t i,
                          int64_t j0, int64_t cols, const float* ds) {
   const int64_t at = ((b * p.heads + h) * p.q_len + i) * p.k_len + j0;
-  const auto store = [&](auto* out) {
-    using T = std::remove_pointer_t<decltype(out)>;
-    if (ds == nullptr) {
-      std::fill(out, out + cols, T(0));
-      return;
-    }
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(ds[c]);
-  };
-  switch (g.mask_grad_type) {
-    case at::kHalf:
-      return store(static_cast<c10::Half*>(g.mask_grad) + at);
-    case at::kBFloat16:
-      if (ds != nullptr) return round_row_to_bfloat16(ds, cols, static_cast<uint16_t*>(g.mask_grad) + at);
-      return store(static_cast<c10::BFloat16*>(g.mask_grad) + at);
-    case at::kDouble:
-      return store(static_cast<double*>(g.mask_grad) + at);
-    default:
-      if (ds != nullptr && g.stream_mask_grad) return streaming_store(static_cast<float*>(g.mask_grad) + at, ds, cols);
-      return store(static_cast<float*>(g.mask_grad) + at);
-  }
+  if (ds != nullptr) return store_floats(g.mask_grad, g.mask_grad_type, at, ds, cols, g.stream_mask_grad);
+  const int64_t size = static_cast<int64_t>(c10::elementSize(g.mask_grad_type));
+  std::memset(static_cast<char*>(g.mask_grad) + at * size, 0, cols * size);  // +0 in every float type
 }
 
 // body(first, last, copy) over the tasks [0, n): with one copy of grad_mask, as at::parallel_for
@@ -1123,7 +1125,7 @@ void copy_grad_q(const AttentionParams& p, const AttentionSequence& seq, const A
                  int64_t rows, const float* acc) {
   const int64_t d_pad = padded_to(p.dim, kCols);
   for (int64_t r = 0; r < rows; ++r) {
-    std::copy(acc + r * d_pad, acc + r * d_pad + p.dim, g.grad_q + seq.out_row(h, i0 + r) * p.dim);
+    store_floats(g.grad_q, g.grad_type, seq.out_row(h, i0 + r) * p.dim, acc + r * d_pad, p.dim);
   }
 }
 
@@ -1171,8 +1173,8 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   }
   for (int64_t c = 0; c < cols; ++c) {
     const int64_t key = seq.key_out_row(hk, j0 + c);
-    for (int64_t d = 0; d < p.dim; ++d) g.grad_k[key * p.dim + d] = w.acc_a[c * d_pad + d];
-    for (int64_t d = 0; d < p.v_dim; ++d) g.grad_v[key * p.v_dim + d] = w.acc_b[c * v_pad + d];
+    store_floats(g.grad_k, g.grad_type, key * p.dim, w.acc_a.data() + c * d_pad, p.dim);
+    store_floats(g.grad_v, g.grad_type, key * p.v_dim, w.acc_b.data() + c * v_pad, p.v_dim);
   }
 }
 
@@ -1272,6 +1274,55 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
   return {o.to(dtype), lse};
 }
 
+// grad_o . o of one row, grad_o float32 and o in its dtype, n elements, in kCols interleaved lanes.
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE float row_dot_for(const float* __restrict grad_o, const T* __restrict o, int64_t n) {
+  Floats<isa> sum{};
+  for (int64_t c = 0; c < n; c += kCols) {
+    const int64_t m = std::min<int64_t>(kCols, n - c);
+    sum += load_partial<isa>(grad_o + c, m) * load_partial<isa>(o + c, m);
+  }
+  return reduce_lanes(sum, AddLanes());
+}
+GF_CPU_DISPATCH(row_dot)
+
+// delta_i = grad_o_i . o_i - grad_lse_i of every row, in lse's layout ((B, H, Lq), or packed (H,
+// total_q)), from grad_o (float32, contiguous in o's layout) and o read in its own dtype: no float32
+// copy of o, nor a tensor of the products.
+at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::optional<at::Tensor>& grad_lse,
+                      const at::Tensor& lse, bool varlen) {
+  const at::ScalarType type = o.scalar_type();
+  const at::Tensor o_rows =
+      type == at::kFloat || type == at::kHalf || type == at::kBFloat16 ? o.contiguous() : o.to(at::kFloat).contiguous();
+  const at::Tensor lse_grad = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const int64_t rows = lse.numel(), dim = o.size(-1);
+  const int64_t heads = varlen ? lse.size(0) : 1, total = varlen ? lse.size(1) : rows;
+  const float* go = grad_o.const_data_ptr<float>();
+  const float* minus = lse_grad.defined() ? lse_grad.const_data_ptr<float>() : nullptr;
+  float* out = delta.mutable_data_ptr<float>();
+  const auto dots = [&](const auto* o_data) {
+    at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
+      for (int64_t e = first; e < last; ++e) {
+        const int64_t row = varlen ? e % total * heads + e / total : e;  // o's row of lse's element e
+        const float dot = row_dot(go + row * dim, o_data + row * dim, dim);
+        out[e] = minus != nullptr ? dot - minus[e] : dot;
+      }
+    });
+  };
+  switch (o_rows.scalar_type()) {
+    case at::kHalf:
+      dots(o_rows.const_data_ptr<c10::Half>());
+      break;
+    case at::kBFloat16:
+      dots(o_rows.const_data_ptr<c10::BFloat16>());
+      break;
+    default:
+      dots(o_rows.const_data_ptr<float>());
+  }
+  return delta;
+}
+
 // grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, the mask's gradient
 // (attention_mask_grad).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
@@ -1287,16 +1338,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   const bool float_o = grad_mask && dtype != at::kFloat && o.scalar_type() != at::kFloat;
   const at::Tensor o_for_delta =
       float_o ? std::get<0>(forward(t, at::kFloat, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)) : o;
-  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse);
+  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse, /*as_float=*/true,
+                                                         /*with_delta=*/false);
+  const at::Tensor delta = row_deltas(in.grad_o, o_for_delta, grad_lse, in.lse, t.cu_seqlens_q.defined());
   const auto floats = t.q.options().dtype(at::kFloat);
-  at::Tensor grad_q = at::zeros(t.q.sizes(), floats), grad_k = at::zeros(t.k.sizes(), floats);
-  at::Tensor grad_v = at::zeros(t.v.sizes(), floats);
+  // The kernel writes every element of the gradients, in bfloat16 or float32 as it computes them
+  // (float16's are rounded afterwards, by torch's vectorized conversion).
+  const at::ScalarType grad_type = dtype == at::kBFloat16 ? dtype : at::kFloat;
+  const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
+  const auto new_grad = [&](const at::Tensor& like) {
+    return runs ? at::empty(like.sizes(), floats.dtype(grad_type)) : at::zeros(like.sizes(), floats.dtype(grad_type));
+  };
+  const at::Tensor grad_q = new_grad(t.q), grad_k = new_grad(t.k), grad_v = new_grad(t.v);
   // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
   // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards; for a mask
   // with every dim, stored as it is (in its dtype: nothing left to sum).
   const std::vector<int64_t> full{t.q.size(0), t.q.size(1), t.q.size(2), t.k.size(2)};
   const std::vector<int64_t> mask_shape = t.mask_grad_shape.empty() ? full : t.mask_grad_shape;
-  const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
   const bool stored = grad_mask && runs && mask_shape == full && !t.mask_grad_sums_keys;
   const int64_t threads = at::get_num_threads();
   const bool per_part =
@@ -1312,10 +1370,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
                                          at::Tensor());
     p.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
     const AttentionGrads g{in.grad_o.const_data_ptr<float>(),
-                           in.delta.const_data_ptr<float>(),
-                           grad_q.mutable_data_ptr<float>(),
-                           grad_k.mutable_data_ptr<float>(),
-                           grad_v.mutable_data_ptr<float>(),
+                           delta.const_data_ptr<float>(),
+                           grad_q.mutable_data_ptr(),
+                           grad_k.mutable_data_ptr(),
+                           grad_v.mutable_data_ptr(),
+                           grad_type,
                            grad_s.defined() ? grad_s.mutable_data_ptr<float>() : nullptr,
                            copies,
                            copy_shape[0],
