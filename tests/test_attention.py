@@ -298,6 +298,27 @@ def _compare_grads(q, k, v, mask=None, impl="native", **options):
         assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("lq", [1, 70])
+def test_cpu_bfloat16_output_is_the_float32_output_rounded(lq):
+    """The CPU forward rounds a bfloat16 o row by row as it finishes it: the float32 o that it gives
+    for the same call (float_o) rounded by torch, bit for bit; zeros for rows that see no key; the
+    same log-sum-exp."""
+    skip_unless_supported("native", "cpu", torch.bfloat16)
+    q, k, v = _qkv(2, 4, 2, lq, 150, 64, torch.bfloat16, v_dim=40)
+    mask = torch.rand(2, 1, lq, 150, generator=torch.Generator().manual_seed(9)) > 0.3
+    hidden = lq // 2 if lq > 1 else None
+    if hidden is not None:
+        mask[:, :, hidden] = False  # a row that sees no key
+    lo, hi = importlib.import_module("genfast.attention").band(lq, 150, None, None)
+    args = (q, k, v, mask, None, 0.125, 0.0, lo, hi, 0.1, 5, 0, False)
+    o, lse = torch.ops.genfast.attention_forward(*args, False)
+    o_float, lse_float = torch.ops.genfast.attention_forward(*args, True)
+    assert o.dtype == torch.bfloat16 and o_float.dtype == torch.float32
+    assert torch.equal(o, o_float.to(torch.bfloat16)) and torch.equal(lse, lse_float)
+    assert hidden is None or (o[:, :, hidden] == 0).all()
+    assert o.ne(0).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["window", "causal, more keys", "hidden rows and key block"])
 def test_cpu_backward_writes_every_gradient_element(case, dtype):

@@ -545,6 +545,42 @@ GF_CPU_INLINE void apply_dropout_scales_for(const float* __restrict scales, int6
 }
 GF_CPU_DISPATCH(apply_dropout_scales)
 
+// A row of floats x rounded to bfloat16 (their bits) as c10::BFloat16 rounds them, to nearest even
+// and NaN to 0x7FC0, in vector lanes (c10's conversion, compiled for the baseline, is element by
+// element).
+template <CpuCapability isa>
+GF_CPU_INLINE void round_row_to_bfloat16_for(const float* __restrict x, int64_t n, uint16_t* __restrict out) {
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + c, sizeof(bits));
+    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    out[c] = x[c] != x[c] ? uint16_t{0x7FC0} : rounded;
+  }
+}
+GF_CPU_DISPATCH(round_row_to_bfloat16)
+
+// n floats from src written from element `at` of a tensor of `type` (float32, float64, float16 or
+// bfloat16), rounded as c10 rounds them; float32 with streaming stores where `stream`.
+void store_floats(void* base, at::ScalarType type, int64_t at, const float* src, int64_t n, bool stream = false) {
+  switch (type) {
+    case at::kHalf:
+      return from_float(src, static_cast<c10::Half*>(base) + at, n);
+    case at::kBFloat16:
+      return round_row_to_bfloat16(src, n, static_cast<uint16_t*>(base) + at);
+    case at::kDouble:
+      return from_float(src, static_cast<double*>(base) + at, n);
+    default:
+      if (stream) return streaming_store(static_cast<float*>(base) + at, src, n);
+      std::copy(src, src + n, static_cast<float*>(base) + at);
+  }
+}
+
+// n zeros (+0, all bits clear in every float type) from element `at` of a tensor of `type`.
+void store_zeros(void* base, at::ScalarType type, int64_t at, int64_t n) {
+  const int64_t size = static_cast<int64_t>(c10::elementSize(type));
+  std::memset(static_cast<char*>(base) + at * size, 0, n * size);
+}
+
 // A task's state: the scores of one head's block, and the running output, maximum and sum of each
 // of its heads' rows (head_rows per head: a block's queries, at most kQueryBlock). Sized to the
 // rows a block has, so that a decoding step does not allocate and zero a 128-row block per call.
@@ -552,6 +588,7 @@ struct ForwardScratch {
   int64_t head_rows;
   // The panels only for a task that packs its own, the dropout factors only with dropout.
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
+  AlignedFloats o_row;        // a row of o before it is rounded to bfloat16
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
   // With products on bfloat16 pairs: each head's queries, and one head's probabilities, as pairs.
   std::vector<uint32_t> q_pairs, p_pairs;
@@ -565,8 +602,16 @@ struct ForwardScratch {
         drop(dropout ? static_cast<size_t>(rows * kKeyBlock) : 0), acc(static_cast<size_t>(heads * rows * v_pad)),
         max(static_cast<size_t>(heads * rows)), sum(static_cast<size_t>(heads * rows)),
         k_panel(packs ? static_cast<size_t>(dim * width) : 0), v_panel(packs ? static_cast<size_t>(width * v_pad) : 0),
-        seen(static_cast<size_t>(heads)), q_pairs(pairs ? static_cast<size_t>(heads * rows * (dim / 2)) : 0),
+        o_row(static_cast<size_t>(v_pad)), seen(static_cast<size_t>(heads)),
+        q_pairs(pairs ? static_cast<size_t>(heads * rows * (dim / 2)) : 0),
         p_pairs(pairs ? static_cast<size_t>(rows * width / 2) : 0) {}
+};
+
+// Where the forward writes o: float32, or bfloat16 rounded as each row is finished (no float32 o to
+// round afterwards).
+struct OutputRows {
+  void* data;
+  at::ScalarType type;
 };
 
 // K and V as the forward reads them: float32, or a float16 or bfloat16 cache's own elements. With
@@ -737,8 +782,9 @@ GF_CPU_DISPATCH(scaled_row)
 // One block of queries of heads h0 .. h0 + heads (which share key head hk) against every key block
 // its band reaches: each key block, packed or read in place, serves all the heads while in cache.
 template <typename T>
-void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyPanels& panels, uint64_t seed,
-                   uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, ForwardScratch& w) {
+void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyPanels& panels, const OutputRows& out,
+                   uint64_t seed, uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0,
+                   ForwardScratch& w) {
   const AttentionSequence seq = attention_sequence(p, b);
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h0 / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
@@ -807,11 +853,14 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const int64_t row = e * w.head_rows + r;
       const float sum = w.sum[row];
       const bool seen = !(w.max[row] == -__builtin_inff());  // NaN counts as seen
-      float* o = p.o + seq.out_row(h, i0 + r) * p.v_dim;
-      if (seen) {
-        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, o);
+      const int64_t at = seq.out_row(h, i0 + r) * p.v_dim;
+      if (!seen) {
+        store_zeros(out.data, out.type, at, p.v_dim);  // not acc * 0: acc holds 0 * V, NaN where V has inf or NaN
+      } else if (out.type == at::kFloat) {
+        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, static_cast<float*>(out.data) + at);
       } else {
-        std::fill(o, o + p.v_dim, 0.0f);  // not acc * 0: acc holds 0 * V, NaN where V has inf or NaN
+        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, w.o_row.data());
+        store_floats(out.data, out.type, at, w.o_row.data(), p.v_dim);
       }
       p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[row] + log_f32(sum) : -__builtin_inff();
     }
@@ -832,7 +881,7 @@ int64_t heads_per_task(int64_t group, int64_t blocks) {
 }
 
 template <typename T>
-void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
+void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv, const OutputRows& out) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock, group = p.heads / p.kv_heads;
@@ -859,7 +908,7 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv) {
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
-        forward_block(p, kv, panels, seed, offset, b, h0, heads, block * kQueryBlock, scratch);
+        forward_block(p, kv, panels, out, seed, offset, b, h0, heads, block * kQueryBlock, scratch);
       }
     });
   }
@@ -891,44 +940,13 @@ int64_t mask_grad_row(const AttentionGrads& g, int64_t b, int64_t h, int64_t i) 
          (g.mask_rows > 1 ? i : 0);
 }
 
-// A row of floats x rounded to bfloat16 (their bits) as c10::BFloat16 rounds them, to nearest even
-// and NaN to 0x7FC0, in vector lanes (c10's conversion, compiled for the baseline, is element by
-// element).
-template <CpuCapability isa>
-GF_CPU_INLINE void round_row_to_bfloat16_for(const float* __restrict x, int64_t n, uint16_t* __restrict out) {
-  for (int64_t c = 0; c < n; ++c) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, x + c, sizeof(bits));
-    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-    out[c] = x[c] != x[c] ? uint16_t{0x7FC0} : rounded;
-  }
-}
-GF_CPU_DISPATCH(round_row_to_bfloat16)
-
-// n floats from src written from element `at` of a tensor of `type` (float32, float64, float16 or
-// bfloat16), rounded as c10 rounds them; float32 with streaming stores where `stream`.
-void store_floats(void* base, at::ScalarType type, int64_t at, const float* src, int64_t n, bool stream = false) {
-  switch (type) {
-    case at::kHalf:
-      return from_float(src, static_cast<c10::Half*>(base) + at, n);
-    case at::kBFloat16:
-      return round_row_to_bfloat16(src, n, static_cast<uint16_t*>(base) + at);
-    case at::kDouble:
-      return from_float(src, static_cast<double*>(base) + at, n);
-    default:
-      if (stream) return streaming_store(static_cast<float*>(base) + at, src, n);
-      std::copy(src, src + n, static_cast<float*>(base) + at);
-  }
-}
-
 // dS of row (b, h, i) for keys j0 .. j0 + cols into AttentionGrads::mask_grad, in its dtype; zeros
 // where ds is null (a row no task computes there: outside the band, or in a skipped block).
 void store_mask_grad_row(const AttentionParams& p, const AttentionGrads& g, int64_t b, int64_t h, int64_t i,
                          int64_t j0, int64_t cols, const float* ds) {
   const int64_t at = ((b * p.heads + h) * p.q_len + i) * p.k_len + j0;
   if (ds != nullptr) return store_floats(g.mask_grad, g.mask_grad_type, at, ds, cols, g.stream_mask_grad);
-  const int64_t size = static_cast<int64_t>(c10::elementSize(g.mask_grad_type));
-  std::memset(static_cast<char*>(g.mask_grad) + at * size, 0, cols * size);  // +0 in every float type
+  store_zeros(g.mask_grad, g.mask_grad_type, at, cols);
 }
 
 // body(first, last, copy) over the tasks [0, n): with one copy of grad_mask, as at::parallel_for
@@ -1252,23 +1270,27 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
   o_shape.back() = t.v.size(-1);
   const auto floats = t.q.options().dtype(at::kFloat);
-  at::Tensor o = at::empty(o_shape, floats);
+  // bfloat16 written as the kernel computes it; float16 rounded afterwards, by torch.
+  const at::ScalarType o_type = dtype == at::kBFloat16 ? dtype : at::kFloat;
+  at::Tensor o = at::empty(o_shape, floats.dtype(o_type));
   at::Tensor lse = varlen ? at::empty({t.q.size(1), t.q.size(0)}, floats)
                           : at::empty({t.q.size(0), t.q.size(1), t.q.size(2)}, floats);
   if (lse.numel() > 0) {
     const AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, o, lse);
+    const OutputRows rows{o.mutable_data_ptr(), o_type};
     switch (t.k.scalar_type()) {
       case at::kHalf:
-        attention_forward_impl(p,
-                               KeysValues<c10::Half>{t.k.const_data_ptr<c10::Half>(), t.v.const_data_ptr<c10::Half>()});
+        attention_forward_impl(
+            p, KeysValues<c10::Half>{t.k.const_data_ptr<c10::Half>(), t.v.const_data_ptr<c10::Half>()}, rows);
         break;
       case at::kBFloat16:
         attention_forward_impl(
             p, KeysValues<c10::BFloat16>{t.k.const_data_ptr<c10::BFloat16>(), t.v.const_data_ptr<c10::BFloat16>(),
-                                         takes_pairs(p)});
+                                         takes_pairs(p)},
+            rows);
         break;
       default:
-        attention_forward_impl(p, KeysValues<float>{p.k, p.v});
+        attention_forward_impl(p, KeysValues<float>{p.k, p.v}, rows);
     }
   }
   return {o.to(dtype), lse};
