@@ -630,6 +630,13 @@ bool takes_pairs(const AttentionParams& p) {
   return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 && p.dim % 2 == 0;
 }
 
+// Whether the backward multiplies on bfloat16 pairs, reading q, k, v and grad_o as they are (no
+// float32 copies): bfloat16 inputs, head dims of whole pairs, AVX512-BF16.
+bool backward_takes_pairs(const at::Tensor& q, const at::Tensor& v) {
+  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 &&
+         q.scalar_type() == at::kBFloat16 && q.size(-1) % 2 == 0 && v.size(-1) % 2 == 0;
+}
+
 // Key block j0's K^T panel (dim x width) and V panel (width x v_pad), width = block_width(cols): its
 // cols keys, zeros past them.
 template <typename T>
@@ -915,10 +922,14 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv, c
 }
 
 // The backward's inputs beside the forward's: grad_o in o's layout and delta_i = grad_o_i . o_i -
-// grad_lse_i in lse's, both float32 contiguous; outputs float32, contiguous in q's, k's, v's shapes.
+// grad_lse_i in lse's, contiguous; outputs contiguous in q's, k's, v's shapes.
 struct AttentionGrads {
   const float* grad_o;
   const float* delta;
+  // Where the products take bfloat16 pairs: q, k, v and grad_o as bfloat16 bits (q, k and v at
+  // AttentionParams' strides, grad_o contiguous in o's layout); AttentionParams' q, k and v and the
+  // grad_o above are null then.
+  const uint16_t *q_bits, *k_bits, *v_bits, *grad_o_bits;
   void* grad_q;  // rows AttentionSequence::out_row of dim, in grad_type (float32 or bfloat16)
   void* grad_k;  // rows AttentionSequence::key_out_row of dim
   void* grad_v;  // and of v_dim
@@ -997,36 +1008,36 @@ uint32_t* words(AlignedFloats& panel) { return reinterpret_cast<uint32_t*>(panel
 // (w.k_panel = K^T, w.vt_panel = V^T).
 void score_products(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g, int64_t b,
                     int64_t h, int64_t i0, int64_t rows, int64_t width, BackwardScratch& w) {
-  const float* q = p.q + attention_q_at(p, seq, b, h, i0);
-  const float* grad_o = g.grad_o + seq.out_row(h, i0) * p.v_dim;
+  const int64_t q_at = attention_q_at(p, seq, b, h, i0), grad_o_at = seq.out_row(h, i0) * p.v_dim;
   const int64_t grad_o_row = seq.out_position * p.v_dim;
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    round_rows_to_pairs(q, p.q_stride[2], rows, p.dim, w.a_pairs.data(), p.dim / 2);
+    round_rows_to_pairs(g.q_bits + q_at, p.q_stride[2], rows, p.dim, w.a_pairs.data(), p.dim / 2);
     pair_multiply(pair_rows(w.a_pairs.data(), p.dim / 2), rows, words(w.k_panel), p.dim / 2, w.scores.data(),
                   kKeyBlock, width, false, p.scale);
-    round_rows_to_pairs(grad_o, grad_o_row, rows, p.v_dim, w.a_pairs.data(), p.v_dim / 2);
+    round_rows_to_pairs(g.grad_o_bits + grad_o_at, grad_o_row, rows, p.v_dim, w.a_pairs.data(), p.v_dim / 2);
     pair_multiply(pair_rows(w.a_pairs.data(), p.v_dim / 2), rows, words(w.vt_panel), p.v_dim / 2, w.dp.data(),
                   kKeyBlock, width, false, 1.0f);
     return;
   }
 #endif
-  multiply(q, p.q_stride[2], 1, rows, w.k_panel.data(), p.dim, w.scores.data(), kKeyBlock, width, false, p.scale);
-  multiply(grad_o, grad_o_row, 1, rows, w.vt_panel.data(), p.v_dim, w.dp.data(), kKeyBlock, width, false, 1.0f);
+  multiply(p.q + q_at, p.q_stride[2], 1, rows, w.k_panel.data(), p.dim, w.scores.data(), kKeyBlock, width, false,
+           p.scale);
+  multiply(g.grad_o + grad_o_at, grad_o_row, 1, rows, w.vt_panel.data(), p.v_dim, w.dp.data(), kKeyBlock, width,
+           false, 1.0f);
 }
 
 // w.panel_b = key block j0's K (cols rows, zeros to block_width(cols)), for add_grad_q.
-void pack_keys_for_grad_q(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
-                          int64_t cols, BackwardScratch& w) {
-  const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
-  const int64_t d_pad = padded_to(p.dim, kCols);
+void pack_keys_for_grad_q(const AttentionParams& p, const AttentionGrads& g, const AttentionSequence& seq, int64_t b,
+                          int64_t hk, int64_t j0, int64_t cols, BackwardScratch& w) {
+  const int64_t k_at = attention_k_at(p, seq, b, hk, j0), d_pad = padded_to(p.dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    pack_pairs_interleaved(k, p.k_stride[2], cols, p.dim, words(w.panel_b), d_pad, block_width(cols));
+    pack_pairs_interleaved(g.k_bits + k_at, p.k_stride[2], cols, p.dim, words(w.panel_b), d_pad, block_width(cols));
     return;
   }
 #endif
-  pack_rows(k, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, block_width(cols));
+  pack_rows(p.k + k_at, p.k_stride[2], cols, p.dim, w.panel_b.data(), d_pad, block_width(cols));
 }
 
 // grad_q (rows x d_pad) += scale dS K, dS in w.dp (rows x width), K in w.panel_b (width deep).
@@ -1044,23 +1055,23 @@ void add_grad_q(const AttentionParams& p, int64_t rows, int64_t width, float* gr
   multiply(w.dp.data(), kKeyBlock, 1, rows, w.panel_b.data(), width, grad_q, d_pad, d_pad, true, p.scale);
 }
 
-// out (cols x width) += factor * X^T Y, X the rows x kKeyBlock block x (P or dS), Y the rows at y
-// (y_row apart, dim wide; width = dim padded): dV += P^T dO and dK += scale dS^T Q. Y is packed in
-// w.panel_a.
-void add_transposed_product(const float* x, const float* y, int64_t y_row, int64_t rows, int64_t cols, int64_t dim,
-                            float* out, float factor, BackwardScratch& w) {
+// out (cols x width) += factor * X^T Y, X the rows x kKeyBlock block x (P or dS), Y the rows from
+// element y_at of y (floats) or, on pairs, y_bits (y_row apart, dim wide; width = dim padded): dV +=
+// P^T dO and dK += scale dS^T Q. Y is packed in w.panel_a.
+void add_transposed_product(const float* x, const float* y, const uint16_t* y_bits, int64_t y_at, int64_t y_row,
+                            int64_t rows, int64_t cols, int64_t dim, float* out, float factor, BackwardScratch& w) {
   const int64_t width = padded_to(dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {  // X^T's rows are X's columns: X packed as a panel, read a column at a time
     const int64_t depth = padded_to(rows, 2), pairs = depth / 2;
-    pack_pairs_interleaved(y, y_row, rows, dim, words(w.panel_a), width, depth);
+    pack_pairs_interleaved(y_bits + y_at, y_row, rows, dim, words(w.panel_a), width, depth);
     pack_pairs_interleaved(x, kKeyBlock, rows, cols, w.a_pairs.data(), block_width(cols), depth);
     pair_multiply(PairRows{w.a_pairs.data(), 1, kCols, kCols * pairs}, cols, words(w.panel_a), pairs, out, width,
                   width, true, factor);
     return;
   }
 #endif
-  pack_rows(y, y_row, rows, dim, w.panel_a.data(), width, rows);
+  pack_rows(y + y_at, y_row, rows, dim, w.panel_a.data(), width, rows);
   multiply(x, 1, kKeyBlock, cols, w.panel_a.data(), rows, out, width, width, true, factor);
 }
 
@@ -1122,20 +1133,19 @@ void probabilities_and_grads(const AttentionParams& p, const AttentionSequence& 
   }
 }
 
-void load_key_panels(const AttentionParams& p, const AttentionSequence& seq, int64_t b, int64_t hk, int64_t j0,
-                     int64_t cols, BackwardScratch& w) {
-  const float* k = p.k + attention_k_at(p, seq, b, hk, j0);
-  const float* v = p.v + attention_v_at(p, seq, b, hk, j0);
+void load_key_panels(const AttentionParams& p, const AttentionGrads& g, const AttentionSequence& seq, int64_t b,
+                     int64_t hk, int64_t j0, int64_t cols, BackwardScratch& w) {
+  const int64_t k_at = attention_k_at(p, seq, b, hk, j0), v_at = attention_v_at(p, seq, b, hk, j0);
   const int64_t width = block_width(cols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
-    pack_pairs_transposed(k, p.k_stride[2], cols, p.dim / 2, words(w.k_panel), width);
-    pack_pairs_transposed(v, p.v_stride[2], cols, p.v_dim / 2, words(w.vt_panel), width);
+    pack_pairs_transposed(g.k_bits + k_at, p.k_stride[2], cols, p.dim / 2, words(w.k_panel), width);
+    pack_pairs_transposed(g.v_bits + v_at, p.v_stride[2], cols, p.v_dim / 2, words(w.vt_panel), width);
     return;
   }
 #endif
-  pack_transposed(k, p.k_stride[2], cols, p.dim, w.k_panel.data(), width);
-  pack_transposed(v, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), width);
+  pack_transposed(p.k + k_at, p.k_stride[2], cols, p.dim, w.k_panel.data(), width);
+  pack_transposed(p.v + v_at, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), width);
 }
 
 // grad_q's rows i0 .. i0 + rows of head h from accumulators rows x d_pad.
@@ -1159,8 +1169,8 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
   const int64_t d_pad = padded_to(p.dim, kCols), v_pad = padded_to(p.v_dim, kCols);
   std::fill(w.acc_a.begin(), w.acc_a.end(), 0.0f);
   std::fill(w.acc_b.begin(), w.acc_b.end(), 0.0f);
-  load_key_panels(p, seq, b, hk, j0, cols, w);
-  if (grad_q != nullptr) pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
+  load_key_panels(p, g, seq, b, hk, j0, cols, w);
+  if (grad_q != nullptr) pack_keys_for_grad_q(p, g, seq, b, hk, j0, cols, w);
   const bool with_mask_grad = g.grad_mask != nullptr || g.mask_grad != nullptr;
   float* grad_mask =
       g.grad_mask == nullptr ? nullptr : g.grad_mask + copy * g.mask_batches * g.mask_heads * g.mask_rows * p.k_len;
@@ -1183,10 +1193,10 @@ void key_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64_t
       probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, with_mask_grad, grad_mask, w);
       if (grad_q != nullptr) add_grad_q(p, rows, width, grad_q + ((h - hk * group) * p.q_len + i0) * d_pad, w);
       if (p.dropout_p > 0.0f) apply_dropout_scales(w.drop.data(), rows, width, w.scores.data());
-      add_transposed_product(w.scores.data(), g.grad_o + seq.out_row(h, i0) * p.v_dim, seq.out_position * p.v_dim,
-                             rows, cols, p.v_dim, w.acc_b.data(), 1.0f, w);
-      add_transposed_product(w.dp.data(), p.q + attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, cols, p.dim,
-                             w.acc_a.data(), p.scale, w);
+      add_transposed_product(w.scores.data(), g.grad_o, g.grad_o_bits, seq.out_row(h, i0) * p.v_dim,
+                             seq.out_position * p.v_dim, rows, cols, p.v_dim, w.acc_b.data(), 1.0f, w);
+      add_transposed_product(w.dp.data(), p.q, g.q_bits, attention_q_at(p, seq, b, h, i0), p.q_stride[2], rows, cols,
+                             p.dim, w.acc_a.data(), p.scale, w);
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
@@ -1208,9 +1218,9 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   for (int64_t j0 = first_key / kKeyBlock * kKeyBlock; j0 < end_key; j0 += kKeyBlock) {
     const int64_t cols = std::min(kKeyBlock, seq.k_len - j0);
     if (block_masked_out(p, b, h, i0, rows, j0, cols)) continue;
-    load_key_panels(p, seq, b, hk, j0, cols, w);
+    load_key_panels(p, g, seq, b, hk, j0, cols, w);
     probabilities_and_grads(p, seq, g, seed, offset, b, h, i0, rows, j0, cols, false, nullptr, w);
-    pack_keys_for_grad_q(p, seq, b, hk, j0, cols, w);
+    pack_keys_for_grad_q(p, g, seq, b, hk, j0, cols, w);
     add_grad_q(p, rows, block_width(cols), grad_q.data(), w);
   }
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
@@ -1296,9 +1306,9 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
   return {o.to(dtype), lse};
 }
 
-// grad_o . o of one row, grad_o float32 and o in its dtype, n elements, in kCols interleaved lanes.
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE float row_dot_for(const float* __restrict grad_o, const T* __restrict o, int64_t n) {
+// grad_o . o of one row, each float32, float16 or bfloat16, n elements, in kCols interleaved lanes.
+template <CpuCapability isa, typename G, typename T>
+GF_CPU_INLINE float row_dot_for(const G* __restrict grad_o, const T* __restrict o, int64_t n) {
   Floats<isa> sum{};
   for (int64_t c = 0; c < n; c += kCols) {
     const int64_t m = std::min<int64_t>(kCols, n - c);
@@ -1309,8 +1319,8 @@ GF_CPU_INLINE float row_dot_for(const float* __restrict grad_o, const T* __restr
 GF_CPU_DISPATCH(row_dot)
 
 // delta_i = grad_o_i . o_i - grad_lse_i of every row, in lse's layout ((B, H, Lq), or packed (H,
-// total_q)), from grad_o (float32, contiguous in o's layout) and o read in its own dtype: no float32
-// copy of o, nor a tensor of the products.
+// total_q)), from grad_o (float32 or bfloat16, contiguous in o's layout) and o read in its own dtype:
+// no float32 copies, nor a tensor of the products.
 at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::optional<at::Tensor>& grad_lse,
                       const at::Tensor& lse, bool varlen) {
   const at::ScalarType type = o.scalar_type();
@@ -1320,10 +1330,9 @@ at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   const int64_t rows = lse.numel(), dim = o.size(-1);
   const int64_t heads = varlen ? lse.size(0) : 1, total = varlen ? lse.size(1) : rows;
-  const float* go = grad_o.const_data_ptr<float>();
   const float* minus = lse_grad.defined() ? lse_grad.const_data_ptr<float>() : nullptr;
   float* out = delta.mutable_data_ptr<float>();
-  const auto dots = [&](const auto* o_data) {
+  const auto dots = [&](const auto* go, const auto* o_data) {
     at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
       for (int64_t e = first; e < last; ++e) {
         const int64_t row = varlen ? e % total * heads + e / total : e;  // o's row of lse's element e
@@ -1332,15 +1341,20 @@ at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::
       }
     });
   };
-  switch (o_rows.scalar_type()) {
-    case at::kHalf:
-      dots(o_rows.const_data_ptr<c10::Half>());
-      break;
-    case at::kBFloat16:
-      dots(o_rows.const_data_ptr<c10::BFloat16>());
-      break;
-    default:
-      dots(o_rows.const_data_ptr<float>());
+  const auto with_o = [&](const auto* go) {
+    switch (o_rows.scalar_type()) {
+      case at::kHalf:
+        return dots(go, o_rows.const_data_ptr<c10::Half>());
+      case at::kBFloat16:
+        return dots(go, o_rows.const_data_ptr<c10::BFloat16>());
+      default:
+        return dots(go, o_rows.const_data_ptr<float>());
+    }
+  };
+  if (grad_o.scalar_type() == at::kBFloat16) {
+    with_o(grad_o.const_data_ptr<c10::BFloat16>());
+  } else {
+    with_o(grad_o.to(at::kFloat).const_data_ptr<float>());
   }
   return delta;
 }
@@ -1360,8 +1374,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   const bool float_o = grad_mask && dtype != at::kFloat && o.scalar_type() != at::kFloat;
   const at::Tensor o_for_delta =
       float_o ? std::get<0>(forward(t, at::kFloat, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)) : o;
-  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse, /*as_float=*/true,
-                                                         /*with_delta=*/false);
+  const bool pairs = t.q.scalar_type() == at::kBFloat16;  // t as backward_takes_pairs has it prepared
+  const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse,
+                                                         /*as_float=*/!pairs, /*with_delta=*/false);
   const at::Tensor delta = row_deltas(in.grad_o, o_for_delta, grad_lse, in.lse, t.cu_seqlens_q.defined());
   const auto floats = t.q.options().dtype(at::kFloat);
   // The kernel writes every element of the gradients, in bfloat16 or float32 as it computes them
@@ -1391,8 +1406,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     AttentionParams p = attention_params(t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, at::Tensor(),
                                          at::Tensor());
     p.lse = const_cast<float*>(in.lse.const_data_ptr<float>());  // read only by the backward
-    const AttentionGrads g{in.grad_o.const_data_ptr<float>(),
+    // On pairs the products round grad_o to bfloat16 (a float32 one, the gradient of a float32 o
+    // kept for a mask's gradient, once here); delta took it as it is.
+    const at::Tensor grad_o_pairs = pairs ? in.grad_o.to(at::kBFloat16) : at::Tensor();
+    const auto bits = [pairs](const at::Tensor& x) {
+      return pairs ? reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>()) : nullptr;
+    };
+    const AttentionGrads g{pairs ? nullptr : in.grad_o.const_data_ptr<float>(),
                            delta.const_data_ptr<float>(),
+                           bits(t.q),
+                           bits(t.k),
+                           bits(t.v),
+                           bits(grad_o_pairs),
                            grad_q.mutable_data_ptr(),
                            grad_k.mutable_data_ptr(),
                            grad_v.mutable_data_ptr(),
@@ -1406,7 +1431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
                            t.mask_grad_dtype,
                            stored && t.mask_grad_dtype == at::kFloat &&
                                stored_grad.numel() * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes};
-    attention_backward_impl(p, g, dtype == at::kBFloat16 && takes_pairs(p) && p.v_dim % 2 == 0);
+    attention_backward_impl(p, g, pairs);
   }
   std::optional<at::Tensor> mask_grad;
   if (stored) {
@@ -1433,8 +1458,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool /*deterministic: always, here*/) {
-  return backward("genfast.attention_backward", prepare_attention(q, k, v, attn_mask, alibi_slopes), q.scalar_type(),
-                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask);
+  return backward("genfast.attention_backward",
+                  prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v)),
+                  q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+                  grad_mask);
 }
 
 // The CPU kernels read cu_seqlens directly: their values are checked here, where that costs nothing.
@@ -1478,7 +1505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/) {
   const AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, /*as_float=*/true);
+                                                alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v));
   auto [grad_q, grad_k, grad_v, unused] = backward("genfast.attention_varlen_backward", t, q.scalar_type(), grad_o,
                                                    grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
                                                    offset, false);

@@ -98,10 +98,11 @@ GF_CPU_TARGET_AVX512_BF16 void pack_pairs_interleaved(const T* src, int64_t stri
   }
 }
 
-// Row r of dst (dst_row words apart) = row r of src (src_row floats apart, n floats, n even) rounded
-// to bfloat16, for r < rows: the rows of A of a product on pairs.
-GF_CPU_TARGET_AVX512_BF16 inline void round_rows_to_pairs(const float* src, int64_t src_row, int64_t rows, int64_t n,
-                                                          uint32_t* dst, int64_t dst_row) {
+// Row r of dst (dst_row words apart) = row r of src (src_row numbers apart, n of them, n even) in
+// pairs, for r < rows: the rows of A of a product on pairs. T as pack_pairs_transposed's.
+template <typename T>
+GF_CPU_TARGET_AVX512_BF16 void round_rows_to_pairs(const T* src, int64_t src_row, int64_t rows, int64_t n,
+                                                   uint32_t* dst, int64_t dst_row) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t e = 0; e < n; e += 2 * kCols) {
       const int64_t words = std::min<int64_t>(kCols, (n - e) / 2);
