@@ -518,9 +518,12 @@ constexpr int kBackwardBarrierBytes = 8 * 8;  // the warp-specialized kv kernel'
 template <int kD>
 constexpr int kWarpSpecializedKvSmemBytes =
     HopperKvTile<kD>::kSmemBytes + kBackwardBarrierBytes + 2 * kDsStageElements * 2;
-// The producer's loops index in 64 bits: at 24 registers (the forward's) they would spill.
-constexpr int kBackwardProducerRegisters = 32, kBackwardConsumerRegisters = 240;
-static_assert(registers_fit(kBackwardProducerRegisters, kBackwardConsumerRegisters), "the registers must fit an SM");
+// The producer's loops index in 64 bits: at 24 registers (the forward's) they would spill. Its 32
+// leave the consumers 232 (at 240 they waited for ever on an H200: registers_fit; at 232 the d128
+// plain kernel spills 16 bytes).
+constexpr int kBackwardProducerRegisters = 32, kBackwardConsumerRegisters = 232;
+static_assert(registers_fit(kBackwardProducerRegisters, kBackwardConsumerRegisters),
+              "the consumers' registers must come out of the producer's");
 
 // attention_backward_kv_sm90_kernel warp-specialized, for dense inputs that TMA can address: a third,
 // producer warpgroup gives up its registers; its thread 0 loads K and V once and each step's Q and
@@ -735,6 +738,9 @@ cudaError_t run_backward_sm90_tma(const AttentionCudaParams<T>& params, const At
       !tma_addressable(grads.grad_o, grad_o_stride, q_sizes)) {
     return cudaSuccess;
   }
+  static const bool fits = starts_with_registers_that_fit(attention_backward_kv_sm90_tma_kernel<T, kD, kPlain>,
+                                                          kBackwardProducerRegisters, kBackwardConsumerRegisters);
+  if (!fits) return cudaSuccess;
   HopperBackwardMaps maps;
   cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
   if (status == cudaSuccess) {

@@ -30,7 +30,8 @@ namespace attention_cuda {
 namespace {
 
 constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;  // as FlashAttention-3's forward
-static_assert(registers_fit(kProducerRegisters, kConsumerRegisters), "the registers must fit an SM");
+static_assert(registers_fit(kProducerRegisters, kConsumerRegisters),
+              "the consumers' registers must come out of the producer's");
 
 // Key blocks of 128, or of 80 at head dim 256 (as FlashAttention-3), where Q and two stages of K
 // and V take all of shared memory.
@@ -320,7 +321,9 @@ cudaError_t run_forward_sm90_bucket(const AttentionCudaParams<T>& params, unsign
     const int64_t q_sizes[3] = {p.batch, p.heads, p.q_len}, kv_sizes[3] = {p.batch, p.kv_heads, p.k_len};
     const bool tma = p.cu_seqlens_q == nullptr && p.k_len > 0 && tma_addressable(params.q, p.q_stride, q_sizes) &&
                      tma_addressable(params.k, p.k_stride, kv_sizes) && tma_addressable(params.v, p.v_stride, kv_sizes);
-    if (tma) {
+    static const bool fits = starts_with_registers_that_fit(attention_forward_sm90_tma_kernel<T, kD, kPlain>,
+                                                            kProducerRegisters, kConsumerRegisters);
+    if (tma && fits) {
       HopperMaps maps;
       cudaError_t status = tile_map(&maps.q, params.q, p.q_stride, p.batch, p.heads, p.q_len, p.dim, Tile::kBlockM);
       if (status == cudaSuccess) {

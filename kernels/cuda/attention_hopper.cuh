@@ -24,9 +24,28 @@ constexpr int kHopperThreads = 256;  // two warpgroups
 // The warp-specialized kernels' third warpgroup, which loads with TMA on a few registers and hands
 // the rest to the two consumer warpgroups (setmaxnreg, in multiples of 8).
 constexpr int kProducerThreads = 128;
-constexpr bool registers_fit(int producer, int consumer) {
-  return producer % 8 == 0 && consumer % 8 == 0 && kProducerThreads * producer + kHopperThreads * consumer <= 64 * 1024;
+// The registers each of their threads starts with: __launch_bounds__(all threads, 1) caps ptxas at
+// the SM's 64K over the threads, in multiples of 8 (168 for 384 threads), and ptxas takes the cap.
+constexpr int kWarpSpecializedEntryRegisters = 64 * 1024 / (kHopperThreads + kProducerThreads) / 8 * 8;
+// setmaxnreg.inc takes registers only from the CTA's own pool, which holds what setmaxnreg.dec put
+// there: the consumers' increase must come out of the producer's decrease, or they wait for ever
+// (the SM's registers left over at launch are not in the pool).
+constexpr bool registers_fit(int producer, int consumer, int entry = kWarpSpecializedEntryRegisters) {
+  return producer % 8 == 0 && consumer % 8 == 0 && producer <= entry && consumer >= entry &&
+         kHopperThreads * (consumer - entry) <= kProducerThreads * (entry - producer);
 }
+static_assert(registers_fit(24, 240) && !registers_fit(32, 240) && registers_fit(32, 232),
+              "the pool's balance at 168 registers a thread");
+#ifndef GENFAST_EMULATED_CUDA
+// Whether ptxas gave a warp-specialized kernel the entry registers its producer's and consumers'
+// counts fit (registers_fit); the launchers ask once per kernel and take the cp.async kernel if not.
+template <typename... KernelArgs>
+bool starts_with_registers_that_fit(void (*kernel)(KernelArgs...), int producer, int consumer) {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+         registers_fit(producer, consumer, attributes.numRegs);
+}
+#endif
 
 // Whether a call may run on the Hopper kernels: an sm_90 device, a build with sm_90a
 // (GENFAST_ATTENTION_SM90) and GENFAST_ATTENTION_SM90=1 in the environment
