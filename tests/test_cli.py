@@ -45,6 +45,28 @@ def test_check_fails_on_a_wrong_kernel(capsys, monkeypatch):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_check_runs_no_attention_call_a_backend_cannot_take(capsys, monkeypatch):
+    """The CUDA kernels take no float32 (`genfast check` on a GPU raised at the first such call): the
+    combinations left out are never run."""
+    import torch
+
+    from genfast.testing import attention as attention_samples
+    from genfast.testing import check
+
+    def refuse(impl, *args, **kwargs):
+        raise TypeError("this backend cannot take the call")
+
+    cases = attention_samples.cases
+    monkeypatch.setattr(attention_samples, "cases", lambda device, dtypes: (
+        (name, dtype, run if dtype == torch.float16 else refuse, outputs)
+        for name, dtype, run, outputs in cases(device, dtypes)))
+    runnable = check._runnable
+    monkeypatch.setattr(check, "_attention_runs",
+                        lambda impl, device, dtype: dtype == torch.float16 and runnable(impl, device, dtype))
+    rows = list(check.check_attention("cpu"))
+    assert rows and all(dtype == torch.float16 and passed for _, _, dtype, _, passed, _ in rows)
+
+
 def test_unknown_op_is_an_error(capsys):
     assert main(["check", "--ops", "nope"]) == 2
     assert main(["bench", "--ops", "nope"]) == 2

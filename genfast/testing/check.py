@@ -55,10 +55,10 @@ def check_langevin_step(device):
     return _check_cases(langevin_samples.LANGEVIN_CASES, langevin_samples.make_langevin_inputs, device)
 
 
-def _check_trainable(samples, device):
+def _check_trainable(samples, device, runs=_runnable):
     for case, dtype, run, outputs in samples.cases(device, DTYPES):
         for impl in ("native", "triton"):
-            if _runnable(impl, device, dtype):
+            if runs(impl, device, dtype):
                 yield (case, impl, dtype) + compare_with_reference(run, impl, outputs)
 
 
@@ -70,18 +70,17 @@ def check_nade(device):
     return _check_trainable(nade_samples, device)
 
 
-def _attention_runs(device, impl, dtype):
+def _attention_runs(impl, device, dtype):
     # The CUDA kernels take float16 and bfloat16 (Triton runs float32 there).
     return _runnable(impl, device, dtype) and not (device != "cpu" and impl == "native" and dtype == torch.float32)
 
 
 def check_attention(device):
-    return (result for result in _check_trainable(attention_samples, device)
-            if _attention_runs(device, result[1], result[2]))
+    return _check_trainable(attention_samples, device, _attention_runs)
 
 
 def fuzz_attention(device, count, seed=0):
-    runs = [(impl, dtype) for impl in ("native", "triton") for dtype in DTYPES if _attention_runs(device, impl, dtype)]
+    runs = [(impl, dtype) for impl in ("native", "triton") for dtype in DTYPES if _attention_runs(impl, device, dtype)]
     return attention_fuzz.fuzz(device, runs, count, seed)
 
 
