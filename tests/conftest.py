@@ -117,9 +117,22 @@ def assert_compiles_like_eager(fn, leaves):
 _durations = {}
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
+def pytest_configure(config):
+    global _terminal
+    _terminal = config.pluginmanager.get_plugin("terminalreporter")
+
+
+_terminal = None
+
+
 def pytest_runtest_logreport(report):
     if os.environ.get("GENFAST_RECORD_TEST_DURATIONS"):
         _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    # scripts/gpu-check: each failure's traceback as it happens, which a run stopped at its time
+    # limit would otherwise never print.
+    if os.environ.get("GENFAST_PRINT_FAILURES_AT_ONCE") and report.failed and _terminal is not None:
+        _terminal.write_line(f"\n____ {report.nodeid} ({report.when}) ____\n{report.longreprtext}", flush=True)
 
 
 def pytest_sessionfinish(session):
