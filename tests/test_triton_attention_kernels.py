@@ -245,3 +245,34 @@ def test_backward_float16():
     expected = torch.autograd.grad((ro * grad_o.double()).sum(), [q64, k64, v64])
     for a, e in zip(grads, expected):
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.triton
+def test_float16_fast_exp_variant(monkeypatch):
+    """GENFAST_TRITON_FAST_EXP=1 (ex2.approx for the softmax of 16-bit inputs): the forward and the
+    backward against the float64 reference, and a log-sum-exp not bit for bit the polynomial's (the
+    variant ran)."""
+    attn = _kernels()
+    B, H, Hk, Lq, Lk, D = 2, 2, 1, 17, 40, 32
+    q, k, v = _inputs(B, H, Hk, Lq, Lk, D, D, dtype=torch.float16, seed=3)
+    band = _band(Lq, Lk, "bottom_right")
+    grad_o = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(5)).half()
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ro, rlse = _reference(q64, k64, v64, None, None, 0.25, None, "bottom_right", None, 0.2, 17, 4)
+    expected = torch.autograd.grad((ro * grad_o.double()).sum(), [q64, k64, v64])
+    lses = []
+    for fast in ("0", "1"):
+        monkeypatch.setenv("GENFAST_TRITON_FAST_EXP", fast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            o, lse = _forward(attn, q, k, v, None, None, 0.25, None, band, 0.2, 17, 4)
+            delta = (grad_o.float() * o.float()).sum(-1)
+            grads = [torch.zeros(t.shape) for t in (q, k, v)]
+            attn.launch_attention_backward(grad_o, delta, q, k, v, lse, None, False, None, 0.25, 0.0, band[0],
+                                           band[1], 0.2, 17, 4, *grads, None)
+        torch.testing.assert_close(o.double(), ro.detach(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse.double(), rlse.detach(), atol=1e-2, rtol=1e-2)
+        for a, e in zip(grads, expected):
+            torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
+        lses.append(lse)
+    assert not torch.equal(*lses)

@@ -14,10 +14,13 @@ softmax. The backward is two deterministic passes without atomics: one program p
 for dK and dV (looping over the query heads of its key head and the query blocks its band reaches),
 one per block of queries for dQ (and dS, when asked for); or, not deterministic, the first pass
 alone, adding each block's dQ to a float32 dQ with atomics (5 products per block instead of 7). exp, log and tanh are the Cephes
-polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs).
+polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs),
+but for the softmax's exponentials of float16 and bfloat16 inputs where GENFAST_TRITON_FAST_EXP=1
+(ex2.approx, a variant to time against them).
 """
 
 import math
+import os
 
 import triton
 import triton.language as tl
@@ -50,6 +53,16 @@ def _dot(a, b, DOT_KIND: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _exp(x, FAST_EXP: tl.constexpr):
+    """e^x for the softmax: the Cephes polynomial (exp_f32), or with FAST_EXP the GPU's ex2.approx
+    (2 ulp), as FlashAttention's kernels take it."""
+    if FAST_EXP:
+        return tl.exp2(x * 1.4426950408889634)
+    else:
+        return exp_f32(x)
 
 
 @triton.jit
@@ -144,6 +157,7 @@ def attention_forward_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    FAST_EXP: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
@@ -203,8 +217,8 @@ def attention_forward_kernel(
         block_max = tl.where(tl.sum((s != s).to(tl.int32), 1) > 0, float("nan"), tl.max(s, 1))
         m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p = 0, alpha = 0
-        p = exp_f32(s - m_safe[:, None])
-        alpha = exp_f32(m_i - m_safe)
+        p = _exp(s - m_safe[:, None], FAST_EXP)
+        alpha = _exp(m_i - m_safe, FAST_EXP)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keeps = _dropout_keeps(offs_m, offs_n, start_n, row_base + h * head_rows, row_length, k_start, dropout_p,
@@ -264,14 +278,14 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h, row
                      smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
                      base_lo, base_hi,
                      SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-                     DROPOUT: tl.constexpr, DOT_KIND: tl.constexpr):
+                     DROPOUT: tl.constexpr, DOT_KIND: tl.constexpr, FAST_EXP: tl.constexpr):
     """P after dropout (the weights of V), dS (the gradient of the scores s) and dS times the
     soft-cap's 1 - tanh^2 (the gradient of scale q.k), all [M, N]."""
     s = _dot(q, tl.trans(k), DOT_KIND) * scale
     s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
                             band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
     seen = lse != float("-inf")
-    p = tl.where(seen[:, None], exp_f32(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
+    p = tl.where(seen[:, None], _exp(s - tl.where(seen, lse, 0.0)[:, None], FAST_EXP), 0.0)
     dp = _dot(do, tl.trans(v), DOT_KIND)
     if DROPOUT:
         keeps = _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo,
@@ -297,7 +311,7 @@ def attention_backward_kv_kernel(
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -333,7 +347,7 @@ def attention_backward_kv_kernel(
                                              row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb,
                                              smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
                                              keep_scale, seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI,
-                                             MASK_KIND, DROPOUT, DOT_KIND)
+                                             MASK_KIND, DROPOUT, DOT_KIND, FAST_EXP)
             dv += _dot(tl.trans(p), do, DOT_KIND)
             dk += _dot(tl.trans(ds_dot), q, DOT_KIND)
             if ATOMIC_DQ:
@@ -353,7 +367,7 @@ def attention_backward_q_kernel(
     seed_lo, seed_hi, base_lo, base_hi,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64) + b_first * H  # dS of batch b at ds_ptr's batch b - b_first
@@ -385,7 +399,7 @@ def attention_backward_q_kernel(
                                          row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb, smh,
                                          smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
                                          seed_lo, seed_hi, base_lo, base_hi, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT,
-                                         DOT_KIND)
+                                         DOT_KIND, FAST_EXP)
         if WRITE_DS:
             ptrs = (ds_ptr + (b - b_first) * sdsb + h * sdsh + offs_m[:, None].to(tl.int64) * sdsm
                     + offs_n[None, :].to(tl.int64) * sdsn)
@@ -422,7 +436,7 @@ _GPU_BLOCKS = {
                  256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
 }
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
-_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ"]
+_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP"]
 _tuned_kernels = {}
 
 
@@ -503,9 +517,19 @@ def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi
                    base_lo=base_lo, base_hi=base_hi)
     consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
                   DROPOUT=_dropout_kind(dropout_p, packing), VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
+                  FAST_EXP=_fast_exp(q.dtype),
                   BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
                   BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
     return mask_arg, mask_strides, alibi_arg, alibi_bs, scalars, consts
+
+
+def _fast_exp(dtype):
+    """GENFAST_TRITON_FAST_EXP=1: the softmax's exponentials by the GPU's ex2.approx for float16 and
+    bfloat16 inputs, a variant to time against the polynomial (float32 keeps the polynomial, whose
+    error its tests' error ratio allows)."""
+    import torch
+
+    return os.environ.get("GENFAST_TRITON_FAST_EXP") == "1" and dtype in (torch.float16, torch.bfloat16)
 
 
 def _dropout_kind(dropout_p, packing):
