@@ -121,9 +121,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     or (B, Hq); softcap (softcap * tanh(s / softcap)); dropout from in-kernel Philox keyed by
     `generator` (a genfast.PhiloxGenerator gives the same mask on every backend). A row whose keys
     are all masked gives zeros (lse -inf), never NaN. deterministic: a backward whose bits repeat
-    from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA and
-    GPU Triton kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block
-    instead of 7. The CPU backward is deterministic either way."""
+    from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA
+    kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block instead of 7.
+    The CPU and Triton backwards are deterministic either way (Triton's atomics, slower on an H200,
+    with GENFAST_TRITON_ATOMIC_DQ=1)."""
     qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl)
     if is_causal:
         if causal == "bottom_right":

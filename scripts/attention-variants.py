@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """genfast's GPU attention variants against SDPA's flash and cuDNN backends, bf16, in one process
 (scripts/gpu-check's `variants` stage): Triton with the polynomial exp and with ex2.approx
-(GENFAST_TRITON_FAST_EXP), the CUDA kernel for sm_80 and the Hopper kernels (GENFAST_ATTENTION_SM90),
-each forward and forward+backward, with its error against SDPA flash's result (relative Frobenius
-norm of o and of dQ, dK, dV) and its TFLOP/s; a row is printed as it is measured, the Hopper ones
+(GENFAST_TRITON_FAST_EXP), dQ from its own pass or by atomics (GENFAST_TRITON_ATOMIC_DQ), the CUDA
+kernel for sm_80 and the Hopper kernels (GENFAST_ATTENTION_SM90), each forward and
+forward+backward, with its error against SDPA flash's result (relative Frobenius norm of o and of
+dQ, dK, dV) and its TFLOP/s; a row is printed as it is measured, the Hopper ones
 last (a kernel that hangs there leaves the others' rows). --profile: after a warm-up (autotuning),
 each variant's forward and backward once between cudaProfilerStart and Stop, for
 `ncu --profile-from-start off` (scripts/gpu-check's `profile` stage)."""
@@ -53,8 +54,8 @@ def variants():
     return [("SDPA flash", _sdpa(SDPBackend.FLASH_ATTENTION)), ("SDPA cuDNN", _sdpa(SDPBackend.CUDNN_ATTENTION)),
             ("genfast triton", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "0"})),
             ("genfast triton fast exp", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "1"})),
-            ("genfast triton fast exp determ.", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "1"},
-                                                         deterministic=True)),
+            ("genfast triton fast exp atomic dQ", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "1",
+                                                                       "GENFAST_TRITON_ATOMIC_DQ": "1"})),
             ("genfast native sm80", _genfast("native", {"GENFAST_ATTENTION_SM90": "0"})),
             ("genfast native sm80 determ.", _genfast("native", {"GENFAST_ATTENTION_SM90": "0"}, deterministic=True))]
 

@@ -757,9 +757,11 @@ def test_backward_is_deterministic(impl):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("impl", fused_impls())
-def test_gradients_with_and_without_atomics(deterministic, impl):
-    """dQ added with atomics in the key-block pass (the default) or from its own pass."""
+def test_gradients_with_and_without_atomics(deterministic, impl, monkeypatch):
+    """dQ added with atomics in the key-block pass (Triton's with GENFAST_TRITON_ATOMIC_DQ=1) or from
+    its own pass."""
     skip_unless_supported(impl, "cpu")
+    monkeypatch.setenv("GENFAST_TRITON_ATOMIC_DQ", "1")
     _compare_grads(*_qkv(2, 4, 2, 37, 50, 24, torch.float32), impl=impl, causal="bottom_right", dropout_p=0.2,
                    seed=4, softcap=5.0, deterministic=deterministic)
 

@@ -228,8 +228,10 @@ def test_backward_is_bit_reproducible(impl, dtype, ask):
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
-def test_deterministic_and_atomic_gradients(impl, dtype, dim):
-    """Both ways of computing dQ: its own pass, and atomics in the key-block pass (the default)."""
+def test_deterministic_and_atomic_gradients(impl, dtype, dim, monkeypatch):
+    """Both ways of computing dQ: its own pass, and atomics in the key-block pass (CUDA's default,
+    Triton's with GENFAST_TRITON_ATOMIC_DQ=1)."""
+    monkeypatch.setenv("GENFAST_TRITON_ATOMIC_DQ", "1")
     q, k, v = _cuda(*_qkv(2, 4, 2, 300, 260, dim, dtype))
     for deterministic in (True, False):
         _compare_grads(q, k, v, impl=impl, causal="bottom_right", softcap=30.0, dropout_p=0.1, seed=5,

@@ -123,8 +123,8 @@ def test_gradients_per_head_dim(impl, dtype, dim, v_dim):
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("impl,dtype", NATIVE, ids=IDS)
-def test_deterministic_and_atomic_gradients(impl, dtype, dim):
-    cuda_tests.test_deterministic_and_atomic_gradients(impl, dtype, dim)
+def test_deterministic_and_atomic_gradients(impl, dtype, dim, monkeypatch):
+    cuda_tests.test_deterministic_and_atomic_gradients(impl, dtype, dim, monkeypatch)
 
 
 @pytest.mark.parametrize("ask", ["keyword", "torch"])

@@ -168,7 +168,7 @@ BACKWARD_CASES = [
     ("dropout_gqa", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
     ("everything", 1, 4, 2, 17, 40, 24, 16,
      dict(causal="bottom_right", mask="float", alibi="h", softcap=3.0, dropout_p=0.2, seed=5, offset=0)),
-    # dQ from its own pass (the default adds it in the key-block pass, with atomics)
+    # dQ from its own pass (the default; the cases above add it in the key-block pass, with atomics)
     ("deterministic_gqa", 2, 4, 2, 17, 40, 24, 16, dict(deterministic=True)),
     ("deterministic_causal_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2),
                                                                   deterministic=True)),
@@ -182,6 +182,7 @@ BACKWARD_CASES = [
 def test_backward_matches_autograd(case, monkeypatch):
     attn = _kernels()
     monkeypatch.setattr(attn, "MASK_GRAD_CHUNK_FLOATS", 1)
+    monkeypatch.setenv("GENFAST_TRITON_ATOMIC_DQ", "1")  # dQ by atomics where not deterministic
     _, B, H, Hk, Lq, Lk, D, Dv, opts = case
     q, k, v = _inputs(B, H, Hk, Lq, Lk, D, Dv, seed=1)
     mask = _mask(opts.get("mask"), B, H, Lq, Lk, masked_row=opts.get("masked_row"))

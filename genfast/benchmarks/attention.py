@@ -203,7 +203,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     candidates += [(name, dense) for name, dense, _ in flash_attention_peers(device)]
     candidates += [("eager reference", lambda q, k, v, c: reference.attention(q, k, v, is_causal=c)),
                    ("torch.compile reference", lambda q, k, v, c: compiled(q, k, v, is_causal=c))]
-    # The GPU backward adds dQ with atomics by default; its deterministic form, for the backward's rows.
+    # The CUDA backward adds dQ with atomics by default; the deterministic forms, for the backward's rows.
     deterministic = [(f"genfast {impl} deterministic",
                       lambda q, k, v, c, impl=impl: attention(q, k, v, is_causal=c, impl=impl, deterministic=True))
                      for impl in fused_impls(device)] if device == "cuda" else []

@@ -12,8 +12,9 @@ where its Philox uniform (genfast.reference.random.philox_uniform) is >= dropout
 The forward walks, per block of queries, only the key blocks its band can reach, with an online
 softmax. The backward is two deterministic passes without atomics: one program per block of keys
 for dK and dV (looping over the query heads of its key head and the query blocks its band reaches),
-one per block of queries for dQ (and dS, when asked for); or, not deterministic, the first pass
-alone, adding each block's dQ to a float32 dQ with atomics (5 products per block instead of 7). exp, log and tanh are the Cephes
+one per block of queries for dQ (and dS, when asked for); or, where GENFAST_TRITON_ATOMIC_DQ=1 and
+the call is not deterministic, the first pass alone, adding each block's dQ to a float32 dQ with
+atomics (5 products per block instead of 7, but slower on an H200: _atomic_dq). exp, log and tanh are the Cephes
 polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs),
 but for the softmax's exponentials of float16 and bfloat16 inputs where GENFAST_TRITON_FAST_EXP=1
 (ex2.approx, a variant to time against them).
@@ -532,6 +533,14 @@ def _fast_exp(dtype):
     return os.environ.get("GENFAST_TRITON_FAST_EXP") == "1" and dtype in (torch.float16, torch.bfloat16)
 
 
+def _atomic_dq():
+    """GENFAST_TRITON_ATOMIC_DQ=1: the key-block pass adds dQ with atomics, FlashAttention-2's way,
+    unless the call is deterministic. Not by default: on an H200 (bf16, head dims 128 and 256) the
+    two passes took 28.1, 3.93 and 8.90 ms a forward and backward where atomics took 38.1, 5.61 and
+    12.6 (bench/results/20261204-NVIDIA-H200-45ea074)."""
+    return os.environ.get("GENFAST_TRITON_ATOMIC_DQ") == "1"
+
+
 def _dropout_kind(dropout_p, packing):
     if not dropout_p > 0.0:
         return DROPOUT_NONE
@@ -697,8 +706,9 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     the additive mask's gradient) summed over those dims, where the band reaches (0 elsewhere).
     Summed dS is computed in chunks of whole batches, each in a (batches, H, Lq, Lk) buffer added to
     grad_s in batch order: MASK_GRAD_CHUNK_FLOATS or grad_s's size, whichever is larger, bounds the
-    buffer (one batch at least). deterministic, or grad_s given: dQ from its own pass, no atomics;
-    else the key-block pass adds dQ with atomics (bits may vary from run to run on a GPU). varlen:
+    buffer (one batch at least). dQ from its own pass, no atomics; or, where _atomic_dq() and
+    neither deterministic nor grad_s, added by the key-block pass with atomics (bits may vary from
+    run to run on a GPU). varlen:
     as launch_attention_forward's, delta in lse's layout."""
     grad_o, delta, q, k, v, lse, grad_q, grad_k, grad_v = _packed(varlen, grad_o, delta, q, k, v, lse, grad_q, grad_k,
                                                                   grad_v)
@@ -718,7 +728,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
                                                                  band_lo, band_hi, dropout_p, seed, offset, packing)
     outs = [t if t.stride(-1) == 1 else t.new_zeros(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
-    atomic_dq = not deterministic and grad_s is None
+    atomic_dq = not deterministic and grad_s is None and _atomic_dq()
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
