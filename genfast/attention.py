@@ -14,6 +14,7 @@ backward replays it: a CUDA graph that captures a training step with dropout rep
 
 import functools
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -131,7 +132,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
     scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q, max(qs[3], vs[3]))
+    backend = _fused_backend(impl, q, (qs[3], vs[3]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
@@ -175,18 +176,31 @@ def _cuda_kernels_refuse(q: Tensor, head_dim: int) -> Optional[str]:
     return None
 
 
-def _fused_backend(impl: str, q: Tensor, head_dim: int) -> str:
-    """The backend that runs the call: on CUDA, "auto" takes the CUDA kernels where they run (float16
-    and bfloat16, head dims up to 256, sm_80 and later), else Triton (head dims up to 256), else the
-    reference; asking for a backend that cannot run the call raises."""
+def _triton_leads(device, dims) -> bool:
+    """Whether "auto" takes Triton over the CUDA kernels that could run: on Hopper GPUs (sm_90), unless
+    GENFAST_ATTENTION_SM90=1 opts into the Hopper kernels. On an H200 Triton's kernels beat the sm_80
+    CUDA kernels at every shape measured, bf16: forward 2.2 times as fast at head dim 128, 1.7 at 256;
+    forward+backward 1.4 to 1.9; packed sequences 1.6 (bench/results/20261204-NVIDIA-H200-45ea074).
+    Head dims that are not multiples of 8 stay on the CUDA kernels: there Triton's gradients at head
+    dims 33 and 17 failed their test in 16 bits, for a reason not yet found."""
+    return (all(dim % 8 == 0 for dim in dims) and _capability(device)[0] == 9
+            and os.environ.get("GENFAST_ATTENTION_SM90") != "1" and _backend.triton_runs_on("cuda"))
+
+
+def _fused_backend(impl: str, q: Tensor, dims: Tuple[int, int]) -> str:
+    """The backend that runs a call of q's and v's head dims `dims`: on CUDA, "auto" takes the CUDA
+    kernels where they run (float16 and bfloat16, head dims up to 256, sm_80 and later) but on
+    Hopper GPUs (_triton_leads), else Triton (head dims up to 256), else the reference; asking for a
+    backend that cannot run the call raises."""
     device = q.device
+    head_dim = max(dims)
     backend = _backend.resolve_impl(impl, device)
     if device.type != "cuda":
         return backend
     if backend == "native":
         why = _cuda_kernels_refuse(q, head_dim)
         if why is None:
-            return backend
+            return "triton" if impl == "auto" and _triton_leads(device, dims) else backend
         if impl == "native":
             hint = "; impl='triton' can" if head_dim <= FUSED_MAX_HEAD_DIM else ""
             raise TypeError(f"genfast's CUDA attention kernels cannot run this call: {why}{hint}")
@@ -258,7 +272,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
                            window, alibi_slopes, softcap, impl)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
-    backend = _fused_backend(impl, q, max(qs[2], vs[2]))
+    backend = _fused_backend(impl, q, (qs[2], vs[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,

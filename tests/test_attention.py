@@ -766,6 +766,29 @@ def test_gradients_with_and_without_atomics(deterministic, impl, monkeypatch):
                    seed=4, softcap=5.0, deterministic=deterministic)
 
 
+def test_auto_takes_triton_on_hopper_gpus(monkeypatch):
+    """impl="auto" on an sm_90 GPU runs Triton, which beat the sm_80 CUDA kernels there, unless the
+    Hopper kernels are opted into or a head dim is not a multiple of 8; elsewhere the CUDA kernels; an
+    explicit impl is kept."""
+    module = importlib.import_module("genfast.attention")
+    monkeypatch.setattr(module._backend, "native_runs_on", lambda kind: True)
+    monkeypatch.setattr(module._backend, "triton_runs_on", lambda kind: True)
+    q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    for capability, opted_in, expected in [((9, 0), False, "triton"), ((9, 0), True, "native"),
+                                           ((8, 0), False, "native"), ((10, 0), False, "native")]:
+        monkeypatch.setattr(module, "_capability", lambda device, c=capability: c)
+        if opted_in:
+            monkeypatch.setenv("GENFAST_ATTENTION_SM90", "1")
+        else:
+            monkeypatch.delenv("GENFAST_ATTENTION_SM90", raising=False)
+        assert module._fused_backend("auto", q, (128, 128)) == expected, capability
+        assert module._fused_backend("native", q, (128, 128)) == "native"
+    monkeypatch.setattr(module, "_capability", lambda device: (9, 0))
+    assert module._fused_backend("auto", q, (64, 33)) == "native"  # head dims Triton failed a test at
+    monkeypatch.setattr(module._backend, "triton_runs_on", lambda kind: False)
+    assert module._fused_backend("auto", q, (128, 128)) == "native"  # no Triton: the CUDA kernels
+
+
 def test_deterministic_algorithms_ask_for_a_deterministic_backward():
     module = importlib.import_module("genfast.attention")  # genfast.attention is the function
     assert not module._deterministic(False) and module._deterministic(True)

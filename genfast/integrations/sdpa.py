@@ -40,7 +40,7 @@ def _takes(q, k, v, impl):
         return False
     if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    return _fused_backend(impl, q, max(q.shape[3], v.shape[3])) != "reference"
+    return _fused_backend(impl, q, (q.shape[3], v.shape[3])) != "reference"
 
 
 def sdpa_function(impl: str = "auto"):
