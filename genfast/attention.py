@@ -180,9 +180,10 @@ def _triton_leads(device, dims) -> bool:
     """Whether "auto" takes Triton over the CUDA kernels that could run: on Hopper GPUs (sm_90), unless
     GENFAST_ATTENTION_SM90=1 opts into the Hopper kernels. On an H200 Triton's kernels beat the sm_80
     CUDA kernels at every shape measured, bf16: forward 2.2 times as fast at head dim 128, 1.7 at 256;
-    forward+backward 1.4 to 1.9; packed sequences 1.6 (bench/results/20261204-NVIDIA-H200-45ea074).
-    Head dims that are not multiples of 8 stay on the CUDA kernels: there Triton's gradients at head
-    dims 33 and 17 failed their test in 16 bits, for a reason not yet found."""
+    forward+backward (Triton's two passes) 1.4 to 1.9; the forward of packed sequences 1.6
+    (bench/results/20261204-NVIDIA-H200-45ea074). Head dims that are not multiples of 8 stay on the
+    CUDA kernels: there Triton's gradients at head dims 33 and 17 failed their test in 16 bits, for a
+    reason not yet found."""
     return (all(dim % 8 == 0 for dim in dims) and _capability(device)[0] == 9
             and os.environ.get("GENFAST_ATTENTION_SM90") != "1" and _backend.triton_runs_on("cuda"))
 
