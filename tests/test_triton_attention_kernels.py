@@ -277,3 +277,17 @@ def test_float16_fast_exp_variant(monkeypatch):
             torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
         lses.append(lse)
     assert not torch.equal(*lses)
+
+
+def test_untuned_gpu_kernels_take_the_first_configuration(monkeypatch):
+    """GENFAST_TRITON_AUTOTUNE=0 (scripts/gpu-check's Triton tests): a GPU's kernels behind one
+    configuration, the untuned choice, so that no call times the others; every configuration else."""
+    attn = _kernels()
+    device = torch.device("cuda")
+    for backward, kernel in ((False, attn.attention_forward_kernel), (True, attn.attention_backward_kv_kernel)):
+        blocks = attn._GPU_BLOCKS["backward" if backward else "forward"][128]
+        monkeypatch.delenv("GENFAST_TRITON_AUTOTUNE", raising=False)
+        assert len(attn._tuned(kernel, device, 128, backward).configs) == len(blocks) > 1
+        monkeypatch.setenv("GENFAST_TRITON_AUTOTUNE", "0")
+        (config,) = attn._tuned(kernel, device, 128, backward).configs
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages) == blocks[0]

@@ -442,16 +442,21 @@ _tuned_kernels = {}
 
 
 def _tuned(kernel, device, dim_pad, backward):
-    """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU, over
-    the interpreter's one configuration on the CPU; made once per kernel and bucket. A launch passes
+    """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU (over
+    the first of them alone where GENFAST_TRITON_AUTOTUNE=0, as scripts/gpu-check's Triton tests
+    take it: each test's new head dims or options would otherwise time every configuration), over
+    the interpreter's one configuration on the CPU; made once per kernel, bucket and choice. A launch passes
     no BLOCK_M, BLOCK_N, num_warps or num_stages, and a grid that reads BLOCK_M or BLOCK_N from its
     meta-parameters. The kernels store their outputs, so the timing runs leave them right, except
     the dQ the backward's key-block kernel adds to with atomics: it is zeroed before each timing run
     and after the last."""
     bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
-    key = (id(kernel), bucket)
+    untuned = os.environ.get("GENFAST_TRITON_AUTOTUNE") == "0"
+    key = (id(kernel), bucket, untuned)
     if key not in _tuned_kernels:
         blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _GPU_BLOCKS["backward" if backward else "forward"][bucket]
+        if untuned:
+            blocks = blocks[:1]  # GENFAST_TRITON_AUTOTUNE=0: the untuned choice, no timing runs
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
         reset = ["dq_ptr"] if kernel is attention_backward_kv_kernel else None
         _tuned_kernels[key] = triton.autotune(configs, key=_TUNING_KEY, reset_to_zero=reset)(kernel)
