@@ -14,10 +14,10 @@ softmax. The backward is two deterministic passes without atomics: one program p
 for dK and dV (looping over the query heads of its key head and the query blocks its band reaches),
 one per block of queries for dQ (and dS, when asked for); or, where GENFAST_TRITON_ATOMIC_DQ=1 and
 the call is not deterministic, the first pass alone, adding each block's dQ to a float32 dQ with
-atomics (5 products per block instead of 7, but slower on an H200: _atomic_dq). exp, log and tanh are the Cephes
-polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx on NVIDIA GPUs),
-but for the softmax's exponentials of float16 and bfloat16 inputs where GENFAST_TRITON_FAST_EXP=1
-(ex2.approx, a variant to time against them).
+atomics (5 products per block instead of 7, but slower on an H200: _atomic_dq). exp, log and tanh
+are the Cephes polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx
+on NVIDIA GPUs), but for the softmax's exponentials of float16 and bfloat16 inputs where
+GENFAST_TRITON_FAST_EXP=1 (ex2.approx, a variant to time against them).
 """
 
 import math
@@ -445,9 +445,9 @@ def _tuned(kernel, device, dim_pad, backward):
     """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU (over
     the first of them alone where GENFAST_TRITON_AUTOTUNE=0, as scripts/gpu-check's Triton tests
     take it: each test's new head dims or options would otherwise time every configuration), over
-    the interpreter's one configuration on the CPU; made once per kernel, bucket and choice. A launch passes
-    no BLOCK_M, BLOCK_N, num_warps or num_stages, and a grid that reads BLOCK_M or BLOCK_N from its
-    meta-parameters. The kernels store their outputs, so the timing runs leave them right, except
+    the interpreter's one configuration on the CPU; made once per kernel, bucket and choice. A
+    launch passes no BLOCK_M, BLOCK_N, num_warps or num_stages, and a grid that reads BLOCK_M or
+    BLOCK_N from its meta-parameters. The kernels store their outputs, so the timing runs leave them right, except
     the dQ the backward's key-block kernel adds to with atomics: it is zeroed before each timing run
     and after the last."""
     bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
