@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """genfast's GPU attention variants against SDPA's flash and cuDNN backends, bf16, in one process
-(scripts/gpu-check's `variants` stage): Triton with the polynomial exp and with ex2.approx
-(GENFAST_TRITON_FAST_EXP), dQ from its own pass or by atomics (GENFAST_TRITON_ATOMIC_DQ), the CUDA
+(scripts/gpu-check's `variants` stage): Triton with ex2.approx and with the polynomial exp
+(GENFAST_TRITON_FAST_EXP=0), dQ from its own pass or by atomics (GENFAST_TRITON_ATOMIC_DQ), the CUDA
 kernel for sm_80 and the Hopper kernels (GENFAST_ATTENTION_SM90), each forward and
 forward+backward, with its error against SDPA flash's result (relative Frobenius norm of o and of
 dQ, dK, dV) and its TFLOP/s; a row is printed as it is measured, the Hopper ones
@@ -52,10 +52,9 @@ def _sdpa(backend):
 
 def variants():
     return [("SDPA flash", _sdpa(SDPBackend.FLASH_ATTENTION)), ("SDPA cuDNN", _sdpa(SDPBackend.CUDNN_ATTENTION)),
-            ("genfast triton", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "0"})),
-            ("genfast triton fast exp", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "1"})),
-            ("genfast triton fast exp atomic dQ", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "1",
-                                                                       "GENFAST_TRITON_ATOMIC_DQ": "1"})),
+            ("genfast triton", _genfast("triton", {})),
+            ("genfast triton polynomial exp", _genfast("triton", {"GENFAST_TRITON_FAST_EXP": "0"})),
+            ("genfast triton atomic dQ", _genfast("triton", {"GENFAST_TRITON_ATOMIC_DQ": "1"})),
             ("genfast native sm80", _genfast("native", {"GENFAST_ATTENTION_SM90": "0"})),
             ("genfast native sm80 determ.", _genfast("native", {"GENFAST_ATTENTION_SM90": "0"}, deterministic=True))]
 

@@ -249,10 +249,10 @@ def test_backward_float16():
 
 
 @pytest.mark.triton
-def test_float16_fast_exp_variant(monkeypatch):
-    """GENFAST_TRITON_FAST_EXP=1 (ex2.approx for the softmax of 16-bit inputs): the forward and the
-    backward against the float64 reference, and a log-sum-exp not bit for bit the polynomial's (the
-    variant ran)."""
+def test_float16_softmax_by_either_exp(monkeypatch):
+    """The softmax of 16-bit inputs by ex2.approx (the default) and by the polynomial
+    (GENFAST_TRITON_FAST_EXP=0): the forward and the backward against the float64 reference, and
+    log-sum-exps that differ in their bits (each ran)."""
     attn = _kernels()
     B, H, Hk, Lq, Lk, D = 2, 2, 1, 17, 40, 32
     q, k, v = _inputs(B, H, Hk, Lq, Lk, D, D, dtype=torch.float16, seed=3)
@@ -262,8 +262,11 @@ def test_float16_fast_exp_variant(monkeypatch):
     ro, rlse = _reference(q64, k64, v64, None, None, 0.25, None, "bottom_right", None, 0.2, 17, 4)
     expected = torch.autograd.grad((ro * grad_o.double()).sum(), [q64, k64, v64])
     lses = []
-    for fast in ("0", "1"):
-        monkeypatch.setenv("GENFAST_TRITON_FAST_EXP", fast)
+    for fast in ("0", None):
+        if fast is None:
+            monkeypatch.delenv("GENFAST_TRITON_FAST_EXP", raising=False)
+        else:
+            monkeypatch.setenv("GENFAST_TRITON_FAST_EXP", fast)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             o, lse = _forward(attn, q, k, v, None, None, 0.25, None, band, 0.2, 17, 4)
