@@ -208,6 +208,18 @@ def test_nan_propagates(impl):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_nan_in_one_key_reaches_every_row(impl):
+    """A NaN score among finite ones makes the row NaN, as the reference's softmax does (a max that
+    skipped NaN, as fmax and tl.max on a GPU do, would leave the rows finite)."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(1, 2, 2, 9, 70, 16, torch.float32)
+    k[0, 0, 40, 3] = float("nan")
+    o, lse = genfast.attention(q, k, v, impl=impl, return_lse=True)
+    assert o[0, 0].isnan().all() and lse[0, 0].isnan().all()
+    assert not o[0, 1].isnan().any() and not lse[0, 1].isnan().any()
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_dropout_is_the_reference_philox_mask(impl):
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 2, 2, 20, 75, 16, torch.float32)

@@ -67,6 +67,11 @@ def _exp(x, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap, band_lo, band_hi,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
     """The scores from scale q.k ([M, N]): soft-cap, ALiBi, mask, band, and -inf outside (Lq, Lk).
@@ -214,8 +219,8 @@ def attention_forward_kernel(
         s = _dot(q, tl.trans(k), DOT_KIND) * scale
         s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
                                 band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
-        # tl.max skips NaN (fmax): a row holding one takes NaN, which then reaches o and lse.
-        block_max = tl.where(tl.sum((s != s).to(tl.int32), 1) > 0, float("nan"), tl.max(s, 1))
+        # tl.max would skip NaN (fmax): a row holding one takes NaN, which then reaches o and lse.
+        block_max = tl.reduce(s, 1, _max_keeping_nan)
         m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p = 0, alpha = 0
         p = _exp(s - m_safe[:, None], FAST_EXP)
