@@ -72,6 +72,15 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
+def _block_inside(start_m, BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo, band_hi):
+    """Whether every query of [start_m, start_m + BLOCK_M) and key of [start_n, start_n + BLOCK_N)
+    is inside the sequences and the band: with scores that need nothing more than scaling, such a
+    block skips _finish_scores (an eighth of the forward's instructions a step at head dim 128)."""
+    return ((start_m + BLOCK_M <= Lq) & (start_n + BLOCK_N <= Lk) & (start_n - (start_m + BLOCK_M - 1) >= band_lo)
+            & (start_n + BLOCK_N - 1 - start_m <= band_hi))
+
+
+@triton.jit
 def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap, band_lo, band_hi,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
     """The scores from scale q.k ([M, N]): soft-cap, ALiBi, mask, band, and -inf outside (Lq, Lk).
@@ -217,8 +226,12 @@ def attention_forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
         s = _dot(q, tl.trans(k), DOT_KIND) * scale
-        s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
-                                band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        if SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED:
+            s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
+                                    band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        elif not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi):
+            s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
+                                    band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
         # tl.max would skip NaN (fmax): a row holding one takes NaN, which then reaches o and lse.
         block_max = tl.reduce(s, 1, _max_keeping_nan)
         m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
