@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""The instructions of the Triton attention kernels' loops, compiled for an NVIDIA GPU on a machine
+without one (Triton's own ptxas and nvdisasm), as a GPU launch would specialize them (16-byte-aligned
+pointers, strides and lengths that 16 divides). Where a loop is issue-bound (the H200 run's forward:
+bench/results/20261204-NVIDIA-H200-45ea074), its instruction count per step, against the cycles of
+its matrix products, is a proxy for its speed between GPU runs. Prints each loop that holds matrix
+products: its instructions, its products and its commonest opcodes.
+
+    scripts/triton-attention-sass.py forward --head-dim 128 --block 128 32 --warps 8
+    scripts/triton-attention-sass.py backward_kv --set FAST_EXP=0
+"""
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+KERNELS = {"forward": "attention_forward_kernel", "backward_kv": "attention_backward_kv_kernel",
+           "backward_q": "attention_backward_q_kernel"}
+FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "dq_ptr", "ds_ptr", "alibi_ptr"}
+FLOATS = {"scale", "softcap", "dropout_p", "keep_scale"}
+NOT_SIZES = FLOATS | {"seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi", "splits", "split_rows",
+                      "heads_per_tile", "rows_per_head", "head_chunks", "GROUP", "HK", "b_first", "alibi_bs"}
+
+
+def _signature(fn, dtype, constexprs):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("cu_q_ptr", "cu_k_ptr"):
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FLOAT32_POINTERS else "*" + dtype
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, overrides):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from genfast.kernels import attention
+
+    fn = getattr(attention, KERNELS[kernel])
+    padded = triton.next_power_of_2(max(head_dim, 16))
+    constexprs = {name: False for name in ("SOFTCAP", "HAS_ALIBI", "VARLEN", "STACKED", "SPLIT", "ATOMIC_DQ",
+                                           "WRITE_DS") if name in fn.arg_names}
+    constexprs.update(MASK_KIND=0, DROPOUT=0, DOT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[dtype], BLOCK_D=padded,
+                      BLOCK_DV=padded, BLOCK_M=block[0], BLOCK_N=block[1],
+                      FAST_EXP=dtype != "fp32" and os.environ.get("GENFAST_TRITON_FAST_EXP") != "0")
+    for item in overrides:
+        name, value = item.split("=", 1)
+        constexprs[name] = int(value) if value.lstrip("-").isdigit() else value == "True"
+    signature = _signature(fn, dtype, constexprs)
+    aligned = head_dim % 16 == 0
+    divisible = [name for name, kind in signature.items()
+                 if (kind.startswith("*") and name not in ("cu_q_ptr", "cu_k_ptr"))
+                 or (aligned and kind == "i32" and name not in NOT_SIZES)]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    return compiled.asm["cubin"]
+
+
+def disassemble(cubin, path):
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with open(path, "wb") as file:
+        file.write(cubin)
+    return subprocess.run([nvdisasm, "-c", path], check=True, capture_output=True, text=True).stdout
+
+
+def loops(sass):
+    """(first address, last address, opcodes) of each loop (a backward branch) holding a matrix product."""
+    lines = sass.splitlines()
+    instructions, labels = [], {}
+    for n, line in enumerate(lines):
+        label = re.match(r"(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = n
+        found = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?);", line)
+        if found:
+            instructions.append((int(found.group(1), 16), found.group(2), n))
+    address_at_line = {n: address for address, _, n in instructions}
+    products = [address for address, text, _ in instructions if "MMA" in text.split()[0] or " HGMMA" in text
+                or "HMMA" in text]
+    found = []
+    for address, text, _ in instructions:
+        branch = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if not branch or branch.group(1) not in labels:
+            continue
+        target = next(address_at_line[n] for n in range(labels[branch.group(1)], len(lines)) if n in address_at_line)
+        if target < address and any(target <= p <= address for p in products):
+            body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                    for a, t, _ in instructions if target <= a <= address]
+            found.append((target, address, body))
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernel", choices=sorted(KERNELS))
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block", type=int, nargs=2, default=None, metavar=("M", "N"),
+                        help="default: the first (untuned) configuration of the head dim's bucket")
+    parser.add_argument("--warps", type=int, default=None)
+    parser.add_argument("--stages", type=int, default=None)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--set", action="append", default=[], metavar="CONSTEXPR=VALUE",
+                        help="a constexpr of the kernel, e.g. FAST_EXP=False, MASK_KIND=2, SOFTCAP=True")
+    parser.add_argument("--sass", default="/tmp/genfast-attention.cubin", help="where the cubin is written")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    from genfast.kernels import attention
+
+    bucket = 64 if args.head_dim <= 64 else 128 if args.head_dim <= 128 else 256
+    first = attention._GPU_BLOCKS["forward" if args.kernel == "forward" else "backward"][bucket][0]
+    block = args.block or first[:2]
+    warps, stages = args.warps or first[2], args.stages or first[3]
+    cubin = compile_kernel(args.kernel, args.dtype, args.head_dim, block, warps, stages, args.arch, args.set)
+    sass = disassemble(cubin, args.sass)
+    print(f"{KERNELS[args.kernel]} sm_{args.arch} {args.dtype} head dim {args.head_dim}, blocks {block[0]} x "
+          f"{block[1]}, {warps} warps, {stages} stages, Triton {triton.__version__}:")
+    for first_address, last_address, body in loops(sass):
+        counts = collections.Counter(body)
+        products = counts.get("HGMMA", 0) + counts.get("HMMA", 0)
+        common = ", ".join(f"{op} {n}" for op, n in counts.most_common(10))
+        print(f"  loop {first_address:#x}-{last_address:#x}: {len(body)} instructions, {products} matrix "
+              f"products; {common}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
