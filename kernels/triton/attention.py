@@ -72,6 +72,17 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
+def _row_max(s, INTERPRETED: tl.constexpr):
+    """Each row's maximum, NaN where the row holds one (tl.max skips NaN, as fmax): on a GPU one
+    FMNMX.NAN per pair; under the interpreter, which runs a reduction's combine function in Python,
+    tl.max and a count of the NaN lanes."""
+    if INTERPRETED:
+        return tl.where(tl.sum((s != s).to(tl.int32), 1) > 0, float("nan"), tl.max(s, 1))
+    else:
+        return tl.reduce(s, 1, _max_keeping_nan)
+
+
+@triton.jit
 def _block_inside(start_m, BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo, band_hi):
     """Whether every query of [start_m, start_m + BLOCK_M) and key of [start_n, start_n + BLOCK_N)
     is inside the sequences and the band: with scores that need nothing more than scaling, such a
@@ -172,7 +183,7 @@ def attention_forward_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
-    FAST_EXP: tl.constexpr = False,
+    FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
@@ -232,8 +243,7 @@ def attention_forward_kernel(
         elif not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi):
             s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
                                     band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
-        # tl.max would skip NaN (fmax): a row holding one takes NaN, which then reaches o and lse.
-        block_max = tl.reduce(s, 1, _max_keeping_nan)
+        block_max = _row_max(s, INTERPRETED)  # a row holding NaN takes it, which then reaches o and lse
         m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p = 0, alpha = 0
         p = _exp(s - m_safe[:, None], FAST_EXP)
@@ -636,13 +646,14 @@ def gpu_variants(name, constexprs, ints):
     if name == "attention_combine_kernel":
         return None
     dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
+    on_gpu = dict(INTERPRETED=False) if "INTERPRETED" in constexprs else {}
     if constexprs.get("STACKED") or constexprs.get("SPLIT"):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
         block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
-        return [(dict(BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)]
+        return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
     bucket = 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
     blocks = _GPU_BLOCKS["backward" if "backward" in name else "forward"][bucket]
-    return [(dict(BLOCK_M=m, BLOCK_N=n), w, st) for m, n, w, st in blocks]
+    return [(dict(BLOCK_M=m, BLOCK_N=n, **on_gpu), w, st) for m, n, w, st in blocks]
 
 
 def _multiprocessors(device):
@@ -694,6 +705,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                 *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
 
     scalars = dict(scalars, scale=float(scale))
+    consts = dict(consts, INTERPRETED=q.device.type == "cpu")
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
