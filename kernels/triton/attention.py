@@ -237,10 +237,9 @@ def attention_forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
         s = _dot(q, tl.trans(k), DOT_KIND) * scale
-        if SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED:
-            s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
-                                    band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
-        elif not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi):
+        # The constexprs first: when one holds, Triton decides the branch while compiling.
+        if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED
+                or not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi)):
             s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
                                     band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
         block_max = _row_max(s, INTERPRETED)  # a row holding NaN takes it, which then reaches o and lse
@@ -313,10 +312,7 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h, row
     for the block (its scores skip the masking where they need only scaling)."""
     s = _dot(q, tl.trans(k), DOT_KIND) * scale
     cap = s
-    if SOFTCAP or HAS_ALIBI or MASK_KIND != 0:
-        s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
-                                band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
-    elif not inside:
+    if SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or not inside:
         s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
                                 band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
     seen = lse != float("-inf")
