@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_a_b<T>(acc_dq, a, s_k + (kk * 16 + a_row) * kStride + dq_col0 + a_col, dim - dq_col0);
       }
       const int row_i[2] = {i0 + dq_row0 + gid, i0 + dq_row0 + gid + 8};
-      add_query_grads(p, dq_accum, seq, h, row_i, q_len, dq_col0, acc_dq);
+      add_query_grads<true>(p, dq_accum, seq, h, row_i, q_len, dq_col0, acc_dq);
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch (and dS rewritten)
   }

@@ -237,7 +237,7 @@ __device__ __forceinline__ void hopper_add_dq(const AttentionParams& p,
     pin_registers(a);
   }
   const int row_i[2] = {i0 + warp * 16 + gid, i0 + warp * 16 + gid + 8};
-  add_query_grads(p, dq_accum, work.seq, h, row_i, work.q_len, col0, acc_dq);
+  add_query_grads<false>(p, dq_accum, work.seq, h, row_i, work.q_len, col0, acc_dq);
 }
 
 // Zeros for a warp's 16 keys of a dS tile of kQueries rows (ds_tile at its first key), for a
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         wgmma_ab_async<T, 64>(acc_dq, a_ds, smem.k_address + chunk * kBlockN * 128, kBlockN);
         wgmma_wait<0>();
         pin_registers(acc_dq);
-        add_query_grads(p, grads.dq_accum, work.seq, h, row_i, work.q_len, chunk * 64, acc_dq);
+        add_query_grads<false>(p, grads.dq_accum, work.seq, h, row_i, work.q_len, chunk * 64, acc_dq);
       }
       pin_registers(a_ds);
     }

@@ -65,6 +65,7 @@ __global__ void __launch_bounds__(kThreads)
         return i < q_len ? q + attention_q_at(p, seq, b, h, i) : static_cast<const uint16_t*>(nullptr);
       },
       dim, (vector & kVectorQ) != 0);
+  cp_async_commit();
   if (blocks.count > 0) kv.load(blocks.first, 0);
   cp_async_commit();
 
@@ -72,7 +73,17 @@ __global__ void __launch_bounds__(kThreads)
   const int a_row = lane % 16, a_col = (lane / 16) * 8;                 // pattern A
   const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;  // pattern B
   const int dim_steps = (dim + 15) / 16;
+  // At head dim 128 the warp's Q fragments stay in registers (32, which the 2 CTAs an SM's shared
+  // memory holds can spare), an eighth of each step's ldmatrix; at 256 they would spill, and at 64
+  // they would take the registers of an SM's fourth CTA.
+  constexpr bool kQInRegisters = kD == 128;
   const uint16_t* q_frag = s_q + (warp * 16 + a_row) * kStride + a_col;
+  uint32_t q_frags[kQInRegisters ? kD / 16 : 1][4];
+  if constexpr (kQInRegisters) {
+    cp_async_wait<1>();  // Q's group
+    __syncthreads();
+    load_a_fragments(q_frags, s_q, kStride, warp * 16, 0);
+  }
   ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, warp, lane);
   const bool warp_busy = work.any_row(warp * 16, 16);  // stacked heads may leave whole warps empty
 
@@ -92,7 +103,11 @@ __global__ void __launch_bounds__(kThreads)
       // S = Q K^T for the warp's 16 rows.
       float acc_s[kST][4];
       zero(acc_s);
-      mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
+      if constexpr (kQInRegisters) {
+        mma_a_bt<T, kD>(acc_s, q_frags, k_tile + b_row * kStride + b_col, dim_steps);
+      } else {
+        mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
+      }
 
       rows.step(acc_s, acc_o, j0);
 

@@ -50,15 +50,18 @@ struct ForwardRows {
   __device__ __forceinline__ void probabilities(float (&acc_s)[kST][4], int j0, float (&alpha)[2]) {
     const int q_len = work.q_len, k_len = work.k_len;
     const bool check = !block_inside(work.band, work.i0, work.rows_per_head, j0, kST * 8, k_len);
+    // Plain scores stay unscaled: the scale (positive there) multiplies their maximum and is folded
+    // into the exponent's FFMA, a multiply per score fewer.
+    const float unit = kPlain ? p.scale : 1.0f;
     float block_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int t = 0; t < kST; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float unused_cap;
-        const float s = score_at<kPlain, false>(p, work.seq, work.band, work.b, row_h[e / 2], acc_s[t][e],
-                                                row_i[e / 2], j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len, check,
-                                                unused_cap);
+        const float s = score_at<kPlain, false, !kPlain>(p, work.seq, work.band, work.b, row_h[e / 2], acc_s[t][e],
+                                                         row_i[e / 2], j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len,
+                                                         check, unused_cap);
         acc_s[t][e] = s;
         block_max[e / 2] = nan_max(block_max[e / 2], s);
       }
@@ -68,9 +71,9 @@ struct ForwardRows {
     for (int r = 0; r < 2; ++r) {
       block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
       block_max[r] = nan_max(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
-      const float new_max = nan_max(row_max[r], block_max[r]);
+      const float new_max = nan_max(row_max[r], block_max[r] * unit);
       const float safe_max = new_max == kNegInf ? 0.0f : new_max;  // nothing seen yet: p = 0, alpha = 0
-      alpha[r] = exp2f((row_max[r] - safe_max) * kLog2e);
+      alpha[r] = exp2_ftz((row_max[r] - safe_max) * kLog2e);
       row_max[r] = new_max;
       scaled_max[r] = safe_max * kLog2e;
     }
@@ -80,7 +83,7 @@ struct ForwardRows {
       if (!kPlain && drop.on) dropout_keeps<true>(p, work.seq, drop, row_h, row_i, j0 + t * 8, keep);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pe = exp2f(fmaf(acc_s[t][e], kLog2e, -scaled_max[e / 2]));
+        float pe = exp2_ftz(fmaf(acc_s[t][e], unit * kLog2e, -scaled_max[e / 2]));
         block_sum[e / 2] += pe;
         if (!kPlain && drop.on) pe = keep[e] ? pe * drop.keep_scale : 0.0f;
         acc_s[t][e] = pe;

@@ -102,10 +102,23 @@ cudaError_t with_head_dim_bucket(const AttentionParams& p, Fn fn) {
   return fn(std::integral_constant<int, 256>{});
 }
 
-// Whether the scores need only the scale and the band (no soft-cap, ALiBi, mask or dropout).
+// GENFAST_FAST_PATH_ONLY (scripts/cuda-attention-sass.py; no build that runs): every test that
+// sends whole tiles to a fast path holds, so that a kernel's loop is the instructions of its step on
+// whole tiles, which the script counts.
+#ifdef GENFAST_FAST_PATH_ONLY
+#ifdef GENFAST_WITH_CUDA
+#error "GENFAST_FAST_PATH_ONLY is for counting instructions: its kernels are wrong on partial tiles"
+#endif
+#define GENFAST_FAST_PATH(test) true
+#else
+#define GENFAST_FAST_PATH(test) (test)
+#endif
+
+// Whether the scores need only a positive scale and the band (no soft-cap, ALiBi, mask or dropout):
+// the plain kernels fold the scale into their exponents, max(scale x) = scale max(x).
 inline bool plain_scores(const AttentionParams& p) {
   return p.softcap == 0.0f && p.alibi_slopes == nullptr && p.mask_kind == AttentionMask::kNone &&
-         !(p.dropout_p > 0.0f);
+         !(p.dropout_p > 0.0f) && p.scale > 0.0f;
 }
 
 // Two floats as two T in one register, lo in the low half (the lower column of a fragment).
@@ -182,18 +195,24 @@ __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
   }
 }
 
-// acc (16 rows, kTiles n-tiles of 8) += A B^T over the k-steps (of 16) below `steps`, at most
-// kD / 16: A's rows from a_frag, this lane's pattern-A address in a tile stored [m][k]; B's rows
-// from b_frag, its pattern-B address in a tile stored [n][k]; both tiles of row stride kD + 8.
-template <typename T, int kD, int kTiles>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint16_t* a_frag, const uint16_t* b_frag,
-                                         int steps) {
+// mma_a_bt's and mma_a_b's products, each under a test of its bound unless kAll. nvcc compiles each
+// tested product as a branch whose block re-derives its shared addresses and waits for its own
+// ldmatrix: the sm_80 forward's step at head dim 128 held 16 such blocks, each a WARPSYNC and a stall.
+// A: a lane's pattern-A address (ldmatrix per k-step) or the k-steps' fragments in registers.
+template <typename T, int kD, bool kAll, int kTiles, typename A>
+__device__ __forceinline__ void mma_a_bt_steps(float (&acc)[kTiles][4], const A& a_source, const uint16_t* b_frag,
+                                               int steps) {
   constexpr int kStride = kD + 8;
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
-    if (ks < steps) {
+    if (kAll || ks < steps) {
       uint32_t a[4];
-      ldsm_x4(a, a_frag + ks * 16);
+      if constexpr (std::is_pointer<A>::value) {
+        ldsm_x4(a, a_source + ks * 16);
+      } else {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) a[x] = a_source[ks][x];
+      }
 #pragma unroll
       for (int t = 0; t < kTiles / 2; ++t) {
         uint32_t b[4];
@@ -205,20 +224,53 @@ __device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint16_t
   }
 }
 
+template <typename T, bool kAll, int kTiles>
+__device__ __forceinline__ void mma_a_b_tiles(float (&acc)[kTiles][4], const uint32_t (&a)[4], const uint16_t* b_frag,
+                                              int cols) {
+#pragma unroll
+  for (int t = 0; t < kTiles / 2; ++t) {
+    if (kAll || t * 16 < cols) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, b_frag + t * 16);
+      mma_16816<T>(acc[2 * t], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * t + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 rows, kTiles n-tiles of 8) += A B^T over the k-steps (of 16) below `steps`, at most
+// kD / 16: A's rows from a_frag, this lane's pattern-A address in a tile stored [m][k] (or, the
+// second form, the fragments of all kD / 16 k-steps); B's rows from b_frag, its pattern-B address in
+// a tile stored [n][k]; both tiles of row stride kD + 8.
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint16_t* a_frag, const uint16_t* b_frag,
+                                         int steps) {
+  if (GENFAST_FAST_PATH(steps >= kD / 16)) {
+    mma_a_bt_steps<T, kD, true>(acc, a_frag, b_frag, steps);
+  } else {
+    mma_a_bt_steps<T, kD, false>(acc, a_frag, b_frag, steps);
+  }
+}
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint32_t (&a_frags)[kD / 16][4],
+                                         const uint16_t* b_frag, int steps) {
+  if (GENFAST_FAST_PATH(steps >= kD / 16)) {
+    mma_a_bt_steps<T, kD, true>(acc, a_frags, b_frag, steps);
+  } else {
+    mma_a_bt_steps<T, kD, false>(acc, a_frags, b_frag, steps);
+  }
+}
+
 // acc (16 rows, kTiles n-tiles of 8) += A B for one k-step of 16: A in registers; B's 16 rows from
 // b_frag, this lane's pattern-A address (.trans) in a tile stored [k][n]. Pairs of n-tiles at or
 // past `cols` are skipped.
 template <typename T, int kTiles>
 __device__ __forceinline__ void mma_a_b(float (&acc)[kTiles][4], const uint32_t (&a)[4], const uint16_t* b_frag,
                                         int cols) {
-#pragma unroll
-  for (int t = 0; t < kTiles / 2; ++t) {
-    if (t * 16 < cols) {
-      uint32_t b[4];
-      ldsm_x4_trans(b, b_frag + t * 16);
-      mma_16816<T>(acc[2 * t], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * t + 1], a, b[2], b[3]);
-    }
+  if (GENFAST_FAST_PATH(cols >= kTiles * 8)) {
+    mma_a_b_tiles<T, true>(acc, a, b_frag, cols);
+  } else {
+    mma_a_b_tiles<T, false>(acc, a, b_frag, cols);
   }
 }
 
@@ -245,8 +297,29 @@ __device__ __forceinline__ void store_pair(T* out, int64_t at, float lo, float h
   }
 }
 
-// The maximum, NaN when either is NaN (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+// The maximum, NaN when either is NaN (fmaxf would drop it): one FMNMX.NAN on sm_80 and later, where
+// the comparisons took two FSETP and an FSEL.
+__device__ __forceinline__ float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float most;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(most) : "f"(a), "f"(b));
+  return most;
+#else
+  return (a > b || a != a) ? a : b;
+#endif
+}
+
+// 2^x, flushing results below 2^-126 to zero: one MUFU.EX2, where exp2f scales denormal results
+// around it. A probability that small vanishes against its row's sum, which is at least 1.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(__CUDA_ARCH__)
+  float power;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(power) : "f"(x));
+  return power;
+#else
+  return exp2f(x);
+#endif
+}
 
 // Where element (r, c) of a shared tile of kD columns is: rows of kD + 8 values (padded).
 template <int kD>
@@ -288,10 +361,39 @@ __device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, i
   }
 }
 
-// load_rows of rows < rows from `src`, rows row_stride elements apart.
+// load_rows of rows < rows from `src`, rows row_stride elements apart. In the mma.sync kernels'
+// padded tiles a whole tile (every row, kD columns, 16-byte chunks) takes one cp.async per chunk and
+// no test: load_rows' tests and branches were a third of the instructions of the sm_80 forward's
+// step. The Hopper kernels' swizzled tiles keep load_rows, whose registers their budgets were set
+// by (the fast path spilled their d128 kv kernel's by 72 more bytes).
 template <int kRows, int kD, int kBlockThreads = kThreads, typename At = PaddedRows<kD>>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
                                           int cols, bool vector, const At& at = At{}) {
+  constexpr int kChunks = kD / 8, kElements = kRows * kChunks;
+  if (std::is_same<At, PaddedRows<kD>>::value && GENFAST_FAST_PATH(vector && rows == kRows && cols == kD)) {
+    const int t = static_cast<int>(threadIdx.x);
+    if (t >= kBlockThreads) return;  // load_rows' threads past kBlockThreads copy what others do
+    if constexpr (kBlockThreads % kChunks == 0) {  // each thread copies one column of chunks
+      constexpr int kRowStep = kBlockThreads / kChunks;
+      const int c = (t % kChunks) * 8;
+      const uint16_t* from = src + (t / kChunks) * row_stride + c;
+      const int64_t step = kRowStep * row_stride;
+#pragma unroll
+      for (int r = t / kChunks, n = 0; n < (kRows + kRowStep - 1) / kRowStep; ++n, r += kRowStep, from += step) {
+        if (kRows % kRowStep == 0 || r < kRows) cp_async_16(tile + at(r, c), from);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < (kElements + kBlockThreads - 1) / kBlockThreads; ++n) {
+        const int e = t + n * kBlockThreads;
+        if (kElements % kBlockThreads == 0 || e < kElements) {
+          const int r = e / kChunks, c = (e % kChunks) * 8;
+          cp_async_16(tile + at(r, c), src + r * row_stride + c);
+        }
+      }
+    }
+    return;
+  }
   load_rows<kRows, kD, kBlockThreads>(
       tile, [&](int r) { return r < rows ? src + r * row_stride : static_cast<const uint16_t*>(nullptr); }, cols,
       vector, at);
@@ -450,8 +552,8 @@ struct KeyValueTiles {
 
 // Whether every (i, j) of queries [i0, i0 + m) and keys [j0, j0 + n) is inside the band and the keys.
 __device__ __forceinline__ bool block_inside(const Band& band, int i0, int m, int j0, int n, int k_len) {
-  return j0 + n <= k_len && static_cast<int64_t>(j0) - (i0 + m - 1) >= band.lo &&
-         static_cast<int64_t>(j0) + n - 1 - i0 <= band.hi;
+  return GENFAST_FAST_PATH(j0 + n <= k_len && static_cast<int64_t>(j0) - (i0 + m - 1) >= band.lo &&
+                           static_cast<int64_t>(j0) + n - 1 - i0 <= band.hi);
 }
 
 // mask_shows_any's rows for queries i0 + r of head h: those below q_len.
@@ -530,21 +632,22 @@ __device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_
   }
 }
 
-// The score s_ij from the raw dot product q_i . k_j: the plain path only scales and, when `check`,
-// applies the band and the keys' end; the full path is attention_score (soft-cap, ALiBi, mask, band)
-// and -inf outside the sequence's queries and keys. With kCap, cap gets the soft-cap's 1 - tanh^2.
-template <bool kPlain, bool kCap>
+// The score s_ij from the raw dot product q_i . k_j: the plain path only scales (not when !kScaled:
+// its caller folds the scale, positive on that path, into an exponent) and, when `check`, applies
+// the band and the keys' end; the full path is attention_score (soft-cap, ALiBi, mask, band) and
+// -inf outside the sequence's queries and keys. With kCap, cap gets the soft-cap's 1 - tanh^2.
+template <bool kPlain, bool kCap, bool kScaled = true>
 __device__ __forceinline__ float score_at(const AttentionParams& p, const AttentionSequence& seq, const Band& band,
                                           int64_t b, int64_t h, float dot, int i, int j, int q_len, int k_len,
                                           bool check, float& cap) {
-  const float scaled = dot * p.scale;
   if (kPlain) {
     if (check) {
       const int d = j - i;
       if (j >= k_len || d < band.lo || d > band.hi) return kNegInf;
     }
-    return scaled;
+    return kScaled ? dot * p.scale : dot;
   } else {
+    const float scaled = dot * p.scale;
     if (i >= q_len || j >= k_len) return kNegInf;
     if (kCap && p.softcap > 0.0f) {
       float t;
@@ -659,8 +762,11 @@ __device__ __forceinline__ BackwardElement backward_element(const AttentionParam
                                                             float lse, float delta, const Dropout& drop,
                                                             bool keep) {
   float cap = 1.0f;
-  const float s = score_at<kPlain, true>(p, seq, band, b, h, dot, i, j, q_len, k_len, check, cap);
-  const float prob = lse == kNegInf ? 0.0f : exp2f((s - lse) * kLog2e);
+  // Plain: s unscaled, P = 2^(dot scale log2(e) - lse log2(e)), an FFMA where (s - lse) log2(e) took two.
+  const float s = score_at<kPlain, true, !kPlain>(p, seq, band, b, h, dot, i, j, q_len, k_len, check, cap);
+  const float prob = lse == kNegInf ? 0.0f
+                     : kPlain       ? exp2_ftz(fmaf(s, p.scale * kLog2e, -lse * kLog2e))
+                                    : exp2_ftz((s - lse) * kLog2e);
   float up = dp, dropped = prob;
   if (!kPlain && drop.on) {
     up = keep ? up * drop.keep_scale : 0.0f;
@@ -937,8 +1043,9 @@ __device__ __forceinline__ void query_row_stats(const AttentionParams& p, const 
 }
 
 // fn(row, c, lo, hi) for a lane's two query rows (row_i; rows past q_len skipped) and each n-tile's
-// columns c = col0 + 2 tig and c + 1 (c < dim): row = out_row(h, i) * dim, lo and hi scale acc_dq.
-template <int kTiles, typename Fn>
+// columns c = col0 + 2 tig and c + 1 (c < dim, untested when kAllColumns): row = out_row(h, i) * dim,
+// lo and hi scale acc_dq.
+template <int kTiles, bool kAllColumns = false, typename Fn>
 __device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, const AttentionSequence& seq, int64_t h,
                                                      const int (&row_i)[2], int q_len, int col0,
                                                      const float (&acc_dq)[kTiles][4], const Fn& fn) {
@@ -951,7 +1058,7 @@ __device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, c
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       const int c = col0 + t * 8 + 2 * tig;
-      if (c < dim) fn(row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
+      if (kAllColumns || c < dim) fn(row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
     }
   }
 }
@@ -969,13 +1076,21 @@ __device__ __forceinline__ void store_query_grads(const AttentionParams& p, T* g
 }
 
 // dq_accum += scale acc_dq, atomically, for a lane's two query rows (columns col0 + 2 tig .. of each
-// n-tile); pairs of columns at once when dim is even (dq_accum 8-byte aligned).
-template <int kTiles>
+// n-tile); pairs of columns at once when dim is even (dq_accum 8-byte aligned). kWholeFastPath: when
+// every pair is inside, no test (a branch) per pair; it costs the Hopper kernels 172 bytes of spills.
+template <bool kWholeFastPath, int kTiles>
 __device__ __forceinline__ void add_query_grads(const AttentionParams& p, float* dq_accum, const AttentionSequence& seq,
                                                 int64_t h, const int (&row_i)[2], int q_len, int col0,
                                                 const float (&acc_dq)[kTiles][4]) {
   const int dim = static_cast<int>(p.dim);
   const bool pair_ok = (dim % 2) == 0;
+  if (kWholeFastPath && GENFAST_FAST_PATH(pair_ok && col0 + kTiles * 8 <= dim)) {
+    for_query_grad_pairs<kTiles, true>(p, seq, h, row_i, q_len, col0, acc_dq,
+                                       [&](int64_t row, int c, float lo, float hi) {
+                                         atomic_add_f32x2(dq_accum + row + c, lo, hi);
+                                       });
+    return;
+  }
   for_query_grad_pairs(p, seq, h, row_i, q_len, col0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
     if (c + 1 < dim && pair_ok) {
       atomic_add_f32x2(dq_accum + row + c, lo, hi);
