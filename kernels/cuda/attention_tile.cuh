@@ -471,7 +471,9 @@ struct QueryTile {
     const int split = static_cast<int>(blockIdx.x % l.splits);
     const int64_t group = p.heads / p.kv_heads;
     rows_per_head = l.rows_per_head;
-    i0 = static_cast<int>(tile % l.q_blocks) * rows_per_head;
+    // The last query blocks first: under a causal band they reach the most keys, and started first
+    // they leave the cheap blocks to fill the last wave (FlashAttention-2's order).
+    i0 = static_cast<int>(l.q_blocks - 1 - tile % l.q_blocks) * rows_per_head;
     const int64_t chunk = tile / l.q_blocks;
     const int c = static_cast<int>(chunk % l.head_chunks);
     const int64_t bhk = chunk / l.head_chunks;
