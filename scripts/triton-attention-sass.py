@@ -11,11 +11,10 @@ products: its instructions, its products and its commonest opcodes.
 """
 
 import argparse
-import collections
 import os
-import re
-import subprocess
 import sys
+
+import sass_loops
 
 KERNELS = {"forward": "attention_forward_kernel", "backward_kv": "attention_backward_kv_kernel",
            "backward_q": "attention_backward_q_kernel"}
@@ -71,39 +70,9 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
 
 
 def disassemble(cubin, path):
-    import triton
-
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with open(path, "wb") as file:
         file.write(cubin)
-    return subprocess.run([nvdisasm, "-c", path], check=True, capture_output=True, text=True).stdout
-
-
-def loops(sass):
-    """(first address, last address, opcodes) of each loop (a backward branch) holding a matrix product."""
-    lines = sass.splitlines()
-    instructions, labels = [], {}
-    for n, line in enumerate(lines):
-        label = re.match(r"(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = n
-        found = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?);", line)
-        if found:
-            instructions.append((int(found.group(1), 16), found.group(2), n))
-    address_at_line = {n: address for address, _, n in instructions}
-    products = [address for address, text, _ in instructions if "MMA" in text.split()[0] or " HGMMA" in text
-                or "HMMA" in text]
-    found = []
-    for address, text, _ in instructions:
-        branch = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
-        if not branch or branch.group(1) not in labels:
-            continue
-        target = next(address_at_line[n] for n in range(labels[branch.group(1)], len(lines)) if n in address_at_line)
-        if target < address and any(target <= p <= address for p in products):
-            body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                    for a, t, _ in instructions if target <= a <= address]
-            found.append((target, address, body))
-    return found
+    return sass_loops.disassemble(path)
 
 
 def main(argv=None):
@@ -133,12 +102,7 @@ def main(argv=None):
     sass = disassemble(cubin, args.sass)
     print(f"{KERNELS[args.kernel]} sm_{args.arch} {args.dtype} head dim {args.head_dim}, blocks {block[0]} x "
           f"{block[1]}, {warps} warps, {stages} stages, Triton {triton.__version__}:")
-    for first_address, last_address, body in loops(sass):
-        counts = collections.Counter(body)
-        products = counts.get("HGMMA", 0) + counts.get("HMMA", 0)
-        common = ", ".join(f"{op} {n}" for op, n in counts.most_common(10))
-        print(f"  loop {first_address:#x}-{last_address:#x}: {len(body)} instructions, {products} matrix "
-              f"products; {common}")
+    sass_loops.print_loops(sass)
     return 0
 
 
