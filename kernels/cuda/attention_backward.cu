@@ -83,9 +83,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_delta = s_lse + 2 * kBlockM;
   uint16_t* s_ds = reinterpret_cast<uint16_t*>(s_delta + 2 * kBlockM);  // [query][key], atomic dQ only
 
-  const auto load_queries = [&](int step, int buf) {
-    const int64_t h = work.head(step);
-    const int i0 = work.i0(step), valid = min(kBlockM, q_len - i0);
+  using Step = typename KeyBlockWork<kBlockN, kBlockM>::Step;
+  const auto load_queries = [&](const Step& at, int buf) {
+    const int64_t h = at.h;
+    const int i0 = at.i0, valid = min(kBlockM, q_len - i0);
     load_tile<kBlockM, kD>(s_q + buf * kBlockM * kStride,
                            reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
                            p.q_stride[2], valid, dim, (vector & kVectorQ) != 0);
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          p.k_stride[2], cols, dim, (vector & kVectorK) != 0);
   load_tile<kBlockN, kD>(s_v, reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, j0),
                          p.v_stride[2], cols, v_dim, (vector & kVectorV) != 0);
-  if (steps > 0) load_queries(0, 0);
+  if (steps > 0) load_queries(work.first_step(), 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4;
@@ -121,12 +122,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   zero(acc_dv);
   const Dropout drop = kPlain ? Dropout{} : dropout_of(p);
 
-  for (int step = 0; step < steps; ++step) {
+  Step at = work.first_step();
+  for (int step = 0; step < steps; ++step, at = work.next(at)) {
     const int buf = step & 1;
-    const int64_t h = work.head(step);
-    const int i0 = work.i0(step);
+    const int64_t h = at.h;
+    const int i0 = at.i0;
     const bool shown = stage_block<kPlain>(
-        step + 1 < steps, [&] { load_queries(step + 1, buf ^ 1); },
+        step + 1 < steps, [&] { load_queries(work.next(at), buf ^ 1); },
         [&] { return mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len}); }, [] {});
     if (!shown) continue;  // the mask hides the keys from every query of the step
     const uint16_t* q_tile = s_q + buf * kBlockM * kStride;

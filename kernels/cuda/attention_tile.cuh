@@ -810,6 +810,17 @@ struct KeyBlockWork {
   }
   __device__ __forceinline__ int64_t head(int step) const { return hk * group + step / q_steps; }
   __device__ __forceinline__ int i0(int step) const { return first_q + (step % q_steps) * kBlockM; }
+  // head(step) and i0(step) walked one step at a time: an add and a test where the division by
+  // q_steps took some twenty instructions a call.
+  struct Step {
+    int64_t h;
+    int i0;
+  };
+  __device__ __forceinline__ Step first_step() const { return Step{hk * group, first_q}; }
+  __device__ __forceinline__ Step next(const Step& s) const {
+    const bool wrap = s.i0 + kBlockM >= first_q + q_steps * kBlockM;
+    return Step{s.h + (wrap ? 1 : 0), wrap ? first_q : s.i0 + kBlockM};
+  }
 };
 
 // lse and delta of queries i0 .. i0 + kRows - 1 of head h into shared memory, kBlockThreads threads
@@ -1045,9 +1056,8 @@ __device__ __forceinline__ void query_row_stats(const AttentionParams& p, const 
 }
 
 // fn(row, c, lo, hi) for a lane's two query rows (row_i; rows past q_len skipped) and each n-tile's
-// columns c = col0 + 2 tig and c + 1 (c < dim, untested when kAllColumns): row = out_row(h, i) * dim,
-// lo and hi scale acc_dq.
-template <int kTiles, bool kAllColumns = false, typename Fn>
+// columns c = col0 + 2 tig and c + 1 (c < dim): row = out_row(h, i) * dim, lo and hi scale acc_dq.
+template <int kTiles, typename Fn>
 __device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, const AttentionSequence& seq, int64_t h,
                                                      const int (&row_i)[2], int q_len, int col0,
                                                      const float (&acc_dq)[kTiles][4], const Fn& fn) {
@@ -1060,7 +1070,7 @@ __device__ __forceinline__ void for_query_grad_pairs(const AttentionParams& p, c
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       const int c = col0 + t * 8 + 2 * tig;
-      if (kAllColumns || c < dim) fn(row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
+      if (c < dim) fn(row, c, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
     }
   }
 }
@@ -1087,10 +1097,18 @@ __device__ __forceinline__ void add_query_grads(const AttentionParams& p, float*
   const int dim = static_cast<int>(p.dim);
   const bool pair_ok = (dim % 2) == 0;
   if (kWholeFastPath && GENFAST_FAST_PATH(pair_ok && col0 + kTiles * 8 <= dim)) {
-    for_query_grad_pairs<kTiles, true>(p, seq, h, row_i, q_len, col0, acc_dq,
-                                       [&](int64_t row, int c, float lo, float hi) {
-                                         atomic_add_f32x2(dq_accum + row + c, lo, hi);
-                                       });
+    const int tig = threadIdx.x % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row_i[r] >= q_len) continue;
+      // One address a row, the n-tiles at immediate offsets from it (through for_query_grad_pairs'
+      // (row, c) nvcc formed a 64-bit row * dim + c for each pair).
+      float* at = dq_accum + seq.out_row(h, row_i[r]) * p.dim + col0 + 2 * tig;
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        atomic_add_f32x2(at + t * 8, acc_dq[t][2 * r] * p.scale, acc_dq[t][2 * r + 1] * p.scale);
+      }
+    }
     return;
   }
   for_query_grad_pairs(p, seq, h, row_i, q_len, col0, acc_dq, [&](int64_t row, int c, float lo, float hi) {
