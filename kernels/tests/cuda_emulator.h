@@ -619,6 +619,13 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned value, int lane_mask) {
   return value;
 }
 
+// Whether any lane's predicate holds, as a butterfly of shuffles (every lane must take part).
+inline int __any_sync(unsigned mask, int predicate) {
+  float any = predicate ? 1.0f : 0.0f;
+  for (int lane_mask = 1; lane_mask < 32; lane_mask *= 2) any = std::max(any, __shfl_xor_sync(mask, any, lane_mask));
+  return any != 0.0f;
+}
+
 inline void __trap() { cuda_emulator::fail("__trap"); }
 
 namespace genfast {
