@@ -162,24 +162,38 @@ GF_HOST_DEVICE_INLINE bool attention_mask_hides(const AttentionParams& p, int64_
   return attention_bias_bits(p, at) == (p.bias_type == AttentionBias::kFloat16 ? 0xFC000000u : 0xFF800000u);
 }
 
-// s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
-GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const AttentionSequence& seq, float scaled_dot,
-                                            int64_t b, int64_t h, int64_t i, int64_t j) {
+// Where the mask's row (b, h, i) starts: element j of it is at mask_row + j * mask_stride[3].
+GF_HOST_DEVICE_INLINE int64_t attention_mask_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
+}
+
+// attention_score with the mask's row given (attention_mask_row(p, b, h, i)), which a kernel walking
+// a row forms once, and the band tested only when test_band (a caller that knows (i, j) inside it
+// skips the test).
+GF_HOST_DEVICE_INLINE float attention_score_in_row(const AttentionParams& p, const AttentionSequence& seq,
+                                                   float scaled_dot, int64_t b, int64_t h, int64_t i, int64_t j,
+                                                   int64_t mask_row, bool test_band) {
   float t;
   float s = p.softcap > 0.0f ? soft_capped(scaled_dot, p.softcap, t) : scaled_dot;
   if (p.alibi_slopes != nullptr) {
     s -= alibi_bias(p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j);
   }
   if (p.mask_kind != AttentionMask::kNone) {
-    const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
+    const int64_t at = mask_row + j * p.mask_stride[3];
     if (p.mask_kind == AttentionMask::kBool) {
       if (static_cast<const uint8_t*>(p.mask)[at] == 0) s = -__builtin_inff();
     } else {
       s += attention_bias_at(p, at);
     }
   }
-  if (j < i + seq.band_lo || j > i + seq.band_hi) s = -__builtin_inff();
+  if (test_band && (j < i + seq.band_lo || j > i + seq.band_hi)) s = -__builtin_inff();
   return s;
+}
+
+// s_ij after soft-capping, ALiBi, the mask and the band, from the scaled dot product.
+GF_HOST_DEVICE_INLINE float attention_score(const AttentionParams& p, const AttentionSequence& seq, float scaled_dot,
+                                            int64_t b, int64_t h, int64_t i, int64_t j) {
+  return attention_score_in_row(p, seq, scaled_dot, b, h, i, j, attention_mask_row(p, b, h, i), true);
 }
 
 // Whether dropout keeps element (b, h, i, j), from the call's resolved key.

@@ -23,6 +23,7 @@ struct ForwardRows {
   const QueryTile<kBlockM, kBlockN>& work;
   int64_t row_h[2];
   int row_i[2];
+  int64_t mask_row[2] = {0, 0};  // attention_mask_row of the two rows, with a mask
   int tig;
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
   Dropout drop;
@@ -33,6 +34,9 @@ struct ForwardRows {
       : p(params), work(tile), tig(lane % 4), drop(kPlain ? Dropout{} : dropout_of(params)) {
     work.row(warp * 16 + lane / 4, row_h[0], row_i[0]);
     work.row(warp * 16 + lane / 4 + 8, row_h[1], row_i[1]);
+    if (!kPlain && p.mask_kind != AttentionMask::kNone) {
+      for (int r = 0; r < 2; ++r) mask_row[r] = attention_mask_row(p, work.b, row_h[r], row_i[r]);
+    }
   }
 
   // acc_s (raw q . k of keys j0 ..) becomes P, the block's unnormalized probabilities (dropped ones
@@ -61,7 +65,7 @@ struct ForwardRows {
         float unused_cap;
         const float s = score_at<kPlain, false, !kPlain>(p, work.seq, work.band, work.b, row_h[e / 2], acc_s[t][e],
                                                          row_i[e / 2], j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len,
-                                                         check, unused_cap);
+                                                         check, unused_cap, mask_row[e / 2]);
         acc_s[t][e] = s;
         block_max[e / 2] = nan_max(block_max[e / 2], s);
       }

@@ -494,6 +494,11 @@ struct QueryTile {
   }
   // Head h and query i of tile row r; a row past the tile's heads or queries gets i = q_len.
   __device__ __forceinline__ void row(int r, int64_t& h, int& i) const {
+    if (rows_per_head == kBlockM) {  // one head per tile: no division (mask_shows_any asks per element)
+      h = h0;
+      i = r < rows ? i0 + r : q_len;
+      return;
+    }
     const int g = r / rows_per_head, k = r % rows_per_head;
     const bool used = g < heads && k < rows;
     h = h0 + (used ? g : 0);
@@ -597,8 +602,7 @@ __device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t
       int64_t h;
       int i;
       if (n >= kLoads || e >= kElements || j0 + c >= k_len || !row(r, h, i)) continue;
-      const int64_t at =
-          b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + (j0 + c) * p.mask_stride[3];
+      const int64_t at = attention_mask_row(p, b, h, i) + (j0 + c) * p.mask_stride[3];
       shown |= !attention_mask_hides(p, at);
     }
   }
@@ -637,11 +641,13 @@ __device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_
 // The score s_ij from the raw dot product q_i . k_j: the plain path only scales (not when !kScaled:
 // its caller folds the scale, positive on that path, into an exponent) and, when `check`, applies
 // the band and the keys' end; the full path is attention_score (soft-cap, ALiBi, mask, band) and
-// -inf outside the sequence's queries and keys. With kCap, cap gets the soft-cap's 1 - tanh^2.
+// -inf outside the sequence's queries and keys (the keys and the band tested only when `check`: a
+// block inside them needs neither). With kCap, cap gets the soft-cap's 1 - tanh^2. mask_row:
+// attention_mask_row(p, b, h, i) (unused without a mask), which a caller walking a row forms once.
 template <bool kPlain, bool kCap, bool kScaled = true>
 __device__ __forceinline__ float score_at(const AttentionParams& p, const AttentionSequence& seq, const Band& band,
                                           int64_t b, int64_t h, float dot, int i, int j, int q_len, int k_len,
-                                          bool check, float& cap) {
+                                          bool check, float& cap, int64_t mask_row) {
   if (kPlain) {
     if (check) {
       const int d = j - i;
@@ -650,13 +656,13 @@ __device__ __forceinline__ float score_at(const AttentionParams& p, const Attent
     return kScaled ? dot * p.scale : dot;
   } else {
     const float scaled = dot * p.scale;
-    if (i >= q_len || j >= k_len) return kNegInf;
+    if (i >= q_len || (check && j >= k_len)) return kNegInf;  // a tile's rows past q_len read no mask
     if (kCap && p.softcap > 0.0f) {
       float t;
       soft_capped(scaled, p.softcap, t);
       cap = 1.0f - t * t;
     }
-    return attention_score(p, seq, scaled, b, h, i, j);
+    return attention_score_in_row(p, seq, scaled, b, h, i, j, mask_row, check);
   }
 }
 
@@ -765,7 +771,10 @@ __device__ __forceinline__ BackwardElement backward_element(const AttentionParam
                                                             bool keep) {
   float cap = 1.0f;
   // Plain: s unscaled, P = 2^(dot scale log2(e) - lse log2(e)), an FFMA where (s - lse) log2(e) took two.
-  const float s = score_at<kPlain, true, !kPlain>(p, seq, band, b, h, dot, i, j, q_len, k_len, check, cap);
+  // The general kernels test every element here (skipping the tests on inside blocks spilled the
+  // Hopper kv kernels' registers).
+  const float s = score_at<kPlain, true, !kPlain>(p, seq, band, b, h, dot, i, j, q_len, k_len, kPlain ? check : true,
+                                                   cap, kPlain ? 0 : attention_mask_row(p, b, h, i));
   const float prob = lse == kNegInf ? 0.0f
                      : kPlain       ? exp2_ftz(fmaf(s, p.scale * kLog2e, -lse * kLog2e))
                                     : exp2_ftz((s - lse) * kLog2e);
