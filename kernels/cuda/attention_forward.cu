@@ -94,7 +94,15 @@ __global__ void __launch_bounds__(kThreads)
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
     const bool shown = stage_block<kPlain>(
         n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
-        [&] { return mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, work); }, [] {});
+        [&] {
+          // One head a tile (the usual case): rows without QueryTile::row's division per element.
+          // Not in QueryTile::row itself, which spilled the Hopper d64 TMA forward (350 bytes), nor
+          // at d256, whose registers the second copy spills (24 bytes).
+          return kD < 256 && GENFAST_FAST_PATH(work.rows_per_head == kBlockM)
+                     ? mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{work.h0, work.i0, work.q_len})
+                     : mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, work);
+        },
+        [] {});
     if (!shown) continue;  // the mask hides the block from every row of the tile
     if (warp_busy) {
       const uint16_t* k_tile = kv.k_tile(buf);

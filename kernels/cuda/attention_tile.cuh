@@ -239,25 +239,16 @@ __device__ __forceinline__ void mma_a_b_tiles(float (&acc)[kTiles][4], const uin
 }
 
 // acc (16 rows, kTiles n-tiles of 8) += A B^T over the k-steps (of 16) below `steps`, at most
-// kD / 16: A's rows from a_frag, this lane's pattern-A address in a tile stored [m][k] (or, the
-// second form, the fragments of all kD / 16 k-steps); B's rows from b_frag, its pattern-B address in
-// a tile stored [n][k]; both tiles of row stride kD + 8.
-template <typename T, int kD, int kTiles>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint16_t* a_frag, const uint16_t* b_frag,
+// kD / 16: A's rows from a_source, this lane's pattern-A address in a tile stored [m][k] or the
+// fragments of all kD / 16 k-steps in registers (uint32_t[kD / 16][4]); B's rows from b_frag, its
+// pattern-B address in a tile stored [n][k]; both tiles of row stride kD + 8.
+template <typename T, int kD, int kTiles, typename A>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const A& a_source, const uint16_t* b_frag,
                                          int steps) {
   if (GENFAST_FAST_PATH(steps >= kD / 16)) {
-    mma_a_bt_steps<T, kD, true>(acc, a_frag, b_frag, steps);
+    mma_a_bt_steps<T, kD, true>(acc, a_source, b_frag, steps);
   } else {
-    mma_a_bt_steps<T, kD, false>(acc, a_frag, b_frag, steps);
-  }
-}
-template <typename T, int kD, int kTiles>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[kTiles][4], const uint32_t (&a_frags)[kD / 16][4],
-                                         const uint16_t* b_frag, int steps) {
-  if (GENFAST_FAST_PATH(steps >= kD / 16)) {
-    mma_a_bt_steps<T, kD, true>(acc, a_frags, b_frag, steps);
-  } else {
-    mma_a_bt_steps<T, kD, false>(acc, a_frags, b_frag, steps);
+    mma_a_bt_steps<T, kD, false>(acc, a_source, b_frag, steps);
   }
 }
 
@@ -362,37 +353,29 @@ __device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, i
 }
 
 // load_rows of rows < rows from `src`, rows row_stride elements apart. In the mma.sync kernels'
-// padded tiles a whole tile (every row, kD columns, 16-byte chunks) takes one cp.async per chunk and
-// no test: load_rows' tests and branches were a third of the instructions of the sm_80 forward's
-// step. The Hopper kernels' swizzled tiles keep load_rows, whose registers their budgets were set
-// by (the fast path spilled their d128 kv kernel's by 72 more bytes).
+// padded tiles (blocks of exactly kBlockThreads threads) a whole tile (every row, kD columns,
+// 16-byte chunks) takes one cp.async per chunk and no test: load_rows' tests and branches were a
+// third of the instructions of the sm_80 forward's step. The Hopper kernels' swizzled tiles keep
+// load_rows, whose registers their budgets were set by (the fast path spilled their d128 kv kernel's
+// by 72 more bytes).
 template <int kRows, int kD, int kBlockThreads = kThreads, typename At = PaddedRows<kD>>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride, int rows,
                                           int cols, bool vector, const At& at = At{}) {
-  constexpr int kChunks = kD / 8, kElements = kRows * kChunks;
-  if (std::is_same<At, PaddedRows<kD>>::value && GENFAST_FAST_PATH(vector && rows == kRows && cols == kD)) {
-    const int t = static_cast<int>(threadIdx.x);
-    if (t >= kBlockThreads) return;  // load_rows' threads past kBlockThreads copy what others do
-    if constexpr (kBlockThreads % kChunks == 0) {  // each thread copies one column of chunks
-      constexpr int kRowStep = kBlockThreads / kChunks;
-      const int c = (t % kChunks) * 8;
+  if constexpr (std::is_same<At, PaddedRows<kD>>::value) {
+    constexpr int kChunks = kD / 8, kRowStep = kBlockThreads / kChunks;
+    static_assert(kBlockThreads % kChunks == 0 && kRows % kRowStep == 0,
+                  "each thread copies one column of chunks, the same number of rows");
+    if (GENFAST_FAST_PATH(vector && rows == kRows && cols == kD)) {
+      const int t = static_cast<int>(threadIdx.x), c = (t % kChunks) * 8;
       const uint16_t* from = src + (t / kChunks) * row_stride + c;
       const int64_t step = kRowStep * row_stride;
+      // Counted: bounded by r < kRows instead, nvcc left the loop rolled.
 #pragma unroll
-      for (int r = t / kChunks, n = 0; n < (kRows + kRowStep - 1) / kRowStep; ++n, r += kRowStep, from += step) {
-        if (kRows % kRowStep == 0 || r < kRows) cp_async_16(tile + at(r, c), from);
+      for (int n = 0, r = t / kChunks; n < kRows / kRowStep; ++n, r += kRowStep, from += step) {
+        cp_async_16(tile + at(r, c), from);
       }
-    } else {
-#pragma unroll
-      for (int n = 0; n < (kElements + kBlockThreads - 1) / kBlockThreads; ++n) {
-        const int e = t + n * kBlockThreads;
-        if (kElements % kBlockThreads == 0 || e < kElements) {
-          const int r = e / kChunks, c = (e % kChunks) * 8;
-          cp_async_16(tile + at(r, c), src + r * row_stride + c);
-        }
-      }
+      return;
     }
-    return;
   }
   load_rows<kRows, kD, kBlockThreads>(
       tile, [&](int r) { return r < rows ? src + r * row_stride : static_cast<const uint16_t*>(nullptr); }, cols,
@@ -494,11 +477,6 @@ struct QueryTile {
   }
   // Head h and query i of tile row r; a row past the tile's heads or queries gets i = q_len.
   __device__ __forceinline__ void row(int r, int64_t& h, int& i) const {
-    if (rows_per_head == kBlockM) {  // one head per tile: no division (mask_shows_any asks per element)
-      h = h0;
-      i = r < rows ? i0 + r : q_len;
-      return;
-    }
     const int g = r / rows_per_head, k = r % rows_per_head;
     const bool used = g < heads && k < rows;
     h = h0 + (used ? g : 0);
