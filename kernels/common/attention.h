@@ -169,16 +169,16 @@ GF_HOST_DEVICE_INLINE int64_t attention_mask_row(const AttentionParams& p, int64
 
 // attention_score with the mask's row given (attention_mask_row(p, b, h, i)), which a kernel walking
 // a row forms once, and the band tested only when test_band (a caller that knows (i, j) inside it
-// skips the test).
+// skips the test). Without read_mask the mask is left to the caller (a kernel that staged it).
 GF_HOST_DEVICE_INLINE float attention_score_in_row(const AttentionParams& p, const AttentionSequence& seq,
                                                    float scaled_dot, int64_t b, int64_t h, int64_t i, int64_t j,
-                                                   int64_t mask_row, bool test_band) {
+                                                   int64_t mask_row, bool test_band, bool read_mask = true) {
   float t;
   float s = p.softcap > 0.0f ? soft_capped(scaled_dot, p.softcap, t) : scaled_dot;
   if (p.alibi_slopes != nullptr) {
     s -= alibi_bias(p.alibi_slopes[b * p.alibi_batch_stride + h], i + (seq.k_len - seq.q_len) - j);
   }
-  if (p.mask_kind != AttentionMask::kNone) {
+  if (read_mask && p.mask_kind != AttentionMask::kNone) {
     const int64_t at = mask_row + j * p.mask_stride[3];
     if (p.mask_kind == AttentionMask::kBool) {
       if (static_cast<const uint8_t*>(p.mask)[at] == 0) s = -__builtin_inff();

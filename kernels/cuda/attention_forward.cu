@@ -7,7 +7,9 @@
 //   O += P V       A: P (from S's C fragments)        B: V stored [key][dim] (pattern A, .trans)
 // Head dims are bucketed (32, 64, 128, 256 on max(dim, v_dim)), the tail zero-padded; kPlain
 // (no soft-cap, ALiBi, mask or dropout) keeps the per-score work to a scale and the band; a key
-// block the mask hides from every row of the tile is skipped (mask_shows_any).
+// block the mask hides from every row of the tile is skipped (mask_shows_any). Up to head dim 128 a
+// bool mask's block is staged in shared memory with K and V (BoolMaskTiles; at 256 the tiles fill
+// the 99 KiB), which both that test and the scores read.
 // With splits, each CTA writes its rows' normalized partial output and log-sum-exp in float32, and
 // attention_combine_kernel merges the splits of each row (flash-decoding):
 //   lse = logsumexp_s lse_s,  o = sum_s exp(lse_s - lse) o_s.
@@ -17,19 +19,23 @@
 #include "attention.cuh"
 #include "attention_forward_rows.cuh"
 #include "attention_hopper.cuh"
+#include "attention_mask_tile.cuh"
 #include "attention_tile.cuh"
 
 namespace genfast {
 namespace attention_cuda {
 namespace {
 
-template <int kD>
+template <int kD, bool kPlain = true>
 struct ForwardTile {
   static constexpr int kBlockM = 64;                    // 16 query rows per warp
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;   // keys per step
   static constexpr int kStride = kD + 8;                // shared row stride (elements)
-  // Q, then K and V double-buffered.
-  static constexpr int kSmemBytes = (kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2;
+  static constexpr bool kStagesMask = !kPlain && kD <= 128;
+  using MaskTiles = BoolMaskTiles<kBlockM, kBlockN>;
+  // Q, then K and V double-buffered, then a bool mask's blocks double-buffered.
+  static constexpr int kSmemBytes = (kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2 +
+                                    (kStagesMask ? MaskTiles::kBytes : 0);
   static_assert(kSmemBytes <= kMaxSmemBytes, "the forward's tiles must fit every sm_80+ GPU");
 };
 
@@ -37,7 +43,8 @@ template <typename T, int kD, bool kPlain>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionCudaParams<T> params, QueryLayout layout,
                              ForwardPartials partials, unsigned vector) {
-  using Tile = ForwardTile<kD>;
+  using Tile = ForwardTile<kD, kPlain>;
+  using MaskTiles = typename Tile::MaskTiles;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
   constexpr int kST = kBlockN / 8;  // S's n-tiles per warp
   constexpr int kOT = kD / 8;       // O's n-tiles per warp
@@ -54,6 +61,12 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 smem_raw[];
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
   const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_q + kBlockM * kStride, vector);
+  const bool stage_mask = Tile::kStagesMask && p.mask_kind == AttentionMask::kBool;
+  const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(kv.s_k + KeyValueTiles<kBlockN, kD>::kElements), vector);
+  const auto load_block = [&](int block, int buf) {
+    kv.load(block, buf);
+    if (stage_mask) mask_tiles.load(p, b, block * kBlockN, work.k_len, work, buf);
+  };
 
   const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q);
   load_rows<kBlockM, kD>(
@@ -66,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
       },
       dim, (vector & kVectorQ) != 0);
   cp_async_commit();
-  if (blocks.count > 0) kv.load(blocks.first, 0);
+  if (blocks.count > 0) load_block(blocks.first, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -93,8 +106,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
     const bool shown = stage_block<kPlain>(
-        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        n + 1 < blocks.count, [&] { load_block(blocks.first + n + 1, buf ^ 1); },
         [&] {
+          if (stage_mask) return true;  // tested once staged, below
           // One head a tile (the usual case): rows without QueryTile::row's division per element.
           // Not in QueryTile::row itself, which spilled the Hopper d64 TMA forward (350 bytes), nor
           // at d256, whose registers the second copy spills (24 bytes).
@@ -102,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
                      ? mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{work.h0, work.i0, work.q_len})
                      : mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, work);
         },
-        [] {});
+        [] {}, [&] { return !stage_mask || mask_tiles.shown(buf); });
     if (!shown) continue;  // the mask hides the block from every row of the tile
     if (warp_busy) {
       const uint16_t* k_tile = kv.k_tile(buf);
@@ -117,7 +131,9 @@ __global__ void __launch_bounds__(kThreads)
         mma_a_bt<T, kD>(acc_s, q_frag, k_tile + b_row * kStride + b_col, dim_steps);
       }
 
-      rows.step(acc_s, acc_o, j0);
+      rows.step(acc_s, acc_o, j0,
+                StagedMaskRows{stage_mask, mask_tiles.tile(buf) + (warp * 16 + lane / 4) * MaskTiles::kStride,
+                               MaskTiles::kStride});
 
       // O += P V.
 #pragma unroll
@@ -177,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int kD, bool kPlain>
 cudaError_t run_forward(const AttentionCudaParams<T>& params, const AttentionForwardPlan& plan, float* workspace,
                         unsigned vector, cudaStream_t stream) {
-  using Tile = ForwardTile<kD>;
+  using Tile = ForwardTile<kD, kPlain>;
   const AttentionParams& p = params.base;
   const QueryLayout layout = query_layout(p, Tile::kBlockM, plan.heads_per_cta, plan.splits);
   ForwardPartials partials{};

@@ -17,6 +17,15 @@ struct ForwardPartials {
   int64_t rows;
 };
 
+// A lane's rows of a bool mask's block staged in shared memory (BoolMaskTiles): the byte of its row
+// gid, key c, at row[c], of row gid + 8 at row[8 stride + c]. Not `on`: the mask is read from global
+// memory, if there is one.
+struct StagedMaskRows {
+  bool on = false;
+  const uint8_t* row = nullptr;
+  int stride = 0;
+};
+
 template <int kBlockM, int kBlockN, bool kPlain>
 struct ForwardRows {
   const AttentionParams& p;
@@ -42,16 +51,18 @@ struct ForwardRows {
   // acc_s (raw q . k of keys j0 ..) becomes P, the block's unnormalized probabilities (dropped ones
   // zero); the running maximum and sum move on and acc_o is rescaled to the new maximum.
   template <int kST, int kOT>
-  __device__ __forceinline__ void step(float (&acc_s)[kST][4], float (&acc_o)[kOT][4], int j0) {
+  __device__ __forceinline__ void step(float (&acc_s)[kST][4], float (&acc_o)[kOT][4], int j0,
+                                       const StagedMaskRows& staged = StagedMaskRows{}) {
     float alpha[2];
-    probabilities(acc_s, j0, alpha);
+    probabilities(acc_s, j0, alpha, staged);
     rescale(acc_o, alpha);
   }
 
   // step without touching O, which a product may still be adding to: alpha, the factor that takes
   // each row's O to the new maximum, is for rescale once it has.
   template <int kST>
-  __device__ __forceinline__ void probabilities(float (&acc_s)[kST][4], int j0, float (&alpha)[2]) {
+  __device__ __forceinline__ void probabilities(float (&acc_s)[kST][4], int j0, float (&alpha)[2],
+                                                const StagedMaskRows& staged = StagedMaskRows{}) {
     const int q_len = work.q_len, k_len = work.k_len;
     const bool check = !block_inside(work.band, work.i0, work.rows_per_head, j0, kST * 8, k_len);
     // Plain scores stay unscaled: the scale (positive there) multiplies their maximum and is folded
@@ -60,12 +71,21 @@ struct ForwardRows {
     float block_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int t = 0; t < kST; ++t) {
+      const bool read_staged = !kPlain && staged.on;
+      uint32_t shown[2] = {0xffffu, 0xffffu};  // a pair of keys' bytes a row
+      if (read_staged) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          shown[r] = *reinterpret_cast<const uint16_t*>(staged.row + r * 8 * staged.stride + t * 8 + 2 * tig);
+        }
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float unused_cap;
-        const float s = score_at<kPlain, false, !kPlain>(p, work.seq, work.band, work.b, row_h[e / 2], acc_s[t][e],
-                                                         row_i[e / 2], j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len,
-                                                         check, unused_cap, mask_row[e / 2]);
+        float s = score_at<kPlain, false, !kPlain>(p, work.seq, work.band, work.b, row_h[e / 2], acc_s[t][e],
+                                                   row_i[e / 2], j0 + t * 8 + 2 * tig + (e & 1), q_len, k_len, check,
+                                                   unused_cap, mask_row[e / 2], !read_staged);
+        if (read_staged && ((shown[e / 2] >> (8 * (e & 1))) & 0xffu) == 0u) s = kNegInf;
         acc_s[t][e] = s;
         block_max[e / 2] = nan_max(block_max[e / 2], s);
       }

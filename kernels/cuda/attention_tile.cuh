@@ -49,7 +49,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_inff();
 
 // Which inputs may be read 16 bytes at a time (aligned base, strides in multiples of 8 elements).
-enum VectorFlags : unsigned { kVectorQ = 1u, kVectorK = 2u, kVectorV = 4u, kVectorGradO = 8u };
+// kVectorMask: a bool mask whose keys are contiguous and rows 16-byte aligned.
+enum VectorFlags : unsigned { kVectorQ = 1u, kVectorK = 2u, kVectorV = 4u, kVectorGradO = 8u, kVectorMask = 16u };
 
 // Whether a call can run here: sizes the kernels take (0 with nothing to do is fine) on an sm_80+
 // device; the launchers return this before launching anything.
@@ -71,12 +72,17 @@ inline bool vector_ok(const void* ptr, const int64_t (&stride)[3]) {
          stride[2] % 8 == 0;
 }
 
-// The inputs (q, k, v) that may be read 16 bytes at a time.
+inline bool bool_mask_vector_ok(const AttentionParams& p) {
+  return p.mask_kind == AttentionMask::kBool && p.mask_stride[3] == 1 && reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 &&
+         p.mask_stride[0] % 16 == 0 && p.mask_stride[1] % 16 == 0 && p.mask_stride[2] % 16 == 0;
+}
+
+// The inputs (q, k, v, a bool mask) that may be read 16 bytes at a time.
 template <typename T>
 unsigned input_vector_flags(const AttentionCudaParams<T>& params) {
   const AttentionParams& p = params.base;
   return (vector_ok(params.q, p.q_stride) ? kVectorQ : 0u) | (vector_ok(params.k, p.k_stride) ? kVectorK : 0u) |
-         (vector_ok(params.v, p.v_stride) ? kVectorV : 0u);
+         (vector_ok(params.v, p.v_stride) ? kVectorV : 0u) | (bool_mask_vector_ok(p) ? kVectorMask : 0u);
 }
 
 // Bit b set: the head-dim bucket 32 << b is compiled (setup.py's GENFAST_ATTENTION_HEAD_DIMS narrows
@@ -587,15 +593,21 @@ __device__ __forceinline__ bool mask_shows_any(const AttentionParams& p, int64_t
   return shown;
 }
 
+struct AlwaysShown {
+  __device__ __forceinline__ bool operator()() const { return true; }
+};
+
 // Before a step of a loop whose blocks cp.async stages in two buffers: issues the next block's
 // copies (load_next, when there is one), then this thread's shown() (its reads of the block's mask,
 // mask_shows_any, which go out while the copies fly), waits for this block's copies, runs
-// publish() (the Hopper kernels' fence that shows them to wgmma) and syncs the CTA. Returns whether
-// any thread's shown() held: false when the mask hides the block whole. kAlways: true, and shown()
-// is not called.
-template <bool kAlways, typename LoadNext, typename Shown, typename Publish>
+// publish() (the Hopper kernels' fence that shows them to wgmma), then shown_after_wait() (a test
+// of the mask staged with the block, BoolMaskTiles::shown), and syncs the CTA. Returns whether any
+// thread's shown() and shown_after_wait() both held: false when the mask hides the block whole.
+// kAlways: true, and neither is called.
+template <bool kAlways, typename LoadNext, typename Shown, typename Publish, typename ShownAfterWait = AlwaysShown>
 __device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_next, const Shown& shown,
-                                            const Publish& publish) {
+                                            const Publish& publish,
+                                            const ShownAfterWait& shown_after_wait = ShownAfterWait{}) {
   if (has_next) {
     load_next();
     cp_async_commit();
@@ -612,6 +624,7 @@ __device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_
     __syncthreads();
     return true;
   } else {
+    mine = mine && shown_after_wait();
     return __syncthreads_or(mine) != 0;
   }
 }
@@ -621,11 +634,12 @@ __device__ __forceinline__ bool stage_block(bool has_next, const LoadNext& load_
 // the band and the keys' end; the full path is attention_score (soft-cap, ALiBi, mask, band) and
 // -inf outside the sequence's queries and keys (the keys and the band tested only when `check`: a
 // block inside them needs neither). With kCap, cap gets the soft-cap's 1 - tanh^2. mask_row:
-// attention_mask_row(p, b, h, i) (unused without a mask), which a caller walking a row forms once.
+// attention_mask_row(p, b, h, i) (unused without a mask), which a caller walking a row forms once;
+// without read_mask the caller applies the mask (staged in shared memory).
 template <bool kPlain, bool kCap, bool kScaled = true>
 __device__ __forceinline__ float score_at(const AttentionParams& p, const AttentionSequence& seq, const Band& band,
                                           int64_t b, int64_t h, float dot, int i, int j, int q_len, int k_len,
-                                          bool check, float& cap, int64_t mask_row) {
+                                          bool check, float& cap, int64_t mask_row, bool read_mask = true) {
   if (kPlain) {
     if (check) {
       const int d = j - i;
@@ -640,7 +654,7 @@ __device__ __forceinline__ float score_at(const AttentionParams& p, const Attent
       soft_capped(scaled, p.softcap, t);
       cap = 1.0f - t * t;
     }
-    return attention_score_in_row(p, seq, scaled, b, h, i, j, mask_row, check);
+    return attention_score_in_row(p, seq, scaled, b, h, i, j, mask_row, check, read_mask);
   }
 }
 

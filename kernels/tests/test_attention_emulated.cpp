@@ -599,6 +599,16 @@ std::vector<Case> cases() {
   c.sparse_mask = true;
   all.push_back(c);
   c = Case{};
+  // Rows of 128 bytes: the forward stages the mask's blocks by cp.async (BoolMaskTiles).
+  c.name = "bool mask on whole tiles hiding blocks, d128";
+  c.batch = 2, c.heads = 2, c.kv_heads = 1, c.dim = c.v_dim = 128, c.q_len = 128, c.k_len = 128;
+  c.mask = AttentionMask::kBool, c.sparse_mask = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "5 queries, 3 heads per kv head, bool mask of 16-byte rows over 112 keys, d64";
+  c.batch = 2, c.heads = 6, c.kv_heads = 2, c.q_len = 5, c.k_len = 112, c.mask = AttentionMask::kBool;
+  all.push_back(c);
+  c = Case{};
   // Warpgroups (and, in the backward, steps) with queries that see no key at all: zeros, lse -inf.
   c.name = "additive mask hiding every key from queries 64 on, d64";
   c.q_len = 150, c.k_len = 200, c.mask = AttentionMask::kAdditive, c.hidden_from = 64;

@@ -1,0 +1,84 @@
+// A bool mask's key block staged in shared memory beside K and V, for the mma.sync forward's general
+// kernel: each score then reads its mask byte from shared memory (a pair of keys a 16-bit load)
+// instead of global memory at a 64-bit address of its own, and the test whether the mask hides the
+// block whole reads the copies each thread made itself, so it costs no loads of its own.
+#pragma once
+
+#include "attention_tile.cuh"
+
+namespace genfast {
+namespace attention_cuda {
+
+// Two buffers of kRows x kCols bytes (a tile's rows, a block's keys), rows kStride bytes apart;
+// bytes outside the sequence's queries and keys are 0 (hidden).
+template <int kRows, int kCols, int kBlockThreads = kThreads>
+struct BoolMaskTiles {
+  // 16-byte aligned rows for cp.async; 80 bytes (20 banks) put the 8 rows a warp's 16-bit reads
+  // touch at once in distinct banks, where 64 put 4 in one.
+  static constexpr int kStride = kCols + 16;
+  static constexpr int kTileBytes = kRows * kStride;
+  static constexpr int kBytes = 2 * kTileBytes;  // of shared memory
+  static constexpr int kChunks = kCols / 16;     // 16-byte chunks a row
+  static constexpr int kCopies = kRows * kChunks / kBlockThreads;
+  static_assert(kCols % 16 == 0 && (kRows * kChunks) % kBlockThreads == 0, "whole chunks, the same per thread");
+
+  uint8_t* smem;
+  const uint8_t* mask;
+  int64_t key_stride;
+  bool vector;  // 16-byte copies: keys contiguous, rows 16-byte aligned
+
+  __device__ __forceinline__ BoolMaskTiles(const AttentionParams& p, uint8_t* shared, unsigned vector_flags)
+      : smem(shared),
+        mask(static_cast<const uint8_t*>(p.mask)),
+        key_stride(p.mask_stride[3]),
+        vector((vector_flags & kVectorMask) != 0) {}
+
+  __device__ __forceinline__ uint8_t* tile(int buf) const { return smem + buf * kTileBytes; }
+
+  // Issues this thread's copies of keys j0 .. j0 + kCols - 1 of the tile's rows into buffer `buf`
+  // (the caller commits them with K and V's): row(r, h, i) gives row r's head and query, false for a
+  // row with none. Chunks inside the keys go by cp.async; others, and every chunk without `vector`,
+  // by byte loads.
+  template <typename RowFn>
+  __device__ __forceinline__ void load(const AttentionParams& p, int64_t b, int j0, int k_len, const RowFn& row,
+                                       int buf) const {
+#pragma unroll
+    for (int n = 0; n < kCopies; ++n) {
+      const int e = static_cast<int>(threadIdx.x) + n * kBlockThreads, r = e / kChunks, c = (e % kChunks) * 16;
+      uint8_t* dst = tile(buf) + r * kStride + c;
+      int64_t h;
+      int i;
+      if (!row(r, h, i)) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+        continue;
+      }
+      const uint8_t* src = mask + attention_mask_row(p, b, h, i) + (j0 + c) * key_stride;
+      if (vector && j0 + c + 16 <= k_len) {
+        cp_async_16(dst, src);
+        continue;
+      }
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        if (j0 + c + k < k_len) w[k / 4] |= static_cast<uint32_t>(src[k * key_stride] != 0) << (8 * (k % 4));
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+
+  // Whether any byte this thread copied into buffer `buf` shows its key, once its copies have landed
+  // (cp_async_wait): its own writes, seen without a barrier.
+  __device__ __forceinline__ bool shown(int buf) const {
+    uint32_t any = 0u;
+#pragma unroll
+    for (int n = 0; n < kCopies; ++n) {
+      const int e = static_cast<int>(threadIdx.x) + n * kBlockThreads;
+      const uint4 v = *reinterpret_cast<const uint4*>(tile(buf) + (e / kChunks) * kStride + (e % kChunks) * 16);
+      any |= v.x | v.y | v.z | v.w;
+    }
+    return any != 0u;
+  }
+};
+
+}  // namespace attention_cuda
+}  // namespace genfast
