@@ -17,16 +17,18 @@
 //      and, when asked, dS (the gradient of the final score, before the soft-cap's chain rule) to
 //      grad_s in float32.
 // dS = P (dropout-replayed dP - delta), delta = rowsum(dO o) - grad_lse; dK and dQ take
-// scale dS times the soft-cap's 1 - tanh^2.
+// scale dS times the soft-cap's 1 - tanh^2. The general kernels stage a bool mask's block with the
+// tiles they walk (BoolMaskTiles), as the forward does: (1) up to head dim 64, (2) up to 128.
 #include "attention.cuh"
 #include "attention_hopper.cuh"
+#include "attention_mask_tile.cuh"
 #include "attention_tile.cuh"
 
 namespace genfast {
 namespace attention_cuda {
 namespace {
 
-template <int kD>
+template <int kD, bool kPlain = true>
 struct KvTile {
   static constexpr int kKeyWarps = kD <= 128 ? 4 : 2;     // warps along the keys
   static constexpr int kSplit = 4 / kKeyWarps;             // warps along dK's and dV's columns
@@ -41,18 +43,26 @@ struct KvTile {
   static constexpr int kDqRowGroups = kBlockM / 16;
   static constexpr int kDqCols = kD * kDqRowGroups / 4;
   static_assert(kDqRowGroups * (kD / kDqCols) == 4 && kDqCols % 16 == 0, "dQ's shares must make the 4 warps");
-  // + 2 x (lse, delta) + dS
-  static constexpr int kSmemBytes = kTileElems * 2 + 4 * kBlockM * 4 + kBlockM * kDsStride * 2;
+  // Not at head dim 128, whose dK and dV accumulators leave no registers for it (the staging's
+  // code alone spilled 36 bytes).
+  static constexpr bool kStagesMask = !kPlain && kD <= 64;
+  using MaskTiles = BoolMaskTiles<kBlockM, kBlockN>;
+  // + 2 x (lse, delta) + dS, + a bool mask's blocks
+  static constexpr int kMaskOffset = kTileElems * 2 + 4 * kBlockM * 4 + kBlockM * kDsStride * 2;
+  static constexpr int kSmemBytes = kMaskOffset + (kStagesMask ? MaskTiles::kBytes : 0);
   static_assert(kSmemBytes <= kMaxSmemBytes, "the kv kernel's tiles must fit every sm_80+ GPU");
 };
 
-template <int kD>
+template <int kD, bool kPlain = true>
 struct QTile {
   static constexpr int kBlockM = 64;                   // 16 query rows per warp
   static constexpr int kBlockN = kD <= 64 ? 64 : (kD <= 128 ? 32 : 16);  // keys per step
   static constexpr int kStride = kD + 8;
-  // Q, dO, then K and V double-buffered.
-  static constexpr int kSmemBytes = (2 * kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2;
+  static constexpr bool kStagesMask = !kPlain && kD <= 128;
+  using MaskTiles = BoolMaskTiles<kBlockM, kBlockN>;
+  // Q, dO, then K and V double-buffered, then a bool mask's blocks double-buffered.
+  static constexpr int kMaskOffset = (2 * kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2;
+  static constexpr int kSmemBytes = kMaskOffset + (kStagesMask ? MaskTiles::kBytes : 0);
   static_assert(kSmemBytes <= kMaxSmemBytes, "the q kernel's tiles must fit every sm_80+ GPU");
 };
 
@@ -61,7 +71,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_kv_kernel(const __grid_constant__ AttentionCudaParams<T> params,
                                  const __grid_constant__ AttentionCudaGrads<T> grads, int k_blocks,
                                  unsigned vector) {
-  using Tile = KvTile<kD>;
+  using Tile = KvTile<kD, kPlain>;
+  using MaskTiles = typename Tile::MaskTiles;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
   constexpr int kST = kBlockM / 8;         // S^T's n-tiles (queries) per warp
   constexpr int kCT = Tile::kCols / 8;     // dK's and dV's n-tiles per warp
@@ -82,6 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_lse = reinterpret_cast<float*>(s_do + 2 * kBlockM * kStride);  // 2 x kBlockM
   float* s_delta = s_lse + 2 * kBlockM;
   uint16_t* s_ds = reinterpret_cast<uint16_t*>(s_delta + 2 * kBlockM);  // [query][key], atomic dQ only
+  const bool stage_mask = Tile::kStagesMask && p.mask_kind == AttentionMask::kBool;
+  const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(smem_raw) + Tile::kMaskOffset, vector);
 
   using Step = typename KeyBlockWork<kBlockN, kBlockM>::Step;
   const auto load_queries = [&](const Step& at, int buf) {
@@ -95,6 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            seq.out_position * p.v_dim, valid, v_dim, (vector & kVectorGradO) != 0);
     stage_row_stats<kBlockM, kThreads>(p, grads.delta, seq, h, i0, valid, s_lse + buf * kBlockM,
                                        s_delta + buf * kBlockM, static_cast<int>(threadIdx.x));
+    if (stage_mask) mask_tiles.load(b, j0, work.k_len, HeadQueries{h, i0, q_len}, buf);
   };
 
   load_tile<kBlockN, kD>(s_k, reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, j0),
@@ -129,7 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int i0 = at.i0;
     const bool shown = stage_block<kPlain>(
         step + 1 < steps, [&] { load_queries(work.next(at), buf ^ 1); },
-        [&] { return mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len}); }, [] {});
+        [&] { return stage_mask || mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len}); },
+        [] {}, [&] { return !stage_mask || mask_tiles.shown(buf); });
     if (!shown) continue;  // the mask hides the keys from every query of the step
     const uint16_t* q_tile = s_q + buf * kBlockM * kStride;
     const uint16_t* do_tile = s_do + buf * kBlockM * kStride;
@@ -145,7 +160,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Element (key j, query i): acc_s becomes P after dropout, acc_dp dS (times the soft-cap's slope).
     const bool check = !block_inside(work.band, i0, kBlockM, j0, kBlockN, work.k_len);
-    key_block_elements<kPlain>(p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop);
+    key_block_elements<kPlain>(
+        p, seq, work.band, b, h, acc_s, acc_dp, i0, key_j, check, lse, delta, drop,
+        StagedMask{stage_mask, mask_tiles.tile(buf) + key_warp * 16 + gid, MaskTiles::kStride});
     if (dq_accum != nullptr && col0 == 0) store_transposed<T>(s_ds, Tile::kDsStride, key_warp * 16, acc_dp);
 
     // dV += P_drop^T dO and dK += dS^T Q over the step's queries (the k dimension).
@@ -189,7 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_kernel(const __grid_constant__ AttentionCudaParams<T> params,
                                 const __grid_constant__ AttentionCudaGrads<T> grads, QueryLayout layout,
                                 unsigned vector) {
-  using Tile = QTile<kD>;
+  using Tile = QTile<kD, kPlain>;
+  using MaskTiles = typename Tile::MaskTiles;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kStride;
   constexpr int kST = kBlockN / 8;  // S's n-tiles (keys) per warp
   constexpr int kQT = kD / 8;       // dQ's n-tiles per warp
@@ -208,12 +226,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* s_do = s_q + kBlockM * kStride;
   const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_do + kBlockM * kStride, vector);
+  const bool stage_mask = Tile::kStagesMask && p.mask_kind == AttentionMask::kBool;
+  const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(smem_raw) + Tile::kMaskOffset, vector);
+  const auto load_block = [&](int block, int buf) {
+    kv.load(block, buf);
+    if (stage_mask) mask_tiles.load(b, block * kBlockN, k_len, HeadQueries{h, i0, q_len}, buf);
+  };
 
   load_tile<kBlockM, kD>(s_q, reinterpret_cast<const uint16_t*>(params.q) + attention_q_at(p, seq, b, h, i0),
                          p.q_stride[2], work.rows, dim, (vector & kVectorQ) != 0);
   load_tile<kBlockM, kD>(s_do, reinterpret_cast<const uint16_t*>(grads.grad_o) + seq.out_row(h, i0) * p.v_dim,
                          seq.out_position * p.v_dim, work.rows, v_dim, (vector & kVectorGradO) != 0);
-  if (blocks.count > 0) kv.load(blocks.first, 0);
+  if (blocks.count > 0) load_block(blocks.first, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4;
@@ -233,12 +257,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int n = 0; n < blocks.count; ++n) {
     const int buf = n & 1, j0 = (blocks.first + n) * kBlockN;
     const bool shown = stage_block<kPlain>(
-        n + 1 < blocks.count, [&] { kv.load(blocks.first + n + 1, buf ^ 1); },
+        n + 1 < blocks.count, [&] { load_block(blocks.first + n + 1, buf ^ 1); },
         [&] {
-          return mask_shows_any<kBlockM, kBlockN, kThreads, kQKernelMaskLoads>(p, b, j0, k_len,
-                                                                               HeadQueries{h, i0, q_len});
+          return stage_mask || mask_shows_any<kBlockM, kBlockN, kThreads, kQKernelMaskLoads>(
+                                   p, b, j0, k_len, HeadQueries{h, i0, q_len});
         },
-        [] {});
+        [] {}, [&] { return !stage_mask || mask_tiles.shown(buf); });
     if (!shown) continue;  // the mask hides the block from every query of the tile
     const uint16_t* k_tile = kv.k_tile(buf);
     const uint16_t* v_tile = kv.v_tile(buf);
@@ -252,8 +276,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Element (query i, key j): acc_s becomes dS times the soft-cap's slope; dS to grad_s when asked.
     const bool check = !block_inside(band, i0, kBlockM, j0, kBlockN, k_len);
-    query_block_elements<kPlain>(p, seq, band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop,
-                                 grads.grad_s, grads.grad_s_row0);
+    query_block_elements<kPlain>(
+        p, seq, band, b, h, acc_s, acc_dp, row_i, j0, check, row_lse, row_delta, drop, grads.grad_s,
+        grads.grad_s_row0,
+        StagedMask{stage_mask, mask_tiles.tile(buf) + (warp * 16 + gid) * MaskTiles::kStride,
+                   MaskTiles::kStride});
 
     // dQ += dS K over the block's keys (the k dimension).
 #pragma unroll
@@ -272,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int kD, bool kPlain>
 cudaError_t run_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads, unsigned vector,
                          cudaStream_t stream) {
-  return launch_backward_kernels<KvTile<kD>, QTile<kD>>(attention_backward_kv_kernel<T, kD, kPlain>,
+  return launch_backward_kernels<KvTile<kD, kPlain>, QTile<kD, kPlain>>(attention_backward_kv_kernel<T, kD, kPlain>,
                                                         attention_backward_q_kernel<T, kD, kPlain>, kThreads, params,
                                                         grads, vector, stream);
 }

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(kv.s_k + KeyValueTiles<kBlockN, kD>::kElements), vector);
   const auto load_block = [&](int block, int buf) {
     kv.load(block, buf);
-    if (stage_mask) mask_tiles.load(p, b, block * kBlockN, work.k_len, work, buf);
+    if (stage_mask) mask_tiles.load(b, block * kBlockN, work.k_len, work, buf);
   };
 
   const uint16_t* q = reinterpret_cast<const uint16_t*>(params.q);
@@ -132,8 +132,8 @@ __global__ void __launch_bounds__(kThreads)
       }
 
       rows.step(acc_s, acc_o, j0,
-                StagedMaskRows{stage_mask, mask_tiles.tile(buf) + (warp * 16 + lane / 4) * MaskTiles::kStride,
-                               MaskTiles::kStride});
+                StagedMask{stage_mask, mask_tiles.tile(buf) + (warp * 16 + lane / 4) * MaskTiles::kStride,
+                           MaskTiles::kStride});
 
       // O += P V.
 #pragma unroll

@@ -17,15 +17,6 @@ struct ForwardPartials {
   int64_t rows;
 };
 
-// A lane's rows of a bool mask's block staged in shared memory (BoolMaskTiles): the byte of its row
-// gid, key c, at row[c], of row gid + 8 at row[8 stride + c]. Not `on`: the mask is read from global
-// memory, if there is one.
-struct StagedMaskRows {
-  bool on = false;
-  const uint8_t* row = nullptr;
-  int stride = 0;
-};
-
 template <int kBlockM, int kBlockN, bool kPlain>
 struct ForwardRows {
   const AttentionParams& p;
@@ -52,7 +43,7 @@ struct ForwardRows {
   // zero); the running maximum and sum move on and acc_o is rescaled to the new maximum.
   template <int kST, int kOT>
   __device__ __forceinline__ void step(float (&acc_s)[kST][4], float (&acc_o)[kOT][4], int j0,
-                                       const StagedMaskRows& staged = StagedMaskRows{}) {
+                                       const StagedMask& staged = StagedMask{}) {
     float alpha[2];
     probabilities(acc_s, j0, alpha, staged);
     rescale(acc_o, alpha);
@@ -62,7 +53,7 @@ struct ForwardRows {
   // each row's O to the new maximum, is for rescale once it has.
   template <int kST>
   __device__ __forceinline__ void probabilities(float (&acc_s)[kST][4], int j0, float (&alpha)[2],
-                                                const StagedMaskRows& staged = StagedMaskRows{}) {
+                                                const StagedMask& staged = StagedMask{}) {
     const int q_len = work.q_len, k_len = work.k_len;
     const bool check = !block_inside(work.band, work.i0, work.rows_per_head, j0, kST * 8, k_len);
     // Plain scores stay unscaled: the scale (positive there) multiplies their maximum and is folded
@@ -76,7 +67,7 @@ struct ForwardRows {
       if (read_staged) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          shown[r] = *reinterpret_cast<const uint16_t*>(staged.row + r * 8 * staged.stride + t * 8 + 2 * tig);
+          shown[r] = *reinterpret_cast<const uint16_t*>(staged.at + r * 8 * staged.stride + t * 8 + 2 * tig);
         }
       }
 #pragma unroll

@@ -1,7 +1,7 @@
-// A bool mask's key block staged in shared memory beside K and V, for the mma.sync forward's general
-// kernel: each score then reads its mask byte from shared memory (a pair of keys a 16-bit load)
-// instead of global memory at a 64-bit address of its own, and the test whether the mask hides the
-// block whole reads the copies each thread made itself, so it costs no loads of its own.
+// A bool mask's block staged in shared memory beside the tiles of K and V (or of Q and dO), for the
+// mma.sync kernels' general paths: each score then reads its mask byte from shared memory instead
+// of global memory at a 64-bit address of its own, and the test whether the mask hides the block
+// whole reads the copies each thread made itself, so it costs no loads of its own.
 #pragma once
 
 #include "attention_tile.cuh"
@@ -19,19 +19,18 @@ struct BoolMaskTiles {
   static constexpr int kTileBytes = kRows * kStride;
   static constexpr int kBytes = 2 * kTileBytes;  // of shared memory
   static constexpr int kChunks = kCols / 16;     // 16-byte chunks a row
-  static constexpr int kCopies = kRows * kChunks / kBlockThreads;
-  static_assert(kCols % 16 == 0 && (kRows * kChunks) % kBlockThreads == 0, "whole chunks, the same per thread");
+  static constexpr int kAllChunks = kRows * kChunks;
+  static constexpr int kCopies = (kAllChunks + kBlockThreads - 1) / kBlockThreads;  // at most, a thread
+  static_assert(kCols % 16 == 0, "whole chunks");
 
+  // The mask's pointer and strides are read from the kernel's parameters where used (held here, they
+  // took 4 registers across the loops).
+  const AttentionParams& p;
   uint8_t* smem;
-  const uint8_t* mask;
-  int64_t key_stride;
   bool vector;  // 16-byte copies: keys contiguous, rows 16-byte aligned
 
-  __device__ __forceinline__ BoolMaskTiles(const AttentionParams& p, uint8_t* shared, unsigned vector_flags)
-      : smem(shared),
-        mask(static_cast<const uint8_t*>(p.mask)),
-        key_stride(p.mask_stride[3]),
-        vector((vector_flags & kVectorMask) != 0) {}
+  __device__ __forceinline__ BoolMaskTiles(const AttentionParams& params, uint8_t* shared, unsigned vector_flags)
+      : p(params), smem(shared), vector((vector_flags & kVectorMask) != 0) {}
 
   __device__ __forceinline__ uint8_t* tile(int buf) const { return smem + buf * kTileBytes; }
 
@@ -40,11 +39,11 @@ struct BoolMaskTiles {
   // row with none. Chunks inside the keys go by cp.async; others, and every chunk without `vector`,
   // by byte loads.
   template <typename RowFn>
-  __device__ __forceinline__ void load(const AttentionParams& p, int64_t b, int j0, int k_len, const RowFn& row,
-                                       int buf) const {
+  __device__ __forceinline__ void load(int64_t b, int j0, int k_len, const RowFn& row, int buf) const {
 #pragma unroll
     for (int n = 0; n < kCopies; ++n) {
       const int e = static_cast<int>(threadIdx.x) + n * kBlockThreads, r = e / kChunks, c = (e % kChunks) * 16;
+      if (kAllChunks % kBlockThreads != 0 && e >= kAllChunks) break;
       uint8_t* dst = tile(buf) + r * kStride + c;
       int64_t h;
       int i;
@@ -52,7 +51,8 @@ struct BoolMaskTiles {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
         continue;
       }
-      const uint8_t* src = mask + attention_mask_row(p, b, h, i) + (j0 + c) * key_stride;
+      const int64_t key_stride = p.mask_stride[3];
+      const uint8_t* src = static_cast<const uint8_t*>(p.mask) + attention_mask_row(p, b, h, i) + (j0 + c) * key_stride;
       if (vector && j0 + c + 16 <= k_len) {
         cp_async_16(dst, src);
         continue;
@@ -73,6 +73,7 @@ struct BoolMaskTiles {
 #pragma unroll
     for (int n = 0; n < kCopies; ++n) {
       const int e = static_cast<int>(threadIdx.x) + n * kBlockThreads;
+      if (kAllChunks % kBlockThreads != 0 && e >= kAllChunks) break;
       const uint4 v = *reinterpret_cast<const uint4*>(tile(buf) + (e / kChunks) * kStride + (e % kChunks) * 16);
       any |= v.x | v.y | v.z | v.w;
     }

@@ -749,9 +749,19 @@ __device__ __forceinline__ void dropout_keeps(const AttentionParams& p, const At
   for (int e = 0; e < 4; ++e) keep[e] = query[e] < q_len && key[e] < k_len && u[e] >= p.dropout_p;
 }
 
+// A lane's view of a bool mask's block staged in shared memory (BoolMaskTiles, [query][key]): `at`
+// the byte of its first element, a query row `stride` bytes on. Not `on`: the mask, if any, is read
+// from global memory.
+struct StagedMask {
+  bool on = false;
+  const uint8_t* at = nullptr;
+  int stride = 0;
+};
+
 // The backward's element (query i, key j) from the raw dot products q.k and dO.v: P = exp(s - lse)
 // (0 in a row that saw no key), the forward's dropout replayed (keep), and dS = P (dP kept - delta), times
-// the soft-cap's slope (the gradient of scale q.k) and without it (that of the final score).
+// the soft-cap's slope (the gradient of scale q.k) and without it (that of the final score). With
+// `staged` the caller has read the mask (shown: its byte is not 0).
 struct BackwardElement {
   float dropped, ds, ds_score;
 };
@@ -760,13 +770,14 @@ __device__ __forceinline__ BackwardElement backward_element(const AttentionParam
                                                             const Band& band, int64_t b, int64_t h, float dot,
                                                             float dp, int i, int j, int q_len, int k_len, bool check,
                                                             float lse, float delta, const Dropout& drop,
-                                                            bool keep) {
+                                                            bool keep, bool staged = false, bool shown = true) {
   float cap = 1.0f;
   // Plain: s unscaled, P = 2^(dot scale log2(e) - lse log2(e)), an FFMA where (s - lse) log2(e) took two.
   // The general kernels test every element here (skipping the tests on inside blocks spilled the
   // Hopper kv kernels' registers).
-  const float s = score_at<kPlain, true, !kPlain>(p, seq, band, b, h, dot, i, j, q_len, k_len, kPlain ? check : true,
-                                                   cap, kPlain ? 0 : attention_mask_row(p, b, h, i));
+  float s = score_at<kPlain, true, !kPlain>(p, seq, band, b, h, dot, i, j, q_len, k_len, kPlain ? check : true, cap,
+                                             kPlain || staged ? 0 : attention_mask_row(p, b, h, i), !staged);
+  if (!kPlain && staged && !shown) s = kNegInf;
   const float prob = lse == kNegInf ? 0.0f
                      : kPlain       ? exp2_ftz(fmaf(s, p.scale * kLog2e, -lse * kLog2e))
                                     : exp2_ftz((s - lse) * kLog2e);
@@ -839,13 +850,14 @@ __device__ __forceinline__ void stage_row_stats(const AttentionParams& p, const 
 }
 
 // The key-block kernels' elements (key j of rows key_j, query i0 + column): acc_s (raw q.k) becomes
-// P after dropout, acc_dp (raw dO.v) dS times the soft-cap's slope; lse and delta by column.
+// P after dropout, acc_dp (raw dO.v) dS times the soft-cap's slope; lse and delta by column. A staged
+// mask's `at`: the byte of query i0 and key key_j[0].
 template <bool kPlain, int kTiles>
 __device__ __forceinline__ void key_block_elements(const AttentionParams& p, const AttentionSequence& seq,
                                                    const Band& band, int64_t b, int64_t h, float (&acc_s)[kTiles][4],
                                                    float (&acc_dp)[kTiles][4], int i0, const int (&key_j)[2],
                                                    bool check, const float* lse, const float* delta,
-                                                   const Dropout& drop) {
+                                                   const Dropout& drop, const StagedMask& staged = StagedMask{}) {
   const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
   const int64_t heads[2] = {h, h};
 #pragma unroll
@@ -855,9 +867,10 @@ __device__ __forceinline__ void key_block_elements(const AttentionParams& p, con
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = t * 8 + 2 * tig + (e & 1);
+      const bool staged_shown = !kPlain && staged.on && staged.at[c * staged.stride + 8 * (e / 2)] != 0;
       const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i0 + c,
                                                           key_j[e / 2], q_len, k_len, check, lse[c], delta[c], drop,
-                                                          keep[e]);
+                                                          keep[e], !kPlain && staged.on, staged_shown);
       acc_s[t][e] = el.dropped;
       acc_dp[t][e] = el.ds;
     }
@@ -866,14 +879,15 @@ __device__ __forceinline__ void key_block_elements(const AttentionParams& p, con
 
 // The query-block kernels' elements (query row_i, key j0 + column): acc_s (raw q.k) becomes dS times
 // the soft-cap's slope, and dS goes to grad_s (rows lse_row - grad_s_row0, row_length apart) when it
-// is given.
+// is given. A staged mask's `at`: the byte of query row_i[0] and key j0.
 template <bool kPlain, int kTiles>
 __device__ __forceinline__ void query_block_elements(const AttentionParams& p, const AttentionSequence& seq,
                                                      const Band& band, int64_t b, int64_t h,
                                                      float (&acc_s)[kTiles][4], const float (&acc_dp)[kTiles][4],
                                                      const int (&row_i)[2], int j0, bool check,
                                                      const float (&row_lse)[2], const float (&row_delta)[2],
-                                                     const Dropout& drop, float* grad_s, int64_t grad_s_row0) {
+                                                     const Dropout& drop, float* grad_s, int64_t grad_s_row0,
+                                                     const StagedMask& staged = StagedMask{}) {
   const int tig = threadIdx.x % 4, q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
   const int64_t heads[2] = {h, h};
 #pragma unroll
@@ -883,9 +897,11 @@ __device__ __forceinline__ void query_block_elements(const AttentionParams& p, c
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = row_i[e / 2], j = j0 + t * 8 + 2 * tig + (e & 1);
+      const bool staged_shown =
+          !kPlain && staged.on && staged.at[8 * (e / 2) * staged.stride + t * 8 + 2 * tig + (e & 1)] != 0;
       const BackwardElement el = backward_element<kPlain>(p, seq, band, b, h, acc_s[t][e], acc_dp[t][e], i, j, q_len,
                                                           k_len, check, row_lse[e / 2], row_delta[e / 2], drop,
-                                                          keep[e]);
+                                                          keep[e], !kPlain && staged.on, staged_shown);
       if (grad_s != nullptr && i < q_len && j < k_len) {
         grad_s[(seq.lse_row(h, i) - grad_s_row0) * seq.row_length + j] = el.ds_score;
       }
