@@ -143,7 +143,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int i0 = at.i0;
     const bool shown = stage_block<kPlain>(
         step + 1 < steps, [&] { load_queries(work.next(at), buf ^ 1); },
-        [&] { return stage_mask || mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len}); },
+        [&] {
+          return stage_mask || mask_shows_any<kBlockM, kBlockN>(p, b, j0, work.k_len, HeadQueries{h, i0, q_len});
+        },
         [] {}, [&] { return !stage_mask || mask_tiles.shown(buf); });
     if (!shown) continue;  // the mask hides the keys from every query of the step
     const uint16_t* q_tile = s_q + buf * kBlockM * kStride;

@@ -73,8 +73,9 @@ inline bool vector_ok(const void* ptr, const int64_t (&stride)[3]) {
 }
 
 inline bool bool_mask_vector_ok(const AttentionParams& p) {
-  return p.mask_kind == AttentionMask::kBool && p.mask_stride[3] == 1 && reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 &&
-         p.mask_stride[0] % 16 == 0 && p.mask_stride[1] % 16 == 0 && p.mask_stride[2] % 16 == 0;
+  return p.mask_kind == AttentionMask::kBool && p.mask_stride[3] == 1 &&
+         reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_stride[0] % 16 == 0 && p.mask_stride[1] % 16 == 0 &&
+         p.mask_stride[2] % 16 == 0;
 }
 
 // The inputs (q, k, v, a bool mask) that may be read 16 bytes at a time.
