@@ -34,8 +34,8 @@ struct ForwardTile {
   static constexpr bool kStagesMask = !kPlain && kD <= 128;
   using MaskTiles = BoolMaskTiles<kBlockM, kBlockN>;
   // Q, then K and V double-buffered, then a bool mask's blocks double-buffered.
-  static constexpr int kSmemBytes = (kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2 +
-                                    (kStagesMask ? MaskTiles::kBytes : 0);
+  static constexpr int kMaskOffset = (kBlockM * kStride + KeyValueTiles<kBlockN, kD>::kElements) * 2;
+  static constexpr int kSmemBytes = kMaskOffset + (kStagesMask ? MaskTiles::kBytes : 0);
   static_assert(kSmemBytes <= kMaxSmemBytes, "the forward's tiles must fit every sm_80+ GPU");
 };
 
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
   const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_q + kBlockM * kStride, vector);
   const bool stage_mask = Tile::kStagesMask && p.mask_kind == AttentionMask::kBool;
-  const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(kv.s_k + KeyValueTiles<kBlockN, kD>::kElements), vector);
+  const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(smem_raw) + Tile::kMaskOffset, vector);
   const auto load_block = [&](int block, int buf) {
     kv.load(block, buf);
     if (stage_mask) mask_tiles.load(b, block * kBlockN, work.k_len, work, buf);
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     load_a_fragments(q_frags, s_q, kStride, warp * 16, 0);
   }
-  ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, warp, lane);
+  ForwardRows<kBlockM, kBlockN, kPlain> rows(p, work, warp, lane, stage_mask);
   const bool warp_busy = work.any_row(warp * 16, 16);  // stacked heads may leave whole warps empty
 
   float acc_o[kOT][4];

@@ -23,18 +23,19 @@ struct ForwardRows {
   const QueryTile<kBlockM, kBlockN>& work;
   int64_t row_h[2];
   int row_i[2];
-  int64_t mask_row[2] = {0, 0};  // attention_mask_row of the two rows, with a mask
+  int64_t mask_row[2] = {0, 0};  // attention_mask_row of the two rows, with a mask read from global memory
   int tig;
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
   Dropout drop;
 
-  // The rows of the lane of `warp` (16 rows each) at `lane`.
+  // The rows of the lane of `warp` (16 rows each) at `lane`; mask_staged: the caller stages the
+  // mask (step's StagedMask), so that the rows' offsets into it in global memory are not needed.
   __device__ __forceinline__ ForwardRows(const AttentionParams& params, const QueryTile<kBlockM, kBlockN>& tile,
-                                         int warp, int lane)
+                                         int warp, int lane, bool mask_staged = false)
       : p(params), work(tile), tig(lane % 4), drop(kPlain ? Dropout{} : dropout_of(params)) {
     work.row(warp * 16 + lane / 4, row_h[0], row_i[0]);
     work.row(warp * 16 + lane / 4 + 8, row_h[1], row_i[1]);
-    if (!kPlain && p.mask_kind != AttentionMask::kNone) {
+    if (!kPlain && !mask_staged && p.mask_kind != AttentionMask::kNone) {
       for (int r = 0; r < 2; ++r) mask_row[r] = attention_mask_row(p, work.b, row_h[r], row_i[r]);
     }
   }
