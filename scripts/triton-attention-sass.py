@@ -50,7 +50,7 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     fn = getattr(attention, KERNELS[kernel])
     padded = triton.next_power_of_2(max(head_dim, 16))
     constexprs = {name: False for name in ("SOFTCAP", "HAS_ALIBI", "VARLEN", "STACKED", "SPLIT", "ATOMIC_DQ",
-                                           "WRITE_DS", "INTERPRETED") if name in fn.arg_names}
+                                           "WRITE_DS", "INTERPRETED", "PRECISE_PV") if name in fn.arg_names}
     constexprs.update(MASK_KIND=0, DROPOUT=0, DOT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[dtype], BLOCK_D=padded,
                       BLOCK_DV=padded, BLOCK_M=block[0], BLOCK_N=block[1],
                       FAST_EXP=dtype != "fp32" and os.environ.get("GENFAST_TRITON_FAST_EXP") != "0")

@@ -16,8 +16,8 @@ one per block of queries for dQ (and dS, when asked for); or, where GENFAST_TRIT
 the call is not deterministic, the first pass alone, adding each block's dQ to a float32 dQ with
 atomics (5 products per block instead of 7, but slower on an H200: _atomic_dq). exp, log and tanh
 are the Cephes polynomials of affine_coupling.py (the same on every backend; tl.exp is ex2.approx
-on NVIDIA GPUs), but for the softmax's exponentials of float16 and bfloat16 inputs, which take
-ex2.approx as the CUDA kernels do (_fast_exp).
+on NVIDIA GPUs), but for the softmax's exponentials of float16 and bfloat16 inputs under a positive
+scale, which take ex2.approx in base 2 with the scale folded in, as the CUDA kernels do (_fast_exp).
 """
 
 import math
@@ -56,14 +56,44 @@ def _dot(a, b, DOT_KIND: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def _exp(x, FAST_EXP: tl.constexpr):
-    """e^x for the softmax: the Cephes polynomial (exp_f32), or with FAST_EXP the GPU's ex2.approx
-    (2 ulp), as FlashAttention's kernels and genfast's CUDA kernels take it (_fast_exp)."""
+def _dot_in_two_parts(a, b, DOT_KIND: tl.constexpr):
+    """a @ b for float32 a, with a in two parts of the 16-bit operand type (its rounding and the
+    rest): relative errors of 2^-22 (float16) or 2^-16 (bfloat16) where one part leaves 2^-11 or
+    2^-8. For a forward whose float32 o feeds a mask gradient's delta (launch_attention_forward)."""
+    if DOT_KIND == 0:
+        return _dot(a, b, DOT_KIND)
+    else:
+        high = a.to(tl.float16) if DOT_KIND == 1 else a.to(tl.bfloat16)
+        return _dot(high, b, DOT_KIND) + _dot(a - high.to(tl.float32), b, DOT_KIND)
+
+
+@triton.jit
+def _exp_units(x, FAST_EXP: tl.constexpr):
+    """The softmax's exponential of x in its units: 2^x with FAST_EXP, the GPU's ex2.approx (2 ulp),
+    as FlashAttention's kernels and genfast's CUDA kernels take it (_fast_exp); else e^x by the
+    Cephes polynomial (exp_f32)."""
     if FAST_EXP:
-        return tl.exp2(x * 1.4426950408889634)
+        return tl.exp2(x)
     else:
         return exp_f32(x)
+
+
+@triton.jit
+def _exponent_factors(scale, FAST_EXP: tl.constexpr):
+    """(raw, finished): the factors that take a block's q.k (a block needing only the scale) or its
+    finished scores (_finish_scores') to the units of _exp_units. FAST_EXP folds the scale and
+    log2(e) into one factor, positive there (_fast_exp), so that a row's maximum may be taken before
+    the factor and p = 2^(x factor - m) is one FFMA and one MUFU an element, where the scale, the
+    subtraction and log2(e) were three instructions."""
+    if FAST_EXP:
+        return scale * LOG2E, tl.full((), LOG2E, tl.float32)
+    else:
+        return scale, tl.full((), 1.0, tl.float32)
 
 
 @triton.jit
@@ -80,6 +110,17 @@ def _row_max(s, INTERPRETED: tl.constexpr):
         return tl.where(tl.sum((s != s).to(tl.int32), 1) > 0, float("nan"), tl.max(s, 1))
     else:
         return tl.reduce(s, 1, _max_keeping_nan)
+
+
+@triton.jit
+def _row_max_in_units(x, factor, INTERPRETED: tl.constexpr, FAST_EXP: tl.constexpr):
+    """Each row's maximum of x factor (_exponent_factors): with FAST_EXP, whose factor is positive,
+    the maximum of x times the factor (rounding keeps the order, so the two are equal), one multiply
+    a row instead of one an element."""
+    if FAST_EXP:
+        return _row_max(x, INTERPRETED) * factor
+    else:
+        return _row_max(x * factor, INTERPRETED)
 
 
 @triton.jit
@@ -155,9 +196,28 @@ def _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, s
 
 
 @triton.jit
-def _load_rows(base, offs, n, stride, offs_d, d):
-    ptrs = base + offs[:, None].to(tl.int64) * stride + offs_d[None, :]
+def _row_pointers(base, offs, stride, offs_d):
+    return base + offs[:, None].to(tl.int64) * stride + offs_d[None, :]
+
+
+@triton.jit
+def _load_at(ptrs, offs, n, offs_d, d):
+    """Rows offs below n, columns offs_d below d, of a tile whose pointers are ptrs; 0 elsewhere."""
     return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
+
+
+@triton.jit
+def _load_rows(base, offs, n, stride, offs_d, d):
+    return _load_at(_row_pointers(base, offs, stride, offs_d), offs, n, offs_d, d)
+
+
+@triton.jit
+def _block_steps(stride, BLOCK: tl.constexpr):
+    """What a loop adds to its tiles' pointers to step a block of rows (64 bits: the product of a
+    32-bit stride may not fit). Stepped so, the pointers of a loop's blocks took 24 fewer
+    instructions a step of the forward than when formed anew from each block's rows (sm_90, head
+    dim 128, 128 x 64 tiles, 8 warps)."""
+    return tl.cast(stride, tl.int64) * BLOCK
 
 
 @triton.jit
@@ -183,14 +243,14 @@ def attention_forward_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
-    FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False,
+    FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
     r % rows_per_head of head h0 + r // rows_per_head), as kernels/cuda/attention_tile.cuh's
     QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
     normalized o and lse in float32 at o_ptr and lse_ptr + split * split_rows (of DV columns each) for
-    attention_combine_kernel."""
+    attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts)."""
     chunk = tl.program_id(1).to(tl.int64)
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -233,32 +293,44 @@ def attention_forward_kernel(
         per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), splits) * BLOCK_N
         lo = lo + tl.program_id(2) * per
         hi = tl.minimum(hi, lo + per)
+    # m_i, the rows' running maximum, in the exponents' units (_exponent_factors).
+    raw_factor, finished_factor = _exponent_factors(scale, FAST_EXP)
+    k_ptrs = _row_pointers(k_base, lo + tl.arange(0, BLOCK_N), skn, offs_d)
+    v_ptrs = _row_pointers(v_base, lo + tl.arange(0, BLOCK_N), svn, offs_dv)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
-        s = _dot(q, tl.trans(k), DOT_KIND) * scale
+        k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
+        k_ptrs += _block_steps(skn, BLOCK_N)
+        x = _dot(q, tl.trans(k), DOT_KIND)
+        factor = raw_factor
         # The constexprs first: when one holds, Triton decides the branch while compiling.
         if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED
                 or not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi)):
-            s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
-                                    band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
-        block_max = _row_max(s, INTERPRETED)  # a row holding NaN takes it, which then reaches o and lse
+            x, cap = _finish_scores(x * scale, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
+                                    softcap, band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+            factor = finished_factor
+        # A row holding NaN takes it, which then reaches o and lse.
+        block_max = _row_max_in_units(x, factor, INTERPRETED, FAST_EXP)
         m_new = tl.maximum(m_i, block_max, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p = 0, alpha = 0
-        p = _exp(s - m_safe[:, None], FAST_EXP)
-        alpha = _exp(m_i - m_safe, FAST_EXP)
+        p = _exp_units(x * factor - m_safe[:, None], FAST_EXP)
+        alpha = _exp_units(m_i - m_safe, FAST_EXP)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keeps = _dropout_keeps(offs_m, offs_n, start_n, row_base + h * head_rows, row_length, k_start, dropout_p,
                                    seed_lo, seed_hi, base_lo, base_hi, DROPOUT)
             p = tl.where(keeps, p * keep_scale, 0.0)
-        v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT_KIND)
+        v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
+        v_ptrs += _block_steps(svn, BLOCK_N)
+        if PRECISE_PV:
+            acc = acc * alpha[:, None] + _dot_in_two_parts(p, v, DOT_KIND)
+        else:
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_KIND)
         m_i = m_new
     seen = m_i != float("-inf")  # NaN counts as seen
     total = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / total[:, None], 0.0)
-    lse = tl.where(seen, m_i + log_f32(total), float("-inf"))
+    lse = tl.where(seen, m_i * (LN2 if FAST_EXP else 1.0) + log_f32(total), float("-inf"))
     if SPLIT:
         o_ptr += tl.program_id(2).to(tl.int64) * split_rows * DV
         lse_ptr += tl.program_id(2).to(tl.int64) * split_rows
@@ -310,13 +382,17 @@ def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h, row
     """P after dropout (the weights of V), dS (the gradient of the scores s) and dS times the
     soft-cap's 1 - tanh^2 (the gradient of scale q.k), all [M, N]. inside: _block_inside's answer
     for the block (its scores skip the masking where they need only scaling)."""
-    s = _dot(q, tl.trans(k), DOT_KIND) * scale
-    cap = s
+    raw_factor, finished_factor = _exponent_factors(scale, FAST_EXP)
+    x = _dot(q, tl.trans(k), DOT_KIND)
+    cap = x
+    factor = raw_factor
     if SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or not inside:
-        s, cap = _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap,
-                                band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        x, cap = _finish_scores(x * scale, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
+                                softcap, band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        factor = finished_factor
     seen = lse != float("-inf")
-    p = tl.where(seen[:, None], _exp(s - tl.where(seen, lse, 0.0)[:, None], FAST_EXP), 0.0)
+    lse_units = tl.where(seen, lse * (LOG2E if FAST_EXP else 1.0), 0.0)
+    p = tl.where(seen[:, None], _exp_units(x * factor - lse_units[:, None], FAST_EXP), 0.0)
     dp = _dot(do, tl.trans(v), DOT_KIND)
     if DROPOUT:
         keeps = _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, col0, dropout_p, seed_lo, seed_hi, base_lo,
@@ -368,10 +444,14 @@ def attention_backward_kv_kernel(
         q_base = q_ptr + b * sqb + h * sqh + q_start * sqm
         do_base = do_ptr + b * sdob + h * sdoh + q_start * sdom
         dq_base = dq_ptr + b * sdqb + h * sdqh + q_start * sdqm
+        q_ptrs = _row_pointers(q_base, lo + tl.arange(0, BLOCK_M), sqm, offs_d)
+        do_ptrs = _row_pointers(do_base, lo + tl.arange(0, BLOCK_M), sdom, offs_dv)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, Lq, sqm, offs_d, D)
-            do = _load_rows(do_base, offs_m, Lq, sdom, offs_dv, DV)
+            q = _load_at(q_ptrs, offs_m, Lq, offs_d, D)
+            do = _load_at(do_ptrs, offs_m, Lq, offs_dv, DV)
+            q_ptrs += _block_steps(sqm, BLOCK_M)
+            do_ptrs += _block_steps(sdom, BLOCK_M)
             lse = tl.load(lse_ptr + b * slb + h * slh + q_start + offs_m, mask=offs_m < Lq, other=float("-inf"))
             delta = tl.load(delta_ptr + b * sdlb + h * sdlh + q_start + offs_m, mask=offs_m < Lq, other=0.0)
             p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
@@ -424,10 +504,14 @@ def attention_backward_q_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(start_m + BLOCK_M + band_hi, Lk)
+    k_ptrs = _row_pointers(k_base, lo + tl.arange(0, BLOCK_N), skn, offs_d)
+    v_ptrs = _row_pointers(v_base, lo + tl.arange(0, BLOCK_N), svn, offs_dv)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, Lk, skn, offs_d, D)
-        v = _load_rows(v_base, offs_n, Lk, svn, offs_dv, DV)
+        k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
+        v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
+        k_ptrs += _block_steps(skn, BLOCK_N)
+        v_ptrs += _block_steps(svn, BLOCK_N)
         p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
                                          row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb, smh,
                                          smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
@@ -462,7 +546,8 @@ def _dot_kind(dtype):
 # longest sequence, does not tune again); the first of each list is the untuned choice. The
 # interpreter runs one small configuration: its cost is per program and step. The forward's key
 # blocks of 128 are Hopper's (wgmma's widest N, FlashAttention-3's tile): compiled for sm_90 at head
-# dim 128, a 128 x 128 step takes 1236 instructions for four times a 128 x 32 step's work (443).
+# dim 128, a 128 x 128 step takes 1116 instructions for four times a 128 x 32 step's work (416),
+# counting the code of the blocks that the band or the keys' end cut (636 and 278 without).
 _GPU_BLOCKS = {
     "forward": {64: [(128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)],
                 128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2),
@@ -473,7 +558,8 @@ _GPU_BLOCKS = {
                  256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
 }
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
-_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP"]
+_TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
+               "PRECISE_PV"]
 _tuned_kernels = {}
 
 
@@ -528,7 +614,8 @@ class _Packing:
         return (0 if self.varlen else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi, dropout_p, seed, offset, packing):
+def _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+            packing):
     """Kernel arguments shared by the three kernels: (pointer args, stride args, scalar args, constexprs)."""
     import torch
 
@@ -554,26 +641,31 @@ def _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap, band_lo, band_hi
     dropout_p = float(dropout_p)
     keep_scale = 1.0 / (1.0 - dropout_p) if 0.0 < dropout_p < 1.0 else 0.0
     seed_lo, seed_hi, base_lo, base_hi = philox_key_words(int(seed), int(offset))
-    scalars = dict(total_q=packing.total_q, total_k=packing.total_k, softcap=float(softcap), band_lo=band_lo,
-                   band_hi=band_hi, dropout_p=dropout_p, keep_scale=keep_scale, seed_lo=seed_lo, seed_hi=seed_hi,
-                   base_lo=base_lo, base_hi=base_hi)
+    scale = float(scale)
+    scalars = dict(total_q=packing.total_q, total_k=packing.total_k, scale=scale, softcap=float(softcap),
+                   band_lo=band_lo, band_hi=band_hi, dropout_p=dropout_p, keep_scale=keep_scale, seed_lo=seed_lo,
+                   seed_hi=seed_hi, base_lo=base_lo, base_hi=base_hi)
     consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
                   DROPOUT=_dropout_kind(dropout_p, packing), VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
-                  FAST_EXP=_fast_exp(q.dtype),
+                  FAST_EXP=_fast_exp(q.dtype, scale),
                   BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
                   BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
     return mask_arg, mask_strides, alibi_arg, alibi_bs, scalars, consts
 
 
-def _fast_exp(dtype):
-    """Whether the softmax's exponentials take the GPU's ex2.approx (2 ulp): for float16 and bfloat16
-    inputs, unless GENFAST_TRITON_FAST_EXP=0 asks for the polynomial (float32 keeps it, whose error
-    its tests' error ratio allows). The forward's loop is issue-bound: compiled for sm_90 (bf16,
-    head dim 128, 128 x 32 tiles, 8 warps) it takes 450 instructions a step with ex2.approx against
-    956 with the polynomial, for 10 wgmma, where the H200 ran the polynomial's at 162 TFLOP/s."""
+def _fast_exp(dtype, scale):
+    """Whether the softmax's exponentials take the GPU's ex2.approx (2 ulp), with the scale folded
+    into their base-2 exponents (_exponent_factors): for float16 and bfloat16 inputs and a positive
+    scale whose product with log2(e) is finite in float32 (the row maxima are taken before it),
+    unless GENFAST_TRITON_FAST_EXP=0 asks for the polynomial (float32 keeps it, whose error its
+    tests' error ratio allows). The forward's loop is issue-bound: compiled for sm_90 (bf16, head
+    dim 128, 128 x 32 tiles, 8 warps) it took 450 instructions a step with ex2.approx against 956
+    with the polynomial, for 10 wgmma, where the H200 ran the polynomial's at 162 TFLOP/s; 431 with
+    the scale folded in (and 416 with the pointers stepped, _block_steps)."""
     import torch
 
-    return os.environ.get("GENFAST_TRITON_FAST_EXP") != "0" and dtype in (torch.float16, torch.bfloat16)
+    return (os.environ.get("GENFAST_TRITON_FAST_EXP") != "0" and dtype in (torch.float16, torch.bfloat16)
+            and 0.0 < scale * LOG2E.value < torch.finfo(torch.float32).max)
 
 
 def _atomic_dq():
@@ -688,8 +780,9 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
         lse.fill_(float("-inf"))
         return
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
-                                                                 band_lo, band_hi, dropout_p, seed, offset, packing)
+    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale,
+                                                                 softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                                                 packing)
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
     group = heads // kv_heads
@@ -703,8 +796,10 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                 *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
                 *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
 
-    scalars = dict(scalars, scale=float(scale))
-    consts = dict(consts, INTERPRETED=q.device.type == "cpu")
+    # A float32 o of 16-bit inputs is a mask gradient's (its delta, rowsum(dO o), would otherwise
+    # carry P's rounding to 16 bits, which the gradient's sum over a broadcast mask gathers).
+    consts = dict(consts, INTERPRETED=q.device.type == "cpu",
+                  PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32)
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
@@ -769,8 +864,9 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
         return
     q, k, v, grad_o = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(grad_o)
     lse, delta = _last_contiguous(lse), _last_contiguous(delta)
-    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, softcap,
-                                                                 band_lo, band_hi, dropout_p, seed, offset, packing)
+    mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale,
+                                                                 softcap, band_lo, band_hi, dropout_p, seed, offset,
+                                                                 packing)
     outs = [t if t.stride(-1) == 1 else t.new_zeros(t.shape) for t in (grad_q, grad_k, grad_v)]
     dq, dk, dv = outs
     atomic_dq = not deterministic and grad_s is None and _atomic_dq()
@@ -782,7 +878,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, packing.cu_q, packing.cu_k, *common_strides,
         *packing.strides(dk), *packing.strides(dv), *packing.strides(dq),
-        heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
+        heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, **scalars, **consts,
         ATOMIC_DQ=atomic_dq,
     )
     if not atomic_dq:
@@ -793,7 +889,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
             q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batches * heads)](
                 q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, dq if ds is None else ds, packing.cu_q,
                 packing.cu_k, *common_strides, *packing.strides(dq), *(ds.stride() if ds is not None else (0,) * 4),
-                heads, heads // kv_heads, b_first, lq, lk, dim, v_dim, scale=float(scale), **scalars, **consts,
+                heads, heads // kv_heads, b_first, lq, lk, dim, v_dim, **scalars, **consts,
                 WRITE_DS=ds is not None,
             )
 
