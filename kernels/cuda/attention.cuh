@@ -53,7 +53,8 @@ struct AttentionCudaGrads {
 // once for all of them; each tile's key blocks may be split over `splits` CTAs, whose partial
 // results (float32, in a workspace) a second kernel combines, so that a few tiles still fill the GPU.
 // float_o (one split only) writes o in float32, to the workspace as a split would, instead of o and
-// lse: the backward's delta for a mask's gradient takes it (csrc/cpu/attention.cpp's backward says why).
+// lse: the backward's delta for a mask's gradient takes it (csrc/cpu/attention.cpp's backward says why),
+// and the general kernels then take P V with P in two parts of the input type (ForwardPartials).
 struct AttentionForwardPlan {
   int heads_per_cta = 1;  // 1 .. min(heads / kv_heads, 64)
   int splits = 1;         // 1 .. kAttentionMaxSplits

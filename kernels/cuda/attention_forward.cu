@@ -138,9 +138,15 @@ __global__ void __launch_bounds__(kThreads)
       // O += P V.
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[4];
+        // The rest of P (a float_o plan's) taken with P's rounding, before either product: taken
+        // after the first, it kept S's tile alive through it (28 bytes of spills at d64, sm_80).
+        constexpr bool kPrecisePv = !kPlain && kD <= kPrecisePvMaxHeadDim;
+        const uint16_t* v_frag = v_tile + (kk * 16 + a_row) * kStride + a_col;
+        uint32_t a[4], rest[4];
         a_from_c<T, kST>(a, acc_s, kk);
-        mma_a_b<T>(acc_o, a, v_tile + (kk * 16 + a_row) * kStride + a_col, v_dim);
+        if (kPrecisePv && partials.precise_pv) a_rest_from_c<T, kST>(rest, acc_s, kk);
+        mma_a_b<T>(acc_o, a, v_frag, v_dim);
+        if (kPrecisePv && partials.precise_pv) mma_a_b<T>(acc_o, rest, v_frag, v_dim);
       }
     }
     __syncthreads();  // the buffer is refilled by the next step's prefetch
@@ -201,6 +207,7 @@ cudaError_t run_forward(const AttentionCudaParams<T>& params, const AttentionFor
   if (plan.splits > 1 || plan.float_o) {
     partials.lse = workspace;
     partials.o = workspace + plan.splits * partials.rows;
+    partials.precise_pv = plan.float_o;
   }
   const cudaError_t status = launch_tiles(attention_forward_kernel<T, kD, kPlain>, query_layout_ctas(p, layout),
                                           kThreads, Tile::kSmemBytes, stream, params, layout, partials, vector);

@@ -10,11 +10,17 @@
 namespace genfast {
 namespace attention_cuda {
 
-// The split results of a forward with splits > 1: o_s and lse_s of lse row r at [s rows + r].
+// The split results of a forward with splits > 1: o_s and lse_s of lse row r at [s rows + r]. Or a
+// plan's float_o (one split): then the general kernels up to head dim kPrecisePvMaxHeadDim take P V
+// with P in two parts of T (a_rest_from_c), since a mask gradient's delta, rowsum(dO o), would
+// otherwise carry P's rounding to T, which the gradient's sum over the dims a mask broadcasts over
+// gathers. At 256 the second part spilled 48 bytes (sm_90a).
+constexpr int kPrecisePvMaxHeadDim = 128;
 struct ForwardPartials {
   float* o;    // (splits, rows, v_dim)
   float* lse;  // (splits, rows)
   int64_t rows;
+  bool precise_pv;
 };
 
 template <int kBlockM, int kBlockN, bool kPlain>

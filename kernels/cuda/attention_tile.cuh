@@ -142,6 +142,18 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
 }
 
+// The value of a T given by its bits.
+template <typename T>
+__device__ __forceinline__ float widen(uint16_t bits);
+template <>
+__device__ __forceinline__ float widen<__half>(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+template <>
+__device__ __forceinline__ float widen<__nv_bfloat16>(uint16_t bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
 // The A fragment of k-step kk from the C tiles 2 kk and 2 kk + 1 of a 16-row product.
 template <typename T, int kTiles>
 __device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c)[kTiles][4], int kk) {
@@ -149,6 +161,21 @@ __device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c)[kTil
   a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
   a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// What a_from_c's rounding to T leaves of the same C tiles, as a fragment of T: a product of P in
+// the two fragments carries P to 2^-22 (half) or 2^-16 (bfloat16) instead of 2^-11 or 2^-8.
+template <typename T, int kTiles>
+__device__ __forceinline__ void a_rest_from_c(uint32_t (&a)[4], const float (&c)[kTiles][4], int kk) {
+  const auto rest = [](float lo, float hi) {
+    const uint32_t rounded = pack2<T>(lo, hi);
+    return pack2<T>(lo - widen<T>(static_cast<uint16_t>(rounded & 0xffffu)),
+                    hi - widen<T>(static_cast<uint16_t>(rounded >> 16)));
+  };
+  a[0] = rest(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = rest(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = rest(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = rest(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
 // A warp's C tiles (its 16 rows from row0, kTiles n-tiles of 8 columns) in T, to a shared tile

@@ -376,8 +376,17 @@ void run_case(const Case& c) {
                 hopper ? "took a head dim past its buckets" : "was not used");
     ++failures;
   }
-  // A plan's float_o: the same tiles' o in float32 (in lse's row order, after the lse), which rounds to
-  // the o that the plan without it writes (in `o` from the last forward).
+  // A plan's float_o: the same tiles' o in float32 (in lse's row order, after the lse). With plain
+  // scores it rounds to the o that the plan without it writes (in `o` from the last forward); the
+  // general kernels (a mask gradient's) of head-dim buckets up to 128 take P in two parts of T, which
+  // leaves it within float32's error of the reference, where o carries P's rounding to T.
+  int bucket = 0;
+  genfast::attention_cuda::with_head_dim_bucket(p, [&](auto b) {
+    bucket = decltype(b)::value;
+    return cudaSuccess;
+  });
+  const bool precise_pv =
+      !genfast::attention_cuda::plain_scores(p) && bucket <= genfast::attention_cuda::kPrecisePvMaxHeadDim;
   const auto float_o_rounds_to_o = [&](const std::string& run, AttentionForwardPlan plan) {
     plan.float_o = true;
     std::vector<float> workspace(genfast::attention_forward_workspace(p, plan), NAN);
@@ -395,7 +404,7 @@ void run_case(const Case& c) {
         const int64_t out = seq.out_row(h, i) * c.v_dim + d;
         wide[out] = workspace[rows + seq.lse_row(h, i) * c.v_dim + d];
         const float narrow = from_bits<T>(to_bits<T>(wide[out]));
-        unlike += !(narrow == o[out] || (std::isnan(narrow) && std::isnan(o[out])));
+        unlike += !precise_pv && !(narrow == o[out] || (std::isnan(narrow) && std::isnan(o[out])));
       }
     });
     if (unlike > 0) {
@@ -403,7 +412,7 @@ void run_case(const Case& c) {
                   static_cast<long long>(unlike));
       ++failures;
     }
-    compare(run + ": float32 o", wide, ref_o, half ? 2e-3 : 1.5e-2);
+    compare(run + ": float32 o", wide, ref_o, precise_pv ? 3e-5 : half ? 2e-3 : 1.5e-2);
   };
   if (!hopper_ok) return;
   for (const AttentionForwardPlan& plan : plans_of(p)) {
