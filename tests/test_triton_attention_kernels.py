@@ -282,13 +282,18 @@ def test_float16_softmax_by_either_exp(monkeypatch):
     assert not torch.equal(*lses)
 
 
-def test_untuned_gpu_kernels_take_the_first_configuration(monkeypatch):
+@pytest.mark.parametrize("hopper", [False, True], ids=["sm_80", "sm_90"])
+def test_untuned_gpu_kernels_take_the_first_configuration(monkeypatch, hopper):
     """GENFAST_TRITON_AUTOTUNE=0 (scripts/gpu-check's Triton tests): a GPU's kernels behind one
-    configuration, the untuned choice, so that no call times the others; every configuration else."""
+    configuration, the untuned choice, so that no call times the others; every configuration else,
+    Hopper's own among them on a Hopper GPU."""
     attn = _kernels()
     device = torch.device("cuda")
+    monkeypatch.setattr(attn, "_hopper", lambda device: hopper)
+    monkeypatch.setattr(attn, "_tuned_kernels", {})
+    assert len(attn._gpu_blocks(True, 128, True)) > len(attn._gpu_blocks(True, 128, False))
     for backward, kernel in ((False, attn.attention_forward_kernel), (True, attn.attention_backward_kv_kernel)):
-        blocks = attn._GPU_BLOCKS["backward" if backward else "forward"][128]
+        blocks = attn._gpu_blocks(backward, 128, hopper)
         monkeypatch.delenv("GENFAST_TRITON_AUTOTUNE", raising=False)
         assert len(attn._tuned(kernel, device, 128, backward).configs) == len(blocks) > 1
         monkeypatch.setenv("GENFAST_TRITON_AUTOTUNE", "0")

@@ -547,7 +547,12 @@ def _dot_kind(dtype):
 # interpreter runs one small configuration: its cost is per program and step. The forward's key
 # blocks of 128 are Hopper's (wgmma's widest N, FlashAttention-3's tile): compiled for sm_90 at head
 # dim 128, a 128 x 128 step takes 1116 instructions for four times a 128 x 32 step's work (416),
-# counting the code of the blocks that the band or the keys' end cut (636 and 278 without).
+# counting the code of the blocks that the band or the keys' end cut (636 and 278 without). A
+# backward tile of 64 x 64 on 4 warps is Hopper's too: one warpgroup holds 64 rows of each product,
+# so that all four take wgmma (the key-block pass, head dim 128: 24 wgmma and 984 instructions a
+# step, 18 local loads and 7 stores of spilled registers among them), where on 8 warps the two with
+# dK's and dV's rows fell back to mma.sync (64 x 32: 24 wgmma and 32 mma.sync, 425 instructions for
+# half the work).
 _GPU_BLOCKS = {
     "forward": {64: [(128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)],
                 128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2),
@@ -557,10 +562,25 @@ _GPU_BLOCKS = {
                  128: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2)],
                  256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
 }
+# Tried on Hopper GPUs (compute capability 9) only: compiled for sm_80 the backward's 64 x 64 tile
+# on 4 warps spills (115 local loads a step of the key-block pass).
+_HOPPER_BLOCKS = {"forward": {}, "backward": {128: [(64, 64, 4, 2)]}}
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
                "PRECISE_PV"]
 _tuned_kernels = {}
+
+
+def _hopper(device):
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _gpu_blocks(backward, bucket, hopper):
+    """The configurations a GPU's kernels are autotuned over for a head-dim bucket (64, 128, 256)."""
+    kind = "backward" if backward else "forward"
+    return _GPU_BLOCKS[kind][bucket] + (_HOPPER_BLOCKS[kind].get(bucket, []) if hopper else [])
 
 
 def _tuned(kernel, device, dim_pad, backward):
@@ -574,9 +594,9 @@ def _tuned(kernel, device, dim_pad, backward):
     and after the last."""
     bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
     untuned = os.environ.get("GENFAST_TRITON_AUTOTUNE") == "0"
-    key = (id(kernel), bucket, untuned)
+    key = (id(kernel), bucket, untuned, bucket != 0 and _hopper(device))
     if key not in _tuned_kernels:
-        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _GPU_BLOCKS["backward" if backward else "forward"][bucket]
+        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _gpu_blocks(backward, bucket, _hopper(device))
         if untuned:
             blocks = blocks[:1]  # GENFAST_TRITON_AUTOTUNE=0: the untuned choice, no timing runs
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
@@ -733,7 +753,8 @@ def _planned_blocks(stacked_rows, dim_pad, interpreted):
 def gpu_variants(name, constexprs, ints):
     """The (constexpr overrides, num_warps, num_stages) a GPU launch of kernel `name` takes where the
     interpreter's differ, for genfast.testing.triton_gpu_compile: every autotuned configuration of
-    the head-dim bucket, or a planned forward's one configuration."""
+    the head-dim bucket (Hopper's too, compiled for each target), or a planned forward's one
+    configuration."""
     if name == "attention_combine_kernel":
         return None
     dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
@@ -743,7 +764,7 @@ def gpu_variants(name, constexprs, ints):
         block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
     bucket = 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
-    blocks = _GPU_BLOCKS["backward" if "backward" in name else "forward"][bucket]
+    blocks = _gpu_blocks("backward" in name, bucket, True)
     return [(dict(BLOCK_M=m, BLOCK_N=n, **on_gpu), w, st) for m, n, w, st in blocks]
 
 
