@@ -248,6 +248,19 @@ def test_backward_float16():
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
 
 
+def test_fast_exp_needs_half_precision_and_a_positive_scale(monkeypatch):
+    """The base-2 path takes each row's maximum of q.k before the scale: only a positive scale, whose
+    product with log2(e) float32 holds, keeps that maximum the scores'."""
+    attn = _kernels()
+    monkeypatch.delenv("GENFAST_TRITON_FAST_EXP", raising=False)
+    assert attn._fast_exp(torch.float16, 0.125) and attn._fast_exp(torch.bfloat16, 3.0)
+    assert not attn._fast_exp(torch.float32, 0.125)
+    for scale in (0.0, -0.5, float("nan"), float("inf"), 3e38):
+        assert not attn._fast_exp(torch.float16, scale)
+    monkeypatch.setenv("GENFAST_TRITON_FAST_EXP", "0")
+    assert not attn._fast_exp(torch.float16, 0.125)
+
+
 @pytest.mark.triton
 def test_float16_softmax_by_either_exp(monkeypatch):
     """The softmax of 16-bit inputs by ex2.approx (the default) and by the polynomial
