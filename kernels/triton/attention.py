@@ -20,6 +20,7 @@ on NVIDIA GPUs), but for the softmax's exponentials of float16 and bfloat16 inpu
 scale, which take ex2.approx in base 2 with the scale folded in, as the CUDA kernels do (_fast_exp).
 """
 
+import functools
 import math
 import os
 
@@ -571,7 +572,9 @@ _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLE
 _tuned_kernels = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _hopper(device):
+    """Whether a GPU is a Hopper (compute capability 9), asked once a device: each launch asks."""
     import torch
 
     return torch.cuda.get_device_capability(device)[0] == 9
