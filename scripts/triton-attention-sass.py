@@ -31,6 +31,8 @@ def _signature(fn, dtype, constexprs):
             signature[name] = "constexpr"
         elif name in ("cu_q_ptr", "cu_k_ptr"):
             signature[name] = "*i32"
+        elif name == "mask_ptr" and constexprs.get("MASK_KIND") == 1:
+            signature[name] = "*u8"  # a bool mask, read as bytes
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FLOAT32_POINTERS else "*" + dtype
         elif name in FLOATS:
@@ -57,6 +59,8 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     for item in overrides:
         name, value = item.split("=", 1)
         constexprs[name] = int(value) if value.lstrip("-").isdigit() else value == "True"
+    if constexprs["MASK_KIND"] != 0:
+        constexprs.setdefault("smn", 1)  # a mask contiguous along the keys: Triton specializes a stride of 1
     signature = _signature(fn, dtype, constexprs)
     aligned = head_dim % 16 == 0
     divisible = [name for name, kind in signature.items()

@@ -642,6 +642,36 @@ def _block_sparse_mask(batch, heads, lq, lk, kind):
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("impl", fused_impls())
+def test_keys_a_mask_hides_whole_are_not_read(kind, impl):
+    """Padding on the right of one batch and on the left of the other: the key blocks the mask hides
+    from every query are skipped (the CPU's blocks of 128 keys, the CUDA kernels' 64; the Triton
+    forward's, 16 under the interpreter and up to 128 on a GPU, trimmed off the ends of its loop),
+    so garbage there, even NaN, as a preallocated cache may hold, reaches no output: o is that with
+    zeros there. Nor any gradient of the CPU kernels, whose hidden keys' dK and dV are 0; the
+    Triton backward still computes such blocks (kernels/triton/attention.py, _shown_keys)."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _qkv(2, 2, 1, 20, 300, 16, torch.float32)
+    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    keep[0, ..., 128:] = False
+    keep[1, ..., :128] = False
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    garbage = [t.masked_fill(~keep.transpose(-1, -2), float("nan")) for t in (k, v)]
+    _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
+    o = genfast.attention(q, *garbage, mask, enable_gqa=True, impl=impl)
+    torch.testing.assert_close(o, genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl), rtol=0, atol=0)
+    if impl != "native":
+        return
+    leaves = [t.clone().requires_grad_() for t in (q, *garbage)]
+    grads = torch.autograd.grad(genfast.attention(*leaves, mask, enable_gqa=True, impl=impl).sum(), leaves)
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(genfast.attention(*clean, mask, enable_gqa=True, impl=impl).sum(), clean)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (expected[1].masked_select(~keep.transpose(-1, -2)) == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl", fused_impls())
 def test_block_sparse_masks(kind, impl):
     skip_unless_supported(impl, "cpu")
     # Past the CPU's blocks of 128 queries and keys, with the diagonal between block edges (more keys

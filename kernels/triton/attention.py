@@ -134,10 +134,76 @@ def _block_inside(start_m, BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope, softcap, band_lo, band_hi,
-                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
-    """The scores from scale q.k ([M, N]): soft-cap, ALiBi, mask, band, and -inf outside (Lq, Lk).
-    Also returns 1 - tanh^2 of the soft-cap (s itself when there is none)."""
+def _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND: tl.constexpr):
+    """The mask's block for queries offs_m and keys offs_n ([M, N]; 0 without a mask), with what
+    hides outside (Lq, Lk): false, or -inf for an additive mask. The loops load it before their
+    first matrix product. Loaded after it, Triton's layout pass (which settles a conflict in favour
+    of the layout it reached first, and reaches the later anchor first) could give the scores the
+    load's layout as well as the products': the softmax then ran twice, once in each, with the
+    reductions' shuffles between them. Forward, sm_90, bfloat16, head dim 128, 128 x 64 tiles, 8
+    warps, a bool mask: the last block's step 1525 -> 1352 instructions (Triton 3.6) and 1097 -> 940
+    (3.8); a steady step 2156 -> 873 (3.8) when the mask's keys are not contiguous."""
+    block = 0
+    if MASK_KIND != 0:
+        ptrs = (mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
+                + offs_n[None, :].to(tl.int64) * smn)
+        inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        if MASK_KIND == 1:
+            block = tl.load(ptrs, mask=inside, other=0)
+        else:
+            block = tl.load(ptrs, mask=inside, other=float("-inf"))
+    return block
+
+
+@triton.jit
+def _mask_hides_all(mask_block, MASK_KIND: tl.constexpr):
+    """Whether a mask's block (_mask_block) hides every score: all false, or all -inf for an additive
+    mask (NaN does not hide)."""
+    if MASK_KIND == 1:
+        return tl.max((mask_block != 0).to(tl.int32)) == 0
+    else:
+        return tl.max((mask_block != float("-inf")).to(tl.int32)) == 0
+
+
+@triton.jit
+def _key_block_hidden(mask_ptr, b, h, offs_m, start_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    return _mask_hides_all(_mask_block(mask_ptr, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), Lq, Lk, smb, smh, smm,
+                                       smn, MASK_KIND), MASK_KIND)
+
+
+@triton.jit
+def _shown_keys(lo, hi, offs_m, mask_ptr, b, h, Lq, Lk, smb, smh, smm, smn, MASK_KIND: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The forward's span of keys [lo, hi) (lo a multiple of BLOCK_N) less the key blocks at either
+    end that the mask hides whole from queries offs_m; [lo, hi) without a mask. As the CPU and CUDA
+    kernels skip such blocks, a padding mask, a window or a document's bounds given as a mask cost
+    about the blocks they show. The scans read the mask alone, before the loop: a test in the loop
+    around its products stopped Triton (3.6 and 3.8) from pipelining its loads and products. Not in
+    the backward's passes, where the bounds the scans give made the loops dearer (the dQ pass's step
+    452 -> 690 instructions, Triton 3.8; the dK/dV pass's spills 32 -> 120 bytes, 3.6), so these
+    compute such blocks still."""
+    if MASK_KIND != 0:
+        searching = lo < hi
+        while searching:
+            hidden = _key_block_hidden(mask_ptr, b, h, offs_m, lo, Lq, Lk, smb, smh, smm, smn, MASK_KIND, BLOCK_N)
+            lo = tl.where(hidden, lo + BLOCK_N, lo)
+            searching = hidden & (lo < hi)
+        last = lo + tl.maximum(hi - lo - 1, 0) // BLOCK_N * BLOCK_N  # the start of [lo, hi)'s last block
+        searching = lo < hi
+        while searching:
+            hidden = _key_block_hidden(mask_ptr, b, h, offs_m, last, Lq, Lk, smb, smh, smm, smn, MASK_KIND, BLOCK_N)
+            last = tl.where(hidden, last - BLOCK_N, last)
+            searching = hidden & (last >= lo)
+        hi = tl.minimum(hi, last + BLOCK_N)
+    return lo, hi
+
+
+@triton.jit
+def _finish_scores(s, mask_block, offs_m, offs_n, Lq, Lk, slope, softcap, band_lo, band_hi, SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The scores from scale q.k ([M, N]): soft-cap, ALiBi, the mask (its block, _mask_block), band,
+    and -inf outside (Lq, Lk). Also returns 1 - tanh^2 of the soft-cap (s itself when there is none)."""
     if SOFTCAP:
         t = tanh_f32(s / softcap)
         s = softcap * t
@@ -148,14 +214,10 @@ def _finish_scores(s, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn
         distance = tl.abs(offs_m[:, None] + (Lk - Lq) - offs_n[None, :]).to(tl.float32)
         s = s - slope * distance
     inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    if MASK_KIND != 0:
-        ptrs = (mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
-                + offs_n[None, :].to(tl.int64) * smn)
-        if MASK_KIND == 1:
-            keep = tl.load(ptrs, mask=inside, other=1)
-            s = tl.where(keep != 0, s, float("-inf"))
-        else:
-            s = s + tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    if MASK_KIND == 1:
+        s = tl.where(mask_block != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        s = s + mask_block.to(tl.float32)
     diff = offs_n[None, :] - offs_m[:, None]
     s = tl.where(inside & (diff >= band_lo) & (diff <= band_hi), s, float("-inf"))
     return s, cap
@@ -202,9 +264,13 @@ def _row_pointers(base, offs, stride, offs_d):
 
 
 @triton.jit
-def _load_at(ptrs, offs, n, offs_d, d):
-    """Rows offs below n, columns offs_d below d, of a tile whose pointers are ptrs; 0 elsewhere."""
-    return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
+def _load_at(ptrs, offs, n, offs_d, d, ROWS_INSIDE: tl.constexpr = False):
+    """Rows offs below n, columns offs_d below d, of a tile whose pointers are ptrs; 0 elsewhere.
+    ROWS_INSIDE: every row is below n, and the load tests the columns alone."""
+    if ROWS_INSIDE:
+        return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+    else:
+        return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
 
 
 @triton.jit
@@ -236,27 +302,21 @@ def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _forward_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, b, h, start_m, Lq, Lk, D, DV,
-                   mask_ptr, smb, smh, smm, smn, slope, scale, raw_factor, finished_factor, softcap, band_lo, band_hi,
-                   dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi, row0, row_length, k_start,
+def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale,
+                   raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
+                   base_lo, base_hi, row0, row_length, k_start,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
-                   FAST_EXP: tl.constexpr, INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr,
-                   KEYS_INSIDE: tl.constexpr):
-    """The forward's online softmax over key block [start_n, start_n + BLOCK_N), whose K and V rows
-    are at k_ptrs and v_ptrs: (acc, l_i, m_i) moved on. KEYS_INSIDE: the block ends at or before Lk."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    if KEYS_INSIDE:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
-    else:
-        k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
+                   FAST_EXP: tl.constexpr, INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr):
+    """The forward's online softmax over key block offs_n = [start_n, start_n + BLOCK_N), its K and V
+    rows and its part of the mask (_mask_block): (acc, l_i, m_i) moved on."""
     x = _dot(q, tl.trans(k), DOT_KIND)
     factor = raw_factor
     # The constexprs first: when one holds, Triton decides the branch while compiling.
     if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED
             or not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi)):
-        x, cap = _finish_scores(x * scale, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
-                                softcap, band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        x, cap = _finish_scores(x * scale, mask_block, offs_m, offs_n, Lq, Lk, slope, softcap, band_lo, band_hi,
+                                SOFTCAP, HAS_ALIBI, MASK_KIND)
         factor = finished_factor
     # A row holding NaN takes it, which then reaches o and lse.
     block_max = _row_max_in_units(x, factor, INTERPRETED, FAST_EXP)
@@ -269,10 +329,6 @@ def _forward_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, of
         keeps = _dropout_keeps(offs_m, offs_n, start_n, row0, row_length, k_start, dropout_p, seed_lo, seed_hi,
                                base_lo, base_hi, DROPOUT)
         p = tl.where(keeps, p * keep_scale, 0.0)
-    if KEYS_INSIDE:
-        v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-    else:
-        v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
     if PRECISE_PV:
         acc = acc * alpha[:, None] + _dot_in_two_parts(p, v, DOT_KIND)
     else:
@@ -335,6 +391,7 @@ def attention_forward_kernel(
     # The key blocks the band of queries [start_m, start_m + span) can reach; this split's share of them.
     lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(start_m + span + band_hi, Lk)
+    lo, hi = _shown_keys(lo, hi, offs_m, mask_ptr, b, h, Lq, Lk, smb, smh, smm, smn, MASK_KIND, BLOCK_N)
     if SPLIT:
         per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), splits) * BLOCK_N
         lo = lo + tl.program_id(2) * per
@@ -350,12 +407,15 @@ def attention_forward_kernel(
     for part in tl.static_range(2):
         first = lo if part == 0 else tl.maximum(lo, inside_hi)
         for start_n in range(first, inside_hi if part == 0 else hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
+            k = _load_at(k_ptrs, offs_n, Lk, offs_d, D, part == 0)
+            v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV, part == 0)
             acc, l_i, m_i = _forward_block(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, b, h, start_m, Lq, Lk, D, DV,
-                mask_ptr, smb, smh, smm, smn, slope, scale, raw_factor, finished_factor, softcap, band_lo, band_hi,
-                dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi, row_base + h * head_rows, row_length,
-                k_start, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND, BLOCK_M, BLOCK_N, STACKED, FAST_EXP,
-                INTERPRETED, PRECISE_PV, part == 0)
+                acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale,
+                raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
+                base_lo, base_hi, row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                DROPOUT, DOT_KIND, BLOCK_M, BLOCK_N, STACKED, FAST_EXP, INTERPRETED, PRECISE_PV)
             k_ptrs += _block_steps(skn, BLOCK_N)
             v_ptrs += _block_steps(svn, BLOCK_N)
     seen = m_i != float("-inf")  # NaN counts as seen
@@ -404,22 +464,22 @@ def attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, rows, L, 
 
 
 @triton.jit
-def _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h, row0, row_length, col0, Lq, Lk, mask_ptr,
-                     smb,
-                     smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
-                     base_lo, base_hi, inside,
+def _probs_and_grads(q, k, v, do, lse, delta, mask_block, offs_m, offs_n, start_n, row0, row_length, col0, Lq, Lk,
+                     slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
+                     inside,
                      SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                      DROPOUT: tl.constexpr, DOT_KIND: tl.constexpr, FAST_EXP: tl.constexpr):
     """P after dropout (the weights of V), dS (the gradient of the scores s) and dS times the
-    soft-cap's 1 - tanh^2 (the gradient of scale q.k), all [M, N]. inside: _block_inside's answer
-    for the block (its scores skip the masking where they need only scaling)."""
+    soft-cap's 1 - tanh^2 (the gradient of scale q.k), all [M, N]. mask_block: the block's part of
+    the mask (_mask_block). inside: _block_inside's answer for the block (its scores skip the
+    masking where they need only scaling)."""
     raw_factor, finished_factor = _exponent_factors(scale, FAST_EXP)
     x = _dot(q, tl.trans(k), DOT_KIND)
     cap = x
     factor = raw_factor
     if SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or not inside:
-        x, cap = _finish_scores(x * scale, offs_m, offs_n, b, h, Lq, Lk, mask_ptr, smb, smh, smm, smn, slope,
-                                softcap, band_lo, band_hi, SOFTCAP, HAS_ALIBI, MASK_KIND)
+        x, cap = _finish_scores(x * scale, mask_block, offs_m, offs_n, Lq, Lk, slope, softcap, band_lo, band_hi,
+                                SOFTCAP, HAS_ALIBI, MASK_KIND)
         factor = finished_factor
     seen = lse != float("-inf")
     lse_units = tl.where(seen, lse * (LOG2E if FAST_EXP else 1.0), 0.0)
@@ -485,10 +545,11 @@ def attention_backward_kv_kernel(
             do_ptrs += _block_steps(sdom, BLOCK_M)
             lse = tl.load(lse_ptr + b * slb + h * slh + q_start + offs_m, mask=offs_m < Lq, other=float("-inf"))
             delta = tl.load(delta_ptr + b * sdlb + h * sdlh + q_start + offs_m, mask=offs_m < Lq, other=0.0)
-            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
-                                             row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb,
-                                             smh, smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p,
-                                             keep_scale, seed_lo, seed_hi, base_lo, base_hi,
+            mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
+            p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, mask_block, offs_m, offs_n, start_n,
+                                             row_base + h * head_rows, row_length, k_start, Lq, Lk, slope, scale,
+                                             softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
+                                             base_lo, base_hi,
                                              _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo,
                                                            band_hi),
                                              SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND, FAST_EXP)
@@ -543,10 +604,10 @@ def attention_backward_q_kernel(
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         k_ptrs += _block_steps(skn, BLOCK_N)
         v_ptrs += _block_steps(svn, BLOCK_N)
-        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, offs_m, offs_n, start_n, b, h,
-                                         row_base + h * head_rows, row_length, k_start, Lq, Lk, mask_ptr, smb, smh,
-                                         smm, smn, slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
-                                         seed_lo, seed_hi, base_lo, base_hi,
+        mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
+        p, ds, ds_dot = _probs_and_grads(q, k, v, do, lse, delta, mask_block, offs_m, offs_n, start_n,
+                                         row_base + h * head_rows, row_length, k_start, Lq, Lk, slope, scale, softcap,
+                                         band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
                                          _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi),
                                          SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND, FAST_EXP)
         if WRITE_DS:
