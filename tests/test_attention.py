@@ -640,34 +640,41 @@ def _block_sparse_mask(batch, heads, lq, lk, kind):
     return torch.where(keep, torch.randn(keep.shape, generator=torch.Generator().manual_seed(3)), float("-inf"))
 
 
-@pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("impl", fused_impls())
-def test_keys_a_mask_hides_whole_are_not_read(kind, impl):
+def check_hidden_keys_not_read(impl, kind, dtype=torch.float32, device="cpu", grads=True):
     """Padding on the right of one batch and on the left of the other: the key blocks the mask hides
     from every query are skipped (the CPU's blocks of 128 keys, the CUDA kernels' 64; the Triton
     forward's, 16 under the interpreter and up to 128 on a GPU, trimmed off the ends of its loop),
     so garbage there, even NaN, as a preallocated cache may hold, reaches no output: o is that with
-    zeros there. Nor any gradient of the CPU kernels, whose hidden keys' dK and dV are 0; the
-    Triton backward still computes such blocks (kernels/triton/attention.py, _shown_keys)."""
-    skip_unless_supported(impl, "cpu")
-    q, k, v = _qkv(2, 2, 1, 20, 300, 16, torch.float32)
-    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    zeros there. With grads, nor any gradient (the hidden keys' dK and dV are 0): the CPU and CUDA
+    kernels'; the Triton backward still computes such blocks (kernels/triton/attention.py,
+    _shown_keys)."""
+    q, k, v = (t.to(device) for t in _qkv(2, 2, 1, 20, 300, 16, dtype))
+    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool, device=device)
     keep[0, ..., 128:] = False
     keep[1, ..., :128] = False
-    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
-    garbage = [t.masked_fill(~keep.transpose(-1, -2), float("nan")) for t in (k, v)]
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+    hidden = ~keep.transpose(-1, -2)
+    garbage = [t.masked_fill(hidden, float("nan")) for t in (k, v)]
     _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
     o = genfast.attention(q, *garbage, mask, enable_gqa=True, impl=impl)
     torch.testing.assert_close(o, genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl), rtol=0, atol=0)
-    if impl != "native":
+    if not grads:
         return
-    leaves = [t.clone().requires_grad_() for t in (q, *garbage)]
-    grads = torch.autograd.grad(genfast.attention(*leaves, mask, enable_gqa=True, impl=impl).sum(), leaves)
-    clean = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected = torch.autograd.grad(genfast.attention(*clean, mask, enable_gqa=True, impl=impl).sum(), clean)
-    for got, want in zip(grads, expected):
+    results = []
+    for inputs in ((q, *garbage), (q, k, v)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        o = genfast.attention(*leaves, mask, enable_gqa=True, impl=impl, deterministic=True)
+        results.append(torch.autograd.grad(o.float().sum(), leaves))
+    for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert (expected[1].masked_select(~keep.transpose(-1, -2)) == 0).all()
+    assert (results[1][1].masked_select(hidden) == 0).all() and (results[1][2].masked_select(hidden) == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_keys_a_mask_hides_whole_are_not_read(kind, impl):
+    skip_unless_supported(impl, "cpu")
+    check_hidden_keys_not_read(impl, kind, grads=impl == "native")
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

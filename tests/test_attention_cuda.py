@@ -10,7 +10,8 @@ import torch
 
 import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
-from test_attention import DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv, check_dropout_mask
+from test_attention import (DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv,
+                            check_dropout_mask, check_hidden_keys_not_read)
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
 
@@ -173,6 +174,12 @@ def test_block_sparse_masks(impl, dtype, kind):
         mask[1, 2, 10, 349] = float("nan")
         o = genfast.attention(q, k, v, mask, enable_gqa=True, impl=impl)
         assert bool(o[1, 2, 10].isnan().all()) and not bool(o[1, 2, 9].isnan().any())
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_keys_a_mask_hides_whole_are_not_read(impl, dtype, kind):
+    check_hidden_keys_not_read(impl, kind, dtype, "cuda", grads=impl == "native")
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
