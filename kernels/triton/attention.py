@@ -388,7 +388,8 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    # The key blocks the band of queries [start_m, start_m + span) can reach; this split's share of them.
+    # The key blocks the band of queries [start_m, start_m + span) can reach, less those at either end
+    # that the mask hides from all of them; this split's share of them.
     lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(start_m + span + band_hi, Lk)
     lo, hi = _shown_keys(lo, hi, offs_m, mask_ptr, b, h, Lq, Lk, smb, smh, smm, smn, MASK_KIND, BLOCK_N)
