@@ -141,8 +141,8 @@ def _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK
     of the layout it reached first, and reaches the later anchor first) could give the scores the
     load's layout as well as the products': the softmax then ran twice, once in each, with the
     reductions' shuffles between them. Forward, sm_90, bfloat16, head dim 128, 128 x 64 tiles, 8
-    warps, a bool mask: the last block's step 1525 -> 1352 instructions (Triton 3.6) and 1097 -> 940
-    (3.8); a steady step 2156 -> 873 (3.8) when the mask's keys are not contiguous."""
+    warps, a bool mask whose keys are 2 bytes apart: a step 1144 -> 948 instructions (Triton 3.6),
+    2049 -> 852 (3.8); with contiguous keys the layouts did not conflict (797 and 712 either way)."""
     block = 0
     if MASK_KIND != 0:
         ptrs = (mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
@@ -179,10 +179,11 @@ def _shown_keys(lo, hi, offs_m, mask_ptr, b, h, Lq, Lk, smb, smh, smm, smn, MASK
     end that the mask hides whole from queries offs_m; [lo, hi) without a mask. As the CPU and CUDA
     kernels skip such blocks, a padding mask, a window or a document's bounds given as a mask cost
     about the blocks they show. The scans read the mask alone, before the loop: a test in the loop
-    around its products stopped Triton (3.6 and 3.8) from pipelining its loads and products. Not in
-    the backward's passes, where the bounds the scans give made the loops dearer (the dQ pass's step
-    452 -> 690 instructions, Triton 3.8; the dK/dV pass's spills 32 -> 120 bytes, 3.6), so these
-    compute such blocks still."""
+    around its products stopped Triton (3.6 and 3.8) from pipelining its loads and products. Bounds
+    that come from a reduction are not provably uniform, which costs the loop's step a little (128 x
+    32 tiles, 8 warps, bf16, head dim 128: 470 -> 477 instructions on Triton 3.6, 437 -> 474 on 3.8)
+    and cost the backward's passes more (the dQ pass's step 452 -> 690 on 3.8; the dK/dV pass's
+    spills 32 -> 120 bytes on 3.6): they compute such blocks still."""
     if MASK_KIND != 0:
         searching = lo < hi
         while searching:
@@ -264,13 +265,9 @@ def _row_pointers(base, offs, stride, offs_d):
 
 
 @triton.jit
-def _load_at(ptrs, offs, n, offs_d, d, ROWS_INSIDE: tl.constexpr = False):
-    """Rows offs below n, columns offs_d below d, of a tile whose pointers are ptrs; 0 elsewhere.
-    ROWS_INSIDE: every row is below n, and the load tests the columns alone."""
-    if ROWS_INSIDE:
-        return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
-    else:
-        return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
+def _load_at(ptrs, offs, n, offs_d, d):
+    """Rows offs below n, columns offs_d below d, of a tile whose pointers are ptrs; 0 elsewhere."""
+    return tl.load(ptrs, mask=(offs[:, None] < n) & (offs_d[None, :] < d), other=0.0)
 
 
 @triton.jit
@@ -401,24 +398,22 @@ def attention_forward_kernel(
     raw_factor, finished_factor = _exponent_factors(scale, FAST_EXP)
     k_ptrs = _row_pointers(k_base, lo + tl.arange(0, BLOCK_N), skn, offs_d)
     v_ptrs = _row_pointers(v_base, lo + tl.arange(0, BLOCK_N), svn, offs_dv)
-    # Blocks wholly inside the keys load without the keys' bound (a steady step at head dim 128,
-    # sm_90, 8 warps: 128 x 64 391 -> 357 instructions, 128 x 128 636 -> 596); the last block,
-    # which the keys' end may cut, after them.
-    inside_hi = tl.minimum(hi, Lk // BLOCK_N * BLOCK_N)
-    for part in tl.static_range(2):
-        first = lo if part == 0 else tl.maximum(lo, inside_hi)
-        for start_n in range(first, inside_hi if part == 0 else hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
-            k = _load_at(k_ptrs, offs_n, Lk, offs_d, D, part == 0)
-            v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV, part == 0)
-            acc, l_i, m_i = _forward_block(
-                acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale,
-                raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
-                base_lo, base_hi, row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND,
-                DROPOUT, DOT_KIND, BLOCK_M, BLOCK_N, STACKED, FAST_EXP, INTERPRETED, PRECISE_PV)
-            k_ptrs += _block_steps(skn, BLOCK_N)
-            v_ptrs += _block_steps(svn, BLOCK_N)
+    # One loop, every block's loads bounded by the keys: with the blocks inside the keys in a loop of
+    # their own, loading without the bound, Triton 3.6 (the GPU machine's) spilled the forward at
+    # every tuned tile but 128 x 32 (sm_90, bf16, head dim 128: 128 x 64 on 8 warps 182 -> 255
+    # registers and 160 bytes of spills, 670 -> 909 instructions a step), for a few percent on 3.8.
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
+        k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
+        v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale, raw_factor,
+            finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
+            row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND,
+            BLOCK_M, BLOCK_N, STACKED, FAST_EXP, INTERPRETED, PRECISE_PV)
+        k_ptrs += _block_steps(skn, BLOCK_N)
+        v_ptrs += _block_steps(svn, BLOCK_N)
     seen = m_i != float("-inf")  # NaN counts as seen
     total = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / total[:, None], 0.0)
