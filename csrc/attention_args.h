@@ -19,6 +19,7 @@ struct AttentionTensors {
   // float32 on the CPU, else the inputs' dtype; the head dim contiguous. The mask uint8, or float32,
   // float16 or bfloat16 (bias_type) as the caller gave it, expanded to (B, H, Lq, Lk).
   at::Tensor q, k, v, mask, alibi;
+  at::Tensor sinks;  // float32 (heads), contiguous; undefined without sinks
   AttentionMask mask_kind = AttentionMask::kNone;
   AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
@@ -66,6 +67,18 @@ inline void check_alibi(const char* op, const at::Tensor& s, int64_t batch, int6
               ": alibi_slopes must have shape (heads,) or (batch, heads), got ", s.sizes());
   TORCH_CHECK(s.device() == q.device(), op, ": alibi_slopes must be on q's device");
   t.alibi = s.to(at::kFloat).contiguous();
+}
+
+// The forward's attention sinks: one logit per query head, any float dtype, read as float32.
+inline void set_attention_sinks(const char* op, AttentionTensors& t, const std::optional<at::Tensor>& sinks,
+                                int64_t heads, const at::Tensor& q) {
+  if (!sinks) return;
+  TORCH_CHECK(sinks->sizes() == at::IntArrayRef({heads}), op, ": sinks must have shape (heads,) = (", heads,
+              ",), got ", sinks->sizes());
+  TORCH_CHECK(at::isFloatingType(sinks->scalar_type()), op, ": sinks must be floating point, got ",
+              sinks->scalar_type());
+  TORCH_CHECK(sinks->device() == q.device(), op, ": sinks must be on q's device");
+  t.sinks = sinks->to(at::kFloat).contiguous();
 }
 
 // as_float: the CPU kernels read float32; the CUDA kernels read the inputs' own dtype.
@@ -183,6 +196,7 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   for (int d = 0; d < 4; ++d) p.mask_stride[d] = t.mask.defined() ? t.mask.stride(d) : 0;
   p.alibi_slopes = t.alibi.defined() ? t.alibi.const_data_ptr<float>() : nullptr;
   p.alibi_batch_stride = t.alibi.defined() && t.alibi.dim() == 2 ? p.heads : 0;
+  p.sinks = t.sinks.defined() ? t.sinks.const_data_ptr<float>() : nullptr;
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
   p.band_lo = band_lo;

@@ -2,10 +2,12 @@
 // every device the extension serves), in C++: the backward op from the forward's saved inputs, o
 // and lse. torch.library.register_autograd would put a Python layer on every call, 5-10 us that a
 // decoding step with a short KV cache spends about as long as the kernel itself.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -19,15 +21,17 @@ using torch::autograd::variable_list;
 using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&, double, double, int64_t,
-                                                     int64_t, double, int64_t, int64_t, bool, bool);
+                                                     int64_t, double, int64_t, int64_t, bool, bool,
+                                                     const std::optional<at::Tensor>&);
 using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    double, double, int64_t, int64_t, double, int64_t, int64_t, bool, bool);
+    double, double, int64_t, int64_t, double, int64_t, int64_t, bool, bool, const std::optional<at::Tensor>&);
 using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                                            const std::optional<at::Tensor>&, double, double,
-                                                           int64_t, int64_t, double, int64_t, int64_t, bool);
+                                                           int64_t, int64_t, double, int64_t, int64_t, bool,
+                                                           const std::optional<at::Tensor>&);
 using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
@@ -84,18 +88,37 @@ at::Tensor output_grad(const at::Tensor& grad_o, const at::Tensor& o) {
   return grad_o.defined() ? grad_o : at::zeros_like(o);
 }
 
+// The sinks' gradient: d sink_h = sum over the rows r of head h of e^(sink_h - lse_r) (grad_lse_r -
+// grad_o_r . o_r), lse (and o) the forward's, sinks included. Rows: lse (B, H, Lq) and o (B, H, Lq,
+// Dv), or packed, lse (H, total_q) and o (total_q, H, Dv). An undefined grad_o or grad_lse is zero.
+at::Tensor sink_grad(const at::Tensor& grad_o, const at::Tensor& grad_lse, const at::Tensor& o, const at::Tensor& lse,
+                     const at::Tensor& sinks, bool varlen) {
+  at::Tensor minus_delta = at::zeros_like(lse);
+  if (grad_o.defined()) {
+    const at::Tensor dots = (grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1);
+    minus_delta = -(varlen ? dots.transpose(0, 1) : dots);
+  }
+  if (grad_lse.defined()) minus_delta = minus_delta + grad_lse.to(at::kFloat);
+  const at::Tensor sink = varlen ? sinks.to(at::kFloat).view({-1, 1}) : sinks.to(at::kFloat).view({1, -1, 1});
+  // lse >= sink, so the weight is at most 1; lse = -inf only where the sink is -inf too: weight 0.
+  const at::Tensor weight = at::where(lse == -INFINITY, at::zeros_like(lse), at::exp(sink - lse));
+  const at::Tensor per_row = weight * minus_delta;
+  return (varlen ? per_row.sum(1) : per_row.sum(std::vector<int64_t>{0, 2})).to(sinks.scalar_type());
+}
+
 class Attention : public torch::autograd::Function<Attention> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& alibi_slopes, const AttentionOptions& options,
-                               bool float_o) {
+                               bool float_o, const std::optional<at::Tensor>& sinks) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [o, lse] = forward_op().call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
                                       options.band_lo, options.band_hi, options.dropout_p, options.seed,
-                                      options.offset, options.deterministic, float_o);
+                                      options.offset, options.deterministic, float_o, sinks);
     ctx->set_materialize_grads(false);  // an unused lse has no gradient to subtract
-    ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
+    ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor()),
+                            sinks.value_or(at::Tensor())});
     ctx->saved_data["mask_needs_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
     options.save(ctx);
     return {o, lse};
@@ -104,19 +127,22 @@ class Attention : public torch::autograd::Function<Attention> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o = saved[3], &lse = saved[4];
-    const at::Tensor &attn_mask = saved[5], &alibi_slopes = saved[6];
+    const at::Tensor &attn_mask = saved[5], &alibi_slopes = saved[6], &sinks = saved[7];
     const bool mask_needs_grad = ctx->saved_data.at("mask_needs_grad").toBool();
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<BackwardOp>("genfast::attention_backward");
     auto [grad_q, grad_k, grad_v, grad_s] = backward_op.call(
         output_grad(grads[0], o), defined_or_none(grads[1]), q, k, v, o, lse, defined_or_none(attn_mask),
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
-        options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic);
+        options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic,
+        defined_or_none(sinks));
     at::Tensor grad_mask;
     if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes());  // in the mask's dtype already
-    // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes, the options and float_o.
+    // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes, the options and float_o;
+    // then sinks.
     variable_list result = {grad_q, grad_k, grad_v, grad_mask};
-    result.resize(7);
+    result.resize(8);
+    if (sinks.defined() && sinks.requires_grad()) result[7] = sink_grad(grads[0], grads[1], o, lse, sinks, false);
     return result;
   }
 };
@@ -126,14 +152,15 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes,
-                               const AttentionOptions& options) {
+                               const AttentionOptions& options, const std::optional<at::Tensor>& sinks) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [o, lse] = varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              alibi_slopes, options.scale, options.softcap, options.band_lo,
                                              options.band_hi, options.dropout_p, options.seed, options.offset,
-                                             options.deterministic);
+                                             options.deterministic, sinks);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor())});
+    ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor()),
+                            sinks.value_or(at::Tensor())});
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
     ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
     options.save(ctx);
@@ -142,7 +169,7 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &o = saved[3], &alibi_slopes = saved[7];
+    const at::Tensor &o = saved[3], &alibi_slopes = saved[7], &sinks = saved[8];
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<VarlenBackwardOp>("genfast::attention_varlen_backward");
     auto [grad_q, grad_k, grad_v] = backward_op.call(
@@ -151,9 +178,10 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
         options.dropout_p, options.seed, options.offset, options.deterministic);
     // One per argument of apply: q, k, v; none to the sequences' bounds and lengths, alibi_slopes
-    // and the options.
+    // and the options; then sinks.
     variable_list result = {grad_q, grad_k, grad_v};
-    result.resize(9);
+    result.resize(10);
+    if (sinks.defined() && sinks.requires_grad()) result[9] = sink_grad(grads[0], grads[1], o, saved[4], sinks, true);
     return result;
   }
 };
@@ -173,31 +201,34 @@ bool records_backward(std::initializer_list<const at::Tensor*> inputs) {
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic, bool float_o) {
-  if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr, alibi_slopes ? &*alibi_slopes : nullptr})) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, bool float_o,
+    const std::optional<at::Tensor>& sinks) {
+  if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr, alibi_slopes ? &*alibi_slopes : nullptr,
+                         sinks ? &*sinks : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                             offset, deterministic, float_o);
+                             offset, deterministic, float_o, sinks);
   }
   return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
                                AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 deterministic},
-                               float_o));
+                               float_o, sinks));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
-  if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr})) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& sinks) {
+  if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr, sinks ? &*sinks : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                                    scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic);
+                                    scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic, sinks);
   }
   return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                      AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                                                      deterministic}));
+                                                      deterministic},
+                                     sinks));
 }
 
 }  // namespace

@@ -81,20 +81,23 @@ TORCH_LIBRARY(genfast, m) {
   // (seed, offset), which the backward replays. deterministic is the backward's, carried by autograd
   // (the forward does not read it). float_o: o in float32 for float16 and bfloat16 inputs, unrounded
   // (genfast.attention asks for it when an additive mask needs its gradient, whose backward takes
-  // delta from it, and rounds it for the caller: the o it would have given).
+  // delta from it, and rounds it for the caller: the o it would have given). sinks: (heads) logits
+  // that join each row's softmax without a value (attention sinks); lse includes them.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
       "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, "
-      "bool float_o=False) -> (Tensor, Tensor)");
+      "bool float_o=False, Tensor? sinks=None) -> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
   // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads, queries and keys that
   // attn_mask broadcasts over (1 there), in an additive attn_mask's dtype, else float32: an additive
   // mask's gradient, up to a reshape).
   // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).
+  // The sinks' gradient is left to autograd (-sum of e^(sink - lse) delta); a backward that
+  // recomputes o in float32 for a mask's gradient takes the forward's sinks.
   m.def(
       "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
       "Tensor? attn_mask, Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, "
-      "float dropout_p, int seed, int offset, bool grad_mask, bool deterministic=False) "
+      "float dropout_p, int seed, int offset, bool grad_mask, bool deterministic=False, Tensor? sinks=None) "
       "-> (Tensor, Tensor, Tensor, Tensor?)");
   // Packed variable-length batches: q (total_q, heads, dim), k and v (total_k, kv_heads, dim), sequence
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
@@ -103,7 +106,8 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, float softcap, int band_lo, "
-      "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False) -> (Tensor, Tensor)");
+      "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, Tensor? sinks=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

@@ -1,6 +1,7 @@
 """Scaled-dot-product attention, fused: torch.nn.functional.scaled_dot_product_attention's
 signature and semantics, plus bottom-right causal alignment, sliding windows, ALiBi, logit
-soft-capping, Philox dropout and the rows' log-sum-exp (genfast.reference.attention defines it).
+soft-capping, attention sinks, Philox dropout and the rows' log-sum-exp (genfast.reference.attention
+defines it).
 
 Layout (batch, heads, length, head_dim); attention_varlen takes sequences packed without padding,
 as flash_attn_varlen_func does. The C++ CPU kernels, the hand-written CUDA kernels (float16 and
@@ -43,7 +44,7 @@ def band(lq: int, lk: int, causal: Optional[str], window: Optional[Tuple[int, in
 
 
 def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl,
-           shapes=None):
+           shapes=None, sinks=None):
     """Raises on bad input, naming the argument; else returns the shapes of q, k and v. shapes: theirs
     as (batch, heads, length, head_dim) when q, k and v are laid out otherwise (attention_varlen's,
     whose tensors it has checked). A decoding step with a short cache feels each microsecond here, so
@@ -103,6 +104,12 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
             raise ValueError(f"alibi_slopes must be on q's device ({device}), got {alibi_slopes.device}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (None: no soft-capping), got {softcap}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or not sinks.is_floating_point() or sinks.shape != qs[1:2]:
+            raise ValueError(f"sinks must be a floating-point tensor of shape (heads,) = ({qs[1]},), got "
+                             f"{getattr(sinks, 'dtype', type(sinks).__name__)} {tuple(getattr(sinks, 'shape', ()))}")
+        if sinks.device != device:
+            raise ValueError(f"sinks must be on q's device ({device}), got {sinks.device}")
     _checks.check_choice("impl", impl, _backend.IMPLS)
     return qs, ks, vs
 
@@ -111,7 +118,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
               alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
-              return_lse: bool = False, deterministic: bool = False, impl: str = "auto"):
+              return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
+              sinks: Optional[Tensor] = None):
     """o (B, Hq, Lq, Dv), and the rows' log-sum-exp (B, Hq, Lq) float32 with return_lse.
 
     As torch SDPA: attn_mask bool (True attends) or additive, broadcast to (B, Hq, Lq, Lk); an
@@ -119,14 +127,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     is_causal is causal="top_left"; scale defaults to 1/sqrt(head_dim); enable_gqa lets k and v
     have fewer heads, dividing q's. Also: causal="bottom_right" (the queries are the last Lq keys);
     window=(left, right) keys around the bottom-right diagonal (-1: unbounded); alibi_slopes (Hq,)
-    or (B, Hq); softcap (softcap * tanh(s / softcap)); dropout from in-kernel Philox keyed by
+    or (B, Hq); softcap (softcap * tanh(s / softcap)); sinks (Hq,): attention sinks, one logit per
+    query head that joins each row's softmax without a value (gpt-oss's; lse includes it, and the
+    sinks get their gradient); dropout from in-kernel Philox keyed by
     `generator` (a genfast.PhiloxGenerator gives the same mask on every backend). A row whose keys
     are all masked gives zeros (lse -inf), never NaN. deterministic: a backward whose bits repeat
     from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA
     kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block instead of 7.
     The CPU and Triton backwards are deterministic either way (Triton's atomics, slower on an H200,
     with GENFAST_TRITON_ATOMIC_DQ=1)."""
-    qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl)
+    qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl,
+                        sinks=sinks)
     if is_causal:
         if causal == "bottom_right":
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
@@ -137,7 +148,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
-                                   dropout_offset=offset, return_lse=return_lse)
+                                   dropout_offset=offset, return_lse=return_lse, sinks=sinks)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(qs[2], ks[2], causal, window)
     # A half-precision mask gradient takes delta from the forward's float32 o (csrc/cpu/attention.cpp's
@@ -145,7 +156,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     float_o = (attn_mask is not None and attn_mask.requires_grad and q.dtype != torch.float32
                and torch.is_grad_enabled())
     args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
-            as_int64(offset), _deterministic(deterministic), float_o)
+            as_int64(offset), _deterministic(deterministic), float_o, sinks)
     # The overloads themselves: an OpOverloadPacket resolves its overload again on every call.
     op = (torch.ops.genfast.attention_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_forward.default)
@@ -221,7 +232,7 @@ def _check_alibi_grad(alibi_slopes):
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
-                  alibi_slopes, softcap, impl):
+                  alibi_slopes, softcap, impl, sinks=None):
     """Raises on bad input, naming the argument; else returns the shapes of q and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -253,7 +264,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         alibi_slopes = alibi_slopes[0]
     # The shared checks on (batch, heads, length, dim) shapes: one batch of the packed lengths.
     shapes = ((1, qs[1], qs[0], qs[2]), (1, ks[1], ks[0], ks[2]), (1, vs[1], vs[0], vs[2]))
-    _check(q, k, v, None, dropout_p, scale, True, causal, window, alibi_slopes, softcap, impl, shapes)
+    _check(q, k, v, None, dropout_p, scale, True, causal, window, alibi_slopes, softcap, impl, shapes, sinks)
     return qs, vs
 
 
@@ -261,17 +272,18 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_k: int, dropout_p: float = 0.0, scale: Optional[float] = None, *,
                      causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
-                     return_lse: bool = False, deterministic: bool = False, impl: str = "auto"):
+                     return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
+                     sinks: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
     cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
     the GPU, which would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
     with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
-    window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq). No attn_mask.
+    window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq); sinks (Hq,). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
     Philox stream (reference.varlen_attention). deterministic as genfast.attention's."""
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
-                           window, alibi_slopes, softcap, impl)
+                           window, alibi_slopes, softcap, impl, sinks)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     backend = _fused_backend(impl, q, (qs[2], vs[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
@@ -279,11 +291,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,
                                           softcap=softcap, dropout_seed=seed, dropout_offset=offset,
-                                          return_lse=return_lse)
+                                          return_lse=return_lse, sinks=sinks)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
-            softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic))
+            softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
+            sinks)
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward.default)
     o, lse = op(*args)

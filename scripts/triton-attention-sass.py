@@ -18,7 +18,7 @@ import sass_loops
 
 KERNELS = {"forward": "attention_forward_kernel", "backward_kv": "attention_backward_kv_kernel",
            "backward_q": "attention_backward_q_kernel"}
-FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "dq_ptr", "ds_ptr", "alibi_ptr"}
+FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "dq_ptr", "ds_ptr", "alibi_ptr", "sinks_ptr"}
 FLOATS = {"scale", "softcap", "dropout_p", "keep_scale"}
 NOT_SIZES = FLOATS | {"seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi", "splits", "split_rows",
                       "heads_per_tile", "rows_per_head", "head_chunks", "GROUP", "HK", "b_first", "alibi_bs"}

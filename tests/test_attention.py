@@ -279,6 +279,9 @@ def test_empty_inputs(impl):
     assert genfast.attention(q[:, :, :0], k, v, impl=impl).shape == (2, 2, 0, 8)
     o, lse = genfast.attention(q, k[:, :, :0], v[:, :, :0], impl=impl, return_lse=True)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isinf(lse).all()
+    o, lse = genfast.attention(q, k, v[..., :0], impl=impl, return_lse=True)  # values without elements: lse all the same
+    assert o.shape == (2, 2, 5, 0)
+    torch.testing.assert_close(lse, genfast.attention(q, k, v, impl="reference", return_lse=True)[1])
 
 
 # Gradients

@@ -12,6 +12,7 @@ import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
 from test_attention import (DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv,
                             check_dropout_mask, check_hidden_keys_not_read)
+from test_attention_sinks import compare_with_sinks, sink_inputs
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
 
@@ -180,6 +181,19 @@ def test_block_sparse_masks(impl, dtype, kind):
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
 def test_keys_a_mask_hides_whole_are_not_read(impl, dtype, kind):
     check_hidden_keys_not_read(impl, kind, dtype, "cuda", grads=impl == "native")
+
+
+@pytest.mark.parametrize("lq", [1, 4, 300])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_attention_sinks(impl, dtype, lq):
+    """Sinks joined where a row finishes (tiles of one head), or where split rows are combined (a few
+    queries of grouped heads against a long cache); a bool mask hides row 2 whole."""
+    q, k, v, sinks = sink_inputs(2, 8, 2, lq, 1000, 128, dtype, device="cuda")
+    mask = torch.ones(2, 1, lq, 1000, dtype=torch.bool, device="cuda")
+    mask[:, :, 2:3] = False
+    compare_with_sinks(impl, q, k, v, sinks, mask, causal="bottom_right")
+    compare_with_sinks(impl, q, k, v, sinks, mask.half() * 0.5 if dtype == torch.float32 else mask.to(dtype) * 0.5,
+                       window=(200, 0))
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

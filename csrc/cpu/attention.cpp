@@ -861,15 +861,21 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       const float sum = w.sum[row];
       const bool seen = !(w.max[row] == -__builtin_inff());  // NaN counts as seen
       const int64_t at = seq.out_row(h, i0 + r) * p.v_dim;
+      float lse = seen ? w.max[row] + log_f32(sum) : -__builtin_inff();
+      float factor = 1.0f / sum;
+      if (p.sinks != nullptr) {
+        lse = attention_lse_with_sink(lse, p.sinks[h]);
+        factor = exp_nonpositive(w.max[row] - lse);  // acc's e^(s - max) over e^lse
+      }
       if (!seen) {
         store_zeros(out.data, out.type, at, p.v_dim);  // not acc * 0: acc holds 0 * V, NaN where V has inf or NaN
       } else if (out.type == at::kFloat) {
-        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, static_cast<float*>(out.data) + at);
+        scaled_row(w.acc.data() + row * v_pad, factor, p.v_dim, static_cast<float*>(out.data) + at);
       } else {
-        scaled_row(w.acc.data() + row * v_pad, 1.0f / sum, p.v_dim, w.o_row.data());
+        scaled_row(w.acc.data() + row * v_pad, factor, p.v_dim, w.o_row.data());
         store_floats(out.data, out.type, at, w.o_row.data(), p.v_dim);
       }
-      p.lse[seq.lse_row(h, i0 + r)] = seen ? w.max[row] + log_f32(sum) : -__builtin_inff();
+      p.lse[seq.lse_row(h, i0 + r)] = lse;
     }
   }
 }
@@ -1448,20 +1454,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                          double softcap, int64_t band_lo, int64_t band_hi,
                                                          double dropout_p, int64_t seed, int64_t offset,
-                                                         bool /*deterministic*/, bool float_o) {
-  return forward(prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false),
-                 float_o ? at::kFloat : q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+                                                         bool /*deterministic*/, bool float_o,
+                                                         const std::optional<at::Tensor>& sinks) {
+  AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionOp, t, sinks, q.size(1), q);
+  return forward(std::move(t), float_o ? at::kFloat : q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p,
+                 seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool /*deterministic: always, here*/) {
-  return backward("genfast.attention_backward",
-                  prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v)),
-                  q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-                  grad_mask);
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool /*deterministic: always, here*/,
+    const std::optional<at::Tensor>& sinks) {
+  const char* op = "genfast.attention_backward";
+  AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v));
+  set_attention_sinks(op, t, sinks, q.size(1), q);
+  return backward(op, t, q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
+                  offset, grad_mask);
 }
 
 // The CPU kernels read cu_seqlens directly: their values are checked here, where that costs nothing.
@@ -1492,10 +1503,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/) {
-  const AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, /*as_float=*/false);
-  return forward(t, q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks) {
+  AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
+  return forward(std::move(t), q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(

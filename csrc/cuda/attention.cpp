@@ -203,9 +203,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                           double softcap, int64_t band_lo, int64_t band_hi,
                                                           double dropout_p, int64_t seed, int64_t offset,
-                                                          bool /*deterministic*/, bool float_o) {
+                                                          bool /*deterministic*/, bool float_o,
+                                                          const std::optional<at::Tensor>& sinks) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
+  AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionOp, t, sinks, q.size(1), q);
   if (!float_o) return forward(kAttentionOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
   check_attention_options(scale, softcap, dropout_p);
   check_cuda_attention(kAttentionOp, t);
@@ -216,23 +218,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool deterministic) {
+    double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool deterministic,
+    const std::optional<at::Tensor>& sinks) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return backward(kAttentionBackwardOp, prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false),
-                  grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask,
-                  deterministic);
+  AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionBackwardOp, t, sinks, q.size(1), q);
+  return backward(kAttentionBackwardOp, t, grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
+                  offset, grad_mask, deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return forward(kAttentionVarlenOp,
-                 prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          alibi_slopes, /*as_float=*/false),
-                 scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
+  AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
+  return forward(kAttentionVarlenOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(

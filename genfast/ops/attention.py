@@ -13,7 +13,7 @@ Tensor = torch.Tensor
 
 
 def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-          deterministic=False, float_o=False):
+          deterministic=False, float_o=False, sinks=None):
     o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float32 if float_o else q.dtype)
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -37,13 +37,13 @@ def _mask_grad_dtype(attn_mask):
 
 
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
-                   dropout_p, seed, offset, grad_mask, deterministic=False):
+                   dropout_p, seed, offset, grad_mask, deterministic=False, sinks=None):
     grad_s = q.new_empty(_mask_grad_shape(attn_mask, q, k), dtype=_mask_grad_dtype(attn_mask)) if grad_mask else None
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
-                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False):
+                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -51,11 +51,26 @@ def _varlen_backward_fake(grad_o, grad_lse, q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def sink_grad(grad_o, grad_lse, o, lse, sinks, varlen: bool):
+    """The sinks' gradient (csrc/attention_autograd.cpp's sink_grad, which the native ops take): d
+    sink_h = sum over the rows r of head h of e^(sink_h - lse_r) (grad_lse_r - grad_o_r . o_r)."""
+    minus_delta = -_triton_delta(grad_o, o, grad_lse, varlen) if grad_o is not None else grad_lse.float()
+    sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
+    weight = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sink - lse))
+    return (weight * minus_delta).sum(1 if varlen else (0, 2)).to(sinks.dtype)
+
+
+# The Triton ops' autograd. Their inputs' positions: q, k, v, attn_mask, alibi_slopes, then the
+# options scale .. offset, deterministic, float_o and sinks (the last three when given).
+_SINKS_OPTION = 9
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, *options = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes)
-    ctx.options = tuple(options[:7])  # scale .. offset; then deterministic and float_o, if given
+    sinks = options[_SINKS_OPTION] if len(options) > _SINKS_OPTION else None
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes, sinks)
+    ctx.options = tuple(options[:7])  # scale .. offset
     ctx.deterministic = bool(options[7]) if len(options) > 7 else False
     ctx.non_tensor_inputs = 1 + len(options)  # alibi_slopes (no gradient) and the options
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
@@ -63,33 +78,41 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, attn_mask, alibi_slopes = ctx.saved_tensors
-        if grad_o is None:
-            grad_o = torch.zeros_like(o)
-        grad_q, grad_k, grad_v, grad_s = backward_op(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
-                                                     *ctx.options, ctx.mask_needs_grad, ctx.deterministic)
+        q, k, v, o, lse, attn_mask, alibi_slopes, sinks = ctx.saved_tensors
+        grads_o = torch.zeros_like(o) if grad_o is None else grad_o
+        grad_q, grad_k, grad_v, grad_s = backward_op(grads_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
+                                                     *ctx.options, ctx.mask_needs_grad, ctx.deterministic, sinks)
         grad_mask = grad_s.sum_to_size(attn_mask.shape) if ctx.mask_needs_grad else None  # the mask's dtype
-        return (grad_q, grad_k, grad_v, grad_mask) + (None,) * ctx.non_tensor_inputs
+        grads = [grad_q, grad_k, grad_v, grad_mask] + [None] * ctx.non_tensor_inputs
+        if sinks is not None and ctx.needs_input_grad[5 + _SINKS_OPTION]:
+            grads[5 + _SINKS_OPTION] = sink_grad(grad_o, grad_lse, o, lse, sinks, varlen=False)
+        return tuple(grads)
 
     return backward
+
+
+_VARLEN_SINKS_OPTION = 8  # after scale .. offset and deterministic
 
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    sinks = options[_VARLEN_SINKS_OPTION] if len(options) > _VARLEN_SINKS_OPTION else None
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
     ctx.options = (max_seqlen_q, max_seqlen_k)
-    ctx.after_alibi = tuple(options)  # scale .. offset, deterministic when given: the backward's own order
+    ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
+    ctx.non_tensor_inputs = 5 + len(options)
 
 
 def _make_varlen_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-        if grad_o is None:
-            grad_o = torch.zeros_like(o)
-        grads = backward_op(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options,
-                            alibi_slopes, *ctx.after_alibi)
-        return tuple(grads) + (None,) * (5 + len(ctx.after_alibi))
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
+        grads_o = torch.zeros_like(o) if grad_o is None else grad_o
+        grads = list(backward_op(grads_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options,
+                                 alibi_slopes, *ctx.after_alibi)) + [None] * ctx.non_tensor_inputs
+        if sinks is not None and ctx.needs_input_grad[8 + _VARLEN_SINKS_OPTION]:
+            grads[8 + _VARLEN_SINKS_OPTION] = sink_grad(grad_o, grad_lse, o, lse, sinks, varlen=True)
+        return tuple(grads)
 
     return backward
 
@@ -122,6 +145,20 @@ def _triton_delta(grad_o, o, grad_lse, varlen: bool):
     return delta.contiguous()
 
 
+def _float_sinks(sinks, q):
+    """The sinks as the kernels read them, float32 (heads,) contiguous, checked as the native ops check them."""
+    if sinks is None:
+        return None
+    heads = q.shape[1]
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape (heads,) = ({heads},), got {tuple(sinks.shape)}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be floating point, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device ({q.device}), got {sinks.device}")
+    return sinks.float().contiguous()
+
+
 def _float_grads(*tensors):
     return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors)
 
@@ -130,14 +167,15 @@ def _float_grads(*tensors):
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                              alibi_slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int,
                              dropout_p: float, seed: int, offset: int,
-                             deterministic: bool = False, float_o: bool = False) -> Tuple[Tensor, Tensor]:
+                             deterministic: bool = False, float_o: bool = False,
+                             sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                    float_o=float_o)
     mask, is_bool = _triton_mask(attn_mask, q, k)
     launch_attention_forward(q, k, v, mask, is_bool, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
-                             dropout_p, seed, offset, o, lse)
+                             dropout_p, seed, offset, o, lse, sinks=_float_sinks(sinks, q))
     return o, lse
 
 
@@ -145,7 +183,8 @@ def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optiona
 def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, o: Tensor,
                               lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], scale: float,
                               softcap: float, band_lo: int, band_hi: int, dropout_p: float, seed: int, offset: int,
-                              grad_mask: bool, deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                              grad_mask: bool, deterministic: bool = False,
+                              sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward, launch_attention_forward
 
     mask, is_bool = _triton_mask(attn_mask, q, k)
@@ -154,7 +193,7 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
         # delta from the forward's float32 o, recomputed: csrc/cpu/attention.cpp's backward says why.
         o = torch.empty(o.shape, dtype=torch.float32, device=o.device)
         launch_attention_forward(q, k, v, mask, is_bool, slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                                 offset, o, torch.empty_like(lse))
+                                 offset, o, torch.empty_like(lse), sinks=_float_sinks(sinks, q))
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
     grad_s = (torch.zeros(_mask_grad_shape(attn_mask, q, k, keys_summed=False), dtype=torch.float32,
@@ -169,7 +208,7 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
-                          band_hi, dropout_p, seed, offset, grad_mask, deterministic=False):
+                          band_hi, dropout_p, seed, offset, grad_mask, deterministic=False, sinks=None):
     grad_q, grad_k, grad_v, grad_s = _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale,
                                                     softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask)
     return grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0)
@@ -179,14 +218,15 @@ def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_sl
 def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
-                                    seed: int, offset: int, deterministic: bool = False) -> Tuple[Tensor, Tensor]:
+                                    seed: int, offset: int, deterministic: bool = False,
+                                    sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
                           softcap, band_lo, band_hi, dropout_p, seed, offset)
     varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
     launch_attention_forward(q, k, v, None, False, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
-                             dropout_p, seed, offset, o, lse, varlen=varlen)
+                             dropout_p, seed, offset, o, lse, varlen=varlen, sinks=_float_sinks(sinks, q))
     return o, lse
 
 

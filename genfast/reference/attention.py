@@ -10,6 +10,11 @@ query head h reads key/value head h // (Hq / Hk)). For each batch b and query he
     s = -inf where j is outside the causal or window band of i (below)
     p = softmax(s) over j;  o = dropout(p) v;  lse = logsumexp(s) over j
 
+With attention sinks (gpt-oss's learned sinks, FlashAttention 3's learnable_sink), each query head h
+has a logit sink_h that joins every row's softmax as one more score with no value:
+p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij)) and lse = log(exp(sink_h) + sum_j exp(s_ij)); a
+row's probabilities then sum to less than 1, and a row masking every key has o = 0 and lse = sink_h.
+
 Causal masking keeps j <= i + offset, where offset = 0 ("top_left", torch SDPA's is_causal) or
 Lk - Lq ("bottom_right": the queries are the last Lq positions of the keys, as when decoding with a
 KV cache). A sliding window (left, right) keeps i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right,
@@ -73,8 +78,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
               alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, dropout_seed: int = 0,
-              dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None, return_lse: bool = False):
-    """o (B, Hq, Lq, Dv), and lse (B, Hq, Lq) with return_lse. is_causal is causal="top_left"."""
+              dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None, return_lse: bool = False,
+              sinks: Optional[Tensor] = None):
+    """o (B, Hq, Lq, Dv), and lse (B, Hq, Lq) with return_lse. is_causal is causal="top_left";
+    sinks (Hq,): the heads' sink logits."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     if kv_heads != heads:
@@ -98,9 +105,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     band = band_mask(lq, lk, causal, window, q.device)
     if band is not None:
         s = s.masked_fill(~band, float("-inf"))
+    if sinks is not None:  # the sink's score, as column Lk of every row
+        s = torch.cat([s, sinks.to(s.dtype)[:, None, None].expand(batch, heads, lq, 1)], -1)
     # Softmax with the row maximum held constant (it cancels), written so that a row masking every
     # key gives p = 0 and lse = -inf with zero gradients, and NaN propagates.
-    row_max = (s.detach().amax(-1, keepdim=True) if lk > 0  # no key at all: every row is masked
+    row_max = (s.detach().amax(-1, keepdim=True) if s.shape[-1] > 0  # no key at all: every row is masked
                else s.new_full((*s.shape[:-1], 1), float("-inf")))
     masked_row = row_max == float("-inf")
     shift = torch.where(masked_row, torch.zeros_like(row_max), row_max)
@@ -109,6 +118,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     safe_total = torch.where(masked_row, torch.ones_like(total), total)
     p = e / safe_total
     lse = torch.where(masked_row, torch.full_like(total, float("-inf")), shift + torch.log(safe_total))[..., 0]
+    if sinks is not None:
+        p = p[..., :lk]
     if dropout_p > 0.0:
         keep = dropout_keep((batch, heads, lq, lk), dropout_p, dropout_seed, dropout_offset, dropout_uniforms,
                             q.device)

@@ -3,7 +3,9 @@
 //   s_ij = scale q_i . k_j;  s = softcap tanh(s / softcap);  s -= slope_h |i + Lk - Lq - j|;
 //   s += bias_ij or s = -inf where a bool mask is false;  s = -inf unless i + band_lo <= j <= i + band_hi;
 //   o_i = sum_j dropout(softmax(s_i))_j v_j;  lse_i = logsumexp_j s_ij
-// A row masking every key gives o = 0 and lse = -inf. Dropout keeps element
+// A row masking every key gives o = 0 and lse = -inf. With attention sinks (sinks, one logit per query
+// head) sink_h joins each row's logsumexp as a score without a value: lse_i = log(e^sink_h +
+// sum_j e^s_ij) and o_i = sum_j dropout(e^(s_ij - lse_i))_j v_j (attention_lse_with_sink). Dropout keeps element
 // ((b heads + h) Lq + i) Lk + j where its Philox uniform is >= dropout_p, scaled by 1/(1 - p).
 //
 // Packed variable-length batches (flash_attn_varlen_func's layout, genfast.reference.attention.
@@ -47,6 +49,7 @@ struct AttentionParams {
   AttentionBias bias_type;  // of an additive mask
   const float* alibi_slopes;  // (heads) or (batch, heads), or null
   int64_t alibi_batch_stride;
+  const float* sinks;         // (heads), or null: no attention sink
   float scale, softcap;  // softcap 0: none
   int64_t band_lo, band_hi;
   float dropout_p;
@@ -125,6 +128,16 @@ GF_HOST_DEVICE_INLINE int64_t attention_k_at(const AttentionParams& p, const Att
 GF_HOST_DEVICE_INLINE int64_t attention_v_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                              int64_t hk, int64_t j) {
   return b * p.v_stride[0] + hk * p.v_stride[1] + (s.k_start + j) * p.v_stride[2];
+}
+
+// A row's log-sum-exp once its sink's logit joins it: log(e^lse + e^sink), -inf only when both are,
+// NaN when either is. The kernels keep lse without the sink until a row (or its splits) is done,
+// then scale o by e^(lse - lse_with_sink).
+GF_HOST_DEVICE_INLINE float attention_lse_with_sink(float lse, float sink) {
+  if (lse != lse || sink != sink) return lse + sink;
+  const float high = lse > sink ? lse : sink, low = lse > sink ? sink : lse;
+  if (high == -__builtin_inff()) return high;
+  return high + log1p_f32(exp_nonpositive(low - high));
 }
 
 // softcap * tanh(s / softcap); t gets the tanh, whose 1 - t^2 is the cap's slope.

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One warp per lse row r: lse = logsumexp of the splits' lse_s (NaN when any is NaN, -inf when all
-// are), o = sum_s exp(lse_s - lse) o_s written to r's output row.
+// are) and the head's sink, o = sum_s exp(lse_s - lse) o_s written to r's output row.
 constexpr int kCombineRows = kThreads / 32;
 
 template <typename T>
@@ -177,7 +177,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int s = lane; s < splits; s += 32) total += seen ? expf(partials.lse[s * partials.rows + r] - most) : 0.0f;
 #pragma unroll
   for (int m = 1; m < 32; m *= 2) total += __shfl_xor_sync(0xffffffffu, total, m);
-  const float lse = seen ? most + logf(total) : kNegInf;
+  float lse = seen ? most + logf(total) : kNegInf;
+  if (p.sinks != nullptr) {  // the row's head: dense rows are (b, h, i), packed ones (h, position)
+    lse = attention_lse_with_sink(lse, p.sinks[p.cu_seqlens_q == nullptr ? r / p.q_len % p.heads : r / p.total_q]);
+  }
   if (lane == 0) p.lse[r] = lse;
   // Dense lse rows are the output rows; packed ones are (h, position), output rows (position, h).
   const int64_t out = p.cu_seqlens_q == nullptr ? r : (r % p.total_q) * p.heads + r / p.total_q;

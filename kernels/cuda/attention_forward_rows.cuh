@@ -129,7 +129,8 @@ struct ForwardRows {
     }
   }
 
-  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf. With splits
+  // o = acc / sum and lse = max + log(sum); a row that saw no key: o = 0, lse = -inf (with a sink,
+  // lse takes it and o = acc e^(max - lse): kernels/common/attention.h). With splits
   // (or a plan's float_o: partials given for one split), the same in float32 for this CTA's split,
   // into `partials`.
   template <typename T, int kOT>
@@ -148,8 +149,13 @@ struct ForwardRows {
       if (i >= work.q_len) continue;
       const int64_t h = row_h[r], lse_row = work.seq.lse_row(h, i);
       const bool seen = !(row_max[r] == kNegInf);  // NaN counts as seen
-      const float inverse = seen ? 1.0f / sum : 0.0f;
-      const float lse = seen ? row_max[r] + logf(sum) : kNegInf;
+      float inverse = seen ? 1.0f / sum : 0.0f;
+      float lse = seen ? row_max[r] + logf(sum) : kNegInf;
+      // A head's sink joins its rows once: here when the keys are not split, else in the combine.
+      if (p.sinks != nullptr && layout.splits == 1) {
+        lse = attention_lse_with_sink(lse, p.sinks[h]);
+        inverse = seen ? expf(row_max[r] - lse) : 0.0f;  // acc holds e^(s - max)
+      }
       if (split) {
         if (tig == 0) partials.lse[split_row0 + lse_row] = lse;
         float* o_row = partials.o + (split_row0 + lse_row) * p.v_dim;

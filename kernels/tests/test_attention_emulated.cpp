@@ -55,6 +55,7 @@ struct Case {
   int64_t band_lo = -genfast::kAttentionUnbounded, band_hi = genfast::kAttentionUnbounded;
   float softcap = 0.0f, dropout_p = 0.0f;
   bool alibi = false;
+  bool sinks = false;  // attention sinks: head 0's -inf (no effect), the others' of either sign
   AttentionMask mask = AttentionMask::kNone;
   bool sparse_mask = false;  // the mask also hides keys past the bottom-right diagonal, and odd batches' second half
   int hidden_from = -1;       // when >= 0, the mask hides every key from queries hidden_from on
@@ -229,6 +230,11 @@ void run_case(const Case& c) {
     for (int h = 0; h < c.heads; ++h) slopes[h] = 0.5f / (h + 1);
     p.alibi_slopes = slopes.data();
   }
+  std::vector<float> sinks(c.heads);
+  if (c.sinks) {
+    for (int h = 0; h < c.heads; ++h) sinks[h] = h == 0 ? -INFINITY : 2.5f * (h % 2 == 0 ? h : -h);
+    p.sinks = sinks.data();
+  }
   if (c.mask != AttentionMask::kNone) {  // (B, 1, Lq, Lk), broadcast over heads; query 3 sees no key
     p.mask_kind = c.mask;
     const int64_t stride[4] = {p.q_len * p.k_len, 0, p.k_len, 1};
@@ -294,10 +300,16 @@ void run_case(const Case& c) {
       row_max = std::isnan(s[j]) || std::isnan(row_max) ? NAN : std::fmax(row_max, s[j]);
     }
     r.sees = row_max != -kInf;
-    if (!r.sees) return r;
+    const double sink = c.sinks ? sinks[h] : -kInf;
+    if (!r.sees) {
+      r.lse = sink;
+      return r;
+    }
     double sum = 0.0;
     for (int64_t j = 0; j < seq.k_len; ++j) sum += std::exp(s[j] - row_max);
     r.lse = row_max + std::log(sum);
+    if (sink > r.lse) r.lse = sink + std::log1p(std::exp(r.lse - sink));
+    else if (sink > -kInf) r.lse += std::log1p(std::exp(sink - r.lse));
     r.prob.resize(seq.k_len);
     r.dp.assign(seq.k_len, 0.0);
     for (int64_t j = 0; j < seq.k_len; ++j) {
@@ -323,9 +335,9 @@ void run_case(const Case& c) {
   std::vector<double> ref_dv(total_k * c.kv_heads * c.v_dim, 0.0), ref_ds(varlen ? 0 : scores, 0.0);
   for_each_row([&](const AttentionSequence& seq, int64_t b, int64_t h, int64_t i) {
     const ReferenceRow r = reference_row(seq, b, h, i);
+    ref_lse[seq.lse_row(h, i)] = r.lse;
     if (!r.sees) return;
     const int64_t hk = h / group, row = seq.out_row(h, i);
-    ref_lse[seq.lse_row(h, i)] = r.lse;
     for (int64_t j = 0; j < seq.k_len; ++j) {
       const int64_t key = seq.key_out_row(hk, j);
       for (int d = 0; d < c.v_dim; ++d) {
@@ -566,6 +578,16 @@ std::vector<Case> cases() {
   c = Case{};
   c.name = "varlen bottom-right causal dropout d32";
   c.dim = c.v_dim = 32, c.lengths_q = {17, 0, 70}, c.lengths_k = {30, 5, 70}, c.band_hi = 0, c.dropout_p = 0.1f;
+  all.push_back(c);
+  c = Case{};
+  c.name = "sinks, GQA, a bool mask hiding whole rows, window d64";  // decoding-like: the plans split the keys
+  c.heads = 4, c.kv_heads = 2, c.q_len = 5, c.k_len = 300, c.band_lo = -200, c.mask = AttentionMask::kBool;
+  c.sinks = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "sinks, varlen causal d128";
+  c.heads = 3, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {40, 1, 0}, c.lengths_k = {40, 90, 3};
+  c.band_hi = 0, c.sinks = true;
   all.push_back(c);
   c = Case{};
   c.name = "NaN in q";

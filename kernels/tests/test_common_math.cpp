@@ -160,6 +160,26 @@ static void test_attention_score_terms() {
          "alibi_bias is slope * |distance| for int32 and int64 distances");
 }
 
+// attention_lse_with_sink against log(e^lse + e^sink) in float64, and its limits.
+static void test_attention_lse_with_sink() {
+  double worst = 0.0;
+  for (int i = -300; i <= 300; ++i) {
+    for (int s = -3; s <= 3; ++s) {
+      const float lse = static_cast<float>(i) * 0.37f, sink = static_cast<float>(s) * 11.0f + 0.5f;
+      const double exact = std::max<double>(lse, sink) + std::log1p(std::exp(-std::fabs(double(lse) - sink)));
+      worst = std::max(worst, std::fabs(genfast::attention_lse_with_sink(lse, sink) - exact) / std::max(1.0, std::fabs(exact)));
+    }
+  }
+  EXPECT(worst < 1e-6, "attention_lse_with_sink is %.3g off", worst);
+  EXPECT(genfast::attention_lse_with_sink(-INFINITY, 1.5f) == 1.5f && genfast::attention_lse_with_sink(2.0f, -INFINITY) == 2.0f &&
+             genfast::attention_lse_with_sink(-INFINITY, -INFINITY) == -INFINITY,
+         "attention_lse_with_sink: a row that saw no key has the sink's lse, and a sink of -inf changes nothing");
+  EXPECT(std::isnan(genfast::attention_lse_with_sink(NAN, 1.0f)) && std::isnan(genfast::attention_lse_with_sink(1.0f, NAN)) &&
+             std::isnan(genfast::attention_lse_with_sink(NAN, -INFINITY)),
+         "attention_lse_with_sink keeps NaN");
+  EXPECT(genfast::attention_lse_with_sink(INFINITY, 0.0f) == INFINITY, "attention_lse_with_sink at +inf");
+}
+
 // Every bit pattern of a 16-bit float with mantissa_bits (float16 10, bfloat16 7) against its value by
 // the format's definition (ldexp).
 static void expect_16_bit_values(const char* name, int mantissa_bits, float (*convert)(uint16_t)) {
@@ -231,6 +251,7 @@ int main() {
   test_exp_nonpositive();
   test_nade_sigmoid();
   test_attention_score_terms();
+  test_attention_lse_with_sink();
   test_float16_bits();
   test_philox_known_answers();
   test_log_against_libm();

@@ -5,7 +5,9 @@ Per batch b and query head h (key/value head h // (H / Hk)):
     s_ij = scale q_i . k_j;  s = softcap tanh(s / softcap);  s -= slope_h |i + Lk - Lq - j|;
     s += bias_ij, or s = -inf where a bool mask is false;  s = -inf unless i + band_lo <= j <= i + band_hi;
     o_i = sum_j dropout(softmax(s_i))_j v_j;  lse_i = logsumexp_j s_ij
-A row masking every key has o = 0 and lse = -inf. Dropout keeps element ((b H + h) Lq + i) Lk + j
+A row masking every key has o = 0 and lse = -inf. Attention sinks (sink_h a query head) join each
+row's log-sum-exp without a value: lse_i = log(e^sink_h + sum_j e^s_ij), o_i = sum_j e^(s_ij - lse_i)
+v_j (a row masking every key: o = 0, lse = sink_h). Dropout keeps element ((b H + h) Lq + i) Lk + j
 where its Philox uniform (genfast.reference.random.philox_uniform) is >= dropout_p, scaled by
 1 / (1 - dropout_p).
 
@@ -122,6 +124,15 @@ def _row_max_in_units(x, factor, INTERPRETED: tl.constexpr, FAST_EXP: tl.constex
         return _row_max(x, INTERPRETED) * factor
     else:
         return _row_max(x * factor, INTERPRETED)
+
+
+@triton.jit
+def _lse_with_sink(lse, sink):
+    """log(e^lse + e^sink): -inf only when both are, NaN when either is (kernels/common/attention.h's
+    attention_lse_with_sink)."""
+    high = tl.maximum(lse, sink, propagate_nan=tl.PropagateNan.ALL)
+    low = tl.minimum(lse, sink)
+    return tl.where(high == float("-inf"), high, high + log_f32(1.0 + exp_f32(low - high)))
 
 
 @triton.jit
@@ -335,7 +346,7 @@ def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, sinks_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
     H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
@@ -343,13 +354,15 @@ def attention_forward_kernel(
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
     r % rows_per_head of head h0 + r // rows_per_head), as kernels/cuda/attention_tile.cuh's
     QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
     normalized o and lse in float32 at o_ptr and lse_ptr + split * split_rows (of DV columns each) for
-    attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts)."""
+    attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts).
+    HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine."""
     chunk = tl.program_id(1).to(tl.int64)
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -416,8 +429,14 @@ def attention_forward_kernel(
         v_ptrs += _block_steps(svn, BLOCK_N)
     seen = m_i != float("-inf")  # NaN counts as seen
     total = tl.where(seen, l_i, 1.0)
-    o = tl.where(seen[:, None], acc / total[:, None], 0.0)
     lse = tl.where(seen, m_i * (LN2 if FAST_EXP else 1.0) + log_f32(total), float("-inf"))
+    if HAS_SINKS and not SPLIT:
+        lse = _lse_with_sink(lse, tl.load(sinks_ptr + h_rows))
+        # acc's weights are e^(s - m) (m in natural units): over e^lse.
+        factor = exp_f32(tl.where(seen, m_i * (LN2 if FAST_EXP else 1.0) - lse, 0.0))
+        o = tl.where(seen[:, None], acc * factor[:, None], 0.0)
+    else:
+        o = tl.where(seen[:, None], acc / total[:, None], 0.0)
     if SPLIT:
         o_ptr += tl.program_id(2).to(tl.int64) * split_rows * DV
         lse_ptr += tl.program_id(2).to(tl.int64) * split_rows
@@ -427,11 +446,13 @@ def attention_forward_kernel(
 
 
 @triton.jit
-def attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, rows, L, H, DV, sob, soh, som, slb, slh,
-                             splits, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def attention_combine_kernel(part_o_ptr, part_lse_ptr, sinks_ptr, o_ptr, lse_ptr, rows, L, H, DV, sob, soh, som,
+                             slb, slh, splits, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+                             HAS_SINKS: tl.constexpr = False):
     """Rows r of the splits' partial results (lse row r at part_lse_ptr + s rows + r, its o at
     part_o_ptr + (s rows + r) DV) merged into o and lse, row r being (b, h, position) of
-    (B, H, L): lse = logsumexp_s lse_s (NaN if any is, -inf if all are), o = sum_s exp(lse_s - lse) o_s."""
+    (B, H, L): lse = logsumexp_s lse_s (NaN if any is, -inf if all are), with HAS_SINKS head h's
+    sink joining it, and o = sum_s exp(lse_s - lse) o_s."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
     most = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -444,6 +465,8 @@ def attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, rows, L, 
         part = tl.load(part_lse_ptr + s * rows + r, mask=live, other=float("-inf"))
         total += tl.where(seen, exp_f32(part - most), 0.0)
     lse = tl.where(seen, most + log_f32(tl.where(seen, total, 1.0)), float("-inf"))
+    if HAS_SINKS:
+        lse = _lse_with_sink(lse, tl.load(sinks_ptr + (r // L) % H, mask=live, other=float("-inf")))
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = live[:, None] & (offs_dv[None, :] < DV)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
@@ -865,7 +888,7 @@ def _multiprocessors(device):
 
 
 def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p,
-                             seed, offset, o, lse, wrap=None, varlen=None, plan=None):
+                             seed, offset, o, lse, wrap=None, varlen=None, plan=None, sinks=None):
     """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
     Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
     an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32,
@@ -875,7 +898,8 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q (total_q, H, D), k and v (total_k,
     Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each sequence's
     bottom-right diagonal (kernels/common/attention.h). plan: (heads_per_tile, splits), forward_plan's
-    for the device when None; (1, 1) runs the autotuned tiles of one head."""
+    for the device when None; (1, 1) runs the autotuned tiles of one head. sinks: None or the heads'
+    sink logits, float32 (H,) contiguous."""
     import torch
 
     q, k, v, o, lse = _packed(varlen, q, k, v, o, lse)
@@ -886,9 +910,12 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     batch, lq, lk = packing.batch, packing.lq, packing.lk
     if batch * heads * lq == 0:
         return
-    if lk == 0 or v_dim == 0:
+    if lk == 0:
         o.zero_()
-        lse.fill_(float("-inf"))
+        if sinks is None:
+            lse.fill_(float("-inf"))
+        else:
+            lse.copy_(sinks.view(1, heads, 1).expand(lse.shape))
         return
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale,
@@ -903,14 +930,14 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                          f"and 1 <= splits <= {_MAX_SPLITS}")
 
     def args(o_arg, lse_arg):
-        return (q, k, v, mask_arg, alibi_arg, o_arg, lse_arg, packing.cu_q, packing.cu_k,
+        return (q, k, v, mask_arg, alibi_arg, q if sinks is None else sinks, o_arg, lse_arg, packing.cu_q, packing.cu_k,
                 *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
                 *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
 
     # A float32 o of 16-bit inputs is a mask gradient's (its delta, rowsum(dO o), would otherwise
     # carry P's rounding to 16 bits, which the gradient's sum over a broadcast mask gathers).
     consts = dict(consts, INTERPRETED=q.device.type == "cpu",
-                  PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32)
+                  PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None)
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
@@ -938,8 +965,9 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
             combine = attention_combine_kernel if wrap is None else wrap(attention_combine_kernel)
             block_r = 16
             combine[(triton.cdiv(rows, block_r),)](
-                part_o, part_lse, out, lse_out, rows, out.shape[2], heads, v_dim, *packing.strides(out),
-                *packing.strides(lse_out)[:2], splits, BLOCK_R=block_r, BLOCK_DV=consts["BLOCK_DV"])
+                part_o, part_lse, q if sinks is None else sinks, out, lse_out, rows, out.shape[2], heads, v_dim,
+                *packing.strides(out), *packing.strides(lse_out)[:2], splits, BLOCK_R=block_r,
+                BLOCK_DV=consts["BLOCK_DV"], HAS_SINKS=sinks is not None)
     if out is not o:
         o.copy_(out)
     if lse_out is not lse:
