@@ -1,8 +1,8 @@
 """attn_implementation="genfast" in transformers models built from small configurations (random
 weights, no download): logits and parameter gradients against the "eager" implementation by the
 error-ratio rule (float64 eager as the exact value, float32 eager as the low-precision one), with
-grouped-query heads, padding masks, Gemma 2's soft-capping and sliding window, and cached
-generation."""
+grouped-query heads, padding masks, Gemma 2's soft-capping and sliding window, gpt-oss's attention
+sinks, and cached generation."""
 
 import copy
 
@@ -39,7 +39,22 @@ def _gemma2():
     return transformers.Gemma2ForCausalLM(config)
 
 
-MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "gemma2-softcap-window": _gemma2}
+def _gpt_oss():
+    """gpt-oss: attention sinks (s_aux) in every layer, a sliding window in every other one."""
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                       experts_implementation="eager")  # grouped_mm has no float64
+    model = transformers.GptOssForCausalLM(config)
+    with torch.no_grad():  # sinks of either sign, larger than their initialization's (std 0.02)
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
+
+
+MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "gemma2-softcap-window": _gemma2, "gpt-oss-sinks": _gpt_oss}
 
 
 def _model(name, attn_implementation, dtype=torch.float32):

@@ -8,7 +8,9 @@ Every model that dispatches through transformers' AttentionInterface (Llama, Mis
 GPT-2, ...) then computes its attention with genfast's fused kernels: what "sdpa" computes, with
 grouped-query heads read in place (no repeat_kv copies) and masks of any kind on every backend.
 transformers builds the same masks for "genfast" as for "sdpa" (boolean, or none where is_causal
-covers it). Gemma 2's logit soft-capping, which "sdpa" drops, is kept. A sliding-window layer's
+covers it). Gemma 2's logit soft-capping, which "sdpa" drops, is kept, and so are the attention
+sinks of gpt-oss and the other models that pass `s_aux` (their flash paths' argument), which
+"sdpa" cannot run: genfast.attention's sinks, with their gradient. A sliding-window layer's
 window (the `sliding_window` transformers hands its flash paths) is passed as a band beside the
 mask, so that the kernels skip the key blocks outside it instead of reading the mask there.
 register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton".
@@ -51,7 +53,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # Logit soft-capping (Gemma 2), which "sdpa" ignores, is applied as "eager" applies it.
     out = attention(query, key, value, attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
                     enable_gqa=key.shape[1] != query.shape[1], softcap=kwargs.get("softcap"),
-                    window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), impl=impl)
+                    window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), sinks=kwargs.get("s_aux"),
+                    impl=impl)
     return out.transpose(1, 2).contiguous(), None
 
 
