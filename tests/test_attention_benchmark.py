@@ -232,6 +232,27 @@ def test_soft_cap_rows_give_every_peer_the_cap(monkeypatch, one_call_timer, atte
     assert attention_calls and all(options["softcap"] == 50.0 and options["is_causal"] for options in attention_calls)
 
 
+def test_sink_rows_give_every_peer_the_sinks(monkeypatch, one_call_timer, attention_calls):
+    monkeypatch.setitem(bench.SINK_CONFIGS, "cpu", (1, 4, 2, 40, 16))
+    rows = bench._sink_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    impls = bench.fused_impls("cpu")
+    peers = {*(f"genfast {impl}" for impl in impls), *(f"genfast {impl}, sinks joined afterwards" for impl in impls),
+             "eager reference", "torch.compile reference"}
+    for variant in ("attention forward causal sinks", "attention forward+backward causal sinks"):
+        assert {row["impl"] for row in rows if row["variant"] == variant} == peers
+    assert all(row["config"] == "B=1 H=4 Hk=2 L=40 D=16" for row in rows)
+    fused = [options for options in attention_calls if "sinks" in options]
+    joined = [options for options in attention_calls if options.get("return_lse")]
+    assert fused and all(options["sinks"].shape == (4,) and options["is_causal"] for options in fused)
+    assert joined and not any("sinks" in options for options in joined)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16,
+                                                                                                       generator=g)
+    sinks = torch.randn(4, generator=g)
+    torch.testing.assert_close(bench._sinks_joined_afterwards(q, k, v, sinks, impls[0]),
+                               bench.attention(q, k, v, is_causal=True, enable_gqa=True, sinks=sinks))
+
+
 def test_flex_attention_peer_computes_the_reference(monkeypatch):
     from genfast.reference import attention as reference
 

@@ -57,6 +57,8 @@ SOFT_CAP_CONFIGS = {"cpu": (2, 8, 1024, 64), "cuda": (2, 16, 4096, 256)}
 SOFT_CAP = 50.0
 # A layer adding a relative-position bias per head to its logits, as T5's and Swin's do: (batch, heads,
 # length, head_dim), the bias (1, heads, length, length) in the inputs' dtype (bfloat16 on the CPU too).
+# gpt-oss's attention: causal, grouped-query, a sink per head: (batch, heads, kv_heads, length, head_dim).
+SINK_CONFIGS = {"cpu": (1, 16, 2, 1024, 64), "cuda": (2, 64, 8, 4096, 64)}
 BIAS_CONFIGS = {"cpu": (1, 8, 2048, 64), "cuda": (2, 16, 4096, 128)}
 SDPA_BACKENDS = {"cpu": [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)],
                  "cuda": [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -240,6 +242,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
                 rows += _soft_cap_rows(device, dtype, gemm, quick, say)
+                rows += _sink_rows(device, dtype, gemm, quick, say)
                 rows += _bias_rows(device, torch.bfloat16 if device == "cpu" else dtype, gemm, quick, say)
     return rows
 
@@ -320,6 +323,45 @@ def _soft_cap_rows(device, dtype, gemm, quick, say):
     flops = 2 * batch * heads * length * length * dim  # causal: half of 4 B H L^2 D
     groups = _forward_and_backward_groups(f"causal softcap {cap:g}", flops, usable, q, k, v, leaves, grad, flex=flex)
     config = f"B={batch} H={heads} L={length} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+
+
+def _sinks_joined_afterwards(q, k, v, sinks, impl):
+    """Attention sinks joined to a sink-less kernel's output through its lse, as transformers' flex
+    path joins them: lse' = logaddexp(lse, sink), o' = o e^(lse - lse')."""
+    o, lse = attention(q, k, v, is_causal=True, enable_gqa=True, return_lse=True, impl=impl)
+    joined = torch.logaddexp(lse, sinks.float()[:, None])
+    return o * torch.exp(lse - joined)[..., None].to(o.dtype)
+
+
+def _sink_rows(device, dtype, gemm, quick, say):
+    """A causal grouped-query layer with attention sinks (gpt-oss's, SINK_CONFIGS). SDPA and
+    FlashAttention 2 have no sinks, so the peers are the eager reference (transformers' eager path:
+    the sink as one more column of the scores), its torch.compile, and the sinks joined afterwards
+    from a sink-less kernel's lse (transformers' flex path joins them so), genfast's own kernel being
+    that kernel: what joining them in the kernels saves."""
+    batch, heads, kv_heads, length, dim = SINK_CONFIGS.get(device, SINK_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    candidates = [(f"genfast {impl}", lambda q, k, v, s, impl=impl: attention(q, k, v, is_causal=True,
+                                                                              enable_gqa=True, sinks=s, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl}, sinks joined afterwards",
+                    lambda q, k, v, s, impl=impl: _sinks_joined_afterwards(q, k, v, s, impl))
+                   for impl in fused_impls(device)]
+    candidates += [("eager reference", lambda q, k, v, s: reference.attention(q, k, v, is_causal=True,
+                                                                              enable_gqa=True, sinks=s)),
+                   ("torch.compile reference", lambda q, k, v, s: compiled(q, k, v, is_causal=True, enable_gqa=True,
+                                                                           sinks=s))]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    sinks = torch.randn(heads, generator=g).to(device=device, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, sinks)]
+    flops = 2 * batch * heads * length * length * dim  # causal: half of 4 B H L^2 D
+    groups = _forward_and_backward_groups("causal sinks", flops, usable, q, k, v, leaves, grad, sinks)
+    config = f"B={batch} H={heads} Hk={kv_heads} L={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 

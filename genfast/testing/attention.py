@@ -13,6 +13,7 @@ CASES = {
     "mask alibi softcap": dict(attn_mask="float", alibi_slopes=True, softcap=5.0),
     "bool mask": dict(attn_mask="bool"),
     "dropout": dict(dropout_p=0.2),
+    "sinks gqa causal": dict(enable_gqa=True, causal="bottom_right", sinks=True),
 }
 
 
@@ -27,18 +28,20 @@ def _case(options, dtype, device):
     elif options.get("attn_mask") == "bool":
         mask = (torch.rand(2, 1, 37, 53, generator=g) < 0.8).to(device)
     slopes = torch.tensor([0.5, 0.25, 0.1, 0.05], device=device) if options.get("alibi_slopes") else None
-    rest = {key: val for key, val in options.items() if key not in ("attn_mask", "alibi_slopes")}
+    sinks = torch.tensor([1.5, -2.0, 0.0, 4.0], device=device, dtype=dtype) if options.get("sinks") else None
+    rest = {key: val for key, val in options.items() if key not in ("attn_mask", "alibi_slopes", "sinks")}
     rest["enable_gqa"] = True
     weights = torch.linspace(-1, 1, 2 * 4 * 37 * 32, dtype=torch.float64, device=device).reshape(2, 4, 37, 32)
 
     def run(impl, cast=None):
         from ..random import PhiloxGenerator
 
-        leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_() for t in (q, k, v)]
+        inputs = (q, k, v) if sinks is None else (q, k, v, sinks)  # the sinks' gradient too
+        leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_() for t in inputs]
         m = mask if mask is None or mask.dtype == torch.bool or cast is None else mask.to(cast)
         s = slopes if slopes is None or cast is None else slopes.to(cast)
-        o, lse = attention(*leaves, m, alibi_slopes=s, generator=PhiloxGenerator(3), return_lse=True, impl=impl,
-                           **rest)
+        o, lse = attention(*leaves[:3], m, alibi_slopes=s, generator=PhiloxGenerator(3), return_lse=True, impl=impl,
+                           sinks=leaves[3] if sinks is not None else None, **rest)
         return [o, lse, *torch.autograd.grad((o.double() * weights).sum(), leaves)]
 
     return run
