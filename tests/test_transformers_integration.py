@@ -126,6 +126,52 @@ def test_cached_generation_matches_eager(impl):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt-oss-sinks"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_packed_sequences_run_as_varlen(name, impl, monkeypatch):
+    """Three sequences packed into one row without padding, with flash_attn_varlen_func's kwargs (what
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives): genfast runs them through
+    attention_varlen. Logits and parameter gradients equal, by the error-ratio rule, to "eager"'s
+    running each sequence alone (transformers' eager masks of gpt-oss do not read the packing)."""
+    skip_unless_supported(impl, "cpu")
+    lengths = [7, 9, 5]
+    bounds = [0, 7, 16, 21]
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    calls = []
+    real_varlen = genfast_transformers.attention_varlen
+
+    def attention_varlen(*args, **kwargs):
+        calls.append(kwargs)
+        return real_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(genfast_transformers, "attention_varlen", attention_varlen)
+    weights = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grads(model):
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    fused = _model(name, genfast_transformers.register(f"genfast_{impl}", impl))
+    logits = fused(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                   max_length_k=9, use_cache=False).logits
+    (logits.double() * weights).sum().backward()
+    got = (logits.detach(), grads(fused))
+    alone = []
+    for dtype in (torch.float64, torch.float32):
+        model = _model(name, "eager", dtype)
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            part = model(input_ids=ids[:, a:b], use_cache=False).logits
+            (part.double() * weights[:, a:b]).sum().backward()  # the gradients add up over the sequences
+            parts.append(part.detach())
+        alone.append((torch.cat(parts, 1), grads(model)))
+    exact, low = alone
+    assert calls and all(call["causal"] == "bottom_right" for call in calls)
+    assert_error_ratio(got[0], exact[0], low[0], msg="logits")
+    assert_error_ratio(got[1], exact[1], low[1], ratio=3.0, msg="parameter gradients")
+
+
 def test_sliding_window_layers_pass_their_window_as_a_band(monkeypatch):
     """Gemma 2's local layers hand the kernels their window beside the mask where the queries are
     the keys' positions (the prefill); its global layers, and the cached decoding steps, do not."""

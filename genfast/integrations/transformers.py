@@ -13,6 +13,10 @@ sinks of gpt-oss and the other models that pass `s_aux` (their flash paths' argu
 "sdpa" cannot run: genfast.attention's sinks, with their gradient. A sliding-window layer's
 window (the `sliding_window` transformers hands its flash paths) is passed as a band beside the
 mask, so that the kernels skip the key blocks outside it instead of reading the mask there.
+Sequences packed into one row without padding, with flash_attn_varlen_func's kwargs
+(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k: what DataCollatorWithFlattening(
+return_flash_attn_kwargs=True) gives), run as genfast.attention_varlen, each sequence causal on its
+own: the cost of the sequences, not of the row's square under a block-diagonal mask.
 register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton".
 """
 
@@ -28,7 +32,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("genfast.integrations.transformers needs transformers>=5: pip install transformers") from error
 
 from .. import _backend
-from ..attention import attention
+from ..attention import attention, attention_varlen
 
 NAME = "genfast"
 
@@ -41,6 +45,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     D); returns ((B, Lq, H, Dv), None). The causal decision is sdpa_attention_forward's."""
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = _packed_sequences(kwargs, query, key, position_bias)
+    if packed is not None:
+        return _packed_attention(query, key, value, packed, dropout, scaling, is_causal, impl, kwargs), None
     is_causal = q_length > 1 and attention_mask is None and is_causal
     if is_causal and kv_length > q_length:
         # A static cache at prefill: the keys past the queries are empty slots, masked by causality anyway.
@@ -56,6 +63,32 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                     window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), sinks=kwargs.get("s_aux"),
                     impl=impl)
     return out.transpose(1, 2).contiguous(), None
+
+
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_sequences(kwargs, query, key, position_bias):
+    """flash_attn_varlen_func's kwargs where transformers' flash paths would take them: all four
+    given, one row of queries and keys as long as each other (no cache) and no position bias."""
+    values = tuple(kwargs.get(name) for name in _VARLEN_KWARGS)
+    if any(value is None for value in values) or query.shape[0] != 1 or position_bias is not None:
+        return None
+    return values if query.shape[2] == key.shape[2] else None
+
+
+def _packed_attention(query, key, value, packed, dropout, scaling, is_causal, impl, kwargs):
+    """The row's packed sequences through attention_varlen, as transformers' flash paths run them:
+    (1, L, H, Dv). The max lengths may be tensors (read once, as flash_attn_varlen_func reads them)."""
+    cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k = packed
+    rows = [t[0].transpose(0, 1) for t in (query, key, value)]  # (L, heads, dim)
+    length = query.shape[2]
+    out = attention_varlen(*rows, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_length_q),
+                           int(max_length_k), dropout_p=dropout, scale=scaling,
+                           causal="bottom_right" if is_causal else None,
+                           window=_window(kwargs.get("sliding_window"), length, length), softcap=kwargs.get("softcap"),
+                           sinks=kwargs.get("s_aux"), impl=impl)
+    return out[None]
 
 
 def _window(sliding_window, q_length: int, kv_length: int):
