@@ -70,7 +70,9 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 
 def _packed_sequences(kwargs, query, key, position_bias):
     """flash_attn_varlen_func's kwargs where transformers' flash paths would take them: all four
-    given, one row of queries and keys as long as each other (no cache) and no position bias."""
+    given, one row of queries and keys as long as each other (no cache) and no position bias. The
+    kwargs then say where the sequences are; the mask transformers built for the row is not read
+    (a padding-free collator gives no padding to mask)."""
     values = tuple(kwargs.get(name) for name in _VARLEN_KWARGS)
     if any(value is None for value in values) or query.shape[0] != 1 or position_bias is not None:
         return None
