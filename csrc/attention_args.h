@@ -3,7 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "../kernels/common/attention.h"
@@ -20,6 +22,7 @@ struct AttentionTensors {
   // float16 or bfloat16 (bias_type) as the caller gave it, expanded to (B, H, Lq, Lk).
   at::Tensor q, k, v, mask, alibi;
   at::Tensor sinks;  // float32 (heads), contiguous; undefined without sinks
+  at::ScalarType sinks_dtype = at::kFloat;  // the caller's, for their gradient
   AttentionMask mask_kind = AttentionMask::kNone;
   AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
@@ -79,6 +82,21 @@ inline void set_attention_sinks(const char* op, AttentionTensors& t, const std::
               sinks->scalar_type());
   TORCH_CHECK(sinks->device() == q.device(), op, ": sinks must be on q's device");
   t.sinks = sinks->to(at::kFloat).contiguous();
+  t.sinks_dtype = sinks->scalar_type();
+}
+
+// The sinks' gradient from the backward's delta_r = grad_o_r . o_r - grad_lse_r and the forward's lse,
+// both in lse's layout: d sink_h = -sum over the rows r of head h of e^(sink_h - lse_r) delta_r, in
+// the sinks' dtype; none without sinks.
+inline std::optional<at::Tensor> attention_sink_grad(const AttentionTensors& t, const at::Tensor& delta,
+                                                     const at::Tensor& lse) {
+  if (!t.sinks.defined()) return std::nullopt;
+  const bool varlen = t.cu_seqlens_q.defined();
+  const at::Tensor sink = varlen ? t.sinks.view({-1, 1}) : t.sinks.view({1, -1, 1});
+  // lse >= sink, so the weight is at most 1; lse = -inf only where the sink is -inf too: weight 0.
+  const at::Tensor weight = at::where(lse == -INFINITY, at::zeros_like(lse), at::exp(sink - lse));
+  const at::Tensor per_row = weight * delta;
+  return (-(varlen ? per_row.sum(1) : per_row.sum(std::vector<int64_t>{0, 2}))).to(t.sinks_dtype);
 }
 
 // as_float: the CPU kernels read float32; the CUDA kernels read the inputs' own dtype.
@@ -209,16 +227,20 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
 }
 
 // What the backward reads beside the forward's inputs: grad_o in o's layout (head dim contiguous;
-// float32 when as_float), lse float32 contiguous, and delta_i = grad_o_i . o_i - grad_lse_i in lse's
-// layout ((batch, heads, Lq), varlen (heads, total_q)), float32 contiguous.
+// float32 when as_float) and lse float32 contiguous. Each device computes delta_i = grad_o_i . o_i -
+// grad_lse_i itself, in lse's layout ((batch, heads, Lq), varlen (heads, total_q)), float32.
 struct AttentionGradInputs {
-  at::Tensor grad_o, lse, delta;
+  at::Tensor grad_o, lse;
 };
+
+// What a backward op returns: grad_q, grad_k, grad_v, with grad_mask the mask's gradient, with sinks
+// theirs (attention_sink_grad).
+using AttentionBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 inline AttentionGradInputs prepare_attention_grads(const char* op, const AttentionTensors& t, const at::Tensor& grad_o,
                                                    const std::optional<at::Tensor>& grad_lse, const at::Tensor& o,
-                                                   const at::Tensor& lse, bool as_float = true,
-                                                   bool with_delta = true) {
+                                                   const at::Tensor& lse, bool as_float = true) {
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
   o_shape.back() = t.v.size(-1);
@@ -238,11 +260,6 @@ inline AttentionGradInputs prepare_attention_grads(const char* op, const Attenti
   AttentionGradInputs g;
   g.grad_o = as_float ? grad_o.to(at::kFloat).contiguous() : grad_o.contiguous();
   g.lse = lse.contiguous();
-  if (!with_delta) return g;  // the caller computes it, with no float32 copies of grad_o and o
-  at::Tensor delta = (grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1);
-  if (varlen) delta = delta.transpose(0, 1);
-  if (grad_lse) delta = delta - grad_lse->to(at::kFloat);
-  g.delta = delta.contiguous();
   return g;
 }
 

@@ -7,7 +7,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -23,7 +22,8 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&, double, double, int64_t,
                                                      int64_t, double, int64_t, int64_t, bool, bool,
                                                      const std::optional<at::Tensor>&);
-using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
+using BackwardOp =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     double, double, int64_t, int64_t, double, int64_t, int64_t, bool, bool, const std::optional<at::Tensor>&);
@@ -32,10 +32,11 @@ using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            const std::optional<at::Tensor>&, double, double,
                                                            int64_t, int64_t, double, int64_t, int64_t, bool,
                                                            const std::optional<at::Tensor>&);
-using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-    const std::optional<at::Tensor>&, double, double, int64_t, int64_t, double, int64_t, int64_t, bool);
+    const std::optional<at::Tensor>&, double, double, int64_t, int64_t, double, int64_t, int64_t, bool,
+    const std::optional<at::Tensor>&);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -88,24 +89,6 @@ at::Tensor output_grad(const at::Tensor& grad_o, const at::Tensor& o) {
   return grad_o.defined() ? grad_o : at::zeros_like(o);
 }
 
-// The sinks' gradient: d sink_h = sum over the rows r of head h of e^(sink_h - lse_r) (grad_lse_r -
-// grad_o_r . o_r), lse (and o) the forward's, sinks included. Rows: lse (B, H, Lq) and o (B, H, Lq,
-// Dv), or packed, lse (H, total_q) and o (total_q, H, Dv). An undefined grad_o or grad_lse is zero.
-at::Tensor sink_grad(const at::Tensor& grad_o, const at::Tensor& grad_lse, const at::Tensor& o, const at::Tensor& lse,
-                     const at::Tensor& sinks, bool varlen) {
-  at::Tensor minus_delta = at::zeros_like(lse);
-  if (grad_o.defined()) {
-    const at::Tensor dots = (grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1);
-    minus_delta = -(varlen ? dots.transpose(0, 1) : dots);
-  }
-  if (grad_lse.defined()) minus_delta = minus_delta + grad_lse.to(at::kFloat);
-  const at::Tensor sink = varlen ? sinks.to(at::kFloat).view({-1, 1}) : sinks.to(at::kFloat).view({1, -1, 1});
-  // lse >= sink, so the weight is at most 1; lse = -inf only where the sink is -inf too: weight 0.
-  const at::Tensor weight = at::where(lse == -INFINITY, at::zeros_like(lse), at::exp(sink - lse));
-  const at::Tensor per_row = weight * minus_delta;
-  return (varlen ? per_row.sum(1) : per_row.sum(std::vector<int64_t>{0, 2})).to(sinks.scalar_type());
-}
-
 class Attention : public torch::autograd::Function<Attention> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -131,7 +114,7 @@ class Attention : public torch::autograd::Function<Attention> {
     const bool mask_needs_grad = ctx->saved_data.at("mask_needs_grad").toBool();
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<BackwardOp>("genfast::attention_backward");
-    auto [grad_q, grad_k, grad_v, grad_s] = backward_op.call(
+    auto [grad_q, grad_k, grad_v, grad_s, grad_sinks] = backward_op.call(
         output_grad(grads[0], o), defined_or_none(grads[1]), q, k, v, o, lse, defined_or_none(attn_mask),
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
         options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic,
@@ -142,7 +125,7 @@ class Attention : public torch::autograd::Function<Attention> {
     // then sinks.
     variable_list result = {grad_q, grad_k, grad_v, grad_mask};
     result.resize(8);
-    if (sinks.defined() && sinks.requires_grad()) result[7] = sink_grad(grads[0], grads[1], o, lse, sinks, false);
+    if (sinks.defined() && sinks.requires_grad()) result[7] = *grad_sinks;
     return result;
   }
 };
@@ -172,16 +155,16 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
     const at::Tensor &o = saved[3], &alibi_slopes = saved[7], &sinks = saved[8];
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<VarlenBackwardOp>("genfast::attention_varlen_backward");
-    auto [grad_q, grad_k, grad_v] = backward_op.call(
+    auto [grad_q, grad_k, grad_v, grad_sinks] = backward_op.call(
         output_grad(grads[0], o), defined_or_none(grads[1]), saved[0], saved[1], saved[2], o, saved[4], saved[5],
         saved[6], ctx->saved_data.at("max_seqlen_q").toInt(), ctx->saved_data.at("max_seqlen_k").toInt(),
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
-        options.dropout_p, options.seed, options.offset, options.deterministic);
+        options.dropout_p, options.seed, options.offset, options.deterministic, defined_or_none(sinks));
     // One per argument of apply: q, k, v; none to the sequences' bounds and lengths, alibi_slopes
     // and the options; then sinks.
     variable_list result = {grad_q, grad_k, grad_v};
     result.resize(10);
-    if (sinks.defined() && sinks.requires_grad()) result[9] = sink_grad(grads[0], grads[1], o, saved[4], sinks, true);
+    if (sinks.defined() && sinks.requires_grad()) result[9] = *grad_sinks;
     return result;
   }
 };

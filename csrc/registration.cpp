@@ -92,13 +92,14 @@ TORCH_LIBRARY(genfast, m) {
   // attn_mask broadcasts over (1 there), in an additive attn_mask's dtype, else float32: an additive
   // mask's gradient, up to a reshape).
   // deterministic=False lets the CUDA kernels add dQ with atomics (bits may vary from run to run).
-  // The sinks' gradient is left to autograd (-sum of e^(sink - lse) delta); a backward that
-  // recomputes o in float32 for a mask's gradient takes the forward's sinks.
+  // With the forward's sinks, the sinks' gradient last (in their dtype), from the rows' delta =
+  // grad_o . o - grad_lse that the backward computes anyway; a backward that recomputes o in float32
+  // for a mask's gradient also takes the sinks for that.
   m.def(
       "attention_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
       "Tensor? attn_mask, Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, "
       "float dropout_p, int seed, int offset, bool grad_mask, bool deterministic=False, Tensor? sinks=None) "
-      "-> (Tensor, Tensor, Tensor, Tensor?)");
+      "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?)");
   // Packed variable-length batches: q (total_q, heads, dim), k and v (total_k, kv_heads, dim), sequence
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
   // bound the sequences' lengths. The band is relative to each sequence's bottom-right diagonal.
@@ -112,5 +113,5 @@ TORCH_LIBRARY(genfast, m) {
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, float dropout_p, int seed, "
-      "int offset, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+      "int offset, bool deterministic=False, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor?)");
 }

@@ -25,9 +25,6 @@ def sink_inputs(batch, heads, kv_heads, lq, lk, dim, dtype, seed=0, device="cpu"
     return q, k, v, sinks
 
 
-_inputs = sink_inputs
-
-
 def _softmax_with_sink(q, k, v, sinks, mask=None):
     """The definition, written apart from the reference: the sink as one more column of the scores."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
@@ -40,7 +37,7 @@ def _softmax_with_sink(q, k, v, sinks, mask=None):
 
 
 def test_reference_is_the_softmax_with_the_sink_as_a_score():
-    q, k, v, sinks = _inputs(2, 4, 2, 7, 11, 8, torch.float64)
+    q, k, v, sinks = sink_inputs(2, 4, 2, 7, 11, 8, torch.float64)
     mask = torch.rand(2, 1, 7, 11, generator=torch.Generator().manual_seed(1)) > 0.3
     o, lse = ref.attention(q, k, v, mask, enable_gqa=True, sinks=sinks, return_lse=True)
     want_o, want_lse = _softmax_with_sink(q, k, v, sinks, mask)
@@ -49,7 +46,7 @@ def test_reference_is_the_softmax_with_the_sink_as_a_score():
 
 
 def test_reference_gradients_in_float64():
-    q, k, v, sinks = (t.requires_grad_() for t in _inputs(1, 2, 1, 5, 6, 4, torch.float64))
+    q, k, v, sinks = (t.requires_grad_() for t in sink_inputs(1, 2, 1, 5, 6, 4, torch.float64))
     mask = torch.ones(5, 6, dtype=torch.bool)
     mask[2] = False  # a row that sees no key: o = 0 whatever the sink, lse = its sink
 
@@ -63,7 +60,7 @@ def test_reference_gradients_in_float64():
 
 
 def test_a_row_that_sees_no_key_has_the_sinks_lse():
-    q, k, v, sinks = _inputs(1, 3, 3, 4, 5, 8, torch.float32)
+    q, k, v, sinks = sink_inputs(1, 3, 3, 4, 5, 8, torch.float32)
     o, lse = ref.attention(q, k, v, torch.zeros(4, 5, dtype=torch.bool), sinks=sinks, return_lse=True)
     assert torch.equal(o, torch.zeros_like(o))
     torch.testing.assert_close(lse, sinks[None, :, None].expand(1, 3, 4))
@@ -101,17 +98,14 @@ def compare_with_sinks(impl, q, k, v, sinks, mask=None, seed=None, **options):
         assert_error_ratio(a, e, lo.float() if name == "lse" else lo, ratio=ratio, msg=name)
 
 
-_compare = compare_with_sinks
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_matches_reference(impl, dtype):
     skip_unless_supported(impl, "cpu", dtype)
-    q, k, v, sinks = _inputs(2, 4, 2, 33, 70, 32, dtype)
+    q, k, v, sinks = sink_inputs(2, 4, 2, 33, 70, 32, dtype)
     mask = torch.rand(2, 1, 33, 70, generator=torch.Generator().manual_seed(3)) > 0.4
     mask[:, :, 5] = False  # rows that see no key
-    _compare(impl, q, k, v, sinks, mask, causal="bottom_right")
+    compare_with_sinks(impl, q, k, v, sinks, mask, causal="bottom_right")
 
 
 @pytest.mark.parametrize("lq", [1, 3])
@@ -120,16 +114,16 @@ def test_decoding_rows_split_over_key_blocks(impl, lq):
     """A few queries of grouped heads against a long cache: the fused kernels stack the group's heads
     and split the keys (the sink joins the rows when the splits are combined)."""
     skip_unless_supported(impl, "cpu")
-    _compare(impl, *_inputs(1, 4, 1, lq, 600, 64, torch.float32), window=(300, 0))
+    compare_with_sinks(impl, *sink_inputs(1, 4, 1, lq, 600, 64, torch.float32), window=(300, 0))
 
 
 @pytest.mark.parametrize("impl", fused_impls())
 def test_half_precision_additive_mask_and_its_gradient(impl):
     """The float32 o that a 16-bit mask's gradient takes delta from joins the sinks too."""
     skip_unless_supported(impl, "cpu", torch.float16)
-    q, k, v, sinks = _inputs(2, 2, 1, 20, 40, 16, torch.float16)
+    q, k, v, sinks = sink_inputs(2, 2, 1, 20, 40, 16, torch.float16)
     mask = torch.randn(2, 1, 20, 40, generator=torch.Generator().manual_seed(2)).half()
-    _compare(impl, q, k, v, sinks, mask)
+    compare_with_sinks(impl, q, k, v, sinks, mask)
 
 
 @pytest.mark.parametrize("impl", fused_impls())
@@ -137,7 +131,7 @@ def test_backward_op_recomputing_the_float32_o_joins_the_sinks(impl):
     """Handed a 16-bit o, the backward op recomputes o in float32 for a mask's gradient: with the
     forward's sinks, the gradients it gives are those from the forward's own float32 o."""
     skip_unless_supported(impl, "cpu", torch.float16)
-    q, k, v, sinks = _inputs(1, 2, 1, 20, 40, 16, torch.float16)
+    q, k, v, sinks = sink_inputs(1, 2, 1, 20, 40, 16, torch.float16)
     sinks = sinks.float()
     mask = torch.randn(1, 1, 20, 40, generator=torch.Generator().manual_seed(2)).half()
     suffix = "" if impl == "native" else "_triton"
@@ -155,15 +149,15 @@ def test_backward_op_recomputing_the_float32_o_joins_the_sinks(impl):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_with_dropout_softcap_and_alibi(impl):
     skip_unless_supported(impl, "cpu")
-    q, k, v, sinks = _inputs(1, 2, 2, 20, 30, 16, torch.float32)
-    _compare(impl, q, k, v, sinks, seed=11, dropout_p=0.2, softcap=3.0, alibi_slopes=torch.tensor([0.3, 0.05]))
+    q, k, v, sinks = sink_inputs(1, 2, 2, 20, 30, 16, torch.float32)
+    compare_with_sinks(impl, q, k, v, sinks, seed=11, dropout_p=0.2, softcap=3.0, alibi_slopes=torch.tensor([0.3, 0.05]))
 
 
 @pytest.mark.parametrize("impl", fused_impls())
 def test_rows_that_see_no_key(impl):
     """o = 0 and lse = the sink, for a mask that hides every key of a row and for no keys at all."""
     skip_unless_supported(impl, "cpu")
-    q, k, v, sinks = _inputs(1, 3, 3, 4, 5, 16, torch.float32)
+    q, k, v, sinks = sink_inputs(1, 3, 3, 4, 5, 16, torch.float32)
     for keys in (5, 0):
         mask = torch.zeros(4, keys, dtype=torch.bool)
         o, lse = genfast.attention(q, k[:, :, :keys], v[:, :, :keys], mask, impl=impl, return_lse=True, sinks=sinks)
@@ -174,7 +168,7 @@ def test_rows_that_see_no_key(impl):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_nan_in_a_sink_reaches_its_heads_rows(impl):
     skip_unless_supported(impl, "cpu")
-    q, k, v, sinks = _inputs(1, 3, 3, 4, 5, 16, torch.float32)
+    q, k, v, sinks = sink_inputs(1, 3, 3, 4, 5, 16, torch.float32)
     sinks[1] = float("nan")
     o, lse = genfast.attention(q, k, v, impl=impl, return_lse=True, sinks=sinks)
     assert torch.isnan(o[:, 1]).all() and torch.isnan(lse[:, 1]).all()
@@ -207,27 +201,47 @@ def test_packed_sequences(impl):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck_and_compile(impl):
     skip_unless_supported(impl, "cpu")
-    q, k, v, sinks = (t.requires_grad_() for t in _inputs(1, 2, 1, 9, 12, 8, torch.float32))
-    sinks.data[0] = -1.0
-    forward = torch.ops.genfast.attention_forward if impl == "native" else torch.ops.genfast.attention_forward_triton
-    torch.library.opcheck(forward, (q, k, v, None, None, 0.3, 0.0, -3, 4, 0.0, 0, 0, False, False, sinks))
+    q, k, v, sinks = sink_inputs(1, 2, 1, 9, 12, 8, torch.float32)
+    sinks[0] = -1.0
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    suffix = "" if impl == "native" else "_triton"
+    forward, backward, varlen, varlen_backward = (getattr(torch.ops.genfast, "attention_" + name + suffix) for name in
+                                                  ("forward", "backward", "varlen_forward", "varlen_backward"))
+    options = (0.3, 0.0, -3, 4, 0.0, 0, 0)
+    torch.library.opcheck(forward, (*leaves[:3], None, None, *options, False, False, leaves[3]))
+    # The backward ops have no autograd of their own (no double backward): q, k, v need none there.
+    o, lse = forward(q, k, v, None, None, *options, False, False, sinks)
+    torch.library.opcheck(backward, (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, None, None,
+                                     *options, False, False, sinks))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    varlen = (torch.ops.genfast.attention_varlen_forward if impl == "native"
-              else torch.ops.genfast.attention_varlen_forward_triton)
-    torch.library.opcheck(varlen, (q[0].transpose(0, 1), k[0, :, :9].transpose(0, 1), v[0, :, :9].transpose(0, 1),
-                                   cu, cu, 5, 5, None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, sinks))
+
+    def packed(q, k, v):
+        return q[0].transpose(0, 1), k[0, :, :9].transpose(0, 1), v[0, :, :9].transpose(0, 1), cu, cu, 5, 5, None
+
+    options = (0.3, 0.0, -3, 0, 0.0, 0, 0, False)
+    torch.library.opcheck(varlen, (*packed(*leaves[:3]), *options, leaves[3]))
+    o, lse = varlen(*packed(q, k, v), *options, sinks)
+    torch.library.opcheck(varlen_backward, (torch.randn_like(o), torch.randn_like(lse), *packed(q, k, v)[:3], o, lse,
+                                            *packed(q, k, v)[3:], *options, sinks))
 
     def layer(q, k, v, sinks):
         return genfast.attention(q, k, v, enable_gqa=True, causal="bottom_right", sinks=sinks, impl=impl)
 
-    assert_compiles_like_eager(layer, [q, k, v, sinks])
+    assert_compiles_like_eager(layer, leaves)
 
 
 def test_bad_sinks_name_the_argument():
-    q, k, v, sinks = _inputs(1, 4, 2, 3, 5, 8, torch.float32)
+    q, k, v, sinks = sink_inputs(1, 4, 2, 3, 5, 8, torch.float32)
     for bad in (sinks[:3], sinks[None], sinks.long(), [1.0] * 4):
         with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor of shape \(heads,\) = \(4,\)"):
             genfast.attention(q, k, v, enable_gqa=True, sinks=bad)
     if genfast._backend.native_runs_on("cpu"):
         with pytest.raises(RuntimeError, match=r"sinks must have shape \(heads,\)"):
             torch.ops.genfast.attention_forward(q, k, v, None, None, 1.0, 0.0, 0, 0, 0.0, 0, 0, False, False, sinks[:2])
+    # The backward ops check the sinks whose gradient they give.
+    o, lse = genfast.attention(q, k, v, enable_gqa=True, return_lse=True, impl="reference")
+    for name in ("attention_backward", "attention_backward_triton"):
+        if name.endswith("_triton") or genfast._backend.native_runs_on("cpu"):
+            with pytest.raises((RuntimeError, ValueError), match=r"sinks must have shape \(heads,\)"):
+                getattr(torch.ops.genfast, name)(o, None, q, k, v, o, lse, None, None, 1.0, 0.0, 0, 0, 0.0, 0, 0,
+                                                 False, False, sinks[:2])

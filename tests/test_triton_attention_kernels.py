@@ -248,6 +248,34 @@ def test_backward_float16():
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("v_dim", [0, 5, 64, 200])
+def test_row_deltas(v_dim):
+    """delta = rowsum(grad_o * o) - grad_lse in float32 from 16-bit and float32 rows, strided ones
+    and packed ones, head dims past one column block; NaN in a row reaches its delta alone."""
+    attn = _kernels()
+    g = torch.Generator().manual_seed(v_dim)
+    grad_o = torch.randn(2, 7, 3, v_dim, generator=g).half().transpose(1, 2)  # (B, H, L, Dv) with (B, L, H) storage
+    o = torch.randn(2, 3, 7, v_dim, generator=g)
+    o[1, 2, 4, :1] = float("nan")
+    grad_lse = torch.randn(2, 7, 3, generator=g).transpose(1, 2)
+    exact = (grad_o.double() * o.double()).sum(-1)
+    for given in (None, grad_lse):
+        delta = torch.empty(2, 3, 7)
+        attn.launch_attention_row_deltas(grad_o, o, given, delta)
+        expected = exact - (0 if given is None else given.double())
+        torch.testing.assert_close(delta.double(), expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+        assert delta[1, 2, 4].isnan() == (v_dim > 0) and delta.isnan().sum() == (v_dim > 0)
+    # Packed: o (total, H, Dv) and delta (H, total), as lse is.
+    packed_o, packed_grad_o = o[0].transpose(0, 1).half(), grad_o[0].transpose(0, 1)
+    delta = torch.empty(3, 7)
+    attn.launch_attention_row_deltas(packed_grad_o, packed_o, grad_lse[0], delta, varlen=True)
+    expected = (packed_grad_o.double() * packed_o.double()).sum(-1).T - grad_lse[0].double()
+    torch.testing.assert_close(delta.double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="delta must be float32 and contiguous"):
+        attn.launch_attention_row_deltas(grad_o, o, None, torch.empty(2, 7, 3).transpose(1, 2))
+
+
 def test_fast_exp_needs_half_precision_and_a_positive_scale(monkeypatch):
     """The base-2 path takes each row's maximum of q.k before the scale: only a positive scale, whose
     product with log2(e) float32 holds, keeps that maximum the scores'."""

@@ -1365,9 +1365,9 @@ at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::
   return delta;
 }
 
-// grad_q, grad_k, grad_v (in the inputs' dtype) and, with grad_mask, the mask's gradient
-// (attention_mask_grad).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
+// grad_q, grad_k, grad_v (in the inputs' dtype), with grad_mask the mask's gradient
+// (attention_mask_grad), with sinks theirs.
+AttentionBackwardResult backward(
     const char* op, const AttentionTensors& t, at::ScalarType dtype, const at::Tensor& grad_o,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& o, const at::Tensor& lse, double scale,
     double softcap, int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed, int64_t offset, bool grad_mask) {
@@ -1382,7 +1382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
       float_o ? std::get<0>(forward(t, at::kFloat, scale, softcap, band_lo, band_hi, dropout_p, seed, offset)) : o;
   const bool pairs = t.q.scalar_type() == at::kBFloat16;  // t as backward_takes_pairs has it prepared
   const AttentionGradInputs in = prepare_attention_grads(op, t, grad_o, grad_lse, o_for_delta, lse,
-                                                         /*as_float=*/!pairs, /*with_delta=*/false);
+                                                         /*as_float=*/!pairs);
   const at::Tensor delta = row_deltas(in.grad_o, o_for_delta, grad_lse, in.lse, t.cu_seqlens_q.defined());
   const auto floats = t.q.options().dtype(at::kFloat);
   // The kernel writes every element of the gradients, in bfloat16 or float32 as it computes them
@@ -1445,7 +1445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   } else if (grad_mask) {
     mask_grad = attention_mask_grad(t, (copies > 1 ? grad_s.sum(0) : grad_s[0]).sum_to_size(mask_shape));
   }
-  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad};
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), mask_grad, attention_sink_grad(t, delta, in.lse)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -1462,7 +1462,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                  seed, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cpu(
+AttentionBackwardResult attention_backward_cpu(
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -1510,18 +1510,21 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
   return forward(std::move(t), q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_varlen_backward_cpu(
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/) {
-  const AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v));
-  auto [grad_q, grad_k, grad_v, unused] = backward("genfast.attention_varlen_backward", t, q.scalar_type(), grad_o,
-                                                   grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                                                   offset, false);
-  return {grad_q, grad_k, grad_v};
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/,
+    const std::optional<at::Tensor>& sinks) {
+  const char* op = "genfast.attention_varlen_backward";
+  AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v));
+  set_attention_sinks(op, t, sinks, q.size(1), q);
+  auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] = backward(
+      op, t, q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
+      false);
+  return {grad_q, grad_k, grad_v, grad_sinks};
 }
 
 }  // namespace

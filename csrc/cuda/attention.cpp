@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "launch.h"
@@ -130,24 +131,68 @@ std::tuple<at::Tensor, at::Tensor> float_forward(const char* op, const Attention
           workspace.narrow(0, 0, rows).view({t.q.size(0), t.q.size(1), t.q.size(2)})};
 }
 
+// delta_r = grad_o_r . o_r - grad_lse_r, float32 in lse's layout, for the backward's kernels: by
+// launch_attention_row_deltas, from grad_o and o in their dtypes (o in T, or the float32 o of a
+// recompute), with no float32 copies of them.
+at::Tensor row_deltas(const char* op, const at::Tensor& grad_o, const at::Tensor& o,
+                      const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse, bool varlen) {
+  at::Tensor delta = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
+  if (delta.numel() == 0) return delta;
+  // Rows as (batch, head, position): packed (total, H, Dv) ones as one batch of (H, total).
+  const auto as_rows = [varlen](const at::Tensor& t) {
+    const at::Tensor rows = t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous();
+    return varlen ? rows.transpose(0, 1).unsqueeze(0) : rows;
+  };
+  const at::Tensor g = as_rows(grad_o);
+  const at::Tensor x = as_rows(o.scalar_type() == at::kFloat ? o : o.to(grad_o.scalar_type()));
+  const at::Tensor lse_grad = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half_types(g.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    const auto launch = [&](const auto* o_data) {
+      using O = std::remove_const_t<std::remove_pointer_t<decltype(o_data)>>;
+      AttentionRowDeltasParams<T, O> p{};
+      p.grad_o = reinterpret_cast<const T*>(g.const_data_ptr());
+      p.o = o_data;
+      p.grad_lse = lse_grad.defined() ? lse_grad.const_data_ptr<float>() : nullptr;
+      p.delta = delta.mutable_data_ptr<float>();
+      p.batches = g.size(0);
+      p.heads = g.size(1);
+      p.length = g.size(2);
+      p.v_dim = g.size(3);
+      for (int d = 0; d < 3; ++d) {
+        p.grad_o_stride[d] = g.stride(d);
+        p.o_stride[d] = x.stride(d);
+      }
+      check_launch(op, launch_attention_row_deltas<T, O>(p, stream));
+    };
+    if (x.scalar_type() == at::kFloat) {
+      launch(x.const_data_ptr<float>());
+    } else {
+      launch(reinterpret_cast<const T*>(x.const_data_ptr()));
+    }
+  });
+  return delta;
+}
+
 // grad_q, grad_k, grad_v in the inputs' dtype (contiguous, in q's, k's, v's shapes) and, with
 // grad_mask, the mask's gradient (attention_mask_grad) from dS in AttentionTensors::mask_grad_shape,
 // summed in float32 by the kernels over the batches, heads and queries the mask broadcasts over,
-// chunks of batches at a time (attention_mask_grad_chunk_batches).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
+// chunks of batches at a time (attention_mask_grad_chunk_batches); with sinks, theirs.
+AttentionBackwardResult backward(
     const char* op, const AttentionTensors& t, const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& o, const at::Tensor& lse, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool grad_mask, bool deterministic) {
   check_attention_options(scale, softcap, dropout_p);
   check_cuda_attention(op, t);
   const bool varlen = t.cu_seqlens_q.defined();
-  const AttentionGradInputs in = prepare_attention_grads(
-      op, t, grad_o.to(t.q.scalar_type()), grad_lse,
+  const at::Tensor o_for_delta =
       grad_mask && o.scalar_type() != at::kFloat
           ? std::get<0>(float_forward(op, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset))
-          : o,
-      lse,
-      /*as_float=*/false);
+          : o;
+  const AttentionGradInputs in =
+      prepare_attention_grads(op, t, grad_o.to(t.q.scalar_type()), grad_lse, o_for_delta, lse, /*as_float=*/false);
+  const at::Tensor delta = row_deltas(op, in.grad_o, o_for_delta, grad_lse, in.lse, varlen);
   // The kernels write every row of every sequence; varlen rows outside all sequences (cu_seqlens
   // not reaching total) stay zero.
   const auto make = [varlen](const at::Tensor& like) {
@@ -176,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
       using T = decltype(type);
       AttentionCudaGrads<T> grads{};
       grads.grad_o = reinterpret_cast<const T*>(in.grad_o.const_data_ptr());
-      grads.delta = in.delta.const_data_ptr<float>();
+      grads.delta = delta.const_data_ptr<float>();
       grads.grad_q = reinterpret_cast<T*>(grad_q.mutable_data_ptr());
       grads.grad_k = reinterpret_cast<T*>(grad_k.mutable_data_ptr());
       grads.grad_v = reinterpret_cast<T*>(grad_v.mutable_data_ptr());
@@ -194,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   }
   std::optional<at::Tensor> mask_grad;
   if (grad_mask) mask_grad = attention_mask_grad(t, grad_s);
-  return {grad_q, grad_k, grad_v, mask_grad};
+  return {grad_q, grad_k, grad_v, mask_grad, attention_sink_grad(t, delta, in.lse)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -214,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
   return float_forward(kAttentionOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cuda(
+AttentionBackwardResult attention_backward_cuda(
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -239,20 +284,20 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
   return forward(kAttentionVarlenOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_varlen_backward_cuda(
     const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& sinks) {
   const c10::cuda::CUDAGuard guard(q.device());
-  auto [grad_q, grad_k, grad_v, unused] =
-      backward(kAttentionVarlenBackwardOp,
-               prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        alibi_slopes, /*as_float=*/false),
-               grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, false,
-               deterministic);
-  return {grad_q, grad_k, grad_v};
+  AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                alibi_slopes, /*as_float=*/false);
+  set_attention_sinks(kAttentionVarlenBackwardOp, t, sinks, q.size(1), q);
+  auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] =
+      backward(kAttentionVarlenBackwardOp, t, grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p,
+               seed, offset, false, deterministic);
+  return {grad_q, grad_k, grad_v, grad_sinks};
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 """torch.ops.genfast.attention_forward and attention_backward (native, from _C), their packed
 variable-length forms attention_varlen_forward and attention_varlen_backward, the Triton forms of
 all four (custom_ops with explicit fakes, on every device), and the autograd that links each forward
-to its backward (gradients to q, k, v, an additive attn_mask and the log-sum-exp)."""
+to its backward (gradients to q, k, v, an additive attn_mask, the sinks and the log-sum-exp)."""
 
 from typing import Optional, Tuple
 
@@ -39,7 +39,11 @@ def _mask_grad_dtype(attn_mask):
 def _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi,
                    dropout_p, seed, offset, grad_mask, deterministic=False, sinks=None):
     grad_s = q.new_empty(_mask_grad_shape(attn_mask, q, k), dtype=_mask_grad_dtype(attn_mask)) if grad_mask else None
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_s, _sinks_grad_fake(sinks)
+
+
+def _sinks_grad_fake(sinks):
+    return None if sinks is None else sinks.new_empty(sinks.shape)
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
@@ -47,17 +51,10 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-def _varlen_backward_fake(grad_o, grad_lse, q, k, v, *rest):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def sink_grad(grad_o, grad_lse, o, lse, sinks, varlen: bool):
-    """The sinks' gradient (csrc/attention_autograd.cpp's sink_grad, which the native ops take): d
-    sink_h = sum over the rows r of head h of e^(sink_h - lse_r) (grad_lse_r - grad_o_r . o_r)."""
-    minus_delta = -_triton_delta(grad_o, o, grad_lse, varlen) if grad_o is not None else grad_lse.float()
-    sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
-    weight = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sink - lse))
-    return (weight * minus_delta).sum(1 if varlen else (0, 2)).to(sinks.dtype)
+def _varlen_backward_fake(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic=False,
+                          sinks=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _sinks_grad_fake(sinks)
 
 
 # The Triton ops' autograd. Their inputs' positions: q, k, v, attn_mask, alibi_slopes, then the
@@ -80,12 +77,13 @@ def _make_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, attn_mask, alibi_slopes, sinks = ctx.saved_tensors
         grads_o = torch.zeros_like(o) if grad_o is None else grad_o
-        grad_q, grad_k, grad_v, grad_s = backward_op(grads_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes,
-                                                     *ctx.options, ctx.mask_needs_grad, ctx.deterministic, sinks)
+        grad_q, grad_k, grad_v, grad_s, grad_sinks = backward_op(grads_o, grad_lse, q, k, v, o, lse, attn_mask,
+                                                                 alibi_slopes, *ctx.options, ctx.mask_needs_grad,
+                                                                 ctx.deterministic, sinks)
         grad_mask = grad_s.sum_to_size(attn_mask.shape) if ctx.mask_needs_grad else None  # the mask's dtype
         grads = [grad_q, grad_k, grad_v, grad_mask] + [None] * ctx.non_tensor_inputs
         if sinks is not None and ctx.needs_input_grad[5 + _SINKS_OPTION]:
-            grads[5 + _SINKS_OPTION] = sink_grad(grad_o, grad_lse, o, lse, sinks, varlen=False)
+            grads[5 + _SINKS_OPTION] = grad_sinks
         return tuple(grads)
 
     return backward
@@ -108,10 +106,12 @@ def _make_varlen_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
         grads_o = torch.zeros_like(o) if grad_o is None else grad_o
-        grads = list(backward_op(grads_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options,
-                                 alibi_slopes, *ctx.after_alibi)) + [None] * ctx.non_tensor_inputs
+        grad_q, grad_k, grad_v, grad_sinks = backward_op(grads_o, grad_lse, q, k, v, o, lse, cu_seqlens_q,
+                                                         cu_seqlens_k, *ctx.options, alibi_slopes, *ctx.after_alibi,
+                                                         sinks)
+        grads = [grad_q, grad_k, grad_v] + [None] * ctx.non_tensor_inputs
         if sinks is not None and ctx.needs_input_grad[8 + _VARLEN_SINKS_OPTION]:
-            grads[8 + _VARLEN_SINKS_OPTION] = sink_grad(grad_o, grad_lse, o, lse, sinks, varlen=True)
+            grads[8 + _VARLEN_SINKS_OPTION] = grad_sinks
         return tuple(grads)
 
     return backward
@@ -136,13 +136,25 @@ def _float_slopes(alibi_slopes):
 
 
 def _triton_delta(grad_o, o, grad_lse, varlen: bool):
-    """rowsum(grad_o * o) - grad_lse, in lse's layout."""
-    delta = (grad_o.float() * o.float()).sum(-1)
-    if varlen:
-        delta = delta.transpose(0, 1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    return delta.contiguous()
+    """rowsum(grad_o * o) - grad_lse, float32 in lse's layout."""
+    from ..kernels.attention import launch_attention_row_deltas
+
+    shape = (o.shape[1], o.shape[0]) if varlen else o.shape[:3]
+    delta = torch.empty(shape, dtype=torch.float32, device=o.device)
+    launch_attention_row_deltas(grad_o, o, grad_lse, delta, varlen=True if varlen else None)
+    return delta
+
+
+def _sinks_grad(delta, lse, sinks, float_sinks, varlen: bool):
+    """The gradient of sinks (float_sinks as _float_sinks gives them) in their dtype from the backward's
+    delta (csrc/attention_args.h's attention_sink_grad, which the native ops use): d sink_h = -sum over
+    the rows r of head h of e^(sink_h - lse_r) delta_r; an empty tensor without sinks."""
+    if sinks is None:
+        return delta.new_empty(0)
+    sink = float_sinks.view((-1, 1) if varlen else (1, -1, 1))
+    # lse >= sink, so the weight is at most 1; lse = -inf only where the sink is -inf too: weight 0.
+    weight = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sink - lse))
+    return (-(weight * delta).sum(1 if varlen else (0, 2))).to(sinks.dtype)
 
 
 def _float_sinks(sinks, q):
@@ -184,16 +196,17 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
                               lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], scale: float,
                               softcap: float, band_lo: int, band_hi: int, dropout_p: float, seed: int, offset: int,
                               grad_mask: bool, deterministic: bool = False,
-                              sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                              sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward, launch_attention_forward
 
     mask, is_bool = _triton_mask(attn_mask, q, k)
     slopes = _float_slopes(alibi_slopes)
+    float_sinks = _float_sinks(sinks, q)
     if grad_mask and q.dtype != torch.float32 and o.dtype != torch.float32:
         # delta from the forward's float32 o, recomputed: csrc/cpu/attention.cpp's backward says why.
         o = torch.empty(o.shape, dtype=torch.float32, device=o.device)
         launch_attention_forward(q, k, v, mask, is_bool, slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                                 offset, o, torch.empty_like(lse), sinks=_float_sinks(sinks, q))
+                                 offset, o, torch.empty_like(lse), sinks=float_sinks)
     delta = _triton_delta(grad_o, o, grad_lse, varlen=False)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
     grad_s = (torch.zeros(_mask_grad_shape(attn_mask, q, k, keys_summed=False), dtype=torch.float32,
@@ -204,14 +217,16 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
     # A custom_op returns no optional tensor: an empty one stands for "not asked".
     return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype),
             grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)).to(_mask_grad_dtype(attn_mask)) if grad_mask
-            else q.new_empty(0))
+            else q.new_empty(0), _sinks_grad(delta, lse, sinks, float_sinks, varlen=False))
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
                           band_hi, dropout_p, seed, offset, grad_mask, deterministic=False, sinks=None):
-    grad_q, grad_k, grad_v, grad_s = _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale,
-                                                    softcap, band_lo, band_hi, dropout_p, seed, offset, grad_mask)
-    return grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0)
+    grad_q, grad_k, grad_v, grad_s, grad_sinks = _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask,
+                                                                alibi_slopes, scale, softcap, band_lo, band_hi,
+                                                                dropout_p, seed, offset, grad_mask, sinks=sinks)
+    return (grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0),
+            q.new_empty(0, dtype=torch.float32) if sinks is None else grad_sinks)
 
 
 @torch.library.custom_op("genfast::attention_varlen_forward_triton", mutates_args=())
@@ -235,23 +250,30 @@ def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor],
                                      o: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                      max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                      scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
-                                     seed: int, offset: int, deterministic: bool = False
-                                     ) -> Tuple[Tensor, Tensor, Tensor]:
+                                     seed: int, offset: int, deterministic: bool = False,
+                                     sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward
 
+    float_sinks = _float_sinks(sinks, q)
     delta = _triton_delta(grad_o, o, grad_lse, varlen=True)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
     varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), None, False,
                               _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                               grad_q, grad_k, grad_v, None, varlen=varlen, deterministic=deterministic)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    grad_sinks = _sinks_grad(delta, lse, sinks, float_sinks, varlen=True)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_sinks
+
+
+def _triton_varlen_backward_fake(*args, **kwargs):
+    grad_q, grad_k, grad_v, grad_sinks = _varlen_backward_fake(*args, **kwargs)
+    return grad_q, grad_k, grad_v, grad_q.new_empty(0, dtype=torch.float32) if grad_sinks is None else grad_sinks
 
 
 attention_forward_triton.register_fake(_fake)
 attention_backward_triton.register_fake(_triton_backward_fake)
 attention_varlen_forward_triton.register_fake(_varlen_fake)
-attention_varlen_backward_triton.register_fake(_varlen_backward_fake)
+attention_varlen_backward_triton.register_fake(_triton_varlen_backward_fake)
 torch.library.register_autograd("genfast::attention_forward_triton", _make_backward(attention_backward_triton),
                                 setup_context=_setup_context)
 torch.library.register_autograd("genfast::attention_varlen_forward_triton",

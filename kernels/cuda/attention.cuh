@@ -85,4 +85,22 @@ template <typename T>
 cudaError_t launch_attention_backward(const AttentionCudaParams<T>& params, const AttentionCudaGrads<T>& grads,
                                       cudaStream_t stream);
 
+// The backward's delta_r = grad_o_r . o_r - grad_lse_r (AttentionCudaGrads::delta) for the rows r =
+// (b, h, position) of (batches, heads, length) in that order: lse's layout, packed sequences being
+// one batch of total_q positions. grad_o and o have their head dim contiguous and element strides
+// over (batch, head, position); o is T, or float32 where the forward kept it so. The products are
+// summed in float32; grad_lse (contiguous in lse's layout) may be null: 0.
+template <typename T, typename O>
+struct AttentionRowDeltasParams {
+  const T* grad_o;
+  const O* o;
+  const float* grad_lse;
+  float* delta;  // contiguous
+  int64_t batches, heads, length, v_dim;
+  int64_t grad_o_stride[3], o_stride[3];
+};
+
+template <typename T, typename O>
+cudaError_t launch_attention_row_deltas(const AttentionRowDeltasParams<T, O>& p, cudaStream_t stream);
+
 }  // namespace genfast

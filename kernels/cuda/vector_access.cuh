@@ -1,5 +1,5 @@
-// Device helpers shared by the elementwise CUDA kernels: float conversion and accesses of four
-// consecutive elements (one aligned vector access when every pointer allows it).
+// Device helpers shared by the elementwise CUDA kernels: float conversion (float_conversion.cuh) and
+// accesses of four consecutive elements (one aligned vector access when every pointer allows it).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,20 +7,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "float_conversion.cuh"
+
 namespace genfast {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Four consecutive elements moved as one aligned access (16 bytes for float, 8 for 16-bit types).
 template <typename T>

@@ -19,6 +19,7 @@
 #include "../cuda/attention_forward.cu"
 #include "../cuda/attention_forward_sm90.cu"
 #include "../cuda/attention_backward_sm90.cu"
+#include "../cuda/attention_row_deltas.cu"
 
 namespace {
 
@@ -813,6 +814,68 @@ void check_hidden_blocks_skipped() {
 
 // With --fuzz SEED COUNT [FIRST]: COUNT random cases (random_case) instead of the fixed ones, each in
 // both dtypes with copies landing at their waits or at once; from case FIRST on (to replay one).
+// launch_attention_row_deltas against float64: grad_o stored (B, L, H, Dv), o dense, in T or float;
+// head dims of no column (delta = -grad_lse), fewer than a warp's lanes and past two of its sweeps;
+// with and without grad_lse; NaN in one row of o reaches that row's delta alone.
+template <typename T, typename O>
+void check_row_deltas() {
+  constexpr int kBatches = 2, kHeads = 3, kLength = 7;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (int v_dim : {0, 5, 64, 200}) {
+    const int rows = kBatches * kHeads * kLength;
+    std::vector<T> grad_o(static_cast<size_t>(rows) * v_dim);
+    std::vector<O> o(grad_o.size());
+    std::vector<float> grad_lse(rows);
+    for (auto& x : grad_o) x = static_cast<T>(normal(rng));
+    for (auto& x : o) x = static_cast<O>(normal(rng));
+    for (auto& x : grad_lse) x = normal(rng);
+    const int nan_row = rows - 3;
+    if (v_dim > 0) o[static_cast<size_t>(nan_row) * v_dim + v_dim / 2] = static_cast<O>(NAN);
+    genfast::AttentionRowDeltasParams<T, O> p{};
+    p.grad_o = grad_o.data();
+    p.o = o.data();
+    p.batches = kBatches;
+    p.heads = kHeads;
+    p.length = kLength;
+    p.v_dim = v_dim;
+    const int64_t grad_o_stride[3] = {int64_t{kLength} * kHeads * v_dim, v_dim, int64_t{kHeads} * v_dim};
+    const int64_t o_stride[3] = {int64_t{kHeads} * kLength * v_dim, int64_t{kLength} * v_dim, v_dim};
+    std::copy(grad_o_stride, grad_o_stride + 3, p.grad_o_stride);
+    std::copy(o_stride, o_stride + 3, p.o_stride);
+    for (bool with_grad_lse : {false, true}) {
+      std::vector<float> delta(rows, NAN);
+      p.grad_lse = with_grad_lse ? grad_lse.data() : nullptr;
+      p.delta = delta.data();
+      if (genfast::launch_attention_row_deltas(p, nullptr) != cudaSuccess) {
+        std::printf("FAIL row deltas: launch refused\n");
+        ++failures;
+        continue;
+      }
+      std::vector<double> expected(rows);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t b = r / (kHeads * kLength), h = r / kLength % kHeads, i = r % kLength;
+        double sum = 0.0;
+        for (int c = 0; c < v_dim; ++c) {
+          sum += static_cast<double>(static_cast<float>(
+                     grad_o[b * grad_o_stride[0] + h * grad_o_stride[1] + i * grad_o_stride[2] + c])) *
+                 static_cast<double>(static_cast<float>(o[b * o_stride[0] + h * o_stride[1] + i * o_stride[2] + c]));
+        }
+        expected[r] = sum - (with_grad_lse ? grad_lse[r] : 0.0);
+      }
+      compare("row deltas, v_dim " + std::to_string(v_dim) + (with_grad_lse ? ", grad_lse" : "") +
+                  (std::is_same<O, float>::value ? ", float o" : ""),
+              delta, expected, 1e-5);
+      int nans = 0;
+      for (float d : delta) nans += std::isnan(d) ? 1 : 0;
+      if (nans != (v_dim > 0 ? 1 : 0) || (v_dim > 0 && !std::isnan(delta[nan_row]))) {
+        std::printf("FAIL row deltas, v_dim %d: %d rows NaN, expected NaN in row %d alone\n", v_dim, nans, nan_row);
+        ++failures;
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   if ((argc == 4 || argc == 5) && std::string(argv[1]) == "--fuzz") {
     std::mt19937 rng(static_cast<unsigned>(std::stoul(argv[2])));
@@ -831,6 +894,8 @@ int main(int argc, char** argv) {
   }
   check_plans();
   check_hidden_blocks_skipped();
+  check_row_deltas<__half, __half>();
+  check_row_deltas<__nv_bfloat16, float>();
   // Each case in both dtypes, one with copies landing at their wait and one with copies landing at
   // once, alternating over the cases: the dtype and the way copies land do not interact, and each
   // run takes seconds on the emulator. A build narrowed to the 256 bucket runs each case once, the

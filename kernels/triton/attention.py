@@ -483,6 +483,31 @@ def attention_combine_kernel(part_o_ptr, part_lse_ptr, sinks_ptr, o_ptr, lse_ptr
 
 
 @triton.jit
+def attention_row_deltas_kernel(grad_o_ptr, o_ptr, grad_lse_ptr, delta_ptr, rows, L, H, DV, sgb, sgh, sgm, sob, soh,
+                                som, slb, slh, slm, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                HAS_GRAD_LSE: tl.constexpr):
+    """delta_r = grad_o_r . o_r - grad_lse_r in float32, for rows r = (b, h, position) of (B, H, L),
+    delta contiguous; grad_o and o read in their dtypes (head dim contiguous), the products summed
+    in float32."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    bh = r // L
+    b, h, position = bh // H, bh % H, r % L
+    go_rows = b * sgb + h * sgh + position * sgm
+    o_rows = b * sob + h * soh + position * som
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, DV, BLOCK_DV):
+        cols = live[:, None] & (d0 + offs_dv[None, :] < DV)
+        go = tl.load(grad_o_ptr + go_rows[:, None] + d0 + offs_dv[None, :], mask=cols, other=0.0)
+        o = tl.load(o_ptr + o_rows[:, None] + d0 + offs_dv[None, :], mask=cols, other=0.0)
+        acc += tl.sum(go.to(tl.float32) * o.to(tl.float32), axis=1)
+    if HAS_GRAD_LSE:
+        acc -= tl.load(grad_lse_ptr + b * slb + h * slh + position * slm, mask=live, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, acc, mask=live)
+
+
+@triton.jit
 def _probs_and_grads(q, k, v, do, lse, delta, mask_block, offs_m, offs_n, start_n, row0, row_length, col0, Lq, Lk,
                      slope, scale, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
                      inside,
@@ -868,7 +893,7 @@ def gpu_variants(name, constexprs, ints):
     interpreter's differ, for genfast.testing.triton_gpu_compile: every autotuned configuration of
     the head-dim bucket (Hopper's too, compiled for each target), or a planned forward's one
     configuration."""
-    if name == "attention_combine_kernel":
+    if name in ("attention_combine_kernel", "attention_row_deltas_kernel"):
         return None
     dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     on_gpu = dict(INTERPRETED=False) if "INTERPRETED" in constexprs else {}
@@ -972,6 +997,31 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
         o.copy_(out)
     if lse_out is not lse:
         lse.copy_(lse_out)
+
+
+def launch_attention_row_deltas(grad_o, o, grad_lse, delta, varlen=None, wrap=None):
+    """The backward's delta = rowsum(grad_o * o) - grad_lse (no grad_lse: 0) into delta, float32
+    contiguous in lse's layout: grad_o and o (B, H, Lq, Dv), grad_lse and delta (B, H, Lq); with
+    varlen (as launch_attention_forward's), grad_o and o (total_q, H, Dv), grad_lse and delta (H,
+    total_q). Neither grad_o nor o is copied or widened (torch's (grad_o.float() * o.float()).sum(-1)
+    makes three float32 tensors of o's size)."""
+    import torch
+
+    grad_o, o, grad_lse, delta = _packed(varlen, grad_o, o, grad_lse, delta)
+    if not delta.is_contiguous() or delta.dtype != torch.float32:
+        raise ValueError("launch_attention_row_deltas: delta must be float32 and contiguous")
+    rows, v_dim = delta.numel(), o.shape[3]
+    if rows == 0:
+        return
+    grad_o, o = _last_contiguous(grad_o), _last_contiguous(o)
+    block_dv = max(16, min(triton.next_power_of_2(v_dim), 128))
+    block_r = 32 if o.device.type == "cpu" else 4096 // block_dv
+    kernel = attention_row_deltas_kernel if wrap is None else wrap(attention_row_deltas_kernel)
+    lse_strides = (0, 0, 0) if grad_lse is None else grad_lse.stride()
+    kernel[(triton.cdiv(rows, block_r),)](
+        grad_o, o, delta if grad_lse is None else grad_lse, delta, rows, o.shape[2], o.shape[1], v_dim,
+        *grad_o.stride()[:3], *o.stride()[:3], *lse_strides, BLOCK_R=block_r, BLOCK_DV=block_dv,
+        HAS_GRAD_LSE=grad_lse is not None)
 
 
 def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo,
