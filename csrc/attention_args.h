@@ -26,6 +26,7 @@ struct AttentionTensors {
   AttentionMask mask_kind = AttentionMask::kNone;
   AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
+  at::Tensor seqused_k;                   // varlen: int32 (batch) contiguous, or undefined
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // The shape of the backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq
   // where the mask (right-aligned) has 1 or no dim; the kernels sum dS over those. The op's mask
@@ -176,6 +177,19 @@ inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::
   return t;
 }
 
+// Packed sequences that use only the first seqused_k[b] keys of their rows of k and v (int32
+// (batch,), on q's device; kernels/common/attention.h). Its values are not read here: each must lie
+// in 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b].
+inline void set_attention_seqused_k(const char* op, AttentionTensors& t, const std::optional<at::Tensor>& seqused_k) {
+  if (!seqused_k) return;
+  const int64_t batch = t.cu_seqlens_k.size(0) - 1;
+  TORCH_CHECK(seqused_k->dim() == 1 && seqused_k->size(0) == batch, op, ": seqused_k must have shape (batch,) = (",
+              batch, ",), got ", seqused_k->sizes());
+  TORCH_CHECK(seqused_k->scalar_type() == at::kInt, op, ": seqused_k must be int32, got ", seqused_k->scalar_type());
+  TORCH_CHECK(seqused_k->device() == t.q.device(), op, ": seqused_k must be on q's device");
+  t.seqused_k = seqused_k->contiguous();
+}
+
 // The params of a call; q, k, v, o and lse are left to the caller where they are not float32
 // (the CUDA kernels read the inputs' dtype through their own pointers).
 inline AttentionParams attention_params(const AttentionTensors& t, double scale, double softcap, int64_t band_lo,
@@ -193,6 +207,7 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
   if (varlen) {
     p.cu_seqlens_q = t.cu_seqlens_q.const_data_ptr<int32_t>();
     p.cu_seqlens_k = t.cu_seqlens_k.const_data_ptr<int32_t>();
+    p.seqused_k = t.seqused_k.defined() ? t.seqused_k.const_data_ptr<int32_t>() : nullptr;
     p.total_q = t.q.size(0);
     p.total_k = t.k.size(0);
   }

@@ -31,12 +31,13 @@ using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                                            const std::optional<at::Tensor>&, double, double,
                                                            int64_t, int64_t, double, int64_t, int64_t, bool,
+                                                           const std::optional<at::Tensor>&,
                                                            const std::optional<at::Tensor>&);
 using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
     const std::optional<at::Tensor>&, double, double, int64_t, int64_t, double, int64_t, int64_t, bool,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -135,15 +136,16 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes,
-                               const AttentionOptions& options, const std::optional<at::Tensor>& sinks) {
+                               const AttentionOptions& options, const std::optional<at::Tensor>& sinks,
+                               const std::optional<at::Tensor>& seqused_k) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [o, lse] = varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              alibi_slopes, options.scale, options.softcap, options.band_lo,
                                              options.band_hi, options.dropout_p, options.seed, options.offset,
-                                             options.deterministic, sinks);
+                                             options.deterministic, sinks, seqused_k);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor()),
-                            sinks.value_or(at::Tensor())});
+                            sinks.value_or(at::Tensor()), seqused_k.value_or(at::Tensor())});
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
     ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
     options.save(ctx);
@@ -152,18 +154,19 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &o = saved[3], &alibi_slopes = saved[7], &sinks = saved[8];
+    const at::Tensor &o = saved[3], &alibi_slopes = saved[7], &sinks = saved[8], &seqused_k = saved[9];
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<VarlenBackwardOp>("genfast::attention_varlen_backward");
     auto [grad_q, grad_k, grad_v, grad_sinks] = backward_op.call(
         output_grad(grads[0], o), defined_or_none(grads[1]), saved[0], saved[1], saved[2], o, saved[4], saved[5],
         saved[6], ctx->saved_data.at("max_seqlen_q").toInt(), ctx->saved_data.at("max_seqlen_k").toInt(),
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
-        options.dropout_p, options.seed, options.offset, options.deterministic, defined_or_none(sinks));
+        options.dropout_p, options.seed, options.offset, options.deterministic, defined_or_none(sinks),
+        defined_or_none(seqused_k));
     // One per argument of apply: q, k, v; none to the sequences' bounds and lengths, alibi_slopes
-    // and the options; then sinks.
+    // and the options; then sinks; none to seqused_k.
     variable_list result = {grad_q, grad_k, grad_v};
-    result.resize(10);
+    result.resize(11);
     if (sinks.defined() && sinks.requires_grad()) result[9] = *grad_sinks;
     return result;
   }
@@ -202,16 +205,18 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& sinks) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& seqused_k) {
   if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr, sinks ? &*sinks : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                                    scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic, sinks);
+                                    scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic, sinks,
+                                    seqused_k);
   }
   return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                      AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                       deterministic},
-                                     sinks));
+                                     sinks, seqused_k));
 }
 
 }  // namespace

@@ -103,15 +103,17 @@ TORCH_LIBRARY(genfast, m) {
   // Packed variable-length batches: q (total_q, heads, dim), k and v (total_k, kv_heads, dim), sequence
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
   // bound the sequences' lengths. The band is relative to each sequence's bottom-right diagonal.
-  // (o (total_q, heads, v_dim), lse (heads, total_q) float32).
+  // (o (total_q, heads, v_dim), lse (heads, total_q) float32). seqused_k (int32 (batch,)): sequence b
+  // has only the first seqused_k[b] keys of its rows (a padded KV cache).
   m.def(
       "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, float softcap, int band_lo, "
-      "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, Tensor? sinks=None) "
-      "-> (Tensor, Tensor)");
+      "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, Tensor? sinks=None, "
+      "Tensor? seqused_k=None) -> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, float dropout_p, int seed, "
-      "int offset, bool deterministic=False, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor?)");
+      "int offset, bool deterministic=False, Tensor? sinks=None, Tensor? seqused_k=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor?)");
 }

@@ -232,7 +232,7 @@ def _check_alibi_grad(alibi_slopes):
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
-                  alibi_slopes, softcap, impl, sinks=None):
+                  alibi_slopes, softcap, impl, sinks=None, seqused_k=None):
     """Raises on bad input, naming the argument; else returns the shapes of q and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -251,12 +251,18 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value}")
-    if causal == "top_left" and cu_seqlens_q is not cu_seqlens_k:
+    if causal == "top_left" and (cu_seqlens_q is not cu_seqlens_k or seqused_k is not None):
         raise ValueError("attention_varlen aligns causal masks bottom-right, per sequence, as flash_attn_varlen_func "
                          "does; causal='top_left' is the same only when q and k share cu_seqlens (pass the same "
-                         "tensor), else pass causal='bottom_right'")
+                         "tensor) and there is no seqused_k, else pass causal='bottom_right'")
     qs, ks, vs = q.shape, k.shape, v.shape
     batch = cu_seqlens_q.shape[0] - 1
+    if seqused_k is not None and (not isinstance(seqused_k, Tensor) or seqused_k.dtype != torch.int32
+                                  or tuple(seqused_k.shape) != (batch,) or seqused_k.device != q.device):
+        raise ValueError(f"seqused_k must be an int32 tensor of shape (batch,) = ({batch},) on q's device "
+                         f"({q.device}), got {getattr(seqused_k, 'dtype', type(seqused_k).__name__)} "
+                         f"{tuple(getattr(seqused_k, 'shape', ()))}"
+                         f"{' on ' + str(seqused_k.device) if isinstance(seqused_k, Tensor) else ''}")
     if alibi_slopes is not None and isinstance(alibi_slopes, Tensor) and alibi_slopes.dim() == 2:
         if alibi_slopes.shape != (batch, qs[1]):
             raise ValueError(f"alibi_slopes must have shape (heads,) = ({qs[1]},) or (batch, heads) = "
@@ -273,7 +279,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
                      return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
-                     sinks: Optional[Tensor] = None):
+                     sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
     cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
@@ -281,9 +287,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
     window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq); sinks (Hq,). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
-    Philox stream (reference.varlen_attention). deterministic as genfast.attention's."""
+    Philox stream (reference.varlen_attention). deterministic as genfast.attention's.
+    seqused_k (int32 (batch,), FlashAttention 3's): sequence n has only the first seqused_k[n] keys of
+    its rows, the rest getting no weight and a zero gradient; with cu_seqlens_k = n L, it decodes from
+    a padded KV cache (batch, L, Hk, D) flattened to (batch L, Hk, D), each sequence's keys so far at
+    the front of its row, as flash_attn_with_kvcache's cache_seqlens. Each must lie in 0 ..
+    cu_seqlens_k[n + 1] - cu_seqlens_k[n]; the CPU checks it, a GPU does not (that would synchronize)."""
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
-                           window, alibi_slopes, softcap, impl, sinks)
+                           window, alibi_slopes, softcap, impl, sinks, seqused_k)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     backend = _fused_backend(impl, q, (qs[2], vs[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
@@ -291,12 +302,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,
                                           softcap=softcap, dropout_seed=seed, dropout_offset=offset,
-                                          return_lse=return_lse, sinks=sinks)
+                                          return_lse=return_lse, sinks=sinks, seqused_k=seqused_k)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
-            sinks)
+            sinks, seqused_k)
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward.default)
     o, lse = op(*args)

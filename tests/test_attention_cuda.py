@@ -12,6 +12,7 @@ import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
 from test_attention import (DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv,
                             check_dropout_mask, check_hidden_keys_not_read)
+from test_attention_seqused_k import cache_inputs
 from test_attention_sinks import compare_with_sinks, sink_inputs
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
 from test_attention_varlen import _compare as _compare_varlen
@@ -194,6 +195,19 @@ def test_attention_sinks(impl, dtype, lq):
     compare_with_sinks(impl, q, k, v, sinks, mask, causal="bottom_right")
     compare_with_sinks(impl, q, k, v, sinks, mask.half() * 0.5 if dtype == torch.float32 else mask.to(dtype) * 0.5,
                        window=(200, 0))
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_seqused_k_decoding_from_a_padded_cache(impl, dtype):
+    """A few queries of grouped heads against a padded cache of 1024 keys a sequence (the plans split
+    the keys), NaN past each sequence's keys; a longer prefill beside them."""
+    *args, seqused_k = cache_inputs([1000, 0, 1, 513], [1, 4, 1, 300], cache=1024, heads=8, kv_heads=2, dim=128,
+                                    dtype=dtype, device="cuda", unused=0.0)
+    _compare_varlen(impl, args, seqused_k=seqused_k, causal="bottom_right")
+    q, k, v, cu_q, cu_k, mq, mk, seqused_k = cache_inputs([1000, 0, 1, 513], [1, 4, 1, 300], cache=1024, heads=8,
+                                                          kv_heads=2, dim=128, dtype=dtype, device="cuda")
+    o = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal="bottom_right", seqused_k=seqused_k, impl=impl)
+    assert o.isfinite().all()
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

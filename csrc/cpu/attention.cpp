@@ -1389,8 +1389,11 @@ AttentionBackwardResult backward(
   // (float16's are rounded afterwards, by torch's vectorized conversion).
   const at::ScalarType grad_type = dtype == at::kBFloat16 ? dtype : at::kFloat;
   const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
+  // Keys past seqused_k are in no sequence: their rows of grad_k and grad_v stay zero.
+  const bool writes_all = runs && !t.seqused_k.defined();
   const auto new_grad = [&](const at::Tensor& like) {
-    return runs ? at::empty(like.sizes(), floats.dtype(grad_type)) : at::zeros(like.sizes(), floats.dtype(grad_type));
+    return writes_all ? at::empty(like.sizes(), floats.dtype(grad_type))
+                      : at::zeros(like.sizes(), floats.dtype(grad_type));
   };
   const at::Tensor grad_q = new_grad(t.q), grad_k = new_grad(t.k), grad_v = new_grad(t.v);
   // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
@@ -1475,14 +1478,17 @@ AttentionBackwardResult attention_backward_cpu(
                   offset, grad_mask);
 }
 
-// The CPU kernels read cu_seqlens directly: their values are checked here, where that costs nothing.
+// The CPU kernels read cu_seqlens and seqused_k directly: their values are checked here, where that
+// costs nothing.
 AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                    const std::optional<at::Tensor>& alibi_slopes, bool as_float) {
-  const AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, alibi_slopes, as_float);
+                                    const std::optional<at::Tensor>& alibi_slopes,
+                                    const std::optional<at::Tensor>& seqused_k, bool as_float) {
+  AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                alibi_slopes, as_float);
   const char* op = kAttentionVarlenOp;
+  set_attention_seqused_k(op, t, seqused_k);
   for (const auto& [cu, total, most, name] :
        {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
         std::tuple{&t.cu_seqlens_k, t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {
@@ -1496,6 +1502,13 @@ AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, co
                   c[b + 1] - c[b]);
     }
   }
+  if (t.seqused_k.defined()) {
+    const int32_t *used = t.seqused_k.const_data_ptr<int32_t>(), *c = t.cu_seqlens_k.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < t.seqused_k.size(0); ++b) {
+      TORCH_CHECK(used[b] >= 0 && used[b] <= c[b + 1] - c[b], op, ": seqused_k[", b, "] must be in 0 .. ",
+                  c[b + 1] - c[b], " (the rows cu_seqlens_k gives sequence ", b, "), got ", used[b]);
+    }
+  }
   return t;
 }
 
@@ -1503,9 +1516,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
-    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& seqused_k) {
   AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          alibi_slopes, /*as_float=*/false);
+                                          alibi_slopes, seqused_k, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
   return forward(std::move(t), q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
@@ -1516,10 +1530,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic: always, here*/,
-    const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k) {
   const char* op = "genfast.attention_varlen_backward";
   AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          alibi_slopes, /*as_float=*/!backward_takes_pairs(q, v));
+                                          alibi_slopes, seqused_k, /*as_float=*/!backward_takes_pairs(q, v));
   set_attention_sinks(op, t, sinks, q.size(1), q);
   auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] = backward(
       op, t, q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,

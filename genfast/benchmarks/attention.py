@@ -38,6 +38,10 @@ VARLEN_CONFIGS = {"cpu": (8, 64, [1024, 200, 700, 64, 512, 900, 333, 300]),
 # One new token per sequence against a KV cache (batch, heads, kv_heads, cache length, head_dim),
 # grouped-query as in Llama-style models: decoding, bound by reading K and V.
 DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
+# A batch decoding from a padded KV cache, (batch, heads, kv_heads, cache length, head_dim): the
+# sequences hold from an eighth of the cache to all of it (CACHE_DECODE_USED).
+CACHE_DECODE_CONFIGS = {"cpu": (4, 32, 8, 2048, 128), "cuda": (16, 32, 8, 8192, 128)}
+CACHE_DECODE_USED = [1.0, 0.125, 0.5, 0.3, 0.8, 0.2, 0.65, 0.4]
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
@@ -232,6 +236,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         rows += _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say)
         if not sizes:
             rows += _decode_rows(device, dtype, gemm, quick, say)
+            rows += _cache_decode_rows(device, dtype, gemm, quick, say)
             if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
                 rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
             if not quick:
@@ -479,6 +484,40 @@ def _decode_rows(device, dtype, gemm, quick, say, config=None):
                                    [(name, torch.no_grad()(lambda fn=fn: fn(q, k, v))) for name, fn in usable])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} D={dim}"
     return time_groups("attention", device, dtype, config, batch * kv_heads * length * dim, groups, gemm, quick, say)
+
+
+def _cache_decode_rows(device, dtype, gemm, quick, say):
+    """One new token per sequence against a padded KV cache (batch, length, kv_heads, dim) whose
+    sequences hold different counts of keys: attention_varlen with seqused_k (no mask), against
+    genfast.attention, SDPA and the eager reference on the same cache viewed (batch, kv_heads, length,
+    dim) with a padding mask, as a transformers model with a static cache calls them."""
+    batch, heads, kv_heads, length, dim = CACHE_DECODE_CONFIGS.get(device, CACHE_DECODE_CONFIGS["cpu"])
+    used = [max(1, int(length * CACHE_DECODE_USED[n % len(CACHE_DECODE_USED)])) for n in range(batch)]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, dim, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(batch, length, kv_heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    cu_q = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    cu_k = cu_q * length
+    seqused_k = torch.tensor(used, device=device, dtype=torch.int32)
+    mask = (torch.arange(length, device=device)[None, :] < seqused_k[:, None])[:, None, None, :]
+    q4, k4, v4 = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)
+
+    def cached(impl):
+        return lambda: attention_varlen(q, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 1, length,
+                                        causal="bottom_right", seqused_k=seqused_k, impl=impl)
+
+    candidates = [(f"genfast {impl} seqused_k", cached(impl)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} mask", lambda impl=impl: attention(q4, k4, v4, mask, enable_gqa=True, impl=impl))
+                   for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name} mask",
+                    lambda fn=_sdpa(backend, "attn_mask", enable_gqa=True): fn(q4, k4, v4, mask))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference mask", lambda: reference.attention(q4, k4, v4, mask, enable_gqa=True))]
+    usable = [(name, fn) for name, fn in candidates if _runs(fn)]
+    groups = {"attention decode padded cache": (4 * heads * dim * sum(used),
+                                                [(name, torch.no_grad()(fn)) for name, fn in usable])}
+    config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim}"
+    return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
 
 
 def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):

@@ -47,13 +47,13 @@ def _sinks_grad_fake(sinks):
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
-                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None):
+                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None, seqused_k=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def _varlen_backward_fake(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic=False,
-                          sinks=None):
+                          sinks=None, seqused_k=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _sinks_grad_fake(sinks)
 
 
@@ -95,8 +95,8 @@ _VARLEN_SINKS_OPTION = 8  # after scale .. offset and deterministic
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
-    sinks = options[_VARLEN_SINKS_OPTION] if len(options) > _VARLEN_SINKS_OPTION else None
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
+    sinks, seqused_k = (options[_VARLEN_SINKS_OPTION:] + [None, None])[:2]
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k)
     ctx.options = (max_seqlen_q, max_seqlen_k)
     ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
     ctx.non_tensor_inputs = 5 + len(options)
@@ -104,11 +104,11 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _make_varlen_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k = ctx.saved_tensors
         grads_o = torch.zeros_like(o) if grad_o is None else grad_o
         grad_q, grad_k, grad_v, grad_sinks = backward_op(grads_o, grad_lse, q, k, v, o, lse, cu_seqlens_q,
                                                          cu_seqlens_k, *ctx.options, alibi_slopes, *ctx.after_alibi,
-                                                         sinks)
+                                                         sinks, seqused_k)
         grads = [grad_q, grad_k, grad_v] + [None] * ctx.non_tensor_inputs
         if sinks is not None and ctx.needs_input_grad[8 + _VARLEN_SINKS_OPTION]:
             grads[8 + _VARLEN_SINKS_OPTION] = grad_sinks
@@ -169,6 +169,20 @@ def _float_sinks(sinks, q):
     if sinks.device != q.device:
         raise ValueError(f"sinks must be on q's device ({q.device}), got {sinks.device}")
     return sinks.float().contiguous()
+
+
+def _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k):
+    """The Triton launchers' varlen argument, seqused_k checked as the native ops check it (its values
+    are not read: that would synchronize with the GPU)."""
+    if seqused_k is not None:
+        batch = cu_seqlens_k.shape[0] - 1
+        if seqused_k.shape != (batch,) or seqused_k.dtype != torch.int32:
+            raise ValueError(f"seqused_k must be int32 of shape (batch,) = ({batch},), got {seqused_k.dtype} "
+                             f"{tuple(seqused_k.shape)}")
+        if seqused_k.device != cu_seqlens_k.device:
+            raise ValueError(f"seqused_k must be on q's device ({cu_seqlens_k.device}), got {seqused_k.device}")
+        seqused_k = seqused_k.contiguous()
+    return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, seqused_k
 
 
 def _float_grads(*tensors):
@@ -234,12 +248,13 @@ def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
                                     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
                                     seed: int, offset: int, deterministic: bool = False,
-                                    sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                    sinks: Optional[Tensor] = None,
+                                    seqused_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
                           softcap, band_lo, band_hi, dropout_p, seed, offset)
-    varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
+    varlen = _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     launch_attention_forward(q, k, v, None, False, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
                              dropout_p, seed, offset, o, lse, varlen=varlen, sinks=_float_sinks(sinks, q))
     return o, lse
@@ -251,13 +266,14 @@ def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor],
                                      max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                      scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
                                      seed: int, offset: int, deterministic: bool = False,
-                                     sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                     sinks: Optional[Tensor] = None,
+                                     seqused_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.attention import launch_attention_backward
 
     float_sinks = _float_sinks(sinks, q)
     delta = _triton_delta(grad_o, o, grad_lse, varlen=True)
     grad_q, grad_k, grad_v = _float_grads(q, k, v)
-    varlen = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
+    varlen = _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), None, False,
                               _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                               grad_q, grad_k, grad_v, None, varlen=varlen, deterministic=deterministic)

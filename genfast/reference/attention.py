@@ -130,22 +130,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, dropout_seed: int = 0,
-                     dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None, **options):
+                     dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None,
+                     seqused_k: Optional[Tensor] = None, **options):
     """Packed sequences, as flash_attn_varlen_func takes them: q (total_q, Hq, D), k and v
-    (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n]:cu_seqlens[n + 1]. Each sequence is
+    (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n]:cu_seqlens[n + 1], or with seqused_k
+    (batch,) its keys at rows cu_seqlens_k[n]:cu_seqlens_k[n] + seqused_k[n]. Each sequence is
     attention() on its own rows (causal="bottom_right" and windows aligned to its own corner;
     alibi_slopes (Hq,) or (batch, Hq)). Dropout keeps element (h, cu_seqlens_q[n] + i,
     cu_seqlens_k[n] + j) of uniforms (Hq, total_q, total_k): the Philox stream's, or the given
     dropout_uniforms. Returns o (total_q, Hq, Dv) (and lse (Hq, total_q) with return_lse)."""
     outputs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if seqused_k is not None:
+        bounds_k = [(start, start + used) for start, used in zip(bounds_k, seqused_k.tolist())]
+    else:
+        bounds_k = list(zip(bounds_k, bounds_k[1:]))
     if dropout_p > 0.0 and dropout_uniforms is None:
         from .random import philox_uniform
 
         dropout_uniforms = philox_uniform((q.shape[1], q.shape[0], k.shape[0]), dropout_seed, dropout_offset,
                                           dtype=torch.float64, device=q.device)
     for n in range(len(bounds_q) - 1):
-        rows, keys = slice(bounds_q[n], bounds_q[n + 1]), slice(bounds_k[n], bounds_k[n + 1])
+        rows, keys = slice(bounds_q[n], bounds_q[n + 1]), slice(*bounds_k[n])
         qs, ks, vs = (t[r].transpose(0, 1)[None] for t, r in ((q, rows), (k, keys), (v, keys)))
         slopes = alibi_slopes[n] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         uniforms = dropout_uniforms[None, :, rows, keys] if dropout_p > 0.0 else None

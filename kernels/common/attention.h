@@ -14,7 +14,9 @@
 // q_len and k_len are the longest sequences' lengths, the batch strides are 0, band_lo and band_hi
 // are relative to each sequence's bottom-right diagonal (j - i = Lk_b - Lq_b), there is no mask, lse
 // is (heads, total_q) and dropout keeps element (h total_q + cu_seqlens_q[b] + i) total_k +
-// cu_seqlens_k[b] + j.
+// cu_seqlens_k[b] + j. With seqused_k (FlashAttention 3's), sequence b has its first seqused_k[b]
+// keys of those rows alone: a padded KV cache, row b at cu_seqlens_k[b] = b max_len, holding
+// seqused_k[b] keys so far.
 #pragma once
 
 #include <stdint.h>
@@ -36,6 +38,7 @@ struct AttentionParams {
   int64_t batch, heads, kv_heads, q_len, k_len, dim, v_dim;
   const int32_t* cu_seqlens_q;  // (batch + 1), or null: dense (batch, heads, length, dim) inputs
   const int32_t* cu_seqlens_k;
+  const int32_t* seqused_k;     // (batch), or null: each sequence's keys up to cu_seqlens_k[b + 1]
   int64_t total_q, total_k;     // varlen: the packed row counts
   const float* q;
   int64_t q_stride[3];
@@ -94,7 +97,7 @@ GF_HOST_DEVICE_INLINE AttentionSequence attention_sequence(const AttentionParams
   s.q_start = p.cu_seqlens_q[b];
   s.k_start = p.cu_seqlens_k[b];
   s.q_len = p.cu_seqlens_q[b + 1] - s.q_start;
-  s.k_len = p.cu_seqlens_k[b + 1] - s.k_start;
+  s.k_len = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - s.k_start;
   const int64_t shift = s.k_len - s.q_len;
   s.band_lo = p.band_lo <= -kAttentionUnbounded ? p.band_lo : p.band_lo + shift;
   s.band_hi = p.band_hi >= kAttentionUnbounded ? p.band_hi : p.band_hi + shift;

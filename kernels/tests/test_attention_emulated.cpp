@@ -51,6 +51,7 @@ struct Case {
   std::string name;
   int batch = 1, heads = 2, kv_heads = 1, q_len = 70, k_len = 230, dim = 64, v_dim = 64;
   std::vector<int> lengths_q, lengths_k;  // varlen when set
+  std::vector<int> used_k;  // varlen: seqused_k, the keys each sequence uses; its other rows' k and v NaN
   bool seq_major = false;                 // dense inputs stored (B, L, H, D)
   bool unaligned = false;                 // every input one element past a 16-byte boundary
   int64_t band_lo = -genfast::kAttentionUnbounded, band_hi = genfast::kAttentionUnbounded;
@@ -186,6 +187,7 @@ void run_case(const Case& c) {
     total_k = cu_k.back();
     p.cu_seqlens_q = cu_q.data();
     p.cu_seqlens_k = cu_k.data();
+    if (!c.used_k.empty()) p.seqused_k = c.used_k.data();
     p.total_q = total_q;
     p.total_k = total_k;
   } else {
@@ -223,6 +225,20 @@ void run_case(const Case& c) {
     }
   }
   if (c.nan_q) q.set(p.q_stride[2], NAN);
+  // The rows no sequence uses (past seqused_k): NaN, as an uninitialized KV cache may hold. Each
+  // (b, hk, j) of them, with the sequence's own k_len ignored.
+  const auto for_each_unused_key = [&](const auto& visit) {
+    for (size_t b = 0; b < c.used_k.size(); ++b) {
+      for (int64_t j = c.used_k[b]; j < c.lengths_k[b]; ++j) {
+        for (int64_t hk = 0; hk < c.kv_heads; ++hk) visit(static_cast<int64_t>(b), hk, j);
+      }
+    }
+  };
+  for_each_unused_key([&](int64_t b, int64_t hk, int64_t j) {
+    const AttentionSequence seq = genfast::attention_sequence(p, b);
+    for (int d = 0; d < c.dim; ++d) k.set(genfast::attention_k_at(p, seq, b, hk, j) + d, NAN);
+    for (int d = 0; d < c.v_dim; ++d) v.set(genfast::attention_v_at(p, seq, b, hk, j) + d, NAN);
+  });
   const int64_t rows = total_q * c.heads, scores = rows * p.k_len;
   std::vector<float> slopes(c.heads), additive;
   std::vector<uint16_t> additive_bits;
@@ -484,6 +500,11 @@ void run_case(const Case& c) {
   const auto backward = [&](const std::string& run, bool atomic_dq, SummedDs summed = {}) {
     std::vector<uint16_t> dq_bits(ref_dq.size(), nan_bits), dk_bits(ref_dk.size(), nan_bits),
         dv_bits(ref_dv.size(), nan_bits);
+    for_each_unused_key([&](int64_t b, int64_t hk, int64_t j) {  // zeroed, as the binding does: in no sequence
+      const int64_t key = genfast::attention_sequence(p, b).key_out_row(hk, j);
+      std::fill_n(dk_bits.begin() + key * c.dim, c.dim, uint16_t{0});
+      std::fill_n(dv_bits.begin() + key * c.v_dim, c.v_dim, uint16_t{0});
+    });
     std::vector<float> dq_accum(ref_dq.size(), 0.0f), ds_chunk;
     const SummedDs shape = summed.batches > 0 ? summed : SummedDs{p.batch, p.heads, p.q_len, 0};
     std::vector<double> ref_sum(additive_ds ? shape.batches * shape.heads * shape.rows * p.k_len : 0, 0.0);
@@ -589,6 +610,16 @@ std::vector<Case> cases() {
   c.name = "sinks, varlen causal d128";
   c.heads = 3, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {40, 1, 0}, c.lengths_k = {40, 90, 3};
   c.band_hi = 0, c.sinks = true;
+  all.push_back(c);
+  c = Case{};
+  c.name = "seqused_k: a padded KV cache, NaN past each sequence's keys, causal GQA d64";
+  c.heads = 4, c.kv_heads = 2, c.lengths_q = {1, 3, 2, 40}, c.lengths_k = {160, 160, 160, 160};
+  c.used_k = {150, 0, 64, 97}, c.band_hi = 0;
+  all.push_back(c);
+  c = Case{};
+  c.name = "seqused_k, d128, a window";
+  c.heads = 2, c.kv_heads = 2, c.dim = c.v_dim = 128, c.lengths_q = {70, 5}, c.lengths_k = {200, 200};
+  c.used_k = {130, 199}, c.band_lo = -100;
   all.push_back(c);
   c = Case{};
   c.name = "NaN in q";

@@ -236,15 +236,20 @@ def _finish_scores(s, mask_block, offs_m, offs_n, Lq, Lk, slope, softcap, band_l
 
 
 @triton.jit
-def _sequence(cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN: tl.constexpr):
+def _sequence(cu_q_ptr, cu_k_ptr, used_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H,
+              VARLEN: tl.constexpr, SEQUSED_K: tl.constexpr):
     """Where sequence b lies (kernels/common/attention.h, attention_sequence): (q_start, k_start, Lq, Lk,
     band_lo, band_hi, row_base, head_rows, row_length): query i of head h has lse and dropout row
-    row_base + h head_rows + i, of row_length dropout columns, key j at column k_start + j."""
+    row_base + h head_rows + i, of row_length dropout columns, key j at column k_start + j. SEQUSED_K:
+    the sequence has the first used_k_ptr[b] keys of its rows."""
     if VARLEN:
         q_start = tl.load(cu_q_ptr + b).to(tl.int64)
         k_start = tl.load(cu_k_ptr + b).to(tl.int64)
         lq = tl.load(cu_q_ptr + b + 1).to(tl.int64) - q_start
-        lk = tl.load(cu_k_ptr + b + 1).to(tl.int64) - k_start
+        if SEQUSED_K:
+            lk = tl.load(used_k_ptr + b).to(tl.int64)
+        else:
+            lk = tl.load(cu_k_ptr + b + 1).to(tl.int64) - k_start
         return q_start, k_start, lq, lk, band_lo + (lk - lq), band_hi + (lk - lq), q_start, total_q, total_k
     else:
         zero = b * 0
@@ -346,7 +351,7 @@ def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, sinks_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, sinks_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
     H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
@@ -354,7 +359,7 @@ def attention_forward_kernel(
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
-    HAS_SINKS: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
@@ -369,7 +374,7 @@ def attention_forward_kernel(
     hk = chunk // head_chunks % (H // GROUP)
     h0 = hk * GROUP + c * heads_per_tile
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
-        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+        cu_q_ptr, cu_k_ptr, used_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN, SEQUSED_K)
     if STACKED:
         start_m = tl.program_id(0) * rows_per_head
         span = rows_per_head
@@ -547,6 +552,7 @@ def _probs_and_grads(q, k, v, do, lse, delta, mask_block, offs_m, offs_n, start_
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_backward_kv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
+    used_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
     smb, smh, smm, smn, alibi_bs, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqm,
     H, HK, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
@@ -554,13 +560,14 @@ def attention_backward_kv_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
+    SEQUSED_K: tl.constexpr = False,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HK
     hk = bhk % HK
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
-        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+        cu_q_ptr, cu_k_ptr, used_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN, SEQUSED_K)
     if start_n >= Lk:  # past a packed sequence's end
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -610,6 +617,7 @@ def attention_backward_kv_kernel(
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["b_first"])  # one compiled kernel for every chunk
 def attention_backward_q_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, alibi_ptr, dq_ptr, ds_ptr, cu_q_ptr, cu_k_ptr,
+    used_k_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, sdlb, sdlh,
     smb, smh, smm, smn, alibi_bs, sdqb, sdqh, sdqm, sdsb, sdsh, sdsm, sdsn,
     H, GROUP, b_first, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
@@ -617,6 +625,7 @@ def attention_backward_q_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, WRITE_DS: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
+    SEQUSED_K: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64) + b_first * H  # dS of batch b at ds_ptr's batch b - b_first
@@ -624,7 +633,7 @@ def attention_backward_q_kernel(
     h = bh % H
     hk = h // GROUP
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
-        cu_q_ptr, cu_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN)
+        cu_q_ptr, cu_k_ptr, used_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN, SEQUSED_K)
     if start_m >= Lq:  # past a packed sequence's end
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -754,18 +763,25 @@ def _check(q, k, v):
 
 class _Packing:
     """The sequences of a call: dense (batch, heads, length, dim) tensors, or packed ones, which the
-    launchers view as one batch of (1, heads, total, dim) and the kernels split by cu_seqlens."""
+    launchers view as one batch of (1, heads, total, dim) and the kernels split by cu_seqlens (and
+    seqused_k, where given, the keys each sequence uses)."""
 
     def __init__(self, q, k, varlen):
+        self.used_k = None
         if varlen is None:
             self.batch, self.lq, self.lk = q.shape[0], q.shape[2], k.shape[2]
             self.cu_q = self.cu_k = q
             self.total_q = self.total_k = 0
         else:
-            self.cu_q, self.cu_k, self.lq, self.lk = varlen
+            self.cu_q, self.cu_k, self.lq, self.lk = varlen[:4]
+            self.used_k = varlen[4] if len(varlen) > 4 else None
             self.batch = self.cu_q.shape[0] - 1
             self.total_q, self.total_k = q.shape[2], k.shape[2]
         self.varlen = varlen is not None
+
+    def bounds(self):
+        """The kernels' cu_q_ptr, cu_k_ptr and used_k_ptr."""
+        return self.cu_q, self.cu_k, self.cu_k if self.used_k is None else self.used_k
 
     def strides(self, t):
         """(batch, head, position) strides: the batch's is 0 for packed sequences."""
@@ -805,6 +821,7 @@ def _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, 
                    seed_hi=seed_hi, base_lo=base_lo, base_hi=base_hi)
     consts = dict(SOFTCAP=float(softcap) > 0.0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
                   DROPOUT=_dropout_kind(dropout_p, packing), VARLEN=packing.varlen, DOT_KIND=_dot_kind(q.dtype),
+                  SEQUSED_K=packing.used_k is not None,
                   FAST_EXP=_fast_exp(q.dtype, scale),
                   BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
                   BLOCK_DV=triton.next_power_of_2(max(v.shape[3], 16)))
@@ -920,9 +937,10 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     float16 or bfloat16 (added); alibi_slopes None, (H,) or (B, H); softcap 0: none; band_lo/band_hi: keep
     i + band_lo <= j <= i + band_hi, +-(1 << 62) unbounded; dropout with the Philox stream of
     (seed, offset). wrap: torch.library.wrap_triton inside a triton_op. varlen: packed sequences
-    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q (total_q, H, D), k and v (total_k,
-    Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each sequence's
-    bottom-right diagonal (kernels/common/attention.h). plan: (heads_per_tile, splits), forward_plan's
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k[, seqused_k]), q (total_q, H, D), k and v
+    (total_k, Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each
+    sequence's bottom-right diagonal (kernels/common/attention.h); seqused_k (int32 (batch,) or None):
+    the keys each sequence uses, the first of its rows. plan: (heads_per_tile, splits), forward_plan's
     for the device when None; (1, 1) runs the autotuned tiles of one head. sinks: None or the heads'
     sink logits, float32 (H,) contiguous."""
     import torch
@@ -955,7 +973,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                          f"and 1 <= splits <= {_MAX_SPLITS}")
 
     def args(o_arg, lse_arg):
-        return (q, k, v, mask_arg, alibi_arg, q if sinks is None else sinks, o_arg, lse_arg, packing.cu_q, packing.cu_k,
+        return (q, k, v, mask_arg, alibi_arg, q if sinks is None else sinks, o_arg, lse_arg, *packing.bounds(),
                 *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
                 *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
 
@@ -1065,7 +1083,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True)
     kv_kernel = kv_kernel if wrap is None else wrap(kv_kernel)
     kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, packing.cu_q, packing.cu_k, *common_strides,
+        q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, *packing.bounds(), *common_strides,
         *packing.strides(dk), *packing.strides(dv), *packing.strides(dq),
         heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, **scalars, **consts,
         ATOMIC_DQ=atomic_dq,
@@ -1076,8 +1094,8 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
 
         def dq_pass(ds, b_first, batches):
             q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batches * heads)](
-                q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, dq if ds is None else ds, packing.cu_q,
-                packing.cu_k, *common_strides, *packing.strides(dq), *(ds.stride() if ds is not None else (0,) * 4),
+                q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, dq if ds is None else ds, *packing.bounds(),
+                *common_strides, *packing.strides(dq), *(ds.stride() if ds is not None else (0,) * 4),
                 heads, heads // kv_heads, b_first, lq, lk, dim, v_dim, **scalars, **consts,
                 WRITE_DS=ds is not None,
             )
