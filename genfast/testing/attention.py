@@ -47,20 +47,26 @@ def _case(options, dtype, device):
     return run
 
 
-def _varlen_case(dtype, device):
-    """Packed sequences of lengths 0 to 40, bottom-right causal with a window, grouped-query heads."""
+def _varlen_case(dtype, device, padded_cache=False):
+    """Packed sequences of lengths 0 to 40, bottom-right causal with a window, grouped-query heads;
+    padded_cache: their keys at the front of rows of 48 (seqused_k), the rest large."""
     g = torch.Generator().manual_seed(6)
     lengths_q, lengths_k = [17, 0, 1, 40], [30, 5, 1, 40]
+    used = torch.tensor(lengths_k, dtype=torch.int32, device=device) if padded_cache else None
+    rows_k = [48] * len(lengths_k) if padded_cache else lengths_k
     q = torch.randn(sum(lengths_q), 4, 32, generator=g).to(device=device, dtype=dtype)
-    k, v = (torch.randn(sum(lengths_k), 2, 32, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(sum(rows_k), 2, 32, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    if padded_cache:
+        unused = (torch.arange(48)[None, :] >= torch.tensor(lengths_k)[:, None]).flatten().to(device)
+        k[unused], v[unused] = 1e3, -1e3
     cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
-                  for lengths in (lengths_q, lengths_k))
+                  for lengths in (lengths_q, rows_k))
     weights = torch.linspace(-1, 1, q.numel(), dtype=torch.float64, device=device).reshape(q.shape)
 
     def run(impl, cast=None):
         leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_() for t in (q, k, v)]
-        o, lse = attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), causal="bottom_right",
-                                  window=(12, -1), return_lse=True, impl=impl)
+        o, lse = attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(rows_k), causal="bottom_right",
+                                  window=(12, -1), return_lse=True, impl=impl, seqused_k=used)
         return [o, lse, *torch.autograd.grad((o.double() * weights).sum(), leaves)]
 
     return run
@@ -72,3 +78,4 @@ def cases(device, dtypes):
         for name, options in CASES.items():
             yield f"attention {name}", dtype, _case(options, dtype, device), ("o", "lse")
         yield "attention varlen causal window", dtype, _varlen_case(dtype, device), ("o", "lse")
+        yield "attention varlen seqused_k", dtype, _varlen_case(dtype, device, True), ("o", "lse")
