@@ -29,7 +29,7 @@ def _signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("cu_q_ptr", "cu_k_ptr"):
+        elif name in ("cu_q_ptr", "cu_k_ptr", "used_k_ptr"):
             signature[name] = "*i32"
         elif name == "mask_ptr" and constexprs.get("MASK_KIND") == 1:
             signature[name] = "*u8"  # a bool mask, read as bytes
@@ -64,7 +64,7 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     signature = _signature(fn, dtype, constexprs)
     aligned = head_dim % 16 == 0
     divisible = [name for name, kind in signature.items()
-                 if (kind.startswith("*") and name not in ("cu_q_ptr", "cu_k_ptr"))
+                 if (kind.startswith("*") and name not in ("cu_q_ptr", "cu_k_ptr", "used_k_ptr"))
                  or (aligned and kind == "i32" and name not in NOT_SIZES)]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
