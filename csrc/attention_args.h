@@ -149,12 +149,15 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
 }
 
 // Packed sequences: q (total_q, heads, dim), k and v (total_k, kv_heads, dim[v]), cu_seqlens int32
-// (batch + 1) on q's device. Their values are not read here (no device synchronization): they must
-// rise from 0 to total, each step at most max_seqlen.
+// (batch + 1) on q's device, and optionally seqused_k, int32 (batch,): sequence b uses only the first
+// seqused_k[b] keys of its rows (kernels/common/attention.h). Their values are not read here (no
+// device synchronization): cu_seqlens must rise from 0 to total, each step at most max_seqlen, and
+// seqused_k[b] lie in 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b].
 inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                 const std::optional<at::Tensor>& alibi_slopes, bool as_float = true) {
+                                                 const std::optional<at::Tensor>& alibi_slopes,
+                                                 const std::optional<at::Tensor>& seqused_k, bool as_float = true) {
   const char* op = kAttentionVarlenOp;
   check_attention_qkv(op, q, k, v, 3);
   for (const auto& [cu, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, std::pair{&cu_seqlens_k, "cu_seqlens_k"}}) {
@@ -174,20 +177,16 @@ inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::
   t.max_seqlen_q = max_seqlen_q;
   t.max_seqlen_k = max_seqlen_k;
   if (alibi_slopes) check_alibi(op, *alibi_slopes, cu_seqlens_q.size(0) - 1, q.size(1), q, t);
+  if (seqused_k) {
+    const int64_t batch = cu_seqlens_k.size(0) - 1;
+    TORCH_CHECK(seqused_k->dim() == 1 && seqused_k->size(0) == batch, op,
+                ": seqused_k must have shape (batch,) = (", batch, ",), got ", seqused_k->sizes());
+    TORCH_CHECK(seqused_k->scalar_type() == at::kInt, op, ": seqused_k must be int32, got ",
+                seqused_k->scalar_type());
+    TORCH_CHECK(seqused_k->device() == q.device(), op, ": seqused_k must be on q's device");
+    t.seqused_k = seqused_k->contiguous();
+  }
   return t;
-}
-
-// Packed sequences that use only the first seqused_k[b] keys of their rows of k and v (int32
-// (batch,), on q's device; kernels/common/attention.h). Its values are not read here: each must lie
-// in 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b].
-inline void set_attention_seqused_k(const char* op, AttentionTensors& t, const std::optional<at::Tensor>& seqused_k) {
-  if (!seqused_k) return;
-  const int64_t batch = t.cu_seqlens_k.size(0) - 1;
-  TORCH_CHECK(seqused_k->dim() == 1 && seqused_k->size(0) == batch, op, ": seqused_k must have shape (batch,) = (",
-              batch, ",), got ", seqused_k->sizes());
-  TORCH_CHECK(seqused_k->scalar_type() == at::kInt, op, ": seqused_k must be int32, got ", seqused_k->scalar_type());
-  TORCH_CHECK(seqused_k->device() == t.q.device(), op, ": seqused_k must be on q's device");
-  t.seqused_k = seqused_k->contiguous();
 }
 
 // The params of a call; q, k, v, o and lse are left to the caller where they are not float32

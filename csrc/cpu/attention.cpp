@@ -1390,12 +1390,13 @@ AttentionBackwardResult backward(
   const at::ScalarType grad_type = dtype == at::kBFloat16 ? dtype : at::kFloat;
   const bool runs = t.q.numel() > 0 && t.k.numel() > 0;
   // Keys past seqused_k are in no sequence: their rows of grad_k and grad_v stay zero.
-  const bool writes_all = runs && !t.seqused_k.defined();
-  const auto new_grad = [&](const at::Tensor& like) {
-    return writes_all ? at::empty(like.sizes(), floats.dtype(grad_type))
-                      : at::zeros(like.sizes(), floats.dtype(grad_type));
+  const bool writes_all_keys = !t.seqused_k.defined();
+  const auto new_grad = [&](const at::Tensor& like, bool written) {
+    return runs && written ? at::empty(like.sizes(), floats.dtype(grad_type))
+                           : at::zeros(like.sizes(), floats.dtype(grad_type));
   };
-  const at::Tensor grad_q = new_grad(t.q), grad_k = new_grad(t.k), grad_v = new_grad(t.v);
+  const at::Tensor grad_q = new_grad(t.q, true), grad_k = new_grad(t.k, writes_all_keys),
+                   grad_v = new_grad(t.v, writes_all_keys);
   // dS summed over the dims the mask broadcasts on: in a copy per thread's part of the tasks where
   // those take less memory than one (B, H, Lq, Lk), else in that one, summed afterwards; for a mask
   // with every dim, stored as it is (in its dtype: nothing left to sum).
@@ -1485,10 +1486,9 @@ AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, co
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
                                     const std::optional<at::Tensor>& alibi_slopes,
                                     const std::optional<at::Tensor>& seqused_k, bool as_float) {
-  AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, as_float);
+  const AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, alibi_slopes, seqused_k, as_float);
   const char* op = kAttentionVarlenOp;
-  set_attention_seqused_k(op, t, seqused_k);
   for (const auto& [cu, total, most, name] :
        {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
         std::tuple{&t.cu_seqlens_k, t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {

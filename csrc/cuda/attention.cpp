@@ -280,9 +280,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const std::optional<at::Tensor>& seqused_k) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, /*as_float=*/false);
+                                                alibi_slopes, seqused_k, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
-  set_attention_seqused_k(kAttentionVarlenOp, t, seqused_k);
   return forward(kAttentionVarlenOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 
@@ -295,9 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const std::optional<at::Tensor>& seqused_k) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, /*as_float=*/false);
+                                                alibi_slopes, seqused_k, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenBackwardOp, t, sinks, q.size(1), q);
-  set_attention_seqused_k(kAttentionVarlenBackwardOp, t, seqused_k);
   auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] =
       backward(kAttentionVarlenBackwardOp, t, grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p,
                seed, offset, false, deterministic);

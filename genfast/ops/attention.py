@@ -148,9 +148,9 @@ def _triton_delta(grad_o, o, grad_lse, varlen: bool):
 def _sinks_grad(delta, lse, sinks, float_sinks, varlen: bool):
     """The gradient of sinks (float_sinks as _float_sinks gives them) in their dtype from the backward's
     delta (csrc/attention_args.h's attention_sink_grad, which the native ops use): d sink_h = -sum over
-    the rows r of head h of e^(sink_h - lse_r) delta_r; an empty tensor without sinks."""
+    the rows r of head h of e^(sink_h - lse_r) delta_r; None without sinks."""
     if sinks is None:
-        return delta.new_empty(0)
+        return None
     sink = float_sinks.view((-1, 1) if varlen else (1, -1, 1))
     # lse >= sink, so the weight is at most 1; lse = -inf only where the sink is -inf too: weight 0.
     weight = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sink - lse))
@@ -183,6 +183,11 @@ def _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sequs
             raise ValueError(f"seqused_k must be on q's device ({cu_seqlens_k.device}), got {seqused_k.device}")
         seqused_k = seqused_k.contiguous()
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, seqused_k
+
+
+def _or_not_asked(t, q):
+    """A custom_op returns no optional tensor: an empty one stands for "not asked"."""
+    return q.new_empty(0) if t is None else t
 
 
 def _float_grads(*tensors):
@@ -228,10 +233,10 @@ def attention_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor], q: Ten
     launch_attention_backward(grad_o.contiguous(), delta, q, k, v, lse.contiguous(), mask, is_bool, slopes, scale,
                               softcap, band_lo, band_hi, dropout_p, seed, offset, grad_q, grad_k, grad_v, grad_s,
                               deterministic=deterministic)
-    # A custom_op returns no optional tensor: an empty one stands for "not asked".
-    return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype),
-            grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)).to(_mask_grad_dtype(attn_mask)) if grad_mask
-            else q.new_empty(0), _sinks_grad(delta, lse, sinks, float_sinks, varlen=False))
+    grad_mask_shaped = (grad_s.sum_to_size(_mask_grad_shape(attn_mask, q, k)).to(_mask_grad_dtype(attn_mask))
+                        if grad_mask else None)
+    return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), _or_not_asked(grad_mask_shaped, q),
+            _or_not_asked(_sinks_grad(delta, lse, sinks, float_sinks, varlen=False), q))
 
 
 def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_slopes, scale, softcap, band_lo,
@@ -239,8 +244,7 @@ def _triton_backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask, alibi_sl
     grad_q, grad_k, grad_v, grad_s, grad_sinks = _backward_fake(grad_o, grad_lse, q, k, v, o, lse, attn_mask,
                                                                 alibi_slopes, scale, softcap, band_lo, band_hi,
                                                                 dropout_p, seed, offset, grad_mask, sinks=sinks)
-    return (grad_q, grad_k, grad_v, grad_s if grad_mask else q.new_empty(0),
-            q.new_empty(0, dtype=torch.float32) if sinks is None else grad_sinks)
+    return grad_q, grad_k, grad_v, _or_not_asked(grad_s, q), _or_not_asked(grad_sinks, q)
 
 
 @torch.library.custom_op("genfast::attention_varlen_forward_triton", mutates_args=())
@@ -278,12 +282,12 @@ def attention_varlen_backward_triton(grad_o: Tensor, grad_lse: Optional[Tensor],
                               _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                               grad_q, grad_k, grad_v, None, varlen=varlen, deterministic=deterministic)
     grad_sinks = _sinks_grad(delta, lse, sinks, float_sinks, varlen=True)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_sinks
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), _or_not_asked(grad_sinks, q)
 
 
 def _triton_varlen_backward_fake(*args, **kwargs):
     grad_q, grad_k, grad_v, grad_sinks = _varlen_backward_fake(*args, **kwargs)
-    return grad_q, grad_k, grad_v, grad_q.new_empty(0, dtype=torch.float32) if grad_sinks is None else grad_sinks
+    return grad_q, grad_k, grad_v, _or_not_asked(grad_sinks, grad_q)
 
 
 attention_forward_triton.register_fake(_fake)
