@@ -27,6 +27,7 @@ struct AttentionTensors {
   AttentionBias bias_type = AttentionBias::kFloat32;
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // varlen: int32 contiguous
   at::Tensor seqused_k;                   // varlen: int32 (batch) contiguous, or undefined
+  at::Tensor block_table;                 // varlen: int32 (batch, pages) contiguous with paged k and v, or undefined
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // The shape of the backward's dS with grad_mask: (B, H, Lq, Lk), with 1 for each of B, H and Lq
   // where the mask (right-aligned) has 1 or no dim; the kernels sum dS over those. The op's mask
@@ -148,18 +149,40 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
   return t;
 }
 
+// A paged KV cache: k and v (pages, page_size, kv_heads, dim[v]), page_size a multiple of
+// kAttentionPageMultiple, and block_table int32 (batch, pages per sequence) on q's device.
+inline void check_attention_pages(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& block_table, int64_t batch, int64_t max_seqlen_k) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op,
+              ": with block_table, k and v must be paged caches (pages, page_size, kv_heads, dim), got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(v.size(1) == k.size(1), op, ": v must have k's page size ", k.size(1), ", got ", v.size(1));
+  TORCH_CHECK(k.size(1) > 0 && k.size(1) % kAttentionPageMultiple == 0, op,
+              ": a paged cache's page size (k.size(1)) must be a multiple of ", kAttentionPageMultiple, ", got ",
+              k.size(1));
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch, op,
+              ": block_table must have shape (batch, pages per sequence) with batch = ", batch, ", got ",
+              block_table.sizes());
+  TORCH_CHECK(block_table.scalar_type() == at::kInt, op, ": block_table must be int32, got ",
+              block_table.scalar_type());
+  TORCH_CHECK(block_table.device() == q.device(), op, ": block_table must be on q's device");
+  TORCH_CHECK(max_seqlen_k <= block_table.size(1) * k.size(1), op, ": block_table's rows hold ", block_table.size(1),
+              " pages of ", k.size(1), " keys, fewer than max_seqlen_k (", max_seqlen_k, ")");
+}
+
 // Packed sequences: q (total_q, heads, dim), k and v (total_k, kv_heads, dim[v]), cu_seqlens int32
 // (batch + 1) on q's device, and optionally seqused_k, int32 (batch,): sequence b uses only the first
-// seqused_k[b] keys of its rows (kernels/common/attention.h). Their values are not read here (no
-// device synchronization): cu_seqlens must rise from 0 to total, each step at most max_seqlen, and
-// seqused_k[b] lie in 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b].
+// seqused_k[b] keys of its rows (kernels/common/attention.h); or, with block_table, k and v paged
+// (check_attention_pages). Their values are not read here (no device synchronization): cu_seqlens
+// must rise from 0 (to total, unpaged), each step at most max_seqlen, seqused_k[b] lie in 0 ..
+// cu_seqlens_k[b + 1] - cu_seqlens_k[b], and block_table's rows name pages of k for those keys.
 inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                  const std::optional<at::Tensor>& alibi_slopes,
-                                                 const std::optional<at::Tensor>& seqused_k, bool as_float = true) {
+                                                 const std::optional<at::Tensor>& seqused_k,
+                                                 const std::optional<at::Tensor>& block_table, bool as_float = true) {
   const char* op = kAttentionVarlenOp;
-  check_attention_qkv(op, q, k, v, 3);
   for (const auto& [cu, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, std::pair{&cu_seqlens_k, "cu_seqlens_k"}}) {
     TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1, op, ": ", name, " must be (batch + 1,), got ", cu->sizes());
     TORCH_CHECK(cu->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu->scalar_type());
@@ -168,6 +191,12 @@ inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::
   TORCH_CHECK(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), op, ": cu_seqlens_k must have cu_seqlens_q's length ",
               cu_seqlens_q.size(0), ", got ", cu_seqlens_k.size(0));
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0");
+  if (block_table) {
+    check_attention_pages(op, q, k, v, *block_table, cu_seqlens_q.size(0) - 1, max_seqlen_k);
+    check_attention_qkv(op, q, k.select(1, 0), v.select(1, 0), 3);  // a page's first rows, as (pages, heads, dim)
+  } else {
+    check_attention_qkv(op, q, k, v, 3);
+  }
   AttentionTensors t;
   t.q = attention_rows(q, as_float);
   t.k = attention_rows(k, as_float);
@@ -186,6 +215,7 @@ inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::
     TORCH_CHECK(seqused_k->device() == q.device(), op, ": seqused_k must be on q's device");
     t.seqused_k = seqused_k->contiguous();
   }
+  if (block_table) t.block_table = block_table->contiguous();
   return t;
 }
 
@@ -208,9 +238,20 @@ inline AttentionParams attention_params(const AttentionTensors& t, double scale,
     p.cu_seqlens_k = t.cu_seqlens_k.const_data_ptr<int32_t>();
     p.seqused_k = t.seqused_k.defined() ? t.seqused_k.const_data_ptr<int32_t>() : nullptr;
     p.total_q = t.q.size(0);
-    p.total_k = t.k.size(0);
+    p.total_k = t.k.dim() == 4 ? t.k.size(0) * t.k.size(1) : t.k.size(0);  // paged: the pages' rows
+    if (t.block_table.defined()) {
+      p.block_table = t.block_table.const_data_ptr<int32_t>();
+      p.block_table_stride = t.block_table.size(1);
+      p.page_size = t.k.size(1);
+    }
   }
-  const auto strides = [varlen](const at::Tensor& x, int64_t* out) {  // (batch, head, position)
+  const auto strides = [varlen](const at::Tensor& x, int64_t* out) {  // (batch or page, head, position)
+    if (x.dim() == 4 && varlen) {  // paged (page, position, head, dim)
+      out[0] = x.stride(0);
+      out[1] = x.stride(2);
+      out[2] = x.stride(1);
+      return;
+    }
     for (int d = 0; d < 3; ++d) out[d] = varlen ? (d == 0 ? 0 : x.stride(2 - d)) : x.stride(d);
   };
   const auto floats = [](const at::Tensor& x) {
@@ -277,10 +318,12 @@ inline AttentionGradInputs prepare_attention_grads(const char* op, const Attenti
   return g;
 }
 
-inline void check_attention_options(double scale, double softcap, double dropout_p) {
+inline void check_attention_options(double scale, double softcap, double dropout_p, bool paged = false) {
   TORCH_CHECK(scale == scale, kAttentionOp, ": scale must not be NaN");
   TORCH_CHECK(softcap >= 0.0, kAttentionOp, ": softcap must be >= 0 (0: none), got ", softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, kAttentionOp, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(!paged || dropout_p == 0.0, kAttentionVarlenOp,
+              ": dropout_p must be 0 with block_table (a paged KV cache serves inference), got ", dropout_p);
 }
 
 }  // namespace genfast

@@ -104,12 +104,13 @@ TORCH_LIBRARY(genfast, m) {
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
   // bound the sequences' lengths. The band is relative to each sequence's bottom-right diagonal.
   // (o (total_q, heads, v_dim), lse (heads, total_q) float32). seqused_k (int32 (batch,)): sequence b
-  // has only the first seqused_k[b] keys of its rows (a padded KV cache).
+  // has only the first seqused_k[b] keys of its rows (a padded KV cache). block_table (int32 (batch,
+  // pages per sequence)): k and v are a paged cache (pages, page_size, kv_heads, dim), forward only.
   m.def(
       "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, float softcap, int band_lo, "
       "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, Tensor? sinks=None, "
-      "Tensor? seqused_k=None) -> (Tensor, Tensor)");
+      "Tensor? seqused_k=None, Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

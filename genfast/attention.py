@@ -22,6 +22,7 @@ import torch
 
 from . import _backend, _checks
 from .ops import attention as _attention_op  # noqa: F401  (registers the fake)
+from .ops.attention import check_paged_cache
 from .random import as_int64, next_philox_key
 from .reference import attention as reference
 
@@ -231,13 +232,23 @@ def _check_alibi_grad(alibi_slopes):
         raise NotImplementedError("genfast.attention gives no gradient to alibi_slopes; detach them")
 
 
+def _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slopes, sinks):
+    """Raises on a bad paged KV cache (block_table given), naming the argument, or where a gradient
+    is asked of it."""
+    check_paged_cache(block_table, k, v, batch, max_seqlen_k, dropout_p)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, alibi_slopes, sinks)):
+        raise ValueError("a paged KV cache (block_table) serves inference and has no backward: call attention_varlen "
+                         "under torch.no_grad(), or with inputs that do not require grad")
+
+
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
-                  alibi_slopes, softcap, impl, sinks=None, seqused_k=None):
-    """Raises on bad input, naming the argument; else returns the shapes of q and v."""
+                  alibi_slopes, softcap, impl, sinks=None, seqused_k=None, block_table=None):
+    """Raises on bad input, naming the argument; else returns the shapes of q and v (a paged cache's
+    as (pages x page_size, heads, head_dim))."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
+        if t.dim() != 3 and (name == "q" or block_table is None):
             raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
@@ -255,8 +266,11 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError("attention_varlen aligns causal masks bottom-right, per sequence, as flash_attn_varlen_func "
                          "does; causal='top_left' is the same only when q and k share cu_seqlens (pass the same "
                          "tensor) and there is no seqused_k, else pass causal='bottom_right'")
-    qs, ks, vs = q.shape, k.shape, v.shape
     batch = cu_seqlens_q.shape[0] - 1
+    if block_table is not None:
+        _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slopes, sinks)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # for the shapes alone
+    qs, ks, vs = q.shape, k.shape, v.shape
     if seqused_k is not None and (not isinstance(seqused_k, Tensor) or seqused_k.dtype != torch.int32
                                   or tuple(seqused_k.shape) != (batch,) or seqused_k.device != q.device):
         raise ValueError(f"seqused_k must be an int32 tensor of shape (batch,) = ({batch},) on q's device "
@@ -279,7 +293,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
                      return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
-                     sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None):
+                     sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
+                     block_table: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
     cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
@@ -292,9 +307,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     its rows, the rest getting no weight and a zero gradient; with cu_seqlens_k = n L, it decodes from
     a padded KV cache (batch, L, Hk, D) flattened to (batch L, Hk, D), each sequence's keys so far at
     the front of its row, as flash_attn_with_kvcache's cache_seqlens. Each must lie in 0 ..
-    cu_seqlens_k[n + 1] - cu_seqlens_k[n]; the CPU checks it, a GPU does not (that would synchronize)."""
+    cu_seqlens_k[n + 1] - cu_seqlens_k[n]; the CPU checks it, a GPU does not (that would synchronize).
+    block_table (int32 (batch, pages per sequence), vLLM's and flash_attn_with_kvcache's): k and v are
+    a paged KV cache (pages, page_size, Hk, D[v]), key j of sequence n at row j % page_size of page
+    block_table[n, j // page_size], and cu_seqlens_k gives the sequences' key counts alone (their
+    totals need not match k). page_size must be a multiple of 128 (FlashAttention 2 asks 256). For
+    inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not."""
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
-                           window, alibi_slopes, softcap, impl, sinks, seqused_k)
+                           window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     backend = _fused_backend(impl, q, (qs[2], vs[2]))
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
@@ -302,12 +322,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,
                                           softcap=softcap, dropout_seed=seed, dropout_offset=offset,
-                                          return_lse=return_lse, sinks=sinks, seqused_k=seqused_k)
+                                          return_lse=return_lse, sinks=sinks, seqused_k=seqused_k,
+                                          block_table=block_table)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
-            sinks, seqused_k)
+            sinks, seqused_k, block_table)
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward.default)
     o, lse = op(*args)

@@ -20,8 +20,10 @@ KERNELS = {"forward": "attention_forward_kernel", "backward_kv": "attention_back
            "backward_q": "attention_backward_q_kernel"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "dq_ptr", "ds_ptr", "alibi_ptr", "sinks_ptr"}
 FLOATS = {"scale", "softcap", "dropout_p", "keep_scale"}
+INT32_POINTERS = {"cu_q_ptr", "cu_k_ptr", "used_k_ptr", "pages_ptr"}
 NOT_SIZES = FLOATS | {"seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi", "splits", "split_rows",
-                      "heads_per_tile", "rows_per_head", "head_chunks", "GROUP", "HK", "b_first", "alibi_bs"}
+                      "heads_per_tile", "rows_per_head", "head_chunks", "GROUP", "HK", "b_first", "alibi_bs",
+                      "pages_per_sequence"}
 
 
 def _signature(fn, dtype, constexprs):
@@ -29,7 +31,7 @@ def _signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("cu_q_ptr", "cu_k_ptr", "used_k_ptr"):
+        elif name in INT32_POINTERS:
             signature[name] = "*i32"
         elif name == "mask_ptr" and constexprs.get("MASK_KIND") == 1:
             signature[name] = "*u8"  # a bool mask, read as bytes
@@ -52,7 +54,8 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     fn = getattr(attention, KERNELS[kernel])
     padded = triton.next_power_of_2(max(head_dim, 16))
     constexprs = {name: False for name in ("SOFTCAP", "HAS_ALIBI", "VARLEN", "STACKED", "SPLIT", "ATOMIC_DQ",
-                                           "WRITE_DS", "INTERPRETED", "PRECISE_PV") if name in fn.arg_names}
+                                           "WRITE_DS", "INTERPRETED", "PRECISE_PV", "HAS_SINKS", "SEQUSED_K", "PAGED")
+                  if name in fn.arg_names}
     constexprs.update(MASK_KIND=0, DROPOUT=0, DOT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[dtype], BLOCK_D=padded,
                       BLOCK_DV=padded, BLOCK_M=block[0], BLOCK_N=block[1],
                       FAST_EXP=dtype != "fp32" and os.environ.get("GENFAST_TRITON_FAST_EXP") != "0")
@@ -64,7 +67,7 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     signature = _signature(fn, dtype, constexprs)
     aligned = head_dim % 16 == 0
     divisible = [name for name, kind in signature.items()
-                 if (kind.startswith("*") and name not in ("cu_q_ptr", "cu_k_ptr", "used_k_ptr"))
+                 if (kind.startswith("*") and name not in INT32_POINTERS)
                  or (aligned and kind == "i32" and name not in NOT_SIZES)]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

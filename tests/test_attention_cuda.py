@@ -12,6 +12,7 @@ import genfast
 from genfast.testing.attention_probes import score_probe, value_probe
 from test_attention import (DROPOUT_MASK_KEYS, _block_sparse_mask, _compare, _compare_grads, _qkv,
                             check_dropout_mask, check_hidden_keys_not_read)
+from test_attention_paged import compare_paged, paged_inputs
 from test_attention_seqused_k import cache_inputs
 from test_attention_sinks import compare_with_sinks, sink_inputs
 from test_attention_varlen import LENGTHS_K, LENGTHS_Q, _packed
@@ -208,6 +209,17 @@ def test_seqused_k_decoding_from_a_padded_cache(impl, dtype):
                                                           kv_heads=2, dim=128, dtype=dtype, device="cuda")
     o = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal="bottom_right", seqused_k=seqused_k, impl=impl)
     assert o.isfinite().all()
+
+
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_decoding_from_a_paged_cache(impl, dtype):
+    """Grouped heads decoding from pages of 256 keys in shuffled order (NaN in the rows no key fills
+    and in the page that unused table entries name), a prefill beside them, and pages shared."""
+    args = paged_inputs([1, 4, 1, 300], [1000, 7, 1, 513], page_size=256, heads=8, kv_heads=2, dim=128,
+                        dtype=dtype, device="cuda")
+    compare_paged(impl, args, causal="bottom_right")
+    compare_paged(impl, paged_inputs([1, 1, 1], [2000, 300, 1], page_size=128, heads=32, kv_heads=8, dim=128,
+                                     dtype=dtype, device="cuda", shared_first_page=True, seed=1))
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

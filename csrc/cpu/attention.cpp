@@ -1280,7 +1280,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
 std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dtype, double scale, double softcap,
                                            int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed,
                                            int64_t offset) {
-  check_attention_options(scale, softcap, dropout_p);
+  check_attention_options(scale, softcap, dropout_p, t.block_table.defined());
   t.q = t.q.to(at::kFloat);  // read a block at a time by every key block: widened once
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
@@ -1479,23 +1479,26 @@ AttentionBackwardResult attention_backward_cpu(
                   offset, grad_mask);
 }
 
-// The CPU kernels read cu_seqlens and seqused_k directly: their values are checked here, where that
-// costs nothing.
+// The CPU kernels read cu_seqlens, seqused_k and block_table directly: their values are checked
+// here, where that costs nothing.
 AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
                                     const std::optional<at::Tensor>& alibi_slopes,
-                                    const std::optional<at::Tensor>& seqused_k, bool as_float) {
+                                    const std::optional<at::Tensor>& seqused_k,
+                                    const std::optional<at::Tensor>& block_table, bool as_float) {
   const AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, alibi_slopes, seqused_k, as_float);
+                                                      max_seqlen_k, alibi_slopes, seqused_k, block_table, as_float);
   const char* op = kAttentionVarlenOp;
+  const bool paged = t.block_table.defined();
   for (const auto& [cu, total, most, name] :
        {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
-        std::tuple{&t.cu_seqlens_k, t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {
+        std::tuple{&t.cu_seqlens_k, paged ? int64_t{-1} : t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {
     const int32_t* c = cu->const_data_ptr<int32_t>();
     const int64_t n = cu->size(0);
-    TORCH_CHECK(c[0] == 0 && c[n - 1] == total, op, ": ", name, " must run from 0 to ", total, ", got ", c[0],
-                " .. ", c[n - 1]);
+    // A paged cache's keys are where block_table puts them: cu_seqlens_k gives their counts alone.
+    TORCH_CHECK(c[0] == 0 && (total < 0 || c[n - 1] == total), op, ": ", name, " must run from 0",
+                total < 0 ? std::string() : " to " + std::to_string(total), ", got ", c[0], " .. ", c[n - 1]);
     for (int64_t b = 0; b + 1 < n; ++b) {
       TORCH_CHECK(c[b + 1] >= c[b] && c[b + 1] - c[b] <= most, op, ": ", name,
                   " must not decrease, by at most max_seqlen (", most, ") a step; sequence ", b, " has length ",
@@ -1509,6 +1512,19 @@ AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, co
                   c[b + 1] - c[b], " (the rows cu_seqlens_k gives sequence ", b, "), got ", used[b]);
     }
   }
+  if (paged) {
+    const int32_t *table = t.block_table.const_data_ptr<int32_t>(), *c = t.cu_seqlens_k.const_data_ptr<int32_t>();
+    const int64_t pages = t.k.size(0), page_size = t.k.size(1), per_sequence = t.block_table.size(1);
+    for (int64_t b = 0; b + 1 < t.cu_seqlens_k.size(0); ++b) {
+      // At most per_sequence pages: each length is at most max_seqlen_k (checked above), which fits a row.
+      const int64_t used_pages = (c[b + 1] - c[b] + page_size - 1) / page_size;
+      for (int64_t n = 0; n < used_pages; ++n) {
+        const int32_t page = table[b * per_sequence + n];
+        TORCH_CHECK(page >= 0 && page < pages, op, ": block_table[", b, ", ", n, "] must name one of the cache's ",
+                    pages, " pages, got ", page);
+      }
+    }
+  }
   return t;
 }
 
@@ -1517,9 +1533,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table) {
   AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          alibi_slopes, seqused_k, /*as_float=*/false);
+                                          alibi_slopes, seqused_k, block_table, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
   return forward(std::move(t), q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
@@ -1533,7 +1549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k) {
   const char* op = "genfast.attention_varlen_backward";
   AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          alibi_slopes, seqused_k, /*as_float=*/!backward_takes_pairs(q, v));
+                                          alibi_slopes, seqused_k, std::nullopt,
+                                          /*as_float=*/!backward_takes_pairs(q, v));
   set_attention_sinks(op, t, sinks, q.size(1), q);
   auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] = backward(
       op, t, q.scalar_type(), grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,

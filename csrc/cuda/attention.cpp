@@ -77,7 +77,7 @@ AttentionCudaParams<T> cuda_params(const AttentionTensors& t, const AttentionPar
 std::tuple<at::Tensor, at::Tensor> forward(const char* op, const AttentionTensors& t, double scale, double softcap,
                                            int64_t band_lo, int64_t band_hi, double dropout_p, int64_t seed,
                                            int64_t offset) {
-  check_attention_options(scale, softcap, dropout_p);
+  check_attention_options(scale, softcap, dropout_p, t.block_table.defined());
   check_cuda_attention(op, t);
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
@@ -277,10 +277,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, seqused_k, /*as_float=*/false);
+                                                alibi_slopes, seqused_k, block_table, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
   return forward(kAttentionVarlenOp, t, scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
     const std::optional<at::Tensor>& seqused_k) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                alibi_slopes, seqused_k, /*as_float=*/false);
+                                                alibi_slopes, seqused_k, std::nullopt, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenBackwardOp, t, sinks, q.size(1), q);
   auto [grad_q, grad_k, grad_v, no_mask_grad, grad_sinks] =
       backward(kAttentionVarlenBackwardOp, t, grad_o, grad_lse, o, lse, scale, softcap, band_lo, band_hi, dropout_p,

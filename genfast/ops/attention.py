@@ -10,6 +10,7 @@ import torch
 from .. import _backend
 
 Tensor = torch.Tensor
+PAGE_MULTIPLE = 128  # of a paged KV cache's page size (kernels/common/attention.h's kAttentionPageMultiple)
 
 
 def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
@@ -47,8 +48,9 @@ def _sinks_grad_fake(sinks):
 
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
-                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None, seqused_k=None):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+                 band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None, seqused_k=None,
+                 block_table=None):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def _varlen_backward_fake(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -95,7 +97,10 @@ _VARLEN_SINKS_OPTION = 8  # after scale .. offset and deterministic
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
-    sinks, seqused_k = (options[_VARLEN_SINKS_OPTION:] + [None, None])[:2]
+    sinks, seqused_k, block_table = (options[_VARLEN_SINKS_OPTION:] + [None, None, None])[:3]
+    if block_table is not None:
+        raise RuntimeError("genfast.attention_varlen_forward: a paged KV cache (block_table) serves inference and has "
+                           "no backward; call it under torch.no_grad() or with inputs that do not require grad")
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k)
     ctx.options = (max_seqlen_q, max_seqlen_k)
     ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
@@ -185,6 +190,29 @@ def _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sequs
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, seqused_k
 
 
+def check_paged_cache(block_table, k, v, batch, max_seqlen_k, dropout_p):
+    """Raises on a bad paged KV cache, naming the argument, as the native ops check it (the table's
+    values are not read: that would synchronize with a GPU); else returns block_table contiguous."""
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be a paged cache (pages, page_size, kv_heads, head_dim), "
+                             f"got {tuple(t.shape)}")
+    if k.shape[:2] != v.shape[:2] or k.shape[1] == 0 or k.shape[1] % PAGE_MULTIPLE:
+        raise ValueError(f"a paged cache's page size (k.shape[1], v's too) must be a multiple of {PAGE_MULTIPLE}, as "
+                         f"every backend's key blocks lie in one page; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if (not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+            or block_table.shape[0] != batch or block_table.device != k.device):
+        got = f"{getattr(block_table, 'dtype', type(block_table).__name__)} {tuple(getattr(block_table, 'shape', ()))}"
+        raise ValueError(f"block_table must be an int32 tensor (batch, pages per sequence) with batch = {batch} on "
+                         f"the cache's device ({k.device}), got {got}")
+    if max_seqlen_k > block_table.shape[1] * k.shape[1]:
+        raise ValueError(f"block_table's rows hold {block_table.shape[1]} pages of {k.shape[1]} keys, fewer than "
+                         f"max_seqlen_k ({max_seqlen_k})")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0 with block_table (a paged KV cache serves inference), got {dropout_p}")
+    return block_table.contiguous()
+
+
 def _or_not_asked(t, q):
     """A custom_op returns no optional tensor: an empty one stands for "not asked"."""
     return q.new_empty(0) if t is None else t
@@ -252,13 +280,15 @@ def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
                                     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
                                     seed: int, offset: int, deterministic: bool = False,
-                                    sinks: Optional[Tensor] = None,
-                                    seqused_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                    sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
+                                    block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
                           softcap, band_lo, band_hi, dropout_p, seed, offset)
     varlen = _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+    if block_table is not None:
+        varlen += (check_paged_cache(block_table, k, v, cu_seqlens_k.shape[0] - 1, max_seqlen_k, dropout_p),)
     launch_attention_forward(q, k, v, None, False, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
                              dropout_p, seed, offset, o, lse, varlen=varlen, sinks=_float_sinks(sinks, q))
     return o, lse

@@ -128,17 +128,32 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     return (o, lse) if return_lse else o
 
 
+def paged_rows(cache: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+    """A paged KV cache's keys (or values), cache (pages, page_size, Hk, D), packed as cu_seqlens_k
+    lays out the sequences: row cu_seqlens_k[n] + j is row j % page_size of page block_table[n,
+    j // page_size] (vLLM's and FlashAttention's block_table)."""
+    page_size, bounds = cache.shape[1], cu_seqlens_k.tolist()
+    rows = []
+    for n in range(len(bounds) - 1):
+        j = torch.arange(bounds[n + 1] - bounds[n], device=cache.device)
+        rows.append(cache[block_table[n, j // page_size].long(), j % page_size])
+    return torch.cat(rows) if rows else cache.new_zeros(0, *cache.shape[2:])
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, dropout_seed: int = 0,
                      dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None,
-                     seqused_k: Optional[Tensor] = None, **options):
+                     seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, **options):
     """Packed sequences, as flash_attn_varlen_func takes them: q (total_q, Hq, D), k and v
     (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n]:cu_seqlens[n + 1], or with seqused_k
-    (batch,) its keys at rows cu_seqlens_k[n]:cu_seqlens_k[n] + seqused_k[n]. Each sequence is
+    (batch,) its keys at rows cu_seqlens_k[n]:cu_seqlens_k[n] + seqused_k[n]; with block_table, k
+    and v are a paged cache, whose keys paged_rows packs so first. Each sequence is
     attention() on its own rows (causal="bottom_right" and windows aligned to its own corner;
     alibi_slopes (Hq,) or (batch, Hq)). Dropout keeps element (h, cu_seqlens_q[n] + i,
     cu_seqlens_k[n] + j) of uniforms (Hq, total_q, total_k): the Philox stream's, or the given
     dropout_uniforms. Returns o (total_q, Hq, Dv) (and lse (Hq, total_q) with return_lse)."""
+    if block_table is not None:
+        k, v = paged_rows(k, block_table, cu_seqlens_k), paged_rows(v, block_table, cu_seqlens_k)
     outputs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     if seqused_k is not None:

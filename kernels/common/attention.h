@@ -16,7 +16,11 @@
 // is (heads, total_q) and dropout keeps element (h total_q + cu_seqlens_q[b] + i) total_k +
 // cu_seqlens_k[b] + j. With seqused_k (FlashAttention 3's), sequence b has its first seqused_k[b]
 // keys of those rows alone: a padded KV cache, row b at cu_seqlens_k[b] = b max_len, holding
-// seqused_k[b] keys so far.
+// seqused_k[b] keys so far. With a block table (a paged KV cache, as vLLM and FlashAttention's
+// block_table lay it out) k and v are pages (pages, page_size, kv_heads, dim): key j of sequence b is
+// row j % page_size of page block_table[b][j / page_size], and cu_seqlens_k gives the lengths alone.
+// page_size is a multiple of kAttentionPageMultiple, so that every kernel's key block (at most that
+// many keys, starting at a multiple of its size) lies in one page.
 #pragma once
 
 #include <stdint.h>
@@ -32,6 +36,7 @@ enum class AttentionMask : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
 enum class AttentionBias : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };  // an additive mask's dtype
 
 constexpr int64_t kAttentionUnbounded = int64_t(1) << 62;  // band_lo = -this or band_hi = this: no bound
+constexpr int64_t kAttentionPageMultiple = 128;  // of a paged cache's page size (the widest key block)
 
 // Inputs float32 with the head dimension contiguous; strides in elements for (b, h, position).
 struct AttentionParams {
@@ -40,10 +45,12 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k;
   const int32_t* seqused_k;     // (batch), or null: each sequence's keys up to cu_seqlens_k[b + 1]
   int64_t total_q, total_k;     // varlen: the packed row counts
+  const int32_t* block_table;   // (batch, block_table_stride), or null: k and v not paged
+  int64_t block_table_stride, page_size;
   const float* q;
   int64_t q_stride[3];
   const float* k;
-  int64_t k_stride[3];
+  int64_t k_stride[3];  // paged: (page, head, position within the page)
   const float* v;
   int64_t v_stride[3];
   AttentionMask mask_kind;
@@ -124,13 +131,23 @@ GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const Att
                                              int64_t h, int64_t i) {
   return b * p.q_stride[0] + h * p.q_stride[1] + (s.q_start + i) * p.q_stride[2];
 }
+// A paged cache's keys j .. j + n lie in one page, where n is at most kAttentionPageMultiple and j a
+// multiple of n: a kernel reading a key block's rows `stride[2]` apart from its first may do so.
+GF_HOST_DEVICE_INLINE int64_t attention_key_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
+                                               int64_t hk, int64_t j, const int64_t (&stride)[3]) {
+  if (p.block_table != nullptr) {
+    const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
+    return page * stride[0] + hk * stride[1] + (j % p.page_size) * stride[2];
+  }
+  return b * stride[0] + hk * stride[1] + (s.k_start + j) * stride[2];
+}
 GF_HOST_DEVICE_INLINE int64_t attention_k_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                              int64_t hk, int64_t j) {
-  return b * p.k_stride[0] + hk * p.k_stride[1] + (s.k_start + j) * p.k_stride[2];
+  return attention_key_at(p, s, b, hk, j, p.k_stride);
 }
 GF_HOST_DEVICE_INLINE int64_t attention_v_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                              int64_t hk, int64_t j) {
-  return b * p.v_stride[0] + hk * p.v_stride[1] + (s.k_start + j) * p.v_stride[2];
+  return attention_key_at(p, s, b, hk, j, p.v_stride);
 }
 
 // A row's log-sum-exp once its sink's logit joins it: log(e^lse + e^sink), -inf only when both are,

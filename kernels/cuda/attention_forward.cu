@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kThreads)
 
   extern __shared__ uint4 smem_raw[];
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
-  const KeyValueTiles<kBlockN, kD> kv(params, seq, b, work.hk, s_q + kBlockM * kStride, vector);
+  const KeyValueTiles<kBlockN, kD, false, kThreads, /*kPaged=*/true> kv(params, seq, b, work.hk,
+                                                                        s_q + kBlockM * kStride, vector);
   const bool stage_mask = Tile::kStagesMask && p.mask_kind == AttentionMask::kBool;
   const MaskTiles mask_tiles(p, reinterpret_cast<uint8_t*>(smem_raw) + Tile::kMaskOffset, vector);
   const auto load_block = [&](int block, int buf) {

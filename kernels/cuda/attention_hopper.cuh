@@ -61,10 +61,11 @@ constexpr int kHopperMaxHeadDim = (GENFAST_ATTENTION_BUCKETS & 8) != 0   ? 256
                                   : (GENFAST_ATTENTION_BUCKETS & 2) != 0 ? 64
                                                                          : 0;
 inline int widest_head_dim(const AttentionParams& p) { return static_cast<int>(p.dim > p.v_dim ? p.dim : p.v_dim); }
-// The forward's also needs a plan without stacked heads, split keys or float32 o.
+// The forward's also needs a plan without stacked heads, split keys or float32 o, and keys not paged
+// (its key blocks of 80 at head dim 256 would cross pages; paged calls take the sm_80 kernels).
 inline bool hopper_forward_applies(const AttentionParams& p, const AttentionForwardPlan& plan) {
   return plan.heads_per_cta == 1 && plan.splits == 1 && !plan.float_o && widest_head_dim(p) <= kHopperMaxHeadDim &&
-         hopper_opted_in();
+         p.block_table == nullptr && hopper_opted_in();
 }
 inline bool hopper_backward_applies(const AttentionParams& p) {
   return widest_head_dim(p) <= kHopperMaxHeadDim && hopper_opted_in();

@@ -532,25 +532,32 @@ struct QueryTile {
 
 // The key blocks of kv head hk, staged through cp.async by kBlockThreads threads into two buffers
 // each of K and V (kBlockN rows of kD columns: padded rows, or 128-byte swizzled for wgmma), keys
-// past k_len zeroed.
-template <int kBlockN, int kD, bool kSwizzled = false, int kBlockThreads = kThreads>
+// past k_len zeroed. kPaged: k and v may be a paged cache, each block in one page
+// (kAttentionPageMultiple); the kernels that never take one keep the block table's registers.
+template <int kBlockN, int kD, bool kSwizzled = false, int kBlockThreads = kThreads, bool kPaged = false>
 struct KeyValueTiles {
+  static_assert(!kPaged || kAttentionPageMultiple % kBlockN == 0, "a key block lies in one page of a paged cache");
   using Layout = typename std::conditional<kSwizzled, SwizzledRows<kBlockN>, PaddedRows<kD>>::type;
   static constexpr int kTileElements = kBlockN * (kSwizzled ? kD : kD + 8);
   static constexpr int kElements = 4 * kTileElements;  // of shared memory
   uint16_t *s_k, *s_v;
-  const uint16_t *k_base, *v_base;
+  const uint16_t *k_base, *v_base;  // key 0's rows; a paged cache's page 0, head hk
   int64_t k_row, v_row;
+  const int32_t* pages;  // the sequence's row of the block table, or null: not paged
+  const AttentionParams& p;
   int k_len, dim, v_dim;
   bool vector_k, vector_v;
   template <typename T>
   __device__ __forceinline__ KeyValueTiles(const AttentionCudaParams<T>& params, const AttentionSequence& seq,
-                                           int64_t b, int64_t hk, uint16_t* smem, unsigned vector) {
-    const AttentionParams& p = params.base;
+                                           int64_t b, int64_t hk, uint16_t* smem, unsigned vector)
+      : p(params.base) {
     s_k = smem;
     s_v = smem + 2 * kTileElements;
-    k_base = reinterpret_cast<const uint16_t*>(params.k) + attention_k_at(p, seq, b, hk, 0);
-    v_base = reinterpret_cast<const uint16_t*>(params.v) + attention_v_at(p, seq, b, hk, 0);
+    pages = kPaged && p.block_table != nullptr ? p.block_table + b * p.block_table_stride : nullptr;
+    const int64_t k_at = pages != nullptr ? hk * p.k_stride[1] : attention_k_at(p, seq, b, hk, 0);
+    const int64_t v_at = pages != nullptr ? hk * p.v_stride[1] : attention_v_at(p, seq, b, hk, 0);
+    k_base = reinterpret_cast<const uint16_t*>(params.k) + k_at;
+    v_base = reinterpret_cast<const uint16_t*>(params.v) + v_at;
     k_row = p.k_stride[2];
     v_row = p.v_stride[2];
     k_len = static_cast<int>(seq.k_len);
@@ -564,8 +571,14 @@ struct KeyValueTiles {
   // Issues the copies of key block `block` into buffer `buf`; the caller commits and waits.
   __device__ __forceinline__ void load(int block, int buf) const {
     const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
-    load_tile<kBlockN, kD, kBlockThreads>(k_tile(buf), k_base + j0 * k_row, k_row, valid, dim, vector_k, Layout{});
-    load_tile<kBlockN, kD, kBlockThreads>(v_tile(buf), v_base + j0 * v_row, v_row, valid, v_dim, vector_v, Layout{});
+    const uint16_t *k_rows = k_base + j0 * k_row, *v_rows = v_base + j0 * v_row;
+    if (kPaged && pages != nullptr) {  // attention_key_at's page, hoisted out of the rows
+      const int page_size = static_cast<int>(p.page_size), page = pages[j0 / page_size], row = j0 % page_size;
+      k_rows = k_base + page * p.k_stride[0] + row * k_row;
+      v_rows = v_base + page * p.v_stride[0] + row * v_row;
+    }
+    load_tile<kBlockN, kD, kBlockThreads>(k_tile(buf), k_rows, k_row, valid, dim, vector_k, Layout{});
+    load_tile<kBlockN, kD, kBlockThreads>(v_tile(buf), v_rows, v_row, valid, v_dim, vector_v, Layout{});
   }
 };
 

@@ -52,6 +52,7 @@ struct Case {
   int batch = 1, heads = 2, kv_heads = 1, q_len = 70, k_len = 230, dim = 64, v_dim = 64;
   std::vector<int> lengths_q, lengths_k;  // varlen when set
   std::vector<int> used_k;  // varlen: seqused_k, the keys each sequence uses; its other rows' k and v NaN
+  int page_size = 0;  // varlen: the forward also reads k and v from a paged copy, pages of this size
   bool seq_major = false;                 // dense inputs stored (B, L, H, D)
   bool unaligned = false;                 // every input one element past a 16-byte boundary
   int64_t band_lo = -genfast::kAttentionUnbounded, band_hi = genfast::kAttentionUnbounded;
@@ -444,11 +445,68 @@ void run_case(const Case& c) {
     compare(run + ": float32 o", wide, ref_o, precise_pv ? 3e-5 : half ? 2e-3 : 1.5e-2);
   };
   if (!hopper_ok) return;
+  // A paged copy of k and v (kernels/common/attention.h): each sequence's keys in pages of
+  // c.page_size rows, the pages in the reverse of their use, NaN in every row no key fills.
+  Input<T> k_pages, v_pages;
+  std::vector<int32_t> table;
+  AttentionParams paged = p;
+  if (c.page_size > 0) {
+    const int64_t per_sequence = (p.k_len + c.page_size - 1) / c.page_size, pages = p.batch * per_sequence + 1;
+    for (int64_t n = 0; n < p.batch * per_sequence; ++n) table.push_back(static_cast<int32_t>(pages - 1 - n));
+    paged.block_table = table.data();
+    paged.block_table_stride = per_sequence;
+    paged.page_size = c.page_size;
+    paged.total_k = pages * c.page_size;
+    for (auto [x, width, stride] :
+         {std::tuple{&k_pages, c.dim, paged.k_stride}, std::tuple{&v_pages, c.v_dim, paged.v_stride}}) {
+      random_input(*x, pages * c.page_size * c.kv_heads * width, {}, rng, c.unaligned);
+      for (int64_t e = 0; e < pages * c.page_size * c.kv_heads * width; ++e) x->set(e, NAN);
+      stride[0] = c.page_size * c.kv_heads * width;
+      stride[1] = width;
+      stride[2] = c.kv_heads * width;
+    }
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const AttentionSequence seq = genfast::attention_sequence(p, b);
+      for (int64_t j = 0; j < c.lengths_k[b]; ++j) {
+        for (int64_t hk = 0; hk < c.kv_heads; ++hk) {
+          const int64_t k_from = genfast::attention_k_at(p, seq, b, hk, j);
+          const int64_t v_from = genfast::attention_v_at(p, seq, b, hk, j);
+          const int64_t k_to = genfast::attention_k_at(paged, seq, b, hk, j);
+          const int64_t v_to = genfast::attention_v_at(paged, seq, b, hk, j);
+          for (int d = 0; d < c.dim; ++d) k_pages.set(k_to + d, k.at(k_from + d));
+          for (int d = 0; d < c.v_dim; ++d) v_pages.set(v_to + d, v.at(v_from + d));
+        }
+      }
+    }
+  }
   for (const AttentionForwardPlan& plan : plans_of(p)) {
     const std::string run = name + " (" + std::to_string(plan.heads_per_cta) + " heads per tile, " +
                             std::to_string(plan.splits) + " splits)";
     if (!forward(run, plan)) return;
     if (plan.splits == 1) float_o_rounds_to_o(run, plan);
+    if (c.page_size == 0) continue;
+    // The same tiles from the pages: the same o and lse, bit for bit.
+    const std::vector<float> o_packed = o, lse_packed = lse;
+    const AttentionParams packed = p;
+    p = paged;
+    params.k = k_pages.data();
+    params.v = v_pages.data();
+    const bool launched = forward(run + ", paged", plan);
+    p = packed;
+    params.base = p;
+    params.k = k.data();
+    params.v = v.data();
+    if (!launched) return;
+    const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+      for (size_t e = 0; e < a.size(); ++e) {
+        if (!(a[e] == b[e] || (std::isnan(a[e]) && std::isnan(b[e])))) return false;
+      }
+      return a.size() == b.size();
+    };
+    if (!same(o, o_packed) || !same(lse, lse_packed)) {
+      std::printf("FAIL %s, paged: o or lse differs from the packed keys'\n", run.c_str());
+      ++failures;
+    }
   }
   params.o = nullptr;  // the backward reads lse (the last plan's), not o
 
@@ -620,6 +678,16 @@ std::vector<Case> cases() {
   c.name = "seqused_k, d128, a window";
   c.heads = 2, c.kv_heads = 2, c.dim = c.v_dim = 128, c.lengths_q = {70, 5}, c.lengths_k = {200, 200};
   c.used_k = {130, 199}, c.band_lo = -100;
+  all.push_back(c);
+  c = Case{};
+  c.name = "paged KV cache, seqused_k, causal GQA d64";
+  c.heads = 4, c.kv_heads = 2, c.lengths_q = {1, 3, 40, 2}, c.lengths_k = {300, 129, 256, 7};
+  c.used_k = {300, 100, 200, 7}, c.band_hi = 0, c.page_size = 128;
+  all.push_back(c);
+  c = Case{};
+  c.name = "paged KV cache, soft-cap, ALiBi, sinks d128";
+  c.heads = 2, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {70, 1}, c.lengths_k = {200, 390};
+  c.softcap = 20.0f, c.alibi = true, c.sinks = true, c.page_size = 256;
   all.push_back(c);
   c = Case{};
   c.name = "NaN in q";
@@ -931,8 +999,11 @@ int main(int argc, char** argv) {
   // once, alternating over the cases: the dtype and the way copies land do not interact, and each
   // run takes seconds on the emulator. A build narrowed to the 256 bucket runs each case once, the
   // four pairs of dtype and copies in turn.
+  // GENFAST_EMULATOR_CASES=text runs only the cases whose names hold it (development).
+  const char* only = std::getenv("GENFAST_EMULATOR_CASES");
   const std::vector<Case> all = cases();
   for (size_t n = 0; n < all.size(); ++n) {
+    if (only != nullptr && all[n].name.find(only) == std::string::npos) continue;
     if (GENFAST_ATTENTION_BUCKETS == 0xF) {
       cuda_emulator::deferred_copies = n % 2 == 0;
       run_case<__half>(all[n]);

@@ -307,6 +307,18 @@ def _store_rows(base, value, offs, n, stride, offs_d, d):
 
 
 @triton.jit
+def _paged_pointers(ptrs, base, pages_ptr, start_n, page_size, page_stride, stride, offs_d, BLOCK_N: tl.constexpr,
+                    PAGED: tl.constexpr):
+    """PAGED: key block start_n's row pointers in its page of a paged cache (base: page 0's rows of
+    the head); else ptrs, which the loop steps."""
+    if PAGED:
+        page = tl.load(pages_ptr + start_n // page_size).to(tl.int64)
+        return _row_pointers(base + page * page_stride, start_n % page_size + tl.arange(0, BLOCK_N), stride, offs_d)
+    else:
+        return ptrs
+
+
+@triton.jit
 def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
     if HAS_ALIBI:
         return tl.load(alibi_ptr + b * alibi_bs + h).to(tl.float32)
@@ -352,14 +364,15 @@ def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, sinks_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
+    pages_ptr, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
     H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
     seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
+    pages_per_sequence, page_size,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
-    HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False, PAGED: tl.constexpr = False,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
@@ -367,7 +380,10 @@ def attention_forward_kernel(
     QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
     normalized o and lse in float32 at o_ptr and lse_ptr + split * split_rows (of DV columns each) for
     attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts).
-    HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine."""
+    HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED:
+    k and v are a paged cache, key j of sequence b at row j % page_size of page pages_ptr[b,
+    j // page_size] (skb and svb the pages' strides); page_size is a multiple of BLOCK_N, so that
+    each key block lies in one page."""
     chunk = tl.program_id(1).to(tl.int64)
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -397,8 +413,13 @@ def attention_forward_kernel(
     row_in = offs_m[:, None] < Lq
     q = tl.load(q_ptr + b * sqb + h * sqh + (q_start + offs_m[:, None]).to(tl.int64) * sqm + offs_d[None, :],
                 mask=row_in & (offs_d[None, :] < D), other=0.0)
-    k_base = k_ptr + b * skb + hk * skh + k_start * skn
-    v_base = v_ptr + b * svb + hk * svh + k_start * svn
+    if PAGED:  # page 0's rows: each block adds its page's offset
+        k_base = k_ptr + hk * skh
+        v_base = v_ptr + hk * svh
+        pages_ptr += b * pages_per_sequence
+    else:
+        k_base = k_ptr + b * skb + hk * skh + k_start * skn
+        v_base = v_ptr + b * svb + hk * svh + k_start * svn
     slope = _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -423,6 +444,8 @@ def attention_forward_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
+        k_ptrs = _paged_pointers(k_ptrs, k_base, pages_ptr, start_n, page_size, skb, skn, offs_d, BLOCK_N, PAGED)
+        v_ptrs = _paged_pointers(v_ptrs, v_base, pages_ptr, start_n, page_size, svb, svn, offs_dv, BLOCK_N, PAGED)
         k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         acc, l_i, m_i = _forward_block(
@@ -767,14 +790,14 @@ class _Packing:
     seqused_k, where given, the keys each sequence uses)."""
 
     def __init__(self, q, k, varlen):
-        self.used_k = None
+        self.used_k = self.pages = None
         if varlen is None:
             self.batch, self.lq, self.lk = q.shape[0], q.shape[2], k.shape[2]
             self.cu_q = self.cu_k = q
             self.total_q = self.total_k = 0
         else:
             self.cu_q, self.cu_k, self.lq, self.lk = varlen[:4]
-            self.used_k = varlen[4] if len(varlen) > 4 else None
+            self.used_k, self.pages = (tuple(varlen[4:]) + (None, None))[:2]
             self.batch = self.cu_q.shape[0] - 1
             self.total_q, self.total_k = q.shape[2], k.shape[2]
         self.varlen = varlen is not None
@@ -783,9 +806,16 @@ class _Packing:
         """The kernels' cu_q_ptr, cu_k_ptr and used_k_ptr."""
         return self.cu_q, self.cu_k, self.cu_k if self.used_k is None else self.used_k
 
-    def strides(self, t):
-        """(batch, head, position) strides: the batch's is 0 for packed sequences."""
-        return (0 if self.varlen else t.stride(0)), t.stride(1), t.stride(2)
+    def page_args(self, k):
+        """The forward's pages_ptr (any pointer when not paged), pages_per_sequence and page_size."""
+        if self.pages is None:
+            return self.cu_k, 0, 0
+        return self.pages, self.pages.shape[1], k.shape[2]
+
+    def strides(self, t, keys=False):
+        """(batch, head, position) strides: the batch's is 0 for packed sequences; keys of a paged
+        cache (pages, heads, page_size, dim) give the pages' stride."""
+        return (0 if self.varlen and not (keys and self.pages is not None) else t.stride(0)), t.stride(1), t.stride(2)
 
 
 def _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
@@ -859,11 +889,13 @@ def _dropout_kind(dropout_p, packing):
 
 
 def _packed(varlen, *tensors):
-    """Packed (total, heads, dim) tensors as (1, heads, total, dim) views, and lse (heads, total) as
-    (1, heads, total); dense ones as they are."""
+    """Packed (total, heads, dim) tensors as (1, heads, total, dim) views, lse (heads, total) as
+    (1, heads, total), and a paged cache's (pages, page_size, heads, dim) as (pages, heads, page_size,
+    dim); dense ones as they are."""
     if varlen is None:
         return tensors
-    return tuple(None if t is None else t[None] if t.dim() == 2 else t.transpose(0, 1)[None] for t in tensors)
+    return tuple(None if t is None else t[None] if t.dim() == 2 else t.transpose(1, 2) if t.dim() == 4
+                 else t.transpose(0, 1)[None] for t in tensors)
 
 
 _STACK_ROWS = 64  # rows of a tile that stacks heads, at most
@@ -940,9 +972,11 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k[, seqused_k]), q (total_q, H, D), k and v
     (total_k, Hk, D[v]), o (total_q, H, Dv), lse (H, total_q); the band is then relative to each
     sequence's bottom-right diagonal (kernels/common/attention.h); seqused_k (int32 (batch,) or None):
-    the keys each sequence uses, the first of its rows. plan: (heads_per_tile, splits), forward_plan's
-    for the device when None; (1, 1) runs the autotuned tiles of one head. sinks: None or the heads'
-    sink logits, float32 (H,) contiguous."""
+    the keys each sequence uses, the first of its rows; then block_table (int32 (batch, pages per
+    sequence), contiguous, or None): k and v are a paged cache (pages, page_size, Hk, D[v]), page_size
+    a multiple of 128, and cu_seqlens_k gives the sequences' key counts alone. plan: (heads_per_tile,
+    splits), forward_plan's for the device when None; (1, 1) runs the autotuned tiles of one head.
+    sinks: None or the heads' sink logits, float32 (H,) contiguous."""
     import torch
 
     q, k, v, o, lse = _packed(varlen, q, k, v, o, lse)
@@ -972,15 +1006,20 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
         raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, _STACK_ROWS)} "
                          f"and 1 <= splits <= {_MAX_SPLITS}")
 
+    pages_arg, pages_per_sequence, page_size = packing.page_args(k)
+
     def args(o_arg, lse_arg):
         return (q, k, v, mask_arg, alibi_arg, q if sinks is None else sinks, o_arg, lse_arg, *packing.bounds(),
-                *packing.strides(q), *packing.strides(k), *packing.strides(v), ms[0], ms[1], ms[2], ms[3], alibi_bs,
-                *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads, group, lq, lk, dim, v_dim)
+                pages_arg, *packing.strides(q), *packing.strides(k, keys=True), *packing.strides(v, keys=True),
+                ms[0], ms[1], ms[2], ms[3], alibi_bs, *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads,
+                group, lq, lk, dim, v_dim)
 
     # A float32 o of 16-bit inputs is a mask gradient's (its delta, rowsum(dO o), would otherwise
     # carry P's rounding to 16 bits, which the gradient's sum over a broadcast mask gathers).
     consts = dict(consts, INTERPRETED=q.device.type == "cpu",
-                  PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None)
+                  PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
+                  PAGED=packing.pages is not None)
+    scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
