@@ -72,6 +72,38 @@ def _varlen_case(dtype, device, padded_cache=False):
     return run
 
 
+def _paged_case(dtype, device):
+    """Decoding and a prefill from a paged KV cache (pages of 128 keys, in reverse order, NaN in the
+    rows no key fills), bottom-right causal, grouped-query heads: o and lse (a paged cache has no
+    gradient)."""
+    g = torch.Generator().manual_seed(7)
+    lengths_q, lengths_k = [1, 1, 30, 2], [300, 129, 200, 1]
+    per_sequence = [-(-n // 128) for n in lengths_k]
+    pages = sum(per_sequence)
+    q = torch.randn(sum(lengths_q), 4, 64, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.full((pages, 128, 2, 64), float("nan")) for _ in range(2))
+    table = torch.zeros(len(lengths_k), max(per_sequence), dtype=torch.int32)
+    page = pages
+    for n, count in enumerate(lengths_k):
+        for p in range(per_sequence[n]):
+            page -= 1
+            table[n, p] = page
+            rows = min(128, count - 128 * p)
+            k[page, :rows], v[page, :rows] = (torch.randn(rows, 2, 64, generator=g) for _ in range(2))
+    k, v, table = k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), table.to(device)
+    cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                  for lengths in (lengths_q, lengths_k))
+
+    def run(impl, cast=None):
+        with torch.no_grad():
+            o, lse = attention_varlen(*(t if cast is None else t.to(cast) for t in (q, k, v)), cu_q, cu_k,
+                                      max(lengths_q), max(lengths_k), causal="bottom_right", return_lse=True,
+                                      impl=impl, block_table=table)
+        return [o, lse]
+
+    return run
+
+
 def cases(device, dtypes):
     """(name, dtype, run, output names) for each case."""
     for dtype in dtypes:
@@ -79,3 +111,4 @@ def cases(device, dtypes):
             yield f"attention {name}", dtype, _case(options, dtype, device), ("o", "lse")
         yield "attention varlen causal window", dtype, _varlen_case(dtype, device), ("o", "lse")
         yield "attention varlen seqused_k", dtype, _varlen_case(dtype, device, True), ("o", "lse")
+        yield "attention varlen paged KV cache", dtype, _paged_case(dtype, device), ("o", "lse")
