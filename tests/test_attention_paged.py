@@ -168,24 +168,22 @@ def test_bad_pages_name_the_argument(impl):
         call(q=q.clone().requires_grad_())  # no gradient asked: runs
 
 
-def test_ops_check_the_pages():
+@pytest.mark.parametrize("impl", fused_impls())
+def test_ops_check_the_pages(impl):
     """The ops check what the Python API checks (for direct calls), and the CPU's the table's values."""
+    skip_unless_supported(impl, "cpu")
     q, k, v, cu_q, cu_k, mq, mk, table = paged_inputs([2, 1], [130, 7])
     options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None)
-    ops = [torch.ops.genfast.attention_varlen_forward_triton]
-    if genfast._backend.native_runs_on("cpu"):
-        ops.append(torch.ops.genfast.attention_varlen_forward)
+    op = getattr(torch.ops.genfast, "attention_varlen_forward" + ("" if impl == "native" else "_triton"))
+    if impl == "native":
         for bad in ([[0, 9, 2], [3, 1, 2]], [[0, -1, 2], [3, 1, 2]]):
             with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] must name one of the cache's 4 pages"):
-                torch.ops.genfast.attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *options,
-                                                           torch.tensor(bad, dtype=torch.int32))
-        with pytest.raises(RuntimeError, match="serves inference and has no backward"):
-            torch.ops.genfast.attention_varlen_forward(q.clone().requires_grad_(), k, v, cu_q, cu_k, mq, mk, *options,
-                                                       table)
-    for op in ops:
-        with pytest.raises((RuntimeError, ValueError), match="page size"):
-            op(q, k[:, :100], v[:, :100], cu_q, cu_k, mq, mk, *options, table)
-        with pytest.raises((RuntimeError, ValueError), match=r"fewer than max_seqlen_k \(130\)"):
-            op(q, k, v, cu_q, cu_k, mq, mk, *options, table[:, :1])
-        with pytest.raises((RuntimeError, ValueError), match="dropout_p must be 0 with block_table"):
-            op(q, k, v, cu_q, cu_k, mq, mk, None, 0.3, 0.0, -3, 0, 0.5, 0, 0, False, None, None, table)
+                op(q, k, v, cu_q, cu_k, mq, mk, *options, torch.tensor(bad, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="serves inference and has no backward"):
+        op(q.clone().requires_grad_(), k, v, cu_q, cu_k, mq, mk, *options, table)
+    with pytest.raises((RuntimeError, ValueError), match="page size"):
+        op(q, k[:, :100], v[:, :100], cu_q, cu_k, mq, mk, *options, table)
+    with pytest.raises((RuntimeError, ValueError), match=r"fewer than max_seqlen_k \(130\)"):
+        op(q, k, v, cu_q, cu_k, mq, mk, *options, table[:, :1])
+    with pytest.raises((RuntimeError, ValueError), match="dropout_p must be 0 with block_table"):
+        op(q, k, v, cu_q, cu_k, mq, mk, None, 0.3, 0.0, -3, 0, 0.5, 0, 0, False, None, None, table)
