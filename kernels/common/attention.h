@@ -131,13 +131,18 @@ GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const Att
                                              int64_t h, int64_t i) {
   return b * p.q_stride[0] + h * p.q_stride[1] + (s.q_start + i) * p.q_stride[2];
 }
+// Where key j of a paged sequence lies, head 0's, in a tensor of strides `stride`: `pages` is the
+// sequence's row of the block table.
+GF_HOST_DEVICE_INLINE int64_t attention_paged_key_at(const AttentionParams& p, const int32_t* pages, int64_t j,
+                                                     const int64_t (&stride)[3]) {
+  return pages[j / p.page_size] * stride[0] + (j % p.page_size) * stride[2];
+}
 // A paged cache's keys j .. j + n lie in one page, where n is at most kAttentionPageMultiple and j a
 // multiple of n: a kernel reading a key block's rows `stride[2]` apart from its first may do so.
 GF_HOST_DEVICE_INLINE int64_t attention_key_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                                int64_t hk, int64_t j, const int64_t (&stride)[3]) {
   if (p.block_table != nullptr) {
-    const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
-    return page * stride[0] + hk * stride[1] + (j % p.page_size) * stride[2];
+    return hk * stride[1] + attention_paged_key_at(p, p.block_table + b * p.block_table_stride, j, stride);
   }
   return b * stride[0] + hk * stride[1] + (s.k_start + j) * stride[2];
 }

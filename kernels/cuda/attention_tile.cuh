@@ -572,10 +572,9 @@ struct KeyValueTiles {
   __device__ __forceinline__ void load(int block, int buf) const {
     const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
     const uint16_t *k_rows = k_base + j0 * k_row, *v_rows = v_base + j0 * v_row;
-    if (kPaged && pages != nullptr) {  // attention_key_at's page, hoisted out of the rows
-      const int page_size = static_cast<int>(p.page_size), page = pages[j0 / page_size], row = j0 % page_size;
-      k_rows = k_base + page * p.k_stride[0] + row * k_row;
-      v_rows = v_base + page * p.v_stride[0] + row * v_row;
+    if (kPaged && pages != nullptr) {  // the block's page, looked up once for its rows
+      k_rows = k_base + attention_paged_key_at(p, pages, j0, p.k_stride);
+      v_rows = v_base + attention_paged_key_at(p, pages, j0, p.v_stride);
     }
     load_tile<kBlockN, kD, kBlockThreads>(k_tile(buf), k_rows, k_row, valid, dim, vector_k, Layout{});
     load_tile<kBlockN, kD, kBlockThreads>(v_tile(buf), v_rows, v_row, valid, v_dim, vector_v, Layout{});
