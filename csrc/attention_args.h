@@ -149,17 +149,16 @@ inline AttentionTensors prepare_attention(const at::Tensor& q, const at::Tensor&
   return t;
 }
 
-// A paged KV cache: k and v (pages, page_size, kv_heads, dim[v]), page_size a multiple of
-// kAttentionPageMultiple, and block_table int32 (batch, pages per sequence) on q's device.
+// A paged KV cache: k and v (pages, page_size, kv_heads, dim[v]), page_size at least 1, and
+// block_table int32 (batch, pages per sequence) on q's device.
 inline void check_attention_pages(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& block_table, int64_t batch, int64_t max_seqlen_k) {
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op,
               ": with block_table, k and v must be paged caches (pages, page_size, kv_heads, dim), got ", k.sizes(),
               " and ", v.sizes());
   TORCH_CHECK(v.size(1) == k.size(1), op, ": v must have k's page size ", k.size(1), ", got ", v.size(1));
-  TORCH_CHECK(k.size(1) > 0 && k.size(1) % kAttentionPageMultiple == 0, op,
-              ": a paged cache's page size (k.size(1)) must be a multiple of ", kAttentionPageMultiple, ", got ",
-              k.size(1));
+  TORCH_CHECK(k.size(1) > 0 && k.size(1) <= INT32_MAX, op,
+              ": a paged cache's page size (k.size(1)) must be from 1 to 2^31 - 1, got ", k.size(1));
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch, op,
               ": block_table must have shape (batch, pages per sequence) with batch = ", batch, ", got ",
               block_table.sizes());

@@ -311,7 +311,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     block_table (int32 (batch, pages per sequence), vLLM's and flash_attn_with_kvcache's): k and v are
     a paged KV cache (pages, page_size, Hk, D[v]), key j of sequence n at row j % page_size of page
     block_table[n, j // page_size], and cu_seqlens_k gives the sequences' key counts alone (their
-    totals need not match k). page_size must be a multiple of 128 (FlashAttention 2 asks 256). For
+    totals need not match k). Any page_size: vLLM's 16, SGLang's 1. For
     inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not."""
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
                            window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)

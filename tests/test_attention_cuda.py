@@ -222,6 +222,15 @@ def test_decoding_from_a_paged_cache(impl, dtype):
                                      dtype=dtype, device="cuda", shared_first_page=True, seed=1))
 
 
+@pytest.mark.parametrize("page_size", [1, 16, 80])
+@pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
+def test_decoding_from_small_pages(impl, dtype, page_size):
+    """Key blocks across pages (each key's page looked up): decoding with grouped heads and a prefill."""
+    compare_paged(impl, paged_inputs([1, 1, 200, 1], [1500, 300, 260, 1], page_size=page_size, heads=16, kv_heads=4,
+                                     dim=128, dtype=dtype, device="cuda", shared_first_page=True, seed=2),
+                  causal="bottom_right")
+
+
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
 def test_nan_propagates(impl, dtype):
     q, k, v = _cuda(*_qkv(1, 2, 2, 40, 40, 64, dtype))

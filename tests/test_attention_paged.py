@@ -88,11 +88,11 @@ def test_options_match_reference(options, impl):
     compare_paged(impl, paged_inputs(LENGTHS_Q, LENGTHS_K, v_dim=24), **dict(options))
 
 
-@pytest.mark.parametrize("page_size", [128, 256])
+@pytest.mark.parametrize("page_size", [1, 16, 100, 128, 256])
 @pytest.mark.parametrize("impl", fused_impls())
 def test_equals_the_keys_packed_without_pages(page_size, impl):
-    """The kernels read the same key blocks, each in one page: o and lse bit for bit those of the
-    keys packed alone; pages shared between sequences included."""
+    """The kernels read the same key blocks, in one page or across several: o and lse bit for bit
+    those of the keys packed alone; pages shared between sequences included."""
     skip_unless_supported(impl, "cpu")
     args = paged_inputs(LENGTHS_Q, LENGTHS_K, page_size=page_size, shared_first_page=True)
     q, k, v, cu_q, cu_k, mq, mk, table = args
@@ -111,6 +111,25 @@ def test_decoding_from_pages(dtype, impl):
     """One query a sequence, long caches, grouped heads: the plans that stack heads and split keys."""
     skip_unless_supported(impl, "cpu", dtype)
     args = paged_inputs([1, 1, 1], [700, 130, 257], heads=8, kv_heads=2, dim=32, dtype=dtype, seed=2)
+    compare_paged(impl, args, causal="bottom_right")
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 48])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_small_pages_match_reference(page_size, impl):
+    """Pages smaller than a key block (vLLM's 16, SGLang's 1): each key's page looked up."""
+    skip_unless_supported(impl, "cpu")
+    seqused_k = torch.tensor([200, 128, 0, 255, 0], dtype=torch.int32)
+    compare_paged(impl, paged_inputs(LENGTHS_Q, LENGTHS_K, page_size=page_size, v_dim=24), causal="bottom_right",
+                  seqused_k=seqused_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_decoding_from_small_pages(dtype, impl):
+    """vLLM's 16-key pages, one query a sequence, grouped heads: the stacked and split plans."""
+    skip_unless_supported(impl, "cpu", dtype)
+    args = paged_inputs([1, 1, 1], [700, 130, 257], page_size=16, heads=8, kv_heads=2, dim=32, dtype=dtype, seed=3)
     compare_paged(impl, args, causal="bottom_right")
 
 
@@ -151,8 +170,10 @@ def test_bad_pages_name_the_argument(impl):
     def call(q=q, k=k, v=v, table=table, **options):
         return genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table, impl=impl, **options)
 
-    with pytest.raises(ValueError, match="page size .* must be a multiple of 128"):
-        call(k=k[:, :64], v=v[:, :64])
+    with pytest.raises(ValueError, match=r"as many pages of one page size \(k.shape\[1\]\), at least 1"):
+        call(k=k[:, :0], v=v[:, :0])
+    with pytest.raises(ValueError, match=r"as many pages of one page size"):
+        call(v=v[:, :64])
     with pytest.raises(ValueError, match="with block_table, k must be a paged cache"):
         call(k=k.flatten(0, 1), v=v.flatten(0, 1))
     for bad in (table.long(), table[:1], table[0], table.tolist()):
@@ -182,7 +203,7 @@ def test_ops_check_the_pages(impl):
     with pytest.raises(RuntimeError, match="serves inference and has no backward"):
         op(q.clone().requires_grad_(), k, v, cu_q, cu_k, mq, mk, *options, table)
     with pytest.raises((RuntimeError, ValueError), match="page size"):
-        op(q, k[:, :100], v[:, :100], cu_q, cu_k, mq, mk, *options, table)
+        op(q, k[:, :0], v[:, :0], cu_q, cu_k, mq, mk, *options, table)
     with pytest.raises((RuntimeError, ValueError), match=r"fewer than max_seqlen_k \(130\)"):
         op(q, k, v, cu_q, cu_k, mq, mk, *options, table[:, :1])
     with pytest.raises((RuntimeError, ValueError), match="dropout_p must be 0 with block_table"):

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -590,6 +591,7 @@ struct ForwardScratch {
   AlignedFloats scores, drop, acc, max, sum, k_panel, v_panel;
   AlignedFloats o_row;        // a row of o before it is rounded to bfloat16
   std::vector<uint8_t> seen;  // per head: whether the mask lets the current key block through
+  std::vector<std::byte> gathered;  // a key block that crosses pages (key_block)
   // With products on bfloat16 pairs: each head's queries, and one head's probabilities, as pairs.
   std::vector<uint32_t> q_pairs, p_pairs;
   // rows: the most queries of a block; width: the widest key block (block_width). The scores also
@@ -637,27 +639,54 @@ bool backward_takes_pairs(const at::Tensor& q, const at::Tensor& v) {
          q.scalar_type() == at::kBFloat16 && q.size(-1) % 2 == 0 && v.size(-1) % 2 == 0;
 }
 
+// Key block j0's cols rows of K and V as the forward reads them: in place, k_row and v_row elements
+// apart, or, for a block that crosses pages of a paged cache, copied row by row into `gathered`
+// (cols x dim, then cols x v_dim; one buffer a thread, grown as needed).
+template <typename T>
+struct KeyBlock {
+  const T* k;
+  int64_t k_row;
+  const T* v;
+  int64_t v_row;
+};
+template <typename T>
+KeyBlock<T> key_block(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
+                      int64_t hk, int64_t j0, int64_t cols, std::vector<std::byte>& gathered) {
+  if (attention_block_in_one_page(p, j0, cols)) {
+    return {kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], kv.v + attention_v_at(p, seq, b, hk, j0),
+            p.v_stride[2]};
+  }
+  gathered.resize(std::max<size_t>(gathered.size(), static_cast<size_t>(cols * (p.dim + p.v_dim)) * sizeof(T)));
+  T* k = reinterpret_cast<T*>(gathered.data());
+  T* v = k + cols * p.dim;
+  for (int64_t c = 0; c < cols; ++c) {
+    std::memcpy(k + c * p.dim, kv.k + attention_k_at(p, seq, b, hk, j0 + c), p.dim * sizeof(T));
+    std::memcpy(v + c * p.v_dim, kv.v + attention_v_at(p, seq, b, hk, j0 + c), p.v_dim * sizeof(T));
+  }
+  return {k, p.dim, v, p.v_dim};
+}
+
 // Key block j0's K^T panel (dim x width) and V panel (width x v_pad), width = block_width(cols): its
 // cols keys, zeros past them.
 template <typename T>
 void pack_key_block(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
-                    int64_t hk, int64_t j0, int64_t cols, float* k_panel, float* v_panel) {
+                    int64_t hk, int64_t j0, int64_t cols, float* k_panel, float* v_panel,
+                    std::vector<std::byte>& gathered) {
   const int64_t width = block_width(cols);
+  const KeyBlock<T> block = key_block(p, kv, seq, b, hk, j0, cols, gathered);
 #if GF_HAS_BFLOAT16_PAIRS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (kv.pairs) {  // the panels' words are bfloat16 pairs, in half their floats
-      pack_pairs_transposed(reinterpret_cast<const uint16_t*>(kv.k + attention_k_at(p, seq, b, hk, j0)),
-                            p.k_stride[2], cols, p.dim / 2, reinterpret_cast<uint32_t*>(k_panel), width);
-      pack_pairs_interleaved(reinterpret_cast<const uint16_t*>(kv.v + attention_v_at(p, seq, b, hk, j0)),
-                             p.v_stride[2], cols, p.v_dim, reinterpret_cast<uint32_t*>(v_panel),
-                             padded_to(p.v_dim, kCols), width);
+      pack_pairs_transposed(reinterpret_cast<const uint16_t*>(block.k), block.k_row, cols, p.dim / 2,
+                            reinterpret_cast<uint32_t*>(k_panel), width);
+      pack_pairs_interleaved(reinterpret_cast<const uint16_t*>(block.v), block.v_row, cols, p.v_dim,
+                             reinterpret_cast<uint32_t*>(v_panel), padded_to(p.v_dim, kCols), width);
       return;
     }
   }
 #endif
-  pack_transposed(kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim, k_panel, width);
-  pack_rows(kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim, v_panel,
-            padded_to(p.v_dim, kCols), width);
+  pack_transposed(block.k, block.k_row, cols, p.dim, k_panel, width);
+  pack_rows(block.v, block.v_row, cols, p.v_dim, v_panel, padded_to(p.v_dim, kCols), width);
 }
 
 // The key blocks' panels of a run of (batch, key head) pairs, packed once for all the query blocks
@@ -697,6 +726,7 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
                      KeyPanels& panels) {
   panels.first_pair = first_pair;
   at::parallel_for(0, pairs * panels.k_blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<std::byte> gathered;
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % panels.k_blocks, pair = first_pair + task / panels.k_blocks;
       const int64_t b = pair / p.kv_heads, hk = pair % p.kv_heads, j0 = block * kKeyBlock;
@@ -704,7 +734,7 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
       if (cols == 0) continue;  // past a packed sequence's end: never read
       pack_key_block(p, kv, seq, b, hk, j0, cols, panels.k.get() + task * panels.k_size,
-                     panels.v.get() + task * panels.v_size);
+                     panels.v.get() + task * panels.v_size, gathered);
     }
   });
 }
@@ -770,13 +800,13 @@ void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const
                         uint64_t seed, uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t j0,
                         int64_t cols, ForwardScratch& w) {
   const int64_t v_pad = padded_to(p.v_dim, kCols), hk = h0 / (p.heads / p.kv_heads);
-  key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, kv.k + attention_k_at(p, seq, b, hk, j0),
-           p.k_stride[2], cols, p.dim, p.scale, w.scores.data());
+  const KeyBlock<T> block = key_block(p, kv, seq, b, hk, j0, cols, w.gathered);
+  key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, block.k, block.k_row, cols, p.dim, p.scale,
+           w.scores.data());
   for (int64_t e = 0; e < heads; ++e) {
     block_probabilities(p, seq, seed, offset, b, h0 + e, e, i0, 1, j0, cols, w.scores.data() + e * kKeyBlock, w);
   }
-  value_sums(w.scores.data(), heads, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-             w.acc.data(), w.head_rows * v_pad);
+  value_sums(w.scores.data(), heads, block.v, block.v_row, cols, p.v_dim, w.acc.data(), w.head_rows * v_pad);
 }
 
 // out = factor * in, n elements.
@@ -825,7 +855,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
       v_panel = panels.v_panel(p, b, hk, j0 / kKeyBlock);
     } else if (packs_panels(rows, heads)) {
-      pack_key_block(p, kv, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data());
+      pack_key_block(p, kv, seq, b, hk, j0, cols, w.k_panel.data(), w.v_panel.data(), w.gathered);
       k_panel = w.k_panel.data();
       v_panel = w.v_panel.data();
     }
@@ -833,6 +863,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       stacked_heads_step(p, kv, seq, seed, offset, b, h0, heads, i0, j0, cols, w);
       continue;
     }
+    const KeyBlock<T> block = k_panel == nullptr ? key_block(p, kv, seq, b, hk, j0, cols, w.gathered) : KeyBlock<T>{};
     for (int64_t e = 0; e < heads; ++e) {
       if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
@@ -842,15 +873,13 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       if (k_panel != nullptr) {
         scores_from_panel(p, kv, q, e, rows, k_panel, block_width(cols), w);
       } else {
-        key_dots(q, p.q_stride[2], rows, kv.k + attention_k_at(p, seq, b, hk, j0), p.k_stride[2], cols, p.dim,
-                 p.scale, w.scores.data());
+        key_dots(q, p.q_stride[2], rows, block.k, block.k_row, cols, p.dim, p.scale, w.scores.data());
       }
       block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
         values_from_panel(p, kv, rows, v_panel, block_width(cols), acc, w);
       } else {
-        value_sums(w.scores.data(), rows, kv.v + attention_v_at(p, seq, b, hk, j0), p.v_stride[2], cols, p.v_dim,
-                   acc, v_pad);
+        value_sums(w.scores.data(), rows, block.v, block.v_row, cols, p.v_dim, acc, v_pad);
       }
     }
   }

@@ -10,7 +10,6 @@ import torch
 from .. import _backend
 
 Tensor = torch.Tensor
-PAGE_MULTIPLE = 128  # of a paged KV cache's page size (kernels/common/attention.h's kAttentionPageMultiple)
 
 
 def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
@@ -197,9 +196,9 @@ def check_paged_cache(block_table, k, v, batch, max_seqlen_k, dropout_p):
         if t.dim() != 4:
             raise ValueError(f"with block_table, {name} must be a paged cache (pages, page_size, kv_heads, head_dim), "
                              f"got {tuple(t.shape)}")
-    if k.shape[:2] != v.shape[:2] or k.shape[1] == 0 or k.shape[1] % PAGE_MULTIPLE:
-        raise ValueError(f"a paged cache's page size (k.shape[1], v's too) must be a multiple of {PAGE_MULTIPLE}, as "
-                         f"every backend's key blocks lie in one page; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[:2] != v.shape[:2] or k.shape[1] == 0:
+        raise ValueError(f"a paged cache's k and v must hold as many pages of one page size (k.shape[1]), at least "
+                         f"1; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if (not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
             or block_table.shape[0] != batch or block_table.device != k.device):
         got = f"{getattr(block_table, 'dtype', type(block_table).__name__)} {tuple(getattr(block_table, 'shape', ()))}"

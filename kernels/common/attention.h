@@ -19,8 +19,7 @@
 // seqused_k[b] keys so far. With a block table (a paged KV cache, as vLLM and FlashAttention's
 // block_table lay it out) k and v are pages (pages, page_size, kv_heads, dim): key j of sequence b is
 // row j % page_size of page block_table[b][j / page_size], and cu_seqlens_k gives the lengths alone.
-// page_size is a multiple of kAttentionPageMultiple, so that every kernel's key block (at most that
-// many keys, starting at a multiple of its size) lies in one page.
+// Any page size: a key block that crosses pages is read row by row (attention_block_in_one_page).
 #pragma once
 
 #include <stdint.h>
@@ -36,7 +35,6 @@ enum class AttentionMask : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
 enum class AttentionBias : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };  // an additive mask's dtype
 
 constexpr int64_t kAttentionUnbounded = int64_t(1) << 62;  // band_lo = -this or band_hi = this: no bound
-constexpr int64_t kAttentionPageMultiple = 128;  // of a paged cache's page size (the widest key block)
 
 // Inputs float32 with the head dimension contiguous; strides in elements for (b, h, position).
 struct AttentionParams {
@@ -132,13 +130,19 @@ GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const Att
   return b * p.q_stride[0] + h * p.q_stride[1] + (s.q_start + i) * p.q_stride[2];
 }
 // Where key j of a paged sequence lies, head 0's, in a tensor of strides `stride`: `pages` is the
-// sequence's row of the block table.
+// sequence's row of the block table. In 32 bits (j and page_size are below 2^31, which the host
+// checks): the CUDA kernels look up a page per row of a block that crosses pages, where a 64-bit
+// division would cost several times as much.
 GF_HOST_DEVICE_INLINE int64_t attention_paged_key_at(const AttentionParams& p, const int32_t* pages, int64_t j,
                                                      const int64_t (&stride)[3]) {
-  return pages[j / p.page_size] * stride[0] + (j % p.page_size) * stride[2];
+  const uint32_t key = static_cast<uint32_t>(j), size = static_cast<uint32_t>(p.page_size);
+  return pages[key / size] * stride[0] + static_cast<int64_t>(key % size) * stride[2];
 }
-// A paged cache's keys j .. j + n lie in one page, where n is at most kAttentionPageMultiple and j a
-// multiple of n: a kernel reading a key block's rows `stride[2]` apart from its first may do so.
+// Whether keys j .. j + n - 1 (n > 0) lie in one page (always when not paged): then a kernel may
+// read them `stride[2]` apart from the first, else it looks up each key's page.
+GF_HOST_DEVICE_INLINE bool attention_block_in_one_page(const AttentionParams& p, int64_t j, int64_t n) {
+  return p.block_table == nullptr || j / p.page_size == (j + n - 1) / p.page_size;
+}
 GF_HOST_DEVICE_INLINE int64_t attention_key_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                                int64_t hk, int64_t j, const int64_t (&stride)[3]) {
   if (p.block_table != nullptr) {

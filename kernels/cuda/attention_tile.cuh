@@ -355,13 +355,14 @@ struct PaddedRows {
 // Rows 0 .. kRows - 1 of a shared tile of kD columns laid out by `at` (the offset of element (r, c),
 // for c a multiple of 8, whose 8 values are contiguous) from 16-bit values: row r from row_at(r),
 // its first element, or zeros where row_at(r) is null; columns past `cols` are zeroed. Whole 16-byte
-// chunks go through cp.async when `vector`; kBlockThreads threads share the work; the caller commits
-// and waits.
-template <int kRows, int kD, int kBlockThreads = kThreads, typename RowAt, typename At = PaddedRows<kD>>
+// chunks go through cp.async when `vector`; kBlockThreads threads share the work, kUnroll chunks
+// unrolled; the caller commits and waits.
+template <int kRows, int kD, int kBlockThreads = kThreads, typename RowAt, typename At = PaddedRows<kD>,
+          int kUnroll = 4>
 __device__ __forceinline__ void load_rows(uint16_t* tile, const RowAt& row_at, int cols, bool vector,
                                           const At& at = At{}) {
   constexpr int kChunks = kD / 8;
-#pragma unroll 4
+#pragma unroll kUnroll
   for (int e = threadIdx.x; e < kRows * kChunks; e += kBlockThreads) {
     const int r = e / kChunks, c = (e % kChunks) * 8;
     uint16_t* dst = tile + at(r, c);
@@ -532,11 +533,10 @@ struct QueryTile {
 
 // The key blocks of kv head hk, staged through cp.async by kBlockThreads threads into two buffers
 // each of K and V (kBlockN rows of kD columns: padded rows, or 128-byte swizzled for wgmma), keys
-// past k_len zeroed. kPaged: k and v may be a paged cache, each block in one page
-// (kAttentionPageMultiple); the kernels that never take one keep the block table's registers.
+// past k_len zeroed. kPaged: k and v may be a paged cache; the kernels that never take one keep the
+// block table's registers.
 template <int kBlockN, int kD, bool kSwizzled = false, int kBlockThreads = kThreads, bool kPaged = false>
 struct KeyValueTiles {
-  static_assert(!kPaged || kAttentionPageMultiple % kBlockN == 0, "a key block lies in one page of a paged cache");
   using Layout = typename std::conditional<kSwizzled, SwizzledRows<kBlockN>, PaddedRows<kD>>::type;
   static constexpr int kTileElements = kBlockN * (kSwizzled ? kD : kD + 8);
   static constexpr int kElements = 4 * kTileElements;  // of shared memory
@@ -566,14 +566,30 @@ struct KeyValueTiles {
     vector_k = (vector & kVectorK) != 0;
     vector_v = (vector & kVectorV) != 0;
   }
+  // The rows of a block at j0 (valid of them) that crosses pages of a paged cache, each row's page
+  // looked up: load_rows, rolled, so that this rare path adds few instructions and no registers to
+  // the kernel's loop (unrolled, it spilled the sm_80 forward at head dim 64).
+  __device__ __forceinline__ void load_paged_rows(uint16_t* tile, const uint16_t* base, int j0, int valid,
+                                                  const int64_t (&stride)[3], int cols, bool vector) const {
+    const auto row_at = [&](int r) {
+      const uint16_t* row = r < valid ? base + attention_paged_key_at(p, pages, j0 + r, stride) : nullptr;
+      return row;
+    };
+    load_rows<kBlockN, kD, kBlockThreads, decltype(row_at), Layout, 1>(tile, row_at, cols, vector);
+  }
   __device__ __forceinline__ uint16_t* k_tile(int buf) const { return s_k + buf * kTileElements; }
   __device__ __forceinline__ uint16_t* v_tile(int buf) const { return s_v + buf * kTileElements; }
   // Issues the copies of key block `block` into buffer `buf`; the caller commits and waits.
   __device__ __forceinline__ void load(int block, int buf) const {
     const int j0 = block * kBlockN, valid = min(kBlockN, k_len - j0);
     const uint16_t *k_rows = k_base + j0 * k_row, *v_rows = v_base + j0 * v_row;
-    if (kPaged && pages != nullptr) {  // the block's page, looked up once for its rows
-      k_rows = k_base + attention_paged_key_at(p, pages, j0, p.k_stride);
+    if (kPaged && pages != nullptr) {
+      if (!attention_block_in_one_page(p, j0, valid)) {  // each row's page, looked up as it is read
+        load_paged_rows(k_tile(buf), k_base, j0, valid, p.k_stride, dim, vector_k);
+        load_paged_rows(v_tile(buf), v_base, j0, valid, p.v_stride, v_dim, vector_v);
+        return;
+      }
+      k_rows = k_base + attention_paged_key_at(p, pages, j0, p.k_stride);  // the block's page, looked up once
       v_rows = v_base + attention_paged_key_at(p, pages, j0, p.v_stride);
     }
     load_tile<kBlockN, kD, kBlockThreads>(k_tile(buf), k_rows, k_row, valid, dim, vector_k, Layout{});

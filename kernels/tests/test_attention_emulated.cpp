@@ -689,6 +689,21 @@ std::vector<Case> cases() {
   c.heads = 2, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {70, 1}, c.lengths_k = {200, 390};
   c.softcap = 20.0f, c.alibi = true, c.sinks = true, c.page_size = 256;
   all.push_back(c);
+  c = Case{};  // key blocks that cross pages: a page looked up per row
+  c.name = "paged KV cache of 16-key pages, seqused_k, causal GQA d64";
+  c.heads = 4, c.kv_heads = 2, c.lengths_q = {1, 3, 40, 2}, c.lengths_k = {300, 129, 256, 7};
+  c.used_k = {300, 100, 200, 7}, c.band_hi = 0, c.page_size = 16;
+  all.push_back(c);
+  c = Case{};
+  c.name = "paged KV cache of 1-key pages, sinks d128";
+  c.heads = 2, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {20, 1}, c.lengths_k = {90, 150};
+  c.sinks = true, c.page_size = 1;
+  all.push_back(c);
+  c = Case{};  // some 64-key blocks in one page, some across two; unaligned: no cp.async
+  c.name = "paged KV cache of 96-key pages, unaligned, d32";
+  c.heads = 2, c.kv_heads = 2, c.dim = c.v_dim = 32, c.lengths_q = {33, 2}, c.lengths_k = {250, 200};
+  c.page_size = 96, c.unaligned = true;
+  all.push_back(c);
   c = Case{};
   c.name = "NaN in q";
   c.dim = c.v_dim = 32, c.q_len = 20, c.k_len = 20, c.nan_q = true;

@@ -307,13 +307,15 @@ def _store_rows(base, value, offs, n, stride, offs_d, d):
 
 
 @triton.jit
-def _paged_pointers(ptrs, base, pages_ptr, start_n, page_size, page_stride, stride, offs_d, BLOCK_N: tl.constexpr,
-                    PAGED: tl.constexpr):
-    """PAGED: key block start_n's row pointers in its page of a paged cache (base: page 0's rows of
-    the head); else ptrs, which the loop steps."""
+def _paged_pointers(ptrs, base, pages_ptr, offs_n, Lk, page_size, page_stride, stride, offs_d, PAGED: tl.constexpr):
+    """PAGED: the row pointers of keys offs_n in a paged cache (base: page 0's rows of the head), each
+    row's page looked up (rows past Lk: page 0); else ptrs, which the loop steps. A lookup a row cost
+    the paged step of 128 x 64 tiles 156 more instructions than one a block (1086, sm_90, bf16, head
+    dim 128, 8 warps); a branch between the two spilled it (3716)."""
     if PAGED:
-        page = tl.load(pages_ptr + start_n // page_size).to(tl.int64)
-        return _row_pointers(base + page * page_stride, start_n % page_size + tl.arange(0, BLOCK_N), stride, offs_d)
+        page = tl.load(pages_ptr + offs_n // page_size, mask=offs_n < Lk, other=0).to(tl.int64)
+        rows = page * page_stride + (offs_n % page_size).to(tl.int64) * stride
+        return base + rows[:, None] + offs_d[None, :]
     else:
         return ptrs
 
@@ -382,8 +384,7 @@ def attention_forward_kernel(
     attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts).
     HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED:
     k and v are a paged cache, key j of sequence b at row j % page_size of page pages_ptr[b,
-    j // page_size] (skb and svb the pages' strides); page_size is a multiple of BLOCK_N, so that
-    each key block lies in one page."""
+    j // page_size] (skb and svb the pages' strides), any page_size."""
     chunk = tl.program_id(1).to(tl.int64)
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -444,8 +445,8 @@ def attention_forward_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
-        k_ptrs = _paged_pointers(k_ptrs, k_base, pages_ptr, start_n, page_size, skb, skn, offs_d, BLOCK_N, PAGED)
-        v_ptrs = _paged_pointers(v_ptrs, v_base, pages_ptr, start_n, page_size, svb, svn, offs_dv, BLOCK_N, PAGED)
+        k_ptrs = _paged_pointers(k_ptrs, k_base, pages_ptr, offs_n, Lk, page_size, skb, skn, offs_d, PAGED)
+        v_ptrs = _paged_pointers(v_ptrs, v_base, pages_ptr, offs_n, Lk, page_size, svb, svn, offs_dv, PAGED)
         k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         acc, l_i, m_i = _forward_block(
@@ -974,7 +975,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     sequence's bottom-right diagonal (kernels/common/attention.h); seqused_k (int32 (batch,) or None):
     the keys each sequence uses, the first of its rows; then block_table (int32 (batch, pages per
     sequence), contiguous, or None): k and v are a paged cache (pages, page_size, Hk, D[v]), page_size
-    a multiple of 128, and cu_seqlens_k gives the sequences' key counts alone. plan: (heads_per_tile,
+    at least 1, and cu_seqlens_k gives the sequences' key counts alone. plan: (heads_per_tile,
     splits), forward_plan's for the device when None; (1, 1) runs the autotuned tiles of one head.
     sinks: None or the heads' sink logits, float32 (H,) contiguous."""
     import torch
