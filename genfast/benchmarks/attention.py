@@ -42,7 +42,7 @@ DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 # sequences hold from an eighth of the cache to all of it (CACHE_DECODE_USED).
 CACHE_DECODE_CONFIGS = {"cpu": (4, 32, 8, 2048, 128), "cuda": (16, 32, 8, 8192, 128)}
 CACHE_DECODE_USED = [1.0, 0.125, 0.5, 0.3, 0.8, 0.2, 0.65, 0.4]
-CACHE_PAGE_SIZE = 256  # the same cache in pages of this many keys, shuffled (vLLM's layout)
+CACHE_PAGE_SIZES = (256, 16)  # the same cache in pages of these many keys, shuffled (vLLM's layout; 16 its default)
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
@@ -490,7 +490,7 @@ def _decode_rows(device, dtype, gemm, quick, say, config=None):
 def _cache_decode_rows(device, dtype, gemm, quick, say):
     """One new token per sequence against a padded KV cache (batch, length, kv_heads, dim) whose
     sequences hold different counts of keys: attention_varlen with seqused_k (no mask), and with
-    the same keys in a paged cache (pages of CACHE_PAGE_SIZE keys in shuffled order, a block table),
+    the same keys in a paged cache (pages of each of CACHE_PAGE_SIZES keys in shuffled order, a block table),
     against genfast.attention, SDPA and the eager reference on the cache viewed (batch, kv_heads,
     length, dim) with a padding mask, as a transformers model with a static cache calls them."""
     batch, heads, kv_heads, length, dim = CACHE_DECODE_CONFIGS.get(device, CACHE_DECODE_CONFIGS["cpu"])
@@ -508,18 +508,19 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
         return lambda: attention_varlen(q, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 1, length,
                                         causal="bottom_right", seqused_k=seqused_k, impl=impl)
 
-    per_sequence = length // CACHE_PAGE_SIZE
-    order = torch.randperm(batch * per_sequence, generator=g).to(device)
-    k_pages, v_pages = (t.reshape(batch * per_sequence, CACHE_PAGE_SIZE, kv_heads, dim)[order] for t in (k, v))
-    block_table = torch.argsort(order).view(batch, per_sequence).to(torch.int32)
     cu_used = torch.tensor([0] + used, device=device).cumsum(0).to(torch.int32)
 
-    def paged(impl):
+    def paged(impl, page_size):
+        per_sequence = length // page_size
+        order = torch.randperm(batch * per_sequence, generator=g).to(device)
+        k_pages, v_pages = (t.reshape(batch * per_sequence, page_size, kv_heads, dim)[order] for t in (k, v))
+        block_table = torch.argsort(order).view(batch, per_sequence).to(torch.int32)
         return lambda: attention_varlen(q, k_pages, v_pages, cu_q, cu_used, 1, max(used), causal="bottom_right",
                                         block_table=block_table, impl=impl)
 
     candidates = [(f"genfast {impl} seqused_k", cached(impl)) for impl in fused_impls(device)]
-    candidates += [(f"genfast {impl} paged", paged(impl)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} paged {size}", paged(impl, size)) for size in CACHE_PAGE_SIZES
+                   for impl in fused_impls(device)]
     candidates += [(f"genfast {impl} mask", lambda impl=impl: attention(q4, k4, v4, mask, enable_gqa=True, impl=impl))
                    for impl in fused_impls(device)]
     candidates += [(f"torch SDPA {name} mask",

@@ -72,23 +72,23 @@ def _varlen_case(dtype, device, padded_cache=False):
     return run
 
 
-def _paged_case(dtype, device):
-    """Decoding and a prefill from a paged KV cache (pages of 128 keys, in reverse order, NaN in the
-    rows no key fills), bottom-right causal, grouped-query heads: o and lse (a paged cache has no
-    gradient)."""
+def _paged_case(dtype, device, page_size):
+    """Decoding and a prefill from a paged KV cache (pages of page_size keys, in reverse order, NaN
+    in the rows no key fills), bottom-right causal, grouped-query heads: o and lse (a paged cache has
+    no gradient)."""
     g = torch.Generator().manual_seed(7)
     lengths_q, lengths_k = [1, 1, 30, 2], [300, 129, 200, 1]
-    per_sequence = [-(-n // 128) for n in lengths_k]
+    per_sequence = [-(-n // page_size) for n in lengths_k]
     pages = sum(per_sequence)
     q = torch.randn(sum(lengths_q), 4, 64, generator=g).to(device=device, dtype=dtype)
-    k, v = (torch.full((pages, 128, 2, 64), float("nan")) for _ in range(2))
+    k, v = (torch.full((pages, page_size, 2, 64), float("nan")) for _ in range(2))
     table = torch.zeros(len(lengths_k), max(per_sequence), dtype=torch.int32)
     page = pages
     for n, count in enumerate(lengths_k):
         for p in range(per_sequence[n]):
             page -= 1
             table[n, p] = page
-            rows = min(128, count - 128 * p)
+            rows = min(page_size, count - page_size * p)
             k[page, :rows], v[page, :rows] = (torch.randn(rows, 2, 64, generator=g) for _ in range(2))
     k, v, table = k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), table.to(device)
     cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
@@ -111,4 +111,6 @@ def cases(device, dtypes):
             yield f"attention {name}", dtype, _case(options, dtype, device), ("o", "lse")
         yield "attention varlen causal window", dtype, _varlen_case(dtype, device), ("o", "lse")
         yield "attention varlen seqused_k", dtype, _varlen_case(dtype, device, True), ("o", "lse")
-        yield "attention varlen paged KV cache", dtype, _paged_case(dtype, device), ("o", "lse")
+        for page_size in (128, 16):
+            yield (f"attention varlen paged KV cache, {page_size}-key pages", dtype,
+                   _paged_case(dtype, device, page_size), ("o", "lse"))
