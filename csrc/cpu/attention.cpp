@@ -666,6 +666,53 @@ KeyBlock<T> key_block(const AttentionParams& p, const KeysValues<T>& kv, const A
   return {k, p.dim, v, p.v_dim};
 }
 
+// Key block j0 as the in-place products (key_dots, value_sums) read it: runs of keys, run i keys c[i]
+// .. c[i] + n[i] - 1 of the block, rows[i] their rows. One run, in place or key_block's copy, unless
+// the block crosses pages of at least kCols keys: then a run a page, read in place (the copy cost
+// vLLM's 16-key pages a fifth of a decoding step; products a few keys long would cost more than it).
+// Run by run, the products add in the same order: the same sums, bit for bit.
+template <typename T>
+struct KeyRuns {
+  static constexpr int kMost = kKeyBlock / kCols + 1;
+  int count = 0;
+  int64_t c[kMost], n[kMost];
+  KeyBlock<T> rows[kMost];
+};
+template <typename T>
+KeyRuns<T> key_runs(const AttentionParams& p, const KeysValues<T>& kv, const AttentionSequence& seq, int64_t b,
+                    int64_t hk, int64_t j0, int64_t cols, std::vector<std::byte>& gathered) {
+  KeyRuns<T> runs;
+  if (p.page_size < kCols || attention_block_in_one_page(p, j0, cols)) {
+    runs.count = 1;
+    runs.c[0] = 0;
+    runs.n[0] = cols;
+    runs.rows[0] = key_block(p, kv, seq, b, hk, j0, cols, gathered);
+    return runs;
+  }
+  for (int64_t c = 0; c < cols; c += runs.n[runs.count++]) {
+    runs.c[runs.count] = c;
+    runs.n[runs.count] = std::min(cols - c, p.page_size - (j0 + c) % p.page_size);
+    runs.rows[runs.count] = key_block(p, kv, seq, b, hk, j0 + c, runs.n[runs.count], gathered);  // one page
+  }
+  return runs;
+}
+
+// key_dots and value_sums over a block's runs.
+template <typename T>
+void run_key_dots(const KeyRuns<T>& runs, const float* q, int64_t q_row, int64_t rows, int64_t dim, float scale,
+                  float* scores) {
+  for (int i = 0; i < runs.count; ++i) {
+    key_dots(q, q_row, rows, runs.rows[i].k, runs.rows[i].k_row, runs.n[i], dim, scale, scores + runs.c[i]);
+  }
+}
+template <typename T>
+void run_value_sums(const KeyRuns<T>& runs, const float* probs, int64_t rows, int64_t v_dim, float* acc,
+                    int64_t acc_row) {
+  for (int i = 0; i < runs.count; ++i) {
+    value_sums(probs + runs.c[i], rows, runs.rows[i].v, runs.rows[i].v_row, runs.n[i], v_dim, acc, acc_row);
+  }
+}
+
 // Key block j0's K^T panel (dim x width) and V panel (width x v_pad), width = block_width(cols): its
 // cols keys, zeros past them.
 template <typename T>
@@ -800,13 +847,12 @@ void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const
                         uint64_t seed, uint64_t offset, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t j0,
                         int64_t cols, ForwardScratch& w) {
   const int64_t v_pad = padded_to(p.v_dim, kCols), hk = h0 / (p.heads / p.kv_heads);
-  const KeyBlock<T> block = key_block(p, kv, seq, b, hk, j0, cols, w.gathered);
-  key_dots(p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, block.k, block.k_row, cols, p.dim, p.scale,
-           w.scores.data());
+  const KeyRuns<T> runs = key_runs(p, kv, seq, b, hk, j0, cols, w.gathered);
+  run_key_dots(runs, p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, p.dim, p.scale, w.scores.data());
   for (int64_t e = 0; e < heads; ++e) {
     block_probabilities(p, seq, seed, offset, b, h0 + e, e, i0, 1, j0, cols, w.scores.data() + e * kKeyBlock, w);
   }
-  value_sums(w.scores.data(), heads, block.v, block.v_row, cols, p.v_dim, w.acc.data(), w.head_rows * v_pad);
+  run_value_sums(runs, w.scores.data(), heads, p.v_dim, w.acc.data(), w.head_rows * v_pad);
 }
 
 // out = factor * in, n elements.
@@ -863,7 +909,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       stacked_heads_step(p, kv, seq, seed, offset, b, h0, heads, i0, j0, cols, w);
       continue;
     }
-    const KeyBlock<T> block = k_panel == nullptr ? key_block(p, kv, seq, b, hk, j0, cols, w.gathered) : KeyBlock<T>{};
+    const KeyRuns<T> runs = k_panel == nullptr ? key_runs(p, kv, seq, b, hk, j0, cols, w.gathered) : KeyRuns<T>{};
     for (int64_t e = 0; e < heads; ++e) {
       if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
@@ -873,13 +919,13 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       if (k_panel != nullptr) {
         scores_from_panel(p, kv, q, e, rows, k_panel, block_width(cols), w);
       } else {
-        key_dots(q, p.q_stride[2], rows, block.k, block.k_row, cols, p.dim, p.scale, w.scores.data());
+        run_key_dots(runs, q, p.q_stride[2], rows, p.dim, p.scale, w.scores.data());
       }
       block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
         values_from_panel(p, kv, rows, v_panel, block_width(cols), acc, w);
       } else {
-        value_sums(w.scores.data(), rows, block.v, block.v_row, cols, p.v_dim, acc, v_pad);
+        run_value_sums(runs, w.scores.data(), rows, p.v_dim, acc, v_pad);
       }
     }
   }
