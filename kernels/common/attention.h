@@ -139,9 +139,12 @@ GF_HOST_DEVICE_INLINE int64_t attention_paged_key_at(const AttentionParams& p, c
   return pages[key / size] * stride[0] + static_cast<int64_t>(key % size) * stride[2];
 }
 // Whether keys j .. j + n - 1 (n > 0) lie in one page (always when not paged): then a kernel may
-// read them `stride[2]` apart from the first, else it looks up each key's page.
+// read them `stride[2]` apart from the first, else it looks up each key's page. In 32 bits, as
+// attention_paged_key_at.
 GF_HOST_DEVICE_INLINE bool attention_block_in_one_page(const AttentionParams& p, int64_t j, int64_t n) {
-  return p.block_table == nullptr || j / p.page_size == (j + n - 1) / p.page_size;
+  const uint32_t first = static_cast<uint32_t>(j), last = static_cast<uint32_t>(j + n - 1);
+  const uint32_t size = static_cast<uint32_t>(p.page_size);
+  return p.block_table == nullptr || first / size == last / size;
 }
 GF_HOST_DEVICE_INLINE int64_t attention_key_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                                int64_t hk, int64_t j, const int64_t (&stride)[3]) {
