@@ -117,7 +117,8 @@ def test_decoding_from_pages(dtype, impl):
 @pytest.mark.parametrize("page_size", [1, 16, 48])
 @pytest.mark.parametrize("impl", fused_impls())
 def test_small_pages_match_reference(page_size, impl):
-    """Pages smaller than a key block (vLLM's 16, SGLang's 1): each key's page looked up."""
+    """Pages smaller than a key block (vLLM's 16, SGLang's 1): blocks read across pages, a page or a
+    key at a time."""
     skip_unless_supported(impl, "cpu")
     seqused_k = torch.tensor([200, 128, 0, 255, 0], dtype=torch.int32)
     compare_paged(impl, paged_inputs(LENGTHS_Q, LENGTHS_K, page_size=page_size, v_dim=24), causal="bottom_right",

@@ -340,3 +340,17 @@ def test_untuned_gpu_kernels_take_the_first_configuration(monkeypatch, hopper):
         monkeypatch.setenv("GENFAST_TRITON_AUTOTUNE", "0")
         (config,) = attn._tuned(kernel, device, 128, backward).configs
         assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages) == blocks[0]
+
+
+def test_pages_of_whole_key_blocks():
+    """The forward looks up a page a block (PAGED 1) only where every key block lies in one page:
+    every forward BLOCK_N, tuned, stacked or interpreted, divides PAGE_BLOCKS."""
+    attn = _kernels()
+    widths = {n for blocks in (*attn._GPU_BLOCKS["forward"].values(), *attn._HOPPER_BLOCKS["forward"].values())
+              for _, n, _, _ in blocks} | {attn._INTERPRETER_BLOCKS[1], 64, 32}
+    assert all(attn.PAGE_BLOCKS % n == 0 for n in widths)
+    packing = attn._Packing.__new__(attn._Packing)
+    packing.pages = None
+    assert packing.paged_kind(256) == 0
+    packing.pages = torch.zeros(1, 1, dtype=torch.int32)
+    assert [packing.paged_kind(size) for size in (128, 256, 16, 1, 100)] == [1, 1, 2, 2, 2]

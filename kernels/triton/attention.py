@@ -307,14 +307,19 @@ def _store_rows(base, value, offs, n, stride, offs_d, d):
 
 
 @triton.jit
-def _paged_pointers(ptrs, base, pages_ptr, offs_n, Lk, page_size, page_stride, stride, offs_d, PAGED: tl.constexpr):
-    """PAGED: the row pointers of keys offs_n in a paged cache (base: page 0's rows of the head), each
-    row's page looked up (rows past Lk: page 0); else ptrs, which the loop steps. A lookup a row cost
-    the paged step of 128 x 64 tiles 156 more instructions than one a block (1086, sm_90, bf16, head
-    dim 128, 8 warps); a branch between the two spilled it (3716)."""
-    if PAGED:
-        page = tl.load(pages_ptr + offs_n // page_size, mask=offs_n < Lk, other=0).to(tl.int64)
-        rows = page * page_stride + (offs_n % page_size).to(tl.int64) * stride
+def _paged_pointers(ptrs, base, pages_ptr, start_n, offs_n, Lk, page_size, page_stride, stride, offs_d,
+                    PAGED: tl.constexpr):
+    """The row pointers of keys offs_n (block start_n) in a paged cache (base: page 0's rows of the
+    head): PAGED 1, pages of whole key blocks, one lookup a block; PAGED 2, any page size, each row's
+    page (rows past Lk: page 0's). Else ptrs, which the loop steps. The lookup a row costs the step
+    of 128 x 64 tiles 156 more instructions than one a block (1086, sm_90, bf16, head dim 128, 8
+    warps); a runtime branch between the two spilled it (3716)."""
+    if PAGED == 1:
+        page = tl.load(pages_ptr + start_n // page_size).to(tl.int64)
+        return _row_pointers(base + page * page_stride, offs_n - start_n + start_n % page_size, stride, offs_d)
+    elif PAGED == 2:
+        pages = tl.load(pages_ptr + offs_n // page_size, mask=offs_n < Lk, other=0).to(tl.int64)
+        rows = pages * page_stride + (offs_n % page_size).to(tl.int64) * stride
         return base + rows[:, None] + offs_d[None, :]
     else:
         return ptrs
@@ -374,7 +379,7 @@ def attention_forward_kernel(
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
-    HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False, PAGED: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False, PAGED: tl.constexpr = 0,
 ):
     """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
@@ -382,9 +387,9 @@ def attention_forward_kernel(
     QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
     normalized o and lse in float32 at o_ptr and lse_ptr + split * split_rows (of DV columns each) for
     attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts).
-    HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED:
-    k and v are a paged cache, key j of sequence b at row j % page_size of page pages_ptr[b,
-    j // page_size] (skb and svb the pages' strides), any page_size."""
+    HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED
+    (1 or 2, _paged_pointers): k and v are a paged cache, key j of sequence b at row j % page_size
+    of page pages_ptr[b, j // page_size] (skb and svb the pages' strides)."""
     chunk = tl.program_id(1).to(tl.int64)
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -445,8 +450,8 @@ def attention_forward_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_block = _mask_block(mask_ptr, b, h, offs_m, offs_n, Lq, Lk, smb, smh, smm, smn, MASK_KIND)
-        k_ptrs = _paged_pointers(k_ptrs, k_base, pages_ptr, offs_n, Lk, page_size, skb, skn, offs_d, PAGED)
-        v_ptrs = _paged_pointers(v_ptrs, v_base, pages_ptr, offs_n, Lk, page_size, svb, svn, offs_dv, PAGED)
+        k_ptrs = _paged_pointers(k_ptrs, k_base, pages_ptr, start_n, offs_n, Lk, page_size, skb, skn, offs_d, PAGED)
+        v_ptrs = _paged_pointers(v_ptrs, v_base, pages_ptr, start_n, offs_n, Lk, page_size, svb, svn, offs_dv, PAGED)
         k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         acc, l_i, m_i = _forward_block(
@@ -735,6 +740,7 @@ _GPU_BLOCKS = {
 # on 4 warps spills (115 local loads a step of the key-block pass).
 _HOPPER_BLOCKS = {"forward": {}, "backward": {128: [(64, 64, 4, 2)]}}
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
+PAGE_BLOCKS = 128  # a multiple of every BLOCK_N: pages of a multiple of it hold whole key blocks
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
                "PRECISE_PV"]
 _tuned_kernels = {}
@@ -806,6 +812,11 @@ class _Packing:
     def bounds(self):
         """The kernels' cu_q_ptr, cu_k_ptr and used_k_ptr."""
         return self.cu_q, self.cu_k, self.cu_k if self.used_k is None else self.used_k
+
+    def paged_kind(self, page_size):
+        """The forward's PAGED: 0 not paged, 1 pages of whole key blocks (every BLOCK_N divides
+        PAGE_BLOCKS), 2 any page size."""
+        return 0 if self.pages is None else 1 if page_size % PAGE_BLOCKS == 0 else 2
 
     def page_args(self, k):
         """The forward's pages_ptr (any pointer when not paged), pages_per_sequence and page_size."""
@@ -1019,7 +1030,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     # carry P's rounding to 16 bits, which the gradient's sum over a broadcast mask gathers).
     consts = dict(consts, INTERPRETED=q.device.type == "cpu",
                   PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
-                  PAGED=packing.pages is not None)
+                  PAGED=packing.paged_kind(page_size))
     scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
