@@ -105,12 +105,15 @@ def test_equals_the_keys_packed_without_pages(page_size, impl):
     assert o.isfinite().all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("page_size", [128, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
-def test_decoding_from_pages(dtype, impl):
-    """One query a sequence, long caches, grouped heads: the plans that stack heads and split keys."""
+def test_decoding_from_pages(dtype, impl, page_size):
+    """One query a sequence, long caches, grouped heads: the plans that stack heads and split keys,
+    in pages of whole key blocks and in vLLM's 16-key pages."""
     skip_unless_supported(impl, "cpu", dtype)
-    args = paged_inputs([1, 1, 1], [700, 130, 257], heads=8, kv_heads=2, dim=32, dtype=dtype, seed=2)
+    args = paged_inputs([1, 1, 1], [700, 130, 257], page_size=page_size, heads=8, kv_heads=2, dim=32, dtype=dtype,
+                        seed=2)
     compare_paged(impl, args, causal="bottom_right")
 
 
@@ -123,15 +126,6 @@ def test_small_pages_match_reference(page_size, impl):
     seqused_k = torch.tensor([200, 128, 0, 255, 0], dtype=torch.int32)
     compare_paged(impl, paged_inputs(LENGTHS_Q, LENGTHS_K, page_size=page_size, v_dim=24), causal="bottom_right",
                   seqused_k=seqused_k)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("impl", fused_impls())
-def test_decoding_from_small_pages(dtype, impl):
-    """vLLM's 16-key pages, one query a sequence, grouped heads: the stacked and split plans."""
-    skip_unless_supported(impl, "cpu", dtype)
-    args = paged_inputs([1, 1, 1], [700, 130, 257], page_size=16, heads=8, kv_heads=2, dim=32, dtype=dtype, seed=3)
-    compare_paged(impl, args, causal="bottom_right")
 
 
 def test_reference_reads_the_pages():

@@ -684,15 +684,13 @@ std::vector<Case> cases() {
   c.heads = 4, c.kv_heads = 2, c.lengths_q = {1, 3, 40, 2}, c.lengths_k = {300, 129, 256, 7};
   c.used_k = {300, 100, 200, 7}, c.band_hi = 0, c.page_size = 128;
   all.push_back(c);
+  c.name = "paged KV cache of 16-key pages, seqused_k, causal GQA d64";  // blocks across pages: a lookup a row
+  c.page_size = 16;
+  all.push_back(c);
   c = Case{};
   c.name = "paged KV cache, soft-cap, ALiBi, sinks d128";
   c.heads = 2, c.kv_heads = 1, c.dim = c.v_dim = 128, c.lengths_q = {70, 1}, c.lengths_k = {200, 390};
   c.softcap = 20.0f, c.alibi = true, c.sinks = true, c.page_size = 256;
-  all.push_back(c);
-  c = Case{};  // key blocks that cross pages: a page looked up per row
-  c.name = "paged KV cache of 16-key pages, seqused_k, causal GQA d64";
-  c.heads = 4, c.kv_heads = 2, c.lengths_q = {1, 3, 40, 2}, c.lengths_k = {300, 129, 256, 7};
-  c.used_k = {300, 100, 200, 7}, c.band_hi = 0, c.page_size = 16;
   all.push_back(c);
   c = Case{};
   c.name = "paged KV cache of 1-key pages, sinks d128";
