@@ -137,7 +137,7 @@ setup(
         "triton": ["triton"],
         "diffusers": ["diffusers"],
         "transformers": ["transformers>=5"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "diffusers", "transformers>=5"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "diffusers", "transformers>=5", "psutil"],
     },
     entry_points={"console_scripts": ["genfast=genfast.cli:main"]},
     zip_safe=False,

@@ -2,7 +2,7 @@
 weights, no download): logits and parameter gradients against the "eager" implementation by the
 error-ratio rule (float64 eager as the exact value, float32 eager as the low-precision one), with
 grouped-query heads, padding masks, Gemma 2's soft-capping and sliding window, gpt-oss's attention
-sinks, and cached generation."""
+sinks, cached generation and continuous batching."""
 
 import copy
 
@@ -172,6 +172,58 @@ def test_packed_sequences_run_as_varlen(name, impl, monkeypatch):
     assert_error_ratio(got[1], exact[1], low[1], ratio=3.0, msg="parameter gradients")
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2-softcap-window", "gpt-oss-sinks"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_continuous_batching_matches_eager_generation(name, impl, monkeypatch):
+    """generate_batch (continuous batching, "paged|" + the model's implementation): prompts longer
+    than the sliding window, prefilled in chunks of 8 tokens beside other sequences' decoding steps,
+    each batch one attention_varlen call a layer (causal from each sequence's bottom-right corner,
+    the window in the local layers). The tokens and their log-probabilities equal those of greedy
+    "eager" generation of each prompt alone."""
+    skip_unless_supported(impl, "cpu")
+    pytest.importorskip("psutil")  # transformers sizes the paged cache on the CPU with it
+    prompts = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 3, 21)]
+    new_tokens = 5
+    calls = []
+    real_varlen = genfast_transformers.attention_varlen
+
+    def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs):
+        calls.append((cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kwargs["causal"], kwargs["window"]))
+        return real_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs)
+
+    monkeypatch.setattr(genfast_transformers, "attention_varlen", attention_varlen)
+    model = _model(name, genfast_transformers.register(f"genfast_{impl}", impl))
+    config = transformers.ContinuousBatchingConfig(page_size=16, num_blocks=32, max_batch_tokens=8,
+                                                   return_logprobs=True)
+    generation = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                               pad_token_id=0)
+    with torch.no_grad():
+        outputs = model.generate_batch(inputs=prompts, generation_config=generation,
+                                       continuous_batching_config=config)
+    assert model.config._attn_implementation == f"genfast_{impl}"  # restored after the batch
+    eager = _model(name, "eager")
+    for prompt, output in zip(prompts, sorted(outputs.values(), key=lambda output: output.request_id)):
+        assert output.error is None and output.prompt_ids == prompt
+        with torch.no_grad():
+            alone = eager.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                   eos_token_id=-1, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        tokens = alone.sequences[0, len(prompt):]
+        assert output.generated_tokens == tokens.tolist()
+        logprobs = torch.stack([score[0].log_softmax(-1)[token] for score, token in zip(alone.scores, tokens)])
+        torch.testing.assert_close(torch.tensor(output.logprobs), logprobs, atol=1e-4, rtol=1e-4)
+    assert all(causal == "bottom_right" for *_, causal, _ in calls)
+    chunked = [(cu_q, cu_k) for cu_q, cu_k, *_ in calls if cu_q[-1] > len(cu_q) - 1]  # a prompt's chunk in the batch
+    assert any(cu_k[-1] > cu_q[-1] for cu_q, cu_k in chunked), "no chunk read keys cached by an earlier step"
+    windows = {window for *_, window in calls}
+    assert windows == ({None} if name == "llama-gqa" else {None, (7, 0)})  # sliding_window=8
+
+
+def test_paged_attention_needs_the_cache():
+    model = _model("llama-gqa", "paged|genfast")
+    with pytest.raises(ValueError, match="no paged attention cache"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
 def test_sliding_window_layers_pass_their_window_as_a_band(monkeypatch):
     """Gemma 2's local layers hand the kernels their window beside the mask where the queries are
     the keys' positions (the prefill); its global layers, and the cached decoding steps, do not."""
@@ -195,6 +247,7 @@ def test_sliding_window_layers_pass_their_window_as_a_band(monkeypatch):
 def test_registration():
     assert genfast_transformers.register() == "genfast"
     assert "genfast" in transformers.AttentionInterface._global_mapping
+    assert "paged|genfast" in transformers.AttentionInterface._global_mapping
     with pytest.raises(ValueError, match="impl must be one of"):
         genfast_transformers.register("genfast_bad", "cuda")
     model = _model("gpt2", "genfast")

@@ -17,7 +17,13 @@ Sequences packed into one row without padding, with flash_attn_varlen_func's kwa
 (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k: what DataCollatorWithFlattening(
 return_flash_attn_kwargs=True) gives), run as genfast.attention_varlen, each sequence causal on its
 own: the cost of the sequences, not of the row's square under a block-diagonal mask.
-register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton".
+Continuous batching (`model.generate_batch(...)`, which switches a "genfast" model to
+"paged|genfast") writes each step's keys and values into transformers' paged cache, reads back
+every scheduled sequence's keys, and runs the batch (chunks of prompts and decoding steps
+together) as genfast.attention_varlen, each sequence causal from its bottom-right corner: no mask
+is built, and the key heads are not repeated.
+register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton", and their
+"paged|" forms.
 """
 
 from typing import Optional
@@ -35,6 +41,7 @@ from .. import _backend
 from ..attention import attention, attention_varlen
 
 NAME = "genfast"
+PAGED_PREFIX = "paged|"  # transformers' continuous batching takes the paged form of a model's implementation
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -66,6 +73,40 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+@torch.compiler.disable  # as transformers' paged paths: the cache update writes views of the cache in place
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, cache=None, cu_seq_lens_q: Optional[torch.Tensor] = None,
+                            cu_seq_lens_k=None, max_seqlen_q: Optional[int] = None, max_seqlen_k=None,
+                            block_table: Optional[torch.Tensor] = None, impl: str = "auto", **kwargs):
+    """transformers' paged attention signature (continuous batching): query (1, H, total_q, D), key
+    and value (1, Hk, total_q, D) this step's, the cache and its read and write indices, the
+    sequences' cumulative lengths (cu_seq_lens_k and max_seqlen_k per layer type where the model
+    has several); returns ((1, total_q, H, Dv), None). Sliding-window layers read their window from
+    the module, as transformers' flash paths do."""
+    if cache is None:
+        raise ValueError(f"{PAGED_PREFIX}{NAME}: no paged attention cache was passed; it runs the packed batches "
+                         f"of continuous batching (generate_batch). Use attn_implementation=\"{NAME}\" for a plain "
+                         "forward.")
+    if block_table is not None:
+        raise ValueError(f"{PAGED_PREFIX}{NAME}: block_table (transformers' decode fast path, made for "
+                         "flash_attn_with_kvcache) is not supported; set the continuous batching config's "
+                         "max_blocks_per_request to 0")
+    sliding_window = getattr(module, "sliding_window", None)
+    layer_type = "sliding_attention" if sliding_window else "full_attention"
+    if isinstance(cu_seq_lens_k, dict):
+        cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
+    # (total_k, Hk, D): each sequence's cached keys and then its new ones, in the order of cu_seq_lens_k.
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+    out = attention_varlen(query[0].transpose(0, 1), key, value, cu_seq_lens_q.to(torch.int32),
+                           cu_seq_lens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k), dropout_p=dropout,
+                           scale=getattr(module, "scaling", None) if scaling is None else scaling,
+                           causal="bottom_right", window=(sliding_window - 1, 0) if sliding_window else None,
+                           softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), impl=impl)
+    return out[None], None
 
 
 def _packed_sequences(kwargs, query, key, position_bias):
@@ -105,15 +146,20 @@ def _window(sliding_window, q_length: int, kv_length: int):
 
 def register(name: str = NAME, impl: str = "auto") -> str:
     """Registers attention_forward with backend `impl` under `name` in transformers' attention and
-    mask interfaces; returns the name, for attn_implementation=."""
+    mask interfaces, and paged_attention_forward under "paged|" + name; returns the name, for
+    attn_implementation=."""
     if impl not in _backend.IMPLS:
         raise ValueError(f"impl must be one of {_backend.IMPLS}, got {impl!r}")
 
     def forward(*args, **kwargs):
         return attention_forward(*args, impl=impl, **kwargs)
 
+    def paged_forward(*args, **kwargs):
+        return paged_attention_forward(*args, impl=impl, **kwargs)
+
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionInterface.register(PAGED_PREFIX + name, paged_forward)
     return name
 
 
