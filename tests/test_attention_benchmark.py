@@ -4,6 +4,7 @@ hand it the benchmark's tensors in its layout and return SDPA's result. And the 
 peer timed on one query against a grouped-query KV cache. And the Hopper candidate's opt-in, scoped
 to each call."""
 
+import importlib
 import os
 import sys
 import types
@@ -47,9 +48,14 @@ def _stand_in():
         return o.transpose(1, 2)
 
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
-        assert q.dim() == 3 and max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
-        outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal)
-                for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        assert q.dim() == 3
+        assert (max_q, max_k) == tuple(int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
+        outs = []
+        for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+            # causal: from the sequence's bottom-right corner, as FlashAttention aligns it
+            mask = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a)) if causal else None
+            outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                       v[c:d].transpose(0, 1), attn_mask=mask, enable_gqa=True))
         return torch.cat([o.transpose(0, 1) for o in outs]), None  # (out, lse), as FlashAttention-3 returns
 
     module.flash_attn_func = flash_attn_func
@@ -73,6 +79,43 @@ def test_flash_attention_peers_take_and_give_sdpa_layouts(monkeypatch):
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         expected = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in packed), is_causal=True)
         torch.testing.assert_close(got[a:b], expected.transpose(0, 1))
+
+
+def test_continuous_batching_rows_time_each_paged_implementation_on_one_step(monkeypatch):
+    """A step of decoding sequences beside a prompt's chunk: every implementation computes the same
+    attention from the same keys (transformers' paged|eager under the step's mask as the yardstick),
+    FlashAttention's varlen given the keys' own cumulative lengths."""
+    pytest.importorskip("transformers")
+    for module in ("genfast.integrations.transformers", "transformers.integrations.sdpa_paged",
+                   "transformers.integrations.eager_paged", "transformers.generation.continuous_batching.utils"):
+        importlib.import_module(module)  # before the stand-in, which transformers' import checks would reject
+    monkeypatch.setitem(bench.CONTINUOUS_BATCHING_CONFIGS, "cpu", (4, 2, 16, [30, 5, 17], (6, 9)))
+    monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    real_peers = bench.flash_attention_peers
+    monkeypatch.setattr(bench, "flash_attention_peers", lambda device: real_peers("cuda"))
+    outputs, timed = {}, []
+
+    def time_once(fn, device, quick=False):
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        outputs[timed[-1]] = out.reshape(-1, 4, 16)  # (total_q, heads, dim) whatever the layout
+        return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
+
+    monkeypatch.setattr(compute, "time_ms", time_once)
+    rows = bench._continuous_batching_rows("cpu", torch.float32, gemm=1.0, quick=True,
+                                           say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
+    names = [row["impl"] for row in rows]
+    assert sorted(names) == sorted([f"genfast {impl}" for impl in bench.fused_impls("cpu")]
+                                   + ["transformers paged|sdpa", "transformers paged|eager", "FlashAttention-2"])
+    assert {row["config"] for row in rows} == {"H=4 H_kv=2 D=16 decoding=3 keys=52 chunk=6+9"}
+    scores = 30 + 5 + 17 + 6 * 9 + 6 * 7 // 2
+    for row in rows:
+        assert row["variant"] == "attention continuous batching step"
+        assert row["gflop_per_s"] == pytest.approx(4 * 4 * 16 * scores / 2e-3 / 1e9)
+    assert outputs["transformers paged|eager"].shape == (3 + 6, 4, 16)
+    for name in names:
+        torch.testing.assert_close(outputs[name], outputs["transformers paged|eager"], msg=name)
 
 
 def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):

@@ -8,7 +8,9 @@ a GPU; the eager reference (genfast.reference.attention); torch.compile of the r
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
 in float32 and in bfloat16) shapes;
-in full runs also a small model's decoding step, dense with dropout, a sliding-window layer given
+in full runs also a small model's decoding step, one layer's attention in a step of transformers'
+continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
+paged|eager, FlashAttention's varlen where installed), dense with dropout, a sliding-window layer given
 its window as a mask, a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
 inputs' dtype) relative-position bias (whose forward+backward is timed again with the bias's
 gradient), the last three with torch's FlexAttention as a peer too (forward only on the CPU, where
@@ -17,6 +19,7 @@ it has no backward).
 
 import importlib
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,12 @@ DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 CACHE_DECODE_CONFIGS = {"cpu": (4, 32, 8, 2048, 128), "cuda": (16, 32, 8, 8192, 128)}
 CACHE_DECODE_USED = [1.0, 0.125, 0.5, 0.3, 0.8, 0.2, 0.65, 0.4]
 CACHE_PAGE_SIZES = (256, 16)  # the same cache in pages of these many keys, shuffled (vLLM's layout; 16 its default)
+# One layer's attention in a step of transformers' continuous batching (generate_batch): decoding
+# sequences (one new token each, against these many keys) beside the chunk of a prompt (its new
+# tokens, and the tokens cached by its earlier chunks): (heads, kv_heads, head_dim, keys, chunk).
+CONTINUOUS_BATCHING_CONFIGS = {
+    "cpu": (16, 4, 64, [1500, 300, 900, 2000, 650, 1200, 400, 1000], (256, 512)),
+    "cuda": (32, 8, 128, [int(4096 * used) for used in CACHE_DECODE_USED] * 4, (512, 1536))}
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
@@ -154,9 +163,9 @@ def _output(result):
 
 
 def flash_attention_peers(device: str):
-    """[(name, dense(q, k, v, causal, dropout_p=0.0), varlen(q, k, v, cu, longest))] for each
-    FlashAttention package importable here; dense takes and returns (B, H, L, D) like SDPA, varlen
-    packed tensors."""
+    """[(name, dense(q, k, v, causal, dropout_p=0.0), varlen(q, k, v, cu, longest[, cu_k,
+    longest_k]))] for each FlashAttention package importable here; dense takes and returns (B, H, L,
+    D) like SDPA, varlen packed tensors (causal from each sequence's bottom-right corner)."""
     if device != "cuda":
         return []
     peers = []
@@ -173,8 +182,9 @@ def flash_attention_peers(device: str):
                                          **options)
             return _output(out).transpose(1, 2)
 
-        def varlen(q, k, v, cu, longest, module=module):
-            return _output(module.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True))
+        def varlen(q, k, v, cu, longest, cu_k=None, longest_k=None, module=module):
+            cu_k, longest_k = (cu, longest) if cu_k is None else (cu_k, longest_k)
+            return _output(module.flash_attn_varlen_func(q, k, v, cu, cu_k, longest, longest_k, causal=True))
 
         peers.append((name, dense, varlen))
     return peers
@@ -238,6 +248,8 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         if not sizes:
             rows += _decode_rows(device, dtype, gemm, quick, say)
             rows += _cache_decode_rows(device, dtype, gemm, quick, say)
+            if not quick:
+                rows += _continuous_batching_rows(device, dtype, gemm, quick, say)
             if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
                 rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
             if not quick:
@@ -532,6 +544,64 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
                                                 [(name, torch.no_grad()(fn)) for name, fn in usable])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim}"
     return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
+
+
+class _GatheredCache:
+    """In place of transformers' PagedAttentionCache, whose update writes a step's keys and values
+    and reads back every scheduled sequence's: here it returns them already read, so that each
+    implementation's row times its attention alone (the cache's work is the same for all)."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        return self.k, self.v
+
+
+def _continuous_batching_rows(device, dtype, gemm, quick, say):
+    """One layer's attention in a step of transformers' continuous batching, as each paged attention
+    implementation runs it: "paged|genfast" (attention_varlen over the sequences), "paged|sdpa" and
+    "paged|eager" (the key heads repeated, the batch's (total_q, total_k) square under the
+    block-diagonal causal mask the step builds, timed apart from it as a step builds it once for all
+    layers), FlashAttention's varlen where installed. Needs transformers."""
+    try:
+        import genfast.integrations.transformers as genfast_transformers
+        from transformers.generation.continuous_batching.utils import build_attention_mask
+        from transformers.integrations.eager_paged import eager_paged_attention_forward
+        from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
+    except ImportError:
+        say("attention: continuous batching rows left out (transformers is not installed)")
+        return []
+    heads, kv_heads, dim, contexts, (chunk, chunk_cached) = CONTINUOUS_BATCHING_CONFIGS.get(
+        device, CONTINUOUS_BATCHING_CONFIGS["cpu"])
+    lengths_q, lengths_k = [1] * len(contexts) + [chunk], contexts + [chunk_cached + chunk]
+    cu_q, cu_k = ([0] + torch.tensor(lengths).cumsum(0).tolist() for lengths in (lengths_q, lengths_k))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, cu_q[-1], dim, generator=g).to(device=device, dtype=dtype)
+    k, v = (torch.randn(cu_k[-1], kv_heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    new_k = torch.zeros(1, kv_heads, cu_q[-1], dim, device=device, dtype=dtype)  # read already (_GatheredCache)
+    mask = torch.full((1, 1, cu_q[-1], cu_k[-1]), torch.finfo(dtype).min, device=device, dtype=dtype)
+    build_attention_mask(mask, cu_q, cu_k)
+    module = SimpleNamespace(layer_idx=0, scaling=dim ** -0.5, num_key_value_groups=heads // kv_heads)
+    step = dict(scaling=module.scaling, cache=_GatheredCache(k, v), read_index=[None], write_index=[None])
+    cu_q_t, cu_k_t = (torch.tensor(cu, device=device, dtype=torch.int32) for cu in (cu_q, cu_k))
+    varlen = dict(cu_seq_lens_q=cu_q_t, cu_seq_lens_k=cu_k_t, max_seqlen_q=max(lengths_q),
+                  max_seqlen_k=max(lengths_k))
+    candidates = [(f"genfast {impl}", lambda impl=impl: genfast_transformers.paged_attention_forward(
+        module, q, new_k, new_k, None, impl=impl, **step, **varlen)) for impl in fused_impls(device)]
+    candidates += [("transformers paged|sdpa", lambda: sdpa_attention_paged_forward(module, q, new_k, new_k, mask,
+                                                                                   **step)),
+                   ("transformers paged|eager", lambda: eager_paged_attention_forward(module, q, new_k, new_k, mask,
+                                                                                     **step))]
+    packed_q = q[0].transpose(0, 1)
+    candidates += [(name, lambda fn=fn: fn(packed_q, k, v, cu_q_t, max(lengths_q), cu_k_t, max(lengths_k)))
+                   for name, _, fn in flash_attention_peers(device)]
+    scores = sum(n * (m - n) + n * (n + 1) // 2 for n, m in zip(lengths_q, lengths_k))  # causal, bottom-right
+    groups = {"attention continuous batching step": (4 * heads * dim * scores,
+                                                     [(name, torch.no_grad()(fn)) for name, fn in candidates])}
+    config = (f"H={heads} H_kv={kv_heads} D={dim} decoding={len(contexts)} keys={sum(contexts)} "
+              f"chunk={chunk}+{chunk_cached}")
+    return time_groups("attention", device, dtype, config, cu_k[-1] * kv_heads * dim, groups, gemm, quick, say)
 
 
 def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
