@@ -218,10 +218,14 @@ def test_continuous_batching_matches_eager_generation(name, impl, monkeypatch):
     assert windows == ({None} if name == "llama-gqa" else {None, (7, 0)})  # sliding_window=8
 
 
-def test_paged_attention_needs_the_cache():
+def test_paged_attention_needs_the_cache_and_takes_no_block_table():
     model = _model("llama-gqa", "paged|genfast")
     with pytest.raises(ValueError, match="no paged attention cache"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
+    q, k = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 2, 16)
+    with pytest.raises(ValueError, match="block_table .* is not supported"):
+        genfast_transformers.paged_attention_forward(model.model.layers[0].self_attn, q, k, k, None, cache=object(),
+                                                     block_table=torch.zeros(1, 2, 1, dtype=torch.int32))
 
 
 def test_sliding_window_layers_pass_their_window_as_a_band(monkeypatch):

@@ -87,11 +87,11 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     has several); returns ((1, total_q, H, Dv), None). Sliding-window layers read their window from
     the module, as transformers' flash paths do."""
     if cache is None:
-        raise ValueError(f"{PAGED_PREFIX}{NAME}: no paged attention cache was passed; it runs the packed batches "
-                         f"of continuous batching (generate_batch). Use attn_implementation=\"{NAME}\" for a plain "
-                         "forward.")
+        raise ValueError("genfast's paged attention: no paged attention cache was passed; it runs the packed "
+                         "batches of continuous batching (generate_batch). Use the name without \"paged|\" for a "
+                         "plain forward.")
     if block_table is not None:
-        raise ValueError(f"{PAGED_PREFIX}{NAME}: block_table (transformers' decode fast path, made for "
+        raise ValueError("genfast's paged attention: block_table (transformers' decode fast path, made for "
                          "flash_attn_with_kvcache) is not supported; set the continuous batching config's "
                          "max_blocks_per_request to 0")
     sliding_window = getattr(module, "sliding_window", None)
