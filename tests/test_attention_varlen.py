@@ -89,6 +89,26 @@ def test_single_queries_beside_longer_sequences(impl):
     _compare(impl, args, causal="bottom_right", dropout_p=0.3, seed=5, softcap=5.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decoding_beside_a_prompt_chunk_reads_keys_as_alone(dtype):
+    """A step of continuous batching on the CPU kernel: sequences of one query beside a prompt's
+    chunk of three query blocks. The chunk's key blocks are packed once for its tasks; the decoding
+    sequences read their keys in place, as alone, and give the bits they give alone (they read the
+    packed panels before, which cost a pass over all of their keys)."""
+    skip_unless_supported("native", "cpu", dtype)
+    lengths_q, lengths_k = [1, 1, 300, 1], [700, 90, 420, 1200]
+    args = _packed(lengths_q, lengths_k, heads=8, kv_heads=2, dtype=dtype)
+    q, k, v, cu_q, cu_k, *_ = args
+    o = genfast.attention_varlen(*args, causal="bottom_right", impl="native")
+    for n, (length_q, length_k) in enumerate(zip(lengths_q, lengths_k)):
+        rows, keys = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
+        alone = genfast.attention_varlen(q[rows], k[keys], v[keys], *(torch.tensor([0, length], dtype=torch.int32)
+                                                                      for length in (length_q, length_k)),
+                                         length_q, length_k, causal="bottom_right", impl="native")
+        assert torch.equal(o[rows], alone), f"sequence {n}"
+    _compare("native", args, with_grads=False, causal="bottom_right")
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_top_left_causal_with_shared_lengths(impl):
     skip_unless_supported(impl, "cpu")

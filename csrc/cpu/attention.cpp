@@ -767,10 +767,18 @@ KeyPanels key_panel_sizes(const AttentionParams& p, bool pairs) {
   return panels;
 }
 
-// Packs the panels of pairs first_pair .. first_pair + pairs.
+// Whether a sequence's key blocks are packed into KeyPanels once for all its tasks: when it packs
+// them at all and more than one task (query blocks times runs of heads) reads each. Decided per
+// sequence: the decoding sequences of a packed batch, beside a prompt's chunk whose blocks are
+// shared, read their keys in place (transformers' continuous batching mixes the two in a step).
+bool shares_panels(const AttentionSequence& seq, int64_t heads, int64_t head_runs) {
+  return packs_panels(seq.q_len, heads) && ((seq.q_len + kQueryBlock - 1) / kQueryBlock) * head_runs > 1;
+}
+
+// Packs the panels of pairs first_pair .. first_pair + pairs whose sequences share them.
 template <typename T>
 void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t first_pair, int64_t pairs,
-                     KeyPanels& panels) {
+                     int64_t heads, KeyPanels& panels) {
   panels.first_pair = first_pair;
   at::parallel_for(0, pairs * panels.k_blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<std::byte> gathered;
@@ -779,7 +787,8 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
       const int64_t b = pair / p.kv_heads, hk = pair % p.kv_heads, j0 = block * kKeyBlock;
       const AttentionSequence seq = attention_sequence(p, b);
       const int64_t cols = std::clamp<int64_t>(seq.k_len - j0, 0, kKeyBlock);
-      if (cols == 0) continue;  // past a packed sequence's end: never read
+      // Past a packed sequence's end, or a sequence whose tasks pack or read in place: never read.
+      if (cols == 0 || !shares_panels(seq, heads, p.heads / p.kv_heads / heads)) continue;
       pack_key_block(p, kv, seq, b, hk, j0, cols, panels.k.get() + task * panels.k_size,
                      panels.v.get() + task * panels.v_size, gathered);
     }
@@ -872,13 +881,14 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
   const int64_t rows = std::min(kQueryBlock, seq.q_len - i0), hk = h0 / (p.heads / p.kv_heads);
   if (rows <= 0) return;  // past a packed sequence's end
   const int64_t v_pad = padded_to(p.v_dim, kCols);
+  const bool shared = panels.packed() && shares_panels(seq, heads, p.heads / p.kv_heads / heads);
   for (int64_t e = 0; e < heads; ++e) {  // the rows in use only: a decoding step has one per head
     std::fill_n(w.acc.begin() + e * w.head_rows * v_pad, rows * v_pad, 0.0f);
     std::fill_n(w.max.begin() + e * w.head_rows, rows, -__builtin_inff());
     std::fill_n(w.sum.begin() + e * w.head_rows, rows, 0.0f);
   }
 #if GF_HAS_BFLOAT16_PAIRS
-  if (kv.pairs && (panels.packed() || packs_panels(rows, heads))) {
+  if (kv.pairs && (shared || packs_panels(rows, heads))) {
     const int64_t pairs = p.dim / 2;
     for (int64_t e = 0; e < heads; ++e) {  // bfloat16 values in float32: rounding keeps them
       round_rows_to_pairs(p.q + attention_q_at(p, seq, b, h0 + e, i0), p.q_stride[2], rows, p.dim,
@@ -897,7 +907,7 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
     }
     if (!any_seen) continue;
     const float *k_panel = nullptr, *v_panel = nullptr;  // null: K and V read in place
-    if (panels.packed()) {
+    if (shared) {
       k_panel = panels.k_panel(p, b, hk, j0 / kKeyBlock);
       v_panel = panels.v_panel(p, b, hk, j0 / kKeyBlock);
     } else if (packs_panels(rows, heads)) {
@@ -975,9 +985,11 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv, c
   const int64_t q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock, group = p.heads / p.kv_heads;
   const int64_t pairs = p.batch * p.kv_heads, heads = heads_per_task(group, pairs * q_blocks);
   const int64_t head_runs = group / heads;  // tasks per (batch, key head, query block)
-  // Packed panels when each key block is read by several tasks.
+  // Packed panels when each key block is read by several tasks (of a packed batch: of one of its
+  // sequences, shares_panels).
   const bool packs = packs_panels(p.q_len, heads);
   const bool shared = packs && q_blocks * head_runs > 1;
+  const bool varlen = p.cu_seqlens_q != nullptr;  // sequences that do not share may pack their own
   int64_t pass = pairs;  // (batch, key head) pairs a pass covers
   KeyPanels panels;
   if (shared) {
@@ -989,10 +1001,11 @@ void attention_forward_impl(const AttentionParams& p, const KeysValues<T>& kv, c
   }
   for (int64_t first_pair = 0; first_pair < pairs; first_pair += pass) {
     const int64_t count = std::min(pass, pairs - first_pair);
-    if (shared) pack_key_panels(p, kv, first_pair, count, panels);
+    if (shared) pack_key_panels(p, kv, first_pair, count, heads, panels);
     at::parallel_for(0, count * head_runs * q_blocks, 1, [&](int64_t first, int64_t last) {
       ForwardScratch scratch(std::min(kQueryBlock, p.q_len), block_width(std::min(kKeyBlock, p.k_len)), p.dim,
-                             padded_to(p.v_dim, kCols), heads, packs && !shared, p.dropout_p > 0.0f, kv.pairs);
+                             padded_to(p.v_dim, kCols), heads, packs && (!shared || varlen), p.dropout_p > 0.0f,
+                             kv.pairs);
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task % q_blocks, run = first_pair * head_runs + task / q_blocks;
         const int64_t b = run / (p.heads / heads), h0 = run % (p.heads / heads) * heads;
