@@ -82,14 +82,16 @@ def test_flash_attention_peers_take_and_give_sdpa_layouts(monkeypatch):
 
 
 def test_continuous_batching_rows_time_each_paged_implementation_on_one_step(monkeypatch):
-    """A step of decoding sequences beside a prompt's chunk: every implementation computes the same
-    attention from the same keys (transformers' paged|eager under the step's mask as the yardstick),
-    FlashAttention's varlen given the keys' own cumulative lengths."""
+    """A step of decoding sequences beside a prompt's chunk, from a paged cache: every implementation
+    computes the same attention from the same keys (transformers' paged|eager under the step's mask
+    as the yardstick; genfast through a block table over the pages), FlashAttention's varlen given
+    the keys' own cumulative lengths."""
     pytest.importorskip("transformers")
     for module in ("genfast.integrations.transformers", "transformers.integrations.sdpa_paged",
                    "transformers.integrations.eager_paged", "transformers.generation.continuous_batching.utils"):
         importlib.import_module(module)  # before the stand-in, which transformers' import checks would reject
     monkeypatch.setitem(bench.CONTINUOUS_BATCHING_CONFIGS, "cpu", (4, 2, 16, [30, 5, 17], (6, 9)))
+    monkeypatch.setattr(bench, "CONTINUOUS_BATCHING_PAGE_SIZE", 8)  # sequences over several pages
     monkeypatch.setitem(sys.modules, "flash_attn", _stand_in())
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
     real_peers = bench.flash_attention_peers
@@ -108,7 +110,7 @@ def test_continuous_batching_rows_time_each_paged_implementation_on_one_step(mon
     names = [row["impl"] for row in rows]
     assert sorted(names) == sorted([f"genfast {impl}" for impl in bench.fused_impls("cpu")]
                                    + ["transformers paged|sdpa", "transformers paged|eager", "FlashAttention-2"])
-    assert {row["config"] for row in rows} == {"H=4 H_kv=2 D=16 decoding=3 keys=52 chunk=6+9"}
+    assert {row["config"] for row in rows} == {"H=4 H_kv=2 D=16 decoding=3 keys=52 chunk=6+9 pages=8"}
     scores = 30 + 5 + 17 + 6 * 9 + 6 * 7 // 2
     for row in rows:
         assert row["variant"] == "attention continuous batching step"

@@ -172,14 +172,16 @@ def test_packed_sequences_run_as_varlen(name, impl, monkeypatch):
     assert_error_ratio(got[1], exact[1], low[1], ratio=3.0, msg="parameter gradients")
 
 
+@pytest.mark.parametrize("page_size", [16, 256])
 @pytest.mark.parametrize("name", ["llama-gqa", "gemma2-softcap-window", "gpt-oss-sinks"])
 @pytest.mark.parametrize("impl", fused_impls())
-def test_continuous_batching_matches_eager_generation(name, impl, monkeypatch):
+def test_continuous_batching_matches_eager_generation(name, impl, page_size, monkeypatch):
     """generate_batch (continuous batching, "paged|" + the model's implementation): prompts longer
     than the sliding window, prefilled in chunks of 8 tokens beside other sequences' decoding steps,
     each batch one attention_varlen call a layer (causal from each sequence's bottom-right corner,
-    the window in the local layers). The tokens and their log-probabilities equal those of greedy
-    "eager" generation of each prompt alone."""
+    the window in the local layers, the full-attention layers reading the cache's pages through a
+    block table). The tokens and their log-probabilities equal those of greedy "eager" generation of
+    each prompt alone."""
     skip_unless_supported(impl, "cpu")
     pytest.importorskip("psutil")  # transformers sizes the paged cache on the CPU with it
     prompts = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 3, 21)]
@@ -188,12 +190,13 @@ def test_continuous_batching_matches_eager_generation(name, impl, monkeypatch):
     real_varlen = genfast_transformers.attention_varlen
 
     def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs):
-        calls.append((cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kwargs["causal"], kwargs["window"]))
+        calls.append((cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kwargs["block_table"] is not None,
+                      kwargs["causal"], kwargs["window"]))
         return real_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs)
 
     monkeypatch.setattr(genfast_transformers, "attention_varlen", attention_varlen)
     model = _model(name, genfast_transformers.register(f"genfast_{impl}", impl))
-    config = transformers.ContinuousBatchingConfig(page_size=16, num_blocks=32, max_batch_tokens=8,
+    config = transformers.ContinuousBatchingConfig(page_size=page_size, num_blocks=32, max_batch_tokens=8,
                                                    return_logprobs=True)
     generation = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
                                                pad_token_id=0)
@@ -216,6 +219,8 @@ def test_continuous_batching_matches_eager_generation(name, impl, monkeypatch):
     assert any(cu_k[-1] > cu_q[-1] for cu_q, cu_k in chunked), "no chunk read keys cached by an earlier step"
     windows = {window for *_, window in calls}
     assert windows == ({None} if name == "llama-gqa" else {None, (7, 0)})  # sliding_window=8
+    assert any(paged for _, _, paged, _, window in calls if window is None), "no layer read the cache's pages"
+    assert not any(paged for _, _, paged, _, window in calls if window is not None)  # a ring of pages: read back
 
 
 def test_paged_attention_needs_the_cache_and_takes_no_block_table():

@@ -52,6 +52,7 @@ CACHE_PAGE_SIZES = (256, 16)  # the same cache in pages of these many keys, shuf
 CONTINUOUS_BATCHING_CONFIGS = {
     "cpu": (16, 4, 64, [1500, 300, 900, 2000, 650, 1200, 400, 1000], (256, 512)),
     "cuda": (32, 8, 128, [int(4096 * used) for used in CACHE_DECODE_USED] * 4, (512, 1536))}
+CONTINUOUS_BATCHING_PAGE_SIZE = 256  # transformers' default
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
@@ -546,24 +547,48 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
     return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
 
 
-class _GatheredCache:
-    """In place of transformers' PagedAttentionCache, whose update writes a step's keys and values
-    and reads back every scheduled sequence's: here it returns them already read, so that each
-    implementation's row times its attention alone (the cache's work is the same for all)."""
+class _PagedCache:
+    """transformers' continuous-batching cache as it lays out a full-attention layer
+    (FullAttentionCacheAllocator): blocks of page_size tokens, each a page of keys and then a page of
+    values, handed out in shuffled order; update writes the step's tokens at write_index and reads
+    read_index back into one tensor, as transformers' update does; get_cache_for_block_table gives
+    the page views its block tables index."""
 
-    def __init__(self, k, v):
-        self.k, self.v = k, v
+    def __init__(self, blocks, page_size, kv_heads, dim, device, dtype, generator):
+        flat = torch.randn(blocks * 2 * page_size, kv_heads, dim, generator=generator).to(device=device, dtype=dtype)
+        self.page_size, self.k_tokens, self.v_tokens = page_size, flat, flat[page_size:]
+        k_pages, v_pages = (t.view(-1, page_size, kv_heads, dim) for t in (self.k_tokens, self.v_tokens))
+        self.k_pages, self.v_pages = k_pages[:v_pages.shape[0]], v_pages
+        self.order = torch.randperm(blocks, generator=generator).tolist()
+
+    def rows(self, lengths):
+        """The token rows of sequences of these many tokens, each in blocks of its own: (rows per sequence)."""
+        blocks, out = iter(self.order), []
+        for length in lengths:
+            mine = [next(blocks) for _ in range(-(-length // self.page_size))]
+            out.append([mine[j // self.page_size] * 2 * self.page_size + j % self.page_size for j in range(length)])
+        return out
 
     def update(self, key_states, value_states, layer_idx, read_index, write_index):
-        return self.k, self.v
+        self.k_tokens.index_copy_(0, write_index[0], key_states.transpose(1, 2).squeeze(0))
+        self.v_tokens.index_copy_(0, write_index[0], value_states.transpose(1, 2).squeeze(0))
+        if read_index[0].numel() == 0:
+            return key_states.transpose(1, 2).squeeze(0), value_states.transpose(1, 2).squeeze(0)
+        return self.k_tokens.index_select(0, read_index[0]), self.v_tokens.index_select(0, read_index[0])
+
+    def get_cache_for_block_table(self, layer_idx):
+        return 0, self.k_pages, self.v_pages
 
 
 def _continuous_batching_rows(device, dtype, gemm, quick, say):
     """One layer's attention in a step of transformers' continuous batching, as each paged attention
-    implementation runs it: "paged|genfast" (attention_varlen over the sequences), "paged|sdpa" and
-    "paged|eager" (the key heads repeated, the batch's (total_q, total_k) square under the
-    block-diagonal causal mask the step builds, timed apart from it as a step builds it once for all
-    layers), FlashAttention's varlen where installed. Needs transformers."""
+    implementation runs it from the cache (_PagedCache; 256-token pages, transformers' default):
+    "paged|genfast" writes the step's keys and values and reads the others from the cache's pages
+    through a block table (attention_varlen); "paged|sdpa" and "paged|eager" write them, read every
+    key back into one tensor, repeat the key heads and compute the batch's (total_q, total_k) square
+    under the block-diagonal causal mask the step builds (timed apart from it: a step builds it once
+    for all layers); FlashAttention's varlen where installed, after the same read back (transformers'
+    flash path). Needs transformers."""
     try:
         import genfast.integrations.transformers as genfast_transformers
         from transformers.generation.continuous_batching.utils import build_attention_mask
@@ -577,30 +602,41 @@ def _continuous_batching_rows(device, dtype, gemm, quick, say):
     lengths_q, lengths_k = [1] * len(contexts) + [chunk], contexts + [chunk_cached + chunk]
     cu_q, cu_k = ([0] + torch.tensor(lengths).cumsum(0).tolist() for lengths in (lengths_q, lengths_k))
     g = torch.Generator().manual_seed(0)
+    page_size = CONTINUOUS_BATCHING_PAGE_SIZE
+    cache = _PagedCache(sum(-(-n // page_size) for n in lengths_k) + 8, page_size, kv_heads, dim, device, dtype, g)
+    rows = cache.rows(lengths_k)
+    read_index = torch.tensor([row for sequence in rows for row in sequence], device=device)
+    write_index = torch.tensor([row for sequence, n in zip(rows, lengths_q) for row in sequence[len(sequence) - n:]],
+                               device=device)
     q = torch.randn(1, heads, cu_q[-1], dim, generator=g).to(device=device, dtype=dtype)
-    k, v = (torch.randn(cu_k[-1], kv_heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-    new_k = torch.zeros(1, kv_heads, cu_q[-1], dim, device=device, dtype=dtype)  # read already (_GatheredCache)
+    new_k, new_v = (torch.randn(1, kv_heads, cu_q[-1], dim, generator=g).to(device=device, dtype=dtype)
+                    for _ in range(2))
     mask = torch.full((1, 1, cu_q[-1], cu_k[-1]), torch.finfo(dtype).min, device=device, dtype=dtype)
     build_attention_mask(mask, cu_q, cu_k)
     module = SimpleNamespace(layer_idx=0, scaling=dim ** -0.5, num_key_value_groups=heads // kv_heads)
-    step = dict(scaling=module.scaling, cache=_GatheredCache(k, v), read_index=[None], write_index=[None])
+    step = dict(scaling=module.scaling, cache=cache, read_index=[read_index], write_index=[write_index])
     cu_q_t, cu_k_t = (torch.tensor(cu, device=device, dtype=torch.int32) for cu in (cu_q, cu_k))
     varlen = dict(cu_seq_lens_q=cu_q_t, cu_seq_lens_k=cu_k_t, max_seqlen_q=max(lengths_q),
                   max_seqlen_k=max(lengths_k))
     candidates = [(f"genfast {impl}", lambda impl=impl: genfast_transformers.paged_attention_forward(
-        module, q, new_k, new_k, None, impl=impl, **step, **varlen)) for impl in fused_impls(device)]
-    candidates += [("transformers paged|sdpa", lambda: sdpa_attention_paged_forward(module, q, new_k, new_k, mask,
+        module, q, new_k, new_v, None, impl=impl, **step, **varlen)) for impl in fused_impls(device)]
+    candidates += [("transformers paged|sdpa", lambda: sdpa_attention_paged_forward(module, q, new_k, new_v, mask,
                                                                                    **step)),
-                   ("transformers paged|eager", lambda: eager_paged_attention_forward(module, q, new_k, new_k, mask,
+                   ("transformers paged|eager", lambda: eager_paged_attention_forward(module, q, new_k, new_v, mask,
                                                                                      **step))]
-    packed_q = q[0].transpose(0, 1)
-    candidates += [(name, lambda fn=fn: fn(packed_q, k, v, cu_q_t, max(lengths_q), cu_k_t, max(lengths_k)))
-                   for name, _, fn in flash_attention_peers(device)]
+
+    def read_back_then(fn):
+        def run():
+            k, v = cache.update(new_k, new_v, 0, [read_index], [write_index])
+            return fn(q[0].transpose(0, 1), k, v, cu_q_t, max(lengths_q), cu_k_t, max(lengths_k))
+        return run
+
+    candidates += [(name, read_back_then(fn)) for name, _, fn in flash_attention_peers(device)]
     scores = sum(n * (m - n) + n * (n + 1) // 2 for n, m in zip(lengths_q, lengths_k))  # causal, bottom-right
     groups = {"attention continuous batching step": (4 * heads * dim * scores,
                                                      [(name, torch.no_grad()(fn)) for name, fn in candidates])}
     config = (f"H={heads} H_kv={kv_heads} D={dim} decoding={len(contexts)} keys={sum(contexts)} "
-              f"chunk={chunk}+{chunk_cached}")
+              f"chunk={chunk}+{chunk_cached} pages={page_size}")
     return time_groups("attention", device, dtype, config, cu_k[-1] * kv_heads * dim, groups, gemm, quick, say)
 
 

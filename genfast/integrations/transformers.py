@@ -18,10 +18,10 @@ Sequences packed into one row without padding, with flash_attn_varlen_func's kwa
 return_flash_attn_kwargs=True) gives), run as genfast.attention_varlen, each sequence causal on its
 own: the cost of the sequences, not of the row's square under a block-diagonal mask.
 Continuous batching (`model.generate_batch(...)`, which switches a "genfast" model to
-"paged|genfast") writes each step's keys and values into transformers' paged cache, reads back
-every scheduled sequence's keys, and runs the batch (chunks of prompts and decoding steps
-together) as genfast.attention_varlen, each sequence causal from its bottom-right corner: no mask
-is built, and the key heads are not repeated.
+"paged|genfast") writes each step's keys and values into transformers' paged cache and runs the
+batch (chunks of prompts and decoding steps together) as genfast.attention_varlen, each sequence
+causal from its bottom-right corner, reading a full-attention layer's keys from the cache's pages
+through a block table: no mask is built, no key head repeated, no key copied out of the cache.
 register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton", and their
 "paged|" forms.
 """
@@ -98,15 +98,51 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     layer_type = "sliding_attention" if sliding_window else "full_attention"
     if isinstance(cu_seq_lens_k, dict):
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
-    # (total_k, Hk, D): each sequence's cached keys and then its new ones, in the order of cu_seq_lens_k.
-    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
-                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])
-    out = attention_varlen(query[0].transpose(0, 1), key, value, cu_seq_lens_q.to(torch.int32),
-                           cu_seq_lens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k), dropout_p=dropout,
+    read_index, write_index = kwargs["read_index"], kwargs["write_index"]
+    cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k.to(torch.int32), int(max_seqlen_k)
+    pages = _cache_pages(cache, module.layer_idx, read_index) if dropout == 0.0 else None
+    if pages is None:
+        # (total_k, Hk, D): each sequence's cached keys and then its new ones, in the order of cu_seq_lens_k.
+        key, value, table = *cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                                          read_index=read_index, write_index=write_index), None
+    else:
+        cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                     read_index=[index[:0] for index in read_index], write_index=write_index)  # written, not read
+        (key, value), group_read_index = pages
+        table = _block_table(group_read_index, cu_seq_lens_k, max_seqlen_k, key.shape[1])
+    out = attention_varlen(query[0].transpose(0, 1), key, value, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k,
+                           int(max_seqlen_q), max_seqlen_k, dropout_p=dropout,
                            scale=getattr(module, "scaling", None) if scaling is None else scaling,
                            causal="bottom_right", window=(sliding_window - 1, 0) if sliding_window else None,
-                           softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), impl=impl)
+                           softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), impl=impl, block_table=table)
     return out[None], None
+
+
+def _cache_pages(cache, layer_idx: int, read_index):
+    """((k_pages, v_pages), the layer's group's read index) where the kernels can read the layer's
+    keys from the cache's pages (pages, page_size, Hk, D) through a block table instead of
+    cache.update reading them back into one tensor (a copy of every key the step reads, a layer:
+    on the CPU it took longer than the attention); None where they cannot: a sliding window's
+    pages, which transformers reuses as a ring, or a step that reads no cached key (its keys are
+    the step's own)."""
+    try:
+        group, k_pages, v_pages = cache.get_cache_for_block_table(layer_idx)
+    except NotImplementedError:
+        return None
+    if read_index[group].numel() == 0:
+        return None
+    return (k_pages, v_pages), read_index[group]
+
+
+def _block_table(read_index: torch.Tensor, cu_seq_lens_k: torch.Tensor, max_seqlen_k: int, page_size: int):
+    """The block table (batch, pages per sequence) of a full-attention layer's read index, which
+    lists each sequence's keys in order (cu_seq_lens_k), page by page: a page's first key's row over
+    the page size is the page's index among the cache's page views (transformers fills its own
+    block tables so). Entries past a sequence's keys are never read; they repeat a valid page."""
+    pages = -(-max_seqlen_k // page_size)
+    first_keys = cu_seq_lens_k[:-1, None].long() + page_size * torch.arange(pages, device=read_index.device)
+    rows = read_index[first_keys.clamp(max=max(read_index.numel() - 1, 0))]
+    return torch.div(rows, page_size, rounding_mode="floor").to(torch.int32)
 
 
 def _packed_sequences(kwargs, query, key, position_bias):
