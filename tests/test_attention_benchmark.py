@@ -120,6 +120,33 @@ def test_continuous_batching_rows_time_each_paged_implementation_on_one_step(mon
         torch.testing.assert_close(outputs[name], outputs["transformers paged|eager"], msg=name)
 
 
+def test_generate_batch_rows_time_the_one_line_change(monkeypatch, one_call_timer):
+    """A whole generate_batch of a small Llama-style model: "genfast" per fused backend and
+    "paged|sdpa", each generating the same tokens for every prompt, with the model's FLOPs."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("psutil")
+    monkeypatch.setitem(bench.GENERATE_BATCH_CONFIGS, "cpu", (32, 1, 4, 2, 3, (5, 20), 4, 16))
+    real, calls = transformers.LlamaForCausalLM.generate_batch, []
+
+    def generate_batch(model, inputs, **kwargs):
+        outputs = real(model, inputs=inputs, **kwargs)
+        calls.append((inputs, {key: output.generated_tokens for key, output in outputs.items()}))
+        return outputs
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate_batch", generate_batch)
+    rows = bench._generate_batch_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    assert [row["impl"] for row in rows] == [f"genfast {impl}" for impl in bench.fused_impls("cpu")] + [
+        "transformers paged|sdpa"]
+    inputs, tokens = calls[0]
+    assert len(inputs) == 3 and all(5 <= len(prompt) <= 20 for prompt in inputs)
+    assert all(call == (inputs, tokens) for call in calls) and all(len(t) == 4 for t in tokens.values())
+    weights = 2 * 32 * 32 + 2 * 32 * 2 * 8 + 3 * 32 * 64  # hidden 32, 2 key heads of 8, FFN 64
+    through = sum(len(prompt) + 3 for prompt in inputs)
+    scores = sum((len(prompt) + 3) * (len(prompt) + 4) // 2 for prompt in inputs)
+    flops = 2 * weights * through + 2 * 32 * 1000 * 3 * 4 + 4 * 4 * 8 * scores
+    assert all(row["gflop_per_s"] == pytest.approx(flops / 2e-3 / 1e9) for row in rows)
+
+
 def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
     monkeypatch.setitem(bench.DECODE_CONFIGS, "cpu", (2, 4, 2, 40, 16))
     calls = []

@@ -10,14 +10,15 @@ Dense, packed variable-length and decoding (one query against a grouped-query KV
 in float32 and in bfloat16) shapes;
 in full runs also a small model's decoding step, one layer's attention in a step of transformers'
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
-paged|eager, FlashAttention's varlen where installed), dense with dropout, a sliding-window layer given
+paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
+Llama-style model (against paged|sdpa and FlashAttention 2), dense with dropout, a sliding-window layer given
 its window as a mask, a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
 inputs' dtype) relative-position bias (whose forward+backward is timed again with the bias's
 gradient), the last three with torch's FlexAttention as a peer too (forward only on the CPU, where
 it has no backward).
 """
 
-import importlib
+import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -53,6 +54,12 @@ CONTINUOUS_BATCHING_CONFIGS = {
     "cpu": (16, 4, 64, [1500, 300, 900, 2000, 650, 1200, 400, 1000], (256, 512)),
     "cuda": (32, 8, 128, [int(4096 * used) for used in CACHE_DECODE_USED] * 4, (512, 1536))}
 CONTINUOUS_BATCHING_PAGE_SIZE = 256  # transformers' default
+# And a whole generate_batch (continuous batching) of a Llama-style model with random weights:
+# (hidden, layers, heads, kv_heads, prompts, their lengths' range, new tokens per prompt, tokens a
+# step). The cache holds every prompt at once; the step's token budget is given, as transformers
+# would otherwise size it (and paged|sdpa's mask, a step's tokens by the cache's) from free memory.
+GENERATE_BATCH_CONFIGS = {"cpu": (512, 4, 8, 2, 16, (200, 1000), 32, 256),
+                          "cuda": (2048, 8, 16, 4, 32, (500, 2000), 32, 2048)}
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
@@ -251,6 +258,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             rows += _cache_decode_rows(device, dtype, gemm, quick, say)
             if not quick:
                 rows += _continuous_batching_rows(device, dtype, gemm, quick, say)
+                rows += _generate_batch_rows(device, dtype, gemm, quick, say)
             if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
                 rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
             if not quick:
@@ -638,6 +646,62 @@ def _continuous_batching_rows(device, dtype, gemm, quick, say):
     config = (f"H={heads} H_kv={kv_heads} D={dim} decoding={len(contexts)} keys={sum(contexts)} "
               f"chunk={chunk}+{chunk_cached} pages={page_size}")
     return time_groups("attention", device, dtype, config, cu_k[-1] * kv_heads * dim, groups, gemm, quick, say)
+
+
+def _generate_batch_rows(device, dtype, gemm, quick, say):
+    """transformers' generate_batch end to end (GENERATE_BATCH_CONFIGS; greedy, 256-token pages):
+    the one-line change, attn_implementation "genfast" (whose batch runs as "paged|genfast") against
+    "paged|sdpa", and "paged|flash_attention_2" where flash_attn is installed. FLOPs: the layers'
+    and the LM head's weights twice over the tokens through them (the LM head on the sampled
+    positions alone, as transformers computes it), and attention's causal scores. Needs
+    transformers (and on the CPU psutil, which its cache sizing asks for)."""
+    try:
+        import genfast.integrations.transformers as genfast_transformers
+        import transformers
+        if device == "cpu":
+            import psutil  # noqa: F401
+    except ImportError as error:
+        say(f"attention: generate_batch rows left out ({error.name} is not installed)")
+        return []
+    hidden, layers, heads, kv_heads, prompts, (shortest, longest), new_tokens, step_tokens = \
+        GENERATE_BATCH_CONFIGS.get(device, GENERATE_BATCH_CONFIGS["cpu"])
+    vocab, ffn, dim = 1000, 2 * hidden, hidden // heads
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, max_position_embeddings=longest + new_tokens)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(shortest, longest + 1, (prompts,), generator=g).tolist()
+    inputs = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+    generation = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                               pad_token_id=0)
+    page_size = CONTINUOUS_BATCHING_PAGE_SIZE
+    batching = transformers.ContinuousBatchingConfig(
+        page_size=page_size, max_batch_tokens=step_tokens,
+        num_blocks=sum(-(-(n + new_tokens) // page_size) for n in lengths) + prompts)
+    names = [(f"genfast {impl}", genfast_transformers.register(f"genfast_{impl}", impl))
+             for impl in fused_impls(device)]
+    names += [("transformers paged|sdpa", "paged|sdpa")]
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        names += [("transformers paged|flash_attention_2", "paged|flash_attention_2")]
+
+    def generate(name):
+        model.set_attn_implementation(name)
+        with torch.no_grad():
+            return model.generate_batch(inputs=inputs, generation_config=generation,
+                                        continuous_batching_config=batching)
+
+    # Through the layers: each prompt token and each new token but the last; sampled: one a new token.
+    through = sum(lengths) + prompts * (new_tokens - 1)
+    weights = layers * (2 * hidden * hidden + 2 * hidden * kv_heads * dim + 3 * hidden * ffn)
+    scores = sum((n + new_tokens - 1) * (n + new_tokens) // 2 for n in lengths)
+    flops = 2 * weights * through + 2 * hidden * vocab * prompts * new_tokens + 4 * layers * heads * dim * scores
+    groups = {"attention transformers generate_batch": (flops, [(label, lambda name=name: generate(name))
+                                                                for label, name in names])}
+    shape = (f"Llama hidden={hidden} layers={layers} H={heads} H_kv={kv_heads} prompts={prompts}x"
+             f"{shortest}-{longest} new={new_tokens} step={step_tokens}")
+    return time_groups("attention", device, dtype, shape, sum(lengths), groups, gemm, quick, say)
 
 
 def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
