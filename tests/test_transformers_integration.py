@@ -5,15 +5,17 @@ grouped-query heads, padding masks, Gemma 2's soft-capping and sliding window, g
 sinks, cached generation and continuous batching."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from genfast.reference import attention as reference  # noqa: E402
 import genfast.integrations.transformers as genfast_transformers  # noqa: E402
 from genfast.testing.tolerances import assert_error_ratio  # noqa: E402
-from conftest import fused_impls, skip_unless_supported  # noqa: E402
+from conftest import devices, fused_impls, skip_unless_supported  # noqa: E402
 
 VOCAB = 97
 
@@ -221,6 +223,40 @@ def test_continuous_batching_matches_eager_generation(name, impl, page_size, mon
     assert windows == ({None} if name == "llama-gqa" else {None, (7, 0)})  # sliding_window=8
     assert any(paged for _, _, paged, _, window in calls if window is None), "no layer read the cache's pages"
     assert not any(paged for _, _, paged, _, window in calls if window is not None)  # a ring of pages: read back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_paged_attention_reads_the_cache_pages(impl, device, dtype):
+    """One layer's step from a cache laid out as transformers' full-attention layers lay it out
+    (the benchmark's, 64-key pages in shuffled order): decoding sequences beside a prompt's chunk,
+    read through the block table, against the reference on the keys read back, by the error-ratio
+    rule (on a GPU in bfloat16, the CUDA kernels' dtype)."""
+    skip_unless_supported(impl, device, dtype)
+    if device == "cuda" and dtype == torch.float32 and impl == "native":
+        pytest.skip("the CUDA kernels take float16 and bfloat16")
+    from genfast.benchmarks.attention import _PagedCache
+    g = torch.Generator().manual_seed(3)
+    lengths_q, lengths_k = [1, 1, 70, 1], [300, 9, 150, 64]
+    cache = _PagedCache(16, 64, 2, 32, device, dtype, g)
+    rows = cache.rows(lengths_k)
+    read = torch.tensor([row for sequence in rows for row in sequence], device=device)
+    write = torch.tensor([row for sequence, n in zip(rows, lengths_q) for row in sequence[-n:]], device=device)
+    q, new_k, new_v = (torch.randn(1, heads, sum(lengths_q), 32, generator=g).to(device=device, dtype=dtype)
+                       for heads in (8, 2, 2))
+    cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                  for lengths in (lengths_q, lengths_k))
+    module = SimpleNamespace(layer_idx=0, scaling=0.2)  # a full-attention layer: no sliding_window
+    out, _ = genfast_transformers.paged_attention_forward(
+        module, q, new_k, new_v, None, cache=cache, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_seqlen_q=70,
+        max_seqlen_k=300, read_index=[read], write_index=[write], impl=impl)
+    k, v = cache.update(new_k, new_v, 0, [read], [write])  # every key, written and read back
+    expected = [reference.varlen_attention(q[0].transpose(0, 1).to(precision), k.to(precision), v.to(precision),
+                                           cu_q, cu_k, causal="bottom_right", scale=module.scaling, enable_gqa=True)
+                for precision in (torch.float64, dtype)]
+    assert out.shape == (1, sum(lengths_q), 8, 32) and out.dtype == dtype
+    assert_error_ratio(out[0], *expected)
 
 
 def test_paged_attention_needs_the_cache_and_takes_no_block_table():

@@ -59,7 +59,7 @@ CONTINUOUS_BATCHING_PAGE_SIZE = 256  # transformers' default
 # step). The cache holds every prompt at once; the step's token budget is given, as transformers
 # would otherwise size it (and paged|sdpa's mask, a step's tokens by the cache's) from free memory.
 GENERATE_BATCH_CONFIGS = {"cpu": (512, 4, 8, 2, 16, (200, 1000), 32, 256),
-                          "cuda": (2048, 8, 16, 4, 32, (500, 2000), 32, 2048)}
+                          "cuda": (2048, 8, 16, 4, 16, (500, 2000), 32, 2048)}
 # And a small model's step (GPT-2's heads and head dim, a short cache), where a call's own cost
 # (argument checks, dispatch, autograd) is as large as the kernel's: full runs.
 SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64)}
