@@ -179,7 +179,8 @@ def test_packed_sequences_run_as_varlen(name, impl, monkeypatch):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_continuous_batching_matches_eager_generation(name, impl, page_size, monkeypatch):
     """generate_batch (continuous batching, "paged|" + the model's implementation): prompts longer
-    than the sliding window, prefilled in chunks of 8 tokens beside other sequences' decoding steps,
+    than the sliding window, two of them with a common prefix, prefilled in chunks of 8 tokens
+    beside other sequences' decoding steps,
     each batch one attention_varlen call a layer (causal from each sequence's bottom-right corner,
     the window in the local layers, the full-attention layers reading the cache's pages through a
     block table). The tokens and their log-probabilities equal those of greedy "eager" generation of
@@ -187,6 +188,7 @@ def test_continuous_batching_matches_eager_generation(name, impl, page_size, mon
     skip_unless_supported(impl, "cpu")
     pytest.importorskip("psutil")  # transformers sizes the paged cache on the CPU with it
     prompts = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 3, 21)]
+    prompts.append(prompts[2][:19] + [5])  # a prefix that transformers may share the cached pages of
     new_tokens = 5
     calls = []
     real_varlen = genfast_transformers.attention_varlen
@@ -207,6 +209,7 @@ def test_continuous_batching_matches_eager_generation(name, impl, page_size, mon
                                        continuous_batching_config=config)
     assert model.config._attn_implementation == f"genfast_{impl}"  # restored after the batch
     eager = _model(name, "eager")
+    assert len(outputs) == len(prompts)
     for prompt, output in zip(prompts, sorted(outputs.values(), key=lambda output: output.request_id)):
         assert output.error is None and output.prompt_ids == prompt
         with torch.no_grad():
