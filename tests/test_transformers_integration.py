@@ -180,11 +180,10 @@ def test_packed_sequences_run_as_varlen(name, impl, monkeypatch):
 def test_continuous_batching_matches_eager_generation(name, impl, page_size, monkeypatch):
     """generate_batch (continuous batching, "paged|" + the model's implementation): prompts longer
     than the sliding window, two of them with a common prefix, prefilled in chunks of 8 tokens
-    beside other sequences' decoding steps,
-    each batch one attention_varlen call a layer (causal from each sequence's bottom-right corner,
-    the window in the local layers, the full-attention layers reading the cache's pages through a
-    block table). The tokens and their log-probabilities equal those of greedy "eager" generation of
-    each prompt alone."""
+    beside other sequences' decoding steps, each batch one attention_varlen call a layer (causal
+    from each sequence's bottom-right corner, the window in the local layers, the full-attention
+    layers reading the cache's pages through a block table). The tokens and their log-probabilities
+    equal those of greedy "eager" generation of each prompt alone."""
     skip_unless_supported(impl, "cpu")
     pytest.importorskip("psutil")  # transformers sizes the paged cache on the CPU with it
     prompts = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 3, 21)]
