@@ -100,11 +100,12 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
     read_index, write_index = kwargs["read_index"], kwargs["write_index"]
     cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k.to(torch.int32), int(max_seqlen_k)
-    pages = _cache_pages(cache, module.layer_idx, read_index) if dropout == 0.0 else None
+    pages = _cache_pages(cache, module.layer_idx, read_index) if dropout == 0.0 else None  # paged: no dropout
+    table = None
     if pages is None:
         # (total_k, Hk, D): each sequence's cached keys and then its new ones, in the order of cu_seq_lens_k.
-        key, value, table = *cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
-                                          read_index=read_index, write_index=write_index), None
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                                  read_index=read_index, write_index=write_index)
     else:
         cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                      read_index=[index[:0] for index in read_index], write_index=write_index)  # written, not read
