@@ -172,6 +172,44 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
     assert {row["impl"] for row in small} == names
 
 
+def test_kvcache_step_rows_give_every_peer_the_same_step(monkeypatch):
+    """A decoding step of flash_attn_with_kvcache: genfast's (padded and paged caches), a
+    FlashAttention stand-in on the reference, SDPA's rotation, cache write and masked attention
+    (and its torch.compile, made eager here) all give the eager reference's output."""
+    from genfast.reference.attention_kvcache import kvcache_attention
+
+    monkeypatch.setitem(bench.CACHE_DECODE_CONFIGS, "cpu", (3, 4, 2, 512, 16))
+    stand_in = types.ModuleType("flash_attn")
+    stand_in.flash_attn_with_kvcache = lambda q, k_cache, v_cache, k, v, **options: kvcache_attention(
+        q, k_cache, v_cache, k, v, **options)
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    real_peers = bench.flash_attention_kvcache_peers
+    monkeypatch.setattr(bench, "flash_attention_kvcache_peers", lambda device: real_peers("cuda"))
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
+    outputs, timed = {}, []
+
+    def time_once(fn, device, quick=False):
+        outputs[timed[-1]] = fn()
+        return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
+
+    monkeypatch.setattr(compute, "time_ms", time_once)
+    rows = bench._kvcache_step_rows("cpu", torch.float32, gemm=1.0, quick=True,
+                                    say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
+    names = {row["impl"] for row in rows}
+    impls = bench.fused_impls("cpu")
+    assert names == ({f"genfast {impl}" for impl in impls} | {f"genfast {impl} paged 256" for impl in impls}
+                     | {"FlashAttention-2", "torch SDPA flash", "torch SDPA math", "torch.compile SDPA flash",
+                        "torch.compile SDPA math", "eager reference"})
+    used = [512, 64, 256]
+    assert {row["config"] for row in rows} == {"B=3 H=4 H_kv=2 Lk=512 used=512/64/256 D=16 rotary=16"}
+    for row in rows:
+        assert row["gflop_per_s"] == pytest.approx(4 * 4 * 16 * sum(used) / 2e-3 / 1e9)
+    for name, out in outputs.items():
+        assert out.shape == (3, 1, 4, 16)
+        torch.testing.assert_close(out, outputs["eager reference"], atol=2e-5, rtol=2e-5, msg=name)
+
+
 def test_decode_rows_time_a_bfloat16_cache_on_the_cpu(monkeypatch, one_call_timer):
     """The CPU decoding rows in bfloat16 too: the native kernel reads such a cache as it is."""
     monkeypatch.setitem(bench.DECODE_CONFIGS, "cpu", (1, 4, 2, 40, 16))

@@ -7,7 +7,8 @@ and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) w
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
-in float32 and in bfloat16) shapes;
+in float32 and in bfloat16; a padded cache of sequences of other lengths; a step of
+flash_attn_with_kvcache, which appends a rotated key first) shapes;
 in full runs also a small model's decoding step, one layer's attention in a step of transformers'
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
 paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
@@ -256,6 +257,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
         if not sizes:
             rows += _decode_rows(device, dtype, gemm, quick, say)
             rows += _cache_decode_rows(device, dtype, gemm, quick, say)
+            rows += _kvcache_step_rows(device, dtype, gemm, quick, say)
             if not quick:
                 rows += _continuous_batching_rows(device, dtype, gemm, quick, say)
                 rows += _generate_batch_rows(device, dtype, gemm, quick, say)
@@ -552,6 +554,81 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
     groups = {"attention decode padded cache": (4 * heads * dim * sum(used),
                                                 [(name, torch.no_grad()(fn)) for name, fn in usable])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim}"
+    return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
+
+
+def flash_attention_kvcache_peers(device: str):
+    """[(name, flash_attn_with_kvcache)] for each FlashAttention package importable here (GPU only)."""
+    if device != "cuda":
+        return []
+    peers = []
+    for name, module_name in FLASH_ATTENTION_MODULES:
+        try:
+            peers.append((name, importlib.import_module(module_name).flash_attn_with_kvcache))
+        except (ImportError, AttributeError):
+            continue
+    return peers
+
+
+def _kvcache_step_rows(device, dtype, gemm, quick, say):
+    """One decoding step as flash_attn_with_kvcache runs it: each sequence of CACHE_DECODE_CONFIGS's
+    padded cache appends one token's key and value (the key and the query rotated, Llama's rotary
+    layout) and attends its keys. genfast.integrations.flash_attn's flash_attn_with_kvcache (the
+    padded cache, and the same keys in pages of CACHE_PAGE_SIZES[0]) against FlashAttention's where
+    installed, and the step as a model without FlashAttention writes it: the rotation, the cache's
+    rows written by index, SDPA over the cache with a mask of each sequence's keys (each SDPA
+    backend, and its torch.compile); the eager reference (reference.attention_kvcache)."""
+    from ..integrations import flash_attn as genfast_flash_attn
+    from ..reference.attention_kvcache import kvcache_attention
+    from ..reference.rotary import rotary
+
+    batch, heads, kv_heads, length, dim = CACHE_DECODE_CONFIGS.get(device, CACHE_DECODE_CONFIGS["cpu"])
+    used = [max(1, int(length * CACHE_DECODE_USED[n % len(CACHE_DECODE_USED)])) for n in range(batch)]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 1, heads, dim, generator=g).to(device=device, dtype=dtype)
+    new_k, new_v = (torch.randn(batch, 1, kv_heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(batch, length, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+                        for _ in range(2))
+    held = torch.tensor(used, device=device, dtype=torch.int32) - 1  # the step's token makes `used` keys
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, dim, 2) / dim)
+    cos, sin = (t.to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin()))
+    step = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=held, causal=True, rotary_interleaved=False)
+    page_size = CACHE_PAGE_SIZES[0]
+    order = torch.randperm(batch * length // page_size, generator=g).to(device)
+    k_pages, v_pages = (t.reshape(-1, page_size, kv_heads, dim)[order] for t in (k_cache, v_cache))
+    block_table = torch.argsort(order).view(batch, length // page_size).to(torch.int32)
+    candidates = [(f"genfast {impl}", lambda impl=impl: genfast_flash_attn.flash_attn_with_kvcache(
+        q, k_cache, v_cache, new_k, new_v, impl=impl, **step)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} paged {page_size}", lambda impl=impl: genfast_flash_attn.flash_attn_with_kvcache(
+        q, k_pages, v_pages, new_k, new_v, block_table=block_table, impl=impl, **step)) for impl in fused_impls(device)]
+    candidates += [(name, lambda fn=fn: fn(q, k_cache, v_cache, new_k, new_v, **step))
+                   for name, fn in flash_attention_kvcache_peers(device)]
+    rows = torch.arange(batch, device=device)
+
+    def sdpa_step(q, k_cache, v_cache, new_k, new_v, held, backend):
+        position = held.long()[:, None]
+        q, new_k = (rotary(t, cos, sin, position, interleaved=False) for t in (q, new_k))
+        k_cache[rows, held.long()] = new_k[:, 0]
+        v_cache[rows, held.long()] = new_v[:, 0]
+        mask = (torch.arange(length, device=device)[None, :] <= position)[:, None, None, :]
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                               mask, enable_gqa=True)
+        return o.transpose(1, 2)
+
+    compiled = torch.compile(sdpa_step, dynamic=False)
+    for name, backend in SDPA_BACKENDS.get(device, []):
+        candidates += [(f"torch SDPA {name}", lambda backend=backend: sdpa_step(q, k_cache, v_cache, new_k, new_v,
+                                                                                 held, backend)),
+                       (f"torch.compile SDPA {name}", lambda backend=backend: compiled(q, k_cache, v_cache, new_k,
+                                                                                        new_v, held, backend))]
+    candidates += [("eager reference", lambda: kvcache_attention(
+        q, k_cache, v_cache, new_k, new_v, cache_seqlens=held, causal=True, rotary_cos=cos, rotary_sin=sin,
+        rotary_interleaved=False))]
+    usable = [(name, fn) for name, fn in candidates if _runs(fn)]
+    groups = {"attention decode flash_attn_with_kvcache": (4 * heads * dim * sum(used),
+                                                          [(name, torch.no_grad()(fn)) for name, fn in usable])}
+    config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim} rotary={dim}"
     return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
 
 

@@ -1,0 +1,263 @@
+"""FlashAttention 2's functions (flash_attn.flash_attn_interface) on genfast's kernels, for code
+written against them: change the import and nothing else,
+
+    from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+    from genfast.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+and it runs where FlashAttention does not: on the CPU, in float32, with head dims it lacks, or
+with genfast's Triton kernels (impl="triton", a keyword FlashAttention does not have). The arguments,
+layouts and semantics are FlashAttention 2's: q (batch, seqlen, heads, head_dim), grouped-query
+heads, causal masks and windows aligned to the bottom-right corner, softcap, ALiBi slopes, dropout,
+deterministic backward, block_table for a paged KV cache. flash_attn_with_kvcache writes the new
+keys and values into the cache in place, rotated by the rotary tables when given, and attends
+(genfast.reference.attention_kvcache defines it).
+
+Where genfast differs, on purpose:
+- softmax_lse is -inf for a row that masks every key (its log-sum-exp; FlashAttention writes +inf);
+- return_attn_probs returns (out, softmax_lse, an empty tensor): the probabilities are never
+  materialized (FlashAttention returns them only for testing, and with dropout only); with dropout
+  it raises;
+- dropout draws from genfast's Philox stream, keyed by torch's default generator: the same
+  distribution, other masks;
+- num_splits, a scheduling hint of FlashAttention's, is accepted and ignored.
+Not supported (it raises, as FlashAttention does): cache_leftpad with block_table.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import attention_varlen
+from ..ops.attention import check_paged_cache
+from ..reference.rotary import rotary
+
+Tensor = torch.Tensor
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
+
+
+def _options(causal, window_size, softcap) -> dict:
+    """FlashAttention's causal flag, window_size and softcap as attention_varlen's options."""
+    left, right = window_size
+    return dict(causal="bottom_right" if causal else None,
+                window=None if (left, right) == (-1, -1) else (int(left), int(right)),
+                softcap=float(softcap) if softcap else None)
+
+
+def _finish(o, lse, return_attn_probs, dropout_p):
+    if not return_attn_probs:
+        return o
+    if dropout_p > 0.0:
+        raise NotImplementedError("return_attn_probs with dropout_p > 0: genfast never materializes the attention "
+                                  "probabilities or the dropout pattern")
+    return o, lse, o.new_empty(0)
+
+
+def _uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
+    """cu_seqlens of `batch` sequences of `length` rows each."""
+    return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+
+
+def _check_dense(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a tensor (batch, seqlen, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"q, k and v must have one batch size, got {q.shape[0]}, {k.shape[0]} and {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have one seqlen, got {k.shape[1]} and {v.shape[1]}")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, impl: str = "auto"):
+    """out (batch, seqlen_q, heads, head_dim_v) of q (batch, seqlen_q, heads, head_dim) over k and v
+    (batch, seqlen_k, kv_heads, head_dim[_v]); with return_attn_probs also softmax_lse (batch, heads,
+    seqlen_q). Runs as attention_varlen over the batch's rows, which reads q, k and v and writes out
+    in this layout without a copy."""
+    _check_dense(q, k, v)
+    batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    cu_q = _uniform_cu_seqlens(batch, lq, q.device)
+    cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
+    o, lse = attention_varlen(q.reshape(batch * lq, *q.shape[2:]), k.reshape(batch * lk, *k.shape[2:]),
+                              v.reshape(batch * lk, *v.shape[2:]), cu_q, cu_k, lq, lk, dropout_p, softmax_scale,
+                              alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=True, impl=impl,
+                              **_options(causal, window_size, softcap))
+    o = o.view(batch, lq, *o.shape[1:])
+    lse = lse.view(lse.shape[0], batch, lq).transpose(0, 1) if return_attn_probs else None
+    return _finish(o, lse, return_attn_probs, dropout_p)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              impl: str = "auto"):
+    """flash_attn_func of qkv (batch, seqlen, 3, heads, head_dim)."""
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, impl=impl)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             impl: str = "auto"):
+    """flash_attn_func of q and kv (batch, seqlen_k, 2, kv_heads, head_dim)."""
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, impl=impl)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, impl: str = "auto"):
+    """out (total_q, heads, head_dim_v) of sequences packed without padding: genfast.attention_varlen,
+    causal from each sequence's bottom-right corner; softmax_lse (heads, total_q) with
+    return_attn_probs. block_table: k and v are a paged cache (pages, page_size, kv_heads, head_dim)."""
+    o, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                              softmax_scale, alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=True,
+                              impl=impl, block_table=block_table, **_options(causal, window_size, softcap))
+    return _finish(o, lse, return_attn_probs, dropout_p)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, impl: str = "auto"):
+    """flash_attn_varlen_func of qkv (total, 3, heads, head_dim)."""
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  impl=impl)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    impl: str = "auto"):
+    """flash_attn_varlen_func of q and kv (total_k, 2, kv_heads, head_dim)."""
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, impl=impl)
+
+
+def _index_vector(name, t, batch, device) -> Tensor:
+    if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (batch,) \
+            or t.device != device:
+        raise ValueError(f"{name} must be an int32 (or int64) tensor (batch,) = ({batch},) on q's device "
+                         f"({device}), got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                         f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
+    return t.to(torch.int32)
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must match but for head_dim, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v go together: pass both new keys and new values, or neither")
+    if k is not None:
+        expected = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2])
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            if t.dim() != 4 or t.shape[:3] != expected or t.shape[3] != cache.shape[3] or t.dtype != cache.dtype:
+                raise ValueError(f"{name} must be {cache.dtype} (batch, seqlen_new, kv_heads, head_dim) = "
+                                 f"{(q.shape[0], '*', *cache.shape[2:])} like {name}_cache's rows, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        if v.shape[1] != k.shape[1]:
+            raise ValueError(f"k and v must have one seqlen_new, got {k.shape[1]} and {v.shape[1]}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin go together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos and rotary_sin rotate the new keys: pass k and v too, as FlashAttention needs")
+        if rotary_cos.dim() != 2 or rotary_sin.shape != rotary_cos.shape or 2 * rotary_cos.shape[1] > q.shape[3]:
+            raise ValueError(f"rotary_cos and rotary_sin must be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                             f"head_dim ({q.shape[3]}), got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    if cache_leftpad is not None and block_table is not None:
+        raise NotImplementedError("cache_leftpad with block_table (a paged cache) is not supported")
+    if cache_batch_idx is not None and block_table is not None:
+        raise ValueError("cache_batch_idx indexes a padded cache; a paged cache has block_table instead")
+    if block_table is not None:
+        check_paged_cache(block_table, k_cache, v_cache, q.shape[0], 0, 0.0)  # before anything is written
+
+
+def _cache_rows(positions, batch, cache_batch_idx, block_table, page_size) -> Tuple[Tensor, Tensor]:
+    """The caches' (first, second) indices of each sequence's keys at `positions` (batch, n)."""
+    if block_table is not None:
+        return block_table.gather(1, positions // page_size).long(), positions % page_size
+    rows = torch.arange(batch, device=positions.device) if cache_batch_idx is None else cache_batch_idx.long()
+    return rows[:, None].expand_as(positions), positions
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            impl: str = "auto"):
+    """out (batch, seqlen_q, heads, head_dim_v), and softmax_lse (batch, heads, seqlen_q) with
+    return_softmax_lse: q over the cache's keys, after k and v (when given) are written into
+    k_cache and v_cache in place at rows cache_seqlens[n] .. (reference.attention_kvcache). A padded
+    cache is read as attention_varlen's seqused_k (the cache's rows flattened); a paged cache
+    through block_table; a padded cache with cache_batch_idx as pages of a whole row each, and with
+    cache_leftpad as pages of one key (each sequence's keys start within its row). No host-device
+    synchronisation: the rows written and read are computed on q's device."""
+    _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table)
+    batch, lq, device = q.shape[0], q.shape[1], q.device
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if isinstance(block_table, Tensor) and block_table.dim() == 2 \
+        else page_size
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is needed to append k and v: the count of keys each sequence holds")
+        held = torch.full((batch,), capacity, device=device, dtype=torch.int32)
+    elif isinstance(cache_seqlens, int):
+        held = torch.full((batch,), cache_seqlens, device=device, dtype=torch.int32)
+    else:
+        held = _index_vector("cache_seqlens", cache_seqlens, batch, device)
+    if cache_batch_idx is not None:
+        cache_batch_idx = _index_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    # A GPU does not check (that would synchronise), nor does a compiled graph.
+    if held.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
+        most = int(held.max()) + (k.shape[1] if k is not None else 0)
+        if int(held.min()) < 0 or most > capacity:
+            raise ValueError(f"cache_seqlens (plus seqlen_new) must lie in 0 .. {capacity}, the cache's keys per "
+                             f"sequence; got up to {most}")
+    options = _options(causal, window_size, softcap)
+    if k is not None:
+        new = held[:, None].long() + torch.arange(k.shape[1], device=device)
+        if rotary_cos is not None:
+            k = rotary(k, rotary_cos, rotary_sin, new, rotary_interleaved)
+            turned = held[:, None].long() + torch.arange(lq, device=device) if causal or options["window"] \
+                else held[:, None].long().expand(batch, lq)
+            q = rotary(q, rotary_cos, rotary_sin, turned, rotary_interleaved)
+        rows = _cache_rows(new, batch, cache_batch_idx, block_table, page_size)
+        k_cache.index_put_(rows, k)
+        v_cache.index_put_(rows, v)
+        held = held + k.shape[1]
+    cu_q = _uniform_cu_seqlens(batch, lq, device)
+    flat_q = q.reshape(batch * lq, *q.shape[2:])
+    common = dict(scale=softmax_scale, alibi_slopes=alibi_slopes, return_lse=True, impl=impl, **options)
+    if block_table is None and cache_batch_idx is None and cache_leftpad is None:
+        o, lse = attention_varlen(flat_q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_q,
+                                  _uniform_cu_seqlens(batch, capacity, device), lq, capacity, seqused_k=held, **common)
+    else:
+        pages, table = (k_cache, v_cache), block_table
+        if cache_leftpad is not None:
+            # Each sequence's keys from its own row: pages of one row, a row-by-row table.
+            start = _index_vector("cache_leftpad", cache_leftpad, batch, device)
+            cache_rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
+                else cache_batch_idx
+            first = cache_rows * capacity + start
+            table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
+            table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
+            pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start
+        elif block_table is None:
+            table = cache_batch_idx[:, None]  # a padded cache's rows as pages of `capacity` keys
+        cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
+        o, lse = attention_varlen(flat_q, *pages, cu_q, cu_k, lq, capacity, block_table=table, **common)
+    o = o.view(batch, lq, *o.shape[1:])
+    return (o, lse.view(lse.shape[0], batch, lq).transpose(0, 1)) if return_softmax_lse else o
