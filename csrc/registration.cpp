@@ -117,4 +117,12 @@ TORCH_LIBRARY(genfast, m) {
       "Tensor? alibi_slopes, float scale, float softcap, int band_lo, int band_hi, float dropout_p, int seed, "
       "int offset, bool deterministic=False, Tensor? sinks=None, Tensor? seqused_k=None) "
       "-> (Tensor, Tensor, Tensor, Tensor?)");
+  // A KV cache's new rows (kernels/common/kvcache_append.h): k and v (batch, seqlen_new, kv_heads,
+  // dim) written at rows cache_seqlens[b] + i of the padded (cache_batch_idx) or paged (block_table)
+  // caches, k turned first by the rotary tables (positions, rotary_dim / 2) when given; q turned
+  // into q_out at cache_seqlens[b] + i (queries_in_sequence) or cache_seqlens[b].
+  m.def(
+      "kvcache_append(Tensor k, Tensor v, Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? block_table, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, Tensor? q, bool queries_in_sequence, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? q_out) -> ()");
 }

@@ -15,6 +15,7 @@ from .diffusion import (
     flow_match_heun_step,
 )
 from .flows import actnorm, affine_coupling, coupling_index, lu_weight
+from .kvcache import kvcache_append
 from .made import made_linear
 from .nade import nade_conditionals, nade_log_prob, nade_sample
 from .langevin import langevin_corrector_step, langevin_step, mala_accept, ve_sde_step, vp_sde_step
@@ -60,6 +61,7 @@ __all__ = [
     "euler_step",
     "flow_match_euler_step",
     "flow_match_heun_step",
+    "kvcache_append",
     "langevin_corrector_step",
     "langevin_step",
     "lu_weight",

@@ -23,14 +23,11 @@ Where genfast differs, on purpose:
 Not supported (it raises, as FlashAttention does): cache_leftpad with block_table.
 """
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
 from ..attention import attention_varlen
-from ..ops.attention import check_paged_cache
-from ..reference.rotary import rotary
+from ..kvcache import kvcache_append
 
 Tensor = torch.Tensor
 
@@ -150,47 +147,23 @@ def _index_vector(name, t, batch, device) -> Tensor:
     return t.to(torch.int32)
 
 
-def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table):
+def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table):
+    """FlashAttention's rules; kvcache_append and attention_varlen check the rest, before anything is written."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"k_cache and v_cache must match but for head_dim, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v go together: pass both new keys and new values, or neither")
-    if k is not None:
-        expected = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2])
-        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
-            if t.dim() != 4 or t.shape[:3] != expected or t.shape[3] != cache.shape[3] or t.dtype != cache.dtype:
-                raise ValueError(f"{name} must be {cache.dtype} (batch, seqlen_new, kv_heads, head_dim) = "
-                                 f"{(q.shape[0], '*', *cache.shape[2:])} like {name}_cache's rows, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
-        if v.shape[1] != k.shape[1]:
-            raise ValueError(f"k and v must have one seqlen_new, got {k.shape[1]} and {v.shape[1]}")
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin go together")
-    if rotary_cos is not None:
-        if k is None:
-            raise ValueError("rotary_cos and rotary_sin rotate the new keys: pass k and v too, as FlashAttention needs")
-        if rotary_cos.dim() != 2 or rotary_sin.shape != rotary_cos.shape or 2 * rotary_cos.shape[1] > q.shape[3]:
-            raise ValueError(f"rotary_cos and rotary_sin must be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
-                             f"head_dim ({q.shape[3]}), got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    if k is not None and (k.dim() != 4 or k.shape[0] != q.shape[0]):
+        raise ValueError(f"k must be (batch, seqlen_new, kv_heads, head_dim) with q's batch {q.shape[0]}, got "
+                         f"{tuple(k.shape)}")
+    if rotary_cos is not None and k is None:
+        raise ValueError("rotary_cos and rotary_sin rotate the new keys: pass k and v too, as FlashAttention needs")
     if cache_leftpad is not None and block_table is not None:
         raise NotImplementedError("cache_leftpad with block_table (a paged cache) is not supported")
     if cache_batch_idx is not None and block_table is not None:
         raise ValueError("cache_batch_idx indexes a padded cache; a paged cache has block_table instead")
-    if block_table is not None:
-        check_paged_cache(block_table, k_cache, v_cache, q.shape[0], 0, 0.0)  # before anything is written
-
-
-def _cache_rows(positions, batch, cache_batch_idx, block_table, page_size) -> Tuple[Tensor, Tensor]:
-    """The caches' (first, second) indices of each sequence's keys at `positions` (batch, n)."""
-    if block_table is not None:
-        return block_table.gather(1, positions // page_size).long(), positions % page_size
-    rows = torch.arange(batch, device=positions.device) if cache_batch_idx is None else cache_batch_idx.long()
-    return rows[:, None].expand_as(positions), positions
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -205,7 +178,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     through block_table; a padded cache with cache_batch_idx as pages of a whole row each, and with
     cache_leftpad as pages of one key (each sequence's keys start within its row). No host-device
     synchronisation: the rows written and read are computed on q's device."""
-    _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table)
+    _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table)
     batch, lq, device = q.shape[0], q.shape[1], q.device
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if isinstance(block_table, Tensor) and block_table.dim() == 2 \
@@ -220,23 +193,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         held = _index_vector("cache_seqlens", cache_seqlens, batch, device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_vector("cache_batch_idx", cache_batch_idx, batch, device)
-    # A GPU does not check (that would synchronise), nor does a compiled graph.
-    if held.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
-        most = int(held.max()) + (k.shape[1] if k is not None else 0)
-        if int(held.min()) < 0 or most > capacity:
-            raise ValueError(f"cache_seqlens (plus seqlen_new) must lie in 0 .. {capacity}, the cache's keys per "
-                             f"sequence; got up to {most}")
     options = _options(causal, window_size, softcap)
     if k is not None:
-        new = held[:, None].long() + torch.arange(k.shape[1], device=device)
-        if rotary_cos is not None:
-            k = rotary(k, rotary_cos, rotary_sin, new, rotary_interleaved)
-            turned = held[:, None].long() + torch.arange(lq, device=device) if causal or options["window"] \
-                else held[:, None].long().expand(batch, lq)
-            q = rotary(q, rotary_cos, rotary_sin, turned, rotary_interleaved)
-        rows = _cache_rows(new, batch, cache_batch_idx, block_table, page_size)
-        k_cache.index_put_(rows, k)
-        v_cache.index_put_(rows, v)
+        turned = kvcache_append(k_cache, v_cache, k, v, held, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                q=None if rotary_cos is None else q,
+                                queries_in_sequence=bool(causal or options["window"]), impl=impl)
+        q = q if turned is None else turned
         held = held + k.shape[1]
     cu_q = _uniform_cu_seqlens(batch, lq, device)
     flat_q = q.reshape(batch * lq, *q.shape[2:])

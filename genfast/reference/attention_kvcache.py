@@ -36,6 +36,32 @@ def _key_rows(n: int, keys: Tensor, cache_batch_idx: Optional[Tensor], block_tab
     return torch.full_like(keys, row), keys
 
 
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor, *,
+                   cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                   rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                   rotary_interleaved: bool = True, q: Optional[Tensor] = None,
+                   queries_in_sequence: bool = True) -> Optional[Tensor]:
+    """Writes k (rotated when rotary tables are given) and v into the caches at each sequence's
+    rows cache_seqlens[n] + i; returns q rotated at cache_seqlens[n] + i (queries_in_sequence) or
+    cache_seqlens[n] (None without q)."""
+    page_size = k_cache.shape[1]
+    turned = []
+    for n in range(k.shape[0]):
+        held = int(cache_seqlens[n])
+        new = torch.arange(held, held + k.shape[1], device=k.device)
+        k_new = k[n] if rotary_cos is None else rotary(k[n], rotary_cos, rotary_sin, new, rotary_interleaved)
+        rows = _key_rows(n, new, cache_batch_idx, block_table, page_size)
+        k_cache[rows] = k_new.to(k_cache.dtype)
+        v_cache[rows] = v[n].to(v_cache.dtype)
+        if q is not None:
+            positions = torch.arange(held, held + q.shape[1], device=q.device) if queries_in_sequence \
+                else torch.full((q.shape[1],), held, device=q.device)
+            turned.append(rotary(q[n], rotary_cos, rotary_sin, positions, rotary_interleaved))
+    if q is None:
+        return None
+    return torch.stack(turned) if turned else q.clone()
+
+
 def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                       v: Optional[Tensor] = None, *, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor] = None,
                       cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
@@ -45,26 +71,23 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
                       alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
     """o (B, Lq, Hq, Dv), and lse (B, Hq, Lq) with return_lse; writes k and v into the caches."""
     batch, lq = q.shape[:2]
-    page_size = k_cache.shape[1]
     local = window is not None and tuple(window) != (-1, -1)
+    held = cache_seqlens.long()
+    if k is not None:
+        turned = kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=cache_batch_idx,
+                                block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                rotary_interleaved=rotary_interleaved, q=None if rotary_cos is None else q,
+                                queries_in_sequence=causal or local)
+        q = q if turned is None else turned
+        held = held + k.shape[1]
     outputs, lses = [], []
     for n in range(batch):
-        held, start = int(cache_seqlens[n]), 0 if cache_leftpad is None else int(cache_leftpad[n])
-        query_positions = torch.full((lq,), held, device=q.device)
-        if k is not None:
-            new = torch.arange(held, held + k.shape[1], device=q.device)
-            k_new = k[n] if rotary_cos is None else rotary(k[n], rotary_cos, rotary_sin, new, rotary_interleaved)
-            rows = _key_rows(n, new, cache_batch_idx, block_table, page_size)
-            k_cache[rows] = k_new.to(k_cache.dtype)
-            v_cache[rows] = v[n].to(v_cache.dtype)
-            if causal or local:
-                query_positions = torch.arange(held, held + lq, device=q.device)
-            held += k.shape[1]
-        q_n = q[n] if rotary_cos is None else rotary(q[n], rotary_cos, rotary_sin, query_positions, rotary_interleaved)
-        rows = _key_rows(n, torch.arange(start, held, device=q.device), cache_batch_idx, block_table, page_size)
+        start = 0 if cache_leftpad is None else int(cache_leftpad[n])
+        rows = _key_rows(n, torch.arange(start, int(held[n]), device=q.device), cache_batch_idx, block_table,
+                         k_cache.shape[1])
         keys, values = (cache[rows].transpose(0, 1)[None] for cache in (k_cache, v_cache))
         slopes = alibi_slopes[n] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        result = attention(q_n.transpose(0, 1)[None], keys, values, scale=scale, enable_gqa=True,
+        result = attention(q[n].transpose(0, 1)[None], keys, values, scale=scale, enable_gqa=True,
                            causal="bottom_right" if causal else None, window=window if local else None,
                            alibi_slopes=slopes, softcap=softcap, return_lse=return_lse)
         o, lse = result if return_lse else (result, None)

@@ -104,6 +104,37 @@ def _paged_case(dtype, device, page_size):
     return run
 
 
+def _kvcache_case(dtype, device, page_size):
+    """A decoding step of flash_attn_with_kvcache (genfast.integrations.flash_attn): two new tokens
+    per sequence turned by rotary tables (GPT-NeoX's layout) with the queries and appended (by
+    genfast.kvcache_append) to a padded cache (page_size None) or a paged one, sequences holding
+    200, 0 and 17 keys, then attended bottom-right causal: o, lse and the caches written."""
+    from ..integrations.flash_attn import flash_attn_with_kvcache
+
+    g = torch.Generator().manual_seed(11)
+    batch, capacity, heads, kv_heads, dim = 3, 256, 4, 2, 64
+    q = torch.randn(batch, 2, heads, dim, generator=g)
+    k, v = (torch.randn(batch, 2, kv_heads, dim, generator=g) for _ in range(2))
+    angles = torch.arange(capacity, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, dim, 2) / dim)
+    cos, sin = angles.cos(), angles.sin()
+    rows = (batch, capacity) if page_size is None else (batch * capacity // page_size + 4, page_size)
+    k_cache, v_cache = (torch.randn(*rows, kv_heads, dim, generator=g) for _ in range(2))
+    table = None if page_size is None else torch.randperm(rows[0], generator=g)[:batch * capacity // page_size].view(
+        batch, -1).to(device=device, dtype=torch.int32)
+    held = torch.tensor([200, 0, 17], dtype=torch.int32, device=device)
+
+    def run(impl, cast=None):
+        q_, k_, v_, cos_, sin_, caches = (t.to(device=device, dtype=cast or dtype)
+                                          for t in (q, k, v, cos, sin, torch.stack((k_cache, v_cache))))
+        with torch.no_grad():
+            o, lse = flash_attn_with_kvcache(q_, caches[0], caches[1], k_, v_, cos_, sin_, held, block_table=table,
+                                             causal=True, rotary_interleaved=False, return_softmax_lse=True,
+                                             impl=impl)
+        return [o, lse, caches[0], caches[1]]
+
+    return run
+
+
 def cases(device, dtypes):
     """(name, dtype, run, output names) for each case."""
     for dtype in dtypes:
@@ -114,3 +145,7 @@ def cases(device, dtypes):
         for page_size in (128, 16):
             yield (f"attention varlen paged KV cache, {page_size}-key pages", dtype,
                    _paged_case(dtype, device, page_size), ("o", "lse"))
+        for page_size in (None, 16):
+            layout = "padded" if page_size is None else f"{page_size}-key pages"
+            yield (f"flash_attn_with_kvcache rotary, {layout}", dtype, _kvcache_case(dtype, device, page_size),
+                   ("o", "lse", "k_cache", "v_cache"))

@@ -1,5 +1,6 @@
 // Host tests of kernels/common: Philox known answers, the Box-Muller polynomials against libm,
-// the denoise formula's NaN handling, attention's score terms and float16/bfloat16 bits as float32. Built and run by CMake (ctest).
+// the denoise formula's NaN handling, attention's score terms, float16/bfloat16 bits as float32 and
+// the rotary turn and cache rows of kvcache_append. Built and run by CMake (ctest).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include "../common/attention.h"
 #include "../common/denoise_step.h"
 #include "../common/float16_bits.h"
+#include "../common/kvcache_append.h"
 #include "../common/nade.h"
 #include "../common/philox.h"
 
@@ -245,7 +247,53 @@ static void test_scale_terms_are_consistent() {
   }
 }
 
+// A turn by the angle a keeps the pair's norm and composes: turning by a then by b is turning by a + b.
+static void test_rotary_turn() {
+  const float x1 = 0.75f, x2 = -1.25f;
+  for (float a : {0.0f, 0.3f, 1.7f, -2.9f}) {
+    float y1, y2, z1, z2;
+    genfast::rotary_turn(x1, x2, std::cos(a), std::sin(a), &y1, &y2);
+    EXPECT(std::fabs(std::hypot(y1, y2) - std::hypot(x1, x2)) < 1e-6f, "turn by %g changes the norm", a);
+    genfast::rotary_turn(y1, y2, std::cos(0.4f), std::sin(0.4f), &z1, &z2);
+    genfast::rotary_turn(x1, x2, std::cos(a + 0.4f), std::sin(a + 0.4f), &y1, &y2);
+    EXPECT(std::fabs(z1 - y1) < 1e-5f && std::fabs(z2 - y2) < 1e-5f, "turns by %g and 0.4 do not compose", a);
+  }
+  float y1, y2;
+  genfast::rotary_turn(NAN, 1.0f, 1.0f, 0.0f, &y1, &y2);
+  EXPECT(std::isnan(y1) && std::isnan(y2), "NaN does not propagate through a turn");
+  int64_t first, second;
+  genfast::rotary_plane(3, 8, true, &first, &second);
+  EXPECT(first == 6 && second == 7, "interleaved plane 3: (%lld, %lld)", (long long)first, (long long)second);
+  genfast::rotary_plane(3, 8, false, &first, &second);
+  EXPECT(first == 3 && second == 11, "GPT-NeoX plane 3: (%lld, %lld)", (long long)first, (long long)second);
+}
+
+// Rows of a padded cache (by cache_batch_idx), of a paged cache (by block_table), and query positions.
+static void test_kvcache_rows() {
+  const int32_t held[2] = {5, 9};
+  const int32_t batch_idx[2] = {3, 1};
+  const int32_t table[2 * 3] = {4, 0, 2, 1, 5, 3};
+  genfast::KvcacheAppendParams<float> p{};
+  p.cache_seqlens = held;
+  const int64_t strides[3] = {1000, 10, 1};
+  EXPECT(genfast::kvcache_row_offset(p, 1, 2, strides) == 1 * 1000 + 11 * 10, "padded row");
+  p.cache_batch_idx = batch_idx;
+  EXPECT(genfast::kvcache_row_offset(p, 0, 1, strides) == 3 * 1000 + 6 * 10, "cache_batch_idx row");
+  p.cache_batch_idx = nullptr;
+  p.block_table = table;
+  p.table_width = 3;
+  p.page_size = 4;  // sequence 1's position 9 + 2 = 11 is row 3 of its page 2, block_table[1, 2] = 3
+  EXPECT(genfast::kvcache_row_offset(p, 1, 2, strides) == 3 * 1000 + 3 * 10, "paged row");
+  EXPECT(genfast::kvcache_row_offset(p, 0, 0, strides) == 0 * 1000 + 1 * 10, "paged row of page 1");
+  p.queries_in_sequence = true;
+  EXPECT(genfast::kvcache_query_position(p, 1, 2) == 11, "query position in sequence");
+  p.queries_in_sequence = false;
+  EXPECT(genfast::kvcache_query_position(p, 1, 2) == 9, "query position at the cache's end");
+}
+
 int main() {
+  test_rotary_turn();
+  test_kvcache_rows();
   test_elementary_math_against_libm();
   test_scale_terms_are_consistent();
   test_exp_nonpositive();

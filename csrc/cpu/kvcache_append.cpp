@@ -1,0 +1,96 @@
+// genfast::kvcache_append on the CPU: one task per new row (its keys turned and written, its values
+// written) and per query row (turned), in parallel over rows.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../kvcache_append_args.h"
+
+namespace genfast {
+namespace {
+
+// Rows (heads, head_dim) at x turned at `position` into out, whose heads are out_head_stride apart;
+// copied where there are no rotary tables.
+template <typename T>
+void turn_heads(const KvcacheAppendParams<T>& p, const T* x, int64_t heads, int64_t position, T* out,
+                int64_t out_head_stride) {
+  const int64_t dim = p.head_dim, half = p.cos != nullptr ? p.half : 0;
+  const T* cos = p.cos + position * half;
+  const T* sin = p.sin + position * half;
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* in = x + h * dim;
+    T* to = out + h * out_head_stride;
+    const int64_t step = p.interleaved ? 2 : 1, partner = p.interleaved ? 1 : half;
+#pragma omp simd
+    for (int64_t m = 0; m < half; ++m) {
+      float first, second;
+      rotary_turn(static_cast<float>(in[m * step]), static_cast<float>(in[m * step + partner]),
+                  static_cast<float>(cos[m]), static_cast<float>(sin[m]), &first, &second);
+      to[m * step] = static_cast<T>(first);
+      to[m * step + partner] = static_cast<T>(second);
+    }
+    std::memcpy(to + 2 * half, in + 2 * half, sizeof(T) * (dim - 2 * half));
+  }
+}
+
+template <typename T>
+void kvcache_append_rows(const KvcacheAppendParams<T>& p) {
+  const int64_t key_rows = p.batch * p.new_rows, query_rows = p.q != nullptr ? p.batch * p.q_rows : 0;
+  const int64_t row_work = std::max<int64_t>(1, std::max(p.kv_heads * (p.head_dim + p.v_dim), p.q_heads * p.head_dim));
+  at::parallel_for(0, key_rows + query_rows, std::max<int64_t>(1, 32768 / row_work), [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      if (task < key_rows) {
+        const int64_t n = task / p.new_rows, row = task % p.new_rows;
+        const int64_t position = static_cast<int64_t>(p.cache_seqlens[n]) + row;
+        turn_heads(p, p.k + task * p.kv_heads * p.head_dim, p.kv_heads, position,
+                   p.k_cache + kvcache_row_offset(p, n, row, p.k_cache_strides), p.k_cache_strides[2]);
+        T* values = p.v_cache + kvcache_row_offset(p, n, row, p.v_cache_strides);
+        for (int64_t h = 0; h < p.kv_heads; ++h) {
+          std::memcpy(values + h * p.v_cache_strides[2], p.v + (task * p.kv_heads + h) * p.v_dim, sizeof(T) * p.v_dim);
+        }
+      } else {
+        const int64_t q_task = task - key_rows, n = q_task / p.q_rows, row = q_task % p.q_rows;
+        const int64_t offset = q_task * p.q_heads * p.head_dim;
+        turn_heads(p, p.q + offset, p.q_heads, kvcache_query_position(p, n, row), p.q_out + offset, p.head_dim);
+      }
+    }
+  });
+}
+
+void kvcache_append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache_seqlens,
+                        const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& block_table,
+                        const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+                        bool rotary_interleaved, const std::optional<at::Tensor>& q, bool queries_in_sequence,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& q_out) {
+  check_kvcache_append(k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q, k_cache, v_cache,
+                       q_out);
+  check_kvcache_rows(k, cache_seqlens, cache_batch_idx, block_table, rotary_cos, q, queries_in_sequence, k_cache);
+  const at::Tensor q_dst = contiguous_output_if(q_out);
+  std::vector<at::Tensor> keep;
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    kvcache_append_rows(kvcache_append_params<T, T>(k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos,
+                                                    rotary_sin, rotary_interleaved, q, queries_in_sequence, k_cache,
+                                                    v_cache, q_dst, keep));
+  };
+  switch (k.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(at::Half{});
+      break;
+    default:
+      run(at::BFloat16{});
+      break;
+  }
+  copy_back_if_buffered(q_dst, q_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("kvcache_append", &kvcache_append_cpu); }
+
+}  // namespace genfast
