@@ -94,29 +94,29 @@ inline void check_kvcache_rows(const at::Tensor& k, const at::Tensor& cache_seql
                                const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& q,
                                bool queries_in_sequence, const at::Tensor& k_cache) {
   const char* op = kKvcacheAppendOp;
-  const int64_t batch = k.size(0), new_rows = k.size(1);
-  const int64_t capacity = block_table ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
+  const int64_t batch = k.size(0), new_rows = k.size(1), page_size = k_cache.size(1);
+  const int64_t capacity = block_table ? block_table->size(1) * page_size : page_size;
   const int64_t turned = std::max(new_rows, q && queries_in_sequence ? q->size(1) : (q && q->size(1) > 0 ? 1 : 0));
   const at::Tensor seqlens = cache_seqlens.contiguous();
+  const at::Tensor rows = cache_batch_idx ? cache_batch_idx->contiguous() : at::Tensor();
+  const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
   const int32_t* held = seqlens.const_data_ptr<int32_t>();
   for (int64_t n = 0; n < batch; ++n) {
-    TORCH_CHECK(held[n] >= 0 && held[n] + new_rows <= capacity, op, ": cache_seqlens[", n, "] + seqlen_new (", held[n],
-                " + ", new_rows, ") must lie in 0 .. ", capacity, ", the cache's keys per sequence");
-    TORCH_CHECK(!rotary_cos || held[n] + turned <= rotary_cos->size(0), op, ": rotary_cos and rotary_sin have ",
-                rotary_cos ? rotary_cos->size(0) : 0, " positions; sequence ", n, " turns rows up to position ",
-                held[n] + turned - 1);
-    if (cache_batch_idx) {
-      const int64_t row = cache_batch_idx->contiguous().const_data_ptr<int32_t>()[n];
-      TORCH_CHECK(row >= 0 && row < k_cache.size(0), op, ": cache_batch_idx[", n, "] = ", row, " must lie in 0 .. ",
-                  k_cache.size(0) - 1);
+    TORCH_CHECK_VALUE(held[n] >= 0 && held[n] + new_rows <= capacity, op, ": cache_seqlens[", n, "] + seqlen_new (",
+                      held[n], " + ", new_rows, ") must lie in 0 .. ", capacity, ", the cache's keys per sequence");
+    TORCH_CHECK_VALUE(!rotary_cos || held[n] + turned <= rotary_cos->size(0), op, ": rotary_cos and rotary_sin have ",
+                      rotary_cos ? rotary_cos->size(0) : 0, " positions; sequence ", n,
+                      " turns rows up to position ", held[n] + turned - 1);
+    if (rows.defined()) {
+      const int64_t row = rows.const_data_ptr<int32_t>()[n];
+      TORCH_CHECK_VALUE(row >= 0 && row < k_cache.size(0), op, ": cache_batch_idx[", n, "] = ", row,
+                        " must lie in 0 .. ", k_cache.size(0) - 1);
     }
-    if (block_table && new_rows > 0) {
-      const at::Tensor table = block_table->contiguous();
-      for (int64_t j = held[n] / k_cache.size(1); j <= (held[n] + new_rows - 1) / k_cache.size(1); ++j) {
-        const int64_t page = table.const_data_ptr<int32_t>()[n * table.size(1) + j];
-        TORCH_CHECK(page >= 0 && page < k_cache.size(0), op, ": block_table[", n, ", ", j, "] = ", page,
-                    " must lie in 0 .. ", k_cache.size(0) - 1);
-      }
+    for (int64_t j = held[n] / page_size; table.defined() && new_rows > 0 && j <= (held[n] + new_rows - 1) / page_size;
+         ++j) {
+      const int64_t page = table.const_data_ptr<int32_t>()[n * table.size(1) + j];
+      TORCH_CHECK_VALUE(page >= 0 && page < k_cache.size(0), op, ": block_table[", n, ", ", j, "] = ", page,
+                        " must lie in 0 .. ", k_cache.size(0) - 1);
     }
   }
 }

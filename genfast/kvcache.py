@@ -67,7 +67,13 @@ def _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, 
         if q.dim() != 4 or q.shape[0] != batch or q.shape[3] != head_dim:
             raise ValueError(f"q must be (batch, seqlen_q, heads, head_dim) = ({batch}, *, *, {head_dim}), got "
                              f"{tuple(q.shape)}")
-    if k.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():  # a GPU would synchronise
+
+
+def _check_rows(k_cache, k, cache_seqlens, block_table, rotary_cos, q, queries_in_sequence):
+    """On the CPU: each sequence's new rows fit its cache and the rotary tables (the native op checks
+    this itself, with the pages and cache rows named; a GPU would synchronise)."""
+    batch, new_rows = k.shape[:2]
+    if k.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
         capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
         held = cache_seqlens.long()
         if bool((held < 0).any()) or int(held.max()) + new_rows > capacity:
@@ -96,6 +102,8 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
     _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q,
            queries_in_sequence, impl)
     backend = _backend.resolve_impl(impl, k.device)
+    if backend != "native":
+        _check_rows(k_cache, k, cache_seqlens, block_table, rotary_cos, q, queries_in_sequence)
     if backend == "reference":
         return reference.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=cache_batch_idx,
                                         block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,

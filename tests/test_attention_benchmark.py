@@ -175,7 +175,9 @@ def test_decode_rows_time_every_peer_on_a_grouped_query_cache(monkeypatch):
 def test_kvcache_step_rows_give_every_peer_the_same_step(monkeypatch):
     """A decoding step of flash_attn_with_kvcache: genfast's (padded and paged caches), a
     FlashAttention stand-in on the reference, SDPA's rotation, cache write and masked attention
-    (and its torch.compile, made eager here) all give the eager reference's output."""
+    (and its torch.compile, made eager here) all give the eager reference's output; and the
+    append alone, genfast.kvcache_append against the same torch ops, their compile and the
+    reference, gives the reference's turned queries."""
     from genfast.reference.attention_kvcache import kvcache_attention
 
     monkeypatch.setitem(bench.CACHE_DECODE_CONFIGS, "cpu", (3, 4, 2, 512, 16))
@@ -195,19 +197,24 @@ def test_kvcache_step_rows_give_every_peer_the_same_step(monkeypatch):
 
     monkeypatch.setattr(compute, "time_ms", time_once)
     rows = bench._kvcache_step_rows("cpu", torch.float32, gemm=1.0, quick=True,
-                                    say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
-    names = {row["impl"] for row in rows}
+                                    say=lambda message: timed.append(tuple(message.split(": ")[1].split(", ")[:2])))
     impls = bench.fused_impls("cpu")
-    assert names == ({f"genfast {impl}" for impl in impls} | {f"genfast {impl} paged 256" for impl in impls}
-                     | {"FlashAttention-2", "torch SDPA flash", "torch SDPA math", "torch.compile SDPA flash",
-                        "torch.compile SDPA math", "eager reference"})
+    step, append = "attention decode flash_attn_with_kvcache", "kvcache append, rotary"
+    assert {row["impl"] for row in rows if row["variant"] == step} == (
+        {f"genfast {impl}" for impl in impls} | {f"genfast {impl} paged 256" for impl in impls}
+        | {"FlashAttention-2", "torch SDPA flash", "torch SDPA math", "torch.compile SDPA flash",
+           "torch.compile SDPA math", "eager reference"})
+    assert {row["impl"] for row in rows if row["variant"] == append} == (
+        {f"genfast {impl}" for impl in impls} | {"torch ops", "torch.compile torch ops", "eager reference"})
     used = [512, 64, 256]
     assert {row["config"] for row in rows} == {"B=3 H=4 H_kv=2 Lk=512 used=512/64/256 D=16 rotary=16"}
     for row in rows:
-        assert row["gflop_per_s"] == pytest.approx(4 * 4 * 16 * sum(used) / 2e-3 / 1e9)
-    for name, out in outputs.items():
+        flops = 4 * 4 * 16 * sum(used) if row["variant"] == step else 6 * 3 * (4 + 2) * 16 // 2
+        assert row["gflop_per_s"] == pytest.approx(flops / 2e-3 / 1e9)
+    for (name, variant), out in outputs.items():
         assert out.shape == (3, 1, 4, 16)
-        torch.testing.assert_close(out, outputs["eager reference"], atol=2e-5, rtol=2e-5, msg=name)
+        torch.testing.assert_close(out, outputs[("eager reference", variant)], atol=2e-5, rtol=2e-5,
+                                   msg=f"{name}, {variant}")
 
 
 def test_decode_rows_time_a_bfloat16_cache_on_the_cpu(monkeypatch, one_call_timer):

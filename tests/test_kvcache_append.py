@@ -193,9 +193,9 @@ def test_the_native_op_checks_the_rows_itself():
     k_cache, v_cache, k, v, held, q, options = _inputs("paged")
     op = torch.ops.genfast.kvcache_append
     table = options["block_table"]
-    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ seqlen_new \(17 \+ 4\) must lie in 0 .. 20"):
+    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ seqlen_new \(17 \+ 4\) must lie in 0 .. 20"):
         op(k, v, held + 1, None, table, None, None, True, None, True, k_cache, v_cache, None)
-    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 99 must lie in 0 .. 17"):
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 99 must lie in 0 .. 17"):
         op(k, v, held, None, torch.where(table == table[0, 1], 99, table), None, None, True, None, True, k_cache,
            v_cache, None)
     with pytest.raises(RuntimeError, match="k_cache must have k's dtype"):

@@ -577,9 +577,12 @@ def _kvcache_step_rows(device, dtype, gemm, quick, say):
     padded cache, and the same keys in pages of CACHE_PAGE_SIZES[0]) against FlashAttention's where
     installed, and the step as a model without FlashAttention writes it: the rotation, the cache's
     rows written by index, SDPA over the cache with a mask of each sequence's keys (each SDPA
-    backend, and its torch.compile); the eager reference (reference.attention_kvcache)."""
+    backend, and its torch.compile); the eager reference (reference.attention_kvcache). And the
+    step's first half alone: genfast.kvcache_append against the same torch ops, their torch.compile
+    and the reference."""
     from ..integrations import flash_attn as genfast_flash_attn
-    from ..reference.attention_kvcache import kvcache_attention
+    from ..kvcache import kvcache_append as genfast_kvcache_append
+    from ..reference.attention_kvcache import kvcache_append as reference_kvcache_append, kvcache_attention
     from ..reference.rotary import rotary
 
     batch, heads, kv_heads, length, dim = CACHE_DECODE_CONFIGS.get(device, CACHE_DECODE_CONFIGS["cpu"])
@@ -605,12 +608,17 @@ def _kvcache_step_rows(device, dtype, gemm, quick, say):
                    for name, fn in flash_attention_kvcache_peers(device)]
     rows = torch.arange(batch, device=device)
 
-    def sdpa_step(q, k_cache, v_cache, new_k, new_v, held, backend):
+    def torch_append(q, k_cache, v_cache, new_k, new_v, held):
+        """The rotation and the cache's rows written, as torch ops: returns q turned."""
         position = held.long()[:, None]
         q, new_k = (rotary(t, cos, sin, position, interleaved=False) for t in (q, new_k))
         k_cache[rows, held.long()] = new_k[:, 0]
         v_cache[rows, held.long()] = new_v[:, 0]
-        mask = (torch.arange(length, device=device)[None, :] <= position)[:, None, None, :]
+        return q
+
+    def sdpa_step(q, k_cache, v_cache, new_k, new_v, held, backend):
+        q = torch_append(q, k_cache, v_cache, new_k, new_v, held)
+        mask = (torch.arange(length, device=device)[None, :] <= held.long()[:, None])[:, None, None, :]
         with sdpa_kernel(backend):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                                mask, enable_gqa=True)
@@ -626,8 +634,19 @@ def _kvcache_step_rows(device, dtype, gemm, quick, say):
         q, k_cache, v_cache, new_k, new_v, cache_seqlens=held, causal=True, rotary_cos=cos, rotary_sin=sin,
         rotary_interleaved=False))]
     usable = [(name, fn) for name, fn in candidates if _runs(fn)]
+    append_options = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False, q=q)
+    compiled_append = torch.compile(torch_append, dynamic=False)
+    appends = [(f"genfast {impl}", lambda impl=impl: genfast_kvcache_append(k_cache, v_cache, new_k, new_v, held,
+                                                                            impl=impl, **append_options))
+               for impl in fused_impls(device)]
+    appends += [("torch ops", lambda: torch_append(q, k_cache, v_cache, new_k, new_v, held)),
+                ("torch.compile torch ops", lambda: compiled_append(q, k_cache, v_cache, new_k, new_v, held)),
+                ("eager reference", lambda: reference_kvcache_append(k_cache, v_cache, new_k, new_v, held,
+                                                                     **append_options))]
+    turns = 6 * batch * (heads + kv_heads) * dim // 2  # 4 products and 2 sums a plane
     groups = {"attention decode flash_attn_with_kvcache": (4 * heads * dim * sum(used),
-                                                          [(name, torch.no_grad()(fn)) for name, fn in usable])}
+                                                          [(name, torch.no_grad()(fn)) for name, fn in usable]),
+              "kvcache append, rotary": (turns, [(name, torch.no_grad()(fn)) for name, fn in appends if _runs(fn)])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim} rotary={dim}"
     return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
 
