@@ -23,8 +23,7 @@ def _check_index(name, t, batch, device):
                          f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
 
 
-def _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q,
-           queries_in_sequence, impl):
+def _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q, impl):
     """Raises on bad input, naming the argument, before anything is written."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -61,6 +60,10 @@ def _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, 
                                    or 2 * rotary_cos.shape[1] > head_dim):
         raise ValueError(f"rotary_cos and rotary_sin must be (positions, rotary_dim / 2) with rotary_dim <= head_dim "
                          f"({head_dim}), got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (k_cache, v_cache, k, v, rotary_cos, rotary_sin, q)):
+        raise ValueError("kvcache_append serves inference and has no backward: call it under torch.no_grad(), or "
+                         "with inputs that do not require grad")
     if q is not None:
         if rotary_cos is None:
             raise ValueError("q is turned by the rotary embedding: pass rotary_cos and rotary_sin")
@@ -99,8 +102,7 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
     (batch, seqlen_q, heads, head_dim), if given, is returned turned at cache_seqlens[n] + i
     (queries_in_sequence) or at cache_seqlens[n]. No host-device synchronisation; the CPU checks the
     rows fit, a GPU does not. For inference: no gradient."""
-    _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q,
-           queries_in_sequence, impl)
+    _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, q, impl)
     backend = _backend.resolve_impl(impl, k.device)
     if backend != "native":
         _check_rows(k_cache, k, cache_seqlens, block_table, rotary_cos, q, queries_in_sequence)

@@ -177,7 +177,9 @@ def test_bad_input_names_the_argument():
              ValueError, "19 positions"),
             (lambda: genfast.kvcache_append(k_cache, v_cache, k, v, held, q=q), ValueError, "pass rotary_cos"),
             (lambda: genfast.kvcache_append(k_cache, v_cache, k, v, held, q=q.half(), **options), ValueError,
-             "q must have k's dtype")):
+             "q must have k's dtype"),
+            (lambda: genfast.kvcache_append(k_cache, v_cache, k.requires_grad_(), v, held), ValueError,
+             "no backward")):
         before = k_cache.clone()
         with pytest.raises(error, match=match):
             call()
