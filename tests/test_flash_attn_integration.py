@@ -159,15 +159,18 @@ CAPACITY = 24
 def _kvcache_inputs(layout, lq, new, dtype=torch.float32, v_dim=DIM, seed=0):
     """q, k_cache, v_cache (garbage past each sequence's keys), k, v and the cache options: cache_seqlens
     [6, 0, 13], and for "paged" pages of 4 keys in a scrambled order, for "cache_batch_idx" a cache of
-    4 rows read in another order, for "leftpad" keys from rows [2, 0, 13] of each sequence's row."""
+    4 rows read in another order, for "leftpad" keys from rows [2, 0, 13] of each sequence's row,
+    for "sliced" the first rows of longer ones."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(BATCH, lq, HEADS, DIM, generator=g).to(dtype)
     k = torch.randn(BATCH, new, KV_HEADS, DIM, generator=g).to(dtype) if new else None
     v = torch.randn(BATCH, new, KV_HEADS, v_dim, generator=g).to(dtype) if new else None
-    rows = (CAPACITY // 4 * BATCH + 2, 4) if layout == "paged" else (
-        (BATCH + 1, CAPACITY) if "cache_batch_idx" in layout else (BATCH, CAPACITY))
+    rows = {"paged": (CAPACITY // 4 * BATCH + 2, 4), "sliced": (BATCH, CAPACITY + 5)}.get(
+        layout, (BATCH + 1, CAPACITY) if "cache_batch_idx" in layout else (BATCH, CAPACITY))
     k_cache = torch.randn(*rows, KV_HEADS, DIM, generator=g).to(dtype)
     v_cache = torch.randn(*rows, KV_HEADS, v_dim, generator=g).to(dtype)
+    if layout == "sliced":  # rows of a longer cache: they do not flatten without a copy
+        k_cache, v_cache = k_cache[:, :CAPACITY], v_cache[:, :CAPACITY]
     options = dict(cache_seqlens=torch.tensor([6, 0, 13], dtype=torch.int32))
     if layout == "paged":
         options["block_table"] = torch.randperm(rows[0], generator=g)[:BATCH * CAPACITY // 4].view(
@@ -184,6 +187,11 @@ def _rotary_tables(rotary_dim, dtype=torch.float32):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def _copy(cache):
+    """A copy with the cache's strides (a slice of longer rows stays one)."""
+    return torch.empty_strided(cache.shape, cache.stride(), dtype=cache.dtype).copy_(cache)
+
+
 def _reference_options(options: dict) -> dict:
     """flash_attn_with_kvcache's keywords as kvcache_attention's."""
     names = dict(softmax_scale="scale", window_size="window")
@@ -195,7 +203,7 @@ def _kvcache_compare(impl, layout, lq, new, options, dtype=torch.float32):
     in dtype: out and softmax_lse by the error-ratio rule, the caches written equal."""
     q, k_cache, v_cache, k, v, cache_options = _kvcache_inputs(layout, lq, new, dtype)
     options = {**cache_options, **options}
-    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
+    caches = [(_copy(k_cache), _copy(v_cache)) for _ in range(3)]
     o, lse = fa.flash_attn_with_kvcache(q, *caches[0], k, v, return_softmax_lse=True, impl=impl, **options)
     reference = _reference_options(options)
     wide = {key: (val.double() if key in ("rotary_cos", "rotary_sin") else val) for key, val in reference.items()}
@@ -212,13 +220,33 @@ KVCACHE_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(4, 
                    dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05]), causal=True)]
 
 
-@pytest.mark.parametrize("layout", ["padded", "paged", "cache_batch_idx", "leftpad", "leftpad+cache_batch_idx"])
+@pytest.mark.parametrize("layout", ["padded", "sliced", "paged", "cache_batch_idx", "leftpad",
+                                    "leftpad+cache_batch_idx"])
 @pytest.mark.parametrize("options", KVCACHE_OPTIONS, ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_with_kvcache_appends_and_attends(layout, options, impl):
     """Two queries and two new keys per sequence, every cache layout."""
     skip_unless_supported(impl, "cpu")
     _kvcache_compare(impl, layout, 2, 2, dict(options))
+
+
+@pytest.mark.parametrize("layout", ["padded", "sliced", "paged", "cache_batch_idx"])
+def test_the_cache_is_read_in_place(layout, monkeypatch):
+    """Attention reads the caches' own memory (no copy of the cache a step), whatever the layout;
+    a padded cache sliced from longer rows, which does not flatten, as pages of a row each."""
+    q, k_cache, v_cache, k, v, options = _kvcache_inputs(layout, 1, 1)
+    seen = []
+    real = fa.attention_varlen
+
+    def attention_varlen(q, keys, values, *args, **kwargs):
+        seen.append((keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr(), kwargs))
+        return real(q, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "attention_varlen", attention_varlen)
+    fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, causal=True, **options)
+    (keys, values, kwargs), = seen
+    assert (keys, values) == (k_cache.untyped_storage().data_ptr(), v_cache.untyped_storage().data_ptr())
+    assert (kwargs.get("block_table") is not None) == (layout != "padded")
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

@@ -175,9 +175,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return_softmax_lse: q over the cache's keys, after k and v (when given) are written into
     k_cache and v_cache in place at rows cache_seqlens[n] .. (reference.attention_kvcache). A padded
     cache is read as attention_varlen's seqused_k (the cache's rows flattened); a paged cache
-    through block_table; a padded cache with cache_batch_idx as pages of a whole row each, and with
-    cache_leftpad as pages of one key (each sequence's keys start within its row). No host-device
-    synchronisation: the rows written and read are computed on q's device."""
+    through block_table; a padded cache with cache_batch_idx, or sliced from longer rows, as pages
+    of a whole row each, and with cache_leftpad as pages of one key (each sequence's keys start
+    within its row; a sliced cache is then copied). No host-device synchronisation: the rows
+    written and read are computed on q's device."""
     _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table)
     batch, lq, device = q.shape[0], q.shape[1], q.device
     page_size = k_cache.shape[1]
@@ -204,7 +205,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cu_q = _uniform_cu_seqlens(batch, lq, device)
     flat_q = q.reshape(batch * lq, *q.shape[2:])
     common = dict(scale=softmax_scale, alibi_slopes=alibi_slopes, return_lse=True, impl=impl, **options)
-    if block_table is None and cache_batch_idx is None and cache_leftpad is None:
+    # A padded cache's rows flatten without a copy unless the cache is a slice of longer rows.
+    flat = all(t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
+               for t in (k_cache, v_cache))
+    if block_table is None and cache_batch_idx is None and cache_leftpad is None and flat:
         o, lse = attention_varlen(flat_q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_q,
                                   _uniform_cu_seqlens(batch, capacity, device), lq, capacity, seqused_k=held, **common)
     else:
@@ -218,8 +222,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
             table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
             pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start
-        elif block_table is None:
-            table = cache_batch_idx[:, None]  # a padded cache's rows as pages of `capacity` keys
+        elif block_table is None:  # a padded cache's rows as pages of `capacity` keys, read in place
+            table = (cache_batch_idx if cache_batch_idx is not None
+                     else torch.arange(batch, device=device, dtype=torch.int32))[:, None]
         cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
         o, lse = attention_varlen(flat_q, *pages, cu_q, cu_k, lq, capacity, block_table=table, **common)
     o = o.view(batch, lq, *o.shape[1:])
