@@ -49,6 +49,29 @@ GF_HOST_DEVICE_INLINE void rotary_turn(float x1, float x2, float c, float s, flo
   *y2 = x1 * s + x2 * c;
 }
 
+// Feature j's share of a turn, for kernels that compute one output feature per thread (CUDA): its
+// plane, its partner feature in that plane, and the turned value from both features' inputs. j must
+// be below 2 half (later features pass unchanged).
+GF_HOST_DEVICE int64_t rotary_plane_of(int64_t j, int64_t half, bool interleaved) {
+  return interleaved ? j / 2 : (j < half ? j : j - half);
+}
+
+GF_HOST_DEVICE int64_t rotary_partner(int64_t j, int64_t half, bool interleaved) {
+  return interleaved ? (j ^ 1) : (j < half ? j + half : j - half);
+}
+
+GF_HOST_DEVICE float rotary_feature(int64_t j, int64_t half, bool interleaved, float x, float partner, float c,
+                                    float s) {
+  const bool first = interleaved ? (j % 2 == 0) : j < half;
+  float y1, y2;
+  if (first) {
+    rotary_turn(x, partner, c, s, &y1, &y2);
+    return y1;
+  }
+  rotary_turn(partner, x, c, s, &y1, &y2);
+  return y2;
+}
+
 // The element offset of row `row` (of new_rows) of sequence n's new keys in a cache with `strides`.
 template <typename T>
 GF_HOST_DEVICE int64_t kvcache_row_offset(const KvcacheAppendParams<T>& p, int64_t n, int64_t row,

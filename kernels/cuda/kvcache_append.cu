@@ -11,12 +11,9 @@ template <typename T>
 __device__ __forceinline__ float turned_feature(const KvcacheAppendParams<T>& p, const T* x, int64_t j,
                                                 const T* cos, const T* sin) {
   if (cos == nullptr || j >= 2 * p.half) return to_float(x[j]);
-  const int64_t m = p.interleaved ? j / 2 : j % p.half;
-  int64_t first, second;
-  rotary_plane(m, p.half, p.interleaved, &first, &second);
-  float y1, y2;
-  rotary_turn(to_float(x[first]), to_float(x[second]), to_float(cos[m]), to_float(sin[m]), &y1, &y2);
-  return j == first ? y1 : y2;
+  const int64_t m = rotary_plane_of(j, p.half, p.interleaved);
+  return rotary_feature(j, p.half, p.interleaved, to_float(x[j]), to_float(x[rotary_partner(j, p.half, p.interleaved)]),
+                        to_float(cos[m]), to_float(sin[m]));
 }
 
 // One block per row: a new row's keys (turned) and values into the caches, or a query row turned.

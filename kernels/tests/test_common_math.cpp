@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 
 #include "../common/affine_coupling.h"
 #include "../common/attention.h"
@@ -268,6 +269,32 @@ static void test_rotary_turn() {
   EXPECT(first == 3 && second == 11, "GPT-NeoX plane 3: (%lld, %lld)", (long long)first, (long long)second);
 }
 
+// Feature by feature (as the CUDA kernel turns a head), the turn equals the pairs' turn, in both layouts.
+static void test_rotary_features_match_the_planes() {
+  const int64_t half = 5, dim = 2 * half;
+  float x[dim], c[half], s[half];
+  for (int64_t j = 0; j < dim; ++j) x[j] = 0.37f * static_cast<float>(j) - 1.1f;
+  for (int64_t m = 0; m < half; ++m) {
+    c[m] = std::cos(0.7f * static_cast<float>(m) + 0.2f);
+    s[m] = std::sin(0.7f * static_cast<float>(m) + 0.2f);
+  }
+  for (bool interleaved : {true, false}) {
+    for (int64_t m = 0; m < half; ++m) {
+      int64_t first, second;
+      genfast::rotary_plane(m, half, interleaved, &first, &second);
+      float y1, y2;
+      genfast::rotary_turn(x[first], x[second], c[m], s[m], &y1, &y2);
+      for (const auto& [j, expected] : {std::pair<int64_t, float>{first, y1}, {second, y2}}) {
+        const int64_t plane = genfast::rotary_plane_of(j, half, interleaved);
+        const int64_t partner = genfast::rotary_partner(j, half, interleaved);
+        const float y = genfast::rotary_feature(j, half, interleaved, x[j], x[partner], c[plane], s[plane]);
+        EXPECT(plane == m && y == expected, "%s feature %lld: plane %lld, %g instead of %g",
+               interleaved ? "interleaved" : "GPT-NeoX", (long long)j, (long long)plane, y, expected);
+      }
+    }
+  }
+}
+
 // Rows of a padded cache (by cache_batch_idx), of a paged cache (by block_table), and query positions.
 static void test_kvcache_rows() {
   const int32_t held[2] = {5, 9};
@@ -293,6 +320,7 @@ static void test_kvcache_rows() {
 
 int main() {
   test_rotary_turn();
+  test_rotary_features_match_the_planes();
   test_kvcache_rows();
   test_elementary_math_against_libm();
   test_scale_terms_are_consistent();
