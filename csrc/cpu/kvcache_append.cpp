@@ -22,14 +22,15 @@ void turn_heads(const KvcacheAppendParams<T>& p, const T* x, int64_t heads, int6
   for (int64_t h = 0; h < heads; ++h) {
     const T* in = x + h * dim;
     T* to = out + h * out_head_stride;
-    const int64_t step = p.interleaved ? 2 : 1, partner = p.interleaved ? 1 : half;
 #pragma omp simd
     for (int64_t m = 0; m < half; ++m) {
+      int64_t a, b;
+      rotary_plane(m, half, p.interleaved, &a, &b);
       float first, second;
-      rotary_turn(static_cast<float>(in[m * step]), static_cast<float>(in[m * step + partner]),
-                  static_cast<float>(cos[m]), static_cast<float>(sin[m]), &first, &second);
-      to[m * step] = static_cast<T>(first);
-      to[m * step + partner] = static_cast<T>(second);
+      rotary_turn(static_cast<float>(in[a]), static_cast<float>(in[b]), static_cast<float>(cos[m]),
+                  static_cast<float>(sin[m]), &first, &second);
+      to[a] = static_cast<T>(first);
+      to[b] = static_cast<T>(second);
     }
     std::memcpy(to + 2 * half, in + 2 * half, sizeof(T) * (dim - 2 * half));
   }

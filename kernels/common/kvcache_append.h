@@ -38,7 +38,7 @@ struct KvcacheAppendParams {
 };
 
 // The features that plane m turns.
-GF_HOST_DEVICE void rotary_plane(int64_t m, int64_t half, bool interleaved, int64_t* first, int64_t* second) {
+GF_HOST_DEVICE_INLINE void rotary_plane(int64_t m, int64_t half, bool interleaved, int64_t* first, int64_t* second) {
   *first = interleaved ? 2 * m : m;
   *second = interleaved ? 2 * m + 1 : m + half;
 }
