@@ -64,7 +64,7 @@ def test_flash_attn_func_matches_reference(lengths, options, impl):
     exact = _dense_run(_reference_dense, q, k, v, torch.float64, options)
     low = _dense_run(_reference_dense, q, k, v, torch.float32, options)
     assert got[0].shape == (BATCH, lengths[0], HEADS, DIM) and got[0].is_contiguous()
-    assert got[1].shape == (BATCH, HEADS, lengths[0]) and got[1].dtype == torch.float32
+    assert got[1].shape == (BATCH, HEADS, lengths[0]) and got[1].dtype == torch.float32 and got[1].is_contiguous()
     for name, a, e, lo in zip(("out", "softmax_lse", "grad q", "grad k", "grad v"), got, exact, low):
         assert_error_ratio(a, e, lo.to(a.dtype), ratio=2.0 if name in ("out", "softmax_lse") else 3.0, msg=name)
 
@@ -209,7 +209,7 @@ def _kvcache_compare(impl, layout, lq, new, options, dtype=torch.float32):
     wide = {key: (val.double() if key in ("rotary_cos", "rotary_sin") else val) for key, val in reference.items()}
     exact = kvcache_attention(*(t.double() for t in (q, *caches[1], k, v)), return_lse=True, **wide)
     low = kvcache_attention(q, *caches[2], k, v, return_lse=True, **reference)
-    assert o.shape == (BATCH, lq, HEADS, DIM) and lse.shape == (BATCH, HEADS, lq)
+    assert o.shape == (BATCH, lq, HEADS, DIM) and lse.shape == (BATCH, HEADS, lq) and lse.is_contiguous()
     assert_error_ratio(o, exact[0], low[0], msg="out")
     assert_error_ratio(lse, exact[1], low[1], msg="softmax_lse")
     assert torch.equal(caches[0][0], caches[2][0]) and torch.equal(caches[0][1], caches[2][1]), "the caches written"

@@ -57,6 +57,11 @@ def _uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
 
 
+def _batch_major(lse, batch, lq):
+    """attention_varlen's lse (heads, batch lq) as FlashAttention's (batch, heads, lq), contiguous."""
+    return lse.view(lse.shape[0], batch, lq).transpose(0, 1).contiguous()
+
+
 def _check_dense(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -83,7 +88,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                               alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=True, impl=impl,
                               **_options(causal, window_size, softcap))
     o = o.view(batch, lq, *o.shape[1:])
-    lse = lse.view(lse.shape[0], batch, lq).transpose(0, 1) if return_attn_probs else None
+    lse = _batch_major(lse, batch, lq) if return_attn_probs else None
     return _finish(o, lse, return_attn_probs, dropout_p)
 
 
@@ -228,4 +233,4 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
         o, lse = attention_varlen(flat_q, *pages, cu_q, cu_k, lq, capacity, block_table=table, **common)
     o = o.view(batch, lq, *o.shape[1:])
-    return (o, lse.view(lse.shape[0], batch, lq).transpose(0, 1)) if return_softmax_lse else o
+    return (o, _batch_major(lse, batch, lq)) if return_softmax_lse else o
