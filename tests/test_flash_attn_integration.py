@@ -200,7 +200,7 @@ def _reference_options(options: dict) -> dict:
 
 def _kvcache_compare(impl, layout, lq, new, options, dtype=torch.float32):
     """Runs the call on copies of the caches for genfast, the float64 reference and the reference
-    in dtype: out and softmax_lse by the error-ratio rule, the caches written equal."""
+    in dtype: out, softmax_lse and the caches written by the error-ratio rule."""
     q, k_cache, v_cache, k, v, cache_options = _kvcache_inputs(layout, lq, new, dtype)
     options = {**cache_options, **options}
     caches = [(_copy(k_cache), _copy(v_cache)) for _ in range(3)]
@@ -212,7 +212,8 @@ def _kvcache_compare(impl, layout, lq, new, options, dtype=torch.float32):
     assert o.shape == (BATCH, lq, HEADS, DIM) and lse.shape == (BATCH, HEADS, lq) and lse.is_contiguous()
     assert_error_ratio(o, exact[0], low[0], msg="out")
     assert_error_ratio(lse, exact[1], low[1], msg="softmax_lse")
-    assert torch.equal(caches[0][0], caches[2][0]) and torch.equal(caches[0][1], caches[2][1]), "the caches written"
+    for name, a, e, lo in zip(("k_cache", "v_cache"), caches[0], caches[1], caches[2]):
+        assert_error_ratio(a, e, lo, msg=name)
 
 
 KVCACHE_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(4, -1)), dict(window_size=(3, 1)),
