@@ -1,5 +1,8 @@
 #include "float_conversion.cuh"
 #include "kvcache_append.cuh"
+#ifndef GENFAST_EMULATED_CUDA
+#include "attention_sm80.cuh"  // launch_tiles (kernels/tests/cuda_emulator.h has its own, which runs this on the host)
+#endif
 
 namespace genfast {
 namespace {
@@ -28,12 +31,12 @@ __global__ void kvcache_append_kernel(KvcacheAppendParams<T> p) {
     const T* sin = p.sin != nullptr ? p.sin + position * p.half : nullptr;
     T* keys = p.k_cache + kvcache_row_offset(p, n, row, p.k_cache_strides);
     T* values = p.v_cache + kvcache_row_offset(p, n, row, p.v_cache_strides);
-    for (int64_t i = threadIdx.x; i < p.kv_heads * p.head_dim; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < p.kv_heads * p.head_dim; i += kThreads) {
       const int64_t h = i / p.head_dim, j = i % p.head_dim;
       keys[h * p.k_cache_strides[2] + j] =
           from_float<T>(turned_feature(p, p.k + (task * p.kv_heads + h) * p.head_dim, j, cos, sin));
     }
-    for (int64_t i = threadIdx.x; i < p.kv_heads * p.v_dim; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < p.kv_heads * p.v_dim; i += kThreads) {
       const int64_t h = i / p.v_dim, j = i % p.v_dim;
       values[h * p.v_cache_strides[2] + j] = p.v[task * p.kv_heads * p.v_dim + i];
     }
@@ -43,7 +46,7 @@ __global__ void kvcache_append_kernel(KvcacheAppendParams<T> p) {
     const T* cos = p.cos + position * p.half;
     const T* sin = p.sin + position * p.half;
     const int64_t offset = q_task * p.q_heads * p.head_dim;
-    for (int64_t i = threadIdx.x; i < p.q_heads * p.head_dim; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < p.q_heads * p.head_dim; i += kThreads) {
       const int64_t h = i / p.head_dim, j = i % p.head_dim;
       p.q_out[offset + i] = from_float<T>(turned_feature(p, p.q + offset + h * p.head_dim, j, cos, sin));
     }
@@ -56,8 +59,7 @@ template <typename T>
 cudaError_t launch_kvcache_append(const KvcacheAppendParams<T>& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.new_rows + (p.q != nullptr ? p.batch * p.q_rows : 0);
   if (rows == 0) return cudaSuccess;
-  kvcache_append_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return attention_cuda::launch_tiles(kvcache_append_kernel<T>, rows, kThreads, 0, stream, p);
 }
 
 template cudaError_t launch_kvcache_append<float>(const KvcacheAppendParams<float>&, cudaStream_t);

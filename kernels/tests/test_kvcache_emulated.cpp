@@ -1,0 +1,197 @@
+// The CUDA kvcache_append kernel (kernels/cuda/kvcache_append.cu), run on the host by
+// cuda_emulator.h through its launcher, against a float64 evaluation of the rotary turn written
+// out here: padded, cache_batch_idx and paged caches, interleaved and GPT-NeoX planes, a partial
+// rotary dim, no rotation, queries turned in sequence or at the cache's end; float32, float16 and
+// bfloat16. Caches start as NaN where nothing is written, so a missed or stray write fails too.
+// Built and run by CMake (ctest).
+#include "cuda_emulator.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../cuda/kvcache_append.cu"
+
+namespace {
+
+int failures = 0;
+
+float as_float(float v) { return v; }
+float as_float(__half v) { return __half2float(v); }
+float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+T from(float v);
+template <>
+float from<float>(float v) { return v; }
+template <>
+__half from<__half>(float v) { return __float2half_rn(v); }
+template <>
+__nv_bfloat16 from<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+double tolerance() {
+  return sizeof(T) == 4 ? 1e-6 : (std::is_same<T, __half>::value ? 1e-3 : 8e-3);
+}
+
+struct Case {
+  const char* name;
+  int layout;  // 0 padded, 1 cache_batch_idx, 2 paged
+  int rotary_dim;
+  bool interleaved, queries_in_sequence;
+};
+
+// Feature j of head row x turned at (cos, sin) of `half` planes, in float64, written out: plane m of
+// features (2m, 2m + 1) or (m, m + half), (x1, x2) -> (x1 c - x2 s, x1 s + x2 c).
+double turned(const std::vector<double>& x, int j, const double* c, const double* s, int half, bool interleaved) {
+  if (j >= 2 * half) return x[j];
+  const int m = interleaved ? j / 2 : j % half;
+  const int first = interleaved ? 2 * m : m, second = interleaved ? 2 * m + 1 : m + half;
+  return j == first ? x[first] * c[m] - x[second] * s[m] : x[first] * s[m] + x[second] * c[m];
+}
+
+template <typename T>
+void run_case(const Case& c) {
+  const int batch = 3, new_rows = 3, kv_heads = 2, dim = 16, v_dim = 8, q_rows = 2, q_heads = 4;
+  const int capacity = 12, page_size = 4, half = c.rotary_dim / 2, positions = capacity + 2;
+  const int held[batch] = {4, 0, 9};
+  const int32_t batch_idx[batch] = {2, 3, 0};
+  const int32_t table[batch * capacity / page_size] = {7, 1, 4, 0, 8, 2, 6, 3, 5};
+  const int rows = c.layout == 2 ? 9 : batch + 1, row_length = c.layout == 2 ? page_size : capacity;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  auto values = [&](size_t n) {
+    std::vector<T> out(n);
+    for (auto& e : out) e = from<T>(normal(rng));
+    return out;
+  };
+  const std::vector<T> k = values(batch * new_rows * kv_heads * dim), v = values(batch * new_rows * kv_heads * v_dim);
+  const std::vector<T> q = values(batch * q_rows * q_heads * dim);
+  std::vector<double> cos_table(positions * (half > 0 ? half : 1)), sin_table(cos_table.size());
+  std::vector<T> cos_t(cos_table.size()), sin_t(cos_table.size());
+  for (int pos = 0; pos < positions; ++pos) {
+    for (int m = 0; m < half; ++m) {
+      const double angle = pos * std::pow(0.6, m);
+      cos_t[pos * half + m] = from<T>(static_cast<float>(std::cos(angle)));
+      sin_t[pos * half + m] = from<T>(static_cast<float>(std::sin(angle)));
+      cos_table[pos * half + m] = as_float(cos_t[pos * half + m]);
+      sin_table[pos * half + m] = as_float(sin_t[pos * half + m]);
+    }
+  }
+  std::vector<T> k_cache(rows * row_length * kv_heads * dim, from<T>(NAN));
+  std::vector<T> v_cache(rows * row_length * kv_heads * v_dim, from<T>(NAN));
+  std::vector<T> q_out(q.size(), from<T>(NAN));
+  std::vector<int32_t> seqlens(held, held + batch);
+
+  genfast::KvcacheAppendParams<T> p{};
+  p.batch = batch;
+  p.new_rows = new_rows;
+  p.kv_heads = kv_heads;
+  p.head_dim = dim;
+  p.v_dim = v_dim;
+  p.k = k.data();
+  p.v = v.data();
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  const int64_t k_strides[3] = {row_length * kv_heads * dim, kv_heads * dim, dim};
+  const int64_t v_strides[3] = {row_length * kv_heads * v_dim, kv_heads * v_dim, v_dim};
+  for (int d = 0; d < 3; ++d) {
+    p.k_cache_strides[d] = k_strides[d];
+    p.v_cache_strides[d] = v_strides[d];
+  }
+  p.cache_seqlens = seqlens.data();
+  p.cache_batch_idx = c.layout == 1 ? batch_idx : nullptr;
+  p.block_table = c.layout == 2 ? table : nullptr;
+  p.table_width = capacity / page_size;
+  p.page_size = row_length;
+  p.cos = half > 0 ? cos_t.data() : nullptr;
+  p.sin = half > 0 ? sin_t.data() : nullptr;
+  p.half = half;
+  p.interleaved = c.interleaved;
+  p.q = half > 0 ? q.data() : nullptr;
+  p.q_out = half > 0 ? q_out.data() : nullptr;
+  p.q_rows = q_rows;
+  p.q_heads = q_heads;
+  p.queries_in_sequence = c.queries_in_sequence;
+  if (genfast::launch_kvcache_append(p, nullptr) != cudaSuccess) {
+    std::printf("FAIL %s: launch\n", c.name);
+    ++failures;
+    return;
+  }
+
+  double worst = 0.0;
+  std::vector<char> written(rows * row_length, 0);
+  auto check = [&](double got, double expected, const char* what) {
+    const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
+    if (!(error <= tolerance<T>())) {  // NaN fails too
+      if (failures < 20) std::printf("FAIL %s: %s %g, expected %g\n", c.name, what, got, expected);
+      ++failures;
+    }
+    worst = std::max(worst, error);
+  };
+  for (int n = 0; n < batch; ++n) {
+    for (int i = 0; i < new_rows; ++i) {
+      const int position = held[n] + i;
+      const int row = c.layout == 2 ? table[n * (capacity / page_size) + position / page_size] * page_size +
+                                          position % page_size
+                                    : (c.layout == 1 ? batch_idx[n] : n) * capacity + position;
+      written[row] = 1;
+      for (int h = 0; h < kv_heads; ++h) {
+        std::vector<double> x(dim);
+        for (int j = 0; j < dim; ++j) x[j] = as_float(k[((n * new_rows + i) * kv_heads + h) * dim + j]);
+        for (int j = 0; j < dim; ++j) {
+          check(as_float(k_cache[(row * kv_heads + h) * dim + j]),
+                turned(x, j, &cos_table[position * half], &sin_table[position * half], half, c.interleaved), "key");
+        }
+        for (int j = 0; j < v_dim; ++j) {
+          check(as_float(v_cache[(row * kv_heads + h) * v_dim + j]),
+                as_float(v[((n * new_rows + i) * kv_heads + h) * v_dim + j]), "value");
+        }
+      }
+    }
+    for (int i = 0; half > 0 && i < q_rows; ++i) {
+      const int position = held[n] + (c.queries_in_sequence ? i : 0);
+      for (int h = 0; h < q_heads; ++h) {
+        const int offset = ((n * q_rows + i) * q_heads + h) * dim;
+        std::vector<double> x(dim);
+        for (int j = 0; j < dim; ++j) x[j] = as_float(q[offset + j]);
+        for (int j = 0; j < dim; ++j) {
+          check(as_float(q_out[offset + j]),
+                turned(x, j, &cos_table[position * half], &sin_table[position * half], half, c.interleaved), "query");
+        }
+      }
+    }
+  }
+  for (int row = 0; row < rows * row_length; ++row) {
+    for (int e = 0; !written[row] && e < kv_heads * dim; ++e) {
+      if (!std::isnan(as_float(k_cache[row * kv_heads * dim + e]))) {
+        std::printf("FAIL %s: cache row %d written, but no key goes there\n", c.name, row);
+        ++failures;
+        break;
+      }
+    }
+  }
+  std::printf("%-40s %-13s max rel err %.2e\n", c.name,
+              sizeof(T) == 4 ? "float32" : (std::is_same<T, __half>::value ? "float16" : "bfloat16"), worst);
+}
+
+}  // namespace
+
+int main() {
+  const Case cases[] = {
+      {"padded, GPT-NeoX, queries in sequence", 0, 16, false, true},
+      {"cache_batch_idx, interleaved, queries at end", 1, 16, true, false},
+      {"paged, GPT-NeoX, rotary dim 6", 2, 6, false, true},
+      {"paged, interleaved, rotary dim 10", 2, 10, true, false},
+      {"padded, no rotation", 0, 0, false, true},
+  };
+  for (const Case& c : cases) {
+    run_case<float>(c);
+    run_case<__half>(c);
+    run_case<__nv_bfloat16>(c);
+  }
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
