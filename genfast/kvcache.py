@@ -16,9 +16,10 @@ from .reference import attention_kvcache as reference
 Tensor = torch.Tensor
 
 
-def _check_index(name, t, batch, device):
+def check_index(name, t, batch, device):
+    """An int32 (batch,) tensor on the inputs' device: cache_seqlens, cache_batch_idx, cache_leftpad."""
     if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,) or t.device != device:
-        raise ValueError(f"{name} must be an int32 tensor (batch,) = ({batch},) on k's device ({device}), got "
+        raise ValueError(f"{name} must be an int32 tensor (batch,) = ({batch},) on the inputs' device ({device}), got "
                          f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
                          f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
 
@@ -47,9 +48,9 @@ def _check(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, 
         if t is not None and (t.dtype != k.dtype or t.device != k.device):
             raise ValueError(f"{name} must have k's dtype and device ({k.dtype}, {k.device}), got {t.dtype}, "
                              f"{t.device}")
-    _check_index("cache_seqlens", cache_seqlens, batch, k.device)
+    check_index("cache_seqlens", cache_seqlens, batch, k.device)
     if cache_batch_idx is not None:
-        _check_index("cache_batch_idx", cache_batch_idx, batch, k.device)
+        check_index("cache_batch_idx", cache_batch_idx, batch, k.device)
         if block_table is not None:
             raise ValueError("cache_batch_idx indexes a padded cache; a paged cache has block_table instead")
     if block_table is not None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention_varlen
-from ..kvcache import kvcache_append
+from ..kvcache import check_index, kvcache_append
 
 Tensor = torch.Tensor
 
@@ -144,12 +144,11 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 def _index_vector(name, t, batch, device) -> Tensor:
-    if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (batch,) \
-            or t.device != device:
-        raise ValueError(f"{name} must be an int32 (or int64) tensor (batch,) = ({batch},) on q's device "
-                         f"({device}), got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
-                         f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
-    return t.to(torch.int32)
+    """t as int32 (FlashAttention's dtype; int64 is taken too), checked as kvcache_append checks it."""
+    if isinstance(t, Tensor) and t.dtype == torch.int64:
+        t = t.to(torch.int32)
+    check_index(name, t, batch, device)
+    return t
 
 
 def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table):
