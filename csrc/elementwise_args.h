@@ -66,6 +66,17 @@ inline void copy_back_if_buffered(const at::Tensor& written, const std::optional
   if (out.has_value() && written.defined() && !written.is_same(*out)) out->copy_(written);
 }
 
+// fn(T{}) for the tensor element type T of a float32, float16 or bfloat16 dtype (the CPU kernels'
+// types; csrc/cuda/launch.h has the CUDA kernels' dispatch).
+template <typename Fn>
+void dispatch_float_types(at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    default: fn(at::BFloat16{}); break;
+  }
+}
+
 // Typed data pointers (T may be a CUDA type with the layout of Storage), null for an undefined tensor.
 template <typename T, typename Storage>
 const T* input_ptr(const at::Tensor& t) {

@@ -125,4 +125,9 @@ TORCH_LIBRARY(genfast, m) {
       "kvcache_append(Tensor k, Tensor v, Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? block_table, "
       "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, Tensor? q, bool queries_in_sequence, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? q_out) -> ()");
+  // Rotary position embedding (kernels/common/rotary.h): x (batch, seqlen, heads, head_dim), token
+  // (b, i) turned by row positions[b, i] (int32, any strides) of cos and sin (positions, rotary_dim /
+  // 2); inverse turns back (the backward). rotary returns a tensor of x's layout, rotary_ turns x.
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse) -> ()");
 }

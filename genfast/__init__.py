@@ -18,6 +18,7 @@ from .flows import actnorm, affine_coupling, coupling_index, lu_weight
 from .kvcache import kvcache_append
 from .made import made_linear
 from .nade import nade_conditionals, nade_log_prob, nade_sample
+from .rotary import rotary
 from .langevin import langevin_corrector_step, langevin_step, mala_accept, ve_sde_step, vp_sde_step
 from .random import PhiloxGenerator
 
@@ -70,6 +71,7 @@ __all__ = [
     "nade_conditionals",
     "nade_log_prob",
     "nade_sample",
+    "rotary",
     "ve_sde_step",
     "vp_sde_step",
 ]

@@ -172,15 +172,6 @@ void affine_coupling_backward_cpu_typed(const AffineCouplingBackwardParams<T>& p
   });
 }
 
-template <typename Fn>
-void dispatch_float_types(at::ScalarType dtype, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    default: fn(at::BFloat16{}); break;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> affine_coupling_cpu(const at::Tensor& x, const at::Tensor& shift,
                                                        const at::Tensor& scale, const at::Tensor& index,
                                                        c10::string_view scale_fn, double scale_param,

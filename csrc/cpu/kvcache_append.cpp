@@ -76,17 +76,7 @@ void kvcache_append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tens
                                                     rotary_sin, rotary_interleaved, q, queries_in_sequence, k_cache,
                                                     v_cache, q_dst, keep));
   };
-  switch (k.scalar_type()) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kHalf:
-      run(at::Half{});
-      break;
-    default:
-      run(at::BFloat16{});
-      break;
-  }
+  dispatch_float_types(k.scalar_type(), run);
   copy_back_if_buffered(q_dst, q_out);
 }
 

@@ -2,12 +2,11 @@
 // positions and pages are read on the device, and not checked there).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include "../../kernels/cuda/kvcache_append.cuh"
 #include "../kvcache_append_args.h"
+#include "launch.h"
 
 namespace genfast {
 namespace {
@@ -23,25 +22,13 @@ void kvcache_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Ten
   const at::Tensor q_dst = contiguous_output_if(q_out);
   std::vector<at::Tensor> keep;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto run = [&](auto element, auto storage) {
+  dispatch_cuda_float_types(k.scalar_type(), [&](auto element, auto storage) {
     using T = decltype(element);
     using Storage = decltype(storage);
-    const cudaError_t status = launch_kvcache_append(kvcache_append_params<T, Storage>(
+    check_launch(kKvcacheAppendOp, launch_kvcache_append(kvcache_append_params<T, Storage>(
         k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin, rotary_interleaved, q,
-        queries_in_sequence, k_cache, v_cache, q_dst, keep), stream);
-    TORCH_CHECK(status == cudaSuccess, kKvcacheAppendOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-  };
-  switch (k.scalar_type()) {
-    case at::kFloat:
-      run(float{}, float{});
-      break;
-    case at::kHalf:
-      run(__half{}, at::Half{});
-      break;
-    default:
-      run(__nv_bfloat16{}, at::BFloat16{});
-      break;
-  }
+        queries_in_sequence, k_cache, v_cache, q_dst, keep), stream));
+  });
   copy_back_if_buffered(q_dst, q_out);
 }
 

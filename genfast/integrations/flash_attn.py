@@ -10,7 +10,9 @@ layouts and semantics are FlashAttention 2's: q (batch, seqlen, heads, head_dim)
 heads, causal masks and windows aligned to the bottom-right corner, softcap, ALiBi slopes, dropout,
 deterministic backward, block_table for a paged KV cache. flash_attn_with_kvcache writes the new
 keys and values into the cache in place, rotated by the rotary tables when given, and attends
-(genfast.reference.attention_kvcache defines it).
+(genfast.reference.attention_kvcache defines it). The rotary embedding functions of
+flash_attn.layers.rotary (apply_rotary_emb and its in-place qkv and kv forms) come from
+genfast.integrations.flash_attn_rotary, on genfast.rotary.
 
 Where genfast differs, on purpose:
 - softmax_lse is -inf for a row that masks every key (its log-sum-exp; FlashAttention writes +inf);
@@ -28,10 +30,13 @@ import torch.nn.functional as F
 
 from ..attention import attention_varlen
 from ..kvcache import check_index, kvcache_append
+from .flash_attn_rotary import (apply_rotary, apply_rotary_emb, apply_rotary_emb_func, apply_rotary_emb_kv_,
+                                apply_rotary_emb_qkv_)
 
 Tensor = torch.Tensor
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+__all__ = ["apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
+           "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
 
 

@@ -23,7 +23,8 @@ batch (chunks of prompts and decoding steps together) as genfast.attention_varle
 causal from its bottom-right corner, reading a full-attention layer's keys from the cache's pages
 through a block table: no mask is built, no key head repeated, no key copied out of the cache.
 register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton", and their
-"paged|" forms.
+"paged|" forms. apply_rotary_pos_emb (genfast.integrations.transformers_rotary) replaces the
+models' rotary embedding by genfast.rotary, in one line.
 """
 
 from typing import Optional
@@ -39,6 +40,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from .. import _backend
 from ..attention import attention, attention_varlen
+from .transformers_rotary import apply_rotary_pos_emb  # noqa: F401 (its one-line drop-in, documented there)
 
 NAME = "genfast"
 PAGED_PREFIX = "paged|"  # transformers' continuous batching takes the paged form of a model's implementation

@@ -9,6 +9,9 @@ cosine and sine are cos[p, m] and sin[p, m]; features R .. D pass unchanged.
     not interleaved (GPT-NeoX, Llama in transformers): plane m is features (m, m + R / 2);
     (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos).
 
+inverse turns by the opposite angle (sin negated): it undoes the turn, and, the turn being
+orthogonal, it is also the turn's transpose, the backward that genfast.rotary's kernels run.
+
 Computed in float32 (float64 for float64 inputs) and rounded once to x's dtype, as FlashAttention's
 kernel does.
 """
@@ -18,12 +21,15 @@ import torch
 Tensor = torch.Tensor
 
 
-def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool = True) -> Tensor:
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool = True,
+           inverse: bool = False) -> Tensor:
     """x rotated at `positions` (integer, x's shape without the last two dims)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     half = cos.shape[-1]
     c = cos[positions.long()].to(compute).unsqueeze(-2)  # (..., L, 1, R / 2)
     s = sin[positions.long()].to(compute).unsqueeze(-2)
+    if inverse:
+        s = -s
     turned, rest = x[..., :2 * half].to(compute), x[..., 2 * half:]
     if interleaved:
         x1, x2 = turned[..., 0::2], turned[..., 1::2]

@@ -9,6 +9,7 @@ from . import denoise_step as denoise_samples
 from . import flows as flow_samples
 from . import langevin_step as langevin_samples
 from . import nade as nade_samples
+from . import rotary as rotary_samples
 from .tolerances import assert_close_elementwise, compare_with_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,6 +71,10 @@ def check_nade(device):
     return _check_trainable(nade_samples, device)
 
 
+def check_rotary(device):
+    return _check_trainable(rotary_samples, device)
+
+
 def _attention_runs(impl, device, dtype):
     # The CUDA kernels take float16 and bfloat16 (Triton runs float32 there).
     return _runnable(impl, device, dtype) and not (device != "cpu" and impl == "native" and dtype == torch.float32)
@@ -85,7 +90,7 @@ def fuzz_attention(device, count, seed=0):
 
 
 CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows,
-          "nade": check_nade, "attention": check_attention}
+          "nade": check_nade, "rotary": check_rotary, "attention": check_attention}
 
 
 def run(devices, ops, out=print, fuzz=0, seed=0) -> int:

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "host_device.h"
+#include "rotary.h"
 
 namespace genfast {
 
@@ -36,41 +37,6 @@ struct KvcacheAppendParams {
   int64_t q_rows, q_heads;
   bool queries_in_sequence;
 };
-
-// The features that plane m turns.
-GF_HOST_DEVICE_INLINE void rotary_plane(int64_t m, int64_t half, bool interleaved, int64_t* first, int64_t* second) {
-  *first = interleaved ? 2 * m : m;
-  *second = interleaved ? 2 * m + 1 : m + half;
-}
-
-// (x1, x2) turned by the angle of (c, s), as the reference computes it.
-GF_HOST_DEVICE_INLINE void rotary_turn(float x1, float x2, float c, float s, float* y1, float* y2) {
-  *y1 = x1 * c - x2 * s;
-  *y2 = x1 * s + x2 * c;
-}
-
-// Feature j's share of a turn, for kernels that compute one output feature per thread (CUDA): its
-// plane, its partner feature in that plane, and the turned value from both features' inputs. j must
-// be below 2 half (later features pass unchanged).
-GF_HOST_DEVICE int64_t rotary_plane_of(int64_t j, int64_t half, bool interleaved) {
-  return interleaved ? j / 2 : (j < half ? j : j - half);
-}
-
-GF_HOST_DEVICE int64_t rotary_partner(int64_t j, int64_t half, bool interleaved) {
-  return interleaved ? (j ^ 1) : (j < half ? j + half : j - half);
-}
-
-GF_HOST_DEVICE float rotary_feature(int64_t j, int64_t half, bool interleaved, float x, float partner, float c,
-                                    float s) {
-  const bool first = interleaved ? (j % 2 == 0) : j < half;
-  float y1, y2;
-  if (first) {
-    rotary_turn(x, partner, c, s, &y1, &y2);
-    return y1;
-  }
-  rotary_turn(partner, x, c, s, &y1, &y2);
-  return y2;
-}
 
 // The element offset of row `row` (of new_rows) of sequence n's new keys in a cache with `strides`.
 template <typename T>

@@ -1,6 +1,6 @@
 // Host tests of kernels/common: Philox known answers, the Box-Muller polynomials against libm,
 // the denoise formula's NaN handling, attention's score terms, float16/bfloat16 bits as float32 and
-// the rotary turn and cache rows of kvcache_append. Built and run by CMake (ctest).
+// the rotary turn, its positions and the cache rows of kvcache_append. Built and run by CMake (ctest).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +13,7 @@
 #include "../common/float16_bits.h"
 #include "../common/kvcache_append.h"
 #include "../common/nade.h"
+#include "../common/rotary.h"
 #include "../common/philox.h"
 
 static int failures = 0;
@@ -258,6 +259,9 @@ static void test_rotary_turn() {
     genfast::rotary_turn(y1, y2, std::cos(0.4f), std::sin(0.4f), &z1, &z2);
     genfast::rotary_turn(x1, x2, std::cos(a + 0.4f), std::sin(a + 0.4f), &y1, &y2);
     EXPECT(std::fabs(z1 - y1) < 1e-5f && std::fabs(z2 - y2) < 1e-5f, "turns by %g and 0.4 do not compose", a);
+    genfast::rotary_turn(y1, y2, std::cos(a + 0.4f), genfast::rotary_sine(std::sin(a + 0.4f), true), &z1, &z2);
+    EXPECT(std::fabs(z1 - x1) < 1e-5f && std::fabs(z2 - x2) < 1e-5f, "the inverse turn by %g does not undo it", a);
+    EXPECT(genfast::rotary_sine(std::sin(a), false) == std::sin(a), "the forward turn's sine changed");
   }
   float y1, y2;
   genfast::rotary_turn(NAN, 1.0f, 1.0f, 0.0f, &y1, &y2);
@@ -318,8 +322,21 @@ static void test_kvcache_rows() {
   EXPECT(genfast::kvcache_query_position(p, 1, 2) == 9, "query position at the cache's end");
 }
 
+// genfast::rotary's positions by their strides: (batch, seqlen), or one row broadcast (stride 0).
+static void test_rotary_positions() {
+  const int32_t positions[2 * 3] = {7, 8, 9, 0, 1, 2};
+  genfast::RotaryParams<float> p{};
+  p.positions = positions;
+  p.position_strides[0] = 3;
+  p.position_strides[1] = 1;
+  EXPECT(genfast::rotary_position(p, 1, 2) == 2 && genfast::rotary_position(p, 0, 1) == 8, "rotary positions");
+  p.position_strides[0] = 0;
+  EXPECT(genfast::rotary_position(p, 1, 2) == 9, "rotary positions broadcast over the batch");
+}
+
 int main() {
   test_rotary_turn();
+  test_rotary_positions();
   test_rotary_features_match_the_planes();
   test_kvcache_rows();
   test_elementary_math_against_libm();

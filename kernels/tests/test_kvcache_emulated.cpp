@@ -13,28 +13,12 @@
 #include <vector>
 
 #include "../cuda/kvcache_append.cu"
+#include "emulated_elements.h"
+#include "rotary_float64.h"
 
 namespace {
 
 int failures = 0;
-
-float as_float(float v) { return v; }
-float as_float(__half v) { return __half2float(v); }
-float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-T from(float v);
-template <>
-float from<float>(float v) { return v; }
-template <>
-__half from<__half>(float v) { return __float2half_rn(v); }
-template <>
-__nv_bfloat16 from<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-double tolerance() {
-  return sizeof(T) == 4 ? 1e-6 : (std::is_same<T, __half>::value ? 1e-3 : 8e-3);
-}
 
 struct Case {
   const char* name;
@@ -42,15 +26,6 @@ struct Case {
   int rotary_dim;
   bool interleaved, queries_in_sequence;
 };
-
-// Feature j of head row x turned at (cos, sin) of `half` planes, in float64, written out: plane m of
-// features (2m, 2m + 1) or (m, m + half), (x1, x2) -> (x1 c - x2 s, x1 s + x2 c).
-double turned(const std::vector<double>& x, int j, const double* c, const double* s, int half, bool interleaved) {
-  if (j >= 2 * half) return x[j];
-  const int m = interleaved ? j / 2 : j % half;
-  const int first = interleaved ? 2 * m : m, second = interleaved ? 2 * m + 1 : m + half;
-  return j == first ? x[first] * c[m] - x[second] * s[m] : x[first] * s[m] + x[second] * c[m];
-}
 
 template <typename T>
 void run_case(const Case& c) {
@@ -173,8 +148,7 @@ void run_case(const Case& c) {
       }
     }
   }
-  std::printf("%-40s %-13s max rel err %.2e\n", c.name,
-              sizeof(T) == 4 ? "float32" : (std::is_same<T, __half>::value ? "float16" : "bfloat16"), worst);
+  std::printf("%-40s %-13s max rel err %.2e\n", c.name, element_name<T>(), worst);
 }
 
 }  // namespace

@@ -1,0 +1,112 @@
+"""FlashAttention's rotary embedding functions (flash_attn.layers.rotary, flash_attn.ops.triton.rotary)
+on genfast.rotary, for code written against them: change the import,
+
+    from flash_attn.layers.rotary import apply_rotary_emb, apply_rotary_emb_qkv_, apply_rotary_emb_kv_
+    from genfast.integrations.flash_attn import apply_rotary_emb, apply_rotary_emb_qkv_, apply_rotary_emb_kv_
+
+(or from this module), and they run on every genfast backend, the CPU included. Arguments, layouts
+and semantics are FlashAttention's: x (batch, seqlen, heads, head_dim), or (total, heads, head_dim)
+packed by cu_seqlens; cos and sin (seqlen_rotary, rotary_dim / 2) in x's dtype; rotary_dim <=
+head_dim, the rest of each head unchanged; seqlen_offsets an int or one per sequence (int32 or
+int64); GPT-NeoX's planes by default (interleaved=False). All are differentiable in x, the in-place
+forms too; cos and sin get no gradient, as in FlashAttention. max_seqlen is accepted and not needed.
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from ..rotary import rotary
+
+Tensor = torch.Tensor
+
+__all__ = ["apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
+           "apply_rotary_emb_qkv_"]
+
+
+def _positions(batch: int, seqlen: int, seqlen_offsets, device) -> Tensor:
+    """Token i of sequence n at i + seqlen_offsets[n] (or + seqlen_offsets): (batch or 1, seqlen)."""
+    positions = torch.arange(seqlen, dtype=torch.int32, device=device)[None]
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.shape != (batch,):
+            raise ValueError(f"seqlen_offsets must be an int or a tensor (batch,) = ({batch},), got "
+                             f"{tuple(seqlen_offsets.shape)}")
+        return positions + seqlen_offsets.to(device=device, dtype=torch.int32)[:, None]
+    return positions + int(seqlen_offsets)
+
+
+def _packed_positions(total: int, cu_seqlens: Tensor, seqlen_offsets, device) -> Tensor:
+    """(1, total): a packed token's position in its sequence, plus the sequence's offset."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must be a 1-d tensor (batch + 1,) of cumulative sequence lengths")
+    batch = cu_seqlens.numel() - 1
+    token = torch.arange(total, dtype=cu_seqlens.dtype, device=device)
+    # the sequence of each token, without reading cu_seqlens on the host
+    sequence = torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True).clamp_(max=max(batch - 1, 0))
+    positions = token - cu_seqlens[sequence] if batch > 0 else token
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.shape != (batch,):
+            raise ValueError(f"seqlen_offsets must be an int or a tensor (batch,) = ({batch},), got "
+                             f"{tuple(seqlen_offsets.shape)}")
+        positions = positions + seqlen_offsets.to(device)[sequence]
+    else:
+        positions = positions + int(seqlen_offsets)
+    return positions.to(torch.int32)[None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Union[int, Tensor] = 0,
+                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, interleaved: bool = False,
+                 inplace: bool = False, conjugate: bool = False, *, impl: str = "auto") -> Tensor:
+    """flash_attn.ops.triton.rotary.apply_rotary: conjugate turns back (the backward's turn)."""
+    if cu_seqlens is None:
+        if x.dim() != 4:
+            raise ValueError(f"x must be (batch, seqlen, heads, head_dim) without cu_seqlens, got {tuple(x.shape)}")
+        positions = _positions(x.shape[0], x.shape[1], seqlen_offsets, x.device)
+        return rotary(x, cos, sin, positions, interleaved=interleaved, inverse=conjugate, inplace=inplace, impl=impl)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (total_seqlen, heads, head_dim) with cu_seqlens, got {tuple(x.shape)}")
+    positions = _packed_positions(x.shape[0], cu_seqlens, seqlen_offsets, x.device)
+    turned = rotary(x[None], cos, sin, positions, interleaved=interleaved, inverse=conjugate, inplace=inplace,
+                    impl=impl)
+    return x if inplace else turned[0]
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
+                     seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None, *, impl: str = "auto") -> Tensor:
+    """flash_attn.layers.rotary.apply_rotary_emb: x turned at its positions (plus seqlen_offsets)."""
+    return apply_rotary(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace, impl=impl)
+
+
+apply_rotary_emb_func = apply_rotary_emb  # FlashAttention's alias
+
+
+def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,
+                          sin_k: Optional[Tensor] = None, interleaved: bool = False,
+                          seqlen_offsets: Union[int, Tensor] = 0, num_heads_q: Optional[int] = None, *,
+                          impl: str = "auto") -> Tensor:
+    """qkv (batch, seqlen, 3, heads, head_dim), or (batch, seqlen, heads_q + 2 heads_k, head_dim)
+    with num_heads_q: q and k turned in place (k by cos_k and sin_k where given); returns qkv."""
+    if num_heads_q is None:
+        if qkv.dim() != 5 or qkv.shape[2] != 3:
+            raise ValueError(f"qkv must be (batch, seqlen, 3, heads, head_dim), got {tuple(qkv.shape)}")
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+    else:
+        if qkv.dim() != 4 or (qkv.shape[2] - num_heads_q) % 2 != 0 or qkv.shape[2] <= num_heads_q:
+            raise ValueError(f"qkv must be (batch, seqlen, num_heads_q + 2 heads_k, head_dim) with num_heads_q = "
+                             f"{num_heads_q}, got {tuple(qkv.shape)}")
+        heads_k = (qkv.shape[2] - num_heads_q) // 2
+        q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_k]
+    cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
+    apply_rotary(q, cos, sin, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)
+    apply_rotary(k, cos_k, sin_k, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)
+    return qkv
+
+
+def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                         seqlen_offsets: Union[int, Tensor] = 0, *, impl: str = "auto") -> Tensor:
+    """kv (batch, seqlen, 2, heads, head_dim): k turned in place; returns kv."""
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be (batch, seqlen, 2, heads, head_dim), got {tuple(kv.shape)}")
+    apply_rotary(kv[:, :, 0], cos, sin, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)
+    return kv

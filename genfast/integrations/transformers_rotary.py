@@ -1,0 +1,54 @@
+"""transformers' apply_rotary_pos_emb (Llama, Mistral, Qwen 2 and 3, Gemma and the other models that
+copy it) on genfast.rotary: one pass per tensor, forward and backward, where transformers' form
+runs six elementwise ops (and saves their inputs for the backward). One line puts it into a model:
+
+    transformers.models.llama.modeling_llama.apply_rotary_pos_emb = genfast.integrations.transformers.apply_rotary_pos_emb
+
+(the same for each model's modeling module). It takes transformers' arguments: q and k (batch,
+heads, seqlen, head_dim) with unsqueeze_dim=1, or (batch, seqlen, heads, head_dim) with
+unsqueeze_dim=2; cos and sin (batch or 1, seqlen, head_dim) in q's dtype, as the models' rotary
+embedding modules return them, with the two halves of each row equal (rotate_half's layout: the
+first half is read). position_ids is accepted and unused, as in transformers.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..rotary import rotary
+
+Tensor = torch.Tensor
+
+__all__ = ["apply_rotary_pos_emb"]
+
+
+def _tables_and_positions(cos: Tensor, sin: Tensor, batch: int, seqlen: int):
+    """cos and sin (rows, head_dim) as tables (rows, head_dim / 2), read in place, and the row of
+    each token: (batch, seqlen) int32."""
+    if cos.dim() != 3 or sin.shape != cos.shape or cos.shape[1] != seqlen or cos.shape[0] not in (1, batch):
+        raise ValueError(f"cos and sin must be (batch or 1, seqlen, head_dim) = ({batch} or 1, {seqlen}, *), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    half = cos.shape[2] // 2
+    rows = cos.shape[0] * seqlen
+    positions = torch.arange(rows, dtype=torch.int32, device=cos.device).view(cos.shape[0], seqlen)
+    return cos[..., :half].reshape(rows, half), sin[..., :half].reshape(rows, half), positions
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+                         unsqueeze_dim: int = 1, *, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb: (q, k) turned, each in its own layout."""
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"unsqueeze_dim must be 1 (q (batch, heads, seqlen, head_dim)) or 2 (q (batch, seqlen, "
+                         f"heads, head_dim)), got {unsqueeze_dim}")
+    turned = []
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got {tuple(x.shape)}")
+        tokens_major = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (batch, seqlen, heads, head_dim)
+        if cos.shape[-1] != x.shape[-1]:
+            raise ValueError(f"cos and sin must have {name}'s head_dim ({x.shape[-1]}) as their last dim, got "
+                             f"{tuple(cos.shape)}")
+        table_cos, table_sin, positions = _tables_and_positions(cos, sin, *tokens_major.shape[:2])
+        out = rotary(tokens_major, table_cos, table_sin, positions, interleaved=False, impl=impl)
+        turned.append(out.transpose(1, 2) if unsqueeze_dim == 1 else out)
+    return turned[0], turned[1]
