@@ -38,8 +38,8 @@ inline void check_rotary_positions(const at::Tensor& positions, const at::Tensor
   const int32_t* position = positions.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < positions.size(0); ++b) {
     for (int64_t i = 0; i < positions.size(1); ++i) {
-      const int32_t at = position[b * positions.stride(0) + i * positions.stride(1)];
-      TORCH_CHECK_VALUE(at >= 0 && at < cos.size(0), kRotaryOp, ": positions[", b, ", ", i, "] = ", at,
+      const int32_t row = position[b * positions.stride(0) + i * positions.stride(1)];
+      TORCH_CHECK_VALUE(row >= 0 && row < cos.size(0), kRotaryOp, ": positions[", b, ", ", i, "] = ", row,
                         " must lie in 0 .. ", cos.size(0) - 1, " (the rows of cos and sin)");
     }
   }
@@ -82,8 +82,8 @@ RotaryParams<T> rotary_params(const at::Tensor& x, const at::Tensor& cos, const 
   return p;
 }
 
-// Runs launch(params) for x turned into a new tensor of x's layout (rotary), or into x itself
-// (rotary_, through a buffer where x's features are strided).
+// Runs launch(input, out) for x turned into a new tensor of x's layout (rotary), or into x itself
+// (rotary_, through a buffer where x's features are strided); launch makes the kernels' parameters.
 template <typename Launch>
 at::Tensor run_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
                       bool interleaved, bool inverse, bool in_place, const Launch& launch) {

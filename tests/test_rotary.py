@@ -76,6 +76,31 @@ def test_half_precision_rounds_once(impl, device, dtype):
         _compare(impl, device, dtype, x, cos, sin, _positions(device), interleaved=interleaved)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_16_bit_results_round_to_nearest_even(impl, interleaved, dtype):
+    """With cos 1 and sin a power of two, the turn's float32 values are the same fused or not; each
+    must then round to the nearest 16-bit value, ties to even, as torch rounds: subnormals, overflow
+    to infinity, infinities and NaN included, in full vectors and in a row's tail."""
+    skip_unless_supported(impl, "cpu", dtype)
+    g = torch.Generator().manual_seed(5)
+    dim = 2 * 36 + 6  # 36 planes, 72 features turned: four vectors of 16 and a tail of 8; 6 copied
+    scales = torch.tensor([1.0, 3e-5, 2e-7, 6e4, 1e38 if dtype == torch.bfloat16 else 1.0])
+    x = torch.randn(2, 5, 3, dim, generator=g) * scales[torch.randint(0, 5, (2, 5, 3, dim), generator=g)]
+    x.view(-1)[::37] = float("inf")
+    x.view(-1)[5::41] = float("nan")
+    x = x.to(dtype)
+    cos = torch.ones(4, 36, dtype=dtype)
+    sin = (2.0 ** -torch.randint(0, 12, (4, 36), generator=g).double()).to(dtype)
+    positions = torch.randint(0, 4, (2, 5), generator=g, dtype=torch.int32)
+    got = genfast.rotary(x, cos, sin, positions, interleaved=interleaved, impl=impl)
+    expected = reference_rotary(x.float(), cos.float(), sin.float(), positions, interleaved).to(dtype)
+    assert torch.equal(got.isnan(), expected.isnan())
+    kept = ~expected.isnan()
+    assert torch.equal(got[kept].view(torch.int16), expected[kept].view(torch.int16))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
 def test_layouts_and_positions(impl, device):

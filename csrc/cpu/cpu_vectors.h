@@ -103,6 +103,52 @@ GF_CPU_INLINE void store16(float* dst, const Floats16<W>& v) {
   GF_LANES_LOOP __builtin_memcpy(dst + k * W, &v.part[k], sizeof(v.part[k]));
 }
 
+// Sixteen floats narrowed to bfloat16 or IEEE float16 bits, rounded to nearest even, lane by lane
+// (what c10's BFloat16 and Half constructors compute, vectorized): bfloat16 keeps float32's upper
+// half, NaN as the quiet 0x7FC0; float16 rounds by adding a power of two that leaves the kept bits
+// in the mantissa's low end (the fp16 library's fp16_ieee_from_fp32_value), overflow to infinity,
+// subnormals and NaN (0x7E00) included.
+template <int W>
+GF_CPU_INLINE void store16_bfloat16(uint16_t* dst, const Floats16<W>& v) {
+  typedef typename Bits16<W>::Words Words;
+  for (int k = 0; k < Floats16<W>::kParts; ++k) {
+    Words w;
+    __builtin_memcpy(&w, &v.part[k], sizeof(w));
+    const Words nan = (Words)(v.part[k] != v.part[k]);  // all ones where NaN
+    const Words rounded = (w + (0x7FFFu + ((w >> 16) & 1u))) >> 16;
+    const typename Bits16<W>::Halves h =
+        __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), typename Bits16<W>::Halves);
+    __builtin_memcpy(dst + k * W, &h, sizeof(h));
+  }
+}
+
+template <int W>
+GF_CPU_INLINE void store16_float16(uint16_t* dst, const Floats16<W>& v) {
+  typedef typename Bits16<W>::Words Words;
+  typedef typename Floats16<W>::Part Part;
+  for (int k = 0; k < Floats16<W>::kParts; ++k) {
+    Words w, magnitude_bits;
+    __builtin_memcpy(&w, &v.part[k], sizeof(w));
+    magnitude_bits = w & 0x7FFFFFFFu;
+    Part magnitude;
+    __builtin_memcpy(&magnitude, &magnitude_bits, sizeof(magnitude));
+    Part base = (magnitude * 0x1.0p+112f) * 0x1.0p-110f;  // overflows to infinity past float16's range
+    const Words twice = w + w, sign = w & 0x80000000u;
+    Words bias = twice & 0xFF000000u;
+    bias = bias < 0x71000000u ? Words{} + 0x71000000u : bias;
+    const Words rounder_bits = (bias >> 1) + 0x07800000u;
+    Part rounder;
+    __builtin_memcpy(&rounder, &rounder_bits, sizeof(rounder));
+    base = rounder + base;
+    Words bits;
+    __builtin_memcpy(&bits, &base, sizeof(bits));
+    const Words finite = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    const Words out = (sign >> 16) | (twice > 0xFF000000u ? Words{} + 0x7E00u : finite);
+    const typename Bits16<W>::Halves h = __builtin_convertvector(out, typename Bits16<W>::Halves);
+    __builtin_memcpy(dst + k * W, &h, sizeof(h));
+  }
+}
+
 template <int W>
 GF_CPU_INLINE Floats16<W> splat16(float x) {
   Floats16<W> v;
