@@ -71,6 +71,7 @@ RotaryParams<T> rotary_params(const at::Tensor& x, const at::Tensor& cos, const 
   }
   p.cos = input_ptr<T, Storage>(c);
   p.sin = input_ptr<T, Storage>(s);
+  p.table_rows = c.size(0);
   p.table_stride = c.size(1) > 0 ? c.stride(0) : 0;
   p.half = c.size(1);
   p.positions = positions.const_data_ptr<int32_t>();

@@ -49,11 +49,12 @@ def _positions(positions, x):
     except RuntimeError:
         raise ValueError(f"positions must broadcast to (batch, seqlen) = ({batch}, {seqlen}), got "
                          f"{tuple(positions.shape)}") from None
-    return expanded if positions.dtype == torch.int32 else expanded.to(torch.int32)
+    return expanded
 
 
 def _check_range(positions, cos):
-    """On the CPU, for the backends that do not check it themselves (the native op does)."""
+    """On the CPU, for the backends that do not check it themselves (the native op does), and for
+    int64 positions before they are narrowed to int32."""
     if positions.device.type == "cpu" and positions.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(positions.min()), int(positions.max())
         if low < 0 or high >= cos.shape[0]:
@@ -69,12 +70,17 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = No
     2m + 1) (interleaved, GPT-J) or (m, m + rotary_dim / 2) (GPT-NeoX, Llama); features from
     rotary_dim on pass unchanged. inverse turns back. Returns a tensor of x's layout, or x turned in
     place (inplace). Differentiable in x (the backward is the inverse turn), in place too; cos and
-    sin get no gradient. A GPU does not check that positions fit the tables; the CPU does."""
+    sin get no gradient. The CPU checks that the positions have rows in the tables; a GPU does not
+    (that would synchronise), and turns a position outside them by nothing, as FlashAttention does."""
     _check(x, cos, sin, impl)
+    if inplace and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError("x must not overlap itself to be turned in place (an expanded tensor): pass "
+                         "x.contiguous(), or inplace=False")
     backend = _backend.resolve_impl(impl, x.device)
     positions = _positions(positions, x)
-    if backend != "native":
+    if backend != "native" or positions.dtype != torch.int32:
         _check_range(positions, cos)
+    positions = positions.to(torch.int32)
     if backend == "reference":
         turned = reference.rotary(x, cos, sin, positions, interleaved, inverse)
         return x.copy_(turned) if inplace else turned

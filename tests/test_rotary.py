@@ -207,6 +207,26 @@ def test_replays_in_a_cuda_graph(impl):
     torch.testing.assert_close(out, reference_rotary(x, cos, sin, positions, False))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_a_gpu_turns_positions_outside_the_tables_by_nothing(impl):
+    """Unchecked on a GPU (no synchronisation), as in FlashAttention: never read past the tables."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    skip_unless_supported(impl, "cuda")
+    cos, sin = _tables(DIM, device="cuda")
+    x = torch.randn(BATCH, SEQLEN, HEADS, DIM, device="cuda")
+    positions = _positions("cuda")
+    positions[0, 1], positions[1, 3] = -1, POSITIONS
+    got = genfast.rotary(x, cos, sin, positions, impl=impl)
+    torch.testing.assert_close(got[0, 1], x[0, 1])
+    torch.testing.assert_close(got[1, 3], x[1, 3])
+    kept = torch.ones(BATCH, SEQLEN, dtype=torch.bool)
+    kept[0, 1] = kept[1, 3] = False
+    expected = reference_rotary(x, cos, sin, positions.clamp(0, POSITIONS - 1), False)
+    torch.testing.assert_close(got[kept.cuda()], expected[kept.cuda()])
+
+
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])
 def test_bad_input_names_the_argument(impl):
     skip_unless_supported(impl, "cpu")
@@ -226,6 +246,10 @@ def test_bad_input_names_the_argument(impl):
             (lambda: genfast.rotary(x, cos[:19], sin[:19], positions, impl=impl), ValueError,
              r"positions.* must lie in 0 .. 18"),
             (lambda: genfast.rotary(x, cos, sin, positions - 4, impl=impl), ValueError, "positions.* must lie in"),
+            (lambda: genfast.rotary(x, cos, sin, positions.long() + 2 ** 32, impl=impl), ValueError,
+             "positions.* must lie in"),
+            (lambda: genfast.rotary(x[:, :, :1].expand(-1, -1, HEADS, -1), cos, sin, inplace=True, impl=impl),
+             ValueError, "must not overlap itself"),
             (lambda: genfast.rotary(x, cos.requires_grad_(), sin, impl=impl), ValueError,
              "no gradient for cos and sin")):
         with pytest.raises(error, match=match):

@@ -120,6 +120,8 @@ def test_flash_attn_bad_input():
         fa.apply_rotary_emb_qkv_(x, cos, sin)
     with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen, 2"):
         fa.apply_rotary_emb_kv_(x, cos, sin)
+    with pytest.raises(ValueError, match="cos_k and sin_k go together"):
+        fa.apply_rotary_emb_qkv_(torch.randn(BATCH, SEQLEN, 3, HEADS, DIM), cos, sin, cos_k=cos)
 
 
 transformers = pytest.importorskip("transformers")
@@ -152,6 +154,27 @@ def test_transformers_apply_rotary_pos_emb(impl, unsqueeze_dim):
             torch.testing.assert_close(torch.autograd.grad(a, (q, k), g, allow_unused=True, retain_graph=True),
                                        torch.autograd.grad(e, (q, k), g, allow_unused=True, retain_graph=True),
                                        equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_transformers_partial_rotary_form(impl):
+    """GPT-NeoX's and Phi's form, which turns the first cos.shape[-1] features only."""
+    skip_unless_supported(impl, "cpu")
+    from transformers.models.gpt_neox import modeling_gpt_neox
+
+    config = transformers.GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rotary_pct=0.25,
+                                        max_position_embeddings=64)
+    rotary_embedding = modeling_gpt_neox.GPTNeoXRotaryEmbedding(config)
+    q = torch.randn(2, 4, SEQLEN, DIM, requires_grad=True)
+    k = torch.randn(2, 4, SEQLEN, DIM, requires_grad=True)
+    cos, sin = rotary_embedding(q, torch.arange(SEQLEN)[None])
+    assert cos.shape[-1] == DIM // 4
+    got = genfast_transformers.apply_rotary_pos_emb(q, k, cos, sin, impl=impl)
+    expected = modeling_gpt_neox.apply_rotary_pos_emb(q, k, cos, sin)
+    grads = [torch.randn_like(t) for t in expected]
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k), grads), torch.autograd.grad(expected, (q, k), grads))
 
 
 @pytest.mark.parametrize("impl", fused_impls())

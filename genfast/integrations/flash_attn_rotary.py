@@ -9,7 +9,9 @@ and semantics are FlashAttention's: x (batch, seqlen, heads, head_dim), or (tota
 packed by cu_seqlens; cos and sin (seqlen_rotary, rotary_dim / 2) in x's dtype; rotary_dim <=
 head_dim, the rest of each head unchanged; seqlen_offsets an int or one per sequence (int32 or
 int64); GPT-NeoX's planes by default (interleaved=False). All are differentiable in x, the in-place
-forms too; cos and sin get no gradient, as in FlashAttention. max_seqlen is accepted and not needed.
+forms too. cos and sin get no gradient, as in FlashAttention, and where they require one genfast
+raises, where FlashAttention silently gives none. A position past the tables raises on the CPU and
+turns by nothing on a GPU, as in FlashAttention's kernel. max_seqlen is accepted and not needed.
 """
 
 from typing import Optional, Union
@@ -97,6 +99,8 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
                              f"{num_heads_q}, got {tuple(qkv.shape)}")
         heads_k = (qkv.shape[2] - num_heads_q) // 2
         q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_k]
+    if (cos_k is None) != (sin_k is None):
+        raise ValueError("cos_k and sin_k go together: pass both, or neither to turn k by cos and sin")
     cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
     apply_rotary(q, cos, sin, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)
     apply_rotary(k, cos_k, sin_k, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)

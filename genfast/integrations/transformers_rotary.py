@@ -1,14 +1,17 @@
-"""transformers' apply_rotary_pos_emb (Llama, Mistral, Qwen 2 and 3, Gemma and the other models that
-copy it) on genfast.rotary: one pass per tensor, forward and backward, where transformers' form
-runs six elementwise ops (and saves their inputs for the backward). One line puts it into a model:
+"""transformers' apply_rotary_pos_emb (Llama, Mistral, Qwen 2 and 3, Gemma, GPT-NeoX, Phi and the other
+models that copy one of its two forms) on genfast.rotary: one pass per tensor, forward and backward,
+where transformers' form runs six elementwise ops (and saves their inputs for the backward). One
+line puts it into a model:
 
     transformers.models.llama.modeling_llama.apply_rotary_pos_emb = genfast.integrations.transformers.apply_rotary_pos_emb
 
 (the same for each model's modeling module). It takes transformers' arguments: q and k (batch,
 heads, seqlen, head_dim) with unsqueeze_dim=1, or (batch, seqlen, heads, head_dim) with
-unsqueeze_dim=2; cos and sin (batch or 1, seqlen, head_dim) in q's dtype, as the models' rotary
+unsqueeze_dim=2; cos and sin (batch or 1, seqlen, rotary_dim) in q's dtype, as the models' rotary
 embedding modules return them, with the two halves of each row equal (rotate_half's layout: the
-first half is read). position_ids is accepted and unused, as in transformers.
+first half is read, the second is not checked). rotary_dim may be less than head_dim (GPT-NeoX's
+and Phi's partial rotary form: the features past it pass unchanged). position_ids is accepted and
+unused, as in transformers.
 """
 
 from typing import Optional, Tuple
@@ -45,9 +48,9 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
         if x.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor, got {tuple(x.shape)}")
         tokens_major = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (batch, seqlen, heads, head_dim)
-        if cos.shape[-1] != x.shape[-1]:
-            raise ValueError(f"cos and sin must have {name}'s head_dim ({x.shape[-1]}) as their last dim, got "
-                             f"{tuple(cos.shape)}")
+        if cos.shape[-1] > x.shape[-1] or cos.shape[-1] % 2:
+            raise ValueError(f"cos and sin must have an even last dim (rotary_dim) of at most {name}'s head_dim "
+                             f"({x.shape[-1]}), got {tuple(cos.shape)}")
         table_cos, table_sin, positions = _tables_and_positions(cos, sin, *tokens_major.shape[:2])
         out = rotary(tokens_major, table_cos, table_sin, positions, interleaved=False, impl=impl)
         turned.append(out.transpose(1, 2) if unsqueeze_dim == 1 else out)

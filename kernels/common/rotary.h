@@ -58,9 +58,9 @@ struct RotaryParams {
   int64_t x_strides[3];
   T* out;
   int64_t out_strides[3];
-  const T* cos;  // (positions, half), features contiguous, rows table_stride apart
+  const T* cos;  // (table_rows, half), features contiguous, rows table_stride apart
   const T* sin;
-  int64_t table_stride, half;
+  int64_t table_rows, table_stride, half;
   const int32_t* positions;
   int64_t position_strides[2];
   bool interleaved, inverse;
@@ -70,6 +70,14 @@ struct RotaryParams {
 template <typename T>
 GF_HOST_DEVICE_INLINE int64_t rotary_position(const RotaryParams<T>& p, int64_t b, int64_t i) {
   return static_cast<int64_t>(p.positions[b * p.position_strides[0] + i * p.position_strides[1]]);
+}
+
+// Whether a position has a row of the tables. The CPU binding checks every position first; a GPU
+// does not (that would synchronise), and its kernels turn a position outside by nothing (cos 1,
+// sin 0), as FlashAttention's do, instead of reading past the tables.
+template <typename T>
+GF_HOST_DEVICE_INLINE bool rotary_in_table(const RotaryParams<T>& p, int64_t position) {
+  return position >= 0 && position < p.table_rows;
 }
 
 }  // namespace genfast

@@ -27,10 +27,12 @@ __global__ void rotary_kernel(RotaryParams<T> p, int64_t items_per_head, int64_t
   }
   int64_t first, second;
   rotary_plane(w, p.half, p.interleaved, &first, &second);
-  const int64_t row = rotary_position(p, b, i) * p.table_stride + w;
+  const int64_t position = rotary_position(p, b, i);
+  const bool in_table = rotary_in_table(p, position);
+  const int64_t row = position * p.table_stride + w;
   float y1, y2;
-  rotary_turn(to_float(in[first]), to_float(in[second]), to_float(p.cos[row]),
-              rotary_sine(to_float(p.sin[row]), p.inverse), &y1, &y2);
+  rotary_turn(to_float(in[first]), to_float(in[second]), in_table ? to_float(p.cos[row]) : 1.0f,
+              in_table ? rotary_sine(to_float(p.sin[row]), p.inverse) : 0.0f, &y1, &y2);
   to[first] = from_float<T>(y1);
   to[second] = from_float<T>(y2);
 }

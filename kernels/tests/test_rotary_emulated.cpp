@@ -1,7 +1,8 @@
 // The CUDA rotary kernel (kernels/cuda/rotary.cu), run on the host by cuda_emulator.h through its
 // launcher, against a float64 evaluation of the turn written out in rotary_float64.h: interleaved and
 // GPT-NeoX planes, full and partial rotary dims, the inverse turn, strided input and output, positions
-// broadcast over the batch (stride 0), and in place; float32, float16 and bfloat16. The output starts
+// broadcast over the batch (stride 0) and outside the tables, and in place; float32, float16 and
+// bfloat16. The output starts
 // as NaN, so a missed write fails, and x must be unchanged unless turned in place. Built and run by
 // CMake (ctest).
 #include "cuda_emulator.h"
@@ -49,7 +50,8 @@ void run_case(const Case& c) {
       sin_table[pos * table_stride + m] = as_float(sin_t[pos * table_stride + m]);
     }
   }
-  const int32_t position_rows[batch * seqlen] = {3, 0, 10, 7, 7, 1, 2, 9, 4, 5};
+  // 11 and -1 have no row of the tables: turned by nothing (cos 1, sin 0), not read past them
+  const int32_t position_rows[batch * seqlen] = {3, 0, 10, 7, 11, 1, 2, -1, 4, 5};
 
   genfast::RotaryParams<T> p{};
   p.batch = batch;
@@ -64,6 +66,7 @@ void run_case(const Case& c) {
   }
   p.cos = cos_t.data();
   p.sin = sin_t.data();
+  p.table_rows = positions;
   p.table_stride = table_stride;
   p.half = half;
   p.positions = position_rows;
@@ -87,9 +90,12 @@ void run_case(const Case& c) {
         const int64_t out_at = b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2];
         std::vector<double> row(dim);
         for (int j = 0; j < dim; ++j) row[j] = as_float(x_in[in_at + j]);
+        const bool in_table = position >= 0 && position < positions;
+        const std::vector<double> ones(table_stride, 1.0), zeros(table_stride, 0.0);
         for (int j = 0; j < dim; ++j) {
-          const double expected = turned(row, j, &cos_table[position * table_stride],
-                                         &sin_table[position * table_stride], half, c.interleaved, c.inverse);
+          const double expected = turned(row, j, in_table ? &cos_table[position * table_stride] : ones.data(),
+                                         in_table ? &sin_table[position * table_stride] : zeros.data(), half,
+                                         c.interleaved, c.inverse);
           const double got = as_float(c.in_place ? x[out_at + j] : out[out_at + j]);
           const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
           if (!(error <= tolerance<T>())) {  // NaN fails too

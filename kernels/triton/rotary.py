@@ -6,16 +6,18 @@ import triton.language as tl
 
 
 @triton.jit
-def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, positions_ptr, seqlen, heads, half, rest, x_stride_0, x_stride_1,
-                  x_stride_2, out_stride_0, out_stride_1, out_stride_2, table_stride, position_stride_0,
+def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, positions_ptr, seqlen, heads, half, rest, table_rows, x_stride_0,
+                  x_stride_1, x_stride_2, out_stride_0, out_stride_1, out_stride_2, table_stride, position_stride_0,
                   position_stride_1, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, COPY_REST: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b, i = token // seqlen, token % seqlen
     position = tl.load(positions_ptr + b * position_stride_0 + i * position_stride_1).to(tl.int64)
     m = tl.arange(0, BLOCK_P)
-    c = tl.load(cos_ptr + position * table_stride + m, mask=m < half, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + position * table_stride + m, mask=m < half, other=0.0).to(tl.float32)
+    # a position outside the tables (not checked on a GPU) turns by nothing, as in FlashAttention
+    in_table = (m < half) & (position >= 0) & (position < table_rows)
+    c = tl.load(cos_ptr + position * table_stride + m, mask=in_table, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + position * table_stride + m, mask=in_table, other=0.0).to(tl.float32)
     if INVERSE:
         s = -s
     if INTERLEAVED:
@@ -25,7 +27,7 @@ def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, positions_ptr, seqlen, heads
     x_row = x_ptr + b * x_stride_0 + i * x_stride_1
     out_row = out_ptr + b * out_stride_0 + i * out_stride_1
     for h0 in range(0, heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # a head stride of a transposed view is a sequence's
         inside = (h[:, None] < heads) & (m[None, :] < half)
         x_head, out_head = x_row + h[:, None] * x_stride_2, out_row + h[:, None] * out_stride_2
         x1 = tl.load(x_head + first[None, :], mask=inside, other=0.0).to(tl.float32)
@@ -53,7 +55,8 @@ def launch_rotary(x, out, cos, sin, positions, interleaved, inverse):
     block_p = triton.next_power_of_2(max(half, 1))
     block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_p))
     rotary_kernel[(tokens,)](
-        x, out, cos, sin, positions, seqlen, heads, half, rest, *x.stride()[:3], *out.stride()[:3], cos.stride(0),
+        x, out, cos, sin, positions, seqlen, heads, half, rest, cos.shape[0], *x.stride()[:3], *out.stride()[:3],
+        cos.stride(0),
         *positions.stride(), INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
         COPY_REST=out.data_ptr() != x.data_ptr() and rest > 0, BLOCK_H=block_h, BLOCK_P=block_p,
         BLOCK_R=triton.next_power_of_2(max(rest, 1)))
