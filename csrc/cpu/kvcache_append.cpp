@@ -5,34 +5,38 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "../kvcache_append_args.h"
+#include "rotary_row.h"
 
 namespace genfast {
 namespace {
 
 // Rows (heads, head_dim) at x turned at `position` into out, whose heads are out_head_stride apart;
-// copied where there are no rotary tables.
-template <typename T>
-void turn_heads(const KvcacheAppendParams<T>& p, const T* x, int64_t heads, int64_t position, T* out,
-                int64_t out_head_stride) {
-  const int64_t dim = p.head_dim, half = p.cos != nullptr ? p.half : 0;
-  const T* cos = p.cos + position * half;
-  const T* sin = p.sin + position * half;
+// copied where there are no rotary tables. Compiled per instruction set (rotary_row.h).
+template <CpuCapability isa, bool Interleaved, typename T>
+GF_CPU_INLINE void turn_heads_for(const KvcacheAppendParams<T>* params, const T* x, int64_t heads, int64_t position,
+                                  T* out, int64_t out_head_stride, float* buffer) {
+  const KvcacheAppendParams<T>& p = *params;
+  const int64_t half = p.cos != nullptr ? p.half : 0;
+  const T* cos = p.cos != nullptr ? p.cos + position * half : nullptr;
+  const T* sin = p.sin != nullptr ? p.sin + position * half : nullptr;
   for (int64_t h = 0; h < heads; ++h) {
-    const T* in = x + h * dim;
-    T* to = out + h * out_head_stride;
-#pragma omp simd
-    for (int64_t m = 0; m < half; ++m) {
-      int64_t a, b;
-      rotary_plane(m, half, p.interleaved, &a, &b);
-      float first, second;
-      rotary_turn(static_cast<float>(in[a]), static_cast<float>(in[b]), static_cast<float>(cos[m]),
-                  static_cast<float>(sin[m]), &first, &second);
-      to[a] = static_cast<T>(first);
-      to[b] = static_cast<T>(second);
-    }
-    std::memcpy(to + 2 * half, in + 2 * half, sizeof(T) * (dim - 2 * half));
+    turn_head_row<isa, Interleaved>(x + h * p.head_dim, out + h * out_head_stride, cos, sin, half, p.head_dim,
+                                    false, true, buffer);
+  }
+}
+GF_CPU_DISPATCH(turn_heads)
+
+template <typename T>
+void turn_row_heads(const KvcacheAppendParams<T>& p, const T* x, int64_t heads, int64_t position, T* out,
+                    int64_t out_head_stride, float* buffer) {
+  if (p.interleaved) {
+    turn_heads<true>(&p, x, heads, position, out, out_head_stride, buffer);
+  } else {
+    turn_heads<false>(&p, x, heads, position, out, out_head_stride, buffer);
   }
 }
 
@@ -41,12 +45,14 @@ void kvcache_append_rows(const KvcacheAppendParams<T>& p) {
   const int64_t key_rows = p.batch * p.new_rows, query_rows = p.q != nullptr ? p.batch * p.q_rows : 0;
   const int64_t row_work = std::max<int64_t>(1, std::max(p.kv_heads * (p.head_dim + p.v_dim), p.q_heads * p.head_dim));
   at::parallel_for(0, key_rows + query_rows, std::max<int64_t>(1, 32768 / row_work), [&](int64_t first, int64_t last) {
+    std::vector<float> buffer(std::is_same_v<T, float> || p.cos == nullptr ? 0 : 4 * p.half);
     for (int64_t task = first; task < last; ++task) {
       if (task < key_rows) {
         const int64_t n = task / p.new_rows, row = task % p.new_rows;
         const int64_t position = static_cast<int64_t>(p.cache_seqlens[n]) + row;
-        turn_heads(p, p.k + task * p.kv_heads * p.head_dim, p.kv_heads, position,
-                   p.k_cache + kvcache_row_offset(p, n, row, p.k_cache_strides), p.k_cache_strides[2]);
+        turn_row_heads(p, p.k + task * p.kv_heads * p.head_dim, p.kv_heads, position,
+                       p.k_cache + kvcache_row_offset(p, n, row, p.k_cache_strides), p.k_cache_strides[2],
+                       buffer.data());
         T* values = p.v_cache + kvcache_row_offset(p, n, row, p.v_cache_strides);
         for (int64_t h = 0; h < p.kv_heads; ++h) {
           std::memcpy(values + h * p.v_cache_strides[2], p.v + (task * p.kv_heads + h) * p.v_dim, sizeof(T) * p.v_dim);
@@ -54,7 +60,8 @@ void kvcache_append_rows(const KvcacheAppendParams<T>& p) {
       } else {
         const int64_t q_task = task - key_rows, n = q_task / p.q_rows, row = q_task % p.q_rows;
         const int64_t offset = q_task * p.q_heads * p.head_dim;
-        turn_heads(p, p.q + offset, p.q_heads, kvcache_query_position(p, n, row), p.q_out + offset, p.head_dim);
+        turn_row_heads(p, p.q + offset, p.q_heads, kvcache_query_position(p, n, row), p.q_out + offset,
+                       p.head_dim, buffer.data());
       }
     }
   });

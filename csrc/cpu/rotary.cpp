@@ -1,8 +1,6 @@
 // genfast::rotary and rotary_ on the CPU: head rows in parallel, in the input's memory order; each
 // row's planes turned in a loop the compiler vectorizes (the layout a template argument, not a branch).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,75 +9,10 @@
 #include <vector>
 
 #include "../rotary_args.h"
-#include "cpu_features.h"
-#include "cpu_vectors.h"
+#include "rotary_row.h"
 
 namespace genfast {
 namespace {
-
-// The planes of a float32 head row turned into out (which may be x: each plane is read, then written).
-template <bool Interleaved>
-GF_CPU_INLINE void turn_planes(const float* x, float* out, const float* cos, const float* sin, int64_t half,
-                               bool inverse) {
-#pragma omp simd
-  for (int64_t m = 0; m < half; ++m) {
-    const int64_t a = Interleaved ? 2 * m : m, b = Interleaved ? 2 * m + 1 : m + half;
-    float first, second;
-    rotary_turn(x[a], x[b], cos[m], rotary_sine(sin[m], inverse), &first, &second);
-    out[a] = first;
-    out[b] = second;
-  }
-}
-
-// n elements as float32 and back, sixteen at a time in vector registers (cpu_vectors.h: the
-// compiler vectorizes neither c10::Half's nor c10::BFloat16's conversions).
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void widen(const T* src, float* dst, int64_t n) {
-  constexpr int W = kVectorLanes<isa>;
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols) {
-    store16(dst + j, std::is_same_v<T, c10::Half> ? load16_float16<W>(bits + j) : load16_bfloat16<W>(bits + j));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void narrow(const float* src, T* dst, int64_t n) {
-  constexpr int W = kVectorLanes<isa>;
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols) {
-    if constexpr (std::is_same_v<T, c10::Half>) {
-      store16_float16<W>(bits + j, load16<W>(src + j));
-    } else {
-      store16_bfloat16<W>(bits + j, load16<W>(src + j));
-    }
-  }
-  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-// One head row of x (features contiguous) turned into out at a row of the tables. 16-bit rows go
-// through float32 buffers (4 half floats at `buffer`), converted a row at a time.
-template <CpuCapability isa, bool Interleaved, typename T>
-GF_CPU_INLINE void turn_head(const RotaryParams<T>& p, const T* in, T* to, int64_t position, float* buffer) {
-  const int64_t half = p.half;
-  const T* cos = p.cos + position * p.table_stride;
-  const T* sin = p.sin + position * p.table_stride;
-  if constexpr (std::is_same_v<T, float>) {
-    turn_planes<Interleaved>(in, to, cos, sin, half, p.inverse);
-  } else {
-    float* x = buffer;
-    float* c = buffer + 2 * half;
-    float* s = c + half;
-    widen<isa>(in, x, 2 * half);
-    widen<isa>(cos, c, half);
-    widen<isa>(sin, s, half);
-    turn_planes<Interleaved>(x, x, c, s, half, p.inverse);
-    narrow<isa>(x, to, 2 * half);
-  }
-  if (p.copy_rest) std::memcpy(to + 2 * half, in + 2 * half, sizeof(T) * (p.head_dim - 2 * half));
-}
 
 // Head rows first .. last, taken in x's memory order: token-major for (batch, seqlen, heads, dim)
 // tensors, head-major for transposed views of (batch, heads, seqlen, dim) ones (transformers'
@@ -94,9 +27,11 @@ GF_CPU_INLINE void turn_rows_for(const RotaryParams<T>* params, int64_t first, i
   for (int64_t row = first; row < last; ++row) {
     const int64_t b = row / per_batch, outer_index = (row % per_batch) / inner, inner_index = row % inner;
     const int64_t i = heads_outer ? inner_index : outer_index, h = heads_outer ? outer_index : inner_index;
-    turn_head<isa, Interleaved>(p, p.x + b * p.x_strides[0] + i * p.x_strides[1] + h * p.x_strides[2],
-                           p.out + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2],
-                           rotary_position(p, b, i), buffer);
+    const int64_t position = rotary_position(p, b, i);
+    turn_head_row<isa, Interleaved>(p.x + b * p.x_strides[0] + i * p.x_strides[1] + h * p.x_strides[2],
+                                    p.out + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2],
+                                    p.cos + position * p.table_stride, p.sin + position * p.table_stride, p.half,
+                                    p.head_dim, p.inverse, p.copy_rest, buffer);
   }
 }
 GF_CPU_DISPATCH(turn_rows)
