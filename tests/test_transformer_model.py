@@ -1,6 +1,7 @@
 """The small transformer language model on genfast.attention: fused and reference attention follow
-the same loss curve on text that ships with Python, training lowers the loss well below a uniform
-model's, and decoding with the KV cache (bottom-right causal attention) equals recomputation."""
+the same loss curve on text that ships with Python (learned positions, or the rotary embedding by
+genfast.rotary), training lowers the loss well below a uniform model's, and decoding with the KV
+cache (bottom-right causal attention) equals recomputation."""
 
 import copy
 import math
@@ -11,6 +12,7 @@ import torch
 from genfast.models import TransformerLM
 from genfast.models.data import python_text
 from genfast.models.transformer import text_windows
+from genfast import _backend
 from conftest import fused_impls, skip_unless_supported
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run faster on one thread
@@ -28,10 +30,10 @@ def _model(impl, kv_heads=None, **kwargs):
     return TransformerLM(kv_heads=kv_heads, impl=impl, **kwargs)
 
 
-@pytest.mark.parametrize("kv_heads", [None, 2])
-def test_fused_attention_trains_like_the_reference(windows, kv_heads):
+@pytest.mark.parametrize("kv_heads, rotary", [(None, False), (2, False), (2, True)])
+def test_fused_attention_trains_like_the_reference(windows, kv_heads, rotary):
     skip_unless_supported("native", "cpu")
-    reference = _model("reference", kv_heads)
+    reference = _model("reference", kv_heads, rotary=rotary)
     fused = copy.deepcopy(reference)
     fused.impl = "native"
     expected = reference.fit(windows, steps=STEPS)
@@ -54,10 +56,13 @@ def test_triton_attention_trains_like_the_reference(windows):
 
 
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])
-@pytest.mark.parametrize("kv_heads", [None, 1])
-def test_kv_cache_decoding_equals_recomputation(windows, impl, kv_heads):
+@pytest.mark.parametrize("kv_heads, rotary", [(None, False), (1, False), (1, True)])
+def test_kv_cache_decoding_equals_recomputation(windows, impl, kv_heads, rotary):
+    """With rotary, the cache holds keys turned at their positions, and new queries and keys turn
+    at theirs (from the cache's length)."""
     skip_unless_supported(impl, "cpu")
-    model = _model("reference", kv_heads, **(dict(dim=32, heads=2, layers=1) if impl == "triton" else {}))
+    model = _model("reference", kv_heads, rotary=rotary,
+                   **(dict(dim=32, heads=2, layers=1) if impl == "triton" else {}))
     model.fit(windows, steps=10)  # some training, so that greedy decoding is not trivial
     model.impl = impl
     prompt = windows[:3, :12]
@@ -69,6 +74,23 @@ def test_kv_cache_decoding_equals_recomputation(windows, impl, kv_heads):
         step_logits, _ = model(tokens[:, 19:], cache)
         full_logits, _ = model(tokens)
     torch.testing.assert_close(step_logits[:, 0], full_logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_positions_reach_the_attention(windows):
+    """The rotary model has no position embedding; its positions come only from the turn, so turning
+    by nothing (cos 1, sin 0) changes its logits, and a shifted start changes them as the turn does."""
+    model = _model("native" if _backend.native_runs_on("cpu") else "reference", rotary=True)
+    assert model.position is None
+    tokens = windows[:2, :16]
+    with torch.no_grad():
+        logits, _ = model(tokens)
+        cos, sin = model.cos.clone(), model.sin.clone()
+        model.cos.fill_(1.0)
+        model.sin.zero_()
+        unturned, _ = model(tokens)
+        model.cos.copy_(cos)
+        model.sin.copy_(sin)
+    assert not torch.allclose(logits, unturned, atol=1e-3)
 
 
 def test_positions_beyond_max_len_are_refused():

@@ -3,7 +3,8 @@
 Bytes are the tokens (256 of them), so any text trains it without a tokenizer; data.python_text()
 is text that ships with Python. The attention is causal aligned bottom-right, so the same call
 serves training (the queries are all the keys) and decoding with a cache (the queries are the last
-positions of the keys).
+positions of the keys). Positions are learned embeddings, or (rotary=True) Llama's rotary embedding
+of queries and keys by genfast.rotary, the cache holding the turned keys.
 """
 
 from typing import List, Optional, Tuple
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..attention import attention
 from ..nn import ImplSwitch
+from ..rotary import rotary
 from .flows import _fit
 
 Tensor = torch.Tensor
@@ -29,12 +31,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None):
+    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None, turn=None):
+        """turn: (cos, sin, positions) of the rotary embedding, or None."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, length, self.heads, self.head_dim)
+        k = k.view(batch, length, self.kv_heads, self.head_dim)
+        if turn is not None:
+            q, k = (rotary(t, *turn, impl=self.impl) for t in (q, k))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
@@ -49,26 +55,34 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, heads, kv_heads, impl)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, cache=None):
-        a, new_cache = self.attn(self.norm1(x), cache)
+    def forward(self, x, cache=None, turn=None):
+        a, new_cache = self.attn(self.norm1(x), cache, turn)
         x = x + a
         return x + self.mlp(self.norm2(x)), new_cache
 
 
 class TransformerLM(ImplSwitch, nn.Module):
-    """GPT-style: token and learned position embeddings, pre-norm blocks of causal self-attention
-    (grouped-query when kv_heads < heads) and a GELU MLP, a tied output layer."""
+    """GPT-style: token and learned position embeddings (or, with rotary, Llama's rotary embedding
+    of queries and keys, base 10000), pre-norm blocks of causal self-attention (grouped-query when
+    kv_heads < heads) and a GELU MLP, a tied output layer."""
 
     def __init__(self, vocab: int = 256, dim: int = 64, heads: int = 4, kv_heads: Optional[int] = None,
-                 layers: int = 2, max_len: int = 256, impl: str = "auto"):
+                 layers: int = 2, max_len: int = 256, impl: str = "auto", rotary: bool = False):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab, dim)
-        self.position = nn.Embedding(max_len, dim)
+        self.position = None if rotary else nn.Embedding(max_len, dim)
+        if rotary:
+            head_dim = dim // heads
+            angles = torch.arange(max_len, dtype=torch.float64)[:, None] * 10000.0 ** (
+                -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            self.register_buffer("cos", angles.cos().float(), persistent=False)
+            self.register_buffer("sin", angles.sin().float(), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, kv_heads or heads, impl) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.position.weight, std=0.02)
+        if self.position is not None:
+            nn.init.normal_(self.position.weight, std=0.02)
         self.impl = impl
 
     def forward(self, tokens: Tensor, cache: Optional[KVCache] = None) -> Tuple[Tensor, KVCache]:
@@ -77,10 +91,14 @@ class TransformerLM(ImplSwitch, nn.Module):
         if start + tokens.shape[1] > self.max_len:
             raise ValueError(f"positions up to {start + tokens.shape[1]} exceed max_len = {self.max_len}")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens) + self.position(positions)
+        x = self.embed(tokens)
+        if self.position is not None:
+            x, turn = x + self.position(positions), None
+        else:
+            turn = (self.cos.to(x.dtype), self.sin.to(x.dtype), positions)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, None if cache is None else cache[i])
+            x, layer_cache = block(x, None if cache is None else cache[i], turn)
             new_cache.append(layer_cache)
         return self.norm(x) @ self.embed.weight.t(), new_cache
 
