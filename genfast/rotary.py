@@ -35,7 +35,7 @@ def _check(x, cos, sin, impl):
 
 
 def _positions(positions, x):
-    """int32 (batch, seqlen), broadcast (stride 0) where positions has fewer rows."""
+    """positions as (batch, seqlen), broadcast (stride 0) where they have fewer rows; int32 or int64."""
     batch, seqlen = x.shape[:2]
     if positions is None:
         return torch.arange(seqlen, dtype=torch.int32, device=x.device).expand(batch, seqlen)

@@ -1,6 +1,6 @@
 """genfast.rotary in others' clothes: FlashAttention's apply_rotary_emb (dense, per-sequence offsets,
-packed by cu_seqlens, in place) and its in-place qkv and kv forms, against the reference at the
-positions FlashAttention defines; transformers' apply_rotary_pos_emb against transformers' own,
+packed by cu_seqlens, in place), its in-place qkv and kv forms and its RotaryEmbedding layer (RoPE
+and XPos), against the reference at the positions and with the tables FlashAttention defines; transformers' apply_rotary_pos_emb against transformers' own,
 forward and backward, and a Llama model patched in one line against the unpatched one."""
 
 import pytest
@@ -107,6 +107,63 @@ def test_flash_attn_qkv_and_kv_in_place(impl):
         if turn == "genfast":
             fused_grad = grad
     torch.testing.assert_close(fused_grad, grad)
+
+
+def _flash_tables(dim, seqlen, scale_base=None):
+    """FlashAttention's RotaryEmbedding tables, written out in float64: (cos, sin) for q, and for k."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    freqs = torch.arange(seqlen, dtype=torch.float64)[:, None] * inv_freq
+    if scale_base is None:
+        return (freqs.cos(), freqs.sin()), (freqs.cos(), freqs.sin())
+    scale = ((torch.arange(0, dim, 2, dtype=torch.float64) + 0.4 * dim) / (1.4 * dim)) ** (
+        (torch.arange(seqlen, dtype=torch.float64) - seqlen // 2) / scale_base)[:, None]
+    return (freqs.cos() * scale, freqs.sin() * scale), (freqs.cos() / scale, freqs.sin() / scale)
+
+
+@pytest.mark.parametrize("scale_base", [None, 512.0], ids=["rope", "xpos"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_flash_attn_rotary_embedding_layer(impl, scale_base):
+    """RotaryEmbedding(qkv) and (q, kv), an int offset and one per sequence, grouped heads; its
+    tables against FlashAttention's formulas, and the gradient through its in-place turns (XPos's
+    scaled turn included: the backward is the transpose, sin negated, for any tables)."""
+    skip_unless_supported(impl, "cpu")
+    layer = fa.RotaryEmbedding(DIM // 2, scale_base=scale_base, impl=impl)
+    rows = torch.arange(SEQLEN).expand(BATCH, SEQLEN)
+    qkv = torch.randn(BATCH, SEQLEN, 3, HEADS, DIM)
+    (cos, sin), (cos_k, sin_k) = _flash_tables(DIM // 2, SEQLEN + 3, scale_base)
+    expected = qkv.clone()
+    expected[:, :, 0] = reference_rotary(qkv[:, :, 0].double(), cos, sin, rows + 3, False).float()
+    expected[:, :, 1] = reference_rotary(qkv[:, :, 1].double(), cos_k, sin_k, rows + 3, False).float()
+    assert layer(qkv, seqlen_offset=3) is qkv
+    torch.testing.assert_close(qkv, expected, rtol=1e-5, atol=1e-5)
+    assert layer._seq_len_cached == SEQLEN + 3
+
+    offsets = torch.tensor([0, 4, 9])
+    (cos, sin), (cos_k, sin_k) = _flash_tables(DIM // 2, 16, scale_base)
+    q, kv = torch.randn(BATCH, SEQLEN, HEADS, DIM), torch.randn(BATCH, SEQLEN, 2, 2, DIM)
+    expected_q = reference_rotary(q.double(), cos, sin, rows + offsets[:, None], False).float()
+    expected_k = reference_rotary(kv[:, :, 0].double(), cos_k, sin_k, rows + offsets[:, None], False).float()
+    got_q, got_kv = layer(q, kv, seqlen_offset=offsets, max_seqlen=16)
+    torch.testing.assert_close(got_q, expected_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_kv[:, :, 0], expected_k, rtol=1e-5, atol=1e-5)
+
+    weight = torch.randn(3 * HEADS * DIM, 8, dtype=torch.float64, requires_grad=True)
+    inputs = torch.randn(BATCH, SEQLEN, 8, dtype=torch.float64)
+    grads = []
+    # the tables stay those of the longest sequence yet (16): XPos's scale centres on its middle
+    (cos, sin), (cos_k, sin_k) = _flash_tables(DIM // 2, layer._seq_len_cached, scale_base)
+    for turn in ("layer", "written out"):
+        qkv = (inputs @ weight.T).view(BATCH, SEQLEN, 3, HEADS, DIM).float()
+        if turn == "layer":
+            layer.train()
+            layer(qkv)
+        else:
+            qkv = torch.stack((reference_rotary(qkv[:, :, 0], cos.float(), sin.float(), rows, False),
+                               reference_rotary(qkv[:, :, 1], cos_k.float(), sin_k.float(), rows, False),
+                               qkv[:, :, 2]), 2)
+        grads.append(torch.autograd.grad((qkv.double() * torch.linspace(-1, 1, qkv.numel()).view_as(qkv)).sum(),
+                                         weight)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
 def test_flash_attn_bad_input():

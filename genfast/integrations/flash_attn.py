@@ -11,7 +11,7 @@ heads, causal masks and windows aligned to the bottom-right corner, softcap, ALi
 deterministic backward, block_table for a paged KV cache. flash_attn_with_kvcache writes the new
 keys and values into the cache in place, rotated by the rotary tables when given, and attends
 (genfast.reference.attention_kvcache defines it). The rotary embedding functions of
-flash_attn.layers.rotary (apply_rotary_emb and its in-place qkv and kv forms) come from
+flash_attn.layers.rotary (apply_rotary_emb, its in-place qkv and kv forms, RotaryEmbedding) come from
 genfast.integrations.flash_attn_rotary, on genfast.rotary.
 
 Where genfast differs, on purpose:
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from ..attention import attention_varlen
 from ..kvcache import check_index, kvcache_append
-from .flash_attn_rotary import (apply_rotary, apply_rotary_emb, apply_rotary_emb_func, apply_rotary_emb_kv_,
-                                apply_rotary_emb_qkv_)
+from .flash_attn_rotary import (RotaryEmbedding, apply_rotary, apply_rotary_emb, apply_rotary_emb_func,
+                                apply_rotary_emb_kv_, apply_rotary_emb_qkv_)
 
 Tensor = torch.Tensor
 
-__all__ = ["apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
+__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
            "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
 

@@ -1,8 +1,8 @@
 """FlashAttention's rotary embedding functions (flash_attn.layers.rotary, flash_attn.ops.triton.rotary)
 on genfast.rotary, for code written against them: change the import,
 
-    from flash_attn.layers.rotary import apply_rotary_emb, apply_rotary_emb_qkv_, apply_rotary_emb_kv_
-    from genfast.integrations.flash_attn import apply_rotary_emb, apply_rotary_emb_qkv_, apply_rotary_emb_kv_
+    from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb, apply_rotary_emb_qkv_
+    from genfast.integrations.flash_attn import RotaryEmbedding, apply_rotary_emb, apply_rotary_emb_qkv_
 
 (or from this module), and they run on every genfast backend, the CPU included. Arguments, layouts
 and semantics are FlashAttention's: x (batch, seqlen, heads, head_dim), or (total, heads, head_dim)
@@ -12,6 +12,8 @@ int64); GPT-NeoX's planes by default (interleaved=False). All are differentiable
 forms too. cos and sin get no gradient, as in FlashAttention, and where they require one genfast
 raises, where FlashAttention silently gives none. A position past the tables raises on the CPU and
 turns by nothing on a GPU, as in FlashAttention's kernel. max_seqlen is accepted and not needed.
+RotaryEmbedding, the layer FlashAttention's MHA uses, keeps its tables as FlashAttention does (XPos
+scaling with scale_base included) and turns through these functions.
 """
 
 from typing import Optional, Union
@@ -22,7 +24,7 @@ from ..rotary import rotary
 
 Tensor = torch.Tensor
 
-__all__ = ["apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
+__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
            "apply_rotary_emb_qkv_"]
 
 
@@ -114,3 +116,71 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
         raise ValueError(f"kv must be (batch, seqlen, 2, heads, head_dim), got {tuple(kv.shape)}")
     apply_rotary(kv[:, :, 0], cos, sin, seqlen_offsets, interleaved=interleaved, inplace=True, impl=impl)
     return kv
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """flash_attn.layers.rotary.RotaryEmbedding: the tables of `dim` rotary features (inv_freq =
+    base^(-2m / dim)), computed for the longest sequence seen (positions in float32 unless
+    pos_idx_in_fp32=False) and kept in the inputs' dtype; with scale_base, XPos's scaling (queries' tables times scale^power, keys' divided by it,
+    power = (position - seqlen // 2) / scale_base). forward(qkv) turns q and k of a packed qkv in
+    place; forward(q, kv) turns q and kv's k in place and returns (q, kv). impl picks genfast's backend."""
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scale_base: Optional[float] = None,
+                 pos_idx_in_fp32: bool = True, device=None, *, impl: str = "auto"):
+        super().__init__()
+        self.dim, self.base, self.interleaved, self.scale_base, self.impl = dim, float(base), interleaved, scale_base, impl
+        self.pos_idx_in_fp32 = pos_idx_in_fp32
+        self.register_buffer("inv_freq", self._inverse_frequencies(device), persistent=False)
+        scale = ((torch.arange(0, dim, 2, device=device, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim)
+                 if scale_base is not None else None)
+        self.register_buffer("scale", scale, persistent=False)
+        self._seq_len_cached = 0
+        self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
+
+    def _inverse_frequencies(self, device=None) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+
+    def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None):
+        if (seqlen > self._seq_len_cached or self._cos_cached is None or self._cos_cached.device != device
+                or self._cos_cached.dtype != dtype or (self.training and self._cos_cached.is_inference())):
+            self._seq_len_cached = seqlen
+            if self.pos_idx_in_fp32:  # positions past 2048 are not exact in bfloat16
+                t = torch.arange(seqlen, device=device, dtype=torch.float32)
+                inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._inverse_frequencies(device)
+            else:
+                t = torch.arange(seqlen, device=device, dtype=self.inv_freq.dtype)
+                inv_freq = self.inv_freq
+            freqs = torch.outer(t, inv_freq.to(device))
+            if self.scale is None:
+                self._cos_cached, self._sin_cached = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+            else:
+                power = (torch.arange(seqlen, dtype=self.scale.dtype, device=self.scale.device)
+                         - seqlen // 2) / self.scale_base
+                scale = self.scale.to(device=power.device) ** power[:, None]
+                self._cos_cached, self._sin_cached = ((torch.cos(freqs) * scale).to(dtype),
+                                                      (torch.sin(freqs) * scale).to(dtype))
+                self._cos_k_cached, self._sin_k_cached = ((torch.cos(freqs) / scale).to(dtype),
+                                                          (torch.sin(freqs) / scale).to(dtype))
+
+    def forward(self, qkv: Tensor, kv: Optional[Tensor] = None, seqlen_offset: Union[int, Tensor] = 0,
+                max_seqlen: Optional[int] = None, num_heads_q: Optional[int] = None):
+        """qkv (batch, seqlen, 3, heads, head_dim) (or heads_q + 2 heads_k with num_heads_q), or q
+        (batch, seqlen, heads, head_dim) with kv (batch, seqlen, 2, heads, head_dim); seqlen_offset an
+        int or one per sequence (then max_seqlen sizes the tables)."""
+        seqlen = qkv.shape[1]
+        if max_seqlen is not None:
+            self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
+        elif isinstance(seqlen_offset, int):
+            self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
+        elif self._cos_cached is None:
+            raise ValueError("a tensor seqlen_offset needs max_seqlen (or an earlier call) to size the tables")
+        cos, sin = self._cos_cached, self._sin_cached
+        cos_k, sin_k = (self._cos_k_cached, self._sin_k_cached) if self.scale is not None else (cos, sin)
+        if kv is None:
+            return apply_rotary_emb_qkv_(qkv, cos, sin, cos_k, sin_k, interleaved=self.interleaved,
+                                         seqlen_offsets=seqlen_offset, num_heads_q=num_heads_q, impl=self.impl)
+        q = apply_rotary_emb(qkv, cos, sin, interleaved=self.interleaved, inplace=True, seqlen_offsets=seqlen_offset,
+                             impl=self.impl)
+        kv = apply_rotary_emb_kv_(kv, cos_k, sin_k, interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
+                                  impl=self.impl)
+        return q, kv

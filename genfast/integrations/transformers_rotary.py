@@ -26,10 +26,10 @@ __all__ = ["apply_rotary_pos_emb"]
 
 
 def _tables_and_positions(cos: Tensor, sin: Tensor, batch: int, seqlen: int):
-    """cos and sin (rows, head_dim) as tables (rows, head_dim / 2), read in place, and the row of
-    each token: (batch, seqlen) int32."""
+    """cos and sin (batch or 1, seqlen, rotary_dim) as tables (rows, rotary_dim / 2), read in place,
+    and the row of each token: (batch or 1, seqlen) int32."""
     if cos.dim() != 3 or sin.shape != cos.shape or cos.shape[1] != seqlen or cos.shape[0] not in (1, batch):
-        raise ValueError(f"cos and sin must be (batch or 1, seqlen, head_dim) = ({batch} or 1, {seqlen}, *), got "
+        raise ValueError(f"cos and sin must be (batch or 1, seqlen, rotary_dim) = ({batch} or 1, {seqlen}, *), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     half = cos.shape[2] // 2
     rows = cos.shape[0] * seqlen
