@@ -68,10 +68,11 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = No
     at position positions[b, i] (integer, broadcastable to (batch, seqlen); default i), whose angles
     are that row of cos and sin (positions, rotary_dim / 2; x's dtype). Plane m is features (2m,
     2m + 1) (interleaved, GPT-J) or (m, m + rotary_dim / 2) (GPT-NeoX, Llama); features from
-    rotary_dim on pass unchanged. inverse turns back. Returns a tensor of x's layout, or x turned in
-    place (inplace). Differentiable in x (the backward is the inverse turn), in place too; cos and
-    sin get no gradient. The CPU checks that the positions have rows in the tables; a GPU does not
-    (that would synchronise), and turns a position outside them by nothing, as FlashAttention does."""
+    rotary_dim on pass unchanged. inverse negates sin (the transpose; for rotation tables, the turn
+    back). Returns a tensor of x's layout, or x turned in place (inplace). Differentiable in x (the
+    backward is the inverse), in place too; cos and sin get no gradient. The CPU checks that the
+    positions have rows in the tables; a GPU does not (that would synchronise), and turns a
+    position outside them by nothing, as FlashAttention does."""
     _check(x, cos, sin, impl)
     if inplace and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x) == 1:
         raise ValueError("x must not overlap itself to be turned in place (an expanded tensor): pass "

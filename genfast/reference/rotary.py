@@ -9,8 +9,9 @@ cosine and sine are cos[p, m] and sin[p, m]; features R .. D pass unchanged.
     not interleaved (GPT-NeoX, Llama in transformers): plane m is features (m, m + R / 2);
     (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos).
 
-inverse turns by the opposite angle (sin negated): it undoes the turn, and, the turn being
-orthogonal, it is also the turn's transpose, the backward that genfast.rotary's kernels run.
+inverse negates sin: the transpose of the map, which is the backward that genfast.rotary's kernels
+run, and, for tables of a rotation (cos^2 + sin^2 = 1), the turn back. Tables that also scale
+(XPos's) are linear maps all the same, and their backward is the same transpose.
 
 Computed in float32 (float64 for float64 inputs) and rounded once to x's dtype, as FlashAttention's
 kernel does.

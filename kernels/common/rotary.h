@@ -1,8 +1,8 @@
 // Rotary position embedding (RoPE, genfast.reference.rotary): the turn of a head row's planes by
 // the angles of a position's row of cos and sin tables, and genfast::rotary's parameters. Plane m <
 // half is features (2m, 2m + 1) (interleaved, GPT-J) or (m, m + half) (GPT-NeoX); features from
-// 2 half on pass unchanged. The inverse turns by the opposite angle (sin negated): the transpose of
-// the turn, so the backward of rotary is rotary inverse.
+// 2 half on pass unchanged. The inverse negates sin: the transpose of the map for any tables (so the
+// backward of rotary is rotary inverse), and for a rotation's tables the turn back.
 #pragma once
 
 #include <stdint.h>
@@ -46,7 +46,7 @@ GF_HOST_DEVICE float rotary_feature(int64_t j, int64_t half, bool interleaved, f
   return y2;
 }
 
-// The sine of the turn: the inverse turns back.
+// The sine of the turn: negated for the inverse (the transpose).
 GF_HOST_DEVICE_INLINE float rotary_sine(float s, bool inverse) { return inverse ? -s : s; }
 
 // x (batch, seqlen, heads, head_dim) turned into out (the same shape; out may be x): token (b, i)
