@@ -424,3 +424,43 @@ def test_bad_input_names_the_argument():
         with pytest.raises(error, match=match):
             call()
         assert torch.equal(k_cache, before), "nothing is written before the checks pass"
+
+
+def test_unpad_and_pad_input():
+    """flash_attn.bert_padding's helpers: the kept tokens, their indices, cu_seqlens, the longest
+    length, the used counts (unused_mask's tokens counted apart), and pad_input putting them back
+    with zeros elsewhere; gradients only where tokens were kept."""
+    x = torch.randn(3, 5, 4, 2, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    unused = torch.tensor([[0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    tokens, indices, cu_seqlens, max_seqlen, used = fa.unpad_input(x, mask, unused)
+    kept = (mask + unused).bool()
+    assert torch.equal(tokens, x[kept]) and torch.equal(indices, kept.flatten().nonzero().flatten())
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 4, 9, 10]
+    assert max_seqlen == 5 and used.tolist() == [3, 5, 1]
+    padded = fa.pad_input(tokens, indices, 3, 5)
+    assert torch.equal(padded, torch.where(kept[..., None, None], x, 0.0))
+    padded.sum().backward()
+    assert torch.equal(x.grad, kept[..., None, None].float().expand_as(x))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        fa.unpad_input(x, mask[:, :4])
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_padded_batch_through_varlen_as_code_written_for_flash_attention(impl):
+    """unpad_input, flash_attn_varlen_func and pad_input, as FlashAttention's users pack a padded
+    batch: each sequence's output equals causal attention over that sequence alone."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _dense(9, 9)
+    k, v = (t.repeat_interleave(HEADS // KV_HEADS, dim=2) for t in (k, v))
+    lengths = [9, 4, 6]
+    mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).int()
+    packed = [fa.unpad_input(t, mask) for t in (q, k, v)]
+    indices, cu_seqlens, longest = packed[0][1], packed[0][2], packed[0][3]
+    out = fa.flash_attn_varlen_func(packed[0][0], packed[1][0], packed[2][0], cu_seqlens, cu_seqlens, longest,
+                                    longest, causal=True, impl=impl)
+    padded = fa.pad_input(out, indices, BATCH, 9)
+    for n, length in enumerate(lengths):
+        expected, _ = _reference_dense(q[n:n + 1, :length], k[n:n + 1, :length], v[n:n + 1, :length], causal=True)
+        torch.testing.assert_close(padded[n, :length], expected[0], rtol=1e-5, atol=1e-5)
+        assert not padded[n, length:].any()

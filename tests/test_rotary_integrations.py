@@ -1,7 +1,8 @@
 """genfast.rotary in others' clothes: FlashAttention's apply_rotary_emb (dense, per-sequence offsets,
 packed by cu_seqlens, in place), its in-place qkv and kv forms and its RotaryEmbedding layer (RoPE
-and XPos), against the reference at the positions and with the tables FlashAttention defines; transformers' apply_rotary_pos_emb against transformers' own,
-forward and backward, and a Llama model patched in one line against the unpatched one."""
+and XPos), against the reference at the positions and with the tables FlashAttention defines;
+transformers' apply_rotary_pos_emb against transformers' own (Llama's and GPT-NeoX's partial
+form), forward and backward, and a Llama model patched in one line against the unpatched one."""
 
 import pytest
 import torch

@@ -12,7 +12,8 @@ deterministic backward, block_table for a paged KV cache. flash_attn_with_kvcach
 keys and values into the cache in place, rotated by the rotary tables when given, and attends
 (genfast.reference.attention_kvcache defines it). The rotary embedding functions of
 flash_attn.layers.rotary (apply_rotary_emb, its in-place qkv and kv forms, RotaryEmbedding) come from
-genfast.integrations.flash_attn_rotary, on genfast.rotary.
+genfast.integrations.flash_attn_rotary, on genfast.rotary; the padding helpers of
+flash_attn.bert_padding (unpad_input, pad_input) from genfast.integrations.flash_attn_padding.
 
 Where genfast differs, on purpose:
 - softmax_lse is -inf for a row that masks every key (its log-sum-exp; FlashAttention writes +inf);
@@ -30,14 +31,16 @@ import torch.nn.functional as F
 
 from ..attention import attention_varlen
 from ..kvcache import check_index, kvcache_append
+from .flash_attn_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
 from .flash_attn_rotary import (RotaryEmbedding, apply_rotary, apply_rotary_emb, apply_rotary_emb_func,
                                 apply_rotary_emb_kv_, apply_rotary_emb_qkv_)
 
 Tensor = torch.Tensor
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
-           "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
+__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
+           "apply_rotary_emb_qkv_", "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
+           "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_with_kvcache", "index_first_axis", "index_put_first_axis", "pad_input", "unpad_input"]
 
 
 def _options(causal, window_size, softcap) -> dict:

@@ -121,15 +121,16 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
 class RotaryEmbedding(torch.nn.Module):
     """flash_attn.layers.rotary.RotaryEmbedding: the tables of `dim` rotary features (inv_freq =
     base^(-2m / dim)), computed for the longest sequence seen (positions in float32 unless
-    pos_idx_in_fp32=False) and kept in the inputs' dtype; with scale_base, XPos's scaling (queries' tables times scale^power, keys' divided by it,
-    power = (position - seqlen // 2) / scale_base). forward(qkv) turns q and k of a packed qkv in
-    place; forward(q, kv) turns q and kv's k in place and returns (q, kv). impl picks genfast's backend."""
+    pos_idx_in_fp32=False) and kept in the inputs' dtype; with scale_base, XPos's scaling (queries'
+    tables times scale^power, keys' divided by it, power = (position - seqlen // 2) / scale_base).
+    forward(qkv) turns q and k of a packed qkv in place; forward(q, kv) turns q and kv's k in place
+    and returns (q, kv). impl picks genfast's backend."""
 
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scale_base: Optional[float] = None,
                  pos_idx_in_fp32: bool = True, device=None, *, impl: str = "auto"):
         super().__init__()
-        self.dim, self.base, self.interleaved, self.scale_base, self.impl = dim, float(base), interleaved, scale_base, impl
-        self.pos_idx_in_fp32 = pos_idx_in_fp32
+        self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, scale_base
+        self.pos_idx_in_fp32, self.impl = pos_idx_in_fp32, impl
         self.register_buffer("inv_freq", self._inverse_frequencies(device), persistent=False)
         scale = ((torch.arange(0, dim, 2, device=device, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim)
                  if scale_base is not None else None)
