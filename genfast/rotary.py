@@ -56,7 +56,7 @@ def _check_range(positions, cos):
     """On the CPU, for the backends that do not check it themselves (the native op does), and for
     int64 positions before they are narrowed to int32."""
     if positions.device.type == "cpu" and positions.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = int(positions.min()), int(positions.max())
+        low, high = (int(t) for t in torch.aminmax(positions))
         if low < 0 or high >= cos.shape[0]:
             raise ValueError(f"positions must lie in 0 .. {cos.shape[0] - 1} (the rows of cos and sin), got "
                              f"{low} .. {high}")

@@ -28,13 +28,17 @@ __all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_emb", "apply_rotary_
            "apply_rotary_emb_qkv_"]
 
 
+def _check_offsets(seqlen_offsets, batch: int):
+    if isinstance(seqlen_offsets, Tensor) and seqlen_offsets.shape != (batch,):
+        raise ValueError(f"seqlen_offsets must be an int or a tensor (batch,) = ({batch},), got "
+                         f"{tuple(seqlen_offsets.shape)}")
+
+
 def _positions(batch: int, seqlen: int, seqlen_offsets, device) -> Tensor:
     """Token i of sequence n at i + seqlen_offsets[n] (or + seqlen_offsets): (batch or 1, seqlen)."""
     positions = torch.arange(seqlen, dtype=torch.int32, device=device)[None]
+    _check_offsets(seqlen_offsets, batch)
     if isinstance(seqlen_offsets, Tensor):
-        if seqlen_offsets.shape != (batch,):
-            raise ValueError(f"seqlen_offsets must be an int or a tensor (batch,) = ({batch},), got "
-                             f"{tuple(seqlen_offsets.shape)}")
         return positions + seqlen_offsets.to(device=device, dtype=torch.int32)[:, None]
     return positions + int(seqlen_offsets)
 
@@ -48,10 +52,8 @@ def _packed_positions(total: int, cu_seqlens: Tensor, seqlen_offsets, device) ->
     # the sequence of each token, without reading cu_seqlens on the host
     sequence = torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True).clamp_(max=max(batch - 1, 0))
     positions = token - cu_seqlens[sequence] if batch > 0 else token
+    _check_offsets(seqlen_offsets, batch)
     if isinstance(seqlen_offsets, Tensor):
-        if seqlen_offsets.shape != (batch,):
-            raise ValueError(f"seqlen_offsets must be an int or a tensor (batch,) = ({batch},), got "
-                             f"{tuple(seqlen_offsets.shape)}")
         positions = positions + seqlen_offsets.to(device)[sequence]
     else:
         positions = positions + int(seqlen_offsets)

@@ -43,15 +43,18 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
     if unsqueeze_dim not in (1, 2):
         raise ValueError(f"unsqueeze_dim must be 1 (q (batch, heads, seqlen, head_dim)) or 2 (q (batch, seqlen, "
                          f"heads, head_dim)), got {unsqueeze_dim}")
-    turned = []
     for name, x in (("q", q), ("k", k)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor, got {tuple(x.shape)}")
-        tokens_major = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (batch, seqlen, heads, head_dim)
         if cos.shape[-1] > x.shape[-1] or cos.shape[-1] % 2:
             raise ValueError(f"cos and sin must have an even last dim (rotary_dim) of at most {name}'s head_dim "
                              f"({x.shape[-1]}), got {tuple(cos.shape)}")
-        table_cos, table_sin, positions = _tables_and_positions(cos, sin, *tokens_major.shape[:2])
-        out = rotary(tokens_major, table_cos, table_sin, positions, interleaved=False, impl=impl)
+    tokens_major = [t.transpose(1, 2) if unsqueeze_dim == 1 else t for t in (q, k)]  # (batch, seqlen, heads, dim)
+    if tokens_major[1].shape[:2] != tokens_major[0].shape[:2]:
+        raise ValueError(f"q and k must have the same batch and seqlen, got {tuple(q.shape)} and {tuple(k.shape)}")
+    table_cos, table_sin, positions = _tables_and_positions(cos, sin, *tokens_major[0].shape[:2])  # once for both
+    turned = []
+    for x in tokens_major:
+        out = rotary(x, table_cos, table_sin, positions, interleaved=False, impl=impl)
         turned.append(out.transpose(1, 2) if unsqueeze_dim == 1 else out)
     return turned[0], turned[1]

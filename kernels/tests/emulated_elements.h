@@ -2,6 +2,8 @@
 // from float, and each one's tolerance against a float64 evaluation.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -23,6 +25,15 @@ inline __nv_bfloat16 from<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v
 template <typename T>
 double tolerance() {
   return sizeof(T) == 4 ? 1e-6 : (std::is_same<T, __half>::value ? 1e-3 : 8e-3);
+}
+
+// Whether got is within T's tolerance of expected (relative, absolute below 1); NaN is not. The
+// error goes into *worst.
+template <typename T>
+bool close_enough(double got, double expected, double* worst) {
+  const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
+  *worst = std::max(*worst, error);
+  return error <= tolerance<T>();
 }
 
 template <typename T>

@@ -44,17 +44,7 @@ void run_case(const Case& c) {
   };
   const std::vector<T> k = values(batch * new_rows * kv_heads * dim), v = values(batch * new_rows * kv_heads * v_dim);
   const std::vector<T> q = values(batch * q_rows * q_heads * dim);
-  std::vector<double> cos_table(positions * (half > 0 ? half : 1)), sin_table(cos_table.size());
-  std::vector<T> cos_t(cos_table.size()), sin_t(cos_table.size());
-  for (int pos = 0; pos < positions; ++pos) {
-    for (int m = 0; m < half; ++m) {
-      const double angle = pos * std::pow(0.6, m);
-      cos_t[pos * half + m] = from<T>(static_cast<float>(std::cos(angle)));
-      sin_t[pos * half + m] = from<T>(static_cast<float>(std::sin(angle)));
-      cos_table[pos * half + m] = as_float(cos_t[pos * half + m]);
-      sin_table[pos * half + m] = as_float(sin_t[pos * half + m]);
-    }
-  }
+  const RotaryTables<T> tables(positions, half, 0.0);
   std::vector<T> k_cache(rows * row_length * kv_heads * dim, from<T>(NAN));
   std::vector<T> v_cache(rows * row_length * kv_heads * v_dim, from<T>(NAN));
   std::vector<T> q_out(q.size(), from<T>(NAN));
@@ -81,8 +71,8 @@ void run_case(const Case& c) {
   p.block_table = c.layout == 2 ? table : nullptr;
   p.table_width = capacity / page_size;
   p.page_size = row_length;
-  p.cos = half > 0 ? cos_t.data() : nullptr;
-  p.sin = half > 0 ? sin_t.data() : nullptr;
+  p.cos = half > 0 ? tables.cos.data() : nullptr;
+  p.sin = half > 0 ? tables.sin.data() : nullptr;
   p.half = half;
   p.interleaved = c.interleaved;
   p.q = half > 0 ? q.data() : nullptr;
@@ -99,12 +89,10 @@ void run_case(const Case& c) {
   double worst = 0.0;
   std::vector<char> written(rows * row_length, 0);
   auto check = [&](double got, double expected, const char* what) {
-    const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
-    if (!(error <= tolerance<T>())) {  // NaN fails too
+    if (!close_enough<T>(got, expected, &worst)) {
       if (failures < 20) std::printf("FAIL %s: %s %g, expected %g\n", c.name, what, got, expected);
       ++failures;
     }
-    worst = std::max(worst, error);
   };
   for (int n = 0; n < batch; ++n) {
     for (int i = 0; i < new_rows; ++i) {
@@ -118,7 +106,9 @@ void run_case(const Case& c) {
         for (int j = 0; j < dim; ++j) x[j] = as_float(k[((n * new_rows + i) * kv_heads + h) * dim + j]);
         for (int j = 0; j < dim; ++j) {
           check(as_float(k_cache[(row * kv_heads + h) * dim + j]),
-                turned(x, j, &cos_table[position * half], &sin_table[position * half], half, c.interleaved), "key");
+                turned(x, j, tables.cos64.data() + position * half, tables.sin64.data() + position * half, half,
+                       c.interleaved),
+                "key");
         }
         for (int j = 0; j < v_dim; ++j) {
           check(as_float(v_cache[(row * kv_heads + h) * v_dim + j]),
@@ -134,7 +124,9 @@ void run_case(const Case& c) {
         for (int j = 0; j < dim; ++j) x[j] = as_float(q[offset + j]);
         for (int j = 0; j < dim; ++j) {
           check(as_float(q_out[offset + j]),
-                turned(x, j, &cos_table[position * half], &sin_table[position * half], half, c.interleaved), "query");
+                turned(x, j, tables.cos64.data() + position * half, tables.sin64.data() + position * half, half,
+                       c.interleaved),
+                "query");
         }
       }
     }

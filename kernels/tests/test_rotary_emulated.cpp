@@ -38,18 +38,8 @@ void run_case(const Case& c) {
   for (auto& e : x) e = from<T>(normal(rng));
   const std::vector<T> x_in = x;
   std::vector<T> out(x.size(), from<T>(NAN));
-  std::vector<double> cos_table(positions * 8), sin_table(positions * 8);
-  std::vector<T> cos_t(cos_table.size()), sin_t(cos_table.size());
   const int table_stride = 8;  // rows of 8 of which the first half are read
-  for (int pos = 0; pos < positions; ++pos) {
-    for (int m = 0; m < table_stride; ++m) {
-      const double angle = pos * std::pow(0.6, m) + 0.1;
-      cos_t[pos * table_stride + m] = from<T>(static_cast<float>(std::cos(angle)));
-      sin_t[pos * table_stride + m] = from<T>(static_cast<float>(std::sin(angle)));
-      cos_table[pos * table_stride + m] = as_float(cos_t[pos * table_stride + m]);
-      sin_table[pos * table_stride + m] = as_float(sin_t[pos * table_stride + m]);
-    }
-  }
+  const RotaryTables<T> tables(positions, table_stride, 0.1);
   // 11 and -1 have no row of the tables: turned by nothing (cos 1, sin 0), not read past them
   const int32_t position_rows[batch * seqlen] = {3, 0, 10, 7, 11, 1, 2, -1, 4, 5};
 
@@ -64,8 +54,8 @@ void run_case(const Case& c) {
     p.x_strides[d] = x_strides[d];
     p.out_strides[d] = c.in_place ? x_strides[d] : (d == 0 ? seqlen * heads * dim : (d == 1 ? heads * dim : dim));
   }
-  p.cos = cos_t.data();
-  p.sin = sin_t.data();
+  p.cos = tables.cos.data();
+  p.sin = tables.sin.data();
   p.table_rows = positions;
   p.table_stride = table_stride;
   p.half = half;
@@ -93,17 +83,16 @@ void run_case(const Case& c) {
         const bool in_table = position >= 0 && position < positions;
         const std::vector<double> ones(table_stride, 1.0), zeros(table_stride, 0.0);
         for (int j = 0; j < dim; ++j) {
-          const double expected = turned(row, j, in_table ? &cos_table[position * table_stride] : ones.data(),
-                                         in_table ? &sin_table[position * table_stride] : zeros.data(), half,
-                                         c.interleaved, c.inverse);
+          const double expected =
+              turned(row, j, in_table ? tables.cos64.data() + position * table_stride : ones.data(),
+                     in_table ? tables.sin64.data() + position * table_stride : zeros.data(), half, c.interleaved,
+                     c.inverse);
           const double got = as_float(c.in_place ? x[out_at + j] : out[out_at + j]);
-          const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
-          if (!(error <= tolerance<T>())) {  // NaN fails too
+          if (!close_enough<T>(got, expected, &worst)) {
             if (failures < 20) std::printf("FAIL %s: (%d, %d, %d, %d) %g, expected %g\n", c.name, b, i, h, j, got,
                                            expected);
             ++failures;
           }
-          worst = std::max(worst, error);
         }
       }
     }
