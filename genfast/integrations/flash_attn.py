@@ -192,52 +192,79 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     within its row; a sliced cache is then copied). No host-device synchronisation: the rows
     written and read are computed on q's device."""
     _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table)
-    batch, lq, device = q.shape[0], q.shape[1], q.device
+    batch, lq = q.shape[0], q.shape[1]
+    held, cache_batch_idx = _cache_rows(q.shape[0], q.device, k_cache, k, cache_seqlens, cache_batch_idx, block_table)
+    options = _options(causal, window_size, softcap)
+    q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_table, rotary_cos, rotary_sin,
+                               rotary_interleaved, bool(causal or options["window"]), impl)
+    common = dict(scale=softmax_scale, alibi_slopes=alibi_slopes, return_lse=True, impl=impl, **options)
+    o, lse = _attend_to_cache(q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq,
+                              k_cache, v_cache, held, cache_batch_idx, cache_leftpad, block_table, common)
+    o = o.view(batch, lq, *o.shape[1:])
+    return (o, _batch_major(lse, batch, lq)) if return_softmax_lse else o
+
+
+def _cache_capacity(k_cache, block_table) -> int:
+    """The keys a sequence's share of the cache holds: its row, or its pages."""
     page_size = k_cache.shape[1]
-    capacity = block_table.shape[1] * page_size if isinstance(block_table, Tensor) and block_table.dim() == 2 \
-        else page_size
+    if isinstance(block_table, Tensor) and block_table.dim() == 2:
+        return block_table.shape[1] * page_size
+    return page_size
+
+
+def _cache_rows(batch, device, k_cache, k, cache_seqlens, cache_batch_idx, block_table):
+    """cache_seqlens (an int, a tensor, or None: the whole cache) as an int32 (batch,) tensor, and
+    cache_batch_idx checked."""
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is needed to append k and v: the count of keys each sequence holds")
-        held = torch.full((batch,), capacity, device=device, dtype=torch.int32)
+        held = torch.full((batch,), _cache_capacity(k_cache, block_table), device=device, dtype=torch.int32)
     elif isinstance(cache_seqlens, int):
         held = torch.full((batch,), cache_seqlens, device=device, dtype=torch.int32)
     else:
         held = _index_vector("cache_seqlens", cache_seqlens, batch, device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_vector("cache_batch_idx", cache_batch_idx, batch, device)
-    options = _options(causal, window_size, softcap)
-    if k is not None:
-        turned = kvcache_append(k_cache, v_cache, k, v, held, cache_batch_idx=cache_batch_idx, block_table=block_table,
-                                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-                                q=None if rotary_cos is None else q,
-                                queries_in_sequence=bool(causal or options["window"]), impl=impl)
-        q = q if turned is None else turned
-        held = held + k.shape[1]
-    cu_q = _uniform_cu_seqlens(batch, lq, device)
-    flat_q = q.reshape(batch * lq, *q.shape[2:])
-    common = dict(scale=softmax_scale, alibi_slopes=alibi_slopes, return_lse=True, impl=impl, **options)
+    return held, cache_batch_idx
+
+
+def _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_table, rotary_cos, rotary_sin,
+                     rotary_interleaved, queries_in_sequence, impl):
+    """Writes k and v (when given) into the caches after the `held` keys, turned by the rotary
+    tables (and q with them); returns q and the counts of keys held after."""
+    if k is None:
+        return q, held
+    turned = kvcache_append(k_cache, v_cache, k, v, held, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                            rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                            q=None if rotary_cos is None else q, queries_in_sequence=queries_in_sequence, impl=impl)
+    return (q if turned is None else turned), held + k.shape[1]
+
+
+def _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad, block_table,
+                     common):
+    """attention_varlen of the queries flat_q (sequence n at rows cu_q[n] ..) over the first held[n]
+    keys of each sequence's share of the cache: (o, lse (heads, rows))."""
+    batch, device = held.shape[0], held.device
+    capacity = _cache_capacity(k_cache, block_table)
     # A padded cache's rows flatten without a copy unless the cache is a slice of longer rows.
     flat = all(t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
                for t in (k_cache, v_cache))
     if block_table is None and cache_batch_idx is None and cache_leftpad is None and flat:
-        o, lse = attention_varlen(flat_q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_q,
-                                  _uniform_cu_seqlens(batch, capacity, device), lq, capacity, seqused_k=held, **common)
-    else:
-        pages, table = (k_cache, v_cache), block_table
-        if cache_leftpad is not None:
-            # Each sequence's keys from its own row: pages of one row, a row-by-row table.
-            start = _index_vector("cache_leftpad", cache_leftpad, batch, device)
-            cache_rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
-                else cache_batch_idx
-            first = cache_rows * capacity + start
-            table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
-            table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
-            pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start
-        elif block_table is None:  # a padded cache's rows as pages of `capacity` keys, read in place
-            table = (cache_batch_idx if cache_batch_idx is not None
-                     else torch.arange(batch, device=device, dtype=torch.int32))[:, None]
-        cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
-        o, lse = attention_varlen(flat_q, *pages, cu_q, cu_k, lq, capacity, block_table=table, **common)
-    o = o.view(batch, lq, *o.shape[1:])
-    return (o, _batch_major(lse, batch, lq)) if return_softmax_lse else o
+        return attention_varlen(flat_q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_q,
+                                _uniform_cu_seqlens(batch, capacity, device), max_q, capacity, seqused_k=held,
+                                **common)
+    pages, table = (k_cache, v_cache), block_table
+    if cache_leftpad is not None:
+        # Each sequence's keys from its own row: pages of one row, a row-by-row table.
+        start = _index_vector("cache_leftpad", cache_leftpad, batch, device)
+        cache_rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
+            else cache_batch_idx
+        first = cache_rows * capacity + start
+        table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
+        table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
+        pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start
+    elif block_table is None:  # a padded cache's rows as pages of `capacity` keys, read in place
+        table = (cache_batch_idx if cache_batch_idx is not None
+                 else torch.arange(batch, device=device, dtype=torch.int32))[:, None]
+    cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
+    return attention_varlen(flat_q, *pages, cu_q, cu_k, max_q, capacity, block_table=table, **common)

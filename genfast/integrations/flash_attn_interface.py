@@ -1,0 +1,297 @@
+"""FlashAttention 3's functions (the flash_attn_interface module of its hopper/ package) on
+genfast's kernels, for code written against them: change the import and nothing else,
+
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+    from genfast.integrations.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, ...
+
+and it runs where FlashAttention 3 does not: before Hopper, on the CPU, in float32, with genfast's
+Triton kernels (impl="triton", a keyword FlashAttention does not have). The signatures and returns
+are those of FlashAttention 3 since it took return_attn_probs: out alone, or (out, softmax_lse);
+flash_attn_with_kvcache returns (out, softmax_lse, out_accum, softmax_lse_accum) with
+return_softmax_lse, the last two empty (genfast combines its splits itself). Layouts and semantics
+are FlashAttention 2's (genfast.integrations.flash_attn): q (batch, seqlen, heads, head_dim),
+grouped-query heads, causal masks and windows aligned to the bottom-right corner, softcap, a paged
+cache through page_table; and FlashAttention 3's own:
+- seqused_q and seqused_k: sequence n uses only its first seqused_q[n] queries and seqused_k[n]
+  keys, aligned to each other's last; the rows past seqused_q get out 0 and softmax_lse -inf
+  (FlashAttention 3 leaves them unwritten) and pass no gradient;
+- attention_chunk (Llama 4's chunked attention): a query sees only the keys of its own chunk of
+  attention_chunk keys, as well as its window. Computed exactly as attention over each chunk's
+  queries and keys packed as sequences of their own, so it has a backward (FlashAttention 3's has
+  none);
+- qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
+  default (head_dim + head_dim_v) ** -0.5. Computed as attention of cat(q, qv) over cat(k, v), a
+  copy of both, with gradients for qv too (FlashAttention 3 gives it none);
+- flash_attn_combine merges attentions over parts of the keys by their log-sum-exps.
+num_splits, pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
+get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
+q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding);
+attention_chunk with a KV cache; cu_seqlens_q with rotary tables.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import attention_varlen
+from ..rotary import rotary
+from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_rows, _check_dense,
+                         _check_kvcache, _options, _uniform_cu_seqlens)
+
+Tensor = torch.Tensor
+
+__all__ = ["flash_attn_combine", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache", "get_scheduler_metadata"]
+
+
+def _check_no_fp8(q_descale, k_descale, v_descale):
+    if any(t is not None for t in (q_descale, k_descale, v_descale)):
+        raise NotImplementedError("q_descale, k_descale and v_descale scale fp8 inputs, which genfast does not take: "
+                                  "pass float16, bfloat16 or float32 q, k and v without them")
+
+
+def _check_chunk(attention_chunk) -> int:
+    if not isinstance(attention_chunk, int) or attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be an int >= 0 (0: no chunks), got {attention_chunk!r}")
+    return attention_chunk
+
+
+def _with_qv(q, k, v, qv, softmax_scale):
+    """(q, k, scale) for the scores q k^T + qv v^T: q and qv side by side over k and v side by side."""
+    if softmax_scale is None:
+        softmax_scale = (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
+    if qv is None:
+        return q, k, softmax_scale
+    if not isinstance(qv, Tensor) or qv.shape != q.shape[:-1] + v.shape[-1:]:
+        raise ValueError(f"qv must be q's shape with v's head dim, {tuple(q.shape[:-1] + v.shape[-1:])}, got "
+                         f"{tuple(qv.shape) if isinstance(qv, Tensor) else type(qv).__name__}")
+    return torch.cat((q, qv), -1), torch.cat((k, v), -1), softmax_scale
+
+
+def _used(name, t, batch, device):
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,) or t.device != device:
+        raise ValueError(f"{name} must be an int32 tensor (batch,) = ({batch},) on q's device ({device}), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    return t
+
+
+def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
+    """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
+    FlashAttention 3's: each sequence n split into its chunks (attention_chunk: chunk c holds keys
+    c chunk .. and the queries whose bottom-right position i + used_k - used_q falls among them;
+    the first chunk also the queries before key 0), then, with used_q, its rows past used_q[n] as a
+    sequence of no keys. The split keeps each chunk's bottom-right alignment equal to the whole
+    sequence's. Computed on the device: no synchronisation."""
+    rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    held_q = rows_q if used_q is None else used_q
+    held_k = rows_k if used_k is None else used_k
+    parts = max(1, -(-max_k // chunk)) if chunk else 1
+    if chunk:
+        starts = torch.arange(parts, device=cu_q.device, dtype=torch.int32) * chunk
+        offset = (held_k - held_q)[:, None]
+        first_q = torch.minimum((starts - offset).clamp(min=0), held_q[:, None])
+        first_q[:, 0] = 0
+        first_k = torch.minimum(starts, rows_k[:, None])
+        keys = (held_k[:, None] - starts).clamp(0, chunk)
+    else:
+        first_q = first_k = torch.zeros_like(rows_q)[:, None]
+        keys = held_k[:, None]
+    if used_q is not None:  # the unused rows: a sequence of no keys
+        first_q = torch.cat((first_q, held_q[:, None]), 1)
+        first_k = torch.cat((first_k, rows_k[:, None]), 1)
+        keys = torch.cat((keys, torch.zeros_like(keys[:, :1])), 1)
+    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:])).to(torch.int32)
+    sub_k = torch.cat(((cu_k[:-1, None] + first_k).flatten(), cu_k[-1:])).to(torch.int32)
+    return sub_q, sub_k, keys.flatten().to(torch.int32)
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
+            attention_chunk, softcap, deterministic, impl, max_q_in_chunk=None):
+    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; max_q_in_chunk
+    bounds the queries of one chunk where the caller knows a bound below max_q."""
+    chunk = _check_chunk(attention_chunk)
+    q, k, scale = _with_qv(q, k, v, qv, softmax_scale)
+    common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
+                  **_options(causal, window_size, softcap))
+    if not chunk and used_q is None:
+        return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used_k, **common)
+    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k)
+    return attention_varlen(q, k, v, sub_q, sub_k, max_q_in_chunk or max_q, min(max_k, chunk) if chunk else max_k,
+                            seqused_k=keys, **common)
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                    v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                    pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, *,
+                    impl: str = "auto"):
+    """out (batch, seqlen_q, heads, head_dim_v) of q (batch, seqlen_q, heads, head_dim) over k and v
+    (batch, seqlen_k, kv_heads, head_dim[_v]); with return_attn_probs (out, softmax_lse (batch,
+    heads, seqlen_q))."""
+    _check_no_fp8(q_descale, k_descale, v_descale)
+    _check_dense(q, k, v)
+    batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    cu_q = _uniform_cu_seqlens(batch, lq, q.device)
+    cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
+    flat = [None if t is None else t.reshape(batch * t.shape[1], *t.shape[2:]) for t in (q, k, v, qv)]
+    # With no more queries than keys, a chunk holds at most attention_chunk queries.
+    in_chunk = min(lq, attention_chunk) if isinstance(attention_chunk, int) and attention_chunk > 0 and lq <= lk \
+        else None
+    o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3], window_size,
+                     attention_chunk, softcap, deterministic, impl, in_chunk)
+    o = o.view(batch, lq, *o.shape[1:])
+    return (o, _batch_major(lse, batch, lq)) if return_attn_probs else o
+
+
+def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None,
+                              window_size=(-1, -1), attention_chunk=0, softcap=0.0, deterministic=False,
+                              num_heads_q=None, sm_margin=0, return_attn_probs=False, *, impl: str = "auto"):
+    """flash_attn_func of qkv (batch, seqlen, 3, heads, head_dim), or (batch, seqlen, num_heads_q + 2
+    kv_heads, head_dim) with num_heads_q (grouped-query heads: q's, then k's, then v's)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() not in (4, 5):
+        raise ValueError(f"qkv must be (batch, seqlen, 3, heads, head_dim), or (batch, seqlen, heads, head_dim) "
+                         f"with num_heads_q, got {tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv (batch, seqlen, 3, heads, head_dim) must have 3 at dim 2, got {tuple(qkv.shape)}")
+        q, k, v = qkv.unbind(2)
+    else:
+        kv_heads = (qkv.shape[2] - num_heads_q) // 2 if isinstance(num_heads_q, int) else -1
+        if kv_heads <= 0 or num_heads_q + 2 * kv_heads != qkv.shape[2]:
+            raise ValueError(f"a 4-d qkv needs num_heads_q, with the {qkv.shape[2]} heads num_heads_q + 2 kv_heads, "
+                             f"got num_heads_q={num_heads_q!r}")
+        q, k, v = qkv.split([num_heads_q, kv_heads, kv_heads], dim=2)
+    return flash_attn_func(q, k, v, softmax_scale, causal, None, q_descale, k_descale, v_descale, window_size,
+                           attention_chunk, softcap, 1, None, deterministic, sm_margin, return_attn_probs, impl=impl)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                           seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None,
+                           k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
+                           num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, *,
+                           impl: str = "auto"):
+    """out (total_q, heads, head_dim_v) of sequences packed without padding (sequence n at rows
+    cu_seqlens[n] ..), and softmax_lse (heads, total_q) with return_attn_probs."""
+    _check_no_fp8(q_descale, k_descale, v_descale)
+    if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0:
+        raise ValueError(f"cu_seqlens_q must be an int32 tensor (batch + 1,), got "
+                         f"{tuple(getattr(cu_seqlens_q, 'shape', ())) or type(cu_seqlens_q).__name__}")
+    batch = cu_seqlens_q.numel() - 1
+    used_q, used_k = (_used(name, t, batch, q.device) for name, t in (("seqused_q", seqused_q),
+                                                                         ("seqused_k", seqused_k)))
+    o, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), used_q, used_k,
+                     softmax_scale, causal, qv, window_size, attention_chunk, softcap, deterministic, impl)
+    return (o, lse) if return_attn_probs else o
+
+
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """Attentions over parts of the keys merged into the attention over all of them: out_partial
+    (splits, batch, seqlen, heads, head_dim) float32 and lse_partial (splits, batch, seqlen, heads)
+    float32, each part's normalized output and log-sum-exp, give (out (batch, seqlen, heads,
+    head_dim) in out_dtype (default float32; written into `out` if given), softmax_lse (batch,
+    seqlen, heads), a view of a (batch, heads, seqlen) tensor as FlashAttention 3's):
+        lse = logsumexp_s lse_s,   out = sum_s exp(lse_s - lse) out_s.
+    A row no part saw (every lse_s -inf) gets out 0 and lse -inf."""
+    for name, t, dims in (("out_partial", out_partial, 5), ("lse_partial", lse_partial, 4)):
+        if not isinstance(t, Tensor) or t.dim() != dims or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a {dims}-d float32 tensor, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+    if lse_partial.shape != out_partial.shape[:-1] or lse_partial.device != out_partial.device:
+        raise ValueError(f"lse_partial must be out_partial's shape less head_dim, {tuple(out_partial.shape[:-1])}, "
+                         f"on its device, got {tuple(lse_partial.shape)} on {lse_partial.device}")
+    out_dtype = out_dtype or (out.dtype if out is not None else torch.float32)
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    lse = torch.logsumexp(lse_partial, 0)
+    weights = torch.exp(lse_partial - torch.where(lse == float("-inf"), 0.0, lse))
+    merged = (weights[..., None] * out_partial).sum(0)
+    if out is None:
+        out = merged.to(out_dtype)
+    else:
+        if out.shape != merged.shape or out.dtype != out_dtype or out.device != merged.device:
+            raise ValueError(f"out must be ({', '.join(map(str, merged.shape))}) {out_dtype} on {merged.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        out.copy_(merged)
+    return out, lse.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, interleaved, impl):
+    """x (batch, seqlen, heads, head_dim) turned at positions first[n] + i (per_row) or first[n]."""
+    positions = first[:, None] + (torch.arange(x.shape[1], device=x.device, dtype=torch.int32) if per_row else 0)
+    return rotary(x, rotary_cos, rotary_sin, positions.expand(x.shape[0], x.shape[1]), interleaved=interleaved,
+                  impl=impl)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None,
+                            cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None,
+                            q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True,
+                            scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
+                            return_softmax_lse=False, *, impl: str = "auto"):
+    """out (batch, seqlen_q, heads, head_dim_v), or with cu_seqlens_q (queries packed without
+    padding, q (total_q, heads, head_dim)) (total_q, heads, head_dim_v): q over the cache's keys,
+    after k and v (when given) are written into k_cache and v_cache in place at rows
+    cache_seqlens[n] .., turned by the rotary tables at those rows or at rotary_seqlens[n] ..
+    (genfast.integrations.flash_attn's flash_attn_with_kvcache; page_table is its block_table).
+    With return_softmax_lse (out, softmax_lse (batch, heads, seqlen_q) or (heads, total_q), and two
+    empty tensors)."""
+    _check_no_fp8(q_descale, k_descale, v_descale)
+    if cu_seqlens_k_new is not None:
+        raise NotImplementedError("cu_seqlens_k_new (new keys packed without padding) is not supported: pass k and v "
+                                  "as (batch, seqlen_new, kv_heads, head_dim)")
+    if _check_chunk(attention_chunk):
+        raise NotImplementedError("attention_chunk with a KV cache is not supported (flash_attn_func and "
+                                  "flash_attn_varlen_func take it)")
+    packed = cu_seqlens_q is not None
+    if packed:
+        if rotary_cos is not None:
+            raise NotImplementedError("cu_seqlens_q with rotary tables is not supported: turn q and k with "
+                                      "genfast.rotary first")
+        if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or max_seqlen_q is None:
+            raise ValueError("cu_seqlens_q must be an int32 tensor (batch + 1,), with max_seqlen_q")
+        if not isinstance(q, Tensor) or q.dim() != 3:
+            raise ValueError(f"with cu_seqlens_q, q must be (total_q, heads, head_dim), got "
+                             f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
+        batch = cu_seqlens_q.numel() - 1
+        # q's batch is cu_seqlens_q's: checked as one of (batch, total_q / batch) rows would be.
+        _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, k, v, None, cache_batch_idx, cache_leftpad,
+                       page_table)
+    else:
+        _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, page_table)
+        batch = q.shape[0]
+    held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
+    options = _options(causal, window_size, softcap)
+    queries_in_sequence = bool(causal or options["window"])
+    if rotary_seqlens is not None and rotary_cos is not None:
+        # Turned at rotary_seqlens[n] + i instead of the rows they are written at.
+        first = _used("rotary_seqlens", rotary_seqlens, batch, q.device)
+        q = _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, rotary_interleaved, impl)
+        k = _rotate_at(k, rotary_cos, rotary_sin, first, True, rotary_interleaved, impl)
+        rotary_cos = rotary_sin = None
+    q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos, rotary_sin,
+                               rotary_interleaved, queries_in_sequence, impl)
+    if packed:
+        flat_q, cu_q, max_q = q, cu_seqlens_q, int(max_seqlen_q)
+        flat_qv = qv
+    else:
+        lq = q.shape[1]
+        flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
+        flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
+    # With qv, keys beside values page by page: a copy of the caches.
+    flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale)
+    common = dict(scale=scale, return_lse=True, impl=impl, **options)
+    o, lse = _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
+                              page_table, common)
+    if not packed:
+        o, lse = o.view(batch, max_q, *o.shape[1:]), _batch_major(lse, batch, max_q)
+    return (o, lse, o.new_empty(0, dtype=torch.float32), o.new_empty(0, dtype=torch.float32)) \
+        if return_softmax_lse else o
+
+
+def get_scheduler_metadata(*args, **kwargs) -> Optional[Tensor]:
+    """FlashAttention 3's precomputed schedule for flash_attn_with_kvcache: genfast schedules its
+    own, so there is none (None, which flash_attn_with_kvcache's scheduler_metadata accepts)."""
+    return None

@@ -1,0 +1,385 @@
+"""genfast.integrations.flash_attn_interface, FlashAttention 3's functions on genfast's kernels,
+against a reference written here from FlashAttention 3's definitions (each sequence's scores, mask
+and softmax in float64): the returns, seqused_q and seqused_k, attention_chunk (forward and
+backward), qv, the packed qkv forms, flash_attn_with_kvcache's FlashAttention 3 arguments
+(page_table, cu_seqlens_q, rotary_seqlens, qv), flash_attn_combine, torch.compile and bad input."""
+
+import pytest
+import torch
+
+from genfast.integrations import flash_attn as fa2
+from genfast.integrations import flash_attn_interface as fa3
+from genfast.testing.tolerances import assert_error_ratio
+from conftest import fused_impls, skip_unless_supported
+
+HEADS, KV_HEADS, DIM, V_DIM = 4, 2, 16, 8
+
+
+def _sequence_attention(q, k, v, qv=None, used_q=None, used_k=None, causal=False, window_size=(-1, -1),
+                        attention_chunk=0, softcap=0.0, softmax_scale=None):
+    """One sequence, q (Lq, H, D), k and v (Lk, Hk, D[v]), by FlashAttention 3's definitions, in q's
+    dtype: query i < used_q at position i + used_k - used_q sees key j < used_k where causal (j <=
+    position), the window and its chunk (the chunk of max(position, 0)) allow; rows past used_q
+    and rows that see no key give out 0 and lse -inf. Returns (out (Lq, H, Dv), lse (H, Lq))."""
+    lq, lk = q.shape[0], k.shape[0]
+    used_q = lq if used_q is None else used_q
+    used_k = lk if used_k is None else used_k
+    group = q.shape[1] // k.shape[1]
+    k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if softmax_scale is None:
+        softmax_scale = (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
+    scores = torch.einsum("ihd,jhd->hij", q, k_)
+    if qv is not None:
+        scores = scores + torch.einsum("ihd,jhd->hij", qv, v_)
+    scores = scores * softmax_scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(lq)[:, None]
+    j = torch.arange(lk)[None, :]
+    position = i + used_k - used_q
+    seen = (i < used_q) & (j < used_k)
+    if causal:
+        seen &= j <= position
+    left, right = window_size
+    if left >= 0:
+        seen &= j >= position - left
+    if right >= 0:
+        seen &= j <= position + right
+    if attention_chunk:
+        start = position.clamp(min=0) // attention_chunk * attention_chunk
+        seen &= (j >= start) & (j < start + attention_chunk)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.where(lse[..., None] == float("-inf"), 0.0, torch.exp(scores - lse[..., None]))
+    return torch.einsum("hij,jhd->ihd", probs, v_), lse
+
+
+def _packed_reference(q, k, v, cu_q, cu_k, qv=None, seqused_q=None, seqused_k=None, **options):
+    outs, lses = [], []
+    for n in range(cu_q.numel() - 1):
+        rows_q, rows_k = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
+        o, lse = _sequence_attention(q[rows_q], k[rows_k], v[rows_k], None if qv is None else qv[rows_q],
+                                     None if seqused_q is None else int(seqused_q[n]),
+                                     None if seqused_k is None else int(seqused_k[n]), **options)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _inputs(lengths_q, lengths_k, dtype=torch.float32, with_qv=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), HEADS, DIM, generator=g)
+    k = torch.randn(sum(lengths_k), KV_HEADS, DIM, generator=g)
+    v = torch.randn(sum(lengths_k), KV_HEADS, V_DIM, generator=g)
+    qv = torch.randn(sum(lengths_q), HEADS, V_DIM, generator=g) if with_qv else None
+    cu_q, cu_k = (torch.tensor([0] + list(n)).cumsum(0).to(torch.int32) for n in (lengths_q, lengths_k))
+    return [None if t is None else t.to(dtype) for t in (q, k, v, qv)], cu_q, cu_k
+
+
+def _compare(got_fn, leaves, reference_fn, names=("out", "softmax_lse")):
+    """got_fn(*leaves) against reference_fn in float64 and float32: outputs by the error-ratio rule
+    (2x), gradients of the leaves (3x) for fixed upstream gradients of out and the finite lse."""
+    results = []
+    for fn, dtype in ((got_fn, None), (reference_fn, torch.float64), (reference_fn, torch.float32)):
+        inputs = [t.detach().to(dtype or t.dtype).requires_grad_() for t in leaves]
+        o, lse = fn(*inputs)
+        g = torch.Generator().manual_seed(9)
+        grad_o = torch.randn(o.shape, generator=g, dtype=torch.float64)
+        grad_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+        loss = (o.double() * grad_o).sum() + (torch.where(lse.isfinite(), lse, 0).double() * grad_lse).sum()
+        results.append((o, lse, *torch.autograd.grad(loss, inputs, allow_unused=True)))
+    got, exact, low = results
+    for index, (a, e, lo) in enumerate(zip(got, exact, low)):
+        name = names[index] if index < len(names) else f"grad {index - len(names)}"
+        assert a is not None and e is not None, name
+        assert_error_ratio(a, e, lo.to(a.dtype), ratio=2.0 if index < len(names) else 3.0, msg=name)
+    return got
+
+
+VARLEN_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(5, -1)), dict(window_size=(3, 2)),
+                  dict(attention_chunk=8, causal=True), dict(attention_chunk=5),
+                  dict(attention_chunk=6, causal=True, window_size=(4, -1), softcap=2.0)]
+
+
+@pytest.mark.parametrize("used", ["all", "seqused_q", "seqused_k", "both"])
+@pytest.mark.parametrize("options", VARLEN_OPTIONS, ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
+    """Sequences of 5/9, 1/30, 0/4, 17/17 and 12/7 queries/keys (more queries than keys in the last),
+    with seqused_q and seqused_k shorter than the rows: out, softmax_lse and the gradients of q, k, v."""
+    skip_unless_supported(impl, "cpu")
+    lengths_q, lengths_k = [5, 1, 0, 17, 12], [9, 30, 4, 17, 7]
+    (q, k, v, _), cu_q, cu_k = _inputs(lengths_q, lengths_k)
+    seqused_q = torch.tensor([3, 1, 0, 11, 12], dtype=torch.int32) if used in ("seqused_q", "both") else None
+    seqused_k = torch.tensor([9, 20, 0, 13, 5], dtype=torch.int32) if used in ("seqused_k", "both") else None
+
+    def run(q, k, v):
+        return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 30, seqused_q=seqused_q, seqused_k=seqused_k,
+                                          return_attn_probs=True, impl=impl, **options)
+
+    def reference(q, k, v):
+        return _packed_reference(q, k, v, cu_q, cu_k, seqused_q=seqused_q, seqused_k=seqused_k, **options)
+
+    out, lse = _compare(run, [q, k, v], reference)[:2]
+    assert out.shape == (sum(lengths_q), HEADS, V_DIM) and lse.shape == (HEADS, sum(lengths_q))
+    if seqused_q is not None:
+        rows = torch.cat([torch.arange(a + u, b) for a, b, u in zip(cu_q[:-1], cu_q[1:], seqused_q)])
+        assert torch.equal(out[rows], torch.zeros_like(out[rows])), "rows past seqused_q are 0"
+        assert (lse[:, rows] == float("-inf")).all()
+
+
+def test_chunks_are_the_mask_they_stand_for():
+    """attention_chunk against the reference with the chunks' mask alone, long enough for several
+    chunks in each sequence; a chunk as long as the keys changes nothing."""
+    (q, k, v, _), cu_q, cu_k = _inputs([40, 23], [40, 50], seed=3)
+    for chunk in (7, 16):
+        got = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, attention_chunk=chunk, causal=True,
+                                         return_attn_probs=True, impl="native")
+        exact, low = (_packed_reference(q.to(d), k.to(d), v.to(d), cu_q, cu_k, causal=True, attention_chunk=chunk)
+                      for d in (torch.float64, torch.float32))
+        assert_error_ratio(got[0], exact[0], low[0], msg=f"out, chunks of {chunk}")
+    whole = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, attention_chunk=50, causal=True)
+    torch.testing.assert_close(whole, fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, causal=True))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(attention_chunk=4, causal=True),
+                                     dict(softmax_scale=0.2, window_size=(2, 2))], ids=str)
+@pytest.mark.parametrize("lengths", [(11, 11), (5, 14)], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_flash_attn_func_with_qv(options, lengths, impl):
+    """qv's scores q k^T + qv v^T with FlashAttention 3's default scale, and the gradients of q, k,
+    v and qv; flash_attn_func without return_attn_probs returns out alone."""
+    skip_unless_supported(impl, "cpu")
+    batch, (lq, lk) = 2, lengths
+    (q, k, v, qv), _, _ = _inputs([lq] * batch, [lk] * batch, with_qv=True, seed=2)
+    dense = [t.view(batch, -1, *t.shape[1:]) for t in (q, k, v, qv)]
+
+    def run(q, k, v, qv):
+        return fa3.flash_attn_func(q, k, v, qv=qv, return_attn_probs=True, impl=impl, **options)
+
+    def reference(q, k, v, qv):
+        pairs = [_sequence_attention(*(t[n] for t in (q, k, v, qv)), **options) for n in range(batch)]
+        return torch.stack([o for o, _ in pairs]), torch.stack([lse for _, lse in pairs])
+
+    out, lse = _compare(run, dense, reference)[:2]
+    assert out.shape == (batch, lq, HEADS, V_DIM) and lse.shape == (batch, HEADS, lq) and lse.is_contiguous()
+    alone = fa3.flash_attn_func(*dense[:3], qv=dense[3], impl=impl, **options)
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone, out.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_half_precision(dtype, impl):
+    skip_unless_supported(impl, "cpu", dtype)
+    (q, k, v, _), cu_q, cu_k = _inputs([9, 20], [9, 33], dtype, seed=5)
+    got = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 33, causal=True, attention_chunk=8, impl=impl)
+    exact, low = (_packed_reference(q.to(d), k.to(d), v.to(d), cu_q, cu_k, causal=True, attention_chunk=8)[0]
+                  for d in (torch.float64, dtype))
+    assert got.dtype == dtype
+    assert_error_ratio(got, exact, low, msg="out")
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_packed_qkv_forms(impl):
+    """qkv (B, L, 3, H, D), and (B, L, Hq + 2 Hk, D) with num_heads_q: flash_attn_func of its parts,
+    gradients included."""
+    skip_unless_supported(impl, "cpu")
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 13, 3, HEADS, DIM, generator=g, requires_grad=True)
+    grouped = torch.randn(2, 13, HEADS + 2 * KV_HEADS, DIM, generator=g, requires_grad=True)
+    for packed, unpacked, leaf in (
+            (lambda: fa3.flash_attn_qkvpacked_func(qkv, causal=True, impl=impl),
+             lambda: fa3.flash_attn_func(*qkv.unbind(2), causal=True, impl=impl), qkv),
+            (lambda: fa3.flash_attn_qkvpacked_func(grouped, num_heads_q=HEADS, attention_chunk=4, impl=impl),
+             lambda: fa3.flash_attn_func(*grouped.split([HEADS, KV_HEADS, KV_HEADS], 2), attention_chunk=4,
+                                         impl=impl), grouped)):
+        got, expected = packed(), unpacked()
+        assert torch.equal(got, expected)
+        assert torch.equal(torch.autograd.grad(got.sum(), leaf)[0], torch.autograd.grad(expected.sum(), leaf)[0])
+
+
+def test_returns_and_deterministic_backward():
+    """FlashAttention 3's returns (out; (out, lse)); deterministic=True repeats dq, dk, dv bit for bit."""
+    (q, k, v, _), _, _ = _inputs([10] * 2, [10] * 2)
+    q, k, v = (t.view(2, 10, *t.shape[1:]).requires_grad_() for t in (q, k, v))
+    grads = []
+    for _ in range(2):
+        out = fa3.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert len(fa3.flash_attn_func(q, k, v, return_attn_probs=True)) == 2
+
+
+# flash_attn_with_kvcache
+
+CAPACITY, BATCH = 24, 3
+
+
+def _cache(paged, seed=0, v_dim=V_DIM):
+    g = torch.Generator().manual_seed(seed)
+    rows = (CAPACITY // 4 * BATCH + 2, 4) if paged else (BATCH, CAPACITY)
+    k_cache = torch.randn(*rows, KV_HEADS, DIM, generator=g)
+    v_cache = torch.randn(*rows, KV_HEADS, v_dim, generator=g)
+    table = torch.randperm(rows[0], generator=g)[:BATCH * CAPACITY // 4].view(BATCH, -1).to(torch.int32) \
+        if paged else None
+    return k_cache, v_cache, table
+
+
+def _cache_keys(cache, table, n, count):
+    """The first `count` keys of sequence n."""
+    if table is None:
+        return cache[n, :count]
+    return cache[table[n].long()].flatten(0, 1)[:count]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["padded", "paged"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_packed_queries_and_qv(paged, impl):
+    """cu_seqlens_q (3, 1 and 2 queries over caches of 6, 0 and 13 keys, two new ones appended to
+    each), with and without qv: each sequence's rows against the reference over its keys, causal from
+    its bottom-right corner; (out, softmax_lse (heads, total_q), two empty tensors) returned."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, table = _cache(paged)
+    g = torch.Generator().manual_seed(1)
+    cu_q = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    q = torch.randn(6, HEADS, DIM, generator=g)
+    qv = torch.randn(6, HEADS, V_DIM, generator=g)
+    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, V_DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    for with_qv in (False, True):
+        caches = k_cache.clone(), v_cache.clone()
+        out, lse, *rest = fa3.flash_attn_with_kvcache(
+            q, *caches, k, v, qv=qv if with_qv else None, cache_seqlens=held, page_table=table, cu_seqlens_q=cu_q,
+            max_seqlen_q=3, causal=True, return_softmax_lse=True, impl=impl)
+        assert out.shape == (6, HEADS, V_DIM) and lse.shape == (HEADS, 6) and [t.numel() for t in rest] == [0, 0]
+        for n in range(BATCH):
+            count = int(held[n]) + 2
+            keys, values = (_cache_keys(c, table, n, count) for c in caches)
+            assert torch.equal(keys[-2:], k[n]) and torch.equal(values[-2:], v[n])
+            rows = slice(int(cu_q[n]), int(cu_q[n + 1]))
+            exact, low = (_sequence_attention(q[rows].to(d), keys.to(d), values.to(d),
+                                              qv[rows].to(d) if with_qv else None, causal=True)
+                          for d in (torch.float64, torch.float32))
+            assert_error_ratio(out[rows], exact[0], low[0], msg=f"out of sequence {n}")
+            assert_error_ratio(lse[:, rows], exact[1], low[1], msg=f"softmax_lse of sequence {n}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_rotary_seqlens(causal, impl):
+    """rotary_seqlens turns the new keys at rotary_seqlens[n] + i (the queries there too when causal,
+    else all at rotary_seqlens[n]) wherever they are written: FlashAttention 2's call with the tables
+    shifted by each sequence's difference gives the same."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, _ = _cache(False, v_dim=DIM)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(BATCH, 2, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(2 * CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    shifts = [3, 20, 1]
+    caches = k_cache.clone(), v_cache.clone()
+    got = fa3.flash_attn_with_kvcache(q, *caches, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=held,
+                                      rotary_seqlens=held + torch.tensor(shifts, dtype=torch.int32), causal=causal,
+                                      rotary_interleaved=False, impl=impl)
+    for n, shift in enumerate(shifts):
+        expected_caches = k_cache[n:n + 1].clone(), v_cache[n:n + 1].clone()
+        expected = fa2.flash_attn_with_kvcache(q[n:n + 1], *expected_caches, k[n:n + 1], v[n:n + 1],
+                                               rotary_cos=cos[shift:], rotary_sin=sin[shift:],
+                                               cache_seqlens=held[n:n + 1], causal=causal, rotary_interleaved=False,
+                                               impl=impl)
+        torch.testing.assert_close(got[n:n + 1], expected)
+        torch.testing.assert_close(caches[0][n:n + 1], expected_caches[0])
+
+
+def test_with_kvcache_equals_flash_attention_2s():
+    """Without FlashAttention 3's own arguments, its flash_attn_with_kvcache is FlashAttention 2's
+    (page_table for block_table)."""
+    k_cache, v_cache, table = _cache(True, v_dim=DIM)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(BATCH, 1, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 1, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 1, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    rotary = dict(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float())
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    got = fa3.flash_attn_with_kvcache(q, *caches[0], k, v, cache_seqlens=held, page_table=table, causal=True,
+                                      softcap=3.0, window_size=(5, 0), return_softmax_lse=True, **rotary)
+    expected = fa2.flash_attn_with_kvcache(q, *caches[1], k, v, cache_seqlens=held, block_table=table, causal=True,
+                                           softcap=3.0, window_size=(5, 0), return_softmax_lse=True, **rotary)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+# flash_attn_combine
+
+def test_combine_merges_attentions_over_parts_of_the_keys():
+    """Keys split in three: the parts' float32 outputs and lse combined equal attention over all the
+    keys (out in float32, bfloat16 or into `out`); a row that no part saw gets 0 and -inf; the
+    gradients of the parts."""
+    (q, k, v, _), _, _ = _inputs([9] * 2, [30] * 2, seed=7)
+    q, k, v = (t.view(2, -1, *t.shape[1:]) for t in (q, k, v))
+    parts = [fa3.flash_attn_func(q, k[:, a:b], v[:, a:b], return_attn_probs=True) for a, b in ((0, 10), (10, 21),
+                                                                                             (21, 30))]
+    out_partial = torch.stack([o for o, _ in parts])
+    lse_partial = torch.stack([lse.transpose(1, 2) for _, lse in parts])
+    out, lse = fa3.flash_attn_combine(out_partial, lse_partial)
+    assert out.shape == (2, 9, HEADS, V_DIM) and out.dtype == torch.float32 and lse.shape == (2, 9, HEADS)
+    assert lse.transpose(1, 2).is_contiguous(), "lse is FlashAttention 3's view of a (batch, heads, seqlen) tensor"
+    for n in range(2):
+        exact, low = (_sequence_attention(q[n].to(d), k[n].to(d), v[n].to(d)) for d in (torch.float64, torch.float32))
+        assert_error_ratio(out[n], exact[0], low[0], msg="out")
+        assert_error_ratio(lse[n], exact[1].T, low[1].T, msg="lse")
+    half, _ = fa3.flash_attn_combine(out_partial, lse_partial, out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, out.to(torch.bfloat16))
+    into = torch.empty_like(out)
+    assert fa3.flash_attn_combine(out_partial, lse_partial, out=into)[0] is into and torch.equal(into, out)
+    hidden = lse_partial.clone()
+    hidden[:, 0, 0, 0] = float("-inf")
+    out, lse = fa3.flash_attn_combine(out_partial, hidden)
+    assert lse[0, 0, 0] == float("-inf") and torch.equal(out[0, 0, 0], torch.zeros(V_DIM))
+    # The gradients reach the parts: a part's weight in the merge is its share of the whole.
+    leaves = out_partial.clone().requires_grad_(), lse_partial.clone().requires_grad_()
+    merged, merged_lse = fa3.flash_attn_combine(*leaves)
+    grad_out, grad_lse = torch.autograd.grad(merged.sum() + merged_lse.sum(), leaves)
+    share = torch.exp(lse_partial - merged_lse.detach())
+    torch.testing.assert_close(grad_out, share[..., None].expand_as(grad_out))
+    torch.testing.assert_close(grad_lse, share * (1 + (out_partial - merged.detach()).sum(-1)))
+
+
+def test_compiles_with_fullgraph():
+    """Chunked attention with qv, value and gradients, under torch.compile(fullgraph=True)."""
+    from conftest import assert_compiles_like_eager
+
+    (q, k, v, qv), _, _ = _inputs([12] * 2, [12] * 2, with_qv=True)
+    leaves = [t.view(2, 12, *t.shape[1:]).requires_grad_() for t in (q, k, v, qv)]
+    assert_compiles_like_eager(lambda q, k, v, qv: fa3.flash_attn_func(q, k, v, qv=qv, causal=True,
+                                                                        attention_chunk=5), leaves)
+
+
+def test_bad_input_names_the_argument():
+    (q, k, v, _), cu_q, cu_k = _inputs([5, 7], [5, 7])
+    dense = [t.view(2, -1, *t.shape[1:]) for t in (q, k, v)]
+    k_cache, v_cache, _ = _cache(False)
+    held = torch.tensor([1, 2], dtype=torch.int32)
+    scale = torch.ones(1)
+    for call, error, match in (
+            (lambda: fa3.flash_attn_func(*dense, q_descale=scale), NotImplementedError, "q_descale"),
+            (lambda: fa3.flash_attn_func(*dense, attention_chunk=-2), ValueError, "attention_chunk must be"),
+            (lambda: fa3.flash_attn_func(*dense, qv=dense[0]), ValueError, "qv must be"),
+            (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_q=held.long()), ValueError,
+             "seqused_q must be an int32"),
+            (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_k=held[:1]), ValueError,
+             "seqused_k must be an int32"),
+            (lambda: fa3.flash_attn_qkvpacked_func(torch.zeros(2, 5, 8, DIM)), ValueError, "num_heads_q"),
+            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, attention_chunk=4),
+             NotImplementedError, "attention_chunk with a KV cache"),
+            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, cu_seqlens_k_new=cu_k),
+             NotImplementedError, "cu_seqlens_k_new"),
+            (lambda: fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cu_seqlens_q=cu_q), ValueError,
+             "max_seqlen_q"),
+            (lambda: fa3.flash_attn_combine(torch.zeros(2, 1, 3, 4, 5), torch.zeros(2, 1, 3, 5)), ValueError,
+             "lse_partial must be")):
+        with pytest.raises(error, match=match):
+            call()
