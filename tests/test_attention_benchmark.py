@@ -271,6 +271,37 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     torch.testing.assert_close(real_attention(q, k, v, masks[0]), band)
 
 
+def test_chunked_rows_give_every_peer_the_chunks(monkeypatch, one_call_timer):
+    """genfast's attention_chunk and every peer's mask stand for the same layer: the mask the peers
+    get gives what attention_chunk does; the FLOPs are those of the keys the chunks keep."""
+    monkeypatch.setitem(bench.CHUNKED_CONFIGS, "cpu", (1, 2, 40, 16, 12))
+    masks = []
+    real_sdpa = bench.F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **options):
+        masks.append(attn_mask)
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **options)
+
+    monkeypatch.setattr(bench.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
+    rows = bench._chunked_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    impls = bench.fused_impls("cpu")
+    peers = {*(f"genfast {impl} attention_chunk" for impl in impls), *(f"genfast {impl} mask" for impl in impls),
+             "torch SDPA flash", "torch SDPA math", "eager reference", "torch.compile reference"}
+    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
+    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
+    assert all(row["config"] == "B=1 H=2 L=40 D=16 chunk=12" for row in rows)
+    kept = 3 * (12 * 13 // 2) + 4 * 5 // 2  # chunks of 12, 12, 12 and 4 keys, causal in each
+    for row in rows:
+        if row["variant"] == "attention forward chunked causal":
+            assert row["gflop_per_s"] == pytest.approx(4 * 2 * kept * 16 / 2e-3 / 1e9)
+    mask = next(m for m in masks if m is not None and m.shape[-1] == 40)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    from genfast.integrations.flash_attn_interface import flash_attn_func
+    chunked = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, attention_chunk=12)
+    torch.testing.assert_close(real_sdpa(q, k, v, attn_mask=mask), chunked.transpose(1, 2))
+
+
 def test_bias_rows_give_every_peer_the_bias_in_the_inputs_dtype(monkeypatch, one_call_timer):
     monkeypatch.setitem(bench.BIAS_CONFIGS, "cpu", (1, 2, 40, 16))
     masks = []

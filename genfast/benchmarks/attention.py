@@ -13,7 +13,7 @@ in full runs also a small model's decoding step, one layer's attention in a step
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
 paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
 Llama-style model (against paged|sdpa and FlashAttention 2), dense with dropout, a sliding-window layer given
-its window as a mask, a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
+its window as a mask, a chunked causal layer (Llama 4's attention_chunk), a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
 inputs' dtype) relative-position bias (whose forward+backward is timed again with the bias's
 gradient), the last three with torch's FlexAttention as a peer too (forward only on the CPU, where
 it has no backward).
@@ -75,6 +75,8 @@ DROPOUT_P = 0.1
 # runs it through an attention interface such as "sdpa" or "genfast": a boolean (B, 1, L, L) mask
 # that keeps keys i - window < j <= i (batch, heads, length, head_dim, window).
 SLIDING_MASK_CONFIGS = {"cpu": (2, 8, 2048, 64, 256), "cuda": (2, 16, 8192, 128, 1024)}
+# (B, H, L, D, attention_chunk): Llama 4's chunked causal layers, chunks of 8192 keys at 16k and more.
+CHUNKED_CONFIGS = {"cpu": (1, 8, 4096, 64, 1024), "cuda": (1, 16, 16384, 128, 8192)}
 # A causal layer with soft-capped logits, as Gemma 2's: (batch, heads, length, head_dim), cap SOFT_CAP.
 SOFT_CAP_CONFIGS = {"cpu": (2, 8, 1024, 64), "cuda": (2, 16, 4096, 256)}
 SOFT_CAP = 50.0
@@ -270,6 +272,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 rows += _dropout_rows(device, dtype, gemm, quick, say)
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
+                rows += _chunked_rows(device, dtype, gemm, quick, say)
                 rows += _soft_cap_rows(device, dtype, gemm, quick, say)
                 rows += _sink_rows(device, dtype, gemm, quick, say)
                 rows += _bias_rows(device, torch.bfloat16 if device == "cpu" else dtype, gemm, quick, say)
@@ -304,6 +307,51 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
     flops = 4 * batch * heads * kept * dim
     groups = _forward_and_backward_groups("sliding-window mask", flops, usable, q, k, v, leaves, grad, mask, flex=flex)
     config = f"B={batch} H={heads} L={length} D={dim} window={window}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+
+
+def _chunked_rows(device, dtype, gemm, quick, say):
+    """A chunked causal layer (Llama 4's: a query sees the keys of its own chunk up to itself):
+    genfast through FlashAttention 3's attention_chunk (genfast.integrations.flash_attn_interface),
+    FlashAttention 3's own where installed (forward only: it has no backward there), and the peers that take the chunks as a mask (genfast's
+    mask too, the figure skipping the blocks a mask hides reaches): SDPA, FlexAttention with the
+    chunks as its mask_mod, the eager and compiled reference. FLOPs: those of the keys kept."""
+    from ..integrations import flash_attn_interface as genfast_fa3
+
+    batch, heads, length, dim, chunk = CHUNKED_CONFIGS.get(device, CHUNKED_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    position = torch.arange(length, device=device)
+    mask = ((position[:, None] >= position[None, :]) & (position[:, None] // chunk == position[None, :] // chunk))
+    mask = mask.expand(batch, 1, length, length)
+    flex = flex_attention_peer(device, length, lambda b, h, i, j: (i >= j) & (i // chunk == j // chunk))
+
+    def chunked(module, **options):
+        return lambda q, k, v, m: _output(module.flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, attention_chunk=chunk,
+            **options)).transpose(1, 2)
+
+    candidates = [(f"genfast {impl} attention_chunk", chunked(genfast_fa3, impl=impl)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} mask", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
+                   for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend, "attn_mask"))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
+                   ("torch.compile reference", lambda q, k, v, m: compiled(q, k, v, m))]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
+    kept = int(mask[0, 0].sum())
+    groups = _forward_and_backward_groups("chunked causal", 4 * batch * heads * kept * dim, usable, q, k, v, leaves,
+                                          grad, mask, flex=flex)
+    if device == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
+        # Its forward alone: FlashAttention 3 has no backward with attention_chunk.
+        fa3 = chunked(importlib.import_module("flash_attn_interface"))
+        if _supported(fa3, q, k, v, None):
+            groups["attention forward chunked causal"][1].append(
+                ("FlashAttention-3 attention_chunk", lambda: fa3(q, k, v, mask)))
+    config = f"B={batch} H={heads} L={length} D={dim} chunk={chunk}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
