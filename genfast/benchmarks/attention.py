@@ -279,21 +279,15 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
     return rows
 
 
-def _sliding_mask_rows(device, dtype, gemm, quick, say):
-    """A sliding-window layer given its window as a boolean mask, as transformers' models give it:
-    every peer that takes a mask, and genfast with the window as a band (window=, what the mask
-    says), the figure a mask can approach by skipping the blocks it hides. FLOPs: those of the keys
-    the mask keeps."""
-    batch, heads, length, dim, window = SLIDING_MASK_CONFIGS.get(device, SLIDING_MASK_CONFIGS["cpu"])
+def _mask_layer(device, dtype, shape, mask, own, variant, kept, flex):
+    """(q, k, v, groups) of a layer given as a boolean mask (batch, 1, L, L): the candidates `own`
+    (each called as fn(q, k, v, mask)), genfast's fused backends with the mask, every peer that
+    takes a mask (SDPA's backends, the eager and compiled reference) and FlexAttention (flex, or
+    None); FLOPs those of the `kept` scores a head."""
+    batch, heads, length, dim = shape
     compiled = torch.compile(reference.attention, dynamic=False)
-    position = torch.arange(length, device=device)
-    distance = position[:, None] - position[None, :]
-    mask = ((distance >= 0) & (distance < window)).expand(batch, 1, length, length)
-    flex = flex_attention_peer(device, length, lambda b, h, i, j: (i >= j) & (i - j < window))
-    candidates = [(f"genfast {impl}", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
-                  for impl in fused_impls(device)]
-    candidates += [(f"genfast {impl} band", lambda q, k, v, m, impl=impl: attention(
-        q, k, v, causal="top_left", window=(window - 1, 0), impl=impl)) for impl in fused_impls(device)]
+    candidates = [*own, *((f"genfast {impl} mask", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
+                          for impl in fused_impls(device))]
     candidates += [(f"torch SDPA {name}", _sdpa(backend, "attn_mask"))
                    for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
@@ -303,9 +297,25 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(q)
     usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
+    return q, k, v, _forward_and_backward_groups(variant, 4 * batch * heads * kept * dim, usable, q, k, v, leaves,
+                                                 grad, mask, flex=flex)
+
+
+def _sliding_mask_rows(device, dtype, gemm, quick, say):
+    """A sliding-window layer given its window as a boolean mask, as transformers' models give it:
+    every peer that takes a mask, and genfast with the window as a band (window=, what the mask
+    says), the figure a mask can approach by skipping the blocks it hides. FLOPs: those of the keys
+    the mask keeps."""
+    batch, heads, length, dim, window = SLIDING_MASK_CONFIGS.get(device, SLIDING_MASK_CONFIGS["cpu"])
+    position = torch.arange(length, device=device)
+    distance = position[:, None] - position[None, :]
+    mask = ((distance >= 0) & (distance < window)).expand(batch, 1, length, length)
+    flex = flex_attention_peer(device, length, lambda b, h, i, j: (i >= j) & (i - j < window))
+    bands = [(f"genfast {impl} band", lambda q, k, v, m, impl=impl: attention(
+        q, k, v, causal="top_left", window=(window - 1, 0), impl=impl)) for impl in fused_impls(device)]
     kept = window * length - window * (window - 1) // 2
-    flops = 4 * batch * heads * kept * dim
-    groups = _forward_and_backward_groups("sliding-window mask", flops, usable, q, k, v, leaves, grad, mask, flex=flex)
+    groups = _mask_layer(device, dtype, (batch, heads, length, dim), mask, bands, "sliding-window mask", kept,
+                         flex)[3]
     config = f"B={batch} H={heads} L={length} D={dim} window={window}"
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
@@ -313,13 +323,13 @@ def _sliding_mask_rows(device, dtype, gemm, quick, say):
 def _chunked_rows(device, dtype, gemm, quick, say):
     """A chunked causal layer (Llama 4's: a query sees the keys of its own chunk up to itself):
     genfast through FlashAttention 3's attention_chunk (genfast.integrations.flash_attn_interface),
-    FlashAttention 3's own where installed (forward only: it has no backward there), and the peers that take the chunks as a mask (genfast's
-    mask too, the figure skipping the blocks a mask hides reaches): SDPA, FlexAttention with the
-    chunks as its mask_mod, the eager and compiled reference. FLOPs: those of the keys kept."""
+    FlashAttention 3's own where installed (forward only: it has no backward there), and the peers
+    that take the chunks as a mask (genfast's mask too, the figure skipping the blocks a mask hides
+    reaches): SDPA, FlexAttention with the chunks as its mask_mod, the eager and compiled
+    reference. FLOPs: those of the keys kept."""
     from ..integrations import flash_attn_interface as genfast_fa3
 
     batch, heads, length, dim, chunk = CHUNKED_CONFIGS.get(device, CHUNKED_CONFIGS["cpu"])
-    compiled = torch.compile(reference.attention, dynamic=False)
     position = torch.arange(length, device=device)
     mask = ((position[:, None] >= position[None, :]) & (position[:, None] // chunk == position[None, :] // chunk))
     mask = mask.expand(batch, 1, length, length)
@@ -330,21 +340,9 @@ def _chunked_rows(device, dtype, gemm, quick, say):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, attention_chunk=chunk,
             **options)).transpose(1, 2)
 
-    candidates = [(f"genfast {impl} attention_chunk", chunked(genfast_fa3, impl=impl)) for impl in fused_impls(device)]
-    candidates += [(f"genfast {impl} mask", lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl=impl))
-                   for impl in fused_impls(device)]
-    candidates += [(f"torch SDPA {name}", _sdpa(backend, "attn_mask"))
-                   for name, backend in SDPA_BACKENDS.get(device, [])]
-    candidates += [("eager reference", lambda q, k, v, m: reference.attention(q, k, v, m)),
-                   ("torch.compile reference", lambda q, k, v, m: compiled(q, k, v, m))]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v, mask[..., :8, :8])]
-    kept = int(mask[0, 0].sum())
-    groups = _forward_and_backward_groups("chunked causal", 4 * batch * heads * kept * dim, usable, q, k, v, leaves,
-                                          grad, mask, flex=flex)
+    own = [(f"genfast {impl} attention_chunk", chunked(genfast_fa3, impl=impl)) for impl in fused_impls(device)]
+    q, k, v, groups = _mask_layer(device, dtype, (batch, heads, length, dim), mask, own, "chunked causal",
+                                  int(mask[0, 0].sum()), flex)
     if device == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
         # Its forward alone: FlashAttention 3 has no backward with attention_chunk.
         fa3 = chunked(importlib.import_module("flash_attn_interface"))
