@@ -18,9 +18,9 @@ HEADS, KV_HEADS, DIM, V_DIM = 4, 2, 16, 8
 def _sequence_attention(q, k, v, qv=None, used_q=None, used_k=None, causal=False, window_size=(-1, -1),
                         attention_chunk=0, softcap=0.0, softmax_scale=None):
     """One sequence, q (Lq, H, D), k and v (Lk, Hk, D[v]), by FlashAttention 3's definitions, in q's
-    dtype: query i < used_q at position i + used_k - used_q sees key j < used_k where causal (j <=
-    position), the window and its chunk (the chunk of max(position, 0)) allow; rows past used_q
-    and rows that see no key give out 0 and lse -inf. Returns (out (Lq, H, Dv), lse (H, Lq))."""
+    dtype: query i < used_q at position p = i + used_k - used_q sees key j < used_k where causal (j
+    <= p), the window and its chunk [p - p mod chunk, .. + chunk) allow (none when p < 0); rows past
+    used_q and rows that see no key give out 0 and lse -inf. Returns (out (Lq, H, Dv), lse (H, Lq))."""
     lq, lk = q.shape[0], k.shape[0]
     used_q = lq if used_q is None else used_q
     used_k = lk if used_k is None else used_k
@@ -46,7 +46,7 @@ def _sequence_attention(q, k, v, qv=None, used_q=None, used_k=None, causal=False
     if right >= 0:
         seen &= j <= position + right
     if attention_chunk:
-        start = position.clamp(min=0) // attention_chunk * attention_chunk
+        start = torch.div(position, attention_chunk, rounding_mode="floor") * attention_chunk
         seen &= (j >= start) & (j < start + attention_chunk)
     scores = scores.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, -1)
@@ -97,7 +97,7 @@ def _compare(got_fn, leaves, reference_fn, names=("out", "softmax_lse")):
 
 
 VARLEN_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(5, -1)), dict(window_size=(3, 2)),
-                  dict(attention_chunk=8, causal=True), dict(attention_chunk=5),
+                  dict(attention_chunk=8, causal=True), dict(attention_chunk=5), dict(attention_chunk=6, window_size=(3, 3)),
                   dict(attention_chunk=6, causal=True, window_size=(4, -1), softcap=2.0)]
 
 
@@ -105,13 +105,14 @@ VARLEN_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(5, -
 @pytest.mark.parametrize("options", VARLEN_OPTIONS, ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
-    """Sequences of 5/9, 1/30, 0/4, 17/17 and 12/7 queries/keys (more queries than keys in the last),
-    with seqused_q and seqused_k shorter than the rows: out, softmax_lse and the gradients of q, k, v."""
+    """Sequences of 5/9, 1/30, 3/4, 17/17, 12/7 and 0/5 queries/keys (more queries than keys in the
+    fifth: with chunks, its first rows fall before key 0), with seqused_q and seqused_k shorter than
+    the rows (0 for the third, whose rows are there): out, softmax_lse and the gradients of q, k, v."""
     skip_unless_supported(impl, "cpu")
-    lengths_q, lengths_k = [5, 1, 0, 17, 12], [9, 30, 4, 17, 7]
+    lengths_q, lengths_k = [5, 1, 3, 17, 12, 0], [9, 30, 4, 17, 7, 5]
     (q, k, v, _), cu_q, cu_k = _inputs(lengths_q, lengths_k)
-    seqused_q = torch.tensor([3, 1, 0, 11, 12], dtype=torch.int32) if used in ("seqused_q", "both") else None
-    seqused_k = torch.tensor([9, 20, 0, 13, 5], dtype=torch.int32) if used in ("seqused_k", "both") else None
+    seqused_q = torch.tensor([3, 1, 0, 11, 12, 0], dtype=torch.int32) if used in ("seqused_q", "both") else None
+    seqused_k = torch.tensor([9, 20, 0, 13, 5, 4], dtype=torch.int32) if used in ("seqused_k", "both") else None
 
     def run(q, k, v):
         return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 30, seqused_q=seqused_q, seqused_k=seqused_k,
@@ -129,22 +130,24 @@ def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
 
 
 def test_chunks_are_the_mask_they_stand_for():
-    """attention_chunk against the reference with the chunks' mask alone, long enough for several
-    chunks in each sequence; a chunk as long as the keys changes nothing."""
-    (q, k, v, _), cu_q, cu_k = _inputs([40, 23], [40, 50], seed=3)
+    """attention_chunk against the reference with the chunks' mask alone, causal or not, long enough
+    for several chunks in each sequence; a chunk as long as the keys changes nothing."""
+    (q, k, v, _), cu_q, cu_k = _inputs([40, 23, 30], [40, 50, 12], seed=3)
     for chunk in (7, 16):
-        got = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, attention_chunk=chunk, causal=True,
-                                         return_attn_probs=True, impl="native")
-        exact, low = (_packed_reference(q.to(d), k.to(d), v.to(d), cu_q, cu_k, causal=True, attention_chunk=chunk)
-                      for d in (torch.float64, torch.float32))
-        assert_error_ratio(got[0], exact[0], low[0], msg=f"out, chunks of {chunk}")
+        for causal in (True, False):
+            got = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, attention_chunk=chunk, causal=causal,
+                                             return_attn_probs=True, impl="native")
+            exact, low = (_packed_reference(q.to(d), k.to(d), v.to(d), cu_q, cu_k, causal=causal,
+                                            attention_chunk=chunk) for d in (torch.float64, torch.float32))
+            assert_error_ratio(got[0], exact[0], low[0], msg=f"out, chunks of {chunk}, causal {causal}")
+            assert_error_ratio(got[1], exact[1], low[1], msg=f"lse, chunks of {chunk}, causal {causal}")
     whole = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, attention_chunk=50, causal=True)
     torch.testing.assert_close(whole, fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, causal=True))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(attention_chunk=4, causal=True),
-                                     dict(softmax_scale=0.2, window_size=(2, 2))], ids=str)
-@pytest.mark.parametrize("lengths", [(11, 11), (5, 14)], ids=str)
+                                     dict(attention_chunk=4), dict(softmax_scale=0.2, window_size=(2, 2))], ids=str)
+@pytest.mark.parametrize("lengths", [(11, 11), (5, 14), (14, 5)], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_flash_attn_func_with_qv(options, lengths, impl):
     """qv's scores q k^T + qv v^T with FlashAttention 3's default scale, and the gradients of q, k,
@@ -198,16 +201,47 @@ def test_packed_qkv_forms(impl):
         assert torch.equal(torch.autograd.grad(got.sum(), leaf)[0], torch.autograd.grad(expected.sum(), leaf)[0])
 
 
-def test_returns_and_deterministic_backward():
-    """FlashAttention 3's returns (out; (out, lse)); deterministic=True repeats dq, dk, dv bit for bit."""
+def test_returns_and_deterministic_reaches_the_kernels(monkeypatch):
+    """FlashAttention 3's returns (out; (out, lse)); deterministic=True reaches attention_varlen, whose
+    tests check the bit-equal backward on the GPU (the CPU's is deterministic always)."""
     (q, k, v, _), _, _ = _inputs([10] * 2, [10] * 2)
-    q, k, v = (t.view(2, 10, *t.shape[1:]).requires_grad_() for t in (q, k, v))
-    grads = []
-    for _ in range(2):
-        out = fa3.flash_attn_func(q, k, v, causal=True, deterministic=True)
-        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
-    assert len(fa3.flash_attn_func(q, k, v, return_attn_probs=True)) == 2
+    q, k, v = (t.view(2, 10, *t.shape[1:]) for t in (q, k, v))
+    seen = []
+    real = fa3.attention_varlen
+
+    def attention_varlen(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa3, "attention_varlen", attention_varlen)
+    assert isinstance(fa3.flash_attn_func(q, k, v, causal=True, deterministic=True), torch.Tensor)
+    assert len(fa3.flash_attn_func(q, k, v, attention_chunk=4, return_attn_probs=True)) == 2
+    assert seen == [True, False]
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_without_synchronising():
+    """Chunks, seqused_q and seqused_k on the GPU under torch's sync debug mode (any host-device
+    synchronisation raises), against the CPU's results; qv past the kernels' head dims raises."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    (q, k, v, _), cu_q, cu_k = _inputs([5, 1, 3, 17, 12], [9, 30, 4, 17, 7], torch.float16)
+    used_q = torch.tensor([3, 1, 0, 11, 12], dtype=torch.int32)
+    used_k = torch.tensor([9, 20, 0, 13, 5], dtype=torch.int32)
+    cpu = fa3.flash_attn_varlen_func(*(t.float() for t in (q, k, v)), cu_q, cu_k, 17, 30, seqused_q=used_q,
+                                     seqused_k=used_k, causal=True, attention_chunk=6)
+    gpu_args = [t.cuda() for t in (q, k, v, cu_q, cu_k)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fa3.flash_attn_varlen_func(*gpu_args, 17, 30, seqused_q=used_q.cuda(), seqused_k=used_k.cuda(),
+                                         causal=True, attention_chunk=6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.float().cpu(), cpu, atol=2e-3, rtol=2e-3)
+    wide_q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.float16)
+    wide_v = torch.zeros(1, 4, 2, 512, device="cuda", dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="head dims up to 256"):
+        fa3.flash_attn_func(wide_q, wide_q, wide_v, qv=torch.zeros_like(wide_v))
 
 
 # flash_attn_with_kvcache
@@ -339,6 +373,16 @@ def test_combine_merges_attentions_over_parts_of_the_keys():
     hidden[:, 0, 0, 0] = float("-inf")
     out, lse = fa3.flash_attn_combine(out_partial, hidden)
     assert lse[0, 0, 0] == float("-inf") and torch.equal(out[0, 0, 0], torch.zeros(V_DIM))
+    # A part that saw nothing may hold garbage (an unwritten buffer): it weighs nothing, NaN or not;
+    # a NaN in a part that weighs propagates.
+    garbage = out_partial.clone()
+    garbage[0, 1, 2] = float("nan")
+    hidden = lse_partial.clone()
+    hidden[0, 1, 2] = float("-inf")
+    expected = fa3.flash_attn_combine(out_partial, hidden)
+    got = fa3.flash_attn_combine(garbage, hidden)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert fa3.flash_attn_combine(garbage, lse_partial)[0][1, 2].isnan().all()
     # The gradients reach the parts: a part's weight in the merge is its share of the whole.
     leaves = out_partial.clone().requires_grad_(), lse_partial.clone().requires_grad_()
     merged, merged_lse = fa3.flash_attn_combine(*leaves)

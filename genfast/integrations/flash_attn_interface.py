@@ -14,27 +14,32 @@ grouped-query heads, causal masks and windows aligned to the bottom-right corner
 cache through page_table; and FlashAttention 3's own:
 - seqused_q and seqused_k: sequence n uses only its first seqused_q[n] queries and seqused_k[n]
   keys, aligned to each other's last; the rows past seqused_q get out 0 and softmax_lse -inf
-  (FlashAttention 3 leaves them unwritten) and pass no gradient;
-- attention_chunk (Llama 4's chunked attention): a query sees only the keys of its own chunk of
-  attention_chunk keys, as well as its window. Computed exactly as attention over each chunk's
-  queries and keys packed as sequences of their own, so it has a backward (FlashAttention 3's has
-  none);
+  (FlashAttention 3 leaves them unwritten) and pass no gradient. max_seqlen_q and max_seqlen_k
+  bound the rows of cu_seqlens, not the counts used;
+- attention_chunk (Llama 4's chunked attention): a query at bottom-right position p sees only the
+  keys of its own chunk, [p - p mod chunk, .. + chunk), as well as its window (none when p < 0).
+  Computed exactly as attention over each chunk's queries and keys packed as sequences of their
+  own, so it has a backward (FlashAttention 3's has none);
 - qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
   default (head_dim + head_dim_v) ** -0.5. Computed as attention of cat(q, qv) over cat(k, v), a
-  copy of both, with gradients for qv too (FlashAttention 3 gives it none);
+  copy of both (with a KV cache, of the caches, each call), with gradients for qv too
+  (FlashAttention 3 gives it none). Its head dim is head_dim + head_dim_v: on a GPU at most 256,
+  which leaves out DeepSeek's 64 + 512 (it raises, naming the limit; the CPU takes any);
 - flash_attn_combine merges attentions over parts of the keys by their log-sum-exps.
-num_splits, pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
+A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num_splits,
+pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
 get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
 q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding);
 attention_chunk with a KV cache; cu_seqlens_q with rotary tables.
 """
 
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention_varlen
+from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_rows, _check_dense,
                          _check_kvcache, _options, _uniform_cu_seqlens)
@@ -52,50 +57,72 @@ def _check_no_fp8(q_descale, k_descale, v_descale):
 
 
 def _check_chunk(attention_chunk) -> int:
-    if not isinstance(attention_chunk, int) or attention_chunk < 0:
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, numbers.Integral) or attention_chunk < 0:
         raise ValueError(f"attention_chunk must be an int >= 0 (0: no chunks), got {attention_chunk!r}")
-    return attention_chunk
+    return int(attention_chunk)
 
 
-def _with_qv(q, k, v, qv, softmax_scale):
-    """(q, k, scale) for the scores q k^T + qv v^T: q and qv side by side over k and v side by side."""
+def _check_qv(qv, q, v):
+    """qv must be q's shape with v's head dim (a packed q's, or a dense one's)."""
+    if qv is not None and (not isinstance(qv, Tensor) or qv.shape != q.shape[:-1] + v.shape[-1:]):
+        raise ValueError(f"qv must be q's shape with v's head dim, {tuple(q.shape[:-1] + v.shape[-1:])}, got "
+                         f"{tuple(qv.shape) if isinstance(qv, Tensor) else type(qv).__name__}")
+
+
+def _with_qv(q, k, v, qv, softmax_scale, impl):
+    """(q, k, scale) for the scores q k^T + qv v^T (qv checked by _check_qv): q and qv side by side
+    over k and v side by side."""
     if softmax_scale is None:
         softmax_scale = (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
     if qv is None:
         return q, k, softmax_scale
-    if not isinstance(qv, Tensor) or qv.shape != q.shape[:-1] + v.shape[-1:]:
-        raise ValueError(f"qv must be q's shape with v's head dim, {tuple(q.shape[:-1] + v.shape[-1:])}, got "
-                         f"{tuple(qv.shape) if isinstance(qv, Tensor) else type(qv).__name__}")
+    width = q.shape[-1] + qv.shape[-1]
+    if q.device.type == "cuda" and impl != "reference" and width > FUSED_MAX_HEAD_DIM:
+        raise NotImplementedError(f"qv runs as attention of head dim head_dim + head_dim_v = {width}; genfast's GPU "
+                                  f"kernels take head dims up to {FUSED_MAX_HEAD_DIM} (impl='reference' runs it "
+                                  f"unfused, slowly)")
     return torch.cat((q, qv), -1), torch.cat((k, v), -1), softmax_scale
 
 
-def _used(name, t, batch, device):
-    if t is None:
-        return None
-    if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,) or t.device != device:
-        raise ValueError(f"{name} must be an int32 tensor (batch,) = ({batch},) on q's device ({device}), got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+def _index_tensor(name, t, shape, device):
+    """t as an int32 tensor of `shape` on `device`, else an error naming it."""
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != device:
+        raise ValueError(f"{name} must be an int32 tensor {shape} on q's device ({device}), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                         f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
     return t
+
+
+def _held(name, used, rows):
+    """seqused_q or seqused_k, each at most its sequence's rows (checked on the CPU, where that costs
+    no synchronisation; a GPU takes the smaller)."""
+    if used is None:
+        return rows
+    if used.device.type == "cpu" and used.numel() and not torch.compiler.is_compiling():
+        over = torch.nonzero(used > rows)
+        if over.numel():
+            n = int(over[0, 0])
+            raise ValueError(f"{name}[{n}] = {int(used[n])} exceeds sequence {n}'s {int(rows[n])} rows")
+    return torch.minimum(used, rows)
 
 
 def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
-    FlashAttention 3's: each sequence n split into its chunks (attention_chunk: chunk c holds keys
-    c chunk .. and the queries whose bottom-right position i + used_k - used_q falls among them;
-    the first chunk also the queries before key 0), then, with used_q, its rows past used_q[n] as a
-    sequence of no keys. The split keeps each chunk's bottom-right alignment equal to the whole
-    sequence's. Computed on the device: no synchronisation."""
+    FlashAttention 3's. With attention_chunk, each sequence n is split: first its queries whose
+    bottom-right position p = i + used_k - used_q is below 0 (chunk -1: no keys), then its chunks,
+    chunk c holding keys c chunk .. and the queries whose p falls among them. With used_q its rows
+    past used_q[n] follow as a sequence of no keys. The split keeps each chunk's bottom-right
+    alignment equal to the whole sequence's. Computed on the device: no synchronisation."""
     rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
-    held_q = rows_q if used_q is None else used_q
-    held_k = rows_k if used_k is None else used_k
-    parts = max(1, -(-max_k // chunk)) if chunk else 1
+    held_q, held_k = _held("seqused_q", used_q, rows_q), _held("seqused_k", used_k, rows_k)
     if chunk:
+        parts = max(1, -(-max_k // chunk))
         starts = torch.arange(parts, device=cu_q.device, dtype=torch.int32) * chunk
         offset = (held_k - held_q)[:, None]
-        first_q = torch.minimum((starts - offset).clamp(min=0), held_q[:, None])
-        first_q[:, 0] = 0
-        first_k = torch.minimum(starts, rows_k[:, None])
-        keys = (held_k[:, None] - starts).clamp(0, chunk)
+        zero = torch.zeros_like(rows_q)[:, None]
+        first_q = torch.cat((zero, torch.minimum((starts - offset).clamp(min=0), held_q[:, None])), 1)
+        first_k = torch.cat((zero, torch.minimum(starts, rows_k[:, None])), 1)
+        keys = torch.cat((zero, (held_k[:, None] - starts).clamp(0, chunk)), 1)
     else:
         first_q = first_k = torch.zeros_like(rows_q)[:, None]
         keys = held_k[:, None]
@@ -103,24 +130,27 @@ def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
         first_q = torch.cat((first_q, held_q[:, None]), 1)
         first_k = torch.cat((first_k, rows_k[:, None]), 1)
         keys = torch.cat((keys, torch.zeros_like(keys[:, :1])), 1)
-    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:])).to(torch.int32)
-    sub_k = torch.cat(((cu_k[:-1, None] + first_k).flatten(), cu_k[-1:])).to(torch.int32)
-    return sub_q, sub_k, keys.flatten().to(torch.int32)
+    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:]))
+    sub_k = torch.cat(((cu_k[:-1, None] + first_k).flatten(), cu_k[-1:]))
+    return sub_q, sub_k, keys.flatten()
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
-            attention_chunk, softcap, deterministic, impl, max_q_in_chunk=None):
-    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; max_q_in_chunk
-    bounds the queries of one chunk where the caller knows a bound below max_q."""
+            attention_chunk, softcap, deterministic, impl, max_q_in_part=None):
+    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; max_q_in_part
+    bounds the queries of one part of a split sequence where the caller knows a bound below max_q."""
     chunk = _check_chunk(attention_chunk)
-    q, k, scale = _with_qv(q, k, v, qv, softmax_scale)
+    q, k, scale = _with_qv(q, k, v, qv, softmax_scale, impl)
     common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
                   **_options(causal, window_size, softcap))
     if not chunk and used_q is None:
         return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used_k, **common)
+    batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        _index_tensor(name, t, (max(batch, 0) + 1,), q.device)
     sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k)
-    return attention_varlen(q, k, v, sub_q, sub_k, max_q_in_chunk or max_q, min(max_k, chunk) if chunk else max_k,
-                            seqused_k=keys, **common)
+    return attention_varlen(q, k, v, sub_q, sub_k, max_q if max_q_in_part is None else max_q_in_part,
+                            min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
@@ -132,15 +162,16 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     heads, seqlen_q))."""
     _check_no_fp8(q_descale, k_descale, v_descale)
     _check_dense(q, k, v)
+    _check_qv(qv, q, v)
+    chunk = _check_chunk(attention_chunk)
     batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     cu_q = _uniform_cu_seqlens(batch, lq, q.device)
     cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
     flat = [None if t is None else t.reshape(batch * t.shape[1], *t.shape[2:]) for t in (q, k, v, qv)]
-    # With no more queries than keys, a chunk holds at most attention_chunk queries.
-    in_chunk = min(lq, attention_chunk) if isinstance(attention_chunk, int) and attention_chunk > 0 and lq <= lk \
-        else None
+    # A chunk holds at most `chunk` queries; the queries before key 0 (p < 0), lq - lk.
+    in_part = max(min(lq, chunk), lq - lk) if chunk else None
     o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3], window_size,
-                     attention_chunk, softcap, deterministic, impl, in_chunk)
+                     chunk, softcap, deterministic, impl, in_part)
     o = o.view(batch, lq, *o.shape[1:])
     return (o, _batch_major(lse, batch, lq)) if return_attn_probs else o
 
@@ -179,8 +210,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"cu_seqlens_q must be an int32 tensor (batch + 1,), got "
                          f"{tuple(getattr(cu_seqlens_q, 'shape', ())) or type(cu_seqlens_q).__name__}")
     batch = cu_seqlens_q.numel() - 1
-    used_q, used_k = (_used(name, t, batch, q.device) for name, t in (("seqused_q", seqused_q),
-                                                                         ("seqused_k", seqused_k)))
+    used_q, used_k = (None if t is None else _index_tensor(name, t, (batch,), q.device)
+                      for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)))
+    _check_qv(qv, q, v)
     o, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), used_q, used_k,
                      softmax_scale, causal, qv, window_size, attention_chunk, softcap, deterministic, impl)
     return (o, lse) if return_attn_probs else o
@@ -204,9 +236,15 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     out_dtype = out_dtype or (out.dtype if out is not None else torch.float32)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    lse = torch.logsumexp(lse_partial, 0)
-    weights = torch.exp(lse_partial - torch.where(lse == float("-inf"), 0.0, lse))
-    merged = (weights[..., None] * out_partial).sum(0)
+    # Computed so that a row no part saw, and a part of weight 0 whose buffer holds garbage (NaN from
+    # an unwritten torch.empty), give neither NaN nor a NaN gradient; a NaN in a weighed part does.
+    most = lse_partial.amax(0)
+    weights = torch.exp(lse_partial - torch.where(most == float("-inf"), 0.0, most))
+    total = weights.sum(0)
+    unseen = total == 0
+    lse = torch.where(unseen, float("-inf"), most + torch.log(torch.where(unseen, 1.0, total)))
+    shares = weights / torch.where(unseen, 1.0, total)
+    merged = torch.where(shares[..., None] == 0, 0.0, shares[..., None] * out_partial).sum(0)
     if out is None:
         out = merged.to(out_dtype)
     else:
@@ -250,7 +288,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         if rotary_cos is not None:
             raise NotImplementedError("cu_seqlens_q with rotary tables is not supported: turn q and k with "
                                       "genfast.rotary first")
-        if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or max_seqlen_q is None:
+        if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0 \
+                or max_seqlen_q is None:
             raise ValueError("cu_seqlens_q must be an int32 tensor (batch + 1,), with max_seqlen_q")
         if not isinstance(q, Tensor) or q.dim() != 3:
             raise ValueError(f"with cu_seqlens_q, q must be (total_q, heads, head_dim), got "
@@ -262,12 +301,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     else:
         _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, page_table)
         batch = q.shape[0]
+    _check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
     options = _options(causal, window_size, softcap)
     queries_in_sequence = bool(causal or options["window"])
     if rotary_seqlens is not None and rotary_cos is not None:
         # Turned at rotary_seqlens[n] + i instead of the rows they are written at.
-        first = _used("rotary_seqlens", rotary_seqlens, batch, q.device)
+        first = _index_tensor("rotary_seqlens", rotary_seqlens, (batch,), q.device)
         q = _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, rotary_interleaved, impl)
         k = _rotate_at(k, rotary_cos, rotary_sin, first, True, rotary_interleaved, impl)
         rotary_cos = rotary_sin = None
@@ -281,7 +321,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
         flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
     # With qv, keys beside values page by page: a copy of the caches.
-    flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale)
+    flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale, impl)
     common = dict(scale=scale, return_lse=True, impl=impl, **options)
     o, lse = _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
                               page_table, common)
