@@ -346,6 +346,40 @@ def test_with_kvcache_equals_flash_attention_2s():
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout, chunk", [("padded", 5), ("paged", 8), ("paged", 6), ("cache_batch_idx", 5),
+                                           ("leftpad", 5)], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_chunks(layout, chunk, causal, impl):
+    """attention_chunk over a KV cache (Llama 4's decoding): 3 queries per sequence after 2 new keys
+    appended to 6, 0 and 13 held; each sequence's rows against the reference over its keys, for a
+    padded cache, a paged one whose chunk holds whole pages (8 keys, pages of 4) or not (6), rows
+    chosen by cache_batch_idx, and keys that start at cache_leftpad (2, 0 and 5)."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, table = _cache(layout == "paged", seed=4)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(BATCH, 3, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, V_DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    options = {"paged": dict(page_table=table), "cache_batch_idx": dict(cache_batch_idx=torch.tensor(
+        [2, 0, 1], dtype=torch.int32)), "leftpad": dict(cache_leftpad=torch.tensor([2, 0, 5], dtype=torch.int32))}
+    options = options.get(layout, {})
+    caches = k_cache.clone(), v_cache.clone()
+    out, lse, *_ = fa3.flash_attn_with_kvcache(q, *caches, k, v, cache_seqlens=held, causal=causal,
+                                               attention_chunk=chunk, return_softmax_lse=True, impl=impl, **options)
+    rows = options.get("cache_batch_idx", torch.arange(BATCH))
+    start = options.get("cache_leftpad", torch.zeros(BATCH, dtype=torch.int32))
+    for n in range(BATCH):
+        if table is None:
+            keys, values = (c[int(rows[n]), int(start[n]):int(held[n]) + 2] for c in caches)
+        else:
+            keys, values = (_cache_keys(c, table, n, int(held[n]) + 2) for c in caches)
+        exact, low = (_sequence_attention(q[n].to(d), keys.to(d), values.to(d), causal=causal, attention_chunk=chunk)
+                      for d in (torch.float64, torch.float32))
+        assert_error_ratio(out[n], exact[0], low[0], msg=f"out of sequence {n}")
+        assert_error_ratio(lse[n], exact[1], low[1], msg=f"softmax_lse of sequence {n}")
+
+
 # flash_attn_combine
 
 def test_combine_merges_attentions_over_parts_of_the_keys():
@@ -417,8 +451,6 @@ def test_bad_input_names_the_argument():
             (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_k=held[:1]), ValueError,
              "seqused_k must be an int32"),
             (lambda: fa3.flash_attn_qkvpacked_func(torch.zeros(2, 5, 8, DIM)), ValueError, "num_heads_q"),
-            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, attention_chunk=4),
-             NotImplementedError, "attention_chunk with a KV cache"),
             (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, cu_seqlens_k_new=cu_k),
              NotImplementedError, "cu_seqlens_k_new"),
             (lambda: fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cu_seqlens_q=cu_q), ValueError,

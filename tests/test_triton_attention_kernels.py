@@ -354,3 +354,38 @@ def test_pages_of_whole_key_blocks():
     assert packing.paged_kind(256) == 0
     packing.pages = torch.zeros(1, 1, dtype=torch.int32)
     assert [packing.paged_kind(size) for size in (128, 256, 16, 1, 100)] == [1, 1, 2, 2, 2]
+
+
+def test_batch_and_heads_ride_the_grids_first_axis():
+    """Every attention kernel's grid holds the (batch, head) programs on its first axis, tiles
+    fastest, so that a varlen batch of more sequences times heads than a GPU's 65535 on the other
+    axes launches: the forward, planned (stacked heads, split keys) or not, and both backward passes,
+    each with the results of the references checked by the tests above."""
+    attn = _kernels()
+    grids = []
+
+    def wrap(kernel):
+        class Recorder:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return kernel[grid]
+
+        return Recorder()
+
+    q, k, v = _inputs(3, 4, 2, 5, 40, 16, 16)
+    for plan in ((1, 1), (2, 1), (1, 3)):
+        o, lse = torch.empty(3, 4, 5, 16), torch.empty(3, 4, 5)
+        attn.launch_attention_forward(q, k, v, None, False, None, 0.25, 0.0, -UNBOUNDED, UNBOUNDED, 0.0, 0, 0, o, lse,
+                                      wrap=wrap, plan=plan)
+    grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    attn.launch_attention_backward(torch.ones_like(o), torch.zeros_like(lse), q, k, v, lse, None, False, None, 0.25,
+                                   0.0, -UNBOUNDED, UNBOUNDED, 0.0, 0, 0, grad_q, grad_k, grad_v, None, wrap=wrap,
+                                   deterministic=True)
+    meta = dict(BLOCK_M=attn._INTERPRETER_BLOCKS[0], BLOCK_N=attn._INTERPRETER_BLOCKS[1])
+    shapes = [grid(meta) if callable(grid) else grid for grid in grids]
+    assert len(shapes) >= 5
+    # One axis, or the first and the key splits' third (the second 1).
+    assert all(len(shape) == 1 or (len(shape) == 3 and shape[1] == 1) for shape in shapes), shapes
+    # (1, 1): a tile of 16 rows a head; (2, 1): a tile of each kv head's 2 heads' 5 rows; (1, 3): 3 splits;
+    # then the backward's key blocks (40 keys, 16 a block) of each kv head and query tiles of each head.
+    assert shapes[:3] == [(3 * 4,), (3 * 2, 1, 1), (3 * 4, 1, 3)] and shapes[-2:] == [(3 * 3 * 2,), (3 * 4,)], shapes

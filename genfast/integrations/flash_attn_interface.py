@@ -19,7 +19,8 @@ cache through page_table; and FlashAttention 3's own:
 - attention_chunk (Llama 4's chunked attention): a query at bottom-right position p sees only the
   keys of its own chunk, [p - p mod chunk, .. + chunk), as well as its window (none when p < 0).
   Computed exactly as attention over each chunk's queries and keys packed as sequences of their
-  own, so it has a backward (FlashAttention 3's has none);
+  own, so it has a backward (FlashAttention 3's has none); with a KV cache, each chunk's keys read
+  in place through a block table (a paged cache's pages where the chunk holds whole pages);
 - qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
   default (head_dim + head_dim_v) ** -0.5. Computed as attention of cat(q, qv) over cat(k, v), a
   copy of both (with a KV cache, of the caches, each call), with gradients for qv too
@@ -30,7 +31,7 @@ A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num
 pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
 get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
 q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding);
-attention_chunk with a KV cache; cu_seqlens_q with rotary tables.
+cu_seqlens_q with rotary tables.
 """
 
 import numbers
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 
 from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
 from ..rotary import rotary
-from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_rows, _check_dense,
-                         _check_kvcache, _options, _uniform_cu_seqlens)
+from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
+                         _check_dense, _check_kvcache, _options, _uniform_cu_seqlens)
 
 Tensor = torch.Tensor
 
@@ -106,23 +107,31 @@ def _held(name, used, rows):
     return torch.minimum(used, rows)
 
 
+def _chunk_parts(held_q, held_k, chunk, max_k):
+    """Each sequence's parts under attention_chunk, (first_q, first_key, keys), each (batch, parts):
+    where the part's queries start among the sequence's held_q, its first key and its count of the
+    held_k keys. Part 0 holds the queries whose bottom-right position p = i + held_k - held_q is
+    below 0 (chunk -1: no keys); part c + 1 holds chunk c's keys c chunk .., and the queries whose p
+    falls among them. Each part's bottom-right alignment is then the whole sequence's."""
+    parts = max(1, -(-max_k // chunk))
+    starts = torch.arange(parts, device=held_q.device, dtype=torch.int32) * chunk
+    zero = torch.zeros_like(held_q)[:, None]
+    first_q = torch.minimum((starts - (held_k - held_q)[:, None]).clamp(min=0), held_q[:, None])
+    keys = (held_k[:, None] - starts).clamp(0, chunk)
+    return (torch.cat((zero, first_q), 1), torch.cat((zero, starts.expand_as(keys)), 1),
+            torch.cat((zero, keys), 1))
+
+
 def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
-    FlashAttention 3's. With attention_chunk, each sequence n is split: first its queries whose
-    bottom-right position p = i + used_k - used_q is below 0 (chunk -1: no keys), then its chunks,
-    chunk c holding keys c chunk .. and the queries whose p falls among them. With used_q its rows
-    past used_q[n] follow as a sequence of no keys. The split keeps each chunk's bottom-right
-    alignment equal to the whole sequence's. Computed on the device: no synchronisation."""
+    FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts), then, with
+    used_q, its rows past used_q[n] as a sequence of no keys. Computed on the device: no
+    synchronisation."""
     rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     held_q, held_k = _held("seqused_q", used_q, rows_q), _held("seqused_k", used_k, rows_k)
     if chunk:
-        parts = max(1, -(-max_k // chunk))
-        starts = torch.arange(parts, device=cu_q.device, dtype=torch.int32) * chunk
-        offset = (held_k - held_q)[:, None]
-        zero = torch.zeros_like(rows_q)[:, None]
-        first_q = torch.cat((zero, torch.minimum((starts - offset).clamp(min=0), held_q[:, None])), 1)
-        first_k = torch.cat((zero, torch.minimum(starts, rows_k[:, None])), 1)
-        keys = torch.cat((zero, (held_k[:, None] - starts).clamp(0, chunk)), 1)
+        first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, max_k)
+        first_k = torch.minimum(first_key, rows_k[:, None])
     else:
         first_q = first_k = torch.zeros_like(rows_q)[:, None]
         keys = held_k[:, None]
@@ -133,6 +142,38 @@ def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
     sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:]))
     sub_k = torch.cat(((cu_k[:-1, None] + first_k).flatten(), cu_k[-1:]))
     return sub_q, sub_k, keys.flatten()
+
+
+def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
+                             page_table, chunk, common):
+    """attention_chunk over a KV cache: each sequence's parts (_chunk_parts) as sequences of their
+    own, whose keys a block table finds: a paged cache's pages where the chunk holds whole pages,
+    else the cache's rows as pages of one key (key a of sequence n: row cache_leftpad[n] + a of its
+    cache row, or of its pages)."""
+    batch, device = held.shape[0], held.device
+    capacity = _cache_capacity(k_cache, page_table)
+    start = torch.zeros_like(held) if cache_leftpad is None else _index_tensor("cache_leftpad", cache_leftpad,
+                                                                                (batch,), device)
+    first_q, first_key, keys = _chunk_parts(cu_q[1:] - cu_q[:-1], held - start, chunk, capacity)
+    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:]))
+    cu_k = F.pad(keys.flatten().cumsum(0, dtype=torch.int32), (1, 0))
+    page_size = k_cache.shape[1]
+    if page_table is not None and chunk % page_size == 0:
+        pages = (first_key[..., None] // page_size + torch.arange(chunk // page_size, device=device))
+        table = torch.gather(page_table, 1, pages.clamp(max=page_table.shape[1] - 1).flatten(1)).view_as(pages)
+        pools = k_cache, v_cache
+    else:
+        key = (first_key[..., None] + torch.arange(chunk, device=device)).clamp(max=capacity - 1)
+        if page_table is not None:
+            pages = torch.gather(page_table, 1, (key // page_size).flatten(1)).view_as(key)
+            table = pages * page_size + key % page_size
+        else:
+            rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
+                else cache_batch_idx
+            table = ((rows * capacity + start)[:, None, None] + key).clamp(max=k_cache.shape[0] * capacity - 1)
+        pools = k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]
+    return attention_varlen(flat_q, *pools, sub_q, cu_k, max_q, min(chunk, capacity),
+                            block_table=table.flatten(0, 1).to(torch.int32), **common)
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
@@ -280,9 +321,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     if cu_seqlens_k_new is not None:
         raise NotImplementedError("cu_seqlens_k_new (new keys packed without padding) is not supported: pass k and v "
                                   "as (batch, seqlen_new, kv_heads, head_dim)")
-    if _check_chunk(attention_chunk):
-        raise NotImplementedError("attention_chunk with a KV cache is not supported (flash_attn_func and "
-                                  "flash_attn_varlen_func take it)")
+    chunk = _check_chunk(attention_chunk)
     packed = cu_seqlens_q is not None
     if packed:
         if rotary_cos is not None:
@@ -323,8 +362,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     # With qv, keys beside values page by page: a copy of the caches.
     flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale, impl)
     common = dict(scale=scale, return_lse=True, impl=impl, **options)
-    o, lse = _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
-                              page_table, common)
+    if chunk:
+        o, lse = _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx,
+                                          cache_leftpad, page_table, chunk, common)
+    else:
+        o, lse = _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
+                                  page_table, common)
     if not packed:
         o, lse = o.view(batch, max_q, *o.shape[1:]), _batch_major(lse, batch, max_q)
     return (o, lse, o.new_empty(0, dtype=torch.float32), o.new_empty(0, dtype=torch.float32)) \

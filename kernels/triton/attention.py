@@ -136,6 +136,16 @@ def _lse_with_sink(lse, sink):
 
 
 @triton.jit
+def _tile_and_chunk(tiles):
+    """(tile, chunk) of a program on a grid whose first axis holds `tiles` tiles of each chunk (a
+    batch's head, or kv head), tiles fastest, as a two-axis grid would launch them; int64 chunk. One
+    axis: a GPU caps a grid's second at 65535, which a varlen batch's sequences times heads passes
+    (2048 sequences of 32 heads)."""
+    program = tl.program_id(0)
+    return program % tiles, (program // tiles).to(tl.int64)
+
+
+@triton.jit
 def _block_inside(start_m, BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo, band_hi):
     """Whether every query of [start_m, start_m + BLOCK_M) and key of [start_n, start_n + BLOCK_N)
     is inside the sequences and the band: with scores that need nothing more than scaling, such a
@@ -390,7 +400,7 @@ def attention_forward_kernel(
     HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED
     (1 or 2, _paged_pointers): k and v are a paged cache, key j of sequence b at row j % page_size
     of page pages_ptr[b, j // page_size] (skb and svb the pages' strides)."""
-    chunk = tl.program_id(1).to(tl.int64)
+    tile, chunk = _tile_and_chunk(tl.cdiv(Lq, rows_per_head if STACKED else BLOCK_M))
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
     hk = chunk // head_chunks % (H // GROUP)
@@ -398,7 +408,7 @@ def attention_forward_kernel(
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
         cu_q_ptr, cu_k_ptr, used_k_ptr, b, Lq, Lk, band_lo, band_hi, total_q, total_k, H, VARLEN, SEQUSED_K)
     if STACKED:
-        start_m = tl.program_id(0) * rows_per_head
+        start_m = tile * rows_per_head
         span = rows_per_head
         r = tl.arange(0, BLOCK_M)
         used = (r // rows_per_head < tl.minimum(heads_per_tile, GROUP - c * heads_per_tile)) & (
@@ -407,7 +417,7 @@ def attention_forward_kernel(
         h_rows = h0 + tl.where(used, r // rows_per_head, 0)
         h = h_rows[:, None]
     else:
-        start_m = tl.program_id(0) * BLOCK_M
+        start_m = tile * BLOCK_M
         span = BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         h_rows = h0
@@ -591,8 +601,8 @@ def attention_backward_kv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
     SEQUSED_K: tl.constexpr = False,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    tile, bhk = _tile_and_chunk(tl.cdiv(Lk, BLOCK_N))
+    start_n = tile * BLOCK_N
     b = bhk // HK
     hk = bhk % HK
     q_start, k_start, Lq, Lk, band_lo, band_hi, row_base, head_rows, row_length = _sequence(
@@ -656,8 +666,9 @@ def attention_backward_q_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FAST_EXP: tl.constexpr = False,
     SEQUSED_K: tl.constexpr = False,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64) + b_first * H  # dS of batch b at ds_ptr's batch b - b_first
+    tile, bh = _tile_and_chunk(tl.cdiv(Lq, BLOCK_M))
+    start_m = tile * BLOCK_M
+    bh += b_first * H  # dS of batch b at ds_ptr's batch b - b_first
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -1035,7 +1046,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     if (stack, splits) == (1, 1):
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
-        kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+        kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * heads,)](
             *args(out, lse_out), heads_per_tile=1, rows_per_head=0, head_chunks=group, splits=1, split_rows=0,
             **scalars, **consts)
     else:
@@ -1044,7 +1055,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                                                           max(consts["BLOCK_D"], consts["BLOCK_DV"]), interpreted)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
         head_chunks = triton.cdiv(group, stack)
-        grid = (triton.cdiv(lq, rows_per_head), batch * kv_heads * head_chunks, splits)
+        grid = (triton.cdiv(lq, rows_per_head) * batch * kv_heads * head_chunks, 1, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
                     **scalars, **consts, BLOCK_M=block_m, BLOCK_N=block_n, STACKED=stack > 1, SPLIT=splits > 1,
                     **({} if interpreted else dict(num_warps=warps, num_stages=stages)))
@@ -1133,7 +1144,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
     kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True)
     kv_kernel = kv_kernel if wrap is None else wrap(kv_kernel)
-    kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)](
+    kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * kv_heads,)](
         q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, *packing.bounds(), *common_strides,
         *packing.strides(dk), *packing.strides(dv), *packing.strides(dq),
         heads, kv_heads, heads // kv_heads, lq, lk, dim, v_dim, **scalars, **consts,
@@ -1144,7 +1155,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
         q_kernel = q_kernel if wrap is None else wrap(q_kernel)
 
         def dq_pass(ds, b_first, batches):
-            q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batches * heads)](
+            q_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batches * heads,)](
                 q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dq, dq if ds is None else ds, *packing.bounds(),
                 *common_strides, *packing.strides(dq), *(ds.stride() if ds is not None else (0,) * 4),
                 heads, heads // kv_heads, b_first, lq, lk, dim, v_dim, **scalars, **consts,
