@@ -327,6 +327,37 @@ def test_with_kvcache_rotary_seqlens(causal, impl):
         torch.testing.assert_close(caches[0][n:n + 1], expected_caches[0])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rotary_seqlens", [False, True])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_packed_queries_turned(causal, rotary_seqlens, impl):
+    """cu_seqlens_q with rotary tables: queries of 2, 1 and 3 rows, each sequence's turned at its
+    cache_seqlens (or rotary_seqlens) + i when causal, else all there, equal to the dense call on
+    that sequence alone."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, _ = _cache(False, v_dim=DIM)
+    g = torch.Generator().manual_seed(6)
+    lengths = [2, 1, 3]
+    cu_q = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+    q = torch.randn(6, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(2 * CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    rotary = dict(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float(), causal=causal, impl=impl)
+    if rotary_seqlens:
+        rotary["rotary_seqlens"] = held + torch.tensor([3, 20, 1], dtype=torch.int32)
+    caches = k_cache.clone(), v_cache.clone()
+    got = fa3.flash_attn_with_kvcache(q, *caches, k, v, cache_seqlens=held, cu_seqlens_q=cu_q, max_seqlen_q=3,
+                                      **rotary)
+    for n, length in enumerate(lengths):
+        alone = k_cache[n:n + 1].clone(), v_cache[n:n + 1].clone()
+        options = dict(rotary, rotary_seqlens=rotary["rotary_seqlens"][n:n + 1]) if rotary_seqlens else rotary
+        expected = fa3.flash_attn_with_kvcache(q[None, cu_q[n]:cu_q[n + 1]], *alone, k[n:n + 1], v[n:n + 1],
+                                               cache_seqlens=held[n:n + 1], **options)
+        torch.testing.assert_close(got[cu_q[n]:cu_q[n + 1]], expected[0])
+        torch.testing.assert_close(caches[0][n:n + 1], alone[0])
+
+
 def test_with_kvcache_equals_flash_attention_2s():
     """Without FlashAttention 3's own arguments, its flash_attn_with_kvcache is FlashAttention 2's
     (page_table for block_table)."""

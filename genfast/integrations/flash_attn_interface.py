@@ -30,8 +30,7 @@ cache through page_table; and FlashAttention 3's own:
 A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num_splits,
 pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
 get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
-q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding);
-cu_seqlens_q with rotary tables.
+q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding).
 """
 
 import numbers
@@ -296,11 +295,10 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     return out, lse.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, interleaved, impl):
+def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, **turn):
     """x (batch, seqlen, heads, head_dim) turned at positions first[n] + i (per_row) or first[n]."""
     positions = first[:, None] + (torch.arange(x.shape[1], device=x.device, dtype=torch.int32) if per_row else 0)
-    return rotary(x, rotary_cos, rotary_sin, positions.expand(x.shape[0], x.shape[1]), interleaved=interleaved,
-                  impl=impl)
+    return rotary(x, rotary_cos, rotary_sin, positions.expand(x.shape[0], x.shape[1]), **turn)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
@@ -324,9 +322,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     chunk = _check_chunk(attention_chunk)
     packed = cu_seqlens_q is not None
     if packed:
-        if rotary_cos is not None:
-            raise NotImplementedError("cu_seqlens_q with rotary tables is not supported: turn q and k with "
-                                      "genfast.rotary first")
         if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0 \
                 or max_seqlen_q is None:
             raise ValueError("cu_seqlens_q must be an int32 tensor (batch + 1,), with max_seqlen_q")
@@ -335,8 +330,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
                              f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
         batch = cu_seqlens_q.numel() - 1
         # q's batch is cu_seqlens_q's: checked as one of (batch, total_q / batch) rows would be.
-        _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, k, v, None, cache_batch_idx, cache_leftpad,
-                       page_table)
+        _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, k, v, rotary_cos, cache_batch_idx,
+                       cache_leftpad, page_table)
     else:
         _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, page_table)
         batch = q.shape[0]
@@ -344,14 +339,27 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
     options = _options(causal, window_size, softcap)
     queries_in_sequence = bool(causal or options["window"])
-    if rotary_seqlens is not None and rotary_cos is not None:
-        # Turned at rotary_seqlens[n] + i instead of the rows they are written at.
-        first = _index_tensor("rotary_seqlens", rotary_seqlens, (batch,), q.device)
-        q = _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, rotary_interleaved, impl)
-        k = _rotate_at(k, rotary_cos, rotary_sin, first, True, rotary_interleaved, impl)
-        rotary_cos = rotary_sin = None
-    q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos, rotary_sin,
-                               rotary_interleaved, queries_in_sequence, impl)
+    if rotary_cos is not None and (packed or rotary_seqlens is not None):
+        # Turned here, q at rotary_seqlens[n] (else at the rows the new keys go to) + i, or all at
+        # its first; k at rotary_seqlens[n] + i, or by the append at its rows.
+        first = held if rotary_seqlens is None else _index_tensor("rotary_seqlens", rotary_seqlens, (batch,),
+                                                                  q.device)
+        turn = dict(interleaved=rotary_interleaved, impl=impl)
+        if packed:
+            rows = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+            sequence = torch.searchsorted(cu_seqlens_q[1:], rows, right=True)
+            positions = first[sequence] + (rows - cu_seqlens_q[sequence] if queries_in_sequence else 0)
+            q = rotary(q[None], rotary_cos, rotary_sin, positions[None], **turn)[0]
+        else:
+            q = _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, **turn)
+        if rotary_seqlens is not None:
+            k = _rotate_at(k, rotary_cos, rotary_sin, first, True, **turn)
+            rotary_cos = rotary_sin = None
+        _, held = _append_to_cache(None, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos,
+                                   rotary_sin, rotary_interleaved, queries_in_sequence, impl)
+    else:
+        q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos,
+                                   rotary_sin, rotary_interleaved, queries_in_sequence, impl)
     if packed:
         flat_q, cu_q, max_q = q, cu_seqlens_q, int(max_seqlen_q)
         flat_qv = qv
