@@ -252,8 +252,8 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
     rows = bench._sliding_mask_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
     impls = bench.fused_impls("cpu")
-    peers = {*(f"genfast {impl} mask" for impl in impls), *(f"genfast {impl} band" for impl in impls), "torch SDPA flash",
-             "torch SDPA math", "eager reference", "torch.compile reference"}
+    peers = {*(f"genfast {impl} mask" for impl in impls), *(f"genfast {impl} band" for impl in impls),
+             "torch SDPA flash", "torch SDPA math", "eager reference", "torch.compile reference"}
     assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
     # FlexAttention has no backward on the CPU.
     assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}

@@ -97,7 +97,8 @@ def _compare(got_fn, leaves, reference_fn, names=("out", "softmax_lse")):
 
 
 VARLEN_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(5, -1)), dict(window_size=(3, 2)),
-                  dict(attention_chunk=8, causal=True), dict(attention_chunk=5), dict(attention_chunk=6, window_size=(3, 3)),
+                  dict(attention_chunk=8, causal=True), dict(attention_chunk=5),
+                  dict(attention_chunk=6, window_size=(3, 3)),
                   dict(attention_chunk=6, causal=True, window_size=(4, -1), softcap=2.0)]
 
 
@@ -358,6 +359,53 @@ def test_with_kvcache_packed_queries_turned(causal, rotary_seqlens, impl):
         torch.testing.assert_close(caches[0][n:n + 1], alone[0])
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "paged", "cache_batch_idx"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_packed_new_keys(layout, rotary, impl):
+    """cu_seqlens_k_new: 2, 0 and 3 new keys packed without padding, written at each sequence's
+    cache_seqlens (turned there by the rotary tables), with queries packed by cu_seqlens_q; each
+    sequence equal to the dense call on it alone (its own count of new keys), caches included."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, table = _cache(layout == "paged", v_dim=DIM, seed=7)
+    g = torch.Generator().manual_seed(8)
+    new = [2, 0, 3]
+    cu_new = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    cu_q = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+    q = torch.randn(6, HEADS, DIM, generator=g)
+    k, v = torch.randn(5, KV_HEADS, DIM, generator=g), torch.randn(5, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    options = dict(causal=True, impl=impl)
+    if rotary:
+        options.update(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float())
+    rows = torch.tensor([2, 0, 1]) if layout == "cache_batch_idx" else torch.arange(BATCH)
+    layout_options = {"paged": dict(page_table=table),
+                      "cache_batch_idx": dict(cache_batch_idx=rows.to(torch.int32))}.get(layout, {})
+    caches = k_cache.clone(), v_cache.clone()
+    got = fa3.flash_attn_with_kvcache(q, *caches, k, v, cache_seqlens=held, cu_seqlens_q=cu_q, max_seqlen_q=3,
+                                      cu_seqlens_k_new=cu_new, **options, **layout_options)
+    for n in range(BATCH):
+        alone = [c.clone() for c in (k_cache, v_cache)]
+        mine = dict(page_table=table[n:n + 1]) if layout == "paged" else \
+            dict(cache_batch_idx=rows[n:n + 1].to(torch.int32)) if layout == "cache_batch_idx" else {}
+        if layout == "padded":
+            alone = [c[n:n + 1] for c in alone]
+        new_rows = slice(int(cu_new[n]), int(cu_new[n + 1]))
+        expected = fa3.flash_attn_with_kvcache(q[None, cu_q[n]:cu_q[n + 1]], *alone, k[None, new_rows],
+                                               v[None, new_rows], cache_seqlens=held[n:n + 1], **options, **mine)
+        torch.testing.assert_close(got[cu_q[n]:cu_q[n + 1]], expected[0])
+        count = int(held[n]) + new[n]
+        for cache, expected_cache in zip(caches, alone):
+            if table is None:
+                row = 0 if layout == "padded" else int(rows[n])
+                ours = cache[int(rows[n]), :count]
+                torch.testing.assert_close(ours, expected_cache[row, :count])
+            else:
+                torch.testing.assert_close(_cache_keys(cache, table, n, count),
+                                           _cache_keys(expected_cache, table, n, count))
+
+
 def test_with_kvcache_equals_flash_attention_2s():
     """Without FlashAttention 3's own arguments, its flash_attn_with_kvcache is FlashAttention 2's
     (page_table for block_table)."""
@@ -482,8 +530,15 @@ def test_bad_input_names_the_argument():
             (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_k=held[:1]), ValueError,
              "seqused_k must be an int32"),
             (lambda: fa3.flash_attn_qkvpacked_func(torch.zeros(2, 5, 8, DIM)), ValueError, "num_heads_q"),
-            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, cu_seqlens_k_new=cu_k),
-             NotImplementedError, "cu_seqlens_k_new"),
+            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, k[:12], v[:12].repeat(1, 1, 2),
+                                                 cache_seqlens=held, cu_seqlens_k_new=cu_k), ValueError,
+             "v must be \\(total_new, 2, 8\\)"),
+            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, k[:12], v[:12], cache_seqlens=held,
+                                                 cu_seqlens_k_new=cu_k.long()), ValueError,
+             "cu_seqlens_k_new must be an int32"),
+            (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, k[:12], v[:12],
+                                                 cache_seqlens=torch.tensor([20, 1], dtype=torch.int32),
+                                                 cu_seqlens_k_new=cu_k), ValueError, "do not fit the 24 keys"),
             (lambda: fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cu_seqlens_q=cu_q), ValueError,
              "max_seqlen_q"),
             (lambda: fa3.flash_attn_combine(torch.zeros(2, 1, 3, 4, 5), torch.zeros(2, 1, 3, 5)), ValueError,

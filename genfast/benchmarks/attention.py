@@ -12,11 +12,11 @@ flash_attn_with_kvcache, which appends a rotated key first) shapes;
 in full runs also a small model's decoding step, one layer's attention in a step of transformers'
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
 paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
-Llama-style model (against paged|sdpa and FlashAttention 2), dense with dropout, a sliding-window layer given
-its window as a mask, a chunked causal layer (Llama 4's attention_chunk), a soft-capped causal layer and a layer adding a bfloat16 (on a GPU, the
-inputs' dtype) relative-position bias (whose forward+backward is timed again with the bias's
-gradient), the last three with torch's FlexAttention as a peer too (forward only on the CPU, where
-it has no backward).
+Llama-style model (against paged|sdpa and FlashAttention 2), dense with dropout, a sliding-window
+layer given its window as a mask, a chunked causal layer (Llama 4's attention_chunk), a soft-capped
+causal layer and a layer adding a bfloat16 (on a GPU, the inputs' dtype) relative-position bias
+(whose forward+backward is timed again with the bias's gradient), the last four with torch's
+FlexAttention as a peer too (forward only on the CPU, where it has no backward).
 """
 
 import importlib.util

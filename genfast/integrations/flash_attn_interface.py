@@ -29,8 +29,8 @@ cache through page_table; and FlashAttention 3's own:
 - flash_attn_combine merges attentions over parts of the keys by their log-sum-exps.
 A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num_splits,
 pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
-get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
-q_descale, k_descale and v_descale; cu_seqlens_k_new (new keys packed without padding).
+get_scheduler_metadata returns None. Not supported (it raises, naming them): fp8 inputs with
+q_descale, k_descale and v_descale.
 """
 
 import numbers
@@ -301,6 +301,54 @@ def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, **turn):
     return rotary(x, rotary_cos, rotary_sin, positions.expand(x.shape[0], x.shape[1]), **turn)
 
 
+def _turn_packed(x, cu_seqlens, first, per_row, rotary_cos, rotary_sin, **turn):
+    """x (total, heads, head_dim), sequence n at rows cu_seqlens[n] .., turned at positions first[n] +
+    i (per_row) or first[n]."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+    sequence = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    positions = first[sequence] + (rows - cu_seqlens[sequence] if per_row else 0)
+    return rotary(x[None], rotary_cos, rotary_sin, positions[None], **turn)[0]
+
+
+def _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, device):
+    _index_tensor("cu_seqlens_k_new", cu_seqlens_k_new, (batch + 1,), device)
+    for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[1:] != cache.shape[2:] or t.dtype != cache.dtype \
+                or t.device != cache.device:
+            shape = ", ".join(map(str, cache.shape[2:]))
+            raise ValueError(f"with cu_seqlens_k_new, {name} must be (total_new, {shape}) with the cache's dtype "
+                             f"{cache.dtype} on its device, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have one count of new rows, got {k.shape[0]} and {v.shape[0]}")
+
+
+def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_table):
+    """Writes new keys and values packed without padding (sequence n's at rows cu_new[n] ..) into
+    the caches at each sequence's rows held[n] .. (of its cache row, or of its pages); returns held
+    plus their counts. Indexed writes, no synchronisation; the CPU checks that the rows fit."""
+    rows = torch.arange(k.shape[0], device=k.device, dtype=torch.int32)
+    sequence = torch.searchsorted(cu_new[1:], rows, right=True)
+    at = held[sequence] + rows - cu_new[sequence]
+    counts = cu_new[1:] - cu_new[:-1]
+    capacity = _cache_capacity(k_cache, page_table)
+    if k.device.type == "cpu" and held.numel() and not torch.compiler.is_compiling():
+        over = torch.nonzero((held + counts > capacity) | (counts < 0))
+        if over.numel():
+            n = int(over[0, 0])
+            raise ValueError(f"cu_seqlens_k_new gives sequence {n} {int(counts[n])} new keys, which from its "
+                             f"cache_seqlens {int(held[n])} do not fit the {capacity} keys of its share of the "
+                             f"cache")
+    if page_table is not None:
+        page_size = k_cache.shape[1]
+        index = (page_table[sequence, at // page_size].long(), (at % page_size).long())
+    else:
+        index = ((sequence if cache_batch_idx is None else cache_batch_idx[sequence].long()), at.long())
+    k_cache.index_put_(index, k)
+    v_cache.index_put_(index, v)
+    return held + counts
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None,
                             cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None,
@@ -316,11 +364,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     With return_softmax_lse (out, softmax_lse (batch, heads, seqlen_q) or (heads, total_q), and two
     empty tensors)."""
     _check_no_fp8(q_descale, k_descale, v_descale)
-    if cu_seqlens_k_new is not None:
-        raise NotImplementedError("cu_seqlens_k_new (new keys packed without padding) is not supported: pass k and v "
-                                  "as (batch, seqlen_new, kv_heads, head_dim)")
     chunk = _check_chunk(attention_chunk)
-    packed = cu_seqlens_q is not None
+    packed, packed_new = cu_seqlens_q is not None, cu_seqlens_k_new is not None
+    # New keys packed without padding are checked below; the dense checks see none.
+    dense_k, dense_v, dense_cos = (None, None, None) if packed_new else (k, v, rotary_cos)
     if packed:
         if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0 \
                 or max_seqlen_q is None:
@@ -330,36 +377,40 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
                              f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
         batch = cu_seqlens_q.numel() - 1
         # q's batch is cu_seqlens_q's: checked as one of (batch, total_q / batch) rows would be.
-        _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, k, v, rotary_cos, cache_batch_idx,
-                       cache_leftpad, page_table)
+        _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, dense_k, dense_v, dense_cos,
+                       cache_batch_idx, cache_leftpad, page_table)
     else:
-        _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, page_table)
+        _check_kvcache(q, k_cache, v_cache, dense_k, dense_v, dense_cos, cache_batch_idx, cache_leftpad, page_table)
         batch = q.shape[0]
+    if packed_new:
+        _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, q.device)
     _check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
     options = _options(causal, window_size, softcap)
     queries_in_sequence = bool(causal or options["window"])
-    if rotary_cos is not None and (packed or rotary_seqlens is not None):
+    if rotary_cos is not None and (packed or packed_new or rotary_seqlens is not None):
         # Turned here, q at rotary_seqlens[n] (else at the rows the new keys go to) + i, or all at
         # its first; k at rotary_seqlens[n] + i, or by the append at its rows.
         first = held if rotary_seqlens is None else _index_tensor("rotary_seqlens", rotary_seqlens, (batch,),
                                                                   q.device)
         turn = dict(interleaved=rotary_interleaved, impl=impl)
-        if packed:
-            rows = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
-            sequence = torch.searchsorted(cu_seqlens_q[1:], rows, right=True)
-            positions = first[sequence] + (rows - cu_seqlens_q[sequence] if queries_in_sequence else 0)
-            q = rotary(q[None], rotary_cos, rotary_sin, positions[None], **turn)[0]
-        else:
-            q = _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, **turn)
-        if rotary_seqlens is not None:
+        q = (_turn_packed(q, cu_seqlens_q, first, queries_in_sequence, rotary_cos, rotary_sin, **turn) if packed
+             else _rotate_at(q, rotary_cos, rotary_sin, first, queries_in_sequence, **turn))
+        if packed_new:
+            k = _turn_packed(k, cu_seqlens_k_new, first, True, rotary_cos, rotary_sin, **turn)
+            rotary_cos = rotary_sin = None
+        elif rotary_seqlens is not None:
             k = _rotate_at(k, rotary_cos, rotary_sin, first, True, **turn)
             rotary_cos = rotary_sin = None
-        _, held = _append_to_cache(None, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos,
-                                   rotary_sin, rotary_interleaved, queries_in_sequence, impl)
+        queries_to_turn = None
     else:
-        q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, page_table, rotary_cos,
-                                   rotary_sin, rotary_interleaved, queries_in_sequence, impl)
+        queries_to_turn = q
+    if packed_new:
+        held = _append_packed(k_cache, v_cache, k, v, cu_seqlens_k_new, held, cache_batch_idx, page_table)
+    else:
+        turned, held = _append_to_cache(queries_to_turn, k_cache, v_cache, k, v, held, cache_batch_idx, page_table,
+                                        rotary_cos, rotary_sin, rotary_interleaved, queries_in_sequence, impl)
+        q = q if turned is None else turned
     if packed:
         flat_q, cu_q, max_q = q, cu_seqlens_q, int(max_seqlen_q)
         flat_qv = qv
