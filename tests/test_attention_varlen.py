@@ -197,3 +197,33 @@ def test_bad_input_names_the_argument():
         f(q, k, v, cu_q + 1, cu_k, mq, mk, impl="native")
     with pytest.raises(RuntimeError, match="max_seqlen"):
         f(q, k, v, cu_q, cu_k, mq, 2, impl="native")
+
+
+@pytest.mark.cuda
+def test_more_sequences_times_heads_than_a_grid_axis_holds():
+    """2100 sequences of 1 to 4 queries and 1 to 9 keys, 32 heads: 67200 (sequence, head) programs,
+    past the 65535 a GPU's second grid axis holds, forward and backward through every GPU backend,
+    against the CPU kernels."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    lengths_q = torch.randint(1, 5, (2100,), generator=g)
+    lengths_k = torch.randint(1, 10, (2100,), generator=g)
+    cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (lengths_q, lengths_k))
+    q = torch.randn(int(cu_q[-1]), 32, 64, generator=g)
+    k, v = (torch.randn(int(cu_k[-1]), 8, 64, generator=g) for _ in range(2))
+    grad = torch.randn(q.shape, generator=g)
+
+    def run(device, impl, dtype):
+        leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+        o = genfast.attention_varlen(*leaves, cu_q.to(device), cu_k.to(device), 4, 9, causal="bottom_right",
+                                     impl=impl)
+        return [o, *torch.autograd.grad(o, leaves, grad.to(device=device, dtype=dtype))]
+
+    expected = run("cpu", "native", torch.float32)
+    for impl in ("native", "triton"):
+        if impl == "triton" and not genfast._backend.triton_runs_on("cuda"):
+            continue
+        for name, got, want in zip(("o", "dq", "dk", "dv"), run("cuda", impl, torch.float16), expected):
+            torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2,
+                                       msg=lambda m: f"{impl} {name}: {m}")

@@ -7,6 +7,7 @@ backward), qv, the packed qkv forms, flash_attn_with_kvcache's FlashAttention 3 
 import pytest
 import torch
 
+import genfast
 from genfast.integrations import flash_attn as fa2
 from genfast.integrations import flash_attn_interface as fa3
 from genfast.testing.tolerances import assert_error_ratio
@@ -222,7 +223,8 @@ def test_returns_and_deterministic_reaches_the_kernels(monkeypatch):
 
 @pytest.mark.cuda
 def test_on_a_gpu_without_synchronising():
-    """Chunks, seqused_q and seqused_k on the GPU under torch's sync debug mode (any host-device
+    """Chunks, seqused_q and seqused_k, and a cache step with packed queries and new keys, a paged
+    cache, chunks and rotary tables, on the GPU under torch's sync debug mode (any host-device
     synchronisation raises), against the CPU's results; qv past the kernels' head dims raises."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -239,6 +241,33 @@ def test_on_a_gpu_without_synchronising():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.float().cpu(), cpu, atol=2e-3, rtol=2e-3)
+    # A cache step with every FlashAttention 3 argument that moves rows: packed queries and new
+    # keys, a paged cache, chunks, rotary tables at rotary_seqlens.
+    k_cache, v_cache, table = _cache(True, v_dim=DIM)
+    g = torch.Generator().manual_seed(9)
+    step_q = torch.randn(6, HEADS, DIM, generator=g)
+    new_k, new_v = (torch.randn(5, KV_HEADS, DIM, generator=g) for _ in range(2))
+    angles = torch.arange(2 * CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    step = dict(cache_seqlens=torch.tensor([6, 0, 13], dtype=torch.int32), page_table=table,
+                cu_seqlens_q=torch.tensor([0, 2, 3, 6], dtype=torch.int32), max_seqlen_q=3,
+                cu_seqlens_k_new=torch.tensor([0, 2, 2, 5], dtype=torch.int32), rotary_cos=angles.cos().float(),
+                rotary_sin=angles.sin().float(), rotary_seqlens=torch.tensor([7, 1, 14], dtype=torch.int32),
+                attention_chunk=8, causal=True)
+    cpu_caches = k_cache.clone(), v_cache.clone()
+    cpu = fa3.flash_attn_with_kvcache(step_q, *cpu_caches, new_k, new_v, **step)
+    gpu_step = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in step.items()}
+    gpu_caches = k_cache.cuda(), v_cache.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fa3.flash_attn_with_kvcache(step_q.cuda(), *gpu_caches, new_k.cuda(), new_v.cuda(), **gpu_step)
+        dense = fa3.flash_attn_func(*(t.view(1, *t.shape).cuda() for t in (q, q, q)), causal=True,
+                                    attention_chunk=4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.cpu(), cpu, atol=2e-3, rtol=2e-3)  # float32 products may take TF32
+    torch.testing.assert_close(gpu_caches[0].cpu(), cpu_caches[0], atol=1e-5, rtol=1e-5)
+    expected = fa3.flash_attn_func(*(t.view(1, *t.shape).float() for t in (q, q, q)), causal=True, attention_chunk=4)
+    torch.testing.assert_close(dense.float().cpu(), expected, atol=2e-3, rtol=2e-3)
     wide_q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.float16)
     wide_v = torch.zeros(1, 4, 2, 512, device="cuda", dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="head dims up to 256"):
@@ -406,6 +435,29 @@ def test_with_kvcache_packed_new_keys(layout, rotary, impl):
                                            _cache_keys(expected_cache, table, n, count))
 
 
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_chunks_turn_queries_in_sequence(impl):
+    """With chunks (local attention in FlashAttention 3) the queries are turned at cache_seqlens + i
+    even without causal: the call equals one on queries and keys turned so beforehand."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, _ = _cache(False, v_dim=DIM, seed=10)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(BATCH, 3, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 3, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 3, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    positions = held[:, None] + torch.arange(3, dtype=torch.int32)
+    turned_q, turned_k = (genfast.rotary(t, cos, sin, positions, interleaved=True) for t in (q, k))
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    got = fa3.flash_attn_with_kvcache(q, *caches[0], k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=held,
+                                      attention_chunk=5, impl=impl)
+    expected = fa3.flash_attn_with_kvcache(turned_q, *caches[1], turned_k, v, cache_seqlens=held, attention_chunk=5,
+                                           impl=impl)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(caches[0][0], caches[1][0])
+
+
 def test_with_kvcache_equals_flash_attention_2s():
     """Without FlashAttention 3's own arguments, its flash_attn_with_kvcache is FlashAttention 2's
     (page_table for block_table)."""
@@ -529,6 +581,10 @@ def test_bad_input_names_the_argument():
              "seqused_q must be an int32"),
             (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_k=held[:1]), ValueError,
              "seqused_k must be an int32"),
+            (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_k=held * 4), ValueError,
+             "seqused_k\\[1\\] = 8 exceeds sequence 1's 7 rows"),
+            (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_q=held * 4, attention_chunk=2),
+             ValueError, "seqused_q\\[1\\] = 8 exceeds"),
             (lambda: fa3.flash_attn_qkvpacked_func(torch.zeros(2, 5, 8, DIM)), ValueError, "num_heads_q"),
             (lambda: fa3.flash_attn_with_kvcache(dense[0][:, :1], k_cache, v_cache, k[:12], v[:12].repeat(1, 1, 2),
                                                  cache_seqlens=held, cu_seqlens_k_new=cu_k), ValueError,

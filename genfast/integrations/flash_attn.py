@@ -240,6 +240,13 @@ def _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_tab
     return (q if turned is None else turned), held + k.shape[1]
 
 
+def _first_cache_rows(batch, device, capacity, cache_batch_idx, start):
+    """Each sequence's first key in a padded cache flattened to rows: its cache row's (cache_batch_idx
+    or its own) first, plus `start` (cache_leftpad)."""
+    rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None else cache_batch_idx
+    return rows * capacity + start
+
+
 def _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad, block_table,
                      common):
     """attention_varlen of the queries flat_q (sequence n at rows cu_q[n] ..) over the first held[n]
@@ -257,9 +264,7 @@ def _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_id
     if cache_leftpad is not None:
         # Each sequence's keys from its own row: pages of one row, a row-by-row table.
         start = _index_vector("cache_leftpad", cache_leftpad, batch, device)
-        cache_rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
-            else cache_batch_idx
-        first = cache_rows * capacity + start
+        first = _first_cache_rows(batch, device, capacity, cache_batch_idx, start)
         table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
         table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
         pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start

@@ -26,11 +26,13 @@ cache through page_table; and FlashAttention 3's own:
   copy of both (with a KV cache, of the caches, each call), with gradients for qv too
   (FlashAttention 3 gives it none). Its head dim is head_dim + head_dim_v: on a GPU at most 256,
   which leaves out DeepSeek's 64 + 512 (it raises, naming the limit; the CPU takes any);
+- flash_attn_with_kvcache's cu_seqlens_q (queries packed without padding) and cu_seqlens_k_new
+  (new keys and values packed so, written by indexed copies), rotary_seqlens and page_table;
 - flash_attn_combine merges attentions over parts of the keys by their log-sum-exps.
 A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num_splits,
 pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
-get_scheduler_metadata returns None. Not supported (it raises, naming them): fp8 inputs with
-q_descale, k_descale and v_descale.
+get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
+q_descale, k_descale and v_descale; cache_leftpad with page_table (as in FlashAttention 2).
 """
 
 import numbers
@@ -42,7 +44,8 @@ import torch.nn.functional as F
 from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
-                         _check_dense, _check_kvcache, _options, _uniform_cu_seqlens)
+                         _check_dense, _check_kvcache, _first_cache_rows, _index_vector, _options,
+                         _uniform_cu_seqlens)
 
 Tensor = torch.Tensor
 
@@ -106,22 +109,26 @@ def _held(name, used, rows):
     return torch.minimum(used, rows)
 
 
-def _chunk_parts(held_q, held_k, chunk, max_k):
+def _chunk_parts(held_q, held_k, chunk, max_q, max_k):
     """Each sequence's parts under attention_chunk, (first_q, first_key, keys), each (batch, parts):
     where the part's queries start among the sequence's held_q, its first key and its count of the
-    held_k keys. Part 0 holds the queries whose bottom-right position p = i + held_k - held_q is
-    below 0 (chunk -1: no keys); part c + 1 holds chunk c's keys c chunk .., and the queries whose p
-    falls among them. Each part's bottom-right alignment is then the whole sequence's."""
-    parts = max(1, -(-max_k // chunk))
-    starts = torch.arange(parts, device=held_q.device, dtype=torch.int32) * chunk
-    zero = torch.zeros_like(held_q)[:, None]
+    held_k keys. Part c holds the queries whose bottom-right position p = i + held_k - held_q lies
+    in chunk c, [c chunk, (c + 1) chunk), and chunk c's keys: none for the chunks before key 0 (p <
+    0), of which there are enough for max_q queries. Each part's bottom-right alignment is then the
+    whole sequence's, and it holds at most `chunk` queries."""
+    before = -(-max_q // chunk)
+    starts = torch.arange(-before, max(1, -(-max_k // chunk)), device=held_q.device, dtype=torch.int32) * chunk
     first_q = torch.minimum((starts - (held_k - held_q)[:, None]).clamp(min=0), held_q[:, None])
-    keys = (held_k[:, None] - starts).clamp(0, chunk)
-    return (torch.cat((zero, first_q), 1), torch.cat((zero, starts.expand_as(keys)), 1),
-            torch.cat((zero, keys), 1))
+    keys = torch.where(starts < 0, 0, (held_k[:, None] - starts).clamp(0, chunk))
+    return first_q, starts.clamp(min=0).expand_as(keys), keys
 
 
-def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
+def _starts(cu, first):
+    """cu_seqlens of the parts that start at rows first (batch, parts) of each sequence of cu."""
+    return torch.cat(((cu[:-1, None] + first).flatten(), cu[-1:]))
+
+
+def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
     FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts), then, with
     used_q, its rows past used_q[n] as a sequence of no keys. Computed on the device: no
@@ -129,7 +136,7 @@ def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
     rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     held_q, held_k = _held("seqused_q", used_q, rows_q), _held("seqused_k", used_k, rows_k)
     if chunk:
-        first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, max_k)
+        first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, max_q, max_k)
         first_k = torch.minimum(first_key, rows_k[:, None])
     else:
         first_q = first_k = torch.zeros_like(rows_q)[:, None]
@@ -138,9 +145,7 @@ def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k):
         first_q = torch.cat((first_q, held_q[:, None]), 1)
         first_k = torch.cat((first_k, rows_k[:, None]), 1)
         keys = torch.cat((keys, torch.zeros_like(keys[:, :1])), 1)
-    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:]))
-    sub_k = torch.cat(((cu_k[:-1, None] + first_k).flatten(), cu_k[-1:]))
-    return sub_q, sub_k, keys.flatten()
+    return _starts(cu_q, first_q), _starts(cu_k, first_k), keys.flatten()
 
 
 def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
@@ -148,13 +153,11 @@ def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_
     """attention_chunk over a KV cache: each sequence's parts (_chunk_parts) as sequences of their
     own, whose keys a block table finds: a paged cache's pages where the chunk holds whole pages,
     else the cache's rows as pages of one key (key a of sequence n: row cache_leftpad[n] + a of its
-    cache row, or of its pages)."""
+    cache row, or of its pages). cache_leftpad: int32, checked."""
     batch, device = held.shape[0], held.device
     capacity = _cache_capacity(k_cache, page_table)
-    start = torch.zeros_like(held) if cache_leftpad is None else _index_tensor("cache_leftpad", cache_leftpad,
-                                                                                (batch,), device)
-    first_q, first_key, keys = _chunk_parts(cu_q[1:] - cu_q[:-1], held - start, chunk, capacity)
-    sub_q = torch.cat(((cu_q[:-1, None] + first_q).flatten(), cu_q[-1:]))
+    start = torch.zeros_like(held) if cache_leftpad is None else cache_leftpad
+    first_q, first_key, keys = _chunk_parts(cu_q[1:] - cu_q[:-1], held - start, chunk, max_q, capacity)
     cu_k = F.pad(keys.flatten().cumsum(0, dtype=torch.int32), (1, 0))
     page_size = k_cache.shape[1]
     if page_table is not None and chunk % page_size == 0:
@@ -167,29 +170,31 @@ def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_
             pages = torch.gather(page_table, 1, (key // page_size).flatten(1)).view_as(key)
             table = pages * page_size + key % page_size
         else:
-            rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None \
-                else cache_batch_idx
-            table = ((rows * capacity + start)[:, None, None] + key).clamp(max=k_cache.shape[0] * capacity - 1)
+            first = _first_cache_rows(batch, device, capacity, cache_batch_idx, start)
+            table = (first[:, None, None] + key).clamp(max=k_cache.shape[0] * capacity - 1)
         pools = k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]
-    return attention_varlen(flat_q, *pools, sub_q, cu_k, max_q, min(chunk, capacity),
+    return attention_varlen(flat_q, *pools, _starts(cu_q, first_q), cu_k, min(max_q, chunk), min(chunk, capacity),
                             block_table=table.flatten(0, 1).to(torch.int32), **common)
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
-            attention_chunk, softcap, deterministic, impl, max_q_in_part=None):
-    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; max_q_in_part
-    bounds the queries of one part of a split sequence where the caller knows a bound below max_q."""
+            attention_chunk, softcap, deterministic, impl):
+    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options."""
     chunk = _check_chunk(attention_chunk)
     q, k, scale = _with_qv(q, k, v, qv, softmax_scale, impl)
     common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
                   **_options(causal, window_size, softcap))
-    if not chunk and used_q is None:
-        return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used_k, **common)
+    if not chunk and used_q is None and used_k is None:
+        return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **common)
     batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
     for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         _index_tensor(name, t, (max(batch, 0) + 1,), q.device)
-    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_k)
-    return attention_varlen(q, k, v, sub_q, sub_k, max_q if max_q_in_part is None else max_q_in_part,
+    if not chunk and used_q is None:
+        return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
+                                seqused_k=_held("seqused_k", used_k, cu_k[1:] - cu_k[:-1]), **common)
+    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q, max_k)
+    # A chunk's part holds at most `chunk` queries; the rows past seqused_q, up to max_q.
+    return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk and used_q is None else max_q,
                             min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
 
 
@@ -208,10 +213,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     cu_q = _uniform_cu_seqlens(batch, lq, q.device)
     cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
     flat = [None if t is None else t.reshape(batch * t.shape[1], *t.shape[2:]) for t in (q, k, v, qv)]
-    # A chunk holds at most `chunk` queries; the queries before key 0 (p < 0), lq - lk.
-    in_part = max(min(lq, chunk), lq - lk) if chunk else None
     o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3], window_size,
-                     chunk, softcap, deterministic, impl, in_part)
+                     chunk, softcap, deterministic, impl)
     o = o.view(batch, lq, *o.shape[1:])
     return (o, _batch_major(lse, batch, lq)) if return_attn_probs else o
 
@@ -301,12 +304,19 @@ def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, **turn):
     return rotary(x, rotary_cos, rotary_sin, positions.expand(x.shape[0], x.shape[1]), **turn)
 
 
+def _row_sequences(cu_seqlens, total):
+    """(sequence, i) of each of `total` packed rows: row cu_seqlens[n] + i is sequence n's i-th (rows
+    past the last sequence count as its own)."""
+    rows = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    sequence = torch.searchsorted(cu_seqlens[1:], rows, right=True).clamp_(max=max(cu_seqlens.shape[0] - 2, 0))
+    return sequence, rows - cu_seqlens[sequence]
+
+
 def _turn_packed(x, cu_seqlens, first, per_row, rotary_cos, rotary_sin, **turn):
     """x (total, heads, head_dim), sequence n at rows cu_seqlens[n] .., turned at positions first[n] +
     i (per_row) or first[n]."""
-    rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-    sequence = torch.searchsorted(cu_seqlens[1:], rows, right=True)
-    positions = first[sequence] + (rows - cu_seqlens[sequence] if per_row else 0)
+    sequence, i = _row_sequences(cu_seqlens, x.shape[0])
+    positions = first[sequence] + (i if per_row else 0)
     return rotary(x[None], rotary_cos, rotary_sin, positions[None], **turn)[0]
 
 
@@ -327,9 +337,8 @@ def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_t
     """Writes new keys and values packed without padding (sequence n's at rows cu_new[n] ..) into
     the caches at each sequence's rows held[n] .. (of its cache row, or of its pages); returns held
     plus their counts. Indexed writes, no synchronisation; the CPU checks that the rows fit."""
-    rows = torch.arange(k.shape[0], device=k.device, dtype=torch.int32)
-    sequence = torch.searchsorted(cu_new[1:], rows, right=True)
-    at = held[sequence] + rows - cu_new[sequence]
+    sequence, i = _row_sequences(cu_new, k.shape[0])
+    at = held[sequence] + i
     counts = cu_new[1:] - cu_new[:-1]
     capacity = _cache_capacity(k_cache, page_table)
     if k.device.type == "cpu" and held.numel() and not torch.compiler.is_compiling():
@@ -358,10 +367,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
                             return_softmax_lse=False, *, impl: str = "auto"):
     """out (batch, seqlen_q, heads, head_dim_v), or with cu_seqlens_q (queries packed without
     padding, q (total_q, heads, head_dim)) (total_q, heads, head_dim_v): q over the cache's keys,
-    after k and v (when given) are written into k_cache and v_cache in place at rows
-    cache_seqlens[n] .., turned by the rotary tables at those rows or at rotary_seqlens[n] ..
-    (genfast.integrations.flash_attn's flash_attn_with_kvcache; page_table is its block_table).
-    With return_softmax_lse (out, softmax_lse (batch, heads, seqlen_q) or (heads, total_q), and two
+    after k and v (when given; (batch, seqlen_new, ...), or packed (total_new, ...) by
+    cu_seqlens_k_new) are written into k_cache and v_cache in place at rows cache_seqlens[n] ..,
+    turned by the rotary tables at those rows or at rotary_seqlens[n] ..
+    (genfast.integrations.flash_attn's flash_attn_with_kvcache; page_table is its block_table);
+    attention_chunk as flash_attn_func's, each chunk's keys read in place. With
+    return_softmax_lse (out, softmax_lse (batch, heads, seqlen_q) or (heads, total_q), and two
     empty tensors)."""
     _check_no_fp8(q_descale, k_descale, v_descale)
     chunk = _check_chunk(attention_chunk)
@@ -376,6 +387,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
             raise ValueError(f"with cu_seqlens_q, q must be (total_q, heads, head_dim), got "
                              f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
         batch = cu_seqlens_q.numel() - 1
+        _index_tensor("cu_seqlens_q", cu_seqlens_q, (batch + 1,), q.device)
         # q's batch is cu_seqlens_q's: checked as one of (batch, total_q / batch) rows would be.
         _check_kvcache(q[None].expand(batch, *q.shape), k_cache, v_cache, dense_k, dense_v, dense_cos,
                        cache_batch_idx, cache_leftpad, page_table)
@@ -386,8 +398,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, q.device)
     _check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
+    if cache_leftpad is not None:
+        cache_leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
     options = _options(causal, window_size, softcap)
-    queries_in_sequence = bool(causal or options["window"])
+    # FlashAttention 3 turns the queries in sequence where causal or local (a window or chunks).
+    queries_in_sequence = bool(causal or options["window"] or chunk)
     if rotary_cos is not None and (packed or packed_new or rotary_seqlens is not None):
         # Turned here, q at rotary_seqlens[n] (else at the rows the new keys go to) + i, or all at
         # its first; k at rotary_seqlens[n] + i, or by the append at its rows.

@@ -391,7 +391,8 @@ def attention_forward_kernel(
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
     HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False, PAGED: tl.constexpr = 0,
 ):
-    """Program (query tile, (b, kv head, head chunk), key split). A tile is BLOCK_M queries of one head
+    """Program (query tile and (b, kv head, head chunk) on the first axis, tiles fastest
+    (_tile_and_chunk); key split on the third). A tile is BLOCK_M queries of one head
     or, STACKED, rows_per_head queries of each of heads_per_tile heads of one kv head (row r: query
     r % rows_per_head of head h0 + r // rows_per_head), as kernels/cuda/attention_tile.cuh's
     QueryLayout. SPLIT: the tile's key blocks are split over `splits` programs, each writing its
