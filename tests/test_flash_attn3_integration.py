@@ -221,6 +221,29 @@ def test_returns_and_deterministic_reaches_the_kernels(monkeypatch):
     assert seen == [True, False]
 
 
+def test_chunks_of_a_dense_call_make_no_empty_parts(monkeypatch):
+    """flash_attn_func with no more queries than keys splits each sequence into its chunks alone,
+    each bounded by the chunk: no part of no queries (the CPU kernels share tasks out in contiguous
+    runs, which parts of nothing in front would leave to one thread); with more queries than keys,
+    parts of no keys for the queries before key 0 first, a chunk's worth each."""
+    seen = []
+    real = fa3.attention_varlen
+
+    def attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        seen.append((cu_q.tolist(), max_q, max_k))
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    monkeypatch.setattr(fa3, "attention_varlen", attention_varlen)
+    (q, k, v, _), _, _ = _inputs([16] * 2, [16] * 2)
+    q, k, v = (t.view(2, 16, *t.shape[1:]) for t in (q, k, v))
+    fa3.flash_attn_func(q, k, v, causal=True, attention_chunk=4)
+    fa3.flash_attn_func(q, k[:, :10], v[:, :10], causal=True, attention_chunk=4)
+    assert seen[0] == (list(range(0, 33, 4)), 4, 4)
+    # 16 queries over 10 keys: 6 before key 0 (positions -6 .. -1: chunks -2 and -1, of no keys), then
+    # the chunks of keys 0-3, 4-7 and 8-9.
+    assert seen[1] == ([0, 2, 6, 10, 14, 16, 18, 22, 26, 30, 32], 4, 4)
+
+
 @pytest.mark.cuda
 def test_on_a_gpu_without_synchronising():
     """Chunks, seqused_q and seqused_k, and a cache step with packed queries and new keys, a paged

@@ -109,15 +109,18 @@ def _held(name, used, rows):
     return torch.minimum(used, rows)
 
 
-def _chunk_parts(held_q, held_k, chunk, max_q, max_k):
+def _chunk_parts(held_q, held_k, chunk, before, max_k):
     """Each sequence's parts under attention_chunk, (first_q, first_key, keys), each (batch, parts):
     where the part's queries start among the sequence's held_q, its first key and its count of the
     held_k keys. Part c holds the queries whose bottom-right position p = i + held_k - held_q lies
     in chunk c, [c chunk, (c + 1) chunk), and chunk c's keys: none for the chunks before key 0 (p <
-    0), of which there are enough for max_q queries. Each part's bottom-right alignment is then the
-    whole sequence's, and it holds at most `chunk` queries."""
-    before = -(-max_q // chunk)
-    starts = torch.arange(-before, max(1, -(-max_k // chunk)), device=held_q.device, dtype=torch.int32) * chunk
+    0), of which there are enough for `before` queries (a bound the caller knows: no such chunk
+    where no sequence has more queries than keys). Each part's bottom-right alignment is then the
+    whole sequence's, and it holds at most `chunk` queries. (The CPU kernels share a batch's
+    (sequence, head, block) tasks out in contiguous runs: parts of no queries in front would leave
+    one thread the work.)"""
+    ahead = -(-before // chunk)
+    starts = torch.arange(-ahead, max(1, -(-max_k // chunk)), device=held_q.device, dtype=torch.int32) * chunk
     first_q = torch.minimum((starts - (held_k - held_q)[:, None]).clamp(min=0), held_q[:, None])
     keys = torch.where(starts < 0, 0, (held_k[:, None] - starts).clamp(0, chunk))
     return first_q, starts.clamp(min=0).expand_as(keys), keys
@@ -128,7 +131,7 @@ def _starts(cu, first):
     return torch.cat(((cu[:-1, None] + first).flatten(), cu[-1:]))
 
 
-def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q, max_k):
+def _subsequences(cu_q, cu_k, used_q, used_k, chunk, before, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
     FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts), then, with
     used_q, its rows past used_q[n] as a sequence of no keys. Computed on the device: no
@@ -136,7 +139,7 @@ def _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q, max_k):
     rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     held_q, held_k = _held("seqused_q", used_q, rows_q), _held("seqused_k", used_k, rows_k)
     if chunk:
-        first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, max_q, max_k)
+        first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, before, max_k)
         first_k = torch.minimum(first_key, rows_k[:, None])
     else:
         first_q = first_k = torch.zeros_like(rows_q)[:, None]
@@ -178,8 +181,9 @@ def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
-            attention_chunk, softcap, deterministic, impl):
-    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options."""
+            attention_chunk, softcap, deterministic, impl, before=None):
+    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; `before` bounds
+    a sequence's queries before its key 0 (max_q when None)."""
     chunk = _check_chunk(attention_chunk)
     q, k, scale = _with_qv(q, k, v, qv, softmax_scale, impl)
     common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
@@ -192,7 +196,8 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, ca
     if not chunk and used_q is None:
         return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
                                 seqused_k=_held("seqused_k", used_k, cu_k[1:] - cu_k[:-1]), **common)
-    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q, max_k)
+    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q if before is None else before,
+                                       max_k)
     # A chunk's part holds at most `chunk` queries; the rows past seqused_q, up to max_q.
     return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk and used_q is None else max_q,
                             min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
@@ -214,7 +219,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
     flat = [None if t is None else t.reshape(batch * t.shape[1], *t.shape[2:]) for t in (q, k, v, qv)]
     o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3], window_size,
-                     chunk, softcap, deterministic, impl)
+                     chunk, softcap, deterministic, impl, before=max(0, lq - lk))
     o = o.view(batch, lq, *o.shape[1:])
     return (o, _batch_major(lse, batch, lq)) if return_attn_probs else o
 
