@@ -2,7 +2,9 @@
 against a reference written here from FlashAttention 3's definitions (each sequence's scores, mask
 and softmax in float64): the returns, seqused_q and seqused_k, attention_chunk (forward and
 backward), qv, the packed qkv forms, flash_attn_with_kvcache's FlashAttention 3 arguments
-(page_table, cu_seqlens_q, rotary_seqlens, qv), flash_attn_combine, torch.compile and bad input."""
+(page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, qv, attention_chunk over each cache
+layout), flash_attn_combine, torch.compile, bad input, and on a GPU the absence of host-device
+synchronisation."""
 
 import pytest
 import torch
