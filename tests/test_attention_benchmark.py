@@ -239,6 +239,22 @@ def test_dropout_rows_time_the_peers_that_have_dropout(monkeypatch, one_call_tim
     assert attention_calls and all(options["dropout_p"] == 0.1 for options in attention_calls)
 
 
+def _assert_mask_layer_rows(rows, own, config, forward_variant, kept):
+    """A layer given as a mask (bench._mask_layer): genfast's `own` form and its mask, and every mask
+    peer, in both groups, FlexAttention in the forward's (it has no backward on the CPU); the
+    config; the forward's FLOPs those of the `kept` scores of each of the 2 heads, at head dim 16,
+    for the one-call timer's 2 ms."""
+    impls = bench.fused_impls("cpu")
+    peers = {*(f"genfast {impl} {own}" for impl in impls), *(f"genfast {impl} mask" for impl in impls),
+             "torch SDPA flash", "torch SDPA math", "eager reference", "torch.compile reference"}
+    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
+    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
+    assert all(row["config"] == config for row in rows)
+    for row in rows:
+        if row["variant"] == forward_variant:
+            assert row["gflop_per_s"] == pytest.approx(4 * 2 * kept * 16 / 2e-3 / 1e9)
+
+
 def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one_call_timer):
     monkeypatch.setitem(bench.SLIDING_MASK_CONFIGS, "cpu", (1, 2, 40, 16, 6))
     calls = []
@@ -251,17 +267,8 @@ def test_sliding_mask_rows_give_every_peer_the_window_as_a_mask(monkeypatch, one
     monkeypatch.setattr(bench, "attention", attention)
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
     rows = bench._sliding_mask_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
-    impls = bench.fused_impls("cpu")
-    peers = {*(f"genfast {impl} mask" for impl in impls), *(f"genfast {impl} band" for impl in impls),
-             "torch SDPA flash", "torch SDPA math", "eager reference", "torch.compile reference"}
-    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
-    # FlexAttention has no backward on the CPU.
-    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
-    assert all(row["config"] == "B=1 H=2 L=40 D=16 window=6" for row in rows)
     kept = 6 * 40 - 15  # row i keeps min(i + 1, 6) keys
-    for row in rows:
-        if row["variant"] == "attention forward sliding-window mask":
-            assert row["gflop_per_s"] == pytest.approx(4 * 2 * kept * 16 / 2e-3 / 1e9)
+    _assert_mask_layer_rows(rows, "band", "B=1 H=2 L=40 D=16 window=6", "attention forward sliding-window mask", kept)
     masks = [mask for mask, options in calls if mask is not None and mask.shape[-1] == 40]
     bands = [options for mask, options in calls if mask is None]
     assert masks and bands and all(options == dict(causal="top_left", window=(5, 0), impl=options["impl"])
@@ -285,16 +292,9 @@ def test_chunked_rows_give_every_peer_the_chunks(monkeypatch, one_call_timer):
     monkeypatch.setattr(bench.F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
     rows = bench._chunked_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
-    impls = bench.fused_impls("cpu")
-    peers = {*(f"genfast {impl} attention_chunk" for impl in impls), *(f"genfast {impl} mask" for impl in impls),
-             "torch SDPA flash", "torch SDPA math", "eager reference", "torch.compile reference"}
-    assert {row["impl"] for row in rows if "backward" in row["variant"]} == peers
-    assert {row["impl"] for row in rows if "backward" not in row["variant"]} == peers | {"FlexAttention"}
-    assert all(row["config"] == "B=1 H=2 L=40 D=16 chunk=12" for row in rows)
     kept = 3 * (12 * 13 // 2) + 4 * 5 // 2  # chunks of 12, 12, 12 and 4 keys, causal in each
-    for row in rows:
-        if row["variant"] == "attention forward chunked causal":
-            assert row["gflop_per_s"] == pytest.approx(4 * 2 * kept * 16 / 2e-3 / 1e9)
+    _assert_mask_layer_rows(rows, "attention_chunk", "B=1 H=2 L=40 D=16 chunk=12", "attention forward chunked causal",
+                            kept)
     mask = next(m for m in masks if m is not None and m.shape[-1] == 40)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     from genfast.integrations.flash_attn_interface import flash_attn_func

@@ -193,7 +193,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     written and read are computed on q's device."""
     _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table)
     batch, lq = q.shape[0], q.shape[1]
-    held, cache_batch_idx = _cache_rows(q.shape[0], q.device, k_cache, k, cache_seqlens, cache_batch_idx, block_table)
+    held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, block_table)
     options = _options(causal, window_size, softcap)
     q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_table, rotary_cos, rotary_sin,
                                rotary_interleaved, bool(causal or options["window"]), impl)
@@ -240,11 +240,9 @@ def _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_tab
     return (q if turned is None else turned), held + k.shape[1]
 
 
-def _first_cache_rows(batch, device, capacity, cache_batch_idx, start):
-    """Each sequence's first key in a padded cache flattened to rows: its cache row's (cache_batch_idx
-    or its own) first, plus `start` (cache_leftpad)."""
-    rows = torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None else cache_batch_idx
-    return rows * capacity + start
+def _cache_row_indices(batch, device, cache_batch_idx):
+    """Each sequence's row of a padded cache: cache_batch_idx, or its own."""
+    return torch.arange(batch, device=device, dtype=torch.int32) if cache_batch_idx is None else cache_batch_idx
 
 
 def _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad, block_table,
@@ -264,12 +262,11 @@ def _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_id
     if cache_leftpad is not None:
         # Each sequence's keys from its own row: pages of one row, a row-by-row table.
         start = _index_vector("cache_leftpad", cache_leftpad, batch, device)
-        first = _first_cache_rows(batch, device, capacity, cache_batch_idx, start)
+        first = _cache_row_indices(batch, device, cache_batch_idx) * capacity + start
         table = first[:, None] + torch.arange(capacity, device=device, dtype=torch.int32)
         table = table.clamp_(max=k_cache.shape[0] * capacity - 1)  # rows past a sequence's keys: never read
         pages, held = (k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]), held - start
     elif block_table is None:  # a padded cache's rows as pages of `capacity` keys, read in place
-        table = (cache_batch_idx if cache_batch_idx is not None
-                 else torch.arange(batch, device=device, dtype=torch.int32))[:, None]
+        table = _cache_row_indices(batch, device, cache_batch_idx)[:, None]
     cu_k = F.pad(held.cumsum(0, dtype=torch.int32), (1, 0))
     return attention_varlen(flat_q, *pages, cu_q, cu_k, max_q, capacity, block_table=table, **common)

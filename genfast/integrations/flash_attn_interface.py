@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
-                         _check_dense, _check_kvcache, _first_cache_rows, _index_vector, _options,
+                         _cache_row_indices, _check_dense, _check_kvcache, _index_vector, _options,
                          _uniform_cu_seqlens)
 
 Tensor = torch.Tensor
@@ -173,7 +173,7 @@ def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_
             pages = torch.gather(page_table, 1, (key // page_size).flatten(1)).view_as(key)
             table = pages * page_size + key % page_size
         else:
-            first = _first_cache_rows(batch, device, capacity, cache_batch_idx, start)
+            first = _cache_row_indices(batch, device, cache_batch_idx) * capacity + start
             table = (first[:, None, None] + key).clamp(max=k_cache.shape[0] * capacity - 1)
         pools = k_cache.flatten(0, 1)[:, None], v_cache.flatten(0, 1)[:, None]
     return attention_varlen(flat_q, *pools, _starts(cu_q, first_q), cu_k, min(max_q, chunk), min(chunk, capacity),
