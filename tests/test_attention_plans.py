@@ -130,6 +130,11 @@ def test_plan_rule():
     assert forward_plan(2, 8, 8, 1, 64, 132) == (1, 1)  # one key block: nothing to split
     assert forward_plan(1, 14, 2, 3, 130, 132) == (7, 3)
     assert forward_plan(1, 28, 4, 20, 4096, 132)[0] == 1  # 7 heads of 20 queries do not fit 64 rows
+    # Packed sequences stack a group's heads however many queries the longest has (up to 16 heads).
+    assert forward_plan(8, 32, 8, 512, 4096, 132) == (1, 1)
+    assert forward_plan(8, 32, 8, 512, 4096, 132, packed=True) == (4, 1)
+    assert forward_plan(1, 28, 4, 20, 4096, 132, packed=True)[0] == 7
+    assert forward_plan(4, 64, 2, 300, 4096, 132, packed=True) == (16, 1)
 
 
 def test_bad_plan_names_the_limit():
@@ -138,3 +143,52 @@ def test_bad_plan_names_the_limit():
         _launch(q, k, v, (5, 1))
     with pytest.raises(ValueError, match="splits"):
         _launch(q, k, v, (1, 0))
+
+
+def _packed_batch(device, lengths_q, lengths_k, heads=8, kv_heads=2, dim=32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), heads, dim, generator=g).to(device)
+    k = torch.randn(sum(lengths_k), kv_heads, dim, generator=g).to(device)
+    v = torch.randn(sum(lengths_k), kv_heads, dim, generator=g).to(device)
+    cu_q, cu_k = (torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+                  for lengths in (lengths_q, lengths_k))
+    return q, k, v, (cu_q, cu_k, max(lengths_q), max(lengths_k))
+
+
+@pytest.mark.parametrize("plan", [None, (4, 1), (2, 1), (3, 1), (4, 2)], ids=str)
+@pytest.mark.parametrize("device", devices())
+def test_plans_on_a_batch_of_decoding_and_prefill(device, plan):
+    """A packed batch of one-query sequences beside prefill ones (the longest too long for a planned
+    tile of 64 rows): its plan stacks the group's heads in tiles with BLOCK_M // heads queries of
+    each, over several tiles per sequence (a stack of 3 heads leaves rows unused); causal, a window,
+    ALiBi and soft-capping, dropout (the same elements kept as by tiles of one head), and NaN in one
+    query reaching only its row."""
+    from genfast.kernels.attention import forward_plan
+
+    lengths_q, lengths_k = [1, 45, 1, 1, 23, 0], [70, 45, 1, 130, 90, 12]
+    heads = 12 if plan == (3, 1) else 8
+    q, k, v, varlen = _packed_batch(device, lengths_q, lengths_k, heads=heads)
+    if plan is None:
+        assert forward_plan(6, heads, 2, 45, 130, 1, packed=True) == (4, 1)
+    slopes = torch.linspace(0.05, 0.4, heads, device=device)
+    for options, band in ((dict(causal="bottom_right"), (-UNBOUNDED, 0)),
+                          (dict(causal="bottom_right", window=(37, 0)), (-37, 0)),
+                          (dict(alibi_slopes=slopes, softcap=2.0), (-UNBOUNDED, UNBOUNDED))):
+        got = _launch(q, k, v, plan, band=band, varlen=varlen, alibi_slopes=options.get("alibi_slopes"),
+                      softcap=options.get("softcap", 0.0))
+        exact_options = dict(options, alibi_slopes=slopes.double()) if "alibi_slopes" in options else options
+        exact = genfast.attention_varlen(q.double(), k.double(), v.double(), *varlen, impl="reference",
+                                         return_lse=True, **exact_options)
+        low = genfast.attention_varlen(q, k, v, *varlen, impl="reference", return_lse=True, **options)
+        _check(got, exact, low)
+        assert bool((got[0][-1:] == 0).all() if lengths_q[-1] else True)
+    base = _launch(q, k, v, (1, 1), band=(-UNBOUNDED, 0), varlen=varlen, dropout_p=0.3)
+    got = _launch(q, k, v, plan, band=(-UNBOUNDED, 0), varlen=varlen, dropout_p=0.3)
+    torch.testing.assert_close(got[0], base[0], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(got[1], base[1], atol=2e-6, rtol=2e-6)
+    q[20, 5, 3] = float("nan")
+    o, lse = _launch(q, k, v, plan, band=(-UNBOUNDED, 0), varlen=varlen)
+    assert bool(o[20, 5].isnan().all()) and bool(lse[5, 20].isnan())
+    o[20, 5] = 0.0
+    lse[5, 20] = 0.0
+    assert not bool(o.isnan().any()) and not bool(lse.isnan().any())

@@ -61,10 +61,11 @@ struct AttentionForwardPlan {
   bool float_o = false;
 };
 constexpr int kAttentionMaxSplits = 128;
+constexpr int kAttentionPackedStack = 16;  // heads a packed batch's plan stacks at most
 
 // The plan for a GPU of `multiprocessors` SMs: stack the heads of a group when their queries fit a
-// tile, split the keys when the tiles fill less than 80% of two CTAs per SM (as FlashAttention-2's
-// split-KV heuristic does).
+// tile (for packed sequences always, up to kAttentionPackedStack heads), split the keys when the
+// tiles fill less than 80% of two CTAs per SM (as FlashAttention-2's split-KV heuristic does).
 AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multiprocessors);
 
 // The float32 workspace a plan needs: splits x (lse rows) x (v_dim + 1) with splits or float_o

@@ -236,11 +236,19 @@ AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multip
   AttentionForwardPlan plan;
   if (p.batch <= 0 || p.q_len <= 0 || p.kv_heads <= 0 || p.heads % p.kv_heads != 0) return plan;
   const int64_t group = p.heads / p.kv_heads;
-  // The largest divisor of the group whose queries fit a tile (so that no tile holds fewer heads).
-  for (int64_t d = group < kBlockM / p.q_len ? group : kBlockM / p.q_len; d > 1; --d) {
-    if (group % d == 0) {
-      plan.heads_per_cta = static_cast<int>(d);
-      break;
+  // The largest divisor of the group whose queries fit a tile (so that no tile holds fewer heads);
+  // for packed sequences whose longest fits no such stack, the largest up to 16, a tile holding
+  // kBlockM / heads queries of each head: q_len says nothing of the other sequences (mostly one query
+  // each in a batch of decoding beside prefill), and tiles of one head would read each sequence's
+  // keys once per head of the group. Not where the Hopper forward (tiles of one head) is asked for.
+  const bool packed = p.cu_seqlens_q != nullptr && !hopper_opted_in();
+  for (int pass = 0; pass < (packed ? 2 : 1) && plan.heads_per_cta == 1; ++pass) {
+    const int64_t most = pass == 0 ? kBlockM / p.q_len : kAttentionPackedStack;
+    for (int64_t d = group < most ? group : most; d > 1; --d) {
+      if (group % d == 0) {
+        plan.heads_per_cta = static_cast<int>(d);
+        break;
+      }
     }
   }
   const int64_t tiles = query_layout_ctas(p, query_layout(p, kBlockM, plan.heads_per_cta, 1));

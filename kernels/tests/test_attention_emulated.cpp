@@ -854,7 +854,8 @@ Case random_case(std::mt19937& rng) {
 }  // namespace
 
 // The plans a GPU of 132 SMs gets: decoding stacks a group's heads and splits the keys (4 heads per
-// tile, 32 splits of 2 key blocks); training shapes fill the GPU as they are. tests/
+// tile, 32 splits of 2 key blocks); training shapes fill the GPU as they are; packed sequences stack
+// a group's heads however long the longest (without GENFAST_ATTENTION_SM90=1). tests/
 // test_attention_plans.py checks the same figures of the Triton launcher's forward_plan.
 void check_plans() {
   AttentionParams p{};
@@ -864,10 +865,19 @@ void check_plans() {
   const AttentionForwardPlan training = genfast::plan_attention_forward(p, 132);
   p.q_len = 1, p.k_len = 64;  // one key block: nothing to split
   const AttentionForwardPlan short_keys = genfast::plan_attention_forward(p, 132);
+  // Eight packed sequences of 8 kv heads, the longest of 512 queries: a group of 4 per tile, as dense
+  // ones of that length do not stack.
+  p.batch = 8, p.heads = 32, p.kv_heads = 8, p.q_len = 512, p.k_len = 4096, p.dim = p.v_dim = 128;
+  const AttentionForwardPlan dense = genfast::plan_attention_forward(p, 132);
+  const std::vector<int32_t> cu_seqlens(9, 0);  // the plan reads only that there are some
+  p.cu_seqlens_q = p.cu_seqlens_k = cu_seqlens.data();
+  const AttentionForwardPlan packed = genfast::plan_attention_forward(p, 132);
   if (decoding.heads_per_cta != 4 || decoding.splits != 32 || training.heads_per_cta != 1 || training.splits != 1 ||
-      short_keys.splits != 1) {
-    std::printf("FAIL plans: decoding %d heads per tile, %d splits; training %d, %d; short keys %d splits\n",
-                decoding.heads_per_cta, decoding.splits, training.heads_per_cta, training.splits, short_keys.splits);
+      short_keys.splits != 1 || dense.heads_per_cta != 1 || packed.heads_per_cta != 4 || packed.splits != 1) {
+    std::printf("FAIL plans: decoding %d heads per tile, %d splits; training %d, %d; short keys %d splits; "
+                "dense 512 queries %d heads per tile, packed %d, %d splits\n",
+                decoding.heads_per_cta, decoding.splits, training.heads_per_cta, training.splits, short_keys.splits,
+                dense.heads_per_cta, packed.heads_per_cta, packed.splits);
     ++failures;
   }
 }

@@ -146,11 +146,13 @@ def _tile_and_chunk(tiles):
 
 
 @triton.jit
-def _block_inside(start_m, BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo, band_hi):
-    """Whether every query of [start_m, start_m + BLOCK_M) and key of [start_n, start_n + BLOCK_N)
-    is inside the sequences and the band: with scores that need nothing more than scaling, such a
-    block skips _finish_scores (a sixth of the forward's instructions a step at head dim 128)."""
-    return ((start_m + BLOCK_M <= Lq) & (start_n + BLOCK_N <= Lk) & (start_n - (start_m + BLOCK_M - 1) >= band_lo)
+def _block_inside(start_m, span, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo, band_hi):
+    """Whether every query of [start_m, start_m + span) and key of [start_n, start_n + BLOCK_N) is
+    inside the sequences and the band: with scores that need nothing more than scaling, such a block
+    skips _finish_scores (a sixth of the forward's instructions a step at head dim 128). span: the
+    tile's BLOCK_M, or a stacked tile's queries of each head (its unused rows load q as 0 and are
+    not stored, so their scores need no mask)."""
+    return ((start_m + span <= Lq) & (start_n + BLOCK_N <= Lk) & (start_n - (start_m + span - 1) >= band_lo)
             & (start_n + BLOCK_N - 1 - start_m <= band_hi))
 
 
@@ -344,19 +346,20 @@ def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale,
+def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope, scale,
                    raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
                    base_lo, base_hi, row0, row_length, k_start,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
-                   FAST_EXP: tl.constexpr, INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr):
+                   DOT_KIND: tl.constexpr, BLOCK_N: tl.constexpr, FAST_EXP: tl.constexpr,
+                   INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr):
     """The forward's online softmax over key block offs_n = [start_n, start_n + BLOCK_N), its K and V
-    rows and its part of the mask (_mask_block): (acc, l_i, m_i) moved on."""
+    rows and its part of the mask (_mask_block), for queries [start_m, start_m + span) (of each head
+    of a stacked tile): (acc, l_i, m_i) moved on."""
     x = _dot(q, tl.trans(k), DOT_KIND)
     factor = raw_factor
     # The constexprs first: when one holds, Triton decides the branch while compiling.
-    if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or STACKED
-            or not _block_inside(start_m, BLOCK_M, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi)):
+    if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0
+            or not _block_inside(start_m, span, start_n, BLOCK_N, Lq, Lk, band_lo, band_hi)):
         x, cap = _finish_scores(x * scale, mask_block, offs_m, offs_n, Lq, Lk, slope, softcap, band_lo, band_hi,
                                 SOFTCAP, HAS_ALIBI, MASK_KIND)
         factor = finished_factor
@@ -401,6 +404,8 @@ def attention_forward_kernel(
     HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED
     (1 or 2, _paged_pointers): k and v are a paged cache, key j of sequence b at row j % page_size
     of page pages_ptr[b, j // page_size] (skb and svb the pages' strides)."""
+    if STACKED:  # rows_per_head 0: as many queries of each head as BLOCK_M holds (an autotuned tile)
+        rows_per_head = tl.where(rows_per_head > 0, rows_per_head, BLOCK_M // heads_per_tile)
     tile, chunk = _tile_and_chunk(tl.cdiv(Lq, rows_per_head if STACKED else BLOCK_M))
     c = chunk % head_chunks
     b = chunk // head_chunks // (H // GROUP)
@@ -466,10 +471,10 @@ def attention_forward_kernel(
         k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, Lq, Lk, slope, scale, raw_factor,
-            finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo, base_hi,
-            row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND,
-            BLOCK_M, BLOCK_N, STACKED, FAST_EXP, INTERPRETED, PRECISE_PV)
+            acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope, scale,
+            raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo,
+            base_hi, row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND,
+            BLOCK_N, FAST_EXP, INTERPRETED, PRECISE_PV)
         k_ptrs += _block_steps(skn, BLOCK_N)
         v_ptrs += _block_steps(svn, BLOCK_N)
     seen = m_i != float("-inf")  # NaN counts as seen
@@ -754,7 +759,7 @@ _HOPPER_BLOCKS = {"forward": {}, "backward": {128: [(64, 64, 4, 2)]}}
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
 PAGE_BLOCKS = 128  # a multiple of every BLOCK_N: pages of a multiple of it hold whole key blocks
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
-               "PRECISE_PV"]
+               "PRECISE_PV", "STACKED", "heads_per_tile"]
 _tuned_kernels = {}
 
 
@@ -922,21 +927,31 @@ def _packed(varlen, *tensors):
                  else t.transpose(0, 1)[None] for t in tensors)
 
 
-_STACK_ROWS = 64  # rows of a tile that stacks heads, at most
+_STACK_ROWS = 64  # rows of a planned tile that stacks heads, at most
+_PACKED_STACK = 16  # heads a packed batch's autotuned tile stacks, at most (BLOCK_M // 16 rows of each)
 _PLAN_KEYS = 64  # keys per block in the split rule
 _MAX_SPLITS = 128
 
 
-def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors):
+def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False):
     """(heads_per_tile, splits) of a forward: stack the largest divisor of the group (query heads per
     kv head) whose queries fit a tile of 64 rows, and split the keys when the tiles fill less than
     80% of two programs per SM, taking the fewest splits whose last wave is at least 85% as full as
-    the best count's. The rule of plan_attention_forward (kernels/cuda/attention_forward.cu)."""
+    the best count's. Packed sequences (lq their longest) whose queries fit no such stack stack the
+    largest divisor up to 16 anyway, a tile holding as many queries of each of its heads as it has
+    rows for: lq says nothing of the other sequences, which in a batch of decoding beside prefill
+    are mostly one query each, and a tile of one head would read a sequence's keys once for each
+    head of the group and fill one of its rows (FlashAttention 3 packs a group's heads into its
+    tiles for every packed batch, for the same reason). The rule of plan_attention_forward
+    (kernels/cuda/attention_forward.cu)."""
     group = heads // kv_heads if kv_heads else 1
     stack = 1
     if lq > 0:
         stack = next((d for d in range(min(group, _STACK_ROWS // lq), 1, -1) if group % d == 0), 1)
-    tiles = batch * (heads // stack) * triton.cdiv(lq, lq if stack > 1 else _STACK_ROWS)
+        if packed and stack == 1:
+            stack = next((d for d in range(min(group, _PACKED_STACK), 1, -1) if group % d == 0), 1)
+    rows = min(lq, _STACK_ROWS // stack) if stack > 1 else _STACK_ROWS
+    tiles = batch * (heads // stack) * triton.cdiv(lq, max(rows, 1))
     key_blocks = triton.cdiv(lk, _PLAN_KEYS)
     slots = 2 * max(multiprocessors, 1)
     if 10 * tiles >= 8 * slots or key_blocks <= 1:
@@ -955,8 +970,9 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors):
 def _planned_blocks(stacked_rows, dim_pad, interpreted):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward with a plan (few tiles, so one
     configuration, not autotuned): a tile of stacked heads holds their stacked_rows queries in at
-    least the 16 rows of a dot; a tile of one head (stacked_rows 0) takes 64 queries."""
-    block_m = max(16, triton.next_power_of_2(stacked_rows)) if stacked_rows else 16 if interpreted else 64
+    least the 16 rows of a dot, up to 64; a tile of one head (stacked_rows 0) takes 64 queries."""
+    block_m = (max(16, min(_STACK_ROWS, triton.next_power_of_2(stacked_rows))) if stacked_rows
+               else 16 if interpreted else 64)
     block_n = 16 if interpreted else 64 if dim_pad <= 128 else 32
     return block_m, block_n, 4, 2
 
@@ -965,12 +981,12 @@ def gpu_variants(name, constexprs, ints):
     """The (constexpr overrides, num_warps, num_stages) a GPU launch of kernel `name` takes where the
     interpreter's differ, for genfast.testing.triton_gpu_compile: every autotuned configuration of
     the head-dim bucket (Hopper's too, compiled for each target), or a planned forward's one
-    configuration."""
+    configuration (a stacked tile with rows_per_head 0 is autotuned)."""
     if name in ("attention_combine_kernel", "attention_row_deltas_kernel"):
         return None
     dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     on_gpu = dict(INTERPRETED=False) if "INTERPRETED" in constexprs else {}
-    if constexprs.get("STACKED") or constexprs.get("SPLIT"):
+    if constexprs.get("SPLIT") or (constexprs.get("STACKED") and ints.get("rows_per_head")):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
         block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
@@ -999,7 +1015,9 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     the keys each sequence uses, the first of its rows; then block_table (int32 (batch, pages per
     sequence), contiguous, or None): k and v are a paged cache (pages, page_size, Hk, D[v]), page_size
     at least 1, and cu_seqlens_k gives the sequences' key counts alone. plan: (heads_per_tile,
-    splits), forward_plan's for the device when None; (1, 1) runs the autotuned tiles of one head.
+    splits), forward_plan's for the device when None; (1, 1) runs the autotuned tiles of one head, and
+    so does a plan of one split stacking more queries than a planned tile's 64 rows (up to 16 heads,
+    BLOCK_M // heads_per_tile queries of each).
     sinks: None or the heads' sink logits, float32 (H,) contiguous."""
     import torch
 
@@ -1025,7 +1043,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
     group = heads // kv_heads
-    stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device))
+    stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device), packing.varlen)
     if not (1 <= stack <= min(group, _STACK_ROWS) and 1 <= splits <= _MAX_SPLITS):
         raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, _STACK_ROWS)} "
                          f"and 1 <= splits <= {_MAX_SPLITS}")
@@ -1044,12 +1062,15 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                   PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
                   PAGED=packing.paged_kind(page_size))
     scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
-    if (stack, splits) == (1, 1):
+    if splits == 1 and (stack == 1 or stack * lq > _STACK_ROWS and stack <= _PACKED_STACK):
+        # Autotuned tiles: of one head, or (a packed batch's plan) stacking each of `stack` heads'
+        # BLOCK_M // stack queries (rows_per_head 0).
         kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
         kernel = kernel if wrap is None else wrap(kernel)
-        kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * heads,)](
-            *args(out, lse_out), heads_per_tile=1, rows_per_head=0, head_chunks=group, splits=1, split_rows=0,
-            **scalars, **consts)
+        head_chunks = triton.cdiv(group, stack)
+        kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"] // stack) * batch * kv_heads * head_chunks,)](
+            *args(out, lse_out), heads_per_tile=stack, rows_per_head=0, head_chunks=head_chunks, splits=1,
+            split_rows=0, **scalars, **consts, STACKED=stack > 1)
     else:
         interpreted = q.device.type == "cpu"
         block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0,
