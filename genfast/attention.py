@@ -115,6 +115,17 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
     return qs, ks, vs
 
 
+def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k and v in torch.autocast's dtype where it is on for their device, as autocast casts SDPA's:
+    a model of float32 weights under autocast hands attention a 16-bit v beside q and k that its
+    rotary embedding turned in float32. float64 is left as it is, as autocast leaves it."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
@@ -136,7 +147,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA
     kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block instead of 7.
     The CPU and Triton backwards are deterministic either way (Triton's atomics, slower on an H200,
-    with GENFAST_TRITON_ATOMIC_DQ=1)."""
+    with GENFAST_TRITON_ATOMIC_DQ=1). Under torch.autocast, q, k and v are cast to its dtype, as SDPA's are."""
+    q, k, v = _autocast_inputs(q, k, v)
     qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl,
                         sinks=sinks)
     if is_causal:
@@ -312,7 +324,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     a paged KV cache (pages, page_size, Hk, D[v]), key j of sequence n at row j % page_size of page
     block_table[n, j // page_size], and cu_seqlens_k gives the sequences' key counts alone (their
     totals need not match k). Any page_size: vLLM's 16, SGLang's 1. For
-    inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not."""
+    inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not. Under
+    torch.autocast, q, k and v are cast to its dtype, as genfast.attention's."""
+    q, k, v = _autocast_inputs(q, k, v)
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
                            window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)

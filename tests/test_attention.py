@@ -1037,3 +1037,31 @@ def test_cuda_kernels_refuse_older_gpus_asking_the_capability_once(monkeypatch):
         assert asked == [torch.device("cuda", 0)]
     finally:
         module._capability.cache_clear()  # the real GPU's answer for the tests after this one
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_autocast_casts_q_k_v_as_sdpa(impl, dtype):
+    """Under torch.autocast q, k and v are cast to its dtype, as SDPA's are (a float32 model under
+    autocast hands attention float32 q and k, turned by its rotary embedding, beside a 16-bit v):
+    the output in that dtype, gradients to the float32 inputs; the same for packed sequences."""
+    skip_unless_supported(impl, "cpu", dtype)
+    q, k, v = _qkv(2, 4, 2, 9, 9, 16, torch.float32)
+    v = v.to(dtype)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        got = genfast.attention(q, k, v, is_causal=True, enable_gqa=True, impl=impl)
+        low = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert got.dtype == low.dtype == dtype
+    exact = ref.attention(*(t.detach().to(dtype).double() for t in (q, k, v)), causal="top_left", enable_gqa=True)
+    assert_error_ratio(got, exact, low)
+    got.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == dtype
+
+    packed = [t.detach().transpose(1, 2).reshape(18, t.shape[1], 16) for t in (q, k, v)]
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=dtype):
+        got_packed = genfast.attention_varlen(*packed, cu, cu, 9, 9, causal="bottom_right", impl=impl)
+    assert got_packed.dtype == dtype
+    torch.testing.assert_close(got_packed, got.detach().transpose(1, 2).reshape(18, 4, 16), atol=0, rtol=0)

@@ -257,3 +257,35 @@ def test_llama_patched_in_one_line(impl, monkeypatch):
     got = logits_and_grads(torch.float32)
     assert_error_ratio(got[0], exact[0], low[0], msg="logits")
     assert_error_ratio(got[1], exact[1], low[1], ratio=3.0, msg="parameter gradients")
+
+
+def test_transformers_rotary_promotes_as_transformers():
+    """16-bit q and k beside float32 cos and sin (a float32 model under autocast): turned in float32,
+    as transformers' products promote them."""
+    q = torch.randn(2, 4, SEQLEN, DIM, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, SEQLEN, DIM, dtype=torch.bfloat16)
+    angles = torch.rand(1, SEQLEN, DIM // 2) * 6.0
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    got = genfast_transformers.apply_rotary_pos_emb(q, k, cos, sin)
+    expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    for a, e in zip(got, expected):
+        assert a.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(a, e)
+
+
+def test_transformers_rotary_patch_checks_the_layout(monkeypatch):
+    """patch() puts genfast's function into a module of rotate_half's layout (returning the module's
+    own) and refuses those of GPT-J's interleaved one, Cohere's and GLM's, leaving them as they are."""
+    from genfast.integrations import transformers_rotary
+    from transformers.models.cohere import modeling_cohere
+    from transformers.models.glm import modeling_glm
+
+    own = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", own)  # put back after the test
+    assert transformers_rotary.patch(modeling_llama) is own
+    assert modeling_llama.apply_rotary_pos_emb is genfast_transformers.apply_rotary_pos_emb
+    for module in (modeling_cohere, modeling_glm):
+        before = module.apply_rotary_pos_emb
+        with pytest.raises(ValueError, match="not rotate_half's"):
+            transformers_rotary.patch(module)
+        assert module.apply_rotary_pos_emb is before

@@ -56,7 +56,20 @@ def _gpt_oss():
     return model
 
 
-MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "gemma2-softcap-window": _gemma2, "gpt-oss-sinks": _gpt_oss}
+def _deepseek_v32():
+    """DeepSeek V3.2: its indexer's top-k keys of each query (3 of up to 21) reach the attention
+    function as `indices`, which eager folds into its mask."""
+    config = transformers.DeepseekV32Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=4, n_group=1,
+        topk_group=1, num_experts_per_tok=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8,
+        qk_nope_head_dim=8, head_dim=8, index_topk=3, index_head_dim=8, index_n_heads=2, first_k_dense_replace=1,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.DeepseekV32ForCausalLM(config)
+
+
+MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "gemma2-softcap-window": _gemma2, "gpt-oss-sinks": _gpt_oss,
+          "deepseek-v32-sparse": _deepseek_v32}
 
 
 def _model(name, attn_implementation, dtype=torch.float32):

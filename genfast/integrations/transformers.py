@@ -16,10 +16,14 @@ mask, so that the kernels skip the key blocks outside it instead of reading the 
 Sequences packed into one row without padding, with flash_attn_varlen_func's kwargs
 (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k: what DataCollatorWithFlattening(
 return_flash_attn_kwargs=True) gives), run as genfast.attention_varlen, each sequence causal on its
-own: the cost of the sequences, not of the row's square under a block-diagonal mask.
+own: the cost of the sequences, not of the row's square under a block-diagonal mask. DeepSeek
+V3.2's sparse attention (`indices`, its indexer's top-k keys of each query) is folded into the mask
+as eager folds it; a model's `block_indices` (MiniMax M3 VL's) raise.
 Continuous batching (`model.generate_batch(...)`, which switches a "genfast" model to
-"paged|genfast") writes each step's keys and values into transformers' paged cache and runs the
-batch (chunks of prompts and decoding steps together) as genfast.attention_varlen, each sequence
+"paged|genfast" where neither FlashAttention 3 nor 2 is installed, and to FlashAttention where one
+is, with a warning: set_attn_implementation("paged|genfast") first keeps genfast) writes each
+step's keys and values into transformers' paged cache and runs the batch (chunks of prompts and
+decoding steps together) as genfast.attention_varlen, each sequence
 causal from its bottom-right corner, reading a full-attention layer's keys from the cache's pages
 through a block table: no mask is built, no key head repeated, no key copied out of the cache.
 register(name, impl) adds further names pinned to a backend, e.g. "genfast_triton", and their
@@ -54,15 +58,25 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     D); returns ((B, Lq, H, Dv), None). The causal decision is sdpa_attention_forward's."""
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if kwargs.get("block_indices") is not None:
+        raise NotImplementedError("genfast's attention: this model's sparse attention passes block_indices to "
+                                  "implementations other than eager and sdpa, which genfast does not read; use "
+                                  "attn_implementation=\"sdpa\" (or genfast.integrations.sdpa.patch())")
     packed = _packed_sequences(kwargs, query, key, position_bias)
     if packed is not None:
+        if kwargs.get("indices") is not None:
+            raise NotImplementedError("genfast's attention: sparse attention's indices with packed sequences")
         return _packed_attention(query, key, value, packed, dropout, scaling, is_causal, impl, kwargs), None
     is_causal = q_length > 1 and attention_mask is None and is_causal
+    if kwargs.get("indices") is not None:
+        attention_mask = _keep_selected_keys(attention_mask, kwargs["indices"], kv_length)
     if is_causal and kv_length > q_length:
         # A static cache at prefill: the keys past the queries are empty slots, masked by causality anyway.
         key, value = key[:, :, :q_length], value[:, :, :q_length]
         if position_bias is not None:
             position_bias = position_bias[..., :q_length]
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :q_length]
     if position_bias is not None:
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
@@ -72,6 +86,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                     window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), sinks=kwargs.get("s_aux"),
                     impl=impl)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _keep_selected_keys(attention_mask: Optional[torch.Tensor], indices: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """attention_mask hiding every key but each query's selected ones: DeepSeek V3.2's sparse attention
+    (and GLM-MoE-DSA's, HY-V4's, AXK2's) hands implementations other than eager and sdpa its
+    indexer's top-k keys, `indices` (batch, Lq, topk), which those two fold into the mask as here."""
+    hidden = torch.ones((*indices.shape[:2], kv_length), dtype=torch.bool, device=indices.device)
+    hidden = hidden.scatter(-1, indices.long(), False)[:, None]
+    if attention_mask is None:
+        return ~hidden
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & ~hidden
+    return attention_mask.masked_fill(hidden, torch.finfo(attention_mask.dtype).min)
 
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
