@@ -137,3 +137,46 @@ def test_attention_processor_matches_diffusers(cross, image, masked, impl):
     low = run(AttnProcessor2_0(), torch.float32)
     for k, (a, e, lo) in enumerate(zip(got, exact, low)):
         assert_error_ratio(a, e, lo, ratio=2.0 if k == 0 else 3.0, msg=f"result {k}")
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                   axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(1, 6, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g), pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([1.0]),
+                  img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(3, 3))
+    return model, inputs
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dispatcher_blocks_run_through_the_sdpa_patch(impl, monkeypatch):
+    """diffusers' attention dispatcher (Flux's blocks) calls torch's SDPA by its module: under
+    genfast.integrations.sdpa.patched() each of its attentions runs genfast's, equal to torch's by
+    the error-ratio rule. GenfastAttnProcessor refuses those blocks, naming that route."""
+    import torch.nn.functional as F
+
+    import genfast.integrations.sdpa as genfast_sdpa
+
+    skip_unless_supported(impl, "cpu")
+    model, inputs = _tiny_flux()
+    with torch.no_grad():
+        low = model(**inputs).sample
+        exact = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}).sample
+        model.float()
+        calls = []
+        with genfast_sdpa.patched(impl=impl):
+            genfast_function = F.scaled_dot_product_attention
+            monkeypatch.setattr(F, "scaled_dot_product_attention",
+                                lambda *args, **kwargs: calls.append(1) or genfast_function(*args, **kwargs))
+            got = model(**inputs).sample
+            monkeypatch.undo()
+    assert len(calls) == 2  # one joint block, one single block
+    assert_error_ratio(got, exact, low)
+    model.set_attn_processor(fused.GenfastAttnProcessor(impl=impl))
+    with pytest.raises(TypeError, match="sdpa.patch"):
+        model(**inputs)

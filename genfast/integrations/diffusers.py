@@ -167,6 +167,10 @@ class GenfastAttnProcessor:
     with SDPA replaced, and attn.scale as the softmax scale.
 
         unet.set_attn_processor(GenfastAttnProcessor())
+
+    The blocks of diffusers' attention dispatcher (FluxAttention, SD3's and Wan's, QwenImage's:
+    AttentionModuleMixin, not Attention) hold other parts and raise here, naming the route that runs
+    them on genfast: genfast.integrations.sdpa.patch(), whose function their native backend calls.
     """
 
     def __init__(self, impl: str = "auto"):
@@ -176,6 +180,10 @@ class GenfastAttnProcessor:
                  **kwargs):
         from ..attention import attention
 
+        if not isinstance(attn, diffusers.models.attention_processor.Attention):
+            raise TypeError(f"GenfastAttnProcessor runs diffusers' Attention blocks, got {type(attn).__name__}: "
+                            "for the blocks of diffusers' attention dispatcher, genfast.integrations.sdpa.patch() "
+                            "(or patched()) runs their attention on genfast")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
