@@ -353,6 +353,18 @@ def test_with_kvcache_packed_queries_and_qv(paged, impl):
             assert_error_ratio(lse[:, rows], exact[1], low[1], msg=f"softmax_lse of sequence {n}")
 
 
+def _rotary_cache_call(seed, queries):
+    """A padded cache (values of the keys' head dim), `queries` queries and two new keys a sequence
+    over caches holding 6, 0 and 13 keys, and rotary tables (cos, sin) of 2 CAPACITY positions."""
+    k_cache, v_cache, _ = _cache(False, v_dim=DIM)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, queries, HEADS, DIM, generator=g)
+    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g)
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    angles = torch.arange(2 * CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
+    return k_cache, v_cache, q, k, v, held, angles.cos().float(), angles.sin().float()
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("impl", fused_impls())
 def test_with_kvcache_rotary_seqlens(causal, impl):
@@ -360,13 +372,7 @@ def test_with_kvcache_rotary_seqlens(causal, impl):
     else all at rotary_seqlens[n]) wherever they are written: FlashAttention 2's call with the tables
     shifted by each sequence's difference gives the same."""
     skip_unless_supported(impl, "cpu")
-    k_cache, v_cache, _ = _cache(False, v_dim=DIM)
-    g = torch.Generator().manual_seed(2)
-    q = torch.randn(BATCH, 2, HEADS, DIM, generator=g)
-    k, v = torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g), torch.randn(BATCH, 2, KV_HEADS, DIM, generator=g)
-    held = torch.tensor([6, 0, 13], dtype=torch.int32)
-    angles = torch.arange(2 * CAPACITY, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)
-    cos, sin = angles.cos().float(), angles.sin().float()
+    k_cache, v_cache, q, k, v, held, cos, sin = _rotary_cache_call(2, 2)
     shifts = [3, 20, 1]
     caches = k_cache.clone(), v_cache.clone()
     got = fa3.flash_attn_with_kvcache(q, *caches, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=held,
@@ -626,3 +632,30 @@ def test_bad_input_names_the_argument():
              "lse_partial must be")):
         with pytest.raises(error, match=match):
             call()
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_with_kvcache_windows_that_limit_nothing_turn_queries_as_none(impl):
+    """A cache call's queries are turned at their own positions where the call is causal or local,
+    else all at the first: FlashAttention 3 counts a window local only after dropping a left side of
+    at least the cache's keys less one and a right side of at least the queries less one
+    (FlashAttention 2: the keys, for both). Such windows give the call without a window; a side one
+    shorter turns the queries in sequence (the mask the same: 15 keys at most in caches of 24)."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, q, k, v, held, cos, sin = _rotary_cache_call(5, 3)
+    tables = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+
+    def run(module, window_size):
+        return module.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=held,
+                                              window_size=window_size, impl=impl, **tables)
+
+    for module, left, right in ((fa3, CAPACITY - 1, 3 - 1), (fa2, CAPACITY, CAPACITY)):
+        none = run(module, (-1, -1))
+        for window in ((left, -1), (-1, right), (left, right)):
+            torch.testing.assert_close(run(module, window), none, atol=0, rtol=0)
+        for window in ((left - 1, -1), (left - 1, right)):
+            assert not torch.allclose(run(module, window), none), (module.__name__, window)
+    # softcap <= 0 is off, as in FlashAttention.
+    for module in (fa2, fa3):
+        torch.testing.assert_close(run(module, (-1, -1)), module.flash_attn_with_kvcache(
+            q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=held, softcap=-1.0, impl=impl, **tables))

@@ -48,7 +48,16 @@ def _options(causal, window_size, softcap) -> dict:
     left, right = window_size
     return dict(causal="bottom_right" if causal else None,
                 window=None if (left, right) == (-1, -1) else (int(left), int(right)),
-                softcap=float(softcap) if softcap else None)
+                softcap=float(softcap) if softcap is not None and softcap > 0 else None)  # FlashAttention's
+
+
+def _turns_queries_in_sequence(causal, window_size, chunk, left_reach, right_reach) -> bool:
+    """Whether FlashAttention turns a cache call's queries at their own positions (where the call is
+    causal or local) rather than all at the first: its window counts as local only after it drops a
+    left side of at least left_reach and a right side of at least right_reach (FlashAttention 2:
+    the cache's keys for both; 3: one less than the keys, one less than the queries)."""
+    left, right = window_size
+    return bool(causal or chunk or 0 <= left < left_reach or 0 <= right < right_reach)
 
 
 def _finish(o, lse, return_attn_probs, dropout_p):
@@ -195,8 +204,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     batch, lq = q.shape[0], q.shape[1]
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, block_table)
     options = _options(causal, window_size, softcap)
+    capacity = _cache_capacity(k_cache, block_table)
     q, held = _append_to_cache(q, k_cache, v_cache, k, v, held, cache_batch_idx, block_table, rotary_cos, rotary_sin,
-                               rotary_interleaved, bool(causal or options["window"]), impl)
+                               rotary_interleaved,
+                               _turns_queries_in_sequence(causal, window_size, 0, capacity, capacity), impl)
     common = dict(scale=softmax_scale, alibi_slopes=alibi_slopes, return_lse=True, impl=impl, **options)
     o, lse = _attend_to_cache(q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq,
                               k_cache, v_cache, held, cache_batch_idx, cache_leftpad, block_table, common)

@@ -45,7 +45,7 @@ from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
                          _cache_row_indices, _check_dense, _check_kvcache, _index_vector, _options,
-                         _uniform_cu_seqlens)
+                         _turns_queries_in_sequence, _uniform_cu_seqlens)
 
 Tensor = torch.Tensor
 
@@ -406,8 +406,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     if cache_leftpad is not None:
         cache_leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
     options = _options(causal, window_size, softcap)
-    # FlashAttention 3 turns the queries in sequence where causal or local (a window or chunks).
-    queries_in_sequence = bool(causal or options["window"] or chunk)
+    queries_in_sequence = _turns_queries_in_sequence(causal, window_size, chunk,
+                                                     _cache_capacity(k_cache, page_table) - 1,
+                                                     (int(max_seqlen_q) if packed else q.shape[1]) - 1)
     if rotary_cos is not None and (packed or packed_new or rotary_seqlens is not None):
         # Turned here, q at rotary_seqlens[n] (else at the rows the new keys go to) + i, or all at
         # its first; k at rotary_seqlens[n] + i, or by the append at its rows.
