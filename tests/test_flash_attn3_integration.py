@@ -299,6 +299,39 @@ def test_on_a_gpu_without_synchronising():
         fa3.flash_attn_func(wide_q, wide_q, wide_v, qv=torch.zeros_like(wide_v))
 
 
+@pytest.mark.parametrize("unpacked", ["q", "k", "both"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_varlen_takes_either_side_unpacked(unpacked, impl):
+    """cu_seqlens_q or cu_seqlens_k None (FlashAttention 3's is_varlen_q or _k false): that side
+    (batch, seqlen, heads, head_dim), 3 sequences of 6 queries over 9 keys, seqused_k taking the
+    first 9, 2 and 0 keys, chunks of 4, causal; an unpacked q gives out (batch, seqlen_q, heads,
+    head_dim_v) and softmax_lse (batch, heads, seqlen_q). Values and gradients against the
+    reference of the packed sequences; a side with its cu_seqlens None must be 4-d."""
+    skip_unless_supported(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = _inputs([6] * 3, [9] * 3, with_qv=True)
+    seqused_k = torch.tensor([9, 2, 0], dtype=torch.int32)
+    options = dict(causal=True, attention_chunk=4)
+    dense_q, dense_k = unpacked in ("q", "both"), unpacked in ("k", "both")
+
+    def run(q, k, v, qv):
+        unflat = (lambda t: t.unflatten(0, (3, -1)))
+        o, lse = fa3.flash_attn_varlen_func(
+            unflat(q) if dense_q else q, unflat(k) if dense_k else k, unflat(v) if dense_k else v,
+            None if dense_q else cu_q, None if dense_k else cu_k, 1000 if dense_q else 6, 1000 if dense_k else 9,
+            seqused_k=seqused_k, qv=unflat(qv) if dense_q else qv, return_attn_probs=True, impl=impl, **options)
+        if dense_q:
+            assert o.shape == (3, 6, HEADS, V_DIM) and lse.shape == (3, HEADS, 6)
+            o, lse = o.flatten(0, 1), lse.transpose(0, 1).flatten(1)
+        return o, lse
+
+    def reference(q, k, v, qv):
+        return _packed_reference(q, k, v, cu_q, cu_k, qv, seqused_k=seqused_k, **options)
+
+    _compare(run, [q, k, v, qv], reference)
+    with pytest.raises(ValueError, match="k must be"):
+        fa3.flash_attn_varlen_func(q, k, v, cu_q, None, 6, 9, impl=impl)
+
+
 # flash_attn_with_kvcache
 
 CAPACITY, BATCH = 24, 3

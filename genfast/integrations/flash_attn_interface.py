@@ -252,17 +252,40 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, *,
                            impl: str = "auto"):
     """out (total_q, heads, head_dim_v) of sequences packed without padding (sequence n at rows
-    cu_seqlens[n] ..), and softmax_lse (heads, total_q) with return_attn_probs."""
+    cu_seqlens[n] ..), and softmax_lse (heads, total_q) with return_attn_probs. As in FlashAttention
+    3, either side may come unpacked instead, its cu_seqlens None: q (and qv) (batch, seqlen_q, heads,
+    head_dim), whose out is (batch, seqlen_q, heads, head_dim_v) and softmax_lse (batch, heads,
+    seqlen_q); k and v (batch, seqlen_k, kv_heads, head_dim[_v]), of which seqused_k may take the
+    first keys. The max_seqlen of such a side is its seqlen."""
     _check_no_fp8(q_descale, k_descale, v_descale)
-    if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0:
+    dense_q = cu_seqlens_q is None
+    unpacked = {**({"q": q} if dense_q else {}), **({"k": k, "v": v} if cu_seqlens_k is None else {})}
+    for name, t in unpacked.items():
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seqlen, heads, head_dim) where its cu_seqlens is None, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if dense_q:
+        batch, max_seqlen_q = q.shape[0], q.shape[1]
+        cu_seqlens_q = _uniform_cu_seqlens(batch, max_seqlen_q, q.device)
+        q, qv = (None if t is None else t.flatten(0, 1) for t in (q, qv))
+    elif not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() == 0:
         raise ValueError(f"cu_seqlens_q must be an int32 tensor (batch + 1,), got "
                          f"{tuple(getattr(cu_seqlens_q, 'shape', ())) or type(cu_seqlens_q).__name__}")
     batch = cu_seqlens_q.numel() - 1
+    if cu_seqlens_k is None:
+        if k.shape[0] != batch:
+            raise ValueError(f"k and v (batch, seqlen_k, kv_heads, head_dim) must have the {batch} sequences of "
+                             f"{'q' if dense_q else 'cu_seqlens_q'}, got {tuple(k.shape)}")
+        max_seqlen_k = k.shape[1]
+        cu_seqlens_k = _uniform_cu_seqlens(batch, max_seqlen_k, q.device)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)
     used_q, used_k = (None if t is None else _index_tensor(name, t, (batch,), q.device)
                       for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)))
     _check_qv(qv, q, v)
     o, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), used_q, used_k,
                      softmax_scale, causal, qv, window_size, attention_chunk, softcap, deterministic, impl)
+    if dense_q:
+        o, lse = o.view(batch, -1, *o.shape[1:]), _batch_major(lse, batch, int(max_seqlen_q))
     return (o, lse) if return_attn_probs else o
 
 
