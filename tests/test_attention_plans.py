@@ -192,3 +192,20 @@ def test_plans_on_a_batch_of_decoding_and_prefill(device, plan):
     o[20, 5] = 0.0
     lse[5, 20] = 0.0
     assert not bool(o.isnan().any()) and not bool(lse.isnan().any())
+
+
+def test_packed_stacking_can_be_turned_off(monkeypatch):
+    """GENFAST_TRITON_PACKED_STACK=0 (what genfast bench times the stacking against) plans a packed
+    batch as a dense one."""
+    import genfast.kernels.attention as kernels
+
+    plans = []
+    monkeypatch.setattr(kernels, "forward_plan", lambda *args: plans.append(args[-1]) or (1, 1))
+    q, k, v, varlen = _packed_batch("cpu", [1, 2], [3, 2], dim=16)
+    for setting in ("0", None):
+        if setting is None:
+            monkeypatch.delenv("GENFAST_TRITON_PACKED_STACK")
+        else:
+            monkeypatch.setenv("GENFAST_TRITON_PACKED_STACK", setting)
+        _launch(q, k, v, None, varlen=varlen)
+    assert plans == [False, True]

@@ -730,6 +730,17 @@ class _PagedCache:
         return 0, self.k_pages, self.v_pages
 
 
+def _without_packed_stack(fn):
+    """fn run with GENFAST_TRITON_PACKED_STACK=0 (kernels/triton/attention.py's _packed_stack)."""
+    def run():
+        os.environ["GENFAST_TRITON_PACKED_STACK"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["GENFAST_TRITON_PACKED_STACK"]
+    return run
+
+
 def _continuous_batching_rows(device, dtype, gemm, quick, say):
     """One layer's attention in a step of transformers' continuous batching, as each paged attention
     implementation runs it from the cache (_PagedCache; 256-token pages, transformers' default):
@@ -770,6 +781,12 @@ def _continuous_batching_rows(device, dtype, gemm, quick, say):
                   max_seqlen_k=max(lengths_k))
     candidates = [(f"genfast {impl}", lambda impl=impl: genfast_transformers.paged_attention_forward(
         module, q, new_k, new_v, None, impl=impl, **step, **varlen)) for impl in fused_impls(device)]
+    if device == "cuda" and "triton" in fused_impls(device):
+        # The Triton forward's tiles of one head for the packed batch (its longest sequence does not fit
+        # a stacked tile), where by default they stack the group's heads: what the stacking gains.
+        candidates.append(("genfast triton, tiles of one head", _without_packed_stack(
+            lambda: genfast_transformers.paged_attention_forward(module, q, new_k, new_v, None, impl="triton",
+                                                                 **step, **varlen))))
     candidates += [("transformers paged|sdpa", lambda: sdpa_attention_paged_forward(module, q, new_k, new_v, mask,
                                                                                    **step)),
                    ("transformers paged|eager", lambda: eager_paged_attention_forward(module, q, new_k, new_v, mask,

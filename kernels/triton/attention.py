@@ -910,6 +910,12 @@ def _atomic_dq():
     return os.environ.get("GENFAST_TRITON_ATOMIC_DQ") == "1"
 
 
+def _packed_stack():
+    """Whether packed batches stack a group's heads however long their longest sequence (forward_plan's
+    packed rule): not with GENFAST_TRITON_PACKED_STACK=0, which genfast bench times beside it."""
+    return os.environ.get("GENFAST_TRITON_PACKED_STACK") != "0"
+
+
 def _dropout_kind(dropout_p, packing):
     if not dropout_p > 0.0:
         return DROPOUT_NONE
@@ -1043,7 +1049,8 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
     group = heads // kv_heads
-    stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device), packing.varlen)
+    stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device),
+                                         packing.varlen and _packed_stack())
     if not (1 <= stack <= min(group, _STACK_ROWS) and 1 <= splits <= _MAX_SPLITS):
         raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, _STACK_ROWS)} "
                          f"and 1 <= splits <= {_MAX_SPLITS}")
