@@ -240,8 +240,8 @@ AttentionForwardPlan plan_attention_forward(const AttentionParams& p, int multip
   // for packed sequences whose longest fits no such stack, the largest up to 16, a tile holding
   // kBlockM / heads queries of each head: q_len says nothing of the other sequences (mostly one query
   // each in a batch of decoding beside prefill), and tiles of one head would read each sequence's
-  // keys once per head of the group. Not where the Hopper forward (tiles of one head) is asked for.
-  const bool packed = p.cu_seqlens_q != nullptr && !hopper_opted_in();
+  // keys once per head of the group. Not where the Hopper forward (tiles of one head) would run.
+  const bool packed = p.cu_seqlens_q != nullptr && !hopper_forward_applies(p, AttentionForwardPlan{});
   for (int pass = 0; pass < (packed ? 2 : 1) && plan.heads_per_cta == 1; ++pass) {
     const int64_t most = pass == 0 ? kBlockM / p.q_len : kAttentionPackedStack;
     for (int64_t d = group < most ? group : most; d > 1; --d) {

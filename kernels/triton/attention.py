@@ -150,8 +150,8 @@ def _block_inside(start_m, span, start_n, BLOCK_N: tl.constexpr, Lq, Lk, band_lo
     """Whether every query of [start_m, start_m + span) and key of [start_n, start_n + BLOCK_N) is
     inside the sequences and the band: with scores that need nothing more than scaling, such a block
     skips _finish_scores (a sixth of the forward's instructions a step at head dim 128). span: the
-    tile's BLOCK_M, or a stacked tile's queries of each head (its unused rows load q as 0 and are
-    not stored, so their scores need no mask)."""
+    tile's queries (of each head, in a stacked tile) inside the sequence; its other rows load q as
+    0 and are not stored, so their scores need no mask."""
     return ((start_m + span <= Lq) & (start_n + BLOCK_N <= Lk) & (start_n - (start_m + span - 1) >= band_lo)
             & (start_n + BLOCK_N - 1 - start_m <= band_hi))
 
@@ -430,6 +430,9 @@ def attention_forward_kernel(
         h = h0
     if start_m >= Lq:  # past a packed sequence's end
         return
+    # The tile's queries (of each head) inside the sequence: rows past its end are never stored, so a
+    # block need not mask them (a decoding sequence's one query in a stacked tile's rows for it).
+    span = tl.minimum(span, Lq - start_m)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_m[:, None] < Lq
@@ -998,7 +1001,10 @@ def gpu_variants(name, constexprs, ints):
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
     bucket = 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
     blocks = _gpu_blocks("backward" in name, bucket, True)
-    return [(dict(BLOCK_M=m, BLOCK_N=n, **on_gpu), w, st) for m, n, w, st in blocks]
+    # A stacked tile's configurations named apart, so that each compiles (its rows' head pointers take
+    # registers that the same tile of one head does not).
+    stacked = dict(STACKED=True) if constexprs.get("STACKED") else {}
+    return [(dict(BLOCK_M=m, BLOCK_N=n, **stacked, **on_gpu), w, st) for m, n, w, st in blocks]
 
 
 def _multiprocessors(device):
