@@ -19,6 +19,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from . import _backend, _checks
 from .ops import attention as _attention_op  # noqa: F401  (registers the fake)
@@ -81,6 +82,9 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
             raise ValueError(f"k's heads ({ks[1]}) must divide q's heads ({qs[1]})")
     if attn_mask is not None:
         full = (qs[0], qs[1], qs[2], ks[2])
+        if isinstance(attn_mask, CausalBias):  # its storage is not the mask: torch's SDPA reads its variant
+            raise TypeError("attn_mask: a torch.nn.attention.bias causal mask is is_causal=True (upper left) or "
+                            "causal='bottom_right' (lower right) here")
         if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
             raise TypeError(f"attn_mask must be a bool or floating-point tensor, got "
                             f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")

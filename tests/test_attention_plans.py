@@ -155,7 +155,7 @@ def _packed_batch(device, lengths_q, lengths_k, heads=8, kv_heads=2, dim=32, see
     return q, k, v, (cu_q, cu_k, max(lengths_q), max(lengths_k))
 
 
-@pytest.mark.parametrize("plan", [None, (4, 1), (2, 1), (3, 1), (4, 2)], ids=str)
+@pytest.mark.parametrize("plan", [None, (3, 1), (4, 2)], ids=str)  # None: (4, 1)
 @pytest.mark.parametrize("device", devices())
 def test_plans_on_a_batch_of_decoding_and_prefill(device, plan):
     """A packed batch of one-query sequences beside prefill ones (the longest too long for a planned

@@ -175,3 +175,48 @@ def test_a_compiled_caller_traces_the_patch_into_one_graph(genfast_calls):
     with genfast_sdpa.patched():
         assert_compiles_like_eager(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), leaves)
     assert genfast_calls  # eager's call, and the compiled one's trace
+
+
+BROADCAST_CASES = {
+    "causal_upper_left": lambda q, k, v: dict(attn_mask=torch.nn.attention.bias.causal_upper_left(33, 47)),
+    "causal_lower_right": lambda q, k, v: dict(attn_mask=torch.nn.attention.bias.causal_lower_right(33, 47)),
+    "one kv head": lambda q, k, v: dict(key=k[:, :1], value=v[:, :1]),
+    "k and v of one batch row": lambda q, k, v: dict(key=k[:1], value=v[:1]),
+    "q of one batch row, one head": lambda q, k, v: dict(query=q[:1, :1]),
+}
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+@pytest.mark.parametrize("name", list(BROADCAST_CASES))
+def test_patched_sdpa_broadcasts_and_reads_causal_biases_as_sdpa(impl, name, genfast_calls):
+    """torch.nn.attention.bias's causal masks (whose storage is not the mask) and batch or head dims
+    of 1 (SDPA broadcasts them, without enable_gqa): genfast's result equal to torch's by the
+    error-ratio rule, gradients included."""
+    skip_unless_supported(impl, "cpu")
+
+    def call(q, k, v):
+        args = {**dict(query=q, key=k, value=v), **BROADCAST_CASES[name](q, k, v)}
+        return F.scaled_dot_product_attention(**args)
+
+    leaves = _inputs()
+    weights = torch.randn(call(*leaves).shape, dtype=torch.float64)
+    exact = _value_and_grads(call, [t.detach().double().requires_grad_() for t in leaves], weights)
+    low = _value_and_grads(call, leaves, weights)
+    with genfast_sdpa.patched(impl):
+        got = _value_and_grads(call, leaves, weights)
+    assert len(genfast_calls) == 1 and type(got[0]) is torch.Tensor
+    for what, a, e, lo in zip(("output", "grad q", "grad k", "grad v"), got, exact, low):
+        assert_error_ratio(a, e, lo, ratio=2.0 if what == "output" else 3.0, msg=f"{name}: {what}")
+
+
+def test_all_dropped_and_empty_heads_go_to_torch(genfast_calls):
+    """dropout_p 1 (zeros) and head dim 0, which SDPA takes and genfast.attention refuses, go to
+    torch's with auto; genfast.attention names a causal bias's equivalent."""
+    q, k, v = (t.detach() for t in _inputs())
+    with genfast_sdpa.patched():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=1.0), torch.zeros_like(q))
+        empty = F.scaled_dot_product_attention(q[..., :0], k[..., :0], v)
+        torch.testing.assert_close(empty, v.mean(2, keepdim=True).expand_as(empty))
+    assert genfast_calls == []
+    with pytest.raises(TypeError, match="is_causal=True"):
+        genfast_sdpa.attention(q, k, v, torch.nn.attention.bias.causal_upper_left(33, 47))

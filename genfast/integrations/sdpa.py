@@ -14,8 +14,11 @@ import scaled_dot_product_attention`) keeps torch's function.
 
 With impl="auto", a call that genfast's fused kernels do not take goes to torch's own SDPA, as it
 would have without the patch: q, k, v that are not (batch, heads, length, head_dim), nested, of
-another dtype than float32, float16 and bfloat16, or beyond the GPU kernels' head dims. With a
-backend named (impl="native" or "triton"), such a call raises, naming what does not fit.
+another dtype than float32, float16 and bfloat16, or beyond the GPU kernels' head dims, dropout_p
+1 and head dim 0. With a backend named (impl="native" or "triton"), such a call raises, naming
+what does not fit. Batch and head dims of 1 broadcast as SDPA broadcasts them (key and value of
+one head read as grouped-query attention, not expanded), and torch.nn.attention.bias's causal
+masks (causal_upper_left, causal_lower_right) run as genfast's causal alignments.
 
 Dropout draws from genfast's Philox stream (keyed by torch's default generator), not torch's: the
 same distribution, other masks.
@@ -25,12 +28,14 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES
 from ..attention import _fused_backend, attention
 
-torch_sdpa = F.scaled_dot_product_attention  # torch's own, called by the patch for what it does not take
+# torch's own, called by the patch for what it does not take (F's attribute may already be another's patch)
+torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def _takes(q, k, v, impl):
@@ -43,6 +48,31 @@ def _takes(q, k, v, impl):
     return _fused_backend(impl, q, (q.shape[3], v.shape[3])) != "reference"
 
 
+def _causal_variant(attn_mask, query, key):
+    """genfast's causal alignment for a torch.nn.attention.bias causal mask of query's and key's lengths
+    (a CausalBias's storage is not the mask: torch's SDPA reads its variant), None for any other mask."""
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+        raise ValueError(f"attn_mask: a causal bias of lengths ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) for "
+                         f"queries and keys of {query.shape[-2]} and {key.shape[-2]}")
+    return "top_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "bottom_right"
+
+
+def _broadcast(query, key, value, enable_gqa):
+    """(query, key, value, enable_gqa) with batch and head dims of 1 broadcast as SDPA broadcasts them:
+    expanded views over the batch; key and value of one head as grouped-query attention (each read
+    once, not expanded), other heads expanded (without enable_gqa). None where they do not broadcast."""
+    dims = 1 if enable_gqa else 2
+    try:
+        shape = torch.broadcast_shapes(*(t.shape[:dims] for t in (query, key, value)))
+    except RuntimeError:
+        return None
+    if not enable_gqa and key.shape[1] == value.shape[1] == 1 and query.shape[1] > 1:
+        shape, enable_gqa = shape[:1], True
+    return (*(t.expand(*shape, *t.shape[len(shape):]) for t in (query, key, value)), enable_gqa)
+
+
 def sdpa_function(impl: str = "auto"):
     """A function with scaled_dot_product_attention's signature that runs genfast.attention with
     backend impl (see the module's docstring for what goes to torch's SDPA)."""
@@ -51,12 +81,20 @@ def sdpa_function(impl: str = "auto"):
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                      enable_gqa=False, **options):
-        if impl == "auto" and (options or not _takes(query, key, value, impl)):
+        broadcast = _broadcast(query, key, value, enable_gqa) if _takes(query, key, value, impl) else None
+        # dropout_p 1 (all dropped) and head dim 0 are torch's: genfast.attention refuses them.
+        if impl == "auto" and (options or broadcast is None or dropout_p >= 1.0 or query.shape[-1] == 0):
             return torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
                               **options)
         if options:
             raise TypeError(f"genfast's scaled_dot_product_attention takes no {', '.join(options)}")
-        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl=impl)
+        causal = _causal_variant(attn_mask, query, key)
+        if causal is not None:
+            attn_mask = None
+        if broadcast is not None:
+            query, key, value, enable_gqa = broadcast
+        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal=causal,
+                         impl=impl)
 
     scaled_dot_product_attention.genfast_impl = impl
     return scaled_dot_product_attention
