@@ -1054,7 +1054,8 @@ def test_autocast_casts_q_k_v_as_sdpa(impl, dtype):
         got = genfast.attention(q, k, v, is_causal=True, enable_gqa=True, impl=impl)
         low = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert got.dtype == low.dtype == dtype
-    exact = ref.attention(*(t.detach().to(dtype).double() for t in (q, k, v)), causal="top_left", enable_gqa=True)
+    exact = ref.attention(*(t.detach().to(dtype).double() for t in (q, k, v)), causal="top_left",
+                          enable_gqa=True)
     assert_error_ratio(got, exact, low)
     got.float().sum().backward()
     assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == dtype

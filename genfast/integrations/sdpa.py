@@ -70,7 +70,8 @@ def _broadcast(query, key, value, enable_gqa):
         return None
     if not enable_gqa and key.shape[1] == value.shape[1] == 1 and query.shape[1] > 1:
         shape, enable_gqa = shape[:1], True
-    return (*(t.expand(*shape, *t.shape[len(shape):]) for t in (query, key, value)), enable_gqa)
+    return (*(t if t.shape[:len(shape)] == shape else t.expand(*shape, *t.shape[len(shape):])
+              for t in (query, key, value)), enable_gqa)
 
 
 def sdpa_function(impl: str = "auto"):

@@ -9,7 +9,7 @@ line puts it into a model:
 checks first: it refuses the models of GPT-J's interleaved layout, Cohere's and GLM's among them,
 whose functions take the same arguments and compute something else). It takes transformers' arguments: q and k (batch,
 heads, seqlen, head_dim) with unsqueeze_dim=1, or (batch, seqlen, heads, head_dim) with
-unsqueeze_dim=2; cos and sin (batch or 1, seqlen, rotary_dim) in q's dtype, as the models' rotary
+unsqueeze_dim=2; cos and sin (batch or 1, seqlen, rotary_dim), of any float dtype, as the models' rotary
 embedding modules return them, with the two halves of each row equal (rotate_half's layout: the
 first half is read, the second is not checked). rotary_dim may be less than head_dim (GPT-NeoX's
 and Phi's partial rotary form: the features past it pass unchanged). position_ids is accepted and

@@ -952,7 +952,8 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False):
     are mostly one query each, and a tile of one head would read a sequence's keys once for each
     head of the group and fill one of its rows (FlashAttention 3 packs a group's heads into its
     tiles for every packed batch, for the same reason). The rule of plan_attention_forward
-    (kernels/cuda/attention_forward.cu)."""
+    (kernels/cuda/attention_forward.cu), which keeps tiles of one head for a packed batch where its
+    Hopper forward takes the call."""
     group = heads // kv_heads if kv_heads else 1
     stack = 1
     if lq > 0:
