@@ -1076,21 +1076,20 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                   PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
                   PAGED=packing.paged_kind(page_size))
     scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
+    dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
+    head_chunks = triton.cdiv(group, stack)
     if splits == 1 and (stack == 1 or stack * lq > _STACK_ROWS and stack <= _PACKED_STACK):
         # Autotuned tiles: of one head, or (a packed batch's plan) stacking each of `stack` heads'
         # BLOCK_M // stack queries (rows_per_head 0).
-        kernel = _tuned(attention_forward_kernel, q.device, max(consts["BLOCK_D"], consts["BLOCK_DV"]), False)
+        kernel = _tuned(attention_forward_kernel, q.device, dim_pad, False)
         kernel = kernel if wrap is None else wrap(kernel)
-        head_chunks = triton.cdiv(group, stack)
         kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"] // stack) * batch * kv_heads * head_chunks,)](
             *args(out, lse_out), heads_per_tile=stack, rows_per_head=0, head_chunks=head_chunks, splits=1,
             split_rows=0, **scalars, **consts, STACKED=stack > 1)
     else:
         interpreted = q.device.type == "cpu"
-        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0,
-                                                          max(consts["BLOCK_D"], consts["BLOCK_DV"]), interpreted)
+        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
-        head_chunks = triton.cdiv(group, stack)
         grid = (triton.cdiv(lq, rows_per_head) * batch * kv_heads * head_chunks, 1, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
                     **scalars, **consts, BLOCK_M=block_m, BLOCK_N=block_n, STACKED=stack > 1, SPLIT=splits > 1,
