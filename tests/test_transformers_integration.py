@@ -109,6 +109,19 @@ def test_matches_eager(name, impl):
     _compare(name, impl, ids)
 
 
+def test_output_attentions_warns_and_gives_none():
+    """The fused kernels never form the weights: output_attentions=True gets None for each layer's,
+    with a warning naming eager, as "sdpa" does; the logits are unchanged."""
+    model = _model("llama-gqa", genfast_transformers.NAME)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="eager"):
+            out = model(input_ids=ids, output_attentions=True)
+    assert out.attentions is not None and all(a is None for a in out.attentions)
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_padding_mask_matches_eager(impl):
     """Left padding: transformers' boolean mask, compared where the tokens are real (the padded

@@ -31,6 +31,7 @@ register(name, impl) adds further names pinned to a backend, e.g. "genfast_trito
 models' rotary embedding by genfast.rotary, in one line.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -56,6 +57,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       impl: str = "auto", **kwargs):
     """transformers' attention function signature: query (B, H, Lq, D), key and value (B, Hk, Lk,
     D); returns ((B, Lq, H, Dv), None). The causal decision is sdpa_attention_forward's."""
+    _warn_no_weights(kwargs)
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("block_indices") is not None:
@@ -86,6 +88,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                     window=_window(kwargs.get("sliding_window"), q_length, key.shape[2]), sinks=kwargs.get("s_aux"),
                     impl=impl)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _warn_no_weights(kwargs) -> None:
+    """output_attentions=True: the fused kernels never form the attention weights, so the model's
+    attentions come back None, as under "sdpa", which warns likewise."""
+    if kwargs.get("output_attentions", False):
+        warnings.warn("genfast's attention does not return attention weights (output_attentions=True gives None "
+                      "for them); use attn_implementation=\"eager\" for them", stacklevel=3)
 
 
 def _keep_selected_keys(attention_mask: Optional[torch.Tensor], indices: torch.Tensor, kv_length: int) -> torch.Tensor:
@@ -123,6 +133,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError("genfast's paged attention: block_table (transformers' decode fast path, made for "
                          "flash_attn_with_kvcache) is not supported; set the continuous batching config's "
                          "max_blocks_per_request to 0")
+    _warn_no_weights(kwargs)
     sliding_window = getattr(module, "sliding_window", None)
     layer_type = "sliding_attention" if sliding_window else "full_attention"
     if isinstance(cu_seq_lens_k, dict):
