@@ -186,6 +186,140 @@ def test_half_precision(dtype, impl):
     assert_error_ratio(got, exact, low, msg="out")
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def _descaled(t8, descale, cu, group):
+    """Packed fp8 rows (rows, heads, d) times their sequence's descale (batch, kv_heads) over
+    `group` heads each, in float64: what FlashAttention 3's fp8 kernels read."""
+    sequence = torch.repeat_interleave(torch.arange(cu.numel() - 1), (cu[1:] - cu[:-1]).long())
+    return t8.double() * descale.double().repeat_interleave(group, 1)[sequence][..., None]
+
+
+def _fp8_call(seed, lengths_q, lengths_k, with_qv):
+    """fp8 q, k, v (and qv) of values up to about 12 (e4m3's 3 bits of mantissa), and descales in
+    [0.05, 0.45) for each (sequence, kv head); with their descaled float64 values."""
+    (q, k, v, qv), cu_q, cu_k = _inputs(lengths_q, lengths_k, with_qv=with_qv, seed=seed)
+    fp8 = [None if t is None else (4 * t).to(FP8) for t in (q, k, v, qv)]
+    g = torch.Generator().manual_seed(seed + 1)
+    descales = [torch.rand(len(lengths_q), KV_HEADS, generator=g) * 0.4 + 0.05 for _ in range(3)]
+    group = HEADS // KV_HEADS
+    wide = [_descaled(fp8[0], descales[0], cu_q, group), _descaled(fp8[1], descales[1], cu_k, 1),
+            _descaled(fp8[2], descales[2], cu_k, 1),
+            None if qv is None else _descaled(fp8[3], descales[0], cu_q, group)]
+    return fp8, descales, wide, cu_q, cu_k
+
+
+@pytest.mark.parametrize("wide", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_qv", [False, True], ids=["", "qv"])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(attention_chunk=4, window_size=(5, 1), softcap=3.0)],
+                         ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_fp8_with_descales_matches_flash_attention_3s_definition(options, with_qv, wide, impl, monkeypatch):
+    """float8_e4m3fn q, k, v (and qv) with q_descale, k_descale and v_descale of each (sequence, kv
+    head), grouped heads, seqused_k: FlashAttention 3's scores scale (q qd)(k kd)^T + (qv qd)(v
+    vd)^T and out P (v vd), in bfloat16 (its fp8 out dtype), softmax_lse float32; computed widened
+    to float32 (the CPU's) or bfloat16 (a GPU's, here on the CPU)."""
+    skip_unless_supported(impl, "cpu", wide)
+    monkeypatch.setattr(fa3, "_fp8_wide_dtype", lambda device: wide)
+    (q8, k8, v8, qv8), (qd, kd, vd), exact_inputs, cu_q, cu_k = _fp8_call(6, [5, 1, 12], [9, 30, 7], with_qv)
+    seqused_k = torch.tensor([9, 20, 6], dtype=torch.int32)
+    out, lse = fa3.flash_attn_varlen_func(q8, k8, v8, cu_q, cu_k, 12, 30, seqused_k=seqused_k, qv=qv8, q_descale=qd,
+                                          k_descale=kd, v_descale=vd, return_attn_probs=True, impl=impl, **options)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    exact, low = (_packed_reference(*(t.to(d) for t in exact_inputs[:3]), cu_q, cu_k,
+                                    qv=None if qv8 is None else exact_inputs[3].to(d), seqused_k=seqused_k, **options)
+                  for d in (torch.float64, wide))
+    assert_error_ratio(out, exact[0], low[0].to(torch.bfloat16), msg="out")
+    assert_error_ratio(lse, exact[1], low[1].float(), msg="softmax_lse")
+    if not with_qv:  # flash_attn_func: the same sequences padded to one length
+        batch, lq, lk = 3, 12, 30
+        dense = []
+        for t, cu, rows in ((q8, cu_q, lq), (k8, cu_k, lk), (v8, cu_k, lk)):
+            padded = torch.zeros(batch, rows, *t.shape[1:], dtype=FP8)
+            for n in range(batch):
+                padded[n, :int(cu[n + 1] - cu[n])] = t[int(cu[n]):int(cu[n + 1])]
+            dense.append(padded)
+        got = fa3.flash_attn_func(*dense, q_descale=qd, k_descale=kd, v_descale=vd, impl=impl, causal=True)
+        full = _uniform(batch, lq), _uniform(batch, lk)
+        wide_dense = [_descaled(dense[0].flatten(0, 1), qd, full[0], HEADS // KV_HEADS),
+                      _descaled(dense[1].flatten(0, 1), kd, full[1], 1), _descaled(dense[2].flatten(0, 1), vd, full[1], 1)]
+        exact, low = (_packed_reference(*(t.to(d) for t in wide_dense), *full, causal=True)[0]
+                      for d in (torch.float64, wide))
+        assert_error_ratio(got.flatten(0, 1), exact, low.to(torch.bfloat16), msg="flash_attn_func's out")
+
+
+def _uniform(batch, length):
+    return torch.arange(batch + 1, dtype=torch.int32) * length
+
+
+def test_fp8_bad_input_and_other_dtypes():
+    """fp8 mixed with other dtypes, a descale of the wrong shape or dtype, a gradient asked of fp8
+    inputs and rotary tables over an fp8 cache raise, naming the argument; descales beside 16-bit or
+    float32 inputs are ignored, as FlashAttention 3 ignores them."""
+    (q8, k8, v8, _), (qd, kd, vd), _, cu_q, cu_k = _fp8_call(8, [3, 4], [5, 6], False)
+    for call, error, match in (
+            (lambda: fa3.flash_attn_varlen_func(q8, k8.float(), v8, cu_q, cu_k, 4, 6), ValueError,
+             "k must be float8_e4m3fn too"),
+            (lambda: fa3.flash_attn_varlen_func(q8.float(), k8, v8, cu_q, cu_k, 4, 6), ValueError,
+             "k is float8_e4m3fn: q must be too"),
+            (lambda: fa3.flash_attn_varlen_func(q8, k8, v8, cu_q, cu_k, 4, 6, q_descale=qd[:1]), ValueError,
+             "q_descale must be a float32 tensor \\(batch, kv_heads\\) = \\(2, 2\\)"),
+            (lambda: fa3.flash_attn_varlen_func(q8, k8, v8, cu_q, cu_k, 4, 6, v_descale=vd.double()), ValueError,
+             "v_descale must be a float32"),
+            (lambda: fa3.flash_attn_varlen_func(q8, k8[:, :1].repeat(1, 3, 1), v8[:, :1].repeat(1, 3, 1), cu_q,
+                                                cu_k, 4, 6), ValueError, "q's 4 heads must be a multiple of k's 3"),
+            (lambda: fa3.flash_attn_varlen_func(q8.requires_grad_(), k8, v8, cu_q, cu_k, 4, 6), NotImplementedError,
+             "no backward")):
+        with pytest.raises(error, match=match):
+            call()
+    q8.requires_grad_(False)
+    k_cache, v_cache, _ = _cache(False)
+    cos = sin = torch.ones(CAPACITY, DIM // 2)
+    with pytest.raises(NotImplementedError, match="rotary_cos and rotary_sin with a float8_e4m3fn cache"):
+        fa3.flash_attn_with_kvcache(q8[:3, None], k_cache.to(FP8), v_cache.to(FP8), k8[:3, None], v8[:3, None],
+                                    rotary_cos=cos, rotary_sin=sin, cache_seqlens=1)
+    q, k, v = (t.float() for t in (q8, k8, v8))
+    plain = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 6)
+    assert torch.equal(fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 6, q_descale=qd, k_descale=kd,
+                                                  v_descale=vd), plain)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["padded", "paged"])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_fp8_with_kvcache(paged, impl):
+    """An fp8 cache (padded or paged), two fp8 new keys a sequence written into it as they are, and
+    fp8 queries over it, one per sequence and then packed (3, 1 and 2), with descales of each
+    (sequence, kv head): each sequence's rows against FlashAttention 3's definition."""
+    skip_unless_supported(impl, "cpu")
+    k_cache, v_cache, table = _cache(paged, seed=3)
+    k_cache, v_cache = (4 * k_cache).to(FP8), (4 * v_cache).to(FP8)
+    g = torch.Generator().manual_seed(4)
+    k, v = ((4 * torch.randn(BATCH, 2, KV_HEADS, d, generator=g)).to(FP8) for d in (DIM, V_DIM))
+    qd, kd, vd = (torch.rand(BATCH, KV_HEADS, generator=g) * 0.4 + 0.05 for _ in range(3))
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    for cu_q in (_uniform(BATCH, 1), torch.tensor([0, 3, 4, 6], dtype=torch.int32)):
+        q = (4 * torch.randn(int(cu_q[-1]), HEADS, DIM, generator=g)).to(FP8)
+        caches = k_cache.clone(), v_cache.clone()
+        packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=3) if cu_q[-1] != BATCH else {}
+        out = fa3.flash_attn_with_kvcache(q if packed else q.view(BATCH, 1, HEADS, DIM), *caches, k, v,
+                                          cache_seqlens=held, page_table=table, q_descale=qd, k_descale=kd,
+                                          v_descale=vd, causal=True, impl=impl, **packed)
+        out = out.view(-1, HEADS, V_DIM)
+        assert out.dtype == torch.bfloat16
+        for n in range(BATCH):
+            count = int(held[n]) + 2
+            keys, values = (_cache_keys(c, table, n, count) for c in caches)
+            assert torch.equal(keys[-2:].view(torch.uint8), k[n].view(torch.uint8))
+            assert torch.equal(values[-2:].view(torch.uint8), v[n].view(torch.uint8))
+            rows = slice(int(cu_q[n]), int(cu_q[n + 1]))
+            scaled = (q[rows].double() * qd[n].double().repeat_interleave(HEADS // KV_HEADS)[:, None],
+                      keys.double() * kd[n].double()[:, None], values.double() * vd[n].double()[:, None])
+            exact, low = (_sequence_attention(*(t.to(d) for t in scaled), causal=True)[0]
+                          for d in (torch.float64, torch.float32))
+            assert_error_ratio(out[rows], exact, low.to(torch.bfloat16), msg=f"out of sequence {n}")
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_packed_qkv_forms(impl):
     """qkv (B, L, 3, H, D), and (B, L, Hq + 2 Hk, D) with num_heads_q: flash_attn_func of its parts,
@@ -248,9 +382,10 @@ def test_chunks_of_a_dense_call_make_no_empty_parts(monkeypatch):
 
 @pytest.mark.cuda
 def test_on_a_gpu_without_synchronising():
-    """Chunks, seqused_q and seqused_k, and a cache step with packed queries and new keys, a paged
-    cache, chunks and rotary tables, on the GPU under torch's sync debug mode (any host-device
-    synchronisation raises), against the CPU's results; qv past the kernels' head dims raises."""
+    """Chunks, seqused_q and seqused_k, a cache step with packed queries and new keys, a paged cache,
+    chunks and rotary tables, and fp8 inputs with descales, on the GPU under torch's sync debug mode
+    (any host-device synchronisation raises), against the CPU's results; qv past the kernels' head
+    dims raises."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     (q, k, v, _), cu_q, cu_k = _inputs([5, 1, 3, 17, 12], [9, 30, 4, 17, 7], torch.float16)
@@ -293,6 +428,19 @@ def test_on_a_gpu_without_synchronising():
     torch.testing.assert_close(gpu_caches[0].cpu(), cpu_caches[0], atol=1e-5, rtol=1e-5)
     expected = fa3.flash_attn_func(*(t.view(1, *t.shape).float() for t in (q, q, q)), causal=True, attention_chunk=4)
     torch.testing.assert_close(dense.float().cpu(), expected, atol=2e-3, rtol=2e-3)
+    # fp8 with descales: widened to bfloat16 on the GPU, to float32 on the CPU.
+    (q8, k8, v8, _), descales, _, cu8_q, cu8_k = _fp8_call(8, [3, 4], [5, 6], False)
+    scales = dict(zip(("q_descale", "k_descale", "v_descale"), descales))
+    cpu = fa3.flash_attn_varlen_func(q8, k8, v8, cu8_q, cu8_k, 4, 6, causal=True, **scales)
+    gpu_args = [t.cuda() for t in (q8, k8, v8, cu8_q, cu8_k)]
+    gpu_scales = {key: value.cuda() for key, value in scales.items()}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fa3.flash_attn_varlen_func(*gpu_args, 4, 6, causal=True, **gpu_scales)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().cpu(), cpu.float(), atol=6e-2, rtol=3e-2)
     wide_q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.float16)
     wide_v = torch.zeros(1, 4, 2, 512, device="cuda", dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="head dims up to 256"):
@@ -636,9 +784,7 @@ def test_bad_input_names_the_argument():
     dense = [t.view(2, -1, *t.shape[1:]) for t in (q, k, v)]
     k_cache, v_cache, _ = _cache(False)
     held = torch.tensor([1, 2], dtype=torch.int32)
-    scale = torch.ones(1)
     for call, error, match in (
-            (lambda: fa3.flash_attn_func(*dense, q_descale=scale), NotImplementedError, "q_descale"),
             (lambda: fa3.flash_attn_func(*dense, attention_chunk=-2), ValueError, "attention_chunk must be"),
             (lambda: fa3.flash_attn_func(*dense, qv=dense[0]), ValueError, "qv must be"),
             (lambda: fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7, seqused_q=held.long()), ValueError,

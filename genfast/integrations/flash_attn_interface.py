@@ -28,11 +28,17 @@ cache through page_table; and FlashAttention 3's own:
   which leaves out DeepSeek's 64 + 512 (it raises, naming the limit; the CPU takes any);
 - flash_attn_with_kvcache's cu_seqlens_q (queries packed without padding) and cu_seqlens_k_new
   (new keys and values packed so, written by indexed copies), rotary_seqlens and page_table;
+- fp8: float8_e4m3fn q, k, v (and qv, and a cache of it) with q_descale, k_descale and v_descale,
+  float32 (batch, kv_heads) (None: 1): the scores scale (q qd)(k kd)^T [+ (qv qd)(v vd)^T] and out
+  P (v vd), in bfloat16, as FlashAttention 3's fp8 kernels compute them; no backward (nor has
+  FlashAttention 3's). genfast's kernels take no fp8: the call is widened to bfloat16 on a GPU
+  (float32 on the CPU), k and v exactly (a copy, of the whole cache with one), q and qv with their
+  rows' descales folded in, vd applied to out. Descales beside other dtypes are ignored, as there;
 - flash_attn_combine merges attentions over parts of the keys by their log-sum-exps.
 A row that sees no key gets softmax_lse -inf (FlashAttention 3 writes +inf). num_splits,
 pack_gqa, sm_margin and scheduler_metadata are scheduling hints: accepted, ignored;
-get_scheduler_metadata returns None. Not supported (each raises, naming it): fp8 inputs with
-q_descale, k_descale and v_descale; cache_leftpad with page_table (as in FlashAttention 2).
+get_scheduler_metadata returns None. Not supported (each raises, naming it): cache_leftpad with
+page_table (as in FlashAttention 2); rotary tables over an fp8 cache.
 """
 
 import numbers
@@ -53,10 +59,67 @@ __all__ = ["flash_attn_combine", "flash_attn_func", "flash_attn_qkvpacked_func",
            "flash_attn_with_kvcache", "get_scheduler_metadata"]
 
 
-def _check_no_fp8(q_descale, k_descale, v_descale):
-    if any(t is not None for t in (q_descale, k_descale, v_descale)):
-        raise NotImplementedError("q_descale, k_descale and v_descale scale fp8 inputs, which genfast does not take: "
-                                  "pass float16, bfloat16 or float32 q, k and v without them")
+FP8 = torch.float8_e4m3fn  # FlashAttention 3's fp8 input dtype
+
+
+def _descale(name, t, batch, kv_heads, device):
+    """A descale as FlashAttention 3 takes it: float32 (batch, kv_heads), any strides; None is 1."""
+    if t is None:
+        return torch.ones(batch, kv_heads, device=device)
+    if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (batch, kv_heads) \
+            or t.device != device:
+        raise ValueError(f"{name} must be a float32 tensor (batch, kv_heads) = ({batch}, {kv_heads}) on q's device "
+                         f"({device}), got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                         f"{' on ' + str(t.device) if isinstance(t, Tensor) else ''}")
+    return t
+
+
+def _fp8_widened(q, k, v, qv, descales, cu_q):
+    """A call of float8_e4m3fn q, k, v (and qv) with FlashAttention 3's descales (float32 (batch,
+    kv_heads), each None for 1), whose scores are scale (q qd)(k kd)^T [+ (qv qd)(v vd)^T] and out
+    P (v vd), as a call genfast's kernels run: (q, k, v, qv, out_scale (rows, heads, 1)). q's and
+    qv's rows (sequence n at cu_q[n] ..) take their sequence's qd kd and qd vd, k and v are widened
+    exactly (a copy, of the whole cache where they are one), and out_scale carries vd: so a page
+    that sequences of different descales share is read right. Widened to bfloat16 (the out dtype of
+    FlashAttention 3's fp8 calls) on a GPU, to float32 on the CPU, whose kernels compute in it. Other
+    dtypes come back as they are, the descales ignored, as FlashAttention 3 ignores them."""
+    if q.dtype != FP8:
+        for name, t in (("k", k), ("v", v), ("qv", qv)):
+            if t is not None and t.dtype == FP8:
+                raise ValueError(f"{name} is float8_e4m3fn: q must be too (with its q_descale), got {q.dtype}")
+        return q, k, v, qv, None
+    for name, t in (("k", k), ("v", v), ("qv", qv)):
+        if t is not None and t.dtype != FP8:
+            raise ValueError(f"with float8_e4m3fn q, {name} must be float8_e4m3fn too, got {t.dtype}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv)):
+        raise NotImplementedError("fp8 attention has no backward (nor has FlashAttention 3's): call it under "
+                                  "torch.no_grad()")
+    batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
+    _index_tensor("cu_seqlens_q", cu_q, (max(batch, 0) + 1,), q.device)
+    kv_heads = k.shape[-2]
+    qd, kd, vd = (_descale(name, t, batch, kv_heads, q.device)
+                  for name, t in zip(("q_descale", "k_descale", "v_descale"), descales))
+    if kv_heads == 0 or q.shape[-2] % kv_heads:
+        raise ValueError(f"q's {q.shape[-2]} heads must be a multiple of k's {kv_heads}")
+    sequence, _ = _row_sequences(cu_q, q.shape[0])
+    group = q.shape[-2] // kv_heads
+
+    def per_row(scale):  # (batch, kv_heads) -> (rows, heads, 1)
+        return scale.repeat_interleave(group, 1)[sequence][..., None]
+
+    wide = _fp8_wide_dtype(q.device)
+    q = (q.float() * per_row(qd * kd)).to(wide)
+    qv = None if qv is None else (qv.float() * per_row(qd * vd)).to(wide)
+    return q, k.to(wide), v.to(wide), qv, per_row(vd)
+
+
+def _fp8_wide_dtype(device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def _fp8_out(o, out_scale):
+    """out of a widened fp8 call (_fp8_widened) times vd, in bfloat16 as FlashAttention 3's."""
+    return o if out_scale is None else (o.float() * out_scale).to(torch.bfloat16)
 
 
 def _check_chunk(attention_chunk) -> int:
@@ -180,10 +243,19 @@ def _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_
                             block_table=table.flatten(0, 1).to(torch.int32), **common)
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, descales, window_size,
             attention_chunk, softcap, deterministic, impl, before=None):
-    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options; `before` bounds
-    a sequence's queries before its key 0 (max_q when None)."""
+    """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options, fp8 inputs with
+    their descales among them; `before` bounds a sequence's queries before its key 0 (max_q when
+    None)."""
+    q, k, v, qv, out_scale = _fp8_widened(q, k, v, qv, descales, cu_q)
+    o, lse = _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv,
+                               window_size, attention_chunk, softcap, deterministic, impl, before)
+    return _fp8_out(o, out_scale), lse
+
+
+def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
+                      attention_chunk, softcap, deterministic, impl, before):
     chunk = _check_chunk(attention_chunk)
     q, k, scale = _with_qv(q, k, v, qv, softmax_scale, impl)
     common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
@@ -210,7 +282,6 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     """out (batch, seqlen_q, heads, head_dim_v) of q (batch, seqlen_q, heads, head_dim) over k and v
     (batch, seqlen_k, kv_heads, head_dim[_v]); with return_attn_probs (out, softmax_lse (batch,
     heads, seqlen_q))."""
-    _check_no_fp8(q_descale, k_descale, v_descale)
     _check_dense(q, k, v)
     _check_qv(qv, q, v)
     chunk = _check_chunk(attention_chunk)
@@ -218,8 +289,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     cu_q = _uniform_cu_seqlens(batch, lq, q.device)
     cu_k = cu_q if lk == lq else _uniform_cu_seqlens(batch, lk, q.device)
     flat = [None if t is None else t.reshape(batch * t.shape[1], *t.shape[2:]) for t in (q, k, v, qv)]
-    o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3], window_size,
-                     chunk, softcap, deterministic, impl, before=max(0, lq - lk))
+    o, lse = _varlen(*flat[:3], cu_q, cu_k, lq, lk, None, None, softmax_scale, causal, flat[3],
+                     (q_descale, k_descale, v_descale), window_size, chunk, softcap, deterministic, impl,
+                     before=max(0, lq - lk))
     o = o.view(batch, lq, *o.shape[1:])
     return (o, _batch_major(lse, batch, lq)) if return_attn_probs else o
 
@@ -257,7 +329,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     head_dim), whose out is (batch, seqlen_q, heads, head_dim_v) and softmax_lse (batch, heads,
     seqlen_q); k and v (batch, seqlen_k, kv_heads, head_dim[_v]), of which seqused_k may take the
     first keys. The max_seqlen of such a side is its seqlen."""
-    _check_no_fp8(q_descale, k_descale, v_descale)
     dense_q = cu_seqlens_q is None
     unpacked = {**({"q": q} if dense_q else {}), **({"k": k, "v": v} if cu_seqlens_k is None else {})}
     for name, t in unpacked.items():
@@ -283,7 +354,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                       for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)))
     _check_qv(qv, q, v)
     o, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), used_q, used_k,
-                     softmax_scale, causal, qv, window_size, attention_chunk, softcap, deterministic, impl)
+                     softmax_scale, causal, qv, (q_descale, k_descale, v_descale), window_size, attention_chunk,
+                     softcap, deterministic, impl)
     if dense_q:
         o, lse = o.view(batch, -1, *o.shape[1:]), _batch_major(lse, batch, int(max_seqlen_q))
     return (o, lse) if return_attn_probs else o
@@ -402,7 +474,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     attention_chunk as flash_attn_func's, each chunk's keys read in place. With
     return_softmax_lse (out, softmax_lse (batch, heads, seqlen_q) or (heads, total_q), and two
     empty tensors)."""
-    _check_no_fp8(q_descale, k_descale, v_descale)
     chunk = _check_chunk(attention_chunk)
     packed, packed_new = cu_seqlens_q is not None, cu_seqlens_k_new is not None
     # New keys packed without padding are checked below; the dense checks see none.
@@ -422,10 +493,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     else:
         _check_kvcache(q, k_cache, v_cache, dense_k, dense_v, dense_cos, cache_batch_idx, cache_leftpad, page_table)
         batch = q.shape[0]
+    if k_cache.dtype == FP8 and k is not None:
+        if rotary_cos is not None:
+            raise NotImplementedError("rotary_cos and rotary_sin with a float8_e4m3fn cache: turn q and k before the "
+                                      "call (genfast.rotary) and pass them without the tables")
+        if not packed_new:  # written as packed new keys are: by indexed copies, which float8 takes
+            cu_seqlens_k_new, packed_new = _uniform_cu_seqlens(batch, k.shape[1], q.device), True
+            k, v = k.flatten(0, 1), (v.flatten(0, 1) if isinstance(v, Tensor) and v.dim() == 4 else v)
     if packed_new:
         _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, q.device)
     _check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
+
     if cache_leftpad is not None:
         cache_leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
     options = _options(causal, window_size, softcap)
@@ -462,6 +541,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         lq = q.shape[1]
         flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
         flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
+    flat_q, k_cache, v_cache, flat_qv, out_scale = _fp8_widened(flat_q, k_cache, v_cache, flat_qv,
+                                                                (q_descale, k_descale, v_descale), cu_q)
     # With qv, keys beside values page by page: a copy of the caches.
     flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale, impl)
     common = dict(scale=scale, return_lse=True, impl=impl, **options)
@@ -471,6 +552,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     else:
         o, lse = _attend_to_cache(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx, cache_leftpad,
                                   page_table, common)
+    o = _fp8_out(o, out_scale)
     if not packed:
         o, lse = o.view(batch, max_q, *o.shape[1:]), _batch_major(lse, batch, max_q)
     return (o, lse, o.new_empty(0, dtype=torch.float32), o.new_empty(0, dtype=torch.float32)) \
