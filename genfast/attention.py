@@ -183,7 +183,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     return (o, lse) if return_lse else o
 
 
-FUSED_MAX_HEAD_DIM = 256  # of the CUDA and the Triton kernels
+CUDA_MAX_HEAD_DIM = 256  # of the CUDA kernels
+FUSED_MAX_HEAD_DIM = 512  # of the Triton kernels (kernels/triton/attention.py's MAX_HEAD_DIM), the larger
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,8 +197,8 @@ def _cuda_kernels_refuse(q: Tensor, head_dim: int) -> Optional[str]:
     """Why genfast's CUDA attention kernels cannot run a call on q's GPU, or None when they can."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"they take float16 or bfloat16 q, k, v, got {q.dtype}"
-    if head_dim > FUSED_MAX_HEAD_DIM:
-        return f"they take head dims up to {FUSED_MAX_HEAD_DIM}, got {head_dim}"
+    if head_dim > CUDA_MAX_HEAD_DIM:
+        return f"they take head dims up to {CUDA_MAX_HEAD_DIM}, got {head_dim}"
     major, minor = _capability(q.device)
     if major < 8:
         return f"they need compute capability 8.0 or later (mma.sync, cp.async), got {major}.{minor}"
@@ -219,7 +220,7 @@ def _triton_leads(device, dims) -> bool:
 def _fused_backend(impl: str, q: Tensor, dims: Tuple[int, int]) -> str:
     """The backend that runs a call of q's and v's head dims `dims`: on CUDA, "auto" takes the CUDA
     kernels where they run (float16 and bfloat16, head dims up to 256, sm_80 and later) but on
-    Hopper GPUs (_triton_leads), else Triton (head dims up to 256), else the reference; asking for a
+    Hopper GPUs (_triton_leads), else Triton (head dims up to 512), else the reference; asking for a
     backend that cannot run the call raises."""
     device = q.device
     head_dim = max(dims)

@@ -12,6 +12,7 @@ products: its instructions, its products and its commonest opcodes.
 
 import argparse
 import os
+import re
 import sys
 
 import sass_loops
@@ -71,9 +72,7 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
                  or (aligned and kind == "i32" and name not in NOT_SIZES)]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    return compiled.asm["cubin"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 def disassemble(cubin, path):
@@ -101,14 +100,16 @@ def main(argv=None):
 
     from genfast.kernels import attention
 
-    bucket = 64 if args.head_dim <= 64 else 128 if args.head_dim <= 128 else 256
-    first = attention._GPU_BLOCKS["forward" if args.kernel == "forward" else "backward"][bucket][0]
+    bucket = attention._bucket(triton.next_power_of_2(max(args.head_dim, 16)))
+    first = attention._gpu_blocks(args.kernel != "forward", bucket, args.arch == 90, args.dtype == "fp32")[0]
     block = args.block or first[:2]
     warps, stages = args.warps or first[2], args.stages or first[3]
-    cubin = compile_kernel(args.kernel, args.dtype, args.head_dim, block, warps, stages, args.arch, args.set)
-    sass = disassemble(cubin, args.sass)
+    compiled = compile_kernel(args.kernel, args.dtype, args.head_dim, block, warps, stages, args.arch, args.set)
+    sass = disassemble(compiled.asm["cubin"], args.sass)
+    spills = len(re.findall(r"\b(?:LDL|STL)", sass))
     print(f"{KERNELS[args.kernel]} sm_{args.arch} {args.dtype} head dim {args.head_dim}, blocks {block[0]} x "
-          f"{block[1]}, {warps} warps, {stages} stages, Triton {triton.__version__}:")
+          f"{block[1]}, {warps} warps, {stages} stages, {compiled.metadata.shared} B shared, "
+          f"{spills} local loads and stores (spills), Triton {triton.__version__}:")
     sass_loops.print_loops(sass)
     return 0
 

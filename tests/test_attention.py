@@ -367,6 +367,23 @@ def test_gradients_match_reference(lq, lk, dim, dtype, impl):
     _compare_grads(*_qkv(2, 2, 2, lq, lk, dim, dtype), impl=impl)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dim,v_dim", [(512, 512), (300, 300), (64, 512), (512, 40)])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_head_dims_past_256(impl, dim, v_dim, dtype):
+    """Head dims past 256 (the single head of 512 channels in a diffusion VAE's attention, values of
+    a latent attention's 512), which the Triton kernels take in a bucket of 512: grouped heads,
+    bottom-right causal, out, lse and the gradients; past 512 Triton raises, naming its limit."""
+    skip_unless_supported(impl, "cpu", dtype)
+    q, k, v = _qkv(2, 4, 2, 23, 40, dim, dtype, v_dim=v_dim)
+    _compare(q, k, v, impl=impl, enable_gqa=True, causal="bottom_right")
+    _compare_grads(q, k, v, impl=impl, causal="bottom_right")
+    if impl == "triton" and dim == 512:
+        wide = torch.zeros(1, 1, 3, 520, dtype=dtype)
+        with pytest.raises(ValueError, match="head dims up to 512, got 520"):
+            genfast.attention(wide, wide, wide, impl="triton")
+
+
 @pytest.mark.parametrize("scale", [-0.4, 0.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
@@ -856,6 +873,25 @@ def test_auto_takes_triton_on_hopper_gpus(monkeypatch):
     assert module._fused_backend("auto", q, (64, 33)) == "native"  # head dims Triton failed a test at
     monkeypatch.setattr(module._backend, "triton_runs_on", lambda kind: False)
     assert module._fused_backend("auto", q, (128, 128)) == "native"  # no Triton: the CUDA kernels
+
+
+def test_auto_takes_triton_past_the_cuda_kernels_head_dims(monkeypatch):
+    """On a GPU, head dims past the CUDA kernels' 256 run on Triton (to 512) under "auto", and past
+    512 on the reference; impl="native" raises, saying whether Triton can."""
+    module = importlib.import_module("genfast.attention")
+    monkeypatch.setattr(module._backend, "native_runs_on", lambda kind: True)
+    monkeypatch.setattr(module._backend, "triton_runs_on", lambda kind: True)
+    monkeypatch.setattr(module, "_capability", lambda device: (8, 0))
+    q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert [module._fused_backend("auto", q, dims) for dims in ((256, 256), (320, 320), (64, 512), (576, 512))] \
+        == ["native", "triton", "triton", "reference"]
+    assert module._fused_backend("triton", q, (512, 512)) == "triton"
+    with pytest.raises(TypeError, match="head dims up to 256, got 320; impl='triton' can"):
+        module._fused_backend("native", q, (320, 320))
+    with pytest.raises(TypeError, match="got 576$"):
+        module._fused_backend("native", q, (576, 512))
+    monkeypatch.setattr(module._backend, "triton_runs_on", lambda kind: False)
+    assert module._fused_backend("auto", q, (320, 320)) == "reference"
 
 
 def test_deterministic_algorithms_ask_for_a_deterministic_backward():

@@ -108,12 +108,35 @@ def test_offsets_past_two_to_the_31(impl, dtype):
     _compare_grads(q, k, v, impl=impl)
 
 
-def test_head_dims_past_the_fused_kernels():
-    """Over 256, impl='native' says why it cannot run, and auto runs the reference."""
+def test_head_dims_past_the_fused_kernels(monkeypatch):
+    """Over 256, impl='native' says why it cannot run and that Triton can, and auto runs Triton; over
+    512 (Triton's), auto runs the reference."""
     q, k, v = _cuda(*_qkv(1, 2, 2, 20, 30, 320, torch.float16))
-    with pytest.raises(TypeError, match="head dims up to 256"):
+    with pytest.raises(TypeError, match="head dims up to 256; impl='triton' can"):
         genfast.attention(q, k, v, impl="native")
-    torch.testing.assert_close(genfast.attention(q, k, v), genfast.attention(q, k, v, impl="reference"))
+    taken = []
+    fused = importlib.import_module("genfast.attention")._fused_backend
+    monkeypatch.setattr(importlib.import_module("genfast.attention"), "_fused_backend",
+                        lambda *args: taken.append(fused(*args)) or taken[-1])
+    genfast.attention(q, k, v)
+    wide = _cuda(*_qkv(1, 2, 2, 20, 30, 640, torch.float16))
+    torch.testing.assert_close(genfast.attention(*wide), genfast.attention(*wide, impl="reference"))
+    assert taken == ["triton", "reference", "reference"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dim,v_dim", [(512, 512), (300, 300), (64, 512), (576, 512)])
+@pytest.mark.parametrize("impl,dtype", BACKENDS[2:], ids=IDS[2:])
+def test_triton_head_dims_past_256(impl, dtype, dim, v_dim):
+    """Triton's bucket of 512 on the GPU, whose tiles are tuned for it; 576 (DeepSeek's latent
+    attention, 512 + 64) raises, naming the limit."""
+    q, k, v = _cuda(*_qkv(2, 4, 2, 90, 150, dim, dtype, v_dim=v_dim))
+    if dim > 512:
+        with pytest.raises(ValueError, match="head dims up to 512"):
+            genfast.attention(q, k, v, enable_gqa=True, impl=impl)
+        return
+    _compare(q, k, v, impl=impl, enable_gqa=True, causal="bottom_right")
+    _compare_grads(q, k, v, impl=impl, causal="bottom_right")
 
 
 # Keys in multiples of 16: the CUDA kernels copy a bool mask's blocks by cp.async (at 130, bytes).

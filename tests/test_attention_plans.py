@@ -135,6 +135,29 @@ def test_plan_rule():
     assert forward_plan(8, 32, 8, 512, 4096, 132, packed=True) == (4, 1)
     assert forward_plan(1, 28, 4, 20, 4096, 132, packed=True)[0] == 7
     assert forward_plan(4, 64, 2, 300, 4096, 132, packed=True) == (16, 1)
+    # Tiles of 32 rows at most (float32 past head dim 256): a group of 64 decoding heads stacks 32.
+    assert forward_plan(1, 64, 1, 1, 4096, 132) == (64, 64)  # a key block a split
+    assert forward_plan(1, 64, 1, 1, 4096, 132, max_rows=32) == (32, 64)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_plans_past_head_dim_256(device):
+    """Head dim 512 (Triton's largest bucket), decoding 64 heads over one kv head: stacked and split
+    plans against the reference. A float32 planned tile there holds at most 32 rows (64 take more
+    shared memory than sm_80 has), so the rule stacks at most 32 heads and a plan of 64 raises,
+    naming the limit."""
+    from genfast.kernels.attention import forward_plan
+
+    q, k, v = _inputs(device, heads=64, kv_heads=1, lq=1, lk=70, dim=512)
+    assert forward_plan(2, 64, 1, 1, 70, 132, max_rows=32)[0] == 32
+    for plan in ((32, 3), (16, 1)):
+        got = _launch(q, k, v, plan)
+        exact = genfast.attention(q.double(), k.double(), v.double(), impl="reference", return_lse=True,
+                                  enable_gqa=True)
+        low = genfast.attention(q, k, v, impl="reference", return_lse=True, enable_gqa=True)
+        _check(got, exact, low)
+    with pytest.raises(ValueError, match="heads per tile <= 32"):
+        _launch(q, k, v, (64, 1))
 
 
 def test_bad_plan_names_the_limit():

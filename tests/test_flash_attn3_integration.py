@@ -443,7 +443,7 @@ def test_on_a_gpu_without_synchronising():
     torch.testing.assert_close(got.float().cpu(), cpu.float(), atol=6e-2, rtol=3e-2)
     wide_q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.float16)
     wide_v = torch.zeros(1, 4, 2, 512, device="cuda", dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="head dims up to 256"):
+    with pytest.raises(NotImplementedError, match="head dims up to 512"):
         fa3.flash_attn_func(wide_q, wide_q, wide_v, qv=torch.zeros_like(wide_v))
 
 

@@ -342,6 +342,30 @@ def test_untuned_gpu_kernels_take_the_first_configuration(monkeypatch, hopper):
         assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages) == blocks[0]
 
 
+def test_head_dim_buckets_and_float32_tiles_past_256(monkeypatch):
+    """Head dims pad to buckets of 64, 128, 256 and 512; past 256 float32 inputs take their own
+    smaller tiles (the 16-bit ones overflow sm_80's shared memory there), which the GPU compile
+    check compiles for float32 launches, and the 16-bit ones for the rest."""
+    attn = _kernels()
+    assert [attn._bucket(d) for d in (16, 64, 128, 256, 512)] == [64, 64, 128, 256, 512]
+    monkeypatch.setattr(attn, "_hopper", lambda device: False)
+    monkeypatch.setattr(attn, "_tuned_kernels", {})
+    monkeypatch.delenv("GENFAST_TRITON_AUTOTUNE", raising=False)
+    device = torch.device("cuda")
+    for backward, kernel in ((False, attn.attention_forward_kernel), (True, attn.attention_backward_q_kernel)):
+        kind = "backward" if backward else "forward"
+        for float32, blocks in ((False, attn._GPU_BLOCKS[kind][512]), (True, attn._FLOAT32_512_BLOCKS[kind])):
+            configs = attn._tuned(kernel, device, 512, backward, float32).configs
+            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs] == blocks
+        assert attn._tuned(kernel, device, 256, backward, True) is attn._tuned(kernel, device, 256, backward, False)
+    name = "attention_forward_kernel"
+    constexprs = dict(BLOCK_D=512, BLOCK_DV=512, BLOCK_M=16, BLOCK_N=16, DOT_KIND=attn.DOT_F32, INTERPRETED=True)
+    assert [v[0]["BLOCK_M"] for v in attn.gpu_variants(name, constexprs, {})] == [16, 16, 32]
+    assert len(attn.gpu_variants(name, dict(constexprs, DOT_KIND=attn.DOT_BF16), {})) == 4  # Hopper's too
+    split = attn.gpu_variants(name, dict(constexprs, SPLIT=True, STACKED=True, BLOCK_M=64), {})
+    assert split == [(dict(BLOCK_M=32, BLOCK_N=16, INTERPRETED=False), 8, 1)]
+
+
 def test_pages_of_whole_key_blocks():
     """The forward looks up a page a block (PAGED 1) only where every key block lies in one page:
     every forward BLOCK_N, tuned, stacked or interpreted, divides PAGE_BLOCKS."""

@@ -24,8 +24,9 @@ cache through page_table; and FlashAttention 3's own:
 - qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
   default (head_dim + head_dim_v) ** -0.5. Computed as attention of cat(q, qv) over cat(k, v), a
   copy of both (with a KV cache, of the caches, each call), with gradients for qv too
-  (FlashAttention 3 gives it none). Its head dim is head_dim + head_dim_v: on a GPU at most 256,
-  which leaves out DeepSeek's 64 + 512 (it raises, naming the limit; the CPU takes any);
+  (FlashAttention 3 gives it none). Its head dim is head_dim + head_dim_v: on a GPU at most 512
+  (Triton's; the CUDA kernels' 256), which leaves out DeepSeek's 64 + 512 (it raises, naming the
+  limit; the CPU takes any);
 - flash_attn_with_kvcache's cu_seqlens_q (queries packed without padding) and cu_seqlens_k_new
   (new keys and values packed so, written by indexed copies), rotary_seqlens and page_table;
 - fp8: float8_e4m3fn q, k, v (and qv, and a cache of it) with q_descale, k_descale and v_descale,

@@ -34,7 +34,7 @@ from .common import philox_key_words
 from .philox import philox_uniform, philox_words, uniform_from_bits
 
 UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 # The backward's dS buffer for a mask gradient summed over a broadcast dim, at most (floats; 64 MiB)
 # where the summed gradient is smaller: see launch_attention_backward.
 MASK_GRAD_CHUNK_FLOATS = 1 << 24
@@ -751,14 +751,24 @@ _GPU_BLOCKS = {
     "forward": {64: [(128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)],
                 128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2),
                       (128, 64, 8, 3)],
-                256: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (128, 32, 8, 1)]},
+                256: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (128, 32, 8, 1)],
+                512: [(32, 32, 8, 1), (32, 32, 8, 2), (32, 16, 4, 2)]},
     "backward": {64: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3)],
                  128: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2)],
-                 256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)]},
+                 256: [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 4, 2)],
+                 512: [(16, 32, 8, 1), (32, 16, 8, 1)]},
 }
+# Past head dim 256 (bf16, head dim 512, compiled without a GPU by scripts/triton-attention-sass.py,
+# Triton 3.8) these take no local memory on either target and at most 131 KB of shared memory
+# (sm_80 has 163 KB); forward tiles of 16 x 32 (sm_80 and sm_90) and 64 x 16 (sm_80), backward ones
+# of 16 x 16 and 32 x 32, and the backward's 16 x 32 in two stages, spilled.
 # Tried on Hopper GPUs (compute capability 9) only: compiled for sm_80 the backward's 64 x 64 tile
-# on 4 warps spills (115 local loads a step of the key-block pass).
-_HOPPER_BLOCKS = {"forward": {}, "backward": {128: [(64, 64, 4, 2)]}}
+# on 4 warps spills (115 local loads a step of the key-block pass), and so does the forward's 64 x
+# 32 at head dim 512 (188), which sm_90 (wgmma's 64 rows) compiles without.
+_HOPPER_BLOCKS = {"forward": {512: [(64, 32, 8, 1)]}, "backward": {128: [(64, 64, 4, 2)]}}
+# float32 past head dim 256: the 16-bit tiles take up to 200 KB of shared memory there (sm_80 has
+# 163 KB) and spill; these take at most 133 KB and no local memory on either target.
+_FLOAT32_512_BLOCKS = {"forward": [(16, 16, 4, 2), (16, 16, 8, 1), (32, 16, 8, 1)], "backward": [(16, 16, 8, 1)]}
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
 PAGE_BLOCKS = 128  # a multiple of every BLOCK_N: pages of a multiple of it hold whole key blocks
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
@@ -774,13 +784,21 @@ def _hopper(device):
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _gpu_blocks(backward, bucket, hopper):
-    """The configurations a GPU's kernels are autotuned over for a head-dim bucket (64, 128, 256)."""
+def _bucket(dim_pad):
+    """The head-dim bucket (64, 128, 256, 512) of a GPU launch whose larger padded head dim is dim_pad."""
+    return 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256 if dim_pad <= 256 else 512
+
+
+def _gpu_blocks(backward, bucket, hopper, float32=False):
+    """The configurations a GPU's kernels are autotuned over for a head-dim bucket (_bucket), of
+    float32 inputs or 16-bit ones."""
     kind = "backward" if backward else "forward"
+    if bucket == 512 and float32:
+        return _FLOAT32_512_BLOCKS[kind]
     return _GPU_BLOCKS[kind][bucket] + (_HOPPER_BLOCKS[kind].get(bucket, []) if hopper else [])
 
 
-def _tuned(kernel, device, dim_pad, backward):
+def _tuned(kernel, device, dim_pad, backward, float32=False):
     """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU (over
     the first of them alone where GENFAST_TRITON_AUTOTUNE=0, as scripts/gpu-check's Triton tests
     take it: each test's new head dims or options would otherwise time every configuration), over
@@ -789,11 +807,12 @@ def _tuned(kernel, device, dim_pad, backward):
     BLOCK_N from its meta-parameters. The kernels store their outputs, so the timing runs leave them right, except
     the dQ the backward's key-block kernel adds to with atomics: it is zeroed before each timing run
     and after the last."""
-    bucket = 0 if device.type == "cpu" else 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
+    bucket = 0 if device.type == "cpu" else _bucket(dim_pad)
     untuned = os.environ.get("GENFAST_TRITON_AUTOTUNE") == "0"
-    key = (id(kernel), bucket, untuned, bucket != 0 and _hopper(device))
+    float32 = float32 and bucket == 512  # the one bucket whose tiles depend on the dtype
+    key = (id(kernel), bucket, untuned, bucket != 0 and _hopper(device), float32)
     if key not in _tuned_kernels:
-        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _gpu_blocks(backward, bucket, _hopper(device))
+        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _gpu_blocks(backward, bucket, _hopper(device), float32)
         if untuned:
             blocks = blocks[:1]  # GENFAST_TRITON_AUTOTUNE=0: the untuned choice, no timing runs
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
@@ -942,11 +961,11 @@ _PLAN_KEYS = 64  # keys per block in the split rule
 _MAX_SPLITS = 128
 
 
-def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False):
+def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False, max_rows=_STACK_ROWS):
     """(heads_per_tile, splits) of a forward: stack the largest divisor of the group (query heads per
-    kv head) whose queries fit a tile of 64 rows, and split the keys when the tiles fill less than
-    80% of two programs per SM, taking the fewest splits whose last wave is at least 85% as full as
-    the best count's. Packed sequences (lq their longest) whose queries fit no such stack stack the
+    kv head) whose queries fit a tile of max_rows rows (64, or _planned_rows'), and split the keys
+    when the tiles fill less than 80% of two programs per SM, taking the fewest splits whose last
+    wave is at least 85% as full as the best count's. Packed sequences (lq their longest) whose queries fit no such stack stack the
     largest divisor up to 16 anyway, a tile holding as many queries of each of its heads as it has
     rows for: lq says nothing of the other sequences, which in a batch of decoding beside prefill
     are mostly one query each, and a tile of one head would read a sequence's keys once for each
@@ -957,10 +976,10 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False):
     group = heads // kv_heads if kv_heads else 1
     stack = 1
     if lq > 0:
-        stack = next((d for d in range(min(group, _STACK_ROWS // lq), 1, -1) if group % d == 0), 1)
+        stack = next((d for d in range(min(group, max_rows // lq), 1, -1) if group % d == 0), 1)
         if packed and stack == 1:
             stack = next((d for d in range(min(group, _PACKED_STACK), 1, -1) if group % d == 0), 1)
-    rows = min(lq, _STACK_ROWS // stack) if stack > 1 else _STACK_ROWS
+    rows = min(lq, max_rows // stack) if stack > 1 else max_rows
     tiles = batch * (heads // stack) * triton.cdiv(lq, max(rows, 1))
     key_blocks = triton.cdiv(lk, _PLAN_KEYS)
     slots = 2 * max(multiprocessors, 1)
@@ -977,14 +996,27 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False):
     return stack, next(s for s in useful if fill(s) >= 0.85 * best)
 
 
-def _planned_blocks(stacked_rows, dim_pad, interpreted):
+def _planned_rows(dim_pad, float32):
+    """The rows of a planned tile, at most: 64, but 32 for float32 past head dim 256, whose 64 rows
+    take 192 KB of shared memory (sm_80 has 163 KB)."""
+    return 32 if dim_pad > 256 and float32 else _STACK_ROWS
+
+
+def _planned_blocks(stacked_rows, dim_pad, interpreted, float32=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward with a plan (few tiles, so one
     configuration, not autotuned): a tile of stacked heads holds their stacked_rows queries in at
-    least the 16 rows of a dot, up to 64; a tile of one head (stacked_rows 0) takes 64 queries."""
-    block_m = (max(16, min(_STACK_ROWS, triton.next_power_of_2(stacked_rows))) if stacked_rows
-               else 16 if interpreted else 64)
-    block_n = 16 if interpreted else 64 if dim_pad <= 128 else 32
-    return block_m, block_n, 4, 2
+    least the 16 rows of a dot, up to _planned_rows; a tile of one head (stacked_rows 0) takes that
+    many queries. Past head dim 256, on 8 warps with key blocks of 16 in one stage, so that o's rows
+    fit the registers and the key blocks the shared memory (compiled for sm_80, 64 rows of 16-bit
+    inputs spill some 25 registers, 75 stacked)."""
+    most = _planned_rows(dim_pad, float32)
+    block_m = (max(16, min(most, triton.next_power_of_2(stacked_rows))) if stacked_rows
+               else 16 if interpreted else most)
+    if interpreted:
+        return block_m, 16, 4, 2
+    if dim_pad > 256:
+        return block_m, 16, 8, 1
+    return block_m, 64 if dim_pad <= 128 else 32, 4, 2
 
 
 def gpu_variants(name, constexprs, ints):
@@ -996,12 +1028,12 @@ def gpu_variants(name, constexprs, ints):
         return None
     dim_pad = max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     on_gpu = dict(INTERPRETED=False) if "INTERPRETED" in constexprs else {}
+    float32 = constexprs.get("DOT_KIND") == DOT_F32
     if constexprs.get("SPLIT") or (constexprs.get("STACKED") and ints.get("rows_per_head")):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
-        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
+        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False, float32)
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
-    bucket = 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256
-    blocks = _gpu_blocks("backward" in name, bucket, True)
+    blocks = _gpu_blocks("backward" in name, _bucket(dim_pad), True, float32)
     # A stacked tile's configurations named apart, so that each compiles (its rows' head pointers take
     # registers that the same tile of one head does not).
     stacked = dict(STACKED=True) if constexprs.get("STACKED") else {}
@@ -1056,10 +1088,13 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     out = o if o.stride(-1) == 1 else o.new_empty(o.shape)
     lse_out = lse if lse.stride(-1) == 1 else lse.new_empty(lse.shape)
     group = heads // kv_heads
+    dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
+    float32 = consts["DOT_KIND"] == DOT_F32
+    most = _planned_rows(dim_pad, float32)
     stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device),
-                                         packing.varlen and _packed_stack())
-    if not (1 <= stack <= min(group, _STACK_ROWS) and 1 <= splits <= _MAX_SPLITS):
-        raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, _STACK_ROWS)} "
+                                         packing.varlen and _packed_stack(), most)
+    if not (1 <= stack <= min(group, most) and 1 <= splits <= _MAX_SPLITS):
+        raise ValueError(f"attention: plan {(stack, splits)} needs 1 <= heads per tile <= {min(group, most)} "
                          f"and 1 <= splits <= {_MAX_SPLITS}")
 
     pages_arg, pages_per_sequence, page_size = packing.page_args(k)
@@ -1076,19 +1111,18 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
                   PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
                   PAGED=packing.paged_kind(page_size))
     scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
-    dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     head_chunks = triton.cdiv(group, stack)
-    if splits == 1 and (stack == 1 or stack * lq > _STACK_ROWS and stack <= _PACKED_STACK):
+    if splits == 1 and (stack == 1 or stack * lq > most and stack <= _PACKED_STACK):
         # Autotuned tiles: of one head, or (a packed batch's plan) stacking each of `stack` heads'
         # BLOCK_M // stack queries (rows_per_head 0).
-        kernel = _tuned(attention_forward_kernel, q.device, dim_pad, False)
+        kernel = _tuned(attention_forward_kernel, q.device, dim_pad, False, float32)
         kernel = kernel if wrap is None else wrap(kernel)
         kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"] // stack) * batch * kv_heads * head_chunks,)](
             *args(out, lse_out), heads_per_tile=stack, rows_per_head=0, head_chunks=head_chunks, splits=1,
             split_rows=0, **scalars, **consts, STACKED=stack > 1)
     else:
         interpreted = q.device.type == "cpu"
-        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted)
+        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted, float32)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
         grid = (triton.cdiv(lq, rows_per_head) * batch * kv_heads * head_chunks, 1, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
@@ -1177,7 +1211,8 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     common_strides = (*packing.strides(q), *packing.strides(k), *packing.strides(v), *packing.strides(grad_o),
                       *packing.strides(lse)[:2], *packing.strides(delta)[:2], ms[0], ms[1], ms[2], ms[3], alibi_bs)
-    kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True)
+    float32 = consts["DOT_KIND"] == DOT_F32
+    kv_kernel = _tuned(attention_backward_kv_kernel, q.device, dim_pad, True, float32)
     kv_kernel = kv_kernel if wrap is None else wrap(kv_kernel)
     kv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * kv_heads,)](
         q, k, v, grad_o, lse, delta, mask_arg, alibi_arg, dk, dv, dq, *packing.bounds(), *common_strides,
@@ -1186,7 +1221,7 @@ def launch_attention_backward(grad_o, delta, q, k, v, lse, mask, mask_is_bool, a
         ATOMIC_DQ=atomic_dq,
     )
     if not atomic_dq:
-        q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True)
+        q_kernel = _tuned(attention_backward_q_kernel, q.device, dim_pad, True, float32)
         q_kernel = q_kernel if wrap is None else wrap(q_kernel)
 
         def dq_pass(ds, b_first, batches):
