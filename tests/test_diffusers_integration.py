@@ -139,6 +139,33 @@ def test_attention_processor_matches_diffusers(cross, image, masked, impl):
         assert_error_ratio(a, e, lo, ratio=2.0 if k == 0 else 3.0, msg=f"result {k}")
 
 
+@pytest.mark.parametrize("impl", fused_impls())
+def test_vae_decode_with_the_processor(impl):
+    """A VAE whose mid-block attends with one head of 512 channels, as Stable Diffusion's does: its
+    decode with GenfastAttnProcessor set on every block (one line) against diffusers' own."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    skip_unless_supported(impl, "cpu")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 512), latent_channels=4, norm_num_groups=8, layers_per_block=1).eval()
+    attentions = [module for module in vae.modules() if hasattr(module, "set_processor") and module.heads == 1]
+    assert attentions and all(module.to_q.out_features == 512 for module in attentions)
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(3))
+
+    def decode(processor, dtype):
+        vae.to(dtype).set_attn_processor(processor)
+        with torch.no_grad():
+            return vae.decode(z.to(dtype)).sample
+
+    got = decode(fused.GenfastAttnProcessor(impl=impl), torch.float32)
+    assert {type(p) for p in vae.attn_processors.values()} == {fused.GenfastAttnProcessor}
+    exact = decode(AttnProcessor2_0(), torch.float64)
+    low = decode(AttnProcessor2_0(), torch.float32)
+    assert_error_ratio(got, exact, low)
+
+
 def _tiny_flux():
     from diffusers import FluxTransformer2DModel
 
