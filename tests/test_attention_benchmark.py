@@ -327,6 +327,17 @@ def test_bias_rows_give_every_peer_the_bias_in_the_inputs_dtype(monkeypatch, one
     assert any(mask.requires_grad for mask in full) and not all(mask.requires_grad for mask in full)
 
 
+def test_wide_head_rows_time_every_peer_that_takes_the_head_dim(monkeypatch, one_call_timer, attention_calls):
+    monkeypatch.setitem(bench.WIDE_HEAD_CONFIGS, "cpu", (1, 1, 40, 320))
+    rows = bench._wide_head_rows("cpu", torch.float32, gemm=1.0, quick=True, say=lambda message: None)
+    peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA flash", "torch SDPA math",
+             "eager reference", "torch.compile reference"}
+    for variant in ("attention forward wide head", "attention forward+backward wide head"):
+        assert {row["impl"] for row in rows if row["variant"] == variant} == peers
+    assert all(row["config"] == "B=1 H=1 L=40 D=320" and row["dtype"] == "float32" for row in rows)
+    assert attention_calls and all(options == {"impl": options["impl"]} for options in attention_calls)
+
+
 def test_cross_rows_time_every_peer_on_few_keys(monkeypatch, one_call_timer, attention_calls):
     monkeypatch.setitem(bench.CROSS_CONFIGS, "cpu", (2, 2, 40, 7, 16))
     shapes = []

@@ -68,6 +68,10 @@ SMALL_DECODE_CONFIGS = {"cpu": (1, 12, 12, 512, 64), "cuda": (1, 12, 12, 512, 64
 # head_dim): Stable Diffusion 1.5's first level on the CPU (a 64 x 64 latent, 8 heads of 40), SDXL's
 # second on the GPU (10 heads of 64); batch 2 for classifier-free guidance.
 CROSS_CONFIGS = {"cpu": (2, 8, 4096, 77, 40), "cuda": (2, 10, 4096, 77, 64)}
+# A diffusion VAE's mid-block attention (batch, heads, length, head_dim): one head of 512 channels
+# over a 64 x 64 latent's tokens on the GPU (Stable Diffusion's at 512 pixels), 32 x 64 on the CPU;
+# past the CUDA kernels' and SDPA flash's head dims, so that Triton runs it on a GPU.
+WIDE_HEAD_CONFIGS = {"cpu": (1, 1, 2048, 512), "cuda": (1, 1, 4096, 512)}
 # Attention dropout in training (batch, heads, length, head_dim, causal), at DROPOUT_P.
 DROPOUT_CONFIGS = {"cpu": (2, 8, 1024, 64, False), "cuda": (4, 16, 2048, 128, False)}
 DROPOUT_P = 0.1
@@ -269,6 +273,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                 rows += _decode_rows(device, dtype, gemm, quick, say,
                                      SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
                 rows += _cross_rows(device, dtype, gemm, quick, say)
+                rows += _wide_head_rows(device, torch.float32, gemm, quick, say)
                 rows += _dropout_rows(device, dtype, gemm, quick, say)
                 # Its compiled reference recompiles for each shape and grad mode: under the raised limit too.
                 rows += _sliding_mask_rows(device, dtype, gemm, quick, say)
@@ -502,6 +507,27 @@ def _cross_rows(device, dtype, gemm, quick, say):
     groups = _forward_and_backward_groups("cross", flops, usable, q, k, v, leaves, grad)
     config = f"B={batch} H={heads} Lq={q_len} Lk={k_len} D={dim}"
     return time_groups("attention", device, dtype, config, batch * heads * q_len * dim, groups, gemm, quick, say)
+
+
+def _wide_head_rows(device, dtype, gemm, quick, say):
+    """A head dim of 512 (WIDE_HEAD_CONFIGS), in float32 as VAEs often run (SDXL's upcasts): every
+    peer that takes it (on a GPU, Triton, SDPA's efficient and math kernels, not SDPA flash)."""
+    batch, heads, length, dim = WIDE_HEAD_CONFIGS.get(device, WIDE_HEAD_CONFIGS["cpu"])
+    compiled = torch.compile(reference.attention, dynamic=False)
+    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
+                  for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v)),
+                   ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
+    flops = 4 * batch * heads * length * length * dim
+    groups = _forward_and_backward_groups("wide head", flops, usable, q, k, v, leaves, grad)
+    config = f"B={batch} H={heads} L={length} D={dim}"
+    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
 def _dropout_rows(device, dtype, gemm, quick, say):
