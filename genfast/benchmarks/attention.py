@@ -485,18 +485,24 @@ def _bias_rows(device, dtype, gemm, quick, say):
     return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
 
 
-def _cross_rows(device, dtype, gemm, quick, say):
-    """Cross-attention of many queries to a few keys (CROSS_CONFIGS), as a text-conditioned
-    diffusion U-Net runs it in sampling (forward) and training: every peer that takes Lq != Lk."""
-    batch, heads, q_len, k_len, dim = CROSS_CONFIGS.get(device, CROSS_CONFIGS["cpu"])
+def _plain_attention_peers(device):
+    """(name, fn(q, k, v)) of every peer of an attention without options: genfast's backends,
+    SDPA's, FlashAttention's where installed, the eager and the compiled reference."""
     compiled = torch.compile(reference.attention, dynamic=False)
     candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
                   for impl in fused_impls(device)]
     candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [(name, lambda q, k, v, fn=dense: fn(q, k, v, False))
                    for name, dense, _ in flash_attention_peers(device)]
-    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v)),
-                   ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
+    return candidates + [("eager reference", lambda q, k, v: reference.attention(q, k, v)),
+                         ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
+
+
+def _cross_rows(device, dtype, gemm, quick, say):
+    """Cross-attention of many queries to a few keys (CROSS_CONFIGS), as a text-conditioned
+    diffusion U-Net runs it in sampling (forward) and training: every peer that takes Lq != Lk."""
+    batch, heads, q_len, k_len, dim = CROSS_CONFIGS.get(device, CROSS_CONFIGS["cpu"])
+    candidates = _plain_attention_peers(device)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, q_len, dim, generator=g).to(device=device, dtype=dtype)
     k, v = (torch.randn(batch, heads, k_len, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
@@ -511,14 +517,10 @@ def _cross_rows(device, dtype, gemm, quick, say):
 
 def _wide_head_rows(device, dtype, gemm, quick, say):
     """A head dim of 512 (WIDE_HEAD_CONFIGS), in float32 as VAEs often run (SDXL's upcasts): every
-    peer that takes it (on a GPU, Triton, SDPA's efficient and math kernels, not SDPA flash)."""
+    peer that takes it (on a GPU Triton and SDPA's efficient and math kernels; not SDPA flash,
+    FlashAttention or the CUDA kernels, which stop at 256)."""
     batch, heads, length, dim = WIDE_HEAD_CONFIGS.get(device, WIDE_HEAD_CONFIGS["cpu"])
-    compiled = torch.compile(reference.attention, dynamic=False)
-    candidates = [(f"genfast {impl}", lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
-                  for impl in fused_impls(device)]
-    candidates += [(f"torch SDPA {name}", _sdpa(backend)) for name, backend in SDPA_BACKENDS.get(device, [])]
-    candidates += [("eager reference", lambda q, k, v: reference.attention(q, k, v)),
-                   ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
+    candidates = _plain_attention_peers(device)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
