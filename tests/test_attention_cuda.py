@@ -108,11 +108,12 @@ def test_offsets_past_two_to_the_31(impl, dtype):
     _compare_grads(q, k, v, impl=impl)
 
 
+@pytest.mark.triton
 def test_head_dims_past_the_fused_kernels(monkeypatch):
     """Over 256, impl='native' says why it cannot run and that Triton can, and auto runs Triton; over
     512 (Triton's), auto runs the reference."""
     q, k, v = _cuda(*_qkv(1, 2, 2, 20, 30, 320, torch.float16))
-    with pytest.raises(TypeError, match="head dims up to 256; impl='triton' can"):
+    with pytest.raises(TypeError, match="head dims up to 256, got 320; impl='triton' can"):
         genfast.attention(q, k, v, impl="native")
     taken = []
     fused = importlib.import_module("genfast.attention")._fused_backend
@@ -125,11 +126,12 @@ def test_head_dims_past_the_fused_kernels(monkeypatch):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dim,v_dim", [(512, 512), (300, 300), (64, 512), (576, 512)])
+@pytest.mark.parametrize("dim,v_dim", [(512, 512), (320, 320), (64, 512), (576, 512)])
 @pytest.mark.parametrize("impl,dtype", BACKENDS[2:], ids=IDS[2:])
 def test_triton_head_dims_past_256(impl, dtype, dim, v_dim):
-    """Triton's bucket of 512 on the GPU, whose tiles are tuned for it; 576 (DeepSeek's latent
-    attention, 512 + 64) raises, naming the limit."""
+    """Triton's bucket of 512 on the GPU, whose tiles are tuned for it (head dims that are multiples
+    of 8: at 33 and 17 the 16-bit gradients failed on an H200, cause not found); 576 (DeepSeek's
+    latent attention, 512 + 64) raises, naming the limit."""
     q, k, v = _cuda(*_qkv(2, 4, 2, 90, 150, dim, dtype, v_dim=v_dim))
     if dim > 512:
         with pytest.raises(ValueError, match="head dims up to 512"):

@@ -141,21 +141,25 @@ def test_plan_rule():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_plans_past_head_dim_256(device):
+def test_plans_past_head_dim_256(device, monkeypatch):
     """Head dim 512 (Triton's largest bucket), decoding 64 heads over one kv head: stacked and split
-    plans against the reference. A float32 planned tile there holds at most 32 rows (64 take more
-    shared memory than sm_80 has), so the rule stacks at most 32 heads and a plan of 64 raises,
-    naming the limit."""
-    from genfast.kernels.attention import forward_plan
+    plans, and the automatic one, against the reference. A planned tile there holds at most 32 rows
+    (64 of float32 take more shared memory than sm_80 has, 64 of 16-bit inputs spill), so the rule
+    stacks at most 32 heads and a plan of 64 raises, naming the limit."""
+    import genfast.kernels.attention as kernels
 
     q, k, v = _inputs(device, heads=64, kv_heads=1, lq=1, lk=70, dim=512)
-    assert forward_plan(2, 64, 1, 1, 70, 132, max_rows=32)[0] == 32
-    for plan in ((32, 3), (16, 1)):
+    assert kernels.forward_plan(2, 64, 1, 1, 70, 132, max_rows=32)[0] == 32
+    planned = []
+    rule = kernels.forward_plan
+    monkeypatch.setattr(kernels, "forward_plan", lambda *args: planned.append(rule(*args)) or planned[-1])
+    for plan in ((32, 3), (16, 1), None):
         got = _launch(q, k, v, plan)
         exact = genfast.attention(q.double(), k.double(), v.double(), impl="reference", return_lse=True,
                                   enable_gqa=True)
         low = genfast.attention(q, k, v, impl="reference", return_lse=True, enable_gqa=True)
         _check(got, exact, low)
+    assert len(planned) == 1 and planned[0][0] == 32
     with pytest.raises(ValueError, match="heads per tile <= 32"):
         _launch(q, k, v, (64, 1))
 
@@ -223,7 +227,7 @@ def test_packed_stacking_can_be_turned_off(monkeypatch):
     import genfast.kernels.attention as kernels
 
     plans = []
-    monkeypatch.setattr(kernels, "forward_plan", lambda *args: plans.append(args[-1]) or (1, 1))
+    monkeypatch.setattr(kernels, "forward_plan", lambda *args: plans.append(args[6]) or (1, 1))
     q, k, v, varlen = _packed_batch("cpu", [1, 2], [3, 2], dim=16)
     for setting in ("0", None):
         if setting is None:

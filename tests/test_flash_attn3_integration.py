@@ -279,20 +279,32 @@ def test_fp8_bad_input_and_other_dtypes():
     with pytest.raises(NotImplementedError, match="rotary_cos and rotary_sin with a float8_e4m3fn cache"):
         fa3.flash_attn_with_kvcache(q8[:3, None], k_cache.to(FP8), v_cache.to(FP8), k8[:3, None], v8[:3, None],
                                     rotary_cos=cos, rotary_sin=sin, cache_seqlens=1)
+    with pytest.raises(ValueError, match="k must be float8_e4m3fn, as the cache is"):
+        fa3.flash_attn_with_kvcache(q8[:3, None], k_cache.to(FP8), v_cache.to(FP8), k8[:3, None].float(),
+                                    v8[:3, None], cache_seqlens=1)
+    with pytest.raises(ValueError, match="k_cache is float8_e4m3fn: q must be too"):
+        fa3.flash_attn_with_kvcache(q8[:3, None].float(), k_cache.to(FP8), v_cache.to(FP8), cache_seqlens=1)
+    with pytest.raises(ValueError, match="with float8_e4m3fn q, k_cache must be float8_e4m3fn too"):
+        fa3.flash_attn_with_kvcache(q8[:3, None], k_cache, v_cache, cache_seqlens=1)
     q, k, v = (t.float() for t in (q8, k8, v8))
     plain = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 6)
     assert torch.equal(fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 6, q_descale=qd, k_descale=kd,
                                                   v_descale=vd), plain)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["padded", "paged"])
+@pytest.mark.parametrize("layout", ["padded", "paged", "rows by cache_batch_idx, chunks"])
 @pytest.mark.parametrize("impl", fused_impls())
-def test_fp8_with_kvcache(paged, impl):
-    """An fp8 cache (padded or paged), two fp8 new keys a sequence written into it as they are, and
-    fp8 queries over it, one per sequence and then packed (3, 1 and 2), with descales of each
-    (sequence, kv head): each sequence's rows against FlashAttention 3's definition."""
+def test_fp8_with_kvcache(layout, impl):
+    """An fp8 cache (padded, paged, or padded with its rows picked by cache_batch_idx and attention
+    chunks of 8), two fp8 new keys a sequence written into it as they are, and fp8 queries over it,
+    one per sequence and then packed (3, 1 and 2), with descales of each (sequence, kv head): each
+    sequence's rows against FlashAttention 3's definition. A bad descale raises before the cache is
+    written."""
     skip_unless_supported(impl, "cpu")
+    paged, picked = layout == "paged", layout.startswith("rows")
     k_cache, v_cache, table = _cache(paged, seed=3)
+    cache_rows = torch.tensor([2, 0, 1], dtype=torch.int32) if picked else None
+    extra = dict(cache_batch_idx=cache_rows, attention_chunk=8) if picked else {}
     k_cache, v_cache = (4 * k_cache).to(FP8), (4 * v_cache).to(FP8)
     g = torch.Generator().manual_seed(4)
     k, v = ((4 * torch.randn(BATCH, 2, KV_HEADS, d, generator=g)).to(FP8) for d in (DIM, V_DIM))
@@ -302,20 +314,26 @@ def test_fp8_with_kvcache(paged, impl):
         q = (4 * torch.randn(int(cu_q[-1]), HEADS, DIM, generator=g)).to(FP8)
         caches = k_cache.clone(), v_cache.clone()
         packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=3) if cu_q[-1] != BATCH else {}
-        out = fa3.flash_attn_with_kvcache(q if packed else q.view(BATCH, 1, HEADS, DIM), *caches, k, v,
-                                          cache_seqlens=held, page_table=table, q_descale=qd, k_descale=kd,
-                                          v_descale=vd, causal=True, impl=impl, **packed)
+        call = dict(cache_seqlens=held, page_table=table, q_descale=qd, k_descale=kd, v_descale=vd, causal=True,
+                    impl=impl, **packed, **extra)
+        with pytest.raises(ValueError, match="v_descale must be"):
+            fa3.flash_attn_with_kvcache(q if packed else q.view(BATCH, 1, HEADS, DIM), *caches, k, v,
+                                        **dict(call, v_descale=vd[:1]))
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(caches, (k_cache, v_cache)))
+        out = fa3.flash_attn_with_kvcache(q if packed else q.view(BATCH, 1, HEADS, DIM), *caches, k, v, **call)
         out = out.view(-1, HEADS, V_DIM)
         assert out.dtype == torch.bfloat16
         for n in range(BATCH):
             count = int(held[n]) + 2
-            keys, values = (_cache_keys(c, table, n, count) for c in caches)
+            keys, values = (_cache_keys(c, table, n if cache_rows is None else int(cache_rows[n]), count)
+                            for c in caches)
             assert torch.equal(keys[-2:].view(torch.uint8), k[n].view(torch.uint8))
             assert torch.equal(values[-2:].view(torch.uint8), v[n].view(torch.uint8))
             rows = slice(int(cu_q[n]), int(cu_q[n + 1]))
             scaled = (q[rows].double() * qd[n].double().repeat_interleave(HEADS // KV_HEADS)[:, None],
                       keys.double() * kd[n].double()[:, None], values.double() * vd[n].double()[:, None])
-            exact, low = (_sequence_attention(*(t.to(d) for t in scaled), causal=True)[0]
+            exact, low = (_sequence_attention(*(t.to(d) for t in scaled), causal=True,
+                                              attention_chunk=extra.get("attention_chunk", 0))[0]
                           for d in (torch.float64, torch.float32))
             assert_error_ratio(out[rows], exact, low.to(torch.bfloat16), msg=f"out of sequence {n}")
 

@@ -73,3 +73,8 @@ def test_covering_shows_every_value_once_at_least():
     assert len(chosen) == 3
     assert {e["constexprs"]["A"] for e in chosen} == {0, 1, 2}
     assert {e["constexprs"]["B"] for e in chosen} == {False, True}
+    # Every list of GPU variants too (a bucket's or dtype's tiles), though its values are covered.
+    for e in entries:
+        e["variants"] = [[{"M": 16}, 4, 1]] if e["constexprs"] == {"A": 1, "B": False} else [[{"M": 64}, 4, 1]]
+    chosen = _covering(entries)
+    assert {"A": 1, "B": False} in [e["constexprs"] for e in chosen] and len(chosen) == 3

@@ -75,35 +75,45 @@ def _descale(name, t, batch, kv_heads, device):
     return t
 
 
-def _fp8_widened(q, k, v, qv, descales, cu_q):
-    """A call of float8_e4m3fn q, k, v (and qv) with FlashAttention 3's descales (float32 (batch,
-    kv_heads), each None for 1), whose scores are scale (q qd)(k kd)^T [+ (qv qd)(v vd)^T] and out
-    P (v vd), as a call genfast's kernels run: (q, k, v, qv, out_scale (rows, heads, 1)). q's and
-    qv's rows (sequence n at cu_q[n] ..) take their sequence's qd kd and qd vd, k and v are widened
-    exactly (a copy, of the whole cache where they are one), and out_scale carries vd: so a page
-    that sequences of different descales share is read right. Widened to bfloat16 (the out dtype of
-    FlashAttention 3's fp8 calls) on a GPU, to float32 on the CPU, whose kernels compute in it. Other
-    dtypes come back as they are, the descales ignored, as FlashAttention 3 ignores them."""
+def _fp8_descales(q, k, v, qv, descales, batch, names=("q", "k", "v", "qv")):
+    """The checked descales (qd, kd, vd), float32 (batch, kv_heads), of a call of float8_e4m3fn q, k,
+    v (and qv) with FlashAttention 3's q_descale, k_descale and v_descale (each None for 1); None for
+    a call of other dtypes, whose descales FlashAttention 3 ignores, and so does genfast. Raises,
+    naming the argument (`names`: how the call names q, k, v and qv), before anything is written."""
+    given = dict(zip(names, (q, k, v, qv)))
     if q.dtype != FP8:
-        for name, t in (("k", k), ("v", v), ("qv", qv)):
+        for name, t in list(given.items())[1:]:
             if t is not None and t.dtype == FP8:
-                raise ValueError(f"{name} is float8_e4m3fn: q must be too (with its q_descale), got {q.dtype}")
-        return q, k, v, qv, None
-    for name, t in (("k", k), ("v", v), ("qv", qv)):
+                raise ValueError(f"{name} is float8_e4m3fn: {names[0]} must be too (with its q_descale), got "
+                                 f"{q.dtype}")
+        return None
+    for name, t in list(given.items())[1:]:
         if t is not None and t.dtype != FP8:
-            raise ValueError(f"with float8_e4m3fn q, {name} must be float8_e4m3fn too, got {t.dtype}")
+            raise ValueError(f"with float8_e4m3fn {names[0]}, {name} must be float8_e4m3fn too, got {t.dtype}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv)):
         raise NotImplementedError("fp8 attention has no backward (nor has FlashAttention 3's): call it under "
                                   "torch.no_grad()")
-    batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
-    _index_tensor("cu_seqlens_q", cu_q, (max(batch, 0) + 1,), q.device)
     kv_heads = k.shape[-2]
-    qd, kd, vd = (_descale(name, t, batch, kv_heads, q.device)
-                  for name, t in zip(("q_descale", "k_descale", "v_descale"), descales))
     if kv_heads == 0 or q.shape[-2] % kv_heads:
-        raise ValueError(f"q's {q.shape[-2]} heads must be a multiple of k's {kv_heads}")
+        raise ValueError(f"{names[0]}'s {q.shape[-2]} heads must be a multiple of {names[1]}'s {kv_heads}")
+    return tuple(_descale(name, t, batch, kv_heads, q.device)
+                 for name, t in zip(("q_descale", "k_descale", "v_descale"), descales))
+
+
+def _fp8_widened(q, k, v, qv, scales, cu_q):
+    """A call of float8_e4m3fn q, k, v (and qv) with its checked descales `scales` (_fp8_descales;
+    None: not fp8, returned as it is), whose scores are scale (q qd)(k kd)^T [+ (qv qd)(v vd)^T] and
+    out P (v vd), as a call genfast's kernels run: (q, k, v, qv, out_scale (rows, heads, 1)). q's
+    and qv's rows (sequence n at cu_q[n] ..) take their sequence's qd kd and qd vd, k and v are
+    widened exactly (a copy, of the whole cache where they are one), and out_scale carries vd: so a
+    page that sequences of different descales share is read right. Widened to bfloat16 (the out
+    dtype of FlashAttention 3's fp8 calls) on a GPU, to float32 on the CPU, whose kernels compute in
+    it."""
+    if scales is None:
+        return q, k, v, qv, None
+    qd, kd, vd = scales
     sequence, _ = _row_sequences(cu_q, q.shape[0])
-    group = q.shape[-2] // kv_heads
+    group = q.shape[-2] // k.shape[-2]
 
     def per_row(scale):  # (batch, kv_heads) -> (rows, heads, 1)
         return scale.repeat_interleave(group, 1)[sequence][..., None]
@@ -249,7 +259,11 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, ca
     """(o, lse (heads, rows)) of packed sequences with FlashAttention 3's options, fp8 inputs with
     their descales among them; `before` bounds a sequence's queries before its key 0 (max_q when
     None)."""
-    q, k, v, qv, out_scale = _fp8_widened(q, k, v, qv, descales, cu_q)
+    batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
+    scales = _fp8_descales(q, k, v, qv, descales, batch)
+    if scales is not None:
+        _index_tensor("cu_seqlens_q", cu_q, (max(batch, 0) + 1,), q.device)
+    q, k, v, qv, out_scale = _fp8_widened(q, k, v, qv, scales, cu_q)
     o, lse = _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv,
                                window_size, attention_chunk, softcap, deterministic, impl, before)
     return _fp8_out(o, out_scale), lse
@@ -494,7 +508,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     else:
         _check_kvcache(q, k_cache, v_cache, dense_k, dense_v, dense_cos, cache_batch_idx, cache_leftpad, page_table)
         batch = q.shape[0]
+    scales = _fp8_descales(q, k_cache, v_cache, qv, (q_descale, k_descale, v_descale), batch,
+                           ("q", "k_cache", "v_cache", "qv"))
     if k_cache.dtype == FP8 and k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if isinstance(t, Tensor) and t.dtype != FP8:
+                raise ValueError(f"{name} must be float8_e4m3fn, as the cache is, got {t.dtype}")
         if rotary_cos is not None:
             raise NotImplementedError("rotary_cos and rotary_sin with a float8_e4m3fn cache: turn q and k before the "
                                       "call (genfast.rotary) and pass them without the tables")
@@ -542,8 +561,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         lq = q.shape[1]
         flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
         flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
-    flat_q, k_cache, v_cache, flat_qv, out_scale = _fp8_widened(flat_q, k_cache, v_cache, flat_qv,
-                                                                (q_descale, k_descale, v_descale), cu_q)
+    flat_q, k_cache, v_cache, flat_qv, out_scale = _fp8_widened(flat_q, k_cache, v_cache, flat_qv, scales, cu_q)
     # With qv, keys beside values page by page: a copy of the caches.
     flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale, impl)
     common = dict(scale=scale, return_lse=True, impl=impl, **options)

@@ -101,9 +101,12 @@ def _variants(module, entry):
 
 def _covering(entries):
     """A few entries that together show every (argument, type or constexpr value) pair any entry has,
-    picked greedily: each branch a constexpr selects compiles without every combination of them.
-    Entries carry their constexprs as a GPU launch takes them (the first GPU variant's sizes)."""
-    pairs = [{(key, json.dumps(value)) for key, value in (*e["signature"].items(), *e["constexprs"].items())}
+    and every list of GPU variants (an entry's "variants", where it has them: each head-dim bucket's
+    or dtype's tiles), picked greedily: each branch a constexpr selects compiles without every
+    combination of them. Entries carry their constexprs as a GPU launch takes them (the first GPU
+    variant's sizes)."""
+    pairs = [{(key, json.dumps(value)) for key, value in (*e["signature"].items(), *e["constexprs"].items(),
+                                                          ("variants", e.get("variants")))}
              for e in entries]
     uncovered = set().union(*pairs)
     chosen = []
@@ -131,8 +134,11 @@ def plan(lines):
         compiled = set()
         for entry in _covering(as_gpu):
             variants = entry["variants"]
-            fresh = [v for v in variants[1:] if json.dumps(v, sort_keys=True) not in compiled]
-            compiled.update(json.dumps(v, sort_keys=True) for v in variants)
+            # A variant counts as compiled within its list: launches with other lists (another head-dim
+            # bucket, or dtype, whose tiles differ) compile theirs, whatever overrides they share.
+            keys = [json.dumps([variants, v], sort_keys=True) for v in variants]
+            fresh = [v for v, key in zip(variants[1:], keys[1:]) if key not in compiled]
+            compiled.update(keys)
             for overrides, warps, stages in [variants[0], *fresh]:
                 constexprs = dict(entry["constexprs"], **overrides)
                 job = (module_name, name, json.dumps(entry["signature"], sort_keys=True),

@@ -996,20 +996,21 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False, 
     return stack, next(s for s in useful if fill(s) >= 0.85 * best)
 
 
-def _planned_rows(dim_pad, float32):
-    """The rows of a planned tile, at most: 64, but 32 for float32 past head dim 256, whose 64 rows
-    take 192 KB of shared memory (sm_80 has 163 KB)."""
-    return 32 if dim_pad > 256 and float32 else _STACK_ROWS
+def _planned_rows(dim_pad):
+    """The rows of a planned tile, at most: 64, but 32 past head dim 256, where 64 rows of float32
+    take 192 KB of shared memory (sm_80 has 163 KB) and 64 of 16-bit inputs spill on sm_80 (some 25
+    registers; 75 stacked)."""
+    return 32 if dim_pad > 256 else _STACK_ROWS
 
 
-def _planned_blocks(stacked_rows, dim_pad, interpreted, float32=False):
+def _planned_blocks(stacked_rows, dim_pad, interpreted):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward with a plan (few tiles, so one
     configuration, not autotuned): a tile of stacked heads holds their stacked_rows queries in at
     least the 16 rows of a dot, up to _planned_rows; a tile of one head (stacked_rows 0) takes that
     many queries. Past head dim 256, on 8 warps with key blocks of 16 in one stage, so that o's rows
-    fit the registers and the key blocks the shared memory (compiled for sm_80, 64 rows of 16-bit
-    inputs spill some 25 registers, 75 stacked)."""
-    most = _planned_rows(dim_pad, float32)
+    fit the registers and the key blocks the shared memory (compiled for sm_80 and sm_90, 32 rows
+    take no local memory and at most 128 KB of shared memory, in float32)."""
+    most = _planned_rows(dim_pad)
     block_m = (max(16, min(most, triton.next_power_of_2(stacked_rows))) if stacked_rows
                else 16 if interpreted else most)
     if interpreted:
@@ -1031,7 +1032,7 @@ def gpu_variants(name, constexprs, ints):
     float32 = constexprs.get("DOT_KIND") == DOT_F32
     if constexprs.get("SPLIT") or (constexprs.get("STACKED") and ints.get("rows_per_head")):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
-        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False, float32)
+        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
     blocks = _gpu_blocks("backward" in name, _bucket(dim_pad), True, float32)
     # A stacked tile's configurations named apart, so that each compiles (its rows' head pointers take
@@ -1090,7 +1091,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     group = heads // kv_heads
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     float32 = consts["DOT_KIND"] == DOT_F32
-    most = _planned_rows(dim_pad, float32)
+    most = _planned_rows(dim_pad)
     stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device),
                                          packing.varlen and _packed_stack(), most)
     if not (1 <= stack <= min(group, most) and 1 <= splits <= _MAX_SPLITS):
@@ -1122,7 +1123,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
             split_rows=0, **scalars, **consts, STACKED=stack > 1)
     else:
         interpreted = q.device.type == "cpu"
-        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted, float32)
+        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
         grid = (triton.cdiv(lq, rows_per_head) * batch * kv_heads * head_chunks, 1, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
