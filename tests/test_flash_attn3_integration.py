@@ -243,7 +243,8 @@ def test_fp8_with_descales_matches_flash_attention_3s_definition(options, with_q
         got = fa3.flash_attn_func(*dense, q_descale=qd, k_descale=kd, v_descale=vd, impl=impl, causal=True)
         full = _uniform(batch, lq), _uniform(batch, lk)
         wide_dense = [_descaled(dense[0].flatten(0, 1), qd, full[0], HEADS // KV_HEADS),
-                      _descaled(dense[1].flatten(0, 1), kd, full[1], 1), _descaled(dense[2].flatten(0, 1), vd, full[1], 1)]
+                      _descaled(dense[1].flatten(0, 1), kd, full[1], 1),
+                      _descaled(dense[2].flatten(0, 1), vd, full[1], 1)]
         exact, low = (_packed_reference(*(t.to(d) for t in wide_dense), *full, causal=True)[0]
                       for d in (torch.float64, wide))
         assert_error_ratio(got.flatten(0, 1), exact, low.to(torch.bfloat16), msg="flash_attn_func's out")

@@ -524,7 +524,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, q.device)
     _check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
-
     if cache_leftpad is not None:
         cache_leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
     options = _options(causal, window_size, softcap)

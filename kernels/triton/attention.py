@@ -965,14 +965,14 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False, 
     """(heads_per_tile, splits) of a forward: stack the largest divisor of the group (query heads per
     kv head) whose queries fit a tile of max_rows rows (64, or _planned_rows'), and split the keys
     when the tiles fill less than 80% of two programs per SM, taking the fewest splits whose last
-    wave is at least 85% as full as the best count's. Packed sequences (lq their longest) whose queries fit no such stack stack the
-    largest divisor up to 16 anyway, a tile holding as many queries of each of its heads as it has
-    rows for: lq says nothing of the other sequences, which in a batch of decoding beside prefill
-    are mostly one query each, and a tile of one head would read a sequence's keys once for each
-    head of the group and fill one of its rows (FlashAttention 3 packs a group's heads into its
-    tiles for every packed batch, for the same reason). The rule of plan_attention_forward
-    (kernels/cuda/attention_forward.cu), which keeps tiles of one head for a packed batch where its
-    Hopper forward takes the call."""
+    wave is at least 85% as full as the best count's. Packed sequences (lq their longest) whose
+    queries fit no such stack stack the largest divisor up to 16 anyway, a tile holding as many
+    queries of each of its heads as it has rows for: lq says nothing of the other sequences, which
+    in a batch of decoding beside prefill are mostly one query each, and a tile of one head would
+    read a sequence's keys once for each head of the group and fill one of its rows (FlashAttention
+    3 packs a group's heads into its tiles for every packed batch, for the same reason). The rule of
+    plan_attention_forward (kernels/cuda/attention_forward.cu), which keeps tiles of one head for a
+    packed batch where its Hopper forward takes the call, and takes no head dim past 256."""
     group = heads // kv_heads if kv_heads else 1
     stack = 1
     if lq > 0:
