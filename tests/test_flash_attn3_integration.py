@@ -293,19 +293,22 @@ def test_fp8_bad_input_and_other_dtypes():
                                                   v_descale=vd), plain)
 
 
-@pytest.mark.parametrize("layout", ["padded", "paged", "rows by cache_batch_idx, chunks"])
+@pytest.mark.parametrize("layout", ["padded", "paged", "rows by cache_batch_idx, chunks", "cache_leftpad"])
 @pytest.mark.parametrize("impl", fused_impls())
 def test_fp8_with_kvcache(layout, impl):
-    """An fp8 cache (padded, paged, or padded with its rows picked by cache_batch_idx and attention
-    chunks of 8), two fp8 new keys a sequence written into it as they are, and fp8 queries over it,
-    one per sequence and then packed (3, 1 and 2), with descales of each (sequence, kv head): each
-    sequence's rows against FlashAttention 3's definition. A bad descale raises before the cache is
-    written."""
+    """An fp8 cache (padded, paged, padded with its rows picked by cache_batch_idx and attention chunks
+    of 8, or padded with each sequence's keys from cache_leftpad on), two fp8 new keys a sequence
+    written into it as they are, and fp8 queries over it, one per sequence and then packed (3, 1 and
+    2), with descales of each (sequence, kv head): each sequence's rows against FlashAttention 3's
+    definition. A bad descale raises before the cache is written."""
     skip_unless_supported(impl, "cpu")
     paged, picked = layout == "paged", layout.startswith("rows")
     k_cache, v_cache, table = _cache(paged, seed=3)
     cache_rows = torch.tensor([2, 0, 1], dtype=torch.int32) if picked else None
     extra = dict(cache_batch_idx=cache_rows, attention_chunk=8) if picked else {}
+    leftpad = torch.tensor([1, 0, 3] if layout == "cache_leftpad" else [0, 0, 0], dtype=torch.int32)
+    if layout == "cache_leftpad":
+        extra = dict(cache_leftpad=leftpad)
     k_cache, v_cache = (4 * k_cache).to(FP8), (4 * v_cache).to(FP8)
     g = torch.Generator().manual_seed(4)
     k, v = ((4 * torch.randn(BATCH, 2, KV_HEADS, d, generator=g)).to(FP8) for d in (DIM, V_DIM))
@@ -327,7 +330,7 @@ def test_fp8_with_kvcache(layout, impl):
         for n in range(BATCH):
             count = int(held[n]) + 2
             keys, values = (_cache_keys(c, table, n if cache_rows is None else int(cache_rows[n]), count)
-                            for c in caches)
+                            [int(leftpad[n]):] for c in caches)
             assert torch.equal(keys[-2:].view(torch.uint8), k[n].view(torch.uint8))
             assert torch.equal(values[-2:].view(torch.uint8), v[n].view(torch.uint8))
             rows = slice(int(cu_q[n]), int(cu_q[n + 1]))
