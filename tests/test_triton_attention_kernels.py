@@ -4,6 +4,7 @@ dV and the additive mask's gradient from dS) for plain, causal (both alignments)
 and float masks, ALiBi, soft-capping, dropout, grouped-query heads, fully masked rows, float16 and
 strided inputs. Run with TRITON_INTERPRET=1."""
 
+import importlib
 import math
 import warnings
 
@@ -348,6 +349,7 @@ def test_head_dim_buckets_and_float32_tiles_past_256(monkeypatch):
     check compiles for float32 launches, and the 16-bit ones for the rest."""
     attn = _kernels()
     assert [attn._bucket(d) for d in (16, 64, 128, 256, 512)] == [64, 64, 128, 256, 512]
+    assert attn.MAX_HEAD_DIM == importlib.import_module("genfast.attention").FUSED_MAX_HEAD_DIM  # written twice
     monkeypatch.setattr(attn, "_hopper", lambda device: False)
     monkeypatch.setattr(attn, "_tuned_kernels", {})
     monkeypatch.delenv("GENFAST_TRITON_AUTOTUNE", raising=False)

@@ -498,21 +498,26 @@ def _plain_attention_peers(device):
                          ("torch.compile reference", lambda q, k, v: compiled(q, k, v))]
 
 
-def _cross_rows(device, dtype, gemm, quick, say):
-    """Cross-attention of many queries to a few keys (CROSS_CONFIGS), as a text-conditioned
-    diffusion U-Net runs it in sampling (forward) and training: every peer that takes Lq != Lk."""
-    batch, heads, q_len, k_len, dim = CROSS_CONFIGS.get(device, CROSS_CONFIGS["cpu"])
-    candidates = _plain_attention_peers(device)
+def _plain_attention_rows(device, dtype, gemm, quick, say, variant, config, batch, heads, q_len, k_len, dim):
+    """Forward and forward+backward rows of an attention without options, q (batch, heads, q_len,
+    dim) over k_len keys, timed for every peer that takes it (_plain_attention_peers)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, q_len, dim, generator=g).to(device=device, dtype=dtype)
     k, v = (torch.randn(batch, heads, k_len, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(q)
-    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
+    usable = [(name, fn) for name, fn in _plain_attention_peers(device) if _supported(fn, q, k, v)]
     flops = 4 * batch * heads * q_len * k_len * dim
-    groups = _forward_and_backward_groups("cross", flops, usable, q, k, v, leaves, grad)
-    config = f"B={batch} H={heads} Lq={q_len} Lk={k_len} D={dim}"
+    groups = _forward_and_backward_groups(variant, flops, usable, q, k, v, leaves, grad)
     return time_groups("attention", device, dtype, config, batch * heads * q_len * dim, groups, gemm, quick, say)
+
+
+def _cross_rows(device, dtype, gemm, quick, say):
+    """Cross-attention of many queries to a few keys (CROSS_CONFIGS), as a text-conditioned
+    diffusion U-Net runs it in sampling (forward) and training: every peer that takes Lq != Lk."""
+    batch, heads, q_len, k_len, dim = CROSS_CONFIGS.get(device, CROSS_CONFIGS["cpu"])
+    return _plain_attention_rows(device, dtype, gemm, quick, say, "cross",
+                                 f"B={batch} H={heads} Lq={q_len} Lk={k_len} D={dim}", batch, heads, q_len, k_len, dim)
 
 
 def _wide_head_rows(device, dtype, gemm, quick, say):
@@ -520,16 +525,8 @@ def _wide_head_rows(device, dtype, gemm, quick, say):
     peer that takes it (on a GPU Triton and SDPA's efficient and math kernels; not SDPA flash,
     FlashAttention or the CUDA kernels, which stop at 256)."""
     batch, heads, length, dim = WIDE_HEAD_CONFIGS.get(device, WIDE_HEAD_CONFIGS["cpu"])
-    candidates = _plain_attention_peers(device)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-    usable = [(name, fn) for name, fn in candidates if _supported(fn, q, k, v)]
-    flops = 4 * batch * heads * length * length * dim
-    groups = _forward_and_backward_groups("wide head", flops, usable, q, k, v, leaves, grad)
-    config = f"B={batch} H={heads} L={length} D={dim}"
-    return time_groups("attention", device, dtype, config, batch * heads * length * dim, groups, gemm, quick, say)
+    return _plain_attention_rows(device, dtype, gemm, quick, say, "wide head",
+                                 f"B={batch} H={heads} L={length} D={dim}", batch, heads, length, length, dim)
 
 
 def _dropout_rows(device, dtype, gemm, quick, say):
