@@ -23,7 +23,7 @@ from torch.nn.attention.bias import CausalBias
 
 from . import _backend, _checks
 from .ops import attention as _attention_op  # noqa: F401  (registers the fake)
-from .ops.attention import check_paged_cache
+from .ops.attention import check_paged_cache, check_qv
 from .random import as_int64, next_philox_key
 from .reference import attention as reference
 
@@ -119,15 +119,16 @@ def _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, ali
     return qs, ks, vs
 
 
-def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k and v in torch.autocast's dtype where it is on for their device, as autocast casts SDPA's:
-    a model of float32 weights under autocast hands attention a 16-bit v beside q and k that its
-    rotary embedding turned in float32. float64 is left as it is, as autocast leaves it."""
+def _autocast_inputs(q: Tensor, *others: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """q, k and v (and qv, or None) in torch.autocast's dtype where it is on for their device, as
+    autocast casts SDPA's: a model of float32 weights under autocast hands attention a 16-bit v beside
+    q and k that its rotary embedding turned in float32. float64 is left as it is, as autocast leaves it."""
     device_type = q.device.type
     if not torch.is_autocast_enabled(device_type):
-        return q, k, v
+        return (q, *others)
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, *others))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -258,6 +259,26 @@ def _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slo
                          "under torch.no_grad(), or with inputs that do not require grad")
 
 
+def _qv_form(impl, q, k, v, qv, sinks, backend):
+    """(q, k, qv, backend) of a call with qv that `backend` would run without it: Triton's forward and
+    the reference take qv as it is, Triton's where no gradient is asked ("auto" takes it over the
+    CUDA kernels on a GPU, which would copy); else q and qv side by side over k and v side by side
+    (qv None), a copy, whose head dim D + Dv chooses the backend again."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv, sinks))
+    if not grads and impl == "auto" and backend == "native" and q.device.type == "cuda" \
+            and _backend.triton_runs_on("cuda"):
+        backend = "triton"
+    if backend == "reference" or (backend == "triton" and not grads):
+        return q, k, qv, backend
+    width = q.shape[-1] + qv.shape[-1]
+    if impl == "triton" and width > FUSED_MAX_HEAD_DIM:
+        raise NotImplementedError(f"qv with a gradient runs as attention of head dim head_dim + head_dim_v = {width}; "
+                                  f"Triton's kernels take head dims up to {FUSED_MAX_HEAD_DIM} (without gradients "
+                                  f"Triton's forward takes qv itself)")
+    wide_q, wide_k = torch.cat((q, qv), -1), torch.cat((k, v), -1)
+    return wide_q, wide_k, None, _fused_backend(impl, wide_q, (width, v.shape[-1]))
+
+
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
                   alibi_slopes, softcap, impl, sinks=None, seqused_k=None, block_table=None):
     """Raises on bad input, naming the argument; else returns the shapes of q and v (a paged cache's
@@ -311,7 +332,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
                      return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
                      sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
-                     block_table: Optional[Tensor] = None):
+                     block_table: Optional[Tensor] = None, qv: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
     cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
@@ -329,25 +350,38 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     a paged KV cache (pages, page_size, Hk, D[v]), key j of sequence n at row j % page_size of page
     block_table[n, j // page_size], and cu_seqlens_k gives the sequences' key counts alone (their
     totals need not match k). Any page_size: vLLM's 16, SGLang's 1. For
-    inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not. Under
-    torch.autocast, q, k and v are cast to its dtype, as genfast.attention's."""
-    q, k, v = _autocast_inputs(q, k, v)
+    inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not.
+    qv (total_q, Hq, Dv), in q's dtype (FlashAttention 3's, multi-head latent attention's absorbed
+    form, as DeepSeek's models decode): the scores are scale (q k^T + qv v^T), attention of cat(q,
+    qv) over keys cat(k, v), scale (D + Dv)^-1/2 by default. Triton's forward reads qv and the V tile
+    it loads for P V, copying nothing, where it runs the call and no gradient is asked ("auto" takes
+    it on a GPU); the C++ kernels and gradients take that concatenation, a copy of q, qv, k and v
+    (of the whole cache, with one). Under torch.autocast, q, k, v (and qv) are cast to its dtype, as
+    genfast.attention's."""
+    q, k, v, qv = _autocast_inputs(q, k, v, qv)
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
                            window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)
-    scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     backend = _fused_backend(impl, q, (qs[2], vs[2]))
+    if qv is not None:
+        check_qv(qv, q, v)
+        scale = 1.0 / math.sqrt(qs[2] + vs[2]) if scale is None else scale
+        q, k, qv, backend = _qv_form(impl, q, k, v, qv, sinks, backend)
+    scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,
                                           softcap=softcap, dropout_seed=seed, dropout_offset=offset,
                                           return_lse=return_lse, sinks=sinks, seqused_k=seqused_k,
-                                          block_table=block_table)
+                                          block_table=block_table, qv=qv)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
             sinks, seqused_k, block_table)
+    if qv is not None:  # Triton's, which takes qv (_qv_form)
+        o, lse = torch.ops.genfast.attention_varlen_forward_triton.default(*args, qv)
+        return (o, lse) if return_lse else o
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward.default)
     o, lse = op(*args)

@@ -55,7 +55,8 @@ def compile_kernel(kernel, dtype, head_dim, block, warps, stages, arch, override
     fn = getattr(attention, KERNELS[kernel])
     padded = triton.next_power_of_2(max(head_dim, 16))
     constexprs = {name: False for name in ("SOFTCAP", "HAS_ALIBI", "VARLEN", "STACKED", "SPLIT", "ATOMIC_DQ",
-                                           "WRITE_DS", "INTERPRETED", "PRECISE_PV", "HAS_SINKS", "SEQUSED_K", "PAGED")
+                                           "WRITE_DS", "INTERPRETED", "PRECISE_PV", "HAS_SINKS", "SEQUSED_K", "PAGED",
+                                           "HAS_QV")
                   if name in fn.arg_names}
     constexprs.update(MASK_KIND=0, DROPOUT=0, DOT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[dtype], BLOCK_D=padded,
                       BLOCK_DV=padded, BLOCK_M=block[0], BLOCK_N=block[1],

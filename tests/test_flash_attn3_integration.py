@@ -170,8 +170,9 @@ def test_flash_attn_func_with_qv(options, lengths, impl):
 
     out, lse = _compare(run, dense, reference)[:2]
     assert out.shape == (batch, lq, HEADS, V_DIM) and lse.shape == (batch, HEADS, lq) and lse.is_contiguous()
-    alone = fa3.flash_attn_func(*dense[:3], qv=dense[3], impl=impl, **options)
-    assert isinstance(alone, torch.Tensor) and torch.equal(alone, out.detach())
+    leaves = [t.clone().requires_grad_() for t in dense]  # a gradient asked, as of out: the same path
+    alone = fa3.flash_attn_func(*leaves[:3], qv=leaves[3], impl=impl, **options)
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone.detach(), out.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -405,9 +406,8 @@ def test_chunks_of_a_dense_call_make_no_empty_parts(monkeypatch):
 @pytest.mark.cuda
 def test_on_a_gpu_without_synchronising():
     """Chunks, seqused_q and seqused_k, a cache step with packed queries and new keys, a paged cache,
-    chunks and rotary tables, and fp8 inputs with descales, on the GPU under torch's sync debug mode
-    (any host-device synchronisation raises), against the CPU's results; qv past the kernels' head
-    dims raises."""
+    chunks and rotary tables, fp8 inputs with descales, and DeepSeek's qv (64 + 512), on the GPU under
+    torch's sync debug mode (any host-device synchronisation raises), against the CPU's results."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     (q, k, v, _), cu_q, cu_k = _inputs([5, 1, 3, 17, 12], [9, 30, 4, 17, 7], torch.float16)
@@ -463,10 +463,18 @@ def test_on_a_gpu_without_synchronising():
         torch.cuda.set_sync_debug_mode("default")
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float().cpu(), cpu.float(), atol=6e-2, rtol=3e-2)
-    wide_q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.float16)
-    wide_v = torch.zeros(1, 4, 2, 512, device="cuda", dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="head dims up to 512"):
-        fa3.flash_attn_func(wide_q, wide_q, wide_v, qv=torch.zeros_like(wide_v))
+    # DeepSeek's qv, 64 + 512: past any concatenation's head dim on a GPU, read in place by Triton.
+    g = torch.Generator().manual_seed(10)
+    wide_q, wide_k = torch.randn(2, 4, 2, 64, generator=g), torch.randn(2, 9, 2, 64, generator=g)
+    wide_v, wide_qv = torch.randn(2, 9, 2, 512, generator=g), torch.randn(2, 4, 2, 512, generator=g)
+    cpu = fa3.flash_attn_func(wide_q, wide_k, wide_v, qv=wide_qv, causal=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fa3.flash_attn_func(*(t.cuda().half() for t in (wide_q, wide_k, wide_v)), qv=wide_qv.cuda().half(),
+                                  causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.float().cpu(), cpu, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("unpacked", ["q", "k", "both"])

@@ -22,11 +22,11 @@ cache through page_table; and FlashAttention 3's own:
   own, so it has a backward (FlashAttention 3's has none); with a KV cache, each chunk's keys read
   in place through a block table (a paged cache's pages where the chunk holds whole pages);
 - qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
-  default (head_dim + head_dim_v) ** -0.5. Computed as attention of cat(q, qv) over cat(k, v), a
-  copy of both (with a KV cache, of the caches, each call), with gradients for qv too
-  (FlashAttention 3 gives it none). Its head dim is head_dim + head_dim_v: on a GPU at most 512
-  (Triton's; the CUDA kernels' 256), which leaves out DeepSeek's 64 + 512 (it raises, naming the
-  limit; the CPU takes any);
+  default (head_dim + head_dim_v) ** -0.5 (genfast.attention_varlen's qv). Without gradients, on a
+  GPU Triton's forward reads qv and the cache in place, head dims up to 512 each (DeepSeek's 64 +
+  512 decode so); the CPU, and a call asking for gradients (which qv gets too; FlashAttention 3
+  gives it none), compute attention of cat(q, qv) over cat(k, v), a copy of both (with a KV cache,
+  of the caches, each call), whose head dim head_dim + head_dim_v is at most 512 on a GPU;
 - flash_attn_with_kvcache's cu_seqlens_q (queries packed without padding) and cu_seqlens_k_new
   (new keys and values packed so, written by indexed copies), rotary_seqlens and page_table;
 - fp8: float8_e4m3fn q, k, v (and qv, and a cache of it) with q_descale, k_descale and v_descale,
@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import FUSED_MAX_HEAD_DIM, attention_varlen
+from ..attention import attention_varlen
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
                          _cache_row_indices, _check_dense, _check_kvcache, _index_vector, _options,
@@ -146,19 +146,11 @@ def _check_qv(qv, q, v):
                          f"{tuple(qv.shape) if isinstance(qv, Tensor) else type(qv).__name__}")
 
 
-def _with_qv(q, k, v, qv, softmax_scale, impl):
-    """(q, k, scale) for the scores q k^T + qv v^T (qv checked by _check_qv): q and qv side by side
-    over k and v side by side."""
-    if softmax_scale is None:
-        softmax_scale = (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
-    if qv is None:
-        return q, k, softmax_scale
-    width = q.shape[-1] + qv.shape[-1]
-    if q.device.type == "cuda" and impl != "reference" and width > FUSED_MAX_HEAD_DIM:
-        raise NotImplementedError(f"qv runs as attention of head dim head_dim + head_dim_v = {width}; genfast's GPU "
-                                  f"kernels take head dims up to {FUSED_MAX_HEAD_DIM} (impl='reference' runs it "
-                                  f"unfused, slowly)")
-    return torch.cat((q, qv), -1), torch.cat((k, v), -1), softmax_scale
+def _qv_scale(q, qv, softmax_scale):
+    """FlashAttention 3's default softmax_scale: (head_dim + head_dim_v) ** -0.5 with qv."""
+    if softmax_scale is not None:
+        return softmax_scale
+    return (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
 
 
 def _index_tensor(name, t, shape, device):
@@ -272,9 +264,8 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, ca
 def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
                       attention_chunk, softcap, deterministic, impl, before):
     chunk = _check_chunk(attention_chunk)
-    q, k, scale = _with_qv(q, k, v, qv, softmax_scale, impl)
-    common = dict(scale=scale, deterministic=deterministic, return_lse=True, impl=impl,
-                  **_options(causal, window_size, softcap))
+    common = dict(scale=_qv_scale(q, qv, softmax_scale), deterministic=deterministic, return_lse=True, impl=impl,
+                  qv=qv, **_options(causal, window_size, softcap))
     if not chunk and used_q is None and used_k is None:
         return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **common)
     batch = cu_q.shape[0] - 1 if isinstance(cu_q, Tensor) and cu_q.dim() == 1 else -1
@@ -561,9 +552,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
         flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
     flat_q, k_cache, v_cache, flat_qv, out_scale = _fp8_widened(flat_q, k_cache, v_cache, flat_qv, scales, cu_q)
-    # With qv, keys beside values page by page: a copy of the caches.
-    flat_q, k_cache, scale = _with_qv(flat_q, k_cache, v_cache, flat_qv, softmax_scale, impl)
-    common = dict(scale=scale, return_lse=True, impl=impl, **options)
+    common = dict(scale=_qv_scale(flat_q, flat_qv, softmax_scale), return_lse=True, impl=impl, qv=flat_qv, **options)
     if chunk:
         o, lse = _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx,
                                           cache_leftpad, page_table, chunk, common)

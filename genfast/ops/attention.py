@@ -48,7 +48,7 @@ def _sinks_grad_fake(sinks):
 
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, softcap,
                  band_lo, band_hi, dropout_p, seed, offset, deterministic=False, sinks=None, seqused_k=None,
-                 block_table=None):
+                 block_table=None, qv=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -96,10 +96,12 @@ _VARLEN_SINKS_OPTION = 8  # after scale .. offset and deterministic
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
-    sinks, seqused_k, block_table = (options[_VARLEN_SINKS_OPTION:] + [None, None, None])[:3]
-    if block_table is not None:
-        raise RuntimeError("genfast.attention_varlen_forward: a paged KV cache (block_table) serves inference and has "
-                           "no backward; call it under torch.no_grad() or with inputs that do not require grad")
+    sinks, seqused_k, block_table, qv = (options[_VARLEN_SINKS_OPTION:] + [None] * 4)[:4]
+    for t, what in ((block_table, "a paged KV cache (block_table)"), (qv, "qv")):
+        if t is not None:
+            raise RuntimeError(f"genfast.attention_varlen_forward: {what} serves inference and has no backward here; "
+                               "call it under torch.no_grad() or with inputs that do not require grad (genfast."
+                               "attention_varlen gives qv gradients through the concatenation it stands for)")
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k)
     ctx.options = (max_seqlen_q, max_seqlen_k)
     ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
@@ -187,6 +189,18 @@ def _triton_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sequs
             raise ValueError(f"seqused_k must be on q's device ({cu_seqlens_k.device}), got {seqused_k.device}")
         seqused_k = seqused_k.contiguous()
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, seqused_k
+
+
+def check_qv(qv, q, v):
+    """Raises unless qv is None or q's shape with v's head dim, in q's dtype and on its device, naming
+    it; else returns it."""
+    want = tuple(q.shape[:-1]) + tuple(v.shape[-1:])
+    if qv is not None and (not isinstance(qv, Tensor) or tuple(qv.shape) != want or qv.dtype != q.dtype
+                           or qv.device != q.device):
+        got = f"{qv.dtype} {tuple(qv.shape)} on {qv.device}" if isinstance(qv, Tensor) else type(qv).__name__
+        raise ValueError(f"qv must be q's shape with v's head dim, {want}, in q's dtype ({q.dtype}) on its device "
+                         f"({q.device}); got {got}")
+    return qv
 
 
 def check_paged_cache(block_table, k, v, batch, max_seqlen_k, dropout_p):
@@ -280,7 +294,8 @@ def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
                                     scale: float, softcap: float, band_lo: int, band_hi: int, dropout_p: float,
                                     seed: int, offset: int, deterministic: bool = False,
                                     sinks: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
-                                    block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                    block_table: Optional[Tensor] = None,
+                                    qv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
@@ -289,7 +304,8 @@ def attention_varlen_forward_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
     if block_table is not None:
         varlen += (check_paged_cache(block_table, k, v, cu_seqlens_k.shape[0] - 1, max_seqlen_k, dropout_p),)
     launch_attention_forward(q, k, v, None, False, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
-                             dropout_p, seed, offset, o, lse, varlen=varlen, sinks=_float_sinks(sinks, q))
+                             dropout_p, seed, offset, o, lse, varlen=varlen, sinks=_float_sinks(sinks, q),
+                             qv=check_qv(qv, q, v))
     return o, lse
 
 

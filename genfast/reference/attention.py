@@ -4,6 +4,7 @@ q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv); Hk divides Hq (grouped-qu
 query head h reads key/value head h // (Hq / Hk)). For each batch b and query head h:
 
     s = scale * q k^T                                  (scale: 1 / sqrt(D) unless given)
+    s = scale * (q k^T + qv v^T)                       (with qv (B, Hq, Lq, Dv): scale 1 / sqrt(D + Dv))
     s = softcap * tanh(s / softcap)                     (logit soft-capping, when softcap is given)
     s = s - slope_h * |i + Lk - Lq - j|                 (ALiBi, when slopes are given)
     s = s + bias,  or s = -inf where a bool mask is False   (attn_mask, broadcast to (B, Hq, Lq, Lk))
@@ -14,6 +15,9 @@ With attention sinks (gpt-oss's learned sinks, FlashAttention 3's learnable_sink
 has a logit sink_h that joins every row's softmax as one more score with no value:
 p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij)) and lse = log(exp(sink_h) + sum_j exp(s_ij)); a
 row's probabilities then sum to less than 1, and a row masking every key has o = 0 and lse = sink_h.
+
+qv is multi-head latent attention's absorbed form (DeepSeek's, FlashAttention 3's qv): attention of
+cat(q, qv) over keys cat(k, v), whose values are v.
 
 Causal masking keeps j <= i + offset, where offset = 0 ("top_left", torch SDPA's is_causal) or
 Lk - Lq ("bottom_right": the queries are the last Lq positions of the keys, as when decoding with a
@@ -79,9 +83,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
               alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, dropout_seed: int = 0,
               dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None, return_lse: bool = False,
-              sinks: Optional[Tensor] = None):
+              sinks: Optional[Tensor] = None, qv: Optional[Tensor] = None):
     """o (B, Hq, Lq, Dv), and lse (B, Hq, Lq) with return_lse. is_causal is causal="top_left";
-    sinks (Hq,): the heads' sink logits."""
+    sinks (Hq,): the heads' sink logits; qv (B, Hq, Lq, Dv)."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     if kv_heads != heads:
@@ -91,8 +95,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     if is_causal:
         causal = causal or "top_left"
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scale = 1.0 / math.sqrt(dim + (0 if qv is None else qv.shape[-1])) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1))
+    if qv is not None:
+        s = s + torch.matmul(qv, v.transpose(-2, -1))
+    s = s * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
@@ -143,7 +150,8 @@ def paged_rows(cache: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> Tens
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, dropout_seed: int = 0,
                      dropout_offset: int = 0, dropout_uniforms: Optional[Tensor] = None,
-                     seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, **options):
+                     seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                     qv: Optional[Tensor] = None, **options):
     """Packed sequences, as flash_attn_varlen_func takes them: q (total_q, Hq, D), k and v
     (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n]:cu_seqlens[n + 1], or with seqused_k
     (batch,) its keys at rows cu_seqlens_k[n]:cu_seqlens_k[n] + seqused_k[n]; with block_table, k
@@ -151,7 +159,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     attention() on its own rows (causal="bottom_right" and windows aligned to its own corner;
     alibi_slopes (Hq,) or (batch, Hq)). Dropout keeps element (h, cu_seqlens_q[n] + i,
     cu_seqlens_k[n] + j) of uniforms (Hq, total_q, total_k): the Philox stream's, or the given
-    dropout_uniforms. Returns o (total_q, Hq, Dv) (and lse (Hq, total_q) with return_lse)."""
+    dropout_uniforms. qv (total_q, Hq, Dv): as attention()'s, row by row with q. Returns o (total_q,
+    Hq, Dv) (and lse (Hq, total_q) with return_lse)."""
     if block_table is not None:
         k, v = paged_rows(k, block_table, cu_seqlens_k), paged_rows(v, block_table, cu_seqlens_k)
     outputs, lses = [], []
@@ -170,7 +179,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         qs, ks, vs = (t[r].transpose(0, 1)[None] for t, r in ((q, rows), (k, keys), (v, keys)))
         slopes = alibi_slopes[n] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         uniforms = dropout_uniforms[None, :, rows, keys] if dropout_p > 0.0 else None
-        result = attention(qs, ks, vs, dropout_p=dropout_p, alibi_slopes=slopes, dropout_uniforms=uniforms, **options)
+        qvs = None if qv is None else qv[rows].transpose(0, 1)[None]
+        result = attention(qs, ks, vs, dropout_p=dropout_p, alibi_slopes=slopes, dropout_uniforms=uniforms, qv=qvs,
+                           **options)
         o, lse = result if options.get("return_lse") else (result, None)
         outputs.append(o[0].transpose(0, 1))
         if lse is not None:

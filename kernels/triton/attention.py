@@ -346,16 +346,18 @@ def _slope(alibi_ptr, b, h, alibi_bs, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope, scale,
-                   raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi,
-                   base_lo, base_hi, row0, row_length, k_start,
+def _forward_block(acc, l_i, m_i, q, qv, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope,
+                   scale, raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo,
+                   seed_hi, base_lo, base_hi, row0, row_length, k_start,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_KIND: tl.constexpr, BLOCK_N: tl.constexpr, FAST_EXP: tl.constexpr,
-                   INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr):
+                   INTERPRETED: tl.constexpr, PRECISE_PV: tl.constexpr, HAS_QV: tl.constexpr):
     """The forward's online softmax over key block offs_n = [start_n, start_n + BLOCK_N), its K and V
     rows and its part of the mask (_mask_block), for queries [start_m, start_m + span) (of each head
-    of a stacked tile): (acc, l_i, m_i) moved on."""
+    of a stacked tile): (acc, l_i, m_i) moved on. HAS_QV: the scores are q k^T + qv v^T."""
     x = _dot(q, tl.trans(k), DOT_KIND)
+    if HAS_QV:
+        x += _dot(qv, tl.trans(v), DOT_KIND)
     factor = raw_factor
     # The constexprs first: when one holds, Triton decides the branch while compiling.
     if (SOFTCAP or HAS_ALIBI or MASK_KIND != 0
@@ -384,15 +386,16 @@ def _forward_block(acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, alibi_ptr, sinks_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr,
-    pages_ptr, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb, slh,
-    H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p, keep_scale,
-    seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
+    pages_ptr, qv_ptr, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, alibi_bs, sob, soh, som, slb,
+    slh, sqvb, sqvh, sqvm, H, GROUP, Lq, Lk, D, DV, total_q, total_k, scale, softcap, band_lo, band_hi, dropout_p,
+    keep_scale, seed_lo, seed_hi, base_lo, base_hi, heads_per_tile, rows_per_head, head_chunks, splits, split_rows,
     pages_per_sequence, page_size,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STACKED: tl.constexpr = False, SPLIT: tl.constexpr = False,
     FAST_EXP: tl.constexpr = False, INTERPRETED: tl.constexpr = False, PRECISE_PV: tl.constexpr = False,
     HAS_SINKS: tl.constexpr = False, SEQUSED_K: tl.constexpr = False, PAGED: tl.constexpr = 0,
+    HAS_QV: tl.constexpr = False,
 ):
     """Program (query tile and (b, kv head, head chunk) on the first axis, tiles fastest
     (_tile_and_chunk); key split on the third). A tile is BLOCK_M queries of one head
@@ -403,7 +406,9 @@ def attention_forward_kernel(
     attention_combine_kernel. PRECISE_PV: P V takes P in two 16-bit parts (_dot_in_two_parts).
     HAS_SINKS: the heads' sinks (sinks_ptr, float32) join lse, here or, SPLIT, in the combine. PAGED
     (1 or 2, _paged_pointers): k and v are a paged cache, key j of sequence b at row j % page_size
-    of page pages_ptr[b, j // page_size] (skb and svb the pages' strides)."""
+    of page pages_ptr[b, j // page_size] (skb and svb the pages' strides). HAS_QV: the scores are
+    q k^T + qv v^T, qv_ptr (strides sqvb, sqvh, sqvm) holding each query's DV-wide qv (multi-head
+    latent attention's absorbed form): the V tile each block loads for P V serves both."""
     if STACKED:  # rows_per_head 0: as many queries of each head as BLOCK_M holds (an autotuned tile)
         rows_per_head = tl.where(rows_per_head > 0, rows_per_head, BLOCK_M // heads_per_tile)
     tile, chunk = _tile_and_chunk(tl.cdiv(Lq, rows_per_head if STACKED else BLOCK_M))
@@ -438,6 +443,11 @@ def attention_forward_kernel(
     row_in = offs_m[:, None] < Lq
     q = tl.load(q_ptr + b * sqb + h * sqh + (q_start + offs_m[:, None]).to(tl.int64) * sqm + offs_d[None, :],
                 mask=row_in & (offs_d[None, :] < D), other=0.0)
+    if HAS_QV:
+        qv = tl.load(qv_ptr + b * sqvb + h * sqvh + (q_start + offs_m[:, None]).to(tl.int64) * sqvm
+                     + offs_dv[None, :], mask=row_in & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        qv = q
     if PAGED:  # page 0's rows: each block adds its page's offset
         k_base = k_ptr + hk * skh
         v_base = v_ptr + hk * svh
@@ -474,10 +484,10 @@ def attention_forward_kernel(
         k = _load_at(k_ptrs, offs_n, Lk, offs_d, D)
         v = _load_at(v_ptrs, offs_n, Lk, offs_dv, DV)
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope, scale,
+            acc, l_i, m_i, q, qv, k, v, mask_block, offs_m, offs_n, start_n, start_m, span, Lq, Lk, slope, scale,
             raw_factor, finished_factor, softcap, band_lo, band_hi, dropout_p, keep_scale, seed_lo, seed_hi, base_lo,
             base_hi, row_base + h * head_rows, row_length, k_start, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_KIND,
-            BLOCK_N, FAST_EXP, INTERPRETED, PRECISE_PV)
+            BLOCK_N, FAST_EXP, INTERPRETED, PRECISE_PV, HAS_QV)
         k_ptrs += _block_steps(skn, BLOCK_N)
         v_ptrs += _block_steps(svn, BLOCK_N)
     seen = m_i != float("-inf")  # NaN counts as seen
@@ -769,10 +779,14 @@ _HOPPER_BLOCKS = {"forward": {512: [(64, 32, 8, 1)]}, "backward": {128: [(64, 64
 # float32 past head dim 256: the 16-bit tiles take up to 200 KB of shared memory there (sm_80 has
 # 163 KB) and spill; these take at most 133 KB and no local memory on either target.
 _FLOAT32_512_BLOCKS = {"forward": [(16, 16, 4, 2), (16, 16, 8, 1), (32, 16, 8, 1)], "backward": [(16, 16, 8, 1)]}
+# 16-bit forwards with qv (HAS_QV) past head dim 256, whose qv tile takes registers beside o's: the
+# first 512 tile above, 32 x 32 on 8 warps in one stage, spills in its loop there (160 local loads
+# and stores on sm_80, 158 on sm_90, bf16, head dims 64 and 512, Triton 3.8); these take none in it.
+_QV_512_BLOCKS = [(32, 32, 8, 2), (32, 16, 4, 2)]
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
 PAGE_BLOCKS = 128  # a multiple of every BLOCK_N: pages of a multiple of it hold whole key blocks
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
-               "PRECISE_PV", "STACKED", "heads_per_tile"]
+               "PRECISE_PV", "STACKED", "heads_per_tile", "HAS_QV"]
 _tuned_kernels = {}
 
 
@@ -789,16 +803,17 @@ def _bucket(dim_pad):
     return 64 if dim_pad <= 64 else 128 if dim_pad <= 128 else 256 if dim_pad <= 256 else 512
 
 
-def _gpu_blocks(backward, bucket, hopper, float32=False):
+def _gpu_blocks(backward, bucket, hopper, float32=False, qv=False):
     """The configurations a GPU's kernels are autotuned over for a head-dim bucket (_bucket), of
-    float32 inputs or 16-bit ones."""
+    float32 inputs or 16-bit ones, and for a forward with qv or without."""
     kind = "backward" if backward else "forward"
     if bucket == 512 and float32:
         return _FLOAT32_512_BLOCKS[kind]
-    return _GPU_BLOCKS[kind][bucket] + (_HOPPER_BLOCKS[kind].get(bucket, []) if hopper else [])
+    blocks = _QV_512_BLOCKS if qv and bucket == 512 and not backward else _GPU_BLOCKS[kind][bucket]
+    return blocks + (_HOPPER_BLOCKS[kind].get(bucket, []) if hopper else [])
 
 
-def _tuned(kernel, device, dim_pad, backward, float32=False):
+def _tuned(kernel, device, dim_pad, backward, float32=False, qv=False):
     """kernel behind a triton.autotune over the block sizes for its head-dim bucket on a GPU (over
     the first of them alone where GENFAST_TRITON_AUTOTUNE=0, as scripts/gpu-check's Triton tests
     take it: each test's new head dims or options would otherwise time every configuration), over
@@ -809,10 +824,12 @@ def _tuned(kernel, device, dim_pad, backward, float32=False):
     and after the last."""
     bucket = 0 if device.type == "cpu" else _bucket(dim_pad)
     untuned = os.environ.get("GENFAST_TRITON_AUTOTUNE") == "0"
-    float32 = float32 and bucket == 512  # the one bucket whose tiles depend on the dtype
-    key = (id(kernel), bucket, untuned, bucket != 0 and _hopper(device), float32)
+    float32 = float32 and bucket == 512  # the one bucket whose tiles depend on the dtype (and qv)
+    qv = qv and bucket == 512
+    key = (id(kernel), bucket, untuned, bucket != 0 and _hopper(device), float32, qv)
     if key not in _tuned_kernels:
-        blocks = [_INTERPRETER_BLOCKS] if bucket == 0 else _gpu_blocks(backward, bucket, _hopper(device), float32)
+        blocks = ([_INTERPRETER_BLOCKS] if bucket == 0
+                  else _gpu_blocks(backward, bucket, _hopper(device), float32, qv))
         if untuned:
             blocks = blocks[:1]  # GENFAST_TRITON_AUTOTUNE=0: the untuned choice, no timing runs
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in blocks]
@@ -821,13 +838,16 @@ def _tuned(kernel, device, dim_pad, backward, float32=False):
     return _tuned_kernels[key]
 
 
-def _check(q, k, v):
+def _check(q, k, v, qv=None):
     heads, dim = q.shape[1], q.shape[3]
     kv_heads, v_dim = k.shape[1], v.shape[3]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"attention: the {kv_heads} key heads must divide the {heads} query heads")
     if dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
         raise ValueError(f"genfast's Triton attention supports head dims up to {MAX_HEAD_DIM}, got {dim} and {v_dim}")
+    if qv is not None and (qv.shape != q.shape[:3] + v.shape[3:] or qv.dtype != q.dtype):
+        raise ValueError(f"attention: qv must be q's shape with v's head dim, {tuple(q.shape[:3] + v.shape[3:])}, "
+                         f"in q's dtype {q.dtype}; got {qv.dtype} {tuple(qv.shape)}")
 
 
 class _Packing:
@@ -1034,7 +1054,7 @@ def gpu_variants(name, constexprs, ints):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
         block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
-    blocks = _gpu_blocks("backward" in name, _bucket(dim_pad), True, float32)
+    blocks = _gpu_blocks("backward" in name, _bucket(dim_pad), True, float32, constexprs.get("HAS_QV", False))
     # A stacked tile's configurations named apart, so that each compiles (its rows' head pointers take
     # registers that the same tile of one head does not).
     stacked = dict(STACKED=True) if constexprs.get("STACKED") else {}
@@ -1048,7 +1068,7 @@ def _multiprocessors(device):
 
 
 def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p,
-                             seed, offset, o, lse, wrap=None, varlen=None, plan=None, sinks=None):
+                             seed, offset, o, lse, wrap=None, varlen=None, plan=None, sinks=None, qv=None):
     """o (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (preallocated, written) of q (B, H,
     Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) (float32 or float16; Hk divides H). mask: None or
     an expanded (B, H, Lq, Lk) view, uint8/bool (mask_is_bool: keep where nonzero) or float32,
@@ -1064,11 +1084,12 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     splits), forward_plan's for the device when None; (1, 1) runs the autotuned tiles of one head, and
     so does a plan of one split stacking more queries than a planned tile's 64 rows (up to 16 heads,
     BLOCK_M // heads_per_tile queries of each).
-    sinks: None or the heads' sink logits, float32 (H,) contiguous."""
+    sinks: None or the heads' sink logits, float32 (H,) contiguous. qv: None or q's shape with v's
+    head dim, in q's dtype: the scores are q k^T + qv v^T."""
     import torch
 
-    q, k, v, o, lse = _packed(varlen, q, k, v, o, lse)
-    _check(q, k, v)
+    q, k, v, o, lse, qv = _packed(varlen, q, k, v, o, lse, qv)
+    _check(q, k, v, qv)
     packing = _Packing(q, k, varlen)
     heads, dim = q.shape[1], q.shape[3]
     kv_heads, v_dim = k.shape[1], v.shape[3]
@@ -1082,7 +1103,7 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
         else:
             lse.copy_(sinks.view(1, heads, 1).expand(lse.shape))
         return
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q, k, v, qv = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(qv)
     mask_arg, ms, alibi_arg, alibi_bs, scalars, consts = _common(q, k, v, mask, mask_is_bool, alibi_slopes, scale,
                                                                  softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                                  packing)
@@ -1102,21 +1123,22 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
 
     def args(o_arg, lse_arg):
         return (q, k, v, mask_arg, alibi_arg, q if sinks is None else sinks, o_arg, lse_arg, *packing.bounds(),
-                pages_arg, *packing.strides(q), *packing.strides(k, keys=True), *packing.strides(v, keys=True),
-                ms[0], ms[1], ms[2], ms[3], alibi_bs, *packing.strides(o_arg), *packing.strides(lse_arg)[:2], heads,
-                group, lq, lk, dim, v_dim)
+                pages_arg, q if qv is None else qv, *packing.strides(q), *packing.strides(k, keys=True),
+                *packing.strides(v, keys=True), ms[0], ms[1], ms[2], ms[3], alibi_bs, *packing.strides(o_arg),
+                *packing.strides(lse_arg)[:2], *((0, 0, 0) if qv is None else packing.strides(qv)), heads, group, lq,
+                lk, dim, v_dim)
 
     # A float32 o of 16-bit inputs is a mask gradient's (its delta, rowsum(dO o), would otherwise
     # carry P's rounding to 16 bits, which the gradient's sum over a broadcast mask gathers).
     consts = dict(consts, INTERPRETED=q.device.type == "cpu",
                   PRECISE_PV=o.dtype == torch.float32 and consts["DOT_KIND"] != DOT_F32, HAS_SINKS=sinks is not None,
-                  PAGED=packing.paged_kind(page_size))
+                  PAGED=packing.paged_kind(page_size), HAS_QV=qv is not None)
     scalars = dict(scalars, pages_per_sequence=pages_per_sequence, page_size=page_size)
     head_chunks = triton.cdiv(group, stack)
     if splits == 1 and (stack == 1 or stack * lq > most and stack <= _PACKED_STACK):
         # Autotuned tiles: of one head, or (a packed batch's plan) stacking each of `stack` heads'
         # BLOCK_M // stack queries (rows_per_head 0).
-        kernel = _tuned(attention_forward_kernel, q.device, dim_pad, False, float32)
+        kernel = _tuned(attention_forward_kernel, q.device, dim_pad, False, float32, qv is not None)
         kernel = kernel if wrap is None else wrap(kernel)
         kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"] // stack) * batch * kv_heads * head_chunks,)](
             *args(out, lse_out), heads_per_tile=stack, rows_per_head=0, head_chunks=head_chunks, splits=1,

@@ -1,0 +1,277 @@
+"""genfast.attention_varlen's qv, multi-head latent attention's absorbed form (DeepSeek's decoding,
+FlashAttention 3's qv): the scores scale (q k^T + qv v^T). The reference's definition, gradients
+checked in float64; every backend against it (Triton's forward reading qv in place, the C++
+kernels the concatenation it stands for), packed, paged, decoding with stacked heads and split
+keys, GQA, options; gradients; opcheck and torch.compile; empty, NaN, non-contiguous and bad input;
+on a GPU, DeepSeek's 64 + 512 from a paged cache without synchronising."""
+
+import pytest
+import torch
+
+import genfast
+from genfast.reference.attention import attention, varlen_attention
+from genfast.testing.tolerances import assert_error_ratio
+from conftest import fused_impls, skip_unless_runs, skip_unless_supported
+from test_attention_paged import paged_inputs
+
+LENGTHS_Q = [3, 1, 0, 20, 1]
+LENGTHS_K = [300, 129, 5, 256, 0]
+
+
+def packed_inputs(lengths_q, lengths_k, heads=4, kv_heads=2, dim=16, v_dim=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), heads, dim, generator=g)
+    k = torch.randn(sum(lengths_k), kv_heads, dim, generator=g)
+    v = torch.randn(sum(lengths_k), kv_heads, v_dim, generator=g)
+    qv = torch.randn(sum(lengths_q), heads, v_dim, generator=g)
+    cu_q, cu_k = (torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                  for lengths in (lengths_q, lengths_k))
+    return [t.to(dtype) for t in (q, k, v, qv)], cu_q, cu_k
+
+
+def _compare(impl, q, k, v, qv, cu_q, cu_k, max_q, max_k, **options):
+    """o and lse against the reference in float64 and in the inputs' dtype (error-ratio rule)."""
+    with torch.no_grad():
+        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, qv=qv, impl=impl, return_lse=True,
+                                          **options)
+
+    def reference(dtype):
+        floats = {key: val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+                  for key, val in options.items()}
+        return varlen_attention(*(t.to(dtype) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(dtype), enable_gqa=True,
+                                return_lse=True, **floats)
+
+    exact, low = reference(torch.float64), reference(q.dtype)
+    assert o.dtype == q.dtype and o.shape == (q.shape[0], q.shape[1], v.shape[-1])
+    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
+        assert_error_ratio(got, e, lo.to(got.dtype), ratio=2.0, msg=name)
+    return o, lse
+
+
+def test_reference_is_attention_of_the_concatenation():
+    """scale (q k^T + qv v^T), default scale (D + Dv)^-1/2: attention of cat(q, qv) over cat(k, v)
+    with values v, grouped heads and the options included."""
+    (q, k, v, qv), _, _ = packed_inputs([7], [9], dtype=torch.float64)
+    dense = [t.transpose(0, 1)[None] for t in (q, k, v, qv)]
+    options = dict(causal="bottom_right", softcap=3.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64),
+                   return_lse=True, enable_gqa=True)
+    o, lse = attention(*dense[:3], qv=dense[3], **options)
+    wide_o, wide_lse = attention(torch.cat((dense[0], dense[3]), -1), torch.cat((dense[1], dense[2]), -1), dense[2],
+                                 **options)
+    torch.testing.assert_close(o, wide_o, rtol=0, atol=1e-14)
+    torch.testing.assert_close(lse, wide_lse, rtol=0, atol=1e-14)
+
+
+def test_reference_gradients():
+    """gradcheck of the reference in float64, qv's gradient among them."""
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 2], [4, 5], heads=2, kv_heads=1, dim=3, v_dim=5,
+                                              dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, qv)]
+
+    def run(q, k, v, qv):
+        return varlen_attention(q, k, v, cu_q, cu_k, qv=qv, enable_gqa=True, causal="bottom_right", return_lse=True)
+
+    assert torch.autograd.gradcheck(run, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_packed_matches_reference(dtype, impl):
+    """Prefill-like packed sequences, grouped heads, bottom-right causal."""
+    skip_unless_supported(impl, "cpu", dtype)
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([5, 1, 17, 0], [9, 30, 17, 4], dtype=dtype)
+    _compare(impl, q, k, v, qv, cu_q, cu_k, 17, 30, causal="bottom_right")
+
+
+@pytest.mark.parametrize("options", [dict(window=(6, 0)), dict(softcap=2.0, scale=0.3),
+                                     dict(sinks=torch.tensor([-1.0, 0.5, 2.0, float("-inf")])),
+                                     dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
+                                     dict(seqused_k=torch.tensor([200, 7, 0, 255, 0], dtype=torch.int32),
+                                          causal="bottom_right")], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_paged_options_match_reference(options, impl):
+    """A paged cache, pages shuffled, NaN where no key is (read, it would show), with the options."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, cu_q, cu_k, max_q, max_k, table = paged_inputs(LENGTHS_Q, LENGTHS_K, v_dim=32, seed=3)
+    qv = torch.randn(q.shape[0], q.shape[1], 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, qv=qv, block_table=table, impl=impl,
+                                          return_lse=True, **options)
+    exact, low = (varlen_attention(*(t.to(d) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(d), block_table=table,
+                                   enable_gqa=True, return_lse=True,
+                                   **{key: val.to(d) if isinstance(val, torch.Tensor) and val.is_floating_point()
+                                      else val for key, val in options.items()})
+                  for d in (torch.float64, torch.float32))
+    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
+        assert_error_ratio(got, e, lo, ratio=2.0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_decoding_with_many_heads_on_one_kv_head(dtype, impl):
+    """DeepSeek's decoding shape, scaled down: one query a sequence, 16 query heads on one kv head,
+    qk dim 8 (its rope part) and qv dim 64 (its latent), long caches: the plans that stack heads and
+    split the keys."""
+    skip_unless_supported(impl, "cpu", dtype)
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([1, 1, 1], [700, 130, 257], heads=16, kv_heads=1, dim=8, v_dim=64,
+                                              dtype=dtype, seed=5)
+    _compare(impl, q, k, v, qv, cu_q, cu_k, 1, 700, causal="bottom_right")
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_value_head_dims_past_256(impl):
+    """A qv and v of 300 channels (Triton's tiles for head dims past 256, which the qv tile's
+    registers narrow), a packed prefill and a decoding sequence, float16."""
+    skip_unless_supported(impl, "cpu", torch.float16)
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([17, 1], [40, 23], heads=2, kv_heads=1, dim=16, v_dim=300,
+                                              dtype=torch.float16, seed=11)
+    _compare(impl, q, k, v, qv, cu_q, cu_k, 17, 40, causal="bottom_right")
+
+
+def test_triton_reads_qv_in_place(monkeypatch):
+    """Without gradients Triton's forward takes qv itself (no concatenation reaches its launcher);
+    asked for gradients, it takes the concatenation, and gives qv its gradient."""
+    skip_unless_runs("triton", "cpu")
+    from genfast.kernels import attention as kernels
+
+    seen = []
+    launch = kernels.launch_attention_forward
+
+    def spy(q, k, v, *args, qv=None, **kwargs):
+        seen.append((q.shape[-1], qv is not None))
+        return launch(q, k, v, *args, qv=qv, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch_attention_forward", spy)
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
+    with torch.no_grad():
+        genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv, impl="triton")
+    assert seen == [(16, True)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, qv)]
+    o = genfast.attention_varlen(*leaves[:3], cu_q, cu_k, 4, 9, qv=leaves[3], impl="triton", causal="bottom_right")
+    assert seen[1:] == [(48, False)]
+    grad_o = torch.randn_like(o)
+    o.backward(grad_o)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, qv)]
+    expected = varlen_attention(*exact[:3], cu_q, cu_k, qv=exact[3], enable_gqa=True, causal="bottom_right")
+    expected.backward(grad_o.double())
+    low = [t.detach().requires_grad_() for t in (q, k, v, qv)]
+    varlen_attention(*low[:3], cu_q, cu_k, qv=low[3], enable_gqa=True, causal="bottom_right").backward(grad_o)
+    for name, leaf, e, lo in zip(("q", "k", "v", "qv"), leaves, exact, low):
+        assert_error_ratio(leaf.grad, e.grad, lo.grad, ratio=3.0, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_gradients_match_reference(impl):
+    """Every backend's gradients with qv (the concatenation's backward), the sinks' among them (a
+    gradient asked of the sinks alone takes that path too), by the error-ratio rule."""
+    skip_unless_supported(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([5, 1, 12], [9, 30, 7], seed=6)
+    sinks = torch.tensor([0.5, -1.0, 1.5, 0.0])
+    grad_o = torch.randn(q.shape[0], q.shape[1], v.shape[-1], generator=torch.Generator().manual_seed(7))
+
+    def grads(dtype, backend):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, qv, sinks)]
+        o = genfast.attention_varlen(*leaves[:3], cu_q, cu_k, 12, 30, qv=leaves[3], sinks=leaves[4],
+                                     causal="bottom_right", window=(5, 0), impl=backend)
+        o.backward(grad_o.to(dtype))
+        return [t.grad for t in leaves]
+
+    got, exact, low = grads(torch.float32, impl), grads(torch.float64, "reference"), grads(torch.float32, "reference")
+    with torch.no_grad():
+        alone = genfast.attention_varlen(q, k, v, cu_q, cu_k, 12, 30, qv=qv, sinks=sinks.clone().requires_grad_(),
+                                         causal="bottom_right", window=(5, 0), impl=impl)
+    o = genfast.attention_varlen(q, k, v, cu_q, cu_k, 12, 30, qv=qv, sinks=sinks.clone().requires_grad_(),
+                                 causal="bottom_right", window=(5, 0), impl=impl)
+    torch.testing.assert_close(o.detach(), alone, atol=1e-5, rtol=1e-5)
+    for name, g, e, lo in zip(("q", "k", "v", "qv", "sinks"), got, exact, low):
+        assert_error_ratio(g, e, lo, ratio=3.0, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_empty_nan_and_non_contiguous(impl):
+    """No queries; NaN in one query's qv reaches its row alone; qv a strided slice."""
+    skip_unless_runs(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
+    empty = genfast.attention_varlen(q[:0], k, v, torch.zeros(3, dtype=torch.int32), cu_k, 0, 9, qv=qv[:0],
+                                     impl=impl)
+    assert empty.shape == (0, 4, 32)
+    poisoned = qv.clone()
+    poisoned[4, 1, 3] = float("nan")
+    with torch.no_grad():
+        o = genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=poisoned, impl=impl)
+        clean = genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv, impl=impl)
+        strided = torch.randn(qv.shape[0], qv.shape[1], 2 * qv.shape[2])[..., ::2]
+        strided.copy_(qv)
+        again = genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=strided, impl=impl)
+    assert o[4, 1].isnan().all()
+    nan_rows = o.isnan().any(-1)
+    assert nan_rows.sum() == 1 and torch.equal(o[~nan_rows], clean[~nan_rows])
+    torch.testing.assert_close(again, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["native", pytest.param("triton", marks=pytest.mark.triton), "reference"])
+def test_bad_qv_names_the_argument(impl):
+    skip_unless_runs(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
+    for bad in (qv[:, :, :16], qv[:5], qv.double(), qv.tolist()):
+        with pytest.raises(ValueError, match=r"qv must be q's shape with v's head dim, \(7, 4, 32\)"):
+            genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=bad, impl=impl)
+
+
+def test_triton_op_checks_qv_and_has_no_backward_of_it():
+    """The Triton op, called directly: a bad qv named; qv asking for gradients raises (genfast.
+    attention_varlen gives them through the concatenation)."""
+    skip_unless_runs("triton", "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
+    op = torch.ops.genfast.attention_varlen_forward_triton
+    options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
+    with pytest.raises(ValueError, match="qv must be q's shape with v's head dim"):
+        op(q, k, v, cu_q, cu_k, 4, 9, *options, qv[:, :, :8])
+    with pytest.raises(RuntimeError, match="qv serves inference and has no backward here"):
+        op(q, k, v, cu_q, cu_k, 4, 9, *options, qv.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_opcheck_and_compile(impl):
+    """attention_varlen with qv under torch.compile(fullgraph=True); the Triton op, which takes qv,
+    under opcheck."""
+    skip_unless_supported(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([2, 1], [13, 7], heads=2, kv_heads=1, dim=8, v_dim=16)
+    if impl == "triton":
+        options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
+        torch.library.opcheck(torch.ops.genfast.attention_varlen_forward_triton,
+                              (q, k, v, cu_q, cu_k, 2, 13, *options, qv))
+
+    def layer(q, k, v, qv):
+        return genfast.attention_varlen(q, k, v, cu_q, cu_k, 2, 13, qv=qv, causal="bottom_right", impl=impl)
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v, qv), layer(q, k, v, qv))
+
+
+@pytest.mark.cuda
+def test_deepseek_decoding_on_a_gpu_without_synchronising():
+    """DeepSeek's 64 + 512 (past the head dims any concatenation could take on a GPU) with 16 query
+    heads on one kv head, from a paged cache of vLLM's 16-key pages, under torch's sync debug mode,
+    bfloat16, against the reference in float64 by the error-ratio rule; and a prefill chunk with qv."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for lengths_q, lengths_k in (([1, 1, 1, 1], [700, 130, 1, 4097]), ([37, 1], [300, 90])):
+        q, k, v, cu_q, cu_k, max_q, max_k, table = paged_inputs(lengths_q, lengths_k, page_size=16, heads=16,
+                                                                kv_heads=1, dim=64, v_dim=512, seed=8)
+        qv = torch.randn(q.shape[0], 16, 512, generator=torch.Generator().manual_seed(9))
+        gpu = [t.cuda() for t in (q, k, v, qv, cu_q, cu_k, table)]
+        gpu[:4] = [t.bfloat16() for t in gpu[:4]]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                o, lse = genfast.attention_varlen(*gpu[:3], *gpu[4:6], max_q, max_k, qv=gpu[3], block_table=gpu[6],
+                                                  causal="bottom_right", return_lse=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        rounded = [t.bfloat16() for t in (q, k, v, qv)]
+        exact, low = (varlen_attention(*(t.to(d) for t in rounded[:3]), cu_q, cu_k, qv=rounded[3].to(d),
+                                       block_table=table, enable_gqa=True, causal="bottom_right", return_lse=True)
+                      for d in (torch.float64, torch.bfloat16))
+        for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
+            assert_error_ratio(got.cpu(), e, lo.to(got.dtype), ratio=2.0, msg=f"{name} of {lengths_q}")
