@@ -368,6 +368,34 @@ def test_head_dim_buckets_and_float32_tiles_past_256(monkeypatch):
     assert split == [(dict(BLOCK_M=32, BLOCK_N=16, INTERPRETED=False), 8, 1)]
 
 
+def test_qv_tiles_past_256(monkeypatch):
+    """Forwards with qv (HAS_QV) past head dim 256 take tiles whose loops do not spill beside the qv
+    tile: autotuned over _QV_512_BLOCKS (and Hopper's), planned with key blocks of 32 in two stages
+    (16-bit) or 16 rows (float32 beside a q past 256 too); below 512, qv changes no tile."""
+    attn = _kernels()
+    monkeypatch.setattr(attn, "_tuned_kernels", {})
+    monkeypatch.delenv("GENFAST_TRITON_AUTOTUNE", raising=False)
+    device = torch.device("cuda")
+    kernel = attn.attention_forward_kernel
+    for hopper, extra in ((False, []), (True, attn._HOPPER_BLOCKS["forward"][512])):
+        monkeypatch.setattr(attn, "_hopper", lambda device, hopper=hopper: hopper)
+        configs = attn._tuned(kernel, device, 512, False, False, qv=True).configs
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in configs] == attn._QV_512_BLOCKS + extra
+        assert attn._tuned(kernel, device, 256, False, False, qv=True) is attn._tuned(kernel, device, 256, False)
+    name = "attention_forward_kernel"
+    bf16 = dict(BLOCK_D=64, BLOCK_DV=512, BLOCK_M=16, BLOCK_N=16, DOT_KIND=attn.DOT_BF16, INTERPRETED=True,
+                HAS_QV=True)
+    assert [v[0]["BLOCK_N"] for v in attn.gpu_variants(name, bf16, {})] == [32, 16, 32]
+    planned = dict(SPLIT=True, STACKED=True, BLOCK_M=64)
+    assert attn.gpu_variants(name, dict(bf16, **planned), {}) == [(dict(BLOCK_M=32, BLOCK_N=32, INTERPRETED=False),
+                                                                   8, 2)]
+    wide_float32 = dict(bf16, BLOCK_D=512, DOT_KIND=attn.DOT_F32, **planned)
+    assert attn.gpu_variants(name, wide_float32, {}) == [(dict(BLOCK_M=16, BLOCK_N=16, INTERPRETED=False), 8, 1)]
+    narrow_float32 = dict(bf16, DOT_KIND=attn.DOT_F32, **planned)
+    assert attn.gpu_variants(name, narrow_float32, {}) == [(dict(BLOCK_M=32, BLOCK_N=16, INTERPRETED=False), 8, 1)]
+
+
 def test_pages_of_whole_key_blocks():
     """The forward looks up a page a block (PAGED 1) only where every key block lies in one page:
     every forward BLOCK_N, tuned, stacked or interpreted, divides PAGE_BLOCKS."""

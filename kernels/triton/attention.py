@@ -1016,27 +1016,38 @@ def forward_plan(batch, heads, kv_heads, lq, lk, multiprocessors, packed=False, 
     return stack, next(s for s in useful if fill(s) >= 0.85 * best)
 
 
-def _planned_rows(dim_pad):
+def _planned_rows(dim_pad, qv_beside_wide_float32_q=False):
     """The rows of a planned tile, at most: 64, but 32 past head dim 256, where 64 rows of float32
     take 192 KB of shared memory (sm_80 has 163 KB) and 64 of 16-bit inputs spill on sm_80 (some 25
-    registers; 75 stacked)."""
-    return 32 if dim_pad > 256 else _STACK_ROWS
+    registers; 75 stacked); 16 for a float32 qv beside a q past head dim 256 too, whose 32 rows take
+    196 KB (16: 131 KB)."""
+    return 16 if qv_beside_wide_float32_q else 32 if dim_pad > 256 else _STACK_ROWS
 
 
-def _planned_blocks(stacked_rows, dim_pad, interpreted):
+def _planned_qv(consts):
+    """(16-bit qv, float32 qv beside a q past head dim 256) of a forward's constexprs, as the planned
+    tiles read them."""
+    qv, float32 = bool(consts.get("HAS_QV")), consts.get("DOT_KIND") == DOT_F32
+    return qv and not float32, qv and float32 and consts["BLOCK_D"] > 256
+
+
+def _planned_blocks(stacked_rows, dim_pad, interpreted, qv=(False, False)):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward with a plan (few tiles, so one
     configuration, not autotuned): a tile of stacked heads holds their stacked_rows queries in at
     least the 16 rows of a dot, up to _planned_rows; a tile of one head (stacked_rows 0) takes that
     many queries. Past head dim 256, on 8 warps with key blocks of 16 in one stage, so that o's rows
     fit the registers and the key blocks the shared memory (compiled for sm_80 and sm_90, 32 rows
-    take no local memory and at most 128 KB of shared memory, in float32)."""
-    most = _planned_rows(dim_pad)
+    take no local memory and at most 128 KB of shared memory, in float32). qv (_planned_qv): 16-bit
+    tiles past head dim 256 take key blocks of 32 in two stages, where those of 16 in one spilled in
+    their loop beside the qv tile (at head dims 512 and 512 on sm_80 and sm_90: 314 and 141 local
+    loads and stores; none so)."""
+    most = _planned_rows(dim_pad, qv[1])
     block_m = (max(16, min(most, triton.next_power_of_2(stacked_rows))) if stacked_rows
                else 16 if interpreted else most)
     if interpreted:
         return block_m, 16, 4, 2
     if dim_pad > 256:
-        return block_m, 16, 8, 1
+        return (block_m, 32, 8, 2) if qv[0] else (block_m, 16, 8, 1)
     return block_m, 64 if dim_pad <= 128 else 32, 4, 2
 
 
@@ -1052,7 +1063,7 @@ def gpu_variants(name, constexprs, ints):
     float32 = constexprs.get("DOT_KIND") == DOT_F32
     if constexprs.get("SPLIT") or (constexprs.get("STACKED") and ints.get("rows_per_head")):
         stacked_rows = constexprs["BLOCK_M"] if constexprs["STACKED"] else 0
-        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False)
+        block_m, block_n, warps, stages = _planned_blocks(stacked_rows, dim_pad, False, _planned_qv(constexprs))
         return [(dict(BLOCK_M=block_m, BLOCK_N=block_n, **on_gpu), warps, stages)]
     blocks = _gpu_blocks("backward" in name, _bucket(dim_pad), True, float32, constexprs.get("HAS_QV", False))
     # A stacked tile's configurations named apart, so that each compiles (its rows' head pointers take
@@ -1112,7 +1123,8 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
     group = heads // kv_heads
     dim_pad = max(consts["BLOCK_D"], consts["BLOCK_DV"])
     float32 = consts["DOT_KIND"] == DOT_F32
-    most = _planned_rows(dim_pad)
+    planned_qv = _planned_qv(dict(consts, HAS_QV=qv is not None))
+    most = _planned_rows(dim_pad, planned_qv[1])
     stack, splits = plan or forward_plan(batch, heads, kv_heads, lq, lk, _multiprocessors(q.device),
                                          packing.varlen and _packed_stack(), most)
     if not (1 <= stack <= min(group, most) and 1 <= splits <= _MAX_SPLITS):
@@ -1145,7 +1157,8 @@ def launch_attention_forward(q, k, v, mask, mask_is_bool, alibi_slopes, scale, s
             split_rows=0, **scalars, **consts, STACKED=stack > 1)
     else:
         interpreted = q.device.type == "cpu"
-        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted)
+        block_m, block_n, warps, stages = _planned_blocks(stack * lq if stack > 1 else 0, dim_pad, interpreted,
+                                                          planned_qv)
         rows_per_head = min(lq, block_m // stack) if stack > 1 else block_m
         grid = (triton.cdiv(lq, rows_per_head) * batch * kv_heads * head_chunks, 1, splits)
         meta = dict(heads_per_tile=stack, rows_per_head=rows_per_head, head_chunks=head_chunks, splits=splits,
