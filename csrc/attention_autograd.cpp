@@ -33,6 +33,7 @@ using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            int64_t, int64_t, double, int64_t, int64_t, bool,
                                                            const std::optional<at::Tensor>&,
                                                            const std::optional<at::Tensor>&,
+                                                           const std::optional<at::Tensor>&,
                                                            const std::optional<at::Tensor>&);
 using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -143,7 +144,7 @@ class AttentionVarlen : public torch::autograd::Function<AttentionVarlen> {
     auto [o, lse] = varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              alibi_slopes, options.scale, options.softcap, options.band_lo,
                                              options.band_hi, options.dropout_p, options.seed, options.offset,
-                                             options.deterministic, sinks, seqused_k, std::nullopt);
+                                             options.deterministic, sinks, seqused_k, std::nullopt, std::nullopt);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes.value_or(at::Tensor()),
                             sinks.value_or(at::Tensor()), seqused_k.value_or(at::Tensor())});
@@ -207,16 +208,22 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table) {
-  if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr, sinks ? &*sinks : nullptr})) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& qv) {
+  if (!records_backward({&q, &k, &v, alibi_slopes ? &*alibi_slopes : nullptr, sinks ? &*sinks : nullptr,
+                         qv ? &*qv : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return varlen_forward_op().call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                     scale, softcap, band_lo, band_hi, dropout_p, seed, offset, deterministic, sinks,
-                                    seqused_k, block_table);
+                                    seqused_k, block_table, qv);
   }
   TORCH_CHECK(!block_table, "genfast.attention_varlen_forward",
               ": a paged KV cache (block_table) serves inference and has no backward; call it under torch.no_grad() "
               "or with inputs that do not require grad");
+  TORCH_CHECK(!qv, "genfast.attention_varlen_forward",
+              ": qv serves inference and has no backward here; call it under torch.no_grad() or with inputs that do "
+              "not require grad (genfast.attention_varlen gives qv gradients through the concatenation it stands "
+              "for)");
   return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                      AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                       deterministic},

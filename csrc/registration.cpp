@@ -106,11 +106,13 @@ TORCH_LIBRARY(genfast, m) {
   // (o (total_q, heads, v_dim), lse (heads, total_q) float32). seqused_k (int32 (batch,)): sequence b
   // has only the first seqused_k[b] keys of its rows (a padded KV cache). block_table (int32 (batch,
   // pages per sequence)): k and v are a paged cache (pages, page_size, kv_heads, dim), forward only.
+  // qv (total_q, heads, v_dim), q's dtype: the scores are scale (q k^T + qv v^T) (multi-head latent
+  // attention's absorbed form), forward only; the CPU kernels take it, the CUDA kernels refuse it.
   m.def(
       "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, float softcap, int band_lo, "
       "int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, Tensor? sinks=None, "
-      "Tensor? seqused_k=None, Tensor? block_table=None) -> (Tensor, Tensor)");
+      "Tensor? seqused_k=None, Tensor? block_table=None, Tensor? qv=None) -> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward(Tensor grad_o, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

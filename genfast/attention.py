@@ -127,7 +127,7 @@ def _autocast_inputs(q: Tensor, *others: Optional[Tensor]) -> Tuple[Optional[Ten
     if not torch.is_autocast_enabled(device_type):
         return (q, *others)
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in (q, *others))
 
 
@@ -260,15 +260,15 @@ def _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slo
 
 
 def _qv_form(impl, q, k, v, qv, sinks, backend):
-    """(q, k, qv, backend) of a call with qv that `backend` would run without it: Triton's forward and
-    the reference take qv as it is, Triton's where no gradient is asked ("auto" takes it over the
-    CUDA kernels on a GPU, which would copy); else q and qv side by side over k and v side by side
-    (qv None), a copy, whose head dim D + Dv chooses the backend again."""
+    """(q, k, qv, backend) of a call with qv that `backend` would run without it: the reference takes
+    qv as it is, and so do the forwards of Triton and the CPU where no gradient is asked ("auto" takes
+    Triton over the CUDA kernels, which take no qv); else q and qv side by side over k and v side by
+    side (qv None), a copy, whose head dim D + Dv chooses the backend again."""
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv, sinks))
-    if not grads and impl == "auto" and backend == "native" and q.device.type == "cuda" \
-            and _backend.triton_runs_on("cuda"):
+    cuda = q.device.type == "cuda"
+    if not grads and impl == "auto" and backend == "native" and cuda and _backend.triton_runs_on("cuda"):
         backend = "triton"
-    if backend == "reference" or (backend == "triton" and not grads):
+    if backend == "reference" or (not grads and (backend == "triton" or (backend == "native" and not cuda))):
         return q, k, qv, backend
     width = q.shape[-1] + qv.shape[-1]
     if impl == "triton" and width > FUSED_MAX_HEAD_DIM:
@@ -276,7 +276,10 @@ def _qv_form(impl, q, k, v, qv, sinks, backend):
                                   f"Triton's kernels take head dims up to {FUSED_MAX_HEAD_DIM} (without gradients "
                                   f"Triton's forward takes qv itself)")
     wide_q, wide_k = torch.cat((q, qv), -1), torch.cat((k, v), -1)
-    return wide_q, wide_k, None, _fused_backend(impl, wide_q, (width, v.shape[-1]))
+    try:
+        return wide_q, wide_k, None, _fused_backend(impl, wide_q, (width, v.shape[-1]))
+    except TypeError as error:
+        raise TypeError(f"qv runs here as attention of head dim head_dim + head_dim_v = {width}: {error}") from None
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
@@ -353,10 +356,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     inference: no dropout and no gradient. The CPU checks the table's entries; a GPU does not.
     qv (total_q, Hq, Dv), in q's dtype (FlashAttention 3's, multi-head latent attention's absorbed
     form, as DeepSeek's models decode): the scores are scale (q k^T + qv v^T), attention of cat(q,
-    qv) over keys cat(k, v), scale (D + Dv)^-1/2 by default. Triton's forward reads qv and the V tile
-    it loads for P V, copying nothing, where it runs the call and no gradient is asked ("auto" takes
-    it on a GPU); the C++ kernels and gradients take that concatenation, a copy of q, qv, k and v
-    (of the whole cache, with one). Under torch.autocast, q, k, v (and qv) are cast to its dtype, as
+    qv) over keys cat(k, v), scale (D + Dv)^-1/2 by default. Where no gradient is asked, Triton's
+    forward and the CPU's read qv and score it against the values they read anyway, copying nothing
+    ("auto" takes Triton on a GPU); the CUDA kernels and gradients take that concatenation, a copy
+    of q, qv, k and v (of the whole cache, with one). Under torch.autocast, q, k, v (and qv) are cast to its dtype, as
     genfast.attention's."""
     q, k, v, qv = _autocast_inputs(q, k, v, qv)
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
@@ -379,10 +382,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
             sinks, seqused_k, block_table)
-    if qv is not None:  # Triton's, which takes qv (_qv_form)
-        o, lse = torch.ops.genfast.attention_varlen_forward_triton.default(*args, qv)
-        return (o, lse) if return_lse else o
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_varlen_forward.default)
-    o, lse = op(*args)
+    o, lse = op(*args) if qv is None else op(*args, qv)
     return (o, lse) if return_lse else o

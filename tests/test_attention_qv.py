@@ -1,9 +1,9 @@
 """genfast.attention_varlen's qv, multi-head latent attention's absorbed form (DeepSeek's decoding,
 FlashAttention 3's qv): the scores scale (q k^T + qv v^T). The reference's definition, gradients
-checked in float64; every backend against it (Triton's forward reading qv in place, the C++
-kernels the concatenation it stands for), packed, paged, decoding with stacked heads and split
-keys, GQA, options; gradients; opcheck and torch.compile; empty, NaN, non-contiguous and bad input;
-on a GPU, DeepSeek's 64 + 512 from a paged cache without synchronising."""
+checked in float64; every backend against it (the forwards of the CPU and Triton reading qv in
+place; gradients through the concatenation it stands for), packed, paged, decoding with stacked
+heads, GQA, options; opcheck and torch.compile; empty, NaN, non-contiguous and bad input; on a GPU,
+DeepSeek's 64 + 512 from a paged cache without synchronising."""
 
 import pytest
 import torch
@@ -106,6 +106,45 @@ def test_paged_options_match_reference(options, impl):
         assert_error_ratio(got, e, lo, ratio=2.0, msg=name)
 
 
+@pytest.mark.parametrize("page_size", [1, 16, 48])
+@pytest.mark.parametrize("impl", fused_impls())
+def test_small_pages(page_size, impl):
+    """Pages smaller than a key block (SGLang's 1, vLLM's 16): the values qv reads across pages."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, cu_q, cu_k, max_q, max_k, table = paged_inputs([2, 1, 17], [130, 7, 60], page_size=page_size, v_dim=24,
+                                                            seed=12)
+    qv = torch.randn(q.shape[0], q.shape[1], 24, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, qv=qv, block_table=table, impl=impl,
+                                          causal="bottom_right", return_lse=True)
+    exact, low = (varlen_attention(*(t.to(d) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(d), block_table=table,
+                                   enable_gqa=True, causal="bottom_right", return_lse=True)
+                  for d in (torch.float64, torch.float32))
+    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
+        assert_error_ratio(got, e, lo, ratio=2.0, msg=name)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dropout(impl):
+    """Dropout with qv keys the same Philox stream as without it: the forward reading qv in place,
+    the concatenation (a gradient asked) and the reference, from one seed."""
+    skip_unless_supported(impl, "cpu")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([5, 1, 12], [9, 30, 7], seed=14)
+
+    def run(backend, grad=False):
+        inputs = [t.clone().requires_grad_(grad) for t in (q, k, v, qv)]
+        return genfast.attention_varlen(*inputs[:3], cu_q, cu_k, 12, 30, qv=inputs[3], dropout_p=0.3,
+                                        generator=genfast.PhiloxGenerator(5), impl=backend).detach()
+
+    with torch.no_grad():
+        in_place = run(impl)
+    exact = varlen_attention(*(t.double() for t in (q, k, v)), cu_q, cu_k, qv=qv.double(), enable_gqa=True,
+                             dropout_p=0.3, dropout_seed=5, dropout_offset=0)
+    low = run("reference")
+    assert_error_ratio(in_place, exact, low, ratio=2.0, msg="o")
+    assert_error_ratio(run(impl, grad=True), exact, low, ratio=2.0, msg="o of the concatenation")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_decoding_with_many_heads_on_one_kv_head(dtype, impl):
@@ -128,27 +167,27 @@ def test_value_head_dims_past_256(impl):
     _compare(impl, q, k, v, qv, cu_q, cu_k, 17, 40, causal="bottom_right")
 
 
-def test_triton_reads_qv_in_place(monkeypatch):
-    """Without gradients Triton's forward takes qv itself (no concatenation reaches its launcher);
-    asked for gradients, it takes the concatenation, and gives qv its gradient."""
-    skip_unless_runs("triton", "cpu")
-    from genfast.kernels import attention as kernels
+@pytest.mark.parametrize("impl", fused_impls())
+def test_reads_qv_in_place_and_concatenates_for_gradients(impl, monkeypatch):
+    """Without gradients the forwards of the CPU and Triton take qv themselves: nothing is
+    concatenated. Asked for gradients, the call runs on the concatenation, and qv gets its gradient."""
+    skip_unless_supported(impl, "cpu")
+    widths = []
+    cat = torch.cat
 
-    seen = []
-    launch = kernels.launch_attention_forward
+    def spy(tensors, *args, **kwargs):
+        widths.append(tuple(t.shape[-1] for t in tensors))
+        return cat(tensors, *args, **kwargs)
 
-    def spy(q, k, v, *args, qv=None, **kwargs):
-        seen.append((q.shape[-1], qv is not None))
-        return launch(q, k, v, *args, qv=qv, **kwargs)
-
-    monkeypatch.setattr(kernels, "launch_attention_forward", spy)
     (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
+    monkeypatch.setattr(torch, "cat", spy)
     with torch.no_grad():
-        genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv, impl="triton")
-    assert seen == [(16, True)]
+        genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv, impl=impl)
+    assert widths == []
     leaves = [t.clone().requires_grad_() for t in (q, k, v, qv)]
-    o = genfast.attention_varlen(*leaves[:3], cu_q, cu_k, 4, 9, qv=leaves[3], impl="triton", causal="bottom_right")
-    assert seen[1:] == [(48, False)]
+    o = genfast.attention_varlen(*leaves[:3], cu_q, cu_k, 4, 9, qv=leaves[3], impl=impl, causal="bottom_right")
+    assert widths == [(16, 32), (16, 32)]  # cat(q, qv) and cat(k, v)
+    monkeypatch.undo()
     grad_o = torch.randn_like(o)
     o.backward(grad_o)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v, qv)]
@@ -213,34 +252,37 @@ def test_empty_nan_and_non_contiguous(impl):
 def test_bad_qv_names_the_argument(impl):
     skip_unless_runs(impl, "cpu")
     (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
-    for bad in (qv[:, :, :16], qv[:5], qv.double(), qv.tolist()):
+    for bad in (qv[:, :, :16], qv[:5], qv.double(), qv.to("meta"), qv.tolist()):
         with pytest.raises(ValueError, match=r"qv must be q's shape with v's head dim, \(7, 4, 32\)"):
             genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=bad, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="qv must be"):
+        genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv.tolist(), impl=impl)
 
 
-def test_triton_op_checks_qv_and_has_no_backward_of_it():
-    """The Triton op, called directly: a bad qv named; qv asking for gradients raises (genfast.
+@pytest.mark.parametrize("impl", fused_impls())
+def test_ops_check_qv_and_have_no_backward_of_it(impl):
+    """The ops, called directly: a bad qv named; qv asking for gradients raises (genfast.
     attention_varlen gives them through the concatenation)."""
-    skip_unless_runs("triton", "cpu")
+    skip_unless_supported(impl, "cpu")
     (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
-    op = torch.ops.genfast.attention_varlen_forward_triton
+    op = getattr(torch.ops.genfast, "attention_varlen_forward" + ("" if impl == "native" else "_triton"))
     options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
-    with pytest.raises(ValueError, match="qv must be q's shape with v's head dim"):
-        op(q, k, v, cu_q, cu_k, 4, 9, *options, qv[:, :, :8])
+    for bad in (qv[:, :, :8], qv[:6], qv.double()):
+        with pytest.raises((ValueError, RuntimeError), match="qv must"):
+            op(q, k, v, cu_q, cu_k, 4, 9, *options, bad)
     with pytest.raises(RuntimeError, match="qv serves inference and has no backward here"):
         op(q, k, v, cu_q, cu_k, 4, 9, *options, qv.clone().requires_grad_())
 
 
 @pytest.mark.parametrize("impl", fused_impls())
 def test_opcheck_and_compile(impl):
-    """attention_varlen with qv under torch.compile(fullgraph=True); the Triton op, which takes qv,
-    under opcheck."""
+    """The op of each backend with qv under opcheck; attention_varlen with qv under
+    torch.compile(fullgraph=True)."""
     skip_unless_supported(impl, "cpu")
     (q, k, v, qv), cu_q, cu_k = packed_inputs([2, 1], [13, 7], heads=2, kv_heads=1, dim=8, v_dim=16)
-    if impl == "triton":
-        options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
-        torch.library.opcheck(torch.ops.genfast.attention_varlen_forward_triton,
-                              (q, k, v, cu_q, cu_k, 2, 13, *options, qv))
+    op = getattr(torch.ops.genfast, "attention_varlen_forward" + ("" if impl == "native" else "_triton"))
+    options = (None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
+    torch.library.opcheck(op, (q, k, v, cu_q, cu_k, 2, 13, *options, qv))
 
     def layer(q, k, v, qv):
         return genfast.attention_varlen(q, k, v, cu_q, cu_k, 2, 13, qv=qv, causal="bottom_right", impl=impl)
@@ -275,3 +317,26 @@ def test_deepseek_decoding_on_a_gpu_without_synchronising():
                       for d in (torch.float64, torch.bfloat16))
         for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
             assert_error_ratio(got.cpu(), e, lo.to(got.dtype), ratio=2.0, msg=f"{name} of {lengths_q}")
+
+
+@pytest.mark.cuda
+def test_auto_reads_qv_in_place_on_a_gpu(monkeypatch):
+    """Where the CUDA kernels could run the concatenation (64 + 128, bfloat16), "auto" takes Triton's
+    forward, which reads qv in place: nothing is concatenated."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 40], [50, 9], dim=64, v_dim=128, dtype=torch.bfloat16, seed=15)
+    gpu = [t.cuda() for t in (q, k, v, qv, cu_q, cu_k)]
+    widths = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda tensors, *a, **kw: widths.append(len(tensors)) or cat(tensors, *a, **kw))
+    with torch.no_grad():
+        o = genfast.attention_varlen(*gpu[:3], *gpu[4:], 40, 50, qv=gpu[3], causal="bottom_right")
+    monkeypatch.undo()
+    assert widths == []
+    exact, low = (varlen_attention(*(t.to(d) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(d), enable_gqa=True,
+                                   causal="bottom_right") for d in (torch.float64, torch.bfloat16))
+    assert_error_ratio(o.cpu(), exact, low, ratio=2.0, msg="o")
+    options = (None, 0.1, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
+    with pytest.raises(RuntimeError, match="the CUDA kernels take no qv"):
+        torch.ops.genfast.attention_varlen_forward(*gpu[:3], *gpu[4:], 40, 50, *options, gpu[3])

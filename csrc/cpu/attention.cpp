@@ -224,12 +224,12 @@ template <CpuCapability isa>
 constexpr int kInPlaceRows = isa == CpuCapability::kDefault ? 2 : 4;
 
 // scores[r][c] = scale * q_r . k_c for r < Rows (q rows q_row apart; scores rows kKeyBlock apart)
-// and c < cols, K in place (rows k_row apart). The tail of each dot product is in lanes too: scalar
-// code, which the compiler fuses for one dtype and not another, would round differently for
-// float32 and for float16 or bfloat16 keys.
+// and c < cols, K in place (rows k_row apart); with add, scores[r][c] += that. The tail of each dot
+// product is in lanes too: scalar code, which the compiler fuses for one dtype and not another, would
+// round differently for float32 and for float16 or bfloat16 keys.
 template <CpuCapability isa, int Rows, typename T>
 GF_CPU_INLINE void key_dot_rows(const float* q, int64_t q_row, const T* k, int64_t k_row, int64_t cols, int64_t dim,
-                                float scale, float* scores) {
+                                float scale, float* scores, bool add) {
   const int64_t whole = dim / kCols * kCols, tail = dim - whole;
   Floats<isa> q_tail[Rows];
   for (int r = 0; r < Rows; ++r) q_tail[r] = load_partial<isa>(q + r * q_row + whole, tail);
@@ -244,24 +244,27 @@ GF_CPU_INLINE void key_dot_rows(const float* q, int64_t q_row, const T* k, int64
       const Floats<isa> key = load_partial<isa>(k_c + whole, tail);
       for (int r = 0; r < Rows; ++r) lanes[r] += q_tail[r] * key;
     }
-    for (int r = 0; r < Rows; ++r) scores[r * kKeyBlock + c] = scale * reduce_lanes(lanes[r], AddLanes());
+    for (int r = 0; r < Rows; ++r) {
+      const float dot = scale * reduce_lanes(lanes[r], AddLanes());
+      scores[r * kKeyBlock + c] = add ? scores[r * kKeyBlock + c] + dot : dot;
+    }
   }
 }
 
-// scores[r][c] = scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
+// scores[r][c] (+)= scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
 template <CpuCapability isa, typename T>
 GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
-                                int64_t cols, int64_t dim, float scale, float* scores) {
+                                int64_t cols, int64_t dim, float scale, float* scores, bool add) {
   constexpr int kRows = kInPlaceRows<isa>;
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    key_dot_rows<isa, kRows>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+    key_dot_rows<isa, kRows>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
   }
   if (kRows > 2 && r + 2 <= rows) {
-    key_dot_rows<isa, 2>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+    key_dot_rows<isa, 2>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
     r += 2;
   }
-  if (r < rows) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+  if (r < rows) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
 }
 GF_CPU_DISPATCH(key_dots)
 
@@ -702,7 +705,15 @@ template <typename T>
 void run_key_dots(const KeyRuns<T>& runs, const float* q, int64_t q_row, int64_t rows, int64_t dim, float scale,
                   float* scores) {
   for (int i = 0; i < runs.count; ++i) {
-    key_dots(q, q_row, rows, runs.rows[i].k, runs.rows[i].k_row, runs.n[i], dim, scale, scores + runs.c[i]);
+    key_dots(q, q_row, rows, runs.rows[i].k, runs.rows[i].k_row, runs.n[i], dim, scale, scores + runs.c[i], false);
+  }
+}
+// The scores' qv part: scale * qv_r . v_c added, V read in place as run_key_dots reads K.
+template <typename T>
+void run_value_dots(const KeyRuns<T>& runs, const float* qv, int64_t qv_row, int64_t rows, int64_t v_dim, float scale,
+                    float* scores) {
+  for (int i = 0; i < runs.count; ++i) {
+    key_dots(qv, qv_row, rows, runs.rows[i].v, runs.rows[i].v_row, runs.n[i], v_dim, scale, scores + runs.c[i], true);
   }
 }
 template <typename T>
@@ -858,6 +869,10 @@ void stacked_heads_step(const AttentionParams& p, const KeysValues<T>& kv, const
   const int64_t v_pad = padded_to(p.v_dim, kCols), hk = h0 / (p.heads / p.kv_heads);
   const KeyRuns<T> runs = key_runs(p, kv, seq, b, hk, j0, cols, w.gathered);
   run_key_dots(runs, p.q + attention_q_at(p, seq, b, h0, i0), p.q_stride[1], heads, p.dim, p.scale, w.scores.data());
+  if (p.qv != nullptr) {
+    run_value_dots(runs, p.qv + attention_qv_at(p, seq, b, h0, i0), p.qv_stride[1], heads, p.v_dim, p.scale,
+                   w.scores.data());
+  }
   for (int64_t e = 0; e < heads; ++e) {
     block_probabilities(p, seq, seed, offset, b, h0 + e, e, i0, 1, j0, cols, w.scores.data() + e * kKeyBlock, w);
   }
@@ -919,7 +934,9 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
       stacked_heads_step(p, kv, seq, seed, offset, b, h0, heads, i0, j0, cols, w);
       continue;
     }
-    const KeyRuns<T> runs = k_panel == nullptr ? key_runs(p, kv, seq, b, hk, j0, cols, w.gathered) : KeyRuns<T>{};
+    // In place: K and V for the products, or V for qv's part of the scores beside the panels'.
+    const KeyRuns<T> runs = k_panel == nullptr || p.qv != nullptr ? key_runs(p, kv, seq, b, hk, j0, cols, w.gathered)
+                                                                  : KeyRuns<T>{};
     for (int64_t e = 0; e < heads; ++e) {
       if (!w.seen[e]) continue;
       const int64_t h = h0 + e;
@@ -930,6 +947,10 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
         scores_from_panel(p, kv, q, e, rows, k_panel, block_width(cols), w);
       } else {
         run_key_dots(runs, q, p.q_stride[2], rows, p.dim, p.scale, w.scores.data());
+      }
+      if (p.qv != nullptr) {
+        run_value_dots(runs, p.qv + attention_qv_at(p, seq, b, h, i0), p.qv_stride[2], rows, p.v_dim, p.scale,
+                       w.scores.data());
       }
       block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
       if (v_panel != nullptr) {
@@ -1370,6 +1391,7 @@ std::tuple<at::Tensor, at::Tensor> forward(AttentionTensors t, at::ScalarType dt
                                            int64_t offset) {
   check_attention_options(scale, softcap, dropout_p, t.block_table.defined());
   t.q = t.q.to(at::kFloat);  // read a block at a time by every key block: widened once
+  if (t.qv.defined()) t.qv = t.qv.to(at::kFloat);
   const bool varlen = t.cu_seqlens_q.defined();
   std::vector<int64_t> o_shape(t.q.sizes().begin(), t.q.sizes().end());
   o_shape.back() = t.v.size(-1);
@@ -1621,10 +1643,12 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& qv) {
   AttentionTensors t = prepare_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           alibi_slopes, seqused_k, block_table, /*as_float=*/false);
   set_attention_sinks(kAttentionVarlenOp, t, sinks, q.size(1), q);
+  set_attention_qv(kAttentionVarlenOp, t, qv, q, v);
   return forward(std::move(t), q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p, seed, offset);
 }
 

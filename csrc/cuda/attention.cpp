@@ -277,7 +277,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool /*deterministic*/, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& qv) {
+  TORCH_CHECK(!qv, kAttentionVarlenOp,
+              ": the CUDA kernels take no qv; genfast.attention_varlen runs it on Triton's forward, or as attention "
+              "of cat(q, qv) over cat(k, v)");
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 alibi_slopes, seqused_k, block_table, /*as_float=*/false);

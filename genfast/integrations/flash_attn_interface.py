@@ -22,11 +22,12 @@ cache through page_table; and FlashAttention 3's own:
   own, so it has a backward (FlashAttention 3's has none); with a KV cache, each chunk's keys read
   in place through a block table (a paged cache's pages where the chunk holds whole pages);
 - qv (multi-head latent attention's absorbed form): the scores q k^T + qv v^T, softmax_scale by
-  default (head_dim + head_dim_v) ** -0.5 (genfast.attention_varlen's qv). Without gradients, on a
-  GPU Triton's forward reads qv and the cache in place, head dims up to 512 each (DeepSeek's 64 +
-  512 decode so); the CPU, and a call asking for gradients (which qv gets too; FlashAttention 3
-  gives it none), compute attention of cat(q, qv) over cat(k, v), a copy of both (with a KV cache,
-  of the caches, each call), whose head dim head_dim + head_dim_v is at most 512 on a GPU;
+  default (head_dim + head_dim_v) ** -0.5 (genfast.attention_varlen's qv). Without gradients the
+  CPU's forward and, on a GPU, Triton's read qv and the cache in place, head dims up to 512 each
+  on a GPU (DeepSeek's 64 + 512 decode so); a call asking for gradients (which qv gets too;
+  FlashAttention 3 gives it none) computes attention of cat(q, qv) over cat(k, v), a copy of both
+  (with a KV cache, of the caches, each call), whose head dim head_dim + head_dim_v Triton takes up
+  to 512 (past it, "auto" runs the reference, unfused);
 - flash_attn_with_kvcache's cu_seqlens_q (queries packed without padding) and cu_seqlens_k_new
   (new keys and values packed so, written by indexed copies), rotary_seqlens and page_table;
 - fp8: float8_e4m3fn q, k, v (and qv, and a cache of it) with q_descale, k_descale and v_descale,

@@ -1,6 +1,7 @@
 // Scaled-dot-product attention (genfast/reference/attention.py): per batch b and query head h,
 // with kv head h / (heads / kv_heads),
-//   s_ij = scale q_i . k_j;  s = softcap tanh(s / softcap);  s -= slope_h |i + Lk - Lq - j|;
+//   s_ij = scale q_i . k_j (or scale (q_i . k_j + qv_i . v_j): qv);  s = softcap tanh(s / softcap);
+//   s -= slope_h |i + Lk - Lq - j|;
 //   s += bias_ij or s = -inf where a bool mask is false;  s = -inf unless i + band_lo <= j <= i + band_hi;
 //   o_i = sum_j dropout(softmax(s_i))_j v_j;  lse_i = logsumexp_j s_ij
 // A row masking every key gives o = 0 and lse = -inf. With attention sinks (sinks, one logit per query
@@ -58,6 +59,8 @@ struct AttentionParams {
   const float* alibi_slopes;  // (heads) or (batch, heads), or null
   int64_t alibi_batch_stride;
   const float* sinks;         // (heads), or null: no attention sink
+  const float* qv;            // varlen (total_q, heads, v_dim), or null: the scores are scale (q k^T + qv v^T)
+  int64_t qv_stride[3];
   float scale, softcap;  // softcap 0: none
   int64_t band_lo, band_hi;
   float dropout_p;
@@ -124,10 +127,14 @@ GF_HOST_DEVICE_INLINE int64_t attention_lse_rows(const AttentionParams& p) {
   return p.cu_seqlens_q == nullptr ? p.batch * p.heads * p.q_len : p.heads * p.total_q;
 }
 
-// The element offsets of sequence b's query i, head h in q (and of key j, kv head hk in k, v).
+// The element offsets of sequence b's query i, head h in q and qv (and of key j, kv head hk in k, v).
 GF_HOST_DEVICE_INLINE int64_t attention_q_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
                                              int64_t h, int64_t i) {
   return b * p.q_stride[0] + h * p.q_stride[1] + (s.q_start + i) * p.q_stride[2];
+}
+GF_HOST_DEVICE_INLINE int64_t attention_qv_at(const AttentionParams& p, const AttentionSequence& s, int64_t b,
+                                              int64_t h, int64_t i) {
+  return b * p.qv_stride[0] + h * p.qv_stride[1] + (s.q_start + i) * p.qv_stride[2];
 }
 // Where key j of a paged sequence lies, head 0's, in a tensor of strides `stride`: `pages` is the
 // sequence's row of the block table. In 32 bits (j and page_size are below 2^31, which the host
