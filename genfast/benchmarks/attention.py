@@ -47,6 +47,10 @@ DECODE_CONFIGS = {"cpu": (1, 32, 8, 4096, 128), "cuda": (16, 32, 8, 8192, 128)}
 # sequences hold from an eighth of the cache to all of it (CACHE_DECODE_USED).
 CACHE_DECODE_CONFIGS = {"cpu": (4, 32, 8, 2048, 128), "cuda": (16, 32, 8, 8192, 128)}
 CACHE_DECODE_USED = [1.0, 0.125, 0.5, 0.3, 0.8, 0.2, 0.65, 0.4]
+# Multi-head latent attention's decoding (DeepSeek V3's, its 128 heads over 8 GPUs): (batch, heads,
+# cache length, rope dim, latent dim), one kv head, a padded cache whose sequences hold
+# CACHE_DECODE_USED of it.
+MLA_DECODE_CONFIGS = {"cpu": (4, 16, 2048, 64, 512), "cuda": (32, 16, 8192, 64, 512)}
 CACHE_PAGE_SIZES = (256, 16)  # the same cache in pages of these many keys, shuffled (vLLM's layout; 16 its default)
 # One layer's attention in a step of transformers' continuous batching (generate_batch): decoding
 # sequences (one new token each, against these many keys) beside the chunk of a prompt (its new
@@ -137,7 +141,7 @@ def _runs(fn) -> bool:
     try:
         fn()
         return True
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False
 
 
@@ -264,6 +268,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             rows += _decode_rows(device, dtype, gemm, quick, say)
             rows += _cache_decode_rows(device, dtype, gemm, quick, say)
             rows += _kvcache_step_rows(device, dtype, gemm, quick, say)
+            rows += _mla_decode_rows(device, dtype, gemm, quick, say)
             if not quick:
                 rows += _continuous_batching_rows(device, dtype, gemm, quick, say)
                 rows += _generate_batch_rows(device, dtype, gemm, quick, say)
@@ -626,6 +631,61 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
                                                 [(name, torch.no_grad()(fn)) for name, fn in usable])}
     config = f"B={batch} H={heads} H_kv={kv_heads} Lk={length} used={'/'.join(map(str, used))} D={dim}"
     return time_groups("attention", device, dtype, config, kv_heads * sum(used) * dim, groups, gemm, quick, say)
+
+
+def _mla_decode_rows(device, dtype, gemm, quick, say):
+    """A decoding step of multi-head latent attention (MLA_DECODE_CONFIGS), its cache laid out as
+    vLLM lays it out: each key's latent row (which is also its value) and rope row side by side, one
+    row of latent + rope channels. attention_varlen with qv (the absorbed latent query over the
+    latent rows, q over the rope rows, both read in place where the backend takes qv) and seqused_k,
+    against attention over the whole rows as keys (of head dim latent + rope) with the latent rows as
+    values (what a model runs without qv: each step's query concatenated, the cache read in place):
+    attention_varlen, SDPA and the eager reference (a padding mask); the same with the latent and
+    rope rows concatenated each step (a model whose two caches lie apart; genfast's qv until it read
+    qv in place); FlashAttention 3's flash_attn_with_kvcache with qv where installed."""
+    batch, heads, length, dim, v_dim = MLA_DECODE_CONFIGS.get(device, MLA_DECODE_CONFIGS["cpu"])
+    used = [max(1, int(length * CACHE_DECODE_USED[n % len(CACHE_DECODE_USED)])) for n in range(batch)]
+    g = torch.Generator().manual_seed(0)
+    q, qv = (torch.randn(batch, heads, d, generator=g).to(device=device, dtype=dtype) for d in (dim, v_dim))
+    cache = torch.randn(batch, length, 1, v_dim + dim, generator=g).to(device=device, dtype=dtype)
+    latent, rope = cache[..., :v_dim], cache[..., v_dim:]
+    cu_q = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    seqused_k = torch.tensor(used, device=device, dtype=torch.int32)
+    scale = (dim + v_dim) ** -0.5
+    common = dict(scale=scale, causal="bottom_right", seqused_k=seqused_k)
+    mask = (torch.arange(length, device=device)[None, :] < seqused_k[:, None])[:, None, None, :]
+
+    def absorbed(impl):
+        return lambda: attention_varlen(q, rope.flatten(0, 1), latent.flatten(0, 1), cu_q, cu_q * length, 1, length,
+                                        qv=qv, impl=impl, **common)
+
+    def whole_rows(impl):
+        return lambda: attention_varlen(torch.cat((qv, q), -1), cache.flatten(0, 1), latent.flatten(0, 1), cu_q,
+                                        cu_q * length, 1, length, impl=impl, **common)
+
+    def concatenated(impl):
+        return lambda: attention_varlen(torch.cat((qv, q), -1), torch.cat((latent, rope), -1).flatten(0, 1),
+                                        latent.flatten(0, 1), cu_q, cu_q * length, 1, length, impl=impl, **common)
+
+    def dense_whole_rows(fn):
+        return lambda: fn(torch.cat((qv, q), -1)[:, :, None], cache.transpose(1, 2), latent.transpose(1, 2), mask)
+
+    candidates = [(f"genfast {impl} qv", absorbed(impl)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} whole rows", whole_rows(impl)) for impl in fused_impls(device)]
+    candidates += [(f"genfast {impl} concatenated", concatenated(impl)) for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name} whole rows",
+                    dense_whole_rows(_sdpa(backend, "attn_mask", enable_gqa=True, scale=scale)))
+                   for name, backend in SDPA_BACKENDS.get(device, [])]
+    candidates += [("eager reference", dense_whole_rows(
+        lambda q4, k4, v4, m: reference.attention(q4, k4, v4, m, enable_gqa=True, scale=scale)))]
+    candidates += [(f"{name} qv", lambda fn=fn: fn(q[:, None], rope, latent, qv=qv[:, None], cache_seqlens=seqused_k,
+                                                   softmax_scale=scale))
+                   for name, fn in flash_attention_kvcache_peers(device) if name == "FlashAttention-3"]
+    usable = [(name, fn) for name, fn in candidates if _runs(fn)]
+    groups = {"attention MLA decode": (2 * heads * (dim + 2 * v_dim) * sum(used),
+                                       [(name, torch.no_grad()(fn)) for name, fn in usable])}
+    config = f"B={batch} H={heads} H_kv=1 Lk={length} used={'/'.join(map(str, used))} D={dim} Dv={v_dim}"
+    return time_groups("attention", device, dtype, config, sum(used) * (dim + v_dim), groups, gemm, quick, say)
 
 
 def flash_attention_kvcache_peers(device: str):
