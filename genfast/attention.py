@@ -359,8 +359,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     qv) over keys cat(k, v), scale (D + Dv)^-1/2 by default. Where no gradient is asked, Triton's
     forward and the CPU's read qv and score it against the values they read anyway, copying nothing
     ("auto" takes Triton on a GPU); the CUDA kernels and gradients take that concatenation, a copy
-    of q, qv, k and v (of the whole cache, with one). Under torch.autocast, q, k, v (and qv) are cast to its dtype, as
-    genfast.attention's."""
+    of q, qv, k and v (of the whole cache, with one). Under torch.autocast, q, k, v (and qv) are
+    cast to its dtype, as genfast.attention's."""
     q, k, v, qv = _autocast_inputs(q, k, v, qv)
     qs, vs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
                            window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)

@@ -97,11 +97,12 @@ def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
     sinks, seqused_k, block_table, qv = (options[_VARLEN_SINKS_OPTION:] + [None] * 4)[:4]
-    for t, what in ((block_table, "a paged KV cache (block_table)"), (qv, "qv")):
+    for t, what, hint in ((block_table, "a paged KV cache (block_table)", ""),
+                          (qv, "qv", " (genfast.attention_varlen gives qv gradients through the concatenation it "
+                                     "stands for)")):
         if t is not None:
             raise RuntimeError(f"genfast.attention_varlen_forward: {what} serves inference and has no backward here; "
-                               "call it under torch.no_grad() or with inputs that do not require grad (genfast."
-                               "attention_varlen gives qv gradients through the concatenation it stands for)")
+                               f"call it under torch.no_grad() or with inputs that do not require grad{hint}")
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k)
     ctx.options = (max_seqlen_q, max_seqlen_k)
     ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
