@@ -102,8 +102,8 @@ def main(argv=None):
     from genfast.kernels import attention
 
     bucket = attention._bucket(triton.next_power_of_2(max(args.head_dim, 16)))
-    first = attention._gpu_blocks(args.kernel != "forward", bucket, args.arch == 90, args.dtype == "fp32",
-                                  "HAS_QV=True" in args.set)[0]
+    qv = any(item.split("=", 1)[0] == "HAS_QV" and item.split("=", 1)[1] in ("1", "True") for item in args.set)
+    first = attention._gpu_blocks(args.kernel != "forward", bucket, args.arch == 90, args.dtype == "fp32", qv)[0]
     block = args.block or first[:2]
     warps, stages = args.warps or first[2], args.stages or first[3]
     compiled = compile_kernel(args.kernel, args.dtype, args.head_dim, block, warps, stages, args.arch, args.set)

@@ -29,6 +29,12 @@ def packed_inputs(lengths_q, lengths_k, heads=4, kv_heads=2, dim=16, v_dim=32, d
     return [t.to(dtype) for t in (q, k, v, qv)], cu_q, cu_k
 
 
+def _layouts(qv):
+    """qv (total, heads, Dv) with its rows and heads apart in other strides: a slice of wider rows,
+    and heads-major."""
+    return torch.cat((qv, qv), -1)[..., :qv.shape[-1]], qv.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def _compare(impl, q, k, v, qv, cu_q, cu_k, max_q, max_k, **options):
     """o and lse against the reference in float64 and in the inputs' dtype (error-ratio rule)."""
     with torch.no_grad():
@@ -154,7 +160,12 @@ def test_decoding_with_many_heads_on_one_kv_head(dtype, impl):
     skip_unless_supported(impl, "cpu", dtype)
     (q, k, v, qv), cu_q, cu_k = packed_inputs([1, 1, 1], [700, 130, 257], heads=16, kv_heads=1, dim=8, v_dim=64,
                                               dtype=dtype, seed=5)
-    _compare(impl, q, k, v, qv, cu_q, cu_k, 1, 700, causal="bottom_right")
+    o, _ = _compare(impl, q, k, v, qv, cu_q, cu_k, 1, 700, causal="bottom_right")
+    # qv's rows and heads apart as other layouts lay them: the same result, bit for bit.
+    for layout in _layouts(qv):
+        with torch.no_grad():
+            again = genfast.attention_varlen(q, k, v, cu_q, cu_k, 1, 700, qv=layout, impl=impl, causal="bottom_right")
+        assert torch.equal(again, o)
 
 
 @pytest.mark.parametrize("impl", fused_impls())
@@ -228,7 +239,8 @@ def test_gradients_match_reference(impl):
 
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])
 def test_empty_nan_and_non_contiguous(impl):
-    """No queries; NaN in one query's qv reaches its row alone; qv a strided slice."""
+    """No queries; NaN in one query's qv reaches its row alone; qv a strided slice, a slice of wider
+    rows, heads-major."""
     skip_unless_runs(impl, "cpu")
     (q, k, v, qv), cu_q, cu_k = packed_inputs([3, 4], [5, 9])
     empty = genfast.attention_varlen(q[:0], k, v, torch.zeros(3, dtype=torch.int32), cu_k, 0, 9, qv=qv[:0],
@@ -241,11 +253,12 @@ def test_empty_nan_and_non_contiguous(impl):
         clean = genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=qv, impl=impl)
         strided = torch.randn(qv.shape[0], qv.shape[1], 2 * qv.shape[2])[..., ::2]
         strided.copy_(qv)
-        again = genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=strided, impl=impl)
+        again = [genfast.attention_varlen(q, k, v, cu_q, cu_k, 4, 9, qv=t, impl=impl) for t in (strided, *_layouts(qv))]
     assert o[4, 1].isnan().all()
     nan_rows = o.isnan().any(-1)
     assert nan_rows.sum() == 1 and torch.equal(o[~nan_rows], clean[~nan_rows])
-    torch.testing.assert_close(again, clean, rtol=0, atol=0)
+    for result in again:
+        torch.testing.assert_close(result, clean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("impl", ["native", pytest.param("triton", marks=pytest.mark.triton), "reference"])
@@ -292,6 +305,7 @@ def test_opcheck_and_compile(impl):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 def test_deepseek_decoding_on_a_gpu_without_synchronising():
     """DeepSeek's 64 + 512 (past the head dims any concatenation could take on a GPU) with 16 query
     heads on one kv head, from a paged cache of vLLM's 16-key pages, under torch's sync debug mode,
@@ -320,6 +334,7 @@ def test_deepseek_decoding_on_a_gpu_without_synchronising():
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 def test_auto_reads_qv_in_place_on_a_gpu(monkeypatch):
     """Where the CUDA kernels could run the concatenation (64 + 128, bfloat16), "auto" takes Triton's
     forward, which reads qv in place: nothing is concatenated."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..attention import attention, attention_varlen
+from ..attention import FUSED_MAX_HEAD_DIM, attention, attention_varlen
 from ..reference import attention as reference
 from .compute import gemm_gflops, time_groups
 from .elementwise import fused_impls
@@ -141,7 +141,7 @@ def _runs(fn) -> bool:
     try:
         fn()
         return True
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
@@ -640,9 +640,11 @@ def _mla_decode_rows(device, dtype, gemm, quick, say):
     latent rows, q over the rope rows, both read in place where the backend takes qv) and seqused_k,
     against attention over the whole rows as keys (of head dim latent + rope) with the latent rows as
     values (what a model runs without qv: each step's query concatenated, the cache read in place):
-    attention_varlen, SDPA and the eager reference (a padding mask); the same with the latent and
-    rope rows concatenated each step (a model whose two caches lie apart; genfast's qv until it read
-    qv in place); FlashAttention 3's flash_attn_with_kvcache with qv where installed."""
+    attention_varlen, and SDPA and the eager reference with the heads as the one kv head's queries
+    (no copy of the cache per head) and a padding mask; attention_varlen with the latent and rope
+    rows concatenated each step (a model whose two caches lie apart; genfast's qv until it read qv in
+    place); FlashAttention 3's flash_attn_with_kvcache with qv where installed. On a GPU genfast's
+    kernels take no head dim of latent + rope past 512 (DeepSeek's 576): qv alone runs there."""
     batch, heads, length, dim, v_dim = MLA_DECODE_CONFIGS.get(device, MLA_DECODE_CONFIGS["cpu"])
     used = [max(1, int(length * CACHE_DECODE_USED[n % len(CACHE_DECODE_USED)])) for n in range(batch)]
     g = torch.Generator().manual_seed(0)
@@ -668,16 +670,16 @@ def _mla_decode_rows(device, dtype, gemm, quick, say):
                                         latent.flatten(0, 1), cu_q, cu_q * length, 1, length, impl=impl, **common)
 
     def dense_whole_rows(fn):
-        return lambda: fn(torch.cat((qv, q), -1)[:, :, None], cache.transpose(1, 2), latent.transpose(1, 2), mask)
+        return lambda: fn(torch.cat((qv, q), -1)[:, None], cache.transpose(1, 2), latent.transpose(1, 2), mask)
 
     candidates = [(f"genfast {impl} qv", absorbed(impl)) for impl in fused_impls(device)]
-    candidates += [(f"genfast {impl} whole rows", whole_rows(impl)) for impl in fused_impls(device)]
-    candidates += [(f"genfast {impl} concatenated", concatenated(impl)) for impl in fused_impls(device)]
-    candidates += [(f"torch SDPA {name} whole rows",
-                    dense_whole_rows(_sdpa(backend, "attn_mask", enable_gqa=True, scale=scale)))
+    if device != "cuda" or dim + v_dim <= FUSED_MAX_HEAD_DIM:
+        candidates += [(f"genfast {impl} whole rows", whole_rows(impl)) for impl in fused_impls(device)]
+        candidates += [(f"genfast {impl} concatenated", concatenated(impl)) for impl in fused_impls(device)]
+    candidates += [(f"torch SDPA {name} whole rows", dense_whole_rows(_sdpa(backend, "attn_mask", scale=scale)))
                    for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [("eager reference", dense_whole_rows(
-        lambda q4, k4, v4, m: reference.attention(q4, k4, v4, m, enable_gqa=True, scale=scale)))]
+        lambda q4, k4, v4, m: reference.attention(q4, k4, v4, m, scale=scale)))]
     candidates += [(f"{name} qv", lambda fn=fn: fn(q[:, None], rope, latent, qv=qv[:, None], cache_seqlens=seqused_k,
                                                    softmax_scale=scale))
                    for name, fn in flash_attention_kvcache_peers(device) if name == "FlashAttention-3"]
