@@ -224,12 +224,13 @@ template <CpuCapability isa>
 constexpr int kInPlaceRows = isa == CpuCapability::kDefault ? 2 : 4;
 
 // scores[r][c] = scale * q_r . k_c for r < Rows (q rows q_row apart; scores rows kKeyBlock apart)
-// and c < cols, K in place (rows k_row apart); with add, scores[r][c] += that. The tail of each dot
-// product is in lanes too: scalar code, which the compiler fuses for one dtype and not another, would
-// round differently for float32 and for float16 or bfloat16 keys.
-template <CpuCapability isa, int Rows, typename T>
+// and c < cols, K in place (rows k_row apart); with Add, scores[r][c] += that (a template argument:
+// the products without it compile as they did before it). The tail of each dot product is in lanes
+// too: scalar code, which the compiler fuses for one dtype and not another, would round differently
+// for float32 and for float16 or bfloat16 keys.
+template <CpuCapability isa, int Rows, bool Add, typename T>
 GF_CPU_INLINE void key_dot_rows(const float* q, int64_t q_row, const T* k, int64_t k_row, int64_t cols, int64_t dim,
-                                float scale, float* scores, bool add) {
+                                float scale, float* scores) {
   const int64_t whole = dim / kCols * kCols, tail = dim - whole;
   Floats<isa> q_tail[Rows];
   for (int r = 0; r < Rows; ++r) q_tail[r] = load_partial<isa>(q + r * q_row + whole, tail);
@@ -246,25 +247,38 @@ GF_CPU_INLINE void key_dot_rows(const float* q, int64_t q_row, const T* k, int64
     }
     for (int r = 0; r < Rows; ++r) {
       const float dot = scale * reduce_lanes(lanes[r], AddLanes());
-      scores[r * kKeyBlock + c] = add ? scores[r * kKeyBlock + c] + dot : dot;
+      if constexpr (Add) {
+        scores[r * kKeyBlock + c] += dot;
+      } else {
+        scores[r * kKeyBlock + c] = dot;
+      }
     }
   }
 }
 
 // scores[r][c] (+)= scale * q_r . k_c for r < rows, c < cols, with K in place (rows k_row apart).
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
-                                int64_t cols, int64_t dim, float scale, float* scores, bool add) {
+template <CpuCapability isa, bool Add, typename T>
+GF_CPU_INLINE void key_dots_rows_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
+                                     int64_t cols, int64_t dim, float scale, float* scores) {
   constexpr int kRows = kInPlaceRows<isa>;
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    key_dot_rows<isa, kRows>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
+    key_dot_rows<isa, kRows, Add>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
   }
   if (kRows > 2 && r + 2 <= rows) {
-    key_dot_rows<isa, 2>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
+    key_dot_rows<isa, 2, Add>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
     r += 2;
   }
-  if (r < rows) key_dot_rows<isa, 1>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock, add);
+  if (r < rows) key_dot_rows<isa, 1, Add>(q + r * q_row, q_row, k, k_row, cols, dim, scale, scores + r * kKeyBlock);
+}
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void key_dots_for(const float* q, int64_t q_row, int64_t rows, const T* k, int64_t k_row,
+                                int64_t cols, int64_t dim, float scale, float* scores, bool add) {
+  if (add) {
+    key_dots_rows_for<isa, true>(q, q_row, rows, k, k_row, cols, dim, scale, scores);
+  } else {
+    key_dots_rows_for<isa, false>(q, q_row, rows, k, k_row, cols, dim, scale, scores);
+  }
 }
 GF_CPU_DISPATCH(key_dots)
 
