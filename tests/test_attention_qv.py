@@ -100,16 +100,7 @@ def test_paged_options_match_reference(options, impl):
     skip_unless_supported(impl, "cpu")
     q, k, v, cu_q, cu_k, max_q, max_k, table = paged_inputs(LENGTHS_Q, LENGTHS_K, v_dim=32, seed=3)
     qv = torch.randn(q.shape[0], q.shape[1], 32, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, qv=qv, block_table=table, impl=impl,
-                                          return_lse=True, **options)
-    exact, low = (varlen_attention(*(t.to(d) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(d), block_table=table,
-                                   enable_gqa=True, return_lse=True,
-                                   **{key: val.to(d) if isinstance(val, torch.Tensor) and val.is_floating_point()
-                                      else val for key, val in options.items()})
-                  for d in (torch.float64, torch.float32))
-    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
-        assert_error_ratio(got, e, lo, ratio=2.0, msg=name)
+    _compare(impl, q, k, v, qv, cu_q, cu_k, max_q, max_k, block_table=table, **options)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 48])
@@ -120,14 +111,7 @@ def test_small_pages(page_size, impl):
     q, k, v, cu_q, cu_k, max_q, max_k, table = paged_inputs([2, 1, 17], [130, 7, 60], page_size=page_size, v_dim=24,
                                                             seed=12)
     qv = torch.randn(q.shape[0], q.shape[1], 24, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, qv=qv, block_table=table, impl=impl,
-                                          causal="bottom_right", return_lse=True)
-    exact, low = (varlen_attention(*(t.to(d) for t in (q, k, v)), cu_q, cu_k, qv=qv.to(d), block_table=table,
-                                   enable_gqa=True, causal="bottom_right", return_lse=True)
-                  for d in (torch.float64, torch.float32))
-    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
-        assert_error_ratio(got, e, lo, ratio=2.0, msg=name)
+    _compare(impl, q, k, v, qv, cu_q, cu_k, max_q, max_k, block_table=table, causal="bottom_right")
 
 
 @pytest.mark.parametrize("impl", fused_impls())

@@ -661,13 +661,9 @@ def _mla_decode_rows(device, dtype, gemm, quick, say):
         return lambda: attention_varlen(q, rope.flatten(0, 1), latent.flatten(0, 1), cu_q, cu_q * length, 1, length,
                                         qv=qv, impl=impl, **common)
 
-    def whole_rows(impl):
-        return lambda: attention_varlen(torch.cat((qv, q), -1), cache.flatten(0, 1), latent.flatten(0, 1), cu_q,
+    def whole_rows(impl, rows=lambda: cache):  # rows: the keys, made each step
+        return lambda: attention_varlen(torch.cat((qv, q), -1), rows().flatten(0, 1), latent.flatten(0, 1), cu_q,
                                         cu_q * length, 1, length, impl=impl, **common)
-
-    def concatenated(impl):
-        return lambda: attention_varlen(torch.cat((qv, q), -1), torch.cat((latent, rope), -1).flatten(0, 1),
-                                        latent.flatten(0, 1), cu_q, cu_q * length, 1, length, impl=impl, **common)
 
     def dense_whole_rows(fn):
         return lambda: fn(torch.cat((qv, q), -1)[:, None], cache.transpose(1, 2), latent.transpose(1, 2), mask)
@@ -675,7 +671,8 @@ def _mla_decode_rows(device, dtype, gemm, quick, say):
     candidates = [(f"genfast {impl} qv", absorbed(impl)) for impl in fused_impls(device)]
     if device != "cuda" or dim + v_dim <= FUSED_MAX_HEAD_DIM:
         candidates += [(f"genfast {impl} whole rows", whole_rows(impl)) for impl in fused_impls(device)]
-        candidates += [(f"genfast {impl} concatenated", concatenated(impl)) for impl in fused_impls(device)]
+        candidates += [(f"genfast {impl} concatenated", whole_rows(impl, lambda: torch.cat((latent, rope), -1)))
+                       for impl in fused_impls(device)]
     candidates += [(f"torch SDPA {name} whole rows", dense_whole_rows(_sdpa(backend, "attn_mask", scale=scale)))
                    for name, backend in SDPA_BACKENDS.get(device, [])]
     candidates += [("eager reference", dense_whole_rows(

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention_varlen
+from ..ops.attention import check_qv
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
                          _cache_row_indices, _check_dense, _check_kvcache, _index_vector, _options,
@@ -138,13 +139,6 @@ def _check_chunk(attention_chunk) -> int:
     if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, numbers.Integral) or attention_chunk < 0:
         raise ValueError(f"attention_chunk must be an int >= 0 (0: no chunks), got {attention_chunk!r}")
     return int(attention_chunk)
-
-
-def _check_qv(qv, q, v):
-    """qv must be q's shape with v's head dim (a packed q's, or a dense one's)."""
-    if qv is not None and (not isinstance(qv, Tensor) or qv.shape != q.shape[:-1] + v.shape[-1:]):
-        raise ValueError(f"qv must be q's shape with v's head dim, {tuple(q.shape[:-1] + v.shape[-1:])}, got "
-                         f"{tuple(qv.shape) if isinstance(qv, Tensor) else type(qv).__name__}")
 
 
 def _qv_scale(q, qv, softmax_scale):
@@ -290,7 +284,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     (batch, seqlen_k, kv_heads, head_dim[_v]); with return_attn_probs (out, softmax_lse (batch,
     heads, seqlen_q))."""
     _check_dense(q, k, v)
-    _check_qv(qv, q, v)
+    check_qv(qv, q, v)
     chunk = _check_chunk(attention_chunk)
     batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     cu_q = _uniform_cu_seqlens(batch, lq, q.device)
@@ -359,7 +353,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         k, v = k.flatten(0, 1), v.flatten(0, 1)
     used_q, used_k = (None if t is None else _index_tensor(name, t, (batch,), q.device)
                       for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)))
-    _check_qv(qv, q, v)
+    check_qv(qv, q, v)
     o, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), used_q, used_k,
                      softmax_scale, causal, qv, (q_descale, k_descale, v_descale), window_size, attention_chunk,
                      softcap, deterministic, impl)
@@ -514,7 +508,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
             k, v = k.flatten(0, 1), (v.flatten(0, 1) if isinstance(v, Tensor) and v.dim() == 4 else v)
     if packed_new:
         _check_packed_new(k, v, k_cache, v_cache, cu_seqlens_k_new, batch, q.device)
-    _check_qv(qv, q, v_cache)
+    check_qv(qv, q, v_cache)
     held, cache_batch_idx = _cache_rows(batch, q.device, k_cache, k, cache_seqlens, cache_batch_idx, page_table)
     if cache_leftpad is not None:
         cache_leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
