@@ -1039,16 +1039,19 @@ def test_bad_input_names_the_argument():
             torch.ops.genfast.attention_forward(q.detach(), k3, v3, None, None, 1.0, 0.0, 0, 0, 0.0, 0, 0)
 
 
-def test_both_backward_schedules_agree():
-    """One pass per (batch, key head) when there are enough of them for the threads, else a pass
-    per key block and one per query block: the same gradients either way."""
+def test_backward_schedules_agree():
+    """One pass per (batch, key head) when there are enough of them for the threads; else one per
+    chunk of a pair's key blocks, each with its own dQ, summed; else, where there are too few chunks
+    for the threads, a pass per key block and one per query block: the same gradients each way."""
     skip_unless_supported("native", "cpu")
-    q, k, v = _qkv(1, 4, 2, 70, 90, 16, torch.float32)
-    mask = torch.randn(70, 90)
+    q, k, v = _qkv(1, 4, 2, 70, 300, 16, torch.float32)
+    mask = torch.randn(70, 300)
     grads = []
     threads = torch.get_num_threads()
     try:
-        for count in (1, 4):  # 1 x 2 pairs: one pass with one thread, two passes with four
+        # 1 x 2 pairs of 3 key blocks each: one pass a pair on one thread; two chunks a pair (blocks 0
+        # and 2, block 1) on two threads; too few chunks for eight threads.
+        for count in (1, 2, 8):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
             o = genfast.attention(*leaves, dropout_p=0.1, generator=genfast.PhiloxGenerator(1), enable_gqa=True,
@@ -1056,8 +1059,9 @@ def test_both_backward_schedules_agree():
             grads.append(torch.autograd.grad(o.square().sum(), leaves))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _compare_grads(q, k, v, mask, causal="bottom_right")
 
 

@@ -2,13 +2,14 @@
 // block of 128 queries) walks the blocks of 128 keys its band can reach (the last one, or a short
 // sequence's only one, computed as wide as its keys), keeping a running maximum, sum and output per
 // query (online softmax), so that no Lq x Lk matrix is stored; a key block's panels are packed once
-// when several query blocks or heads read them. The backward recomputes the
-// probabilities from the log-sum-exp, without atomics: one pass per (batch, key head) when there
-// are enough of them for the threads, else one pass per block of keys (dK, dV) and one per block of
-// queries (dQ). The products are register-blocked (block_product_rows) over packed panels, except
-// for a few queries (decoding), which read K and V in place. The forward reads a float16 or bfloat16
-// K and V as they are, widening them in the loads that pack or read them (a KV cache is not copied
-// to float32); the backward computes on float32 copies of its inputs.
+// when several query blocks or heads read them. The backward recomputes the probabilities from the
+// log-sum-exp, without atomics: one pass per (batch, key head) when there are enough of them for the
+// threads, else one per chunk of a pair's key blocks, each with its own dQ accumulators (summed
+// afterwards), or where those would take too much memory, one pass per block of keys (dK, dV) and
+// one per block of queries (dQ). The products are register-blocked (block_product_rows) over packed
+// panels, except for a few queries (decoding), which read K and V in place. The forward reads a
+// float16 or bfloat16 K and V as they are, widening them in the loads that pack or read them (a KV
+// cache is not copied to float32); the backward computes on float32 copies of its inputs.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -1277,6 +1278,15 @@ void load_key_panels(const AttentionParams& p, const AttentionGrads& g, const At
   pack_transposed(p.v + v_at, p.v_stride[2], cols, p.v_dim, w.vt_panel.data(), width);
 }
 
+// sum[c] += x[c] for c < n, a multiple of kCols.
+template <CpuCapability isa>
+GF_CPU_INLINE void add_to_sum_for(const float* __restrict x, int64_t n, float* __restrict sum) {
+  for (int64_t c = 0; c < n; c += kCols) {
+    store16(sum + c, load16<kVectorLanes<isa>>(sum + c) + load16<kVectorLanes<isa>>(x + c));
+  }
+}
+GF_CPU_DISPATCH(add_to_sum)
+
 // grad_q's rows i0 .. i0 + rows of head h from accumulators rows x d_pad.
 void copy_grad_q(const AttentionParams& p, const AttentionSequence& seq, const AttentionGrads& g, int64_t h, int64_t i0,
                  int64_t rows, const float* acc) {
@@ -1355,24 +1365,51 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
 }
 
+// At most this many floats (256 MiB) of dQ accumulators for the chunks of key blocks, or twice dQ's
+// floats where that is more; past it the backward recomputes the scores for dQ instead.
+constexpr int64_t kChunkedGradQBudget = int64_t{64} << 20;
+
+// How many chunks each (batch, key head) pair's key blocks are dealt out in, each chunk a task with its
+// own dQ accumulators (the pair's group of heads, q_len x d_pad each), summed afterwards: one when
+// there are enough pairs for the threads, else enough for about two tasks a thread, as many as the
+// budget allows; 0 where that is too few tasks for the threads (then dQ is a pass of its own, one
+// product more and the scores recomputed).
+int64_t key_block_chunks(const AttentionParams& p, int64_t k_blocks, int64_t threads) {
+  const int64_t pairs = p.batch * p.kv_heads;
+  if (pairs >= 2 * threads || threads == 1) return 1;
+  const int64_t pair_floats = p.heads / p.kv_heads * p.q_len * padded_to(p.dim, kCols);
+  const int64_t budget = std::max(kChunkedGradQBudget, 2 * pairs * pair_floats);
+  const int64_t chunks =
+      std::min({k_blocks, (2 * threads + pairs - 1) / pairs, budget / std::max<int64_t>(1, pairs * pair_floats)});
+  return pairs * chunks >= threads ? chunks : 0;
+}
+
 void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, bool pairs) {
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   const int64_t d_pad = padded_to(p.dim, kCols);
   const int64_t k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
-  const int64_t group = p.heads / p.kv_heads;
-  if (p.batch * p.kv_heads >= 2 * at::get_num_threads()) {
-    // Enough (batch, key head) pairs to share out: one pass each, its key blocks in order, dQ summed
-    // in the task's own buffer (no recomputation, no atomics).
-    for_task_parts(p.batch * p.kv_heads, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
+  const int64_t group = p.heads / p.kv_heads, kv_pairs = p.batch * p.kv_heads;
+  const int64_t pair_floats = group * p.q_len * d_pad;
+  const int64_t chunks = key_block_chunks(p, k_blocks, at::get_num_threads());
+  // dK and dV of pair `pair`'s key blocks chunk, chunk + chunks, ..., and their part of dQ added to
+  // grad_q (pair_floats, zeroed here). Dealt out a block at a time, so that a causal band's blocks
+  // (more queries each towards one end) spread over the chunks.
+  const auto chunk_grads = [&](int64_t pair, int64_t chunk, int64_t copy, BackwardScratch& scratch, float* grad_q) {
+    std::fill(grad_q, grad_q + pair_floats, 0.0f);
+    for (int64_t block = chunk; block < k_blocks; block += chunks) {
+      key_block_grads(p, g, seed, offset, pair / p.kv_heads, pair % p.kv_heads, block * kKeyBlock, copy, scratch,
+                      grad_q);
+    }
+  };
+  if (chunks == 1) {
+    // Enough (batch, key head) pairs to share out: one pass each, dQ summed in the task's own buffer.
+    for_task_parts(kv_pairs, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
       BackwardScratch scratch(p, pairs);
-      AlignedFloats grad_q(static_cast<size_t>(group * p.q_len * d_pad));
-      for (int64_t task = first; task < last; ++task) {
-        const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
-        std::fill(grad_q.begin(), grad_q.end(), 0.0f);
-        for (int64_t block = 0; block < k_blocks; ++block) {
-          key_block_grads(p, g, seed, offset, b, hk, block * kKeyBlock, copy, scratch, grad_q.data());
-        }
+      AlignedFloats grad_q(static_cast<size_t>(pair_floats));
+      for (int64_t pair = first; pair < last; ++pair) {
+        chunk_grads(pair, 0, copy, scratch, grad_q.data());
+        const int64_t b = pair / p.kv_heads, hk = pair % p.kv_heads;
         const AttentionSequence seq = attention_sequence(p, b);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           copy_grad_q(p, seq, g, h, 0, seq.q_len, grad_q.data() + (h - hk * group) * p.q_len * d_pad);
@@ -1381,8 +1418,36 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
     });
     return;
   }
-  // Otherwise more tasks: dK and dV per block of keys, then dQ per block of queries, recomputing.
-  for_task_parts(p.batch * p.kv_heads * k_blocks, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
+  if (chunks > 1) {
+    // Chunks of each pair's key blocks, each with its own dQ accumulators, summed in chunk order (no
+    // atomics: the bits repeat for a given number of threads, which sets the chunks).
+    const UninitializedFloats partial = uninitialized_floats(static_cast<size_t>(kv_pairs * chunks * pair_floats));
+    for_task_parts(kv_pairs * chunks, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
+      BackwardScratch scratch(p, pairs);
+      for (int64_t task = first; task < last; ++task) {
+        chunk_grads(task / chunks, task % chunks, copy, scratch, partial.get() + task * pair_floats);
+      }
+    });
+    at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t first, int64_t last) {
+      AlignedFloats sum(static_cast<size_t>(kQueryBlock * d_pad));
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t i0 = task % q_blocks * kQueryBlock, bh = task / q_blocks, b = bh / p.heads, h = bh % p.heads;
+        const AttentionSequence seq = attention_sequence(p, b);
+        const int64_t rows = std::min(kQueryBlock, seq.q_len - i0);
+        if (rows <= 0) continue;  // past a packed sequence's end
+        const int64_t pair = b * p.kv_heads + h / group;
+        const float* first_chunk = partial.get() + (pair * chunks * group + h % group) * p.q_len * d_pad + i0 * d_pad;
+        std::copy(first_chunk, first_chunk + rows * d_pad, sum.begin());
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+          add_to_sum(first_chunk + chunk * pair_floats, rows * d_pad, sum.data());
+        }
+        copy_grad_q(p, seq, g, h, i0, rows, sum.data());
+      }
+    });
+    return;
+  }
+  // Otherwise dK and dV per block of keys, then dQ per block of queries, recomputing the scores.
+  for_task_parts(kv_pairs * k_blocks, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
     BackwardScratch scratch(p, pairs);
     for (int64_t task = first; task < last; ++task) {
       const int64_t block = task % k_blocks, bh = task / k_blocks;
