@@ -188,8 +188,9 @@ inline void check_attention_pages(const char* op, const at::Tensor& q, const at:
 // (batch + 1) on q's device, and optionally seqused_k, int32 (batch,): sequence b uses only the first
 // seqused_k[b] keys of its rows (kernels/common/attention.h); or, with block_table, k and v paged
 // (check_attention_pages). Their values are not read here (no device synchronization): cu_seqlens
-// must rise from 0 (to total, unpaged), each step at most max_seqlen, seqused_k[b] lie in 0 ..
-// cu_seqlens_k[b + 1] - cu_seqlens_k[b], and block_table's rows name pages of k for those keys.
+// must rise from 0 (to total, unpaged), each step at most max_seqlen (cu_seqlens_k's unbounded
+// where seqused_k is given, unpaged), seqused_k[b] lie in 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b]
+// and at most max_seqlen_k, and block_table's rows name pages of k for those keys.
 inline AttentionTensors prepare_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,

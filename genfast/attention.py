@@ -338,8 +338,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      block_table: Optional[Tensor] = None, qv: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
-    cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and are not checked on
-    the GPU, which would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
+    cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, with seqused_k
+    max_seqlen_k bounds the keys used, as FlashAttention 3 takes it; not checked on the GPU, which
+    would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
     with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
     window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq); sinks (Hq,). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the

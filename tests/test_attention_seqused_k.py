@@ -81,6 +81,25 @@ def test_equals_the_sequences_packed_without_padding(impl):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
+def test_max_seqlen_k_may_bound_the_keys_used_alone(impl):
+    """max_seqlen_k = max(seqused_k), below the rows of each sequence, as FlashAttention 3 takes it:
+    the o, lse and gradients of max_seqlen_k = the rows. Past the rows' 128-key blocks, so that the
+    CPU's backward counts fewer key blocks by it."""
+    skip_unless_supported(impl, "cpu")
+    used = [117, 0, 125, 1, 12]
+    q, k, v, cu_q, cu_k, mq, mk, seqused_k = cache_inputs(used, LENGTHS_Q, cache=300, unused=3.0)
+    results = []
+    for max_k in (mk, max(used)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, lse = genfast.attention_varlen(*leaves, cu_q, cu_k, mq, max_k, causal="bottom_right", seqused_k=seqused_k,
+                                          return_lse=True, impl=impl)
+        grads = torch.autograd.grad(o.square().sum() + torch.where(lse.isfinite(), lse, 0).sum(), leaves)
+        results.append((o, lse, *grads))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
 def test_sequences_with_no_used_key(impl):
     """o = 0 and lse = -inf, or the sink with sinks."""
     skip_unless_supported(impl, "cpu")
@@ -127,3 +146,5 @@ def test_bad_seqused_k_names_the_argument():
         for bad in ([3, 7], [-1, 5]):
             with pytest.raises(RuntimeError, match=r"seqused_k\[\d\] must be in 0 \.\. 6"):
                 f(q, k, v, cu_q, cu_k, mq, mk, seqused_k=torch.tensor(bad, dtype=torch.int32), impl="native")
+        with pytest.raises(RuntimeError, match=r"seqused_k\[1\] must be at most max_seqlen_k \(4\), got 5"):
+            f(q, k, v, cu_q, cu_k, mq, 4, seqused_k=seqused_k, impl="native")

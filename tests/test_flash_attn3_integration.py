@@ -111,7 +111,8 @@ VARLEN_OPTIONS = [dict(causal=True), dict(), dict(causal=True, window_size=(5, -
 def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
     """Sequences of 5/9, 1/30, 3/4, 17/17, 12/7 and 0/5 queries/keys (more queries than keys in the
     fifth: with chunks, its first rows fall before key 0), with seqused_q and seqused_k shorter than
-    the rows (0 for the third, whose rows are there): out, softmax_lse and the gradients of q, k, v."""
+    the rows (0 for the third, whose rows are there): out, softmax_lse and the gradients of q, k, v.
+    With seqused_k, max_seqlen_k is max(seqused_k), below the rows, as FlashAttention 3 takes it."""
     skip_unless_supported(impl, "cpu")
     lengths_q, lengths_k = [5, 1, 3, 17, 12, 0], [9, 30, 4, 17, 7, 5]
     (q, k, v, _), cu_q, cu_k = _inputs(lengths_q, lengths_k)
@@ -119,8 +120,9 @@ def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
     seqused_k = torch.tensor([9, 20, 0, 13, 5, 4], dtype=torch.int32) if used in ("seqused_k", "both") else None
 
     def run(q, k, v):
-        return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 30, seqused_q=seqused_q, seqused_k=seqused_k,
-                                          return_attn_probs=True, impl=impl, **options)
+        max_k = 30 if seqused_k is None else int(seqused_k.max())
+        return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, max_k, seqused_q=seqused_q,
+                                          seqused_k=seqused_k, return_attn_probs=True, impl=impl, **options)
 
     def reference(q, k, v):
         return _packed_reference(q, k, v, cu_q, cu_k, seqused_q=seqused_q, seqused_k=seqused_k, **options)

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1680,18 +1681,23 @@ AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, co
                                                       max_seqlen_k, alibi_slopes, seqused_k, block_table, as_float);
   const char* op = kAttentionVarlenOp;
   const bool paged = t.block_table.defined();
+  // With seqused_k (unpaged), max_seqlen_k bounds the keys used, as FlashAttention 3 takes it (the
+  // kernels reach no key past them), not the rows holding them.
+  const bool k_rows_bounded = paged || !t.seqused_k.defined();
   for (const auto& [cu, total, most, name] :
        {std::tuple{&t.cu_seqlens_q, t.q.size(0), t.max_seqlen_q, "cu_seqlens_q"},
-        std::tuple{&t.cu_seqlens_k, paged ? int64_t{-1} : t.k.size(0), t.max_seqlen_k, "cu_seqlens_k"}}) {
+        std::tuple{&t.cu_seqlens_k, paged ? int64_t{-1} : t.k.size(0),
+                   k_rows_bounded ? t.max_seqlen_k : std::numeric_limits<int64_t>::max(), "cu_seqlens_k"}}) {
     const int32_t* c = cu->const_data_ptr<int32_t>();
     const int64_t n = cu->size(0);
     // A paged cache's keys are where block_table puts them: cu_seqlens_k gives their counts alone.
     TORCH_CHECK(c[0] == 0 && (total < 0 || c[n - 1] == total), op, ": ", name, " must run from 0",
                 total < 0 ? std::string() : " to " + std::to_string(total), ", got ", c[0], " .. ", c[n - 1]);
     for (int64_t b = 0; b + 1 < n; ++b) {
-      TORCH_CHECK(c[b + 1] >= c[b] && c[b + 1] - c[b] <= most, op, ": ", name,
-                  " must not decrease, by at most max_seqlen (", most, ") a step; sequence ", b, " has length ",
+      TORCH_CHECK(c[b + 1] >= c[b], op, ": ", name, " must not decrease; sequence ", b, " has length ",
                   c[b + 1] - c[b]);
+      TORCH_CHECK(c[b + 1] - c[b] <= most, op, ": ", name, " must rise by at most max_seqlen (", most,
+                  ") a step; sequence ", b, " has length ", c[b + 1] - c[b]);
     }
   }
   if (t.seqused_k.defined()) {
@@ -1699,6 +1705,8 @@ AttentionTensors prepare_varlen_cpu(const at::Tensor& q, const at::Tensor& k, co
     for (int64_t b = 0; b < t.seqused_k.size(0); ++b) {
       TORCH_CHECK(used[b] >= 0 && used[b] <= c[b + 1] - c[b], op, ": seqused_k[", b, "] must be in 0 .. ",
                   c[b + 1] - c[b], " (the rows cu_seqlens_k gives sequence ", b, "), got ", used[b]);
+      TORCH_CHECK(used[b] <= t.max_seqlen_k, op, ": seqused_k[", b, "] must be at most max_seqlen_k (",
+                  t.max_seqlen_k, "), got ", used[b]);
     }
   }
   if (paged) {

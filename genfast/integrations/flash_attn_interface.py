@@ -14,8 +14,9 @@ grouped-query heads, causal masks and windows aligned to the bottom-right corner
 cache through page_table; and FlashAttention 3's own:
 - seqused_q and seqused_k: sequence n uses only its first seqused_q[n] queries and seqused_k[n]
   keys, aligned to each other's last; the rows past seqused_q get out 0 and softmax_lse -inf
-  (FlashAttention 3 leaves them unwritten) and pass no gradient. max_seqlen_q and max_seqlen_k
-  bound the rows of cu_seqlens, not the counts used;
+  (FlashAttention 3 leaves them unwritten) and pass no gradient. max_seqlen_k bounds the keys
+  used, max(seqused_k) as there; max_seqlen_q bounds the rows of cu_seqlens_q, not the counts
+  used (FlashAttention 3 takes max(seqused_q));
 - attention_chunk (Llama 4's chunked attention): a query at bottom-right position p sees only the
   keys of its own chunk, [p - p mod chunk, .. + chunk), as well as its window (none when p < 0).
   Computed exactly as attention over each chunk's queries and keys packed as sequences of their
