@@ -380,7 +380,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                           block_table=block_table, qv=qv)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, scale,
+    # max(seqused_k) is 0 where every sequence's cache is empty; the CUDA kernels' grids come from
+    # max_seqlen_k, and 1 bounds those keys as well.
+    max_seqlen_k = max(int(max_seqlen_k), 1) if seqused_k is not None and block_table is None else int(max_seqlen_k)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), max_seqlen_k, alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
             sinks, seqused_k, block_table)
     op = (torch.ops.genfast.attention_varlen_forward_triton.default if backend == "triton"

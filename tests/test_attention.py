@@ -709,7 +709,7 @@ def test_block_sparse_masks(kind, impl):
     mask = _block_sparse_mask(2, 3, length, length + 50, kind)
     _compare(q, k, v, impl=impl, attn_mask=mask, enable_gqa=True)
     _compare_grads(q, k, v, mask, impl=impl)
-    if impl == "native":  # the backward's other schedule: one pass per (batch, key head) on one thread
+    if impl == "native":  # one pass per (batch, key head) on one thread (BACKWARD_SCHEDULES)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -1039,30 +1039,69 @@ def test_bad_input_names_the_argument():
             torch.ops.genfast.attention_forward(q.detach(), k3, v3, None, None, 1.0, 0.0, 0, 0, 0.0, 0, 0)
 
 
-def test_backward_schedules_agree():
-    """One pass per (batch, key head) when there are enough of them for the threads; else one per
-    chunk of a pair's key blocks, each with its own dQ, summed; else, where there are too few chunks
-    for the threads, a pass per key block and one per query block: the same gradients each way."""
-    skip_unless_supported("native", "cpu")
-    q, k, v = _qkv(1, 4, 2, 70, 300, 16, torch.float32)
-    mask = torch.randn(70, 300)
+# (threads, GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB) that take each of the CPU backward's schedules for
+# the pairs of the tests below: one pass a (batch, key head) pair, on one thread and, by the budget
+# (dQ's own size), on two; chunks of key blocks, on two threads and eight; a pass per key block and
+# one per query block, by the budget on eight.
+BACKWARD_SCHEDULES = ((1, None), (2, "0"), (2, None), (8, None), (8, "0"))
+
+
+def _grads_per_schedule(run, leaves, monkeypatch):
     grads = []
     threads = torch.get_num_threads()
     try:
-        # 1 x 2 pairs of 3 key blocks each: one pass a pair on one thread; two chunks a pair (blocks 0
-        # and 2, block 1) on two threads; too few chunks for eight threads.
-        for count in (1, 2, 8):
+        for count, budget in BACKWARD_SCHEDULES:
             torch.set_num_threads(count)
-            leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
-            o = genfast.attention(*leaves, dropout_p=0.1, generator=genfast.PhiloxGenerator(1), enable_gqa=True,
-                                  causal="bottom_right", impl="native")
-            grads.append(torch.autograd.grad(o.square().sum(), leaves))
+            if budget is None:
+                monkeypatch.delenv("GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB", raising=False)
+            else:
+                monkeypatch.setenv("GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB", budget)
+            copies = [t.clone().requires_grad_() for t in leaves]
+            grads.append(torch.autograd.grad(run(*copies), copies))
     finally:
         torch.set_num_threads(threads)
+    return grads
+
+
+def test_backward_schedules_agree(monkeypatch):
+    """The CPU backward's schedules (BACKWARD_SCHEDULES): the same gradients each way, a mask's too."""
+    skip_unless_supported("native", "cpu")
+    q, k, v = _qkv(1, 4, 2, 70, 300, 16, torch.float32)  # 1 x 2 pairs of 3 key blocks
+    mask = torch.randn(70, 300)
+
+    def run(q, k, v, mask):
+        o = genfast.attention(q, k, v, mask, dropout_p=0.1, generator=genfast.PhiloxGenerator(1), enable_gqa=True,
+                              causal="bottom_right", impl="native")
+        return o.square().sum()
+
+    grads = _grads_per_schedule(run, (q, k, v, mask), monkeypatch)
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _compare_grads(q, k, v, mask, causal="bottom_right")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_schedules_agree_on_packed_sequences(dtype, monkeypatch):
+    """Sequences of 300 and 150 queries and keys packed, two query heads on one key head: dQ summed
+    over chunks past a sequence's first block of queries, and the short one's last chunk past its
+    keys (three chunks a pair on eight threads); bfloat16 on pairs where the CPU has AVX512-BF16."""
+    skip_unless_supported("native", "cpu")
+    cu = torch.tensor([0, 300, 450], dtype=torch.int32)
+    q, k, v = (torch.randn(450, heads, 32).to(dtype) for heads in (2, 1, 1))
+    weights = torch.randn(450, 2, 32)
+
+    def run(q, k, v, impl="native"):
+        o = genfast.attention_varlen(q, k, v, cu, cu, 300, 300, causal="bottom_right", impl=impl)
+        return (o.double() * weights.double()).sum()
+
+    grads = _grads_per_schedule(run, (q, k, v), monkeypatch)
+    exact, low = ([t.to(precision).requires_grad_() for t in (q, k, v)] for precision in (torch.float64, dtype))
+    exact_grads = torch.autograd.grad(run(*exact, impl="reference"), exact)
+    low_grads = torch.autograd.grad(run(*low, impl="reference"), low)
+    for schedule, got in zip(BACKWARD_SCHEDULES, grads):
+        for name, a, e, lo in zip("qkv", got, exact_grads, low_grads):
+            assert_error_ratio(a, e, lo, ratio=3.0, msg=f"grad_{name}, schedule {schedule}")
 
 
 def test_cuda_kernels_refuse_older_gpus_asking_the_capability_once(monkeypatch):

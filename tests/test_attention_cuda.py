@@ -234,6 +234,14 @@ def test_seqused_k_decoding_from_a_padded_cache(impl, dtype):
                                                           kv_heads=2, dim=128, dtype=dtype, device="cuda")
     o = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal="bottom_right", seqused_k=seqused_k, impl=impl)
     assert o.isfinite().all()
+    # max_seqlen_k = max(seqused_k), below the rows, as FlashAttention 3 takes it; 0 where all are 0.
+    below = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, 1000, causal="bottom_right", seqused_k=seqused_k,
+                                     impl=impl)
+    close = 1e-5 if dtype == torch.float32 else 1e-2  # the plans may split the keys otherwise
+    torch.testing.assert_close(below, o, atol=close, rtol=close)
+    none_used = torch.zeros_like(seqused_k)
+    o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, 0, seqused_k=none_used, return_lse=True, impl=impl)
+    assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
 
 
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)

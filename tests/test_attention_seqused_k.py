@@ -104,8 +104,10 @@ def test_sequences_with_no_used_key(impl):
     """o = 0 and lse = -inf, or the sink with sinks."""
     skip_unless_supported(impl, "cpu")
     q, k, v, cu_q, cu_k, mq, mk, seqused_k = cache_inputs([0, 0], [2, 3])
-    o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, seqused_k=seqused_k, return_lse=True, impl=impl)
-    assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
+    for max_k in (mk, 0):  # 0: max(seqused_k), as FlashAttention 3 takes it
+        o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, max_k, seqused_k=seqused_k, return_lse=True,
+                                          impl=impl)
+        assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
     o, lse = genfast.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, seqused_k=seqused_k, sinks=sinks,
                                       return_lse=True, impl=impl)

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -1366,23 +1367,33 @@ void query_block_grads(const AttentionParams& p, const AttentionGrads& g, uint64
   copy_grad_q(p, seq, g, h, i0, rows, grad_q.data());
 }
 
-// At most this many floats (256 MiB) of dQ accumulators for the chunks of key blocks, or twice dQ's
-// floats where that is more; past it the backward recomputes the scores for dQ instead.
-constexpr int64_t kChunkedGradQBudget = int64_t{64} << 20;
+// The memory the backward's chunks of key blocks may take for their dQ accumulators: 256 MiB, or
+// GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB, or dQ's own size (float32) where that is more.
+int64_t chunked_grad_q_budget(const AttentionParams& p) {
+  const char* mib = std::getenv("GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB");
+  const int64_t floats = (mib != nullptr ? std::clamp<int64_t>(std::atoll(mib), 0, int64_t{1} << 30) : 256) << 18;
+  return std::max(floats, attention_lse_rows(p) * padded_to(p.dim, kCols));
+}
 
 // How many chunks each (batch, key head) pair's key blocks are dealt out in, each chunk a task with its
-// own dQ accumulators (the pair's group of heads, q_len x d_pad each), summed afterwards: one when
-// there are enough pairs for the threads, else enough for about two tasks a thread, as many as the
-// budget allows; 0 where that is too few tasks for the threads (then dQ is a pass of its own, one
-// product more and the scores recomputed).
-int64_t key_block_chunks(const AttentionParams& p, int64_t k_blocks, int64_t threads) {
+// own dQ accumulators (the pair's group of heads, q_len x d_pad each; with one chunk, a buffer per
+// thread, copied out after each pair), summed afterwards: one when there are enough pairs for the
+// threads; else enough for about two tasks a thread, at most a chunk a key block and as many as
+// chunked_grad_q_budget allows, if that is faster than the other schedule, by the count of products
+// each does and the threads each can use: a chunk takes 5 products a block, where the other takes
+// 4 in a pass per key block and then, recomputing the scores, 3 in a pass per query block. 0 for it.
+int64_t key_block_chunks(const AttentionParams& p, int64_t k_blocks, int64_t q_blocks, int64_t threads) {
   const int64_t pairs = p.batch * p.kv_heads;
   if (pairs >= 2 * threads || threads == 1) return 1;
   const int64_t pair_floats = p.heads / p.kv_heads * p.q_len * padded_to(p.dim, kCols);
-  const int64_t budget = std::max(kChunkedGradQBudget, 2 * pairs * pair_floats);
-  const int64_t chunks =
-      std::min({k_blocks, (2 * threads + pairs - 1) / pairs, budget / std::max<int64_t>(1, pairs * pair_floats)});
-  return pairs * chunks >= threads ? chunks : 0;
+  const int64_t allowed = chunked_grad_q_budget(p) / std::max<int64_t>(1, pairs * pair_floats);
+  const int64_t chunks = std::max<int64_t>(1, std::min({k_blocks, (2 * threads + pairs - 1) / pairs, allowed}));
+  const auto share = [threads](int64_t tasks) {
+    return static_cast<double>(std::clamp<int64_t>(tasks, 1, threads));  // the threads a pass's tasks use
+  };
+  const double chunked = 5.0 / share(pairs * chunks);
+  const double recomputed = 4.0 / share(pairs * k_blocks) + 3.0 / share(p.batch * p.heads * q_blocks);
+  return chunked <= recomputed ? chunks : 0;
 }
 
 void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, bool pairs) {
@@ -1392,7 +1403,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
   const int64_t k_blocks = (p.k_len + kKeyBlock - 1) / kKeyBlock, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
   const int64_t group = p.heads / p.kv_heads, kv_pairs = p.batch * p.kv_heads;
   const int64_t pair_floats = group * p.q_len * d_pad;
-  const int64_t chunks = key_block_chunks(p, k_blocks, at::get_num_threads());
+  const int64_t chunks = key_block_chunks(p, k_blocks, q_blocks, at::get_num_threads());
   // dK and dV of pair `pair`'s key blocks chunk, chunk + chunks, ..., and their part of dQ added to
   // grad_q (pair_floats, zeroed here). Dealt out a block at a time, so that a causal band's blocks
   // (more queries each towards one end) spread over the chunks.
@@ -1404,7 +1415,7 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
     }
   };
   if (chunks == 1) {
-    // Enough (batch, key head) pairs to share out: one pass each, dQ summed in the task's own buffer.
+    // One pass a (batch, key head) pair, dQ summed in the thread's buffer and copied out.
     for_task_parts(kv_pairs, g.copies, [&](int64_t first, int64_t last, int64_t copy) {
       BackwardScratch scratch(p, pairs);
       AlignedFloats grad_q(static_cast<size_t>(pair_floats));
