@@ -1039,10 +1039,10 @@ def test_bad_input_names_the_argument():
             torch.ops.genfast.attention_forward(q.detach(), k3, v3, None, None, 1.0, 0.0, 0, 0, 0.0, 0, 0)
 
 
-# (threads, GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB) that take each of the CPU backward's schedules for
-# the pairs of the tests below: one pass a (batch, key head) pair, on one thread and, by the budget
-# (dQ's own size), on two; chunks of key blocks, on two threads and eight; a pass per key block and
-# one per query block, by the budget on eight.
+# (threads, GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB) that take each of the CPU backward's schedules
+# (csrc/cpu/attention.cpp's key_block_chunks) in the tests below: one pass a (batch, key head) pair on
+# one thread (and for two pairs, on two); chunks of key blocks, two or three, on two threads and on
+# eight; with dQ's own size for the chunks' budget, a pass per key block and one per query block.
 BACKWARD_SCHEDULES = ((1, None), (2, "0"), (2, None), (8, None), (8, "0"))
 
 
@@ -1066,7 +1066,7 @@ def _grads_per_schedule(run, leaves, monkeypatch):
 def test_backward_schedules_agree(monkeypatch):
     """The CPU backward's schedules (BACKWARD_SCHEDULES): the same gradients each way, a mask's too."""
     skip_unless_supported("native", "cpu")
-    q, k, v = _qkv(1, 4, 2, 70, 300, 16, torch.float32)  # 1 x 2 pairs of 3 key blocks
+    q, k, v = _qkv(1, 4, 1, 70, 300, 16, torch.float32)  # one pair of 3 key blocks
     mask = torch.randn(70, 300)
 
     def run(q, k, v, mask):

@@ -1377,23 +1377,29 @@ int64_t chunked_grad_q_budget(const AttentionParams& p) {
 
 // How many chunks each (batch, key head) pair's key blocks are dealt out in, each chunk a task with its
 // own dQ accumulators (the pair's group of heads, q_len x d_pad each; with one chunk, a buffer per
-// thread, copied out after each pair), summed afterwards: one when there are enough pairs for the
-// threads; else enough for about two tasks a thread, at most a chunk a key block and as many as
-// chunked_grad_q_budget allows, if that is faster than the other schedule, by the count of products
-// each does and the threads each can use: a chunk takes 5 products a block, where the other takes
-// 4 in a pass per key block and then, recomputing the scores, 3 in a pass per query block. 0 for it.
+// thread, copied out after each pair), summed afterwards; or 0 for the other schedule, a pass per
+// key block and one per query block, which recomputes the scores. Whichever takes the least time by
+// a count of products (over a pair's queries and keys) times the rounds of tasks the threads take
+// (contiguous runs, as at::parallel_for shares them out): a chunk of c takes 5 / c, where the other
+// takes 4 / (key blocks) a task and then 3 / (heads x query blocks of the group) a task. Chunks up
+// to one a key block, four tasks a thread and as many as chunked_grad_q_budget allows; the fewest
+// of the fastest.
 int64_t key_block_chunks(const AttentionParams& p, int64_t k_blocks, int64_t q_blocks, int64_t threads) {
-  const int64_t pairs = p.batch * p.kv_heads;
-  if (pairs >= 2 * threads || threads == 1) return 1;
-  const int64_t pair_floats = p.heads / p.kv_heads * p.q_len * padded_to(p.dim, kCols);
-  const int64_t allowed = chunked_grad_q_budget(p) / std::max<int64_t>(1, pairs * pair_floats);
-  const int64_t chunks = std::max<int64_t>(1, std::min({k_blocks, (2 * threads + pairs - 1) / pairs, allowed}));
-  const auto share = [threads](int64_t tasks) {
-    return static_cast<double>(std::clamp<int64_t>(tasks, 1, threads));  // the threads a pass's tasks use
+  if (threads == 1) return 1;
+  const int64_t pairs = p.batch * p.kv_heads, group = p.heads / p.kv_heads;
+  const auto makespan = [threads](int64_t tasks, double products) {
+    return static_cast<double>((tasks + threads - 1) / threads) * products;
   };
-  const double chunked = 5.0 / share(pairs * chunks);
-  const double recomputed = 4.0 / share(pairs * k_blocks) + 3.0 / share(p.batch * p.heads * q_blocks);
-  return chunked <= recomputed ? chunks : 0;
+  const int64_t pair_floats = group * p.q_len * padded_to(p.dim, kCols);
+  const int64_t allowed = chunked_grad_q_budget(p) / std::max<int64_t>(1, pairs * pair_floats);
+  const int64_t most = std::max<int64_t>(1, std::min({k_blocks, allowed, (4 * threads + pairs - 1) / pairs}));
+  int64_t chunks = 1;
+  for (int64_t c = 2; c <= most; ++c) {
+    if (makespan(pairs * c, 5.0 / c) < makespan(pairs * chunks, 5.0 / chunks)) chunks = c;
+  }
+  const double recomputed = makespan(pairs * k_blocks, 4.0 / std::max<int64_t>(1, k_blocks)) +
+                            makespan(p.batch * p.heads * q_blocks, 3.0 / std::max<int64_t>(1, group * q_blocks));
+  return makespan(pairs * chunks, 5.0 / chunks) <= recomputed ? chunks : 0;
 }
 
 void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, bool pairs) {
