@@ -112,7 +112,8 @@ def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
     """Sequences of 5/9, 1/30, 3/4, 17/17, 12/7 and 0/5 queries/keys (more queries than keys in the
     fifth: with chunks, its first rows fall before key 0), with seqused_q and seqused_k shorter than
     the rows (0 for the third, whose rows are there): out, softmax_lse and the gradients of q, k, v.
-    With seqused_k, max_seqlen_k is max(seqused_k), below the rows, as FlashAttention 3 takes it."""
+    With seqused_q and seqused_k, max_seqlen_q and max_seqlen_k are their maxima, below the rows, as
+    FlashAttention 3 takes them."""
     skip_unless_supported(impl, "cpu")
     lengths_q, lengths_k = [5, 1, 3, 17, 12, 0], [9, 30, 4, 17, 7, 5]
     (q, k, v, _), cu_q, cu_k = _inputs(lengths_q, lengths_k)
@@ -120,8 +121,8 @@ def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
     seqused_k = torch.tensor([9, 20, 0, 13, 5, 4], dtype=torch.int32) if used in ("seqused_k", "both") else None
 
     def run(q, k, v):
-        max_k = 30 if seqused_k is None else int(seqused_k.max())
-        return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, max_k, seqused_q=seqused_q,
+        max_q, max_k = (rows if used is None else int(used.max()) for rows, used in ((17, seqused_q), (30, seqused_k)))
+        return fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, seqused_q=seqused_q,
                                           seqused_k=seqused_k, return_attn_probs=True, impl=impl, **options)
 
     def reference(q, k, v):
@@ -133,6 +134,27 @@ def test_varlen_matches_flash_attention_3s_definition(used, options, impl):
         rows = torch.cat([torch.arange(a + u, b) for a, b, u in zip(cu_q[:-1], cu_q[1:], seqused_q)])
         assert torch.equal(out[rows], torch.zeros_like(out[rows])), "rows past seqused_q are 0"
         assert (lse[:, rows] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(attention_chunk=4, causal=True)], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_max_seqlen_q_below_the_rows_past_seqused_q(options, impl):
+    """max_seqlen_q = max(seqused_q) = 5, where a sequence of 17 rows uses 2: its 15 rows past them
+    get out 0 and softmax_lse -inf all the same, and the rest is the call with the rows' bound."""
+    skip_unless_supported(impl, "cpu")
+    (q, k, v, _), cu_q, cu_k = _inputs([5, 17], [9, 6])
+    seqused_q = torch.tensor([5, 2], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    results = []
+    for max_q in (17, 5):
+        out, lse = fa3.flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, 9, seqused_q=seqused_q,
+                                              return_attn_probs=True, impl=impl, **options)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        results.append((out, lse, *grads))
+    assert torch.equal(results[1][0][7:], torch.zeros_like(results[1][0][7:]))
+    assert bool((results[1][1][:, 7:] == float("-inf")).all())
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_chunks_are_the_mask_they_stand_for():
@@ -413,14 +435,14 @@ def test_on_a_gpu_without_synchronising():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     (q, k, v, _), cu_q, cu_k = _inputs([5, 1, 3, 17, 12], [9, 30, 4, 17, 7], torch.float16)
-    used_q = torch.tensor([3, 1, 0, 11, 12], dtype=torch.int32)
+    used_q = torch.tensor([3, 1, 0, 2, 12], dtype=torch.int32)  # 15 rows past the fourth's, over max_seqlen_q
     used_k = torch.tensor([9, 20, 0, 13, 5], dtype=torch.int32)
     cpu = fa3.flash_attn_varlen_func(*(t.float() for t in (q, k, v)), cu_q, cu_k, 17, 30, seqused_q=used_q,
                                      seqused_k=used_k, causal=True, attention_chunk=6)
     gpu_args = [t.cuda() for t in (q, k, v, cu_q, cu_k)]
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = fa3.flash_attn_varlen_func(*gpu_args, 17, 30, seqused_q=used_q.cuda(), seqused_k=used_k.cuda(),
+    try:  # max_seqlen_q and max_seqlen_k as FlashAttention 3 takes them: max(seqused_q), max(seqused_k)
+        got = fa3.flash_attn_varlen_func(*gpu_args, 12, 20, seqused_q=used_q.cuda(), seqused_k=used_k.cuda(),
                                          causal=True, attention_chunk=6)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -14,9 +14,8 @@ grouped-query heads, causal masks and windows aligned to the bottom-right corner
 cache through page_table; and FlashAttention 3's own:
 - seqused_q and seqused_k: sequence n uses only its first seqused_q[n] queries and seqused_k[n]
   keys, aligned to each other's last; the rows past seqused_q get out 0 and softmax_lse -inf
-  (FlashAttention 3 leaves them unwritten) and pass no gradient. max_seqlen_k bounds the keys
-  used, max(seqused_k) as there; max_seqlen_q bounds the rows of cu_seqlens_q, not the counts
-  used (FlashAttention 3 takes max(seqused_q));
+  (FlashAttention 3 leaves them unwritten) and pass no gradient. max_seqlen_q and max_seqlen_k
+  bound the counts used, max(seqused_q) and max(seqused_k) as there, or the rows;
 - attention_chunk (Llama 4's chunked attention): a query at bottom-right position p sees only the
   keys of its own chunk, [p - p mod chunk, .. + chunk), as well as its window (none when p < 0).
   Computed exactly as attention over each chunk's queries and keys packed as sequences of their
@@ -193,18 +192,18 @@ def _starts(cu, first):
     return torch.cat(((cu[:-1, None] + first).flatten(), cu[-1:]))
 
 
-def _subsequences(cu_q, cu_k, used_q, used_k, chunk, before, max_k):
+def _subsequences(cu_q, cu_k, held_q, used_q, used_k, chunk, before, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
     FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts), then, with
-    used_q, its rows past used_q[n] as a sequence of no keys. Computed on the device: no
-    synchronisation."""
-    rows_q, rows_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
-    held_q, held_k = _held("seqused_q", used_q, rows_q), _held("seqused_k", used_k, rows_k)
+    used_q (held_q: _held's), its rows past used_q[n] as a sequence of no keys. Computed on the
+    device: no synchronisation."""
+    rows_k = cu_k[1:] - cu_k[:-1]
+    held_k = _held("seqused_k", used_k, rows_k)
     if chunk:
         first_q, first_key, keys = _chunk_parts(held_q, held_k, chunk, before, max_k)
         first_k = torch.minimum(first_key, rows_k[:, None])
     else:
-        first_q = first_k = torch.zeros_like(rows_q)[:, None]
+        first_q = first_k = torch.zeros_like(held_q)[:, None]
         keys = held_k[:, None]
     if used_q is not None:  # the unused rows: a sequence of no keys
         first_q = torch.cat((first_q, held_q[:, None]), 1)
@@ -270,11 +269,38 @@ def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax
     if not chunk and used_q is None:
         return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
                                 seqused_k=_held("seqused_k", used_k, cu_k[1:] - cu_k[:-1]), **common)
-    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, used_q, used_k, chunk, max_q if before is None else before,
-                                       max_k)
-    # A chunk's part holds at most `chunk` queries; the rows past seqused_q, up to max_q.
-    return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk and used_q is None else max_q,
-                            min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
+    rows_q = cu_q[1:] - cu_q[:-1]
+    held_q = _held("seqused_q", used_q, rows_q)
+    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, held_q, used_q, used_k, chunk,
+                                       max_q if before is None else before, max_k)
+    if used_q is None:  # a chunk's part holds at most `chunk` queries
+        return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk else max_q,
+                                min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
+    o, lse = attention_varlen(q, k, v, sub_q, sub_k, _unused_rows_bound(q, rows_q - held_q, max_q),
+                              min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
+    return _rows_past_used_cleared(o, lse, cu_q, held_q)
+
+
+def _unused_rows_bound(q, unused, max_q):
+    """max_seqlen_q for the sequences of the rows past seqused_q (unused: their counts) beside the
+    parts of the rows used. FlashAttention 3 takes max(seqused_q) for max_seqlen_q, which need not
+    bound them: on the CPU (where reading the counts costs no synchronisation) their largest count,
+    under torch.compile all of q's rows; on a GPU max_q, the kernels leaving any rows past it
+    unwritten, as FlashAttention 3 leaves all of them (_rows_past_used_cleared clears them)."""
+    if q.device.type != "cpu":
+        return max_q
+    if torch.compiler.is_compiling():
+        return max(max_q, q.shape[0])
+    return max(max_q, int(unused.max()) if unused.numel() else 0)
+
+
+def _rows_past_used_cleared(o, lse, cu_q, held_q):
+    """o 0 and lse -inf in each sequence's rows past held_q, which see no key (a GPU may have left
+    them unwritten: _unused_rows_bound)."""
+    rows = torch.arange(o.shape[0], device=o.device, dtype=cu_q.dtype)
+    sequence = torch.searchsorted(cu_q[1:], rows, right=True)
+    used = rows - cu_q[sequence] < held_q[sequence]
+    return torch.where(used[:, None, None], o, 0), torch.where(used, lse, float("-inf"))
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
