@@ -22,7 +22,7 @@ struct AttentionTensors {
   // float16 or bfloat16 (bias_type) as the caller gave it, expanded to (B, H, Lq, Lk).
   at::Tensor q, k, v, mask, alibi;
   at::Tensor sinks;  // float32 (heads), contiguous; undefined without sinks
-  at::Tensor qv;     // varlen: q's layout with v's head dim, the head dim contiguous; undefined without qv
+  at::Tensor qv;     // q's layout with v's head dim, the head dim contiguous; undefined without qv
   at::ScalarType sinks_dtype = at::kFloat;  // the caller's, for their gradient
   AttentionMask mask_kind = AttentionMask::kNone;
   AttentionBias bias_type = AttentionBias::kFloat32;
@@ -88,14 +88,15 @@ inline void set_attention_sinks(const char* op, AttentionTensors& t, const std::
   t.sinks_dtype = sinks->scalar_type();
 }
 
-// qv (total_q, heads, v_dim) beside packed q: q's dtype and device, v's head dim (set_attention_sinks'
-// kind of check); kept in q's dtype, the head dim contiguous.
+// qv (batch, heads, Lq, v_dim), or (total_q, heads, v_dim) beside packed q: q's shape, dtype and device
+// with v's head dim (set_attention_sinks' kind of check); kept in q's dtype, the head dim contiguous.
 inline void set_attention_qv(const char* op, AttentionTensors& t, const std::optional<at::Tensor>& qv,
                              const at::Tensor& q, const at::Tensor& v) {
   if (!qv) return;
-  TORCH_CHECK(qv->dim() == 3 && qv->size(0) == q.size(0) && qv->size(1) == q.size(1) && qv->size(2) == v.size(-1),
-              op, ": qv must be q's shape with v's head dim, (", q.size(0), ", ", q.size(1), ", ", v.size(-1),
-              "), got ", qv->sizes());
+  std::vector<int64_t> want(q.sizes().begin(), q.sizes().end());
+  want.back() = v.size(-1);
+  TORCH_CHECK(qv->sizes() == at::IntArrayRef(want), op, ": qv must be q's shape with v's head dim, ", want, ", got ",
+              qv->sizes());
   TORCH_CHECK(qv->scalar_type() == q.scalar_type(), op, ": qv must have q's dtype ", q.scalar_type(), ", got ",
               qv->scalar_type());
   TORCH_CHECK(qv->device() == q.device(), op, ": qv must be on q's device");

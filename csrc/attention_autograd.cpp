@@ -21,6 +21,7 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&, double, double, int64_t,
                                                      int64_t, double, int64_t, int64_t, bool, bool,
+                                                     const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&);
 using BackwardOp =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>(
@@ -101,7 +102,7 @@ class Attention : public torch::autograd::Function<Attention> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [o, lse] = forward_op().call(q, k, v, attn_mask, alibi_slopes, options.scale, options.softcap,
                                       options.band_lo, options.band_hi, options.dropout_p, options.seed,
-                                      options.offset, options.deterministic, float_o, sinks);
+                                      options.offset, options.deterministic, float_o, sinks, std::nullopt);
     ctx->set_materialize_grads(false);  // an unused lse has no gradient to subtract
     ctx->save_for_backward({q, k, v, o, lse, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor()),
                             sinks.value_or(at::Tensor())});
@@ -190,13 +191,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic, bool float_o,
-    const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& qv) {
   if (!records_backward({&q, &k, &v, attn_mask ? &*attn_mask : nullptr, alibi_slopes ? &*alibi_slopes : nullptr,
-                         sinks ? &*sinks : nullptr})) {
+                         sinks ? &*sinks : nullptr, qv ? &*qv : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
-                             offset, deterministic, float_o, sinks);
+                             offset, deterministic, float_o, sinks, qv);
   }
+  TORCH_CHECK(!qv, "genfast.attention_forward",
+              ": qv serves inference and has no backward here; call it under torch.no_grad() or with inputs that do "
+              "not require grad (genfast.attention gives qv gradients through the concatenation it stands for)");
   return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
                                AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 deterministic},

@@ -82,11 +82,12 @@ TORCH_LIBRARY(genfast, m) {
   // (the forward does not read it). float_o: o in float32 for float16 and bfloat16 inputs, unrounded
   // (genfast.attention asks for it when an additive mask needs its gradient, whose backward takes
   // delta from it, and rounds it for the caller: the o it would have given). sinks: (heads) logits
-  // that join each row's softmax without a value (attention sinks); lse includes them.
+  // that join each row's softmax without a value (attention sinks); lse includes them. qv (batch, heads,
+  // Lq, v_dim), q's dtype: the scores are scale (q k^T + qv v^T), as attention_varlen_forward's.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
       "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, "
-      "bool float_o=False, Tensor? sinks=None) -> (Tensor, Tensor)");
+      "bool float_o=False, Tensor? sinks=None, Tensor? qv=None) -> (Tensor, Tensor)");
   // Its backward from the forward's o and lse: (grad_q, grad_k, grad_v, and with grad_mask the
   // gradient of the scores (batch, heads, Lq, Lk) summed over the batch, heads, queries and keys that
   // attn_mask broadcasts over (1 there), in an additive attn_mask's dtype, else float32: an additive

@@ -136,7 +136,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               causal: Optional[str] = None, window: Optional[Tuple[int, int]] = None,
               alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None, generator=None,
               return_lse: bool = False, deterministic: bool = False, impl: str = "auto",
-              sinks: Optional[Tensor] = None):
+              sinks: Optional[Tensor] = None, qv: Optional[Tensor] = None):
     """o (B, Hq, Lq, Dv), and the rows' log-sum-exp (B, Hq, Lq) float32 with return_lse.
 
     As torch SDPA: attn_mask bool (True attends) or additive, broadcast to (B, Hq, Lq, Lk); an
@@ -152,21 +152,27 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     from run to run; without it (and without torch.use_deterministic_algorithms(True)) the CUDA
     kernels add dQ with atomics, as FlashAttention's do: 5 matrix products per block instead of 7.
     The CPU and Triton backwards are deterministic either way (Triton's atomics, slower on an H200,
-    with GENFAST_TRITON_ATOMIC_DQ=1). Under torch.autocast, q, k and v are cast to its dtype, as SDPA's are."""
-    q, k, v = _autocast_inputs(q, k, v)
+    with GENFAST_TRITON_ATOMIC_DQ=1). Under torch.autocast, q, k and v (and qv) are cast to its dtype,
+    as SDPA's are. qv (B, Hq, Lq, Dv): multi-head latent attention's absorbed form, as
+    attention_varlen's qv: the scores are scale (q k^T + qv v^T), scale (D + Dv)^-1/2 by default."""
+    q, k, v, qv = _autocast_inputs(q, k, v, qv)
     qs, ks, vs = _check(q, k, v, attn_mask, dropout_p, scale, enable_gqa, causal, window, alibi_slopes, softcap, impl,
                         sinks=sinks)
     if is_causal:
         if causal == "bottom_right":
             raise ValueError("is_causal=True is causal='top_left'; pass causal='bottom_right' alone")
         causal = "top_left"
-    scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
     backend = _fused_backend(impl, q, (qs[3], vs[3]))
+    if qv is not None:
+        check_qv(qv, q, v)
+        scale = 1.0 / math.sqrt(qs[3] + vs[3]) if scale is None else scale
+        q, k, qv, backend = _qv_form(impl, q, k, v, qv, backend, sinks, attn_mask)
+    scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
-                                   dropout_offset=offset, return_lse=return_lse, sinks=sinks)
+                                   dropout_offset=offset, return_lse=return_lse, sinks=sinks, qv=qv)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(qs[2], ks[2], causal, window)
     # A half-precision mask gradient takes delta from the forward's float32 o (csrc/cpu/attention.cpp's
@@ -178,7 +184,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     # The overloads themselves: an OpOverloadPacket resolves its overload again on every call.
     op = (torch.ops.genfast.attention_forward_triton.default if backend == "triton"
           else torch.ops.genfast.attention_forward.default)
-    o, lse = op(*args)
+    o, lse = op(*args) if qv is None else op(*args, qv)
     if float_o:
         o = o.to(q.dtype)
     return (o, lse) if return_lse else o
@@ -259,12 +265,13 @@ def _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slo
                          "under torch.no_grad(), or with inputs that do not require grad")
 
 
-def _qv_form(impl, q, k, v, qv, sinks, backend):
+def _qv_form(impl, q, k, v, qv, backend, *others):
     """(q, k, qv, backend) of a call with qv that `backend` would run without it: the reference takes
-    qv as it is, and so do the forwards of Triton and the CPU where no gradient is asked ("auto" takes
-    Triton over the CUDA kernels, which take no qv); else q and qv side by side over k and v side by
-    side (qv None), a copy, whose head dim D + Dv chooses the backend again."""
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv, sinks))
+    qv as it is, and so do the forwards of Triton and the CPU where no gradient is asked (of q, k, v,
+    qv or the call's other tensors; "auto" takes Triton over the CUDA kernels, which take no qv); else
+    q and qv side by side over k and v side by side (qv None), a copy, whose head dim D + Dv chooses
+    the backend again."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv, *others))
     cuda = q.device.type == "cuda"
     if not grads and impl == "auto" and backend == "native" and cuda and _backend.triton_runs_on("cuda"):
         backend = "triton"
@@ -369,7 +376,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if qv is not None:
         check_qv(qv, q, v)
         scale = 1.0 / math.sqrt(qs[2] + vs[2]) if scale is None else scale
-        q, k, qv, backend = _qv_form(impl, q, k, v, qv, sinks, backend)
+        q, k, qv, backend = _qv_form(impl, q, k, v, qv, backend, sinks)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":

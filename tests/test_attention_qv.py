@@ -1,9 +1,10 @@
-"""genfast.attention_varlen's qv, multi-head latent attention's absorbed form (DeepSeek's decoding,
-FlashAttention 3's qv): the scores scale (q k^T + qv v^T). The reference's definition, gradients
-checked in float64; every backend against it (the forwards of the CPU and Triton reading qv in
-place; gradients through the concatenation it stands for), packed, paged, decoding with stacked
-heads, GQA, options; opcheck and torch.compile; empty, NaN, non-contiguous and bad input; on a GPU,
-DeepSeek's 64 + 512 from a paged cache without synchronising."""
+"""genfast.attention_varlen's and genfast.attention's qv, multi-head latent attention's absorbed form
+(DeepSeek's decoding, FlashAttention 3's qv): the scores scale (q k^T + qv v^T). The reference's
+definition, gradients checked in float64; every backend against it (the forwards of the CPU and
+Triton reading qv in place; gradients through the concatenation it stands for), packed, paged,
+dense, decoding with stacked heads, GQA, options; opcheck and torch.compile; empty, NaN,
+non-contiguous and bad input; on a GPU, DeepSeek's 64 + 512 from a paged cache without
+synchronising."""
 
 import pytest
 import torch
@@ -339,3 +340,127 @@ def test_auto_reads_qv_in_place_on_a_gpu(monkeypatch):
     options = (None, 0.1, 0.0, -3, 0, 0.0, 0, 0, False, None, None, None)
     with pytest.raises(RuntimeError, match="the CUDA kernels take no qv"):
         torch.ops.genfast.attention_varlen_forward(*gpu[:3], *gpu[4:], 40, 50, *options, gpu[3])
+
+
+# genfast.attention's qv: (B, Hq, Lq, Dv) beside q in SDPA's layout.
+
+def dense_inputs(batch, heads, kv_heads, lq, lk, dim=16, v_dim=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lq, dim, generator=g)
+    k = torch.randn(batch, kv_heads, lk, dim, generator=g)
+    v = torch.randn(batch, kv_heads, lk, v_dim, generator=g)
+    qv = torch.randn(batch, heads, lq, v_dim, generator=g)
+    return [t.to(dtype) for t in (q, k, v, qv)]
+
+
+def _compare_dense(impl, q, k, v, qv, **options):
+    """genfast.attention's o and lse with qv against the reference in float64 and in the inputs' dtype."""
+    with torch.no_grad():
+        o, lse = genfast.attention(q, k, v, qv=qv, enable_gqa=True, impl=impl, return_lse=True, **options)
+
+    def reference(dtype):
+        floats = {key: val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+                  for key, val in options.items()}
+        return attention(*(t.to(dtype) for t in (q, k, v)), qv=qv.to(dtype), enable_gqa=True, return_lse=True,
+                         **floats)
+
+    exact, low = reference(torch.float64), reference(q.dtype)
+    assert o.dtype == q.dtype and o.shape == qv.shape
+    for name, got, e, lo in zip(("o", "lse"), (o, lse), exact, low):
+        assert_error_ratio(got, e, lo.to(got.dtype), ratio=2.0, msg=name)
+
+
+DENSE_OPTIONS = [dict(), dict(causal="bottom_right"), dict(causal="top_left", window=(20, 0)),
+                 dict(attn_mask=torch.rand(1, 1, 20, 150, generator=torch.Generator().manual_seed(3)) > 0.3),
+                 dict(attn_mask=torch.randn(2, 1, 20, 150, generator=torch.Generator().manual_seed(4))),
+                 dict(softcap=2.0, scale=0.3, alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
+                 dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))]
+
+
+@pytest.mark.parametrize("options", DENSE_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dense_matches_reference(options, impl):
+    """Grouped heads, Lq 20 against Lk 150 (past the CPU's blocks of 128 keys), each option."""
+    skip_unless_supported(impl, "cpu")
+    _compare_dense(impl, *dense_inputs(2, 4, 2, 20, 150), **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dense_decoding_with_many_heads_on_one_kv_head(dtype, impl):
+    """One query of 16 heads on one kv head (the CPU's stacked heads), DeepSeek's rope 64 beside a
+    latent 128 in SDPA's layout; and qv a transposed view of (B, L, H, Dv) rows."""
+    skip_unless_supported(impl, "cpu", dtype)
+    q, k, v, qv = dense_inputs(2, 16, 1, 1, 300, dim=64, v_dim=128, dtype=dtype, seed=5)
+    _compare_dense(impl, q, k, v, qv, causal="bottom_right")
+    rows = qv.transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(genfast.attention(q, k, v, qv=rows, enable_gqa=True, impl=impl),
+                                   genfast.attention(q, k, v, qv=qv, enable_gqa=True, impl=impl), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dense_gradients_through_the_concatenation(impl):
+    """Gradients of q, k, v, qv and an additive mask (asked of the mask alone, the call takes the
+    concatenation too) against the reference's, by the error-ratio rule."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, qv = dense_inputs(1, 4, 2, 9, 30, seed=7)
+    mask = torch.randn(1, 4, 9, 30, generator=torch.Generator().manual_seed(8))
+    grad_o = torch.randn(1, 4, 9, 32, generator=torch.Generator().manual_seed(9))
+
+    def grads(dtype, backend, asked=(True,) * 5):
+        leaves = [t.detach().to(dtype).requires_grad_(a) for t, a in zip((q, k, v, qv, mask), asked)]
+        o = genfast.attention(*leaves[:3], leaves[4], qv=leaves[3], enable_gqa=True, causal="bottom_right",
+                              impl=backend)
+        o.backward(grad_o.to(dtype))
+        return [t.grad for t in leaves]
+
+    got, exact, low = grads(torch.float32, impl), grads(torch.float64, "reference"), grads(torch.float32, "reference")
+    for name, g, e, lo in zip(("q", "k", "v", "qv", "mask"), got, exact, low):
+        assert_error_ratio(g, e, lo, ratio=3.0, msg=f"grad of {name}")
+    mask_alone = grads(torch.float32, impl, asked=(False,) * 4 + (True,))[4]
+    torch.testing.assert_close(mask_alone, got[4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dense_op_checks_qv_and_has_no_backward_of_it(impl):
+    """attention_forward (native or Triton) called directly with qv: opcheck; a bad qv named; qv
+    asking for a gradient raises. genfast.attention with qv under torch.compile(fullgraph=True)."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, qv = dense_inputs(1, 2, 1, 3, 13, dim=8, v_dim=16)
+    op = getattr(torch.ops.genfast, "attention_forward" + ("" if impl == "native" else "_triton"))
+    options = (None, None, 0.3, 0.0, -3, 0, 0.0, 0, 0, False, False, None)
+    torch.library.opcheck(op, (q, k, v, *options, qv))
+    for bad in (qv[..., :8], qv[:, :1], qv.double()):
+        with pytest.raises((ValueError, RuntimeError), match="qv must"):
+            op(q, k, v, *options, bad)
+    with pytest.raises(RuntimeError, match="qv serves inference and has no backward here"):
+        op(q, k, v, *options, qv.clone().requires_grad_())
+
+    def layer(q, k, v, qv):
+        return genfast.attention(q, k, v, qv=qv, enable_gqa=True, causal="bottom_right", impl=impl)
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v, qv), layer(q, k, v, qv))
+    with pytest.raises(ValueError, match=r"qv must be q's shape with v's head dim, \(1, 2, 3, 16\)"):
+        genfast.attention(q, k, v, qv=qv[..., :8], enable_gqa=True, impl=impl)
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+def test_dense_auto_reads_qv_in_place_on_a_gpu():
+    """genfast.attention with qv on a GPU: "auto" takes Triton's forward (bfloat16, 64 + 512, 16 heads
+    on one kv head, decoding), against the reference; the CUDA op refuses qv."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v, qv = dense_inputs(2, 16, 1, 1, 1000, dim=64, v_dim=512, dtype=torch.bfloat16, seed=12)
+    gpu = [t.cuda() for t in (q, k, v, qv)]
+    with torch.no_grad():
+        o = genfast.attention(*gpu[:3], qv=gpu[3], enable_gqa=True, causal="bottom_right")
+    exact, low = (attention(*(t.to(d) for t in (q, k, v)), qv=qv.to(d), enable_gqa=True, causal="bottom_right")
+                  for d in (torch.float64, torch.bfloat16))
+    assert_error_ratio(o.cpu(), exact, low, ratio=2.0, msg="o")
+    options = (None, None, 0.1, 0.0, -3, 0, 0.0, 0, 0, False, False, None)
+    with pytest.raises(RuntimeError, match="the CUDA kernels take no qv"):
+        torch.ops.genfast.attention_forward(*[t[..., :64] for t in gpu[:2]], gpu[2][..., :64], *options,
+                                            gpu[3][..., :64])

@@ -1666,9 +1666,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          double softcap, int64_t band_lo, int64_t band_hi,
                                                          double dropout_p, int64_t seed, int64_t offset,
                                                          bool /*deterministic*/, bool float_o,
-                                                         const std::optional<at::Tensor>& sinks) {
+                                                         const std::optional<at::Tensor>& sinks,
+                                                         const std::optional<at::Tensor>& qv) {
   AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
   set_attention_sinks(kAttentionOp, t, sinks, q.size(1), q);
+  set_attention_qv(kAttentionOp, t, qv, q, v);
   return forward(std::move(t), float_o ? at::kFloat : q.scalar_type(), scale, softcap, band_lo, band_hi, dropout_p,
                  seed, offset);
 }

@@ -249,7 +249,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           double softcap, int64_t band_lo, int64_t band_hi,
                                                           double dropout_p, int64_t seed, int64_t offset,
                                                           bool /*deterministic*/, bool float_o,
-                                                          const std::optional<at::Tensor>& sinks) {
+                                                          const std::optional<at::Tensor>& sinks,
+                                                          const std::optional<at::Tensor>& qv) {
+  TORCH_CHECK(!qv, kAttentionOp,
+              ": the CUDA kernels take no qv; genfast.attention runs it on Triton's forward, or as attention of "
+              "cat(q, qv) over cat(k, v)");
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionTensors t = prepare_attention(q, k, v, attn_mask, alibi_slopes, /*as_float=*/false);
   set_attention_sinks(kAttentionOp, t, sinks, q.size(1), q);

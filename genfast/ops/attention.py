@@ -13,7 +13,7 @@ Tensor = torch.Tensor
 
 
 def _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
-          deterministic=False, float_o=False, sinks=None):
+          deterministic=False, float_o=False, sinks=None, qv=None):
     o = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float32 if float_o else q.dtype)
     return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -59,14 +59,22 @@ def _varlen_backward_fake(grad_o, grad_lse, q, k, v, o, lse, cu_seqlens_q, cu_se
 
 
 # The Triton ops' autograd. Their inputs' positions: q, k, v, attn_mask, alibi_slopes, then the
-# options scale .. offset, deterministic, float_o and sinks (the last three when given).
+# options scale .. offset, deterministic, float_o, sinks and qv (the last four when given).
 _SINKS_OPTION = 9
+_QV_HINT = " (genfast.attention{} gives qv gradients through the concatenation it stands for)"
+
+
+def _refuse_inference_only(op, t, what, hint=""):
+    if t is not None:
+        raise RuntimeError(f"{op}: {what} serves inference and has no backward here; call it under torch.no_grad() "
+                           f"or with inputs that do not require grad{hint}")
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, *options = inputs
     o, lse = output
-    sinks = options[_SINKS_OPTION] if len(options) > _SINKS_OPTION else None
+    sinks, qv = (options[_SINKS_OPTION:] + [None] * 2)[:2]
+    _refuse_inference_only("genfast.attention_forward", qv, "qv", _QV_HINT.format(""))
     ctx.save_for_backward(q, k, v, o, lse, attn_mask, alibi_slopes, sinks)
     ctx.options = tuple(options[:7])  # scale .. offset
     ctx.deterministic = bool(options[7]) if len(options) > 7 else False
@@ -97,12 +105,8 @@ def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, *options = inputs
     o, lse = output
     sinks, seqused_k, block_table, qv = (options[_VARLEN_SINKS_OPTION:] + [None] * 4)[:4]
-    for t, what, hint in ((block_table, "a paged KV cache (block_table)", ""),
-                          (qv, "qv", " (genfast.attention_varlen gives qv gradients through the concatenation it "
-                                     "stands for)")):
-        if t is not None:
-            raise RuntimeError(f"genfast.attention_varlen_forward: {what} serves inference and has no backward here; "
-                               f"call it under torch.no_grad() or with inputs that do not require grad{hint}")
+    _refuse_inference_only("genfast.attention_varlen_forward", block_table, "a paged KV cache (block_table)")
+    _refuse_inference_only("genfast.attention_varlen_forward", qv, "qv", _QV_HINT.format("_varlen"))
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, seqused_k)
     ctx.options = (max_seqlen_q, max_seqlen_k)
     ctx.after_alibi = tuple(options[:_VARLEN_SINKS_OPTION])  # scale .. deterministic: the backward's own order
@@ -241,14 +245,14 @@ def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optiona
                              alibi_slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int,
                              dropout_p: float, seed: int, offset: int,
                              deterministic: bool = False, float_o: bool = False,
-                             sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                             sinks: Optional[Tensor] = None, qv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention import launch_attention_forward
 
     o, lse = _fake(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                    float_o=float_o)
     mask, is_bool = _triton_mask(attn_mask, q, k)
     launch_attention_forward(q, k, v, mask, is_bool, _float_slopes(alibi_slopes), scale, softcap, band_lo, band_hi,
-                             dropout_p, seed, offset, o, lse, sinks=_float_sinks(sinks, q))
+                             dropout_p, seed, offset, o, lse, sinks=_float_sinks(sinks, q), qv=check_qv(qv, q, v))
     return o, lse
 
 

@@ -59,7 +59,7 @@ struct AttentionParams {
   const float* alibi_slopes;  // (heads) or (batch, heads), or null
   int64_t alibi_batch_stride;
   const float* sinks;         // (heads), or null: no attention sink
-  const float* qv;            // varlen (total_q, heads, v_dim), or null: the scores are scale (q k^T + qv v^T)
+  const float* qv;            // q's layout with v_dim, or null: the scores are scale (q k^T + qv v^T)
   int64_t qv_stride[3];
   float scale, softcap;  // softcap 0: none
   int64_t band_lo, band_hi;
