@@ -1040,9 +1040,11 @@ def test_bad_input_names_the_argument():
 
 
 # (threads, GENFAST_CPU_ATTENTION_DQ_BUDGET_MIB) that take each of the CPU backward's schedules
-# (csrc/cpu/attention.cpp's key_block_chunks) in the tests below: one pass a (batch, key head) pair on
-# one thread (and for two pairs, on two); chunks of key blocks, two or three, on two threads and on
-# eight; with dQ's own size for the chunks' budget, a pass per key block and one per query block.
+# (csrc/cpu/attention.cpp's key_block_chunks) in the tests below. One pair of 3 key blocks: one pass
+# on one thread; 2 chunks on two threads, 3 on eight; with dQ's own size for the chunks' budget, a
+# pass per key block and one per query block, on two threads and on eight. Two packed pairs: one
+# pass a pair on one and two threads (two chunks a pair tie with it there, and the fewest win);
+# 3 chunks on eight, and with the budget the passes per block.
 BACKWARD_SCHEDULES = ((1, None), (2, "0"), (2, None), (8, None), (8, "0"))
 
 

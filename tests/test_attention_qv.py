@@ -389,14 +389,41 @@ def test_dense_matches_reference(options, impl):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_dense_decoding_with_many_heads_on_one_kv_head(dtype, impl):
     """One query of 16 heads on one kv head (the CPU's stacked heads), DeepSeek's rope 64 beside a
-    latent 128 in SDPA's layout; and qv a transposed view of (B, L, H, Dv) rows."""
+    latent 128 in SDPA's layout; five queries with qv a transposed view of (B, L, H, Dv) rows."""
     skip_unless_supported(impl, "cpu", dtype)
     q, k, v, qv = dense_inputs(2, 16, 1, 1, 300, dim=64, v_dim=128, dtype=dtype, seed=5)
     _compare_dense(impl, q, k, v, qv, causal="bottom_right")
+    q, k, v, qv = dense_inputs(2, 16, 1, 5, 300, dim=64, v_dim=128, dtype=dtype, seed=6)
     rows = qv.transpose(1, 2).contiguous().transpose(1, 2)
+    assert rows.stride() != qv.stride()
     with torch.no_grad():
         torch.testing.assert_close(genfast.attention(q, k, v, qv=rows, enable_gqa=True, impl=impl),
                                    genfast.attention(q, k, v, qv=qv, enable_gqa=True, impl=impl), rtol=0, atol=0)
+    _compare_dense(impl, q, k, v, rows, causal="bottom_right")
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dense_dropout_and_is_causal(impl):
+    """Dropout with qv in SDPA's layout keys the Philox stream as without it (the forward reading qv
+    in place, the concatenation and the reference, from one seed); is_causal as causal="top_left"."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, qv = dense_inputs(2, 4, 2, 20, 150, seed=10)
+
+    def run(backend, grad=False, **options):
+        inputs = [t.clone().requires_grad_(grad) for t in (q, k, v, qv)]
+        return genfast.attention(*inputs[:3], qv=inputs[3], enable_gqa=True, impl=backend, **options).detach()
+
+    with torch.no_grad():
+        in_place = run(impl, dropout_p=0.3, generator=genfast.PhiloxGenerator(5))
+        causal = run(impl, is_causal=True)
+    exact = attention(*(t.double() for t in (q, k, v)), qv=qv.double(), enable_gqa=True, dropout_p=0.3,
+                      dropout_seed=5, dropout_offset=0)
+    low = run("reference", dropout_p=0.3, generator=genfast.PhiloxGenerator(5))
+    assert_error_ratio(in_place, exact, low, ratio=2.0, msg="o")
+    assert_error_ratio(run(impl, grad=True, dropout_p=0.3, generator=genfast.PhiloxGenerator(5)), exact, low,
+                       ratio=2.0, msg="o of the concatenation")
+    exact = attention(*(t.double() for t in (q, k, v)), qv=qv.double(), enable_gqa=True, causal="top_left")
+    assert_error_ratio(causal, exact, run("reference", causal="top_left"), ratio=2.0, msg="o, is_causal")
 
 
 @pytest.mark.parametrize("impl", fused_impls())

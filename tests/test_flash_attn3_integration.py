@@ -447,6 +447,18 @@ def test_on_a_gpu_without_synchronising():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.float().cpu(), cpu, atol=2e-3, rtol=2e-3)
+    # The gradients beside rows the GPU left unwritten (past max_seqlen_q = 12, cleared afterwards).
+    grads = []
+    for leaves, device, bounds in (([t.float() for t in (q, k, v)], "cpu", (17, 30)),
+                                   ([t.cuda() for t in (q, k, v)], "cuda", (12, 20))):
+        leaves = [t.requires_grad_() for t in leaves]
+        out = fa3.flash_attn_varlen_func(*leaves, cu_q.to(device), cu_k.to(device), *bounds,
+                                         seqused_q=used_q.to(device), seqused_k=used_k.to(device), causal=True,
+                                         attention_chunk=6)
+        grads.append(torch.autograd.grad(out.float().square().sum(), leaves))
+    for got_grad, cpu_grad in zip(grads[1], grads[0]):
+        assert got_grad.isfinite().all()
+        torch.testing.assert_close(got_grad.float().cpu(), cpu_grad, atol=1e-2, rtol=1e-2)
     # A cache step with every FlashAttention 3 argument that moves rows: packed queries and new
     # keys, a paged cache, chunks, rotary tables at rotary_seqlens.
     k_cache, v_cache, table = _cache(True, v_dim=DIM)

@@ -1411,10 +1411,12 @@ void attention_backward_impl(const AttentionParams& p, const AttentionGrads& g, 
   const int64_t pair_floats = group * p.q_len * d_pad;
   const int64_t chunks = key_block_chunks(p, k_blocks, q_blocks, at::get_num_threads());
   // dK and dV of pair `pair`'s key blocks chunk, chunk + chunks, ..., and their part of dQ added to
-  // grad_q (pair_floats, zeroed here). Dealt out a block at a time, so that a causal band's blocks
-  // (more queries each towards one end) spread over the chunks.
+  // grad_q (pair_floats, each head's q_len rows; zeroed here as far as the sequence has rows, which
+  // are all that are read). Dealt out a block at a time, so that a causal band's blocks (more
+  // queries each towards one end) spread over the chunks.
   const auto chunk_grads = [&](int64_t pair, int64_t chunk, int64_t copy, BackwardScratch& scratch, float* grad_q) {
-    std::fill(grad_q, grad_q + pair_floats, 0.0f);
+    const int64_t rows = attention_sequence(p, pair / p.kv_heads).q_len * d_pad;
+    for (int64_t e = 0; e < group; ++e) std::fill_n(grad_q + e * p.q_len * d_pad, rows, 0.0f);
     for (int64_t block = chunk; block < k_blocks; block += chunks) {
       key_block_grads(p, g, seed, offset, pair / p.kv_heads, pair % p.kv_heads, block * kKeyBlock, copy, scratch,
                       grad_q);

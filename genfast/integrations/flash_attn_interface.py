@@ -296,10 +296,11 @@ def _unused_rows_bound(q, unused, max_q):
 
 def _rows_past_used_cleared(o, lse, cu_q, held_q):
     """o 0 and lse -inf in each sequence's rows past held_q, which see no key (a GPU may have left
-    them unwritten: _unused_rows_bound)."""
-    rows = torch.arange(o.shape[0], device=o.device, dtype=cu_q.dtype)
-    sequence = torch.searchsorted(cu_q[1:], rows, right=True)
-    used = rows - cu_q[sequence] < held_q[sequence]
+    them unwritten: _unused_rows_bound), and in any rows past the last sequence."""
+    if held_q.numel() == 0:
+        return torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+    sequence, i = _row_sequences(cu_q, o.shape[0])
+    used = i < held_q[sequence]
     return torch.where(used[:, None, None], o, 0), torch.where(used, lse, float("-inf"))
 
 
