@@ -187,6 +187,15 @@ bool records_backward(std::initializer_list<const at::Tensor*> inputs) {
   return false;
 }
 
+// The ops' qv has no backward: genfast.attention and attention_varlen run a call asking for
+// gradients on the concatenation qv stands for.
+void refuse_qv_backward(const std::optional<at::Tensor>& qv, const char* op, const char* api) {
+  TORCH_CHECK(!qv, op,
+              ": qv serves inference and has no backward here; call it under torch.no_grad() or with inputs that do "
+              "not require grad (",
+              api, " gives qv gradients through the concatenation it stands for)");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap, int64_t band_lo, int64_t band_hi,
@@ -198,9 +207,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     return forward_op().call(q, k, v, attn_mask, alibi_slopes, scale, softcap, band_lo, band_hi, dropout_p, seed,
                              offset, deterministic, float_o, sinks, qv);
   }
-  TORCH_CHECK(!qv, "genfast.attention_forward",
-              ": qv serves inference and has no backward here; call it under torch.no_grad() or with inputs that do "
-              "not require grad (genfast.attention gives qv gradients through the concatenation it stands for)");
+  refuse_qv_backward(qv, "genfast.attention_forward", "genfast.attention");
   return pair(Attention::apply(q, k, v, attn_mask, alibi_slopes,
                                AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                 deterministic},
@@ -224,10 +231,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
   TORCH_CHECK(!block_table, "genfast.attention_varlen_forward",
               ": a paged KV cache (block_table) serves inference and has no backward; call it under torch.no_grad() "
               "or with inputs that do not require grad");
-  TORCH_CHECK(!qv, "genfast.attention_varlen_forward",
-              ": qv serves inference and has no backward here; call it under torch.no_grad() or with inputs that do "
-              "not require grad (genfast.attention_varlen gives qv gradients through the concatenation it stands "
-              "for)");
+  refuse_qv_backward(qv, "genfast.attention_varlen_forward", "genfast.attention_varlen");
   return pair(AttentionVarlen::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                                      AttentionOptions{scale, softcap, band_lo, band_hi, dropout_p, seed, offset,
                                                       deterministic},

@@ -83,7 +83,8 @@ TORCH_LIBRARY(genfast, m) {
   // (genfast.attention asks for it when an additive mask needs its gradient, whose backward takes
   // delta from it, and rounds it for the caller: the o it would have given). sinks: (heads) logits
   // that join each row's softmax without a value (attention sinks); lse includes them. qv (batch, heads,
-  // Lq, v_dim), q's dtype: the scores are scale (q k^T + qv v^T), as attention_varlen_forward's.
+  // Lq, v_dim), q's dtype: the scores are scale (q k^T + qv v^T), as attention_varlen_forward's;
+  // forward only, the CUDA kernels refuse it.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, float scale, "
       "float softcap, int band_lo, int band_hi, float dropout_p, int seed, int offset, bool deterministic=False, "
@@ -103,7 +104,8 @@ TORCH_LIBRARY(genfast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?)");
   // Packed variable-length batches: q (total_q, heads, dim), k and v (total_k, kv_heads, dim), sequence
   // b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (int32, batch + 1); max_seqlen_q and max_seqlen_k
-  // bound the sequences' lengths. The band is relative to each sequence's bottom-right diagonal.
+  // bound the sequences' lengths (with seqused_k, max_seqlen_k bounds the keys used, not the rows).
+  // The band is relative to each sequence's bottom-right diagonal.
   // (o (total_q, heads, v_dim), lse (heads, total_q) float32). seqused_k (int32 (batch,)): sequence b
   // has only the first seqused_k[b] keys of its rows (a padded KV cache). block_table (int32 (batch,
   // pages per sequence)): k and v are a paged cache (pages, page_size, kv_heads, dim), forward only.

@@ -164,9 +164,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         causal = "top_left"
     backend = _fused_backend(impl, q, (qs[3], vs[3]))
     if qv is not None:
-        check_qv(qv, q, v)
-        scale = 1.0 / math.sqrt(qs[3] + vs[3]) if scale is None else scale
-        q, k, qv, backend = _qv_form(impl, q, k, v, qv, backend, sinks, attn_mask)
+        q, k, qv, backend, scale = _qv_form(impl, q, k, v, qv, scale, backend, sinks, attn_mask)
     scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
@@ -265,18 +263,20 @@ def _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slo
                          "under torch.no_grad(), or with inputs that do not require grad")
 
 
-def _qv_form(impl, q, k, v, qv, backend, *others):
-    """(q, k, qv, backend) of a call with qv that `backend` would run without it: the reference takes
-    qv as it is, and so do the forwards of Triton and the CPU where no gradient is asked (of q, k, v,
-    qv or the call's other tensors; "auto" takes Triton over the CUDA kernels, which take no qv); else
-    q and qv side by side over k and v side by side (qv None), a copy, whose head dim D + Dv chooses
-    the backend again."""
+def _qv_form(impl, q, k, v, qv, scale, backend, *others):
+    """(q, k, qv, backend, scale) of a call with qv (checked) that `backend` would run without it:
+    scale (D + Dv)^-1/2 by default; the reference takes qv as it is, and so do the forwards of Triton
+    and the CPU where no gradient is asked (of q, k, v, qv or the call's other tensors; "auto" takes
+    Triton over the CUDA kernels, which take no qv); else q and qv side by side over k and v side by
+    side (qv None), a copy, whose head dim D + Dv chooses the backend again."""
+    check_qv(qv, q, v)
+    scale = 1.0 / math.sqrt(q.shape[-1] + v.shape[-1]) if scale is None else scale
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qv, *others))
     cuda = q.device.type == "cuda"
     if not grads and impl == "auto" and backend == "native" and cuda and _backend.triton_runs_on("cuda"):
         backend = "triton"
     if backend == "reference" or (not grads and (backend == "triton" or (backend == "native" and not cuda))):
-        return q, k, qv, backend
+        return q, k, qv, backend, scale
     width = q.shape[-1] + qv.shape[-1]
     if impl == "triton" and width > FUSED_MAX_HEAD_DIM:
         raise NotImplementedError(f"qv with a gradient runs as attention of head dim head_dim + head_dim_v = {width}; "
@@ -284,7 +284,7 @@ def _qv_form(impl, q, k, v, qv, backend, *others):
                                   f"Triton's forward takes qv itself)")
     wide_q, wide_k = torch.cat((q, qv), -1), torch.cat((k, v), -1)
     try:
-        return wide_q, wide_k, None, _fused_backend(impl, wide_q, (width, v.shape[-1]))
+        return wide_q, wide_k, None, _fused_backend(impl, wide_q, (width, v.shape[-1])), scale
     except TypeError as error:
         raise TypeError(f"qv runs here as attention of head dim head_dim + head_dim_v = {width}: {error}") from None
 
@@ -345,9 +345,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      block_table: Optional[Tensor] = None, qv: Optional[Tensor] = None):
     """Attention over sequences packed without padding, as flash_attn_varlen_func takes them:
     q (total_q, Hq, D), k and v (total_k, Hk, D[v]), sequence n at rows cu_seqlens[n] ..
-    cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, with seqused_k
-    max_seqlen_k bounds the keys used, as FlashAttention 3 takes it; not checked on the GPU, which
-    would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
+    cu_seqlens[n + 1] (int32, on q's device; max_seqlen_* bound the lengths, and with seqused_k
+    max_seqlen_k bounds the keys used, as FlashAttention 3 takes it; neither is checked on the GPU,
+    which would synchronize). Returns o (total_q, Hq, Dv), and lse (Hq, total_q) float32
     with return_lse. Each sequence is genfast.attention of its own rows, with the causal mask and
     window aligned to its bottom-right corner; alibi_slopes (Hq,) or (batch, Hq); sinks (Hq,). No attn_mask.
     Dropout keeps element (h total_q + cu_seqlens_q[n] + i) total_k + cu_seqlens_k[n] + j of the
@@ -374,9 +374,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                            window, alibi_slopes, softcap, impl, sinks, seqused_k, block_table)
     backend = _fused_backend(impl, q, (qs[2], vs[2]))
     if qv is not None:
-        check_qv(qv, q, v)
-        scale = 1.0 / math.sqrt(qs[2] + vs[2]) if scale is None else scale
-        q, k, qv, backend = _qv_form(impl, q, k, v, qv, backend, sinks)
+        q, k, qv, backend, scale = _qv_form(impl, q, k, v, qv, scale, backend, sinks)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
     seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":

@@ -6,6 +6,8 @@ dense, decoding with stacked heads, GQA, options; opcheck and torch.compile; emp
 non-contiguous and bad input; on a GPU, DeepSeek's 64 + 512 from a paged cache without
 synchronising."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -475,15 +477,23 @@ def test_dense_op_checks_qv_and_has_no_backward_of_it(impl):
 
 @pytest.mark.cuda
 @pytest.mark.triton
-def test_dense_auto_reads_qv_in_place_on_a_gpu():
-    """genfast.attention with qv on a GPU: "auto" takes Triton's forward (bfloat16, 64 + 512, 16 heads
-    on one kv head, decoding), against the reference; the CUDA op refuses qv."""
+def test_dense_auto_reads_qv_in_place_on_a_gpu(monkeypatch):
+    """genfast.attention with qv on a GPU: "auto" takes Triton's forward, which reads qv in place
+    (bfloat16, 64 + 512, 16 heads on one kv head, decoding; nothing concatenated, nothing run on
+    the reference), against the reference; the CUDA op refuses qv."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     q, k, v, qv = dense_inputs(2, 16, 1, 1, 1000, dim=64, v_dim=512, dtype=torch.bfloat16, seed=12)
     gpu = [t.cuda() for t in (q, k, v, qv)]
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda tensors, *a, **kw: calls.append("cat") or cat(tensors, *a, **kw))
+    monkeypatch.setattr(importlib.import_module("genfast.attention").reference, "attention",
+                        lambda *a, **kw: calls.append("reference"))
     with torch.no_grad():
         o = genfast.attention(*gpu[:3], qv=gpu[3], enable_gqa=True, causal="bottom_right")
+    monkeypatch.undo()
+    assert calls == []
     exact, low = (attention(*(t.to(d) for t in (q, k, v)), qv=qv.to(d), enable_gqa=True, causal="bottom_right")
                   for d in (torch.float64, torch.bfloat16))
     assert_error_ratio(o.cpu(), exact, low, ratio=2.0, msg="o")

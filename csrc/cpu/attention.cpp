@@ -3,10 +3,10 @@
 // sequence's only one, computed as wide as its keys), keeping a running maximum, sum and output per
 // query (online softmax), so that no Lq x Lk matrix is stored; a key block's panels are packed once
 // when several query blocks or heads read them. The backward recomputes the probabilities from the
-// log-sum-exp, without atomics: one pass per (batch, key head) when there are enough of them for the
-// threads, else one per chunk of a pair's key blocks, each with its own dQ accumulators (summed
-// afterwards), or where those would take too much memory, one pass per block of keys (dK, dV) and
-// one per block of queries (dQ). The products are register-blocked (block_product_rows) over packed
+// log-sum-exp, without atomics, in the fastest of three schedules (key_block_chunks): one pass per
+// (batch, key head), one per chunk of a pair's key blocks, each with its own dQ accumulators (summed
+// afterwards), or one pass per block of keys (dK, dV) and one per block of queries (dQ), which
+// recomputes the scores. The products are register-blocked (block_product_rows) over packed
 // panels, except for a few queries (decoding), which read K and V in place. The forward reads a
 // float16 or bfloat16 K and V as they are, widening them in the loads that pack or read them (a KV
 // cache is not copied to float32); the backward computes on float32 copies of its inputs.

@@ -192,11 +192,11 @@ def _starts(cu, first):
     return torch.cat(((cu[:-1, None] + first).flatten(), cu[-1:]))
 
 
-def _subsequences(cu_q, cu_k, held_q, used_q, used_k, chunk, before, max_k):
+def _subsequences(cu_q, cu_k, held_q, unused_rows, used_k, chunk, before, max_k):
     """cu_seqlens_q, cu_seqlens_k and seqused_k of the sequences genfast attends over in place of
-    FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts), then, with
-    used_q (held_q: _held's), its rows past used_q[n] as a sequence of no keys. Computed on the
-    device: no synchronisation."""
+    FlashAttention 3's: each sequence's parts under attention_chunk (_chunk_parts) of its held_q
+    queries (_held's), then, with unused_rows (seqused_q given), its rows past them as a sequence of
+    no keys. Computed on the device: no synchronisation."""
     rows_k = cu_k[1:] - cu_k[:-1]
     held_k = _held("seqused_k", used_k, rows_k)
     if chunk:
@@ -205,7 +205,7 @@ def _subsequences(cu_q, cu_k, held_q, used_q, used_k, chunk, before, max_k):
     else:
         first_q = first_k = torch.zeros_like(held_q)[:, None]
         keys = held_k[:, None]
-    if used_q is not None:  # the unused rows: a sequence of no keys
+    if unused_rows:  # a sequence of no keys
         first_q = torch.cat((first_q, held_q[:, None]), 1)
         first_k = torch.cat((first_k, rows_k[:, None]), 1)
         keys = torch.cat((keys, torch.zeros_like(keys[:, :1])), 1)
@@ -271,13 +271,14 @@ def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax
                                 seqused_k=_held("seqused_k", used_k, cu_k[1:] - cu_k[:-1]), **common)
     rows_q = cu_q[1:] - cu_q[:-1]
     held_q = _held("seqused_q", used_q, rows_q)
-    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, held_q, used_q, used_k, chunk,
+    sub_q, sub_k, keys = _subsequences(cu_q, cu_k, held_q, used_q is not None, used_k, chunk,
                                        max_q if before is None else before, max_k)
+    parts_k = min(max_k, chunk) if chunk else max_k
     if used_q is None:  # a chunk's part holds at most `chunk` queries
-        return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk else max_q,
-                                min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
-    o, lse = attention_varlen(q, k, v, sub_q, sub_k, _unused_rows_bound(q, rows_q - held_q, max_q),
-                              min(max_k, chunk) if chunk else max_k, seqused_k=keys, **common)
+        return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk else max_q, parts_k,
+                                seqused_k=keys, **common)
+    o, lse = attention_varlen(q, k, v, sub_q, sub_k, _unused_rows_bound(q, rows_q - held_q, max_q), parts_k,
+                              seqused_k=keys, **common)
     return _rows_past_used_cleared(o, lse, cu_q, held_q)
 
 
