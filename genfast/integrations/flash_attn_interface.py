@@ -141,13 +141,6 @@ def _check_chunk(attention_chunk) -> int:
     return int(attention_chunk)
 
 
-def _qv_scale(q, qv, softmax_scale):
-    """FlashAttention 3's default softmax_scale: (head_dim + head_dim_v) ** -0.5 with qv."""
-    if softmax_scale is not None:
-        return softmax_scale
-    return (q.shape[-1] + (0 if qv is None else qv.shape[-1])) ** -0.5
-
-
 def _index_tensor(name, t, shape, device):
     """t as an int32 tensor of `shape` on `device`, else an error naming it."""
     if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != device:
@@ -259,7 +252,7 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, ca
 def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax_scale, causal, qv, window_size,
                       attention_chunk, softcap, deterministic, impl, before):
     chunk = _check_chunk(attention_chunk)
-    common = dict(scale=_qv_scale(q, qv, softmax_scale), deterministic=deterministic, return_lse=True, impl=impl,
+    common = dict(scale=softmax_scale, deterministic=deterministic, return_lse=True, impl=impl,
                   qv=qv, **_options(causal, window_size, softcap))
     if not chunk and used_q is None and used_k is None:
         return attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **common)
@@ -277,13 +270,13 @@ def _packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, softmax
     if used_q is None:  # a chunk's part holds at most `chunk` queries
         return attention_varlen(q, k, v, sub_q, sub_k, min(max_q, chunk) if chunk else max_q, parts_k,
                                 seqused_k=keys, **common)
-    o, lse = attention_varlen(q, k, v, sub_q, sub_k, _unused_rows_bound(q, rows_q - held_q, max_q), parts_k,
+    o, lse = attention_varlen(q, k, v, sub_q, sub_k, _unused_rows_bound(q, rows_q, held_q, max_q), parts_k,
                               seqused_k=keys, **common)
     return _rows_past_used_cleared(o, lse, cu_q, held_q)
 
 
-def _unused_rows_bound(q, unused, max_q):
-    """max_seqlen_q for the sequences of the rows past seqused_q (unused: their counts) beside the
+def _unused_rows_bound(q, rows_q, held_q, max_q):
+    """max_seqlen_q for the sequences of the rows past seqused_q (rows_q - held_q of them) beside the
     parts of the rows used. FlashAttention 3 takes max(seqused_q) for max_seqlen_q, which need not
     bound them: on the CPU (where reading the counts costs no synchronisation) their largest count,
     under torch.compile all of q's rows; on a GPU max_q, the kernels leaving any rows past it
@@ -292,7 +285,7 @@ def _unused_rows_bound(q, unused, max_q):
         return max_q
     if torch.compiler.is_compiling():
         return max(max_q, q.shape[0])
-    return max(max_q, int(unused.max()) if unused.numel() else 0)
+    return max(max_q, int((rows_q - held_q).max()) if rows_q.numel() else 0)
 
 
 def _rows_past_used_cleared(o, lse, cu_q, held_q):
@@ -576,7 +569,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         flat_q, cu_q, max_q = q.reshape(batch * lq, *q.shape[2:]), _uniform_cu_seqlens(batch, lq, q.device), lq
         flat_qv = None if qv is None else qv.reshape(batch * lq, *qv.shape[2:])
     flat_q, k_cache, v_cache, flat_qv, out_scale = _fp8_widened(flat_q, k_cache, v_cache, flat_qv, scales, cu_q)
-    common = dict(scale=_qv_scale(flat_q, flat_qv, softmax_scale), return_lse=True, impl=impl, qv=flat_qv, **options)
+    common = dict(scale=softmax_scale, return_lse=True, impl=impl, qv=flat_qv, **options)
     if chunk:
         o, lse = _chunked_cache_attention(flat_q, cu_q, max_q, k_cache, v_cache, held, cache_batch_idx,
                                           cache_leftpad, page_table, chunk, common)
