@@ -7,6 +7,7 @@ genfast.reference that defines what the others compute.
 
 from . import _backend
 from .attention import attention, attention_varlen
+from .attention_merge import merge_attention
 from .diffusion import (
     ddim_step,
     ddpm_step,
@@ -68,6 +69,7 @@ __all__ = [
     "lu_weight",
     "made_linear",
     "mala_accept",
+    "merge_attention",
     "nade_conditionals",
     "nade_log_prob",
     "nade_sample",

@@ -14,7 +14,7 @@
 
 #include "../../kernels/common/rotary.h"
 #include "cpu_features.h"
-#include "cpu_vectors.h"
+#include "float16_rows.h"
 
 namespace genfast {
 namespace {
@@ -31,33 +31,6 @@ GF_CPU_INLINE void turn_planes(const float* x, float* out, const float* cos, con
     out[a] = first;
     out[b] = second;
   }
-}
-
-// n elements as float32 and back, sixteen at a time in vector registers.
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void widen(const T* src, float* dst, int64_t n) {
-  constexpr int W = kVectorLanes<isa>;
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols) {
-    store16(dst + j, std::is_same_v<T, c10::Half> ? load16_float16<W>(bits + j) : load16_bfloat16<W>(bits + j));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void narrow(const float* src, T* dst, int64_t n) {
-  constexpr int W = kVectorLanes<isa>;
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols) {
-    if constexpr (std::is_same_v<T, c10::Half>) {
-      store16_float16<W>(bits + j, load16<W>(src + j));
-    } else {
-      store16_bfloat16<W>(bits + j, load16<W>(src + j));
-    }
-  }
-  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 // A head row (head_dim features, contiguous) turned into out (which may be in) by the tables' row

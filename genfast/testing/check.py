@@ -4,6 +4,7 @@ import torch
 
 from .. import _backend
 from . import attention as attention_samples
+from . import attention_merge as attention_merge_samples
 from . import attention_fuzz
 from . import denoise_step as denoise_samples
 from . import flows as flow_samples
@@ -75,6 +76,10 @@ def check_rotary(device):
     return _check_trainable(rotary_samples, device)
 
 
+def check_attention_merge(device):
+    return _check_trainable(attention_merge_samples, device)
+
+
 def _attention_runs(impl, device, dtype):
     # The CUDA kernels take float16 and bfloat16 (Triton runs float32 there).
     return _runnable(impl, device, dtype) and not (device != "cpu" and impl == "native" and dtype == torch.float32)
@@ -90,7 +95,8 @@ def fuzz_attention(device, count, seed=0):
 
 
 CHECKS = {"denoise_step": check_denoise_step, "langevin_step": check_langevin_step, "flows": check_flows,
-          "nade": check_nade, "rotary": check_rotary, "attention": check_attention}
+          "nade": check_nade, "rotary": check_rotary, "attention": check_attention,
+          "attention_merge": check_attention_merge}
 
 
 def run(devices, ops, out=print, fuzz=0, seed=0) -> int:

@@ -1,0 +1,109 @@
+"""Merging partial attentions: attentions of the same queries over disjoint sets of keys, each given as
+its output and log-sum-exp (genfast.attention(..., return_lse=True), attention_varlen, FlashAttention's
+softmax_lse), combined into the attention over all the keys, in one pass with its backward. What
+cascade inference (a shared prefix attended once for many requests), split-KV decoding, chunked
+prefill over a cached prefix and ring attention do between their attention calls.
+genfast.reference.attention_merge defines it."""
+
+import math
+from typing import Sequence, Tuple, Union
+
+import torch
+
+from . import _backend, _checks
+from .ops import attention_merge as merge_op
+from .reference import attention_merge as reference
+
+Tensor = torch.Tensor
+
+
+def _sequences(o, lse):
+    """Whether o and lse are sequences of the states' tensors (checked), not stacked tensors."""
+    if not (isinstance(o, (list, tuple)) or isinstance(lse, (list, tuple))):
+        return False
+    if not (isinstance(o, (list, tuple)) and isinstance(lse, (list, tuple)) and len(o) == len(lse) and len(o)):
+        raise ValueError("o and lse must both be tensors, or both non-empty sequences of tensors of one length, "
+                         f"got {type(o).__name__} and {type(lse).__name__}")
+    for name, parts in (("o", o), ("lse", lse)):
+        for part in parts:
+            if not isinstance(part, Tensor):
+                raise TypeError(f"{name} must hold torch.Tensors, got {type(part).__name__}")
+    if any(part.shape != o[0].shape for part in o) or any(part.shape != lse[0].shape for part in lse):
+        raise ValueError(f"the states must have one shape each, got o {[tuple(p.shape) for p in o]} and lse "
+                         f"{[tuple(p.shape) for p in lse]}")
+    for name, parts in (("o", o), ("lse", lse)):
+        if any(part.dtype != parts[0].dtype or part.device != parts[0].device for part in parts):
+            raise ValueError(f"{name}'s states must have one dtype and device, got "
+                             f"{[(str(p.dtype), str(p.device)) for p in parts]}")
+    return True
+
+
+def _check(o, lse, dim, impl):
+    if not (impl == "reference" and isinstance(o, Tensor) and o.dtype == torch.float64):
+        _checks.check_float_tensor("o", o)
+    if not isinstance(lse, Tensor):
+        raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
+    if o.dim() < 2 or lse.shape != o.shape[:-1]:
+        raise ValueError(f"lse must have o's shape without its head dim (o {tuple(o.shape)}, at least 2-d, the states "
+                         f"along one dim), got {tuple(lse.shape)}")
+    wanted = torch.float64 if o.dtype == torch.float64 else torch.float32
+    if lse.dtype != wanted:
+        raise TypeError(f"lse must be {wanted} (the log-sum-exp attention returns), got {lse.dtype}")
+    if lse.device != o.device:
+        raise ValueError(f"lse must be on o's device ({o.device}), got {lse.device}")
+    if not -lse.dim() <= dim < lse.dim():
+        raise ValueError(f"dim must index one of lse's {lse.dim()} dims (the states' dim), got {dim}")
+
+
+def _collapsible(sizes, strides):
+    """Whether dims of these sizes and strides view as one."""
+    kept = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    return all(kept[i][1] == kept[i + 1][1] * kept[i + 1][0] for i in range(len(kept) - 1))
+
+
+def _rows_in_two(o, lse):
+    """The states' o (*rows, D) and lse (*rows) as (outer, inner, D) and (outer, inner): views where
+    some split of the rows' dims lets every one view so, else copies."""
+    rows = tuple(lse[0].shape)
+    n = len(rows)
+    for k in range(n + 1):
+        if all(_collapsible(rows[a:b], t.stride()[a:b]) for t in (*o, *lse) for a, b in ((0, k), (k, n))):
+            outer, inner = math.prod(rows[:k]), math.prod(rows[k:])
+            break
+    else:
+        outer, inner = 1, math.prod(rows)
+    return ([t.reshape(outer, inner, t.shape[-1]) for t in o], [t.reshape(outer, inner) for t in lse])
+
+
+def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Sequence[Tensor]], dim: int = 0, *,
+                    impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """The attention over all the keys of partial attentions of the same queries over disjoint sets of
+    keys: o (..., head_dim), the partial outputs with the states along dim `dim` (of lse's dims), and
+    lse (o's shape without the head dim, float32), their log-sum-exp; or sequences of the states' o
+    and lse, each read where it lies (dim unused). Returns (o, lse) without the states' dim: sum_s exp(lse_s - lse) o_s in
+    o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. Any strides are read in
+    place, (batch, heads, queries) outputs of genfast.attention and (tokens, heads) packed ones of
+    attention_varlen alike (FlashAttention's varlen lse, (heads, tokens), as lse.T), and states along
+    any dim (FlashInfer's (tokens, states, heads, head_dim) as dim=1). A state of lse -inf has no keys
+    and is not read; a row whose states all have lse -inf gets o 0 and lse -inf. Differentiable in o and
+    lse."""
+    if _sequences(o, lse):
+        dim, o, lse, stacked = 0, list(o), list(lse), None
+        _check(o[0].unsqueeze(0), lse[0].unsqueeze(0), 0, impl)
+        device = o[0].device
+    else:
+        _check(o, lse, dim, impl)
+        dim, stacked, device = dim % lse.dim(), (o, lse), o.device
+    backend = _backend.resolve_impl(impl, device)
+    if backend == "reference":
+        if stacked is None:
+            stacked = torch.stack(o, dim), torch.stack(lse, dim)
+        return reference.attention_merge(*stacked, dim)
+    if stacked is not None:
+        if o.shape[dim] == 0:  # no states: no keys anywhere
+            return (o.new_zeros(o.shape[:dim] + o.shape[dim + 1:]),
+                    lse.new_full(lse.shape[:dim] + lse.shape[dim + 1:], float("-inf")))
+        o, lse = list(o.unbind(dim)), list(lse.unbind(dim))
+    rows, head_dim = tuple(lse[0].shape), o[0].shape[-1]
+    out, out_lse = merge_op.operator(backend)(*_rows_in_two(o, lse))
+    return out.view(rows + (head_dim,)), out_lse.view(rows)

@@ -1,0 +1,109 @@
+"""torch.ops.genfast.attention_merge and its backward (native, from _C), their Triton forms (custom_ops
+with explicit fakes, on every device), and the autograd of the merge by its backward operator. The
+states come as lists of tensors, each read where it lies."""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _backend
+
+Tensor = torch.Tensor
+LISTED = 8  # AttentionMergeStates::kListed
+
+
+def merge_states(states: List[Tensor], features: bool) -> List[Tensor]:
+    """The states as the kernels read them (csrc/attention_merge_args.h's attention_merge_states): one
+    layout for all (features contiguous for o), copied contiguous where they differ, and placed where
+    places() can name them (anywhere for up to eight states, evenly spaced past that), stacked where
+    they are not."""
+    first = states[0]
+    shared = not features or first.shape[-1] <= 1 or first.stride(-1) == 1
+    if not (shared and all(t.stride() == first.stride() for t in states)):
+        states = [t.contiguous() for t in states]
+    offsets = [t.data_ptr() - states[0].data_ptr() for t in states]
+    size = first.element_size()
+    spacing = offsets[1] if len(offsets) > 1 else 0
+    if any(at % size or (len(states) > LISTED and at != spacing * s) for s, at in enumerate(offsets)):
+        states = list(torch.stack(states).unbind(0))
+    return states
+
+
+def places(states: List[Tensor]) -> Tuple[int, ...]:
+    """AttentionMergeStates: the first eight states' offsets from state 0's, in elements, and the spacing
+    of the later ones."""
+    size = states[0].element_size()
+    listed = [(t.data_ptr() - states[0].data_ptr()) // size for t in states[:LISTED]]
+    listed += [0] * (LISTED - len(listed))
+    return tuple(listed) + (listed[1] if len(states) > 1 else 0,)
+
+
+def _fake(o, lse):
+    return o[0].new_empty(o[0].shape), lse[0].new_empty(lse[0].shape)
+
+
+def _backward_fake(grad_out, grad_lse, o, lse):
+    return o[0].new_empty((len(o),) + tuple(o[0].shape)), lse[0].new_empty((len(lse),) + tuple(lse[0].shape))
+
+
+@torch.library.custom_op("genfast::attention_merge_triton", mutates_args=())
+def attention_merge_triton(o: List[Tensor], lse: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    from ..kernels.attention_merge import launch_attention_merge
+
+    out, out_lse = _fake(o, lse)
+    if out_lse.numel():
+        o, lse = merge_states(o, True), merge_states(lse, False)
+        launch_attention_merge(o, lse, (places(o), places(lse)), out, out_lse)
+    return out, out_lse
+
+
+@torch.library.custom_op("genfast::attention_merge_backward_triton", mutates_args=())
+def attention_merge_backward_triton(grad_out: Tensor, grad_lse: Optional[Tensor], o: List[Tensor],
+                                    lse: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    from ..kernels.attention_merge import launch_attention_merge_backward
+
+    grad_o, grad_lse_states = _backward_fake(grad_out, grad_lse, o, lse)
+    if grad_lse_states.numel():
+        o, lse = merge_states(o, True), merge_states(lse, False)
+        launch_attention_merge_backward(grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), o,
+                                        lse, (places(o), places(lse)), grad_o, grad_lse_states)
+    return grad_o, grad_lse_states
+
+
+def _setup_context(ctx, inputs, output):
+    o, lse = inputs
+    ctx.states = len(o)
+    ctx.save_for_backward(*o, *lse)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, grad_lse):
+        saved = ctx.saved_tensors
+        o, lse = list(saved[:ctx.states]), list(saved[ctx.states:])
+        if grad_out is None:
+            grad_out = torch.zeros_like(o[0], memory_format=torch.contiguous_format)
+        grad_o, grad_lse_states = backward_op(grad_out, grad_lse, o, lse)
+        return list(grad_o.unbind(0)), list(grad_lse_states.unbind(0))
+
+    return backward
+
+
+attention_merge_triton.register_fake(_fake)
+attention_merge_backward_triton.register_fake(_backward_fake)
+torch.library.register_autograd("genfast::attention_merge_triton", _make_backward(attention_merge_backward_triton),
+                                setup_context=_setup_context)
+if _backend.native_module() is not None:
+    torch.library.register_fake("genfast::attention_merge")(_fake)
+    torch.library.register_fake("genfast::attention_merge_backward")(_backward_fake)
+    torch.library.register_autograd("genfast::attention_merge",
+                                    _make_backward(torch.ops.genfast.attention_merge_backward.default),
+                                    setup_context=_setup_context)
+
+
+def operator(impl: str):
+    """The (differentiable) merge operator of a fused backend."""
+    if impl == "native":
+        return torch.ops.genfast.attention_merge.default
+    if impl == "triton":
+        return torch.ops.genfast.attention_merge_triton.default
+    raise ValueError(f"attention_merge has no operator for impl={impl!r}")

@@ -1,0 +1,105 @@
+// Merging partial attentions (genfast.reference.attention_merge): attentions of one query row over
+// disjoint sets of keys, each given as its normalized output o_s and log-sum-exp lse_s, make the
+// attention over all the keys:
+//   lse = log sum_s e^lse_s,   o = sum_s a_s o_s,   a_s = e^(lse_s - lse).
+// A row whose states all have lse -inf (no keys anywhere) gets o = 0 and lse = -inf; a NaN lse makes
+// the row NaN. The backward, for incoming gradients g (of o) and g_lse (of lse), with d_s = g . o_s:
+//   grad o_s = a_s g,   grad lse_s = a_s (d_s - sum_t a_t d_t + g_lse).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "host_device.h"
+
+namespace genfast {
+
+// Where each state's rows are, in elements from state 0's: the first kListed states each at its own
+// offset (states from separate tensors), later ones `stride` apart (states stacked in one tensor).
+struct AttentionMergeStates {
+  static constexpr int kListed = 8;
+  int64_t listed[kListed];
+  int64_t stride;
+};
+
+GF_HOST_DEVICE_INLINE int64_t attention_merge_state_at(const AttentionMergeStates& states, int64_t s) {
+  return s < AttentionMergeStates::kListed ? states.listed[s] : s * states.stride;
+}
+
+// Rows are (outer, inner) pairs, each addressed by its own stride, so that both (batch, heads,
+// queries) outputs and (tokens, heads) packed ones are read in place.
+template <typename T>
+struct AttentionMergeParams {
+  int64_t states, rows_outer, rows_inner, head_dim;
+  const T* o;  // state 0's (rows_outer, rows_inner, head_dim), features contiguous
+  int64_t o_strides[2];
+  AttentionMergeStates o_states;
+  const float* lse;  // state 0's (rows_outer, rows_inner)
+  int64_t lse_strides[2];
+  AttentionMergeStates lse_states;
+  T* out;          // (rows, head_dim), contiguous
+  float* out_lse;  // (rows)
+};
+
+template <typename T>
+struct AttentionMergeBackwardParams {
+  int64_t states, rows_outer, rows_inner, head_dim;
+  const T* grad_out;        // (rows, head_dim), contiguous
+  const float* grad_lse;    // (rows), or null: no gradient of the merged lse
+  const T* o;               // as AttentionMergeParams
+  int64_t o_strides[2];
+  AttentionMergeStates o_states;
+  const float* lse;
+  int64_t lse_strides[2];
+  AttentionMergeStates lse_states;
+  T* grad_o;                // (states, rows, head_dim), contiguous
+  float* grad_lse_states;   // (states, rows)
+};
+
+// The offset of row r (= outer * rows_inner + inner) of a state.
+GF_HOST_DEVICE_INLINE int64_t attention_merge_row_offset(const int64_t (&strides)[2], int64_t rows_inner, int64_t r) {
+  return (r / rows_inner) * strides[0] + (r % rows_inner) * strides[1];
+}
+
+// The larger of a and b, NaN if either is.
+GF_HOST_DEVICE_INLINE float attention_merge_max(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return b > a ? b : a;
+}
+
+// The merged lse of one row, whose states' lse are lse[attention_merge_state_at(at, s)].
+GF_HOST_DEVICE_INLINE float attention_merged_lse(const float* lse, const AttentionMergeStates& at, int64_t states) {
+  float most = -__builtin_inff();
+  for (int64_t s = 0; s < states; ++s) most = attention_merge_max(most, lse[attention_merge_state_at(at, s)]);
+  if (most == -__builtin_inff()) return most;
+  float total = 0.0f;
+  for (int64_t s = 0; s < states; ++s) total += expf(lse[attention_merge_state_at(at, s)] - most);
+  return most + logf(total);
+}
+
+// Row r of a merge or of its backward (Params): state 0's o and lse there, and the merged lse.
+template <typename T>
+struct AttentionMergeRow {
+  const T* o;
+  const float* lse;
+  float merged;
+};
+
+template <typename Params>
+GF_HOST_DEVICE_INLINE auto attention_merge_row(const Params& p, int64_t r) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(p.o)>>;
+  const float* lse = p.lse + attention_merge_row_offset(p.lse_strides, p.rows_inner, r);
+  return AttentionMergeRow<T>{p.o + attention_merge_row_offset(p.o_strides, p.rows_inner, r), lse,
+                              attention_merged_lse(lse, p.lse_states, p.states)};
+}
+
+// a_s: the weight of a state of log-sum-exp lse_s in a row whose merged lse is `merged` (0 when
+// the row has no keys).
+GF_HOST_DEVICE_INLINE float attention_merge_weight(float lse_s, float merged) {
+  return merged == -__builtin_inff() ? 0.0f : expf(lse_s - merged);
+}
+
+}  // namespace genfast

@@ -1,0 +1,181 @@
+// The CUDA merge of partial attentions (kernels/cuda/attention_merge.cu), run on the host by
+// cuda_emulator.h through its launchers, against a float64 evaluation of
+// kernels/common/attention_merge.h's formulas: states interleaved in memory (o and lse strided) or
+// listed out of order, more states than are listed (evenly spaced), 16-byte chunks and single
+// elements (an odd head dim, an unaligned o), states without keys whose o is NaN (not read), a row
+// without keys in any state, and the backward with and without the merged lse's gradient; float32,
+// float16 and bfloat16. The outputs start as NaN, so a missed write fails.
+// Built and run by CMake (ctest).
+#include "cuda_emulator.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../cuda/attention_merge.cu"
+#include "emulated_elements.h"
+
+namespace {
+
+int failures = 0;
+
+struct Case {
+  const char* name;
+  int states, head_dim;
+  bool offset_o;   // o one element past a 16-byte boundary: single elements
+  bool grad_lse;   // the backward takes a gradient of the merged lse
+  bool listed;     // the states' places listed in reverse memory order (separate tensors), not evenly spaced
+};
+
+void check(const char* name, const char* what, int64_t at, double got, double expected, double tolerance,
+           double* worst) {
+  const double error = std::fabs(got - expected) / std::max(1.0, std::fabs(expected));
+  *worst = std::max(*worst, error);
+  if (!(error <= tolerance)) {
+    if (failures < 20) std::printf("FAIL %s: %s[%lld] %g, expected %g\n", name, what, static_cast<long long>(at), got,
+                                   expected);
+    ++failures;
+  }
+}
+
+template <typename T>
+void run_case(const Case& c) {
+  const int states = c.states, outer = 2, inner = 5, rows = outer * inner, dim = c.head_dim;
+  // o and lse stored (outer, inner, states, ...): the states interleaved; listed, state s is the
+  // (states - 1 - s)th in memory
+  const int64_t o_strides[3] = {dim, inner * states * dim, states * dim};
+  const int64_t lse_strides[3] = {1, inner * states, states};
+  auto slot = [&](int s) { return c.listed ? states - 1 - s : s; };
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  const int64_t offset = c.offset_o ? 1 : 0;
+  std::vector<T> o_store(offset + rows * states * dim);
+  std::vector<float> lse(rows * states);
+  for (auto& e : lse) e = 3.0f * normal(rng);
+  for (int s = 0; s < states; ++s) lse[s] = -INFINITY;  // row 0: no keys anywhere
+  lse[4 * states + 1] = lse[7 * states + 2] = -INFINITY;
+  const T* o = o_store.data() + offset;
+  for (int r = 0; r < rows; ++r) {
+    for (int s = 0; s < states; ++s) {
+      const bool empty = std::isinf(lse[r * states + s]);
+      for (int j = 0; j < dim; ++j) o_store[offset + (r * states + s) * dim + j] = from<T>(empty ? NAN : normal(rng));
+    }
+  }
+  auto o_at = [&](int s, int r, int j) {
+    return static_cast<double>(
+        as_float(o[slot(s) * o_strides[0] + (r / inner) * o_strides[1] + (r % inner) * o_strides[2] + j]));
+  };
+  auto lse_at = [&](int s, int r) {
+    return static_cast<double>(
+        lse[slot(s) * lse_strides[0] + (r / inner) * lse_strides[1] + (r % inner) * lse_strides[2]]);
+  };
+  auto places = [&](int64_t stride) {
+    genfast::AttentionMergeStates at{};
+    for (int s = 0; s < genfast::AttentionMergeStates::kListed; ++s) at.listed[s] = (slot(s) - slot(0)) * stride;
+    at.stride = stride;
+    return at;
+  };
+
+  std::vector<T> out(rows * dim, from<T>(NAN)), grad_out(rows * dim), grad_o(states * rows * dim, from<T>(NAN));
+  std::vector<float> out_lse(rows, NAN), grad_lse(rows), grad_lse_states(states * rows, NAN);
+  for (auto& e : grad_out) e = from<T>(normal(rng));
+  for (auto& e : grad_lse) e = normal(rng);
+
+  auto set_inputs = [&](auto& q) {
+    q.states = states;
+    q.rows_outer = outer;
+    q.rows_inner = inner;
+    q.head_dim = dim;
+    q.o = o + slot(0) * o_strides[0];
+    q.lse = lse.data() + slot(0) * lse_strides[0];
+    for (int d = 0; d < 2; ++d) {
+      q.o_strides[d] = o_strides[d + 1];
+      q.lse_strides[d] = lse_strides[d + 1];
+    }
+    q.o_states = places(o_strides[0]);
+    q.lse_states = places(lse_strides[0]);
+  };
+  genfast::AttentionMergeParams<T> p{};
+  set_inputs(p);
+  p.out = out.data();
+  p.out_lse = out_lse.data();
+  genfast::AttentionMergeBackwardParams<T> b{};
+  set_inputs(b);
+  b.grad_out = grad_out.data();
+  b.grad_lse = c.grad_lse ? grad_lse.data() : nullptr;
+  b.grad_o = grad_o.data();
+  b.grad_lse_states = grad_lse_states.data();
+  if (genfast::launch_attention_merge(p, nullptr) != cudaSuccess ||
+      genfast::launch_attention_merge_backward(b, nullptr) != cudaSuccess) {
+    std::printf("FAIL %s: launch\n", c.name);
+    ++failures;
+    return;
+  }
+
+  double worst = 0.0;
+  const double tolerance = ::tolerance<T>(), lse_tolerance = 1e-5;
+  for (int r = 0; r < rows; ++r) {
+    double most = -INFINITY;
+    for (int s = 0; s < states; ++s) most = std::max(most, lse_at(s, r));
+    double merged = -INFINITY;
+    if (!std::isinf(most)) {
+      double total = 0.0;
+      for (int s = 0; s < states; ++s) total += std::exp(lse_at(s, r) - most);
+      merged = most + std::log(total);
+    }
+    if (std::isinf(merged)) {
+      if (!(out_lse[r] == -INFINITY)) {
+        std::printf("FAIL %s: lse[%d] %g, expected -inf\n", c.name, r, out_lse[r]);
+        ++failures;
+      }
+    } else {
+      check(c.name, "lse", r, out_lse[r], merged, lse_tolerance, &worst);
+    }
+    std::vector<double> weight(states), dots(states);
+    double mean = 0.0;
+    for (int s = 0; s < states; ++s) {
+      const bool empty = std::isinf(lse_at(s, r));
+      weight[s] = empty ? 0.0 : std::exp(lse_at(s, r) - merged);
+      dots[s] = 0.0;
+      for (int j = 0; j < dim && !empty; ++j) dots[s] += as_float(grad_out[r * dim + j]) * o_at(s, r, j);
+      mean += weight[s] * dots[s];
+    }
+    for (int j = 0; j < dim; ++j) {
+      double expected = 0.0;
+      for (int s = 0; s < states; ++s) expected += weight[s] == 0.0 ? 0.0 : weight[s] * o_at(s, r, j);
+      check(c.name, "out", r * dim + j, as_float(out[r * dim + j]), expected, tolerance, &worst);
+    }
+    for (int s = 0; s < states; ++s) {
+      for (int j = 0; j < dim; ++j) {
+        const int64_t at = (s * rows + r) * dim + j;
+        check(c.name, "grad_o", at, as_float(grad_o[at]), weight[s] * as_float(grad_out[r * dim + j]), tolerance,
+              &worst);
+      }
+      const double expected =
+          weight[s] == 0.0 ? 0.0 : weight[s] * (dots[s] - mean + (c.grad_lse ? grad_lse[r] : 0.0));
+      check(c.name, "grad_lse", s * rows + r, grad_lse_states[s * rows + r], expected, 1e-4, &worst);
+    }
+  }
+  std::printf("%-40s %-9s max rel err %.2e\n", c.name, element_name<T>(), worst);
+}
+
+}  // namespace
+
+int main() {
+  const Case cases[] = {
+      {"head dim 128, 16-byte chunks", 3, 128, false, true, false},
+      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true},
+      {"head dim 7, single elements, listed", 5, 7, false, true, true},
+      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false},
+      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false},
+  };
+  for (const Case& c : cases) {
+    run_case<float>(c);
+    run_case<__half>(c);
+    run_case<__nv_bfloat16>(c);
+  }
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

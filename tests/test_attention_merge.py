@@ -1,0 +1,242 @@
+"""genfast.merge_attention, partial attentions merged, with its backward, on every backend against
+reference.attention_merge: outputs by the error-ratio rule (2x) and gradients (3x), float32/16/bfloat16,
+1 to 5 states, states without keys (lse -inf, not read) and rows without any, the states along any dim,
+strided and packed layouts, sequences of states, empty tensors, NaN, opcheck, torch.compile, CUDA
+graphs and bad input. The reference itself: gradcheck in float64, and attentions over splits of the
+keys merging into the attention over all of them."""
+
+import pytest
+import torch
+
+import genfast
+from genfast.reference.attention_merge import attention_merge as reference_merge
+from genfast.testing.tolerances import assert_error_ratio
+from conftest import assert_compiles_like_eager, devices, fused_impls, skip_unless_supported
+
+NO_KEYS = float("-inf")
+
+
+def _states(states, rows, dim, dtype=torch.float32, device="cpu", seed=0):
+    """o (states, *rows, dim) and lse (states, *rows): some states without keys, and the first row
+    without any in all of them."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(states, *rows, dim, generator=g)
+    lse = torch.randn(states, *rows, generator=g) * 3
+    lse.masked_fill_(torch.rand(lse.shape, generator=g) < 0.2, NO_KEYS)
+    lse.view(states, -1)[:, 0] = NO_KEYS
+    o.masked_fill_(torch.isinf(lse)[..., None] & (torch.rand(o.shape, generator=g) < 0.5), float("nan"))  # unread
+    return o.to(device=device, dtype=dtype), lse.to(device)
+
+
+def _compare(impl, o, lse, dim=0):
+    """Outputs and gradients of genfast.merge_attention against the float64 reference and the
+    reference in o's dtype."""
+    leaves = [o.detach().requires_grad_(), lse.detach().requires_grad_()]
+    out, out_lse = genfast.merge_attention(*leaves, dim, impl=impl)
+    g = torch.Generator().manual_seed(1)
+    grads = (torch.randn(out.shape, generator=g).to(out), torch.randn(out_lse.shape, generator=g).to(out_lse))
+    got = [out, out_lse, *torch.autograd.grad((out, out_lse), leaves, grads)]
+    results = {}
+    for name, cast in (("exact", torch.float64), ("low", None)):
+        ref_leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (o, lse)]
+        r, r_lse = genfast.merge_attention(*ref_leaves, dim, impl="reference")
+        results[name] = [r, r_lse, *torch.autograd.grad((r, r_lse), ref_leaves, [t.to(r.dtype) for t in grads[:1]] +
+                                                        [grads[1].to(r_lse.dtype)])]
+    assert out.dtype == o.dtype and out_lse.dtype == torch.float32
+    for k, name in enumerate(("out", "lse", "grad_o", "grad_lse")):
+        assert got[k].shape == results["exact"][k].shape, name
+        assert_error_ratio(got[k], results["exact"][k], results["low"][k], ratio=2.0 if k < 2 else 3.0, msg=name)
+    return out, out_lse
+
+
+def test_reference_gradcheck():
+    o, lse = _states(3, (2, 5), 4)
+    lse[0, 0, 0] = 0.5  # rows without keys have lse -inf, which numerical derivatives cannot take
+    o = o.nan_to_num().double().requires_grad_()
+    lse = lse.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: reference_merge(a, b), (o, lse))
+    assert torch.autograd.gradcheck(lambda a, b: reference_merge(a, b, dim=1), (o.transpose(0, 1), lse.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_splits_of_the_keys_merge_into_the_attention_over_all(impl):
+    """The definition at work: attentions over three chunks of the keys (one hiding every key from
+    some queries, by a mask) merge into the attention over all the keys, output and lse."""
+    skip_unless_supported(impl, "cpu")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (9, 40, 40))
+    mask = torch.rand(9, 40, generator=g) > 0.3
+    mask[2:5, 10:25] = False  # chunk 1 hides all its keys from queries 2 .. 4
+    full, full_lse = genfast.attention(q, k, v, attn_mask=mask, return_lse=True, impl="reference")
+    parts = [genfast.attention(q, k[:, :, a:b], v[:, :, a:b], attn_mask=mask[:, a:b], return_lse=True,
+                               impl="reference") for a, b in ((0, 10), (10, 25), (25, 40))]
+    assert bool(torch.isinf(parts[1][1][:, :, 2:5]).all())
+    out, out_lse = genfast.merge_attention([p[0] for p in parts], [p[1] for p in parts], impl=impl)
+    torch.testing.assert_close(out, full)
+    torch.testing.assert_close(out_lse, full_lse)
+
+
+@pytest.mark.parametrize("states,dim", [(1, 17), (2, 64), (5, 40), (3, 128)])
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_matches_reference(impl, device, states, dim):
+    skip_unless_supported(impl, device)
+    _compare(impl, *_states(states, (2, 3, 7), dim, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_half_precision(impl, device, dtype):
+    skip_unless_supported(impl, device, dtype)
+    for states, dim in ((2, 128), (3, 72), (4, 5)):  # 16-byte chunks on CUDA, and single elements
+        _compare(impl, *_states(states, (3, 11), dim, dtype, device, seed=states))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_layouts(impl, device):
+    """States along dim 1 (FlashInfer's (tokens, states, heads, head_dim)) and last, packed outputs
+    (tokens, heads, head_dim) with FlashAttention's varlen lse (heads, tokens) transposed, strided
+    features, and rows that view as no two dims (copied)."""
+    skip_unless_supported(impl, device)
+    o, lse = _states(3, (13, 4), 32, device=device)
+    _compare(impl, o.transpose(0, 1).contiguous(), lse.transpose(0, 1).contiguous(), dim=1)
+    _compare(impl, o.movedim(0, 2).contiguous(), lse.movedim(0, 2).contiguous(), dim=-1)
+    varlen_lse = lse.transpose(1, 2).contiguous().transpose(1, 2)  # each state's lse (heads, tokens), seen as .T
+    _compare(impl, o, varlen_lse)
+    wide = torch.randn(3, 13, 4, 64, device=device)
+    _compare(impl, wide[..., ::2], lse)
+    o6, lse6 = _states(2, (3, 4, 5), 8, device=device)
+    _compare(impl, o6.permute(0, 2, 1, 3, 4), lse6.permute(0, 2, 1, 3))  # (4, 3, 5) rows: no two dims
+
+
+def _merge_sequences(impl, o, lse):
+    """merge_attention of sequences of states against the reference of them stacked: o and lse as
+    given, gradients included."""
+    o = [t.detach().requires_grad_() for t in o]
+    lse = [t.detach().requires_grad_() for t in lse]
+    out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+    expected, expected_lse = reference_merge(torch.stack(o), torch.stack(lse))
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    torch.testing.assert_close(out_lse, expected_lse)
+    grads = [torch.randn_like(out), torch.randn_like(out_lse)]
+    got = torch.autograd.grad((out, out_lse), o + lse, grads)
+    wanted = torch.autograd.grad((expected, expected_lse), o + lse, grads)
+    for a, e in zip(got, wanted):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls())
+def test_sequences_of_states(impl, device):
+    """States as separate tensors, read where they lie: in separate allocations (up to eight listed),
+    of different layouts (copied contiguous), more than eight evenly spaced (the unbound rows of one
+    tensor) or not (stacked)."""
+    skip_unless_supported(impl, device)
+    o, lse = _states(11, (6, 4), 16, device=device)
+    o = o.nan_to_num()
+    separate = [t.clone() for t in o[:3]], [t.clone() for t in lse[:3]]
+    _merge_sequences(impl, *separate)
+    mixed = [o[0], o[1].transpose(0, 1).contiguous().transpose(0, 1), o[2]], list(lse[:3])
+    _merge_sequences(impl, *mixed)
+    _merge_sequences(impl, list(o.unbind(0)), list(lse.unbind(0)))
+    _merge_sequences(impl, [t.clone() for t in o], [t.clone() for t in lse])
+
+
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_empty_tensors_nan_and_infinity(impl):
+    skip_unless_supported(impl, "cpu")
+    for states, rows, dim in ((2, (0, 3), 8), (0, (4, 3), 8), (2, (4, 3), 0)):
+        o, lse = torch.randn(states, *rows, dim), torch.randn(states, *rows)
+        out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+        assert out.shape == rows + (dim,) and out_lse.shape == rows
+        if states == 0:  # no keys anywhere
+            assert bool((out == 0).all()) and bool((out_lse == NO_KEYS).all())
+    o, lse = _states(3, (4,), 8)
+    lse[1, 2] = float("nan")
+    lse[2, 3] = float("inf")
+    out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows.tolist() == [False, False, True, True] and out_lse.isnan().tolist() == nan_rows.tolist()
+    assert bool((out[0] == 0).all()) and out_lse[0] == NO_KEYS  # no keys in any state, NaN o unread
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_opcheck_and_compile(impl):
+    skip_unless_supported(impl, "cpu")
+    o, lse = _states(3, (2, 5), 16)
+    o = o.nan_to_num()
+    forward = torch.ops.genfast.attention_merge if impl == "native" else torch.ops.genfast.attention_merge_triton
+    backward = (torch.ops.genfast.attention_merge_backward if impl == "native"
+                else torch.ops.genfast.attention_merge_backward_triton)
+    states = [list(t.unbind(0)) for t in (o.clone().requires_grad_(), lse.clone().requires_grad_())]
+    torch.library.opcheck(forward, states)
+    torch.library.opcheck(forward, ([t.transpose(0, 1) for t in o], [t.transpose(0, 1) for t in lse]))
+    for grad_lse in (torch.randn(2, 5), None):
+        torch.library.opcheck(backward, (torch.randn(2, 5, 16), grad_lse, list(o), list(lse)))
+    finite = lse.clamp_min(-30.0)
+    assert_compiles_like_eager(lambda a, b: (lambda r: r[0] * r[1][..., None])(genfast.merge_attention(a, b, impl=impl)),
+                               [o.clone().requires_grad_(), finite.clone().requires_grad_()])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_replays_in_a_cuda_graph(impl):
+    """No host-device synchronisation: captured once, replayed with new states."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    skip_unless_supported(impl, "cuda")
+    o, lse = _states(3, (4, 33), 128, torch.bfloat16, "cuda")
+    genfast.merge_attention(o, lse, impl=impl)  # compiled before capture
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+    fresh, fresh_lse = _states(3, (4, 33), 128, torch.bfloat16, "cuda", seed=7)
+    o.copy_(fresh)
+    lse.copy_(fresh_lse)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, expected_lse = reference_merge(o, lse)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    torch.testing.assert_close(out_lse, expected_lse)
+
+
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_bad_input_names_the_argument(impl):
+    skip_unless_supported(impl, "cpu")
+    o, lse = _states(2, (3,), 8)
+    for call, error, match in (
+            (lambda: genfast.merge_attention(o.int(), lse, impl=impl), TypeError, "o must be float32"),
+            (lambda: genfast.merge_attention(o, lse.half(), impl=impl), TypeError, "lse must be torch.float32"),
+            (lambda: genfast.merge_attention(o, lse[:, :2], impl=impl), ValueError, "lse must have o's shape"),
+            (lambda: genfast.merge_attention(o[0, 0], lse[0, 0], impl=impl), ValueError, "lse must have o's shape"),
+            (lambda: genfast.merge_attention(o, lse, 2, impl=impl), ValueError, "dim must index one of lse's 2"),
+            (lambda: genfast.merge_attention([o[0]], [lse[0], lse[1]], impl=impl), ValueError, "both non-empty"),
+            (lambda: genfast.merge_attention([o[0], o[1, :2]], [lse[0], lse[1]], impl=impl), ValueError,
+             "one shape each"),
+            (lambda: genfast.merge_attention(o, lse.numpy(), impl=impl), TypeError, "lse must be a torch.Tensor")):
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_the_native_op_checks_its_arguments():
+    from genfast import _backend
+
+    if not _backend.native_runs_on("cpu"):
+        pytest.skip("genfast._C is not built here")
+    o, lse = _states(2, (3, 4), 8)
+    with pytest.raises(RuntimeError, match=r"lse\[1\] must be a float32 tensor \[3, 4\]"):
+        torch.ops.genfast.attention_merge(list(o), [lse[0], lse[1, :2]])
+    with pytest.raises(RuntimeError, match=r"lse\[0\] must be a float32 tensor"):
+        torch.ops.genfast.attention_merge(list(o), list(lse.double()))
+    with pytest.raises(RuntimeError, match=r"o's states must be \(rows_outer, rows_inner, head_dim\)"):
+        torch.ops.genfast.attention_merge(list(o[:, 0]), list(lse[:, 0]))
+    with pytest.raises(RuntimeError, match=r"o\[1\] must be a Float tensor"):
+        torch.ops.genfast.attention_merge([o[0], o[1].half()], list(lse))
+    with pytest.raises(RuntimeError, match="one tensor per state, at least one"):
+        torch.ops.genfast.attention_merge(list(o), list(lse[:1]))
+    with pytest.raises(RuntimeError, match="grad_lse must be a float32 tensor"):
+        torch.ops.genfast.attention_merge_backward(torch.randn(3, 4, 8), torch.randn(3, 5), list(o), list(lse))
