@@ -95,14 +95,11 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
         _check(o, lse, dim, impl)
         dim, stacked, device = dim % lse.dim(), (o, lse), o.device
     backend = _backend.resolve_impl(impl, device)
-    if backend == "reference":
+    if backend == "reference" or (stacked is not None and o.shape[dim] == 0):  # no states: no keys anywhere
         if stacked is None:
             stacked = torch.stack(o, dim), torch.stack(lse, dim)
         return reference.attention_merge(*stacked, dim)
     if stacked is not None:
-        if o.shape[dim] == 0:  # no states: no keys anywhere
-            return (o.new_zeros(o.shape[:dim] + o.shape[dim + 1:]),
-                    lse.new_full(lse.shape[:dim] + lse.shape[dim + 1:], float("-inf")))
         o, lse = list(o.unbind(dim)), list(lse.unbind(dim))
     rows, head_dim = tuple(lse[0].shape), o[0].shape[-1]
     out, out_lse = merge_op.operator(backend)(*_rows_in_two(o, lse))

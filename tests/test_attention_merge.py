@@ -142,18 +142,50 @@ def test_sequences_of_states(impl, device):
     _merge_sequences(impl, *mixed)
     _merge_sequences(impl, list(o.unbind(0)), list(lse.unbind(0)))
     _merge_sequences(impl, [t.clone() for t in o], [t.clone() for t in lse])
+    wide = torch.randn(6, 4, 17, device=device)
+    _merge_sequences(impl, [wide[..., :16], wide[..., 1:]], list(lse[:2]))  # states one element apart
 
 
-@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
-def test_empty_tensors_nan_and_infinity(impl):
+def test_large_float32_merges_stream_their_stores():
+    """The CPU kernel writes float32 rows with streaming stores once the call's tensors outgrow the
+    caches (32 MiB): three states of 2.6M elements, forward and backward."""
+    skip_unless_supported("native", "cpu")
+    _compare("native", *_states(3, (2048, 10), 128, seed=5))
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_states_are_read_where_they_lie(impl):
+    """Separate tensors (up to eight) and evenly spaced ones (the unbound rows of a stacked tensor,
+    states along dim 1 included) are neither stacked nor copied; more than eight unevenly spaced are."""
     skip_unless_supported(impl, "cpu")
+    o, lse = _states(11, (6, 4), 16)
+
+    def copies(o, lse, dim=0):
+        with torch.profiler.profile() as prof:
+            genfast.merge_attention(o, lse, dim, impl=impl)
+        # (copy_ is not asked after: the Triton interpreter copies every argument)
+        return sorted({e.key for e in prof.key_averages() if e.key in ("aten::stack", "aten::clone")})
+
+    assert copies([t.clone() for t in o[:8]], [t.clone() for t in lse[:8]]) == []
+    assert copies(o, lse) == []
+    assert copies(o.transpose(0, 1), lse.transpose(0, 1), dim=1) == []
+    assert copies([t.clone() for t in o], [t.clone() for t in lse]) == ["aten::stack"]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_empty_tensors_nan_and_infinity(impl, device):
+    skip_unless_supported(impl, device)
     for states, rows, dim in ((2, (0, 3), 8), (0, (4, 3), 8), (2, (4, 3), 0)):
-        o, lse = torch.randn(states, *rows, dim), torch.randn(states, *rows)
+        o = torch.randn(states, *rows, dim, device=device, requires_grad=True)
+        lse = torch.randn(states, *rows, device=device, requires_grad=True)
         out, out_lse = genfast.merge_attention(o, lse, impl=impl)
         assert out.shape == rows + (dim,) and out_lse.shape == rows
         if states == 0:  # no keys anywhere
             assert bool((out == 0).all()) and bool((out_lse == NO_KEYS).all())
-    o, lse = _states(3, (4,), 8)
+        grads = torch.autograd.grad((out.sum() + out_lse.clamp_min(0).sum()), (o, lse), allow_unused=True)
+        assert all(g is None or g.shape == t.shape for g, t in zip(grads, (o, lse)))
+    o, lse = _states(3, (4,), 8, device=device)
     lse[1, 2] = float("nan")
     lse[2, 3] = float("inf")
     out, out_lse = genfast.merge_attention(o, lse, impl=impl)
@@ -175,9 +207,9 @@ def test_opcheck_and_compile(impl):
     torch.library.opcheck(forward, ([t.transpose(0, 1) for t in o], [t.transpose(0, 1) for t in lse]))
     for grad_lse in (torch.randn(2, 5), None):
         torch.library.opcheck(backward, (torch.randn(2, 5, 16), grad_lse, list(o), list(lse)))
-    finite = lse.clamp_min(-30.0)
-    assert_compiles_like_eager(lambda a, b: (lambda r: r[0] * r[1][..., None])(genfast.merge_attention(a, b, impl=impl)),
-                               [o.clone().requires_grad_(), finite.clone().requires_grad_()])
+    assert_compiles_like_eager(  # lse -inf in some states and rows, where exp(lse) is 0
+        lambda a, b: (lambda r: r[0] * r[1].exp()[..., None])(genfast.merge_attention(a, b, impl=impl)),
+        [o.clone().requires_grad_(), lse.clone().requires_grad_()])
 
 
 @pytest.mark.cuda
@@ -202,6 +234,22 @@ def test_replays_in_a_cuda_graph(impl):
     expected, expected_lse = reference_merge(o, lse)
     torch.testing.assert_close(out, expected, equal_nan=True)
     torch.testing.assert_close(out_lse, expected_lse)
+    # the backward too, which parks each state's dot product in its lse gradient
+    leaves = [o.nan_to_num().requires_grad_(), lse.clone().requires_grad_()]
+    grads = [torch.randn_like(out), torch.randn_like(out_lse)]
+    torch.autograd.grad(genfast.merge_attention(*leaves, impl=impl), leaves, grads)
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = torch.autograd.grad(genfast.merge_attention(*leaves, impl=impl), leaves, grads)
+    for t in grads:
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    reference_leaves = [t.detach().requires_grad_() for t in leaves]
+    wanted = torch.autograd.grad(reference_merge(*reference_leaves), reference_leaves, grads)
+    for a, e in zip(got, wanted):
+        torch.testing.assert_close(a, e)
 
 
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])

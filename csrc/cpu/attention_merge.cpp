@@ -5,125 +5,199 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../attention_merge_args.h"
 #include "float16_rows.h"
+#include "streaming_store.h"
 
 namespace genfast {
 namespace {
 
 constexpr float kNoKeys = -__builtin_inff();
+constexpr int64_t kRowBlock = 16;  // rows whose weights are computed together, in vector loops
 
-// Rows first .. last; buffer holds 2 head_dim floats (none for float32).
-template <CpuCapability isa, typename T>
-GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t first, int64_t last, float* buffer) {
-  const AttentionMergeParams<T>& p = *params;
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  const int64_t dim = p.head_dim;
-  for (int64_t r = first; r < last; ++r) {
-    const AttentionMergeRow<T> row = attention_merge_row(p, r);
-  const T* o = row.o;
-  const float* lse = row.lse;
-  const float merged = row.merged;
-    p.out_lse[r] = merged;
-    float* sum = nullptr;
-    if constexpr (kFloat) {
-      sum = p.out + r * dim;
-    } else {
-      sum = buffer + dim;
+// The states' weights a_s (weights[s * kRowBlock + j], 0 for a state without keys) and merged lse of
+// rows first .. first + n (n <= kRowBlock), whose state 0's o and lse it puts in o[j] and lse[j]: the
+// exponentials and logarithms (elementary_math.h's polynomials) vectorized across the rows.
+template <typename Params, typename T>
+GF_CPU_INLINE void merge_weights(const Params& p, int64_t first, int64_t n, const T** o, const float** lse,
+                                 float* merged, float* weights) {
+  float most[kRowBlock], total[kRowBlock];
+  int64_t outer = first / p.rows_inner, inner = first % p.rows_inner;
+  for (int64_t j = 0; j < n; ++j) {
+    o[j] = p.o + outer * p.o_strides[0] + inner * p.o_strides[1];
+    lse[j] = p.lse + outer * p.lse_strides[0] + inner * p.lse_strides[1];
+    most[j] = kNoKeys;
+    total[j] = 0.0f;
+    if (++inner == p.rows_inner) {
+      inner = 0;
+      ++outer;
     }
-    std::fill(sum, sum + dim, 0.0f);
-    for (int64_t s = 0; s < p.states; ++s) {
-      const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
-      if (lse_s == kNoKeys) continue;
-      const float weight = attention_merge_weight(lse_s, merged);
-      const float* o_s = nullptr;
-      if constexpr (kFloat) {
-        o_s = o + attention_merge_state_at(p.o_states, s);
-      } else {
-        widen<isa>(o + attention_merge_state_at(p.o_states, s), buffer, dim);
-        o_s = buffer;
-      }
+  }
+  for (int64_t s = 0; s < p.states; ++s) {
+    const int64_t at = attention_merge_state_at(p.lse_states, s);
 #pragma omp simd
-      for (int64_t c = 0; c < dim; ++c) sum[c] += weight * o_s[c];
+    for (int64_t j = 0; j < n; ++j) most[j] = attention_merge_max(most[j], lse[j][at]);
+  }
+  for (int64_t s = 0; s < p.states; ++s) {
+    const int64_t at = attention_merge_state_at(p.lse_states, s);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) total[j] += most[j] == kNoKeys ? 0.0f : exp_f32(lse[j][at] - most[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + log_f32(total[j]);
+  for (int64_t s = 0; s < p.states; ++s) {
+    const int64_t at = attention_merge_state_at(p.lse_states, s);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float lse_s = lse[j][at];
+      weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j]);
     }
-    if constexpr (!kFloat) narrow<isa>(sum, p.out + r * dim, dim);
+  }
+}
+
+// Rows first .. last; buffer holds 2 head_dim floats and states x kRowBlock. Each row is summed in
+// the buffer (in L1) and stored once, float32 rows with streaming stores where `stream`.
+template <CpuCapability isa, typename T>
+GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t first, int64_t last, float* buffer,
+                                  bool stream) {
+  const AttentionMergeParams<T>& p = *params;
+  const int64_t dim = p.head_dim;
+  float* sum = buffer;
+  float* row = buffer + dim;
+  float* weights = buffer + 2 * dim;
+  const T* o[kRowBlock];
+  const float* lse[kRowBlock];
+  float merged[kRowBlock];
+  for (int64_t block = first; block < last; block += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, last - block);
+    merge_weights(p, block, n, o, lse, merged, weights);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = block + j;
+      p.out_lse[r] = merged[j];
+      bool first_state = true;
+      for (int64_t s = 0; s < p.states; ++s) {
+        if (lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys) continue;
+        const float weight = weights[s * kRowBlock + j];
+        const float* o_s = nullptr;
+        if constexpr (std::is_same_v<T, float>) {
+          o_s = o[j] + attention_merge_state_at(p.o_states, s);
+        } else {
+          widen<isa>(o[j] + attention_merge_state_at(p.o_states, s), row, dim);
+          o_s = row;
+        }
+        if (first_state) {
+#pragma omp simd
+          for (int64_t c = 0; c < dim; ++c) sum[c] = weight * o_s[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < dim; ++c) sum[c] += weight * o_s[c];
+        }
+        first_state = false;
+      }
+      if (first_state) std::fill(sum, sum + dim, 0.0f);  // no keys in any state
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          streaming_store(p.out + r * dim, sum, dim);
+        } else {
+          std::memcpy(p.out + r * dim, sum, sizeof(float) * dim);
+        }
+      } else {
+        narrow<isa>(sum, p.out + r * dim, dim);
+      }
+    }
   }
 }
 GF_CPU_DISPATCH(merge_rows)
 
-// Rows first .. last of the backward; buffer holds 2 head_dim floats (none for float32). d_s waits
-// in grad_lse_states until the row's sum over its states is known.
+// Rows first .. last of the backward; buffer holds 2 head_dim floats and states x kRowBlock. d_s
+// waits in grad_lse_states until the row's sum over its states is known. float32 gradient rows go
+// out with streaming stores where `stream`.
 template <CpuCapability isa, typename T>
 GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>* params, int64_t first, int64_t last,
-                                           float* buffer) {
+                                           float* buffer, bool stream) {
   const AttentionMergeBackwardParams<T>& p = *params;
   constexpr bool kFloat = std::is_same_v<T, float>;
   const int64_t dim = p.head_dim, rows = p.rows_outer * p.rows_inner;
-  for (int64_t r = first; r < last; ++r) {
-    const AttentionMergeRow<T> row = attention_merge_row(p, r);
-  const T* o = row.o;
-  const float* lse = row.lse;
-  const float merged = row.merged;
-    const float* g = nullptr;
-    if constexpr (kFloat) {
-      g = p.grad_out + r * dim;
-    } else {
-      widen<isa>(p.grad_out + r * dim, buffer, dim);
-      g = buffer;
-    }
-    float mean = 0.0f;
-    for (int64_t s = 0; s < p.states; ++s) {
-      const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
-      const bool empty = lse_s == kNoKeys;
-      const float weight = empty ? 0.0f : attention_merge_weight(lse_s, merged);
-      float dot = 0.0f;
-      if (!empty) {
-        const float* o_s = nullptr;
-        if constexpr (kFloat) {
-          o_s = o + attention_merge_state_at(p.o_states, s);
-        } else {
-          widen<isa>(o + attention_merge_state_at(p.o_states, s), buffer + dim, dim);
-          o_s = buffer + dim;
-        }
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < dim; ++c) dot += g[c] * o_s[c];
-      }
-      float* scaled = nullptr;
+  float* weights = buffer + 2 * dim;
+  const T* o[kRowBlock];
+  const float* lse[kRowBlock];
+  float merged[kRowBlock];
+  for (int64_t block = first; block < last; block += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, last - block);
+    merge_weights(p, block, n, o, lse, merged, weights);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = block + j;
+      const float* g = nullptr;
       if constexpr (kFloat) {
-        scaled = p.grad_o + (s * rows + r) * dim;
+        g = p.grad_out + r * dim;
       } else {
-        scaled = buffer + dim;
+        widen<isa>(p.grad_out + r * dim, buffer, dim);
+        g = buffer;
       }
-      if (empty) {
-        std::fill(scaled, scaled + dim, 0.0f);
-      } else {
+      float mean = 0.0f;
+      for (int64_t s = 0; s < p.states; ++s) {
+        const bool empty = lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys;
+        const float weight = weights[s * kRowBlock + j];
+        float dot = 0.0f;
+        if (!empty) {
+          const float* o_s = nullptr;
+          if constexpr (kFloat) {
+            o_s = o[j] + attention_merge_state_at(p.o_states, s);
+          } else {
+            widen<isa>(o[j] + attention_merge_state_at(p.o_states, s), buffer + dim, dim);
+            o_s = buffer + dim;
+          }
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < dim; ++c) dot += g[c] * o_s[c];
+        }
+        T* grad_o = p.grad_o + (s * rows + r) * dim;
+        float* scaled = buffer + dim;
+        if constexpr (kFloat) {
+          if (!stream) scaled = grad_o;
+        }
+        if (empty) {
+          std::fill(scaled, scaled + dim, 0.0f);
+        } else {
 #pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) scaled[c] = weight * g[c];
+          for (int64_t c = 0; c < dim; ++c) scaled[c] = weight * g[c];
+        }
+        if constexpr (kFloat) {
+          if (stream) streaming_store(grad_o, scaled, dim);
+        } else {
+          narrow<isa>(scaled, grad_o, dim);
+        }
+        p.grad_lse_states[s * rows + r] = dot;
+        mean += weight * dot;
       }
-      if constexpr (!kFloat) narrow<isa>(scaled, p.grad_o + (s * rows + r) * dim, dim);
-      p.grad_lse_states[s * rows + r] = dot;
-      mean += weight * dot;
-    }
-    const float grad_lse = p.grad_lse == nullptr ? 0.0f : p.grad_lse[r];
-    for (int64_t s = 0; s < p.states; ++s) {
-      const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
-      float& out = p.grad_lse_states[s * rows + r];
-      out = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged) * (out - mean + grad_lse);
+      const float grad_lse = p.grad_lse == nullptr ? 0.0f : p.grad_lse[r];
+      for (int64_t s = 0; s < p.states; ++s) {
+        float& out = p.grad_lse_states[s * rows + r];
+        const bool empty = lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys;
+        out = empty ? 0.0f : weights[s * kRowBlock + j] * (out - mean + grad_lse);
+      }
     }
   }
 }
 GF_CPU_DISPATCH(merge_backward_rows)
 
-// Rows in parallel, about 32K elements of o a task.
-template <typename Params, typename Rows>
-void parallel_rows(const Params& p, int64_t buffer_rows, const Rows& rows) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.states * p.head_dim));
+// Rows in parallel, about 32K elements of o a task, each task's buffer 2 head_dim floats and the
+// weights of a block of rows. rows(first, last, buffer, stream): stream where the float32 tensors of
+// a state's size that the call touches (the states and `others`) outgrow the caches; each task then
+// fences its streaming stores.
+template <typename T, typename Params, typename Rows>
+void parallel_rows(const Params& p, int64_t others, const Rows& rows) {
+  const int64_t elements = p.rows_outer * p.rows_inner * p.head_dim;
+  const bool stream = std::is_same_v<T, float> &&
+                      (p.states + others) * elements * int64_t{sizeof(float)} >= kStreamingStoreMinBytes;
+  const int64_t grain = std::max<int64_t>(kRowBlock, 32768 / std::max<int64_t>(1, p.states * p.head_dim));
   at::parallel_for(0, p.rows_outer * p.rows_inner, grain, [&](int64_t first, int64_t last) {
-    std::vector<float> buffer(buffer_rows * p.head_dim);
-    rows(first, last, buffer.data());
+    std::vector<float> buffer(2 * p.head_dim + p.states * kRowBlock);
+    rows(first, last, buffer.data(), stream);
+    if (stream) streaming_store_fence();
   });
 }
 
@@ -133,8 +207,9 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::Ten
     dispatch_float_types(out.scalar_type(), [&](auto element) {
       using T = decltype(element);
       const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, out, out_lse);
-      parallel_rows(p, std::is_same_v<T, float> ? 0 : 2,
-                    [&](int64_t first, int64_t last, float* buffer) { merge_rows(&p, first, last, buffer); });
+      parallel_rows<T>(p, 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
+        merge_rows(&p, first, last, buffer, stream);
+      });
     });
   });
 }
@@ -150,8 +225,8 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cpu(const at::Tensor
           using T = decltype(element);
           const AttentionMergeBackwardParams<T> p =
               attention_merge_backward_params<T, T>(g, g_lse, states, logs, grad_o, grad_lse_states);
-          parallel_rows(p, std::is_same_v<T, float> ? 0 : 2, [&](int64_t first, int64_t last, float* buffer) {
-            merge_backward_rows(&p, first, last, buffer);
+          parallel_rows<T>(p, p.states + 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
+            merge_backward_rows(&p, first, last, buffer, stream);
           });
         });
       });

@@ -61,7 +61,8 @@ def _check_trainable(samples, device, runs=_runnable):
     for case, dtype, run, outputs in samples.cases(device, DTYPES):
         for impl in ("native", "triton"):
             if runs(impl, device, dtype):
-                yield (case, impl, dtype) + compare_with_reference(run, impl, outputs)
+                yield (case, impl, dtype) + compare_with_reference(run, impl, outputs,
+                                                                   grads=getattr(samples, "GRADS", ()))
 
 
 def check_flows(device):

@@ -7,11 +7,11 @@
 //   grad o_s = a_s g,   grad lse_s = a_s (d_s - sum_t a_t d_t + g_lse).
 #pragma once
 
-#include <math.h>
 #include <stdint.h>
 
 #include <type_traits>
 
+#include "elementary_math.h"
 #include "host_device.h"
 
 namespace genfast {
@@ -24,8 +24,12 @@ struct AttentionMergeStates {
   int64_t stride;
 };
 
+// Selects, not an index into the array, which nvcc would copy from the kernel's parameters to local memory.
 GF_HOST_DEVICE_INLINE int64_t attention_merge_state_at(const AttentionMergeStates& states, int64_t s) {
-  return s < AttentionMergeStates::kListed ? states.listed[s] : s * states.stride;
+  int64_t at = s * states.stride;
+#pragma unroll
+  for (int k = 0; k < AttentionMergeStates::kListed; ++k) at = s == k ? states.listed[k] : at;
+  return at;
 }
 
 // Rows are (outer, inner) pairs, each addressed by its own stride, so that both (batch, heads,
@@ -76,8 +80,8 @@ GF_HOST_DEVICE_INLINE float attention_merged_lse(const float* lse, const Attenti
   for (int64_t s = 0; s < states; ++s) most = attention_merge_max(most, lse[attention_merge_state_at(at, s)]);
   if (most == -__builtin_inff()) return most;
   float total = 0.0f;
-  for (int64_t s = 0; s < states; ++s) total += expf(lse[attention_merge_state_at(at, s)] - most);
-  return most + logf(total);
+  for (int64_t s = 0; s < states; ++s) total += exp_f32(lse[attention_merge_state_at(at, s)] - most);
+  return most + log_f32(total);
 }
 
 // Row r of a merge or of its backward (Params): state 0's o and lse there, and the merged lse.
@@ -99,7 +103,7 @@ GF_HOST_DEVICE_INLINE auto attention_merge_row(const Params& p, int64_t r) {
 // a_s: the weight of a state of log-sum-exp lse_s in a row whose merged lse is `merged` (0 when
 // the row has no keys).
 GF_HOST_DEVICE_INLINE float attention_merge_weight(float lse_s, float merged) {
-  return merged == -__builtin_inff() ? 0.0f : expf(lse_s - merged);
+  return merged == -__builtin_inff() ? 0.0f : exp_f32(lse_s - merged);
 }
 
 }  // namespace genfast

@@ -19,8 +19,19 @@ struct alignas(sizeof(T) * kVec) Chunk {
   T v[kVec];
 };
 
+// A wide access at an unaligned address faults on a GPU; on the host emulator, which would not, it fails.
+template <typename T, int kVec>
+__device__ __forceinline__ void check_chunk_aligned(const T* at) {
+#ifdef GENFAST_EMULATED_CUDA
+  if (reinterpret_cast<uintptr_t>(at) % sizeof(Chunk<T, kVec>) != 0) cuda_emulator::fail("a chunk at an unaligned address");
+#else
+  (void)at;
+#endif
+}
+
 template <typename T, int kVec>
 __device__ __forceinline__ void load_chunk(const T* from, float (&to)[kVec]) {
+  check_chunk_aligned<T, kVec>(from);
   const Chunk<T, kVec> chunk = *reinterpret_cast<const Chunk<T, kVec>*>(from);
 #pragma unroll
   for (int e = 0; e < kVec; ++e) to[e] = to_float(chunk.v[e]);
@@ -28,6 +39,7 @@ __device__ __forceinline__ void load_chunk(const T* from, float (&to)[kVec]) {
 
 template <typename T, int kVec>
 __device__ __forceinline__ void store_chunk(T* to, const float (&from)[kVec]) {
+  check_chunk_aligned<T, kVec>(to);
   Chunk<T, kVec> chunk;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) chunk.v[e] = from_float<T>(from[e]);

@@ -2,7 +2,7 @@
 // cuda_emulator.h through its launchers, against a float64 evaluation of
 // kernels/common/attention_merge.h's formulas: states interleaved in memory (o and lse strided) or
 // listed out of order, more states than are listed (evenly spaced), 16-byte chunks and single
-// elements (an odd head dim, an unaligned o), states without keys whose o is NaN (not read), a row
+// elements (an odd head dim, an unaligned o, states whose places alone are misaligned), states without keys whose o is NaN (not read), a row
 // without keys in any state, and the backward with and without the merged lse's gradient; float32,
 // float16 and bfloat16. The outputs start as NaN, so a missed write fails.
 // Built and run by CMake (ctest).
@@ -27,6 +27,7 @@ struct Case {
   bool offset_o;   // o one element past a 16-byte boundary: single elements
   bool grad_lse;   // the backward takes a gradient of the merged lse
   bool listed;     // the states' places listed in reverse memory order (separate tensors), not evenly spaced
+  int gap;         // elements between one state's row and the next state's: a gap of 1 misaligns them
 };
 
 void check(const char* name, const char* what, int64_t at, double got, double expected, double tolerance,
@@ -45,13 +46,16 @@ void run_case(const Case& c) {
   const int states = c.states, outer = 2, inner = 5, rows = outer * inner, dim = c.head_dim;
   // o and lse stored (outer, inner, states, ...): the states interleaved; listed, state s is the
   // (states - 1 - s)th in memory
-  const int64_t o_strides[3] = {dim, inner * states * dim, states * dim};
+  // a row's states side by side, gap elements apart, the rows 16 elements aligned (with a gap, only
+  // the states' places are misaligned)
+  const int64_t row_stride = (states * (dim + c.gap) + 15) / 16 * 16;
+  const int64_t o_strides[3] = {dim + c.gap, inner * row_stride, row_stride};
   const int64_t lse_strides[3] = {1, inner * states, states};
   auto slot = [&](int s) { return c.listed ? states - 1 - s : s; };
   std::mt19937 rng(11);
   std::normal_distribution<float> normal;
   const int64_t offset = c.offset_o ? 1 : 0;
-  std::vector<T> o_store(offset + rows * states * dim);
+  std::vector<T> o_store(offset + rows * row_stride, from<T>(NAN));
   std::vector<float> lse(rows * states);
   for (auto& e : lse) e = 3.0f * normal(rng);
   for (int s = 0; s < states; ++s) lse[s] = -INFINITY;  // row 0: no keys anywhere
@@ -60,7 +64,9 @@ void run_case(const Case& c) {
   for (int r = 0; r < rows; ++r) {
     for (int s = 0; s < states; ++s) {
       const bool empty = std::isinf(lse[r * states + s]);
-      for (int j = 0; j < dim; ++j) o_store[offset + (r * states + s) * dim + j] = from<T>(empty ? NAN : normal(rng));
+      for (int j = 0; j < dim; ++j) {
+        o_store[offset + r * row_stride + s * (dim + c.gap) + j] = from<T>(empty ? NAN : normal(rng));
+      }
     }
   }
   auto o_at = [&](int s, int r, int j) {
@@ -165,11 +171,12 @@ void run_case(const Case& c) {
 
 int main() {
   const Case cases[] = {
-      {"head dim 128, 16-byte chunks", 3, 128, false, true, false},
-      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true},
-      {"head dim 7, single elements, listed", 5, 7, false, true, true},
-      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false},
-      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false},
+      {"head dim 128, 16-byte chunks", 3, 128, false, true, false, 0},
+      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true, 0},
+      {"head dim 7, single elements, listed", 5, 7, false, true, true, 0},
+      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false, 0},
+      {"head dim 64, states misaligned: single", 3, 64, false, true, false, 1},
+      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false, 0},
   };
   for (const Case& c : cases) {
     run_case<float>(c);

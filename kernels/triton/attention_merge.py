@@ -11,7 +11,9 @@ from .affine_coupling import exp_f32, log_f32
 TILE_ELEMENTS = 4096  # rows x the head dim's block a program takes
 
 
-_PLACES = [f"{tensor}_at{k}" for tensor in ("o", "lse") for k in range(8)] + ["o_spacing", "lse_spacing"]
+# lse's offsets vary with the rows' count (a stacked lse's spacing): not specialized on, which would
+# compile anew for each count of 1 or a multiple of 16. o's are, so that aligned states take wide loads.
+_LSE_PLACES = [f"lse_at{k}" for k in range(8)] + ["lse_spacing"]
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def _rows(o_ptr, lse_ptr, rows, rows_inner, so_o, so_i, sl_o, sl_i, BLOCK_R: tl.
     return r, r < rows, o_ptr + outer * so_o + inner * so_i, lse_ptr + outer * sl_o + inner * sl_i
 
 
-@triton.jit(do_not_specialize=_PLACES)
+@triton.jit(do_not_specialize=_LSE_PLACES)
 def attention_merge_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, states, rows, rows_inner, D, so_o, so_i, sl_o, sl_i,
                            o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing, lse_at0, lse_at1, lse_at2,
                            lse_at3, lse_at4, lse_at5, lse_at6, lse_at7, lse_spacing, BLOCK_R: tl.constexpr,
@@ -75,7 +77,7 @@ def attention_merge_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, states, rows, r
     tl.store(out_lse_ptr + r, merged, mask=live)
 
 
-@triton.jit(do_not_specialize=_PLACES)
+@triton.jit(do_not_specialize=_LSE_PLACES)
 def attention_merge_backward_kernel(grad_out_ptr, grad_lse_ptr, o_ptr, lse_ptr, grad_o_ptr, grad_lse_states_ptr,
                                     states, rows, rows_inner, D, so_o, so_i, sl_o, sl_i, o_at0, o_at1, o_at2, o_at3,
                                     o_at4, o_at5, o_at6, o_at7, o_spacing, lse_at0, lse_at1, lse_at2, lse_at3, lse_at4,
@@ -95,18 +97,18 @@ def attention_merge_backward_kernel(grad_out_ptr, grad_lse_ptr, o_ptr, lse_ptr, 
         weight = tl.where(keys, exp_f32(lse_s - merged), 0.0)
         o_s = tl.load(o_rows[:, None] + _state_at(s, o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing) + d[None, :], mask=cols & keys[:, None], other=0.0)
         dot = tl.sum(g * o_s.to(tl.float32), 1)
-        tl.store(grad_o_ptr + (s * rows + r)[:, None] * D + d[None, :],
+        tl.store(grad_o_ptr + (tl.cast(s, tl.int64) * rows + r)[:, None] * D + d[None, :],
                  tl.where(keys[:, None], weight[:, None] * g, 0.0).to(grad_o_ptr.dtype.element_ty), mask=cols)
-        tl.store(grad_lse_states_ptr + s * rows + r, dot, mask=live)
+        tl.store(grad_lse_states_ptr + tl.cast(s, tl.int64) * rows + r, dot, mask=live)
         mean += weight * dot
     grad_lse = tl.load(grad_lse_ptr + r, mask=live, other=0.0) if HAS_GRAD_LSE else tl.zeros((BLOCK_R,), tl.float32)
     tl.debug_barrier()  # the dots stored above, by whichever threads held them
     for s in range(states):
         lse_s = tl.load(lse_rows + _state_at(s, lse_at0, lse_at1, lse_at2, lse_at3, lse_at4, lse_at5, lse_at6, lse_at7, lse_spacing), mask=live, other=float("-inf"))
         keys = lse_s != float("-inf")
-        dot = tl.load(grad_lse_states_ptr + s * rows + r, mask=live, other=0.0)
+        dot = tl.load(grad_lse_states_ptr + tl.cast(s, tl.int64) * rows + r, mask=live, other=0.0)
         grad = tl.where(keys, exp_f32(lse_s - merged) * (dot - mean + grad_lse), 0.0)
-        tl.store(grad_lse_states_ptr + s * rows + r, grad, mask=live)
+        tl.store(grad_lse_states_ptr + tl.cast(s, tl.int64) * rows + r, grad, mask=live)
 
 
 def _tiles(rows, head_dim):
