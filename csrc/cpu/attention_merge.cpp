@@ -19,45 +19,60 @@ namespace {
 constexpr float kNoKeys = -__builtin_inff();
 constexpr int64_t kRowBlock = 16;  // rows whose weights are computed together, in vector loops
 
-// The states' weights a_s (weights[s * kRowBlock + j], 0 for a state without keys) and merged lse of
-// rows first .. first + n (n <= kRowBlock), whose state 0's o and lse it puts in o[j] and lse[j]: the
-// exponentials and logarithms (elementary_math.h's polynomials) vectorized across the rows.
-template <typename Params, typename T>
-GF_CPU_INLINE void merge_weights(const Params& p, int64_t first, int64_t n, const T** o, const float** lse,
-                                 float* merged, float* weights) {
-  float most[kRowBlock], total[kRowBlock];
-  int64_t outer = first / p.rows_inner, inner = first % p.rows_inner;
-  for (int64_t j = 0; j < n; ++j) {
-    o[j] = p.o + outer * p.o_strides[0] + inner * p.o_strides[1];
-    lse[j] = p.lse + outer * p.lse_strides[0] + inner * p.lse_strides[1];
-    most[j] = kNoKeys;
-    total[j] = 0.0f;
-    if (++inner == p.rows_inner) {
-      inner = 0;
-      ++outer;
-    }
-  }
-  for (int64_t s = 0; s < p.states; ++s) {
-    const int64_t at = attention_merge_state_at(p.lse_states, s);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) most[j] = attention_merge_max(most[j], lse[j][at]);
-  }
-  for (int64_t s = 0; s < p.states; ++s) {
-    const int64_t at = attention_merge_state_at(p.lse_states, s);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) total[j] += most[j] == kNoKeys ? 0.0f : exp_f32(lse[j][at] - most[j]);
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + log_f32(total[j]);
-  for (int64_t s = 0; s < p.states; ++s) {
-    const int64_t at = attention_merge_state_at(p.lse_states, s);
-#pragma omp simd
+// A block of up to kRowBlock rows: each row's state 0 o and lse, its merged lse, and the states'
+// weights a_s (weights[s * kRowBlock + j], 0 for a state without keys), whose exponentials and
+// logarithms (elementary_math.h's polynomials) are computed in vector loops across the rows.
+template <typename T>
+struct RowBlock {
+  const T* o[kRowBlock];
+  const float* lse[kRowBlock];
+  float merged[kRowBlock];
+  float* weights;  // states x kRowBlock
+  int64_t n;
+
+  template <typename Params>
+  GF_CPU_INLINE void load(const Params& p, int64_t first, int64_t last) {
+    n = std::min(kRowBlock, last - first);
+    float most[kRowBlock], total[kRowBlock];
+    int64_t outer = first / p.rows_inner, inner = first % p.rows_inner;
     for (int64_t j = 0; j < n; ++j) {
-      const float lse_s = lse[j][at];
-      weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j]);
+      o[j] = p.o + outer * p.o_strides[0] + inner * p.o_strides[1];
+      lse[j] = p.lse + outer * p.lse_strides[0] + inner * p.lse_strides[1];
+      most[j] = kNoKeys;
+      total[j] = 0.0f;
+      if (++inner == p.rows_inner) {
+        inner = 0;
+        ++outer;
+      }
+    }
+    for (int64_t s = 0; s < p.states; ++s) {
+      const int64_t at = attention_merge_state_at(p.lse_states, s);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) most[j] = attention_merge_max(most[j], lse[j][at]);
+    }
+    for (int64_t s = 0; s < p.states; ++s) {
+      const int64_t at = attention_merge_state_at(p.lse_states, s);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) total[j] += most[j] == kNoKeys ? 0.0f : exp_f32(lse[j][at] - most[j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + log_f32(total[j]);
+    for (int64_t s = 0; s < p.states; ++s) {
+      const int64_t at = attention_merge_state_at(p.lse_states, s);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float lse_s = lse[j][at];
+        weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j]);
+      }
     }
   }
-}
+
+  // Whether row j's state s has no keys (then it is not read).
+  template <typename Params>
+  GF_CPU_INLINE bool empty(const Params& p, int64_t j, int64_t s) const {
+    return lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys;
+  }
+};
 
 // Rows first .. last; buffer holds 2 head_dim floats and states x kRowBlock. Each row is summed in
 // the buffer (in L1) and stored once, float32 rows with streaming stores where `stream`.
@@ -68,25 +83,22 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
   const int64_t dim = p.head_dim;
   float* sum = buffer;
   float* row = buffer + dim;
-  float* weights = buffer + 2 * dim;
-  const T* o[kRowBlock];
-  const float* lse[kRowBlock];
-  float merged[kRowBlock];
+  RowBlock<T> rows;
+  rows.weights = buffer + 2 * dim;
   for (int64_t block = first; block < last; block += kRowBlock) {
-    const int64_t n = std::min(kRowBlock, last - block);
-    merge_weights(p, block, n, o, lse, merged, weights);
-    for (int64_t j = 0; j < n; ++j) {
+    rows.load(p, block, last);
+    for (int64_t j = 0; j < rows.n; ++j) {
       const int64_t r = block + j;
-      p.out_lse[r] = merged[j];
+      p.out_lse[r] = rows.merged[j];
       bool first_state = true;
       for (int64_t s = 0; s < p.states; ++s) {
-        if (lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys) continue;
-        const float weight = weights[s * kRowBlock + j];
+        if (rows.empty(p, j, s)) continue;
+        const float weight = rows.weights[s * kRowBlock + j];
         const float* o_s = nullptr;
         if constexpr (std::is_same_v<T, float>) {
-          o_s = o[j] + attention_merge_state_at(p.o_states, s);
+          o_s = rows.o[j] + attention_merge_state_at(p.o_states, s);
         } else {
-          widen<isa>(o[j] + attention_merge_state_at(p.o_states, s), row, dim);
+          widen<isa>(rows.o[j] + attention_merge_state_at(p.o_states, s), row, dim);
           o_s = row;
         }
         if (first_state) {
@@ -121,15 +133,12 @@ GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>
                                            float* buffer, bool stream) {
   const AttentionMergeBackwardParams<T>& p = *params;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  const int64_t dim = p.head_dim, rows = p.rows_outer * p.rows_inner;
-  float* weights = buffer + 2 * dim;
-  const T* o[kRowBlock];
-  const float* lse[kRowBlock];
-  float merged[kRowBlock];
+  const int64_t dim = p.head_dim, count = p.rows_outer * p.rows_inner;
+  RowBlock<T> rows;
+  rows.weights = buffer + 2 * dim;
   for (int64_t block = first; block < last; block += kRowBlock) {
-    const int64_t n = std::min(kRowBlock, last - block);
-    merge_weights(p, block, n, o, lse, merged, weights);
-    for (int64_t j = 0; j < n; ++j) {
+    rows.load(p, block, last);
+    for (int64_t j = 0; j < rows.n; ++j) {
       const int64_t r = block + j;
       const float* g = nullptr;
       if constexpr (kFloat) {
@@ -140,21 +149,21 @@ GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>
       }
       float mean = 0.0f;
       for (int64_t s = 0; s < p.states; ++s) {
-        const bool empty = lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys;
-        const float weight = weights[s * kRowBlock + j];
+        const bool empty = rows.empty(p, j, s);
+        const float weight = rows.weights[s * kRowBlock + j];
         float dot = 0.0f;
         if (!empty) {
           const float* o_s = nullptr;
           if constexpr (kFloat) {
-            o_s = o[j] + attention_merge_state_at(p.o_states, s);
+            o_s = rows.o[j] + attention_merge_state_at(p.o_states, s);
           } else {
-            widen<isa>(o[j] + attention_merge_state_at(p.o_states, s), buffer + dim, dim);
+            widen<isa>(rows.o[j] + attention_merge_state_at(p.o_states, s), buffer + dim, dim);
             o_s = buffer + dim;
           }
 #pragma omp simd reduction(+ : dot)
           for (int64_t c = 0; c < dim; ++c) dot += g[c] * o_s[c];
         }
-        T* grad_o = p.grad_o + (s * rows + r) * dim;
+        T* grad_o = p.grad_o + (s * count + r) * dim;
         float* scaled = buffer + dim;
         if constexpr (kFloat) {
           if (!stream) scaled = grad_o;
@@ -170,14 +179,13 @@ GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>
         } else {
           narrow<isa>(scaled, grad_o, dim);
         }
-        p.grad_lse_states[s * rows + r] = dot;
+        p.grad_lse_states[s * count + r] = dot;
         mean += weight * dot;
       }
       const float grad_lse = p.grad_lse == nullptr ? 0.0f : p.grad_lse[r];
       for (int64_t s = 0; s < p.states; ++s) {
-        float& out = p.grad_lse_states[s * rows + r];
-        const bool empty = lse[j][attention_merge_state_at(p.lse_states, s)] == kNoKeys;
-        out = empty ? 0.0f : weights[s * kRowBlock + j] * (out - mean + grad_lse);
+        float& out = p.grad_lse_states[s * count + r];
+        out = rows.empty(p, j, s) ? 0.0f : rows.weights[s * kRowBlock + j] * (out - mean + grad_lse);
       }
     }
   }
