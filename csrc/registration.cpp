@@ -136,9 +136,10 @@ TORCH_LIBRARY(genfast, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse) -> ()");
   // Partial attentions merged (kernels/common/attention_merge.h): the states' o (rows_outer,
-  // rows_inner, head_dim) and float32 lse (rows_outer, rows_inner), each any strides and anywhere,
-  // give the attention over all their keys, (rows_outer, rows_inner, head_dim) in o's dtype and its
-  // lse. The backward returns the gradients of the states' o and lse stacked, contiguous.
+  // rows_inner, head_dim) and float32 lse (rows_outer, rows_inner) give the attention over all their
+  // keys, (rows_outer, rows_inner, head_dim) in o's dtype and its lse. States of one layout (o's
+  // features contiguous) are read where they lie (up to eight anywhere, more evenly spaced); others
+  // are copied first. The backward returns the gradients of the states' o and lse stacked, contiguous.
   m.def("attention_merge(Tensor[] o, Tensor[] lse) -> (Tensor, Tensor)");
   m.def(
       "attention_merge_backward(Tensor grad_out, Tensor? grad_lse, Tensor[] o, Tensor[] lse) -> (Tensor, Tensor)");

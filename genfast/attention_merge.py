@@ -31,6 +31,9 @@ def _sequences(o, lse):
     if any(part.shape != o[0].shape for part in o) or any(part.shape != lse[0].shape for part in lse):
         raise ValueError(f"the states must have one shape each, got o {[tuple(p.shape) for p in o]} and lse "
                          f"{[tuple(p.shape) for p in lse]}")
+    if o[0].dim() < 1 or lse[0].shape != o[0].shape[:-1]:
+        raise ValueError(f"each state's lse must have its o's shape without the head dim, o {tuple(o[0].shape)}, got "
+                         f"{tuple(lse[0].shape)}")
     for name, parts in (("o", o), ("lse", lse)):
         if any(part.dtype != parts[0].dtype or part.device != parts[0].device for part in parts):
             raise ValueError(f"{name}'s states must have one dtype and device, got "
@@ -81,10 +84,12 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     keys: o (..., head_dim), the partial outputs with the states along dim `dim` (of lse's dims), and
     lse (o's shape without the head dim, float32), their log-sum-exp; or sequences of the states' o
     and lse, each read where it lies (dim unused). Returns (o, lse) without the states' dim: sum_s exp(lse_s - lse) o_s in
-    o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. Any strides are read in
-    place, (batch, heads, queries) outputs of genfast.attention and (tokens, heads) packed ones of
-    attention_varlen alike (FlashAttention's varlen lse, (heads, tokens), as lse.T), and states along
-    any dim (FlashInfer's (tokens, states, heads, head_dim) as dim=1). A state of lse -inf has no keys
+    o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. The states are read
+    where they lie when they share one layout whose rows view as two dims and o's features are
+    contiguous, up to eight anywhere and more evenly spaced: (batch, heads, queries) outputs of
+    genfast.attention and (tokens, heads) packed ones of attention_varlen alike (FlashAttention's
+    varlen lse, (heads, tokens), as lse.T), and states along any dim (FlashInfer's (tokens, states,
+    heads, head_dim) as dim=1); other states are copied first. A state of lse -inf has no keys
     and is not read; a row whose states all have lse -inf gets o 0 and lse -inf. Differentiable in o and
     lse."""
     if _sequences(o, lse):

@@ -141,6 +141,7 @@ def test_sequences_of_states(impl, device):
     mixed = [o[0], o[1].transpose(0, 1).contiguous().transpose(0, 1), o[2]], list(lse[:3])
     _merge_sequences(impl, *mixed)
     _merge_sequences(impl, list(o.unbind(0)), list(lse.unbind(0)))
+    _merge_sequences(impl, list(o.unbind(0))[::-1], list(lse.unbind(0))[::-1])  # spaced backwards
     _merge_sequences(impl, [t.clone() for t in o], [t.clone() for t in lse])
     wide = torch.randn(6, 4, 17, device=device)
     _merge_sequences(impl, [wide[..., :16], wide[..., 1:]], list(lse[:2]))  # states one element apart
@@ -168,6 +169,7 @@ def test_states_are_read_where_they_lie(impl):
 
     assert copies([t.clone() for t in o[:8]], [t.clone() for t in lse[:8]]) == []
     assert copies(o, lse) == []
+    assert copies(list(o.unbind(0))[::-1], list(lse.unbind(0))[::-1]) == []
     assert copies(o.transpose(0, 1), lse.transpose(0, 1), dim=1) == []
     assert copies([t.clone() for t in o], [t.clone() for t in lse]) == ["aten::stack"]
 
@@ -183,8 +185,13 @@ def test_empty_tensors_nan_and_infinity(impl, device):
         assert out.shape == rows + (dim,) and out_lse.shape == rows
         if states == 0:  # no keys anywhere
             assert bool((out == 0).all()) and bool((out_lse == NO_KEYS).all())
-        grads = torch.autograd.grad((out.sum() + out_lse.clamp_min(0).sum()), (o, lse), allow_unused=True)
-        assert all(g is None or g.shape == t.shape for g, t in zip(grads, (o, lse)))
+        expected, expected_lse = reference_merge(o, lse)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(out_lse, expected_lse)
+        wanted = torch.autograd.grad((expected.sum() + expected_lse.clamp_min(0).sum()), (o, lse), allow_unused=True)
+        got = torch.autograd.grad((out.sum() + out_lse.clamp_min(0).sum()), (o, lse), allow_unused=True)
+        for a, e, t in zip(got, wanted, (o, lse)):
+            torch.testing.assert_close(torch.zeros_like(t) if a is None else a, torch.zeros_like(t) if e is None else e)
     o, lse = _states(3, (4,), 8, device=device)
     lse[1, 2] = float("nan")
     lse[2, 3] = float("inf")
@@ -265,6 +272,8 @@ def test_bad_input_names_the_argument(impl):
             (lambda: genfast.merge_attention([o[0]], [lse[0], lse[1]], impl=impl), ValueError, "both non-empty"),
             (lambda: genfast.merge_attention([o[0], o[1, :2]], [lse[0], lse[1]], impl=impl), ValueError,
              "one shape each"),
+            (lambda: genfast.merge_attention([o[0], o[1]], [lse[0, :2], lse[1, :2]], impl=impl), ValueError,
+             r"each state's lse must have its o's shape without the head dim, o \(3, 8\), got \(2,\)"),
             (lambda: genfast.merge_attention(o, lse.numpy(), impl=impl), TypeError, "lse must be a torch.Tensor")):
         with pytest.raises(error, match=match):
             call()

@@ -114,7 +114,7 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
       if constexpr (std::is_same_v<T, float>) {
         if (stream) {
           streaming_store(p.out + r * dim, sum, dim);
-        } else {
+        } else if (dim != 0) {  // an empty out's pointer may be null
           std::memcpy(p.out + r * dim, sum, sizeof(float) * dim);
         }
       } else {

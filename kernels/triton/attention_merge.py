@@ -96,7 +96,7 @@ def attention_merge_backward_kernel(grad_out_ptr, grad_lse_ptr, o_ptr, lse_ptr, 
         keys = lse_s != float("-inf")
         weight = tl.where(keys, exp_f32(lse_s - merged), 0.0)
         o_s = tl.load(o_rows[:, None] + _state_at(s, o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing) + d[None, :], mask=cols & keys[:, None], other=0.0)
-        dot = tl.sum(g * o_s.to(tl.float32), 1)
+        dot = tl.where(keys, tl.sum(g * o_s.to(tl.float32), 1), 0.0)  # g . 0 is NaN where g is infinite
         tl.store(grad_o_ptr + (tl.cast(s, tl.int64) * rows + r)[:, None] * D + d[None, :],
                  tl.where(keys[:, None], weight[:, None] * g, 0.0).to(grad_o_ptr.dtype.element_ty), mask=cols)
         tl.store(grad_lse_states_ptr + tl.cast(s, tl.int64) * rows + r, dot, mask=live)
