@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) attention_merge_backward_kernel(cons
       }
       store_chunk<T, kVec>(grad_o + c, scaled);
     }
-    dot = empty ? 0.0f : warp_sum(dot);  // g . 0 is NaN where g is infinite
+    dot = warp_sum(dot);
+    if (empty) dot = 0.0f;  // g . 0 is NaN where g is infinite
     mean += weight * dot;
     if (lane == 0) p.grad_lse_states[s * rows + r] = dot;
   }
