@@ -83,7 +83,7 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     """The attention over all the keys of partial attentions of the same queries over disjoint sets of
     keys: o (..., head_dim), the partial outputs with the states along dim `dim` (of lse's dims), and
     lse (o's shape without the head dim, float32), their log-sum-exp; or sequences of the states' o
-    and lse, each read where it lies (dim unused). Returns (o, lse) without the states' dim: sum_s exp(lse_s - lse) o_s in
+    and lse (dim unused). Returns (o, lse) without the states' dim: sum_s exp(lse_s - lse) o_s in
     o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. The states are read
     where they lie when they share one layout whose rows view as two dims and o's features are
     contiguous, up to eight anywhere and more evenly spaced: (batch, heads, queries) outputs of
