@@ -97,6 +97,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def capture_cuda_graph(fn):
+    """fn() called once (its kernels compiled before capture), then captured in a CUDA graph on a side
+    stream: the graph and the captured call's result, which each replay rewrites."""
+    fn()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = fn()
+    return graph, result
+
+
 def one_call_time_ms(fn, device, quick=False):
     """A stand-in for genfast.benchmarks' time_ms: fn called once, timed at 2 ms, for tests of what
     a benchmark's rows hold rather than how fast."""

@@ -11,7 +11,7 @@ import torch
 import genfast
 from genfast.reference.attention_merge import attention_merge as reference_merge
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import assert_compiles_like_eager, devices, fused_impls, skip_unless_supported
+from conftest import assert_compiles_like_eager, capture_cuda_graph, devices, fused_impls, skip_unless_supported
 
 NO_KEYS = float("-inf")
 
@@ -227,12 +227,7 @@ def test_replays_in_a_cuda_graph(impl):
         pytest.skip("no GPU")
     skip_unless_supported(impl, "cuda")
     o, lse = _states(3, (4, 33), 128, torch.bfloat16, "cuda")
-    genfast.merge_attention(o, lse, impl=impl)  # compiled before capture
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+    graph, (out, out_lse) = capture_cuda_graph(lambda: genfast.merge_attention(o, lse, impl=impl))
     fresh, fresh_lse = _states(3, (4, 33), 128, torch.bfloat16, "cuda", seed=7)
     o.copy_(fresh)
     lse.copy_(fresh_lse)
@@ -244,11 +239,8 @@ def test_replays_in_a_cuda_graph(impl):
     # the backward too, which parks each state's dot product in its lse gradient
     leaves = [o.nan_to_num().requires_grad_(), lse.clone().requires_grad_()]
     grads = [torch.randn_like(out), torch.randn_like(out_lse)]
-    torch.autograd.grad(genfast.merge_attention(*leaves, impl=impl), leaves, grads)
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = torch.autograd.grad(genfast.merge_attention(*leaves, impl=impl), leaves, grads)
+    graph, got = capture_cuda_graph(lambda: torch.autograd.grad(genfast.merge_attention(*leaves, impl=impl), leaves,
+                                                                grads))
     for t in grads:
         t.copy_(torch.randn_like(t))
     graph.replay()

@@ -10,7 +10,7 @@ import torch
 import genfast
 from genfast.reference.rotary import rotary as reference_rotary
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import assert_compiles_like_eager, devices, fused_impls, skip_unless_supported
+from conftest import assert_compiles_like_eager, capture_cuda_graph, devices, fused_impls, skip_unless_supported
 
 BATCH, SEQLEN, HEADS, DIM, POSITIONS = 2, 7, 3, 16, 20
 
@@ -194,12 +194,7 @@ def test_replays_in_a_cuda_graph(impl):
     cos, sin = _tables(DIM, torch.bfloat16, "cuda")
     x = torch.randn(BATCH, SEQLEN, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
     positions = _positions("cuda")
-    genfast.rotary(x, cos, sin, positions, impl=impl)  # compiled before capture
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = genfast.rotary(x, cos, sin, positions, impl=impl)
+    graph, out = capture_cuda_graph(lambda: genfast.rotary(x, cos, sin, positions, impl=impl))
     x.copy_(torch.randn_like(x))
     positions.copy_(positions.flip(1))
     graph.replay()

@@ -4,6 +4,8 @@
 // keys and is not read.
 #include "attention_merge.cuh"
 #include "float_conversion.cuh"
+#include "vector_pack.cuh"
+#include "warp_sum.cuh"
 #ifndef GENFAST_EMULATED_CUDA
 #include "attention_sm80.cuh"  // launch_tiles (kernels/tests/cuda_emulator.h has its own, which runs this on the host)
 #endif
@@ -14,16 +16,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Chunk {
-  T v[kVec];
-};
-
 // A wide access at an unaligned address faults on a GPU; on the host emulator, which would not, it fails.
 template <typename T, int kVec>
 __device__ __forceinline__ void check_chunk_aligned(const T* at) {
 #ifdef GENFAST_EMULATED_CUDA
-  if (reinterpret_cast<uintptr_t>(at) % sizeof(Chunk<T, kVec>) != 0) cuda_emulator::fail("a chunk at an unaligned address");
+  if (reinterpret_cast<uintptr_t>(at) % sizeof(Pack<T, kVec>) != 0) cuda_emulator::fail("a chunk at an unaligned address");
 #else
   (void)at;
 #endif
@@ -32,7 +29,7 @@ __device__ __forceinline__ void check_chunk_aligned(const T* at) {
 template <typename T, int kVec>
 __device__ __forceinline__ void load_chunk(const T* from, float (&to)[kVec]) {
   check_chunk_aligned<T, kVec>(from);
-  const Chunk<T, kVec> chunk = *reinterpret_cast<const Chunk<T, kVec>*>(from);
+  const Pack<T, kVec> chunk = *reinterpret_cast<const Pack<T, kVec>*>(from);
 #pragma unroll
   for (int e = 0; e < kVec; ++e) to[e] = to_float(chunk.v[e]);
 }
@@ -40,16 +37,10 @@ __device__ __forceinline__ void load_chunk(const T* from, float (&to)[kVec]) {
 template <typename T, int kVec>
 __device__ __forceinline__ void store_chunk(T* to, const float (&from)[kVec]) {
   check_chunk_aligned<T, kVec>(to);
-  Chunk<T, kVec> chunk;
+  Pack<T, kVec> chunk;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) chunk.v[e] = from_float<T>(from[e]);
-  *reinterpret_cast<Chunk<T, kVec>*>(to) = chunk;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
+  *reinterpret_cast<Pack<T, kVec>*>(to) = chunk;
 }
 
 template <typename T, int kVec>

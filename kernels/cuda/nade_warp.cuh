@@ -6,17 +6,11 @@
 #include <stdint.h>
 
 #include "../common/nade.h"
+#include "warp_sum.cuh"
 
 namespace genfast {
 
 constexpr int kNadeWarpsPerBlock = 4;
-
-// Sum over the warp in a fixed butterfly order; every lane gets the total.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int width = 16; width > 0; width /= 2) v += __shfl_xor_sync(0xffffffffu, v, width);
-  return v;
-}
 
 __device__ __forceinline__ int64_t nade_warp_row() {
   return static_cast<int64_t>(blockIdx.x) * kNadeWarpsPerBlock + threadIdx.x / 32;

@@ -8,14 +8,13 @@
 #include <stdint.h>
 
 #include "float_conversion.cuh"
+#include "vector_pack.cuh"
 
 namespace genfast {
 
 // Four consecutive elements moved as one aligned access (16 bytes for float, 8 for 16-bit types).
 template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
+using Pack4 = Pack<T, 4>;
 
 template <typename T>
 __device__ __forceinline__ void load4(const T* base, int64_t i, bool vector_ok, float out[4]) {
