@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -17,8 +18,10 @@ namespace genfast {
 
 constexpr const char* kAttentionMergeOp = "genfast.attention_merge";
 
-inline void check_attention_merge(at::TensorList o, at::TensorList lse) {
+inline void check_attention_merge(at::TensorList o, at::TensorList lse, double ln_base) {
   const char* op = kAttentionMergeOp;
+  TORCH_CHECK(std::isfinite(ln_base) && ln_base > 0.0, op,
+              ": ln_base (the natural log of lse's base) must be finite and positive, got ", ln_base);
   TORCH_CHECK(!o.empty() && lse.size() == o.size(), op, ": o and lse must hold one tensor per state, at least one, got ",
               o.size(), " and ", lse.size());
   check_floating_input(op, o[0], "o");
@@ -85,7 +88,9 @@ inline AttentionMergeStates attention_merge_places(const std::vector<at::Tensor>
 }
 
 template <typename Params, typename T, typename Storage>
-void set_attention_merge_inputs(Params& p, const std::vector<at::Tensor>& o, const std::vector<at::Tensor>& lse) {
+void set_attention_merge_inputs(Params& p, const std::vector<at::Tensor>& o, const std::vector<at::Tensor>& lse,
+                                double ln_base) {
+  p.ln_base = static_cast<float>(ln_base);
   p.states = static_cast<int64_t>(o.size());
   p.rows_outer = o[0].size(0);
   p.rows_inner = o[0].size(1);
@@ -103,9 +108,9 @@ void set_attention_merge_inputs(Params& p, const std::vector<at::Tensor>& o, con
 // o and lse are attention_merge_states'; out (rows_outer, rows_inner, head_dim) and out_lse contiguous.
 template <typename T, typename Storage>
 AttentionMergeParams<T> attention_merge_params(const std::vector<at::Tensor>& o, const std::vector<at::Tensor>& lse,
-                                               const at::Tensor& out, const at::Tensor& out_lse) {
+                                               double ln_base, const at::Tensor& out, const at::Tensor& out_lse) {
   AttentionMergeParams<T> p{};
-  set_attention_merge_inputs<AttentionMergeParams<T>, T, Storage>(p, o, lse);
+  set_attention_merge_inputs<AttentionMergeParams<T>, T, Storage>(p, o, lse, ln_base);
   p.out = output_ptr<T, Storage>(out);
   p.out_lse = out_lse.mutable_data_ptr<float>();
   return p;
@@ -115,11 +120,11 @@ AttentionMergeParams<T> attention_merge_params(const std::vector<at::Tensor>& o,
 template <typename T, typename Storage>
 AttentionMergeBackwardParams<T> attention_merge_backward_params(const at::Tensor& grad_out, const at::Tensor& grad_lse,
                                                                 const std::vector<at::Tensor>& o,
-                                                                const std::vector<at::Tensor>& lse,
+                                                                const std::vector<at::Tensor>& lse, double ln_base,
                                                                 const at::Tensor& grad_o,
                                                                 const at::Tensor& grad_lse_states) {
   AttentionMergeBackwardParams<T> p{};
-  set_attention_merge_inputs<AttentionMergeBackwardParams<T>, T, Storage>(p, o, lse);
+  set_attention_merge_inputs<AttentionMergeBackwardParams<T>, T, Storage>(p, o, lse, ln_base);
   p.grad_out = input_ptr<T, Storage>(grad_out);
   p.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr;
   p.grad_o = output_ptr<T, Storage>(grad_o);
@@ -127,11 +132,11 @@ AttentionMergeBackwardParams<T> attention_merge_backward_params(const at::Tensor
   return p;
 }
 
-// Runs launch(o, lse, out, out_lse) for the merge of the states; returns (out, out_lse).
+// Runs launch(o, lse, out, out_lse) for the merge of the states (lse to base e^ln_base); returns (out, out_lse).
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> run_attention_merge(at::TensorList o_in, at::TensorList lse_in,
+std::tuple<at::Tensor, at::Tensor> run_attention_merge(at::TensorList o_in, at::TensorList lse_in, double ln_base,
                                                        const Launch& launch) {
-  check_attention_merge(o_in, lse_in);
+  check_attention_merge(o_in, lse_in, ln_base);
   at::Tensor out = at::empty(o_in[0].sizes(), o_in[0].options());
   at::Tensor out_lse = at::empty(lse_in[0].sizes(), lse_in[0].options());
   if (out_lse.numel() == 0) return {out, out_lse};
@@ -145,8 +150,8 @@ template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> run_attention_merge_backward(const at::Tensor& grad_out,
                                                                 const std::optional<at::Tensor>& grad_lse,
                                                                 at::TensorList o_in, at::TensorList lse_in,
-                                                                const Launch& launch) {
-  check_attention_merge(o_in, lse_in);
+                                                                double ln_base, const Launch& launch) {
+  check_attention_merge(o_in, lse_in, ln_base);
   check_attention_merge_grads(o_in[0], grad_out, grad_lse);
   const int64_t states = static_cast<int64_t>(o_in.size());
   at::Tensor grad_o = at::empty({states, o_in[0].size(0), o_in[0].size(1), o_in[0].size(2)}, o_in[0].options());

@@ -41,6 +41,14 @@ def _sequences(o, lse):
     return True
 
 
+def _ln_base(lse_base):
+    """ln of lse's base, checked."""
+    if isinstance(lse_base, bool) or not isinstance(lse_base, (int, float)) or not 1 < lse_base < math.inf:
+        raise ValueError(f"lse_base must be a number greater than 1 and finite (math.e for genfast's and "
+                         f"FlashAttention's lse, 2 for FlashInfer's), got {lse_base!r}")
+    return math.log(lse_base)
+
+
 def _check(o, lse, dim, impl):
     if not (impl == "reference" and isinstance(o, Tensor) and o.dtype == torch.float64):
         _checks.check_float_tensor("o", o)
@@ -79,12 +87,13 @@ def _rows_in_two(o, lse):
 
 
 def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Sequence[Tensor]], dim: int = 0, *,
-                    impl: str = "auto") -> Tuple[Tensor, Tensor]:
+                    lse_base: float = math.e, impl: str = "auto") -> Tuple[Tensor, Tensor]:
     """The attention over all the keys of partial attentions of the same queries over disjoint sets of
     keys: o (..., head_dim), the partial outputs with the states along dim `dim` (of lse's dims), and
     lse (o's shape without the head dim, float32), their log-sum-exp; or sequences of the states' o
     and lse (dim unused). Returns (o, lse) without the states' dim: sum_s exp(lse_s - lse) o_s in
-    o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. The states are read
+    o's dtype, computed in float32, and lse = log sum_s exp(lse_s) in float32. lse_base=2 takes and
+    returns base-2 lse (FlashInfer's): log_2 and 2^ in place of log and exp. The states are read
     where they lie when they share one layout whose rows view as two dims and o's features are
     contiguous, up to eight anywhere and more evenly spaced: (batch, heads, queries) outputs of
     genfast.attention and (tokens, heads) packed ones of attention_varlen alike (FlashAttention's
@@ -92,6 +101,7 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     heads, head_dim) as dim=1); other states are copied first. A state of lse -inf has no keys
     and is not read; a row whose states all have lse -inf gets o 0 and lse -inf. Differentiable in o and
     lse."""
+    ln_base = _ln_base(lse_base)
     if _sequences(o, lse):
         dim, o, lse, stacked = 0, list(o), list(lse), None
         _check(o[0].unsqueeze(0), lse[0].unsqueeze(0), 0, impl)
@@ -103,9 +113,9 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     if backend == "reference" or (stacked is not None and o.shape[dim] == 0):  # no states: no keys anywhere
         if stacked is None:
             stacked = torch.stack(o, dim), torch.stack(lse, dim)
-        return reference.attention_merge(*stacked, dim)
+        return reference.attention_merge(*stacked, dim, lse_base)
     if stacked is not None:
         o, lse = list(o.unbind(dim)), list(lse.unbind(dim))
     rows, head_dim = tuple(lse[0].shape), o[0].shape[-1]
-    out, out_lse = merge_op.operator(backend)(*_rows_in_two(o, lse))
+    out, out_lse = merge_op.operator(backend)(*_rows_in_two(o, lse), ln_base)
     return out.view(rows + (head_dim,)), out_lse.view(rows)

@@ -5,6 +5,8 @@ strided and packed layouts, sequences of states, empty tensors, NaN, opcheck, to
 graphs and bad input. The reference itself: gradcheck in float64, and attentions over splits of the
 keys merging into the attention over all of them."""
 
+import math
+
 import pytest
 import torch
 
@@ -28,18 +30,18 @@ def _states(states, rows, dim, dtype=torch.float32, device="cpu", seed=0):
     return o.to(device=device, dtype=dtype), lse.to(device)
 
 
-def _compare(impl, o, lse, dim=0):
+def _compare(impl, o, lse, dim=0, lse_base=math.e):
     """Outputs and gradients of genfast.merge_attention against the float64 reference and the
     reference in o's dtype."""
     leaves = [o.detach().requires_grad_(), lse.detach().requires_grad_()]
-    out, out_lse = genfast.merge_attention(*leaves, dim, impl=impl)
+    out, out_lse = genfast.merge_attention(*leaves, dim, lse_base=lse_base, impl=impl)
     g = torch.Generator().manual_seed(1)
     grads = (torch.randn(out.shape, generator=g).to(out), torch.randn(out_lse.shape, generator=g).to(out_lse))
     got = [out, out_lse, *torch.autograd.grad((out, out_lse), leaves, grads)]
     results = {}
     for name, cast in (("exact", torch.float64), ("low", None)):
         ref_leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (o, lse)]
-        r, r_lse = genfast.merge_attention(*ref_leaves, dim, impl="reference")
+        r, r_lse = genfast.merge_attention(*ref_leaves, dim, lse_base=lse_base, impl="reference")
         results[name] = [r, r_lse, *torch.autograd.grad((r, r_lse), ref_leaves, [t.to(r.dtype) for t in grads[:1]] +
                                                         [grads[1].to(r_lse.dtype)])]
     assert out.dtype == o.dtype and out_lse.dtype == torch.float32
@@ -56,6 +58,7 @@ def test_reference_gradcheck():
     lse = lse.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: reference_merge(a, b), (o, lse))
     assert torch.autograd.gradcheck(lambda a, b: reference_merge(a, b, dim=1), (o.transpose(0, 1), lse.transpose(0, 1)))
+    assert torch.autograd.gradcheck(lambda a, b: reference_merge(a, b, lse_base=2), (o, lse))
 
 
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])
@@ -109,6 +112,24 @@ def test_layouts(impl, device):
     _compare(impl, wide[..., ::2], lse)
     o6, lse6 = _states(2, (3, 4, 5), 8, device=device)
     _compare(impl, o6.permute(0, 2, 1, 3, 4), lse6.permute(0, 2, 1, 3))  # (4, 3, 5) rows: no two dims
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_base_2_lse(impl, device):
+    """lse_base=2 (FlashInfer's lse): the merge of lse / ln 2 is the natural merge's o, and its lse / ln
+    2; outputs and gradients against the reference in float32 and float16, 16-byte chunks and single
+    elements."""
+    skip_unless_supported(impl, device)
+    o, lse = _states(3, (5, 4), 32, device=device)
+    natural, natural_lse = reference_merge(o, lse)
+    out, out_lse = genfast.merge_attention(o, lse / math.log(2), lse_base=2, impl=impl)
+    torch.testing.assert_close(out, natural, equal_nan=True)
+    torch.testing.assert_close(out_lse * math.log(2), natural_lse)
+    if impl != "reference":
+        _compare(impl, o, lse, lse_base=2)
+        _compare(impl, o.transpose(0, 1), lse.transpose(0, 1), dim=1, lse_base=2.0)
+        _compare(impl, *_states(2, (3, 7), 40, torch.float16, device, seed=4), lse_base=2)
 
 
 def _merge_sequences(impl, o, lse):
@@ -266,7 +287,10 @@ def test_bad_input_names_the_argument(impl):
              "one shape each"),
             (lambda: genfast.merge_attention([o[0], o[1]], [lse[0, :2], lse[1, :2]], impl=impl), ValueError,
              r"each state's lse must have its o's shape without the head dim, o \(3, 8\), got \(2,\)"),
-            (lambda: genfast.merge_attention(o, lse.numpy(), impl=impl), TypeError, "lse must be a torch.Tensor")):
+            (lambda: genfast.merge_attention(o, lse.numpy(), impl=impl), TypeError, "lse must be a torch.Tensor"),
+            *((lambda base=base: genfast.merge_attention(o, lse, lse_base=base, impl=impl), ValueError,
+               f"lse_base must be a number greater than 1 and finite .*, got {base!r}")
+              for base in (1, 0.5, -2, math.inf, math.nan, "2", True))):
         with pytest.raises(error, match=match):
             call()
 
@@ -289,3 +313,8 @@ def test_the_native_op_checks_its_arguments():
         torch.ops.genfast.attention_merge(list(o), list(lse[:1]))
     with pytest.raises(RuntimeError, match="grad_lse must be a float32 tensor"):
         torch.ops.genfast.attention_merge_backward(torch.randn(3, 4, 8), torch.randn(3, 5), list(o), list(lse))
+    for ln_base in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(RuntimeError, match="ln_base .* must be finite and positive"):
+            torch.ops.genfast.attention_merge(list(o), list(lse), ln_base)
+        with pytest.raises(RuntimeError, match="ln_base .* must be finite and positive"):
+            torch.ops.genfast.attention_merge_backward(torch.randn(3, 4, 8), None, list(o), list(lse), ln_base)

@@ -53,16 +53,20 @@ struct RowBlock {
     for (int64_t s = 0; s < p.states; ++s) {
       const int64_t at = attention_merge_state_at(p.lse_states, s);
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) total[j] += most[j] == kNoKeys ? 0.0f : exp_f32(lse[j][at] - most[j]);
+      for (int64_t j = 0; j < n; ++j) {
+        total[j] += most[j] == kNoKeys ? 0.0f : attention_merge_pow(lse[j][at] - most[j], p.ln_base);
+      }
     }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + log_f32(total[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + attention_merge_log(total[j], p.ln_base);
+    }
     for (int64_t s = 0; s < p.states; ++s) {
       const int64_t at = attention_merge_state_at(p.lse_states, s);
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float lse_s = lse[j][at];
-        weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j]);
+        weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j], p.ln_base);
       }
     }
   }
@@ -185,7 +189,9 @@ GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>
       const float grad_lse = p.grad_lse == nullptr ? 0.0f : p.grad_lse[r];
       for (int64_t s = 0; s < p.states; ++s) {
         float& out = p.grad_lse_states[s * count + r];
-        out = rows.empty(p, j, s) ? 0.0f : rows.weights[s * kRowBlock + j] * (out - mean + grad_lse);
+        out = rows.empty(p, j, s)
+                  ? 0.0f
+                  : attention_merge_lse_grad(rows.weights[s * kRowBlock + j], out, mean, grad_lse, p.ln_base);
       }
     }
   }
@@ -209,12 +215,12 @@ void parallel_rows(const Params& p, int64_t others, const Rows& rows) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::TensorList lse) {
-  return run_attention_merge(o, lse, [&](const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs,
+std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::TensorList lse, double ln_base) {
+  return run_attention_merge(o, lse, ln_base, [&](const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs,
                                          const at::Tensor& out, const at::Tensor& out_lse) {
     dispatch_float_types(out.scalar_type(), [&](auto element) {
       using T = decltype(element);
-      const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, out, out_lse);
+      const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, ln_base, out, out_lse);
       parallel_rows<T>(p, 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
         merge_rows(&p, first, last, buffer, stream);
       });
@@ -224,15 +230,16 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::Ten
 
 std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cpu(const at::Tensor& grad_out,
                                                                 const std::optional<at::Tensor>& grad_lse,
-                                                                at::TensorList o, at::TensorList lse) {
+                                                                at::TensorList o, at::TensorList lse,
+                                                                double ln_base) {
   return run_attention_merge_backward(
-      grad_out, grad_lse, o, lse,
+      grad_out, grad_lse, o, lse, ln_base,
       [&](const at::Tensor& g, const at::Tensor& g_lse, const std::vector<at::Tensor>& states,
           const std::vector<at::Tensor>& logs, const at::Tensor& grad_o, const at::Tensor& grad_lse_states) {
         dispatch_float_types(grad_o.scalar_type(), [&](auto element) {
           using T = decltype(element);
           const AttentionMergeBackwardParams<T> p =
-              attention_merge_backward_params<T, T>(g, g_lse, states, logs, grad_o, grad_lse_states);
+              attention_merge_backward_params<T, T>(g, g_lse, states, logs, ln_base, grad_o, grad_lse_states);
           parallel_rows<T>(p, p.states + 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
             merge_backward_rows(&p, first, last, buffer, stream);
           });

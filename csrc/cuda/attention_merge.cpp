@@ -11,15 +11,15 @@
 namespace genfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_merge_cuda(at::TensorList o, at::TensorList lse) {
+std::tuple<at::Tensor, at::Tensor> attention_merge_cuda(at::TensorList o, at::TensorList lse, double ln_base) {
   const c10::cuda::CUDAGuard guard(o.empty() ? c10::Device(c10::kCUDA) : o[0].device());
-  return run_attention_merge(o, lse, [&](const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs,
+  return run_attention_merge(o, lse, ln_base, [&](const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs,
                                          const at::Tensor& out, const at::Tensor& out_lse) {
     dispatch_cuda_float_types(out.scalar_type(), [&](auto element, auto storage) {
       using T = decltype(element);
       using Storage = decltype(storage);
       check_launch(kAttentionMergeOp,
-                   launch_attention_merge(attention_merge_params<T, Storage>(states, logs, out, out_lse),
+                   launch_attention_merge(attention_merge_params<T, Storage>(states, logs, ln_base, out, out_lse),
                                           c10::cuda::getCurrentCUDAStream()));
     });
   });
@@ -27,10 +27,11 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_cuda(at::TensorList o, at::Te
 
 std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cuda(const at::Tensor& grad_out,
                                                                  const std::optional<at::Tensor>& grad_lse,
-                                                                 at::TensorList o, at::TensorList lse) {
+                                                                 at::TensorList o, at::TensorList lse,
+                                                                 double ln_base) {
   const c10::cuda::CUDAGuard guard(grad_out.device());
   return run_attention_merge_backward(
-      grad_out, grad_lse, o, lse,
+      grad_out, grad_lse, o, lse, ln_base,
       [&](const at::Tensor& g, const at::Tensor& g_lse, const std::vector<at::Tensor>& states,
           const std::vector<at::Tensor>& logs, const at::Tensor& grad_o, const at::Tensor& grad_lse_states) {
         dispatch_cuda_float_types(grad_o.scalar_type(), [&](auto element, auto storage) {
@@ -38,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cuda(const at::Tenso
           using Storage = decltype(storage);
           check_launch(kAttentionMergeOp,
                        launch_attention_merge_backward(attention_merge_backward_params<T, Storage>(
-                                                           g, g_lse, states, logs, grad_o, grad_lse_states),
+                                                           g, g_lse, states, logs, ln_base, grad_o, grad_lse_states),
                                                        c10::cuda::getCurrentCUDAStream()));
         });
       });

@@ -38,41 +38,41 @@ def places(states: List[Tensor]) -> Tuple[int, ...]:
     return tuple(listed) + (listed[1] if len(states) > 1 else 0,)
 
 
-def _fake(o, lse):
+def _fake(o, lse, ln_base=1.0):
     return o[0].new_empty(o[0].shape), lse[0].new_empty(lse[0].shape)
 
 
-def _backward_fake(grad_out, grad_lse, o, lse):
+def _backward_fake(grad_out, grad_lse, o, lse, ln_base=1.0):
     return o[0].new_empty((len(o),) + tuple(o[0].shape)), lse[0].new_empty((len(lse),) + tuple(lse[0].shape))
 
 
 @torch.library.custom_op("genfast::attention_merge_triton", mutates_args=())
-def attention_merge_triton(o: List[Tensor], lse: List[Tensor]) -> Tuple[Tensor, Tensor]:
+def attention_merge_triton(o: List[Tensor], lse: List[Tensor], ln_base: float = 1.0) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention_merge import launch_attention_merge
 
     out, out_lse = _fake(o, lse)
     if out_lse.numel():
         o, lse = merge_states(o, True), merge_states(lse, False)
-        launch_attention_merge(o, lse, (places(o), places(lse)), out, out_lse)
+        launch_attention_merge(o, lse, (places(o), places(lse)), ln_base, out, out_lse)
     return out, out_lse
 
 
 @torch.library.custom_op("genfast::attention_merge_backward_triton", mutates_args=())
 def attention_merge_backward_triton(grad_out: Tensor, grad_lse: Optional[Tensor], o: List[Tensor],
-                                    lse: List[Tensor]) -> Tuple[Tensor, Tensor]:
+                                    lse: List[Tensor], ln_base: float = 1.0) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention_merge import launch_attention_merge_backward
 
     grad_o, grad_lse_states = _backward_fake(grad_out, grad_lse, o, lse)
     if grad_lse_states.numel():
         o, lse = merge_states(o, True), merge_states(lse, False)
         launch_attention_merge_backward(grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), o,
-                                        lse, (places(o), places(lse)), grad_o, grad_lse_states)
+                                        lse, (places(o), places(lse)), ln_base, grad_o, grad_lse_states)
     return grad_o, grad_lse_states
 
 
 def _setup_context(ctx, inputs, output):
-    o, lse = inputs
-    ctx.states = len(o)
+    o, lse, ln_base = inputs
+    ctx.states, ctx.ln_base = len(o), ln_base
     ctx.save_for_backward(*o, *lse)
 
 
@@ -82,8 +82,8 @@ def _make_backward(backward_op):
         o, lse = list(saved[:ctx.states]), list(saved[ctx.states:])
         if grad_out is None:
             grad_out = torch.zeros_like(o[0], memory_format=torch.contiguous_format)
-        grad_o, grad_lse_states = backward_op(grad_out, grad_lse, o, lse)
-        return list(grad_o.unbind(0)), list(grad_lse_states.unbind(0))
+        grad_o, grad_lse_states = backward_op(grad_out, grad_lse, o, lse, ctx.ln_base)
+        return list(grad_o.unbind(0)), list(grad_lse_states.unbind(0)), None
 
     return backward
 

@@ -1,10 +1,12 @@
 // Merging partial attentions (genfast.reference.attention_merge): attentions of one query row over
-// disjoint sets of keys, each given as its normalized output o_s and log-sum-exp lse_s, make the
-// attention over all the keys:
-//   lse = log sum_s e^lse_s,   o = sum_s a_s o_s,   a_s = e^(lse_s - lse).
+// disjoint sets of keys, each given as its normalized output o_s and log-sum-exp lse_s to base b,
+// make the attention over all the keys:
+//   lse = log_b sum_s b^lse_s,   o = sum_s a_s o_s,   a_s = b^(lse_s - lse).
+// The kernels take ln_base = ln b: 1 for natural lse (genfast's, FlashAttention's), ln 2 for base-2
+// lse (FlashInfer's); b^x is computed as e^(x ln_base), exact for ln_base 1.
 // A row whose states all have lse -inf (no keys anywhere) gets o = 0 and lse = -inf; a NaN lse makes
 // the row NaN. The backward, for incoming gradients g (of o) and g_lse (of lse), with d_s = g . o_s:
-//   grad o_s = a_s g,   grad lse_s = a_s (d_s - sum_t a_t d_t + g_lse).
+//   grad o_s = a_s g,   grad lse_s = a_s (ln_base (d_s - sum_t a_t d_t) + g_lse).
 #pragma once
 
 #include <stdint.h>
@@ -43,6 +45,7 @@ struct AttentionMergeParams {
   const float* lse;  // state 0's (rows_outer, rows_inner)
   int64_t lse_strides[2];
   AttentionMergeStates lse_states;
+  float ln_base;   // of lse's base
   T* out;          // (rows, head_dim), contiguous
   float* out_lse;  // (rows)
 };
@@ -58,6 +61,7 @@ struct AttentionMergeBackwardParams {
   const float* lse;
   int64_t lse_strides[2];
   AttentionMergeStates lse_states;
+  float ln_base;
   T* grad_o;                // (states, rows, head_dim), contiguous
   float* grad_lse_states;   // (states, rows)
 };
@@ -74,14 +78,21 @@ GF_HOST_DEVICE_INLINE float attention_merge_max(float a, float b) {
   return b > a ? b : a;
 }
 
+// b^x for lse's base b = e^ln_base.
+GF_HOST_DEVICE_INLINE float attention_merge_pow(float x, float ln_base) { return exp_f32(x * ln_base); }
+
+// log_b total, total > 0.
+GF_HOST_DEVICE_INLINE float attention_merge_log(float total, float ln_base) { return log_f32(total) / ln_base; }
+
 // The merged lse of one row, whose states' lse are lse[attention_merge_state_at(at, s)].
-GF_HOST_DEVICE_INLINE float attention_merged_lse(const float* lse, const AttentionMergeStates& at, int64_t states) {
+GF_HOST_DEVICE_INLINE float attention_merged_lse(const float* lse, const AttentionMergeStates& at, int64_t states,
+                                                 float ln_base) {
   float most = -__builtin_inff();
   for (int64_t s = 0; s < states; ++s) most = attention_merge_max(most, lse[attention_merge_state_at(at, s)]);
   if (most == -__builtin_inff()) return most;
   float total = 0.0f;
-  for (int64_t s = 0; s < states; ++s) total += exp_f32(lse[attention_merge_state_at(at, s)] - most);
-  return most + log_f32(total);
+  for (int64_t s = 0; s < states; ++s) total += attention_merge_pow(lse[attention_merge_state_at(at, s)] - most, ln_base);
+  return most + attention_merge_log(total, ln_base);
 }
 
 // Row r of a merge or of its backward (Params): state 0's o and lse there, and the merged lse.
@@ -97,13 +108,19 @@ GF_HOST_DEVICE_INLINE auto attention_merge_row(const Params& p, int64_t r) {
   using T = std::remove_const_t<std::remove_pointer_t<decltype(p.o)>>;
   const float* lse = p.lse + attention_merge_row_offset(p.lse_strides, p.rows_inner, r);
   return AttentionMergeRow<T>{p.o + attention_merge_row_offset(p.o_strides, p.rows_inner, r), lse,
-                              attention_merged_lse(lse, p.lse_states, p.states)};
+                              attention_merged_lse(lse, p.lse_states, p.states, p.ln_base)};
 }
 
 // a_s: the weight of a state of log-sum-exp lse_s in a row whose merged lse is `merged` (0 when
 // the row has no keys).
-GF_HOST_DEVICE_INLINE float attention_merge_weight(float lse_s, float merged) {
-  return merged == -__builtin_inff() ? 0.0f : exp_f32(lse_s - merged);
+GF_HOST_DEVICE_INLINE float attention_merge_weight(float lse_s, float merged, float ln_base) {
+  return merged == -__builtin_inff() ? 0.0f : attention_merge_pow(lse_s - merged, ln_base);
+}
+
+// grad lse_s = a_s (ln_base (d_s - sum_t a_t d_t) + g_lse), for dot = d_s and mean = sum_t a_t d_t.
+GF_HOST_DEVICE_INLINE float attention_merge_lse_grad(float weight, float dot, float mean, float grad_lse,
+                                                     float ln_base) {
+  return weight * (ln_base * (dot - mean) + grad_lse);
 }
 
 }  // namespace genfast

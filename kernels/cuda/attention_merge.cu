@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
     for (int64_t s = 0; s < p.states; ++s) {
       const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
       if (lse_s == -__builtin_inff()) continue;
-      const float weight = attention_merge_weight(lse_s, merged);
+      const float weight = attention_merge_weight(lse_s, merged, p.ln_base);
       load_chunk<T, kVec>(o + attention_merge_state_at(p.o_states, s) + c, o_s);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[e] += weight * o_s[e];
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_backward_kernel(cons
   for (int64_t s = 0; s < p.states; ++s) {
     const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
     const bool empty = lse_s == -__builtin_inff();
-    const float weight = empty ? 0.0f : attention_merge_weight(lse_s, merged);
+    const float weight = empty ? 0.0f : attention_merge_weight(lse_s, merged, p.ln_base);
     T* grad_o = p.grad_o + (s * rows + r) * p.head_dim;
     float dot = 0.0f;
 #pragma unroll 1  // unrolled, the float32 kernel spilled a register on sm_90a
@@ -108,7 +108,10 @@ __global__ void __launch_bounds__(kThreads) attention_merge_backward_kernel(cons
   for (int64_t s = 0; s < p.states; ++s) {
     const float lse_s = lse[attention_merge_state_at(p.lse_states, s)];
     float& out = p.grad_lse_states[s * rows + r];
-    out = lse_s == -__builtin_inff() ? 0.0f : attention_merge_weight(lse_s, merged) * (out - mean + grad_lse);
+    out = lse_s == -__builtin_inff()
+              ? 0.0f
+              : attention_merge_lse_grad(attention_merge_weight(lse_s, merged, p.ln_base), out, mean, grad_lse,
+                                         p.ln_base);
   }
 }
 

@@ -2,9 +2,10 @@
 // cuda_emulator.h through its launchers, against a float64 evaluation of
 // kernels/common/attention_merge.h's formulas: states interleaved in memory (o and lse strided) or
 // listed out of order, more states than are listed (evenly spaced), 16-byte chunks and single
-// elements (an odd head dim, an unaligned o, states whose places alone are misaligned), states without keys whose o is NaN (not read), a row
-// without keys in any state, and the backward with and without the merged lse's gradient; float32,
-// float16 and bfloat16. The outputs start as NaN, so a missed write fails.
+// elements (an odd head dim, an unaligned o, states whose places alone are misaligned), states
+// without keys whose o is NaN (not read), a row without keys in any state, the backward with and
+// without the merged lse's gradient, and natural and base-2 lse; float32, float16 and bfloat16. The
+// outputs start as NaN, so a missed write fails.
 // Built and run by CMake (ctest).
 #include "cuda_emulator.h"
 
@@ -28,6 +29,7 @@ struct Case {
   bool grad_lse;   // the backward takes a gradient of the merged lse
   bool listed;     // the states' places listed in reverse memory order (separate tensors), not evenly spaced
   int gap;         // elements between one state's row and the next state's: a gap of 1 misaligns them
+  bool base2;      // lse to base 2 (FlashInfer's), not natural
 };
 
 void check(const char* name, const char* what, int64_t at, double got, double expected, double tolerance,
@@ -103,12 +105,15 @@ void run_case(const Case& c) {
     q.o_states = places(o_strides[0]);
     q.lse_states = places(lse_strides[0]);
   };
+  const double ln_base = c.base2 ? std::log(2.0) : 1.0;
   genfast::AttentionMergeParams<T> p{};
   set_inputs(p);
+  p.ln_base = static_cast<float>(ln_base);
   p.out = out.data();
   p.out_lse = out_lse.data();
   genfast::AttentionMergeBackwardParams<T> b{};
   set_inputs(b);
+  b.ln_base = p.ln_base;
   b.grad_out = grad_out.data();
   b.grad_lse = c.grad_lse ? grad_lse.data() : nullptr;
   b.grad_o = grad_o.data();
@@ -128,8 +133,8 @@ void run_case(const Case& c) {
     double merged = -INFINITY;
     if (!std::isinf(most)) {
       double total = 0.0;
-      for (int s = 0; s < states; ++s) total += std::exp(lse_at(s, r) - most);
-      merged = most + std::log(total);
+      for (int s = 0; s < states; ++s) total += std::exp((lse_at(s, r) - most) * ln_base);
+      merged = most + std::log(total) / ln_base;
     }
     if (std::isinf(merged)) {
       if (!(out_lse[r] == -INFINITY)) {
@@ -143,7 +148,7 @@ void run_case(const Case& c) {
     double mean = 0.0;
     for (int s = 0; s < states; ++s) {
       const bool empty = std::isinf(lse_at(s, r));
-      weight[s] = empty ? 0.0 : std::exp(lse_at(s, r) - merged);
+      weight[s] = empty ? 0.0 : std::exp((lse_at(s, r) - merged) * ln_base);
       dots[s] = 0.0;
       for (int j = 0; j < dim && !empty; ++j) dots[s] += as_float(grad_out[r * dim + j]) * o_at(s, r, j);
       mean += weight[s] * dots[s];
@@ -160,7 +165,7 @@ void run_case(const Case& c) {
               &worst);
       }
       const double expected =
-          weight[s] == 0.0 ? 0.0 : weight[s] * (dots[s] - mean + (c.grad_lse ? grad_lse[r] : 0.0));
+          weight[s] == 0.0 ? 0.0 : weight[s] * (ln_base * (dots[s] - mean) + (c.grad_lse ? grad_lse[r] : 0.0));
       check(c.name, "grad_lse", s * rows + r, grad_lse_states[s * rows + r], expected, 1e-4, &worst);
     }
   }
@@ -171,12 +176,14 @@ void run_case(const Case& c) {
 
 int main() {
   const Case cases[] = {
-      {"head dim 128, 16-byte chunks", 3, 128, false, true, false, 0},
-      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true, 0},
-      {"head dim 7, single elements, listed", 5, 7, false, true, true, 0},
-      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false, 0},
-      {"head dim 64, states misaligned: single", 3, 64, false, true, false, 1},
-      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false, 0},
+      {"head dim 128, 16-byte chunks", 3, 128, false, true, false, 0, false},
+      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true, 0, false},
+      {"head dim 7, single elements, listed", 5, 7, false, true, true, 0, false},
+      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false, 0, false},
+      {"head dim 64, states misaligned: single", 3, 64, false, true, false, 1, false},
+      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false, 0, false},
+      {"head dim 64, base-2 lse, chunks", 4, 64, false, true, false, 0, true},
+      {"head dim 9, base-2 lse, single, listed", 3, 9, false, true, true, 0, true},
   };
   for (const Case& c : cases) {
     run_case<float>(c);
