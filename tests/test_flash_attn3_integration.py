@@ -6,6 +6,8 @@ backward), qv, the packed qkv forms, flash_attn_with_kvcache's FlashAttention 3 
 layout), flash_attn_combine, torch.compile, bad input, and on a GPU the absence of host-device
 synchronisation."""
 
+import functools
+
 import pytest
 import torch
 
@@ -791,30 +793,33 @@ def test_with_kvcache_chunks(layout, chunk, causal, impl):
 
 # flash_attn_combine
 
-def test_combine_merges_attentions_over_parts_of_the_keys():
-    """Keys split in three: the parts' float32 outputs and lse combined equal attention over all the
-    keys (out in float32, bfloat16 or into `out`); a row that no part saw gets 0 and -inf; the
-    gradients of the parts."""
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_combine_merges_attentions_over_parts_of_the_keys(impl):
+    """Keys split in three: the parts' float32 outputs and lse combined (genfast.merge_attention with
+    backend impl) equal attention over all the keys (out in float32, bfloat16 or into `out`); a row
+    that no part saw gets 0 and -inf; the gradients of the parts."""
+    skip_unless_supported(impl, "cpu")
+    combine = functools.partial(fa3.flash_attn_combine, impl=impl)
     (q, k, v, _), _, _ = _inputs([9] * 2, [30] * 2, seed=7)
     q, k, v = (t.view(2, -1, *t.shape[1:]) for t in (q, k, v))
     parts = [fa3.flash_attn_func(q, k[:, a:b], v[:, a:b], return_attn_probs=True) for a, b in ((0, 10), (10, 21),
                                                                                              (21, 30))]
     out_partial = torch.stack([o for o, _ in parts])
     lse_partial = torch.stack([lse.transpose(1, 2) for _, lse in parts])
-    out, lse = fa3.flash_attn_combine(out_partial, lse_partial)
+    out, lse = combine(out_partial, lse_partial)
     assert out.shape == (2, 9, HEADS, V_DIM) and out.dtype == torch.float32 and lse.shape == (2, 9, HEADS)
     assert lse.transpose(1, 2).is_contiguous(), "lse is FlashAttention 3's view of a (batch, heads, seqlen) tensor"
     for n in range(2):
         exact, low = (_sequence_attention(q[n].to(d), k[n].to(d), v[n].to(d)) for d in (torch.float64, torch.float32))
         assert_error_ratio(out[n], exact[0], low[0], msg="out")
         assert_error_ratio(lse[n], exact[1].T, low[1].T, msg="lse")
-    half, _ = fa3.flash_attn_combine(out_partial, lse_partial, out_dtype=torch.bfloat16)
+    half, _ = combine(out_partial, lse_partial, out_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, out.to(torch.bfloat16))
     into = torch.empty_like(out)
-    assert fa3.flash_attn_combine(out_partial, lse_partial, out=into)[0] is into and torch.equal(into, out)
+    assert combine(out_partial, lse_partial, out=into)[0] is into and torch.equal(into, out)
     hidden = lse_partial.clone()
     hidden[:, 0, 0, 0] = float("-inf")
-    out, lse = fa3.flash_attn_combine(out_partial, hidden)
+    out, lse = combine(out_partial, hidden)
     assert lse[0, 0, 0] == float("-inf") and torch.equal(out[0, 0, 0], torch.zeros(V_DIM))
     # A part that saw nothing may hold garbage (an unwritten buffer): it weighs nothing, NaN or not;
     # a NaN in a part that weighs propagates.
@@ -822,13 +827,13 @@ def test_combine_merges_attentions_over_parts_of_the_keys():
     garbage[0, 1, 2] = float("nan")
     hidden = lse_partial.clone()
     hidden[0, 1, 2] = float("-inf")
-    expected = fa3.flash_attn_combine(out_partial, hidden)
-    got = fa3.flash_attn_combine(garbage, hidden)
+    expected = combine(out_partial, hidden)
+    got = combine(garbage, hidden)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert fa3.flash_attn_combine(garbage, lse_partial)[0][1, 2].isnan().all()
+    assert combine(garbage, lse_partial)[0][1, 2].isnan().all()
     # The gradients reach the parts: a part's weight in the merge is its share of the whole.
     leaves = out_partial.clone().requires_grad_(), lse_partial.clone().requires_grad_()
-    merged, merged_lse = fa3.flash_attn_combine(*leaves)
+    merged, merged_lse = combine(*leaves)
     grad_out, grad_lse = torch.autograd.grad(merged.sum() + merged_lse.sum(), leaves)
     share = torch.exp(lse_partial - merged_lse.detach())
     torch.testing.assert_close(grad_out, share[..., None].expand_as(grad_out))

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention_varlen
+from ..attention_merge import merge_attention
 from ..ops.attention import check_qv
 from ..rotary import rotary
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
@@ -384,14 +385,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (o, lse) if return_attn_probs else o
 
 
-def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None, *, impl: str = "auto"):
     """Attentions over parts of the keys merged into the attention over all of them: out_partial
     (splits, batch, seqlen, heads, head_dim) float32 and lse_partial (splits, batch, seqlen, heads)
     float32, each part's normalized output and log-sum-exp, give (out (batch, seqlen, heads,
     head_dim) in out_dtype (default float32; written into `out` if given), softmax_lse (batch,
     seqlen, heads), a view of a (batch, heads, seqlen) tensor as FlashAttention 3's):
-        lse = logsumexp_s lse_s,   out = sum_s exp(lse_s - lse) out_s.
-    A row no part saw (every lse_s -inf) gets out 0 and lse -inf."""
+        lse = logsumexp_s lse_s,   out = sum_s exp(lse_s - lse) out_s,
+    genfast.merge_attention with backend impl. A part of lse -inf (it saw no keys) is not read, as
+    its buffer may hold garbage; a row no part saw gets out 0 and lse -inf."""
     for name, t, dims in (("out_partial", out_partial, 5), ("lse_partial", lse_partial, 4)):
         if not isinstance(t, Tensor) or t.dim() != dims or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a {dims}-d float32 tensor, got "
@@ -402,15 +404,7 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     out_dtype = out_dtype or (out.dtype if out is not None else torch.float32)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    # Computed so that a row no part saw, and a part of weight 0 whose buffer holds garbage (NaN from
-    # an unwritten torch.empty), give neither NaN nor a NaN gradient; a NaN in a weighed part does.
-    most = lse_partial.amax(0)
-    weights = torch.exp(lse_partial - torch.where(most == float("-inf"), 0.0, most))
-    total = weights.sum(0)
-    unseen = total == 0
-    lse = torch.where(unseen, float("-inf"), most + torch.log(torch.where(unseen, 1.0, total)))
-    shares = weights / torch.where(unseen, 1.0, total)
-    merged = torch.where(shares[..., None] == 0, 0.0, shares[..., None] * out_partial).sum(0)
+    merged, lse = merge_attention(out_partial, lse_partial, impl=impl)
     if out is None:
         out = merged.to(out_dtype)
     else:
