@@ -1,7 +1,9 @@
 """`genfast check` cases of merging partial attentions: outputs (o, lse) and gradients (of the states'
 o and lse) of each fused backend against the float64 reference, by the error-ratio rule; two and
-five states, states without keys and a row without any, states along dim 0 and 1, and packed
-outputs with FlashAttention's varlen lse transposed."""
+five states, states without keys and a row without any, states along dim 0 and 1, packed outputs
+with FlashAttention's varlen lse transposed, and FlashInfer's base-2 lse."""
+
+import math
 
 import torch
 
@@ -11,7 +13,7 @@ OUTPUTS = ("out", "lse")
 GRADS = ("grad_o", "grad_lse")
 
 
-def _case(states, head_dim, dim, varlen_lse, dtype, device):
+def _case(states, head_dim, dim, varlen_lse, lse_base, dtype, device):
     g = torch.Generator().manual_seed(states)
     tokens, heads = 37, 4
     o = torch.randn(states, tokens, heads, head_dim, generator=g)
@@ -28,7 +30,7 @@ def _case(states, head_dim, dim, varlen_lse, dtype, device):
 
     def run(impl, cast=None):
         leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (o, lse)]
-        out, out_lse = merge_attention(*leaves, dim, impl=impl)
+        out, out_lse = merge_attention(*leaves, dim, lse_base=lse_base, impl=impl)
         return [out, out_lse, *torch.autograd.grad((out, out_lse), leaves, (grads[0].to(out), grads[1].to(out_lse)))]
 
     return run
@@ -37,7 +39,8 @@ def _case(states, head_dim, dim, varlen_lse, dtype, device):
 def cases(device, dtypes):
     """(name, dtype, run, output names) for each case."""
     for dtype in dtypes:
-        for states, head_dim, dim, varlen_lse in ((2, 128, 0, True), (5, 64, 1, False), (3, 17, 0, False)):
+        for states, head_dim, dim, varlen_lse, lse_base in ((2, 128, 0, True, math.e), (5, 64, 1, False, math.e),
+                                                            (3, 17, 0, False, math.e), (2, 64, 1, False, 2)):
             name = (f"{states} states, head dim {head_dim}, states along dim {dim}"
-                    f"{', varlen lse (heads, tokens)' if varlen_lse else ''}")
-            yield name, dtype, _case(states, head_dim, dim, varlen_lse, dtype, device), OUTPUTS
+                    f"{', varlen lse (heads, tokens)' if varlen_lse else ''}{', base-2 lse' if lse_base == 2 else ''}")
+            yield name, dtype, _case(states, head_dim, dim, varlen_lse, lse_base, dtype, device), OUTPUTS

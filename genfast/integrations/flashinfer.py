@@ -1,0 +1,70 @@
+"""FlashInfer's merges of attention states (flashinfer.cascade: merge_state, merge_states,
+merge_state_in_place) on genfast.merge_attention, for code written against them: change the import
+and nothing else,
+
+    from flashinfer import merge_state, merge_states, merge_state_in_place
+    from genfast.integrations.flashinfer import merge_state, merge_states, merge_state_in_place
+
+and it runs where FlashInfer does not (the CPU, genfast's Triton kernels with impl="triton", a
+keyword FlashInfer does not have), differentiable in v and s (FlashInfer's merges have no backward,
+which training with ring attention or split keys needs) and under torch.compile(fullgraph=True).
+The arguments, layouts and semantics are FlashInfer's: v (seq_len, num_heads, head_dim), s
+(seq_len, num_heads) the log-sum-exp to base 2, as FlashInfer's attention returns it (converted to
+float32 as FlashInfer converts it); merge_states takes v (seq_len, num_states, num_heads, head_dim),
+read in place.
+
+Where genfast differs, on purpose: a state of s -inf (no keys) weighs nothing and is not read, and a
+row whose states all have s -inf gets v 0 and s -inf (FlashInfer's gives NaN there); a NaN s makes
+its row NaN. merge_state_in_place merges into new tensors and copies them into v and s (a pass more
+than FlashInfer's kernel), with no synchronisation: mask, which CUDA graphs use, is read on the device.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..attention_merge import merge_attention
+
+Tensor = torch.Tensor
+
+__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
+
+
+def _float32(name, s):
+    if not isinstance(s, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+    return s.to(torch.float32)
+
+
+def merge_state(v_a: Tensor, s_a: Tensor, v_b: Tensor, s_b: Tensor, *, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """The attention over the keys of segments A and B from each one's: v_a and v_b (seq_len,
+    num_heads, head_dim), s_a and s_b (seq_len, num_heads) their base-2 log-sum-exps. Returns
+    (v_merged in v_a's dtype, s_merged float32)."""
+    return merge_attention([v_a, v_b], [_float32("s_a", s_a), _float32("s_b", s_b)], lse_base=2, impl=impl)
+
+
+def merge_states(v: Tensor, s: Tensor, *, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """The attention over the keys of every segment: v (seq_len, num_states, num_heads, head_dim),
+    s (seq_len, num_states, num_heads) base-2 log-sum-exps. Returns (v_merged (seq_len, num_heads,
+    head_dim) in v's dtype, s_merged (seq_len, num_heads) float32); no states give v 0 and s -inf."""
+    if not isinstance(v, Tensor) or v.dim() != 4:
+        raise ValueError("v must be a (seq_len, num_states, num_heads, head_dim) tensor, got "
+                         f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+    return merge_attention(v, _float32("s", s), dim=1, lse_base=2, impl=impl)
+
+
+def merge_state_in_place(v: Tensor, s: Tensor, v_other: Tensor, s_other: Tensor, mask: Optional[Tensor] = None, *,
+                         impl: str = "auto") -> None:
+    """(v, s) merged with (v_other, s_other) in place, merge_state's layouts; with mask (seq_len,
+    bool), only the sequences where it is True."""
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    v_merged, s_merged = merge_state(v, s, v_other, s_other, impl=impl)
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != v.shape[:1] or mask.device != v.device:
+            raise ValueError(f"mask must be a bool tensor ({v.shape[0]},) on {v.device}, got {mask.dtype} "
+                             f"{tuple(mask.shape)} on {mask.device}")
+        v_merged = torch.where(mask[:, None, None], v_merged, v)
+        s_merged = torch.where(mask[:, None], s_merged, s)
+    v.copy_(v_merged)
+    s.copy_(s_merged)
