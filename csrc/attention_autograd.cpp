@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -93,6 +94,32 @@ at::Tensor output_grad(const at::Tensor& grad_o, const at::Tensor& o) {
   return grad_o.defined() ? grad_o : at::zeros_like(o);
 }
 
+// Whether the additive mask's gradient takes mask_grad_without_keys: constant along the keys (its key
+// dim 1), without sinks.
+bool mask_alike_along_keys(const at::Tensor& attn_mask, const at::Tensor& sinks) {
+  return !sinks.defined() && (attn_mask.dim() == 0 || attn_mask.size(-1) == 1);
+}
+
+// The gradient of an additive mask constant along the keys, without sinks: a row's bias shifts all
+// its scores alike, which moves no probability, so only the row's lse moves, one for one; the
+// gradient is grad_lse summed over the rows the mask spans (0 for a row without keys). Exact, where
+// summing the kernels' dS = P (dP - delta) over the keys leaves each row a rounding residual of
+// delta's, which a mask spanning many rows adds up (genfast check --fuzz, seed 123058: a scalar bias
+// over 4590 rows). NaN in o, grad_o or lse propagates as the kernels' would. The Triton ops' autograd
+// has the same in Python (genfast/ops/attention.py, _mask_grad_without_keys).
+at::Tensor mask_grad_without_keys(const at::Tensor& attn_mask, const at::Tensor& grad_o,
+                                  const std::optional<at::Tensor>& grad_lse, const at::Tensor& o,
+                                  const at::Tensor& lse) {
+  const at::Tensor no_keys = lse.eq(-std::numeric_limits<double>::infinity());
+  const at::Tensor from_lse = grad_lse.has_value() ? grad_lse->to(at::kFloat) : at::zeros_like(lse);
+  const at::Tensor nan_guard =
+      ((grad_o.to(at::kFloat) * o.to(at::kFloat)).sum(-1) + at::where(no_keys, 0.0, lse)) * 0.0;
+  return (at::where(no_keys, 0.0, from_lse) + nan_guard)
+      .unsqueeze(-1)
+      .sum_to_size(attn_mask.sizes())
+      .to(attn_mask.scalar_type());
+}
+
 class Attention : public torch::autograd::Function<Attention> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -118,13 +145,19 @@ class Attention : public torch::autograd::Function<Attention> {
     const bool mask_needs_grad = ctx->saved_data.at("mask_needs_grad").toBool();
     const AttentionOptions options = AttentionOptions::saved(ctx);
     static const auto backward_op = op<BackwardOp>("genfast::attention_backward");
+    const bool alike = mask_needs_grad && mask_alike_along_keys(attn_mask, sinks);
+    const at::Tensor grad_o = output_grad(grads[0], o);
     auto [grad_q, grad_k, grad_v, grad_s, grad_sinks] = backward_op.call(
-        output_grad(grads[0], o), defined_or_none(grads[1]), q, k, v, o, lse, defined_or_none(attn_mask),
+        grad_o, defined_or_none(grads[1]), q, k, v, o, lse, defined_or_none(attn_mask),
         defined_or_none(alibi_slopes), options.scale, options.softcap, options.band_lo, options.band_hi,
-        options.dropout_p, options.seed, options.offset, mask_needs_grad, options.deterministic,
+        options.dropout_p, options.seed, options.offset, mask_needs_grad && !alike, options.deterministic,
         defined_or_none(sinks));
     at::Tensor grad_mask;
-    if (mask_needs_grad) grad_mask = grad_s->sum_to_size(attn_mask.sizes());  // in the mask's dtype already
+    if (alike) {
+      grad_mask = mask_grad_without_keys(attn_mask, grad_o, defined_or_none(grads[1]), o, lse);
+    } else if (mask_needs_grad) {
+      grad_mask = grad_s->sum_to_size(attn_mask.sizes());  // in the mask's dtype already
+    }
     // One per argument of apply: q, k, v, attn_mask; none to alibi_slopes, the options and float_o;
     // then sinks.
     variable_list result = {grad_q, grad_k, grad_v, grad_mask};

@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention.bias import CausalBias
 
 from . import _backend, _checks
-from .ops import attention as _attention_op  # noqa: F401  (registers the fake)
+from .ops import attention as attention_op  # (importing it registers the fakes)
 from .ops.attention import check_paged_cache, check_qv
 from .random import as_int64, next_philox_key
 from .reference import attention as reference
@@ -174,9 +174,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(qs[2], ks[2], causal, window)
     # A half-precision mask gradient takes delta from the forward's float32 o (csrc/cpu/attention.cpp's
-    # backward says why): the forward keeps it for the backward, and the caller gets it rounded.
+    # backward says why): the forward keeps it for the backward, and the caller gets it rounded. A
+    # mask constant along the keys needs no delta (ops/attention.py's _mask_grad_without_keys).
     float_o = (attn_mask is not None and attn_mask.requires_grad and q.dtype != torch.float32
-               and torch.is_grad_enabled())
+               and torch.is_grad_enabled() and not attention_op.mask_alike_along_keys(attn_mask, sinks))
     args = (q, k, v, attn_mask, alibi_slopes, scale, softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed),
             as_int64(offset), _deterministic(deterministic), float_o, sinks)
     # The overloads themselves: an OpOverloadPacket resolves its overload again on every call.

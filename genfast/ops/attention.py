@@ -82,14 +82,39 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
+def mask_alike_along_keys(attn_mask, sinks) -> bool:
+    """Whether the additive mask's gradient takes _mask_grad_without_keys: constant along the keys
+    (its key dim 1), without sinks."""
+    return sinks is None and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
+
+
+def _mask_grad_without_keys(attn_mask, grad_o, grad_lse, o, lse):
+    """The gradient of an additive mask constant along the keys (its key dim 1), without sinks: a
+    row's bias shifts all its scores alike, which moves no probability, so only the row's lse moves,
+    one for one: the gradient is grad_lse summed over the rows the mask spans (0 for a row without
+    keys). Exact, where summing the kernels' dS = P (dP - delta) over the keys leaves each row a
+    rounding residual of delta's, which a mask spanning many rows adds up (genfast check --fuzz, seed
+    123058: a scalar bias, 4590 rows). NaN in o, grad_o or lse propagates as the kernels' would. The
+    native ops' autograd has the same in C++ (csrc/attention_autograd.cpp)."""
+    from_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
+    nan_guard = ((grad_o.float() * o.float()).sum(-1) + torch.where(lse == float("-inf"), 0.0, lse)) * 0.0
+    rows = torch.where(lse == float("-inf"), 0.0, from_lse) + nan_guard
+    return rows[..., None].sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, attn_mask, alibi_slopes, sinks = ctx.saved_tensors
         grads_o = torch.zeros_like(o) if grad_o is None else grad_o
+        keys_alike = ctx.mask_needs_grad and mask_alike_along_keys(attn_mask, sinks)
         grad_q, grad_k, grad_v, grad_s, grad_sinks = backward_op(grads_o, grad_lse, q, k, v, o, lse, attn_mask,
-                                                                 alibi_slopes, *ctx.options, ctx.mask_needs_grad,
+                                                                 alibi_slopes, *ctx.options,
+                                                                 ctx.mask_needs_grad and not keys_alike,
                                                                  ctx.deterministic, sinks)
-        grad_mask = grad_s.sum_to_size(attn_mask.shape) if ctx.mask_needs_grad else None  # the mask's dtype
+        if keys_alike:
+            grad_mask = _mask_grad_without_keys(attn_mask, grads_o, grad_lse, o, lse)
+        else:
+            grad_mask = grad_s.sum_to_size(attn_mask.shape) if ctx.mask_needs_grad else None  # the mask's dtype
         grads = [grad_q, grad_k, grad_v, grad_mask] + [None] * ctx.non_tensor_inputs
         if sinks is not None and ctx.needs_input_grad[5 + _SINKS_OPTION]:
             grads[5 + _SINKS_OPTION] = grad_sinks
