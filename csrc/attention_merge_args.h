@@ -9,6 +9,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../kernels/common/attention_merge.h"
@@ -105,7 +106,8 @@ void set_attention_merge_inputs(Params& p, const std::vector<at::Tensor>& o, con
   p.lse_states = attention_merge_places(lse);
 }
 
-// o and lse are attention_merge_states'; out (rows_outer, rows_inner, head_dim) and out_lse contiguous.
+// o and lse are attention_merge_states'; out (rows_outer, rows_inner, head_dim), features
+// contiguous, and out_lse (rows_outer, rows_inner), as check_attention_merge_outputs checks them.
 template <typename T, typename Storage>
 AttentionMergeParams<T> attention_merge_params(const std::vector<at::Tensor>& o, const std::vector<at::Tensor>& lse,
                                                double ln_base, const at::Tensor& out, const at::Tensor& out_lse) {
@@ -113,7 +115,52 @@ AttentionMergeParams<T> attention_merge_params(const std::vector<at::Tensor>& o,
   set_attention_merge_inputs<AttentionMergeParams<T>, T, Storage>(p, o, lse, ln_base);
   p.out = output_ptr<T, Storage>(out);
   p.out_lse = out_lse.mutable_data_ptr<float>();
+  for (int d = 0; d < 2; ++d) {
+    p.out_strides[d] = out.stride(d);
+    p.out_lse_strides[d] = out_lse.stride(d);
+  }
   return p;
+}
+
+// Whether the memory a and b span (first to last element) meets.
+inline bool attention_merge_spans_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::pair<uintptr_t, uintptr_t>{first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a_first, a_end] = span(a);
+  const auto [b_first, b_end] = span(b);
+  return a_first < b_end && b_first < a_end;
+}
+
+// Whether an output is one of the states (the same view: a merge in place, which the kernels allow by
+// reading each row's inputs before writing it) or apart from all of them.
+inline bool attention_merge_output_apart(const at::Tensor& output, const std::vector<at::Tensor>& states) {
+  for (const at::Tensor& state : states) {
+    const bool same = output.const_data_ptr() == state.const_data_ptr() && output.sizes() == state.sizes() &&
+                      output.strides() == state.strides();
+    if (!same && attention_merge_spans_meet(output, state)) return false;
+  }
+  return true;
+}
+
+// out (rows_outer, rows_inner, head_dim) of o's dtype, features contiguous, and out_lse (rows_outer,
+// rows_inner) float32, on o's device, any other strides.
+inline void check_attention_merge_outputs(at::TensorList o_in, const at::Tensor& out, const at::Tensor& out_lse) {
+  const char* op = kAttentionMergeOp;
+  const at::Tensor& first = o_in[0];
+  TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
+                  out.device() == first.device() && (out.size(2) <= 1 || out.stride(2) == 1),
+              op, ": out must be a ", first.scalar_type(), " tensor ", first.sizes(), " on ", first.device(),
+              " with contiguous features, got ", out.scalar_type(), " ", out.sizes(), " strides ", out.strides(),
+              " on ", out.device());
+  TORCH_CHECK(out_lse.sizes() == first.sizes().slice(0, 2) && out_lse.scalar_type() == at::kFloat &&
+                  out_lse.device() == first.device(),
+              op, ": out_lse must be a float32 tensor ", first.sizes().slice(0, 2), " on ", first.device(), ", got ",
+              out_lse.scalar_type(), " ", out_lse.sizes(), " on ", out_lse.device());
 }
 
 // grad_out and grad_lse contiguous (grad_lse may be undefined), grad_o and grad_lse_states contiguous.
@@ -142,6 +189,29 @@ std::tuple<at::Tensor, at::Tensor> run_attention_merge(at::TensorList o_in, at::
   if (out_lse.numel() == 0) return {out, out_lse};
   launch(attention_merge_states(o_in, true), attention_merge_states(lse_in, false), out, out_lse);
   return {out, out_lse};
+}
+
+// Runs launch(o, lse, out, out_lse) for the merge of the states into out and out_lse
+// (check_attention_merge_outputs): where they lie when each is one of the states the kernels read or
+// apart from them all (and the two apart), else into new tensors then copied into them.
+template <typename Launch>
+void run_attention_merge_out(at::TensorList o_in, at::TensorList lse_in, double ln_base, const at::Tensor& out,
+                             const at::Tensor& out_lse, const Launch& launch) {
+  check_attention_merge(o_in, lse_in, ln_base);
+  check_attention_merge_outputs(o_in, out, out_lse);
+  if (out_lse.numel() == 0) return;
+  const std::vector<at::Tensor> o = attention_merge_states(o_in, true), lse = attention_merge_states(lse_in, false);
+  if (attention_merge_output_apart(out, o) && attention_merge_output_apart(out, lse) &&
+      attention_merge_output_apart(out_lse, o) && attention_merge_output_apart(out_lse, lse) &&
+      !attention_merge_spans_meet(out, out_lse)) {
+    launch(o, lse, out, out_lse);
+    return;
+  }
+  const at::Tensor merged = at::empty(out.sizes(), out.options());
+  const at::Tensor merged_lse = at::empty(out_lse.sizes(), out_lse.options());
+  launch(o, lse, merged, merged_lse);
+  out.copy_(merged);
+  out_lse.copy_(merged_lse);
 }
 
 // Runs launch(grad_out, grad_lse, o, lse, grad_o, grad_lse_states) for the merge's backward; returns

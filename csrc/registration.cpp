@@ -139,9 +139,12 @@ TORCH_LIBRARY(genfast, m) {
   // rows_inner, head_dim) and float32 lse (rows_outer, rows_inner) give the attention over all their
   // keys, (rows_outer, rows_inner, head_dim) in o's dtype and its lse. States of one layout (o's
   // features contiguous) are read where they lie (up to eight anywhere, more evenly spaced); others
-  // are copied first. lse is to base e^ln_base (1: natural, ln 2: base 2). The backward returns the
-  // gradients of the states' o and lse stacked, contiguous.
+  // are copied first. lse is to base e^ln_base (1: natural, ln 2: base 2). attention_merge_out writes
+  // into out (features contiguous) and out_lse, any other strides, each one of the states (a merge
+  // in place) or apart from them. The backward returns the gradients of the states' o and lse
+  // stacked, contiguous.
   m.def("attention_merge(Tensor[] o, Tensor[] lse, float ln_base=1.0) -> (Tensor, Tensor)");
+  m.def("attention_merge_out(Tensor[] o, Tensor[] lse, float ln_base, Tensor(a!) out, Tensor(b!) out_lse) -> ()");
   m.def(
       "attention_merge_backward(Tensor grad_out, Tensor? grad_lse, Tensor[] o, Tensor[] lse, float ln_base=1.0) -> "
       "(Tensor, Tensor)");

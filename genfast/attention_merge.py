@@ -6,7 +6,7 @@ prefill over a cached prefix and ring attention do between their attention calls
 genfast.reference.attention_merge defines it."""
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -86,8 +86,41 @@ def _rows_in_two(o, lse):
     return ([t.reshape(outer, inner, t.shape[-1]) for t in o], [t.reshape(outer, inner) for t in lse])
 
 
+def _check_out(out, rows, head_dim, dtype, device, needs_grad):
+    """out's (o, lse), a new lse where it is None, checked against the merge's rows and o's head dim,
+    dtype and device."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)
+            and (out[1] is None or isinstance(out[1], Tensor))):
+        raise TypeError("out must be a pair (o, lse) of tensors to write the merge into, lse may be None, got "
+                        f"{type(out).__name__}")
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for t, shape, wanted, name in ((out[0], rows + (head_dim,), dtype, "out[0]"), (out[1], rows, lse_dtype, "out[1]")):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != wanted or t.device != device):
+            raise ValueError(f"{name} must be a {wanted} tensor {shape} on {device}, got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+    if torch.is_grad_enabled() and needs_grad:
+        raise RuntimeError("merge_attention(out=...) writes into out and has no backward; call it under "
+                           "torch.no_grad() or with states that do not require grad")
+    return out[0], (torch.empty(rows, dtype=lse_dtype, device=device) if out[1] is None else out[1])
+
+
+def _copy_into(out, merged):
+    out[0].copy_(merged[0])
+    out[1].copy_(merged[1])
+    return out
+
+
+def _view(t, shape):
+    """t viewed as shape, or None where its strides do not allow it."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return None
+
+
 def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Sequence[Tensor]], dim: int = 0, *,
-                    lse_base: float = math.e, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+                    lse_base: float = math.e, out: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+                    impl: str = "auto") -> Tuple[Tensor, Tensor]:
     """The attention over all the keys of partial attentions of the same queries over disjoint sets of
     keys: o (..., head_dim), the partial outputs with the states along dim `dim` (of lse's dims), and
     lse (o's shape without the head dim, float32), their log-sum-exp; or sequences of the states' o
@@ -100,22 +133,44 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     varlen lse, (heads, tokens), as lse.T), and states along any dim (FlashInfer's (tokens, states,
     heads, head_dim) as dim=1); other states are copied first. A state of lse -inf has no keys
     and is not read; a row whose states all have lse -inf gets o 0 and lse -inf. Differentiable in o and
-    lse."""
+    lse.
+
+    out=(o_out, lse_out) writes the merge into them instead (lse_out may be None: a new tensor) and
+    returns them, without a backward: any strides, o_out's features contiguous to be written where
+    it lies; o_out and lse_out may be one of the states (a merge in place, as FlashInfer's
+    merge_state_in_place), which the kernels write row by row after reading it. Outputs that overlap
+    the states otherwise, or whose rows do not view as the states' two dims, are written through a
+    new tensor."""
     ln_base = _ln_base(lse_base)
     if _sequences(o, lse):
         dim, o, lse, stacked = 0, list(o), list(lse), None
         _check(o[0].unsqueeze(0), lse[0].unsqueeze(0), 0, impl)
         device = o[0].device
+        if out is not None:
+            out = _check_out(out, tuple(lse[0].shape), o[0].shape[-1], o[0].dtype, device,
+                             any(t.requires_grad for t in (*o, *lse)))
     else:
         _check(o, lse, dim, impl)
         dim, stacked, device = dim % lse.dim(), (o, lse), o.device
+        if out is not None:
+            out = _check_out(out, tuple(lse.shape[:dim] + lse.shape[dim + 1:]), o.shape[-1], o.dtype, device,
+                             o.requires_grad or lse.requires_grad)
     backend = _backend.resolve_impl(impl, device)
     if backend == "reference" or (stacked is not None and o.shape[dim] == 0):  # no states: no keys anywhere
         if stacked is None:
             stacked = torch.stack(o, dim), torch.stack(lse, dim)
-        return reference.attention_merge(*stacked, dim, lse_base)
+        merged = reference.attention_merge(*stacked, dim, lse_base)
+        return merged if out is None else _copy_into(out, merged)
     if stacked is not None:
         o, lse = list(o.unbind(dim)), list(lse.unbind(dim))
     rows, head_dim = tuple(lse[0].shape), o[0].shape[-1]
-    out, out_lse = merge_op.operator(backend)(*_rows_in_two(o, lse), ln_base)
-    return out.view(rows + (head_dim,)), out_lse.view(rows)
+    o, lse = _rows_in_two(o, lse)
+    if out is None:
+        merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
+        return merged.view(rows + (head_dim,)), merged_lse.view(rows)
+    into, into_lse = _view(out[0], o[0].shape), _view(out[1], lse[0].shape)
+    if into is None or into_lse is None or (head_dim > 1 and into.stride(2) != 1):
+        merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
+        return _copy_into(out, (merged.view(rows + (head_dim,)), merged_lse.view(rows)))
+    merge_op.operator(backend, into=True)(o, lse, ln_base, into, into_lse)
+    return out

@@ -197,6 +197,68 @@ def test_states_are_read_where_they_lie(impl):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_out_writes_into_given_tensors(impl, device):
+    """out=(o, lse): the merge as it would return it, written into contiguous outputs, strided ones
+    (rows of a wider buffer, whose rest is left alone; lse as (heads, tokens).T), a new lse for None,
+    in place into one of the states (separate or stacked), and through a new tensor into outputs that
+    overlap the states otherwise."""
+    skip_unless_supported(impl, device)
+    o, lse = _states(3, (13, 4), 32, device=device)  # states without keys hold NaN, never read
+    expected = genfast.merge_attention(o, lse, impl=impl)
+    for into in ((torch.empty_like(expected[0]), torch.empty_like(expected[1])),
+                 (torch.full((13, 4, 40), 7.0, device=device)[..., :32],
+                  torch.empty(4, 13, device=device).T)):
+        got = genfast.merge_attention(o, lse, out=into, impl=impl)
+        assert got[0] is into[0] and got[1] is into[1]
+        assert torch.equal(into[0], expected[0]) and torch.equal(into[1], expected[1])
+        if into[0].stride(1) == 40:
+            assert bool((into[0]._base[..., 32:] == 7.0).all())
+    got = genfast.merge_attention(o, lse, out=(torch.empty_like(expected[0]), None), impl=impl)
+    assert torch.equal(got[1], expected[1])
+    separate_o, separate_lse = [t.clone() for t in o], [t.clone() for t in lse]
+    got = genfast.merge_attention(separate_o, separate_lse, out=(separate_o[1], separate_lse[1]), impl=impl)
+    assert got[0] is separate_o[1] and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    stacked_o, stacked_lse = o.clone(), lse.clone()
+    genfast.merge_attention(stacked_o, stacked_lse, out=(stacked_o[0], stacked_lse[0]), impl=impl)
+    assert torch.equal(stacked_o[0], expected[0]) and torch.equal(stacked_lse[0], expected[1])
+    shifted_o, shifted_lse = o.clone(), lse.clone()  # outputs half a state along, over states 0 and 1
+    half = shifted_o[0].numel() // 2
+    into = (shifted_o.view(-1)[half:half + shifted_o[0].numel()].view(13, 4, 32),
+            shifted_lse.view(-1)[26:26 + 52].view(13, 4))
+    genfast.merge_attention(shifted_o, shifted_lse, out=into, impl=impl)
+    assert torch.equal(into[0], expected[0]) and torch.equal(into[1], expected[1])
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_out_in_place_is_neither_copied_nor_stacked(impl):
+    skip_unless_supported(impl, "cpu")
+    o, lse = _states(3, (6, 4), 16)
+    separate = [t.clone() for t in o], [t.clone() for t in lse]
+    with torch.profiler.profile() as prof:
+        genfast.merge_attention(*separate, out=(separate[0][0], separate[1][0]), impl=impl)
+    ops = {e.key for e in prof.key_averages()}
+    # (copy_ is not asked after under the Triton interpreter, which copies every argument)
+    assert not ops & {"aten::stack", "aten::clone"} and (impl != "native" or "aten::copy_" not in ops)
+
+
+def test_out_checks():
+    o, lse = _states(2, (3, 4), 8)
+    for out, error, match in (
+            ((torch.empty(3, 4, 8, dtype=torch.float64), None), ValueError,
+             r"out\[0\] must be a torch.float32 tensor \(3, 4, 8\)"),
+            ((torch.empty(3, 4, 8), torch.empty(4, 3)), ValueError, r"out\[1\] must be a torch.float32 tensor \(3, 4\)"),
+            (torch.empty(3, 4, 8), TypeError, "out must be a pair"),
+            ((torch.empty(3, 4, 8), 0), TypeError, "out must be a pair")):
+        with pytest.raises(error, match=match):
+            genfast.merge_attention(o, lse, out=out)
+    with pytest.raises(RuntimeError, match=r"out=\.\.\.\) writes into out and has no backward"):
+        genfast.merge_attention(o.requires_grad_(), lse, out=(torch.empty(3, 4, 8), None))
+    with torch.no_grad():
+        genfast.merge_attention(o, lse, out=(torch.empty(3, 4, 8), None))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
 def test_empty_tensors_nan_and_infinity(impl, device):
     skip_unless_supported(impl, device)
     for states, rows, dim in ((2, (0, 3), 8), (0, (4, 3), 8), (2, (4, 3), 0)):
@@ -235,6 +297,13 @@ def test_opcheck_and_compile(impl):
     torch.library.opcheck(forward, ([t.transpose(0, 1) for t in o], [t.transpose(0, 1) for t in lse]))
     for grad_lse in (torch.randn(2, 5), None):
         torch.library.opcheck(backward, (torch.randn(2, 5, 16), grad_lse, list(o), list(lse)))
+    into = torch.ops.genfast.attention_merge_out if impl == "native" else torch.ops.genfast.attention_merge_out_triton
+    torch.library.opcheck(into, (list(o), list(lse), 1.0, torch.empty(2, 5, 16), torch.empty(5, 2).T))
+    buffers = torch.empty(2, 5, 16), torch.empty(2, 5)
+    with torch.no_grad():
+        compiled = torch.compile(lambda a, b: genfast.merge_attention(a, b, out=buffers, impl=impl), fullgraph=True)
+        compiled(o, lse)
+        torch.testing.assert_close(buffers, genfast.merge_attention(o, lse, impl=impl))
     assert_compiles_like_eager(  # lse -inf in some states and rows, where exp(lse) is 0
         lambda a, b: (lambda r: r[0] * r[1].exp()[..., None])(genfast.merge_attention(a, b, impl=impl)),
         [o.clone().requires_grad_(), lse.clone().requires_grad_()])

@@ -93,7 +93,6 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
     rows.load(p, block, last);
     for (int64_t j = 0; j < rows.n; ++j) {
       const int64_t r = block + j;
-      p.out_lse[r] = rows.merged[j];
       bool first_state = true;
       for (int64_t s = 0; s < p.states; ++s) {
         if (rows.empty(p, j, s)) continue;
@@ -115,15 +114,18 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
         first_state = false;
       }
       if (first_state) std::fill(sum, sum + dim, 0.0f);  // no keys in any state
+      // Written after the row's states are read: out may be one of them (a merge in place).
+      T* out = p.out + attention_merge_row_offset(p.out_strides, p.rows_inner, r);
       if constexpr (std::is_same_v<T, float>) {
         if (stream) {
-          streaming_store(p.out + r * dim, sum, dim);
+          streaming_store(out, sum, dim);
         } else if (dim != 0) {  // an empty out's pointer may be null
-          std::memcpy(p.out + r * dim, sum, sizeof(float) * dim);
+          std::memcpy(out, sum, sizeof(float) * dim);
         }
       } else {
-        narrow<isa>(sum, p.out + r * dim, dim);
+        narrow<isa>(sum, out, dim);
       }
+      p.out_lse[attention_merge_row_offset(p.out_lse_strides, p.rows_inner, r)] = rows.merged[j];
     }
   }
 }
@@ -215,16 +217,29 @@ void parallel_rows(const Params& p, int64_t others, const Rows& rows) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::TensorList lse, double ln_base) {
-  return run_attention_merge(o, lse, ln_base, [&](const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs,
-                                         const at::Tensor& out, const at::Tensor& out_lse) {
-    dispatch_float_types(out.scalar_type(), [&](auto element) {
-      using T = decltype(element);
-      const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, ln_base, out, out_lse);
-      parallel_rows<T>(p, 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
-        merge_rows(&p, first, last, buffer, stream);
-      });
+void merge_on_cpu(const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs, double ln_base,
+                  const at::Tensor& out, const at::Tensor& out_lse) {
+  dispatch_float_types(out.scalar_type(), [&](auto element) {
+    using T = decltype(element);
+    const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, ln_base, out, out_lse);
+    parallel_rows<T>(p, 1, [&](int64_t first, int64_t last, float* buffer, bool stream) {
+      merge_rows(&p, first, last, buffer, stream);
     });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::TensorList lse, double ln_base) {
+  return run_attention_merge(o, lse, ln_base, [&](const auto& states, const auto& logs, const auto& out,
+                                                  const auto& out_lse) {
+    merge_on_cpu(states, logs, ln_base, out, out_lse);
+  });
+}
+
+void attention_merge_out_cpu(at::TensorList o, at::TensorList lse, double ln_base, const at::Tensor& out,
+                             const at::Tensor& out_lse) {
+  run_attention_merge_out(o, lse, ln_base, out, out_lse, [&](const auto& states, const auto& logs,
+                                                             const auto& into, const auto& into_lse) {
+    merge_on_cpu(states, logs, ln_base, into, into_lse);
   });
 }
 
@@ -251,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cpu(const at::Tensor
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("attention_merge", &attention_merge_cpu);
+  m.impl("attention_merge_out", &attention_merge_out_cpu);
   m.impl("attention_merge_backward", &attention_merge_backward_cpu);
 }
 

@@ -38,6 +38,38 @@ def places(states: List[Tensor]) -> Tuple[int, ...]:
     return tuple(listed) + (listed[1] if len(states) > 1 else 0,)
 
 
+def _spans_meet(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory a and b span (first to last element) meets."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        first = t.data_ptr()
+        return first, first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a_first, a_end), (b_first, b_end) = span(a), span(b)
+    return a_first < b_end and b_first < a_end
+
+
+def _apart(output: Tensor, states: List[Tensor]) -> bool:
+    """Whether output is one of the states (that very view: a merge in place, which the kernels allow)
+    or apart from them all (csrc/attention_merge_args.h's attention_merge_output_apart)."""
+    return all((output.data_ptr() == state.data_ptr() and output.shape == state.shape
+                and output.stride() == state.stride()) or not _spans_meet(output, state) for state in states)
+
+
+def _check_outputs(o, out, out_lse):
+    """check_attention_merge_outputs (csrc/attention_merge_args.h) for the Triton op."""
+    first = o[0]
+    if (out.shape != first.shape or out.dtype != first.dtype or out.device != first.device
+            or (out.shape[2] > 1 and out.stride(2) != 1)):
+        raise ValueError(f"out must be a {first.dtype} tensor {tuple(first.shape)} on {first.device} with contiguous "
+                         f"features, got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    if out_lse.shape != first.shape[:2] or out_lse.dtype != torch.float32 or out_lse.device != first.device:
+        raise ValueError(f"out_lse must be a float32 tensor {tuple(first.shape[:2])} on {first.device}, got "
+                         f"{out_lse.dtype} {tuple(out_lse.shape)} on {out_lse.device}")
+
+
 def _fake(o, lse, ln_base=1.0):
     return o[0].new_empty(o[0].shape), lse[0].new_empty(lse[0].shape)
 
@@ -55,6 +87,25 @@ def attention_merge_triton(o: List[Tensor], lse: List[Tensor], ln_base: float = 
         o, lse = merge_states(o, True), merge_states(lse, False)
         launch_attention_merge(o, lse, (places(o), places(lse)), ln_base, out, out_lse)
     return out, out_lse
+
+
+@torch.library.custom_op("genfast::attention_merge_out_triton", mutates_args=("out", "out_lse"))
+def attention_merge_out_triton(o: List[Tensor], lse: List[Tensor], ln_base: float, out: Tensor,
+                               out_lse: Tensor) -> None:
+    """run_attention_merge_out (csrc/attention_merge_args.h): where out and out_lse lie when each is one
+    of the states or apart from them all (and the two apart), else through new tensors."""
+    from ..kernels.attention_merge import launch_attention_merge
+
+    _check_outputs(o, out, out_lse)
+    if not out_lse.numel():
+        return
+    o, lse = merge_states(o, True), merge_states(lse, False)
+    fits = all(_apart(t, states) for t in (out, out_lse) for states in (o, lse)) and not _spans_meet(out, out_lse)
+    into, into_lse = (out, out_lse) if fits else _fake(o, lse)
+    launch_attention_merge(o, lse, (places(o), places(lse)), ln_base, into, into_lse)
+    if not fits:
+        out.copy_(into)
+        out_lse.copy_(into_lse)
 
 
 @torch.library.custom_op("genfast::attention_merge_backward_triton", mutates_args=())
@@ -89,21 +140,23 @@ def _make_backward(backward_op):
 
 
 attention_merge_triton.register_fake(_fake)
+attention_merge_out_triton.register_fake(lambda o, lse, ln_base, out, out_lse: None)
 attention_merge_backward_triton.register_fake(_backward_fake)
 torch.library.register_autograd("genfast::attention_merge_triton", _make_backward(attention_merge_backward_triton),
                                 setup_context=_setup_context)
 if _backend.native_module() is not None:
     torch.library.register_fake("genfast::attention_merge")(_fake)
     torch.library.register_fake("genfast::attention_merge_backward")(_backward_fake)
+    torch.library.register_fake("genfast::attention_merge_out")(lambda o, lse, ln_base, out, out_lse: None)
     torch.library.register_autograd("genfast::attention_merge",
                                     _make_backward(torch.ops.genfast.attention_merge_backward.default),
                                     setup_context=_setup_context)
 
 
-def operator(impl: str):
-    """The (differentiable) merge operator of a fused backend."""
-    if impl == "native":
-        return torch.ops.genfast.attention_merge.default
-    if impl == "triton":
-        return torch.ops.genfast.attention_merge_triton.default
-    raise ValueError(f"attention_merge has no operator for impl={impl!r}")
+def operator(impl: str, into: bool = False):
+    """The merge operator of a fused backend: the differentiable one, or with `into` the one that
+    writes into given outputs (no autograd)."""
+    if impl not in ("native", "triton"):
+        raise ValueError(f"attention_merge has no operator for impl={impl!r}")
+    name = "attention_merge" + ("_out" if into else "") + ("_triton" if impl == "triton" else "")
+    return getattr(torch.ops.genfast, name).default

@@ -46,8 +46,10 @@ struct AttentionMergeParams {
   int64_t lse_strides[2];
   AttentionMergeStates lse_states;
   float ln_base;   // of lse's base
-  T* out;          // (rows, head_dim), contiguous
-  float* out_lse;  // (rows)
+  T* out;          // (rows_outer, rows_inner, head_dim), features contiguous
+  int64_t out_strides[2];
+  float* out_lse;  // (rows_outer, rows_inner)
+  int64_t out_lse_strides[2];
 };
 
 template <typename T>
@@ -66,7 +68,8 @@ struct AttentionMergeBackwardParams {
   float* grad_lse_states;   // (states, rows)
 };
 
-// The offset of row r (= outer * rows_inner + inner) of a state.
+// The offset of row r (= outer * rows_inner + inner) of a state or an output. An output may be one
+// of the states (a merge in place): the kernels read all of a row's inputs before writing its outputs.
 GF_HOST_DEVICE_INLINE int64_t attention_merge_row_offset(const int64_t (&strides)[2], int64_t rows_inner, int64_t r) {
   return (r / rows_inner) * strides[0] + (r % rows_inner) * strides[1];
 }

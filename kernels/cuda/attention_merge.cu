@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
   const T* o = row.o;
   const float* lse = row.lse;
   const float merged = row.merged;
-  if (lane == 0) p.out_lse[r] = merged;
+  T* out = p.out + attention_merge_row_offset(p.out_strides, p.rows_inner, r);
   for (int64_t c = lane * kVec; c < p.head_dim; c += 32 * kVec) {
     float acc[kVec] = {}, o_s[kVec];
     for (int64_t s = 0; s < p.states; ++s) {
@@ -63,8 +63,11 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[e] += weight * o_s[e];
     }
-    store_chunk<T, kVec>(p.out + r * p.head_dim + c, acc);
+    store_chunk<T, kVec>(out + c, acc);  // the chunk this lane read: out may be one of the states
   }
+  // out_lse may be one of the states' lse, which every lane reads above.
+  __syncwarp();
+  if (lane == 0) p.out_lse[attention_merge_row_offset(p.out_lse_strides, p.rows_inner, r)] = merged;
 }
 
 // Lane 0 parks d_s in grad_lse_states until the row's sum over the states is known.
@@ -136,7 +139,8 @@ int64_t row_blocks(const Params& p) {
 template <typename T>
 cudaError_t launch_attention_merge(const AttentionMergeParams<T>& p, cudaStream_t stream) {
   const void* pointers[] = {p.o, p.out};
-  if (chunks_fit<T>(p, pointers, 2)) {
+  if (chunks_fit<T>(p, pointers, 2) && p.out_strides[0] % (16 / sizeof(T)) == 0 &&
+      p.out_strides[1] % (16 / sizeof(T)) == 0) {
     return attention_cuda::launch_tiles(attention_merge_kernel<T, 16 / sizeof(T)>, row_blocks(p), kThreads, 0, stream,
                                         p);
   }

@@ -4,9 +4,9 @@
 //
 // One CTA runs at a time; each of its threads is a ucontext fiber, switched only where a GPU thread
 // would wait: __syncthreads (and __syncthreads_or, which returns the OR of the threads' predicates),
-// and the warp collectives (__shfl_xor_sync, ldmatrix, mma.sync), which run once every lane of the
-// warp has arrived with its operands, and fail loudly when the lanes disagree (mma_products and
-// wgmma_products count the products run). Between two barriers the warps run one after another in
+// and the warp collectives (__shfl_xor_sync, __syncwarp, ldmatrix, mma.sync), which run once every
+// lane of the warp has arrived with its operands, and fail loudly when the lanes disagree
+// (mma_products and wgmma_products count the products run). Between two barriers the warps run one after another in
 // a shuffled order, and cp.async copies land either at their wait (deferred_copies) or at once: a
 // missing wait or barrier then shows as wrong results. Shared memory starts each CTA filled with NaN.
 //
@@ -618,6 +618,9 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned value, int lane_mask) {
   std::memcpy(&value, &bits, sizeof(value));
   return value;
 }
+
+// The warp's lanes meet (a shuffle with no exchange: every lane must take part).
+inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)__shfl_xor_sync(mask, 0.0f, 0); }
 
 // Whether any lane's predicate holds, as a butterfly of shuffles (every lane must take part).
 inline int __any_sync(unsigned mask, int predicate) {

@@ -4,8 +4,9 @@
 // listed out of order, more states than are listed (evenly spaced), 16-byte chunks and single
 // elements (an odd head dim, an unaligned o, states whose places alone are misaligned), states
 // without keys whose o is NaN (not read), a row without keys in any state, the backward with and
-// without the merged lse's gradient, and natural and base-2 lse; float32, float16 and bfloat16. The
-// outputs start as NaN, so a missed write fails.
+// without the merged lse's gradient, natural and base-2 lse, and outputs strided or in place (into
+// state 1, whose lse every lane reads); float32, float16 and bfloat16. The outputs start as NaN, so a
+// missed write fails.
 // Built and run by CMake (ctest).
 #include "cuda_emulator.h"
 
@@ -30,6 +31,7 @@ struct Case {
   bool listed;     // the states' places listed in reverse memory order (separate tensors), not evenly spaced
   int gap;         // elements between one state's row and the next state's: a gap of 1 misaligns them
   bool base2;      // lse to base 2 (FlashInfer's), not natural
+  bool in_place;   // the forward writes into state 1's o and lse (else into outputs of their own, strided)
 };
 
 void check(const char* name, const char* what, int64_t at, double got, double expected, double tolerance,
@@ -71,13 +73,16 @@ void run_case(const Case& c) {
       }
     }
   }
+  // The inputs as they were (a merge in place overwrites state 1).
+  const std::vector<T> o_given(o_store);
+  const std::vector<float> lse_given(lse);
   auto o_at = [&](int s, int r, int j) {
-    return static_cast<double>(
-        as_float(o[slot(s) * o_strides[0] + (r / inner) * o_strides[1] + (r % inner) * o_strides[2] + j]));
+    return static_cast<double>(as_float(o_given[offset + slot(s) * o_strides[0] + (r / inner) * o_strides[1] +
+                                                (r % inner) * o_strides[2] + j]));
   };
   auto lse_at = [&](int s, int r) {
     return static_cast<double>(
-        lse[slot(s) * lse_strides[0] + (r / inner) * lse_strides[1] + (r % inner) * lse_strides[2]]);
+        lse_given[slot(s) * lse_strides[0] + (r / inner) * lse_strides[1] + (r % inner) * lse_strides[2]]);
   };
   auto places = [&](int64_t stride) {
     genfast::AttentionMergeStates at{};
@@ -86,7 +91,9 @@ void run_case(const Case& c) {
     return at;
   };
 
-  std::vector<T> out(rows * dim, from<T>(NAN)), grad_out(rows * dim), grad_o(states * rows * dim, from<T>(NAN));
+  // Outputs of their own: rows 8 elements apart (16-byte chunks still fit), lse (inner, outer) in memory.
+  const int64_t out_row = dim + 8;
+  std::vector<T> out(rows * out_row, from<T>(NAN)), grad_out(rows * dim), grad_o(states * rows * dim, from<T>(NAN));
   std::vector<float> out_lse(rows, NAN), grad_lse(rows), grad_lse_states(states * rows, NAN);
   for (auto& e : grad_out) e = from<T>(normal(rng));
   for (auto& e : grad_lse) e = normal(rng);
@@ -109,8 +116,27 @@ void run_case(const Case& c) {
   genfast::AttentionMergeParams<T> p{};
   set_inputs(p);
   p.ln_base = static_cast<float>(ln_base);
-  p.out = out.data();
-  p.out_lse = out_lse.data();
+  if (c.in_place) {
+    p.out = o_store.data() + offset + slot(1) * o_strides[0];
+    p.out_lse = lse.data() + slot(1) * lse_strides[0];
+    for (int d = 0; d < 2; ++d) {
+      p.out_strides[d] = o_strides[d + 1];
+      p.out_lse_strides[d] = lse_strides[d + 1];
+    }
+  } else {
+    p.out = out.data();
+    p.out_lse = out_lse.data();
+    p.out_strides[0] = inner * out_row;
+    p.out_strides[1] = out_row;
+    p.out_lse_strides[0] = 1;
+    p.out_lse_strides[1] = outer;
+  }
+  auto out_at = [&](int r, int j) {
+    return static_cast<double>(as_float(p.out[(r / inner) * p.out_strides[0] + (r % inner) * p.out_strides[1] + j]));
+  };
+  auto out_lse_at = [&](int r) {
+    return p.out_lse[(r / inner) * p.out_lse_strides[0] + (r % inner) * p.out_lse_strides[1]];
+  };
   genfast::AttentionMergeBackwardParams<T> b{};
   set_inputs(b);
   b.ln_base = p.ln_base;
@@ -118,8 +144,9 @@ void run_case(const Case& c) {
   b.grad_lse = c.grad_lse ? grad_lse.data() : nullptr;
   b.grad_o = grad_o.data();
   b.grad_lse_states = grad_lse_states.data();
-  if (genfast::launch_attention_merge(p, nullptr) != cudaSuccess ||
-      genfast::launch_attention_merge_backward(b, nullptr) != cudaSuccess) {
+  // The backward first: a merge in place overwrites what it reads.
+  if (genfast::launch_attention_merge_backward(b, nullptr) != cudaSuccess ||
+      genfast::launch_attention_merge(p, nullptr) != cudaSuccess) {
     std::printf("FAIL %s: launch\n", c.name);
     ++failures;
     return;
@@ -137,12 +164,12 @@ void run_case(const Case& c) {
       merged = most + std::log(total) / ln_base;
     }
     if (std::isinf(merged)) {
-      if (!(out_lse[r] == -INFINITY)) {
-        std::printf("FAIL %s: lse[%d] %g, expected -inf\n", c.name, r, out_lse[r]);
+      if (!(out_lse_at(r) == -INFINITY)) {
+        std::printf("FAIL %s: lse[%d] %g, expected -inf\n", c.name, r, out_lse_at(r));
         ++failures;
       }
     } else {
-      check(c.name, "lse", r, out_lse[r], merged, lse_tolerance, &worst);
+      check(c.name, "lse", r, out_lse_at(r), merged, lse_tolerance, &worst);
     }
     std::vector<double> weight(states), dots(states);
     double mean = 0.0;
@@ -156,7 +183,7 @@ void run_case(const Case& c) {
     for (int j = 0; j < dim; ++j) {
       double expected = 0.0;
       for (int s = 0; s < states; ++s) expected += weight[s] == 0.0 ? 0.0 : weight[s] * o_at(s, r, j);
-      check(c.name, "out", r * dim + j, as_float(out[r * dim + j]), expected, tolerance, &worst);
+      check(c.name, "out", r * dim + j, out_at(r, j), expected, tolerance, &worst);
     }
     for (int s = 0; s < states; ++s) {
       for (int j = 0; j < dim; ++j) {
@@ -176,14 +203,16 @@ void run_case(const Case& c) {
 
 int main() {
   const Case cases[] = {
-      {"head dim 128, 16-byte chunks", 3, 128, false, true, false, 0, false},
-      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true, 0, false},
-      {"head dim 7, single elements, listed", 5, 7, false, true, true, 0, false},
-      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false, 0, false},
-      {"head dim 64, states misaligned: single", 3, 64, false, true, false, 1, false},
-      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false, 0, false},
-      {"head dim 64, base-2 lse, chunks", 4, 64, false, true, false, 0, true},
-      {"head dim 9, base-2 lse, single, listed", 3, 9, false, true, true, 0, true},
+      {"head dim 128, 16-byte chunks", 3, 128, false, true, false, 0, false, false},
+      {"head dim 40, chunks, no lse gradient", 3, 40, false, false, true, 0, false, false},
+      {"head dim 7, single elements, listed", 5, 7, false, true, true, 0, false, false},
+      {"head dim 64, o unaligned: single elements", 3, 64, true, true, false, 0, false, false},
+      {"head dim 64, states misaligned: single", 3, 64, false, true, false, 1, false, false},
+      {"11 states, 8 listed then spaced, chunks", 11, 32, false, true, false, 0, false, false},
+      {"head dim 64, base-2 lse, chunks", 4, 64, false, true, false, 0, true, false},
+      {"head dim 9, base-2 lse, single, listed", 3, 9, false, true, true, 0, true, false},
+      {"head dim 64, in place, chunks", 3, 64, false, true, false, 0, false, true},
+      {"head dim 7, in place, single, listed", 4, 7, false, true, true, 0, false, true},
   };
   for (const Case& c : cases) {
     run_case<float>(c);

@@ -57,10 +57,12 @@ def _rows(o_ptr, lse_ptr, rows, rows_inner, so_o, so_i, sl_o, sl_i, BLOCK_R: tl.
 
 @triton.jit(do_not_specialize=_LSE_PLACES)
 def attention_merge_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, states, rows, rows_inner, D, so_o, so_i, sl_o, sl_i,
-                           ln_base, o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing, lse_at0, lse_at1, lse_at2,
+                           sout_o, sout_i, soutl_o, soutl_i, ln_base, o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing, lse_at0, lse_at1, lse_at2,
                            lse_at3, lse_at4, lse_at5, lse_at6, lse_at7, lse_spacing, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    """out (rows, D) and out_lse (rows), contiguous: sum_s b^(lse_s - lse) o_s and lse."""
+    """out (rows_outer, rows_inner, D), features contiguous, and out_lse (rows_outer, rows_inner), each
+    addressed by its strides: sum_s b^(lse_s - lse) o_s and lse. Either may be one of the states (a
+    merge in place)."""
     r, live, o_rows, lse_rows = _rows(o_ptr, lse_ptr, rows, rows_inner, so_o, so_i, sl_o, sl_i, BLOCK_R)
     merged = _merged_lse(lse_rows, live, states, ln_base, lse_at0, lse_at1, lse_at2, lse_at3, lse_at4, lse_at5, lse_at6,
                          lse_at7, lse_spacing)
@@ -73,8 +75,11 @@ def attention_merge_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, states, rows, r
         weight = tl.where(keys, exp_f32((lse_s - merged) * ln_base), 0.0)
         o_s = tl.load(o_rows[:, None] + _state_at(s, o_at0, o_at1, o_at2, o_at3, o_at4, o_at5, o_at6, o_at7, o_spacing) + d[None, :], mask=cols & keys[:, None], other=0.0)
         acc += weight[:, None] * o_s.to(tl.float32)
-    tl.store(out_ptr + r[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=cols)
-    tl.store(out_lse_ptr + r, merged, mask=live)
+    tl.debug_barrier()  # every thread's reads of the states done: out may be one of them
+    outer, inner = r // rows_inner, r % rows_inner
+    tl.store(out_ptr + (outer * sout_o + inner * sout_i)[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=cols)
+    tl.store(out_lse_ptr + outer * soutl_o + inner * soutl_i, merged, mask=live)
 
 
 @triton.jit(do_not_specialize=_LSE_PLACES)
@@ -121,15 +126,16 @@ def launch_attention_merge(o, lse, places, ln_base, out, out_lse):
     """o and lse: the states' (rows_outer, rows_inner, D), features contiguous, and (rows_outer,
     rows_inner) float32 to base e^ln_base, each sharing one layout, at places (o's and lse's: nine
     offsets each from state 0's, eight listed and the spacing past them); out (rows_outer, rows_inner,
-    D) and out_lse contiguous."""
+    D), features contiguous, and out_lse (rows_outer, rows_inner), any strides, either of them one of
+    the states or apart from them all."""
     outer, inner, head_dim = o[0].shape
     rows = outer * inner
     if rows == 0:
         return
     grid, block_r, block_d = _tiles(rows, head_dim)
     attention_merge_kernel[(grid,)](o[0], lse[0], out, out_lse, len(o), rows, inner, head_dim, *o[0].stride()[:2],
-                                    *lse[0].stride(), ln_base, *places[0], *places[1], BLOCK_R=block_r,
-                                    BLOCK_D=block_d, num_warps=4)
+                                    *lse[0].stride(), *out.stride()[:2], *out_lse.stride(), ln_base, *places[0],
+                                    *places[1], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 def launch_attention_merge_backward(grad_out, grad_lse, o, lse, places, ln_base, grad_o, grad_lse_states):
