@@ -15,8 +15,9 @@ read in place.
 
 Where genfast differs, on purpose: a state of s -inf (no keys) weighs nothing and is not read, and a
 row whose states all have s -inf gets v 0 and s -inf (FlashInfer's gives NaN there); a NaN s makes
-its row NaN. merge_state_in_place merges into new tensors and copies them into v and s (a pass more
-than FlashInfer's kernel), with no synchronisation: mask, which CUDA graphs use, is read on the device.
+its row NaN. merge_state_in_place writes v and s in place (genfast.merge_attention's out); with a
+mask, which CUDA graphs use, it merges into new tensors and copies the rows the mask takes, read on
+the device, with no synchronisation.
 """
 
 from typing import Optional, Tuple
@@ -59,6 +60,9 @@ def merge_state_in_place(v: Tensor, s: Tensor, v_other: Tensor, s_other: Tensor,
     bool), only the sequences where it is True."""
     if mask is not None and not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask is None and isinstance(s, Tensor) and s.dtype == torch.float32:  # in place: v and s are state 0
+        merge_attention([v, v_other], [s, _float32("s_other", s_other)], lse_base=2, out=(v, s), impl=impl)
+        return
     v_merged, s_merged = merge_state(v, s, v_other, s_other, impl=impl)
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != v.shape[:1] or mask.device != v.device:
