@@ -6,7 +6,9 @@ Peers: the merge in eager PyTorch as it is usually written (logaddexp of the lse
 exp(lse_s - lse) and summed, in float32), torch.compile of it, FlashInfer's merge_state where
 installed (GPU; timed only: it takes its lse in base 2), and the eager reference
 (genfast.reference.attention_merge). genfast takes the two states as separate tensors, read where
-they lie, as the peers do.
+they lie, as the peers do. The "out=, genfast" rows write the forward into buffers allocated once,
+as a serving loop or a CUDA graph's static outputs would (vLLM's and FlashInfer's in-place merges);
+their ratio, as the peers', is to genfast's time with a new output.
 Figures: median time, GB/s (each state's o and lse read, the merged ones written; the backward's
 gradients read and written likewise), the fraction of a large copy's bandwidth measured beside each
 size, and each peer's time over genfast's.
@@ -70,6 +72,10 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
 
         forward = [(name, torch.no_grad()(lambda fn=fn: fn(o_a, lse_a, o_b, lse_b)))
                    for name, fn in functions + _peers(device)]
+        into = torch.empty_like(o_a), torch.empty_like(lse_a)
+        forward[len(fused_impls(device)):len(fused_impls(device))] = [
+            (f"out=, genfast {impl}", torch.no_grad()(lambda impl=impl: merge_attention(
+                [o_a, o_b], [lse_a, lse_b], out=into, impl=impl))) for impl in fused_impls(device)]
         both = [(name, training(fn)) for name, fn in functions]
         o_bytes, lse_bytes = o_a.numel() * o_a.element_size(), lse_a.numel() * 4
         moved = 3 * (o_bytes + lse_bytes)  # two states read, the merged one written
