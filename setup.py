@@ -64,7 +64,8 @@ def _sources(pattern):
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/registration.cpp", "csrc/build_info.cpp", "csrc/attention_autograd.cpp"]
+    sources = ["csrc/registration.cpp", "csrc/build_info.cpp", "csrc/attention_autograd.cpp",
+               "csrc/inplace_versions.cpp"]
     sources += _sources("csrc/cpu/*.cpp")
     # torch picks the C++ standard its headers need; no errno from sqrt lets g++ vectorize it, and
     # no floating-point traps lets it turn selects and floor into vector code (values unchanged);

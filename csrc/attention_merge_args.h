@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <cstdint>
@@ -161,6 +162,10 @@ inline void check_attention_merge_outputs(at::TensorList o_in, const at::Tensor&
                   out_lse.device() == first.device(),
               op, ": out_lse must be a float32 tensor ", first.sizes().slice(0, 2), " on ", first.device(), ", got ",
               out_lse.scalar_type(), " ", out_lse.sizes(), " on ", out_lse.device());
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes &&
+                  at::has_internal_overlap(out_lse) != at::MemOverlap::Yes,
+              op, ": out and out_lse must not have elements that share memory (expanded tensors), got strides ",
+              out.strides(), " and ", out_lse.strides());
 }
 
 // grad_out and grad_lse contiguous (grad_lse may be undefined), grad_o and grad_lse_states contiguous.

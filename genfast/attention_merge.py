@@ -72,18 +72,28 @@ def _collapsible(sizes, strides):
     return all(kept[i][1] == kept[i + 1][1] * kept[i + 1][0] for i in range(len(kept) - 1))
 
 
-def _rows_in_two(o, lse):
-    """The states' o (*rows, D) and lse (*rows) as (outer, inner, D) and (outer, inner): views where
-    some split of the rows' dims lets every one view so, else copies."""
-    rows = tuple(lse[0].shape)
+def _split(rows, tensors):
+    """The first k for which rows[:k] and rows[k:] each view as one dim in every tensor, or None."""
     n = len(rows)
     for k in range(n + 1):
-        if all(_collapsible(rows[a:b], t.stride()[a:b]) for t in (*o, *lse) for a, b in ((0, k), (k, n))):
-            outer, inner = math.prod(rows[:k]), math.prod(rows[k:])
-            break
-    else:
-        outer, inner = 1, math.prod(rows)
-    return ([t.reshape(outer, inner, t.shape[-1]) for t in o], [t.reshape(outer, inner) for t in lse])
+        if all(_collapsible(rows[a:b], t.stride()[a:b]) for t in tensors for a, b in ((0, k), (k, n))):
+            return k
+    return None
+
+
+def _rows_in_two(o, lse, outputs=()):
+    """The states' o (*rows, D) and lse (*rows) as (outer, inner, D) and (outer, inner): views where
+    some split of the rows' dims lets every one view so, else copies; and outputs of the merge (o's
+    and lse's shapes without the states) as views of that split where one split views them and the
+    states alike, else None."""
+    rows = tuple(lse[0].shape)
+    k = _split(rows, (*o, *lse, *outputs)) if outputs else None
+    outputs_fit = k is not None
+    if k is None:
+        k = _split(rows, (*o, *lse))
+    outer, inner = (1, math.prod(rows)) if k is None else (math.prod(rows[:k]), math.prod(rows[k:]))
+    states = ([t.reshape(outer, inner, t.shape[-1]) for t in o], [t.reshape(outer, inner) for t in lse])
+    return states, (tuple(t.view(outer, inner, *t.shape[len(rows):]) for t in outputs) if outputs_fit else None)
 
 
 def _check_out(out, rows, head_dim, dtype, device, needs_grad):
@@ -98,9 +108,13 @@ def _check_out(out, rows, head_dim, dtype, device, needs_grad):
         if t is not None and (tuple(t.shape) != shape or t.dtype != wanted or t.device != device):
             raise ValueError(f"{name} must be a {wanted} tensor {shape} on {device}, got {t.dtype} {tuple(t.shape)} "
                              f"on {t.device}")
-    if torch.is_grad_enabled() and needs_grad:
+    for t, name in zip(out, ("out[0]", "out[1]")):
+        if t is not None and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+            raise ValueError(f"{name} must not have elements that share memory (an expanded tensor), got strides "
+                             f"{t.stride()}")
+    if torch.is_grad_enabled() and (needs_grad or any(t is not None and t.requires_grad for t in out)):
         raise RuntimeError("merge_attention(out=...) writes into out and has no backward; call it under "
-                           "torch.no_grad() or with states that do not require grad")
+                           "torch.no_grad() or with states and outputs that do not require grad")
     return out[0], (torch.empty(rows, dtype=lse_dtype, device=device) if out[1] is None else out[1])
 
 
@@ -108,14 +122,6 @@ def _copy_into(out, merged):
     out[0].copy_(merged[0])
     out[1].copy_(merged[1])
     return out
-
-
-def _view(t, shape):
-    """t viewed as shape, or None where its strides do not allow it."""
-    try:
-        return t.view(shape)
-    except RuntimeError:
-        return None
 
 
 def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Sequence[Tensor]], dim: int = 0, *,
@@ -164,13 +170,10 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     if stacked is not None:
         o, lse = list(o.unbind(dim)), list(lse.unbind(dim))
     rows, head_dim = tuple(lse[0].shape), o[0].shape[-1]
-    o, lse = _rows_in_two(o, lse)
-    if out is None:
-        merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
-        return merged.view(rows + (head_dim,)), merged_lse.view(rows)
-    into, into_lse = _view(out[0], o[0].shape), _view(out[1], lse[0].shape)
-    if into is None or into_lse is None or (head_dim > 1 and into.stride(2) != 1):
-        merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
-        return _copy_into(out, (merged.view(rows + (head_dim,)), merged_lse.view(rows)))
-    merge_op.operator(backend, into=True)(o, lse, ln_base, into, into_lse)
-    return out
+    (o, lse), into = _rows_in_two(o, lse, () if out is None else out)
+    if into is not None and (head_dim <= 1 or into[0].stride(2) == 1):
+        merge_op.operator(backend, into=True)(o, lse, ln_base, *into)
+        return out
+    merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
+    merged = merged.view(rows + (head_dim,)), merged_lse.view(rows)
+    return merged if out is None else _copy_into(out, merged)

@@ -586,7 +586,8 @@ def test_gradient_of_a_mask_constant_along_the_keys(spans, impl):
     """A bias constant along the keys moves no probability, only lse: its gradient is grad_lse summed
     over the rows it spans, exactly (summing dS over the keys left each row delta's rounding, and a
     scalar bias over 4590 rows erred 36 times the float32 reference's error: genfast check --fuzz,
-    seed 123058). Zero without lse's gradient; NaN propagates."""
+    seed 123058); 0 for rows without keys (bottom-right causal over fewer keys), with dropout, and in
+    float16 (no float32 o kept for it). Zero without lse's gradient; NaN propagates."""
     skip_unless_supported(impl, "cpu")
     # (the Triton interpreter, slow, takes fewer rows: the Triton ops' autograd is the same sum in Python)
     heads, lq = (6, 255) if impl == "native" else (1, 40)
@@ -594,6 +595,8 @@ def test_gradient_of_a_mask_constant_along_the_keys(spans, impl):
     shape = {"all": (1,), "queries": (lq, 1), "batch and queries": (3, 1, lq, 1), "0-d": ()}[spans]
     mask = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2
     _compare_grads(q, k, v, mask, impl=impl, causal="top_left")
+    _compare_grads(q, k, v, mask, impl=impl, causal="bottom_right", dropout_p=0.3, seed=5)
+    _compare_grads(*(t.half() for t in (q, k, v, mask)), impl=impl, causal="bottom_right")
     m = mask.clone().requires_grad_()
     o = genfast.attention(q, k, v, m, causal="top_left", impl=impl)
     assert torch.equal(torch.autograd.grad(o.sum(), m)[0], torch.zeros_like(mask))
@@ -828,26 +831,31 @@ def test_full_float32_mask_gradient_past_the_caches_is_streamed():
 @pytest.mark.parametrize("shape", [(2, 1, 40, 1), (40, 1), ()], ids=str)
 @pytest.mark.parametrize("impl", fused_impls())
 def test_half_mask_with_one_column_sums_its_gradient_in_float32(shape, impl):
-    """A float16 mask broadcast over the keys: its gradient sums dS over them in float32 and is rounded
-    once, the float32 mask's gradient rounded bit for bit (a float16 sum of 150 keys strays from it),
-    in the op's output as the mask's right-aligned shape."""
+    """A float16 mask broadcast over the keys: its gradient is summed in float32 and rounded once, the
+    float32 mask's gradient rounded bit for bit (a float16 sum of 150 keys strays from it): through
+    autograd (grad_lse summed over the rows, test_gradient_of_a_mask_constant_along_the_keys) and in
+    the backward op, which sums dS over the keys, in the mask's right-aligned shape."""
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(2, 3, 1, 40, 150, 16, torch.float32)
     mask = torch.randn(shape, generator=torch.Generator().manual_seed(7)).half().float()
     grads = {}
     for dtype in (torch.float32, torch.float16):
         m = mask.to(dtype).requires_grad_()
-        o = genfast.attention(q, k, v, m, enable_gqa=True, causal="bottom_right", impl=impl)
-        grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+        o, lse = genfast.attention(q, k, v, m, enable_gqa=True, causal="bottom_right", return_lse=True, impl=impl)
+        grads[dtype] = torch.autograd.grad((o * o.detach().cos()).sum() + (lse * lse.detach().sin()).sum(), m)[0]
     assert grads[torch.float16].dtype == torch.float16 and grads[torch.float16].shape == shape
-    assert torch.equal(grads[torch.float16], grads[torch.float32].half())
+    assert grads[torch.float32].ne(0).all() and torch.equal(grads[torch.float16], grads[torch.float32].half())
     backward = torch.ops.genfast.attention_backward if impl == "native" else torch.ops.genfast.attention_backward_triton
     forward = torch.ops.genfast.attention_forward if impl == "native" else torch.ops.genfast.attention_forward_triton
     lo, hi = importlib.import_module("genfast.attention").band(40, 150, "bottom_right", None)
-    o, lse = forward(q, k, v, mask.half(), None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
-    grad_s = backward(torch.ones_like(o), None, q, k, v, o, lse, mask.half(), None, 0.25, 0.0, lo, hi, 0.0, 0, 0,
-                      True)[3]
-    assert grad_s.shape == ((1,) * (4 - len(shape)) + shape) and grad_s.dtype == torch.float16
+    summed = {}
+    for dtype in (torch.float32, torch.float16):
+        o, lse = forward(q, k, v, mask.to(dtype), None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
+        summed[dtype] = backward(o.cos(), lse.sin(), q, k, v, o, lse, mask.to(dtype), None, 0.25, 0.0, lo, hi, 0.0,
+                                 0, 0, True)[3]
+    assert summed[torch.float16].shape == ((1,) * (4 - len(shape)) + shape)
+    assert summed[torch.float16].dtype == torch.float16
+    assert torch.equal(summed[torch.float16], summed[torch.float32].half())
 
 
 @pytest.mark.parametrize("impl", fused_impls())

@@ -230,15 +230,35 @@ def test_out_writes_into_given_tensors(impl, device):
 
 
 @pytest.mark.parametrize("impl", fused_impls())
-def test_out_in_place_is_neither_copied_nor_stacked(impl):
+def test_out_is_written_where_it_lies(impl, monkeypatch):
+    """In place into a state, and into a head-padded o and an lse (heads, tokens).T: the kernel gets
+    the outputs themselves (no new tensor, no copy), and their versions move (autograd then refuses
+    a tensor it saved that the merge overwrote)."""
     skip_unless_supported(impl, "cpu")
     o, lse = _states(3, (6, 4), 16)
     separate = [t.clone() for t in o], [t.clone() for t in lse]
-    with torch.profiler.profile() as prof:
-        genfast.merge_attention(*separate, out=(separate[0][0], separate[1][0]), impl=impl)
-    ops = {e.key for e in prof.key_averages()}
-    # (copy_ is not asked after under the Triton interpreter, which copies every argument)
-    assert not ops & {"aten::stack", "aten::clone"} and (impl != "native" or "aten::copy_" not in ops)
+    strided = torch.empty(6, 4, 24)[..., :16], torch.empty(4, 6).T
+    written = []
+    if impl == "triton":
+        from genfast.kernels import attention_merge as kernels
+
+        launch = kernels.launch_attention_merge
+        monkeypatch.setattr(kernels, "launch_attention_merge",
+                            lambda *args: written.append(args[-2:]) or launch(*args))
+    for out in ((separate[0][0], separate[1][0]), strided):
+        versions = [t._version for t in out]
+        with torch.profiler.profile() as prof:
+            genfast.merge_attention(*separate, out=out, impl=impl)
+        ops = {e.key for e in prof.key_averages()}
+        assert not ops & {"aten::stack", "aten::clone", "aten::copy_", "aten::empty_like"} or impl == "triton"
+        assert all(t._version > v for t, v in zip(out, versions))
+        if impl == "triton":  # (the interpreter copies every argument: the launch's own are asked after)
+            assert all(a.data_ptr() == b.data_ptr() for a, b in zip(written.pop(), out))
+    leaf = torch.zeros(6, 4, 16, requires_grad=True)
+    saved = leaf.exp()  # exp keeps its output for the backward
+    genfast.merge_attention(*separate, out=(saved.detach(), None), impl=impl)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
 
 
 def test_out_checks():
@@ -251,6 +271,10 @@ def test_out_checks():
             ((torch.empty(3, 4, 8), 0), TypeError, "out must be a pair")):
         with pytest.raises(error, match=match):
             genfast.merge_attention(o, lse, out=out)
+    with pytest.raises(ValueError, match=r"out\[1\] must not have elements that share memory"):
+        genfast.merge_attention(o, lse, out=(torch.empty(3, 4, 8), torch.empty(3, 1).expand(3, 4)))
+    with pytest.raises(RuntimeError, match=r"out=\.\.\.\) writes into out and has no backward"):
+        genfast.merge_attention(o, lse, out=(torch.empty(3, 4, 8, requires_grad=True), None))
     with pytest.raises(RuntimeError, match=r"out=\.\.\.\) writes into out and has no backward"):
         genfast.merge_attention(o.requires_grad_(), lse, out=(torch.empty(3, 4, 8), None))
     with torch.no_grad():
@@ -382,6 +406,13 @@ def test_the_native_op_checks_its_arguments():
         torch.ops.genfast.attention_merge(list(o), list(lse[:1]))
     with pytest.raises(RuntimeError, match="grad_lse must be a float32 tensor"):
         torch.ops.genfast.attention_merge_backward(torch.randn(3, 4, 8), torch.randn(3, 5), list(o), list(lse))
+    into = torch.ops.genfast.attention_merge_out
+    for out, out_lse, match in ((torch.empty(3, 4, 8).double(), torch.empty(3, 4), "out must be a Float tensor"),
+                                (torch.empty(3, 8, 4).transpose(1, 2), torch.empty(3, 4), "with contiguous features"),
+                                (torch.empty(3, 4, 8), torch.empty(4, 3), r"out_lse must be a float32 tensor \[3, 4\]"),
+                                (torch.empty(3, 1, 8).expand(3, 4, 8), torch.empty(3, 4), "share memory")):
+        with pytest.raises(RuntimeError, match=match):
+            into(list(o), list(lse), 1.0, out, out_lse)
     for ln_base in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(RuntimeError, match="ln_base .* must be finite and positive"):
             torch.ops.genfast.attention_merge(list(o), list(lse), ln_base)

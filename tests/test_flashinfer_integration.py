@@ -101,6 +101,14 @@ def test_merge_state_in_place(impl):
     flashinfer.merge_state_in_place(into, into_s, v[:, 1], s[:, 1], mask, impl=impl)
     assert torch.equal(into[mask], expected[mask]) and torch.equal(into_s[mask], expected_s[mask])
     assert torch.equal(into[~mask], v[~mask, 0]) and torch.equal(into_s[~mask], s[~mask, 0])
+    # With gradients wanted, through autograd: those of merge_state
+    leaves = [t.clone().requires_grad_() for t in (v[:, 0], s[:, 0], v[:, 1], s[:, 1])]
+    into, into_s = leaves[0] * 1, leaves[1] * 1
+    flashinfer.merge_state_in_place(into, into_s, leaves[2], leaves[3], impl=impl)
+    got = torch.autograd.grad((into * into.detach().cos()).sum() + into_s.sum(), leaves)
+    merged, merged_s = flashinfer.merge_state(*leaves, impl=impl)
+    wanted = torch.autograd.grad((merged * merged.detach().cos()).sum() + merged_s.sum(), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(got, wanted))
 
 
 @pytest.mark.parametrize("impl", fused_impls())

@@ -117,6 +117,10 @@ def test_bad_input_names_the_argument():
              r"prefix_lse and suffix_lse must be \(num_heads, num_tokens\) = \(3, 11\)"),
             ((output, prefix_output, prefix_lse, suffix_output, suffix_lse, None, -1),
              "prefill_tokens_with_context must be None or an int >= 0"),
+            ((output, prefix_output, prefix_lse, suffix_output, suffix_lse, None, True),
+             "prefill_tokens_with_context must be None or an int >= 0, got True"),
+            ((output, prefix_output, prefix_lse, suffix_output, suffix_lse, None, 2.0),
+             "prefill_tokens_with_context must be None or an int >= 0, got 2.0"),
             ((output, prefix_output, prefix_lse, suffix_output, suffix_lse, None, None, torch.ones(1)),
              "output must be torch.float8_e4m3fn")):
         with pytest.raises(ValueError, match=match):

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_cuda(at::TensorList o, at::Te
 
 void attention_merge_out_cuda(at::TensorList o, at::TensorList lse, double ln_base, const at::Tensor& out,
                               const at::Tensor& out_lse) {
-  const c10::cuda::CUDAGuard guard(out.device());
+  const c10::cuda::CUDAGuard guard(o.empty() ? c10::Device(c10::kCUDA) : o[0].device());
   run_attention_merge_out(o, lse, ln_base, out, out_lse, [&](const auto& states, const auto& logs,
                                                              const auto& into, const auto& into_lse) {
     merge_on_cuda(states, logs, ln_base, into, into_lse);

@@ -404,15 +404,20 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None, *, im
     out_dtype = out_dtype or (out.dtype if out is not None else torch.float32)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    merged, lse = merge_attention(out_partial, lse_partial, impl=impl)
+    shape = out_partial.shape[1:]
+    if out is not None and (out.shape != shape or out.dtype != out_dtype or out.device != out_partial.device):
+        raise ValueError(f"out must be ({', '.join(map(str, shape))}) {out_dtype} on {out_partial.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    grads = torch.is_grad_enabled() and (out_partial.requires_grad or lse_partial.requires_grad)
+    if out is not None and out.dtype == torch.float32 and not grads:  # written in place, lse in FA3's layout
+        lse = torch.empty(shape[0], shape[2], shape[1], device=out_partial.device).transpose(1, 2)
+        return merge_attention(out_partial, lse_partial, out=(out, lse), impl=impl)
+    merged, merged_lse = merge_attention(out_partial, lse_partial, impl=impl)
     if out is None:
         out = merged.to(out_dtype)
     else:
-        if out.shape != merged.shape or out.dtype != out_dtype or out.device != merged.device:
-            raise ValueError(f"out must be ({', '.join(map(str, merged.shape))}) {out_dtype} on {merged.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         out.copy_(merged)
-    return out, lse.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, merged_lse.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _rotate_at(x, rotary_cos, rotary_sin, first, per_row, **turn):

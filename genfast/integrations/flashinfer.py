@@ -6,8 +6,8 @@ and nothing else,
     from genfast.integrations.flashinfer import merge_state, merge_states, merge_state_in_place
 
 and it runs where FlashInfer does not (the CPU, genfast's Triton kernels with impl="triton", a
-keyword FlashInfer does not have), differentiable in v and s (FlashInfer's merges have no backward,
-which training with ring attention or split keys needs) and under torch.compile(fullgraph=True).
+keyword FlashInfer does not have), under torch.compile(fullgraph=True), and differentiable in v and
+s (FlashInfer's merges have no backward, which training with ring attention or split keys needs).
 The arguments, layouts and semantics are FlashInfer's: v (seq_len, num_heads, head_dim), s
 (seq_len, num_heads) the log-sum-exp to base 2, as FlashInfer's attention returns it (converted to
 float32 as FlashInfer converts it); merge_states takes v (seq_len, num_states, num_heads, head_dim),
@@ -16,8 +16,8 @@ read in place.
 Where genfast differs, on purpose: a state of s -inf (no keys) weighs nothing and is not read, and a
 row whose states all have s -inf gets v 0 and s -inf (FlashInfer's gives NaN there); a NaN s makes
 its row NaN. merge_state_in_place writes v and s in place (genfast.merge_attention's out); with a
-mask, which CUDA graphs use, it merges into new tensors and copies the rows the mask takes, read on
-the device, with no synchronisation.
+mask, which CUDA graphs use, or gradients wanted, it merges into new tensors and copies them (the
+rows the mask takes, read on the device, with no synchronisation).
 """
 
 from typing import Optional, Tuple
@@ -60,10 +60,13 @@ def merge_state_in_place(v: Tensor, s: Tensor, v_other: Tensor, s_other: Tensor,
     bool), only the sequences where it is True."""
     if mask is not None and not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask is None and isinstance(s, Tensor) and s.dtype == torch.float32:  # in place: v and s are state 0
+    grads = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (v, s, v_other, s_other))
+    if mask is None and isinstance(s, Tensor) and s.dtype == torch.float32 and not grads:  # v and s: state 0's
         merge_attention([v, v_other], [s, _float32("s_other", s_other)], lse_base=2, out=(v, s), impl=impl)
         return
-    v_merged, s_merged = merge_state(v, s, v_other, s_other, impl=impl)
+    # (with gradients wanted, the merge keeps its states for the backward: v and s as they were)
+    v_merged, s_merged = merge_state(v.clone() if grads else v, s.clone() if grads else s, v_other, s_other,
+                                     impl=impl)
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != v.shape[:1] or mask.device != v.device:
             raise ValueError(f"mask must be a bool tensor ({v.shape[0]},) on {v.device}, got {mask.dtype} "

@@ -7,17 +7,19 @@ genfast.merge_attention, for code written against it: change the import and noth
 and it runs where vLLM's kernels do not (the CPU, genfast's Triton kernels with impl="triton", a
 keyword vLLM's function does not have) and under torch.compile(fullgraph=True). The arguments,
 layouts and semantics are vLLM's: outputs (num_tokens, num_heads, head_size), any strides with
-contiguous features (a head-padded output included), written into `output` in place; lse (num_heads,
-num_tokens), natural base, float32, read in place; an lse of +inf (FlashAttention 2's for a sequence
-without keys) counts as -inf; tokens from prefill_tokens_with_context on have no prefix, and take
+contiguous features (a head-padded output included), read in place and written into `output` in
+place; lse (num_heads, num_tokens), natural base, float32, where +inf (FlashAttention 2's lse of a
+sequence without keys) counts as -inf (a pass over each lse turns it so); tokens from
+prefill_tokens_with_context on have no prefix, and take
 the suffix's output and lse as they are; output_scale quantizes the output to fp8 (float8_e4m3fn):
 out * (1 / output_scale), clamped to fp8's range.
 
 Where genfast differs, on purpose: a token whose prefix and suffix both have lse -inf gets output 0
-and lse -inf (vLLM's gives NaN there). With output_scale, the merge is rounded to the states' dtype
+and lse -inf (vLLM's Triton kernel gives NaN there). With output_scale, the merge is rounded to the states' dtype
 before it is scaled (vLLM scales the float32 merge): a second rounding, below fp8's.
 """
 
+import operator
 from typing import Optional
 
 import torch
@@ -33,6 +35,17 @@ def _check(name, t, dims):
     if not isinstance(t, Tensor) or t.dim() != dims:
         raise ValueError(f"{name} must be a {dims}-d torch.Tensor, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+
+
+def _count(prefill_tokens_with_context, tokens) -> int:
+    """prefill_tokens_with_context as a count of tokens (any integer, numpy's included), checked."""
+    try:
+        count = operator.index(prefill_tokens_with_context)
+    except TypeError:
+        count = None
+    if isinstance(prefill_tokens_with_context, bool) or count is None or count < 0:
+        raise ValueError(f"prefill_tokens_with_context must be None or an int >= 0, got {prefill_tokens_with_context!r}")
+    return min(count, tokens)
 
 
 def _no_keys_as_minus_inf(lse: Tensor) -> Tensor:
@@ -62,12 +75,7 @@ def merge_attn_states(output: Tensor, prefix_output: Tensor, prefix_lse: Tensor,
     if prefix_lse.shape != (heads, tokens) or suffix_lse.shape != (heads, tokens):
         raise ValueError(f"prefix_lse and suffix_lse must be (num_heads, num_tokens) = ({heads}, {tokens}), got "
                          f"{tuple(prefix_lse.shape)} and {tuple(suffix_lse.shape)}")
-    if prefill_tokens_with_context is None:
-        with_prefix = tokens
-    elif isinstance(prefill_tokens_with_context, int) and prefill_tokens_with_context >= 0:
-        with_prefix = min(prefill_tokens_with_context, tokens)
-    else:
-        raise ValueError(f"prefill_tokens_with_context must be None or an int >= 0, got {prefill_tokens_with_context!r}")
+    with_prefix = tokens if prefill_tokens_with_context is None else _count(prefill_tokens_with_context, tokens)
     if output_scale is not None and output.dtype != torch.float8_e4m3fn:
         raise ValueError(f"output_scale quantizes to fp8: output must be torch.float8_e4m3fn, got {output.dtype}")
     states = [prefix_output[:with_prefix], suffix_output[:with_prefix]]

@@ -2,6 +2,7 @@
 with explicit fakes, on every device), and the autograd of the merge by its backward operator. The
 states come as lists of tensors, each read where it lies."""
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -68,6 +69,15 @@ def _check_outputs(o, out, out_lse):
     if out_lse.shape != first.shape[:2] or out_lse.dtype != torch.float32 or out_lse.device != first.device:
         raise ValueError(f"out_lse must be a float32 tensor {tuple(first.shape[:2])} on {first.device}, got "
                          f"{out_lse.dtype} {tuple(out_lse.shape)} on {out_lse.device}")
+    if any(n > 1 and stride == 0 for t in (out, out_lse) for n, stride in zip(t.shape, t.stride())):
+        raise ValueError("out and out_lse must not have elements that share memory (expanded tensors), got strides "
+                         f"{out.stride()} and {out_lse.stride()}")
+
+
+def _check_ln_base(ln_base):
+    """check_attention_merge's ln_base check (csrc/attention_merge_args.h) for the Triton ops."""
+    if not (math.isfinite(ln_base) and ln_base > 0):
+        raise ValueError(f"ln_base (the natural log of lse's base) must be finite and positive, got {ln_base}")
 
 
 def _fake(o, lse, ln_base=1.0):
@@ -82,6 +92,7 @@ def _backward_fake(grad_out, grad_lse, o, lse, ln_base=1.0):
 def attention_merge_triton(o: List[Tensor], lse: List[Tensor], ln_base: float = 1.0) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention_merge import launch_attention_merge
 
+    _check_ln_base(ln_base)
     out, out_lse = _fake(o, lse)
     if out_lse.numel():
         o, lse = merge_states(o, True), merge_states(lse, False)
@@ -96,6 +107,7 @@ def attention_merge_out_triton(o: List[Tensor], lse: List[Tensor], ln_base: floa
     of the states or apart from them all (and the two apart), else through new tensors."""
     from ..kernels.attention_merge import launch_attention_merge
 
+    _check_ln_base(ln_base)
     _check_outputs(o, out, out_lse)
     if not out_lse.numel():
         return
@@ -113,6 +125,7 @@ def attention_merge_backward_triton(grad_out: Tensor, grad_lse: Optional[Tensor]
                                     lse: List[Tensor], ln_base: float = 1.0) -> Tuple[Tensor, Tensor]:
     from ..kernels.attention_merge import launch_attention_merge_backward
 
+    _check_ln_base(ln_base)
     grad_o, grad_lse_states = _backward_fake(grad_out, grad_lse, o, lse)
     if grad_lse_states.numel():
         o, lse = merge_states(o, True), merge_states(lse, False)
