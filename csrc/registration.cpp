@@ -149,4 +149,3 @@ TORCH_LIBRARY(genfast, m) {
       "attention_merge_backward(Tensor grad_out, Tensor? grad_lse, Tensor[] o, Tensor[] lse, float ln_base=1.0) -> "
       "(Tensor, Tensor)");
 }
-
