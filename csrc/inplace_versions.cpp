@@ -1,10 +1,14 @@
-// Version counters of native ops that write into their arguments: the ADInplaceOrView kernel moves
-// each written tensor's version after the op, so that autograd refuses a tensor it saved for a
-// backward that the op then overwrote (an op defined in C++ gets no such kernel by itself).
+// Version counters of attention_merge_out's outputs: its ADInplaceOrView kernel moves each written
+// tensor's version after the op, so that autograd refuses a tensor it saved for a backward that the
+// op then overwrote (an op defined in C++ gets no such kernel by itself; the other native ops that
+// write into their arguments have none yet). Inference tensors have no version, as in
+// torch.autograd.graph.increment_version.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <initializer_list>
 
 namespace genfast {
 namespace {
@@ -18,8 +22,9 @@ void attention_merge_out_versions(c10::DispatchKeySet keys, at::TensorList o, at
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, o, lse, ln_base, out, out_lse);
   }
-  torch::autograd::impl::bump_version(out);
-  torch::autograd::impl::bump_version(out_lse);
+  for (const at::Tensor* written : {&out, &out_lse}) {
+    if (!written->is_inference()) torch::autograd::impl::bump_version(*written);
+  }
 }
 
 }  // namespace

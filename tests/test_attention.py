@@ -853,7 +853,7 @@ def test_half_mask_with_one_column_sums_its_gradient_in_float32(shape, impl):
         o, lse = forward(q, k, v, mask.to(dtype), None, 0.25, 0.0, lo, hi, 0.0, 0, 0)
         summed[dtype] = backward(o.cos(), lse.sin(), q, k, v, o, lse, mask.to(dtype), None, 0.25, 0.0, lo, hi, 0.0,
                                  0, 0, True)[3]
-    assert summed[torch.float16].shape == ((1,) * (4 - len(shape)) + shape)
+    assert summed[torch.float32].ne(0).all() and summed[torch.float16].shape == ((1,) * (4 - len(shape)) + shape)
     assert summed[torch.float16].dtype == torch.float16
     assert torch.equal(summed[torch.float16], summed[torch.float32].half())
 

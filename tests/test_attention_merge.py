@@ -221,6 +221,11 @@ def test_out_writes_into_given_tensors(impl, device):
     stacked_o, stacked_lse = o.clone(), lse.clone()
     genfast.merge_attention(stacked_o, stacked_lse, out=(stacked_o[0], stacked_lse[0]), impl=impl)
     assert torch.equal(stacked_o[0], expected[0]) and torch.equal(stacked_lse[0], expected[1])
+    features_apart = torch.empty(13, 4, 64, device=device)[..., ::2]  # features not contiguous: through a copy
+    got = genfast.merge_attention(o, lse, out=(features_apart, None), impl=impl)
+    assert got[0] is features_apart and torch.equal(features_apart, expected[0])
+    none = genfast.merge_attention(o[:0], lse[:0], out=(torch.empty_like(expected[0]), None), impl=impl)
+    assert bool((none[0] == 0).all()) and bool((none[1] == NO_KEYS).all())  # no states: no keys
     shifted_o, shifted_lse = o.clone(), lse.clone()  # outputs half a state along, over states 0 and 1
     half = shifted_o[0].numel() // 2
     into = (shifted_o.view(-1)[half:half + shifted_o[0].numel()].view(13, 4, 32),
@@ -266,7 +271,8 @@ def test_out_checks():
     for out, error, match in (
             ((torch.empty(3, 4, 8, dtype=torch.float64), None), ValueError,
              r"out\[0\] must be a torch.float32 tensor \(3, 4, 8\)"),
-            ((torch.empty(3, 4, 8), torch.empty(4, 3)), ValueError, r"out\[1\] must be a torch.float32 tensor \(3, 4\)"),
+            ((torch.empty(3, 4, 8), torch.empty(4, 3)), ValueError,
+             r"out\[1\] must be a torch.float32 tensor \(3, 4\)"),
             (torch.empty(3, 4, 8), TypeError, "out must be a pair"),
             ((torch.empty(3, 4, 8), 0), TypeError, "out must be a pair")):
         with pytest.raises(error, match=match):
@@ -279,6 +285,26 @@ def test_out_checks():
         genfast.merge_attention(o.requires_grad_(), lse, out=(torch.empty(3, 4, 8), None))
     with torch.no_grad():
         genfast.merge_attention(o, lse, out=(torch.empty(3, 4, 8), None))
+    o = o.detach().double()
+    exact = genfast.merge_attention(o, lse.double(), out=(torch.empty(3, 4, 8, dtype=torch.float64), None),
+                                    impl="reference")
+    assert exact[1].dtype == torch.float64  # the float64 reference's lse
+    with pytest.raises(ValueError, match=r"out\[1\] must be a torch.float64 tensor"):
+        genfast.merge_attention(o, lse.double(), out=(exact[0], torch.empty(3, 4)), impl="reference")
+
+
+def test_the_triton_ops_check_their_arguments():
+    skip_unless_supported("triton", "cpu")
+    o, lse = _states(2, (3, 4), 8)
+    with pytest.raises(ValueError, match="ln_base .* must be finite and positive, got 0.0"):
+        torch.ops.genfast.attention_merge_triton(list(o), list(lse), 0.0)
+    with pytest.raises(ValueError, match="ln_base .* must be finite and positive"):
+        torch.ops.genfast.attention_merge_backward_triton(torch.randn(3, 4, 8), None, list(o), list(lse), -1.0)
+    into = torch.ops.genfast.attention_merge_out_triton
+    with pytest.raises(ValueError, match="share memory"):
+        into(list(o), list(lse), 1.0, torch.empty(3, 1, 8).expand(3, 4, 8), torch.empty(3, 4))
+    with pytest.raises(ValueError, match="with contiguous features"):
+        into(list(o), list(lse), 1.0, torch.empty(3, 8, 4).transpose(1, 2), torch.empty(3, 4))
 
 
 @pytest.mark.parametrize("device", devices())

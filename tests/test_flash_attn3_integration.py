@@ -816,7 +816,9 @@ def test_combine_merges_attentions_over_parts_of_the_keys(impl):
     half, _ = combine(out_partial, lse_partial, out_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, out.to(torch.bfloat16))
     into = torch.empty_like(out)
-    assert combine(out_partial, lse_partial, out=into)[0] is into and torch.equal(into, out)
+    got, got_lse = combine(out_partial, lse_partial, out=into)  # written where it lies
+    assert got is into and torch.equal(into, out)
+    assert torch.equal(got_lse, lse) and got_lse.transpose(1, 2).is_contiguous()
     hidden = lse_partial.clone()
     hidden[:, 0, 0, 0] = float("-inf")
     out, lse = combine(out_partial, hidden)

@@ -409,9 +409,9 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None, *, im
         raise ValueError(f"out must be ({', '.join(map(str, shape))}) {out_dtype} on {out_partial.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     grads = torch.is_grad_enabled() and (out_partial.requires_grad or lse_partial.requires_grad)
-    if out is not None and out.dtype == torch.float32 and not grads:  # written in place, lse in FA3's layout
-        lse = torch.empty(shape[0], shape[2], shape[1], device=out_partial.device).transpose(1, 2)
-        return merge_attention(out_partial, lse_partial, out=(out, lse), impl=impl)
+    if out is not None and out.dtype == torch.float32 and not grads:  # out written where it lies
+        _, merged_lse = merge_attention(out_partial, lse_partial, out=(out, None), impl=impl)
+        return out, merged_lse.transpose(1, 2).contiguous().transpose(1, 2)
     merged, merged_lse = merge_attention(out_partial, lse_partial, impl=impl)
     if out is None:
         out = merged.to(out_dtype)

@@ -39,11 +39,12 @@ def _check(name, t, dims):
 
 def _count(prefill_tokens_with_context, tokens) -> int:
     """prefill_tokens_with_context as a count of tokens (any integer, numpy's included), checked."""
-    try:
-        count = operator.index(prefill_tokens_with_context)
+    try:  # (not a tensor: its value would be read on the host, a synchronisation)
+        count = None if isinstance(prefill_tokens_with_context, (bool, Tensor)) else operator.index(
+            prefill_tokens_with_context)
     except TypeError:
         count = None
-    if isinstance(prefill_tokens_with_context, bool) or count is None or count < 0:
+    if count is None or count < 0:
         raise ValueError(f"prefill_tokens_with_context must be None or an int >= 0, got {prefill_tokens_with_context!r}")
     return min(count, tokens)
 
