@@ -580,8 +580,11 @@ def test_gradients_with_masks(kind, impl):
     _compare_grads(q, k, v, mask, impl=impl)
 
 
-@pytest.mark.parametrize("spans", ["all", "queries", "batch and queries", "0-d"])
-@pytest.mark.parametrize("impl", fused_impls())
+# (the Triton interpreter, slow, takes two of the masks)
+@pytest.mark.parametrize("impl,spans", [pytest.param("native", spans, id=f"native-{spans}")
+                                        for spans in ("all", "queries", "batch and queries", "0-d")]
+                         + [pytest.param("triton", spans, marks=pytest.mark.triton, id=f"triton-{spans}")
+                            for spans in ("all", "batch and queries")])
 def test_gradient_of_a_mask_constant_along_the_keys(spans, impl):
     """A bias constant along the keys moves no probability, only lse: its gradient is grad_lse summed
     over the rows it spans, exactly (summing dS over the keys left each row delta's rounding, and a
@@ -828,8 +831,10 @@ def test_full_float32_mask_gradient_past_the_caches_is_streamed():
     assert streamed[0, 0].ne(0).float().mean() > 0.99
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 40, 1), (40, 1), ()], ids=str)
-@pytest.mark.parametrize("impl", fused_impls())
+# (the Triton interpreter, slow, takes one of the shapes)
+@pytest.mark.parametrize("impl,shape", [pytest.param("native", shape, id=f"native-{shape}")
+                                        for shape in ((2, 1, 40, 1), (40, 1), ())]
+                         + [pytest.param("triton", (40, 1), marks=pytest.mark.triton, id="triton-(40, 1)")])
 def test_half_mask_with_one_column_sums_its_gradient_in_float32(shape, impl):
     """A float16 mask broadcast over the keys: its gradient is summed in float32 and rounded once, the
     float32 mask's gradient rounded bit for bit (a float16 sum of 150 keys strays from it): through
