@@ -109,7 +109,7 @@ def _check_out(out, rows, head_dim, dtype, device, needs_grad):
             raise ValueError(f"{name} must be a {wanted} tensor {shape} on {device}, got {t.dtype} {tuple(t.shape)} "
                              f"on {t.device}")
     for t, name in zip(out, ("out[0]", "out[1]")):
-        if t is not None and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+        if t is not None and merge_op.shares_memory(t):
             raise ValueError(f"{name} must not have elements that share memory (an expanded tensor), got strides "
                              f"{t.stride()}")
     if torch.is_grad_enabled() and (needs_grad or any(t is not None and t.requires_grad for t in out)):

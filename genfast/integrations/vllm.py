@@ -10,13 +10,13 @@ layouts and semantics are vLLM's: outputs (num_tokens, num_heads, head_size), an
 contiguous features (a head-padded output included), read in place and written into `output` in
 place; lse (num_heads, num_tokens), natural base, float32, where +inf (FlashAttention 2's lse of a
 sequence without keys) counts as -inf (a pass over each lse turns it so); tokens from
-prefill_tokens_with_context on have no prefix, and take
-the suffix's output and lse as they are; output_scale quantizes the output to fp8 (float8_e4m3fn):
-out * (1 / output_scale), clamped to fp8's range.
+prefill_tokens_with_context on have no prefix, and take the suffix's output and lse as they are;
+output_scale quantizes the output to fp8 (float8_e4m3fn): out * (1 / output_scale), clamped to
+fp8's range.
 
 Where genfast differs, on purpose: a token whose prefix and suffix both have lse -inf gets output 0
-and lse -inf (vLLM's Triton kernel gives NaN there). With output_scale, the merge is rounded to the states' dtype
-before it is scaled (vLLM scales the float32 merge): a second rounding, below fp8's.
+and lse -inf (vLLM's Triton kernel gives NaN there). With output_scale, the merge is rounded to the
+states' dtype before it is scaled (vLLM scales the float32 merge): a second rounding, below fp8's.
 """
 
 import operator
@@ -82,18 +82,16 @@ def merge_attn_states(output: Tensor, prefix_output: Tensor, prefix_lse: Tensor,
     states = [prefix_output[:with_prefix], suffix_output[:with_prefix]]
     logs = [_no_keys_as_minus_inf(t[:, :with_prefix]).T for t in (prefix_lse, suffix_lse)]
     merged_lse = None if output_lse is None else output_lse[:, :with_prefix].T
-    if output_scale is None and output.dtype == prefix_output.dtype:
+    def as_output(x):
+        return x if output_scale is None else _to_fp8(x, output_scale, output.dtype)
+
+    if output_scale is None and output.dtype == prefix_output.dtype:  # written where it lies
         merge_attention(states, logs, out=(output[:with_prefix], merged_lse), impl=impl)
-        output[with_prefix:].copy_(suffix_output[with_prefix:])
     else:
         merged, lse = merge_attention(states, logs, impl=impl)
         if merged_lse is not None:
             merged_lse.copy_(lse)
-        if output_scale is None:
-            output[:with_prefix].copy_(merged)
-            output[with_prefix:].copy_(suffix_output[with_prefix:])
-        else:
-            output[:with_prefix].copy_(_to_fp8(merged, output_scale, output.dtype))
-            output[with_prefix:].copy_(_to_fp8(suffix_output[with_prefix:], output_scale, output.dtype))
+        output[:with_prefix].copy_(as_output(merged))
+    output[with_prefix:].copy_(as_output(suffix_output[with_prefix:]))
     if output_lse is not None:
         output_lse[:, with_prefix:].copy_(suffix_lse[:, with_prefix:])

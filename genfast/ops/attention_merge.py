@@ -52,6 +52,12 @@ def _spans_meet(a: Tensor, b: Tensor) -> bool:
     return a_first < b_end and b_first < a_end
 
 
+def shares_memory(t: Tensor) -> bool:
+    """Whether elements of t share memory (an expanded tensor: a stride of 0 along a dim longer than 1),
+    which no output may."""
+    return any(n > 1 and stride == 0 for n, stride in zip(t.shape, t.stride()))
+
+
 def _apart(output: Tensor, states: List[Tensor]) -> bool:
     """Whether output is one of the states (that very view: a merge in place, which the kernels allow)
     or apart from them all (csrc/attention_merge_args.h's attention_merge_output_apart)."""
@@ -69,7 +75,7 @@ def _check_outputs(o, out, out_lse):
     if out_lse.shape != first.shape[:2] or out_lse.dtype != torch.float32 or out_lse.device != first.device:
         raise ValueError(f"out_lse must be a float32 tensor {tuple(first.shape[:2])} on {first.device}, got "
                          f"{out_lse.dtype} {tuple(out_lse.shape)} on {out_lse.device}")
-    if any(n > 1 and stride == 0 for t in (out, out_lse) for n, stride in zip(t.shape, t.stride())):
+    if shares_memory(out) or shares_memory(out_lse):
         raise ValueError("out and out_lse must not have elements that share memory (expanded tensors), got strides "
                          f"{out.stride()} and {out_lse.stride()}")
 
