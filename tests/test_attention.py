@@ -32,7 +32,7 @@ def _cpu_takes_bfloat16_pairs():
 
 
 def _interpreted_query_count(impl, lq):
-    """lq, but 40 for 130 under the Triton interpreter: still three tiles of queries, the last partial,
+    """lq, but 40 for 130 under the Triton interpreter: still two tiles of queries, the last partial,
     at a third of the time (the interpreter's dropout costs seconds a tile)."""
     return 40 if impl == "triton" and lq == 130 else lq
 
@@ -401,7 +401,7 @@ def test_scales_of_either_sign(impl, dtype, scale):
 @pytest.mark.parametrize("impl", fused_impls())
 def test_long_odd_length(impl):
     """A length of 1000: many blocks of queries and keys, the last of each partial (under the Triton
-    interpreter, whose time grows with the programs, one small head of 250: 16 blocks of 16)."""
+    interpreter, whose time grows with the programs, one small head of 250: 8 blocks of 32)."""
     skip_unless_supported(impl, "cpu")
     q, k, v = _qkv(1, 2, 1, 1000, 1000, 64, torch.float32) if impl == "native" else _qkv(1, 1, 1, 250, 250, 16,
                                                                                           torch.float32)
@@ -692,7 +692,7 @@ def _block_sparse_mask(batch, heads, lq, lk, kind):
 def check_hidden_keys_not_read(impl, kind, dtype=torch.float32, device="cpu", grads=True):
     """Padding on the right of one batch and on the left of the other: the key blocks the mask hides
     from every query are skipped (the CPU's blocks of 128 keys, the CUDA kernels' 64; the Triton
-    forward's, 16 under the interpreter and up to 128 on a GPU, trimmed off the ends of its loop),
+    forward's, 32 under the interpreter and up to 128 on a GPU, trimmed off the ends of its loop),
     so garbage there, even NaN, as a preallocated cache may hold, reaches no output: o is that with
     zeros there. With grads, nor any gradient (the hidden keys' dK and dV are 0): the CPU and CUDA
     kernels'; the Triton backward still computes such blocks (kernels/triton/attention.py,
@@ -732,7 +732,7 @@ def test_block_sparse_masks(kind, impl):
     skip_unless_supported(impl, "cpu")
     # Past the CPU's blocks of 128 queries and keys, with the diagonal between block edges (more keys
     # than queries: blocks whose first rows see nothing and last rows do); smaller under the Triton
-    # interpreter (blocks of 16).
+    # interpreter (blocks of 32).
     length = 300 if impl == "native" else 40
     q, k, v = _qkv(2, 3, 1, length, length + 50, 16, torch.float32)
     mask = _block_sparse_mask(2, 3, length, length + 50, kind)

@@ -440,6 +440,8 @@ def test_batch_and_heads_ride_the_grids_first_axis():
     assert len(shapes) >= 5
     # One axis, or the first and the key splits' third (the second 1).
     assert all(len(shape) == 1 or (len(shape) == 3 and shape[1] == 1) for shape in shapes), shapes
-    # (1, 1): a tile of 16 rows a head; (2, 1): a tile of each kv head's 2 heads' 5 rows; (1, 3): 3 splits;
-    # then the backward's key blocks (40 keys, 16 a block) of each kv head and query tiles of each head.
-    assert shapes[:3] == [(3 * 4,), (3 * 2, 1, 1), (3 * 4, 1, 3)] and shapes[-2:] == [(3 * 3 * 2,), (3 * 4,)], shapes
+    # (1, 1): a tile of BLOCK_M rows a head; (2, 1): a tile of each kv head's 2 heads' 5 rows; (1, 3): 3
+    # splits; then the backward's key blocks (40 keys) of each kv head and query tiles of each head.
+    key_blocks = -(-40 // meta["BLOCK_N"])
+    assert shapes[:3] == [(3 * 4,), (3 * 2, 1, 1), (3 * 4, 1, 3)] and shapes[-2:] == [(3 * key_blocks * 2,),
+                                                                                       (3 * 4,)], shapes

@@ -783,7 +783,10 @@ _FLOAT32_512_BLOCKS = {"forward": [(16, 16, 4, 2), (16, 16, 8, 1), (32, 16, 8, 1
 # first 512 tile above, 32 x 32 on 8 warps in one stage, spills in its loop there (160 local loads
 # and stores on sm_80, 158 on sm_90, bf16, head dims 64 and 512, Triton 3.8); these take none in it.
 _QV_512_BLOCKS = [(32, 32, 8, 2), (32, 16, 4, 2)]
-_INTERPRETER_BLOCKS = (16, 16, 1, 1)
+# The interpreter's time goes to Triton's per-operation type checks in Python, nearly whatever a
+# block's size: tiles of 32 x 32 ran the tests about three times as fast as 16 x 16 (a quarter of the
+# programs and steps), still several tiles of queries and keys at the tests' lengths, the last partial.
+_INTERPRETER_BLOCKS = (32, 32, 1, 1)
 PAGE_BLOCKS = 128  # a multiple of every BLOCK_N: pages of a multiple of it hold whole key blocks
 _TUNING_KEY = ["D", "DV", "SOFTCAP", "HAS_ALIBI", "MASK_KIND", "DROPOUT", "VARLEN", "ATOMIC_DQ", "FAST_EXP",
                "PRECISE_PV", "STACKED", "heads_per_tile", "HAS_QV"]
@@ -1043,9 +1046,9 @@ def _planned_blocks(stacked_rows, dim_pad, interpreted, qv=(False, False)):
     loads and stores; none so)."""
     most = _planned_rows(dim_pad, qv[1])
     block_m = (max(16, min(most, triton.next_power_of_2(stacked_rows))) if stacked_rows
-               else 16 if interpreted else most)
+               else _INTERPRETER_BLOCKS[0] if interpreted else most)
     if interpreted:
-        return block_m, 16, 4, 2
+        return block_m, _INTERPRETER_BLOCKS[1], 4, 2
     if dim_pad > 256:
         return (block_m, 32, 8, 2) if qv[0] else (block_m, 16, 8, 1)
     return block_m, 64 if dim_pad <= 128 else 32, 4, 2
