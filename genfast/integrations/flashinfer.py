@@ -1,13 +1,37 @@
-"""FlashInfer's merges of attention states (flashinfer.cascade: merge_state, merge_states,
-merge_state_in_place) on genfast.merge_attention, for code written against them: change the import
-and nothing else,
+"""FlashInfer's attention and its merges of attention states on genfast, for code written against
+them: change the import and nothing else,
 
-    from flashinfer import merge_state, merge_states, merge_state_in_place
-    from genfast.integrations.flashinfer import merge_state, merge_states, merge_state_in_place
+    import flashinfer
+    import genfast.integrations.flashinfer as flashinfer
 
-and it runs where FlashInfer does not (the CPU, genfast's Triton kernels with impl="triton", a
-keyword FlashInfer does not have), under torch.compile(fullgraph=True), and differentiable in v and
-s (FlashInfer's merges have no backward, which training with ring attention or split keys needs).
+and it runs where FlashInfer does not (the CPU, genfast's Triton kernels with impl="...", a keyword
+FlashInfer does not have, on every call and wrapper constructor).
+
+Attention (flashinfer_single.py, flashinfer_batch.py): single_prefill_with_kv_cache (and
+_return_lse), single_decode_with_kv_cache, BatchPrefillWithRaggedKVCacheWrapper,
+BatchPrefillWithPagedKVCacheWrapper and BatchDecodeWithPagedKVCacheWrapper (plan, run,
+run_return_lse, begin_forward, end_forward) with FlashInfer's arguments, layouts (NHD and HND; a
+paged cache as a tuple (k, v) or one tensor (pages, 2, ...)) and semantics: causal aligned
+bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v scales as numbers, custom masks (bool,
+or packed little-endian bits for one request), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
+rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
+slope (j - i)), and lse to base 2. plan() reads the index arrays on the host, as FlashInfer's does;
+run() does not synchronise. Where genfast differs, on purpose or not yet:
+- a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
+- custom masks, and ALiBi without causal over several queries, run one request at a time through
+  genfast.attention (an additive mask holds ALiBi's bias there); a paged cache refuses them;
+- ROPE_LLAMA turns a copy of q and k (genfast.rotary) before the attention, where FlashInfer turns
+  them as it loads them; a paged cache refuses it (turn keys as they are written, as vLLM and
+  SGLang do);
+- ALIBI with logits_soft_cap is refused (FlashInfer's versions order them differently);
+- not taken: use_cuda_graph (genfast's plan makes new tensors), fp8 and per-head scales (tensor
+  q/k/v scales), packed masks in a batch, sinks (FlashInfer's FA2 and FA3 leave them out), several
+  queries per request in the decode wrapper. q_data_type, kv_data_type, the workspace buffers and
+  FlashInfer's backend choices are taken and left.
+
+Merges (flashinfer.cascade: merge_state, merge_states, merge_state_in_place) run on
+genfast.merge_attention, under torch.compile(fullgraph=True), and are differentiable in v and s
+(FlashInfer's merges have no backward, which training with ring attention or split keys needs).
 The arguments, layouts and semantics are FlashInfer's: v (seq_len, num_heads, head_dim), s
 (seq_len, num_heads) the log-sum-exp to base 2, as FlashInfer's attention returns it (converted to
 float32 as FlashInfer converts it); merge_states takes v (seq_len, num_states, num_heads, head_dim),
@@ -25,10 +49,18 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention_merge import merge_attention
+from .flashinfer_batch import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper,
+                               BatchPrefillWithRaggedKVCacheWrapper)
+from .flashinfer_common import alibi_slopes as get_alibi_slopes
+from .flashinfer_single import (single_decode_with_kv_cache, single_prefill_with_kv_cache,
+                                single_prefill_with_kv_cache_return_lse)
 
 Tensor = torch.Tensor
 
-__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
+__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
+           "BatchPrefillWithRaggedKVCacheWrapper", "get_alibi_slopes", "merge_state", "merge_state_in_place",
+           "merge_states", "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+           "single_prefill_with_kv_cache_return_lse"]
 
 
 def _float32(name, s):

@@ -1,0 +1,260 @@
+"""FlashInfer's batch attention wrappers (BatchPrefillWithRaggedKVCacheWrapper,
+BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper) on genfast's kernels:
+plan() reads the batch's index arrays on the host, as FlashInfer's does, and puts genfast's
+(cumulative lengths, a block table) on the device once; run() launches genfast.attention_varlen
+without synchronising. genfast.integrations.flashinfer documents what is FlashInfer's and where
+genfast differs."""
+
+import functools
+from typing import List, Optional
+
+import torch
+
+from .flashinfer_common import KV_LAYOUTS, Plan, check_choice, check_indptr, host_ints, nhd, run_plan
+
+Tensor = torch.Tensor
+
+
+def _dtype(name: str, value) -> Optional[torch.dtype]:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must be a torch.dtype or its name, got {value!r}")
+    return dtype
+
+
+def _lengths(name: str, indptr) -> List[int]:
+    starts = host_ints(name, indptr)
+    check_indptr(name, starts)
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+class _Wrapper:
+    """What the wrappers share: FlashInfer's constructor arguments (the workspace, which genfast does
+    not need, and CUDA-graph buffers, which it does not take), the plan, and the old names."""
+
+    def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, *, impl: str = "auto"):
+        self._kv_layout = check_choice("kv_layout", kv_layout, KV_LAYOUTS)
+        if use_cuda_graph:
+            raise ValueError("use_cuda_graph=True is not supported: genfast's plan() makes new tensors each time, "
+                             "where FlashInfer's copies into the buffers given")
+        self._impl = impl
+        self._plan: Optional[Plan] = None
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return False
+
+    def reset_workspace_buffer(self, float_workspace_buffer: Tensor, int_workspace_buffer: Tensor = None) -> None:
+        pass  # genfast needs no workspace
+
+    def end_forward(self) -> None:
+        pass
+
+    def _set_plan(self, qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, **options) -> None:
+        self._plan = Plan(qo_lens, kv_lens, int(num_qo_heads), int(num_kv_heads),
+                          o_dtype=_dtype("o_data_type", o_data_type), **options).check(int(head_dim))
+
+    def _planned(self) -> Plan:
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.run before plan(): plan the batch first")
+        return self._plan
+
+    def _run(self, q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left=None, sinks=None):
+        plan = self._planned()
+        if window_left is not None and int(window_left) != plan.window_left:
+            raise ValueError(f"window_left ({window_left}) must be the planned one ({plan.window_left})")
+        if sinks is not None:
+            raise ValueError("sinks: FlashInfer's FA2 and FA3 backends leave them out; genfast.attention_varlen "
+                             "takes them (sinks=)")
+        return run_plan(plan, q, k, v, impl=self._impl, return_lse=return_lse, q_scale=q_scale, k_scale=k_scale,
+                        v_scale=v_scale, out=out, lse=lse)
+
+    def _run_paged(self, q, paged_kv_cache, args, return_lse, q_scale, k_scale, v_scale, out, lse, window_left,
+                   sinks):
+        if args:
+            raise ValueError("run takes q and paged_kv_cache, then keywords")
+        self._planned()
+        k, v = _paged_cache(paged_kv_cache, self._kv_layout, self._page_size)
+        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left, sinks)
+
+
+def _paged_table(indptr, indices, last_page_len, page_size: int):
+    """genfast's block table (batch, pages) from FlashInfer's page lists, and each request's key count
+    ((pages - 1) page_size + last_page_len)."""
+    pages = _lengths("paged_kv_indptr", indptr)
+    last = host_ints("paged_kv_last_page_len", last_page_len, len(pages))
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, got {page_size}")
+    if any(n > page_size or (n == 0 and p > 0) for n, p in zip(last, pages)):
+        raise ValueError(f"paged_kv_last_page_len must lie in 1 .. page_size ({page_size}) for requests with pages, "
+                         f"got {last}")
+    kv_lens = [max(p - 1, 0) * page_size + n for p, n in zip(pages, last)]
+    starts = host_ints("paged_kv_indptr", indptr)
+    if not isinstance(indices, Tensor):
+        indices = torch.tensor(list(indices), dtype=torch.int32)
+    if indices.numel() < starts[-1]:
+        raise ValueError(f"paged_kv_indices must hold paged_kv_indptr[-1] = {starts[-1]} pages, got {indices.numel()}")
+    width = max(pages, default=0) or 1
+    # Entries past a request's pages are never read: page 0 stands there.
+    at = torch.tensor([[starts[b] + p if p < pages[b] else -1 for p in range(width)] for b in range(len(pages))],
+                      dtype=torch.int64).view(len(pages), width).to(indices.device)
+    flat = indices.reshape(-1).to(torch.int32)
+    table = torch.where(at >= 0, flat[at.clamp(min=0)], 0) if flat.numel() else torch.zeros_like(at, dtype=torch.int32)
+    return table.to(dtype=torch.int32), kv_lens
+
+
+def _paged_cache(paged_kv_cache, kv_layout: str, page_size: int):
+    """k and v (pages, page_size, num_kv_heads, dim) from FlashInfer's tuple (k, v) or single
+    tensor (pages, 2, ...), NHD or HND, viewed in place."""
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(f"paged_kv_cache must be (k_cache, v_cache), got {len(paged_kv_cache)} tensors")
+        k, v = paged_kv_cache
+        if k.dim() == 3:  # FlashInfer reads these as pages of one token
+            k, v = (t.unsqueeze(1 if kv_layout == "NHD" else 2) for t in (k, v))
+    elif isinstance(paged_kv_cache, Tensor) and paged_kv_cache.dim() in (4, 5) and paged_kv_cache.shape[1] == 2:
+        cache = paged_kv_cache if paged_kv_cache.dim() == 5 else paged_kv_cache.unsqueeze(2 if kv_layout == "NHD"
+                                                                                            else 3)
+        k, v = cache[:, 0], cache[:, 1]
+    else:
+        raise ValueError("paged_kv_cache must be a tuple (k_cache, v_cache) or one tensor (max_num_pages, 2, ...), "
+                         f"got {getattr(paged_kv_cache, 'shape', type(paged_kv_cache).__name__)}")
+    if kv_layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if t.dim() != 4 or t.shape[1] != page_size:
+            raise ValueError(f"{name} must hold pages of the planned page_size {page_size} "
+                             f"({'max_num_pages, page_size, num_kv_heads' if kv_layout == 'NHD' else 'max_num_pages, num_kv_heads, page_size'}"
+                             f", head_dim), got {tuple(t.shape)} as NHD")
+    return k, v
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
+    """FlashInfer's prefill over keys packed without pages: plan(qo_indptr, kv_indptr, ...), then
+    run(q (nnz_qo, num_qo_heads, head_dim), k, v (nnz_kv, num_kv_heads, head_dim))."""
+
+    def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None,
+                 mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto"):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             head_dim_vo: Optional[int] = None, custom_mask: Optional[Tensor] = None,
+             packed_custom_mask: Optional[Tensor] = None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: Optional[float] = None,
+             sm_scale: Optional[float] = None, rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
+             q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking: bool = True) -> None:
+        qo_lens, kv_lens = _lengths("qo_indptr", qo_indptr), _lengths("kv_indptr", kv_indptr)
+        if len(qo_lens) != len(kv_lens):
+            raise ValueError(f"qo_indptr and kv_indptr must have one entry per request and one more, got "
+                             f"{len(qo_lens) + 1} and {len(kv_lens) + 1}")
+        if packed_custom_mask is not None:
+            raise ValueError("packed_custom_mask in a batch: pass custom_mask (the requests' bool masks flattened "
+                             "and concatenated)")
+        masks = None
+        if custom_mask is not None:
+            sizes = [n_q * n_k for n_q, n_k in zip(qo_lens, kv_lens)]
+            flat = custom_mask.reshape(-1).bool()
+            if flat.numel() != sum(sizes):
+                raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} values (each request's "
+                                 f"(qo_len, kv_len) mask flattened, concatenated), got {flat.numel()}")
+            masks = [m.view(n_q, n_k) for m, n_q, n_k in zip(flat.split(sizes), qo_lens, kv_lens)]
+        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, causal=bool(causal),
+                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
+                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                       rope_theta=rope_theta, masks=masks)
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None,
+            out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None):
+        if args or o_scale is not None:
+            raise ValueError("run takes q, k and v and keywords; o_scale (fp8 outputs) is not supported")
+        k, v = nhd("k", k, self._kv_layout), nhd("v", v, self._kv_layout)
+        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
+    """FlashInfer's prefill or append over a paged KV cache: plan(qo_indptr, paged_kv_indptr,
+    paged_kv_indices, paged_kv_last_page_len, ...), then run(q, paged_kv_cache)."""
+
+    def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
+                 paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, custom_mask_buf=None,
+                 mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto"):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
+             num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: Optional[int] = None,
+             custom_mask: Optional[Tensor] = None, packed_custom_mask: Optional[Tensor] = None, causal: bool = False,
+             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
+             window_left: int = -1, logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
+             rope_theta: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+             non_blocking: bool = True) -> None:
+        qo_lens = _lengths("qo_indptr", qo_indptr)
+        table, kv_lens = _paged_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, int(page_size))
+        if len(qo_lens) != len(kv_lens):
+            raise ValueError(f"qo_indptr and paged_kv_indptr must have one entry per request and one more, got "
+                             f"{len(qo_lens) + 1} and {len(kv_lens) + 1}")
+        if custom_mask is not None or packed_custom_mask is not None:
+            raise ValueError("a custom mask on a paged cache: genfast attends those one request at a time and takes "
+                             "them on a ragged cache (BatchPrefillWithRaggedKVCacheWrapper) or alone "
+                             "(single_prefill_with_kv_cache)")
+        self._page_size = int(page_size)
+        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, causal=bool(causal),
+                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
+                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                       rope_theta=rope_theta, block_table=table)
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None,
+            out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None,
+            window_left: Optional[int] = None, sinks: Optional[Tensor] = None):
+        return self._run_paged(q, paged_kv_cache, args, return_lse, q_scale, k_scale, v_scale, out, lse, window_left,
+                               sinks)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+    """FlashInfer's decoding, one query per request over a paged KV cache: plan(indptr, indices,
+    last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, ...), then run(q (batch,
+    num_qo_heads, head_dim), paged_kv_cache)."""
+
+    def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, use_tensor_cores: bool = False, paged_kv_indptr_buffer=None,
+                 paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend: str = "auto",
+                 jit_args=None, *, impl: str = "auto"):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        self.use_tensor_cores = use_tensor_cores
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+             page_size: int, *, pos_encoding_mode: str = "NONE", window_left: int = -1,
+             logits_soft_cap: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+             data_type=None, sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+             rope_theta: Optional[float] = None, non_blocking: bool = True) -> None:
+        table, kv_lens = _paged_table(indptr, indices, last_page_len, int(page_size))
+        self._page_size = int(page_size)
+        self._set_plan([1] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, causal=True,
+                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
+                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                       rope_theta=rope_theta, block_table=table)
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None,
+            out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None,
+            window_left: Optional[int] = None, sinks: Optional[Tensor] = None, q_len_per_req: Optional[int] = None):
+        if q_len_per_req not in (None, 1):
+            raise ValueError(f"q_len_per_req must be 1 (one query per request), got {q_len_per_req}; several "
+                             "queries a request run on BatchPrefillWithPagedKVCacheWrapper with causal=True")
+        return self._run_paged(q, paged_kv_cache, args, return_lse, q_scale, k_scale, v_scale, out, lse, window_left,
+                               sinks)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)

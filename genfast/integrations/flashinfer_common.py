@@ -1,0 +1,259 @@
+"""What FlashInfer's attention calls share on genfast (genfast.integrations.flashinfer): a plan of the
+requests' lengths made on the host, as FlashInfer's plan() makes one, and its run through
+genfast.attention_varlen (or genfast.attention per request, for custom masks), with FlashInfer's
+positional encodings, scales and base-2 log-sum-exps."""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..attention import attention, attention_varlen
+from ..rotary import rotary
+
+Tensor = torch.Tensor
+
+POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
+KV_LAYOUTS = ("NHD", "HND")
+LOG2E = 1.0 / math.log(2.0)
+
+
+def alibi_slopes(heads: int, device=None) -> Tensor:
+    """FlashInfer's (and ALiBi's) slope of each head: 2^(-8 (h + 1) / n) for the first n = 2^floor(log2
+    heads), then 2^(-4 (2 j + 1) / n) for the others, float32."""
+    n = 2 ** int(math.floor(math.log2(heads)))
+    slopes = [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    slopes += [2.0 ** (-4.0 * (2 * j + 1) / n) for j in range(heads - n)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def scale_value(name: str, value) -> float:
+    """q_scale, k_scale or v_scale as a number (1 where None); a tensor's value would be read on the host."""
+    if value is None:
+        return 1.0
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a Python number: genfast takes no per-head or fp8 scales (reading a "
+                         f"tensor's value would synchronize), got a tensor of shape {tuple(value.shape)}")
+    return float(value)
+
+
+def nhd(name: str, t: Tensor, kv_layout: str) -> Tensor:
+    """k or v of a single request or a ragged batch, (tokens, heads, dim): HND's (heads, tokens, dim) viewed so."""
+    if not isinstance(t, Tensor) or t.dim() != 3:
+        dims = "kv_len, num_kv_heads" if kv_layout == "NHD" else "num_kv_heads, kv_len"
+        raise ValueError(f"{name} must be a 3-d tensor ({dims}, head_dim), got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    return t if kv_layout == "NHD" else t.transpose(0, 1)
+
+
+def host_ints(name: str, t, length: Optional[int] = None) -> List[int]:
+    """An index tensor or sequence read on the host (plan's step, as FlashInfer's plan reads them)."""
+    values = t.tolist() if isinstance(t, Tensor) else list(t)
+    if length is not None and len(values) != length:
+        raise ValueError(f"{name} must hold {length} values, got {len(values)}")
+    if any(not float(x).is_integer() or x < 0 for x in values):
+        raise ValueError(f"{name} must hold non-negative integers, got {values}")
+    return [int(x) for x in values]
+
+
+def check_indptr(name: str, indptr: List[int]) -> None:
+    if len(indptr) < 1 or indptr[0] != 0 or any(b < a for a, b in zip(indptr, indptr[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {indptr}")
+
+
+@dataclass
+class Plan:
+    """The host's view of one batch: each request's query and key counts, and how to attend."""
+    qo_lens: List[int]
+    kv_lens: List[int]
+    num_qo_heads: int
+    num_kv_heads: int
+    causal: bool = False
+    pos_encoding_mode: str = "NONE"
+    window_left: int = -1
+    logits_soft_cap: Optional[float] = None
+    sm_scale: Optional[float] = None
+    rope_scale: Optional[float] = None
+    rope_theta: Optional[float] = None
+    masks: Optional[List[Tensor]] = None  # each request's bool (qo_len, kv_len), True attends
+    block_table: Optional[Tensor] = None  # int32 (batch, pages): a paged cache
+    o_dtype: Optional[torch.dtype] = None
+    head_dim: int = 0  # q's and k's, set by check()
+    # made by prepare(), on the device of the run
+    device: Optional[torch.device] = None
+    cu_q: Optional[Tensor] = None
+    cu_k: Optional[Tensor] = None
+    rope_tables: Optional[tuple] = None  # float32 cos and sin over the positions the requests span
+    q_rows: Optional[Tensor] = None  # each query's and key's row of the tables
+    k_rows: Optional[Tensor] = None
+    slopes: Optional[Tensor] = None
+    lse_shift: Optional[Tensor] = None
+
+    def check(self, head_dim: int) -> "Plan":
+        self.head_dim = head_dim
+        check_choice("pos_encoding_mode", self.pos_encoding_mode, POS_ENCODING_MODES)
+        if self.num_kv_heads <= 0 or self.num_qo_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_qo_heads ({self.num_qo_heads})")
+        if self.pos_encoding_mode == "ALIBI" and self.logits_soft_cap:
+            raise ValueError("pos_encoding_mode='ALIBI' with logits_soft_cap: FlashInfer's versions disagree on "
+                             "their order; genfast takes either alone")
+        if self.pos_encoding_mode == "ROPE_LLAMA" and head_dim % 2:
+            raise ValueError(f"pos_encoding_mode='ROPE_LLAMA' needs an even head dim, got {head_dim}")
+        if self.logits_soft_cap is not None and self.logits_soft_cap < 0:
+            raise ValueError(f"logits_soft_cap must be >= 0, got {self.logits_soft_cap}")
+        if self.block_table is not None and self.per_request:
+            raise ValueError("a custom mask, or ALiBi without causal over several queries, on a paged cache: genfast "
+                             "attends those one request at a time and takes them on a ragged cache "
+                             "(BatchPrefillWithRaggedKVCacheWrapper) or alone (single_prefill_with_kv_cache)")
+        if self.block_table is not None and self.pos_encoding_mode == "ROPE_LLAMA":
+            raise ValueError("pos_encoding_mode='ROPE_LLAMA' over a paged cache: turn the keys as they are written "
+                             "(genfast.kvcache_append's rotary_cos and rotary_sin, or the model's own rotary), "
+                             "as vLLM and SGLang do, and plan with 'NONE'")
+        return self
+
+    @property
+    def per_request(self) -> bool:
+        """Custom masks, or ALiBi without causality over more than one query (FlashInfer's bias is
+        slope (j - i), which genfast's -slope |i - j| matches only left of the diagonal): attended
+        one request at a time with an explicit mask."""
+        return self.masks is not None or (self.pos_encoding_mode == "ALIBI" and not self.causal
+                                          and any(n > 1 for n in self.qo_lens))
+
+    def prepare(self, device: torch.device) -> None:
+        """The plan's tensors on the run's device, made once (a copy from the host, no synchronisation)."""
+        if self.device == device:
+            return
+        starts_q = [0]
+        starts_k = [0]
+        for n_q, n_k in zip(self.qo_lens, self.kv_lens):
+            starts_q.append(starts_q[-1] + n_q)
+            starts_k.append(starts_k[-1] + n_k)
+        self.cu_q = torch.tensor(starts_q, dtype=torch.int32).to(device)
+        self.cu_k = torch.tensor(starts_k, dtype=torch.int32).to(device)
+        if self.pos_encoding_mode == "ROPE_LLAMA":
+            # FlashInfer's: key j at j, query i at i + kv_len - qo_len (before key 0 where qo_len > kv_len)
+            low = min([0] + [n_k - n_q for n_q, n_k in zip(self.qo_lens, self.kv_lens)])
+            self.rope_tables = _rope_tables(range(low, max(self.kv_lens + [low + 1])), self.head_dim,
+                                            1e4 if self.rope_theta is None else float(self.rope_theta),
+                                            1.0 if self.rope_scale is None else float(self.rope_scale), device)
+            self.q_rows = torch.tensor([i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens)
+                                        for i in range(n_q)], dtype=torch.int32).to(device)
+            self.k_rows = torch.tensor([j - low for n_k in self.kv_lens for j in range(n_k)],
+                                       dtype=torch.int32).to(device)
+        if self.pos_encoding_mode == "ALIBI":
+            self.slopes = alibi_slopes(self.num_qo_heads, device)
+        if self.pos_encoding_mode == "ALIBI" and not self.per_request:
+            # genfast's bias differs from FlashInfer's slope (j - i) by slope (kv_len - qo_len) in each row
+            # it leaves (left of the diagonal): lse gains it back.
+            self.lse_shift = torch.tensor([float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens)
+                                           for _ in range(n_q)], dtype=torch.float32).to(device)
+        if self.block_table is not None:
+            self.block_table = self.block_table.to(device)
+        self.device = device
+
+
+def _rope_tables(positions: range, dim: int, theta: float, scale: float, device) -> tuple:
+    """FlashInfer's ROPE_LLAMA angles, position / rope_scale * rope_theta^(-2 i / dim), in float32:
+    cos and sin (positions, dim / 2) on the device."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim) / scale
+    angles = torch.arange(positions.start, positions.stop, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _rope(x: Tensor, rows: Tensor, tables: tuple, impl: str) -> Tensor:
+    """x (tokens, heads, dim) turned by ROPE_LLAMA's rotate-half pairs, token t at row rows[t] of
+    the tables; a new tensor."""
+    cos, sin = (t.to(x.dtype) for t in tables)
+    return rotary(x[None], cos, sin, rows[None], interleaved=False, impl=impl)[0]
+
+
+def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_lse: bool, q_scale=None,
+             k_scale=None, v_scale=None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None):
+    """FlashInfer's attention of the planned requests: q (nnz_qo, num_qo_heads, head_dim), k and v
+    (nnz_kv, num_kv_heads, dim) packed (or pages, page_size, num_kv_heads, dim with the plan's
+    block table). Returns o (nnz_qo, num_qo_heads, head_dim_vo), or (o, lse base 2 (nnz_qo,
+    num_qo_heads) float32), written into out and lse where given."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3 or q.shape[1] != plan.num_qo_heads or q.shape[0] != sum(plan.qo_lens):
+        raise ValueError(f"q must be ({sum(plan.qo_lens)}, {plan.num_qo_heads}, head_dim) as planned, got "
+                         f"{tuple(q.shape)}")
+    if k.shape[-2] != plan.num_kv_heads:
+        raise ValueError(f"k must have the {plan.num_kv_heads} planned kv heads, got {tuple(k.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim != plan.head_dim:
+        raise ValueError(f"q's head dim must be the planned {plan.head_dim}, got {head_dim}")
+    plan.prepare(q.device)
+    scale = (1.0 / math.sqrt(head_dim) if plan.sm_scale is None else float(plan.sm_scale))
+    scale *= scale_value("q_scale", q_scale) * scale_value("k_scale", k_scale)
+    if plan.pos_encoding_mode == "ROPE_LLAMA":
+        q = _rope(q, plan.q_rows, plan.rope_tables, impl)
+        k = _rope(k, plan.k_rows, plan.rope_tables, impl)
+    slopes = plan.slopes
+    window = (plan.window_left, -1) if plan.window_left >= 0 else None
+    softcap = plan.logits_soft_cap or None
+    if plan.per_request:
+        o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl)
+    else:
+        o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0),
+                                      max(plan.kv_lens, default=0), scale=scale,
+                                      causal="bottom_right" if plan.causal else None, window=window,
+                                      alibi_slopes=slopes, softcap=softcap, return_lse=True, impl=impl,
+                                      block_table=plan.block_table)
+        natural = natural.t()
+        if plan.lse_shift is not None:
+            natural = natural + plan.lse_shift[:, None] * slopes[None, :]
+    v_factor = scale_value("v_scale", v_scale)
+    if v_factor != 1.0:
+        o = o * v_factor
+    if plan.o_dtype is not None:
+        o = o.to(plan.o_dtype)
+    if out is not None:
+        if out.shape != o.shape or out.dtype != o.dtype or out.device != o.device:
+            raise ValueError(f"out must be a {o.dtype} tensor {tuple(o.shape)} on {o.device}, got {out.dtype} "
+                             f"{tuple(out.shape)} on {out.device}")
+        o = out.copy_(o)
+    if not return_lse:
+        return o
+    base2 = natural * LOG2E
+    if lse is not None:
+        if lse.shape != base2.shape or lse.dtype != torch.float32 or lse.device != base2.device:
+            raise ValueError(f"lse must be a torch.float32 tensor {tuple(base2.shape)} on {base2.device}, got "
+                             f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+        return o, lse.copy_(base2)
+    return o, base2.contiguous()
+
+
+def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl):
+    """Each request alone through genfast.attention, with its custom mask and, for ALiBi without
+    causality, FlashInfer's bias slope (j - i) as an additive mask."""
+    outs, lses = [], []
+    starts_q, starts_k = 0, 0
+    for n, (n_q, n_k) in enumerate(zip(plan.qo_lens, plan.kv_lens)):
+        q_n = q[starts_q:starts_q + n_q].transpose(0, 1)[None]
+        k_n, v_n = (t[starts_k:starts_k + n_k].transpose(0, 1)[None] for t in (k, v))
+        mask = None if plan.masks is None else plan.masks[n].to(q.device)
+        causal = "bottom_right" if plan.causal and plan.masks is None else None
+        if slopes is not None:
+            i = torch.arange(n_q, device=q.device, dtype=torch.float32)[:, None]
+            j = torch.arange(n_k, device=q.device, dtype=torch.float32)[None, :]
+            bias = slopes[:, None, None] * (j - i)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        o_n, lse_n = attention(q_n, k_n, v_n, mask, scale=scale, enable_gqa=True, causal=causal, window=window,
+                               softcap=softcap, return_lse=True, impl=impl)
+        outs.append(o_n[0].transpose(0, 1))
+        lses.append(lse_n[0].t())
+        starts_q += n_q
+        starts_k += n_k
+    if not outs:
+        return (q.new_empty(0, plan.num_qo_heads, v.shape[-1]), q.new_empty(0, plan.num_qo_heads,
+                                                                             dtype=torch.float32))
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,303 @@
+"""genfast.integrations.flashinfer's attention (single prefill and decode, the ragged and paged batch
+wrappers) against FlashInfer's definition written here in float64 (causal aligned bottom-right,
+window_left, soft cap, ALiBi's slope (j - i), ROPE_LLAMA's rotate-half pairs, custom masks, lse
+to base 2), on every backend, by the error-ratio rule; layouts, paged caches, out and lse, and bad
+input."""
+
+import math
+
+import pytest
+import torch
+
+from genfast.integrations import flashinfer
+from genfast.testing.tolerances import assert_error_ratio
+from conftest import fused_impls, skip_unless_supported
+
+IMPLS = fused_impls() + ["reference"]
+
+
+def _rope(x, positions, theta, scale):
+    """FlashInfer's ROPE_LLAMA of x (tokens, heads, dim) at positions (tokens,)."""
+    dim = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim) / scale
+    angles = positions.double()[:, None, None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :dim // 2], x[..., dim // 2:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+
+
+def _flashinfer(q, k, v, *, causal=False, window_left=-1, sm_scale=None, logits_soft_cap=None,
+                pos_encoding_mode="NONE", rope_theta=1e4, rope_scale=1.0, custom_mask=None, dtype=torch.float64):
+    """FlashInfer's attention of one request, in `dtype`: q (qo_len, Hq, D), k and v (kv_len, Hk, D)
+    NHD. Returns o (qo_len, Hq, Dv) and lse (qo_len, Hq) to base 2."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    qo_len, kv_len, heads = q.shape[0], k.shape[0], q.shape[1]
+    i = torch.arange(qo_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    if pos_encoding_mode == "ROPE_LLAMA":
+        q = _rope(q, torch.arange(qo_len) + kv_len - qo_len, rope_theta, rope_scale)
+        k = _rope(k, torch.arange(kv_len), rope_theta, rope_scale)
+    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    s = torch.einsum("qhd,khd->hqk", q, k) * (sm_scale or 1 / math.sqrt(q.shape[-1]))
+    if pos_encoding_mode == "ALIBI":
+        s = s + flashinfer.get_alibi_slopes(heads).to(dtype)[:, None, None] * (j - i)
+    if logits_soft_cap:
+        s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
+    keep = torch.ones(qo_len, kv_len, dtype=torch.bool)
+    diagonal = i + kv_len - qo_len
+    if custom_mask is not None:
+        keep &= custom_mask
+    elif causal:
+        keep &= j <= diagonal
+    if window_left >= 0:
+        keep &= j >= diagonal - window_left
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    o = torch.einsum("hqk,khd->qhd", p, v)
+    return o, (lse / math.log(2)).T
+
+
+def _inputs(qo_len, kv_len, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, h, dim, generator=g).to(dtype) for n, h in ((qo_len, heads), (kv_len, kv_heads),
+                                                                        (kv_len, kv_heads))]
+
+
+def _id(options):
+    return ",".join(key if isinstance(value, torch.Tensor) or value is True else f"{key}={value}"
+                    for key, value in options.items()) or "plain"
+
+
+def _check(got, q, k, v, **options):
+    """got (o, lse) against FlashInfer's definition: float64 exact, float32 the low precision."""
+    exact = _flashinfer(q, k, v, **options)
+    low = _flashinfer(q, k, v, dtype=torch.float32, **options)
+    for name, a, e, lo in zip(("o", "lse"), got, exact, low):
+        assert a.shape == e.shape, (name, a.shape, e.shape)
+        assert_error_ratio(a, e, lo.to(a.dtype), msg=name)
+
+
+MASK = torch.rand(7, 19, generator=torch.Generator().manual_seed(5)) < 0.7
+PREFILL_OPTIONS = [dict(), dict(causal=True), dict(causal=True, window_left=5), dict(window_left=4),
+                   dict(logits_soft_cap=2.0, sm_scale=0.4), dict(causal=True, pos_encoding_mode="ALIBI"),
+                   dict(pos_encoding_mode="ALIBI"),
+                   dict(causal=True, pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0, rope_scale=2.0),
+                   dict(custom_mask=MASK, causal=True), dict(custom_mask=MASK, window_left=6)]
+
+
+@pytest.mark.parametrize("options", PREFILL_OPTIONS, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_prefill_matches_flashinfer(impl, options):
+    """Appending 7 queries to a request of 19 keys, grouped heads; a custom mask overrides causal."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(7, 19)
+    got = flashinfer.single_prefill_with_kv_cache(q, k, v, return_lse=True, impl=impl, **options)
+    assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
+    _check(got, q, k, v, **options)
+    o = flashinfer.single_prefill_with_kv_cache_return_lse(q, k, v, impl=impl, **options)[0]
+    torch.testing.assert_close(o, got[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_prefill_layouts_masks_and_scales(impl):
+    """HND keys read as NHD; a packed custom mask (little-endian bits) as the bool one; k_scale
+    multiplies sm_scale and v_scale the output; o_dtype."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(7, 19)
+    plain = flashinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=MASK, impl=impl)
+    hnd = flashinfer.single_prefill_with_kv_cache(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
+                                                  custom_mask=MASK, kv_layout="HND", impl=impl)
+    torch.testing.assert_close(hnd, plain, rtol=0, atol=0)
+    flat = MASK.reshape(-1)
+    bits = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.int32)
+    packed = (bits << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+    torch.testing.assert_close(flashinfer.single_prefill_with_kv_cache(q, k, v, packed_custom_mask=packed, impl=impl),
+                               plain, rtol=0, atol=0)
+    scaled = flashinfer.single_prefill_with_kv_cache(q, k, v, k_scale=0.5, v_scale=3.0, sm_scale=0.8, impl=impl,
+                                                     return_lse=True)
+    exact = _flashinfer(q, k, v, sm_scale=0.4)
+    low = _flashinfer(q, k, v, sm_scale=0.4, dtype=torch.float32)
+    assert_error_ratio(scaled[0], exact[0] * 3, low[0] * 3, msg="o")
+    assert_error_ratio(scaled[1], exact[1], low[1], msg="lse")
+    assert flashinfer.single_prefill_with_kv_cache(q, k, v, o_dtype=torch.float64, impl=impl).dtype == torch.float64
+
+
+DECODE_OPTIONS = [dict(), dict(window_left=6), dict(logits_soft_cap=3.0), dict(pos_encoding_mode="ALIBI"),
+                  dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=1e4)]
+
+
+@pytest.mark.parametrize("options", DECODE_OPTIONS, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_decode_matches_flashinfer(impl, options):
+    """One query a head at position kv_len - 1 (ALiBi's bias slope j); HND keys."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(1, 23, heads=8, kv_heads=2)
+    o, lse = flashinfer.single_decode_with_kv_cache(q[0], k.transpose(0, 1), v.transpose(0, 1), kv_layout="HND",
+                                                    return_lse=True, impl=impl, **options)
+    assert o.shape == (8, 16) and lse.shape == (8,)
+    _check((o[None], lse[None]), q, k, v, causal=True, **options)
+
+
+# Requests of (qo_len, kv_len): an append, a prefill, one with no queries, one query over many keys.
+REQUESTS = [(5, 12), (9, 9), (0, 4), (1, 30)]
+
+
+def _packed(requests, heads=4, kv_heads=2, dim=16, seed=1):
+    q, k, v = _inputs(sum(n for n, _ in requests), sum(n for _, n in requests), heads, kv_heads, dim, seed=seed)
+    qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+    kv_indptr = torch.tensor([0] + [n for _, n in requests]).cumsum(0).int()
+    return q, k, v, qo_indptr, kv_indptr
+
+
+def _check_requests(got, q, k, v, requests, masks=None, **options):
+    at_q = at_k = 0
+    for n, (qo_len, kv_len) in enumerate(requests):
+        rows, keys = slice(at_q, at_q + qo_len), slice(at_k, at_k + kv_len)
+        if qo_len:
+            mask = None if masks is None else masks[n]
+            _check((got[0][rows], got[1][rows]), q[rows], k[keys], v[keys], custom_mask=mask, **options)
+        at_q, at_k = at_q + qo_len, at_k + kv_len
+
+
+RAGGED_OPTIONS = [dict(causal=True), dict(causal=True, window_left=3), dict(causal=True, pos_encoding_mode="ALIBI"),
+                  dict(pos_encoding_mode="ALIBI"), dict(causal=True, pos_encoding_mode="ROPE_LLAMA"),
+                  dict(logits_soft_cap=4.0), dict(custom_mask=True)]
+
+
+@pytest.mark.parametrize("options", RAGGED_OPTIONS, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_wrapper_matches_flashinfer(impl, options):
+    skip_unless_supported(impl, "cpu")
+    q, k, v, qo_indptr, kv_indptr = _packed(REQUESTS)
+    options = dict(options)
+    masks = None
+    if options.pop("custom_mask", False):
+        g = torch.Generator().manual_seed(3)
+        masks = [torch.rand(a, b, generator=g) < 0.6 for a, b in REQUESTS]
+        options_plan = dict(options, custom_mask=torch.cat([m.reshape(-1) for m in masks]))
+    else:
+        options_plan = options
+    wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(1, dtype=torch.uint8), "NHD", impl=impl)
+    wrapper.plan(qo_indptr, kv_indptr, 4, 2, 16, **options_plan)
+    got = wrapper.run(q, k, v, return_lse=True)
+    assert got[0].shape == q.shape and got[1].shape == q.shape[:2]
+    _check_requests(got, q, k, v, REQUESTS, masks, **options)
+    torch.testing.assert_close(wrapper.run_return_lse(q, k, v)[0], got[0], rtol=0, atol=0)
+
+
+def _paged(requests, page_size, heads=4, kv_heads=2, dim=16, layout="NHD", single=False, seed=2):
+    """Each request's keys in pages of page_size, the pages shuffled in a larger cache, and
+    FlashInfer's page lists: (q, k, v packed, cache, indptr, indices, last_page_len)."""
+    q, k, v, _, _ = _packed(requests, heads, kv_heads, dim, seed)
+    pages = [-(-kv_len // page_size) for _, kv_len in requests]
+    order = torch.randperm(sum(pages) + 3, generator=torch.Generator().manual_seed(seed))
+    k_cache = torch.full((sum(pages) + 3, page_size, kv_heads, dim), float("nan"))
+    v_cache = k_cache.clone()
+    indices, at_k, used = [], 0, 0
+    for (_, kv_len), count in zip(requests, pages):
+        for p in range(count):
+            page = int(order[used])
+            used += 1
+            indices.append(page)
+            rows = slice(at_k + p * page_size, at_k + min((p + 1) * page_size, kv_len))
+            k_cache[page, :rows.stop - rows.start] = k[rows]
+            v_cache[page, :rows.stop - rows.start] = v[rows]
+        at_k += kv_len
+    last = [kv_len - (count - 1) * page_size if count else 0 for (_, kv_len), count in zip(requests, pages)]
+    indptr = torch.tensor([0] + pages).cumsum(0).int()
+    if layout == "HND":
+        k_cache, v_cache = (t.transpose(1, 2).contiguous() for t in (k_cache, v_cache))
+    cache = torch.stack([k_cache, v_cache], 1) if single else (k_cache, v_cache)
+    return q, k, v, cache, indptr, torch.tensor(indices, dtype=torch.int32), torch.tensor(last, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("layout,single", [("NHD", False), ("HND", True)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_prefill_wrapper_matches_flashinfer(impl, layout, single):
+    """Pages shuffled in a cache whose unused slots hold NaN; a tuple or one tensor, NHD or HND."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(5, 12), (9, 9), (1, 30)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4, layout=layout, single=single)
+    qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, layout, impl=impl)
+    for options in (dict(causal=True), dict(causal=True, pos_encoding_mode="ALIBI", window_left=7)):
+        wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
+        got = wrapper.run(q, cache, return_lse=True)
+        _check_requests(got, q, k, v, requests, **options)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_decode_wrapper_matches_flashinfer(impl):
+    """One query per request over pages of 16 (a partial last page, a single key); out and lse
+    written in place."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(1, 40), (1, 1), (1, 16), (1, 33)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(8, dtype=torch.uint8), "NHD", impl=impl)
+    for options in (dict(), dict(pos_encoding_mode="ALIBI"), dict(window_left=9, logits_soft_cap=5.0)):
+        wrapper.begin_forward(indptr, indices, last, 8, 2, 16, 16, **options)
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+        got = wrapper.run(q, cache, out=out, lse=lse, return_lse=True)
+        assert got[0] is out and got[1] is lse
+        _check_requests(got, q, k, v, requests, causal=True, **options)
+        wrapper.end_forward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cascade_of_prefix_and_suffix_merges_into_attention_over_all_keys(impl):
+    """FlashInfer's cascade: a request's queries over a shared prefix (non-causal) and over its own
+    keys (causal), merged by merge_state from the base-2 lse the attention returns, equal attention
+    over all the keys."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(6, 26)
+    full = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True, impl=impl)
+    prefix = flashinfer.single_prefill_with_kv_cache(q, k[:20], v[:20], return_lse=True, impl=impl)
+    own = flashinfer.single_prefill_with_kv_cache(q, k[20:], v[20:], causal=True, return_lse=True, impl=impl)
+    merged = flashinfer.merge_state(*prefix, *own, impl=impl)
+    torch.testing.assert_close(merged[0], full[0], atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(merged[1], full[1], atol=2e-6, rtol=2e-5)
+
+
+def test_bad_input_names_the_argument():
+    q, k, v = _inputs(7, 19)
+    for call, error, match in [
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, kv_layout="NDH"), ValueError, "kv_layout"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, pos_encoding_mode="ROPE"), ValueError,
+             "pos_encoding_mode"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, pos_encoding_mode="ALIBI", logits_soft_cap=2.0),
+             ValueError, "ALIBI.*logits_soft_cap"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=MASK[:, :5]), ValueError,
+             "custom_mask must be"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, k_scale=torch.ones(2)), ValueError, "k_scale"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k[:, :1].expand(19, 3, 16), v[:, :1].expand(19, 3, 16)),
+             ValueError, "num_kv_heads"),
+            (lambda: flashinfer.single_decode_with_kv_cache(q, k, v), ValueError, "q must be a 2-d"),
+            (lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(None).run(q, (k, v)), RuntimeError, "before plan"),
+            (lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, use_cuda_graph=True), ValueError,
+             "use_cuda_graph")]:
+        with pytest.raises(error, match=match):
+            call()
+    requests = [(5, 12), (1, 30)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4)
+    qo_indptr = torch.tensor([0, 5, 6], dtype=torch.int32)
+    paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None)
+    for options, match in [(dict(pos_encoding_mode="ROPE_LLAMA"), "ROPE_LLAMA' over a paged cache"),
+                           (dict(custom_mask=torch.ones(90, dtype=torch.bool)), "custom mask on a paged cache"),
+                           (dict(pos_encoding_mode="ALIBI"), "ALiBi without causal")]:
+        with pytest.raises(ValueError, match=match):
+            paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
+    with pytest.raises(ValueError, match="paged_kv_last_page_len"):
+        paged.plan(qo_indptr, indptr, indices, torch.tensor([5, 2]), 4, 2, 16, 4)
+    paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True)
+    with pytest.raises(ValueError, match="page_size 4"):
+        paged.run(q, (cache[0][:, :2], cache[1][:, :2]))
+    with pytest.raises(ValueError, match=r"q must be \(6, 4, head_dim\)"):
+        paged.run(q[:5], cache)
+    with pytest.raises(ValueError, match="window_left"):
+        paged.run(q, cache, window_left=3)
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None)
+    with pytest.raises(ValueError, match="custom_mask must hold"):
+        ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16, custom_mask=torch.ones(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="qo_indptr must start at 0"):
+        ragged.plan(torch.tensor([1, 5]), torch.tensor([0, 5]), 4, 2, 16)
