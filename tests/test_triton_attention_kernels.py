@@ -87,26 +87,28 @@ def _reference(q, k, v, mask, alibi, scale, softcap, causal, window, dropout_p, 
                                dropout_seed=seed, dropout_offset=offset, return_lse=True)
 
 
+# Lengths around the interpreter's tiles of 32 (kernels/triton/attention.py, _INTERPRETER_BLOCKS): 33 is a
+# tile and one row, 72 two blocks and part of a third.
 # (name, B, H, Hk, Lq, Lk, D, Dv, options)
 FORWARD_CASES = [
-    ("plain", 2, 2, 2, 17, 40, 24, 24, {}),
-    ("plain_one_query", 2, 2, 2, 1, 17, 16, 64, {}),
-    ("plain_one_key", 1, 2, 2, 40, 1, 64, 16, {}),
-    ("causal_top_left", 2, 2, 2, 17, 40, 16, 16, dict(causal="top_left")),
-    ("causal_bottom_right", 2, 2, 2, 17, 40, 16, 16, dict(causal="bottom_right")),
-    ("causal_bottom_right_masked_rows", 1, 2, 2, 40, 17, 16, 16, dict(causal="bottom_right")),
-    ("causal_top_left_long_q", 1, 2, 2, 40, 17, 16, 16, dict(causal="top_left")),
-    ("window", 2, 2, 2, 40, 40, 16, 16, dict(window=(5, 3))),
-    ("window_left_causal", 1, 2, 2, 17, 40, 16, 16, dict(window=(6, -1), causal="bottom_right")),
-    ("bool_mask", 2, 2, 2, 17, 40, 24, 24, dict(mask="bool")),
-    ("bool_mask_masked_row", 2, 2, 2, 17, 17, 16, 16, dict(mask="bool", masked_row=3)),
-    ("float_mask", 2, 2, 2, 17, 40, 24, 24, dict(mask="float")),
-    ("alibi_h", 2, 2, 2, 17, 40, 16, 16, dict(alibi="h")),
-    ("alibi_bh_causal", 2, 2, 2, 40, 17, 16, 16, dict(alibi="bh", causal="top_left")),
-    ("softcap", 2, 2, 2, 17, 40, 16, 16, dict(softcap=2.0, scale=0.8)),
-    ("dropout", 2, 2, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=1234, offset=8)),
-    ("gqa", 2, 4, 2, 17, 40, 16, 24, {}),
-    ("everything", 2, 4, 2, 17, 40, 24, 16,
+    ("plain", 2, 2, 2, 33, 72, 24, 24, {}),
+    ("plain_one_query", 2, 2, 2, 1, 33, 16, 64, {}),
+    ("plain_one_key", 1, 2, 2, 72, 1, 64, 16, {}),
+    ("causal_top_left", 2, 2, 2, 33, 72, 16, 16, dict(causal="top_left")),
+    ("causal_bottom_right", 2, 2, 2, 33, 72, 16, 16, dict(causal="bottom_right")),
+    ("causal_bottom_right_masked_rows", 1, 2, 2, 72, 33, 16, 16, dict(causal="bottom_right")),
+    ("causal_top_left_long_q", 1, 2, 2, 72, 33, 16, 16, dict(causal="top_left")),
+    ("window", 2, 2, 2, 72, 72, 16, 16, dict(window=(5, 3))),
+    ("window_left_causal", 1, 2, 2, 33, 72, 16, 16, dict(window=(6, -1), causal="bottom_right")),
+    ("bool_mask", 2, 2, 2, 33, 72, 24, 24, dict(mask="bool")),
+    ("bool_mask_masked_row", 2, 2, 2, 33, 33, 16, 16, dict(mask="bool", masked_row=3)),
+    ("float_mask", 2, 2, 2, 33, 72, 24, 24, dict(mask="float")),
+    ("alibi_h", 2, 2, 2, 33, 72, 16, 16, dict(alibi="h")),
+    ("alibi_bh_causal", 2, 2, 2, 72, 33, 16, 16, dict(alibi="bh", causal="top_left")),
+    ("softcap", 2, 2, 2, 33, 72, 16, 16, dict(softcap=2.0, scale=0.8)),
+    ("dropout", 2, 2, 2, 33, 72, 16, 16, dict(dropout_p=0.3, seed=1234, offset=8)),
+    ("gqa", 2, 4, 2, 33, 72, 16, 24, {}),
+    ("everything", 2, 4, 2, 33, 72, 24, 16,
      dict(causal="bottom_right", window=(9, -1), mask="float", alibi="bh", softcap=3.0, dropout_p=0.2, seed=7,
           offset=4)),
 ]
@@ -140,7 +142,7 @@ def test_forward_matches_reference(case):
 @pytest.mark.triton
 def test_forward_float16_and_strided():
     attn = _kernels()
-    B, H, Lq, Lk, D = 2, 2, 17, 40, 64
+    B, H, Lq, Lk, D = 2, 2, 33, 72, 64
     q, k, v = _inputs(B, H, H, Lq, Lk, D, D, dtype=torch.float16)
     # (B, L, H, D) storage, seen as (B, H, L, D): strided heads and positions.
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -158,22 +160,22 @@ def test_forward_float16_and_strided():
 
 # (name, B, H, Hk, Lq, Lk, D, Dv, options)
 BACKWARD_CASES = [
-    ("plain_gqa", 2, 4, 2, 17, 40, 24, 16, {}),
-    ("causal_bottom_right_window", 2, 2, 2, 40, 17, 16, 16, dict(causal="bottom_right", window=(5, -1))),
-    ("causal_top_left_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2))),
+    ("plain_gqa", 2, 4, 2, 33, 72, 24, 16, {}),
+    ("causal_bottom_right_window", 2, 2, 2, 72, 33, 16, 16, dict(causal="bottom_right", window=(5, -1))),
+    ("causal_top_left_window", 1, 2, 2, 33, 72, 16, 24, dict(causal="top_left", window=(-1, 2))),
     # dS summed over the batch in chunks of one batch (the test's MASK_GRAD_CHUNK_FLOATS): the second
     # chunk's dropout rows and ALiBi slopes are batch 1's
-    ("float_mask", 2, 2, 2, 17, 40, 16, 16, dict(mask="float", alibi="bh", dropout_p=0.25, seed=7, offset=3)),
-    ("bool_mask_masked_row", 2, 2, 2, 17, 17, 16, 16, dict(mask="bool", masked_row=5)),
-    ("alibi_softcap", 2, 2, 2, 17, 40, 16, 16, dict(alibi="bh", softcap=2.0, scale=0.7)),
-    ("dropout_gqa", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
-    ("everything", 1, 4, 2, 17, 40, 24, 16,
+    ("float_mask", 2, 2, 2, 33, 72, 16, 16, dict(mask="float", alibi="bh", dropout_p=0.25, seed=7, offset=3)),
+    ("bool_mask_masked_row", 2, 2, 2, 33, 33, 16, 16, dict(mask="bool", masked_row=5)),
+    ("alibi_softcap", 2, 2, 2, 33, 72, 16, 16, dict(alibi="bh", softcap=2.0, scale=0.7)),
+    ("dropout_gqa", 2, 4, 2, 33, 72, 16, 16, dict(dropout_p=0.3, seed=42, offset=12)),
+    ("everything", 1, 4, 2, 33, 72, 24, 16,
      dict(causal="bottom_right", mask="float", alibi="h", softcap=3.0, dropout_p=0.2, seed=5, offset=0)),
     # dQ from its own pass (the default; the cases above add it in the key-block pass, with atomics)
-    ("deterministic_gqa", 2, 4, 2, 17, 40, 24, 16, dict(deterministic=True)),
-    ("deterministic_causal_window", 1, 2, 2, 17, 40, 16, 24, dict(causal="top_left", window=(-1, 2),
+    ("deterministic_gqa", 2, 4, 2, 33, 72, 24, 16, dict(deterministic=True)),
+    ("deterministic_causal_window", 1, 2, 2, 33, 72, 16, 24, dict(causal="top_left", window=(-1, 2),
                                                                   deterministic=True)),
-    ("deterministic_dropout_alibi", 2, 4, 2, 17, 40, 16, 16, dict(dropout_p=0.3, seed=42, offset=12, alibi="bh",
+    ("deterministic_dropout_alibi", 2, 4, 2, 33, 72, 16, 16, dict(dropout_p=0.3, seed=42, offset=12, alibi="bh",
                                                                   softcap=2.0, deterministic=True)),
 ]
 
@@ -230,7 +232,7 @@ def test_backward_matches_autograd(case, monkeypatch):
 @pytest.mark.triton
 def test_backward_float16():
     attn = _kernels()
-    B, H, Hk, Lq, Lk, D = 1, 2, 1, 17, 40, 16
+    B, H, Hk, Lq, Lk, D = 1, 2, 1, 33, 72, 16
     q, k, v = _inputs(B, H, Hk, Lq, Lk, D, D, dtype=torch.float16, seed=2)
     band = _band(Lq, Lk, "bottom_right")
     g = torch.Generator().manual_seed(4)
@@ -296,7 +298,7 @@ def test_float16_softmax_by_either_exp(monkeypatch):
     (GENFAST_TRITON_FAST_EXP=0): the forward and the backward against the float64 reference, and
     log-sum-exps that differ in their bits (each ran)."""
     attn = _kernels()
-    B, H, Hk, Lq, Lk, D = 2, 2, 1, 17, 40, 32
+    B, H, Hk, Lq, Lk, D = 2, 2, 1, 33, 72, 32
     q, k, v = _inputs(B, H, Hk, Lq, Lk, D, D, dtype=torch.float16, seed=3)
     band = _band(Lq, Lk, "bottom_right")
     grad_o = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(5)).half()
