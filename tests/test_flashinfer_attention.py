@@ -1,8 +1,8 @@
 """genfast.integrations.flashinfer's attention (single prefill and decode, the ragged and paged batch
 wrappers) against FlashInfer's definition written here in float64 (causal aligned bottom-right,
 window_left, soft cap, ALiBi's slope (j - i), ROPE_LLAMA's rotate-half pairs, custom masks, lse
-to base 2), on every backend, by the error-ratio rule; layouts, paged caches, out and lse, and bad
-input."""
+to base 2), on the CPU's backends by the error-ratio rule, and on a GPU without synchronising;
+layouts, paged caches, out and lse, and bad input."""
 
 import math
 
@@ -301,3 +301,73 @@ def test_bad_input_names_the_argument():
         ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16, custom_mask=torch.ones(10, dtype=torch.bool))
     with pytest.raises(ValueError, match="qo_indptr must start at 0"):
         ragged.plan(torch.tensor([1, 5]), torch.tensor([0, 5]), 4, 2, 16)
+
+
+def test_alibi_slopes_are_flashinfers():
+    """2^(-8 (h + 1) / n) for the n = 2^floor(log2 heads) first heads, 2^(-4 (2 j + 1) / n) after."""
+    powers = 2.0 ** -torch.arange(1.0, 9.0)
+    assert torch.equal(flashinfer.get_alibi_slopes(8), powers)
+    torch.testing.assert_close(flashinfer.get_alibi_slopes(12),
+                               torch.cat([powers, 2.0 ** -(torch.arange(4.0) + 0.5)]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_runs_on_the_gpu_without_synchronising(impl):
+    """float16 on a GPU, FlashInfer's definition to float16's accuracy; the single calls and the
+    wrappers' run() launch without synchronising (plan() reads its index arrays on the host)."""
+    skip_unless_supported(impl, "cuda")
+    requests = [(5, 12), (9, 9), (1, 30)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4)
+    _, _, _, qo_indptr, kv_indptr = _packed(requests, seed=2)
+    half = [t.cuda().half() for t in (q, k, v)]
+    paged_cache = tuple(t.nan_to_num(0).cuda().half() for t in cache)
+    workspace = torch.empty(8, dtype=torch.uint8, device="cuda")
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, impl=impl)
+    ragged.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=True, pos_encoding_mode="ALIBI")
+    paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, impl=impl)
+    paged.plan(qo_indptr, indptr, indices.cuda(), last, 4, 2, 16, 4, causal=True, window_left=6)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, impl=impl)
+    decode.plan(indptr, indices.cuda(), last, 4, 2, 16, 4, logits_soft_cap=5.0)
+    decoded = half[0][qo_indptr[1:].long().cuda() - 1]  # each request's last query, for the decode wrapper
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        single = flashinfer.single_prefill_with_kv_cache(half[0][:5], half[1][:12], half[2][:12], causal=True,
+                                                         pos_encoding_mode="ROPE_LLAMA", return_lse=True, impl=impl)
+        results = [ragged.run(*half, return_lse=True), paged.run(half[0], paged_cache, return_lse=True),
+                   decode.run(decoded, paged_cache, return_lse=True)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = _flashinfer(q[:5], k[:12], v[:12], causal=True, pos_encoding_mode="ROPE_LLAMA")
+    for got, want in zip(single, expected):
+        torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)
+    at_q = at_k = 0
+    for n, (qo_len, kv_len) in enumerate(requests):
+        rows, keys = slice(at_q, at_q + qo_len), slice(at_k, at_k + kv_len)
+        for got, options, queries in ((results[0], dict(causal=True, pos_encoding_mode="ALIBI"), rows),
+                                      (results[1], dict(causal=True, window_left=6), rows),
+                                      (results[2], dict(causal=True, logits_soft_cap=5.0), slice(n, n + 1))):
+            query = q[rows] if queries is rows else q[rows][-1:]
+            want = _flashinfer(query, k[keys], v[keys], **options)
+            for a, e in zip(got, want):
+                torch.testing.assert_close(a[queries].double().cpu(), e, atol=2e-2, rtol=2e-2)
+        at_q, at_k = at_q + qo_len, at_k + kv_len
+
+
+def test_plan_checks_and_names_the_argument():
+    """A request without pages must have no keys in its last page; a failed plan leaves none to run;
+    the single calls name FlashInfer's own scale arguments."""
+    requests = [(5, 12), (1, 30)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None)
+    with pytest.raises(ValueError, match="last_page_len must lie in 1 .. page_size .* be 0 for those without"):
+        decode.plan(torch.tensor([0, 3, 3]), indices, torch.tensor([4, 2]), 4, 2, 16, 4)
+    decode.plan(indptr, indices, last, 4, 2, 16, 4)
+    with pytest.raises(ValueError, match="pos_encoding_mode"):
+        decode.plan(indptr, indices, last, 4, 2, 16, 4, pos_encoding_mode="rope")
+    with pytest.raises(RuntimeError, match="before plan"):
+        decode.run(q[:2], cache)
+    with pytest.raises(ValueError, match="scale_q"):
+        flashinfer.single_prefill_with_kv_cache(q[:5], k[:12], v[:12], scale_q=torch.ones(4))
+    with pytest.raises(ValueError, match="o_dtype"):
+        flashinfer.single_prefill_with_kv_cache(q[:5], k[:12], v[:12], o_dtype="half-ish")

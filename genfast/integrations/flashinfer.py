@@ -15,8 +15,10 @@ paged cache as a tuple (k, v) or one tensor (pages, 2, ...)) and semantics: caus
 bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v scales as numbers, custom masks (bool,
 or packed little-endian bits for one request), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
 rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
-slope (j - i)), and lse to base 2. plan() reads the index arrays on the host, as FlashInfer's does;
-run() does not synchronise. Where genfast differs, on purpose or not yet:
+slope (j - i)), and lse to base 2. plan() reads the index arrays on the host, as FlashInfer's does,
+and puts its tensors on the workspace buffer's device (else the index arrays'); run() does not
+synchronise (the single calls copy theirs from pinned memory). Where genfast differs, on purpose or
+not yet:
 - a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
 - custom masks, and ALiBi without causal over several queries, run one request at a time through
   genfast.attention (an additive mask holds ALiBi's bias there); a paged cache refuses them;
@@ -24,6 +26,8 @@ run() does not synchronise. Where genfast differs, on purpose or not yet:
   them as it loads them; a paged cache refuses it (turn keys as they are written, as vLLM and
   SGLang do);
 - ALIBI with logits_soft_cap is refused (FlashInfer's versions order them differently);
+- ROPE_LLAMA's tables are rounded to q's dtype (genfast.rotary's), v_scale scales the output
+  rounded to q's dtype, and an o_dtype wider than q's widens that output;
 - not taken: use_cuda_graph (genfast's plan makes new tensors), fp8 and per-head scales (tensor
   q/k/v scales), packed masks in a batch, sinks (FlashInfer's FA2 and FA3 leave them out), several
   queries per request in the decode wrapper. q_data_type, kv_data_type, the workspace buffers and

@@ -10,18 +10,14 @@ from typing import List, Optional
 
 import torch
 
-from .flashinfer_common import KV_LAYOUTS, Plan, check_choice, check_indptr, host_ints, nhd, run_plan
+from .flashinfer_common import (KV_LAYOUTS, Plan, check_choice, check_indptr, dtype_value, host_ints, nhd,
+                                run_plan)
 
 Tensor = torch.Tensor
 
 
-def _dtype(name: str, value) -> Optional[torch.dtype]:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name} must be a torch.dtype or its name, got {value!r}")
-    return dtype
+def _device_of(*tensors) -> torch.device:
+    return next((t.device for t in tensors if isinstance(t, Tensor)), torch.device("cpu"))
 
 
 def _lengths(name: str, indptr) -> List[int]:
@@ -42,6 +38,9 @@ class _Wrapper:
                              "where FlashInfer's copies into the buffers given")
         self._impl = impl
         self._plan: Optional[Plan] = None
+        self._page_size = 0
+        # FlashInfer's plan puts its tensors on the workspace buffer's device: so does genfast's.
+        self._device = float_workspace_buffer.device if isinstance(float_workspace_buffer, Tensor) else None
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -53,9 +52,14 @@ class _Wrapper:
     def end_forward(self) -> None:
         pass
 
-    def _set_plan(self, qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, **options) -> None:
-        self._plan = Plan(qo_lens, kv_lens, int(num_qo_heads), int(num_kv_heads),
-                          o_dtype=_dtype("o_data_type", o_data_type), **options).check(int(head_dim))
+    def _set_plan(self, qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, device,
+                  page_size=0, **options) -> None:
+        """The plan, its tensors on the workspace buffer's device (else `device`, the index
+        arrays'), replacing the last one once it is checked."""
+        plan = Plan(qo_lens, kv_lens, int(num_qo_heads), int(num_kv_heads),
+                    o_dtype=dtype_value("o_data_type", o_data_type), **options).check(int(head_dim))
+        plan.prepare(self._device or device)
+        self._plan, self._page_size = plan, page_size
 
     def _planned(self) -> Plan:
         if self._plan is None:
@@ -81,29 +85,33 @@ class _Wrapper:
         return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left, sinks)
 
 
-def _paged_table(indptr, indices, last_page_len, page_size: int):
-    """genfast's block table (batch, pages) from FlashInfer's page lists, and each request's key count
-    ((pages - 1) page_size + last_page_len)."""
-    pages = _lengths("paged_kv_indptr", indptr)
-    last = host_ints("paged_kv_last_page_len", last_page_len, len(pages))
+def _paged_table(indptr, indices, last_page_len, page_size: int, names=("paged_kv_indptr", "paged_kv_indices",
+                                                                          "paged_kv_last_page_len")):
+    """genfast's block table (batch, pages) from FlashInfer's page lists, on the device of `indices`,
+    and each request's key count ((pages - 1) page_size + last_page_len; none without pages)."""
+    pages = _lengths(names[0], indptr)
+    last = host_ints(names[2], last_page_len, len(pages))
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
-    if any(n > page_size or (n == 0 and p > 0) for n, p in zip(last, pages)):
-        raise ValueError(f"paged_kv_last_page_len must lie in 1 .. page_size ({page_size}) for requests with pages, "
-                         f"got {last}")
+    if any(not 1 <= n <= page_size if p else n for n, p in zip(last, pages)):
+        raise ValueError(f"{names[2]} must lie in 1 .. page_size ({page_size}) for requests with pages and be 0 "
+                         f"for those without, got {last}")
     kv_lens = [max(p - 1, 0) * page_size + n for p, n in zip(pages, last)]
-    starts = host_ints("paged_kv_indptr", indptr)
     if not isinstance(indices, Tensor):
         indices = torch.tensor(list(indices), dtype=torch.int32)
-    if indices.numel() < starts[-1]:
-        raise ValueError(f"paged_kv_indices must hold paged_kv_indptr[-1] = {starts[-1]} pages, got {indices.numel()}")
+    total = sum(pages)
+    if indices.numel() < total:
+        raise ValueError(f"{names[1]} must hold {names[0]}[-1] = {total} pages, got {indices.numel()}")
     width = max(pages, default=0) or 1
-    # Entries past a request's pages are never read: page 0 stands there.
-    at = torch.tensor([[starts[b] + p if p < pages[b] else -1 for p in range(width)] for b in range(len(pages))],
-                      dtype=torch.int64).view(len(pages), width).to(indices.device)
+    # Row b holds indices[indptr[b] .. indptr[b + 1]], then page 0, never read.
+    counts = torch.tensor(pages, dtype=torch.int64)
+    column = torch.arange(width, dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
+    at = torch.where(column < counts[:, None], starts[:, None] + column, -1).to(indices.device)
     flat = indices.reshape(-1).to(torch.int32)
-    table = torch.where(at >= 0, flat[at.clamp(min=0)], 0) if flat.numel() else torch.zeros_like(at, dtype=torch.int32)
-    return table.to(dtype=torch.int32), kv_lens
+    table = torch.where(at >= 0, flat[at.clamp(min=0)], 0) if total else torch.zeros(at.shape, dtype=torch.int32,
+                                                                                     device=indices.device)
+    return table.to(torch.int32), kv_lens
 
 
 def _paged_cache(paged_kv_cache, kv_layout: str, page_size: int):
@@ -147,6 +155,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
              use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: Optional[float] = None,
              sm_scale: Optional[float] = None, rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
              q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking: bool = True) -> None:
+        self._plan = None  # a plan that fails leaves none to run
         qo_lens, kv_lens = _lengths("qo_indptr", qo_indptr), _lengths("kv_indptr", kv_indptr)
         if len(qo_lens) != len(kv_lens):
             raise ValueError(f"qo_indptr and kv_indptr must have one entry per request and one more, got "
@@ -157,15 +166,17 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         masks = None
         if custom_mask is not None:
             sizes = [n_q * n_k for n_q, n_k in zip(qo_lens, kv_lens)]
-            flat = custom_mask.reshape(-1).bool()
+            if not isinstance(custom_mask, Tensor):
+                raise ValueError(f"custom_mask must be a bool tensor, got {type(custom_mask).__name__}")
+            flat = custom_mask.reshape(-1).bool().clone()  # the plan's own, as FlashInfer packs its own
             if flat.numel() != sum(sizes):
                 raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} values (each request's "
                                  f"(qo_len, kv_len) mask flattened, concatenated), got {flat.numel()}")
             masks = [m.view(n_q, n_k) for m, n_q, n_k in zip(flat.split(sizes), qo_lens, kv_lens)]
-        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, causal=bool(causal),
-                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
-                       rope_theta=rope_theta, masks=masks)
+        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type,
+                       _device_of(qo_indptr, kv_indptr), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
+                       window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                       rope_scale=rope_scale, rope_theta=rope_theta, masks=masks)
 
     begin_forward = plan
 
@@ -196,6 +207,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
              window_left: int = -1, logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
              rope_theta: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
              non_blocking: bool = True) -> None:
+        self._plan = None  # a plan that fails leaves none to run
         qo_lens = _lengths("qo_indptr", qo_indptr)
         table, kv_lens = _paged_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, int(page_size))
         if len(qo_lens) != len(kv_lens):
@@ -205,11 +217,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
             raise ValueError("a custom mask on a paged cache: genfast attends those one request at a time and takes "
                              "them on a ragged cache (BatchPrefillWithRaggedKVCacheWrapper) or alone "
                              "(single_prefill_with_kv_cache)")
-        self._page_size = int(page_size)
-        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, causal=bool(causal),
-                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
-                       rope_theta=rope_theta, block_table=table)
+        self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, table.device,
+                       int(page_size), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
+                       window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table)
 
     begin_forward = plan
 
@@ -239,12 +250,13 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
              logits_soft_cap: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
              data_type=None, sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
              rope_theta: Optional[float] = None, non_blocking: bool = True) -> None:
-        table, kv_lens = _paged_table(indptr, indices, last_page_len, int(page_size))
-        self._page_size = int(page_size)
-        self._set_plan([1] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, causal=True,
-                       pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
-                       rope_theta=rope_theta, block_table=table)
+        self._plan = None  # a plan that fails leaves none to run
+        table, kv_lens = _paged_table(indptr, indices, last_page_len, int(page_size),
+                                      ("indptr", "indices", "last_page_len"))
+        self._set_plan([1] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, table.device,
+                       int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
+                       window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table)
 
     begin_forward = plan
 

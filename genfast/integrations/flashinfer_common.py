@@ -44,6 +44,16 @@ def scale_value(name: str, value) -> float:
     return float(value)
 
 
+def dtype_value(name: str, value) -> Optional[torch.dtype]:
+    """o_dtype or o_data_type: a torch.dtype, its name, or None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must be a torch.dtype or its name, got {value!r}")
+    return dtype
+
+
 def nhd(name: str, t: Tensor, kv_layout: str) -> Tensor:
     """k or v of a single request or a ragged batch, (tokens, heads, dim): HND's (heads, tokens, dim) viewed so."""
     if not isinstance(t, Tensor) or t.dim() != 3:
@@ -127,44 +137,60 @@ class Plan:
                                           and any(n > 1 for n in self.qo_lens))
 
     def prepare(self, device: torch.device) -> None:
-        """The plan's tensors on the run's device, made once (a copy from the host, no synchronisation)."""
+        """The plan's tensors on `device`, made once: copied from pinned host memory without
+        waiting (no synchronisation), as plan() does for the wrappers' device and a run on another
+        device does again."""
+        device = torch.device(device)
         if self.device == device:
             return
-        starts_q = [0]
-        starts_k = [0]
+        starts_q, starts_k = [0], [0]
         for n_q, n_k in zip(self.qo_lens, self.kv_lens):
             starts_q.append(starts_q[-1] + n_q)
             starts_k.append(starts_k[-1] + n_k)
-        self.cu_q = torch.tensor(starts_q, dtype=torch.int32).to(device)
-        self.cu_k = torch.tensor(starts_k, dtype=torch.int32).to(device)
+        self.cu_q = to_device(torch.tensor(starts_q, dtype=torch.int32), device)
+        self.cu_k = to_device(torch.tensor(starts_k, dtype=torch.int32), device)
         if self.pos_encoding_mode == "ROPE_LLAMA":
             # FlashInfer's: key j at j, query i at i + kv_len - qo_len (before key 0 where qo_len > kv_len)
             low = min([0] + [n_k - n_q for n_q, n_k in zip(self.qo_lens, self.kv_lens)])
-            self.rope_tables = _rope_tables(range(low, max(self.kv_lens + [low + 1])), self.head_dim,
-                                            1e4 if self.rope_theta is None else float(self.rope_theta),
-                                            1.0 if self.rope_scale is None else float(self.rope_scale), device)
-            self.q_rows = torch.tensor([i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens)
-                                        for i in range(n_q)], dtype=torch.int32).to(device)
-            self.k_rows = torch.tensor([j - low for n_k in self.kv_lens for j in range(n_k)],
-                                       dtype=torch.int32).to(device)
+            tables = _rope_tables(range(low, max(self.kv_lens + [low + 1])), self.head_dim,
+                                  1e4 if self.rope_theta is None else float(self.rope_theta),
+                                  1.0 if self.rope_scale is None else float(self.rope_scale))
+            self.rope_tables = tuple(to_device(t, device) for t in tables)
+            self.q_rows = to_device(torch.tensor([i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens)
+                                                  for i in range(n_q)], dtype=torch.int32), device)
+            self.k_rows = to_device(torch.tensor([j - low for n_k in self.kv_lens for j in range(n_k)],
+                                                 dtype=torch.int32), device)
         if self.pos_encoding_mode == "ALIBI":
-            self.slopes = alibi_slopes(self.num_qo_heads, device)
+            self.slopes = to_device(alibi_slopes(self.num_qo_heads), device)
         if self.pos_encoding_mode == "ALIBI" and not self.per_request:
             # genfast's bias differs from FlashInfer's slope (j - i) by slope (kv_len - qo_len) in each row
             # it leaves (left of the diagonal): lse gains it back.
-            self.lse_shift = torch.tensor([float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens)
-                                           for _ in range(n_q)], dtype=torch.float32).to(device)
+            self.lse_shift = to_device(torch.tensor([float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens)
+                                                     for _ in range(n_q)], dtype=torch.float32), device)
         if self.block_table is not None:
-            self.block_table = self.block_table.to(device)
+            self.block_table = to_device(self.block_table, device)
+        if self.masks is not None:
+            self.masks = [to_device(m, device) for m in self.masks]
         self.device = device
 
 
-def _rope_tables(positions: range, dim: int, theta: float, scale: float, device) -> tuple:
-    """FlashInfer's ROPE_LLAMA angles, position / rope_scale * rope_theta^(-2 i / dim), in float32:
-    cos and sin (positions, dim / 2) on the device."""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim) / scale
-    angles = torch.arange(positions.start, positions.stop, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos().to(device), angles.sin().to(device)
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """t on device; from the host through pinned memory, not waiting for the copy (a copy from
+    pageable memory would synchronise)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _rope_tables(positions: range, dim: int, theta: float, scale: float) -> tuple:
+    """FlashInfer's ROPE_LLAMA angles, position / rope_scale * rope_theta^(-2 i / dim): cos and sin
+    (positions, dim / 2), float32 on the host. (A run rounds them to q's dtype, which
+    genfast.rotary takes: bfloat16 tables, where FlashInfer turns in float32.)"""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim) / scale
+    angles = torch.arange(positions.start, positions.stop, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 def _rope(x: Tensor, rows: Tensor, tables: tuple, impl: str) -> Tensor:

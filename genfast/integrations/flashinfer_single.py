@@ -7,14 +7,17 @@ from typing import Optional
 
 import torch
 
-from .flashinfer_common import KV_LAYOUTS, Plan, check_choice, nhd, run_plan
+from .flashinfer_common import KV_LAYOUTS, Plan, check_choice, dtype_value, nhd, run_plan, scale_value
 
 Tensor = torch.Tensor
 
 
 def _unpack_mask(packed: Tensor, qo_len: int, kv_len: int) -> Tensor:
     """FlashInfer's packed_custom_mask (uint8, bit order little): bit q kv_len + kv of the bytes."""
-    bits = (packed.to(torch.uint8)[:, None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
+    if not isinstance(packed, Tensor) or packed.dtype not in (torch.uint8, torch.int8):
+        raise ValueError("packed_custom_mask must be a uint8 tensor of little-endian bits, got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    bits = (packed.reshape(-1).to(torch.uint8)[:, None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
     flat = bits.reshape(-1)
     if flat.numel() < qo_len * kv_len:
         raise ValueError(f"packed_custom_mask must hold qo_len * kv_len = {qo_len * kv_len} bits, got {flat.numel()}")
@@ -45,17 +48,18 @@ def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, scale_q=None, 
     if packed_custom_mask is not None:
         mask = _unpack_mask(packed_custom_mask, qo_len, kv_len)
     elif custom_mask is not None:
-        if tuple(custom_mask.shape) != (qo_len, kv_len):
-            raise ValueError(f"custom_mask must be (qo_len, kv_len) = ({qo_len}, {kv_len}), got "
-                             f"{tuple(custom_mask.shape)}")
+        if not isinstance(custom_mask, Tensor) or tuple(custom_mask.shape) != (qo_len, kv_len):
+            raise ValueError(f"custom_mask must be a bool tensor (qo_len, kv_len) = ({qo_len}, {kv_len}), got "
+                             f"{getattr(custom_mask, 'shape', type(custom_mask).__name__)}")
         mask = custom_mask.bool()
     plan = Plan([qo_len], [kv_len], q.shape[1], k.shape[1], causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                 window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                 rope_scale=rope_scale, rope_theta=rope_theta, masks=None if mask is None else [mask],
-                o_dtype=o_dtype).check(q.shape[-1])
-    return run_plan(plan, q, k, v, impl=impl, return_lse=return_lse, q_scale=scale_q,
-                    k_scale=k_scale if k_scale is not None else scale_k,
-                    v_scale=v_scale if v_scale is not None else scale_v)
+                o_dtype=dtype_value("o_dtype", o_dtype)).check(q.shape[-1])
+    k_factor = scale_value("scale_k", scale_k) * scale_value("k_scale", k_scale)
+    v_factor = scale_value("scale_v", scale_v) * scale_value("v_scale", v_scale)
+    return run_plan(plan, q, k, v, impl=impl, return_lse=return_lse, q_scale=scale_value("scale_q", scale_q),
+                    k_scale=k_factor, v_scale=v_factor)
 
 
 single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
