@@ -132,11 +132,11 @@ def _paged_cache(paged_kv_cache, kv_layout: str, page_size: int):
                          f"got {getattr(paged_kv_cache, 'shape', type(paged_kv_cache).__name__)}")
     if kv_layout == "HND":
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+    dims = "page_size, num_kv_heads" if kv_layout == "NHD" else "num_kv_heads, page_size"
     for name, t in (("k_cache", k), ("v_cache", v)):
         if t.dim() != 4 or t.shape[1] != page_size:
-            raise ValueError(f"{name} must hold pages of the planned page_size {page_size} "
-                             f"({'max_num_pages, page_size, num_kv_heads' if kv_layout == 'NHD' else 'max_num_pages, num_kv_heads, page_size'}"
-                             f", head_dim), got {tuple(t.shape)} as NHD")
+            raise ValueError(f"{name} must hold pages of the planned page_size {page_size} (max_num_pages, {dims}, "
+                             f"head_dim), got {tuple(t.shape)} as NHD")
     return k, v
 
 
