@@ -7,8 +7,9 @@ and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) w
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
 Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
-in float32 and in bfloat16; a padded cache of sequences of other lengths; a step of
-flash_attn_with_kvcache, which appends a rotated key first) shapes;
+in float32 and in bfloat16; a padded cache of sequences of other lengths, and the same keys paged,
+also through FlashInfer's decode wrapper (genfast's drop-in, and FlashInfer's own where installed,
+on a GPU); a step of flash_attn_with_kvcache, which appends a rotated key first) shapes;
 in full runs also a small model's decoding step, one layer's attention in a step of transformers'
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
 paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
@@ -609,17 +610,42 @@ def _cache_decode_rows(device, dtype, gemm, quick, say):
 
     cu_used = torch.tensor([0] + used, device=device).cumsum(0).to(torch.int32)
 
-    def paged(impl, page_size):
+    def pages(page_size):
         per_sequence = length // page_size
         order = torch.randperm(batch * per_sequence, generator=g).to(device)
         k_pages, v_pages = (t.reshape(batch * per_sequence, page_size, kv_heads, dim)[order] for t in (k, v))
-        block_table = torch.argsort(order).view(batch, per_sequence).to(torch.int32)
+        return k_pages, v_pages, torch.argsort(order).view(batch, per_sequence).to(torch.int32)
+
+    def paged(impl, page_size):
+        k_pages, v_pages, block_table = pages(page_size)
         return lambda: attention_varlen(q, k_pages, v_pages, cu_q, cu_used, 1, max(used), causal="bottom_right",
                                         block_table=block_table, impl=impl)
+
+    def flashinfer_decode(module, page_size, **impl):
+        """FlashInfer's decode wrapper (genfast's drop-in, or FlashInfer's own where installed),
+        planned once outside the timing, from the block table's first pages of each sequence."""
+        k_pages, v_pages, block_table = pages(page_size)
+        counts = [-(-n // page_size) for n in used]
+        indices = torch.cat([block_table[b, :count] for b, count in enumerate(counts)])
+        indptr = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
+        last = torch.tensor([n - (count - 1) * page_size for n, count in zip(used, counts)], dtype=torch.int32)
+        workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+        wrapper = module.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", **impl)
+        wrapper.plan(indptr.to(device), indices, last.to(device), heads, kv_heads, dim, page_size,
+                     q_data_type=dtype, kv_data_type=dtype)
+        return lambda: wrapper.run(q, (k_pages, v_pages))
 
     candidates = [(f"genfast {impl} seqused_k", cached(impl)) for impl in fused_impls(device)]
     candidates += [(f"genfast {impl} paged {size}", paged(impl, size)) for size in CACHE_PAGE_SIZES
                    for impl in fused_impls(device)]
+    from ..integrations import flashinfer as flashinfer_drop_in
+
+    candidates += [(f"genfast {impl} FlashInfer decode wrapper paged {CACHE_PAGE_SIZES[-1]}",
+                    flashinfer_decode(flashinfer_drop_in, CACHE_PAGE_SIZES[-1], impl=impl))
+                   for impl in fused_impls(device)]
+    if device == "cuda" and importlib.util.find_spec("flashinfer") is not None:
+        candidates += [(f"FlashInfer paged {CACHE_PAGE_SIZES[-1]}",
+                        flashinfer_decode(importlib.import_module("flashinfer"), CACHE_PAGE_SIZES[-1]))]
     candidates += [(f"genfast {impl} mask", lambda impl=impl: attention(q4, k4, v4, mask, enable_gqa=True, impl=impl))
                    for impl in fused_impls(device)]
     candidates += [(f"torch SDPA {name} mask",
