@@ -469,3 +469,25 @@ def test_hopper_rows_are_left_out_when_turned_off(monkeypatch, setting):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
     monkeypatch.setattr(genfast, "build_info", lambda: {"attention_sm90": True})
     assert bench.hopper_available("cuda") == (setting != "0")
+
+
+def test_padded_cache_decode_rows_compute_one_attention(monkeypatch):
+    """One query per sequence against a padded cache and the same keys paged: every candidate,
+    FlashInfer's decode wrapper (genfast's drop-in, planned from the block table) among them,
+    computes the eager reference's attention over each sequence's keys."""
+    monkeypatch.setitem(bench.CACHE_DECODE_CONFIGS, "cpu", (3, 4, 2, 64, 16))
+    monkeypatch.setattr(bench, "CACHE_PAGE_SIZES", (16, 8))  # sequences over several pages, the last partial
+    outputs, timed = {}, []
+
+    def time_once(fn, device, quick=False):
+        outputs[timed[-1]] = fn().reshape(3, 4, 16)
+        return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
+
+    monkeypatch.setattr(compute, "time_ms", time_once)
+    rows = bench._cache_decode_rows("cpu", torch.float32, gemm=1.0, quick=True,
+                                    say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
+    names = [row["impl"] for row in rows]
+    assert [f"genfast {impl} FlashInfer decode wrapper paged 8" for impl in bench.fused_impls("cpu")] == [
+        name for name in names if "FlashInfer" in name]
+    for name in names:
+        torch.testing.assert_close(outputs[name], outputs["eager reference mask"], msg=name)

@@ -58,7 +58,14 @@ GF_CPU_INLINE void multiply_rows(const float* a, int64_t a_row, int64_t a_step, 
                                  bool accumulate, float factor) {
   const float* a_rows[Rows];
   for (int r = 0; r < Rows; ++r) a_rows[r] = a + std::min<int64_t>(r0 + r, count - 1) * a_row;
-  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+  int64_t c0 = 0;
+  if constexpr (Rows <= kPairTileRows<isa>) {
+    for (; c0 + 2 * kCols <= width; c0 += 2 * kCols) {
+      block_product_pair_to<isa, Rows>(a_rows, a_step, panel + c0 * len, panel + (c0 + kCols) * len, kCols, len,
+                                       count - r0, out + r0 * out_stride + c0, out_stride, accumulate, factor);
+    }
+  }
+  for (; c0 < width; c0 += kCols) {
     block_product_to<isa, Rows>(a_rows, a_step, panel + c0 * len, kCols, len, count - r0, out + r0 * out_stride + c0,
                                 out_stride, accumulate, factor);
   }
@@ -72,7 +79,7 @@ template <CpuCapability isa>
 GF_CPU_INLINE void multiply_for(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel,
                                 int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate,
                                 float factor) {
-  constexpr int kTile = kTileRows<isa>;
+  constexpr int kTile = kPairTileRows<isa> > 0 ? kPairTileRows<isa> : kTileRows<isa>;
   int64_t r0 = 0;
   for (; r0 + kTile <= count; r0 += kTile) {
     multiply_rows<isa, kTile>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
