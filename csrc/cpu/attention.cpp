@@ -72,9 +72,9 @@ GF_CPU_INLINE void multiply_rows(const float* a, int64_t a_row, int64_t a_step, 
 }
 
 // out[r][c] (+)= factor * sum_t a[r * a_row + t * a_step] * panel[t][c] for r < count and c < width (a
-// multiple of kCols); the panel len deep; out rows out_stride apart. kTileRows rows at a time (one
-// panel load per kTileRows products), fewer for the last rows, so that a single query (decoding)
-// does not cost a whole tile.
+// multiple of kCols); the panel len deep; out rows out_stride apart. Tiles of kPairTileRows rows
+// over two panels (AVX-512) or kTileRows over one, fewer for the last rows, so that a single query
+// (decoding) does not cost a whole tile.
 template <CpuCapability isa>
 GF_CPU_INLINE void multiply_for(const float* a, int64_t a_row, int64_t a_step, int64_t count, const float* panel,
                                 int64_t len, float* out, int64_t out_stride, int64_t width, bool accumulate,
@@ -84,7 +84,7 @@ GF_CPU_INLINE void multiply_for(const float* a, int64_t a_row, int64_t a_step, i
   for (; r0 + kTile <= count; r0 += kTile) {
     multiply_rows<isa, kTile>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
   }
-  if constexpr (kTile > 8) {
+  if constexpr (kTile >= 8) {  // 5 to 7 rows left: one pass of 8, not two
     for (; r0 + 4 < count; r0 += 8) {
       multiply_rows<isa, 8>(a, a_row, a_step, r0, count, panel, len, out, out_stride, width, accumulate, factor);
     }

@@ -58,11 +58,11 @@ GF_CPU_INLINE void block_product_to(const float* const a[Rows], int64_t a_step, 
 }
 
 // The rows of a register tile over two panels at once (0: none), each broadcast of a feeding two
-// products: 8 rows take 10 loads for 16 products, where a tile of 16 rows over one panel takes 17
-// loads for 16, and CPUs with two full-width FMA units and two loads a cycle wait on the loads. On
-// an Intel Xeon (AMX, AVX-512; 2 threads) this took the float32 forward at B=2 H=8 L=1024 D=64 from
-// 21.3 ms to 17.4 ms and its forward+backward from 76.9 ms to 58.5 ms; tiles of 10 and 12 rows ran
-// slower than either (their row pointers outnumber the general registers).
+// products: 8 rows take 10 loads for 16 products and 8 row pointers, where a tile of 16 rows over
+// one panel takes 17 loads for 16 and 16 row pointers, more than the general registers. On an Intel
+// Xeon (AMX, AVX-512; 2 threads) this took the float32 attention forward at B=2 H=8 L=1024 D=64 from
+// 21.3 ms to 17.4 ms and its forward+backward from 76.9 ms to 58.5 ms (medians of alternating runs
+// in one process); tiles of 10 and 12 rows over two panels ran slower than either.
 template <CpuCapability isa>
 constexpr int kPairTileRows = isa == CpuCapability::kAvx512 ? 8 : 0;
 
