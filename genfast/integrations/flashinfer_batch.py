@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import torch
 
-from .flashinfer_common import (KV_LAYOUTS, Plan, check_choice, check_indptr, dtype_value, host_ints, nhd,
-                                run_plan)
+from .._checks import check_choice
+from .flashinfer_common import KV_LAYOUTS, Plan, check_indptr, dtype_value, host_ints, nhd, run_plan
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,8 @@ class _Wrapper:
 
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, *, impl: str = "auto"):
-        self._kv_layout = check_choice("kv_layout", kv_layout, KV_LAYOUTS)
+        check_choice("kv_layout", kv_layout, KV_LAYOUTS)
+        self._kv_layout = kv_layout
         if use_cuda_graph:
             raise ValueError("use_cuda_graph=True is not supported: genfast's plan() makes new tensors each time, "
                              "where FlashInfer's copies into the buffers given")

@@ -4,11 +4,12 @@ genfast.attention_varlen (or genfast.attention per request, for custom masks), w
 positional encodings, scales and base-2 log-sum-exps."""
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
+from .._checks import check_choice
 from ..attention import attention, attention_varlen
 from ..rotary import rotary
 
@@ -26,12 +27,6 @@ def alibi_slopes(heads: int, device=None) -> Tensor:
     slopes = [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
     slopes += [2.0 ** (-4.0 * (2 * j + 1) / n) for j in range(heads - n)]
     return torch.tensor(slopes, dtype=torch.float32, device=device)
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    return value
 
 
 def scale_value(name: str, value) -> float:
@@ -101,6 +96,7 @@ class Plan:
     cu_q: Optional[Tensor] = None
     cu_k: Optional[Tensor] = None
     rope_tables: Optional[tuple] = None  # float32 cos and sin over the positions the requests span
+    rope_tables_cast: dict = field(default_factory=dict)  # in each dtype a run took them
     q_rows: Optional[Tensor] = None  # each query's and key's row of the tables
     k_rows: Optional[Tensor] = None
     slopes: Optional[Tensor] = None
@@ -156,6 +152,7 @@ class Plan:
                                   1e4 if self.rope_theta is None else float(self.rope_theta),
                                   1.0 if self.rope_scale is None else float(self.rope_scale))
             self.rope_tables = tuple(to_device(t, device) for t in tables)
+            self.rope_tables_cast = {}
             self.q_rows = to_device(torch.tensor([i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens)
                                                   for i in range(n_q)], dtype=torch.int32), device)
             self.k_rows = to_device(torch.tensor([j - low for n_k in self.kv_lens for j in range(n_k)],
@@ -193,10 +190,12 @@ def _rope_tables(positions: range, dim: int, theta: float, scale: float) -> tupl
     return angles.cos().float(), angles.sin().float()
 
 
-def _rope(x: Tensor, rows: Tensor, tables: tuple, impl: str) -> Tensor:
+def _rope(x: Tensor, rows: Tensor, plan: Plan, impl: str) -> Tensor:
     """x (tokens, heads, dim) turned by ROPE_LLAMA's rotate-half pairs, token t at row rows[t] of
-    the tables; a new tensor."""
-    cos, sin = (t.to(x.dtype) for t in tables)
+    the plan's tables (cast to x's dtype once a plan); a new tensor."""
+    if x.dtype not in plan.rope_tables_cast:
+        plan.rope_tables_cast[x.dtype] = tuple(t.to(x.dtype) for t in plan.rope_tables)
+    cos, sin = plan.rope_tables_cast[x.dtype]
     return rotary(x[None], cos, sin, rows[None], interleaved=False, impl=impl)[0]
 
 
@@ -221,8 +220,8 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     scale = (1.0 / math.sqrt(head_dim) if plan.sm_scale is None else float(plan.sm_scale))
     scale *= scale_value("q_scale", q_scale) * scale_value("k_scale", k_scale)
     if plan.pos_encoding_mode == "ROPE_LLAMA":
-        q = _rope(q, plan.q_rows, plan.rope_tables, impl)
-        k = _rope(k, plan.k_rows, plan.rope_tables, impl)
+        q = _rope(q, plan.q_rows, plan, impl)
+        k = _rope(k, plan.k_rows, plan, impl)
     slopes = plan.slopes
     window = (plan.window_left, -1) if plan.window_left >= 0 else None
     softcap = plan.logits_soft_cap or None
@@ -266,7 +265,7 @@ def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl):
     for n, (n_q, n_k) in enumerate(zip(plan.qo_lens, plan.kv_lens)):
         q_n = q[starts_q:starts_q + n_q].transpose(0, 1)[None]
         k_n, v_n = (t[starts_k:starts_k + n_k].transpose(0, 1)[None] for t in (k, v))
-        mask = None if plan.masks is None else plan.masks[n].to(q.device)
+        mask = None if plan.masks is None else plan.masks[n]  # on q's device since prepare()
         causal = "bottom_right" if plan.causal and plan.masks is None else None
         if slopes is not None:
             i = torch.arange(n_q, device=q.device, dtype=torch.float32)[:, None]

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from .flashinfer_common import KV_LAYOUTS, Plan, check_choice, dtype_value, nhd, run_plan, scale_value
+from .._checks import check_choice
+from .flashinfer_common import KV_LAYOUTS, Plan, dtype_value, nhd, run_plan, scale_value
 
 Tensor = torch.Tensor
 
