@@ -174,13 +174,20 @@ GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
 }
 
 // s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
-// is a chain of dependent scalar adds); n a multiple of kCols.
+// is a chain of dependent scalar adds) in the same pass, not a second one over s; n a multiple of
+// kCols.
 template <CpuCapability isa>
 GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) s[c] = exp_nonpositive(s[c] - m);
-  Floats<isa> lanes = {};
-  for (int64_t c = 0; c < n; c += kCols) lanes += load16<kVectorLanes<isa>>(s + c);
-  return reduce_lanes(lanes, AddLanes());
+  alignas(64) float lanes[kCols] = {};
+  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kCols; ++j) {
+      const float e = exp_nonpositive(s[c0 + j] - m);
+      s[c0 + j] = e;
+      lanes[j] += e;
+    }
+  }
+  return reduce_lanes(load16<kVectorLanes<isa>>(lanes), AddLanes());
 }
 
 GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {

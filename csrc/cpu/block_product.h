@@ -66,8 +66,25 @@ GF_CPU_INLINE void block_product_to(const float* const a[Rows], int64_t a_step, 
 template <CpuCapability isa>
 constexpr int kPairTileRows = isa == CpuCapability::kAvx512 ? 8 : 0;
 
+// One step t of block_product_rows_pair: a's elements at i against the panels' row t.
+template <CpuCapability isa, int Rows>
+GF_CPU_INLINE void pair_step(const float* const a[Rows], int64_t i, const float* __restrict p0_row,
+                             const float* __restrict p1_row, Floats<isa> sums0[Rows], Floats<isa> sums1[Rows]) {
+  const Floats<isa> p0 = load16<kVectorLanes<isa>>(p0_row), p1 = load16<kVectorLanes<isa>>(p1_row);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    const float x = a[r][i];
+    sums0[r] += x * p0;
+    sums1[r] += x * p1;
+  }
+}
+
 // acc0[r] and acc1[r]: block_product_rows over panel0 and panel1 (same stride and depth), each
-// element's sum over t in the same order, so the same bits as two calls.
+// element's sum over t in the same order, so the same bits as two calls. With a unit step (every
+// caller but one) t goes four at a time, so that a's row pointers move once per four steps, not
+// once per step each: g++ otherwise spends about 12 scalar instructions beside each step's 16 FMAs,
+// and spills pointers. On an Intel Xeon this took one thread's 128 x 64 by 64 x 128 product from 178
+// to 185 GFLOP/s (g++ 12).
 template <CpuCapability isa, int Rows>
 GF_CPU_INLINE void block_product_rows_pair(const float* const a[Rows], int64_t a_step, const float* __restrict panel0,
                                            const float* __restrict panel1, int64_t panel_stride, int64_t len,
@@ -75,16 +92,18 @@ GF_CPU_INLINE void block_product_rows_pair(const float* const a[Rows], int64_t a
   Floats<isa> sums0[Rows], sums1[Rows];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) sums0[r] = sums1[r] = Floats<isa>{};
-  for (int64_t t = 0; t < len; ++t) {
-    const Floats<isa> p0 = load16<kVectorLanes<isa>>(panel0 + t * panel_stride);
-    const Floats<isa> p1 = load16<kVectorLanes<isa>>(panel1 + t * panel_stride);
-    const int64_t i = t * a_step;
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const float x = a[r][i];
-      sums0[r] += x * p0;
-      sums1[r] += x * p1;
+  int64_t t = 0;
+  if (a_step == 1) {
+    for (; t + 4 <= len; t += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        pair_step<isa, Rows>(a, t + u, panel0 + (t + u) * panel_stride, panel1 + (t + u) * panel_stride, sums0,
+                             sums1);
+      }
     }
+  }
+  for (; t < len; ++t) {
+    pair_step<isa, Rows>(a, t * a_step, panel0 + t * panel_stride, panel1 + t * panel_stride, sums0, sums1);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
