@@ -109,7 +109,7 @@ def capture_cuda_graph(fn):
     return graph, result
 
 
-def one_call_time_ms(fn, device, quick=False):
+def one_call_time_ms(fn, device, quick=False, min_run_time=None):
     """A stand-in for genfast.benchmarks' time_ms: fn called once, timed at 2 ms, for tests of what
     a benchmark's rows hold rather than how fast."""
     fn()

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from genfast.benchmarks import attention as bench
-from genfast.benchmarks import compute
+from genfast.benchmarks import timing
 from conftest import one_call_time_ms
 
 
 @pytest.fixture
 def one_call_timer(monkeypatch):
-    monkeypatch.setattr(compute, "time_ms", one_call_time_ms)
+    monkeypatch.setattr(timing, "time_ms", one_call_time_ms)
 
 
 @pytest.fixture
@@ -98,13 +98,13 @@ def test_continuous_batching_rows_time_each_paged_implementation_on_one_step(mon
     monkeypatch.setattr(bench, "flash_attention_peers", lambda device: real_peers("cuda"))
     outputs, timed = {}, []
 
-    def time_once(fn, device, quick=False):
+    def time_once(fn, device, quick=False, min_run_time=None):
         out = fn()
         out = out[0] if isinstance(out, tuple) else out
         outputs[timed[-1]] = out.reshape(-1, 4, 16)  # (total_q, heads, dim) whatever the layout
         return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
 
-    monkeypatch.setattr(compute, "time_ms", time_once)
+    monkeypatch.setattr(timing, "time_ms", time_once)
     rows = bench._continuous_batching_rows("cpu", torch.float32, gemm=1.0, quick=True,
                                            say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
     names = [row["impl"] for row in rows]
@@ -191,11 +191,11 @@ def test_kvcache_step_rows_give_every_peer_the_same_step(monkeypatch):
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **options: fn)
     outputs, timed = {}, []
 
-    def time_once(fn, device, quick=False):
+    def time_once(fn, device, quick=False, min_run_time=None):
         outputs[timed[-1]] = fn()
         return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
 
-    monkeypatch.setattr(compute, "time_ms", time_once)
+    monkeypatch.setattr(timing, "time_ms", time_once)
     rows = bench._kvcache_step_rows("cpu", torch.float32, gemm=1.0, quick=True,
                                     say=lambda message: timed.append(tuple(message.split(": ")[1].split(", ")[:2])))
     impls = bench.fused_impls("cpu")
@@ -479,11 +479,11 @@ def test_padded_cache_decode_rows_compute_one_attention(monkeypatch):
     monkeypatch.setattr(bench, "CACHE_PAGE_SIZES", (16, 8))  # sequences over several pages, the last partial
     outputs, timed = {}, []
 
-    def time_once(fn, device, quick=False):
+    def time_once(fn, device, quick=False, min_run_time=None):
         outputs[timed[-1]] = fn().reshape(3, 4, 16)
         return {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
 
-    monkeypatch.setattr(compute, "time_ms", time_once)
+    monkeypatch.setattr(timing, "time_ms", time_once)
     rows = bench._cache_decode_rows("cpu", torch.float32, gemm=1.0, quick=True,
                                     say=lambda message: timed.append(message.split(": ")[1].split(",")[0]))
     names = [row["impl"] for row in rows]

@@ -75,9 +75,9 @@ def test_unknown_op_is_an_error(capsys):
 @pytest.mark.slow
 def test_bench_writes_json_and_csv(tmp_path, capsys, monkeypatch):
     """Every op's benchmark, each candidate called once and timed at 2 ms: what the files hold."""
-    from genfast.benchmarks import compute, elementwise, timing
+    from genfast.benchmarks import compute, timing
 
-    for module in (compute, elementwise, timing):
+    for module in (compute, timing):
         monkeypatch.setattr(module, "time_ms", one_call_time_ms)
     monkeypatch.setitem(timing.COPY_NUMEL, "cpu", 1 << 16)
     monkeypatch.setitem(compute.GEMM_SIZE, "cpu", 256)
@@ -96,10 +96,9 @@ def test_bench_writes_json_and_csv(tmp_path, capsys, monkeypatch):
 def test_bench_streams_each_group_as_it_is_measured(capsys, monkeypatch):
     """--stream (scripts/gpu-check's logs): each row printed as its group is timed, before the
     table, and no progress bar; a run stopped part way keeps the rows measured so far."""
-    from genfast.benchmarks import elementwise, timing
+    from genfast.benchmarks import timing
 
-    for module in (elementwise, timing):
-        monkeypatch.setattr(module, "time_ms", one_call_time_ms)
+    monkeypatch.setattr(timing, "time_ms", one_call_time_ms)
     monkeypatch.setitem(timing.COPY_NUMEL, "cpu", 1 << 16)
     assert main(["bench", "--device", "cpu", "--quick", "--ops", "denoise_step", "--sizes", "65536",
                  "--stream"]) == 0

@@ -5,7 +5,7 @@ each call's peak extra memory."""
 import torch
 
 from .peak_memory import peak_extra_bytes
-from .timing import finish_group, time_ms
+from .timing import finish_group, time_in_turns, time_ms
 
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 
@@ -23,12 +23,15 @@ def time_groups(op: str, device: str, dtype, config: str, numel: int, groups: di
     dtype_name = str(dtype).replace("torch.", "")
     for variant, (flops, entries) in groups.items():
         group = []
-        for name, fn in entries:
-            say(f"{op}: {name}, {variant}, {config}")
+        # An unfused peer that runs out of memory at a long length is left out of the group.
+        timings = time_in_turns(entries, device, quick, lambda message: say(f"{op}: {message}"), f"{variant}, {config}",
+                                skip=(torch.OutOfMemoryError,))
+        for (name, fn), timing in zip(entries, timings):
+            if timing is None:
+                continue
             try:
-                timing = time_ms(fn, device, quick)
                 extra = peak_extra_bytes(fn, device)
-            except torch.OutOfMemoryError:  # an unfused peer at a long length: left out of the group
+            except torch.OutOfMemoryError:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue

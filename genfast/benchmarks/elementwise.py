@@ -3,7 +3,7 @@ bandwidth measured beside it, then each variant's candidates timed side by side.
 
 import torch
 
-from .timing import copy_bandwidth_gbs, finish_group, time_ms
+from .timing import copy_bandwidth_gbs, finish_group, time_in_turns
 
 
 def run_groups(op: str, device: str, sizes, dtypes, quick: bool, progress, make_candidates):
@@ -19,9 +19,9 @@ def run_groups(op: str, device: str, sizes, dtypes, quick: bool, progress, make_
             dtype_name = str(dtype).replace("torch.", "")
             for variant, (bytes_moved, entries) in make_candidates(numel, dtype).items():
                 group = []
-                for name, fn in entries:
-                    say(f"{op}: {name}, {variant}, {numel} x {dtype_name}")
-                    timing = time_ms(fn, device, quick)
+                timings = time_in_turns(entries, device, quick, lambda message: say(f"{op}: {message}"),
+                                        f"{variant}, {numel} x {dtype_name}")
+                for (name, fn), timing in zip(entries, timings):
                     gbs = bytes_moved / (timing["median_ms"] * 1e-3) / 1e9
                     group.append(dict(op=op, variant=variant, impl=name, device=device, dtype=dtype_name, numel=numel,
                                       **timing, gb_per_s=gbs, copy_gb_per_s=copy_gbs,

@@ -9,10 +9,12 @@ import sys
 import torch
 
 
-def time_ms(fn, device: str, quick: bool = False) -> dict:
-    """Median time of fn() in milliseconds, with the 20th and 80th percentiles.
+def time_ms(fn, device: str, quick: bool = False, min_run_time: float | None = None) -> dict:
+    """Median time of fn() in milliseconds, with the 20th and 80th percentiles; on the CPU also
+    every block's time per call (times_ms).
 
-    GPU: triton.testing.do_bench (falls back to CUDA events); CPU: torch.utils.benchmark."""
+    GPU: triton.testing.do_bench (falls back to CUDA events); CPU: torch.utils.benchmark, for
+    min_run_time seconds (default 0.2 with quick, else 1)."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -26,12 +28,62 @@ def time_ms(fn, device: str, quick: bool = False) -> dict:
     from torch.utils import benchmark
 
     fn()  # warm up
+    if min_run_time is None:
+        min_run_time = 0.2 if quick else 1.0
     measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=0.2 if quick else 1.0
+        min_run_time=min_run_time
     )
-    times = sorted(measurement.times)
+    return {**_quantiles_ms(measurement.times), "times_ms": [t * 1e3 for t in measurement.times]}
+
+
+def _quantiles_ms(times_s) -> dict:
+    times = sorted(times_s)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
-    return {"median_ms": measurement.median * 1e3, "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+    middle = len(times) // 2
+    median = times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2
+    return {"median_ms": median * 1e3, "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+
+
+# On the CPU the candidates of a group are timed in turns, this many rounds, each candidate's
+# figures taken over all its rounds: a shared machine's slow spells (a neighbour's burst, a lower
+# clock) then fall on every candidate alike, where timing one after the other would put a spell on
+# one of them and skew the ratios. A GPU's timer (do_bench) is steady enough in one go.
+CPU_ROUNDS = {True: 3, False: 5}
+
+
+def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -> list:
+    """entries: [(name, fn), ...]; returns each one's timing, in order, or None for a candidate
+    whose call raised one of skip (say, running out of GPU memory), which is not called again.
+    say(f"{name}, {label}") is called before each timing, with the round where there are several."""
+    rounds = CPU_ROUNDS[quick] if device == "cpu" else 1
+    per_round = None if rounds == 1 else (0.2 if quick else 1.0) / rounds  # the same time in all
+    measured = [[] for _ in entries]
+    for round_index in range(rounds):
+        for (name, fn), timings in zip(entries, measured):
+            if timings is None:
+                continue
+            say(f"{name}, {label}" + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""))
+            try:
+                timings.append(time_ms(fn, device, quick, min_run_time=per_round))
+            except skip:
+                timings.clear()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        measured = [timings or None for timings in measured]
+    return [None if timings is None else _pooled(timings) for timings in measured]
+
+
+def _pooled(timings: list) -> dict:
+    """One candidate's rounds as one timing: the quantiles of all its blocks where the rounds give
+    them, else the median of the rounds' figures."""
+    if len(timings) == 1:
+        timing = dict(timings[0])
+    elif all("times_ms" in timing for timing in timings):
+        timing = _quantiles_ms([t / 1e3 for timing in timings for t in timing["times_ms"]])
+    else:
+        timing = {key: sorted(t[key] for t in timings)[len(timings) // 2] for key in ("median_ms", "p20_ms", "p80_ms")}
+    timing.pop("times_ms", None)
+    return timing
 
 
 def _cuda_event_timing(fn, reps):
