@@ -27,9 +27,11 @@ def _rope(x, positions, theta, scale):
 
 
 def _flashinfer(q, k, v, *, causal=False, window_left=-1, sm_scale=None, logits_soft_cap=None,
-                pos_encoding_mode="NONE", rope_theta=1e4, rope_scale=1.0, custom_mask=None, dtype=torch.float64):
+                pos_encoding_mode="NONE", rope_theta=1e4, rope_scale=1.0, custom_mask=None, sinks=None,
+                dtype=torch.float64):
     """FlashInfer's attention of one request, in `dtype`: q (qo_len, Hq, D), k and v (kv_len, Hk, D)
-    NHD. Returns o (qo_len, Hq, Dv) and lse (qo_len, Hq) to base 2."""
+    NHD; sinks (Hq,) one more score a row, unscaled, with no value. Returns o (qo_len, Hq, Dv) and
+    lse (qo_len, Hq) to base 2."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     qo_len, kv_len, heads = q.shape[0], k.shape[0], q.shape[1]
     i = torch.arange(qo_len)[:, None]
@@ -52,8 +54,10 @@ def _flashinfer(q, k, v, *, causal=False, window_left=-1, sm_scale=None, logits_
     if window_left >= 0:
         keep &= j >= diagonal - window_left
     s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(dtype)[:, None, None].expand(heads, qo_len, 1)], -1)
     lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)[..., :kv_len]
     o = torch.einsum("hqk,khd->qhd", p, v)
     return o, (lse / math.log(2)).T
 
@@ -244,6 +248,70 @@ def test_paged_decode_wrapper_matches_flashinfer(impl):
         wrapper.end_forward()
 
 
+SINKS = torch.tensor([1.5, -0.5, 3.0, 0.25, 2.0, -1.0, 0.0, 4.0])
+SINK_JIT_ARGS = ("batch_prefill_attention_sink_f32_swa_False_fa2", torch.float32, torch.float32, torch.float32,
+                 torch.int32, 16, 16, ["sink"], ["float"], ["sm_scale"], ["double"], "AttentionSink", "decl")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sinks_join_every_rows_softmax(impl):
+    """gpt-oss's sinks, one unscaled logit a query head: the paged wrappers' run(sinks=), the
+    AttentionSink variant on the ragged wrapper (run(q, k, v, sink, sm_scale), the run's scale
+    replacing the plan's) and BatchAttentionWithAttentionSinkWrapper; a request with no keys gets o 0
+    and lse the sink."""
+    skip_unless_supported(impl, "cpu")
+    sinks = SINKS[:4]
+    requests = [(5, 12), (9, 9), (1, 30)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4)
+    qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+    paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, impl=impl)
+    paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, window_left=6)
+    _check_requests(paged.run(q, cache, sinks=sinks, return_lse=True), q, k, v, requests, causal=True,
+                    window_left=6, sinks=sinks)
+    sink_wrapper = flashinfer.BatchAttentionWithAttentionSinkWrapper(None, q_data_type=torch.float32,
+                                                                     kv_data_type=torch.float32, head_dim_qk=16,
+                                                                     head_dim_vo=16, window_left=6, impl=impl)
+    sink_wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, window_left=6, sm_scale=9.0)
+    got = sink_wrapper.run(q, cache, sinks, 0.3, return_lse=True)
+    _check_requests(got, q, k, v, requests, causal=True, window_left=6, sinks=sinks, sm_scale=0.3)
+
+    ragged_requests = [(5, 12), (0, 4), (2, 0), (1, 30)]
+    q, k, v, qo_indptr, kv_indptr = _packed(ragged_requests)
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, jit_args=SINK_JIT_ARGS, impl=impl)
+    ragged.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=False)
+    o, lse = ragged.run(q, k, v, sinks, 0.5, return_lse=True)
+    _check_requests((o, lse), q, k, v, ragged_requests, sinks=sinks, sm_scale=0.5)
+    no_keys = slice(5, 7)  # the request of two queries and no keys
+    assert torch.equal(o[no_keys], torch.zeros_like(o[no_keys]))
+    torch.testing.assert_close(lse[no_keys], (sinks / math.log(2)).expand(2, 4), rtol=1e-6, atol=0)
+
+    decode_requests = [(1, 40), (1, 1), (1, 33)]
+    q, k, v, cache, indptr, indices, last = _paged(decode_requests, 16, heads=8)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16, logits_soft_cap=5.0)
+    _check_requests(decode.run(q, cache, sinks=SINKS, return_lse=True), q, k, v, decode_requests, causal=True,
+                    logits_soft_cap=5.0, sinks=SINKS)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_wrapper_takes_several_queries_a_request(impl):
+    """q_len_per_req = 3 (speculative decoding's drafts): each request's queries at its last three
+    positions, causal among themselves, from plan() or, as FlashInfer took it before, run()."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(3, 40), (3, 3), (3, 17)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16, q_len_per_req=3, window_left=20)
+    got = decode.run(q, cache, return_lse=True)
+    assert got[0].shape == (9, 8, 16)
+    _check_requests(got, q, k, v, requests, causal=True, window_left=20)
+    torch.testing.assert_close(decode.run(q, cache, q_len_per_req=3), got[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"q_len_per_req \(2\) must be the planned one \(3\)"):
+        decode.run(q, cache, q_len_per_req=2)
+    with pytest.raises(ValueError, match="at least q_len_per_req"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, q_len_per_req=4)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cascade_of_prefix_and_suffix_merges_into_attention_over_all_keys(impl):
     """FlashInfer's cascade: a request's queries over a shared prefix (non-causal) and over its own
@@ -275,7 +343,13 @@ def test_bad_input_names_the_argument():
             (lambda: flashinfer.single_decode_with_kv_cache(q, k, v), ValueError, "q must be a 2-d"),
             (lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(None).run(q, (k, v)), RuntimeError, "before plan"),
             (lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, use_cuda_graph=True), ValueError,
-             "use_cuda_graph")]:
+             "use_cuda_graph"),
+            (lambda: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, jit_args=("my_variant",)), ValueError,
+             "jit_args: .* AttentionSink"),
+            (lambda: flashinfer.BatchAttentionWithAttentionSinkWrapper(None, pos_encoding_mode="ALIBI"), ValueError,
+             "pos_encoding_mode must be 'NONE' with attention sinks"),
+            (lambda: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None).run(q, k, v, SINKS[:4], 0.5), ValueError,
+             "positional arguments after them are a JIT variant's")]:
         with pytest.raises(error, match=match):
             call()
     requests = [(5, 12), (1, 30)]
@@ -296,6 +370,15 @@ def test_bad_input_names_the_argument():
         paged.run(q[:5], cache)
     with pytest.raises(ValueError, match="window_left"):
         paged.run(q, cache, window_left=3)
+    with pytest.raises(ValueError, match="the AttentionSink variant's run takes"):
+        flashinfer.BatchAttentionWithAttentionSinkWrapper(None).run(q, cache, SINKS[:4])
+    with pytest.raises(ValueError, match="sinks must be a floating-point tensor of shape"):
+        paged.run(q, cache, sinks=SINKS)
+    paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, pos_encoding_mode="ALIBI")
+    with pytest.raises(ValueError, match="sinks with pos_encoding_mode='ALIBI'"):
+        paged.run(q, cache, sinks=SINKS[:4])
+    with pytest.raises(ValueError, match="window_right must be 0"):
+        flashinfer.BatchDecodeWithPagedKVCacheWrapper(None).plan(indptr, indices, last, 4, 2, 16, 4, window_right=2)
     ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None)
     with pytest.raises(ValueError, match="custom_mask must hold"):
         ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16, custom_mask=torch.ones(10, dtype=torch.bool))

@@ -9,13 +9,19 @@ FlashInfer does not have, on every call and wrapper constructor).
 
 Attention (flashinfer_single.py, flashinfer_batch.py): single_prefill_with_kv_cache (and
 _return_lse), single_decode_with_kv_cache, BatchPrefillWithRaggedKVCacheWrapper,
-BatchPrefillWithPagedKVCacheWrapper and BatchDecodeWithPagedKVCacheWrapper (plan, run,
-run_return_lse, begin_forward, end_forward) with FlashInfer's arguments, layouts (NHD and HND; a
-paged cache as a tuple (k, v) or one tensor (pages, 2, ...)) and semantics: causal aligned
-bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v scales as numbers, custom masks (bool,
-or packed little-endian bits for one request), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
-rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
-slope (j - i)), and lse to base 2. plan() reads the index arrays on the host, as FlashInfer's does,
+BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper and
+BatchAttentionWithAttentionSinkWrapper (plan, run, run_return_lse, begin_forward, end_forward) with
+FlashInfer's arguments, layouts (NHD and HND; a paged cache as a tuple (k, v) or one tensor (pages,
+2, ...)) and semantics: causal aligned bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v
+scales as numbers, custom masks (bool, or packed little-endian bits for one request),
+pos_encoding_mode ROPE_LLAMA (rotate-half pairs, rope_theta and rope_scale, queries at i + kv_len -
+qo_len) and ALIBI (FlashInfer's slopes and bias slope (j - i)), and lse to base 2. Attention sinks
+(gpt-oss's; one natural-log logit a query head, unscaled, in every row's softmax and lse) as the
+paged wrappers' run(sinks=), the AttentionSink variant's jit_args on the ragged wrapper (run(q, k, v,
+sink, sm_scale)) and BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3
+paged runs leave sinks= out where its trtllm-gen kernels apply it: genfast applies it. The decode
+wrapper's q_len_per_req (plan's, or run's as before) gives each request that many queries, causal
+among themselves, as speculative decoding checks its drafts. plan() reads the index arrays on the host, as FlashInfer's does,
 and puts its tensors on the workspace buffer's device (else the index arrays'); run() does not
 synchronise (the single calls copy theirs from pinned memory). Where genfast differs, on purpose or
 not yet:
@@ -28,10 +34,14 @@ not yet:
 - ALIBI with logits_soft_cap is refused (FlashInfer's versions order them differently);
 - ROPE_LLAMA's tables are rounded to q's dtype (genfast.rotary's), v_scale scales the output
   rounded to q's dtype, and an o_dtype wider than q's widens that output;
+- sinks with ALIBI are refused (genfast's ALiBi bias differs from FlashInfer's by a row constant,
+  which the sink's weight does not share);
 - not taken: use_cuda_graph (genfast's plan makes new tensors), fp8 and per-head scales (tensor
-  q/k/v scales), packed masks in a batch, sinks (FlashInfer's FA2 and FA3 leave them out), several
-  queries per request in the decode wrapper. q_data_type, kv_data_type, the workspace buffers and
-  FlashInfer's backend choices are taken and left.
+  q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source),
+  window_right other than 0, the trtllm-gen backends' block_tables and seq_lens. q_data_type,
+  kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and
+  disable_split_kv (genfast's forward splits keys its own way, without atomics, so that a run
+  repeats bit for bit) are taken and left.
 
 Merges (flashinfer.cascade: merge_state, merge_states, merge_state_in_place) run on
 genfast.merge_attention, under torch.compile(fullgraph=True), and are differentiable in v and s
@@ -53,15 +63,15 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention_merge import merge_attention
-from .flashinfer_batch import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper,
-                               BatchPrefillWithRaggedKVCacheWrapper)
+from .flashinfer_batch import (BatchAttentionWithAttentionSinkWrapper, BatchDecodeWithPagedKVCacheWrapper,
+                               BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper)
 from .flashinfer_common import alibi_slopes as get_alibi_slopes
 from .flashinfer_single import (single_decode_with_kv_cache, single_prefill_with_kv_cache,
                                 single_prefill_with_kv_cache_return_lse)
 
 Tensor = torch.Tensor
 
-__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
+__all__ = ["BatchAttentionWithAttentionSinkWrapper", "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
            "BatchPrefillWithRaggedKVCacheWrapper", "get_alibi_slopes", "merge_state", "merge_state_in_place",
            "merge_states", "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
            "single_prefill_with_kv_cache_return_lse"]

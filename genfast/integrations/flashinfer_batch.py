@@ -26,17 +26,33 @@ def _lengths(name: str, indptr) -> List[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def _is_attention_sink_variant(jit_args) -> bool:
+    """Whether FlashInfer's jit_args name its AttentionSink variant: one float tensor "sink" and one
+    scalar "sm_scale" after the run's q, k and v (the variant of tests/attention/test_attention_sink.py)."""
+    try:
+        return (jit_args[11] == "AttentionSink" and list(jit_args[7]) == ["sink"]
+                and list(jit_args[9]) == ["sm_scale"])
+    except (IndexError, KeyError, TypeError):
+        return False
+
+
 class _Wrapper:
     """What the wrappers share: FlashInfer's constructor arguments (the workspace, which genfast does
     not need, and CUDA-graph buffers, which it does not take), the plan, and the old names."""
 
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
-                 use_cuda_graph: bool = False, *, impl: str = "auto"):
+                 use_cuda_graph: bool = False, *, impl: str = "auto", jit_args=None):
         check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         self._kv_layout = kv_layout
         if use_cuda_graph:
             raise ValueError("use_cuda_graph=True is not supported: genfast's plan() makes new tensors each time, "
                              "where FlashInfer's copies into the buffers given")
+        # FlashInfer's JIT variants are CUDA source; genfast runs the one it knows, AttentionSink.
+        self._sink_variant = jit_args is not None and _is_attention_sink_variant(jit_args)
+        if jit_args is not None and not self._sink_variant:
+            raise ValueError("jit_args: FlashInfer's JIT attention variants are CUDA code genfast does not compile; "
+                             "it takes the AttentionSink variant (additional tensor 'sink', scalar 'sm_scale'), "
+                             "and sinks= on the paged wrappers' run()")
         self._impl = impl
         self._plan: Optional[Plan] = None
         self._page_size = 0
@@ -67,23 +83,32 @@ class _Wrapper:
             raise RuntimeError(f"{type(self).__name__}.run before plan(): plan the batch first")
         return self._plan
 
-    def _run(self, q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left=None, sinks=None):
+    def _variant_args(self, args, sinks):
+        """(sinks, sm_scale) from the run's positional arguments after its tensors: the AttentionSink
+        variant's (sink, sm_scale), else none."""
+        if not self._sink_variant:
+            if args:
+                raise ValueError(f"{type(self).__name__}.run takes its tensors, then keywords; positional arguments "
+                                 "after them are a JIT variant's (jit_args)")
+            return sinks, None
+        if len(args) != 2 or sinks is not None:
+            raise ValueError("the AttentionSink variant's run takes (sink, sm_scale) after its tensors, and no sinks=")
+        return args[0], float(args[1])
+
+    def _run(self, q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left=None, sinks=None,
+             sm_scale=None):
         plan = self._planned()
         if window_left is not None and int(window_left) != plan.window_left:
             raise ValueError(f"window_left ({window_left}) must be the planned one ({plan.window_left})")
-        if sinks is not None:
-            raise ValueError("sinks: FlashInfer's FA2 and FA3 backends leave them out; genfast.attention_varlen "
-                             "takes them (sinks=)")
         return run_plan(plan, q, k, v, impl=self._impl, return_lse=return_lse, q_scale=q_scale, k_scale=k_scale,
-                        v_scale=v_scale, out=out, lse=lse)
+                        v_scale=v_scale, out=out, lse=lse, sinks=sinks, sm_scale=sm_scale)
 
     def _run_paged(self, q, paged_kv_cache, args, return_lse, q_scale, k_scale, v_scale, out, lse, window_left,
                    sinks):
-        if args:
-            raise ValueError("run takes q and paged_kv_cache, then keywords")
+        sinks, sm_scale = self._variant_args(args, sinks)
         self._planned()
         k, v = _paged_cache(paged_kv_cache, self._kv_layout, self._page_size)
-        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left, sinks)
+        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left, sinks, sm_scale)
 
 
 def _paged_table(indptr, indices, last_page_len, page_size: int, names=("paged_kv_indptr", "paged_kv_indices",
@@ -148,14 +173,15 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None,
                  mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto"):
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl, jit_args=jit_args)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              head_dim_vo: Optional[int] = None, custom_mask: Optional[Tensor] = None,
              packed_custom_mask: Optional[Tensor] = None, causal: bool = False, pos_encoding_mode: str = "NONE",
              use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: Optional[float] = None,
              sm_scale: Optional[float] = None, rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
-             q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking: bool = True) -> None:
+             q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking: bool = True,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False) -> None:
         self._plan = None  # a plan that fails leaves none to run
         qo_lens, kv_lens = _lengths("qo_indptr", qo_indptr), _lengths("kv_indptr", kv_indptr)
         if len(qo_lens) != len(kv_lens):
@@ -183,10 +209,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None,
             out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None):
-        if args or o_scale is not None:
-            raise ValueError("run takes q, k and v and keywords; o_scale (fp8 outputs) is not supported")
+        if o_scale is not None:
+            raise ValueError("o_scale (fp8 outputs) is not supported")
+        sinks, sm_scale = self._variant_args(args, None)
         k, v = nhd("k", k, self._kv_layout), nhd("v", v, self._kv_layout)
-        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse)
+        return self._run(q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, sinks=sinks, sm_scale=sm_scale)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
 
@@ -199,7 +226,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                  use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
                  paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, custom_mask_buf=None,
                  mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto"):
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl, jit_args=jit_args)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: Optional[int] = None,
@@ -207,7 +234,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
              window_left: int = -1, logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
              rope_theta: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
-             non_blocking: bool = True) -> None:
+             non_blocking: bool = True, fixed_split_size: Optional[int] = None,
+             disable_split_kv: bool = False) -> None:
         self._plan = None  # a plan that fails leaves none to run
         qo_lens = _lengths("qo_indptr", qo_indptr)
         table, kv_lens = _paged_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, int(page_size))
@@ -247,15 +275,26 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         self.use_tensor_cores = use_tensor_cores
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-             page_size: int, *, pos_encoding_mode: str = "NONE", window_left: int = -1,
+             page_size: int, *, pos_encoding_mode: str = "NONE", window_left: int = -1, window_right: int = 0,
              logits_soft_cap: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
              data_type=None, sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
-             rope_theta: Optional[float] = None, non_blocking: bool = True) -> None:
+             rope_theta: Optional[float] = None, non_blocking: bool = True, fixed_split_size: Optional[int] = None,
+             disable_split_kv: bool = False, q_len_per_req: int = 1) -> None:
+        """q_len_per_req queries a request (speculative decoding's drafts), the last q_len_per_req
+        positions of its keys, causal among themselves (bottom-right)."""
         self._plan = None  # a plan that fails leaves none to run
         table, kv_lens = _paged_table(indptr, indices, last_page_len, int(page_size),
                                       ("indptr", "indices", "last_page_len"))
-        self._set_plan([1] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, table.device,
-                       int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
+        q_len = int(q_len_per_req)
+        if q_len < 1:
+            raise ValueError(f"q_len_per_req must be at least 1, got {q_len_per_req}")
+        if q_len > 1 and any(n < q_len for n in kv_lens):
+            raise ValueError(f"every request must hold at least q_len_per_req ({q_len}) keys, its queries' own, "
+                             f"got {kv_lens}")
+        if int(window_right) != 0:
+            raise ValueError(f"window_right must be 0 (no key after a query's own), got {window_right}")
+        self._set_plan([q_len] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type,
+                       table.device, int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                        rope_scale=rope_scale, rope_theta=rope_theta, block_table=table)
 
@@ -264,10 +303,32 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     def run(self, q: Tensor, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None,
             out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None,
             window_left: Optional[int] = None, sinks: Optional[Tensor] = None, q_len_per_req: Optional[int] = None):
-        if q_len_per_req not in (None, 1):
-            raise ValueError(f"q_len_per_req must be 1 (one query per request), got {q_len_per_req}; several "
-                             "queries a request run on BatchPrefillWithPagedKVCacheWrapper with causal=True")
+        """q (batch x q_len_per_req, num_qo_heads, head_dim); q_len_per_req here (FlashInfer's older
+        place for it) must be the planned one."""
+        planned = self._planned().qo_lens
+        if q_len_per_req is not None and planned and int(q_len_per_req) != planned[0]:
+            raise ValueError(f"q_len_per_req ({q_len_per_req}) must be the planned one ({planned[0]}): pass it to "
+                             "plan()")
         return self._run_paged(q, paged_kv_cache, args, return_lse, q_scale, k_scale, v_scale, out, lse, window_left,
                                sinks)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper):
+    """FlashInfer's paged prefill with attention sinks (gpt-oss): plan as
+    BatchPrefillWithPagedKVCacheWrapper, then run(q, paged_kv_cache, sink (num_qo_heads,) float32,
+    sm_scale), the sink a natural-log logit, unscaled, in each row's softmax. The constructor's
+    dtypes, head dims and window choose FlashInfer's compiled variant; genfast takes them and plans
+    from plan()'s."""
+
+    def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
+                 paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, custom_mask_buf=None,
+                 mask_indptr_buf=None, backend: str = "auto", pos_encoding_mode: str = "NONE",
+                 use_fp16_qk_reduction: bool = False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                 head_dim_qk: int = 128, head_dim_vo: int = 128, window_left: int = -1, *, impl: str = "auto"):
+        if pos_encoding_mode != "NONE":
+            raise ValueError(f"pos_encoding_mode must be 'NONE' with attention sinks, got {pos_encoding_mode!r}")
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        self._sink_variant = True

@@ -200,11 +200,15 @@ def _rope(x: Tensor, rows: Tensor, plan: Plan, impl: str) -> Tensor:
 
 
 def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_lse: bool, q_scale=None,
-             k_scale=None, v_scale=None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None):
+             k_scale=None, v_scale=None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+             sinks: Optional[Tensor] = None, sm_scale: Optional[float] = None):
     """FlashInfer's attention of the planned requests: q (nnz_qo, num_qo_heads, head_dim), k and v
     (nnz_kv, num_kv_heads, dim) packed (or pages, page_size, num_kv_heads, dim with the plan's
     block table). Returns o (nnz_qo, num_qo_heads, head_dim_vo), or (o, lse base 2 (nnz_qo,
-    num_qo_heads) float32), written into out and lse where given."""
+    num_qo_heads) float32), written into out and lse where given. sinks (num_qo_heads,): each
+    head's sink logit, natural and unscaled, in every row's softmax (and lse), as FlashInfer's
+    AttentionSink variant and its trtllm-gen kernels take them; sm_scale, where given, replaces the
+    plan's (the AttentionSink variant's run-time scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -216,8 +220,13 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     head_dim = q.shape[-1]
     if head_dim != plan.head_dim:
         raise ValueError(f"q's head dim must be the planned {plan.head_dim}, got {head_dim}")
+    if sinks is not None and plan.pos_encoding_mode == "ALIBI":
+        raise ValueError("sinks with pos_encoding_mode='ALIBI': genfast's ALiBi bias differs from FlashInfer's by a "
+                         "constant in each row, which a sink's weight would not share; genfast takes either alone")
     plan.prepare(q.device)
-    scale = (1.0 / math.sqrt(head_dim) if plan.sm_scale is None else float(plan.sm_scale))
+    if sm_scale is None:
+        sm_scale = plan.sm_scale
+    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale))
     scale *= scale_value("q_scale", q_scale) * scale_value("k_scale", k_scale)
     if plan.pos_encoding_mode == "ROPE_LLAMA":
         q = _rope(q, plan.q_rows, plan, impl)
@@ -226,13 +235,13 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     window = (plan.window_left, -1) if plan.window_left >= 0 else None
     softcap = plan.logits_soft_cap or None
     if plan.per_request:
-        o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl)
+        o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl, sinks)
     else:
         o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0),
                                       max(plan.kv_lens, default=0), scale=scale,
                                       causal="bottom_right" if plan.causal else None, window=window,
                                       alibi_slopes=slopes, softcap=softcap, return_lse=True, impl=impl,
-                                      block_table=plan.block_table)
+                                      block_table=plan.block_table, sinks=sinks)
         natural = natural.t()
         if plan.lse_shift is not None:
             natural = natural + plan.lse_shift[:, None] * slopes[None, :]
@@ -257,7 +266,7 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     return o, base2.contiguous()
 
 
-def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl):
+def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl, sinks):
     """Each request alone through genfast.attention, with its custom mask and, for ALiBi without
     causality, FlashInfer's bias slope (j - i) as an additive mask."""
     outs, lses = [], []
@@ -273,7 +282,7 @@ def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl):
             bias = slopes[:, None, None] * (j - i)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         o_n, lse_n = attention(q_n, k_n, v_n, mask, scale=scale, enable_gqa=True, causal=causal, window=window,
-                               softcap=softcap, return_lse=True, impl=impl)
+                               softcap=softcap, return_lse=True, impl=impl, sinks=sinks)
         outs.append(o_n[0].transpose(0, 1))
         lses.append(lse_n[0].t())
         starts_q += n_q
