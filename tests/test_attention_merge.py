@@ -168,11 +168,20 @@ def test_sequences_of_states(impl, device):
     _merge_sequences(impl, [wide[..., :16], wide[..., 1:]], list(lse[:2]))  # states one element apart
 
 
-def test_large_float32_merges_stream_their_stores():
-    """The CPU kernel writes float32 rows with streaming stores once the call's tensors outgrow the
-    caches (32 MiB): three states of 2.6M elements, forward and backward."""
+def test_large_float32_merges_into_given_outputs_stream_their_stores():
+    """Into outputs the caller gave, the CPU kernel writes float32 rows with streaming stores once the
+    states and output outgrow the caches (32 MiB): three states of 2.6M elements; into new outputs,
+    forward and backward, plain stores."""
     skip_unless_supported("native", "cpu")
-    _compare("native", *_states(3, (2048, 10), 128, seed=5))
+    o, lse = _states(3, (2048, 10), 128, seed=5)
+    _compare("native", o, lse)
+    out = (torch.full(o.shape[1:], float("nan")), torch.full(lse.shape[1:], float("nan")))
+    written = genfast.merge_attention(o, lse, out=out, impl="native")
+    assert written[0] is out[0] and written[1] is out[1]
+    expected = genfast.merge_attention(o.double(), lse.double(), impl="reference")
+    low = genfast.merge_attention(o, lse, impl="reference")
+    for got, exact, approximate, name in zip(out, expected, low, ("out", "lse")):
+        assert_error_ratio(got, exact, approximate, msg=name)
 
 
 @pytest.mark.parametrize("impl", fused_impls())
