@@ -31,7 +31,8 @@ def named(name, action=None):
 
 
 def test_cpu_candidates_take_turns_and_pool_their_rounds(monkeypatch):
-    # Call 4 (b's second round) falls in a slow spell: b's median over its six blocks is unmoved.
+    # Call 4 (b's second round) falls in a slow spell: b's median over its six blocks moves by a
+    # tenth (2.0 to 2.2), where timing b in that round alone would have made it ten times slower.
     timer = FakeTimer(slow_calls={4})
     monkeypatch.setattr(timing, "time_ms", timer)
     said = []
@@ -66,6 +67,16 @@ def test_a_candidate_that_raises_a_skipped_error_is_left_out_and_not_called_agai
     result = timing.time_in_turns(entries, "cpu", True, lambda message: None, "x", skip=(torch.OutOfMemoryError,))
     assert result[1] is None and result[0] is not None and result[2] is not None
     assert [name for name, _ in timer.calls] == list("ac") * timing.CPU_ROUNDS[True]
+    calls = []
+
+    def fails_in_round_two():  # a candidate that fails late loses its earlier rounds too
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("grew")
+
+    entries = [("a", named("a")), ("b", named("b", fails_in_round_two))]
+    result = timing.time_in_turns(entries, "cpu", True, lambda message: None, "x", skip=(torch.OutOfMemoryError,))
+    assert result[0] is not None and result[1] is None and len(calls) == 2
     with pytest.raises(ValueError):  # an error not skipped is the caller's
         timing.time_in_turns([("a", named("a", lambda: int("x")))], "cpu", True, lambda message: None, "x")
 

@@ -285,12 +285,26 @@ def test_sinks_join_every_rows_softmax(impl):
     assert torch.equal(o[no_keys], torch.zeros_like(o[no_keys]))
     torch.testing.assert_close(lse[no_keys], (sinks / math.log(2)).expand(2, 4), rtol=1e-6, atol=0)
 
-    decode_requests = [(1, 40), (1, 1), (1, 33)]
+    # one request at a time (custom masks), the request without keys among them
+    g = torch.Generator().manual_seed(4)
+    masks = [torch.rand(a, b, generator=g) < 0.6 for a, b in ragged_requests]
+    ragged.plan(qo_indptr, kv_indptr, 4, 2, 16, custom_mask=torch.cat([m.reshape(-1) for m in masks]))
+    o, lse = ragged.run(q, k, v, sinks, 0.5, return_lse=True)
+    _check_requests((o, lse), q, k, v, ragged_requests, masks, sinks=sinks, sm_scale=0.5)
+    torch.testing.assert_close(lse[no_keys], (sinks / math.log(2)).expand(2, 4), rtol=1e-6, atol=0)
+
+    decode_requests = [(2, 40), (2, 2), (2, 33)]
     q, k, v, cache, indptr, indices, last = _paged(decode_requests, 16, heads=8)
     decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
-    decode.plan(indptr, indices, last, 8, 2, 16, 16, logits_soft_cap=5.0)
-    _check_requests(decode.run(q, cache, sinks=SINKS, return_lse=True), q, k, v, decode_requests, causal=True,
-                    logits_soft_cap=5.0, sinks=SINKS)
+    for q_len in (1, 2):  # one query a request (each request's last), and two
+        queries = q if q_len == 2 else q[1::2]
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, logits_soft_cap=5.0, q_len_per_req=q_len)
+        got = decode.run(queries, cache, sinks=SINKS, return_lse=True)
+        for n in range(3):
+            rows, keys = slice(n * q_len, (n + 1) * q_len), slice(sum(b for _, b in decode_requests[:n]),
+                                                                   sum(b for _, b in decode_requests[:n + 1]))
+            _check((got[0][rows], got[1][rows]), queries[rows], k[keys], v[keys], causal=True, logits_soft_cap=5.0,
+                   sinks=SINKS)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -372,6 +386,15 @@ def test_bad_input_names_the_argument():
         paged.run(q, cache, window_left=3)
     with pytest.raises(ValueError, match="the AttentionSink variant's run takes"):
         flashinfer.BatchAttentionWithAttentionSinkWrapper(None).run(q, cache, SINKS[:4])
+    sink_wrapper = flashinfer.BatchAttentionWithAttentionSinkWrapper(None)
+    sink_wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True)
+    with pytest.raises(ValueError, match="q_scale and k_scale with the AttentionSink variant"):
+        sink_wrapper.run(q, cache, SINKS[:4], 0.5, k_scale=2.0)
+    sink_wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, logits_soft_cap=3.0)
+    with pytest.raises(ValueError, match="has no logits_soft_cap or pos_encoding_mode"):
+        sink_wrapper.run(q, cache, SINKS[:4], 0.5)
+    with pytest.raises(ValueError, match="JIT decode variants"):
+        flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, jit_args=SINK_JIT_ARGS)
     with pytest.raises(ValueError, match="sinks must be a floating-point tensor of shape"):
         paged.run(q, cache, sinks=SINKS)
     paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, pos_encoding_mode="ALIBI")

@@ -250,7 +250,7 @@ void attention_merge_out_cpu(at::TensorList o, at::TensorList lse, double ln_bas
                              const at::Tensor& out_lse) {
   run_attention_merge_out(o, lse, ln_base, out, out_lse, [&](const auto& states, const auto& logs,
                                                              const auto& into, const auto& into_lse) {
-    merge_on_cpu(states, logs, ln_base, into, into_lse, true);
+    merge_on_cpu(states, logs, ln_base, into, into_lse, into.is_same(out));  // else a new tensor, copied after
   });
 }
 

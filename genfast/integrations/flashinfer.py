@@ -19,9 +19,12 @@ qo_len) and ALIBI (FlashInfer's slopes and bias slope (j - i)), and lse to base 
 (gpt-oss's; one natural-log logit a query head, unscaled, in every row's softmax and lse) as the
 paged wrappers' run(sinks=), the AttentionSink variant's jit_args on the ragged wrapper (run(q, k, v,
 sink, sm_scale)) and BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3
-paged runs leave sinks= out where its trtllm-gen kernels apply it: genfast applies it. The decode
-wrapper's q_len_per_req (plan's, or run's as before) gives each request that many queries, causal
-among themselves, as speculative decoding checks its drafts. plan() reads the index arrays on the host, as FlashInfer's does,
+paged runs leave sinks= out where its trtllm-gen kernels apply it: genfast applies it, and a
+request without keys gets o 0 and lse its sink (FlashInfer's FA2 variant may give -inf there). The
+AttentionSink variant's scores are its run's sm_scale q.k alone: q_scale, k_scale, logits_soft_cap
+and pos_encoding_mode are refused with it. The decode wrapper's q_len_per_req (given to plan();
+run() takes it only when equal, as FlashInfer did before) gives each request that many queries,
+causal among themselves, as speculative decoding checks its drafts. plan() reads the index arrays on the host, as FlashInfer's does,
 and puts its tensors on the workspace buffer's device (else the index arrays'); run() does not
 synchronise (the single calls copy theirs from pinned memory). Where genfast differs, on purpose or
 not yet:
@@ -37,7 +40,8 @@ not yet:
 - sinks with ALIBI are refused (genfast's ALiBi bias differs from FlashInfer's by a row constant,
   which the sink's weight does not share);
 - not taken: use_cuda_graph (genfast's plan makes new tensors), fp8 and per-head scales (tensor
-  q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source),
+  q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source; the
+  decode wrapper takes none),
   window_right other than 0, the trtllm-gen backends' block_tables and seq_lens. q_data_type,
   kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and
   disable_split_kv (genfast's forward splits keys its own way, without atomics, so that a run

@@ -100,6 +100,13 @@ class _Wrapper:
         plan = self._planned()
         if window_left is not None and int(window_left) != plan.window_left:
             raise ValueError(f"window_left ({window_left}) must be the planned one ({plan.window_left})")
+        if sm_scale is not None:  # the AttentionSink variant: its scores are sm_scale q.k and nothing else
+            if q_scale is not None or k_scale is not None:
+                raise ValueError("q_scale and k_scale with the AttentionSink variant: FlashInfer's variant takes "
+                                 "its run's sm_scale alone; fold them into it")
+            if plan.logits_soft_cap or plan.pos_encoding_mode != "NONE":
+                raise ValueError("the AttentionSink variant has no logits_soft_cap or pos_encoding_mode: plan "
+                                 "without them")
         return run_plan(plan, q, k, v, impl=self._impl, return_lse=return_lse, q_scale=q_scale, k_scale=k_scale,
                         v_scale=v_scale, out=out, lse=lse, sinks=sinks, sm_scale=sm_scale)
 
@@ -263,14 +270,17 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
 
 
 class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
-    """FlashInfer's decoding, one query per request over a paged KV cache: plan(indptr, indices,
-    last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, ...), then run(q (batch,
-    num_qo_heads, head_dim), paged_kv_cache)."""
+    """FlashInfer's decoding over a paged KV cache, one query per request or q_len_per_req: plan(indptr,
+    indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, ...), then run(q (batch x
+    q_len_per_req, num_qo_heads, head_dim), paged_kv_cache)."""
 
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, use_tensor_cores: bool = False, paged_kv_indptr_buffer=None,
                  paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend: str = "auto",
                  jit_args=None, *, impl: str = "auto"):
+        if jit_args is not None:
+            raise ValueError("jit_args: FlashInfer's JIT decode variants are CUDA code genfast does not compile; "
+                             "sinks= on run() takes attention sinks")
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
         self.use_tensor_cores = use_tensor_cores
 
@@ -303,8 +313,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     def run(self, q: Tensor, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None,
             out: Optional[Tensor] = None, lse: Optional[Tensor] = None, return_lse: bool = False, enable_pdl=None,
             window_left: Optional[int] = None, sinks: Optional[Tensor] = None, q_len_per_req: Optional[int] = None):
-        """q (batch x q_len_per_req, num_qo_heads, head_dim); q_len_per_req here (FlashInfer's older
-        place for it) must be the planned one."""
+        """q (batch x q_len_per_req, num_qo_heads, head_dim); q_len_per_req is plan()'s, and here
+        (FlashInfer's older place for it) only checked against it."""
         planned = self._planned().qo_lens
         if q_len_per_req is not None and planned and int(q_len_per_req) != planned[0]:
             raise ValueError(f"q_len_per_req ({q_len_per_req}) must be the planned one ({planned[0]}): pass it to "
