@@ -56,7 +56,7 @@ def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -
     whose call raised one of skip (say, running out of GPU memory), which is not called again.
     say(f"{name}, {label}") is called before each timing, with the round where there are several."""
     rounds = CPU_ROUNDS[quick] if device == "cpu" else 1
-    per_round = None if rounds == 1 else (0.2 if quick else 1.0) / rounds  # the same time in all
+    per_round = None if rounds == 1 else (0.2 if quick else 1.0) / rounds  # the same measured time per candidate
     measured = [[] for _ in entries]
     for round_index in range(rounds):
         for (name, fn), timings in zip(entries, measured):
