@@ -87,14 +87,13 @@ def _rows_in_two(o, lse, outputs=()):
     and lse's shapes without the states) as views of that split where one split views them and the
     states alike, else None."""
     rows = tuple(lse[0].shape)
-    if all(t.is_contiguous() for t in (*o, *lse, *outputs)):  # without _split's loops (decoding's small merges
-        if len(rows) == 2:                                       # spent more time there than merging)
-            return (o, lse), tuple(outputs) if outputs else None
-        inner = math.prod(rows)
-        return (([t.view(1, inner, t.shape[-1]) for t in o], [t.view(1, inner) for t in lse]),
-                tuple(t.view(1, inner, *t.shape[len(rows):]) for t in outputs) if outputs else None)
-    k = _split(rows, (*o, *lse, *outputs)) if outputs else None
-    outputs_fit = k is not None
+    # Contiguous tensors take k = 0 without _split's loops (decoding's small merges spent more time
+    # there than merging); with two row dims they are (outer, inner) already.
+    contiguous = all(t.is_contiguous() for t in (*o, *lse, *outputs))
+    if contiguous and len(rows) == 2:
+        return (o, lse), tuple(outputs) if outputs else None
+    k = 0 if contiguous else (_split(rows, (*o, *lse, *outputs)) if outputs else None)
+    outputs_fit = k is not None and bool(outputs)
     if k is None:
         k = _split(rows, (*o, *lse))
     outer, inner = (1, math.prod(rows)) if k is None else (math.prod(rows[:k]), math.prod(rows[k:]))
