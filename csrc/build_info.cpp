@@ -3,6 +3,7 @@
 #include <torch/version.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/streaming_store.h"
 
 #ifdef GENFAST_WITH_CUDA
 #include <cuda.h>
@@ -50,4 +51,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_capability", [] { return std::string(genfast::cpu_capability_name(genfast::cpu_capability())); },
       "The instruction set the CPU kernels run with: avx512, avx2 or default (GENFAST_CPU_CAPABILITY caps it)");
+  m.def(
+      "pages_resident",
+      [](uintptr_t address, int64_t bytes) {
+        return genfast::pages_resident(reinterpret_cast<const void*>(address), bytes);
+      },
+      "Whether the pages under [address, address + bytes) are in memory: the CPU kernels write large float32 outputs "
+      "with streaming stores only then");
 }

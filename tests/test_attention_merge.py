@@ -169,13 +169,14 @@ def test_sequences_of_states(impl, device):
 
 
 def test_large_float32_merges_into_given_outputs_stream_their_stores():
-    """Into outputs the caller gave, the CPU kernel writes float32 rows with streaming stores once the
-    states and output outgrow the caches (32 MiB): three states of 2.6M elements; into new outputs,
-    forward and backward, plain stores."""
+    """Into outputs whose pages are resident (given, written before), the CPU kernel writes float32
+    rows with streaming stores once the states and output outgrow the caches (32 MiB): three states
+    of 2.6M elements; into new outputs, forward and backward, plain stores."""
     skip_unless_supported("native", "cpu")
     o, lse = _states(3, (2048, 10), 128, seed=5)
     _compare("native", o, lse)
     out = (torch.full(o.shape[1:], float("nan")), torch.full(lse.shape[1:], float("nan")))
+    assert genfast._C.pages_resident(out[0].data_ptr(), out[0].numel() * 4)
     written = genfast.merge_attention(o, lse, out=out, impl="native")
     assert written[0] is out[0] and written[1] is out[1]
     expected = genfast.merge_attention(o.double(), lse.double(), impl="reference")

@@ -329,7 +329,9 @@ def test_more_than_two_to_the_31_elements(impl):
 
 @pytest.mark.slow
 def test_large_outputs_written_with_streaming_stores():
-    """Outputs of 32 MiB and more take the CPU kernel's streaming-store path; also misaligned and in place."""
+    """Outputs of 32 MiB and more take the CPU kernel's streaming-store path where their pages are
+    resident (a given output written before, also misaligned); new outputs and in-place steps store
+    plainly."""
     skip_unless_runs("native", "cpu")
     case = DENOISE_CASES[4]
     args, kwargs = make_denoise_inputs(case, (2, 4_200_003))
@@ -337,8 +339,9 @@ def test_large_outputs_written_with_streaming_stores():
     prev, x0 = _run(case, "native", args, kwargs)
     assert_close_elementwise(prev, expected)
     assert_close_elementwise(x0, expected_x0)
-    storage = torch.empty(2 * 4_200_003 + 1)
+    storage = torch.full((2 * 4_200_003 + 1,), float("nan"))
     misaligned = storage[1:].view(2, 4_200_003)
+    assert genfast._C.pages_resident(misaligned.data_ptr(), misaligned.numel() * 4)
     case.fn(*args, **kwargs, out=misaligned, impl="native")
     assert_close_elementwise(misaligned, expected)
     in_place = args[1].clone()

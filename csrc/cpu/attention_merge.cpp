@@ -208,13 +208,10 @@ GF_CPU_INLINE void merge_backward_rows_for(const AttentionMergeBackwardParams<T>
 GF_CPU_DISPATCH(merge_backward_rows)
 
 // Rows in parallel, about 32K elements of o a task, each task's buffer 2 head_dim floats and the
-// weights of a block of rows. rows(first, last, buffer, stream): stream where asked and the float32
-// states and output outgrow the caches; each task then fences its streaming stores.
-template <typename T, typename Params, typename Rows>
-void parallel_rows(const Params& p, bool may_stream, const Rows& rows) {
-  const int64_t elements = p.rows_outer * p.rows_inner * p.head_dim;
-  const bool stream = may_stream && std::is_same_v<T, float> &&
-                      (p.states + 1) * elements * int64_t{sizeof(float)} >= kStreamingStoreMinBytes;
+// weights of a block of rows. rows(first, last, buffer, stream); each task fences its streaming
+// stores where `stream`.
+template <typename Params, typename Rows>
+void parallel_rows(const Params& p, bool stream, const Rows& rows) {
   const int64_t grain = std::max<int64_t>(kRowBlock, 32768 / std::max<int64_t>(1, p.states * p.head_dim));
   at::parallel_for(0, p.rows_outer * p.rows_inner, grain, [&](int64_t first, int64_t last) {
     std::vector<float> buffer(2 * p.head_dim + p.states * kRowBlock);
@@ -223,17 +220,25 @@ void parallel_rows(const Params& p, bool may_stream, const Rows& rows) {
   });
 }
 
-// Streaming stores only into outputs the caller gave (out=): a new output's pages are cleared on
-// first touch, which leaves them in the cache, and streaming stores then evict the lines that
-// plain stores would hit. On an Intel Xeon (huge pages, two float32 states of 1024 x 32 x 128, new
-// outputs) the forward took 3.5 ms with them and 2.6 to 3.0 ms without, the forward+backward 9.8 to
-// 11.2 ms and 8.8 to 9.9; into a given output at 4096 tokens 5.8 to 6.2 ms with them, 8.8 to 9.1 without.
+// Streaming stores where the float32 states and output outgrow the caches and the output's pages
+// are resident (pages_resident). On an Intel Xeon (huge pages, two float32 states of 1024 x 32 x
+// 128, new outputs) the forward took 3.5 ms with them and 2.6 to 3.0 ms without, the
+// forward+backward 9.8 to 11.2 ms and 8.8 to 9.9; into a given output at 4096 tokens 5.8 to 6.2 ms
+// with them, 8.8 to 9.1 without. An out= that overlaps the states is merged into a new tensor
+// first, so the merge never streams over lines it reads.
+template <typename T, typename Params>
+bool merge_streams(const Params& p, const at::Tensor& out) {
+  const int64_t bytes = p.rows_outer * p.rows_inner * p.head_dim * int64_t{sizeof(float)};
+  return std::is_same_v<T, float> && (p.states + 1) * bytes >= kStreamingStoreMinBytes &&
+         pages_resident(out.const_data_ptr(), bytes);
+}
+
 void merge_on_cpu(const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs, double ln_base,
-                  const at::Tensor& out, const at::Tensor& out_lse, bool given_out) {
+                  const at::Tensor& out, const at::Tensor& out_lse) {
   dispatch_float_types(out.scalar_type(), [&](auto element) {
     using T = decltype(element);
     const AttentionMergeParams<T> p = attention_merge_params<T, T>(states, logs, ln_base, out, out_lse);
-    parallel_rows<T>(p, given_out, [&](int64_t first, int64_t last, float* buffer, bool stream) {
+    parallel_rows(p, merge_streams<T>(p, out), [&](int64_t first, int64_t last, float* buffer, bool stream) {
       merge_rows(&p, first, last, buffer, stream);
     });
   });
@@ -242,7 +247,7 @@ void merge_on_cpu(const std::vector<at::Tensor>& states, const std::vector<at::T
 std::tuple<at::Tensor, at::Tensor> attention_merge_cpu(at::TensorList o, at::TensorList lse, double ln_base) {
   return run_attention_merge(o, lse, ln_base, [&](const auto& states, const auto& logs, const auto& out,
                                                   const auto& out_lse) {
-    merge_on_cpu(states, logs, ln_base, out, out_lse, false);
+    merge_on_cpu(states, logs, ln_base, out, out_lse);
   });
 }
 
@@ -250,7 +255,7 @@ void attention_merge_out_cpu(at::TensorList o, at::TensorList lse, double ln_bas
                              const at::Tensor& out_lse) {
   run_attention_merge_out(o, lse, ln_base, out, out_lse, [&](const auto& states, const auto& logs,
                                                              const auto& into, const auto& into_lse) {
-    merge_on_cpu(states, logs, ln_base, into, into_lse, into.is_same(out));  // else a new tensor, copied after
+    merge_on_cpu(states, logs, ln_base, into, into_lse);
   });
 }
 
@@ -266,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> attention_merge_backward_cpu(const at::Tensor
           using T = decltype(element);
           const AttentionMergeBackwardParams<T> p =
               attention_merge_backward_params<T, T>(g, g_lse, states, logs, ln_base, grad_o, grad_lse_states);
-          parallel_rows<T>(p, false, [&](int64_t first, int64_t last, float* buffer, bool) {
+          parallel_rows(p, false, [&](int64_t first, int64_t last, float* buffer, bool) {
             merge_backward_rows(&p, first, last, buffer);
           });
         });

@@ -4,9 +4,12 @@
 // handled by for_each_row_segment.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/TensorBase.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../../kernels/common/philox.h"
@@ -66,12 +69,32 @@ class Block {
   bool streaming_;
 };
 
-// Runs fn(Block<T>&) over [0, numel) in parallel. Float outputs of 32 MiB and more are streamed.
+// Whether an elementwise op streams its outputs: float32 outputs of kStreamingStoreMinBytes and
+// more whose pages are resident, none sharing memory with an input (an in-place step has just
+// read the lines it writes, which plain stores then hit). Undefined tensors are skipped. On an
+// Intel Xeon (2 threads), a 64 MiB DDIM step into a new output took 26 ms with streaming stores and
+// 19 without (12.2 and 10.9 with huge pages), in place 6.1 and 4.7 ms (huge pages), but into a given output
+// written before 5.3 ms against 7.2 (huge pages; about even without them).
+inline bool stream_outputs(std::initializer_list<at::TensorBase> outputs,
+                           std::initializer_list<at::TensorBase> inputs) {
+  for (const at::TensorBase& out : outputs) {
+    if (!out.defined()) continue;
+    const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
+    if (out.scalar_type() != at::kFloat || bytes < kStreamingStoreMinBytes) return false;
+    if (!pages_resident(out.const_data_ptr(), bytes)) return false;
+    for (const at::TensorBase& in : inputs) {
+      if (in.defined() && at::get_overlap_status(out, in) != at::MemOverlapStatus::No) return false;
+    }
+  }
+  return true;
+}
+
+// Runs fn(Block<T>&) over [0, numel) in parallel; float outputs are streamed where `stream`
+// (stream_outputs).
 template <typename T, typename Fn>
-void for_each_block(int64_t numel, Fn fn) {
+void for_each_block(int64_t numel, bool stream, Fn fn) {
   const int64_t num_blocks = (numel + kBlock - 1) / kBlock;
-  const bool streaming =
-      std::is_same<T, float>::value && numel * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes;
+  const bool streaming = stream && std::is_same<T, float>::value;
   at::parallel_for(0, num_blocks, /*grain_size=*/16, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       Block<T> block(b * kBlock, std::min(kBlock, numel - b * kBlock), streaming);

@@ -35,10 +35,10 @@ GF_CPU_INLINE void denoise_block_for(const float* coefs, float lo, float hi, con
 GF_CPU_DISPATCH(denoise_block)
 
 template <typename T>
-void denoise_step_cpu_typed(const DenoiseStepParams<T>& p) {
+void denoise_step_cpu_typed(const DenoiseStepParams<T>& p, bool stream) {
   const float lo = p.clip ? p.clip_lo : -std::numeric_limits<float>::infinity();
   const float hi = p.clip ? p.clip_hi : std::numeric_limits<float>::infinity();
-  for_each_block<T>(p.numel, [&](const Block<T>& block) {
+  for_each_block<T>(p.numel, stream, [&](const Block<T>& block) {
     alignas(64) float z_buf[kBlock], x0_scratch[kBlock], guided[kBlock];
     alignas(64) float x_buf[kBlock], m_buf[kBlock], m_cond_buf[kBlock], d_buf[kBlock], out_buf[kBlock];
     const float* x = block.input(p.sample, x_buf);
@@ -72,16 +72,18 @@ void denoise_step_cpu(const at::Tensor& sample, const at::Tensor& model_output,
               "genfast.denoise_step: on the CPU the noise is keyed by seed and offset; pass generator=None");
   const DenoiseStepTensors t = prepare_denoise_step(sample, model_output, model_output_cond, derivative, noise,
                                                     row_coefs, coefs, philox_noise, out, pred_original);
+  const bool stream = stream_outputs({t.out, t.pred_original},
+                                     {t.sample, t.model_output, t.model_output_cond, t.derivative, t.noise});
   switch (sample.scalar_type()) {
     case at::kFloat:
-      denoise_step_cpu_typed(denoise_step_params<float, float>(t, clip, clip_lo, clip_hi, seed, offset));
+      denoise_step_cpu_typed(denoise_step_params<float, float>(t, clip, clip_lo, clip_hi, seed, offset), stream);
       break;
     case at::kHalf:
-      denoise_step_cpu_typed(denoise_step_params<at::Half, at::Half>(t, clip, clip_lo, clip_hi, seed, offset));
+      denoise_step_cpu_typed(denoise_step_params<at::Half, at::Half>(t, clip, clip_lo, clip_hi, seed, offset), stream);
       break;
     default:
       denoise_step_cpu_typed(
-          denoise_step_params<at::BFloat16, at::BFloat16>(t, clip, clip_lo, clip_hi, seed, offset));
+          denoise_step_params<at::BFloat16, at::BFloat16>(t, clip, clip_lo, clip_hi, seed, offset), stream);
       break;
   }
   finish_denoise_step(t, out, pred_original);

@@ -26,8 +26,8 @@ GF_CPU_INLINE void langevin_block_for(const float* coefs, float grad_clip, float
 GF_CPU_DISPATCH(langevin_block)
 
 template <typename T>
-void langevin_step_cpu_typed(const LangevinStepParams<T>& p) {
-  for_each_block<T>(p.numel, [&](const Block<T>& block) {
+void langevin_step_cpu_typed(const LangevinStepParams<T>& p, bool stream) {
+  for_each_block<T>(p.numel, stream, [&](const Block<T>& block) {
     alignas(64) float x_buf[kBlock], g_buf[kBlock], z_buf[kBlock], out_buf[kBlock], mean_buf[kBlock];
     const float* x = block.input(p.x, x_buf);
     const float* g = block.input(p.grad, g_buf);
@@ -55,17 +55,19 @@ void langevin_step_cpu(const at::Tensor& x, const at::Tensor& grad, const std::o
               ": on the CPU the noise is keyed by seed and offset; pass generator=None");
   const LangevinStepTensors t =
       prepare_langevin_step(x, grad, noise, row_coefs, coefs, clamp_lo, clamp_hi, philox_noise, out, mean_out);
+  const bool stream = stream_outputs({t.out, t.mean_out}, {t.x, t.grad, t.noise});
   switch (x.scalar_type()) {
     case at::kFloat:
-      langevin_step_cpu_typed(langevin_step_params<float, float>(t, grad_clip, clamp_lo, clamp_hi, seed, offset));
+      langevin_step_cpu_typed(langevin_step_params<float, float>(t, grad_clip, clamp_lo, clamp_hi, seed, offset),
+                              stream);
       break;
     case at::kHalf:
       langevin_step_cpu_typed(
-          langevin_step_params<at::Half, at::Half>(t, grad_clip, clamp_lo, clamp_hi, seed, offset));
+          langevin_step_params<at::Half, at::Half>(t, grad_clip, clamp_lo, clamp_hi, seed, offset), stream);
       break;
     default:
       langevin_step_cpu_typed(
-          langevin_step_params<at::BFloat16, at::BFloat16>(t, grad_clip, clamp_lo, clamp_hi, seed, offset));
+          langevin_step_params<at::BFloat16, at::BFloat16>(t, grad_clip, clamp_lo, clamp_hi, seed, offset), stream);
       break;
   }
   finish_langevin_step(t, out, mean_out);

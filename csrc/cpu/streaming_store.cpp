@@ -2,6 +2,11 @@
 
 #include <string.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define GF_X86_STREAMING 1
@@ -60,6 +65,23 @@ void streaming_store(float* dst, const float* src, int64_t n) {
 void streaming_store_fence() {
 #ifdef GF_X86_STREAMING
   _mm_sfence();
+#endif
+}
+
+bool pages_resident(const void* data, int64_t bytes) {
+#ifdef __linux__
+  if (bytes <= 0) return true;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto resident = [](uintptr_t address) {
+    unsigned char in_memory = 0;
+    return mincore(reinterpret_cast<void*>(address & ~(page - 1)), 1, &in_memory) == 0 && (in_memory & 1) != 0;
+  };
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  return resident(begin + static_cast<uintptr_t>(bytes / 2)) && resident(begin + static_cast<uintptr_t>(bytes - 1));
+#else
+  (void)data;
+  (void)bytes;
+  return true;
 #endif
 }
 

@@ -11,7 +11,15 @@ namespace genfast {
 void streaming_store(float* dst, const float* src, int64_t n);
 void streaming_store_fence();
 
-// Outputs at least this large (bytes) are written with streaming stores.
+// Outputs at least this large (bytes) are written with streaming stores, where their pages are
+// resident (below).
 constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
+
+// Whether the pages under [data, data + bytes) are in memory already; tells a new output (a fresh
+// mapping) from one written before. Streaming stores only pay into the latter: a page's first touch
+// clears it, which leaves its lines in the cache, and streaming stores then evict the lines that
+// plain stores would hit. Looks at the middle and last pages (an allocator may write a header in
+// front of a fresh block); says true where the system cannot tell.
+bool pages_resident(const void* data, int64_t bytes);
 
 }  // namespace genfast
