@@ -87,6 +87,14 @@ def test_matches_reference(impl, device, states, dim):
     _compare(impl, *_states(states, (2, 3, 7), dim, device=device))
 
 
+@pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40)])
+def test_rows_past_one_block(states, dim):
+    """The CPU kernel computes the weights of 128 rows at a time: 335 rows (two threads' tasks, a
+    partial block), summed in registers (head dims of sixteens) or in a buffer (40)."""
+    skip_unless_supported("native", "cpu")
+    _compare("native", *_states(states, (5, 67), dim, seed=dim))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", fused_impls())
@@ -170,10 +178,10 @@ def test_sequences_of_states(impl, device):
 
 def test_large_float32_merges_into_given_outputs_stream_their_stores():
     """Into outputs whose pages are resident (given, written before), the CPU kernel writes float32
-    rows with streaming stores once the states and output outgrow the caches (32 MiB): three states
-    of 2.6M elements; into new outputs, forward and backward, plain stores."""
+    rows with streaming stores once the output outgrows the caches (32 MiB): two states of 8.4M
+    elements; into new outputs, forward and backward, plain stores."""
     skip_unless_supported("native", "cpu")
-    o, lse = _states(3, (2048, 10), 128, seed=5)
+    o, lse = _states(2, (4096, 16), 128, seed=5)
     _compare("native", o, lse)
     out = (torch.full(o.shape[1:], float("nan")), torch.full(lse.shape[1:], float("nan")))
     assert genfast._C.pages_resident(out[0].data_ptr(), out[0].numel() * 4)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../attention_merge_args.h"
+#include "cpu_vectors.h"
 #include "float16_rows.h"
 #include "streaming_store.h"
 
@@ -17,7 +18,10 @@ namespace genfast {
 namespace {
 
 constexpr float kNoKeys = -__builtin_inff();
-constexpr int64_t kRowBlock = 16;  // rows whose weights are computed together, in vector loops
+// Rows whose weights are computed together, in vector loops. With 16, the loads of each block's
+// rows waited on its weights' chains of exponentials: two float32 states of 4096 x 32 x 128 merged
+// with plain stores took 17.4 ms on one thread of an Intel Xeon, 16.2 with 128.
+constexpr int64_t kRowBlock = 128;
 
 // A block of up to kRowBlock rows: each row's state 0 o and lse, its merged lse, and the states'
 // weights a_s (weights[s * kRowBlock + j], 0 for a state without keys), whose exponentials and
@@ -66,10 +70,11 @@ struct RowBlock {
       for (int64_t j = 0; j < kRowBlock; ++j) most[j] = attention_merge_max(most[j], row_lse[j]);
     }
     for (int64_t s = 0; s < p.states; ++s) {
-      const float* row_lse = weights + s * kRowBlock;
+      float* row = weights + s * kRowBlock;  // lse, then b^(lse - most)
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        total[j] += most[j] == kNoKeys ? 0.0f : attention_merge_pow(row_lse[j] - most[j], ln_base);
+        row[j] = most[j] == kNoKeys ? 0.0f : attention_merge_pow(row[j] - most[j], ln_base);
+        total[j] += row[j];
       }
     }
 #pragma omp simd
@@ -80,7 +85,7 @@ struct RowBlock {
       float* row = weights + s * kRowBlock;
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        row[j] = row[j] == kNoKeys ? 0.0f : attention_merge_weight(row[j], merged[j], ln_base);
+        row[j] = most[j] == kNoKeys ? 0.0f : attention_merge_share_weight(row[j], total[j]);
       }
     }
   }
@@ -92,8 +97,27 @@ struct RowBlock {
   }
 };
 
+// Row j of a block (row r), float32, head_dim a multiple of 16, plain stores: sixteen features at a
+// time summed over the states in registers and stored, rather than summed in an L1 buffer and copied.
+template <CpuCapability isa>
+GF_CPU_INLINE void merge_row_in_registers(const AttentionMergeParams<float>& p, const RowBlock<float>& rows, int64_t j,
+                                          int64_t r) {
+  constexpr int W = kVectorLanes<isa>;
+  float* out = p.out + attention_merge_row_offset(p.out_strides, p.rows_inner, r);
+  for (int64_t c = 0; c < p.head_dim; c += kCols) {
+    Floats16<W> sum = splat16<W>(0.0f);
+    for (int64_t s = 0; s < p.states; ++s) {
+      if (rows.empty(p, j, s)) continue;
+      sum += rows.weights[s * kRowBlock + j] * load16<W>(rows.o[j] + attention_merge_state_at(p.o_states, s) + c);
+    }
+    store16<W>(out + c, sum);  // after the row's states are read at c: out may be one of them (in place)
+  }
+  p.out_lse[attention_merge_row_offset(p.out_lse_strides, p.rows_inner, r)] = rows.merged[j];
+}
+
 // Rows first .. last; buffer holds 2 head_dim floats and states x kRowBlock. Each row is summed in
-// the buffer (in L1) and stored once, float32 rows with streaming stores where `stream`.
+// registers (merge_row_in_registers), or in the buffer (in L1) and stored once, float32 rows with
+// streaming stores where `stream`.
 template <CpuCapability isa, typename T>
 GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t first, int64_t last, float* buffer,
                                   bool stream) {
@@ -107,6 +131,12 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
     rows.load(p, block, last);
     for (int64_t j = 0; j < rows.n; ++j) {
       const int64_t r = block + j;
+      if constexpr (std::is_same_v<T, float>) {
+        if (!stream && dim % kCols == 0) {
+          merge_row_in_registers<isa>(p, rows, j, r);
+          continue;
+        }
+      }
       bool first_state = true;
       for (int64_t s = 0; s < p.states; ++s) {
         if (rows.empty(p, j, s)) continue;
@@ -220,17 +250,15 @@ void parallel_rows(const Params& p, bool stream, const Rows& rows) {
   });
 }
 
-// Streaming stores where the float32 states and output outgrow the caches and the output's pages
-// are resident (pages_resident). On an Intel Xeon (huge pages, two float32 states of 1024 x 32 x
-// 128, new outputs) the forward took 3.5 ms with them and 2.6 to 3.0 ms without, the
-// forward+backward 9.8 to 11.2 ms and 8.8 to 9.9; into a given output at 4096 tokens 5.8 to 6.2 ms
-// with them, 8.8 to 9.1 without. An out= that overlaps the states is merged into a new tensor
-// first, so the merge never streams over lines it reads.
+// Streaming stores where the float32 output outgrows the caches and its pages are resident
+// (pages_resident). On an Intel Xeon (2 threads, two float32 states of tokens x 32 x 128 merged
+// into a given output written before) they took 1.04 ms against 0.97 at 1024 tokens (a 16 MiB
+// output), 2.05 against 2.3 at 2048 and 5.5 against 7.5 at 4096. An out= that overlaps the states
+// is merged into a new tensor first, so the merge never streams over lines it reads.
 template <typename T, typename Params>
 bool merge_streams(const Params& p, const at::Tensor& out) {
   const int64_t bytes = p.rows_outer * p.rows_inner * p.head_dim * int64_t{sizeof(float)};
-  return std::is_same_v<T, float> && (p.states + 1) * bytes >= kStreamingStoreMinBytes &&
-         pages_resident(out.const_data_ptr(), bytes);
+  return std::is_same_v<T, float> && bytes >= kStreamingStoreMinBytes && pages_resident(out.const_data_ptr(), bytes);
 }
 
 void merge_on_cpu(const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs, double ln_base,

@@ -120,6 +120,10 @@ GF_HOST_DEVICE_INLINE float attention_merge_weight(float lse_s, float merged, fl
   return merged == -__builtin_inff() ? 0.0f : attention_merge_pow(lse_s - merged, ln_base);
 }
 
+// a_s again, from the row's shares b^(lse_s - m) and their sum `total` (m: the row's largest lse),
+// for a kernel that has both: a division in place of a power, and no rounding of lse_s - lse.
+GF_HOST_DEVICE_INLINE float attention_merge_share_weight(float share, float total) { return share / total; }
+
 // grad lse_s = a_s (ln_base (d_s - sum_t a_t d_t) + g_lse), for dot = d_s and mean = sum_t a_t d_t.
 GF_HOST_DEVICE_INLINE float attention_merge_lse_grad(float weight, float dot, float mean, float grad_lse,
                                                      float ln_base) {
