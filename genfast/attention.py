@@ -386,9 +386,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                           block_table=block_table, qv=qv)
     _check_alibi_grad(alibi_slopes)
     lo, hi = band(0, 0, causal, window)  # relative to each sequence's bottom-right diagonal
-    # max(seqused_k) is 0 where every sequence's cache is empty; the CUDA kernels' grids come from
-    # max_seqlen_k, and 1 bounds those keys as well.
-    max_seqlen_k = max(int(max_seqlen_k), 1) if seqused_k is not None and block_table is None else int(max_seqlen_k)
+    # max(seqused_k), or through a block table the longest sequence's keys, is 0 where every
+    # sequence's cache is empty; the CUDA kernels' grids come from max_seqlen_k, and 1 bounds those
+    # keys as well (within a block table of at least one page).
+    may_be_empty = seqused_k is not None if block_table is None else block_table.shape[1] > 0
+    max_seqlen_k = max(int(max_seqlen_k), 1) if may_be_empty else int(max_seqlen_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), max_seqlen_k, alibi_slopes, scale,
             softcap or 0.0, lo, hi, float(dropout_p), as_int64(seed), as_int64(offset), _deterministic(deterministic),
             sinks, seqused_k, block_table)

@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from genfast.integrations import flashinfer
+from genfast.integrations import flashinfer, flashinfer_common
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import fused_impls, skip_unless_supported
+from conftest import capture_cuda_graph, fused_impls, skip_unless_supported
 
 IMPLS = fused_impls() + ["reference"]
 
@@ -307,6 +308,41 @@ def test_sinks_join_every_rows_softmax(impl):
                    sinks=SINKS)
 
 
+class _OpCalls(TorchDispatchMode):
+    """The genfast ops a call makes, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_batch_without_any_keys(impl):
+    """Every request's page list empty in a pool that holds pages: o 0, lse -inf or the sink, and
+    max_seqlen_k at least 1 for the kernels (the CUDA kernels' grids come from it, and they refuse 0
+    while k, here the pool, has rows)."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(2, 0), (3, 0)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 4)
+    qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, impl=impl)
+    wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, non_blocking=False)
+    with _OpCalls() as mode:
+        o, lse = wrapper.run(q, cache, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.equal(lse, torch.full_like(lse, -math.inf))
+    o, lse = wrapper.run(q, cache, sinks=SINKS[:4], return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o))
+    torch.testing.assert_close(lse, (SINKS[:4] / math.log(2)).expand(5, 4), rtol=1e-6, atol=0)
+    forwards = [args for name, args in mode.calls if "attention_varlen_forward" in name]
+    assert len(forwards) == (impl != "reference")
+    for args in forwards:
+        assert args[6] >= 1, f"max_seqlen_k {args[6]}"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_decode_wrapper_takes_several_queries_a_request(impl):
     """q_len_per_req = 3 (speculative decoding's drafts): each request's queries at its last three
@@ -415,6 +451,41 @@ def test_alibi_slopes_are_flashinfers():
     assert torch.equal(flashinfer.get_alibi_slopes(8), powers)
     torch.testing.assert_close(flashinfer.get_alibi_slopes(12),
                                torch.cat([powers, 2.0 ** -(torch.arange(4.0) + 0.5)]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_calls_copy_nothing_from_the_host(impl, monkeypatch):
+    """The single_* calls plan on every call: their plan's tensors (sequence bounds, RoPE tables and
+    rows, ALiBi slopes and lse shifts) are made by device ops, none copied from the host, which a
+    CUDA graph could not capture (the copy's pinned source would be reused after it)."""
+    skip_unless_supported(impl, "cpu")
+    copied = []
+    monkeypatch.setattr(flashinfer_common, "to_device", lambda t, *args: copied.append(t.shape) or t)
+    q, k, v = _inputs(5, 12)
+    for options in (dict(causal=True, pos_encoding_mode="ROPE_LLAMA"), dict(pos_encoding_mode="ALIBI", causal=True)):
+        _check(flashinfer.single_prefill_with_kv_cache(q, k, v, return_lse=True, impl=impl, **options), q, k, v,
+               **options)
+    got = flashinfer.single_decode_with_kv_cache(q[-1], k, v, pos_encoding_mode="ALIBI", return_lse=True, impl=impl)
+    _check((got[0][None], got[1][None]), q[-1:], k, v, causal=True, pos_encoding_mode="ALIBI")
+    assert copied == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_single_decode_is_captured_in_a_cuda_graph(impl):
+    """single_decode_with_kv_cache (RoPE) captured in a CUDA graph: each replay reads q as it is then."""
+    skip_unless_supported(impl, "cuda")
+    q, k, v = (t.cuda().half() for t in _inputs(1, 40))
+    query = q[0].clone()
+
+    def decode():
+        return flashinfer.single_decode_with_kv_cache(query, k, v, pos_encoding_mode="ROPE_LLAMA", impl=impl)
+
+    graph, result = capture_cuda_graph(decode)
+    for seed in range(2):
+        query.copy_(torch.randn(query.shape, generator=torch.Generator().manual_seed(seed)).half().cuda())
+        graph.replay()
+        torch.testing.assert_close(result, decode(), atol=0, rtol=0)
 
 
 @pytest.mark.cuda

@@ -48,7 +48,10 @@ void check_cuda_attention(const char* op, const AttentionTensors& t) {
               " (impl='triton' runs there)");
   if (t.cu_seqlens_q.defined()) {  // the kernels' grids come from max_seqlen, never from cu_seqlens
     TORCH_CHECK(t.q.size(0) == 0 || t.max_seqlen_q > 0, op, ": max_seqlen_q must be > 0 when q has rows");
-    TORCH_CHECK(t.k.size(0) == 0 || t.max_seqlen_k > 0, op, ": max_seqlen_k must be > 0 when k has rows");
+    // Paged, k is the pool of pages, which may hold some while every sequence is empty.
+    const bool no_keys = t.block_table.defined() ? t.block_table.size(1) == 0 : t.k.size(0) == 0;
+    TORCH_CHECK(no_keys || t.max_seqlen_k > 0, op,
+                ": max_seqlen_k must be > 0 when k has rows (with block_table: when its rows name pages)");
   }
 }
 

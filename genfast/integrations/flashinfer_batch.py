@@ -70,12 +70,13 @@ class _Wrapper:
         pass
 
     def _set_plan(self, qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, device,
-                  page_size=0, **options) -> None:
+                  page_size=0, non_blocking=True, **options) -> None:
         """The plan, its tensors on the workspace buffer's device (else `device`, the index
-        arrays'), replacing the last one once it is checked."""
+        arrays'), replacing the last one once it is checked; non_blocking=False waits for their copies,
+        as FlashInfer's does, for a run on another stream."""
         plan = Plan(qo_lens, kv_lens, int(num_qo_heads), int(num_kv_heads),
                     o_dtype=dtype_value("o_data_type", o_data_type), **options).check(int(head_dim))
-        plan.prepare(self._device or device)
+        plan.prepare(self._device or device, non_blocking=bool(non_blocking))
         self._plan, self._page_size = plan, page_size
 
     def _planned(self) -> Plan:
@@ -210,7 +211,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type,
                        _device_of(qo_indptr, kv_indptr), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                       rope_scale=rope_scale, rope_theta=rope_theta, masks=masks)
+                       rope_scale=rope_scale, rope_theta=rope_theta, masks=masks, non_blocking=non_blocking)
 
     begin_forward = plan
 
@@ -256,7 +257,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, table.device,
                        int(page_size), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table)
+                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
+                       non_blocking=non_blocking)
 
     begin_forward = plan
 
@@ -306,7 +308,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         self._set_plan([q_len] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type,
                        table.device, int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table)
+                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
+                       non_blocking=non_blocking)
 
     begin_forward = plan
 

@@ -22,11 +22,11 @@ LOG2E = 1.0 / math.log(2.0)
 
 def alibi_slopes(heads: int, device=None) -> Tensor:
     """FlashInfer's (and ALiBi's) slope of each head: 2^(-8 (h + 1) / n) for the first n = 2^floor(log2
-    heads), then 2^(-4 (2 j + 1) / n) for the others, float32."""
+    heads), then 2^(-4 (2 j + 1) / n) for the others, float32; made by device ops (no copy from the host)."""
     n = 2 ** int(math.floor(math.log2(heads)))
-    slopes = [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-    slopes += [2.0 ** (-4.0 * (2 * j + 1) / n) for j in range(heads - n)]
-    return torch.tensor(slopes, dtype=torch.float32, device=device)
+    first = torch.arange(1, n + 1, dtype=torch.float64, device=device) * (-8.0 / n)
+    others = torch.arange(heads - n, dtype=torch.float64, device=device) * (-8.0 / n) - 4.0 / n
+    return torch.cat([first, others]).exp2().float()
 
 
 def scale_value(name: str, value) -> float:
@@ -132,61 +132,71 @@ class Plan:
         return self.masks is not None or (self.pos_encoding_mode == "ALIBI" and not self.causal
                                           and any(n > 1 for n in self.qo_lens))
 
-    def prepare(self, device: torch.device) -> None:
-        """The plan's tensors on `device`, made once: copied from pinned host memory without
-        waiting (no synchronisation), as plan() does for the wrappers' device and a run on another
-        device does again."""
+    def prepare(self, device: torch.device, non_blocking: bool = True) -> None:
+        """The plan's tensors on `device`, made once, as plan() does for the wrappers' device and a run
+        on another device does again: a batch's copied from the host, without waiting (through pinned
+        memory: no synchronisation) unless non_blocking is False; one request's (FlashInfer's single_*
+        calls, which plan on every call) made by device ops, with no copy from the host, so that a
+        CUDA graph can capture those calls."""
         device = torch.device(device)
         if self.device == device:
             return
-        starts_q, starts_k = [0], [0]
-        for n_q, n_k in zip(self.qo_lens, self.kv_lens):
-            starts_q.append(starts_q[-1] + n_q)
-            starts_k.append(starts_k[-1] + n_k)
-        self.cu_q = to_device(torch.tensor(starts_q, dtype=torch.int32), device)
-        self.cu_k = to_device(torch.tensor(starts_k, dtype=torch.int32), device)
+        if len(self.qo_lens) == 1:
+            n_q, n_k = self.qo_lens[0], self.kv_lens[0]
+            ends = torch.arange(2, dtype=torch.int32, device=device)
+            self.cu_q, self.cu_k = ends * n_q, ends * n_k
+        else:
+            starts_q, starts_k = (torch.tensor([0] + lens).cumsum(0).int() for lens in (self.qo_lens, self.kv_lens))
+            self.cu_q, self.cu_k = to_device(starts_q, device, non_blocking), to_device(starts_k, device, non_blocking)
         if self.pos_encoding_mode == "ROPE_LLAMA":
             # FlashInfer's: key j at j, query i at i + kv_len - qo_len (before key 0 where qo_len > kv_len)
             low = min([0] + [n_k - n_q for n_q, n_k in zip(self.qo_lens, self.kv_lens)])
-            tables = _rope_tables(range(low, max(self.kv_lens + [low + 1])), self.head_dim,
-                                  1e4 if self.rope_theta is None else float(self.rope_theta),
-                                  1.0 if self.rope_scale is None else float(self.rope_scale))
-            self.rope_tables = tuple(to_device(t, device) for t in tables)
+            self.rope_tables = _rope_tables(range(low, max(self.kv_lens + [low + 1])), self.head_dim,
+                                            1e4 if self.rope_theta is None else float(self.rope_theta),
+                                            1.0 if self.rope_scale is None else float(self.rope_scale), device)
             self.rope_tables_cast = {}
-            self.q_rows = to_device(torch.tensor([i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens)
-                                                  for i in range(n_q)], dtype=torch.int32), device)
-            self.k_rows = to_device(torch.tensor([j - low for n_k in self.kv_lens for j in range(n_k)],
-                                                 dtype=torch.int32), device)
+            if len(self.qo_lens) == 1:
+                self.q_rows = torch.arange(n_q, dtype=torch.int32, device=device) + (n_k - n_q - low)
+                self.k_rows = torch.arange(n_k, dtype=torch.int32, device=device) - low
+            else:
+                rows = [i + n_k - n_q - low for n_q, n_k in zip(self.qo_lens, self.kv_lens) for i in range(n_q)]
+                self.q_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
+                rows = [j - low for n_k in self.kv_lens for j in range(n_k)]
+                self.k_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
         if self.pos_encoding_mode == "ALIBI":
-            self.slopes = to_device(alibi_slopes(self.num_qo_heads), device)
+            self.slopes = alibi_slopes(self.num_qo_heads, device)
         if self.pos_encoding_mode == "ALIBI" and not self.per_request:
             # genfast's bias differs from FlashInfer's slope (j - i) by slope (kv_len - qo_len) in each row
             # it leaves (left of the diagonal): lse gains it back.
-            self.lse_shift = to_device(torch.tensor([float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens)
-                                                     for _ in range(n_q)], dtype=torch.float32), device)
+            if len(self.qo_lens) == 1:
+                self.lse_shift = torch.full((n_q,), float(n_k - n_q), device=device)
+            else:
+                shifts = [float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens) for _ in range(n_q)]
+                self.lse_shift = to_device(torch.tensor(shifts, dtype=torch.float32), device, non_blocking)
         if self.block_table is not None:
-            self.block_table = to_device(self.block_table, device)
+            self.block_table = to_device(self.block_table, device, non_blocking)
         if self.masks is not None:
-            self.masks = [to_device(m, device) for m in self.masks]
+            self.masks = [to_device(m, device, non_blocking) for m in self.masks]
         self.device = device
 
 
-def to_device(t: Tensor, device: torch.device) -> Tensor:
+def to_device(t: Tensor, device: torch.device, non_blocking: bool = True) -> Tensor:
     """t on device; from the host through pinned memory, not waiting for the copy (a copy from
-    pageable memory would synchronise)."""
+    pageable memory would synchronise), unless non_blocking is False."""
     if t.device == device:
         return t
-    if t.device.type == "cpu" and device.type == "cuda":
+    if t.device.type == "cpu" and device.type == "cuda" and non_blocking:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
-def _rope_tables(positions: range, dim: int, theta: float, scale: float) -> tuple:
+def _rope_tables(positions: range, dim: int, theta: float, scale: float, device: torch.device) -> tuple:
     """FlashInfer's ROPE_LLAMA angles, position / rope_scale * rope_theta^(-2 i / dim): cos and sin
-    (positions, dim / 2), float32 on the host. (A run rounds them to q's dtype, which
+    (positions, dim / 2), float32 on `device`, made there. (A run rounds them to q's dtype, which
     genfast.rotary takes: bfloat16 tables, where FlashInfer turns in float32.)"""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim) / scale
-    angles = torch.arange(positions.start, positions.stop, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim) / scale
+    positions = torch.arange(positions.start, positions.stop, dtype=torch.float64, device=device)
+    angles = positions[:, None] * inv_freq[None, :]
     return angles.cos().float(), angles.sin().float()
 
 
