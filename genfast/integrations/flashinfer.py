@@ -25,8 +25,9 @@ AttentionSink variant's scores are its run's sm_scale q.k alone: q_scale, k_scal
 and pos_encoding_mode are refused with it. The decode wrapper's q_len_per_req (given to plan();
 run() takes it only when equal, as FlashInfer did before) gives each request that many queries,
 causal among themselves, as speculative decoding checks its drafts. plan() reads the index arrays on the host, as FlashInfer's does,
-and puts its tensors on the workspace buffer's device (else the index arrays'); run() does not
-synchronise (the single calls copy theirs from pinned memory). Where genfast differs, on purpose or
+and puts its tensors on the workspace buffer's device (else the index arrays'), without waiting
+unless non_blocking=False; run() does not synchronise, and the single calls build their tensors by
+device ops (no copy from the host, which a CUDA graph could not capture). Where genfast differs, on purpose or
 not yet:
 - a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
 - custom masks, and ALiBi without causal over several queries, run one request at a time through
