@@ -67,6 +67,13 @@ def _check_common(model_output, sample, model_output_cond, guidance_scale, noise
     _checks.check_choice("impl", impl, _backend.IMPLS)
 
 
+def _check_clip_range(clip_sample_range, sample):
+    """A number: the kernels take the clamp's bounds as scalars (a tensor's value would be read on the host)."""
+    if isinstance(clip_sample_range, torch.Tensor):
+        raise TypeError("clip_sample_range must be a float, got a tensor")
+    _checks.check_schedule_value("clip_sample_range", clip_sample_range, sample, low=0, low_open=True)
+
+
 def _step(sample, model_output, *, coefs, clip, clip_range, needs_noise, reference_step, model_output_cond,
           guidance_scale, derivative, noise, generator, out, return_pred_original, impl):
     backend = _backend.resolve_impl(impl, sample.device)
@@ -108,7 +115,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
     _checks.check_schedule_value("alpha_prod_t", alpha_prod_t, sample, low=0, high=1, low_open=True)
     _checks.check_schedule_value("alpha_prod_t_prev", alpha_prod_t_prev, sample, low=0, high=1, low_open=True)
     if clip_sample:
-        _checks.check_schedule_value("clip_sample_range", clip_sample_range, sample, low=0, low_open=True)
+        _check_clip_range(clip_sample_range, sample)
 
     a_t, a_prev = _as_float64(alpha_prod_t), _as_float64(alpha_prod_t_prev)
     ax, am, _, _ = _prediction_coefs(prediction_type, a_t)
@@ -154,7 +161,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Sc
     _checks.check_schedule_value("alpha_prod_t_prev", alpha_prod_t_prev, sample, low=0, high=1, low_open=True)
     _checks.check_schedule_value("eta", eta, sample, low=0)
     if clip_sample:
-        _checks.check_schedule_value("clip_sample_range", clip_sample_range, sample, low=0, low_open=True)
+        _check_clip_range(clip_sample_range, sample)
 
     a_t, a_prev = _as_float64(alpha_prod_t), _as_float64(alpha_prod_t_prev)
     eta64 = _as_float64(eta)
@@ -218,7 +225,9 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Schedule
                                     num_inference_steps=num_inference_steps, model_output_cond=model_output_cond,
                                     guidance_scale=guidance_scale)
 
-    return _step(sample, model_output, coefs=coefs, clip=False, clip_range=1.0, needs_noise=not _is_zero(gamma),
+    # s_churn = 0 adds no noise, whatever sigma is (a tensor's gamma is zeros, not known zero here)
+    return _step(sample, model_output, coefs=coefs, clip=False, clip_range=1.0,
+                 needs_noise=s_churn > 0 and not _is_zero(gamma),
                  reference_step=reference_step, model_output_cond=model_output_cond, guidance_scale=guidance_scale,
                  derivative=None, noise=noise, generator=generator, out=out,
                  return_pred_original=return_pred_original, impl=impl)

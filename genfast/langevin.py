@@ -18,7 +18,7 @@ from .ops import langevin_corrector_step as corrector_op
 from .ops import langevin_step as langevin_op
 from .ops import mala_accept as mala_op
 from ._dispatch import noise_key, run_reference
-from .random import PhiloxGenerator, as_int64, next_philox_key
+from .random import PhiloxGenerator, as_int64, check_host_key_not_captured, next_philox_key, takes_cuda_generator
 from .reference import langevin as reference
 from .reference.random import philox_uniform
 
@@ -196,11 +196,17 @@ class MalaResult(NamedTuple):
 
 
 def _uniforms(rows, device, generator):
-    """One U(0, 1) per sample: torch's own RNG for a torch.Generator (graph-safe on CUDA), or the
-    Philox stream of a PhiloxGenerator (the same on every device)."""
+    """One U(0, 1) per sample: torch's own RNG for a torch.Generator (graph-safe on CUDA with a CUDA
+    generator; a CPU generator's drawn on the host and copied), or the Philox stream of a
+    PhiloxGenerator (the same on every device)."""
+    if not (takes_cuda_generator(generator, device) or device.type == "cpu"):
+        check_host_key_not_captured(generator, device)
     if isinstance(generator, PhiloxGenerator):
         seed, offset = next_philox_key(generator, device)
         return philox_uniform((rows,), seed, offset, dtype=torch.float64, device=device)
+    if generator is not None and generator.device.type != device.type:
+        return torch.rand(rows, generator=generator, dtype=torch.float64,
+                          device=generator.device).to(device, non_blocking=True)
     return torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
 
 

@@ -59,12 +59,31 @@ def next_philox_key(generator, device: torch.device):
     return generator.initial_seed() & _UINT64, draw * OFFSET_INCREMENT
 
 
+def takes_cuda_generator(generator, device: torch.device) -> bool:
+    """Whether `generator` (None: the device's default) is a CUDA torch.Generator for `device`."""
+    if device.type != "cuda" or isinstance(generator, PhiloxGenerator):
+        return False
+    return generator is None or generator.device.type == "cuda"
+
+
+def check_host_key_not_captured(generator, device: torch.device) -> None:
+    """A key drawn on the host would be frozen into a CUDA graph being captured: every replay would
+    draw the same noise. Refused, naming what works there."""
+    if (device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing()):
+        kind = type(generator).__name__ if generator is not None else "the default generator"
+        raise RuntimeError(f"in-kernel noise under CUDA graph capture needs the native CUDA kernels and a CUDA "
+                           f"torch.Generator (or None), which advance on the device; with {kind} on this backend "
+                           f"every replay would draw the same noise: pass noise= instead")
+
+
 def kernel_noise_key(generator, device: torch.device, backend: str):
     """(cuda_generator, None) where the native CUDA kernel takes a CUDA torch.Generator itself,
     which keeps the noise fresh on every replay of a captured CUDA graph; else (None, (seed, offset))
-    drawn here."""
-    if backend == "native" and device.type == "cuda" and not isinstance(generator, PhiloxGenerator):
+    drawn here (a CPU torch.Generator's key too, with CUDA tensors)."""
+    if backend == "native" and takes_cuda_generator(generator, device):
         return (generator if generator is not None else default_generator(device)), None
+    check_host_key_not_captured(generator, device)
     return None, next_philox_key(generator, device)
 
 

@@ -164,6 +164,8 @@ BAD_INPUTS = [
     ("out", lambda m, x: genfast.ddpm_step(m, x, 0.5, 0.6, out=torch.zeros(2, 4, dtype=torch.float64)), "out must have the dtype"),
     ("guidance_scale", lambda m, x: genfast.ddim_step(m, x, 0.5, 0.6, model_output_cond=m), "guidance_scale is required"),
     ("impl", lambda m, x: genfast.ddim_step(m, x, 0.5, 0.6, impl="cudnn"), "impl must be one of"),
+    ("clip_sample_range", lambda m, x: genfast.ddpm_step(m, x, 0.5, 0.6, clip_sample=True,
+                                                         clip_sample_range=torch.tensor(2.0)), "must be a float"),
 ]
 
 
@@ -173,6 +175,20 @@ def test_bad_input_names_the_argument(name, call, message):
     with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
         call(m, x)
     assert message in str(info.value) and name in str(info.value)
+
+
+@pytest.mark.parametrize("impl", fused_impls() + ["reference"])
+def test_euler_without_churn_draws_no_noise(impl):
+    """s_churn = 0 adds no noise whether sigma is a float or a tensor: the generator does not advance,
+    and the two agree."""
+    skip_unless_supported(impl, "cpu")
+    m, x = torch.randn(2, 8), torch.randn(2, 8)
+    generator = genfast.PhiloxGenerator(3)
+    by_float = genfast.euler_step(m, x, 1.5, 0.9, generator=generator, impl=impl)
+    by_tensor = genfast.euler_step(m, x, torch.tensor([1.5, 1.5]), torch.tensor([0.9, 0.9]), generator=generator,
+                                   impl=impl)
+    assert generator.get_offset() == 0
+    torch.testing.assert_close(by_tensor, by_float, rtol=1e-6, atol=1e-6)
 
 
 def test_native_op_checks_arguments():

@@ -231,6 +231,38 @@ def test_langevin_chain_captured_in_a_cuda_graph_draws_fresh_noise():
     assert not torch.allclose(first, result)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("generator", ["philox", "cpu", "triton"])
+def test_host_keys_are_refused_under_cuda_graph_capture(generator):
+    """A key drawn on the host (a PhiloxGenerator, a CPU torch.Generator, or any on Triton) would be
+    frozen into a captured graph, every replay drawing the same noise: refused, naming what works."""
+    impl = "triton" if generator == "triton" else "native"
+    skip_unless_runs(impl, "cuda")
+    x = torch.randn(8, 100, device="cuda")
+    key = {"philox": genfast.PhiloxGenerator(1), "cpu": torch.Generator().manual_seed(1), "triton": None}[generator]
+    genfast.langevin_step(x, -x, 0.01, generator=key, impl=impl)  # eagerly: fine (and compiled)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="under CUDA graph capture needs the native CUDA kernels"):
+        with torch.cuda.graph(graph):
+            genfast.langevin_step(x, -x, 0.01, generator=key, impl=impl)
+
+
+@pytest.mark.cuda
+def test_cpu_generators_key_cuda_steps():
+    """A CPU torch.Generator (as diffusers pipelines often pass) keys a CUDA step's noise as on the
+    CPU: the native kernels take a key drawn from it, not the generator itself; MALA's uniforms
+    are drawn on the CPU and copied."""
+    skip_unless_runs("native", "cuda")
+    x = torch.randn(4, 64)
+    on_cpu = genfast.langevin_step(x, -x, 0.01, generator=torch.Generator().manual_seed(5), impl="native")
+    on_gpu = genfast.langevin_step(x.cuda(), -x.cuda(), 0.01, generator=torch.Generator().manual_seed(5), impl="native")
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+    energy = (x * x).sum(1) / 2
+    result = genfast.mala_accept(x.cuda(), x.cuda() * 0.9, -x.cuda(), -0.9 * x.cuda(), energy.cuda(),
+                                 energy.cuda() * 0.81, 0.01, generator=torch.Generator().manual_seed(2))
+    assert result.accepted.device.type == "cuda"
+
+
 CORRECTOR_SETTINGS = [
     dict(snr=0.16),
     dict(snr=0.075, per_sample_norms=True),

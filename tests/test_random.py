@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.random import PhiloxGenerator, next_philox_key
+from genfast.random import PhiloxGenerator, kernel_noise_key, next_philox_key, takes_cuda_generator
 from genfast.reference.random import philox4x32_10, philox_normal
 from conftest import devices, fused_impls, skip_unless_runs
 from genfast.testing.tolerances import assert_same_normals
@@ -79,6 +79,20 @@ def test_cuda_generator_offset_advances():
     g = torch.Generator("cuda").manual_seed(3)
     assert next_philox_key(g, torch.device("cuda")) == (3, 0)
     assert g.get_offset() == 4
+
+
+def test_only_cuda_generators_go_to_the_native_cuda_kernels():
+    """The native CUDA kernels take a CUDA torch.Generator (or None: the default) and advance it on
+    the device; a CPU torch.Generator or a PhiloxGenerator gives a key drawn here, with CUDA tensors
+    too; the CPU and Triton kernels always take a key."""
+    cuda = torch.device("cuda")
+    assert not takes_cuda_generator(torch.Generator().manual_seed(3), cuda)
+    assert not takes_cuda_generator(PhiloxGenerator(3), cuda)
+    assert takes_cuda_generator(None, cuda) and not takes_cuda_generator(None, torch.device("cpu"))
+    generator, key = kernel_noise_key(torch.Generator().manual_seed(3), cuda, "native")
+    assert generator is None and key[0] == 3
+    assert kernel_noise_key(PhiloxGenerator(7), cuda, "native") == (None, (7, 0))
+    assert kernel_noise_key(PhiloxGenerator(7), torch.device("cpu"), "triton") == (None, (7, 0))
 
 
 def test_cpu_generator_keys_are_reproducible_and_distinct():

@@ -19,7 +19,7 @@ __global__ void denoise_step_kernel(DenoiseStepParams<T> p, bool vector_ok) {
     auto load = [&](const T* base, float out[4]) { load_group(base, i, count, vector_ok, out); };
 
     float c[4][kNumDenoiseCoefs];
-    load_coefs4<kNumDenoiseCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
+    load_coefs4<kNumDenoiseCoefs>(p.row_coefs, p.coefs.v, i, count, p.row_size, c);
 
     float x[4], m[4], z[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
     load(p.sample, x);

@@ -16,7 +16,7 @@ __global__ void langevin_step_kernel(LangevinStepParams<T> p, bool vector_ok) {
     const int64_t i = group * 4;
     const int count = p.numel - i < 4 ? static_cast<int>(p.numel - i) : 4;
     float c[4][kNumLangevinCoefs];
-    load_coefs4<kNumLangevinCoefs>(p.row_coefs, p.coefs.v, i, p.row_size, c);
+    load_coefs4<kNumLangevinCoefs>(p.row_coefs, p.coefs.v, i, count, p.row_size, c);
     float x[4], g[4], z[4] = {0.f, 0.f, 0.f, 0.f};
     load_group(p.x, i, count, vector_ok, x);
     load_group(p.grad, i, count, vector_ok, g);

@@ -71,16 +71,18 @@ bool aligned4(const T* ptr) {
 }
 
 
-// The coefficients of elements i .. i + 3: their rows of row_coefs (rows of kNumCoefs covering
-// row_size elements each), or `coefs` for all when row_coefs is null. They go to registers;
-// reading them through a pointer that may address the kernel parameters would force a stack copy
-// of the parameter struct.
+// The coefficients of elements i .. i + count - 1 (count <= 4): their rows of row_coefs (rows of
+// kNumCoefs covering row_size elements each), or `coefs` for all when row_coefs is null; lanes past
+// count repeat element i's row (the row after the last element's may lie past the buffer). They go
+// to registers; reading them through a pointer that may address the kernel parameters would force
+// a stack copy of the parameter struct.
 template <int kNumCoefs>
 __device__ __forceinline__ void load_coefs4(const float* row_coefs, const float (&coefs)[kNumCoefs], int64_t i,
-                                            int64_t row_size, float c[4][kNumCoefs]) {
+                                            int count, int64_t row_size, float c[4][kNumCoefs]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float* src = row_coefs == nullptr ? nullptr : row_coefs + ((i + j) / row_size) * kNumCoefs;
+    const int64_t element = i + (j < count ? j : 0);
+    const float* src = row_coefs == nullptr ? nullptr : row_coefs + (element / row_size) * kNumCoefs;
 #pragma unroll
     for (int k = 0; k < kNumCoefs; ++k) c[j][k] = src == nullptr ? coefs[k] : src[k];
   }
