@@ -10,7 +10,8 @@ additive attn_mask and the log-sum-exp). Asking for a backend that cannot run th
 instead of falling back.
 
 Dropout's (seed, offset) key is drawn from the generator when the forward is called, and the
-backward replays it: a CUDA graph that captures a training step with dropout replays the same mask.
+backward replays it: a CUDA graph that captures a training step with dropout (keyed by a
+genfast.PhiloxGenerator: torch's CUDA generators cannot be read during capture) replays the same mask.
 """
 
 import functools
@@ -24,7 +25,7 @@ from torch.nn.attention.bias import CausalBias
 from . import _backend, _checks
 from .ops import attention as attention_op  # (importing it registers the fakes)
 from .ops.attention import check_paged_cache, check_qv
-from .random import as_int64, next_philox_key
+from .random import as_int64, next_philox_key, takes_cuda_generator
 from .reference import attention as reference
 
 Tensor = torch.Tensor
@@ -166,7 +167,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     if qv is not None:
         q, k, qv, backend, scale = _qv_form(impl, q, k, v, qv, scale, backend, sinks, attn_mask)
     scale = 1.0 / math.sqrt(qs[3]) if scale is None else float(scale)
-    seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
+    seed, offset = _dropout_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=True, causal=causal,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_seed=seed,
@@ -290,6 +291,17 @@ def _qv_form(impl, q, k, v, qv, scale, backend, *others):
         raise TypeError(f"qv runs here as attention of head dim head_dim + head_dim_v = {width}: {error}") from None
 
 
+def _dropout_key(generator, device):
+    """Dropout's (seed, offset), drawn on the host; under CUDA graph capture only from a
+    genfast.PhiloxGenerator (a torch CUDA generator's offset cannot be read then)."""
+    if (takes_cuda_generator(generator, device) and not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError("dropout under CUDA graph capture takes its key from "
+                           "generator=genfast.PhiloxGenerator(seed) (every replay then applies the same mask); a "
+                           "torch CUDA generator cannot be read while capturing")
+    return next_philox_key(generator, device)
+
+
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, window,
                   alibi_slopes, softcap, impl, sinks=None, seqused_k=None, block_table=None):
     """Raises on bad input, naming the argument; else returns the shapes of q and v (a paged cache's
@@ -318,8 +330,10 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     batch = cu_seqlens_q.shape[0] - 1
     if block_table is not None:
         _check_pages(block_table, q, k, v, batch, max_seqlen_k, dropout_p, alibi_slopes, sinks)
-        k, v = k.flatten(0, 1), v.flatten(0, 1)  # for the shapes alone
-    qs, ks, vs = q.shape, k.shape, v.shape
+    # a paged cache's shapes as rows (pages x page_size): the shapes alone, since flattening a pool
+    # of strided pages (rows of a longer cache) would copy it
+    ks, vs = ((t.shape[0] * t.shape[1], *t.shape[2:]) if block_table is not None else t.shape for t in (k, v))
+    qs = q.shape
     if seqused_k is not None and (not isinstance(seqused_k, Tensor) or seqused_k.dtype != torch.int32
                                   or tuple(seqused_k.shape) != (batch,) or seqused_k.device != q.device):
         raise ValueError(f"seqused_k must be an int32 tensor of shape (batch,) = ({batch},) on q's device "
@@ -377,7 +391,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if qv is not None:
         q, k, qv, backend, scale = _qv_form(impl, q, k, v, qv, scale, backend, sinks)
     scale = 1.0 / math.sqrt(qs[2]) if scale is None else float(scale)
-    seed, offset = next_philox_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
+    seed, offset = _dropout_key(generator, q.device) if dropout_p > 0.0 else (0, 0)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=True, causal=causal, window=window, alibi_slopes=alibi_slopes,

@@ -333,6 +333,26 @@ def test_deterministic_and_atomic_gradients(impl, dtype, dim, monkeypatch):
                        deterministic=deterministic)
 
 
+@pytest.mark.cuda
+def test_dropout_under_cuda_graph_capture_needs_a_philox_generator():
+    """torch's CUDA generators cannot be read while capturing: a clear error naming
+    genfast.PhiloxGenerator, with which the capture works (every replay the same mask)."""
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    genfast.attention(q, k, v, dropout_p=0.1)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="PhiloxGenerator"):
+        with torch.cuda.graph(graph):
+            genfast.attention(q, k, v, dropout_p=0.1)
+    generator = genfast.PhiloxGenerator(5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = genfast.attention(q, k, v, dropout_p=0.1, generator=generator)
+    graph.replay()
+    first = o.clone()
+    graph.replay()
+    torch.testing.assert_close(o, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl,dtype", BACKENDS, ids=IDS)
 def test_cuda_graph_capture(impl, dtype):
     """No host-device synchronization: the forward and backward replay in a CUDA graph."""

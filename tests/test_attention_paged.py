@@ -6,6 +6,7 @@ torch.compile and bad input. A paged cache serves inference: no gradient, no dro
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import genfast
 from genfast.reference.attention import paged_rows, varlen_attention
@@ -126,6 +127,37 @@ def test_small_pages_match_reference(page_size, impl):
     seqused_k = torch.tensor([200, 128, 0, 255, 0], dtype=torch.int32)
     compare_paged(impl, paged_inputs(LENGTHS_Q, LENGTHS_K, page_size=page_size, v_dim=24), causal="bottom_right",
                   seqused_k=seqused_k)
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_strided_pools_are_read_in_place(impl):
+    """Pages that are slices of longer rows (a cache sliced to its live part, as
+    flash_attn_with_kvcache passes one) give the same result, and no copy of the pool is made in
+    Python (flattening the strided pool for its shapes had copied it)."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v, *rest = paged_inputs([3, 1], [40, 7], page_size=16)
+    wide = [torch.cat([t, torch.full_like(t, float("nan"))], 1) for t in (k, v)]
+    strided = [t[:, :16] for t in wide]
+    assert not strided[0].is_contiguous()
+    with _Copies() as copies:
+        o = genfast.attention_varlen(q, *strided, *rest[:4], block_table=rest[4], impl=impl)
+    assert [name for name, numel in copies.made if numel >= k.numel()] == []
+    torch.testing.assert_close(o, genfast.attention_varlen(q, k, v, *rest[:4], block_table=rest[4], impl=impl),
+                               rtol=0, atol=0)
+
+
+class _Copies(TorchDispatchMode):
+    """The copies a call makes (aten ops that allocate their output), with their sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func._schema.name in ("aten::clone", "aten::_to_copy", "aten::contiguous", "aten::copy", "aten::cat"):
+            self.made.append((str(func), result.numel()))
+        return result
 
 
 def test_reference_reads_the_pages():

@@ -715,6 +715,30 @@ def test_with_kvcache_packed_new_keys(layout, rotary, impl):
                                            _cache_keys(expected_cache, table, n, count))
 
 
+@pytest.mark.parametrize("layout", ["padded", "paged"])
+def test_with_kvcache_rows_past_the_new_keys_are_not_written(layout):
+    """New keys packed by cu_seqlens_k_new in a k and v padded past cu_seqlens_k_new[-1] (a batch
+    padded to a captured graph's size): the padding is no key, as FlashAttention 3 takes it; the
+    caches end as with the rows alone, also where no sequence has a new key."""
+    skip_unless_supported("native", "cpu")
+    k_cache, v_cache, table = _cache(layout == "paged", v_dim=DIM, seed=7)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(3, HEADS, DIM, generator=g)
+    k, v = torch.randn(8, KV_HEADS, DIM, generator=g), torch.randn(8, KV_HEADS, DIM, generator=g)
+    k[5:], v[5:] = 1e30, -1e30  # the padding
+    held = torch.tensor([6, 0, 13], dtype=torch.int32)
+    options = dict(cache_seqlens=held, cu_seqlens_q=torch.tensor([0, 1, 2, 3], dtype=torch.int32), max_seqlen_q=1,
+                   causal=True, impl="native", **(dict(page_table=table) if layout == "paged" else {}))
+    for cu_new, real in ((torch.tensor([0, 2, 2, 5], dtype=torch.int32), 5),
+                         (torch.tensor([0, 0, 0, 0], dtype=torch.int32), 0)):
+        padded, alone = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+        got = fa3.flash_attn_with_kvcache(q, *padded, k, v, cu_seqlens_k_new=cu_new, **options)
+        expected = fa3.flash_attn_with_kvcache(q, *alone, k[:real], v[:real], cu_seqlens_k_new=cu_new, **options)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        for ours, theirs in zip(padded, alone):
+            assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
 @pytest.mark.parametrize("impl", fused_impls())
 def test_with_kvcache_chunks_turn_queries_in_sequence(impl):
     """With chunks (local attention in FlashAttention 3) the queries are turned at cache_seqlens + i

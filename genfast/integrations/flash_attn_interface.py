@@ -281,9 +281,10 @@ def _unused_rows_bound(q, rows_q, held_q, max_q):
     parts of the rows used. FlashAttention 3 takes max(seqused_q) for max_seqlen_q, which need not
     bound them: on the CPU (where reading the counts costs no synchronisation) their largest count,
     under torch.compile all of q's rows; on a GPU max_q, the kernels leaving any rows past it
-    unwritten, as FlashAttention 3 leaves all of them (_rows_past_used_cleared clears them)."""
+    unwritten, as FlashAttention 3 leaves all of them (_rows_past_used_cleared clears them); at least
+    1 there, as the CUDA kernels take no 0 while q has rows (every seqused_q 0)."""
     if q.device.type != "cpu":
-        return max_q
+        return max(max_q, 1)
     if torch.compiler.is_compiling():
         return max(max_q, q.shape[0])
     return max(max_q, int((rows_q - held_q).max()) if rows_q.numel() else 0)
@@ -459,10 +460,16 @@ def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_t
     """Writes new keys and values packed without padding (sequence n's at rows cu_new[n] ..) into
     the caches at each sequence's rows held[n] .. (of its cache row, or of its pages); returns held
     plus their counts. Indexed writes, no synchronisation; the CPU checks that the rows fit."""
-    sequence, i = _row_sequences(cu_new, k.shape[0])
-    at = held[sequence] + i
     counts = cu_new[1:] - cu_new[:-1]
     capacity = _cache_capacity(k_cache, page_table)
+    # Rows past cu_new[-1] (a batch padded to a captured graph's size, say) are no new keys, as
+    # FlashAttention 3 takes them: each writes again what the last new key writes, or where there is
+    # none, what its slot already holds (without reading cu_new on the host).
+    rows = torch.arange(k.shape[0], device=k.device)
+    none_new = cu_new[-1] == 0
+    source = torch.where(rows < cu_new[-1], rows, (cu_new[-1] - 1).clamp(min=0))
+    sequence, i = (t[source] for t in _row_sequences(cu_new, k.shape[0]))
+    at = torch.where(none_new, (held[sequence] + i).clamp(max=max(capacity - 1, 0)), held[sequence] + i)
     if k.device.type == "cpu" and held.numel() and not torch.compiler.is_compiling():
         over = torch.nonzero((held + counts > capacity) | (counts < 0))
         if over.numel():
@@ -475,8 +482,8 @@ def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_t
         index = (page_table[sequence, at // page_size].long(), (at % page_size).long())
     else:
         index = ((sequence if cache_batch_idx is None else cache_batch_idx[sequence].long()), at.long())
-    k_cache.index_put_(index, k)
-    v_cache.index_put_(index, v)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cache.index_put_(index, torch.where(none_new, cache[index], new[source]))
     return held + counts
 
 
