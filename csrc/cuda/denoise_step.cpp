@@ -31,7 +31,7 @@ void denoise_step_cuda(const at::Tensor& sample, const at::Tensor& model_output,
   const DenoiseStepTensors t = prepare_denoise_step(sample, model_output, model_output_cond, derivative, noise,
                                                     row_coefs, coefs, philox_noise, out, pred_original);
   const std::optional<PhiloxKeyRef> key =
-      cuda_philox_key(kDenoiseStepOp, t.noise_source == NoiseSource::kPhilox, generator);
+      cuda_philox_key(kDenoiseStepOp, t.noise_source == NoiseSource::kPhilox, generator, sample.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t status;
   switch (sample.scalar_type()) {

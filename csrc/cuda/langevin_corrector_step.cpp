@@ -23,7 +23,8 @@ void langevin_corrector_step_cuda(const at::Tensor& x, const at::Tensor& score,
   check_langevin_corrector(x, score, noise, alpha, snr);
   if (x.numel() == 0) return;
   // One key for both passes, so that the update draws the noise whose norms set its step.
-  const std::optional<PhiloxKeyRef> key = cuda_philox_key(kLangevinCorrectorOp, !noise.has_value(), generator);
+  const std::optional<PhiloxKeyRef> key =
+      cuda_philox_key(kLangevinCorrectorOp, !noise.has_value(), generator, x.device());
   const PhiloxKeyRef philox =
       key ? *key : PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
   const at::Tensor squares = corrector_noise_squares(x, noise, philox_noise, philox, [](const NoiseNormsParams& p) {

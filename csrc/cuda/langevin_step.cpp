@@ -29,7 +29,7 @@ void langevin_step_cuda(const at::Tensor& x, const at::Tensor& grad, const std::
                         const at::Tensor& out, const std::optional<at::Tensor>& mean_out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const std::optional<PhiloxKeyRef> key =
-      cuda_philox_key(kLangevinStepOp, philox_noise && !noise.has_value(), generator);
+      cuda_philox_key(kLangevinStepOp, philox_noise && !noise.has_value(), generator, x.device());
   langevin_step_cuda_keyed(x, grad, noise, row_coefs, coefs, grad_clip, clamp_lo, clamp_hi, philox_noise, key, seed,
                            offset, out, mean_out);
 }

@@ -23,7 +23,7 @@ at::Tensor nade_sample_cuda(const at::Tensor& W, const at::Tensor& c, const at::
                                             std::string_view(activation.data(), activation.size()));
   check_nade_cuda_hidden(kNadeSampleOp, t);
   const std::optional<PhiloxKeyRef> from_generator =
-      cuda_philox_key(kNadeSampleOp, !uniforms.has_value(), generator);
+      cuda_philox_key(kNadeSampleOp, !uniforms.has_value(), generator, W.device());
   const PhiloxKeyRef key = from_generator.value_or(
       PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr});
   at::Tensor samples = at::empty({num_samples, W.size(1)}, W.options().dtype(dtype));

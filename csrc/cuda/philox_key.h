@@ -23,12 +23,15 @@ inline PhiloxKeyRef philox_key_from(const at::Generator& generator) {
 }
 
 // The key from `generator` when the kernel draws noise and one was given; else none (the
-// kernel then uses the seed and offset arguments).
+// kernel then uses the seed and offset arguments). The generator must be `device`'s: under capture
+// another device's would hand the graph pointers it does not refresh.
 inline std::optional<PhiloxKeyRef> cuda_philox_key(const char* op, bool draws_noise,
-                                                   const std::optional<at::Generator>& generator) {
+                                                   const std::optional<at::Generator>& generator,
+                                                   const at::Device& device) {
   if (!draws_noise || !generator.has_value()) return std::nullopt;
-  TORCH_CHECK(generator->device().type() == at::kCUDA, op, ": generator must be a CUDA generator, got ",
-              generator->device());
+  const at::Device own = generator->device();  // index -1: a generator made for "cuda" unnumbered
+  TORCH_CHECK(own.type() == at::kCUDA && (own.index() < 0 || own.index() == device.index()), op,
+              ": generator must be a CUDA generator of the tensors' device ", device, ", got one of ", own);
   return philox_key_from(*generator);
 }
 
