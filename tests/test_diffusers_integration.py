@@ -87,6 +87,14 @@ def test_in_kernel_noise_mode():
     assert torch.isfinite(a).all() and not torch.allclose(a, c)  # another stream than diffusers'
     with pytest.raises(ValueError, match="genfast_noise must be one of"):
         fused.DDPMScheduler(genfast_noise="curand")
+    # a generator per sample keys diffusers' noise, as diffusers' own step does
+    sample, model_output = torch.randn(SHAPE), torch.randn(SHAPE)
+    steps = []
+    for scheduler in (fused.DDPMScheduler(**base, genfast_noise="in_kernel"), diffusers.DDPMScheduler(**base)):
+        scheduler.set_timesteps(10)
+        generators = [torch.Generator().manual_seed(n) for n in range(SHAPE[0])]
+        steps.append(scheduler.step(model_output, scheduler.timesteps[3], sample, generator=generators).prev_sample)
+    torch.testing.assert_close(steps[0], steps[1])
 
 
 def test_unsupported_configuration_falls_back_to_diffusers():

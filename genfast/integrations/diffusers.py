@@ -7,7 +7,8 @@ Each class subclasses diffusers' class of the same name, takes the same configur
 what diffusers returns. Two constructor options come on top:
 - genfast_noise="diffusers" (default) draws the step's noise exactly as diffusers does (from the
   generator passed to step(), or variance_noise), so a known seed gives the same images;
-  genfast_noise="in_kernel" draws it inside the kernel instead (same distribution, another stream).
+  genfast_noise="in_kernel" draws it inside the kernel instead (same distribution, another stream;
+  a list of generators, one per sample, still draws diffusers' noise).
 - genfast_impl: the backend, as the impl argument of genfast's functions.
 Configurations the fused step does not cover (thresholding, learned variances, per-token
 timesteps) fall back to diffusers' own step().
@@ -41,8 +42,9 @@ def _fused_scheduler(base):
             self.genfast_impl = genfast_impl
 
         def _noise(self, shape, generator, device, dtype):
-            """diffusers' noise, or None when the kernel draws it."""
-            if self.genfast_noise == "in_kernel":
+            """diffusers' noise, or None when the kernel draws it (from one generator: a list of them,
+            one per sample, draws diffusers' noise)."""
+            if self.genfast_noise == "in_kernel" and not isinstance(generator, (list, tuple)):
                 return None
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
