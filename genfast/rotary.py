@@ -81,7 +81,8 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = No
     positions = _positions(positions, x)
     if backend != "native" or positions.dtype != torch.int32:
         _check_range(positions, cos)
-    positions = positions.to(torch.int32)
+    if positions.dtype != torch.int32:  # narrowed past the tables' ends, so that no position wraps into them
+        positions = positions.clamp(-1, cos.shape[0]).to(torch.int32)
     if backend == "reference":
         turned = reference.rotary(x, cos, sin, positions, interleaved, inverse)
         return x.copy_(turned) if inplace else turned

@@ -205,14 +205,16 @@ def test_replays_in_a_cuda_graph(impl):
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", fused_impls())
 def test_a_gpu_turns_positions_outside_the_tables_by_nothing(impl):
-    """Unchecked on a GPU (no synchronisation), as in FlashAttention: never read past the tables."""
+    """Unchecked on a GPU (no synchronisation), as in FlashAttention: never read past the tables; an
+    int64 position past int32 is not narrowed back into them."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     skip_unless_supported(impl, "cuda")
     cos, sin = _tables(DIM, device="cuda")
     x = torch.randn(BATCH, SEQLEN, HEADS, DIM, device="cuda")
     positions = _positions("cuda")
-    positions[0, 1], positions[1, 3] = -1, POSITIONS
+    positions = positions.long()
+    positions[0, 1], positions[1, 3] = -1, POSITIONS + (1 << 32)  # the second int32 wraps back into the tables
     got = genfast.rotary(x, cos, sin, positions, impl=impl)
     torch.testing.assert_close(got[0, 1], x[0, 1])
     torch.testing.assert_close(got[1, 3], x[1, 3])
