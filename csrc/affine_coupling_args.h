@@ -161,12 +161,16 @@ inline at::Tensor coupling_logdet(const at::Tensor& partial) {
   return partial.size(1) == 1 ? partial.view({-1}) : partial.sum(1);
 }
 
-// The backward's outputs: contiguous gradients to x, shift and scale.
+// The backward's outputs: contiguous gradients to x, shift and scale. On a GPU, which does not
+// check that the index names every entry of shift and scale (that would synchronise), those start
+// at zero: an entry no element reads gets gradient 0, its true gradient.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_grad_outputs(const at::Tensor& x,
                                                                             const at::Tensor& shift,
                                                                             const at::Tensor& scale) {
-  const auto contiguous = [](const at::Tensor& like) { return at::empty(like.sizes(), like.options()); };
-  return {contiguous(x), contiguous(shift), contiguous(scale)};
+  const auto contiguous = [](const at::Tensor& like) {
+    return like.is_cuda() ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+  };
+  return {at::empty(x.sizes(), x.options()), contiguous(shift), contiguous(scale)};
 }
 
 // The backward's checks of grad_y and grad_logdet, returned as rows and float32.

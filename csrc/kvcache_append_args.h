@@ -155,6 +155,7 @@ KvcacheAppendParams<T> kvcache_append_params(const at::Tensor& k, const at::Tens
   p.cos = rotary_cos ? input_ptr<T, Storage>(held(*rotary_cos)) : nullptr;
   p.sin = rotary_sin ? input_ptr<T, Storage>(held(*rotary_sin)) : nullptr;
   p.half = rotary_cos ? rotary_cos->size(1) : 0;
+  p.table_rows = rotary_cos ? rotary_cos->size(0) : 0;
   p.interleaved = rotary_interleaved;
   p.q = q ? input_ptr<T, Storage>(held(*q)) : nullptr;
   p.q_out = q ? output_ptr<T, Storage>(q_out) : nullptr;

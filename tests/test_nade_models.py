@@ -252,3 +252,14 @@ def test_fused_made_trains_like_the_reference(made, data, impl):
         reference_losses = made.losses[:COMPARED_STEPS_MADE]
     losses = fused.fit(data.train, **kwargs)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0)
+
+
+def test_made_sample_propagates_nan():
+    """A NaN logit gives a NaN sample dimension (not 0), and the dimensions after it in the ordering
+    see it; the ordering is read without a device round trip."""
+    model = MADE(4, [8], ordering=torch.tensor([2, 0, 3, 1]), impl="reference")
+    with torch.no_grad():
+        model.layers[-1].bias[0] = float("nan")
+    x = model.sample(3, torch.Generator().manual_seed(0))
+    assert x[:, 0].isnan().all() and not x[:, 2].isnan().any()
+    assert x[:, [3, 1]].isnan().all()

@@ -32,7 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
                                                                      bool inverse) {
   const c10::cuda::CUDAGuard guard(x.device());
   const ActNormTensors t = prepare_actnorm(x, log_scale, bias);
-  const ActNormGradTensors g = prepare_actnorm_grads(grad_y, grad_logdet, x, t, actnorm_rows_per_chunk(t));
+  // At most 65535 chunks, the launch's grid.y: more samples a chunk where the shape would make more.
+  const int64_t rows_per_chunk = std::max(actnorm_rows_per_chunk(t), (t.rows + 65534) / 65535);
+  const ActNormGradTensors g = prepare_actnorm_grads(grad_y, grad_logdet, x, t, rows_per_chunk);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
     using T = decltype(type);

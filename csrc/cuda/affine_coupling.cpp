@@ -12,6 +12,12 @@
 namespace genfast {
 namespace {
 
+// The kernels' grids put a sample's chunks of kCouplingChunk elements on grid.y, at most 65535.
+void check_coupling_grid(const CouplingTensors& t) {
+  TORCH_CHECK(coupling_chunks(t.layout.row_size) <= 65535, kAffineCouplingOp, ": on a GPU, samples of at most ",
+              int64_t{65535} * kCouplingChunk, " elements, got ", t.layout.row_size);
+}
+
 // fn(T{}, Storage{}) for the CUDA element type T and the tensor's element type Storage.
 std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, const at::Tensor& shift,
                                                         const at::Tensor& scale, const at::Tensor& index,
@@ -20,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, con
   const c10::cuda::CUDAGuard guard(x.device());
   const ScaleFn fn = parse_scale_fn(std::string_view(scale_fn.data(), scale_fn.size()), scale_param);
   const CouplingTensors t = prepare_coupling(x, shift, scale, index);
+  check_coupling_grid(t);
   const CouplingOutputs out = coupling_outputs(x, t);
   if (t.layout.rows == 0) return {out.y, out.partial.sum(1)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -39,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const ScaleFn fn = parse_scale_fn(std::string_view(scale_fn.data(), scale_fn.size()), scale_param);
   const CouplingTensors t = prepare_coupling(x, shift, scale, index);
+  check_coupling_grid(t);
   const auto [g, g_logdet] = prepare_coupling_grads(grad_y, grad_logdet, x, t);
   const auto [grad_x, grad_shift, grad_scale] = coupling_grad_outputs(x, shift, scale);
   if (t.layout.rows == 0) return {grad_x, grad_shift, grad_scale};

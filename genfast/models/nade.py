@@ -105,6 +105,7 @@ class MADE(ImplSwitch, nn.Module):
         degrees = made_degrees(dims, hidden_sizes, order)
         self.dims = dims
         self.register_buffer("ordering", order.clone())
+        self._ordering_list = order.tolist()  # sample()'s, read without a device synchronisation
         layers = [MaskedLinear(d_in.numel(), d_out.numel(), d_in, d_out, strict=False, impl=impl)
                   for d_in, d_out in zip(degrees[:-1], degrees[1:])]
         layers.append(MaskedLinear(hidden_sizes[-1], dims, degrees[-1], degrees[0], strict=True, impl=impl))
@@ -141,6 +142,9 @@ class MADE(ImplSwitch, nn.Module):
             if isinstance(generator, PhiloxGenerator):
                 seed, offset = next_philox_key(generator, param.device)
                 uniforms = philox_uniform((num_samples, self.dims), seed, offset, device=param.device)
+            elif generator is not None and generator.device.type != param.device.type:  # a CPU generator's
+                uniforms = torch.rand(num_samples, self.dims, generator=generator,
+                                      device=generator.device).to(param.device, non_blocking=True)
             else:
                 uniforms = torch.rand(num_samples, self.dims, generator=generator, device=param.device)
         if uniforms.shape != (num_samples, self.dims):
@@ -149,9 +153,10 @@ class MADE(ImplSwitch, nn.Module):
             raise ValueError(f"observed (num_samples, D) = {(num_samples, self.dims)} must be given when "
                              "num_observed > 0")
         x = torch.zeros(num_samples, self.dims, dtype=param.dtype, device=param.device)
-        for k, d in enumerate(self.ordering.tolist()):
+        for k, d in enumerate(self._ordering_list):
             if k < num_observed:
                 x[:, d] = observed[:, d].to(x.dtype)
             else:
-                x[:, d] = (uniforms[:, d] < torch.sigmoid(self(x)[:, d])).to(x.dtype)
+                p = torch.sigmoid(self(x)[:, d])
+                x[:, d] = torch.where(p.isnan(), p, (uniforms[:, d] < p).to(p.dtype)).to(x.dtype)  # NaN propagates
         return x

@@ -38,7 +38,8 @@ class InvertibleConv1x1(nn.Module):
 
     def inverse(self, y):
         w, logabsdet = self.weight()
-        return _apply(torch.linalg.inv(w), y), -self._logdet(logabsdet, y)
+        # inv_ex: inv would check its result's info on the host, a device synchronisation
+        return _apply(torch.linalg.inv_ex(w).inverse, y), -self._logdet(logabsdet, y)
 
     @staticmethod
     def _logdet(logabsdet, x):

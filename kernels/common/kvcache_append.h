@@ -31,6 +31,7 @@ struct KvcacheAppendParams {
   const T* cos;  // (positions, half), contiguous, or null: no rotation
   const T* sin;
   int64_t half;
+  int64_t table_rows;  // the tables' positions; one outside turns by nothing (a GPU does not check them)
   bool interleaved;
   const T* q;  // (batch, q_rows, q_heads, head_dim), contiguous, or null: no queries to turn
   T* q_out;    // likewise

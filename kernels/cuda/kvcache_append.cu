@@ -27,8 +27,9 @@ __global__ void kvcache_append_kernel(KvcacheAppendParams<T> p) {
   if (task < key_rows) {
     const int64_t n = task / p.new_rows, row = task % p.new_rows;
     const int64_t position = static_cast<int64_t>(p.cache_seqlens[n]) + row;
-    const T* cos = p.cos != nullptr ? p.cos + position * p.half : nullptr;
-    const T* sin = p.sin != nullptr ? p.sin + position * p.half : nullptr;
+    const bool turned = p.cos != nullptr && position >= 0 && position < p.table_rows;
+    const T* cos = turned ? p.cos + position * p.half : nullptr;
+    const T* sin = turned ? p.sin + position * p.half : nullptr;
     T* keys = p.k_cache + kvcache_row_offset(p, n, row, p.k_cache_strides);
     T* values = p.v_cache + kvcache_row_offset(p, n, row, p.v_cache_strides);
     for (int64_t i = threadIdx.x; i < p.kv_heads * p.head_dim; i += kThreads) {
@@ -43,8 +44,9 @@ __global__ void kvcache_append_kernel(KvcacheAppendParams<T> p) {
   } else {
     const int64_t q_task = task - key_rows, n = q_task / p.q_rows, row = q_task % p.q_rows;
     const int64_t position = kvcache_query_position(p, n, row);
-    const T* cos = p.cos + position * p.half;
-    const T* sin = p.sin + position * p.half;
+    const bool turned = position >= 0 && position < p.table_rows;
+    const T* cos = turned ? p.cos + position * p.half : nullptr;
+    const T* sin = turned ? p.sin + position * p.half : nullptr;
     const int64_t offset = q_task * p.q_heads * p.head_dim;
     for (int64_t i = threadIdx.x; i < p.q_heads * p.head_dim; i += kThreads) {
       const int64_t h = i / p.head_dim, j = i % p.head_dim;

@@ -74,6 +74,7 @@ void run_case(const Case& c) {
   p.cos = half > 0 ? tables.cos.data() : nullptr;
   p.sin = half > 0 ? tables.sin.data() : nullptr;
   p.half = half;
+  p.table_rows = positions;
   p.interleaved = c.interleaved;
   p.q = half > 0 ? q.data() : nullptr;
   p.q_out = half > 0 ? q_out.data() : nullptr;
