@@ -36,7 +36,7 @@ inline LuTensors prepare_lu(const at::Tensor& lower, const at::Tensor& upper, co
   }
   TORCH_CHECK(perm.scalar_type() == at::kLong, kLuWeightOp, ": perm must be int64, got ", perm.scalar_type());
   if (perm.device().is_cpu() && perm.numel() > 0) {
-    // A GPU check would synchronize; there the kernels read rows of whatever perm names in range.
+    // A GPU check would synchronize; there the kernels give NaN for a row perm names out of range.
     const bool is_permutation =
         at::equal(std::get<0>(perm.sort()), at::arange(perm.numel(), perm.options()));
     TORCH_CHECK(is_permutation, kLuWeightOp, ": perm must be a permutation of 0..", perm.numel() - 1);
@@ -62,7 +62,10 @@ inline LuGradTensors prepare_lu_grads(const at::Tensor& grad_weight, const at::T
               grad_weight.sizes());
   TORCH_CHECK(grad_logabsdet.numel() == 1, op, ": grad_logabsdet must be a scalar, got shape ",
               grad_logabsdet.sizes());
-  return {grad_weight.contiguous(), at::empty_like(t.lower), at::empty_like(t.upper), at::empty_like(t.diag)};
+  // grad_lower's rows are written where perm names them: on a GPU, where perm is not checked, the
+  // rows a non-permutation leaves out stay zero.
+  at::Tensor grad_lower = t.lower.is_cuda() ? at::zeros_like(t.lower) : at::empty_like(t.lower);
+  return {grad_weight.contiguous(), grad_lower, at::empty_like(t.upper), at::empty_like(t.diag)};
 }
 
 inline LuWeightBackwardParams lu_weight_backward_params(const LuTensors& t, const LuGradTensors& g) {

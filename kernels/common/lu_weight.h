@@ -48,9 +48,14 @@ GF_HOST_DEVICE float lu_upper_entry(const float* upper, const float* diag, int64
   return j > k ? upper[k * n + j] : (j == k ? diag[k] : 0.0f);
 }
 
+// Whether perm names a row of L. The CPU binding checks that perm is a permutation; a GPU does not
+// (that would synchronise), and there a row outside gives NaN instead of a read past L.
+GF_HOST_DEVICE_INLINE bool lu_row_in_range(int64_t r, int64_t n) { return r >= 0 && r < n; }
+
 // W[i, j]: row perm[i] of L times column j of U.
 GF_HOST_DEVICE float lu_weight_entry(const LuWeightParams& p, int64_t i, int64_t j) {
   const int64_t r = p.perm[i];
+  if (!lu_row_in_range(r, p.n)) return __builtin_nanf("");
   const int64_t last = r < j ? r : j;
   float sum = 0.0f;
   for (int64_t k = 0; k <= last; ++k) {
@@ -71,6 +76,7 @@ GF_HOST_DEVICE float lu_grad_upper_entry(const LuWeightBackwardParams& p, int64_
   float sum = 0.0f;
   for (int64_t i = 0; i < p.n; ++i) {
     const int64_t r = p.perm[i];
+    if (!lu_row_in_range(r, p.n)) return __builtin_nanf("");
     if (r >= k) sum += lu_lower_entry(p.lower, p.n, r, k) * p.grad_weight[i * p.n + j];
   }
   return sum;

@@ -18,7 +18,7 @@ __global__ void lu_weight_backward_kernel(LuWeightBackwardParams p) {
   if (e >= p.n * p.n) return;
   const int64_t i = e / p.n, k = e % p.n;
   const int64_t r = p.perm[i];
-  p.grad_lower[r * p.n + k] = k < r ? lu_grad_lower_entry(p, i, k) : 0.0f;
+  if (lu_row_in_range(r, p.n)) p.grad_lower[r * p.n + k] = k < r ? lu_grad_lower_entry(p, i, k) : 0.0f;
   const float d = k >= i ? lu_grad_upper_entry(p, i, k) : 0.0f;
   p.grad_upper[e] = k > i ? d : 0.0f;
   if (k == i) p.grad_diag[i] = d;

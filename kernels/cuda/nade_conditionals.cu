@@ -10,6 +10,9 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock) nade_conditionals_ker
   const int64_t row = nade_warp_row();
   if (row >= p.rows) return;  // the whole warp
   const int lane = threadIdx.x % 32;
+  if (!nade_warp_ordering_in_range(p.ordering, p.ordering_per_row, row, p.dims, lane)) {
+    return nade_warp_fill_nan(p.logits + row * p.dims, p.dims, lane);
+  }
   NadeWarpState<kPerLane> state;
   state.load(p.c, p.hidden, lane);
   for (int64_t k = 0; k < p.dims; ++k) {
@@ -31,6 +34,9 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock)
   if (row >= f.rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t H = f.hidden, D = f.dims;
+  if (!nade_warp_ordering_in_range(f.ordering, f.ordering_per_row, row, D, lane)) {
+    return nade_warp_fill_nan(p.grad_x + row * D, D, lane);
+  }
   NadeWarpState<kPerLane> state;
   state.load(f.c, H, lane);
   int64_t remaining = 0;  // nonzero x not yet subtracted again

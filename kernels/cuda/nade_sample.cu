@@ -12,6 +12,9 @@ __global__ void __launch_bounds__(32 * kNadeWarpsPerBlock) nade_sample_kernel(Na
   const int64_t row = nade_warp_row();
   if (row >= p.rows) return;
   const int lane = threadIdx.x % 32;
+  if (!nade_warp_ordering_in_range(p.ordering, p.ordering_per_row, row, p.dims, lane)) {
+    return nade_warp_fill_nan(p.x + row * p.dims, p.dims, lane);
+  }
   uint64_t seed = 0, offset = 0;
   resolve_philox_key(p.key, &seed, &offset);
   NadeWarpState<kPerLane> state;

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "../common/nade.h"
+#include "float_conversion.cuh"
 #include "warp_sum.cuh"
 
 namespace genfast {
@@ -48,6 +49,27 @@ struct NadeWarpState {
     }
   }
 };
+
+// Whether every step of `row` visits a dimension in [0, dims), asked of the whole warp. The CPU
+// binding checks that each ordering is a permutation; a GPU does not (that would synchronise), and
+// its kernels give a row whose ordering leaves the range NaN (and no gradient) instead of reading and
+// writing past the parameters and the row.
+__device__ __forceinline__ bool nade_warp_ordering_in_range(const int64_t* ordering, bool per_row, int64_t row,
+                                                            int64_t dims, int lane) {
+  if (ordering == nullptr) return true;
+  bool outside = false;
+  for (int64_t k = lane; k < dims; k += 32) {
+    const int64_t d = nade_step_dim(ordering, per_row, row, dims, k);
+    outside |= d < 0 || d >= dims;
+  }
+  return !__any_sync(0xffffffffu, outside);
+}
+
+// Writes NaN to the D elements of a row (lanes in turn).
+template <typename T>
+__device__ __forceinline__ void nade_warp_fill_nan(T* row_start, int64_t dims, int lane) {
+  for (int64_t k = lane; k < dims; k += 32) row_start[k] = from_float<T>(__int_as_float(0x7fc00000));
+}
 
 // Runs kernel<kPerLane> for the smallest register layout that holds `hidden` units.
 template <template <int> class Launch, typename... Args>
