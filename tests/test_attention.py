@@ -3,9 +3,6 @@ gradients by the error-ratio rule for every option, odd lengths and head dims, f
 NaN, dropout's Philox mask, a deterministic backward, opcheck, torch.compile and bad input."""
 
 import importlib
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -811,50 +808,23 @@ def test_full_mask_gradient_stored_in_the_masks_dtype(mask_dtype):
     assert torch.equal(rounded.nan_to_num(), exact.nan_to_num().to(mask_dtype))
 
 
-# The streamed call runs in a process whose allocator reuses freed memory (glibc without mmap, as
-# jemalloc or tcmalloc would): the kernels stream stores only into resident pages, and a gradient
-# of 32 MiB mapped afresh has none.
-_STREAMED_MASK_GRAD = r"""
-import sys, torch, genfast
-sys.path.insert(0, {tests!r})
-from test_attention import _full_mask_case
-q, k, v, mask = _full_mask_case()
-m = mask.clone().requires_grad_()
-o = genfast.attention(q, k, v, m, impl="native")
-loss = (o * o.detach().cos()).sum()
-freed = torch.full((1, 2, 2048, 2304), float("nan"))  # memory full of NaN, larger than the gradient
-begin, end = freed.data_ptr(), freed.data_ptr() + freed.numel() * 4
-assert genfast._C.pages_resident(begin, end - begin)
-del freed
-grad = torch.autograd.grad(loss, m)[0]
-assert begin <= grad.data_ptr() and grad.data_ptr() + grad.numel() * 4 <= end, "not carved from the freed memory"
-torch.save(grad, {path!r})
-"""
-
-
-def _full_mask_case():
+def test_full_float32_mask_gradient_past_the_caches_is_streamed():
+    """A float32 mask gradient of 32 MiB or more, stored with streaming stores (past the caches): the
+    rows of a call with a few of the queries, stored plainly, bit for bit; zeros where a hidden key
+    block leaves dS uncomputed, whatever the memory given to the gradient held before."""
+    skip_unless_supported("native", "cpu")
     q, k, v = _qkv(1, 2, 2, 2048, 2048, 16, torch.float32)
     mask = torch.randn(1, 2, 2048, 2048, generator=torch.Generator().manual_seed(8))
     mask[0, 1, :, 1024:1152] = float("-inf")  # a whole key block hidden from one head: skipped
-    return q, k, v, mask
 
+    def mask_grad(rows):
+        for _ in range(4):  # memory freed full of NaN, which the gradient's may be carved from
+            torch.full(mask.shape, float("nan")).add_(1)
+        m = mask[:, :, :rows].clone().requires_grad_()
+        o = genfast.attention(q[:, :, :rows], k, v, m, impl="native")
+        return torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables set the allocator")
-def test_full_float32_mask_gradient_past_the_caches_is_streamed(tmp_path):
-    """A float32 mask gradient of 32 MiB or more in resident memory, stored with streaming stores:
-    the rows of a call with a few of the queries, stored plainly, bit for bit; zeros where a hidden
-    key block leaves dS uncomputed, though the memory the gradient is carved from held NaN."""
-    skip_unless_supported("native", "cpu")
-    path = tmp_path / "grad.pt"
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776")
-    script = _STREAMED_MASK_GRAD.format(tests=os.path.dirname(__file__), path=str(path))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    streamed = torch.load(path)
-    q, k, v, mask = _full_mask_case()
-    m = mask[:, :, :40].clone().requires_grad_()
-    o = genfast.attention(q[:, :, :40], k, v, m, impl="native")
-    plain = torch.autograd.grad((o * o.detach().cos()).sum(), m)[0]
+    streamed, plain = mask_grad(2048), mask_grad(40)
     assert streamed.numel() * streamed.element_size() >= 32 << 20 > plain.numel() * plain.element_size()
     assert torch.equal(streamed[:, :, :40], plain)
     assert streamed.isfinite().all() and (streamed[0, 1, :, 1024:1152] == 0).all()

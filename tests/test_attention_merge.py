@@ -89,8 +89,8 @@ def test_matches_reference(impl, device, states, dim):
 
 @pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40)])
 def test_rows_past_one_block(states, dim):
-    """The CPU kernel computes the weights of 128 rows at a time: 335 rows (two threads' tasks, a
-    partial block), summed in registers (head dims of sixteens) or in a buffer (40)."""
+    """The CPU kernel computes the weights of 128 rows at a time: 335 rows, two whole blocks and a
+    partial one, summed in registers (head dims of sixteens) or in a buffer (40)."""
     skip_unless_supported("native", "cpu")
     _compare("native", *_states(states, (5, 67), dim, seed=dim))
 

@@ -456,8 +456,9 @@ def test_alibi_slopes_are_flashinfers():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_calls_copy_nothing_from_the_host(impl, monkeypatch):
     """The single_* calls plan on every call: their plan's tensors (sequence bounds, RoPE tables and
-    rows, ALiBi slopes and lse shifts) are made by device ops, none copied from the host, which a
-    CUDA graph could not capture (the copy's pinned source would be reused after it)."""
+    rows, ALiBi slopes and lse shifts) are made by device ops, none passed through to_device (the
+    batch plans' copy from pinned host memory, which a CUDA graph could not capture: the pinned
+    source would be reused after it)."""
     skip_unless_supported(impl, "cpu")
     copied = []
     monkeypatch.setattr(flashinfer_common, "to_device", lambda t, *args: copied.append(t.shape) or t)

@@ -256,10 +256,20 @@ def test_fused_made_trains_like_the_reference(made, data, impl):
 
 def test_made_sample_propagates_nan():
     """A NaN logit gives a NaN sample dimension (not 0), and the dimensions after it in the ordering
-    see it; the ordering is read without a device round trip."""
+    see it."""
     model = MADE(4, [8], ordering=torch.tensor([2, 0, 3, 1]), impl="reference")
     with torch.no_grad():
         model.layers[-1].bias[0] = float("nan")
     x = model.sample(3, torch.Generator().manual_seed(0))
     assert x[:, 0].isnan().all() and not x[:, 2].isnan().any()
     assert x[:, [3, 1]].isnan().all()
+
+
+def test_made_sample_walks_a_loaded_ordering():
+    """sample() walks the ordering of a loaded state dict (its masks come with it), not the one the
+    module was built with."""
+    trained = MADE(5, [16], ordering=torch.tensor([4, 2, 0, 3, 1]), impl="reference")
+    loaded = MADE(5, [16], impl="reference")
+    loaded.load_state_dict(trained.state_dict())
+    u = torch.rand(64, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.sample(64, uniforms=u), trained.sample(64, uniforms=u), rtol=0, atol=0)

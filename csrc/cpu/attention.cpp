@@ -1088,7 +1088,7 @@ struct AttentionGrads {
   // stored once here in the mask's dtype, (B, H, Lq, Lk): no float32 buffer to zero, fill and round.
   void* mask_grad;
   at::ScalarType mask_grad_type;
-  bool stream_mask_grad;  // mask_grad_streams
+  bool stream_mask_grad;  // a float32 mask_grad larger than the caches: written with streaming stores
 };
 
 // The row of a copy of grad_mask that the row of dS of (batch b, head h, query i) adds to.
@@ -1588,14 +1588,6 @@ at::Tensor row_deltas(const at::Tensor& grad_o, const at::Tensor& o, const std::
   return delta;
 }
 
-// Whether the mask's gradient, stored whole, is written with streaming stores: float32, larger
-// than the caches, its pages resident (pages_resident: a fresh allocation's are not).
-bool mask_grad_streams(const at::Tensor& stored_grad) {
-  const int64_t bytes = stored_grad.numel() * static_cast<int64_t>(sizeof(float));
-  return stored_grad.scalar_type() == at::kFloat && bytes >= kStreamingStoreMinBytes &&
-         pages_resident(stored_grad.const_data_ptr(), bytes);
-}
-
 // grad_q, grad_k, grad_v (in the inputs' dtype), with grad_mask the mask's gradient
 // (attention_mask_grad), with sinks theirs.
 AttentionBackwardResult backward(
@@ -1670,7 +1662,8 @@ AttentionBackwardResult backward(
                            copy_shape[2],
                            stored ? stored_grad.mutable_data_ptr() : nullptr,
                            t.mask_grad_dtype,
-                           stored && mask_grad_streams(stored_grad)};
+                           stored && t.mask_grad_dtype == at::kFloat &&
+                               stored_grad.numel() * static_cast<int64_t>(sizeof(float)) >= kStreamingStoreMinBytes};
     attention_backward_impl(p, g, pairs);
   }
   std::optional<at::Tensor> mask_grad;

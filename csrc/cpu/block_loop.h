@@ -73,8 +73,8 @@ class Block {
 // more whose pages are resident, none sharing memory with an input (an in-place step has just
 // read the lines it writes, which plain stores then hit). Undefined tensors are skipped. On an
 // Intel Xeon (2 threads), a 64 MiB DDIM step into a new output took 26 ms with streaming stores and
-// 19 without (12.2 and 10.9 with huge pages), in place 6.1 and 4.7 ms (huge pages), but into a given output
-// written before 5.3 ms against 7.2 (huge pages; about even without them).
+// 19 without (with huge pages 12.2 and 10.9), in place 6.1 and 4.7 ms (huge pages), but into a
+// given output written before 5.3 ms against 7.2 (huge pages; about even without them).
 inline bool stream_outputs(std::initializer_list<at::TensorBase> outputs,
                            std::initializer_list<at::TensorBase> inputs) {
   for (const at::TensorBase& out : outputs) {

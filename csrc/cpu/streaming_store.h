@@ -19,7 +19,7 @@ constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
 // mapping) from one written before. Streaming stores only pay into the latter: a page's first touch
 // clears it, which leaves its lines in the cache, and streaming stores then evict the lines that
 // plain stores would hit. Looks at the middle and last pages (an allocator may write a header in
-// front of a fresh block); says true where the system cannot tell.
+// front of a fresh block) with Linux's mincore (false where it fails); true elsewhere (no mincore).
 bool pages_resident(const void* data, int64_t bytes);
 
 }  // namespace genfast

@@ -464,7 +464,7 @@ def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_t
     capacity = _cache_capacity(k_cache, page_table)
     # Rows past cu_new[-1] (a batch padded to a captured graph's size, say) are no new keys, as
     # FlashAttention 3 takes them: each writes again what the last new key writes, or where there is
-    # none, what its slot already holds (without reading cu_new on the host).
+    # none, what the cache's first slot already holds (without reading cu_new on the host).
     rows = torch.arange(k.shape[0], device=k.device)
     none_new = cu_new[-1] == 0
     source = torch.where(rows < cu_new[-1], rows, (cu_new[-1] - 1).clamp(min=0))
@@ -482,7 +482,10 @@ def _append_packed(k_cache, v_cache, k, v, cu_new, held, cache_batch_idx, page_t
         index = (page_table[sequence, at // page_size].long(), (at % page_size).long())
     else:
         index = ((sequence if cache_batch_idx is None else cache_batch_idx[sequence].long()), at.long())
+    index = tuple(torch.where(none_new, 0, part) for part in index)
     for cache, new in ((k_cache, k), (v_cache, v)):
+        if cache.element_size() == 1:  # float8: indexing and where on its bytes, which every torch takes
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
         cache.index_put_(index, torch.where(none_new, cache[index], new[source]))
     return held + counts
 

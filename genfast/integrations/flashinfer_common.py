@@ -169,7 +169,7 @@ class Plan:
             # genfast's bias differs from FlashInfer's slope (j - i) by slope (kv_len - qo_len) in each row
             # it leaves (left of the diagonal): lse gains it back.
             if len(self.qo_lens) == 1:
-                self.lse_shift = torch.full((n_q,), float(n_k - n_q), device=device)
+                self.lse_shift = torch.full((n_q,), float(n_k - n_q), dtype=torch.float32, device=device)
             else:
                 shifts = [float(n_k - n_q) for n_q, n_k in zip(self.qo_lens, self.kv_lens) for _ in range(n_q)]
                 self.lse_shift = to_device(torch.tensor(shifts, dtype=torch.float32), device, non_blocking)

@@ -105,12 +105,17 @@ class MADE(ImplSwitch, nn.Module):
         degrees = made_degrees(dims, hidden_sizes, order)
         self.dims = dims
         self.register_buffer("ordering", order.clone())
-        self._ordering_list = order.tolist()  # sample()'s, read without a device synchronisation
+        # sample()'s walk, read without a device synchronisation; a loaded state dict brings its own
+        self._ordering_list = order.tolist()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_ordering())
         layers = [MaskedLinear(d_in.numel(), d_out.numel(), d_in, d_out, strict=False, impl=impl)
                   for d_in, d_out in zip(degrees[:-1], degrees[1:])]
         layers.append(MaskedLinear(hidden_sizes[-1], dims, degrees[-1], degrees[0], strict=True, impl=impl))
         self.layers = nn.ModuleList(layers)
         self.impl = impl
+
+    def _read_ordering(self) -> None:
+        self._ordering_list = self.ordering.tolist()
 
     def forward(self, x: Tensor) -> Tensor:
         """The logits (B, D) of p(x_d = 1 | the dimensions before d in the ordering)."""

@@ -38,8 +38,9 @@ class InvertibleConv1x1(nn.Module):
 
     def inverse(self, y):
         w, logabsdet = self.weight()
-        # inv_ex: inv would check its result's info on the host, a device synchronisation
-        return _apply(torch.linalg.inv_ex(w).inverse, y), -self._logdet(logabsdet, y)
+        # on a GPU inv_ex: inv would read its info on the host (a synchronisation) to refuse a singular w
+        inverse = torch.linalg.inv(w) if w.device.type == "cpu" else torch.linalg.inv_ex(w).inverse
+        return _apply(inverse, y), -self._logdet(logabsdet, y)
 
     @staticmethod
     def _logdet(logabsdet, x):
