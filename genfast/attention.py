@@ -25,7 +25,7 @@ from torch.nn.attention.bias import CausalBias
 from . import _backend, _checks
 from .ops import attention as attention_op  # (importing it registers the fakes)
 from .ops.attention import check_paged_cache, check_qv
-from .random import as_int64, next_philox_key, takes_cuda_generator
+from .random import as_int64, cuda_graph_capturing, next_philox_key, takes_cuda_generator
 from .reference import attention as reference
 
 Tensor = torch.Tensor
@@ -294,8 +294,7 @@ def _qv_form(impl, q, k, v, qv, scale, backend, *others):
 def _dropout_key(generator, device):
     """Dropout's (seed, offset), drawn on the host; under CUDA graph capture only from a
     genfast.PhiloxGenerator (a torch CUDA generator's offset cannot be read then)."""
-    if (takes_cuda_generator(generator, device) and not torch.compiler.is_compiling() and torch.cuda.is_initialized()
-            and torch.cuda.is_current_stream_capturing()):
+    if takes_cuda_generator(generator, device) and cuda_graph_capturing(device):
         raise RuntimeError("dropout under CUDA graph capture takes its key from "
                            "generator=genfast.PhiloxGenerator(seed) (every replay then applies the same mask); a "
                            "torch CUDA generator cannot be read while capturing")

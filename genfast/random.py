@@ -66,11 +66,17 @@ def takes_cuda_generator(generator, device: torch.device) -> bool:
     return generator is None or generator.device.type == "cuda"
 
 
+def cuda_graph_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream (asked outside
+    torch.compile's tracing only)."""
+    return (device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def check_host_key_not_captured(generator, device: torch.device) -> None:
     """A key drawn on the host would be frozen into a CUDA graph being captured: every replay would
     draw the same noise. Refused, naming what works there."""
-    if (device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_initialized()
-            and torch.cuda.is_current_stream_capturing()):
+    if cuda_graph_capturing(device):
         kind = type(generator).__name__ if generator is not None else "the default generator"
         raise RuntimeError(f"in-kernel noise under CUDA graph capture needs the native CUDA kernels and a CUDA "
                            f"torch.Generator (or None), which advance on the device; with {kind} on this backend "

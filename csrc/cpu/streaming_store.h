@@ -11,8 +11,8 @@ namespace genfast {
 void streaming_store(float* dst, const float* src, int64_t n);
 void streaming_store_fence();
 
-// Outputs at least this large (bytes) are written with streaming stores, where their pages are
-// resident (below).
+// Outputs at least this large (bytes) are written with streaming stores; the elementwise ops and
+// the attention merge also ask that their pages be resident (below).
 constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
 
 // Whether the pages under [data, data + bytes) are in memory already; tells a new output (a fresh
