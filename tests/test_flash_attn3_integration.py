@@ -719,7 +719,8 @@ def test_with_kvcache_packed_new_keys(layout, rotary, impl):
 def test_with_kvcache_rows_past_the_new_keys_are_not_written(layout):
     """New keys packed by cu_seqlens_k_new in a k and v padded past cu_seqlens_k_new[-1] (a batch
     padded to a captured graph's size): the padding is no key, as FlashAttention 3 takes it; the
-    caches end as with the rows alone, also where no sequence has a new key."""
+    caches end as with the rows alone, also where no sequence has a new key, and with rotary tables
+    that end at the last new key's position (the padding is not turned past them)."""
     skip_unless_supported("native", "cpu")
     k_cache, v_cache, table = _cache(layout == "paged", v_dim=DIM, seed=7)
     g = torch.Generator().manual_seed(9)
@@ -729,11 +730,15 @@ def test_with_kvcache_rows_past_the_new_keys_are_not_written(layout):
     held = torch.tensor([6, 0, 13], dtype=torch.int32)
     options = dict(cache_seqlens=held, cu_seqlens_q=torch.tensor([0, 1, 2, 3], dtype=torch.int32), max_seqlen_q=1,
                    causal=True, impl="native", **(dict(page_table=table) if layout == "paged" else {}))
-    for cu_new, real in ((torch.tensor([0, 2, 2, 5], dtype=torch.int32), 5),
-                         (torch.tensor([0, 0, 0, 0], dtype=torch.int32), 0)):
+    angles = torch.arange(16, dtype=torch.float64)[:, None] * 0.7 ** torch.arange(4)  # positions 0 .. 15
+    tables = dict(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float())
+    for cu_new, real, rotary in ((torch.tensor([0, 2, 2, 5], dtype=torch.int32), 5, {}),
+                                 (torch.tensor([0, 2, 2, 5], dtype=torch.int32), 5, tables),
+                                 (torch.tensor([0, 0, 0, 0], dtype=torch.int32), 0, {})):
         padded, alone = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
-        got = fa3.flash_attn_with_kvcache(q, *padded, k, v, cu_seqlens_k_new=cu_new, **options)
-        expected = fa3.flash_attn_with_kvcache(q, *alone, k[:real], v[:real], cu_seqlens_k_new=cu_new, **options)
+        got = fa3.flash_attn_with_kvcache(q, *padded, k, v, cu_seqlens_k_new=cu_new, **options, **rotary)
+        expected = fa3.flash_attn_with_kvcache(q, *alone, k[:real], v[:real], cu_seqlens_k_new=cu_new, **options,
+                                               **rotary)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         for ours, theirs in zip(padded, alone):
             assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())

@@ -437,8 +437,10 @@ def _row_sequences(cu_seqlens, total):
 
 def _turn_packed(x, cu_seqlens, first, per_row, rotary_cos, rotary_sin, **turn):
     """x (total, heads, head_dim), sequence n at rows cu_seqlens[n] .., turned at positions first[n] +
-    i (per_row) or first[n]."""
+    i (per_row) or first[n]; rows past the last sequence (padding, not written anywhere) at that
+    sequence's last position, which the tables hold."""
     sequence, i = _row_sequences(cu_seqlens, x.shape[0])
+    i = torch.minimum(i, (cu_seqlens[1:] - cu_seqlens[:-1])[sequence] - 1).clamp_(min=0)
     positions = first[sequence] + (i if per_row else 0)
     return rotary(x[None], rotary_cos, rotary_sin, positions[None], **turn)[0]
 
