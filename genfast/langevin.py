@@ -18,9 +18,8 @@ from .ops import langevin_corrector_step as corrector_op
 from .ops import langevin_step as langevin_op
 from .ops import mala_accept as mala_op
 from ._dispatch import noise_key, run_reference
-from .random import PhiloxGenerator, as_int64, check_host_key_not_captured, next_philox_key, takes_cuda_generator
+from .random import as_int64, uniforms as random_uniforms
 from .reference import langevin as reference
-from .reference.random import philox_uniform
 
 Schedule = Union[float, torch.Tensor]
 INF = float("inf")
@@ -195,21 +194,6 @@ class MalaResult(NamedTuple):
     acceptance_rate: torch.Tensor  # a 0-d device tensor: reading it is the caller's choice
 
 
-def _uniforms(rows, device, generator):
-    """One U(0, 1) per sample: torch's own RNG for a torch.Generator (graph-safe on CUDA with a CUDA
-    generator; a CPU generator's drawn on the host and copied), or the Philox stream of a
-    PhiloxGenerator (the same on every device)."""
-    if not (takes_cuda_generator(generator, device) or device.type == "cpu"):
-        check_host_key_not_captured(generator, device)
-    if isinstance(generator, PhiloxGenerator):
-        seed, offset = next_philox_key(generator, device)
-        return philox_uniform((rows,), seed, offset, dtype=torch.float64, device=device)
-    if generator is not None and generator.device.type != device.type:
-        return torch.rand(rows, generator=generator, dtype=torch.float64,
-                          device=generator.device).to(device, non_blocking=True)
-    return torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
-
-
 def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
                 energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: Schedule, *,
                 uniform: Optional[torch.Tensor] = None, generator=None, in_place: bool = False,
@@ -237,7 +221,7 @@ def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: 
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {value.device}")
     _checks.check_schedule_value("step_size", step_size, x, low=0, low_open=True)
     if uniform is None:
-        uniform = _uniforms(rows, x.device, generator)
+        uniform = random_uniforms((rows,), generator, x.device, torch.float64)
     elif uniform.numel() != rows or uniform.device != x.device:
         raise ValueError(f"uniform must hold one value per sample ({rows}) on the device of x, got "
                          f"{tuple(uniform.shape)} on {uniform.device}")

@@ -11,6 +11,8 @@ A call that draws n noise values in-kernel takes a (seed, offset) key and advanc
 
 import torch
 
+from .reference.random import philox_uniform
+
 _UINT64 = (1 << 64) - 1
 OFFSET_INCREMENT = 4
 
@@ -81,6 +83,21 @@ def check_host_key_not_captured(generator, device: torch.device) -> None:
         raise RuntimeError(f"in-kernel noise under CUDA graph capture needs the native CUDA kernels and a CUDA "
                            f"torch.Generator (or None), which advance on the device; with {kind} on this backend "
                            f"every replay would draw the same noise: pass noise= instead")
+
+
+def uniforms(shape, generator, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """U(0, 1) of `shape` on `device`: the Philox stream of a PhiloxGenerator (the same on every
+    device), else torch's own RNG with the torch.Generator (graph-safe on CUDA with a CUDA one; a CPU
+    one's drawn on the host and copied). A host-drawn key under CUDA graph capture is refused."""
+    if not takes_cuda_generator(generator, device):
+        check_host_key_not_captured(generator, device)
+    if isinstance(generator, PhiloxGenerator):
+        seed, offset = next_philox_key(generator, device)
+        return philox_uniform(shape, seed, offset, dtype=dtype, device=device)
+    if generator is not None and generator.device.type != device.type:
+        return torch.rand(shape, generator=generator, dtype=dtype, device=generator.device).to(device,
+                                                                                               non_blocking=True)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
 
 
 def kernel_noise_key(generator, device: torch.device, backend: str):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genfast import _backend
 
@@ -95,6 +96,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class RecordedOps(TorchDispatchMode):
+    """The ops a call dispatches (aten's and genfast's), as (schema name, args, result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.calls.append((func._schema.name, args, result))
+        return result
 
 
 def capture_cuda_graph(fn):

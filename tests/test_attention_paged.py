@@ -6,12 +6,11 @@ torch.compile and bad input. A paged cache serves inference: no gradient, no dro
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import genfast
 from genfast.reference.attention import paged_rows, varlen_attention
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import fused_impls, skip_unless_runs, skip_unless_supported
+from conftest import RecordedOps, fused_impls, skip_unless_runs, skip_unless_supported
 
 LENGTHS_Q = [3, 1, 0, 20, 1]
 LENGTHS_K = [300, 129, 5, 256, 0]
@@ -139,25 +138,12 @@ def test_strided_pools_are_read_in_place(impl):
     wide = [torch.cat([t, torch.full_like(t, float("nan"))], 1) for t in (k, v)]
     strided = [t[:, :16] for t in wide]
     assert not strided[0].is_contiguous()
-    with _Copies() as copies:
+    with RecordedOps() as ops:
         o = genfast.attention_varlen(q, *strided, *rest[:4], block_table=rest[4], impl=impl)
-    assert [name for name, numel in copies.made if numel >= k.numel()] == []
+    copies = ("aten::clone", "aten::_to_copy", "aten::contiguous", "aten::copy", "aten::cat")
+    assert [name for name, _, result in ops.calls if name in copies and result.numel() >= k.numel()] == []
     torch.testing.assert_close(o, genfast.attention_varlen(q, k, v, *rest[:4], block_table=rest[4], impl=impl),
                                rtol=0, atol=0)
-
-
-class _Copies(TorchDispatchMode):
-    """The copies a call makes (aten ops that allocate their output), with their sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func._schema.name in ("aten::clone", "aten::_to_copy", "aten::contiguous", "aten::copy", "aten::cat"):
-            self.made.append((str(func), result.numel()))
-        return result
 
 
 def test_reference_reads_the_pages():

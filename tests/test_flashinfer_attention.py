@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from genfast.integrations import flashinfer, flashinfer_common
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import capture_cuda_graph, fused_impls, skip_unless_supported
+from conftest import RecordedOps, capture_cuda_graph, fused_impls, skip_unless_supported
 
 IMPLS = fused_impls() + ["reference"]
 
@@ -308,18 +307,6 @@ def test_sinks_join_every_rows_softmax(impl):
                    sinks=SINKS)
 
 
-class _OpCalls(TorchDispatchMode):
-    """The genfast ops a call makes, with their arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((str(func), args))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_batch_without_any_keys(impl):
     """Every request's page list empty in a pool that holds pages: o 0, lse -inf or the sink, and
@@ -331,13 +318,13 @@ def test_paged_batch_without_any_keys(impl):
     qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, impl=impl)
     wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, non_blocking=False)
-    with _OpCalls() as mode:
+    with RecordedOps() as mode:
         o, lse = wrapper.run(q, cache, return_lse=True)
     assert torch.equal(o, torch.zeros_like(o)) and torch.equal(lse, torch.full_like(lse, -math.inf))
     o, lse = wrapper.run(q, cache, sinks=SINKS[:4], return_lse=True)
     assert torch.equal(o, torch.zeros_like(o))
     torch.testing.assert_close(lse, (SINKS[:4] / math.log(2)).expand(5, 4), rtol=1e-6, atol=0)
-    forwards = [args for name, args in mode.calls if "attention_varlen_forward" in name]
+    forwards = [args for name, args, _ in mode.calls if "attention_varlen_forward" in name]
     assert len(forwards) == (impl != "reference")
     for args in forwards:
         assert args[6] >= 1, f"max_seqlen_k {args[6]}"

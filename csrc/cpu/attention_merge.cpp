@@ -258,7 +258,7 @@ void parallel_rows(const Params& p, bool stream, const Rows& rows) {
 template <typename T, typename Params>
 bool merge_streams(const Params& p, const at::Tensor& out) {
   const int64_t bytes = p.rows_outer * p.rows_inner * p.head_dim * int64_t{sizeof(float)};
-  return std::is_same_v<T, float> && bytes >= kStreamingStoreMinBytes && pages_resident(out.const_data_ptr(), bytes);
+  return std::is_same_v<T, float> && worth_streaming(out.const_data_ptr(), bytes);
 }
 
 void merge_on_cpu(const std::vector<at::Tensor>& states, const std::vector<at::Tensor>& logs, double ln_base,

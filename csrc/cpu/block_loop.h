@@ -80,8 +80,7 @@ inline bool stream_outputs(std::initializer_list<at::TensorBase> outputs,
   for (const at::TensorBase& out : outputs) {
     if (!out.defined()) continue;
     const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-    if (out.scalar_type() != at::kFloat || bytes < kStreamingStoreMinBytes) return false;
-    if (!pages_resident(out.const_data_ptr(), bytes)) return false;
+    if (out.scalar_type() != at::kFloat || !worth_streaming(out.const_data_ptr(), bytes)) return false;
     for (const at::TensorBase& in : inputs) {
       if (in.defined() && at::get_overlap_status(out, in) != at::MemOverlapStatus::No) return false;
     }

@@ -12,7 +12,7 @@ void streaming_store(float* dst, const float* src, int64_t n);
 void streaming_store_fence();
 
 // Outputs at least this large (bytes) are written with streaming stores; the elementwise ops and
-// the attention merge also ask that their pages be resident (below).
+// the attention merge also ask that their pages be resident (worth_streaming, below).
 constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
 
 // Whether the pages under [data, data + bytes) are in memory already; tells a new output (a fresh
@@ -21,5 +21,11 @@ constexpr int64_t kStreamingStoreMinBytes = int64_t{32} << 20;
 // plain stores would hit. Looks at the middle and last pages (an allocator may write a header in
 // front of a fresh block) with Linux's mincore (false where it fails); true elsewhere (no mincore).
 bool pages_resident(const void* data, int64_t bytes);
+
+// Whether an output of `bytes` at `data` is worth streaming: at least kStreamingStoreMinBytes, its
+// pages resident (asked only of outputs that large: mincore is a system call).
+inline bool worth_streaming(const void* data, int64_t bytes) {
+  return bytes >= kStreamingStoreMinBytes && pages_resident(data, bytes);
+}
 
 }  // namespace genfast

@@ -17,9 +17,8 @@ from torch import nn
 from .. import _checks
 from ..nade import bernoulli_log_prob, nade_conditionals, nade_sample
 from ..nn import ImplSwitch, MaskedLinear
-from ..random import PhiloxGenerator, next_philox_key
+from ..random import uniforms as random_uniforms
 from ..reference.nade import made_degrees
-from ..reference.random import philox_uniform
 from .flows import _fit
 
 Tensor = torch.Tensor
@@ -144,14 +143,7 @@ class MADE(ImplSwitch, nn.Module):
         torch.Generator. The first num_observed dimensions of the ordering are copied from observed."""
         param = self.layers[-1].weight
         if uniforms is None:
-            if isinstance(generator, PhiloxGenerator):
-                seed, offset = next_philox_key(generator, param.device)
-                uniforms = philox_uniform((num_samples, self.dims), seed, offset, device=param.device)
-            elif generator is not None and generator.device.type != param.device.type:  # a CPU generator's
-                uniforms = torch.rand(num_samples, self.dims, generator=generator,
-                                      device=generator.device).to(param.device, non_blocking=True)
-            else:
-                uniforms = torch.rand(num_samples, self.dims, generator=generator, device=param.device)
+            uniforms = random_uniforms((num_samples, self.dims), generator, param.device)
         if uniforms.shape != (num_samples, self.dims):
             raise ValueError(f"uniforms must have shape {(num_samples, self.dims)}, got {tuple(uniforms.shape)}")
         if num_observed and (observed is None or observed.shape != (num_samples, self.dims)):
