@@ -2,6 +2,7 @@
 streaming stores: into memory written before, not into a new mapping whose first touch clears each
 page into the cache."""
 
+import mmap
 import sys
 
 import pytest
@@ -18,7 +19,9 @@ def _resident(t):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore is Linux's; elsewhere it says True")
 def test_pages_resident_tells_a_new_mapping_from_written_memory():
     skip_unless_runs("native", "cpu")
-    fresh = torch.empty(64 << 18)  # 64 MiB: glibc maps it afresh
+    # A mapping of our own: an allocator may hand back memory written before (glibc's tunables,
+    # a preloaded jemalloc), which is resident.
+    fresh = torch.frombuffer(mmap.mmap(-1, 64 << 20), dtype=torch.float32)
     assert not _resident(fresh)
     fresh[:16] = 1  # the first page only, where an allocator writes its header
     assert not _resident(fresh)
