@@ -476,6 +476,118 @@ def test_single_decode_is_captured_in_a_cuda_graph(impl):
         torch.testing.assert_close(result, decode(), atol=0, rtol=0)
 
 
+def _graph_wrapper(kind, batch, pool_pages, impl, device="cpu", **options):
+    """A paged wrapper with use_cuda_graph=True and FlashInfer's buffers for `batch` requests."""
+    buffers = [torch.full((n,), -1, dtype=torch.int32, device=device) for n in (batch + 1, pool_pages, batch)]
+    if kind == "decode":
+        names = ("paged_kv_indptr_buffer", "paged_kv_indices_buffer", "paged_kv_last_page_len_buffer")
+        cls = flashinfer.BatchDecodeWithPagedKVCacheWrapper
+    else:
+        buffers.insert(0, torch.full((batch + 1,), -1, dtype=torch.int32, device=device))
+        names = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
+        cls = flashinfer.BatchPrefillWithPagedKVCacheWrapper
+    workspace = torch.empty(8, dtype=torch.uint8, device=device)
+    return cls(workspace, use_cuda_graph=True, impl=impl, **dict(zip(names, buffers)), **options), buffers
+
+
+GRAPH_BATCHES = {"decode": ([(1, 40), (1, 1), (1, 16)], [(1, 7), (1, 64), (1, 30)]),
+                 "prefill": ([(2, 12), (3, 5), (1, 30)], [(2, 20), (3, 3), (1, 9)])}
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_graph_wrappers_run_every_plan_on_the_same_tensors(impl, kind, monkeypatch):
+    """use_cuda_graph=True: plans of other key counts and pages (the batch and query counts fixed)
+    give FlashInfer's results, and every run passes attention_varlen the same tensors (held at fixed
+    addresses, as a captured run reads them at replay) and the same bounds; the constructor's
+    buffers get each plan's index arrays, as FlashInfer's do."""
+    skip_unless_supported(impl, "cpu")
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append((args[3:7], kwargs["block_table"]))
+        return attention_varlen(*args, **kwargs)
+
+    attention_varlen = flashinfer_common.attention_varlen
+    monkeypatch.setattr(flashinfer_common, "attention_varlen", recorded)
+    wrapper, buffers = _graph_wrapper(kind, 3, 12, impl)
+    assert wrapper.is_cuda_graph_enabled
+    options = dict(pos_encoding_mode="ALIBI", causal=True) if kind == "prefill" else dict(logits_soft_cap=5.0)
+    for seed, requests in enumerate(GRAPH_BATCHES[kind]):
+        q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8, seed=seed)
+        qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+        if kind == "decode":
+            wrapper.plan(indptr, indices, last, 8, 2, 16, 16, **options)
+        else:
+            wrapper.plan(qo_indptr, indptr, indices, last, 8, 2, 16, 16, **options)
+        _check_requests(wrapper.run(q, cache, return_lse=True), q, k, v, requests, **dict(options, causal=True))
+        for buffer, value in zip(buffers, ([qo_indptr] if kind == "prefill" else []) + [indptr, indices, last]):
+            assert torch.equal(buffer[:value.numel()], value)
+    (bounds, table), (bounds_after, table_after) = calls
+    assert table is table_after and table.shape == (3, 12)
+    assert bounds[0] is bounds_after[0] and bounds[1] is bounds_after[1], "cu_seqlens moved"
+    assert bounds[2:] == bounds_after[2:] == (max(n for n, _ in GRAPH_BATCHES[kind][0]), 12 * 16)
+
+
+def test_cuda_graph_wrappers_name_what_a_plan_must_keep():
+    requests = [(1, 40), (1, 1)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    decode, _ = _graph_wrapper("decode", 2, 4, "reference", max_pages_per_request=2)
+    with pytest.raises(ValueError, match="max_pages_per_request \\(2\\)"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16)
+    decode, _ = _graph_wrapper("decode", 2, 4, "reference")
+    with pytest.raises(ValueError, match="batch size is fixed at 2"):
+        decode.plan(indptr[:2], indices[:3], last[:1], 8, 2, 16, 16)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16)
+    with pytest.raises(ValueError, match="keeps the first plan's"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, window_left=3)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16)  # a plan that failed left none
+    with pytest.raises(ValueError, match="q must be on the planned device"):
+        decode.run(q.to("meta"), cache)
+    small, _ = _graph_wrapper("decode", 2, 3, "reference")
+    with pytest.raises(ValueError, match="4 pages, more than paged_kv_indices_buffer \\(3\\)"):
+        small.plan(indptr, indices, last, 8, 2, 16, 16)
+    for call, match in [
+            (lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, use_cuda_graph=True),
+             "needs paged_kv_indptr_buffer, a 1-d int32 tensor"),
+            (lambda: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                None, use_cuda_graph=True, qo_indptr_buf=torch.zeros(2, dtype=torch.int32),
+                paged_kv_indptr_buf=torch.zeros(3, dtype=torch.int32), paged_kv_indices_buf=torch.zeros(
+                    4, dtype=torch.int32), paged_kv_last_page_len_buf=torch.zeros(2, dtype=torch.int32)),
+             "qo_indptr_buf must hold batch_size \\+ 1 = 3"),
+            (lambda: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, use_cuda_graph=True),
+             "use_cuda_graph=True on BatchPrefillWithRaggedKVCacheWrapper")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", fused_impls())
+def test_cuda_graph_decode_replays_each_plan(impl):
+    """A decode run captured once, then re-planned with other key counts and pages and replayed:
+    each replay equals the run of a wrapper alike, not captured (the same key bound: the same
+    splits), bit for bit; that run's values are test_cuda_graph_wrappers_run_every_plan_on_the_same_tensors's."""
+    skip_unless_supported(impl, "cuda")
+    wrapper, _ = _graph_wrapper("decode", 3, 12, impl, device="cuda")
+    eager, _ = _graph_wrapper("decode", 3, 12, impl, device="cuda")
+    first, later = GRAPH_BATCHES["decode"]
+    pool = tuple(torch.zeros(16, 16, 2, 16, dtype=torch.half, device="cuda") for _ in range(2))
+    query = torch.zeros(3, 8, 16, dtype=torch.half, device="cuda")
+    for seed, requests in enumerate([first, later, first]):
+        q, _, _, cache, indptr, indices, last = _paged(requests, 16, heads=8, seed=seed + 3)
+        query.copy_(q)
+        for held, pages in zip(pool, cache):
+            held[:pages.shape[0]].copy_(pages.nan_to_num(0))
+        if seed == 0:
+            wrapper.plan(indptr, indices.cuda(), last, 8, 2, 16, 16)
+            graph, result = capture_cuda_graph(lambda: wrapper.run(query, pool))
+            continue
+        for w in (wrapper, eager):
+            w.plan(indptr, indices.cuda(), last, 8, 2, 16, 16)
+        graph.replay()
+        torch.testing.assert_close(result, eager.run(query, pool), atol=0, rtol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", fused_impls())
 def test_runs_on_the_gpu_without_synchronising(impl):

@@ -40,7 +40,11 @@ not yet:
   rounded to q's dtype, and an o_dtype wider than q's widens that output;
 - sinks with ALIBI are refused (genfast's ALiBi bias differs from FlashInfer's by a row constant,
   which the sink's weight does not share);
-- not taken: use_cuda_graph (genfast's plan makes new tensors), fp8 and per-head scales (tensor
+- use_cuda_graph=True on the paged wrappers (flashinfer_graph.py): plan() writes FlashInfer's
+  buffers and the tensors the wrapper holds for a captured run; the first plan fixes the query
+  counts and settings, and max_pages_per_request (genfast's keyword; by default the indices
+  buffer's size) the key bound; the ragged wrapper refuses it;
+- not taken: fp8 and per-head scales (tensor
   q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source; the
   decode wrapper takes none),
   window_right other than 0, the trtllm-gen backends' block_tables and seq_lens. q_data_type,

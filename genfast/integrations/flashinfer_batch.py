@@ -12,6 +12,7 @@ import torch
 
 from .._checks import check_choice
 from .flashinfer_common import KV_LAYOUTS, Plan, check_indptr, dtype_value, host_ints, nhd, run_plan
+from .flashinfer_graph import CudaGraphPlans
 
 Tensor = torch.Tensor
 
@@ -38,15 +39,21 @@ def _is_attention_sink_variant(jit_args) -> bool:
 
 class _Wrapper:
     """What the wrappers share: FlashInfer's constructor arguments (the workspace, which genfast does
-    not need, and CUDA-graph buffers, which it does not take), the plan, and the old names."""
+    not need, and the paged wrappers' CUDA-graph buffers: graph_buffers, their names and tensors),
+    the plan, and the old names."""
 
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
-                 use_cuda_graph: bool = False, *, impl: str = "auto", jit_args=None):
+                 use_cuda_graph: bool = False, *, impl: str = "auto", jit_args=None, graph_buffers=None,
+                 max_pages_per_request: Optional[int] = None):
         check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         self._kv_layout = kv_layout
+        self._graph = None
         if use_cuda_graph:
-            raise ValueError("use_cuda_graph=True is not supported: genfast's plan() makes new tensors each time, "
-                             "where FlashInfer's copies into the buffers given")
+            if graph_buffers is None:
+                raise ValueError(f"use_cuda_graph=True on {type(self).__name__}: genfast captures the paged wrappers' "
+                                 "runs (BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper), "
+                                 "whose key counts are bounded by their block table; a ragged run's are not")
+            self._graph = CudaGraphPlans(type(self).__name__, *graph_buffers, max_pages_per_request)
         # FlashInfer's JIT variants are CUDA source; genfast runs the one it knows, AttentionSink.
         self._sink_variant = jit_args is not None and _is_attention_sink_variant(jit_args)
         if jit_args is not None and not self._sink_variant:
@@ -61,7 +68,7 @@ class _Wrapper:
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
-        return False
+        return self._graph is not None
 
     def reset_workspace_buffer(self, float_workspace_buffer: Tensor, int_workspace_buffer: Tensor = None) -> None:
         pass  # genfast needs no workspace
@@ -70,13 +77,19 @@ class _Wrapper:
         pass
 
     def _set_plan(self, qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type, device,
-                  page_size=0, non_blocking=True, **options) -> None:
+                  page_size=0, non_blocking=True, index_arrays=(), **options) -> None:
         """The plan, its tensors on the workspace buffer's device (else `device`, the index
         arrays'), replacing the last one once it is checked; non_blocking=False waits for their copies,
-        as FlashInfer's does, for a run on another stream."""
+        as FlashInfer's does, for a run on another stream. With use_cuda_graph, its tensors are the
+        wrapper's held ones, and index_arrays (in the graph buffers' order) go to those buffers."""
         plan = Plan(qo_lens, kv_lens, int(num_qo_heads), int(num_kv_heads),
                     o_dtype=dtype_value("o_data_type", o_data_type), **options).check(int(head_dim))
+        if self._graph is not None:
+            self._graph.check(plan, page_size)
         plan.prepare(self._device or device, non_blocking=bool(non_blocking))
+        if self._graph is not None:
+            self._graph.write(index_arrays)
+            self._graph.hold(plan, page_size)
         self._plan, self._page_size = plan, page_size
 
     def _planned(self) -> Plan:
@@ -99,6 +112,9 @@ class _Wrapper:
     def _run(self, q, k, v, return_lse, q_scale, k_scale, v_scale, out, lse, window_left=None, sinks=None,
              sm_scale=None):
         plan = self._planned()
+        if self._graph is not None and isinstance(q, Tensor) and q.device != plan.device:
+            raise ValueError(f"q must be on the planned device ({plan.device}), where use_cuda_graph holds the plan's "
+                             f"tensors; got {q.device}")
         if window_left is not None and int(window_left) != plan.window_left:
             raise ValueError(f"window_left ({window_left}) must be the planned one ({plan.window_left})")
         if sm_scale is not None:  # the AttentionSink variant: its scores are sm_scale q.k and nothing else
@@ -146,6 +162,9 @@ def _paged_table(indptr, indices, last_page_len, page_size: int, names=("paged_k
     table = torch.where(at >= 0, flat[at.clamp(min=0)], 0) if total else torch.zeros(at.shape, dtype=torch.int32,
                                                                                      device=indices.device)
     return table.to(torch.int32), kv_lens
+
+
+_PREFILL_GRAPH_BUFFERS = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
 
 
 def _paged_cache(paged_kv_cache, kv_layout: str, page_size: int):
@@ -233,8 +252,12 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
                  paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, custom_mask_buf=None,
-                 mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto"):
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl, jit_args=jit_args)
+                 mask_indptr_buf=None, backend: str = "auto", jit_args=None, jit_kwargs=None, *, impl: str = "auto",
+                 max_pages_per_request: Optional[int] = None):
+        buffers = (list(_PREFILL_GRAPH_BUFFERS), [qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf,
+                                                  paged_kv_last_page_len_buf])
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl, jit_args=jit_args,
+                         graph_buffers=buffers, max_pages_per_request=max_pages_per_request)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: Optional[int] = None,
@@ -258,7 +281,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                        int(page_size), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                        rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
-                       non_blocking=non_blocking)
+                       non_blocking=non_blocking,
+                       index_arrays=(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
 
     begin_forward = plan
 
@@ -279,11 +303,14 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     def __init__(self, float_workspace_buffer: Optional[Tensor] = None, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, use_tensor_cores: bool = False, paged_kv_indptr_buffer=None,
                  paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend: str = "auto",
-                 jit_args=None, *, impl: str = "auto"):
+                 jit_args=None, *, impl: str = "auto", max_pages_per_request: Optional[int] = None):
         if jit_args is not None:
             raise ValueError("jit_args: FlashInfer's JIT decode variants are CUDA code genfast does not compile; "
                              "sinks= on run() takes attention sinks")
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        buffers = (["paged_kv_indptr_buffer", "paged_kv_indices_buffer", "paged_kv_last_page_len_buffer"],
+                   [paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer])
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl, graph_buffers=buffers,
+                         max_pages_per_request=max_pages_per_request)
         self.use_tensor_cores = use_tensor_cores
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -309,7 +336,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                        table.device, int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                        rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
-                       non_blocking=non_blocking)
+                       non_blocking=non_blocking, index_arrays=(indptr, indices, last_page_len))
 
     begin_forward = plan
 
@@ -340,8 +367,11 @@ class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper
                  paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, custom_mask_buf=None,
                  mask_indptr_buf=None, backend: str = "auto", pos_encoding_mode: str = "NONE",
                  use_fp16_qk_reduction: bool = False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-                 head_dim_qk: int = 128, head_dim_vo: int = 128, window_left: int = -1, *, impl: str = "auto"):
+                 head_dim_qk: int = 128, head_dim_vo: int = 128, window_left: int = -1, *, impl: str = "auto",
+                 max_pages_per_request: Optional[int] = None):
         if pos_encoding_mode != "NONE":
             raise ValueError(f"pos_encoding_mode must be 'NONE' with attention sinks, got {pos_encoding_mode!r}")
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, impl=impl)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, paged_kv_indptr_buf,
+                         paged_kv_indices_buf, paged_kv_last_page_len_buf, impl=impl,
+                         max_pages_per_request=max_pages_per_request)
         self._sink_variant = True

@@ -91,6 +91,7 @@ class Plan:
     block_table: Optional[Tensor] = None  # int32 (batch, pages): a paged cache
     o_dtype: Optional[torch.dtype] = None
     head_dim: int = 0  # q's and k's, set by check()
+    kv_bound: Optional[int] = None  # the key count bound a run passes, else the longest request's (use_cuda_graph)
     # made by prepare(), on the device of the run
     device: Optional[torch.device] = None
     cu_q: Optional[Tensor] = None
@@ -247,8 +248,9 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     if plan.per_request:
         o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl, sinks)
     else:
-        o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0),
-                                      max(plan.kv_lens, default=0), scale=scale,
+        kv_bound = max(plan.kv_lens, default=0) if plan.kv_bound is None else plan.kv_bound
+        o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0), kv_bound,
+                                      scale=scale,
                                       causal="bottom_right" if plan.causal else None, window=window,
                                       alibi_slopes=slopes, softcap=softcap, return_lse=True, impl=impl,
                                       block_table=plan.block_table, sinks=sinks)
