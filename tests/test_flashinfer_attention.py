@@ -26,7 +26,7 @@ def _rope(x, positions, theta, scale):
     return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
 
 
-def _flashinfer(q, k, v, *, causal=False, window_left=-1, sm_scale=None, logits_soft_cap=None,
+def _flashinfer(q, k, v, *, causal=False, window_left=-1, window_right=-1, sm_scale=None, logits_soft_cap=None,
                 pos_encoding_mode="NONE", rope_theta=1e4, rope_scale=1.0, custom_mask=None, sinks=None,
                 dtype=torch.float64):
     """FlashInfer's attention of one request, in `dtype`: q (qo_len, Hq, D), k and v (kv_len, Hk, D)
@@ -53,6 +53,8 @@ def _flashinfer(q, k, v, *, causal=False, window_left=-1, sm_scale=None, logits_
         keep &= j <= diagonal
     if window_left >= 0:
         keep &= j >= diagonal - window_left
+    if window_right >= 0:
+        keep &= j <= diagonal + window_right
     s = s.masked_fill(~keep, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.to(dtype)[:, None, None].expand(heads, qo_len, 1)], -1)
@@ -333,7 +335,8 @@ def test_paged_batch_without_any_keys(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_decode_wrapper_takes_several_queries_a_request(impl):
     """q_len_per_req = 3 (speculative decoding's drafts): each request's queries at its last three
-    positions, causal among themselves, from plan() or, as FlashInfer took it before, run()."""
+    positions, causal among themselves, from plan() or, as FlashInfer took it before, run(); with
+    window_right -1 or 1, each sees every draft or one draft past its own."""
     skip_unless_supported(impl, "cpu")
     requests = [(3, 40), (3, 3), (3, 17)]
     q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
@@ -347,6 +350,37 @@ def test_decode_wrapper_takes_several_queries_a_request(impl):
         decode.run(q, cache, q_len_per_req=2)
     with pytest.raises(ValueError, match="at least q_len_per_req"):
         decode.plan(indptr, indices, last, 8, 2, 16, 16, q_len_per_req=4)
+    for window_right in (-1, 1):  # every draft sees all the drafts, or one past its own
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, q_len_per_req=3, window_left=20, window_right=window_right)
+        _check_requests(decode.run(q, cache, return_lse=True), q, k, v, requests, window_left=20,
+                        window_right=window_right)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_plan_takes_block_tables_and_seq_lens(impl):
+    """FlashInfer's decode plan(block_tables=, seq_lens=) (its trtllm-gen backend's): each request's
+    pages from the table (int64 here, padded past them with a page of NaN) and its first seq_lens
+    keys, not its page lists'."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(1, 40), (1, 1), (1, 16), (1, 33)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    unused = sorted(set(range(cache[0].shape[0])) - set(indices.tolist()))[0]  # its slots hold NaN
+    table = torch.full((4, 4), unused, dtype=torch.int64)
+    for n in range(4):
+        table[n, :indptr[n + 1] - indptr[n]] = indices[indptr[n]:indptr[n + 1]]
+    seq_lens = torch.tensor([35, 1, 10, 33], dtype=torch.int32)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
+    decode.plan(torch.zeros(5, dtype=torch.int32), indices[:0], torch.zeros(4, dtype=torch.int32), 8, 2, 16, 16,
+                block_tables=table, seq_lens=seq_lens)
+    o, lse = decode.run(q, cache, return_lse=True)
+    starts = [0] + torch.tensor([n for _, n in requests]).cumsum(0).tolist()
+    for n, used in enumerate(seq_lens.tolist()):
+        keys = slice(starts[n], starts[n] + used)
+        _check((o[n:n + 1], lse[n:n + 1]), q[n:n + 1], k[keys], v[keys], causal=True)
+    with pytest.raises(ValueError, match="seq_lens must fit each request's pages"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, seq_lens=torch.tensor([40, 1, 17, 33]))
+    with pytest.raises(ValueError, match="block_tables must be an int32 or int64 tensor"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, block_tables=table[:3])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -423,8 +457,8 @@ def test_bad_input_names_the_argument():
     paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, causal=True, pos_encoding_mode="ALIBI")
     with pytest.raises(ValueError, match="sinks with pos_encoding_mode='ALIBI'"):
         paged.run(q, cache, sinks=SINKS[:4])
-    with pytest.raises(ValueError, match="window_right must be 0"):
-        flashinfer.BatchDecodeWithPagedKVCacheWrapper(None).plan(indptr, indices, last, 4, 2, 16, 4, window_right=2)
+    with pytest.raises(ValueError, match="window_right must be -1"):
+        flashinfer.BatchDecodeWithPagedKVCacheWrapper(None).plan(indptr, indices, last, 4, 2, 16, 4, window_right=-2)
     ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None)
     with pytest.raises(ValueError, match="custom_mask must hold"):
         ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16, custom_mask=torch.ones(10, dtype=torch.bool))

@@ -24,7 +24,8 @@ request without keys gets o 0 and lse its sink (FlashInfer's FA2 variant may giv
 AttentionSink variant's scores are its run's sm_scale q.k alone: q_scale, k_scale, logits_soft_cap
 and pos_encoding_mode are refused with it. The decode wrapper's q_len_per_req (given to plan();
 run() takes it only when equal, as FlashInfer did before) gives each request that many queries,
-causal among themselves, as speculative decoding checks its drafts. plan() reads the index arrays on the host, as FlashInfer's does,
+causal among themselves, as speculative decoding checks its drafts (window_right, FlashInfer's
+cute-dsl backend's, lets each see that many keys past its own, -1 all). plan() reads the index arrays on the host, as FlashInfer's does,
 and puts its tensors on the workspace buffer's device (else the index arrays'), without waiting
 unless non_blocking=False; run() does not synchronise, and the single calls build their tensors by
 device ops (no copy from the host, which a CUDA graph could not capture). Where genfast differs, on purpose or
@@ -46,8 +47,8 @@ not yet:
   buffer's size) the key bound; the ragged wrapper refuses it;
 - not taken: fp8 and per-head scales (tensor
   q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source; the
-  decode wrapper takes none),
-  window_right other than 0, the trtllm-gen backends' block_tables and seq_lens. q_data_type,
+  decode wrapper takes none). The decode plan's block_tables and seq_lens (trtllm-gen's) are taken:
+  each request's pages and key count in place of the page lists'. q_data_type,
   kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and
   disable_split_kv (genfast's forward splits keys its own way, without atomics, so that a run
   repeats bit for bit) are taken and left.

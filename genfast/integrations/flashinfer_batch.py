@@ -164,6 +164,27 @@ def _paged_table(indptr, indices, last_page_len, page_size: int, names=("paged_k
     return table.to(torch.int32), kv_lens
 
 
+def _given_pages(table, kv_lens, block_tables, seq_lens, page_size: int):
+    """The decode plan's table and key counts where FlashInfer's block_tables and seq_lens replace
+    those of the page lists; each count must lie within its row's pages (of the page lists: the
+    table made from them pads rows with page 0)."""
+    if block_tables is not None:
+        if (not isinstance(block_tables, Tensor) or block_tables.dim() != 2 or block_tables.shape[0] != len(kv_lens)
+                or block_tables.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"block_tables must be an int32 or int64 tensor (batch, pages) with batch = {len(kv_lens)}, "
+                             f"got {getattr(block_tables, 'dtype', type(block_tables).__name__)} "
+                             f"{tuple(getattr(block_tables, 'shape', ()))}")
+        rows = [block_tables.shape[1] * page_size] * len(kv_lens)
+        table = block_tables.to(torch.int32)
+    else:
+        rows = [-(-n // page_size) * page_size for n in kv_lens]
+    if seq_lens is not None:
+        kv_lens = host_ints("seq_lens", seq_lens, len(kv_lens))
+    if any(n > most for n, most in zip(kv_lens, rows)):
+        raise ValueError(f"seq_lens must fit each request's pages, at most {rows} keys, got {kv_lens}")
+    return table, kv_lens
+
+
 _PREFILL_GRAPH_BUFFERS = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
 
 
@@ -318,25 +339,33 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
              logits_soft_cap: Optional[float] = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
              data_type=None, sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
              rope_theta: Optional[float] = None, non_blocking: bool = True, fixed_split_size: Optional[int] = None,
-             disable_split_kv: bool = False, q_len_per_req: int = 1) -> None:
+             disable_split_kv: bool = False, q_len_per_req: int = 1, block_tables: Optional[Tensor] = None,
+             seq_lens: Optional[Tensor] = None) -> None:
         """q_len_per_req queries a request (speculative decoding's drafts), the last q_len_per_req
-        positions of its keys, causal among themselves (bottom-right)."""
+        positions of its keys, causal among themselves (bottom-right); window_right (FlashInfer's
+        cute-dsl backend's) lets each see that many keys past its own, -1 all of them. seq_lens
+        (batch,) gives each request's key count in place of the page lists' (as FlashInfer's plan
+        takes it); block_tables (batch, pages), int32 or int64, each request's pages in place of
+        indptr and indices (FlashInfer's trtllm-gen backend's)."""
         self._plan = None  # a plan that fails leaves none to run
         table, kv_lens = _paged_table(indptr, indices, last_page_len, int(page_size),
                                       ("indptr", "indices", "last_page_len"))
+        table, kv_lens = _given_pages(table, kv_lens, block_tables, seq_lens, int(page_size))
         q_len = int(q_len_per_req)
         if q_len < 1:
             raise ValueError(f"q_len_per_req must be at least 1, got {q_len_per_req}")
         if q_len > 1 and any(n < q_len for n in kv_lens):
             raise ValueError(f"every request must hold at least q_len_per_req ({q_len}) keys, its queries' own, "
                              f"got {kv_lens}")
-        if int(window_right) != 0:
-            raise ValueError(f"window_right must be 0 (no key after a query's own), got {window_right}")
+        window_right = int(window_right)
+        if window_right < -1:
+            raise ValueError(f"window_right must be -1 (no bound) or at least 0, got {window_right}")
         self._set_plan([q_len] * len(kv_lens), kv_lens, num_qo_heads, num_kv_heads, head_dim, o_data_type,
-                       table.device, int(page_size), causal=True, pos_encoding_mode=pos_encoding_mode,
-                       window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                       rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
-                       non_blocking=non_blocking, index_arrays=(indptr, indices, last_page_len))
+                       table.device, int(page_size), causal=window_right == 0, pos_encoding_mode=pos_encoding_mode,
+                       window_left=int(window_left), window_right=window_right if window_right else -1,
+                       logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                       rope_theta=rope_theta, block_table=table, non_blocking=non_blocking,
+                       index_arrays=(indptr, indices, last_page_len))
 
     begin_forward = plan
 

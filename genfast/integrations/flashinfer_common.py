@@ -83,6 +83,7 @@ class Plan:
     causal: bool = False
     pos_encoding_mode: str = "NONE"
     window_left: int = -1
+    window_right: int = -1  # keys past a query's diagonal it sees, -1 any (causal: none)
     logits_soft_cap: Optional[float] = None
     sm_scale: Optional[float] = None
     rope_scale: Optional[float] = None
@@ -243,7 +244,7 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         q = _rope(q, plan.q_rows, plan, impl)
         k = _rope(k, plan.k_rows, plan, impl)
     slopes = plan.slopes
-    window = (plan.window_left, -1) if plan.window_left >= 0 else None
+    window = (plan.window_left, plan.window_right) if max(plan.window_left, plan.window_right) >= 0 else None
     softcap = plan.logits_soft_cap or None
     if plan.per_request:
         o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl, sinks)

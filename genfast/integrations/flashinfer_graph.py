@@ -53,29 +53,27 @@ class CudaGraphPlans:
         if len(pages) != self.batch:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): the batch size is fixed at {self.batch} (its "
                              f"buffers'), got {len(pages)} requests")
-        if sum(pages) > self.capacity:
-            raise ValueError(f"{self.wrapper}(use_cuda_graph=True): the requests hold {sum(pages)} pages, more than "
-                             f"{self.names[-2]} ({self.capacity})")
         if max(pages, default=0) > self.max_pages:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): a request holds {max(pages)} pages, more than "
                              f"max_pages_per_request ({self.max_pages}), the block table's width")
         settings = (plan.qo_lens, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim, page_size, plan.causal,
-                    plan.pos_encoding_mode, plan.window_left, plan.logits_soft_cap, plan.sm_scale, plan.rope_scale,
-                    plan.rope_theta, plan.o_dtype)
+                    plan.pos_encoding_mode, plan.window_left, plan.window_right, plan.logits_soft_cap, plan.sm_scale,
+                    plan.rope_scale, plan.rope_theta, plan.o_dtype)
         if self.frozen is not None and settings != self.frozen:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): a captured run keeps the first plan's query "
                              "counts, heads, head dim, page size and settings; plan the same ones (only the pages "
                              "and key counts change), or use another wrapper")
-        self.frozen = settings
-        self.pages = sum(pages)
+        self.settings, self.pages = settings, sum(pages)  # frozen once the plan is held
 
     def write(self, values: List) -> None:
         """FlashInfer's plan(): the constructor's buffers get the checked plan's index arrays, the indices
         cut to the pages the requests hold (genfast's runs read the held tensors, made from the same values)."""
+        values = [torch.as_tensor(value, dtype=torch.int32).reshape(-1) for value in values]
+        values[-2] = values[-2][:self.pages]  # (fewer where block_tables stand in for the page lists)
+        if values[-2].numel() > self.capacity:
+            raise ValueError(f"{self.wrapper}(use_cuda_graph=True): the requests hold {values[-2].numel()} pages, "
+                             f"more than {self.names[-2]} ({self.capacity})")
         for name, value in zip(self.names, values):
-            value = torch.as_tensor(value, dtype=torch.int32).reshape(-1)
-            if name == self.names[-2]:
-                value = value[:self.pages]
             self.buffers[name][:value.numel()].copy_(value, non_blocking=True)
 
     def hold(self, plan: Plan, page_size: int) -> None:
@@ -89,6 +87,9 @@ class CudaGraphPlans:
             if held is None:
                 shape = (self.batch, self.max_pages) if name == "block_table" else fresh.shape
                 held = self.held[name] = torch.zeros(shape, dtype=fresh.dtype, device=fresh.device)
+            if name == "block_table":  # columns past max_pages_per_request name no request's keys (checked)
+                fresh = fresh[:, :self.max_pages]
             held[tuple(slice(0, n) for n in fresh.shape)].copy_(fresh)
             setattr(plan, name, held)
         plan.kv_bound = self.max_pages * page_size
+        self.frozen = self.settings
