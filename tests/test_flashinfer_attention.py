@@ -105,6 +105,13 @@ def test_single_prefill_matches_flashinfer(impl, options):
     torch.testing.assert_close(o, got[0], rtol=0, atol=0)
 
 
+def _packbits(masks):
+    """FlashInfer's segment_packbits (bit order little): each mask flattened, padded to whole bytes."""
+    flats = [m.reshape(-1) for m in masks]
+    bits = torch.cat([torch.nn.functional.pad(f, (0, -f.numel() % 8)) for f in flats]).view(-1, 8).to(torch.int32)
+    return (bits << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_prefill_layouts_masks_and_scales(impl):
     """HND keys read as NHD; a packed custom mask (little-endian bits) as the bool one; k_scale
@@ -115,9 +122,7 @@ def test_single_prefill_layouts_masks_and_scales(impl):
     hnd = flashinfer.single_prefill_with_kv_cache(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
                                                   custom_mask=MASK, kv_layout="HND", impl=impl)
     torch.testing.assert_close(hnd, plain, rtol=0, atol=0)
-    flat = MASK.reshape(-1)
-    bits = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.int32)
-    packed = (bits << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+    packed = _packbits([MASK])
     torch.testing.assert_close(flashinfer.single_prefill_with_kv_cache(q, k, v, packed_custom_mask=packed, impl=impl),
                                plain, rtol=0, atol=0)
     scaled = flashinfer.single_prefill_with_kv_cache(q, k, v, k_scale=0.5, v_scale=3.0, sm_scale=0.8, impl=impl,
@@ -190,6 +195,10 @@ def test_ragged_wrapper_matches_flashinfer(impl, options):
     assert got[0].shape == q.shape and got[1].shape == q.shape[:2]
     _check_requests(got, q, k, v, REQUESTS, masks, **options)
     torch.testing.assert_close(wrapper.run_return_lse(q, k, v)[0], got[0], rtol=0, atol=0)
+    if masks is not None:  # the same masks packed, each request's from a byte of its own
+        wrapper.plan(qo_indptr, kv_indptr, 4, 2, 16, packed_custom_mask=_packbits(masks), **options)
+        for a, b in zip(wrapper.run(q, k, v, return_lse=True), got):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _paged(requests, page_size, heads=4, kv_heads=2, dim=16, layout="NHD", single=False, seed=2):
@@ -462,6 +471,9 @@ def test_bad_input_names_the_argument():
     ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None)
     with pytest.raises(ValueError, match="custom_mask must hold"):
         ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16, custom_mask=torch.ones(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"packed_custom_mask must hold 12 bytes \(each request's"):
+        ragged.plan(qo_indptr, torch.tensor([0, 12, 42]), 4, 2, 16,
+                    packed_custom_mask=torch.ones(11, dtype=torch.uint8))
     with pytest.raises(ValueError, match="qo_indptr must start at 0"):
         ragged.plan(torch.tensor([1, 5]), torch.tensor([0, 5]), 4, 2, 16)
 

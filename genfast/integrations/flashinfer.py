@@ -13,9 +13,9 @@ BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper and
 BatchAttentionWithAttentionSinkWrapper (plan, run, run_return_lse, begin_forward, end_forward) with
 FlashInfer's arguments, layouts (NHD and HND; a paged cache as a tuple (k, v) or one tensor (pages,
 2, ...)) and semantics: causal aligned bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v
-scales as numbers, custom masks (bool, or packed little-endian bits for one request),
-pos_encoding_mode ROPE_LLAMA (rotate-half pairs, rope_theta and rope_scale, queries at i + kv_len -
-qo_len) and ALIBI (FlashInfer's slopes and bias slope (j - i)), and lse to base 2. Attention sinks
+scales as numbers, custom masks (bool, or packed little-endian bits, each request's from a byte of
+its own, as segment_packbits packs them), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
+rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias slope (j - i)), and lse to base 2. Attention sinks
 (gpt-oss's; one natural-log logit a query head, unscaled, in every row's softmax and lse) as the
 paged wrappers' run(sinks=), the AttentionSink variant's jit_args on the ragged wrapper (run(q, k, v,
 sink, sm_scale)) and BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3
@@ -25,11 +25,11 @@ AttentionSink variant's scores are its run's sm_scale q.k alone: q_scale, k_scal
 and pos_encoding_mode are refused with it. The decode wrapper's q_len_per_req (given to plan();
 run() takes it only when equal, as FlashInfer did before) gives each request that many queries,
 causal among themselves, as speculative decoding checks its drafts (window_right, FlashInfer's
-cute-dsl backend's, lets each see that many keys past its own, -1 all). plan() reads the index arrays on the host, as FlashInfer's does,
-and puts its tensors on the workspace buffer's device (else the index arrays'), without waiting
-unless non_blocking=False; run() does not synchronise, and the single calls build their tensors by
-device ops (no copy from the host, which a CUDA graph could not capture). Where genfast differs, on purpose or
-not yet:
+cute-dsl backend's, lets each see that many keys past its own, -1 all). plan() reads the index
+arrays on the host, as FlashInfer's does, and puts its tensors on the workspace buffer's device
+(else the index arrays'), without waiting unless non_blocking=False; run() does not synchronise, and
+the single calls build their tensors by device ops (no copy from the host, which a CUDA graph could
+not capture). Where genfast differs, on purpose or not yet:
 - a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
 - custom masks, and ALiBi without causal over several queries, run one request at a time through
   genfast.attention (an additive mask holds ALiBi's bias there); a paged cache refuses them;
@@ -45,11 +45,10 @@ not yet:
   buffers and the tensors the wrapper holds for a captured run; the first plan fixes the query
   counts and settings, and max_pages_per_request (genfast's keyword; by default the indices
   buffer's size) the key bound; the ragged wrapper refuses it;
-- not taken: fp8 and per-head scales (tensor
-  q/k/v scales), packed masks in a batch, JIT variants other than AttentionSink (CUDA source; the
-  decode wrapper takes none). The decode plan's block_tables and seq_lens (trtllm-gen's) are taken:
-  each request's pages and key count in place of the page lists'. q_data_type,
-  kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and
+- not taken: fp8 and per-head scales (tensor q/k/v scales), JIT variants other than AttentionSink
+  (CUDA source; the decode wrapper takes none). The decode plan's block_tables and seq_lens
+  (trtllm-gen's) are taken: each request's pages and key count in place of the page lists'.
+  q_data_type, kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and
   disable_split_kv (genfast's forward splits keys its own way, without atomics, so that a run
   repeats bit for bit) are taken and left.
 

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from .._checks import check_choice
-from .flashinfer_common import KV_LAYOUTS, Plan, check_indptr, dtype_value, host_ints, nhd, run_plan
+from .flashinfer_common import KV_LAYOUTS, Plan, check_indptr, dtype_value, host_ints, nhd, run_plan, unpack_masks
 from .flashinfer_graph import CudaGraphPlans
 
 Tensor = torch.Tensor
@@ -171,8 +171,8 @@ def _given_pages(table, kv_lens, block_tables, seq_lens, page_size: int):
     if block_tables is not None:
         if (not isinstance(block_tables, Tensor) or block_tables.dim() != 2 or block_tables.shape[0] != len(kv_lens)
                 or block_tables.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"block_tables must be an int32 or int64 tensor (batch, pages) with batch = {len(kv_lens)}, "
-                             f"got {getattr(block_tables, 'dtype', type(block_tables).__name__)} "
+            raise ValueError(f"block_tables must be an int32 or int64 tensor (batch, pages) with batch = "
+                             f"{len(kv_lens)}, got {getattr(block_tables, 'dtype', type(block_tables).__name__)} "
                              f"{tuple(getattr(block_tables, 'shape', ()))}")
         rows = [block_tables.shape[1] * page_size] * len(kv_lens)
         table = block_tables.to(torch.int32)
@@ -235,11 +235,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         if len(qo_lens) != len(kv_lens):
             raise ValueError(f"qo_indptr and kv_indptr must have one entry per request and one more, got "
                              f"{len(qo_lens) + 1} and {len(kv_lens) + 1}")
-        if packed_custom_mask is not None:
-            raise ValueError("packed_custom_mask in a batch: pass custom_mask (the requests' bool masks flattened "
-                             "and concatenated)")
         masks = None
-        if custom_mask is not None:
+        if packed_custom_mask is not None:
+            masks = unpack_masks(packed_custom_mask, list(zip(qo_lens, kv_lens)))
+        elif custom_mask is not None:
             sizes = [n_q * n_k for n_q, n_k in zip(qo_lens, kv_lens)]
             if not isinstance(custom_mask, Tensor):
                 raise ValueError(f"custom_mask must be a bool tensor, got {type(custom_mask).__name__}")

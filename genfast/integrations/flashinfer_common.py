@@ -68,6 +68,24 @@ def host_ints(name: str, t, length: Optional[int] = None) -> List[int]:
     return [int(x) for x in values]
 
 
+def unpack_masks(packed, shapes: List[tuple]) -> List[Tensor]:
+    """FlashInfer's packed_custom_mask (uint8, little-endian bits, as segment_packbits makes it): each
+    request's (qo_len, kv_len) bool mask flattened and packed from a byte of its own, in order."""
+    if not isinstance(packed, Tensor) or packed.dtype not in (torch.uint8, torch.int8):
+        raise ValueError("packed_custom_mask must be a uint8 tensor of little-endian bits, got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    sizes = [n_q * n_k for n_q, n_k in shapes]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 8))
+    flat = packed.reshape(-1).to(torch.uint8)
+    if flat.numel() < starts[-1]:
+        raise ValueError(f"packed_custom_mask must hold {starts[-1]} bytes (each request's qo_len * kv_len bits "
+                         f"from a byte of its own, {sizes}), got {flat.numel()}")
+    bits = ((flat[:, None] >> torch.arange(8, device=flat.device, dtype=torch.uint8)) & 1).reshape(-1).bool()
+    return [bits[8 * at:8 * at + n].view(shape) for at, n, shape in zip(starts, sizes, shapes)]
+
+
 def check_indptr(name: str, indptr: List[int]) -> None:
     if len(indptr) < 1 or indptr[0] != 0 or any(b < a for a, b in zip(indptr, indptr[1:])):
         raise ValueError(f"{name} must start at 0 and never decrease, got {indptr}")

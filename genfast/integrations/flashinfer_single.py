@@ -8,21 +8,9 @@ from typing import Optional
 import torch
 
 from .._checks import check_choice
-from .flashinfer_common import KV_LAYOUTS, Plan, dtype_value, nhd, run_plan, scale_value
+from .flashinfer_common import KV_LAYOUTS, Plan, dtype_value, nhd, run_plan, scale_value, unpack_masks
 
 Tensor = torch.Tensor
-
-
-def _unpack_mask(packed: Tensor, qo_len: int, kv_len: int) -> Tensor:
-    """FlashInfer's packed_custom_mask (uint8, bit order little): bit q kv_len + kv of the bytes."""
-    if not isinstance(packed, Tensor) or packed.dtype not in (torch.uint8, torch.int8):
-        raise ValueError("packed_custom_mask must be a uint8 tensor of little-endian bits, got "
-                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
-    bits = (packed.reshape(-1).to(torch.uint8)[:, None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
-    flat = bits.reshape(-1)
-    if flat.numel() < qo_len * kv_len:
-        raise ValueError(f"packed_custom_mask must hold qo_len * kv_len = {qo_len * kv_len} bits, got {flat.numel()}")
-    return flat[:qo_len * kv_len].view(qo_len, kv_len).bool()
 
 
 def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, scale_q=None, scale_k=None, scale_v=None,
@@ -47,7 +35,7 @@ def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, scale_q=None, 
     qo_len, kv_len = q.shape[0], k.shape[0]
     mask = None
     if packed_custom_mask is not None:
-        mask = _unpack_mask(packed_custom_mask, qo_len, kv_len)
+        mask = unpack_masks(packed_custom_mask, [(qo_len, kv_len)])[0]
     elif custom_mask is not None:
         if not isinstance(custom_mask, Tensor) or tuple(custom_mask.shape) != (qo_len, kv_len):
             raise ValueError(f"custom_mask must be a bool tensor (qo_len, kv_len) = ({qo_len}, {kv_len}), got "
