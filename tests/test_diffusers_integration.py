@@ -6,6 +6,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from genfast.integrations import diffusers as fused  # noqa: E402
 from conftest import devices, fused_impls, skip_unless_runs, skip_unless_supported  # noqa: E402
+from genfast.attention import attention as genfast_attention  # noqa: E402
 from genfast.testing.tolerances import assert_error_ratio  # noqa: E402
 
 SHAPE = (2, 3, 8, 8)
@@ -213,5 +214,62 @@ def test_dispatcher_blocks_run_through_the_sdpa_patch(impl, monkeypatch):
     assert len(calls) == 2  # one joint block, one single block
     assert_error_ratio(got, exact, low)
     model.set_attn_processor(fused.GenfastAttnProcessor(impl=impl))
-    with pytest.raises(TypeError, match="sdpa.patch"):
+    with pytest.raises(TypeError, match="set_attention_backend\\('genfast'\\)"):
         model(**inputs)
+
+
+def test_dispatcher_backend_genfast_takes_masks_windows_and_lse():
+    """dispatch_attention_fn(backend="genfast") on (batch, tokens, heads, dim): a (batch, keys) mask
+    as the native backend reads it, and the flash backends' window_size and return_lse."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 7, 3, 8, generator=g) for _ in range(3))
+    keep = torch.rand(2, 7, generator=g) < 0.7
+    keep[:, 0] = True
+    got = dispatch_attention_fn(q, k, v, attn_mask=keep, backend="genfast")
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                            attn_mask=keep[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+    o, lse = dispatch_attention_fn(q, k, v, backend="genfast", attention_kwargs=dict(window_size=(2, 0),
+                                                                                      return_lse=True))
+    want = genfast_attention(*(t.transpose(1, 2) for t in (q, k, v)), window=(2, 0), return_lse=True,
+                             impl="reference")
+    torch.testing.assert_close(o, want[0].transpose(1, 2))
+    torch.testing.assert_close(lse, want[1])
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_dispatcher_backend_genfast_runs_every_block(impl, monkeypatch):
+    """diffusers' attention dispatcher with the backend genfast.integrations.diffusers registers:
+    model.set_attention_backend("genfast") (and the attention_backend context) run each of Flux's
+    attentions on genfast.attention, equal to diffusers' native backend by the error-ratio rule."""
+    from diffusers.models import attention_dispatch
+
+    from genfast.integrations import diffusers_backend
+
+    skip_unless_supported(impl, "cpu")
+    model, inputs = _tiny_flux()
+    registry = attention_dispatch._AttentionBackendRegistry
+    active = registry._active_backend
+    calls = []
+    monkeypatch.setattr(diffusers_backend, "attention",
+                        lambda *args, **kwargs: calls.append(kwargs["impl"]) or genfast_attention(*args, **kwargs))
+    try:
+        with torch.no_grad():
+            low = model(**inputs).sample
+            exact = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}).sample
+            model.float()
+            assert fused.register_attention_backend(impl) == "genfast"
+            model.set_attention_backend("genfast")
+            got = model(**inputs).sample
+            model.reset_attention_backend()
+            registry.set_active_backend(active)
+            with attention_dispatch.attention_backend("genfast"):
+                again = model(**inputs).sample
+    finally:
+        registry.set_active_backend(active)
+        fused.register_attention_backend()
+    assert calls == [impl] * 4  # one joint block and one single block, twice
+    assert_error_ratio(got, exact, low)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)

@@ -12,6 +12,10 @@ what diffusers returns. Two constructor options come on top:
 - genfast_impl: the backend, as the impl argument of genfast's functions.
 Configurations the fused step does not cover (thresholding, learned variances, per-token
 timesteps) fall back to diffusers' own step().
+
+Attention: GenfastAttnProcessor for diffusers' Attention blocks (UNets, VAEs, older DiTs), and,
+registered on import, the attention dispatcher's backend "genfast" for the blocks that dispatch
+(Flux, SD3, Wan, QwenImage): model.set_attention_backend("genfast").
 """
 
 import inspect
@@ -25,6 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised only without diffus
     raise ImportError("genfast.integrations.diffusers needs diffusers: pip install diffusers") from error
 
 from .. import diffusion
+from .diffusers_backend import register as register_attention_backend
 
 NOISE_MODES = ("diffusers", "in_kernel")
 
@@ -160,7 +165,8 @@ class FlowMatchEulerDiscreteScheduler(_fused_scheduler(diffusers.FlowMatchEulerD
             prev_sample=prev)
 
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+           "GenfastAttnProcessor", "register_attention_backend"]
 
 
 class GenfastAttnProcessor:
@@ -172,7 +178,8 @@ class GenfastAttnProcessor:
 
     The blocks of diffusers' attention dispatcher (FluxAttention, SD3's and Wan's, QwenImage's:
     AttentionModuleMixin, not Attention) hold other parts and raise here, naming the route that runs
-    them on genfast: genfast.integrations.sdpa.patch(), whose function their native backend calls.
+    them on genfast: the dispatcher's backend "genfast", which this module registers
+    (model.set_attention_backend("genfast"); diffusers_backend.py).
     """
 
     def __init__(self, impl: str = "auto"):
@@ -184,8 +191,8 @@ class GenfastAttnProcessor:
 
         if not isinstance(attn, diffusers.models.attention_processor.Attention):
             raise TypeError(f"GenfastAttnProcessor runs diffusers' Attention blocks, got {type(attn).__name__}: "
-                            "for the blocks of diffusers' attention dispatcher, genfast.integrations.sdpa.patch() "
-                            "(or patched()) runs their attention on genfast")
+                            "the blocks of diffusers' attention dispatcher run genfast's attention with "
+                            "model.set_attention_backend('genfast') (registered by genfast.integrations.diffusers)")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -220,3 +227,6 @@ class GenfastAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+register_attention_backend()
