@@ -12,10 +12,8 @@
 namespace genfast {
 namespace {
 
-// The kernels' grids put a sample's chunks of kCouplingChunk elements on grid.y, at most 65535.
 void check_coupling_grid(const CouplingTensors& t) {
-  TORCH_CHECK(coupling_chunks(t.layout.row_size) <= 65535, kAffineCouplingOp, ": on a GPU, samples of at most ",
-              int64_t{65535} * kCouplingChunk, " elements, got ", t.layout.row_size);
+  check_grid_y(kAffineCouplingOp, "a sample's element count", t.layout.row_size, kCouplingChunk);
 }
 
 // fn(T{}, Storage{}) for the CUDA element type T and the tensor's element type Storage.

@@ -6,6 +6,8 @@
 
 #include <limits>
 
+#include "launch.h"
+
 #include "../../kernels/cuda/noise_norms.cuh"
 #include "../langevin_corrector_args.h"
 #include "langevin_step.h"
@@ -28,6 +30,7 @@ void langevin_corrector_step_cuda(const at::Tensor& x, const at::Tensor& score,
   const PhiloxKeyRef philox =
       key ? *key : PhiloxKeyRef{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr, nullptr};
   const at::Tensor squares = corrector_noise_squares(x, noise, philox_noise, philox, [](const NoiseNormsParams& p) {
+    check_grid_y(kLangevinCorrectorOp, "a sample's element count", p.row_size, p.chunk_size);
     const cudaError_t status = launch_noise_norms(p, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(status == cudaSuccess, kLangevinCorrectorOp, ": CUDA launch failed: ", cudaGetErrorString(status));
   });

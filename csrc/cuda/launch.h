@@ -17,6 +17,14 @@ inline void check_launch(const char* op, cudaError_t status) {
   TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
 }
 
+// Kernels that put a sample's chunks (or a layer's feature tiles) on grid.y, which stops at 65535:
+// `what`, `size` in chunks of `chunk`, must fit, else the error names the limit.
+inline void check_grid_y(const char* op, const char* what, int64_t size, int64_t chunk) {
+  constexpr int64_t kMostBlocksY = 65535;
+  TORCH_CHECK((size + chunk - 1) / chunk <= kMostBlocksY, op, ": on a GPU, ", what, " must be at most ",
+              kMostBlocksY * chunk, ", got ", size);
+}
+
 // fn(T{}, Storage{}) for the CUDA element type T and the tensor's element type Storage.
 template <typename Fn>
 void dispatch_cuda_float_types(at::ScalarType dtype, Fn fn) {

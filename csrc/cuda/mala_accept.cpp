@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "launch.h"
+
 #include "../../kernels/cuda/mala.cuh"
 #include "../mala_args.h"
 
@@ -24,7 +26,10 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& grad_x, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   run_mala_accept<T, Storage>(
       x, y, grad_x, grad_y, energy_x, energy_y, step_size, uniform, x_out, grad_out, energy_out, accepted,
-      [&](const MalaSumsParams<T>& p) { check_launch(launch_mala_sums(p, stream)); },
+      [&](const MalaSumsParams<T>& p) {
+        check_grid_y(kMalaAcceptOp, "a sample's element count", p.row_size, p.chunk_size);
+        check_launch(launch_mala_sums(p, stream));
+      },
       [&](const MalaSelectParams<T>& p) { check_launch(launch_mala_select(p, stream)); });
 }
 

@@ -24,7 +24,7 @@ struct MaskedMatmul {
   bool strict;
 };
 
-constexpr int kTile = 64, kTileK = 16, kThreads = 256, kPerThread = 4;  // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kTile = static_cast<int>(kMadeLinearFeatureTile), kTileK = 16, kThreads = 256, kPerThread = 4;  // 16 x 16 threads, 4 x 4 outputs each
 
 template <MaskOn kMask, typename T>
 __global__ void __launch_bounds__(kThreads) masked_matmul_kernel(MaskedMatmul p, T* c, int64_t c_stride_m) {

@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from .affine_coupling import exp_f32
-
-MAX_GRID_1 = 65535
+from .common import MAX_GRID_1
 
 
 @triton.jit

@@ -10,7 +10,7 @@ the flags are constexpr, so each compiled variant is branch-free.
 import triton
 import triton.language as tl
 
-from .common import row_tile, tile_rows
+from .common import check_grid_axis1, row_tile, tile_rows
 from .philox import log_positive
 
 CHUNK = 1 << 14  # elements of a row per partial logdet sum, as on the other backends
@@ -238,6 +238,7 @@ def _nonempty(t, stand_in):
 
 
 def _launch_options(rows, row_size, device):
+    check_grid_axis1(device, "affine_coupling", "a sample's element count", row_size, CHUNK)
     block_rows, block = _tile(rows, row_size, device)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(row_size, CHUNK))
     return grid, dict(BLOCK_ROWS=block_rows, BLOCK=block, num_warps=max(1, min(4, block_rows * block // 256)))

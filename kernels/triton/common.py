@@ -3,6 +3,14 @@
 import triton
 import triton.language as tl
 
+MAX_GRID_1 = 65535  # a GPU's grid stops here on its second and third axes
+
+
+def check_grid_axis1(device, op: str, what: str, size: int, block: int) -> None:
+    """Raises, naming the limit, where `what` (size, in blocks of `block` on grid axis 1) overflows a GPU's grid."""
+    if device.type == "cuda" and triton.cdiv(size, block) > MAX_GRID_1:
+        raise ValueError(f"{op}: on a GPU, {what} must be at most {MAX_GRID_1 * block}, got {size}")
+
 
 @triton.jit
 def coef(row_coefs_ptr, row, mask, scalar, j: tl.constexpr, NUM_COEFS: tl.constexpr, ROW_COEFS: tl.constexpr):

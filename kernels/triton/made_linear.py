@@ -11,6 +11,8 @@ Products accumulate in float32 (IEEE, no TF32).
 import triton
 import triton.language as tl
 
+from .common import check_grid_axis1
+
 MASK_B_OUT_N, MASK_B_OUT_K, MASK_C_OUT_M = (tl.constexpr(mode) for mode in range(3))
 
 
@@ -80,6 +82,7 @@ def _launch(a, b, c, bias, out_degrees, in_degrees, mode, strict, wrap=None):
     if M == 0 or N == 0:
         return
     blocks = _blocks(a.device)
+    check_grid_axis1(a.device, "made_linear", "a layer's feature count", N, blocks["BLOCK_N"])
     kernel = masked_matmul_kernel if wrap is None else wrap(masked_matmul_kernel)
     kernel[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))](
         a, b, c, bias if bias is not None else c, out_degrees, in_degrees, M, N, K,

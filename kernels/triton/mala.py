@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import row_tile, tile_rows
+from .common import check_grid_axis1, row_tile, tile_rows
 
 CHUNK = 1 << 14  # elements per chunk of pass 1, as on the other backends
 
@@ -67,6 +67,7 @@ def launch_mala_sums(x, y, grad_x, grad_y, step_size, partial):
     """Partial sums of pass 1 into partial, (rows, chunks) float32, for contiguous inputs."""
     rows, num_chunks = partial.shape
     row_size = x.numel() // rows
+    check_grid_axis1(x.device, "mala_accept", "a sample's element count", row_size, CHUNK)
     tile = _sums_tile(rows, row_size, x.device)
     mala_sums_kernel[(triton.cdiv(rows, tile["BLOCK_ROWS"]), num_chunks)](
         x, y, grad_x, grad_y, step_size, partial, rows, row_size, CHUNK, num_chunks,

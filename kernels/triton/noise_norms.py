@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import default_block_groups, philox_key_words, row_tile
+from .common import check_grid_axis1, default_block_groups, philox_key_words, row_tile
 from .philox import philox_normal4
 
 CHUNK = 1 << 14  # elements per chunk, as on the other backends
@@ -54,6 +54,7 @@ def launch_noise_norms(partial, row_size, seed, offset, wrap=None):
     rows, num_chunks = partial.shape
     if rows == 0 or row_size == 0:
         return
+    check_grid_axis1(partial.device, "langevin_corrector_step", "a sample's element count", row_size, CHUNK)
     tile = _tile(rows, row_size, partial.device)
     kernel = noise_norms_kernel if wrap is None else wrap(noise_norms_kernel)
     kernel[(triton.cdiv(rows, tile["BLOCK_ROWS"]), num_chunks)](
