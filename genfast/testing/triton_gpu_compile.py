@@ -44,6 +44,12 @@ def _arg_type(value):
     raise TypeError(f"no signature type for {type(value).__name__}")
 
 
+def _not_specialized(interpreted):
+    """The argument names of a kernel's do_not_specialize (given as names or positions)."""
+    names = interpreted.kwargs.get("do_not_specialize") or []
+    return {interpreted.arg_names[n] if isinstance(n, int) else n for n in names}
+
+
 def _constexpr_names(fn):
     import triton.language as tl
 
@@ -68,12 +74,17 @@ def record(path, prefix="genfast."):
             options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
             bound.update(kwargs)
             constexprs = _constexpr_names(fn)
+            runtime = _not_specialized(self)
             signature, values, ints = {}, {}, {}
             for name, param in params.items():
                 value = bound.get(name, param.default)
-                if name in constexprs or value is None:
+                # triton.jit makes an int argument of 1 a constant (which has no .to()), unless told not to
+                specialized = type(value) is int and value == 1 and name not in runtime
+                if name in constexprs or value is None or specialized:
                     signature[name] = "constexpr"
                     values[name] = value
+                    if specialized:
+                        ints[name] = value
                 else:
                     signature[name] = _arg_type(value)
                     if isinstance(value, int) and not isinstance(value, bool):

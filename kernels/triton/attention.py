@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .affine_coupling import exp_f32, log_f32, tanh_f32
 from .common import philox_key_words
-from .philox import philox_uniform, philox_words, uniform_from_bits
+from .philox import PHILOX_KEY_WORDS, philox_uniform, philox_words, uniform_from_bits
 
 UNBOUNDED = 1 << 62  # band_lo = -UNBOUNDED or band_hi = UNBOUNDED: no bound
 MAX_HEAD_DIM = 512
@@ -44,8 +44,8 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 # a whole group: dense inputs with Lk a multiple of 4; key blocks start at multiples of BLOCK_N).
 DROPOUT_NONE, DROPOUT_ELEMENTS, DROPOUT_GROUPS = 0, 1, 2
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
-# Philox words and band bounds may be 1: keep them runtime values (the kernels call .to on the words).
-_NO_SPECIALIZE = ["seed_lo", "seed_hi", "base_lo", "base_hi", "band_lo", "band_hi"]
+# Band bounds may be 1 too: kept runtime values, as the Philox words are.
+_NO_SPECIALIZE = PHILOX_KEY_WORDS + ["band_lo", "band_hi"]
 
 
 @triton.jit

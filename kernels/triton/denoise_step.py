@@ -9,12 +9,12 @@ import triton.language as tl
 
 from .common import clamp_keep_nan, coef, default_block_groups, group_indices, philox_key_words
 from .common import group_variants as gpu_variants  # noqa: F401 (for triton_gpu_compile)
-from .philox import philox_normal4
+from .philox import PHILOX_KEY_WORDS, philox_normal4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_KEY_WORDS)
 def denoise_step_kernel(
     sample_ptr, model_ptr, model_cond_ptr, derivative_ptr, noise_ptr, out_ptr, pred_original_ptr, row_coefs_ptr,
     g, ax, am, az, o0, ox, om, oz, od,

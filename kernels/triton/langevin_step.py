@@ -5,12 +5,12 @@ import triton.language as tl
 
 from .common import clamp_keep_nan, coef, default_block_groups, group_indices, philox_key_words
 from .common import group_variants as gpu_variants  # noqa: F401 (for triton_gpu_compile)
-from .philox import philox_normal4
+from .philox import PHILOX_KEY_WORDS, philox_normal4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_KEY_WORDS)
 def langevin_step_kernel(
     x_ptr, grad_ptr, noise_ptr, out_ptr, mean_ptr, row_coefs_ptr,
     x_scale, step_size, noise_std, grad_scale, grad_clip, clamp_lo, clamp_hi,

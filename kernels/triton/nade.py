@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .affine_coupling import sigmoid_f32
 from .common import philox_key_words
-from .philox import philox_uniform
+from .philox import PHILOX_KEY_WORDS, philox_uniform
 
 MAX_HIDDEN = 2048
 # Ordering kinds: natural order, one (D,) ordering for all samples, one (B, D) per sample.
@@ -147,7 +147,7 @@ def nade_conditionals_backward_kernel(
     tl.atomic_add(grad_c_ptr + hs, tl.sum(running, axis=0), mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_KEY_WORDS)
 def nade_sample_kernel(
     w_ptr, c_ptr, v_ptr, b_ptr, uniforms_ptr, order_ptr, observed_ptr, out_ptr,
     seed_lo, seed_hi, base_lo, base_hi, num_observed, B, D, H,

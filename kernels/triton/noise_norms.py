@@ -4,12 +4,12 @@ import triton
 import triton.language as tl
 
 from .common import check_grid_axis1, default_block_groups, philox_key_words, row_tile
-from .philox import philox_normal4
+from .philox import PHILOX_KEY_WORDS, philox_normal4
 
 CHUNK = 1 << 14  # elements per chunk, as on the other backends
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_KEY_WORDS)
 def noise_norms_kernel(partial_ptr, seed_lo, seed_hi, base_lo, base_hi, num_rows, row_size, chunk_size, num_chunks,
                        BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
     """Chunk program_id(1) of BLOCK_ROWS rows; the tile's groups flattened row by row ([R * G]), so

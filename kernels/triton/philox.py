@@ -4,6 +4,10 @@ kernels/common/philox.h and normal_math.h."""
 import triton
 import triton.language as tl
 
+# A launch's Philox key and counter base as 32-bit words (common.philox_key_words). Each may be 1,
+# which triton.jit would make a constant (no .to() then): kernels that take them keep them runtime values.
+PHILOX_KEY_WORDS = ["seed_lo", "seed_hi", "base_lo", "base_hi"]
+
 
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
