@@ -602,7 +602,10 @@ def test_cuda_graph_wrappers_name_what_a_plan_must_keep():
                     4, dtype=torch.int32), paged_kv_last_page_len_buf=torch.zeros(2, dtype=torch.int32)),
              "qo_indptr_buf must hold batch_size \\+ 1 = 3"),
             (lambda: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, use_cuda_graph=True),
-             "use_cuda_graph=True on BatchPrefillWithRaggedKVCacheWrapper")]:
+             "use_cuda_graph=True on BatchPrefillWithRaggedKVCacheWrapper"),
+            (lambda: _graph_wrapper("decode", 64, 1 << 15, "reference"), "needs max_pages_per_request"),
+            (lambda: _graph_wrapper("decode", 2, 4, "reference", max_pages_per_request=0),
+             "max_pages_per_request must be at least 1")]:
         with pytest.raises(ValueError, match=match):
             call()
 

@@ -43,8 +43,9 @@ not capture). Where genfast differs, on purpose or not yet:
   which the sink's weight does not share);
 - use_cuda_graph=True on the paged wrappers (flashinfer_graph.py): plan() writes FlashInfer's
   buffers and the tensors the wrapper holds for a captured run; the first plan fixes the query
-  counts and settings, and max_pages_per_request (genfast's keyword; by default the indices
-  buffer's size) the key bound; the ragged wrapper refuses it;
+  counts and settings, and max_pages_per_request (genfast's keyword, needed where batch x the
+  indices buffer's size passes 2^20) the block table's width and the key bound; the ragged
+  wrapper refuses it;
 - not taken: fp8 and per-head scales (tensor q/k/v scales), JIT variants other than AttentionSink
   (CUDA source; the decode wrapper takes none). The decode plan's block_tables and seq_lens
   (trtllm-gen's) are taken: each request's pages and key count in place of the page lists'.

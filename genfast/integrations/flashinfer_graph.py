@@ -16,6 +16,8 @@ Tensor = torch.Tensor
 
 # the plan's tensors a run reads, in the order prepare() makes them
 _HELD = ("cu_q", "cu_k", "block_table", "slopes", "lse_shift")
+# a held block table of batch x the indices buffer's pages (max_pages_per_request's default) up to 4 MiB
+_MOST_TABLE_ENTRIES_BY_DEFAULT = 1 << 20
 
 
 def _index_buffer(wrapper: str, name: str, t) -> Tensor:
@@ -41,6 +43,11 @@ class CudaGraphPlans:
                 raise ValueError(f"{wrapper}: {name} must hold batch_size + 1 = {self.batch + 1} values ({names[-1]} "
                                  f"holds batch_size), got {self.buffers[name].numel()}")
         self.capacity = indices.numel()
+        if max_pages_per_request is None and self.batch * self.capacity > _MOST_TABLE_ENTRIES_BY_DEFAULT:
+            raise ValueError(f"{wrapper}(use_cuda_graph=True) needs max_pages_per_request (genfast's keyword: the most "
+                             f"pages one request holds) where {names[-2]} is this large: the held block table is batch "
+                             f"x that ({self.batch} x {self.capacity} by default), and its width bounds the keys the "
+                             "kernels split")
         self.max_pages = self.capacity if max_pages_per_request is None else int(max_pages_per_request)
         if self.max_pages < 1:
             raise ValueError(f"max_pages_per_request must be at least 1, got {max_pages_per_request}")
@@ -91,5 +98,6 @@ class CudaGraphPlans:
                 fresh = fresh[:, :self.max_pages]
             held[tuple(slice(0, n) for n in fresh.shape)].copy_(fresh)
             setattr(plan, name, held)
+            plan.device = held.device  # where a run must be (a later plan's index arrays may lie elsewhere)
         plan.kv_bound = self.max_pages * page_size
         self.frozen = self.settings
