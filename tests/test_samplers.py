@@ -94,6 +94,21 @@ def test_score_model_on_digits_moves_toward_the_data():
     assert energy_distance(samples, held_out) < 0.1 * energy_distance(start, held_out)
 
 
+@pytest.mark.cuda
+def test_replay_buffer_and_ebm_on_a_gpu_take_the_cpu_generator():
+    """A buffer on a GPU drawn from a CPU generator (the EBM's), and an EBM moved to a GPU: its chains
+    follow it, its negatives and samples are on the GPU."""
+    skip_unless_runs("native", "cuda")
+    g = torch.Generator().manual_seed(0)
+    buffer = samplers.ReplayBuffer(8, lambda n: torch.zeros(n, 2, device="cuda"), generator=g)
+    x, index = buffer.sample(5)
+    assert x.device.type == index.device.type == "cuda"
+    model = EBM(2, buffer_size=64, sgld_steps=2).cuda()
+    losses = model.fit(two_moons(64).cuda(), steps=2, batch_size=16)
+    assert len(losses) == 2 and model.buffer.samples.device.type == "cuda"
+    assert model.sample(4, num_steps=2).device.type == "cuda"
+
+
 @pytest.mark.slow
 def test_ebm_trained_with_fused_sgld_moves_toward_the_data():
     torch.manual_seed(0)

@@ -36,7 +36,12 @@ class EBM(nn.Module):
     def uniform_noise(self, features):
         return lambda n: (torch.rand(n, features, generator=self.generator) * 2 - 1) * self.box
 
+    def _device(self) -> torch.device:
+        return next(self.energy.parameters()).device
+
     def negatives(self, n: int, impl: str = "auto"):
+        if self.buffer.samples.device != self._device():  # the model moved (EBM.to): its chains follow
+            self.buffer.samples = self.buffer.samples.to(self._device())
         start, index = self.buffer.sample(n)
         x = samplers.sgld(self.energy, start, self.sgld_steps, self.step_size, noise_std=self.noise_std,
                           clamp=(-self.box, self.box), generator=self.generator, impl=impl)
@@ -60,6 +65,6 @@ class EBM(nn.Module):
         return losses
 
     def sample(self, n: int, num_steps: int = 200, *, generator=None, impl: str = "auto"):
-        start = self.uniform_noise(self.energy.net[0].in_features)(n)
+        start = self.uniform_noise(self.energy.net[0].in_features)(n).to(self._device())
         return samplers.sgld(self.energy, start, num_steps, self.step_size, noise_std=self.noise_std,
                              clamp=(-self.box, self.box), generator=generator, impl=impl)
