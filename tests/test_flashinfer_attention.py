@@ -393,6 +393,32 @@ def test_decode_plan_takes_block_tables_and_seq_lens(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_float8_caches_and_queries_are_widened(impl):
+    """FlashInfer's fp8 KV caches (float8_e4m3fn pages, k_scale and v_scale numbers) and fp8 q: equal to
+    the same call on their values widened (float32 here), pages gathered from a pool whose unused
+    slots hold NaN; a ragged batch's float8_e5m2 keys too."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(1, 40), (1, 1), (1, 16), (1, 33)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    fp8 = tuple(t.to(torch.float8_e4m3fn) for t in cache)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16, kv_data_type=torch.float8_e4m3fn)
+    got = decode.run(q, fp8, k_scale=0.5, v_scale=2.0, return_lse=True)
+    want = decode.run(q, tuple(t.float() for t in fp8), k_scale=0.5, v_scale=2.0, return_lse=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    q8 = q.to(torch.float8_e4m3fn)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16, o_data_type=torch.float32)
+    torch.testing.assert_close(decode.run(q8, fp8), decode.run(q8.float(), tuple(t.float() for t in fp8)),
+                               rtol=1e-6, atol=1e-6)
+    q, k, v, qo_indptr, kv_indptr = _packed(REQUESTS)
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, impl=impl)
+    ragged.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=True)
+    k5, v5 = k.to(torch.float8_e5m2), v.to(torch.float8_e5m2)
+    torch.testing.assert_close(ragged.run(q, k5, v5), ragged.run(q, k5.float(), v5.float()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_cascade_of_prefix_and_suffix_merges_into_attention_over_all_keys(impl):
     """FlashInfer's cascade: a request's queries over a shared prefix (non-causal) and over its own
     keys (causal), merged by merge_state from the base-2 lse the attention returns, equal attention

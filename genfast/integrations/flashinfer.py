@@ -46,7 +46,9 @@ not capture). Where genfast differs, on purpose or not yet:
   counts and settings, and max_pages_per_request (genfast's keyword, needed where batch x the
   indices buffer's size passes 2^20) the block table's width and the key bound; the ragged
   wrapper refuses it;
-- not taken: fp8 and per-head scales (tensor q/k/v scales), JIT variants other than AttentionSink
+- fp8 KV caches and fp8 q are widened exactly to q's dtype (bfloat16 on a GPU, float32 on the
+  CPU for fp8 q), a paged cache's named pages alone: fp8 code runs, not at fp8's speed;
+- not taken: per-head scales (tensor q/k/v scales), JIT variants other than AttentionSink
   (CUDA source; the decode wrapper takes none). The decode plan's block_tables and seq_lens
   (trtllm-gen's) are taken: each request's pages and key count in place of the page lists'.
   q_data_type, kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and

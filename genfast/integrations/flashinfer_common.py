@@ -210,6 +210,26 @@ def to_device(t: Tensor, device: torch.device, non_blocking: bool = True) -> Ten
     return t.to(device)
 
 
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _widened(q: Tensor, k: Tensor, v: Tensor, block_table: Optional[Tensor]):
+    """(q, k, v, block_table) with float8 ones (FlashInfer's fp8 caches, kv_data_type; fp8 q)
+    widened exactly to q's dtype (bfloat16 on a GPU, float32 on the CPU where q is float8 too):
+    genfast's kernels take no float8. Of a paged cache, the pages the table names are gathered
+    (batch x its width, a copy in the wide dtype, not fp8's speed), the table then numbering them in
+    order; all by device ops, as a CUDA graph captures them."""
+    if not any(t.dtype in FLOAT8 for t in (q, k, v)):
+        return q, k, v, block_table
+    wide = q.dtype if q.dtype not in FLOAT8 else torch.bfloat16 if q.device.type == "cuda" else torch.float32
+    if block_table is not None:
+        pages = block_table.reshape(-1).long()
+        # float8 indexed through its bytes, which every torch indexes
+        k, v = (t.view(torch.uint8)[pages].view(t.dtype) if t.dtype in FLOAT8 else t[pages] for t in (k, v))
+        block_table = torch.arange(pages.numel(), dtype=torch.int32, device=pages.device).view(block_table.shape)
+    return q.to(wide), k.to(wide), v.to(wide), block_table
+
+
 def _rope_tables(positions: range, dim: int, theta: float, scale: float, device: torch.device) -> tuple:
     """FlashInfer's ROPE_LLAMA angles, position / rope_scale * rope_theta^(-2 i / dim): cos and sin
     (positions, dim / 2), float32 on `device`, made there. (A run rounds them to q's dtype, which
@@ -254,6 +274,8 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         raise ValueError("sinks with pos_encoding_mode='ALIBI': genfast's ALiBi bias differs from FlashInfer's by a "
                          "constant in each row, which a sink's weight would not share; genfast takes either alone")
     plan.prepare(q.device)
+    o_dtype = plan.o_dtype or q.dtype
+    q, k, v, block_table = _widened(q, k, v, plan.block_table)
     if sm_scale is None:
         sm_scale = plan.sm_scale
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale))
@@ -272,15 +294,14 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
                                       scale=scale,
                                       causal="bottom_right" if plan.causal else None, window=window,
                                       alibi_slopes=slopes, softcap=softcap, return_lse=True, impl=impl,
-                                      block_table=plan.block_table, sinks=sinks)
+                                      block_table=block_table, sinks=sinks)
         natural = natural.t()
         if plan.lse_shift is not None:
             natural = natural + plan.lse_shift[:, None] * slopes[None, :]
     v_factor = scale_value("v_scale", v_scale)
     if v_factor != 1.0:
         o = o * v_factor
-    if plan.o_dtype is not None:
-        o = o.to(plan.o_dtype)
+    o = o.to(o_dtype)
     if out is not None:
         if out.shape != o.shape or out.dtype != o.dtype or out.device != o.device:
             raise ValueError(f"out must be a {o.dtype} tensor {tuple(o.shape)} on {o.device}, got {out.dtype} "
