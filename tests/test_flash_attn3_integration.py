@@ -248,7 +248,7 @@ def test_fp8_with_descales_matches_flash_attention_3s_definition(options, with_q
     vd)^T and out P (v vd), in bfloat16 (its fp8 out dtype), softmax_lse float32; computed widened
     to float32 (the CPU's) or bfloat16 (a GPU's, here on the CPU)."""
     skip_unless_supported(impl, "cpu", wide)
-    monkeypatch.setattr(fa3, "_fp8_wide_dtype", lambda device: wide)
+    monkeypatch.setattr(fa3, "wide_dtype", lambda device: wide)
     (q8, k8, v8, qv8), (qd, kd, vd), exact_inputs, cu_q, cu_k = _fp8_call(6, [5, 1, 12], [9, 30, 7], with_qv)
     seqused_k = torch.tensor([9, 20, 6], dtype=torch.int32)
     out, lse = fa3.flash_attn_varlen_func(q8, k8, v8, cu_q, cu_k, 12, 30, seqused_k=seqused_k, qv=qv8, q_descale=qd,

@@ -53,6 +53,7 @@ from ..attention import attention_varlen
 from ..attention_merge import merge_attention
 from ..ops.attention import check_qv
 from ..rotary import rotary
+from .float8 import wide_dtype
 from .flash_attn import (_append_to_cache, _attend_to_cache, _batch_major, _cache_capacity, _cache_rows,
                          _cache_row_indices, _check_dense, _check_kvcache, _index_vector, _options,
                          _turns_queries_in_sequence, _uniform_cu_seqlens)
@@ -121,14 +122,10 @@ def _fp8_widened(q, k, v, qv, scales, cu_q):
     def per_row(scale):  # (batch, kv_heads) -> (rows, heads, 1)
         return scale.repeat_interleave(group, 1)[sequence][..., None]
 
-    wide = _fp8_wide_dtype(q.device)
+    wide = wide_dtype(q.device)
     q = (q.float() * per_row(qd * kd)).to(wide)
     qv = None if qv is None else (qv.float() * per_row(qd * vd)).to(wide)
     return q, k.to(wide), v.to(wide), qv, per_row(vd)
-
-
-def _fp8_wide_dtype(device) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def _fp8_out(o, out_scale):

@@ -12,6 +12,7 @@ import torch
 from .._checks import check_choice
 from ..attention import attention, attention_varlen
 from ..rotary import rotary
+from .float8 import wide_dtype
 
 Tensor = torch.Tensor
 
@@ -221,7 +222,7 @@ def _widened(q: Tensor, k: Tensor, v: Tensor, block_table: Optional[Tensor]):
     order; all by device ops, as a CUDA graph captures them."""
     if not any(t.dtype in FLOAT8 for t in (q, k, v)):
         return q, k, v, block_table
-    wide = q.dtype if q.dtype not in FLOAT8 else torch.bfloat16 if q.device.type == "cuda" else torch.float32
+    wide = q.dtype if q.dtype not in FLOAT8 else wide_dtype(q.device)
     if block_table is not None:
         pages = block_table.reshape(-1).long()
         # float8 indexed through its bytes, which every torch indexes
