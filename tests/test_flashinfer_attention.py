@@ -230,16 +230,24 @@ def _paged(requests, page_size, heads=4, kv_heads=2, dim=16, layout="NHD", singl
 @pytest.mark.parametrize("layout,single", [("NHD", False), ("HND", True)])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_prefill_wrapper_matches_flashinfer(impl, layout, single):
-    """Pages shuffled in a cache whose unused slots hold NaN; a tuple or one tensor, NHD or HND."""
+    """Pages shuffled in a cache whose unused slots hold NaN; a tuple or one tensor, NHD or HND;
+    ALiBi without causal and custom masks (bool and packed) too, attended one request at a time."""
     skip_unless_supported(impl, "cpu")
     requests = [(5, 12), (9, 9), (1, 30)]
     q, k, v, cache, indptr, indices, last = _paged(requests, 4, layout=layout, single=single)
     qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, layout, impl=impl)
-    for options in (dict(causal=True), dict(causal=True, pos_encoding_mode="ALIBI", window_left=7)):
+    for options in (dict(causal=True), dict(causal=True, pos_encoding_mode="ALIBI", window_left=7),
+                    dict(pos_encoding_mode="ALIBI")):
         wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
         got = wrapper.run(q, cache, return_lse=True)
         _check_requests(got, q, k, v, requests, **options)
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(a, b, generator=g) < 0.6 for a, b in requests]
+    for mask_option in (dict(custom_mask=torch.cat([m.reshape(-1) for m in masks])),
+                        dict(packed_custom_mask=_packbits(masks))):
+        wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, window_left=6, **mask_option)
+        _check_requests(wrapper.run(q, cache, return_lse=True), q, k, v, requests, masks, window_left=6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -463,8 +471,7 @@ def test_bad_input_names_the_argument():
     qo_indptr = torch.tensor([0, 5, 6], dtype=torch.int32)
     paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None)
     for options, match in [(dict(pos_encoding_mode="ROPE_LLAMA"), "ROPE_LLAMA' over a paged cache"),
-                           (dict(custom_mask=torch.ones(90, dtype=torch.bool)), "custom mask on a paged cache"),
-                           (dict(pos_encoding_mode="ALIBI"), "ALiBi without causal")]:
+                           (dict(custom_mask=torch.ones(89, dtype=torch.bool)), "custom_mask must hold")]:
         with pytest.raises(ValueError, match=match):
             paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
     with pytest.raises(ValueError, match="paged_kv_last_page_len"):
@@ -616,6 +623,10 @@ def test_cuda_graph_wrappers_name_what_a_plan_must_keep():
     decode.plan(indptr, indices, last, 8, 2, 16, 16)  # a plan that failed left none
     with pytest.raises(ValueError, match="q must be on the planned device"):
         decode.run(q.to("meta"), cache)
+    prefill, _ = _graph_wrapper("prefill", 2, 4, "reference")
+    with pytest.raises(ValueError, match="run one request at a time"):
+        prefill.plan(torch.tensor([0, 1, 2], dtype=torch.int32), indptr, indices, last, 8, 2, 16, 16,
+                     custom_mask=torch.ones(41, dtype=torch.bool))
     small, _ = _graph_wrapper("decode", 2, 3, "reference")
     with pytest.raises(ValueError, match="4 pages, more than paged_kv_indices_buffer \\(3\\)"):
         small.plan(indptr, indices, last, 8, 2, 16, 16)

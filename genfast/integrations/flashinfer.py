@@ -32,7 +32,8 @@ the single calls build their tensors by device ops (no copy from the host, which
 not capture). Where genfast differs, on purpose or not yet:
 - a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
 - custom masks, and ALiBi without causal over several queries, run one request at a time through
-  genfast.attention (an additive mask holds ALiBi's bias there); a paged cache refuses them;
+  genfast.attention (an additive mask holds ALiBi's bias there; a paged cache's pages gathered per
+  request); use_cuda_graph refuses them;
 - ROPE_LLAMA turns a copy of q and k (genfast.rotary) before the attention, where FlashInfer turns
   them as it loads them; a paged cache refuses it (turn keys as they are written, as vLLM and
   SGLang do);

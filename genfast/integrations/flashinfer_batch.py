@@ -188,6 +188,23 @@ def _given_pages(table, kv_lens, block_tables, seq_lens, page_size: int):
 _PREFILL_GRAPH_BUFFERS = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
 
 
+def _masks(custom_mask, packed_custom_mask, qo_lens, kv_lens):
+    """Each request's bool (qo_len, kv_len) mask from FlashInfer's custom_mask (flattened and
+    concatenated) or packed_custom_mask (segment_packbits's), the plan's own; None without."""
+    if packed_custom_mask is not None:
+        return unpack_masks(packed_custom_mask, list(zip(qo_lens, kv_lens)))
+    if custom_mask is None:
+        return None
+    sizes = [n_q * n_k for n_q, n_k in zip(qo_lens, kv_lens)]
+    if not isinstance(custom_mask, Tensor):
+        raise ValueError(f"custom_mask must be a bool tensor, got {type(custom_mask).__name__}")
+    flat = custom_mask.reshape(-1).bool().clone()  # the plan's own, as FlashInfer packs its own
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} values (each request's "
+                         f"(qo_len, kv_len) mask flattened, concatenated), got {flat.numel()}")
+    return [m.view(n_q, n_k) for m, n_q, n_k in zip(flat.split(sizes), qo_lens, kv_lens)]
+
+
 def _paged_cache(paged_kv_cache, kv_layout: str, page_size: int):
     """k and v (pages, page_size, num_kv_heads, dim) from FlashInfer's tuple (k, v) or single
     tensor (pages, 2, ...), NHD or HND, viewed in place."""
@@ -235,22 +252,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         if len(qo_lens) != len(kv_lens):
             raise ValueError(f"qo_indptr and kv_indptr must have one entry per request and one more, got "
                              f"{len(qo_lens) + 1} and {len(kv_lens) + 1}")
-        masks = None
-        if packed_custom_mask is not None:
-            masks = unpack_masks(packed_custom_mask, list(zip(qo_lens, kv_lens)))
-        elif custom_mask is not None:
-            sizes = [n_q * n_k for n_q, n_k in zip(qo_lens, kv_lens)]
-            if not isinstance(custom_mask, Tensor):
-                raise ValueError(f"custom_mask must be a bool tensor, got {type(custom_mask).__name__}")
-            flat = custom_mask.reshape(-1).bool().clone()  # the plan's own, as FlashInfer packs its own
-            if flat.numel() != sum(sizes):
-                raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} values (each request's "
-                                 f"(qo_len, kv_len) mask flattened, concatenated), got {flat.numel()}")
-            masks = [m.view(n_q, n_k) for m, n_q, n_k in zip(flat.split(sizes), qo_lens, kv_lens)]
         self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type,
                        _device_of(qo_indptr, kv_indptr), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                       rope_scale=rope_scale, rope_theta=rope_theta, masks=masks, non_blocking=non_blocking)
+                       rope_scale=rope_scale, rope_theta=rope_theta,
+                       masks=_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens), non_blocking=non_blocking)
 
     begin_forward = plan
 
@@ -293,14 +299,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         if len(qo_lens) != len(kv_lens):
             raise ValueError(f"qo_indptr and paged_kv_indptr must have one entry per request and one more, got "
                              f"{len(qo_lens) + 1} and {len(kv_lens) + 1}")
-        if custom_mask is not None or packed_custom_mask is not None:
-            raise ValueError("a custom mask on a paged cache: genfast attends those one request at a time and takes "
-                             "them on a ragged cache (BatchPrefillWithRaggedKVCacheWrapper) or alone "
-                             "(single_prefill_with_kv_cache)")
         self._set_plan(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, o_data_type, table.device,
                        int(page_size), causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
                        window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                        rope_scale=rope_scale, rope_theta=rope_theta, block_table=table,
+                       masks=_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens),
                        non_blocking=non_blocking,
                        index_arrays=(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
 

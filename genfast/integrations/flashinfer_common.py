@@ -135,10 +135,6 @@ class Plan:
             raise ValueError(f"pos_encoding_mode='ROPE_LLAMA' needs an even head dim, got {head_dim}")
         if self.logits_soft_cap is not None and self.logits_soft_cap < 0:
             raise ValueError(f"logits_soft_cap must be >= 0, got {self.logits_soft_cap}")
-        if self.block_table is not None and self.per_request:
-            raise ValueError("a custom mask, or ALiBi without causal over several queries, on a paged cache: genfast "
-                             "attends those one request at a time and takes them on a ragged cache "
-                             "(BatchPrefillWithRaggedKVCacheWrapper) or alone (single_prefill_with_kv_cache)")
         if self.block_table is not None and self.pos_encoding_mode == "ROPE_LLAMA":
             raise ValueError("pos_encoding_mode='ROPE_LLAMA' over a paged cache: turn the keys as they are written "
                              "(genfast.kvcache_append's rotary_cos and rotary_sin, or the model's own rotary), "
@@ -288,7 +284,7 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     window = (plan.window_left, plan.window_right) if max(plan.window_left, plan.window_right) >= 0 else None
     softcap = plan.logits_soft_cap or None
     if plan.per_request:
-        o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl, sinks)
+        o, natural = _run_per_request(plan, q, k, v, block_table, scale, slopes, window, softcap, impl, sinks)
     else:
         kv_bound = max(plan.kv_lens, default=0) if plan.kv_bound is None else plan.kv_bound
         o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0), kv_bound,
@@ -319,14 +315,20 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     return o, base2.contiguous()
 
 
-def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl, sinks):
+def _run_per_request(plan: Plan, q, k, v, block_table, scale, slopes, window, softcap, impl, sinks):
     """Each request alone through genfast.attention, with its custom mask and, for ALiBi without
-    causality, FlashInfer's bias slope (j - i) as an additive mask."""
+    causality, FlashInfer's bias slope (j - i) as an additive mask; of a paged cache (k and v
+    pages, page_size, heads, dim), the request's pages gathered."""
     outs, lses = [], []
     starts_q, starts_k = 0, 0
     for n, (n_q, n_k) in enumerate(zip(plan.qo_lens, plan.kv_lens)):
         q_n = q[starts_q:starts_q + n_q].transpose(0, 1)[None]
-        k_n, v_n = (t[starts_k:starts_k + n_k].transpose(0, 1)[None] for t in (k, v))
+        if block_table is None:
+            k_n, v_n = (t[starts_k:starts_k + n_k] for t in (k, v))
+        else:
+            pages = block_table[n, :-(-n_k // k.shape[1])].long()
+            k_n, v_n = (t[pages].flatten(0, 1)[:n_k] for t in (k, v))
+        k_n, v_n = (t.transpose(0, 1)[None] for t in (k_n, v_n))
         mask = None if plan.masks is None else plan.masks[n]  # on q's device since prepare()
         causal = "bottom_right" if plan.causal and plan.masks is None else None
         if slopes is not None:

@@ -57,6 +57,10 @@ class CudaGraphPlans:
     def check(self, plan: Plan, page_size: int) -> None:
         """Raises where this plan does not fit the buffers or differs from the first in what a replay keeps."""
         pages = [-(-n // page_size) for n in plan.kv_lens]
+        if plan.per_request:
+            raise ValueError(f"{self.wrapper}(use_cuda_graph=True): custom masks, and ALiBi without causal over "
+                             "several queries, run one request at a time, which a CUDA graph does not replay for "
+                             "another plan; plan without them")
         if len(pages) != self.batch:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): the batch size is fixed at {self.batch} (its "
                              f"buffers'), got {len(pages)} requests")
