@@ -17,29 +17,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import genfast
+from genfast.benchmarks.attention import environment, with_environment
 
 # (batch, heads, length, head_dim, causal): the issue's shape, a training one, head dim 256.
 SHAPES = [(1, 16, 16384, 128, True), (4, 16, 2048, 128, False), (2, 8, 4096, 256, False)]
 
 
-def _with_env(fn, env):
-    def run(*args):
-        previous = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            return fn(*args)
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    return run
-
-
 def _genfast(impl, env, **options):
-    return _with_env(lambda q, k, v, causal: genfast.attention(q, k, v, is_causal=causal, impl=impl, **options), env)
+    """genfast.attention with the environment `env` (its kernels' options), set around each call and,
+    through fn.environment, around the backwards measured below (their launches read it too)."""
+    return with_environment(lambda q, k, v, causal: genfast.attention(q, k, v, is_causal=causal, impl=impl,
+                                                                      **options), env)
 
 
 def _sdpa(backend):
@@ -88,13 +76,14 @@ def measure(shapes, groups):
             expected_o = reference(q, k, v, causal)
             expected_grads = torch.autograd.grad(reference(*leaves, causal), leaves, grad)
             for variant, fn in rows:
-                o = fn(q, k, v, causal)
-                grads = torch.autograd.grad(fn(*leaves, causal), leaves, grad)
+                with environment(getattr(fn, "environment", {})):
+                    o = fn(q, k, v, causal)
+                    grads = torch.autograd.grad(fn(*leaves, causal), leaves, grad)
+                    forward = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
+                    both = do_bench(lambda: torch.autograd.grad(fn(*leaves, causal), leaves, grad), warmup=25,
+                                    rep=100, return_mode="median")
                 error = f"o {_relative(o, expected_o):.1e}, dQ/dK/dV " + "/".join(
                     f"{_relative(a, e):.1e}" for a, e in zip(grads, expected_grads))
-                forward = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
-                both = do_bench(lambda: torch.autograd.grad(fn(*leaves, causal), leaves, grad), warmup=25, rep=100,
-                                return_mode="median")
                 print(f"{'forward ' + name:44s} {variant:32s} {forward:9.3f} {flops / forward / 1e9:8.1f}  {error}",
                       flush=True)
                 print(f"{'forward+backward ' + name:44s} {variant:32s} {both:9.3f} {3.5 * flops / both / 1e9:8.1f}",
@@ -107,12 +96,14 @@ def profile(shape, hopper):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     calls = variants() + (hopper_variants() if hopper else [])
     for _, fn in calls:  # autotuning and module loads outside the profiled range
-        torch.autograd.grad(fn(*leaves, causal), leaves, grad)
+        with environment(getattr(fn, "environment", {})):
+            torch.autograd.grad(fn(*leaves, causal), leaves, grad)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for variant, fn in calls:
         torch.cuda.nvtx.range_push(variant)
-        torch.autograd.grad(fn(*leaves, causal), leaves, grad)
+        with environment(getattr(fn, "environment", {})):
+            torch.autograd.grad(fn(*leaves, causal), leaves, grad)
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()

@@ -491,3 +491,28 @@ def test_padded_cache_decode_rows_compute_one_attention(monkeypatch):
         name for name in names if "FlashInfer" in name]
     for name in names:
         torch.testing.assert_close(outputs[name], outputs["eager reference mask"], msg=name)
+
+
+def test_a_candidates_environment_is_set_for_its_timed_backward_too():
+    """with_environment (the Hopper rows' GENFAST_ATTENTION_SM90=1): a forward+backward entry sets
+    it around the backward, which reads it at its launches, and restores it after."""
+    seen = []
+
+    class Recorded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(os.environ.get("GENFAST_TEST_BACKWARD_VARIABLE"))
+            return grad
+
+    fn = bench.with_environment(lambda q, k, v: Recorded.apply(q) + k + v, {"GENFAST_TEST_BACKWARD_VARIABLE": "on"})
+    q = torch.randn(1, 1, 4, 8)
+    leaves = [q.clone().requires_grad_() for _ in range(3)]
+    groups = bench._forward_and_backward_groups("", 1.0, [("recorded", fn)], q, q, q, leaves, torch.ones_like(q))
+    for _, entries in groups.values():
+        for _, entry in entries:
+            entry()
+    assert seen == ["on"] and "GENFAST_TEST_BACKWARD_VARIABLE" not in os.environ

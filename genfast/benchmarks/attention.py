@@ -20,6 +20,7 @@ causal layer and a layer adding a bfloat16 (on a GPU, the inputs' dtype) relativ
 FlexAttention as a peer too (forward only on the CPU, where it has no backward).
 """
 
+import contextlib
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -161,20 +162,48 @@ def hopper_available(device: str) -> bool:
             and torch.cuda.get_device_capability() == (9, 0) and bool(build_info().get("attention_sm90")))
 
 
-def with_hopper(fn):
-    """fn with the Hopper kernels opted into for the duration of each call (each launch reads it)."""
-    def run(*args):
-        previous = os.environ.get("GENFAST_ATTENTION_SM90")
-        os.environ["GENFAST_ATTENTION_SM90"] = "1"
-        try:
-            return fn(*args)
-        finally:
-            if previous is None:
-                del os.environ["GENFAST_ATTENTION_SM90"]
+@contextlib.contextmanager
+def environment(values: dict):
+    """The environment variables `values` set for the block, then as they were."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["GENFAST_ATTENTION_SM90"] = previous
+                os.environ[name] = value
+
+
+def with_environment(fn, values: dict):
+    """fn with `values` set around each call, and kept as fn.environment: a timed forward+backward
+    sets them around the backward too (in_environment), which reads them at its launches."""
+    def run(*args):
+        with environment(values):
+            return fn(*args)
+
+    run.environment = values
+    return run
+
+
+def in_environment(fn, thunk):
+    """thunk, run with fn's environment (with_environment's) set around it, where fn has one."""
+    values = getattr(fn, "environment", None)
+    if not values:
+        return thunk
+
+    def run():
+        with environment(values):
+            return thunk()
 
     return run
+
+
+def with_hopper(fn):
+    """fn with the Hopper kernels opted into (GENFAST_ATTENTION_SM90=1), for its backward too."""
+    return with_environment(fn, {"GENFAST_ATTENTION_SM90": "1"})
 
 
 def _output(result):
@@ -374,7 +403,7 @@ def _forward_and_backward_groups(variant, flops, usable, q, k, v, leaves, grad, 
             ("forward", lambda fn: fn(q, k, v, *args), flops, ()),
             ("forward+backward", lambda fn: torch.autograd.grad(fn(*leaves, *args), leaves, grad), 3.5 * flops,
              backward_only)):
-        entries = [(peer, lambda fn=fn, call=call: call(fn)) for peer, fn in [*usable, *extra]]
+        entries = [(peer, in_environment(fn, lambda fn=fn, call=call: call(fn))) for peer, fn in [*usable, *extra]]
         if flex is not None and _runs(lambda: call(flex)):
             entries.append(("FlexAttention", lambda call=call: call(flex)))
         groups[f"attention {name} {variant}".rstrip()] = (group_flops, entries)
@@ -1019,7 +1048,8 @@ def _varlen_rows(device, dtype, heads, dim, lengths, gemm, quick, say):
             flops, [(name, lambda fn=fn: fn(q, k, v)) for name, fn in candidates]
             + [(name, lambda fn=fn: fn(*padded)) for name, fn in padded_candidates]),
         "attention varlen forward+backward causal": (
-            3.5 * flops, [(name, lambda fn=fn: torch.autograd.grad(fn(*packed_leaves), packed_leaves, grad))
+            3.5 * flops, [(name, in_environment(fn, lambda fn=fn: torch.autograd.grad(fn(*packed_leaves),
+                                                                                        packed_leaves, grad)))
                           for name, fn in candidates]
             + [(name, lambda fn=fn: torch.autograd.grad(fn(*padded_leaves), padded_leaves, padded_grad))
                for name, fn in padded_candidates]),
