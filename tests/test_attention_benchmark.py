@@ -516,3 +516,12 @@ def test_a_candidates_environment_is_set_for_its_timed_backward_too():
         for _, entry in entries:
             entry()
     assert seen == ["on"] and "GENFAST_TEST_BACKWARD_VARIABLE" not in os.environ
+
+
+def test_probes_run_triton_untuned():
+    """_supported's 8-token probe runs Triton's kernels untuned: autotuning keys on neither length,
+    so a tile tuned there would serve the full-size rows."""
+    seen = []
+    q = torch.zeros(1, 1, 16, 8)
+    assert bench._supported(lambda q, k, v: seen.append(os.environ.get("GENFAST_TRITON_AUTOTUNE")), q, q, q)
+    assert seen == ["0"] and os.environ.get("GENFAST_TRITON_AUTOTUNE") != "0"
