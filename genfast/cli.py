@@ -14,10 +14,11 @@ def _best_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _progress_bar(total, stream=False):
+def _progress_bar(total, stream=False, on_group=None):
     """A one-line progress bar on stderr (no dependency); returns the per-step callback. With
     stream, each group of rows is printed to stdout as soon as it is measured instead (the callback's
-    measured), for a log that a run stopped part way keeps."""
+    measured), for a log that a run stopped part way keeps; on_group(rows), where given, gets each
+    group too."""
     state = {"done": 0, "start": time.time()}
     width = 30
 
@@ -31,10 +32,13 @@ def _progress_bar(total, stream=False):
         sys.stderr.flush()
 
     def measured(rows):
-        for row in rows:
-            print(_row_line(row), flush=True)
+        if stream:
+            for row in rows:
+                print(_row_line(row), flush=True)
+        if on_group is not None:
+            on_group(rows)
 
-    if stream:
+    if stream or on_group is not None:
         step.measured = measured
     return step
 
@@ -124,17 +128,24 @@ def cmd_bench(args):
         print("genfast bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
     ops = args.ops.split(",") if args.ops else list(registry.BENCHMARKS)
-    rows = []
+    unknown = [op for op in ops if op not in registry.BENCHMARKS]
+    if unknown:
+        print(f"genfast bench: unknown op {unknown[0]!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
+        return 2
+    machine = timing.machine(device)
+    rows, measured = [], []
+
+    def on_group(group):  # the files hold every group measured so far: a run stopped part way keeps them
+        measured.extend(group)
+        _write_results(args, machine, measured, complete=False)
+
     for op in ops:
-        if op not in registry.BENCHMARKS:
-            print(f"genfast bench: unknown op {op!r}; known: {list(registry.BENCHMARKS)}", file=sys.stderr)
-            return 2
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 19, stream=args.stream)
+        progress = _progress_bar(total=(len(sizes) if sizes else 2 if args.quick else 4) * 19, stream=args.stream,
+                                 on_group=on_group if args.json or args.csv else None)
         rows += registry.BENCHMARKS[op](device, quick=args.quick, progress=progress, sizes=sizes)
         if not args.stream:
             sys.stderr.write("\n")
-    machine = timing.machine(device)
     print(f"genfast bench on {machine.get('gpu', machine['cpu'])} ({device}, {machine['cpu_threads']} CPU threads), "
           f"torch {machine['torch']}, git {str(machine['git_sha'])[:10]}")
     copies = sorted({round(r["copy_gb_per_s"], 1) for r in rows if "copy_gb_per_s" in r})
@@ -147,22 +158,38 @@ def cmd_bench(args):
               "'peak MiB': the peak extra memory of one call, outputs included")
     print("x genfast: the row's time over the fastest genfast backend's in its group (higher: genfast is faster)")
     _print_table(rows)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "rows": rows}, f, indent=1, default=str)
-        print(f"wrote {args.json}")
-    if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            fields = list(dict.fromkeys(key for row in rows for key in row))  # ops record different columns
-            writer = csv.DictWriter(f, fieldnames=fields + ["machine", "git_sha"], extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "machine": machine.get("gpu", machine["cpu"]), "git_sha": machine["git_sha"]})
-        print(f"wrote {args.csv}")
+    for path in _write_results(args, machine, rows, complete=True):
+        print(f"wrote {path}")
     return 0
+
+
+def _write_results(args, machine, rows, complete: bool):
+    """The rows to args.json and args.csv (where given), each replaced whole (written beside, then
+    renamed: a run stopped mid-write leaves the last whole file); the JSON says whether the run
+    completed. Returns the paths written."""
+    written = []
+    for path, write in ((args.json, _write_json), (args.csv, _write_csv)):
+        if not path:
+            continue
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".partial", "w", newline="") as f:
+            write(f, machine, rows, complete)
+        os.replace(path + ".partial", path)
+        written.append(path)
+    return written
+
+
+def _write_json(f, machine, rows, complete):
+    json.dump({"machine": machine, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "complete": complete, "rows": rows}, f, indent=1, default=str)
+
+
+def _write_csv(f, machine, rows, complete):
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # ops record different columns
+    writer = csv.DictWriter(f, fieldnames=fields + ["machine", "git_sha"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "machine": machine.get("gpu", machine["cpu"]), "git_sha": machine["git_sha"]})
 
 
 def main(argv=None):

@@ -85,7 +85,7 @@ def test_bench_writes_json_and_csv(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--device", "cpu", "--quick", "--sizes", "65536", "--json", str(json_path),
                  "--csv", str(csv_path)]) == 0
     result = json.loads(json_path.read_text())
-    assert result["machine"]["torch"] and result["rows"]
+    assert result["machine"]["torch"] and result["rows"] and result["complete"]
     impls = {row["impl"] for row in result["rows"]}
     assert {"eager torch", "torch.compile"} <= impls
     assert all(row["median_ms"] > 0 for row in result["rows"])
@@ -107,6 +107,53 @@ def test_bench_streams_each_group_as_it_is_measured(capsys, monkeypatch):
     streamed, table = captured.out.split("genfast bench on")
     rows = [line for line in table.splitlines() if line.endswith("x") and " genfast " in f" {line} "]
     assert len(rows) > 1 and all(line in streamed.splitlines() for line in rows)
+
+
+def test_bench_files_hold_the_groups_measured_before_a_stop(tmp_path, monkeypatch):
+    """A run stopped part way (a time limit) leaves JSON and CSV files of every group measured until
+    then, the JSON marked incomplete."""
+    from genfast.benchmarks import registry, timing
+
+    monkeypatch.setattr(timing, "time_ms", one_call_time_ms)
+    monkeypatch.setitem(timing.COPY_NUMEL, "cpu", 1 << 16)
+    real = registry.BENCHMARKS["denoise_step"]
+
+    def stopped_after_a_group(device, progress=None, **options):
+        measured = progress.measured
+
+        def then_stop(group):
+            measured(group)
+            raise KeyboardInterrupt
+
+        progress.measured = then_stop
+        return real(device, progress=progress, **options)
+
+    monkeypatch.setitem(registry.BENCHMARKS, "denoise_step", stopped_after_a_group)
+    json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--device", "cpu", "--quick", "--ops", "denoise_step", "--sizes", "65536", "--json",
+              str(json_path), "--csv", str(csv_path)])
+    result = json.loads(json_path.read_text())
+    assert result["complete"] is False and result["rows"]
+    assert all(row["op"].startswith("denoise_step") for row in result["rows"])
+    assert csv_path.read_text().count("\n") == len(result["rows"]) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
+
+
+def test_a_peer_that_raises_is_left_out_and_genfasts_error_ends_the_run(capsys):
+    """time_in_turns: a peer's error (another library's version) leaves it out, said on stderr; a
+    genfast candidate's error is raised."""
+    from genfast.benchmarks import timing
+
+    def broken():
+        raise AttributeError("no such API")
+
+    timings = timing.time_in_turns([("peer", broken), ("genfast native", lambda: None)], "cpu", True,
+                                   lambda message: None, "a label")
+    assert timings[0] is None and timings[1]["median_ms"] >= 0
+    assert "peer left out of a label: AttributeError: no such API" in capsys.readouterr().err
+    with pytest.raises(AttributeError):
+        timing.time_in_turns([("genfast native", broken)], "cpu", True, lambda message: None, "a label")
 
 
 def test_results_name_the_commit_without_git(monkeypatch):

@@ -53,8 +53,10 @@ CPU_ROUNDS = {True: 3, False: 5}
 
 def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -> list:
     """entries: [(name, fn), ...]; returns each one's timing, in order, or None for a candidate
-    whose call raised one of skip (say, running out of GPU memory), which is not called again.
-    say(f"{name}, {label}") is called before each timing, with the round where there are several."""
+    whose call raised one of skip (say, running out of GPU memory), or for a peer (a name not
+    starting "genfast") that raised anything else, said on stderr: one peer's break (another
+    library's version) does not end the run. A genfast candidate's error ends it. Neither is called
+    again. say(f"{name}, {label}") is called before each timing, with the round where there are several."""
     rounds = CPU_ROUNDS[quick] if device == "cpu" else 1
     per_round = None if rounds == 1 else (0.2 if quick else 1.0) / rounds  # the same measured time per candidate
     measured = [[] for _ in entries]
@@ -65,7 +67,12 @@ def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -
             say(f"{name}, {label}" + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""))
             try:
                 timings.append(time_ms(fn, device, quick, min_run_time=per_round))
-            except skip:
+            except Exception as error:
+                if not isinstance(error, skip) and name.startswith("genfast"):
+                    raise
+                if not isinstance(error, skip):
+                    print(f"\ngenfast bench: {name} left out of {label}: {type(error).__name__}: {error}",
+                          file=sys.stderr)
                 timings.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
