@@ -39,9 +39,10 @@ def _reference(o_a, lse_a, o_b, lse_b):
     return reference_merge(torch.stack((o_a, o_b)), torch.stack((lse_a, lse_b)))
 
 
-def _peers(device):
-    """[(name, fn(o_a, lse_a, o_b, lse_b))] for FlashInfer where importable (GPU only), forward only."""
-    if device != "cuda":
+def _peers(device, dtype):
+    """[(name, fn(o_a, lse_a, o_b, lse_b))] for FlashInfer where importable (GPU only, 16-bit states:
+    its merge_state dispatches no float32), forward only."""
+    if device != "cuda" or dtype == torch.float32:
         return []
     try:
         merge_state = importlib.import_module("flashinfer").merge_state
@@ -71,7 +72,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
             return lambda: torch.autograd.grad(fn(*leaves), leaves, grads)
 
         forward = [(name, torch.no_grad()(lambda fn=fn: fn(o_a, lse_a, o_b, lse_b)))
-                   for name, fn in functions + _peers(device)]
+                   for name, fn in functions + _peers(device, dtype)]
         into = torch.empty_like(o_a), torch.empty_like(lse_a)
         forward[len(fused_impls(device)):len(fused_impls(device))] = [
             (f"out=, genfast {impl}", torch.no_grad()(lambda impl=impl: merge_attention(
