@@ -525,3 +525,14 @@ def test_probes_run_triton_untuned():
     q = torch.zeros(1, 1, 16, 8)
     assert bench._supported(lambda q, k, v: seen.append(os.environ.get("GENFAST_TRITON_AUTOTUNE")), q, q, q)
     assert seen == ["0"] and os.environ.get("GENFAST_TRITON_AUTOTUNE") != "0"
+
+
+def test_rows_of_another_librarys_api_are_left_out_when_it_breaks(capsys):
+    """transformers' continuous-batching rows use its private APIs: a version that changed them
+    leaves those rows out, said on stderr, and the benchmark goes on."""
+    def continuous_batching_rows(*args):
+        raise TypeError("update() got an unexpected keyword argument 'read_index'")
+
+    assert bench._rows_or_note(continuous_batching_rows, "cpu", torch.float32, 1.0, True, print) == []
+    assert "continuous_batching_rows left out: TypeError" in capsys.readouterr().err
+    assert bench._rows_or_note(lambda *args: [{"row": 1}], "cpu", torch.float32, 1.0, True, print) == [{"row": 1}]
