@@ -536,3 +536,9 @@ def test_rows_of_another_librarys_api_are_left_out_when_it_breaks(capsys):
     assert bench._rows_or_note(continuous_batching_rows, "cpu", torch.float32, 1.0, True, print) == []
     assert "continuous_batching_rows left out: TypeError" in capsys.readouterr().err
     assert bench._rows_or_note(lambda *args: [{"row": 1}], "cpu", torch.float32, 1.0, True, print) == [{"row": 1}]
+
+    def genfast_failed(*args):  # genfast's own error is not left out
+        raise bench.GenfastCandidateError("genfast native, a step: RuntimeError")
+
+    with pytest.raises(bench.GenfastCandidateError):
+        bench._rows_or_note(genfast_failed, "cpu", torch.float32, 1.0, True, print)

@@ -152,8 +152,8 @@ def test_a_peer_that_raises_is_left_out_and_genfasts_error_ends_the_run(capsys):
                                    lambda message: None, "a label")
     assert timings[0] is None and timings[1]["median_ms"] >= 0
     assert "peer left out of a label: AttributeError: no such API" in capsys.readouterr().err
-    with pytest.raises(AttributeError):
-        timing.time_in_turns([("genfast native", broken)], "cpu", True, lambda message: None, "a label")
+    with pytest.raises(timing.GenfastCandidateError, match="out=, genfast native, a label: AttributeError"):
+        timing.time_in_turns([("out=, genfast native", broken)], "cpu", True, lambda message: None, "a label")
 
 
 def test_results_name_the_commit_without_git(monkeypatch):

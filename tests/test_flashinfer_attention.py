@@ -403,18 +403,21 @@ def test_decode_plan_takes_block_tables_and_seq_lens(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float8_caches_and_queries_are_widened(impl):
     """FlashInfer's fp8 KV caches (float8_e4m3fn pages, k_scale and v_scale numbers) and fp8 q: equal to
-    the same call on their values widened (float32 here), pages gathered from a pool whose unused
-    slots hold NaN; a ragged batch's float8_e5m2 keys too."""
+    the same call on their values widened (float32 here): a pool no larger than the table widened
+    whole, and the table's pages gathered from a larger one, whose unused slots hold NaN; a ragged
+    batch's float8_e5m2 keys too."""
     skip_unless_supported(impl, "cpu")
     requests = [(1, 40), (1, 1), (1, 16), (1, 33)]
     q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
-    fp8 = tuple(t.to(torch.float8_e4m3fn) for t in cache)
     decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
     decode.plan(indptr, indices, last, 8, 2, 16, 16, kv_data_type=torch.float8_e4m3fn)
-    got = decode.run(q, fp8, k_scale=0.5, v_scale=2.0, return_lse=True)
-    want = decode.run(q, tuple(t.float() for t in fp8), k_scale=0.5, v_scale=2.0, return_lse=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for spare in (0, 30):  # 11 pages against a table of 4 x 3 entries; then 41
+        pool = tuple(torch.cat([t, torch.full((spare, *t.shape[1:]), float("nan"))]) for t in cache)
+        fp8 = tuple(t.to(torch.float8_e4m3fn) for t in pool)
+        got = decode.run(q, fp8, k_scale=0.5, v_scale=2.0, return_lse=True)
+        want = decode.run(q, tuple(t.float() for t in fp8), k_scale=0.5, v_scale=2.0, return_lse=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     q8 = q.to(torch.float8_e4m3fn)
     decode.plan(indptr, indices, last, 8, 2, 16, 16, o_data_type=torch.float32)
     torch.testing.assert_close(decode.run(q8, fp8), decode.run(q8.float(), tuple(t.float() for t in fp8)),
@@ -620,7 +623,9 @@ def test_cuda_graph_wrappers_name_what_a_plan_must_keep():
     decode.plan(indptr, indices, last, 8, 2, 16, 16)
     with pytest.raises(ValueError, match="keeps the first plan's"):
         decode.plan(indptr, indices, last, 8, 2, 16, 16, window_left=3)
-    decode.plan(indptr, indices, last, 8, 2, 16, 16)  # a plan that failed left none
+    with pytest.raises(RuntimeError, match="before plan"):  # a plan that failed leaves none
+        decode.run(q, cache)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16)
     with pytest.raises(ValueError, match="q must be on the planned device"):
         decode.run(q.to("meta"), cache)
     prefill, _ = _graph_wrapper("prefill", 2, 4, "reference")

@@ -12,16 +12,13 @@
 namespace genfast {
 namespace {
 
-void check_features(const at::Tensor& weight) {
-  check_grid_y(kMadeLinearOp, "weight's output feature count", weight.size(0), kMadeLinearFeatureTile);
-  check_grid_y(kMadeLinearOp, "weight's input feature count", weight.size(1), kMadeLinearFeatureTile);
-}
 
 at::Tensor made_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& in_degrees, const at::Tensor& out_degrees, bool strict) {
   const c10::cuda::CUDAGuard guard(x.device());
   const MadeLinearTensors t = prepare_made_linear(x, weight, bias, in_degrees, out_degrees);
-  check_features(weight);
+  // grid.y: tiles of the output features (the backward's: of the input features)
+  check_grid_y(kMadeLinearOp, "weight's output feature count", weight.size(0), kMadeLinearFeatureTile);
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float_types(x.scalar_type(), [&](auto type, auto storage) {
@@ -39,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> made_linear_backward_cuda(const a
                                                                          const at::Tensor& out_degrees, bool strict) {
   const c10::cuda::CUDAGuard guard(x.device());
   const MadeLinearTensors t = prepare_made_linear(x, weight, std::nullopt, in_degrees, out_degrees);
-  check_features(weight);
+  check_grid_y(kMadeLinearOp, "weight's input feature count", weight.size(1), kMadeLinearFeatureTile);
   MadeLinearGradTensors g = prepare_made_linear_grads(grad_y, t);
   check_launch(kMadeLinearOp, launch_made_linear_backward(made_linear_backward_params(t, strict, g),
                                                           c10::cuda::getCurrentCUDAStream()));

@@ -14,10 +14,6 @@
 namespace genfast {
 namespace {
 
-void check_launch(cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, kMalaAcceptOp, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
 template <typename T, typename Storage>
 void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& grad_x, const at::Tensor& grad_y,
          const at::Tensor& energy_x, const at::Tensor& energy_y, const at::Tensor& step_size, const at::Tensor& uniform,
@@ -28,9 +24,9 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& grad_x, con
       x, y, grad_x, grad_y, energy_x, energy_y, step_size, uniform, x_out, grad_out, energy_out, accepted,
       [&](const MalaSumsParams<T>& p) {
         check_grid_y(kMalaAcceptOp, "a sample's element count", p.row_size, p.chunk_size);
-        check_launch(launch_mala_sums(p, stream));
+        check_launch(kMalaAcceptOp, launch_mala_sums(p, stream));
       },
-      [&](const MalaSelectParams<T>& p) { check_launch(launch_mala_select(p, stream)); });
+      [&](const MalaSelectParams<T>& p) { check_launch(kMalaAcceptOp, launch_mala_select(p, stream)); });
 }
 
 void mala_accept_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& grad_x, const at::Tensor& grad_y,

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..attention import FUSED_MAX_HEAD_DIM, attention, attention_varlen
 from ..reference import attention as reference
 from .compute import gemm_gflops, time_groups
+from .timing import GenfastCandidateError
 from .elementwise import fused_impls
 
 # (batch, heads, length, head_dim, causal)
@@ -245,6 +246,8 @@ def _rows_or_note(rows_of, device, dtype, gemm, quick, say):
     the rows after it are still measured."""
     try:
         return rows_of(device, dtype, gemm, quick, say)
+    except GenfastCandidateError:
+        raise
     except Exception as error:  # noqa: BLE001 - any break of the other library's API
         print(f"\ngenfast bench: {rows_of.__name__} left out: {type(error).__name__}: {error}", file=sys.stderr)
         return []
@@ -883,17 +886,6 @@ class _PagedCache:
         return 0, self.k_pages, self.v_pages
 
 
-def _without_packed_stack(fn):
-    """fn run with GENFAST_TRITON_PACKED_STACK=0 (kernels/triton/attention.py's _packed_stack)."""
-    def run():
-        os.environ["GENFAST_TRITON_PACKED_STACK"] = "0"
-        try:
-            return fn()
-        finally:
-            del os.environ["GENFAST_TRITON_PACKED_STACK"]
-    return run
-
-
 def _continuous_batching_rows(device, dtype, gemm, quick, say):
     """One layer's attention in a step of transformers' continuous batching, as each paged attention
     implementation runs it from the cache (_PagedCache; 256-token pages, transformers' default):
@@ -937,9 +929,11 @@ def _continuous_batching_rows(device, dtype, gemm, quick, say):
     if device == "cuda" and "triton" in fused_impls(device):
         # The Triton forward's tiles of one head for the packed batch (its longest sequence does not fit
         # a stacked tile), where by default they stack the group's heads: what the stacking gains.
-        candidates.append(("genfast triton, tiles of one head", _without_packed_stack(
+        # GENFAST_TRITON_PACKED_STACK=0: kernels/triton/attention.py's _packed_stack off
+        one_head_tiles = {"GENFAST_TRITON_PACKED_STACK": "0"}
+        candidates.append(("genfast triton, tiles of one head", with_environment(
             lambda: genfast_transformers.paged_attention_forward(module, q, new_k, new_v, None, impl="triton",
-                                                                 **step, **varlen))))
+                                                                 **step, **varlen), one_head_tiles)))
     candidates += [("transformers paged|sdpa", lambda: sdpa_attention_paged_forward(module, q, new_k, new_v, mask,
                                                                                    **step)),
                    ("transformers paged|eager", lambda: eager_paged_attention_forward(module, q, new_k, new_v, mask,

@@ -51,12 +51,17 @@ def _quantiles_ms(times_s) -> dict:
 CPU_ROUNDS = {True: 3, False: 5}
 
 
+class GenfastCandidateError(RuntimeError):
+    """A genfast candidate's call raised while being timed (the error it raised is its cause)."""
+
+
 def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -> list:
     """entries: [(name, fn), ...]; returns each one's timing, in order, or None for a candidate
-    whose call raised one of skip (say, running out of GPU memory), or for a peer (a name not
-    starting "genfast") that raised anything else, said on stderr: one peer's break (another
-    library's version) does not end the run. A genfast candidate's error ends it. Neither is called
-    again. say(f"{name}, {label}") is called before each timing, with the round where there are several."""
+    whose call raised one of skip (say, running out of GPU memory), or for a peer (a name without
+    "genfast") that raised anything else, said on stderr: one peer's break (another library's
+    version) does not end the run. A genfast candidate's error ends it (GenfastCandidateError).
+    Neither is called again. say(f"{name}, {label}") is called before each timing, with the round
+    where there are several."""
     rounds = CPU_ROUNDS[quick] if device == "cpu" else 1
     per_round = None if rounds == 1 else (0.2 if quick else 1.0) / rounds  # the same measured time per candidate
     measured = [[] for _ in entries]
@@ -68,8 +73,8 @@ def time_in_turns(entries, device: str, quick: bool, say, label: str, skip=()) -
             try:
                 timings.append(time_ms(fn, device, quick, min_run_time=per_round))
             except Exception as error:
-                if not isinstance(error, skip) and name.startswith("genfast"):
-                    raise
+                if not isinstance(error, skip) and "genfast" in name:
+                    raise GenfastCandidateError(f"{name}, {label}: {type(error).__name__}: {error}") from error
                 if not isinstance(error, skip):
                     print(f"\ngenfast bench: {name} left out of {label}: {type(error).__name__}: {error}",
                           file=sys.stderr)

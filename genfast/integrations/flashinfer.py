@@ -15,21 +15,22 @@ FlashInfer's arguments, layouts (NHD and HND; a paged cache as a tuple (k, v) or
 2, ...)) and semantics: causal aligned bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v
 scales as numbers, custom masks (bool, or packed little-endian bits, each request's from a byte of
 its own, as segment_packbits packs them), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
-rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias slope (j - i)), and lse to base 2. Attention sinks
-(gpt-oss's; one natural-log logit a query head, unscaled, in every row's softmax and lse) as the
-paged wrappers' run(sinks=), the AttentionSink variant's jit_args on the ragged wrapper (run(q, k, v,
-sink, sm_scale)) and BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3
-paged runs leave sinks= out where its trtllm-gen kernels apply it: genfast applies it, and a
-request without keys gets o 0 and lse its sink (FlashInfer's FA2 variant may give -inf there). The
-AttentionSink variant's scores are its run's sm_scale q.k alone: q_scale, k_scale, logits_soft_cap
-and pos_encoding_mode are refused with it. The decode wrapper's q_len_per_req (given to plan();
-run() takes it only when equal, as FlashInfer did before) gives each request that many queries,
-causal among themselves, as speculative decoding checks its drafts (window_right, FlashInfer's
-cute-dsl backend's, lets each see that many keys past its own, -1 all). plan() reads the index
-arrays on the host, as FlashInfer's does, and puts its tensors on the workspace buffer's device
-(else the index arrays'), without waiting unless non_blocking=False; run() does not synchronise, and
-the single calls build their tensors by device ops (no copy from the host, which a CUDA graph could
-not capture). Where genfast differs, on purpose or not yet:
+rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
+slope (j - i)), and lse to base 2. Attention sinks (gpt-oss's; one natural-log logit a query head,
+unscaled, in every row's softmax and lse) as the paged wrappers' run(sinks=), the AttentionSink
+variant's jit_args on the ragged wrapper (run(q, k, v, sink, sm_scale)) and
+BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3 paged runs leave sinks=
+out where its trtllm-gen kernels apply it: genfast applies it, and a request without keys gets o 0
+and lse its sink (FlashInfer's FA2 variant may give -inf there). The AttentionSink variant's scores
+are its run's sm_scale q.k alone: q_scale, k_scale, logits_soft_cap and pos_encoding_mode are
+refused with it. The decode wrapper's q_len_per_req (given to plan(); run() takes it only when
+equal, as FlashInfer did before) gives each request that many queries, causal among themselves, as
+speculative decoding checks its drafts (window_right, FlashInfer's cute-dsl backend's, lets each see
+that many keys past its own, -1 all). plan() reads the index arrays on the host, as FlashInfer's
+does, and puts its tensors on the workspace buffer's device (else the index arrays'), without
+waiting unless non_blocking=False; run() does not synchronise, and the single calls build their
+tensors by device ops (no copy from the host, which a CUDA graph could not capture). Where genfast
+differs, on purpose or not yet:
 - a row with no keys gets o 0 and lse -inf (FlashInfer's gives a finite -5e4);
 - custom masks, and ALiBi without causal over several queries, run one request at a time through
   genfast.attention (an additive mask holds ALiBi's bias there; a paged cache's pages gathered per

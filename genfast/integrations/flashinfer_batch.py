@@ -65,6 +65,8 @@ class _Wrapper:
         self._page_size = 0
         # FlashInfer's plan puts its tensors on the workspace buffer's device: so does genfast's.
         self._device = float_workspace_buffer.device if isinstance(float_workspace_buffer, Tensor) else None
+        if self._device is None and self._graph is not None:
+            self._device = self._graph.device  # the CUDA-graph buffers', which the held tensors share
 
     @property
     def is_cuda_graph_enabled(self) -> bool:

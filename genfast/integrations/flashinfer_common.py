@@ -212,14 +212,15 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def _widened(q: Tensor, k: Tensor, v: Tensor, block_table: Optional[Tensor]):
     """(q, k, v, block_table) with float8 ones (FlashInfer's fp8 caches, kv_data_type; fp8 q)
-    widened exactly to q's dtype (bfloat16 on a GPU, float32 on the CPU where q is float8 too):
-    genfast's kernels take no float8. Of a paged cache, the pages the table names are gathered
+    widened exactly to the others' dtype (where all are float8: bfloat16 on a GPU, float32 on the
+    CPU): genfast's kernels take no float8. Of a paged cache, the pages the table names are gathered
     (batch x its width, a copy in the wide dtype, not fp8's speed), the table then numbering them in
-    order; all by device ops, as a CUDA graph captures them."""
+    order, unless the table names as many entries as the pool holds pages: then the pool is
+    widened whole, under its table. All by device ops, as a CUDA graph captures them."""
     if not any(t.dtype in FLOAT8 for t in (q, k, v)):
         return q, k, v, block_table
-    wide = q.dtype if q.dtype not in FLOAT8 else wide_dtype(q.device)
-    if block_table is not None:
+    wide = next((t.dtype for t in (q, k, v) if t.dtype not in FLOAT8), None) or wide_dtype(q.device)
+    if block_table is not None and block_table.numel() < k.shape[0]:
         pages = block_table.reshape(-1).long()
         # float8 indexed through its bytes, which every torch indexes
         k, v = (t.view(torch.uint8)[pages].view(t.dtype) if t.dtype in FLOAT8 else t[pages] for t in (k, v))

@@ -51,6 +51,7 @@ class CudaGraphPlans:
         self.max_pages = self.capacity if max_pages_per_request is None else int(max_pages_per_request)
         if self.max_pages < 1:
             raise ValueError(f"max_pages_per_request must be at least 1, got {max_pages_per_request}")
+        self.device = indptr.device  # the buffers', where FlashInfer's plan puts its tensors
         self.held: Dict[str, Tensor] = {}
         self.frozen: Optional[tuple] = None
 
@@ -100,6 +101,7 @@ class CudaGraphPlans:
                 held = self.held[name] = torch.zeros(shape, dtype=fresh.dtype, device=fresh.device)
             if name == "block_table":  # columns past max_pages_per_request name no request's keys (checked)
                 fresh = fresh[:, :self.max_pages]
+                held[:, fresh.shape[1]:].zero_()  # no earlier plan's pages (an fp8 cache gathers every entry)
             held[tuple(slice(0, n) for n in fresh.shape)].copy_(fresh)
             setattr(plan, name, held)
             plan.device = held.device  # where a run must be (a later plan's index arrays may lie elsewhere)
