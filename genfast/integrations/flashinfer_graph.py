@@ -90,7 +90,7 @@ class CudaGraphPlans:
 
     def hold(self, plan: Plan, page_size: int) -> None:
         """The plan's tensors replaced by the held ones, written with their values (the block table
-        into its first columns; the rest are never read, past each request's keys)."""
+        into its first columns, the rest zeroed: the kernels read no entry past a request's keys)."""
         for name in _HELD:
             fresh = getattr(plan, name)
             if fresh is None:
