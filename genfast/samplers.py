@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import langevin as steps
+from .random import uniforms
 
 
 def _floats(levels) -> list:
@@ -101,12 +102,12 @@ class ReplayBuffer:
 
     def sample(self, n: int):
         """(starting points, their buffer indices), drawn on the generator's device (a CPU generator
-        serves a buffer on a GPU) and moved to the buffer's."""
+        serves a buffer on a GPU, as random.uniforms draws) and moved to the buffer's."""
         device = self.samples.device
         drawn_on = self.generator.device if self.generator is not None else device
         index = torch.randint(0, len(self), (n,), generator=self.generator, device=drawn_on).to(device)
         x = self.samples[index]
-        fresh = torch.rand(n, generator=self.generator, device=drawn_on).to(device) < self.reinit_prob
+        fresh = uniforms((n,), self.generator, device) < self.reinit_prob
         x = torch.where(fresh.reshape((-1,) + (1,) * (x.dim() - 1)), self.init(n).to(x), x)
         return x, index
 
