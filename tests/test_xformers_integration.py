@@ -1,0 +1,361 @@
+"""genfast.integrations.xformers, xformers' memory_efficient_attention on genfast's kernels: the
+biases' materialize() against xformers' documented masks, every bias (and xformers' own objects,
+read by class name) against the reference with the bias materialized (outputs, lse and gradients by
+the error-ratio rule), the 3-d and grouped 5-d layouts, the forward/backward/partial/merge family,
+dropout, torch.compile, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from genfast.integrations.xformers import ops as xops
+from genfast.integrations.xformers.ops import fmha
+from genfast.integrations.xformers.ops.fmha import attn_bias as ab
+from genfast.reference.attention import attention
+from genfast.testing.tolerances import assert_error_ratio
+from conftest import fused_impls, skip_unless_supported
+
+HEADS, DIM, DIM_V = 3, 16, 8
+
+
+def _ones(rows):
+    """A 0/1 picture of a mask (1 attends) as xformers' docs print materialize(...).exp()."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_materialize_draws_xformers_documented_masks():
+    """The masks xformers' docstrings show, written out by hand."""
+    local = ab.LocalAttentionFromBottomRightMask(window_left=1, window_right=2)
+    assert torch.equal(local.materialize((4, 4)).exp(), _ones([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1],
+                                                                [0, 0, 1, 1]]))
+    assert torch.equal(local.materialize((4, 5)).exp(), _ones([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1],
+                                                                [0, 0, 0, 1, 1]]))
+    assert torch.equal(ab.LowerTriangularMask().materialize((2, 3)).exp(), _ones([[1, 0, 0], [1, 1, 0]]))
+    assert torch.equal(ab.LowerTriangularFromBottomRightMask().materialize((2, 3)).exp(), _ones([[1, 1, 0],
+                                                                                                [1, 1, 1]]))
+    assert torch.equal(ab.LowerTriangularFromBottomRightLocalAttentionMask(2).materialize((2, 4)).exp(),
+                       _ones([[0, 1, 1, 0], [0, 0, 1, 1]]))
+    # blocks of 1 and 2 queries over 2 and 2 keys
+    blocks = ab.BlockDiagonalMask.from_seqlens([1, 2], [2, 2], device="cpu")
+    assert torch.equal(blocks.materialize((3, 4)).exp(), _ones([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]))
+    assert torch.equal(blocks.make_causal().materialize((3, 4)).exp(), _ones([[1, 0, 0, 0], [0, 0, 1, 0],
+                                                                              [0, 0, 1, 1]]))
+    assert torch.equal(blocks.make_causal_from_bottomright().materialize((3, 4)).exp(),
+                       _ones([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]))
+    square = ab.BlockDiagonalMask.from_seqlens([3], device="cpu")
+    assert torch.equal(square.make_local_attention(2).materialize((3, 3)).exp(), _ones([[1, 0, 0], [1, 1, 0],
+                                                                                        [0, 1, 1]]))
+    # keys padded to 3 rows a block, 2 and 1 of them used; the causal form from each block's end
+    padded = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 1], 3, [2, 1], device="cpu")
+    assert torch.equal(padded.materialize((2, 6)).exp(), _ones([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]]))
+    # the same keys on pages of 2 rows: block 0 on pages 2 then 0, block 1 on pages 1 then 0
+    paged = ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        [1, 1], [3, 1], torch.tensor([[2, 0], [1, 0]], dtype=torch.int32), 2, device="cpu")
+    assert torch.equal(paged.materialize((2, 6)).exp(), _ones([[1, 0, 0, 0, 1, 1], [0, 0, 1, 0, 0, 0]]))
+
+
+def _packed_lengths():
+    return [5, 1, 9], [7, 3, 9]
+
+
+def _padded(cls, **fields):
+    q_lens, k_lens = _packed_lengths()
+    return cls.from_seqlens(q_lens, 10, k_lens, device="cpu") if not fields else cls(
+        **vars(ab.BlockDiagonalPaddedKeysMask.from_seqlens(q_lens, 10, k_lens, device="cpu")), **fields)
+
+
+def _biases():
+    """(bias, batch, queries, keys) of every kind memory_efficient_attention takes."""
+    q_lens, k_lens = _packed_lengths()
+    same = ab.BlockDiagonalMask.from_seqlens(q_lens, device="cpu")
+    other = ab.BlockDiagonalMask.from_seqlens(q_lens, k_lens, device="cpu")
+    total_q, total_k = sum(q_lens), sum(k_lens)
+    return [
+        (None, 2, 13, 21), (ab.LowerTriangularMask(), 2, 13, 13), (ab.LowerTriangularMask(), 2, 13, 21),
+        (ab.LowerTriangularMask(), 2, 21, 13), (ab.LowerTriangularFromBottomRightMask(), 2, 13, 21),
+        (ab.LowerTriangularFromBottomRightLocalAttentionMask(4), 2, 13, 21),
+        (ab.LocalAttentionFromBottomRightMask(3, 2), 2, 21, 13),
+        (same, 1, total_q, total_q), (other, 1, total_q, total_k), (same.make_causal(), 1, total_q, total_q),
+        (other.make_causal(), 1, total_q, total_k), (other.make_causal_from_bottomright(), 1, total_q, total_k),
+        (same.make_local_attention(3), 1, total_q, total_q), (other.make_local_attention(3), 1, total_q, total_k),
+        (other.make_local_attention_from_bottomright(2), 1, total_q, total_k),
+        (_padded(ab.BlockDiagonalPaddedKeysMask), 1, total_q, 30),
+        (_padded(ab.BlockDiagonalCausalWithOffsetPaddedKeysMask), 1, total_q, 30),
+        (_padded(ab.BlockDiagonalPaddedKeysMask).make_local_attention(2, 1), 1, total_q, 30),
+        (_padded(ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask, _window_size=3), 1, total_q, 30),
+    ]
+
+
+def _inputs(batch, lq, lk, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, lq, HEADS, DIM, generator=g).to(dtype),
+            torch.randn(batch, lk, HEADS, DIM, generator=g).to(dtype),
+            torch.randn(batch, lk, HEADS, DIM_V, generator=g).to(dtype))
+
+
+def _reference(q, k, v, bias, scale=None):
+    """The reference attention of (batch, seqlen, heads, dim) inputs with the bias materialized."""
+    mask = None
+    if bias is not None:
+        mask = bias if isinstance(bias, torch.Tensor) else bias.materialize(
+            (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=q.dtype)
+    o, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale=scale, return_lse=True)
+    return o.transpose(1, 2), lse
+
+
+def _run(fn, q, k, v, dtype):
+    """Output, lse and the gradients of q, k and v for fixed upstream gradients."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    o, lse = fn(*leaves)
+    g = torch.Generator().manual_seed(9)
+    grad_o = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    loss = (o.double() * grad_o).sum()
+    return (o, lse, *torch.autograd.grad(loss, leaves))
+
+
+def _compare(got, exact, low, names=("out", "lse", "grad q", "grad k", "grad v")):
+    for name, a, e, lo in zip(names, got, exact, low):
+        assert a.shape == e.shape, name
+        assert_error_ratio(a, e, lo.to(a.dtype), ratio=2.0 if name in ("out", "lse") else 3.0, msg=name)
+
+
+@pytest.mark.parametrize("case", range(len(_biases())))
+@pytest.mark.parametrize("impl", fused_impls())
+def test_every_bias_matches_the_reference_with_it_materialized(case, impl):
+    """Outputs in xformers' layout (contiguous), lse and gradients, for each kind of bias; the
+    padded-keys biases pad with keys that must not count."""
+    skip_unless_supported(impl, "cpu")
+    bias, batch, lq, lk = _biases()[case]
+    q, k, v = _inputs(batch, lq, lk)
+
+    got = _run(lambda *t: fmha.memory_efficient_attention_partial(*t, bias, output_dtype=t[0].dtype, impl=impl),
+               q, k, v, torch.float32)
+    exact = _run(lambda *t: _reference(*t, bias), q, k, v, torch.float64)
+    low = _run(lambda *t: _reference(*t, bias), q, k, v, torch.float32)
+    assert got[0].is_contiguous() and got[0].shape == (batch, lq, HEADS, DIM_V)
+    assert got[1].shape == (batch, HEADS, lq) and got[1].dtype == torch.float32
+    _compare(got, exact, low)
+    assert torch.equal(xops.memory_efficient_attention(q, k, v, bias, impl=impl), got[0].detach())
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_tensor_bias_and_its_gradient(impl):
+    """A float bias (batch, heads, queries, keys), alone and under LowerTriangularMask's add_bias,
+    with its gradient; a custom scale."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(2, 11, 11)
+    bias = torch.randn(2, HEADS, 11, 11, generator=torch.Generator().manual_seed(3))
+    for structured in (False, True):
+        def run(q, k, v, b):
+            attn_bias = ab.LowerTriangularMask().add_bias(b) if structured else b
+            return xops.memory_efficient_attention(q, k, v, attn_bias, scale=0.3, impl=impl)
+
+        def reference(q, k, v, b):
+            mask = b + ab.LowerTriangularMask().materialize(b.shape, b.dtype) if structured else b
+            return _reference(q, k, v, mask, scale=0.3)[0]
+        results = []
+        for fn, dtype in ((run, torch.float32), (reference, torch.float64), (reference, torch.float32)):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias)]
+            o = fn(*leaves)
+            grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+            results.append((o, *torch.autograd.grad((o.double() * grad_o).sum(), leaves)))
+        _compare(*results, names=("out", "grad q", "grad k", "grad v", "grad bias"))
+
+
+@pytest.mark.parametrize("impl", fused_impls())
+def test_three_and_five_dim_layouts(impl):
+    """(batch, seqlen, dim) is one head; (batch, seqlen, groups, heads, dim) with k and v expanded
+    over each group's heads is grouped-query attention, equal to the expanded heads."""
+    skip_unless_supported(impl, "cpu")
+    g = torch.Generator().manual_seed(4)
+    q3, k3, v3 = (torch.randn(2, 9, DIM, generator=g) for _ in range(3))
+    o3 = xops.memory_efficient_attention(q3, k3, v3, ab.LowerTriangularMask(), impl=impl)
+    expected = _reference(q3[:, :, None], k3[:, :, None], v3[:, :, None], ab.LowerTriangularMask())[0][:, :, 0]
+    assert o3.shape == (2, 9, DIM)
+    torch.testing.assert_close(o3, expected)
+    groups, per_group = 2, 3
+    q = torch.randn(2, 9, groups, per_group, DIM, generator=g)
+    k, v = (torch.randn(2, 12, groups, 1, DIM, generator=g).expand(-1, -1, -1, per_group, -1) for _ in range(2))
+    o, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, ab.LowerTriangularFromBottomRightMask(),
+                                                                   impl=impl)
+    flat = [t.reshape(2, t.shape[1], groups * per_group, DIM) for t in (q, k, v)]
+    expected, expected_lse = _reference(*flat, ab.LowerTriangularFromBottomRightMask())
+    assert o.shape == q.shape and lse.shape == (2, groups, per_group, 9)
+    torch.testing.assert_close(o, expected.view(q.shape))
+    torch.testing.assert_close(lse, expected_lse.view(lse.shape))
+
+
+class BlockDiagonalCausalFromBottomRightMask:
+    """A stand-in for xformers' own class of this name: the fields it has, none of this module's code."""
+
+    def __init__(self, q_seqinfo, k_seqinfo):
+        self.q_seqinfo, self.k_seqinfo = q_seqinfo, k_seqinfo
+
+
+class LowerTriangularMaskWithTensorBias:
+    def __init__(self, bias):
+        self._bias = bias
+
+
+def test_xformers_own_bias_objects_are_read_by_class_name():
+    q_lens, k_lens = _packed_lengths()
+    ours = ab.BlockDiagonalMask.from_seqlens(q_lens, k_lens, device="cpu").make_causal_from_bottomright()
+    q, k, v = _inputs(1, sum(q_lens), sum(k_lens))
+    theirs = BlockDiagonalCausalFromBottomRightMask(ours.q_seqinfo, ours.k_seqinfo)
+    assert torch.equal(xops.memory_efficient_attention(q, k, v, theirs), xops.memory_efficient_attention(q, k, v, ours))
+    q, k, v = _inputs(2, 7, 7)
+    bias = torch.randn(2, HEADS, 7, 7)
+    assert torch.equal(xops.memory_efficient_attention(q, k, v, LowerTriangularMaskWithTensorBias(bias)),
+                       xops.memory_efficient_attention(q, k, v, ab.LowerTriangularMask().add_bias(bias)))
+
+
+def test_paged_keys_equal_the_padded_cache_they_hold():
+    """PagedBlockDiagonal*PaddedKeysMask over pages in shuffled order gives the padded cache's result."""
+    q_lens, k_lens, page_size, pages_per_block = [2, 1, 3], [5, 1, 8], 4, 2
+    padded = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_lens, page_size * pages_per_block, k_lens,
+                                                                         device="cpu")
+    q, k, v = _inputs(1, sum(q_lens), 3 * page_size * pages_per_block)
+    table = torch.randperm(7, generator=torch.Generator().manual_seed(5))[:6].view(3, pages_per_block).int()
+    pool_k, pool_v = (torch.zeros(1, 7 * page_size, *t.shape[2:]) for t in (k, v))
+    for pool, t in ((pool_k, k), (pool_v, v)):
+        pool.view(7, page_size, *t.shape[2:])[table.flatten().long()] = t.view(6, page_size, *t.shape[2:])
+    for paged_type in (ab.PagedBlockDiagonalPaddedKeysMask, ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask):
+        unpaged = paged_type._UNPAGED_TYPE(q_seqinfo=padded.q_seqinfo, k_seqinfo=padded.k_seqinfo)
+        paged = unpaged.make_paged(table, page_size, paged_type)
+        with torch.no_grad():
+            got = xops.memory_efficient_attention(q, pool_k, pool_v, paged)
+        torch.testing.assert_close(got, xops.memory_efficient_attention(q, k, v, unpaged))
+        torch.testing.assert_close(got, _reference(q, pool_k, pool_v, paged)[0])
+
+
+def test_backward_partial_and_merge():
+    """memory_efficient_attention_backward equals autograd's gradients; two partial attentions over
+    halves of the keys merge (merge_attentions, stacked or listed) into the attention over all."""
+    q, k, v = _inputs(2, 9, 14)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = xops.memory_efficient_attention(*leaves, ab.LowerTriangularFromBottomRightMask())
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, leaves, grad)
+    o, lse = xops.memory_efficient_attention_forward_requires_grad(q, k, v, ab.LowerTriangularFromBottomRightMask())
+    assert o.grad_fn is None
+    got = xops.memory_efficient_attention_backward(grad, o, lse, q, k, v, ab.LowerTriangularFromBottomRightMask())
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    parts = [fmha.memory_efficient_attention_partial(q, k[:, keys], v[:, keys]) for keys in (slice(0, 6), slice(6, 14))]
+    full, full_lse = xops.memory_efficient_attention_forward_requires_grad(q, k, v)
+    for split in ([p[0] for p in parts], torch.stack([p[0] for p in parts])):
+        lses = [p[1] for p in parts] if isinstance(split, list) else torch.stack([p[1] for p in parts])
+        merged, merged_lse = fmha.merge_attentions(split, lses, output_dtype=torch.float32)
+        torch.testing.assert_close(merged, full)
+        torch.testing.assert_close(merged_lse, full_lse)
+    assert fmha.merge_attentions([p[0] for p in parts], [p[1] for p in parts], write_lse=False)[1] is None
+
+
+def test_dropout_draws_from_torch_seed():
+    q, k, v = _inputs(2, 16, 16)
+    torch.manual_seed(1)
+    first = xops.memory_efficient_attention(q, k, v, p=0.5)
+    torch.manual_seed(1)
+    again = xops.memory_efficient_attention(q, k, v, p=0.5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, xops.memory_efficient_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", fused_impls())
+def test_half_precision(dtype, impl):
+    skip_unless_supported(impl, "cpu", dtype)
+    q_lens = [6, 11]
+    bias = ab.BlockDiagonalMask.from_seqlens(q_lens, device="cpu").make_causal()
+    q, k, v = _inputs(1, 17, 17, dtype)
+    got = xops.memory_efficient_attention(q, k, v, bias, impl=impl)
+    exact = _reference(q.double(), k.double(), v.double(), bias)[0]
+    assert got.dtype == dtype
+    assert_error_ratio(got, exact, _reference(q, k, v, bias)[0], ratio=2.0)
+
+
+def test_empty_blocks_and_batches():
+    bias = ab.BlockDiagonalMask.from_seqlens([3, 0, 2], [0, 4, 2], device="cpu")
+    q, k, v = _inputs(1, 5, 6)
+    o = xops.memory_efficient_attention(q, k, v, bias)
+    assert torch.equal(o[:, :3], torch.zeros_like(o[:, :3]))  # a block without keys
+    torch.testing.assert_close(o, _reference(q, k, v, bias)[0])
+    assert xops.memory_efficient_attention(*_inputs(0, 4, 4), ab.LowerTriangularMask()).shape == (0, 4, HEADS, DIM_V)
+
+
+def test_compiles_with_fullgraph():
+    from conftest import assert_compiles_like_eager
+
+    bias = ab.BlockDiagonalMask.from_seqlens([4, 5], device="cpu").make_causal()
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 9, 9))
+    assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, bias), [q, k, v])
+    assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, ab.LowerTriangularMask()),
+                               [q, k, v])
+
+
+def test_bad_input_names_the_argument():
+    q, k, v = _inputs(2, 5, 5)
+    with pytest.raises(ValueError, match="one dtype"):
+        xops.memory_efficient_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="key must be"):
+        xops.memory_efficient_attention(q, k[:, :, :2], v[:, :, :2])
+    with pytest.raises(ValueError, match="query, key and value must all be"):
+        xops.memory_efficient_attention(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="p must lie"):
+        xops.memory_efficient_attention(q, k, v, p=1.5)
+    with pytest.raises(ValueError, match="batch size 1"):
+        xops.memory_efficient_attention(q, k, v, ab.BlockDiagonalMask.from_seqlens([5], device="cpu"))
+    with pytest.raises(ValueError, match="query must have the 4 rows"):
+        xops.memory_efficient_attention(q[:1], k[:1], v[:1], ab.BlockDiagonalMask.from_seqlens([4], [5], device="cpu"))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        xops.memory_efficient_attention_forward_requires_grad(q, k, v, p=0.1)
+    with pytest.raises(NotImplementedError, match="attn_bias of type object"):
+        xops.memory_efficient_attention(q, k, v, object())
+    with pytest.raises(ValueError, match="window_left must be >= 0"):
+        ab.LocalAttentionFromBottomRightMask(-1, 0)
+    with pytest.raises(ValueError, match="block 0 has 2 keys and 3 queries"):
+        ab.BlockDiagonalMask.from_seqlens([3], [2], device="cpu").make_causal_from_bottomright()
+    with pytest.raises(ValueError, match="attn_bias's sequence starts must be on query's device"):
+        xops.memory_efficient_attention(q[:1].to("meta"), k[:1].to("meta"), v[:1].to("meta"),
+                                        ab.BlockDiagonalMask.from_seqlens([5], device="cpu"))
+
+
+@pytest.mark.cuda
+def test_biases_on_cuda_in_bfloat16():
+    """Every bias on the GPU (CUDA or Triton, as "auto" picks), bfloat16, against the reference."""
+    for bias, batch, lq, lk in _biases():
+        bias = None if bias is None else bias.to("cuda")
+        q, k, v = (t.cuda() for t in _inputs(batch, lq, lk))
+        got = xops.memory_efficient_attention(*(t.bfloat16() for t in (q, k, v)), bias)
+        exact = _reference(q.double(), k.double(), v.double(), bias)[0]
+        low = _reference(*(t.bfloat16() for t in (q, k, v)), bias)[0]
+        assert_error_ratio(got, exact, low, ratio=2.0, msg=type(bias).__name__)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_diffusers_xformers_processor_runs_on_it(masked, monkeypatch):
+    """diffusers' XFormersAttnProcessor with this module as its `xformers` (3-d (batch x heads, seqlen,
+    dim) inputs, a padding mask expanded over the queries) equals its AttnProcessor2_0 (SDPA)."""
+    diffusers_attention = pytest.importorskip("diffusers.models.attention_processor")
+    import genfast.integrations.xformers
+
+    monkeypatch.setattr(diffusers_attention, "xformers", genfast.integrations.xformers)
+    g = torch.Generator().manual_seed(1)
+    hidden, context = torch.randn(2, 30, 32, generator=g), torch.randn(2, 11, 24, generator=g)
+    # diffusers' additive padding mask over the prompt, (batch, 1, keys)
+    mask = torch.where(torch.rand(2, 1, 11, generator=g) < 0.3, -1e4, 0.0) if masked else None
+
+    def run(processor, dtype):
+        torch.manual_seed(0)
+        block = diffusers_attention.Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8).to(dtype)
+        block.set_processor(processor)
+        x = hidden.to(dtype).requires_grad_()
+        out = block(x, encoder_hidden_states=context.to(dtype), attention_mask=None if mask is None else mask.to(dtype))
+        return [out, *torch.autograd.grad((out.double() ** 2).sum(), [x, block.to_q.weight, block.to_k.weight])]
+
+    got = run(diffusers_attention.XFormersAttnProcessor(), torch.float32)
+    exact = run(diffusers_attention.AttnProcessor2_0(), torch.float64)
+    low = run(diffusers_attention.AttnProcessor2_0(), torch.float32)
+    for n, (a, e, lo) in enumerate(zip(got, exact, low)):
+        assert_error_ratio(a, e, lo, ratio=2.0 if n == 0 else 3.0, msg=f"result {n}")
