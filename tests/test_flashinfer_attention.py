@@ -134,6 +134,35 @@ def test_single_prefill_layouts_masks_and_scales(impl):
     assert flashinfer.single_prefill_with_kv_cache(q, k, v, o_dtype=torch.float64, impl=impl).dtype == torch.float64
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_head_scale_tensors(impl):
+    """FlashInfer's per-head scales, read on the device: scale_q (num_qo_heads,), scale_k and scale_v
+    (num_kv_heads,) of single_prefill, and a wrapper run's q_scale, k_scale and v_scale as tensors of
+    one value or one a head: head h's scores take q_scale[h] k_scale[h // group], its output
+    v_scale[h // group]."""
+    skip_unless_supported(impl, "cpu")
+    q, k, v = _inputs(7, 19)
+    g = torch.Generator().manual_seed(5)
+    scale_q, scale_k, scale_v = (torch.rand(n, generator=g) + 0.5 for n in (4, 2, 2))
+    per_q = (scale_q * scale_k.repeat_interleave(2))[None, :, None]
+    per_o = scale_v.repeat_interleave(2)[None, :, None]
+
+    def expected(dtype, **options):
+        o, lse = _flashinfer(q.to(dtype) * per_q.to(dtype), k, v, dtype=dtype, **options)
+        return o * per_o.to(dtype), lse
+    got = flashinfer.single_prefill_with_kv_cache(q, k, v, scale_q=scale_q, scale_k=scale_k, scale_v=scale_v,
+                                                  causal=True, return_lse=True, impl=impl)
+    exact, low = expected(torch.float64, causal=True), expected(torch.float32, causal=True)
+    assert_error_ratio(got[0], exact[0], low[0], msg="o")
+    assert_error_ratio(got[1], exact[1], low[1], msg="lse")
+    wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, impl=impl)
+    wrapper.plan(torch.tensor([0, 7]), torch.tensor([0, 19]), 4, 2, 16, causal=True)
+    ran = wrapper.run(q, k, v, q_scale=scale_q, k_scale=scale_k, v_scale=scale_v, return_lse=True)
+    torch.testing.assert_close(ran, got, rtol=0, atol=0)
+    one = wrapper.run(q, k, v, k_scale=torch.tensor([0.5]), v_scale=torch.tensor(3.0))
+    torch.testing.assert_close(one, wrapper.run(q, k, v, k_scale=0.5, v_scale=3.0))
+
+
 DECODE_OPTIONS = [dict(), dict(window_left=6), dict(logits_soft_cap=3.0), dict(pos_encoding_mode="ALIBI"),
                   dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=1e4)]
 
@@ -454,7 +483,8 @@ def test_bad_input_names_the_argument():
              ValueError, "ALIBI.*logits_soft_cap"),
             (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=MASK[:, :5]), ValueError,
              "custom_mask must be"),
-            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, k_scale=torch.ones(2)), ValueError, "k_scale"),
+            (lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, k_scale=torch.ones(3)), ValueError,
+             "k_scale must be a number or a floating-point tensor of 1 or 2 values"),
             (lambda: flashinfer.single_prefill_with_kv_cache(q, k[:, :1].expand(19, 3, 16), v[:, :1].expand(19, 3, 16)),
              ValueError, "num_kv_heads"),
             (lambda: flashinfer.single_decode_with_kv_cache(q, k, v), ValueError, "q must be a 2-d"),
@@ -736,6 +766,6 @@ def test_plan_checks_and_names_the_argument():
     with pytest.raises(RuntimeError, match="before plan"):
         decode.run(q[:2], cache)
     with pytest.raises(ValueError, match="scale_q"):
-        flashinfer.single_prefill_with_kv_cache(q[:5], k[:12], v[:12], scale_q=torch.ones(4))
+        flashinfer.single_prefill_with_kv_cache(q[:5], k[:12], v[:12], scale_q=torch.ones(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="o_dtype"):
         flashinfer.single_prefill_with_kv_cache(q[:5], k[:12], v[:12], o_dtype="half-ish")

@@ -13,7 +13,8 @@ BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper and
 BatchAttentionWithAttentionSinkWrapper (plan, run, run_return_lse, begin_forward, end_forward) with
 FlashInfer's arguments, layouts (NHD and HND; a paged cache as a tuple (k, v) or one tensor (pages,
 2, ...)) and semantics: causal aligned bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v
-scales as numbers, custom masks (bool, or packed little-endian bits, each request's from a byte of
+scales as numbers or tensors of one value or one a head (scale_q (num_qo_heads,), scale_k and
+scale_v (num_kv_heads,), read on the device), custom masks (bool, or packed little-endian bits, each request's from a byte of
 its own, as segment_packbits packs them), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
 rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
 slope (j - i)), and lse to base 2. Attention sinks (gpt-oss's; one natural-log logit a query head,
@@ -50,7 +51,9 @@ differs, on purpose or not yet:
   wrapper refuses it;
 - fp8 KV caches and fp8 q are widened exactly to q's dtype (bfloat16 on a GPU, float32 on the
   CPU for fp8 q), a paged cache's named pages alone: fp8 code runs, not at fp8's speed;
-- not taken: per-head scales (tensor q/k/v scales), JIT variants other than AttentionSink
+- a tensor q/k scale is folded into q (rounded once to its dtype, as the FlashAttention 3 drop-in's
+  descales), a number into sm_scale;
+- not taken: JIT variants other than AttentionSink
   (CUDA source; the decode wrapper takes none). The decode plan's block_tables and seq_lens
   (trtllm-gen's) are taken: each request's pages and key count in place of the page lists'.
   q_data_type, kv_data_type, the workspace buffers, FlashInfer's backend choices, fixed_split_size and

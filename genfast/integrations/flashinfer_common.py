@@ -30,14 +30,30 @@ def alibi_slopes(heads: int, device=None) -> Tensor:
     return torch.cat([first, others]).exp2().float()
 
 
-def scale_value(name: str, value) -> float:
-    """q_scale, k_scale or v_scale as a number (1 where None); a tensor's value would be read on the host."""
+def scale_value(name: str, value, heads: int, device: torch.device):
+    """q_scale, k_scale or v_scale (FlashInfer's scale_q, scale_k, scale_v): a number (1 where None), or
+    a tensor on q's device of one value or one per head (`heads`: num_qo_heads for q's, num_kv_heads
+    for k's and v's), float32 (heads,) or (1,), read on the device: no synchronisation."""
     if value is None:
         return 1.0
-    if isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a Python number: genfast takes no per-head or fp8 scales (reading a "
-                         f"tensor's value would synchronize), got a tensor of shape {tuple(value.shape)}")
-    return float(value)
+    if not isinstance(value, Tensor):
+        return float(value)
+    if not value.is_floating_point() or value.numel() not in (1, heads) or value.device != device:
+        raise ValueError(f"{name} must be a number or a floating-point tensor of 1 or {heads} values (one a head) "
+                         f"on q's device ({device}), got {value.dtype} {tuple(value.shape)} on {value.device}")
+    return value.reshape(-1).float()
+
+
+def _per_qo_head(scale, group: int):
+    """A kv heads' scale of scale_value's for each query head (a number or a one-value tensor as it is)."""
+    if isinstance(scale, Tensor) and scale.numel() > 1:
+        return scale.repeat_interleave(group)
+    return scale
+
+
+def _scaled_heads(x: Tensor, scale) -> Tensor:
+    """x (rows, heads, dim) times a per-head tensor scale, rounded once to x's dtype."""
+    return (x.float() * scale[:, None]).to(x.dtype)
 
 
 def dtype_value(name: str, value) -> Optional[torch.dtype]:
@@ -277,7 +293,14 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     if sm_scale is None:
         sm_scale = plan.sm_scale
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale))
-    scale *= scale_value("q_scale", q_scale) * scale_value("k_scale", k_scale)
+    group = plan.num_qo_heads // plan.num_kv_heads
+    qk_scale = scale_value("q_scale", q_scale, plan.num_qo_heads, q.device) * _per_qo_head(
+        scale_value("k_scale", k_scale, plan.num_kv_heads, q.device), group)
+    v_scale = _per_qo_head(scale_value("v_scale", v_scale, plan.num_kv_heads, q.device), group)
+    if isinstance(qk_scale, Tensor):  # folded into q, rounded once (as the FlashAttention 3 drop-in's descales)
+        q = _scaled_heads(q, qk_scale)
+    else:
+        scale *= qk_scale
     if plan.pos_encoding_mode == "ROPE_LLAMA":
         q = _rope(q, plan.q_rows, plan, impl)
         k = _rope(k, plan.k_rows, plan, impl)
@@ -296,9 +319,10 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         natural = natural.t()
         if plan.lse_shift is not None:
             natural = natural + plan.lse_shift[:, None] * slopes[None, :]
-    v_factor = scale_value("v_scale", v_scale)
-    if v_factor != 1.0:
-        o = o * v_factor
+    if isinstance(v_scale, Tensor):
+        o = _scaled_heads(o, v_scale)
+    elif v_scale != 1.0:
+        o = o * v_scale
     o = o.to(o_dtype)
     if out is not None:
         if out.shape != o.shape or out.dtype != o.dtype or out.device != o.device:

@@ -45,10 +45,11 @@ def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, scale_q=None, 
                 window_left=int(window_left), logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                 rope_scale=rope_scale, rope_theta=rope_theta, masks=None if mask is None else [mask],
                 o_dtype=dtype_value("o_dtype", o_dtype)).check(q.shape[-1])
-    k_factor = scale_value("scale_k", scale_k) * scale_value("k_scale", k_scale)
-    v_factor = scale_value("scale_v", scale_v) * scale_value("v_scale", v_scale)
-    return run_plan(plan, q, k, v, impl=impl, return_lse=return_lse, q_scale=scale_value("scale_q", scale_q),
-                    k_scale=k_factor, v_scale=v_factor)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k_factor = scale_value("scale_k", scale_k, kv_heads, q.device) * scale_value("k_scale", k_scale, kv_heads, q.device)
+    v_factor = scale_value("scale_v", scale_v, kv_heads, q.device) * scale_value("v_scale", v_scale, kv_heads, q.device)
+    return run_plan(plan, q, k, v, impl=impl, return_lse=return_lse,
+                    q_scale=scale_value("scale_q", scale_q, heads, q.device), k_scale=k_factor, v_scale=v_factor)
 
 
 single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
