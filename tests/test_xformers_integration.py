@@ -49,14 +49,42 @@ def test_materialize_draws_xformers_documented_masks():
     # keys padded to 3 rows a block, 2 and 1 of them used; the causal form from each block's end
     padded = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 1], 3, [2, 1], device="cpu")
     assert torch.equal(padded.materialize((2, 6)).exp(), _ones([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]]))
-    # the same keys on pages of 2 rows: block 0 on pages 2 then 0, block 1 on pages 1 then 0
+    # keys on pages of 2 rows: block 0's 3 on pages 2 then 0, block 1's 1 on pages 1 then 0; the
+    # shape asked is the unpaged one (2 blocks x 4 keys), the columns the pages' (3 pages x 2)
     paged = ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
         [1, 1], [3, 1], torch.tensor([[2, 0], [1, 0]], dtype=torch.int32), 2, device="cpu")
-    assert torch.equal(paged.materialize((2, 6)).exp(), _ones([[1, 0, 0, 0, 1, 1], [0, 0, 1, 0, 0, 0]]))
+    assert torch.equal(paged.materialize((2, 8)).exp(), _ones([[1, 0, 0, 0, 1, 1], [0, 0, 1, 0, 0, 0]]))
+    full = ab.LowerTriangularMask().materialize((2, 3, 3))
+    assert full.is_contiguous() and full.shape == (2, 3, 3)
 
 
 def _packed_lengths():
     return [5, 1, 9], [7, 3, 9]
+
+
+# Each bias's rule as xformers' docstrings word it, for query i and key j of a block of lq queries
+# and lk keys (x: the query's distance from the block's last query, y: the key's from its last key):
+# the tests' own definition, not the band table memory_efficient_attention reads.
+def _distances(i, j, lq, lk):
+    return lq - 1 - i, lk - 1 - j
+
+
+RULES = {
+    "none": lambda i, j, lq, lk: torch.ones_like(i + j, dtype=torch.bool),
+    # "A query Q cannot attend to a key which is farther from the initial key than Q is from the initial query"
+    "causal": lambda i, j, lq, lk: j <= i,
+    # "... a key which is nearer the final key than Q is to the final query"
+    "causal from bottom right": lambda i, j, lq, lk: (lambda x, y: y >= x)(*_distances(i, j, lq, lk)),
+    # "... distance from the final query X cannot attend to a key whose distance to the final key is
+    # less than X or greater than or equal to X + window_size"
+    "local from bottom right": lambda w: lambda i, j, lq, lk: (lambda x, y: (y >= x) & (y < x + w))(
+        *_distances(i, j, lq, lk)),
+    # "q - window_left <= k + s <= q + window_right, s = num_queries - num_keys"
+    "window": lambda left, right: lambda i, j, lq, lk: (i - left <= j + lq - lk) & (j + lq - lk <= i + right),
+    # "The ith query in a block only attends to keys in its block with index greater than i - window_size
+    # and less than or equal to i"
+    "local causal": lambda w: lambda i, j, lq, lk: (j > i - w) & (j <= i),
+}
 
 
 def _padded(cls, **fields):
@@ -66,25 +94,59 @@ def _padded(cls, **fields):
 
 
 def _biases():
-    """(bias, batch, queries, keys) of every kind memory_efficient_attention takes."""
+    """(bias, batch, queries, keys, rule, blocks) of every kind memory_efficient_attention takes;
+    blocks: (query start, count, key start, count) of each block, None for one block of them all."""
     q_lens, k_lens = _packed_lengths()
     same = ab.BlockDiagonalMask.from_seqlens(q_lens, device="cpu")
     other = ab.BlockDiagonalMask.from_seqlens(q_lens, k_lens, device="cpu")
     total_q, total_k = sum(q_lens), sum(k_lens)
+
+    def packed(ks):
+        return [(sum(q_lens[:n]), q_lens[n], sum(ks[:n]), ks[n]) for n in range(len(q_lens))]
+    padded_blocks = [(sum(q_lens[:n]), q_lens[n], 10 * n, k_lens[n]) for n in range(len(q_lens))]
     return [
-        (None, 2, 13, 21), (ab.LowerTriangularMask(), 2, 13, 13), (ab.LowerTriangularMask(), 2, 13, 21),
-        (ab.LowerTriangularMask(), 2, 21, 13), (ab.LowerTriangularFromBottomRightMask(), 2, 13, 21),
-        (ab.LowerTriangularFromBottomRightLocalAttentionMask(4), 2, 13, 21),
-        (ab.LocalAttentionFromBottomRightMask(3, 2), 2, 21, 13),
-        (same, 1, total_q, total_q), (other, 1, total_q, total_k), (same.make_causal(), 1, total_q, total_q),
-        (other.make_causal(), 1, total_q, total_k), (other.make_causal_from_bottomright(), 1, total_q, total_k),
-        (same.make_local_attention(3), 1, total_q, total_q), (other.make_local_attention(3), 1, total_q, total_k),
-        (other.make_local_attention_from_bottomright(2), 1, total_q, total_k),
-        (_padded(ab.BlockDiagonalPaddedKeysMask), 1, total_q, 30),
-        (_padded(ab.BlockDiagonalCausalWithOffsetPaddedKeysMask), 1, total_q, 30),
-        (_padded(ab.BlockDiagonalPaddedKeysMask).make_local_attention(2, 1), 1, total_q, 30),
-        (_padded(ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask, _window_size=3), 1, total_q, 30),
+        (None, 2, 13, 21, RULES["none"], None), (ab.LowerTriangularMask(), 2, 13, 13, RULES["causal"], None),
+        (ab.LowerTriangularMask(), 2, 13, 21, RULES["causal"], None),
+        (ab.LowerTriangularMask(), 2, 21, 13, RULES["causal"], None),
+        (ab.LowerTriangularFromBottomRightMask(), 2, 13, 21, RULES["causal from bottom right"], None),
+        (ab.LowerTriangularFromBottomRightMask(), 2, 21, 13, RULES["causal from bottom right"], None),
+        (ab.LowerTriangularFromBottomRightLocalAttentionMask(4), 2, 13, 21, RULES["local from bottom right"](4),
+         None),
+        (ab.LocalAttentionFromBottomRightMask(3, 2), 2, 21, 13, RULES["window"](3, 2), None),
+        (same, 1, total_q, total_q, RULES["none"], packed(q_lens)),
+        (other, 1, total_q, total_k, RULES["none"], packed(k_lens)),
+        (same.make_causal(), 1, total_q, total_q, RULES["causal"], packed(q_lens)),
+        (other.make_causal(), 1, total_q, total_k, RULES["causal"], packed(k_lens)),
+        (other.make_causal_from_bottomright(), 1, total_q, total_k, RULES["causal from bottom right"],
+         packed(k_lens)),
+        (same.make_local_attention(3), 1, total_q, total_q, RULES["local causal"](3), packed(q_lens)),
+        (other.make_local_attention(3), 1, total_q, total_k, RULES["local causal"](3), packed(k_lens)),
+        (other.make_local_attention_from_bottomright(2), 1, total_q, total_k, RULES["local from bottom right"](2),
+         packed(k_lens)),
+        (_padded(ab.BlockDiagonalPaddedKeysMask), 1, total_q, 30, RULES["none"], padded_blocks),
+        (_padded(ab.BlockDiagonalCausalWithOffsetPaddedKeysMask), 1, total_q, 30, RULES["causal from bottom right"],
+         padded_blocks),
+        (_padded(ab.BlockDiagonalPaddedKeysMask).make_local_attention(2, 1), 1, total_q, 30, RULES["window"](2, 1),
+         padded_blocks),
+        (_padded(ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask, _window_size=3), 1, total_q, 30,
+         RULES["local from bottom right"](3), padded_blocks),
     ]
+
+
+def _defined_bias(rule, blocks, lq, lk, dtype=torch.float32):
+    """The additive bias (lq, lk) the rule and blocks define: 0 where a query attends, -inf elsewhere."""
+    keep = torch.zeros(lq, lk, dtype=torch.bool)
+    for q0, nq, k0, nk in blocks or [(0, lq, 0, lk)]:
+        keep[q0:q0 + nq, k0:k0 + nk] = rule(torch.arange(nq)[:, None], torch.arange(nk)[None, :], nq, nk)
+    return torch.zeros(lq, lk, dtype=dtype).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("case", range(len(_biases())))
+def test_materialize_follows_each_bias_rule(case):
+    bias, batch, lq, lk, rule, blocks = _biases()[case]
+    if bias is not None:
+        assert torch.equal(bias.materialize((batch, HEADS, lq, lk)), _defined_bias(rule, blocks, lq, lk).expand(
+            batch, HEADS, lq, lk))
 
 
 def _inputs(batch, lq, lk, dtype=torch.float32, seed=0):
@@ -95,11 +157,11 @@ def _inputs(batch, lq, lk, dtype=torch.float32, seed=0):
 
 
 def _reference(q, k, v, bias, scale=None):
-    """The reference attention of (batch, seqlen, heads, dim) inputs with the bias materialized."""
-    mask = None
-    if bias is not None:
-        mask = bias if isinstance(bias, torch.Tensor) else bias.materialize(
-            (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=q.dtype)
+    """The reference attention of (batch, seqlen, heads, dim) inputs with an additive bias (a tensor,
+    or materialized)."""
+    mask = bias
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        mask = bias.materialize((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=q.dtype, device=q.device)
     o, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale=scale, return_lse=True)
     return o.transpose(1, 2), lse
 
@@ -122,19 +184,21 @@ def _compare(got, exact, low, names=("out", "lse", "grad q", "grad k", "grad v")
 
 @pytest.mark.parametrize("case", range(len(_biases())))
 @pytest.mark.parametrize("impl", fused_impls())
-def test_every_bias_matches_the_reference_with_it_materialized(case, impl):
-    """Outputs in xformers' layout (contiguous), lse and gradients, for each kind of bias; the
-    padded-keys biases pad with keys that must not count."""
+def test_every_bias_matches_the_reference_with_the_bias_it_defines(case, impl):
+    """Outputs in xformers' layout (contiguous), lse and gradients, for each kind of bias, against
+    the reference attention with the bias its rule defines; the padded-keys biases pad with keys
+    that must not count."""
     skip_unless_supported(impl, "cpu")
-    bias, batch, lq, lk = _biases()[case]
+    bias, batch, lq, lk, rule, blocks = _biases()[case]
     q, k, v = _inputs(batch, lq, lk)
+    defined = _defined_bias(rule, blocks, lq, lk)
 
     got = _run(lambda *t: fmha.memory_efficient_attention_partial(*t, bias, output_dtype=t[0].dtype, impl=impl),
                q, k, v, torch.float32)
-    exact = _run(lambda *t: _reference(*t, bias), q, k, v, torch.float64)
-    low = _run(lambda *t: _reference(*t, bias), q, k, v, torch.float32)
+    exact = _run(lambda *t: _reference(*t, defined.double()), q, k, v, torch.float64)
+    low = _run(lambda *t: _reference(*t, defined), q, k, v, torch.float32)
     assert got[0].is_contiguous() and got[0].shape == (batch, lq, HEADS, DIM_V)
-    assert got[1].shape == (batch, HEADS, lq) and got[1].dtype == torch.float32
+    assert got[1].shape == (batch, HEADS, lq) and got[1].dtype == torch.float32 and got[1].is_contiguous()
     _compare(got, exact, low)
     assert torch.equal(xops.memory_efficient_attention(q, k, v, bias, impl=impl), got[0].detach())
 
@@ -226,7 +290,9 @@ def test_paged_keys_equal_the_padded_cache_they_hold():
         with torch.no_grad():
             got = xops.memory_efficient_attention(q, pool_k, pool_v, paged)
         torch.testing.assert_close(got, xops.memory_efficient_attention(q, k, v, unpaged))
-        torch.testing.assert_close(got, _reference(q, pool_k, pool_v, paged)[0])
+        physical = paged.materialize((1, HEADS, q.shape[1], k.shape[1]))
+        bias = torch.nn.functional.pad(physical, (0, pool_k.shape[1] - physical.shape[-1]), value=-math.inf)
+        torch.testing.assert_close(got, _reference(q, pool_k, pool_v, bias)[0])
 
 
 def test_backward_partial_and_merge():
@@ -242,6 +308,17 @@ def test_backward_partial_and_merge():
     got = xops.memory_efficient_attention_backward(grad, o, lse, q, k, v, ab.LowerTriangularFromBottomRightMask())
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e)
+    # 5-d k and v expanded over each group's heads: one gradient a head, as for heads of their own
+    g = torch.Generator().manual_seed(6)
+    q5 = torch.randn(2, 9, 2, 3, DIM, generator=g)
+    k5, v5 = (torch.randn(2, 14, 2, 1, DIM, generator=g).expand(-1, -1, -1, 3, -1) for _ in range(2))
+    o5, lse5 = xops.memory_efficient_attention_forward_requires_grad(q5, k5, v5)
+    grad5 = torch.randn(o5.shape, generator=g)
+    own = [t.contiguous().requires_grad_() for t in (q5, k5, v5)]
+    expected5 = torch.autograd.grad(_reference(*(t.flatten(2, 3) for t in own), None)[0].view(o5.shape), own, grad5)
+    for a, e in zip(xops.memory_efficient_attention_backward(grad5, o5, lse5, q5, k5, v5), expected5):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
     parts = [fmha.memory_efficient_attention_partial(q, k[:, keys], v[:, keys]) for keys in (slice(0, 6), slice(6, 14))]
     full, full_lse = xops.memory_efficient_attention_forward_requires_grad(q, k, v)
     for split in ([p[0] for p in parts], torch.stack([p[0] for p in parts])):
@@ -252,7 +329,12 @@ def test_backward_partial_and_merge():
     assert fmha.merge_attentions([p[0] for p in parts], [p[1] for p in parts], write_lse=False)[1] is None
 
 
-def test_dropout_draws_from_torch_seed():
+def test_dropout_keeps_1_minus_p_scaled_and_draws_from_torch_seed():
+    """Equal scores (q 0) over values of ones: each output is the kept fraction over 1 - p, mean 1."""
+    out = xops.memory_efficient_attention(torch.zeros(4, 64, 2, 8), torch.zeros(4, 256, 2, 8),
+                                          torch.ones(4, 256, 2, 8), p=0.25)
+    # a row keeps a binomial fraction of 256 keys: sd sqrt(0.25 x 0.75 / 256) / 0.75 = 0.036
+    assert abs(out.mean().item() - 1.0) < 0.01 and 0.03 < out.std().item() < 0.043
     q, k, v = _inputs(2, 16, 16)
     torch.manual_seed(1)
     first = xops.memory_efficient_attention(q, k, v, p=0.5)
@@ -303,7 +385,16 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="query, key and value must all be"):
         xops.memory_efficient_attention(q[0, 0], k[0, 0], v[0, 0])
     with pytest.raises(ValueError, match="p must lie"):
-        xops.memory_efficient_attention(q, k, v, p=1.5)
+        xops.memory_efficient_attention(q, k, v, p=1.0)
+    with pytest.raises(ValueError, match=r"attn_bias must be an additive floating-point tensor \(2, 3, 5, 5\)"):
+        xops.memory_efficient_attention(q, k, v, torch.zeros(2, 5, 5))  # (batch, queries, keys) of 3-d inputs
+    with pytest.raises(ValueError, match="attn_bias must be an additive floating-point tensor"):
+        xops.memory_efficient_attention(q, k, v, torch.ones(2, 3, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key must have the 9 rows attn_bias packs, got 7"):
+        causal = ab.BlockDiagonalMask.from_seqlens([2, 3], [4, 5], device="cpu").make_causal()
+        xops.memory_efficient_attention(*_inputs(1, 5, 7), causal)
+    with pytest.raises(TypeError, match="seqlens must be a sequence of ints, not a tensor"):
+        ab.BlockDiagonalMask.from_seqlens(torch.tensor([2, 3]), device="cpu")
     with pytest.raises(ValueError, match="batch size 1"):
         xops.memory_efficient_attention(q, k, v, ab.BlockDiagonalMask.from_seqlens([5], device="cpu"))
     with pytest.raises(ValueError, match="query must have the 4 rows"):
@@ -324,12 +415,13 @@ def test_bad_input_names_the_argument():
 @pytest.mark.cuda
 def test_biases_on_cuda_in_bfloat16():
     """Every bias on the GPU (CUDA or Triton, as "auto" picks), bfloat16, against the reference."""
-    for bias, batch, lq, lk in _biases():
+    for bias, batch, lq, lk, rule, blocks in _biases():
         bias = None if bias is None else bias.to("cuda")
+        defined = _defined_bias(rule, blocks, lq, lk).cuda()
         q, k, v = (t.cuda() for t in _inputs(batch, lq, lk))
         got = xops.memory_efficient_attention(*(t.bfloat16() for t in (q, k, v)), bias)
-        exact = _reference(q.double(), k.double(), v.double(), bias)[0]
-        low = _reference(*(t.bfloat16() for t in (q, k, v)), bias)[0]
+        exact = _reference(q.double(), k.double(), v.double(), defined.double())[0]
+        low = _reference(*(t.bfloat16() for t in (q, k, v)), defined.bfloat16())[0]
         assert_error_ratio(got, exact, low, ratio=2.0, msg=type(bias).__name__)
 
 
@@ -359,3 +451,13 @@ def test_diffusers_xformers_processor_runs_on_it(masked, monkeypatch):
     low = run(diffusers_attention.AttnProcessor2_0(), torch.float32)
     for n, (a, e, lo) in enumerate(zip(got, exact, low)):
         assert_error_ratio(a, e, lo, ratio=2.0 if n == 0 else 3.0, msg=f"result {n}")
+
+
+def test_xformers_operator_names_are_taken_and_ignored():
+    """Code that names xformers' operators (diffusers' set_use_memory_efficient_attention_xformers
+    passes one) imports them and runs on genfast."""
+    q, k, v = _inputs(1, 6, 6)
+    for op in (xops.MemoryEfficientAttentionFlashAttentionOp, xops.MemoryEfficientAttentionCutlassOp,
+               fmha.ALL_FW_OPS[0], None):
+        torch.testing.assert_close(xops.memory_efficient_attention(q, k, v, op=op), xops.memory_efficient_attention(q, k, v))
+    assert ab.BlockDiagonalMask in fmha.VARLEN_BIASES

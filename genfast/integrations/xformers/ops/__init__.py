@@ -4,10 +4,15 @@ biases (fmha.attn_bias) and unbind."""
 import torch
 
 from . import fmha
-from .fmha import (AttentionBias, LowerTriangularMask, memory_efficient_attention, memory_efficient_attention_backward,
-                   memory_efficient_attention_forward, memory_efficient_attention_forward_requires_grad)
+from .fmha import (AttentionBias, AttentionOp, AttentionOpBase, LowerTriangularMask, MemoryEfficientAttentionCkOp,
+                   MemoryEfficientAttentionCutlassFwdFlashBwOp, MemoryEfficientAttentionCutlassOp,
+                   MemoryEfficientAttentionFlashAttentionOp, memory_efficient_attention,
+                   memory_efficient_attention_backward, memory_efficient_attention_forward,
+                   memory_efficient_attention_forward_requires_grad)
 
-__all__ = ["AttentionBias", "LowerTriangularMask", "fmha", "memory_efficient_attention",
+__all__ = ["AttentionBias", "AttentionOp", "AttentionOpBase", "LowerTriangularMask", "MemoryEfficientAttentionCkOp",
+           "MemoryEfficientAttentionCutlassFwdFlashBwOp", "MemoryEfficientAttentionCutlassOp",
+           "MemoryEfficientAttentionFlashAttentionOp", "fmha", "memory_efficient_attention",
            "memory_efficient_attention_backward", "memory_efficient_attention_forward",
            "memory_efficient_attention_forward_requires_grad", "unbind"]
 

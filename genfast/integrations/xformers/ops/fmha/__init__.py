@@ -17,7 +17,9 @@ contiguous from genfast.attention's (batch, heads, queries, dim).
 Where genfast differs:
 - dropout draws from genfast's Philox stream, keyed by torch's default generator: the same
   distribution, other masks;
-- op is accepted and ignored; impl (genfast's keyword) picks the backend;
+- op is accepted and ignored (xformers' operator names are here, as placeholders); impl (genfast's
+  keyword) picks the backend;
+- a tensor bias may have 1 in a dim, read broadcast (xformers asks for the whole shape);
 - a row whose keys are all masked gets output 0 and lse -inf;
 - memory_efficient_attention_backward runs the forward again and differentiates it (genfast's
   backward kernels read state its own forward keeps), and memory_efficient_attention_partial's
@@ -27,7 +29,7 @@ Where genfast differs:
   block by block;
 - not taken: the gappy-keys biases, and quantized (int32) keys and values."""
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
@@ -35,16 +37,40 @@ from .....attention import attention, attention_varlen
 from .....attention_merge import merge_attention
 from ....flash_attn import _uniform_cu_seqlens
 from . import attn_bias
-from .attn_bias import (AttentionBias, BlockDiagonalCausalMask, BlockDiagonalMask, LowerTriangularMask,
-                        LowerTriangularMaskWithTensorBias, band)
+from .attn_bias import (VARLEN_BIASES, AttentionBias, BlockDiagonalCausalMask, BlockDiagonalMask,
+                        LowerTriangularMask, LowerTriangularMaskWithTensorBias, band)
 
 Tensor = torch.Tensor
 
-__all__ = ["AttentionBias", "BlockDiagonalCausalMask", "BlockDiagonalMask", "LowerTriangularMask",
-           "LowerTriangularMaskWithTensorBias", "attn_bias", "memory_efficient_attention",
+__all__ = ["ALL_BW_OPS", "ALL_FW_OPS", "AttentionBias", "AttentionBwOpBase", "AttentionFwOpBase", "AttentionOp",
+           "AttentionOpBase", "BlockDiagonalCausalMask", "BlockDiagonalMask", "LowerTriangularMask",
+           "LowerTriangularMaskWithTensorBias", "MemoryEfficientAttentionCkOp",
+           "MemoryEfficientAttentionCutlassFwdFlashBwOp", "MemoryEfficientAttentionCutlassOp",
+           "MemoryEfficientAttentionFlashAttentionOp", "VARLEN_BIASES", "attn_bias", "memory_efficient_attention",
            "memory_efficient_attention_backward", "memory_efficient_attention_forward",
            "memory_efficient_attention_forward_requires_grad", "memory_efficient_attention_partial",
            "merge_attentions"]
+
+
+class AttentionOpBase:
+    """xformers' kernel choices, for op=: genfast takes them and runs its own kernels (impl= picks)."""
+
+    NAME = "genfast"
+
+
+class AttentionFwOpBase(AttentionOpBase):
+    pass
+
+
+class AttentionBwOpBase(AttentionOpBase):
+    pass
+
+
+AttentionOp = Tuple[Optional[Type[AttentionFwOpBase]], Optional[Type[AttentionBwOpBase]]]
+ALL_FW_OPS: List[Type[AttentionFwOpBase]] = [AttentionFwOpBase]
+ALL_BW_OPS: List[Type[AttentionBwOpBase]] = [AttentionBwOpBase]
+MemoryEfficientAttentionFlashAttentionOp = MemoryEfficientAttentionCutlassOp = (AttentionFwOpBase, AttentionBwOpBase)
+MemoryEfficientAttentionCutlassFwdFlashBwOp = MemoryEfficientAttentionCkOp = (AttentionFwOpBase, AttentionBwOpBase)
 
 
 def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -86,7 +112,8 @@ def memory_efficient_attention_backward(grad: Tensor, output: Tensor, lse: Tenso
     _no_dropout(p)
     if grad.shape != output.shape:
         raise ValueError(f"grad must have output's shape {tuple(output.shape)}, got {tuple(grad.shape)}")
-    leaves = [t.detach().requires_grad_() for t in (query, key, value)]
+    # contiguous: 5-d k and v expanded over heads get one gradient a head, as xformers gives them
+    leaves = [t.detach().contiguous().requires_grad_() for t in (query, key, value)]
     with torch.enable_grad():
         out = memory_efficient_attention(*leaves, attn_bias, 0.0, scale, impl=impl)
         return torch.autograd.grad(out, leaves, grad.to(out.dtype))
@@ -161,8 +188,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, p: float) -> None:
         raise ValueError(f"key must be (batch, seqlen_k, {', '.join(map(str, heads))}{', ' if heads else ''}"
                          f"{q.shape[-1]}) and value (batch, seqlen_k, ..., dim_v) for query {tuple(q.shape)}, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)} (expand k and v yourself, as xformers asks)")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must lie in [0, 1], got {p}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must lie in [0, 1), got {p}")
 
 
 def _heads(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -184,6 +211,7 @@ def _run(query, key, value, bias, p, scale, output_dtype, impl) -> Tuple[Tensor,
     q, k, v = _heads(query, key, value)
     tensor, diagonal = _tensor_bias(bias)
     if tensor is not None:
+        _check_tensor_bias(tensor, query, key)
         if query.dim() == 3:
             tensor = tensor.unsqueeze(-3)
         elif query.dim() == 5 and tensor.dim() == 5:
@@ -210,6 +238,16 @@ def _tensor_bias(bias) -> Tuple[Optional[Tensor], Optional[str]]:
     return None, None
 
 
+def _check_tensor_bias(bias: Tensor, query: Tensor, key: Tensor) -> None:
+    """An additive bias of the inputs' dims: (batch, [[groups,] heads,] queries, keys), each dim that
+    or 1 (xformers asks for the whole shape; a broadcast dim of size 1 cannot be misread)."""
+    shape = (query.shape[0], *query.shape[2:-1], query.shape[1], key.shape[1])
+    if not bias.is_floating_point() or bias.dim() != len(shape) or any(
+            n not in (1, m) for n, m in zip(bias.shape, shape)):
+        raise ValueError(f"attn_bias must be an additive floating-point tensor {shape} (or 1 in a dim), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+
+
 def _window(left: Optional[int], right: Optional[int]) -> Optional[Tuple[int, int]]:
     """A band around the bottom-right diagonal as genfast's window (None: no mask)."""
     if left is None and right is None:
@@ -225,7 +263,7 @@ def _uniform(q, k, v, window, p, scale, impl) -> Tuple[Tensor, Tensor]:
     o, lse = attention_varlen(q.reshape(batch * lq, *q.shape[2:]), k.reshape(batch * lk, *k.shape[2:]),
                               v.reshape(batch * lk, *v.shape[2:]), cu_q, cu_k, lq, lk, p, scale, window=window,
                               return_lse=True, impl=impl)
-    return o.view(batch, lq, *o.shape[1:]), lse.view(lse.shape[0], batch, lq).transpose(0, 1)
+    return o.view(batch, lq, *o.shape[1:]), lse.view(lse.shape[0], batch, lq).transpose(0, 1).contiguous()
 
 
 def _masked(q, k, v, mask, diagonal, left, right, p, scale, impl) -> Tuple[Tensor, Tensor]:
@@ -264,19 +302,18 @@ def _structured(q, k, v, bias, p, scale, impl) -> Tuple[Tensor, Tensor]:
                          f"{q_info.seqstart.device}: build it with device= or call attn_bias.to(device)")
     if q_info.seqstart_py[-1] != q.shape[1]:
         raise ValueError(f"query must have the {q_info.seqstart_py[-1]} rows attn_bias packs, got {q.shape[1]}")
+    paged = hasattr(bias, "block_tables")
+    if not paged and k_info.seqstart_py[-1] != k.shape[1]:
+        raise ValueError(f"key must have the {k_info.seqstart_py[-1]} rows attn_bias packs, got {k.shape[1]}")
     if diagonal == "top_left" and q_info.seqstart_py != k_info.seqstart_py:
         return _block_by_block(q, k, v, bias, left, right, p, scale, impl)
     cu_k, used, table, keys, values = k_info.seqstart, None, None, k[0], v[0]
-    if hasattr(bias, "block_tables"):
+    if paged:
         keys, values = (t[0].unflatten(0, (-1, bias.page_size)) for t in (k, v))
         table = bias.block_tables.to(torch.int32)
         cu_k = torch.nn.functional.pad(k_info.seqlen.cumsum(0), (1, 0)).to(torch.int32)
     elif hasattr(k_info, "seqlen"):
         used = k_info.seqlen
-        if k_info.seqstart_py[-1] != k.shape[1]:
-            raise ValueError(f"key must have the {k_info.seqstart_py[-1]} rows attn_bias pads, got {k.shape[1]}")
-    elif k_info.seqstart_py[-1] != k.shape[1]:
-        raise ValueError(f"key must have the {k_info.seqstart_py[-1]} rows attn_bias packs, got {k.shape[1]}")
     o, lse = attention_varlen(q[0], keys, values, q_info.seqstart, cu_k, max(q_info.max_seqlen, 0),
                               max(k_info.max_seqlen, 0), p, scale, window=_window(left, right), return_lse=True,
                               impl=impl, seqused_k=used, block_table=table)

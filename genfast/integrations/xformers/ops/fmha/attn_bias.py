@@ -104,7 +104,7 @@ class LowerTriangularMask(AttentionBias):
         """device: unused, as in xformers."""
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
-        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape)
+        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape).contiguous()
 
     def add_bias(self, bias: Tensor) -> "LowerTriangularMaskWithTensorBias":
         return LowerTriangularMaskWithTensorBias(bias)
@@ -127,7 +127,7 @@ class LowerTriangularFromBottomRightMask(AttentionBias):
     """Causal from the bottom-right corner: the last query sees every key."""
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
-        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape)
+        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape).contiguous()
 
     def make_local_attention(self, window_size: int) -> "LowerTriangularFromBottomRightLocalAttentionMask":
         return LowerTriangularFromBottomRightLocalAttentionMask(window_size)
@@ -156,7 +156,14 @@ class LocalAttentionFromBottomRightMask(AttentionBias):
         _check_window("window_right", self.window_right, 0)
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
-        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape)
+        return _band_bias(self, shape[-2], shape[-1], dtype, device).expand(shape).contiguous()
+
+
+def _lengths(seqlens) -> List[int]:
+    """Sequence lengths as Python ints, which the host reads (a tensor of them would synchronize)."""
+    if isinstance(seqlens, Tensor):
+        raise TypeError("seqlens must be a sequence of ints, not a tensor (reading one would synchronize)")
+    return [int(length) for length in seqlens]
 
 
 @dataclass
@@ -180,8 +187,6 @@ class _SeqLenInfo:
 
     @staticmethod
     def _starts(seqlens: Sequence[int]) -> List[int]:
-        if isinstance(seqlens, Tensor):
-            raise TypeError("seqlens must be a sequence of ints, not a tensor (reading one would synchronize)")
         starts = [0]
         for length in seqlens:
             starts.append(starts[-1] + int(length))
@@ -189,7 +194,7 @@ class _SeqLenInfo:
 
     @classmethod
     def from_seqlens(cls, seqlens: Iterable[int], *, device=None) -> "_SeqLenInfo":
-        seqlens = list(seqlens)
+        seqlens = _lengths(seqlens)
         starts = cls._starts(seqlens)
         return cls(seqstart=torch.tensor(starts, dtype=torch.int32, device=_default_device(device)),
                    max_seqlen=max(seqlens, default=-1), min_seqlen=min(seqlens, default=-1), seqstart_py=starts)
@@ -197,7 +202,7 @@ class _SeqLenInfo:
     def from_seqlens_inplace(self, seqlens: Iterable[int]) -> None:
         """New lengths, as many and no longer than the longest before, written into the same tensor
         (for CUDA graphs)."""
-        seqlens = list(seqlens)
+        seqlens = _lengths(seqlens)
         starts = self._starts(seqlens)
         if len(starts) != len(self.seqstart_py):
             raise ValueError(f"seqlens must keep the {len(self.seqstart_py) - 1} blocks, got {len(seqlens)}")
@@ -237,9 +242,7 @@ class _PaddedSeqLenInfo(_SeqLenInfo):
 
     @classmethod
     def from_seqlens_padded(cls, seqlens: Sequence[int], padding: int, *, device=None) -> "_PaddedSeqLenInfo":
-        if isinstance(seqlens, Tensor):
-            raise TypeError("seqlens must be a sequence of ints, not a tensor (reading one would synchronize)")
-        seqlens = [int(length) for length in seqlens]
+        seqlens = _lengths(seqlens)
         if any(length > padding or length < 0 for length in seqlens):
             raise ValueError(f"each of seqlens must lie in 0 .. padding = {padding}, got {seqlens}")
         device = _default_device(device)
@@ -252,7 +255,7 @@ class _PaddedSeqLenInfo(_SeqLenInfo):
     def from_seqlens_padded_inplace(self, seqlens: Sequence[int]) -> None:
         """New used lengths, as many and no longer than the longest before, written into the same
         tensor (for CUDA graphs)."""
-        seqlens = [int(length) for length in seqlens]
+        seqlens = _lengths(seqlens)
         if len(seqlens) != len(self.seqlen_py):
             raise ValueError(f"seqlens must keep the {len(self.seqlen_py)} blocks, got {len(seqlens)}")
         if max(seqlens, default=-1) > self.max_seqlen:
@@ -437,8 +440,9 @@ class BlockDiagonalLocalAttentionPaddedKeysMask(BlockDiagonalPaddedKeysMask):
 
     @classmethod
     def from_seqlens_local(cls, q_seqlen, kv_padding, kv_seqlen, window_left, window_right):
-        return BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen).make_local_attention(
-            window_left, window_right)
+        padded = BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)
+        return cls(q_seqinfo=padded.q_seqinfo, k_seqinfo=padded.k_seqinfo, window_left=window_left,
+                   window_right=window_right)
 
 
 @dataclass
@@ -469,14 +473,17 @@ class PagedBlockDiagonalPaddedKeysMask(AttentionBias):
     _UNPAGED_TYPE: ClassVar[Type[BlockDiagonalPaddedKeysMask]] = BlockDiagonalPaddedKeysMask
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
-        """The unpaged bias's columns moved to their pages' rows (-inf on rows no table names)."""
+        """shape (..., queries, blocks x the table's keys a block), the unpaged bias's: its columns
+        moved to the rows of their pages, (..., queries, (the largest page named + 1) x page_size),
+        -inf on rows no table names."""
         row_len = self.block_tables.shape[1] * self.page_size
         unpaged = self._UNPAGED_TYPE(
             q_seqinfo=self.q_seqinfo,
             k_seqinfo=_PaddedSeqLenInfo.from_seqlens_padded(self.k_seqinfo.seqlen_py, row_len, device=device))
-        logical = unpaged.materialize((*shape[:-1], len(self.k_seqinfo.seqlen_py) * row_len), dtype, device)
+        logical = unpaged.materialize(shape, dtype, device)
         pages = self.block_tables.tolist()
-        physical = torch.full((*shape[:-1], shape[-1]), -math.inf, dtype=dtype, device=device)
+        width = (max((max(row, default=-1) for row in pages), default=-1) + 1) * self.page_size
+        physical = torch.full((*logical.shape[:-1], width), -math.inf, dtype=dtype, device=device)
         for n, (q0, q1) in enumerate(self.q_seqinfo.intervals()):
             for page_index, page in enumerate(pages[n]):
                 source = n * row_len + page_index * self.page_size
