@@ -87,6 +87,9 @@ RULES = {
 }
 
 
+GAPPY_STARTS = [2, 10, 14, 25]  # blocks of 7, 3 and 9 keys with gaps before and between them, 25 rows
+
+
 def _padded(cls, **fields):
     q_lens, k_lens = _packed_lengths()
     return cls.from_seqlens(q_lens, 10, k_lens, device="cpu") if not fields else cls(
@@ -104,6 +107,7 @@ def _biases():
     def packed(ks):
         return [(sum(q_lens[:n]), q_lens[n], sum(ks[:n]), ks[n]) for n in range(len(q_lens))]
     padded_blocks = [(sum(q_lens[:n]), q_lens[n], 10 * n, k_lens[n]) for n in range(len(q_lens))]
+    gappy_blocks = [(sum(q_lens[:n]), q_lens[n], GAPPY_STARTS[n], k_lens[n]) for n in range(len(q_lens))]
     return [
         (None, 2, 13, 21, RULES["none"], None), (ab.LowerTriangularMask(), 2, 13, 13, RULES["causal"], None),
         (ab.LowerTriangularMask(), 2, 13, 21, RULES["causal"], None),
@@ -130,6 +134,10 @@ def _biases():
          padded_blocks),
         (_padded(ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask, _window_size=3), 1, total_q, 30,
          RULES["local from bottom right"](3), padded_blocks),
+        (ab.BlockDiagonalGappyKeysMask.from_seqlens(q_lens, GAPPY_STARTS, k_lens, device="cpu"), 1, total_q, 25,
+         RULES["none"], gappy_blocks),
+        (ab.BlockDiagonalCausalWithOffsetGappyKeysMask.from_seqlens(q_lens, GAPPY_STARTS, k_lens, device="cpu"), 1,
+         total_q, 25, RULES["causal from bottom right"], gappy_blocks),
     ]
 
 
@@ -295,6 +303,38 @@ def test_paged_keys_equal_the_padded_cache_they_hold():
         torch.testing.assert_close(got, _reference(q, pool_k, pool_v, bias)[0])
 
 
+def test_gappy_keys_out_of_order_shared_and_paged():
+    """Gappy keys whose blocks share keys (a common prefix) or come out of order, and the paged
+    forms (make_paged of them), against the reference with the bias their rule defines."""
+    q_lens, starts, lengths = [3, 2, 4], [5, 0, 0, 12], [7, 4, 6]
+    q, k, v = _inputs(1, sum(q_lens), 12)
+    blocks = [(sum(q_lens[:n]), q_lens[n], starts[n], lengths[n]) for n in range(3)]
+    page_size, notional = 4, 12
+    table = torch.tensor([[4, 1, 6], [0, 2, 5], [3, 8, 7]], dtype=torch.int32)
+    pool_k, pool_v = (torch.full((1, 9 * page_size, *t.shape[2:]), float("nan")) for t in (k, v))
+    for pool, t in ((pool_k, k), (pool_v, v)):  # block n's table row holds all 12 keys
+        for n in range(3):
+            pool.view(9, page_size, *t.shape[2:])[table[n].long()] = t.view(3, page_size, *t.shape[2:])
+    for causal, rule in ((False, RULES["none"]), (True, RULES["causal from bottom right"])):
+        gappy_type = ab.BlockDiagonalCausalWithOffsetGappyKeysMask if causal else ab.BlockDiagonalGappyKeysMask
+        gappy = gappy_type.from_seqlens(q_lens, starts, lengths, device="cpu")
+        expected = _reference(q, k, v, _defined_bias(rule, blocks, sum(q_lens), 12))[0]
+        with torch.no_grad():
+            torch.testing.assert_close(xops.memory_efficient_attention(q, k, v, gappy), expected)
+            # the same keys in each block's own table row (notional rows of 12: block n's from n x 12)
+            shifted = gappy_type.from_seqlens(q_lens, [s + n * notional for n, s in enumerate(starts[:3])] + [36],
+                                              lengths, device="cpu")
+            paged_type = (ab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask if causal
+                          else ab.PagedBlockDiagonalGappyKeysMask)
+            paged = shifted.make_paged(table, page_size, notional, paged_type)
+            assert paged.k_seqinfo.seqstart_py == starts[:3] + [-1]
+            torch.testing.assert_close(xops.memory_efficient_attention(q, pool_k, pool_v, paged), expected)
+            physical = paged.materialize((1, HEADS, sum(q_lens), 3 * notional))  # pages 0 .. 8: the pool's rows
+            torch.testing.assert_close(_reference(q, pool_k.nan_to_num(), pool_v.nan_to_num(), physical)[0], expected)
+            direct = paged_type.from_seqlens(q_lens, starts[:3], lengths, table, page_size, device="cpu")
+            torch.testing.assert_close(xops.memory_efficient_attention(q, pool_k, pool_v, direct), expected)
+
+
 def test_backward_partial_and_merge():
     """memory_efficient_attention_backward equals autograd's gradients; two partial attentions over
     halves of the keys merge (merge_attentions, stacked or listed) into the attention over all."""
@@ -393,6 +433,16 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="key must have the 9 rows attn_bias packs, got 7"):
         causal = ab.BlockDiagonalMask.from_seqlens([2, 3], [4, 5], device="cpu").make_causal()
         xops.memory_efficient_attention(*_inputs(1, 5, 7), causal)
+    gappy = ab.BlockDiagonalGappyKeysMask.from_seqlens([2, 3], [0, 4, 9], [4, 6], device="cpu")
+    with pytest.raises(ValueError, match=r"block 1 has keys 4 .. 10: each block's must lie in 0 .. 9 \(the keys\)"):
+        xops.memory_efficient_attention(*_inputs(1, 5, 9), gappy)
+    shared = ab.BlockDiagonalGappyKeysMask.from_seqlens([2, 3], [0, 0, 9], [4, 6], device="cpu")
+    with pytest.raises(NotImplementedError, match="sharing keys or paged runs for inference"):
+        xops.memory_efficient_attention(*(t.requires_grad_() for t in _inputs(1, 5, 9)), shared)
+    with pytest.raises(ValueError, match="must lie in its table row of 8 keys"):
+        shared.make_paged(torch.zeros(2, 2, dtype=torch.int32), 4, 8, ab.PagedBlockDiagonalGappyKeysMask)
+    with pytest.raises(ValueError, match="each of 0 keys or more"):
+        ab.BlockDiagonalGappyKeysMask.from_seqlens([2], [0, 9], [-1], device="cpu")
     with pytest.raises(TypeError, match="seqlens must be a sequence of ints, not a tensor"):
         ab.BlockDiagonalMask.from_seqlens(torch.tensor([2, 3]), device="cpu")
     with pytest.raises(ValueError, match="batch size 1"):

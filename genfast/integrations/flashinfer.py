@@ -52,7 +52,9 @@ differs, on purpose or not yet:
 - fp8 KV caches and fp8 q are widened exactly to q's dtype (bfloat16 on a GPU, float32 on the
   CPU for fp8 q), a paged cache's named pages alone: fp8 code runs, not at fp8's speed;
 - a tensor q/k scale is folded into q (rounded once to its dtype, as the FlashAttention 3 drop-in's
-  descales), a number into sm_scale;
+  descales), a number into sm_scale; the wrappers' k_scale and v_scale are taken per kv head where
+  they have one value a head (FlashInfer's single_prefill's scale_k and scale_v are), where FlashInfer
+  multiplies sm_scale and the output by them whole;
 - not taken: JIT variants other than AttentionSink
   (CUDA source; the decode wrapper takes none). The decode plan's block_tables and seq_lens
   (trtllm-gen's) are taken: each request's pages and key count in place of the page lists'.

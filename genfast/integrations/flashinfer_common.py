@@ -52,7 +52,8 @@ def _per_qo_head(scale, group: int):
 
 
 def _scaled_heads(x: Tensor, scale) -> Tensor:
-    """x (rows, heads, dim) times a per-head tensor scale, rounded once to x's dtype."""
+    """x (rows, heads, dim) times a per-head tensor scale, rounded once to x's dtype (a 16-bit q
+    whose scaled values pass its range would overflow, where FlashInfer scales the scores in float32)."""
     return (x.float() * scale[:, None]).to(x.dtype)
 
 
@@ -319,10 +320,10 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         natural = natural.t()
         if plan.lse_shift is not None:
             natural = natural + plan.lse_shift[:, None] * slopes[None, :]
-    if isinstance(v_scale, Tensor):
-        o = _scaled_heads(o, v_scale)
+    if isinstance(v_scale, Tensor):  # scaled in float32, rounded once to o_dtype
+        o = o.float() * v_scale[:, None]
     elif v_scale != 1.0:
-        o = o * v_scale
+        o = o.float() * v_scale
     o = o.to(o_dtype)
     if out is not None:
         if out.shape != o.shape or out.dtype != o.dtype or out.device != o.device:

@@ -7,9 +7,9 @@ as xformers asks, are read once and not copied. The biases run as genfast's caus
 (LowerTriangularMask, the FromBottomRight and local masks), packed sequences (BlockDiagonalMask and
 its causal and local forms, q, k and v of batch 1), a padded KV cache (BlockDiagonalPaddedKeysMask,
 BlockDiagonalCausalWithOffsetPaddedKeysMask and their local forms: attention_varlen's seqused_k) and
-a paged one (PagedBlockDiagonal*PaddedKeysMask: its block_table, for inference); a tensor bias
-(batch, heads, queries, keys), or broadcast to that, with its gradient, and LowerTriangularMask's
-add_bias. xformers' own bias objects are read as this module's, by class name. Where there is no
+a paged one (PagedBlockDiagonal*PaddedKeysMask: its block_table, for inference), keys anywhere
+(the gappy-keys biases, below); a tensor bias (batch, heads, queries, keys), with its gradient,
+and LowerTriangularMask's add_bias. xformers' own bias objects are read as this module's, by class name. Where there is no
 tensor bias (and LowerTriangularMask's keys are as many as its queries), genfast reads q, k and v and
 writes the output in this layout without a copy (attention_varlen); else the output is made
 contiguous from genfast.attention's (batch, heads, queries, dim).
@@ -27,7 +27,11 @@ Where genfast differs:
   results are differentiable;
 - BlockDiagonalCausalMask and its local form over blocks of queries and keys of other lengths run
   block by block;
-- not taken: the gappy-keys biases, and quantized (int32) keys and values."""
+- gappy keys (BlockDiagonalGappyKeysMask and its forms) whose blocks follow one another run as
+  attention_varlen's seqused_k, with gradients; blocks out of order or sharing keys, and the paged
+  forms, through a table of each key's row (attention_varlen's paged cache of one-row pages, for
+  inference);
+- not taken: quantized (int32) keys and values."""
 
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -305,19 +309,77 @@ def _structured(q, k, v, bias, p, scale, impl) -> Tuple[Tensor, Tensor]:
     paged = hasattr(bias, "block_tables")
     if not paged and k_info.seqstart_py[-1] != k.shape[1]:
         raise ValueError(f"key must have the {k_info.seqstart_py[-1]} rows attn_bias packs, got {k.shape[1]}")
+    if paged and bias.block_tables.device != q.device:
+        raise ValueError(f"attn_bias's block_tables must be on query's device ({q.device}), got "
+                         f"{bias.block_tables.device}")
     if diagonal == "top_left" and q_info.seqstart_py != k_info.seqstart_py:
         return _block_by_block(q, k, v, bias, left, right, p, scale, impl)
     cu_k, used, table, keys, values = k_info.seqstart, None, None, k[0], v[0]
-    if paged:
+    if type(k_info).__name__ == "_GappySeqInfo":
+        _check_gappy(bias, paged, k.shape[1])
+        if paged or not _in_order(k_info):
+            if p > 0.0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+                raise NotImplementedError(f"{type(bias).__name__} with blocks out of order, sharing keys or paged "
+                                          "runs for inference: no dropout and no gradient")
+            keys, values, table, cu_k = _key_rows(k, v, bias, paged)
+        elif k_info.seqstart_py[0] > 0:  # keys before the first block: left out
+            first = k_info.seqstart_py[0]
+            keys, values, cu_k = k[0, first:], v[0, first:], k_info.seqstart - first
+        used = None if table is not None else k_info.seqlen
+    elif paged:
         keys, values = (t[0].unflatten(0, (-1, bias.page_size)) for t in (k, v))
         table = bias.block_tables.to(torch.int32)
-        cu_k = torch.nn.functional.pad(k_info.seqlen.cumsum(0), (1, 0)).to(torch.int32)
+        cu_k = _starts(k_info.seqlen)
     elif hasattr(k_info, "seqlen"):
         used = k_info.seqlen
     o, lse = attention_varlen(q[0], keys, values, q_info.seqstart, cu_k, max(q_info.max_seqlen, 0),
                               max(k_info.max_seqlen, 0), p, scale, window=_window(left, right), return_lse=True,
                               impl=impl, seqused_k=used, block_table=table)
     return o[None], lse[None]
+
+
+def _starts(lengths: Tensor) -> Tensor:
+    """cu_seqlens of sequences of these lengths, by device ops."""
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _check_gappy(bias, paged: bool, rows: int) -> None:
+    """Each gappy block's keys within the keys (or its table row), read on the host."""
+    starts, ends = bias.k_seqinfo.seqstart_py, bias.k_seqinfo.seqlen_py
+    if paged:
+        row = bias.block_tables.shape[1] * bias.page_size
+        bounds = list(zip(starts, ends))
+    else:
+        row, bounds = rows, [(start, start + length) for start, length in zip(starts, ends)]
+    for n, (start, end) in enumerate(bounds):
+        if not 0 <= start <= end <= row:
+            raise ValueError(f"attn_bias's block {n} has keys {start} .. {end}: each block's must lie in 0 .. {row}"
+                             f"{' (its table row)' if paged else ' (the keys)'}")
+
+
+def _in_order(k_info) -> bool:
+    """Whether gappy keys' blocks follow one another without sharing keys (attention_varlen's
+    seqused_k takes them, with gradients), read on the host."""
+    starts, lengths = k_info.seqstart_py, k_info.seqlen_py
+    return all(start + length <= after for start, length, after in zip(starts, lengths, starts[1:]))
+
+
+def _key_rows(k, v, bias, paged) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gappy keys anywhere, or in a paged cache from a position in each table row, as
+    attention_varlen's paged cache of one-row pages: (keys, values, block_table of each key's row,
+    cu_seqlens_k), by device ops (inference, as a paged cache is)."""
+    k_info = bias.k_seqinfo
+    starts = k_info.seqstart[:-1]
+    positions = starts[:, None] + torch.arange(max(k_info.max_seqlen, 1), device=starts.device,
+                                               dtype=torch.int32)[None, :]
+    if paged:
+        tables, page_size = bias.block_tables, bias.page_size
+        pages = tables.gather(1, (positions // page_size).clamp(0, tables.shape[1] - 1).long())
+        rows, lengths = pages * page_size + positions % page_size, k_info.seqlen - starts
+    else:
+        rows, lengths = positions.clamp(0, max(k.shape[1] - 1, 0)), k_info.seqlen
+    keys, values = (t[0].unflatten(0, (-1, 1)) for t in (k, v))
+    return keys, values, rows.to(torch.int32), _starts(lengths)
 
 
 def _block_by_block(q, k, v, bias, left, right, p, scale, impl) -> Tuple[Tensor, Tensor]:

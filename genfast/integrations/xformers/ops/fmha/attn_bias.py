@@ -76,6 +76,10 @@ _BANDS = {
     "BlockDiagonalPaddedKeysMask": lambda b: ("bottom_right", None, None),
     "PagedBlockDiagonalCausalWithOffsetPaddedKeysMask": lambda b: ("bottom_right", None, 0),
     "PagedBlockDiagonalPaddedKeysMask": lambda b: ("bottom_right", None, None),
+    "BlockDiagonalCausalWithOffsetGappyKeysMask": lambda b: ("bottom_right", None, 0),
+    "BlockDiagonalGappyKeysMask": lambda b: ("bottom_right", None, None),
+    "PagedBlockDiagonalCausalWithOffsetGappyKeysMask": lambda b: ("bottom_right", None, 0),
+    "PagedBlockDiagonalGappyKeysMask": lambda b: ("bottom_right", None, None),
 }
 
 
@@ -265,6 +269,21 @@ class _PaddedSeqLenInfo(_SeqLenInfo):
 
     def split(self, x, batch_sizes=None):
         raise NotImplementedError("_PaddedSeqLenInfo.split")
+
+
+def _paged_bias(bias, logical: Tensor, dtype, device) -> Tensor:
+    """A paged bias's columns from its unpaged form's (..., queries, blocks x the table's keys a
+    block): (..., queries, (the largest page named + 1) x page_size), -inf on rows no table names."""
+    row_len = bias.block_tables.shape[1] * bias.page_size
+    pages = bias.block_tables.tolist()
+    width = (max((max(row, default=-1) for row in pages), default=-1) + 1) * bias.page_size
+    physical = torch.full((*logical.shape[:-1], width), -math.inf, dtype=dtype, device=device)
+    for n, (q0, q1) in enumerate(bias.q_seqinfo.intervals()):
+        for page_index, page in enumerate(pages[n]):
+            source = n * row_len + page_index * bias.page_size
+            physical[..., q0:q1, page * bias.page_size:(page + 1) * bias.page_size] = \
+                logical[..., q0:q1, source:source + bias.page_size]
+    return physical
 
 
 def _block_diagonal_bias(bias, shape, dtype, device) -> Tensor:
@@ -480,16 +499,7 @@ class PagedBlockDiagonalPaddedKeysMask(AttentionBias):
         unpaged = self._UNPAGED_TYPE(
             q_seqinfo=self.q_seqinfo,
             k_seqinfo=_PaddedSeqLenInfo.from_seqlens_padded(self.k_seqinfo.seqlen_py, row_len, device=device))
-        logical = unpaged.materialize(shape, dtype, device)
-        pages = self.block_tables.tolist()
-        width = (max((max(row, default=-1) for row in pages), default=-1) + 1) * self.page_size
-        physical = torch.full((*logical.shape[:-1], width), -math.inf, dtype=dtype, device=device)
-        for n, (q0, q1) in enumerate(self.q_seqinfo.intervals()):
-            for page_index, page in enumerate(pages[n]):
-                source = n * row_len + page_index * self.page_size
-                physical[..., q0:q1, page * self.page_size:(page + 1) * self.page_size] = \
-                    logical[..., q0:q1, source:source + self.page_size]
-        return physical
+        return _paged_bias(self, unpaged.materialize(shape, dtype, device), dtype, device)
 
     @classmethod
     def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqlen: Sequence[int], block_tables: Tensor, page_size: int,
@@ -509,4 +519,135 @@ class PagedBlockDiagonalCausalWithOffsetPaddedKeysMask(PagedBlockDiagonalPaddedK
     _UNPAGED_TYPE: ClassVar[Type[BlockDiagonalPaddedKeysMask]] = BlockDiagonalCausalWithOffsetPaddedKeysMask
 
 
-VARLEN_BIASES = (BlockDiagonalMask, BlockDiagonalPaddedKeysMask, PagedBlockDiagonalPaddedKeysMask)
+@dataclass
+class _GappySeqInfo(_SeqLenInfo):
+    """Blocks anywhere: block n at seqstart_py[n] .. + seqlen_py[n] (seqstart_py's last entry the
+    whole length); for a paged bias, at seqstart_py[n] .. seqlen_py[n] (its end) of its own table
+    row, seqstart_py's last entry -1."""
+
+    seqlen: Tensor
+    seqlen_py: List[int]
+
+    def intervals(self) -> Iterable[Tuple[int, int]]:
+        for start, length in zip(self.seqstart_py, self.seqlen_py):
+            yield start, start + length
+
+    @classmethod
+    def from_seqlens(cls, seqlens, *, device=None):
+        raise NotImplementedError("use _GappySeqInfo.from_seqlens_gappy")
+
+    @classmethod
+    def from_seqlens_gappy(cls, seqstarts: Sequence[int], seqlens: Sequence[int], paged: bool, *,
+                           device) -> "_GappySeqInfo":
+        starts, seqlens = _lengths(seqstarts), _lengths(seqlens)
+        if not seqlens or min(seqlens) < 0:
+            raise ValueError(f"seqlens must name at least one block, each of 0 keys or more, got {seqlens}")
+        if len(starts) != len(seqlens) + (0 if paged else 1):
+            raise ValueError(f"seqstarts must have {len(seqlens) + (0 if paged else 1)} entries for {len(seqlens)} "
+                             f"blocks{'' if paged else ' (and the whole length last)'}, got {len(starts)}")
+        ends = seqlens
+        if paged:
+            starts = starts + [-1]
+            ends = [start + length for start, length in zip(starts, seqlens)]
+        device = _default_device(device)
+        return cls(seqstart=torch.tensor(starts, dtype=torch.int32, device=device), max_seqlen=max(seqlens),
+                   min_seqlen=min(seqlens), seqstart_py=starts,
+                   seqlen=torch.tensor(ends, dtype=torch.int32, device=device), seqlen_py=ends)
+
+    def split(self, x, batch_sizes=None):
+        raise NotImplementedError("_GappySeqInfo.split")
+
+
+@dataclass
+class BlockDiagonalGappyKeysMask(AttentionBias):
+    """Packed queries over keys anywhere: block i's at k_seqinfo.seqstart_py[i] .. + seqlen_py[i]
+    (blocks may leave gaps between them, or share keys)."""
+
+    q_seqinfo: _SeqLenInfo
+    k_seqinfo: _GappySeqInfo
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        return _block_diagonal_bias(self, shape, dtype, device)
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqstarts: Sequence[int], kv_seqlen: Sequence[int], *,
+                     device=None):
+        if len(kv_seqlen) != len(q_seqlen):
+            raise ValueError(f"kv_seqlen must have q_seqlen's {len(q_seqlen)} blocks, got {len(kv_seqlen)}")
+        return cls(q_seqinfo=_SeqLenInfo.from_seqlens(q_seqlen, device=device),
+                   k_seqinfo=_GappySeqInfo.from_seqlens_gappy(kv_seqstarts, kv_seqlen, False, device=device))
+
+    def make_paged(self, block_tables: Tensor, page_size: int, notional_padding: int,
+                   paged_type: Type["PagedBlockDiagonalGappyKeysMask"]) -> "PagedBlockDiagonalGappyKeysMask":
+        """The same keys in a paged cache, block i's row i x notional_padding of the unpaged keys
+        being its table row's start (starts and ends moved on the host and the device alike)."""
+        if notional_padding % page_size:
+            raise ValueError(f"notional_padding must be a multiple of page_size {page_size}, got {notional_padding}")
+        row_len = block_tables.shape[1] * page_size
+        starts = [start - n * notional_padding for n, start in enumerate(self.k_seqinfo.seqstart_py[:-1])]
+        lengths = self.k_seqinfo.seqlen_py
+        if not all(0 <= start and start + length <= row_len for start, length in zip(starts, lengths)):
+            raise ValueError(f"each block's keys must lie in its table row of {row_len} keys, got starts {starts} and "
+                             f"lengths {lengths}")
+        shift = notional_padding * torch.arange(len(starts) + 1, device=self.k_seqinfo.seqstart.device,
+                                                dtype=torch.int32)
+        moved = self.k_seqinfo.seqstart - shift
+        k_seqinfo = _GappySeqInfo(seqstart=torch.cat([moved[:-1], moved.new_full((1,), -1)]),
+                                  max_seqlen=self.k_seqinfo.max_seqlen, min_seqlen=self.k_seqinfo.min_seqlen,
+                                  seqstart_py=starts + [-1], seqlen=self.k_seqinfo.seqlen + moved[:-1],
+                                  seqlen_py=[start + length for start, length in zip(starts, lengths)])
+        return paged_type(q_seqinfo=self.q_seqinfo, k_seqinfo=k_seqinfo, block_tables=block_tables,
+                          page_size=page_size)
+
+
+@dataclass
+class BlockDiagonalCausalWithOffsetGappyKeysMask(BlockDiagonalGappyKeysMask):
+    """BlockDiagonalGappyKeysMask, each block causal from the bottom-right corner of its keys."""
+
+
+@dataclass
+class PagedBlockDiagonalGappyKeysMask(AttentionBias):
+    """BlockDiagonalGappyKeysMask over a paged cache: block i's keys at positions
+    k_seqinfo.seqstart_py[i] .. seqlen_py[i] (its end) of its table row, position j at row
+    j % page_size of page block_tables[i, j // page_size]."""
+
+    q_seqinfo: _SeqLenInfo
+    k_seqinfo: _GappySeqInfo
+    block_tables: Tensor
+    page_size: int
+
+    _UNPAGED_TYPE: ClassVar[Type[BlockDiagonalGappyKeysMask]] = BlockDiagonalGappyKeysMask
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        """As PagedBlockDiagonalPaddedKeysMask's: shape the unpaged one, the pages' columns returned."""
+        row_len = self.block_tables.shape[1] * self.page_size
+        starts = [start + n * row_len for n, start in enumerate(self.k_seqinfo.seqstart_py[:-1])]
+        lengths = [end - start for start, end in zip(self.k_seqinfo.seqstart_py, self.k_seqinfo.seqlen_py)]
+        unpaged = self._UNPAGED_TYPE(
+            q_seqinfo=self.q_seqinfo,
+            k_seqinfo=_GappySeqInfo.from_seqlens_gappy(starts + [shape[-1]], lengths, False, device=device))
+        return _paged_bias(self, unpaged.materialize(shape, dtype, device), dtype, device)
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqstarts: Sequence[int], kv_seqlen: Sequence[int],
+                     block_tables: Tensor, page_size: int, *, device=None):
+        """kv_seqstarts: where each block's keys start in its own table row, one a block (as xformers'
+        docstring says; its own check asks for one more, which its from_seqlens then refuses)."""
+        if not len(q_seqlen) == len(kv_seqlen) == len(kv_seqstarts):
+            raise ValueError(f"q_seqlen, kv_seqstarts and kv_seqlen must be as many, got {len(q_seqlen)}, "
+                             f"{len(kv_seqstarts)} and {len(kv_seqlen)}")
+        device = block_tables.device if device is None else device
+        return cls(q_seqinfo=_SeqLenInfo.from_seqlens(q_seqlen, device=device),
+                   k_seqinfo=_GappySeqInfo.from_seqlens_gappy(kv_seqstarts, kv_seqlen, True, device=device),
+                   block_tables=block_tables, page_size=page_size)
+
+
+@dataclass
+class PagedBlockDiagonalCausalWithOffsetGappyKeysMask(PagedBlockDiagonalGappyKeysMask):
+    """PagedBlockDiagonalGappyKeysMask, each block causal from the bottom-right corner of its keys."""
+
+    _UNPAGED_TYPE: ClassVar[Type[BlockDiagonalGappyKeysMask]] = BlockDiagonalCausalWithOffsetGappyKeysMask
+
+
+VARLEN_BIASES = (BlockDiagonalMask, BlockDiagonalGappyKeysMask, BlockDiagonalPaddedKeysMask,
+                 PagedBlockDiagonalGappyKeysMask, PagedBlockDiagonalPaddedKeysMask)
