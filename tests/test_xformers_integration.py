@@ -14,7 +14,7 @@ from genfast.integrations.xformers.ops import fmha
 from genfast.integrations.xformers.ops.fmha import attn_bias as ab
 from genfast.reference.attention import attention
 from genfast.testing.tolerances import assert_error_ratio
-from conftest import fused_impls, skip_unless_supported
+from conftest import devices, fused_impls, skip_unless_supported
 
 HEADS, DIM, DIM_V = 3, 16, 8
 
@@ -282,14 +282,15 @@ def test_xformers_own_bias_objects_are_read_by_class_name():
                        xops.memory_efficient_attention(q, k, v, ab.LowerTriangularMask().add_bias(bias)))
 
 
-def test_paged_keys_equal_the_padded_cache_they_hold():
+@pytest.mark.parametrize("device", devices())
+def test_paged_keys_equal_the_padded_cache_they_hold(device):
     """PagedBlockDiagonal*PaddedKeysMask over pages in shuffled order gives the padded cache's result."""
     q_lens, k_lens, page_size, pages_per_block = [2, 1, 3], [5, 1, 8], 4, 2
     padded = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_lens, page_size * pages_per_block, k_lens,
-                                                                         device="cpu")
-    q, k, v = _inputs(1, sum(q_lens), 3 * page_size * pages_per_block)
-    table = torch.randperm(7, generator=torch.Generator().manual_seed(5))[:6].view(3, pages_per_block).int()
-    pool_k, pool_v = (torch.zeros(1, 7 * page_size, *t.shape[2:]) for t in (k, v))
+                                                                         device=device)
+    q, k, v = (t.to(device) for t in _inputs(1, sum(q_lens), 3 * page_size * pages_per_block))
+    table = torch.randperm(7, generator=torch.Generator().manual_seed(5))[:6].view(3, pages_per_block).int().to(device)
+    pool_k, pool_v = (torch.zeros(1, 7 * page_size, *t.shape[2:], device=device) for t in (k, v))
     for pool, t in ((pool_k, k), (pool_v, v)):
         pool.view(7, page_size, *t.shape[2:])[table.flatten().long()] = t.view(6, page_size, *t.shape[2:])
     for paged_type in (ab.PagedBlockDiagonalPaddedKeysMask, ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask):
@@ -298,40 +299,41 @@ def test_paged_keys_equal_the_padded_cache_they_hold():
         with torch.no_grad():
             got = xops.memory_efficient_attention(q, pool_k, pool_v, paged)
         torch.testing.assert_close(got, xops.memory_efficient_attention(q, k, v, unpaged))
-        physical = paged.materialize((1, HEADS, q.shape[1], k.shape[1]))
+        physical = paged.materialize((1, HEADS, q.shape[1], k.shape[1]), device=device)
         bias = torch.nn.functional.pad(physical, (0, pool_k.shape[1] - physical.shape[-1]), value=-math.inf)
         torch.testing.assert_close(got, _reference(q, pool_k, pool_v, bias)[0])
 
 
-def test_gappy_keys_out_of_order_shared_and_paged():
+@pytest.mark.parametrize("device", devices())
+def test_gappy_keys_out_of_order_shared_and_paged(device):
     """Gappy keys whose blocks share keys (a common prefix) or come out of order, and the paged
     forms (make_paged of them), against the reference with the bias their rule defines."""
     q_lens, starts, lengths = [3, 2, 4], [5, 0, 0, 12], [7, 4, 6]
-    q, k, v = _inputs(1, sum(q_lens), 12)
+    q, k, v = (t.to(device) for t in _inputs(1, sum(q_lens), 12))
     blocks = [(sum(q_lens[:n]), q_lens[n], starts[n], lengths[n]) for n in range(3)]
     page_size, notional = 4, 12
-    table = torch.tensor([[4, 1, 6], [0, 2, 5], [3, 8, 7]], dtype=torch.int32)
-    pool_k, pool_v = (torch.full((1, 9 * page_size, *t.shape[2:]), float("nan")) for t in (k, v))
+    table = torch.tensor([[4, 1, 6], [0, 2, 5], [3, 8, 7]], dtype=torch.int32, device=device)
+    pool_k, pool_v = (torch.full((1, 9 * page_size, *t.shape[2:]), float("nan"), device=device) for t in (k, v))
     for pool, t in ((pool_k, k), (pool_v, v)):  # block n's table row holds all 12 keys
         for n in range(3):
             pool.view(9, page_size, *t.shape[2:])[table[n].long()] = t.view(3, page_size, *t.shape[2:])
     for causal, rule in ((False, RULES["none"]), (True, RULES["causal from bottom right"])):
         gappy_type = ab.BlockDiagonalCausalWithOffsetGappyKeysMask if causal else ab.BlockDiagonalGappyKeysMask
-        gappy = gappy_type.from_seqlens(q_lens, starts, lengths, device="cpu")
-        expected = _reference(q, k, v, _defined_bias(rule, blocks, sum(q_lens), 12))[0]
+        gappy = gappy_type.from_seqlens(q_lens, starts, lengths, device=device)
+        expected = _reference(q, k, v, _defined_bias(rule, blocks, sum(q_lens), 12).to(device))[0]
         with torch.no_grad():
             torch.testing.assert_close(xops.memory_efficient_attention(q, k, v, gappy), expected)
             # the same keys in each block's own table row (notional rows of 12: block n's from n x 12)
             shifted = gappy_type.from_seqlens(q_lens, [s + n * notional for n, s in enumerate(starts[:3])] + [36],
-                                              lengths, device="cpu")
+                                              lengths, device=device)
             paged_type = (ab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask if causal
                           else ab.PagedBlockDiagonalGappyKeysMask)
             paged = shifted.make_paged(table, page_size, notional, paged_type)
             assert paged.k_seqinfo.seqstart_py == starts[:3] + [-1]
             torch.testing.assert_close(xops.memory_efficient_attention(q, pool_k, pool_v, paged), expected)
-            physical = paged.materialize((1, HEADS, sum(q_lens), 3 * notional))  # pages 0 .. 8: the pool's rows
+            physical = paged.materialize((1, HEADS, sum(q_lens), 3 * notional), device=device)  # the pool's 9 pages
             torch.testing.assert_close(_reference(q, pool_k.nan_to_num(), pool_v.nan_to_num(), physical)[0], expected)
-            direct = paged_type.from_seqlens(q_lens, starts[:3], lengths, table, page_size, device="cpu")
+            direct = paged_type.from_seqlens(q_lens, starts[:3], lengths, table, page_size)
             torch.testing.assert_close(xops.memory_efficient_attention(q, pool_k, pool_v, direct), expected)
 
 
