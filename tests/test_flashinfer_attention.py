@@ -260,14 +260,16 @@ def _paged(requests, page_size, heads=4, kv_heads=2, dim=16, layout="NHD", singl
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_prefill_wrapper_matches_flashinfer(impl, layout, single):
     """Pages shuffled in a cache whose unused slots hold NaN; a tuple or one tensor, NHD or HND;
-    ALiBi without causal and custom masks (bool and packed) too, attended one request at a time."""
+    ROPE_LLAMA (the keys gathered from their pages and turned); ALiBi without causal and custom
+    masks (bool and packed) too, attended one request at a time."""
     skip_unless_supported(impl, "cpu")
     requests = [(5, 12), (9, 9), (1, 30)]
     q, k, v, cache, indptr, indices, last = _paged(requests, 4, layout=layout, single=single)
     qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None, layout, impl=impl)
     for options in (dict(causal=True), dict(causal=True, pos_encoding_mode="ALIBI", window_left=7),
-                    dict(pos_encoding_mode="ALIBI")):
+                    dict(pos_encoding_mode="ALIBI"), dict(causal=True, pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0,
+                                                          rope_scale=2.0)):
         wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
         got = wrapper.run(q, cache, return_lse=True)
         _check_requests(got, q, k, v, requests, **options)
@@ -277,6 +279,8 @@ def test_paged_prefill_wrapper_matches_flashinfer(impl, layout, single):
                         dict(packed_custom_mask=_packbits(masks))):
         wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, window_left=6, **mask_option)
         _check_requests(wrapper.run(q, cache, return_lse=True), q, k, v, requests, masks, window_left=6)
+    wrapper.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, pos_encoding_mode="ROPE_LLAMA", **mask_option)
+    _check_requests(wrapper.run(q, cache, return_lse=True), q, k, v, requests, masks, pos_encoding_mode="ROPE_LLAMA")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -287,7 +291,8 @@ def test_paged_decode_wrapper_matches_flashinfer(impl):
     requests = [(1, 40), (1, 1), (1, 16), (1, 33)]
     q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(8, dtype=torch.uint8), "NHD", impl=impl)
-    for options in (dict(), dict(pos_encoding_mode="ALIBI"), dict(window_left=9, logits_soft_cap=5.0)):
+    for options in (dict(), dict(pos_encoding_mode="ALIBI"), dict(window_left=9, logits_soft_cap=5.0),
+                    dict(pos_encoding_mode="ROPE_LLAMA")):
         wrapper.begin_forward(indptr, indices, last, 8, 2, 16, 16, **options)
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
         got = wrapper.run(q, cache, out=out, lse=lse, return_lse=True)
@@ -503,8 +508,7 @@ def test_bad_input_names_the_argument():
     q, k, v, cache, indptr, indices, last = _paged(requests, 4)
     qo_indptr = torch.tensor([0, 5, 6], dtype=torch.int32)
     paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(None)
-    for options, match in [(dict(pos_encoding_mode="ROPE_LLAMA"), "ROPE_LLAMA' over a paged cache"),
-                           (dict(custom_mask=torch.ones(89, dtype=torch.bool)), "custom_mask must hold")]:
+    for options, match in [(dict(custom_mask=torch.ones(89, dtype=torch.bool)), "custom_mask must hold")]:
         with pytest.raises(ValueError, match=match):
             paged.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, **options)
     with pytest.raises(ValueError, match="paged_kv_last_page_len"):
@@ -653,6 +657,8 @@ def test_cuda_graph_wrappers_name_what_a_plan_must_keep():
     decode.plan(indptr, indices, last, 8, 2, 16, 16)
     with pytest.raises(ValueError, match="keeps the first plan's"):
         decode.plan(indptr, indices, last, 8, 2, 16, 16, window_left=3)
+    with pytest.raises(ValueError, match="pos_encoding_mode='ROPE_LLAMA' gathers each plan's keys"):
+        decode.plan(indptr, indices, last, 8, 2, 16, 16, pos_encoding_mode="ROPE_LLAMA")
     with pytest.raises(RuntimeError, match="before plan"):  # a plan that failed leaves none
         decode.run(q, cache)
     decode.plan(indptr, indices, last, 8, 2, 16, 16)

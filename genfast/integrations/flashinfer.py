@@ -37,8 +37,8 @@ differs, on purpose or not yet:
   genfast.attention (an additive mask holds ALiBi's bias there; a paged cache's pages gathered per
   request); use_cuda_graph refuses them;
 - ROPE_LLAMA turns a copy of q and k (genfast.rotary) before the attention, where FlashInfer turns
-  them as it loads them; a paged cache refuses it (turn keys as they are written, as vLLM and
-  SGLang do);
+  them as it loads them; of a paged cache, the requests' keys are gathered from their pages first
+  (use_cuda_graph refuses it: turn keys as they are written, as vLLM and SGLang do);
 - ALIBI with logits_soft_cap is refused (FlashInfer's versions order them differently);
 - ROPE_LLAMA's tables are rounded to q's dtype (genfast.rotary's), v_scale scales the output
   rounded to q's dtype, and an o_dtype wider than q's widens that output;

@@ -137,6 +137,8 @@ class Plan:
     rope_tables_cast: dict = field(default_factory=dict)  # in each dtype a run took them
     q_rows: Optional[Tensor] = None  # each query's and key's row of the tables
     k_rows: Optional[Tensor] = None
+    k_requests: Optional[Tensor] = None  # of a paged cache under ROPE_LLAMA: each key's request and place in it
+    k_places: Optional[Tensor] = None
     slopes: Optional[Tensor] = None
     lse_shift: Optional[Tensor] = None
 
@@ -152,10 +154,6 @@ class Plan:
             raise ValueError(f"pos_encoding_mode='ROPE_LLAMA' needs an even head dim, got {head_dim}")
         if self.logits_soft_cap is not None and self.logits_soft_cap < 0:
             raise ValueError(f"logits_soft_cap must be >= 0, got {self.logits_soft_cap}")
-        if self.block_table is not None and self.pos_encoding_mode == "ROPE_LLAMA":
-            raise ValueError("pos_encoding_mode='ROPE_LLAMA' over a paged cache: turn the keys as they are written "
-                             "(genfast.kvcache_append's rotary_cos and rotary_sin, or the model's own rotary), "
-                             "as vLLM and SGLang do, and plan with 'NONE'")
         return self
 
     @property
@@ -197,6 +195,11 @@ class Plan:
                 self.q_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
                 rows = [j - low for n_k in self.kv_lens for j in range(n_k)]
                 self.k_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
+            if self.block_table is not None:
+                requests = [n for n, n_k in enumerate(self.kv_lens) for _ in range(n_k)]
+                places = [j for n_k in self.kv_lens for j in range(n_k)]
+                self.k_requests, self.k_places = (to_device(torch.tensor(values, dtype=torch.int64), device,
+                                                            non_blocking) for values in (requests, places))
         if self.pos_encoding_mode == "ALIBI":
             self.slopes = alibi_slopes(self.num_qo_heads, device)
         if self.pos_encoding_mode == "ALIBI" and not self.per_request:
@@ -303,6 +306,11 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     else:
         scale *= qk_scale
     if plan.pos_encoding_mode == "ROPE_LLAMA":
+        if block_table is not None:  # the keys gathered from their pages, to be turned (a copy of them)
+            page_size = k.shape[1]
+            pages = block_table[plan.k_requests, plan.k_places // page_size].long()
+            k, v = (t[pages, plan.k_places % page_size] for t in (k, v))
+            block_table = None
         q = _rope(q, plan.q_rows, plan, impl)
         k = _rope(k, plan.k_rows, plan, impl)
     slopes = plan.slopes

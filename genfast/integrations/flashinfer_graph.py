@@ -62,6 +62,11 @@ class CudaGraphPlans:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): custom masks, and ALiBi without causal over "
                              "several queries, run one request at a time, which a CUDA graph does not replay for "
                              "another plan; plan without them")
+        if plan.pos_encoding_mode == "ROPE_LLAMA":
+            raise ValueError(f"{self.wrapper}(use_cuda_graph=True): pos_encoding_mode='ROPE_LLAMA' gathers each "
+                             "plan's keys to turn them, as many as it holds, which a replay does not follow; turn "
+                             "the keys as they are written (genfast.kvcache_append's rotary_cos and rotary_sin) and "
+                             "plan with 'NONE'")
         if len(pages) != self.batch:
             raise ValueError(f"{self.wrapper}(use_cuda_graph=True): the batch size is fixed at {self.batch} (its "
                              f"buffers'), got {len(pages)} requests")
