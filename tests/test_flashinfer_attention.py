@@ -435,6 +435,40 @@ def test_decode_plan_takes_block_tables_and_seq_lens(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_rope_on_paged_caches_equals_the_ragged_wrapper_on_their_keys(impl):
+    """ROPE_LLAMA over a paged cache (its keys gathered, then turned) equals the ragged wrapper's
+    over the same keys packed, with decode's q_len_per_req, block_tables and seq_lens, an fp8 cache
+    (a pool widened whole and one whose named pages are gathered) and per-head scale tensors."""
+    skip_unless_supported(impl, "cpu")
+    requests = [(2, 40), (2, 3), (2, 16), (2, 33)]
+    q, k, v, cache, indptr, indices, last = _paged(requests, 16, heads=8)
+    qo_indptr = torch.tensor([0] + [n for n, _ in requests]).cumsum(0).int()
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(None, impl=impl)
+    ragged.plan(qo_indptr, torch.tensor([0] + [n for _, n in requests]).cumsum(0).int(), 8, 2, 16, causal=True,
+                pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0)
+    decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(None, impl=impl)
+    decode.plan(indptr, indices, last, 8, 2, 16, 16, q_len_per_req=2, pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0)
+    scales = dict(q_scale=torch.linspace(0.5, 2.0, 8), k_scale=torch.tensor([0.75, 1.5]), v_scale=torch.tensor(2.0))
+    torch.testing.assert_close(decode.run(q, cache, **scales), ragged.run(q, k, v, **scales), rtol=0, atol=0)
+    fp8 = tuple(t.to(torch.float8_e4m3fn) for t in cache)
+    k8, v8 = (t.to(torch.float8_e4m3fn).float() for t in (k, v))
+    spare = tuple(torch.cat([t, torch.full((30, *t.shape[1:]), float("nan"))]).to(torch.float8_e4m3fn) for t in cache)
+    for pool in (fp8, spare):  # 11 pages, under a table of 4 x 3: widened whole; 41: the table's pages gathered
+        torch.testing.assert_close(decode.run(q, pool), ragged.run(q, k8, v8), rtol=0, atol=0)
+    table = torch.zeros(4, 3, dtype=torch.int32)
+    for n in range(4):
+        table[n, :indptr[n + 1] - indptr[n]] = indices[indptr[n]:indptr[n + 1]]
+    seq_lens = torch.tensor([35, 3, 10, 33], dtype=torch.int32)
+    decode.plan(torch.zeros(5, dtype=torch.int32), indices[:0], torch.zeros(4, dtype=torch.int32), 8, 2, 16, 16,
+                q_len_per_req=2, block_tables=table, seq_lens=seq_lens, pos_encoding_mode="ROPE_LLAMA")
+    starts = [0] + torch.tensor([n for _, n in requests]).cumsum(0).tolist()
+    keys = torch.cat([torch.arange(starts[n], starts[n] + used) for n, used in enumerate(seq_lens.tolist())])
+    ragged.plan(qo_indptr, torch.cat([torch.zeros(1), seq_lens.cumsum(0)]).int(), 8, 2, 16, causal=True,
+                pos_encoding_mode="ROPE_LLAMA")
+    torch.testing.assert_close(decode.run(q, cache), ragged.run(q, k[keys], v[keys]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_float8_caches_and_queries_are_widened(impl):
     """FlashInfer's fp8 KV caches (float8_e4m3fn pages, k_scale and v_scale numbers) and fp8 q: equal to
     the same call on their values widened (float32 here): a pool no larger than the table widened

@@ -256,6 +256,12 @@ def test_three_and_five_dim_layouts(impl):
     assert o.shape == q.shape and lse.shape == (2, groups, per_group, 9)
     torch.testing.assert_close(o, expected.view(q.shape))
     torch.testing.assert_close(lse, expected_lse.view(lse.shape))
+    # a tensor bias (batch, groups, heads, queries, keys), whole or broadcast over groups or heads
+    for shape in ((2, groups, per_group, 9, 12), (2, 1, per_group, 9, 12), (2, groups, 1, 9, 12), (1, 1, 1, 9, 12)):
+        bias = torch.randn(shape, generator=g)
+        got = xops.memory_efficient_attention(q, k, v, bias, impl=impl)
+        expected = _reference(*flat, bias.expand(2, groups, per_group, 9, 12).reshape(2, -1, 9, 12))[0]
+        torch.testing.assert_close(got, expected.view(q.shape), msg=str(shape))
 
 
 class BlockDiagonalCausalFromBottomRightMask:
@@ -416,6 +422,11 @@ def test_compiles_with_fullgraph():
     assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, bias), [q, k, v])
     assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, ab.LowerTriangularMask()),
                                [q, k, v])
+    # top-left causal blocks of other lengths (block by block), and a tensor bias
+    blocks = ab.BlockDiagonalMask.from_seqlens([4, 5], [6, 3], device="cpu").make_causal()
+    assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, blocks), [q, k, v])
+    tensor = torch.randn(1, HEADS, 9, 9)
+    assert_compiles_like_eager(lambda q, k, v: xops.memory_efficient_attention(q, k, v, tensor), [q, k, v])
 
 
 def test_bad_input_names_the_argument():
@@ -445,6 +456,16 @@ def test_bad_input_names_the_argument():
         shared.make_paged(torch.zeros(2, 2, dtype=torch.int32), 4, 8, ab.PagedBlockDiagonalGappyKeysMask)
     with pytest.raises(ValueError, match="each of 0 keys or more"):
         ab.BlockDiagonalGappyKeysMask.from_seqlens([2], [0, 9], [-1], device="cpu")
+    with pytest.raises(ValueError, match="query is float64: .* impl='reference' runs float64"):
+        xops.memory_efficient_attention(q.double(), k.double(), v.double())
+    assert xops.memory_efficient_attention(q.double(), k.double(), v.double(), impl="reference").dtype == torch.float64
+    with pytest.raises(ValueError, match="attn_bias must be on query's device"):
+        xops.memory_efficient_attention(q, k, v, torch.zeros(2, 3, 5, 5, device="meta"))
+    paged = ab.PagedBlockDiagonalPaddedKeysMask.from_seqlens([5], [3], torch.zeros(1, 2, dtype=torch.int32), 2,
+                                                             device="cpu")
+    with pytest.raises(ValueError, match="key must hold whole pages of attn_bias's page_size 2"):
+        with torch.no_grad():
+            xops.memory_efficient_attention(q[:1], k[:1], v[:1], paged)
     with pytest.raises(TypeError, match="seqlens must be a sequence of ints, not a tensor"):
         ab.BlockDiagonalMask.from_seqlens(torch.tensor([2, 3]), device="cpu")
     with pytest.raises(ValueError, match="batch size 1"):

@@ -137,7 +137,7 @@ class Plan:
     rope_tables_cast: dict = field(default_factory=dict)  # in each dtype a run took them
     q_rows: Optional[Tensor] = None  # each query's and key's row of the tables
     k_rows: Optional[Tensor] = None
-    k_requests: Optional[Tensor] = None  # of a paged cache under ROPE_LLAMA: each key's request and place in it
+    k_requests: Optional[Tensor] = None  # each key's request and place in it (paged caches gathered: gathers_pages)
     k_places: Optional[Tensor] = None
     slopes: Optional[Tensor] = None
     lse_shift: Optional[Tensor] = None
@@ -163,6 +163,12 @@ class Plan:
         one request at a time with an explicit mask."""
         return self.masks is not None or (self.pos_encoding_mode == "ALIBI" and not self.causal
                                           and any(n > 1 for n in self.qo_lens))
+
+    @property
+    def gathers_pages(self) -> bool:
+        """A paged cache whose requests' keys a run gathers from their pages (a copy): to turn them by
+        ROPE_LLAMA, or to attend one request at a time."""
+        return self.block_table is not None and (self.pos_encoding_mode == "ROPE_LLAMA" or self.per_request)
 
     def prepare(self, device: torch.device, non_blocking: bool = True) -> None:
         """The plan's tensors on `device`, made once, as plan() does for the wrappers' device and a run
@@ -195,11 +201,11 @@ class Plan:
                 self.q_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
                 rows = [j - low for n_k in self.kv_lens for j in range(n_k)]
                 self.k_rows = to_device(torch.tensor(rows, dtype=torch.int32), device, non_blocking)
-            if self.block_table is not None:
-                requests = [n for n, n_k in enumerate(self.kv_lens) for _ in range(n_k)]
-                places = [j for n_k in self.kv_lens for j in range(n_k)]
-                self.k_requests, self.k_places = (to_device(torch.tensor(values, dtype=torch.int64), device,
-                                                            non_blocking) for values in (requests, places))
+        if self.gathers_pages:  # by device ops: as many keys as the requests hold, no list on the host
+            keys = torch.arange(sum(self.kv_lens), device=device)
+            self.k_requests = torch.repeat_interleave(torch.arange(len(self.kv_lens), device=device),
+                                                      (self.cu_k[1:] - self.cu_k[:-1]).long(), output_size=keys.numel())
+            self.k_places = keys - self.cu_k[self.k_requests]
         if self.pos_encoding_mode == "ALIBI":
             self.slopes = alibi_slopes(self.num_qo_heads, device)
         if self.pos_encoding_mode == "ALIBI" and not self.per_request:
@@ -305,19 +311,19 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         q = _scaled_heads(q, qk_scale)
     else:
         scale *= qk_scale
+    if plan.gathers_pages:  # the requests' keys packed, (nnz_kv, heads, dim)
+        page_size = k.shape[1]
+        pages = block_table[plan.k_requests, plan.k_places // page_size].long()
+        k, v = (t[pages, plan.k_places % page_size] for t in (k, v))
+        block_table = None
     if plan.pos_encoding_mode == "ROPE_LLAMA":
-        if block_table is not None:  # the keys gathered from their pages, to be turned (a copy of them)
-            page_size = k.shape[1]
-            pages = block_table[plan.k_requests, plan.k_places // page_size].long()
-            k, v = (t[pages, plan.k_places % page_size] for t in (k, v))
-            block_table = None
         q = _rope(q, plan.q_rows, plan, impl)
         k = _rope(k, plan.k_rows, plan, impl)
     slopes = plan.slopes
     window = (plan.window_left, plan.window_right) if max(plan.window_left, plan.window_right) >= 0 else None
     softcap = plan.logits_soft_cap or None
     if plan.per_request:
-        o, natural = _run_per_request(plan, q, k, v, block_table, scale, slopes, window, softcap, impl, sinks)
+        o, natural = _run_per_request(plan, q, k, v, scale, slopes, window, softcap, impl, sinks)
     else:
         kv_bound = max(plan.kv_lens, default=0) if plan.kv_bound is None else plan.kv_bound
         o, natural = attention_varlen(q, k, v, plan.cu_q, plan.cu_k, max(plan.qo_lens, default=0), kv_bound,
@@ -349,20 +355,15 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
     return o, base2.contiguous()
 
 
-def _run_per_request(plan: Plan, q, k, v, block_table, scale, slopes, window, softcap, impl, sinks):
+def _run_per_request(plan: Plan, q, k, v, scale, slopes, window, softcap, impl, sinks):
     """Each request alone through genfast.attention, with its custom mask and, for ALiBi without
-    causality, FlashInfer's bias slope (j - i) as an additive mask; of a paged cache (k and v
-    pages, page_size, heads, dim), the request's pages gathered."""
+    causality, FlashInfer's bias slope (j - i) as an additive mask; k and v packed (a paged cache's
+    keys gathered first)."""
     outs, lses = [], []
     starts_q, starts_k = 0, 0
     for n, (n_q, n_k) in enumerate(zip(plan.qo_lens, plan.kv_lens)):
         q_n = q[starts_q:starts_q + n_q].transpose(0, 1)[None]
-        if block_table is None:
-            k_n, v_n = (t[starts_k:starts_k + n_k] for t in (k, v))
-        else:
-            pages = block_table[n, :-(-n_k // k.shape[1])].long()
-            k_n, v_n = (t[pages].flatten(0, 1)[:n_k] for t in (k, v))
-        k_n, v_n = (t.transpose(0, 1)[None] for t in (k_n, v_n))
+        k_n, v_n = (t[starts_k:starts_k + n_k].transpose(0, 1)[None] for t in (k, v))
         mask = None if plan.masks is None else plan.masks[n]  # on q's device since prepare()
         causal = "bottom_right" if plan.causal and plan.masks is None else None
         if slopes is not None:

@@ -39,7 +39,7 @@ import torch
 
 from .....attention import attention, attention_varlen
 from .....attention_merge import merge_attention
-from ....flash_attn import _uniform_cu_seqlens
+from ....flash_attn import _batch_major, _uniform_cu_seqlens
 from . import attn_bias
 from .attn_bias import (VARLEN_BIASES, AttentionBias, BlockDiagonalCausalMask, BlockDiagonalMask,
                         LowerTriangularMask, LowerTriangularMaskWithTensorBias, band)
@@ -175,7 +175,7 @@ def _no_dropout(p: float) -> None:
                                   "memory_efficient_attention for dropout")
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, p: float) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, p: float, impl: str) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -194,6 +194,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, p: float) -> None:
                          f"{tuple(k.shape)} and {tuple(v.shape)} (expand k and v yourself, as xformers asks)")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must lie in [0, 1), got {p}")
+    if q.dtype == torch.float64 and impl != "reference":
+        raise ValueError("query is float64: genfast's kernels take float32, float16 and bfloat16; impl='reference' "
+                         "runs float64")
 
 
 def _heads(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -211,15 +214,17 @@ def _heads(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _run(query, key, value, bias, p, scale, output_dtype, impl) -> Tuple[Tensor, Tensor]:
-    _check_inputs(query, key, value, p)
+    _check_inputs(query, key, value, p, impl)
     q, k, v = _heads(query, key, value)
     tensor, diagonal = _tensor_bias(bias)
     if tensor is not None:
         _check_tensor_bias(tensor, query, key)
         if query.dim() == 3:
             tensor = tensor.unsqueeze(-3)
-        elif query.dim() == 5 and tensor.dim() == 5:
-            tensor = tensor.flatten(1, 2)
+        elif query.dim() == 5:  # (batch, groups x heads, queries, keys), a view where it can be
+            groups, heads = query.shape[2:4]
+            tensor = tensor[:, :, 0] if tensor.shape[1:3] == (1, 1) else tensor.expand(
+                tensor.shape[0], groups, heads, *tensor.shape[3:]).flatten(1, 2)
         o, lse = _masked(q, k, v, tensor, diagonal, None, None, p, scale, impl)
     elif bias is None:
         o, lse = _uniform(q, k, v, None, p, scale, impl)
@@ -246,6 +251,8 @@ def _check_tensor_bias(bias: Tensor, query: Tensor, key: Tensor) -> None:
     """An additive bias of the inputs' dims: (batch, [[groups,] heads,] queries, keys), each dim that
     or 1 (xformers asks for the whole shape; a broadcast dim of size 1 cannot be misread)."""
     shape = (query.shape[0], *query.shape[2:-1], query.shape[1], key.shape[1])
+    if bias.device != query.device:
+        raise ValueError(f"attn_bias must be on query's device ({query.device}), got {bias.device}")
     if not bias.is_floating_point() or bias.dim() != len(shape) or any(
             n not in (1, m) for n, m in zip(bias.shape, shape)):
         raise ValueError(f"attn_bias must be an additive floating-point tensor {shape} (or 1 in a dim), got "
@@ -267,7 +274,7 @@ def _uniform(q, k, v, window, p, scale, impl) -> Tuple[Tensor, Tensor]:
     o, lse = attention_varlen(q.reshape(batch * lq, *q.shape[2:]), k.reshape(batch * lk, *k.shape[2:]),
                               v.reshape(batch * lk, *v.shape[2:]), cu_q, cu_k, lq, lk, p, scale, window=window,
                               return_lse=True, impl=impl)
-    return o.view(batch, lq, *o.shape[1:]), lse.view(lse.shape[0], batch, lq).transpose(0, 1).contiguous()
+    return o.view(batch, lq, *o.shape[1:]), _batch_major(lse, batch, lq)
 
 
 def _masked(q, k, v, mask, diagonal, left, right, p, scale, impl) -> Tuple[Tensor, Tensor]:
@@ -312,6 +319,9 @@ def _structured(q, k, v, bias, p, scale, impl) -> Tuple[Tensor, Tensor]:
     if paged and bias.block_tables.device != q.device:
         raise ValueError(f"attn_bias's block_tables must be on query's device ({q.device}), got "
                          f"{bias.block_tables.device}")
+    if paged and k.shape[1] % bias.page_size:  # (the pages the table names are the caller's to keep in range)
+        raise ValueError(f"key must hold whole pages of attn_bias's page_size {bias.page_size}: its {k.shape[1]} rows "
+                         "do not divide")
     if diagonal == "top_left" and q_info.seqstart_py != k_info.seqstart_py:
         return _block_by_block(q, k, v, bias, left, right, p, scale, impl)
     cu_k, used, table, keys, values = k_info.seqstart, None, None, k[0], v[0]
@@ -385,7 +395,8 @@ def _key_rows(k, v, bias, paged) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 def _block_by_block(q, k, v, bias, left, right, p, scale, impl) -> Tuple[Tensor, Tensor]:
     """Top-left causal blocks of queries and keys of other lengths: each block alone."""
     outputs, lses = [], []
-    for (q0, q1), (k0, k1) in zip(bias.q_seqinfo.intervals(), bias.k_seqinfo.intervals()):
+    q_starts, k_starts = bias.q_seqinfo.seqstart_py, bias.k_seqinfo.seqstart_py  # lists: torch.compile reads them
+    for q0, q1, k0, k1 in zip(q_starts, q_starts[1:], k_starts, k_starts[1:]):
         o, lse = _masked(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], None, "top_left", left, right, p, scale, impl)
         outputs.append(o)
         lses.append(lse)
