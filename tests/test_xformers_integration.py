@@ -532,5 +532,6 @@ def test_xformers_operator_names_are_taken_and_ignored():
     q, k, v = _inputs(1, 6, 6)
     for op in (xops.MemoryEfficientAttentionFlashAttentionOp, xops.MemoryEfficientAttentionCutlassOp,
                fmha.ALL_FW_OPS[0], None):
-        torch.testing.assert_close(xops.memory_efficient_attention(q, k, v, op=op), xops.memory_efficient_attention(q, k, v))
+        torch.testing.assert_close(xops.memory_efficient_attention(q, k, v, op=op),
+                                   xops.memory_efficient_attention(q, k, v))
     assert ab.BlockDiagonalMask in fmha.VARLEN_BIASES

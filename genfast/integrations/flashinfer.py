@@ -14,10 +14,11 @@ BatchAttentionWithAttentionSinkWrapper (plan, run, run_return_lse, begin_forward
 FlashInfer's arguments, layouts (NHD and HND; a paged cache as a tuple (k, v) or one tensor (pages,
 2, ...)) and semantics: causal aligned bottom-right, window_left, logits_soft_cap, sm_scale, q/k/v
 scales as numbers or tensors of one value or one a head (scale_q (num_qo_heads,), scale_k and
-scale_v (num_kv_heads,), read on the device), custom masks (bool, or packed little-endian bits, each request's from a byte of
-its own, as segment_packbits packs them), pos_encoding_mode ROPE_LLAMA (rotate-half pairs,
-rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI (FlashInfer's slopes and bias
-slope (j - i)), and lse to base 2. Attention sinks (gpt-oss's; one natural-log logit a query head,
+scale_v (num_kv_heads,), read on the device), custom masks (bool, or packed little-endian bits, each
+request's from a byte of its own, as segment_packbits packs them), pos_encoding_mode ROPE_LLAMA
+(rotate-half pairs, rope_theta and rope_scale, queries at i + kv_len - qo_len) and ALIBI
+(FlashInfer's slopes and bias slope (j - i)), and lse to base 2.
+Attention sinks (gpt-oss's; one natural-log logit a query head,
 unscaled, in every row's softmax and lse) as the paged wrappers' run(sinks=), the AttentionSink
 variant's jit_args on the ragged wrapper (run(q, k, v, sink, sm_scale)) and
 BatchAttentionWithAttentionSinkWrapper take them; FlashInfer's FA2 and FA3 paged runs leave sinks=

@@ -7,12 +7,12 @@ as xformers asks, are read once and not copied. The biases run as genfast's caus
 (LowerTriangularMask, the FromBottomRight and local masks), packed sequences (BlockDiagonalMask and
 its causal and local forms, q, k and v of batch 1), a padded KV cache (BlockDiagonalPaddedKeysMask,
 BlockDiagonalCausalWithOffsetPaddedKeysMask and their local forms: attention_varlen's seqused_k) and
-a paged one (PagedBlockDiagonal*PaddedKeysMask: its block_table, for inference), keys anywhere
-(the gappy-keys biases, below); a tensor bias (batch, heads, queries, keys), with its gradient,
-and LowerTriangularMask's add_bias. xformers' own bias objects are read as this module's, by class name. Where there is no
-tensor bias (and LowerTriangularMask's keys are as many as its queries), genfast reads q, k and v and
-writes the output in this layout without a copy (attention_varlen); else the output is made
-contiguous from genfast.attention's (batch, heads, queries, dim).
+a paged one (PagedBlockDiagonal*PaddedKeysMask: its block_table, for inference), keys anywhere (the
+gappy-keys biases, below); a tensor bias (batch, heads, queries, keys), with its gradient, and
+LowerTriangularMask's add_bias. xformers' own bias objects are read as this module's, by class name.
+Where there is no tensor bias (and LowerTriangularMask's keys are as many as its queries), genfast
+reads q, k and v and writes the output in this layout without a copy (attention_varlen); else the
+output is made contiguous from genfast.attention's (batch, heads, queries, dim).
 
 Where genfast differs:
 - dropout draws from genfast's Philox stream, keyed by torch's default generator: the same
