@@ -57,7 +57,7 @@ def band(bias) -> Tuple[str, Optional[int], Optional[int]]:
         if read is not None:
             return read(bias)
     raise NotImplementedError(f"attn_bias of type {type(bias).__name__}: genfast takes xformers' causal, local, "
-                              "block-diagonal, padded-keys and paged biases and tensors, not this one")
+                              "block-diagonal, padded-keys, gappy-keys and paged biases and tensors, not this one")
 
 
 _BANDS = {
