@@ -236,6 +236,22 @@ def to_device(t: Tensor, device: torch.device, non_blocking: bool = True) -> Ten
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def _indexed(t: Tensor, *index: Tensor) -> Tensor:
+    """t[index]; float8 indexed through its bytes, which every torch indexes."""
+    return t.view(torch.uint8)[index].view(t.dtype) if t.dtype in FLOAT8 else t[index]
+
+
+def _gathered_keys(k: Tensor, v: Tensor, plan: Plan):
+    """(k, v, block_table): a paged cache's requests' keys packed, (nnz_kv, heads, dim), where the
+    plan gathers them (Plan.gathers_pages), before any widening (an fp8 cache's used keys alone);
+    else k, v and the plan's block table as they are."""
+    if not plan.gathers_pages:
+        return k, v, plan.block_table
+    page_size = k.shape[1]
+    pages = plan.block_table[plan.k_requests, plan.k_places // page_size].long()
+    return _indexed(k, pages, plan.k_places % page_size), _indexed(v, pages, plan.k_places % page_size), None
+
+
 def _widened(q: Tensor, k: Tensor, v: Tensor, block_table: Optional[Tensor]):
     """(q, k, v, block_table) with float8 ones (FlashInfer's fp8 caches, kv_data_type; fp8 q)
     widened exactly to the others' dtype (where all are float8: bfloat16 on a GPU, float32 on the
@@ -248,8 +264,7 @@ def _widened(q: Tensor, k: Tensor, v: Tensor, block_table: Optional[Tensor]):
     wide = next((t.dtype for t in (q, k, v) if t.dtype not in FLOAT8), None) or wide_dtype(q.device)
     if block_table is not None and block_table.numel() < k.shape[0]:
         pages = block_table.reshape(-1).long()
-        # float8 indexed through its bytes, which every torch indexes
-        k, v = (t.view(torch.uint8)[pages].view(t.dtype) if t.dtype in FLOAT8 else t[pages] for t in (k, v))
+        k, v = (_indexed(t, pages) for t in (k, v))
         block_table = torch.arange(pages.numel(), dtype=torch.int32, device=pages.device).view(block_table.shape)
     return q.to(wide), k.to(wide), v.to(wide), block_table
 
@@ -299,7 +314,8 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
                          "constant in each row, which a sink's weight would not share; genfast takes either alone")
     plan.prepare(q.device)
     o_dtype = plan.o_dtype or q.dtype
-    q, k, v, block_table = _widened(q, k, v, plan.block_table)
+    k, v, block_table = _gathered_keys(k, v, plan)
+    q, k, v, block_table = _widened(q, k, v, block_table)
     if sm_scale is None:
         sm_scale = plan.sm_scale
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale))
@@ -311,11 +327,6 @@ def run_plan(plan: Plan, q: Tensor, k: Tensor, v: Tensor, *, impl: str, return_l
         q = _scaled_heads(q, qk_scale)
     else:
         scale *= qk_scale
-    if plan.gathers_pages:  # the requests' keys packed, (nnz_kv, heads, dim)
-        page_size = k.shape[1]
-        pages = block_table[plan.k_requests, plan.k_places // page_size].long()
-        k, v = (t[pages, plan.k_places % page_size] for t in (k, v))
-        block_table = None
     if plan.pos_encoding_mode == "ROPE_LLAMA":
         q = _rope(q, plan.q_rows, plan, impl)
         k = _rope(k, plan.k_rows, plan, impl)
