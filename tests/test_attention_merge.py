@@ -87,10 +87,11 @@ def test_matches_reference(impl, device, states, dim):
     _compare(impl, *_states(states, (2, 3, 7), dim, device=device))
 
 
-@pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40)])
+@pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40), (9, 32)])
 def test_rows_past_one_block(states, dim):
     """The CPU kernel computes the weights of 128 rows at a time: 335 rows, two whole blocks and a
-    partial one, summed in registers (head dims of sixteens) or in a buffer (40)."""
+    partial one, summed in registers (head dims of sixteens, up to eight states) or in a buffer (40;
+    nine states)."""
     skip_unless_supported("native", "cpu")
     _compare("native", *_states(states, (5, 67), dim, seed=dim))
 

@@ -97,22 +97,39 @@ struct RowBlock {
   }
 };
 
-// Row j of a block (row r), float32, head_dim a multiple of 16, plain stores: sixteen features at a
-// time summed over the states in registers and stored, rather than summed in an L1 buffer and copied.
+// Row j of a block (row r), float32, head_dim a multiple of 16, plain stores, at most kListed states:
+// sixteen features at a time summed over the states in registers and stored, rather than summed in
+// an L1 buffer and copied. The row's live states and weights are gathered into locals first: read from
+// p and rows at every sixteen features (which the stores might overwrite, as far as the compiler
+// knows), two float32 states of 4096 x 32 x 128 merged into a new output took 25.5 ms on one thread
+// of an Intel Xeon against 20.3 for ATen's add, 23.5 against 21 after.
 template <CpuCapability isa>
 GF_CPU_INLINE void merge_row_in_registers(const AttentionMergeParams<float>& p, const RowBlock<float>& rows, int64_t j,
                                           int64_t r) {
   constexpr int W = kVectorLanes<isa>;
+  const float* src[AttentionMergeStates::kListed];
+  float weight[AttentionMergeStates::kListed];
+  int live = 0;
+  for (int64_t s = 0; s < p.states; ++s) {
+    if (rows.empty(p, j, s)) continue;
+    src[live] = rows.o[j] + attention_merge_state_at(p.o_states, s);
+    weight[live] = rows.weights[s * kRowBlock + j];
+    ++live;
+  }
   float* out = p.out + attention_merge_row_offset(p.out_strides, p.rows_inner, r);
-  for (int64_t c = 0; c < p.head_dim; c += kCols) {
-    Floats16<W> sum = splat16<W>(0.0f);
-    for (int64_t s = 0; s < p.states; ++s) {
-      if (rows.empty(p, j, s)) continue;
-      sum += rows.weights[s * kRowBlock + j] * load16<W>(rows.o[j] + attention_merge_state_at(p.o_states, s) + c);
-    }
+  const int64_t dim = p.head_dim;
+  p.out_lse[attention_merge_row_offset(p.out_lse_strides, p.rows_inner, r)] = rows.merged[j];
+  if (live == 0) {  // no keys in any state
+    std::fill(out, out + dim, 0.0f);
+    return;
+  }
+  // The sum starts from the first state's product: g++ built a zero start lane by lane, in sixteen
+  // masked moves per sixteen features.
+  for (int64_t c = 0; c < dim; c += kCols) {
+    Floats16<W> sum = weight[0] * load16<W>(src[0] + c);
+    for (int k = 1; k < live; ++k) sum += weight[k] * load16<W>(src[k] + c);
     store16<W>(out + c, sum);  // after the row's states are read at c: out may be one of them (in place)
   }
-  p.out_lse[attention_merge_row_offset(p.out_lse_strides, p.rows_inner, r)] = rows.merged[j];
 }
 
 // Rows first .. last; buffer holds 2 head_dim floats and states x kRowBlock. Each row is summed in
@@ -132,7 +149,7 @@ GF_CPU_INLINE void merge_rows_for(const AttentionMergeParams<T>* params, int64_t
     for (int64_t j = 0; j < rows.n; ++j) {
       const int64_t r = block + j;
       if constexpr (std::is_same_v<T, float>) {
-        if (!stream && dim % kCols == 0) {
+        if (!stream && dim % kCols == 0 && p.states <= AttentionMergeStates::kListed) {
           merge_row_in_registers<isa>(p, rows, j, r);
           continue;
         }
