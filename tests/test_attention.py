@@ -27,8 +27,9 @@ def _qkv(batch, heads, kv_heads, lq, lk, dim, dtype, v_dim=None, seed=0):
 
 
 def _cpu_takes_bfloat16_pairs():
-    """Whether the CPU kernel multiplies bfloat16 in pairs (AVX512-BF16) over packed panels."""
-    return genfast.build_info()["cpu_capability"] == "avx512_bf16"
+    """Whether the CPU kernel multiplies bfloat16 in pairs (AVX512-BF16, and AMX's tiles where the CPU
+    has them) over packed panels."""
+    return genfast.build_info()["cpu_capability"] in ("avx512_bf16", "avx512_amx")
 
 
 def _interpreted_query_count(impl, lq):
@@ -463,21 +464,24 @@ def _bfloat16_pairs_forward(q, k, v, mask, scale, key_block=128):
     return acc / total
 
 
-@pytest.mark.parametrize("shared_panels", [False, True])
-@pytest.mark.parametrize("dim,v_dim", [(64, 64), (72, 40), (18, 130)])
-def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, shared_panels):
+@pytest.mark.parametrize("lq,lk,shared_panels", [(40, 257, False), (300, 257, True), (20, 200, False),
+                                                 (300, 200, True)])
+@pytest.mark.parametrize("dim,v_dim", [(64, 64), (72, 40), (18, 130), (40, 16), (128, 48)])
+def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, lq, lk, shared_panels):
     """On a CPU with AVX512-BF16, the bfloat16 forward over packed panels multiplies in pairs (Q K^T
     along the head dim, P V along the keys): exact products summed in float32, and P rounded to
     bfloat16 for P V. Its o is that computation rounded to bfloat16, but for a few elements near a
     step of bfloat16 or near zero (float32's sums and exp, a P rounded the other way); the float32
     products, which do not round P, miss it in about a third of the elements. Head dims that leave
     part of a 16-column chunk or of a word, key blocks that end mid-pair, panels packed per task or
-    shared by query blocks."""
+    shared by query blocks. With AMX (avx512_amx), the products take tiles of 16 rows and 16 pairs
+    in twos along rows and columns, and vectors for the rest: blocks of 20, 40 and 44 queries leave
+    rows past the tiles, head dims of 72 and 40 and a last key block of 72 keys leave pairs past
+    them, and 16 and 48 values leave a single column of tiles."""
     if not _cpu_takes_bfloat16_pairs():
-        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
-    lq = 300 if shared_panels else 40
-    q, k, v = _qkv(1, 2, 2, lq, 257, dim, torch.bfloat16, v_dim=v_dim)
-    mask = torch.rand(1, 2, lq, 257, generator=torch.Generator().manual_seed(1)) < 0.8
+        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] avx512_bf16 or avx512_amx)")
+    q, k, v = _qkv(1, 2, 2, lq, lk, dim, torch.bfloat16, v_dim=v_dim)
+    mask = torch.rand(1, 2, lq, lk, generator=torch.Generator().manual_seed(1)) < 0.8
     mask[..., 0] = True
     expected = _bfloat16_pairs_forward(q, k, v, mask, dim ** -0.5)
     rounded = expected.float().bfloat16()
@@ -497,7 +501,7 @@ def test_cpu_bfloat16_pairs_backward(dim, v_dim, batch, kv_heads):
     both schedules (one pass per (batch, key head), or passes per key block and per query block),
     with query blocks that end mid-pair; and not the float32 products' bits."""
     if not _cpu_takes_bfloat16_pairs():
-        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] == 'avx512_bf16')")
+        pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] avx512_bf16 or avx512_amx)")
     q, k, v = _qkv(batch, 2 * kv_heads, kv_heads, 133, 257, dim, torch.bfloat16, v_dim=v_dim)
     g = torch.Generator().manual_seed(2)
     mask = torch.randn(1, 1, 133, 257, generator=g).to(torch.bfloat16)

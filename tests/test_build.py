@@ -83,7 +83,7 @@ def test_triton_interpreter_before_3_7_with_numpy_2_4_is_refused_naming_both(mon
         _backend.triton_error.cache_clear()
 
 
-CPU_CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]  # narrowest first
+CPU_CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16", "avx512_amx"]  # narrowest first
 
 
 def _pythons_with_capabilities(script, capabilities):
@@ -121,7 +121,7 @@ def test_unknown_cpu_capability_is_an_error_naming_the_variable():
             print("ran")
     """)
     [(out, err)] = _pythons_with_capabilities(script, ["avx9"])
-    assert "GENFAST_CPU_CAPABILITY must be default, avx2, avx512 or avx512_bf16" in out, out + err[-2000:]
+    assert "GENFAST_CPU_CAPABILITY must be default, avx2, avx512, avx512_bf16 or avx512_amx" in out, out + err[-2000:]
     assert "'avx9'" in out
 
 

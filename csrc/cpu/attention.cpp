@@ -27,7 +27,7 @@
 
 #include "../attention_args.h"
 #include "aligned_floats.h"
-#include "bfloat16_pairs.h"
+#include "bfloat16_tiles.h"
 #include "block_product.h"
 #include "cpu_vectors.h"
 #include "float_io.h"
@@ -663,13 +663,13 @@ struct KeysValues {
 // AVX512-BF16 and for a head dim of whole pairs. Q is bfloat16 already; P is rounded to bfloat16 for
 // P V, as the GPU kernels round it, while the row sums stay those of the float32 P.
 bool takes_pairs(const AttentionParams& p) {
-  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 && p.dim % 2 == 0;
+  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() >= CpuCapability::kAvx512Bf16 && p.dim % 2 == 0;
 }
 
 // Whether the backward multiplies on bfloat16 pairs, reading q, k, v and grad_o as they are (no
 // float32 copies): bfloat16 inputs, head dims of whole pairs, AVX512-BF16.
 bool backward_takes_pairs(const at::Tensor& q, const at::Tensor& v) {
-  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() == CpuCapability::kAvx512Bf16 &&
+  return GF_HAS_BFLOAT16_PAIRS && cpu_capability() >= CpuCapability::kAvx512Bf16 &&
          q.scalar_type() == at::kBFloat16 && q.size(-1) % 2 == 0 && v.size(-1) % 2 == 0;
 }
 
@@ -862,9 +862,9 @@ void scores_from_panel(const AttentionParams& p, const KeysValues<T>& kv, const 
 #if GF_HAS_BFLOAT16_PAIRS
   if (kv.pairs) {
     const int64_t pairs = p.dim / 2;
-    pair_multiply(pair_rows(w.q_pairs.data() + e * w.head_rows * pairs, pairs), rows,
-                  reinterpret_cast<const uint32_t*>(k_panel), pairs, w.scores.data(), kKeyBlock, width, false,
-                  p.scale);
+    multiply_pairs(pair_rows(w.q_pairs.data() + e * w.head_rows * pairs, pairs), rows,
+                   reinterpret_cast<const uint32_t*>(k_panel), pairs, w.scores.data(), kKeyBlock, width, false,
+                   p.scale);
     return;
   }
 #endif
@@ -881,8 +881,8 @@ void values_from_panel(const AttentionParams& p, const KeysValues<T>& kv, int64_
   if (kv.pairs) {
     const int64_t pairs = width / 2;
     round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, width, w.p_pairs.data(), pairs);
-    pair_multiply(pair_rows(w.p_pairs.data(), pairs), rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc,
-                  v_pad, v_pad, true, 1.0f);
+    multiply_pairs(pair_rows(w.p_pairs.data(), pairs), rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc,
+                   v_pad, v_pad, true, 1.0f);
     return;
   }
 #endif
@@ -1132,7 +1132,7 @@ void for_task_parts(int64_t n, int64_t copies, const Body& body) {
 struct BackwardScratch {
   AlignedFloats k_panel, vt_panel, scores, dp, drop, cap, panel_a, panel_b, acc_a, acc_b;  // drop with dropout
   bool pairs;
-  std::vector<uint32_t> a_pairs;
+  std::vector<uint32_t> a_pairs, a_rows;  // a_rows: a_pairs' panel turned into rows, for AMX tiles
   BackwardScratch(const AttentionParams& p, bool pairs)
       : BackwardScratch(padded_to(std::min(kQueryBlock, p.q_len), 2), block_width(std::min(kKeyBlock, p.k_len)),
                         padded_to(p.dim, kCols), padded_to(p.v_dim, kCols), p.dropout_p > 0.0f, pairs) {}
@@ -1143,7 +1143,8 @@ struct BackwardScratch {
         panel_a(static_cast<size_t>(R * std::max(d_pad, v_pad))),
         panel_b(static_cast<size_t>(C * std::max(d_pad, v_pad))),
         acc_a(static_cast<size_t>(C * d_pad)), acc_b(static_cast<size_t>(C * v_pad)), pairs(pairs),
-        a_pairs(pairs ? static_cast<size_t>(R * std::max({C, d_pad, v_pad}) / 2) : 0) {}
+        a_pairs(pairs ? static_cast<size_t>(R * std::max({C, d_pad, v_pad}) / 2) : 0),
+        a_rows(pairs && takes_tiles() ? static_cast<size_t>(R * C / 2) : 0) {}
 };
 
 #if GF_HAS_BFLOAT16_PAIRS
@@ -1159,11 +1160,11 @@ void score_products(const AttentionParams& p, const AttentionSequence& seq, cons
 #if GF_HAS_BFLOAT16_PAIRS
   if (w.pairs) {
     round_rows_to_pairs(g.q_bits + q_at, p.q_stride[2], rows, p.dim, w.a_pairs.data(), p.dim / 2);
-    pair_multiply(pair_rows(w.a_pairs.data(), p.dim / 2), rows, words(w.k_panel), p.dim / 2, w.scores.data(),
-                  kKeyBlock, width, false, p.scale);
+    multiply_pairs(pair_rows(w.a_pairs.data(), p.dim / 2), rows, words(w.k_panel), p.dim / 2, w.scores.data(),
+                   kKeyBlock, width, false, p.scale);
     round_rows_to_pairs(g.grad_o_bits + grad_o_at, grad_o_row, rows, p.v_dim, w.a_pairs.data(), p.v_dim / 2);
-    pair_multiply(pair_rows(w.a_pairs.data(), p.v_dim / 2), rows, words(w.vt_panel), p.v_dim / 2, w.dp.data(),
-                  kKeyBlock, width, false, 1.0f);
+    multiply_pairs(pair_rows(w.a_pairs.data(), p.v_dim / 2), rows, words(w.vt_panel), p.v_dim / 2, w.dp.data(),
+                   kKeyBlock, width, false, 1.0f);
     return;
   }
 #endif
@@ -1193,8 +1194,8 @@ void add_grad_q(const AttentionParams& p, int64_t rows, int64_t width, float* gr
   if (w.pairs) {
     const int64_t pairs = width / 2;
     round_rows_to_pairs(w.dp.data(), kKeyBlock, rows, width, w.a_pairs.data(), pairs);
-    pair_multiply(pair_rows(w.a_pairs.data(), pairs), rows, words(w.panel_b), pairs, grad_q, d_pad, d_pad, true,
-                  p.scale);
+    multiply_pairs(pair_rows(w.a_pairs.data(), pairs), rows, words(w.panel_b), pairs, grad_q, d_pad, d_pad, true,
+                   p.scale);
     return;
   }
 #endif
@@ -1212,8 +1213,14 @@ void add_transposed_product(const float* x, const float* y, const uint16_t* y_bi
     const int64_t depth = padded_to(rows, 2), pairs = depth / 2;
     pack_pairs_interleaved(y_bits + y_at, y_row, rows, dim, words(w.panel_a), width, depth);
     pack_pairs_interleaved(x, kKeyBlock, rows, cols, w.a_pairs.data(), block_width(cols), depth);
-    pair_multiply(PairRows{w.a_pairs.data(), 1, kCols, kCols * pairs}, cols, words(w.panel_a), pairs, out, width,
-                  width, true, factor);
+    if (takes_tiles() && cols >= kTileSide && pairs >= kTileSide) {  // tiles read whole rows: the columns turned
+      panel_columns_as_rows(w.a_pairs.data(), pairs, block_width(cols), w.a_rows.data());
+      multiply_pairs(pair_rows(w.a_rows.data(), pairs), cols, words(w.panel_a), pairs, out, width, width, true,
+                     factor);
+      return;
+    }
+    multiply_pairs(PairRows{w.a_pairs.data(), 1, kCols, kCols * pairs}, cols, words(w.panel_a), pairs, out, width,
+                   width, true, factor);
     return;
   }
 #endif

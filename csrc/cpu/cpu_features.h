@@ -2,10 +2,11 @@
 // when one is first called, so one build runs well on any x86-64 machine: AVX-512 (the F, VL, BW
 // and DQ of x86-64-v4), AVX2 with FMA (x86-64-v3), and the build's baseline (SSE2 on x86-64; NEON on
 // aarch64, the only one there). avx512_bf16 is AVX-512 with AVX512-BF16's products on bfloat16
-// pairs, which the few kernels that use them (bfloat16_pairs.h) check for; everything else runs
-// its AVX-512 code there. GENFAST_CPU_CAPABILITY=avx512, =avx2 or =default caps the choice, as
-// ATEN_CPU_CAPABILITY caps torch's, so that the narrower code can be tested and measured on a wider
-// machine; genfast.build_info()["cpu_capability"] says which runs.
+// pairs, which the few kernels that use them (bfloat16_pairs.h) check for; avx512_amx adds AMX's
+// tiles of bfloat16 products (bfloat16_tiles.h) where the OS lets the process use their registers;
+// everything else runs its AVX-512 code there. GENFAST_CPU_CAPABILITY=avx512_bf16, =avx512, =avx2 or
+// =default caps the choice, as ATEN_CPU_CAPABILITY caps torch's, so that the narrower code can be
+// tested and measured on a wider machine; genfast.build_info()["cpu_capability"] says which runs.
 //
 // A hot function is written once as a template on the capability, name_for<isa, ...>, inlined
 // (GF_CPU_INLINE) into one entry point per instruction set; GF_CPU_DISPATCH(name) defines those
@@ -15,7 +16,7 @@
 
 namespace genfast {
 
-enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Amx = 4 };
 
 // The widest this CPU and its OS support, capped by GENFAST_CPU_CAPABILITY (read on the first call;
 // an unknown value is an error naming the variable and what it takes).
@@ -54,6 +55,7 @@ inline CpuCapability cpu_capability() {
   template <auto... T, typename... Args>                                                        \
   inline auto name(Args... args) {                                                              \
     switch (::genfast::cpu_capability()) {                                                      \
+      case ::genfast::CpuCapability::kAvx512Amx:                                                \
       case ::genfast::CpuCapability::kAvx512Bf16:                                               \
       case ::genfast::CpuCapability::kAvx512:                                                   \
         return name##_avx512<T...>(args...);                                                    \
