@@ -338,6 +338,19 @@ def test_wide_head_rows_time_every_peer_that_takes_the_head_dim(monkeypatch, one
     assert attention_calls and all(options == {"impl": options["impl"]} for options in attention_calls)
 
 
+def test_bfloat16_rows_time_every_peer_in_bfloat16_on_the_cpu(monkeypatch, one_call_timer, attention_calls):
+    """The first CPU configuration again in bfloat16, where the CPU kernel multiplies in bfloat16
+    pairs or AMX tiles."""
+    monkeypatch.setitem(bench.CONFIGS, "cpu", [(1, 2, 40, 16, False)])
+    rows = bench._bfloat16_rows("cpu", gemm=1.0, quick=True, say=lambda message: None)
+    peers = {*(f"genfast {impl}" for impl in bench.fused_impls("cpu")), "torch SDPA flash", "torch SDPA math",
+             "eager reference", "torch.compile reference"}
+    for variant in ("attention forward", "attention forward+backward"):
+        assert {row["impl"] for row in rows if row["variant"] == variant} == peers
+    assert all(row["config"] == "B=1 H=2 L=40 D=16" and row["dtype"] == "bfloat16" for row in rows)
+    assert attention_calls and all(options == {"impl": options["impl"]} for options in attention_calls)
+
+
 def test_cross_rows_time_every_peer_on_few_keys(monkeypatch, one_call_timer, attention_calls):
     monkeypatch.setitem(bench.CROSS_CONFIGS, "cpu", (2, 2, 40, 7, 16))
     shapes = []

@@ -6,10 +6,11 @@ scaled_dot_product_attention with each backend it has for the device (on the CPU
 and its math path); FlashAttention 2 (flash_attn) and 3 (flash_attn_interface) where installed, on
 a GPU; the eager reference (genfast.reference.attention); torch.compile of the reference. FLOPs:
 forward 4 B H Lq Lk D, halved when causal; forward+backward 3.5x the forward (the backward 2.5x).
-Dense, packed variable-length and decoding (one query against a grouped-query KV cache, on the CPU
-in float32 and in bfloat16; a padded cache of sequences of other lengths, and the same keys paged,
-also through FlashInfer's decode wrapper (genfast's drop-in, and FlashInfer's own where installed,
-on a GPU); a step of flash_attn_with_kvcache, which appends a rotated key first) shapes;
+Dense (on the CPU in float32 and in bfloat16), packed variable-length and decoding (one query
+against a grouped-query KV cache, on the CPU in float32 and in bfloat16; a padded cache of
+sequences of other lengths, and the same keys paged, also through FlashInfer's decode wrapper
+(genfast's drop-in, and FlashInfer's own where installed, on a GPU); a step of
+flash_attn_with_kvcache, which appends a rotated key first) shapes;
 in full runs also a small model's decoding step, one layer's attention in a step of transformers'
 continuous batching (decoding sequences beside a prompt's chunk; peers transformers' paged|sdpa and
 paged|eager, FlashAttention's varlen where installed) and a whole generate_batch of a small
@@ -321,6 +322,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                     rows += _rows_or_note(rows_of, device, dtype, gemm, quick, say)
             if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
                 rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
+                rows += _bfloat16_rows(device, gemm, quick, say)
             if not quick:
                 rows += _decode_rows(device, dtype, gemm, quick, say,
                                      SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
@@ -562,6 +564,14 @@ def _plain_attention_rows(device, dtype, gemm, quick, say, variant, config, batc
     flops = 4 * batch * heads * q_len * k_len * dim
     groups = _forward_and_backward_groups(variant, flops, usable, q, k, v, leaves, grad)
     return time_groups("attention", device, dtype, config, batch * heads * q_len * dim, groups, gemm, quick, say)
+
+
+def _bfloat16_rows(device, gemm, quick, say):
+    """The first dense configuration in bfloat16 on the CPU, whose products take bfloat16 pairs, or AMX
+    tiles where the CPU has them (torch's SDPA flash takes AMX too, through oneDNN)."""
+    batch, heads, length, dim, _ = CONFIGS["cpu"][0]
+    return _plain_attention_rows(device, torch.bfloat16, gemm, quick, say, "",
+                                 f"B={batch} H={heads} L={length} D={dim}", batch, heads, length, length, dim)
 
 
 def _cross_rows(device, dtype, gemm, quick, say):
