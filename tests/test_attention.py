@@ -492,26 +492,29 @@ def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, lq, lk, shared_
     assert (wide != rounded).double().mean() > 0.2
 
 
+@pytest.mark.parametrize("lq,lk", [(133, 257), (40, 200), (300, 200)])
 @pytest.mark.parametrize("batch,kv_heads", [(1, 1), (2, 2)], ids=["block_passes", "pair_passes"])
 @pytest.mark.parametrize("dim,v_dim", [(64, 64), (18, 40), (72, 130)])
-def test_cpu_bfloat16_pairs_backward(dim, v_dim, batch, kv_heads):
+def test_cpu_bfloat16_pairs_backward(dim, v_dim, batch, kv_heads, lq, lk):
     """On a CPU with AVX512-BF16 the bfloat16 backward takes its five products on bfloat16 pairs, P
     and dS rounded to bfloat16 (the float32 copies of q, k, v and grad_o are bfloat16 values, so
     rounding keeps them): gradients by the error-ratio rule with every option that touches them, in
     both schedules (one pass per (batch, key head), or passes per key block and per query block),
-    with query blocks that end mid-pair; and not the float32 products' bits."""
+    with query blocks that end mid-pair; and not the float32 products' bits. With AMX, blocks of 40
+    and 44 queries and a last key block of 72 keys leave rows and pairs past the tiles in all five
+    products."""
     if not _cpu_takes_bfloat16_pairs():
         pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] avx512_bf16 or avx512_amx)")
-    q, k, v = _qkv(batch, 2 * kv_heads, kv_heads, 133, 257, dim, torch.bfloat16, v_dim=v_dim)
+    q, k, v = _qkv(batch, 2 * kv_heads, kv_heads, lq, lk, dim, torch.bfloat16, v_dim=v_dim)
     g = torch.Generator().manual_seed(2)
-    mask = torch.randn(1, 1, 133, 257, generator=g).to(torch.bfloat16)
+    mask = torch.randn(1, 1, lq, lk, generator=g).to(torch.bfloat16)
     options = dict(causal="bottom_right", softcap=30.0, dropout_p=0.1, seed=3)
     _compare_grads(q, k, v, mask, **options)
     # The backward op alone, handed the same o and lse: the float32 call's products give the bfloat16
     # call's gradients, widened, unless the latter takes pairs.
     o, lse = genfast.attention(q, k, v, impl="native", enable_gqa=True, return_lse=True)
     grad_o = torch.randn(o.shape, generator=g).to(torch.bfloat16)
-    lo, hi = importlib.import_module("genfast.attention").band(133, 257, None, None)
+    lo, hi = importlib.import_module("genfast.attention").band(lq, lk, None, None)
     grads = [torch.ops.genfast.attention_backward(grad_o.to(dtype), None, q.to(dtype), k.to(dtype), v.to(dtype),
                                                   o.to(dtype), lse, None, None, dim ** -0.5, 0.0, lo, hi, 0.0, 0, 0,
                                                   False, True)[:3] for dtype in (torch.bfloat16, torch.float32)]

@@ -109,6 +109,22 @@ def test_cpu_capability_is_the_widest_unless_capped():
 
 
 @pytest.mark.skipif(_backend.native_module() is None, reason="needs genfast._C")
+def test_a_cpu_with_amx_takes_its_tiles():
+    """Where the CPU lists AMX's bfloat16 tiles (Linux's /proc/cpuinfo), the CPU kernels take them
+    (avx512_amx), unless capped: the attention tests of bfloat16 then run the tiles, and the
+    narrower capabilities again in scripts/test."""
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        pytest.skip("no /proc/cpuinfo flags")
+    if not {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        pytest.skip("the CPU has no AMX bfloat16 tiles")
+    [(out, err)] = _pythons_with_capabilities("import genfast; print(genfast.build_info()['cpu_capability'])",
+                                              [None])
+    assert out.strip() == "avx512_amx", err[-2000:]
+
+
+@pytest.mark.skipif(_backend.native_module() is None, reason="needs genfast._C")
 def test_unknown_cpu_capability_is_an_error_naming_the_variable():
     script = textwrap.dedent("""
         import torch, genfast

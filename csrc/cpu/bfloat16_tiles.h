@@ -11,13 +11,54 @@
 #include "bfloat16_pairs.h"
 
 #if GF_HAS_BFLOAT16_PAIRS
+namespace genfast {
+namespace {
+
+constexpr int64_t kTileSide = 16;  // a tile's rows; and its pairs (A) or columns (B, sums)
+
+// Whether the products take AMX tiles (multiply_pairs) where their A's rows lie one after another.
+inline bool takes_tiles() { return GF_HAS_AMX_TILES && cpu_capability() == CpuCapability::kAvx512Amx; }
+
+// rows[c][t] = panel[t][c] for c < width and t < pairs (rows `pairs` words apart): a panel's columns
+// as the rows of an A that tiles take (a tile's rows are read whole, not down a column). 16 x 16
+// blocks of words transposed in registers.
+GF_CPU_TARGET_AVX512_BF16 inline void panel_columns_as_rows(const uint32_t* panel, int64_t pairs, int64_t width,
+                                                            uint32_t* rows) {
+  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
+    const uint32_t* chunk = panel + c0 * pairs;
+    for (int64_t t0 = 0; t0 < pairs; t0 += kCols) {
+      const int64_t n = std::min<int64_t>(kCols, pairs - t0);
+      Floats16<16> block[kCols];  // bits moved, never computed on
+      for (int64_t t = 0; t < kCols; ++t) {
+        const __m512i words = t < n ? _mm512_loadu_si512(chunk + (t0 + t) * kCols) : _mm512_setzero_si512();
+        memcpy(&block[t], &words, sizeof(words));
+      }
+      transpose16(block);
+      for (int64_t c = 0; c < kCols; ++c) {
+        __m512i words;
+        memcpy(&words, &block[c], sizeof(words));
+        _mm512_mask_storeu_epi32(rows + (c0 + c) * pairs + t0, first_lanes(n), words);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace genfast
+#else
+namespace genfast {
+namespace {
+inline bool takes_tiles() { return false; }
+}  // namespace
+}  // namespace genfast
+#endif
+
+#if GF_HAS_BFLOAT16_PAIRS && GF_HAS_AMX_TILES
 #define GF_CPU_TARGET_AMX \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 namespace genfast {
 namespace {
-
-constexpr int64_t kTileSide = 16;  // a tile's rows; and its pairs (A) or columns (B, sums)
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -34,7 +75,9 @@ GF_CPU_TARGET_AMX inline void configure_tiles() {
     config.rows[t] = kTileSide;
     config.bytes_per_row[t] = 64;
   }
-  asm volatile("" : : "r"(&config) : "memory");  // g++ does not count ldtilecfg as reading config
+  // g++ counts neither ldtilecfg as reading config nor the tile loads that follow as reading memory:
+  // the barrier keeps config's stores, and the panels' and rows' stores before the loads.
+  asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
 
@@ -120,32 +163,14 @@ __attribute__((noinline)) GF_CPU_TARGET_AMX void tile_multiply(const PairRows& a
   }
 }
 
-// Whether the products take AMX tiles (multiply_pairs) where their A's rows lie one after another.
-inline bool takes_tiles() { return cpu_capability() == CpuCapability::kAvx512Amx; }
+}  // namespace
+}  // namespace genfast
 
-// rows[c][t] = panel[t][c] for c < width and t < pairs (rows `pairs` words apart): a panel's columns
-// as the rows of an A that tiles take (a tile's rows are read whole, not down a column). 16 x 16
-// blocks of words transposed in registers.
-GF_CPU_TARGET_AVX512_BF16 inline void panel_columns_as_rows(const uint32_t* panel, int64_t pairs, int64_t width,
-                                                            uint32_t* rows) {
-  for (int64_t c0 = 0; c0 < width; c0 += kCols) {
-    const uint32_t* chunk = panel + c0 * pairs;
-    for (int64_t t0 = 0; t0 < pairs; t0 += kCols) {
-      const int64_t n = std::min<int64_t>(kCols, pairs - t0);
-      Floats16<16> block[kCols];  // bits moved, never computed on
-      for (int64_t t = 0; t < kCols; ++t) {
-        const __m512i words = t < n ? _mm512_loadu_si512(chunk + (t0 + t) * kCols) : _mm512_setzero_si512();
-        memcpy(&block[t], &words, sizeof(words));
-      }
-      transpose16(block);
-      for (int64_t c = 0; c < kCols; ++c) {
-        __m512i words;
-        memcpy(&words, &block[c], sizeof(words));
-        _mm512_mask_storeu_epi32(rows + (c0 + c) * pairs + t0, first_lanes(n), words);
-      }
-    }
-  }
-}
+#endif
+
+#if GF_HAS_BFLOAT16_PAIRS
+namespace genfast {
+namespace {
 
 // out[r][c] (+)= factor * sum over t < pairs of a_r[t] . panel[t][c] for r < count and c < width (a
 // multiple of kCols): in AMX tiles where the CPU has them and A has a tile of rows one after another
@@ -153,20 +178,15 @@ GF_CPU_TARGET_AVX512_BF16 inline void panel_columns_as_rows(const uint32_t* pane
 GF_CPU_TARGET_AVX512_BF16 inline void multiply_pairs(const PairRows& a, int64_t count, const uint32_t* panel,
                                                      int64_t pairs, float* out, int64_t out_stride, int64_t width,
                                                      bool accumulate, float factor) {
-  if (takes_tiles() && a.step == 1 && count >= kTileSide && pairs >= kTileSide) {
+#if GF_HAS_AMX_TILES
+  if (takes_tiles() && a.step == 1 && a.chunk == kCols * a.row && count >= kTileSide && pairs >= kTileSide) {
     tile_multiply(a, count, panel, pairs, out, out_stride, width, accumulate, factor);
     return;
   }
+#endif
   pair_multiply(a, count, panel, pairs, out, out_stride, width, accumulate, factor);
 }
 
-}  // namespace
-}  // namespace genfast
-
-#else
-namespace genfast {
-namespace {
-inline bool takes_tiles() { return false; }
 }  // namespace
 }  // namespace genfast
 #endif

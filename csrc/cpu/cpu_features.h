@@ -30,6 +30,15 @@ inline CpuCapability cpu_capability() {
 
 }  // namespace genfast
 
+// Whether the compiler has AMX's intrinsics and feature checks (GCC 11, clang 18; x86-64 only): else
+// the CPU kernels never take tiles.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 18) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define GF_HAS_AMX_TILES 1
+#else
+#define GF_HAS_AMX_TILES 0
+#endif
+
 // For a hot function's body and helpers: a helper that is not inlined is compiled once, for the
 // baseline instruction set.
 #define GF_CPU_INLINE inline __attribute__((always_inline))
