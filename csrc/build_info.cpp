@@ -32,6 +32,7 @@ pybind11::dict build_info() {
 #else
   info["attention_sm90"] = false;
 #endif
+  info["cpu_amx_tiles"] = static_cast<bool>(GF_HAS_AMX_TILES);  // the compiler had AMX: avx512_amx can be taken
   info["torch_version"] = std::string(TORCH_VERSION);
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
@@ -50,7 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this build of genfast._C contains");
   m.def(
       "cpu_capability", [] { return std::string(genfast::cpu_capability_name(genfast::cpu_capability())); },
-      "The instruction set the CPU kernels run with: avx512, avx2 or default (GENFAST_CPU_CAPABILITY caps it)");
+      "The instruction set the CPU kernels run with: avx512_amx, avx512_bf16, avx512, avx2 or default "
+      "(GENFAST_CPU_CAPABILITY caps it)");
   m.def(
       "pages_resident",
       [](uintptr_t address, int64_t bytes) {

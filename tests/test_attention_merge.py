@@ -87,7 +87,7 @@ def test_matches_reference(impl, device, states, dim):
     _compare(impl, *_states(states, (2, 3, 7), dim, device=device))
 
 
-@pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40), (9, 32)])
+@pytest.mark.parametrize("states,dim", [(2, 64), (3, 48), (2, 40), (8, 32), (9, 32)])
 def test_rows_past_one_block(states, dim):
     """The CPU kernel computes the weights of 128 rows at a time: 335 rows, two whole blocks and a
     partial one, summed in registers (head dims of sixteens, up to eight states) or in a buffer (40;
@@ -344,13 +344,14 @@ def test_empty_tensors_nan_and_infinity(impl, device):
         got = torch.autograd.grad((out.sum() + out_lse.clamp_min(0).sum()), (o, lse), allow_unused=True)
         for a, e, t in zip(got, wanted, (o, lse)):
             torch.testing.assert_close(torch.zeros_like(t) if a is None else a, torch.zeros_like(t) if e is None else e)
-    o, lse = _states(3, (4,), 8, device=device)
-    lse[1, 2] = float("nan")
-    lse[2, 3] = float("inf")
-    out, out_lse = genfast.merge_attention(o, lse, impl=impl)
-    nan_rows = out.isnan().any(-1)
-    assert nan_rows.tolist() == [False, False, True, True] and out_lse.isnan().tolist() == nan_rows.tolist()
-    assert bool((out[0] == 0).all()) and out_lse[0] == NO_KEYS  # no keys in any state, NaN o unread
+    for dim in (8, 16):  # the CPU kernel's buffer and its registers (head dims of sixteens)
+        o, lse = _states(3, (4,), dim, device=device)
+        lse[1, 2] = float("nan")
+        lse[2, 3] = float("inf")
+        out, out_lse = genfast.merge_attention(o, lse, impl=impl)
+        nan_rows = out.isnan().any(-1)
+        assert nan_rows.tolist() == [False, False, True, True] and out_lse.isnan().tolist() == nan_rows.tolist()
+        assert bool((out[0] == 0).all()) and out_lse[0] == NO_KEYS  # no keys in any state, NaN o unread
 
 
 @pytest.mark.parametrize("impl", fused_impls())

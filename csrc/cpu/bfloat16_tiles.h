@@ -2,8 +2,9 @@
 // tdpbf16ps adds a 16-row tile of A (16 pairs a row) times a tile of B (16 pairs deep, 16 columns)
 // to 16 x 16 float32 sums, 256 times the products of one vdpbf16ps. The panels of bfloat16_pairs.h
 // are B's tiles where they lie: a column chunk's rows of 16 words, 64 bytes apart. A's rows must lie
-// one after another (PairRows of step 1); the rows past the last whole tile, the pairs past the last
-// whole 16 and the products whose A is a panel's columns take bfloat16_pairs.h's vector products.
+// one after another (PairRows of step 1: an A that is a panel's columns is turned into rows first,
+// panel_columns_as_rows); the rows past the last whole tile and the pairs past the last whole 16
+// take bfloat16_pairs.h's vector products.
 // The instruction treats subnormal inputs as zeros and rounds to nearest even, as vdpbf16ps does;
 // its sums of a tile's pairs are taken in another order.
 #pragma once
@@ -18,6 +19,12 @@ constexpr int64_t kTileSide = 16;  // a tile's rows; and its pairs (A) or column
 
 // Whether the products take AMX tiles (multiply_pairs) where their A's rows lie one after another.
 inline bool takes_tiles() { return GF_HAS_AMX_TILES && cpu_capability() == CpuCapability::kAvx512Amx; }
+
+// Whether a product of count rows of A over `pairs` pairs takes tiles (given A's rows one after
+// another): at least one whole tile of rows and of pairs.
+inline bool tiles_take(int64_t count, int64_t pairs) {
+  return takes_tiles() && count >= kTileSide && pairs >= kTileSide;
+}
 
 // rows[c][t] = panel[t][c] for c < width and t < pairs (rows `pairs` words apart): a panel's columns
 // as the rows of an A that tiles take (a tile's rows are read whole, not down a column). 16 x 16
@@ -179,7 +186,7 @@ GF_CPU_TARGET_AVX512_BF16 inline void multiply_pairs(const PairRows& a, int64_t 
                                                      int64_t pairs, float* out, int64_t out_stride, int64_t width,
                                                      bool accumulate, float factor) {
 #if GF_HAS_AMX_TILES
-  if (takes_tiles() && a.step == 1 && a.chunk == kCols * a.row && count >= kTileSide && pairs >= kTileSide) {
+  if (a.step == 1 && a.chunk == kCols * a.row && tiles_take(count, pairs)) {
     tile_multiply(a, count, panel, pairs, out, out_stride, width, accumulate, factor);
     return;
   }

@@ -322,7 +322,7 @@ def run(device: str, quick: bool = False, progress=None, dtypes=None, sizes=None
                     rows += _rows_or_note(rows_of, device, dtype, gemm, quick, say)
             if device == "cpu":  # a bfloat16 KV cache too, which the CPU kernel reads without a float32 copy
                 rows += _decode_rows(device, torch.bfloat16, gemm, quick, say)
-                rows += _bfloat16_rows(device, gemm, quick, say)
+                rows += _bfloat16_rows(device, gemm_gflops(device, torch.bfloat16, quick), quick, say)
             if not quick:
                 rows += _decode_rows(device, dtype, gemm, quick, say,
                                      SMALL_DECODE_CONFIGS.get(device, SMALL_DECODE_CONFIGS["cpu"]))
@@ -568,7 +568,8 @@ def _plain_attention_rows(device, dtype, gemm, quick, say, variant, config, batc
 
 def _bfloat16_rows(device, gemm, quick, say):
     """The first dense configuration in bfloat16 on the CPU, whose products take bfloat16 pairs, or AMX
-    tiles where the CPU has them (torch's SDPA flash takes AMX too, through oneDNN)."""
+    tiles where the CPU has them (torch's SDPA flash takes AMX too, through oneDNN); gemm: a bfloat16
+    GEMM's GFLOP/s."""
     batch, heads, length, dim, _ = CONFIGS["cpu"][0]
     return _plain_attention_rows(device, torch.bfloat16, gemm, quick, say, "",
                                  f"B={batch} H={heads} L={length} D={dim}", batch, heads, length, length, dim)
