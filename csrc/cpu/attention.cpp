@@ -1213,7 +1213,7 @@ void add_transposed_product(const float* x, const float* y, const uint16_t* y_bi
     const int64_t depth = padded_to(rows, 2), pairs = depth / 2;
     pack_pairs_interleaved(y_bits + y_at, y_row, rows, dim, words(w.panel_a), width, depth);
     pack_pairs_interleaved(x, kKeyBlock, rows, cols, w.a_pairs.data(), block_width(cols), depth);
-    if (tiles_take(cols, pairs)) {  // tiles read whole rows: the columns turned into rows
+    if (product_takes_tiles(cols, pairs)) {  // tiles read whole rows: the columns turned into rows
       panel_columns_as_rows(w.a_pairs.data(), pairs, block_width(cols), w.a_rows.data());
       multiply_pairs(pair_rows(w.a_rows.data(), pairs), cols, words(w.panel_a), pairs, out, width, width, true,
                      factor);

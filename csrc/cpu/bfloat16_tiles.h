@@ -22,7 +22,7 @@ inline bool takes_tiles() { return GF_HAS_AMX_TILES && cpu_capability() == CpuCa
 
 // Whether a product of count rows of A over `pairs` pairs takes tiles (given A's rows one after
 // another): at least one whole tile of rows and of pairs.
-inline bool tiles_take(int64_t count, int64_t pairs) {
+inline bool product_takes_tiles(int64_t count, int64_t pairs) {
   return takes_tiles() && count >= kTileSide && pairs >= kTileSide;
 }
 
@@ -186,7 +186,7 @@ GF_CPU_TARGET_AVX512_BF16 inline void multiply_pairs(const PairRows& a, int64_t 
                                                      int64_t pairs, float* out, int64_t out_stride, int64_t width,
                                                      bool accumulate, float factor) {
 #if GF_HAS_AMX_TILES
-  if (a.step == 1 && a.chunk == kCols * a.row && tiles_take(count, pairs)) {
+  if (a.step == 1 && a.chunk == kCols * a.row && product_takes_tiles(count, pairs)) {
     tile_multiply(a, count, panel, pairs, out, out_stride, width, accumulate, factor);
     return;
   }
