@@ -30,6 +30,7 @@
 #include "bfloat16_tiles.h"
 #include "block_product.h"
 #include "cpu_vectors.h"
+#include "../../kernels/common/exp_lanes.h"
 #include "float_io.h"
 #include "philox_block.h"
 #include "streaming_store.h"
@@ -173,11 +174,30 @@ GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
   return any_nan != any_nan ? any_nan : reduce_lanes(m, LargerLanes());
 }
 
+#if GF_HAS_EXP_LANES
+// exp_shifted's loop with AVX-512, on exp_nonpositive_lanes.
+GF_CPU_TARGET_AVX512 float exp_shifted_lanes(float* __restrict s, float m, int64_t n) {
+  const __m512 shift = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += kCols) {
+    const __m512 e = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    _mm512_storeu_ps(s + c, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  Floats<CpuCapability::kAvx512> lanes;
+  memcpy(&lanes, &sum, sizeof(lanes));
+  return reduce_lanes(lanes, AddLanes());
+}
+#endif
+
 // s = exp(s - m) in place; returns the sum, taken in kCols interleaved lanes (an in-order float sum
 // is a chain of dependent scalar adds) in the same pass, not a second one over s; n a multiple of
 // kCols.
 template <CpuCapability isa>
 GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
+#if GF_HAS_EXP_LANES
+  if constexpr (isa == CpuCapability::kAvx512) return exp_shifted_lanes(s, m, n);
+#endif
   alignas(64) float lanes[kCols] = {};
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
 #pragma GCC unroll 16
@@ -1228,6 +1248,19 @@ void add_transposed_product(const float* x, const float* y, const uint16_t* y_bi
   multiply(x, 1, kKeyBlock, cols, w.panel_a.data(), rows, out, width, width, true, factor);
 }
 
+#if GF_HAS_EXP_LANES
+// probabilities_and_score_grads' AVX-512 loop for a row seen by some key; width a multiple of kCols.
+GF_CPU_TARGET_AVX512 void probabilities_and_score_grads_lanes(float* __restrict s, float* __restrict dp, int64_t width,
+                                                               float lse, float delta) {
+  const __m512 shift = _mm512_set1_ps(lse), mean = _mm512_set1_ps(delta);
+  for (int64_t c = 0; c < width; c += kCols) {
+    const __m512 prob = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    _mm512_storeu_ps(s + c, prob);
+    _mm512_storeu_ps(dp + c, _mm512_mul_ps(prob, _mm512_sub_ps(_mm512_loadu_ps(dp + c), mean)));
+  }
+}
+#endif
+
 // One row (width wide): s = P = exp(s - lse) (0 where lse = -inf: the row saw no key) and dp = dS =
 // P (dp - delta).
 template <CpuCapability isa>
@@ -1240,6 +1273,9 @@ GF_CPU_INLINE void probabilities_and_score_grads_for(float* __restrict s, float*
     }
     return;
   }
+#if GF_HAS_EXP_LANES
+  if constexpr (isa == CpuCapability::kAvx512) return probabilities_and_score_grads_lanes(s, dp, width, lse, delta);
+#endif
   for (int64_t c = 0; c < width; ++c) {
     const float prob = exp_nonpositive(s[c] - lse);
     s[c] = prob;
