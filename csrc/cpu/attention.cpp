@@ -210,17 +210,47 @@ GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
   return reduce_lanes(load16<kVectorLanes<isa>>(lanes), AddLanes());
 }
 
+#if GF_HAS_EXP_LANES && GF_HAS_BFLOAT16_PAIRS
+// exp_shifted's values rounded to bfloat16 (as round_rows_to_pairs rounds them) into `rounded`
+// instead of written back to s: P for the products on bfloat16 pairs, without a pass over float32 P.
+// Returns the sum of the float32 values, taken as exp_shifted_lanes takes it.
+GF_CPU_TARGET_AVX512_BF16 float exp_shifted_rounded(const float* __restrict s, float m, int64_t n,
+                                                    uint16_t* __restrict rounded) {
+  const __m512 shift = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 * kCols <= n; c += 2 * kCols) {
+    const __m512 lower = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    const __m512 upper = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c + kCols), shift));
+    sum = _mm512_add_ps(_mm512_add_ps(sum, lower), upper);
+    const __m512bh pair = _mm512_cvtne2ps_pbh(upper, lower);
+    _mm512_storeu_si512(rounded + c, reinterpret_cast<const __m512i&>(pair));
+  }
+  if (c < n) {  // n is a multiple of kCols: one register left
+    const __m512 e = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    sum = _mm512_add_ps(sum, e);
+    const __m256bh half = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + c), reinterpret_cast<const __m256i&>(half));
+  }
+  Floats<CpuCapability::kAvx512> lanes;
+  memcpy(&lanes, &sum, sizeof(lanes));
+  return reduce_lanes(lanes, AddLanes());
+}
+#endif
+
 GF_CPU_INLINE void scale_row(float* __restrict r, float factor, int64_t n) {
   for (int64_t c = 0; c < n; ++c) r[c] *= factor;
 }
 
 // The online softmax's step for a block of scores (rows x width, rows kKeyBlock apart): each row's
 // running maximum, sum and output acc (v_pad wide) rescaled to the new maximum, and the scores
-// replaced by their exponentials (zeros while a row has seen nothing but -inf). The rescale factors
-// are taken in one loop over the rows, which vectorizes, instead of a latency-bound scalar exp per row.
+// replaced by their exponentials (zeros while a row has seen nothing but -inf), or, where rounded is
+// not null (a CPU with AVX512-BF16 only), the exponentials rounded to bfloat16 there instead (rows
+// width apart). The rescale factors are taken in one loop over the rows, which vectorizes, instead of
+// a latency-bound scalar exp per row.
 template <CpuCapability isa>
 GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, int64_t width, float* max, float* sum,
-                                           float* acc, int64_t v_pad) {
+                                           float* acc, int64_t v_pad, uint16_t* rounded) {
   float new_max[kQueryBlock], rescale[kQueryBlock];
   for (int64_t r = 0; r < rows; ++r) {
     const float block_max = row_max<isa>(scores + r * kKeyBlock, width);
@@ -232,11 +262,24 @@ GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * kKeyBlock;
     if (new_max[r] == -__builtin_inff()) {  // nothing seen yet: the block adds nothing
-      for (int64_t c = 0; c < width; ++c) s[c] = 0.0f;
+      if (rounded != nullptr) {
+        for (int64_t c = 0; c < width; ++c) rounded[r * width + c] = 0;
+      } else {
+        for (int64_t c = 0; c < width; ++c) s[c] = 0.0f;
+      }
       continue;
     }
+    float block_sum;
+#if GF_HAS_EXP_LANES && GF_HAS_BFLOAT16_PAIRS
+    if (rounded != nullptr) {
+      block_sum = exp_shifted_rounded(s, new_max[r], width, rounded + r * width);
+    } else
+#endif
+    {
+      block_sum = exp_shifted<isa>(s, new_max[r], width);
+    }
     // fma written out: whether the compiler contracts a * b + c here changed with inlining.
-    sum[r] = std::fma(sum[r], rescale[r], exp_shifted<isa>(s, new_max[r], width));
+    sum[r] = std::fma(sum[r], rescale[r], block_sum);
     max[r] = new_max[r];
     scale_row(acc + r * v_pad, rescale[r], v_pad);
   }
@@ -859,19 +902,25 @@ void pack_key_panels(const AttentionParams& p, const KeysValues<T>& kv, int64_t 
 
 // Scores (rows x block_width(cols)) of head h's queries i0 .. i0 + rows against key block j0, made its
 // probabilities: attention_score's steps, the online softmax step on the running output, maximum and
-// sum that forward_block keeps for the task's head e, and dropout.
-void block_probabilities(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset,
+// sum that forward_block keeps for the task's head e, and dropout. With `rounded` (bfloat16 pairs,
+// rows block_width(cols) / 2 words apart) and without dropout, the probabilities go there rounded to
+// bfloat16, not to scores; returns whether they did.
+bool block_probabilities(const AttentionParams& p, const AttentionSequence& seq, uint64_t seed, uint64_t offset,
                          int64_t b, int64_t h, int64_t e, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                         float* scores, ForwardScratch& w) {
+                         float* scores, ForwardScratch& w, uint32_t* rounded = nullptr) {
   const int64_t v_pad = padded_to(p.v_dim, kCols);
   const int64_t width = block_width(cols);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, scores, nullptr);
+  uint16_t* const rounded_bits =
+      GF_HAS_EXP_LANES && p.dropout_p == 0.0f ? reinterpret_cast<uint16_t*>(rounded) : nullptr;
   online_softmax_step(scores, rows, width, w.max.data() + e * w.head_rows, w.sum.data() + e * w.head_rows,
-                      w.acc.data() + e * w.head_rows * v_pad, v_pad);
+                      w.acc.data() + e * w.head_rows * v_pad, v_pad, rounded_bits);
+  if (rounded_bits != nullptr) return true;
   if (p.dropout_p > 0.0f) {
     dropout_scales(p, seq, seed, offset, h, i0, rows, j0, cols, w.drop.data());
     apply_dropout_scales(w.drop.data(), rows, width, scores);
   }
+  return false;
 }
 
 // scores (rows x width) = scale * q K^T for head e's queries q against a packed K^T panel; on
@@ -892,15 +941,16 @@ void scores_from_panel(const AttentionParams& p, const KeysValues<T>& kv, const 
 }
 
 // acc (rows x v_pad) += the probabilities in w.scores (rows x width) times a packed V panel (width
-// deep); on bfloat16 pairs with kv.pairs, the probabilities rounded to bfloat16.
+// deep); on bfloat16 pairs with kv.pairs, the probabilities rounded to bfloat16 (into w.p_pairs, where
+// they are already if `rounded`).
 template <typename T>
 void values_from_panel(const AttentionParams& p, const KeysValues<T>& kv, int64_t rows, const float* v_panel,
-                       int64_t width, float* acc, ForwardScratch& w) {
+                       int64_t width, float* acc, ForwardScratch& w, bool rounded) {
   const int64_t v_pad = padded_to(p.v_dim, kCols);
 #if GF_HAS_BFLOAT16_PAIRS
   if (kv.pairs) {
     const int64_t pairs = width / 2;
-    round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, width, w.p_pairs.data(), pairs);
+    if (!rounded) round_rows_to_pairs(w.scores.data(), kKeyBlock, rows, width, w.p_pairs.data(), pairs);
     multiply_pairs(pair_rows(w.p_pairs.data(), pairs), rows, reinterpret_cast<const uint32_t*>(v_panel), pairs, acc,
                    v_pad, v_pad, true, 1.0f);
     return;
@@ -1003,9 +1053,10 @@ void forward_block(const AttentionParams& p, const KeysValues<T>& kv, const KeyP
         run_value_dots(runs, p.qv + attention_qv_at(p, seq, b, h, i0), p.qv_stride[2], rows, p.v_dim, p.scale,
                        w.scores.data());
       }
-      block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w);
+      const bool rounded = block_probabilities(p, seq, seed, offset, b, h, e, i0, rows, j0, cols, w.scores.data(), w,
+                                               v_panel != nullptr && kv.pairs ? w.p_pairs.data() : nullptr);
       if (v_panel != nullptr) {
-        values_from_panel(p, kv, rows, v_panel, block_width(cols), acc, w);
+        values_from_panel(p, kv, rows, v_panel, block_width(cols), acc, w, rounded);
       } else {
         run_value_sums(runs, w.scores.data(), rows, p.v_dim, acc, v_pad);
       }
