@@ -211,23 +211,24 @@ GF_CPU_INLINE float exp_shifted(float* __restrict s, float m, int64_t n) {
 }
 
 #if GF_HAS_EXP_LANES && GF_HAS_BFLOAT16_PAIRS
-// exp_shifted's values rounded to bfloat16 (as round_rows_to_pairs rounds them) into `rounded`
-// instead of written back to s: P for the products on bfloat16 pairs, without a pass over float32 P.
-// Returns the sum of the float32 values, taken as exp_shifted_lanes takes it.
+// exp_shifted's exponentials, to a relative 2e-7 (exp_nonpositive_lanes_coarse), rounded to bfloat16
+// (as round_rows_to_pairs rounds) into `rounded` instead of written back to s: P for the products on
+// bfloat16 pairs, without a pass over float32 P. Returns the sum of the float32 values, taken in
+// exp_shifted's order.
 GF_CPU_TARGET_AVX512_BF16 float exp_shifted_rounded(const float* __restrict s, float m, int64_t n,
                                                     uint16_t* __restrict rounded) {
   const __m512 shift = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 2 * kCols <= n; c += 2 * kCols) {
-    const __m512 lower = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
-    const __m512 upper = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c + kCols), shift));
+    const __m512 lower = exp_nonpositive_lanes_coarse(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    const __m512 upper = exp_nonpositive_lanes_coarse(_mm512_sub_ps(_mm512_loadu_ps(s + c + kCols), shift));
     sum = _mm512_add_ps(_mm512_add_ps(sum, lower), upper);
     const __m512bh pair = _mm512_cvtne2ps_pbh(upper, lower);
     _mm512_storeu_si512(rounded + c, reinterpret_cast<const __m512i&>(pair));
   }
   if (c < n) {  // n is a multiple of kCols: one register left
-    const __m512 e = exp_nonpositive_lanes(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+    const __m512 e = exp_nonpositive_lanes_coarse(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
     sum = _mm512_add_ps(sum, e);
     const __m256bh half = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + c), reinterpret_cast<const __m256i&>(half));
