@@ -272,8 +272,9 @@ GF_CPU_INLINE void online_softmax_step_for(float* scores, int64_t rows, int64_t 
     }
     float block_sum;
 #if GF_HAS_EXP_LANES && GF_HAS_BFLOAT16_PAIRS
-    if (rounded != nullptr) {
-      block_sum = exp_shifted_rounded(s, new_max[r], width, rounded + r * width);
+    if constexpr (isa == CpuCapability::kAvx512) {  // no other entry point carries the AVX512-BF16 call
+      block_sum = rounded != nullptr ? exp_shifted_rounded(s, new_max[r], width, rounded + r * width)
+                                     : exp_shifted<isa>(s, new_max[r], width);
     } else
 #endif
     {
@@ -912,8 +913,9 @@ bool block_probabilities(const AttentionParams& p, const AttentionSequence& seq,
   const int64_t v_pad = padded_to(p.v_dim, kCols);
   const int64_t width = block_width(cols);
   finish_scores(p, seq, b, h, i0, rows, j0, cols, scores, nullptr);
-  uint16_t* const rounded_bits =
-      GF_HAS_EXP_LANES && p.dropout_p == 0.0f ? reinterpret_cast<uint16_t*>(rounded) : nullptr;
+  uint16_t* const rounded_bits = GF_HAS_EXP_LANES && GF_HAS_BFLOAT16_PAIRS && p.dropout_p == 0.0f
+                                     ? reinterpret_cast<uint16_t*>(rounded)
+                                     : nullptr;
   online_softmax_step(scores, rows, width, w.max.data() + e * w.head_rows, w.sum.data() + e * w.head_rows,
                       w.acc.data() + e * w.head_rows * v_pad, v_pad, rounded_bits);
   if (rounded_bits != nullptr) return true;

@@ -51,9 +51,9 @@ GF_HOST_DEVICE_INLINE float exp_f32(float x) {
 #endif
 }
 
-// e^x for x <= 0 (softmax's shifted scores, a sigmoid's e^-|a|): one 2^n factor, results below
-// 2^-126 (x < -87.3) flushed to 0, an absolute error under 1.2e-38; within 2 ulp otherwise; NaN
-// propagates.
+// e^x for x <= 0 (softmax's shifted scores, a sigmoid's e^-|a|): one 2^n factor, 0 where n =
+// floor(x log2 e + 1/2) <= -127 (x < -87.68), an absolute error under 1.2e-38 down to there
+// (subnormal results from x < -87.34); within 2 ulp otherwise; NaN propagates.
 GF_HOST_DEVICE_INLINE float exp_nonpositive(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);

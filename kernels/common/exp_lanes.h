@@ -1,5 +1,5 @@
 // exp_nonpositive (elementary_math.h) on sixteen lanes of an AVX-512 register, for the CPU kernels
-// (x86-64 hosts only; nothing on the GPU includes it): the same reduction and polynomial, with
+// (x86 hosts only; nothing on the GPU includes it): the same reduction and polynomial, with
 // vscalefps multiplying by 2^n where the scalar code builds the power's bits, clamps n and selects
 // zeros and NaN. g++ vectorizes the scalar code into some 25 instructions per register; this takes
 // 15, and the softmax's exponentials are a third of the CPU attention's forward once its products
@@ -25,9 +25,9 @@ GF_EXP_LANES_INLINE __m512 reduce_by_ln2_lanes(__m512 x, __m512* n_out) {
   return _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
 }
 
-// e^r 2^n: 0 where n <= -127 (x < -87.7, -inf included; the scalar code's power 2^n is built as 0
-// there), NaN where x is NaN (it flows through every step; the masked lanes' NaN from -inf - -inf
-// is discarded).
+// e^r 2^n: 0 where n <= -127 (x < -87.68, -inf included; the scalar code's power 2^n is built as 0
+// there), NaN where x is NaN (it flows through every step, quieted; the masked lanes' NaN from
+// -inf - -inf is discarded).
 GF_EXP_LANES_INLINE __m512 times_power_of_two_lanes(__m512 e_r, __m512 n) {
   const __mmask16 kept = _mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NLE_UQ);  // n > -127, or NaN
   return _mm512_maskz_scalef_ps(kept, e_r, n);
