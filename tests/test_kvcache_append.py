@@ -186,6 +186,28 @@ def test_bad_input_names_the_argument():
         assert torch.equal(k_cache, before), "nothing is written before the checks pass"
 
 
+@pytest.mark.triton
+def test_triton_turns_positions_outside_the_tables_by_nothing():
+    """Called directly (the Python checks, which a GPU skips, left out), the Triton kernel turns a key
+    or query at a position past the rotary tables by nothing, as the CUDA kernel and FlashAttention's
+    do, and reads nothing past them: the reference with the tables run on in rows of cos 1, sin 0."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    skip_unless_supported("triton", device)
+    k_cache, v_cache, k, v, held, q, options = _inputs("padded")
+    short = {key: options[key][:8] for key in ("rotary_cos", "rotary_sin")}  # positions 8.. outside
+    identity = dict(rotary_cos=torch.cat([short["rotary_cos"], torch.ones(CAPACITY, DIM // 2)]),
+                    rotary_sin=torch.cat([short["rotary_sin"], torch.zeros(CAPACITY, DIM // 2)]))
+    expected = [k_cache.clone(), v_cache.clone()]
+    expected.append(reference_append(*expected, k, v, held, q=q, rotary_interleaved=False, **identity))
+    on = (lambda t: t.to(device))
+    got = [on(k_cache), on(v_cache), torch.empty_like(on(q))]
+    torch.ops.genfast.kvcache_append_triton(on(k), on(v), on(held), None, None, on(short["rotary_cos"]),
+                                            on(short["rotary_sin"]), False, on(q), True, *got)
+    assert int(held.max()) + NEW > 8  # the case reaches past the tables
+    for name, a, e in zip(("k_cache", "v_cache", "q"), got, expected):
+        torch.testing.assert_close(a.cpu(), e, msg=name)
+
+
 def test_the_native_op_checks_the_rows_itself():
     """Called directly (no Python checks), the CPU op names what does not fit."""
     from genfast import _backend
