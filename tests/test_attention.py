@@ -474,10 +474,10 @@ def test_cpu_bfloat16_pairs_round_probabilities_only(dim, v_dim, lq, lk):
     step of bfloat16 or near zero (float32's sums and exp, a P rounded the other way); the float32
     products, which do not round P, miss it in about a third of the elements. Head dims that leave
     part of a 16-column chunk or of a word, key blocks that end mid-pair, panels packed per task or
-    shared by query blocks (300 queries). With AMX (avx512_amx), the products take tiles of 16 rows and 16 pairs
-    in twos along rows and columns, and vectors for the rest: blocks of 20, 40 and 44 queries leave
-    rows past the tiles, head dims of 72 and 40 and a last key block of 72 keys leave pairs past
-    them, and 16 and 48 values leave a single column of tiles."""
+    shared by query blocks (300 queries). With AMX (avx512_amx), the products take tiles of 16 rows
+    and 16 pairs in twos along rows and columns, and vectors for the rest: blocks of 20, 40 and 44
+    queries leave rows past the tiles, head dims of 72 and 40 and a last key block of 72 keys leave
+    pairs past them, and 16 and 48 values leave a single column of tiles."""
     if not _cpu_takes_bfloat16_pairs():
         pytest.skip("needs a CPU with AVX512-BF16 (genfast.build_info()['cpu_capability'] avx512_bf16 or avx512_amx)")
     q, k, v = _qkv(1, 2, 2, lq, lk, dim, torch.bfloat16, v_dim=v_dim)

@@ -175,6 +175,13 @@ GF_CPU_INLINE float row_max(const float* __restrict s, int64_t n) {
 }
 
 #if GF_HAS_EXP_LANES
+// The sum of a register's lanes, in reduce_lanes' tree (exp_shifted's order).
+GF_CPU_TARGET_AVX512 GF_CPU_INLINE float sum_of_lanes(__m512 sum) {
+  Floats<CpuCapability::kAvx512> lanes;
+  memcpy(&lanes, &sum, sizeof(lanes));
+  return reduce_lanes(lanes, AddLanes());
+}
+
 // exp_shifted's loop with AVX-512, on exp_nonpositive_lanes.
 GF_CPU_TARGET_AVX512 float exp_shifted_lanes(float* __restrict s, float m, int64_t n) {
   const __m512 shift = _mm512_set1_ps(m);
@@ -184,9 +191,7 @@ GF_CPU_TARGET_AVX512 float exp_shifted_lanes(float* __restrict s, float m, int64
     _mm512_storeu_ps(s + c, e);
     sum = _mm512_add_ps(sum, e);
   }
-  Floats<CpuCapability::kAvx512> lanes;
-  memcpy(&lanes, &sum, sizeof(lanes));
-  return reduce_lanes(lanes, AddLanes());
+  return sum_of_lanes(sum);
 }
 #endif
 
@@ -233,9 +238,7 @@ GF_CPU_TARGET_AVX512_BF16 float exp_shifted_rounded(const float* __restrict s, f
     const __m256bh half = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + c), reinterpret_cast<const __m256i&>(half));
   }
-  Floats<CpuCapability::kAvx512> lanes;
-  memcpy(&lanes, &sum, sizeof(lanes));
-  return reduce_lanes(lanes, AddLanes());
+  return sum_of_lanes(sum);
 }
 #endif
 
